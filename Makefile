@@ -1,0 +1,34 @@
+# Countersign: `make run` starts the server and its worker; `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/countersign
+
+.PHONY: run test install migrate bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+run: install
+	scripts/ensure_services.sh redis
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo
+	scripts/run.sh
+
+test: install
+	scripts/ensure_services.sh redis postgres
+	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest
+
+bench: install
+	$(PY) bench/token_endpoint.py
+
+clean:
+	rm -rf $(VENV) var db.sqlite3 .pytest_cache

@@ -1,0 +1,23 @@
+from django.contrib import admin
+
+from .models import AuditEvent
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """Read-only: the application never edits the trail, and neither does the admin."""
+
+    list_display = ("seq", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
+    list_filter = ("outcome", "event")
+    search_fields = ("event", "actor", "client_id", "grant_id", "error")
+    date_hierarchy = "occurred_at"
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

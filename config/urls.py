@@ -1,0 +1,25 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from audit.views import activity_view
+from consent.views import account, discovery, oauth
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/grants/", permanent=False)),
+    path(".well-known/oauth-authorization-server", discovery.metadata_view, name="oauth-metadata"),
+    path(".well-known/openid-configuration", discovery.metadata_view, name="openid-configuration"),
+    path(".well-known/jwks.json", discovery.jwks_view, name="jwks"),
+    path("o/authorize/", oauth.AuthorizeView.as_view(), name="oauth-authorize"),
+    path("o/token/", oauth.TokenView.as_view(), name="oauth-token"),
+    path("o/revoke/", oauth.RevokeTokenView.as_view(), name="oauth-revoke"),
+    path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
+    path("accounts/login/", account.login_view, name="login"),
+    path("accounts/login/otp/", account.login_otp_view, name="login-otp"),
+    path("accounts/logout/", account.logout_view, name="logout"),
+    path("accounts/totp/", account.totp_setup_view, name="totp-setup"),
+    path("grants/", account.grants_view, name="grants"),
+    path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
+    path("activity/", activity_view, name="activity"),
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,38 @@
+"""Countersign's own settings, read through one accessor (DOT's ``oauth2_settings`` pattern).
+
+Defaults live here; deployments override them in ``settings.COUNTERSIGN``.
+"""
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # The issuer identifier (RFC 8414 §2): an https URL in production, no trailing slash.
+    "ISSUER": "http://127.0.0.1:8000",
+    # Algorithm for new signing keys: ES256 (default, fast) or RS256.
+    "SIGNING_ALG": "ES256",
+    # How long a process trusts its cached view of the active signing key.
+    "SIGNING_KEY_CACHE_SECONDS": 5,
+    # Access-token lifetime for agents that do not set their own (seconds).
+    "DEFAULT_ACCESS_TOKEN_TTL": 900,
+    # The longest grant lifetime an agent may be configured to offer (seconds).
+    "MAX_GRANT_LIFETIME": 30 * 24 * 3600,
+    # Lifetimes the consent screen offers, capped by the agent's maximum.
+    "GRANT_LIFETIME_CHOICES": [3600, 8 * 3600, 24 * 3600, 7 * 24 * 3600, 30 * 24 * 3600],
+    # Clock skew accepted when verifying our own tokens (RFC 8725 §3.10: explicit, small).
+    "LEEWAY_SECONDS": 10,
+    # Default approval window and action-token TTL for new step-up scopes.
+    "DEFAULT_APPROVAL_WINDOW": 600,
+    "DEFAULT_ACTION_TOKEN_TTL": 120,
+}
+
+
+class CountersignSettings:
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Unknown Countersign setting {name!r}")
+        return getattr(settings, "COUNTERSIGN", {}).get(name, DEFAULTS[name])
+
+
+countersign_settings = CountersignSettings()

@@ -1,0 +1,44 @@
+"""The one place protocol error responses are built (RFC 6749 §5.2, RFC 6750 §3)."""
+
+import base64
+import binascii
+from urllib.parse import unquote_plus
+
+from django.http import JsonResponse
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def oauth_error(error: str, description: str = "", *, status: int = 400,
+                www_authenticate: str | None = None) -> JsonResponse:
+    body = {"error": error}
+    if description:
+        body["error_description"] = description
+    response = JsonResponse(body, status=status, headers=NO_STORE)
+    if www_authenticate:
+        response["WWW-Authenticate"] = www_authenticate
+    return response
+
+
+def client_credentials(request) -> tuple[str, str] | None:
+    """Client id and secret from HTTP Basic (RFC 6749 §2.3.1) or the form body."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if header.startswith("Basic "):
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        client_id, sep, secret = decoded.partition(":")
+        if not sep:
+            return None
+        return unquote_plus(client_id), unquote_plus(secret)
+    client_id, secret = request.POST.get("client_id"), request.POST.get("client_secret")
+    if client_id and secret:
+        return client_id, secret
+    return None
+
+
+def claimed_client_id(request) -> str:
+    """The client id a request claims, for the audit row (not proof of anything)."""
+    creds = client_credentials(request)
+    return (creds[0] if creds else request.POST.get("client_id") or request.GET.get("client_id", ""))[:100]

@@ -1,0 +1,146 @@
+"""Signing keys and the JWKS (RFC 7517).
+
+Keys live in the database so every process signs with the same active key. A
+process keeps a ``kid`` -> key map and re-reads the active key at most every
+``SIGNING_KEY_CACHE_SECONDS``. Rotation retires the active key but keeps it in
+the JWKS until every token it can have signed has expired.
+"""
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from django.db import IntegrityError, transaction
+from django.db.models import Max, Q
+from django.utils import timezone
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from .conf import countersign_settings
+from .models import Agent, ScopePolicy, SigningKey
+
+SUPPORTED_ALGS = ("ES256", "RS256")
+
+
+@dataclass(frozen=True)
+class LoadedKey:
+    kid: str
+    alg: str
+    private_key: object
+    public_key: object
+
+
+_lock = threading.Lock()
+_by_kid: dict[str, LoadedKey] = {}
+_active: tuple[float, LoadedKey] | None = None
+
+
+def _rfc7638(public_jwk: dict) -> str:
+    """RFC 7638 JWK thumbprint, used as the ``kid``."""
+    members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}[public_jwk["kty"]]
+    canonical = json.dumps({k: public_jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+def _generate(alg: str) -> tuple[str, dict]:
+    if alg == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+        public_jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    elif alg == "RS256":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public_jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+    else:
+        raise ValueError(f"unsupported signing algorithm {alg!r}")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    kid = _rfc7638(public_jwk)
+    public_jwk.update({"kid": kid, "alg": alg, "use": "sig"})
+    return pem, public_jwk
+
+
+def _load(row: SigningKey) -> LoadedKey:
+    cached = _by_kid.get(row.kid)
+    if cached is not None:
+        return cached
+    private = serialization.load_pem_private_key(row.private_pem.encode(), password=None)
+    loaded = LoadedKey(row.kid, row.alg, private, private.public_key())
+    _by_kid[row.kid] = loaded
+    return loaded
+
+
+def _longest_token_lifetime() -> timedelta:
+    """Upper bound on how long a token signed now can stay valid."""
+    agent_ttl = Agent.objects.aggregate(m=Max("access_token_ttl"))["m"] or 0
+    action_ttl = ScopePolicy.objects.aggregate(m=Max("action_token_ttl"))["m"] or 0
+    longest = max(agent_ttl, action_ttl, countersign_settings.DEFAULT_ACCESS_TOKEN_TTL)
+    slack = countersign_settings.SIGNING_KEY_CACHE_SECONDS + countersign_settings.LEEWAY_SECONDS
+    return timedelta(seconds=longest + slack)
+
+
+def signing_key_create(*, alg: str | None = None) -> SigningKey:
+    """Make a new active key; retire the current one (kept published until its tokens expire)."""
+    global _active
+    alg = alg or countersign_settings.SIGNING_ALG
+    pem, public_jwk = _generate(alg)
+    now = timezone.now()
+    with transaction.atomic():
+        SigningKey.objects.filter(active=True).update(
+            active=False, retired_at=now, publish_until=now + _longest_token_lifetime()
+        )
+        key = SigningKey.objects.create(kid=public_jwk["kid"], alg=alg, private_pem=pem,
+                                        public_jwk=public_jwk, active=True)
+    with _lock:
+        _active = None
+    return key
+
+
+def active_signing_key() -> LoadedKey:
+    """The key to sign with now, created on first use."""
+    global _active
+    cached = _active
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    row = SigningKey.objects.filter(active=True).first()
+    if row is None:
+        try:
+            row = signing_key_create()
+        except IntegrityError:  # another process created it first
+            row = SigningKey.objects.get(active=True)
+    loaded = _load(row)
+    with _lock:
+        _active = (time.monotonic() + countersign_settings.SIGNING_KEY_CACHE_SECONDS, loaded)
+    return loaded
+
+
+def verification_key(kid: str) -> LoadedKey | None:
+    """The published key with this ``kid``, or None. ``kid`` is untrusted: only a dict/DB lookup."""
+    if not isinstance(kid, str) or len(kid) > 64:
+        return None
+    cached = _by_kid.get(kid)
+    if cached is not None:
+        return cached
+    row = published_keys().filter(kid=kid).first()
+    return _load(row) if row is not None else None
+
+
+def published_keys():
+    return SigningKey.objects.filter(Q(active=True) | Q(publish_until__gt=timezone.now()))
+
+
+def jwks() -> dict:
+    active_signing_key()  # a fresh install publishes a key before it signs anything
+    return {"keys": [k.public_jwk for k in published_keys().order_by("-created")]}
+
+
+def reset_key_cache() -> None:
+    global _active
+    with _lock:
+        _active = None
+        _by_kid.clear()

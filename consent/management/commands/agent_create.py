@@ -1,0 +1,37 @@
+import json
+
+from django.core.management.base import BaseCommand
+
+from consent.models import Agent
+from consent.services import agent_create
+
+from ._common import load_jwks, run_service
+
+
+class Command(BaseCommand):
+    help = "Register an agent (an OAuth client). Prints its client id and secret once."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--name", required=True)
+        parser.add_argument("--publisher", required=True)
+        parser.add_argument("--scopes", required=True, help='space-separated, e.g. "catalog:read ledger:write"')
+        parser.add_argument("--redirect-uri", required=True, action="append", dest="redirect_uris")
+        parser.add_argument("--description", default="")
+        parser.add_argument("--refresh-mode", choices=Agent.RefreshMode.values, default=Agent.RefreshMode.ROTATING)
+        parser.add_argument("--ttl", type=int, help="access-token lifetime in seconds (default 900)")
+        parser.add_argument("--jwks", help="file holding the agent's public JWK Set")
+        parser.add_argument("--json", action="store_true")
+
+    def handle(self, *args, **o):
+        agent, secret = run_service(
+            agent_create, name=o["name"], publisher=o["publisher"], scopes=o["scopes"].split(),
+            redirect_uris=o["redirect_uris"], description=o["description"], refresh_mode=o["refresh_mode"],
+            ttl=o["ttl"], jwks=load_jwks(o["jwks"]), actor="cli",
+        )
+        out = {"name": agent.name, "client_id": agent.client_id, "client_secret": secret,
+               "redirect_uris": agent.redirect_uris.split(), "scopes": agent.allowed_scopes}
+        if o["json"]:
+            self.stdout.write(json.dumps(out))
+        else:
+            self.stdout.write(f"Registered agent {agent.name}\n  client_id:     {agent.client_id}\n"
+                              f"  client_secret: {secret}   (shown once; stored hashed)")

@@ -1,0 +1,101 @@
+"""The reference scenario: a contracting officer, a procurement agent, five systems, five scopes."""
+
+import json
+import os
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from consent.conf import countersign_settings
+from consent.models import Agent, ResourceServer, ScopePolicy
+from consent.services import (
+    agent_create,
+    agent_reset_secret,
+    resource_server_create,
+    resource_server_reset_secret,
+    scope_set,
+)
+
+DEMO_PASSWORD = os.environ.get("COUNTERSIGN_DEMO_PASSWORD", "countersign-demo")
+
+SYSTEMS = [
+    # (system name, audience, scope, description, sensitivity)
+    ("Vendor catalog", "http://127.0.0.1:8101", "catalog:read",
+     "Search the vendor catalog and read prices", ScopePolicy.Sensitivity.STANDARD),
+    ("Budget", "http://127.0.0.1:8102", "budget:read",
+     "Read your budget lines and remaining funds", ScopePolicy.Sensitivity.STANDARD),
+    ("Procurement drafting", "http://127.0.0.1:8103", "po:draft",
+     "Draft purchase orders (drafts only, nothing is sent)", ScopePolicy.Sensitivity.STANDARD),
+    ("Approval routing", "http://127.0.0.1:8104", "approval:route",
+     "Route a draft purchase order for internal approval", ScopePolicy.Sensitivity.STANDARD),
+    ("Financial management log", "http://127.0.0.1:8105", "ledger:write",
+     "Write an entry to the financial ledger", ScopePolicy.Sensitivity.STEP_UP),
+]
+AGENT_NAME = "Procurement Agent"
+AGENT_REDIRECT = "http://127.0.0.1:8199/callback"
+
+
+class Command(BaseCommand):
+    help = "Create the reference scenario's data (idempotent). --json prints credentials for scripts."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--json", action="store_true")
+
+    @transaction.atomic
+    def handle(self, *args, **o):
+        User = get_user_model()
+        users = []
+        for username, is_admin in (("officer", False), ("admin", True)):
+            user, created = User.objects.get_or_create(
+                username=username, defaults={"is_staff": is_admin, "is_superuser": is_admin,
+                                             "first_name": "Contracting" if not is_admin else "Admin",
+                                             "last_name": "Officer" if not is_admin else ""})
+            if created:
+                user.set_password(DEMO_PASSWORD)
+                user.save()
+            users.append({"username": username, "password": DEMO_PASSWORD if created or user.check_password(
+                DEMO_PASSWORD) else "(unchanged: set before this run)"})
+
+        servers, scopes = [], []
+        for name, audience, scope, description, sensitivity in SYSTEMS:
+            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
+                values |= {"approval_window": 600, "action_token_ttl": 120,
+                           "authorization_details_types": ["ledger_entry"]}
+            if not ScopePolicy.objects.filter(name=scope).exists():
+                scope_set(name=scope, values=values, actor="seed_demo")
+            scopes.append({"name": scope, "sensitivity": sensitivity, "audience": audience})
+            rs = ResourceServer.objects.filter(audience=audience).first()
+            if rs is None:
+                rs, secret = resource_server_create(name=name, audience=audience, actor="seed_demo")
+            else:
+                secret = resource_server_reset_secret(rs=rs, actor="seed_demo")
+            servers.append({"name": rs.name, "audience": rs.audience, "client_id": rs.client_id,
+                            "client_secret": secret})
+
+        agent = Agent.objects.filter(name=AGENT_NAME).first()
+        all_scopes = [s["name"] for s in scopes]
+        if agent is None:
+            agent, secret = agent_create(
+                name=AGENT_NAME, publisher="Countersign reference scenario",
+                description="Finds a vendor, checks the budget, drafts and routes a purchase order, "
+                            "then records it in the financial ledger.",
+                scopes=all_scopes, redirect_uris=[AGENT_REDIRECT], actor="seed_demo",
+            )
+        else:
+            secret = agent_reset_secret(agent=agent, actor="seed_demo")
+        agents = [{"name": agent.name, "client_id": agent.client_id, "client_secret": secret,
+                   "redirect_uris": agent.redirect_uris.split(), "scopes": list(agent.allowed_scopes)}]
+
+        result = {"issuer": countersign_settings.ISSUER, "users": users, "agents": agents,
+                  "resource_servers": servers, "scopes": scopes}
+        if o["json"]:
+            self.stdout.write(json.dumps(result))
+            return
+        self.stdout.write("Demo data ready.")
+        for u in users:
+            self.stdout.write(f"  login {u['username']} / {u['password']}")
+        self.stdout.write(f"  agent {agent.name}: client_id {agent.client_id} secret {secret}")
+        for s in servers:
+            self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']}")

@@ -1,0 +1,33 @@
+"""Authorization server metadata (RFC 8414 §2), served at both well-known paths.
+
+Lists exactly what is implemented; later capabilities add themselves here.
+"""
+
+from .conf import countersign_settings
+from .keys import SUPPORTED_ALGS
+from .models import ScopePolicy
+from .oauth.server import SUPPORTED_GRANT_TYPES
+
+
+def server_metadata() -> dict:
+    issuer = countersign_settings.ISSUER
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/o/authorize/",
+        "token_endpoint": f"{issuer}/o/token/",
+        "introspection_endpoint": f"{issuer}/o/introspect/",
+        "revocation_endpoint": f"{issuer}/o/revoke/",
+        "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        "scopes_supported": list(ScopePolicy.objects.order_by("name").values_list("name", flat=True)),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": list(SUPPORTED_GRANT_TYPES),
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "access_token_signing_alg_values_supported": list(SUPPORTED_ALGS),
+        "subject_types_supported": ["public"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id", "act",
+                             "grant_id", "auth_time", "acr", "amr"],
+    }

@@ -1,0 +1,266 @@
+"""The agent registry, scope policy, session grants, signing keys and DOT's token rows.
+
+DOT's application, authorization-code, access-token and refresh-token models are
+swapped for ours from the first migration, so every code and token row points at
+the session grant (the consent event) it came from: revoking the grant makes all
+of them inactive at once.
+"""
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.utils import timezone
+from oauth2_provider.models import (
+    AbstractAccessToken,
+    AbstractApplication,
+    AbstractGrant,
+    AbstractIDToken,
+    AbstractRefreshToken,
+)
+
+from .conf import countersign_settings
+
+
+def _default_ttl() -> int:
+    return countersign_settings.DEFAULT_ACCESS_TOKEN_TTL
+
+
+class Agent(AbstractApplication):
+    """An AI agent registered as an OAuth client. Actor id in tokens: ``agent:<client_id>``."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUSPENDED = "suspended", "Suspended"
+
+    class RefreshMode(models.TextChoices):
+        ROTATING = "rotating", "Rotating refresh tokens"
+        EXCHANGE = "exchange", "Token exchange only (no refresh token)"
+        NONE = "none", "None (re-consent needed)"
+
+    publisher = models.CharField(max_length=200, help_text="Who builds and answers for this agent.")
+    description = models.TextField(blank=True, help_text="Shown to users on the consent screen.")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True,
+        help_text="A suspended agent gets no tokens, and its existing tokens stop working.",
+    )
+    allowed_scopes = models.JSONField(
+        default=list, blank=True,
+        help_text="Every scope this agent may ever ask for (a list of scope-policy names).",
+    )
+    access_token_ttl = models.PositiveIntegerField(
+        "access-token lifetime (seconds)", default=_default_ttl,
+        validators=[MinValueValidator(30)],
+    )
+    max_grant_lifetime = models.PositiveIntegerField(
+        "longest session grant (seconds)", default=7 * 24 * 3600,
+        validators=[MinValueValidator(60)],
+        help_text="Users pick a grant lifetime up to this on the consent screen.",
+    )
+    refresh_mode = models.CharField(
+        max_length=16, choices=RefreshMode.choices, default=RefreshMode.ROTATING,
+        help_text="How a workflow continues past one access token's lifetime.",
+    )
+    require_second_factor = models.BooleanField(
+        default=False, help_text="Consent needs a password and a TOTP code.",
+    )
+    jwks = models.JSONField(
+        null=True, blank=True,
+        help_text="Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.",
+    )
+    backchannel_client_notification_endpoint = models.URLField(
+        "CIBA notification endpoint", blank=True,
+        help_text="Where ping-mode approval notices are sent. Optional.",
+    )
+
+    class Meta(AbstractApplication.Meta):
+        swappable = "OAUTH2_PROVIDER_APPLICATION_MODEL"
+        verbose_name = "agent"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.publisher})"
+
+    @property
+    def actor_id(self) -> str:
+        return f"agent:{self.client_id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == self.Status.ACTIVE
+
+    def is_usable(self, request) -> bool:
+        # DOT asks this whenever it loads a client: a suspended agent is no client at all.
+        return self.is_active
+
+
+class ResourceServer(models.Model):
+    """A downstream system, identified by its audience URI."""
+
+    name = models.CharField(max_length=200)
+    audience = models.CharField(
+        max_length=500, unique=True,
+        help_text="The URI that tokens for this system carry in aud.",
+    )
+    client_id = models.CharField(max_length=100, unique=True, db_index=True)
+    client_secret = models.CharField(max_length=255, help_text="Stored hashed.")
+    is_active = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.audience}>"
+
+
+class ScopePolicy(models.Model):
+    """What a scope means and whether it may ride on the blanket session grant."""
+
+    class Sensitivity(models.TextChoices):
+        STANDARD = "standard", "Standard (allowed for the session)"
+        STEP_UP = "step_up", "Step-up (the user confirms each use)"
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.CharField(max_length=300, help_text="What users read on the consent screen.")
+    audience = models.CharField(max_length=500, help_text="Audience URI of the system it is for.")
+    sensitivity = models.CharField(
+        max_length=16, choices=Sensitivity.choices, default=Sensitivity.STANDARD, db_index=True,
+    )
+    approval_window = models.PositiveIntegerField(
+        "approval window (seconds)", default=600, validators=[MinValueValidator(10)],
+        help_text="Step-up only: how long the user has to answer a prompt.",
+    )
+    action_token_ttl = models.PositiveIntegerField(
+        "action-token lifetime (seconds)", default=120, validators=[MinValueValidator(10)],
+        help_text="Step-up only: how long an approved one-shot token stays redeemable.",
+    )
+    fresh_auth_seconds = models.PositiveIntegerField(
+        "fresh authentication (seconds)", null=True, blank=True,
+        help_text="Step-up only: approving needs a sign-in this recent. Empty: no requirement.",
+    )
+    authorization_details_types = models.JSONField(
+        default=list, blank=True,
+        help_text='Step-up only: RFC 9396 types accepted, e.g. ["ledger_entry"].',
+    )
+    auto_approve_rule = models.CharField(
+        max_length=300, blank=True,
+        help_text="Step-up only: e.g. 'amount <= 10000'; matching requests mint without a prompt.",
+    )
+    require_second_factor = models.BooleanField(
+        default=False, help_text="Consenting to this scope needs a password and a TOTP code.",
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "scope policy"
+        verbose_name_plural = "scope policies"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_step_up(self) -> bool:
+        return self.sensitivity == self.Sensitivity.STEP_UP
+
+
+class SessionGrant(models.Model):
+    """The consent event: one user, one agent, the scopes shown and allowed."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        REVOKED = "revoked", "Revoked"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="session_grants")
+    agent = models.ForeignKey(settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE,
+                              related_name="session_grants")
+    standard_scopes = models.JSONField(default=list, help_text="Usable on the session token.")
+    step_up_scopes = models.JSONField(default=list, help_text="Each use needs the user's confirmation.")
+    consent_shown = models.JSONField(default=dict, help_text="What the consent screen displayed.")
+    auth_time = models.DateTimeField()
+    acr = models.CharField(max_length=100, blank=True)
+    amr = models.JSONField(default=list)
+    created = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "session grant"
+
+    def __str__(self) -> str:
+        return f"{self.agent.name} for {self.user} ({self.status})"
+
+    @property
+    def scopes(self) -> list[str]:
+        return [*self.standard_scopes, *self.step_up_scopes]
+
+    def is_live(self, at=None) -> bool:
+        return self.status == self.Status.ACTIVE and self.expires_at > (at or timezone.now())
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.expires_at - self.created
+
+
+class AuthorizationCode(AbstractGrant):
+    session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="codes")
+    consumed_at = models.DateTimeField(null=True, blank=True, help_text="Set on exchange; reuse revokes the grant.")
+
+    class Meta(AbstractGrant.Meta):
+        swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
+
+
+class AccessToken(AbstractAccessToken):
+    session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="access_tokens")
+    jti = models.CharField(max_length=64, unique=True)
+
+    class Meta(AbstractAccessToken.Meta):
+        swappable = "OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL"
+
+
+class RefreshToken(AbstractRefreshToken):
+    session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens")
+
+    class Meta(AbstractRefreshToken.Meta):
+        swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"
+
+
+class IDToken(AbstractIDToken):
+    """Unused (no OpenID Connect ID tokens are issued); swapped so DOT's migrations stay acyclic."""
+
+    class Meta(AbstractIDToken.Meta):
+        swappable = "OAUTH2_PROVIDER_ID_TOKEN_MODEL"
+
+
+class SigningKey(models.Model):
+    """A JWT signing key. One is active; retired ones stay published until their tokens expire."""
+
+    kid = models.CharField(max_length=64, unique=True)
+    alg = models.CharField(max_length=8, choices=[("ES256", "ES256"), ("RS256", "RS256")])
+    private_pem = models.TextField()
+    public_jwk = models.JSONField()
+    created = models.DateTimeField(default=timezone.now)
+    active = models.BooleanField(default=True, db_index=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+    publish_until = models.DateTimeField(
+        null=True, blank=True, help_text="After this, no unexpired token it signed can exist.",
+    )
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(fields=["active"], condition=models.Q(active=True),
+                                    name="one_active_signing_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.alg} {self.kid} ({'active' if self.active else 'retired'})"

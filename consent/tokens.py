@@ -1,0 +1,118 @@
+"""JWT access tokens (RFC 9068) carrying the agent as actor (RFC 8693 §4.1).
+
+A session access token names the user in ``sub`` and the agent in ``act``; its
+``scope`` holds only the grant's standard scopes (a step-up scope never rides on
+the blanket grant). Verification follows RFC 8725: an algorithm allow-list, an
+explicit ``typ`` per token kind, and ``iss``/``aud``/``exp``/``iat``/``jti``/``sub``
+required.
+"""
+
+import secrets
+import time
+from typing import Any
+
+import jwt
+
+from .conf import countersign_settings
+from .keys import SUPPORTED_ALGS, active_signing_key, verification_key
+from .models import ScopePolicy, SessionGrant
+
+SESSION_TOKEN_TYP = "at+jwt"
+ACTION_TOKEN_TYP = "action+jwt"
+REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "jti"]
+MAX_TOKEN_BYTES = 8192
+
+
+class TokenInvalid(Exception):
+    """The token is not one we issued, is malformed, or is expired (detail in ``str``)."""
+
+
+def subject_id(user_pk: Any) -> str:
+    return f"user:{user_pk}"
+
+
+def actor_id(client_id: str) -> str:
+    return f"agent:{client_id}"
+
+
+def audiences_for(scopes: list[str]) -> list[str]:
+    auds = ScopePolicy.objects.filter(name__in=scopes).values_list("audience", flat=True)
+    return sorted(set(auds))
+
+
+def amr_claims(grant: SessionGrant) -> dict[str, Any]:
+    claims: dict[str, Any] = {"auth_time": int(grant.auth_time.timestamp())}
+    if grant.acr:
+        claims["acr"] = grant.acr
+    if grant.amr:
+        claims["amr"] = list(grant.amr)
+    return claims
+
+
+def sign(claims: dict[str, Any], *, typ: str) -> str:
+    key = active_signing_key()
+    return jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": typ})
+
+
+def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], expires_in: int) -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "iss": countersign_settings.ISSUER,
+        "sub": subject_id(grant.user_id),
+        "aud": audiences_for(scopes),
+        "client_id": client_id,
+        "scope": " ".join(scopes),
+        "act": {"sub": actor_id(client_id)},
+        "grant_id": str(grant.pk),
+        "jti": secrets.token_urlsafe(16),
+        "iat": now,
+        "exp": now + expires_in,
+        **amr_claims(grant),
+    }
+
+
+def session_token_generator(request) -> str:
+    """oauthlib token generator (``ACCESS_TOKEN_GENERATOR``): mints the session token.
+
+    The validator has put the session grant on the request (``validate_code`` /
+    ``validate_refresh_token``) and oauthlib has set ``request.expires_in``.
+    """
+    grant: SessionGrant = request.session_grant
+    scopes = [s for s in (request.scopes or []) if s in grant.standard_scopes]
+    claims = session_claims(grant=grant, client_id=request.client.client_id, scopes=scopes,
+                            expires_in=int(request.expires_in))
+    request.token_jti = claims["jti"]
+    return sign(claims, typ=SESSION_TOKEN_TYP)
+
+
+def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: bool = True) -> dict[str, Any]:
+    """Verify one of our own JWTs. Raises ``TokenInvalid``.
+
+    ``kid`` only ever selects from our own published keys; ``jku``/``x5u`` are ignored.
+    """
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+        raise TokenInvalid("token missing or too large")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise TokenInvalid("malformed token") from exc
+    if header.get("typ") != typ:
+        raise TokenInvalid(f"wrong token type (expected {typ})")
+    alg = header.get("alg")
+    if alg not in SUPPORTED_ALGS:
+        raise TokenInvalid("algorithm not allowed")
+    key = verification_key(header.get("kid"))
+    if key is None or key.alg != alg:
+        raise TokenInvalid("unknown signing key")
+    options: dict[str, Any] = {"require": REQUIRED_CLAIMS, "verify_exp": verify_exp}
+    if audience is None:
+        options["verify_aud"] = False
+    try:
+        return jwt.decode(
+            token, key.public_key, algorithms=[key.alg], issuer=countersign_settings.ISSUER,
+            audience=audience, options=options, leeway=countersign_settings.LEEWAY_SECONDS,
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise TokenInvalid("token expired") from exc
+    except jwt.PyJWTError as exc:
+        raise TokenInvalid(f"invalid token: {exc}") from exc

@@ -1,0 +1,225 @@
+"""Protocol endpoints: authorization (consent), token, introspection, revocation.
+
+The heavy lifting is oauthlib's and DOT's (``consent.oauth``); these views parse
+input, call one service, render, and audit refusals.
+"""
+
+import json
+from urllib.parse import parse_qs, urlencode
+
+from django.views.generic.base import TemplateResponseMixin
+from django.db import transaction
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.debug import sensitive_post_parameters
+from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
+from oauth2_provider.views import RevokeTokenView as DOTRevokeTokenView
+from oauth2_provider.views.base import BaseAuthorizationView
+from oauth2_provider.views.mixins import OAuthLibMixin
+from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
+
+from audit.services import audit_record, audit_refusal
+
+from ..errors import ConfigurationError
+from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error
+from ..models import Agent
+from ..oauth.context import take_refusal
+from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
+from ..services import AuthContext, grant_create, grant_lifetime_choices
+from .account import auth_context, second_factor_missing
+
+
+def _audit_oauthlib_refusal(request, *, event: str, body: str, status: int) -> None:
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        payload = {}
+    audit_refusal(
+        event=event, error=payload.get("error", f"http_{status}"), actor="",
+        client_id=claimed_client_id(request), request=request,
+        detail={"reason": take_refusal() or payload.get("error_description", ""),
+                "grant_type": request.POST.get("grant_type", "")},
+    )
+
+
+class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
+    """RFC 6749 §4.1.1 authorization endpoint, with our consent screen.
+
+    GET validates the request (client, redirect_uri, PKCE S256, scopes within the
+    agent's registry) before anything is shown; a bad ``redirect_uri`` or client
+    gets an error page, never a redirect (§4.1.2.1). POST re-validates the same
+    request and records the user's decision.
+    """
+
+    template_name = "consent/authorize.html"
+
+    def _validate(self, query: str):
+        core = self.get_oauthlib_core()
+        uri = self.request.build_absolute_uri(reverse("oauth-authorize")) + "?" + query
+        scopes, credentials = core.server.validate_authorization_request(uri, "GET", None, {})
+        return scopes, credentials
+
+    def _refuse(self, error: OAuthToolkitError, application=None):
+        oauthlib_error = error.oauthlib_error
+        audit_refusal(event="consent.request_refused", error=oauthlib_error.error,
+                      actor=f"user:{self.request.user.pk}", user_id=self.request.user.pk,
+                      client_id=(self.request.GET.get("client_id") or "")[:100], request=self.request,
+                      detail={"reason": oauthlib_error.description or ""})
+        return self.error_response(error, application)
+
+    def _screen(self, query: str, scopes: list[str], agent: Agent, **extra):
+        policies = scope_policies(scopes)
+        context = {
+            "agent": agent,
+            "standard": [p for p in policies if not p.is_step_up],
+            "step_up": [p for p in policies if p.is_step_up],
+            "lifetimes": grant_lifetime_choices(agent),
+            "authz_query": query,
+            "needs_second_factor": second_factor_missing(self.request, agent, policies),
+            **extra,
+        }
+        return render(self.request, self.template_name, context)
+
+    def get(self, request, *args, **kwargs):
+        query = request.META.get("QUERY_STRING", "")
+        try:
+            scopes, credentials = self._validate(query)
+        except oauthlib_errors.FatalClientError as exc:
+            return self._refuse(self._wrap(exc))
+        except oauthlib_errors.OAuth2Error as exc:
+            return self._refuse(self._wrap(exc), self._agent(request.GET.get("client_id")))
+        agent = Agent.objects.get(client_id=credentials["client_id"])
+        return self._screen(query, scopes, agent)
+
+    def post(self, request, *args, **kwargs):
+        query = request.POST.get("authz_query", "")
+        try:
+            scopes, credentials = self._validate(query)
+        except oauthlib_errors.FatalClientError as exc:
+            return self._refuse(self._wrap(exc))
+        except oauthlib_errors.OAuth2Error as exc:
+            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)))
+        agent = Agent.objects.get(client_id=credentials["client_id"])
+        policies = scope_policies(scopes)
+        user = request.user
+        if request.POST.get("decision") != "allow":
+            audit_record(event="consent.refused", outcome="refused", error="access_denied",
+                         actor=f"user:{user.pk}", user_id=user.pk, client_id=agent.client_id,
+                         request=request, detail={"scopes": scopes})
+            return self._deny(scopes, credentials, agent)
+        if second_factor_missing(request, agent, policies):
+            return redirect(f"{reverse('login-otp')}?{urlencode({'next': request.get_full_path()})}")
+        try:
+            lifetime = int(request.POST.get("lifetime", ""))
+        except ValueError:
+            lifetime = -1
+        auth: AuthContext = auth_context(request)
+        try:
+            with transaction.atomic():
+                grant = grant_create(
+                    user=user, agent=agent, scopes=scopes, lifetime=lifetime, auth=auth, request=request,
+                    consent_shown=_consent_shown(agent, policies, lifetime),
+                )
+                credentials["session_grant"] = grant
+                uri, headers, body, status = self.create_authorization_response(
+                    request=request, scopes=" ".join(grant.standard_scopes), credentials=credentials,
+                    allow=True,
+                )
+        except ConfigurationError as exc:
+            return self._screen(query, scopes, agent, form_error=exc.description)
+        except OAuthToolkitError as error:
+            return self._refuse(error, agent)
+        return self.redirect(uri, agent)
+
+    def _deny(self, scopes, credentials, agent):
+        try:
+            self.create_authorization_response(request=self.request, scopes=" ".join(scopes),
+                                               credentials=credentials, allow=False)
+        except OAuthToolkitError as error:
+            return self.error_response(error, agent)
+        return oauth_error("access_denied")  # unreachable: allow=False always raises
+
+    @staticmethod
+    def _wrap(exc: oauthlib_errors.OAuth2Error) -> OAuthToolkitError:
+        if isinstance(exc, oauthlib_errors.FatalClientError):
+            return FatalClientError(error=exc)
+        return OAuthToolkitError(error=exc, redirect_uri=exc.redirect_uri)
+
+    @staticmethod
+    def _agent(client_id):
+        return Agent.objects.filter(client_id=client_id or "").first()
+
+
+def credentials_client_id(query: str) -> str:
+    return (parse_qs(query).get("client_id") or [""])[0]
+
+
+def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
+    return {
+        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status},
+        "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
+                                if not p.is_step_up],
+        "will_ask_each_time": [{"scope": p.name, "description": p.description} for p in policies
+                               if p.is_step_up],
+        "lifetime_seconds": lifetime,
+    }
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class TokenView(OAuthLibMixin, View):
+    """RFC 6749 §3.2 token endpoint: code exchange (§4.1.3) and refresh (§6)."""
+
+    @method_decorator(sensitive_post_parameters("client_secret", "code", "code_verifier", "refresh_token"))
+    def post(self, request, *args, **kwargs):
+        take_refusal()
+        # One transaction: the code row lock and the token rows commit together.
+        with transaction.atomic():
+            url, headers, body, status = self.create_token_response(request)
+        if status != 200:
+            _audit_oauthlib_refusal(request, event="token.refused", body=body, status=status)
+        response = HttpResponse(content=body, status=status, content_type="application/json")
+        for key, value in headers.items():
+            response[key] = value
+        return response
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class RevokeTokenView(DOTRevokeTokenView):
+    """RFC 7009 revocation endpoint (agent authentication). Revokes the whole session grant."""
+
+    def post(self, request, *args, **kwargs):
+        take_refusal()
+        response = super().post(request, *args, **kwargs)
+        if response.status_code != 200:
+            _audit_oauthlib_refusal(request, event="revocation.refused",
+                                    body=response.content.decode(), status=response.status_code)
+        return response
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class IntrospectView(View):
+    """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
+
+    def post(self, request, *args, **kwargs):
+        creds = client_credentials(request)
+        rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
+        if rs is None:
+            audit_refusal(event="introspection.refused", error="invalid_client", actor="",
+                          client_id=claimed_client_id(request), request=request,
+                          detail={"reason": "resource-server authentication failed"})
+            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401,
+                               www_authenticate='Basic realm="countersign"')
+        token = request.POST.get("token", "")
+        if not token:
+            audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
+                          client_id=rs.client_id, request=request, detail={"reason": "token missing"})
+            return oauth_error("invalid_request", "The token parameter is required.")
+        result = session_token_introspect(token=token, resource_server=rs)
+        if not result.active:
+            audit_refusal(event="introspection.inactive", error="inactive_token", actor=f"rs:{rs.client_id}",
+                          client_id=rs.client_id, request=request, detail={"reason": result.reason})
+        return JsonResponse(result.as_response(), headers=NO_STORE)

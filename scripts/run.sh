@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run the ASGI server and the Celery worker (with its beat scheduler) in the foreground.
+# Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+export COUNTERSIGN_ISSUER=${COUNTERSIGN_ISSUER:-http://$HOST:$PORT}
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo; echo "Stopping Countersign ..."
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "Stopped."
+}
+trap stop INT TERM EXIT
+
+mkdir -p var
+.venv/bin/celery -A config.celery:app worker --beat --loglevel=INFO --concurrency=2 \
+  --schedule=var/celerybeat-schedule >var/celery.log 2>&1 &
+pids+=($!)
+.venv/bin/uvicorn config.asgi:application --host "$HOST" --port "$PORT" --no-access-log &
+pids+=($!)
+
+cat <<MSG
+
+  Countersign is running at $COUNTERSIGN_ISSUER
+    sign in:      $COUNTERSIGN_ISSUER/accounts/login/   (officer / ${COUNTERSIGN_DEMO_PASSWORD:-countersign-demo})
+    admin:        $COUNTERSIGN_ISSUER/admin/            (admin / ${COUNTERSIGN_DEMO_PASSWORD:-countersign-demo})
+    metadata:     $COUNTERSIGN_ISSUER/.well-known/oauth-authorization-server
+  Celery worker log: var/celery.log. Press Ctrl-C to stop.
+
+MSG
+wait -n "${pids[@]}"

@@ -1,0 +1,123 @@
+"""Fixtures that build real objects through the services, and a client that speaks OAuth."""
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from consent.keys import reset_key_cache
+from consent.models import Agent, ScopePolicy
+from consent.services import agent_create, resource_server_create, scope_set
+
+REDIRECT_URI = "http://127.0.0.1:8199/callback"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_key_cache():
+    # Each test database starts without keys; a key cached by an earlier test must not leak in.
+    reset_key_cache()
+    yield
+    reset_key_cache()
+
+
+@dataclass
+class Scenario:
+    agent: Agent
+    agent_secret: str
+    rs_client_id: str
+    rs_secret: str
+    rs_audience: str
+    ledger_client_id: str
+    ledger_secret: str
+    user: object
+
+
+@pytest.fixture
+def scenario(db) -> Scenario:
+    for name, aud, sens in [
+        ("catalog:read", "http://catalog.test", ScopePolicy.Sensitivity.STANDARD),
+        ("budget:read", "http://budget.test", ScopePolicy.Sensitivity.STANDARD),
+        ("ledger:write", "http://ledger.test", ScopePolicy.Sensitivity.STEP_UP),
+    ]:
+        scope_set(name=name, values={"audience": aud, "sensitivity": sens, "description": f"Use {name}"})
+    catalog, catalog_secret = resource_server_create(name="Catalog", audience="http://catalog.test")
+    ledger, ledger_secret = resource_server_create(name="Ledger", audience="http://ledger.test")
+    agent, secret = agent_create(name="Procurement Agent", publisher="Acme Agents",
+                                 scopes=["catalog:read", "budget:read", "ledger:write"],
+                                 redirect_uris=[REDIRECT_URI])
+    user = get_user_model().objects.create_user("officer", password=PASSWORD)
+    return Scenario(agent, secret, catalog.client_id, catalog_secret, catalog.audience,
+                    ledger.client_id, ledger_secret, user)
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def basic(client_id: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+class OAuthFlow:
+    """Drives the authorization-code flow through Django's test client, as a browser and an agent would."""
+
+    def __init__(self, client, scenario: Scenario):
+        self.client = client
+        self.s = scenario
+
+    def login(self):
+        assert self.client.login(username="officer", password=PASSWORD)
+
+    def authorize_query(self, *, scope="catalog:read budget:read ledger:write", challenge=None,
+                        method="S256", redirect_uri=REDIRECT_URI, client_id=None, **extra) -> str:
+        params = {"response_type": "code", "client_id": client_id or self.s.agent.client_id,
+                  "redirect_uri": redirect_uri, "scope": scope, "state": "st-123"}
+        if challenge is not None:
+            params["code_challenge"] = challenge
+        if method is not None and challenge is not None:
+            params["code_challenge_method"] = method
+        params.update(extra)
+        return urlencode(params)
+
+    def consent(self, query: str, decision="allow", lifetime=3600):
+        return self.client.post("/o/authorize/", {"authz_query": query, "decision": decision,
+                                                  "lifetime": str(lifetime)})
+
+    def code_from(self, response) -> str:
+        assert response.status_code == 302, response.content[:500]
+        params = parse_qs(urlparse(response["Location"]).query)
+        assert params["state"] == ["st-123"]
+        return params["code"][0]
+
+    def token(self, data: dict, *, auth: tuple[str, str] | None = None):
+        client_id, secret = auth or (self.s.agent.client_id, self.s.agent_secret)
+        return self.client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded",
+                                HTTP_AUTHORIZATION=basic(client_id, secret))
+
+    def full(self, scope="catalog:read budget:read ledger:write") -> dict:
+        """Log in, consent, exchange the code; returns the token response JSON."""
+        self.login()
+        verifier, challenge = pkce_pair()
+        code = self.code_from(self.consent(self.authorize_query(scope=scope, challenge=challenge)))
+        response = self.token({"grant_type": "authorization_code", "code": code,
+                               "redirect_uri": REDIRECT_URI, "code_verifier": verifier})
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    def introspect(self, token: str, *, auth: tuple[str, str] | None = None):
+        client_id, secret = auth or (self.s.rs_client_id, self.s.rs_secret)
+        return self.client.post("/o/introspect/", urlencode({"token": token}),
+                                content_type="application/x-www-form-urlencoded",
+                                HTTP_AUTHORIZATION=basic(client_id, secret))
+
+
+@pytest.fixture
+def flow(client, scenario) -> OAuthFlow:
+    return OAuthFlow(client, scenario)
