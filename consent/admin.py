@@ -6,6 +6,7 @@ creation (or a reset), and stored hashed: never shown again.
 
 import secrets
 
+from django import forms
 from django.contrib import admin, messages
 from django.utils.html import format_html
 from oauth2_provider.models import get_id_token_model
@@ -49,9 +50,27 @@ class AuditedAdmin(admin.ModelAdmin):
         super().delete_model(request, obj)
 
 
+def _scope_choices():
+    return [(p.name, f"{p.name} — {p.description} ({p.get_sensitivity_display()})")
+            for p in ScopePolicy.objects.order_by("name")]
+
+
+class AgentAdminForm(forms.ModelForm):
+    allowed_scopes = forms.MultipleChoiceField(
+        choices=_scope_choices, widget=forms.CheckboxSelectMultiple, required=False,
+        help_text="Every scope this agent may ever ask for. Step-up scopes still need the user's "
+                  "confirmation for each use.",
+    )
+
+    class Meta:
+        model = Agent
+        fields = "__all__"
+
+
 @admin.register(Agent)
 class AgentAdmin(AuditedAdmin):
     audit_event = "agent"
+    form = AgentAdminForm
     list_display = ("name", "publisher", "status", "refresh_mode", "access_token_ttl", "client_id", "created")
     list_filter = ("status", "refresh_mode", "require_second_factor")
     search_fields = ("name", "publisher", "client_id", "description")

@@ -1,0 +1,116 @@
+"""Fixtures for driving Countersign in a real Chromium (Debian's /usr/bin/chromium) via Playwright.
+
+The app runs under pytest-django's ``live_server`` (a thread in this process, real HTTP on
+127.0.0.1), so the data has to be committed: everything here uses ``transactional_db``.
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from consent.models import Agent, ScopePolicy
+from consent.services import agent_create, resource_server_create, scope_set
+from tests.conftest import PASSWORD
+
+# Playwright's sync API drives its own event loop through greenlets on this thread, so Django's
+# async-safety check sees a "running loop" and would refuse ORM calls made by the test body.
+# The ORM calls here are plain synchronous ones on the test thread; this is the documented
+# workaround for Playwright + Django.
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+CALLBACK_PATH = "/agent-callback"
+
+
+@dataclass
+class BrowserScenario:
+    agent: Agent
+    agent_secret: str
+    rs_audience: str
+    user: object
+    base_url: str
+    redirect_uri: str
+
+
+@pytest.fixture
+def live_issuer(live_server, settings) -> str:
+    """Make the app's issuer the live server's URL, so tokens and metadata name it."""
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_server.url}
+    settings.CSRF_TRUSTED_ORIGINS = [live_server.url]
+    return live_server.url
+
+
+@pytest.fixture
+def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
+    """The same registry as tests/conftest.py's ``scenario``, committed, with a reachable callback."""
+    for name, aud, sens in [
+        ("catalog:read", "http://catalog.test", ScopePolicy.Sensitivity.STANDARD),
+        ("budget:read", "http://budget.test", ScopePolicy.Sensitivity.STANDARD),
+        ("ledger:write", "http://ledger.test", ScopePolicy.Sensitivity.STEP_UP),
+    ]:
+        scope_set(name=name, values={"audience": aud, "sensitivity": sens, "description": f"Use {name}"})
+    catalog, _ = resource_server_create(name="Catalog", audience="http://catalog.test")
+    resource_server_create(name="Ledger", audience="http://ledger.test")
+    redirect_uri = f"{live_issuer}{CALLBACK_PATH}"
+    agent, secret = agent_create(name="Procurement Agent", publisher="Acme Agents",
+                                 scopes=["catalog:read", "budget:read", "ledger:write"],
+                                 redirect_uris=[redirect_uri])
+    user = get_user_model().objects.create_user("officer", password=PASSWORD)
+    return BrowserScenario(agent, secret, catalog.audience, user, live_issuer, redirect_uri)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the session. A missing binary is a failure, not a skip."""
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"Browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
+                    f"it is not there or not executable.", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(chromium, live_server):
+    """A fresh browser context (no cookies) whose agent callback is answered by Playwright itself."""
+    context = chromium.new_context(base_url=live_server.url)
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    # No server listens at the agent's redirect URI: Playwright answers it, and page.url keeps
+    # the full callback URL with code/state or error.
+    page.route(f"**{CALLBACK_PATH}**",
+               lambda route: route.fulfill(status=200, content_type="text/plain", body="agent callback"))
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page_problems(page) -> list[str]:
+    """Console errors, uncaught page errors and failed sub-requests seen while the test runs."""
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
+    page.on("response", lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}")
+            if resp.status >= 400 else None)
+    return problems
