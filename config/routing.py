@@ -1,3 +1,5 @@
 """Websocket routes. Each app that pushes to browsers adds its consumers here."""
 
-websocket_urlpatterns: list = []
+from approvals.routing import websocket_urlpatterns as approvals_ws
+
+websocket_urlpatterns = [*approvals_ws]

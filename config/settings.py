@@ -81,6 +81,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "approvals.context_processors.approvals_badge",
             ],
         },
     },
@@ -149,6 +150,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "countersign"
 CELERY_BEAT_SCHEDULE = {
     "grants-expire": {"task": "consent.tasks.grants_expire", "schedule": 30.0},
+    "approvals-expire": {"task": "approvals.expire_due", "schedule": 10.0},
 }
 
 # django-oauth-toolkit: our agent registry and token models replace its defaults

@@ -21,5 +21,6 @@ urlpatterns = [
     path("grants/", account.grants_view, name="grants"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
     path("activity/", activity_view, name="activity"),
+    path("", include("approvals.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -25,6 +25,15 @@ DEFAULTS: dict[str, Any] = {
     # Default approval window and action-token TTL for new step-up scopes.
     "DEFAULT_APPROVAL_WINDOW": 600,
     "DEFAULT_ACTION_TOKEN_TTL": 120,
+    # CIBA (OpenID CIBA Core §7.3): minimum seconds between polls of a pending request.
+    "CIBA_INTERVAL": 5,
+    # Approval fatigue: most pending prompts a user, or an agent, may have open at once.
+    "MAX_PENDING_PER_USER": 10,
+    "MAX_PENDING_PER_AGENT": 50,
+    # Longest agent note shown with a prompt (CIBA §7.1 binding_message).
+    "BINDING_MESSAGE_MAX": 120,
+    # How often the safety-net sweep expires approvals (each also has an on-time task).
+    "APPROVAL_SWEEP_SECONDS": 10,
 }
 
 

@@ -1,7 +1,9 @@
-"""Domain errors of the consent app, each carrying its OAuth error code."""
+"""The protocol error hierarchy: each error carries its OAuth error code, HTTP status and description.
+
+Rendered in one place, ``consent.http.oauth_error``."""
 
 
-class ConsentError(Exception):
+class OAuthError(Exception):
     error = "invalid_request"
     status_code = 400
 
@@ -10,24 +12,30 @@ class ConsentError(Exception):
         self.description = description
 
 
-class InvalidScope(ConsentError):
+class InvalidScope(OAuthError):
     """RFC 6749 §5.2: the requested scope is invalid, unknown, or exceeds what was granted."""
 
     error = "invalid_scope"
 
 
-class InvalidClient(ConsentError):
+class InvalidClient(OAuthError):
     """RFC 6749 §5.2: client authentication failed."""
 
     error = "invalid_client"
     status_code = 401
 
 
-class GrantNotActive(ConsentError):
+class GrantNotActive(OAuthError):
     """RFC 6749 §5.2 ``invalid_grant``: the session grant is revoked or expired."""
 
     error = "invalid_grant"
 
 
-class ConfigurationError(ConsentError):
+class ConfigurationError(OAuthError):
     """An admin asked for a configuration that cannot work."""
+
+
+class AccessDenied(OAuthError):
+    """RFC 6749 §4.1.2.1 / CIBA Core §11: the resource owner or server denied the request."""
+
+    error = "access_denied"

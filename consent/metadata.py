@@ -9,6 +9,15 @@ from .models import ScopePolicy
 from .oauth.server import SUPPORTED_GRANT_TYPES
 
 
+def _authorization_details_types() -> list[str]:
+    types: set[str] = set()
+    for accepted in ScopePolicy.objects.filter(sensitivity=ScopePolicy.Sensitivity.STEP_UP).values_list(
+        "authorization_details_types", flat=True
+    ):
+        types.update(accepted or [])
+    return sorted(types)
+
+
 def server_metadata() -> dict:
     issuer = countersign_settings.ISSUER
     return {
@@ -17,8 +26,13 @@ def server_metadata() -> dict:
         "token_endpoint": f"{issuer}/o/token/",
         "introspection_endpoint": f"{issuer}/o/introspect/",
         "revocation_endpoint": f"{issuer}/o/revoke/",
+        "backchannel_authentication_endpoint": f"{issuer}/o/bc-authorize/",
+        "backchannel_token_delivery_modes_supported": ["poll", "ping"],
+        "backchannel_user_code_parameter_supported": False,
+        "redemption_endpoint": f"{issuer}/o/redeem/",
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "scopes_supported": list(ScopePolicy.objects.order_by("name").values_list("name", flat=True)),
+        "authorization_details_types_supported": _authorization_details_types(),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "grant_types_supported": list(SUPPORTED_GRANT_TYPES),

@@ -18,6 +18,7 @@ from audit.services import audit_record
 from .conf import countersign_settings
 from .errors import ConfigurationError, InvalidScope
 from .hashers import generate_secret
+from .signals import grant_ended
 from .models import AccessToken, Agent, RefreshToken, ResourceServer, ScopePolicy, SessionGrant
 
 SECRET_HASHER = "cs_sha256"
@@ -216,6 +217,7 @@ def grant_revoke(*, grant_id: Any, reason: str, actor: str, user=None, request=N
             return False
         grant = SessionGrant.objects.select_related("agent").get(pk=grant_id)
         _end_grant_tokens(grant.pk, now)
+        grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason=reason, actor=actor)
         audit_record(event="grant.revoked", actor=actor, user_id=grant.user_id,
                      client_id=grant.agent.client_id, grant_id=grant.pk, request=request,
                      detail={"reason": reason})
@@ -234,6 +236,7 @@ def grants_expire() -> int:
             )
             if updated == 1:
                 _end_grant_tokens(grant.pk, now)
+                grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason="lifetime_ended", actor="system")
                 audit_record(event="grant.expired", actor="system", user_id=grant.user_id,
                              client_id=grant.agent.client_id, grant_id=grant.pk)
                 count += 1

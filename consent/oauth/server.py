@@ -10,6 +10,8 @@ the token endpoint refuses unregistered grant types itself (RFC 6749 §5.2
   RFC 9700 §2.1.1).
 - Refresh token with rotation (RFC 6749 §6, RFC 9700 §4.14.2), issued only to
   agents whose refresh mode is ``rotating``.
+- OpenID CIBA (``urn:openid:params:grant-type:ciba``), which yields action
+  tokens for approved step-up requests (``consent.grants.ciba``).
 """
 
 from oauthlib.oauth2.rfc6749 import errors
@@ -25,11 +27,12 @@ from oauthlib.oauth2.rfc6749.grant_types import AuthorizationCodeGrant, RefreshT
 from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challenge_method_s256
 from oauthlib.oauth2.rfc6749.tokens import BearerToken
 
+from ..grants.ciba import GRANT_TYPE_CIBA, CibaGrant
 from ..models import Agent
 
 GRANT_AUTHORIZATION_CODE = "authorization_code"
 GRANT_REFRESH_TOKEN = "refresh_token"
-SUPPORTED_GRANT_TYPES = (GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN)
+SUPPORTED_GRANT_TYPES = (GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN, GRANT_TYPE_CIBA)
 
 
 class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
@@ -73,7 +76,8 @@ class CountersignServer(
         )
         TokenEndpoint.__init__(
             self, default_grant_type=GRANT_AUTHORIZATION_CODE,
-            grant_types={GRANT_AUTHORIZATION_CODE: auth_grant, GRANT_REFRESH_TOKEN: refresh_grant},
+            grant_types={GRANT_AUTHORIZATION_CODE: auth_grant, GRANT_REFRESH_TOKEN: refresh_grant,
+                         GRANT_TYPE_CIBA: CibaGrant(request_validator)},
             default_token_type=bearer,
         )
         ResourceEndpoint.__init__(self, default_token="Bearer", token_types={"Bearer": bearer})

@@ -179,7 +179,8 @@ class TokenView(OAuthLibMixin, View):
         # One transaction: the code row lock and the token rows commit together.
         with transaction.atomic():
             url, headers, body, status = self.create_token_response(request)
-        if status != 200:
+        # A pending CIBA poll is the normal state of an unanswered prompt, not a refusal.
+        if status != 200 and '"authorization_pending"' not in body:
             _audit_oauthlib_refusal(request, event="token.refused", body=body, status=status)
         response = HttpResponse(content=body, status=status, content_type="application/json")
         for key, value in headers.items():

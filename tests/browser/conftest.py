@@ -14,12 +14,6 @@ from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
 from tests.conftest import PASSWORD
 
-# Playwright's sync API drives its own event loop through greenlets on this thread, so Django's
-# async-safety check sees a "running loop" and would refuse ORM calls made by the test body.
-# The ORM calls here are plain synchronous ones on the test thread; this is the documented
-# workaround for Playwright + Django.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -71,20 +65,34 @@ def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
     return BrowserScenario(agent, secret, catalog.audience, user, live_issuer, redirect_uri)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """One headless Chromium for the session. A missing binary is a failure, not a skip."""
+    """One headless Chromium per test module. A missing binary is a failure, not a skip.
+
+    While Playwright's sync API is started, its event loop counts as running on this thread, so
+    Django's async-safety check would refuse the test's own (plain, synchronous) ORM calls and the
+    database fixtures' setup/teardown. DJANGO_ALLOW_ASYNC_UNSAFE is the documented workaround; it
+    is set only while the browser runs (module scope), so tests in other modules keep the check.
+    """
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(f"Browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
                     f"it is not there or not executable.", pytrace=False)
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        if previous is None:
+            del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture

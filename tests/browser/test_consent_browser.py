@@ -79,7 +79,8 @@ def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_pr
     expect(page.get_by_role("button", name="Deny")).to_be_visible()
     lifetime = page.get_by_label("Keep this connection for")
     expect(lifetime).to_have_value("3600")
-    expect(lifetime.locator("option")).to_have_text(["1 hour", "8 hours", "1 day", "7 days", "30 days"])
+    # Capped by the agent's max_grant_lifetime (default 7 days).
+    expect(lifetime.locator("option")).to_have_text(["1 hour", "8 hours", "1 day", "7 days"])
     # The stylesheet loaded (served by the app itself) and nothing errored while getting here.
     assert page.evaluate("getComputedStyle(document.querySelector('main .card')).borderStyle") != "none"
     assert page_problems == []

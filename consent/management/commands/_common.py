@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import CommandError
 
-from consent.errors import ConsentError
+from consent.errors import OAuthError
 
 
 def load_jwks(path: str | None) -> dict | None:
@@ -24,7 +24,7 @@ def run_service(fn, **kwargs):
 
     try:
         return fn(**kwargs)
-    except ConsentError as exc:
+    except OAuthError as exc:
         raise CommandError(exc.description) from exc
     except ValidationError as exc:
         raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from exc

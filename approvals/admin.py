@@ -1,0 +1,38 @@
+from django.contrib import admin
+
+from .models import ActionToken, ApprovalRequest
+
+
+@admin.register(ApprovalRequest)
+class ApprovalRequestAdmin(admin.ModelAdmin):
+    list_display = ("headline", "user", "agent", "scope", "status", "delivery_mode", "created", "expires_at",
+                    "decision_method")
+    list_filter = ("status", "delivery_mode", "scope", "agent")
+    search_fields = ("id", "headline", "user__username", "agent__name", "action_hash")
+    readonly_fields = [f.name for f in ApprovalRequest._meta.fields if f.name != "client_notification_token"]
+    exclude = ("client_notification_token",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ActionToken)
+class ActionTokenAdmin(admin.ModelAdmin):
+    list_display = ("jti", "approval", "issued_at", "expires_at", "redeemed_at", "redeemed_by")
+    list_filter = ("redeemed_by",)
+    readonly_fields = [f.name for f in ActionToken._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,128 @@
+"""OpenID Connect Client-Initiated Backchannel Authentication (CIBA) Core 1.0.
+
+https://openid.net/specs/openid-client-initiated-backchannel-authentication-core-1_0.html
+
+Validation of a backchannel authentication request (§7.1, §7.2, §13). The
+``login_hint_token`` is the agent's current session access token: it names the
+user and the session grant and proves the grant is live. The request must ask
+for exactly one step-up scope that is both in the agent's registry and in the
+grant, with RFC 9396 ``authorization_details`` of a type that scope accepts.
+"""
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils import timezone
+
+from consent.conf import countersign_settings
+from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
+from consent.tokens import SESSION_TOKEN_TYP, TokenInvalid, verify
+
+from . import rar
+from .errors import (
+    AccessDenied,
+    ExpiredLoginHintToken,
+    InvalidAuthorizationDetails,
+    InvalidBindingMessage,
+    InvalidRequest,
+    InvalidScope,
+)
+
+GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
+DELIVERY_MODES = ("poll", "ping")
+
+
+@dataclass(frozen=True)
+class BackchannelRequest:
+    agent: Agent
+    grant: SessionGrant
+    policy: ScopePolicy
+    authorization_details: list[dict[str, Any]]
+    action_hash: str
+    binding_message: str
+    window_seconds: int
+    delivery_mode: str
+    client_notification_token: str
+
+
+def _session_grant_from_hint(token: str, agent: Agent) -> SessionGrant:
+    if not token:
+        raise InvalidRequest("login_hint_token (the agent's session access token) is required")
+    try:
+        claims = verify(token, typ=SESSION_TOKEN_TYP)
+    except TokenInvalid as exc:
+        if "expired" in str(exc):
+            raise ExpiredLoginHintToken("the session access token has expired") from exc
+        raise InvalidRequest(f"login_hint_token is not a valid session access token ({exc})") from exc
+    if claims.get("client_id") != agent.client_id:
+        raise InvalidRequest("login_hint_token was issued to another client")
+    row = (
+        AccessToken.objects.select_related("session_grant")
+        .filter(token_checksum=hashlib.sha256(token.encode()).hexdigest())
+        .first()
+    )
+    if row is None or row.expires <= timezone.now():
+        raise AccessDenied("the session access token has been revoked")
+    grant = row.session_grant
+    if not grant.is_live():
+        raise AccessDenied(f"the session grant is {'expired' if grant.status == 'active' else grant.status}")
+    return grant
+
+
+def _binding_message(text: str) -> str:
+    if len(text) > countersign_settings.BINDING_MESSAGE_MAX:
+        raise InvalidBindingMessage(
+            f"binding_message is longer than {countersign_settings.BINDING_MESSAGE_MAX} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
+        raise InvalidBindingMessage("binding_message contains control or invisible formatting characters")
+    return text.strip()
+
+
+def _window(requested: str | None, policy: ScopePolicy) -> int:
+    if requested in (None, ""):
+        return policy.approval_window
+    try:
+        seconds = int(requested)
+    except ValueError as exc:
+        raise InvalidRequest("requested_expiry must be a positive integer (seconds)") from exc
+    if seconds <= 0:
+        raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
+    return min(seconds, policy.approval_window)
+
+
+def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> BackchannelRequest:
+    """CIBA Core §7.1 parameters, checked in the order an agent can act on."""
+    if not agent.is_active:
+        raise AccessDenied("the agent is suspended")
+    scopes = (params.get("scope") or "").split()
+    if len(scopes) != 1:
+        raise InvalidScope("ask for exactly one step-up scope per request")
+    scope = scopes[0]
+    policy = ScopePolicy.objects.filter(name=scope).first()
+    if policy is None or not policy.is_step_up:
+        raise InvalidScope(f"{scope} is not a step-up scope")
+    if scope not in (agent.allowed_scopes or []):
+        raise InvalidScope(f"{scope} is not among the agent's registered scopes")
+    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent)
+    if scope not in grant.step_up_scopes:
+        raise InvalidScope(f"the user did not include {scope} in this session's consent")
+    binding_message = _binding_message(params.get("binding_message", ""))
+    try:
+        details = rar.parse(params.get("authorization_details", ""),
+                            allowed_types=list(policy.authorization_details_types or []))
+    except rar.InvalidDetails as exc:
+        raise InvalidAuthorizationDetails(str(exc)) from exc
+    window = _window(params.get("requested_expiry"), policy)
+    mode = "ping" if agent.backchannel_client_notification_endpoint else "poll"
+    notification_token = params.get("client_notification_token", "")
+    if mode == "ping" and not notification_token:
+        raise InvalidRequest("client_notification_token is required in ping mode (CIBA §7.1)")
+    if len(notification_token) > 1024:
+        raise InvalidRequest("client_notification_token is too long")
+    return BackchannelRequest(
+        agent=agent, grant=grant, policy=policy, authorization_details=details,
+        action_hash=rar.action_hash(details), binding_message=binding_message, window_seconds=window,
+        delivery_mode=mode, client_notification_token=notification_token if mode == "ping" else "",
+    )

@@ -1,0 +1,104 @@
+"""Approval requests (one sensitive action each) and the one-shot action tokens they mint.
+
+State machine (DESIGN.md); every transition is one guarded service function in
+``approvals.services`` whose conditional UPDATE decides races::
+
+    PENDING --approve--> APPROVED --token collected--> ISSUED --redeem--> REDEEMED
+    PENDING --deny-----> DENIED
+    PENDING --timeout--> EXPIRED                 (approval window passed)
+    PENDING/APPROVED/ISSUED --grant revoked, agent suspended, agent cancels--> CANCELLED
+    ISSUED  --action token expired unredeemed--> EXPIRED
+
+Terminal states (DENIED, EXPIRED, CANCELLED, REDEEMED) never change.
+"""
+
+import json
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class ApprovalRequest(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting for you"
+        APPROVED = "approved", "Approved"
+        ISSUED = "issued", "Approved, token collected"
+        REDEEMED = "redeemed", "Approved and carried out"
+        DENIED = "denied", "Denied"
+        EXPIRED = "expired", "Expired"
+        CANCELLED = "cancelled", "Cancelled"
+
+    class DeliveryMode(models.TextChoices):
+        POLL = "poll", "Poll"
+        PING = "ping", "Ping"
+
+    TERMINAL = (Status.REDEEMED, Status.DENIED, Status.EXPIRED, Status.CANCELLED)
+    OPEN = (Status.PENDING, Status.APPROVED, Status.ISSUED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    auth_req_id_hash = models.CharField(max_length=64, unique=True, editable=False)
+    grant = models.ForeignKey("consent.SessionGrant", on_delete=models.CASCADE, related_name="approvals")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="approvals")
+    agent = models.ForeignKey(settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE,
+                              related_name="approvals")
+    scope = models.CharField(max_length=100)
+    authorization_details = models.JSONField(help_text="RFC 9396 array, exactly as the agent sent it.")
+    action_hash = models.CharField(max_length=64, db_index=True)
+    headline = models.CharField(max_length=300, help_text="Rendered by the server from authorization_details.")
+    binding_message = models.CharField(max_length=200, blank=True, help_text="The agent's own note.")
+    delivery_mode = models.CharField(max_length=8, choices=DeliveryMode.choices, default=DeliveryMode.POLL)
+    client_notification_token = models.CharField(max_length=1024, blank=True, editable=False)
+    interval = models.PositiveIntegerField(default=5)
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    expires_at = models.DateTimeField(db_index=True)
+    last_polled_at = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    decision_method = models.CharField(max_length=32, blank=True,
+                                       help_text="browser, auto_rule, grant_revoked, agent_suspended, ...")
+    decision_auth = models.JSONField(default=dict, blank=True,
+                                     help_text="auth_time/amr/acr of the deciding user, or the rule.")
+    delivered_at = models.DateTimeField(null=True, blank=True, help_text="First push to the user's browser.")
+    notified_at = models.DateTimeField(null=True, blank=True, help_text="Ping-mode notice accepted by the agent.")
+    notify_attempts = models.PositiveSmallIntegerField(default=0)
+    notify_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "approval request"
+        indexes = [models.Index(fields=["user", "status"]), models.Index(fields=["agent", "status"])]
+        constraints = [
+            # Identical pending requests collapse into one prompt (approval fatigue), even under a race.
+            models.UniqueConstraint(fields=["grant", "scope", "action_hash"], condition=models.Q(status="pending"),
+                                    name="one_pending_prompt_per_action"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope}: {self.headline} ({self.status})"
+
+    @property
+    def authorization_details_pretty(self) -> str:
+        return json.dumps(self.authorization_details, indent=2, ensure_ascii=False)
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status == self.Status.PENDING and self.expires_at > timezone.now()
+
+
+class ActionToken(models.Model):
+    """One minted action token. ``redeemed_at`` is set once, by a conditional UPDATE."""
+
+    jti = models.CharField(max_length=64, unique=True)
+    approval = models.OneToOneField(ApprovalRequest, on_delete=models.CASCADE, related_name="action_token")
+    issued_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    redeemed_at = models.DateTimeField(null=True, blank=True)
+    redeemed_by = models.ForeignKey("consent.ResourceServer", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+
+    def __str__(self) -> str:
+        return f"action token {self.jti} ({'redeemed' if self.redeemed_at else 'unredeemed'})"

@@ -1,0 +1,116 @@
+"""OAuth 2.0 Rich Authorization Requests (RFC 9396): parsing, hashing, rendering.
+
+https://www.rfc-editor.org/rfc/rfc9396
+
+``authorization_details`` is a JSON array of objects, each with a ``type``
+(§2). The action hash binds a token to exactly one action: base64url SHA-256 of
+the RFC 8785 (JCS) canonical form of the whole array, so any change to an
+amount, a payee or the order of entries changes the hash.
+"""
+
+import base64
+import hashlib
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import rfc8785
+
+MAX_DETAILS_BYTES = 8192
+MAX_ENTRIES = 10
+_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+class InvalidDetails(ValueError):
+    """RFC 9396 §5: ``invalid_authorization_details``."""
+
+
+def parse(raw: str, *, allowed_types: list[str]) -> list[dict[str, Any]]:
+    if not raw:
+        raise InvalidDetails("authorization_details is required for a step-up scope")
+    if len(raw.encode()) > MAX_DETAILS_BYTES:
+        raise InvalidDetails(f"authorization_details is larger than {MAX_DETAILS_BYTES} bytes")
+    try:
+        details = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise InvalidDetails("authorization_details is not valid JSON") from exc
+    if not isinstance(details, list) or not details or len(details) > MAX_ENTRIES:
+        raise InvalidDetails(f"authorization_details must be a JSON array of 1 to {MAX_ENTRIES} objects")
+    for entry in details:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise InvalidDetails("each authorization_details entry must be an object with a string type")
+        if entry["type"] not in allowed_types:
+            raise InvalidDetails(f"authorization_details type {entry['type']!r} is not accepted for this scope")
+        if _has_fraction(entry):
+            raise InvalidDetails('write decimal amounts as strings (e.g. "4250.00"), not JSON numbers')
+    return details
+
+
+def _has_fraction(value: Any) -> bool:
+    """JSON numbers with a fraction have no single canonical form across languages: refuse them."""
+    if isinstance(value, Decimal):
+        return True
+    if isinstance(value, dict):
+        return any(_has_fraction(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_fraction(v) for v in value)
+    return False
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
+
+
+def action_hash(details: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256(rfc8785.dumps(details)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _money(entry: dict[str, Any]) -> str:
+    amount, currency = entry.get("amount"), entry.get("currency", "")
+    return f"{amount} {currency}".strip() if amount is not None else ""
+
+
+def headline(details: list[dict[str, Any]], *, system: str) -> str:
+    """The prompt's headline, rendered by the server (never the agent's words)."""
+    parts = []
+    for entry in details:
+        if entry["type"] == "ledger_entry":
+            what = ", ".join(a for a in entry.get("actions", []) if isinstance(a, str)) or "write"
+            money = _money(entry)
+            payee = entry.get("vendor") or entry.get("payee") or entry.get("creditor_name")
+            ref = entry.get("purchase_order")
+            text = f"{what.capitalize()} {money}" if money else what.capitalize()
+            if payee:
+                text += f" to {payee}"
+            if ref:
+                text += f" ({ref})"
+            parts.append(text)
+        else:
+            money = _money(entry)
+            parts.append(f"{entry['type']}" + (f": {money}" if money else ""))
+    return f"{'; '.join(parts)} — {system}"[:300]
+
+
+def validate_rule(rule: str) -> None:
+    if rule and not _RULE.match(rule):
+        raise ValueError("auto-approve rule must look like 'amount <= 10000'")
+
+
+def rule_matches(rule: str, details: list[dict[str, Any]]) -> bool:
+    """True when every entry satisfies the rule (a missing or non-numeric field never matches)."""
+    match = _RULE.match(rule or "")
+    if not match:
+        return False
+    field, op, bound = match.group(1), match.group(2), Decimal(match.group(3))
+    for entry in details:
+        try:
+            value = Decimal(str(entry[field]))
+        except (KeyError, InvalidOperation):
+            return False
+        ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound,
+              "==": value == bound, "!=": value != bound}[op]
+        if not ok:
+            return False
+    return True

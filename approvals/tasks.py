@@ -1,0 +1,92 @@
+"""Celery tasks: carriers of news about approval rows. Each takes an id, re-reads the row,
+and is safe to run twice (acks_late redelivery): the inbox keys prompts by id, so a second
+delivery updates the same prompt instead of adding another."""
+
+import logging
+
+import httpx
+from celery import shared_task
+from django.utils import timezone
+
+from audit.services import audit_record
+
+from .delivery import prompt_payload, send_to_user
+from .models import ApprovalRequest
+from .services import approval_expire, approvals_expire_due, auth_req_id_for
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
+             retry_backoff_max=30, ignore_result=True)
+def deliver_prompt(self, approval_id: str) -> None:
+    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id).first()
+    if approval is None or not approval.is_pending:
+        return
+    try:
+        send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
+    except Exception as exc:  # Redis down: keep the row pending and try again
+        raise self.retry(exc=exc)
+    first = ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=True).update(
+        delivered_at=timezone.now())
+    if first:
+        audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
+                     client_id=approval.agent.client_id, grant_id=approval.grant_id,
+                     detail={"approval_id": approval_id, "channel": "websocket"})
+
+
+@shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,
+             retry_backoff_max=30, ignore_result=True)
+def push_removal(self, approval_id: str) -> None:
+    approval = ApprovalRequest.objects.filter(pk=approval_id).first()
+    if approval is None or approval.status == ApprovalRequest.Status.PENDING:
+        return
+    try:
+        send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
+                                        "status": approval.status, "label": approval.get_status_display()})
+    except Exception as exc:
+        raise self.retry(exc=exc)
+
+
+@shared_task(name="approvals.notify_agent", bind=True, max_retries=6, retry_backoff=2,
+             retry_backoff_max=60, ignore_result=True)
+def notify_agent(self, approval_id: str) -> None:
+    """CIBA Core §10.2 ping callback: tell the agent its result is ready to collect."""
+    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id).first()
+    if approval is None or approval.notified_at is not None or approval.status == ApprovalRequest.Status.PENDING:
+        return
+    endpoint = approval.agent.backchannel_client_notification_endpoint
+    if not endpoint:
+        return
+    ApprovalRequest.objects.filter(pk=approval_id).update(notify_attempts=approval.notify_attempts + 1)
+    try:
+        response = httpx.post(endpoint, json={"auth_req_id": auth_req_id_for(approval.pk)}, timeout=5.0,
+                              headers={"Authorization": f"Bearer {approval.client_notification_token}"},
+                              follow_redirects=False)
+        ok = 200 <= response.status_code < 300
+        error = "" if ok else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        ok, error = False, f"{type(exc).__name__}: {exc}"[:300]
+    if ok:
+        ApprovalRequest.objects.filter(pk=approval_id, notified_at__isnull=True).update(
+            notified_at=timezone.now(), notify_error="")
+    else:
+        ApprovalRequest.objects.filter(pk=approval_id).update(notify_error=error)
+    audit_record(event="approval.agent_notified", outcome="ok" if ok else "refused", error="" if ok else "delivery_failed",
+                 actor="system", user_id=approval.user_id, client_id=approval.agent.client_id,
+                 grant_id=approval.grant_id,
+                 detail={"approval_id": approval_id, "attempt": approval.notify_attempts + 1, "error": error})
+    if not ok:
+        raise self.retry()
+
+
+@shared_task(name="approvals.expire_approval", ignore_result=True)
+def expire_approval(approval_id: str) -> None:
+    """Scheduled for the moment a window (or an action token) ends."""
+    approval_expire(approval_id=approval_id)
+
+
+@shared_task(name="approvals.expire_due", ignore_result=True)
+def expire_due() -> int:
+    """Safety net for expiries whose scheduled task was lost (worker or Redis restarted)."""
+    return approvals_expire_due()

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("approvals/", views.inbox_view, name="approvals-inbox"),
+    path("approvals/<uuid:approval_id>/approve/", views.approve_view, name="approval-approve"),
+    path("approvals/<uuid:approval_id>/deny/", views.deny_view, name="approval-deny"),
+    path("approvals/<uuid:approval_id>/confirm/", views.confirm_view, name="approval-confirm"),
+    path("o/bc-authorize/", views.BackchannelAuthenticationView.as_view(), name="ciba-authorize"),
+    path("o/redeem/", views.RedemptionView.as_view(), name="redeem"),
+]

@@ -1,0 +1,200 @@
+"""The user's inbox and decisions, and the agent- and resource-server-facing endpoints."""
+
+import time
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import authenticate
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from audit.services import audit_refusal
+from consent.errors import OAuthError
+from consent.http import NO_STORE, claimed_client_id, client_credentials, oauth_error
+from consent.models import ScopePolicy
+from consent.oauth.clients import authenticate_agent
+from consent.selectors import resource_server_authenticate
+from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
+from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
+
+from . import rar
+from .ciba import validate_backchannel_request
+from .errors import ApprovalNotFound, ApprovalNotPending, InvalidRequest, InvalidTarget, InvalidToken
+from .models import ApprovalRequest
+from .selectors import history_for_user, pending_for_user
+from .services import (
+    action_token_redeem,
+    approval_approve,
+    approval_audit_refused_decision,
+    approval_deny,
+    approval_request_create,
+    auth_req_id_for,
+)
+
+
+@login_required
+def inbox_view(request):
+    return render(request, "approvals/inbox.html", {
+        "pending": pending_for_user(user=request.user),
+        "history": history_for_user(user=request.user),
+    })
+
+
+def _needs_fresh_auth(request, approval: ApprovalRequest) -> bool:
+    policy = ScopePolicy.objects.filter(name=approval.scope).first()
+    if policy is None or not policy.fresh_auth_seconds:
+        return False
+    auth_time = request.session.get(SESSION_AUTH_TIME) or 0
+    return time.time() - auth_time > policy.fresh_auth_seconds
+
+
+def _owned(request, approval_id) -> ApprovalRequest:
+    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id, user=request.user).first()
+    if approval is None:
+        approval_audit_refused_decision(approval_id=approval_id, user=request.user, reason="not the owner",
+                                        request=request)
+        raise Http404("No such approval request.")
+    return approval
+
+
+def _decide(request, approval_id, decide, verb: str):
+    approval = _owned(request, approval_id)
+    try:
+        decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request)
+    except ApprovalNotFound as exc:
+        raise Http404("No such approval request.") from exc
+    except ApprovalNotPending:
+        approval.refresh_from_db()
+        approval_audit_refused_decision(approval_id=approval.pk, user=request.user, request=request,
+                                        reason=f"already {approval.status}")
+        messages.error(request, f"Nothing to {verb}: this request is {approval.get_status_display().lower()}.")
+        return redirect("/approvals/")
+    messages.success(request, f"{'Approved' if verb == 'approve' else 'Denied'}: {approval.headline}")
+    return redirect("/approvals/")
+
+
+@login_required
+@require_POST
+def approve_view(request, approval_id):
+    approval = _owned(request, approval_id)
+    if approval.is_pending and _needs_fresh_auth(request, approval):
+        return redirect(f"/approvals/{approval.pk}/confirm/")
+    return _decide(request, approval_id, approval_approve, "approve")
+
+
+@login_required
+@require_POST
+def deny_view(request, approval_id):
+    return _decide(request, approval_id, approval_deny, "deny")
+
+
+class ConfirmForm(forms.Form):
+    secret = forms.CharField(widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}))
+
+
+@login_required
+def confirm_view(request, approval_id):
+    """Step-up authentication before approving (the scope policy's fresh-auth window)."""
+    approval = _owned(request, approval_id)
+    device = TOTPDevice.objects.devices_for_user(request.user, confirmed=True).first()
+    label = "Code from your authenticator app" if device else "Your password"
+    form = ConfirmForm(request.POST or None)
+    form.fields["secret"].label = label
+    if request.method == "POST" and form.is_valid():
+        secret = form.cleaned_data["secret"].strip()
+        if device is not None:
+            ok, amr = device.verify_token(secret), ["otp"]
+        else:
+            ok, amr = authenticate(request, username=request.user.get_username(), password=secret) is not None, ["pwd"]
+        if ok:
+            previous = [m for m in (request.session.get(SESSION_AMR) or ["pwd"]) if m not in amr]
+            request.session[SESSION_AMR] = previous + amr
+            request.session[SESSION_AUTH_TIME] = time.time()
+            return _decide(request, approval_id, approval_approve, "approve")
+        audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=f"user:{request.user.pk}",
+                      user_id=request.user.pk, request=request, detail={"approval_id": str(approval.pk)})
+        form.add_error("secret", "That is not right. Try again.")
+    return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
+
+
+def _agent_or_refuse(request, event: str):
+    agent = authenticate_agent(request)
+    if agent is None:
+        audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
+                      request=request, detail={"reason": "client authentication failed"})
+    return agent
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class BackchannelAuthenticationView(View):
+    """CIBA Core §7 backchannel authentication endpoint (poll and ping modes)."""
+
+    def post(self, request, *args, **kwargs):
+        agent = _agent_or_refuse(request, "approval.request_refused")
+        if agent is None:
+            return oauth_error("invalid_client", "Client authentication failed.", status=401,
+                               www_authenticate='Basic realm="countersign"')
+        try:
+            req = validate_backchannel_request(agent=agent, params=request.POST.dict())
+            approval, created = approval_request_create(req=req, request=request)
+        except OAuthError as exc:
+            audit_refusal(event="approval.request_refused", error=exc.error, actor=agent.actor_id,
+                          client_id=agent.client_id, request=request, detail={"reason": exc.description,
+                                                                               "scope": request.POST.get("scope", "")})
+            return oauth_error(exc.error, exc.description, status=exc.status_code)
+        remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
+        return JsonResponse({"auth_req_id": auth_req_id_for(approval.pk), "expires_in": remaining,
+                             "interval": approval.interval}, headers=NO_STORE)
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class RedemptionView(View):
+    """Redeem an action token, exactly once, before the resource server acts on it."""
+
+    def post(self, request, *args, **kwargs):
+        creds = client_credentials(request)
+        rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
+        if rs is None:
+            audit_refusal(event="redemption.refused", error="invalid_client", actor="",
+                          client_id=claimed_client_id(request), request=request,
+                          detail={"reason": "resource-server authentication failed"})
+            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401,
+                               www_authenticate='Basic realm="countersign"')
+        try:
+            claims = self._verify(request.POST.get("token", ""), rs, request.POST.get("action_hash", ""))
+            approval = action_token_redeem(claims=claims, resource_server=rs)
+        except OAuthError as exc:
+            audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
+                          client_id=rs.client_id, request=request, detail={"reason": exc.description})
+            return oauth_error(exc.error, exc.description, status=exc.status_code)
+        return JsonResponse({
+            "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
+            "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,
+            "sub": claims["sub"], "act": claims["act"], "client_id": claims["client_id"],
+        }, headers=NO_STORE)
+
+    @staticmethod
+    def _verify(token: str, rs, request_hash: str = "") -> dict:
+        """Verify the token for this resource server; ``request_hash`` is the action hash the
+        resource server recomputed from the request it is about to execute."""
+        if not token:
+            raise InvalidRequest("the token parameter is required")
+        try:
+            claims = verify(token, typ=ACTION_TOKEN_TYP)
+        except TokenInvalid as exc:
+            raise InvalidToken(str(exc)) from exc
+        if claims.get("aud") != rs.audience:
+            raise InvalidTarget("this action token is for another resource server")
+        if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
+            raise InvalidToken("action_hash does not match the token's authorization_details")
+        presented = request_hash
+        if presented and presented != claims["action_hash"]:
+            raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
+        return claims

@@ -1,0 +1,6 @@
+"""Signals other apps listen to, so consent never imports them."""
+
+from django.dispatch import Signal
+
+# Sent inside the revoking transaction. kwargs: grant_id, reason, actor.
+grant_ended = Signal()

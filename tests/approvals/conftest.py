@@ -1,0 +1,59 @@
+import json
+from urllib.parse import urlencode
+
+import pytest
+
+from consent.models import ScopePolicy
+from tests.conftest import basic
+
+LEDGER_ENTRY = {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
+                "vendor": "Acme Office Supply", "amount": "4250.00", "currency": "USD"}
+
+
+@pytest.fixture
+def ledger_policy(scenario):
+    policy = ScopePolicy.objects.get(name="ledger:write")
+    policy.authorization_details_types = ["ledger_entry"]
+    policy.description = "Financial ledger"
+    policy.save()
+    return policy
+
+
+class Agent:
+    """The agent's side of CIBA, through the test client."""
+
+    def __init__(self, flow, scenario):
+        self.flow, self.s = flow, scenario
+        self.session_token = None
+
+    def start_session(self):
+        self.session_token = self.flow.full()["access_token"]
+        self.flow.client.logout()
+        return self.session_token
+
+    def ask(self, details=None, *, scope="ledger:write", auth=None, **extra):
+        data = {"scope": scope, "login_hint_token": self.session_token,
+                "authorization_details": json.dumps([details or LEDGER_ENTRY])}
+        data.update(extra)
+        client_id, secret = auth or (self.s.agent.client_id, self.s.agent_secret)
+        return self.flow.client.post("/o/bc-authorize/", urlencode(data),
+                                     content_type="application/x-www-form-urlencoded",
+                                     HTTP_AUTHORIZATION=basic(client_id, secret))
+
+    def poll(self, auth_req_id, *, auth=None):
+        return self.flow.token({"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
+                               auth=auth)
+
+    def redeem(self, token, *, auth=None, **extra):
+        client_id, secret = auth or (self.s.ledger_client_id, self.s.ledger_secret)
+        return self.flow.client.post("/o/redeem/", urlencode({"token": token, **extra}),
+                                     content_type="application/x-www-form-urlencoded",
+                                     HTTP_AUTHORIZATION=basic(client_id, secret))
+
+
+@pytest.fixture
+def agent(flow, scenario, ledger_policy, settings):
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    a = Agent(flow, scenario)
+    a.start_session()
+    return a
