@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/countersign
+# A Redis database of its own, so tests never talk to a running dev server.
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
 .PHONY: run test install migrate bench lint clean
 
@@ -25,7 +27,7 @@ run: install
 
 test: install
 	scripts/ensure_services.sh redis postgres
-	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest
 
 bench: install
 	$(PY) bench/token_endpoint.py

@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from consent.keys import reset_key_cache
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
+from tests.live import live, live_stack  # noqa: F401  (fixtures: the real server and worker)
 
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 PASSWORD = "correct horse battery staple"

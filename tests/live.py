@@ -1,0 +1,120 @@
+"""A live Countersign stack for tests: the real ASGI server (uvicorn, websockets) and a real
+Celery worker, as subprocesses sharing the test's PostgreSQL database and Redis.
+
+Use ``live_stack`` together with ``transactional_db`` so that rows the test writes are
+committed and visible to the server and the worker.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveStack:
+    url: str
+    env: dict
+    log_dir: Path
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        pytest.fail("live-stack tests share the database with server processes: run them on PostgreSQL "
+                    "(make test sets DATABASE_URL)")
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def _wait(check, what: str, stack: LiveStack, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not start within {timeout:.0f}s\n{stack.logs()}")
+
+
+@pytest.fixture(scope="session")
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+    with django_db_blocker.unblock():
+        database_url = _database_url()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_dir = tmp_path_factory.mktemp("live")
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "COUNTERSIGN_ISSUER": url,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "REDIS_URL": settings.REDIS_URL,
+        "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS": "0",  # tests flush the key table between tests
+        "PYTHONUNBUFFERED": "1",
+    }
+    stack = LiveStack(url=url, env=env, log_dir=log_dir)
+    bin_dir = Path(sys.executable).parent
+    from config.celery import app as celery_app
+
+    celery_app.control.purge()
+    procs = [
+        subprocess.Popen(
+            [str(bin_dir / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+             "--no-access-log", "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=open(log_dir / "uvicorn.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True),
+        subprocess.Popen(
+            [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO", "--concurrency=2",
+             "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h"],
+            cwd=ROOT, env=env, stdout=open(log_dir / "celery.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True),
+    ]
+
+    def server_up() -> bool:
+        try:
+            return httpx.get(f"{url}/.well-known/oauth-authorization-server", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait(server_up, "uvicorn", stack)
+        _wait(lambda: "ready." in (log_dir / "celery.log").read_text(), "celery worker", stack)
+        yield stack
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def live(live_stack, transactional_db, settings) -> LiveStack:
+    """The live stack, with this process issuing tokens under the live server's issuer."""
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_stack.url}
+    return live_stack
