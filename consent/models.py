@@ -167,6 +167,21 @@ class ScopePolicy(models.Model):
     def is_step_up(self) -> bool:
         return self.sensitivity == self.Sensitivity.STEP_UP
 
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        from approvals.rar import validate_rule
+
+        try:
+            validate_rule(self.auto_approve_rule)
+        except ValueError as exc:
+            raise ValidationError({"auto_approve_rule": str(exc)}) from exc
+        if self.auto_approve_rule and not self.is_step_up:
+            raise ValidationError({"auto_approve_rule": "Only step-up scopes have auto-approve rules."})
+        types = self.authorization_details_types
+        if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+            raise ValidationError({"authorization_details_types": 'A list of type names, e.g. ["ledger_entry"].'})
+
 
 class SessionGrant(models.Model):
     """The consent event: one user, one agent, the scopes shown and allowed."""

@@ -29,6 +29,7 @@ cat <<MSG
 
   Countersign is running at $COUNTERSIGN_ISSUER
     sign in:      $COUNTERSIGN_ISSUER/accounts/login/   (officer / ${COUNTERSIGN_DEMO_PASSWORD:-countersign-demo})
+    approvals:    $COUNTERSIGN_ISSUER/approvals/        (the live inbox)
     admin:        $COUNTERSIGN_ISSUER/admin/            (admin / ${COUNTERSIGN_DEMO_PASSWORD:-countersign-demo})
     metadata:     $COUNTERSIGN_ISSUER/.well-known/oauth-authorization-server
   Celery worker log: var/celery.log. Press Ctrl-C to stop.

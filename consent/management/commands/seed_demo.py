@@ -98,4 +98,4 @@ class Command(BaseCommand):
             self.stdout.write(f"  login {u['username']} / {u['password']}")
         self.stdout.write(f"  agent {agent.name}: client_id {agent.client_id} secret {secret}")
         for s in servers:
-            self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']}")
+            self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']} secret {s['client_secret']}")
