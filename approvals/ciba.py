@@ -22,7 +22,7 @@ from consent.tokens import SESSION_TOKEN_TYP, TokenInvalid, verify
 
 from . import rar
 from .errors import (
-    AccessDenied,
+    BackchannelAccessDenied,
     ExpiredLoginHintToken,
     InvalidAuthorizationDetails,
     InvalidBindingMessage,
@@ -64,10 +64,11 @@ def _session_grant_from_hint(token: str, agent: Agent) -> SessionGrant:
         .first()
     )
     if row is None or row.expires <= timezone.now():
-        raise AccessDenied("the session access token has been revoked")
+        raise BackchannelAccessDenied("the session access token has been revoked")
     grant = row.session_grant
     if not grant.is_live():
-        raise AccessDenied(f"the session grant is {'expired' if grant.status == 'active' else grant.status}")
+        state = "expired" if grant.status == SessionGrant.Status.ACTIVE else grant.status
+        raise BackchannelAccessDenied(f"the session grant is {state}")
     return grant
 
 
@@ -95,7 +96,7 @@ def _window(requested: str | None, policy: ScopePolicy) -> int:
 def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> BackchannelRequest:
     """CIBA Core §7.1 parameters, checked in the order an agent can act on."""
     if not agent.is_active:
-        raise AccessDenied("the agent is suspended")
+        raise BackchannelAccessDenied("the agent is suspended")
     scopes = (params.get("scope") or "").split()
     if len(scopes) != 1:
         raise InvalidScope("ask for exactly one step-up scope per request")

@@ -5,6 +5,12 @@ from consent.errors import AccessDenied, OAuthError
 __all__ = ["AccessDenied"]
 
 
+class BackchannelAccessDenied(AccessDenied):
+    """CIBA Core §13: at the backchannel endpoint, ``access_denied`` is HTTP 403 Forbidden."""
+
+    status_code = 403
+
+
 class InvalidRequest(OAuthError):
     """RFC 6749 §5.2: missing or malformed parameter."""
 

@@ -26,7 +26,7 @@ def deliver_prompt(self, approval_id: str) -> None:
     try:
         send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
     except Exception as exc:  # Redis down: keep the row pending and try again
-        raise self.retry(exc=exc)
+        raise self.retry(exc=exc) from exc
     first = ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=True).update(
         delivered_at=timezone.now())
     if first:
@@ -45,7 +45,7 @@ def push_removal(self, approval_id: str) -> None:
         send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
                                         "status": approval.status, "label": approval.get_status_display()})
     except Exception as exc:
-        raise self.retry(exc=exc)
+        raise self.retry(exc=exc) from exc
 
 
 @shared_task(name="approvals.notify_agent", bind=True, max_retries=6, retry_backoff=2,

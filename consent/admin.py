@@ -14,9 +14,23 @@ from oauth2_provider.models import get_id_token_model
 from audit.services import audit_record
 
 from .hashers import generate_secret
-from .models import AccessToken, Agent, AuthorizationCode, RefreshToken, ResourceServer, ScopePolicy, SessionGrant, SigningKey
-from .services import agent_reset_secret, agent_update, grant_revoke, hash_secret, resource_server_reset_secret
-
+from .models import (
+    AccessToken,
+    Agent,
+    AuthorizationCode,
+    RefreshToken,
+    ResourceServer,
+    ScopePolicy,
+    SessionGrant,
+    SigningKey,
+)
+from .services import (
+    agent_reset_secret,
+    agent_update,
+    grant_revoke,
+    hash_secret,
+    resource_server_reset_secret,
+)
 
 # DOT registers its own admin for the models we swapped in; ours replaces it. Token rows are
 # managed through session grants (revoke), not edited one by one.

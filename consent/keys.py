@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.db import IntegrityError, transaction

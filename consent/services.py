@@ -18,8 +18,8 @@ from audit.services import audit_record
 from .conf import countersign_settings
 from .errors import ConfigurationError, InvalidScope
 from .hashers import generate_secret
-from .signals import grant_ended
 from .models import AccessToken, Agent, RefreshToken, ResourceServer, ScopePolicy, SessionGrant
+from .signals import grant_ended
 
 SECRET_HASHER = "cs_sha256"
 

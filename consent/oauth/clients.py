@@ -6,8 +6,8 @@ does (CIBA Core §7.1), so it asks the same validator.
 
 from urllib.parse import urlencode
 
-from oauthlib.common import Request as OAuthlibRequest
 from oauth2_provider.oauth2_backends import get_oauthlib_core
+from oauthlib.common import Request as OAuthlibRequest
 
 from ..models import Agent
 

@@ -2,7 +2,7 @@
 
 import time
 from base64 import b32encode
-from datetime import datetime, timezone as dt_timezone
+from datetime import UTC, datetime
 from io import BytesIO
 
 import qrcode
@@ -33,7 +33,7 @@ PENDING_LOGIN_SECONDS = 300
 def auth_context(request) -> AuthContext:
     """How this browser session authenticated: ``auth_time`` and ``amr`` (RFC 8176 values)."""
     ts = request.session.get(SESSION_AUTH_TIME) or time.time()
-    return AuthContext(auth_time=datetime.fromtimestamp(ts, tz=dt_timezone.utc),
+    return AuthContext(auth_time=datetime.fromtimestamp(ts, tz=UTC),
                        amr=list(request.session.get(SESSION_AMR) or ["pwd"]))
 
 

@@ -7,7 +7,6 @@ input, call one service, render, and audit refusals.
 import json
 from urllib.parse import parse_qs, urlencode
 
-from django.views.generic.base import TemplateResponseMixin
 from django.db import transaction
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -16,6 +15,7 @@ from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_post_parameters
+from django.views.generic.base import TemplateResponseMixin
 from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.views import RevokeTokenView as DOTRevokeTokenView
 from oauth2_provider.views.base import BaseAuthorizationView

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 
-from consent.keys import SUPPORTED_ALGS, signing_key_create
 from audit.services import audit_record
+from consent.keys import SUPPORTED_ALGS, signing_key_create
 
 
 class Command(BaseCommand):
