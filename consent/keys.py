@@ -36,7 +36,8 @@ class LoadedKey:
 
 
 _lock = threading.Lock()
-_by_kid: dict[str, LoadedKey] = {}
+_by_kid: dict[str, LoadedKey] = {}  # parsed key material; a kid's key never changes
+_published: dict[str, float] = {}  # kid -> until when (monotonic) we trust it is still published
 _active: tuple[float, LoadedKey] | None = None
 
 
@@ -97,6 +98,7 @@ def signing_key_create(*, alg: str | None = None) -> SigningKey:
                                         public_jwk=public_jwk, active=True)
     with _lock:
         _active = None
+        _published.clear()
     return key
 
 
@@ -119,14 +121,23 @@ def active_signing_key() -> LoadedKey:
 
 
 def verification_key(kid: str) -> LoadedKey | None:
-    """The published key with this ``kid``, or None. ``kid`` is untrusted: only a dict/DB lookup."""
+    """The published key with this ``kid``, or None. ``kid`` is untrusted: only a dict/DB lookup.
+
+    A key is trusted exactly while the JWKS publishes it; whether it still is, is
+    re-read from the database at most every ``SIGNING_KEY_CACHE_SECONDS``.
+    """
     if not isinstance(kid, str) or len(kid) > 64:
         return None
-    cached = _by_kid.get(kid)
-    if cached is not None:
-        return cached
+    now = time.monotonic()
+    if _published.get(kid, 0) > now:
+        return _by_kid[kid]
     row = published_keys().filter(kid=kid).first()
-    return _load(row) if row is not None else None
+    if row is None:
+        _published.pop(kid, None)
+        return None
+    loaded = _load(row)
+    _published[kid] = now + countersign_settings.SIGNING_KEY_CACHE_SECONDS
+    return loaded
 
 
 def published_keys():
@@ -143,3 +154,4 @@ def reset_key_cache() -> None:
     with _lock:
         _active = None
         _by_kid.clear()
+        _published.clear()

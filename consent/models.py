@@ -221,6 +221,20 @@ class SessionGrant(models.Model):
     def is_live(self, at=None) -> bool:
         return self.status == self.Status.ACTIVE and self.expires_at > (at or timezone.now())
 
+    END_REASONS = {
+        "revoked_by_user": "you revoked it",
+        "revoked_by_admin": "an administrator revoked it",
+        "revoked_by_agent": "the agent gave it up",
+        "agent_suspended": "the agent was suspended",
+        "refresh_token_reused": "a stolen or replayed token was detected",
+        "authorization_code_reused": "a replayed sign-in code was detected",
+        "lifetime_ended": "its time ran out",
+    }
+
+    @property
+    def end_reason_label(self) -> str:
+        return self.END_REASONS.get(self.end_reason, self.end_reason.replace("_", " "))
+
     @property
     def lifetime(self) -> timedelta:
         return self.expires_at - self.created

@@ -76,7 +76,7 @@ def agent_create(
         hash_client_secret=True,
         refresh_mode=refresh_mode,
         jwks=jwks,
-        access_token_ttl=ttl or countersign_settings.DEFAULT_ACCESS_TOKEN_TTL,
+        access_token_ttl=ttl if ttl is not None else countersign_settings.DEFAULT_ACCESS_TOKEN_TTL,
     )
     agent.full_clean(exclude=["client_secret", "user"])
     agent.save()

@@ -7,14 +7,15 @@ and the endpoint view reads it when it audits the refusal.
 
 from contextvars import ContextVar
 
-_refusal: ContextVar[str] = ContextVar("countersign_refusal", default="")
+_refusal: ContextVar[tuple[str, bool]] = ContextVar("countersign_refusal", default=("", False))
 
 
-def note_refusal(reason: str) -> None:
-    _refusal.set(reason)
+def note_refusal(reason: str, *, audited: bool = False) -> None:
+    """Record why; ``audited`` when the refusal already has its own, more specific audit row."""
+    _refusal.set((reason, audited))
 
 
-def take_refusal() -> str:
-    reason = _refusal.get()
-    _refusal.set("")
-    return reason
+def take_refusal() -> tuple[str, bool]:
+    refusal = _refusal.get()
+    _refusal.set(("", False))
+    return refusal

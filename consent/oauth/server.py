@@ -40,6 +40,15 @@ class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
 
     _code_challenge_methods = {"S256": code_challenge_method_s256}
 
+    def validate_token_request(self, request):
+        try:
+            super().validate_token_request(request)
+        except errors.MismatchingRedirectURIError as exc:
+            # RFC 6749 §5.2: a redirect_uri that does not match the authorization request is
+            # invalid_grant (oauthlib answers invalid_request).
+            raise errors.InvalidGrantError(description="redirect_uri does not match the authorization request.",
+                                           request=request) from exc
+
 
 class SessionBearerToken(BearerToken):
     """Issues a refresh token only to agents in ``rotating`` refresh mode."""

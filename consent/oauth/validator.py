@@ -129,8 +129,11 @@ class CountersignValidator(OAuth2Validator):
     # --- refresh tokens --------------------------------------------------------------------------
 
     def validate_refresh_token(self, refresh_token, client, request, *args, **kwargs):
+        # Locked: of two concurrent refreshes with one token, the second waits, then sees it
+        # revoked (rotated) and is treated as reuse. The token view runs in one transaction.
         rt = (
-            RefreshToken.objects.select_related("session_grant", "access_token")
+            RefreshToken.objects.select_for_update(of=("self",))
+            .select_related("session_grant", "access_token")
             .filter(token_checksum=_checksum(refresh_token))
             .order_by("-id")
             .first()
@@ -139,7 +142,7 @@ class CountersignValidator(OAuth2Validator):
             note_refusal("unknown refresh token")
             return False
         if rt.revoked is not None:
-            note_refusal("refresh token reused after rotation")
+            note_refusal("refresh token reused after rotation", audited=True)
             if grant_revoke(grant_id=rt.session_grant_id, reason="refresh_token_reused",
                             actor=f"agent:{client.client_id}"):
                 audit_record(event="refresh_token.reuse_detected", outcome="refused",

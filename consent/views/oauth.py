@@ -34,6 +34,9 @@ from .account import auth_context, second_factor_missing
 
 
 def _audit_oauthlib_refusal(request, *, event: str, body: str, status: int) -> None:
+    reason, already_audited = take_refusal()
+    if already_audited:
+        return
     try:
         payload = json.loads(body) if body else {}
     except ValueError:
@@ -41,7 +44,7 @@ def _audit_oauthlib_refusal(request, *, event: str, body: str, status: int) -> N
     audit_refusal(
         event=event, error=payload.get("error", f"http_{status}"), actor="",
         client_id=claimed_client_id(request), request=request,
-        detail={"reason": take_refusal() or payload.get("error_description", ""),
+        detail={"reason": reason or payload.get("error_description", ""),
                 "grant_type": request.POST.get("grant_type", "")},
     )
 
@@ -63,11 +66,11 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         scopes, credentials = core.server.validate_authorization_request(uri, "GET", None, {})
         return scopes, credentials
 
-    def _refuse(self, error: OAuthToolkitError, application=None):
+    def _refuse(self, error: OAuthToolkitError, application=None, query: str = ""):
         oauthlib_error = error.oauthlib_error
         audit_refusal(event="consent.request_refused", error=oauthlib_error.error,
                       actor=f"user:{self.request.user.pk}", user_id=self.request.user.pk,
-                      client_id=(self.request.GET.get("client_id") or "")[:100], request=self.request,
+                      client_id=credentials_client_id(query)[:100], request=self.request,
                       detail={"reason": oauthlib_error.description or ""})
         return self.error_response(error, application)
 
@@ -89,9 +92,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         try:
             scopes, credentials = self._validate(query)
         except oauthlib_errors.FatalClientError as exc:
-            return self._refuse(self._wrap(exc))
+            return self._refuse(self._wrap(exc), query=query)
         except oauthlib_errors.OAuth2Error as exc:
-            return self._refuse(self._wrap(exc), self._agent(request.GET.get("client_id")))
+            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
         agent = Agent.objects.get(client_id=credentials["client_id"])
         return self._screen(query, scopes, agent)
 
@@ -100,9 +103,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         try:
             scopes, credentials = self._validate(query)
         except oauthlib_errors.FatalClientError as exc:
-            return self._refuse(self._wrap(exc))
+            return self._refuse(self._wrap(exc), query=query)
         except oauthlib_errors.OAuth2Error as exc:
-            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)))
+            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
         agent = Agent.objects.get(client_id=credentials["client_id"])
         policies = scope_policies(scopes)
         user = request.user
@@ -132,7 +135,7 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         except ConfigurationError as exc:
             return self._screen(query, scopes, agent, form_error=exc.description)
         except OAuthToolkitError as error:
-            return self._refuse(error, agent)
+            return self._refuse(error, agent, query)
         return self.redirect(uri, agent)
 
     def _deny(self, scopes, credentials, agent):
