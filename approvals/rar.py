@@ -99,15 +99,22 @@ def validate_rule(rule: str) -> None:
 
 
 def rule_matches(rule: str, details: list[dict[str, Any]]) -> bool:
-    """True when every entry satisfies the rule (a missing or non-numeric field never matches)."""
+    """True when the request's one entry satisfies the rule.
+
+    Only single-entry requests are decided by a rule: several entries could split
+    one large amount into small ones. A missing, non-numeric or non-finite field
+    never matches.
+    """
     match = _RULE.match(rule or "")
-    if not match:
+    if not match or len(details) != 1:
         return False
     field, op, bound = match.group(1), match.group(2), Decimal(match.group(3))
     for entry in details:
         try:
             value = Decimal(str(entry[field]))
         except (KeyError, InvalidOperation):
+            return False
+        if not value.is_finite():
             return False
         ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound,
               "==": value == bound, "!=": value != bound}[op]

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from consent.conf import countersign_settings
-from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
+from consent.models import Agent, ResourceServer, ScopePolicy
 from consent.services import AuthContext
 
 from . import rar
@@ -93,7 +93,8 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     now = timezone.now()
     same = ApprovalRequest.objects.filter(grant=req.grant, scope=req.policy.name, action_hash=req.action_hash,
                                           status=Status.PENDING)
-    same.filter(expires_at__lte=now).update(status=Status.EXPIRED, decided_at=now, decision_method="timeout")
+    for stale in list(same.filter(expires_at__lte=now).values_list("pk", flat=True)):
+        approval_expire(approval_id=stale)  # audited and removed from inboxes like any expiry
     existing = same.select_related("agent").first()
     if existing is not None:
         return existing, False
@@ -140,16 +141,19 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
 def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any], request=None) -> ApprovalRequest:
     now = timezone.now()
     with transaction.atomic():
-        updated = ApprovalRequest.objects.filter(
-            pk=approval_id, user=user, status=Status.PENDING, expires_at__gt=now,
-            grant__status=SessionGrant.Status.ACTIVE, grant__expires_at__gt=now,
-            agent__status=Agent.Status.ACTIVE,
-        ).update(status=to, decided_at=now, decided_by=user, decision_method=method, decision_auth=auth)
-        approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id, user=user).first()
+        # Lock the row, then check: an UPDATE filtered through joins would not re-check the
+        # status of a row another transaction changed meanwhile (PostgreSQL READ COMMITTED).
+        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent", "grant")
+                    .filter(pk=approval_id, user=user).first())
         if approval is None:
             raise ApprovalNotFound(str(approval_id))
-        if updated != 1:
+        decidable = (approval.status == Status.PENDING and approval.expires_at > now
+                     and approval.grant.is_live(now) and approval.agent.status == Agent.Status.ACTIVE)
+        if not decidable:
             raise ApprovalNotPending(approval.status)
+        ApprovalRequest.objects.filter(pk=approval.pk, status=Status.PENDING).update(
+            status=to, decided_at=now, decided_by=user, decision_method=method, decision_auth=auth)
+        approval.status = to
         _audit(approval, "approval.approved" if to == Status.APPROVED else "approval.denied",
                actor=f"user:{user.pk}", request=request, method=method, auth=auth)
         _announce_end(approval)
@@ -237,13 +241,19 @@ def approval_expire(*, approval_id: Any) -> bool:
     """PENDING past its window, or ISSUED with its action token expired unredeemed -> EXPIRED."""
     now = timezone.now()
     with transaction.atomic():
-        updated = ApprovalRequest.objects.filter(pk=approval_id).filter(
-            Q(status=Status.PENDING, expires_at__lte=now)
-            | Q(status=Status.ISSUED, action_token__expires_at__lte=now, action_token__redeemed_at__isnull=True)
-        ).update(status=Status.EXPIRED, decided_at=now, decision_method="timeout")
-        if updated != 1:
+        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent")
+                    .filter(pk=approval_id).first())
+        if approval is None:
             return False
-        approval = ApprovalRequest.objects.select_related("agent").get(pk=approval_id)
+        token = ActionToken.objects.filter(approval_id=approval.pk).first()
+        due = (approval.status == Status.PENDING and approval.expires_at <= now) or (
+            approval.status == Status.ISSUED and token is not None and token.redeemed_at is None
+            and token.expires_at <= now)
+        if not due:
+            return False
+        ApprovalRequest.objects.filter(pk=approval.pk, status=approval.status).update(
+            status=Status.EXPIRED, decided_at=now, decision_method="timeout")
+        approval.status = Status.EXPIRED
         _audit(approval, "approval.expired", actor="system")
         _announce_end(approval)
     return True
@@ -304,7 +314,9 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
         if won != 1:
             raise InvalidToken("action token already redeemed" if ActionToken.objects.filter(
                 pk=token.pk, redeemed_at__isnull=False).exists() else "action token expired")
-        ApprovalRequest.objects.filter(pk=approval.pk, status=Status.ISSUED).update(status=Status.REDEEMED)
+        if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.ISSUED).update(status=Status.REDEEMED) != 1:
+            # Cancelled or expired meanwhile: raising rolls the token's redemption back.
+            raise InvalidToken(f"the approval is {ApprovalRequest.objects.get(pk=approval.pk).status}")
         _audit(approval, "action_token.redeemed", actor=f"rs:{resource_server.client_id}", jti=token.jti)
     approval.status = Status.REDEEMED
     return approval

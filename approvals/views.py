@@ -12,9 +12,9 @@ from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from audit.decorators import post_only
 from audit.services import audit_refusal
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, client_credentials, oauth_error
@@ -81,7 +81,7 @@ def _decide(request, approval_id, decide, verb: str):
 
 
 @login_required
-@require_POST
+@post_only
 def approve_view(request, approval_id):
     approval = _owned(request, approval_id)
     if approval.is_pending and _needs_fresh_auth(request, approval):
@@ -90,7 +90,7 @@ def approve_view(request, approval_id):
 
 
 @login_required
-@require_POST
+@post_only
 def deny_view(request, approval_id):
     return _decide(request, approval_id, approval_deny, "deny")
 

@@ -194,3 +194,4 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+CSRF_FAILURE_VIEW = "audit.views.csrf_failure"

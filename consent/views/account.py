@@ -15,10 +15,10 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from audit.decorators import post_only
 from audit.services import audit_record, audit_refusal
 
 from ..selectors import grants_for_user
@@ -112,7 +112,7 @@ def login_otp_view(request):
     return render(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)})
 
 
-@require_POST
+@post_only
 def logout_view(request):
     logout(request)
     return redirect("/accounts/login/")
@@ -157,7 +157,7 @@ def grants_view(request):
 
 
 @login_required
-@require_POST
+@post_only
 def grant_revoke_view(request, grant_id):
     if not grant_revoke(grant_id=grant_id, reason="revoked_by_user", actor=f"user:{request.user.pk}",
                         user=request.user, request=request):

@@ -1,0 +1,100 @@
+"""Builders shared by the approval tests: real rows made through the services, no shortcuts.
+
+``session_grant`` and ``request_approval`` go through ``grant_create`` and
+``approval_request_create`` exactly as the consent screen and the CIBA endpoint do;
+only the HTTP layer is skipped. ``Outbox`` stands in for Celery: it records every
+task the services queue on commit and, for the two push tasks, runs the real task
+body with the websocket send recorded instead of sent to Redis.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.utils import timezone
+
+from approvals import rar
+from approvals import tasks as approval_tasks
+from approvals.ciba import BackchannelRequest
+from approvals.services import approval_request_create, auth_req_id_for
+from consent.models import ResourceServer, ScopePolicy, SessionGrant
+from consent.services import AuthContext, grant_create
+
+LEDGER_SCOPE = "ledger:write"
+ALL_SCOPES = ["catalog:read", "budget:read", LEDGER_SCOPE]
+
+
+def ledger_entry(amount: str = "4250.00", **extra: Any) -> dict[str, Any]:
+    return {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
+            "vendor": "Acme Office Supply", "amount": amount, "currency": "USD", **extra}
+
+
+def auth_now(amr: tuple[str, ...] = ("pwd",)) -> AuthContext:
+    return AuthContext(auth_time=timezone.now(), amr=list(amr))
+
+
+def session_grant(scenario, *, user=None, agent=None, scopes=None, lifetime: int = 3600) -> SessionGrant:
+    """The consent event, as the consent screen's Allow creates it."""
+    return grant_create(user=user or scenario.user, agent=agent or scenario.agent,
+                        scopes=list(scopes or ALL_SCOPES), lifetime=lifetime, auth=auth_now(),
+                        consent_shown={"test": True})
+
+
+def backchannel_request(grant: SessionGrant, details: list[dict] | None = None, *, window: int | None = None,
+                        binding_message: str = "") -> BackchannelRequest:
+    policy = ScopePolicy.objects.get(name=LEDGER_SCOPE)
+    details = details if details is not None else [ledger_entry()]
+    return BackchannelRequest(
+        agent=grant.agent, grant=grant, policy=policy, authorization_details=details,
+        action_hash=rar.action_hash(details), binding_message=binding_message,
+        window_seconds=window or policy.approval_window, delivery_mode="poll", client_notification_token="",
+    )
+
+
+def request_approval(grant: SessionGrant, details: list[dict] | None = None, **kwargs):
+    """A validated CIBA request persisted by the service. Returns (approval, created)."""
+    return approval_request_create(req=backchannel_request(grant, details, **kwargs))
+
+
+def auth_req_id(approval) -> str:
+    return auth_req_id_for(approval.pk)
+
+
+def ledger_rs(scenario) -> ResourceServer:
+    return ResourceServer.objects.get(client_id=scenario.ledger_client_id)
+
+
+@dataclass
+class Outbox:
+    """What the services handed to Celery (``queued``) and what reached a browser (``sent``)."""
+
+    queued: list[tuple[str, str]] = field(default_factory=list)
+    sent: list[tuple[int, dict]] = field(default_factory=list)
+
+    def queued_for(self, approval_id, name: str | None = None) -> list[str]:
+        return [n for n, pk in self.queued if pk == str(approval_id) and (name is None or n == name)]
+
+    def prompts_sent(self) -> list[dict]:
+        return [m for _, m in self.sent if m.get("type") == "approval.upsert"]
+
+
+class _QueuedTask:
+    """Replaces one Celery task in ``approvals.tasks``; ``apply_async`` records and maybe runs it."""
+
+    def __init__(self, name: str, real, outbox: Outbox, run: bool):
+        self.name, self.real, self.outbox, self.run = name, real, outbox, run
+
+    def apply_async(self, args=(), **options):
+        self.outbox.queued.append((self.name, str(args[0])))
+        if self.run:
+            self.real(*args)
+
+
+def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
+    outbox = Outbox()
+    monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: outbox.sent.append(
+        (int(user_id), message)))
+    for name in ("deliver_prompt", "push_removal", "notify_agent", "expire_approval"):
+        real = getattr(approval_tasks, name)
+        monkeypatch.setattr(approval_tasks, name,
+                            _QueuedTask(name, real, outbox, run_pushes and name in ("deliver_prompt", "push_removal")))
+    return outbox

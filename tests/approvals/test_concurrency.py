@@ -1,0 +1,231 @@
+"""Races on PostgreSQL: real threads, each with its own database connection.
+
+SECURITY.md: "Two concurrent approves, or approve racing deny -> exactly one terminal
+state and at most one action token"; "Exactly one success per action token, under any
+concurrency"; identical pending requests collapse into one, even under a race.
+
+Rows are committed (``transaction=True``) so every thread sees them. Threads line up
+on a ``threading.Barrier`` and then make one service call each; the conditional
+UPDATE (or unique index) must decide who wins. Every thread closes its connection.
+"""
+
+import json
+import threading
+from urllib.parse import urlencode
+
+import pytest
+from django.db import connection
+from django.test import Client
+
+from approvals.errors import AccessDenied, ApprovalNotPending, InvalidGrant, InvalidToken
+from approvals.models import ActionToken, ApprovalRequest
+from approvals.services import (
+    action_token_redeem,
+    approval_approve,
+    approval_cancel,
+    approval_collect,
+    approval_deny,
+    approval_request_create,
+    auth_req_id_hash,
+)
+from audit.models import AuditEvent
+from consent.keys import active_signing_key
+from consent.tokens import ACTION_TOKEN_TYP, verify
+from tests.approvals.conftest import LEDGER_ENTRY
+from tests.approvals.support import (
+    auth_now,
+    auth_req_id,
+    backchannel_request,
+    install_outbox,
+    ledger_entry,
+    ledger_rs,
+    request_approval,
+    session_grant,
+)
+from tests.conftest import basic
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+S = ApprovalRequest.Status
+
+
+@pytest.fixture(autouse=True)
+def _postgresql_only():
+    if connection.vendor != "postgresql":
+        pytest.fail("concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)")
+
+
+@pytest.fixture
+def outbox(monkeypatch):
+    # Record what would be queued on commit; nothing reaches Redis or a worker.
+    return install_outbox(monkeypatch, run_pushes=False)
+
+
+@pytest.fixture
+def grant(scenario, ledger_policy, outbox):
+    active_signing_key()  # created up front, so no thread races to create the first key
+    return session_grant(scenario)
+
+
+def race(n: int, call) -> list[tuple[str, object]]:
+    """Run ``call(i)`` in n threads released together; returns ("ok", result) or ("error", exc) per thread."""
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def worker(i: int) -> None:
+        try:
+            connection.ensure_connection()  # connect before the barrier: the race is the service call
+            barrier.wait(timeout=60)
+            results[i] = ("ok", call(i))
+        except BaseException as exc:  # noqa: BLE001 - every outcome is inspected by the test
+            results[i] = ("error", exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"race-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a racing thread never finished (deadlock?)"
+    return results
+
+
+def wins(results) -> list:
+    return [value for kind, value in results if kind == "ok"]
+
+
+def errors(results) -> list[BaseException]:
+    return [value for kind, value in results if kind == "error"]
+
+
+def events_for(approval_id, *names: str) -> list[str]:
+    return list(AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval_id))
+                .order_by("seq").values_list("event", flat=True))
+
+
+# --- (a) concurrent approves -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
+    approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 1}.00")])
+    results = race(8, lambda i: approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now()))
+    assert len(wins(results)) == 1, f"{len(wins(results))} threads approved the same request"
+    assert all(isinstance(e, ApprovalNotPending) for e in errors(results)), errors(results)
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == S.APPROVED
+    assert events_for(approval.pk, "approval.approved") == ["approval.approved"]
+
+
+# --- (b) approve racing deny -------------------------------------------------------------------------
+
+
+def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
+    for n in range(20):
+        approval, _ = request_approval(grant, [ledger_entry(f"{n + 100}.00")])
+        deciders = [approval_approve, approval_deny, approval_approve, approval_deny]
+        def decide(i, deciders=deciders, approval_id=approval.pk):
+            return deciders[i].__name__, deciders[i](approval_id=approval_id, user=scenario.user, auth=auth_now())
+
+        results = race(4, decide)
+        won = wins(results)
+        assert len(won) == 1, f"round {n}: {[name for name, _ in won]} all succeeded"
+        assert all(isinstance(e, ApprovalNotPending) for e in errors(results)), errors(results)
+        winner = won[0][0]
+        expected = S.APPROVED if winner == "approval_approve" else S.DENIED
+        row = ApprovalRequest.objects.get(pk=approval.pk)
+        assert row.status == expected, f"round {n}: {winner} won but the row says {row.status}"
+        decisions = events_for(approval.pk, "approval.approved", "approval.denied")
+        assert decisions == [f"approval.{expected}"], f"round {n}: audit shows {decisions}"
+
+        # The agent polls: a token only if the one decision was approve, and at most one.
+        try:
+            approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent)
+        except AccessDenied:
+            assert expected == S.DENIED
+        else:
+            assert expected == S.APPROVED
+        assert ActionToken.objects.filter(approval_id=approval.pk).count() == (1 if expected == S.APPROVED else 0)
+
+
+# --- (c) concurrent collectors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round_):
+    approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 200}.00")])
+    approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
+    results = race(8, lambda i: approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent))
+    tokens = wins(results)
+    assert len(tokens) == 1, f"{len(tokens)} action tokens handed out for one approval"
+    assert all(isinstance(e, InvalidGrant) for e in errors(results)), errors(results)
+    claims = verify(tokens[0]["access_token"], typ=ACTION_TOKEN_TYP)
+    assert list(ActionToken.objects.filter(approval_id=approval.pk).values_list("jti", flat=True)) == [claims["jti"]]
+    assert ApprovalRequest.objects.get(pk=approval.pk).status == S.ISSUED
+    assert events_for(approval.pk, "action_token.issued") == ["action_token.issued"]
+
+
+# --- (d) concurrent redeemers ------------------------------------------------------------------------
+
+
+def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
+    rs = ledger_rs(scenario)
+    issued = []
+    for n in range(10):
+        approval, _ = request_approval(grant, [ledger_entry(f"{n + 300}.00")])
+        approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
+        body = approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent)
+        issued.append((approval, verify(body["access_token"], typ=ACTION_TOKEN_TYP)))
+
+    for approval, claims in issued:
+        results = race(16, lambda i, claims=claims: action_token_redeem(claims=claims, resource_server=rs))
+        assert len(wins(results)) == 1, f"token {claims['jti']} redeemed {len(wins(results))} times"
+        assert all(isinstance(e, InvalidToken) for e in errors(results)), errors(results)
+        assert all("already redeemed" in str(e) for e in errors(results)), [str(e) for e in errors(results)]
+        token = ActionToken.objects.get(jti=claims["jti"])
+        assert token.redeemed_at is not None and token.redeemed_by_id == rs.pk
+        assert ApprovalRequest.objects.get(pk=approval.pk).status == S.REDEEMED
+        assert events_for(approval.pk, "action_token.redeemed") == ["action_token.redeemed"]
+
+
+# --- (e) identical CIBA requests at the same moment ----------------------------------------------------
+
+
+def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
+    for n in range(10):
+        req = backchannel_request(grant, [ledger_entry(f"{n + 400}.00")])
+        results = race(2, lambda i, req=req: approval_request_create(req=req))
+        assert errors(results) == [], errors(results)
+        (first, first_created), (second, second_created) = wins(results)
+        assert first.pk == second.pk
+        assert auth_req_id(first) == auth_req_id(second)
+        assert sorted([first_created, second_created]) == [False, True]
+        assert ApprovalRequest.objects.filter(action_hash=req.action_hash).count() == 1
+        assert events_for(first.pk, "approval.requested") == ["approval.requested"]
+        assert outbox.queued_for(first.pk, "deliver_prompt") == ["deliver_prompt"]
+        approval_cancel(approval_id=first.pk, reason="agent_cancelled")  # stay under the pending caps
+
+
+def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(scenario, ledger_policy, outbox,
+                                                                               flow):
+    session_token = flow.full()["access_token"]
+    flow.client.logout()
+    active_signing_key()
+    for n in range(5):
+        data = urlencode({"scope": "ledger:write", "login_hint_token": session_token,
+                          "authorization_details": json.dumps([{**LEDGER_ENTRY, "amount": f"{n + 500}.00"}])})
+
+        def ask(i, data=data):
+            return Client().post("/o/bc-authorize/", data, content_type="application/x-www-form-urlencoded",
+                                 HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+
+        results = race(2, ask)
+        assert errors(results) == [], errors(results)
+        responses = wins(results)
+        assert [r.status_code for r in responses] == [200, 200], [r.content for r in responses]
+        ids = {r.json()["auth_req_id"] for r in responses}
+        assert len(ids) == 1
+        approval = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(ids.pop()))
+        assert ApprovalRequest.objects.filter(action_hash=approval.action_hash).count() == 1
+        assert events_for(approval.pk, "approval.requested") == ["approval.requested"]
+        approval_cancel(approval_id=approval.pk, reason="agent_cancelled")
