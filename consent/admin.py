@@ -76,6 +76,11 @@ class AgentAdminForm(forms.ModelForm):
                   "confirmation for each use.",
     )
 
+    backchannel_client_notification_endpoint = forms.URLField(
+        label="CIBA notification endpoint", required=False, assume_scheme="https",
+        help_text="Where ping-mode approval notices are sent. Empty: the agent polls.",
+    )
+
     class Meta:
         model = Agent
         fields = "__all__"

@@ -828,7 +828,9 @@ def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(flow, scenario
 def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token(flow, scenario, monkeypatch):
     body = flow.full()
     data = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
-    results = _race(monkeypatch, "save_bearer_token",
+    # Both requests are held until each has entered refresh-token validation, so they overlap;
+    # the row lock there then serialises them.
+    results = _race(monkeypatch, "validate_refresh_token",
                     [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)])
     ok = [r for r in results if r.status_code == 200]
     # never a "success" carrying empty tokens
