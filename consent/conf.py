@@ -32,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PENDING_PER_AGENT": 50,
     # Longest agent note shown with a prompt (CIBA §7.1 binding_message).
     "BINDING_MESSAGE_MAX": 120,
+    # private_key_jwt (RFC 7523): the longest an assertion may live; its jti is remembered that long.
+    "CLIENT_ASSERTION_MAX_LIFETIME": 300,
+    # RFC 8693 re-mint: how long after expiry a session token may still be exchanged
+    # (by its own agent, authenticated with its key, while the grant lives).
+    "EXCHANGE_GRACE_SECONDS": 3600,
     # How often the safety-net sweep expires approvals (each also has an on-time task).
     "APPROVAL_SWEEP_SECONDS": 10,
 }

@@ -6,6 +6,7 @@ Lists exactly what is implemented; later capabilities add themselves here.
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS
 from .models import ScopePolicy
+from .oauth.private_key_jwt import ALLOWED_ALGS as ASSERTION_ALGS
 from .oauth.server import SUPPORTED_GRANT_TYPES
 
 
@@ -37,9 +38,10 @@ def server_metadata() -> dict:
         "response_modes_supported": ["query"],
         "grant_types_supported": list(SUPPORTED_GRANT_TYPES),
         "code_challenge_methods_supported": ["S256"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "access_token_signing_alg_values_supported": list(SUPPORTED_ALGS),
         "subject_types_supported": ["public"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id", "act",

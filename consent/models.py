@@ -70,6 +70,11 @@ class Agent(AbstractApplication):
         null=True, blank=True,
         help_text="Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.",
     )
+    delegates = models.JSONField(
+        default=list, blank=True,
+        help_text="Client ids of sub-agents this agent may hand work to (RFC 8693 delegation). "
+                  "Users see them on the consent screen.",
+    )
     backchannel_client_notification_endpoint = models.URLField(
         "CIBA notification endpoint", blank=True,
         help_text="Where ping-mode approval notices are sent. Optional.",
@@ -198,6 +203,8 @@ class SessionGrant(models.Model):
     standard_scopes = models.JSONField(default=list, help_text="Usable on the session token.")
     step_up_scopes = models.JSONField(default=list, help_text="Each use needs the user's confirmation.")
     consent_shown = models.JSONField(default=dict, help_text="What the consent screen displayed.")
+    permitted_delegates = models.JSONField(
+        default=list, blank=True, help_text="Sub-agents (client ids) the user let this agent delegate to.")
     auth_time = models.DateTimeField()
     acr = models.CharField(max_length=100, blank=True)
     amr = models.JSONField(default=list)

@@ -160,6 +160,11 @@ def split_scopes(scopes: list[str]) -> tuple[list[str], list[str]]:
     return [s for s in scopes if s not in step_up], [s for s in scopes if s in step_up]
 
 
+def delegates_of(agent: Agent) -> list[Agent]:
+    """The active registered sub-agents this agent may hand work to (shown at consent)."""
+    return list(Agent.objects.filter(client_id__in=agent.delegates or [], status=Agent.Status.ACTIVE))
+
+
 def grant_lifetime_choices(agent: Agent) -> list[int]:
     cap = min(agent.max_grant_lifetime, countersign_settings.MAX_GRANT_LIFETIME)
     choices = [c for c in countersign_settings.GRANT_LIFETIME_CHOICES if c <= cap]
@@ -179,10 +184,12 @@ def grant_create(
     if lifetime not in grant_lifetime_choices(agent):
         raise ConfigurationError("grant lifetime outside what the agent may offer")
     standard, step_up = split_scopes(scopes)
+    delegates = delegates_of(agent)
     now = timezone.now()
     with transaction.atomic():
         grant = SessionGrant.objects.create(
             user=user, agent=agent, standard_scopes=standard, step_up_scopes=step_up,
+            permitted_delegates=[d.client_id for d in delegates],
             consent_shown=consent_shown, auth_time=auth.auth_time, amr=auth.amr, acr=auth.acr,
             created=now, expires_at=now + timedelta(seconds=lifetime),
         )

@@ -12,6 +12,8 @@ the token endpoint refuses unregistered grant types itself (RFC 6749 §5.2
   agents whose refresh mode is ``rotating``.
 - OpenID CIBA (``urn:openid:params:grant-type:ciba``), which yields action
   tokens for approved step-up requests (``consent.grants.ciba``).
+- RFC 8693 token exchange, for re-minting and delegation
+  (``consent.grants.token_exchange``).
 """
 
 from oauthlib.oauth2.rfc6749 import errors
@@ -28,11 +30,12 @@ from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challeng
 from oauthlib.oauth2.rfc6749.tokens import BearerToken
 
 from ..grants.ciba import GRANT_TYPE_CIBA, CibaGrant
+from ..grants.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TokenExchangeGrant
 from ..models import Agent
 
 GRANT_AUTHORIZATION_CODE = "authorization_code"
 GRANT_REFRESH_TOKEN = "refresh_token"
-SUPPORTED_GRANT_TYPES = (GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN, GRANT_TYPE_CIBA)
+SUPPORTED_GRANT_TYPES = (GRANT_AUTHORIZATION_CODE, GRANT_REFRESH_TOKEN, GRANT_TYPE_CIBA, GRANT_TYPE_TOKEN_EXCHANGE)
 
 
 class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
@@ -86,7 +89,8 @@ class CountersignServer(
         TokenEndpoint.__init__(
             self, default_grant_type=GRANT_AUTHORIZATION_CODE,
             grant_types={GRANT_AUTHORIZATION_CODE: auth_grant, GRANT_REFRESH_TOKEN: refresh_grant,
-                         GRANT_TYPE_CIBA: CibaGrant(request_validator)},
+                         GRANT_TYPE_CIBA: CibaGrant(request_validator),
+                         GRANT_TYPE_TOKEN_EXCHANGE: TokenExchangeGrant(request_validator)},
             default_token_type=bearer,
         )
         ResourceEndpoint.__init__(self, default_token="Bearer", token_types={"Bearer": bearer})

@@ -25,6 +25,12 @@ from audit.services import audit_record
 from ..models import AccessToken, Agent, AuthorizationCode, RefreshToken, ScopePolicy, SessionGrant
 from ..services import grant_revoke
 from .context import note_refusal
+from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
+
+
+def _param(request, name: str):
+    """A body or query parameter of an oauthlib request, or None."""
+    return request._params.get(name)
 
 
 def _checksum(token: str) -> str:
@@ -33,6 +39,42 @@ def _checksum(token: str) -> str:
 
 class CountersignValidator(OAuth2Validator):
     # --- clients -------------------------------------------------------------------------------
+
+    def client_authentication_required(self, request, *args, **kwargs):
+        if _param(request, "client_assertion") is not None:
+            return True
+        return super().client_authentication_required(request, *args, **kwargs)
+
+    def authenticate_client(self, request, *args, **kwargs):
+        """Client secret (RFC 6749 §2.3.1) or ``private_key_jwt`` (RFC 7523 §2.2)."""
+        if _param(request, "client_assertion") is not None or _param(request, "client_assertion_type") is not None:
+            return self._authenticate_private_key_jwt(request)
+        authenticated = super().authenticate_client(request, *args, **kwargs)
+        if authenticated:
+            request.client_auth_method = "client_secret"
+        return authenticated
+
+    def _authenticate_private_key_jwt(self, request) -> bool:
+        if _param(request, "client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            note_refusal(f"client_assertion_type must be {CLIENT_ASSERTION_TYPE}")
+            return False
+        assertion = _param(request, "client_assertion") or ""
+        try:
+            issuer = unverified_issuer(assertion)
+            claimed = _param(request, "client_id")
+            if claimed and claimed != issuer:
+                raise AssertionInvalid("client_id does not match the assertion's issuer")
+            agent = self._load_application(issuer, request)
+            if agent is None:
+                return False
+            verify_assertion(assertion, agent=agent, endpoint_url=request.uri)
+        except AssertionInvalid as exc:
+            note_refusal(str(exc))
+            return False
+        request.client = agent
+        request.client_id = agent.client_id
+        request.client_auth_method = "private_key_jwt"
+        return True
 
     def _load_application(self, client_id, request):
         client = super()._load_application(client_id, request)

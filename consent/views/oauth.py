@@ -29,7 +29,7 @@ from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error
 from ..models import Agent
 from ..oauth.context import take_refusal
 from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
-from ..services import AuthContext, grant_create, grant_lifetime_choices
+from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
 
 
@@ -81,6 +81,7 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             "standard": [p for p in policies if not p.is_step_up],
             "step_up": [p for p in policies if p.is_step_up],
             "lifetimes": grant_lifetime_choices(agent),
+            "delegates": delegates_of(agent),
             "authz_query": query,
             "needs_second_factor": second_factor_missing(self.request, agent, policies),
             **extra,
@@ -163,6 +164,8 @@ def credentials_client_id(query: str) -> str:
 
 def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     return {
+        "may_delegate_to": [{"name": d.name, "publisher": d.publisher, "client_id": d.client_id}
+                            for d in delegates_of(agent)],
         "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status},
         "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
                                 if not p.is_step_up],
