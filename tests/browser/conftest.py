@@ -2,6 +2,8 @@
 
 The app runs under pytest-django's ``live_server`` (a thread in this process, real HTTP on
 127.0.0.1), so the data has to be committed: everything here uses ``transactional_db``.
+``live_server`` speaks no websockets: the live inbox is tested against ``live`` (tests/live.py,
+real uvicorn and Celery subprocesses) through ``live_context``.
 """
 
 import os
@@ -121,4 +123,43 @@ def page_problems(page) -> list[str]:
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
     page.on("response", lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}")
             if resp.status >= 400 else None)
+    return problems
+
+
+# --- the live stack (uvicorn serves websockets; pytest-django's live_server does not) --------------
+
+
+@pytest.fixture
+def live_context(chromium, live):
+    """A fresh browser context (no cookies) against the live stack: real uvicorn, real Celery."""
+    context = chromium.new_context(base_url=live.url)
+    context.set_default_timeout(15_000)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+def watch_page(page) -> list[str]:
+    """Console errors, uncaught errors, dialogs (alert() would mean injected script ran), HTTP errors."""
+    problems: list[str] = []
+
+    def on_console(msg):
+        url = msg.location.get("url") or ""
+        # Chromium asks for /favicon.ico by itself; the app has none (no <link rel="icon">), a 404
+        # that says nothing about the page under test.
+        if msg.type == "error" and not url.endswith("/favicon.ico"):
+            problems.append(f"console {msg.type}: {msg.text} ({url})")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
+    page.on("response", lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}")
+            if resp.status >= 400 else None)
+
+    def on_dialog(dialog):
+        problems.append(f"dialog {dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     return problems
