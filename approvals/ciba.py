@@ -32,13 +32,18 @@ from .errors import (
 
 GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
 DELIVERY_MODES = ("poll", "ping")
+# Asking the user to keep a session grant alive longer goes through the same prompts.
+EXTEND_SCOPE = "grant:extend"
+EXTENSION_TYPE = "grant_extension"
 
 
 @dataclass(frozen=True)
 class BackchannelRequest:
     agent: Agent
     grant: SessionGrant
-    policy: ScopePolicy
+    scope: str
+    system: str  # what the prompt's headline names as the target
+    auto_approve_rule: str
     authorization_details: list[dict[str, Any]]
     action_hash: str
     binding_message: str
@@ -81,16 +86,39 @@ def _binding_message(text: str) -> str:
     return text.strip()
 
 
-def _window(requested: str | None, policy: ScopePolicy) -> int:
+def _window(requested: str | None, maximum: int) -> int:
     if requested in (None, ""):
-        return policy.approval_window
+        return maximum
     try:
         seconds = int(requested)
     except ValueError as exc:
         raise InvalidRequest("requested_expiry must be a positive integer (seconds)") from exc
     if seconds <= 0:
         raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
-    return min(seconds, policy.approval_window)
+    return min(seconds, maximum)
+
+
+def _extension_details(raw: str, agent: Agent) -> list[dict[str, Any]]:
+    try:
+        details = rar.parse(raw, allowed_types=[EXTENSION_TYPE])
+    except rar.InvalidDetails as exc:
+        raise InvalidAuthorizationDetails(str(exc)) from exc
+    seconds = details[0].get("seconds")
+    if len(details) != 1 or not isinstance(seconds, int) or isinstance(seconds, bool) or not (
+            60 <= seconds <= agent.max_grant_lifetime):
+        raise InvalidAuthorizationDetails(
+            f'ask for one {{"type": "{EXTENSION_TYPE}", "seconds": N}} with 60 <= N <= {agent.max_grant_lifetime}')
+    return details
+
+
+def _delivery(agent: Agent, params: dict[str, str]) -> tuple[str, str]:
+    mode = "ping" if agent.backchannel_client_notification_endpoint else "poll"
+    notification_token = params.get("client_notification_token", "")
+    if mode == "ping" and not notification_token:
+        raise InvalidRequest("client_notification_token is required in ping mode (CIBA §7.1)")
+    if len(notification_token) > 1024:
+        raise InvalidRequest("client_notification_token is too long")
+    return mode, notification_token if mode == "ping" else ""
 
 
 def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> BackchannelRequest:
@@ -101,6 +129,16 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> Bac
     if len(scopes) != 1:
         raise InvalidScope("ask for exactly one step-up scope per request")
     scope = scopes[0]
+    if scope == EXTEND_SCOPE:
+        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent)
+        binding_message = _binding_message(params.get("binding_message", ""))
+        details = _extension_details(params.get("authorization_details", ""), agent)
+        window = _window(params.get("requested_expiry"), countersign_settings.DEFAULT_APPROVAL_WINDOW)
+        mode, notification_token = _delivery(agent, params)
+        return BackchannelRequest(
+            agent=agent, grant=grant, scope=scope, system="your connection with this agent", auto_approve_rule="",
+            authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
+            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token)
     policy = ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
@@ -115,15 +153,10 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> Bac
                             allowed_types=list(policy.authorization_details_types or []))
     except rar.InvalidDetails as exc:
         raise InvalidAuthorizationDetails(str(exc)) from exc
-    window = _window(params.get("requested_expiry"), policy)
-    mode = "ping" if agent.backchannel_client_notification_endpoint else "poll"
-    notification_token = params.get("client_notification_token", "")
-    if mode == "ping" and not notification_token:
-        raise InvalidRequest("client_notification_token is required in ping mode (CIBA §7.1)")
-    if len(notification_token) > 1024:
-        raise InvalidRequest("client_notification_token is too long")
+    window = _window(params.get("requested_expiry"), policy.approval_window)
+    mode, notification_token = _delivery(agent, params)
     return BackchannelRequest(
-        agent=agent, grant=grant, policy=policy, authorization_details=details,
-        action_hash=rar.action_hash(details), binding_message=binding_message, window_seconds=window,
-        delivery_mode=mode, client_notification_token=notification_token if mode == "ping" else "",
+        agent=agent, grant=grant, scope=scope, system=policy.description, auto_approve_rule=policy.auto_approve_rule,
+        authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
+        window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
     )

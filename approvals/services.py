@@ -18,11 +18,11 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from consent.conf import countersign_settings
-from consent.models import Agent, ResourceServer, ScopePolicy
-from consent.services import AuthContext
+from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
+from consent.services import AuthContext, grant_extend
 
 from . import rar
-from .ciba import BackchannelRequest
+from .ciba import EXTEND_SCOPE, BackchannelRequest
 from .errors import (
     AccessDenied,
     ApprovalNotFound,
@@ -91,7 +91,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     as it is: the user sees one prompt, the agent gets the same ``auth_req_id``.
     """
     now = timezone.now()
-    same = ApprovalRequest.objects.filter(grant=req.grant, scope=req.policy.name, action_hash=req.action_hash,
+    same = ApprovalRequest.objects.filter(grant=req.grant, scope=req.scope, action_hash=req.action_hash,
                                           status=Status.PENDING)
     for stale in list(same.filter(expires_at__lte=now).values_list("pk", flat=True)):
         approval_expire(approval_id=stale)  # audited and removed from inboxes like any expiry
@@ -101,16 +101,16 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     _check_caps(req, now)
     grant = req.grant
     approval = ApprovalRequest(
-        grant=grant, user_id=grant.user_id, agent=req.agent, scope=req.policy.name,
+        grant=grant, user_id=grant.user_id, agent=req.agent, scope=req.scope,
         authorization_details=req.authorization_details, action_hash=req.action_hash,
-        headline=rar.headline(req.authorization_details, system=req.policy.description),
+        headline=rar.headline(req.authorization_details, system=req.system),
         binding_message=req.binding_message, delivery_mode=req.delivery_mode,
         client_notification_token=req.client_notification_token,
         interval=countersign_settings.CIBA_INTERVAL, created=now,
         expires_at=now + timedelta(seconds=req.window_seconds),
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
-    rule = req.policy.auto_approve_rule
+    rule = req.auto_approve_rule
     auto = bool(rule) and rar.rule_matches(rule, req.authorization_details)
     if auto:
         approval.status = Status.APPROVED
@@ -154,6 +154,9 @@ def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any
         ApprovalRequest.objects.filter(pk=approval.pk, status=Status.PENDING).update(
             status=to, decided_at=now, decided_by=user, decision_method=method, decision_auth=auth)
         approval.status = to
+        if to == Status.APPROVED and approval.scope == EXTEND_SCOPE:
+            grant_extend(grant_id=approval.grant_id, seconds=approval.authorization_details[0]["seconds"],
+                         actor=f"user:{user.pk}", approval_id=approval.pk)
         _audit(approval, "approval.approved" if to == Status.APPROVED else "approval.denied",
                actor=f"user:{user.pk}", request=request, method=method, auth=auth)
         _announce_end(approval)
@@ -220,18 +223,23 @@ def _issue(approval: ApprovalRequest, now) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason="grant_ended")
         raise AccessDenied("the session grant or the agent is no longer active")
-    policy = ScopePolicy.objects.get(name=approval.scope)
+    policy = ScopePolicy.objects.filter(name=approval.scope).first()
+    # A grant extension has no downstream system: its token is addressed to us, as a receipt.
+    audience = policy.audience if policy else countersign_settings.ISSUER
+    ttl = policy.action_token_ttl if policy else countersign_settings.DEFAULT_ACTION_TOKEN_TTL
     with transaction.atomic():
         if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.APPROVED).update(status=Status.ISSUED) != 1:
             raise InvalidGrant("the token for this auth_req_id was already issued")
-        claims = action_claims(approval=approval, audience=policy.audience, ttl=policy.action_token_ttl)
+        claims = action_claims(approval=approval, audience=audience, ttl=ttl)
         ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
-                                   expires_at=now + timedelta(seconds=policy.action_token_ttl))
-        _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"],
-               expires_in=policy.action_token_ttl)
-        _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=policy.action_token_ttl + 1))
-    return {"access_token": mint(claims), "token_type": "Bearer", "expires_in": policy.action_token_ttl,
-            "scope": approval.scope, "authorization_details": approval.authorization_details}
+                                   expires_at=now + timedelta(seconds=ttl))
+        _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
+        _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=ttl + 1))
+    response = {"access_token": mint(claims), "token_type": "Bearer", "expires_in": ttl,
+                "scope": approval.scope, "authorization_details": approval.authorization_details}
+    if approval.scope == EXTEND_SCOPE:
+        response["grant_expires_at"] = int(SessionGrant.objects.get(pk=approval.grant_id).expires_at.timestamp())
+    return response
 
 
 # --- endings without a user decision ----------------------------------------------------------

@@ -202,6 +202,27 @@ def grant_create(
     return grant
 
 
+def grant_extend(*, grant_id: Any, seconds: int, actor: str, approval_id: Any = None) -> SessionGrant | None:
+    """Keep a live grant going ``seconds`` from now, within the agent's maximum lifetime.
+
+    Only called when the user approved an extension prompt. Never shortens a grant.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        grant = (SessionGrant.objects.select_for_update(of=("self",)).select_related("agent")
+                 .filter(pk=grant_id).first())
+        if grant is None or not grant.is_live(now):
+            return None
+        seconds = min(seconds, grant.agent.max_grant_lifetime, countersign_settings.MAX_GRANT_LIFETIME)
+        new_end = max(grant.expires_at, now + timedelta(seconds=seconds))
+        SessionGrant.objects.filter(pk=grant.pk).update(expires_at=new_end)
+        audit_record(event="grant.extended", actor=actor, user_id=grant.user_id, client_id=grant.agent.client_id,
+                     grant_id=grant.pk, detail={"from": grant.expires_at.isoformat(), "to": new_end.isoformat(),
+                                                "approval_id": str(approval_id or "")})
+        grant.expires_at = new_end
+    return grant
+
+
 def _end_grant_tokens(grant_id: Any, now) -> None:
     RefreshToken.objects.filter(session_grant_id=grant_id, revoked__isnull=True).update(revoked=now)
     AccessToken.objects.filter(session_grant_id=grant_id, expires__gt=now).update(expires=now)

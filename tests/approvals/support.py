@@ -44,7 +44,8 @@ def backchannel_request(grant: SessionGrant, details: list[dict] | None = None, 
     policy = ScopePolicy.objects.get(name=LEDGER_SCOPE)
     details = details if details is not None else [ledger_entry()]
     return BackchannelRequest(
-        agent=grant.agent, grant=grant, policy=policy, authorization_details=details,
+        agent=grant.agent, grant=grant, scope=policy.name, system=policy.description,
+        auto_approve_rule=policy.auto_approve_rule, authorization_details=details,
         action_hash=rar.action_hash(details), binding_message=binding_message,
         window_seconds=window or policy.approval_window, delivery_mode="poll", client_notification_token="",
     )

@@ -1,0 +1,886 @@
+#!/usr/bin/env python
+"""Step-up approval round trip and redemption race, over real HTTP and a real websocket on loopback.
+
+Starts its own stack: a fresh PostgreSQL database (created and dropped here), ``migrate``,
+scenario rows from a setup script, then uvicorn (``config.asgi:application``) and a Celery
+worker (``config.celery:app``, Redis broker and channel layer on ``--redis-url``).
+
+Phase 1, approval round trip (``--rounds`` sequential rounds, after ``--warmup`` untimed ones):
+
+  (a) request -> prompt: the agent POSTs ``/o/bc-authorize/`` (CIBA, a unique
+      ``authorization_details`` each round) until the officer's websocket (``/ws/approvals/``,
+      session cookie from the real login form) receives the ``upsert`` for it; the path is
+      HTTP -> DB commit -> Celery task -> channels_redis group_send -> websocket.
+  (b) approve -> token: the officer POSTs ``/approvals/<id>/approve/`` (CSRF token in
+      X-CSRFToken, Origin of the issuer); right after the 302 the agent polls the token
+      endpoint (``urn:openid:params:grant-type:ciba``) and holds the action token. A decided
+      request answers at once; ``slow_down`` only limits polls of a pending one.
+  Each collected token is then redeemed once by the ledger (timed separately, not in (b)).
+
+Phase 2, redemption race: ``--tokens`` action tokens are minted directly in the database by the
+setup script (approval rows in state ``issued`` + ``ActionToken`` rows + JWTs from
+``approvals.tokens.action_claims``/``mint``); each token is then POSTed to ``/o/redeem/`` by
+``--redeemers`` concurrent redeemers at once, ``--race-concurrency`` tokens in flight.
+Double redemptions are counted from the responses and from the database (redeemed rows,
+``action_token.redeemed`` audit events per jti); they must be 0.
+
+Usage (from the project root)::
+
+    .venv/bin/python bench/approval_roundtrip.py
+    .venv/bin/python bench/approval_roundtrip.py --rounds 100 --tokens 5000 --redeemers 4
+
+Bounded: fixed counts, per-wait timeouts, a global ``--timeout`` with a watchdog. The processes
+it starts are always stopped (each its own process group) and the database is dropped. Nothing
+is asserted on timing; the exit status is non-zero on errors or on any double redemption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+REDIRECT_URI = "http://127.0.0.1:8199/callback"
+CIBA = "urn:openid:params:grant-type:ciba"
+LEDGER_AUDIENCE = "http://ledger.bench"
+
+# Runs with the bench environment (DATABASE_URL, COUNTERSIGN_ISSUER, ...): the reference scenario's
+# records, one session grant with an authorization code (exchanged over HTTP once the server is
+# up), and a second grant with N approvals already in state ``issued`` and their action tokens.
+SETUP_SCRIPT = r'''
+import base64, hashlib, json, secrets, sys
+from datetime import timedelta
+
+import django
+django.setup()
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from approvals import rar
+from approvals.models import ActionToken, ApprovalRequest
+from approvals.tokens import action_claims, mint
+from consent.keys import active_signing_key
+from consent.models import AuthorizationCode, ScopePolicy
+from consent.services import AuthContext, agent_create, grant_create, resource_server_create, scope_set
+
+out_path, n_tokens, token_ttl, redirect_uri, audience = (
+    sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+LIFETIME = 24 * 3600
+password = secrets.token_urlsafe(18)
+
+with transaction.atomic():
+    scope_set(name="catalog:read", values={"audience": "http://catalog.bench", "description": "Vendor catalog",
+                                           "sensitivity": ScopePolicy.Sensitivity.STANDARD}, actor="bench")
+    scope_set(name="ledger:write", values={
+        "audience": audience, "description": "Financial ledger", "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
+        "authorization_details_types": ["ledger_entry"], "approval_window": 600, "action_token_ttl": 120,
+    }, actor="bench")
+    ledger, ledger_secret = resource_server_create(name="Ledger", audience=audience, actor="bench")
+    agent, agent_secret = agent_create(name="Procurement Agent", publisher="bench",
+                                       scopes=["catalog:read", "ledger:write"], redirect_uris=[redirect_uri],
+                                       actor="bench")
+    user = get_user_model().objects.create_user("officer", password=password)
+active_signing_key()  # created now, not by the first timed request
+
+now = timezone.now()
+auth = AuthContext(auth_time=now, amr=["pwd"])
+shown = {"agent": {"name": agent.name}, "lifetime_seconds": LIFETIME}
+scopes = ["catalog:read", "ledger:write"]
+
+# Phase 1: one consent; the agent exchanges this code for its session token over HTTP.
+grant = grant_create(user=user, agent=agent, scopes=scopes, lifetime=LIFETIME, auth=auth, consent_shown=shown)
+verifier = secrets.token_urlsafe(48)
+challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+code = secrets.token_urlsafe(24)
+AuthorizationCode.objects.create(application=agent, user=user, code=code, expires=now + timedelta(hours=1),
+                                 redirect_uri=redirect_uri, scope="catalog:read", code_challenge=challenge,
+                                 code_challenge_method="S256", session_grant=grant)
+
+# Phase 2: N approved-and-collected actions, as approval_collect would leave them.
+race_grant = grant_create(user=user, agent=agent, scopes=scopes, lifetime=LIFETIME, auth=auth, consent_shown=shown)
+approvals, tokens, rows = [], [], []
+decision_auth = {"auth_time": int(now.timestamp()), "amr": ["pwd"], "acr": ""}
+for i in range(n_tokens):
+    details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": f"PO-RACE-{i:06d}",
+                "vendor": "Acme Office Supply", "amount": f"{100000 + i}.00", "currency": "USD"}]
+    approvals.append(ApprovalRequest(
+        auth_req_id_hash=hashlib.sha256(secrets.token_bytes(32)).hexdigest(), grant=race_grant, user=user,
+        agent=agent, scope="ledger:write", authorization_details=details, action_hash=rar.action_hash(details),
+        headline=rar.headline(details, system="Financial ledger"), created=now,
+        expires_at=now + timedelta(seconds=600), status=ApprovalRequest.Status.ISSUED, decided_at=now,
+        decided_by=user, decision_method="bench", decision_auth=decision_auth))
+with transaction.atomic():
+    ApprovalRequest.objects.bulk_create(approvals, batch_size=1000)
+    for approval in approvals:
+        claims = action_claims(approval=approval, audience=audience, ttl=token_ttl)
+        rows.append(ActionToken(jti=claims["jti"], approval=approval, issued_at=now,
+                                expires_at=now + timedelta(seconds=token_ttl)))
+        tokens.append([claims["jti"], mint(claims)])
+    ActionToken.objects.bulk_create(rows, batch_size=1000)
+
+with open(out_path, "w") as fh:
+    json.dump({"client_id": agent.client_id, "client_secret": agent_secret,
+               "ledger_client_id": ledger.client_id, "ledger_secret": ledger_secret,
+               "username": "officer", "password": password, "user_id": user.pk,
+               "code": code, "verifier": verifier, "redirect_uri": redirect_uri,
+               "race_grant_id": str(race_grant.pk), "race_tokens": tokens}, fh)
+'''
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
+    return sorted_values[rank - 1]
+
+
+def dist(values_s: list[float]) -> str:
+    ms = sorted(v * 1000 for v in values_s)
+    if not ms:
+        return "no samples"
+    return (f"n={len(ms)}  p50 {percentile(ms, 50):.2f}  p95 {percentile(ms, 95):.2f}  "
+            f"p99 {percentile(ms, 99):.2f}  min {ms[0]:.2f}  max {ms[-1]:.2f} ms")
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_group_cpu_seconds(pgids: list[int]) -> float | None:
+    """user+system CPU seconds of every live process in these process groups (Linux /proc only)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) in pgids:  # pgrp is field 5; utime 14, stime 15
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def basic(client_id: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def jwt_header(token: str) -> dict:
+    head = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+
+
+@dataclass
+class Errors:
+    count: int = 0
+    samples: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.count += 1
+        if len(self.samples) < 5:
+            self.samples.append(text[:500])
+
+
+# --- phase 1: approval round trip -------------------------------------------------------------
+
+
+class Inbox:
+    """The officer's inbox tab: one websocket, a reader task that timestamps each prompt's arrival."""
+
+    def __init__(self, url: str, cookie: str, origin: str):
+        self.url, self.cookie, self.origin = url, cookie, origin
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.removes = 0
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        from websockets.asyncio.client import connect
+
+        self.ws = await connect(self.url, additional_headers={"Cookie": self.cookie, "Origin": self.origin},
+                                open_timeout=10, max_queue=None)
+        first = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+        if first.get("type") != "snapshot":
+            raise RuntimeError(f"expected a snapshot on connect, got {first}")
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            now = time.perf_counter()
+            msg = json.loads(raw)
+            if msg.get("type") == "upsert":
+                details = msg["prompt"].get("authorization_details") or [{}]
+                fut = self.waiting.get(details[0].get("purchase_order", ""))
+                if fut is not None and not fut.done():
+                    fut.set_result((now, msg["prompt"]))
+            elif msg.get("type") == "remove":
+                self.removes += 1
+
+    def expect(self, key: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[key] = fut
+        return fut
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.ws is not None:
+            await self.ws.close()
+
+
+@dataclass
+class RoundTrip:
+    to_prompt: list[float] = field(default_factory=list)
+    bc_authorize_http: list[float] = field(default_factory=list)
+    approve_to_token: list[float] = field(default_factory=list)
+    approve_http: list[float] = field(default_factory=list)
+    collect_http: list[float] = field(default_factory=list)
+    redeem_http: list[float] = field(default_factory=list)
+    errors: Errors = field(default_factory=Errors)
+    rounds: int = 0
+    wall: float = 0.0
+    server_cpu: dict[str, float] = field(default_factory=dict)  # timed rounds only
+
+
+async def officer_login(base: str, username: str, password: str) -> tuple[str, str]:
+    """Sign in through the real login form; returns (sessionid, csrftoken) for the inbox."""
+    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
+        page = await http.get("/accounts/login/", params={"next": "/approvals/"})
+        match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        if page.status_code != 200 or not match:
+            raise RuntimeError(f"login page: HTTP {page.status_code}")
+        done = await http.post("/accounts/login/", data={
+            "username": username, "password": password, "next": "/approvals/",
+            "csrfmiddlewaretoken": match.group(1)}, headers={"Origin": base, "Referer": f"{base}/accounts/login/"})
+        if done.status_code != 302 or done.headers.get("location") != "/approvals/":
+            raise RuntimeError(f"login refused: HTTP {done.status_code} {done.text[:300]}")
+        inbox = await http.get("/approvals/")  # the token rotates at login: take the page's one
+        if inbox.status_code != 200 or "Nothing waiting" not in inbox.text:
+            raise RuntimeError(f"inbox: HTTP {inbox.status_code}")
+        return http.cookies["sessionid"], http.cookies["csrftoken"]
+
+
+async def approval_roundtrip(base: str, data: dict, args, pgids: dict[str, int]) -> RoundTrip:
+    result = RoundTrip()
+    sessionid, csrftoken = await officer_login(base, data["username"], data["password"])
+    agent = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout,
+                              headers={"Authorization": basic(data["client_id"], data["client_secret"])})
+    ledger = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout,
+                               headers={"Authorization": basic(data["ledger_client_id"], data["ledger_secret"])})
+    officer = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout, headers={
+        "Cookie": f"sessionid={sessionid}; csrftoken={csrftoken}", "X-CSRFToken": csrftoken,
+        "Origin": base, "Referer": f"{base}/approvals/"})
+    inbox = Inbox(base.replace("http://", "ws://") + "/ws/approvals/", f"sessionid={sessionid}", base)
+    try:
+        response = await agent.post("/o/token/", data={
+            "grant_type": "authorization_code", "code": data["code"], "redirect_uri": data["redirect_uri"],
+            "code_verifier": data["verifier"]})
+        if response.status_code != 200:
+            raise RuntimeError(f"code exchange: HTTP {response.status_code} {response.text[:300]}")
+        session_token = response.json()["access_token"]
+        await inbox.open()
+
+        total = args.warmup + args.rounds
+
+        def cpu() -> dict[str, float | None]:
+            return {n: process_group_cpu_seconds([g]) for n, g in pgids.items()}
+
+        t_start, cpu_start = time.perf_counter(), cpu()
+        for i in range(total):
+            if time.monotonic() > args.deadline:
+                result.errors.note(f"global deadline reached after {i} rounds")
+                break
+            timed = i >= args.warmup
+            if i == args.warmup:
+                t_start, cpu_start = time.perf_counter(), cpu()
+            key = f"PO-BENCH-{i:06d}"
+            details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": key,
+                        "vendor": "Acme Office Supply", "amount": f"{1000 + i}.{i % 100:02d}", "currency": "USD"}]
+            arrived = inbox.expect(key)
+
+            # (a) request -> prompt on the websocket
+            t0 = time.perf_counter()
+            response = await agent.post("/o/bc-authorize/", data={
+                "scope": "ledger:write", "login_hint_token": session_token,
+                "authorization_details": json.dumps(details), "binding_message": f"bench round {i}"})
+            t_http = time.perf_counter()
+            if response.status_code != 200:
+                result.errors.note(f"round {i} bc-authorize: HTTP {response.status_code} {response.text[:300]}")
+                inbox.waiting.pop(key, None)
+                continue
+            auth_req_id = response.json()["auth_req_id"]
+            try:
+                t_prompt, prompt = await asyncio.wait_for(arrived, args.wait_timeout)
+            except TimeoutError:
+                result.errors.note(f"round {i}: no prompt on the websocket within {args.wait_timeout}s")
+                continue
+            finally:
+                inbox.waiting.pop(key, None)
+
+            # (b) approve -> the agent holds the action token
+            t1 = time.perf_counter()
+            response = await officer.post(f"/approvals/{prompt['id']}/approve/")
+            t_approved = time.perf_counter()
+            officer.cookies.clear()  # drop the flash-message cookie; the Cookie header stays fixed
+            if response.status_code != 302:
+                result.errors.note(f"round {i} approve: HTTP {response.status_code} {response.text[:300]}")
+                continue
+            response = await agent.post("/o/token/", data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+            t2 = time.perf_counter()
+            if response.status_code != 200:
+                result.errors.note(f"round {i} collect: HTTP {response.status_code} {response.text[:300]}")
+                continue
+            token = response.json()["access_token"]
+            if jwt_header(token).get("typ") != "action+jwt":
+                result.errors.note(f"round {i}: token typ {jwt_header(token).get('typ')!r}")
+
+            # the ledger redeems it once (not part of either leg)
+            t3 = time.perf_counter()
+            response = await ledger.post("/o/redeem/", data={"token": token})
+            t4 = time.perf_counter()
+            if response.status_code != 200:
+                result.errors.note(f"round {i} redeem: HTTP {response.status_code} {response.text[:300]}")
+
+            if timed:
+                result.rounds += 1
+                result.to_prompt.append(t_prompt - t0)
+                result.bc_authorize_http.append(t_http - t0)
+                result.approve_to_token.append(t2 - t1)
+                result.approve_http.append(t_approved - t1)
+                result.collect_http.append(t2 - t_approved)
+                result.redeem_http.append(t4 - t3)
+        result.wall = time.perf_counter() - t_start
+        cpu_end = cpu()
+        result.server_cpu = {n: cpu_end[n] - cpu_start[n] for n in pgids
+                             if cpu_end[n] is not None and cpu_start[n] is not None}
+    finally:
+        await inbox.close()
+        for client in (agent, ledger, officer):
+            await client.aclose()
+    return result
+
+
+# --- phase 2: redemption race -----------------------------------------------------------------
+
+
+@dataclass
+class Race:
+    tokens: int = 0
+    attempts: int = 0
+    successes: int = 0
+    already: int = 0
+    other_refusals: Counter = field(default_factory=Counter)
+    per_token: Counter = field(default_factory=Counter)  # jti -> successes seen in responses
+    latencies: list[float] = field(default_factory=list)
+    errors: Errors = field(default_factory=Errors)
+    wall: float = 0.0
+    skipped: int = 0
+
+    @property
+    def doubles(self) -> int:
+        return sum(1 for n in self.per_token.values() if n > 1)
+
+
+async def redemption_race(base: str, data: dict, args) -> Race:
+    race = Race()
+    pool = args.race_concurrency * args.redeemers
+    client = httpx.AsyncClient(
+        base_url=base, trust_env=False, timeout=args.request_timeout,
+        headers={"Authorization": basic(data["ledger_client_id"], data["ledger_secret"])},
+        # keep-alive shorter than uvicorn's 5 s, so no request is sent on a connection it is closing
+        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=2.0))
+    tokens = iter(data["race_tokens"])
+
+    async def attempt(jti: str, token: str) -> None:
+        start = time.perf_counter()
+        try:
+            response = await client.post("/o/redeem/", data={"token": token})
+        except httpx.HTTPError as exc:
+            race.attempts += 1
+            race.latencies.append(time.perf_counter() - start)
+            race.errors.note(f"{type(exc).__name__}: {exc}")
+            return
+        race.attempts += 1
+        race.latencies.append(time.perf_counter() - start)
+        if response.status_code == 200:
+            race.successes += 1
+            race.per_token[jti] += 1
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code == 400 and body.get("error") == "invalid_token" \
+                and "already redeemed" in body.get("error_description", ""):
+            race.already += 1
+        else:
+            race.other_refusals[f"{response.status_code} {body.get('error', '?')}"] += 1
+            race.errors.note(f"HTTP {response.status_code}: {response.text[:300]}")
+
+    async def worker() -> None:
+        for jti, token in tokens:  # a shared iterator: each token is taken once
+            if time.monotonic() > args.deadline:
+                race.skipped += 1
+                continue
+            race.tokens += 1
+            await asyncio.gather(*(attempt(jti, token) for _ in range(args.redeemers)))
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.race_concurrency)))
+        race.wall = time.perf_counter() - t0
+    finally:
+        await client.aclose()
+    return race
+
+
+def race_database_check(database_url: str, data: dict) -> dict:
+    """Count redemptions in the database: rows, states and audit events per jti."""
+    import psycopg
+
+    jtis = [jti for jti, _ in data["race_tokens"]]
+    with psycopg.connect(database_url, connect_timeout=10) as conn:
+        redeemed_rows = conn.execute(
+            "SELECT count(*) FROM approvals_actiontoken WHERE jti = ANY(%s) AND redeemed_at IS NOT NULL",
+            [jtis]).fetchone()[0]
+        redeemed_approvals = conn.execute(
+            "SELECT count(*) FROM approvals_approvalrequest WHERE grant_id = %s AND status = 'redeemed'",
+            [data["race_grant_id"]]).fetchone()[0]
+        events = conn.execute(
+            "SELECT detail->>'jti' AS jti, count(*) FROM audit_auditevent "
+            "WHERE event = 'action_token.redeemed' AND detail->>'jti' = ANY(%s) GROUP BY 1", [jtis]).fetchall()
+        refusals = conn.execute(
+            "SELECT count(*) FROM audit_auditevent WHERE event = 'redemption.refused'").fetchone()[0]
+    return {"redeemed_rows": redeemed_rows, "redeemed_approvals": redeemed_approvals,
+            "audit_redeemed": sum(n for _, n in events), "audit_jtis": len(events),
+            "audit_doubles": sum(1 for _, n in events if n > 1), "audit_refusals": refusals}
+
+
+class ConnectionMonitor:
+    """Samples the number of PostgreSQL backends connected to the bench database (one connection)."""
+
+    def __init__(self, database_url: str):
+        self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
+        self.peak: dict[str, int] = {}
+        self.phase = "idle"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
+                while not self._stop.wait(0.25):
+                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                     [self.name]).fetchone()[0] - 1  # not this monitor
+                    self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
+        except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
+            self.peak["monitor error"] = -1
+            log(f"  (connection monitor stopped: {exc})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+# --- the stack ------------------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="countersign-bench-approvals-"))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pg_created: tuple[str, str] | None = None
+        self._watchdog: threading.Timer | None = None
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Django: "When using ASGI, persistent connections should be disabled" (ref/databases).
+        # config.settings sets conn_max_age=60, which under uvicorn leaves one idle PostgreSQL
+        # connection behind per request thread; by default the bench runs the product's settings
+        # with only that changed, so it does not exhaust a PostgreSQL server it shares.
+        (self.tmp / "bench_settings.py").write_text(
+            "from config.settings import *  # noqa: F401,F403\n"
+            "from config.settings import DATABASES\n\n"
+            "DATABASES['default']['CONN_MAX_AGE'] = 0\n")
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("DEBUG", "ALLOWED_HOSTS", "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS"):
+            env.pop(name, None)
+        env.update({
+            "DJANGO_SETTINGS_MODULE": "config.settings" if self.args.product_db_connections else "bench_settings",
+            "PYTHONPATH": os.pathsep.join([str(self.tmp), str(ROOT)] + (
+                [env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+            "DATABASE_URL": self.args.database_url,
+            "REDIS_URL": self.args.redis_url,
+            "COUNTERSIGN_ISSUER": self.url,
+            "COUNTERSIGN_VAR_DIR": str(self.tmp),
+            "SECRET_KEY": self.args.secret_key,
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def remaining(self) -> float:
+        return max(1.0, self.args.deadline - time.monotonic())
+
+    def run_step(self, cmd: list[str], what: str) -> None:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env(), capture_output=True, text=True,
+                              timeout=self.remaining())
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
+
+    # PostgreSQL
+
+    def pg_create(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        url = urlparse(self.args.database_url)
+        name = url.path.lstrip("/")
+        admin = url._replace(path="/postgres").geturl()
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+            if exists and not self.args.drop_existing:
+                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
+            if exists:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.pg_created = (admin, name)
+        log(f"  created PostgreSQL database {name}")
+
+    def pg_drop(self) -> None:
+        if self.pg_created is None:
+            return
+        import psycopg
+        from psycopg import sql
+
+        admin, name = self.pg_created
+        self.pg_created = None
+        try:
+            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            log(f"dropped PostgreSQL database {name}")
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
+            log(f"could not drop PostgreSQL database {name}: {exc}")
+
+    # processes
+
+    def spawn(self, name: str, cmd: list[str]) -> None:
+        log(f"  {name}: {' '.join(cmd[1:])}")
+        with open(self.tmp / f"{name}.log", "wb") as out:
+            # Its own session, hence its own process group: stop() kills its children too.
+            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=out,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        try:
+            return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_until(self, check, what: str, name: str, limit: float = 60) -> None:
+        ready_by = min(self.args.deadline, time.monotonic() + limit)
+        while time.monotonic() < ready_by:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            if check():
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"{what} not ready in time:\n{self.log_tail(name)}")
+
+    def start(self) -> None:
+        bin_dir = Path(sys.executable).parent
+        # Stale tasks from an earlier run on this Redis database would hit a database that is gone.
+        self.run_step([str(bin_dir / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"],
+                      "purge the countersign queue")
+        self.spawn("uvicorn", [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+                               "--port", str(self.port), "--no-access-log", "--log-level", "warning"])
+        self.spawn("celery", [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
+                              f"--concurrency={self.args.celery_concurrency}", "--without-mingle",
+                              "--without-gossip", "--hostname", f"bench-{self.port}@%h"])
+
+        def server_up() -> bool:
+            try:
+                return httpx.get(f"{self.url}/.well-known/oauth-authorization-server", timeout=2,
+                                 trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait_until(server_up, "uvicorn", "uvicorn")
+        self.wait_until(lambda: "ready." in self.log_tail("celery", 100_000), "celery worker", "celery")
+        log(f"  stack ready on {self.url}")
+
+    def purge_queue(self) -> None:
+        """Drop tasks left in the queue (the scheduled expiries a stopped worker hands back)."""
+        try:
+            subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "config.celery:app", "purge", "-f",
+                            "-Q", "countersign"], cwd=ROOT, env=self.env(), capture_output=True, timeout=30)
+        except (subprocess.SubprocessError, OSError) as exc:
+            log(f"could not purge the countersign queue: {exc}")
+
+    def stop(self) -> None:
+        procs, self.procs = self.procs, {}
+        for proc in procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers (celery pool children) if any are left
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def cleanup_tmp(self) -> None:
+        if self.args.keep_tmp:
+            log(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def arm_watchdog(self) -> None:
+        def fire():
+            log(f"\nglobal timeout ({self.args.timeout:.0f}s + grace) reached: stopping")
+            self.stop()
+            self.pg_drop()
+            self.cleanup_tmp()
+            os._exit(3)
+
+        self._watchdog = threading.Timer(self.args.timeout + 30, fire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+
+def run(args) -> int:
+    stack = Stack(args)
+    stack.arm_watchdog()
+    cores = os.cpu_count() or 1
+    monitor: ConnectionMonitor | None = None
+    try:
+        log(f"setup (cores={cores}, tmp={stack.tmp})")
+        stack.pg_create()
+        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], "migrate")
+        data_path = stack.tmp / "setup.json"
+        token_ttl = int(args.timeout) + 600
+        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(data_path), str(args.tokens), str(token_ttl),
+                        REDIRECT_URI, LEDGER_AUDIENCE],
+                       f"scenario, grants, {args.tokens} issued action tokens")
+        data = json.loads(data_path.read_text())
+        stack.start()
+        monitor = ConnectionMonitor(args.database_url)
+        monitor.start()
+
+        monitor.phase = "round trip"
+        pgids = {name: os.getpgid(p.pid) for name, p in stack.procs.items()}
+        log(f"\nphase 1: {args.rounds} approval round trips (+{args.warmup} warm-up), sequential; "
+            f"load average {loadavg()}")
+        rt = asyncio.run(approval_roundtrip(stack.url, data, args, pgids))
+        log(f"phase 2: redemption race, {args.tokens} tokens x {args.redeemers} concurrent redeemers, "
+            f"{args.race_concurrency} tokens in flight")
+        monitor.phase = "race"
+        log(f"  load average {loadavg()}")
+        cpu0 = process_group_cpu_seconds([pgids["uvicorn"]])
+        race = asyncio.run(redemption_race(stack.url, data, args))
+        cpu1 = process_group_cpu_seconds([pgids["uvicorn"]])
+        race_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        log(f"  load average {loadavg()}")
+        monitor.stop()
+        db = race_database_check(args.database_url, data)
+        celery_log = stack.log_tail("celery", 6000)
+        server_log = stack.log_tail("uvicorn", 6000)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        started = bool(stack.procs)
+        stack.stop()
+        if started:
+            stack.purge_queue()
+        stack.pg_drop()
+        stack.cleanup_tmp()
+        if stack._watchdog is not None:
+            stack._watchdog.cancel()
+
+    conn_age = "60 (product setting)" if args.product_db_connections else "0 (bench override)"
+    log(f"\nDB connections: CONN_MAX_AGE={conn_age}; peak PostgreSQL backends on the bench database: "
+        + ", ".join(f"{k} {v}" for k, v in monitor.peak.items()))
+    log("\n[approval round trip]")
+    log(f"  rounds            {rt.rounds} timed, wall {rt.wall:.2f}s, errors {rt.errors.count}")
+    for sample in rt.errors.samples:
+        log(f"    error: {sample}")
+    log(f"  (a) request -> prompt on websocket     {dist(rt.to_prompt)}")
+    log(f"      of which POST /o/bc-authorize/      {dist(rt.bc_authorize_http)}")
+    log(f"  (b) approve -> agent holds token       {dist(rt.approve_to_token)}")
+    log(f"      of which POST approve (302)         {dist(rt.approve_http)}")
+    log(f"      of which CIBA token poll (200)      {dist(rt.collect_http)}")
+    log(f"  redeem once (ledger, not in a or b)    {dist(rt.redeem_http)}")
+    if rt.rounds and rt.server_cpu:
+        log("  server CPU per timed round             " + ", ".join(
+            f"{n} {1000 * c / rt.rounds:.1f} ms" for n, c in rt.server_cpu.items())
+            + "  (4 HTTP requests + 1 websocket push; PostgreSQL and Redis not included)")
+
+    ok_race = race.wall > 0
+    log("\n[redemption race]")
+    log(f"  tokens            {race.tokens}" + (f"  (not tried, deadline: {race.skipped})" if race.skipped else ""))
+    log(f"  attempts          {race.attempts}  ({args.redeemers} concurrent per token)")
+    log(f"  successes         {race.successes}")
+    log(f"  already redeemed  {race.already}")
+    log(f"  other outcomes    {dict(race.other_refusals) or 0}")
+    for sample in race.errors.samples:
+        log(f"    error: {sample}")
+    log(f"  wall seconds      {race.wall:.2f}")
+    if ok_race:
+        log(f"  attempts/s        {race.attempts / race.wall:.1f}")
+        log(f"  successes/s       {race.successes / race.wall:.1f}")
+    log(f"  attempt latency   {dist(race.latencies)}")
+    if race_cpu is not None and race.attempts:
+        log(f"  server CPU        {race_cpu:.1f} s = {1000 * race_cpu / race.attempts:.2f} ms/attempt "
+            f"(uvicorn; PostgreSQL not included)")
+    log(f"  double redemptions (responses)  {race.doubles}")
+    log(f"  database: redeemed ActionToken rows {db['redeemed_rows']}, approvals in 'redeemed' "
+        f"{db['redeemed_approvals']}, action_token.redeemed audit events {db['audit_redeemed']} over "
+        f"{db['audit_jtis']} jtis, jtis with more than one such event {db['audit_doubles']}, "
+        f"redemption.refused audit events {db['audit_refusals']}")
+    db_doubles = db["audit_doubles"] + max(0, db["audit_redeemed"] - db["redeemed_rows"])
+    consistent = db["redeemed_rows"] == race.successes == db["audit_redeemed"] == db["redeemed_approvals"]
+    log(f"  double redemptions (database)   {db_doubles}"
+        f"  (responses, rows, states and audit agree: {'yes' if consistent else 'NO'})")
+
+    failed = bool(rt.errors.count or race.errors.count or race.doubles or db_doubles or not consistent
+                  or race.skipped)
+    if failed:
+        log("\ncelery log (tail):\n" + celery_log)
+        log("\nuvicorn log (tail):\n" + server_log)
+    a = sorted(x * 1000 for x in rt.to_prompt)
+    b = sorted(x * 1000 for x in rt.approve_to_token)
+    log("")
+    log(f"approval_roundtrip request_to_prompt_p50_ms={percentile(a, 50):.2f} p99={percentile(a, 99):.2f} "
+        f"approve_to_token_p50_ms={percentile(b, 50):.2f} p99={percentile(b, 99):.2f} "
+        f"rounds={rt.rounds} redeem_attempts_per_s={race.attempts / race.wall if ok_race else 0:.1f} "
+        f"redeem_successes_per_s={race.successes / race.wall if ok_race else 0:.1f} "
+        f"double_redemptions={race.doubles + db_doubles} cores={cores}")
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rounds", type=int, default=300, help="timed approval round trips (max 5000)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed round trips first")
+    p.add_argument("--tokens", type=int, default=5000, help="action tokens in the redemption race")
+    p.add_argument("--redeemers", type=int, default=4, help="concurrent redeemers per token (at least 4)")
+    p.add_argument("--race-concurrency", type=int, default=16, help="tokens being raced at the same time")
+    p.add_argument("--celery-concurrency", type=int, default=2, help="Celery worker processes")
+    p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/countersign_bench_approvals",
+                   help="loopback PostgreSQL; this database is created for the run and dropped after it")
+    p.add_argument("--drop-existing", action="store_true", help="drop the database first if it already exists")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
+                   help="Celery broker and channel layer (its countersign queue is purged first)")
+    p.add_argument("--timeout", type=float, default=1800, help="global limit in seconds for the whole run")
+    p.add_argument("--wait-timeout", type=float, default=10, help="longest wait for one prompt (seconds)")
+    p.add_argument("--request-timeout", type=float, default=30, help="per-request timeout in seconds")
+    p.add_argument("--product-db-connections", action="store_true",
+                   help="run with config.settings unchanged (conn_max_age=60 under ASGI); by default the "
+                        "server and worker use CONN_MAX_AGE=0, as Django prescribes for ASGI")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and worker logs)")
+    args = p.parse_args(argv)
+    if not 1 <= args.rounds <= 5000:
+        p.error("--rounds must be between 1 and 5000")
+    if args.warmup < 0 or args.tokens < 1 or args.race_concurrency < 1 or args.celery_concurrency < 1:
+        p.error("--warmup must not be negative; --tokens, --race-concurrency, --celery-concurrency at least 1")
+    if args.tokens > 50_000:
+        p.error("--tokens is capped at 50000")
+    if args.redeemers < 4:
+        p.error("--redeemers must be at least 4")
+    if args.tokens * args.redeemers < 20_000:
+        log(f"note: {args.tokens * args.redeemers} redemption attempts (fewer than 20000)")
+    for name, url in (("--database-url", args.database_url), ("--redis-url", args.redis_url)):
+        if urlparse(url).hostname not in LOOPBACK:
+            p.error(f"{name} must point at a loopback host (127.0.0.1, localhost, ::1)")
+    db = urlparse(args.database_url)
+    if db.scheme not in ("postgres", "postgresql"):
+        p.error("--database-url must be a postgres:// URL")
+    if db.path.lstrip("/") in ("", "postgres", "template0", "template1", "countersign"):
+        p.error("--database-url must name a dedicated benchmark database")
+    args.secret_key = secrets.token_urlsafe(50)
+    args.deadline = time.monotonic() + args.timeout
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_signal(signum, frame):  # make SIGTERM run the finally: blocks like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,621 @@
+#!/usr/bin/env python
+"""Token-endpoint throughput over real HTTP on loopback.
+
+Starts its own Countersign server (uvicorn, ``config.asgi:application``) on
+127.0.0.1 with a fresh database, prepares authorization codes directly in that
+database, then measures two phases against ``POST /o/token/``:
+
+1. code exchange: ``grant_type=authorization_code`` with PKCE S256 and HTTP
+   Basic client authentication, ``--requests`` of them at ``--concurrency``;
+2. refresh chains: ``--chains`` concurrent chains, each refreshing
+   sequentially with the refresh token from its previous response (rotation),
+   ``--refreshes`` in total.
+
+Usage (from the project root)::
+
+    .venv/bin/python bench/token_endpoint.py                       # SQLite, 1 worker
+    .venv/bin/python bench/token_endpoint.py --workers 2
+    .venv/bin/python bench/token_endpoint.py \\
+        --database-url postgres://postgres@127.0.0.1:5432/countersign_bench
+
+Everything is bounded: fixed request counts, a per-request timeout and a global
+``--timeout``; the server it starts is always stopped (its whole process group),
+and a PostgreSQL database it created is dropped. Nothing is asserted on timing.
+The last line of output is one ``key=value`` line meant for comparing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIRECT_URI = "http://127.0.0.1:8199/callback"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+# Runs in a subprocess with the bench environment (DATABASE_URL, COUNTERSIGN_VAR_DIR):
+# one scope, one agent, one user, then one session grant and one authorization code per
+# code exchange, written to a JSON file with the PKCE verifiers. Rows go straight into
+# the database (the consent screen is not what is being measured).
+SETUP_SCRIPT = r'''
+import base64, hashlib, json, secrets, sys
+from datetime import timedelta
+
+import django
+django.setup()
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from consent.keys import active_signing_key
+from consent.models import AuthorizationCode, ScopePolicy
+from consent.services import AuthContext, agent_create, grant_create, scope_set
+
+out_path, n_codes, redirect_uri = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+SCOPE = "bench:read"
+LIFETIME = 24 * 3600
+
+with transaction.atomic():
+    scope_set(name=SCOPE, values={"audience": "http://bench.test", "description": "Benchmark scope",
+                                  "sensitivity": ScopePolicy.Sensitivity.STANDARD}, actor="bench")
+    agent, secret = agent_create(name="Bench Agent", publisher="bench", scopes=[SCOPE],
+                                 redirect_uris=[redirect_uri], actor="bench")
+    user = get_user_model().objects.create_user("bench", password=secrets.token_urlsafe(24))
+active_signing_key()  # created now, not by the first timed request
+
+now = timezone.now()
+auth = AuthContext(auth_time=now, amr=["pwd"])
+shown = {"agent": {"name": agent.name}, "lifetime_seconds": LIFETIME}
+codes = []
+rows = []
+with transaction.atomic():
+    for _ in range(n_codes):
+        # One consent (session grant) per code, as in real use.
+        grant = grant_create(user=user, agent=agent, scopes=[SCOPE], lifetime=LIFETIME, auth=auth,
+                             consent_shown=shown)
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        code = secrets.token_urlsafe(24)
+        rows.append(AuthorizationCode(
+            application=agent, user=user, code=code, expires=now + timedelta(hours=1),
+            redirect_uri=redirect_uri, scope=SCOPE, code_challenge=challenge,
+            code_challenge_method="S256", session_grant=grant,
+        ))
+        codes.append([code, verifier])
+    AuthorizationCode.objects.bulk_create(rows, batch_size=500)
+
+with open(out_path, "w") as fh:
+    json.dump({"client_id": agent.client_id, "client_secret": secret, "redirect_uri": redirect_uri,
+               "scope": SCOPE, "codes": codes}, fh)
+'''
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
+    return sorted_values[rank - 1]
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_group_cpu_seconds(pgid: int) -> float | None:
+    """user+system CPU seconds of every live process in a process group (Linux /proc only)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # fields[0] is state (field 3); pgrp is field 5, utime 14, stime 15.
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux only)."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return (total - idle) / _CLK_TCK, total / _CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    latencies: list[float] = field(default_factory=list)  # seconds, successful and failed
+    errors: int = 0
+    first_error: str = ""
+    wall: float = 0.0
+    server_cpu: float | None = None
+    client_cpu: float = 0.0
+    machine_busy: float | None = None  # CPU seconds used by the whole machine during the phase
+    skipped: int = 0  # requests not sent (deadline reached)
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall if self.wall > 0 else 0.0
+
+    def note_error(self, text: str) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = text[:2000]
+
+
+class TokenClient:
+    def __init__(self, base_url: str, client_id: str, client_secret: str, redirect_uri: str,
+                 concurrency: int, request_timeout: float):
+        self.redirect_uri = redirect_uri
+        cred = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Basic {cred}", "Accept": "application/json"},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            timeout=httpx.Timeout(request_timeout),
+            trust_env=False,  # loopback only: never go through a proxy from the environment
+        )
+
+    async def post(self, data: dict, result: PhaseResult) -> dict | None:
+        start = time.perf_counter()
+        try:
+            response = await self.client.post("/o/token/", data=data)
+        except httpx.HTTPError as exc:
+            result.latencies.append(time.perf_counter() - start)
+            result.note_error(f"{type(exc).__name__}: {exc}")
+            return None
+        result.latencies.append(time.perf_counter() - start)
+        if response.status_code != 200:
+            result.note_error(f"HTTP {response.status_code}: {response.text}")
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            result.note_error(f"HTTP 200 with a body that is not JSON: {response.text[:500]}")
+            return None
+
+    async def exchange(self, code: str, verifier: str, result: PhaseResult) -> dict | None:
+        return await self.post({"grant_type": "authorization_code", "code": code,
+                                "redirect_uri": self.redirect_uri, "code_verifier": verifier}, result)
+
+    async def refresh(self, refresh_token: str, result: PhaseResult) -> dict | None:
+        return await self.post({"grant_type": "refresh_token", "refresh_token": refresh_token}, result)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def run_code_exchanges(tc: TokenClient, codes: list[list[str]], concurrency: int,
+                             deadline: float, result: PhaseResult) -> list[str]:
+    """Exchange every code with ``concurrency`` workers; returns the refresh tokens issued."""
+    refresh_tokens: list[str] = []
+    queue = iter(codes)
+
+    async def worker():
+        for code, verifier in queue:  # a shared iterator: each code is taken once
+            if time.monotonic() > deadline:
+                result.skipped += 1
+                continue
+            body = await tc.exchange(code, verifier, result)
+            if body is None:
+                continue
+            if "access_token" not in body:
+                result.note_error(f"200 without access_token: {json.dumps(body)[:500]}")
+            elif "refresh_token" in body:
+                refresh_tokens.append(body["refresh_token"])
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return refresh_tokens
+
+
+async def run_refresh_chains(tc: TokenClient, starts: list[str], total: int, deadline: float,
+                             result: PhaseResult) -> None:
+    chains = len(starts)
+
+    async def chain(i: int, token: str):
+        steps = total // chains + (1 if i < total % chains else 0)
+        for done in range(steps):
+            if time.monotonic() > deadline:
+                result.skipped += steps - done
+                return
+            body = await tc.refresh(token, result)
+            if body is None:
+                result.skipped += steps - done - 1  # the chain cannot continue without a token
+                return
+            token = body.get("refresh_token")
+            if not token:
+                result.note_error(f"refresh response without refresh_token: {json.dumps(body)[:500]}")
+                result.skipped += steps - done - 1
+                return
+
+    await asyncio.gather(*(chain(i, t) for i, t in enumerate(starts)))
+
+
+async def timed(result: PhaseResult, pgid: int | None, coro):
+    cpu0 = process_group_cpu_seconds(pgid) if pgid else None
+    me0 = self_cpu_seconds()
+    m0 = machine_cpu_seconds()
+    t0 = time.perf_counter()
+    value = await coro
+    result.wall = time.perf_counter() - t0
+    result.client_cpu = self_cpu_seconds() - me0
+    m1 = machine_cpu_seconds()
+    if m0 is not None and m1 is not None:
+        result.machine_busy = m1[0] - m0[0]
+    cpu1 = process_group_cpu_seconds(pgid) if pgid else None
+    if cpu0 is not None and cpu1 is not None:
+        result.server_cpu = cpu1 - cpu0
+    return value
+
+
+def report(result: PhaseResult, workers: int, cores: int) -> None:
+    lat = sorted(x * 1000 for x in result.latencies)
+    log(f"\n[{result.name}]")
+    log(f"  requests        {result.requests}" + (f"  (not sent: {result.skipped})" if result.skipped else ""))
+    log(f"  errors          {result.errors}")
+    if result.first_error:
+        log(f"  first error     {result.first_error}")
+    log(f"  wall seconds    {result.wall:.3f}")
+    log(f"  requests/s      {result.rps:.1f}")
+    if workers <= cores:
+        log(f"  requests/s/core {result.rps / workers:.1f}  (rps / workers; workers={workers} <= cores={cores})")
+    else:
+        log(f"  requests/s/core n/a (workers={workers} > cores={cores})")
+    log(f"  latency ms      p50 {percentile(lat, 50):.2f}  p95 {percentile(lat, 95):.2f}  "
+        f"p99 {percentile(lat, 99):.2f}  max {lat[-1] if lat else 0:.2f}")
+    if result.server_cpu is not None and result.requests:
+        log(f"  server CPU      {result.server_cpu:.2f} s = {1000 * result.server_cpu / result.requests:.2f} ms/request"
+            f"  (uvicorn process group; database server not included)")
+    if result.requests:
+        log(f"  client CPU      {result.client_cpu:.2f} s = {1000 * result.client_cpu / result.requests:.2f} ms/request"
+            f"  (this process, shares the machine with the server)")
+    if result.machine_busy is not None and result.wall > 0:
+        other = result.machine_busy - (result.server_cpu or 0.0) - result.client_cpu
+        log(f"  machine CPU     {result.machine_busy / result.wall:.2f} of {cores} cores busy; other processes "
+            f"{max(0.0, other) / result.wall:.2f} cores (database server, anything else running)")
+
+
+# --- server and database lifecycle ------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.deadline = time.monotonic() + args.timeout
+        self.tmp = Path(tempfile.mkdtemp(prefix="countersign-bench-"))
+        self.server: subprocess.Popen | None = None
+        self.server_log = self.tmp / "server.log"
+        self.pg_created: tuple[str, str] | None = None  # (admin conninfo, database name)
+        self._watchdog: threading.Timer | None = None
+
+    # environment ------------------------------------------------------------------------------
+
+    def database_url(self) -> str:
+        if self.args.database_url:
+            return self.args.database_url
+        return f"sqlite:///{self.tmp / 'bench.sqlite3'}"
+
+    def env(self, port: int) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS"):
+            env.pop(name, None)
+        env.update({
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DATABASE_URL": self.database_url(),
+            "COUNTERSIGN_VAR_DIR": str(self.tmp),
+            "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{port}",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def remaining(self) -> float:
+        return max(1.0, self.deadline - time.monotonic())
+
+    def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> None:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=self.remaining())
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
+
+    # PostgreSQL ---------------------------------------------------------------------------------
+
+    def pg_create(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        url = urlparse(self.args.database_url)
+        name = url.path.lstrip("/")
+        admin = url._replace(path="/postgres").geturl()
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+            if exists and not self.args.drop_existing:
+                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
+            if exists:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.pg_created = (admin, name)
+        log(f"  created PostgreSQL database {name}")
+
+    def pg_drop(self) -> None:
+        if self.pg_created is None:
+            return
+        import psycopg
+        from psycopg import sql
+
+        admin, name = self.pg_created
+        self.pg_created = None
+        try:
+            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            log(f"dropped PostgreSQL database {name}")
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
+            log(f"could not drop PostgreSQL database {name}: {exc}")
+
+    # server -------------------------------------------------------------------------------------
+
+    def start_server(self, port: int, env: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(self.args.workers), "--no-access-log",
+               "--log-level", "warning"]
+        log(f"  server: {' '.join(cmd[1:])}")
+        with open(self.server_log, "wb") as out:
+            # Its own session, hence its own process group: stop_server kills workers too.
+            self.server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/.well-known/oauth-authorization-server"
+        ready_by = min(self.deadline, time.monotonic() + 60)
+        while time.monotonic() < ready_by:
+            if self.server.poll() is not None:
+                raise SystemExit(f"server exited with {self.server.returncode}:\n{self.server_log_tail()}")
+            try:
+                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"server did not answer on {url} in time:\n{self.server_log_tail()}")
+
+    def server_log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.server_log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop_server(self) -> None:
+        proc, self.server = self.server, None
+        if proc is None:
+            return
+        try:
+            pgid = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            pgid = None
+        if pgid is not None:
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        if pgid is not None:
+            try:
+                os.killpg(pgid, signal.SIGKILL)  # stragglers (workers) if any are left
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    # watchdog -----------------------------------------------------------------------------------
+
+    def arm_watchdog(self) -> None:
+        def fire():
+            log(f"\nglobal timeout ({self.args.timeout:.0f}s + grace) reached: stopping")
+            self.stop_server()
+            self.pg_drop()
+            self.cleanup_tmp()
+            os._exit(3)
+
+        self._watchdog = threading.Timer(self.args.timeout + 30, fire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def cleanup_tmp(self) -> None:
+        if self.args.keep_tmp:
+            log(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # the run ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        args = self.args
+        cores = os.cpu_count() or 1
+        db = "postgresql" if args.database_url else "sqlite"
+        self.arm_watchdog()
+        try:
+            port = free_port()
+            env = self.env(port)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            log(f"setup (db={db}, workers={args.workers}, cores={cores}, load average {load:.2f}, tmp={self.tmp})")
+            if args.database_url:
+                self.pg_create()
+            self.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
+            codes_path = self.tmp / "codes.json"
+            n_codes = args.warmup + args.requests
+            self.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI],
+                          env, f"agent, user, {n_codes} grants and codes")
+            data = json.loads(codes_path.read_text())
+            self.start_server(port, env)
+            pgid = os.getpgid(self.server.pid)
+            log(f"  server ready on 127.0.0.1:{port}")
+            code_result, refresh_result = asyncio.run(self.phases(port, data, pgid))
+        finally:
+            self.stop_server()
+            server_log = self.server_log_tail()
+            self.pg_drop()
+            self.cleanup_tmp()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+        for r in (code_result, refresh_result):
+            report(r, args.workers, cores)
+        if (code_result.errors or refresh_result.errors) and server_log.strip():
+            log("\nserver log (tail):\n" + server_log)
+        per_core = args.workers <= cores
+        summary = (f"token_endpoint code_exchange_rps={code_result.rps:.1f} refresh_rps={refresh_result.rps:.1f} "
+                   f"workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
+                   f"cores={cores} errors={code_result.errors + refresh_result.errors}")
+        if per_core:
+            summary += (f" code_exchange_rps_per_core={code_result.rps / args.workers:.1f}"
+                        f" refresh_rps_per_core={refresh_result.rps / args.workers:.1f}")
+        log("")
+        log(summary)
+        failed = code_result.errors or refresh_result.errors or code_result.skipped or refresh_result.skipped
+        return 1 if failed else 0
+
+    async def phases(self, port: int, data: dict, pgid: int) -> tuple[PhaseResult, PhaseResult]:
+        args = self.args
+        tc = TokenClient(f"http://127.0.0.1:{port}", data["client_id"], data["client_secret"],
+                         data["redirect_uri"], max(args.concurrency, args.chains), args.request_timeout)
+        try:
+            codes = data["codes"]
+            warm, timed_codes = codes[:args.warmup], codes[args.warmup:]
+            if warm:
+                warm_result = PhaseResult("warm-up")
+                await run_code_exchanges(tc, warm, args.concurrency, self.deadline, warm_result)
+                log(f"  warm-up: {warm_result.requests} code exchanges, {warm_result.errors} errors"
+                    + (f" (first: {warm_result.first_error[:300]})" if warm_result.first_error else ""))
+
+            code_result = PhaseResult(f"code exchange: {len(timed_codes)} requests, concurrency {args.concurrency}")
+            refresh_tokens = await timed(code_result, pgid, run_code_exchanges(
+                tc, timed_codes, args.concurrency, self.deadline, code_result))
+
+            starts = refresh_tokens[:args.chains]
+            refresh_result = PhaseResult(f"refresh chains: {args.refreshes} requests, {len(starts)} chains")
+            if len(starts) < args.chains:
+                refresh_result.note_error(f"only {len(starts)} refresh tokens from phase 1 for {args.chains} chains")
+            if starts:
+                await timed(refresh_result, pgid, run_refresh_chains(
+                    tc, starts, args.refreshes, self.deadline, refresh_result))
+            return code_result, refresh_result
+        finally:
+            await tc.aclose()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--requests", type=int, default=2000, help="code exchanges in phase 1")
+    p.add_argument("--refreshes", type=int, default=None, help="refreshes in phase 2 (default: --requests)")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent code exchanges in phase 1")
+    p.add_argument("--chains", type=int, default=None, help="concurrent refresh chains (default: --concurrency)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed code exchanges first (default: 25 per worker)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--database-url", default=None,
+                   help="PostgreSQL on loopback, e.g. postgres://postgres@127.0.0.1:5432/countersign_bench; "
+                        "the database is created for the run and dropped after it (default: SQLite in a temp dir)")
+    p.add_argument("--drop-existing", action="store_true",
+                   help="with --database-url: drop the database first if it already exists")
+    p.add_argument("--timeout", type=float, default=900, help="global limit in seconds for the whole run")
+    p.add_argument("--request-timeout", type=float, default=30, help="per-request timeout in seconds")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server log, SQLite file)")
+    args = p.parse_args(argv)
+    args.refreshes = args.requests if args.refreshes is None else args.refreshes
+    args.chains = args.concurrency if args.chains is None else args.chains
+    args.warmup = 25 * args.workers if args.warmup is None else args.warmup
+    for name in ("requests", "concurrency", "chains", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.refreshes < 0 or args.warmup < 0:
+        p.error("--refreshes and --warmup must not be negative")
+    if args.chains > args.requests:
+        p.error("--chains cannot exceed --requests (each chain starts from a phase-1 refresh token)")
+    if args.database_url:
+        url = urlparse(args.database_url)
+        if url.scheme not in ("postgres", "postgresql"):
+            p.error("--database-url must be a postgres:// URL (SQLite is the default)")
+        if url.hostname not in LOOPBACK:
+            p.error("--database-url must point at a loopback host (127.0.0.1, localhost, ::1)")
+        if not url.path.lstrip("/") or url.path.lstrip("/") in ("postgres", "template0", "template1"):
+            p.error("--database-url must name a dedicated benchmark database")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench = Bench(args)
+
+    def on_signal(signum, frame):  # make SIGTERM run the finally: blocks like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return bench.run()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
