@@ -139,8 +139,7 @@ class BackchannelAuthenticationView(View):
     def post(self, request, *args, **kwargs):
         agent = _agent_or_refuse(request, "approval.request_refused")
         if agent is None:
-            return oauth_error("invalid_client", "Client authentication failed.", status=401,
-                               www_authenticate='Basic realm="countersign"')
+            return oauth_error("invalid_client", "Client authentication failed.", status=401)
         try:
             req = validate_backchannel_request(agent=agent, params=request.POST.dict())
             approval, created = approval_request_create(req=req, request=request)
@@ -165,8 +164,7 @@ class RedemptionView(View):
             audit_refusal(event="redemption.refused", error="invalid_client", actor="",
                           client_id=claimed_client_id(request), request=request,
                           detail={"reason": "resource-server authentication failed"})
-            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401,
-                               www_authenticate='Basic realm="countersign"')
+            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
         try:
             claims = self._verify(request.POST.get("token", ""), rs, request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)

@@ -9,14 +9,22 @@ from django.http import JsonResponse
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def oauth_error(error: str, description: str = "", *, status: int = 400,
-                www_authenticate: str | None = None) -> JsonResponse:
+def www_authenticate(error: str, description: str = "", *, scheme: str = "Basic") -> str:
+    """A challenge naming the error (RFC 6750 §3 attribute syntax, RFC 6749 §5.2 for clients)."""
+    value = f'{scheme} realm="countersign", error="{error}"'
+    if description:
+        value += ', error_description="{}"'.format(description.replace("\\", "").replace('"', "'"))
+    return value
+
+
+def oauth_error(error: str, description: str = "", *, status: int = 400, scheme: str = "Basic") -> JsonResponse:
+    """Every 401 carries a WWW-Authenticate challenge with the same error and description."""
     body = {"error": error}
     if description:
         body["error_description"] = description
     response = JsonResponse(body, status=status, headers=NO_STORE)
-    if www_authenticate:
-        response["WWW-Authenticate"] = www_authenticate
+    if status == 401:
+        response["WWW-Authenticate"] = www_authenticate(error, description, scheme=scheme)
     return response
 
 

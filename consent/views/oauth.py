@@ -25,7 +25,7 @@ from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 from audit.services import audit_record, audit_refusal
 
 from ..errors import ConfigurationError
-from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error
+from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error, www_authenticate
 from ..models import Agent
 from ..oauth.context import take_refusal
 from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
@@ -191,6 +191,10 @@ class TokenView(OAuthLibMixin, View):
         response = HttpResponse(content=body, status=status, content_type="application/json")
         for key, value in headers.items():
             response[key] = value
+        if status == 401:
+            payload = json.loads(body or "{}")
+            response["WWW-Authenticate"] = www_authenticate(payload.get("error", "invalid_client"),
+                                                            payload.get("error_description", ""))
         return response
 
 
@@ -204,6 +208,8 @@ class RevokeTokenView(DOTRevokeTokenView):
         if response.status_code != 200:
             _audit_oauthlib_refusal(request, event="revocation.refused",
                                     body=response.content.decode(), status=response.status_code)
+        if response.status_code == 401:
+            response["WWW-Authenticate"] = www_authenticate("invalid_client", "Client authentication failed.")
         return response
 
 
@@ -218,8 +224,7 @@ class IntrospectView(View):
             audit_refusal(event="introspection.refused", error="invalid_client", actor="",
                           client_id=claimed_client_id(request), request=request,
                           detail={"reason": "resource-server authentication failed"})
-            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401,
-                               www_authenticate='Basic realm="countersign"')
+            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
         token = request.POST.get("token", "")
         if not token:
             audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
