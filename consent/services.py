@@ -95,6 +95,11 @@ def agent_reset_secret(*, agent: Agent, actor: str = "system") -> str:
 def agent_update(*, agent: Agent, changes: dict[str, Any], actor: str = "system") -> Agent:
     if "allowed_scopes" in changes:
         _check_scopes_exist(changes["allowed_scopes"])
+    if "delegates" in changes:
+        delegates = list(changes["delegates"])
+        known = set(Agent.objects.filter(client_id__in=delegates).values_list("client_id", flat=True))
+        if set(delegates) - known or agent.client_id in delegates:
+            raise ConfigurationError("delegates must be other registered agents' client ids")
     for field, value in changes.items():
         setattr(agent, field, value)
     agent.full_clean(exclude=["client_secret", "user"])

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand
 
 from consent.models import Agent
-from consent.services import agent_create
+from consent.services import agent_create, agent_update
 
 from ._common import load_jwks, run_service
 
@@ -19,7 +19,10 @@ class Command(BaseCommand):
         parser.add_argument("--description", default="")
         parser.add_argument("--refresh-mode", choices=Agent.RefreshMode.values, default=Agent.RefreshMode.ROTATING)
         parser.add_argument("--ttl", type=int, help="access-token lifetime in seconds (default 900)")
-        parser.add_argument("--jwks", help="file holding the agent's public JWK Set")
+        parser.add_argument("--jwks", help="file holding the agent's public JWK Set (enables private_key_jwt)")
+        parser.add_argument("--delegates", default="", help='space-separated client ids of permitted sub-agents')
+        parser.add_argument("--notification-endpoint", default="",
+                            help="CIBA ping-mode notification endpoint (empty: the agent polls)")
         parser.add_argument("--json", action="store_true")
 
     def handle(self, *args, **o):
@@ -28,6 +31,13 @@ class Command(BaseCommand):
             redirect_uris=o["redirect_uris"], description=o["description"], refresh_mode=o["refresh_mode"],
             ttl=o["ttl"], jwks=load_jwks(o["jwks"]), actor="cli",
         )
+        extra = {}
+        if o["delegates"]:
+            extra["delegates"] = o["delegates"].split()
+        if o["notification_endpoint"]:
+            extra["backchannel_client_notification_endpoint"] = o["notification_endpoint"]
+        if extra:
+            run_service(agent_update, agent=agent, changes=extra, actor="cli")
         out = {"name": agent.name, "client_id": agent.client_id, "client_secret": secret,
                "redirect_uris": agent.redirect_uris.split(), "scopes": agent.allowed_scopes}
         if o["json"]:

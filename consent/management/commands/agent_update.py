@@ -16,6 +16,8 @@ class Command(BaseCommand):
         parser.add_argument("--jwks")
         parser.add_argument("--status", choices=Agent.Status.values)
         parser.add_argument("--scopes")
+        parser.add_argument("--delegates", help="space-separated client ids of permitted sub-agents")
+        parser.add_argument("--notification-endpoint", help="CIBA ping-mode endpoint; empty string for poll mode")
 
     def handle(self, *args, **o):
         agent = Agent.objects.filter(client_id=o["client_id"]).first()
@@ -32,6 +34,10 @@ class Command(BaseCommand):
             changes["status"] = o["status"]
         if o["scopes"] is not None:
             changes["allowed_scopes"] = o["scopes"].split()
+        if o["delegates"] is not None:
+            changes["delegates"] = o["delegates"].split()
+        if o["notification_endpoint"] is not None:
+            changes["backchannel_client_notification_endpoint"] = o["notification_endpoint"]
         if not changes:
             raise CommandError("nothing to change")
         run_service(agent_update, agent=agent, changes=changes, actor="cli")
