@@ -20,6 +20,7 @@ from audit.services import audit_record
 from consent.conf import countersign_settings
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.services import AuthContext, grant_extend
+from consent.tokens import bind_to_proof_key, token_type
 
 from . import rar
 from .ciba import EXTEND_SCOPE, BackchannelRequest
@@ -230,12 +231,12 @@ def _issue(approval: ApprovalRequest, now) -> dict[str, Any]:
     with transaction.atomic():
         if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.APPROVED).update(status=Status.ISSUED) != 1:
             raise InvalidGrant("the token for this auth_req_id was already issued")
-        claims = action_claims(approval=approval, audience=audience, ttl=ttl)
+        claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl))
         ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
                                    expires_at=now + timedelta(seconds=ttl))
         _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
         _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=ttl + 1))
-    response = {"access_token": mint(claims), "token_type": "Bearer", "expires_in": ttl,
+    response = {"access_token": mint(claims), "token_type": token_type(), "expires_in": ttl,
                 "scope": approval.scope, "authorization_details": approval.authorization_details}
     if approval.scope == EXTEND_SCOPE:
         response["grant_expires_at"] = int(SessionGrant.objects.get(pk=approval.grant_id).expires_at.timestamp())

@@ -3,7 +3,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from audit.views import activity_view
-from consent.views import account, discovery, oauth
+from consent.views import account, discovery, oauth, registry
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -14,6 +14,8 @@ urlpatterns = [
     path("o/token/", oauth.TokenView.as_view(), name="oauth-token"),
     path("o/revoke/", oauth.RevokeTokenView.as_view(), name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
+    path("o/agents/<str:client_id>", registry.agent_view, name="agent-registry-entry"),
+    path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),
     path("accounts/login/", account.login_view, name="login"),
     path("accounts/login/otp/", account.login_otp_view, name="login-otp"),
     path("accounts/logout/", account.logout_view, name="logout"),

@@ -4,6 +4,7 @@ import base64
 import binascii
 from urllib.parse import unquote_plus
 
+import jwt
 from django.http import JsonResponse
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -47,6 +48,13 @@ def client_credentials(request) -> tuple[str, str] | None:
 
 
 def claimed_client_id(request) -> str:
-    """The client id a request claims, for the audit row (not proof of anything)."""
+    """The client id a request claims (for audit rows and pre-checks; not proof of anything)."""
     creds = client_credentials(request)
-    return (creds[0] if creds else request.POST.get("client_id") or request.GET.get("client_id", ""))[:100]
+    claimed = creds[0] if creds else request.POST.get("client_id") or request.GET.get("client_id", "")
+    if not claimed and request.POST.get("client_assertion"):
+        try:
+            claimed = str(jwt.decode(request.POST["client_assertion"], options={"verify_signature": False})
+                          .get("iss", ""))
+        except jwt.PyJWTError:
+            claimed = ""
+    return claimed[:100]

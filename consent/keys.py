@@ -41,9 +41,12 @@ _published: dict[str, float] = {}  # kid -> until when (monotonic) we trust it i
 _active: tuple[float, LoadedKey] | None = None
 
 
-def _rfc7638(public_jwk: dict) -> str:
-    """RFC 7638 JWK thumbprint, used as the ``kid``."""
-    members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}[public_jwk["kty"]]
+def jwk_thumbprint(public_jwk: dict) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url). Raises ValueError for an unusable key."""
+    members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}.get(
+        public_jwk.get("kty"))
+    if members is None or any(not isinstance(public_jwk.get(m), str) for m in members):
+        raise ValueError("not a usable public JWK")
     canonical = json.dumps({k: public_jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
@@ -60,7 +63,7 @@ def _generate(alg: str) -> tuple[str, dict]:
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-    kid = _rfc7638(public_jwk)
+    kid = jwk_thumbprint(public_jwk)
     public_jwk.update({"kid": kid, "alg": alg, "use": "sig"})
     return pem, public_jwk
 

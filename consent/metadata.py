@@ -6,6 +6,7 @@ Lists exactly what is implemented; later capabilities add themselves here.
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS
 from .models import ScopePolicy
+from .oauth.dpop import ALLOWED_ALGS as DPOP_ALGS
 from .oauth.private_key_jwt import ALLOWED_ALGS as ASSERTION_ALGS
 from .oauth.server import SUPPORTED_GRANT_TYPES
 
@@ -31,6 +32,9 @@ def server_metadata() -> dict:
         "backchannel_token_delivery_modes_supported": ["poll", "ping"],
         "backchannel_user_code_parameter_supported": False,
         "redemption_endpoint": f"{issuer}/o/redeem/",
+        "agent_registry_endpoint": f"{issuer}/o/agents/",
+        "agent_registry_document": f"{issuer}/.well-known/agent-registry.jwt",
+        "dpop_signing_alg_values_supported": list(DPOP_ALGS),
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "scopes_supported": list(ScopePolicy.objects.order_by("name").values_list("name", flat=True)),
         "authorization_details_types_supported": _authorization_details_types(),
@@ -45,5 +49,6 @@ def server_metadata() -> dict:
         "access_token_signing_alg_values_supported": list(SUPPORTED_ALGS),
         "subject_types_supported": ["public"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id", "act",
-                             "grant_id", "auth_time", "acr", "amr"],
+                             "grant_id", "auth_time", "acr", "amr", "cnf", "authorization_details",
+                             "action_hash", "approval_id"],
     }

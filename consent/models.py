@@ -66,6 +66,10 @@ class Agent(AbstractApplication):
     require_second_factor = models.BooleanField(
         default=False, help_text="Consent needs a password and a TOTP code.",
     )
+    require_dpop = models.BooleanField(
+        "require DPoP", default=False,
+        help_text="Tokens only with a DPoP proof by one of the agent's registered keys (RFC 9449).",
+    )
     jwks = models.JSONField(
         null=True, blank=True,
         help_text="Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.",

@@ -71,6 +71,23 @@ def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], ex
     }
 
 
+def bind_to_proof_key(claims: dict[str, Any]) -> dict[str, Any]:
+    """RFC 9449 §6.1: ``cnf.jkt`` when the token request carried a valid DPoP proof."""
+    from .oauth.dpop import bound_jkt
+
+    jkt = bound_jkt.get()
+    if jkt:
+        claims["cnf"] = {"jkt": jkt}
+    return claims
+
+
+def token_type() -> str:
+    """RFC 9449 §5: a DPoP-bound token is of type DPoP."""
+    from .oauth.dpop import bound_jkt
+
+    return "DPoP" if bound_jkt.get() else "Bearer"
+
+
 def session_token_generator(request) -> str:
     """oauthlib token generator (``ACCESS_TOKEN_GENERATOR``): mints the session token.
 
@@ -81,6 +98,7 @@ def session_token_generator(request) -> str:
     scopes = [s for s in (request.scopes or []) if s in grant.standard_scopes]
     claims = session_claims(grant=grant, client_id=request.client.client_id, scopes=scopes,
                             expires_in=int(request.expires_in))
+    bind_to_proof_key(claims)
     request.token_jti = claims["jti"]
     return sign(claims, typ=SESSION_TOKEN_TYP)
 

@@ -36,7 +36,16 @@ from ..conf import countersign_settings
 from ..models import AccessToken, Agent, ScopePolicy, SessionGrant
 from ..oauth.context import note_refusal
 from ..oauth.private_key_jwt import AssertionInvalid, unverified_issuer, verify_assertion
-from ..tokens import SESSION_TOKEN_TYP, TokenInvalid, actor_id, session_claims, sign, verify
+from ..tokens import (
+    SESSION_TOKEN_TYP,
+    TokenInvalid,
+    actor_id,
+    bind_to_proof_key,
+    session_claims,
+    sign,
+    token_type,
+    verify,
+)
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -134,6 +143,7 @@ def exchange(request) -> dict[str, Any]:
     ttl = max(1, min(holder.access_token_ttl, remaining))
     new_claims = session_claims(grant=grant, client_id=holder.client_id, scopes=scopes, expires_in=ttl)
     new_claims["act"] = chain
+    bind_to_proof_key(new_claims)
     token = sign(new_claims, typ=SESSION_TOKEN_TYP)
     with transaction.atomic():
         row = AccessToken(user_id=grant.user_id, scope=" ".join(scopes), application=holder, session_grant=grant,
@@ -144,7 +154,7 @@ def exchange(request) -> dict[str, Any]:
                      actor=actor_id(agent.client_id), user_id=grant.user_id, client_id=holder.client_id,
                      grant_id=grant.pk, detail={"jti": new_claims["jti"], "scope": " ".join(scopes),
                                                 "subject_jti": claims["jti"], "act": chain, "expires_in": ttl})
-    return {"access_token": token, "issued_token_type": TOKEN_TYPE_ACCESS, "token_type": "Bearer",
+    return {"access_token": token, "issued_token_type": TOKEN_TYPE_ACCESS, "token_type": token_type(),
             "expires_in": ttl, "scope": " ".join(scopes)}
 
 

@@ -32,6 +32,7 @@ from oauthlib.oauth2.rfc6749.tokens import BearerToken
 from ..grants.ciba import GRANT_TYPE_CIBA, CibaGrant
 from ..grants.token_exchange import GRANT_TYPE_TOKEN_EXCHANGE, TokenExchangeGrant
 from ..models import Agent
+from ..tokens import token_type
 
 GRANT_AUTHORIZATION_CODE = "authorization_code"
 GRANT_REFRESH_TOKEN = "refresh_token"
@@ -58,7 +59,9 @@ class SessionBearerToken(BearerToken):
 
     def create_token(self, request, refresh_token=False, **kwargs):
         wants_refresh = refresh_token and request.client.refresh_mode == Agent.RefreshMode.ROTATING
-        return super().create_token(request, refresh_token=wants_refresh, **kwargs)
+        token = super().create_token(request, refresh_token=wants_refresh, **kwargs)
+        token["token_type"] = token_type()
+        return token
 
 
 def session_token_lifetime(request) -> int:

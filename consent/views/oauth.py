@@ -24,10 +24,12 @@ from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
 from audit.services import audit_record, audit_refusal
 
+from ..conf import countersign_settings
 from ..errors import ConfigurationError
 from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error, www_authenticate
 from ..models import Agent
 from ..oauth.context import take_refusal
+from ..oauth.dpop import DPoPError, bound_jkt, dpop_headers, error_body, registered_thumbprints, verify_proof
 from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
@@ -175,21 +177,48 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     }
 
 
+def _dpop_key(request) -> str | None:
+    """RFC 9449 §5: the DPoP proof of a token request, checked against the agent's registered keys."""
+    proof = request.META.get("HTTP_DPOP")
+    agent = Agent.objects.filter(client_id=claimed_client_id(request)).first()
+    if proof is None:
+        if agent is not None and agent.require_dpop:
+            raise DPoPError("this agent must present a DPoP proof (RFC 9449)")
+        return None
+    jkt = verify_proof(proof, htm="POST", htu=f"{countersign_settings.ISSUER}/o/token/")
+    if agent is None or jkt not in registered_thumbprints(agent):
+        raise DPoPError("the DPoP key is not one registered for this agent")
+    return jkt
+
+
 @method_decorator(csrf_exempt, name="dispatch")
 class TokenView(OAuthLibMixin, View):
     """RFC 6749 §3.2 token endpoint: code exchange (§4.1.3) and refresh (§6)."""
 
-    @method_decorator(sensitive_post_parameters("client_secret", "code", "code_verifier", "refresh_token"))
+    @method_decorator(sensitive_post_parameters("client_secret", "code", "code_verifier", "refresh_token",
+                                                "client_assertion", "subject_token", "actor_token"))
     def post(self, request, *args, **kwargs):
         take_refusal()
-        # One transaction: the code row lock and the token rows commit together.
-        with transaction.atomic():
-            url, headers, body, status = self.create_token_response(request)
+        try:
+            jkt = _dpop_key(request)
+        except DPoPError as exc:
+            audit_refusal(event="token.refused", error=exc.error, actor="", client_id=claimed_client_id(request),
+                          request=request, detail={"reason": exc.description})
+            response = HttpResponse(error_body(exc), status=400, content_type="application/json",
+                                    headers={**NO_STORE, **dpop_headers()})
+            return response
+        bound = bound_jkt.set(jkt)
+        try:
+            # One transaction: the code row lock and the token rows commit together.
+            with transaction.atomic():
+                url, headers, body, status = self.create_token_response(request)
+        finally:
+            bound_jkt.reset(bound)
         # A pending CIBA poll is the normal state of an unanswered prompt, not a refusal.
         if status != 200 and '"authorization_pending"' not in body:
             _audit_oauthlib_refusal(request, event="token.refused", body=body, status=status)
         response = HttpResponse(content=body, status=status, content_type="application/json")
-        for key, value in headers.items():
+        for key, value in {**headers, **dpop_headers()}.items():
             response[key] = value
         if status == 401:
             payload = json.loads(body or "{}")

@@ -1,0 +1,42 @@
+"""The agent registry as resource servers see it (the second principal of dual authentication).
+
+Per agent: status, publisher and the RFC 7638 thumbprints of its registered keys,
+so a resource server can refuse a suspended or unknown ``act.sub`` and check
+that a DPoP proof was made with a key the agent registered.
+"""
+
+import time
+from typing import Any
+
+from .conf import countersign_settings
+from .models import Agent
+from .oauth.dpop import registered_thumbprints
+from .tokens import actor_id, sign
+
+REGISTRY_DOCUMENT_TYP = "agent-registry+jwt"
+REGISTRY_DOCUMENT_TTL = 60
+
+
+def agent_entry(agent: Agent) -> dict[str, Any]:
+    return {
+        "client_id": agent.client_id,
+        "actor": actor_id(agent.client_id),
+        "name": agent.name,
+        "publisher": agent.publisher,
+        "status": agent.status,
+        "jkt": sorted(registered_thumbprints(agent)),
+        "require_dpop": agent.require_dpop,
+        "updated": int(agent.updated.timestamp()),
+    }
+
+
+def registry_document() -> str:
+    """Every agent, signed with our current key: cacheable, verifiable against the JWKS."""
+    now = int(time.time())
+    claims = {
+        "iss": countersign_settings.ISSUER,
+        "iat": now,
+        "exp": now + REGISTRY_DOCUMENT_TTL,
+        "agents": [agent_entry(a) for a in Agent.objects.order_by("client_id")],
+    }
+    return sign(claims, typ=REGISTRY_DOCUMENT_TYP)
