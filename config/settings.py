@@ -101,7 +101,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and os.envi
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock up front, so two writers never
     # both read the audit chain head before one of them appends (see audit.services).
-    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
+    # WAL lets readers run beside the writer; synchronous=NORMAL is durable in WAL mode across
+    # application crashes (an OS crash may lose the last commits), the usual SQLite server setting.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20,
+                                       "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -20,6 +20,7 @@ from .errors import ConfigurationError, InvalidScope
 from .hashers import generate_secret
 from .models import AccessToken, Agent, RefreshToken, ResourceServer, ScopePolicy, SessionGrant
 from .signals import grant_ended
+from .tokens import forget_audiences
 
 SECRET_HASHER = "cs_sha256"
 
@@ -148,6 +149,7 @@ def scope_set(*, name: str, values: dict[str, Any], actor: str = "system") -> tu
         policy.description = name
     policy.full_clean()
     policy.save()
+    forget_audiences()
     audit_record(event="scope_policy.created" if created else "scope_policy.changed", actor=actor,
                  detail={"name": name, **{k: v for k, v in values.items()}})
     return policy, created

@@ -35,9 +35,22 @@ def actor_id(client_id: str) -> str:
     return f"agent:{client_id}"
 
 
+_audiences: tuple[float, dict[str, str]] = (0.0, {})
+
+
 def audiences_for(scopes: list[str]) -> list[str]:
-    auds = ScopePolicy.objects.filter(name__in=scopes).values_list("audience", flat=True)
-    return sorted(set(auds))
+    """Audiences of the scopes' systems; the scope -> audience map is re-read every few seconds."""
+    global _audiences
+    expires, by_scope = _audiences
+    if expires <= time.monotonic() or any(s not in by_scope for s in scopes):
+        by_scope = dict(ScopePolicy.objects.values_list("name", "audience"))
+        _audiences = (time.monotonic() + countersign_settings.SIGNING_KEY_CACHE_SECONDS, by_scope)
+    return sorted({by_scope[s] for s in scopes if s in by_scope})
+
+
+def forget_audiences() -> None:
+    global _audiences
+    _audiences = (0.0, {})
 
 
 def amr_claims(grant: SessionGrant) -> dict[str, Any]:

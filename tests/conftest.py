@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from consent.keys import reset_key_cache
+from consent.tokens import forget_audiences
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
 from tests.live import live, live_stack  # noqa: F401  (fixtures: the real server and worker)
@@ -22,8 +23,10 @@ PASSWORD = "correct horse battery staple"
 def _fresh_key_cache():
     # Each test database starts without keys; a key cached by an earlier test must not leak in.
     reset_key_cache()
+    forget_audiences()
     yield
     reset_key_cache()
+    forget_audiences()
 
 
 @dataclass

@@ -19,12 +19,14 @@ from datetime import timedelta
 from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
+from oauthlib.oauth2.rfc6749 import errors
 
 from audit.services import audit_record
 
 from ..models import AccessToken, Agent, AuthorizationCode, RefreshToken, ScopePolicy, SessionGrant
 from ..services import grant_revoke
 from .context import note_refusal
+from .dpop import bound_jkt, registered_thumbprints
 from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
 
 
@@ -46,13 +48,29 @@ class CountersignValidator(OAuth2Validator):
         return super().client_authentication_required(request, *args, **kwargs)
 
     def authenticate_client(self, request, *args, **kwargs):
-        """Client secret (RFC 6749 §2.3.1) or ``private_key_jwt`` (RFC 7523 §2.2)."""
+        """Client secret (RFC 6749 §2.3.1) or ``private_key_jwt`` (RFC 7523 §2.2), then the
+        agent's DPoP policy (RFC 9449 §5): a required proof, by one of its registered keys."""
         if _param(request, "client_assertion") is not None or _param(request, "client_assertion_type") is not None:
-            return self._authenticate_private_key_jwt(request)
-        authenticated = super().authenticate_client(request, *args, **kwargs)
+            authenticated = self._authenticate_private_key_jwt(request)
+        else:
+            authenticated = super().authenticate_client(request, *args, **kwargs)
+            if authenticated:
+                request.client_auth_method = "client_secret"
         if authenticated:
-            request.client_auth_method = "client_secret"
+            self._check_dpop_key(request)
         return authenticated
+
+    @staticmethod
+    def _check_dpop_key(request) -> None:
+        jkt = bound_jkt.get()
+        if jkt is None and request.client.require_dpop:
+            note_refusal("DPoP required for this agent")
+            raise errors.CustomOAuth2Error(error="invalid_dpop_proof", request=request,
+                                           description="this agent must present a DPoP proof (RFC 9449)")
+        if jkt is not None and jkt not in registered_thumbprints(request.client):
+            note_refusal("DPoP key not registered for this agent")
+            raise errors.CustomOAuth2Error(error="invalid_dpop_proof", request=request,
+                                           description="the DPoP key is not one registered for this agent")
 
     def _authenticate_private_key_jwt(self, request) -> bool:
         if _param(request, "client_assertion_type") != CLIENT_ASSERTION_TYPE:
@@ -142,7 +160,7 @@ class CountersignValidator(OAuth2Validator):
             note_refusal("session grant is not active")
             return False
         request.scopes = row.scope.split()
-        request.user = row.user
+        request.user = None  # tokens take the user from the session grant: no user query needed
         request.session_grant = grant
         return True
 
@@ -198,11 +216,18 @@ class CountersignValidator(OAuth2Validator):
         if not rt.session_grant.is_live():
             note_refusal("session grant is not active")
             return False
-        request.user = rt.user
+        request.user = None
         request.refresh_token = refresh_token
         request.refresh_token_instance = rt
         request.session_grant = rt.session_grant
         return True
+
+    def _check_and_set_request_resource(self, request):
+        """RFC 8707 resource indicators are not supported: scopes decide a token's audience."""
+        if request._params.get("resource"):
+            raise errors.CustomOAuth2Error(error="invalid_target", request=request,
+                                           description="resource indicators are not supported; scopes decide aud")
+        request.resource = []
 
     def get_original_scopes(self, refresh_token, request, *args, **kwargs):
         return list(request.session_grant.standard_scopes)
@@ -211,7 +236,7 @@ class CountersignValidator(OAuth2Validator):
 
     def _create_access_token(self, expires, request, token, source_refresh_token=None):
         access_token = AccessToken(
-            user=request.user,
+            user_id=request.session_grant.user_id,
             scope=token["scope"],
             expires=expires,
             application=request.client,
@@ -225,7 +250,7 @@ class CountersignValidator(OAuth2Validator):
 
     def _create_refresh_token(self, request, refresh_token_code, access_token, previous_refresh_token):
         refresh_token = RefreshToken(
-            user=request.user,
+            user_id=request.session_grant.user_id,
             application=request.client,
             access_token=access_token,
             token_family=previous_refresh_token.token_family if previous_refresh_token else None,

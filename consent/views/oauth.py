@@ -29,7 +29,7 @@ from ..errors import ConfigurationError
 from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error, www_authenticate
 from ..models import Agent
 from ..oauth.context import take_refusal
-from ..oauth.dpop import DPoPError, bound_jkt, dpop_headers, error_body, registered_thumbprints, verify_proof
+from ..oauth.dpop import DPoPError, bound_jkt, dpop_headers, error_body, verify_proof
 from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
@@ -178,17 +178,15 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
 
 
 def _dpop_key(request) -> str | None:
-    """RFC 9449 §5: the DPoP proof of a token request, checked against the agent's registered keys."""
+    """RFC 9449 §4.3: the thumbprint of a valid DPoP proof, if the request carries one.
+
+    Whether the agent requires one, and registered that key, is checked once the
+    client is authenticated (``CountersignValidator.authenticate_client``).
+    """
     proof = request.META.get("HTTP_DPOP")
-    agent = Agent.objects.filter(client_id=claimed_client_id(request)).first()
     if proof is None:
-        if agent is not None and agent.require_dpop:
-            raise DPoPError("this agent must present a DPoP proof (RFC 9449)")
         return None
-    jkt = verify_proof(proof, htm="POST", htu=f"{countersign_settings.ISSUER}/o/token/")
-    if agent is None or jkt not in registered_thumbprints(agent):
-        raise DPoPError("the DPoP key is not one registered for this agent")
-    return jkt
+    return verify_proof(proof, htm="POST", htu=f"{countersign_settings.ISSUER}/o/token/")
 
 
 @method_decorator(csrf_exempt, name="dispatch")
