@@ -6,6 +6,7 @@ import logging
 
 import httpx
 from celery import shared_task
+from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -27,12 +28,13 @@ def deliver_prompt(self, approval_id: str) -> None:
         send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
     except Exception as exc:  # Redis down: keep the row pending and try again
         raise self.retry(exc=exc) from exc
-    first = ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=True).update(
-        delivered_at=timezone.now())
-    if first:
-        audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
-                     client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                     detail={"approval_id": approval_id, "channel": "websocket"})
+    with transaction.atomic():
+        first = ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=True).update(
+            delivered_at=timezone.now())
+        if first:
+            audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
+                         client_id=approval.agent.client_id, grant_id=approval.grant_id,
+                         detail={"approval_id": approval_id, "channel": "websocket"})
 
 
 @shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,
@@ -67,15 +69,17 @@ def notify_agent(self, approval_id: str) -> None:
         error = "" if ok else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:
         ok, error = False, f"{type(exc).__name__}: {exc}"[:300]
-    if ok:
-        ApprovalRequest.objects.filter(pk=approval_id, notified_at__isnull=True).update(
-            notified_at=timezone.now(), notify_error="")
-    else:
-        ApprovalRequest.objects.filter(pk=approval_id).update(notify_error=error)
-    audit_record(event="approval.agent_notified", outcome="ok" if ok else "refused", error="" if ok else "delivery_failed",
-                 actor="system", user_id=approval.user_id, client_id=approval.agent.client_id,
-                 grant_id=approval.grant_id,
-                 detail={"approval_id": approval_id, "attempt": approval.notify_attempts + 1, "error": error})
+    # The outcome and its audit row land together.
+    with transaction.atomic():
+        if ok:
+            ApprovalRequest.objects.filter(pk=approval_id, notified_at__isnull=True).update(
+                notified_at=timezone.now(), notify_error="")
+        else:
+            ApprovalRequest.objects.filter(pk=approval_id).update(notify_error=error)
+        audit_record(event="approval.agent_notified", outcome="ok" if ok else "refused",
+                     error="" if ok else "delivery_failed", actor="system", user_id=approval.user_id,
+                     client_id=approval.agent.client_id, grant_id=approval.grant_id,
+                     detail={"approval_id": approval_id, "attempt": approval.notify_attempts + 1, "error": error})
     if not ok:
         raise self.retry()
 

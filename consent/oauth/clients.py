@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 from oauth2_provider.oauth2_backends import get_oauthlib_core
 from oauthlib.common import Request as OAuthlibRequest
+from oauthlib.oauth2.rfc6749.errors import OAuth2Error
 
 from ..models import Agent
 
@@ -19,6 +20,9 @@ def authenticate_agent(request) -> Agent | None:
     oauth_request = OAuthlibRequest(request.build_absolute_uri(), http_method="POST",
                                     body=urlencode(list(request.POST.items())), headers=headers)
     validator = get_oauthlib_core().server.request_validator
-    if not validator.authenticate_client(oauth_request):
+    try:
+        if not validator.authenticate_client(oauth_request):
+            return None
+    except OAuth2Error:
         return None
     return oauth_request.client

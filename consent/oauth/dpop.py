@@ -29,7 +29,8 @@ MAX_PROOF_BYTES = 8192
 PROOF_MAX_AGE = 60
 NONCE_WINDOW = 300
 
-# The thumbprint of the key a token request proved, for the token generators to bind to.
+# The thumbprint of the key a token request proved, for the token generators to bind to:
+# None outside the token endpoint, "" for a token request without a proof.
 bound_jkt: ContextVar[str | None] = ContextVar("countersign_dpop_jkt", default=None)
 
 

@@ -63,11 +63,13 @@ class CountersignValidator(OAuth2Validator):
     @staticmethod
     def _check_dpop_key(request) -> None:
         jkt = bound_jkt.get()
-        if jkt is None and request.client.require_dpop:
+        if jkt is None:  # not a token request: DPoP proofs belong at the token endpoint only
+            return
+        if jkt == "" and request.client.require_dpop:
             note_refusal("DPoP required for this agent")
             raise errors.CustomOAuth2Error(error="invalid_dpop_proof", request=request,
                                            description="this agent must present a DPoP proof (RFC 9449)")
-        if jkt is not None and jkt not in registered_thumbprints(request.client):
+        if jkt and jkt not in registered_thumbprints(request.client):
             note_refusal("DPoP key not registered for this agent")
             raise errors.CustomOAuth2Error(error="invalid_dpop_proof", request=request,
                                            description="the DPoP key is not one registered for this agent")

@@ -205,7 +205,7 @@ class TokenView(OAuthLibMixin, View):
             response = HttpResponse(error_body(exc), status=400, content_type="application/json",
                                     headers={**NO_STORE, **dpop_headers()})
             return response
-        bound = bound_jkt.set(jkt)
+        bound = bound_jkt.set(jkt or "")
         try:
             # One transaction: the code row lock and the token rows commit together.
             with transaction.atomic():
