@@ -1,10 +1,12 @@
 from django.contrib import admin
 
+from audit.admin import ReadOnlyAdmin
+
 from .models import ActionToken, ApprovalRequest
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(admin.ModelAdmin):
+class ApprovalRequestAdmin(ReadOnlyAdmin):
     list_display = ("headline", "user", "agent", "scope", "status", "delivery_mode", "created", "expires_at",
                     "decision_method")
     list_filter = ("status", "delivery_mode", "scope", "agent")
@@ -12,27 +14,11 @@ class ApprovalRequestAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in ApprovalRequest._meta.fields if f.name != "client_notification_token"]
     exclude = ("client_notification_token",)
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(ActionToken)
-class ActionTokenAdmin(admin.ModelAdmin):
+class ActionTokenAdmin(ReadOnlyAdmin):
     list_display = ("jti", "approval", "issued_at", "expires_at", "redeemed_at", "redeemed_by")
     list_filter = ("redeemed_by",)
     readonly_fields = [f.name for f in ActionToken._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

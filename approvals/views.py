@@ -17,12 +17,12 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from audit.decorators import post_only
 from audit.services import audit_refusal
 from consent.errors import OAuthError
-from consent.http import NO_STORE, claimed_client_id, client_credentials, oauth_error
+from consent.http import NO_STORE, claimed_client_id, oauth_error
 from consent.models import ScopePolicy
 from consent.oauth.clients import authenticate_agent
-from consent.selectors import resource_server_authenticate
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
+from consent.views.rs_auth import resource_server_or_refusal
 
 from . import rar
 from .ciba import validate_backchannel_request
@@ -158,13 +158,9 @@ class RedemptionView(View):
     """Redeem an action token, exactly once, before the resource server acts on it."""
 
     def post(self, request, *args, **kwargs):
-        creds = client_credentials(request)
-        rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
-        if rs is None:
-            audit_refusal(event="redemption.refused", error="invalid_client", actor="",
-                          client_id=claimed_client_id(request), request=request,
-                          detail={"reason": "resource-server authentication failed"})
-            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
+        rs, refusal = resource_server_or_refusal(request, event="redemption.refused")
+        if refusal is not None:
+            return refusal
         try:
             claims = self._verify(request.POST.get("token", ""), rs, request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)

@@ -3,15 +3,8 @@ from django.contrib import admin
 from .models import AuditEvent
 
 
-@admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
-    """Read-only: the application never edits the trail, and neither does the admin."""
-
-    list_display = ("seq", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
-    list_filter = ("outcome", "event")
-    search_fields = ("event", "actor", "client_id", "grant_id", "error")
-    date_hierarchy = "occurred_at"
-    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For records only services write: the admin shows them, never edits them."""
 
     def has_add_permission(self, request):
         return False
@@ -21,3 +14,14 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    """Read-only: the application never edits the trail, and neither does the admin."""
+
+    list_display = ("seq", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
+    list_filter = ("outcome", "event")
+    search_fields = ("event", "actor", "client_id", "grant_id", "error")
+    date_hierarchy = "occurred_at"
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]

@@ -10,37 +10,17 @@ authenticating as it does for every token request. The answer (§11) is
 grant never mints a session token.
 """
 
-import json
-
-from oauthlib.oauth2.rfc6749 import errors
-from oauthlib.oauth2.rfc6749.grant_types.base import GrantTypeBase
-
 from ..errors import OAuthError
-from ..oauth.context import note_refusal
+from .base import ExtensionGrant
 
 GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
 
 
-class CibaGrant(GrantTypeBase):
-    def create_token_response(self, request, token_handler):
+class CibaGrant(ExtensionGrant):
+    def respond(self, request) -> dict:
         from approvals.services import approval_collect
 
-        headers = self._get_default_headers()
-        try:
-            if not self.request_validator.authenticate_client(request):
-                raise errors.InvalidClientError(request=request)
-            auth_req_id = getattr(request, "auth_req_id", None)
-            if not auth_req_id:
-                raise errors.InvalidRequestError(description="Missing auth_req_id parameter.", request=request)
-        except errors.OAuth2Error as exc:
-            headers.update(exc.headers)
-            return headers, exc.json, exc.status_code
-        try:
-            body = approval_collect(auth_req_id=auth_req_id, agent=request.client)
-        except OAuthError as exc:
-            note_refusal(exc.description)
-            payload = {"error": exc.error}
-            if exc.description:
-                payload["error_description"] = exc.description
-            return headers, json.dumps(payload), exc.status_code
-        return headers, json.dumps(body), 200
+        auth_req_id = request._params.get("auth_req_id")
+        if not auth_req_id:
+            raise OAuthError("Missing auth_req_id parameter.")
+        return approval_collect(auth_req_id=auth_req_id, agent=request.client)

@@ -19,7 +19,6 @@ stolen or expired, is worth nothing without the agent's own key.
 """
 
 import hashlib
-import json
 import time
 from datetime import timedelta
 from typing import Any
@@ -27,14 +26,12 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.models import set_token_value
-from oauthlib.oauth2.rfc6749 import errors
-from oauthlib.oauth2.rfc6749.grant_types.base import GrantTypeBase
 
 from audit.services import audit_record
 
 from ..conf import countersign_settings
+from ..errors import OAuthError
 from ..models import AccessToken, Agent, ScopePolicy, SessionGrant
-from ..oauth.context import note_refusal
 from ..oauth.private_key_jwt import AssertionInvalid, unverified_issuer, verify_assertion
 from ..tokens import (
     SESSION_TOKEN_TYP,
@@ -46,6 +43,7 @@ from ..tokens import (
     token_type,
     verify,
 )
+from .base import ExtensionGrant
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -53,10 +51,12 @@ TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 SUBJECT_TOKEN_TYPES = (TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT)
 
 
-class ExchangeError(Exception):
+class ExchangeError(OAuthError):
+    """RFC 8693 §2.2.2: the exchange is refused with ``error`` (invalid_grant, invalid_target, ...)."""
+
     def __init__(self, error: str, description: str, status: int = 400):
         super().__init__(description)
-        self.error, self.description, self.status = error, description, status
+        self.error, self.status_code = error, status
 
 
 def _param(request, name: str) -> str:
@@ -158,18 +158,6 @@ def exchange(request) -> dict[str, Any]:
             "expires_in": ttl, "scope": " ".join(scopes)}
 
 
-class TokenExchangeGrant(GrantTypeBase):
-    def create_token_response(self, request, token_handler):
-        headers = self._get_default_headers()
-        try:
-            if not self.request_validator.authenticate_client(request):
-                raise errors.InvalidClientError(request=request)
-        except errors.OAuth2Error as exc:
-            headers.update(exc.headers)
-            return headers, exc.json, exc.status_code
-        try:
-            body = exchange(request)
-        except ExchangeError as exc:
-            note_refusal(exc.description)
-            return headers, json.dumps({"error": exc.error, "error_description": exc.description}), exc.status
-        return headers, json.dumps(body), 200
+class TokenExchangeGrant(ExtensionGrant):
+    def respond(self, request) -> dict[str, Any]:
+        return exchange(request)

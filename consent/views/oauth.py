@@ -26,13 +26,14 @@ from audit.services import audit_record, audit_refusal
 
 from ..conf import countersign_settings
 from ..errors import ConfigurationError
-from ..http import NO_STORE, claimed_client_id, client_credentials, oauth_error, www_authenticate
+from ..http import NO_STORE, claimed_client_id, oauth_error, www_authenticate
 from ..models import Agent
 from ..oauth.context import take_refusal
 from ..oauth.dpop import DPoPError, bound_jkt, dpop_headers, error_body, verify_proof
-from ..selectors import resource_server_authenticate, scope_policies, session_token_introspect
+from ..selectors import scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
+from .rs_auth import resource_server_or_refusal
 
 
 def _audit_oauthlib_refusal(request, *, event: str, body: str, status: int) -> None:
@@ -90,26 +91,30 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         }
         return render(self.request, self.template_name, context)
 
-    def get(self, request, *args, **kwargs):
-        query = request.META.get("QUERY_STRING", "")
+    def _validated(self, query: str):
+        """(scopes, credentials, agent), or the refusal response: the same checks for GET and POST."""
         try:
             scopes, credentials = self._validate(query)
         except oauthlib_errors.FatalClientError as exc:
-            return self._refuse(self._wrap(exc), query=query)
+            return None, self._refuse(self._wrap(exc), query=query)
         except oauthlib_errors.OAuth2Error as exc:
-            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
-        agent = Agent.objects.get(client_id=credentials["client_id"])
+            return None, self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
+        return (scopes, credentials, Agent.objects.get(client_id=credentials["client_id"])), None
+
+    def get(self, request, *args, **kwargs):
+        query = request.META.get("QUERY_STRING", "")
+        valid, refusal = self._validated(query)
+        if refusal is not None:
+            return refusal
+        scopes, _, agent = valid
         return self._screen(query, scopes, agent)
 
     def post(self, request, *args, **kwargs):
         query = request.POST.get("authz_query", "")
-        try:
-            scopes, credentials = self._validate(query)
-        except oauthlib_errors.FatalClientError as exc:
-            return self._refuse(self._wrap(exc), query=query)
-        except oauthlib_errors.OAuth2Error as exc:
-            return self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
-        agent = Agent.objects.get(client_id=credentials["client_id"])
+        valid, refusal = self._validated(query)
+        if refusal is not None:
+            return refusal
+        scopes, credentials, agent = valid
         policies = scope_policies(scopes)
         user = request.user
         if request.POST.get("decision") != "allow":
@@ -245,13 +250,9 @@ class IntrospectView(View):
     """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
 
     def post(self, request, *args, **kwargs):
-        creds = client_credentials(request)
-        rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
-        if rs is None:
-            audit_refusal(event="introspection.refused", error="invalid_client", actor="",
-                          client_id=claimed_client_id(request), request=request,
-                          detail={"reason": "resource-server authentication failed"})
-            return oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
+        rs, refusal = resource_server_or_refusal(request, event="introspection.refused")
+        if refusal is not None:
+            return refusal
         token = request.POST.get("token", "")
         if not token:
             audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",

@@ -1,0 +1,20 @@
+"""Resource-server authentication for the endpoints downstream systems call."""
+
+from django.http import HttpResponse
+
+from audit.services import audit_refusal
+
+from ..http import claimed_client_id, client_credentials, oauth_error
+from ..models import ResourceServer
+from ..selectors import resource_server_authenticate
+
+
+def resource_server_or_refusal(request, *, event: str) -> tuple[ResourceServer | None, HttpResponse | None]:
+    """The authenticated resource server, or the audited 401 to send instead."""
+    creds = client_credentials(request)
+    rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
+    if rs is not None:
+        return rs, None
+    audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
+                  request=request, detail={"reason": "resource-server authentication failed"})
+    return None, oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
