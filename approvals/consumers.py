@@ -9,6 +9,8 @@ drops messages past a channel's capacity; the database does not).
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from config.metrics import websocket_connections
+
 from .delivery import pending_prompts, user_group
 
 
@@ -21,11 +23,13 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         self.group = user_group(user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        websocket_connections.inc()
         prompts = await database_sync_to_async(pending_prompts)(user_id=user.pk)
         await self.send_json({"type": "snapshot", "prompts": prompts})
 
     async def disconnect(self, code):
         if hasattr(self, "group"):
+            websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive_json(self, content, **kwargs):

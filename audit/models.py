@@ -21,7 +21,8 @@ class AuditEvent(models.Model):
     outcome = models.CharField(max_length=8, choices=Outcome.choices, editable=False)
     actor = models.CharField(max_length=200, blank=True, editable=False,
                              help_text="Who acted: user:<pk>, agent:<client_id>, rs:<client_id>, admin:<pk>.")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+    # DO_NOTHING: the trail keeps the id of a user who was later deleted (rows are never updated).
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
                              related_name="+", editable=False, db_constraint=False,
                              help_text="The user whose data or grant this is about.")
     client_id = models.CharField(max_length=100, blank=True, db_index=True, editable=False)

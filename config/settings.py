@@ -9,8 +9,10 @@ Project-specific knobs live in the ``COUNTERSIGN`` dict and are read through
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlparse
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("COUNTERSIGN_VAR_DIR", BASE_DIR / "var"))
@@ -28,15 +30,20 @@ def _development_secret_key() -> str:
     return key
 
 
-SECRET_KEY = os.environ.get("SECRET_KEY") or _development_secret_key()
 DEBUG = os.environ.get("DEBUG", "0") == "1"
-
 ISSUER = os.environ.get("COUNTERSIGN_ISSUER", "http://127.0.0.1:8000").rstrip("/")
-ALLOWED_HOSTS = [
-    h.strip()
-    for h in os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
-    if h.strip()
-]
+ISSUER_URL = urlparse(ISSUER)
+# An https issuer means a real deployment: nothing may fall back to development defaults.
+PRODUCTION = ISSUER_URL.scheme == "https"
+
+if PRODUCTION and not os.environ.get("SECRET_KEY"):
+    raise ImproperlyConfigured("SECRET_KEY must be set when COUNTERSIGN_ISSUER is https")
+SECRET_KEY = os.environ.get("SECRET_KEY") or _development_secret_key()
+
+# The issuer's host always; more (comma-separated) from ALLOWED_HOSTS. Also the websocket Origin allow-list.
+_extra_hosts = os.environ.get("ALLOWED_HOSTS", "" if PRODUCTION else "127.0.0.1,localhost,testserver")
+ALLOWED_HOSTS = list(dict.fromkeys([ISSUER_URL.hostname or "127.0.0.1",
+                                    *(h.strip() for h in _extra_hosts.split(",") if h.strip())]))
 CSRF_TRUSTED_ORIGINS = [ISSUER]
 
 INSTALLED_APPS = [
@@ -127,9 +134,21 @@ LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
-SESSION_COOKIE_SECURE = ISSUER.startswith("https://")
-CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_SECURE = PRODUCTION
+CSRF_COOKIE_SECURE = PRODUCTION
 X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if PRODUCTION:
+    SECURE_HSTS_SECONDS = int(os.environ.get("HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("HSTS_INCLUDE_SUBDOMAINS", "1") == "1"
+    SECURE_HSTS_PRELOAD = os.environ.get("HSTS_PRELOAD", "1") == "1"
+    SECURE_SSL_REDIRECT = os.environ.get("SECURE_SSL_REDIRECT", "1") == "1"
+    # Health checks come over plain HTTP from the load balancer.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    if os.environ.get("TRUST_X_FORWARDED_PROTO", "1") == "1":
+        # TLS ends at the proxy in front; it must overwrite this header on every request.
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -181,12 +200,19 @@ OAUTH2_PROVIDER = {
     "COMPLIANT_BCP_RFC9700_IMPLICIT_GRANT": True,
     "COMPLIANT_BCP_RFC9700_PASSWORD_GRANT": True,
     "COMPLIANT_BCP_RFC9700_TOKEN_STORAGE": True,
+    "COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT": True,
+    "COMPLIANT_BCP_RFC9700_AUTHZ_RESPONSE_ISS": True,
+    # Our validator revokes the whole session grant on reuse; DOT's flag keeps its own checks in line.
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
     "ROTATE_REFRESH_TOKEN": True,
     "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,
     "AUTHORIZATION_CODE_EXPIRE_SECONDS": 60,
-    "ALLOWED_REDIRECT_URI_SCHEMES": ["https", "http"],
+    # Plain http redirect URIs only for development (loopback agents); never in production.
+    "ALLOWED_REDIRECT_URI_SCHEMES": ["https"] if PRODUCTION else ["https", "http"],
     "REQUEST_APPROVAL_PROMPT": "force",
     "OIDC_ENABLED": False,
+    # RFC 9207 `iss` in authorization responses: exactly the issuer our metadata publishes.
+    "OIDC_ISS_ENDPOINT": ISSUER,
 }
 
 COUNTERSIGN = {

@@ -3,10 +3,14 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from audit.views import activity_view
+from config import health
 from consent.views import account, discovery, oauth, registry
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", health.metrics, name="metrics"),
     path(".well-known/oauth-authorization-server", discovery.metadata_view, name="oauth-metadata"),
     path(".well-known/openid-configuration", discovery.metadata_view, name="openid-configuration"),
     path(".well-known/jwks.json", discovery.jwks_view, name="jwks"),

@@ -40,6 +40,7 @@ def server_metadata() -> dict:
         "authorization_details_types_supported": _authorization_details_types(),
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
+        "authorization_response_iss_parameter_supported": True,
         "grant_types_supported": list(SUPPORTED_GRANT_TYPES),
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from consent.keys import reset_key_cache
@@ -98,6 +99,7 @@ class OAuthFlow:
         assert response.status_code == 302, response.content[:500]
         params = parse_qs(urlparse(response["Location"]).query)
         assert params["state"] == ["st-123"]
+        assert params["iss"] == [settings.COUNTERSIGN["ISSUER"]]  # RFC 9207 mix-up defence
         return params["code"][0]
 
     def token(self, data: dict, *, auth: tuple[str, str] | None = None):

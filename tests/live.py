@@ -117,4 +117,5 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 def live(live_stack, transactional_db, settings) -> LiveStack:
     """The live stack, with this process issuing tokens under the live server's issuer."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_stack.url}
+    settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_stack.url}
     return live_stack

@@ -1,7 +1,9 @@
 """The append-only, hash-chained audit log and ``manage.py audit_verify``.
 
-Tampering is done the way someone with database access would do it (queryset
-``.update()`` or raw SQL), since the model itself refuses to update or delete.
+Tampering is done the way someone with database superuser access would do it:
+on PostgreSQL a trigger refuses UPDATE and DELETE to the application, so the
+tamperer first switches triggers off for the session (``session_replication_role
+= replica``), then edits with queryset ``.update()`` or raw SQL.
 """
 
 from io import StringIO
@@ -31,8 +33,13 @@ def _verify_fails() -> str:
     return err.getvalue()
 
 
+def _tamperer_bypasses_the_trigger() -> None:
+    if connection.vendor == "postgresql":
+        _sql("SET session_replication_role = replica", [])
+
+
 @pytest.fixture
-def chain(db) -> list[AuditEvent]:
+def chain(db):
     """Ten events, a mix of successes and refusals."""
     rows = []
     for i in range(10):
@@ -42,7 +49,10 @@ def chain(db) -> list[AuditEvent]:
         else:
             rows.append(audit_record(event="token.issued", actor=f"agent:client-{i}", client_id=f"client-{i}",
                                      grant_id=f"grant-{i}", detail={"jti": f"jti-{i}", "scope": "catalog:read"}))
-    return rows
+    _tamperer_bypasses_the_trigger()
+    yield rows
+    if connection.vendor == "postgresql":
+        _sql("SET session_replication_role = origin", [])
 
 
 def _sql(statement: str, params: list) -> int:
@@ -204,3 +214,14 @@ def test_appending_after_a_verified_chain_keeps_it_intact(chain):
     audit_record(event="grant.revoked", actor="user:1", detail={"reason": "revoked_by_user"})
     out, _ = _verify()
     assert "11 events" in out
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the trigger exists on PostgreSQL only")
+@pytest.mark.parametrize("statement", [f"UPDATE {TABLE} SET outcome = 'ok'", f"DELETE FROM {TABLE}"])
+def test_the_application_role_cannot_edit_or_delete_audit_rows(db, statement):
+    from django.db import DatabaseError, transaction
+
+    audit_record(event="token.issued", actor="agent:x")
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        _sql(statement, [])
+    assert AuditEvent.objects.count() == 1

@@ -44,6 +44,7 @@ class BrowserScenario:
 def live_issuer(live_server, settings) -> str:
     """Make the app's issuer the live server's URL, so tokens and metadata name it."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_server.url}
+    settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_server.url}
     settings.CSRF_TRUSTED_ORIGINS = [live_server.url]
     return live_server.url
 

@@ -1,0 +1,73 @@
+"""Liveness, readiness and metrics for operators.
+
+``/healthz``: the process answers. ``/readyz``: the database, the Redis channel
+layer and the Celery broker are all reachable (503 with a JSON body naming what
+is down). ``/metrics``: Prometheus text format, for the monitoring system only
+(a bearer token from ``METRICS_TOKEN``, or loopback when none is set).
+"""
+
+import hmac
+import os
+import time
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import connection
+from django.http import HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .metrics import DatabaseCollector, websocket_connections
+
+
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def _database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _channel_layer() -> None:
+    async_to_sync(get_channel_layer().group_send)("countersign.readiness", {"type": "readiness.ping"})
+
+
+def _broker() -> None:
+    from config.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+CHECKS = {"database": _database, "channel_layer": _channel_layer, "broker": _broker}
+
+
+def readyz(request):
+    results, ok = {}, True
+    for name, check in CHECKS.items():
+        started = time.perf_counter()
+        try:
+            check()
+            results[name] = {"status": "ok", "ms": round((time.perf_counter() - started) * 1000, 1)}
+        except Exception as exc:  # any failure means not ready; say which and why
+            ok = False
+            results[name] = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:200]}
+    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": results}, status=200 if ok else 503,
+                        headers={"Cache-Control": "no-store"})
+
+
+def _metrics_allowed(request) -> bool:
+    token = os.environ.get("METRICS_TOKEN", "")
+    if token:
+        given = request.META.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given, token)
+    return request.META.get("REMOTE_ADDR") in ("127.0.0.1", "::1")
+
+
+def metrics(request):
+    if not _metrics_allowed(request):
+        return JsonResponse({"error": "forbidden"}, status=403)
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector())
+    registry.register(websocket_connections)
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,103 @@
+"""Health, readiness, metrics and the production configuration."""
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from channels.layers import channel_layers
+
+from config.celery import app as celery_app
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz_answers_without_touching_dependencies(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_reports_each_dependency(client):
+    body = client.get("/readyz").json()
+    assert body["status"] == "ok"
+    assert {name: check["status"] for name, check in body["checks"].items()} == {
+        "database": "ok", "channel_layer": "ok", "broker": "ok"}
+
+
+@pytest.fixture
+def doomed_redis(settings):
+    """A Redis of our own that the test can stop, with the app's channel layer and broker on it."""
+    if not shutil.which("redis-server"):
+        pytest.fail("redis-server is needed for this test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                           "CONFIG": {"hosts": [url]}}}
+    channel_layers.backends.clear()
+    old_broker = celery_app.conf.broker_url
+    celery_app.conf.broker_url = url
+    celery_app.pool.force_close_all()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        celery_app.conf.broker_url = old_broker
+        celery_app.pool.force_close_all()
+        channel_layers.backends.clear()
+
+
+def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
+    assert client.get("/readyz").status_code == 200
+    doomed_redis.terminate()
+    doomed_redis.wait()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"]["status"] == "ok"
+    assert checks["channel_layer"]["status"] == "down" and checks["broker"]["status"] == "down"
+
+
+def test_metrics_in_prometheus_format_for_loopback_or_token_only(client, flow, monkeypatch):
+    flow.full()
+    body = client.get("/metrics", REMOTE_ADDR="127.0.0.1").content.decode()
+    assert 'countersign_tokens_minted_total{kind="session"} 1.0' in body
+    assert "countersign_pending_approvals 0.0" in body and "countersign_websocket_connections" in body
+    assert client.get("/metrics", REMOTE_ADDR="203.0.113.9").status_code == 403
+    monkeypatch.setenv("METRICS_TOKEN", "s3cret-scrape-token")
+    assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 403
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-scrape-token").status_code == 200
+
+
+def _manage(*args, **env):
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": "sqlite:////tmp/countersign-deploy-check.sqlite3",
+                               **env}, timeout=120)
+
+
+def test_production_settings_pass_check_deploy():
+    result = _manage("check", "--deploy", "--fail-level", "WARNING",
+                     COUNTERSIGN_ISSUER="https://auth.example.com", SECRET_KEY=secrets.token_urlsafe(60))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_production_refuses_to_start_without_a_secret_key():
+    env = {"COUNTERSIGN_ISSUER": "https://auth.example.com", "SECRET_KEY": ""}
+    result = _manage("check", **env)
+    assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
