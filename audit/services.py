@@ -15,6 +15,8 @@ import rfc8785
 from django.db import transaction
 from django.utils import timezone
 
+from config.logging import bind
+
 from .models import AuditEvent, AuditHead
 
 GENESIS = "0" * 64
@@ -59,6 +61,7 @@ def audit_record(
     request=None,
 ) -> AuditEvent:
     """Append one event to the chain. Never pass a secret or a whole token in ``detail``."""
+    bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
     with transaction.atomic():
         head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
         occurred_at = timezone.now()

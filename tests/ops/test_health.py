@@ -101,3 +101,20 @@ def test_production_refuses_to_start_without_a_secret_key():
     env = {"COUNTERSIGN_ISSUER": "https://auth.example.com", "SECRET_KEY": ""}
     result = _manage("check", **env)
     assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
+
+
+def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(flow, caplog):
+    import json as _json
+    import logging
+
+    from config.logging import JsonFormatter
+
+    caplog.set_level(logging.WARNING, logger="django.request")
+    body = flow.full()
+    response = flow.client.post("/o/introspect/", "token=" + body["access_token"],
+                                content_type="application/x-www-form-urlencoded", HTTP_X_REQUEST_ID="req-12345678")
+    assert response.status_code == 401 and response["X-Request-ID"] == "req-12345678"
+    record = next(r for r in caplog.records if r.name == "django.request")
+    line = _json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "req-12345678" and line["level"] == "WARNING"
+    assert body["access_token"] not in JsonFormatter().format(record)
