@@ -31,6 +31,7 @@ import asyncio
 import base64
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -101,9 +102,42 @@ with transaction.atomic():
         codes.append([code, verifier])
     AuthorizationCode.objects.bulk_create(rows, batch_size=500)
 
+# An agent in refresh mode "exchange" with a registered key, for RFC 8693 re-mints (private_key_jwt).
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from consent.services import agent_update
+
+key = ec.generate_private_key(ec.SECP256R1())
+jwk = {**json.loads(ECAlgorithm.to_jwk(key.public_key())), "kid": "bench-1", "alg": "ES256"}
+x_agent, x_secret = agent_create(name="Bench Exchange Agent", publisher="bench", scopes=[SCOPE],
+                                 redirect_uris=[redirect_uri], refresh_mode="exchange", jwks={"keys": [jwk]},
+                                 actor="bench")
+x_codes, x_rows = [], []
+with transaction.atomic():
+    for _ in range(int(sys.argv[4])):
+        grant = grant_create(user=user, agent=x_agent, scopes=[SCOPE], lifetime=LIFETIME, auth=auth,
+                             consent_shown=shown)
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        code = secrets.token_urlsafe(24)
+        x_rows.append(AuthorizationCode(
+            application=x_agent, user=user, code=code, expires=now + timedelta(hours=1),
+            redirect_uri=redirect_uri, scope=SCOPE, code_challenge=challenge,
+            code_challenge_method="S256", session_grant=grant,
+        ))
+        x_codes.append([code, verifier])
+    AuthorizationCode.objects.bulk_create(x_rows, batch_size=500)
+
 with open(out_path, "w") as fh:
     json.dump({"client_id": agent.client_id, "client_secret": secret, "redirect_uri": redirect_uri,
-               "scope": SCOPE, "codes": codes}, fh)
+               "scope": SCOPE, "codes": codes,
+               "exchange": {"client_id": x_agent.client_id, "client_secret": x_secret, "kid": "bench-1",
+                            "private_pem": key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()).decode(),
+                            "codes": x_codes}}, fh)
 '''
 
 
@@ -279,6 +313,70 @@ async def run_refresh_chains(tc: TokenClient, starts: list[str], total: int, dea
             token = body.get("refresh_token")
             if not token:
                 result.note_error(f"refresh response without refresh_token: {json.dumps(body)[:500]}")
+                result.skipped += steps - done - 1
+                return
+
+    await asyncio.gather(*(chain(i, t) for i, t in enumerate(starts)))
+
+
+class ExchangeClient:
+    """An agent re-minting through RFC 8693 token exchange, authenticated with private_key_jwt (RFC 7523)."""
+
+    def __init__(self, base_url: str, data: dict, concurrency: int, request_timeout: float):
+        from cryptography.hazmat.primitives import serialization
+
+        self.client_id = data["client_id"]
+        self.kid = data["kid"]
+        self.key = serialization.load_pem_private_key(data["private_pem"].encode(), password=None)
+        self.audience = f"{base_url}/o/token/"
+        self.client = httpx.AsyncClient(
+            base_url=base_url, headers={"Accept": "application/json"},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            timeout=httpx.Timeout(request_timeout), trust_env=False)
+
+    def assertion(self) -> str:
+        import jwt
+
+        now = int(time.time())
+        return jwt.encode({"iss": self.client_id, "sub": self.client_id, "aud": self.audience, "iat": now,
+                           "exp": now + 60, "jti": secrets.token_urlsafe(16)}, self.key, algorithm="ES256",
+                          headers={"kid": self.kid})
+
+    async def remint(self, subject_token: str, result: PhaseResult) -> str | None:
+        data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": subject_token,
+                "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": self.assertion()}
+        start = time.perf_counter()
+        try:
+            response = await self.client.post("/o/token/", data=data)
+        except httpx.HTTPError as exc:
+            result.latencies.append(time.perf_counter() - start)
+            result.note_error(f"{type(exc).__name__}: {exc}")
+            return None
+        result.latencies.append(time.perf_counter() - start)
+        if response.status_code != 200:
+            result.note_error(f"HTTP {response.status_code}: {response.text}")
+            return None
+        return response.json().get("access_token")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def run_exchange_chains(xc: ExchangeClient, starts: list[str], total: int, deadline: float,
+                              result: PhaseResult) -> None:
+    """Each chain re-mints from the token the previous re-mint returned."""
+    chains = len(starts)
+
+    async def chain(i: int, token: str):
+        steps = total // chains + (1 if i < total % chains else 0)
+        for done in range(steps):
+            if time.monotonic() > deadline:
+                result.skipped += steps - done
+                return
+            token = await xc.remint(token, result)
+            if token is None:
                 result.skipped += steps - done - 1
                 return
 
@@ -502,13 +600,14 @@ class Bench:
             self.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
             codes_path = self.tmp / "codes.json"
             n_codes = args.warmup + args.requests
-            self.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI],
+            self.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI,
+                           str(args.chains)],
                           env, f"agent, user, {n_codes} grants and codes")
             data = json.loads(codes_path.read_text())
             self.start_server(port, env)
             pgid = os.getpgid(self.server.pid)
             log(f"  server ready on 127.0.0.1:{port}")
-            code_result, refresh_result = asyncio.run(self.phases(port, data, pgid))
+            code_result, refresh_result, exchange_result = asyncio.run(self.phases(port, data, pgid))
         finally:
             self.stop_server()
             server_log = self.server_log_tail()
@@ -517,23 +616,26 @@ class Bench:
             if self._watchdog is not None:
                 self._watchdog.cancel()
 
-        for r in (code_result, refresh_result):
+        results = (code_result, refresh_result, exchange_result)
+        for r in results:
             report(r, args.workers, cores)
-        if (code_result.errors or refresh_result.errors) and server_log.strip():
+        if any(r.errors for r in results) and server_log.strip():
             log("\nserver log (tail):\n" + server_log)
         per_core = args.workers <= cores
         summary = (f"token_endpoint code_exchange_rps={code_result.rps:.1f} refresh_rps={refresh_result.rps:.1f} "
+                   f"exchange_rps={exchange_result.rps:.1f} "
                    f"workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
-                   f"cores={cores} errors={code_result.errors + refresh_result.errors}")
+                   f"cores={cores} errors={sum(r.errors for r in results)}")
         if per_core:
             summary += (f" code_exchange_rps_per_core={code_result.rps / args.workers:.1f}"
-                        f" refresh_rps_per_core={refresh_result.rps / args.workers:.1f}")
+                        f" refresh_rps_per_core={refresh_result.rps / args.workers:.1f}"
+                        f" exchange_rps_per_core={exchange_result.rps / args.workers:.1f}")
         log("")
         log(summary)
-        failed = code_result.errors or refresh_result.errors or code_result.skipped or refresh_result.skipped
+        failed = any(r.errors or r.skipped for r in results)
         return 1 if failed else 0
 
-    async def phases(self, port: int, data: dict, pgid: int) -> tuple[PhaseResult, PhaseResult]:
+    async def phases(self, port: int, data: dict, pgid: int) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
         args = self.args
         tc = TokenClient(f"http://127.0.0.1:{port}", data["client_id"], data["client_secret"],
                          data["redirect_uri"], max(args.concurrency, args.chains), args.request_timeout)
@@ -557,7 +659,27 @@ class Bench:
             if starts:
                 await timed(refresh_result, pgid, run_refresh_chains(
                     tc, starts, args.refreshes, self.deadline, refresh_result))
-            return code_result, refresh_result
+
+            x = data["exchange"]
+            xtc = TokenClient(f"http://127.0.0.1:{port}", x["client_id"], x["client_secret"], data["redirect_uri"],
+                              args.chains, args.request_timeout)
+            first = PhaseResult("exchange agent: first session tokens")
+            x_starts: list[str] = []
+            for code, verifier in x["codes"]:
+                body = await xtc.exchange(code, verifier, first)
+                if body and "access_token" in body:
+                    x_starts.append(body["access_token"])
+            await xtc.aclose()
+            xc = ExchangeClient(f"http://127.0.0.1:{port}", x, args.chains, args.request_timeout)
+            exchange_result = PhaseResult(f"token-exchange re-mints (private_key_jwt): {args.refreshes} requests, "
+                                          f"{len(x_starts)} chains")
+            if first.errors:
+                exchange_result.note_error(f"could not start the exchange chains: {first.first_error}")
+            elif x_starts:
+                await timed(exchange_result, pgid, run_exchange_chains(
+                    xc, x_starts, args.refreshes, self.deadline, exchange_result))
+            await xc.aclose()
+            return code_result, refresh_result, exchange_result
         finally:
             await tc.aclose()
 
