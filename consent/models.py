@@ -207,6 +207,9 @@ class SessionGrant(models.Model):
     standard_scopes = models.JSONField(default=list, help_text="Usable on the session token.")
     step_up_scopes = models.JSONField(default=list, help_text="Each use needs the user's confirmation.")
     consent_shown = models.JSONField(default=dict, help_text="What the consent screen displayed.")
+    dpop_jkt = models.CharField(
+        "DPoP key thumbprint", max_length=64, blank=True,
+        help_text="Set when the first DPoP-bound token of this grant is issued; later tokens need a proof too.")
     permitted_delegates = models.JSONField(
         default=list, blank=True, help_text="Sub-agents (client ids) the user let this agent delegate to.")
     auth_time = models.DateTimeField()

@@ -84,13 +84,23 @@ def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], ex
     }
 
 
-def bind_to_proof_key(claims: dict[str, Any]) -> dict[str, Any]:
-    """RFC 9449 §6.1: ``cnf.jkt`` when the token request carried a valid DPoP proof."""
-    from .oauth.dpop import bound_jkt
+def bind_to_proof_key(claims: dict[str, Any], *, grant_id: Any = None) -> dict[str, Any]:
+    """RFC 9449 §6.1: ``cnf.jkt`` when the token request carried a valid DPoP proof.
+
+    A grant that once got a DPoP-bound token stays bound: a later token request
+    without a proof is refused (``DPoPRequired``), so a session cannot quietly
+    turn into a bearer one.
+    """
+    from .oauth.dpop import DPoPRequired, bound_jkt
 
     jkt = bound_jkt.get()
+    grant_id = grant_id or claims.get("grant_id")
     if jkt:
         claims["cnf"] = {"jkt": jkt}
+        if grant_id:
+            SessionGrant.objects.filter(pk=grant_id, dpop_jkt="").update(dpop_jkt=jkt)
+    elif grant_id and SessionGrant.objects.filter(pk=grant_id).exclude(dpop_jkt="").exists():
+        raise DPoPRequired("this session's tokens are DPoP-bound: present a DPoP proof")
     return claims
 
 

@@ -133,6 +133,9 @@ def exchange(request) -> dict[str, Any]:
     scopes = _narrowed_scopes(_param(request, "scope"), _param(request, "audience"), claims["scope"].split())
     chain: dict[str, Any] = claims["act"]
     holder = agent
+    if not _param(request, "actor_token") and agent.refresh_mode != Agent.RefreshMode.EXCHANGE:
+        raise ExchangeError("unauthorized_client",
+                            f"this agent's refresh mode ({agent.refresh_mode}) does not allow re-minting by exchange")
     if _param(request, "actor_token"):
         holder = _delegate(request, agent, grant)
         scopes = [s for s in scopes if s in (holder.allowed_scopes or [])]

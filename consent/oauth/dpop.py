@@ -20,6 +20,7 @@ from contextvars import ContextVar
 import jwt
 from django.conf import settings
 
+from ..errors import OAuthError
 from ..keys import jwk_thumbprint
 from ..models import Agent
 from .private_key_jwt import _redis
@@ -40,6 +41,12 @@ class DPoPError(Exception):
     def __init__(self, description: str, *, error: str = "invalid_dpop_proof"):
         super().__init__(description)
         self.error, self.description = error, description
+
+
+class DPoPRequired(OAuthError):
+    """RFC 9449 §5: a DPoP-bound session's next token needs a proof too."""
+
+    error = "invalid_dpop_proof"
 
 
 def _nonce_for(bucket: int) -> str:

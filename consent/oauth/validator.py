@@ -61,6 +61,14 @@ class CountersignValidator(OAuth2Validator):
         return authenticated
 
     @staticmethod
+    def _check_grant_binding(grant, request) -> None:
+        """A session that got a DPoP-bound token stays bound (RFC 9449 §5): no bearer tokens after."""
+        if grant.dpop_jkt and not bound_jkt.get():
+            note_refusal("DPoP-bound session without a proof")
+            raise errors.CustomOAuth2Error(error="invalid_dpop_proof", request=request,
+                                           description="this session's tokens are DPoP-bound: present a DPoP proof")
+
+    @staticmethod
     def _check_dpop_key(request) -> None:
         jkt = bound_jkt.get()
         if jkt is None:  # not a token request: DPoP proofs belong at the token endpoint only
@@ -161,6 +169,7 @@ class CountersignValidator(OAuth2Validator):
         if not grant.is_live():
             note_refusal("session grant is not active")
             return False
+        self._check_grant_binding(grant, request)
         request.scopes = row.scope.split()
         request.user = None  # tokens take the user from the session grant: no user query needed
         request.session_grant = grant
@@ -218,6 +227,7 @@ class CountersignValidator(OAuth2Validator):
         if not rt.session_grant.is_live():
             note_refusal("session grant is not active")
             return False
+        self._check_grant_binding(rt.session_grant, request)
         request.user = None
         request.refresh_token = refresh_token
         request.refresh_token_instance = rt

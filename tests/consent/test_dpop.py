@@ -136,3 +136,15 @@ def test_registry_shows_status_and_key_thumbprints_to_resource_servers(flow, sce
     jwk = next(k for k in client.get("/.well-known/jwks.json").json()["keys"] if k["kid"] == kid)
     body = jwt.decode(document.content.decode(), jwt.PyJWK(jwk).key, algorithms=["ES256"])
     assert [a["status"] for a in body["agents"] if a["client_id"] == scenario.agent.client_id] == ["suspended"]
+
+
+def test_a_dpop_bound_session_never_turns_into_a_bearer_one(flow, scenario, key):
+    scenario.agent.refresh_mode = "rotating"
+    scenario.agent.save()
+    code, verifier = _code(flow)
+    first = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
+                          "code_verifier": verifier}, proof(key)).json()
+    bearer = _token(flow, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
+    assert bearer.status_code == 400 and bearer.json()["error"] == "invalid_dpop_proof"
+    bound = _token(flow, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}, proof(key))
+    assert bound.status_code == 200 and bound.json()["token_type"] == "DPoP"

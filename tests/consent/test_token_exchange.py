@@ -183,3 +183,12 @@ def test_private_key_jwt_works_at_the_code_exchange_too(flow, scenario, key):
         "client_assertion": key.assertion(scenario.agent.client_id)}),
         content_type="application/x-www-form-urlencoded")
     assert response.status_code == 200, response.content
+
+
+@pytest.mark.parametrize("mode", ["rotating", "none"])
+def test_re_mint_by_exchange_is_only_for_exchange_mode_agents(flow, scenario, key, mode):
+    scenario.agent.refresh_mode = mode
+    scenario.agent.save()
+    old = flow.full()["access_token"]
+    response = _exchange(flow.client, key.assertion(scenario.agent.client_id), old)
+    assert response.status_code == 400 and response.json()["error"] == "unauthorized_client"

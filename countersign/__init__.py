@@ -1,0 +1,73 @@
+"""Countersign client package: the agent SDK and the resource-server verifier.
+
+Plain Python (httpx, PyJWT, rfc8785); only :mod:`countersign.django` imports Django.
+
+- :class:`TokenVerifier` — verify session tokens (RFC 9068) and one-shot action
+  tokens, check the acting agent (RFC 8693 ``act``) against the registry, DPoP
+  (RFC 9449), and redeem action tokens.
+- :class:`AgentClient` / :class:`AsyncAgentClient` — authorization code + PKCE
+  (RFC 6749, RFC 7636), token upkeep (refresh, RFC 8693 exchange with RFC 7523
+  ``private_key_jwt``), step-up approvals (OpenID CIBA Core 1.0, RFC 9396).
+"""
+
+from .agent import ActionToken, AgentClient, AsyncAgentClient, TokenSet
+from .dpop import DPoPKey, DPoPProof, ReplayCache, access_token_hash, jwk_thumbprint, verify_proof
+from .errors import (
+    ActionMismatch,
+    AgentError,
+    AgentNotAllowed,
+    AlreadyRedeemed,
+    ApprovalDenied,
+    ApprovalError,
+    ApprovalExpired,
+    ApprovalTimeout,
+    CountersignError,
+    ExpiredToken,
+    GrantRevoked,
+    InsufficientScope,
+    InvalidDPoPProof,
+    InvalidRequest,
+    InvalidToken,
+    MissingToken,
+    OAuthError,
+    ServiceUnavailable,
+    SessionEnded,
+)
+from .verifier import AgentRecord, TokenVerifier, VerifiedToken, action_hash, parse_authorization
+
+__all__ = [
+    "ActionMismatch",
+    "ActionToken",
+    "AgentClient",
+    "AgentError",
+    "AgentNotAllowed",
+    "AgentRecord",
+    "AlreadyRedeemed",
+    "ApprovalDenied",
+    "ApprovalError",
+    "ApprovalExpired",
+    "ApprovalTimeout",
+    "AsyncAgentClient",
+    "CountersignError",
+    "DPoPKey",
+    "DPoPProof",
+    "ExpiredToken",
+    "GrantRevoked",
+    "InsufficientScope",
+    "InvalidDPoPProof",
+    "InvalidRequest",
+    "InvalidToken",
+    "MissingToken",
+    "OAuthError",
+    "ReplayCache",
+    "ServiceUnavailable",
+    "SessionEnded",
+    "TokenSet",
+    "TokenVerifier",
+    "VerifiedToken",
+    "access_token_hash",
+    "action_hash",
+    "jwk_thumbprint",
+    "parse_authorization",
+    "verify_proof",
+]
