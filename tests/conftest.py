@@ -11,9 +11,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 from consent.keys import reset_key_cache
-from consent.tokens import forget_audiences
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
+from consent.tokens import forget_audiences
 from tests.live import live, live_stack  # noqa: F401  (fixtures: the real server and worker)
 
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
@@ -58,6 +58,15 @@ def scenario(db) -> Scenario:
     user = get_user_model().objects.create_user("officer", password=PASSWORD)
     return Scenario(agent, secret, catalog.client_id, catalog_secret, catalog.audience,
                     ledger.client_id, ledger_secret, user)
+
+
+@pytest.fixture
+def ledger_policy(scenario):
+    policy = ScopePolicy.objects.get(name="ledger:write")
+    policy.authorization_details_types = ["ledger_entry"]
+    policy.description = "Financial ledger"
+    policy.save()
+    return policy
 
 
 def pkce_pair() -> tuple[str, str]:

@@ -21,7 +21,7 @@ from audit.models import AuditEvent
 from config.celery import app as celery_app
 from consent.models import Agent, ScopePolicy
 from consent.services import resource_server_create, scope_set
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.conftest import PASSWORD, basic
 from tests.consent.test_token_exchange import AgentKey, _exchange
 

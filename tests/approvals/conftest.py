@@ -3,20 +3,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from consent.models import ScopePolicy
 from tests.conftest import basic
 
 LEDGER_ENTRY = {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
                 "vendor": "Acme Office Supply", "amount": "4250.00", "currency": "USD"}
-
-
-@pytest.fixture
-def ledger_policy(scenario):
-    policy = ScopePolicy.objects.get(name="ledger:write")
-    policy.authorization_details_types = ["ledger_entry"]
-    policy.description = "Financial ledger"
-    policy.save()
-    return policy
 
 
 class Agent:

@@ -91,7 +91,7 @@ def test_rows_link_to_each_other_in_order(chain):
     rows = list(AuditEvent.objects.order_by("seq"))
     assert [r.seq for r in rows] == list(range(1, 11))
     assert rows[0].prev_hash == "0" * 64
-    for before, after in zip(rows, rows[1:]):
+    for before, after in zip(rows, rows[1:], strict=False):
         assert after.prev_hash == before.hash
     head = AuditHead.objects.get(pk=1)
     assert (head.seq, head.hash) == (rows[-1].seq, rows[-1].hash)

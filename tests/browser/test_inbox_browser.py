@@ -16,7 +16,7 @@ from playwright.sync_api import expect
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
 from tests.conftest import PASSWORD
 

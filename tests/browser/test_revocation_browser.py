@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
 from tests.conftest import PASSWORD
 

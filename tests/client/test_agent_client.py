@@ -36,7 +36,7 @@ from countersign import (
     TokenVerifier,
 )
 from countersign.dpop import ReplayCache, verify_proof
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.client import consent_over_http, officer_decides
 from tests.conftest import REDIRECT_URI
 

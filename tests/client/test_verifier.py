@@ -31,7 +31,7 @@ from countersign import (
 )
 from countersign.dpop import DPoPKey, ReplayCache, normalize_htu, verify_proof
 from countersign.verifier import parse_authorization
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.client import (
     AGENT_ID,
     AUDIENCE,

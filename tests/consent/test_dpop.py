@@ -14,7 +14,7 @@ from consent.keys import jwk_thumbprint
 from consent.models import AccessToken
 from consent.oauth.dpop import ath_for, current_nonce
 from consent.services import agent_update
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.conftest import PASSWORD, REDIRECT_URI, basic, pkce_pair
 from tests.consent.test_token_exchange import AgentKey
 

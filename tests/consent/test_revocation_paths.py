@@ -29,7 +29,7 @@ from approvals.models import ActionToken, ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import Agent, SessionGrant
 from consent.services import agent_create
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.conftest import Agent as CibaAgent
 from tests.approvals.support import install_outbox
 from tests.conftest import REDIRECT_URI, basic

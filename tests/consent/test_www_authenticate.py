@@ -20,7 +20,7 @@ from jwt.algorithms import ECAlgorithm
 from consent.conf import countersign_settings
 from consent.models import Agent
 from consent.services import agent_update
-from tests.approvals.conftest import LEDGER_ENTRY, ledger_policy  # noqa: F401  (fixture)
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.conftest import REDIRECT_URI, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
