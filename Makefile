@@ -6,7 +6,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/countersign
 # A Redis database of its own, so tests never talk to a running dev server.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test install migrate bench lint clean
+.PHONY: run test install migrate bench lint clean demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	scripts/run.sh
+
+demo: install
+	scripts/demo.sh
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy countersign
 
 test: install
 	scripts/ensure_services.sh redis postgres

@@ -73,7 +73,9 @@ class CountersignMiddleware:
                                             htu=self._url(scope), scheme=scheme)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exempt = bool(self.exempt_paths) and str(scope.get("path", "")).startswith(self.exempt_paths)
+        path = str(scope.get("path", ""))
+        # Whole path segments: "/health" exempts "/health" and "/health/...", not "/healthz".
+        exempt = any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.exempt_paths)
         if scope["type"] not in ("http", "websocket") or exempt:
             await self.app(scope, receive, send)
             return

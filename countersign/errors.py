@@ -89,8 +89,12 @@ class CountersignError(Exception):
         return f"{self.scheme} " + ", ".join(parts)
 
     def as_dict(self) -> dict[str, str]:
-        """A JSON body for the refusal (RFC 6749 §5.2 member names)."""
-        body = {"error": self.error}
+        """A JSON body for the refusal (RFC 6749 §5.2 member names).
+
+        Like the challenge, it names no error when the request carried no credentials
+        at all (RFC 6750 §3.1).
+        """
+        body = {"error": self.error} if self.challenge_error else {}
         if self.description:
             body["error_description"] = self.description
         return body

@@ -51,16 +51,23 @@ def doomed_redis(settings):
                                            "CONFIG": {"hosts": [url]}}}
     channel_layers.backends.clear()
     old_broker = celery_app.conf.broker_url
-    celery_app.conf.broker_url = url
-    celery_app.pool.force_close_all()
+    _point_celery_at(url)
     try:
         yield proc
     finally:
         proc.kill()
         proc.wait()
-        celery_app.conf.broker_url = old_broker
-        celery_app.pool.force_close_all()
+        _point_celery_at(old_broker)
         channel_layers.backends.clear()
+
+
+def _point_celery_at(broker_url: str) -> None:
+    """Switch the app's broker, dropping (not closing for good) its connection pools."""
+    celery_app.conf.broker_url = broker_url
+    if celery_app._pool is not None:
+        celery_app._pool.force_close_all()
+        celery_app._pool = None
+    celery_app.amqp._producer_pool = None
 
 
 def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
