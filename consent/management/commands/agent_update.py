@@ -17,6 +17,8 @@ class Command(BaseCommand):
         parser.add_argument("--status", choices=Agent.Status.values)
         parser.add_argument("--scopes")
         parser.add_argument("--delegates", help="space-separated client ids of permitted sub-agents")
+        parser.add_argument("--require-dpop", choices=["yes", "no"],
+                            help="tokens only with a DPoP proof by a registered key (RFC 9449)")
         parser.add_argument("--notification-endpoint", help="CIBA ping-mode endpoint; empty string for poll mode")
 
     def handle(self, *args, **o):
@@ -34,6 +36,8 @@ class Command(BaseCommand):
             changes["status"] = o["status"]
         if o["scopes"] is not None:
             changes["allowed_scopes"] = o["scopes"].split()
+        if o["require_dpop"] is not None:
+            changes["require_dpop"] = o["require_dpop"] == "yes"
         if o["delegates"] is not None:
             changes["delegates"] = o["delegates"].split()
         if o["notification_endpoint"] is not None:
