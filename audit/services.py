@@ -62,7 +62,8 @@ def audit_record(
 ) -> AuditEvent:
     """Append one event to the chain. Never pass a secret or a whole token in ``detail``."""
     bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
-    with transaction.atomic():
+    # Inside a caller's transaction the event commits or rolls back with it: no savepoint needed.
+    with transaction.atomic(savepoint=False):
         head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
         occurred_at = timezone.now()
         row = AuditEvent(

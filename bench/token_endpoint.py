@@ -685,22 +685,24 @@ class Bench:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--requests", type=int, default=2000, help="code exchanges in phase 1")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=2000, help="code exchanges in phase 1 (default: 2000)")
     p.add_argument("--refreshes", type=int, default=None, help="refreshes in phase 2 (default: --requests)")
-    p.add_argument("--concurrency", type=int, default=8, help="concurrent code exchanges in phase 1")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="concurrent code exchanges in phase 1 (default: 8)")
     p.add_argument("--chains", type=int, default=None, help="concurrent refresh chains (default: --concurrency)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed code exchanges first (default: 25 per worker)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
     p.add_argument("--database-url", default=None,
                    help="PostgreSQL on loopback, e.g. postgres://postgres@127.0.0.1:5432/countersign_bench; "
                         "the database is created for the run and dropped after it (default: SQLite in a temp dir)")
     p.add_argument("--drop-existing", action="store_true",
                    help="with --database-url: drop the database first if it already exists")
-    p.add_argument("--timeout", type=float, default=900, help="global limit in seconds for the whole run")
-    p.add_argument("--request-timeout", type=float, default=30, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="global limit in seconds for the whole run (default: 900)")
+    p.add_argument("--request-timeout", type=float, default=30,
+                   help="per-request timeout in seconds (default: 30)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server log, SQLite file)")
     args = p.parse_args(argv)
     args.refreshes = args.requests if args.refreshes is None else args.refreshes

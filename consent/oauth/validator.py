@@ -16,6 +16,7 @@ What we change from DOT's ``OAuth2Validator``:
 import hashlib
 from datetime import timedelta
 
+from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
@@ -273,7 +274,9 @@ class CountersignValidator(OAuth2Validator):
         return refresh_token
 
     def save_bearer_token(self, token, request, *args, **kwargs):
-        super().save_bearer_token(token, request, *args, **kwargs)
+        # The token view already runs in one transaction: DOT's own atomic would only add a savepoint.
+        with transaction.atomic(savepoint=False):
+            self._save_bearer_token(token, request, *args, **kwargs)
         grant: SessionGrant = request.session_grant
         audit_record(
             event="token.refreshed" if request.grant_type == "refresh_token" else "token.issued",
