@@ -57,7 +57,9 @@ def _after_commit(task_name: str, approval_id: Any, **options: Any) -> None:
     from . import tasks
 
     task = getattr(tasks, task_name)
-    transaction.on_commit(lambda: task.apply_async((str(approval_id),), **options))
+    # robust: with the broker down, the committed request still answers; the row is the truth, and
+    # the redelivery sweep and the inbox's replay on (re)connect bring the news once Redis is back.
+    transaction.on_commit(lambda: task.apply_async((str(approval_id),), **options), robust=True)
 
 
 def _announce_end(approval: ApprovalRequest) -> None:
@@ -118,21 +120,22 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         approval.decided_at = now
         approval.decision_method = "auto_rule"
         approval.decision_auth = {"rule": rule}
-    try:
-        with transaction.atomic():
-            approval.save(force_insert=True)
-    except IntegrityError:  # a concurrent identical request won the partial unique index
-        return same.select_related("agent").get(), False
-    _audit(approval, "approval.requested", actor=req.agent.actor_id, request=request,
-           action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
-           expires_in=req.window_seconds)
-    if auto:
-        _audit(approval, "approval.auto_approved", actor="system", rule=rule)
-        if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
-            _after_commit("notify_agent", approval.pk)
-    else:
-        _after_commit("deliver_prompt", approval.pk)
-        _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
+    with transaction.atomic():  # the row and its audit events commit together, or not at all
+        try:
+            with transaction.atomic():
+                approval.save(force_insert=True)
+        except IntegrityError:  # a concurrent identical request won the partial unique index
+            return same.select_related("agent").get(), False
+        _audit(approval, "approval.requested", actor=req.agent.actor_id, request=request,
+               action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
+               expires_in=req.window_seconds)
+        if auto:
+            _audit(approval, "approval.auto_approved", actor="system", rule=rule)
+            if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
+                _after_commit("notify_agent", approval.pk)
+        else:
+            _after_commit("deliver_prompt", approval.pk)
+            _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
     return approval, True
 
 
@@ -288,6 +291,14 @@ def approval_cancel(*, approval_id: Any, reason: str) -> bool:
         _audit(approval, "approval.cancelled", actor="system", reason=reason)
         _announce_end(approval)
     return True
+
+
+def approvals_undelivered(*, older_than: int = 30) -> list[Any]:
+    """Pending prompts never pushed to the browser (a lost task, Redis down at the time)."""
+    now = timezone.now()
+    return list(ApprovalRequest.objects.filter(
+        status=Status.PENDING, expires_at__gt=now, delivered_at__isnull=True,
+        created__lte=now - timedelta(seconds=older_than)).values_list("pk", flat=True)[:1000])
 
 
 def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:

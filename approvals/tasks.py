@@ -13,7 +13,7 @@ from audit.services import audit_record
 
 from .delivery import prompt_payload, send_to_user
 from .models import ApprovalRequest
-from .services import approval_expire, approvals_expire_due, auth_req_id_for
+from .services import approval_expire, approvals_expire_due, approvals_undelivered, auth_req_id_for
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ def notify_agent(self, approval_id: str) -> None:
 def expire_approval(approval_id: str) -> None:
     """Scheduled for the moment a window (or an action token) ends."""
     approval_expire(approval_id=approval_id)
+
+
+@shared_task(name="approvals.redeliver_undelivered", ignore_result=True)
+def redeliver_undelivered() -> int:
+    """Safety net: queue delivery again for pending prompts that never reached the browser."""
+    ids = approvals_undelivered()
+    for approval_id in ids:
+        deliver_prompt.delay(str(approval_id))
+    return len(ids)
 
 
 @shared_task(name="approvals.expire_due", ignore_result=True)

@@ -61,9 +61,11 @@ class RequestContextMiddleware:
         # Not reset on the way out: Django logs the response (django.request) after the middleware
         # chain returns. Each request starts from a fresh dict, so nothing carries over.
         log_context.set({"request_id": request_id})
-        user = getattr(request, "user", None)
+        response = self.get_response(request)
+        # Only after the view: reading the user loads the session, and a database outage must
+        # surface inside the view (where it becomes a 503), not here.
+        user = getattr(request, "_cached_user", None)
         if user is not None and user.is_authenticated:
             bind(user_id=user.pk)
-        response = self.get_response(request)
         response["X-Request-ID"] = request_id
         return response

@@ -168,7 +168,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # channels_redis blocks 5 s in BZPOPMIN; redis-py 8's default 5 s socket timeout would cut
+        # that read and drop idle inbox websockets, so the socket waits longer than the pop.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
     }
 }
 
@@ -184,6 +186,7 @@ CELERY_TASK_DEFAULT_QUEUE = "countersign"
 CELERY_BEAT_SCHEDULE = {
     "grants-expire": {"task": "consent.tasks.grants_expire", "schedule": 30.0},
     "approvals-expire": {"task": "approvals.expire_due", "schedule": 10.0},
+    "approvals-redeliver": {"task": "approvals.redeliver_undelivered", "schedule": 30.0},
 }
 
 # django-oauth-toolkit: our agent registry and token models replace its defaults
