@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import redis
+from kombu import pools as kombu_pools
 
 from approvals.ciba import validate_backchannel_request
 from approvals.models import ActionToken, ApprovalRequest
@@ -95,10 +96,11 @@ def agent(scenario, session_token):
 def tasks_published_to(redis_url: str):
     """This process's Celery app publishes (on commit) to ``redis_url`` for the duration."""
     def reset_pools():
-        if celery_app._pool is not None:
-            celery_app._pool.force_close_all()
+        # kombu keeps pools in a global registry keyed by connection: closing one and switching
+        # back would hand out the closed pool again, so clear the registry too.
         celery_app._pool = None
         celery_app.amqp._producer_pool = None
+        kombu_pools.reset()
 
     old = celery_app.conf.broker_url
     celery_app.conf.broker_url = redis_url

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from channels.layers import channel_layers
+from kombu import pools as kombu_pools
 
 from config.celery import app as celery_app
 
@@ -64,10 +65,11 @@ def doomed_redis(settings):
 def _point_celery_at(broker_url: str) -> None:
     """Switch the app's broker, dropping (not closing for good) its connection pools."""
     celery_app.conf.broker_url = broker_url
-    if celery_app._pool is not None:
-        celery_app._pool.force_close_all()
-        celery_app._pool = None
+    # kombu keeps pools in a global registry keyed by connection: clear it, or switching back would
+    # hand out a closed pool.
+    celery_app._pool = None
     celery_app.amqp._producer_pool = None
+    kombu_pools.reset()
 
 
 def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
