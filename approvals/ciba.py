@@ -30,8 +30,6 @@ from .errors import (
     InvalidScope,
 )
 
-GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
-DELIVERY_MODES = ("poll", "ping")
 # Asking the user to keep a session grant alive longer goes through the same prompts.
 EXTEND_SCOPE = "grant:extend"
 EXTENSION_TYPE = "grant_extension"

@@ -1,26 +1,14 @@
 """CIBA, RAR and redemption errors (rendered by ``consent.http.oauth_error``)."""
 
-from consent.errors import AccessDenied, OAuthError
+from consent.errors import AccessDenied, InvalidRequest, InvalidScope, OAuthError
 
-__all__ = ["AccessDenied"]
+__all__ = ["AccessDenied", "InvalidRequest", "InvalidScope"]
 
 
 class BackchannelAccessDenied(AccessDenied):
     """CIBA Core §13: at the backchannel endpoint, ``access_denied`` is HTTP 403 Forbidden."""
 
     status_code = 403
-
-
-class InvalidRequest(OAuthError):
-    """RFC 6749 §5.2: missing or malformed parameter."""
-
-    error = "invalid_request"
-
-
-class InvalidScope(OAuthError):
-    """CIBA Core §13: the scope is not a step-up scope of this grant and agent."""
-
-    error = "invalid_scope"
 
 
 class ExpiredLoginHintToken(OAuthError):

@@ -84,51 +84,41 @@ active_signing_key()  # created now, not by the first timed request
 now = timezone.now()
 auth = AuthContext(auth_time=now, amr=["pwd"])
 shown = {"agent": {"name": agent.name}, "lifetime_seconds": LIFETIME}
-codes = []
-rows = []
-with transaction.atomic():
-    for _ in range(n_codes):
-        # One consent (session grant) per code, as in real use.
-        grant = grant_create(user=user, agent=agent, scopes=[SCOPE], lifetime=LIFETIME, auth=auth,
-                             consent_shown=shown)
-        verifier = secrets.token_urlsafe(48)
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        code = secrets.token_urlsafe(24)
-        rows.append(AuthorizationCode(
-            application=agent, user=user, code=code, expires=now + timedelta(hours=1),
-            redirect_uri=redirect_uri, scope=SCOPE, code_challenge=challenge,
-            code_challenge_method="S256", session_grant=grant,
-        ))
-        codes.append([code, verifier])
-    AuthorizationCode.objects.bulk_create(rows, batch_size=500)
+
+
+def make_codes(for_agent, n):
+    """One consent (session grant) and one PKCE authorization code per exchange, as in real use."""
+    pairs, rows = [], []
+    with transaction.atomic():
+        for _ in range(n):
+            grant = grant_create(user=user, agent=for_agent, scopes=[SCOPE], lifetime=LIFETIME, auth=auth,
+                                 consent_shown=shown)
+            verifier = secrets.token_urlsafe(48)
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            code = secrets.token_urlsafe(24)
+            rows.append(AuthorizationCode(
+                application=for_agent, user=user, code=code, expires=now + timedelta(hours=1),
+                redirect_uri=redirect_uri, scope=SCOPE, code_challenge=challenge,
+                code_challenge_method="S256", session_grant=grant,
+            ))
+            pairs.append([code, verifier])
+        AuthorizationCode.objects.bulk_create(rows, batch_size=500)
+    return pairs
+
+
+codes = make_codes(agent, n_codes)
 
 # An agent in refresh mode "exchange" with a registered key, for RFC 8693 re-mints (private_key_jwt).
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from consent.services import agent_update
-
 key = ec.generate_private_key(ec.SECP256R1())
 jwk = {**json.loads(ECAlgorithm.to_jwk(key.public_key())), "kid": "bench-1", "alg": "ES256"}
 x_agent, x_secret = agent_create(name="Bench Exchange Agent", publisher="bench", scopes=[SCOPE],
                                  redirect_uris=[redirect_uri], refresh_mode="exchange", jwks={"keys": [jwk]},
                                  actor="bench")
-x_codes, x_rows = [], []
-with transaction.atomic():
-    for _ in range(int(sys.argv[4])):
-        grant = grant_create(user=user, agent=x_agent, scopes=[SCOPE], lifetime=LIFETIME, auth=auth,
-                             consent_shown=shown)
-        verifier = secrets.token_urlsafe(48)
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        code = secrets.token_urlsafe(24)
-        x_rows.append(AuthorizationCode(
-            application=x_agent, user=user, code=code, expires=now + timedelta(hours=1),
-            redirect_uri=redirect_uri, scope=SCOPE, code_challenge=challenge,
-            code_challenge_method="S256", session_grant=grant,
-        ))
-        x_codes.append([code, verifier])
-    AuthorizationCode.objects.bulk_create(x_rows, batch_size=500)
+x_codes = make_codes(x_agent, int(sys.argv[4]))
 
 with open(out_path, "w") as fh:
     json.dump({"client_id": agent.client_id, "client_secret": secret, "redirect_uri": redirect_uri,

@@ -12,23 +12,16 @@ class OAuthError(Exception):
         self.description = description
 
 
+class InvalidRequest(OAuthError):
+    """RFC 6749 §5.2: a parameter is missing, malformed, or not allowed here."""
+
+    error = "invalid_request"
+
+
 class InvalidScope(OAuthError):
     """RFC 6749 §5.2: the requested scope is invalid, unknown, or exceeds what was granted."""
 
     error = "invalid_scope"
-
-
-class InvalidClient(OAuthError):
-    """RFC 6749 §5.2: client authentication failed."""
-
-    error = "invalid_client"
-    status_code = 401
-
-
-class GrantNotActive(OAuthError):
-    """RFC 6749 §5.2 ``invalid_grant``: the session grant is revoked or expired."""
-
-    error = "invalid_grant"
 
 
 class ConfigurationError(OAuthError):

@@ -10,7 +10,7 @@ authenticating as it does for every token request. The answer (§11) is
 grant never mints a session token.
 """
 
-from ..errors import OAuthError
+from ..errors import InvalidRequest
 from .base import ExtensionGrant
 
 GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
@@ -22,5 +22,5 @@ class CibaGrant(ExtensionGrant):
 
         auth_req_id = request._params.get("auth_req_id")
         if not auth_req_id:
-            raise OAuthError("Missing auth_req_id parameter.")
+            raise InvalidRequest("Missing auth_req_id parameter.")
         return approval_collect(auth_req_id=auth_req_id, agent=request.client)
