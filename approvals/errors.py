@@ -1,8 +1,8 @@
 """CIBA, RAR and redemption errors (rendered by ``consent.http.oauth_error``)."""
 
-from consent.errors import AccessDenied, InvalidRequest, InvalidScope, OAuthError
+from consent.errors import AccessDenied, InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, OAuthError
 
-__all__ = ["AccessDenied", "InvalidRequest", "InvalidScope"]
+__all__ = ["AccessDenied", "InvalidGrant", "InvalidRequest", "InvalidScope", "InvalidTarget"]
 
 
 class BackchannelAccessDenied(AccessDenied):
@@ -54,22 +54,12 @@ class ExpiredToken(OAuthError):
     error = "expired_token"
 
 
-class InvalidGrant(OAuthError):
-    """CIBA Core §11 / RFC 6749 §5.2: auth_req_id unknown, of another client, or already collected."""
-
-    error = "invalid_grant"
-
 
 class InvalidToken(OAuthError):
     """The action token is not valid for redemption (bad, expired, already redeemed, or revoked)."""
 
     error = "invalid_token"
 
-
-class InvalidTarget(OAuthError):
-    """RFC 8707 §2: the token is not for this resource server."""
-
-    error = "invalid_target"
 
 
 class ApprovalNotFound(Exception):

@@ -190,8 +190,11 @@ def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, requ
 # --- the agent collects its token (CIBA token request, §10.1) --------------------------------
 
 
-def approval_collect(*, auth_req_id: str, agent: Agent) -> dict[str, Any]:
-    """Answer one CIBA poll. Raises the CIBA §11 error for every non-success."""
+def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[str, Any]:
+    """Answer one CIBA poll. Raises the CIBA §11 error for every non-success.
+
+    ``jkt`` is the thumbprint of the poll's DPoP proof key, "" without one (RFC 9449 §6.1).
+    """
     now = timezone.now()
     approval = (
         ApprovalRequest.objects.select_related("agent", "grant")
@@ -220,10 +223,10 @@ def approval_collect(*, auth_req_id: str, agent: Agent) -> dict[str, Any]:
         raise AccessDenied(f"the request was cancelled ({approval.decision_method})")
     if approval.status != Status.APPROVED:
         raise InvalidGrant("the token for this auth_req_id was already issued")
-    return _issue(approval, now)
+    return _issue(approval, now, jkt)
 
 
-def _issue(approval: ApprovalRequest, now) -> dict[str, Any]:
+def _issue(approval: ApprovalRequest, now, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason="grant_ended")
         raise AccessDenied("the session grant or the agent is no longer active")
@@ -234,12 +237,13 @@ def _issue(approval: ApprovalRequest, now) -> dict[str, Any]:
     with transaction.atomic():
         if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.APPROVED).update(status=Status.ISSUED) != 1:
             raise InvalidGrant("the token for this auth_req_id was already issued")
-        claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl))
+        claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl), jkt=jkt,
+                                   grant_jkt=approval.grant.dpop_jkt)
         ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
                                    expires_at=now + timedelta(seconds=ttl))
         _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
         _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=ttl + 1))
-    response = {"access_token": mint(claims), "token_type": token_type(), "expires_in": ttl,
+    response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
                 "scope": approval.scope, "authorization_details": approval.authorization_details}
     if approval.scope == EXTEND_SCOPE:
         response["grant_expires_at"] = int(SessionGrant.objects.get(pk=approval.grant_id).expires_at.timestamp())

@@ -16,10 +16,11 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
 from audit.services import audit_refusal
+from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
 from consent.models import ScopePolicy
-from consent.oauth.clients import authenticate_agent
+from consent.oauth.client_auth import authenticate_request, presented_credentials
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
@@ -125,11 +126,15 @@ def confirm_view(request, approval_id):
 
 
 def _agent_or_refuse(request, event: str):
-    agent = authenticate_agent(request)
-    if agent is None:
+    """CIBA Core §7.1: the agent authenticates exactly as at the token endpoint."""
+    try:
+        credentials = presented_credentials(request.POST.dict(), request.META.get("HTTP_AUTHORIZATION", ""))
+        return authenticate_request(credentials,
+                                    endpoint_url=f"{countersign_settings.ISSUER}/o/bc-authorize/")
+    except OAuthError as exc:
         audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
-                      request=request, detail={"reason": "client authentication failed"})
-    return agent
+                      request=request, detail={"reason": exc.reason or "client authentication failed"})
+        return None
 
 
 @method_decorator(csrf_exempt, name="dispatch")

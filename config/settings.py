@@ -200,8 +200,6 @@ OAUTH2_PROVIDER_ID_TOKEN_MODEL = "consent.IDToken"
 OAUTH2_PROVIDER = {
     "OAUTH2_SERVER_CLASS": "consent.oauth.server.CountersignServer",
     "OAUTH2_VALIDATOR_CLASS": "consent.oauth.validator.CountersignValidator",
-    "ACCESS_TOKEN_GENERATOR": "consent.tokens.session_token_generator",
-    "REFRESH_TOKEN_GENERATOR": "oauthlib.oauth2.rfc6749.tokens.random_token_generator",
     "SCOPES_BACKEND_CLASS": "consent.oauth.scopes.PolicyScopes",
     "CLIENT_SECRET_HASHER": "cs_sha256",
     "PKCE_REQUIRED": True,

@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 
 from audit.views import activity_view
 from config import health
-from consent.views import account, discovery, oauth, registry
+from consent.views import account, discovery, oauth, registry, revocation, token
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -15,8 +15,8 @@ urlpatterns = [
     path(".well-known/openid-configuration", discovery.metadata_view, name="openid-configuration"),
     path(".well-known/jwks.json", discovery.jwks_view, name="jwks"),
     path("o/authorize/", oauth.AuthorizeView.as_view(), name="oauth-authorize"),
-    path("o/token/", oauth.TokenView.as_view(), name="oauth-token"),
-    path("o/revoke/", oauth.RevokeTokenView.as_view(), name="oauth-revoke"),
+    path("o/token/", token.token_view, name="oauth-token"),
+    path("o/revoke/", revocation.revocation_view, name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
     path("o/agents/<str:client_id>", registry.agent_view, name="agent-registry-entry"),
     path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),

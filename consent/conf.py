@@ -37,6 +37,14 @@ DEFAULTS: dict[str, Any] = {
     # RFC 8693 re-mint: how long after expiry a session token may still be exchanged
     # (by its own agent, authenticated with its key, while the grant lives).
     "EXCHANGE_GRACE_SECONDS": 3600,
+    # The token endpoint's grants (RFC 6749 §4.5 extension grants included): grant_type -> handler.
+    # Every other grant_type is refused with unsupported_grant_type.
+    "TOKEN_GRANTS": {
+        "authorization_code": "consent.grants.authorization_code.exchange_code",
+        "refresh_token": "consent.grants.refresh.refresh",
+        "urn:openid:params:grant-type:ciba": "approvals.grants.collect",
+        "urn:ietf:params:oauth:grant-type:token-exchange": "consent.grants.token_exchange.exchange",
+    },
     # How often the safety-net sweep expires approvals (each also has an on-time task).
     "APPROVAL_SWEEP_SECONDS": 10,
 }

@@ -29,6 +29,14 @@ def oauth_error(error: str, description: str = "", *, status: int = 400, scheme:
     return response
 
 
+def error_response(exc, *, headers: dict[str, str] | None = None) -> JsonResponse:
+    """An ``OAuthError`` as its JSON response (RFC 6749 §5.2)."""
+    response = oauth_error(exc.error, exc.description, status=exc.status_code)
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
 def client_credentials(request) -> tuple[str, str] | None:
     """Client id and secret from HTTP Basic (RFC 6749 §2.3.1) or the form body."""
     header = request.META.get("HTTP_AUTHORIZATION", "")

@@ -8,7 +8,6 @@ from .keys import SUPPORTED_ALGS
 from .models import ScopePolicy
 from .oauth.dpop import ALLOWED_ALGS as DPOP_ALGS
 from .oauth.private_key_jwt import ALLOWED_ALGS as ASSERTION_ALGS
-from .oauth.server import SUPPORTED_GRANT_TYPES
 
 
 def _authorization_details_types() -> list[str]:
@@ -41,7 +40,7 @@ def server_metadata() -> dict:
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "authorization_response_iss_parameter_supported": True,
-        "grant_types_supported": list(SUPPORTED_GRANT_TYPES),
+        "grant_types_supported": list(countersign_settings.TOKEN_GRANTS),
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),

@@ -84,46 +84,26 @@ def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], ex
     }
 
 
-def bind_to_proof_key(claims: dict[str, Any], *, grant_id: Any = None) -> dict[str, Any]:
+def bind_to_proof_key(claims: dict[str, Any], *, jkt: str, grant_jkt: str) -> dict[str, Any]:
     """RFC 9449 §6.1: ``cnf.jkt`` when the token request carried a valid DPoP proof.
 
-    A grant that once got a DPoP-bound token stays bound: a later token request
-    without a proof is refused (``DPoPRequired``), so a session cannot quietly
-    turn into a bearer one.
+    ``grant_jkt`` is the grant's binding so far. The grant's first DPoP-bound token
+    binds it; a grant that is bound refuses a token request without a proof
+    (§5), so a session cannot quietly turn into a bearer one.
     """
-    from .oauth.dpop import DPoPRequired, bound_jkt
+    from .oauth.dpop import check_grant_binding
 
-    jkt = bound_jkt.get()
-    grant_id = grant_id or claims.get("grant_id")
+    check_grant_binding(jkt, grant_jkt)
     if jkt:
         claims["cnf"] = {"jkt": jkt}
-        if grant_id:
-            SessionGrant.objects.filter(pk=grant_id, dpop_jkt="").update(dpop_jkt=jkt)
-    elif grant_id and SessionGrant.objects.filter(pk=grant_id).exclude(dpop_jkt="").exists():
-        raise DPoPRequired("this session's tokens are DPoP-bound: present a DPoP proof")
+        if not grant_jkt:
+            SessionGrant.objects.filter(pk=claims["grant_id"], dpop_jkt="").update(dpop_jkt=jkt)
     return claims
 
 
-def token_type() -> str:
-    """RFC 9449 §5: a DPoP-bound token is of type DPoP."""
-    from .oauth.dpop import bound_jkt
-
-    return "DPoP" if bound_jkt.get() else "Bearer"
-
-
-def session_token_generator(request) -> str:
-    """oauthlib token generator (``ACCESS_TOKEN_GENERATOR``): mints the session token.
-
-    The validator has put the session grant on the request (``validate_code`` /
-    ``validate_refresh_token``) and oauthlib has set ``request.expires_in``.
-    """
-    grant: SessionGrant = request.session_grant
-    scopes = [s for s in (request.scopes or []) if s in grant.standard_scopes]
-    claims = session_claims(grant=grant, client_id=request.client.client_id, scopes=scopes,
-                            expires_in=int(request.expires_in))
-    bind_to_proof_key(claims)
-    request.token_jti = claims["jti"]
-    return sign(claims, typ=SESSION_TOKEN_TYP)
+def token_type(jkt: str) -> str:
+    """RFC 9449 §5 / RFC 6750: a DPoP-bound token is of type DPoP, any other a Bearer token."""
+    return "DPoP" if jkt else "Bearer"
 
 
 def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: bool = True) -> dict[str, Any]:

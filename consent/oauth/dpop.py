@@ -13,14 +13,12 @@ agent's registered identity, not merely to some key.
 import base64
 import hashlib
 import hmac
-import json
 import time
-from contextvars import ContextVar
 
 import jwt
 from django.conf import settings
 
-from ..errors import OAuthError
+from ..errors import InvalidDPoPProof, UseDPoPNonce
 from ..keys import jwk_thumbprint
 from ..models import Agent
 from .private_key_jwt import _redis
@@ -29,25 +27,6 @@ ALLOWED_ALGS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
 MAX_PROOF_BYTES = 8192
 PROOF_MAX_AGE = 60
 NONCE_WINDOW = 300
-
-# The thumbprint of the key a token request proved, for the token generators to bind to:
-# None outside the token endpoint, "" for a token request without a proof.
-bound_jkt: ContextVar[str | None] = ContextVar("countersign_dpop_jkt", default=None)
-
-
-class DPoPError(Exception):
-    """§7.1 / §12.2: ``invalid_dpop_proof``, or ``use_dpop_nonce`` when a fresh nonce is needed."""
-
-    def __init__(self, description: str, *, error: str = "invalid_dpop_proof"):
-        super().__init__(description)
-        self.error, self.description = error, description
-
-
-class DPoPRequired(OAuthError):
-    """RFC 9449 §5: a DPoP-bound session's next token needs a proof too."""
-
-    error = "invalid_dpop_proof"
-
 
 def _nonce_for(bucket: int) -> str:
     mac = hmac.new(settings.SECRET_KEY.encode(), f"dpop-nonce:{bucket}".encode(), hashlib.sha256).digest()
@@ -73,42 +52,42 @@ def ath_for(access_token: str) -> str:
 def verify_proof(proof: str, *, htm: str, htu: str, access_token: str | None = None) -> str:
     """Check a DPoP proof (§4.3); return the RFC 7638 thumbprint of its key."""
     if not isinstance(proof, str) or not proof or len(proof) > MAX_PROOF_BYTES or "," in proof:
-        raise DPoPError("exactly one DPoP proof is required")
+        raise InvalidDPoPProof("exactly one DPoP proof is required")
     try:
         header = jwt.get_unverified_header(proof)
     except jwt.PyJWTError as exc:
-        raise DPoPError("malformed DPoP proof") from exc
+        raise InvalidDPoPProof("malformed DPoP proof") from exc
     if header.get("typ") != "dpop+jwt":
-        raise DPoPError("DPoP proof typ must be dpop+jwt")
+        raise InvalidDPoPProof("DPoP proof typ must be dpop+jwt")
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:
-        raise DPoPError("DPoP proof must use an asymmetric algorithm")
+        raise InvalidDPoPProof("DPoP proof must use an asymmetric algorithm")
     jwk = header.get("jwk")
     if not isinstance(jwk, dict) or "d" in jwk or "p" in jwk or "k" in jwk:
-        raise DPoPError("DPoP proof must carry a public jwk")
+        raise InvalidDPoPProof("DPoP proof must carry a public jwk")
     try:
         key = jwt.PyJWK(jwk, algorithm=alg).key
         claims = jwt.decode(proof, key, algorithms=[alg], options={
             "require": ["jti", "htm", "htu", "iat"], "verify_aud": False, "verify_exp": False, "verify_iat": False})
         jkt = jwk_thumbprint(jwk)
     except (jwt.PyJWTError, ValueError) as exc:
-        raise DPoPError(f"DPoP proof signature invalid: {exc}") from exc
+        raise InvalidDPoPProof(f"DPoP proof signature invalid: {exc}") from exc
     if claims["htm"] != htm:
-        raise DPoPError("DPoP proof htm does not match the request method")
+        raise InvalidDPoPProof("DPoP proof htm does not match the request method")
     if str(claims["htu"]).split("?", 1)[0].split("#", 1)[0] != htu:
-        raise DPoPError("DPoP proof htu does not match the request URL")
+        raise InvalidDPoPProof("DPoP proof htu does not match the request URL")
     iat = claims["iat"]
     if not isinstance(iat, int | float) or abs(time.time() - iat) > PROOF_MAX_AGE:
-        raise DPoPError("DPoP proof is stale or from the future")
+        raise InvalidDPoPProof("DPoP proof is stale or from the future")
     if access_token is not None and claims.get("ath") != ath_for(access_token):
-        raise DPoPError("DPoP proof ath does not match the access token")
+        raise InvalidDPoPProof("DPoP proof ath does not match the access token")
     if not _nonce_ok(claims.get("nonce")):
-        raise DPoPError("a fresh server nonce is required", error="use_dpop_nonce")
+        raise UseDPoPNonce("a fresh server nonce is required")
     jti = claims["jti"]
     if not isinstance(jti, str) or not 8 <= len(jti) <= 200:
-        raise DPoPError("DPoP proof jti must be a string of 8 to 200 characters")
+        raise InvalidDPoPProof("DPoP proof jti must be a string of 8 to 200 characters")
     if not _redis().set(f"countersign:dpop:{jkt}:{jti}", 1, nx=True, ex=2 * PROOF_MAX_AGE):
-        raise DPoPError("DPoP proof replayed")
+        raise InvalidDPoPProof("DPoP proof replayed")
     return jkt
 
 
@@ -126,5 +105,18 @@ def dpop_headers() -> dict[str, str]:
     return {"DPoP-Nonce": current_nonce()}
 
 
-def error_body(exc: DPoPError) -> str:
-    return json.dumps({"error": exc.error, "error_description": exc.description})
+def check_agent_key(jkt: str, agent: Agent) -> None:
+    """Countersign's rule on top of §5: a required proof, by one of the agent's registered keys."""
+    if not jkt and agent.require_dpop:
+        raise InvalidDPoPProof("this agent must present a DPoP proof (RFC 9449)",
+                               reason="DPoP required for this agent")
+    if jkt and jkt not in registered_thumbprints(agent):
+        raise InvalidDPoPProof("the DPoP key is not one registered for this agent",
+                               reason="DPoP key not registered for this agent")
+
+
+def check_grant_binding(jkt: str, grant_jkt: str) -> None:
+    """§5: a session that got a DPoP-bound token stays bound; no bearer tokens after."""
+    if grant_jkt and not jkt:
+        raise InvalidDPoPProof("this session's tokens are DPoP-bound: present a DPoP proof",
+                               reason="DPoP-bound session without a proof")

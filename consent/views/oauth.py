@@ -1,55 +1,34 @@
-"""Protocol endpoints: authorization (consent), token, introspection, revocation.
+"""Protocol endpoints: authorization (consent) and introspection.
 
-The heavy lifting is oauthlib's and DOT's (``consent.oauth``); these views parse
-input, call one service, render, and audit refusals.
+The authorization endpoint is oauthlib's and DOT's (``consent.oauth``); the token
+and revocation endpoints have paths of their own (``consent.views.token``,
+``consent.views.revocation``). These views parse input, call one service, render,
+and audit refusals.
 """
 
-import json
 from urllib.parse import parse_qs, urlencode
 
 from django.db import transaction
-from django.http import HttpResponse, JsonResponse
+from django.http import JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.decorators import method_decorator
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.debug import sensitive_post_parameters
 from django.views.generic.base import TemplateResponseMixin
 from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
-from oauth2_provider.views import RevokeTokenView as DOTRevokeTokenView
 from oauth2_provider.views.base import BaseAuthorizationView
-from oauth2_provider.views.mixins import OAuthLibMixin
 from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
 from audit.services import audit_record, audit_refusal
 
-from ..conf import countersign_settings
 from ..errors import ConfigurationError
-from ..http import NO_STORE, claimed_client_id, oauth_error, www_authenticate
+from ..http import NO_STORE, oauth_error
 from ..models import Agent
-from ..oauth.context import take_refusal
-from ..oauth.dpop import DPoPError, bound_jkt, dpop_headers, error_body, verify_proof
 from ..selectors import scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
 from .rs_auth import resource_server_or_refusal
-
-
-def _audit_oauthlib_refusal(request, *, event: str, body: str, status: int) -> None:
-    reason, already_audited = take_refusal()
-    if already_audited:
-        return
-    try:
-        payload = json.loads(body) if body else {}
-    except ValueError:
-        payload = {}
-    audit_refusal(
-        event=event, error=payload.get("error", f"http_{status}"), actor="",
-        client_id=claimed_client_id(request), request=request,
-        detail={"reason": reason or payload.get("error_description", ""),
-                "grant_type": request.POST.get("grant_type", "")},
-    )
 
 
 class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
@@ -180,69 +159,6 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
                                if p.is_step_up],
         "lifetime_seconds": lifetime,
     }
-
-
-def _dpop_key(request) -> str | None:
-    """RFC 9449 §4.3: the thumbprint of a valid DPoP proof, if the request carries one.
-
-    Whether the agent requires one, and registered that key, is checked once the
-    client is authenticated (``CountersignValidator.authenticate_client``).
-    """
-    proof = request.META.get("HTTP_DPOP")
-    if proof is None:
-        return None
-    return verify_proof(proof, htm="POST", htu=f"{countersign_settings.ISSUER}/o/token/")
-
-
-@method_decorator(csrf_exempt, name="dispatch")
-class TokenView(OAuthLibMixin, View):
-    """RFC 6749 §3.2 token endpoint: code exchange (§4.1.3) and refresh (§6)."""
-
-    @method_decorator(sensitive_post_parameters("client_secret", "code", "code_verifier", "refresh_token",
-                                                "client_assertion", "subject_token", "actor_token"))
-    def post(self, request, *args, **kwargs):
-        take_refusal()
-        try:
-            jkt = _dpop_key(request)
-        except DPoPError as exc:
-            audit_refusal(event="token.refused", error=exc.error, actor="", client_id=claimed_client_id(request),
-                          request=request, detail={"reason": exc.description})
-            response = HttpResponse(error_body(exc), status=400, content_type="application/json",
-                                    headers={**NO_STORE, **dpop_headers()})
-            return response
-        bound = bound_jkt.set(jkt or "")
-        try:
-            # One transaction: the code row lock and the token rows commit together.
-            with transaction.atomic():
-                url, headers, body, status = self.create_token_response(request)
-        finally:
-            bound_jkt.reset(bound)
-        # A pending CIBA poll is the normal state of an unanswered prompt, not a refusal.
-        if status != 200 and '"authorization_pending"' not in body:
-            _audit_oauthlib_refusal(request, event="token.refused", body=body, status=status)
-        response = HttpResponse(content=body, status=status, content_type="application/json")
-        for key, value in {**headers, **dpop_headers()}.items():
-            response[key] = value
-        if status == 401:
-            payload = json.loads(body or "{}")
-            response["WWW-Authenticate"] = www_authenticate(payload.get("error", "invalid_client"),
-                                                            payload.get("error_description", ""))
-        return response
-
-
-@method_decorator(csrf_exempt, name="dispatch")
-class RevokeTokenView(DOTRevokeTokenView):
-    """RFC 7009 revocation endpoint (agent authentication). Revokes the whole session grant."""
-
-    def post(self, request, *args, **kwargs):
-        take_refusal()
-        response = super().post(request, *args, **kwargs)
-        if response.status_code != 200:
-            _audit_oauthlib_refusal(request, event="revocation.refused",
-                                    body=response.content.decode(), status=response.status_code)
-        if response.status_code == 401:
-            response["WWW-Authenticate"] = www_authenticate("invalid_client", "Client authentication failed.")
-        return response
 
 
 @method_decorator(csrf_exempt, name="dispatch")

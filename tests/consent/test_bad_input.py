@@ -14,6 +14,7 @@ from django.db.models import Max
 from django.test import Client
 
 from audit.models import AuditEvent
+from consent.grants import authorization_code, refresh
 from consent.models import AccessToken, Agent, AuthorizationCode, RefreshToken, SessionGrant
 from consent.services import agent_create, agent_update, scope_set
 from tests.conftest import PASSWORD, REDIRECT_URI, basic, pkce_pair
@@ -770,26 +771,27 @@ def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(fl
 # --- faults: two requests racing with the same single-use credential ------------------------------
 
 
-def _race(monkeypatch, method_name: str, requests: list):
-    """Run ``requests`` (callables taking a Client) in threads, all held at ``method_name`` of the
-    validator until every one of them has got that far, so they really overlap."""
+def _race(monkeypatch, grant_module, requests: list):
+    """Run ``requests`` (callables taking a Client) in threads, all held just before the grant's
+    locking read of its credential row until every one of them has got that far, so they really
+    overlap."""
     import threading
 
     from django.db import connection
 
-    from consent.oauth.validator import CountersignValidator
-
     barrier = threading.Barrier(len(requests), timeout=20)
-    original = getattr(CountersignValidator, method_name)
+    original = grant_module._read
+    reached: list[int] = []
 
-    def held(self, *args, **kwargs):
+    def held(*args, **kwargs):
+        reached.append(1)
         try:
             barrier.wait()
         except threading.BrokenBarrierError:
             pass
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(CountersignValidator, method_name, held)
+    monkeypatch.setattr(grant_module, "_read", held)
     results: list = [None] * len(requests)
 
     def run(i, fn):
@@ -803,7 +805,8 @@ def _race(monkeypatch, method_name: str, requests: list):
         t.start()
     for t in threads:
         t.join(60)
-    monkeypatch.setattr(CountersignValidator, method_name, original)
+    monkeypatch.setattr(grant_module, "_read", original)
+    assert len(reached) == len(requests)  # every request really got to the locking read
     return results
 
 
@@ -817,7 +820,7 @@ def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(flow, scenario
     code, verifier = _code(flow)
     data = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
             "code_verifier": verifier}
-    results = _race(monkeypatch, "validate_code",
+    results = _race(monkeypatch, authorization_code,
                     [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)])
     statuses = sorted(r.status_code for r in results)
     assert statuses == [200, 400], [r.content for r in results]
@@ -830,7 +833,7 @@ def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token
     data = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
     # Both requests are held until each has entered refresh-token validation, so they overlap;
     # the row lock there then serialises them.
-    results = _race(monkeypatch, "validate_refresh_token",
+    results = _race(monkeypatch, refresh,
                     [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)])
     ok = [r for r in results if r.status_code == 200]
     # never a "success" carrying empty tokens

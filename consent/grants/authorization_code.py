@@ -1,0 +1,109 @@
+"""Authorization code exchange (RFC 6749 §4.1.3) with PKCE S256 (RFC 7636 §4.6).
+
+https://www.rfc-editor.org/rfc/rfc6749#section-4.1.3
+
+What §4.1.3 asks of the server, in this order: authenticate the client (§3.2.1);
+the code was issued to this client, is valid and unused; ``redirect_uri`` is the
+one of the authorization request. PKCE (RFC 7636 §4.6): the verifier hashes to the
+stored challenge (S256 only, RFC 9700 §2.1.1). Countersign adds: the code's session
+grant is live, and a code presented twice revokes that grant and everything issued
+from it (§4.1.2: "SHOULD revoke ... all tokens previously issued based on that code").
+
+One statement reads the code, its session grant and its agent (locking the code
+row), so client authentication needs no query of its own; then one conditional
+UPDATE consumes the code, and the session token (and refresh token) is saved.
+"""
+
+import base64
+import hashlib
+import hmac
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from .. import rows
+from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
+from ..models import Agent, AuthorizationCode, SessionGrant
+from ..oauth.client_auth import authenticate
+from ..services import grant_revoke
+from .issue import AGENT_COLUMNS, GRANT_COLUMNS, TokenRequest, issue_session_token
+
+GRANT_TYPE = "authorization_code"
+
+_CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "scope", "code_challenge",
+                                              "code_challenge_method", "consumed_at", "session_grant"])
+_GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
+_AGENT = rows.Columns(Agent, "a", AGENT_COLUMNS)
+
+
+def _read(code: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+    sql = (f"SELECT {_CODE.sql}, {_GRANT.sql}, {_AGENT.sql} FROM {rows.table(AuthorizationCode)} c"
+           f" JOIN {rows.table(SessionGrant)} g ON g.id = c.session_grant_id"
+           f" JOIN {rows.table(Agent)} a ON a.id = c.application_id"
+           f" WHERE c.code = %s{rows.for_update('c')}")
+    row = rows.fetchone(sql, [code])
+    if row is None:
+        return None
+    code_row, grant, agent = rows.split(row, _CODE, _GRANT, _AGENT)
+    return code_row, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
+
+
+def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
+    """RFC 7636 §4.6: BASE64URL(SHA256(ASCII(code_verifier))) == code_challenge."""
+    if method != "S256":
+        return False
+    digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii", "replace")).digest())
+    return hmac.compare_digest(digest.rstrip(b"=").decode(), challenge)
+
+
+def _default_redirect_uri(agent: Agent) -> str:
+    uris = (agent.redirect_uris or "").split()
+    if len(uris) != 1:
+        raise InvalidRequest("Missing redirect URI.")
+    return uris[0]
+
+
+def exchange_code(req: TokenRequest) -> dict[str, Any]:
+    code = req.params.get("code")
+    if not code:
+        raise InvalidRequest("Missing code parameter.")
+    now = timezone.now()
+    reused_grant = None
+    with transaction.atomic():
+        found = _read(code)
+        if found is None or found[2].client_id != req.credentials.client_id:
+            # Unknown here, or another agent's code: which error depends on who is asking.
+            req.authenticate()
+            raise InvalidGrant(reason="unknown authorization code")
+        code_row, grant, agent = found
+        req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
+        req.check_agent_key()
+        if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:
+            raise UnauthorizedClient(reason="agent not registered for the authorization code grant")
+        if code_row["consumed_at"] is not None:
+            reused_grant = grant.pk
+        else:
+            if code_row["expires"] <= now:
+                raise InvalidGrant(reason="authorization code expired")
+            if not grant.is_live(now):
+                raise InvalidGrant(reason="session grant is not active")
+            req.check_grant_binding(grant)
+            verifier = req.params.get("code_verifier")
+            if not verifier:
+                raise InvalidRequest("Code verifier required.")
+            if not _pkce_ok(verifier, code_row["code_challenge"], code_row["code_challenge_method"]):
+                raise InvalidGrant(reason="PKCE verifier does not match the challenge")
+            redirect_uri = req.params.get("redirect_uri") or _default_redirect_uri(agent)
+            if redirect_uri != code_row["redirect_uri"]:
+                raise InvalidGrant("redirect_uri does not match the authorization request.")
+            consumed = rows.execute(
+                f"UPDATE {rows.table(AuthorizationCode)} SET consumed_at = %s WHERE id = %s AND consumed_at IS NULL",
+                [rows.param(AuthorizationCode, "consumed_at", now), code_row["id"]])
+            if consumed != 1:  # only without row locks (SQLite serialises writers, so never in practice)
+                raise InvalidGrant(reason="authorization code reused")
+            scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
+            return issue_session_token(req, grant=grant, scopes=scopes, now=now)
+    # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
+    grant_revoke(grant_id=reused_grant, reason="authorization_code_reused", actor=req.agent.actor_id)
+    raise InvalidGrant(reason="authorization code reused")

@@ -1,0 +1,119 @@
+"""What every grant at the token endpoint shares: the request it reads, and issuing a session token.
+
+``TokenRequest`` carries one token request's state (its parameters, the credentials it
+presented, the agent once authenticated, the DPoP key it proved) from the endpoint to
+the grant, so nothing travels beside the call.
+
+``issue_session_token`` is RFC 6749 §5.1's successful response for the code exchange
+and refresh grants: a session access token (RFC 9068 JWT, ``act`` = the agent, RFC 8693
+§4.1), and a rotating refresh token when the agent's refresh mode allows one (§6,
+RFC 9700 §4.14.2). Both rows are stored by checksum only (RFC 9700 §4.14: no reusable
+token at rest), in one INSERT each.
+"""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.http import HttpRequest
+
+from audit.services import audit_record
+
+from .. import rows
+from ..errors import InvalidClient
+from ..models import AccessToken, Agent, RefreshToken, SessionGrant
+from ..oauth.client_auth import Credentials, authenticate_request
+from ..oauth.dpop import check_agent_key, check_grant_binding
+from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_type
+
+# What the grants read of an agent and a session grant, beside their own rows.
+AGENT_COLUMNS = ["id", "client_id", "client_secret", "hash_client_secret", "client_type",
+                 "authorization_grant_type", "status", "refresh_mode", "access_token_ttl", "require_dpop",
+                 "jwks", "redirect_uris"]
+GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
+
+
+def token_checksum(token: str) -> str:
+    """How token rows are found: SHA-256 of the token (DOT's ``token_checksum``)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class TokenRequest:
+    """One token request (RFC 6749 §3.2), as the grants see it.
+
+    ``presented`` is what client authentication the request carried, or why it carried
+    none usable; a grant reads ``credentials`` when it authenticates the client, so a
+    missing grant parameter is reported before a missing client (oauthlib's order).
+    """
+
+    params: dict[str, str]
+    presented: Credentials | InvalidClient
+    uri: str  # this endpoint's URL: the audience a private_key_jwt assertion may name
+    dpop_jkt: str = ""  # RFC 7638 thumbprint of a valid DPoP proof's key, "" without one
+    http: HttpRequest | None = None
+    agent: Agent | None = None  # set once the client is authenticated
+
+    @property
+    def credentials(self) -> Credentials:
+        if isinstance(self.presented, InvalidClient):
+            raise self.presented
+        return self.presented
+
+    def authenticate(self) -> Agent:
+        """Authenticate the client against the registry (for grants that read no agent row first)."""
+        self.agent = authenticate_request(self.credentials, endpoint_url=self.uri)
+        self.check_agent_key()
+        return self.agent
+
+    def check_agent_key(self) -> None:
+        check_agent_key(self.dpop_jkt, self.agent)
+
+    def check_grant_binding(self, grant: SessionGrant) -> None:
+        check_grant_binding(self.dpop_jkt, grant.dpop_jkt)
+
+
+def session_token_lifetime(agent: Agent, grant: SessionGrant, now: datetime) -> int:
+    """The agent's access-token TTL, never past the end of the session grant."""
+    remaining = int((grant.expires_at - now).total_seconds())
+    return max(1, min(agent.access_token_ttl, remaining))
+
+
+def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[str], now: datetime,
+                        rotated_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mint, store and audit a session token (and refresh token); the §5.1 response body.
+
+    ``rotated_from`` is the refresh-token row this one replaces (its ``id`` and
+    ``token_family``), already revoked by the caller.
+    """
+    agent = req.agent
+    ttl = session_token_lifetime(agent, grant, now)
+    claims = session_claims(grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl)
+    bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
+    access_token = sign(claims, typ=SESSION_TOKEN_TYP)
+    scope = " ".join(scopes)
+    at_id = rows.insert(AccessToken, {
+        "token": "", "token_checksum": token_checksum(access_token), "expires": now + timedelta(seconds=ttl),
+        "scope": scope, "resource": [], "created": now, "updated": now, "jti": claims["jti"],
+        "user": grant.user_id, "application": agent.pk, "session_grant": grant.pk,
+        "source_refresh_token": rotated_from["id"] if rotated_from else None,
+    })
+    body: dict[str, Any] = {"access_token": access_token, "expires_in": ttl, "token_type": token_type(req.dpop_jkt),
+                            "scope": scope}
+    if agent.refresh_mode == Agent.RefreshMode.ROTATING:
+        refresh_token = secrets.token_urlsafe(32)
+        rows.insert(RefreshToken, {
+            "token": "", "token_checksum": token_checksum(refresh_token),
+            "token_family": rotated_from["token_family"] if rotated_from else None, "resource": [],
+            "created": now, "updated": now, "revoked": None, "access_token": at_id, "application": agent.pk,
+            "user": grant.user_id, "session_grant": grant.pk,
+        })
+        body["refresh_token"] = refresh_token
+    audit_record(
+        event="token.refreshed" if rotated_from else "token.issued", actor=agent.actor_id,
+        user_id=grant.user_id, client_id=agent.client_id, grant_id=grant.pk,
+        detail={"jti": claims["jti"], "scope": scope, "expires_in": ttl, "refresh_token": "refresh_token" in body},
+    )
+    return body

@@ -1,0 +1,115 @@
+"""Client (agent) authentication at the token and backchannel endpoints.
+
+- ``client_secret_basic`` / ``client_secret_post`` (RFC 6749 §2.3.1): HTTP Basic is
+  preferred; credentials in the form body are accepted too.
+- ``private_key_jwt`` (RFC 7523 §2.2, OpenID Connect Core §9): a JWT the agent signs
+  with one of its registered keys (``consent.oauth.private_key_jwt``).
+
+Parsing (``presented_credentials``) is separate from checking (``authenticate``), so a
+grant that reads the agent's row together with its own (the code exchange reads the
+code, its grant and its agent in one statement) can check the credentials against
+that row without another query. Every failure is ``InvalidClient``: the client
+learns nothing more (RFC 6749 §5.2); the reason goes to the audit row only.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from django.contrib.auth.hashers import check_password
+
+from ..errors import InvalidClient
+from ..models import Agent
+from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
+
+SECRET = "client_secret"
+PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the request presented: ``method`` is ``client_secret`` or ``private_key_jwt``."""
+
+    method: str
+    client_id: str
+    secret: str = ""
+    assertion: str = ""
+
+
+def _basic(header: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        return None
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+def presented_credentials(params: dict[str, str], authorization: str) -> Credentials:
+    """The credentials a token request carries; ``InvalidClient`` when there are none usable."""
+    if "client_assertion" in params or "client_assertion_type" in params:
+        if params.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            raise InvalidClient(reason=f"client_assertion_type must be {CLIENT_ASSERTION_TYPE}")
+        assertion = params.get("client_assertion", "")
+        try:
+            issuer = unverified_issuer(assertion)
+        except AssertionInvalid as exc:
+            raise InvalidClient(reason=str(exc)) from exc
+        claimed = params.get("client_id")
+        if claimed and claimed != issuer:
+            raise InvalidClient(reason="client_id does not match the assertion's issuer")
+        return Credentials(PRIVATE_KEY_JWT, issuer, assertion=assertion)
+    if authorization.startswith("Basic "):
+        pair = _basic(authorization)
+        if pair is not None:
+            return Credentials(SECRET, *pair)
+    client_id, secret = params.get("client_id"), params.get("client_secret")
+    if client_id and secret:
+        return Credentials(SECRET, client_id, secret)
+    raise InvalidClient(reason="no client authentication")
+
+
+def secret_matches(secret: str, encoded: str) -> bool:
+    """Check a presented secret against its stored hash (``consent.hashers``: salted SHA-256)."""
+    algorithm, _, rest = encoded.partition("$")
+    if algorithm == "cs_sha256":
+        salt, _, digest = rest.partition("$")
+        mine = hashlib.sha256(f"{salt}${secret}".encode()).hexdigest()
+        return hmac.compare_digest(mine, digest)
+    return check_password(secret, encoded)  # any other hasher Django knows (older rows)
+
+
+def _secret_ok(secret: str, agent: Agent) -> bool:
+    if agent.hash_client_secret:
+        return secret_matches(secret, agent.client_secret)
+    return hmac.compare_digest(secret.encode(), agent.client_secret.encode())
+
+
+def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url: str) -> Agent:
+    """Check ``credentials`` against ``agent`` (the row for ``credentials.client_id``, or None)."""
+    if agent is None or agent.client_id != credentials.client_id or not agent.is_active:
+        raise InvalidClient(reason="unknown client or agent suspended")
+    if credentials.method == PRIVATE_KEY_JWT:
+        try:
+            verify_assertion(credentials.assertion, agent=agent, endpoint_url=endpoint_url)
+        except AssertionInvalid as exc:
+            raise InvalidClient(reason=str(exc)) from exc
+    elif not (agent.client_type == Agent.CLIENT_CONFIDENTIAL and agent.client_secret
+              and _secret_ok(credentials.secret, agent)):
+        raise InvalidClient(reason="wrong client secret")
+    return agent
+
+
+def agent_by_client_id(client_id: str, **fields: Any) -> Agent | None:
+    return Agent.objects.filter(client_id=client_id, **fields).first()
+
+
+def authenticate_request(credentials: Credentials, *, endpoint_url: str) -> Agent:
+    """Authenticate against the registry (one query): for endpoints that read no other row first."""
+    return authenticate(credentials, agent_by_client_id(credentials.client_id), endpoint_url=endpoint_url)

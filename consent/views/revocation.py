@@ -1,0 +1,54 @@
+"""Token revocation (RFC 7009), for agents. Revoking any token of a session grant revokes the grant.
+
+https://www.rfc-editor.org/rfc/rfc7009
+
+§2.1: the agent authenticates as at the token endpoint and sends ``token`` (and
+optionally ``token_type_hint``). §2.2: the answer is 200 whether or not the token
+was known, so a caller learns nothing about tokens that are not its own.
+"""
+
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.views.decorators.csrf import csrf_exempt
+
+from audit.services import audit_refusal
+
+from ..conf import countersign_settings
+from ..errors import InvalidRequest, OAuthError
+from ..grants.issue import token_checksum
+from ..http import NO_STORE, claimed_client_id, error_response
+from ..models import AccessToken, RefreshToken
+from ..oauth.client_auth import authenticate_request, presented_credentials
+from ..services import grant_revoke
+from .token import form_params
+
+
+def revoke(*, token: str, hint: str, agent) -> None:
+    """§2.1: find the token among the agent's own, in the hinted table first; revoke its grant."""
+    kinds = [RefreshToken, AccessToken] if hint == "refresh_token" else [AccessToken, RefreshToken]
+    checksum = token_checksum(token)
+    for model in kinds:
+        grant_id = model.objects.filter(token_checksum=checksum, application=agent).values_list(
+            "session_grant_id", flat=True).first()
+        if grant_id is not None:
+            grant_revoke(grant_id=grant_id, reason="revoked_by_agent", actor=agent.actor_id)
+            return
+
+
+@csrf_exempt
+def revocation_view(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    try:
+        if request.META.get("QUERY_STRING"):
+            raise InvalidRequest("URL query parameters are not allowed")
+        params = form_params(request)
+        if not params.get("token"):
+            raise InvalidRequest("Missing token parameter.")
+        credentials = presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        agent = authenticate_request(credentials, endpoint_url=f"{countersign_settings.ISSUER}/o/revoke/")
+        revoke(token=params["token"], hint=params.get("token_type_hint", ""), agent=agent)
+    except OAuthError as exc:
+        audit_refusal(event="revocation.refused", error=exc.error, actor="", client_id=claimed_client_id(request),
+                      request=request, detail={"reason": exc.reason})
+        return error_response(exc)
+    return HttpResponse(status=200, headers=NO_STORE)
