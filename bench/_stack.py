@@ -14,7 +14,9 @@ Linux only for the CPU figures (``/proc``); elsewhere they print as n/a.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -519,3 +521,62 @@ def run_main(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+
+
+# --- small shared pieces ----------------------------------------------------------------------------
+
+
+def basic(client_id: str, secret: str) -> str:
+    """An HTTP Basic Authorization header value (RFC 6749 §2.3.1 client authentication)."""
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def jwt_header(token: str) -> dict:
+    head = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+
+
+@dataclass
+class Errors:
+    """A count and the first few messages."""
+
+    count: int = 0
+    samples: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.count += 1
+        if len(self.samples) < 5:
+            self.samples.append(text[:500])
+
+
+class ConnectionMonitor:
+    """Samples the number of PostgreSQL backends connected to a database (over one connection)."""
+
+    def __init__(self, database_url: str):
+        self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
+        self.peak: dict[str, int] = {}
+        self.phase = "idle"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
+                while not self._stop.wait(0.25):
+                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                     [self.name]).fetchone()[0] - 1  # not this monitor
+                    self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
+        except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
+            self.peak["monitor error"] = -1
+            log(f"  (connection monitor stopped: {exc})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
