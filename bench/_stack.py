@@ -154,7 +154,8 @@ class CpuUsage:
     def line(self, n: int, unit: str = "request") -> str:
         parts = [f"{k} {v:.2f} ms" if v is not None else f"{k} n/a" for k, v in self.per(n).items()]
         client = f"; load generator {1000 * self.client / n:.2f} ms" if n else ""
-        return ", ".join(parts) + f" per {unit}{client}  (PostgreSQL and Redis servers not included)"
+        left_out = "PostgreSQL not included" if "redis" in self.kinds else "PostgreSQL and Redis not included"
+        return ", ".join(parts) + f" per {unit}{client}  ({left_out})"
 
     def machine_line(self, cores: int) -> str:
         if self.machine_busy is None or self.wall <= 0:
