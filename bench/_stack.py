@@ -518,6 +518,8 @@ def run_main(main: Callable[[], int]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # Also when started in the background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main()
     except KeyboardInterrupt:
