@@ -461,7 +461,7 @@ def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: A
     if app != COUNTERSIGN:
         cmd = _retarget(cmd, app)
     env = {**env, "WEB_CONCURRENCY": str(workers)}
-    log(f"  {name}: {' '.join(Path(cmd[0]).name if i == 0 else a for i, a in enumerate(cmd))}")
+    log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind=kind, port=port)
 
 
@@ -472,8 +472,12 @@ def start_ws(stack: Stack, name: str, port: int, env: dict[str, str]) -> Proc | 
     if serving is None or not hasattr(serving, "ws_command"):
         return None
     cmd = list(serving.ws_command("127.0.0.1", port))
-    log(f"  {name}: {' '.join(cmd[1:])}")
+    log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind="ws", port=port)
+
+
+def _shown(cmd: list[str]) -> str:
+    return " ".join([Path(cmd[0]).name, *cmd[1:]])
 
 
 def _retarget(cmd: list[str], app: App) -> list[str]:
@@ -490,7 +494,7 @@ def start_celery_worker(stack: Stack, name: str, env: dict[str, str], *, concurr
                         extra: Iterable[str] = ()) -> Proc:
     cmd = [str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
            f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", *extra, "--hostname", hostname]
-    log(f"  {name}: {' '.join(cmd[1:])}")
+    log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind="worker")
 
 
