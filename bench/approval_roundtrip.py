@@ -2,7 +2,8 @@
 """Step-up approval round trip and redemption race, over real HTTP and a real websocket on loopback.
 
 Starts its own stack: a fresh PostgreSQL database (created and dropped here), ``migrate``,
-scenario rows from a setup script, then uvicorn (``config.asgi:application``) and a Celery
+scenario rows from a setup script, then the web process (``_stack.start_web``, the production
+serving command; a websocket process too if websockets are served apart) and a Celery
 worker (``config.celery:app``, Redis broker and channel layer on ``--redis-url``).
 
 Phase 1, approval round trip (``--rounds`` sequential rounds, after ``--warmup`` untimed ones):
@@ -29,6 +30,9 @@ Usage (from the project root)::
     .venv/bin/python bench/approval_roundtrip.py
     .venv/bin/python bench/approval_roundtrip.py --rounds 100 --tokens 5000 --redeemers 4
 
+Printed: latency percentiles per leg, CPU per round and per redemption attempt for each process
+kind (web, ws, worker) and for this load generator, and a final ``key=value`` line.
+
 Bounded: fixed counts, per-wait timeouts, a global ``--timeout`` with a watchdog. The processes
 it starts are always stopped (each its own process group) and the database is dropped. Nothing
 is asserted on timing; the exit status is non-zero on errors or on any double redemption.
@@ -38,28 +42,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from _stack import (
+    LOOPBACK,
+    ROOT,
+    ConnectionMonitor,
+    CpuUsage,
+    Errors,
+    Proc,
+    Stack,
+    basic,
+    celery_purge,
+    check_database_url,
+    dist,
+    free_port,
+    jwt_header,
+    loadavg,
+    log,
+    percentile,
+    run_main,
+    start_celery_worker,
+    start_web,
+    start_ws,
+    wait_celery_ready,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 CIBA = "urn:openid:params:grant-type:ciba"
 LEDGER_AUDIENCE = "http://ledger.bench"
@@ -148,82 +165,6 @@ with open(out_path, "w") as fh:
                "race_grant_id": str(race_grant.pk), "race_tokens": tokens}, fh)
 '''
 
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
-def dist(values_s: list[float]) -> str:
-    ms = sorted(v * 1000 for v in values_s)
-    if not ms:
-        return "no samples"
-    return (f"n={len(ms)}  p50 {percentile(ms, 50):.2f}  p95 {percentile(ms, 95):.2f}  "
-            f"p99 {percentile(ms, 99):.2f}  min {ms[0]:.2f}  max {ms[-1]:.2f} ms")
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_group_cpu_seconds(pgids: list[int]) -> float | None:
-    """user+system CPU seconds of every live process in these process groups (Linux /proc only)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    total = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) in pgids:  # pgrp is field 5; utime 14, stime 15
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def basic(client_id: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
-
-
-def jwt_header(token: str) -> dict:
-    head = token.split(".")[0]
-    return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-
-
-@dataclass
-class Errors:
-    count: int = 0
-    samples: list[str] = field(default_factory=list)
-
-    def note(self, text: str) -> None:
-        self.count += 1
-        if len(self.samples) < 5:
-            self.samples.append(text[:500])
-
-
 # --- phase 1: approval round trip -------------------------------------------------------------
 
 
@@ -282,7 +223,7 @@ class RoundTrip:
     errors: Errors = field(default_factory=Errors)
     rounds: int = 0
     wall: float = 0.0
-    server_cpu: dict[str, float] = field(default_factory=dict)  # timed rounds only
+    cpu: CpuUsage | None = None  # timed rounds only
 
 
 async def officer_login(base: str, username: str, password: str) -> tuple[str, str]:
@@ -303,7 +244,7 @@ async def officer_login(base: str, username: str, password: str) -> tuple[str, s
         return http.cookies["sessionid"], http.cookies["csrftoken"]
 
 
-async def approval_roundtrip(base: str, data: dict, args, pgids: dict[str, int]) -> RoundTrip:
+async def approval_roundtrip(stack: Stack, base: str, ws_base: str, data: dict, args) -> RoundTrip:
     result = RoundTrip()
     sessionid, csrftoken = await officer_login(base, data["username"], data["password"])
     agent = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout,
@@ -313,7 +254,7 @@ async def approval_roundtrip(base: str, data: dict, args, pgids: dict[str, int])
     officer = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout, headers={
         "Cookie": f"sessionid={sessionid}; csrftoken={csrftoken}", "X-CSRFToken": csrftoken,
         "Origin": base, "Referer": f"{base}/approvals/"})
-    inbox = Inbox(base.replace("http://", "ws://") + "/ws/approvals/", f"sessionid={sessionid}", base)
+    inbox = Inbox(ws_base.replace("http://", "ws://") + "/ws/approvals/", f"sessionid={sessionid}", base)
     try:
         response = await agent.post("/o/token/", data={
             "grant_type": "authorization_code", "code": data["code"], "redirect_uri": data["redirect_uri"],
@@ -324,18 +265,14 @@ async def approval_roundtrip(base: str, data: dict, args, pgids: dict[str, int])
         await inbox.open()
 
         total = args.warmup + args.rounds
-
-        def cpu() -> dict[str, float | None]:
-            return {n: process_group_cpu_seconds([g]) for n, g in pgids.items()}
-
-        t_start, cpu_start = time.perf_counter(), cpu()
+        cpu_start = stack.cpu_sample()
         for i in range(total):
             if time.monotonic() > args.deadline:
                 result.errors.note(f"global deadline reached after {i} rounds")
                 break
             timed = i >= args.warmup
             if i == args.warmup:
-                t_start, cpu_start = time.perf_counter(), cpu()
+                cpu_start = stack.cpu_sample()
             key = f"PO-BENCH-{i:06d}"
             details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": key,
                         "vendor": "Acme Office Supply", "amount": f"{1000 + i}.{i % 100:02d}", "currency": "USD"}]
@@ -392,10 +329,8 @@ async def approval_roundtrip(base: str, data: dict, args, pgids: dict[str, int])
                 result.approve_http.append(t_approved - t1)
                 result.collect_http.append(t2 - t_approved)
                 result.redeem_http.append(t4 - t3)
-        result.wall = time.perf_counter() - t_start
-        cpu_end = cpu()
-        result.server_cpu = {n: cpu_end[n] - cpu_start[n] for n in pgids
-                             if cpu_end[n] is not None and cpu_start[n] is not None}
+        result.cpu = stack.cpu_usage(cpu_start, stack.cpu_sample())
+        result.wall = result.cpu.wall
     finally:
         await inbox.close()
         for client in (agent, ledger, officer):
@@ -499,268 +434,109 @@ def race_database_check(database_url: str, data: dict) -> dict:
             "audit_doubles": sum(1 for _, n in events if n > 1), "audit_refusals": refusals}
 
 
-class ConnectionMonitor:
-    """Samples the number of PostgreSQL backends connected to the bench database (one connection)."""
-
-    def __init__(self, database_url: str):
-        self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
-        self.peak: dict[str, int] = {}
-        self.phase = "idle"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psycopg
-
-        try:
-            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
-                while not self._stop.wait(0.25):
-                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                     [self.name]).fetchone()[0] - 1  # not this monitor
-                    self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
-        except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
-            self.peak["monitor error"] = -1
-            log(f"  (connection monitor stopped: {exc})")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
 # --- the stack ------------------------------------------------------------------------------------
 
 
-class Stack:
-    def __init__(self, args):
-        self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="countersign-bench-approvals-"))
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.pg_created: tuple[str, str] | None = None
-        self._watchdog: threading.Timer | None = None
-        self.port = free_port()
+class Roundtrip:
+    """The stack: PostgreSQL database, web process (and websocket process if served apart), Celery worker."""
+
+    def __init__(self, args, stack: Stack):
+        self.args, self.stack = args, stack
+        self.port, self.ws_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = self.url  # the web process serves websockets unless a ws process is started
         # Django: "When using ASGI, persistent connections should be disabled" (ref/databases).
-        # config.settings sets conn_max_age=60, which under uvicorn leaves one idle PostgreSQL
-        # connection behind per request thread; by default the bench runs the product's settings
-        # with only that changed, so it does not exhaust a PostgreSQL server it shares.
-        (self.tmp / "bench_settings.py").write_text(
+        # By default the bench runs the product's settings with CONN_MAX_AGE forced to 0, so a
+        # configuration that keeps connections open cannot exhaust a PostgreSQL server it shares.
+        (stack.tmp / "bench_settings.py").write_text(
             "from config.settings import *  # noqa: F401,F403\n"
             "from config.settings import DATABASES\n\n"
             "DATABASES['default']['CONN_MAX_AGE'] = 0\n")
+        self._env = self.make_env()
 
-    def env(self) -> dict[str, str]:
+    def make_env(self) -> dict[str, str]:
         env = dict(os.environ)
         for name in ("DEBUG", "ALLOWED_HOSTS", "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS"):
             env.pop(name, None)
         env.update({
             "DJANGO_SETTINGS_MODULE": "config.settings" if self.args.product_db_connections else "bench_settings",
-            "PYTHONPATH": os.pathsep.join([str(self.tmp), str(ROOT)] + (
+            "PYTHONPATH": os.pathsep.join([str(self.stack.tmp), str(ROOT)] + (
                 [env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
             "DATABASE_URL": self.args.database_url,
             "REDIS_URL": self.args.redis_url,
             "COUNTERSIGN_ISSUER": self.url,
-            "COUNTERSIGN_VAR_DIR": str(self.tmp),
+            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
             "SECRET_KEY": self.args.secret_key,
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         })
         return env
 
-    def remaining(self) -> float:
-        return max(1.0, self.args.deadline - time.monotonic())
+    def env(self) -> dict[str, str]:
+        return dict(self._env)
 
-    def run_step(self, cmd: list[str], what: str) -> None:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=self.env(), capture_output=True, text=True,
-                              timeout=self.remaining())
-        if proc.returncode != 0:
-            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
-
-    # PostgreSQL
-
-    def pg_create(self) -> None:
-        import psycopg
-        from psycopg import sql
-
-        url = urlparse(self.args.database_url)
-        name = url.path.lstrip("/")
-        admin = url._replace(path="/postgres").geturl()
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-            if exists and not self.args.drop_existing:
-                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
-            if exists:
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.pg_created = (admin, name)
-        log(f"  created PostgreSQL database {name}")
-
-    def pg_drop(self) -> None:
-        if self.pg_created is None:
-            return
-        import psycopg
-        from psycopg import sql
-
-        admin, name = self.pg_created
-        self.pg_created = None
-        try:
-            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            log(f"dropped PostgreSQL database {name}")
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
-            log(f"could not drop PostgreSQL database {name}: {exc}")
-
-    # processes
-
-    def spawn(self, name: str, cmd: list[str]) -> None:
-        log(f"  {name}: {' '.join(cmd[1:])}")
-        with open(self.tmp / f"{name}.log", "wb") as out:
-            # Its own session, hence its own process group: stop() kills its children too.
-            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=out,
-                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True)
-
-    def log_tail(self, name: str, chars: int = 4000) -> str:
-        try:
-            return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_until(self, check, what: str, name: str, limit: float = 60) -> None:
-        ready_by = min(self.args.deadline, time.monotonic() + limit)
-        while time.monotonic() < ready_by:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            if check():
-                return
-            time.sleep(0.2)
-        raise SystemExit(f"{what} not ready in time:\n{self.log_tail(name)}")
-
-    def start(self) -> None:
-        bin_dir = Path(sys.executable).parent
+    def start(self) -> tuple[Proc, Proc]:
+        stack = self.stack
         # Stale tasks from an earlier run on this Redis database would hit a database that is gone.
-        self.run_step([str(bin_dir / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"],
-                      "purge the countersign queue")
-        self.spawn("uvicorn", [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-                               "--port", str(self.port), "--no-access-log", "--log-level", "warning"])
-        self.spawn("celery", [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
-                              f"--concurrency={self.args.celery_concurrency}", "--without-mingle",
-                              "--without-gossip", "--hostname", f"bench-{self.port}@%h"])
-
-        def server_up() -> bool:
-            try:
-                return httpx.get(f"{self.url}/.well-known/oauth-authorization-server", timeout=2,
-                                 trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        self.wait_until(server_up, "uvicorn", "uvicorn")
-        self.wait_until(lambda: "ready." in self.log_tail("celery", 100_000), "celery worker", "celery")
-        log(f"  stack ready on {self.url}")
-
-    def purge_queue(self) -> None:
-        """Drop tasks left in the queue (the scheduled expiries a stopped worker hands back)."""
-        try:
-            subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "config.celery:app", "purge", "-f",
-                            "-Q", "countersign"], cwd=ROOT, env=self.env(), capture_output=True, timeout=30)
-        except (subprocess.SubprocessError, OSError) as exc:
-            log(f"could not purge the countersign queue: {exc}")
+        celery_purge(stack, self.env())
+        web = start_web(stack, "web", self.port, self.env())
+        ws = start_ws(stack, "ws", self.ws_port, self.env())
+        worker = start_celery_worker(stack, "worker", self.env(), concurrency=self.args.celery_concurrency,
+                                     hostname=f"bench-{self.port}@%h")
+        stack.wait_http(web, "/.well-known/oauth-authorization-server")
+        if ws is not None:
+            stack.wait_port(ws)
+            self.ws_url = ws.url
+        wait_celery_ready(stack, worker)
+        log(f"  stack ready on {self.url}" + (f", websockets on {self.ws_url}" if ws is not None else ""))
+        return web, worker
 
     def stop(self) -> None:
-        procs, self.procs = self.procs, {}
-        for proc in procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers (celery pool children) if any are left
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def cleanup_tmp(self) -> None:
-        if self.args.keep_tmp:
-            log(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def arm_watchdog(self) -> None:
-        def fire():
-            log(f"\nglobal timeout ({self.args.timeout:.0f}s + grace) reached: stopping")
-            self.stop()
-            self.pg_drop()
-            self.cleanup_tmp()
-            os._exit(3)
-
-        self._watchdog = threading.Timer(self.args.timeout + 30, fire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        """Stop the processes, then drop what the stopped worker handed back to the queue."""
+        started = bool(self.stack.procs)
+        self.stack.stop_all()
+        if started:
+            celery_purge(self.stack, self.env(), quiet=True)
 
 
-def run(args) -> int:
-    stack = Stack(args)
-    stack.arm_watchdog()
+def run(args, stack: Stack) -> int:
+    rig = Roundtrip(args, stack)
     cores = os.cpu_count() or 1
     monitor: ConnectionMonitor | None = None
     try:
         log(f"setup (cores={cores}, tmp={stack.tmp})")
-        stack.pg_create()
-        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], "migrate")
+        stack.create_database(args.database_url, drop_existing=args.drop_existing)
+        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], rig.env(), "migrate")
         data_path = stack.tmp / "setup.json"
         token_ttl = int(args.timeout) + 600
         stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(data_path), str(args.tokens), str(token_ttl),
-                        REDIRECT_URI, LEDGER_AUDIENCE],
+                        REDIRECT_URI, LEDGER_AUDIENCE], rig.env(),
                        f"scenario, grants, {args.tokens} issued action tokens")
         data = json.loads(data_path.read_text())
-        stack.start()
+        rig.start()
         monitor = ConnectionMonitor(args.database_url)
         monitor.start()
 
         monitor.phase = "round trip"
-        pgids = {name: os.getpgid(p.pid) for name, p in stack.procs.items()}
         log(f"\nphase 1: {args.rounds} approval round trips (+{args.warmup} warm-up), sequential; "
             f"load average {loadavg()}")
-        rt = asyncio.run(approval_roundtrip(stack.url, data, args, pgids))
+        rt = asyncio.run(approval_roundtrip(stack, rig.url, rig.ws_url, data, args))
         log(f"phase 2: redemption race, {args.tokens} tokens x {args.redeemers} concurrent redeemers, "
             f"{args.race_concurrency} tokens in flight")
         monitor.phase = "race"
         log(f"  load average {loadavg()}")
-        cpu0 = process_group_cpu_seconds([pgids["uvicorn"]])
-        race = asyncio.run(redemption_race(stack.url, data, args))
-        cpu1 = process_group_cpu_seconds([pgids["uvicorn"]])
-        race_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        before = stack.cpu_sample()
+        race = asyncio.run(redemption_race(rig.url, data, args))
+        race_cpu = stack.cpu_usage(before, stack.cpu_sample())
         log(f"  load average {loadavg()}")
         monitor.stop()
         db = race_database_check(args.database_url, data)
-        celery_log = stack.log_tail("celery", 6000)
-        server_log = stack.log_tail("uvicorn", 6000)
+        worker_log = stack.log_tail("worker", 6000)
+        server_log = stack.log_tail("web", 6000)
     finally:
         if monitor is not None:
             monitor.stop()
-        started = bool(stack.procs)
-        stack.stop()
-        if started:
-            stack.purge_queue()
-        stack.pg_drop()
-        stack.cleanup_tmp()
-        if stack._watchdog is not None:
-            stack._watchdog.cancel()
+        rig.stop()
 
     conn_age = "60 (product setting)" if args.product_db_connections else "0 (bench override)"
     log(f"\nDB connections: CONN_MAX_AGE={conn_age}; peak PostgreSQL backends on the bench database: "
@@ -775,10 +551,10 @@ def run(args) -> int:
     log(f"      of which POST approve (302)         {dist(rt.approve_http)}")
     log(f"      of which CIBA token poll (200)      {dist(rt.collect_http)}")
     log(f"  redeem once (ledger, not in a or b)    {dist(rt.redeem_http)}")
-    if rt.rounds and rt.server_cpu:
-        log("  server CPU per timed round             " + ", ".join(
-            f"{n} {1000 * c / rt.rounds:.1f} ms" for n, c in rt.server_cpu.items())
-            + "  (4 HTTP requests + 1 websocket push; PostgreSQL and Redis not included)")
+    if rt.rounds and rt.cpu is not None:
+        log(f"  CPU                                    {rt.cpu.line(rt.rounds, 'round')}")
+        log("                                         (a round: 4 HTTP requests + 1 websocket push)")
+        log(f"  machine                                {rt.cpu.machine_line(cores)}")
 
     ok_race = race.wall > 0
     log("\n[redemption race]")
@@ -794,9 +570,9 @@ def run(args) -> int:
         log(f"  attempts/s        {race.attempts / race.wall:.1f}")
         log(f"  successes/s       {race.successes / race.wall:.1f}")
     log(f"  attempt latency   {dist(race.latencies)}")
-    if race_cpu is not None and race.attempts:
-        log(f"  server CPU        {race_cpu:.1f} s = {1000 * race_cpu / race.attempts:.2f} ms/attempt "
-            f"(uvicorn; PostgreSQL not included)")
+    if race.attempts:
+        log(f"  CPU               {race_cpu.line(race.attempts, 'attempt')}")
+        log(f"  machine           {race_cpu.machine_line(cores)}")
     log(f"  double redemptions (responses)  {race.doubles}")
     log(f"  database: redeemed ActionToken rows {db['redeemed_rows']}, approvals in 'redeemed' "
         f"{db['redeemed_approvals']}, action_token.redeemed audit events {db['audit_redeemed']} over "
@@ -810,16 +586,20 @@ def run(args) -> int:
     failed = bool(rt.errors.count or race.errors.count or race.doubles or db_doubles or not consistent
                   or race.skipped)
     if failed:
-        log("\ncelery log (tail):\n" + celery_log)
-        log("\nuvicorn log (tail):\n" + server_log)
+        log("\ncelery worker log (tail):\n" + worker_log)
+        log("\nweb log (tail):\n" + server_log)
     a = sorted(x * 1000 for x in rt.to_prompt)
     b = sorted(x * 1000 for x in rt.approve_to_token)
+    round_cpu = rt.cpu.per(rt.rounds) if rt.cpu is not None else {}
+    race_per = race_cpu.per(race.attempts)
     log("")
     log(f"approval_roundtrip request_to_prompt_p50_ms={percentile(a, 50):.2f} p99={percentile(a, 99):.2f} "
         f"approve_to_token_p50_ms={percentile(b, 50):.2f} p99={percentile(b, 99):.2f} "
         f"rounds={rt.rounds} redeem_attempts_per_s={race.attempts / race.wall if ok_race else 0:.1f} "
         f"redeem_successes_per_s={race.successes / race.wall if ok_race else 0:.1f} "
-        f"double_redemptions={race.doubles + db_doubles} cores={cores}")
+        + "".join(f"round_{k}_cpu_ms={v:.2f} " for k, v in round_cpu.items() if v is not None)
+        + "".join(f"redeem_{k}_cpu_ms={v:.2f} " for k, v in race_per.items() if v is not None)
+        + f"double_redemptions={race.doubles + db_doubles} cores={cores}")
     return 1 if failed else 0
 
 
@@ -855,14 +635,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--redeemers must be at least 4")
     if args.tokens * args.redeemers < 20_000:
         log(f"note: {args.tokens * args.redeemers} redemption attempts (fewer than 20000)")
-    for name, url in (("--database-url", args.database_url), ("--redis-url", args.redis_url)):
-        if urlparse(url).hostname not in LOOPBACK:
-            p.error(f"{name} must point at a loopback host (127.0.0.1, localhost, ::1)")
-    db = urlparse(args.database_url)
-    if db.scheme not in ("postgres", "postgresql"):
-        p.error("--database-url must be a postgres:// URL")
-    if db.path.lstrip("/") in ("", "postgres", "template0", "template1", "countersign"):
-        p.error("--database-url must name a dedicated benchmark database")
+    if urlparse(args.redis_url).hostname not in LOOPBACK:
+        p.error("--redis-url must point at a loopback host (127.0.0.1, localhost, ::1)")
+    check_database_url(p, "--database-url", args.database_url)
     args.secret_key = secrets.token_urlsafe(50)
     args.deadline = time.monotonic() + args.timeout
     return args
@@ -870,17 +645,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_signal(signum, frame):  # make SIGTERM run the finally: blocks like Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+    with Stack(prefix="bench-approvals", timeout=args.timeout, keep_tmp=args.keep_tmp) as stack:
+        args.deadline = stack.deadline
+        return run(args, stack)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

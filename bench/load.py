@@ -4,8 +4,8 @@ and two Celery workers, with thousands of idle inbox websockets open at the same
 
 Starts its own stack on loopback: a fresh PostgreSQL database (created here, dropped at the end),
 ``migrate``, the scenario from a setup script, a private ``redis-server`` on a free port (or
-``--redis-url``), two uvicorn processes (``config.asgi:application``, node A and node B, the issuer is
-node A's URL) and two Celery workers (``config.celery:app``). Each server process gets
+``--redis-url``), two web processes (``_stack.start_web``, the production serving command, node A and
+node B, the issuer is node A's URL; plus a websocket process per node if websockets are served apart) and two Celery workers (``config.celery:app``). Each server process gets
 ``DATABASE_POOL_SIZE`` (``--pool-size``): PostgreSQL's ``max_connections`` is shared with everything
 else on the machine.
 
@@ -15,7 +15,7 @@ Phases:
    form; each agent exchanges its authorization code (PKCE) for a session token.
 2. Idle websockets: ``--idle-ws`` authenticated ``/ws/approvals/`` connections, spread over both
    nodes and all officers' sessions, each reading its snapshot and then just listening. Memory per
-   connection = (RSS of the two uvicorn processes after opening them - RSS before) / count. They stay
+   connection = (RSS of the processes serving websockets after opening them - RSS before) / count. They stay
    open through phase 3; one the server drops is reopened the way inbox.js does (250 ms * 2**retry)
    and counted.
 3. Agents: ``--agents`` concurrent agents (node A or B alternately), ``--rounds`` reference flows each:
@@ -25,7 +25,8 @@ Phases:
    (session cookie + CSRF token, ``/approvals/<id>/approve/``), (4) the agent collects the action
    token at ``/o/token/`` (CIBA grant), (5) the ledger redeems it at ``/o/redeem/``.
 
-Printed: flows/s and HTTP requests/s, p50/p95/p99 per step, errors (count and the first ones),
+Printed: flows/s and HTTP requests/s, p50/p90/p99/max per step, CPU per flow and per request for
+each process kind (web, ws, worker, redis) and for this load generator, errors (count and the first ones),
 memory per websocket, idle websocket drops, database cross-checks (one action token per approved
 flow, one redemption each), and one final ``key=value`` line for comparing runs.
 
@@ -36,7 +37,7 @@ Usage (from the project root)::
     .venv/bin/python bench/load.py --channel-socket-timeout 15   # servers with the channel-layer fix
 
 Bounded: fixed counts, per-wait timeouts, a global ``--timeout`` with a watchdog. Everything it
-starts (uvicorn, Celery, redis-server) runs in its own process group and is killed at the end; the
+starts (web, Celery, redis-server) runs in its own process group and is killed at the end; the
 database is dropped. Nothing is asserted on timing; the exit status is non-zero on errors.
 """
 
@@ -51,12 +52,7 @@ import os
 import re
 import resource
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -65,23 +61,28 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from approval_roundtrip import (  # noqa: E402
+from _stack import (
     LOOPBACK,
+    ROOT,
     ConnectionMonitor,
     Errors,
+    Stack,
+    basic,
+    celery_purge,
+    check_database_url,
+    dist,
     free_port,
     jwt_header,
     loadavg,
     log,
     percentile,
-    process_group_cpu_seconds,
+    run_main,
+    start_celery_worker,
+    start_web,
+    start_ws,
+    wait_celery_ready,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 CIBA = "urn:openid:params:grant-type:ciba"
 CATALOG_AUDIENCE = "http://catalog.load"
@@ -197,27 +198,8 @@ class LockSampler:
                 f"(peak {peak[1]}), of which on the audit chain head avg {avg[2]:.1f} (peak {peak[2]})")
 
 
-def machine_busy() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    total = sum(values[:8])
-    return (total - values[3] - values[4]) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
-
-
-def basic(client_id: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
-
-
 def dist_ms(values_s: list[float]) -> str:
-    ms = sorted(v * 1000 for v in values_s)
-    if not ms:
-        return "no samples"
-    return (f"n={len(ms):<5d} p50 {percentile(ms, 50):8.1f}  p95 {percentile(ms, 95):8.1f}  "
-            f"p99 {percentile(ms, 99):8.1f}  max {ms[-1]:8.1f} ms")
+    return dist(values_s, digits=1)
 
 
 def rss_kib(pgids: list[int]) -> int:
@@ -249,27 +231,26 @@ def raise_fd_limit(need: int) -> tuple[int, int]:
 # --- the stack ------------------------------------------------------------------------------------
 
 
-class Stack:
-    def __init__(self, args):
-        self.args = args
-        self.tmp = Path(tempfile.mkdtemp(prefix="countersign-load-"))
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.pg_created: tuple[str, str] | None = None
-        self._watchdog: threading.Timer | None = None
+class LoadRig:
+    """Two nodes (a web process each, and a websocket process each if websockets are served apart),
+    two Celery workers, Redis (private unless --redis-url), one PostgreSQL database."""
+
+    def __init__(self, args, stack: Stack):
+        self.args, self.stack = args, stack
         self.ports = {"A": free_port(), "B": free_port()}
         self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.ws_urls = dict(self.urls)  # replaced by the websocket processes' URLs if there are any
         self.redis_url = args.redis_url
-        settings_module = "config.settings"
+        self.settings_module = "config.settings"
         if args.channel_socket_timeout:
             # The fix proposed for the idle-websocket drops: a channel-layer socket timeout above
             # channels_redis' 5 s BZPOPMIN (redis-py 8 defaults socket_timeout to 5 s).
-            (self.tmp / "load_settings.py").write_text(
+            (stack.tmp / "load_settings.py").write_text(
                 "from config.settings import *  # noqa: F401,F403\n"
                 "from config.settings import CHANNEL_LAYERS, REDIS_URL\n\n"
                 "CHANNEL_LAYERS['default']['CONFIG']['hosts'] = [\n"
                 f"    {{'address': REDIS_URL, 'socket_timeout': {args.channel_socket_timeout}}}]\n")
-            settings_module = "load_settings"
-        self.settings_module = settings_module
+            self.settings_module = "load_settings"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -277,181 +258,48 @@ class Stack:
             env.pop(name, None)
         env.update({
             "DJANGO_SETTINGS_MODULE": self.settings_module,
-            "PYTHONPATH": os.pathsep.join([str(self.tmp), str(ROOT)] + (
+            "PYTHONPATH": os.pathsep.join([str(self.stack.tmp), str(ROOT)] + (
                 [env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
             "DATABASE_URL": self.args.database_url,
             "DATABASE_POOL_SIZE": str(self.args.pool_size),
             "REDIS_URL": self.redis_url or "",
             "COUNTERSIGN_ISSUER": self.urls["A"],
-            "COUNTERSIGN_VAR_DIR": str(self.tmp),
+            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
             "SECRET_KEY": self.args.secret_key,
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         })
         return env
 
-    def remaining(self) -> float:
-        return max(1.0, self.args.deadline - time.monotonic())
-
-    def run_step(self, cmd: list[str], what: str) -> None:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=self.remaining())
-        if proc.returncode != 0:
-            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
-
-    def pg_create(self) -> None:
-        import psycopg
-        from psycopg import sql
-
-        url = urlparse(self.args.database_url)
-        name = url.path.lstrip("/")
-        admin = url._replace(path="/postgres").geturl()
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-            if exists and not self.args.drop_existing:
-                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
-            if exists:
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            max_conn = conn.execute("SHOW max_connections").fetchone()[0]
-            in_use = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0]
-        self.pg_created = (admin, name)
-        log(f"  created PostgreSQL database {name} (max_connections {max_conn}, {in_use} in use now)")
-
-    def pg_drop(self) -> None:
-        if self.pg_created is None:
-            return
-        import psycopg
-        from psycopg import sql
-
-        admin, name = self.pg_created
-        self.pg_created = None
-        try:
-            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            log(f"dropped PostgreSQL database {name}")
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
-            log(f"could not drop PostgreSQL database {name}: {exc}")
-
-    def spawn(self, name: str, cmd: list[str]) -> None:
-        with open(self.tmp / f"{name}.log", "wb") as out:
-            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def log_tail(self, name: str, chars: int = 4000) -> str:
-        try:
-            return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_until(self, check, what: str, name: str, limit: float = 120) -> None:
-        ready_by = min(self.args.deadline, time.monotonic() + limit)
-        while time.monotonic() < ready_by:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            if check():
-                return
-            time.sleep(0.2)
-        raise SystemExit(f"{what} not ready in time:\n{self.log_tail(name)}")
-
-    def start_redis(self) -> None:
-        if self.redis_url:
-            return
-        if not shutil.which("redis-server"):
-            raise SystemExit("redis-server not found: install it or pass --redis-url")
-        port = free_port()
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--maxclients", "10000"])
-
-        def up() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        self.wait_until(up, "redis-server", "redis", 30)
-        log(f"  redis-server on {self.redis_url} (private)")
-
     def start(self) -> None:
-        self.start_redis()
-        if self.args.redis_url:
-            self.run_step([str(BIN / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"],
-                          "purge the countersign queue")
-        for name, port in self.ports.items():
-            self.spawn(f"uvicorn-{name}", [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host",
-                                           "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level",
-                                           "warning"])
-        for k in (1, 2):
-            self.spawn(f"celery-{k}", [str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
-                                       f"--concurrency={self.args.worker_concurrency}", "--without-mingle",
-                                       "--without-gossip", "--without-heartbeat",
-                                       "--hostname", f"load{k}-{self.ports['A']}@%h"])
-        for name, url in self.urls.items():
-            def server_up(url=url) -> bool:
-                try:
-                    return httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            self.wait_until(server_up, f"uvicorn {name}", f"uvicorn-{name}")
-        for k in (1, 2):
-            self.wait_until(lambda k=k: "ready." in self.log_tail(f"celery-{k}", 100_000), f"celery worker {k}",
-                            f"celery-{k}")
-        log(f"  nodes A {self.urls['A']}  B {self.urls['B']}; 2 Celery workers x {self.args.worker_concurrency}")
-
-    def pgids(self, prefix: str) -> list[int]:
-        out = []
-        for name, proc in self.procs.items():
-            if name.startswith(prefix) and proc.poll() is None:
-                try:
-                    out.append(os.getpgid(proc.pid))
-                except ProcessLookupError:
-                    pass
-        return out
-
-    def stop(self) -> None:
-        procs, self.procs = self.procs, {}
-        for proc in procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def cleanup_tmp(self) -> None:
-        if self.args.keep_tmp:
-            log(f"kept {self.tmp}")
+        stack = self.stack
+        if self.redis_url:
+            celery_purge(stack, self.env())
         else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.redis_url = stack.start_redis()
+        webs, wss = {}, {}
+        for name, port in self.ports.items():
+            webs[name] = start_web(stack, f"web-{name}", port, self.env())
+            ws = start_ws(stack, f"ws-{name}", free_port(), self.env())
+            if ws is not None:
+                wss[name] = ws
+        workers = [start_celery_worker(stack, f"worker-{k}", self.env(), concurrency=self.args.worker_concurrency,
+                                       hostname=f"load{k}-{self.ports['A']}@%h", extra=["--without-heartbeat"])
+                   for k in (1, 2)]
+        for web in webs.values():
+            stack.wait_http(web, "/healthz", 120)
+        for name, ws in wss.items():
+            stack.wait_port(ws, 120)
+            self.ws_urls[name] = ws.url
+        for worker in workers:
+            wait_celery_ready(stack, worker)
+        log(f"  nodes A {self.urls['A']}  B {self.urls['B']}"
+            + (f" (websockets on {self.ws_urls['A']}, {self.ws_urls['B']})" if wss else "")
+            + f"; 2 Celery workers x {self.args.worker_concurrency}")
 
-    def arm_watchdog(self) -> None:
-        def fire():
-            log(f"\nglobal timeout ({self.args.timeout:.0f}s + grace) reached: stopping")
-            self.stop()
-            self.pg_drop()
-            self.cleanup_tmp()
-            os._exit(3)
-
-        self._watchdog = threading.Timer(self.args.timeout + 60, fire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+    def ws_pgids(self) -> list[int]:
+        """The processes holding the websockets: ws processes if there are any, else the web ones."""
+        return self.stack.pgids(kind="ws") or self.stack.pgids(kind="web")
 
 
 # --- clients ----------------------------------------------------------------------------------------
@@ -483,12 +331,12 @@ class WsBook:
         self.first_drop: str = ""
 
 
-async def ws_connect(url: str, cookie: str):
+async def ws_connect(ws_url: str, origin: str, cookie: str):
     from websockets.asyncio.client import connect
 
     # Browsers offer permessage-deflate; so does this client (websockets' default).
-    return await connect(url.replace("http://", "ws://") + "/ws/approvals/", open_timeout=60, ping_interval=None,
-                         additional_headers={"Cookie": cookie, "Origin": url}, max_queue=None)
+    return await connect(ws_url.replace("http://", "ws://") + "/ws/approvals/", open_timeout=60,
+                         ping_interval=None, additional_headers={"Cookie": cookie, "Origin": origin}, max_queue=None)
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -497,14 +345,15 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def idle_connection(url: str, cookie: str, book: WsBook, stop: asyncio.Event, opened: asyncio.Event) -> None:
+async def idle_connection(ws_url: str, origin: str, cookie: str, book: WsBook, stop: asyncio.Event,
+                          opened: asyncio.Event) -> None:
     """An idle inbox tab: snapshot, then listen; reopen like inbox.js when the server drops it."""
     retry = 0
     while not stop.is_set():
         counted = False
         ws = None
         try:
-            ws = await ws_connect(url, cookie)
+            ws = await ws_connect(ws_url, origin, cookie)
             retry = 0
             msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
             if msg.get("type") != "snapshot":
@@ -553,8 +402,8 @@ class Officer:
     """One officer: a session from the login form, one open inbox tab that reconnects like inbox.js,
     and approvals POSTed with the session cookie and the CSRF token."""
 
-    def __init__(self, url: str, username: str, password: str, args):
-        self.url, self.username, self.password, self.args = url, username, password, args
+    def __init__(self, url: str, ws_url: str, username: str, password: str, args):
+        self.url, self.ws_url, self.username, self.password, self.args = url, ws_url, username, password, args
         self.sessionid = self.csrftoken = ""
         self.waiting: dict[str, asyncio.Future] = {}
         self.http: httpx.AsyncClient | None = None
@@ -606,7 +455,7 @@ class Officer:
         retry = 0
         while not self._stop.is_set():
             try:
-                ws = await ws_connect(self.url, self.cookie)
+                ws = await ws_connect(self.ws_url, self.url, self.cookie)
             except Exception:  # noqa: BLE001
                 retry = min(retry + 1, 6)
                 await asyncio.sleep(0.25 * 2 ** retry)
@@ -666,7 +515,7 @@ async def post(client: httpx.AsyncClient, stats: Stats, url: str, **kwargs) -> h
         return await client.post(url, **kwargs)
 
 
-async def exchange_codes(stack: Stack, data: dict, clients: dict[str, httpx.AsyncClient], stats: Stats,
+async def exchange_codes(data: dict, clients: dict[str, httpx.AsyncClient], stats: Stats,
                          concurrency: int) -> list[float]:
     latencies: list[float] = []
     queue = iter(enumerate(data["agents"]))
@@ -799,19 +648,20 @@ def database_check(database_url: str) -> dict:
         }
 
 
-async def run_load(stack: Stack, data: dict, args) -> dict:
+async def run_load(rig: LoadRig, data: dict, args) -> dict:
+    stack = rig.stack
     out: dict = {"stats": Stats(), "book": WsBook()}
     stats, book = out["stats"], out["book"]
     limits = httpx.Limits(max_connections=args.agents, max_keepalive_connections=args.agents, keepalive_expiry=1.0)
     clients = {name: httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits)
-               for name, url in stack.urls.items()}
+               for name, url in rig.urls.items()}
     officers: list[Officer] = []
     idle_tasks: list[asyncio.Task] = []
     stop_idle = asyncio.Event()
     try:
         # 1. officers sign in (node by index), agents exchange their codes
         t0 = time.perf_counter()
-        officers = [Officer(stack.urls["AB"[u % 2]], user["username"], user["password"], args)
+        officers = [Officer(rig.urls["AB"[u % 2]], rig.ws_urls["AB"[u % 2]], user["username"], user["password"], args)
                     for u, user in enumerate(data["users"])]
         sem = asyncio.Semaphore(4)
 
@@ -822,19 +672,18 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
         await asyncio.gather(*(login(o) for o in officers))
         log(f"  {len(officers)} officers signed in through the login form: {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
-        out["exchange"] = await exchange_codes(stack, data, clients, stats, min(args.agents, 50))
+        out["exchange"] = await exchange_codes(data, clients, stats, min(args.agents, 50))
         log(f"  {len(data['agents'])} authorization codes exchanged: {time.perf_counter() - t0:.1f}s "
             f"({dist_ms(out['exchange'])})")
 
         # warm the websocket path of both nodes, then the baseline
-        for url in stack.urls.values():
+        for node, url in rig.urls.items():
             for o in officers[:5]:
-                ws = await ws_connect(url, o.cookie)
+                ws = await ws_connect(rig.ws_urls[node], url, o.cookie)
                 await ws.recv()
                 await ws.close()
         await asyncio.sleep(2)
-        web = stack.pgids("uvicorn-")
-        out["rss_before"] = rss_kib(web)
+        out["rss_before"] = rss_kib(rig.ws_pgids())
 
         # 2. idle websockets, spread over both nodes and every officer's session
         log(f"\nphase 2: opening {args.idle_ws} idle websockets; load average {loadavg()}")
@@ -845,8 +694,9 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
         async def open_one(k: int):
             async with batch:
                 ev = asyncio.Event()
-                url = stack.urls["AB"[k % 2]]
-                task = asyncio.create_task(idle_connection(url, officers[k % len(officers)].cookie, book,
+                node = "AB"[k % 2]
+                task = asyncio.create_task(idle_connection(rig.ws_urls[node], rig.urls[node],
+                                                           officers[k % len(officers)].cookie, book,
                                                            stop_idle, ev))
                 idle_tasks.append(task)
                 opened_events.append(ev)
@@ -855,7 +705,7 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
         await asyncio.gather(*(open_one(k) for k in range(args.idle_ws)), return_exceptions=True)
         out["ws_open_wall"] = time.perf_counter() - t0
         await asyncio.sleep(3)  # settle
-        out["rss_after"] = rss_kib(web)
+        out["rss_after"] = rss_kib(rig.ws_pgids())
         out["ws_open_at_rss"] = book.open
         log(f"  opened {book.opened} (failed first opens {book.failed_opens}) in {out['ws_open_wall']:.1f}s; "
             f"open now {book.open}, drops so far {book.drops}")
@@ -865,8 +715,7 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
             await o.open_tab()
         log(f"\nphase 3: {args.agents} concurrent agents x {args.rounds} reference flows, {book.open} idle "
             f"websockets open; load average {loadavg()}")
-        cpu0 = {n: process_group_cpu_seconds(stack.pgids(n)) for n in ("uvicorn-", "celery-", "redis")}
-        me0, m0 = os.times(), machine_busy()
+        cpu0 = stack.cpu_sample()
         drops0 = book.drops
         sampler = LockSampler(args.database_url)
         sampler.start()
@@ -876,15 +725,11 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
         out["wall"] = time.perf_counter() - t0
         sampler.stop()
         out["locks"] = sampler.summary()
-        me1, m1 = os.times(), machine_busy()
-        out["client_cpu"] = (me1.user + me1.system) - (me0.user + me0.system)
-        out["machine_busy"] = (m1[0] - m0[0]) if m0 and m1 else None
-        cpu1 = {n: process_group_cpu_seconds(stack.pgids(n)) for n in ("uvicorn-", "celery-", "redis")}
-        out["cpu"] = {n: (cpu1[n] - cpu0[n]) if cpu0[n] is not None and cpu1[n] is not None else None for n in cpu0}
+        out["cpu"] = stack.cpu_usage(cpu0, stack.cpu_sample())
         out["drops_during_load"] = book.drops - drops0
         out["ws_open_end"] = book.open
         out["officer_reconnects"] = sum(o.reconnects for o in officers)
-        out["rss_end"] = rss_kib(web)
+        out["rss_end"] = rss_kib(rig.ws_pgids())
         log(f"  done in {out['wall']:.1f}s; load average {loadavg()}")
     finally:
         stop_idle.set()
@@ -898,41 +743,35 @@ async def run_load(stack: Stack, data: dict, args) -> dict:
     return out
 
 
-def run(args) -> int:
-    limit = raise_fd_limit(args.idle_ws * 2 + 2000)
-    stack = Stack(args)
-    stack.arm_watchdog()
+def run(args, stack: Stack, limit: tuple[int, int]) -> int:
+    rig = LoadRig(args, stack)
     cores = os.cpu_count() or 1
     monitor: ConnectionMonitor | None = None
     out: dict = {}
     db: dict = {}
     logs = ""
     try:
-        log(f"setup (cores={cores}, open files limit {limit[0]}, tmp={stack.tmp}, settings {stack.settings_module})")
-        stack.pg_create()
-        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], "migrate")
+        log(f"setup (cores={cores}, open files limit {limit[0]}, tmp={stack.tmp}, settings {rig.settings_module})")
+        stack.create_database(args.database_url, drop_existing=args.drop_existing)
+        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], rig.env(), "migrate")
         data_path = stack.tmp / "setup.json"
         stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(data_path), str(args.agents),
-                        str(args.agents_per_user), REDIRECT_URI, CATALOG_AUDIENCE, LEDGER_AUDIENCE],
+                        str(args.agents_per_user), REDIRECT_URI, CATALOG_AUDIENCE, LEDGER_AUDIENCE], rig.env(),
                        f"scenario: {args.agents} agents, {math.ceil(args.agents / args.agents_per_user)} officers")
         data = json.loads(data_path.read_text())
-        stack.start()
+        rig.start()
         monitor = ConnectionMonitor(args.database_url)
         monitor.start()
         monitor.phase = "load"
         log("\nphase 1: sign-ins and code exchanges")
-        out = asyncio.run(run_load(stack, data, args))
+        out = asyncio.run(run_load(rig, data, args))
         monitor.stop()
         db = database_check(args.database_url)
         logs = "\n".join(f"--- {n} (tail)\n{stack.log_tail(n, 3000)}" for n in list(stack.procs))
     finally:
         if monitor is not None:
             monitor.stop()
-        stack.stop()
-        stack.pg_drop()
-        stack.cleanup_tmp()
-        if stack._watchdog is not None:
-            stack._watchdog.cancel()
+        stack.stop_all()
 
     stats: Stats = out["stats"]
     book: WsBook = out["book"]
@@ -956,12 +795,10 @@ def run(args) -> int:
     for sample in stats.errors.samples:
         log(f"    {sample}")
     cpu = out["cpu"]
-    if stats.flows_ok and all(v is not None for v in cpu.values()):
-        log("  CPU per flow      " + ", ".join(f"{n.rstrip('-')} {1000 * c / stats.flows_ok:.1f} ms"
-                                                for n, c in cpu.items())
-            + f", this client {1000 * out['client_cpu'] / stats.flows_ok:.1f} ms  (PostgreSQL not included)")
-    if out.get("machine_busy") is not None:
-        log(f"  machine CPU       {out['machine_busy'] / wall:.2f} of {cores} cores busy during the agents' phase")
+    if stats.flows_ok:
+        log(f"  CPU per flow      {cpu.line(stats.flows_ok, 'flow')}")
+        log(f"  CPU per request   {cpu.line(stats.http_requests, 'HTTP request')}")
+    log(f"  machine           {cpu.machine_line(cores)} (agents' phase)")
     log(f"  PostgreSQL        {out['locks']}")
 
     n_ws = out["ws_open_at_rss"]
@@ -969,8 +806,9 @@ def run(args) -> int:
     log("\n[idle websockets]")
     log(f"  opened            {book.opened} of {args.idle_ws} in {out['ws_open_wall']:.1f}s "
         f"({book.opened / out['ws_open_wall']:.0f}/s), first-open failures {book.failed_opens}")
-    log(f"  ASGI RSS          before {out['rss_before'] / 1024:.1f} MiB, with {n_ws} open "
-        f"{out['rss_after'] / 1024:.1f} MiB, at the end {out['rss_end'] / 1024:.1f} MiB (both uvicorn processes)")
+    log(f"  websocket RSS     before {out['rss_before'] / 1024:.1f} MiB, with {n_ws} open "
+        f"{out['rss_after'] / 1024:.1f} MiB, at the end {out['rss_end'] / 1024:.1f} MiB (both nodes' processes "
+        f"serving websockets)")
     log(f"  memory per ws     {per_ws:.1f} KiB")
     log(f"  dropped by server {book.drops} in total, {out['drops_during_load']} during the agents' phase "
         f"({out['drops_during_load'] / wall:.2f}/s); reopened {book.reconnects}; open at the end {out['ws_open_end']}")
@@ -996,7 +834,10 @@ def run(args) -> int:
         + " ".join(f"{k}_p50_ms={percentile(lat[k], 50):.1f} {k}_p99_ms={percentile(lat[k], 99):.1f}"
                    for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow"))
         + f" idle_ws={n_ws} kib_per_ws={per_ws:.1f} ws_drops_per_s={out['drops_during_load'] / wall:.2f} "
-        f"double_tokens={doubles} cores={cores}")
+        f"double_tokens={doubles} "
+        + "".join(f"{k}_cpu_ms_per_flow={v:.2f} " for k, v in cpu.per(stats.flows_ok).items() if v is not None)
+        + f"client_cpu_ms_per_flow={1000 * cpu.client / stats.flows_ok if stats.flows_ok else 0:.2f} "
+        f"cores={cores}")
     return 1 if failed else 0
 
 
@@ -1030,14 +871,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--agents-per-user must be 1..10 (MAX_PENDING_PER_USER is 10)")
     if args.idle_ws == 0:
         p.error("--idle-ws must be at least 1 (memory per connection is measured)")
-    for name, url in (("--database-url", args.database_url), ("--redis-url", args.redis_url)):
-        if url and urlparse(url).hostname not in LOOPBACK:
-            p.error(f"{name} must point at a loopback host (127.0.0.1, localhost, ::1)")
-    db = urlparse(args.database_url)
-    if db.scheme not in ("postgres", "postgresql"):
-        p.error("--database-url must be a postgres:// URL")
-    if db.path.lstrip("/") in ("", "postgres", "template0", "template1", "countersign"):
-        p.error("--database-url must name a dedicated benchmark database")
+    if args.redis_url and urlparse(args.redis_url).hostname not in LOOPBACK:
+        p.error("--redis-url must point at a loopback host (127.0.0.1, localhost, ::1)")
+    check_database_url(p, "--database-url", args.database_url)
     args.secret_key = secrets.token_urlsafe(50)
     args.deadline = time.monotonic() + args.timeout
     return args
@@ -1045,17 +881,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_signal(signum, frame):  # SIGTERM runs the finally: blocks, like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+    limit = raise_fd_limit(args.idle_ws * 2 + 2000)
+    with Stack(prefix="load", timeout=args.timeout, keep_tmp=args.keep_tmp, grace=60) as stack:
+        args.deadline = stack.deadline
+        return run(args, stack, limit)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

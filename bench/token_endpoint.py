@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Token-endpoint throughput over real HTTP on loopback.
 
-Starts its own Countersign server (uvicorn, ``config.asgi:application``) on
-127.0.0.1 with a fresh database, prepares authorization codes directly in that
+Starts its own Countersign web process (``_stack.start_web``: the production
+serving command) on 127.0.0.1 with a fresh database, prepares authorization codes directly in that
 database, then measures two phases against ``POST /o/token/``:
 
 1. code exchange: ``grant_type=authorization_code`` with PKCE S256 and HTTP
@@ -18,10 +18,12 @@ Usage (from the project root)::
     .venv/bin/python bench/token_endpoint.py \\
         --database-url postgres://postgres@127.0.0.1:5432/countersign_bench
 
-Everything is bounded: fixed request counts, a per-request timeout and a global
-``--timeout``; the server it starts is always stopped (its whole process group),
-and a PostgreSQL database it created is dropped. Nothing is asserted on timing.
-The last line of output is one ``key=value`` line meant for comparing runs.
+Printed per phase: requests/s, latency percentiles, and CPU per request of the
+web process group and of this load generator. Everything is bounded: fixed
+request counts, a per-request timeout and a global ``--timeout``; the server it
+starts is always stopped (its whole process group), and a PostgreSQL database it
+created is dropped. Nothing is asserted on timing. The last line of output is
+one ``key=value`` line meant for comparing runs.
 """
 
 from __future__ import annotations
@@ -32,23 +34,24 @@ import base64
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
+from _stack import (
+    CpuUsage,
+    Stack,
+    check_database_url,
+    dist,
+    free_port,
+    log,
+    percentiles_ms,
+    run_main,
+    start_web,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 # Runs in a subprocess with the bench environment (DATABASE_URL, COUNTERSIGN_VAR_DIR):
 # one scope, one agent, one user, then one session grant and one authorization code per
@@ -131,67 +134,6 @@ with open(out_path, "w") as fh:
 '''
 
 
-# --- small helpers ------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_group_cpu_seconds(pgid: int) -> float | None:
-    """user+system CPU seconds of every live process in a process group (Linux /proc only)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    total = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        # fields[0] is state (field 3); pgrp is field 5, utime 14, stime 15.
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
-
-
-def machine_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux only)."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
-    idle = values[3] + values[4]
-    return (total - idle) / _CLK_TCK, total / _CLK_TCK
-
-
-def self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 # --- phases ---------------------------------------------------------------------------------------
 
 
@@ -202,9 +144,7 @@ class PhaseResult:
     errors: int = 0
     first_error: str = ""
     wall: float = 0.0
-    server_cpu: float | None = None
-    client_cpu: float = 0.0
-    machine_busy: float | None = None  # CPU seconds used by the whole machine during the phase
+    cpu: CpuUsage | None = None  # per process kind, and this load generator's
     skipped: int = 0  # requests not sent (deadline reached)
 
     @property
@@ -373,25 +313,15 @@ async def run_exchange_chains(xc: ExchangeClient, starts: list[str], total: int,
     await asyncio.gather(*(chain(i, t) for i, t in enumerate(starts)))
 
 
-async def timed(result: PhaseResult, pgid: int | None, coro):
-    cpu0 = process_group_cpu_seconds(pgid) if pgid else None
-    me0 = self_cpu_seconds()
-    m0 = machine_cpu_seconds()
-    t0 = time.perf_counter()
+async def timed(result: PhaseResult, stack: Stack, coro):
+    before = stack.cpu_sample()
     value = await coro
-    result.wall = time.perf_counter() - t0
-    result.client_cpu = self_cpu_seconds() - me0
-    m1 = machine_cpu_seconds()
-    if m0 is not None and m1 is not None:
-        result.machine_busy = m1[0] - m0[0]
-    cpu1 = process_group_cpu_seconds(pgid) if pgid else None
-    if cpu0 is not None and cpu1 is not None:
-        result.server_cpu = cpu1 - cpu0
+    result.cpu = stack.cpu_usage(before, stack.cpu_sample())
+    result.wall = result.cpu.wall
     return value
 
 
 def report(result: PhaseResult, workers: int, cores: int) -> None:
-    lat = sorted(x * 1000 for x in result.latencies)
     log(f"\n[{result.name}]")
     log(f"  requests        {result.requests}" + (f"  (not sent: {result.skipped})" if result.skipped else ""))
     log(f"  errors          {result.errors}")
@@ -403,39 +333,29 @@ def report(result: PhaseResult, workers: int, cores: int) -> None:
         log(f"  requests/s/core {result.rps / workers:.1f}  (rps / workers; workers={workers} <= cores={cores})")
     else:
         log(f"  requests/s/core n/a (workers={workers} > cores={cores})")
-    log(f"  latency ms      p50 {percentile(lat, 50):.2f}  p95 {percentile(lat, 95):.2f}  "
-        f"p99 {percentile(lat, 99):.2f}  max {lat[-1] if lat else 0:.2f}")
-    if result.server_cpu is not None and result.requests:
-        log(f"  server CPU      {result.server_cpu:.2f} s = {1000 * result.server_cpu / result.requests:.2f} ms/request"
-            f"  (uvicorn process group; database server not included)")
-    if result.requests:
-        log(f"  client CPU      {result.client_cpu:.2f} s = {1000 * result.client_cpu / result.requests:.2f} ms/request"
-            f"  (this process, shares the machine with the server)")
-    if result.machine_busy is not None and result.wall > 0:
-        other = result.machine_busy - (result.server_cpu or 0.0) - result.client_cpu
-        log(f"  machine CPU     {result.machine_busy / result.wall:.2f} of {cores} cores busy; other processes "
-            f"{max(0.0, other) / result.wall:.2f} cores (database server, anything else running)")
+    log(f"  latency         {dist(result.latencies)}")
+    if result.cpu is not None and result.requests:
+        log(f"  CPU             {result.cpu.line(result.requests)}")
+        log(f"  machine         {result.cpu.machine_line(cores)}")
 
 
-# --- server and database lifecycle ------------------------------------------------------------------
+def web_cpu_ms(result: PhaseResult) -> float:
+    if result.cpu is None:
+        return 0.0
+    return result.cpu.per(result.requests).get("web") or 0.0
+
+
+# --- the run ----------------------------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, stack: Stack):
         self.args = args
-        self.deadline = time.monotonic() + args.timeout
-        self.tmp = Path(tempfile.mkdtemp(prefix="countersign-bench-"))
-        self.server: subprocess.Popen | None = None
-        self.server_log = self.tmp / "server.log"
-        self.pg_created: tuple[str, str] | None = None  # (admin conninfo, database name)
-        self._watchdog: threading.Timer | None = None
-
-    # environment ------------------------------------------------------------------------------
+        self.stack = stack
+        self.deadline = stack.deadline
 
     def database_url(self) -> str:
-        if self.args.database_url:
-            return self.args.database_url
-        return f"sqlite:///{self.tmp / 'bench.sqlite3'}"
+        return self.args.database_url or f"sqlite:///{self.stack.tmp / 'bench.sqlite3'}"
 
     def env(self, port: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -444,177 +364,51 @@ class Bench:
         env.update({
             "DJANGO_SETTINGS_MODULE": "config.settings",
             "DATABASE_URL": self.database_url(),
-            "COUNTERSIGN_VAR_DIR": str(self.tmp),
+            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
             "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{port}",
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.args.redis_url:
+            env["REDIS_URL"] = self.args.redis_url
         return env
 
-    def remaining(self) -> float:
-        return max(1.0, self.deadline - time.monotonic())
-
-    def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> None:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=self.remaining())
-        if proc.returncode != 0:
-            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
-
-    # PostgreSQL ---------------------------------------------------------------------------------
-
-    def pg_create(self) -> None:
-        import psycopg
-        from psycopg import sql
-
-        url = urlparse(self.args.database_url)
-        name = url.path.lstrip("/")
-        admin = url._replace(path="/postgres").geturl()
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
-            if exists and not self.args.drop_existing:
-                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
-            if exists:
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.pg_created = (admin, name)
-        log(f"  created PostgreSQL database {name}")
-
-    def pg_drop(self) -> None:
-        if self.pg_created is None:
-            return
-        import psycopg
-        from psycopg import sql
-
-        admin, name = self.pg_created
-        self.pg_created = None
-        try:
-            with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            log(f"dropped PostgreSQL database {name}")
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
-            log(f"could not drop PostgreSQL database {name}: {exc}")
-
-    # server -------------------------------------------------------------------------------------
-
-    def start_server(self, port: int, env: dict[str, str]) -> None:
-        cmd = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(self.args.workers), "--no-access-log",
-               "--log-level", "warning"]
-        log(f"  server: {' '.join(cmd[1:])}")
-        with open(self.server_log, "wb") as out:
-            # Its own session, hence its own process group: stop_server kills workers too.
-            self.server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/.well-known/oauth-authorization-server"
-        ready_by = min(self.deadline, time.monotonic() + 60)
-        while time.monotonic() < ready_by:
-            if self.server.poll() is not None:
-                raise SystemExit(f"server exited with {self.server.returncode}:\n{self.server_log_tail()}")
-            try:
-                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"server did not answer on {url} in time:\n{self.server_log_tail()}")
-
-    def server_log_tail(self, chars: int = 6000) -> str:
-        try:
-            return self.server_log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop_server(self) -> None:
-        proc, self.server = self.server, None
-        if proc is None:
-            return
-        try:
-            pgid = os.getpgid(proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGKILL)  # stragglers (workers) if any are left
-            except ProcessLookupError:
-                pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-    # watchdog -----------------------------------------------------------------------------------
-
-    def arm_watchdog(self) -> None:
-        def fire():
-            log(f"\nglobal timeout ({self.args.timeout:.0f}s + grace) reached: stopping")
-            self.stop_server()
-            self.pg_drop()
-            self.cleanup_tmp()
-            os._exit(3)
-
-        self._watchdog = threading.Timer(self.args.timeout + 30, fire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def cleanup_tmp(self) -> None:
-        if self.args.keep_tmp:
-            log(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    # the run ------------------------------------------------------------------------------------
-
     def run(self) -> int:
-        args = self.args
+        args, stack = self.args, self.stack
         cores = os.cpu_count() or 1
         db = "postgresql" if args.database_url else "sqlite"
-        self.arm_watchdog()
-        try:
-            port = free_port()
-            env = self.env(port)
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            log(f"setup (db={db}, workers={args.workers}, cores={cores}, load average {load:.2f}, tmp={self.tmp})")
-            if args.database_url:
-                self.pg_create()
-            self.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
-            codes_path = self.tmp / "codes.json"
-            n_codes = args.warmup + args.requests
-            self.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI,
-                           str(args.chains)],
-                          env, f"agent, user, {n_codes} grants and codes")
-            data = json.loads(codes_path.read_text())
-            self.start_server(port, env)
-            pgid = os.getpgid(self.server.pid)
-            log(f"  server ready on 127.0.0.1:{port}")
-            code_result, refresh_result, exchange_result = asyncio.run(self.phases(port, data, pgid))
-        finally:
-            self.stop_server()
-            server_log = self.server_log_tail()
-            self.pg_drop()
-            self.cleanup_tmp()
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+        port = free_port()
+        env = self.env(port)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        log(f"setup (db={db}, workers={args.workers}, cores={cores}, load average {load:.2f}, tmp={stack.tmp})")
+        if args.database_url:
+            stack.create_database(args.database_url, drop_existing=args.drop_existing)
+        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
+        codes_path = stack.tmp / "codes.json"
+        n_codes = args.warmup + args.requests
+        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI,
+                        str(args.chains)], env, f"agent, user, {n_codes} grants and codes")
+        data = json.loads(codes_path.read_text())
+        web = start_web(stack, "web", port, env, workers=args.workers)
+        stack.wait_http(web, "/.well-known/oauth-authorization-server")
+        log(f"  server ready on 127.0.0.1:{port}")
+        results = asyncio.run(self.phases(port, data))
+        server_log = stack.log_tail("web", 6000)
+        code_result, refresh_result, exchange_result = results
 
-        results = (code_result, refresh_result, exchange_result)
         for r in results:
             report(r, args.workers, cores)
         if any(r.errors for r in results) and server_log.strip():
             log("\nserver log (tail):\n" + server_log)
         per_core = args.workers <= cores
+        lat = {n: percentiles_ms(r.latencies) for n, r in zip(("code_exchange", "refresh", "exchange"), results, strict=True)}
         summary = (f"token_endpoint code_exchange_rps={code_result.rps:.1f} refresh_rps={refresh_result.rps:.1f} "
                    f"exchange_rps={exchange_result.rps:.1f} "
-                   f"workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
+                   f"code_exchange_web_cpu_ms={web_cpu_ms(code_result):.2f} "
+                   f"refresh_web_cpu_ms={web_cpu_ms(refresh_result):.2f} "
+                   f"exchange_web_cpu_ms={web_cpu_ms(exchange_result):.2f} "
+                   + " ".join(f"{n}_p50_ms={q['p50']:.2f} {n}_p99_ms={q['p99']:.2f}" for n, q in lat.items())
+                   + f" workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
                    f"cores={cores} errors={sum(r.errors for r in results)}")
         if per_core:
             summary += (f" code_exchange_rps_per_core={code_result.rps / args.workers:.1f}"
@@ -625,8 +419,8 @@ class Bench:
         failed = any(r.errors or r.skipped for r in results)
         return 1 if failed else 0
 
-    async def phases(self, port: int, data: dict, pgid: int) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
-        args = self.args
+    async def phases(self, port: int, data: dict) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
+        args, stack = self.args, self.stack
         tc = TokenClient(f"http://127.0.0.1:{port}", data["client_id"], data["client_secret"],
                          data["redirect_uri"], max(args.concurrency, args.chains), args.request_timeout)
         try:
@@ -639,7 +433,7 @@ class Bench:
                     + (f" (first: {warm_result.first_error[:300]})" if warm_result.first_error else ""))
 
             code_result = PhaseResult(f"code exchange: {len(timed_codes)} requests, concurrency {args.concurrency}")
-            refresh_tokens = await timed(code_result, pgid, run_code_exchanges(
+            refresh_tokens = await timed(code_result, stack, run_code_exchanges(
                 tc, timed_codes, args.concurrency, self.deadline, code_result))
 
             starts = refresh_tokens[:args.chains]
@@ -647,7 +441,7 @@ class Bench:
             if len(starts) < args.chains:
                 refresh_result.note_error(f"only {len(starts)} refresh tokens from phase 1 for {args.chains} chains")
             if starts:
-                await timed(refresh_result, pgid, run_refresh_chains(
+                await timed(refresh_result, stack, run_refresh_chains(
                     tc, starts, args.refreshes, self.deadline, refresh_result))
 
             x = data["exchange"]
@@ -666,7 +460,7 @@ class Bench:
             if first.errors:
                 exchange_result.note_error(f"could not start the exchange chains: {first.first_error}")
             elif x_starts:
-                await timed(exchange_result, pgid, run_exchange_chains(
+                await timed(exchange_result, stack, run_exchange_chains(
                     xc, x_starts, args.refreshes, self.deadline, exchange_result))
             await xc.aclose()
             return code_result, refresh_result, exchange_result
@@ -683,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chains", type=int, default=None, help="concurrent refresh chains (default: --concurrency)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed code exchanges first (default: 25 per worker)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    p.add_argument("--workers", type=int, default=1, help="web server worker processes, as WEB_CONCURRENCY (default: 1)")
     p.add_argument("--database-url", default=None,
                    help="PostgreSQL on loopback, e.g. postgres://postgres@127.0.0.1:5432/countersign_bench; "
                         "the database is created for the run and dropped after it (default: SQLite in a temp dir)")
@@ -693,6 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="global limit in seconds for the whole run (default: 900)")
     p.add_argument("--request-timeout", type=float, default=30,
                    help="per-request timeout in seconds (default: 30)")
+    p.add_argument("--redis-url", default="",
+                   help="REDIS_URL for the server (default: the product setting's)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server log, SQLite file)")
     args = p.parse_args(argv)
     args.refreshes = args.requests if args.refreshes is None else args.refreshes
@@ -706,30 +502,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.chains > args.requests:
         p.error("--chains cannot exceed --requests (each chain starts from a phase-1 refresh token)")
     if args.database_url:
-        url = urlparse(args.database_url)
-        if url.scheme not in ("postgres", "postgresql"):
-            p.error("--database-url must be a postgres:// URL (SQLite is the default)")
-        if url.hostname not in LOOPBACK:
-            p.error("--database-url must point at a loopback host (127.0.0.1, localhost, ::1)")
-        if not url.path.lstrip("/") or url.path.lstrip("/") in ("postgres", "template0", "template1"):
-            p.error("--database-url must name a dedicated benchmark database")
+        check_database_url(p, "--database-url", args.database_url, reserved=())
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    bench = Bench(args)
-
-    def on_signal(signum, frame):  # make SIGTERM run the finally: blocks like Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        return bench.run()
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+    with Stack(prefix="bench", timeout=args.timeout, keep_tmp=args.keep_tmp) as stack:
+        return Bench(args, stack).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

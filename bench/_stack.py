@@ -1,0 +1,590 @@
+"""What every benchmark here needs to run a real stack on loopback and read it honestly.
+
+- ``Stack``: a temp dir, a global deadline with a watchdog, processes each started in its own
+  process group (so stopping one stops its children), PostgreSQL databases created for the run,
+  an optional private ``redis-server``; ``close()`` (also on ``with`` exit, Ctrl-C, SIGTERM or
+  the watchdog) kills every process group, drops every database and removes the temp dir.
+- ``start_web``: the one place that knows how a web process is started (see its docstring).
+- CPU accounting per process group: utime+stime from ``/proc/<pid>/stat`` of every process in
+  the group, read before and after a phase, gives server CPU per request per process kind.
+- Percentiles (nearest rank) and one-line summaries.
+
+Linux only for the CPU figures (``/proc``); elsewhere they print as n/a.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
+    return sorted_values[rank - 1]
+
+
+def percentiles_ms(values_s: Iterable[float]) -> dict[str, float]:
+    """n, p50, p90, p99 and max in milliseconds of latencies given in seconds."""
+    ms = sorted(v * 1000 for v in values_s)
+    return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
+            "max": ms[-1] if ms else 0.0}
+
+
+def dist(values_s: Iterable[float], digits: int = 2) -> str:
+    q = percentiles_ms(values_s)
+    if not q["n"]:
+        return "no samples"
+    f = f"{{:.{digits}f}}"
+    return (f"n={q['n']}  p50 {f.format(q['p50'])}  p90 {f.format(q['p90'])}  p99 {f.format(q['p99'])}  "
+            f"max {f.format(q['max'])} ms")
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+# --- CPU accounting -------------------------------------------------------------------------------
+
+
+def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
+    """user+system CPU seconds of every live process in these process groups (None without /proc).
+
+    A process that exits during a phase takes its CPU with it; servers here keep their processes.
+    """
+    wanted = set(pgids)
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
+        if int(fields[2]) in wanted:
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
+    return (total - values[3] - values[4]) / _CLK_TCK, total / _CLK_TCK
+
+
+@dataclass
+class CpuSample:
+    """CPU seconds per process kind, this process's own, the machine's, and a wall clock."""
+
+    kinds: dict[str, float | None]
+    client: float
+    machine: tuple[float, float] | None
+    wall: float
+
+
+@dataclass
+class CpuUsage:
+    kinds: dict[str, float | None]  # CPU seconds during the phase per process kind
+    client: float
+    machine_busy: float | None
+    wall: float
+
+    def per(self, n: int) -> dict[str, float | None]:
+        """Milliseconds per unit (request, flow, round) per process kind."""
+        return {k: (None if v is None or not n else 1000 * v / n) for k, v in self.kinds.items()}
+
+    def line(self, n: int, unit: str = "request") -> str:
+        parts = [f"{k} {v:.2f} ms" if v is not None else f"{k} n/a" for k, v in self.per(n).items()]
+        client = f"; load generator {1000 * self.client / n:.2f} ms" if n else ""
+        left_out = "PostgreSQL not included" if "redis" in self.kinds else "PostgreSQL and Redis not included"
+        return ", ".join(parts) + f" per {unit}{client}  ({left_out})"
+
+    def machine_line(self, cores: int) -> str:
+        if self.machine_busy is None or self.wall <= 0:
+            return "machine CPU n/a"
+        other = self.machine_busy - sum(v or 0.0 for v in self.kinds.values()) - self.client
+        return (f"machine {self.machine_busy / self.wall:.2f} of {cores} cores busy; everything else "
+                f"(PostgreSQL, Redis, other work) {max(0.0, other) / self.wall:.2f} cores")
+
+
+# --- the stack -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    kind: str  # web, ws, worker, redis, ... : CPU is reported per kind
+    popen: subprocess.Popen
+    log_path: Path
+    port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Stack:
+    """Processes, databases and a temp dir for one benchmark run, all torn down by ``close()``."""
+
+    def __init__(self, *, prefix: str, timeout: float, keep_tmp: bool = False, grace: float = 30):
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"countersign-{prefix}-"))
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.keep_tmp = keep_tmp
+        self.procs: dict[str, Proc] = {}
+        self._databases: list[tuple[str, str]] = []  # (admin conninfo, name)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._watchdog = threading.Timer(timeout + grace, self._fire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fire(self) -> None:
+        log(f"\nglobal timeout ({self.timeout:.0f}s + grace) reached: stopping")
+        self.close()
+        os._exit(3)
+
+    def remaining(self) -> float:
+        return max(1.0, self.deadline - time.monotonic())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._watchdog.cancel()
+            self.stop_all()
+            for admin, name in reversed(self._databases):
+                drop_database(admin, name)
+            self._databases.clear()
+            if self.keep_tmp:
+                log(f"kept {self.tmp}")
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # one-off commands ------------------------------------------------------------------------------
+
+    def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=self.remaining(),
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        log(f"  {what}: {time.perf_counter() - t0:.1f}s")
+        return proc
+
+    # long-running processes ----------------------------------------------------------------------
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str], *, kind: str, port: int | None = None) -> Proc:
+        """Start ``cmd`` in its own session (hence process group) with output to ``<tmp>/<name>.log``."""
+        if name in self.procs:
+            raise ValueError(f"a process named {name!r} is already running")
+        log_path = self.tmp / f"{name}.log"
+        with open(log_path, "wb") as out:
+            popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Proc(name, kind, popen, log_path, port)
+        self.procs[name] = proc
+        return proc
+
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        try:
+            return (self.tmp / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_until(self, proc: Proc, check: Callable[[], bool], what: str, limit: float = 60) -> None:
+        ready_by = min(self.deadline, time.monotonic() + limit)
+        while time.monotonic() < ready_by:
+            if proc.popen.poll() is not None:
+                raise SystemExit(f"{proc.name} exited with {proc.popen.returncode}:\n{self.log_tail(proc.name)}")
+            if check():
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"{what} not ready in time:\n{self.log_tail(proc.name)}")
+
+    def wait_http(self, proc: Proc, path: str, limit: float = 60) -> None:
+        """Until GET ``path`` on the process's port answers 200."""
+        import httpx
+
+        def up() -> bool:
+            try:
+                return httpx.get(proc.url + path, timeout=2, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait_until(proc, up, f"{proc.name} ({proc.url}{path})", limit)
+
+    def wait_port(self, proc: Proc, limit: float = 60) -> None:
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", proc.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        self.wait_until(proc, up, f"{proc.name} (port {proc.port})", limit)
+
+    def stop(self, names: Iterable[str] | None = None) -> None:
+        """SIGTERM each process group, wait, then SIGKILL whatever is left of it (pool children)."""
+        with self._lock:
+            chosen = [self.procs.pop(n) for n in list(self.procs if names is None else names) if n in self.procs]
+        for proc in chosen:
+            _signal_group(proc.popen.pid, signal.SIGTERM)
+        for proc in chosen:
+            try:
+                proc.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.popen.pid, signal.SIGKILL)
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop_all(self) -> None:
+        self.stop(None)
+
+    # CPU per process kind --------------------------------------------------------------------------
+
+    def pgids(self, kind: str | None = None, names: Iterable[str] | None = None) -> list[int]:
+        chosen = [p for p in self.procs.values()
+                  if (kind is None or p.kind == kind) and (names is None or p.name in names)]
+        return [p.popen.pid for p in chosen if p.popen.poll() is None]  # session leader: pid == pgid
+
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(p.kind for p in self.procs.values()))
+
+    def cpu_sample(self, groups: dict[str, list[str]] | None = None) -> CpuSample:
+        """CPU seconds so far per process kind (or per named group of process names)."""
+        if groups is None:
+            kinds = {k: group_cpu_seconds(self.pgids(kind=k)) for k in self.kinds()}
+        else:
+            kinds = {k: group_cpu_seconds(self.pgids(names=names)) for k, names in groups.items()}
+        return CpuSample(kinds, self_cpu_seconds(), machine_cpu_seconds(), time.perf_counter())
+
+    @staticmethod
+    def cpu_usage(before: CpuSample, after: CpuSample) -> CpuUsage:
+        kinds = {k: (None if before.kinds.get(k) is None or v is None else v - before.kinds[k])
+                 for k, v in after.kinds.items()}
+        busy = None
+        if before.machine is not None and after.machine is not None:
+            busy = after.machine[0] - before.machine[0]
+        return CpuUsage(kinds, after.client - before.client, busy, after.wall - before.wall)
+
+    # PostgreSQL and Redis ----------------------------------------------------------------------------
+
+    def create_database(self, url: str, *, drop_existing: bool = False) -> None:
+        """Create the database ``url`` names (dropped again by ``close()``)."""
+        import psycopg
+        from psycopg import sql
+
+        parsed = urlparse(url)
+        name = parsed.path.lstrip("/")
+        admin = parsed._replace(path="/postgres").geturl()
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+            if exists and not drop_existing:
+                raise SystemExit(f"database {name!r} already exists; drop it or pass --drop-existing")
+            if exists:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            max_conn = conn.execute("SHOW max_connections").fetchone()[0]
+            in_use = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0]
+        with self._lock:
+            self._databases.append((admin, name))
+        log(f"  created PostgreSQL database {name} (max_connections {max_conn}, {in_use} in use now)")
+
+    def start_redis(self, name: str = "redis") -> str:
+        """A private redis-server on a free port, without persistence; returns its URL."""
+        if not shutil.which("redis-server"):
+            raise SystemExit("redis-server not found: install it or pass --redis-url")
+        port = free_port()
+        proc = self.spawn(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--maxclients", "10000"], dict(os.environ),
+                          kind="redis", port=port)
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        self.wait_until(proc, up, "redis-server", 30)
+        url = f"redis://127.0.0.1:{port}/0"
+        log(f"  redis-server on {url} (private)")
+        return url
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def drop_database(admin: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        log(f"dropped PostgreSQL database {name}")
+    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real outcome
+        log(f"could not drop PostgreSQL database {name}: {exc}")
+
+
+def check_database_url(parser, flag: str, url: str, *, reserved: Iterable[str] = ("countersign",)) -> None:
+    """argparse check: a postgres:// URL on loopback naming a database of its own."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgres", "postgresql"):
+        parser.error(f"{flag} must be a postgres:// URL")
+    if parsed.hostname not in LOOPBACK:
+        parser.error(f"{flag} must point at a loopback host (127.0.0.1, localhost, ::1)")
+    if parsed.path.lstrip("/") in ("", "postgres", "template0", "template1", *reserved):
+        parser.error(f"{flag} must name a dedicated benchmark database")
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class App:
+    """An application as both a WSGI and an ASGI callable ("module:attribute"), so that it can be
+    served by whichever server program the project's web process uses."""
+
+    wsgi: str
+    asgi: str
+
+
+COUNTERSIGN = App(wsgi="config.wsgi:application", asgi="config.asgi:application")
+
+
+def _serving():
+    """``config/serving.py`` if the project has one, else None. Loaded from its file, so the
+    ``config`` package (which imports Celery) is not imported into the load generator."""
+    path = ROOT / "config" / "serving.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_countersign_serving", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: App = COUNTERSIGN,
+              workers: int = 1, kind: str = "web") -> Proc:
+    """Start one web process serving HTTP on 127.0.0.1:``port``, the way production does.
+
+    The command comes from ``config.serving.web_command(host, port)`` when that module exists,
+    else it is today's ``uvicorn config.asgi:application``. ``workers`` travels as
+    ``WEB_CONCURRENCY`` (uvicorn and gunicorn read it). For another ``app`` (the peers in
+    peers.py) the command's Countersign target (``config.wsgi...`` or ``config.asgi...``) is
+    replaced by the app's callable of the same interface, so the peer runs under the same server
+    program with the same options. Readiness is not waited for here (see ``Stack.wait_http``).
+    """
+    host = "127.0.0.1"
+    serving = _serving()
+    if serving is not None:
+        cmd = list(serving.web_command(host, port))
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port", str(port),
+               "--no-access-log", "--log-level", "warning"]
+    if app != COUNTERSIGN:
+        cmd = _retarget(cmd, app)
+    env = {**env, "WEB_CONCURRENCY": str(workers)}
+    log(f"  {name}: {_shown(cmd)}")
+    return stack.spawn(name, cmd, env, kind=kind, port=port)
+
+
+def start_ws(stack: Stack, name: str, port: int, env: dict[str, str]) -> Proc | None:
+    """A websocket process, if ``config.serving.ws_command(host, port)`` says websockets are served
+    apart from HTTP; None when the web process serves them too (then use its port)."""
+    serving = _serving()
+    if serving is None or not hasattr(serving, "ws_command"):
+        return None
+    cmd = list(serving.ws_command("127.0.0.1", port))
+    log(f"  {name}: {_shown(cmd)}")
+    return stack.spawn(name, cmd, env, kind="ws", port=port)
+
+
+def _shown(cmd: list[str]) -> str:
+    return " ".join([Path(cmd[0]).name, *cmd[1:]])
+
+
+def _retarget(cmd: list[str], app: App) -> list[str]:
+    for i, arg in enumerate(cmd):
+        for interface in ("wsgi", "asgi"):
+            ours = getattr(COUNTERSIGN, interface)
+            if arg in (ours, ours.split(":")[0]):
+                return [*cmd[:i], getattr(app, interface), *cmd[i + 1:]]
+    raise SystemExit(f"cannot serve {app} the way the web process is served: no config.wsgi/config.asgi "
+                     f"target in {cmd}")
+
+
+def start_celery_worker(stack: Stack, name: str, env: dict[str, str], *, concurrency: int, hostname: str,
+                        extra: Iterable[str] = ()) -> Proc:
+    cmd = [str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
+           f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", *extra, "--hostname", hostname]
+    log(f"  {name}: {_shown(cmd)}")
+    return stack.spawn(name, cmd, env, kind="worker")
+
+
+def wait_celery_ready(stack: Stack, proc: Proc, limit: float = 120) -> None:
+    stack.wait_until(proc, lambda: "ready." in stack.log_tail(proc.name, 100_000), f"celery {proc.name}", limit)
+
+
+def celery_purge(stack: Stack, env: dict[str, str], *, quiet: bool = False) -> None:
+    """Drop tasks left in the countersign queue (by an earlier run, or handed back by a stopped worker)."""
+    cmd = [str(BIN / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"]
+    if not quiet:
+        stack.run_step(cmd, env, "purge the countersign queue")
+        return
+    try:
+        subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (subprocess.SubprocessError, OSError) as exc:
+        log(f"could not purge the countersign queue: {exc}")
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Run a benchmark so that SIGTERM and SIGHUP unwind like Ctrl-C (every ``finally`` runs)."""
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    # Also when started in the background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+# --- small shared pieces ----------------------------------------------------------------------------
+
+
+def basic(client_id: str, secret: str) -> str:
+    """An HTTP Basic Authorization header value (RFC 6749 §2.3.1 client authentication)."""
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def jwt_header(token: str) -> dict:
+    head = token.split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+
+
+@dataclass
+class Errors:
+    """A count and the first few messages."""
+
+    count: int = 0
+    samples: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.count += 1
+        if len(self.samples) < 5:
+            self.samples.append(text[:500])
+
+
+class ConnectionMonitor:
+    """Samples the number of PostgreSQL backends connected to a database (over one connection)."""
+
+    def __init__(self, database_url: str):
+        self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
+        self.peak: dict[str, int] = {}
+        self.phase = "idle"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
+                while not self._stop.wait(0.25):
+                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                     [self.name]).fetchone()[0] - 1  # not this monitor
+                    self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
+        except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
+            self.peak["monitor error"] = -1
+            log(f"  (connection monitor stopped: {exc})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
