@@ -9,16 +9,18 @@ for exactly one step-up scope that is both in the agent's registry and in the
 grant, with RFC 9396 ``authorization_details`` of a type that scope accepts.
 """
 
-import hashlib
 import unicodedata
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
 
+from consent import rows
 from consent.conf import countersign_settings
+from consent.grants.issue import AGENT_COLUMNS
 from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
-from consent.tokens import SESSION_TOKEN_TYP, TokenInvalid, verify
+from consent.tokens import MAX_TOKEN_BYTES, SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
 
 from . import rar
 from .errors import (
@@ -50,7 +52,44 @@ class BackchannelRequest:
     client_notification_token: str
 
 
-def _session_grant_from_hint(token: str, agent: Agent) -> SessionGrant:
+@dataclass(frozen=True)
+class LoginHint:
+    """What one statement reads for a request: the hint token's row, its grant and agent, and the policy
+    of the scope asked for (None if there is no such policy)."""
+
+    token_expires: datetime
+    grant: SessionGrant
+    agent: Agent
+    policy: ScopePolicy | None
+
+
+_HINT_TOKEN = rows.Columns(AccessToken, "t", ["expires"])
+_HINT_GRANT = rows.Columns(SessionGrant, "g", ["id", "user", "agent", "status", "expires_at", "step_up_scopes",
+                                               "dpop_jkt"])
+_HINT_AGENT = rows.Columns(Agent, "a", AGENT_COLUMNS)
+_POLICY = rows.Columns(ScopePolicy, "p", ["id", "name", "sensitivity", "description", "approval_window",
+                                          "authorization_details_types", "auto_approve_rule"])
+
+
+def read_login_hint(token: str, scope: str) -> LoginHint | None:
+    """The row of the session token named by ``login_hint_token``, with what validation needs."""
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        return None
+    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {_HINT_AGENT.sql}, {_POLICY.sql}"
+           f" FROM {rows.table(AccessToken)} t"
+           f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
+           f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
+           f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = %s"
+           f" WHERE t.token_checksum = %s")
+    row = rows.fetchone(sql, [scope, token_checksum(token)])
+    if row is None:
+        return None
+    token_row, grant, agent, policy = rows.split(row, _HINT_TOKEN, _HINT_GRANT, _HINT_AGENT, _POLICY)
+    return LoginHint(token_row["expires"], rows.instance(SessionGrant, grant), rows.instance(Agent, agent),
+                     rows.instance(ScopePolicy, policy) if policy["id"] is not None else None)
+
+
+def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -> SessionGrant:
     if not token:
         raise InvalidRequest("login_hint_token (the agent's session access token) is required")
     try:
@@ -61,14 +100,9 @@ def _session_grant_from_hint(token: str, agent: Agent) -> SessionGrant:
         raise InvalidRequest(f"login_hint_token is not a valid session access token ({exc})") from exc
     if claims.get("client_id") != agent.client_id:
         raise InvalidRequest("login_hint_token was issued to another client")
-    row = (
-        AccessToken.objects.select_related("session_grant")
-        .filter(token_checksum=hashlib.sha256(token.encode()).hexdigest())
-        .first()
-    )
-    if row is None or row.expires <= timezone.now():
+    if hint is None or hint.token_expires <= timezone.now():
         raise BackchannelAccessDenied("the session access token has been revoked")
-    grant = row.session_grant
+    grant = hint.grant
     if not grant.is_live():
         state = "expired" if grant.status == SessionGrant.Status.ACTIVE else grant.status
         raise BackchannelAccessDenied(f"the session grant is {state}")
@@ -119,8 +153,16 @@ def _delivery(agent: Agent, params: dict[str, str]) -> tuple[str, str]:
     return mode, notification_token if mode == "ping" else ""
 
 
-def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> BackchannelRequest:
-    """CIBA Core §7.1 parameters, checked in the order an agent can act on."""
+def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
+                                 hint: LoginHint | None = None) -> BackchannelRequest:
+    """CIBA Core §7.1 parameters, checked in the order an agent can act on.
+
+    ``hint`` is ``read_login_hint`` for this request's token and scope, read already
+    (the endpoint reads it to authenticate the agent against the same row).
+    """
+    if hint is None:
+        scopes = (params.get("scope") or "").split()
+        hint = read_login_hint(params.get("login_hint_token", ""), scopes[0] if len(scopes) == 1 else "")
     if not agent.is_active:
         raise BackchannelAccessDenied("the agent is suspended")
     scopes = (params.get("scope") or "").split()
@@ -128,7 +170,7 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> Bac
         raise InvalidScope("ask for exactly one step-up scope per request")
     scope = scopes[0]
     if scope == EXTEND_SCOPE:
-        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent)
+        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
         binding_message = _binding_message(params.get("binding_message", ""))
         details = _extension_details(params.get("authorization_details", ""), agent)
         window = _window(params.get("requested_expiry"), countersign_settings.DEFAULT_APPROVAL_WINDOW)
@@ -137,12 +179,12 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str]) -> Bac
             agent=agent, grant=grant, scope=scope, system="your connection with this agent", auto_approve_rule="",
             authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
             window_seconds=window, delivery_mode=mode, client_notification_token=notification_token)
-    policy = ScopePolicy.objects.filter(name=scope).first()
+    policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
     if scope not in (agent.allowed_scopes or []):
         raise InvalidScope(f"{scope} is not among the agent's registered scopes")
-    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent)
+    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
     if scope not in grant.step_up_scopes:
         raise InvalidScope(f"the user did not include {scope} in this session's consent")
     binding_message = _binding_message(params.get("binding_message", ""))

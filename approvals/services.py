@@ -10,17 +10,21 @@ import hashlib
 import hmac
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from audit.services import audit_record
+from consent import rows
 from consent.conf import countersign_settings
+from consent.errors import InvalidClient, OAuthError
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
+from consent.selectors import forget_resource_server
 from consent.services import AuthContext, grant_extend
-from consent.tokens import bind_to_proof_key, token_type
+from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, bind_to_proof_key, token_type, verify
 
 from . import rar
 from .ciba import EXTEND_SCOPE, BackchannelRequest
@@ -31,6 +35,9 @@ from .errors import (
     AuthorizationPending,
     ExpiredToken,
     InvalidGrant,
+    InvalidRequest,
+    InvalidTarget,
+    InvalidToken,
     SlowDown,
     TooManyPending,
 )
@@ -79,12 +86,28 @@ def _audit(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = 
 # --- creation ---------------------------------------------------------------------------------
 
 
-def _check_caps(req: BackchannelRequest, now) -> None:
-    pending = ApprovalRequest.objects.filter(status=Status.PENDING, expires_at__gt=now)
-    if pending.filter(user_id=req.grant.user_id).count() >= countersign_settings.MAX_PENDING_PER_USER:
-        raise TooManyPending("the user already has too many approvals waiting; try again later")
-    if pending.filter(agent=req.agent).count() >= countersign_settings.MAX_PENDING_PER_AGENT:
-        raise TooManyPending("this agent already has too many approvals waiting; try again later")
+_APPROVAL = rows.table(ApprovalRequest)
+
+
+def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int]:
+    """One statement: the pending request for this very action (if any) and whether its window has
+    passed, and how many prompts wait for this user and for this agent (approval fatigue caps)."""
+    at = rows.param(ApprovalRequest, "expires_at", now)
+    grant_id = rows.param(ApprovalRequest, "grant", req.grant.pk)
+    same = f"FROM {_APPROVAL} WHERE grant_id = %s AND scope = %s AND action_hash = %s AND status = %s"
+    row = rows.fetchone(
+        f"SELECT (SELECT id {same}), (SELECT CASE WHEN expires_at <= %s THEN 1 ELSE 0 END {same}),"
+        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE user_id = %s AND status = %s AND expires_at > %s),"
+        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s AND status = %s AND expires_at > %s)",
+        [grant_id, req.scope, req.action_hash, Status.PENDING,
+         at, grant_id, req.scope, req.action_hash, Status.PENDING,
+         req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at])
+    return row[0], bool(row[1]), row[2], row[3]
+
+
+def _existing(req: BackchannelRequest) -> ApprovalRequest:
+    return ApprovalRequest.objects.select_related("agent").get(
+        grant=req.grant, scope=req.scope, action_hash=req.action_hash, status=Status.PENDING)
 
 
 def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[ApprovalRequest, bool]:
@@ -94,14 +117,16 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     as it is: the user sees one prompt, the agent gets the same ``auth_req_id``.
     """
     now = timezone.now()
-    same = ApprovalRequest.objects.filter(grant=req.grant, scope=req.scope, action_hash=req.action_hash,
-                                          status=Status.PENDING)
-    for stale in list(same.filter(expires_at__lte=now).values_list("pk", flat=True)):
-        approval_expire(approval_id=stale)  # audited and removed from inboxes like any expiry
-    existing = same.select_related("agent").first()
-    if existing is not None:
-        return existing, False
-    _check_caps(req, now)
+    existing_id, stale, user_pending, agent_pending = _pending_state(req, now)
+    if existing_id is not None and stale:
+        approval_expire(approval_id=existing_id)  # audited and removed from inboxes like any expiry
+        existing_id = None
+    if existing_id is not None:
+        return _existing(req), False
+    if user_pending >= countersign_settings.MAX_PENDING_PER_USER:
+        raise TooManyPending("the user already has too many approvals waiting; try again later")
+    if agent_pending >= countersign_settings.MAX_PENDING_PER_AGENT:
+        raise TooManyPending("this agent already has too many approvals waiting; try again later")
     grant = req.grant
     approval = ApprovalRequest(
         grant=grant, user_id=grant.user_id, agent=req.agent, scope=req.scope,
@@ -121,11 +146,10 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         approval.decision_method = "auto_rule"
         approval.decision_auth = {"rule": rule}
     with transaction.atomic():  # the row and its audit events commit together, or not at all
-        try:
-            with transaction.atomic():
-                approval.save(force_insert=True)
-        except IntegrityError:  # a concurrent identical request won the partial unique index
-            return same.select_related("agent").get(), False
+        if rows.insert_instance(approval, skip_conflicts=True) is None:
+            # A concurrent identical request won the partial unique index: answer with that one.
+            return _existing(req), False
+        approval._state.adding = False
         _audit(approval, "approval.requested", actor=req.agent.actor_id, request=request,
                action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
                expires_in=req.window_seconds)
@@ -190,30 +214,54 @@ def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, requ
 # --- the agent collects its token (CIBA token request, §10.1) --------------------------------
 
 
+_COLLECT = rows.Columns(ApprovalRequest, "ap", [
+    "id", "status", "expires_at", "interval", "last_polled_at", "agent", "grant", "user", "scope",
+    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode"])
+_COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
+_COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
+_INTERVAL = connection.ops.quote_name("interval")
+
+
+def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]] | None:
+    """One statement: the request behind an ``auth_req_id``, its grant, and its scope's policy."""
+    row = rows.fetchone(
+        f"SELECT {_COLLECT.sql}, {_COLLECT_GRANT.sql}, {_COLLECT_POLICY.sql} FROM {_APPROVAL} ap"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = ap.grant_id"
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.auth_req_id_hash = %s",
+        [auth_req_id_hash(auth_req_id or "")])
+    if row is None:
+        return None
+    approval, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
+    approval = rows.instance(ApprovalRequest, approval)
+    approval.grant = rows.instance(SessionGrant, grant)
+    return approval, policy
+
+
 def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[str, Any]:
     """Answer one CIBA poll. Raises the CIBA §11 error for every non-success.
 
     ``jkt`` is the thumbprint of the poll's DPoP proof key, "" without one (RFC 9449 §6.1).
     """
     now = timezone.now()
-    approval = (
-        ApprovalRequest.objects.select_related("agent", "grant")
-        .filter(auth_req_id_hash=auth_req_id_hash(auth_req_id or ""))
-        .first()
-    )
-    if approval is None or approval.agent_id != agent.pk:
+    found = _read_for_collect(auth_req_id)
+    if found is None or found[0].agent_id != agent.pk:
         raise InvalidGrant("unknown auth_req_id")
+    approval, policy = found
+    approval.agent = agent
     if approval.status == Status.PENDING:
         if approval.expires_at <= now:
             approval_expire(approval_id=approval.pk)
             raise ExpiredToken("the approval window has passed")
-        too_soon = now - timedelta(seconds=approval.interval)
-        polled = ApprovalRequest.objects.filter(pk=approval.pk, status=Status.PENDING).filter(
-            Q(last_polled_at__isnull=True) | Q(last_polled_at__lte=too_soon)
-        ).update(last_polled_at=now)
+        at = rows.param(ApprovalRequest, "last_polled_at", now)
+        too_soon = rows.param(ApprovalRequest, "last_polled_at", now - timedelta(seconds=approval.interval))
+        pk = rows.param(ApprovalRequest, "id", approval.pk)
+        polled = rows.execute(f"UPDATE {_APPROVAL} SET last_polled_at = %s WHERE id = %s AND status = %s"
+                              f" AND (last_polled_at IS NULL OR last_polled_at <= %s)",
+                              [at, pk, Status.PENDING, too_soon])
         if polled == 1:
             raise AuthorizationPending("the user has not answered yet")
-        ApprovalRequest.objects.filter(pk=approval.pk).update(interval=approval.interval + 5, last_polled_at=now)
+        rows.execute(f"UPDATE {_APPROVAL} SET {_INTERVAL} = %s, last_polled_at = %s WHERE id = %s",
+                     [approval.interval + 5, at, pk])
         raise SlowDown(f"poll at most every {approval.interval + 5} seconds")
     if approval.status == Status.DENIED:
         raise AccessDenied("the user denied this action")
@@ -223,24 +271,27 @@ def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[s
         raise AccessDenied(f"the request was cancelled ({approval.decision_method})")
     if approval.status != Status.APPROVED:
         raise InvalidGrant("the token for this auth_req_id was already issued")
-    return _issue(approval, now, jkt)
+    return _issue(approval, policy, now, jkt)
 
 
-def _issue(approval: ApprovalRequest, now, jkt: str) -> dict[str, Any]:
+def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason="grant_ended")
         raise AccessDenied("the session grant or the agent is no longer active")
-    policy = ScopePolicy.objects.filter(name=approval.scope).first()
+    known = policy["id"] is not None
     # A grant extension has no downstream system: its token is addressed to us, as a receipt.
-    audience = policy.audience if policy else countersign_settings.ISSUER
-    ttl = policy.action_token_ttl if policy else countersign_settings.DEFAULT_ACTION_TOKEN_TTL
+    audience = policy["audience"] if known else countersign_settings.ISSUER
+    ttl = policy["action_token_ttl"] if known else countersign_settings.DEFAULT_ACTION_TOKEN_TTL
     with transaction.atomic():
-        if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.APPROVED).update(status=Status.ISSUED) != 1:
+        issued = rows.execute(f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s",
+                              [Status.ISSUED, rows.param(ApprovalRequest, "id", approval.pk), Status.APPROVED])
+        if issued != 1:
             raise InvalidGrant("the token for this auth_req_id was already issued")
         claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl), jkt=jkt,
                                    grant_jkt=approval.grant.dpop_jkt)
-        ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
-                                   expires_at=now + timedelta(seconds=ttl))
+        rows.insert(ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
+                                  "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
+                                  "redeemed_by": None})
         _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
         _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=ttl + 1))
     response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
@@ -314,33 +365,113 @@ def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
 # --- redemption by the resource server ------------------------------------------------------
 
 
+_TOKEN = rows.table(ActionToken)
+_JOINED = (f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
+           f" AND g.id = ap.grant_id AND ag.id = ap.agent_id")
+_RS_CURRENT = (f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
+               f" AND r.client_secret = %s)")
+# The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent, same resource server.
+_WIN = (f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
+        f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
+        f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id")
+_MOVE = f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s"
+# Why an attempt did not win (read in the same statement on PostgreSQL, after it elsewhere).
+_WHY = (f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
+        f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
+        f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s")
+
+
+def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
+    if why is None:
+        return InvalidToken("unknown action token")
+    redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
+    if not rs_current:
+        return InvalidClient("Resource-server authentication failed.",
+                             reason="resource server deactivated or its secret changed since it was verified")
+    if grant_status != SessionGrant.Status.ACTIVE or grant_ended:
+        return InvalidToken("the session grant is no longer active")
+    if agent_status != Agent.Status.ACTIVE:
+        return InvalidToken("the agent is suspended")
+    if expired and not redeemed:
+        return InvalidToken("action token expired")
+    if approval_status not in (Status.ISSUED, Status.REDEEMED):
+        return InvalidToken(f"the approval is {approval_status}")
+    # Redeemed: before this statement began, or by the one it waited for.
+    return InvalidToken("action token already redeemed")
+
+
+def _redeem_statement(*, jti: str, resource_server: ResourceServer, now) -> tuple[Any, int, tuple | None]:
+    """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost): one statement on PostgreSQL."""
+    at = rows.param(ActionToken, "redeemed_at", now)
+    grant_at = rows.param(SessionGrant, "expires_at", now)
+    rs = [resource_server.pk, True, resource_server.client_secret]
+    win = [at, resource_server.pk, jti, at, Status.ISSUED, SessionGrant.Status.ACTIVE, grant_at,
+           Agent.Status.ACTIVE, *rs]
+    why = [at, grant_at, *rs, jti]
+    if connection.vendor == "postgresql":
+        row = rows.fetchone(
+            f"WITH won AS ({_WIN}), moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
+            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id)"
+            f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
+            [*win, Status.REDEEMED, Status.ISSUED, *why])
+        if row is None:
+            return None, 0, None
+        return row[0], row[1], tuple(row[2:])
+    won = rows.fetchone(_WIN, win)
+    if won is None:
+        return None, 0, rows.fetchone(f"SELECT {_WHY}", why)
+    return won[0], rows.execute(_MOVE, [Status.REDEEMED, won[0], Status.ISSUED]), None
+
+
+def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
+    """Verify an action token for redemption by this resource server; the claims, or ``OAuthError``.
+
+    RFC 8725 §3.11: only an ``action+jwt``. ``request_hash`` is the action hash the
+    resource server recomputed from the request it is about to execute (it must be
+    the approved one).
+    """
+    if not token:
+        raise InvalidRequest("the token parameter is required")
+    try:
+        claims = verify(token, typ=ACTION_TOKEN_TYP)
+    except TokenInvalid as exc:
+        raise InvalidToken(str(exc)) from exc
+    if claims.get("aud") != resource_server.audience:
+        raise InvalidTarget("this action token is for another resource server")
+    if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
+        raise InvalidToken("action_hash does not match the token's authorization_details")
+    if request_hash and request_hash != claims["action_hash"]:
+        raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
+    return claims
+
+
 def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServer) -> ApprovalRequest:
-    """Mark the action token redeemed: exactly one caller ever wins (conditional UPDATE).
+    """Mark the action token redeemed: exactly one caller ever wins.
 
     ``claims`` come from a verified ``action+jwt`` whose audience is this resource
-    server. The grant and the agent must still be active.
+    server. One conditional UPDATE decides, and checks in the same statement that the
+    request is ISSUED, its grant and agent are still active, and the resource server
+    is still active with the credentials it was verified with; the winner's request
+    moves ISSUED -> REDEEMED with it. A losing attempt costs that one statement (on
+    PostgreSQL, which reads why it lost in the same statement).
     """
-    from .errors import InvalidToken
-
     now = timezone.now()
-    token = ActionToken.objects.select_related("approval__grant", "approval__agent").filter(
-        jti=claims["jti"]).first()
-    if token is None:
-        raise InvalidToken("unknown action token")
-    approval = token.approval
-    if not approval.grant.is_live(now):
-        raise InvalidToken("the session grant is no longer active")
-    if approval.agent.status != Agent.Status.ACTIVE:
-        raise InvalidToken("the agent is suspended")
+    jti = claims["jti"]
     with transaction.atomic():
-        won = ActionToken.objects.filter(pk=token.pk, redeemed_at__isnull=True, expires_at__gt=now).update(
-            redeemed_at=now, redeemed_by=resource_server)
-        if won != 1:
-            raise InvalidToken("action token already redeemed" if ActionToken.objects.filter(
-                pk=token.pk, redeemed_at__isnull=False).exists() else "action token expired")
-        if ApprovalRequest.objects.filter(pk=approval.pk, status=Status.ISSUED).update(status=Status.REDEEMED) != 1:
-            # Cancelled or expired meanwhile: raising rolls the token's redemption back.
-            raise InvalidToken(f"the approval is {ApprovalRequest.objects.get(pk=approval.pk).status}")
-        _audit(approval, "action_token.redeemed", actor=f"rs:{resource_server.client_id}", jti=token.jti)
-    approval.status = Status.REDEEMED
+        won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now)
+        if won is None:
+            refusal = _redeem_refusal(why)
+            if isinstance(refusal, InvalidClient):
+                forget_resource_server(resource_server.client_id)
+            raise refusal
+        if moved != 1:
+            raise InvalidToken("the approval changed while it was redeemed")  # rolls the redemption back
+        approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
+                                   grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
+                                   authorization_details=claims["authorization_details"],
+                                   action_hash=claims["action_hash"])
+        approval._state.adding = False
+        audit_record(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
+                     user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
+                     detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
     return approval

@@ -20,18 +20,17 @@ from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
 from consent.models import ScopePolicy
-from consent.oauth.client_auth import authenticate_request, presented_credentials
-from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
+from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
-from . import rar
-from .ciba import validate_backchannel_request
-from .errors import ApprovalNotFound, ApprovalNotPending, InvalidRequest, InvalidTarget, InvalidToken
+from .ciba import read_login_hint, validate_backchannel_request
+from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
 from .selectors import history_for_user, pending_for_user
 from .services import (
     action_token_redeem,
+    action_token_verify,
     approval_approve,
     approval_audit_refused_decision,
     approval_deny,
@@ -125,75 +124,70 @@ def confirm_view(request, approval_id):
     return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
 
 
-def _agent_or_refuse(request, event: str):
-    """CIBA Core §7.1: the agent authenticates exactly as at the token endpoint."""
-    try:
-        credentials = presented_credentials(request.POST.dict(), request.META.get("HTTP_AUTHORIZATION", ""))
-        return authenticate_request(credentials,
-                                    endpoint_url=f"{countersign_settings.ISSUER}/o/bc-authorize/")
-    except OAuthError as exc:
-        audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
-                      request=request, detail={"reason": exc.reason or "client authentication failed"})
-        return None
-
-
 @method_decorator(csrf_exempt, name="dispatch")
 class BackchannelAuthenticationView(View):
-    """CIBA Core §7 backchannel authentication endpoint (poll and ping modes)."""
+    """CIBA Core §7 backchannel authentication endpoint (poll and ping modes).
+
+    §7.1: the agent authenticates exactly as at the token endpoint. The session token
+    in ``login_hint_token`` is read together with its grant, its agent and the scope's
+    policy in one statement, and the agent is authenticated against that row.
+    """
 
     def post(self, request, *args, **kwargs):
-        agent = _agent_or_refuse(request, "approval.request_refused")
-        if agent is None:
+        params = request.POST.dict()
+        try:
+            agent, hint = self._authenticate(request, params)
+        except OAuthError as exc:
+            audit_refusal(event="approval.request_refused", error="invalid_client", actor="",
+                          client_id=claimed_client_id(request), request=request,
+                          detail={"reason": exc.reason or "client authentication failed"})
             return oauth_error("invalid_client", "Client authentication failed.", status=401)
         try:
-            req = validate_backchannel_request(agent=agent, params=request.POST.dict())
+            req = validate_backchannel_request(agent=agent, params=params, hint=hint)
             approval, created = approval_request_create(req=req, request=request)
         except OAuthError as exc:
             audit_refusal(event="approval.request_refused", error=exc.error, actor=agent.actor_id,
                           client_id=agent.client_id, request=request, detail={"reason": exc.description,
-                                                                               "scope": request.POST.get("scope", "")})
+                                                                               "scope": params.get("scope", "")})
             return oauth_error(exc.error, exc.description, status=exc.status_code)
         remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
         return JsonResponse({"auth_req_id": auth_req_id_for(approval.pk), "expires_in": remaining,
                              "interval": approval.interval}, headers=NO_STORE)
 
+    @staticmethod
+    def _authenticate(request, params: dict[str, str]):
+        credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        endpoint = f"{countersign_settings.ISSUER}/o/bc-authorize/"
+        scopes = params.get("scope", "").split()
+        hint = read_login_hint(params.get("login_hint_token", ""), scopes[0] if len(scopes) == 1 else "")
+        if hint is not None and hint.agent.client_id == credentials.client_id:
+            return client_auth.authenticate(credentials, hint.agent, endpoint_url=endpoint), hint
+        return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
+
 
 @method_decorator(csrf_exempt, name="dispatch")
 class RedemptionView(View):
-    """Redeem an action token, exactly once, before the resource server acts on it."""
+    """Redeem an action token, exactly once, before the resource server acts on it.
+
+    The token is verified locally (JWKS keys, ``typ``, audience, ``action_hash``); then one
+    conditional UPDATE decides the redemption. The resource server's credentials may be
+    reused from a recent verification because that UPDATE re-checks them.
+    """
 
     def post(self, request, *args, **kwargs):
-        rs, refusal = resource_server_or_refusal(request, event="redemption.refused")
+        rs, refusal = resource_server_or_refusal(request, event="redemption.refused", cached=True)
         if refusal is not None:
             return refusal
         try:
-            claims = self._verify(request.POST.get("token", ""), rs, request.POST.get("action_hash", ""))
+            claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
+                                         request_hash=request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)
         except OAuthError as exc:
             audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": exc.description})
+                          client_id=rs.client_id, request=request, detail={"reason": exc.reason})
             return oauth_error(exc.error, exc.description, status=exc.status_code)
         return JsonResponse({
             "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
             "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,
             "sub": claims["sub"], "act": claims["act"], "client_id": claims["client_id"],
         }, headers=NO_STORE)
-
-    @staticmethod
-    def _verify(token: str, rs, request_hash: str = "") -> dict:
-        """Verify the token for this resource server; ``request_hash`` is the action hash the
-        resource server recomputed from the request it is about to execute."""
-        if not token:
-            raise InvalidRequest("the token parameter is required")
-        try:
-            claims = verify(token, typ=ACTION_TOKEN_TYP)
-        except TokenInvalid as exc:
-            raise InvalidToken(str(exc)) from exc
-        if claims.get("aud") != rs.audience:
-            raise InvalidTarget("this action token is for another resource server")
-        if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
-            raise InvalidToken("action_hash does not match the token's authorization_details")
-        presented = request_hash
-        if presented and presented != claims["action_hash"]:
-            raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
-        return claims

@@ -14,6 +14,9 @@ DEFAULTS: dict[str, Any] = {
     "SIGNING_ALG": "ES256",
     # How long a process trusts its cached view of the active signing key.
     "SIGNING_KEY_CACHE_SECONDS": 5,
+    # How long a process may reuse a resource server's verified credentials where the statement
+    # that acts re-checks them (redemption).
+    "CLIENT_CACHE_SECONDS": 5,
     # Access-token lifetime for agents that do not set their own (seconds).
     "DEFAULT_ACCESS_TOKEN_TTL": 900,
     # The longest grant lifetime an agent may be configured to offer (seconds).

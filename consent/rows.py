@@ -81,25 +81,34 @@ def instance(model: type[Model], values: dict[str, Any]) -> Model:
 
 
 @cache
-def _insert_sql(vendor: str, model: type[Model], names: tuple[str, ...]) -> str:
+def _insert_sql(vendor: str, model: type[Model], names: tuple[str, ...], skip_conflicts: bool) -> str:
     quote = connection.ops.quote_name
     cols = ", ".join(quote(column(model, n).column) for n in names)
     marks = ", ".join(["%s"] * len(names))
     sql = f"INSERT INTO {table(model)} ({cols}) VALUES ({marks})"
-    if connection.features.can_return_columns_from_insert:
-        sql += f" RETURNING {quote(model._meta.pk.column)}"
-    return sql
+    if skip_conflicts:
+        sql += " ON CONFLICT DO NOTHING"
+    return sql + f" RETURNING {quote(model._meta.pk.column)}"
 
 
-def insert(model: type[Model], values: dict[str, Any]) -> Any:
-    """One INSERT of these field values; returns the new primary key."""
+def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool = False) -> Any:
+    """One INSERT of these field values; returns the new primary key.
+
+    ``skip_conflicts``: a row that would break a unique constraint is not written, and
+    None is returned instead of raising (so no savepoint is needed around it).
+    """
     names = tuple(values)
     params = [param(model, n, v) for n, v in values.items()]
     with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor, model, names), params)
-        if connection.features.can_return_columns_from_insert:
-            return cursor.fetchone()[0]
-        return cursor.lastrowid
+        cursor.execute(_insert_sql(connection.vendor, model, names, skip_conflicts), params)
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def insert_instance(obj: Model, *, skip_conflicts: bool = False) -> Any:
+    """INSERT an unsaved model instance with every concrete field as it stands (defaults applied)."""
+    values = {f.name: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
+    return insert(type(obj), values, skip_conflicts=skip_conflicts)
 
 
 def execute(sql: str, params: Sequence[Any] = ()) -> int:

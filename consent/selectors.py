@@ -1,22 +1,47 @@
 """Reads for the consent app."""
 
 import hashlib
+import hmac
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from django.contrib.auth.hashers import check_password
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from . import rows
+from .conf import countersign_settings
 from .models import AccessToken, Agent, ResourceServer, ScopePolicy, SessionGrant
-from .tokens import SESSION_TOKEN_TYP, TokenInvalid, verify
+from .oauth.client_auth import secret_matches
+from .tokens import SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
+
+# client_id -> (trusted until (monotonic), the row, SHA-256 of the secret it was verified with)
+_rs_verified: dict[str, tuple[float, ResourceServer, bytes]] = {}
 
 
-def resource_server_authenticate(*, client_id: str, secret: str) -> ResourceServer | None:
+def resource_server_authenticate(*, client_id: str, secret: str, cached: bool = False) -> ResourceServer | None:
+    """The active resource server with these credentials, or None.
+
+    ``cached``: a process may reuse a verification for ``CLIENT_CACHE_SECONDS``. Only
+    for callers whose own statement re-checks the row it got (active, same secret
+    hash), as redemption does, so a deactivation or a new secret still counts at once.
+    """
+    digest = hashlib.sha256(secret.encode()).digest()
+    if cached:
+        hit = _rs_verified.get(client_id)
+        if hit is not None and hit[0] > time.monotonic() and hmac.compare_digest(hit[2], digest):
+            return hit[1]
     rs = ResourceServer.objects.filter(client_id=client_id, is_active=True).first()
-    if rs is None or not check_password(secret, rs.client_secret):
+    if rs is None or not secret_matches(secret, rs.client_secret):
+        _rs_verified.pop(client_id, None)
         return None
+    if cached:
+        _rs_verified[client_id] = (time.monotonic() + countersign_settings.CLIENT_CACHE_SECONDS, rs, digest)
     return rs
+
+
+def forget_resource_server(client_id: str) -> None:
+    _rs_verified.pop(client_id, None)
 
 
 def scope_policies(names: list[str]) -> list[ScopePolicy]:
@@ -26,6 +51,11 @@ def scope_policies(names: list[str]) -> list[ScopePolicy]:
 
 def grants_for_user(*, user) -> QuerySet[SessionGrant]:
     return SessionGrant.objects.filter(user=user).select_related("agent").order_by("-created")
+
+
+_TOKEN_EXPIRES = rows.Columns(AccessToken, "t", ["expires"])
+_GRANT_STATE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
+_AGENT_STATUS = rows.Columns(Agent, "a", ["status"])
 
 
 @dataclass(frozen=True)
@@ -60,17 +90,19 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
     aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     if resource_server.audience not in aud:
         return Introspection(False, {}, "token not issued for this resource server")
-    checksum = hashlib.sha256(token.encode()).hexdigest()
-    row = (
-        AccessToken.objects.select_related("session_grant", "application")
-        .filter(token_checksum=checksum)
-        .first()
-    )
+    row = rows.fetchone(
+        f"SELECT {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql}, {_AGENT_STATUS.sql} FROM {rows.table(AccessToken)} t"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
+        f" JOIN {rows.table(Agent)} a ON a.id = t.application_id WHERE t.token_checksum = %s",
+        [token_checksum(token)])
     now = timezone.now()
-    if row is None or row.expires <= now:
+    if row is None:
         return Introspection(False, {}, "token revoked")
-    if not row.session_grant.is_live(now):
-        return Introspection(False, {}, f"grant {row.session_grant.status}")
-    if row.application.status != Agent.Status.ACTIVE:
+    token_row, grant_row, agent_row = rows.split(row, _TOKEN_EXPIRES, _GRANT_STATE, _AGENT_STATUS)
+    if token_row["expires"] <= now:
+        return Introspection(False, {}, "token revoked")
+    if grant_row["status"] != SessionGrant.Status.ACTIVE or grant_row["expires_at"] <= now:
+        return Introspection(False, {}, f"grant {grant_row['status']}")
+    if agent_row["status"] != Agent.Status.ACTIVE:
         return Introspection(False, {}, "agent suspended")
     return Introspection(True, claims)

@@ -7,6 +7,7 @@ explicit ``typ`` per token kind, and ``iss``/``aud``/``exp``/``iat``/``jti``/``s
 required.
 """
 
+import hashlib
 import secrets
 import time
 from typing import Any
@@ -25,6 +26,11 @@ MAX_TOKEN_BYTES = 8192
 
 class TokenInvalid(Exception):
     """The token is not one we issued, is malformed, or is expired (detail in ``str``)."""
+
+
+def token_checksum(token: str) -> str:
+    """How token rows are found: SHA-256 of the token (DOT's ``token_checksum``)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def subject_id(user_pk: Any) -> str:

@@ -11,7 +11,6 @@ RFC 9700 §4.14.2). Both rows are stored by checksum only (RFC 9700 §4.14: no r
 token at rest), in one INSERT each.
 """
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,20 +23,13 @@ from audit.services import audit_record
 from .. import rows
 from ..errors import InvalidClient
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import Credentials, authenticate_request
+from ..oauth.client_auth import AGENT_FIELDS, Credentials, authenticate_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
-from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_type
+from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
 # What the grants read of an agent and a session grant, beside their own rows.
-AGENT_COLUMNS = ["id", "client_id", "client_secret", "hash_client_secret", "client_type",
-                 "authorization_grant_type", "status", "refresh_mode", "access_token_ttl", "require_dpop",
-                 "jwks", "redirect_uris"]
+AGENT_COLUMNS = AGENT_FIELDS
 GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
-
-
-def token_checksum(token: str) -> str:
-    """How token rows are found: SHA-256 of the token (DOT's ``token_checksum``)."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -81,6 +73,17 @@ def session_token_lifetime(agent: Agent, grant: SessionGrant, now: datetime) -> 
     return max(1, min(agent.access_token_ttl, remaining))
 
 
+def store_access_token(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,
+                       source_refresh_token: int | None = None) -> int:
+    """One INSERT: the session token's row, by checksum, pointing at its grant (for revocation)."""
+    return rows.insert(AccessToken, {
+        "token": "", "token_checksum": token_checksum(token),
+        "expires": now + timedelta(seconds=claims["exp"] - claims["iat"]), "scope": claims["scope"],
+        "resource": [], "created": now, "updated": now, "jti": claims["jti"], "user": grant.user_id,
+        "application": agent.pk, "session_grant": grant.pk, "source_refresh_token": source_refresh_token,
+    })
+
+
 def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[str], now: datetime,
                         rotated_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mint, store and audit a session token (and refresh token); the §5.1 response body.
@@ -94,12 +97,8 @@ def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[
     bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
     access_token = sign(claims, typ=SESSION_TOKEN_TYP)
     scope = " ".join(scopes)
-    at_id = rows.insert(AccessToken, {
-        "token": "", "token_checksum": token_checksum(access_token), "expires": now + timedelta(seconds=ttl),
-        "scope": scope, "resource": [], "created": now, "updated": now, "jti": claims["jti"],
-        "user": grant.user_id, "application": agent.pk, "session_grant": grant.pk,
-        "source_refresh_token": rotated_from["id"] if rotated_from else None,
-    })
+    at_id = store_access_token(access_token, claims=claims, grant=grant, agent=agent, now=now,
+                               source_refresh_token=rotated_from["id"] if rotated_from else None)
     body: dict[str, Any] = {"access_token": access_token, "expires_in": ttl, "token_type": token_type(req.dpop_jkt),
                             "scope": scope}
     if agent.refresh_mode == Agent.RefreshMode.ROTATING:

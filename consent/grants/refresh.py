@@ -25,7 +25,8 @@ from ..errors import InvalidGrant, InvalidRequest, InvalidScope
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
 from ..oauth.client_auth import authenticate
 from ..services import grant_revoke
-from .issue import AGENT_COLUMNS, GRANT_COLUMNS, TokenRequest, issue_session_token, token_checksum
+from ..tokens import token_checksum
+from .issue import AGENT_COLUMNS, GRANT_COLUMNS, TokenRequest, issue_session_token
 
 GRANT_TYPE = "refresh_token"
 

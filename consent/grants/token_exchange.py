@@ -19,7 +19,6 @@ stolen or expired, is worth nothing without the agent's own key.
 """
 
 import time
-from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
@@ -27,6 +26,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
+from .. import rows
 from ..conf import countersign_settings
 from ..errors import InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, UnauthorizedClient
 from ..models import AccessToken, Agent, ScopePolicy, SessionGrant
@@ -39,15 +39,19 @@ from ..tokens import (
     bind_to_proof_key,
     session_claims,
     sign,
+    token_checksum,
     token_type,
     verify,
 )
-from .issue import TokenRequest, session_token_lifetime, token_checksum
+from .issue import GRANT_COLUMNS, TokenRequest, session_token_lifetime, store_access_token
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 SUBJECT_TOKEN_TYPES = (TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT)
+
+
+_SUBJECT_GRANT = rows.Columns(SessionGrant, "g", [*GRANT_COLUMNS, "permitted_delegates"])
 
 
 def _subject(token: str, agent: Agent) -> tuple[dict[str, Any], SessionGrant]:
@@ -60,10 +64,12 @@ def _subject(token: str, agent: Agent) -> tuple[dict[str, Any], SessionGrant]:
         raise InvalidGrant("subject_token expired too long ago: the user must consent again")
     if claims.get("client_id") != agent.client_id:
         raise InvalidGrant("subject_token was issued to another agent")
-    row = AccessToken.objects.select_related("session_grant").filter(token_checksum=token_checksum(token)).first()
-    if row is None or str(row.session_grant_id) != claims.get("grant_id"):
+    row = rows.fetchone(f"SELECT {_SUBJECT_GRANT.sql} FROM {rows.table(AccessToken)} t"
+                        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id WHERE t.token_checksum = %s",
+                        [token_checksum(token)])
+    grant = rows.instance(SessionGrant, _SUBJECT_GRANT.load(row)) if row is not None else None
+    if grant is None or str(grant.pk) != claims.get("grant_id"):
         raise InvalidGrant("subject_token is unknown")
-    grant = row.session_grant
     if not grant.is_live():
         raise InvalidGrant(f"the session grant is {grant.status if grant.status != 'active' else 'expired'}")
     return claims, grant
@@ -134,10 +140,7 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     with transaction.atomic():
         bind_to_proof_key(new_claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
         token = sign(new_claims, typ=SESSION_TOKEN_TYP)
-        AccessToken.objects.create(user_id=grant.user_id, scope=" ".join(scopes), application=holder,
-                                   session_grant=grant, jti=new_claims["jti"], token="",
-                                   token_checksum=token_checksum(token),
-                                   expires=timezone.now() + timedelta(seconds=ttl))
+        store_access_token(token, claims=new_claims, grant=grant, agent=holder, now=timezone.now())
         audit_record(event="token.delegated" if holder is not agent else "token.exchanged",
                      actor=actor_id(agent.client_id), user_id=grant.user_id, client_id=holder.client_id,
                      grant_id=grant.pk, detail={"jti": new_claims["jti"], "scope": " ".join(scopes),

@@ -17,11 +17,11 @@ import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote_plus
 
 from django.contrib.auth.hashers import check_password
 
+from .. import rows
 from ..errors import InvalidClient
 from ..models import Agent
 from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
@@ -106,8 +106,17 @@ def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url:
     return agent
 
 
-def agent_by_client_id(client_id: str, **fields: Any) -> Agent | None:
-    return Agent.objects.filter(client_id=client_id, **fields).first()
+# What the protocol endpoints read of an agent (any other field loads on first use).
+AGENT_FIELDS = ["id", "client_id", "client_secret", "hash_client_secret", "client_type", "authorization_grant_type",
+                "status", "refresh_mode", "access_token_ttl", "require_dpop", "jwks", "redirect_uris",
+                "allowed_scopes", "delegates", "max_grant_lifetime", "backchannel_client_notification_endpoint"]
+_AGENT = rows.Columns(Agent, "a", AGENT_FIELDS)
+
+
+def agent_by_client_id(client_id: str) -> Agent | None:
+    """The registry row for ``client_id`` (one statement, no ORM query building)."""
+    row = rows.fetchone(f"SELECT {_AGENT.sql} FROM {rows.table(Agent)} a WHERE a.client_id = %s", [client_id])
+    return None if row is None else rows.instance(Agent, _AGENT.load(row))
 
 
 def authenticate_request(credentials: Credentials, *, endpoint_url: str) -> Agent:

@@ -14,11 +14,11 @@ from audit.services import audit_refusal
 
 from ..conf import countersign_settings
 from ..errors import InvalidRequest, OAuthError
-from ..grants.issue import token_checksum
 from ..http import NO_STORE, claimed_client_id, error_response
 from ..models import AccessToken, RefreshToken
 from ..oauth.client_auth import authenticate_request, presented_credentials
 from ..services import grant_revoke
+from ..tokens import token_checksum
 from .token import form_params
 
 
