@@ -297,11 +297,6 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         officer.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (kombu 5.7.0 + redis 8.1): a worker holding unacknowledged tasks (every approval "
-    "schedules an expire_approval with an ETA) dies on a lost broker connection: 'Unrecoverable error: "
-    "AttributeError: NoneType has no attribute hostname' in kombu/transport/redis.py _connparams, "
-    "reached from Channel.close -> restore_unacked_once"))
 def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
     a = stack.start_node("A")
     stack.start_worker("w1")
@@ -313,6 +308,14 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
              stack.workers["w1"].alive, "the worker noticing", 60, stack.logs)
     stack.redis.start()
     assert _worker_after_broker_restart(stack, "w1") == "reconnected", stack.workers["w1"].tail(3000)
+
+    # Reconnected is not enough: the same worker (no supervisor restarted it) delivers new work.
+    before = set(ApprovalRequest.objects.values_list("pk", flat=True))
+    assert agent.ask(a.url, ledger_entry(2, "SURVIVE")).status_code == 200
+    new = ApprovalRequest.objects.exclude(pk__in=before).get()
+    wait_for(lambda: ApprovalRequest.objects.filter(pk=new.pk, delivered_at__isnull=False).exists(),
+             "delivery after the restart", 120, stack.logs)
+    assert stack.workers["w1"].alive, stack.workers["w1"].tail(3000)
 
 
 def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(stack, scenario, agent):
