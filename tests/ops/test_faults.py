@@ -103,12 +103,14 @@ def tasks_published_to(redis_url: str):
         kombu_pools.reset()
 
     old = celery_app.conf.broker_url
-    celery_app.conf.broker_url = redis_url
+    # The namespaced key: celery 5.6 looks up CELERY_BROKER_URL (our Django setting) before a
+    # runtime ``conf.broker_url``, so only this spelling overrides it on every supported version.
+    celery_app.conf["CELERY_BROKER_URL"] = redis_url
     reset_pools()
     try:
         yield
     finally:
-        celery_app.conf.broker_url = old
+        celery_app.conf["CELERY_BROKER_URL"] = old
         reset_pools()
 
 
