@@ -64,7 +64,9 @@ def doomed_redis(settings):
 
 def _point_celery_at(broker_url: str) -> None:
     """Switch the app's broker, dropping (not closing for good) its connection pools."""
-    celery_app.conf.broker_url = broker_url
+    # The namespaced key: celery 5.6 looks up CELERY_BROKER_URL (our Django setting) before a
+    # runtime ``conf.broker_url``, so only this spelling overrides it on every supported version.
+    celery_app.conf["CELERY_BROKER_URL"] = broker_url
     # kombu keeps pools in a global registry keyed by connection: clear it, or switching back would
     # hand out a closed pool.
     celery_app._pool = None
