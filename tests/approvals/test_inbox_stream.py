@@ -5,15 +5,18 @@ A "dropped" message is made exactly as channels_redis drops one past capacity: t
 committed and the user's sequence counted, but nothing reaches the group.
 """
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from websockets.exceptions import ConnectionClosed
 
+from approvals import consumers
 from approvals import tasks as approval_tasks
-from approvals.consumers import MAX_FRAME, RATE_BURST, parse_client_message
+from approvals.consumers import MAX_FRAME, RATE_BURST, ApprovalsConsumer, parse_client_message
 from approvals.delivery import sequence_current, sequence_next, user_group
 from tests.approvals.support import ledger_entry, request_approval, session_grant
 from tests.approvals.test_delivery_live import Inbox
@@ -38,13 +41,19 @@ def held(monkeypatch):
     return held
 
 
+def _in_thread(coroutine_function, user_id) -> int:
+    # A thread of its own: Playwright's sync API keeps an event loop in the test's thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(async_to_sync(coroutine_function), get_channel_layer(), user_group(user_id)).result()
+
+
 def _drop(user_id) -> int:
     """Count a push in the user's stream without sending it: a message lost on the way."""
-    return async_to_sync(sequence_next)(get_channel_layer(), user_group(user_id))
+    return _in_thread(sequence_next, user_id)
 
 
 def _current(user_id) -> int:
-    return async_to_sync(sequence_current)(get_channel_layer(), user_group(user_id))
+    return _in_thread(sequence_current, user_id)
 
 
 def _closed_with(inbox: Inbox) -> int:
@@ -142,3 +151,29 @@ def test_parse_client_message_accepts_only_the_two_requests():
     assert parse_client_message('{"type":"resync","seq":1}') is None
     assert parse_client_message('[' * 60 + ']' * 60) is None  # nested arrays: parsed, but not an object
     assert parse_client_message(None) is None
+
+
+def test_a_long_open_socket_rejoins_its_group_before_group_expiry(monkeypatch):
+    class Layer:
+        group_expiry = 3600
+
+        def __init__(self):
+            self.added = []
+
+        async def group_add(self, group, channel):
+            self.added.append((group, channel))
+
+    consumer = ApprovalsConsumer()
+    consumer.channel_layer, consumer.group, consumer.channel_name = Layer(), "approvals.user.7", "specific.x!y"
+    clock = [1000.0]
+    monkeypatch.setattr(consumers.time, "monotonic", lambda: clock[0])
+    consumer.joined_at = clock[0]
+
+    clock[0] += 3600 / 4 - 1
+    asyncio.run(consumer._keep_membership())
+    assert consumer.channel_layer.added == []
+    clock[0] += 2
+    asyncio.run(consumer._keep_membership())
+    assert consumer.channel_layer.added == [("approvals.user.7", "specific.x!y")]
+    asyncio.run(consumer._keep_membership())
+    assert len(consumer.channel_layer.added) == 1  # once per quarter of group_expiry, not per check
