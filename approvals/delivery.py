@@ -38,7 +38,7 @@ from django.utils import timezone
 from .models import ApprovalRequest
 
 SEND_TIMEOUT = 5.0
-# The key lives as long as the groups do: a user nobody has pushed to for a day starts again at 0,
+# Keys do not pile up for users nobody pushes to: after a quiet day the counter starts again at 0,
 # which an open inbox notices as a mismatch on its next check.
 SEQUENCE_TTL = 86400
 
