@@ -1,17 +1,54 @@
 """The live inbox websocket (``/ws/approvals/``).
 
-Session-authenticated and Origin-checked (``config.asgi``). On connect it joins
-the user's own group first, then replays pending prompts from the database, so
-nothing sent in between is lost and a reconnect misses nothing (channels_redis
-drops messages past a channel's capacity; the database does not).
+Session-authenticated and Origin-checked (``config.asgi``). On connect it joins the user's own
+group first, then sends a snapshot of pending prompts from the database with the user's current
+sequence, so nothing sent in between is lost and a reconnect misses nothing.
+
+The stream is ordered (``approvals.delivery``): every upsert and remove carries ``seq``. The page
+asks for a fresh snapshot when it sees a gap (``{"type": "resync"}``) and, every few seconds,
+sends the last ``seq`` it applied (``{"type": "check", "seq": n}``); the answer is a snapshot if
+the user's sequence has moved since, and nothing otherwise.
+
+Client input is bounded: text frames of at most MAX_FRAME bytes holding one of those two
+objects, at most RATE_BURST messages at once and RATE_PER_SECOND on average. Anything else
+closes the socket (the page reconnects and starts from a snapshot).
 """
+
+import json
+import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from config.metrics import websocket_connections
 
-from .delivery import pending_prompts, user_group
+from .delivery import pending_prompts, sequence_current, user_group
+
+MAX_FRAME = 128
+RATE_BURST = 10
+RATE_PER_SECOND = 2.0
+CLOSE_BAD_INPUT = 4400
+CLOSE_TOO_FAST = 4429
+MAX_SEQ = 2**53 - 1  # what the page's numbers hold exactly
+
+
+def parse_client_message(text: str | None) -> dict | None:
+    """The message if it is one the inbox sends, else None."""
+    if text is None or len(text) > MAX_FRAME:
+        return None
+    try:
+        content = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(content, dict):
+        return None
+    if content == {"type": "resync"}:
+        return content
+    if set(content) == {"type", "seq"} and content["type"] == "check":
+        seq = content["seq"]
+        if type(seq) is int and 0 <= seq <= MAX_SEQ:
+            return content
+    return None
 
 
 class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
@@ -20,25 +57,60 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)  # before accept: the handshake is refused
             return
+        self.user_id = user.pk
         self.group = user_group(user.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        self.joined_at = time.monotonic()
+        self.tokens, self.refilled_at = float(RATE_BURST), time.monotonic()
         await self.accept()
         websocket_connections.inc()
-        prompts = await database_sync_to_async(pending_prompts)(user_id=user.pk)
-        await self.send_json({"type": "snapshot", "prompts": prompts})
+        await self.send_snapshot()
 
     async def disconnect(self, code):
         if hasattr(self, "group"):
             websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive_json(self, content, **kwargs):
-        # The inbox only listens; decisions are CSRF-protected POSTs.
-        pass
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        # Decisions are CSRF-protected POSTs; the socket only carries the two requests below.
+        content = parse_client_message(text_data)
+        if content is None:
+            await self.close(code=CLOSE_BAD_INPUT)
+            return
+        if not self._take_token():
+            await self.close(code=CLOSE_TOO_FAST)
+            return
+        if content["type"] == "resync":
+            await self.send_snapshot()
+            return
+        await self._keep_membership()
+        if await sequence_current(self.channel_layer, self.group) != content["seq"]:
+            await self.send_snapshot()
+
+    async def send_snapshot(self):
+        # The sequence first: everything sent up to it was committed before it was counted.
+        seq = await sequence_current(self.channel_layer, self.group)
+        prompts = await database_sync_to_async(pending_prompts)(user_id=self.user_id)
+        await self.send_json({"type": "snapshot", "seq": seq, "prompts": prompts})
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(RATE_BURST), self.tokens + (now - self.refilled_at) * RATE_PER_SECOND)
+        self.refilled_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    async def _keep_membership(self):
+        """Re-join the group well before group_expiry drops a long-open socket from it."""
+        if time.monotonic() - self.joined_at > self.channel_layer.group_expiry / 4:
+            await self.channel_layer.group_add(self.group, self.channel_name)
+            self.joined_at = time.monotonic()
 
     async def approval_upsert(self, event):
-        await self.send_json({"type": "upsert", "prompt": event["prompt"]})
+        await self.send_json({"type": "upsert", "seq": event["seq"], "prompt": event["prompt"]})
 
     async def approval_remove(self, event):
-        await self.send_json({"type": "remove", "id": event["id"], "status": event["status"],
-                              "label": event.get("label", "")})
+        await self.send_json({"type": "remove", "seq": event["seq"], "id": event["id"],
+                              "status": event["status"], "label": event.get("label", "")})

@@ -1,15 +1,46 @@
-"""What the browser inbox receives: prompt payloads and the user's websocket group.
+"""What the browser inbox receives, in order: prompt payloads, the user's group, its sequence.
 
 Groups are named from the server-side user id only, never from client input.
+
+Ordering. channels_redis drops a message when a channel is over capacity and says so only in
+its own log, so the inbox cannot trust the stream to be complete. Every message pushed to a
+user's group carries ``seq``, the next value of a per-user counter, and every snapshot carries
+the counter's value when it was taken. An inbox applies ``seq == last + 1``, ignores
+``seq <= last`` (already covered by a later snapshot), and on a jump re-reads the database
+(``resync``). A drop of the newest message shows no jump, so every few seconds the inbox also
+sends its last ``seq`` (``check``) and gets a snapshot back if the counter has moved.
+
+The counter is a Redis INCR on a key beside the user's group (same shard), done by the sender
+just before the group send:
+
+- it is atomic across every worker and node, costs one round trip on the pool the send uses
+  anyway, and adds no database write or row lock to a delivery (a DB counter would serialise
+  every delivery for one user on one row, in the transaction-free path of a Celery task);
+- it does not need to be durable: it says "something was sent", not what. If Redis loses it,
+  the counter restarts and every open inbox sees a mismatch on its next check and resyncs; the
+  database stays the only record of what is pending.
+- a snapshot reads the counter *before* the database. A delivery commits its row before its
+  INCR, so a snapshot at ``seq = n`` includes everything sent with ``seq <= n``.
+
+The worker's sends run on one long-lived event loop per process (a daemon thread, started lazily
+after Celery forks its children), so the channel layer's connection pool for that loop is reused
+by every send instead of being built, used once and closed, as ``async_to_sync`` does per call.
 """
 
+import asyncio
+import os
+import threading
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
 from .models import ApprovalRequest
+
+SEND_TIMEOUT = 5.0
+# Keys do not pile up for users nobody pushes to: after a quiet day the counter starts again at 0,
+# which an open inbox notices as a mismatch on its next check.
+SEQUENCE_TTL = 86400
 
 
 def user_group(user_id: Any) -> str:
@@ -39,5 +70,73 @@ def pending_prompts(*, user_id: int) -> list[dict[str, Any]]:
     return [prompt_payload(a) for a in rows]
 
 
-def send_to_user(user_id: Any, message: dict[str, Any]) -> None:
-    async_to_sync(get_channel_layer().group_send)(user_group(user_id), message)
+# --- the per-user sequence (Redis, beside the group) ----------------------------------------------
+
+
+def _sequence_connection(layer, group: str):
+    return layer.connection(layer.consistent_hash(group)), f"{layer.prefix}:seq:{group}"
+
+
+async def sequence_next(layer, group: str) -> int:
+    connection, key = _sequence_connection(layer, group)
+    async with connection.pipeline(transaction=True) as pipe:
+        seq, _ = await pipe.incr(key).expire(key, SEQUENCE_TTL).execute()
+    return int(seq)
+
+
+async def sequence_current(layer, group: str) -> int:
+    connection, key = _sequence_connection(layer, group)
+    value = await connection.get(key)
+    return int(value) if value is not None else 0
+
+
+async def group_send_sequenced(layer, group: str, message: dict[str, Any]) -> int:
+    seq = await sequence_next(layer, group)
+    await layer.group_send(group, {**message, "seq": seq})
+    return seq
+
+
+# --- one event loop per worker process for the sends ----------------------------------------------
+
+
+class _SenderLoop:
+    """An event loop in a daemon thread, created on first use in the process that uses it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid: int | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # A forked child inherits the parent's object but not its thread: start its own.
+        if self._loop is None or self._pid != os.getpid():
+            with self._lock:
+                if self._loop is None or self._pid != os.getpid():
+                    loop = asyncio.new_event_loop()
+                    threading.Thread(target=loop.run_forever, name="inbox-sender", daemon=True).start()
+                    self._loop, self._pid = loop, os.getpid()
+        return self._loop
+
+    def run(self, coro, timeout: float) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop())
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+
+_sender = _SenderLoop()
+
+
+def send_to_user(user_id: Any, message: dict[str, Any]) -> int:
+    """Push ``message`` to every open inbox of the user, numbered; returns its ``seq``.
+
+    Raises on failure or after SEND_TIMEOUT seconds, so the calling task retries.
+    """
+    # Looked up on the loop's thread each time: the cached layer is reused, and a replaced
+    # configuration (channel_layers.backends cleared) takes effect on the next send.
+    async def send() -> int:
+        return await group_send_sequenced(get_channel_layer(), user_group(user_id), message)
+
+    return _sender.run(send(), SEND_TIMEOUT)

@@ -1,6 +1,8 @@
 """Celery tasks: carriers of news about approval rows. Each takes an id, re-reads the row,
 and is safe to run twice (acks_late redelivery): the inbox keys prompts by id, so a second
-delivery updates the same prompt instead of adding another."""
+delivery updates the same prompt instead of adding another. Each push is numbered in the user's
+stream (``approvals.delivery``), so one the channel layer drops is re-read by the inbox from the
+database; a push that fails outright raises, and the task retries."""
 
 import logging
 

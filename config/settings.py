@@ -165,12 +165,32 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# Sizing the channel layer for the inbox fan-out (approvals.delivery, approvals.channel_layer):
+# - capacity: channels_redis keeps ONE Redis queue per web process for all of its websockets and
+#   writes one message per process per group_send, so capacity bounds a process's backlog of sends
+#   its receive loop has not pulled yet (and, separately, each consumer's in-process buffer). A
+#   burst from 200 agents is ~200 prompts plus their removals; 1000 is five such bursts, at ~1 KB a
+#   message 1 MB per process at worst. Past it messages are dropped: the per-user sequence and the
+#   inbox's periodic check repair that from the database within seconds.
+# - expiry 60 s: a message that waited a minute is stale; the check has long since replaced it.
+# - group_expiry 1 h: channels of a node that died without group_discard leave the groups within
+#   the hour; live consumers re-join on their periodic check long before their membership ages out.
+# - pool_size: one bounded, waiting pool per event loop, so hundreds of simultaneous connects or
+#   disconnects queue for a connection instead of raising MaxConnectionsError.
+CHANNEL_LAYER_CAPACITY = int(os.environ.get("CHANNEL_LAYER_CAPACITY", "1000"))
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # channels_redis blocks 5 s in BZPOPMIN; redis-py 8's default 5 s socket timeout would cut
-        # that read and drop idle inbox websockets, so the socket waits longer than the pop.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
+        "BACKEND": "approvals.channel_layer.InboxChannelLayer",
+        "CONFIG": {
+            # channels_redis blocks 5 s in BZPOPMIN; redis-py 8's default 5 s socket timeout would cut
+            # that read and drop idle inbox websockets, so the socket waits longer than the pop.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "capacity": CHANNEL_LAYER_CAPACITY,
+            "expiry": 60,
+            "group_expiry": 3600,
+            "pool_size": int(os.environ.get("CHANNEL_LAYER_POOL_SIZE", "50")),
+            "pool_timeout": 10,
+        },
     }
 }
 

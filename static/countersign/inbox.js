@@ -1,5 +1,11 @@
 // Live approvals inbox: prompts arrive, change and leave over /ws/approvals/ without a reload.
 // Everything from the server is inserted with textContent, never as HTML.
+//
+// The stream is numbered (approvals/delivery.py): a snapshot sets the page to the database's state
+// at sequence `seq`; each later message carries the next number. A jump means a message was lost
+// on the way, so the page asks for a fresh snapshot; and since the newest message can be lost with
+// nothing after it, every CHECK_MS the page tells the server the last number it applied and gets
+// a snapshot back if the user's stream has moved past it.
 (function () {
   "use strict";
   const list = document.getElementById("prompts");
@@ -8,7 +14,14 @@
   const badge = document.getElementById("pending-badge");
   const status = document.getElementById("live-status");
   const notifyButton = document.getElementById("enable-notifications");
+  const CHECK_MS = 5000;
+  const RESYNC_SPACING_MS = 1000; // at most one resync a second, however many gaps a burst shows
   let retry = 0;
+  let socket = null;
+  let lastSeq = null;            // the stream position the list reflects; null until a snapshot
+  let awaitingSnapshot = false;
+  let resyncTimer = null;
+  let lastResyncAt = 0;
 
   function countdownText(expires) {
     const left = Math.max(0, Math.round((expires - Date.now()) / 1000));
@@ -82,26 +95,63 @@
     });
   }
 
+  function send(message) {
+    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify(message)); }
+  }
+
+  function requestResync() {
+    if (awaitingSnapshot || resyncTimer !== null) { return; }
+    const wait = Math.max(0, lastResyncAt + RESYNC_SPACING_MS - Date.now());
+    resyncTimer = setTimeout(function () {
+      resyncTimer = null;
+      lastResyncAt = Date.now();
+      awaitingSnapshot = true;
+      send({ type: "resync" });
+    }, wait);
+  }
+
+  function check() {
+    if (lastSeq !== null && !awaitingSnapshot) { send({ type: "check", seq: lastSeq }); }
+  }
+
+  function applySnapshot(msg) {
+    const keep = new Set(msg.prompts.map(function (p) { return p.id; }));
+    list.querySelectorAll("li.prompt").forEach(function (li) {
+      if (!keep.has(li.dataset.id)) { li.remove(); }
+    });
+    msg.prompts.forEach(function (p) { upsert(p, false); });
+    refreshCounts();
+    lastSeq = msg.seq;
+    awaitingSnapshot = false;
+  }
+
+  function onMessage(msg) {
+    if (msg.type === "snapshot") { applySnapshot(msg); return; }
+    if (typeof msg.seq !== "number" || lastSeq === null || msg.seq <= lastSeq) {
+      return; // already covered by the snapshot the list reflects
+    }
+    const gap = msg.seq !== lastSeq + 1;
+    lastSeq = msg.seq;
+    if (msg.type === "upsert") {
+      upsert(msg.prompt, true);
+    } else if (msg.type === "remove") {
+      remove(msg.id, msg.label);
+    }
+    if (gap) { requestResync(); }
+  }
+
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     const ws = new WebSocket(scheme + location.host + "/ws/approvals/");
+    socket = ws;
     ws.onopen = function () { retry = 0; status.textContent = "Live: new requests appear here as they come in."; };
-    ws.onmessage = function (event) {
-      const msg = JSON.parse(event.data);
-      if (msg.type === "snapshot") {
-        const keep = new Set(msg.prompts.map(function (p) { return p.id; }));
-        list.querySelectorAll("li.prompt").forEach(function (li) {
-          if (!keep.has(li.dataset.id)) { li.remove(); }
-        });
-        msg.prompts.forEach(function (p) { upsert(p, false); });
-        refreshCounts();
-      } else if (msg.type === "upsert") {
-        upsert(msg.prompt, true);
-      } else if (msg.type === "remove") {
-        remove(msg.id, msg.label);
-      }
-    };
+    ws.onmessage = function (event) { onMessage(JSON.parse(event.data)); };
     ws.onclose = function () {
+      // A new connection starts from its own snapshot.
+      socket = null;
+      lastSeq = null;
+      awaitingSnapshot = false;
+      if (resyncTimer !== null) { clearTimeout(resyncTimer); resyncTimer = null; }
       status.textContent = "Reconnecting… (decisions still work; reload to refresh)";
       retry = Math.min(retry + 1, 6);
       setTimeout(connect, 250 * Math.pow(2, retry));
@@ -115,5 +165,6 @@
     });
   }
   setInterval(tick, 1000);
+  setInterval(check, CHECK_MS);
   connect();
 })();

@@ -118,8 +118,9 @@ def test_revoking_the_grant_cancels_pending_prompts_in_open_inboxes(live, scenar
         approval = ApprovalRequest.objects.get()
         grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor="user:test")
         removed = inbox.next_of("remove")
-        assert removed == {"type": "remove", "id": prompt["id"], "status": "cancelled",
+        assert removed == {"type": "remove", "seq": removed["seq"], "id": prompt["id"], "status": "cancelled",
                            "label": "Cancelled"}
+        assert isinstance(removed["seq"], int)
     finally:
         inbox.close()
 
