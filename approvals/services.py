@@ -158,9 +158,24 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
             if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
                 _after_commit("notify_agent", approval.pk)
         else:
+            # One message per request: the delivery task schedules the on-time expiry
+            # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
             _after_commit("deliver_prompt", approval.pk)
-            _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
     return approval, True
+
+
+def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
+    """The prompt reached the user's open inboxes: record the first delivery (audited) and schedule
+    the window's on-time expiry. Safe to call again: only the first call records anything."""
+    with transaction.atomic():
+        first = ApprovalRequest.objects.filter(pk=approval.pk, delivered_at__isnull=True).update(
+            delivered_at=timezone.now())
+        if first:
+            audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
+                         client_id=approval.agent.client_id, grant_id=approval.grant_id,
+                         detail={"approval_id": str(approval.pk), "channel": channel})
+            _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
+    return bool(first)
 
 
 # --- the user's decision ----------------------------------------------------------------------
@@ -292,8 +307,9 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
         rows.insert(ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
                                   "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
                                   "redeemed_by": None})
+        # ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
+        # refuses an expired token by itself), so collecting queues nothing.
         _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
-        _after_commit("expire_approval", approval.pk, eta=now + timedelta(seconds=ttl + 1))
     response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
                 "scope": approval.scope, "authorization_details": approval.authorization_details}
     if approval.scope == EXTEND_SCOPE:

@@ -15,7 +15,13 @@ from audit.services import audit_record
 
 from .delivery import prompt_payload, send_to_user
 from .models import ApprovalRequest
-from .services import approval_expire, approvals_expire_due, approvals_undelivered, auth_req_id_for
+from .services import (
+    approval_expire,
+    approval_mark_delivered,
+    approvals_expire_due,
+    approvals_undelivered,
+    auth_req_id_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +36,7 @@ def deliver_prompt(self, approval_id: str) -> None:
         send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
     except Exception as exc:  # Redis down: keep the row pending and try again
         raise self.retry(exc=exc) from exc
-    with transaction.atomic():
-        first = ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=True).update(
-            delivered_at=timezone.now())
-        if first:
-            audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
-                         client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                         detail={"approval_id": approval_id, "channel": "websocket"})
+    approval_mark_delivered(approval=approval, channel="websocket")
 
 
 @shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""CPU per token request inside one process, through Django's WSGI handler: no HTTP server, no network.
+
+What the other benchmarks cannot show: how much of a request is the application itself
+(middleware, view, grant, SQL, signing, audit) and which statements it runs. Starts from a
+fresh PostgreSQL database (created and dropped here), prepares authorization codes, then
+calls the WSGI application with prebuilt requests:
+
+1. code exchange (``grant_type=authorization_code``, PKCE S256, HTTP Basic), ``--requests`` times;
+2. refresh, a chain of ``--requests`` rotations.
+
+Prints the statements one request runs and the process CPU per request for each phase;
+``--profile`` adds the functions that take the most CPU (cProfile on process time).
+
+Usage (from the project root)::
+
+    .venv/bin/python bench/inprocess.py --database-url postgres://postgres@127.0.0.1:5432/countersign_inproc
+    .venv/bin/python bench/inprocess.py --requests 2000 --profile
+
+Figures are for comparing runs on one machine; nothing is asserted on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from _stack import ROOT, Stack, check_database_url, log, run_main
+
+CHILD = r'''
+import base64, hashlib, io, json, os, secrets, sys, time
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import django
+django.setup()
+
+from django.contrib.auth import get_user_model
+from django.core.handlers.wsgi import WSGIHandler
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from consent.keys import active_signing_key
+from consent.models import AuthorizationCode
+from consent.services import AuthContext, agent_create, grant_create, scope_set
+
+n, profile = int(sys.argv[1]), sys.argv[2] == "1"
+SCOPE, REDIRECT = "bench:read", "http://127.0.0.1:8199/callback"
+scope_set(name=SCOPE, values={"audience": "http://bench.test", "description": "Benchmark scope",
+                              "sensitivity": "standard"}, actor="bench")
+agent, secret = agent_create(name="Bench Agent", publisher="bench", scopes=[SCOPE], redirect_uris=[REDIRECT],
+                             actor="bench")
+user = get_user_model().objects.create_user("bench", password=secrets.token_urlsafe(24))
+active_signing_key()
+now = timezone.now()
+codes = []
+with transaction.atomic():
+    for _ in range(n + 2):
+        grant = grant_create(user=user, agent=agent, scopes=[SCOPE], lifetime=86400,
+                             auth=AuthContext(auth_time=now, amr=["pwd"]), consent_shown={})
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        code = secrets.token_urlsafe(24)
+        AuthorizationCode.objects.create(application=agent, user=user, code=code, expires=now + timedelta(hours=1),
+                                         redirect_uri=REDIRECT, scope=SCOPE, code_challenge=challenge,
+                                         code_challenge_method="S256", session_grant=grant)
+        codes.append((code, verifier))
+
+app = WSGIHandler()
+authorization = "Basic " + base64.b64encode(f"{agent.client_id}:{secret}".encode()).decode()
+
+
+def call(form):
+    body = urlencode(form).encode()
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/o/token/", "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "8000", "HTTP_HOST": "127.0.0.1:8000", "wsgi.url_scheme": "http",
+               "CONTENT_TYPE": "application/x-www-form-urlencoded", "CONTENT_LENGTH": str(len(body)),
+               "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "HTTP_AUTHORIZATION": authorization,
+               "REMOTE_ADDR": "127.0.0.1"}
+    status = []
+    out = b"".join(app(environ, lambda s, h: status.append(s)))
+    assert status[0].startswith("200"), out
+    return json.loads(out)
+
+
+pending = iter(codes)
+def exchange():
+    code, verifier = next(pending)
+    return call({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+                 "code_verifier": verifier})
+
+refresh_token = exchange()["refresh_token"]
+def refresh():
+    global refresh_token
+    refresh_token = call({"grant_type": "refresh_token", "refresh_token": refresh_token})["refresh_token"]
+
+for name, fn in (("code exchange", exchange), ("refresh", refresh)):
+    with CaptureQueriesContext(connection) as captured:
+        fn()
+    print(f"{name}: {len(captured.captured_queries)} statements (BEGIN and COMMIT included)")
+    for q in captured.captured_queries:
+        print("    " + q["sql"][:110])
+    if profile:
+        import cProfile, pstats
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
+    start = time.process_time()
+    for _ in range(n - 1):
+        fn()
+    cpu = time.process_time() - start
+    if profile:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    print(f"{name}: {cpu / (n - 1) * 1000:.3f} ms CPU per request in-process ({n - 1} requests)", flush=True)
+'''
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/countersign_inproc")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    check_database_url(parser, "--database-url", args.database_url)
+    with Stack(prefix="cs-inproc-", timeout=args.timeout) as stack:
+        stack.create_database(args.database_url, drop_existing=True)
+        env = {**os.environ, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
+               "COUNTERSIGN_VAR_DIR": str(stack.tmp), "DJANGO_SETTINGS_MODULE": "config.settings",
+               "PYTHONPATH": str(ROOT)}
+        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
+        log(f"{args.requests} requests per phase, in one process")
+        child = subprocess.run([sys.executable, "-c", CHILD, str(args.requests), "1" if args.profile else "0"],
+                               cwd=ROOT, env=env, timeout=stack.remaining())
+        return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
