@@ -67,6 +67,7 @@ def stack(transactional_db, settings, tmp_path):
     cluster = FaultStack(cluster_env(issuer=issuer, redis_url=private_redis.url), tmp_path)
     cluster.redis, cluster.forwarders = private_redis, []
     cluster.add_node("A", port_a)
+    cluster.start_sealer()
     try:
         yield cluster
     finally:
