@@ -304,3 +304,21 @@ def test_readyz_names_the_audit_sealer_when_an_event_waits_too_long(client):
     assert check["status"] == "down" and "audit sealer" in check["error"]
     _seal_until_all_linked()
     assert client.get("/readyz").status_code == 200
+
+
+def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db):
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "manage.py", "audit_seal", "--loop", "--interval", "0.05"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        rows = [audit_record(event="token.issued", actor=f"agent:{i}") for i in range(5)]
+        _until(lambda: AuditLink.objects.count() == 5, "the sealer process did not link the events")
+        assert sorted(AuditLink.objects.values_list("event_id", flat=True)) == [r.pk for r in rows]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    verified()

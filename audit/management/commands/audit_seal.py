@@ -33,6 +33,13 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        if connection.vendor != "postgresql":
+            # SQLite links each event as it is written; stay up so process managers (Procfile,
+            # scripts/run.sh) that stop everything when one process exits keep running.
+            log.info("audit sealer: %s links events inline, nothing to do", connection.vendor)
+            while not stopping:
+                time.sleep(1)
+            return
         log.info("audit sealer started", extra={"batch": batch})
         while not stopping:
             try:
