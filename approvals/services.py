@@ -184,6 +184,14 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
 def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any], request=None) -> ApprovalRequest:
     now = timezone.now()
     with transaction.atomic():
+        # Locks in one global order, the grant before its approval, as grant_revoke takes them
+        # (it cancels the grant's approvals with the grant locked); approving an extension
+        # updates the grant, so locking the approval first could deadlock with a revocation.
+        grant_id = ApprovalRequest.objects.filter(pk=approval_id, user=user).values_list("grant_id", flat=True).first()
+        if grant_id is None:
+            raise ApprovalNotFound(str(approval_id))
+        # FOR UPDATE, as grant_extend takes it: no lock upgrade later in this transaction.
+        list(SessionGrant.objects.select_for_update().filter(pk=grant_id).values_list("pk", flat=True))
         # Lock the row, then check: an UPDATE filtered through joins would not re-check the
         # status of a row another transaction changed meanwhile (PostgreSQL READ COMMITTED).
         approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent", "grant")

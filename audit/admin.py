@@ -20,8 +20,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class AuditEventAdmin(ReadOnlyAdmin):
     """Read-only: the application never edits the trail, and neither does the admin."""
 
-    list_display = ("seq", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
+    list_display = ("id", "chain_position", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
     list_filter = ("outcome", "event")
     search_fields = ("event", "actor", "client_id", "grant_id", "error")
     date_hierarchy = "occurred_at"
-    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+    readonly_fields = [f.name for f in AuditEvent._meta.fields] + ["chain_position"]
+    ordering = ("-occurred_at", "-id")  # the newest events may not be sealed yet
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("link")
+
+    @admin.display(description="seq")
+    def chain_position(self, obj: AuditEvent):
+        link = getattr(obj, "link", None)  # a missing reverse one-to-one raises an AttributeError
+        return link.seq if link is not None else "not sealed yet"

@@ -1,13 +1,33 @@
 """The append-only, hash-chained audit log.
 
-Each event stores the hash of the event before it and a hash over its own
-content plus that link, so editing or deleting any row breaks the chain from
-that row on (``manage.py audit_verify``). The application never updates or
-deletes a row: ``save`` refuses updates and ``delete`` refuses outright.
+Writers only ever INSERT an ``AuditEvent``. The sealer (``audit.services.audit_seal``)
+links committed events into the chain by INSERTing one ``AuditLink`` per event:
+its position, the hash of the link before it, and a hash over the event's content
+plus that link, so editing or deleting any event or link breaks the chain from
+there on (``manage.py audit_verify``). ``AuditHead`` is the sealer's own state.
+The application never updates or deletes an event or a link: ``save`` refuses
+updates, ``delete`` refuses outright, and on PostgreSQL a trigger refuses both.
 """
 
 from django.conf import settings
 from django.db import models
+
+
+class TransactionIdField(models.BigIntegerField):
+    """PostgreSQL's 64-bit transaction id (``xid8``, never wraps); a plain integer elsewhere."""
+
+    db_returning = True  # the value is computed by the database at INSERT and read back by RETURNING
+
+    def db_type(self, connection):
+        return "xid8" if connection.vendor == "postgresql" else super().db_type(connection)
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else int(value)
+
+    def get_db_prep_value(self, value, connection, prepared=False):
+        if hasattr(value, "resolve_expression"):
+            return value
+        return None if value is None else str(int(value)) if connection.vendor == "postgresql" else int(value)
 
 
 class AuditEvent(models.Model):
@@ -15,7 +35,6 @@ class AuditEvent(models.Model):
         OK = "ok", "Succeeded"
         REFUSED = "refused", "Refused"
 
-    seq = models.BigIntegerField(unique=True, editable=False)
     occurred_at = models.DateTimeField(editable=False, db_index=True)
     event = models.CharField(max_length=64, db_index=True, editable=False)
     outcome = models.CharField(max_length=8, choices=Outcome.choices, editable=False)
@@ -30,15 +49,17 @@ class AuditEvent(models.Model):
     error = models.CharField(max_length=64, blank=True, editable=False)
     detail = models.JSONField(default=dict, editable=False)
     remote_addr = models.CharField(max_length=64, blank=True, editable=False)
-    prev_hash = models.CharField(max_length=64, editable=False)
-    hash = models.CharField(max_length=64, editable=False)
+    # The writing transaction (pg_current_xact_id()): the sealer links an event only once every
+    # transaction that could still write an earlier one has ended. 0 where there is none (SQLite).
+    xid = TransactionIdField(default=0, editable=False)
 
     class Meta:
-        ordering = ["-seq"]
+        ordering = ["-occurred_at", "-id"]
+        indexes = [models.Index(fields=["xid", "id"], name="audit_event_xid_id")]
         verbose_name = "audit event"
 
     def __str__(self) -> str:
-        return f"#{self.seq} {self.event} {self.outcome}"
+        return f"#{self.pk} {self.event} {self.outcome}"
 
     def save(self, *args, **kwargs):
         if self.pk is not None:
@@ -49,8 +70,43 @@ class AuditEvent(models.Model):
         raise RuntimeError("Audit events are append-only")
 
 
+class AuditLink(models.Model):
+    """An event's place in the chain. Written once, by the sealer, never changed."""
+
+    seq = models.BigIntegerField(primary_key=True, editable=False)
+    # No foreign-key constraint: that an event behind a link is gone is for audit_verify to report.
+    event = models.OneToOneField(AuditEvent, on_delete=models.DO_NOTHING, related_name="link", editable=False,
+                                 db_constraint=False)
+    prev_hash = models.CharField(max_length=64, editable=False)
+    hash = models.CharField(max_length=64, editable=False)
+    sealed_at = models.DateTimeField(editable=False)
+
+    class Meta:
+        ordering = ["seq"]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} -> event {self.event_id}"
+
+    def save(self, *args, **kwargs):
+        raise RuntimeError("Audit links are written by the sealer only (bulk INSERT)")
+
+    def delete(self, *args, **kwargs):
+        raise RuntimeError("Audit links are append-only")
+
+
 class AuditHead(models.Model):
-    """One row: the last sequence number and hash. Locking it serialises appends."""
+    """One row, written only by the sealer while it holds the sealer lock.
+
+    ``seq``/``hash``: the newest link, so removing the newest links is detected.
+    ``floor``: every event written by a transaction below it is linked (where the
+    next search starts). ``lag_*``: the cumulative seal-lag histogram (now minus
+    ``occurred_at`` when linked) that ``/metrics`` reports, whichever node sealed.
+    """
 
     seq = models.BigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)
+    floor = TransactionIdField(default=0)
+    sealed_at = models.DateTimeField(null=True)
+    lag_buckets = models.JSONField(default=list)
+    lag_sum = models.FloatField(default=0.0)
+    lag_count = models.BigIntegerField(default=0)

@@ -1,25 +1,86 @@
-"""Writing to and checking the audit chain.
+"""Writing to, sealing and checking the audit chain: lock-free appends, one sealer.
 
-Appends are serialised by locking the single ``AuditHead`` row (``SELECT ... FOR
-UPDATE`` on PostgreSQL; SQLite runs IMMEDIATE transactions, which take the write
-lock first). A refusal must be recorded even though the refused operation rolls
-back, so callers record refusals outside the refused operation's transaction.
+State
+    ``AuditEvent``  one row per event, INSERTed by whoever acts, inside its own
+                    transaction, with the id of that transaction (``xid``, from
+                    ``pg_current_xact_id()``). Never updated, never deleted.
+    ``AuditLink``   one row per sealed event: ``seq`` (its position, the primary
+                    key), ``event_id`` (unique), ``prev_hash``, ``hash`` (SHA-256
+                    over the JCS form of the event's content, ``seq`` and
+                    ``prev_hash``). INSERTed by the sealer only. Never updated,
+                    never deleted.
+    ``AuditHead``   one row, the sealer's own: the newest ``seq``/``hash`` (so a
+                    removed tail is noticed), ``floor`` (every event written by a
+                    transaction below it is linked: where the next search starts)
+                    and the cumulative seal-lag histogram for ``/metrics``.
+    On PostgreSQL a trigger refuses UPDATE and DELETE on events and links.
+
+Who writes which row
+    A writer does one INSERT into ``AuditEvent`` and takes no shared lock, so
+    audited writes in different transactions never wait for each other. A
+    refusal must be recorded although the refused operation rolls back, so
+    callers record refusals outside the refused operation's transaction.
+
+    The sealer (``audit_seal``; ``manage.py audit_seal --loop`` runs it as its own
+    process) takes the transaction-scoped advisory lock ``SEALER_LOCK``, then in
+    that one transaction reads the head, selects a batch, INSERTs its links in
+    one statement and updates the head. One sealer at a time across all nodes.
+
+Ordering rule
+    An event is linked only when every transaction that could still write an
+    event ordered before it has ended: its ``xid`` is below the ``xmin`` of the
+    sealer's own snapshot (``pg_snapshot_xmin(pg_current_snapshot())``, the
+    oldest transaction still running). Every event below ``xmin`` is committed
+    and visible to that snapshot, or never will be; so a batch is taken in
+    ``(xid, id)`` order from ``floor`` up, nothing is skipped, and an event whose
+    transaction began early and commits late waits for its turn instead of
+    being passed over. Afterwards ``floor`` moves to that same snapshot's
+    ``xmin`` (or to the last linked ``xid`` when the batch was cut short by its
+    size). ``xmin`` is cluster-wide: a transaction left open anywhere on the
+    server holds sealing back (and ``/readyz`` says so); keep
+    ``idle_in_transaction_session_timeout`` set.
+
+    A seal run inside a transaction that wrote events itself (tests do this;
+    ``audit_verify`` inside one) links that transaction's own events too, after
+    the safe ones: they are visible to it and commit or roll back with their
+    links. ``floor`` never passes ``xmin`` then, so events of an older
+    transaction still running are found later, only linked after these.
+
+Races
+    Two sealers at once: the second does not get the advisory lock and links
+    nothing (``busy``); a waiting one (``wait=True``) takes it after the first
+    commits, and in READ COMMITTED its next statement sees the first one's links
+    and head. A sealer killed or failing mid-batch: its transaction rolls back,
+    links and head together, and the next sealer does that batch again. Should
+    two sealers ever both write, the primary key on ``seq`` and the unique
+    ``event_id`` refuse the second: nothing is linked twice.
+
+SQLite (the laptop default) has no transaction ids and runs IMMEDIATE
+transactions, which serialise writers anyway: there ``audit_record`` links its
+event before returning, in the writer's transaction.
 """
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import rfc8785
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import Func
 from django.utils import timezone
 
 from config.logging import bind
 
-from .models import AuditEvent, AuditHead
+from .models import AuditEvent, AuditHead, AuditLink, TransactionIdField
 
 GENESIS = "0" * 64
+SEALER_LOCK = int.from_bytes(b"cs-audit", "big", signed=True)  # pg advisory lock key, any fixed bigint
+SEAL_BATCH = 1000
+# Upper bounds (seconds) of the seal-lag histogram buckets; the goal is p99 under 2 s.
+SEAL_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
 
 
 def _event_hash(*, seq: int, occurred_at: str, fields: dict[str, Any], prev_hash: str) -> str:
@@ -41,6 +102,15 @@ def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+def _link_hash(event: AuditEvent, *, seq: int, prev_hash: str) -> str:
+    return _event_hash(seq=seq, occurred_at=event.occurred_at.isoformat(), fields=_hashed_fields(event),
+                       prev_hash=prev_hash)
+
+
+def _deferred_sealing() -> bool:
+    return connection.vendor == "postgresql"
+
+
 def client_ip(request) -> str:
     if request is None:
         return ""
@@ -60,32 +130,34 @@ def audit_record(
     detail: dict[str, Any] | None = None,
     request=None,
 ) -> AuditEvent:
-    """Append one event to the chain. Never pass a secret or a whole token in ``detail``."""
+    """Append one event. Never pass a secret or a whole token in ``detail``.
+
+    On PostgreSQL this is one INSERT and takes no lock another writer could wait
+    for; the sealer links the event once its transaction (and every older one)
+    has ended.
+    """
     bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
-    # Inside a caller's transaction the event commits or rolls back with it: no savepoint needed.
-    with transaction.atomic(savepoint=False):
-        head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
-        occurred_at = timezone.now()
-        row = AuditEvent(
-            seq=head.seq + 1,
-            occurred_at=occurred_at,
-            event=event,
-            outcome=outcome,
-            actor=actor[:200],
-            user_id=user_id,
-            client_id=(client_id or "")[:100],
-            grant_id=str(grant_id or ""),
-            error=error,
-            detail=detail or {},
-            remote_addr=client_ip(request),
-            prev_hash=head.hash,
-        )
-        row.hash = _event_hash(
-            seq=row.seq, occurred_at=occurred_at.isoformat(), fields=_hashed_fields(row),
-            prev_hash=head.hash,
-        )
-        row.save()
-        AuditHead.objects.filter(pk=1).update(seq=row.seq, hash=row.hash)
+    deferred = _deferred_sealing()
+    row = AuditEvent(
+        occurred_at=timezone.now(),
+        event=event,
+        outcome=outcome,
+        actor=actor[:200],
+        user_id=user_id,
+        client_id=(client_id or "")[:100],
+        grant_id=str(grant_id or ""),
+        error=error,
+        detail=detail or {},
+        remote_addr=client_ip(request),
+        xid=Func(function="pg_current_xact_id", output_field=TransactionIdField()) if deferred else 0,
+    )
+    if deferred:
+        row.save(force_insert=True)
+    else:
+        # Inside a caller's transaction the event commits or rolls back with it: no savepoint needed.
+        with transaction.atomic(savepoint=False):
+            row.save(force_insert=True)
+            _seal_batch(limit=SEAL_BATCH, wait=True)
     return row
 
 
@@ -93,27 +165,186 @@ def audit_refusal(*, event: str, error: str, **kwargs: Any) -> AuditEvent:
     return audit_record(event=event, outcome=AuditEvent.Outcome.REFUSED, error=error, **kwargs)
 
 
+# --- the sealer -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealResult:
+    linked: int
+    busy: bool = False  # another sealer held the lock; nothing was tried
+
+
+# The events to link next, in chain order, with the frontier of this very statement's snapshot.
+_CANDIDATES_PG = """
+WITH frontier AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, pg_current_xact_id_if_assigned() AS own
+)
+SELECT e.*, f.xmin::text AS frontier
+FROM audit_auditevent e CROSS JOIN frontier f
+WHERE e.xid >= %s::xid8
+  AND (e.xid < f.xmin OR e.xid = f.own)
+  AND NOT EXISTS (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)
+ORDER BY e.xid, e.id
+LIMIT %s
+"""
+# SQLite: writers are serialised and link their own events before commit, so everything
+# unlinked comes after the newest link.
+_CANDIDATES_SQLITE = """
+SELECT e.*, 0 AS frontier
+FROM audit_auditevent e
+WHERE e.id > COALESCE((SELECT l.event_id FROM audit_auditlink l ORDER BY l.seq DESC LIMIT 1), 0)
+  AND NOT EXISTS (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)
+ORDER BY e.xid, e.id
+LIMIT %s
+"""
+
+
+def _take_lock(wait: bool) -> bool:
+    if connection.vendor != "postgresql":
+        return True  # SQLite: the IMMEDIATE transaction already holds the database's write lock
+    with connection.cursor() as cursor:
+        if wait:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SEALER_LOCK])
+            return True
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [SEALER_LOCK])
+        return bool(cursor.fetchone()[0])
+
+
+def _candidates(head: AuditHead, limit: int) -> list[AuditEvent]:
+    if connection.vendor == "postgresql":
+        return list(AuditEvent.objects.raw(_CANDIDATES_PG, [str(head.floor), limit]))
+    return list(AuditEvent.objects.raw(_CANDIDATES_SQLITE, [limit]))
+
+
+def _observe_lag(head: AuditHead, lags: list[float]) -> None:
+    counts = list(head.lag_buckets) or [0] * len(SEAL_LAG_BUCKETS)
+    for lag in lags:
+        counts[next(i for i, bound in enumerate(SEAL_LAG_BUCKETS) if lag <= bound)] += 1
+    head.lag_buckets = counts
+    head.lag_sum += sum(lags)
+    head.lag_count += len(lags)
+
+
+def _seal_batch(*, limit: int, wait: bool) -> SealResult:
+    """Link up to ``limit`` events, in the caller's transaction. See the module docstring."""
+    if not _take_lock(wait):
+        return SealResult(linked=0, busy=True)
+    # The lock serialises sealers; in READ COMMITTED this statement already sees the previous
+    # sealer's committed head.
+    head, _ = AuditHead.objects.get_or_create(pk=1)
+    events = _candidates(head, limit)
+    if not events:
+        return SealResult(linked=0)
+    now = timezone.now()
+    links, seq, prev_hash = [], head.seq, head.hash
+    for event in events:
+        seq += 1
+        digest = _link_hash(event, seq=seq, prev_hash=prev_hash)
+        links.append(AuditLink(seq=seq, event_id=event.pk, prev_hash=prev_hash, hash=digest, sealed_at=now))
+        prev_hash = digest
+    AuditLink.objects.bulk_create(links)
+    frontier = int(events[0].frontier)
+    if connection.vendor == "postgresql":
+        head.floor = min(frontier, events[-1].xid) if len(events) == limit else frontier
+    _observe_lag(head, [max(0.0, (now - e.occurred_at).total_seconds()) for e in events])
+    head.seq, head.hash, head.sealed_at = seq, prev_hash, now
+    head.save(update_fields=["seq", "hash", "floor", "sealed_at", "lag_buckets", "lag_sum", "lag_count"])
+    return SealResult(linked=len(links))
+
+
+def audit_seal(*, limit: int = SEAL_BATCH, wait: bool = False) -> SealResult:
+    """Link one batch of committed events into the chain, in one transaction.
+
+    ``wait=False`` (the looping sealer) returns ``busy`` at once if another sealer
+    holds the lock; ``wait=True`` waits for it.
+    """
+    with transaction.atomic():
+        return _seal_batch(limit=limit, wait=wait)
+
+
+def audit_seal_all(*, limit: int = SEAL_BATCH) -> int:
+    """Link everything that can be linked now, waiting for a running sealer. Returns how many."""
+    total = 0
+    while True:
+        result = audit_seal(limit=limit, wait=True)
+        total += result.linked
+        if result.linked < limit:
+            return total
+
+
+# --- reading the sealer's progress --------------------------------------------------------------
+
+
+def _unlinked(*, recent: bool):
+    """Unlinked events: ``recent`` ones (at or above the floor: not sealed yet), or the others
+    (below it: they were linked once, and their link is gone)."""
+    head = AuditHead.objects.filter(pk=1).first()
+    unlinked = AuditEvent.objects.filter(link__isnull=True)
+    if connection.vendor != "postgresql":
+        # SQLite links every event in its own transaction: an unlinked event has lost its link.
+        return unlinked.none() if recent else unlinked
+    floor = head.floor if head is not None else 0
+    return unlinked.filter(xid__gte=floor) if recent else unlinked.filter(xid__lt=floor)
+
+
+def audit_unsealed_count() -> int:
+    return _unlinked(recent=True).count()
+
+
+def audit_oldest_unsealed() -> datetime | None:
+    """When the oldest event still waiting for the sealer happened (None: nothing waits)."""
+    first = _unlinked(recent=True).order_by("occurred_at").values_list("occurred_at", flat=True).first()
+    return first
+
+
+def audit_seal_lag() -> tuple[list[int], float, int]:
+    """The seal-lag histogram: (count per bucket of ``SEAL_LAG_BUCKETS``, sum of seconds, count)."""
+    head = AuditHead.objects.filter(pk=1).first()
+    if head is None or not head.lag_buckets:
+        return [0] * len(SEAL_LAG_BUCKETS), 0.0, 0
+    return list(head.lag_buckets), head.lag_sum, head.lag_count
+
+
+# --- checking ----------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ChainBreak:
-    seq: int
+    seq: int | None
     reason: str
+
+    def __str__(self) -> str:
+        return f"link {self.seq}: {self.reason}" if self.seq is not None else self.reason
 
 
 def audit_chain_breaks() -> Iterator[ChainBreak]:
     """Walk the chain in order; yield every place where it does not hold."""
     prev_hash, expected_seq = GENESIS, 1
-    for row in AuditEvent.objects.order_by("seq").iterator(chunk_size=2000):
-        if row.seq != expected_seq:
-            yield ChainBreak(expected_seq, f"events {expected_seq}..{row.seq - 1} are missing")
-        if row.prev_hash != prev_hash:
-            yield ChainBreak(row.seq, "does not link to the event before it")
-        recomputed = _event_hash(
-            seq=row.seq, occurred_at=row.occurred_at.isoformat(), fields=_hashed_fields(row),
-            prev_hash=row.prev_hash,
-        )
-        if recomputed != row.hash:
-            yield ChainBreak(row.seq, "content does not match its hash (edited)")
-        prev_hash, expected_seq = row.hash, row.seq + 1
+    chunk: list[AuditLink] = []
+
+    def check(links: list[AuditLink]) -> Iterator[ChainBreak]:
+        nonlocal prev_hash, expected_seq
+        events = AuditEvent.objects.in_bulk([link.event_id for link in links])
+        for link in links:
+            if link.seq != expected_seq:
+                yield ChainBreak(expected_seq, f"links {expected_seq}..{link.seq - 1} are missing")
+            if link.prev_hash != prev_hash:
+                yield ChainBreak(link.seq, "does not link to the one before it")
+            event = events.get(link.event_id)
+            if event is None:
+                yield ChainBreak(link.seq, f"its event (id {link.event_id}) was removed")
+            elif _link_hash(event, seq=link.seq, prev_hash=link.prev_hash) != link.hash:
+                yield ChainBreak(link.seq, f"event {event.pk}: content does not match its hash (edited)")
+            prev_hash, expected_seq = link.hash, link.seq + 1
+
+    for link in AuditLink.objects.order_by("seq").iterator(chunk_size=2000):
+        chunk.append(link)
+        if len(chunk) == 2000:
+            yield from check(chunk)
+            chunk = []
+    yield from check(chunk)
     head = AuditHead.objects.filter(pk=1).first()
     if head is not None and (head.seq != expected_seq - 1 or head.hash != prev_hash):
-        yield ChainBreak(head.seq, "the newest events were removed (chain head does not match)")
+        yield ChainBreak(head.seq, "the newest links were removed (chain head does not match)")
+    for pk in _unlinked(recent=False).order_by("id").values_list("pk", flat=True)[:1000]:
+        yield ChainBreak(None, f"event {pk} is not in the chain (its link was removed)")

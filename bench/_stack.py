@@ -498,6 +498,11 @@ def start_celery_worker(stack: Stack, name: str, env: dict[str, str], *, concurr
     return stack.spawn(name, cmd, env, kind="worker")
 
 
+def start_sealer(stack: Stack, env: dict[str, str]) -> Proc:
+    """The audit sealer, as the Procfile runs it: audited writes only append; it links them."""
+    return stack.spawn("sealer", [sys.executable, "manage.py", "audit_seal", "--loop"], env, kind="sealer")
+
+
 def wait_celery_ready(stack: Stack, proc: Proc, limit: float = 120) -> None:
     stack.wait_until(proc, lambda: "ready." in stack.log_tail(proc.name, 100_000), f"celery {proc.name}", limit)
 

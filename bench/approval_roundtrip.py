@@ -72,6 +72,7 @@ from _stack import (
     percentile,
     run_main,
     start_celery_worker,
+    start_sealer,
     start_web,
     start_ws,
     wait_celery_ready,
@@ -483,6 +484,7 @@ class Roundtrip:
         ws = start_ws(stack, "ws", self.ws_port, self.env())
         worker = start_celery_worker(stack, "worker", self.env(), concurrency=self.args.celery_concurrency,
                                      hostname=f"bench-{self.port}@%h")
+        start_sealer(stack, self.env())
         stack.wait_http(web, "/.well-known/oauth-authorization-server")
         if ws is not None:
             stack.wait_port(ws)

@@ -1,8 +1,8 @@
 """Liveness, readiness and metrics for operators.
 
 ``/healthz``: the process answers. ``/readyz``: the database, the Redis channel
-layer and the Celery broker are all reachable (503 with a JSON body naming what
-is down). ``/metrics``: Prometheus text format, for the monitoring system only
+layer and the Celery broker are all reachable, and the audit sealer keeps up (503
+with a JSON body naming what is down). ``/metrics``: Prometheus text format, for the monitoring system only
 (a bearer token from ``METRICS_TOKEN``, or loopback when none is set).
 """
 
@@ -12,8 +12,10 @@ import time
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .metrics import DatabaseCollector, websocket_connections
@@ -39,7 +41,19 @@ def _broker() -> None:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
-CHECKS = {"database": _database, "channel_layer": _channel_layer, "broker": _broker}
+def _audit_sealer() -> None:
+    """The oldest event still waiting for its link: older than this, the sealer has stopped (or a
+    transaction left open on the database holds it back)."""
+    from audit.services import audit_oldest_unsealed
+
+    stale_after = settings.COUNTERSIGN.get("AUDIT_SEALER_STALE_SECONDS", 30)
+    oldest = audit_oldest_unsealed()
+    if oldest is not None and (waited := (timezone.now() - oldest).total_seconds()) > stale_after:
+        raise RuntimeError(f"audit sealer: an event has waited {waited:.0f}s to be sealed "
+                           f"(is `manage.py audit_seal --loop` running?)")
+
+
+CHECKS = {"database": _database, "channel_layer": _channel_layer, "broker": _broker, "audit_sealer": _audit_sealer}
 
 
 def readyz(request):

@@ -11,7 +11,7 @@ from datetime import timedelta
 from django.db.models import Count
 from django.utils import timezone
 from prometheus_client import Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 websocket_connections = Gauge("countersign_websocket_connections", "Open inbox websockets in this process",
                               registry=None)
@@ -52,8 +52,28 @@ class DatabaseCollector:
             latency.add_metric([str(q)], delays[min(len(delays) - 1, int(q * len(delays)))] if delays else 0.0)
         yield latency
 
+        yield seal_lag_histogram()
+
         redemptions = CounterMetricFamily("countersign_redemptions", "Redemption attempts by outcome",
                                           labels=["outcome"])
         redemptions.add_metric(["redeemed"], ActionToken.objects.filter(redeemed_at__isnull=False).count())
         redemptions.add_metric(["refused"], AuditEvent.objects.filter(event="redemption.refused").count())
         yield redemptions
+
+
+def seal_lag_histogram() -> HistogramMetricFamily:
+    """How long events waited for the audit sealer (now - occurred_at when linked); goal p99 < 2 s.
+
+    The sealer keeps the cumulative counts in the audit head, so every node reports the same
+    histogram whichever sealer process did the work.
+    """
+    from audit.services import SEAL_LAG_BUCKETS, audit_seal_lag
+
+    counts, total, count = audit_seal_lag()
+    buckets, running = [], 0
+    for bound, n in zip(SEAL_LAG_BUCKETS, counts, strict=True):
+        running += n
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+    return HistogramMetricFamily("countersign_audit_seal_lag_seconds",
+                                 "Time from an audit event to its link in the hash chain",
+                                 buckets=buckets, sum_value=total)

@@ -22,6 +22,9 @@ mkdir -p var
 .venv/bin/celery -A config.celery:app worker --beat --loglevel=INFO --concurrency=2 \
   --schedule=var/celerybeat-schedule >var/celery.log 2>&1 &
 pids+=($!)
+# The audit sealer links committed audit events into the hash chain (PostgreSQL; SQLite links inline).
+$PY manage.py audit_seal --loop >var/sealer.log 2>&1 &
+pids+=($!)
 .venv/bin/uvicorn config.asgi:application --host "$HOST" --port "$PORT" --no-access-log &
 pids+=($!)
 

@@ -130,7 +130,7 @@ def test_procurement_run_survives_token_expiry(mode, flow, scenario, procurement
         assert redeemed.status_code == 200 and redeemed.json()["authorization_details"] == [LEDGER_ENTRY]
 
     call_command("audit_verify", stdout=StringIO())
-    trail = list(AuditEvent.objects.order_by("seq").values_list("event", flat=True))
+    trail = list(AuditEvent.objects.order_by("id").values_list("event", flat=True))
     remint = "token.exchanged" if mode == "exchange" else "token.refreshed"
     expected = ["consent.given", "token.issued", remint, "approval.requested", "approval.delivered",
                 "approval.approved", "action_token.issued", "action_token.redeemed"]

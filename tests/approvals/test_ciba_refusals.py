@@ -43,7 +43,7 @@ DECISION_REFUSED = "approval.decision_refused"
 
 
 def _head() -> int:
-    return AuditEvent.objects.aggregate(m=Max("seq"))["m"] or 0
+    return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
 def _approval_rows() -> dict:
@@ -64,7 +64,7 @@ class Watch:
         self.queued, self.sent = len(outbox.queued), len(outbox.sent)
 
     def events(self) -> list[AuditEvent]:
-        return list(AuditEvent.objects.filter(seq__gt=self.seq).order_by("seq"))
+        return list(AuditEvent.objects.filter(id__gt=self.seq).order_by("id"))
 
     def new_queued(self) -> list[tuple[str, str]]:
         return self.outbox.queued[self.queued:]
@@ -688,7 +688,7 @@ def test_action_token_at_introspection_is_inactive(agent, client, scenario):
         == {"active": False}
     assert agent.flow.introspect(token).json() == {"active": False}
     assert ActionToken.objects.get().redeemed_at is None
-    assert AuditEvent.objects.filter(seq__gt=seq, outcome="refused").count() == 2
+    assert AuditEvent.objects.filter(id__gt=seq, outcome="refused").count() == 2
 
 
 def test_expired_action_token_jwt_is_refused(agent, client, watch):

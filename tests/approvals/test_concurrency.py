@@ -101,7 +101,7 @@ def errors(results) -> list[BaseException]:
 
 def events_for(approval_id, *names: str) -> list[str]:
     return list(AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval_id))
-                .order_by("seq").values_list("event", flat=True))
+                .order_by("id").values_list("event", flat=True))
 
 
 # --- (a) concurrent approves -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ ERROR_PAGE = "This request cannot continue"
 
 
 def _head() -> int:
-    return AuditEvent.objects.aggregate(m=Max("seq"))["m"] or 0
+    return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
 def _row_counts() -> dict[str, int]:
@@ -49,7 +49,7 @@ class Watch:
         self.counts = _row_counts()
 
     def new_events(self) -> list[AuditEvent]:
-        return list(AuditEvent.objects.filter(seq__gt=self.seq).order_by("seq"))
+        return list(AuditEvent.objects.filter(id__gt=self.seq).order_by("id"))
 
     def refused(self) -> list[AuditEvent]:
         return [e for e in self.new_events() if e.outcome == AuditEvent.Outcome.REFUSED]

@@ -47,7 +47,7 @@ def test_code_exchange_returns_session_token_naming_user_and_agent(flow, scenari
     assert grant.step_up_scopes == ["ledger:write"] and grant.standard_scopes == ["catalog:read", "budget:read"]
     assert grant.consent_shown["will_ask_each_time"][0]["scope"] == "ledger:write"
     assert "refresh_token" in body
-    events = list(AuditEvent.objects.order_by("seq").values_list("event", flat=True))
+    events = list(AuditEvent.objects.order_by("id").values_list("event", flat=True))
     assert "consent.given" in events and "token.issued" in events
 
 

@@ -258,7 +258,7 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     assert approval.status == ApprovalRequest.Status.REDEEMED
 
     # The audit trail: every step, in order, on an intact hash chain.
-    trail = list(AuditEvent.objects.order_by("seq").values_list("event", flat=True))
+    trail = list(AuditEvent.objects.order_by("id").values_list("event", flat=True))
     assert all(event in trail for event in TRAIL), trail
     positions = [trail.index(event) for event in TRAIL]
     assert positions == sorted(positions), trail

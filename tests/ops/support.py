@@ -179,6 +179,10 @@ class Cluster:
             str(BIN / "celery"), "-A", "config.celery:app", "beat", "--loglevel=INFO",
             f"--schedule={self.log_dir / f'beat-{self._generation}.db'}"], env)
 
+    def start_sealer(self, env: dict | None = None) -> Proc:
+        """The audit sealer (``manage.py audit_seal --loop``), as the Procfile runs it."""
+        return self._spawn("sealer", [sys.executable, "manage.py", "audit_seal", "--loop"], env)
+
     def stop(self) -> None:
         for proc in self._spawned:
             if proc.alive:

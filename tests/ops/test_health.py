@@ -27,7 +27,7 @@ def test_readyz_reports_each_dependency(client):
     body = client.get("/readyz").json()
     assert body["status"] == "ok"
     assert {name: check["status"] for name, check in body["checks"].items()} == {
-        "database": "ok", "channel_layer": "ok", "broker": "ok"}
+        "database": "ok", "channel_layer": "ok", "broker": "ok", "audit_sealer": "ok"}
 
 
 @pytest.fixture
