@@ -72,12 +72,12 @@ MIDDLEWARE = [
     "config.logging.RequestContextMiddleware",
     "config.middleware.DependencyDownMiddleware",
     "django_otp.middleware.OTPMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "config.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
-WSGI_APPLICATION = None
+WSGI_APPLICATION = "config.wsgi.application"
 ASGI_APPLICATION = "config.asgi.application"
 
 TEMPLATES = [
@@ -99,12 +99,16 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        # Under ASGI every request runs in a fresh thread, so a kept-open connection is never
-        # reused: persistent connections only pile up (Django docs). Pool instead (below).
+        # One pool per process instead of persistent connections (below): web processes run requests
+        # on a fixed set of threads (granian), but the ws process (ASGI) and Celery hand work to
+        # threads that come and go, where a kept-open connection per thread only piles up. A request
+        # takes a connection from the pool and returns it when it finishes, on every kind of process.
         conn_max_age=0,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and os.environ.get("DATABASE_POOL", "1") == "1":
+    # At least as many connections as a web process has threads (config.serving.WEB_THREADS), so no
+    # request waits for a connection another thread of its own process holds.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")), "timeout": 10}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

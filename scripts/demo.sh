@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The procurement demo (the reference scenario), all on loopback:
-#   Countersign (uvicorn + Celery worker), the five procurement systems (examples/procurement/
+#   Countersign (web + ws servers behind the path router, Celery worker), the five procurement systems (examples/procurement/
 #   resource_servers.py, ports 8101-8105) and the scripted agent (examples/procurement/agent.py,
 #   callback on 8199), whose output is this terminal's. Ctrl-C stops everything.
 #
@@ -74,8 +74,7 @@ trap 'exit 143' TERM
 .venv/bin/celery -A config.celery:app worker --beat --loglevel=INFO --concurrency=2 \
   --schedule="$DEMO_DIR/celerybeat-schedule" >"$DEMO_DIR/celery.log" 2>&1 &
 pids+=($!)
-.venv/bin/uvicorn config.asgi:application --host "$HOST" --port "$PORT" --no-access-log \
-  >"$DEMO_DIR/server.log" 2>&1 &
+$PY -m config.serving local --host "$HOST" --port "$PORT" >"$DEMO_DIR/server.log" 2>&1 &
 pids+=($!)
 $PY -m examples.procurement.resource_servers --config "$CREDS" --issuer "$COUNTERSIGN_ISSUER" \
   --data-dir "$DEMO_DIR" >"$DEMO_DIR/systems.log" 2>&1 &

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Run the ASGI server and the Celery worker (with its beat scheduler) in the foreground.
-# Ctrl-C stops both.
+# Run Countersign on one port in the foreground: the web server (granian, HTTP), the ws server
+# (uvicorn, websockets) and the path router in front of them that stands in for the production load
+# balancer (python -m config.serving local), plus the Celery worker with its beat scheduler.
+# Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -25,7 +27,7 @@ pids+=($!)
 # The audit sealer links committed audit events into the hash chain (PostgreSQL; SQLite links inline).
 $PY manage.py audit_seal --loop >var/sealer.log 2>&1 &
 pids+=($!)
-.venv/bin/uvicorn config.asgi:application --host "$HOST" --port "$PORT" --no-access-log &
+$PY -m config.serving local --host "$HOST" --port "$PORT" &
 pids+=($!)
 
 cat <<MSG

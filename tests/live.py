@@ -1,4 +1,5 @@
-"""A live Countersign stack for tests: the real ASGI server (uvicorn, websockets) and a real
+"""A live Countersign stack for tests: the real servers as deployed (config.serving: granian for
+HTTP, uvicorn for websockets, the path router in front so both share one origin) and a real
 Celery worker, as subprocesses sharing the test's PostgreSQL database and Redis.
 
 Use ``live_stack`` together with ``transactional_db`` so that rows the test writes are
@@ -18,6 +19,8 @@ import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
+
+from config.serving import local_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,10 +82,8 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
     celery_app.control.purge()
     procs = [
         subprocess.Popen(
-            [str(bin_dir / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-             "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=open(log_dir / "uvicorn.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True),
+            local_command(port), cwd=ROOT, env=env, stdout=open(log_dir / "server.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True),
         subprocess.Popen(
             [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO", "--concurrency=2",
              "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h"],
@@ -97,7 +98,7 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
             return False
 
     try:
-        _wait(server_up, "uvicorn", stack)
+        _wait(server_up, "the web and ws servers", stack, timeout=90)
         _wait(lambda: "ready." in (log_dir / "celery.log").read_text(), "celery worker", stack)
         yield stack
     finally:

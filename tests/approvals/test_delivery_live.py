@@ -1,4 +1,4 @@
-"""Delivery through the real stack: uvicorn + Channels over Redis, a real Celery worker.
+"""Delivery through the real stack: granian (HTTP), uvicorn + Channels over Redis (websockets), a real Celery worker.
 
 The agent talks HTTP to the live server; the user's inbox is a real websocket client.
 """

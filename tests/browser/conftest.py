@@ -2,8 +2,8 @@
 
 The app runs under pytest-django's ``live_server`` (a thread in this process, real HTTP on
 127.0.0.1), so the data has to be committed: everything here uses ``transactional_db``.
-``live_server`` speaks no websockets: the live inbox is tested against ``live`` (tests/live.py,
-real uvicorn and Celery subprocesses) through ``live_context``.
+``live_server`` speaks no websockets: the live inbox is tested against ``live`` (tests/live.py: the
+real servers, granian + uvicorn behind the path router, and Celery subprocesses) through ``live_context``.
 """
 
 import os
@@ -127,12 +127,12 @@ def page_problems(page) -> list[str]:
     return problems
 
 
-# --- the live stack (uvicorn serves websockets; pytest-django's live_server does not) --------------
+# --- the live stack (its ws process serves websockets; pytest-django's live_server does not) -------
 
 
 @pytest.fixture
 def live_context(chromium, live):
-    """A fresh browser context (no cookies) against the live stack: real uvicorn, real Celery."""
+    """A fresh browser context (no cookies) against the live stack: real servers, real Celery."""
     context = chromium.new_context(base_url=live.url)
     context.set_default_timeout(15_000)
     try:

@@ -1,4 +1,4 @@
-"""The live approvals inbox in a real Chromium, against the real stack (uvicorn + Celery + Redis).
+"""The live approvals inbox in a real Chromium, against the real stack (config.serving + Celery + Redis).
 
 The officer signs in through the login form; the agent is a real HTTP client asking for a
 step-up action over CIBA; the prompt arrives over the websocket without a reload; the officer

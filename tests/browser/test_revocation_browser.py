@@ -1,6 +1,6 @@
 """Revoking an agent on /grants/ clears its prompts from every open inbox tab, live.
 
-Against the real stack (uvicorn + Channels over Redis + a Celery worker) in Debian's Chromium:
+Against the real stack (granian + uvicorn/Channels over Redis + a Celery worker) in Debian's Chromium:
 the officer keeps /approvals/ open in one tab; the agent asks over HTTP and the prompt appears
 without a reload; in a second tab the officer revokes the agent on Connected agents; the first
 tab's prompt goes away on its own, the badge drops to 0, the agent's next poll is refused and

@@ -1,6 +1,6 @@
 """AgentClient / AsyncAgentClient against the live stack: consent, token upkeep, step-up approvals.
 
-The agent talks HTTP to the real server (uvicorn) and the Celery worker delivers
+The agent talks HTTP to the real servers (config.serving) and the Celery worker delivers
 prompts; the officer answers in the browser (Django's test client, or real HTTP
 for the consent screen). Protocol corners the server cannot be made to produce
 on demand (slow_down, use_dpop_nonce, an expired login_hint_token) are driven

@@ -1,6 +1,6 @@
 """The procurement demo (examples/procurement/) end to end, with real processes only.
 
-- Countersign itself: the ``live`` stack (uvicorn + a Celery worker on the test database);
+- Countersign itself: the ``live`` stack (the servers + a Celery worker on the test database);
 - the five downstream systems: ``python -m examples.procurement.resource_servers`` as a
   subprocess on free loopback ports, with their own resource-server credentials;
 - the agent: ``examples.procurement.agent.run`` (countersign's ``AgentClient``) in a thread,

@@ -1,4 +1,4 @@
-"""Real processes for production-operation tests: several uvicorn nodes and Celery workers over one
+"""Real processes for production-operation tests: several server nodes and Celery workers over one
 PostgreSQL database and one Redis, processes that can be killed and restarted, a Redis of our own
 that can be stopped and started again, and a TCP forwarder in front of PostgreSQL that can be cut.
 
@@ -29,6 +29,7 @@ import pytest
 from django.conf import settings
 from websockets.sync.client import connect
 
+from config.serving import local_command
 from tests.live import ROOT, _database_url, free_port
 
 BIN = Path(sys.executable).parent
@@ -66,7 +67,7 @@ class Proc:
         return self.popen.poll() is None
 
     def kill(self, sig=signal.SIGKILL) -> None:
-        """Signal the whole process group (uvicorn, or the Celery parent and its pool children)."""
+        """Signal the whole process group (a node's servers, or the Celery parent and its pool children)."""
         try:
             os.killpg(self.popen.pid, sig)
         except ProcessLookupError:
@@ -92,7 +93,8 @@ class Proc:
 
 @dataclass
 class Node:
-    """One ASGI process (HTTP + websockets) on its own port."""
+    """One node on its own port: a web process (HTTP) and a ws process (websockets) behind the path
+    router, as config.serving's ``local`` starts them; one process group, killed together."""
 
     name: str
     port: int
@@ -109,7 +111,7 @@ class Node:
 
 @dataclass
 class Cluster:
-    """N uvicorn nodes and M Celery workers sharing one database and one Redis.
+    """N server nodes and M Celery workers sharing one database and one Redis.
 
     ``env`` is the environment of every process; ``COUNTERSIGN_ISSUER`` is node A's URL for all.
     """
@@ -140,9 +142,7 @@ class Cluster:
 
     def start_node(self, name: str, env: dict | None = None, wait: bool = True) -> Node:
         node = self.add_node(name)
-        node.proc = self._spawn(f"uvicorn-{name}", [
-            str(BIN / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1", "--port", str(node.port),
-            "--no-access-log", "--log-level", "warning"], env)
+        node.proc = self._spawn(f"node-{name}", local_command(node.port), env)
         if wait:
             self.wait_node(node)
         return node
@@ -150,13 +150,13 @@ class Cluster:
     def wait_node(self, node: Node, timeout: float = 90) -> None:
         def up() -> bool:
             if not node.proc.alive:
-                pytest.fail(f"uvicorn {node.name} exited\n{self.logs()}")
+                pytest.fail(f"node {node.name} exited\n{self.logs()}")
             try:
                 return httpx.get(f"{node.url}/healthz", timeout=2, trust_env=False).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, f"uvicorn {node.name} on {node.url}", timeout, self.logs, interval=0.2)
+        wait_for(up, f"node {node.name} on {node.url}", timeout, self.logs, interval=0.2)
 
     def start_worker(self, name: str, env: dict | None = None, concurrency: int = 2, wait: bool = True) -> Proc:
         proc = self._spawn(f"celery-{name}", [
@@ -216,6 +216,7 @@ def cluster_env(*, issuer: str, redis_url: str, database_url: str | None = None,
         "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS": "0",  # tests flush the key table between tests
         # PostgreSQL here allows 100 connections for everyone: small pools per process.
         "DATABASE_POOL_SIZE": "4",
+        "WEB_THREADS": "4",  # no more threads than pooled connections
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
     }

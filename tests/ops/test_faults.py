@@ -1,6 +1,7 @@
 """Faults with real processes (SECURITY.md "Faults"): a Celery worker SIGKILLed mid-delivery, Redis
-restarted under open inboxes, PostgreSQL unreachable. Every test runs its own uvicorn and Celery
-processes on a Redis of its own (never the shared one), over the test's PostgreSQL database.
+restarted under open inboxes, PostgreSQL unreachable. Every test runs its own server node (web + ws
+behind the path router) and Celery processes on a Redis of its own (never the shared one), over the
+test's PostgreSQL database.
 
 The bar: 0 lost approvals (every pending prompt reaches the inbox, live or replayed from the database
 on reconnect), 0 duplicate deliveries in the audit trail, 0 duplicate action tokens, and nothing

@@ -40,7 +40,7 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 @pytest.fixture(scope="session")
 def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
-    """Node A and node B (uvicorn) and one Celery worker; the issuer is node A's URL for both."""
+    """Node A and node B (each web + ws behind the path router) and one Celery worker; the issuer is node A's URL for both."""
     with django_db_blocker.unblock():
         database_url = _database_url()
     port_a = free_port()

@@ -1,0 +1,148 @@
+"""How Countersign's server processes are started: the one place that knows the command lines.
+
+Two kinds of server process, because HTTP and websockets are best served by different servers
+(docs/deployment.md has the measurements):
+
+- **web** (HTTP, every page and protocol endpoint): granian with its WSGI interface,
+  ``config.wsgi:application``, one worker process with a fixed pool of ``WEB_THREADS`` threads.
+  One web process is "one core" in benchmarks.
+- **ws** (websockets, ``/ws/``): uvicorn with ``config.asgi:application`` (Channels).
+
+In production a load balancer sends ``/ws/`` to ws processes and everything else to web
+processes. On one machine (``make run``, test fixtures) ``local`` starts one of each behind
+``config.router``, so HTTP and websockets share one origin as they do behind the balancer.
+
+Used from Python (tests, benchmarks)::
+
+    from config.serving import web_command, ws_command, local_command
+    subprocess.Popen(web_command(8001), cwd=ROOT, env=env, start_new_session=True)
+
+and from the shell (Procfile, systemd, scripts/run.sh)::
+
+    python -m config.serving web --port 8001
+    python -m config.serving ws --port 9001
+    python -m config.serving local --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+# Threads per web process. Requests block on PostgreSQL and Redis, so a few more threads than
+# cores keep the core busy; each thread holds at most one pooled database connection.
+WEB_THREADS = int(os.environ.get("WEB_THREADS", "8"))
+
+
+def web_command(port: int, host: str = "127.0.0.1", *, threads: int | None = None,
+                python: str | None = None) -> list[str]:
+    """One HTTP server process (granian, WSGI) listening on ``host:port``."""
+    return [python or sys.executable, "-m", "granian", "--interface", "wsgi", "config.wsgi:application",
+            "--host", host, "--port", str(port), "--workers", "1",
+            "--blocking-threads", str(threads or WEB_THREADS), "--no-ws", "--respawn-failed-workers",
+            "--log-level", "warning"]
+
+
+def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:
+    """One websocket server process (uvicorn, Channels) listening on ``host:port``.
+
+    uvicorn trusts X-Forwarded-For/-Proto from FORWARDED_ALLOW_IPS (default 127.0.0.1), the same
+    peers config.wsgi trusts.
+    """
+    return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
+            str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers"]
+
+
+def local_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:
+    """A web process, a ws process and the path router in front of them, on one ``host:port``."""
+    return [python or sys.executable, "-m", "config.serving", "local", "--host", host, "--port", str(port)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accepting(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """In a child: be sent SIGTERM if the launcher dies, even by SIGKILL (Linux), so no server lingers."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_local(host: str, port: int) -> int:
+    """Start web and ws on private loopback ports and route ``host:port`` to them until stopped.
+
+    The children stay in this process's group, so signalling the group stops all three.
+    Returns when any child exits (1, so a supervisor sees the failure) or on SIGTERM/SIGINT (0).
+    """
+    from config.router import serve
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
+    web_port, ws_port = _free_port(), _free_port()
+    children = [subprocess.Popen(web_command(web_port), preexec_fn=_die_with_parent),
+                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent)]
+
+    def alive() -> bool:
+        return all(child.poll() is None for child in children)
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (_accepting(web_port) and _accepting(ws_port)):
+            if stop_requested:
+                return 0
+            if not alive() or time.monotonic() > deadline:
+                print("config.serving: a server process did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        if not serve(host, port, web=("127.0.0.1", web_port), ws=("127.0.0.1", ws_port),
+                     alive=alive, stopped=lambda: bool(stop_requested)):
+            print("config.serving: a server process exited", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        # Less than the 10 s scripts/demo.sh and the test fixtures give the whole node.
+        deadline = time.monotonic() + 8
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m config.serving", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=["web", "ws", "local"])
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    args = parser.parse_args(argv)
+    if args.kind == "local":
+        return run_local(args.host, args.port)
+    command = (web_command if args.kind == "web" else ws_command)(args.port, args.host)
+    os.execv(command[0], command)  # the server replaces this process: one process, one pid to supervise
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
