@@ -61,6 +61,7 @@ event before returning, in the writer's transaction.
 """
 
 import hashlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from datetime import datetime
 from typing import Any
 
 import rfc8785
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.db.models import Func
 from django.utils import timezone
@@ -118,6 +120,27 @@ def client_ip(request) -> str:
     return str(meta.get("REMOTE_ADDR", ""))[:64]
 
 
+_APPEND_COLUMNS = ("occurred_at", "event", "outcome", "actor", "user_id", "client_id", "grant_id", "error",
+                   "detail", "remote_addr")
+
+
+def _append(row: AuditEvent) -> None:
+    """The writer's one statement on PostgreSQL, written out: an audited request pays for the INSERT,
+    not for building it through the ORM (~1 ms of CPU per event, measured in bench/inprocess.py)."""
+    quote = connection.ops.quote_name
+    table = quote(AuditEvent._meta.db_table)
+    cols = ", ".join(quote(AuditEvent._meta.get_field(c).column) for c in _APPEND_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({cols}, {quote('xid')}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s,"
+            f" pg_current_xact_id()) RETURNING {quote('id')}, {quote('xid')}::text",
+            [row.occurred_at, row.event, row.outcome, row.actor, row.user_id, row.client_id, row.grant_id, row.error,
+             json.dumps(row.detail, cls=DjangoJSONEncoder), row.remote_addr])
+        row.pk, xid = cursor.fetchone()
+    row.xid = int(xid)
+    row._state.adding = False
+
+
 def audit_record(
     *,
     event: str,
@@ -152,7 +175,7 @@ def audit_record(
         xid=Func(function="pg_current_xact_id", output_field=TransactionIdField()) if deferred else 0,
     )
     if deferred:
-        row.save(force_insert=True)
+        _append(row)
     else:
         # Inside a caller's transaction the event commits or rolls back with it: no savepoint needed.
         with transaction.atomic(savepoint=False):

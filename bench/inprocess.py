@@ -113,7 +113,7 @@ for name, fn in (("code exchange", exchange), ("refresh", refresh)):
     cpu = time.process_time() - start
     if profile:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
     print(f"{name}: {cpu / (n - 1) * 1000:.3f} ms CPU per request in-process ({n - 1} requests)", flush=True)
 '''
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.db.models import Field, Model
 
 
@@ -27,9 +27,23 @@ def column(model: type[Model], name: str) -> Field:
     return model._meta.get_field(name)  # type: ignore[return-value]
 
 
-def param(model: type[Model], name: str, value: Any) -> Any:
+# Fields whose Python values go to the database as they are, on every backend we run on.
+_AS_IS = (models.CharField, models.TextField, models.IntegerField, models.BigIntegerField,
+          models.PositiveIntegerField, models.PositiveSmallIntegerField, models.BigAutoField, models.AutoField)
+
+
+@cache
+def _prep(vendor: str, model: type[Model], name: str):
+    field = column(model, name)
+    target = field.target_field if isinstance(field, models.ForeignKey) else field
+    return None if type(target) in _AS_IS else field.get_db_prep_save
+
+
+def param(model: type[Model], name: str, value: Any, conn=None) -> Any:
     """A Python value as the database wants it for ``model.name`` (datetimes, UUIDs, JSON)."""
-    return column(model, name).get_db_prep_save(value, connection)
+    conn = conn or connections[DEFAULT_DB_ALIAS]
+    prep = _prep(conn.vendor, model, name)
+    return value if prep is None or value is None else prep(value, conn)
 
 
 @cache
@@ -55,11 +69,12 @@ class Columns:
         return len(self.names)
 
     def load(self, values: Sequence[Any]) -> dict[str, Any]:
+        conn = connections[DEFAULT_DB_ALIAS]
         out = {}
         for name, value in zip(self.names, values, strict=True):
-            converters, col = _converters(connection.vendor, self.model, name)
+            converters, col = _converters(conn.vendor, self.model, name)
             for convert in converters:
-                value = convert(value, col, connection)
+                value = convert(value, col, conn)
             out[name] = value
         return out
 
@@ -97,10 +112,11 @@ def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool =
     ``skip_conflicts``: a row that would break a unique constraint is not written, and
     None is returned instead of raising (so no savepoint is needed around it).
     """
+    conn = connections[DEFAULT_DB_ALIAS]
     names = tuple(values)
-    params = [param(model, n, v) for n, v in values.items()]
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor, model, names, skip_conflicts), params)
+    params = [param(model, n, v, conn) for n, v in values.items()]
+    with conn.cursor() as cursor:
+        cursor.execute(_insert_sql(conn.vendor, model, names, skip_conflicts), params)
         row = cursor.fetchone()
     return None if row is None else row[0]
 
