@@ -123,8 +123,11 @@ async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[
             kept = [line for line in lines if not line.lower().startswith(_DROPPED)]
             upstream.writer.write(b"\r\n".join([request_line, *kept, b"X-Forwarded-For: " + peer.encode(), b"", b""]))
             if kind == "ws":  # the connection now belongs to the websocket (or to uvicorn's refusal)
-                await _pipe(client_reader, upstream.writer)
-                await upstream.relay
+                to_server = asyncio.create_task(_pipe(client_reader, upstream.writer))
+                await asyncio.wait({to_server, upstream.relay}, return_when=asyncio.FIRST_COMPLETED)
+                # Either side ending ends the tunnel: a server that closed the websocket has sent its
+                # close frame, and the client waits for the connection to go before it reports it.
+                to_server.cancel()
                 return
             transfer_encoding = _header(lines, b"transfer-encoding")
             length = _header(lines, b"content-length")

@@ -1,4 +1,4 @@
-"""Hundreds of inbox websockets opening and closing at once, against the real server (uvicorn +
+"""Hundreds of inbox websockets opening and closing at once, against the real servers (ws: uvicorn +
 channels_redis): every one gets its snapshot, and the server logs no error while they all go."""
 
 import asyncio
@@ -33,7 +33,7 @@ def test_hundreds_of_sockets_close_at_once_without_errors(live, scenario):
     client = Client()
     client.force_login(scenario.user)
     cookie = f"sessionid={client.cookies['sessionid'].value}"
-    log = live.log_dir / "uvicorn.log"
+    log = live.log_dir / "server.log"  # the web, ws and router processes of config.serving local
     start = log.stat().st_size
 
     def written() -> str:
