@@ -34,6 +34,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.utils import timezone
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .models import ApprovalRequest
 
@@ -137,6 +138,11 @@ def send_to_user(user_id: Any, message: dict[str, Any]) -> int:
     # Looked up on the loop's thread each time: the cached layer is reused, and a replaced
     # configuration (channel_layers.backends cleared) takes effect on the next send.
     async def send() -> int:
-        return await group_send_sequenced(get_channel_layer(), user_group(user_id), message)
+        try:
+            return await group_send_sequenced(get_channel_layer(), user_group(user_id), message)
+        except RedisConnectionError:
+            # A pooled connection Redis dropped (a restart) fails once and is discarded; the pool
+            # reconnects for the second try. A Redis still down fails again, and the task retries.
+            return await group_send_sequenced(get_channel_layer(), user_group(user_id), message)
 
     return _sender.run(send(), SEND_TIMEOUT)

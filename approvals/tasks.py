@@ -26,6 +26,11 @@ from .services import (
 log = logging.getLogger(__name__)
 
 
+def _backoff(task) -> int:
+    """1, 2, 4 ... 30 seconds: a manual retry otherwise waits Celery's default 180 s, long after Redis is back."""
+    return min(2 ** task.request.retries, 30)
+
+
 @shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
              retry_backoff_max=30, ignore_result=True)
 def deliver_prompt(self, approval_id: str) -> None:
@@ -35,7 +40,7 @@ def deliver_prompt(self, approval_id: str) -> None:
     try:
         send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
     except Exception as exc:  # Redis down: keep the row pending and try again
-        raise self.retry(exc=exc) from exc
+        raise self.retry(exc=exc, countdown=_backoff(self)) from exc
     approval_mark_delivered(approval=approval, channel="websocket")
 
 
@@ -49,7 +54,7 @@ def push_removal(self, approval_id: str) -> None:
         send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
                                         "status": approval.status, "label": approval.get_status_display()})
     except Exception as exc:
-        raise self.retry(exc=exc) from exc
+        raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 
 
 @shared_task(name="approvals.notify_agent", bind=True, max_retries=6, retry_backoff=2,

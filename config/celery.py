@@ -3,8 +3,12 @@
 import os
 
 from celery import Celery, signals
+from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+# redis:// broker URLs use kombu's Redis transport with one publishing client per channel
+# (config/celery_broker.py); URLs, logs and every other behaviour stay the stock transport's.
+TRANSPORT_ALIASES["redis"] = "config.celery_broker:Transport"
 
 app = Celery("countersign")
 app.config_from_object("django.conf:settings", namespace="CELERY")

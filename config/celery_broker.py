@@ -9,8 +9,7 @@ connection from the channel's pool), so each channel keeps one for publishing. T
 pool, reconnection and close paths are kombu's, unchanged: a new channel after a lost
 connection gets a new client.
 
-Selected with ``CELERY_BROKER_TRANSPORT`` (``config/settings.py``); the broker URL stays
-a plain ``redis://`` URL.
+``config/celery.py`` makes it the transport of ``redis://`` broker URLs.
 """
 
 from contextlib import contextmanager

@@ -199,8 +199,6 @@ CHANNEL_LAYERS = {
 }
 
 CELERY_BROKER_URL = REDIS_URL
-# kombu's Redis transport, publishing through one client per channel (config/celery_broker.py).
-CELERY_BROKER_TRANSPORT = "config.celery_broker:Transport"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 # A task whose worker died unacknowledged is redelivered after this many seconds. Longer than
