@@ -444,7 +444,7 @@ def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: A
               workers: int = 1, kind: str = "web") -> Proc:
     """Start one web process serving HTTP on 127.0.0.1:``port``, the way production does.
 
-    The command comes from ``config.serving.web_command(host, port)`` when that module exists,
+    The command comes from ``config.serving.web_command(port, host=...)`` when that module exists,
     else it is today's ``uvicorn config.asgi:application``. ``workers`` travels as
     ``WEB_CONCURRENCY`` (uvicorn and gunicorn read it). For another ``app`` (the peers in
     peers.py) the command's Countersign target (``config.wsgi...`` or ``config.asgi...``) is
@@ -454,7 +454,7 @@ def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: A
     host = "127.0.0.1"
     serving = _serving()
     if serving is not None:
-        cmd = list(serving.web_command(host, port))
+        cmd = list(serving.web_command(port, host=host))
     else:
         cmd = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port", str(port),
                "--no-access-log", "--log-level", "warning"]
@@ -466,12 +466,12 @@ def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: A
 
 
 def start_ws(stack: Stack, name: str, port: int, env: dict[str, str]) -> Proc | None:
-    """A websocket process, if ``config.serving.ws_command(host, port)`` says websockets are served
+    """A websocket process, if ``config.serving.ws_command(port, host=...)`` says websockets are served
     apart from HTTP; None when the web process serves them too (then use its port)."""
     serving = _serving()
     if serving is None or not hasattr(serving, "ws_command"):
         return None
-    cmd = list(serving.ws_command("127.0.0.1", port))
+    cmd = list(serving.ws_command(port, host="127.0.0.1"))
     log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind="ws", port=port)
 
