@@ -37,18 +37,23 @@ def error_response(exc, *, headers: dict[str, str] | None = None) -> JsonRespons
     return response
 
 
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """Client id and secret of an HTTP Basic ``Authorization`` header (RFC 6749 §2.3.1), or None."""
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        return None
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
 def client_credentials(request) -> tuple[str, str] | None:
     """Client id and secret from HTTP Basic (RFC 6749 §2.3.1) or the form body."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header.startswith("Basic "):
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        client_id, sep, secret = decoded.partition(":")
-        if not sep:
-            return None
-        return unquote_plus(client_id), unquote_plus(secret)
+        return basic_credentials(header)
     client_id, secret = request.POST.get("client_id"), request.POST.get("client_secret")
     if client_id and secret:
         return client_id, secret

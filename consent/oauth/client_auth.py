@@ -12,17 +12,15 @@ that row without another query. Every failure is ``InvalidClient``: the client
 learns nothing more (RFC 6749 §5.2); the reason goes to the audit row only.
 """
 
-import base64
-import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
 
 from django.contrib.auth.hashers import check_password
 
 from .. import rows
 from ..errors import InvalidClient
+from ..http import basic_credentials
 from ..models import Agent
 from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
 
@@ -40,17 +38,6 @@ class Credentials:
     assertion: str = ""
 
 
-def _basic(header: str) -> tuple[str, str] | None:
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    client_id, sep, secret = decoded.partition(":")
-    if not sep:
-        return None
-    return unquote_plus(client_id), unquote_plus(secret)
-
-
 def presented_credentials(params: dict[str, str], authorization: str) -> Credentials:
     """The credentials a token request carries; ``InvalidClient`` when there are none usable."""
     if "client_assertion" in params or "client_assertion_type" in params:
@@ -66,7 +53,7 @@ def presented_credentials(params: dict[str, str], authorization: str) -> Credent
             raise InvalidClient(reason="client_id does not match the assertion's issuer")
         return Credentials(PRIVATE_KEY_JWT, issuer, assertion=assertion)
     if authorization.startswith("Basic "):
-        pair = _basic(authorization)
+        pair = basic_credentials(authorization)
         if pair is not None:
             return Credentials(SECRET, *pair)
     client_id, secret = params.get("client_id"), params.get("client_secret")
