@@ -18,8 +18,8 @@ from django.utils import timezone
 
 from consent import rows
 from consent.conf import countersign_settings
-from consent.grants.issue import AGENT_COLUMNS
 from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
+from consent.oauth.client_auth import AGENT_ROW
 from consent.tokens import MAX_TOKEN_BYTES, SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
 
 from . import rar
@@ -66,7 +66,6 @@ class LoginHint:
 _HINT_TOKEN = rows.Columns(AccessToken, "t", ["expires"])
 _HINT_GRANT = rows.Columns(SessionGrant, "g", ["id", "user", "agent", "status", "expires_at", "step_up_scopes",
                                                "dpop_jkt"])
-_HINT_AGENT = rows.Columns(Agent, "a", AGENT_COLUMNS)
 _POLICY = rows.Columns(ScopePolicy, "p", ["id", "name", "sensitivity", "description", "approval_window",
                                           "authorization_details_types", "auto_approve_rule"])
 
@@ -75,7 +74,7 @@ def read_login_hint(token: str, scope: str) -> LoginHint | None:
     """The row of the session token named by ``login_hint_token``, with what validation needs."""
     if not token or len(token) > MAX_TOKEN_BYTES:
         return None
-    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {_HINT_AGENT.sql}, {_POLICY.sql}"
+    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {AGENT_ROW.sql}, {_POLICY.sql}"
            f" FROM {rows.table(AccessToken)} t"
            f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
            f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
@@ -84,7 +83,7 @@ def read_login_hint(token: str, scope: str) -> LoginHint | None:
     row = rows.fetchone(sql, [scope, token_checksum(token)])
     if row is None:
         return None
-    token_row, grant, agent, policy = rows.split(row, _HINT_TOKEN, _HINT_GRANT, _HINT_AGENT, _POLICY)
+    token_row, grant, agent, policy = rows.split(row, _HINT_TOKEN, _HINT_GRANT, AGENT_ROW, _POLICY)
     return LoginHint(token_row["expires"], rows.instance(SessionGrant, grant), rows.instance(Agent, agent),
                      rows.instance(ScopePolicy, policy) if policy["id"] is not None else None)
 

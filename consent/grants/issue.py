@@ -16,19 +16,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.http import HttpRequest
-
 from audit.services import audit_record
 
 from .. import rows
 from ..errors import InvalidClient
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import AGENT_FIELDS, Credentials, authenticate_request
+from ..oauth.client_auth import Credentials, authenticate_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
 from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
-# What the grants read of an agent and a session grant, beside their own rows.
-AGENT_COLUMNS = AGENT_FIELDS
+# What the grants read of a session grant, beside their own rows (and the agent's, AGENT_ROW).
 GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
 
 
@@ -45,7 +42,6 @@ class TokenRequest:
     presented: Credentials | InvalidClient
     uri: str  # this endpoint's URL: the audience a private_key_jwt assertion may name
     dpop_jkt: str = ""  # RFC 7638 thumbprint of a valid DPoP proof's key, "" without one
-    http: HttpRequest | None = None
     agent: Agent | None = None  # set once the client is authenticated
 
     @property

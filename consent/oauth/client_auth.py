@@ -97,13 +97,14 @@ def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url:
 AGENT_FIELDS = ["id", "client_id", "client_secret", "hash_client_secret", "client_type", "authorization_grant_type",
                 "status", "refresh_mode", "access_token_ttl", "require_dpop", "jwks", "redirect_uris",
                 "allowed_scopes", "delegates", "max_grant_lifetime", "backchannel_client_notification_endpoint"]
-_AGENT = rows.Columns(Agent, "a", AGENT_FIELDS)
+# The agent columns of a statement that reads its row under the alias ``a``.
+AGENT_ROW = rows.Columns(Agent, "a", AGENT_FIELDS)
 
 
 def agent_by_client_id(client_id: str) -> Agent | None:
     """The registry row for ``client_id`` (one statement, no ORM query building)."""
-    row = rows.fetchone(f"SELECT {_AGENT.sql} FROM {rows.table(Agent)} a WHERE a.client_id = %s", [client_id])
-    return None if row is None else rows.instance(Agent, _AGENT.load(row))
+    row = rows.fetchone(f"SELECT {AGENT_ROW.sql} FROM {rows.table(Agent)} a WHERE a.client_id = %s", [client_id])
+    return None if row is None else rows.instance(Agent, AGENT_ROW.load(row))
 
 
 def authenticate_request(credentials: Credentials, *, endpoint_url: str) -> Agent:

@@ -53,7 +53,7 @@ def _token_request(request: HttpRequest, params: dict[str, str], uri: str) -> To
         presented = exc
     proof = request.META.get("HTTP_DPOP")
     jkt = verify_proof(proof, htm="POST", htu=uri) if proof is not None else ""
-    return TokenRequest(params=params, presented=presented, uri=uri, dpop_jkt=jkt, http=request)
+    return TokenRequest(params=params, presented=presented, uri=uri, dpop_jkt=jkt)
 
 
 @csrf_exempt
