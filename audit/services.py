@@ -63,20 +63,21 @@ event before returning, in the writer's transaction.
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec
 
 import rfc8785
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
-from django.db.models import Func
 from django.utils import timezone
 
 from config.logging import bind
 
-from .models import AuditEvent, AuditHead, AuditLink, TransactionIdField
+from .models import AuditEvent, AuditHead, AuditLink
+
+P = ParamSpec("P")
 
 GENESIS = "0" * 64
 SEALER_LOCK = int.from_bytes(b"cs-audit", "big", signed=True)  # pg advisory lock key, any fixed bigint
@@ -134,14 +135,39 @@ def _append(row: AuditEvent) -> None:
         cursor.execute(
             f"INSERT INTO {table} ({cols}, {quote('xid')}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s,"
             f" pg_current_xact_id()) RETURNING {quote('id')}, {quote('xid')}::text",
-            [row.occurred_at, row.event, row.outcome, row.actor, row.user_id, row.client_id, row.grant_id, row.error,
-             json.dumps(row.detail, cls=DjangoJSONEncoder), row.remote_addr])
+            [*_plain_values(row).values(), _detail_json(row), row.remote_addr])
         row.pk, xid = cursor.fetchone()
     row.xid = int(xid)
     row._state.adding = False
 
 
-def audit_record(
+def _plain_values(row: AuditEvent) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _APPEND_COLUMNS[:-2]}
+
+
+def _detail_json(row: AuditEvent) -> str:
+    return json.dumps(row.detail, cls=DjangoJSONEncoder)
+
+
+@dataclass
+class PendingEvent:
+    """An audit event that another statement writes: ``consent.rows.Batch`` makes it part of its one
+    statement on PostgreSQL (so it commits, or not, with what it records), or calls ``append``."""
+
+    row: AuditEvent
+
+    def values(self) -> dict[str, Any]:
+        return {**_plain_values(self.row), "remote_addr": self.row.remote_addr}
+
+    @property
+    def sql(self) -> dict[str, tuple[str, list[Any]]]:
+        return {"detail": ("%s::jsonb", [_detail_json(self.row)]), "xid": ("pg_current_xact_id()", [])}
+
+    def append(self) -> AuditEvent:
+        return _save(self.row)
+
+
+def audit_event(
     *,
     event: str,
     outcome: str = AuditEvent.Outcome.OK,
@@ -152,16 +178,10 @@ def audit_record(
     error: str = "",
     detail: dict[str, Any] | None = None,
     request=None,
-) -> AuditEvent:
-    """Append one event. Never pass a secret or a whole token in ``detail``.
-
-    On PostgreSQL this is one INSERT and takes no lock another writer could wait
-    for; the sealer links the event once its transaction (and every older one)
-    has ended.
-    """
+) -> PendingEvent:
+    """One event, not yet written (arguments as ``audit_record``)."""
     bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
-    deferred = _deferred_sealing()
-    row = AuditEvent(
+    return PendingEvent(AuditEvent(
         occurred_at=timezone.now(),
         event=event,
         outcome=outcome,
@@ -172,9 +192,11 @@ def audit_record(
         error=error,
         detail=detail or {},
         remote_addr=client_ip(request),
-        xid=Func(function="pg_current_xact_id", output_field=TransactionIdField()) if deferred else 0,
-    )
-    if deferred:
+    ))
+
+
+def _save(row: AuditEvent) -> AuditEvent:
+    if _deferred_sealing():
         _append(row)
     else:
         # Inside a caller's transaction the event commits or rolls back with it: no savepoint needed.
@@ -182,6 +204,22 @@ def audit_record(
             row.save(force_insert=True)
             _seal_batch(limit=SEAL_BATCH, wait=True)
     return row
+
+
+def _written(build: Callable[P, PendingEvent]) -> Callable[P, AuditEvent]:
+    def audit_record(*args: P.args, **kwargs: P.kwargs) -> AuditEvent:
+        """Append one event. Never pass a secret or a whole token in ``detail``.
+
+        On PostgreSQL this is one INSERT and takes no lock another writer could wait
+        for; the sealer links the event once its transaction (and every older one)
+        has ended.
+        """
+        return _save(build(*args, **kwargs).row)
+
+    return audit_record
+
+
+audit_record = _written(audit_event)
 
 
 def audit_refusal(*, event: str, error: str, **kwargs: Any) -> AuditEvent:

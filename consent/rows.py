@@ -15,8 +15,28 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
 from django.db.models import Field, Model
+
+
+def cursor():
+    """A cursor that sends parameters apart from the SQL on PostgreSQL (server-side binding).
+
+    Django's default psycopg cursor renders every parameter into the SQL text in Python
+    (client-side binding); for a statement with thirty parameters that is most of the
+    client's cost of running it. Server-side binding lets psycopg's C dumpers do it. Still
+    wrapped by Django (``_prepare_cursor``), so query logging, ``CaptureQueriesContext`` and
+    database error wrapping see these statements as any other.
+    """
+    conn = connections[DEFAULT_DB_ALIAS]
+    if conn.vendor != "postgresql":
+        return conn.cursor()
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    conn.close_if_health_check_failed()
+    conn.ensure_connection()
+    with conn.wrap_database_errors:
+        return conn._prepare_cursor(ServerBindingCursor(conn.connection))
 
 
 def table(model: type[Model]) -> str:
@@ -32,11 +52,16 @@ _AS_IS = (models.CharField, models.TextField, models.IntegerField, models.BigInt
           models.PositiveIntegerField, models.PositiveSmallIntegerField, models.BigAutoField, models.AutoField)
 
 
+# And on PostgreSQL (psycopg adapts them natively): aware datetimes, booleans, UUIDs.
+_AS_IS_POSTGRESQL = (*_AS_IS, models.DateTimeField, models.BooleanField, models.UUIDField)
+
+
 @cache
 def _prep(vendor: str, model: type[Model], name: str):
     field = column(model, name)
     target = field.target_field if isinstance(field, models.ForeignKey) else field
-    return None if type(target) in _AS_IS else field.get_db_prep_save
+    as_is = _AS_IS_POSTGRESQL if vendor == "postgresql" else _AS_IS
+    return None if type(target) in as_is else field.get_db_prep_save
 
 
 def param(model: type[Model], name: str, value: Any, conn=None) -> Any:
@@ -115,9 +140,9 @@ def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool =
     conn = connections[DEFAULT_DB_ALIAS]
     names = tuple(values)
     params = [param(model, n, v, conn) for n, v in values.items()]
-    with conn.cursor() as cursor:
-        cursor.execute(_insert_sql(conn.vendor, model, names, skip_conflicts), params)
-        row = cursor.fetchone()
+    with cursor() as cur:
+        cur.execute(_insert_sql(conn.vendor, model, names, skip_conflicts), params)
+        row = cur.fetchone()
     return None if row is None else row[0]
 
 
@@ -129,17 +154,165 @@ def insert_instance(obj: Model, *, skip_conflicts: bool = False) -> Any:
 
 def execute(sql: str, params: Sequence[Any] = ()) -> int:
     """Run one statement; returns the row count (which decides races)."""
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+    with cursor() as cur:
+        cur.execute(sql, params)
+        return cur.rowcount
 
 
 def fetchone(sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone()
+    with cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchone()
 
 
 def for_update(of: str) -> str:
     """``FOR UPDATE OF alias`` where the database has row locks (SQLite serialises writers instead)."""
     return f" FOR UPDATE OF {of}" if connection.features.has_select_for_update_of else ""
+
+
+# --- writes that land together: one statement on PostgreSQL ---------------------------------------
+
+
+class Ref:
+    """The primary key written by an earlier step of the same ``Batch`` (named ``name``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+@cache
+def _cast(vendor: str, model: type[Model], name: str) -> str:
+    """The column's type, to cast a placeholder in ``INSERT ... SELECT`` (which, unlike VALUES, does not
+    infer parameter types from the target column)."""
+    field = column(model, name)
+    target = field.target_field if isinstance(field, models.ForeignKey) else field
+    return target.cast_db_type(connection) or target.db_type(connection)
+
+
+def guarded_update(model: type[Model], pk: Any, set_: dict[str, Any], where: str = "",
+                   params: Sequence[Any] = ()) -> tuple[str, list[Any]]:
+    """``UPDATE model SET ... WHERE pk = ... AND where RETURNING 1``: a ``Batch`` guard that takes a row once."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    quote = conn.ops.quote_name
+    assignments = ", ".join(f"{quote(column(model, n).column)} = %s" for n in set_)
+    sql = (f"UPDATE {table(model)} SET {assignments} WHERE {quote(model._meta.pk.column)} = %s"
+           f"{' AND ' + where if where else ''} RETURNING 1")
+    return sql, [param(model, n, v, conn) for n, v in set_.items()] + [pk, *params]
+
+
+def for_share() -> str:
+    """``FOR SHARE``: hold a row still (against UPDATE and DELETE) for the rest of the transaction."""
+    return " FOR SHARE" if connection.features.has_select_for_update else ""
+
+
+@cache
+def _batch_sql(vendor: str, guard_sql: str, shape: tuple) -> str:
+    """One ``WITH`` statement for a ``Batch`` of this shape (built once per shape, then cached)."""
+    quote = connection.ops.quote_name
+    ctes, selects, alias_of = [f"g AS ({guard_sql})"], ["(SELECT count(*) FROM g)"], {}
+    for i, (kind, name, model, names, exprs) in enumerate(shape):
+        alias = f"s{i}"
+        pk = quote(model._meta.pk.column)
+        if kind == "delete":
+            ctes.append(f"{alias} AS (DELETE FROM {table(model)} t USING g WHERE t.{pk} = %s RETURNING 1)")
+            continue
+        cols, values, sources = [], [], ["g"]
+        for n, ref in names:
+            cols.append(quote(column(model, n).column))
+            if ref is None:
+                values.append(f"%s::{_cast(vendor, model, n)}")
+            else:
+                sources.append(alias_of[ref])
+                values.append(f"{alias_of[ref]}.id")
+        for col, expr in exprs:
+            cols.append(quote(col))
+            values.append(expr)
+        ctes.append(f"{alias} AS (INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
+                    f" FROM {', '.join(dict.fromkeys(sources))} RETURNING {pk} AS id)")
+        alias_of[name] = alias
+        selects.append(f"(SELECT id FROM {alias})")
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(selects)}"
+
+
+class Batch:
+    """Writes that either all land or none do, behind one guard.
+
+    The guard is one statement that returns a row when the writes may happen: a
+    conditional ``UPDATE ... RETURNING`` (``guarded_update``: a code consumed once, a
+    refresh token rotated once; the row count decides a race) or a ``SELECT ... FOR
+    SHARE`` of a row that must stay as it is. The steps (INSERTs, a DELETE, an audit
+    event) happen only if it returned a row. On PostgreSQL the whole batch is one
+    statement of data-modifying CTEs, so a request pays one round trip and no
+    BEGIN/COMMIT for it (PostgreSQL manual §7.8.4: every sub-statement runs to
+    completion, in one snapshot, atomically). Elsewhere (SQLite) the same writes run
+    one after another inside one transaction.
+
+    ``run`` returns ``{step name: new primary key}``, or None when the guard returned
+    no row (nothing was written).
+    """
+
+    def __init__(self, guard: tuple[str, Sequence[Any]]):
+        self.guard = guard
+        self.steps: list[tuple[str, str, type[Model], Any, dict[str, tuple[str, list[Any]]]]] = []
+
+    def insert(self, name: str, model: type[Model], values: dict[str, Any], *,
+               sql: dict[str, tuple[str, list[Any]]] | None = None) -> None:
+        """INSERT one row. ``values`` (field name -> value) may hold ``Ref``s; ``sql`` sets columns by
+        an SQL expression and its parameters instead (PostgreSQL only)."""
+        self.steps.append(("insert", name, model, values, sql or {}))
+
+    def delete(self, model: type[Model], pk: Any) -> None:
+        self.steps.append(("delete", "", model, pk, {}))
+
+    def event(self, name: str, pending) -> None:
+        """An audit event (``audit.services.PendingEvent``): part of the statement, or written alone."""
+        self.steps.append(("event", name, type(pending.row), pending, {}))
+
+    def run(self) -> dict[str, Any] | None:
+        conn = connections[DEFAULT_DB_ALIAS]
+        if conn.vendor == "postgresql":
+            return self._one_statement(conn)
+        return self._in_order(conn)
+
+    def _one_statement(self, conn) -> dict[str, Any] | None:
+        guard_sql, guard_params = self.guard
+        params, shape = list(guard_params), []
+        for kind, name, model, values, sql in self.steps:
+            if kind == "delete":
+                params.append(values)
+                shape.append((kind, name, model, (), ()))
+                continue
+            if kind == "event":
+                values, sql = values.values(), values.sql
+            names = []
+            for n, v in values.items():
+                if isinstance(v, Ref):
+                    names.append((n, v.name))
+                else:
+                    names.append((n, None))
+                    params.append(param(model, n, v, conn))
+            for _, expr_params in sql.values():
+                params.extend(expr_params)
+            shape.append((kind, name, model, tuple(names), tuple((col, expr) for col, (expr, _) in sql.items())))
+        with cursor() as cur:
+            cur.execute(_batch_sql(conn.vendor, guard_sql, tuple(shape)), params)
+            row = cur.fetchone()
+        if not row[0]:
+            return None
+        written = [name for kind, name, *_ in self.steps if kind != "delete"]
+        return dict(zip(written, row[1:], strict=True))
+
+    def _in_order(self, conn) -> dict[str, Any] | None:
+        with transaction.atomic(using=conn.alias, savepoint=False):
+            if fetchone(*self.guard) is None:
+                return None
+            ids: dict[str, Any] = {}
+            for kind, name, model, values, _sql in self.steps:
+                if kind == "delete":
+                    execute(f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(model._meta.pk.column)} = %s",
+                            [values])
+                elif kind == "event":
+                    ids[name] = values.append().pk
+                else:
+                    ids[name] = insert(model, {n: ids[v.name] if isinstance(v, Ref) else v for n, v in values.items()})
+            return ids

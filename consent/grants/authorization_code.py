@@ -9,9 +9,11 @@ stored challenge (S256 only, RFC 9700 §2.1.1). Countersign adds: the code's ses
 grant is live, and a code presented twice revokes that grant and everything issued
 from it (§4.1.2: "SHOULD revoke ... all tokens previously issued based on that code").
 
-One statement reads the code, its session grant and its agent (locking the code
-row), so client authentication needs no query of its own; then one conditional
-UPDATE consumes the code, and the session token (and refresh token) is saved.
+One statement reads the code, its session grant and its agent, so client
+authentication needs no query of its own; one more consumes the code (a conditional
+UPDATE that also holds the grant live) and writes the session token, the refresh
+token and the audit event (``rows.Batch``). A request that loses the code to a
+concurrent one reads it again holding its row lock, and so sees it consumed.
 """
 
 import base64
@@ -27,7 +29,7 @@ from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from ..models import Agent, AuthorizationCode, SessionGrant
 from ..oauth.client_auth import AGENT_ROW, authenticate
 from ..services import grant_revoke
-from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token
+from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token, live_grant
 
 GRANT_TYPE = "authorization_code"
 
@@ -36,16 +38,26 @@ _CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "
 _GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
 
 
-def _read(code: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _select(code: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
     sql = (f"SELECT {_CODE.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(AuthorizationCode)} c"
            f" JOIN {rows.table(SessionGrant)} g ON g.id = c.session_grant_id"
            f" JOIN {rows.table(Agent)} a ON a.id = c.application_id"
-           f" WHERE c.code = %s{rows.for_update('c')}")
+           f" WHERE c.code = %s{rows.for_update('c') if lock else ''}")
     row = rows.fetchone(sql, [code])
     if row is None:
         return None
     code_row, grant, agent = rows.split(row, _CODE, _GRANT, AGENT_ROW)
     return code_row, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
+
+
+def _read(code: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+    """The code, its session grant and its agent, as they stand (no lock: the write decides)."""
+    return _select(code, lock=False)
+
+
+class _CodeReused(Exception):
+    def __init__(self, grant_id: Any):
+        self.grant_id = grant_id
 
 
 def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
@@ -63,46 +75,55 @@ def _default_redirect_uri(agent: Agent) -> str:
     return uris[0]
 
 
+def _exchange(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
+              now) -> dict[str, Any] | None:
+    """Check the request against the code as read; issue. None when the code was taken meanwhile."""
+    if found is None or found[2].client_id != req.credentials.client_id:
+        # Unknown here, or another agent's code: which error depends on who is asking.
+        req.authenticate()
+        raise InvalidGrant(reason="unknown authorization code")
+    code_row, grant, agent = found
+    req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
+    req.check_agent_key()
+    if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:
+        raise UnauthorizedClient(reason="agent not registered for the authorization code grant")
+    if code_row["consumed_at"] is not None:
+        raise _CodeReused(grant.pk)
+    if code_row["expires"] <= now:
+        raise InvalidGrant(reason="authorization code expired")
+    if not grant.is_live(now):
+        raise InvalidGrant(reason="session grant is not active")
+    req.check_grant_binding(grant)
+    verifier = req.params.get("code_verifier")
+    if not verifier:
+        raise InvalidRequest("Code verifier required.")
+    if not _pkce_ok(verifier, code_row["code_challenge"], code_row["code_challenge_method"]):
+        raise InvalidGrant(reason="PKCE verifier does not match the challenge")
+    redirect_uri = req.params.get("redirect_uri") or _default_redirect_uri(agent)
+    if redirect_uri != code_row["redirect_uri"]:
+        raise InvalidGrant("redirect_uri does not match the authorization request.")
+    live_sql, live_params = live_grant(grant, now)
+    batch = rows.Batch(rows.guarded_update(AuthorizationCode, code_row["id"], {"consumed_at": now},
+                                           f"consumed_at IS NULL AND EXISTS ({live_sql})", live_params))
+    scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
+    return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=batch)
+
+
 def exchange_code(req: TokenRequest) -> dict[str, Any]:
     code = req.params.get("code")
     if not code:
         raise InvalidRequest("Missing code parameter.")
     now = timezone.now()
-    reused_grant = None
-    with transaction.atomic():
-        found = _read(code)
-        if found is None or found[2].client_id != req.credentials.client_id:
-            # Unknown here, or another agent's code: which error depends on who is asking.
-            req.authenticate()
-            raise InvalidGrant(reason="unknown authorization code")
-        code_row, grant, agent = found
-        req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
-        req.check_agent_key()
-        if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:
-            raise UnauthorizedClient(reason="agent not registered for the authorization code grant")
-        if code_row["consumed_at"] is not None:
-            reused_grant = grant.pk
-        else:
-            if code_row["expires"] <= now:
-                raise InvalidGrant(reason="authorization code expired")
-            if not grant.is_live(now):
-                raise InvalidGrant(reason="session grant is not active")
-            req.check_grant_binding(grant)
-            verifier = req.params.get("code_verifier")
-            if not verifier:
-                raise InvalidRequest("Code verifier required.")
-            if not _pkce_ok(verifier, code_row["code_challenge"], code_row["code_challenge_method"]):
-                raise InvalidGrant(reason="PKCE verifier does not match the challenge")
-            redirect_uri = req.params.get("redirect_uri") or _default_redirect_uri(agent)
-            if redirect_uri != code_row["redirect_uri"]:
-                raise InvalidGrant("redirect_uri does not match the authorization request.")
-            consumed = rows.execute(
-                f"UPDATE {rows.table(AuthorizationCode)} SET consumed_at = %s WHERE id = %s AND consumed_at IS NULL",
-                [rows.param(AuthorizationCode, "consumed_at", now), code_row["id"]])
-            if consumed != 1:  # only without row locks (SQLite serialises writers, so never in practice)
-                raise InvalidGrant(reason="authorization code reused")
-            scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
-            return issue_session_token(req, grant=grant, scopes=scopes, now=now)
-    # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
-    grant_revoke(grant_id=reused_grant, reason="authorization_code_reused", actor=req.agent.actor_id)
-    raise InvalidGrant(reason="authorization code reused")
+    try:
+        body = _exchange(req, _read(code), now)
+        if body is None:
+            # The code was consumed, or its grant ended, after we read it: decide again holding the row.
+            with transaction.atomic():
+                body = _exchange(req, _select(code, lock=True), now)
+    except _CodeReused as reused:
+        # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
+        grant_revoke(grant_id=reused.grant_id, reason="authorization_code_reused", actor=req.agent.actor_id)
+        raise InvalidGrant(reason="authorization code reused") from None
+    if body is None:  # only without row locks (SQLite serialises writers, so never in practice)
+        raise InvalidGrant(reason="authorization code reused")
+    return body

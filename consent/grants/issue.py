@@ -8,7 +8,7 @@ the grant, so nothing travels beside the call.
 and refresh grants: a session access token (RFC 9068 JWT, ``act`` = the agent, RFC 8693
 §4.1), and a rotating refresh token when the agent's refresh mode allows one (§6,
 RFC 9700 §4.14.2). Both rows are stored by checksum only (RFC 9700 §4.14: no reusable
-token at rest), in one INSERT each.
+token at rest), written with the audit event in one statement (``rows.Batch``).
 """
 
 import secrets
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from audit.services import audit_record
+from audit.services import audit_event
 
 from .. import rows
 from ..errors import InvalidClient
@@ -69,23 +69,37 @@ def session_token_lifetime(agent: Agent, grant: SessionGrant, now: datetime) -> 
     return max(1, min(agent.access_token_ttl, remaining))
 
 
-def store_access_token(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,
-                       source_refresh_token: int | None = None) -> int:
-    """One INSERT: the session token's row, by checksum, pointing at its grant (for revocation)."""
-    return rows.insert(AccessToken, {
+def live_grant(grant: SessionGrant, now: datetime) -> tuple[str, list[Any]]:
+    """SQL that holds the session grant as it is (``FOR SHARE``) and is true while it is live.
+
+    A revocation (``grant_revoke``'s UPDATE of the grant row) either waits for the statement
+    that holds it, and then ends the token it wrote, or commits first, and the statement
+    writes nothing.
+    """
+    sql = (f"SELECT 1 FROM {rows.table(SessionGrant)} WHERE id = %s AND status = %s AND expires_at > %s"
+           f"{rows.for_share()}")
+    return sql, [grant.pk, SessionGrant.Status.ACTIVE, rows.param(SessionGrant, "expires_at", now)]
+
+
+def access_token_row(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,
+                     source_refresh_token: int | None = None) -> dict[str, Any]:
+    """The session token's row, by checksum, pointing at its grant (for revocation)."""
+    return {
         "token": "", "token_checksum": token_checksum(token),
         "expires": now + timedelta(seconds=claims["exp"] - claims["iat"]), "scope": claims["scope"],
         "resource": [], "created": now, "updated": now, "jti": claims["jti"], "user": grant.user_id,
         "application": agent.pk, "session_grant": grant.pk, "source_refresh_token": source_refresh_token,
-    })
+    }
 
 
 def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[str], now: datetime,
-                        rotated_from: dict[str, Any] | None = None) -> dict[str, Any]:
+                        batch: rows.Batch, rotated_from: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Mint, store and audit a session token (and refresh token); the §5.1 response body.
 
-    ``rotated_from`` is the refresh-token row this one replaces (its ``id`` and
-    ``token_family``), already revoked by the caller.
+    The rows are written by ``batch``, behind its guard (the code consumed, the refresh
+    token rotated); None when the guard did not take: a concurrent request won, and
+    nothing was written. ``rotated_from`` is the refresh-token row this one replaces
+    (its ``id`` and ``token_family``).
     """
     agent = req.agent
     ttl = session_token_lifetime(agent, grant, now)
@@ -93,22 +107,23 @@ def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[
     bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
     access_token = sign(claims, typ=SESSION_TOKEN_TYP)
     scope = " ".join(scopes)
-    at_id = store_access_token(access_token, claims=claims, grant=grant, agent=agent, now=now,
-                               source_refresh_token=rotated_from["id"] if rotated_from else None)
+    batch.insert("access_token", AccessToken, access_token_row(
+        access_token, claims=claims, grant=grant, agent=agent, now=now,
+        source_refresh_token=rotated_from["id"] if rotated_from else None))
     body: dict[str, Any] = {"access_token": access_token, "expires_in": ttl, "token_type": token_type(req.dpop_jkt),
                             "scope": scope}
     if agent.refresh_mode == Agent.RefreshMode.ROTATING:
         refresh_token = secrets.token_urlsafe(32)
-        rows.insert(RefreshToken, {
+        batch.insert("refresh_token", RefreshToken, {
             "token": "", "token_checksum": token_checksum(refresh_token),
             "token_family": rotated_from["token_family"] if rotated_from else None, "resource": [],
-            "created": now, "updated": now, "revoked": None, "access_token": at_id, "application": agent.pk,
-            "user": grant.user_id, "session_grant": grant.pk,
+            "created": now, "updated": now, "revoked": None, "access_token": rows.Ref("access_token"),
+            "application": agent.pk, "user": grant.user_id, "session_grant": grant.pk,
         })
         body["refresh_token"] = refresh_token
-    audit_record(
+    batch.event("audit", audit_event(
         event="token.refreshed" if rotated_from else "token.issued", actor=agent.actor_id,
         user_id=grant.user_id, client_id=agent.client_id, grant_id=grant.pk,
         detail={"jti": claims["jti"], "scope": scope, "expires_in": ttl, "refresh_token": "refresh_token" in body},
-    )
-    return body
+    ))
+    return body if batch.run() is not None else None

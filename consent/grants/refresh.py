@@ -8,9 +8,11 @@ rotates the refresh token, and presenting a rotated one again is reuse, which
 revokes the whole session grant. Only agents in refresh mode ``rotating`` have
 refresh tokens at all.
 
-The refresh-token row is read with its session grant and agent in one statement and
-locked, so of two concurrent refreshes with one token the second waits, then finds
-it rotated: reuse.
+The refresh-token row is read with its session grant and agent in one statement; one
+more rotates it (a conditional UPDATE that also holds the grant live) and writes the
+new tokens and the audit event (``rows.Batch``). Of two concurrent refreshes with one
+token, the loser's UPDATE takes nothing; it reads the row again holding its lock,
+finds it rotated: reuse.
 """
 
 from typing import Any
@@ -26,7 +28,7 @@ from ..models import AccessToken, Agent, RefreshToken, SessionGrant
 from ..oauth.client_auth import AGENT_ROW, authenticate
 from ..services import grant_revoke
 from ..tokens import token_checksum
-from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token
+from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token, live_grant
 
 GRANT_TYPE = "refresh_token"
 
@@ -34,11 +36,11 @@ _RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_f
 _GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
 
 
-def _read(refresh_token: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _select(refresh_token: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
     sql = (f"SELECT {_RT.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(RefreshToken)} r"
            f" JOIN {rows.table(SessionGrant)} g ON g.id = r.session_grant_id"
            f" JOIN {rows.table(Agent)} a ON a.id = r.application_id"
-           f" WHERE r.token_checksum = %s ORDER BY r.id DESC LIMIT 1{rows.for_update('r')}")
+           f" WHERE r.token_checksum = %s ORDER BY r.id DESC LIMIT 1{rows.for_update('r') if lock else ''}")
     row = rows.fetchone(sql, [token_checksum(refresh_token)])
     if row is None:
         return None
@@ -46,13 +48,52 @@ def _read(refresh_token: str) -> tuple[dict[str, Any], SessionGrant, Agent] | No
     return rt, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
 
 
-def _rotate(rt: dict[str, Any], now) -> None:
-    """Revoke the presented refresh token and retire the access token it last produced (DOT's rotation)."""
-    rows.execute(f"UPDATE {rows.table(RefreshToken)} SET revoked = %s, updated = %s, access_token_id = NULL"
-                 f" WHERE id = %s AND revoked IS NULL",
-                 [rows.param(RefreshToken, "revoked", now), rows.param(RefreshToken, "updated", now), rt["id"]])
+def _read(refresh_token: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+    """The refresh token, its session grant and its agent, as they stand (no lock: the write decides)."""
+    return _select(refresh_token, lock=False)
+
+
+def _rotation(rt: dict[str, Any], grant: SessionGrant, now) -> rows.Batch:
+    """Revoke the presented refresh token and retire the access token it last produced (DOT's
+    rotation), if it is still unrevoked and its grant live: the batch's guard."""
+    live_sql, live_params = live_grant(grant, now)
+    batch = rows.Batch(rows.guarded_update(
+        RefreshToken, rt["id"], {"revoked": now, "updated": now, "access_token": None},
+        f"revoked IS NULL AND EXISTS ({live_sql})", live_params))
     if rt["access_token"] is not None:
-        rows.execute(f"DELETE FROM {rows.table(AccessToken)} WHERE id = %s", [rt["access_token"]])
+        batch.delete(AccessToken, rt["access_token"])
+    return batch
+
+
+def _refresh(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
+             now) -> dict[str, Any] | None:
+    """Check the request against the refresh token as read; rotate. None when it was rotated meanwhile."""
+    if found is None or found[2].client_id != req.credentials.client_id:
+        req.authenticate()
+        raise InvalidGrant(reason="unknown refresh token")
+    rt, grant, agent = found
+    req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
+    req.check_agent_key()
+    if rt["revoked"] is not None:
+        raise _Reused(rt, grant, agent)
+    if agent.refresh_mode != Agent.RefreshMode.ROTATING:
+        raise InvalidGrant(reason="agent's refresh mode does not allow refresh tokens")
+    if not grant.is_live(now):
+        raise InvalidGrant(reason="session grant is not active")
+    req.check_grant_binding(grant)
+    scopes = list(grant.standard_scopes)
+    if req.params.get("scope"):
+        asked = req.params["scope"].split()
+        if not set(asked) <= set(scopes):
+            raise InvalidScope(reason="refresh asked for scopes beyond the grant")
+        scopes = [s for s in scopes if s in asked]
+    return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=_rotation(rt, grant, now),
+                               rotated_from=rt)
+
+
+class _Reused(Exception):
+    def __init__(self, rt: dict[str, Any], grant: SessionGrant, agent: Agent):
+        self.rt, self.grant, self.agent = rt, grant, agent
 
 
 def refresh(req: TokenRequest) -> dict[str, Any]:
@@ -60,29 +101,17 @@ def refresh(req: TokenRequest) -> dict[str, Any]:
     if not presented:
         raise InvalidRequest("Missing refresh token parameter.")
     now = timezone.now()
-    with transaction.atomic():
-        found = _read(presented)
-        if found is None or found[2].client_id != req.credentials.client_id:
-            req.authenticate()
-            raise InvalidGrant(reason="unknown refresh token")
-        rt, grant, agent = found
-        req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
-        req.check_agent_key()
-        reused = rt["revoked"] is not None
-        if not reused:
-            if agent.refresh_mode != Agent.RefreshMode.ROTATING:
-                raise InvalidGrant(reason="agent's refresh mode does not allow refresh tokens")
-            if not grant.is_live(now):
-                raise InvalidGrant(reason="session grant is not active")
-            req.check_grant_binding(grant)
-            scopes = list(grant.standard_scopes)
-            if req.params.get("scope"):
-                asked = req.params["scope"].split()
-                if not set(asked) <= set(scopes):
-                    raise InvalidScope(reason="refresh asked for scopes beyond the grant")
-                scopes = [s for s in scopes if s in asked]
-            _rotate(rt, now)
-            return issue_session_token(req, grant=grant, scopes=scopes, now=now, rotated_from=rt)
+    try:
+        body = _refresh(req, _read(presented), now)
+        if body is None:
+            # Rotated, or its grant ended, after we read it: decide again holding the row.
+            with transaction.atomic():
+                body = _refresh(req, _select(presented, lock=True), now)
+        if body is None:  # only without row locks (SQLite serialises writers, so never in practice)
+            raise InvalidGrant(reason="refresh token reused after rotation")
+        return body
+    except _Reused as reused:
+        rt, grant, agent = reused.rt, reused.grant, reused.agent
     # RFC 9700 §4.14.2: a rotated refresh token came back. Revoke the grant; the reuse row is the refusal.
     revoked = grant_revoke(grant_id=grant.pk, reason="refresh_token_reused", actor=agent.actor_id)
     if revoked:

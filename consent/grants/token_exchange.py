@@ -21,10 +21,9 @@ stolen or expired, is worth nothing without the agent's own key.
 import time
 from typing import Any
 
-from django.db import transaction
 from django.utils import timezone
 
-from audit.services import audit_record
+from audit.services import audit_event
 
 from .. import rows
 from ..conf import countersign_settings
@@ -43,7 +42,7 @@ from ..tokens import (
     token_type,
     verify,
 )
-from .issue import GRANT_COLUMNS, TokenRequest, session_token_lifetime, store_access_token
+from .issue import GRANT_COLUMNS, TokenRequest, access_token_row, live_grant, session_token_lifetime
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -137,13 +136,18 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     ttl = session_token_lifetime(holder, grant, timezone.now())
     new_claims = session_claims(grant=grant, client_id=holder.client_id, scopes=scopes, expires_in=ttl)
     new_claims["act"] = chain
-    with transaction.atomic():
-        bind_to_proof_key(new_claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
-        token = sign(new_claims, typ=SESSION_TOKEN_TYP)
-        store_access_token(token, claims=new_claims, grant=grant, agent=holder, now=timezone.now())
-        audit_record(event="token.delegated" if holder is not agent else "token.exchanged",
-                     actor=actor_id(agent.client_id), user_id=grant.user_id, client_id=holder.client_id,
-                     grant_id=grant.pk, detail={"jti": new_claims["jti"], "scope": " ".join(scopes),
-                                                "subject_jti": claims["jti"], "act": chain, "expires_in": ttl})
+    bind_to_proof_key(new_claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
+    token = sign(new_claims, typ=SESSION_TOKEN_TYP)
+    now = timezone.now()
+    batch = rows.Batch(live_grant(grant, now))
+    batch.insert("access_token", AccessToken, access_token_row(token, claims=new_claims, grant=grant, agent=holder,
+                                                               now=now))
+    batch.event("audit", audit_event(
+        event="token.delegated" if holder is not agent else "token.exchanged", actor=actor_id(agent.client_id),
+        user_id=grant.user_id, client_id=holder.client_id, grant_id=grant.pk,
+        detail={"jti": new_claims["jti"], "scope": " ".join(scopes), "subject_jti": claims["jti"], "act": chain,
+                "expires_in": ttl}))
+    if batch.run() is None:
+        raise InvalidGrant("the session grant ended")
     return {"access_token": token, "issued_token_type": TOKEN_TYPE_ACCESS, "token_type": token_type(req.dpop_jkt),
             "expires_in": ttl, "scope": " ".join(scopes)}

@@ -26,14 +26,15 @@ from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BUDGET = {
-    # BEGIN, the code with its grant and agent (locked), consume the code, access token, refresh token,
-    # audit row, COMMIT
-    "authorization_code": 7,
-    # BEGIN, the refresh token with its grant and agent (locked), revoke it, retire its access token,
-    # access token, refresh token, audit row, COMMIT
-    "refresh_token": 8,
-    # the agent (private_key_jwt), the subject token's grant, BEGIN, access token, audit row, COMMIT
-    "token_exchange": 6,
+    # the code with its grant and agent; one statement consumes the code (holding the grant live) and
+    # writes the access token, the refresh token and the audit row
+    "authorization_code": 2,
+    # the refresh token with its grant and agent; one statement revokes it (holding the grant live),
+    # retires its access token and writes the access token, the refresh token and the audit row
+    "refresh_token": 2,
+    # the agent (private_key_jwt), the subject token's grant; one statement holds the grant live and
+    # writes the access token and the audit row
+    "token_exchange": 3,
     # hint token + grant + agent + scope policy, duplicate and fatigue checks, BEGIN, INSERT, audit row, COMMIT
     "backchannel_request": 6,
     # the agent, the request with its grant and policy, the poll time
