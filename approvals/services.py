@@ -17,7 +17,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from audit.services import audit_record
+from audit.services import PendingEvent, audit_event, audit_record
 from consent import rows
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
@@ -76,11 +76,15 @@ def _announce_end(approval: ApprovalRequest) -> None:
         _after_commit("notify_agent", approval.pk)
 
 
-def _audit(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
-           request=None, **detail: Any) -> None:
-    audit_record(event=event, outcome=outcome, error=error, actor=actor, user_id=approval.user_id,
-                 client_id=approval.agent.client_id, grant_id=approval.grant_id, request=request,
-                 detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail})
+def _event(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
+           request=None, **detail: Any) -> PendingEvent:
+    return audit_event(event=event, outcome=outcome, error=error, actor=actor, user_id=approval.user_id,
+                       client_id=approval.agent.client_id, grant_id=approval.grant_id, request=request,
+                       detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail})
+
+
+def _audit(approval: ApprovalRequest, event: str, **kwargs: Any) -> None:
+    _event(approval, event, **kwargs).append()
 
 
 # --- creation ---------------------------------------------------------------------------------
@@ -305,19 +309,20 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     # A grant extension has no downstream system: its token is addressed to us, as a receipt.
     audience = policy["audience"] if known else countersign_settings.ISSUER
     ttl = policy["action_token_ttl"] if known else countersign_settings.DEFAULT_ACTION_TOKEN_TTL
-    with transaction.atomic():
-        issued = rows.execute(f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s",
-                              [Status.ISSUED, rows.param(ApprovalRequest, "id", approval.pk), Status.APPROVED])
-        if issued != 1:
-            raise InvalidGrant("the token for this auth_req_id was already issued")
-        claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl), jkt=jkt,
-                                   grant_jkt=approval.grant.dpop_jkt)
-        rows.insert(ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
-                                  "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
-                                  "redeemed_by": None})
-        # ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
-        # refuses an expired token by itself), so collecting queues nothing.
-        _audit(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"], expires_in=ttl)
+    claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl), jkt=jkt,
+                               grant_jkt=approval.grant.dpop_jkt)
+    # APPROVED -> ISSUED decides who collects; the action token and its audit row land with it, in one
+    # statement. ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
+    # refuses an expired token by itself), so collecting queues nothing.
+    batch = rows.Batch(rows.guarded_update(ApprovalRequest, approval.pk, {"status": Status.ISSUED}, "status = %s",
+                                           [Status.APPROVED]))
+    batch.insert("token", ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
+                                        "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
+                                        "redeemed_by": None})
+    batch.event("audit", _event(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"],
+                                expires_in=ttl))
+    if batch.run() is None:
+        raise InvalidGrant("the token for this auth_req_id was already issued")
     response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
                 "scope": approval.scope, "authorization_details": approval.authorization_details}
     if approval.scope == EXTEND_SCOPE:

@@ -111,6 +111,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and os.envi
     # request waits for a connection another thread of its own process holds.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")), "timeout": 10}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # The hot paths' statements (consent.rows, server-side binding) are prepared on each connection
+    # after this many runs, so PostgreSQL parses and plans them once instead of on every request.
+    # Django's own (client-side binding) cursors never prepare. "none" turns it off (e.g. behind a
+    # transaction-pooling PgBouncer older than 1.21).
+    _prepare = os.environ.get("DATABASE_PREPARE_THRESHOLD", "2")
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None if _prepare == "none" else int(_prepare)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock up front, so two writers never
     # both read the audit chain head before one of them appends (see audit.services).

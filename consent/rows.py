@@ -39,6 +39,7 @@ def cursor():
         return conn._prepare_cursor(ServerBindingCursor(conn.connection))
 
 
+@cache
 def table(model: type[Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
@@ -197,7 +198,8 @@ def guarded_update(model: type[Model], pk: Any, set_: dict[str, Any], where: str
     assignments = ", ".join(f"{quote(column(model, n).column)} = %s" for n in set_)
     sql = (f"UPDATE {table(model)} SET {assignments} WHERE {quote(model._meta.pk.column)} = %s"
            f"{' AND ' + where if where else ''} RETURNING 1")
-    return sql, [param(model, n, v, conn) for n, v in set_.items()] + [pk, *params]
+    return sql, [param(model, n, v, conn) for n, v in set_.items()] + [param(model, model._meta.pk.name, pk, conn),
+                                                                        *params]
 
 
 def for_share() -> str:
@@ -279,7 +281,7 @@ class Batch:
         params, shape = list(guard_params), []
         for kind, name, model, values, sql in self.steps:
             if kind == "delete":
-                params.append(values)
+                params.append(param(model, model._meta.pk.name, values, conn))
                 shape.append((kind, name, model, (), ()))
                 continue
             if kind == "event":
@@ -310,7 +312,7 @@ class Batch:
             for kind, name, model, values, _sql in self.steps:
                 if kind == "delete":
                     execute(f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(model._meta.pk.column)} = %s",
-                            [values])
+                            [param(model, model._meta.pk.name, values, conn)])
                 elif kind == "event":
                     ids[name] = values.append().pk
                 else:

@@ -27,27 +27,18 @@ from django.utils import timezone
 from .. import rows
 from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from ..models import Agent, AuthorizationCode, SessionGrant
-from ..oauth.client_auth import AGENT_ROW, authenticate
+from ..oauth.client_auth import authenticate
 from ..services import grant_revoke
-from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token, live_grant
+from .issue import TokenRequest, credential_row, issue_session_token, live_grant
 
 GRANT_TYPE = "authorization_code"
 
 _CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "scope", "code_challenge",
                                               "code_challenge_method", "consumed_at", "session_grant"])
-_GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
 
 
 def _select(code: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
-    sql = (f"SELECT {_CODE.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(AuthorizationCode)} c"
-           f" JOIN {rows.table(SessionGrant)} g ON g.id = c.session_grant_id"
-           f" JOIN {rows.table(Agent)} a ON a.id = c.application_id"
-           f" WHERE c.code = %s{rows.for_update('c') if lock else ''}")
-    row = rows.fetchone(sql, [code])
-    if row is None:
-        return None
-    code_row, grant, agent = rows.split(row, _CODE, _GRANT, AGENT_ROW)
-    return code_row, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
+    return credential_row(_CODE, "c.code = %s", code, lock=lock)
 
 
 def _read(code: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:

@@ -14,6 +14,7 @@ token at rest), written with the audit event in one statement (``rows.Batch``).
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from audit.services import audit_event
@@ -21,12 +22,33 @@ from audit.services import audit_event
 from .. import rows
 from ..errors import InvalidClient
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import Credentials, authenticate_request
+from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
 from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
 # What the grants read of a session grant, beside their own rows (and the agent's, AGENT_ROW).
 GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
+_GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
+
+
+@cache
+def _credential_sql(own: rows.Columns, where: str, lock: bool) -> str:
+    return (f"SELECT {own.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(own.model)} {own.alias}"
+            f" JOIN {rows.table(SessionGrant)} g ON g.id = {own.alias}.session_grant_id"
+            f" JOIN {rows.table(Agent)} a ON a.id = {own.alias}.application_id"
+            f" WHERE {where}{rows.for_update(own.alias) if lock else ''}")
+
+
+def credential_row(own: rows.Columns, where: str, value: str, *,
+                   lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+    """A single-use credential's row (``own``: a code, a refresh token) with its session grant and its
+    agent, in one statement, so client authentication needs no query of its own. ``lock`` holds the
+    credential's row until the transaction ends."""
+    row = rows.fetchone(_credential_sql(own, where, lock), [value])
+    if row is None:
+        return None
+    found, grant, agent = rows.split(row, own, _GRANT, AGENT_ROW)
+    return found, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
 
 
 @dataclass
@@ -78,7 +100,8 @@ def live_grant(grant: SessionGrant, now: datetime) -> tuple[str, list[Any]]:
     """
     sql = (f"SELECT 1 FROM {rows.table(SessionGrant)} WHERE id = %s AND status = %s AND expires_at > %s"
            f"{rows.for_share()}")
-    return sql, [grant.pk, SessionGrant.Status.ACTIVE, rows.param(SessionGrant, "expires_at", now)]
+    return sql, [rows.param(SessionGrant, "id", grant.pk), SessionGrant.Status.ACTIVE,
+                 rows.param(SessionGrant, "expires_at", now)]
 
 
 def access_token_row(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,

@@ -25,27 +25,18 @@ from audit.services import audit_record
 from .. import rows
 from ..errors import InvalidGrant, InvalidRequest, InvalidScope
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import AGENT_ROW, authenticate
+from ..oauth.client_auth import authenticate
 from ..services import grant_revoke
 from ..tokens import token_checksum
-from .issue import GRANT_COLUMNS, TokenRequest, issue_session_token, live_grant
+from .issue import TokenRequest, credential_row, issue_session_token, live_grant
 
 GRANT_TYPE = "refresh_token"
 
 _RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user"])
-_GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
 
 
 def _select(refresh_token: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
-    sql = (f"SELECT {_RT.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(RefreshToken)} r"
-           f" JOIN {rows.table(SessionGrant)} g ON g.id = r.session_grant_id"
-           f" JOIN {rows.table(Agent)} a ON a.id = r.application_id"
-           f" WHERE r.token_checksum = %s ORDER BY r.id DESC LIMIT 1{rows.for_update('r') if lock else ''}")
-    row = rows.fetchone(sql, [token_checksum(refresh_token)])
-    if row is None:
-        return None
-    rt, grant, agent = rows.split(row, _RT, _GRANT, AGENT_ROW)
-    return rt, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
+    return credential_row(_RT, "r.token_checksum = %s ORDER BY r.id DESC LIMIT 1", token_checksum(refresh_token), lock=lock)
 
 
 def _read(refresh_token: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:

@@ -12,7 +12,9 @@ refusal, rendered once here and audited once.
 
 from functools import cache
 from typing import Any
+from urllib.parse import parse_qsl
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.utils.module_loading import import_string
 from django.views.decorators.csrf import csrf_exempt
@@ -37,12 +39,30 @@ def token_grants() -> dict[str, Any]:
 
 
 def form_params(request: HttpRequest) -> dict[str, str]:
-    """The form body as single values; RFC 6749 §3.2: no parameter more than once."""
-    params = {}
-    for name, values in request.POST.lists():
-        if len(values) != 1:
+    """The form body as single values; RFC 6749 §3.2: no parameter more than once.
+
+    Parsed here rather than through ``request.POST`` (a ``QueryDict`` of lists, a third of the
+    cost of the view's own work): the same limits apply (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through
+    ``request.body``, ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and the same decoding (UTF-8, a bad byte
+    replaced); a body of another content type has no parameters (RFC 6749 §4.1.3: form-encoded).
+    """
+    if request.content_type != "application/x-www-form-urlencoded":
+        return {}
+    limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+    body = request.body
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        text = body.decode("iso-8859-1")  # as Django's QueryDict
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, errors="replace", max_num_fields=limit)
+    except ValueError as exc:
+        raise InvalidRequest(f"More than {limit} parameters.") from exc
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
             raise InvalidRequest(f"Duplicate {name} parameter.")
-        params[name] = values[0]
+        params[name] = value
     return params
 
 

@@ -39,8 +39,9 @@ BUDGET = {
     "backchannel_request": 6,
     # the agent, the request with its grant and policy, the poll time
     "ciba_poll_pending": 3,
-    # the agent, the request, BEGIN, APPROVED -> ISSUED, action token, audit row, COMMIT
-    "ciba_collect": 7,
+    # the agent, the request; one statement moves APPROVED -> ISSUED and writes the action token and
+    # the audit row
+    "ciba_collect": 3,
     # BEGIN, redeem + ISSUED -> REDEEMED (one statement), audit row, COMMIT
     "redeem_winner": 4,
     # BEGIN, the same statement (it reads why it lost), ROLLBACK, the refusal's audit row
