@@ -8,6 +8,7 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -429,8 +430,21 @@ def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
     return InvalidToken("action token already redeemed")
 
 
-def _redeem_statement(*, jti: str, resource_server: ResourceServer, now) -> tuple[Any, int, tuple | None]:
-    """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost): one statement on PostgreSQL."""
+# PostgreSQL: the winning UPDATE also takes the request's row lock while it is still ISSUED, so a
+# concurrent cancel either waits for the redemption or ends the request first (and nothing wins);
+# ISSUED -> REDEEMED then always moves with the token, in the same statement.
+_HOLD_ISSUED = (f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
+                f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)")
+
+
+def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
+                      event: PendingEvent) -> tuple[Any, int, tuple | None]:
+    """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost).
+
+    On PostgreSQL one statement, outside any transaction: it redeems, moves the request,
+    writes ``event`` (the winner's audit row), or reads why it lost. Elsewhere the same steps
+    run one after another in the caller's transaction.
+    """
     at = rows.param(ActionToken, "redeemed_at", now)
     grant_at = rows.param(SessionGrant, "expires_at", now)
     rs = [resource_server.pk, True, resource_server.client_secret]
@@ -438,18 +452,23 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now) -> tupl
            Agent.Status.ACTIVE, *rs]
     why = [at, grant_at, *rs, jti]
     if connection.vendor == "postgresql":
+        audit_sql, audit_params = rows.event_insert(event, "moved")
         row = rows.fetchone(
-            f"WITH won AS ({_WIN}), moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
-            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id)"
+            f"WITH won AS ({_WIN.replace(' RETURNING', _HOLD_ISSUED + ' RETURNING')}),"
+            f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
+            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
             f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
-            [*win, Status.REDEEMED, Status.ISSUED, *why])
+            [*win, jti, Status.ISSUED, Status.REDEEMED, Status.ISSUED, *audit_params, *why])
         if row is None:
             return None, 0, None
         return row[0], row[1], tuple(row[2:])
     won = rows.fetchone(_WIN, win)
     if won is None:
         return None, 0, rows.fetchone(f"SELECT {_WHY}", why)
-    return won[0], rows.execute(_MOVE, [Status.REDEEMED, won[0], Status.ISSUED]), None
+    moved = rows.execute(_MOVE, [Status.REDEEMED, won[0], Status.ISSUED])
+    if moved == 1:
+        event.append()
+    return won[0], moved, None
 
 
 def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
@@ -481,26 +500,29 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
     server. One conditional UPDATE decides, and checks in the same statement that the
     request is ISSUED, its grant and agent are still active, and the resource server
     is still active with the credentials it was verified with; the winner's request
-    moves ISSUED -> REDEEMED with it. A losing attempt costs that one statement (on
-    PostgreSQL, which reads why it lost in the same statement).
+    moves ISSUED -> REDEEMED with it and its audit row is written, all in that one
+    statement on PostgreSQL. A losing attempt costs the same one statement (which reads why
+    it lost); its refusal is audited by the endpoint.
     """
     now = timezone.now()
     jti = claims["jti"]
-    with transaction.atomic():
-        won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now)
+    if "approval_id" not in claims:  # every action token we mint names its request
+        raise InvalidToken("unknown action token")
+    approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
+                               grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
+                               authorization_details=claims["authorization_details"],
+                               action_hash=claims["action_hash"])
+    approval._state.adding = False
+    event = audit_event(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
+                        user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
+                        detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
+    with transaction.atomic() if connection.vendor != "postgresql" else nullcontext():
+        won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now, event=event)
         if won is None:
             refusal = _redeem_refusal(why)
             if isinstance(refusal, InvalidClient):
                 forget_resource_server(resource_server.client_id)
             raise refusal
-        if moved != 1:
-            raise InvalidToken("the approval changed while it was redeemed")  # rolls the redemption back
-        approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
-                                   grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
-                                   authorization_details=claims["authorization_details"],
-                                   action_hash=claims["action_hash"])
-        approval._state.adding = False
-        audit_record(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
-                     user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
-                     detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
+        if moved != 1:  # only without row locks; inside the transaction, this rolls the redemption back
+            raise InvalidToken("the approval changed while it was redeemed")
     return approval

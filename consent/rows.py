@@ -208,29 +208,48 @@ def for_share() -> str:
 
 
 @cache
+def _insert_select_sql(vendor: str, model: type[Model], names: tuple, exprs: tuple, sources: tuple) -> str:
+    """``INSERT INTO model (...) SELECT ... FROM sources RETURNING pk AS id``: a row per row of the
+    sources (CTE names). ``names``: (field name, CTE whose id it takes, or None for a parameter)."""
+    quote = connection.ops.quote_name
+    cols, values = [], []
+    for n, ref in names:
+        cols.append(quote(column(model, n).column))
+        values.append(f"%s::{_cast(vendor, model, n)}" if ref is None else f"{ref}.id")
+    for col, expr in exprs:
+        cols.append(quote(col))
+        values.append(expr)
+    return (f"INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
+            f" FROM {', '.join(sources)} RETURNING {quote(model._meta.pk.column)} AS id")
+
+
+def event_insert(pending, source: str) -> tuple[str, list[Any]]:
+    """An audit event (``audit.services.PendingEvent``) as a data-modifying CTE body: written once
+    per row of ``source`` (PostgreSQL)."""
+    conn = connections[DEFAULT_DB_ALIAS]
+    model, values, sql = type(pending.row), pending.values(), pending.sql
+    params = [param(model, n, v, conn) for n, v in values.items()]
+    for _, expr_params in sql.values():
+        params.extend(expr_params)
+    names = tuple((n, None) for n in values)
+    exprs = tuple((col, expr) for col, (expr, _) in sql.items())
+    return _insert_select_sql(conn.vendor, model, names, exprs, (source,)), params
+
+
+@cache
 def _batch_sql(vendor: str, guard_sql: str, shape: tuple) -> str:
     """One ``WITH`` statement for a ``Batch`` of this shape (built once per shape, then cached)."""
     quote = connection.ops.quote_name
     ctes, selects, alias_of = [f"g AS ({guard_sql})"], ["(SELECT count(*) FROM g)"], {}
     for i, (kind, name, model, names, exprs) in enumerate(shape):
         alias = f"s{i}"
-        pk = quote(model._meta.pk.column)
         if kind == "delete":
-            ctes.append(f"{alias} AS (DELETE FROM {table(model)} t USING g WHERE t.{pk} = %s RETURNING 1)")
+            ctes.append(f"{alias} AS (DELETE FROM {table(model)} t USING g"
+                        f" WHERE t.{quote(model._meta.pk.column)} = %s RETURNING 1)")
             continue
-        cols, values, sources = [], [], ["g"]
-        for n, ref in names:
-            cols.append(quote(column(model, n).column))
-            if ref is None:
-                values.append(f"%s::{_cast(vendor, model, n)}")
-            else:
-                sources.append(alias_of[ref])
-                values.append(f"{alias_of[ref]}.id")
-        for col, expr in exprs:
-            cols.append(quote(col))
-            values.append(expr)
-        ctes.append(f"{alias} AS (INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
-                    f" FROM {', '.join(dict.fromkeys(sources))} RETURNING {pk} AS id)")
+        refs = tuple((n, None if ref is None else alias_of[ref]) for n, ref in names)
+        sources = tuple(dict.fromkeys(["g", *(ref for _, ref in refs if ref is not None)]))
+        ctes.append(f"{alias} AS ({_insert_select_sql(vendor, model, refs, exprs, sources)})")
         alias_of[name] = alias
         selects.append(f"(SELECT id FROM {alias})")
     return f"WITH {', '.join(ctes)} SELECT {', '.join(selects)}"

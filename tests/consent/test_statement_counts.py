@@ -42,10 +42,10 @@ BUDGET = {
     # the agent, the request; one statement moves APPROVED -> ISSUED and writes the action token and
     # the audit row
     "ciba_collect": 3,
-    # BEGIN, redeem + ISSUED -> REDEEMED (one statement), audit row, COMMIT
-    "redeem_winner": 4,
-    # BEGIN, the same statement (it reads why it lost), ROLLBACK, the refusal's audit row
-    "redeem_loser": 4,
+    # one statement: redeem, ISSUED -> REDEEMED, the audit row
+    "redeem_winner": 1,
+    # the same statement (it reads why it lost), the refusal's audit row
+    "redeem_loser": 2,
     # the resource server, the token with its grant and agent
     "introspect": 2,
 }
