@@ -48,8 +48,6 @@ DEFAULTS: dict[str, Any] = {
         "urn:openid:params:grant-type:ciba": "approvals.grants.collect",
         "urn:ietf:params:oauth:grant-type:token-exchange": "consent.grants.token_exchange.exchange",
     },
-    # How often the safety-net sweep expires approvals (each also has an on-time task).
-    "APPROVAL_SWEEP_SECONDS": 10,
 }
 
 
