@@ -6,6 +6,7 @@ Project-specific knobs live in the ``COUNTERSIGN`` dict and are read through
 ``consent.conf.countersign_settings``.
 """
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -276,9 +277,18 @@ COUNTERSIGN = {
     "ISSUER": ISSUER,
     "SIGNING_ALG": os.environ.get("COUNTERSIGN_SIGNING_ALG", "ES256"),
     "SIGNING_KEY_CACHE_SECONDS": int(os.environ.get("COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS", "5")),
-    # COUNTERSIGN_RATE_LIMITS=0 turns the HTTP rate limits off (benchmarks that drive one client hard).
-    "RATE_LIMITS_ENABLED": os.environ.get("COUNTERSIGN_RATE_LIMITS", "1") == "1",
+    # COUNTERSIGN_RATE_LIMITS_ENABLED=0 turns the HTTP rate limits off (benchmarks that drive one client
+    # hard); attempt limits on secrets stay on.
+    "RATE_LIMITS_ENABLED": os.environ.get("COUNTERSIGN_RATE_LIMITS_ENABLED", "1") == "1",
 }
+# Whole limit tables as JSON, for deployments that keep configuration in the environment
+# (the shapes are documented in consent.conf).
+for _name in ("RATE_LIMITS", "ATTEMPT_LIMITS"):
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = json.loads(os.environ[f"COUNTERSIGN_{_name}"])
+for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS"):
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = int(os.environ[f"COUNTERSIGN_{_name}"])
 
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "json" if PRODUCTION else "text")
 LOGGING = {
