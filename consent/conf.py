@@ -57,9 +57,11 @@ DEFAULTS: dict[str, Any] = {
     "PROMPT_WINDOW_SECONDS": 600,
     "MAX_PROMPTS_PER_USER_IN_WINDOW": 30,
     "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 300,
-    # JSON a client sends (authorization_details, JWT headers and claims, websocket frames): nesting
-    # depth, checked before parsing (limits.jsonbounds).
+    # JSON a client sends (authorization_details, websocket frames): nesting depth, checked before
+    # parsing (limits.jsonbounds).
     "JSON_MAX_DEPTH": 16,
+    # ... and of a JWT's header and claims (which carry authorization_details and act chains).
+    "JWT_MAX_DEPTH": 32,
     # HTTP rate limits (limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
     # the first rule with a matching prefix applies. Dimensions: "client" (the client id a protocol
     # request names), "user" (the signed-in user), "source" (the client address). A dimension left

@@ -6,19 +6,15 @@ text a client sends is measured first, without recursion: a text with fewer brac
 depth limit cannot be too deep (two ``bytes.count`` calls, the usual case); otherwise one
 linear scan that skips string literals tracks the depth.
 
+The scan itself is ``countersign.jsonbounds`` (shared with the resource-server verifier).
 Used for ``authorization_details`` (RFC 9396 §2), the header and claims of every JWT a client
 presents (RFC 7519 §7.2: both are JSON objects), and websocket messages.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-
 from consent.conf import countersign_settings
-
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+from countersign.jsonbounds import depth_within, jws_within
 
 
 class JSONTooLarge(ValueError):
@@ -33,22 +29,6 @@ def max_depth() -> int:
     return countersign_settings.JSON_MAX_DEPTH
 
 
-def depth_within(data: bytes, limit: int) -> bool:
-    """True if no array or object in ``data`` nests deeper than ``limit`` (iterative)."""
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return True
-    depth = 0
-    for match in _TOKENS.finditer(data):
-        ch = match.group()
-        if ch in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                return False
-        elif ch in (b"]", b"}"):
-            depth -= 1
-    return True
-
-
 def check(raw: str | bytes, *, max_bytes: int, depth: int | None = None, what: str = "JSON") -> None:
     """Raise ``JSONTooLarge`` / ``JSONTooDeep`` (both ``ValueError``) before ``raw`` is parsed."""
     data = raw.encode() if isinstance(raw, str) else raw
@@ -61,12 +41,8 @@ def check(raw: str | bytes, *, max_bytes: int, depth: int | None = None, what: s
 
 def check_jwt(token: str, *, depth: int | None = None) -> None:
     """Bound the JSON of a compact JWS's header and payload (RFC 7515 §7.1) before a JWT library
-    parses them. Segments that are not base64url are left for the library to refuse."""
-    limit = max_depth() if depth is None else depth
-    for segment in token.split(".", 2)[:2]:
-        try:
-            data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        except (binascii.Error, ValueError):
-            continue
-        if not depth_within(data, limit):
-            raise JSONTooDeep(f"the token's JSON nests deeper than {limit} levels")
+    parses them (``JWT_MAX_DEPTH``: claims carry authorization_details and act chains). Segments
+    that are not base64url are left for the library to refuse."""
+    limit = countersign_settings.JWT_MAX_DEPTH if depth is None else depth
+    if not jws_within(token, limit):
+        raise JSONTooDeep(f"the token's JSON nests deeper than {limit} levels")
