@@ -181,7 +181,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", 
 # Login attempt counts live in Redis so every node shares them (django-axes; limits.logins).
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "limits": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+    "limits": {"BACKEND": "limits.cache.FailOpenRedisCache", "LOCATION": REDIS_URL,
                "KEY_PREFIX": "cs:lim:axes", "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}},
 }
 AUTHENTICATION_BACKENDS = ["limits.logins.LoginAttemptsBackend", "django.contrib.auth.backends.ModelBackend"]

@@ -71,23 +71,28 @@ def failed(
     )
     if not tripped:
         return 0
+    from django.db import DatabaseError
+
     from audit.services import audit_refusal
 
     seconds = max(tripped.values())
-    audit_refusal(
-        event="attempts.locked",
-        error="too_many_attempts",
-        actor=actor,
-        user_id=user_id,
-        client_id=client_id,
-        request=request,
-        detail={
-            "kind": kind,
-            "locked": sorted(tripped),
-            "seconds": seconds,
-            "account": keys.get("account", "") if "account" in tripped else "",
-        },
-    )
+    try:
+        audit_refusal(
+            event="attempts.locked",
+            error="too_many_attempts",
+            actor=actor,
+            user_id=user_id,
+            client_id=client_id,
+            request=request,
+            detail={
+                "kind": kind,
+                "locked": sorted(tripped),
+                "seconds": seconds,
+                "account": keys.get("account", "") if "account" in tripped else "",
+            },
+        )
+    except DatabaseError:  # the lockout holds without its row
+        pass
     return seconds
 
 

@@ -20,9 +20,11 @@ the audit table.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
+from django.db import DatabaseError
 from django.http import HttpResponse
 
 from consent.conf import countersign_settings
@@ -30,6 +32,8 @@ from consent.errors import InvalidRequest, TooManyRequests
 from consent.http import claimed_client_id, error_response
 
 from . import attempts, store
+
+log = logging.getLogger(__name__)
 
 CIBA_GRANT = "urn:openid:params:grant-type:ciba"
 # Which secret a protocol endpoint checks (limits.attempts kinds).
@@ -99,15 +103,18 @@ def _audit_first(
 ) -> None:
     from audit.services import audit_refusal
 
-    audit_refusal(
-        event=event,
-        error=error,
-        actor=f"user:{user_id}" if user_id else "",
-        user_id=user_id,
-        client_id=client_id,
-        request=request,
-        detail=detail,
-    )
+    try:
+        audit_refusal(
+            event=event,
+            error=error,
+            actor=f"user:{user_id}" if user_id else "",
+            user_id=user_id,
+            client_id=client_id,
+            request=request,
+            detail=detail,
+        )
+    except DatabaseError:  # the database is down: the refusal still stands, and is counted
+        log.error("limits: could not audit %s (database unavailable)", event)
 
 
 class RateLimitMiddleware:

@@ -30,21 +30,23 @@ OUTAGE_SECONDS = 5.0
 
 # Request: lockouts first (any live one refuses), then each rate counter (INCR; the first over
 # its limit refuses). Returns {0} when allowed, else {kind (1 lock, 2 rate), index, ms left, first}.
-# KEYS: locks..., counters..., the metrics hash. ARGV: #locks, a metric field per lock, then per
-# counter its limit, window (ms) and metric field.
+# KEYS: locks..., counters..., the metrics hash. ARGV[1], one string (fewer arguments to encode
+# per request): "<#locks> <lock field>... <limit> <window ms> <counter field>...".
 _HIT = """
-local nlocks = tonumber(ARGV[1])
+local spec = {}
+for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = word end
+local nlocks = tonumber(spec[1])
 local stats = KEYS[#KEYS]
 for i = 1, nlocks do
   local ttl = redis.call('PTTL', KEYS[i])
   if ttl > 0 then
-    redis.call('HINCRBY', stats, ARGV[1 + i], 1)
+    redis.call('HINCRBY', stats, spec[1 + i], 1)
     return {1, i, ttl, 0}
   end
 end
 for j = 1, #KEYS - 1 - nlocks do
   local base = 1 + nlocks + 3 * (j - 1)
-  local limit, window, field = tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3]
+  local limit, window, field = tonumber(spec[base + 1]), spec[base + 2], spec[base + 3]
   local key = KEYS[nlocks + j]
   local count = redis.call('INCR', key)
   if count == 1 then redis.call('PEXPIRE', key, window) end
@@ -146,10 +148,10 @@ def hit(
     left, first) when counter ``index`` is over its limit (``first``: the first refusal of its window).
     """
     keys = [PREFIX + k for k, _ in locks] + [PREFIX + k for k, *_ in counters] + [REFUSED]
-    args: list[Any] = [len(locks), *(field for _, field in locks)]
+    spec = [str(len(locks)), *(field.replace(" ", "_") for _, field in locks)]
     for _, limit, window, field in counters:
-        args += [limit, window * 1000, field]
-    result = _run("hit", keys, args)
+        spec += [str(limit), str(window * 1000), field.replace(" ", "_")]
+    result = _run("hit", keys, [" ".join(spec)])
     if not result or not result[0]:
         return 0, 0, 0, False
     kind, index, ms, first = (int(x) for x in result)

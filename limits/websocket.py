@@ -37,15 +37,20 @@ def audit_handshake_refusal(scope: dict[str, Any], *, reason: str) -> None:
     source = _source(scope)
     if not store.first_refusal(f"ws:{reason}:{source}", field=f"ws_handshake:{reason}", window=WINDOW):
         return
+    from django.db import DatabaseError
+
     from audit.services import audit_refusal
 
-    audit_refusal(
-        event="websocket.refused",
-        error=reason,
-        actor="",
-        request=SimpleNamespace(META={"REMOTE_ADDR": source}),
-        detail={"path": str(scope.get("path", ""))[:200], "origin": _header(scope, b"origin")},
-    )
+    try:
+        audit_refusal(
+            event="websocket.refused",
+            error=reason,
+            actor="",
+            request=SimpleNamespace(META={"REMOTE_ADDR": source}),
+            detail={"path": str(scope.get("path", ""))[:200], "origin": _header(scope, b"origin")},
+        )
+    except DatabaseError:  # the handshake is refused all the same
+        pass
 
 
 class AuditedOriginValidator(OriginValidator):
