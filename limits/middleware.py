@@ -140,7 +140,11 @@ class RateLimitMiddleware:
         values: dict[str, str] = {"source": source, "client": client_id}
         if any(dim == "user" for dim, _, _ in dims):
             user = getattr(request, "user", None)
-            if user is not None and user.is_authenticated:
+            try:
+                signed_in = user is not None and user.is_authenticated
+            except DatabaseError:  # sessions unreadable: the view answers (DependencyDownMiddleware)
+                signed_in = False
+            if signed_in:
                 user_id = user.pk
                 values["user"] = str(user_id)
         counters = [

@@ -160,6 +160,8 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
             for t in threads:
                 t.join()
     ratio = statistics.median(flooded) / statistics.median(quiet)
+    print(f"flood: {flood_sent[0]} refused requests; victim median {statistics.median(quiet) * 1000:.1f} ms quiet,"
+          f" {statistics.median(flooded) * 1000:.1f} ms flooded, ratio {ratio:.2f}")
     assert flood_sent[0] > 200, flood_sent
     assert ratio < 4.0, (ratio, statistics.median(quiet), statistics.median(flooded), flood_sent)
     flood_rows = AuditEvent.objects.filter(remote_addr="127.0.0.7").count() - rows_before
