@@ -5,21 +5,20 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0001_initial'),
-        ('consent', '0004_grant_dpop_binding'),
+        ("approvals", "0001_initial"),
+        ("consent", "0004_grant_dpop_binding"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
         migrations.swappable_dependency(settings.OAUTH2_PROVIDER_APPLICATION_MODEL),
     ]
 
     operations = [
         migrations.AddIndex(
-            model_name='approvalrequest',
-            index=models.Index(fields=['user', 'created'], name='approvals_a_user_id_ea7d52_idx'),
+            model_name="approvalrequest",
+            index=models.Index(fields=["user", "created"], name="approvals_a_user_id_ea7d52_idx"),
         ),
         migrations.AddIndex(
-            model_name='approvalrequest',
-            index=models.Index(fields=['agent', 'created'], name='approvals_a_agent_i_0a0579_idx'),
+            model_name="approvalrequest",
+            index=models.Index(fields=["agent", "created"], name="approvals_a_agent_i_0a0579_idx"),
         ),
     ]

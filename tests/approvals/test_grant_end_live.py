@@ -45,6 +45,10 @@ def test_a_grant_that_ends_cancels_its_pending_prompt_at_once(live, scenario, se
     assert approval.status == ApprovalRequest.Status.CANCELLED and approval.decision_method == "grant_ended"
     assert AuditEvent.objects.filter(event="approval.cancelled", detail__reason="grant_ended").count() == 1
     time.sleep(0.1)
-    poll = httpx.post(f"{live.url}/o/token/", data={"grant_type": CIBA, "auth_req_id": asked.json()["auth_req_id"]},
-                      headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}, timeout=10)
+    poll = httpx.post(
+        f"{live.url}/o/token/",
+        data={"grant_type": CIBA, "auth_req_id": asked.json()["auth_req_id"]},
+        headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)},
+        timeout=10,
+    )
     assert poll.status_code == 400 and poll.json()["error"] == "access_denied"

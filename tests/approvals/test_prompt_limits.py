@@ -38,7 +38,9 @@ def test_short_lived_prompts_cannot_slip_past_the_cap(agent, settings):
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 10}
     answers = []
     for round_ in range(3):
-        answers.append([_ask(agent, f"{round_}.{i:02d}", requested_expiry="5").status_code for i in range(10)])
+        answers.append(
+            [_ask(agent, f"{round_}.{i:02d}", requested_expiry="5").status_code for i in range(10)]
+        )
         _end_windows()
     assert answers[0] == [200] * 10
     assert answers[1] == answers[2] == [429] * 10

@@ -14,10 +14,16 @@ import pytest
 from tests.live import start_stack
 
 RATE_LIMITS = {
-    "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
-                 "client": [100, 60], "source": [2000, 60]},
-    "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
-              "user": [20, 60], "source": [2000, 60]},
+    "protocol": {
+        "paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
+        "client": [100, 60],
+        "source": [2000, 60],
+    },
+    "pages": {
+        "paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
+        "user": [20, 60],
+        "source": [2000, 60],
+    },
     "public": {"paths": ["/.well-known/", "/o/agents/"], "source": [2000, 60]},
 }
 ATTEMPT_LIMITS = {
@@ -31,8 +37,11 @@ ATTEMPT_LIMITS = {
 
 @pytest.fixture(scope="module")
 def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
-    env = {"COUNTERSIGN_RATE_LIMITS": json.dumps(RATE_LIMITS), "COUNTERSIGN_ATTEMPT_LIMITS": json.dumps(ATTEMPT_LIMITS),
-           "COUNTERSIGN_LOCKOUT_SECONDS": "120"}
+    env = {
+        "COUNTERSIGN_RATE_LIMITS": json.dumps(RATE_LIMITS),
+        "COUNTERSIGN_ATTEMPT_LIMITS": json.dumps(ATTEMPT_LIMITS),
+        "COUNTERSIGN_LOCKOUT_SECONDS": "120",
+    }
     with django_db_blocker.unblock():
         with start_stack(tmp_path_factory.mktemp("limited"), extra_env=env, worker=False) as stack:
             yield stack
@@ -40,8 +49,13 @@ def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 @pytest.fixture
 def limited(limited_stack, transactional_db, settings):
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": limited_stack.url, "RATE_LIMITS": RATE_LIMITS,
-                            "ATTEMPT_LIMITS": ATTEMPT_LIMITS, "LOCKOUT_SECONDS": 120}
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "ISSUER": limited_stack.url,
+        "RATE_LIMITS": RATE_LIMITS,
+        "ATTEMPT_LIMITS": ATTEMPT_LIMITS,
+        "LOCKOUT_SECONDS": 120,
+    }
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": limited_stack.url}
     return limited_stack
 

@@ -30,12 +30,18 @@ def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(limited, 
         wrong = []
         for _ in range(limit + 3):
             token = _csrf(http, limited.url, "/accounts/login/")
-            wrong.append(http.post(f"{limited.url}/accounts/login/", data={
-                "username": "officer", "password": "guess", "csrfmiddlewaretoken": token}))
+            wrong.append(
+                http.post(
+                    f"{limited.url}/accounts/login/",
+                    data={"username": "officer", "password": "guess", "csrfmiddlewaretoken": token},
+                )
+            )
         token = _csrf(http, limited.url, "/accounts/login/")
-        right = http.post(f"{limited.url}/accounts/login/", data={
-            "username": "officer", "password": PASSWORD, "csrfmiddlewaretoken": token})
-    assert [r.status_code for r in wrong[:limit - 1]] == [200] * (limit - 1)
+        right = http.post(
+            f"{limited.url}/accounts/login/",
+            data={"username": "officer", "password": PASSWORD, "csrfmiddlewaretoken": token},
+        )
+    assert [r.status_code for r in wrong[: limit - 1]] == [200] * (limit - 1)
     assert {r.status_code for r in wrong[limit:]} == {429}
     # Locked: the right password does not sign in, and the page says when to try again.
     assert right.status_code == 429 and "sessionid" not in right.cookies
@@ -70,7 +76,9 @@ def test_fresh_authentication_is_attempt_limited(limited, scenario, fresh_auth_a
         answers = []
         for _ in range(limit):
             token = _csrf(http, limited.url, path)
-            answers.append(http.post(f"{limited.url}{path}", data={"secret": "guess", "csrfmiddlewaretoken": token}))
+            answers.append(
+                http.post(f"{limited.url}{path}", data={"secret": "guess", "csrfmiddlewaretoken": token})
+            )
         token = _csrf(http, limited.url, path)
         right = http.post(f"{limited.url}{path}", data={"secret": PASSWORD, "csrfmiddlewaretoken": token})
     assert [r.status_code for r in answers] == [200] * (limit - 1) + [429]
@@ -92,25 +100,37 @@ def test_totp_codes_at_sign_in_are_attempt_limited(limited, scenario):
     limit = ATTEMPT_LIMITS["totp"]["account"]
     with from_source("127.0.1.3") as http:
         token = _csrf(http, limited.url, "/accounts/login/")
-        first = http.post(f"{limited.url}/accounts/login/", data={
-            "username": "officer", "password": PASSWORD, "csrfmiddlewaretoken": token})
+        first = http.post(
+            f"{limited.url}/accounts/login/",
+            data={"username": "officer", "password": PASSWORD, "csrfmiddlewaretoken": token},
+        )
         assert first.status_code == 302 and "/accounts/login/otp/" in first.headers["Location"]
         answers = []
         for _ in range(limit):
             token = _csrf(http, limited.url, "/accounts/login/otp/")
-            answers.append(http.post(f"{limited.url}/accounts/login/otp/",
-                                     data={"token": "000000", "csrfmiddlewaretoken": token}))
+            answers.append(
+                http.post(
+                    f"{limited.url}/accounts/login/otp/",
+                    data={"token": "000000", "csrfmiddlewaretoken": token},
+                )
+            )
         token = _csrf(http, limited.url, "/accounts/login/otp/")
         code = f"{totp(device.bin_key, step=device.step, digits=device.digits):0{device.digits}d}"
-        right = http.post(f"{limited.url}/accounts/login/otp/", data={"token": code, "csrfmiddlewaretoken": token})
+        right = http.post(
+            f"{limited.url}/accounts/login/otp/", data={"token": code, "csrfmiddlewaretoken": token}
+        )
     assert [r.status_code for r in answers] == [200] * (limit - 1) + [429]
     assert right.status_code == 429 and "Too many attempts" in right.text and "sessionid" not in right.cookies
     assert AuditEvent.objects.filter(event="attempts.locked", user_id=scenario.user.pk).count() == 1
 
 
 def test_lockouts_back_off_and_a_success_forgets_failures(db, settings):
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "LOCKOUT_SECONDS": 1, "LOCKOUT_MAX_SECONDS": 3,
-                            "ATTEMPT_LIMITS": {"totp": {"account": 2, "source": 50, "seconds": 60}}}
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "LOCKOUT_SECONDS": 1,
+        "LOCKOUT_MAX_SECONDS": 3,
+        "ATTEMPT_LIMITS": {"totp": {"account": 2, "source": 50, "seconds": 60}},
+    }
     keys = attempts.keys_for(account="u1", source="10.9.9.9")
     assert attempts.failed("totp", keys) == 0
     assert attempts.failed("totp", keys) == 1  # tripped: 1 s
@@ -134,11 +154,12 @@ def test_limits_fail_open_when_redis_is_unreachable(db, settings, monkeypatch):
 
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     monkeypatch.setattr(store, "_client", unreachable)
-    monkeypatch.setattr(store, "_scripts", {n: unreachable.register_script("return 0") for n in ("hit", "fail", "first")})
+    monkeypatch.setattr(
+        store, "_scripts", {n: unreachable.register_script("return 0") for n in ("hit", "fail", "first")}
+    )
     monkeypatch.setattr(store, "_down_until", 0.0)
     assert store.hit([("l:x", "f")], [("r:x", 1, 60, "f")]) == (0, 0, 0, False)
     assert store._down_until > 0  # and for a few seconds nothing tries again
     assert attempts.locked("totp", {"account": "u"}) == 0
     monkeypatch.setattr(store, "_down_until", 0.0)
     assert attempts.locked("totp", {"account": "u"}) == 0
-

@@ -21,8 +21,11 @@ SOURCE_FAILURES = ATTEMPT_LIMITS["client"]["source"]
 
 
 def _refresh(http, url, agent_id, secret, refresh_token):
-    return http.post(f"{url}/o/token/", data={"grant_type": "refresh_token", "refresh_token": refresh_token},
-                     headers={"Authorization": basic(agent_id, secret)})
+    return http.post(
+        f"{url}/o/token/",
+        data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+        headers={"Authorization": basic(agent_id, secret)},
+    )
 
 
 def _rows(**filters) -> int:
@@ -39,9 +42,11 @@ def test_a_client_over_its_rate_gets_429_with_retry_after_and_one_audit_row(limi
             assert _refresh(http, limited.url, agent_id, secret, "not-a-refresh-token").status_code == 400
         before = refusals().get("rate:protocol:client", 0)
         refused = [_refresh(http, limited.url, agent_id, secret, refresh_token) for _ in range(15)]
-        poll = http.post(f"{limited.url}/o/token/", data={"grant_type": "urn:openid:params:grant-type:ciba",
-                                                          "auth_req_id": "x"},
-                         headers={"Authorization": basic(agent_id, secret)})
+        poll = http.post(
+            f"{limited.url}/o/token/",
+            data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": "x"},
+            headers={"Authorization": basic(agent_id, secret)},
+        )
     for response in refused:
         assert response.status_code == 429
         assert response.json()["error"] == "temporarily_unavailable"
@@ -61,7 +66,10 @@ def test_wrong_client_secrets_lock_the_source_out_with_backoff_and_one_audit_row
     refresh_token = flow.full()["refresh_token"]
     agent_id = scenario.agent.client_id
     with from_source("127.0.0.3") as http:
-        wrong = [_refresh(http, limited.url, agent_id, "wrong-secret", refresh_token) for _ in range(SOURCE_FAILURES)]
+        wrong = [
+            _refresh(http, limited.url, agent_id, "wrong-secret", refresh_token)
+            for _ in range(SOURCE_FAILURES)
+        ]
         right = _refresh(http, limited.url, agent_id, scenario.agent_secret, refresh_token)
         more = [_refresh(http, limited.url, agent_id, "wrong-secret", refresh_token) for _ in range(10)]
     assert [r.status_code for r in wrong] == [401] * SOURCE_FAILURES
@@ -84,11 +92,19 @@ def test_wrong_client_secrets_lock_the_source_out_with_backoff_and_one_audit_row
 
 def test_resource_server_credentials_are_attempt_limited_too(limited, scenario):
     with from_source("127.0.0.5") as http:
-        answers = [http.post(f"{limited.url}/o/introspect/", data={"token": "x"},
-                             headers={"Authorization": basic(scenario.rs_client_id, "wrong")})
-                   for _ in range(SOURCE_FAILURES + 3)]
-        right = http.post(f"{limited.url}/o/introspect/", data={"token": "x"},
-                          headers={"Authorization": basic(scenario.rs_client_id, scenario.rs_secret)})
+        answers = [
+            http.post(
+                f"{limited.url}/o/introspect/",
+                data={"token": "x"},
+                headers={"Authorization": basic(scenario.rs_client_id, "wrong")},
+            )
+            for _ in range(SOURCE_FAILURES + 3)
+        ]
+        right = http.post(
+            f"{limited.url}/o/introspect/",
+            data={"token": "x"},
+            headers={"Authorization": basic(scenario.rs_client_id, scenario.rs_secret)},
+        )
     assert [r.status_code for r in answers] == [401] * SOURCE_FAILURES + [429] * 3
     assert right.status_code == 429 and "Retry-After" in right.headers
     assert _rows(event="attempts.locked", remote_addr="127.0.0.5") == 1
@@ -103,8 +119,10 @@ def test_guessing_approval_ids_is_rate_limited_per_user(limited, scenario):
         http.get(f"{limited.url}/accounts/login/")  # the CSRF cookie
         token = http.cookies["csrftoken"]
         user_limit = RATE_LIMITS["pages"]["user"][0]
-        answers = [http.post(f"{limited.url}/approvals/{uuid.uuid4()}/approve/", headers={"X-CSRFToken": token})
-                   for _ in range(user_limit + 30)]
+        answers = [
+            http.post(f"{limited.url}/approvals/{uuid.uuid4()}/approve/", headers={"X-CSRFToken": token})
+            for _ in range(user_limit + 30)
+        ]
     codes = [r.status_code for r in answers]
     assert 404 in codes and codes[-30:] == [429] * 30
     assert "Too many requests" in answers[-1].text and "Retry-After" in answers[-1].headers
@@ -114,8 +132,9 @@ def test_guessing_approval_ids_is_rate_limited_per_user(limited, scenario):
 
 
 def _second_agent_flow(scenario) -> tuple[OAuthFlow, str, str]:
-    agent, secret = agent_create(name="Other Agent", publisher="Other", scopes=["catalog:read"],
-                                 redirect_uris=[REDIRECT_URI])
+    agent, secret = agent_create(
+        name="Other Agent", publisher="Other", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     other = dataclasses.replace(scenario, agent=agent, agent_secret=secret)
     return OAuthFlow(Client(), other), agent.client_id, secret
 
@@ -138,6 +157,7 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
 
     quiet, flooded = [], []
     with from_source("127.0.0.8") as http:
+
         def timed_refreshes(into: list, n: int = 12):
             nonlocal refresh_token
             for _ in range(n):
@@ -160,8 +180,10 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
             for t in threads:
                 t.join()
     ratio = statistics.median(flooded) / statistics.median(quiet)
-    print(f"flood: {flood_sent[0]} refused requests; victim median {statistics.median(quiet) * 1000:.1f} ms quiet,"
-          f" {statistics.median(flooded) * 1000:.1f} ms flooded, ratio {ratio:.2f}")
+    print(
+        f"flood: {flood_sent[0]} refused requests; victim median {statistics.median(quiet) * 1000:.1f} ms quiet,"
+        f" {statistics.median(flooded) * 1000:.1f} ms flooded, ratio {ratio:.2f}"
+    )
     assert flood_sent[0] > 200, flood_sent
     assert ratio < 4.0, (ratio, statistics.median(quiet), statistics.median(flooded), flood_sent)
     flood_rows = AuditEvent.objects.filter(remote_addr="127.0.0.7").count() - rows_before
@@ -171,8 +193,10 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
 
 def test_a_body_too_large_is_invalid_request(limited, scenario):
     with from_source("127.0.0.9") as http:
-        response = http.post(f"{limited.url}/o/token/", data={"grant_type": "refresh_token",
-                                                              "refresh_token": "x" * (300 * 1024)})
+        response = http.post(
+            f"{limited.url}/o/token/",
+            data={"grant_type": "refresh_token", "refresh_token": "x" * (300 * 1024)},
+        )
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
     assert _rows(event="http.request_refused", remote_addr="127.0.0.9") == 1
 
@@ -180,4 +204,3 @@ def test_a_body_too_large_is_invalid_request(limited, scenario):
 @pytest.fixture
 def flow(client, scenario) -> OAuthFlow:
     return OAuthFlow(client, scenario)
-
