@@ -9,7 +9,12 @@
   signing in (fresh authentication before approving, TOTP codes).
 - ``limits.logins``: the password sign-in limit, django-axes with our backoff and answer.
 - ``limits.jsonbounds``: size and depth of JSON checked before it is parsed.
-- ``limits.refusals``: the first refusal of a kind in a window is audited, the rest counted.
+- ``limits.websocket``: refused websocket handshakes (bad Origin, no session), audited.
+- ``limits.cache``: the Redis cache axes counts in, failing open.
+
+Floods are counted, not audited row by row: the first refusal of a kind in its window leaves an
+audit row (``store.first_refusal``, the ``first`` flag of ``store.hit``), every refusal is
+counted in Redis and exported as ``countersign_limit_refusals`` on ``/metrics``.
 
 Settings: ``COUNTERSIGN["RATE_LIMITS"]`` and ``COUNTERSIGN["ATTEMPT_LIMITS"]`` (``consent.conf``).
 """
