@@ -118,15 +118,19 @@ def _binding_message(text: str) -> str:
 
 
 def _window(requested: str | None, maximum: int) -> int:
+    """§7.1 ``requested_expiry``: a hint the OP may adjust, reported back as ``expires_in`` (§7.3).
+
+    Never shorter than ``REQUESTED_EXPIRY_MIN``: prompts that vanish within seconds would slip
+    past the pending-prompt cap (prompt bombing); never longer than the scope's window.
+    """
     if requested in (None, ""):
         return maximum
-    try:
-        seconds = int(requested)
-    except ValueError as exc:
-        raise InvalidRequest("requested_expiry must be a positive integer (seconds)") from exc
+    if len(requested) > 10 or not requested.isdigit():
+        raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
+    seconds = int(requested)
     if seconds <= 0:
         raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
-    return min(seconds, maximum)
+    return min(max(seconds, countersign_settings.REQUESTED_EXPIRY_MIN), maximum)
 
 
 def _extension_details(raw: str, agent: Agent) -> list[dict[str, Any]]:

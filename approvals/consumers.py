@@ -9,9 +9,14 @@ asks for a fresh snapshot when it sees a gap (``{"type": "resync"}``) and, every
 sends the last ``seq`` it applied (``{"type": "check", "seq": n}``); the answer is a snapshot if
 the user's sequence has moved since, and nothing otherwise.
 
-Client input is bounded: text frames of at most MAX_FRAME bytes holding one of those two
-objects, at most RATE_BURST messages at once and RATE_PER_SECOND on average. Anything else
-closes the socket (the page reconnects and starts from a snapshot).
+Client input is bounded (RFC 6455 §7.4.1 close codes): a frame larger than MAX_FRAME bytes closes
+the socket with 1009 (message too big; the server itself refuses frames past
+``config.serving.WS_MAX_SIZE``), more than RATE_BURST messages at once or RATE_PER_SECOND on average
+with 1008 (policy violation), anything but those two objects with 4400. The page reconnects and
+starts from a snapshot.
+
+A handshake without a signed-in session is refused before accept, and audited
+(``limits.websocket``: one row per source a minute, the rest counted).
 """
 
 import json
@@ -21,14 +26,18 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from config.metrics import websocket_connections
+from limits import jsonbounds
+from limits.websocket import audit_handshake_refusal
 
 from .delivery import pending_prompts, sequence_current, user_group
 
 MAX_FRAME = 128
 RATE_BURST = 10
 RATE_PER_SECOND = 2.0
+CLOSE_TOO_BIG = 1009
+CLOSE_TOO_FAST = 1008
 CLOSE_BAD_INPUT = 4400
-CLOSE_TOO_FAST = 4429
+CLOSE_NO_SESSION = 4401
 MAX_SEQ = 2**53 - 1  # what the page's numbers hold exactly
 
 
@@ -37,6 +46,7 @@ def parse_client_message(text: str | None) -> dict | None:
     if text is None or len(text) > MAX_FRAME:
         return None
     try:
+        jsonbounds.check(text, max_bytes=MAX_FRAME, depth=2)
         content = json.loads(text)
     except ValueError:
         return None
@@ -55,7 +65,8 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=4401)  # before accept: the handshake is refused
+            await database_sync_to_async(audit_handshake_refusal)(self.scope, reason="no_session")
+            await self.close(code=CLOSE_NO_SESSION)  # before accept: the handshake is refused
             return
         self.user_id = user.pk
         self.group = user_group(user.pk)
@@ -73,12 +84,16 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         # Decisions are CSRF-protected POSTs; the socket only carries the two requests below.
-        content = parse_client_message(text_data)
-        if content is None:
-            await self.close(code=CLOSE_BAD_INPUT)
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > MAX_FRAME:
+            await self.close(code=CLOSE_TOO_BIG)
             return
         if not self._take_token():
             await self.close(code=CLOSE_TOO_FAST)
+            return
+        content = parse_client_message(text_data)
+        if content is None:
+            await self.close(code=CLOSE_BAD_INPUT)
             return
         if content["type"] == "resync":
             await self.send_snapshot()

@@ -70,7 +70,9 @@ class ApprovalRequest(models.Model):
     class Meta:
         ordering = ["-created"]
         verbose_name = "approval request"
-        indexes = [models.Index(fields=["user", "status"]), models.Index(fields=["agent", "status"])]
+        indexes = [models.Index(fields=["user", "status"]), models.Index(fields=["agent", "status"]),
+                   # the sliding-window prompt caps (approvals.services._pending_state)
+                   models.Index(fields=["user", "created"]), models.Index(fields=["agent", "created"])]
         constraints = [
             # Identical pending requests collapse into one prompt (approval fatigue), even under a race.
             models.UniqueConstraint(fields=["grant", "scope", "action_hash"], condition=models.Q(status="pending"),

@@ -17,6 +17,8 @@ from typing import Any
 
 import rfc8785
 
+from limits import jsonbounds
+
 MAX_DETAILS_BYTES = 8192
 MAX_ENTRIES = 10
 _RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
@@ -29,8 +31,11 @@ class InvalidDetails(ValueError):
 def parse(raw: str, *, allowed_types: list[str]) -> list[dict[str, Any]]:
     if not raw:
         raise InvalidDetails("authorization_details is required for a step-up scope")
-    if len(raw.encode()) > MAX_DETAILS_BYTES:
-        raise InvalidDetails(f"authorization_details is larger than {MAX_DETAILS_BYTES} bytes")
+    try:
+        # Measured before parsing: the parser recurses once per level (limits.jsonbounds).
+        jsonbounds.check(raw, max_bytes=MAX_DETAILS_BYTES, what="authorization_details")
+    except ValueError as exc:
+        raise InvalidDetails(str(exc)) from exc
     try:
         details = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
     except ValueError as exc:
@@ -48,13 +53,19 @@ def parse(raw: str, *, allowed_types: list[str]) -> list[dict[str, Any]]:
 
 
 def _has_fraction(value: Any) -> bool:
-    """JSON numbers with a fraction have no single canonical form across languages: refuse them."""
-    if isinstance(value, Decimal):
-        return True
-    if isinstance(value, dict):
-        return any(_has_fraction(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_fraction(v) for v in value)
+    """JSON numbers with a fraction have no single canonical form across languages: refuse them.
+
+    Walks with a stack of its own, not by recursion (the depth is bounded already, but nothing
+    here recurses on input depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Decimal):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 

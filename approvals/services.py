@@ -46,6 +46,8 @@ from .models import ActionToken, ApprovalRequest
 from .tokens import action_claims, mint
 
 Status = ApprovalRequest.Status
+AUTO_RULE = "auto_rule"
+GRANT_ENDED = "grant_ended"
 
 
 def auth_req_id_for(approval_id: Any) -> str:
@@ -94,20 +96,27 @@ def _audit(approval: ApprovalRequest, event: str, **kwargs: Any) -> None:
 _APPROVAL = rows.table(ApprovalRequest)
 
 
-def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int]:
+def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, int, int]:
     """One statement: the pending request for this very action (if any) and whether its window has
-    passed, and how many prompts wait for this user and for this agent (approval fatigue caps)."""
+    passed; how many prompts wait for this user and for this agent; and how many prompts were
+    created for this user and by this agent within ``PROMPT_WINDOW_SECONDS`` (approval fatigue caps:
+    the second pair counts prompts that ended too, so short-lived prompts cannot slip past)."""
     at = rows.param(ApprovalRequest, "expires_at", now)
+    since = rows.param(ApprovalRequest, "created", now - timedelta(seconds=countersign_settings.PROMPT_WINDOW_SECONDS))
     grant_id = rows.param(ApprovalRequest, "grant", req.grant.pk)
     same = f"FROM {_APPROVAL} WHERE grant_id = %s AND scope = %s AND action_hash = %s AND status = %s"
+    recent = "AND created > %s AND decision_method <> %s"
     row = rows.fetchone(
         f"SELECT (SELECT id {same}), (SELECT CASE WHEN expires_at <= %s THEN 1 ELSE 0 END {same}),"
         f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE user_id = %s AND status = %s AND expires_at > %s),"
-        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s AND status = %s AND expires_at > %s)",
+        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s AND status = %s AND expires_at > %s),"
+        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE user_id = %s {recent}),"
+        f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s {recent})",
         [grant_id, req.scope, req.action_hash, Status.PENDING,
          at, grant_id, req.scope, req.action_hash, Status.PENDING,
-         req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at])
-    return row[0], bool(row[1]), row[2], row[3]
+         req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at,
+         req.grant.user_id, since, AUTO_RULE, req.agent.pk, since, AUTO_RULE])
+    return row[0], bool(row[1]), row[2], row[3], row[4], row[5]
 
 
 def _existing(req: BackchannelRequest) -> ApprovalRequest:
@@ -122,7 +131,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     as it is: the user sees one prompt, the agent gets the same ``auth_req_id``.
     """
     now = timezone.now()
-    existing_id, stale, user_pending, agent_pending = _pending_state(req, now)
+    existing_id, stale, user_pending, agent_pending, user_recent, agent_recent = _pending_state(req, now)
     if existing_id is not None and stale:
         approval_expire(approval_id=existing_id)  # audited and removed from inboxes like any expiry
         existing_id = None
@@ -132,6 +141,10 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         raise TooManyPending("the user already has too many approvals waiting; try again later")
     if agent_pending >= countersign_settings.MAX_PENDING_PER_AGENT:
         raise TooManyPending("this agent already has too many approvals waiting; try again later")
+    if user_recent >= countersign_settings.MAX_PROMPTS_PER_USER_IN_WINDOW:
+        raise TooManyPending("the user was asked too often recently; try again later")
+    if agent_recent >= countersign_settings.MAX_PROMPTS_PER_AGENT_IN_WINDOW:
+        raise TooManyPending("this agent asked too often recently; try again later")
     grant = req.grant
     approval = ApprovalRequest(
         grant=grant, user_id=grant.user_id, agent=req.agent, scope=req.scope,
@@ -140,7 +153,10 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         binding_message=req.binding_message, delivery_mode=req.delivery_mode,
         client_notification_token=req.client_notification_token,
         interval=countersign_settings.CIBA_INTERVAL, created=now,
-        expires_at=now + timedelta(seconds=req.window_seconds),
+        # A prompt never outlives its grant: when the grant ends, the prompt's own on-time expiry
+        # ends it at that very moment (approval_expire cancels it), and every read that checks
+        # expires_at (inbox, caps, polls) stops counting it without waiting for a sweep.
+        expires_at=min(now + timedelta(seconds=req.window_seconds), grant.expires_at),
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
@@ -148,7 +164,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     if auto:
         approval.status = Status.APPROVED
         approval.decided_at = now
-        approval.decision_method = "auto_rule"
+        approval.decision_method = AUTO_RULE
         approval.decision_auth = {"rule": rule}
     with transaction.atomic():  # the row and its audit events commit together, or not at all
         if rows.insert_instance(approval, skip_conflicts=True) is None:
@@ -277,6 +293,10 @@ def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[s
     approval, policy = found
     approval.agent = agent
     if approval.status == Status.PENDING:
+        if not approval.grant.is_live(now):
+            # Checked on read as well: a grant that ended answers no more polls with "pending".
+            approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
+            raise AccessDenied("the session grant has ended")
         if approval.expires_at <= now:
             approval_expire(approval_id=approval.pk)
             raise ExpiredToken("the approval window has passed")
@@ -304,7 +324,7 @@ def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[s
 
 def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
-        approval_cancel(approval_id=approval.pk, reason="grant_ended")
+        approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
         raise AccessDenied("the session grant or the agent is no longer active")
     known = policy["id"] is not None
     # A grant extension has no downstream system: its token is addressed to us, as a receipt.
@@ -335,10 +355,14 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
 
 
 def approval_expire(*, approval_id: Any) -> bool:
-    """PENDING past its window, or ISSUED with its action token expired unredeemed -> EXPIRED."""
+    """PENDING past its window, or ISSUED with its action token expired unredeemed -> EXPIRED.
+
+    A PENDING prompt whose grant has ended (its window is capped at the grant's end) is CANCELLED
+    instead, as revocation cancels them: the user never gets to answer it.
+    """
     now = timezone.now()
     with transaction.atomic():
-        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent")
+        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent", "grant")
                     .filter(pk=approval_id).first())
         if approval is None:
             return False
@@ -348,10 +372,14 @@ def approval_expire(*, approval_id: Any) -> bool:
             and token.expires_at <= now)
         if not due:
             return False
+        if approval.status == Status.PENDING and not approval.grant.is_live(now):
+            to, method, event = Status.CANCELLED, GRANT_ENDED, "approval.cancelled"
+        else:
+            to, method, event = Status.EXPIRED, "timeout", "approval.expired"
         ApprovalRequest.objects.filter(pk=approval.pk, status=approval.status).update(
-            status=Status.EXPIRED, decided_at=now, decision_method="timeout")
-        approval.status = Status.EXPIRED
-        _audit(approval, "approval.expired", actor="system")
+            status=to, decided_at=now, decision_method=method)
+        approval.status = to
+        _audit(approval, event, actor="system", **({"reason": method} if to == Status.CANCELLED else {}))
         _announce_end(approval)
     return True
 

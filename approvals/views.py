@@ -4,7 +4,6 @@ import time
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth import authenticate
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
@@ -15,7 +14,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
-from audit.services import audit_refusal
+from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
@@ -23,6 +22,7 @@ from consent.models import ScopePolicy
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
+from limits import attempts
 
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
@@ -101,27 +101,47 @@ class ConfirmForm(forms.Form):
 
 @login_required
 def confirm_view(request, approval_id):
-    """Step-up authentication before approving (the scope policy's fresh-auth window)."""
+    """Step-up authentication before approving (the scope policy's fresh-auth window).
+
+    Attempts are limited per user and per source (``limits.attempts``, kind ``fresh_auth``): while
+    locked, the secret is not checked at all, and the page says when to try again.
+    """
     approval = _owned(request, approval_id)
     device = TOTPDevice.objects.devices_for_user(request.user, confirmed=True).first()
     label = "Code from your authenticator app" if device else "Your password"
     form = ConfirmForm(request.POST or None)
     form.fields["secret"].label = label
+    keys = attempts.keys_for(account=request.user.pk, source=client_ip(request))
+    actor = f"user:{request.user.pk}"
+    if request.method == "POST" and (wait := attempts.locked("fresh_auth", keys)):
+        attempts.refused_while_locked("fresh_auth", keys)
+        return _too_many(request, approval, form, wait)
     if request.method == "POST" and form.is_valid():
         secret = form.cleaned_data["secret"].strip()
         if device is not None:
             ok, amr = device.verify_token(secret), ["otp"]
         else:
-            ok, amr = authenticate(request, username=request.user.get_username(), password=secret) is not None, ["pwd"]
+            # The signed-in user's own password; the sign-in limit (axes) is for sign-in, this one's own.
+            ok, amr = request.user.check_password(secret), ["pwd"]
         if ok:
+            attempts.succeeded("fresh_auth", keys)
             previous = [m for m in (request.session.get(SESSION_AMR) or ["pwd"]) if m not in amr]
             request.session[SESSION_AMR] = previous + amr
             request.session[SESSION_AUTH_TIME] = time.time()
             return _decide(request, approval_id, approval_approve, "approve")
-        audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=f"user:{request.user.pk}",
+        audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=actor,
                       user_id=request.user.pk, request=request, detail={"approval_id": str(approval.pk)})
+        if wait := attempts.failed("fresh_auth", keys, request=request, actor=actor, user_id=request.user.pk):
+            return _too_many(request, approval, form, wait)
         form.add_error("secret", "That is not right. Try again.")
     return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
+
+
+def _too_many(request, approval, form, seconds: int):
+    response = render(request, "approvals/confirm.html",
+                      {"approval": approval, "form": form, "locked_message": attempts.message(seconds)}, status=429)
+    response["Retry-After"] = str(seconds)
+    return response
 
 
 @method_decorator(csrf_exempt, name="dispatch")

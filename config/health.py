@@ -18,7 +18,7 @@ from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .metrics import DatabaseCollector, websocket_connections
+from .metrics import DatabaseCollector, LimitsCollector, websocket_connections
 
 
 def healthz(request):
@@ -83,5 +83,6 @@ def metrics(request):
         return JsonResponse({"error": "forbidden"}, status=403)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector())
+    registry.register(LimitsCollector())
     registry.register(websocket_connections)
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

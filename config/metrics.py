@@ -77,3 +77,17 @@ def seal_lag_histogram() -> HistogramMetricFamily:
     return HistogramMetricFamily("countersign_audit_seal_lag_seconds",
                                  "Time from an audit event to its link in the hash chain",
                                  buckets=buckets, sum_value=total)
+
+
+class LimitsCollector:
+    """Refusals by the limits (rate limits, lockouts, refused handshakes, oversized bodies), counted
+    in Redis by every node (``limits.store``): a flood is counted here, not audited row by row."""
+
+    def collect(self):
+        from limits.store import refused_counts
+
+        refusals = CounterMetricFamily("countersign_limit_refusals", "Requests refused by a limit, by kind",
+                                       labels=["kind"])
+        for kind, n in sorted(refused_counts().items()):
+            refusals.add_metric([kind], n)
+        yield refusals

@@ -48,14 +48,22 @@ def web_command(port: int, host: str = "127.0.0.1", *, threads: int | None = Non
             "--log-level", "warning"]
 
 
-def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:
+# The largest websocket message the ws server accepts at all (bytes): past it uvicorn closes the
+# connection with 1009 before the application sees the frame (its default is 16 MiB). The inbox's
+# own limit is smaller still (approvals.consumers.MAX_FRAME, also 1009).
+WS_MAX_SIZE = int(os.environ.get("WS_MAX_SIZE", "4096"))
+
+
+def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
+               ws_max_size: int | None = None) -> list[str]:
     """One websocket server process (uvicorn, Channels) listening on ``host:port``.
 
     uvicorn trusts X-Forwarded-For/-Proto from FORWARDED_ALLOW_IPS (default 127.0.0.1), the same
-    peers config.wsgi trusts.
+    peers config.wsgi trusts. ``--ws-max-size`` bounds every frame (RFC 6455 §7.4.1: 1009).
     """
     return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
-            str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers"]
+            str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers",
+            "--ws-max-size", str(ws_max_size or WS_MAX_SIZE)]
 
 
 def local_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:
@@ -136,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["web", "ws", "local"])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--ws-max-size", type=int, default=WS_MAX_SIZE,
+                        help="ws: the largest websocket message accepted, in bytes (default %(default)s)")
     args = parser.parse_args(argv)
     if args.kind == "local":
         return run_local(args.host, args.port)
-    command = (web_command if args.kind == "web" else ws_command)(args.port, args.host)
+    if args.kind == "ws":
+        command = ws_command(args.port, args.host, ws_max_size=args.ws_max_size)
+    else:
+        command = web_command(args.port, args.host)
     os.execv(command[0], command)  # the server replaces this process: one process, one pid to supervise
     return 1
 

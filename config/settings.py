@@ -6,6 +6,7 @@ Project-specific knobs live in the ``COUNTERSIGN`` dict and are read through
 ``consent.conf.countersign_settings``.
 """
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -57,6 +58,7 @@ INSTALLED_APPS = [
     "django_otp.plugins.otp_totp",
     "oauth2_provider",
     "channels",
+    "axes",
     "audit",
     "consent",
     "approvals",
@@ -69,11 +71,15 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Rate limits and the attempt limit on client secrets: one Redis round trip, no SQL (limits.middleware).
+    "limits.middleware.RateLimitMiddleware",
     "config.logging.RequestContextMiddleware",
     "config.middleware.DependencyDownMiddleware",
     "django_otp.middleware.OTPMiddleware",
     "config.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Turns a password lockout into our "too many attempts" page (limits.logins); last, as axes asks.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -176,6 +182,27 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# Bodies are forms of a few fields; nothing legitimate comes near these (Django answers 400 past them).
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(256 * 1024)))
+
+# Login attempt counts live in Redis so every node shares them (django-axes; limits.logins).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "limits": {"BACKEND": "limits.cache.FailOpenRedisCache", "LOCATION": REDIS_URL,
+               "KEY_PREFIX": "cs:lim:axes", "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}},
+}
+AUTHENTICATION_BACKENDS = ["limits.logins.LoginAttemptsBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_CACHE = "limits"
+AXES_FAILURE_LIMIT = "limits.logins.failure_limit"
+AXES_COOLOFF_TIME = "limits.logins.cool_off"
+AXES_LOCKOUT_CALLABLE = "limits.logins.lockout_response"
+# Per account and, separately, per source address.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = lambda request: request.META.get("REMOTE_ADDR", "")  # noqa: E731 (config.wsgi sets it)
+AXES_VERBOSE = False
+
 # Sizing the channel layer for the inbox fan-out (approvals.delivery, approvals.channel_layer):
 # - capacity: channels_redis keeps ONE Redis queue per web process for all of its websockets and
 #   writes one message per process per group_send, so capacity bounds a process's backlog of sends
@@ -257,7 +284,18 @@ COUNTERSIGN = {
     "ISSUER": ISSUER,
     "SIGNING_ALG": os.environ.get("COUNTERSIGN_SIGNING_ALG", "ES256"),
     "SIGNING_KEY_CACHE_SECONDS": int(os.environ.get("COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS", "5")),
+    # COUNTERSIGN_RATE_LIMITS_ENABLED=0 turns the HTTP rate limits off (benchmarks that drive one client
+    # hard); attempt limits on secrets stay on.
+    "RATE_LIMITS_ENABLED": os.environ.get("COUNTERSIGN_RATE_LIMITS_ENABLED", "1") == "1",
 }
+# Whole limit tables as JSON, for deployments that keep configuration in the environment
+# (the shapes are documented in consent.conf).
+for _name in ("RATE_LIMITS", "ATTEMPT_LIMITS"):
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = json.loads(os.environ[f"COUNTERSIGN_{_name}"])
+for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS"):
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = int(os.environ[f"COUNTERSIGN_{_name}"])
 
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "json" if PRODUCTION else "text")
 LOGGING = {
@@ -267,6 +305,6 @@ LOGGING = {
                    "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }
 CSRF_FAILURE_VIEW = "audit.views.csrf_failure"

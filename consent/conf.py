@@ -48,6 +48,44 @@ DEFAULTS: dict[str, Any] = {
         "urn:openid:params:grant-type:ciba": "approvals.grants.collect",
         "urn:ietf:params:oauth:grant-type:token-exchange": "consent.grants.token_exchange.exchange",
     },
+    # CIBA §7.1 requested_expiry: the shortest window granted (a shorter request gets this one).
+    "REQUESTED_EXPIRY_MIN": 60,
+    # Approval fatigue over time: most prompts created for a user, or by an agent, in a sliding window
+    # (collapsed duplicates and auto-approved requests do not count).
+    "PROMPT_WINDOW_SECONDS": 600,
+    "MAX_PROMPTS_PER_USER_IN_WINDOW": 30,
+    "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 300,
+    # JSON a client sends (authorization_details, websocket frames): nesting depth, checked before
+    # parsing (limits.jsonbounds).
+    "JSON_MAX_DEPTH": 16,
+    # ... and of a JWT's header and claims (which carry authorization_details and act chains).
+    "JWT_MAX_DEPTH": 32,
+    # HTTP rate limits (limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
+    # the first rule with a matching prefix applies. Dimensions: "client" (the client id a protocol
+    # request names), "user" (the signed-in user), "source" (the client address). A dimension left
+    # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
+    "RATE_LIMITS_ENABLED": True,
+    "RATE_LIMITS": {
+        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
+                     "client": [1200, 60], "source": [6000, 60]},
+        "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
+                  "user": [120, 60], "source": [600, 60]},
+        "public": {"paths": ["/.well-known/", "/o/agents/"], "source": [1200, 60]},
+    },
+    # Attempt limits on secrets (limits.attempts, limits.middleware, limits.logins): kind -> failures
+    # allowed per "account" and per "source" within "seconds". Past them the account or source is
+    # locked for LOCKOUT_SECONDS, doubled on each further lockout within a day, up to LOCKOUT_MAX_SECONDS.
+    # "client": agent secrets and private_key_jwt; "resource_server": resource-server credentials;
+    # "fresh_auth": re-authentication before approving; "totp": TOTP codes; "login": passwords.
+    "ATTEMPT_LIMITS": {
+        "client": {"account": 20, "source": 10, "seconds": 300},
+        "resource_server": {"account": 20, "source": 10, "seconds": 300},
+        "fresh_auth": {"account": 5, "source": 10, "seconds": 900},
+        "totp": {"account": 5, "source": 10, "seconds": 900},
+        "login": {"account": 5, "source": 5, "seconds": 900},
+    },
+    "LOCKOUT_SECONDS": 60,
+    "LOCKOUT_MAX_SECONDS": 3600,
 }
 
 

@@ -85,3 +85,21 @@ class AccessDenied(OAuthError):
     """RFC 6749 §4.1.2.1 / CIBA Core §11: the resource owner or server denied the request."""
 
     error = "access_denied"
+
+
+class TooManyRequests(OAuthError):
+    """RFC 6585 §4: 429 Too Many Requests, with ``Retry-After`` (RFC 9110 §10.2.3).
+
+    OAuth defines no error code for a rate limit outside CIBA polling (where it is ``slow_down``,
+    CIBA Core §11); ``temporarily_unavailable`` (RFC 6749 §4.1.2.1) says what the client should do:
+    come back later. ``retry_after`` is in seconds.
+    """
+
+    error = "temporarily_unavailable"
+    status_code = 429
+
+    def __init__(self, description: str = "", *, retry_after: int = 1, error: str = "", **kwargs):
+        super().__init__(description, **kwargs)
+        self.retry_after = max(1, int(retry_after))
+        if error:
+            self.error = error

@@ -7,6 +7,8 @@ from urllib.parse import unquote_plus
 import jwt
 from django.http import JsonResponse
 
+from limits.jsonbounds import JSONTooDeep, check_jwt
+
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -66,8 +68,9 @@ def claimed_client_id(request) -> str:
     claimed = creds[0] if creds else request.POST.get("client_id") or request.GET.get("client_id", "")
     if not claimed and request.POST.get("client_assertion"):
         try:
+            check_jwt(request.POST["client_assertion"])
             claimed = str(jwt.decode(request.POST["client_assertion"], options={"verify_signature": False})
                           .get("iss", ""))
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, JSONTooDeep):
             claimed = ""
     return claimed[:100]

@@ -14,6 +14,8 @@ from typing import Any
 
 import jwt
 
+from limits.jsonbounds import JSONTooDeep, check_jwt
+
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS, active_signing_key, verification_key
 from .models import ScopePolicy, SessionGrant
@@ -120,8 +122,9 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise TokenInvalid("token missing or too large")
     try:
+        check_jwt(token)
         header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, JSONTooDeep) as exc:
         raise TokenInvalid("malformed token") from exc
     if header.get("typ") != typ:
         raise TokenInvalid(f"wrong token type (expected {typ})")

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from .errors import InvalidDPoPProof
+from .jsonbounds import jws_within
 
 __all__ = [
     "DPOP_ALGS",
@@ -288,7 +289,7 @@ def verify_proof(proof: str | None, *, htm: str, htu: str, access_token: str | N
     """
     if not isinstance(proof, str) or not proof:
         raise InvalidDPoPProof("a DPoP proof is required", dpop=True)
-    if len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2 or not proof.isascii():
+    if len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2 or not proof.isascii() or not jws_within(proof):
         raise InvalidDPoPProof("the DPoP proof is not a compact JWS", dpop=True)
     alg, jkt, key = _proof_header(proof[:proof.index(".")])
     if alg not in algorithms:

@@ -48,6 +48,7 @@ from .errors import (
     MissingToken,
     ServiceUnavailable,
 )
+from .jsonbounds import jws_within
 
 __all__ = [
     "ACTION_TOKEN_TYP",
@@ -430,8 +431,8 @@ class TokenVerifier:
             raise MissingToken("no access token")
         if len(token) > self.max_token_bytes:
             raise InvalidToken("token too large")
-        if not token.isascii() or token.count(".") != 2:
-            raise InvalidToken("malformed token")
+        if not token.isascii() or token.count(".") != 2 or not jws_within(token):
+            raise InvalidToken("malformed token")  # too deep: json would recurse past its limit
         segment = token[:token.index(".")]
         # Every token one key signs has the same header: parse each distinct one once.
         header = self._headers.get(segment)

@@ -21,6 +21,15 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(autouse=True)
+def _fresh_limits():
+    # Rate counters, lockouts and login attempts live in Redis: each test starts from none.
+    from limits import store
+
+    store.reset()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_key_cache():
     # Each test database starts without keys; a key cached by an earlier test must not leak in.
     reset_key_cache()

@@ -6,6 +6,7 @@ Use ``live_stack`` together with ``transactional_db`` so that rows the test writ
 committed and visible to the server and the worker.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -59,13 +60,12 @@ def _wait(check, what: str, stack: LiveStack, timeout: float = 30.0) -> None:
     pytest.fail(f"{what} did not start within {timeout:.0f}s\n{stack.logs()}")
 
 
-@pytest.fixture(scope="session")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
-    with django_db_blocker.unblock():
-        database_url = _database_url()
+@contextlib.contextmanager
+def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = True):
+    """A server (and a Celery worker) on a free port, stopped on exit. Call with the database unblocked."""
+    database_url = _database_url()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_dir = tmp_path_factory.mktemp("live")
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -74,22 +74,24 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
         "REDIS_URL": settings.REDIS_URL,
         "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS": "0",  # tests flush the key table between tests
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     stack = LiveStack(url=url, env=env, log_dir=log_dir)
     bin_dir = Path(sys.executable).parent
-    from config.celery import app as celery_app
-
-    celery_app.control.purge()
     procs = [
         subprocess.Popen(
             local_command(port), cwd=ROOT, env=env, stdout=open(log_dir / "server.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True),
-        subprocess.Popen(
+    ]
+    if worker:
+        from config.celery import app as celery_app
+
+        celery_app.control.purge()
+        procs.append(subprocess.Popen(
             [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO", "--concurrency=2",
              "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h"],
             cwd=ROOT, env=env, stdout=open(log_dir / "celery.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True),
-    ]
+            start_new_session=True))
 
     def server_up() -> bool:
         try:
@@ -99,7 +101,8 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
     try:
         _wait(server_up, "the web and ws servers", stack, timeout=90)
-        _wait(lambda: "ready." in (log_dir / "celery.log").read_text(), "celery worker", stack)
+        if worker:
+            _wait(lambda: "ready." in (log_dir / "celery.log").read_text(), "celery worker", stack)
         yield stack
     finally:
         for proc in procs:
@@ -112,6 +115,14 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+    with django_db_blocker.unblock():
+        database_url = _database_url()  # noqa: F841  (fails early off PostgreSQL)
+    with start_stack(tmp_path_factory.mktemp("live")) as stack:
+        yield stack
 
 
 @pytest.fixture

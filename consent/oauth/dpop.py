@@ -18,6 +18,8 @@ import time
 import jwt
 from django.conf import settings
 
+from limits.jsonbounds import JSONTooDeep, check_jwt
+
 from ..errors import InvalidDPoPProof, UseDPoPNonce
 from ..keys import jwk_thumbprint
 from ..models import Agent
@@ -54,8 +56,9 @@ def verify_proof(proof: str, *, htm: str, htu: str, access_token: str | None = N
     if not isinstance(proof, str) or not proof or len(proof) > MAX_PROOF_BYTES or "," in proof:
         raise InvalidDPoPProof("exactly one DPoP proof is required")
     try:
+        check_jwt(proof)
         header = jwt.get_unverified_header(proof)
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, JSONTooDeep) as exc:
         raise InvalidDPoPProof("malformed DPoP proof") from exc
     if header.get("typ") != "dpop+jwt":
         raise InvalidDPoPProof("DPoP proof typ must be dpop+jwt")

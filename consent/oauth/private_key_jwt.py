@@ -17,6 +17,8 @@ import jwt
 import redis
 from django.conf import settings
 
+from limits.jsonbounds import JSONTooDeep, check_jwt
+
 from ..conf import countersign_settings
 from ..models import Agent
 
@@ -60,8 +62,9 @@ def unverified_issuer(assertion: str) -> str:
     if not isinstance(assertion, str) or len(assertion) > MAX_ASSERTION_BYTES:
         raise AssertionInvalid("assertion missing or too large")
     try:
+        check_jwt(assertion)
         claims = jwt.decode(assertion, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, JSONTooDeep) as exc:
         raise AssertionInvalid("malformed assertion") from exc
     issuer = claims.get("iss")
     if not isinstance(issuer, str) or claims.get("sub") != issuer:
@@ -74,8 +77,9 @@ def verify_assertion(assertion: str, *, agent: Agent, endpoint_url: str | None =
     if not agent.jwks:
         raise AssertionInvalid("the agent has no registered keys")
     try:
+        check_jwt(assertion)
         header = jwt.get_unverified_header(assertion)
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, JSONTooDeep) as exc:
         raise AssertionInvalid("malformed assertion") from exc
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:

@@ -19,7 +19,8 @@ from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
-from audit.services import audit_record, audit_refusal
+from audit.services import audit_record, audit_refusal, client_ip
+from limits import attempts
 
 from ..selectors import grants_for_user
 from ..services import AuthContext, grant_revoke
@@ -54,6 +55,13 @@ def _safe_next(request, default: str = "/grants/") -> str:
     return default
 
 
+def _too_many(request, template: str, context: dict, seconds: int):
+    """The page again, saying when to try next; nothing was checked (limits.attempts)."""
+    response = render(request, template, {**context, "locked_message": attempts.message(seconds)}, status=429)
+    response["Retry-After"] = str(seconds)
+    return response
+
+
 def _complete_login(request, user, amr: list[str], device=None) -> None:
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     if device is not None:
@@ -74,8 +82,9 @@ def login_view(request):
                 return redirect(f"/accounts/login/otp/?next={_safe_next(request)}")
             _complete_login(request, user, ["pwd"])
             return redirect(_safe_next(request))
-        audit_refusal(event="login.failed", error="invalid_credentials", actor="", request=request,
-                      detail={"username": request.POST.get("username", "")[:150]})
+        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (limits.logins)
+            audit_refusal(event="login.failed", error="invalid_credentials", actor="", request=request,
+                          detail={"username": request.POST.get("username", "")[:150]})
     return render(request, "accounts/login.html", {"form": form, "next": _safe_next(request)})
 
 
@@ -100,14 +109,21 @@ def login_otp_view(request):
     if device is None:
         return render(request, "accounts/otp_missing.html", {"next": _safe_next(request)})
     form = OTPForm(request.POST or None)
+    keys = attempts.keys_for(account=user.pk, source=client_ip(request))
+    if request.method == "POST" and (wait := attempts.locked("totp", keys)):
+        attempts.refused_while_locked("totp", keys)
+        return _too_many(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait)
     if request.method == "POST" and form.is_valid():
         if device.verify_token(form.cleaned_data["token"].strip()):
+            attempts.succeeded("totp", keys)
             request.session.pop(SESSION_PENDING_USER, None)
             amr = [m for m in amr_before if m != "otp"] + ["otp"]
             _complete_login(request, user, amr, device)
             return redirect(_safe_next(request))
         audit_refusal(event="login.otp_failed", error="invalid_otp", actor=f"user:{user.pk}",
                       user_id=user.pk, request=request)
+        if wait := attempts.failed("totp", keys, request=request, actor=f"user:{user.pk}", user_id=user.pk):
+            return _too_many(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait)
         form.add_error("token", "That code is not valid. Codes change every 30 seconds.")
     return render(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)})
 
@@ -127,7 +143,12 @@ def totp_setup_view(request):
     device, _ = TOTPDevice.objects.get_or_create(user=request.user, confirmed=False,
                                                  defaults={"name": "Authenticator app"})
     form = OTPForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
+    keys = attempts.keys_for(account=request.user.pk, source=client_ip(request))
+    wait = attempts.locked("totp", keys) if request.method == "POST" else 0
+    if wait:  # nothing is checked while locked
+        attempts.refused_while_locked("totp", keys)
+        form.add_error("token", attempts.message(wait))
+    elif request.method == "POST" and form.is_valid():
         if device.verify_token(form.cleaned_data["token"].strip()):
             TOTPDevice.objects.filter(pk=device.pk).update(confirmed=True)
             device.refresh_from_db()
@@ -138,13 +159,19 @@ def totp_setup_view(request):
                          request=request)
             messages.success(request, "Two-factor sign-in is on.")
             return redirect("/grants/")
-        form.add_error("token", "That code is not valid. Check your device's clock and try again.")
+        wait = attempts.failed("totp", keys, request=request, actor=f"user:{request.user.pk}",
+                               user_id=request.user.pk)
+        form.add_error("token", attempts.message(wait) if wait else
+                       "That code is not valid. Check your device's clock and try again.")
     svg = BytesIO()
     qrcode.make(device.config_url, image_factory=qrcode.image.svg.SvgPathImage).save(svg)
-    return render(request, "accounts/totp_setup.html", {
+    response = render(request, "accounts/totp_setup.html", {
         "form": form, "qr_svg": svg.getvalue().decode(),
         "secret": b32encode(device.bin_key).decode().rstrip("="),
-    })
+    }, status=429 if wait else 200)
+    if wait:
+        response["Retry-After"] = str(wait)
+    return response
 
 
 @login_required

@@ -96,11 +96,14 @@ def test_identical_requests_collapse_into_one_prompt(live, scenario, session_tok
     assert ApprovalRequest.objects.count() == 1
 
 
-def test_expiry_without_polling_removes_the_prompt(live, scenario, session_token):
+def test_expiry_without_polling_removes_the_prompt(live, scenario, session_token, ledger_policy):
+    # An agent cannot ask for less than REQUESTED_EXPIRY_MIN; an admin's own window can be shorter.
+    ledger_policy.approval_window = 2
+    ledger_policy.save()
     inbox = Inbox(live, scenario.user)
     try:
         inbox.next()
-        assert _ask(live, scenario, session_token, requested_expiry="2").status_code == 200
+        assert _ask(live, scenario, session_token).status_code == 200
         inbox.next_of("upsert")
         removed = inbox.next_of("remove", timeout=15)
         assert removed["status"] == "expired"

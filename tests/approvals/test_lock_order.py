@@ -47,7 +47,11 @@ def _extension(grant: SessionGrant, seconds: int) -> ApprovalRequest:
     return approval
 
 
-def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(scenario, ledger_policy, monkeypatch):
+def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(scenario, ledger_policy, monkeypatch,
+                                                                       settings):
+    # Many prompts for one user in a few seconds: past the fatigue cap, which is not under test here.
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 10_000,
+                            "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 10_000}
     install_outbox(monkeypatch, run_pushes=False)
     active_signing_key()
     rng = random.Random(7)

@@ -69,7 +69,8 @@ def _shown_ids(page) -> set[str]:
 def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(live, live_context, scenario, ledger_policy,
                                                                held, tiny_capacity, caplog, settings):  # noqa: F811
     caplog.set_level(logging.INFO, logger="channels_redis.core")
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": FLOOD}
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": FLOOD,
+                            "MAX_PROMPTS_PER_USER_IN_WINDOW": FLOOD}
     first = live_context.new_page()
     _sign_in(first, live)
     first.close()

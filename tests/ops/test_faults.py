@@ -156,7 +156,8 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack, scenario, agent, settings):
     n = 30
     visibility = 5  # CELERY_VISIBILITY_TIMEOUT (config/settings.py): the dead worker's tasks come back after it
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": n}  # this process creates them
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": n,  # this process creates them
+                            "MAX_PROMPTS_PER_USER_IN_WINDOW": n}
     # The doomed worker reaches PostgreSQL over a slow link (30 ms per chunk each way), so that its
     # deliveries take long enough to kill it in the middle of them.
     _, slow_database = stack.forward_database(latency=0.03)
