@@ -54,6 +54,7 @@ from urllib.parse import urlparse
 
 import httpx
 from _stack import (
+    BENCH_LIMITS_ENV,
     LOOPBACK,
     ROOT,
     ConnectionMonitor,
@@ -470,6 +471,7 @@ class Roundtrip:
             "SECRET_KEY": self.args.secret_key,
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
+            **BENCH_LIMITS_ENV,
         })
         return env
 

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 
-from _stack import ROOT, Stack, check_database_url, log, run_main
+from _stack import BENCH_LIMITS_ENV, ROOT, Stack, check_database_url, log, run_main
 
 CHILD = r'''
 import base64, hashlib, io, json, os, secrets, sys, time
@@ -130,7 +130,7 @@ def main() -> int:
     with Stack(prefix="cs-inproc-", timeout=args.timeout) as stack:
         stack.create_database(args.database_url, drop_existing=True)
         env = {**os.environ, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
-               "COUNTERSIGN_VAR_DIR": str(stack.tmp), "DJANGO_SETTINGS_MODULE": "config.settings",
+               "COUNTERSIGN_VAR_DIR": str(stack.tmp), "DJANGO_SETTINGS_MODULE": "config.settings", **BENCH_LIMITS_ENV,
                "PYTHONPATH": str(ROOT)}
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
         log(f"{args.requests} requests per phase, in one process")

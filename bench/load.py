@@ -62,6 +62,7 @@ from urllib.parse import urlparse
 
 import httpx
 from _stack import (
+    BENCH_LIMITS_ENV,
     LOOPBACK,
     ROOT,
     ConnectionMonitor,
@@ -269,6 +270,7 @@ class LoadRig:
             "SECRET_KEY": self.args.secret_key,
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
+            **BENCH_LIMITS_ENV,
         })
         return env
 

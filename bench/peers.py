@@ -46,6 +46,7 @@ from urllib.parse import urlencode
 
 from _stack import (
     BENCH,
+    BENCH_LIMITS_ENV,
     App,
     Stack,
     check_database_url,
@@ -229,7 +230,7 @@ class Peers:
         if name == "countersign":
             env.update({"DJANGO_SETTINGS_MODULE": "config.settings", "DATABASE_URL": self.db[name],
                         "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
-                        "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{self.ports[name]}"})
+                        "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{self.ports[name]}", **BENCH_LIMITS_ENV})
             if self.args.redis_url:
                 env["REDIS_URL"] = self.args.redis_url
         elif name == "dot":
