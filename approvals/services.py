@@ -167,9 +167,12 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
     """The prompt reached the user's open inboxes: record the first delivery (audited) and schedule
     the window's on-time expiry. Safe to call again: only the first call records anything."""
+    if approval.delivered_at is not None:  # a redelivery: recorded already
+        return False
     with transaction.atomic():
-        first = ApprovalRequest.objects.filter(pk=approval.pk, delivered_at__isnull=True).update(
-            delivered_at=timezone.now())
+        first = rows.execute(f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
+                             [rows.param(ApprovalRequest, "delivered_at", timezone.now()),
+                              rows.param(ApprovalRequest, "id", approval.pk)])
         if first:
             audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
                          client_id=approval.agent.client_id, grant_id=approval.grant_id,
