@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from consent import rows
-from consent.models import Agent
+from consent.models import Agent, ScopePolicy
 
 from .models import ApprovalRequest
 
@@ -53,3 +53,34 @@ def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
     approval = rows.instance(ApprovalRequest, approval)
     approval.agent = rows.instance(Agent, agent)
     return approval
+
+
+_DECISION = rows.Columns(ApprovalRequest, "ap", [
+    "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details", "delivery_mode",
+    "expires_at"])
+_DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
+_DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds"])
+
+
+def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRequest, int] | None:
+    """The user's own request with its agent, and its scope's fresh-authentication window (0 for
+    none), in one statement; None if the user has no such request.
+
+    What this reads of the request never changes after it is created (its grant, agent, scope,
+    details); its status is shown only for the answer, the decision itself re-checks it.
+    """
+    try:
+        pk = rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
+    except ValueError:
+        return None
+    row = rows.fetchone(
+        f"SELECT {_DECISION.sql}, {_DECISION_AGENT.sql}, {_DECISION_POLICY.sql} FROM {rows.table(ApprovalRequest)} ap"
+        f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id"
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.id = %s AND ap.user_id = %s",
+        [pk, int(user_id)])
+    if row is None:
+        return None
+    approval, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
+    approval = rows.instance(ApprovalRequest, approval)
+    approval.agent = rows.instance(Agent, agent)
+    return approval, policy["fresh_auth_seconds"] or 0
