@@ -107,10 +107,18 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
 async def group_send_sequenced(layer, group: str, message: dict[str, Any]) -> int:
     """Number ``message`` and send it to the group as the frame every inbox gets.
 
-    The frame is encoded here, once, rather than by each of the user's open sockets.
+    The frame is encoded here, once, rather than by each of the user's open sockets. On the
+    inbox's own layer numbering and sending take two round trips to Redis
+    (``InboxChannelLayer.group_send_numbered``); any other Redis layer gets the INCR and a
+    ``group_send``.
     """
+    def build(seq: int) -> dict[str, Any]:
+        return {"type": message["type"], "seq": seq, "text": client_frame(message, seq)}
+
+    if hasattr(layer, "group_send_numbered"):
+        return await layer.group_send_numbered(group, build, sequence_ttl=SEQUENCE_TTL)
     seq = await sequence_next(layer, group)
-    await layer.group_send(group, {"type": message["type"], "seq": seq, "text": client_frame(message, seq)})
+    await layer.group_send(group, build(seq))
     return seq
 
 
