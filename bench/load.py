@@ -774,7 +774,8 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     book: WsBook = out["book"]
     wall = out["wall"]
     log(f"\nPostgreSQL backends on the bench database, peak: {monitor.peak.get('load', '?')} "
-        f"(pool {args.pool_size} per process, 2 web + 2 x {args.worker_concurrency} worker processes)")
+        f"(pool {args.pool_size} per process, 2 web, 2 ws and 2 worker processes, {args.worker_concurrency} "
+        f"task threads each)")
     log("\n[agents: reference flow]")
     log(f"  flows             {stats.flows_ok} ok, {stats.flows_failed} failed"
         + (f", {stats.skipped} not started (deadline)" if stats.skipped else "")
@@ -847,7 +848,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="agents per officer (the product allows 10 pending prompts per user)")
     p.add_argument("--idle-ws", type=int, default=2000, help="idle authenticated websockets (max 20000)")
     p.add_argument("--ws-open-concurrency", type=int, default=50, help="websockets being opened at once")
-    p.add_argument("--worker-concurrency", type=int, default=1, help="processes per Celery worker (2 workers)")
+    p.add_argument("--worker-concurrency", type=int, default=4,
+                   help="tasks at once per Celery worker (2 workers; threads, CELERY_WORKER_POOL)")
     p.add_argument("--pool-size", type=int, default=10, help="DATABASE_POOL_SIZE for every server process")
     p.add_argument("--channel-socket-timeout", type=float, default=0,
                    help="run the servers with the channel layer's Redis socket_timeout set to this (the fix "
