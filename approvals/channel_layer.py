@@ -30,6 +30,7 @@ messages and the capacity rule are channels_redis' own (``_group_key``,
 ``_map_channel_keys_to_connection``), so its receive side reads them unchanged.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -109,3 +110,62 @@ class InboxChannelLayer(RedisChannelLayer):
             if over:
                 log.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
         return seq
+
+    # --- receiving: one reader per process and loop, not a contest between every socket ---------
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message for ``channel``.
+
+        channels_redis makes every waiting consumer of a process contend for one receive lock:
+        each wait creates two tasks (the lock and the channel's buffer), and each message that
+        reaches a socket's buffer cancels them and starts the contest again. With a user's many
+        open tabs that was a quarter of the ws process's CPU per push (py-spy, bench/load.py).
+        Here one reader task per loop pulls the process's messages off Redis (channels_redis'
+        ``receive_single``, unchanged) into the per-channel buffers, and each consumer only waits
+        on its own buffer. If the reader fails (Redis went away), every waiting consumer gets the
+        error, as before, and the next receive starts a new reader.
+        """
+        if "!" not in channel:
+            return await super().receive(channel)
+        assert self.require_valid_channel_name(channel)
+        real_channel = self.non_local_name(channel)
+        assert real_channel.endswith(self.client_prefix + "!"), "Wrong client prefix"
+        self._start_reader(real_channel)
+        buffer = self.receive_buffer[channel]
+        try:
+            message = await buffer.get()
+        except asyncio.CancelledError:
+            self.receive_buffer.pop(channel, None)  # the consumer is gone
+            raise
+        if buffer.empty() and self.receive_buffer.get(channel) is buffer:
+            del self.receive_buffer[channel]
+        if isinstance(message, _ReaderFailed):
+            raise message.error
+        return message
+
+    def _start_reader(self, real_channel: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = getattr(self, "_reader", None)
+        if reader is not None and not reader.done() and reader.get_loop() is loop:
+            return
+        self._reader = loop.create_task(self._read(real_channel), name="inbox-channel-reader")
+
+    async def _read(self, real_channel: str) -> None:
+        try:
+            while True:
+                target, message = await self.receive_single(real_channel)
+                for chan in target if isinstance(target, list) else [target]:
+                    self.receive_buffer[chan].put_nowait(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting consumer
+            failed = _ReaderFailed(exc)
+            for buffer in list(self.receive_buffer.values()):
+                buffer.put_nowait(failed)
+
+
+class _ReaderFailed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
