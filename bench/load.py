@@ -638,6 +638,10 @@ def database_check(database_url: str) -> dict:
             "doubly_delivered": q("SELECT count(*) FROM (SELECT detail->>'approval_id' FROM audit_auditevent WHERE "
                                   "event = 'approval.delivered' GROUP BY 1 HAVING count(*) > 1) d"),
             "undelivered": q("SELECT count(*) FROM approvals_approvalrequest WHERE delivered_at IS NULL"),
+            # Server side of request -> prompt: the request's row created -> the worker's push recorded.
+            "delivery_lag_ms": [r[0] for r in conn.execute(
+                "SELECT extract(epoch FROM delivered_at - created) * 1000 FROM approvals_approvalrequest"
+                " WHERE delivered_at IS NOT NULL ORDER BY 1").fetchall()],
         }
 
 
@@ -821,6 +825,9 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     doubles = sum(1 for n in stats.redeemed.values() if n > 1) + db["doubly_issued"]
     consistent = db["tokens_redeemed"] == stats.flows_ok == len(stats.tokens) == db["redeemed_approvals"]
     log(f"  responses and rows agree: {'yes' if consistent else 'NO'}")
+    lag = [float(x) for x in db["delivery_lag_ms"]]
+    log(f"  request row created -> push recorded by the worker (server clocks): n={len(lag)}  "
+        f"p50 {percentile(lag, 50):.1f}  p90 {percentile(lag, 90):.1f}  p99 {percentile(lag, 99):.1f} ms")
 
     failed = bool(stats.errors.count or stats.skipped or doubles or not consistent)
     if failed:
@@ -832,7 +839,8 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
         + " ".join(f"{k}_p50_ms={percentile(lat[k], 50):.1f} {k}_p99_ms={percentile(lat[k], 99):.1f}"
                    for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow"))
         + f" idle_ws={n_ws} kib_per_ws={per_ws:.1f} ws_drops_per_s={out['drops_during_load'] / wall:.2f} "
-        f"double_tokens={doubles} "
+        f"double_tokens={doubles} delivery_lag_p50_ms={percentile(lag, 50):.1f} "
+        f"delivery_lag_p99_ms={percentile(lag, 99):.1f} "
         + "".join(f"{k}_cpu_ms_per_flow={v:.2f} " for k, v in cpu.per(stats.flows_ok).items() if v is not None)
         + f"client_cpu_ms_per_flow={1000 * cpu.client / stats.flows_ok if stats.flows_ok else 0:.2f} "
         f"cores={cores}")
