@@ -167,22 +167,10 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
 
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
     """The prompt reached the user's open inboxes: record the first delivery (audited) and schedule
-    the window's on-time expiry. Safe to call again: only the first call records anything.
-
-    On PostgreSQL this transaction commits without waiting for its WAL flush (``synchronous_commit``
-    off for it alone): the flush was most of a delivery task's wall time under load, and deliveries
-    queue behind each other in a worker. What a crash of PostgreSQL within the WAL writer's delay
-    (a fraction of a second) can lose is this record, whole: the row is then undelivered again, the
-    redelivery sweep pushes the prompt once more (the inbox updates it in place, keyed by id) and
-    records the delivery then. Every other transition commits synchronously as before, and a later
-    synchronous commit (e.g. the sealer linking this event) flushes this one first, WAL being
-    sequential, so nothing that depends on the record can outlive it.
-    """
+    the window's on-time expiry. Safe to call again: only the first call records anything."""
     if approval.delivered_at is not None:  # a redelivery: recorded already
         return False
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            rows.execute("SET LOCAL synchronous_commit TO OFF")
         first = rows.execute(f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
                              [rows.param(ApprovalRequest, "delivered_at", timezone.now()),
                               rows.param(ApprovalRequest, "id", approval.pk)])
