@@ -23,8 +23,9 @@ class _Connection:
 def _fixup_with(conn, monkeypatch) -> WorkerFixup:
     fixup = WorkerFixup(app)
     fixup.worker = SimpleNamespace(pool_cls="celery.concurrency.prefork:TaskPool")
-    monkeypatch.setattr(fixup, "_db", SimpleNamespace(
-        connections=SimpleNamespace(all=lambda initialized_only=False: [conn])))
+    monkeypatch.setattr(
+        fixup, "_db", SimpleNamespace(connections=SimpleNamespace(all=lambda initialized_only=False: [conn]))
+    )
     fixup._settings = SimpleNamespace(DATABASES={"default": {"OPTIONS": {"pool": {"min_size": 1}}}})
     return fixup
 
