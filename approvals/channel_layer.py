@@ -18,12 +18,55 @@ itself stops answering.
 
 One connection per loop stays checked out by the receive loop's blocking BZPOPMIN (up to
 ``brpop_timeout``, 5 s): the pool must hold more than one.
+
+``group_send_numbered`` is the inbox's send (``approvals.delivery``): a numbered message to a
+group in two round trips to Redis instead of five. channels_redis' ``group_send`` makes four (drop
+aged-out members, read the members, drop expired messages of each channel key, the capacity-checked
+ZADD script), and numbering the message was one more. Under load a worker's delivery task spent
+most of its wall time waiting on those round trips, and deliveries queued behind it. Here one
+script numbers the message and reads the group's current members, and one script per shard drops
+each key's expired messages and adds the new one within capacity. The keys, the serialized
+messages and the capacity rule are channels_redis' own (``_group_key``,
+``_map_channel_keys_to_connection``), so its receive side reads them unchanged.
 """
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+# KEYS: the sequence, the group. ARGV: the sequence's TTL, the score below which members aged out.
+_NUMBER_AND_READ = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[2])
+return {seq, redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+
+# channels_redis' group-send script, each key's expired messages dropped first (its separate pipeline).
+# KEYS: channel keys. ARGV: a message per key, a capacity per key, now, expiry, the expired-before score.
+_SEND = """
+local over_capacity = 0
+local current_time = ARGV[#ARGV - 2]
+local expiry = ARGV[#ARGV - 1]
+local expired = ARGV[#ARGV]
+for i=1,#KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, expired)
+    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + #KEYS]) then
+        redis.call('ZADD', KEYS[i], current_time, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    else
+        over_capacity = over_capacity + 1
+    end
+end
+return over_capacity
+"""
 
 
 class InboxChannelLayer(RedisChannelLayer):
@@ -41,3 +84,88 @@ class InboxChannelLayer(RedisChannelLayer):
         address = host.pop("address")
         return aioredis.BlockingConnectionPool.from_url(
             address, max_connections=self.pool_size, timeout=self.pool_timeout, **host)
+
+    def sequence_key(self, group: str) -> str:
+        """The per-user counter beside the group (same shard): see approvals.delivery."""
+        return f"{self.prefix}:seq:{group}"
+
+    async def group_send_numbered(self, group: str, build: Callable[[int], dict[str, Any]], *,
+                                  sequence_ttl: int) -> int:
+        """Number the next message of ``group`` and send ``build(seq)`` to its members; returns ``seq``."""
+        assert self.require_valid_group_name(group), "Group name not valid"
+        connection = self.connection(self.consistent_hash(group))
+        seq, members = await connection.eval(
+            _NUMBER_AND_READ, 2, self.sequence_key(group), self._group_key(group), sequence_ttl,
+            int(time.time()) - self.group_expiry)
+        seq = int(seq)
+        channel_names = [m.decode("utf8") for m in members]
+        if not channel_names:
+            return seq
+        by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, build(seq))
+        for index, keys in by_connection.items():
+            now = time.time()
+            over = await self.connection(index).eval(
+                _SEND, len(keys), *keys, *(messages[k] for k in keys), *(capacities[k] for k in keys),
+                now, self.expiry, int(now) - int(self.expiry))
+            if over:
+                log.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
+        return seq
+
+    # --- receiving: one reader per process and loop, not a contest between every socket ---------
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message for ``channel``.
+
+        channels_redis makes every waiting consumer of a process contend for one receive lock:
+        each wait creates two tasks (the lock and the channel's buffer), and each message that
+        reaches a socket's buffer cancels them and starts the contest again. With a user's many
+        open tabs that was a quarter of the ws process's CPU per push (py-spy, bench/load.py).
+        Here one reader task per loop pulls the process's messages off Redis (channels_redis'
+        ``receive_single``, unchanged) into the per-channel buffers, and each consumer only waits
+        on its own buffer. If the reader fails (Redis went away), every waiting consumer gets the
+        error, as before, and the next receive starts a new reader.
+        """
+        if "!" not in channel:
+            return await super().receive(channel)
+        assert self.require_valid_channel_name(channel)
+        real_channel = self.non_local_name(channel)
+        assert real_channel.endswith(self.client_prefix + "!"), "Wrong client prefix"
+        self._start_reader(real_channel)
+        buffer = self.receive_buffer[channel]
+        try:
+            message = await buffer.get()
+        except asyncio.CancelledError:
+            self.receive_buffer.pop(channel, None)  # the consumer is gone
+            raise
+        if buffer.empty() and self.receive_buffer.get(channel) is buffer:
+            del self.receive_buffer[channel]
+        if isinstance(message, _ReaderFailed):
+            raise message.error
+        return message
+
+    def _start_reader(self, real_channel: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = getattr(self, "_reader", None)
+        if reader is not None and not reader.done() and reader.get_loop() is loop:
+            return
+        self._reader = loop.create_task(self._read(real_channel), name="inbox-channel-reader")
+
+    async def _read(self, real_channel: str) -> None:
+        try:
+            while True:
+                target, message = await self.receive_single(real_channel)
+                for chan in target if isinstance(target, list) else [target]:
+                    self.receive_buffer[chan].put_nowait(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting consumer
+            failed = _ReaderFailed(exc)
+            for buffer in list(self.receive_buffer.values()):
+                buffer.put_nowait(failed)
+
+
+class _ReaderFailed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error

@@ -123,9 +123,15 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(self.group, self.channel_name)
             self.joined_at = time.monotonic()
 
-    async def approval_upsert(self, event):
-        await self.send_json({"type": "upsert", "seq": event["seq"], "prompt": event["prompt"]})
+    async def dispatch(self, message):
+        # Channels closes stale database connections before every handler, through a hop to a
+        # worker thread and back. A push touches no database: it goes straight to the socket.
+        # The frame arrives encoded once for all of the user's sockets (delivery.client_frame).
+        # Everything else (the socket's own events) keeps Channels' dispatch.
+        if message["type"] in _PUSHES:
+            await self.send(text_data=message["text"])
+            return
+        await super().dispatch(message)
 
-    async def approval_remove(self, event):
-        await self.send_json({"type": "remove", "seq": event["seq"], "id": event["id"],
-                              "status": event["status"], "label": event.get("label", "")})
+
+_PUSHES = frozenset({"approval.upsert", "approval.remove"})

@@ -1,5 +1,11 @@
+from typing import Any
+from uuid import UUID
+
 from django.db.models import QuerySet
 from django.utils import timezone
+
+from consent import rows
+from consent.models import Agent, ScopePolicy
 
 from .models import ApprovalRequest
 
@@ -18,3 +24,63 @@ def history_for_user(*, user, limit: int = 50) -> QuerySet[ApprovalRequest]:
 
 def pending_count(*, user) -> int:
     return pending_for_user(user=user).count()
+
+
+# --- what the delivery tasks read (one hand-written statement each, consent.rows) -----------------
+
+_PUSH = rows.Columns(ApprovalRequest, "ap", [
+    "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details",
+    "binding_message", "created", "expires_at", "delivered_at"])
+_PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
+
+
+def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
+    """The request and the agent fields its prompt shows, in one statement; None if there is none.
+
+    A delivery task runs this for every prompt and removal it carries; through the ORM the same
+    read spent most of the task's CPU compiling the query (py-spy, bench/load.py).
+    """
+    try:
+        pk = rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
+    except ValueError:
+        return None
+    row = rows.fetchone(
+        f"SELECT {_PUSH.sql}, {_PUSH_AGENT.sql} FROM {rows.table(ApprovalRequest)} ap"
+        f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id WHERE ap.id = %s", [pk])
+    if row is None:
+        return None
+    approval, agent = rows.split(row, _PUSH, _PUSH_AGENT)
+    approval = rows.instance(ApprovalRequest, approval)
+    approval.agent = rows.instance(Agent, agent)
+    return approval
+
+
+_DECISION = rows.Columns(ApprovalRequest, "ap", [
+    "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details", "delivery_mode",
+    "expires_at"])
+_DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
+_DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds"])
+
+
+def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRequest, int] | None:
+    """The user's own request with its agent, and its scope's fresh-authentication window (0 for
+    none), in one statement; None if the user has no such request.
+
+    What this reads of the request never changes after it is created (its grant, agent, scope,
+    details); its status is shown only for the answer, the decision itself re-checks it.
+    """
+    try:
+        pk = rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
+    except ValueError:
+        return None
+    row = rows.fetchone(
+        f"SELECT {_DECISION.sql}, {_DECISION_AGENT.sql}, {_DECISION_POLICY.sql} FROM {rows.table(ApprovalRequest)} ap"
+        f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id"
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.id = %s AND ap.user_id = %s",
+        [pk, int(user_id)])
+    if row is None:
+        return None
+    approval, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
+    approval = rows.instance(ApprovalRequest, approval)
+    approval.agent = rows.instance(Agent, agent)
+    return approval, policy["fresh_auth_seconds"] or 0

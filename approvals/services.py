@@ -43,6 +43,7 @@ from .errors import (
     TooManyPending,
 )
 from .models import ActionToken, ApprovalRequest
+from .selectors import approval_for_decision
 from .tokens import action_claims, mint
 
 Status = ApprovalRequest.Status
@@ -188,9 +189,12 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
     """The prompt reached the user's open inboxes: record the first delivery (audited) and schedule
     the window's on-time expiry. Safe to call again: only the first call records anything."""
+    if approval.delivered_at is not None:  # a redelivery: recorded already
+        return False
     with transaction.atomic():
-        first = ApprovalRequest.objects.filter(pk=approval.pk, delivered_at__isnull=True).update(
-            delivered_at=timezone.now())
+        first = rows.execute(f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
+                             [rows.param(ApprovalRequest, "delivered_at", timezone.now()),
+                              rows.param(ApprovalRequest, "id", approval.pk)])
         if first:
             audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
                          client_id=approval.agent.client_id, grant_id=approval.grant_id,
@@ -202,29 +206,46 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
 # --- the user's decision ----------------------------------------------------------------------
 
 
-def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any], request=None) -> ApprovalRequest:
+_GRANT_LIVE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
+_AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
+
+
+def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any], request=None,
+            approval: ApprovalRequest | None = None) -> ApprovalRequest:
+    """PENDING -> APPROVED or DENIED, decided by one conditional UPDATE under the grant's lock.
+
+    ``approval`` is the request as ``selectors.approval_for_decision`` read it for this user (the
+    inbox view has it already); only its fixed fields (grant, agent, scope, details) are used.
+    """
+    if approval is None:
+        found = approval_for_decision(approval_id=approval_id, user_id=user.pk)
+        if found is None:
+            raise ApprovalNotFound(str(approval_id))
+        approval = found[0]
+    elif approval.user_id != user.pk:
+        raise ApprovalNotFound(str(approval_id))
     now = timezone.now()
     with transaction.atomic():
         # Locks in one global order, the grant before its approval, as grant_revoke takes them
         # (it cancels the grant's approvals with the grant locked); approving an extension
         # updates the grant, so locking the approval first could deadlock with a revocation.
-        grant_id = ApprovalRequest.objects.filter(pk=approval_id, user=user).values_list("grant_id", flat=True).first()
-        if grant_id is None:
-            raise ApprovalNotFound(str(approval_id))
         # FOR UPDATE, as grant_extend takes it: no lock upgrade later in this transaction.
-        list(SessionGrant.objects.select_for_update().filter(pk=grant_id).values_list("pk", flat=True))
-        # Lock the row, then check: an UPDATE filtered through joins would not re-check the
-        # status of a row another transaction changed meanwhile (PostgreSQL READ COMMITTED).
-        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent", "grant")
-                    .filter(pk=approval_id, user=user).first())
-        if approval is None:
-            raise ApprovalNotFound(str(approval_id))
-        decidable = (approval.status == Status.PENDING and approval.expires_at > now
-                     and approval.grant.is_live(now) and approval.agent.status == Agent.Status.ACTIVE)
-        if not decidable:
-            raise ApprovalNotPending(approval.status)
-        ApprovalRequest.objects.filter(pk=approval.pk, status=Status.PENDING).update(
-            status=to, decided_at=now, decided_by=user, decision_method=method, decision_auth=auth)
+        row = rows.fetchone(f"SELECT {_GRANT_LIVE.sql} FROM {rows.table(SessionGrant)} g WHERE g.id = %s"
+                            + rows.for_update("g"), [rows.param(SessionGrant, "id", approval.grant_id)])
+        grant = _GRANT_LIVE.load(row) if row is not None else None
+        live = grant is not None and grant["status"] == SessionGrant.Status.ACTIVE and grant["expires_at"] > now
+        # The row count decides: the UPDATE re-checks the request's own status and window on the
+        # row it locks (a concurrent decision, expiry or cancellation makes it match nothing).
+        decided = live and rows.execute(
+            f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
+            f" decision_auth = %s WHERE id = %s AND user_id = %s AND status = %s AND expires_at > %s"
+            f" AND agent_id IN ({_AGENT_ACTIVE})",
+            [to, rows.param(ApprovalRequest, "decided_at", now), user.pk, method,
+             rows.param(ApprovalRequest, "decision_auth", auth), rows.param(ApprovalRequest, "id", approval.pk),
+             user.pk, Status.PENDING, rows.param(ApprovalRequest, "expires_at", now), Agent.Status.ACTIVE]) == 1
+        if not decided:
+            raise ApprovalNotPending(
+                ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first())
         approval.status = to
         if to == Status.APPROVED and approval.scope == EXTEND_SCOPE:
             grant_extend(grant_id=approval.grant_id, seconds=approval.authorization_details[0]["seconds"],
@@ -239,14 +260,16 @@ def _auth_dict(auth: AuthContext) -> dict[str, Any]:
     return {"auth_time": int(auth.auth_time.timestamp()), "amr": list(auth.amr), "acr": auth.acr}
 
 
-def approval_approve(*, approval_id: Any, user, auth: AuthContext, request=None) -> ApprovalRequest:
+def approval_approve(*, approval_id: Any, user, auth: AuthContext, request=None,
+                     approval: ApprovalRequest | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, to=Status.APPROVED, method="browser",
-                   auth=_auth_dict(auth), request=request)
+                   auth=_auth_dict(auth), request=request, approval=approval)
 
 
-def approval_deny(*, approval_id: Any, user, auth: AuthContext, request=None) -> ApprovalRequest:
+def approval_deny(*, approval_id: Any, user, auth: AuthContext, request=None,
+                  approval: ApprovalRequest | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, to=Status.DENIED, method="browser",
-                   auth=_auth_dict(auth), request=request)
+                   auth=_auth_dict(auth), request=request, approval=approval)
 
 
 def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, request=None) -> None:

@@ -15,6 +15,7 @@ from audit.services import audit_record
 
 from .delivery import prompt_payload, send_to_user
 from .models import ApprovalRequest
+from .selectors import approval_for_push
 from .services import (
     approval_expire,
     approval_mark_delivered,
@@ -34,7 +35,7 @@ def _backoff(task) -> int:
 @shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
              retry_backoff_max=30, ignore_result=True)
 def deliver_prompt(self, approval_id: str) -> None:
-    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id).first()
+    approval = approval_for_push(approval_id=approval_id)
     if approval is None or not approval.is_pending:
         return
     try:
@@ -47,7 +48,7 @@ def deliver_prompt(self, approval_id: str) -> None:
 @shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,
              retry_backoff_max=30, ignore_result=True)
 def push_removal(self, approval_id: str) -> None:
-    approval = ApprovalRequest.objects.filter(pk=approval_id).first()
+    approval = approval_for_push(approval_id=approval_id)
     if approval is None or approval.status == ApprovalRequest.Status.PENDING:
         return
     try:

@@ -18,7 +18,6 @@ from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
-from consent.models import ScopePolicy
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
@@ -27,7 +26,7 @@ from limits import attempts
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
-from .selectors import history_for_user, pending_for_user
+from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
     action_token_redeem,
     action_token_verify,
@@ -47,27 +46,27 @@ def inbox_view(request):
     })
 
 
-def _needs_fresh_auth(request, approval: ApprovalRequest) -> bool:
-    policy = ScopePolicy.objects.filter(name=approval.scope).first()
-    if policy is None or not policy.fresh_auth_seconds:
+def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
+    if not fresh_auth_seconds:
         return False
     auth_time = request.session.get(SESSION_AUTH_TIME) or 0
-    return time.time() - auth_time > policy.fresh_auth_seconds
+    return time.time() - auth_time > fresh_auth_seconds
 
 
-def _owned(request, approval_id) -> ApprovalRequest:
-    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id, user=request.user).first()
-    if approval is None:
+def _owned(request, approval_id) -> tuple[ApprovalRequest, int]:
+    """The user's own request and its scope's fresh-authentication window (one statement), or 404."""
+    found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
+    if found is None:
         approval_audit_refused_decision(approval_id=approval_id, user=request.user, reason="not the owner",
                                         request=request)
         raise Http404("No such approval request.")
-    return approval
+    return found
 
 
-def _decide(request, approval_id, decide, verb: str):
-    approval = _owned(request, approval_id)
+def _decide(request, approval, decide, verb: str):
     try:
-        decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request)
+        decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,
+               approval=approval)
     except ApprovalNotFound as exc:
         raise Http404("No such approval request.") from exc
     except ApprovalNotPending:
@@ -83,16 +82,16 @@ def _decide(request, approval_id, decide, verb: str):
 @login_required
 @post_only
 def approve_view(request, approval_id):
-    approval = _owned(request, approval_id)
-    if approval.is_pending and _needs_fresh_auth(request, approval):
+    approval, fresh_auth_seconds = _owned(request, approval_id)
+    if approval.is_pending and _needs_fresh_auth(request, fresh_auth_seconds):
         return redirect(f"/approvals/{approval.pk}/confirm/")
-    return _decide(request, approval_id, approval_approve, "approve")
+    return _decide(request, approval, approval_approve, "approve")
 
 
 @login_required
 @post_only
 def deny_view(request, approval_id):
-    return _decide(request, approval_id, approval_deny, "deny")
+    return _decide(request, _owned(request, approval_id)[0], approval_deny, "deny")
 
 
 class ConfirmForm(forms.Form):
@@ -106,7 +105,7 @@ def confirm_view(request, approval_id):
     Attempts are limited per user and per source (``limits.attempts``, kind ``fresh_auth``): while
     locked, the secret is not checked at all, and the page says when to try again.
     """
-    approval = _owned(request, approval_id)
+    approval = _owned(request, approval_id)[0]
     device = TOTPDevice.objects.devices_for_user(request.user, confirmed=True).first()
     label = "Code from your authenticator app" if device else "Your password"
     form = ConfirmForm(request.POST or None)
@@ -128,7 +127,7 @@ def confirm_view(request, approval_id):
             previous = [m for m in (request.session.get(SESSION_AMR) or ["pwd"]) if m not in amr]
             request.session[SESSION_AMR] = previous + amr
             request.session[SESSION_AUTH_TIME] = time.time()
-            return _decide(request, approval_id, approval_approve, "approve")
+            return _decide(request, approval, approval_approve, "approve")
         audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=actor,
                       user_id=request.user.pk, request=request, detail={"approval_id": str(approval.pk)})
         if wait := attempts.failed("fresh_auth", keys, request=request, actor=actor, user_id=request.user.pk):

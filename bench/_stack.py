@@ -14,6 +14,7 @@ Linux only for the CPU figures (``/proc``); elsewhere they print as n/a.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib.util
 import json
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -600,3 +601,107 @@ class ConnectionMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+# --- a lean HTTP/1.1 client for load generators --------------------------------------------------
+
+
+class HttpResponse:
+    """What the benchmarks read of a response: status, headers (lower-case names), body."""
+
+    __slots__ = ("status_code", "headers", "content")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes):
+        self.status_code, self.headers, self.content = status_code, headers, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+class StaleConnection(Exception):
+    """A kept-alive connection the server had closed before this request reached it."""
+
+
+class LeanHttp:
+    """POSTs over kept-alive HTTP/1.1 connections to one loopback server, on asyncio streams.
+
+    httpx costs a load generator more CPU per request than the server spends answering it (its
+    pool, auth and stream layers; and without ``sniffio`` installed httpcore retries that import on
+    every call), so a load generator built on it measures itself. This does only what the load
+    phase needs: form-encoded POSTs with fixed headers, a response with Content-Length or chunked
+    body, no redirects followed, no cookie jar. A request that finds its reused connection closed
+    by the server before any response byte (the keep-alive race) is sent once more on a new
+    connection and counted in ``resent``.
+    """
+
+    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None, timeout: float = 60,
+                 max_idle: int = 1000):
+        parsed = urlparse(base_url)
+        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.timeout, self.max_idle = timeout, max_idle
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {
+            "Host": f"{self.host}:{self.port}", **(headers or {})}.items())
+        self._idle: list[tuple] = []
+        self.resent = 0
+
+    async def post(self, path: str, *, data: dict[str, str] | None = None,
+                   headers: dict[str, str] | None = None) -> HttpResponse:
+        body = urlencode(data or {}).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        request = (f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/x-www-form-urlencoded"
+                   f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        async with asyncio.timeout(self.timeout):
+            if self._idle:
+                try:
+                    return await self._exchange(self._idle.pop(), request, reused=True)
+                except StaleConnection:
+                    self.resent += 1
+            return await self._exchange(await asyncio.open_connection(self.host, self.port), request,
+                                        reused=False)
+
+    async def _exchange(self, conn: tuple, request: bytes, *, reused: bool) -> HttpResponse:
+        reader, writer = conn
+        try:
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if reused and not getattr(exc, "partial", b""):
+                    raise StaleConnection() from exc
+                raise
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            if "content-length" in headers:
+                content = await reader.readexactly(int(headers["content-length"]))
+            elif headers.get("transfer-encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    chunks.append(await reader.readexactly(size + 2))
+                    if size == 0:
+                        break
+                content = b"".join(c[:-2] for c in chunks)
+            else:
+                content = await reader.read()
+                headers["connection"] = "close"
+        except BaseException:
+            writer.close()
+            raise
+        if headers.get("connection", "").lower() == "close" or len(self._idle) >= self.max_idle:
+            writer.close()
+        else:
+            self._idle.append(conn)
+        return HttpResponse(status, headers, content)
+
+    async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()

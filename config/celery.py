@@ -10,7 +10,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # (config/celery_broker.py); URLs, logs and every other behaviour stay the stock transport's.
 TRANSPORT_ALIASES["redis"] = "config.celery_broker:Transport"
 
-app = Celery("countersign")
+# Django's fix-up, but each worker process keeps its database pool between tasks (config/celery_fixup.py).
+app = Celery("countersign", fixups=["config.celery_fixup:fixup"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

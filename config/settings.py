@@ -240,6 +240,11 @@ CELERY_TASK_ACKS_LATE = True
 # idempotent, so a redelivery is harmless.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "900"))}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Threads, not forked processes: every task here waits on PostgreSQL and Redis for most of its
+# time (a delivery is a read, two Redis scripts and a small transaction), so a worker process
+# runs --concurrency tasks at once on threads with one database pool and one channel-layer loop,
+# without prefork's pipe and pickling per task. CELERY_WORKER_POOL=prefork restores the default.
+CELERY_WORKER_POOL = os.environ.get("CELERY_WORKER_POOL", "threads")
 CELERY_TASK_DEFAULT_QUEUE = "countersign"
 CELERY_BEAT_SCHEDULE = {
     "grants-expire": {"task": "consent.tasks.grants_expire", "schedule": 30.0},
