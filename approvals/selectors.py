@@ -34,15 +34,22 @@ _PUSH = rows.Columns(ApprovalRequest, "ap", [
 _PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
 
 
+def _pk(approval_id: Any) -> Any:
+    """An approval id from outside (a task argument, a URL) as the database wants it; None if malformed."""
+    try:
+        return rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
+    except ValueError:
+        return None
+
+
 def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
     """The request and the agent fields its prompt shows, in one statement; None if there is none.
 
     A delivery task runs this for every prompt and removal it carries; through the ORM the same
     read spent most of the task's CPU compiling the query (py-spy, bench/load.py).
     """
-    try:
-        pk = rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
-    except ValueError:
+    pk = _pk(approval_id)
+    if pk is None:
         return None
     row = rows.fetchone(
         f"SELECT {_PUSH.sql}, {_PUSH_AGENT.sql} FROM {rows.table(ApprovalRequest)} ap"
@@ -69,9 +76,8 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRe
     What this reads of the request never changes after it is created (its grant, agent, scope,
     details); its status is shown only for the answer, the decision itself re-checks it.
     """
-    try:
-        pk = rows.param(ApprovalRequest, "id", UUID(str(approval_id)))
-    except ValueError:
+    pk = _pk(approval_id)
+    if pk is None:
         return None
     row = rows.fetchone(
         f"SELECT {_DECISION.sql}, {_DECISION_AGENT.sql}, {_DECISION_POLICY.sql} FROM {rows.table(ApprovalRequest)} ap"

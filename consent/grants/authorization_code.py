@@ -27,7 +27,6 @@ from django.utils import timezone
 from .. import rows
 from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
 from ..models import Agent, AuthorizationCode, SessionGrant
-from ..oauth.client_auth import authenticate
 from ..services import grant_revoke
 from .issue import TokenRequest, credential_row, issue_session_token, live_grant
 
@@ -69,13 +68,7 @@ def _default_redirect_uri(agent: Agent) -> str:
 def _exchange(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
               now) -> dict[str, Any] | None:
     """Check the request against the code as read; issue. None when the code was taken meanwhile."""
-    if found is None or found[2].client_id != req.credentials.client_id:
-        # Unknown here, or another agent's code: which error depends on who is asking.
-        req.authenticate()
-        raise InvalidGrant(reason="unknown authorization code")
-    code_row, grant, agent = found
-    req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
-    req.check_agent_key()
+    code_row, grant, agent = req.authenticate_holder(found, unknown="unknown authorization code")
     if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:
         raise UnauthorizedClient(reason="agent not registered for the authorization code grant")
     if code_row["consumed_at"] is not None:

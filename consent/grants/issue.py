@@ -20,9 +20,9 @@ from typing import Any
 from audit.services import audit_event
 
 from .. import rows
-from ..errors import InvalidClient
+from ..errors import InvalidClient, InvalidGrant
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate_request
+from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate, authenticate_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
 from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
@@ -77,6 +77,21 @@ class TokenRequest:
         self.agent = authenticate_request(self.credentials, endpoint_url=self.uri)
         self.check_agent_key()
         return self.agent
+
+    def authenticate_holder(self, found: tuple[dict[str, Any], SessionGrant, Agent] | None, *,
+                            unknown: str) -> tuple[dict[str, Any], SessionGrant, Agent]:
+        """Authenticate the client as the agent a credential's row (``credential_row``) names.
+
+        A credential that is unknown, or another agent's, is ``invalid_grant`` (``unknown`` is the
+        reason), but only once the client has authenticated against the registry: which error a
+        request gets depends on who is asking (RFC 6749 §5.2).
+        """
+        if found is None or found[2].client_id != self.credentials.client_id:
+            self.authenticate()
+            raise InvalidGrant(reason=unknown)
+        self.agent = authenticate(self.credentials, found[2], endpoint_url=self.uri)
+        self.check_agent_key()
+        return found
 
     def check_agent_key(self) -> None:
         check_agent_key(self.dpop_jkt, self.agent)

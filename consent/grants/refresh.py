@@ -25,7 +25,6 @@ from audit.services import audit_record
 from .. import rows
 from ..errors import InvalidGrant, InvalidRequest, InvalidScope
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import authenticate
 from ..services import grant_revoke
 from ..tokens import token_checksum
 from .issue import TokenRequest, credential_row, issue_session_token, live_grant
@@ -59,12 +58,7 @@ def _rotation(rt: dict[str, Any], grant: SessionGrant, now) -> rows.Batch:
 def _refresh(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
              now) -> dict[str, Any] | None:
     """Check the request against the refresh token as read; rotate. None when it was rotated meanwhile."""
-    if found is None or found[2].client_id != req.credentials.client_id:
-        req.authenticate()
-        raise InvalidGrant(reason="unknown refresh token")
-    rt, grant, agent = found
-    req.agent = authenticate(req.credentials, agent, endpoint_url=req.uri)
-    req.check_agent_key()
+    rt, grant, agent = req.authenticate_holder(found, unknown="unknown refresh token")
     if rt["revoked"] is not None:
         raise _Reused(rt, grant, agent)
     if agent.refresh_mode != Agent.RefreshMode.ROTATING:
