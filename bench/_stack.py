@@ -40,8 +40,13 @@ BENCH = Path(__file__).resolve().parent
 # with limits no benchmark reaches: one load generator on 127.0.0.1 is one "source" and a handful of
 # "clients", far past what a deployment allows any single one of them.
 _UNREACHABLE = [10**9, 60]
-BENCH_LIMITS_ENV = {"COUNTERSIGN_RATE_LIMITS": json.dumps({
-    "all": {"paths": ["/"], "client": _UNREACHABLE, "user": _UNREACHABLE, "source": _UNREACHABLE}})}
+# Likewise the prompts-per-window caps: a benchmark's officer answers thousands of prompts in minutes.
+BENCH_LIMITS_ENV = {
+    "COUNTERSIGN_RATE_LIMITS": json.dumps({
+        "all": {"paths": ["/"], "client": _UNREACHABLE, "user": _UNREACHABLE, "source": _UNREACHABLE}}),
+    "COUNTERSIGN_MAX_PROMPTS_PER_USER_IN_WINDOW": str(10**9),
+    "COUNTERSIGN_MAX_PROMPTS_PER_AGENT_IN_WINDOW": str(10**9),
+}
 BIN = Path(sys.executable).parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

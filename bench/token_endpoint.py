@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import httpx
 from _stack import (
+    BENCH_LIMITS_ENV,
     CpuUsage,
     Stack,
     check_database_url,
@@ -368,6 +369,7 @@ class Bench:
             "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{port}",
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
+            **BENCH_LIMITS_ENV,
         })
         if self.args.redis_url:
             env["REDIS_URL"] = self.args.redis_url

@@ -298,7 +298,8 @@ COUNTERSIGN = {
 for _name in ("RATE_LIMITS", "ATTEMPT_LIMITS"):
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = json.loads(os.environ[f"COUNTERSIGN_{_name}"])
-for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS"):
+for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS", "MAX_PROMPTS_PER_USER_IN_WINDOW",
+              "MAX_PROMPTS_PER_AGENT_IN_WINDOW"):
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = int(os.environ[f"COUNTERSIGN_{_name}"])
 
