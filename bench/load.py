@@ -644,6 +644,12 @@ def database_check(database_url: str) -> dict:
             "delivery_lag_ms": [r[0] for r in conn.execute(
                 "SELECT extract(epoch FROM delivered_at - created) * 1000 FROM approvals_approvalrequest"
                 " WHERE delivered_at IS NOT NULL ORDER BY 1").fetchall()],
+            # Audit seal lag (the sealer's goal: p99 under 2 s): event written -> linked into the chain.
+            "seal_lag_ms": [r[0] for r in conn.execute(
+                "SELECT extract(epoch FROM l.sealed_at - e.occurred_at) * 1000 FROM audit_auditlink l"
+                " JOIN audit_auditevent e ON e.id = l.event_id ORDER BY 1").fetchall()],
+            "unsealed": q("SELECT count(*) FROM audit_auditevent e WHERE NOT EXISTS"
+                          " (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)"),
         }
 
 
@@ -830,6 +836,10 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     lag = [float(x) for x in db["delivery_lag_ms"]]
     log(f"  request row created -> push recorded by the worker (server clocks): n={len(lag)}  "
         f"p50 {percentile(lag, 50):.1f}  p90 {percentile(lag, 90):.1f}  p99 {percentile(lag, 99):.1f} ms")
+    seal = [float(x) for x in db["seal_lag_ms"]]
+    log(f"  audit event written -> sealed into the chain: n={len(seal)}  p50 {percentile(seal, 50):.1f}  "
+        f"p99 {percentile(seal, 99):.1f}  max {max(seal, default=0):.1f} ms; not yet sealed at the end "
+        f"{db['unsealed']}")
 
     failed = bool(stats.errors.count or stats.skipped or doubles or not consistent)
     if failed:
@@ -842,7 +852,8 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
                    for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow"))
         + f" idle_ws={n_ws} kib_per_ws={per_ws:.1f} ws_drops_per_s={out['drops_during_load'] / wall:.2f} "
         f"double_tokens={doubles} delivery_lag_p50_ms={percentile(lag, 50):.1f} "
-        f"delivery_lag_p99_ms={percentile(lag, 99):.1f} "
+        f"delivery_lag_p99_ms={percentile(lag, 99):.1f} seal_lag_p50_ms={percentile(seal, 50):.1f} "
+        f"seal_lag_p99_ms={percentile(seal, 99):.1f} "
         + "".join(f"{k}_cpu_ms_per_flow={v:.2f} " for k, v in cpu.per(stats.flows_ok).items() if v is not None)
         + f"client_cpu_ms_per_flow={1000 * cpu.client / stats.flows_ok if stats.flows_ok else 0:.2f} "
         f"cores={cores}")
