@@ -625,7 +625,7 @@ async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, d
             fail("http", f"{type(exc).__name__}: {exc}")
 
 
-def database_check(database_url: str) -> dict:
+def database_check(database_url: str, agents_started: float) -> dict:
     import psycopg
 
     with psycopg.connect(database_url, connect_timeout=10) as conn:
@@ -644,10 +644,19 @@ def database_check(database_url: str) -> dict:
             "delivery_lag_ms": [r[0] for r in conn.execute(
                 "SELECT extract(epoch FROM delivered_at - created) * 1000 FROM approvals_approvalrequest"
                 " WHERE delivered_at IS NOT NULL ORDER BY 1").fetchall()],
-            # Audit seal lag (the sealer's goal: p99 under 2 s): event written -> linked into the chain.
+            # Audit seal lag (the sealer's goal: p99 under 2 s): event written -> linked into the chain, for
+            # the events of the agents' phase (the setup's were written before the sealer started).
             "seal_lag_ms": [r[0] for r in conn.execute(
                 "SELECT extract(epoch FROM l.sealed_at - e.occurred_at) * 1000 FROM audit_auditlink l"
-                " JOIN audit_auditevent e ON e.id = l.event_id ORDER BY 1").fetchall()],
+                " JOIN audit_auditevent e ON e.id = l.event_id WHERE e.occurred_at >= to_timestamp(%s)"
+                " ORDER BY 1", [agents_started]).fetchall()],
+            # Where the longest waits were: the events with the largest lag, and when they were written.
+            "seal_lag_worst": conn.execute(
+                "SELECT e.event, round(extract(epoch FROM l.sealed_at - e.occurred_at) * 1000),"
+                " round(extract(epoch FROM e.occurred_at - to_timestamp(%s)) * 1000)"
+                " FROM audit_auditlink l JOIN audit_auditevent e ON e.id = l.event_id"
+                " WHERE e.occurred_at >= to_timestamp(%s)"
+                " ORDER BY l.sealed_at - e.occurred_at DESC LIMIT 5", [agents_started, agents_started]).fetchall(),
             "unsealed": q("SELECT count(*) FROM audit_auditevent e WHERE NOT EXISTS"
                           " (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)"),
         }
@@ -726,6 +735,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         sampler = LockSampler(args.database_url)
         sampler.start()
         t0 = time.perf_counter()
+        out["agents_started"] = time.time()  # wall clock, for the server-side figures of this phase
         await asyncio.gather(*(agent_flows(i, agent, officers[agent["user"]], lean["AB"[i % 2]], data, args,
                                            stats) for i, agent in enumerate(data["agents"])))
         out["wall"] = time.perf_counter() - t0
@@ -775,7 +785,7 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
         log("\nphase 1: sign-ins and code exchanges")
         out = asyncio.run(run_load(rig, data, args))
         monitor.stop()
-        db = database_check(args.database_url)
+        db = database_check(args.database_url, out["agents_started"])
         logs = "\n".join(f"--- {n} (tail)\n{stack.log_tail(n, 3000)}" for n in list(stack.procs))
     finally:
         if monitor is not None:
@@ -837,9 +847,11 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     log(f"  request row created -> push recorded by the worker (server clocks): n={len(lag)}  "
         f"p50 {percentile(lag, 50):.1f}  p90 {percentile(lag, 90):.1f}  p99 {percentile(lag, 99):.1f} ms")
     seal = [float(x) for x in db["seal_lag_ms"]]
-    log(f"  audit event written -> sealed into the chain: n={len(seal)}  p50 {percentile(seal, 50):.1f}  "
+    log(f"  audit event written during the agents' phase -> sealed into the chain: n={len(seal)}  p50 {percentile(seal, 50):.1f}  "
         f"p99 {percentile(seal, 99):.1f}  max {max(seal, default=0):.1f} ms; not yet sealed at the end "
         f"{db['unsealed']}")
+    log("    longest: " + ", ".join(f"{ev} {lag_ms:.0f} ms (written at +{at_ms / 1000:.1f} s)"
+                                    for ev, lag_ms, at_ms in db["seal_lag_worst"]))
 
     failed = bool(stats.errors.count or stats.skipped or doubles or not consistent)
     if failed:
