@@ -21,14 +21,21 @@ import hashlib
 import hmac
 from typing import Any
 
-from django.db import transaction
 from django.utils import timezone
 
 from .. import rows
 from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
-from ..models import Agent, AuthorizationCode, SessionGrant
+from ..models import Agent, AuthorizationCode
 from ..services import grant_revoke
-from .issue import TokenRequest, credential_row, issue_session_token, live_grant
+from .issue import (
+    CredentialReused,
+    Found,
+    TokenRequest,
+    credential_row,
+    issue_session_token,
+    live_grant,
+    spend_once,
+)
 
 GRANT_TYPE = "authorization_code"
 
@@ -36,18 +43,13 @@ _CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "
                                               "code_challenge_method", "consumed_at", "session_grant"])
 
 
-def _select(code: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _select(code: str, *, lock: bool) -> Found | None:
     return credential_row(_CODE, "c.code = %s", code, lock=lock)
 
 
-def _read(code: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _read(code: str) -> Found | None:
     """The code, its session grant and its agent, as they stand (no lock: the write decides)."""
     return _select(code, lock=False)
-
-
-class _CodeReused(Exception):
-    def __init__(self, grant_id: Any):
-        self.grant_id = grant_id
 
 
 def _pkce_ok(verifier: str, challenge: str, method: str) -> bool:
@@ -65,14 +67,13 @@ def _default_redirect_uri(agent: Agent) -> str:
     return uris[0]
 
 
-def _exchange(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
-              now) -> dict[str, Any] | None:
+def _exchange(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | None:
     """Check the request against the code as read; issue. None when the code was taken meanwhile."""
     code_row, grant, agent = req.authenticate_holder(found, unknown="unknown authorization code")
     if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:
         raise UnauthorizedClient(reason="agent not registered for the authorization code grant")
     if code_row["consumed_at"] is not None:
-        raise _CodeReused(grant.pk)
+        raise CredentialReused((code_row, grant, agent))
     if code_row["expires"] <= now:
         raise InvalidGrant(reason="authorization code expired")
     if not grant.is_live(now):
@@ -99,15 +100,9 @@ def exchange_code(req: TokenRequest) -> dict[str, Any]:
         raise InvalidRequest("Missing code parameter.")
     now = timezone.now()
     try:
-        body = _exchange(req, _read(code), now)
-        if body is None:
-            # The code was consumed, or its grant ended, after we read it: decide again holding the row.
-            with transaction.atomic():
-                body = _exchange(req, _select(code, lock=True), now)
-    except _CodeReused as reused:
+        return spend_once(lambda found: _exchange(req, found, now), read=lambda: _read(code),
+                          read_locked=lambda: _select(code, lock=True), lost="authorization code reused")
+    except CredentialReused as reused:
         # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
-        grant_revoke(grant_id=reused.grant_id, reason="authorization_code_reused", actor=req.agent.actor_id)
+        grant_revoke(grant_id=reused.grant.pk, reason="authorization_code_reused", actor=reused.agent.actor_id)
         raise InvalidGrant(reason="authorization code reused") from None
-    if body is None:  # only without row locks (SQLite serialises writers, so never in practice)
-        raise InvalidGrant(reason="authorization code reused")
-    return body

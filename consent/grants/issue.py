@@ -12,10 +12,13 @@ token at rest), written with the audit event in one statement (``rows.Batch``).
 """
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
+
+from django.db import transaction
 
 from audit.services import audit_event
 
@@ -29,6 +32,7 @@ from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign,
 # What the grants read of a session grant, beside their own rows (and the agent's, AGENT_ROW).
 GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
 _GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
+Found = tuple[dict[str, Any], SessionGrant, Agent]  # a credential's row, its session grant, its agent
 
 
 @cache
@@ -39,8 +43,7 @@ def _credential_sql(own: rows.Columns, where: str, lock: bool) -> str:
             f" WHERE {where}{rows.for_update(own.alias) if lock else ''}")
 
 
-def credential_row(own: rows.Columns, where: str, value: str, *,
-                   lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def credential_row(own: rows.Columns, where: str, value: str, *, lock: bool) -> Found | None:
     """A single-use credential's row (``own``: a code, a refresh token) with its session grant and its
     agent, in one statement, so client authentication needs no query of its own. ``lock`` holds the
     credential's row until the transaction ends."""
@@ -49,6 +52,29 @@ def credential_row(own: rows.Columns, where: str, value: str, *,
         return None
     found, grant, agent = rows.split(row, own, _GRANT, AGENT_ROW)
     return found, rows.instance(SessionGrant, grant), rows.instance(Agent, agent)
+
+
+class CredentialReused(Exception):
+    """A single-use credential (a code, a refresh token) came back after it was used."""
+
+    def __init__(self, found: Found):
+        self.row, self.grant, self.agent = found
+
+
+def spend_once(decide: Callable[[Found | None], dict[str, Any] | None], *, read: Callable[[], Found | None],
+               read_locked: Callable[[], Found | None], lost: str) -> dict[str, Any]:
+    """Spend a single-use credential: ``decide`` on its row as read without a lock (the guarded
+    write in its ``rows.Batch`` decides a race); if a concurrent request took it meanwhile
+    (``decide`` returned None), read it again holding its row lock and decide again, so the loser
+    sees it used and refuses as the grant says (``CredentialReused``, or its own error). ``lost``
+    is the refusal reason should that still not settle it (only without row locks)."""
+    body = decide(read())
+    if body is None:
+        with transaction.atomic():
+            body = decide(read_locked())
+    if body is None:
+        raise InvalidGrant(reason=lost)
+    return body
 
 
 @dataclass
@@ -78,8 +104,7 @@ class TokenRequest:
         self.check_agent_key()
         return self.agent
 
-    def authenticate_holder(self, found: tuple[dict[str, Any], SessionGrant, Agent] | None, *,
-                            unknown: str) -> tuple[dict[str, Any], SessionGrant, Agent]:
+    def authenticate_holder(self, found: Found | None, *, unknown: str) -> Found:
         """Authenticate the client as the agent a credential's row (``credential_row``) names.
 
         A credential that is unknown, or another agent's, is ``invalid_grant`` (``unknown`` is the

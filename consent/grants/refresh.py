@@ -17,7 +17,6 @@ finds it rotated: reuse.
 
 from typing import Any
 
-from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -27,18 +26,26 @@ from ..errors import InvalidGrant, InvalidRequest, InvalidScope
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
 from ..services import grant_revoke
 from ..tokens import token_checksum
-from .issue import TokenRequest, credential_row, issue_session_token, live_grant
+from .issue import (
+    CredentialReused,
+    Found,
+    TokenRequest,
+    credential_row,
+    issue_session_token,
+    live_grant,
+    spend_once,
+)
 
 GRANT_TYPE = "refresh_token"
 
 _RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user"])
 
 
-def _select(refresh_token: str, *, lock: bool) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _select(refresh_token: str, *, lock: bool) -> Found | None:
     return credential_row(_RT, "r.token_checksum = %s ORDER BY r.id DESC LIMIT 1", token_checksum(refresh_token), lock=lock)
 
 
-def _read(refresh_token: str) -> tuple[dict[str, Any], SessionGrant, Agent] | None:
+def _read(refresh_token: str) -> Found | None:
     """The refresh token, its session grant and its agent, as they stand (no lock: the write decides)."""
     return _select(refresh_token, lock=False)
 
@@ -55,12 +62,11 @@ def _rotation(rt: dict[str, Any], grant: SessionGrant, now) -> rows.Batch:
     return batch
 
 
-def _refresh(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent] | None,
-             now) -> dict[str, Any] | None:
+def _refresh(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | None:
     """Check the request against the refresh token as read; rotate. None when it was rotated meanwhile."""
     rt, grant, agent = req.authenticate_holder(found, unknown="unknown refresh token")
     if rt["revoked"] is not None:
-        raise _Reused(rt, grant, agent)
+        raise CredentialReused((rt, grant, agent))
     if agent.refresh_mode != Agent.RefreshMode.ROTATING:
         raise InvalidGrant(reason="agent's refresh mode does not allow refresh tokens")
     if not grant.is_live(now):
@@ -76,27 +82,16 @@ def _refresh(req: TokenRequest, found: tuple[dict[str, Any], SessionGrant, Agent
                                rotated_from=rt)
 
 
-class _Reused(Exception):
-    def __init__(self, rt: dict[str, Any], grant: SessionGrant, agent: Agent):
-        self.rt, self.grant, self.agent = rt, grant, agent
-
-
 def refresh(req: TokenRequest) -> dict[str, Any]:
     presented = req.params.get("refresh_token")
     if not presented:
         raise InvalidRequest("Missing refresh token parameter.")
     now = timezone.now()
     try:
-        body = _refresh(req, _read(presented), now)
-        if body is None:
-            # Rotated, or its grant ended, after we read it: decide again holding the row.
-            with transaction.atomic():
-                body = _refresh(req, _select(presented, lock=True), now)
-        if body is None:  # only without row locks (SQLite serialises writers, so never in practice)
-            raise InvalidGrant(reason="refresh token reused after rotation")
-        return body
-    except _Reused as reused:
-        rt, grant, agent = reused.rt, reused.grant, reused.agent
+        return spend_once(lambda found: _refresh(req, found, now), read=lambda: _read(presented),
+                          read_locked=lambda: _select(presented, lock=True), lost="refresh token reused after rotation")
+    except CredentialReused as reused:
+        rt, grant, agent = reused.row, reused.grant, reused.agent
     # RFC 9700 §4.14.2: a rotated refresh token came back. Revoke the grant; the reuse row is the refusal.
     revoked = grant_revoke(grant_id=grant.pk, reason="refresh_token_reused", actor=agent.actor_id)
     if revoked:
