@@ -54,6 +54,13 @@ def _deliver(approval_id: str) -> None:
         connections.close_all()
 
 
+def _sign_in_context(context, live):
+    """Sign the browser context in once, on a page of its own (the tabs then share its session)."""
+    first = context.new_page()
+    _sign_in(first, live)
+    first.close()
+
+
 def _tab(context, live):
     page = context.new_page()
     page.add_init_script(RECORD_SENDS)
@@ -71,9 +78,7 @@ def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(live, live_contex
     caplog.set_level(logging.INFO, logger="channels_redis.core")
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": FLOOD,
                             "MAX_PROMPTS_PER_USER_IN_WINDOW": FLOOD}
-    first = live_context.new_page()
-    _sign_in(first, live)
-    first.close()
+    _sign_in_context(live_context, live)
     tabs = [_tab(live_context, live) for _ in range(TABS)]
 
     grant = session_grant(scenario)
@@ -95,9 +100,7 @@ def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(live, live_contex
 
 def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario, ledger_policy,
                                                    held):  # noqa: F811
-    first = live_context.new_page()
-    _sign_in(first, live)
-    first.close()
+    _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
     grant = session_grant(scenario)
 
@@ -115,9 +118,7 @@ def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario,
 
 def test_a_lost_newest_message_arrives_through_the_periodic_check(live, live_context, scenario, ledger_policy,
                                                                   held):  # noqa: F811
-    first = live_context.new_page()
-    _sign_in(first, live)
-    first.close()
+    _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
 
     lost, _ = request_approval(session_grant(scenario), [ledger_entry("3.00")])
