@@ -145,3 +145,13 @@ class OAuthFlow:
 @pytest.fixture
 def flow(client, scenario) -> OAuthFlow:
     return OAuthFlow(client, scenario)
+
+
+@pytest.fixture
+def session_token(flow, ledger_policy):
+    """The scenario agent's session token, with the test client signed out again (tests that then
+    act as the agent, and see the user only through an inbox or a page)."""
+    token = flow.full()["access_token"]
+    flow.client.logout()
+    return token
+

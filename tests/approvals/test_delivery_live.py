@@ -56,13 +56,6 @@ def _ask(stack, scenario, session_token, **extra):
                       headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}, timeout=10)
 
 
-@pytest.fixture
-def session_token(flow, ledger_policy):
-    token = flow.full()["access_token"]
-    flow.client.logout()
-    return token
-
-
 def test_prompt_reaches_open_inbox_and_replays_on_reconnect(live, scenario, session_token):
     inbox = Inbox(live, scenario.user)
     try:

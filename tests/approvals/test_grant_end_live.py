@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 
 import httpx
-import pytest
 from django.utils import timezone
 
 from approvals.models import ApprovalRequest
@@ -17,13 +16,6 @@ from tests.approvals.test_delivery_live import Inbox, _ask
 from tests.conftest import basic
 
 CIBA = "urn:openid:params:grant-type:ciba"
-
-
-@pytest.fixture
-def session_token(flow, ledger_policy):
-    token = flow.full()["access_token"]
-    flow.client.logout()
-    return token
 
 
 def test_a_grant_that_ends_cancels_its_pending_prompt_at_once(live, scenario, session_token):

@@ -34,13 +34,6 @@ def test_depth_is_measured_without_recursion():
     check_jwt(_b64(b'{"alg": "ES256"}') + "." + _b64(b'{"iss": "a"}') + ".sig")
 
 
-@pytest.fixture
-def session_token(flow, ledger_policy):
-    token = flow.full()["access_token"]
-    flow.client.logout()
-    return token
-
-
 def _ask(live, scenario, **data):
     return httpx.post(
         f"{live.url}/o/bc-authorize/",
