@@ -486,6 +486,7 @@ def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
 # ISSUED -> REDEEMED then always moves with the token, in the same statement.
 _HOLD_ISSUED = (f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
                 f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)")
+_WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
 
 
 def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
@@ -505,7 +506,7 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
     if connection.vendor == "postgresql":
         audit_sql, audit_params = rows.event_insert(event, "moved")
         row = rows.fetchone(
-            f"WITH won AS ({_WIN.replace(' RETURNING', _HOLD_ISSUED + ' RETURNING')}),"
+            f"WITH won AS ({_WIN_HOLDING}),"
             f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
             f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
             f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
