@@ -8,6 +8,7 @@ class ApprovalsConfig(AppConfig):
     def ready(self):
         from consent.signals import grant_ended
 
+        from . import tasks  # noqa: F401  (registers the tasks the services queue by name, in every process)
         from .services import approvals_cancel_for_grant
 
         def cancel_open_approvals(sender, grant_id, reason, **kwargs):

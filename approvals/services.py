@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from celery import current_app
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
@@ -23,6 +24,7 @@ from consent import rows
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
+from consent.rules import rule_matches
 from consent.selectors import forget_resource_server
 from consent.services import AuthContext, grant_extend
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, bind_to_proof_key, token_type, verify
@@ -64,20 +66,23 @@ def auth_req_id_hash(auth_req_id: str) -> str:
     return hashlib.sha256(auth_req_id.encode()).hexdigest()
 
 
-def _after_commit(task_name: str, approval_id: Any, **options: Any) -> None:
-    from . import tasks
+def _after_commit(task: str, approval_id: Any, **options: Any) -> None:
+    """Queue the task registered as ``task`` (``approvals.tasks``) once the transaction commits.
 
-    task = getattr(tasks, task_name)
+    Looked up by name in the Celery app's registry: the tasks carry news of what the services
+    wrote (and call back into them), so the services name them rather than import them.
+    """
     # robust: with the broker down, the committed request still answers; the row is the truth, and
     # the redelivery sweep and the inbox's replay on (re)connect bring the news once Redis is back.
-    transaction.on_commit(lambda: task.apply_async((str(approval_id),), **options), robust=True)
+    transaction.on_commit(lambda: current_app.tasks[task].apply_async((str(approval_id),), **options),
+                          robust=True)
 
 
 def _announce_end(approval: ApprovalRequest) -> None:
     """Tell open inboxes the prompt is gone and, in ping mode, tell the agent to collect."""
-    _after_commit("push_removal", approval.pk)
+    _after_commit("approvals.push_removal", approval.pk)
     if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
-        _after_commit("notify_agent", approval.pk)
+        _after_commit("approvals.notify_agent", approval.pk)
 
 
 def _event(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
@@ -161,7 +166,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
-    auto = bool(rule) and rar.rule_matches(rule, req.authorization_details)
+    auto = bool(rule) and rule_matches(rule, req.authorization_details)
     if auto:
         approval.status = Status.APPROVED
         approval.decided_at = now
@@ -178,11 +183,11 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         if auto:
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)
             if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
-                _after_commit("notify_agent", approval.pk)
+                _after_commit("approvals.notify_agent", approval.pk)
         else:
             # One message per request: the delivery task schedules the on-time expiry
             # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
-            _after_commit("deliver_prompt", approval.pk)
+            _after_commit("approvals.deliver_prompt", approval.pk)
     return approval, True
 
 
@@ -199,7 +204,7 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
             audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
                          client_id=approval.agent.client_id, grant_id=approval.grant_id,
                          detail={"approval_id": str(approval.pk), "channel": channel})
-            _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
+            _after_commit("approvals.expire_approval", approval.pk, eta=approval.expires_at)
     return bool(first)
 
 

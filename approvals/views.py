@@ -18,10 +18,10 @@ from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
+from consent.limits import attempts
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
-from limits import attempts
 
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
@@ -102,7 +102,7 @@ class ConfirmForm(forms.Form):
 def confirm_view(request, approval_id):
     """Step-up authentication before approving (the scope policy's fresh-auth window).
 
-    Attempts are limited per user and per source (``limits.attempts``, kind ``fresh_auth``): while
+    Attempts are limited per user and per source (``consent.limits.attempts``, kind ``fresh_auth``): while
     locked, the secret is not checked at all, and the page says when to try again.
     """
     approval = _owned(request, approval_id)[0]

@@ -17,7 +17,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
 from config.logging import RequestContextMiddleware
-from limits.middleware import RateLimitMiddleware
+from consent.limits.middleware import RateLimitMiddleware
 
 log = logging.getLogger(__name__)
 PROTOCOL_PREFIXES = ("/o/", "/.well-known/", "/readyz", "/metrics")

@@ -56,11 +56,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PROMPTS_PER_USER_IN_WINDOW": 30,
     "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 300,
     # JSON a client sends (authorization_details, websocket frames): nesting depth, checked before
-    # parsing (limits.jsonbounds).
+    # parsing (consent.limits.jsonbounds).
     "JSON_MAX_DEPTH": 16,
     # ... and of a JWT's header and claims (which carry authorization_details and act chains).
     "JWT_MAX_DEPTH": 32,
-    # HTTP rate limits (limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
+    # HTTP rate limits (consent.limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
     # the first rule with a matching prefix applies. Dimensions: "client" (the client id a protocol
     # request names), "user" (the signed-in user), "source" (the client address). A dimension left
     # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
                   "user": [120, 60], "source": [600, 60]},
         "public": {"paths": ["/.well-known/", "/o/agents/"], "source": [1200, 60]},
     },
-    # Attempt limits on secrets (limits.attempts, limits.middleware, limits.logins): kind -> failures
+    # Attempt limits on secrets (consent.limits.attempts, consent.limits.middleware, consent.limits.logins): kind -> failures
     # allowed per "account" and per "source" within "seconds". Past them the account or source is
     # locked for LOCKOUT_SECONDS, doubled on each further lockout within a day, up to LOCKOUT_MAX_SECONDS.
     # "client": agent secrets and private_key_jwt; "resource_server": resource-server credentials;
@@ -97,3 +97,4 @@ class CountersignSettings:
 
 
 countersign_settings = CountersignSettings()
+

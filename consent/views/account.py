@@ -20,7 +20,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
 from audit.services import audit_record, audit_refusal, client_ip
-from limits import attempts
+from consent.limits import attempts
 
 from ..selectors import grants_for_user
 from ..services import AuthContext, grant_revoke
@@ -56,7 +56,7 @@ def _safe_next(request, default: str = "/grants/") -> str:
 
 
 def _too_many(request, template: str, context: dict, seconds: int):
-    """The page again, saying when to try next; nothing was checked (limits.attempts)."""
+    """The page again, saying when to try next; nothing was checked (consent.limits.attempts)."""
     response = render(request, template, {**context, "locked_message": attempts.message(seconds)}, status=429)
     response["Retry-After"] = str(seconds)
     return response
@@ -82,7 +82,7 @@ def login_view(request):
                 return redirect(f"/accounts/login/otp/?next={_safe_next(request)}")
             _complete_login(request, user, ["pwd"])
             return redirect(_safe_next(request))
-        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (limits.logins)
+        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (consent.limits.logins)
             audit_refusal(event="login.failed", error="invalid_credentials", actor="", request=request,
                           detail={"username": request.POST.get("username", "")[:150]})
     return render(request, "accounts/login.html", {"form": form, "next": _safe_next(request)})
