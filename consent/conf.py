@@ -6,6 +6,7 @@ Defaults live here; deployments override them in ``settings.COUNTERSIGN``.
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 DEFAULTS: dict[str, Any] = {
     # The issuer identifier (RFC 8414 §2): an https URL in production, no trailing slash.
@@ -98,3 +99,30 @@ class CountersignSettings:
 
 countersign_settings = CountersignSettings()
 
+
+def _kind(value: Any) -> type:
+    # bool before int (bool is an int); a whole number may stand for a float default and back.
+    for kind in (bool, str, dict, list, tuple):
+        if isinstance(value, kind):
+            return list if kind is tuple else kind
+    return float if isinstance(value, int | float) else type(value)
+
+
+def validate(overrides: dict[str, Any]) -> None:
+    """Refuse ``settings.COUNTERSIGN`` at start-up (``ConsentConfig.ready``, every process) when a
+    key is unknown (a misspelt key would leave its default in force without a word) or a value is
+    of another kind than its default (``"60"`` for 60 would fail, or compare wrongly, at the first
+    request that reads it)."""
+    if not isinstance(overrides, dict):
+        raise ImproperlyConfigured(f"COUNTERSIGN must be a dict, not {type(overrides).__name__}")
+    problems = []
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})")
+    for name, value in sorted(overrides.items()):
+        default = DEFAULTS.get(name)
+        if default is not None and value is not None and _kind(value) is not _kind(default):
+            problems.append(f"{name} must be {_kind(default).__name__} like its default ({default!r}), "
+                            f"not {type(value).__name__} {value!r}"[:300])
+    if problems:
+        raise ImproperlyConfigured("COUNTERSIGN settings: " + "; ".join(problems))
