@@ -26,10 +26,9 @@ from consent.views.rs_auth import resource_server_or_refusal
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
+from .redemption import action_token_redeem, action_token_verify
 from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
-    action_token_redeem,
-    action_token_verify,
     approval_approve,
     approval_audit_refused_decision,
     approval_deny,
