@@ -34,6 +34,7 @@ class TooManyPending(OAuthError):
 
     error = "temporarily_unavailable"
     status_code = 429
+    code = "too_many_prompts"
 
 
 class AuthorizationPending(OAuthError):
@@ -59,6 +60,92 @@ class InvalidToken(OAuthError):
     """The action token is not valid for redemption (bad, expired, already redeemed, or revoked)."""
 
     error = "invalid_token"
+    code = "token_invalid"  # a signature, type, issuer or audience check failed
+
+
+# --- what exactly was refused (``reason``): CIBA Core §11 polls -----------------------------------
+
+
+class UnknownAuthReqId(InvalidGrant):
+    """CIBA Core §11: the ``auth_req_id`` is unknown, or belongs to another client."""
+
+    code = "unknown_auth_req_id"
+
+
+class AlreadyIssued(InvalidGrant):
+    """CIBA Core §11: the action token for this ``auth_req_id`` was collected already (single use)."""
+
+    code = "already_issued"
+
+
+class DeniedByUser(AccessDenied):
+    """CIBA Core §11: the user answered Deny."""
+
+    code = "denied"
+
+
+class RequestCancelled(AccessDenied):
+    """The request was cancelled before it was collected: its grant ended, its agent was suspended,
+    or the agent cancelled it."""
+
+    code = "cancelled"
+
+
+class WindowPassed(ExpiredToken):
+    """CIBA Core §11: the approval window passed before the user answered."""
+
+    code = "window_passed"
+
+
+# --- redemption -----------------------------------------------------------------------------------
+
+
+class UnknownActionToken(InvalidToken):
+    """No action token with this ``jti`` was ever issued."""
+
+    code = "unknown_action_token"
+
+
+class AlreadyRedeemed(InvalidToken):
+    """The action token was redeemed before: it is good for exactly one use."""
+
+    code = "already_redeemed"
+
+
+class ActionTokenExpired(InvalidToken):
+    """The action token's short lifetime passed unredeemed."""
+
+    code = "action_token_expired"
+
+
+class ApprovalNotRedeemable(InvalidToken):
+    """The approval behind the token is no longer ISSUED (cancelled, expired)."""
+
+    code = "approval_not_issued"
+
+
+class RedeemGrantInactive(InvalidToken):
+    """The session grant the approval belongs to was revoked or has expired."""
+
+    code = "grant_inactive"
+
+
+class AgentSuspended(InvalidToken):
+    """The agent the token names is suspended in the registry."""
+
+    code = "agent_suspended"
+
+
+class ActionHashMismatch(InvalidToken):
+    """RFC 9396 / DESIGN: ``action_hash`` is not the hash of the token's ``authorization_details``."""
+
+    code = "action_hash_mismatch"
+
+
+class ActionMismatch(InvalidRequest):
+    """The action the resource server is about to execute is not the approved one."""
+
+    code = "action_mismatch"
 
 
 

@@ -23,7 +23,19 @@ from consent.selectors import forget_resource_server
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 
 from . import rar
-from .errors import InvalidRequest, InvalidTarget, InvalidToken
+from .errors import (
+    ActionHashMismatch,
+    ActionMismatch,
+    ActionTokenExpired,
+    AgentSuspended,
+    AlreadyRedeemed,
+    ApprovalNotRedeemable,
+    InvalidRequest,
+    InvalidTarget,
+    InvalidToken,
+    RedeemGrantInactive,
+    UnknownActionToken,
+)
 from .models import ActionToken, ApprovalRequest
 
 Status = ApprovalRequest.Status
@@ -52,21 +64,21 @@ _WHY = (f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 
 
 def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
     if why is None:
-        return InvalidToken("unknown action token")
+        return UnknownActionToken("unknown action token")
     redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
     if not rs_current:
         return InvalidClient("Resource-server authentication failed.",
                              reason="resource server deactivated or its secret changed since it was verified")
     if grant_status != SessionGrant.Status.ACTIVE or grant_ended:
-        return InvalidToken("the session grant is no longer active")
+        return RedeemGrantInactive("the session grant is no longer active")
     if agent_status != Agent.Status.ACTIVE:
-        return InvalidToken("the agent is suspended")
+        return AgentSuspended("the agent is suspended")
     if expired and not redeemed:
-        return InvalidToken("action token expired")
+        return ActionTokenExpired("action token expired")
     if approval_status not in (Status.ISSUED, Status.REDEEMED):
-        return InvalidToken(f"the approval is {approval_status}")
+        return ApprovalNotRedeemable(f"the approval is {approval_status}")
     # Redeemed: before this statement began, or by the one it waited for.
-    return InvalidToken("action token already redeemed")
+    return AlreadyRedeemed("action token already redeemed")
 
 
 # PostgreSQL: the winning UPDATE also takes the request's row lock while it is still ISSUED, so a
@@ -127,9 +139,9 @@ def action_token_verify(*, token: str, resource_server: ResourceServer, request_
     if claims.get("aud") != resource_server.audience:
         raise InvalidTarget("this action token is for another resource server")
     if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
-        raise InvalidToken("action_hash does not match the token's authorization_details")
+        raise ActionHashMismatch("action_hash does not match the token's authorization_details")
     if request_hash and request_hash != claims["action_hash"]:
-        raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
+        raise ActionMismatch("the action you are about to execute is not the approved one (action_hash differs)")
     return claims
 
 
@@ -147,7 +159,7 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
     now = timezone.now()
     jti = claims["jti"]
     if "approval_id" not in claims:  # every action token we mint names its request
-        raise InvalidToken("unknown action token")
+        raise UnknownActionToken("unknown action token")
     approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
                                grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
                                authorization_details=claims["authorization_details"],

@@ -28,14 +28,16 @@ from consent.tokens import bind_to_proof_key, token_type
 from . import rar
 from .ciba import EXTEND_SCOPE, BackchannelRequest
 from .errors import (
-    AccessDenied,
+    AlreadyIssued,
     ApprovalNotFound,
     ApprovalNotPending,
     AuthorizationPending,
-    ExpiredToken,
-    InvalidGrant,
+    DeniedByUser,
+    RequestCancelled,
     SlowDown,
     TooManyPending,
+    UnknownAuthReqId,
+    WindowPassed,
 )
 from .models import ActionToken, ApprovalRequest
 from .selectors import approval_for_decision
@@ -331,17 +333,17 @@ def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[s
     now = timezone.now()
     found = _read_for_collect(auth_req_id)
     if found is None or found[0].agent_id != agent.pk:
-        raise InvalidGrant("unknown auth_req_id")
+        raise UnknownAuthReqId("unknown auth_req_id")
     approval, policy = found
     approval.agent = agent
     if approval.status == Status.PENDING:
         if not approval.grant.is_live(now):
             # Checked on read as well: a grant that ended answers no more polls with "pending".
             approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
-            raise AccessDenied("the session grant has ended")
+            raise RequestCancelled("the session grant has ended")
         if approval.expires_at <= now:
             approval_expire(approval_id=approval.pk)
-            raise ExpiredToken("the approval window has passed")
+            raise WindowPassed("the approval window has passed")
         at = rows.param(ApprovalRequest, "last_polled_at", now)
         too_soon = rows.param(ApprovalRequest, "last_polled_at", now - timedelta(seconds=approval.interval))
         pk = rows.param(ApprovalRequest, "id", approval.pk)
@@ -354,20 +356,20 @@ def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[s
                      [approval.interval + 5, at, pk])
         raise SlowDown(f"poll at most every {approval.interval + 5} seconds")
     if approval.status == Status.DENIED:
-        raise AccessDenied("the user denied this action")
+        raise DeniedByUser("the user denied this action")
     if approval.status == Status.EXPIRED:
-        raise ExpiredToken("the approval window has passed")
+        raise WindowPassed("the approval window has passed")
     if approval.status == Status.CANCELLED:
-        raise AccessDenied(f"the request was cancelled ({approval.decision_method})")
+        raise RequestCancelled(f"the request was cancelled ({approval.decision_method})")
     if approval.status != Status.APPROVED:
-        raise InvalidGrant("the token for this auth_req_id was already issued")
+        raise AlreadyIssued("the token for this auth_req_id was already issued")
     return _issue(approval, policy, now, jkt)
 
 
 def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
-        raise AccessDenied("the session grant or the agent is no longer active")
+        raise RequestCancelled("the session grant or the agent is no longer active")
     known = policy["id"] is not None
     # A grant extension has no downstream system: its token is addressed to us, as a receipt.
     audience = policy["audience"] if known else countersign_settings.ISSUER
@@ -385,7 +387,7 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     batch.event("audit", _event(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"],
                                 expires_in=ttl))
     if batch.run() is None:
-        raise InvalidGrant("the token for this auth_req_id was already issued")
+        raise AlreadyIssued("the token for this auth_req_id was already issued")
     response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
                 "scope": approval.scope, "authorization_details": approval.authorization_details}
     if approval.scope == EXTEND_SCOPE:

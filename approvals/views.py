@@ -16,8 +16,8 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
-from consent.errors import OAuthError
-from consent.http import NO_STORE, claimed_client_id, oauth_error
+from consent.errors import InvalidClient, OAuthError
+from consent.http import NO_STORE, claimed_client_id, error_response
 from consent.limits import attempts
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
@@ -159,7 +159,7 @@ class BackchannelAuthenticationView(View):
             audit_refusal(event="approval.request_refused", error="invalid_client", actor="",
                           client_id=claimed_client_id(request), request=request,
                           detail={"reason": exc.reason or "client authentication failed"})
-            return oauth_error("invalid_client", "Client authentication failed.", status=401)
+            return error_response(InvalidClient("Client authentication failed."))
         try:
             req = validate_backchannel_request(agent=agent, params=params, hint=hint)
             approval, created = approval_request_create(req=req, request=request)
@@ -167,7 +167,7 @@ class BackchannelAuthenticationView(View):
             audit_refusal(event="approval.request_refused", error=exc.error, actor=agent.actor_id,
                           client_id=agent.client_id, request=request, detail={"reason": exc.description,
                                                                                "scope": params.get("scope", "")})
-            return oauth_error(exc.error, exc.description, status=exc.status_code)
+            return error_response(exc)
         remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
         return JsonResponse({"auth_req_id": auth_req_id_for(approval.pk), "expires_in": remaining,
                              "interval": approval.interval}, headers=NO_STORE)
@@ -203,7 +203,7 @@ class RedemptionView(View):
         except OAuthError as exc:
             audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": exc.reason})
-            return oauth_error(exc.error, exc.description, status=exc.status_code)
+            return error_response(exc)
         return JsonResponse({
             "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
             "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,

@@ -7,8 +7,14 @@ sets ``audited`` so the endpoint does not write a second one.
 
 
 class OAuthError(Exception):
+    """RFC 6749 §5.2: an error response, ``{"error", "error_description"}`` and our ``reason``."""
+
     error = "invalid_request"
     status_code = 400
+    #: What exactly was refused, stable and machine-readable: the ``reason`` of the JSON body, so a
+    #: client decides on it and never on the prose of ``error_description``. A class without one
+    #: of its own answers with its ``error``.
+    code = ""
 
     def __init__(self, description: str = "", *, reason: str = "", audited: bool = False):
         super().__init__(description)
@@ -16,6 +22,10 @@ class OAuthError(Exception):
         # Why, for the audit row, when it says more than the description the client sees.
         self.reason = reason or description
         self.audited = audited
+
+    @property
+    def reason_code(self) -> str:
+        return self.code or self.error
 
 
 class InvalidRequest(OAuthError):
@@ -32,6 +42,7 @@ class InvalidClient(OAuthError):
 
     error = "invalid_client"
     status_code = 401
+    code = "client_authentication_failed"  # one code for every cause: it tells no one which clients exist
 
 
 class InvalidGrant(OAuthError):
@@ -39,6 +50,72 @@ class InvalidGrant(OAuthError):
     expired, revoked, used already, or was issued to another client."""
 
     error = "invalid_grant"
+
+
+class UnknownGrant(InvalidGrant):
+    """The code, refresh token or subject is unknown, or was issued to another client (§5.2)."""
+
+    code = "unknown_grant"
+
+
+class CodeExpired(InvalidGrant):
+    """RFC 6749 §4.1.2: the authorization code's short lifetime has passed."""
+
+    code = "code_expired"
+
+
+class CodeReused(InvalidGrant):
+    """RFC 6749 §4.1.2: the code was used before; the grant it came from is revoked."""
+
+    code = "code_reused"
+
+
+class PkceMismatch(InvalidGrant):
+    """RFC 7636 §4.6: the code verifier does not hash to the code challenge."""
+
+    code = "pkce_mismatch"
+
+
+class RedirectUriMismatch(InvalidGrant):
+    """RFC 6749 §4.1.3: ``redirect_uri`` differs from the authorization request's."""
+
+    code = "redirect_uri_mismatch"
+
+
+class GrantInactive(InvalidGrant):
+    """The session grant behind the credential was revoked or has expired."""
+
+    code = "grant_inactive"
+
+
+class RefreshNotAllowed(InvalidGrant):
+    """The agent's refresh mode issues no refresh tokens (``exchange`` or ``none``)."""
+
+    code = "refresh_not_allowed"
+
+
+class RefreshReused(InvalidGrant):
+    """RFC 9700 §4.14.2: a rotated refresh token came back; the grant is revoked."""
+
+    code = "refresh_token_reused"
+
+
+class ConcurrentUse(InvalidGrant):
+    """Another request spent the same single-use credential at the same moment."""
+
+    code = "concurrent_use"
+
+
+class SubjectTokenInvalid(InvalidGrant):
+    """RFC 8693 §2.2.2: the ``subject_token`` is not a live session token of this agent."""
+
+    code = "subject_token_invalid"
+
+
+class ActorTokenInvalid(InvalidGrant):
+    """RFC 8693 §2.2.2: the ``actor_token`` names no active registered agent, or fails to verify."""
+
+    code = "actor_token_invalid"
 
 
 class UnauthorizedClient(OAuthError):

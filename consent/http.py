@@ -20,11 +20,17 @@ def www_authenticate(error: str, description: str = "", *, scheme: str = "Basic"
     return value
 
 
-def oauth_error(error: str, description: str = "", *, status: int = 400, scheme: str = "Basic") -> JsonResponse:
-    """Every 401 carries a WWW-Authenticate challenge with the same error and description."""
+def oauth_error(error: str, description: str = "", *, status: int = 400, scheme: str = "Basic",
+                reason: str = "") -> JsonResponse:
+    """Every 401 carries a WWW-Authenticate challenge with the same error and description.
+
+    ``reason`` (``OAuthError.reason_code``; the ``error`` when not given) is the stable,
+    machine-readable name of the refusal, beside RFC 6749 §5.2's members: clients decide on it.
+    """
     body = {"error": error}
     if description:
         body["error_description"] = description
+    body["reason"] = reason or error
     response = JsonResponse(body, status=status, headers=NO_STORE)
     if status == 401:
         response["WWW-Authenticate"] = www_authenticate(error, description, scheme=scheme)
@@ -33,7 +39,7 @@ def oauth_error(error: str, description: str = "", *, status: int = 400, scheme:
 
 def error_response(exc, *, headers: dict[str, str] | None = None) -> JsonResponse:
     """An ``OAuthError`` as its JSON response (RFC 6749 §5.2)."""
-    response = oauth_error(exc.error, exc.description, status=exc.status_code)
+    response = oauth_error(exc.error, exc.description, status=exc.status_code, reason=exc.reason_code)
     for name, value in (headers or {}).items():
         response[name] = value
     return response

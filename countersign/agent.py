@@ -379,14 +379,14 @@ class _AgentCore:
         """CIBA Core §11 token errors to exceptions."""
         error = str(body.get("error") or f"http_{status}")
         description = str(body.get("error_description") or "")
+        reason = str(body.get("reason") or error)  # the server's stable name of the refusal
         cls: type[ApprovalError] = ApprovalError
         if error == "access_denied":
-            ended = "cancelled" in description or "no longer active" in description or "revoked" in description
-            cls = GrantRevoked if ended else ApprovalDenied
+            cls = GrantRevoked if reason == "cancelled" else ApprovalDenied
         elif error == "expired_token":
             cls = ApprovalExpired
         elif error == "invalid_grant":
-            cls = GrantRevoked if "revoked" in description else ApprovalError
+            cls = GrantRevoked if reason == "grant_inactive" else ApprovalError
         return cls(error, description, status_code=status, auth_req_id=auth_req_id)
 
     @staticmethod

@@ -411,11 +411,12 @@ class TokenVerifier:
             return body
         error = str(body.get("error") or "")
         description = str(body.get("error_description") or "")
+        reason = str(body.get("reason") or error)  # the server's stable name of the refusal
         if response.status_code >= 500 or error == "invalid_client":
             raise ServiceUnavailable(f"redemption failed: {error or response.status_code} {description}".strip())
-        if "already redeemed" in description:
+        if reason == "already_redeemed":
             raise AlreadyRedeemed(description)
-        if "action_hash differs" in description:
+        if reason == "action_mismatch":
             raise ActionMismatch(description)
         raise InvalidToken(description or error or "the action token was refused at redemption")
 

@@ -24,7 +24,15 @@ from typing import Any
 from django.utils import timezone
 
 from .. import rows
-from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
+from ..errors import (
+    CodeExpired,
+    CodeReused,
+    GrantInactive,
+    InvalidRequest,
+    PkceMismatch,
+    RedirectUriMismatch,
+    UnauthorizedClient,
+)
 from ..models import Agent, AuthorizationCode
 from ..services import grant_revoke
 from .issue import (
@@ -75,18 +83,18 @@ def _exchange(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | N
     if code_row["consumed_at"] is not None:
         raise CredentialReused((code_row, grant, agent))
     if code_row["expires"] <= now:
-        raise InvalidGrant(reason="authorization code expired")
+        raise CodeExpired(reason="authorization code expired")
     if not grant.is_live(now):
-        raise InvalidGrant(reason="session grant is not active")
+        raise GrantInactive(reason="session grant is not active")
     req.check_grant_binding(grant)
     verifier = req.params.get("code_verifier")
     if not verifier:
         raise InvalidRequest("Code verifier required.")
     if not _pkce_ok(verifier, code_row["code_challenge"], code_row["code_challenge_method"]):
-        raise InvalidGrant(reason="PKCE verifier does not match the challenge")
+        raise PkceMismatch(reason="PKCE verifier does not match the challenge")
     redirect_uri = req.params.get("redirect_uri") or _default_redirect_uri(agent)
     if redirect_uri != code_row["redirect_uri"]:
-        raise InvalidGrant("redirect_uri does not match the authorization request.")
+        raise RedirectUriMismatch("redirect_uri does not match the authorization request.")
     live_sql, live_params = live_grant(grant, now)
     batch = rows.Batch(rows.guarded_update(AuthorizationCode, code_row["id"], {"consumed_at": now},
                                            f"consumed_at IS NULL AND EXISTS ({live_sql})", live_params))
@@ -105,4 +113,4 @@ def exchange_code(req: TokenRequest) -> dict[str, Any]:
     except CredentialReused as reused:
         # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
         grant_revoke(grant_id=reused.grant.pk, reason="authorization_code_reused", actor=reused.agent.actor_id)
-        raise InvalidGrant(reason="authorization code reused") from None
+        raise CodeReused(reason="authorization code reused") from None

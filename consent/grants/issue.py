@@ -23,7 +23,7 @@ from django.db import transaction
 from audit.services import audit_event
 
 from .. import rows
-from ..errors import InvalidClient, InvalidGrant
+from ..errors import ConcurrentUse, InvalidClient, UnknownGrant
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
 from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate, authenticate_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
@@ -73,7 +73,7 @@ def spend_once(decide: Callable[[Found | None], dict[str, Any] | None], *, read:
         with transaction.atomic():
             body = decide(read_locked())
     if body is None:
-        raise InvalidGrant(reason=lost)
+        raise ConcurrentUse(reason=lost)
     return body
 
 
@@ -113,7 +113,7 @@ class TokenRequest:
         """
         if found is None or found[2].client_id != self.credentials.client_id:
             self.authenticate()
-            raise InvalidGrant(reason=unknown)
+            raise UnknownGrant(reason=unknown)
         self.agent = authenticate(self.credentials, found[2], endpoint_url=self.uri)
         self.check_agent_key()
         return found

@@ -22,7 +22,7 @@ from django.utils import timezone
 from audit.services import audit_record
 
 from .. import rows
-from ..errors import InvalidGrant, InvalidRequest, InvalidScope
+from ..errors import GrantInactive, InvalidRequest, InvalidScope, RefreshNotAllowed, RefreshReused
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
 from ..services import grant_revoke
 from ..tokens import token_checksum
@@ -68,9 +68,9 @@ def _refresh(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | No
     if rt["revoked"] is not None:
         raise CredentialReused((rt, grant, agent))
     if agent.refresh_mode != Agent.RefreshMode.ROTATING:
-        raise InvalidGrant(reason="agent's refresh mode does not allow refresh tokens")
+        raise RefreshNotAllowed(reason="agent's refresh mode does not allow refresh tokens")
     if not grant.is_live(now):
-        raise InvalidGrant(reason="session grant is not active")
+        raise GrantInactive(reason="session grant is not active")
     req.check_grant_binding(grant)
     scopes = list(grant.standard_scopes)
     if req.params.get("scope"):
@@ -94,7 +94,8 @@ def refresh(req: TokenRequest) -> dict[str, Any]:
         rt, grant, agent = reused.row, reused.grant, reused.agent
     # RFC 9700 §4.14.2: a rotated refresh token came back. Revoke the grant; the reuse row is the refusal.
     revoked = grant_revoke(grant_id=grant.pk, reason="refresh_token_reused", actor=agent.actor_id)
-    if revoked:
-        audit_record(event="refresh_token.reuse_detected", outcome="refused", actor=agent.actor_id,
-                     user_id=rt["user"], client_id=agent.client_id, grant_id=grant.pk, error="invalid_grant")
-    raise InvalidGrant(reason="refresh token reused after rotation", audited=revoked)
+    if not revoked:  # the grant had ended already (revoked, expired): that is what the client must learn
+        raise GrantInactive(reason="refresh token of a session grant that has ended")
+    audit_record(event="refresh_token.reuse_detected", outcome="refused", actor=agent.actor_id,
+                 user_id=rt["user"], client_id=agent.client_id, grant_id=grant.pk, error="invalid_grant")
+    raise RefreshReused(reason="refresh token reused after rotation", audited=True)

@@ -27,7 +27,15 @@ from audit.services import audit_event
 
 from .. import rows
 from ..conf import countersign_settings
-from ..errors import InvalidGrant, InvalidRequest, InvalidScope, InvalidTarget, UnauthorizedClient
+from ..errors import (
+    ActorTokenInvalid,
+    GrantInactive,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    SubjectTokenInvalid,
+    UnauthorizedClient,
+)
 from ..models import AccessToken, Agent, ScopePolicy, SessionGrant
 from ..oauth.client_auth import PRIVATE_KEY_JWT
 from ..oauth.private_key_jwt import AssertionInvalid, unverified_issuer, verify_assertion
@@ -58,19 +66,19 @@ def _subject(token: str, agent: Agent) -> tuple[dict[str, Any], SessionGrant]:
     try:
         claims = verify(token, typ=SESSION_TOKEN_TYP, verify_exp=False)
     except TokenInvalid as exc:
-        raise InvalidGrant(f"subject_token is not a valid session token ({exc})") from exc
+        raise SubjectTokenInvalid(f"subject_token is not a valid session token ({exc})") from exc
     if claims["exp"] + countersign_settings.EXCHANGE_GRACE_SECONDS < time.time():
-        raise InvalidGrant("subject_token expired too long ago: the user must consent again")
+        raise SubjectTokenInvalid("subject_token expired too long ago: the user must consent again")
     if claims.get("client_id") != agent.client_id:
-        raise InvalidGrant("subject_token was issued to another agent")
+        raise SubjectTokenInvalid("subject_token was issued to another agent")
     row = rows.fetchone(f"SELECT {_SUBJECT_GRANT.sql} FROM {rows.table(AccessToken)} t"
                         f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id WHERE t.token_checksum = %s",
                         [token_checksum(token)])
     grant = rows.instance(SessionGrant, _SUBJECT_GRANT.load(row)) if row is not None else None
     if grant is None or str(grant.pk) != claims.get("grant_id"):
-        raise InvalidGrant("subject_token is unknown")
+        raise SubjectTokenInvalid("subject_token is unknown")
     if not grant.is_live():
-        raise InvalidGrant(f"the session grant is {grant.status if grant.status != 'active' else 'expired'}")
+        raise GrantInactive(f"the session grant is {grant.status if grant.status != 'active' else 'expired'}")
     return claims, grant
 
 
@@ -97,10 +105,10 @@ def _delegate(req: TokenRequest, parent: Agent, grant: SessionGrant) -> Agent:
         sub_id = unverified_issuer(actor_token)
         sub_agent = Agent.objects.filter(client_id=sub_id).first()
         if sub_agent is None or not sub_agent.is_active:
-            raise InvalidGrant("actor_token names no active registered agent")
+            raise ActorTokenInvalid("actor_token names no active registered agent")
         verify_assertion(actor_token, agent=sub_agent, endpoint_url=req.uri)
     except AssertionInvalid as exc:
-        raise InvalidGrant(f"actor_token rejected: {exc}") from exc
+        raise ActorTokenInvalid(f"actor_token rejected: {exc}") from exc
     if sub_id == parent.client_id:
         raise InvalidRequest("an agent does not delegate to itself; omit actor_token to re-mint")
     if sub_id not in (parent.delegates or []) or sub_id not in (grant.permitted_delegates or []):
@@ -148,6 +156,6 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
         detail={"jti": new_claims["jti"], "scope": " ".join(scopes), "subject_jti": claims["jti"], "act": chain,
                 "expires_in": ttl}))
     if batch.run() is None:
-        raise InvalidGrant("the session grant ended")
+        raise GrantInactive("the session grant ended")
     return {"access_token": token, "issued_token_type": TOKEN_TYPE_ACCESS, "token_type": token_type(req.dpop_jkt),
             "expires_in": ttl, "scope": " ".join(scopes)}

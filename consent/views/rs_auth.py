@@ -4,7 +4,8 @@ from django.http import HttpResponse
 
 from audit.services import audit_refusal
 
-from ..http import claimed_client_id, client_credentials, oauth_error
+from ..errors import InvalidClient
+from ..http import claimed_client_id, client_credentials, error_response
 from ..models import ResourceServer
 from ..selectors import resource_server_authenticate
 
@@ -19,4 +20,4 @@ def resource_server_or_refusal(request, *, event: str,
         return rs, None
     audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
                   request=request, detail={"reason": "resource-server authentication failed"})
-    return None, oauth_error("invalid_client", "Resource-server authentication failed.", status=401)
+    return None, error_response(InvalidClient("Resource-server authentication failed."))

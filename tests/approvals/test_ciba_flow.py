@@ -50,7 +50,7 @@ def test_request_approve_collect_redeem_once(agent, client, scenario):
     first = agent.redeem(token, action_hash=action_hash([LEDGER_ENTRY]))
     assert first.status_code == 200 and first.json()["authorization_details"] == [LEDGER_ENTRY]
     second = agent.redeem(token)
-    assert second.status_code == 400 and "already redeemed" in second.json()["error_description"]
+    assert second.status_code == 400 and second.json()["reason"] == "already_redeemed"
     approval.refresh_from_db()
     assert approval.status == ApprovalRequest.Status.REDEEMED
     events = set(AuditEvent.objects.values_list("event", flat=True))

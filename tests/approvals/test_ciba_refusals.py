@@ -73,11 +73,15 @@ class Watch:
         return self.outbox.sent[self.sent:]
 
     def refused(self, response, *, status: int, error: str, event: str, ok_events=(),
-                unchanged: bool = True) -> AuditEvent:
-        """The response is the protocol error; one refused audit row; nothing else changed."""
+                unchanged: bool = True, reason: str = "") -> AuditEvent:
+        """The response is the protocol error (and, when given, its stable ``reason``); one refused
+        audit row; nothing else changed."""
         assert response.status_code == status, response.content[:500]
         body = response.json()
         assert body["error"] == error, body
+        assert isinstance(body.get("reason"), str) and body["reason"], body
+        if reason:
+            assert body["reason"] == reason, body
         events = self.events()
         refused = [e for e in events if e.outcome == AuditEvent.Outcome.REFUSED]
         assert [(e.event, e.error) for e in refused] == [(event, error)], [(e.event, e.error, e.detail) for e in events]
@@ -439,7 +443,7 @@ def test_expired_request_is_expired_token(agent, watch):
     with watch() as w:
         response = agent.poll(auth_req_id)
     w.refused(response, status=400, error="expired_token", event=TOKEN_REFUSED, ok_events=["approval.expired"],
-              unchanged=False)
+              unchanged=False, reason="window_passed")
     approval.refresh_from_db()
     assert approval.status == S.EXPIRED and ActionToken.objects.count() == 0
     assert [n for n, _ in w.new_queued()] == ["push_removal"]  # the inbox is told; nothing is prompted
@@ -451,7 +455,7 @@ def test_denied_is_access_denied_with_400(agent, client, watch):
     _decide(client, approval, "deny")
     with watch() as w:
         response = agent.poll(auth_req_id)
-    w.refused(response, status=400, error="access_denied", event=TOKEN_REFUSED)
+    w.refused(response, status=400, error="access_denied", event=TOKEN_REFUSED, reason="denied")
     assert ActionToken.objects.count() == 0
 
 
@@ -541,7 +545,8 @@ def test_approve_after_the_grant_was_revoked_is_refused(agent, client, scenario,
     assert [e.event for e in w.events()] == [DECISION_REFUSED]
     w.assert_unchanged()
     client.logout()
-    assert agent.poll(auth_req_id).json()["error"] == "access_denied"
+    body = agent.poll(auth_req_id).json()
+    assert body["error"] == "access_denied" and body["reason"] == "cancelled"  # the SDK: GrantRevoked
     assert ActionToken.objects.count() == 0
 
 

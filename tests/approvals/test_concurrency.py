@@ -17,7 +17,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
-from approvals.errors import AccessDenied, ApprovalNotPending, InvalidGrant, InvalidToken
+from approvals.errors import AccessDenied, AlreadyRedeemed, ApprovalNotPending, InvalidGrant, InvalidToken
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.redemption import action_token_redeem
 from approvals.services import (
@@ -181,7 +181,7 @@ def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
         results = race(16, lambda i, claims=claims: action_token_redeem(claims=claims, resource_server=rs))
         assert len(wins(results)) == 1, f"token {claims['jti']} redeemed {len(wins(results))} times"
         assert all(isinstance(e, InvalidToken) for e in errors(results)), errors(results)
-        assert all("already redeemed" in str(e) for e in errors(results)), [str(e) for e in errors(results)]
+        assert all(isinstance(e, AlreadyRedeemed) for e in errors(results)), [str(e) for e in errors(results)]
         token = ActionToken.objects.get(jti=claims["jti"])
         assert token.redeemed_at is not None and token.redeemed_by_id == rs.pk
         assert ApprovalRequest.objects.get(pk=approval.pk).status == S.REDEEMED

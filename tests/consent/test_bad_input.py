@@ -92,10 +92,16 @@ def _assert_error_page(response, status: int = 400):
     assert ERROR_PAGE in response.content.decode()
 
 
-def _json_error(response, status: int, error: str):
+# The stable name of each refusal (the body's "reason"); by default a refusal answers with its error.
+REASON_OF = {"invalid_client": "client_authentication_failed"}
+
+
+def _json_error(response, status: int, error: str, reason: str = ""):
     assert response.status_code == status, (response.status_code, response.content[:300])
     assert response["Content-Type"].startswith("application/json")
-    assert response.json()["error"] == error, response.json()
+    body = response.json()
+    assert body["error"] == error, body
+    assert body["reason"] == (reason or REASON_OF.get(error, error)), body
     assert "no-store" in response.get("Cache-Control", "")
 
 
@@ -325,7 +331,7 @@ def test_plain_pkce_verifier_equal_to_challenge_never_yields_a_token(flow):
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
     w = Watch()
     response = _exchange(flow, code, challenge)
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="pkce_mismatch")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -335,7 +341,7 @@ def test_wrong_code_verifier_is_invalid_grant(flow):
     w = Watch()
     other_verifier, _ = pkce_pair()
     response = _exchange(flow, code, other_verifier)
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="pkce_mismatch")
     w.assert_nothing_changed()
     row = w.assert_one_refusal(error="invalid_grant", event="token.refused")
     assert verifier not in str(row.detail) and code not in str(row.detail)
@@ -360,7 +366,7 @@ def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow):
 
     w = Watch()
     replay = _exchange(flow, code, verifier)
-    _json_error(replay, 400, "invalid_grant")
+    _json_error(replay, 400, "invalid_grant", reason="code_reused")
     w.assert_nothing_changed(active_grants=-1)
     w.assert_one_refusal(error="invalid_grant", event="token.refused")
     grant = SessionGrant.objects.get()
@@ -369,7 +375,7 @@ def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow):
     # everything issued from the code is dead
     assert flow.introspect(first["access_token"]).json() == {"active": False}
     refresh = flow.token({"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
-    _json_error(refresh, 400, "invalid_grant")
+    _json_error(refresh, 400, "invalid_grant", reason="grant_inactive")
 
 
 def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(flow, other_agent):
@@ -377,7 +383,7 @@ def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(flow,
     code, verifier = _code(flow)
     w = Watch()
     response = _exchange(flow, code, verifier, auth=(agent.client_id, secret))
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
     # the thief cannot burn the victim's grant; the rightful agent still exchanges the code
@@ -389,7 +395,7 @@ def test_unknown_code_is_invalid_grant(flow):
     flow.login()
     w = Watch()
     response = _exchange(flow, "not-a-code", "x" * 43)
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -401,7 +407,7 @@ def test_expired_code_is_invalid_grant(flow):
     AuthorizationCode.objects.update(expires=timezone.now() - timezone.timedelta(seconds=1))
     w = Watch()
     response = _exchange(flow, code, verifier)
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="code_expired")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -413,7 +419,7 @@ def test_code_for_a_grant_revoked_before_exchange_is_invalid_grant(flow, scenari
     assert SessionGrant.objects.get().status == SessionGrant.Status.REVOKED
     w = Watch()
     response = _exchange(flow, code, verifier)
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="grant_inactive")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -424,7 +430,7 @@ def test_code_exchanged_with_a_different_redirect_uri_is_invalid_grant(flow):
     w = Watch()
     response = flow.token({"grant_type": "authorization_code", "code": code,
                            "redirect_uri": "http://127.0.0.1:8199/other", "code_verifier": verifier})
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="redirect_uri_mismatch")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -528,7 +534,7 @@ def test_refresh_token_reuse_is_invalid_grant_with_one_refusal_row(flow):
     second = flow.token({"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}).json()
     w = Watch()
     replay = flow.token({"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
-    _json_error(replay, 400, "invalid_grant")
+    _json_error(replay, 400, "invalid_grant", reason="refresh_token_reused")
     w.assert_nothing_changed(active_grants=-1)
     w.assert_one_refusal(error="invalid_grant")
     assert flow.introspect(second["access_token"]).json() == {"active": False}
@@ -540,7 +546,7 @@ def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(flo
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]},
                           auth=(agent.client_id, secret))
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
     assert flow.introspect(body["access_token"]).json()["active"] is True
@@ -551,7 +557,7 @@ def test_unknown_refresh_token_is_invalid_grant(flow):
     flow.full()
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": "made-up"})
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -571,7 +577,7 @@ def test_access_token_presented_as_refresh_token_is_invalid_grant(flow):
     body = flow.full()
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["access_token"]})
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 
@@ -677,7 +683,7 @@ def test_revocation_by_the_agent_revokes_the_whole_grant(flow, scenario, which):
     assert grant.status == SessionGrant.Status.REVOKED and grant.end_reason == "revoked_by_agent"
     assert flow.introspect(body["access_token"]).json() == {"active": False}
     refresh = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
-    _json_error(refresh, 400, "invalid_grant")
+    _json_error(refresh, 400, "invalid_grant", reason="grant_inactive")
     assert [e.event for e in w.new_events()][:1] == ["grant.revoked"]
 
 
@@ -763,7 +769,7 @@ def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(fl
     assert flow.introspect(body["access_token"]).json() == {"active": False}
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
-    _json_error(response, 400, "invalid_grant")
+    _json_error(response, 400, "invalid_grant", reason="grant_inactive")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
 

@@ -109,7 +109,7 @@ def test_backchannel_poll_collect_redeem_introspect(flow, scenario, ledger_polic
     assert won.status_code == 200, won.content
     with django_assert_max_num_queries(BUDGET["redeem_loser"]):
         lost = agent.redeem(token)
-    assert lost.status_code == 400 and "already redeemed" in lost.json()["error_description"]
+    assert lost.status_code == 400 and lost.json()["reason"] == "already_redeemed"
     with django_assert_max_num_queries(BUDGET["introspect"]):
         introspected = flow.introspect(agent.session_token)
     assert introspected.json()["active"] is True
