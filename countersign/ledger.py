@@ -38,7 +38,9 @@ from .rfc9162 import leaf_hash, verify_consistency, verify_inclusion
 
 __all__ = [
     "CHECKPOINT_TYP",
+    "CONSISTENCY_SCHEMA",
     "EVENT_SCHEMA",
+    "INCLUSION_SCHEMA",
     "LEAF_FIELDS",
     "Checkpoint",
     "LedgerError",
