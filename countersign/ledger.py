@@ -15,8 +15,8 @@ checkpoint extends an earlier one (``verify_consistency_bundle``); nothing is fe
 Command line, for auditors (``python -m countersign.ledger --help``)::
 
     python -m countersign.ledger checkpoint CHECKPOINT.json --jwks jwks.json
-    python -m countersign.ledger inclusion PROOF.json --jwks jwks.json [--checkpoint KEPT.json]
-    python -m countersign.ledger consistency PROOF.json --jwks jwks.json
+    python -m countersign.ledger inclusion PROOF.json --jwks jwks.json
+    python -m countersign.ledger consistency PROOF.json --jwks jwks.json [--kept KEPT.json]
 """
 
 from __future__ import annotations
@@ -255,6 +255,20 @@ def _load(path: str) -> Any:
         raise LedgerError(f"{path}: not JSON ({exc})") from None
 
 
+def _load_kept(path: str) -> Any:
+    """A kept checkpoint: one JSON document, or a JSON-lines file whose last line is the newest."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read(1 << 22)
+    try:
+        return json.loads(text)
+    except ValueError:
+        lines = [line for line in text.splitlines() if line.strip()]
+        try:
+            return json.loads(lines[-1]) if lines else None
+        except ValueError as exc:
+            raise LedgerError(f"{path}: not JSON ({exc})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m countersign.ledger``: the auditor's checks, from files only. Exit 0 when they pass."""
     parser = argparse.ArgumentParser(prog="python -m countersign.ledger", description=__doc__.split("\n")[0])
@@ -262,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("file", help="the checkpoint or proof (JSON, as the server's commands print it)")
     parser.add_argument("--jwks", required=True, help="the issuer's JWKS (its /.well-known/jwks.json), kept")
     parser.add_argument("--issuer", help="the issuer the checkpoint must name")
+    parser.add_argument("--kept", help="a checkpoint you kept (JSON, or JSON lines: the last): the consistency "
+                                       "proof must start from it")
     args = parser.parse_args(argv)
     jwks = load_keys(_load(args.jwks))
     document = _load(args.file)
@@ -275,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{cp.tree_size} (root {cp.root_hash.hex()})")
         else:
             first, second = verify_consistency_bundle(document, jwks, issuer=args.issuer)
-            print(f"the signed tree of {second.tree_size} extends the signed tree of {first.tree_size}")
+            if args.kept and first.jws != _checkpoint_jws(_load_kept(args.kept)):
+                raise LedgerError("the proof does not start from the checkpoint you kept")
+            print(f"the signed tree of {second.tree_size} extends the signed tree of {first.tree_size}"
+                  + (" (the one you kept)" if args.kept else ""))
     except LedgerError as exc:
         print(f"FAILED: {exc.description or exc}", file=sys.stderr)
         return 1

@@ -193,6 +193,12 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_
                  ["consistency", str(tmp_path / "consistency.json")]):
         result = run(*args)
         assert result.returncode == 0, result.stderr
+    kept = tmp_path / "kept.jsonl"
+    call_command("audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO())  # 4, 8, 9: newest last
+    assert run("consistency", str(tmp_path / "consistency.json"), "--kept", str(kept)).returncode == 1
+    (tmp_path / "kept4.json").write_text(json.dumps(json.loads(kept.read_text().splitlines()[0])))
+    result = run("consistency", str(tmp_path / "consistency.json"), "--kept", str(tmp_path / "kept4.json"))
+    assert result.returncode == 0 and "the one you kept" in result.stdout, result.stderr
     forged = json.loads((tmp_path / "proof.json").read_text())
     forged["event"]["detail"]["amount"] = "1.00"
     (tmp_path / "forged.json").write_text(json.dumps(forged))
