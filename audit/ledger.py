@@ -31,11 +31,9 @@ from consent.models import SigningKey
 from countersign.ledger import (
     CHECKPOINT_TYP,
     EVENT_SCHEMA,
-    Checkpoint,
     LedgerError,
     checkpoint_digest,
     event_leaf_hash,
-    verify_checkpoint,
 )
 
 from .models import AuditCheckpoint, AuditEvent
@@ -98,11 +96,6 @@ def server_jwks() -> dict[str, Any]:
     """Every key this server ever signed with, published or not: the server checks its own history.
     (An outside auditor uses the JWKS it kept, which is the point of keeping it.)"""
     return {"keys": list(SigningKey.objects.values_list("public_jwk", flat=True))}
-
-
-def checkpoint_verify(jws: str, jwks: dict[str, Any] | None = None) -> Checkpoint:
-    """``countersign.ledger.verify_checkpoint`` with our issuer and, by default, every key we hold."""
-    return verify_checkpoint(jws, jwks if jwks is not None else server_jwks(), issuer=countersign_settings.ISSUER)
 
 
 def checkpoint_from_document(document: Any) -> str:

@@ -63,9 +63,6 @@ def _completion(key: tuple[int, int]) -> tuple[int, int]:
 
 class _Walk:
     def __init__(self, kept: list[Checkpoint], jwks: dict[str, Any] | None):
-        from consent.conf import countersign_settings
-
-        self.issuer = countersign_settings.ISSUER
         self.keys = load_keys(jwks if jwks is not None else server_jwks())
         self.prev_hash, self.expected = GENESIS, 1
         self.frontier: list[bytes] = []
@@ -140,7 +137,7 @@ class _Walk:
         start = (self.prev_cp.tree_size if self.prev_cp else 0) + 1
         name = f"checkpoint {cp.tree_size}"
         try:
-            signed = verify_checkpoint(cp.jws, self.keys, issuer=self.issuer)
+            signed = verify_checkpoint(cp.jws, self.keys)
         except LedgerError as exc:
             yield ChainBreak(start, f"{name}: {exc.description}")
             return
@@ -165,8 +162,10 @@ class _Walk:
             yield ChainBreak(self.size + 1, f"checkpoint {newest.tree_size} signs {newest.tree_size} events and the "
                                             f"ledger holds {self.size}: events were removed (truncated)")
         elif self.size > self.signed_size:
+            why = ("inserted? (events sealed before checkpoints existed are signed by the sealer's next run)"
+                   if self.prev_cp is None else "inserted?")
             yield ChainBreak(self.signed_size + 1, f"positions {self.signed_size + 1}..{self.size} are signed by no "
-                                                   "checkpoint (inserted?)")
+                                                   f"checkpoint ({why})")
         for kept in self.kept:
             yield ChainBreak(self.size + 1, f"the checkpoint kept elsewhere signs {kept.tree_size} events and the "
                                             f"ledger holds {self.size}: events were removed (truncated)")
@@ -213,7 +212,6 @@ def _grants_without_consent(newest: int = 1000) -> Iterator[ChainBreak]:
 
 
 def kept_checkpoint(jws: str, jwks: dict[str, Any] | None = None) -> Checkpoint:
-    from consent.conf import countersign_settings
-
-    return verify_checkpoint(jws, load_keys(jwks if jwks is not None else server_jwks()),
-                             issuer=countersign_settings.ISSUER)
+    """A checkpoint kept elsewhere, checked with our keys (any issuer name we signed under: the
+    issuer may have moved since; the keys have not)."""
+    return verify_checkpoint(jws, load_keys(jwks if jwks is not None else server_jwks()))
