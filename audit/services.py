@@ -80,7 +80,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ParamSpec
 
-import rfc8785
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
@@ -88,6 +87,7 @@ from django.utils import timezone
 from config.logging import bind
 from consent.keys import active_signing_key
 
+from .jcs import dumps as jcs_dumps
 from .ledger import checkpoint_published, checkpoint_sign, event_leaf
 from .merkle import frontier_append, frontier_root, insert_nodes
 from .models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink
@@ -105,7 +105,7 @@ SEAL_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0
 
 def _event_hash(*, seq: int, occurred_at: str, fields: dict[str, Any], prev_hash: str) -> str:
     body = {"seq": seq, "occurred_at": occurred_at, "prev_hash": prev_hash, **fields}
-    return hashlib.sha256(rfc8785.dumps(body)).hexdigest()
+    return hashlib.sha256(jcs_dumps(body)).hexdigest()
 
 
 def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
