@@ -8,9 +8,13 @@
 - ``GET /audit/proofs/inclusion?event_id=ID[&tree_size=N]`` and
   ``/audit/proofs/consistency?first=N[&second=M]``: RFC 9162 §2.1.3 / §2.1.4 proofs as
   ``audit_prove`` prints them.
+- ``GET /audit/proofs/approval?approval_id=ID[&tree_size=N]``: the inclusion proof of the
+  event that approved an action, for the resource server the action's scope is addressed to
+  (its own credentials, HTTP Basic), so it can check that what it executed is in the ledger.
 
 Readers authenticate with ``Authorization: Bearer <token>`` (``manage.py audit_reader create``);
-failures count against the source's ``audit_reader`` attempt limit. Every refusal is a JSON
+failures count against the source's ``audit_reader`` attempt limit (resource servers: their
+``resource_server`` attempt limit). Every refusal is a JSON
 error (RFC 6749 §5.2 members; RFC 6750 §3 challenge on 401), changes nothing, and is audited
 (a flood of bad input from one source: the first per minute, the rest counted).
 """
@@ -30,7 +34,7 @@ from limits import attempts, store
 from .export import ExportFilterError, document, ocsf, parse_when, sealed_events
 from .ledger import checkpoint_document
 from .models import AuditCheckpoint
-from .proofs import ProofUnavailable, consistency_bundle, inclusion_bundle
+from .proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
 from .readers import audit_reader_authenticate
 from .services import audit_refusal, client_ip
 
@@ -206,3 +210,63 @@ def consistency_view(request):
         return consistency_bundle(first=first, second=_int(request, "second", default=None, low=1))
 
     return _reader_endpoint(request, "audit.proof_refused", {"first", "second"}, build)
+
+
+def _resource_server(request):
+    """The resource server presenting its credentials, or raises the 401 / 429 to send."""
+    from consent.http import client_credentials
+    from consent.selectors import resource_server_authenticate
+
+    creds = client_credentials(request)
+    keys = attempts.keys_for(account=creds[0] if creds else "", source=client_ip(request))
+    locked = attempts.locked("resource_server", keys)
+    if locked:
+        attempts.refused_while_locked("resource_server", keys)
+        raise BadInput(attempts.message(locked), error="too_many_requests", status=429)
+    rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
+    if rs is None:
+        attempts.failed("resource_server", keys, request=request, client_id=keys.get("account", ""))
+        raise BadInput("resource-server authentication failed", error="invalid_client", status=401)
+    return rs
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def approval_proof_view(request):
+    event = "audit.proof_refused"
+    try:
+        _get_only(request)
+        rs = _resource_server(request)
+    except BadInput as exc:
+        response = _refuse(request, exc, event=event, dedupe=exc.status != 401)
+        if exc.status == 401:
+            response["WWW-Authenticate"] = 'Basic realm="countersign", error="invalid_client"'
+        return response
+    actor = f"rs:{rs.client_id}"
+    try:
+        _known(request, {"approval_id", "tree_size"})
+        body = _approval_proof(request, rs)
+    except BadInput as exc:
+        return _refuse(request, exc, event=event, actor=actor, dedupe=False)
+    except ProofUnavailable as exc:
+        return _refuse(request, BadInput(str(exc), error="not_found", status=404), event=event, actor=actor,
+                       dedupe=False)
+    return JsonResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def _approval_proof(request, rs) -> dict[str, Any]:
+    import uuid
+
+    from approvals.models import ApprovalRequest
+    from consent.models import ScopePolicy
+
+    try:
+        approval_id = uuid.UUID(request.GET.get("approval_id", ""))
+    except ValueError:
+        raise BadInput("approval_id must be an approval's id (a UUID)") from None
+    approval = ApprovalRequest.objects.filter(pk=approval_id).first()
+    audience = ScopePolicy.objects.filter(name=approval.scope).values_list("audience", flat=True).first() \
+        if approval else None
+    if approval is None or audience != rs.audience:  # another system's approvals do not exist for this one
+        raise ProofUnavailable(f"no approval {approval_id} for {rs.audience}")
+    event_id = approval_decision_event(approval_id=str(approval.pk), grant_id=str(approval.grant_id))
+    return inclusion_bundle(event_id=event_id, tree_size=_int(request, "tree_size", default=None, low=1))

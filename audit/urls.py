@@ -8,4 +8,5 @@ urlpatterns = [
     path("audit/events/", api.events_view, name="audit-events"),
     path("audit/proofs/inclusion", api.inclusion_view, name="audit-proof-inclusion"),
     path("audit/proofs/consistency", api.consistency_view, name="audit-proof-consistency"),
+    path("audit/proofs/approval", api.approval_proof_view, name="audit-proof-approval"),
 ]

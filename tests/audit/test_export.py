@@ -261,3 +261,32 @@ def test_a_webhook_witness_receives_each_checkpoint(events):
         server.shutdown()
     assert [(d["tree_size"], d["jws"]) for d in _Witness.received] == [
         (12, AuditCheckpoint.objects.get(tree_size=12).jws)]
+
+
+# --- a resource server proves the approval it acted on ----------------------------------------------
+
+
+def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(client, scenario, ledger_policy):
+    from approvals.services import approval_approve
+    from tests.approvals.support import auth_now, request_approval, session_grant
+    from tests.conftest import basic
+
+    approval, _ = request_approval(session_grant(scenario))
+    approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
+    audit_seal_all()
+    ledger = {"HTTP_AUTHORIZATION": basic(scenario.ledger_client_id, scenario.ledger_secret)}
+    response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)}, **ledger)
+    assert response.status_code == 200, response.content
+    proof = response.json()
+    verify_inclusion_bundle(proof, client.get("/.well-known/jwks.json").json())
+    assert proof["event"]["event"] == "approval.approved"
+    assert proof["event"]["detail"]["approval_id"] == str(approval.pk)
+    # Another downstream system's credentials: as if the approval did not exist.
+    other = {"HTTP_AUTHORIZATION": basic(scenario.rs_client_id, scenario.rs_secret)}
+    response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)}, **other)
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)},
+                          HTTP_AUTHORIZATION=basic(scenario.ledger_client_id, "wrong"))
+    assert response.status_code == 401 and response.json()["error"] == "invalid_client"
+    assert client.get("/audit/proofs/approval", {"approval_id": "x"}, **ledger).status_code == 400
+    assert len(_refusals("audit.proof_refused")) == 3

@@ -233,3 +233,23 @@ def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
     if connection.vendor == "postgresql":
         with pytest.raises(CommandError, match="not sealed yet"):
             call_command("audit_prove", str(unsealed.pk), "--checkpoint", "3", stdout=StringIO())
+
+
+def test_a_sealer_batch_costs_the_same_few_statements_however_large(db):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from audit.services import audit_seal
+
+    audit_record(event="token.issued", actor="agent:warm-up")  # the first batch creates the key and the head
+    audit_seal()
+    counts = []
+    for n in (3, 300):
+        for i in range(n):
+            audit_record(event="token.issued", actor=f"agent:{n}-{i}")
+        with CaptureQueriesContext(connection) as queries:
+            assert audit_seal(limit=1000).linked == n
+        counts.append(len(queries.captured_queries))
+    # The same statements for 3 events as for 300; the larger batch also completes tree nodes (one INSERT).
+    assert counts[1] - counts[0] <= 1 and max(counts) <= 10, counts
+    assert AuditCheckpoint.objects.count() == 3  # one signature per batch

@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.proofs import ProofUnavailable, consistency_bundle, inclusion_bundle
+from audit.proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
 
 
 class Command(BaseCommand):
@@ -16,6 +16,7 @@ class Command(BaseCommand):
                             help="prove against this checkpoint (default: the newest)")
         parser.add_argument("--consistency", nargs=2, type=int, metavar=("OLD", "NEW"),
                             help="tree sizes of two checkpoints")
+        parser.add_argument("--approval", metavar="APPROVAL_ID", help="prove the event that approved this approval")
         parser.add_argument("--output", metavar="FILE", help="write the proof here instead of stdout")
 
     def handle(self, *args, **options):
@@ -25,6 +26,14 @@ class Command(BaseCommand):
                     raise CommandError("give an event id or --consistency OLD NEW, not both")
                 first, second = options["consistency"]
                 proof = consistency_bundle(first=first, second=second)
+            elif options["approval"]:
+                from approvals.models import ApprovalRequest
+
+                approval = ApprovalRequest.objects.filter(pk=options["approval"]).first()
+                if approval is None:
+                    raise CommandError(f"there is no approval {options['approval']}")
+                event_id = approval_decision_event(approval_id=str(approval.pk), grant_id=str(approval.grant_id))
+                proof = inclusion_bundle(event_id=event_id, tree_size=options["checkpoint"])
             elif options["event_id"] is not None:
                 proof = inclusion_bundle(event_id=options["event_id"], tree_size=options["checkpoint"])
             else:
