@@ -32,7 +32,8 @@ from countersign.rfc9162 import compact_root
 from .ledger import event_leaf, server_jwks
 from .merkle import frontier_append
 from .models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink, AuditNode
-from .services import GENESIS, _link_hash, _unlinked
+from .selectors import _unlinked
+from .services import GENESIS, _link_hash
 
 CHUNK = 2000
 

@@ -4,7 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from audit.ledger import checkpoint_from_document, newest_in_file
 from audit.models import AuditCheckpoint, AuditLink
-from audit.services import audit_seal_all, audit_unsealed_count
+from audit.selectors import audit_unsealed_count
+from audit.services import audit_seal_all
 from audit.verification import audit_chain_breaks, kept_checkpoint
 from consent.conf import countersign_settings
 from countersign.ledger import LedgerError
