@@ -171,7 +171,8 @@ def verify_checkpoint(jws: str, jwks: Mapping[str, Any] | TrustedKeys, *, issuer
     if header.get("alg") != alg:
         raise LedgerError("the checkpoint's alg is not its key's")
     try:
-        claims: dict[str, Any] = jwt.decode(jws, key, algorithms=[alg], issuer=issuer,
+        # A checkpoint does not expire; the leeway only forgives a verifier whose clock runs behind.
+        claims: dict[str, Any] = jwt.decode(jws, key, algorithms=[alg], issuer=issuer, leeway=300,
                                             options={"require": ["iss", "iat"], "verify_aud": False})
     except jwt.PyJWTError as exc:
         raise LedgerError(f"signature or claims do not verify: {exc}") from None
