@@ -143,15 +143,23 @@ def append_checkpoint_file(path: str, document: dict[str, Any]) -> None:
 
 
 def newest_in_file(path: str) -> dict[str, Any] | None:
-    """The last checkpoint line of a checkpoint file (the ``AUDIT_CHECKPOINT_FILE`` sink's format)."""
+    """A kept checkpoint: a file holding one JSON document (as ``audit_checkpoint`` prints it), or JSON
+    lines (the ``AUDIT_CHECKPOINT_FILE`` sink's and ``--output``'s format), whose last line is the newest."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - 65536))
-            lines = [line for line in handle.read().splitlines() if line.strip()]
+            tail = handle.read()
     except FileNotFoundError:
         return None
+    if size <= 65536:
+        try:
+            document = json.loads(tail)
+            return document if isinstance(document, dict) else None
+        except ValueError:
+            pass
+    lines = [line for line in tail.splitlines() if line.strip()]
     if not lines:
         return None
     try:

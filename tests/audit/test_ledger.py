@@ -212,9 +212,13 @@ def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO())
     assert [json.loads(line)["tree_size"] for line in kept.read_text().splitlines()] == [3, 6]
+    printed = StringIO()
+    call_command("audit_checkpoint", stdout=printed)  # the newest, pretty-printed
+    (tmp_path / "newest.json").write_text(printed.getvalue())
     out = StringIO()
-    call_command("audit_verify", "--checkpoint", str(kept), stdout=out, stderr=StringIO())
-    assert "matches 1 checkpoint(s) kept elsewhere" in out.getvalue()
+    call_command("audit_verify", "--checkpoint", str(kept), "--checkpoint", str(tmp_path / "newest.json"),
+                 stdout=out, stderr=StringIO())
+    assert "matches 2 checkpoint(s) kept elsewhere" in out.getvalue()
 
 
 def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
