@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import AuditEvent
+from .models import AuditCheckpoint, AuditEvent, AuditReader
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -34,3 +34,20 @@ class AuditEventAdmin(ReadOnlyAdmin):
     def chain_position(self, obj: AuditEvent):
         link = getattr(obj, "link", None)  # a missing reverse one-to-one raises an AttributeError
         return link.seq if link is not None else "not sealed yet"
+
+
+@admin.register(AuditCheckpoint)
+class AuditCheckpointAdmin(ReadOnlyAdmin):
+    """The signed tree heads, oldest first (docs/audit.md); written by the sealer only."""
+
+    list_display = ("tree_size", "root_hash", "issued_at", "kid")
+    readonly_fields = [f.name for f in AuditCheckpoint._meta.fields]
+    ordering = ("-tree_size",)
+
+
+@admin.register(AuditReader)
+class AuditReaderAdmin(ReadOnlyAdmin):
+    """Tokens for pulling the audit log: issued and revoked with ``manage.py audit_reader``."""
+
+    list_display = ("name", "created", "revoked_at")
+    readonly_fields = ("name", "created", "revoked_at")

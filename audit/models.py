@@ -1,12 +1,15 @@
-"""The append-only, hash-chained audit log.
+"""The append-only, hash-chained audit log and its signed Merkle tree (RFC 9162 §2.1).
 
 Writers only ever INSERT an ``AuditEvent``. The sealer (``audit.services.audit_seal``)
 links committed events into the chain by INSERTing one ``AuditLink`` per event:
-its position, the hash of the link before it, and a hash over the event's content
-plus that link, so editing or deleting any event or link breaks the chain from
-there on (``manage.py audit_verify``). ``AuditHead`` is the sealer's own state.
-The application never updates or deletes an event or a link: ``save`` refuses
-updates, ``delete`` refuses outright, and on PostgreSQL a trigger refuses both.
+its position, the hash of the link before it, a hash over the event's content
+plus that link, and the event's RFC 9162 leaf hash, so editing or deleting any event
+or link breaks the chain from there on (``manage.py audit_verify``). Per batch it also
+stores the tree's completed subtrees at every ``STRIDE``-th height (``AuditNode``) and
+one signed ``AuditCheckpoint``. ``AuditHead`` is the sealer's own state.
+The application never updates or deletes an event, link, node or checkpoint: ``save``
+refuses updates, ``delete`` refuses outright, and on PostgreSQL triggers refuse UPDATE,
+DELETE and TRUNCATE.
 """
 
 from django.conf import settings
@@ -79,6 +82,8 @@ class AuditLink(models.Model):
                                  db_constraint=False)
     prev_hash = models.CharField(max_length=64, editable=False)
     hash = models.CharField(max_length=64, editable=False)
+    # RFC 9162 §2.1.1 leaf hash (hex) of the event's canonical form: leaf seq - 1 of the tree.
+    leaf = models.CharField(max_length=64, editable=False, default="")
     sealed_at = models.DateTimeField(editable=False)
 
     class Meta:
@@ -98,6 +103,8 @@ class AuditHead(models.Model):
     """One row, written only by the sealer while it holds the sealer lock.
 
     ``seq``/``hash``: the newest link, so removing the newest links is detected.
+    ``frontier``: the tree's perfect subtrees, largest first (hex), so a batch extends the
+    tree without reading it (``audit.merkle``).
     ``floor``: every event written by a transaction below it is linked (where the
     next search starts). ``lag_*``: the cumulative seal-lag histogram (now minus
     ``occurred_at`` when linked) that ``/metrics`` reports, whichever node sealed.
@@ -110,3 +117,58 @@ class AuditHead(models.Model):
     lag_buckets = models.JSONField(default=list)
     lag_sum = models.FloatField(default=0.0)
     lag_count = models.BigIntegerField(default=0)
+    frontier = models.JSONField(default=list)
+
+
+class AuditNode(models.Model):
+    """A perfect subtree of the ledger's tree: ``height`` a multiple of ``audit.merkle.STRIDE``,
+    covering leaves ``idx * 2**height`` to ``(idx + 1) * 2**height - 1``. Written once, by the sealer."""
+
+    pk = models.CompositePrimaryKey("height", "idx")
+    height = models.SmallIntegerField(editable=False)
+    idx = models.BigIntegerField(editable=False)
+    hash = models.CharField(max_length=64, editable=False)
+
+    def save(self, *args, **kwargs):
+        raise RuntimeError("Tree nodes are written by the sealer only")
+
+    def delete(self, *args, **kwargs):
+        raise RuntimeError("Tree nodes are append-only")
+
+
+class AuditCheckpoint(models.Model):
+    """A signed tree head: the sealer's statement that the first ``tree_size`` events have root
+    ``root_hash``, a compact JWS (``countersign.ledger``) by the server's signing key ``kid``."""
+
+    tree_size = models.BigIntegerField(primary_key=True, editable=False)
+    root_hash = models.CharField(max_length=64, editable=False)
+    issued_at = models.DateTimeField(editable=False)
+    kid = models.CharField(max_length=64, editable=False)
+    jws = models.TextField(editable=False)
+
+    class Meta:
+        ordering = ["tree_size"]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.tree_size} {self.root_hash[:12]}"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise RuntimeError("Checkpoints are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise RuntimeError("Checkpoints are append-only")
+
+
+class AuditReader(models.Model):
+    """An admin-issued credential for pulling the audit log (``/audit/events/``): a log shipper or
+    SIEM. Only the SHA-256 of its token is kept; revoking sets ``revoked_at``."""
+
+    name = models.CharField(max_length=100, unique=True)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name

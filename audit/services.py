@@ -23,8 +23,19 @@ Who writes which row
 
     The sealer (``audit_seal``; ``manage.py audit_seal --loop`` runs it as its own
     process) takes the transaction-scoped advisory lock ``SEALER_LOCK``, then in
-    that one transaction reads the head, selects a batch, INSERTs its links in
-    one statement and updates the head. One sealer at a time across all nodes.
+    that one transaction reads the head and the newest checkpoint, selects a
+    batch, INSERTs its links (with their RFC 9162 leaf hashes) in one statement,
+    the tree nodes the batch completed in another (``audit.merkle``), signs and
+    INSERTs one checkpoint (``audit.ledger``) and updates the head. One sealer at
+    a time across all nodes; per batch a bounded number of statements, ``O(batch
+    + log n)`` hashes and one signature.
+
+Refusing to seal over a broken ledger
+    Before it links anything the sealer checks that its head (size and frontier)
+    is the tree the newest checkpoint signed. If not (rows removed or rewritten
+    underneath it), it links nothing, logs why, and ``/readyz`` turns red as
+    events wait: signing on top would bless the damage. ``audit_verify`` says
+    where it is.
 
 Ordering rule
     An event is linked only when every transaction that could still write an
@@ -62,19 +73,25 @@ event before returning, in the writer's transaction.
 
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ParamSpec
 
-import rfc8785
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from .models import AuditEvent, AuditHead, AuditLink
+from consent.keys import active_signing_key
+
+from .jcs import dumps as jcs_dumps
+from .ledger import checkpoint_published, checkpoint_sign, event_leaf
+from .merkle import frontier_append, frontier_root, insert_nodes
+from .models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink
 from .signals import event_built
+
+log = logging.getLogger("audit.sealer")
 
 P = ParamSpec("P")
 
@@ -87,7 +104,7 @@ SEAL_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0
 
 def _event_hash(*, seq: int, occurred_at: str, fields: dict[str, Any], prev_hash: str) -> str:
     body = {"seq": seq, "occurred_at": occurred_at, "prev_hash": prev_hash, **fields}
-    return hashlib.sha256(rfc8785.dumps(body)).hexdigest()
+    return hashlib.sha256(jcs_dumps(body)).hexdigest()
 
 
 def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
@@ -232,6 +249,7 @@ def audit_refusal(*, event: str, error: str, **kwargs: Any) -> AuditEvent:
 class SealResult:
     linked: int
     busy: bool = False  # another sealer held the lock; nothing was tried
+    refused: str = ""  # the head is not the tree the newest checkpoint signed: why
 
 
 # The events to link next, in chain order, with the frontier of this very statement's snapshot.
@@ -285,6 +303,27 @@ def _observe_lag(head: AuditHead, lags: list[float]) -> None:
     head.lag_count += len(lags)
 
 
+def _state_problem(head: AuditHead, latest: AuditCheckpoint | None, frontier: list[bytes]) -> str:
+    """Why the head is not the tree the newest checkpoint signed ('' when it is)."""
+    if len(frontier) != head.seq.bit_count():
+        return f"the sealer's frontier does not describe a tree of {head.seq} events"
+    if latest is None:
+        return ""  # nothing signed yet (a new ledger, or events sealed before checkpoints existed)
+    if latest.tree_size != head.seq:
+        return (f"the newest checkpoint signs {latest.tree_size} events and the sealer's head says {head.seq}: "
+                "audit rows were removed or added underneath it")
+    if frontier_root(frontier).hex() != latest.root_hash:
+        return f"the sealer's tree of {head.seq} events is not the one checkpoint {latest.tree_size} signed"
+    return ""
+
+
+def _checkpoint(head: AuditHead, latest: AuditCheckpoint | None, frontier: list[bytes]) -> AuditCheckpoint:
+    cp = checkpoint_sign(tree_size=head.seq, root=frontier_root(frontier), prev=latest)
+    cp.save(force_insert=True)
+    checkpoint_published(cp)
+    return cp
+
+
 def _seal_batch(*, limit: int, wait: bool) -> SealResult:
     """Link up to ``limit`` events, in the caller's transaction. See the module docstring."""
     if not _take_lock(wait):
@@ -292,23 +331,39 @@ def _seal_batch(*, limit: int, wait: bool) -> SealResult:
     # The lock serialises sealers; in READ COMMITTED this statement already sees the previous
     # sealer's committed head.
     head, _ = AuditHead.objects.get_or_create(pk=1)
+    latest = AuditCheckpoint.objects.order_by("-tree_size").first()
+    frontier = [bytes.fromhex(h) for h in head.frontier]
+    problem = _state_problem(head, latest, frontier)
+    if problem:
+        log.error("audit sealer: not sealing: %s (run manage.py audit_verify)", problem)
+        return SealResult(linked=0, refused=problem)
     events = _candidates(head, limit)
     if not events:
+        if head.seq and latest is None:  # events sealed before checkpoints existed: sign them once
+            _checkpoint(head, latest, frontier)
         return SealResult(linked=0)
     now = timezone.now()
-    links, seq, prev_hash = [], head.seq, head.hash
+    links, leaves, seq, prev_hash = [], [], head.seq, head.hash
     for event in events:
         seq += 1
         digest = _link_hash(event, seq=seq, prev_hash=prev_hash)
-        links.append(AuditLink(seq=seq, event_id=event.pk, prev_hash=prev_hash, hash=digest, sealed_at=now))
+        leaf = event_leaf(event, seq)
+        leaves.append(leaf)
+        links.append(AuditLink(seq=seq, event_id=event.pk, prev_hash=prev_hash, hash=digest, leaf=leaf.hex(),
+                               sealed_at=now))
         prev_hash = digest
+    frontier, _, nodes = frontier_append(frontier, head.seq, leaves)
     AuditLink.objects.bulk_create(links)
-    frontier = int(events[0].frontier)
+    insert_nodes(nodes)
+    frontier_text = [h.hex() for h in frontier]
+    frontier_events = int(events[0].frontier)
     if connection.vendor == "postgresql":
-        head.floor = min(frontier, events[-1].xid) if len(events) == limit else frontier
+        head.floor = min(frontier_events, events[-1].xid) if len(events) == limit else frontier_events
     _observe_lag(head, [max(0.0, (now - e.occurred_at).total_seconds()) for e in events])
-    head.seq, head.hash, head.sealed_at = seq, prev_hash, now
-    head.save(update_fields=["seq", "hash", "floor", "sealed_at", "lag_buckets", "lag_sum", "lag_count"])
+    head.seq, head.hash, head.sealed_at, head.frontier = seq, prev_hash, now, frontier_text
+    _checkpoint(head, latest, frontier)
+    head.save(update_fields=["seq", "hash", "floor", "sealed_at", "lag_buckets", "lag_sum", "lag_count",
+                             "frontier"])
     return SealResult(linked=len(links))
 
 
@@ -318,6 +373,7 @@ def audit_seal(*, limit: int = SEAL_BATCH, wait: bool = False) -> SealResult:
     ``wait=False`` (the looping sealer) returns ``busy`` at once if another sealer
     holds the lock; ``wait=True`` waits for it.
     """
+    active_signing_key()  # a first key is created outside the sealer's transaction
     with transaction.atomic():
         return _seal_batch(limit=limit, wait=wait)
 
@@ -330,81 +386,3 @@ def audit_seal_all(*, limit: int = SEAL_BATCH) -> int:
         total += result.linked
         if result.linked < limit:
             return total
-
-
-# --- reading the sealer's progress --------------------------------------------------------------
-
-
-def _unlinked(*, recent: bool):
-    """Unlinked events: ``recent`` ones (at or above the floor: not sealed yet), or the others
-    (below it: they were linked once, and their link is gone)."""
-    head = AuditHead.objects.filter(pk=1).first()
-    unlinked = AuditEvent.objects.filter(link__isnull=True)
-    if connection.vendor != "postgresql":
-        # SQLite links every event in its own transaction: an unlinked event has lost its link.
-        return unlinked.none() if recent else unlinked
-    floor = head.floor if head is not None else 0
-    return unlinked.filter(xid__gte=floor) if recent else unlinked.filter(xid__lt=floor)
-
-
-def audit_unsealed_count() -> int:
-    return _unlinked(recent=True).count()
-
-
-def audit_oldest_unsealed() -> datetime | None:
-    """When the oldest event still waiting for the sealer happened (None: nothing waits)."""
-    first = _unlinked(recent=True).order_by("occurred_at").values_list("occurred_at", flat=True).first()
-    return first
-
-
-def audit_seal_lag() -> tuple[list[int], float, int]:
-    """The seal-lag histogram: (count per bucket of ``SEAL_LAG_BUCKETS``, sum of seconds, count)."""
-    head = AuditHead.objects.filter(pk=1).first()
-    if head is None or not head.lag_buckets:
-        return [0] * len(SEAL_LAG_BUCKETS), 0.0, 0
-    return list(head.lag_buckets), head.lag_sum, head.lag_count
-
-
-# --- checking ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChainBreak:
-    seq: int | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"link {self.seq}: {self.reason}" if self.seq is not None else self.reason
-
-
-def audit_chain_breaks() -> Iterator[ChainBreak]:
-    """Walk the chain in order; yield every place where it does not hold."""
-    prev_hash, expected_seq = GENESIS, 1
-    chunk: list[AuditLink] = []
-
-    def check(links: list[AuditLink]) -> Iterator[ChainBreak]:
-        nonlocal prev_hash, expected_seq
-        events = AuditEvent.objects.in_bulk([link.event_id for link in links])
-        for link in links:
-            if link.seq != expected_seq:
-                yield ChainBreak(expected_seq, f"links {expected_seq}..{link.seq - 1} are missing")
-            if link.prev_hash != prev_hash:
-                yield ChainBreak(link.seq, "does not link to the one before it")
-            event = events.get(link.event_id)
-            if event is None:
-                yield ChainBreak(link.seq, f"its event (id {link.event_id}) was removed")
-            elif _link_hash(event, seq=link.seq, prev_hash=link.prev_hash) != link.hash:
-                yield ChainBreak(link.seq, f"event {event.pk}: content does not match its hash (edited)")
-            prev_hash, expected_seq = link.hash, link.seq + 1
-
-    for link in AuditLink.objects.order_by("seq").iterator(chunk_size=2000):
-        chunk.append(link)
-        if len(chunk) == 2000:
-            yield from check(chunk)
-            chunk = []
-    yield from check(chunk)
-    head = AuditHead.objects.filter(pk=1).first()
-    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev_hash):
-        yield ChainBreak(head.seq, "the newest links were removed (chain head does not match)")
-    for pk in _unlinked(recent=False).order_by("id").values_list("pk", flat=True)[:1000]:
-        yield ChainBreak(None, f"event {pk} is not in the chain (its link was removed)")

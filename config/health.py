@@ -46,7 +46,7 @@ def _broker() -> None:
 def _audit_sealer() -> None:
     """The oldest event still waiting for its link: older than this, the sealer has stopped (or a
     transaction left open on the database holds it back)."""
-    from audit.services import audit_oldest_unsealed
+    from audit.selectors import audit_oldest_unsealed
 
     stale_after = settings.COUNTERSIGN.get("AUDIT_SEALER_STALE_SECONDS", 30)
     oldest = audit_oldest_unsealed()

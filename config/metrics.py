@@ -63,7 +63,8 @@ def seal_lag_histogram() -> HistogramMetricFamily:
     The sealer keeps the cumulative counts in the audit head, so every node reports the same
     histogram whichever sealer process did the work.
     """
-    from audit.services import SEAL_LAG_BUCKETS, audit_seal_lag
+    from audit.selectors import audit_seal_lag
+    from audit.services import SEAL_LAG_BUCKETS
 
     counts, total, count = audit_seal_lag()
     buckets, running = [], 0

@@ -20,10 +20,10 @@ from config.logging import RequestContextMiddleware
 from consent.limits.middleware import RateLimitMiddleware
 
 log = logging.getLogger(__name__)
-PROTOCOL_PREFIXES = ("/o/", "/.well-known/", "/readyz", "/metrics")
+PROTOCOL_PREFIXES = ("/o/", "/.well-known/", "/audit/", "/readyz", "/metrics")
 # Answered to programs, never rendered for a person: no page here shows or adds a flash message.
 # /o/authorize/ is the consent page (base.html shows messages), so it keeps them.
-MACHINE_PREFIXES = ("/o/", "/.well-known/", "/healthz", "/readyz", "/metrics")
+MACHINE_PREFIXES = ("/o/", "/.well-known/", "/audit/", "/healthz", "/readyz", "/metrics")
 PAGES_UNDER_MACHINE_PREFIXES = ("/o/authorize/",)
 
 

@@ -294,6 +294,8 @@ COUNTERSIGN = {
     # COUNTERSIGN_RATE_LIMITS_ENABLED=0 turns the HTTP rate limits off (benchmarks that drive one client
     # hard); attempt limits on secrets stay on.
     "RATE_LIMITS_ENABLED": os.environ.get("COUNTERSIGN_RATE_LIMITS_ENABLED", "1") == "1",
+    "AUDIT_CHECKPOINT_FILE": os.environ.get("COUNTERSIGN_AUDIT_CHECKPOINT_FILE", ""),
+    "AUDIT_CHECKPOINT_WEBHOOK": os.environ.get("COUNTERSIGN_AUDIT_CHECKPOINT_WEBHOOK", ""),
 }
 # Whole limit tables as JSON, for deployments that keep configuration in the environment
 # (the shapes are documented in consent.conf).

@@ -28,5 +28,6 @@ urlpatterns = [
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
     path("activity/", activity_view, name="activity"),
     path("", include("approvals.urls")),
+    path("", include("audit.urls")),
     path("admin/", admin.site.urls),
 ]

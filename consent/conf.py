@@ -71,7 +71,9 @@ DEFAULTS: dict[str, Any] = {
                      "client": [1200, 60], "source": [6000, 60]},
         "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
                   "user": [120, 60], "source": [600, 60]},
-        "public": {"paths": ["/.well-known/", "/o/agents/"], "source": [1200, 60]},
+        "public": {"paths": ["/.well-known/", "/o/agents/", "/audit/checkpoints/"], "source": [1200, 60]},
+        # Log shippers pulling the audit log (/audit/events/) and proofs (/audit/proofs/).
+        "audit": {"paths": ["/audit/"], "source": [600, 60]},
     },
     # Attempt limits on secrets (consent.limits.attempts, consent.limits.middleware, consent.limits.logins): kind -> failures
     # allowed per "account" and per "source" within "seconds". Past them the account or source is
@@ -84,9 +86,18 @@ DEFAULTS: dict[str, Any] = {
         "fresh_auth": {"account": 5, "source": 10, "seconds": 900},
         "totp": {"account": 5, "source": 10, "seconds": 900},
         "login": {"account": 5, "source": 5, "seconds": 900},
+        # audit-reader tokens (/audit/events/, /audit/proofs/): bearer tokens, so per source only.
+        "audit_reader": {"source": 10, "seconds": 300},
     },
     "LOCKOUT_SECONDS": 60,
     "LOCKOUT_MAX_SECONDS": 3600,
+    # The audit ledger's witnesses (audit.ledger): a file each signed checkpoint is appended to (one
+    # JSON line; put it on storage the database's administrators cannot rewrite), and a URL each is
+    # POSTed to (JSON, by a Celery task). Empty: off. audit_verify checks against the file's newest line.
+    "AUDIT_CHECKPOINT_FILE": "",
+    "AUDIT_CHECKPOINT_WEBHOOK": "",
+    # Most events one pull of /audit/events/ returns.
+    "AUDIT_EXPORT_PAGE_MAX": 1000,
 }
 
 

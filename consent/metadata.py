@@ -33,6 +33,8 @@ def server_metadata() -> dict:
         "redemption_endpoint": f"{issuer}/o/redeem/",
         "agent_registry_endpoint": f"{issuer}/o/agents/",
         "agent_registry_document": f"{issuer}/.well-known/agent-registry.jwt",
+        # The audit ledger's signed checkpoints (docs/audit.md), like a CT log's signed tree heads.
+        "audit_checkpoints_endpoint": f"{issuer}/audit/checkpoints/",
         "dpop_signing_alg_values_supported": list(DPOP_ALGS),
         "jwks_uri": f"{issuer}/.well-known/jwks.json",
         "scopes_supported": list(ScopePolicy.objects.order_by("name").values_list("name", flat=True)),

@@ -5,6 +5,9 @@ Plain Python (httpx, PyJWT, rfc8785); only :mod:`countersign.django` imports Dja
 - :class:`TokenVerifier` — verify session tokens (RFC 9068) and one-shot action
   tokens, check the acting agent (RFC 8693 ``act``) against the registry, DPoP
   (RFC 9449), and redeem action tokens.
+- :func:`verify_checkpoint`, :func:`verify_inclusion_bundle`, :func:`verify_consistency_bundle`
+  — check the server's signed audit ledger offline with only its JWKS (RFC 9162 §2.1 Merkle
+  proofs against signed checkpoints; :mod:`countersign.ledger`, :mod:`countersign.rfc9162`).
 - :class:`AgentClient` / :class:`AsyncAgentClient` — authorization code + PKCE
   (RFC 6749, RFC 7636), token upkeep (refresh, RFC 8693 exchange with RFC 7523
   ``private_key_jwt``), step-up approvals (OpenID CIBA Core 1.0, RFC 9396).
@@ -33,6 +36,13 @@ from .errors import (
     ServiceUnavailable,
     SessionEnded,
 )
+from .ledger import (
+    Checkpoint,
+    LedgerError,
+    verify_checkpoint,
+    verify_consistency_bundle,
+    verify_inclusion_bundle,
+)
 from .verifier import AgentRecord, TokenVerifier, VerifiedToken, action_hash, parse_authorization
 
 __all__ = [
@@ -47,6 +57,7 @@ __all__ = [
     "ApprovalError",
     "ApprovalExpired",
     "ApprovalTimeout",
+    "Checkpoint",
     "AsyncAgentClient",
     "CountersignError",
     "DPoPKey",
@@ -57,6 +68,7 @@ __all__ = [
     "InvalidDPoPProof",
     "InvalidRequest",
     "InvalidToken",
+    "LedgerError",
     "MissingToken",
     "OAuthError",
     "ReplayCache",
@@ -69,5 +81,8 @@ __all__ = [
     "action_hash",
     "jwk_thumbprint",
     "parse_authorization",
+    "verify_checkpoint",
+    "verify_consistency_bundle",
+    "verify_inclusion_bundle",
     "verify_proof",
 ]

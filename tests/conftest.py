@@ -20,6 +20,23 @@ REDIRECT_URI = "http://127.0.0.1:8199/callback"
 PASSWORD = "correct horse battery staple"
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Tests that commit (``transaction=True``) are emptied by TRUNCATE afterwards, which the audit
+    tables refuse unless their owner lifts it for the session: this test database's sessions do."""
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(f"ALTER DATABASE {connection.ops.quote_name(connection.settings_dict['NAME'])} "
+                               "SET countersign.audit_truncate = 'allow'")
+            connection.close()
+            if hasattr(connection, "close_pool"):
+                connection.close_pool()  # pooled sessions started before the default was set
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_limits():
     # Rate counters, lockouts and login attempts live in Redis: each test starts from none.

@@ -13,6 +13,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["countersign", "audit", "consent", "approvals", "config"]
+# Known exceptions, each a debt with its way out (docs/architecture.md, "The layer rule"): the
+# signed ledger lives in audit but signs its checkpoints with consent's signing keys, answers
+# resource servers about their approvals, and reads consent's settings. Only these modules may
+# reach up, and only into these packages; anything new fails.
+DEBTS = {
+    "audit/ledger.py": {"consent"},
+    "audit/services.py": {"consent"},
+    "audit/verification.py": {"consent"},
+    "audit/api.py": {"consent", "approvals"},
+    "audit/tasks.py": {"consent"},
+    "audit/checks.py": {"consent"},
+    "audit/management/commands/audit_verify.py": {"consent"},
+    "audit/management/commands/audit_prove.py": {"approvals"},
+}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -36,11 +50,19 @@ def test_a_package_imports_nothing_above_its_layer(package):
     allowed = set(LAYERS[: LAYERS.index(package) + 1])
     wrong = []
     for path in sorted((ROOT / package).rglob("*.py")):
+        debts = DEBTS.get(str(path.relative_to(ROOT)), set())
         for line, module in _imports(path):
             layer = _layer(module)
-            if layer is not None and layer not in allowed:
+            if layer is not None and layer not in allowed and layer not in debts:
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert wrong == [], f"{package} may import only {sorted(allowed)}:\n" + "\n".join(wrong)
+
+
+def test_every_debt_is_still_owed():
+    # A debt paid off (the module no longer reaches up) comes off the list.
+    for name, packages in DEBTS.items():
+        reached = {_layer(module) for _, module in _imports(ROOT / name)}
+        assert packages <= reached, f"{name} no longer imports {packages - reached}: drop it from DEBTS"
 
 
 def test_the_check_sees_an_upward_import(tmp_path):

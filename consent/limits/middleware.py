@@ -77,7 +77,7 @@ def _source(request) -> str:
 
 
 def _is_machine(path: str) -> bool:
-    return path.startswith(("/o/", "/.well-known/")) and not path.startswith("/o/authorize/")
+    return path.startswith(("/o/", "/.well-known/", "/audit/")) and not path.startswith("/o/authorize/")
 
 
 def refusal_response(request, exc: TooManyRequests) -> HttpResponse:

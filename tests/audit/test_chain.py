@@ -192,14 +192,14 @@ def test_links_cannot_be_saved_or_deleted_through_the_model(chain):
 def test_row_edited_with_queryset_update_is_detected(chain):
     assert AuditEvent.objects.filter(pk=_event_at(4).pk).update(detail={"jti": "forged"}) == 1
     err = _verify_fails()
-    assert "link 4" in err and "edited" in err
+    assert "position 4" in err and "edited" in err
 
 
 def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain):
     assert chain[2].outcome == "refused"
     assert _sql(f"UPDATE {TABLE} SET outcome = %s, error = %s WHERE id = %s", ["ok", "", chain[2].pk]) == 1
     err = _verify_fails()
-    assert "link 3" in err
+    assert "position 3" in err
 
 
 @pytest.mark.parametrize("column, value", [
@@ -211,7 +211,7 @@ def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain):
 ])
 def test_any_edited_column_is_detected(chain, column, value):
     assert _sql(f"UPDATE {TABLE} SET {column} = %s WHERE id = %s", [value, chain[5].pk]) == 1
-    assert "link 6" in _verify_fails()
+    assert "position 6" in _verify_fails()
 
 
 def test_edited_timestamp_is_detected(chain):
@@ -220,11 +220,12 @@ def test_edited_timestamp_is_detected(chain):
     from django.db.models import F
 
     assert AuditEvent.objects.filter(pk=chain[6].pk).update(occurred_at=F("occurred_at") - timedelta(hours=1)) == 1
-    assert "link 7" in _verify_fails()
+    assert "position 7" in _verify_fails()
 
 
-def test_edited_row_with_its_link_hash_recomputed_breaks_the_next_link(chain):
-    """An editor who also recomputes the edited event's link hash is caught by the next link's prev_hash."""
+def test_edited_row_with_its_link_hash_recomputed_is_caught_by_its_leaf_and_the_next_link(chain):
+    """An editor who also recomputes the edited event's link hash is caught by the event's leaf hash
+    and by the next link's prev_hash."""
     row = _event_at(5)
     row.detail = {"jti": "forged"}
     link = AuditLink.objects.get(seq=5)
@@ -232,31 +233,32 @@ def test_edited_row_with_its_link_hash_recomputed_breaks_the_next_link(chain):
     AuditEvent.objects.filter(pk=row.pk).update(detail={"jti": "forged"})
     AuditLink.objects.filter(seq=5).update(hash=forged_hash)
     err = _verify_fails()
-    assert "link 6" in err and "link 5" not in err
+    assert "position 5: event" in err and "leaf hash" in err
+    assert "position 6: does not link to the one before it" in err
 
 
 def test_deleted_middle_event_is_detected(chain):
     assert _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[4].pk]) == 1
     err = _verify_fails()
-    assert "link 5" in err and "removed" in err
+    assert "position 5" in err and "removed" in err
 
 
 def test_deleted_middle_link_is_detected(chain):
     """The event is still there but out of the chain; sealing it again cannot close the gap."""
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [5]) == 1
     err = _verify_fails()
-    assert "links 5..5 are missing" in err
+    assert "positions 5..5 are missing" in err
 
 
 def test_deleted_middle_link_is_detected_without_sealing(chain):
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [5]) == 1
-    assert "links 5..5 are missing" in _verify_fails("--no-seal")
+    assert "positions 5..5 are missing" in _verify_fails("--no-seal")
 
 
 def test_deleted_first_row_is_detected(chain):
     assert _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[0].pk]) == 1
     _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [1])
-    assert "links 1..1 are missing" in _verify_fails()
+    assert "positions 1..1 are missing" in _verify_fails()
 
 
 def test_removed_newest_event_and_link_are_detected(chain):

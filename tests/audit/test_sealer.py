@@ -25,6 +25,7 @@ from django.utils import timezone
 import audit.services as services
 from audit.models import AuditEvent, AuditHead, AuditLink
 from audit.services import audit_record, audit_refusal, audit_seal, audit_seal_all
+from consent.keys import active_signing_key
 from tests.audit.test_chain import verified
 from tests.live import ROOT, _database_url
 
@@ -231,6 +232,9 @@ def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everythi
     for i in range(12):
         audit_record(event="token.issued", actor=f"agent:{i}")
     _seal_until_one_can_link()
+    # The signing key exists before the hanging sealer's transaction, as it does once a server has run
+    # (created inside it, it would keep this process's own first key waiting on that transaction).
+    active_signing_key()
     env = {**os.environ, "DATABASE_URL": _database_url(), "DATABASE_POOL": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SEAL_AND_HANG, "5"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

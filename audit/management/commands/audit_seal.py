@@ -11,7 +11,7 @@ log = logging.getLogger("audit.sealer")
 
 
 class Command(BaseCommand):
-    help = ("Link committed audit events into the hash chain. Once by default; with --loop, keep sealing "
+    help = ("Link committed audit events into the hash chain and the Merkle tree, signing a checkpoint per batch. Once by default; with --loop, keep sealing "
             "(run exactly as many as you like: one at a time holds the sealer lock).")
 
     def add_arguments(self, parser):
@@ -50,6 +50,8 @@ class Command(BaseCommand):
                 time.sleep(max(1.0, options["interval"]))
                 continue
             close_old_connections()
-            if result.linked < batch:
+            if result.refused:  # logged by the sealer; /readyz goes red while events wait
+                time.sleep(max(5.0, options["interval"]))
+            elif result.linked < batch:
                 time.sleep(options["interval"])
         log.info("audit sealer stopped")

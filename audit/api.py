@@ -1,0 +1,272 @@
+"""The ledger over HTTP: checkpoints for everyone, events and proofs for audit readers.
+
+- ``GET /audit/checkpoints/`` (``?after=TREE_SIZE&limit=N``), ``/audit/checkpoints/latest``,
+  ``/audit/checkpoints/<tree_size>``: public, like a Certificate Transparency log's signed tree
+  heads (RFC 9162 §4.3): roots and sizes only, no event content.
+- ``GET /audit/events/?cursor=SEQ&limit=N[&format=ocsf][&since=…&until=…&principal=…]``: the
+  pull endpoint for log shippers; ``next_cursor`` is the last position returned.
+- ``GET /audit/proofs/inclusion?event_id=ID[&tree_size=N]`` and
+  ``/audit/proofs/consistency?first=N[&second=M]``: RFC 9162 §2.1.3 / §2.1.4 proofs as
+  ``audit_prove`` prints them.
+- ``GET /audit/proofs/approval?approval_id=ID[&tree_size=N]``: the inclusion proof of the
+  event that approved an action, for the resource server the action's scope is addressed to
+  (its own credentials, HTTP Basic), so it can check that what it executed is in the ledger.
+
+Readers authenticate with ``Authorization: Bearer <token>`` (``manage.py audit_reader create``);
+failures count against the source's ``audit_reader`` attempt limit (resource servers: their
+``resource_server`` attempt limit). Every refusal is a JSON
+error (RFC 6749 §5.2 members; RFC 6750 §3 challenge on 401), changes nothing, and is audited
+(a flood of bad input from one source: the first per minute, the rest counted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from consent.conf import countersign_settings
+from consent.http import oauth_error
+from consent.limits import attempts, store
+
+from .export import ExportFilterError, document, ocsf, parse_when, sealed_events
+from .ledger import checkpoint_document
+from .models import AuditCheckpoint
+from .proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
+from .readers import audit_reader_authenticate
+from .services import audit_refusal, client_ip
+
+PUBLIC = {"Cache-Control": "public, max-age=5"}
+KIND = "audit_reader"
+
+
+class BadInput(Exception):
+    def __init__(self, description: str, *, error: str = "invalid_request", status: int = 400):
+        super().__init__(description)
+        self.description, self.error, self.status = description, error, status
+
+
+def _refuse(request, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True):
+    source = client_ip(request)
+    if not dedupe or store.first_refusal(f"{event}:{source}", field=event, window=60):
+        audit_refusal(event=event, error=exc.error, actor=actor, request=request,
+                      detail={"path": request.path[:200], "reason": exc.description[:200]})
+    response = oauth_error(exc.error, exc.description, status=exc.status, scheme="Bearer")
+    if exc.status == 405:
+        response["Allow"] = "GET, HEAD"
+    return response
+
+
+def _int(request, name: str, *, default: int | None, low: int, high: int | None = None) -> int | None:
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise BadInput(f"{name} must be a non-negative integer")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        raise BadInput(f"{name} must be between {low} and {high}" if high else f"{name} must be at least {low}")
+    return value
+
+
+def _known(request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.GET) - allowed)
+    if unknown:
+        raise BadInput(f"unknown parameter {unknown[0][:40]!r}")
+    for name in request.GET:
+        if len(request.GET.getlist(name)) > 1:
+            raise BadInput(f"{name} given more than once")
+
+
+def _get_only(request) -> None:
+    if request.method not in ("GET", "HEAD"):
+        raise BadInput("use GET", error="invalid_request", status=405)
+
+
+# --- public: checkpoints ---------------------------------------------------------------------------
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def checkpoints_view(request):
+    try:
+        _get_only(request)
+        _known(request, {"after", "limit"})
+        after = _int(request, "after", default=0, low=0)
+        limit = _int(request, "limit", default=100, low=1, high=1000)
+    except BadInput as exc:
+        return _refuse(request, exc, event="audit.checkpoints_refused")
+    rows = list(AuditCheckpoint.objects.filter(tree_size__gt=after).order_by("tree_size")[:limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JsonResponse({"checkpoints": [checkpoint_document(cp) for cp in rows],
+                         "next": rows[-1].tree_size if more else None}, headers=PUBLIC)
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def checkpoint_view(request, tree_size: str):
+    try:
+        _get_only(request)
+        _known(request, set())
+        if tree_size == "latest":
+            cp = AuditCheckpoint.objects.order_by("-tree_size").first()
+        elif tree_size.isdigit() and len(tree_size) <= 18:
+            cp = AuditCheckpoint.objects.filter(tree_size=int(tree_size)).first()
+        else:
+            raise BadInput("a checkpoint is named by its tree size, or latest")
+        if cp is None:
+            raise BadInput("no such checkpoint" if tree_size != "latest" else "no checkpoint signed yet",
+                           error="not_found", status=404)
+    except BadInput as exc:
+        return _refuse(request, exc, event="audit.checkpoints_refused")
+    return JsonResponse(checkpoint_document(cp), headers=PUBLIC)
+
+
+# --- audit readers: events and proofs -------------------------------------------------------------
+
+
+def _reader(request):
+    """The authenticated reader, or raises the 401 / 429 to send."""
+    keys = attempts.keys_for(account="", source=client_ip(request))
+    if KIND in countersign_settings.ATTEMPT_LIMITS:
+        locked = attempts.locked(KIND, keys)
+        if locked:
+            attempts.refused_while_locked(KIND, keys)
+            raise BadInput(attempts.message(locked), error="too_many_requests", status=429)
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = header.partition(" ")
+    reader = audit_reader_authenticate(token.strip()) if scheme.lower() == "bearer" else None
+    if reader is None:
+        if KIND in countersign_settings.ATTEMPT_LIMITS:
+            attempts.failed(KIND, keys, request=request)
+        raise BadInput("an audit reader token is required (Authorization: Bearer)", error="invalid_token",
+                       status=401)
+    return reader
+
+
+def _reader_endpoint(request, event: str, allowed: set[str], build):
+    try:
+        _get_only(request)
+        reader = _reader(request)
+    except BadInput as exc:
+        return _refuse(request, exc, event=event, dedupe=exc.status != 401)
+    actor = f"audit_reader:{reader.name}"
+    try:
+        _known(request, allowed)
+        body = build(request)
+    except BadInput as exc:
+        return _refuse(request, exc, event=event, actor=actor, dedupe=False)
+    except (ExportFilterError, ProofUnavailable) as exc:
+        status = 404 if isinstance(exc, ProofUnavailable) else 400
+        return _refuse(request, BadInput(str(exc), error="not_found" if status == 404 else "invalid_request",
+                                         status=status), event=event, actor=actor, dedupe=False)
+    return JsonResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def _events(request) -> dict[str, Any]:
+    cursor = _int(request, "cursor", default=0, low=0)
+    limit = _int(request, "limit", default=100, low=1, high=countersign_settings.AUDIT_EXPORT_PAGE_MAX)
+    fmt = request.GET.get("format", "countersign")
+    if fmt not in ("countersign", "ocsf"):
+        raise BadInput("format must be countersign or ocsf")
+    since, until = request.GET.get("since"), request.GET.get("until")
+    links: QuerySet = sealed_events(
+        after=cursor, principal=request.GET.get("principal") or None,
+        since=parse_when(since, name="since") if since else None,
+        until=parse_when(until, name="until", end=True) if until else None)
+    page = list(links[:limit + 1])
+    more = len(page) > limit
+    docs = [document(link) for link in page[:limit]]
+    newest = AuditCheckpoint.objects.order_by("-tree_size").values_list("tree_size", flat=True).first()
+    return {"schema": "countersign.audit.v1" if fmt == "countersign" else "ocsf-1.3.0",
+            "events": docs if fmt == "countersign" else [ocsf(d) for d in docs],
+            "next_cursor": str(docs[-1]["seq"] if docs else cursor), "more": more, "tree_size": newest or 0}
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def events_view(request):
+    return _reader_endpoint(request, "audit.export_refused",
+                            {"cursor", "limit", "format", "since", "until", "principal"}, _events)
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def inclusion_view(request):
+    def build(request):
+        event_id = _int(request, "event_id", default=None, low=1)
+        if event_id is None:
+            raise BadInput("event_id is required")
+        return inclusion_bundle(event_id=event_id, tree_size=_int(request, "tree_size", default=None, low=1))
+
+    return _reader_endpoint(request, "audit.proof_refused", {"event_id", "tree_size"}, build)
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def consistency_view(request):
+    def build(request):
+        first = _int(request, "first", default=None, low=1)
+        if first is None:
+            raise BadInput("first is required")
+        return consistency_bundle(first=first, second=_int(request, "second", default=None, low=1))
+
+    return _reader_endpoint(request, "audit.proof_refused", {"first", "second"}, build)
+
+
+def _resource_server(request):
+    """The resource server presenting its credentials, or raises the 401 / 429 to send."""
+    from consent.http import client_credentials
+    from consent.selectors import resource_server_authenticate
+
+    creds = client_credentials(request)
+    keys = attempts.keys_for(account=creds[0] if creds else "", source=client_ip(request))
+    locked = attempts.locked("resource_server", keys)
+    if locked:
+        attempts.refused_while_locked("resource_server", keys)
+        raise BadInput(attempts.message(locked), error="too_many_requests", status=429)
+    rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
+    if rs is None:
+        attempts.failed("resource_server", keys, request=request, client_id=keys.get("account", ""))
+        raise BadInput("resource-server authentication failed", error="invalid_client", status=401)
+    return rs
+
+
+@csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
+def approval_proof_view(request):
+    event = "audit.proof_refused"
+    try:
+        _get_only(request)
+        rs = _resource_server(request)
+    except BadInput as exc:
+        response = _refuse(request, exc, event=event, dedupe=exc.status != 401)
+        if exc.status == 401:
+            response["WWW-Authenticate"] = 'Basic realm="countersign", error="invalid_client"'
+        return response
+    actor = f"rs:{rs.client_id}"
+    try:
+        _known(request, {"approval_id", "tree_size"})
+        body = _approval_proof(request, rs)
+    except BadInput as exc:
+        return _refuse(request, exc, event=event, actor=actor, dedupe=False)
+    except ProofUnavailable as exc:
+        return _refuse(request, BadInput(str(exc), error="not_found", status=404), event=event, actor=actor,
+                       dedupe=False)
+    return JsonResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def _approval_proof(request, rs) -> dict[str, Any]:
+    import uuid
+
+    from approvals.models import ApprovalRequest
+    from consent.models import ScopePolicy
+
+    try:
+        approval_id = uuid.UUID(request.GET.get("approval_id", ""))
+    except ValueError:
+        raise BadInput("approval_id must be an approval's id (a UUID)") from None
+    approval = ApprovalRequest.objects.filter(pk=approval_id).first()
+    audience = ScopePolicy.objects.filter(name=approval.scope).values_list("audience", flat=True).first() \
+        if approval else None
+    if approval is None or audience != rs.audience:  # another system's approvals do not exist for this one
+        raise ProofUnavailable(f"no approval {approval_id} for {rs.audience}")
+    event_id = approval_decision_event(approval_id=str(approval.pk), grant_id=str(approval.grant_id))
+    return inclusion_bundle(event_id=event_id, tree_size=_int(request, "tree_size", default=None, low=1))

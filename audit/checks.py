@@ -1,0 +1,30 @@
+"""System checks for the audit ledger (``manage.py check --database default``, and ``migrate``)."""
+
+from django.core.checks import Tags, Warning, register
+from django.db import DatabaseError, connections
+
+
+@register(Tags.database)
+def audit_role_cannot_rewrite_history(app_configs, databases=None, **kwargs):
+    """In production (an https issuer) the application's role must not be able to change audit rows."""
+    from consent.conf import countersign_settings
+
+    if not databases or "default" not in databases or not countersign_settings.ISSUER.startswith("https://"):
+        return []
+    connection = connections["default"]
+    if connection.vendor != "postgresql":
+        return [Warning("the audit ledger is on SQLite: nothing stops the application rewriting it",
+                        hint="use PostgreSQL in production (docs/deployment.md)", id="audit.W002")]
+    from .grants import audit_privileges
+
+    try:
+        privileges = audit_privileges()
+    except DatabaseError:
+        return []  # the database is unreachable: other checks and /readyz say so
+    if privileges.safe:
+        return []
+    return [Warning(privileges.describe(),
+                    hint="run migrations as the owner role and the application as a role set up with "
+                         "`manage.py audit_grants --role ROLE --apply` (docs/deployment.md); expected only for the "
+                         "owner role while it migrates",
+                    id="audit.W001")]
