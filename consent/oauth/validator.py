@@ -40,4 +40,5 @@ class CountersignValidator(OAuth2Validator):
             code_challenge=request.code_challenge or "",
             code_challenge_method=request.code_challenge_method or "",
             session_grant=request.session_grant,
+            resource=list(getattr(request, "resource", None) or []),  # RFC 8707 §2.1, checked by the view
         )

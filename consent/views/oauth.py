@@ -22,9 +22,10 @@ from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
 from audit.services import audit_record, audit_refusal
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidTarget
 from ..http import NO_STORE, oauth_error
 from ..models import Agent
+from ..oauth.resource import narrow, parse_resources
 from ..selectors import scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
@@ -78,7 +79,14 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             return None, self._refuse(self._wrap(exc), query=query)
         except oauthlib_errors.OAuth2Error as exc:
             return None, self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
-        return (scopes, credentials, Agent.objects.get(client_id=credentials["client_id"])), None
+        agent = Agent.objects.get(client_id=credentials["client_id"])
+        try:
+            credentials["resource"] = requested_resources(query, scopes)
+        except InvalidTarget as exc:
+            error = InvalidTargetError(description=exc.description, state=credentials.get("state"))
+            error.redirect_uri = credentials.get("redirect_uri")
+            return None, self._refuse(self._wrap(error), agent, query)
+        return (scopes, credentials, agent), None
 
     def get(self, request, *args, **kwargs):
         query = request.META.get("QUERY_STRING", "")
@@ -142,6 +150,21 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
     @staticmethod
     def _agent(client_id):
         return Agent.objects.filter(client_id=client_id or "").first()
+
+
+class InvalidTargetError(oauthlib_errors.OAuth2Error):
+    """RFC 8707 §2: "The requested resource is invalid, missing, unknown, or malformed." """
+
+    error = "invalid_target"
+
+
+def requested_resources(query: str, scopes: list[str]) -> list[str]:
+    """RFC 8707 §2.1: the ``resource`` values of an authorization request, each served by a requested
+    scope (``InvalidTarget`` otherwise); stored with the code, which the token is then narrowed to."""
+    resources = parse_resources(parse_qs(query).get("resource") or [])
+    if resources:
+        narrow(resources, scopes)
+    return resources
 
 
 def credentials_client_id(query: str) -> str:
