@@ -16,7 +16,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
-from consent.errors import OAuthError
+from consent.errors import InvalidClient, OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
 from consent.limits import attempts
 from consent.oauth import client_auth
@@ -176,6 +176,8 @@ class BackchannelAuthenticationView(View):
     @staticmethod
     def _authenticate(request, params: dict[str, str]):
         credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        if credentials.method == client_auth.NONE:  # CIBA §7.1: only clients that authenticate
+            raise InvalidClient(reason="CIBA needs client authentication")
         endpoint = f"{countersign_settings.ISSUER}/o/bc-authorize/"
         scopes = params.get("scope", "").split()
         hint = read_login_hint(params.get("login_hint_token", ""), scopes[0] if len(scopes) == 1 else "")

@@ -116,7 +116,9 @@ class AgentRecord:
 
     @property
     def active(self) -> bool:
-        return self.status == "active"
+        # "pending_review": a self-described agent an admin has not activated yet; the server gives it
+        # session scopes only (never an action token), so its session tokens are good.
+        return self.status in ("active", "pending_review")
 
 
 @dataclass(frozen=True)

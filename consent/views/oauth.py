@@ -25,6 +25,7 @@ from audit.services import audit_record, audit_refusal
 from ..errors import ConfigurationError, InvalidTarget
 from ..http import NO_STORE, oauth_error
 from ..models import Agent
+from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
 from ..oauth.resource import narrow, parse_resources
 from ..selectors import scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
@@ -73,6 +74,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
 
     def _validated(self, query: str):
         """(scopes, credentials, agent), or the refusal response: the same checks for GET and POST."""
+        refusal = self._self_described(query)
+        if refusal is not None:
+            return None, refusal
         try:
             scopes, credentials = self._validate(query)
         except oauthlib_errors.FatalClientError as exc:
@@ -87,6 +91,25 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             error.redirect_uri = credentials.get("redirect_uri")
             return None, self._refuse(self._wrap(error), agent, query)
         return (scopes, credentials, agent), None
+
+    def _self_described(self, query: str):
+        """A ``client_id`` that is a URL: fetch, check and keep its metadata document before the request
+        is validated against the registry (``consent.oauth.cimd``). A refusal is an error page, never a
+        redirect (the redirect URI is unverified), audited once."""
+        params = parse_qs(query)
+        client_id = (params.get("client_id") or [""])[0]
+        if not looks_like_document_url(client_id):
+            return None
+        try:
+            resolve_agent(client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request)
+        except MetadataDocumentRefused as exc:
+            audit_refusal(event="client_metadata.refused", error="invalid_client", actor=f"user:{self.request.user.pk}",
+                          user_id=self.request.user.pk, client_id=client_id[:100], request=self.request,
+                          detail={"reason": exc.reason})
+            error = oauthlib_errors.InvalidClientError(
+                description="The agent's client metadata document cannot be used, so it cannot connect.")
+            return self.error_response(FatalClientError(error=error), None)
+        return None
 
     def get(self, request, *args, **kwargs):
         query = request.META.get("QUERY_STRING", "")
@@ -175,7 +198,8 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     return {
         "may_delegate_to": [{"name": d.name, "publisher": d.publisher, "client_id": d.client_id}
                             for d in delegates_of(agent)],
-        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status},
+        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status,
+                  **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {})},
         "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
                                 if not p.is_step_up],
         "will_ask_each_time": [{"scope": p.name, "description": p.description} for p in policies
