@@ -31,6 +31,9 @@ def server_metadata() -> dict:
         "backchannel_token_delivery_modes_supported": ["poll", "ping"],
         "backchannel_user_code_parameter_supported": False,
         "redemption_endpoint": f"{issuer}/o/redeem/",
+        # A resource server opens a step-up for a token it was handed, and collects it (approvals.rs_stepup).
+        "resource_server_approval_endpoint": f"{issuer}/o/rs-approvals/",
+        "resource_server_approval_token_endpoint": f"{issuer}/o/rs-approvals/token/",
         "agent_registry_endpoint": f"{issuer}/o/agents/",
         "agent_registry_document": f"{issuer}/.well-known/agent-registry.jwt",
         "dpop_signing_alg_values_supported": list(DPOP_ALGS),
