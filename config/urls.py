@@ -19,7 +19,8 @@ urlpatterns = [
     path("o/revoke/", revocation.revocation_view, name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
     path("o/register/", registration.registration_view, name="oauth-register"),
-    path("o/agents/<str:client_id>", registry.agent_view, name="agent-registry-entry"),
+    # path: a self-described agent's client_id may be a URL (Client ID Metadata Documents).
+    path("o/agents/<path:client_id>", registry.agent_view, name="agent-registry-entry"),
     path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),
     path("accounts/login/", account.login_view, name="login"),
     path("accounts/login/otp/", account.login_otp_view, name="login-otp"),

@@ -103,6 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "CIMD_MAX_BYTES": 5120,
     "CIMD_CACHE_MAX_SECONDS": 86400,
     "CIMD_CACHE_MIN_SECONDS": 60,
+    # A CA bundle (PEM file) to verify documents' TLS with instead of the system's; "" for the system's.
+    "CIMD_CA_BUNDLE": "",
     # Which scopes a self-described agent may ever ask for: scope-policy names, or [] for every scope.
     # Step-up scopes need the agent active: in production a self-described agent starts pending_review
     # until an admin activates it (agent_update CLIENT_ID --status active); in development (an http

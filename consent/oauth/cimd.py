@@ -27,6 +27,7 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 import time
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
@@ -132,7 +133,9 @@ def fetch(url: str) -> tuple[dict, str]:
     deadline = time.monotonic() + timeout
     body = bytearray()
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client, client.stream(
+        bundle = countersign_settings.CIMD_CA_BUNDLE
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=bundle) if bundle else True
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify) as client, client.stream(
                 "GET", target, headers={"Host": host_header, "Accept": "application/json"},
                 extensions={"sni_hostname": host}) as response:
             if 300 <= response.status_code < 400:
