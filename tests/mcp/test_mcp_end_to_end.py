@@ -337,6 +337,15 @@ def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approva
     assert any("approval" in m.lower() for m in client.progress), client.progress
 
 
+def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium, mcp_server, callback):  # noqa: F811
+    result, _ = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=None,
+                                         decide=lambda page: _decide(page, live, "Approve"))
+    assert not result.isError and _text(result).startswith("Ledger receipt L-0001: 1250.00 EUR"), _text(result)
+    agent = Agent.objects.get()
+    assert agent.registration == Agent.Registration.DYNAMIC and agent.metadata_source.startswith("registration")
+    assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
+
+
 def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
     result, _ = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=None,
                                          decide=lambda page: _decide(page, live, "Deny"))
