@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from audit.services import audit_record
@@ -29,7 +30,7 @@ from audit.services import audit_record
 from .conf import countersign_settings
 from .hashers import generate_secret
 from .models import Agent, ScopePolicy
-from .oauth.client_metadata import ClientMetadata, is_loopback_host
+from .oauth.client_metadata import ClientMetadata, InvalidClientMetadata, InvalidRedirectUri, is_loopback_host
 
 
 def is_development() -> bool:
@@ -48,6 +49,19 @@ def allowed_scopes(asked: list[str]) -> list[str]:
     known = list(ScopePolicy.objects.order_by("name").values_list("name", flat=True))
     allowed = [s for s in known if not policy or s in policy]
     return [s for s in allowed if s in asked] if asked else allowed
+
+
+def _checked(agent: Agent) -> None:
+    """The registry's own checks (DOT's: e.g. redirect URI schemes allowed in this deployment), as the
+    RFC 7591 §3.2.2 error they amount to."""
+    try:
+        agent.full_clean(exclude=["client_secret", "user"])
+    except ValidationError as exc:
+        fields = exc.message_dict if hasattr(exc, "error_dict") else {"": exc.messages}
+        text = "; ".join(f"{k}: {' '.join(v)}" if k else " ".join(v) for k, v in fields.items())[:200]
+        if "redirect_uris" in fields:
+            raise InvalidRedirectUri(f"Redirect URIs refused here: {text}") from exc
+        raise InvalidClientMetadata(f"Client metadata refused: {text}") from exc
 
 
 def _display_name(metadata: ClientMetadata, host: str) -> str:
@@ -92,7 +106,7 @@ def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at:
         registration=Agent.Registration.METADATA_DOCUMENT, metadata_source=client_id[:300],
         metadata_expires_at=expires_at, **fields,
     )
-    agent.full_clean(exclude=["client_secret", "user"])
+    _checked(agent)
     agent.save()
     audit_record(event="agent.self_described", actor=f"agent:{client_id}", client_id=client_id[:100],
                  request=request, detail={"registration": agent.registration, "status": agent.status,
@@ -115,7 +129,7 @@ def agent_register(*, metadata: ClientMetadata, source: str, request=None) -> tu
         registration=Agent.Registration.DYNAMIC, metadata_source=f"registration from {source}"[:300],
         **_fields(metadata, host=host),
     )
-    agent.full_clean(exclude=["client_secret", "user"])
+    _checked(agent)
     agent.save()
     audit_record(event="agent.self_described", actor=f"agent:{agent.client_id}", client_id=agent.client_id,
                  request=request, detail={"registration": agent.registration, "status": agent.status,

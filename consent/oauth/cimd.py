@@ -193,6 +193,9 @@ def resolve_agent(client_id: str, *, redirect_uri: str, request=None):
         raise MetadataDocumentRefused(reason=f"{exc.error}: {exc.reason or exc.description}") from exc
     if redirect_uri and not redirect_to_uri_allowed(redirect_uri, metadata.redirect_uris):
         raise MetadataDocumentRefused(reason="redirect_uri is not among the document's redirect_uris")
-    agent, _ = agent_from_document(client_id=client_id, metadata=metadata, expires_at=cache_until(cache_control, now),
-                                   request=request)
+    try:
+        agent, _ = agent_from_document(client_id=client_id, metadata=metadata,
+                                       expires_at=cache_until(cache_control, now), request=request)
+    except InvalidClientMetadata as exc:
+        raise MetadataDocumentRefused(reason=f"{exc.error}: {exc.description}") from exc
     return agent

@@ -253,3 +253,31 @@ def test_metadata_advertises_registration_and_metadata_documents(client, scenari
     assert metadata["registration_endpoint"].endswith("/o/register/")
     assert metadata["client_id_metadata_document_supported"] is True
     assert "none" in metadata["token_endpoint_auth_methods_supported"]
+
+
+def test_production_refuses_a_registration_whose_redirect_uri_the_deployment_does_not_allow(client, scenario,
+                                                                                           production, settings):
+    settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "ALLOWED_REDIRECT_URI_SCHEMES": ["https"]}
+    watch = AgentWatch()
+    response = _register(client, {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"})
+    _json_error(response, 400, "invalid_redirect_uri")
+    watch.assert_one_refusal(error="invalid_redirect_uri", event="registration.refused")
+    watch.assert_nothing_changed()
+
+
+def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(flow, client, scenario):
+    from urllib.parse import urlencode
+
+    body = _register(client, {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"}).json()
+    watch = AgentWatch()
+    ciba = client.post("/o/bc-authorize/", urlencode({"client_id": body["client_id"], "scope": "ledger:write"}),
+                       content_type="application/x-www-form-urlencoded")
+    _json_error(ciba, 401, "invalid_client")
+    watch.assert_one_refusal(error="invalid_client", event="approval.request_refused")
+    watch = AgentWatch()
+    token = client.post("/o/token/", urlencode({"grant_type": "refresh_token", "refresh_token": "x",
+                                                "client_id": scenario.agent.client_id}),
+                        content_type="application/x-www-form-urlencoded")
+    _json_error(token, 401, "invalid_client")  # a confidential agent must present its secret
+    watch.assert_one_refusal(error="invalid_client", event="token.refused")
+    watch.assert_nothing_changed()
