@@ -25,7 +25,7 @@ from typing import Any
 from django.utils import timezone
 
 from .. import rows
-from ..errors import InvalidGrant, InvalidRequest, UnauthorizedClient
+from ..errors import InvalidGrant, InvalidRequest, InvalidTarget, UnauthorizedClient
 from ..models import Agent, AuthorizationCode
 from ..oauth.resource import form_resources, narrow
 from ..services import grant_revoke
@@ -94,7 +94,11 @@ def _exchange(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | N
                                            f"consumed_at IS NULL AND EXISTS ({live_sql})", live_params))
     scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
     resource = None
-    asked = form_resources(req.params.get("resource", "")) or list(code_row["resource"] or [])
+    authorized = list(code_row["resource"] or [])
+    asked = form_resources(req.params.get("resource", "")) or authorized
+    if authorized and not set(asked) <= set(authorized):
+        raise InvalidTarget("The requested resource was not part of the authorization request.",
+                            reason="token request asked for a resource beyond the authorization request")
     if asked:  # RFC 8707 §2.2: the token is for what this request (or, without one, the code) names
         resource, scopes = narrow(asked, scopes)
     return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=batch, resource=resource)

@@ -96,3 +96,12 @@ def test_resource_no_requested_scope_serves_is_refused_at_authorize(flow):
     _assert_error_redirect(response, "invalid_target")
     watch.assert_one_refusal(error="invalid_target", event="consent.request_refused")
     watch.assert_nothing_changed()
+
+
+def test_a_token_request_cannot_widen_the_resource_of_the_authorization_request(flow):
+    code, verifier = _code(flow, resource="http://budget.test")
+    watch = Watch()
+    response = _exchange(flow, code, verifier, "http://catalog.test")
+    _json_error(response, 400, "invalid_target")
+    watch.assert_one_refusal(error="invalid_target", event="token.refused")
+    watch.assert_nothing_changed()
