@@ -80,7 +80,7 @@ def _fields(metadata: ClientMetadata, *, host: str) -> dict[str, Any]:
 
 @transaction.atomic
 def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at: datetime,
-                        request=None) -> tuple[Agent, bool]:
+                        jwks: dict | None = None, request=None) -> tuple[Agent, bool]:
     """Create, or refresh from a newly fetched document, the agent a metadata document describes.
 
     An admin's decisions stand: a refresh never changes the status (a suspended agent stays
@@ -89,6 +89,8 @@ def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at:
     host = urlsplit(client_id).hostname or ""
     agent = Agent.objects.select_for_update().filter(client_id=client_id).first()
     fields = _fields(metadata, host=host)
+    # private_key_jwt (with the keys from its jwks_uri): a confidential client with no secret at all.
+    fields |= {"jwks": jwks, "client_type": Agent.CLIENT_CONFIDENTIAL if jwks else Agent.CLIENT_PUBLIC}
     if agent is not None:
         if agent.registration != Agent.Registration.METADATA_DOCUMENT:
             raise ValueError("client_id belongs to an agent registered otherwise")
@@ -101,7 +103,7 @@ def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at:
                          request=request, detail={"changed": sorted(changed)})
         return agent, False
     agent = Agent(
-        client_id=client_id, client_type=Agent.CLIENT_PUBLIC, client_secret="", hash_client_secret=False,
+        client_id=client_id, client_secret="", hash_client_secret=False,
         authorization_grant_type=Agent.GRANT_AUTHORIZATION_CODE, status=initial_status(),
         registration=Agent.Registration.METADATA_DOCUMENT, metadata_source=client_id[:300],
         metadata_expires_at=expires_at, **fields,

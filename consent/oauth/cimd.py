@@ -5,7 +5,8 @@ https://datatracker.ietf.org/doc/draft-ietf-oauth-client-id-metadata-document/
 A ``client_id`` that is an https URL with a path (§3) names a JSON document describing the
 client (RFC 7591 §2 metadata). At the authorization endpoint Countersign fetches it (§4),
 validates it (§4.1: its ``client_id`` equals the URL exactly; the request's ``redirect_uri`` is
-one of its ``redirect_uris``; only ``none`` authentication, ``consent.oauth.client_metadata``),
+one of its ``redirect_uris``; ``none`` or ``private_key_jwt`` with a ``jwks_uri``, whose keys
+are fetched the same way, ``consent.oauth.client_metadata``),
 and keeps it as a self-described agent (``consent.selfdescribed``) until the cache lapses.
 
 Fetching a URL a client chose is SSRF exposure (§6.5, SECURITY.md "Fetching on a client's
@@ -42,6 +43,8 @@ from ..errors import InvalidClient
 from .client_metadata import InvalidClientMetadata, parse
 
 MAX_CLIENT_ID = 100  # the registry's client_id column
+JSON_TYPES = ("application/json", "application/jwk-set+json")
+MAX_KEYS = 10
 
 
 class MetadataDocumentRefused(InvalidClient):
@@ -142,7 +145,7 @@ def fetch(url: str) -> tuple[dict, str]:
                 raise MetadataDocumentRefused(reason="client_id URL redirects (redirects are not followed)")
             if response.status_code != 200:
                 raise MetadataDocumentRefused(reason=f"client_id URL answered HTTP {response.status_code}")
-            if response.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            if response.headers.get("content-type", "").split(";")[0].strip().lower() not in JSON_TYPES:
                 raise MetadataDocumentRefused(reason="metadata document is not application/json")
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
@@ -164,6 +167,17 @@ def fetch(url: str) -> tuple[dict, str]:
     except (JSONTooDeep, JSONTooLarge, ValueError) as exc:
         raise MetadataDocumentRefused(reason="metadata document is not valid JSON within bounds") from exc
     return document, cache_control
+
+
+def fetch_jwks(url: str) -> dict:
+    """The keys a ``private_key_jwt`` client signs its assertions with (RFC 7591 §2 ``jwks_uri``),
+    fetched under the same guards as the document."""
+    raw, _ = fetch(url)
+    keys = raw.get("keys") if isinstance(raw, dict) else None
+    if not isinstance(keys, list) or not keys or len(keys) > MAX_KEYS or not all(
+            isinstance(k, dict) and isinstance(k.get("kty"), str) and "d" not in k for k in keys):
+        raise MetadataDocumentRefused(reason=f"jwks_uri is not a JWK Set of 1 to {MAX_KEYS} public keys")
+    return {"keys": keys}
 
 
 def resolve_agent(client_id: str, *, redirect_uri: str, request=None):
@@ -193,8 +207,9 @@ def resolve_agent(client_id: str, *, redirect_uri: str, request=None):
         raise MetadataDocumentRefused(reason=f"{exc.error}: {exc.reason or exc.description}") from exc
     if redirect_uri and not redirect_to_uri_allowed(redirect_uri, metadata.redirect_uris):
         raise MetadataDocumentRefused(reason="redirect_uri is not among the document's redirect_uris")
+    jwks = fetch_jwks(metadata.document["jwks_uri"]) if metadata.auth_method == "private_key_jwt" else None
     try:
-        agent, _ = agent_from_document(client_id=client_id, metadata=metadata,
+        agent, _ = agent_from_document(client_id=client_id, metadata=metadata, jwks=jwks,
                                        expires_at=cache_until(cache_control, now), request=request)
     except InvalidClientMetadata as exc:
         raise MetadataDocumentRefused(reason=f"{exc.error}: {exc.description}") from exc

@@ -9,9 +9,10 @@ Metadata Documents (``consent.oauth.cimd``). What Countersign accepts:
   loopback address for native clients (RFC 8252 §7.3: ``127.0.0.1``/``[::1]``, any port at
   request time), no fragment (RFC 6749 §3.1.2), at most ``MAX_REDIRECT_URIS``;
 - ``grant_types`` within ``authorization_code`` and ``refresh_token``, ``response_types`` ``code``;
-- ``token_endpoint_auth_method``: ``none`` (a public client; PKCE binds its codes), or, for a
-  registration only, ``client_secret_basic``/``client_secret_post`` (the secret is ours, RFC 7591
-  §3.2.1). Anything else is ``invalid_client_metadata`` (§3.2.2);
+- ``token_endpoint_auth_method``: ``none`` (a public client; PKCE binds its codes); for a
+  registration, ``client_secret_basic``/``client_secret_post`` (the secret is ours, RFC 7591
+  §3.2.1); for a metadata document, ``private_key_jwt`` with an https ``jwks_uri`` (RFC 7523,
+  fetched like the document). Anything else is ``invalid_client_metadata`` (§3.2.2);
 - ``client_name``, ``client_uri``, ``logo_uri``, ``scope``, ``software_id``, ``software_version``
   are kept as strings, bounded; the consent screen labels them as the agent's own claims.
 """
@@ -96,10 +97,15 @@ def parse(raw: Any, *, secrets_allowed: bool) -> ClientMetadata:
         raise InvalidRedirectUri(f"At most {MAX_REDIRECT_URIS} redirect URIs.")
     redirect_uris = list(dict.fromkeys(_redirect_uri(u) for u in uris))
     method = raw.get("token_endpoint_auth_method", "client_secret_basic" if secrets_allowed else "none")
-    allowed = ("none", *SECRET_METHODS) if secrets_allowed else ("none",)
+    allowed = ("none", *SECRET_METHODS) if secrets_allowed else ("none", "private_key_jwt")
     if method not in allowed:
         raise InvalidClientMetadata(f"token_endpoint_auth_method must be one of {', '.join(allowed)}.",
                                     reason=f"unsupported token_endpoint_auth_method {str(method)[:40]!r}")
+    jwks_uri = raw.get("jwks_uri")
+    if method == "private_key_jwt" and not (isinstance(jwks_uri, str) and jwks_uri.startswith(("https://", "http://"))
+                                            and len(jwks_uri) <= MAX_URI):
+        raise InvalidClientMetadata("private_key_jwt needs a jwks_uri (an https URL; http on loopback in development).",
+                                    reason="private_key_jwt without an https jwks_uri")
     grant_types = raw.get("grant_types", ["authorization_code"])
     if not isinstance(grant_types, list) or not set(grant_types) <= GRANT_TYPES or (
             "authorization_code" not in grant_types):
@@ -108,6 +114,8 @@ def parse(raw: Any, *, secrets_allowed: bool) -> ClientMetadata:
         raise InvalidClientMetadata('response_types must be ["code"].')
     kept: dict[str, Any] = {"redirect_uris": redirect_uris, "token_endpoint_auth_method": method,
                             "grant_types": grant_types, "response_types": ["code"]}
+    if method == "private_key_jwt":
+        kept["jwks_uri"] = jwks_uri
     for name in TEXT_FIELDS:
         value = raw.get(name)
         if value is None:

@@ -281,3 +281,45 @@ def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(
     _json_error(token, 401, "invalid_client")  # a confidential agent must present its secret
     watch.assert_one_refusal(error="invalid_client", event="token.refused")
     watch.assert_nothing_changed()
+
+
+def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_them(flow, docs):
+    from urllib.parse import parse_qs, urlencode, urlparse
+
+    from tests.consent.test_www_authenticate import Key
+
+    key = Key()
+    jwks_url = docs.put("/agents/keys.json", {"keys": [key.jwk]}, headers={"Content-Type": "application/jwk-set+json"})
+    url = docs.put("/agents/keyed.json", _document(docs.url("/agents/keyed.json"),
+                                                    token_endpoint_auth_method="private_key_jwt", jwks_uri=jwks_url))
+    flow.login()
+    verifier, challenge = pkce_pair()
+    redirect_uri = "http://127.0.0.1:43117/callback"
+    query = flow.authorize_query(client_id=url, redirect_uri=redirect_uri, scope="catalog:read", challenge=challenge)
+    assert flow.client.get("/o/authorize/?" + query).status_code == 200
+    agent = Agent.objects.get(client_id=url)
+    assert agent.jwks == {"keys": [key.jwk]} and agent.client_type == Agent.CLIENT_CONFIDENTIAL
+    code = parse_qs(urlparse(flow.consent(query)["Location"]).query)["code"][0]
+    exchange = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "code_verifier": verifier, "client_id": url}
+    watch = AgentWatch()
+    unsigned = flow.client.post("/o/token/", urlencode(exchange), content_type="application/x-www-form-urlencoded")
+    _json_error(unsigned, 401, "invalid_client")  # its keys, not "none"
+    watch.assert_one_refusal(error="invalid_client", event="token.refused")
+    signed = flow.client.post("/o/token/", urlencode({
+        **exchange, "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": key.assertion(url)}), content_type="application/x-www-form-urlencoded")
+    assert signed.status_code == 200, signed.content
+
+
+def test_a_jwks_uri_with_a_private_key_is_refused(flow, docs):
+    from tests.consent.test_www_authenticate import Key
+
+    key = Key()
+    jwks_url = docs.put("/agents/leaky.json", {"keys": [{**key.jwk, "d": "secret"}]})
+    url = docs.put("/agents/doc.json", _document(docs.url("/agents/doc.json"),
+                                                  token_endpoint_auth_method="private_key_jwt", jwks_uri=jwks_url))
+    watch = AgentWatch()
+    _assert_error_page(_authorize(flow, url), status=401)
+    watch.assert_one_refusal(error="invalid_client", event="client_metadata.refused")
+    watch.assert_nothing_changed()
