@@ -140,6 +140,18 @@ class Agent(AbstractApplication):
             (self.redirect_uris or "").split() or [""])[0]
         return urlsplit(source).hostname or ""
 
+    def get_allowed_schemes(self):
+        """DOT's redirect URI schemes, plus http for a self-described native client whose http redirect
+        URIs are all on a loopback address (RFC 8252 §7.3), also where the deployment allows https only."""
+        from urllib.parse import urlsplit
+
+        schemes = list(super().get_allowed_schemes())
+        http = [u for u in (self.redirect_uris or "").split() if u.lower().startswith("http:")]
+        if self.is_self_described and "http" not in schemes and http and all(
+                urlsplit(u).hostname in ("127.0.0.1", "::1") for u in http):
+            schemes.append("http")
+        return schemes
+
     def is_usable(self, request) -> bool:
         # DOT asks this whenever it loads a client: a suspended agent is no client at all.
         return self.may_sign_in

@@ -255,11 +255,20 @@ def test_metadata_advertises_registration_and_metadata_documents(client, scenari
     assert "none" in metadata["token_endpoint_auth_methods_supported"]
 
 
-def test_production_refuses_a_registration_whose_redirect_uri_the_deployment_does_not_allow(client, scenario,
-                                                                                           production, settings):
+def test_production_takes_loopback_redirects_of_native_clients_and_refuses_what_the_deployment_does_not(
+        flow, client, scenario, production, settings):
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "ALLOWED_REDIRECT_URI_SCHEMES": ["https"]}
+    native = _register(client, {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"})
+    assert native.status_code == 201, native.content  # RFC 8252 §7.3, though the deployment is https-only
+    flow.login()
+    _, challenge = pkce_pair()
+    consent = flow.client.get("/o/authorize/?" + flow.authorize_query(
+        client_id=native.json()["client_id"], redirect_uri="http://127.0.0.1:50123/cb", scope="catalog:read",
+        challenge=challenge))
+    assert consent.status_code == 200  # any port on the loopback address
+    settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "ALLOWED_REDIRECT_URI_SCHEMES": ["myapp"]}
     watch = AgentWatch()
-    response = _register(client, {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"})
+    response = _register(client, {"redirect_uris": ["https://app.example/cb"], "token_endpoint_auth_method": "none"})
     _json_error(response, 400, "invalid_redirect_uri")
     watch.assert_one_refusal(error="invalid_redirect_uri", event="registration.refused")
     watch.assert_nothing_changed()
