@@ -6,7 +6,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/countersign
 # A Redis database of its own, so tests never talk to a running dev server.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test install migrate bench lint clean demo
+.PHONY: run test install migrate bench lint clean demo demo-mcp
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: install
 
 demo: install
 	scripts/demo.sh
+
+# The demo, plus the MCP server of examples/mcp (http://127.0.0.1:8110/mcp) for any MCP client.
+demo-mcp: install
+	DEMO_MCP=1 scripts/demo.sh
 
 lint: install
 	$(PY) -m ruff check .

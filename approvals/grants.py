@@ -13,8 +13,9 @@ grant never mints a session token. Registered with the token endpoint through
 
 from typing import Any
 
-from consent.errors import InvalidRequest
+from consent.errors import InvalidClient, InvalidRequest
 from consent.grants.issue import TokenRequest
+from consent.oauth import client_auth
 
 from .services import approval_collect
 
@@ -22,6 +23,8 @@ GRANT_TYPE_CIBA = "urn:openid:params:grant-type:ciba"
 
 
 def collect(req: TokenRequest) -> dict[str, Any]:
+    if req.credentials.method == client_auth.NONE:  # §7.1: CIBA clients authenticate; a public one cannot
+        raise InvalidClient(reason="CIBA needs client authentication")
     agent = req.authenticate()
     auth_req_id = req.params.get("auth_req_id")
     if not auth_req_id:

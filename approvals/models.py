@@ -87,6 +87,10 @@ class ApprovalRequest(models.Model):
     notified_at = models.DateTimeField(null=True, blank=True, help_text="Ping-mode notice accepted by the agent.")
     notify_attempts = models.PositiveSmallIntegerField(default=0)
     notify_error = models.CharField(max_length=300, blank=True)
+    opened_by = models.ForeignKey(
+        "consent.ResourceServer", null=True, blank=True, on_delete=models.CASCADE, related_name="+",
+        help_text="Opened by this resource server for a token it was handed (approvals.rs_stepup): only it "
+                  "collects the action token, never the agent.")
 
     class Meta:
         ordering = ["-created"]

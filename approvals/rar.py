@@ -81,6 +81,24 @@ def _money(entry: dict[str, Any]) -> str:
     return f"{amount} {currency}".strip() if amount is not None else ""
 
 
+MCP_TOOL_CALL = "mcp_tool_call"
+
+
+def _tool_call(entry: dict[str, Any]) -> str:
+    """An MCP tool call a resource server is about to make: ``{"type": "mcp_tool_call", "server": ...,
+    "tool": ..., "arguments": {...}}``; money, payee and reference read from the arguments."""
+    args = entry.get("arguments") if isinstance(entry.get("arguments"), dict) else {}
+    text = f"Run {entry.get('tool') or 'a tool'}"
+    money = _money(args)
+    if money:
+        text += f": {money}"
+    if args.get("vendor"):
+        text += f" to {args['vendor']}"
+    if args.get("purchase_order"):
+        text += f" ({args['purchase_order']})"
+    return text
+
+
 def headline(details: list[dict[str, Any]], *, system: str) -> str:
     """The prompt's headline, rendered by the server (never the agent's words)."""
     parts = []
@@ -96,6 +114,8 @@ def headline(details: list[dict[str, Any]], *, system: str) -> str:
             if ref:
                 text += f" ({ref})"
             parts.append(text)
+        elif entry["type"] == MCP_TOOL_CALL:
+            parts.append(_tool_call(entry))
         else:
             money = _money(entry)
             parts.append(f"{entry['type']}" + (f": {money}" if money else ""))

@@ -20,7 +20,7 @@ from django.utils import timezone
 from audit.services import PendingEvent, audit_event, audit_record
 from consent import rows
 from consent.conf import countersign_settings
-from consent.models import Agent, ScopePolicy, SessionGrant
+from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.rules import rule_matches
 from consent.services import AuthContext, grant_extend
 from consent.tokens import bind_to_proof_key, token_type
@@ -131,11 +131,13 @@ def _existing(req: BackchannelRequest) -> ApprovalRequest:
         grant=req.grant, scope=req.scope, action_hash=req.action_hash, status=Status.PENDING)
 
 
-def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[ApprovalRequest, bool]:
+def approval_request_create(*, req: BackchannelRequest, request=None,
+                            opened_by: ResourceServer | None = None) -> tuple[ApprovalRequest, bool]:
     """Persist a validated CIBA request. Returns (approval, created).
 
     An identical pending request (same grant, scope and action hash) is returned
     as it is: the user sees one prompt, the agent gets the same ``auth_req_id``.
+    ``opened_by``: the resource server that opened it for a token it was handed.
     """
     now = timezone.now()
     existing_id, stale, user_pending, agent_pending, user_recent, agent_recent = _pending_state(req, now)
@@ -164,6 +166,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
         # ends it at that very moment (approval_expire cancels it), and every read that checks
         # expires_at (inbox, caps, polls) stops counting it without waiting for a sweep.
         expires_at=min(now + timedelta(seconds=req.window_seconds), grant.expires_at),
+        opened_by=opened_by,
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
@@ -173,7 +176,8 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
             # A concurrent identical request won the partial unique index: answer with that one.
             return _existing(req), False
         approval._state.adding = False
-        _audit(approval, "approval.requested", actor=req.agent.actor_id, request=request,
+        _audit(approval, "approval.requested", actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
+               request=request,
                action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
                expires_in=req.window_seconds)
         if auto:
@@ -304,7 +308,7 @@ def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, requ
 
 _COLLECT = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "expires_at", "interval", "last_polled_at", "agent", "grant", "user", "scope",
-    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode"])
+    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode", "opened_by"])
 _COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
 _COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
 _INTERVAL = connection.ops.quote_name("interval")
@@ -325,17 +329,24 @@ def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]
     return approval, policy
 
 
-def approval_collect(*, auth_req_id: str, agent: Agent, jkt: str = "") -> dict[str, Any]:
+def approval_collect(*, auth_req_id: str, agent: Agent | None = None, jkt: str = "",
+                     resource_server: ResourceServer | None = None) -> dict[str, Any]:
     """Answer one CIBA poll. Raises the CIBA §11 error for every non-success.
 
     ``jkt`` is the thumbprint of the poll's DPoP proof key, "" without one (RFC 9449 §6.1).
+    The collector is the agent, or, for a request a resource server opened
+    (``approvals.rs_stepup``), that resource server and no one else.
     """
     now = timezone.now()
     found = _read_for_collect(auth_req_id)
-    if found is None or found[0].agent_id != agent.pk:
+    if found is None or not (
+            found[0].opened_by_id == resource_server.pk if resource_server is not None
+            else agent is not None and found[0].agent_id == agent.pk and found[0].opened_by_id is None):
         raise UnknownAuthReqId("unknown auth_req_id")
     approval, policy = found
-    approval.agent = agent
+    approval.agent = agent if agent is not None else Agent.objects.get(pk=approval.agent_id)
+    if resource_server is not None:
+        approval.opened_by = resource_server
     if approval.status == Status.PENDING:
         if not approval.grant.is_live(now):
             # Checked on read as well: a grant that ended answers no more polls with "pending".
@@ -374,8 +385,9 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     # A grant extension has no downstream system: its token is addressed to us, as a receipt.
     audience = policy["audience"] if known else countersign_settings.ISSUER
     ttl = policy["action_token_ttl"] if known else countersign_settings.DEFAULT_ACTION_TOKEN_TTL
-    claims = bind_to_proof_key(action_claims(approval=approval, audience=audience, ttl=ttl), jkt=jkt,
-                               grant_jkt=approval.grant.dpop_jkt)
+    claims = action_claims(approval=approval, audience=audience, ttl=ttl)
+    if approval.opened_by_id is None:  # a resource server's own token is for itself: no agent key binds it
+        claims = bind_to_proof_key(claims, jkt=jkt, grant_jkt=approval.grant.dpop_jkt)
     # APPROVED -> ISSUED decides who collects; the action token and its audit row land with it, in one
     # statement. ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
     # refuses an expired token by itself), so collecting queues nothing.
@@ -384,7 +396,8 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     batch.insert("token", ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
                                         "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
                                         "redeemed_by": None})
-    batch.event("audit", _event(approval, "action_token.issued", actor=approval.agent.actor_id, jti=claims["jti"],
+    collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by_id else approval.agent.actor_id
+    batch.event("audit", _event(approval, "action_token.issued", actor=collector, jti=claims["jti"],
                                 expires_in=ttl))
     if batch.run() is None:
         raise AlreadyIssued("the token for this auth_req_id was already issued")

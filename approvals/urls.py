@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import rs_stepup, views
 
 urlpatterns = [
     path("approvals/", views.inbox_view, name="approvals-inbox"),
@@ -9,4 +9,6 @@ urlpatterns = [
     path("approvals/<uuid:approval_id>/confirm/", views.confirm_view, name="approval-confirm"),
     path("o/bc-authorize/", views.BackchannelAuthenticationView.as_view(), name="ciba-authorize"),
     path("o/redeem/", views.RedemptionView.as_view(), name="redeem"),
+    path("o/rs-approvals/", rs_stepup.ResourceServerApprovalView.as_view(), name="rs-approval"),
+    path("o/rs-approvals/token/", rs_stepup.ResourceServerCollectView.as_view(), name="rs-approval-token"),
 ]

@@ -175,6 +175,8 @@ class BackchannelAuthenticationView(View):
     @staticmethod
     def _authenticate(request, params: dict[str, str]):
         credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        if credentials.method == client_auth.NONE:  # CIBA §7.1: only clients that authenticate
+            raise InvalidClient(reason="CIBA needs client authentication")
         endpoint = f"{countersign_settings.ISSUER}/o/bc-authorize/"
         scopes = params.get("scope", "").split()
         hint = read_login_hint(params.get("login_hint_token", ""), scopes[0] if len(scopes) == 1 else "")

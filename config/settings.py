@@ -302,6 +302,11 @@ COUNTERSIGN = {
 for _name in ("RATE_LIMITS", "ATTEMPT_LIMITS"):
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = json.loads(os.environ[f"COUNTERSIGN_{_name}"])
+for _name in ("CLIENT_REGISTRATION", "CIMD_CA_BUNDLE"):  # agents that were never registered (consent.selfdescribed)
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = os.environ[f"COUNTERSIGN_{_name}"]
+if os.environ.get("COUNTERSIGN_REGISTRATION_ACCESS_TOKENS"):
+    COUNTERSIGN["REGISTRATION_ACCESS_TOKENS"] = os.environ["COUNTERSIGN_REGISTRATION_ACCESS_TOKENS"].split()
 for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS", "MAX_PROMPTS_PER_USER_IN_WINDOW",
               "MAX_PROMPTS_PER_AGENT_IN_WINDOW"):
     if os.environ.get(f"COUNTERSIGN_{_name}"):

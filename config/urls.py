@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 
 from audit.views import activity_view
 from config import health
-from consent.views import account, discovery, oauth, registry, revocation, token
+from consent.views import account, discovery, oauth, registration, registry, revocation, token
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -18,7 +18,9 @@ urlpatterns = [
     path("o/token/", token.token_view, name="oauth-token"),
     path("o/revoke/", revocation.revocation_view, name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
-    path("o/agents/<str:client_id>", registry.agent_view, name="agent-registry-entry"),
+    path("o/register/", registration.registration_view, name="oauth-register"),
+    # path: a self-described agent's client_id may be a URL (Client ID Metadata Documents).
+    path("o/agents/<path:client_id>", registry.agent_view, name="agent-registry-entry"),
     path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),
     path("accounts/login/", account.login_view, name="login"),
     path("accounts/login/otp/", account.login_otp_view, name="login-otp"),

@@ -90,10 +90,12 @@ class AgentAdminForm(forms.ModelForm):
 class AgentAdmin(AuditedAdmin):
     audit_event = "agent"
     form = AgentAdminForm
-    list_display = ("name", "publisher", "status", "refresh_mode", "access_token_ttl", "client_id", "created")
-    list_filter = ("status", "refresh_mode", "require_second_factor")
+    list_display = ("name", "publisher", "status", "registration", "refresh_mode", "access_token_ttl", "client_id",
+                    "created")
+    list_filter = ("status", "registration", "refresh_mode", "require_second_factor")
     search_fields = ("name", "publisher", "client_id", "description")
-    readonly_fields = ("client_id", "created", "updated")
+    readonly_fields = ("client_id", "created", "updated", "registration", "metadata_source", "client_metadata",
+                       "metadata_expires_at")
     actions = ["suspend", "activate", "reset_secret"]
     fieldsets = (
         ("Identity shown to users", {"fields": ("name", "publisher", "description", "status")}),
@@ -101,6 +103,8 @@ class AgentAdmin(AuditedAdmin):
         ("Tokens and sessions", {"fields": ("access_token_ttl", "refresh_mode", "max_grant_lifetime")}),
         ("Protocol", {"fields": ("client_id", "redirect_uris", "jwks",
                                  "backchannel_client_notification_endpoint")}),
+        # Self-described agents (consent.selfdescribed): how it joined, what it said, where that came from.
+        ("Self-described", {"fields": ("registration", "metadata_source", "client_metadata", "metadata_expires_at")}),
         ("Record", {"fields": ("created", "updated")}),
     )
 
@@ -125,7 +129,7 @@ class AgentAdmin(AuditedAdmin):
             if agent.status != Agent.Status.SUSPENDED:
                 agent_update(agent=agent, changes={"status": Agent.Status.SUSPENDED}, actor=_admin_actor(request))
 
-    @admin.action(description="Reactivate")
+    @admin.action(description="Activate (also: a self-described agent pending review)")
     def activate(self, request, queryset):
         for agent in queryset.exclude(status=Agent.Status.ACTIVE):
             agent_update(agent=agent, changes={"status": Agent.Status.ACTIVE}, actor=_admin_actor(request))

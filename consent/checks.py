@@ -28,6 +28,13 @@ def countersign_config(app_configs, **kwargs):
     if countersign_settings.LEEWAY_SECONDS > 30:
         problems.append(Error("COUNTERSIGN LEEWAY_SECONDS must be at most 30 (RFC 8725 §3.10)",
                               id="countersign.E003"))
+    registration = countersign_settings.CLIENT_REGISTRATION
+    if registration not in ("open", "off", "initial_access_token"):
+        problems.append(Error("COUNTERSIGN CLIENT_REGISTRATION must be open, off or initial_access_token",
+                              id="countersign.E005"))
+    elif registration == "initial_access_token" and not countersign_settings.REGISTRATION_ACCESS_TOKENS:
+        problems.append(Error("COUNTERSIGN CLIENT_REGISTRATION initial_access_token needs REGISTRATION_ACCESS_TOKENS",
+                              id="countersign.E006"))
     if settings.OAUTH2_PROVIDER_APPLICATION_MODEL != "consent.Agent":
         problems.append(Error("OAUTH2_PROVIDER_APPLICATION_MODEL must be consent.Agent", id="countersign.E004"))
     return problems

@@ -67,13 +67,16 @@ DEFAULTS: dict[str, Any] = {
     # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
     "RATE_LIMITS_ENABLED": True,
     "RATE_LIMITS": {
-        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
+        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/",
+                               "/o/rs-approvals/"],
                      "client": [1200, 60], "source": [6000, 60]},
         "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
                   "user": [120, 60], "source": [600, 60]},
         "public": {"paths": ["/.well-known/", "/o/agents/", "/audit/checkpoints/"], "source": [1200, 60]},
         # Log shippers pulling the audit log (/audit/events/) and proofs (/audit/proofs/).
         "audit": {"paths": ["/audit/"], "source": [600, 60]},
+        # RFC 7591 §3 registrations create rows: few per source.
+        "registration": {"paths": ["/o/register/"], "source": [20, 60]},
     },
     # Attempt limits on secrets (consent.limits.attempts, consent.limits.middleware, consent.limits.logins): kind -> failures
     # allowed per "account" and per "source" within "seconds". Past them the account or source is
@@ -98,6 +101,26 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT_CHECKPOINT_WEBHOOK": "",
     # Most events one pull of /audit/events/ returns.
     "AUDIT_EXPORT_PAGE_MAX": 1000,
+    # Agents that were never registered (consent.selfdescribed): RFC 7591 dynamic registration at
+    # /o/register/ is "open", "off", or "initial_access_token" (a bearer token from REGISTRATION_ACCESS_TOKENS,
+    # RFC 7591 §3); Client ID Metadata Documents (https client_id URLs) are fetched when
+    # CLIENT_ID_METADATA_DOCUMENTS is True.
+    "CLIENT_REGISTRATION": "open",
+    "REGISTRATION_ACCESS_TOKENS": [],
+    "CLIENT_ID_METADATA_DOCUMENTS": True,
+    # Fetching a metadata document: seconds for the whole fetch, most bytes read, and how long a document
+    # is kept at most (its Cache-Control max-age is honoured below this ceiling) and at least.
+    "CIMD_TIMEOUT_SECONDS": 5.0,
+    "CIMD_MAX_BYTES": 5120,
+    "CIMD_CACHE_MAX_SECONDS": 86400,
+    "CIMD_CACHE_MIN_SECONDS": 60,
+    # A CA bundle (PEM file) to verify documents' TLS with instead of the system's; "" for the system's.
+    "CIMD_CA_BUNDLE": "",
+    # Which scopes a self-described agent may ever ask for: scope-policy names, or [] for every scope.
+    # Step-up scopes need the agent active: in production a self-described agent starts pending_review
+    # until an admin activates it (agent_update CLIENT_ID --status active); in development (an http
+    # loopback issuer) it starts active, and loopback documents and registrations are accepted.
+    "SELF_DESCRIBED_SCOPES": [],
 }
 
 

@@ -31,6 +31,9 @@ def server_metadata() -> dict:
         "backchannel_token_delivery_modes_supported": ["poll", "ping"],
         "backchannel_user_code_parameter_supported": False,
         "redemption_endpoint": f"{issuer}/o/redeem/",
+        # A resource server opens a step-up for a token it was handed, and collects it (approvals.rs_stepup).
+        "resource_server_approval_endpoint": f"{issuer}/o/rs-approvals/",
+        "resource_server_approval_token_endpoint": f"{issuer}/o/rs-approvals/token/",
         "agent_registry_endpoint": f"{issuer}/o/agents/",
         "agent_registry_document": f"{issuer}/.well-known/agent-registry.jwt",
         # The audit ledger's signed checkpoints (docs/audit.md), like a CT log's signed tree heads.
@@ -44,13 +47,28 @@ def server_metadata() -> dict:
         "authorization_response_iss_parameter_supported": True,
         "grant_types_supported": list(countersign_settings.TOKEN_GRANTS),
         "code_challenge_methods_supported": ["S256"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        # "none": public clients (self-described agents that registered so); PKCE binds their codes.
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt",
+                                                  "none"],
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt",
+                                                       "none"],
         "access_token_signing_alg_values_supported": list(SUPPORTED_ALGS),
         "subject_types_supported": ["public"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "scope", "client_id", "act",
                              "grant_id", "auth_time", "acr", "amr", "cnf", "authorization_details",
                              "action_hash", "approval_id"],
+        **_self_described_metadata(issuer),
     }
+
+
+def _self_described_metadata(issuer: str) -> dict:
+    """Agents that were never registered: RFC 7591 §3 registration (unless the policy is off) and
+    Client ID Metadata Documents (draft-ietf-oauth-client-id-metadata-document §5)."""
+    extra: dict = {}
+    if countersign_settings.CLIENT_REGISTRATION != "off":
+        extra["registration_endpoint"] = f"{issuer}/o/register/"
+    if countersign_settings.CLIENT_ID_METADATA_DOCUMENTS:
+        extra["client_id_metadata_document_supported"] = True
+    return extra

@@ -34,7 +34,14 @@ class Agent(AbstractApplication):
 
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
+        # Self-described agents in production: session scopes only, no step-up, until an admin activates.
+        PENDING_REVIEW = "pending_review", "Pending review"
         SUSPENDED = "suspended", "Suspended"
+
+    class Registration(models.TextChoices):
+        ADMIN = "admin", "Registered by an administrator"
+        METADATA_DOCUMENT = "metadata_document", "Self-described: Client ID Metadata Document"
+        DYNAMIC = "dynamic", "Self-described: dynamic registration (RFC 7591)"
 
     class RefreshMode(models.TextChoices):
         ROTATING = "rotating", "Rotating refresh tokens"
@@ -80,6 +87,20 @@ class Agent(AbstractApplication):
         help_text="Client ids of sub-agents this agent may hand work to (RFC 8693 delegation). "
                   "Users see them on the consent screen.",
     )
+    registration = models.CharField(
+        max_length=24, choices=Registration.choices, default=Registration.ADMIN, db_index=True,
+        help_text="How the agent joined. Self-described agents assert their own name and publisher.",
+    )
+    client_metadata = models.JSONField(
+        null=True, blank=True, help_text="Self-described agents: the client metadata exactly as received.",
+    )
+    metadata_source = models.CharField(
+        max_length=300, blank=True,
+        help_text="Self-described agents: the document URL, or the address that registered it.",
+    )
+    metadata_expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Client ID Metadata Documents: when the cached document is fetched again.",
+    )
     backchannel_client_notification_endpoint = models.URLField(
         "CIBA notification endpoint", blank=True,
         help_text="Where ping-mode approval notices are sent. Optional.",
@@ -101,9 +122,39 @@ class Agent(AbstractApplication):
     def is_active(self) -> bool:
         return self.status == self.Status.ACTIVE
 
+    @property
+    def may_sign_in(self) -> bool:
+        """Active, or pending review (session scopes only): may authenticate and hold session tokens."""
+        return self.status in (self.Status.ACTIVE, self.Status.PENDING_REVIEW)
+
+    @property
+    def is_self_described(self) -> bool:
+        return self.registration != self.Registration.ADMIN
+
+    @property
+    def self_described_host(self) -> str:
+        """The host a self-described agent's identity rests on (its document URL's, or its redirect URI's)."""
+        from urllib.parse import urlsplit
+
+        source = self.client_id if self.registration == self.Registration.METADATA_DOCUMENT else (
+            (self.redirect_uris or "").split() or [""])[0]
+        return urlsplit(source).hostname or ""
+
+    def get_allowed_schemes(self):
+        """DOT's redirect URI schemes, plus http for a self-described native client whose http redirect
+        URIs are all on a loopback address (RFC 8252 §7.3), also where the deployment allows https only."""
+        from urllib.parse import urlsplit
+
+        schemes = list(super().get_allowed_schemes())
+        http = [u for u in (self.redirect_uris or "").split() if u.lower().startswith("http:")]
+        if self.is_self_described and "http" not in schemes and http and all(
+                urlsplit(u).hostname in ("127.0.0.1", "::1") for u in http):
+            schemes.append("http")
+        return schemes
+
     def is_usable(self, request) -> bool:
         # DOT asks this whenever it loads a client: a suspended agent is no client at all.
-        return self.is_active
+        return self.may_sign_in
 
 
 class ResourceServer(models.Model):

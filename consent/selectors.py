@@ -103,6 +103,6 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
         return Introspection(False, {}, "token revoked")
     if grant_row["status"] != SessionGrant.Status.ACTIVE or grant_row["expires_at"] <= now:
         return Introspection(False, {}, f"grant {grant_row['status']}")
-    if agent_row["status"] != Agent.Status.ACTIVE:
+    if agent_row["status"] not in (Agent.Status.ACTIVE, Agent.Status.PENDING_REVIEW):  # pending: session scopes
         return Introspection(False, {}, "agent suspended")
     return Introspection(True, claims)

@@ -75,12 +75,15 @@ def sign(claims: dict[str, Any], *, typ: str) -> str:
     return jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": typ})
 
 
-def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], expires_in: int) -> dict[str, Any]:
+def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], expires_in: int,
+                   audience: list[str] | None = None) -> dict[str, Any]:
+    """``audience``: the RFC 8707 resources asked for (``consent.oauth.resource.narrow``); by default
+    every audience of ``scopes``."""
     now = int(time.time())
     return {
         "iss": countersign_settings.ISSUER,
         "sub": subject_id(grant.user_id),
-        "aud": audiences_for(scopes),
+        "aud": audience if audience is not None else audiences_for(scopes),
         "client_id": client_id,
         "scope": " ".join(scopes),
         "act": {"sub": actor_id(client_id)},

@@ -14,7 +14,8 @@
     def append(request): ...
 
 Refusals are JSON (RFC 6749 §5.2 member names) with the RFC 6750 §3 / RFC 9449
-§7.1 ``WWW-Authenticate`` challenge; on success ``request.countersign`` is the
+§7.1 ``WWW-Authenticate`` challenge, naming the RFC 9728 metadata URL
+(``urlpatterns += metadata_urlpatterns()`` serves it); on success ``request.countersign`` is the
 :class:`~countersign.verifier.VerifiedToken`.
 """
 
@@ -32,9 +33,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from .errors import CountersignError, InvalidRequest
+from .resource_metadata import metadata_paths
 from .verifier import TokenVerifier, VerifiedToken, parse_authorization, refusal
 
-__all__ = ["get_verifier", "requires_action", "requires_scope"]
+__all__ = ["get_verifier", "metadata_urlpatterns", "protected_resource_metadata", "requires_action",
+           "requires_scope"]
 
 View = TypeVar("View", bound=Callable[..., Any])
 DetailsFn = Callable[[HttpRequest], Sequence[Mapping[str, Any]]]
@@ -64,9 +67,33 @@ def request_url(request: HttpRequest) -> str:
     return str(request.build_absolute_uri(request.path))
 
 
-def _refuse(exc: CountersignError) -> HttpResponse:
-    status, headers, body = refusal(exc)
+def _refuse(exc: CountersignError, verifier: TokenVerifier | None = None) -> HttpResponse:
+    try:
+        v = verifier or get_verifier()
+    except ImproperlyConfigured:
+        status, headers, body = refusal(exc)
+    else:
+        status, headers, body = v.refusal(exc)  # names the RFC 9728 metadata URL (§5.1)
     return JsonResponse(body, status=status, headers=headers)
+
+
+def protected_resource_metadata(request: HttpRequest, verifier: TokenVerifier | None = None) -> HttpResponse:
+    """RFC 9728 §3.2: this resource's metadata, from the verifier's configuration (public, GET only)."""
+    if request.method not in ("GET", "HEAD"):
+        return JsonResponse({"error": "invalid_request", "error_description": "GET only"}, status=405,
+                            headers={"Allow": "GET, HEAD"})
+    document = (verifier or get_verifier()).protected_resource_metadata()
+    return JsonResponse(document, headers={"Cache-Control": "public, max-age=300"})
+
+
+def metadata_urlpatterns(verifier: TokenVerifier | None = None) -> list[Any]:
+    """URL patterns serving :func:`protected_resource_metadata` at both RFC 9728 §3.1 paths of the
+    verifier's audience: ``urlpatterns += metadata_urlpatterns()``."""
+    from django.urls import path
+
+    v = verifier or get_verifier()
+    return [path(p.lstrip("/"), functools.partial(protected_resource_metadata, verifier=v))
+            for p in metadata_paths(v.audience)]
 
 
 def _verify(request: HttpRequest, verifier: TokenVerifier | None, *, scopes: Sequence[str],
@@ -93,7 +120,7 @@ def _decorate(view: View, verifier: TokenVerifier | None, scopes: Sequence[str],
             try:
                 verified = await check(request, verifier, scopes=scopes, action=action)
             except CountersignError as exc:
-                return _refuse(exc)
+                return _refuse(exc, verifier)
             setattr(request, "countersign", verified)  # noqa: B010  (HttpRequest declares no such attribute)
             return await view(request, *args, **kwargs)
 
@@ -104,7 +131,7 @@ def _decorate(view: View, verifier: TokenVerifier | None, scopes: Sequence[str],
         try:
             verified = _verify(request, verifier, scopes=scopes, action=action)
         except CountersignError as exc:
-            return _refuse(exc)
+            return _refuse(exc, verifier)
         setattr(request, "countersign", verified)  # noqa: B010  (HttpRequest declares no such attribute)
         return view(request, *args, **kwargs)
 

@@ -71,8 +71,9 @@ class CountersignError(Exception):
     def scheme(self) -> str:
         return "DPoP" if self.dpop else "Bearer"
 
-    def www_authenticate(self) -> str:
-        """The ``WWW-Authenticate`` header value (RFC 6750 §3, RFC 9449 §7.1).
+    def www_authenticate(self, resource_metadata: str | None = None) -> str:
+        """The ``WWW-Authenticate`` header value (RFC 6750 §3, RFC 9449 §7.1), naming the
+        resource's metadata URL when given (RFC 9728 §5.1).
 
         >>> InvalidToken("token expired").www_authenticate()
         'Bearer realm="countersign", error="invalid_token", error_description="token expired"'
@@ -86,6 +87,8 @@ class CountersignError(Exception):
                 parts.append(f"scope={_quoted(' '.join(self.scope))}")
         if self.dpop and self.dpop_algs:
             parts.append(f"algs={_quoted(' '.join(self.dpop_algs))}")
+        if resource_metadata:
+            parts.append(f"resource_metadata={_quoted(resource_metadata)}")
         return f"{self.scheme} " + ", ".join(parts)
 
     def as_dict(self) -> dict[str, str]:

@@ -49,6 +49,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .jsonbounds import jws_within
+from .resource_metadata import metadata_document, metadata_url
 
 __all__ = [
     "ACTION_TOKEN_TYP",
@@ -115,7 +116,9 @@ class AgentRecord:
 
     @property
     def active(self) -> bool:
-        return self.status == "active"
+        # "pending_review": a self-described agent an admin has not activated yet; the server gives it
+        # session scopes only (never an action token), so its session tokens are good.
+        return self.status in ("active", "pending_review")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ class TokenVerifier:
     ``exp``/``iat``/``nbf``; ``dpop_max_age`` bounds a proof's ``iat`` either way.
     ``replay_cache`` keeps seen DPoP proof ``jti`` values: in-process by default; give
     a shared :class:`~countersign.dpop.JtiStore` when several processes serve one API.
+    ``scopes_supported``, ``resource_name`` and ``resource_metadata_url`` (by default
+    the RFC 9728 §3.1 URL of ``audience``) describe the resource (RFC 9728 §2).
     """
 
     def __init__(self, issuer: str, *, client_id: str | None = None, client_secret: str | None = None,
@@ -167,7 +172,9 @@ class TokenVerifier:
                  jwks_min_refetch_interval: float = 30.0, jwks_max_age: float = 300.0,
                  registry_ttl: float = 30.0, max_token_bytes: int = 8192,
                  algorithms: Sequence[str] = ALGORITHMS, dpop_max_age: float = 60.0,
-                 dpop_algorithms: Sequence[str] = DPOP_ALGS, replay_cache: JtiStore | None = None) -> None:
+                 dpop_algorithms: Sequence[str] = DPOP_ALGS, replay_cache: JtiStore | None = None,
+                 scopes_supported: Sequence[str] = (), resource_name: str | None = None,
+                 resource_metadata_url: str | None = None) -> None:
         if not 0 <= leeway <= MAX_LEEWAY:
             raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY} seconds (RFC 8725 §3.10: small, explicit)")
         unknown = set(algorithms) - set(ALGORITHMS)
@@ -204,6 +211,21 @@ class TokenVerifier:
         self._decode_options: Any = {"require": REQUIRED_CLAIMS}
         self._headers: dict[str, dict[str, Any]] = {}  # JOSE header segment -> parsed header
         self.fetch_count = 0  # JWKS fetches, for tests and metrics
+        # RFC 9728: what the resource publishes about itself, and where (an http(s) audience only).
+        self.scopes_supported = tuple(scopes_supported)
+        self.resource_name = resource_name
+        if resource_metadata_url is None and audience.startswith(("https://", "http://")):
+            resource_metadata_url = metadata_url(audience)
+        self.resource_metadata_url = resource_metadata_url
+
+    def protected_resource_metadata(self) -> dict[str, Any]:
+        """This resource server's RFC 9728 §2 metadata document."""
+        return metadata_document(resource=self.audience, issuer=self.issuer, scopes_supported=self.scopes_supported,
+                                 resource_name=self.resource_name, dpop_algorithms=self.dpop_algorithms)
+
+    def refusal(self, exc: CountersignError) -> tuple[int, dict[str, str], dict[str, str]]:
+        """:func:`refusal`, naming this server's metadata URL in the challenge (RFC 9728 §5.1)."""
+        return refusal(exc, resource_metadata=self.resource_metadata_url)
 
     # --- discovery (RFC 8414) -----------------------------------------------------------------
 
@@ -555,9 +577,11 @@ class TokenVerifier:
         return chain
 
 
-def refusal(exc: CountersignError) -> tuple[int, dict[str, str], dict[str, str]]:
-    """``(status, headers, body)`` for a refusal: the one place integrations render errors."""
+def refusal(exc: CountersignError, *, resource_metadata: str | None = None
+            ) -> tuple[int, dict[str, str], dict[str, str]]:
+    """``(status, headers, body)`` for a refusal: the one place integrations render errors.
+    ``resource_metadata``: the RFC 9728 metadata URL every challenge names (§5.1)."""
     headers = {"Cache-Control": "no-store"}
     if exc.status_code in (400, 401, 403):
-        headers["WWW-Authenticate"] = exc.www_authenticate()
+        headers["WWW-Authenticate"] = exc.www_authenticate(resource_metadata)
     return exc.status_code, headers, exc.as_dict()

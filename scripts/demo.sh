@@ -5,7 +5,8 @@
 #   callback on 8199), whose output is this terminal's. Ctrl-C stops everything.
 #
 # Environment: PORT (8000), DEMO_OPEN=0 (do not open the consent link in a browser),
-# DEMO_STAY=0 (stop as soon as the agent is done instead of waiting for Ctrl-C),
+# DEMO_STAY=0 (stop as soon as the agent is done instead of waiting for Ctrl-C), DEMO_MCP=1 (also the
+# MCP server of examples/mcp on COUNTERSIGN_DEMO_MCP_PORT, 8110; what `make demo-mcp` sets),
 # plus the server's own variables (DATABASE_URL, REDIS_URL, ...; see README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,14 @@ $PY -m examples.procurement.resource_servers --config "$CREDS" --issuer "$COUNTE
   --data-dir "$DEMO_DIR" >"$DEMO_DIR/systems.log" 2>&1 &
 pids+=($!)
 
+# DEMO_MCP=1 (make demo-mcp): the MCP server too (examples/mcp, Streamable HTTP at /mcp).
+MCP_PORT=${COUNTERSIGN_DEMO_MCP_PORT:-8110}
+if [ "${DEMO_MCP:-0}" = 1 ]; then
+  $PY -m examples.mcp.server --config "$CREDS" --port "$MCP_PORT" --ledger "$DEMO_DIR/mcp-ledger.jsonl" \
+    >"$DEMO_DIR/mcp.log" 2>&1 &
+  pids+=($!)
+fi
+
 wait_for() {  # wait_for WHAT COMMAND...: up to 30 s
   local what=$1; shift
   for _ in $(seq 1 300); do
@@ -99,13 +108,20 @@ systems_up() {
   $PY - "$CREDS" <<'PY'
 import json, sys, urllib.request
 for server in json.load(open(sys.argv[1]))["resource_servers"]:
-    urllib.request.urlopen(server["audience"] + "/health", timeout=1)
+    if not server["audience"].endswith("/mcp"):  # the MCP server (examples/mcp) has no /health
+        urllib.request.urlopen(server["audience"] + "/health", timeout=1)
 PY
 }
 wait_for "Countersign" http_ok "$COUNTERSIGN_ISSUER/.well-known/oauth-authorization-server"
 wait_for "the Celery worker" grep -q "ready\." "$DEMO_DIR/celery.log"
 wait_for "the procurement systems" systems_up
 cat "$DEMO_DIR/systems.log"
+if [ "${DEMO_MCP:-0}" = 1 ]; then
+  wait_for "the MCP server" http_ok "http://$HOST:$MCP_PORT/.well-known/oauth-protected-resource/mcp"
+  cat "$DEMO_DIR/mcp.log"
+  echo "  Point an MCP client at http://$HOST:$MCP_PORT/mcp: it discovers Countersign, joins (CIMD or"
+  echo "  registration), you consent; ledger_append waits for your approval in the inbox."
+fi
 
 cat <<MSG
 

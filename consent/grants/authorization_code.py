@@ -6,7 +6,8 @@ What §4.1.3 asks of the server, in this order: authenticate the client (§3.2.1
 the code was issued to this client, is valid and unused; ``redirect_uri`` is the
 one of the authorization request. PKCE (RFC 7636 §4.6): the verifier hashes to the
 stored challenge (S256 only, RFC 9700 §2.1.1). Countersign adds: the code's session
-grant is live, and a code presented twice revokes that grant and everything issued
+grant is live, RFC 8707 ``resource`` narrows the token to the resources asked for
+(``consent.oauth.resource``), and a code presented twice revokes that grant and everything issued
 from it (§4.1.2: "SHOULD revoke ... all tokens previously issued based on that code").
 
 One statement reads the code, its session grant and its agent, so client
@@ -29,11 +30,13 @@ from ..errors import (
     CodeReused,
     GrantInactive,
     InvalidRequest,
+    InvalidTarget,
     PkceMismatch,
     RedirectUriMismatch,
     UnauthorizedClient,
 )
 from ..models import Agent, AuthorizationCode
+from ..oauth.resource import form_resources, narrow
 from ..services import grant_revoke
 from .issue import (
     CredentialReused,
@@ -48,7 +51,7 @@ from .issue import (
 GRANT_TYPE = "authorization_code"
 
 _CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "scope", "code_challenge",
-                                              "code_challenge_method", "consumed_at", "session_grant"])
+                                              "code_challenge_method", "consumed_at", "session_grant", "resource"])
 
 
 def _select(code: str, *, lock: bool) -> Found | None:
@@ -99,7 +102,15 @@ def _exchange(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | N
     batch = rows.Batch(rows.guarded_update(AuthorizationCode, code_row["id"], {"consumed_at": now},
                                            f"consumed_at IS NULL AND EXISTS ({live_sql})", live_params))
     scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
-    return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=batch)
+    resource = None
+    authorized = list(code_row["resource"] or [])
+    asked = form_resources(req.params.get("resource", "")) or authorized
+    if authorized and not set(asked) <= set(authorized):
+        raise InvalidTarget("The requested resource was not part of the authorization request.",
+                            reason="token request asked for a resource beyond the authorization request")
+    if asked:  # RFC 8707 §2.2: the token is for what this request (or, without one, the code) names
+        resource, scopes = narrow(asked, scopes)
+    return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=batch, resource=resource)
 
 
 def exchange_code(req: TokenRequest) -> dict[str, Any]:

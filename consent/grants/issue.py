@@ -145,19 +145,23 @@ def live_grant(grant: SessionGrant, now: datetime) -> tuple[str, list[Any]]:
 
 
 def access_token_row(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,
-                     source_refresh_token: int | None = None) -> dict[str, Any]:
+                     source_refresh_token: int | None = None, resource: list[str] | None = None) -> dict[str, Any]:
     """The session token's row, by checksum, pointing at its grant (for revocation)."""
     return {
         "token": "", "token_checksum": token_checksum(token),
         "expires": now + timedelta(seconds=claims["exp"] - claims["iat"]), "scope": claims["scope"],
-        "resource": [], "created": now, "updated": now, "jti": claims["jti"], "user": grant.user_id,
+        "resource": resource or [], "created": now, "updated": now, "jti": claims["jti"], "user": grant.user_id,
         "application": agent.pk, "session_grant": grant.pk, "source_refresh_token": source_refresh_token,
     }
 
 
 def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[str], now: datetime,
-                        batch: rows.Batch, rotated_from: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                        batch: rows.Batch, rotated_from: dict[str, Any] | None = None,
+                        resource: list[str] | None = None) -> dict[str, Any] | None:
     """Mint, store and audit a session token (and refresh token); the §5.1 response body.
+
+    ``resource``: the RFC 8707 resources the token is for (its ``aud``, exactly), kept on the
+    refresh token too so a refresh stays within them; None: every audience of ``scopes``.
 
     The rows are written by ``batch``, behind its guard (the code consumed, the refresh
     token rotated); None when the guard did not take: a concurrent request won, and
@@ -166,20 +170,21 @@ def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[
     """
     agent = req.agent
     ttl = session_token_lifetime(agent, grant, now)
-    claims = session_claims(grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl)
+    claims = session_claims(grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl,
+                            audience=resource)
     bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
     access_token = sign(claims, typ=SESSION_TOKEN_TYP)
     scope = " ".join(scopes)
     batch.insert("access_token", AccessToken, access_token_row(
         access_token, claims=claims, grant=grant, agent=agent, now=now,
-        source_refresh_token=rotated_from["id"] if rotated_from else None))
+        source_refresh_token=rotated_from["id"] if rotated_from else None, resource=resource))
     body: dict[str, Any] = {"access_token": access_token, "expires_in": ttl, "token_type": token_type(req.dpop_jkt),
                             "scope": scope}
     if agent.refresh_mode == Agent.RefreshMode.ROTATING:
         refresh_token = secrets.token_urlsafe(32)
         batch.insert("refresh_token", RefreshToken, {
             "token": "", "token_checksum": token_checksum(refresh_token),
-            "token_family": rotated_from["token_family"] if rotated_from else None, "resource": [],
+            "token_family": rotated_from["token_family"] if rotated_from else None, "resource": resource or [],
             "created": now, "updated": now, "revoked": None, "access_token": rows.Ref("access_token"),
             "application": agent.pk, "user": grant.user_id, "session_grant": grant.pk,
         })
@@ -187,6 +192,7 @@ def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[
     batch.event("audit", audit_event(
         event="token.refreshed" if rotated_from else "token.issued", actor=agent.actor_id,
         user_id=grant.user_id, client_id=agent.client_id, grant_id=grant.pk,
-        detail={"jti": claims["jti"], "scope": scope, "expires_in": ttl, "refresh_token": "refresh_token" in body},
+        detail={"jti": claims["jti"], "scope": scope, "expires_in": ttl, "refresh_token": "refresh_token" in body,
+                **({"resource": resource} if resource else {})},
     ))
     return body if batch.run() is not None else None

@@ -22,8 +22,16 @@ from django.utils import timezone
 from audit.services import audit_record
 
 from .. import rows
-from ..errors import GrantInactive, InvalidRequest, InvalidScope, RefreshNotAllowed, RefreshReused
+from ..errors import (
+    GrantInactive,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    RefreshNotAllowed,
+    RefreshReused,
+)
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
+from ..oauth.resource import form_resources, narrow
 from ..services import grant_revoke
 from ..tokens import token_checksum
 from .issue import (
@@ -38,7 +46,7 @@ from .issue import (
 
 GRANT_TYPE = "refresh_token"
 
-_RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user"])
+_RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user", "resource"])
 
 
 def _select(refresh_token: str, *, lock: bool) -> Found | None:
@@ -78,8 +86,17 @@ def _refresh(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | No
         if not set(asked) <= set(scopes):
             raise InvalidScope(reason="refresh asked for scopes beyond the grant")
         scopes = [s for s in scopes if s in asked]
+    # RFC 8707 §2.2: a refresh may ask for the original resources or fewer, never others.
+    resource = None
+    original = list(rt["resource"] or [])
+    asked_resources = form_resources(req.params.get("resource", "")) or original
+    if asked_resources:
+        if original and not set(asked_resources) <= set(original):
+            raise InvalidTarget("The requested resource is outside the original grant.",
+                                reason="refresh asked for a resource beyond the original request")
+        resource, scopes = narrow(asked_resources, scopes)
     return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=_rotation(rt, grant, now),
-                               rotated_from=rt)
+                               rotated_from=rt, resource=resource)
 
 
 def refresh(req: TokenRequest) -> dict[str, Any]:

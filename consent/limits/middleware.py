@@ -43,6 +43,8 @@ SECRET_KINDS = {
     "/o/revoke/": "client",
     "/o/introspect/": "resource_server",
     "/o/redeem/": "resource_server",
+    "/o/rs-approvals/": "resource_server",
+    "/o/rs-approvals/token/": "resource_server",
 }
 
 

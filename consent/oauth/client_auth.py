@@ -4,6 +4,8 @@
   preferred; credentials in the form body are accepted too.
 - ``private_key_jwt`` (RFC 7523 §2.2, OpenID Connect Core §9): a JWT the agent signs
   with one of its registered keys (``consent.oauth.private_key_jwt``).
+- ``none`` (RFC 7591 §2): public clients only (self-described agents that registered
+  so), at the token endpoint's code and refresh grants; PKCE binds the code.
 
 Parsing (``presented_credentials``) is separate from checking (``authenticate``), so a
 grant that reads the agent's row together with its own (the code exchange reads the
@@ -26,11 +28,14 @@ from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified
 
 SECRET = "client_secret"
 PRIVATE_KEY_JWT = "private_key_jwt"
+# RFC 7591 §2 ``none``: a public client (a self-described native or browser agent) names itself only;
+# PKCE (required for every code) binds the code to it. Never accepted for a confidential agent.
+NONE = "none"
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the request presented: ``method`` is ``client_secret`` or ``private_key_jwt``."""
+    """What the request presented: ``method`` is ``client_secret``, ``private_key_jwt`` or ``none``."""
 
     method: str
     client_id: str
@@ -59,6 +64,8 @@ def presented_credentials(params: dict[str, str], authorization: str) -> Credent
     client_id, secret = params.get("client_id"), params.get("client_secret")
     if client_id and secret:
         return Credentials(SECRET, client_id, secret)
+    if client_id and "client_secret" not in params:
+        return Credentials(NONE, client_id)
     raise InvalidClient(reason="no client authentication")
 
 
@@ -80,9 +87,12 @@ def _secret_ok(secret: str, agent: Agent) -> bool:
 
 def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url: str) -> Agent:
     """Check ``credentials`` against ``agent`` (the row for ``credentials.client_id``, or None)."""
-    if agent is None or agent.client_id != credentials.client_id or not agent.is_active:
+    if agent is None or agent.client_id != credentials.client_id or not agent.may_sign_in:
         raise InvalidClient(reason="unknown client or agent suspended")
-    if credentials.method == PRIVATE_KEY_JWT:
+    if credentials.method == NONE:
+        if agent.client_type != Agent.CLIENT_PUBLIC:
+            raise InvalidClient(reason="no client authentication")
+    elif credentials.method == PRIVATE_KEY_JWT:
         try:
             verify_assertion(credentials.assertion, agent=agent, endpoint_url=endpoint_url)
         except AssertionInvalid as exc:

@@ -3,7 +3,8 @@
 What we change from DOT's ``OAuth2Validator``:
 
 - Scopes must be in the agent's registry and known to scope policy
-  (RFC 6749 §3.3).
+  (RFC 6749 §3.3); an agent pending review (self-described, not yet activated)
+  gets no step-up scope.
 - Every authorization code row points at the session grant the consent view
   created for it, so the code exchange (``consent.grants.authorization_code``)
   can check that the grant is still live.
@@ -22,8 +23,10 @@ class CountersignValidator(OAuth2Validator):
     def validate_scopes(self, client_id, scopes, client, request, *args, **kwargs):
         if not set(scopes) <= set(client.allowed_scopes or []):
             return False
-        known = ScopePolicy.objects.filter(name__in=scopes).count()
-        return known == len(set(scopes))
+        known = dict(ScopePolicy.objects.filter(name__in=scopes).values_list("name", "sensitivity"))
+        if not client.is_active and ScopePolicy.Sensitivity.STEP_UP in known.values():
+            return False  # pending review (a self-described agent): no step-up until an admin activates it
+        return len(known) == len(set(scopes))
 
     def get_default_scopes(self, client_id, request, *args, **kwargs):
         return []
@@ -40,4 +43,5 @@ class CountersignValidator(OAuth2Validator):
             code_challenge=request.code_challenge or "",
             code_challenge_method=request.code_challenge_method or "",
             session_grant=request.session_grant,
+            resource=list(getattr(request, "resource", None) or []),  # RFC 8707 §2.1, checked by the view
         )

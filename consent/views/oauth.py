@@ -22,9 +22,11 @@ from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
 from audit.services import audit_record, audit_refusal
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidTarget
 from ..http import NO_STORE, oauth_error
 from ..models import Agent
+from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
+from ..oauth.resource import narrow, parse_resources
 from ..selectors import scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from .account import auth_context, second_factor_missing
@@ -72,13 +74,42 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
 
     def _validated(self, query: str):
         """(scopes, credentials, agent), or the refusal response: the same checks for GET and POST."""
+        refusal = self._self_described(query)
+        if refusal is not None:
+            return None, refusal
         try:
             scopes, credentials = self._validate(query)
         except oauthlib_errors.FatalClientError as exc:
             return None, self._refuse(self._wrap(exc), query=query)
         except oauthlib_errors.OAuth2Error as exc:
             return None, self._refuse(self._wrap(exc), self._agent(credentials_client_id(query)), query)
-        return (scopes, credentials, Agent.objects.get(client_id=credentials["client_id"])), None
+        agent = Agent.objects.get(client_id=credentials["client_id"])
+        try:
+            credentials["resource"] = requested_resources(query, scopes)
+        except InvalidTarget as exc:
+            error = InvalidTargetError(description=exc.description, state=credentials.get("state"))
+            error.redirect_uri = credentials.get("redirect_uri")
+            return None, self._refuse(self._wrap(error), agent, query)
+        return (scopes, credentials, agent), None
+
+    def _self_described(self, query: str):
+        """A ``client_id`` that is a URL: fetch, check and keep its metadata document before the request
+        is validated against the registry (``consent.oauth.cimd``). A refusal is an error page, never a
+        redirect (the redirect URI is unverified), audited once."""
+        params = parse_qs(query)
+        client_id = (params.get("client_id") or [""])[0]
+        if not looks_like_document_url(client_id):
+            return None
+        try:
+            resolve_agent(client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request)
+        except MetadataDocumentRefused as exc:
+            audit_refusal(event="client_metadata.refused", error="invalid_client", actor=f"user:{self.request.user.pk}",
+                          user_id=self.request.user.pk, client_id=client_id[:100], request=self.request,
+                          detail={"reason": exc.reason})
+            error = oauthlib_errors.InvalidClientError(
+                description="The agent's client metadata document cannot be used, so it cannot connect.")
+            return self.error_response(FatalClientError(error=error), None)
+        return None
 
     def get(self, request, *args, **kwargs):
         query = request.META.get("QUERY_STRING", "")
@@ -144,6 +175,21 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         return Agent.objects.filter(client_id=client_id or "").first()
 
 
+class InvalidTargetError(oauthlib_errors.OAuth2Error):
+    """RFC 8707 §2: "The requested resource is invalid, missing, unknown, or malformed." """
+
+    error = "invalid_target"
+
+
+def requested_resources(query: str, scopes: list[str]) -> list[str]:
+    """RFC 8707 §2.1: the ``resource`` values of an authorization request, each served by a requested
+    scope (``InvalidTarget`` otherwise); stored with the code, which the token is then narrowed to."""
+    resources = parse_resources(parse_qs(query).get("resource") or [])
+    if resources:
+        narrow(resources, scopes)
+    return resources
+
+
 def credentials_client_id(query: str) -> str:
     return (parse_qs(query).get("client_id") or [""])[0]
 
@@ -152,7 +198,8 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     return {
         "may_delegate_to": [{"name": d.name, "publisher": d.publisher, "client_id": d.client_id}
                             for d in delegates_of(agent)],
-        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status},
+        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status,
+                  **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {})},
         "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
                                 if not p.is_step_up],
         "will_ask_each_time": [{"scope": p.name, "description": p.description} for p in policies

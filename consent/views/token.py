@@ -28,6 +28,8 @@ from ..http import NO_STORE, claimed_client_id, error_response
 from ..oauth.client_auth import presented_credentials
 from ..oauth.dpop import dpop_headers, verify_proof
 
+# RFC 8707 §2: ``resource`` may be given more than once; kept space-joined (an absolute URI has no space).
+REPEATABLE = {"resource"}
 # Not a refusal: the normal answer while the user has not decided (CIBA Core §11).
 NOT_AUDITED = {"authorization_pending"}
 
@@ -45,6 +47,7 @@ def form_params(request: HttpRequest) -> dict[str, str]:
     cost of the view's own work): the same limits apply (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through
     ``request.body``, ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and the same decoding (UTF-8, a bad byte
     replaced); a body of another content type has no parameters (RFC 6749 §4.1.3: form-encoded).
+    Only ``resource`` may repeat (RFC 8707 §2).
     """
     if request.content_type != "application/x-www-form-urlencoded":
         return {}
@@ -61,6 +64,9 @@ def form_params(request: HttpRequest) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in pairs:
         if name in params:
+            if name in REPEATABLE:
+                params[name] = f"{params[name]} {value}"
+                continue
             raise InvalidRequest(f"Duplicate {name} parameter.")
         params[name] = value
     return params

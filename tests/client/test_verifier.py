@@ -49,6 +49,7 @@ from tests.client import (
 from tests.conftest import basic
 
 URL = "https://catalog.example/items"
+METADATA_URL = "https://catalog.example/.well-known/oauth-protected-resource"  # RFC 9728 §3.1, of AUDIENCE
 
 
 @pytest.fixture
@@ -657,11 +658,13 @@ def test_django_requires_scope(issuer, verifier, rf):
     ok = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint()}"))
     assert ok.status_code == 200 and json.loads(ok.content) == {"user": "user:7", "agent": f"agent:{AGENT_ID}"}
     missing = items(rf.get("/items"))
-    assert missing.status_code == 401 and missing["WWW-Authenticate"] == 'Bearer realm="countersign"'
+    assert missing.status_code == 401 and missing["WWW-Authenticate"] == (
+        f'Bearer realm="countersign", resource_metadata="{METADATA_URL}"')
     expired = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint(exp=int(time.time()) - 60)}"))
     assert expired.status_code == 401 and json.loads(expired.content)["error"] == "invalid_token"
     assert expired["WWW-Authenticate"] == (
-        'Bearer realm="countersign", error="invalid_token", error_description="token expired"')
+        'Bearer realm="countersign", error="invalid_token", error_description="token expired", '
+        f'resource_metadata="{METADATA_URL}"')
     narrow = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint(scope='budget:read')}"))
     assert narrow.status_code == 403 and 'error="insufficient_scope"' in narrow["WWW-Authenticate"]
 
@@ -746,7 +749,8 @@ def test_asgi_middleware(issuer, verifier):
     refused = call("/items", [(b"authorization", f"Bearer {issuer.mint(scope='budget:read')}".encode())])
     assert refused[0]["status"] == 403
     assert (b"www-authenticate", b'Bearer realm="countersign", error="insufficient_scope", '
-            b'error_description="the token lacks a required scope", scope="catalog:read"') in refused[0]["headers"]
+            b'error_description="the token lacks a required scope", scope="catalog:read", '
+            b'resource_metadata="' + METADATA_URL.encode() + b'"') in refused[0]["headers"]
     assert call("/items")[0]["status"] == 401
     assert call("/items", kind="websocket") == [{"type": "websocket.close", "code": 1008, "reason": "invalid_token"}]
     with pytest.raises(KeyError):  # exempt paths reach the app without a token (and without a result)

@@ -324,6 +324,8 @@ def test_agent_update_of_an_unknown_agent_is_refused(scenario):
 
 SEED_SCOPES = {"catalog:read": "standard", "budget:read": "standard", "po:draft": "standard",
                "approval:route": "standard", "ledger:write": "step_up"}
+# The MCP server of examples/mcp: its own scopes; MCP clients join by themselves (no seeded agent).
+MCP_SCOPES = {"shop:catalog": "standard", "shop:ledger": "step_up"}
 
 
 def test_seed_demo_json_has_the_documented_shape(db):
@@ -342,10 +344,11 @@ def test_seed_demo_json_has_the_documented_shape(db):
     seeded = Agent.objects.get(client_id=agent["client_id"])
     assert seeded.refresh_mode == "rotating" and seeded.access_token_ttl == 900
 
-    assert len(out["resource_servers"]) == 5
+    assert len(out["resource_servers"]) == 6
     for rs in out["resource_servers"]:
         assert set(rs) == {"name", "audience", "client_id", "client_secret"}
-    assert {s["name"]: s["sensitivity"] for s in out["scopes"]} == SEED_SCOPES
+    assert "http://127.0.0.1:8110/mcp" in {rs["audience"] for rs in out["resource_servers"]}
+    assert {s["name"]: s["sensitivity"] for s in out["scopes"]} == SEED_SCOPES | MCP_SCOPES
     for s in out["scopes"]:
         assert set(s) == {"name", "sensitivity", "audience"}
     audiences = {rs["audience"] for rs in out["resource_servers"]}

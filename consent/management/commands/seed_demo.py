@@ -32,6 +32,13 @@ SYSTEMS = [
     ("Financial management log", "http://127.0.0.1:8105", "ledger:write",
      "Write an entry to the financial ledger", ScopePolicy.Sensitivity.STEP_UP),
 ]
+# The MCP server (examples/mcp): its audience is its Streamable HTTP endpoint.
+MCP_PORT = int(os.environ.get("COUNTERSIGN_DEMO_MCP_PORT", "8110"))
+MCP_SCOPES = [
+    # (scope, description, sensitivity)
+    ("shop:catalog", "Search the shop's vendor catalog (MCP tool catalog_search)", ScopePolicy.Sensitivity.STANDARD),
+    ("shop:ledger", "Record payments in the shop's ledger (MCP tool ledger_append)", ScopePolicy.Sensitivity.STEP_UP),
+]
 AGENT_NAME = "Procurement Agent"
 AGENT_REDIRECT = "http://127.0.0.1:8199/callback"
 
@@ -41,6 +48,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--mcp-port", type=int, default=MCP_PORT,
+                            help="port of the MCP server (examples.mcp.server); its audience is http://127.0.0.1:PORT/mcp")
 
     @transaction.atomic
     def handle(self, *args, **o):
@@ -74,8 +83,12 @@ class Command(BaseCommand):
             servers.append({"name": rs.name, "audience": rs.audience, "client_id": rs.client_id,
                             "client_secret": secret})
 
+        mcp_server, mcp_scopes = self._mcp_server(o["mcp_port"])
+        servers.append(mcp_server)
+        scopes.extend(mcp_scopes)
+
         agent = Agent.objects.filter(name=AGENT_NAME).first()
-        all_scopes = [s["name"] for s in scopes]
+        all_scopes = [s["name"] for s in scopes if s not in mcp_scopes]
         if agent is None:
             agent, secret = agent_create(
                 name=AGENT_NAME, publisher="Countersign reference scenario",
@@ -99,3 +112,23 @@ class Command(BaseCommand):
         self.stdout.write(f"  agent {agent.name}: client_id {agent.client_id} secret {secret}")
         for s in servers:
             self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']} secret {s['client_secret']}")
+
+    @staticmethod
+    def _mcp_server(port: int) -> tuple[dict, list[dict]]:
+        """The MCP server as a resource server, with its scopes (MCP clients join by themselves)."""
+        audience = f"http://127.0.0.1:{port}/mcp"
+        scopes = []
+        for scope, description, sensitivity in MCP_SCOPES:
+            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
+                values |= {"approval_window": 300, "action_token_ttl": 60,
+                           "authorization_details_types": ["mcp_tool_call"]}
+            if not ScopePolicy.objects.filter(name=scope, audience=audience).exists():
+                scope_set(name=scope, values=values, actor="seed_demo")
+            scopes.append({"name": scope, "sensitivity": sensitivity, "audience": audience})
+        rs = ResourceServer.objects.filter(audience=audience).first()
+        if rs is None:
+            rs, secret = resource_server_create(name="Shop (MCP server)", audience=audience, actor="seed_demo")
+        else:
+            secret = resource_server_reset_secret(rs=rs, actor="seed_demo")
+        return {"name": rs.name, "audience": rs.audience, "client_id": rs.client_id, "client_secret": secret}, scopes
