@@ -73,7 +73,9 @@ class Introspection:
             "active": True,
             "token_type": "Bearer",
             **{k: c[k] for k in ("iss", "sub", "aud", "act", "scope", "client_id", "grant_id", "exp", "iat",
-                                 "jti", "auth_time", "acr", "amr", "cnf") if k in c},
+                                 "jti", "auth_time", "acr", "amr", "cnf",
+                                 # action tokens (RFC 9396 §9.2): what exactly was approved
+                                 "authorization_details", "action_hash", "approval_id") if k in c},
         }
 
 
