@@ -24,8 +24,9 @@ scripts/ensure_services.sh redis
 mkdir -p "$DEMO_DIR"
 chmod 700 "$DEMO_DIR"
 $PY manage.py migrate --noinput >/dev/null
-# seed_demo is idempotent; it issues fresh secrets for the agent and the five systems each run.
-(umask 077 && $PY manage.py seed_demo --json >"$CREDS.tmp")
+# seed_demo is idempotent; --rotate-secrets issues fresh secrets for the agent and the five systems, so
+# this run's credentials file always holds working ones (secrets are stored hashed and cannot be re-read).
+(umask 077 && $PY manage.py seed_demo --rotate-secrets --json >"$CREDS.tmp")
 chmod 600 "$CREDS.tmp"
 mv -f "$CREDS.tmp" "$CREDS"
 echo "Demo credentials: $CREDS (mode 600)"
