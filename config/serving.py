@@ -63,6 +63,8 @@ def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
     """
     return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
             str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers",
+            # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would probe and complain.
+            "--lifespan", "off",
             "--ws-max-size", str(ws_max_size or WS_MAX_SIZE)]
 
 
@@ -93,6 +95,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _local_threads() -> int:
+    """WEB_THREADS when set; otherwise no more than granian's own ceiling (2 x cores + 1), past which
+    it warns at start-up on a small machine."""
+    if "WEB_THREADS" in os.environ:
+        return WEB_THREADS
+    return max(2, min(WEB_THREADS, (os.cpu_count() or 1) * 2 + 1))
+
+
 def run_local(host: str, port: int) -> int:
     """Start web and ws on private loopback ports and route ``host:port`` to them until stopped.
 
@@ -105,7 +115,7 @@ def run_local(host: str, port: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
     web_port, ws_port = _free_port(), _free_port()
-    children = [subprocess.Popen(web_command(web_port), preexec_fn=_die_with_parent),
+    children = [subprocess.Popen(web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent),
                 subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent)]
 
     def alive() -> bool:

@@ -1,0 +1,59 @@
+"""Command line: ``python -m countersign hash [DETAILS]``.
+
+``hash`` prints the action hash of an RFC 9396 ``authorization_details`` array
+(base64url SHA-256 of its RFC 8785 canonical JSON), the value a resource server
+sends as ``action_hash`` when it redeems an action token. DETAILS is the JSON
+text; without it, it is read from standard input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .jsonbounds import depth_within
+from .verifier import action_hash
+
+MAX_INPUT = 64 * 1024
+
+
+def _read(text: str | None) -> str:
+    return text if text is not None else sys.stdin.read(MAX_INPUT + 1)
+
+
+def _hash(args: argparse.Namespace) -> int:
+    text = _read(args.details)
+    if len(text) > MAX_INPUT:
+        print("countersign hash: input too large", file=sys.stderr)
+        return 2
+    if not depth_within(text.encode()):
+        print("countersign hash: JSON nested too deeply", file=sys.stderr)
+        return 2
+    try:
+        details = json.loads(text)
+    except ValueError as exc:
+        print(f"countersign hash: not JSON ({exc})", file=sys.stderr)
+        return 2
+    if isinstance(details, dict):  # one detail object: hash it as the one-element array it stands for
+        details = [details]
+    if not isinstance(details, list) or not all(isinstance(d, dict) for d in details):
+        print("countersign hash: expected a JSON array of objects (authorization_details)", file=sys.stderr)
+        return 2
+    print(action_hash(details))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m countersign", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    hash_cmd = commands.add_parser("hash", help="the action hash of an authorization_details array")
+    hash_cmd.add_argument("details", nargs="?", help="JSON text (default: standard input)")
+    hash_cmd.set_defaults(run=_hash)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
