@@ -1,15 +1,20 @@
-"""Command line: ``python -m countersign hash [DETAILS]``.
+"""Command line: ``python -m countersign hash [DETAILS]`` and ``keygen``.
 
 ``hash`` prints the action hash of an RFC 9396 ``authorization_details`` array
 (base64url SHA-256 of its RFC 8785 canonical JSON), the value a resource server
 sends as ``action_hash`` when it redeems an action token. DETAILS is the JSON
 text; without it, it is read from standard input.
+
+``keygen --private FILE`` makes an agent key pair (P-256, ES256): the private key
+goes to FILE (PEM, mode 600), and the public JWK Set (RFC 7517 §5) an admin
+registers with ``agent_create --jwks`` / ``agent_update --jwks`` is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,12 +50,34 @@ def _hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    from .dpop import DPoPKey
+
+    key = DPoPKey.generate()
+    pem = key.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+    try:
+        fd = os.open(args.private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(f"countersign keygen: {args.private}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    print(json.dumps({"keys": [{**key.jwk, "alg": key.alg, "use": "sig", "kid": key.jkt}]}))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m countersign", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     hash_cmd = commands.add_parser("hash", help="the action hash of an authorization_details array")
     hash_cmd.add_argument("details", nargs="?", help="JSON text (default: standard input)")
     hash_cmd.set_defaults(run=_hash)
+    keygen = commands.add_parser("keygen", help="an agent key pair: private PEM to a file, public JWKS on stdout")
+    keygen.add_argument("--private", required=True, help="where to write the private key (must not exist)")
+    keygen.set_defaults(run=_keygen)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
