@@ -38,6 +38,7 @@ from django.utils import timezone
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .models import ApprovalRequest
+from .wording import approve_gives
 
 SEND_TIMEOUT = 5.0
 # Keys do not pile up for users nobody pushes to: after a quiet day the counter starts again at 0,
@@ -59,6 +60,7 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
         "headline": approval.headline,
         "authorization_details": approval.authorization_details,
         "binding_message": approval.binding_message,
+        "gives": approve_gives(approval.scope),
         "created": approval.created.isoformat(),
         "expires_at": approval.expires_at.isoformat(),
         "expires_in": max(0, int((approval.expires_at - timezone.now()).total_seconds())),

@@ -523,6 +523,14 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
     return won[0], moved, None
 
 
+def action_token_redeemed_announce(*, approval_id: Any) -> None:
+    """Tell the user's open inboxes the request is now REDEEMED (their history row changes).
+
+    A Celery message only (no SQL statement): the task reads the row and pushes it.
+    """
+    _after_commit("push_removal", approval_id)
+
+
 def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
     """Verify an action token for redemption by this resource server; the claims, or ``OAuthError``.
 

@@ -23,6 +23,7 @@ from .services import (
     approvals_undelivered,
     auth_req_id_for,
 )
+from .wording import status_words
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def push_removal(self, approval_id: str) -> None:
         return
     try:
         send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
-                                        "status": approval.status, "label": approval.get_status_display()})
+                                        "status": approval.status, "label": status_words(approval.status)})
     except Exception as exc:
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 

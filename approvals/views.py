@@ -29,6 +29,7 @@ from .models import ApprovalRequest
 from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
     action_token_redeem,
+    action_token_redeemed_announce,
     action_token_verify,
     approval_approve,
     approval_audit_refused_decision,
@@ -36,14 +37,39 @@ from .services import (
     approval_request_create,
     auth_req_id_for,
 )
+from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
 def inbox_view(request):
     return render(request, "approvals/inbox.html", {
-        "pending": pending_for_user(user=request.user),
-        "history": history_for_user(user=request.user),
+        "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
+        "history": [_with_how(a) for a in history_for_user(user=request.user)],
     })
+
+
+def _with_gives(approval: ApprovalRequest) -> ApprovalRequest:
+    approval.gives = approve_gives(approval.scope)
+    return approval
+
+
+def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
+    """How the request was decided, in words ("you, in the browser, with password and ...")."""
+    approval.status_words = status_words(approval.status)
+    auth = approval.decision_auth or {}
+    if approval.decided_by_id is not None:
+        who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
+        words = auth_words(auth.get("amr"))
+        approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
+    elif approval.decision_method == "auto_rule":
+        approval.how = f"Automatically, by the rule {auth.get('rule', '')}"
+    elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:
+        approval.how = "Nobody answered in time"
+    elif approval.decision_method:
+        approval.how = approval.decision_method.replace("_", " ").capitalize()
+    else:
+        approval.how = ""
+    return approval
 
 
 def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
@@ -201,6 +227,7 @@ class RedemptionView(View):
             claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
                                          request_hash=request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)
+            action_token_redeemed_announce(approval_id=approval.pk)
         except OAuthError as exc:
             audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": exc.reason})
