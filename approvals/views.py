@@ -210,6 +210,11 @@ class BackchannelAuthenticationView(View):
         return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
 
 
+def _token_owner(claims: dict) -> int | None:
+    sub = str(claims.get("sub", ""))
+    return int(sub[5:]) if sub.startswith("user:") and sub[5:].isdigit() else None
+
+
 @method_decorator(csrf_exempt, name="dispatch")
 class RedemptionView(View):
     """Redeem an action token, exactly once, before the resource server acts on it.
@@ -223,14 +228,20 @@ class RedemptionView(View):
         rs, refusal = resource_server_or_refusal(request, event="redemption.refused", cached=True)
         if refusal is not None:
             return refusal
+        claims: dict = {}
         try:
             claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
                                          request_hash=request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)
             action_token_redeemed_announce(approval_id=approval.pk)
         except OAuthError as exc:
+            # A verified token names whose it is: the refusal then shows in that person's activity.
+            owner = _token_owner(claims)
             audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": exc.reason})
+                          client_id=claims.get("client_id", rs.client_id) if owner else rs.client_id,
+                          user_id=owner, grant_id=claims.get("grant_id", "") if owner else "", request=request,
+                          detail={"reason": exc.reason, **({"approval_id": claims["approval_id"]}
+                                                           if owner and "approval_id" in claims else {})})
             return oauth_error(exc.error, exc.description, status=exc.status_code)
         return JsonResponse({
             "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,

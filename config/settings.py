@@ -71,6 +71,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "config.timezone.TimezoneMiddleware",
     # Rate limits and the attempt limit on client secrets: one Redis round trip, no SQL (limits.middleware).
     "limits.middleware.RateLimitMiddleware",
     "config.logging.RequestContextMiddleware",
