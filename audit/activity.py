@@ -176,7 +176,8 @@ def _sentence(e: Any, n: _Names) -> str:
             return "A form was refused because it did not come from this site."
         case "websocket.refused":
             return "A live-update connection was refused."
-    return f"{e.event.replace('.', ': ').replace('_', ' ').capitalize()}."
+    fallback = e.event.replace(".", ": ").replace("_", " ").capitalize()
+    return f"{fallback} ({reason})." if reason else f"{fallback}."
 
 
 def describe(events: list[Any], *, user_id: int) -> list[Entry]:

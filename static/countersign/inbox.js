@@ -82,8 +82,8 @@
     }
   }
 
-  function remove(id, label, status) {
-    updateHistory(id, status, label);
+  function remove(id, label, state) {
+    updateHistory(id, state, label);
     const li = list.querySelector('li.prompt[data-id="' + CSS.escape(id) + '"]');
     if (li) {
       li.remove();
