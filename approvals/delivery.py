@@ -98,6 +98,8 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
     """The text frame an inbox receives for ``message`` numbered ``seq`` (see inbox.js)."""
     if message["type"] == "approval.upsert":
         frame = {"type": "upsert", "seq": seq, "prompt": message["prompt"]}
+    elif message["type"] == "grant.changed":
+        frame = {"type": "grant", "seq": seq, "grant_id": message["grant_id"]}
     elif message["type"] == "approval.remove":
         frame = {"type": "remove", "seq": seq, "id": message["id"], "status": message["status"],
                  "label": message.get("label", "")}

@@ -33,6 +33,17 @@ def _backoff(task) -> int:
     return min(2 ** task.request.retries, 30)
 
 
+@shared_task(name="approvals.push_grant_changed", bind=True, max_retries=4, retry_backoff=True,
+             retry_backoff_max=30, ignore_result=True)
+def push_grant_changed(self, grant_id: str, user_id: int) -> None:
+    """Tell the user's open pages that a grant's story moved on (a reported use, its end): an open
+    timeline re-reads itself. Only news: the database stays the record."""
+    try:
+        send_to_user(user_id, {"type": "grant.changed", "grant_id": grant_id})
+    except Exception as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self)) from exc
+
+
 @shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
              retry_backoff_max=30, ignore_result=True)
 def deliver_prompt(self, approval_id: str) -> None:

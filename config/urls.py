@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 
 from audit.views import activity_view
 from config import health
-from consent.views import account, discovery, oauth, registry, revocation, token
+from consent.views import account, discovery, oauth, registry, revocation, token, usage
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -18,6 +18,7 @@ urlpatterns = [
     path("o/token/", token.token_view, name="oauth-token"),
     path("o/revoke/", revocation.revocation_view, name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
+    path("o/usage/", usage.usage_view, name="usage"),
     path("o/agents/<str:client_id>", registry.agent_view, name="agent-registry-entry"),
     path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),
     path("accounts/login/", account.login_view, name="login"),

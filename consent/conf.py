@@ -66,7 +66,8 @@ DEFAULTS: dict[str, Any] = {
     # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
     "RATE_LIMITS_ENABLED": True,
     "RATE_LIMITS": {
-        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
+        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/",
+                               "/o/usage/"],
                      "client": [1200, 60], "source": [6000, 60]},
         "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
                   "user": [120, 60], "source": [600, 60]},
