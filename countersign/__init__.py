@@ -33,6 +33,7 @@ from .errors import (
     ServiceUnavailable,
     SessionEnded,
 )
+from .usage import UsageReporter
 from .verifier import AgentRecord, TokenVerifier, VerifiedToken, action_hash, parse_authorization
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "SessionEnded",
     "TokenSet",
     "TokenVerifier",
+    "UsageReporter",
     "VerifiedToken",
     "access_token_hash",
     "action_hash",
