@@ -36,6 +36,7 @@ class Entry:
     event: str
     grant_id: str
     agent: str
+    approval_id: str = ""
 
 
 class _Names:
@@ -183,7 +184,9 @@ def _sentence(e: Any, n: _Names) -> str:
 def describe(events: list[Any], *, user_id: int) -> list[Entry]:
     names = _Names(events, user_id)
     return [Entry(id=e.pk, when=e.occurred_at, sentence=_sentence(e, names), ok=e.outcome == "ok", event=e.event,
-                  grant_id=e.grant_id, agent=names.agents.get(e.client_id, "")) for e in events]
+                  grant_id=e.grant_id, agent=names.agents.get(e.client_id, ""),
+                  approval_id=str(e.detail.get("approval_id", "")) if isinstance(e.detail, dict) else "")
+            for e in events]
 
 
 def agent_choices(*, user_id: int) -> list[tuple[str, str]]:

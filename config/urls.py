@@ -26,6 +26,7 @@ urlpatterns = [
     path("accounts/logout/", account.logout_view, name="logout"),
     path("accounts/totp/", account.totp_setup_view, name="totp-setup"),
     path("grants/", account.grants_view, name="grants"),
+    path("grants/<uuid:grant_id>/", account.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
     path("activity/", activity_view, name="activity"),
     path("", include("approvals.urls")),

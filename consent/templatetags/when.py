@@ -28,6 +28,17 @@ def relative(t: datetime, now: datetime | None = None) -> str:
     return ""  # unreachable
 
 
+@register.filter
+def duration(span) -> str:
+    """A timedelta in words: "1 hour", "8 hours", "30 minutes", "7 days"."""
+    seconds = int(span.total_seconds())
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size and seconds % size == 0 or seconds >= size * 2:
+            n = round(seconds / size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"
+
+
 @register.simple_tag
 def when(t: datetime | None) -> str:
     if t is None:

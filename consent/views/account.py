@@ -24,6 +24,7 @@ from limits import attempts
 
 from ..selectors import grants_for_user
 from ..services import AuthContext, grant_revoke
+from ..story import grant_story, grants_overview
 
 SESSION_AUTH_TIME = "cs_auth_time"
 SESSION_AMR = "cs_amr"
@@ -177,10 +178,22 @@ def totp_setup_view(request):
 @login_required
 def grants_view(request):
     grants = list(grants_for_user(user=request.user)[:100])
+    summaries = grants_overview(grants=grants, user_id=request.user.pk)
     return render(request, "consent/grants.html", {
-        "active": [g for g in grants if g.is_live()],
-        "ended": [g for g in grants if not g.is_live()],
+        "active": [s for s in summaries if s.grant.is_live()],
+        "ended": [s.grant for s in summaries if not s.grant.is_live()],
     })
+
+
+@login_required
+def grant_detail_view(request, grant_id):
+    """The story of one connection, from consent to its end; ``?part=timeline`` is just the list,
+    which the page re-reads when the websocket says something changed."""
+    story = grant_story(grant_id=grant_id, user_id=request.user.pk)
+    if story is None:
+        raise Http404("No such connection.")
+    template = "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
+    return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live()})
 
 
 @login_required
@@ -190,4 +203,5 @@ def grant_revoke_view(request, grant_id):
                         user=request.user, request=request):
         raise Http404("No active grant with that id.")
     messages.success(request, "Access revoked. The agent's tokens stopped working.")
-    return redirect("/grants/")
+    back = f"/grants/{grant_id}/"
+    return redirect(back if request.POST.get("next") == back else "/grants/")
