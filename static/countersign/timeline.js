@@ -12,8 +12,11 @@
   let pending = null;
   let retry = 0;
 
+  let leaving = false;
+  document.addEventListener("submit", function () { leaving = true; });
+
   function reload() {
-    if (pending) { return; }
+    if (pending || leaving) { return; }
     pending = fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
