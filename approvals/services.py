@@ -283,7 +283,7 @@ def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, requ
 
 _COLLECT = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "expires_at", "interval", "last_polled_at", "agent", "grant", "user", "scope",
-    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode"])
+    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode", "decided_at"])
 _COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
 _COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
 _INTERVAL = connection.ops.quote_name("interval")
@@ -585,4 +585,5 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
             raise refusal
         if moved != 1:  # only without row locks; inside the transaction, this rolls the redemption back
             raise InvalidToken("the approval changed while it was redeemed")
+    approval.redeemed_at = now  # what the statement stored, for the receipt
     return approval

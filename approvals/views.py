@@ -5,7 +5,7 @@ import time
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -26,6 +26,7 @@ from limits import attempts
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
+from .receipts import receipt_for_download, receipt_from_redemption
 from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
     action_token_redeem,
@@ -247,4 +248,18 @@ class RedemptionView(View):
             "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
             "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,
             "sub": claims["sub"], "act": claims["act"], "client_id": claims["client_id"],
+            "receipt": receipt_from_redemption(claims=claims, resource_server=rs, redeemed_at=approval.redeemed_at),
         }, headers=NO_STORE)
+
+
+@login_required
+def receipt_view(request, approval_id):
+    """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
+    found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
+    if found is None:
+        raise Http404("No redeemed request with that id.")
+    approval, receipt = found
+    response = HttpResponse(receipt + "\n", content_type="application/jwt")
+    response["Content-Disposition"] = f'attachment; filename="receipt-{approval.pk}.jwt"'
+    response["Cache-Control"] = "no-store"
+    return response

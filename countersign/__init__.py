@@ -33,6 +33,7 @@ from .errors import (
     ServiceUnavailable,
     SessionEnded,
 )
+from .receipts import InvalidReceipt, verify_receipt
 from .usage import UsageReporter
 from .verifier import AgentRecord, TokenVerifier, VerifiedToken, action_hash, parse_authorization
 
@@ -56,6 +57,7 @@ __all__ = [
     "GrantRevoked",
     "InsufficientScope",
     "InvalidDPoPProof",
+    "InvalidReceipt",
     "InvalidRequest",
     "InvalidToken",
     "MissingToken",
@@ -72,4 +74,5 @@ __all__ = [
     "jwk_thumbprint",
     "parse_authorization",
     "verify_proof",
+    "verify_receipt",
 ]

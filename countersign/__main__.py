@@ -1,4 +1,4 @@
-"""Command line: ``python -m countersign hash [DETAILS]`` and ``keygen``.
+"""Command line: ``python -m countersign hash [DETAILS]``, ``keygen`` and ``verify-receipt``.
 
 ``hash`` prints the action hash of an RFC 9396 ``authorization_details`` array
 (base64url SHA-256 of its RFC 8785 canonical JSON), the value a resource server
@@ -8,6 +8,9 @@ text; without it, it is read from standard input.
 ``keygen --private FILE`` makes an agent key pair (P-256, ES256): the private key
 goes to FILE (PEM, mode 600), and the public JWK Set (RFC 7517 §5) an admin
 registers with ``agent_create --jwks`` / ``agent_update --jwks`` is printed.
+
+``verify-receipt FILE --jwks JWKS --issuer URL`` checks a signed receipt offline (exit 0 and
+its claims as JSON; exit 1 and why not).
 """
 
 from __future__ import annotations
@@ -69,6 +72,26 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_receipt(args: argparse.Namespace) -> int:
+    from .receipts import InvalidReceipt, load_jwks, verify_receipt
+
+    try:
+        with open(args.receipt) as fh:
+            receipt = fh.read(64 * 1024)
+        with open(args.jwks) as fh:
+            jwks = load_jwks(fh.read(1024 * 1024))
+    except (OSError, ValueError) as exc:
+        print(f"countersign verify-receipt: {exc}", file=sys.stderr)
+        return 2
+    try:
+        claims = verify_receipt(receipt, jwks=jwks, issuer=args.issuer)
+    except InvalidReceipt as exc:
+        print(f"countersign verify-receipt: NOT VALID: {exc.description}", file=sys.stderr)
+        return 1
+    print(json.dumps(claims, indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m countersign", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="an agent key pair: private PEM to a file, public JWKS on stdout")
     keygen.add_argument("--private", required=True, help="where to write the private key (must not exist)")
     keygen.set_defaults(run=_keygen)
+    check = commands.add_parser("verify-receipt", help="verify a signed receipt offline against a JWKS")
+    check.add_argument("receipt", help="the receipt file (as downloaded)")
+    check.add_argument("--jwks", required=True, help="the issuer's JWKS, saved from its jwks_uri")
+    check.add_argument("--issuer", required=True, help="the issuer the receipt must name")
+    check.set_defaults(run=_verify_receipt)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
