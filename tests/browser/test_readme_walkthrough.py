@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 def test_walkthrough_as_written(live, live_context, tmp_path):
     blocks = shell_blocks("Walkthrough: the reference scenario")
-    assert len(blocks) == 7, "the walkthrough's steps changed: update this test with them"
+    assert len(blocks) == 8, "the walkthrough's steps changed: update this test with them"
     shell = Shell(_reader_dir(tmp_path), _env(live.env))
     setup, authorize, exchange, ask, poll, collect, redeem = blocks[0], blocks[1], blocks[2], blocks[3], \
         blocks[4], blocks[5], blocks[6]
@@ -74,6 +74,8 @@ def test_walkthrough_as_written(live, live_context, tmp_path):
     assert introspected["active"] is True and introspected["authorization_details"][0]["amount"] == "4250.00"
     assert first["authorization_details"][0]["purchase_order"] == "PO-2026-0142", first
     assert second["error"] == "invalid_token" and "already redeemed" in second["error_description"]
+    receipt = json.loads(shell.run(blocks[7]))
+    assert receipt["approval_id"] == first["approval_id"] and receipt["approver"]["amr"] == ["pwd"]
 
     # The inbox's history, still the same document (no reload), follows the redemption live.
     assert page.evaluate("window.__walkthrough") == 1
