@@ -257,6 +257,9 @@ def receipt_view(request, approval_id):
     """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
     found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
     if found is None:
+        audit_refusal(event="receipt.refused", error="not_found", actor=f"user:{request.user.pk}",
+                      user_id=request.user.pk, request=request,
+                      detail={"approval_id": str(approval_id), "reason": "no redeemed request of this user"})
         raise Http404("No redeemed request with that id.")
     approval, receipt = found
     response = HttpResponse(receipt + "\n", content_type="application/jwt")

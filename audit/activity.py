@@ -175,6 +175,10 @@ def _sentence(e: Any, n: _Names) -> str:
             return "Requests for your account came too fast and some were refused for a while."
         case "csrf.refused":
             return "A form was refused because it did not come from this site."
+        case "receipt.refused" | "grant.view_refused":
+            return "A page asked for a record that is not yours or does not exist."
+        case "usage.refused":
+            return f"{who.capitalize()} sent a usage report that was refused: {reason}."
         case "websocket.refused":
             return "A live-update connection was refused."
     fallback = e.event.replace(".", ": ").replace("_", " ").capitalize()

@@ -4,7 +4,7 @@
 #   resource_servers.py, ports 8101-8105) and the scripted agent (examples/procurement/agent.py,
 #   callback on 8199), whose output is this terminal's. Ctrl-C stops everything.
 #
-# Environment: PORT (8000), DEMO_OPEN=0 (do not open the consent link in a browser),
+# Environment: PORT (8000), DEMO_DIR (var/demo), DEMO_OPEN=0 (do not open the consent link in a browser),
 # DEMO_STAY=0 (stop as soon as the agent is done instead of waiting for Ctrl-C),
 # plus the server's own variables (DATABASE_URL, REDIS_URL, ...; see README.md).
 set -euo pipefail
@@ -13,7 +13,7 @@ PY=.venv/bin/python
 HOST=127.0.0.1
 PORT=${PORT:-8000}
 export COUNTERSIGN_ISSUER=${COUNTERSIGN_ISSUER:-http://$HOST:$PORT}
-DEMO_DIR=var/demo
+DEMO_DIR=${DEMO_DIR:-var/demo}
 CREDS=$DEMO_DIR/credentials.json
 
 # 1. The virtualenv (as `make install`), Redis, the database and the demo data.

@@ -191,6 +191,9 @@ def grant_detail_view(request, grant_id):
     which the page re-reads when the websocket says something changed."""
     story = grant_story(grant_id=grant_id, user_id=request.user.pk)
     if story is None:
+        audit_refusal(event="grant.view_refused", error="not_found", actor=f"user:{request.user.pk}",
+                      user_id=request.user.pk, request=request,
+                      detail={"grant_id": str(grant_id), "reason": "no grant of this user"})
         raise Http404("No such connection.")
     template = "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
     return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live()})

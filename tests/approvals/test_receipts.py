@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from approvals.models import ApprovalRequest
+from audit.models import AuditEvent
 from consent.keys import jwks as published_jwks
 from countersign import InvalidReceipt, verify_receipt
 from tests.approvals.conftest import LEDGER_ENTRY
@@ -68,6 +69,7 @@ def test_no_receipt_for_another_user_or_an_unredeemed_request(agent, client, dja
     django_user_model.objects.create_user("mallory", password=PASSWORD)
     client.login(username="mallory", password=PASSWORD)
     assert client.get(f"/approvals/{approval.pk}/receipt/").status_code == 404
+    assert AuditEvent.objects.filter(event="receipt.refused").count() == 2
 
 
 def _tamper(receipt: str, **changes) -> str:

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from approvals.models import ApprovalRequest
+from audit.models import AuditEvent
 from consent.models import SessionGrant
 from tests.conftest import PASSWORD
 
@@ -67,3 +68,4 @@ def test_another_users_grant_is_not_found(flow, scenario, django_user_model):
     flow.client.login(username="mallory", password=PASSWORD)
     assert flow.client.get(f"/grants/{grant.pk}/").status_code == 404
     assert flow.client.get("/grants/00000000-0000-0000-0000-000000000000/").status_code == 404
+    assert AuditEvent.objects.filter(event="grant.view_refused").count() == 2

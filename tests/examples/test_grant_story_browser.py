@@ -60,6 +60,17 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
     assert not thread.is_alive()
     assert isinstance(outcome.get("error"), GrantRevoked), outcome  # its next call was refused
     assert SessionGrant.objects.get().status == SessionGrant.Status.REVOKED
+
+    # The person's pages fit a desktop and a phone without sideways scrolling.
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 844})
+        for path in ("/activity/", "/grants/", f"/grants/{grant.pk}/", "/approvals/"):
+            page.goto(path)
+            assert page.evaluate("document.documentElement.scrollWidth") <= width, (path, width)
+    page.goto("/activity/")
+    expect(page.locator('li[data-event="grant.revoked"]').first).to_contain_text(
+        "The connection to Procurement Agent ended: you ended it.")
+    expect(page.locator("#f-agent")).to_be_visible()
     # A re-read of the list still in flight when Revoke navigated away is cancelled by the browser.
     problems = [p for p in problems if not (p.endswith("net::ERR_ABORTED") and "?part=timeline" in p)]
     assert problems == [], problems
