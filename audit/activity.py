@@ -168,7 +168,10 @@ def _sentence(e: Any, n: _Names) -> str:
         case "grant.extended":
             return f"You extended the connection to {agent}."
         case "grant.used":
-            return f"{who.capitalize()} served {agent}: {d.get('operation') or d.get('scope') or 'a request'}."
+            uses = int(d.get("uses") or 0)
+            what = ", ".join(str(o) for o in (d.get("operations") or [])[:3])
+            return (f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
+                    + (f": {what}" if what else "") + ".")
         case "refresh_token.reuse_detected":
             return f"A used refresh token of {agent} was presented again."
         case "rate.limited":

@@ -9,7 +9,7 @@ import pytest
 
 from audit.models import AuditEvent
 from consent.models import GrantUse, SessionGrant
-from tests.conftest import basic
+from tests.conftest import PASSWORD, basic
 
 pytestmark = pytest.mark.django_db
 
@@ -42,6 +42,9 @@ def test_a_reported_use_is_stored_against_the_grant_and_audited(flow, scenario, 
     event = AuditEvent.objects.get(event="grant.used")
     assert event.grant_id == str(grant.pk) and event.actor == f"rs:{scenario.rs_client_id}"
     assert event.detail["uses"] == 2
+    flow.client.login(username="officer", password=PASSWORD)
+    assert "Catalog reported 2 uses by Procurement Agent: read item 42, search catalog." in \
+        flow.client.get("/activity/").content.decode()
 
 
 def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(flow, scenario, token):
