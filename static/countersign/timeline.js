@@ -9,14 +9,25 @@
   if (!card) { return; }
   const url = location.pathname + "?part=timeline";
   const REFRESH_MS = 10000;
+  const SPACING_MS = 1000; // a burst of news (a busy run) costs one re-read a second, not one each
   let pending = null;
+  let queued = null;
+  let lastAt = 0;
   let retry = 0;
 
   let leaving = false;
   document.addEventListener("submit", function () { leaving = true; });
 
+  function soon() {
+    if (queued !== null) { return; }
+    queued = setTimeout(function () { queued = null; reload(); },
+                        Math.max(0, lastAt + SPACING_MS - Date.now()));
+  }
+
   function reload() {
-    if (pending || leaving) { return; }
+    if (leaving) { return; }
+    if (pending) { soon(); return; }
+    lastAt = Date.now();
     pending = fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
@@ -39,7 +50,7 @@
       try { msg = JSON.parse(event.data); } catch (e) { return; }
       // Another grant's news is not this page's; a snapshot is the inbox's own state on connect.
       if (msg.type === "snapshot" || (msg.type === "grant" && msg.grant_id !== card.dataset.grant)) { return; }
-      reload();
+      soon();
     };
     ws.onclose = function () {
       retry = Math.min(retry + 1, 6);
