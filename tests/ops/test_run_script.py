@@ -62,3 +62,29 @@ def test_starts_without_warnings_and_ctrl_c_exits_0(tmp_path):
     assert "is running at" in output and "Stopped." in output
     for noise in ("WARNING", "lifespan", "StreamingHttpResponse", "Traceback", "address already in use"):
         assert noise not in output, output
+
+
+def test_static_files_under_asgi_are_served_without_a_warning(tmp_path):
+    # The ws process (uvicorn, config.asgi) also answers plain HTTP when asked; a static file is a
+    # synchronous FileResponse, which Django under ASGI warns about unless it is streamed async.
+    port = free_port()
+    env = _env(tmp_path, port)
+    log = open(tmp_path / "ws.log", "w+")
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "config.serving", "ws", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/static/countersign/app.css", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the ws server did not start:\n" + (tmp_path / "ws.log").read_text())
+                time.sleep(0.2)
+        assert response.status_code == 200
+        assert response.content == (ROOT / "static/countersign/app.css").read_bytes()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert "Warning" not in (tmp_path / "ws.log").read_text()
