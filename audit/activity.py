@@ -16,7 +16,7 @@ from approvals.wording import auth_words
 from consent.models import Agent, ResourceServer, ScopePolicy
 
 END_REASONS = {
-    "revoked_by_user": "you ended it",
+    "revoked_by_user": "you revoked it",
     "revoked_by_agent": "the agent ended it",
     "revoked_by_admin": "an administrator ended it",
     "agent_suspended": "the agent was suspended",

@@ -49,7 +49,7 @@ class UsageReporter:
         """Queue one use; never blocks. False (and counted in ``dropped``) if the queue is full."""
         use = {"id": secrets.token_urlsafe(12), "jti": jti, "scope": scope,
                "operation": "".join(c for c in operation if c.isprintable())[:OPERATION_MAX],
-               "outcome": outcome, "at": int(time.time())}
+               "outcome": outcome, "at": round(time.time(), 3)}
         try:
             self._queue.put_nowait(use)
         except queue.Full:

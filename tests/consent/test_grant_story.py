@@ -54,7 +54,7 @@ def test_the_story_of_one_grant_from_consent_to_its_end(agent, client, scenario)
     response = client.post(f"/grants/{grant.pk}/revoke/", {"next": f"/grants/{grant.pk}/"})
     assert response.status_code == 302 and response["Location"] == f"/grants/{grant.pk}/"
     ended = _text(client.get(f"/grants/{grant.pk}/"))
-    assert "The connection to Procurement Agent ended: you ended it." in ended
+    assert "The connection to Procurement Agent ended: you revoked it." in ended
     assert ">Revoke<" not in client.get(f"/grants/{grant.pk}/").content.decode()
     fragment = client.get(f"/grants/{grant.pk}/?part=timeline").content.decode()
     assert fragment.startswith('<ol class="activity timeline" id="timeline"') and "<main>" not in fragment

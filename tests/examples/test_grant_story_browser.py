@@ -54,7 +54,7 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
 
     # End the grant from this page while the agent waits for step 5.
     page.get_by_role("button", name="Revoke").click()
-    expect(timeline).to_contain_text("The connection to Procurement Agent ended: you ended it.")
+    expect(timeline).to_contain_text("The connection to Procurement Agent ended: you revoked it.")
     expect(page.get_by_role("button", name="Revoke")).to_have_count(0)
     thread.join(timeout=30)
     assert not thread.is_alive()
@@ -67,9 +67,11 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
         for path in ("/activity/", "/grants/", f"/grants/{grant.pk}/", "/approvals/"):
             page.goto(path)
             assert page.evaluate("document.documentElement.scrollWidth") <= width, (path, width)
+            name = path.strip("/").split("/")[0] + ("-detail" if path.count("/") > 2 else "")
+            page.screenshot(path=f"/tmp/person-{name}-{width}.png", full_page=True)
     page.goto("/activity/")
     expect(page.locator('li[data-event="grant.revoked"]').first).to_contain_text(
-        "The connection to Procurement Agent ended: you ended it.")
+        "The connection to Procurement Agent ended: you revoked it.")
     expect(page.locator("#f-agent")).to_be_visible()
     # A re-read of the list still in flight when Revoke navigated away is cancelled by the browser.
     problems = [p for p in problems if not (p.endswith("net::ERR_ABORTED") and "?part=timeline" in p)]
