@@ -13,6 +13,7 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from audit.activity import END_REASONS
 from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
@@ -66,6 +67,9 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
         approval.how = f"Automatically, by the rule {auth.get('rule', '')}"
     elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:
         approval.how = "Nobody answered in time"
+    elif approval.status == ApprovalRequest.Status.CANCELLED:
+        approval.how = "Cancelled: " + END_REASONS.get(approval.decision_method,
+                                                        approval.decision_method.replace("_", " "))
     elif approval.decision_method:
         approval.how = approval.decision_method.replace("_", " ").capitalize()
     else:
