@@ -16,7 +16,7 @@ with 1008 (policy violation), anything but those two objects with 4400. The page
 starts from a snapshot.
 
 A handshake without a signed-in session is refused before accept, and audited
-(``limits.websocket``: one row per source a minute, the rest counted).
+(``consent.limits.websocket``: one row per source a minute, the rest counted).
 """
 
 import json
@@ -25,11 +25,11 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from config.metrics import websocket_connections
-from limits import jsonbounds
-from limits.websocket import audit_handshake_refusal
+from consent.limits import jsonbounds
+from consent.limits.websocket import audit_handshake_refusal
 
 from .delivery import pending_prompts, sequence_current, user_group
+from .metrics import websocket_connections
 
 MAX_FRAME = 128
 RATE_BURST = 10

@@ -37,6 +37,27 @@ class ApprovalRequest(models.Model):
     TERMINAL = (Status.REDEEMED, Status.DENIED, Status.EXPIRED, Status.CANCELLED)
     OPEN = (Status.PENDING, Status.APPROVED, Status.ISSUED)
 
+    # The state graph of the module docstring, as data: edge -> (states it leaves, state it enters).
+    # Every transition in approvals.services takes its guard from here (``leaving``), and the
+    # table-driven test checks its cases against it, so the graph is written once.
+    EDGES = {
+        "approve": ((Status.PENDING,), Status.APPROVED),  # the user, or an auto-approve rule
+        "deny": ((Status.PENDING,), Status.DENIED),
+        "collect": ((Status.APPROVED,), Status.ISSUED),  # the agent collects its action token
+        "redeem": ((Status.ISSUED,), Status.REDEEMED),
+        "expire": ((Status.PENDING, Status.ISSUED), Status.EXPIRED),  # window passed; token lapsed
+        "cancel": (OPEN, Status.CANCELLED),  # grant ended, agent suspended, agent cancelled
+    }
+
+    @classmethod
+    def leaving(cls, edge: str) -> tuple[str, ...]:
+        """The states ``edge`` may leave (the guard of its conditional UPDATE)."""
+        return cls.EDGES[edge][0]
+
+    @classmethod
+    def entering(cls, edge: str) -> str:
+        return cls.EDGES[edge][1]
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     auth_req_id_hash = models.CharField(max_length=64, unique=True, editable=False)
     grant = models.ForeignKey("consent.SessionGrant", on_delete=models.CASCADE, related_name="approvals")

@@ -11,17 +11,15 @@ amount, a payee or the order of entries changes the hash.
 import base64
 import hashlib
 import json
-import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import rfc8785
 
-from limits import jsonbounds
+from consent.limits import jsonbounds
 
 MAX_DETAILS_BYTES = 8192
 MAX_ENTRIES = 10
-_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
 class InvalidDetails(ValueError):
@@ -32,7 +30,7 @@ def parse(raw: str, *, allowed_types: list[str]) -> list[dict[str, Any]]:
     if not raw:
         raise InvalidDetails("authorization_details is required for a step-up scope")
     try:
-        # Measured before parsing: the parser recurses once per level (limits.jsonbounds).
+        # Measured before parsing: the parser recurses once per level (consent.limits.jsonbounds).
         jsonbounds.check(raw, max_bytes=MAX_DETAILS_BYTES, what="authorization_details")
     except ValueError as exc:
         raise InvalidDetails(str(exc)) from exc
@@ -102,33 +100,3 @@ def headline(details: list[dict[str, Any]], *, system: str) -> str:
             money = _money(entry)
             parts.append(f"{entry['type']}" + (f": {money}" if money else ""))
     return f"{'; '.join(parts)} — {system}"[:300]
-
-
-def validate_rule(rule: str) -> None:
-    if rule and not _RULE.match(rule):
-        raise ValueError("auto-approve rule must look like 'amount <= 10000'")
-
-
-def rule_matches(rule: str, details: list[dict[str, Any]]) -> bool:
-    """True when the request's one entry satisfies the rule.
-
-    Only single-entry requests are decided by a rule: several entries could split
-    one large amount into small ones. A missing, non-numeric or non-finite field
-    never matches.
-    """
-    match = _RULE.match(rule or "")
-    if not match or len(details) != 1:
-        return False
-    field, op, bound = match.group(1), match.group(2), Decimal(match.group(3))
-    for entry in details:
-        try:
-            value = Decimal(str(entry[field]))
-        except (KeyError, InvalidOperation):
-            return False
-        if not value.is_finite():
-            return False
-        ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound,
-              "==": value == bound, "!=": value != bound}[op]
-        if not ok:
-            return False
-    return True

@@ -8,11 +8,10 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
-from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
 
+from celery import current_app
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Q
@@ -21,11 +20,10 @@ from django.utils import timezone
 from audit.services import PendingEvent, audit_event, audit_record
 from consent import rows
 from consent.conf import countersign_settings
-from consent.errors import InvalidClient, OAuthError
-from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
-from consent.selectors import forget_resource_server
+from consent.models import Agent, ScopePolicy, SessionGrant
+from consent.rules import rule_matches
 from consent.services import AuthContext, grant_extend
-from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, bind_to_proof_key, token_type, verify
+from consent.tokens import bind_to_proof_key, token_type
 
 from . import rar
 from .ciba import EXTEND_SCOPE, BackchannelRequest
@@ -36,9 +34,6 @@ from .errors import (
     AuthorizationPending,
     ExpiredToken,
     InvalidGrant,
-    InvalidRequest,
-    InvalidTarget,
-    InvalidToken,
     SlowDown,
     TooManyPending,
 )
@@ -64,20 +59,23 @@ def auth_req_id_hash(auth_req_id: str) -> str:
     return hashlib.sha256(auth_req_id.encode()).hexdigest()
 
 
-def _after_commit(task_name: str, approval_id: Any, **options: Any) -> None:
-    from . import tasks
+def _after_commit(task: str, approval_id: Any, **options: Any) -> None:
+    """Queue the task registered as ``task`` (``approvals.tasks``) once the transaction commits.
 
-    task = getattr(tasks, task_name)
+    Looked up by name in the Celery app's registry: the tasks carry news of what the services
+    wrote (and call back into them), so the services name them rather than import them.
+    """
+    queued = current_app.tasks[task]  # now, not on commit: a name nothing registered fails loudly
     # robust: with the broker down, the committed request still answers; the row is the truth, and
     # the redelivery sweep and the inbox's replay on (re)connect bring the news once Redis is back.
-    transaction.on_commit(lambda: task.apply_async((str(approval_id),), **options), robust=True)
+    transaction.on_commit(lambda: queued.apply_async((str(approval_id),), **options), robust=True)
 
 
 def _announce_end(approval: ApprovalRequest) -> None:
     """Tell open inboxes the prompt is gone and, in ping mode, tell the agent to collect."""
-    _after_commit("push_removal", approval.pk)
+    _after_commit("approvals.push_removal", approval.pk)
     if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
-        _after_commit("notify_agent", approval.pk)
+        _after_commit("approvals.notify_agent", approval.pk)
 
 
 def _event(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
@@ -95,6 +93,12 @@ def _audit(approval: ApprovalRequest, event: str, **kwargs: Any) -> None:
 
 
 _APPROVAL = rows.table(ApprovalRequest)
+
+
+def _leaving(edge: str, column: str = "status") -> tuple[str, list[str]]:
+    """The guard of ``edge`` (``ApprovalRequest.EDGES``) for a conditional UPDATE: SQL and parameters."""
+    states = ApprovalRequest.leaving(edge)
+    return f"{column} IN ({', '.join(['%s'] * len(states))})", list(states)
 
 
 def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, int, int]:
@@ -161,12 +165,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
-    auto = bool(rule) and rar.rule_matches(rule, req.authorization_details)
-    if auto:
-        approval.status = Status.APPROVED
-        approval.decided_at = now
-        approval.decision_method = AUTO_RULE
-        approval.decision_auth = {"rule": rule}
+    auto = bool(rule) and rule_matches(rule, req.authorization_details)
     with transaction.atomic():  # the row and its audit events commit together, or not at all
         if rows.insert_instance(approval, skip_conflicts=True) is None:
             # A concurrent identical request won the partial unique index: answer with that one.
@@ -176,14 +175,32 @@ def approval_request_create(*, req: BackchannelRequest, request=None) -> tuple[A
                action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
                expires_in=req.window_seconds)
         if auto:
+            _auto_approve(approval, rule=rule, now=now)
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)
             if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
-                _after_commit("notify_agent", approval.pk)
+                _after_commit("approvals.notify_agent", approval.pk)
         else:
             # One message per request: the delivery task schedules the on-time expiry
             # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
-            _after_commit("deliver_prompt", approval.pk)
+            _after_commit("approvals.deliver_prompt", approval.pk)
     return approval, True
+
+
+def _auto_approve(approval: ApprovalRequest, *, rule: str, now) -> None:
+    """PENDING -> APPROVED by the policy's rule, in the transaction that created the request: the
+    same edge, and the same guard, as the user's Approve."""
+    guard, states = _leaving("approve")
+    decision_auth = {"rule": rule}
+    moved = rows.execute(
+        f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decision_method = %s, decision_auth = %s"
+        f" WHERE id = %s AND {guard}",
+        [ApprovalRequest.entering("approve"), rows.param(ApprovalRequest, "decided_at", now), AUTO_RULE,
+         rows.param(ApprovalRequest, "decision_auth", decision_auth), rows.param(ApprovalRequest, "id", approval.pk),
+         *states])
+    if moved != 1:  # the row was inserted in this very transaction: nothing else can have moved it
+        raise ApprovalNotPending(approval.status)
+    approval.status, approval.decided_at = ApprovalRequest.entering("approve"), now
+    approval.decision_method, approval.decision_auth = AUTO_RULE, decision_auth
 
 
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
@@ -199,7 +216,7 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
             audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
                          client_id=approval.agent.client_id, grant_id=approval.grant_id,
                          detail={"approval_id": str(approval.pk), "channel": channel})
-            _after_commit("expire_approval", approval.pk, eta=approval.expires_at)
+            _after_commit("approvals.expire_approval", approval.pk, eta=approval.expires_at)
     return bool(first)
 
 
@@ -210,9 +227,9 @@ _GRANT_LIVE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
 _AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
 
 
-def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any], request=None,
+def _decide(*, approval_id: Any, user, edge: str, method: str, auth: dict[str, Any], request=None,
             approval: ApprovalRequest | None = None) -> ApprovalRequest:
-    """PENDING -> APPROVED or DENIED, decided by one conditional UPDATE under the grant's lock.
+    """The ``approve`` or ``deny`` edge, decided by one conditional UPDATE under the grant's lock.
 
     ``approval`` is the request as ``selectors.approval_for_decision`` read it for this user (the
     inbox view has it already); only its fixed fields (grant, agent, scope, details) are used.
@@ -225,6 +242,8 @@ def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any
     elif approval.user_id != user.pk:
         raise ApprovalNotFound(str(approval_id))
     now = timezone.now()
+    to = ApprovalRequest.entering(edge)
+    guard, states = _leaving(edge)
     with transaction.atomic():
         # Locks in one global order, the grant before its approval, as grant_revoke takes them
         # (it cancels the grant's approvals with the grant locked); approving an extension
@@ -238,11 +257,11 @@ def _decide(*, approval_id: Any, user, to: str, method: str, auth: dict[str, Any
         # row it locks (a concurrent decision, expiry or cancellation makes it match nothing).
         decided = live and rows.execute(
             f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
-            f" decision_auth = %s WHERE id = %s AND user_id = %s AND status = %s AND expires_at > %s"
+            f" decision_auth = %s WHERE id = %s AND user_id = %s AND {guard} AND expires_at > %s"
             f" AND agent_id IN ({_AGENT_ACTIVE})",
             [to, rows.param(ApprovalRequest, "decided_at", now), user.pk, method,
              rows.param(ApprovalRequest, "decision_auth", auth), rows.param(ApprovalRequest, "id", approval.pk),
-             user.pk, Status.PENDING, rows.param(ApprovalRequest, "expires_at", now), Agent.Status.ACTIVE]) == 1
+             user.pk, *states, rows.param(ApprovalRequest, "expires_at", now), Agent.Status.ACTIVE]) == 1
         if not decided:
             raise ApprovalNotPending(
                 ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first())
@@ -262,13 +281,13 @@ def _auth_dict(auth: AuthContext) -> dict[str, Any]:
 
 def approval_approve(*, approval_id: Any, user, auth: AuthContext, request=None,
                      approval: ApprovalRequest | None = None) -> ApprovalRequest:
-    return _decide(approval_id=approval_id, user=user, to=Status.APPROVED, method="browser",
+    return _decide(approval_id=approval_id, user=user, edge="approve", method="browser",
                    auth=_auth_dict(auth), request=request, approval=approval)
 
 
 def approval_deny(*, approval_id: Any, user, auth: AuthContext, request=None,
                   approval: ApprovalRequest | None = None) -> ApprovalRequest:
-    return _decide(approval_id=approval_id, user=user, to=Status.DENIED, method="browser",
+    return _decide(approval_id=approval_id, user=user, edge="deny", method="browser",
                    auth=_auth_dict(auth), request=request, approval=approval)
 
 
@@ -358,8 +377,8 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     # APPROVED -> ISSUED decides who collects; the action token and its audit row land with it, in one
     # statement. ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
     # refuses an expired token by itself), so collecting queues nothing.
-    batch = rows.Batch(rows.guarded_update(ApprovalRequest, approval.pk, {"status": Status.ISSUED}, "status = %s",
-                                           [Status.APPROVED]))
+    batch = rows.Batch(rows.guarded_update(ApprovalRequest, approval.pk, {"status": ApprovalRequest.entering("collect")},
+                                           *_leaving("collect")))
     batch.insert("token", ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
                                         "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
                                         "redeemed_by": None})
@@ -396,10 +415,13 @@ def approval_expire(*, approval_id: Any) -> bool:
         if not due:
             return False
         if approval.status == Status.PENDING and not approval.grant.is_live(now):
-            to, method, event = Status.CANCELLED, GRANT_ENDED, "approval.cancelled"
+            edge, method, event = "cancel", GRANT_ENDED, "approval.cancelled"
         else:
-            to, method, event = Status.EXPIRED, "timeout", "approval.expired"
-        ApprovalRequest.objects.filter(pk=approval.pk, status=approval.status).update(
+            edge, method, event = "expire", "timeout", "approval.expired"
+        to = ApprovalRequest.entering(edge)
+        # Under the row lock taken above: the status read is the status this UPDATE leaves.
+        ApprovalRequest.objects.filter(pk=approval.pk, status=approval.status,
+                                       status__in=ApprovalRequest.leaving(edge)).update(
             status=to, decided_at=now, decision_method=method)
         approval.status = to
         _audit(approval, event, actor="system", **({"reason": method} if to == Status.CANCELLED else {}))
@@ -419,8 +441,8 @@ def approvals_expire_due() -> int:
 def approval_cancel(*, approval_id: Any, reason: str) -> bool:
     now = timezone.now()
     with transaction.atomic():
-        updated = ApprovalRequest.objects.filter(pk=approval_id, status__in=ApprovalRequest.OPEN).update(
-            status=Status.CANCELLED, decided_at=now, decision_method=reason)
+        updated = ApprovalRequest.objects.filter(pk=approval_id, status__in=ApprovalRequest.leaving("cancel")).update(
+            status=ApprovalRequest.entering("cancel"), decided_at=now, decision_method=reason)
         if updated != 1:
             return False
         approval = ApprovalRequest.objects.select_related("agent").get(pk=approval_id)
@@ -438,89 +460,9 @@ def approvals_undelivered(*, older_than: int = 30) -> list[Any]:
 
 
 def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
-    ids = list(ApprovalRequest.objects.filter(grant_id=grant_id, status__in=ApprovalRequest.OPEN)
+    ids = list(ApprovalRequest.objects.filter(grant_id=grant_id, status__in=ApprovalRequest.leaving("cancel"))
                .values_list("pk", flat=True))
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
-
-
-# --- redemption by the resource server ------------------------------------------------------
-
-
-_TOKEN = rows.table(ActionToken)
-_JOINED = (f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
-           f" AND g.id = ap.grant_id AND ag.id = ap.agent_id")
-_RS_CURRENT = (f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
-               f" AND r.client_secret = %s)")
-# The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent, same resource server.
-_WIN = (f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
-        f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
-        f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id")
-_MOVE = f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s"
-# Why an attempt did not win (read in the same statement on PostgreSQL, after it elsewhere).
-_WHY = (f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
-        f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
-        f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s")
-
-
-def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
-    if why is None:
-        return InvalidToken("unknown action token")
-    redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
-    if not rs_current:
-        return InvalidClient("Resource-server authentication failed.",
-                             reason="resource server deactivated or its secret changed since it was verified")
-    if grant_status != SessionGrant.Status.ACTIVE or grant_ended:
-        return InvalidToken("the session grant is no longer active")
-    if agent_status != Agent.Status.ACTIVE:
-        return InvalidToken("the agent is suspended")
-    if expired and not redeemed:
-        return InvalidToken("action token expired")
-    if approval_status not in (Status.ISSUED, Status.REDEEMED):
-        return InvalidToken(f"the approval is {approval_status}")
-    # Redeemed: before this statement began, or by the one it waited for.
-    return InvalidToken("action token already redeemed")
-
-
-# PostgreSQL: the winning UPDATE also takes the request's row lock while it is still ISSUED, so a
-# concurrent cancel either waits for the redemption or ends the request first (and nothing wins);
-# ISSUED -> REDEEMED then always moves with the token, in the same statement.
-_HOLD_ISSUED = (f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
-                f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)")
-_WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
-
-
-def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
-                      event: PendingEvent) -> tuple[Any, int, tuple | None]:
-    """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost).
-
-    On PostgreSQL one statement, outside any transaction: it redeems, moves the request,
-    writes ``event`` (the winner's audit row), or reads why it lost. Elsewhere the same steps
-    run one after another in the caller's transaction.
-    """
-    at = rows.param(ActionToken, "redeemed_at", now)
-    grant_at = rows.param(SessionGrant, "expires_at", now)
-    rs = [resource_server.pk, True, resource_server.client_secret]
-    win = [at, resource_server.pk, jti, at, Status.ISSUED, SessionGrant.Status.ACTIVE, grant_at,
-           Agent.Status.ACTIVE, *rs]
-    why = [at, grant_at, *rs, jti]
-    if connection.vendor == "postgresql":
-        audit_sql, audit_params = rows.event_insert(event, "moved")
-        row = rows.fetchone(
-            f"WITH won AS ({_WIN_HOLDING}),"
-            f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
-            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
-            f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
-            [*win, jti, Status.ISSUED, Status.REDEEMED, Status.ISSUED, *audit_params, *why])
-        if row is None:
-            return None, 0, None
-        return row[0], row[1], tuple(row[2:])
-    won = rows.fetchone(_WIN, win)
-    if won is None:
-        return None, 0, rows.fetchone(f"SELECT {_WHY}", why)
-    moved = rows.execute(_MOVE, [Status.REDEEMED, won[0], Status.ISSUED])
-    if moved == 1:
-        event.append()
-    return won[0], moved, None
 
 
 def action_token_redeemed_announce(*, approval_id: Any) -> None:
@@ -528,62 +470,4 @@ def action_token_redeemed_announce(*, approval_id: Any) -> None:
 
     A Celery message only (no SQL statement): the task reads the row and pushes it.
     """
-    _after_commit("push_removal", approval_id)
-
-
-def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
-    """Verify an action token for redemption by this resource server; the claims, or ``OAuthError``.
-
-    RFC 8725 §3.11: only an ``action+jwt``. ``request_hash`` is the action hash the
-    resource server recomputed from the request it is about to execute (it must be
-    the approved one).
-    """
-    if not token:
-        raise InvalidRequest("the token parameter is required")
-    try:
-        claims = verify(token, typ=ACTION_TOKEN_TYP)
-    except TokenInvalid as exc:
-        raise InvalidToken(str(exc)) from exc
-    if claims.get("aud") != resource_server.audience:
-        raise InvalidTarget("this action token is for another resource server")
-    if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
-        raise InvalidToken("action_hash does not match the token's authorization_details")
-    if request_hash and request_hash != claims["action_hash"]:
-        raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
-    return claims
-
-
-def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServer) -> ApprovalRequest:
-    """Mark the action token redeemed: exactly one caller ever wins.
-
-    ``claims`` come from a verified ``action+jwt`` whose audience is this resource
-    server. One conditional UPDATE decides, and checks in the same statement that the
-    request is ISSUED, its grant and agent are still active, and the resource server
-    is still active with the credentials it was verified with; the winner's request
-    moves ISSUED -> REDEEMED with it and its audit row is written, all in that one
-    statement on PostgreSQL. A losing attempt costs the same one statement (which reads why
-    it lost); its refusal is audited by the endpoint.
-    """
-    now = timezone.now()
-    jti = claims["jti"]
-    if "approval_id" not in claims:  # every action token we mint names its request
-        raise InvalidToken("unknown action token")
-    approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
-                               grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
-                               authorization_details=claims["authorization_details"],
-                               action_hash=claims["action_hash"])
-    approval._state.adding = False
-    event = audit_event(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
-                        user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
-                        detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
-    with transaction.atomic() if connection.vendor != "postgresql" else nullcontext():
-        won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now, event=event)
-        if won is None:
-            refusal = _redeem_refusal(why)
-            if isinstance(refusal, InvalidClient):
-                forget_resource_server(resource_server.client_id)
-            raise refusal
-        if moved != 1:  # only without row locks; inside the transaction, this rolls the redemption back
-            raise InvalidToken("the approval changed while it was redeemed")
-    approval.redeemed_at = now  # what the statement stored, for the receipt
-    return approval
+    _after_commit("approvals.push_removal", approval_id)

@@ -13,26 +13,25 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from audit.activity import END_REASONS
 from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import OAuthError
 from consent.http import NO_STORE, claimed_client_id, oauth_error
+from consent.limits import attempts
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
-from limits import attempts
 
+from .activity import END_REASONS
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
 from .receipts import receipt_for_download, receipt_from_redemption
+from .redemption import action_token_redeem, action_token_verify
 from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
-    action_token_redeem,
     action_token_redeemed_announce,
-    action_token_verify,
     approval_approve,
     approval_audit_refused_decision,
     approval_deny,
@@ -133,7 +132,7 @@ class ConfirmForm(forms.Form):
 def confirm_view(request, approval_id):
     """Step-up authentication before approving (the scope policy's fresh-auth window).
 
-    Attempts are limited per user and per source (``limits.attempts``, kind ``fresh_auth``): while
+    Attempts are limited per user and per source (``consent.limits.attempts``, kind ``fresh_auth``): while
     locked, the secret is not checked at all, and the page says when to try again.
     """
     approval = _owned(request, approval_id)[0]

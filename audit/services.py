@@ -73,9 +73,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from config.logging import bind
-
 from .models import AuditEvent, AuditHead, AuditLink
+from .signals import event_built
 
 P = ParamSpec("P")
 
@@ -180,7 +179,7 @@ def audit_event(
     request=None,
 ) -> PendingEvent:
     """One event, not yet written (arguments as ``audit_record``)."""
-    bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
+    event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
     return PendingEvent(AuditEvent(
         occurred_at=timezone.now(),
         event=event,

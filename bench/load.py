@@ -344,12 +344,6 @@ async def ws_connect(ws_url: str, origin: str, cookie: str):
                          ping_interval=None, additional_headers={"Cookie": cookie, "Origin": origin}, max_queue=None)
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    """Mark a finished receive's exception as seen (the caller reads it, or is shutting down)."""
-    if not future.cancelled():
-        future.exception()
-
-
 async def idle_connection(ws_url: str, origin: str, cookie: str, book: WsBook, stop: asyncio.Event,
                           opened: asyncio.Event) -> None:
     """An idle inbox tab: snapshot, then listen; reopen like inbox.js when the server drops it."""
@@ -370,18 +364,11 @@ async def idle_connection(ws_url: str, origin: str, cookie: str, book: WsBook, s
             else:
                 book.opened += 1
                 opened.set()
-            halt = asyncio.ensure_future(stop.wait())
-            try:
-                while True:
-                    recv = asyncio.ensure_future(ws.recv(decode=False))  # read, never parsed
-                    recv.add_done_callback(_retrieve)
-                    done, _ = await asyncio.wait({recv, halt}, return_when=asyncio.FIRST_COMPLETED)
-                    if halt in done:
-                        recv.cancel()
-                        return
-                    recv.result()  # raises when the server dropped the connection
-            finally:
-                halt.cancel()
+            # Read, never parsed; raises when the server drops the connection. The run ends these
+            # tabs by cancelling their tasks: one await per frame, no future or wait set per frame
+            # (this loop runs for every frame the fan-out sends to every idle tab).
+            while True:
+                await ws.recv(decode=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, or dropped by the server

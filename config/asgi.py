@@ -2,7 +2,7 @@
 
 Websocket connections are Origin-checked against ALLOWED_HOSTS and
 session-authenticated before any consumer sees them; every refused handshake is
-audited (one row per reason and source a minute, the rest counted: limits.websocket).
+audited (one row per reason and source a minute, the rest counted: consent.limits.websocket).
 """
 
 import os
@@ -40,7 +40,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from config.routing import websocket_urlpatterns  # noqa: E402
-from limits.websocket import origin_validated  # noqa: E402
+from consent.limits.websocket import origin_validated  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

@@ -18,7 +18,9 @@ from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .metrics import DatabaseCollector, LimitsCollector, websocket_connections
+from approvals.metrics import websocket_connections
+
+from .metrics import DatabaseCollector, LimitsCollector
 
 
 def healthz(request):

@@ -10,6 +10,8 @@ import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from audit.signals import event_built
+
 log_context: ContextVar[dict | None] = ContextVar("countersign_log_context", default=None)
 FIELDS = ("request_id", "user_id", "client_id", "grant_id")
 
@@ -32,6 +34,14 @@ def _record_with_context(*args, **kwargs) -> logging.LogRecord:
 
 
 logging.setLogRecordFactory(_record_with_context)
+
+
+def _bind_audited_ids(sender, *, user_id=None, client_id="", grant_id="", **kwargs) -> None:
+    bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
+
+
+# Connected when logging is configured (settings.LOGGING names JsonFormatter, in every process).
+event_built.connect(_bind_audited_ids, dispatch_uid="config.logging.bind_audited_ids")
 
 
 class JsonFormatter(logging.Formatter):

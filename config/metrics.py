@@ -10,11 +10,7 @@ from datetime import timedelta
 
 from django.db.models import Count
 from django.utils import timezone
-from prometheus_client import Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-websocket_connections = Gauge("countersign_websocket_connections", "Open inbox websockets in this process",
-                              registry=None)
 
 TOKEN_EVENTS = {"token.issued": "session", "token.refreshed": "refresh", "token.exchanged": "exchange",
                 "token.delegated": "delegation", "action_token.issued": "action"}
@@ -81,10 +77,10 @@ def seal_lag_histogram() -> HistogramMetricFamily:
 
 class LimitsCollector:
     """Refusals by the limits (rate limits, lockouts, refused handshakes, oversized bodies), counted
-    in Redis by every node (``limits.store``): a flood is counted here, not audited row by row."""
+    in Redis by every node (``consent.limits.store``): a flood is counted here, not audited row by row."""
 
     def collect(self):
-        from limits.store import refused_counts
+        from consent.limits.store import refused_counts
 
         refusals = CounterMetricFamily("countersign_limit_refusals", "Requests refused by a limit, by kind",
                                        labels=["kind"])

@@ -60,12 +60,17 @@ def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
 
     uvicorn trusts X-Forwarded-For/-Proto from FORWARDED_ALLOW_IPS (default 127.0.0.1), the same
     peers config.wsgi trusts. ``--ws-max-size`` bounds every frame (RFC 6455 §7.4.1: 1009).
+
+    No permessage-deflate (RFC 7692): inbox frames are a few hundred bytes of JSON, and every
+    prompt goes to every open tab of its user, so compressing each copy on each socket cost the
+    server (and each browser) CPU per frame, plus zlib state held for every idle connection, to
+    save a few hundred bytes on loopback-near links.
     """
     return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
             str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers",
             # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would probe and complain.
             "--lifespan", "off",
-            "--ws-max-size", str(ws_max_size or WS_MAX_SIZE)]
+            "--ws-max-size", str(ws_max_size or WS_MAX_SIZE), "--ws-per-message-deflate", "false"]
 
 
 def local_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:

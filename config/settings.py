@@ -66,20 +66,22 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Token, CIBA, redemption, introspection and revocation POSTs skip what they never use (config.middleware).
+    "config.middleware.ProtocolLaneMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "config.timezone.TimezoneMiddleware",
-    # Rate limits and the attempt limit on client secrets: one Redis round trip, no SQL (limits.middleware).
-    "limits.middleware.RateLimitMiddleware",
+    # Rate limits and the attempt limit on client secrets: one Redis round trip, no SQL (consent.limits.middleware).
+    "consent.limits.middleware.RateLimitMiddleware",
     "config.logging.RequestContextMiddleware",
     "config.middleware.DependencyDownMiddleware",
     "django_otp.middleware.OTPMiddleware",
     "config.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Turns a password lockout into our "too many attempts" page (limits.logins); last, as axes asks.
+    # Turns a password lockout into our "too many attempts" page (consent.limits.logins); last, as axes asks.
     "axes.middleware.AxesMiddleware",
 ]
 
@@ -186,18 +188,18 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 # Bodies are forms of a few fields; nothing legitimate comes near these (Django answers 400 past them).
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(256 * 1024)))
 
-# Login attempt counts live in Redis so every node shares them (django-axes; limits.logins).
+# Login attempt counts live in Redis so every node shares them (django-axes; consent.limits.logins).
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "limits": {"BACKEND": "limits.cache.FailOpenRedisCache", "LOCATION": REDIS_URL,
+    "limits": {"BACKEND": "consent.limits.cache.FailOpenRedisCache", "LOCATION": REDIS_URL,
                "KEY_PREFIX": "cs:lim:axes", "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}},
 }
-AUTHENTICATION_BACKENDS = ["limits.logins.LoginAttemptsBackend", "django.contrib.auth.backends.ModelBackend"]
+AUTHENTICATION_BACKENDS = ["consent.limits.logins.LoginAttemptsBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
 AXES_CACHE = "limits"
-AXES_FAILURE_LIMIT = "limits.logins.failure_limit"
-AXES_COOLOFF_TIME = "limits.logins.cool_off"
-AXES_LOCKOUT_CALLABLE = "limits.logins.lockout_response"
+AXES_FAILURE_LIMIT = "consent.limits.logins.failure_limit"
+AXES_COOLOFF_TIME = "consent.limits.logins.cool_off"
+AXES_LOCKOUT_CALLABLE = "consent.limits.logins.lockout_response"
 # Per account and, separately, per source address.
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_RESET_ON_SUCCESS = True

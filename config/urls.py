@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from audit.views import activity_view
+from approvals import pages
 from config import health
 from consent.views import account, discovery, oauth, registry, revocation, token, usage
 
@@ -25,10 +25,10 @@ urlpatterns = [
     path("accounts/login/otp/", account.login_otp_view, name="login-otp"),
     path("accounts/logout/", account.logout_view, name="logout"),
     path("accounts/totp/", account.totp_setup_view, name="totp-setup"),
-    path("grants/", account.grants_view, name="grants"),
-    path("grants/<uuid:grant_id>/", account.grant_detail_view, name="grant-detail"),
+    path("grants/", pages.grants_view, name="grants"),
+    path("grants/<uuid:grant_id>/", pages.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
-    path("activity/", activity_view, name="activity"),
+    path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
     path("admin/", admin.site.urls),
 ]

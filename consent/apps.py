@@ -6,4 +6,9 @@ class ConsentConfig(AppConfig):
     verbose_name = "Agents and consent"
 
     def ready(self):
+        from django.conf import settings
+
         from . import checks  # noqa: F401  (registers system checks)
+        from .conf import validate
+
+        validate(getattr(settings, "COUNTERSIGN", {}))

@@ -6,6 +6,7 @@ Defaults live here; deployments override them in ``settings.COUNTERSIGN``.
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 DEFAULTS: dict[str, Any] = {
     # The issuer identifier (RFC 8414 §2): an https URL in production, no trailing slash.
@@ -56,11 +57,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_PROMPTS_PER_USER_IN_WINDOW": 30,
     "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 300,
     # JSON a client sends (authorization_details, websocket frames): nesting depth, checked before
-    # parsing (limits.jsonbounds).
+    # parsing (consent.limits.jsonbounds).
     "JSON_MAX_DEPTH": 16,
     # ... and of a JWT's header and claims (which carry authorization_details and act chains).
     "JWT_MAX_DEPTH": 32,
-    # HTTP rate limits (limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
+    # HTTP rate limits (consent.limits.middleware). rule -> {"paths": prefixes, dimension: [requests, seconds]};
     # the first rule with a matching prefix applies. Dimensions: "client" (the client id a protocol
     # request names), "user" (the signed-in user), "source" (the client address). A dimension left
     # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
@@ -73,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
                   "user": [120, 60], "source": [600, 60]},
         "public": {"paths": ["/.well-known/", "/o/agents/"], "source": [1200, 60]},
     },
-    # Attempt limits on secrets (limits.attempts, limits.middleware, limits.logins): kind -> failures
+    # Attempt limits on secrets (consent.limits.attempts, consent.limits.middleware, consent.limits.logins): kind -> failures
     # allowed per "account" and per "source" within "seconds". Past them the account or source is
     # locked for LOCKOUT_SECONDS, doubled on each further lockout within a day, up to LOCKOUT_MAX_SECONDS.
     # "client": agent secrets and private_key_jwt; "resource_server": resource-server credentials;
@@ -98,3 +99,31 @@ class CountersignSettings:
 
 
 countersign_settings = CountersignSettings()
+
+
+def _kind(value: Any) -> type:
+    # bool before int (bool is an int); a whole number may stand for a float default and back.
+    for kind in (bool, str, dict, list, tuple):
+        if isinstance(value, kind):
+            return list if kind is tuple else kind
+    return float if isinstance(value, int | float) else type(value)
+
+
+def validate(overrides: dict[str, Any]) -> None:
+    """Refuse ``settings.COUNTERSIGN`` at start-up (``ConsentConfig.ready``, every process) when a
+    key is unknown (a misspelt key would leave its default in force without a word) or a value is
+    of another kind than its default (``"60"`` for 60 would fail, or compare wrongly, at the first
+    request that reads it)."""
+    if not isinstance(overrides, dict):
+        raise ImproperlyConfigured(f"COUNTERSIGN must be a dict, not {type(overrides).__name__}")
+    problems = []
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})")
+    for name, value in sorted(overrides.items()):
+        default = DEFAULTS.get(name)
+        if default is not None and value is not None and _kind(value) is not _kind(default):
+            problems.append(f"{name} must be {_kind(default).__name__} like its default ({default!r}), "
+                            f"not {type(value).__name__} {value!r}"[:300])
+    if problems:
+        raise ImproperlyConfigured("COUNTERSIGN settings: " + "; ".join(problems))

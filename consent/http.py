@@ -7,7 +7,7 @@ from urllib.parse import unquote_plus
 import jwt
 from django.http import JsonResponse
 
-from limits.jsonbounds import JSONTooDeep, check_jwt
+from consent.limits.jsonbounds import JSONTooDeep, check_jwt
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 

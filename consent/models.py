@@ -22,6 +22,7 @@ from oauth2_provider.models import (
 )
 
 from .conf import countersign_settings
+from .rules import validate_rule
 
 
 def _default_ttl() -> int:
@@ -178,8 +179,6 @@ class ScopePolicy(models.Model):
 
     def clean(self):
         from django.core.exceptions import ValidationError
-
-        from approvals.rar import validate_rule
 
         try:
             validate_rule(self.auto_approve_rule)

@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,11 @@ class Introspection:
                                  # action tokens (RFC 9396 §9.2): what exactly was approved
                                  "authorization_details", "action_hash", "approval_id") if k in c},
         }
+
+
+# Token type (JWT ``typ``) -> its RFC 7662 introspection, for kinds another app mints: approvals
+# registers the action token's (``action+jwt``) when it starts, as consent imports nothing above it.
+TOKEN_INTROSPECTORS: dict[str, Callable[..., Introspection]] = {}
 
 
 def session_token_introspect(*, token: str, resource_server: ResourceServer) -> Introspection:

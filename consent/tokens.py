@@ -14,7 +14,7 @@ from typing import Any
 
 import jwt
 
-from limits.jsonbounds import JSONTooDeep, check_jwt
+from consent.limits.jsonbounds import JSONTooDeep, check_jwt
 
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS, active_signing_key, verification_key

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery import current_app
 from django.db import transaction
 from django.utils import timezone
 
@@ -105,6 +106,5 @@ def grant_uses_record(*, resource_server: ResourceServer, uses: Any) -> UsageRes
 
 
 def _announce(grant_id: Any, user_id: int) -> None:
-    from approvals.tasks import push_grant_changed
-
-    push_grant_changed.delay(str(grant_id), int(user_id))
+    # By its registered name (approvals.tasks): consent does not import the app above it.
+    current_app.tasks["approvals.push_grant_changed"].delay(str(grant_id), int(user_id))

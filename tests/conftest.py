@@ -23,7 +23,7 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(autouse=True)
 def _fresh_limits():
     # Rate counters, lockouts and login attempts live in Redis: each test starts from none.
-    from limits import store
+    from consent.limits import store
 
     store.reset()
     yield

@@ -18,7 +18,7 @@ import time
 import jwt
 from django.conf import settings
 
-from limits.jsonbounds import JSONTooDeep, check_jwt
+from consent.limits.jsonbounds import JSONTooDeep, check_jwt
 
 from ..errors import InvalidDPoPProof, UseDPoPNonce
 from ..keys import jwk_thumbprint

@@ -17,7 +17,7 @@ import jwt
 import redis
 from django.conf import settings
 
-from limits.jsonbounds import JSONTooDeep, check_jwt
+from consent.limits.jsonbounds import JSONTooDeep, check_jwt
 
 from ..conf import countersign_settings
 from ..models import Agent

@@ -20,11 +20,9 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
 from audit.services import audit_record, audit_refusal, client_ip
-from limits import attempts
+from consent.limits import attempts
 
-from ..selectors import grants_for_user
 from ..services import AuthContext, grant_revoke
-from ..story import grant_story, grants_overview
 
 SESSION_AUTH_TIME = "cs_auth_time"
 SESSION_AMR = "cs_amr"
@@ -57,7 +55,7 @@ def _safe_next(request, default: str = "/grants/") -> str:
 
 
 def _too_many(request, template: str, context: dict, seconds: int):
-    """The page again, saying when to try next; nothing was checked (limits.attempts)."""
+    """The page again, saying when to try next; nothing was checked (consent.limits.attempts)."""
     response = render(request, template, {**context, "locked_message": attempts.message(seconds)}, status=429)
     response["Retry-After"] = str(seconds)
     return response
@@ -83,7 +81,7 @@ def login_view(request):
                 return redirect(f"/accounts/login/otp/?next={_safe_next(request)}")
             _complete_login(request, user, ["pwd"])
             return redirect(_safe_next(request))
-        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (limits.logins)
+        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (consent.limits.logins)
             audit_refusal(event="login.failed", error="invalid_credentials", actor="", request=request,
                           detail={"username": request.POST.get("username", "")[:150]})
     return render(request, "accounts/login.html", {"form": form, "next": _safe_next(request)})
@@ -173,30 +171,6 @@ def totp_setup_view(request):
     if wait:
         response["Retry-After"] = str(wait)
     return response
-
-
-@login_required
-def grants_view(request):
-    grants = list(grants_for_user(user=request.user)[:100])
-    summaries = grants_overview(grants=grants, user_id=request.user.pk)
-    return render(request, "consent/grants.html", {
-        "active": [s for s in summaries if s.grant.is_live()],
-        "ended": [s.grant for s in summaries if not s.grant.is_live()],
-    })
-
-
-@login_required
-def grant_detail_view(request, grant_id):
-    """The story of one connection, from consent to its end; ``?part=timeline`` is just the list,
-    which the page re-reads when the websocket says something changed."""
-    story = grant_story(grant_id=grant_id, user_id=request.user.pk)
-    if story is None:
-        audit_refusal(event="grant.view_refused", error="not_found", actor=f"user:{request.user.pk}",
-                      user_id=request.user.pk, request=request,
-                      detail={"grant_id": str(grant_id), "reason": "no grant of this user"})
-        raise Http404("No such connection.")
-    template = "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
-    return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live()})
 
 
 @login_required

@@ -21,16 +21,15 @@ from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.views.base import BaseAuthorizationView
 from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
-from approvals.selectors import action_token_introspect
 from audit.services import audit_record, audit_refusal
-from limits.jsonbounds import JSONTooDeep, check_jwt
 
 from ..errors import ConfigurationError
 from ..http import NO_STORE, oauth_error
+from ..limits.jsonbounds import JSONTooDeep, check_jwt
 from ..models import Agent
-from ..selectors import scope_policies, session_token_introspect
+from ..selectors import TOKEN_INTROSPECTORS, scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
-from ..tokens import ACTION_TOKEN_TYP, MAX_TOKEN_BYTES
+from ..tokens import MAX_TOKEN_BYTES
 from .account import auth_context, second_factor_missing
 from .rs_auth import resource_server_or_refusal
 
@@ -189,10 +188,8 @@ class IntrospectView(View):
             audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": "token missing"})
             return oauth_error("invalid_request", "The token parameter is required.")
-        if _token_typ(token) == ACTION_TOKEN_TYP:
-            result = action_token_introspect(token=token, resource_server=rs)
-        else:
-            result = session_token_introspect(token=token, resource_server=rs)
+        introspect = TOKEN_INTROSPECTORS.get(_token_typ(token), session_token_introspect)
+        result = introspect(token=token, resource_server=rs)
         if not result.active:
             audit_refusal(event="introspection.inactive", error="inactive_token", actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": result.reason})

@@ -13,10 +13,10 @@ from django.http import HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from audit.services import audit_refusal
-from limits.jsonbounds import check
 
 from ..errors import InvalidRequest, OAuthError
 from ..http import NO_STORE, error_response
+from ..limits.jsonbounds import check
 from ..usage import grant_uses_record
 from .rs_auth import resource_server_or_refusal
 

@@ -16,6 +16,7 @@ from approvals import rar
 from approvals import tasks as approval_tasks
 from approvals.ciba import BackchannelRequest
 from approvals.services import approval_request_create, auth_req_id_for
+from config.celery import app as celery_app
 from consent.models import ResourceServer, ScopePolicy, SessionGrant
 from consent.services import AuthContext, grant_create
 
@@ -79,7 +80,7 @@ class Outbox:
 
 
 class _QueuedTask:
-    """Replaces one Celery task in ``approvals.tasks``; ``apply_async`` records and maybe runs it."""
+    """Stands in for one Celery task in the app's registry; ``apply_async`` records and maybe runs it."""
 
     def __init__(self, name: str, real, outbox: Outbox, run: bool):
         self.name, self.real, self.outbox, self.run = name, real, outbox, run
@@ -95,7 +96,10 @@ def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
     monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: outbox.sent.append(
         (int(user_id), message)))
     for name in ("deliver_prompt", "push_removal", "notify_agent", "expire_approval"):
-        real = getattr(approval_tasks, name)
-        monkeypatch.setattr(approval_tasks, name,
-                            _QueuedTask(name, real, outbox, run_pushes and name in ("deliver_prompt", "push_removal")))
+        # The services queue tasks by their registered name (approvals.services._after_commit); the
+        # sweeps in approvals.tasks call them by reference.
+        real = getattr(approval_tasks, name)._get_current_object()  # shared_task: a proxy into the registry
+        fake = _QueuedTask(name, real, outbox, run_pushes and name in ("deliver_prompt", "push_removal"))
+        monkeypatch.setitem(celery_app.tasks, real.name, fake)
+        monkeypatch.setattr(approval_tasks, name, fake)
     return outbox

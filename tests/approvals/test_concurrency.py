@@ -19,8 +19,8 @@ from django.test import Client
 
 from approvals.errors import AccessDenied, ApprovalNotPending, InvalidGrant, InvalidToken
 from approvals.models import ActionToken, ApprovalRequest
+from approvals.redemption import action_token_redeem
 from approvals.services import (
-    action_token_redeem,
     approval_approve,
     approval_cancel,
     approval_collect,

@@ -35,8 +35,8 @@ from approvals.errors import (
     InvalidToken,
 )
 from approvals.models import ActionToken, ApprovalRequest
+from approvals.redemption import action_token_redeem
 from approvals.services import (
-    action_token_redeem,
     approval_approve,
     approval_cancel,
     approval_collect,
@@ -262,6 +262,32 @@ TABLE.update({
 
 def test_the_table_covers_every_pair_exactly():
     assert set(TABLE) == set(itertools.product(STATES, TRANSITIONS))
+
+
+def test_the_table_and_the_model_describe_one_graph():
+    # Every change of state the services make here is an edge of ApprovalRequest.EDGES (the graph
+    # the services take their guards from), and every edge is made somewhere in the table.
+    edges = {(src, dst) for sources, dst in ApprovalRequest.EDGES.values() for src in sources}
+    made = {(unchanged_for(state), expect.status) for (state, _), expect in TABLE.items()
+            if expect.status != unchanged_for(state)}
+    assert made <= edges, made - edges
+    assert edges <= made, edges - made
+    assert all(dst not in ApprovalRequest.OPEN for dst in ApprovalRequest.TERMINAL)
+    assert not any(src in ApprovalRequest.TERMINAL for sources, _ in ApprovalRequest.EDGES.values() for src in sources)
+
+
+def test_an_auto_approved_request_takes_the_approve_edge(scenario, ledger_policy, monkeypatch):
+    # The policy's rule approves through the same guarded edge as the user (approvals.services).
+    from consent.services import scope_set
+
+    install_outbox(monkeypatch)
+    scope_set(name="ledger:write", values={"auto_approve_rule": "amount <= 10000"})
+    approval, created = request_approval(session_grant(scenario))
+    row = ApprovalRequest.objects.get(pk=approval.pk)
+    assert created and row.status == S.APPROVED and row.decision_method == "auto_rule"
+    assert row.decision_auth == {"rule": "amount <= 10000"} and row.decided_at is not None
+    events = list(AuditEvent.objects.filter(grant_id=str(row.grant_id)).order_by("id").values_list("event", flat=True))
+    assert events[-2:] == ["approval.requested", "approval.auto_approved"]
 
 
 # --- the test ----------------------------------------------------------------------------------------

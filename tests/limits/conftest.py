@@ -66,6 +66,6 @@ def from_source(address: str, **kwargs) -> httpx.Client:
 
 
 def refusals() -> dict[str, int]:
-    from limits.store import refused_counts
+    from consent.limits.store import refused_counts
 
     return refused_counts()

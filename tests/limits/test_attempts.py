@@ -11,8 +11,8 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
+from consent.limits import attempts, store
 from consent.models import ScopePolicy
-from limits import attempts, store
 from tests.approvals.support import request_approval, session_grant
 from tests.conftest import PASSWORD
 from tests.limits.conftest import ATTEMPT_LIMITS, from_source, refusals

@@ -8,7 +8,7 @@ import pytest
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt, depth_within
+from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt, depth_within
 from tests.approvals.support import ledger_entry
 from tests.conftest import basic
 

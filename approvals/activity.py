@@ -11,9 +11,10 @@ from typing import Any
 
 from django.db.models import Q
 
-from approvals.models import ApprovalRequest
-from approvals.wording import auth_words
 from consent.models import Agent, ResourceServer, ScopePolicy
+
+from .models import ApprovalRequest
+from .wording import auth_words
 
 END_REASONS = {
     "revoked_by_user": "you revoked it",

@@ -9,7 +9,7 @@ secret is not even checked: a right guess cannot be told from a wrong one. A loc
 audit row when it trips; the refusals during it are counted (``/metrics``).
 
 Counting happens on failures only; the success path pays for the lockout check alone, which the
-protocol endpoints fold into their one rate-limit round trip (``limits.middleware``).
+protocol endpoints fold into their one rate-limit round trip (``consent.limits.middleware``).
 """
 
 from __future__ import annotations

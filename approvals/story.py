@@ -11,12 +11,12 @@ from typing import Any
 
 from django.db.models import Count, Max, Q
 
-from approvals.models import ApprovalRequest
-from approvals.wording import auth_words
-from audit.activity import Entry, describe
 from audit.models import AuditEvent
+from consent.models import GrantUse, ResourceServer, SessionGrant
 
-from .models import GrantUse, ResourceServer, SessionGrant
+from .activity import Entry, describe
+from .models import ApprovalRequest
+from .wording import auth_words
 
 TOKEN_EVENTS = ("token.issued", "token.refreshed", "token.exchanged", "token.delegated")
 # Told from GrantUse rows (one per use) rather than from their audit rows (one per report).

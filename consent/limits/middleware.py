@@ -1,13 +1,13 @@
 """The rate-limit layer for HTTP, and the attempt limit on the secrets protocol clients present.
 
-One hook for every endpoint. Per request, one Redis round trip (``limits.store.hit``, a Lua
+One hook for every endpoint. Per request, one Redis round trip (``consent.limits.store.hit``, a Lua
 script): is the client or source locked out for failed authentication, and is any rate counter
 of the request's rule (``COUNTERSIGN["RATE_LIMITS"]``) over its limit. No SQL.
 
 - Protocol endpoints (token, backchannel authentication, revocation: agents; introspection,
   redemption: resource servers) are limited per client (the client id the request names) and per
   source address. A 401 ``invalid_client`` answer counts one failed attempt against the named
-  client and the source (``limits.attempts``), and gives back the client's rate unit, so guesses
+  client and the source (``consent.limits.attempts``), and gives back the client's rate unit, so guesses
   naming another client do not use up that client's rate. Counting happens on failures only.
 - Pages are limited per signed-in user and per source.
 
@@ -36,7 +36,7 @@ from . import attempts, store
 log = logging.getLogger(__name__)
 
 CIBA_GRANT = "urn:openid:params:grant-type:ciba"
-# Which secret a protocol endpoint checks (limits.attempts kinds).
+# Which secret a protocol endpoint checks (consent.limits.attempts kinds).
 SECRET_KINDS = {
     "/o/token/": "client",
     "/o/bc-authorize/": "client",

@@ -1,0 +1,169 @@
+"""Redemption (DESIGN flow 3): the resource server spends an action token, exactly once.
+
+The resource server has verified the token locally and recomputed ``action_hash`` from the
+request it is about to execute; ``action_token_verify`` checks the same here (RFC 8725 §3.11:
+only an ``action+jwt``, for this audience), and ``action_token_redeem`` takes the ``redeem``
+edge of the approval state graph (``ApprovalRequest.EDGES``): ISSUED -> REDEEMED, decided by one
+conditional ``UPDATE ... RETURNING`` that also checks the grant, the agent and the resource
+server are still live.
+"""
+
+from contextlib import nullcontext
+from typing import Any
+from uuid import UUID
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from audit.services import PendingEvent, audit_event
+from consent import rows
+from consent.errors import InvalidClient, OAuthError
+from consent.models import Agent, ResourceServer, SessionGrant
+from consent.selectors import forget_resource_server
+from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
+
+from . import rar
+from .errors import InvalidRequest, InvalidTarget, InvalidToken
+from .models import ActionToken, ApprovalRequest
+
+Status = ApprovalRequest.Status
+_APPROVAL = rows.table(ApprovalRequest)
+
+
+
+_TOKEN = rows.table(ActionToken)
+_JOINED = (f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
+           f" AND g.id = ap.grant_id AND ag.id = ap.agent_id")
+_RS_CURRENT = (f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
+               f" AND r.client_secret = %s)")
+# The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent, same resource server.
+_WIN = (f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
+        f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
+        f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id")
+_MOVE = f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s"
+# The redeem edge leaves one state, so its statements compare with "=" (ApprovalRequest.EDGES).
+(_REDEEMABLE,) = ApprovalRequest.leaving("redeem")
+_REDEEMED = ApprovalRequest.entering("redeem")
+# Why an attempt did not win (read in the same statement on PostgreSQL, after it elsewhere).
+_WHY = (f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
+        f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
+        f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s")
+
+
+def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
+    if why is None:
+        return InvalidToken("unknown action token")
+    redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
+    if not rs_current:
+        return InvalidClient("Resource-server authentication failed.",
+                             reason="resource server deactivated or its secret changed since it was verified")
+    if grant_status != SessionGrant.Status.ACTIVE or grant_ended:
+        return InvalidToken("the session grant is no longer active")
+    if agent_status != Agent.Status.ACTIVE:
+        return InvalidToken("the agent is suspended")
+    if expired and not redeemed:
+        return InvalidToken("action token expired")
+    if approval_status not in (Status.ISSUED, Status.REDEEMED):
+        return InvalidToken(f"the approval is {approval_status}")
+    # Redeemed: before this statement began, or by the one it waited for.
+    return InvalidToken("action token already redeemed")
+
+
+# PostgreSQL: the winning UPDATE also takes the request's row lock while it is still ISSUED, so a
+# concurrent cancel either waits for the redemption or ends the request first (and nothing wins);
+# ISSUED -> REDEEMED then always moves with the token, in the same statement.
+_HOLD_ISSUED = (f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
+                f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)")
+_WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
+
+
+def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
+                      event: PendingEvent) -> tuple[Any, int, tuple | None]:
+    """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost).
+
+    On PostgreSQL one statement, outside any transaction: it redeems, moves the request,
+    writes ``event`` (the winner's audit row), or reads why it lost. Elsewhere the same steps
+    run one after another in the caller's transaction.
+    """
+    at = rows.param(ActionToken, "redeemed_at", now)
+    grant_at = rows.param(SessionGrant, "expires_at", now)
+    rs = [resource_server.pk, True, resource_server.client_secret]
+    win = [at, resource_server.pk, jti, at, _REDEEMABLE, SessionGrant.Status.ACTIVE, grant_at,
+           Agent.Status.ACTIVE, *rs]
+    why = [at, grant_at, *rs, jti]
+    if connection.vendor == "postgresql":
+        audit_sql, audit_params = rows.event_insert(event, "moved")
+        row = rows.fetchone(
+            f"WITH won AS ({_WIN_HOLDING}),"
+            f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
+            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
+            f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
+            [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *audit_params, *why])
+        if row is None:
+            return None, 0, None
+        return row[0], row[1], tuple(row[2:])
+    won = rows.fetchone(_WIN, win)
+    if won is None:
+        return None, 0, rows.fetchone(f"SELECT {_WHY}", why)
+    moved = rows.execute(_MOVE, [_REDEEMED, won[0], _REDEEMABLE])
+    if moved == 1:
+        event.append()
+    return won[0], moved, None
+
+
+def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
+    """Verify an action token for redemption by this resource server; the claims, or ``OAuthError``.
+
+    RFC 8725 §3.11: only an ``action+jwt``. ``request_hash`` is the action hash the
+    resource server recomputed from the request it is about to execute (it must be
+    the approved one).
+    """
+    if not token:
+        raise InvalidRequest("the token parameter is required")
+    try:
+        claims = verify(token, typ=ACTION_TOKEN_TYP)
+    except TokenInvalid as exc:
+        raise InvalidToken(str(exc)) from exc
+    if claims.get("aud") != resource_server.audience:
+        raise InvalidTarget("this action token is for another resource server")
+    if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
+        raise InvalidToken("action_hash does not match the token's authorization_details")
+    if request_hash and request_hash != claims["action_hash"]:
+        raise InvalidRequest("the action you are about to execute is not the approved one (action_hash differs)")
+    return claims
+
+
+def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServer) -> ApprovalRequest:
+    """Mark the action token redeemed: exactly one caller ever wins.
+
+    ``claims`` come from a verified ``action+jwt`` whose audience is this resource
+    server. One conditional UPDATE decides, and checks in the same statement that the
+    request is ISSUED, its grant and agent are still active, and the resource server
+    is still active with the credentials it was verified with; the winner's request
+    moves ISSUED -> REDEEMED with it and its audit row is written, all in that one
+    statement on PostgreSQL. A losing attempt costs the same one statement (which reads why
+    it lost); its refusal is audited by the endpoint.
+    """
+    now = timezone.now()
+    jti = claims["jti"]
+    if "approval_id" not in claims:  # every action token we mint names its request
+        raise InvalidToken("unknown action token")
+    approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
+                               grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
+                               authorization_details=claims["authorization_details"],
+                               action_hash=claims["action_hash"])
+    approval._state.adding = False
+    event = audit_event(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
+                        user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
+                        detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
+    with transaction.atomic() if connection.vendor != "postgresql" else nullcontext():
+        won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now, event=event)
+        if won is None:
+            refusal = _redeem_refusal(why)
+            if isinstance(refusal, InvalidClient):
+                forget_resource_server(resource_server.client_id)
+            raise refusal
+        if moved != 1:  # only without row locks; inside the transaction, this rolls the redemption back
+            raise InvalidToken("the approval changed while it was redeemed")
+    approval.redeemed_at = now  # what the statement stored, for the receipt
+    return approval

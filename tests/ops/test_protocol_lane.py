@@ -1,0 +1,107 @@
+"""The protocol lane (``config.middleware.ProtocolLaneMiddleware``) answers exactly as the full chain does."""
+
+import json
+from urllib.parse import urlencode
+
+import pytest
+from django.conf import settings
+from django.test import Client, RequestFactory, override_settings
+
+from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
+from tests.conftest import REDIRECT_URI, basic, pkce_pair
+
+LANE = "config.middleware.ProtocolLaneMiddleware"
+FORM = "application/x-www-form-urlencoded"
+
+
+def _full_chain() -> list[str]:
+    return [m for m in settings.MIDDLEWARE if m != LANE]
+
+
+def _shape(response) -> tuple:
+    """What a client sees, minus what differs per request (the request id, token values)."""
+    headers = {k: v for k, v in response.headers.items() if k != "X-Request-ID"}
+    body = response.content
+    if headers.get("Content-Type") == "application/json":
+        parsed = json.loads(body)
+        body = {k: (v if k in ("error", "error_description", "token_type", "scope", "active") else type(v).__name__)
+                for k, v in parsed.items()}
+        headers.pop("Content-Length", None)  # token values differ in length
+    return response.status_code, headers, body, bool(response.get("X-Request-ID"))
+
+
+def _post(client, path, data, **extra):
+    return client.post(path, urlencode(data), content_type=FORM, **extra)
+
+
+def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario):
+    def rest_of_chain(request):
+        raise AssertionError(f"{request.path} went down the full chain")
+
+    lane = ProtocolLaneMiddleware(rest_of_chain)
+    factory = RequestFactory()
+    for path in LANE_PATHS:
+        response = lane(factory.post(path, "", content_type=FORM))
+        assert 400 <= response.status_code < 500, (path, response.content)
+        assert response["X-Frame-Options"] == "DENY" and response["X-Request-ID"]
+
+
+def test_other_requests_go_down_the_full_chain(scenario):
+    seen = []
+    lane = ProtocolLaneMiddleware(lambda request: seen.append(request.path) or "full")
+    factory = RequestFactory()
+    assert lane(factory.get("/o/token/")) == "full"  # only POSTs take the lane
+    assert lane(factory.post("/o/authorize/", {})) == "full"  # the consent page needs the session
+    assert lane(factory.post("/o/token", "", content_type=FORM)) == "full"  # CommonMiddleware's redirect
+    assert seen == ["/o/token/", "/o/authorize/", "/o/token"]
+
+
+REFUSALS = [
+    ("/o/token/", {}, {}),
+    ("/o/token/", {"grant_type": "password"}, {"agent": True}),
+    ("/o/token/", {"grant_type": "authorization_code", "code": "nope", "code_verifier": "x" * 43}, {"agent": True}),
+    ("/o/token/", {"grant_type": "authorization_code", "code": "nope"}, {"wrong": True}),
+    ("/o/bc-authorize/", {"scope": "ledger:write"}, {"agent": True}),
+    ("/o/redeem/", {"token": "not-a-jwt"}, {"rs": True}),
+    ("/o/redeem/", {"token": "x"}, {}),
+    ("/o/introspect/", {"token": "x"}, {"rs": True}),
+    ("/o/introspect/", {"token": "x"}, {"wrong": True}),
+    ("/o/revoke/", {"token": "x"}, {"agent": True}),
+]
+
+
+@pytest.mark.parametrize(("path", "data", "who"), REFUSALS)
+def test_refusals_are_the_same_through_the_lane_and_the_full_chain(scenario, path, data, who):
+    extra = {}
+    if who.get("agent"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
+    elif who.get("rs"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.rs_client_id, scenario.rs_secret)
+    elif who.get("wrong"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, "wrong")
+    lane = _shape(_post(Client(), path, data, **extra))
+    with override_settings(MIDDLEWARE=_full_chain()):
+        full = _shape(_post(Client(), path, data, **extra))
+    assert lane == full
+
+
+def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(flow, scenario):
+    def exchange(client):
+        flow.client = client
+        flow.login()
+        verifier, challenge = pkce_pair()
+        code = flow.code_from(flow.consent(flow.authorize_query(scope="catalog:read", challenge=challenge)))
+        return flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
+                           "code_verifier": verifier})
+
+    lane = exchange(Client())
+    with override_settings(MIDDLEWARE=_full_chain()):
+        full = exchange(Client())
+    assert lane.status_code == 200
+    assert _shape(lane) == _shape(full)
+    token = lane.json()["access_token"]
+    introspected = flow.introspect(token)
+    with override_settings(MIDDLEWARE=_full_chain()):
+        flow.client = Client()
+        assert _shape(flow.introspect(token)) == _shape(introspected)
+    assert introspected.json()["active"] is True
