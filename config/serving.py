@@ -111,7 +111,10 @@ def _local_threads() -> int:
 def run_local(host: str, port: int) -> int:
     """Start web and ws on private loopback ports and route ``host:port`` to them until stopped.
 
-    The children stay in this process's group, so signalling the group stops all three.
+    Signalling this process (or its group: Ctrl-C in a terminal) stops all three. Each child runs
+    in a process group of its own, so a Ctrl-C reaches only this process, which then stops them one
+    signal at a time: granian seeing its worker die of the terminal's SIGINT first would respawn it,
+    and that worker could outlive everything. Whatever is left in a child's group is killed last.
     Returns when any child exits (1, so a supervisor sees the failure) or on SIGTERM/SIGINT (0).
     """
     from config.router import serve
@@ -120,8 +123,9 @@ def run_local(host: str, port: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
     web_port, ws_port = _free_port(), _free_port()
-    children = [subprocess.Popen(web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent),
-                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent)]
+    children = [subprocess.Popen(web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent,
+                                 process_group=0),
+                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent, process_group=0)]
 
     def alive() -> bool:
         return all(child.poll() is None for child in children)
@@ -152,6 +156,11 @@ def run_local(host: str, port: int) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        for child in children:  # a server's own workers, had any outlived it
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:
