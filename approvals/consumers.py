@@ -134,4 +134,4 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         await super().dispatch(message)
 
 
-_PUSHES = frozenset({"approval.upsert", "approval.remove"})
+_PUSHES = frozenset({"approval.upsert", "approval.remove", "grant.changed"})

@@ -38,6 +38,7 @@ from django.utils import timezone
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .models import ApprovalRequest
+from .wording import approve_gives
 
 SEND_TIMEOUT = 5.0
 # Keys do not pile up for users nobody pushes to: after a quiet day the counter starts again at 0,
@@ -59,6 +60,7 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
         "headline": approval.headline,
         "authorization_details": approval.authorization_details,
         "binding_message": approval.binding_message,
+        "gives": approve_gives(approval.scope),
         "created": approval.created.isoformat(),
         "expires_at": approval.expires_at.isoformat(),
         "expires_in": max(0, int((approval.expires_at - timezone.now()).total_seconds())),
@@ -96,6 +98,8 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
     """The text frame an inbox receives for ``message`` numbered ``seq`` (see inbox.js)."""
     if message["type"] == "approval.upsert":
         frame = {"type": "upsert", "seq": seq, "prompt": message["prompt"]}
+    elif message["type"] == "grant.changed":
+        frame = {"type": "grant", "seq": seq, "grant_id": message["grant_id"]}
     elif message["type"] == "approval.remove":
         frame = {"type": "remove", "seq": seq, "id": message["id"], "status": message["status"],
                  "label": message.get("label", "")}

@@ -177,4 +177,5 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
             raise refusal
         if moved != 1:  # only without row locks; inside the transaction, this rolls the redemption back
             raise InvalidToken("the approval changed while it was redeemed")
+    approval.redeemed_at = now  # what the statement stored, for the receipt
     return approval

@@ -90,3 +90,44 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRe
     approval = rows.instance(ApprovalRequest, approval)
     approval.agent = rows.instance(Agent, agent)
     return approval, policy["fresh_auth_seconds"] or 0
+
+
+def action_token_introspect(*, token: str, resource_server) -> Any:
+    """RFC 7662 §2.2 for an action token (``typ: action+jwt``), asked by a resource server.
+
+    Active while it is valid and unspent: it verifies, its ``aud`` is this resource
+    server's audience (§4: other callers learn nothing), it is not expired, not yet
+    redeemed, its request is ISSUED, and its grant and agent are still active. The
+    answer carries the approved ``authorization_details`` (RFC 9396 §9.2), with the
+    ``action_hash`` and ``approval_id`` the redemption will check.
+    """
+    from consent.models import SessionGrant
+    from consent.selectors import Introspection
+    from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
+
+    from .models import ActionToken
+
+    try:
+        claims = verify(token, typ=ACTION_TOKEN_TYP)
+    except TokenInvalid as exc:
+        return Introspection(False, {}, str(exc))
+    if claims.get("aud") != resource_server.audience:
+        return Introspection(False, {}, "token not issued for this resource server")
+    row = (ActionToken.objects.filter(jti=claims["jti"])
+           .values_list("redeemed_at", "expires_at", "approval__status", "approval__grant__status",
+                        "approval__grant__expires_at", "approval__agent__status").first())
+    if row is None:
+        return Introspection(False, {}, "unknown action token")
+    redeemed_at, expires_at, status, grant_status, grant_expires, agent_status = row
+    now = timezone.now()
+    if redeemed_at is not None:
+        return Introspection(False, {}, "action token already redeemed")
+    if expires_at <= now:
+        return Introspection(False, {}, "action token expired")
+    if grant_status != SessionGrant.Status.ACTIVE or grant_expires <= now:
+        return Introspection(False, {}, f"grant {grant_status}")
+    if agent_status != Agent.Status.ACTIVE:
+        return Introspection(False, {}, "agent suspended")
+    if status != ApprovalRequest.Status.ISSUED:
+        return Introspection(False, {}, f"the approval is {status}")
+    return Introspection(True, claims)

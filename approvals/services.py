@@ -308,7 +308,8 @@ def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, requ
 
 _COLLECT = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "expires_at", "interval", "last_polled_at", "agent", "grant", "user", "scope",
-    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode", "opened_by"])
+    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode", "opened_by",
+    "decided_at"])
 _COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
 _COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
 _INTERVAL = connection.ops.quote_name("interval")
@@ -478,3 +479,11 @@ def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
     ids = list(ApprovalRequest.objects.filter(grant_id=grant_id, status__in=ApprovalRequest.leaving("cancel"))
                .values_list("pk", flat=True))
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
+
+
+def action_token_redeemed_announce(*, approval_id: Any) -> None:
+    """Tell the user's open inboxes the request is now REDEEMED (their history row changes).
+
+    A Celery message only (no SQL statement): the task reads the row and pushes it.
+    """
+    _after_commit("approvals.push_removal", approval_id)

@@ -23,6 +23,7 @@ from .services import (
     approvals_undelivered,
     auth_req_id_for,
 )
+from .wording import status_words
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 def _backoff(task) -> int:
     """1, 2, 4 ... 30 seconds: a manual retry otherwise waits Celery's default 180 s, long after Redis is back."""
     return min(2 ** task.request.retries, 30)
+
+
+@shared_task(name="approvals.push_grant_changed", bind=True, max_retries=4, retry_backoff=True,
+             retry_backoff_max=30, ignore_result=True)
+def push_grant_changed(self, grant_id: str, user_id: int) -> None:
+    """Tell the user's open pages that a grant's story moved on (a reported use, its end): an open
+    timeline re-reads itself. Only news: the database stays the record."""
+    try:
+        send_to_user(user_id, {"type": "grant.changed", "grant_id": grant_id})
+    except Exception as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 
 
 @shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
@@ -53,7 +65,7 @@ def push_removal(self, approval_id: str) -> None:
         return
     try:
         send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
-                                        "status": approval.status, "label": approval.get_status_display()})
+                                        "status": approval.status, "label": status_words(approval.status)})
     except Exception as exc:
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 

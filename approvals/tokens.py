@@ -31,6 +31,8 @@ def action_claims(*, approval: ApprovalRequest, audience: str, ttl: int) -> dict
         "iat": now,
         "exp": now + ttl,
     }
+    if approval.decided_at is not None:  # when the person approved it (receipts name it)
+        claims["approved_at"] = int(approval.decided_at.timestamp())
     auth = approval.decision_auth or {}
     if auth.get("auth_time"):
         claims["auth_time"] = int(auth["auth_time"])

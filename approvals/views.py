@@ -5,7 +5,7 @@ import time
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -23,26 +23,57 @@ from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
+from .activity import END_REASONS
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
+from .receipts import receipt_for_download, receipt_from_redemption
 from .redemption import action_token_redeem, action_token_verify
 from .selectors import approval_for_decision, history_for_user, pending_for_user
 from .services import (
+    action_token_redeemed_announce,
     approval_approve,
     approval_audit_refused_decision,
     approval_deny,
     approval_request_create,
     auth_req_id_for,
 )
+from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
 def inbox_view(request):
     return render(request, "approvals/inbox.html", {
-        "pending": pending_for_user(user=request.user),
-        "history": history_for_user(user=request.user),
+        "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
+        "history": [_with_how(a) for a in history_for_user(user=request.user)],
     })
+
+
+def _with_gives(approval: ApprovalRequest) -> ApprovalRequest:
+    approval.gives = approve_gives(approval.scope)
+    return approval
+
+
+def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
+    """How the request was decided, in words ("you, in the browser, with password and ...")."""
+    approval.status_words = status_words(approval.status)
+    auth = approval.decision_auth or {}
+    if approval.decided_by_id is not None:
+        who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
+        words = auth_words(auth.get("amr"))
+        approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
+    elif approval.decision_method == "auto_rule":
+        approval.how = f"Automatically, by the rule {auth.get('rule', '')}"
+    elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:
+        approval.how = "Nobody answered in time"
+    elif approval.status == ApprovalRequest.Status.CANCELLED:
+        approval.how = "Cancelled: " + END_REASONS.get(approval.decision_method,
+                                                        approval.decision_method.replace("_", " "))
+    elif approval.decision_method:
+        approval.how = approval.decision_method.replace("_", " ").capitalize()
+    else:
+        approval.how = ""
+    return approval
 
 
 def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
@@ -185,6 +216,11 @@ class BackchannelAuthenticationView(View):
         return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
 
 
+def _token_owner(claims: dict) -> int | None:
+    sub = str(claims.get("sub", ""))
+    return int(sub[5:]) if sub.startswith("user:") and sub[5:].isdigit() else None
+
+
 @method_decorator(csrf_exempt, name="dispatch")
 class RedemptionView(View):
     """Redeem an action token, exactly once, before the resource server acts on it.
@@ -198,16 +234,40 @@ class RedemptionView(View):
         rs, refusal = resource_server_or_refusal(request, event="redemption.refused", cached=True)
         if refusal is not None:
             return refusal
+        claims: dict = {}
         try:
             claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
                                          request_hash=request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)
+            action_token_redeemed_announce(approval_id=approval.pk)
         except OAuthError as exc:
+            # A verified token names whose it is: the refusal then shows in that person's activity.
+            owner = _token_owner(claims)
             audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": exc.reason})
+                          client_id=claims.get("client_id", rs.client_id) if owner else rs.client_id,
+                          user_id=owner, grant_id=claims.get("grant_id", "") if owner else "", request=request,
+                          detail={"reason": exc.reason, **({"approval_id": claims["approval_id"]}
+                                                           if owner and "approval_id" in claims else {})})
             return error_response(exc)
         return JsonResponse({
             "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
             "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,
             "sub": claims["sub"], "act": claims["act"], "client_id": claims["client_id"],
+            "receipt": receipt_from_redemption(claims=claims, resource_server=rs, redeemed_at=approval.redeemed_at),
         }, headers=NO_STORE)
+
+
+@login_required
+def receipt_view(request, approval_id):
+    """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
+    found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
+    if found is None:
+        audit_refusal(event="receipt.refused", error="not_found", actor=f"user:{request.user.pk}",
+                      user_id=request.user.pk, request=request,
+                      detail={"approval_id": str(approval_id), "reason": "no redeemed request of this user"})
+        raise Http404("No redeemed request with that id.")
+    approval, receipt = found
+    response = HttpResponse(receipt + "\n", content_type="application/jwt")
+    response["Content-Disposition"] = f'attachment; filename="receipt-{approval.pk}.jwt"'
+    response["Cache-Control"] = "no-store"
+    return response

@@ -9,9 +9,32 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-from django.core.asgi import get_asgi_application  # noqa: E402
+import django  # noqa: E402
+from asgiref.sync import sync_to_async  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
-django_asgi_app = get_asgi_application()
+
+async def _chunks(iterator):
+    """A synchronous streaming body (WhiteNoise's static files are FileResponses) read off the event
+    loop, one chunk at a time."""
+    it = iter(iterator)
+    done = object()
+    while (chunk := await sync_to_async(next, thread_sensitive=False)(it, done)) is not done:
+        yield chunk
+
+
+class _ASGIHandler(ASGIHandler):
+    """Django's handler, serving synchronous streaming bodies as asynchronous ones: Django warns
+    ("StreamingHttpResponse must consume synchronous iterators...") for every static file otherwise."""
+
+    async def send_response(self, response, send):
+        if response.streaming and not response.is_async:
+            response.streaming_content = _chunks(response.streaming_content)
+        return await super().send_response(response, send)
+
+
+django.setup(set_prefix=False)  # what django.core.asgi.get_asgi_application does before building the handler
+django_asgi_app = _ASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -68,6 +68,8 @@ def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
     """
     return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
             str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers",
+            # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would probe and complain.
+            "--lifespan", "off",
             "--ws-max-size", str(ws_max_size or WS_MAX_SIZE), "--ws-per-message-deflate", "false"]
 
 
@@ -98,10 +100,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _local_threads() -> int:
+    """WEB_THREADS when set; otherwise no more than granian's own ceiling (2 x cores + 1), past which
+    it warns at start-up on a small machine."""
+    if "WEB_THREADS" in os.environ:
+        return WEB_THREADS
+    return max(2, min(WEB_THREADS, (os.cpu_count() or 1) * 2 + 1))
+
+
 def run_local(host: str, port: int) -> int:
     """Start web and ws on private loopback ports and route ``host:port`` to them until stopped.
 
-    The children stay in this process's group, so signalling the group stops all three.
+    Signalling this process (or its group: Ctrl-C in a terminal) stops all three. Each child runs
+    in a process group of its own, so a Ctrl-C reaches only this process, which then stops them one
+    signal at a time: granian seeing its worker die of the terminal's SIGINT first would respawn it,
+    and that worker could outlive everything. Whatever is left in a child's group is killed last.
     Returns when any child exits (1, so a supervisor sees the failure) or on SIGTERM/SIGINT (0).
     """
     from config.router import serve
@@ -110,8 +123,9 @@ def run_local(host: str, port: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
     web_port, ws_port = _free_port(), _free_port()
-    children = [subprocess.Popen(web_command(web_port), preexec_fn=_die_with_parent),
-                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent)]
+    children = [subprocess.Popen(web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent,
+                                 process_group=0),
+                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent, process_group=0)]
 
     def alive() -> bool:
         return all(child.poll() is None for child in children)
@@ -142,6 +156,11 @@ def run_local(host: str, port: int) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        for child in children:  # a server's own workers, had any outlived it
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "config.timezone.TimezoneMiddleware",
     # Rate limits and the attempt limit on client secrets: one Redis round trip, no SQL (consent.limits.middleware).
     "consent.limits.middleware.RateLimitMiddleware",
     "config.logging.RequestContextMiddleware",

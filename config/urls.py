@@ -2,9 +2,9 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from audit.views import activity_view
+from approvals import pages
 from config import health
-from consent.views import account, discovery, oauth, registration, registry, revocation, token
+from consent.views import account, discovery, oauth, registration, registry, revocation, token, usage
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -19,6 +19,7 @@ urlpatterns = [
     path("o/revoke/", revocation.revocation_view, name="oauth-revoke"),
     path("o/introspect/", oauth.IntrospectView.as_view(), name="oauth-introspect"),
     path("o/register/", registration.registration_view, name="oauth-register"),
+    path("o/usage/", usage.usage_view, name="usage"),
     # path: a self-described agent's client_id may be a URL (Client ID Metadata Documents).
     path("o/agents/<path:client_id>", registry.agent_view, name="agent-registry-entry"),
     path(".well-known/agent-registry.jwt", registry.registry_document_view, name="agent-registry-document"),
@@ -26,9 +27,10 @@ urlpatterns = [
     path("accounts/login/otp/", account.login_otp_view, name="login-otp"),
     path("accounts/logout/", account.logout_view, name="logout"),
     path("accounts/totp/", account.totp_setup_view, name="totp-setup"),
-    path("grants/", account.grants_view, name="grants"),
+    path("grants/", pages.grants_view, name="grants"),
+    path("grants/<uuid:grant_id>/", pages.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
-    path("activity/", activity_view, name="activity"),
+    path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
     path("", include("audit.urls")),
     path("admin/", admin.site.urls),

@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMITS_ENABLED": True,
     "RATE_LIMITS": {
         "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/",
-                               "/o/rs-approvals/"],
+                               "/o/rs-approvals/", "/o/usage/"],
                      "client": [1200, 60], "source": [6000, 60]},
         "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
                   "user": [120, 60], "source": [600, 60]},

@@ -26,6 +26,7 @@ def server_metadata() -> dict:
         "authorization_endpoint": f"{issuer}/o/authorize/",
         "token_endpoint": f"{issuer}/o/token/",
         "introspection_endpoint": f"{issuer}/o/introspect/",
+        "usage_endpoint": f"{issuer}/o/usage/",
         "revocation_endpoint": f"{issuer}/o/revoke/",
         "backchannel_authentication_endpoint": f"{issuer}/o/bc-authorize/",
         "backchannel_token_delivery_modes_supported": ["poll", "ping"],

@@ -304,6 +304,29 @@ class SessionGrant(models.Model):
         return self.expires_at - self.created
 
 
+class GrantUse(models.Model):
+    """One accepted use of a session token, reported afterwards by the resource server that
+    served it (``/o/usage/``). Only a token issued for that resource server's audience counts;
+    ``report_id`` makes a repeated report count once."""
+
+    grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="uses")
+    resource_server = models.ForeignKey(ResourceServer, on_delete=models.CASCADE, related_name="+")
+    report_id = models.CharField(max_length=64)
+    jti = models.CharField(max_length=64)
+    scope = models.CharField(max_length=100)
+    operation = models.CharField(max_length=80, blank=True)
+    outcome = models.CharField(max_length=16)
+    used_at = models.DateTimeField()
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["resource_server", "report_id"], name="grant_use_once")]
+        indexes = [models.Index(fields=["grant", "used_at"], name="grant_use_grant_time")]
+
+    def __str__(self) -> str:
+        return f"{self.operation or self.scope} at {self.used_at:%Y-%m-%d %H:%M:%S}"
+
+
 class AuthorizationCode(AbstractGrant):
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="codes")
     consumed_at = models.DateTimeField(null=True, blank=True, help_text="Set on exchange; reuse revokes the grant.")

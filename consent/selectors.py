@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +74,15 @@ class Introspection:
             "active": True,
             "token_type": "Bearer",
             **{k: c[k] for k in ("iss", "sub", "aud", "act", "scope", "client_id", "grant_id", "exp", "iat",
-                                 "jti", "auth_time", "acr", "amr", "cnf") if k in c},
+                                 "jti", "auth_time", "acr", "amr", "cnf",
+                                 # action tokens (RFC 9396 §9.2): what exactly was approved
+                                 "authorization_details", "action_hash", "approval_id") if k in c},
         }
+
+
+# Token type (JWT ``typ``) -> its RFC 7662 introspection, for kinds another app mints: approvals
+# registers the action token's (``action+jwt``) when it starts, as consent imports nothing above it.
+TOKEN_INTROSPECTORS: dict[str, Callable[..., Introspection]] = {}
 
 
 def session_token_introspect(*, token: str, resource_server: ResourceServer) -> Introspection:

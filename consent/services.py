@@ -252,7 +252,8 @@ def grant_revoke(*, grant_id: Any, reason: str, actor: str, user=None, request=N
             return False
         grant = SessionGrant.objects.select_related("agent").get(pk=grant_id)
         _end_grant_tokens(grant.pk, now)
-        grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason=reason, actor=actor)
+        grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason=reason, actor=actor,
+                         user_id=grant.user_id)
         audit_record(event="grant.revoked", actor=actor, user_id=grant.user_id,
                      client_id=grant.agent.client_id, grant_id=grant.pk, request=request,
                      detail={"reason": reason})
@@ -271,7 +272,8 @@ def grants_expire() -> int:
             )
             if updated == 1:
                 _end_grant_tokens(grant.pk, now)
-                grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason="lifetime_ended", actor="system")
+                grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason="lifetime_ended", actor="system",
+                                  user_id=grant.user_id)
                 audit_record(event="grant.expired", actor="system", user_id=grant.user_id,
                              client_id=grant.agent.client_id, grant_id=grant.pk)
                 count += 1

@@ -2,5 +2,5 @@
 
 from django.dispatch import Signal
 
-# Sent inside the revoking transaction. kwargs: grant_id, reason, actor.
+# Sent inside the revoking transaction. kwargs: grant_id, reason, actor, user_id.
 grant_ended = Signal()

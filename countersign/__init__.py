@@ -43,6 +43,8 @@ from .ledger import (
     verify_consistency_bundle,
     verify_inclusion_bundle,
 )
+from .receipts import InvalidReceipt, verify_receipt
+from .usage import UsageReporter
 from .verifier import AgentRecord, TokenVerifier, VerifiedToken, action_hash, parse_authorization
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "GrantRevoked",
     "InsufficientScope",
     "InvalidDPoPProof",
+    "InvalidReceipt",
     "InvalidRequest",
     "InvalidToken",
     "LedgerError",
@@ -76,6 +79,7 @@ __all__ = [
     "SessionEnded",
     "TokenSet",
     "TokenVerifier",
+    "UsageReporter",
     "VerifiedToken",
     "access_token_hash",
     "action_hash",
@@ -85,4 +89,5 @@ __all__ = [
     "verify_consistency_bundle",
     "verify_inclusion_bundle",
     "verify_proof",
+    "verify_receipt",
 ]

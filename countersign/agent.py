@@ -296,6 +296,20 @@ class _AgentCore:
             raise
         return self._store(body, previous=current)
 
+    def _end_session_flow(self) -> Flow[bool]:
+        """RFC 7009 §2.1: revoke the session's refresh (or access) token, which ends its grant at
+        Countersign; §2.2: 200 whether or not the token was still known."""
+        current = self.tokens
+        if current is None:
+            return False
+        token, hint = ((current.refresh_token, "refresh_token") if current.refresh_token
+                       else (current.access_token, "access_token"))
+        status, body = yield from self._post_flow("revocation_endpoint", {"token": token, "token_type_hint": hint})
+        if status != 200:
+            raise _error(status, body)
+        self.tokens = None
+        return True
+
     def auth_headers(self, method: str, url: str, *, token: TokenSet | ActionToken | None = None) -> dict[str, str]:
         """``Authorization`` (and ``DPoP``) headers to call a resource server with ``token``
         (default: the cached session token, which must be fresh; see ``access_token``).
@@ -526,6 +540,12 @@ class AgentClient(_AgentCore):
                 continue
         raise SessionEnded("expired_login_hint_token", "the session token expired while asking for approval")
 
+    def end_session(self) -> bool:
+        """End the session grant now (RFC 7009 revocation) instead of leaving it live until it
+        expires: a finished run should hold no access. False if there was no session."""
+        with self._lock:
+            return self._run(self._end_session_flow())
+
     def close(self) -> None:
         self._http.close()
 
@@ -639,6 +659,11 @@ class AsyncAgentClient(_AgentCore):
             except _LoginHintExpired:
                 continue
         raise SessionEnded("expired_login_hint_token", "the session token expired while asking for approval")
+
+    async def end_session(self) -> bool:
+        """See :meth:`AgentClient.end_session`."""
+        async with self._remint_lock():
+            return await self._run(self._end_session_flow())
 
     async def aclose(self) -> None:
         await self._http.aclose()

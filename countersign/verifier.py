@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import jwt
@@ -50,6 +50,7 @@ from .errors import (
 )
 from .jsonbounds import jws_within
 from .resource_metadata import metadata_document, metadata_url
+from .usage import UsageReporter
 
 __all__ = [
     "ACTION_TOKEN_TYP",
@@ -174,7 +175,8 @@ class TokenVerifier:
                  algorithms: Sequence[str] = ALGORITHMS, dpop_max_age: float = 60.0,
                  dpop_algorithms: Sequence[str] = DPOP_ALGS, replay_cache: JtiStore | None = None,
                  scopes_supported: Sequence[str] = (), resource_name: str | None = None,
-                 resource_metadata_url: str | None = None) -> None:
+                 resource_metadata_url: str | None = None,
+                 report_usage: bool = False, usage_queue: int = 10_000, usage_interval: float = 2.0) -> None:
         if not 0 <= leeway <= MAX_LEEWAY:
             raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY} seconds (RFC 8725 §3.10: small, explicit)")
         unknown = set(algorithms) - set(ALGORITHMS)
@@ -217,6 +219,20 @@ class TokenVerifier:
         if resource_metadata_url is None and audience.startswith(("https://", "http://")):
             resource_metadata_url = metadata_url(audience)
         self.resource_metadata_url = resource_metadata_url
+
+        # Each accepted session-token use, reported back off the request path (countersign.usage).
+        self.usage: UsageReporter | None = None
+        if report_usage:
+            if self._auth is None:
+                raise ValueError("report_usage needs the resource server's client_id and client_secret")
+            self.usage = UsageReporter(lambda: self._endpoint("usage_endpoint"), authorization=self._auth,
+                                       max_queue=usage_queue, interval=usage_interval)
+
+    def close(self) -> None:
+        """Send the usage reports still queued, stop their thread, close the HTTP client."""
+        if self.usage is not None:
+            self.usage.close()
+        self._http.close()
 
     def protected_resource_metadata(self) -> dict[str, Any]:
         """This resource server's RFC 9728 §2 metadata document."""
@@ -360,7 +376,8 @@ class TokenVerifier:
     # --- verification -------------------------------------------------------------------------
 
     def verify_session(self, token: str, *, required_scopes: Iterable[str] = (), dpop_proof: str | None = None,
-                       htm: str | None = None, htu: str | None = None, scheme: str | None = None) -> VerifiedToken:
+                       htm: str | None = None, htu: str | None = None, scheme: str | None = None,
+                       operation: str = "") -> VerifiedToken:
         """Verify a session access token (RFC 9068, ``typ: at+jwt``) for this resource server.
 
         ``required_scopes`` must all be in the token's ``scope`` (else
@@ -368,10 +385,18 @@ class TokenVerifier:
         ``DPoP`` header value and its method and URL (RFC 9449 §7.1); pass the
         Authorization ``scheme`` when known so a bound token sent as ``Bearer``
         is refused (§7.2).
+
+        With ``report_usage``, the accepted use is queued for Countersign (``operation`` is a
+        short label, e.g. "search catalog"; by default the method and path), never sent here.
         """
         verified = self._verify(token, typ=SESSION_TOKEN_TYP, dpop_proof=dpop_proof, htm=htm, htu=htu,
                                 scheme=scheme)
-        self._check_scopes(verified, required_scopes)
+        required = list(required_scopes)
+        self._check_scopes(verified, required)
+        if self.usage is not None:
+            label = operation or (f"{htm} {urlsplit(htu).path}" if htm and htu else "")
+            for scope in required or sorted(verified.scopes)[:1]:
+                self.usage.report(jti=str(verified.claims.get("jti", "")), scope=scope, operation=label)
         return verified
 
     def verify_action(self, token: str, *, expected_details: Sequence[Mapping[str, Any]], redeem: bool = True,

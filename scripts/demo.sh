@@ -4,7 +4,7 @@
 #   resource_servers.py, ports 8101-8105) and the scripted agent (examples/procurement/agent.py,
 #   callback on 8199), whose output is this terminal's. Ctrl-C stops everything.
 #
-# Environment: PORT (8000), DEMO_OPEN=0 (do not open the consent link in a browser),
+# Environment: PORT (8000), DEMO_DIR (var/demo), DEMO_OPEN=0 (do not open the consent link in a browser),
 # DEMO_STAY=0 (stop as soon as the agent is done instead of waiting for Ctrl-C), DEMO_MCP=1 (also the
 # MCP server of examples/mcp on COUNTERSIGN_DEMO_MCP_PORT, 8110; what `make demo-mcp` sets),
 # plus the server's own variables (DATABASE_URL, REDIS_URL, ...; see README.md).
@@ -14,7 +14,7 @@ PY=.venv/bin/python
 HOST=127.0.0.1
 PORT=${PORT:-8000}
 export COUNTERSIGN_ISSUER=${COUNTERSIGN_ISSUER:-http://$HOST:$PORT}
-DEMO_DIR=var/demo
+DEMO_DIR=${DEMO_DIR:-var/demo}
 CREDS=$DEMO_DIR/credentials.json
 
 # 1. The virtualenv (as `make install`), Redis, the database and the demo data.
@@ -25,8 +25,9 @@ scripts/ensure_services.sh redis
 mkdir -p "$DEMO_DIR"
 chmod 700 "$DEMO_DIR"
 $PY manage.py migrate --noinput >/dev/null
-# seed_demo is idempotent; it issues fresh secrets for the agent and the five systems each run.
-(umask 077 && $PY manage.py seed_demo --json >"$CREDS.tmp")
+# seed_demo is idempotent; --rotate-secrets issues fresh secrets for the agent and the five systems, so
+# this run's credentials file always holds working ones (secrets are stored hashed and cannot be re-read).
+(umask 077 && $PY manage.py seed_demo --rotate-secrets --json >"$CREDS.tmp")
 chmod 600 "$CREDS.tmp"
 mv -f "$CREDS.tmp" "$CREDS"
 echo "Demo credentials: $CREDS (mode 600)"
@@ -68,7 +69,8 @@ stop() {
   fi
 }
 trap stop EXIT
-trap 'exit 130' INT
+# Ctrl-C is the normal way to end the demo: exit 0, so make reports no error.
+trap 'exit 0' INT
 trap 'exit 143' TERM
 
 # 3. Countersign, its worker, and the five systems, in the background (logs in var/demo/).
@@ -175,4 +177,5 @@ if [ "${DEMO_STAY:-1}" != 0 ] && [ $rc != 130 ]; then
 MSG
   wait -n "${services[@]}" || true
 fi
+[ $rc = 130 ] && rc=0  # the agent stopped by Ctrl-C
 exit $rc

@@ -2,13 +2,32 @@
 # Run Countersign on one port in the foreground: the web server (granian, HTTP), the ws server
 # (uvicorn, websockets) and the path router in front of them that stands in for the production load
 # balancer (python -m config.serving local), plus the Celery worker with its beat scheduler.
-# Ctrl-C stops everything.
+# Ctrl-C stops everything (and exits 0: that is how it is meant to stop).
+#
+# Environment: PORT (default 8000) and HOST (127.0.0.1) pick where it listens, e.g. PORT=8010 make run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 export COUNTERSIGN_ISSUER=${COUNTERSIGN_ISSUER:-http://$HOST:$PORT}
+
+# Check the port before starting anything: otherwise the banner below would announce a server that
+# dies a moment later with "address already in use".
+if ! $PY - "$HOST" "$PORT" <<'PY'
+import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        sys.exit(1)
+PY
+then
+  echo "Port $PORT on $HOST is already in use (an earlier \`make run\` or \`make demo\`?)." >&2
+  echo "Stop what listens there, or pick another port: PORT=8010 make run" >&2
+  exit 1
+fi
 
 pids=()
 stop() {
@@ -18,7 +37,9 @@ stop() {
   wait 2>/dev/null || true
   echo "Stopped."
 }
-trap stop INT TERM EXIT
+trap stop EXIT
+# Ctrl-C and a plain kill are the normal way to stop: exit 0, so make reports no error.
+trap 'exit 0' INT TERM
 
 mkdir -p var
 .venv/bin/celery -A config.celery:app worker --beat --loglevel=INFO --concurrency=2 \

@@ -49,11 +49,15 @@ def _fresh_limits():
 @pytest.fixture(autouse=True)
 def _fresh_key_cache():
     # Each test database starts without keys; a key cached by an earlier test must not leak in.
+    from approvals.wording import forget_wording
+
     reset_key_cache()
     forget_audiences()
+    forget_wording()
     yield
     reset_key_cache()
     forget_audiences()
+    forget_wording()
 
 
 @dataclass

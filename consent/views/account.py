@@ -22,7 +22,6 @@ from audit.decorators import post_only
 from audit.services import audit_record, audit_refusal, client_ip
 from consent.limits import attempts
 
-from ..selectors import grants_for_user
 from ..services import AuthContext, grant_revoke
 
 SESSION_AUTH_TIME = "cs_auth_time"
@@ -175,19 +174,11 @@ def totp_setup_view(request):
 
 
 @login_required
-def grants_view(request):
-    grants = list(grants_for_user(user=request.user)[:100])
-    return render(request, "consent/grants.html", {
-        "active": [g for g in grants if g.is_live()],
-        "ended": [g for g in grants if not g.is_live()],
-    })
-
-
-@login_required
 @post_only
 def grant_revoke_view(request, grant_id):
     if not grant_revoke(grant_id=grant_id, reason="revoked_by_user", actor=f"user:{request.user.pk}",
                         user=request.user, request=request):
         raise Http404("No active grant with that id.")
     messages.success(request, "Access revoked. The agent's tokens stopped working.")
-    return redirect("/grants/")
+    back = f"/grants/{grant_id}/"
+    return redirect(back if request.POST.get("next") == back else "/grants/")

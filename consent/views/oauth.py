@@ -8,6 +8,7 @@ and audit refusals.
 
 from urllib.parse import parse_qs, urlencode
 
+import jwt
 from django.db import transaction
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
@@ -24,11 +25,13 @@ from audit.services import audit_record, audit_refusal
 
 from ..errors import ConfigurationError, InvalidTarget
 from ..http import NO_STORE, oauth_error
+from ..limits.jsonbounds import JSONTooDeep, check_jwt
 from ..models import Agent
 from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
 from ..oauth.resource import narrow, parse_resources
-from ..selectors import scope_policies, session_token_introspect
+from ..selectors import TOKEN_INTROSPECTORS, scope_policies, session_token_introspect
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
+from ..tokens import MAX_TOKEN_BYTES
 from .account import auth_context, second_factor_missing
 from .rs_auth import resource_server_or_refusal
 
@@ -208,6 +211,17 @@ def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     }
 
 
+def _token_typ(token: str) -> str:
+    """The unverified ``typ`` header, only to pick which verification applies (RFC 8725 §3.11)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        return ""
+    try:
+        check_jwt(token)
+        return str(jwt.get_unverified_header(token).get("typ", ""))
+    except (jwt.PyJWTError, JSONTooDeep):
+        return ""
+
+
 @method_decorator(csrf_exempt, name="dispatch")
 class IntrospectView(View):
     """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
@@ -221,7 +235,8 @@ class IntrospectView(View):
             audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": "token missing"})
             return oauth_error("invalid_request", "The token parameter is required.")
-        result = session_token_introspect(token=token, resource_server=rs)
+        introspect = TOKEN_INTROSPECTORS.get(_token_typ(token), session_token_introspect)
+        result = introspect(token=token, resource_server=rs)
         if not result.active:
             audit_refusal(event="introspection.inactive", error="inactive_token", actor=f"rs:{rs.client_id}",
                           client_id=rs.client_id, request=request, detail={"reason": result.reason})

@@ -209,7 +209,8 @@ def _body(response: httpx.Response) -> dict[str, Any]:
 
 def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, query: str = "standing desk converter",
         quantity: int = 25, open_command: str | None = None, on_consent_url: Callable[[str], None] | None = None,
-        consent_timeout: float = 900, approval_timeout: float = 660, show_replay: bool = True) -> RunResult:
+        consent_timeout: float = 900, approval_timeout: float = 660, show_replay: bool = True,
+        end_session: bool = True) -> RunResult:
     """The whole procurement run. Raises :class:`StepFailed`, :class:`countersign.AgentError`
     (e.g. :class:`ApprovalDenied`) or :class:`TimeoutError`; nothing is written after a failure."""
     issuer = issuer or config["issuer"]
@@ -325,6 +326,9 @@ def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, 
             say(f"      Sending the same action token again: the ledger refuses it ({replay.status_code} "
                 f"{result.replay_body.get('error', '')}: {result.replay_body.get('error_description', '')})")
 
+        if end_session:
+            agent.end_session()  # a finished run keeps no access: the grant ends now, not in an hour
+            say("      Done with the connection: the agent ended its session grant.")
         say(f"\nDone. Ledger entries: {ledger_url}")
         say(f"Audit trail (sign in as the officer): {activity}")
         return result
@@ -342,12 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consent-timeout", type=float, default=900, help="seconds to wait for consent")
     parser.add_argument("--approval-timeout", type=float, default=660, help="seconds to wait for step 5")
     parser.add_argument("--no-replay", action="store_true", help="do not show the refused second use")
+    parser.add_argument("--keep-session", action="store_true",
+                        help="leave the session grant live when done (by default the agent ends it)")
     args = parser.parse_args(argv)
     try:
         config = demo_config.load(args.config)
         run(config, issuer=args.issuer, query=args.query, quantity=args.quantity, open_command=args.open_command,
             consent_timeout=args.consent_timeout, approval_timeout=args.approval_timeout,
-            show_replay=not args.no_replay, say=lambda line: print(line, flush=True))
+            show_replay=not args.no_replay, end_session=not args.keep_session, say=lambda line: print(line, flush=True))
     except ApprovalDenied:
         print("\nYou denied step 5: nothing was written to the ledger.", flush=True)
         return 2

@@ -100,6 +100,9 @@ def systems(config: dict[str, Any]) -> dict[str, SystemConfig]:
             raise ConfigError(f"no resource server with the audience of {scope} ({audience})")
         if not is_loopback(audience) or urlsplit(audience).scheme != "http":
             raise ConfigError(f"{scope}: the demo serves loopback http:// audiences only, not {audience}")
+        if not server.get("client_secret"):
+            raise ConfigError(f"{server.get('name')}: no secret in the configuration (seed_demo shows a secret "
+                              f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)")
         found[key] = SystemConfig(key=key, scope=scope, title=title, audience=audience,
                                   client_id=server["client_id"], client_secret=server["client_secret"],
                                   sensitivity=str(policy.get("sensitivity") or "standard"))
@@ -118,4 +121,7 @@ def agent(config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     chosen = agents[0]
     if not chosen.get("redirect_uris"):
         raise ConfigError(f"agent {chosen.get('name')} has no redirect URI")
+    if not chosen.get("client_secret"):
+        raise ConfigError(f"agent {chosen.get('name')}: no secret in the configuration (seed_demo shows a secret "
+                          f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)")
     return chosen

@@ -611,9 +611,12 @@ def build(config: dict[str, Any], *, issuer: str | None = None, data_dir: Path,
     # trust_env=False: the authorization server is on loopback, no proxy may sit in between.
     trust_env = not demo_config.is_loopback(issuer)
 
-    def verifier(s: demo_config.SystemConfig) -> TokenVerifier:
+    def verifier(s: demo_config.SystemConfig, *, report_usage: bool = False) -> TokenVerifier:
+        # report_usage: each accepted session-token use is reported back to Countersign (batched, off
+        # the request path), so the officer's connection page shows what the agent did here.
         return TokenVerifier(issuer, audience=s.audience, client_id=s.client_id, client_secret=s.client_secret,
-                             http=httpx.Client(timeout=10.0, trust_env=trust_env, follow_redirects=False))
+                             http=httpx.Client(timeout=10.0, trust_env=trust_env, follow_redirects=False),
+                             report_usage=report_usage, usage_interval=0.5)
 
     apps: dict[str, System] = {
         "catalog": catalog_system(),
@@ -629,7 +632,8 @@ def build(config: dict[str, Any], *, issuer: str | None = None, data_dir: Path,
         wrapped: Any = app
         if key != "ledger":  # the ledger takes action tokens only, checked per request above
             # public_url: the DPoP htu is checked against the system's own URL, not the Host header.
-            wrapped = CountersignMiddleware(app, verifier(s), required_scopes=[s.scope], public_url=s.audience,
+            wrapped = CountersignMiddleware(app, verifier(s, report_usage=True), required_scopes=[s.scope],
+                                            public_url=s.audience,
                                             exempt_paths=PUBLIC_PATHS)
         by_port[s.port] = AccessLog(wrapped, key, quiet)
     return PortRouter(by_port), systems

@@ -50,6 +50,7 @@
     const note = li.querySelector(".agent-note");
     note.hidden = !p.binding_message;
     li.querySelector(".note").textContent = p.binding_message || "";
+    li.querySelector(".gives").textContent = p.gives || "";
     const t = li.querySelector(".countdown");
     t.setAttribute("datetime", p.expires_at);
     t.title = new Date(p.expires_at).toLocaleString();
@@ -71,7 +72,18 @@
     if (isNew && announce) { notify(p); }
   }
 
-  function remove(id, label) {
+  function updateHistory(id, status, label) {
+    // A request that already left the list can still change: an action token redeemed by its system.
+    const badge = document.querySelector('#history tr[data-id="' + CSS.escape(id) + '"] .badge');
+    if (badge && label) {
+      badge.textContent = label;
+      badge.className = "badge " + (status === "denied" || status === "cancelled" ? "bad"
+        : status === "expired" ? "warn" : "ok");
+    }
+  }
+
+  function remove(id, label, state) {
+    updateHistory(id, state, label);
     const li = list.querySelector('li.prompt[data-id="' + CSS.escape(id) + '"]');
     if (li) {
       li.remove();
@@ -135,7 +147,7 @@
     if (msg.type === "upsert") {
       upsert(msg.prompt, true);
     } else if (msg.type === "remove") {
-      remove(msg.id, msg.label);
+      remove(msg.id, msg.label, msg.status);
     }
     if (gap) { requestResync(); }
   }

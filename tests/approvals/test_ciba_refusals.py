@@ -686,14 +686,14 @@ def test_tampered_action_token_is_invalid_token(agent, client, watch):
     w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
 
 
-def test_action_token_at_introspection_is_inactive(agent, client, scenario):
+def test_action_token_at_introspection_is_active_only_to_its_own_resource_server(agent, client, scenario):
     token, approval = _action_token(agent, client)
     seq = _head()
-    assert agent.flow.introspect(token, auth=(scenario.ledger_client_id, scenario.ledger_secret)).json() \
-        == {"active": False}
+    mine = agent.flow.introspect(token, auth=(scenario.ledger_client_id, scenario.ledger_secret)).json()
+    assert mine["active"] is True and mine["approval_id"] == str(approval.pk)
     assert agent.flow.introspect(token).json() == {"active": False}
-    assert ActionToken.objects.get().redeemed_at is None
-    assert AuditEvent.objects.filter(id__gt=seq, outcome="refused").count() == 2
+    assert ActionToken.objects.get().redeemed_at is None  # introspection spends nothing
+    assert AuditEvent.objects.filter(id__gt=seq, outcome="refused").count() == 1
 
 
 def test_expired_action_token_jwt_is_refused(agent, client, watch):

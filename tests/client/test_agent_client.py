@@ -436,3 +436,20 @@ def test_client_assertion_is_rfc7523_shaped():
                         audience="https://as.example/o/token/")
     assert claims["iss"] == claims["sub"] == "agent-1" and claims["exp"] - claims["iat"] == 60
     assert client.client_assertion("x") != client.client_assertion("x")  # fresh jti each time
+
+
+# --- ending the session -----------------------------------------------------------------------------
+
+
+def test_end_session_ends_the_grant_at_once(live, scenario, agent, catalog):
+    from consent.models import SessionGrant
+
+    token = agent.access_token
+    assert catalog.verify_session(token).subject
+    assert agent.end_session() is True
+    grant = SessionGrant.objects.get()
+    assert grant.status == SessionGrant.Status.REVOKED and grant.end_reason == "revoked_by_agent"
+    assert agent.tokens is None and agent.end_session() is False
+    response = httpx.post(f"{live.url}/o/introspect/", data={"token": token},
+                          auth=(scenario.rs_client_id, scenario.rs_secret))
+    assert response.json() == {"active": False}

@@ -376,7 +376,7 @@ def test_seed_demo_credentials_drive_the_whole_flow(db):
     assert _introspect(body["access_token"], ledger["client_id"], ledger["client_secret"]) == {"active": False}
 
 
-def test_seed_demo_is_idempotent_and_issues_fresh_working_secrets(db):
+def test_seed_demo_is_idempotent_and_keeps_the_secrets_it_issued(db):
     first = _run_json("seed_demo")
     counts = (get_user_model().objects.count(), Agent.objects.count(), ResourceServer.objects.count(),
               ScopePolicy.objects.count())
@@ -386,16 +386,36 @@ def test_seed_demo_is_idempotent_and_issues_fresh_working_secrets(db):
 
     a1, a2 = first["agents"][0], second["agents"][0]
     assert a2["client_id"] == a1["client_id"]
-    assert a2["client_secret"] != a1["client_secret"]
+    assert a2["client_secret"] is None  # stored hashed: it cannot be shown again
+    assert _client_authenticates(a1["client_id"], a1["client_secret"])  # the reader's copy still works
+    rs1 = {r["audience"]: r for r in first["resource_servers"]}
+    for rs in second["resource_servers"]:
+        assert rs["client_id"] == rs1[rs["audience"]]["client_id"] and rs["client_secret"] is None
+        assert _rs_authenticates(rs["client_id"], rs1[rs["audience"]]["client_secret"])
+    assert "stored hashed" in _run("seed_demo")
+
+
+def test_seed_demo_rotate_secrets_issues_fresh_working_ones(db):
+    first = _run_json("seed_demo")
+    second = _run_json("seed_demo", "--rotate-secrets")
+    a1, a2 = first["agents"][0], second["agents"][0]
+    assert a2["client_id"] == a1["client_id"] and a2["client_secret"] != a1["client_secret"]
     assert _client_authenticates(a2["client_id"], a2["client_secret"])
     assert not _client_authenticates(a1["client_id"], a1["client_secret"])  # the old one was replaced
-
     rs1 = {r["audience"]: r for r in first["resource_servers"]}
     for rs in second["resource_servers"]:
         assert rs["client_id"] == rs1[rs["audience"]]["client_id"]
         assert _rs_authenticates(rs["client_id"], rs["client_secret"])
+        assert not _rs_authenticates(rs["client_id"], rs1[rs["audience"]]["client_secret"])
     officer = next(u for u in second["users"] if u["username"] == "officer")
     assert get_user_model().objects.get(username="officer").check_password(officer["password"])
+
+
+def test_seed_demo_reports_the_scopes_the_database_holds(db):
+    _run_json("seed_demo")
+    _run("scope_set", "catalog:read", "--audience", "http://127.0.0.1:8101", "--sensitivity", "step_up")
+    out = _run_json("seed_demo")
+    assert {s["name"]: s["sensitivity"] for s in out["scopes"]}["catalog:read"] == "step_up"
 
 
 def test_seed_demo_keeps_what_an_admin_changed(db):

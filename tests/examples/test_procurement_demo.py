@@ -176,7 +176,10 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     def agent_thread():
         try:
             outcome["result"] = procurement_agent.run(config, say=said.append, on_consent_url=consent_urls.put,
-                                                      consent_timeout=90, approval_timeout=90)
+                                                      consent_timeout=90, approval_timeout=90,
+                                                      # kept live so the one-shot checks below reach the
+                                                      # redemption itself (an ended grant refuses first)
+                                                      end_session=False)
         except BaseException as exc:  # noqa: BLE001  (reported below)
             outcome["error"] = exc
 
@@ -270,7 +273,10 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     page.goto("/activity/")
     expect(page.get_by_role("heading", level=1)).to_have_text("Activity")
     for event in ("consent.given", "approval.approved", "action_token.redeemed"):
-        expect(page.locator("td code", has_text=event).first).to_be_visible()
+        expect(page.locator(f'li[data-event="{event}"]').first).to_be_visible()
+    expect(page.locator('li[data-event="action_token.redeemed"]').first).to_contain_text(
+        re.compile(rf"Procurement Agent wrote {APPROVED['amount']} {APPROVED['currency']} to .+, "
+                   r"approved by you with password"))
     assert problems == [], problems
 
 

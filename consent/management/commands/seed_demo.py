@@ -43,13 +43,20 @@ AGENT_NAME = "Procurement Agent"
 AGENT_REDIRECT = "http://127.0.0.1:8199/callback"
 
 
+# Secrets are stored hashed: an existing one cannot be shown again. Scripts see None in --json.
+KEPT = "(kept from an earlier run: stored hashed, not shown; --rotate-secrets issues a new one)"
+
+
 class Command(BaseCommand):
-    help = "Create the reference scenario's data (idempotent). --json prints credentials for scripts."
+    help = ("Create the reference scenario's data (idempotent). Existing records and their secrets are kept "
+            "unless --rotate-secrets; --json prints credentials for scripts.")
 
     def add_arguments(self, parser):
         parser.add_argument("--json", action="store_true")
         parser.add_argument("--mcp-port", type=int, default=MCP_PORT,
                             help="port of the MCP server (examples.mcp.server); its audience is http://127.0.0.1:PORT/mcp")
+        parser.add_argument("--rotate-secrets", action="store_true",
+                            help="issue new secrets for the demo agent and resource servers (the old ones stop working)")
 
     @transaction.atomic
     def handle(self, *args, **o):
@@ -72,18 +79,21 @@ class Command(BaseCommand):
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {"approval_window": 600, "action_token_ttl": 120,
                            "authorization_details_types": ["ledger_entry"]}
-            if not ScopePolicy.objects.filter(name=scope).exists():
-                scope_set(name=scope, values=values, actor="seed_demo")
-            scopes.append({"name": scope, "sensitivity": sensitivity, "audience": audience})
+            policy = ScopePolicy.objects.filter(name=scope).first()
+            if policy is None:
+                policy, _ = scope_set(name=scope, values=values, actor="seed_demo")
+            # What the database holds, which an admin may have changed since the first run.
+            scopes.append({"name": policy.name, "sensitivity": policy.sensitivity, "audience": policy.audience})
             rs = ResourceServer.objects.filter(audience=audience).first()
+            secret: str | None = None
             if rs is None:
                 rs, secret = resource_server_create(name=name, audience=audience, actor="seed_demo")
-            else:
+            elif o["rotate_secrets"]:
                 secret = resource_server_reset_secret(rs=rs, actor="seed_demo")
             servers.append({"name": rs.name, "audience": rs.audience, "client_id": rs.client_id,
                             "client_secret": secret})
 
-        mcp_server, mcp_scopes = self._mcp_server(o["mcp_port"])
+        mcp_server, mcp_scopes = self._mcp_server(o["mcp_port"], o["rotate_secrets"])
         servers.append(mcp_server)
         scopes.extend(mcp_scopes)
 
@@ -96,8 +106,11 @@ class Command(BaseCommand):
                             "then records it in the financial ledger.",
                 scopes=all_scopes, redirect_uris=[AGENT_REDIRECT], actor="seed_demo",
             )
-        else:
+            agent.refresh_from_db()
+        elif o["rotate_secrets"]:
             secret = agent_reset_secret(agent=agent, actor="seed_demo")
+        else:
+            secret = None
         agents = [{"name": agent.name, "client_id": agent.client_id, "client_secret": secret,
                    "redirect_uris": agent.redirect_uris.split(), "scopes": list(agent.allowed_scopes)}]
 
@@ -109,12 +122,14 @@ class Command(BaseCommand):
         self.stdout.write("Demo data ready.")
         for u in users:
             self.stdout.write(f"  login {u['username']} / {u['password']}")
-        self.stdout.write(f"  agent {agent.name}: client_id {agent.client_id} secret {secret}")
+        self.stdout.write(f"  agent {agent.name}: client_id {agent.client_id} secret {secret or KEPT}")
         for s in servers:
-            self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']} secret {s['client_secret']}")
+            self.stdout.write(f"  resource server {s['name']} ({s['audience']}): {s['client_id']} "
+                              f"secret {s['client_secret'] or KEPT}")
+
 
     @staticmethod
-    def _mcp_server(port: int) -> tuple[dict, list[dict]]:
+    def _mcp_server(port: int, rotate: bool) -> tuple[dict, list[dict]]:
         """The MCP server as a resource server, with its scopes (MCP clients join by themselves)."""
         audience = f"http://127.0.0.1:{port}/mcp"
         scopes = []
@@ -129,6 +144,6 @@ class Command(BaseCommand):
         rs = ResourceServer.objects.filter(audience=audience).first()
         if rs is None:
             rs, secret = resource_server_create(name="Shop (MCP server)", audience=audience, actor="seed_demo")
-        else:
-            secret = resource_server_reset_secret(rs=rs, actor="seed_demo")
+        else:  # kept, as the other systems' secrets are, unless asked to rotate
+            secret = resource_server_reset_secret(rs=rs, actor="seed_demo") if rotate else None
         return {"name": rs.name, "audience": rs.audience, "client_id": rs.client_id, "client_secret": secret}, scopes

@@ -1,0 +1,67 @@
+"""RFC 7662 introspection of action tokens: active to their own resource server until spent."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from approvals.models import ActionToken, ApprovalRequest
+from audit.models import AuditEvent
+from consent.models import Agent
+from consent.services import agent_update, grant_revoke
+from tests.conftest import PASSWORD
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def action_token(agent, client):
+    body = agent.ask().json()
+    client.login(username="officer", password=PASSWORD)
+    client.post(f"/approvals/{ApprovalRequest.objects.get().pk}/approve/")
+    client.logout()
+    return agent.poll(body["auth_req_id"]).json()["access_token"]
+
+
+def _as_ledger(agent, token):
+    return agent.flow.introspect(token, auth=(agent.s.ledger_client_id, agent.s.ledger_secret)).json()
+
+
+def test_unredeemed_token_is_active_to_its_audience_with_what_was_approved(agent, action_token):
+    body = _as_ledger(agent, action_token)
+    approval = ApprovalRequest.objects.get()
+    assert body["active"] is True
+    assert body["aud"] == "http://ledger.test" and body["scope"] == "ledger:write"
+    assert body["authorization_details"] == approval.authorization_details
+    assert body["action_hash"] == approval.action_hash
+    assert body["approval_id"] == str(approval.pk)
+
+
+def test_another_resource_server_learns_nothing(agent, action_token):
+    assert agent.flow.introspect(action_token).json() == {"active": False}
+    assert AuditEvent.objects.filter(event="introspection.inactive").exists()
+
+
+def test_redeemed_token_is_inactive(agent, action_token):
+    assert agent.redeem(action_token).status_code == 200
+    assert _as_ledger(agent, action_token) == {"active": False}
+
+
+def test_expired_token_is_inactive(agent, action_token):
+    ActionToken.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert _as_ledger(agent, action_token) == {"active": False}
+
+
+def test_revoked_grant_makes_it_inactive(agent, action_token):
+    grant_revoke(grant_id=ApprovalRequest.objects.get().grant_id, reason="test", actor="user:test")
+    assert _as_ledger(agent, action_token) == {"active": False}
+
+
+def test_suspended_agent_makes_it_inactive(agent, action_token, scenario):
+    agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
+    assert _as_ledger(agent, action_token) == {"active": False}
+
+
+def test_tampered_token_is_inactive(agent, action_token):
+    head, body, sig = action_token.split(".")
+    assert _as_ledger(agent, f"{head}.{body}x.{sig}") == {"active": False}
