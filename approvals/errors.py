@@ -60,7 +60,6 @@ class InvalidToken(OAuthError):
     """The action token is not valid for redemption (bad, expired, already redeemed, or revoked)."""
 
     error = "invalid_token"
-    code = "token_invalid"  # a signature, type, issuer or audience check failed
 
 
 # --- what exactly was refused (``reason``): CIBA Core §11 polls -----------------------------------

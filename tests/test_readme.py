@@ -78,4 +78,4 @@ def test_administration_block_as_written(tmp_path, with_demo):
         (audience,) = db.execute(f"SELECT audience FROM {ScopePolicy._meta.db_table} WHERE name = 'ledger:write'"
                                  ).fetchone()
         assert audience == "http://127.0.0.1:8105"
-        assert db.execute(f"SELECT COUNT(*) FROM {ResourceServer._meta.db_table}").fetchone() == (6,)
+        assert db.execute(f"SELECT COUNT(*) FROM {ResourceServer._meta.db_table}").fetchone() == (7,)  # five systems, the MCP server, Payments

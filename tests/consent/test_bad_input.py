@@ -93,7 +93,7 @@ def _assert_error_page(response, status: int = 400):
 
 
 # The stable name of each refusal (the body's "reason"); by default a refusal answers with its error.
-REASON_OF = {"invalid_client": "client_authentication_failed", "invalid_token": "token_invalid"}
+REASON_OF = {"invalid_client": "client_authentication_failed"}
 
 
 def _json_error(response, status: int, error: str, reason: str = ""):

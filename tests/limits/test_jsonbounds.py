@@ -93,7 +93,7 @@ def test_jwts_with_deep_json_are_refused_at_every_endpoint(live, scenario, sessi
     assert redeem.status_code == 400 and redeem.json() == {
         "error": "invalid_token",
         "error_description": "malformed token",
-        "reason": "token_invalid",
+        "reason": "invalid_token",
     }
     introspect = httpx.post(
         f"{live.url}/o/introspect/",
