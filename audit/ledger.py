@@ -42,12 +42,9 @@ from .models import AuditCheckpoint, AuditEvent
 log = logging.getLogger("audit.ledger")
 
 
-def event_entry(event: AuditEvent, seq: int) -> dict[str, Any]:
-    """The members of an event that its leaf covers (``countersign.ledger.LEAF_FIELDS``)."""
+def event_fields(event: AuditEvent) -> dict[str, Any]:
+    """What an event says, as its chain link and its leaf both hash it."""
     return {
-        "seq": seq,
-        "id": event.pk,
-        "occurred_at": event.occurred_at.isoformat(),
         "event": event.event,
         "outcome": event.outcome,
         "actor": event.actor,
@@ -58,6 +55,11 @@ def event_entry(event: AuditEvent, seq: int) -> dict[str, Any]:
         "detail": event.detail,
         "remote_addr": event.remote_addr,
     }
+
+
+def event_entry(event: AuditEvent, seq: int) -> dict[str, Any]:
+    """The members of an event that its leaf covers (``countersign.ledger.LEAF_FIELDS``)."""
+    return {"seq": seq, "id": event.pk, "occurred_at": event.occurred_at.isoformat(), **event_fields(event)}
 
 
 def event_leaf(event: AuditEvent, seq: int) -> bytes:

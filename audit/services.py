@@ -86,7 +86,7 @@ from django.utils import timezone
 from consent.keys import active_signing_key
 
 from .jcs import dumps as jcs_dumps
-from .ledger import checkpoint_published, checkpoint_sign, event_leaf
+from .ledger import checkpoint_published, checkpoint_sign, event_fields, event_leaf
 from .merkle import frontier_append, frontier_root, insert_nodes
 from .models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink
 from .signals import event_built
@@ -107,22 +107,10 @@ def _event_hash(*, seq: int, occurred_at: str, fields: dict[str, Any], prev_hash
     return hashlib.sha256(jcs_dumps(body)).hexdigest()
 
 
-def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "event": event.event,
-        "outcome": event.outcome,
-        "actor": event.actor,
-        "user_id": event.user_id,
-        "client_id": event.client_id,
-        "grant_id": event.grant_id,
-        "error": event.error,
-        "detail": event.detail,
-        "remote_addr": event.remote_addr,
-    }
 
 
 def _link_hash(event: AuditEvent, *, seq: int, prev_hash: str) -> str:
-    return _event_hash(seq=seq, occurred_at=event.occurred_at.isoformat(), fields=_hashed_fields(event),
+    return _event_hash(seq=seq, occurred_at=event.occurred_at.isoformat(), fields=event_fields(event),
                        prev_hash=prev_hash)
 
 
