@@ -24,8 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from .errors import (
     ApprovalDenied,
     ApprovalError,
@@ -59,17 +57,7 @@ class StepUpClient:
         self.verifier = verifier
 
     def _post(self, endpoint: str, data: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        v = self.verifier
-        headers = {"Accept": "application/json", **({"Authorization": v._auth} if v._auth else {})}
-        try:
-            response = v._http.post(v._endpoint(endpoint), data=data, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailable(f"cannot reach the authorization server ({type(exc).__name__})") from exc
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        return response.status_code, body if isinstance(body, dict) else {}
+        return self.verifier._post_form(endpoint, data, what="the authorization server")
 
     def open(self, token: str, *, scope: str, details: Sequence[Mapping[str, Any]],
              binding_message: str = "") -> PendingApproval:

@@ -278,6 +278,20 @@ class TokenVerifier:
             self._metadata = body
             return body
 
+    def _post_form(self, endpoint: str, data: Mapping[str, str], *, what: str) -> tuple[int, dict[str, Any]]:
+        """POST a form to the advertised ``endpoint`` with this resource server's credentials (RFC 6749
+        §2.3.1 HTTP Basic); the status and the JSON object answered ({} for anything else)."""
+        headers = {"Accept": "application/json", **({"Authorization": self._auth} if self._auth else {})}
+        try:
+            response = self._http.post(self._endpoint(endpoint), data=dict(data), headers=headers)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"cannot reach {what} ({type(exc).__name__})") from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        return response.status_code, body if isinstance(body, dict) else {}
+
     def _endpoint(self, name: str) -> str:
         url = self.metadata().get(name)
         if not isinstance(url, str) or not url:
@@ -437,30 +451,17 @@ class TokenVerifier:
     def redeem(self, token: str, *, action_hash: str = "") -> dict[str, Any]:
         """POST the action token to the server's ``redemption_endpoint`` (resource-server
         HTTP Basic authentication, RFC 6749 §2.3.1). Exactly one redemption ever succeeds."""
-        url = self._endpoint("redemption_endpoint")
-        headers = {"Accept": "application/json"}
-        if self._auth:
-            headers["Authorization"] = self._auth
         data = {"token": token}
         if action_hash:
             data["action_hash"] = action_hash
-        try:
-            response = self._http.post(url, data=data, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailable(f"cannot reach the redemption endpoint ({type(exc).__name__})") from exc
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if not isinstance(body, dict):
-            body = {}
-        if response.status_code == 200 and body.get("redeemed") is True:
+        status, body = self._post_form("redemption_endpoint", data, what="the redemption endpoint")
+        if status == 200 and body.get("redeemed") is True:
             return body
         error = str(body.get("error") or "")
         description = str(body.get("error_description") or "")
         reason = str(body.get("reason") or error)  # the server's stable name of the refusal
-        if response.status_code >= 500 or error == "invalid_client":
-            raise ServiceUnavailable(f"redemption failed: {error or response.status_code} {description}".strip())
+        if status >= 500 or error == "invalid_client":
+            raise ServiceUnavailable(f"redemption failed: {error or status} {description}".strip())
         if reason == "already_redeemed":
             raise AlreadyRedeemed(description)
         if reason == "action_mismatch":
