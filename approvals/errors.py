@@ -136,7 +136,7 @@ class AgentSuspended(InvalidToken):
 
 
 class ActionHashMismatch(InvalidToken):
-    """RFC 9396 / DESIGN: ``action_hash`` is not the hash of the token's ``authorization_details``."""
+    """``action_hash`` is not the base64url SHA-256 of the JCS form (RFC 8785) of the token's ``authorization_details`` (RFC 9396)."""
 
     code = "action_hash_mismatch"
 

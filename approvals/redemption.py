@@ -1,4 +1,4 @@
-"""Redemption (DESIGN flow 3): the resource server spends an action token, exactly once.
+"""Redemption: the resource server spends an action token, exactly once.
 
 The resource server has verified the token locally and recomputed ``action_hash`` from the
 request it is about to execute; ``action_token_verify`` checks the same here (RFC 8725 §3.11:

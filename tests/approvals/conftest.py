@@ -3,7 +3,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.conftest import basic
+from approvals.models import ApprovalRequest
+from approvals.services import auth_req_id_hash
+from tests.conftest import PASSWORD, basic
 
 LEDGER_ENTRY = {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
                 "vendor": "Acme Office Supply", "amount": "4250.00", "currency": "USD"}
@@ -33,6 +35,15 @@ class Agent:
     def poll(self, auth_req_id, *, auth=None):
         return self.flow.token({"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
                                auth=auth)
+
+    def approved_token(self, client) -> str:
+        """Ask for the ledger write, have the officer approve it in the inbox (signed in on ``client``),
+        and collect the action token."""
+        auth_req_id = self.ask().json()["auth_req_id"]
+        client.login(username="officer", password=PASSWORD)
+        approval = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(auth_req_id))
+        client.post(f"/approvals/{approval.pk}/approve/")
+        return self.poll(auth_req_id).json()["access_token"]
 
     def redeem(self, token, *, auth=None, **extra):
         client_id, secret = auth or (self.s.ledger_client_id, self.s.ledger_secret)

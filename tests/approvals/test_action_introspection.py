@@ -9,18 +9,15 @@ from approvals.models import ActionToken, ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import Agent
 from consent.services import agent_update, grant_revoke
-from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def action_token(agent, client):
-    body = agent.ask().json()
-    client.login(username="officer", password=PASSWORD)
-    client.post(f"/approvals/{ApprovalRequest.objects.get().pk}/approve/")
+    token = agent.approved_token(client)
     client.logout()
-    return agent.poll(body["auth_req_id"]).json()["access_token"]
+    return token
 
 
 def _as_ledger(agent, token):

@@ -23,11 +23,7 @@ ISSUER = "http://127.0.0.1:8000"
 
 @pytest.fixture
 def redeemed(agent, client):
-    body = agent.ask().json()
-    client.login(username="officer", password=PASSWORD)
-    client.post(f"/approvals/{ApprovalRequest.objects.get().pk}/approve/")
-    token = agent.poll(body["auth_req_id"]).json()["access_token"]
-    response = agent.redeem(token)
+    response = agent.redeem(agent.approved_token(client))
     assert response.status_code == 200
     return response.json()
 

@@ -6,7 +6,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from approvals.models import ApprovalRequest
 from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db
@@ -14,10 +13,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def redeemed(agent, client):
-    body = agent.ask().json()
-    client.login(username="officer", password=PASSWORD)
-    client.post(f"/approvals/{ApprovalRequest.objects.get().pk}/approve/")
-    token = agent.poll(body["auth_req_id"]).json()["access_token"]
+    token = agent.approved_token(client)
     assert agent.redeem(token).status_code == 200
     assert agent.redeem(token).status_code == 400  # refused: already redeemed
     return token
