@@ -25,7 +25,7 @@ from consent.rules import rule_matches
 from consent.services import AuthContext, grant_extend
 from consent.tokens import bind_to_proof_key, token_type
 
-from . import rar
+from . import delivery, rar
 from .ciba import EXTEND_SCOPE, BackchannelRequest
 from .errors import (
     AlreadyIssued,
@@ -73,9 +73,25 @@ def _after_commit(task: str, approval_id: Any, **options: Any) -> None:
     transaction.on_commit(lambda: queued.apply_async((str(approval_id),), **options), robust=True)
 
 
+def _push_removal_after_commit(approval_id: Any, *, user_id: Any, status: str) -> None:
+    """Once the transaction commits, tell the user's open inboxes the prompt left the pending list.
+
+    Sent from this process (``delivery.push_now``); only if that fails does the news go through
+    the ``approvals.push_removal`` task, which re-reads the row and retries until Redis answers.
+    """
+    fallback = current_app.tasks["approvals.push_removal"]
+    message = delivery.removal_message(approval_id, status)
+
+    def push() -> None:
+        if not delivery.push_now(user_id, message):
+            fallback.apply_async((str(approval_id),))
+
+    transaction.on_commit(push, robust=True)
+
+
 def _announce_end(approval: ApprovalRequest) -> None:
     """Tell open inboxes the prompt is gone and, in ping mode, tell the agent to collect."""
-    _after_commit("approvals.push_removal", approval.pk)
+    _push_removal_after_commit(approval.pk, user_id=approval.user_id, status=approval.status)
     if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
         _after_commit("approvals.notify_agent", approval.pk)
 
@@ -210,8 +226,14 @@ def _auto_approve(approval: ApprovalRequest, *, rule: str, now) -> None:
 
 
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
-    """The prompt reached the user's open inboxes: record the first delivery (audited) and schedule
-    the window's on-time expiry. Safe to call again: only the first call records anything."""
+    """The prompt reached the user's open inboxes: record the first delivery (audited). Safe to call
+    again: only the first call records anything.
+
+    The window's end needs no task of its own: every read checks ``expires_at`` (the inbox, the
+    caps, a poll answers ``expired_token``), and the sweep (``approvals.expire_due``, every
+    ``APPROVAL_SWEEP_SECONDS``) moves the row to EXPIRED and tells open inboxes. A task per
+    prompt held until its window ends cost a worker as much as the delivery itself.
+    """
     if approval.delivered_at is not None:  # a redelivery: recorded already
         return False
     with transaction.atomic():
@@ -222,7 +244,6 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
             audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
                          client_id=approval.agent.client_id, grant_id=approval.grant_id,
                          detail={"approval_id": str(approval.pk), "channel": channel})
-            _after_commit("approvals.expire_approval", approval.pk, eta=approval.expires_at)
     return bool(first)
 
 
@@ -481,9 +502,9 @@ def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
 
 
-def action_token_redeemed_announce(*, approval_id: Any) -> None:
+def action_token_redeemed_announce(*, approval: ApprovalRequest) -> None:
     """Tell the user's open inboxes the request is now REDEEMED (their history row changes).
 
-    A Celery message only (no SQL statement): the task reads the row and pushes it.
+    No SQL statement: the redemption already knows whose request it was.
     """
-    _after_commit("approvals.push_removal", approval_id)
+    _push_removal_after_commit(approval.pk, user_id=approval.user_id, status=Status.REDEEMED)

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from .delivery import prompt_payload, send_to_user
+from .delivery import prompt_payload, removal_message, send_to_user
 from .models import ApprovalRequest
 from .selectors import approval_for_push
 from .services import (
@@ -23,7 +23,6 @@ from .services import (
     approvals_undelivered,
     auth_req_id_for,
 )
-from .wording import status_words
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,7 @@ def push_removal(self, approval_id: str) -> None:
     if approval is None or approval.status == ApprovalRequest.Status.PENDING:
         return
     try:
-        send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
-                                        "status": approval.status, "label": status_words(approval.status)})
+        send_to_user(approval.user_id, removal_message(approval_id, approval.status))
     except Exception as exc:
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 
@@ -106,7 +104,11 @@ def notify_agent(self, approval_id: str) -> None:
 
 @shared_task(name="approvals.expire_approval", ignore_result=True)
 def expire_approval(approval_id: str) -> None:
-    """Scheduled for the moment a window (or an action token) ends."""
+    """Expire one request whose window (or action token) has ended.
+
+    Nothing schedules this per prompt any more (the sweep, ``expire_due``, does the work); it
+    stays registered so that tasks already queued with an ETA still run.
+    """
     approval_expire(approval_id=approval_id)
 
 

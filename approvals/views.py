@@ -239,7 +239,7 @@ class RedemptionView(View):
             claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
                                          request_hash=request.POST.get("action_hash", ""))
             approval = action_token_redeem(claims=claims, resource_server=rs)
-            action_token_redeemed_announce(approval_id=approval.pk)
+            action_token_redeemed_announce(approval=approval)
         except OAuthError as exc:
             # A verified token names whose it is: the refusal then shows in that person's activity.
             owner = _token_owner(claims)

@@ -249,9 +249,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # without prefork's pipe and pickling per task. CELERY_WORKER_POOL=prefork restores the default.
 CELERY_WORKER_POOL = os.environ.get("CELERY_WORKER_POOL", "threads")
 CELERY_TASK_DEFAULT_QUEUE = "countersign"
+APPROVAL_SWEEP_SECONDS = float(os.environ.get("APPROVAL_SWEEP_SECONDS", "2"))
 CELERY_BEAT_SCHEDULE = {
     "grants-expire": {"task": "consent.tasks.grants_expire", "schedule": 30.0},
-    "approvals-expire": {"task": "approvals.expire_due", "schedule": 10.0},
+    # Windows and action tokens end on time by themselves (every read checks expires_at); the sweep
+    # moves their rows to EXPIRED and tells open inboxes, within this many seconds.
+    "approvals-expire": {"task": "approvals.expire_due", "schedule": APPROVAL_SWEEP_SECONDS},
     "approvals-redeliver": {"task": "approvals.redeliver_undelivered", "schedule": 30.0},
 }
 

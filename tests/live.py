@@ -73,6 +73,7 @@ def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = 
         "SECRET_KEY": settings.SECRET_KEY,
         "REDIS_URL": settings.REDIS_URL,
         "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS": "0",  # tests flush the key table between tests
+        "APPROVAL_SWEEP_SECONDS": "1",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
@@ -88,8 +89,11 @@ def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = 
 
         celery_app.control.purge()
         procs.append(subprocess.Popen(
+            # With its beat (-B), as production runs one: the sweeps end windows on time (every
+            # APPROVAL_SWEEP_SECONDS, a second here).
             [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO", "--concurrency=2",
-             "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h"],
+             "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h",
+             "-B", f"--schedule={log_dir / 'celerybeat-schedule'}"],
             cwd=ROOT, env=env, stdout=open(log_dir / "celery.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True))
 

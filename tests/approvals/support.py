@@ -2,9 +2,10 @@
 
 ``session_grant`` and ``request_approval`` go through ``grant_create`` and
 ``approval_request_create`` exactly as the consent screen and the CIBA endpoint do;
-only the HTTP layer is skipped. ``Outbox`` stands in for Celery: it records every
-task the services queue on commit and, for the two push tasks, runs the real task
-body with the websocket send recorded instead of sent to Redis.
+only the HTTP layer is skipped. ``Outbox`` stands in for Celery and the channel layer: it
+records every task the services queue on commit and, for the two push tasks, runs the real
+task body; every websocket send (the tasks' and the services' own pushes after commit) is
+recorded instead of sent to Redis.
 """
 
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from approvals import delivery as approval_delivery
 from approvals import rar
 from approvals import tasks as approval_tasks
 from approvals.ciba import BackchannelRequest
@@ -78,6 +80,10 @@ class Outbox:
     def prompts_sent(self) -> list[dict]:
         return [m for _, m in self.sent if m.get("type") == "approval.upsert"]
 
+    def removals_for(self, approval_id) -> list[str]:
+        """The statuses open inboxes were told the request left the pending list with."""
+        return [m["status"] for _, m in self.sent if m.get("type") == "approval.remove" and m["id"] == str(approval_id)]
+
 
 class _QueuedTask:
     """Stands in for one Celery task in the app's registry; ``apply_async`` records and maybe runs it."""
@@ -93,8 +99,16 @@ class _QueuedTask:
 
 def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
     outbox = Outbox()
-    monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: outbox.sent.append(
-        (int(user_id), message)))
+
+    def record(user_id, message, **kwargs):
+        outbox.sent.append((int(user_id), message))
+
+    def push_now(user_id, message):  # the services' own push after commit (approvals.delivery.push_now)
+        record(user_id, message)
+        return True
+
+    monkeypatch.setattr(approval_tasks, "send_to_user", record)
+    monkeypatch.setattr(approval_delivery, "push_now", push_now)
     for name in ("deliver_prompt", "push_removal", "notify_agent", "expire_approval"):
         # The services queue tasks by their registered name (approvals.services._after_commit); the
         # sweeps in approvals.tasks call them by reference.

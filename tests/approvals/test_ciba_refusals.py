@@ -382,7 +382,7 @@ def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
     assert old.status == S.EXPIRED
     # The old prompt's end is a transition like any other: audited, and open inboxes are told.
     assert AuditEvent.objects.filter(event="approval.expired", detail__approval_id=str(old.pk)).count() == 1
-    assert outbox.queued_for(old.pk, "push_removal") == ["push_removal"]
+    assert outbox.removals_for(old.pk) == ["expired"]
 
 
 # =====================================================================================================
@@ -446,7 +446,8 @@ def test_expired_request_is_expired_token(agent, watch):
               unchanged=False, reason="window_passed")
     approval.refresh_from_db()
     assert approval.status == S.EXPIRED and ActionToken.objects.count() == 0
-    assert [n for n, _ in w.new_queued()] == ["push_removal"]  # the inbox is told; nothing is prompted
+    # The inbox is told (by this process, no task needed); nothing is prompted.
+    assert w.new_queued() == [] and [m["type"] for _, m in w.new_sent()] == ["approval.remove"]
     assert agent.poll(auth_req_id).json()["error"] == "expired_token"
 
 

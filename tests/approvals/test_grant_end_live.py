@@ -1,7 +1,7 @@
-"""A grant that ends takes its pending prompts with it at that moment, as revocation does, with
-no sweep involved: the prompt's window is capped at the grant's end, its on-time expiry (a
-Celery ETA task) fires then and cancels it, open inboxes are told, and polls stop saying
-``authorization_pending``. Real server, real worker, real websocket; no beat runs here."""
+"""A grant that ends takes its pending prompts with it, as revocation does: the prompt's window
+is capped at the grant's end, so polls stop saying ``authorization_pending`` at that moment, and
+the sweep (every ``APPROVAL_SWEEP_SECONDS``, a second in the live stack) cancels it and tells
+open inboxes. Real server, real worker and beat, real websocket."""
 
 import time
 from datetime import timedelta
@@ -32,7 +32,7 @@ def test_a_grant_that_ends_cancels_its_pending_prompt_at_once(live, scenario, se
     finally:
         inbox.close()
     assert removed["id"] == prompt["id"] and removed["status"] == "cancelled"
-    assert ended_after < 5  # the ETA task, not a 30-second sweep
+    assert ended_after < 5  # the sweep's interval, not the grant sweep's 30 seconds
     approval = ApprovalRequest.objects.get()
     assert approval.status == ApprovalRequest.Status.CANCELLED and approval.decision_method == "grant_ended"
     assert AuditEvent.objects.filter(event="approval.cancelled", detail__reason="grant_ended").count() == 1

@@ -292,7 +292,7 @@ def test_every_revocation_path_ends_everything_at_once(armed, name, monkeypatch,
     assert all(x.decided_at is not None for x in open_ones)
     # ... and open inboxes are told, once the revoking transaction has committed (poll mode: no ping).
     for approval in open_ones:
-        assert outbox.queued_for(approval.pk) == ["push_removal"], outbox.queued
+        assert outbox.removals_for(approval.pk) == ["cancelled"], outbox.sent
 
     # A further refresh fails; a suspended agent cannot even authenticate (RFC 6749 §5.2).
     refresh = a.flow.token({"grant_type": "refresh_token", "refresh_token": a.refresh_token})
