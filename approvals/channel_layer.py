@@ -33,13 +33,15 @@ messages and the capacity rule are channels_redis' own (``_group_key``,
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
 
 log = logging.getLogger(__name__)
+# Messages that carry the frame every socket of the user gets (approvals.delivery.client_frame).
+DIRECT_TYPES = frozenset({"approval.upsert", "approval.remove", "grant.changed"})
 
 # KEYS: the sequence, the group. ARGV: the sequence's TTL, the score below which members aged out.
 _NUMBER_AND_READ = """
@@ -75,6 +77,7 @@ class InboxChannelLayer(RedisChannelLayer):
             raise ValueError("pool_size must leave a connection free beside the receive loop's BZPOPMIN")
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
+        self._direct: dict[str, Callable[[str], Awaitable[None]]] = {}
         super().__init__(*args, **kwargs)
 
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
@@ -150,18 +153,57 @@ class InboxChannelLayer(RedisChannelLayer):
             return
         self._reader = loop.create_task(self._read(real_channel), name="inbox-channel-reader")
 
+    # --- pushes straight to the socket ------------------------------------------------------------
+
+    def attach_direct(self, channel: str, send: Callable[[str], Awaitable[None]]) -> None:
+        """Hand the frames of pushes for ``channel`` straight to ``send`` from now on (see ``_read``)."""
+        self._direct[channel] = send
+
+    def detach_direct(self, channel: str) -> None:
+        """Pushes for ``channel`` go through its buffer again (the consumer is busy, or gone)."""
+        self._direct.pop(channel, None)
+
+    def _route(self, chan: str, message: dict[str, Any], text: str | None, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver one message to one local channel: straight to its socket when it can be, else buffered.
+
+        A push (a message carrying its encoded frame, ``delivery.client_frame``) to a consumer that
+        attached itself (``ApprovalsConsumer``: accepted, its snapshot sent) and has nothing
+        buffered becomes one send on the socket, in a task of its own: no wake-up of the
+        consumer's receive loop, no Channels dispatch, which was most of the ws process's CPU per
+        push to a user with many open tabs. Order per socket holds: the tasks start in the order
+        the messages arrive, each send waits its turn on the socket's flow control, and while
+        anything is buffered for a channel (the consumer detached itself to send a snapshot, or
+        had not finished the last buffered push) new messages join that buffer behind it.
+        """
+        if text is not None:
+            send = self._direct.get(chan)
+            buffered = self.receive_buffer.get(chan)
+            if send is not None and (buffered is None or buffered.empty()):
+                loop.create_task(_send_quietly(send, text))
+                return
+        self.receive_buffer[chan].put_nowait(message)
+
     async def _read(self, real_channel: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 target, message = await self.receive_single(real_channel)
+                text = message.get("text") if message.get("type") in DIRECT_TYPES else None
                 for chan in target if isinstance(target, list) else [target]:
-                    self.receive_buffer[chan].put_nowait(message)
+                    self._route(chan, message, text, loop)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to every waiting consumer
             failed = _ReaderFailed(exc)
             for buffer in list(self.receive_buffer.values()):
                 buffer.put_nowait(failed)
+
+
+async def _send_quietly(send: Callable[[str], Awaitable[None]], text: str) -> None:
+    try:
+        await send(text)
+    except Exception:  # noqa: BLE001 - a socket that closed meanwhile: its consumer is leaving anyway
+        log.debug("push to a closing socket dropped", exc_info=True)
 
 
 class _ReaderFailed:

@@ -28,6 +28,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from consent.limits import jsonbounds
 from consent.limits.websocket import audit_handshake_refusal
 
+from .channel_layer import DIRECT_TYPES
 from .delivery import pending_prompts, sequence_current, user_group
 from .metrics import websocket_connections
 
@@ -79,6 +80,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code):
         if hasattr(self, "group"):
+            self._go_buffered()
             websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
@@ -103,10 +105,29 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             await self.send_snapshot()
 
     async def send_snapshot(self):
+        # Pushes wait in this socket's buffer meanwhile, so none overtakes the snapshot.
+        self._go_buffered()
         # The sequence first: everything sent up to it was committed before it was counted.
         seq = await sequence_current(self.channel_layer, self.group)
         prompts = await database_sync_to_async(pending_prompts)(user_id=self.user_id)
         await self.send_json({"type": "snapshot", "seq": seq, "prompts": prompts})
+        self._go_direct()
+
+    # Pushes go straight from the channel layer's reader to the socket while nothing else is
+    # being sent here (InboxChannelLayer._route), and through this consumer's buffer otherwise.
+    def _go_direct(self) -> None:
+        layer = self.channel_layer
+        if hasattr(layer, "attach_direct"):
+            buffered = layer.receive_buffer.get(self.channel_name)
+            if buffered is None or buffered.empty():
+                layer.attach_direct(self.channel_name, self._push_frame)
+
+    def _go_buffered(self) -> None:
+        if hasattr(self.channel_layer, "detach_direct"):
+            self.channel_layer.detach_direct(self.channel_name)
+
+    async def _push_frame(self, text: str) -> None:
+        await self.base_send({"type": "websocket.send", "text": text})
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -130,8 +151,9 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         # Everything else (the socket's own events) keeps Channels' dispatch.
         if message["type"] in _PUSHES:
             await self.send(text_data=message["text"])
+            self._go_direct()  # the buffer drained: the next push may go straight to the socket
             return
         await super().dispatch(message)
 
 
-_PUSHES = frozenset({"approval.upsert", "approval.remove", "grant.changed"})
+_PUSHES = DIRECT_TYPES
