@@ -79,7 +79,13 @@ def vapid_key() -> VapidKey:
 
 def vapid_contact() -> str:
     """RFC 8292 §2.1 ``sub``: a contact URI for the push service's operator."""
-    return countersign_settings.PUSH_CONTACT or countersign_settings.ISSUER
+    if countersign_settings.PUSH_CONTACT:
+        return str(countersign_settings.PUSH_CONTACT)
+    issuer = str(countersign_settings.ISSUER)
+    if issuer.startswith("https://"):
+        return issuer
+    # A development server (an http issuer) has no public contact; an address on its host stands in.
+    return f"mailto:countersign@{urlparse(issuer).hostname or 'localhost'}"
 
 
 # --- what a browser hands us (PushSubscription.toJSON()) ------------------------------------------

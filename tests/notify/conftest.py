@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ class Queue:
     """Tasks of the delivery channels queued on commit: (name, args, options)."""
 
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    record: Callable[[str], None] = lambda name: None
+    real: dict[str, Any] = field(default_factory=dict)  # the tasks themselves, to run one by hand
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [args for n, args, _ in self.calls if n == name]
@@ -35,8 +38,10 @@ class _Recorder:
 @pytest.fixture
 def queued(monkeypatch) -> Queue:
     queue = Queue()
+    queue.record = lambda name: monkeypatch.setitem(celery_app.tasks, name, _Recorder(name, queue))
     for name in NOTIFY_TASKS:
-        monkeypatch.setitem(celery_app.tasks, name, _Recorder(name, queue))
+        queue.real[name] = celery_app.tasks[name]
+        queue.record(name)
     return queue
 
 
