@@ -20,7 +20,7 @@ def prompt_path(approval: ApprovalRequest, via: str) -> str:
 
 
 def prompt_url(approval: ApprovalRequest, via: str) -> str:
-    return countersign_settings.ISSUER.rstrip("/") + prompt_path(approval, via)
+    return str(countersign_settings.ISSUER).rstrip("/") + prompt_path(approval, via)
 
 
 def push_payload(approval: ApprovalRequest) -> dict[str, Any]:

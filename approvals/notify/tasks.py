@@ -8,6 +8,7 @@ channel never holds up the others.
 
 import smtplib
 from typing import Any
+from uuid import UUID
 
 from celery import shared_task
 from django.contrib.auth import get_user_model
@@ -46,7 +47,7 @@ def _pending(approval_id: str) -> ApprovalRequest | None:
 def _recorded(approval_id: str, channel: str, target: str) -> bool:
     """Sent already (delivered, or failed for good): a second run of the task sends nothing."""
     return PromptDelivery.objects.filter(
-        approval_id=approval_id,
+        approval_id=UUID(approval_id),
         channel=channel,
         target=target,
         outcome__in=(Outcome.DELIVERED, Outcome.FAILED),

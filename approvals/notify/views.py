@@ -9,6 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import AnonymousUser, User
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.templatetags.static import static
@@ -30,20 +32,30 @@ from .services import (
 )
 from .webpush import vapid_key
 
+
+def _me(request: HttpRequest) -> "User":
+    """The signed-in user (every view here is behind ``login_required``)."""
+    user = request.user
+    if isinstance(user, AnonymousUser):
+        raise PermissionDenied
+    return user
+
+
 SERVICE_WORKER = Path(settings.BASE_DIR) / "static" / "countersign" / "sw.js"
 
 
 @login_required
 def devices_view(request: HttpRequest) -> HttpResponse:
     """The user's devices (each with Remove) and when to email them."""
+    me = _me(request)
     return render(
         request,
         "approvals/devices.html",
         {
-            "devices": PushSubscription.objects.filter(user=request.user),
+            "devices": PushSubscription.objects.filter(user=me),
             "email_choices": NotificationPreference.Email.choices,
-            "email_preference": email_preference(user_id=request.user.pk),
-            "email_address": request.user.email,
+            "email_preference": email_preference(user_id=me.pk),
+            "email_address": me.email,
             "push_enabled": countersign_settings.PUSH_ENABLED,
             "vapid_public_key": vapid_key().public_key if countersign_settings.PUSH_ENABLED else "",
         },
@@ -100,15 +112,14 @@ def email_preference_view(request: HttpRequest) -> HttpResponse:
 def open_view(request: HttpRequest, approval_id: Any) -> HttpResponse:
     """A prompt opened from a notification or a mail link (``?via=push|email|webhook``): the click is
     recorded once, and the inbox opens at the prompt. A GET decides nothing."""
-    approval = (
-        ApprovalRequest.objects.select_related("agent").filter(pk=approval_id, user=request.user).first()
-    )
+    me = _me(request)
+    approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id, user=me).first()
     if approval is None:
         audit_refusal(
             event="approval.open_refused",
             error="approval_not_found",
-            actor=f"user:{request.user.pk}",
-            user_id=request.user.pk,
+            actor=f"user:{me.pk}",
+            user_id=me.pk,
             request=request,
             detail={"approval_id": str(approval_id)},
         )
