@@ -46,7 +46,7 @@ def prompt_sent_to_inbox(*, approval: ApprovalRequest, first: bool) -> None:
     if listeners is not None:
         channel, outcome = PromptDelivery.Channel.WEBSOCKET, PromptDelivery.Outcome
         if listeners > 0:
-            delivery_record(approval=approval, channel=channel, outcome=outcome.DELIVERED)
+            delivery_record(approval=approval, channel=channel, outcome=outcome.DELIVERED, audit=False)
         elif first:
             delivery_record(approval=approval, channel=channel, outcome=outcome.FAILED, error="no open inbox")
     if first:

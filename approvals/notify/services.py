@@ -223,9 +223,18 @@ def webhooks_for_user(*, user_id: int) -> list[OrganisationWebhook]:
 
 
 def delivery_record(
-    *, approval: ApprovalRequest, channel: str, outcome: str, target: str = "", error: str = ""
+    *,
+    approval: ApprovalRequest,
+    channel: str,
+    outcome: str,
+    target: str = "",
+    error: str = "",
+    audit: bool = True,
 ) -> bool:
-    """Record one outcome of one channel for a prompt, once, with its audit row. True if new."""
+    """Record one outcome of one channel for a prompt, once, with its audit row. True if new.
+
+    ``audit=False`` where an audit row of its own tells it already (an open inbox's delivery:
+    ``approval.delivered``)."""
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -238,6 +247,8 @@ def delivery_record(
                 )
         except IntegrityError:
             return False
+        if not audit:
+            return True
         event = {
             Outcome.DELIVERED: "approval.reached",
             Outcome.FAILED: "approval.not_reached",

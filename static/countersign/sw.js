@@ -37,11 +37,17 @@ self.addEventListener("notificationclick", (event) => {
   event.notification.close();
   const url = promptUrl(event.notification.data);
   event.waitUntil((async () => {
-    const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
+    // An inbox this worker controls is reused (focused, then taken to the prompt); else a new window.
+    const windows = await self.clients.matchAll({ type: "window" });
     for (const client of windows) {
-      if (new URL(client.url).pathname.startsWith("/approvals/") && "navigate" in client) {
-        await client.focus();
-        return client.navigate(url);
+      if (new URL(client.url).pathname.startsWith("/approvals/")) {
+        try {
+          await client.focus();
+          const navigated = await client.navigate(url);
+          if (navigated) return navigated;
+        } catch (e) {
+          // not focusable or not navigable from here: open a window instead
+        }
       }
     }
     return self.clients.openWindow(url);
