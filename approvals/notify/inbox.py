@@ -13,9 +13,9 @@ from channels.layers import get_channel_layer
 
 from ..delivery import _sender, user_group
 from ..models import ApprovalRequest
+from ..services import _after_commit
 from .models import PromptDelivery
 from .services import delivery_record
-from .services import queue_after_commit as _queue
 
 LISTENERS_TIMEOUT = 2.0
 
@@ -50,4 +50,4 @@ def prompt_sent_to_inbox(*, approval: ApprovalRequest, first: bool) -> None:
         elif first:
             delivery_record(approval=approval, channel=channel, outcome=outcome.FAILED, error="no open inbox")
     if first:
-        _queue("approvals.notify_prompt", str(approval.pk))
+        _after_commit("approvals.notify_prompt", approval.pk)

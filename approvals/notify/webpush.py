@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from consent.conf import countersign_settings
+from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check
 
 from .models import VapidKey
 
@@ -146,8 +147,12 @@ def _key(value: Any, octets: int, what: str) -> str:
 
 def parse_subscription(body: bytes) -> Subscription:
     """The JSON a browser's ``PushSubscription.toJSON()`` makes, bounded and checked (RFC 8291 §3)."""
-    if len(body) > countersign_settings.PUSH_SUBSCRIPTION_MAX_BYTES:
-        raise SubscriptionRejected("the subscription is too large")
+    try:  # size and nesting measured before json parses (and recurses into) anything
+        check(
+            body, max_bytes=countersign_settings.PUSH_SUBSCRIPTION_MAX_BYTES, depth=4, what="the subscription"
+        )
+    except (JSONTooLarge, JSONTooDeep) as exc:
+        raise SubscriptionRejected(str(exc)) from exc
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -71,6 +71,8 @@ def _bad_subscriptions() -> list[tuple[str, object]]:
         ("not a point", {**good, "keys": {**good["keys"], "p256dh": "BA" + "A" * 85}}),
         ("compressed point", {**good, "keys": {**good["keys"], "p256dh": "Ag" + "A" * 41}}),
         ("keys not strings", {**good, "keys": {"p256dh": 5, "auth": ["x"]}}),
+        ("nested deeply", "[" * 2000 + "]" * 2000),
+        ("a list", [good]),
     ]
 
 
