@@ -185,8 +185,37 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{who.capitalize()} sent a usage report that was refused: {reason}."
         case "websocket.refused":
             return "A live-update connection was refused."
+        # The delivery channels (approvals.notify): d["channel"] is websocket, push, email or webhook.
+        case "approval.reached":
+            return f"The request “{_what(approval)}” reached you by {CHANNEL_WORDS.get(str(d.get('channel')), 'a channel')}."
+        case "approval.not_reached":
+            return (f"The request “{_what(approval)}” did not reach you by "
+                    f"{CHANNEL_WORDS.get(str(d.get('channel')), 'a channel')}: {d.get('error') or reason}.")
+        case "approval.opened":
+            return (f"You opened “{_what(approval)}” from the "
+                    f"{CLICK_WORDS.get(str(d.get('channel')), 'link')}.")
+        case "approval.open_refused":
+            return "A link opened a request that is not yours or does not exist."
+        case "push.subscribed":
+            return "You turned on notifications on a device."
+        case "push.unsubscribed":
+            return "You removed a device from your notifications."
+        case "push.device_expired":
+            return "A device's notifications had expired at its push service; it was removed."
+        case "push.subscribe_refused":
+            return f"Turning on notifications on a device was refused: {d.get('reason') or reason}."
+        case "push.remove_refused":
+            return "Removing a device was refused: it is not yours or does not exist."
+        case "notify.preference_set":
+            return f"You chose when to be emailed: {EMAIL_WORDS.get(str(d.get('email')), d.get('email'))}."
     fallback = e.event.replace(".", ": ").replace("_", " ").capitalize()
     return f"{fallback} ({reason})." if reason else f"{fallback}."
+
+
+CHANNEL_WORDS = {"websocket": "your open inbox", "push": "a notification on your device", "email": "email",
+                 "webhook": "your organisation's webhook"}
+CLICK_WORDS = {"push": "notification", "email": "email", "webhook": "organisation's message"}
+EMAIL_WORDS = {"unreachable": "when no device or open inbox is reachable", "always": "always", "never": "never"}
 
 
 def describe(events: list[Any], *, user_id: int) -> list[Entry]:

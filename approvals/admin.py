@@ -22,3 +22,45 @@ class ActionTokenAdmin(ReadOnlyAdmin):
     list_filter = ("redeemed_by",)
     readonly_fields = [f.name for f in ActionToken._meta.fields]
 
+
+
+# --- the delivery channels (approvals.notify) -------------------------------------------------------
+
+from django.contrib import messages  # noqa: E402
+from django.http import HttpRequest  # noqa: E402
+
+from .notify.models import OrganisationWebhook, PromptDelivery, PushSubscription  # noqa: E402
+from .notify.webhooks import webhook_secret_new  # noqa: E402
+
+
+@admin.register(OrganisationWebhook)
+class OrganisationWebhookAdmin(admin.ModelAdmin):
+    """Admins configure where an organisation's prompts are announced; the secret is shown once."""
+
+    list_display = ("name", "url", "group", "active", "created")
+    list_filter = ("active", "group")
+    fields = ("name", "url", "group", "active")
+
+    def save_model(self, request: HttpRequest, obj: OrganisationWebhook, form: object, change: bool) -> None:
+        if not change:
+            obj.secret = webhook_secret_new()
+            messages.warning(request, f"Signing secret for {obj.name} (shown once; give it to the receiver): "
+                                      f"{obj.secret}")
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(PushSubscription)
+class PushSubscriptionAdmin(ReadOnlyAdmin):
+    list_display = ("user", "label", "created", "last_delivered_at")
+    readonly_fields = ("user", "label", "created", "last_delivered_at")
+    exclude = ("endpoint", "endpoint_hash", "p256dh", "auth")
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return True  # an admin may take a lost device off an account
+
+
+@admin.register(PromptDelivery)
+class PromptDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ("approval", "channel", "outcome", "target", "error", "at")
+    list_filter = ("channel", "outcome")
+    readonly_fields = [f.name for f in PromptDelivery._meta.fields]

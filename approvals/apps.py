@@ -15,6 +15,8 @@ class ApprovalsConfig(AppConfig):
         from consent.tokens import ACTION_TOKEN_TYP
 
         from . import tasks  # noqa: F401  (registers the tasks the services queue by name, in every process)
+        from .notify import checks as notify_checks  # noqa: F401  (system checks of the channels' settings)
+        from .notify import tasks as notify_tasks  # noqa: F401  (the delivery channels' tasks)
         from .selectors import action_token_introspect
         from .services import approvals_cancel_for_grant
 

@@ -154,3 +154,34 @@ class ApprovalNotFound(Exception):
 
 class ApprovalNotPending(Exception):
     """The approval was already decided, expired, or cancelled."""
+
+
+# --- the delivery channels (approvals.notify) -------------------------------------------------------
+
+
+class PushSubscriptionInvalid(InvalidRequest):
+    """RFC 8291 §3, RFC 8030 §5: the subscription is malformed (endpoint not an https URL, keys not
+    a P-256 point and a 16-octet secret), so nothing could be pushed to it."""
+
+    code = "push_subscription_invalid"
+
+
+class PushSubscriptionTooLarge(InvalidRequest):
+    """The subscription is larger than ``PUSH_SUBSCRIPTION_MAX_BYTES``: refused before it is parsed."""
+
+    status_code = 413
+    code = "push_subscription_too_large"
+
+
+class TooManyDevices(InvalidRequest):
+    """The user has ``PUSH_MAX_DEVICES_PER_USER`` devices already; remove one first."""
+
+    status_code = 409
+    code = "too_many_devices"
+
+
+class DeviceNotFound(InvalidRequest):
+    """No such device among the signed-in user's own (another user's device id included)."""
+
+    status_code = 404
+    code = "device_not_found"

@@ -129,3 +129,13 @@ class ActionToken(models.Model):
 
     def __str__(self) -> str:
         return f"action token {self.jti} ({'redeemed' if self.redeemed_at else 'unredeemed'})"
+
+
+# The delivery channels' records (approvals.notify) belong to this app.
+from .notify.models import (  # noqa: E402, F401
+    NotificationPreference,
+    OrganisationWebhook,
+    PromptDelivery,
+    PushSubscription,
+    VapidKey,
+)

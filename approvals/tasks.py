@@ -15,6 +15,7 @@ from audit.services import audit_record
 
 from .delivery import prompt_payload, removal_message, send_to_user
 from .models import ApprovalRequest
+from .notify.inbox import prompt_sent_to_inbox
 from .selectors import approval_for_push
 from .services import (
     approval_expire,
@@ -53,7 +54,9 @@ def deliver_prompt(self, approval_id: str) -> None:
         send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
     except Exception as exc:  # Redis down: keep the row pending and try again
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
-    approval_mark_delivered(approval=approval, channel="websocket")
+    first = approval_mark_delivered(approval=approval, channel="websocket")
+    # The other channels (approvals.notify): devices, mailbox, organisation webhooks.
+    prompt_sent_to_inbox(approval=approval, first=first)
 
 
 @shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,

@@ -27,6 +27,8 @@ from .activity import END_REASONS
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
+from .notify.views import deliveries_by_approval
+from .notify.webpush import vapid_key
 from .receipts import receipt_for_download, receipt_from_redemption
 from .redemption import action_token_redeem, action_token_verify
 from .selectors import approval_for_decision, history_for_user, pending_for_user
@@ -43,9 +45,14 @@ from .wording import approve_gives, auth_words, status_words
 
 @login_required
 def inbox_view(request):
+    history = [_with_how(a) for a in history_for_user(user=request.user)]
+    reached = deliveries_by_approval([a.pk for a in history])
+    for a in history:
+        a.reached = reached.get(str(a.pk), [])
     return render(request, "approvals/inbox.html", {
         "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
-        "history": [_with_how(a) for a in history_for_user(user=request.user)],
+        "history": history,
+        "vapid_public_key": vapid_key().public_key if countersign_settings.PUSH_ENABLED else "",
     })
 
 

@@ -316,6 +316,29 @@ for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS", "MAX_PROMPTS_PER_USER_IN
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = int(os.environ[f"COUNTERSIGN_{_name}"])
 
+# Prompts beyond the open inbox (approvals.notify): loopback http push endpoints (tests, development)
+# and the email fallback's delay.
+if os.environ.get("COUNTERSIGN_PUSH_ALLOW_LOOPBACK"):
+    COUNTERSIGN["PUSH_ALLOW_LOOPBACK"] = os.environ["COUNTERSIGN_PUSH_ALLOW_LOOPBACK"] == "1"
+for _name in ("PUSH_CONTACT", "EMAIL_DEFAULT_PREFERENCE"):
+    if os.environ.get(f"COUNTERSIGN_{_name}"):
+        COUNTERSIGN[_name] = os.environ[f"COUNTERSIGN_{_name}"]
+if os.environ.get("COUNTERSIGN_EMAIL_FALLBACK_DELAY_SECONDS"):
+    COUNTERSIGN["EMAIL_FALLBACK_DELAY_SECONDS"] = int(os.environ["COUNTERSIGN_EMAIL_FALLBACK_DELAY_SECONDS"])
+
+# Email (the prompts' fallback channel): SMTP when EMAIL_HOST is set, else printed to the console in
+# development. Django's own settings, from the environment.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND") or (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend")
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "587" if EMAIL_HOST else "25"))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = os.environ.get("EMAIL_USE_TLS", "1" if EMAIL_HOST and EMAIL_PORT == 587 else "0") == "1"
+EMAIL_USE_SSL = os.environ.get("EMAIL_USE_SSL", "0") == "1"
+EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "10"))
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "Countersign <countersign@localhost>")
+
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "json" if PRODUCTION else "text")
 LOGGING = {
     "version": 1,

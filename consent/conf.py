@@ -121,6 +121,23 @@ DEFAULTS: dict[str, Any] = {
     # until an admin activates it (agent_update CLIENT_ID --status active); in development (an http
     # loopback issuer) it starts active, and loopback documents and registrations are accepted.
     "SELF_DESCRIBED_SCOPES": [],
+    # Prompts beyond the open inbox (approvals.notify). Web Push (RFC 8030/8291/8292): on unless
+    # PUSH_ENABLED is False; the VAPID key pair is generated on first use (or by vapid_key). The VAPID
+    # "sub" contact (RFC 8292 §2.1): a mailto: or https: URI; "" uses the issuer.
+    "PUSH_ENABLED": True,
+    "PUSH_CONTACT": "",
+    # Push endpoints must be https; loopback http endpoints are accepted only with this True (or DEBUG).
+    "PUSH_ALLOW_LOOPBACK": False,
+    "PUSH_TIMEOUT_SECONDS": 10.0,
+    "PUSH_MAX_DEVICES_PER_USER": 10,
+    # The subscription JSON a browser POSTs: most bytes accepted.
+    "PUSH_SUBSCRIPTION_MAX_BYTES": 4096,
+    # Email: the preference of users who never chose ("unreachable", "always" or "never"), and how long
+    # after a prompt goes out the "unreachable" check looks at what the other channels achieved.
+    "EMAIL_DEFAULT_PREFERENCE": "unreachable",
+    "EMAIL_FALLBACK_DELAY_SECONDS": 30,
+    # Organisation webhooks (Standard Webhooks): seconds per attempt.
+    "WEBHOOK_TIMEOUT_SECONDS": 5.0,
 }
 
 

@@ -55,6 +55,7 @@
     t.setAttribute("datetime", p.expires_at);
     t.title = new Date(p.expires_at).toLocaleString();
     t.textContent = countdownText(Date.parse(p.expires_at));
+    li.id = "prompt-" + p.id;
     li.querySelector("form.approve").action = "/approvals/" + p.id + "/approve/";
     li.querySelector("form.deny").action = "/approvals/" + p.id + "/deny/";
   }
