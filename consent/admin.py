@@ -152,6 +152,8 @@ class ScopePolicyAdmin(AuditedAdmin):
         ("Step-up settings (used only when sensitivity is step-up)", {"fields": (
             "approval_window", "action_token_ttl", "fresh_auth_seconds", "authorization_details_types",
             "auto_approve_rule")}),
+        ("Budgets users may give agents (step-up only; leave empty to offer none)", {"fields": (
+            "budget_currency", "budget_max_per_action", "budget_max_total", "budget_periods")}),
     )
 
 
