@@ -10,7 +10,9 @@ import pytest
 from django.utils import timezone
 
 from approvals.activity import describe
+from approvals.delivery import prompt_payload
 from approvals.models import ActionToken, ApprovalRequest, BudgetReservation
+from approvals.selectors import approval_for_push
 from approvals.services import approval_expire, approvals_expire_due, auth_req_id_hash
 from audit.models import AuditEvent
 from consent.budget import Budget, period_start
@@ -84,9 +86,10 @@ def test_inside_the_budget_no_prompt_token_minted_and_audited(agent, budget, sce
     assert "1,880.00 USD left of 2,000.00 USD this week" in page
     detail = client.get(f"/grants/{approval.grant_id}/").content.decode()
     assert "approved within your budget" in detail
+    assert "Approved within your budget (120.00 USD)" in client.get("/approvals/").content.decode()
 
 
-def test_over_the_per_action_ceiling_prompts_and_says_why(agent, budget):
+def test_over_the_per_action_ceiling_prompts_and_says_why(agent, budget, client):
     auth_req_id, approval = ask(agent, "600.00")
     assert approval.status == S.PENDING
     assert approval.budget_note == "over your 500.00 USD per-purchase budget"
@@ -94,6 +97,12 @@ def test_over_the_per_action_ceiling_prompts_and_says_why(agent, budget):
     assert agent.poll(auth_req_id).json()["error"] == "authorization_pending"
     requested = AuditEvent.objects.get(event="approval.requested", detail__approval_id=str(approval.pk))
     assert requested.detail["budget"] == approval.budget_note
+    # The prompt says why it asks, on the page and in what the live inbox is pushed.
+    client.login(username="officer", password=PASSWORD)
+    inbox = client.get("/approvals/").content.decode()
+    assert "Not within your budget:" in inbox and "over your 500.00 USD per-purchase budget" in inbox
+    pushed = approval_for_push(approval_id=approval.pk)
+    assert pushed is not None and prompt_payload(pushed)["budget_note"] == approval.budget_note
 
 
 def test_over_the_period_total_prompts(agent, budget):
