@@ -196,9 +196,10 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
                                              "currency": budget.currency})
                 budget_approved_event(approval, budget=budget, amount=fit.amount).append()
                 auto = True
-            else:
-                approval.budget_note = "over what is left of your budget"
-                ApprovalRequest.objects.filter(pk=approval.pk).update(budget_note=approval.budget_note)
+            else:  # words the prompt from the budget as the winner left it
+                lost = budget_fit(Budget.objects.filter(pk=budget.pk).first(), req.authorization_details, now)
+                approval.budget_note = (lost.why if lost is not None and lost.why else "your budget no longer covers it")
+                ApprovalRequest.objects.filter(pk=approval.pk).update(budget_note=approval.budget_note[:200])
         elif auto:
             _auto_approve(approval, rule=rule, now=now)
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)

@@ -110,3 +110,7 @@ def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario, r
     # Serialised on the budget row: requests were turned away only once the rest no longer fit.
     assert row.total - row.used < Decimal("45.00") + Decimal("1")
     assert results.count(ApprovalRequest.Status.PENDING) == REQUESTS - approved.count() > 0
+    # Whoever lost a race is told why on the prompt, like a request that never fitted.
+    notes = set(ApprovalRequest.objects.filter(grant=grant, status=ApprovalRequest.Status.PENDING)
+                .values_list("budget_note", flat=True))
+    assert notes and all("left of your 1,000.00 USD weekly budget" in n for n in notes), notes
