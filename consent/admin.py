@@ -8,6 +8,7 @@ import secrets
 
 from django import forms
 from django.contrib import admin, messages
+from django.http import HttpRequest
 from django.utils.html import format_html
 from oauth2_provider.models import get_id_token_model
 
@@ -18,6 +19,7 @@ from .models import (
     AccessToken,
     Agent,
     AuthorizationCode,
+    Budget,
     RefreshToken,
     ResourceServer,
     ScopePolicy,
@@ -203,6 +205,22 @@ class SessionGrantAdmin(admin.ModelAdmin):
         done = sum(grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
                    for g in queryset)
         messages.success(request, f"Revoked {done} grant(s).")
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Read-only: a budget is the user's to set, lower and end (``/grants/``)."""
+
+    list_display = ("grant", "scope", "currency", "per_action", "total", "period", "used", "period_start", "status")
+    list_filter = ("status", "period", "currency")
+    search_fields = ("grant__id", "grant__user__username", "scope")
+    readonly_fields = [f.name for f in Budget._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Budget | None = None) -> bool:
+        return False
 
 
 @admin.register(SigningKey)

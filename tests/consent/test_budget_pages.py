@@ -174,3 +174,22 @@ def test_the_admin_maximum_is_checked_when_the_policy_is_set(ledger_policy):
     with pytest.raises(ValidationError):
         scope_set(name="catalog:read", values={"budget_currency": "USD", "budget_max_per_action": Decimal("10"),
                                                "budget_max_total": Decimal("100"), "budget_periods": ["week"]})
+
+
+def test_scope_set_offers_budgets_from_a_shell(ledger_policy):
+    from django.core.management import call_command
+
+    call_command("scope_set", "ledger:write", audience="http://ledger.test", sensitivity="step_up",
+                 budget_currency="USD", budget_max_per_action="750.50", budget_max_total="3000",
+                 budget_periods="week month")
+    policy = type(ledger_policy).objects.get(name="ledger:write")
+    assert policy.offers_budget and policy.budget_max_per_action == Decimal("750.50")
+    assert policy.budget_periods == ["week", "month"]
+    changed = AuditEvent.objects.filter(event="scope_policy.changed").latest("id")
+    assert changed.detail["budget_max_per_action"] == "750.50"
+
+
+def test_the_admin_lists_budgets_read_only(budget, admin_client):
+    page = admin_client.get("/admin/consent/budget/")
+    assert page.status_code == 200 and "ledger:write" in page.content.decode()
+    assert admin_client.get("/admin/consent/budget/add/").status_code == 403
