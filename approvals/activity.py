@@ -7,10 +7,12 @@ bulk for one page, a few statements whatever its length.
 
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.db.models import Q
 
+from consent.budget import money
 from consent.models import Agent, ResourceServer, ScopePolicy
 
 from .models import ApprovalRequest
@@ -53,8 +55,10 @@ class _Names:
                         and e.detail.get("approval_id")}
         self.approvals = {str(a.pk): a for a in ApprovalRequest.objects.filter(
             pk__in=[i for i in approval_ids if _uuid_like(i)], user_id=user_id).only(
-            "id", "headline", "authorization_details", "decision_auth", "scope")}
-        scopes = {a.scope for a in self.approvals.values()}
+            "id", "headline", "authorization_details", "decision_auth", "decision_method", "scope")}
+        scopes = {a.scope for a in self.approvals.values()} | {  # budget events name their scope
+            str(e.detail["scope"]) for e in events if isinstance(e.detail, dict) and e.event.startswith("budget.")
+            and e.detail.get("scope")}
         audiences = dict(ScopePolicy.objects.filter(name__in=scopes).values_list("name", "audience"))
         by_audience = dict(ResourceServer.objects.filter(audience__in=audiences.values()).values_list("audience", "name"))
         self.scope_system = {s: by_audience.get(a, a) for s, a in audiences.items()}
@@ -90,6 +94,13 @@ def _did(agent: str, approval: ApprovalRequest | None, system: str) -> str:
     if first.get("type") == "ledger_entry" and first.get("amount"):
         return f"{agent} wrote {first.get('amount')} {first.get('currency', '')}".rstrip() + f" to {system}"
     return f"{agent} carried out {_what(approval)} at {system}"
+
+
+def _money(d: dict[str, Any], key: str = "amount") -> str:
+    try:
+        return money(Decimal(str(d.get(key))), str(d.get("currency", "")))
+    except (InvalidOperation, ValueError):
+        return "an amount"
 
 
 def _sentence(e: Any, n: _Names) -> str:
@@ -131,7 +142,8 @@ def _sentence(e: Any, n: _Names) -> str:
         case "token.refused":
             return f"{agent} was refused a token: {reason}."
         case "approval.requested":
-            return f"{agent} asked for your approval: {_what(approval)}."
+            note = f" ({d['budget']})" if d.get("budget") else ""
+            return f"{agent} asked for your approval: {_what(approval)}{note}."
         case "approval.delivered":
             return f"The request “{_what(approval)}” reached your inbox."
         case "approval.approved":
@@ -139,6 +151,20 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"You approved {_what(approval)}" + (f", signed in with {words}" if words else "") + "."
         case "approval.auto_approved":
             return f"{_what(approval)} was approved automatically by a rule your administrator set."
+        case "approval.budget_approved":
+            return f"{_what(approval)} was approved within your budget ({_money(d)} reserved)."
+        case "budget.set":
+            return f"You gave {agent} a budget for {system}: up to {_money(d, 'per_action')} each, " \
+                   f"{_money(d, 'total')} a {d.get('period', 'period')}."
+        case "budget.lowered":
+            return f"You lowered {agent}'s budget for {system}: up to {_money(d, 'per_action')} each, " \
+                   f"{_money(d, 'total')} per period."
+        case "budget.ended":
+            return f"You ended {agent}'s budget for {system}; every request asks you again."
+        case "budget.refunded":
+            return f"{_money(d)} went back to your budget: “{_what(approval)}” ended unused."
+        case "budget.refused":
+            return f"A budget was not changed: {reason}."
         case "approval.denied":
             return f"You denied {_what(approval)}."
         case "approval.expired":
@@ -156,6 +182,8 @@ def _sentence(e: Any, n: _Names) -> str:
         case "action_token.issued":
             return f"{agent} collected its single-use token for {_what(approval)}."
         case "action_token.redeemed":
+            if approval is not None and approval.decision_method == "budget":
+                return _did(agent, approval, system) + ", approved within your budget."
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
             return _did(agent, approval, system) + ", approved by you" + (f" with {words}" if words else "") + "."
         case "redemption.refused":

@@ -17,6 +17,7 @@ from typing import Any
 from django.utils import timezone
 
 from consent import rows
+from consent.budget import Budget
 from consent.conf import countersign_settings
 from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
 from consent.oauth.client_auth import AGENT_ROW
@@ -50,6 +51,10 @@ class BackchannelRequest:
     window_seconds: int
     delivery_mode: str
     client_notification_token: str
+    # The grant's active budget on this scope, as the login hint's statement read it; with
+    # ``budget_read`` False (a request built elsewhere) the request path reads it itself.
+    budget: Budget | None = None
+    budget_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class LoginHint:
     grant: SessionGrant
     agent: Agent
     policy: ScopePolicy | None
+    budget: Budget | None = None
 
 
 _HINT_TOKEN = rows.Columns(AccessToken, "t", ["expires"])
@@ -68,24 +74,28 @@ _HINT_GRANT = rows.Columns(SessionGrant, "g", ["id", "user", "agent", "status", 
                                                "dpop_jkt"])
 _POLICY = rows.Columns(ScopePolicy, "p", ["id", "name", "sensitivity", "description", "approval_window",
                                           "authorization_details_types", "auto_approve_rule"])
+_BUDGET = rows.Columns(Budget, "b", ["id", "grant", "scope", "currency", "per_action", "total", "period",
+                                     "period_start", "used", "status"])
 
 
 def read_login_hint(token: str, scope: str) -> LoginHint | None:
     """The row of the session token named by ``login_hint_token``, with what validation needs."""
     if not token or len(token) > MAX_TOKEN_BYTES:
         return None
-    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {AGENT_ROW.sql}, {_POLICY.sql}"
+    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {AGENT_ROW.sql}, {_POLICY.sql}, {_BUDGET.sql}"
            f" FROM {rows.table(AccessToken)} t"
            f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
            f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
            f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = %s"
+           f" LEFT JOIN {rows.table(Budget)} b ON b.grant_id = g.id AND b.scope = p.name AND b.status = %s"
            f" WHERE t.token_checksum = %s")
-    row = rows.fetchone(sql, [scope, token_checksum(token)])
+    row = rows.fetchone(sql, [scope, Budget.Status.ACTIVE, token_checksum(token)])
     if row is None:
         return None
-    token_row, grant, agent, policy = rows.split(row, _HINT_TOKEN, _HINT_GRANT, AGENT_ROW, _POLICY)
+    token_row, grant, agent, policy, budget = rows.split(row, _HINT_TOKEN, _HINT_GRANT, AGENT_ROW, _POLICY, _BUDGET)
     return LoginHint(token_row["expires"], rows.instance(SessionGrant, grant), rows.instance(Agent, agent),
-                     rows.instance(ScopePolicy, policy) if policy["id"] is not None else None)
+                     rows.instance(ScopePolicy, policy) if policy["id"] is not None else None,
+                     rows.instance(Budget, budget) if budget["id"] is not None else None)
 
 
 def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -> SessionGrant:
@@ -181,7 +191,8 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         return BackchannelRequest(
             agent=agent, grant=grant, scope=scope, system="your connection with this agent", auto_approve_rule="",
             authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
-            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token)
+            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
+            budget_read=True)
     policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
@@ -202,4 +213,5 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         agent=agent, grant=grant, scope=scope, system=policy.description, auto_approve_rule=policy.auto_approve_rule,
         authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
         window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
+        budget=hint.budget if hint is not None else None, budget_read=hint is not None,
     )

@@ -65,6 +65,7 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
         "headline": approval.headline,
         "authorization_details": approval.authorization_details,
         "binding_message": approval.binding_message,
+        "budget_note": approval.budget_note,
         "gives": approve_gives(approval.scope),
         "created": approval.created.isoformat(),
         "expires_at": approval.expires_at.isoformat(),

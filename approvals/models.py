@@ -91,6 +91,8 @@ class ApprovalRequest(models.Model):
         "consent.ResourceServer", null=True, blank=True, on_delete=models.CASCADE, related_name="+",
         help_text="Opened by this resource server for a token it was handed (approvals.rs_stepup): only it "
                   "collects the action token, never the agent.")
+    budget_note = models.CharField(
+        max_length=200, blank=True, help_text="Why the user's budget did not cover it, shown on the prompt.")
 
     class Meta:
         ordering = ["-created"]
@@ -131,6 +133,30 @@ class ActionToken(models.Model):
         return f"action token {self.jti} ({'redeemed' if self.redeemed_at else 'unredeemed'})"
 
 
+class BudgetReservation(models.Model):
+    """The amount one budget approval counts against its budget (``approvals.budgets``).
+
+    ``state`` leaves ``reserved`` once: to ``spent`` when the action token is redeemed, to
+    ``refunded`` when the request ends without redemption; each by a conditional UPDATE, so a
+    refund that runs twice returns the amount once.
+    """
+
+    class State(models.TextChoices):
+        RESERVED = "reserved", "Reserved"
+        SPENT = "spent", "Spent"
+        REFUNDED = "refunded", "Returned to the budget"
+
+    approval = models.OneToOneField(ApprovalRequest, on_delete=models.CASCADE, related_name="budget_reservation")
+    budget = models.ForeignKey("consent.Budget", on_delete=models.CASCADE, related_name="reservations")
+    amount = models.DecimalField(max_digits=18, decimal_places=4)
+    currency = models.CharField(max_length=3)
+    period_start = models.DateTimeField(help_text="The budget period the amount counted in.")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.RESERVED, db_index=True)
+    created = models.DateTimeField(default=timezone.now)
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.currency} for {self.approval_id} ({self.state})"
 # The delivery channels' records (approvals.notify) belong to this app.
 from .notify.models import (  # noqa: E402, F401
     NotificationPreference,

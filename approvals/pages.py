@@ -58,6 +58,7 @@ def grant_detail_view(request, grant_id):
                       detail={"grant_id": str(grant_id), "reason": "no grant of this user"})
         raise Http404("No such connection.")
     template = "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
-    return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live()})
+    return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live(),
+                                      "detail_url": f"/grants/{story.grant.pk}/"})
 
 

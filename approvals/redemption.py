@@ -23,6 +23,7 @@ from consent.selectors import forget_resource_server
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 
 from . import rar
+from .budgets import SPEND_CTE, budget_spend, spend_params
 from .errors import (
     ActionHashMismatch,
     ActionMismatch,
@@ -108,9 +109,10 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
         row = rows.fetchone(
             f"WITH won AS ({_WIN_HOLDING}),"
             f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
-            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
+            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), spent AS ({SPEND_CTE}),"
+            f" written AS ({audit_sql})"
             f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
-            [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *audit_params, *why])
+            [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *spend_params(now), *audit_params, *why])
         if row is None:
             return None, 0, None
         return row[0], row[1], tuple(row[2:])
@@ -119,6 +121,7 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now,
         return None, 0, rows.fetchone(f"SELECT {_WHY}", why)
     moved = rows.execute(_MOVE, [_REDEEMED, won[0], _REDEEMABLE])
     if moved == 1:
+        budget_spend(approval_id=won[0], now=now)  # the amount a budget approval reserved is spent
         event.append()
     return won[0], moved, None
 

@@ -30,7 +30,7 @@ def pending_count(*, user) -> int:
 
 _PUSH = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details",
-    "binding_message", "created", "expires_at", "delivered_at"])
+    "binding_message", "budget_note", "created", "expires_at", "delivered_at"])
 _PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
 
 

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from audit.services import PendingEvent, audit_event, audit_record
 from consent import rows
+from consent.budget import Budget
 from consent.conf import countersign_settings
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.rules import rule_matches
@@ -26,6 +27,7 @@ from consent.services import AuthContext, grant_extend
 from consent.tokens import bind_to_proof_key, token_type
 
 from . import delivery, rar
+from .budgets import BUDGET, budget_approved_event, budget_fit, budget_refund, budget_reserve
 from .ciba import EXTEND_SCOPE, BackchannelRequest
 from .errors import (
     AlreadyIssued,
@@ -128,7 +130,7 @@ def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, i
     since = rows.param(ApprovalRequest, "created", now - timedelta(seconds=countersign_settings.PROMPT_WINDOW_SECONDS))
     grant_id = rows.param(ApprovalRequest, "grant", req.grant.pk)
     same = f"FROM {_APPROVAL} WHERE grant_id = %s AND scope = %s AND action_hash = %s AND status = %s"
-    recent = "AND created > %s AND decision_method <> %s"
+    recent = "AND created > %s AND decision_method NOT IN (%s, %s)"  # approvals without a prompt don't count
     row = rows.fetchone(
         f"SELECT (SELECT id {same}), (SELECT CASE WHEN expires_at <= %s THEN 1 ELSE 0 END {same}),"
         f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE user_id = %s AND status = %s AND expires_at > %s),"
@@ -138,7 +140,7 @@ def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, i
         [grant_id, req.scope, req.action_hash, Status.PENDING,
          at, grant_id, req.scope, req.action_hash, Status.PENDING,
          req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at,
-         req.grant.user_id, since, AUTO_RULE, req.agent.pk, since, AUTO_RULE])
+         req.grant.user_id, since, AUTO_RULE, BUDGET, req.agent.pk, since, AUTO_RULE, BUDGET])
     return row[0], bool(row[1]), row[2], row[3], row[4], row[5]
 
 
@@ -187,6 +189,11 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
     auto = bool(rule) and rule_matches(rule, req.authorization_details)
+    budget = req.budget if req.budget_read else Budget.objects.filter(
+        grant_id=grant.pk, scope=req.scope, status=Budget.Status.ACTIVE).first()
+    fit = None if auto else budget_fit(budget, req.authorization_details, now)
+    if fit is not None and fit.amount is None:
+        approval.budget_note = fit.why[:200]
     with transaction.atomic():  # the row and its audit events commit together, or not at all
         if rows.insert_instance(approval, skip_conflicts=True) is None:
             # A concurrent identical request won the partial unique index: answer with that one.
@@ -195,10 +202,24 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
         _audit(approval, "approval.requested", actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
                request=request,
                action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
-               expires_in=req.window_seconds)
-        if auto:
+               expires_in=req.window_seconds, **({"budget": approval.budget_note} if approval.budget_note else {}))
+        if not auto and budget is not None and fit is not None and fit.amount is not None:
+            # Inside the user's budget: reserved by one conditional UPDATE; the request then takes the
+            # approve edge as a rule's does. Lost to a concurrent reservation (or a lowering): a prompt.
+            if budget_reserve(budget=budget, approval=approval, amount=fit.amount, now=now):
+                _auto_approve(approval, rule="", now=now, method=BUDGET,
+                              decision_auth={"budget_id": budget.pk, "amount": str(fit.amount),
+                                             "currency": budget.currency})
+                budget_approved_event(approval, budget=budget, amount=fit.amount).append()
+                auto = True
+            else:  # words the prompt from the budget as the winner left it
+                lost = budget_fit(Budget.objects.filter(pk=budget.pk).first(), req.authorization_details, now)
+                approval.budget_note = (lost.why if lost is not None and lost.why else "your budget no longer covers it")
+                ApprovalRequest.objects.filter(pk=approval.pk).update(budget_note=approval.budget_note[:200])
+        elif auto:
             _auto_approve(approval, rule=rule, now=now)
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)
+        if auto:
             if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
                 _after_commit("approvals.notify_agent", approval.pk)
         else:
@@ -208,21 +229,22 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
     return approval, True
 
 
-def _auto_approve(approval: ApprovalRequest, *, rule: str, now) -> None:
-    """PENDING -> APPROVED by the policy's rule, in the transaction that created the request: the
-    same edge, and the same guard, as the user's Approve."""
+def _auto_approve(approval: ApprovalRequest, *, rule: str, now, method: str = AUTO_RULE,
+                  decision_auth: dict[str, Any] | None = None) -> None:
+    """PENDING -> APPROVED by the policy's rule (or within the user's budget, ``method`` BUDGET), in
+    the transaction that created the request: the same edge, and the same guard, as the user's Approve."""
     guard, states = _leaving("approve")
-    decision_auth = {"rule": rule}
+    decision_auth = decision_auth if decision_auth is not None else {"rule": rule}
     moved = rows.execute(
         f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decision_method = %s, decision_auth = %s"
         f" WHERE id = %s AND {guard}",
-        [ApprovalRequest.entering("approve"), rows.param(ApprovalRequest, "decided_at", now), AUTO_RULE,
+        [ApprovalRequest.entering("approve"), rows.param(ApprovalRequest, "decided_at", now), method,
          rows.param(ApprovalRequest, "decision_auth", decision_auth), rows.param(ApprovalRequest, "id", approval.pk),
          *states])
     if moved != 1:  # the row was inserted in this very transaction: nothing else can have moved it
         raise ApprovalNotPending(approval.status)
     approval.status, approval.decided_at = ApprovalRequest.entering("approve"), now
-    approval.decision_method, approval.decision_auth = AUTO_RULE, decision_auth
+    approval.decision_method, approval.decision_auth = method, decision_auth
 
 
 def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
@@ -462,6 +484,7 @@ def approval_expire(*, approval_id: Any) -> bool:
             status=to, decided_at=now, decision_method=method)
         approval.status = to
         _audit(approval, event, actor="system", **({"reason": method} if to == Status.CANCELLED else {}))
+        budget_refund(approval=approval, reason=method)  # an amount it reserved goes back, once
         _announce_end(approval)
     return True
 
@@ -484,6 +507,7 @@ def approval_cancel(*, approval_id: Any, reason: str) -> bool:
             return False
         approval = ApprovalRequest.objects.select_related("agent").get(pk=approval_id)
         _audit(approval, "approval.cancelled", actor="system", reason=reason)
+        budget_refund(approval=approval, reason=reason)
         _announce_end(approval)
     return True
 

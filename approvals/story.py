@@ -12,7 +12,9 @@ from typing import Any
 from django.db.models import Count, Max, Q
 
 from audit.models import AuditEvent
-from consent.models import GrantUse, ResourceServer, SessionGrant
+from consent.budget import Budget
+from consent.budgets import budget_policies, budgets_for_grants
+from consent.models import GrantUse, ResourceServer, ScopePolicy, SessionGrant
 
 from .activity import Entry, describe
 from .models import ApprovalRequest
@@ -33,6 +35,7 @@ class GrantSummary:
     approvals: int = 0
     now: str = ""
     now_at: datetime | None = None
+    budgets: list[Budget] = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Story:
     signed_in_with: str
     entries: list[Entry] = field(default_factory=list)
     receipts: dict[str, str] = field(default_factory=dict)  # approval id -> its receipt URL
+    budgets: list[Budget] = field(default_factory=list)  # active ones
+    budget_offers: list[ScopePolicy] = field(default_factory=list)  # step-up scopes a budget may be set on
 
 
 def grants_overview(*, grants: list[SessionGrant], user_id: int) -> list[GrantSummary]:
@@ -52,12 +57,14 @@ def grants_overview(*, grants: list[SessionGrant], user_id: int) -> list[GrantSu
         "grant_id").annotate(last=Max("occurred_at", filter=Q(actor__startswith="agent:")),
                              tokens=Count("id", filter=Q(event__in=TOKEN_EVENTS, outcome="ok")),
                              approvals=Count("id", filter=Q(event="approval.requested")))}
+    budgets = budgets_for_grants(ids)
     summaries = []
     for g in grants:
         used, seen = uses.get(g.pk, {}), events.get(str(g.pk), {})
         lasts = [t for t in (used.get("last"), seen.get("last")) if t is not None]
         summary = GrantSummary(grant=g, last_used=max(lasts) if lasts else None, uses=used.get("n", 0),
-                               tokens=seen.get("tokens", 0), approvals=seen.get("approvals", 0))
+                               tokens=seen.get("tokens", 0), approvals=seen.get("approvals", 0),
+                               budgets=budgets.get(g.pk, []))
         if g.is_live():
             summary.now, summary.now_at = _latest(g, user_id)
         summaries.append(summary)
@@ -102,4 +109,8 @@ def grant_story(*, grant_id: Any, user_id: int) -> Story | None:
     entries.sort(key=lambda e: (e.when, e.id if e.id > 0 else 0))
     receipts = {str(pk): f"/approvals/{pk}/receipt/" for pk in ApprovalRequest.objects.filter(
         grant=grant, status=ApprovalRequest.Status.REDEEMED).values_list("pk", flat=True)}
-    return Story(grant=grant, signed_in_with=auth_words(grant.amr), entries=entries, receipts=receipts)
+    budgets = budgets_for_grants([grant.pk]).get(grant.pk, []) if grant.is_live() else []
+    with_budget = {b.scope for b in budgets}
+    offers = [p for p in budget_policies(grant.step_up_scopes) if p.name not in with_budget] if grant.is_live() else []
+    return Story(grant=grant, signed_in_with=auth_words(grant.amr), entries=entries, receipts=receipts,
+                 budgets=budgets, budget_offers=offers)

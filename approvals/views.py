@@ -71,6 +71,8 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
         approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
     elif approval.decision_method == "auto_rule":
         approval.how = f"Automatically, by the rule {auth.get('rule', '')}"
+    elif approval.decision_method == "budget":
+        approval.how = f"Approved within your budget ({auth.get('amount', '')} {auth.get('currency', '')})"
     elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:
         approval.how = "Nobody answered in time"
     elif approval.status == ApprovalRequest.Status.CANCELLED:

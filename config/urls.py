@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 
 from approvals import pages
 from config import health
-from consent.views import account, discovery, oauth, registration, registry, revocation, token, usage
+from consent.views import account, budgets, discovery, oauth, registration, registry, revocation, token, usage
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/grants/", permanent=False)),
@@ -30,6 +30,9 @@ urlpatterns = [
     path("grants/", pages.grants_view, name="grants"),
     path("grants/<uuid:grant_id>/", pages.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
+    path("grants/<uuid:grant_id>/budgets/", budgets.budget_add_view, name="budget-add"),
+    path("grants/<uuid:grant_id>/budgets/<int:budget_id>/lower/", budgets.budget_lower_view, name="budget-lower"),
+    path("grants/<uuid:grant_id>/budgets/<int:budget_id>/end/", budgets.budget_end_view, name="budget-end"),
     path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
     path("", include("audit.urls")),

@@ -8,6 +8,7 @@ import secrets
 
 from django import forms
 from django.contrib import admin, messages
+from django.http import HttpRequest
 from django.utils.html import format_html
 from oauth2_provider.models import get_id_token_model
 
@@ -18,6 +19,7 @@ from .models import (
     AccessToken,
     Agent,
     AuthorizationCode,
+    Budget,
     RefreshToken,
     ResourceServer,
     ScopePolicy,
@@ -152,6 +154,8 @@ class ScopePolicyAdmin(AuditedAdmin):
         ("Step-up settings (used only when sensitivity is step-up)", {"fields": (
             "approval_window", "action_token_ttl", "fresh_auth_seconds", "authorization_details_types",
             "auto_approve_rule")}),
+        ("Budgets users may give agents (step-up only; leave empty to offer none)", {"fields": (
+            "budget_currency", "budget_max_per_action", "budget_max_total", "budget_periods")}),
     )
 
 
@@ -201,6 +205,22 @@ class SessionGrantAdmin(admin.ModelAdmin):
         done = sum(grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
                    for g in queryset)
         messages.success(request, f"Revoked {done} grant(s).")
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Read-only: a budget is the user's to set, lower and end (``/grants/``)."""
+
+    list_display = ("grant", "scope", "currency", "per_action", "total", "period", "used", "period_start", "status")
+    list_filter = ("status", "period", "currency")
+    search_fields = ("grant__id", "grant__user__username", "scope")
+    readonly_fields = [f.name for f in Budget._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Budget | None = None) -> bool:
+        return False
 
 
 @admin.register(SigningKey)

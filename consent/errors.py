@@ -180,3 +180,46 @@ class TooManyRequests(OAuthError):
         self.retry_after = max(1, int(retry_after))
         if error:
             self.error = error
+
+
+# --- budgets (consent.budget): what a user may set on a step-up scope, within the admin's maximum ---
+
+
+class BudgetRefused(InvalidRequest):
+    """A budget the user asked for cannot be set (RFC 6749 §5.2 ``invalid_request``): the form's
+    values are outside what the scope policy offers. Nothing is changed."""
+
+    code = "budget_invalid"
+
+
+class BudgetExceeded(BudgetRefused):
+    """The ceiling or the period total is above the administrator's maximum for the scope."""
+
+    code = "budget_exceeded"
+
+
+class BudgetCurrency(BudgetRefused):
+    """The budget is in another currency than the scope policy's."""
+
+    code = "budget_currency"
+
+
+class BudgetNotOffered(BudgetRefused):
+    """The scope offers no budget (its policy sets no maximum), or is not in this grant."""
+
+    code = "budget_not_offered"
+
+
+class BudgetNotLowered(BudgetRefused):
+    """A change to a budget may only lower it; raising it needs a new consent."""
+
+    code = "budget_not_lowered"
+
+
+class BudgetNotFound(OAuthError):
+    """No active budget of this user's with that id (HTTP 404: another user's budget is not theirs
+    to see)."""
+
+    error = "not_found"
+    status_code = 404
+    code = "budget_not_found"

@@ -21,6 +21,8 @@ from oauth2_provider.models import (
     AbstractRefreshToken,
 )
 
+from .budget import Budget as Budget  # a consent model, kept in its own module
+from .budget import money
 from .conf import countersign_settings
 from .rules import validate_rule
 
@@ -213,8 +215,26 @@ class ScopePolicy(models.Model):
     require_second_factor = models.BooleanField(
         default=False, help_text="Consenting to this scope needs a password and a TOTP code.",
     )
+    # Budgets (consent.budget): the most a user may let an agent spend without a prompt. All empty:
+    # no budget is offered for this scope.
+    budget_currency = models.CharField(
+        max_length=3, blank=True, help_text="Step-up only: ISO 4217 code budgets are kept in, e.g. USD.",
+    )
+    budget_max_per_action = models.DecimalField(
+        "largest per-action ceiling", max_digits=18, decimal_places=4, null=True, blank=True,
+        help_text="Step-up only: the highest 'up to N each' a user may set.",
+    )
+    budget_max_total = models.DecimalField(
+        "largest period total", max_digits=18, decimal_places=4, null=True, blank=True,
+        help_text="Step-up only: the highest total per period a user may set.",
+    )
+    budget_periods = models.JSONField(
+        default=list, blank=True, help_text='Step-up only: periods users may choose, of "day", "week", "month".',
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
+
+    BUDGET_PERIODS = ("day", "week", "month")
 
     class Meta:
         ordering = ["name"]
@@ -228,6 +248,19 @@ class ScopePolicy(models.Model):
     def is_step_up(self) -> bool:
         return self.sensitivity == self.Sensitivity.STEP_UP
 
+    @property
+    def offers_budget(self) -> bool:
+        return bool(self.is_step_up and self.budget_currency and self.budget_max_per_action
+                    and self.budget_max_total and self.budget_periods)
+
+    @property
+    def budget_limits(self) -> str:
+        """The administrator's maximum, as the consent screen words it."""
+        if not self.offers_budget or self.budget_max_per_action is None or self.budget_max_total is None:
+            return ""
+        return (f"at most {money(self.budget_max_per_action, self.budget_currency)} each and "
+                f"{money(self.budget_max_total, self.budget_currency)} per period")
+
     def clean(self):
         from django.core.exceptions import ValidationError
 
@@ -240,6 +273,24 @@ class ScopePolicy(models.Model):
         types = self.authorization_details_types
         if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
             raise ValidationError({"authorization_details_types": 'A list of type names, e.g. ["ledger_entry"].'})
+        self._clean_budget(ValidationError)
+
+    def _clean_budget(self, error: type[Exception]) -> None:
+        periods = self.budget_periods
+        if not isinstance(periods, list) or not all(p in self.BUDGET_PERIODS for p in periods):
+            raise error({"budget_periods": 'A list of "day", "week", "month".'})
+        fields = (self.budget_currency, self.budget_max_per_action, self.budget_max_total, periods)
+        if any(fields) and not all(fields):
+            raise error({"budget_currency": "Set the currency, both maximums and the periods, or none of them."})
+        if self.budget_currency and (len(self.budget_currency) != 3 or not self.budget_currency.isupper()
+                                     or not self.budget_currency.isalpha()):
+            raise error({"budget_currency": "An ISO 4217 code such as USD."})
+        if all(fields) and not self.is_step_up:
+            raise error({"budget_currency": "Only step-up scopes offer budgets."})
+        for name in ("budget_max_per_action", "budget_max_total"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise error({name: "A positive amount."})
 
 
 class SessionGrant(models.Model):
@@ -380,3 +431,4 @@ class SigningKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alg} {self.kid} ({'active' if self.active else 'retired'})"
+

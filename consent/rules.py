@@ -41,3 +41,38 @@ def rule_matches(rule: str, details: list[dict[str, Any]]) -> bool:
         if not ok:
             return False
     return True
+
+
+# Amounts a budget counts: a plain decimal string ("4250.00"), as RFC 9396's examples write them.
+_AMOUNT = re.compile(r"^\d{1,14}(?:\.\d{1,4})?$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def parse_amount(text: object) -> Decimal | None:
+    """A positive decimal amount from a decimal string, or None (numbers, signs, exponents refused:
+    a JSON number may already have lost precision as a float)."""
+    if not isinstance(text, str) or not _AMOUNT.match(text):
+        return None
+    amount = Decimal(text)
+    return amount if amount > 0 else None
+
+
+def is_currency(text: object) -> bool:
+    """An ISO 4217 alphabetic code ("USD")."""
+    return isinstance(text, str) and bool(_CURRENCY.match(text))
+
+
+def amount_of(details: list[dict[str, Any]]) -> tuple[Decimal, str] | None:
+    """The request's amount and currency: the sum of its entries' ``amount`` fields, all in one
+    ``currency``; None when an entry carries no countable amount or the currencies differ."""
+    total, currencies = Decimal(0), set()
+    for entry in details:
+        amount = parse_amount(entry.get("amount"))
+        currency = entry.get("currency")
+        if amount is None or not is_currency(currency):
+            return None
+        total += amount
+        currencies.add(currency)
+    if len(currencies) != 1:
+        return None
+    return total, currencies.pop()

@@ -7,6 +7,7 @@ changes are conditional UPDATEs whose row count decides races.
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.hashers import make_password
@@ -151,7 +152,7 @@ def scope_set(*, name: str, values: dict[str, Any], actor: str = "system") -> tu
     policy.save()
     forget_audiences()
     audit_record(event="scope_policy.created" if created else "scope_policy.changed", actor=actor,
-                 detail={"name": name, **{k: v for k, v in values.items()}})
+                 detail={"name": name, **{k: str(v) if isinstance(v, Decimal) else v for k, v in values.items()}})
     return policy, created
 
 

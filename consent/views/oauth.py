@@ -23,7 +23,8 @@ from oauthlib.oauth2.rfc6749 import errors as oauthlib_errors
 
 from audit.services import audit_record, audit_refusal
 
-from ..errors import ConfigurationError, InvalidTarget
+from ..budgets import budget_choices, budget_refusal_audit, budgets_create
+from ..errors import BudgetNotFound, BudgetRefused, ConfigurationError, InvalidTarget
 from ..http import NO_STORE, oauth_error
 from ..limits.jsonbounds import JSONTooDeep, check_jwt
 from ..models import Agent
@@ -67,6 +68,7 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             "agent": agent,
             "standard": [p for p in policies if not p.is_step_up],
             "step_up": [p for p in policies if p.is_step_up],
+            "budget_values": self.request.POST if self.request.method == "POST" else {},
             "lifetimes": grant_lifetime_choices(agent),
             "delegates": delegates_of(agent),
             "authz_query": query,
@@ -142,12 +144,15 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         except ValueError:
             lifetime = -1
         auth: AuthContext = auth_context(request)
+        budgets = budget_choices(request.POST, [p.name for p in policies if p.is_step_up])
         try:
             with transaction.atomic():
                 grant = grant_create(
                     user=user, agent=agent, scopes=scopes, lifetime=lifetime, auth=auth, request=request,
                     consent_shown=_consent_shown(agent, policies, lifetime),
                 )
+                if budgets:  # refused: the grant is rolled back with it
+                    budgets_create(grant=grant, choices=budgets, actor=f"user:{user.pk}", request=request)
                 credentials["session_grant"] = grant
                 uri, headers, body, status = self.create_authorization_response(
                     request=request, scopes=" ".join(grant.standard_scopes), credentials=credentials,
@@ -155,6 +160,11 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
                 )
         except ConfigurationError as exc:
             return self._screen(query, scopes, agent, form_error=exc.description)
+        except (BudgetRefused, BudgetNotFound) as exc:
+            budget_refusal_audit(exc, user_id=user.pk, request=request, client_id=agent.client_id)
+            response = self._screen(query, scopes, agent, form_error=f"Budget not accepted: {exc.description}.")
+            response.status_code = 400
+            return response
         except OAuthToolkitError as error:
             return self._refuse(error, agent, query)
         return self.redirect(uri, agent)

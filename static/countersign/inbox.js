@@ -51,6 +51,11 @@
     note.hidden = !p.binding_message;
     li.querySelector(".note").textContent = p.binding_message || "";
     li.querySelector(".gives").textContent = p.gives || "";
+    const budget = li.querySelector(".budget-note");
+    if (budget) {
+      budget.hidden = !p.budget_note;
+      budget.querySelector(".why").textContent = p.budget_note || "";
+    }
     const t = li.querySelector(".countdown");
     t.setAttribute("datetime", p.expires_at);
     t.title = new Date(p.expires_at).toLocaleString();

@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 from django.core.management.base import BaseCommand
 
 from consent.models import ScopePolicy
@@ -19,18 +21,25 @@ class Command(BaseCommand):
         parser.add_argument("--fresh-auth", type=int)
         parser.add_argument("--auto-approve")
         parser.add_argument("--authorization-details-types", help="space-separated RFC 9396 types")
+        parser.add_argument("--budget-currency", help="ISO 4217 code budgets are kept in, e.g. USD")
+        parser.add_argument("--budget-max-per-action", type=Decimal, help="largest per-action ceiling users may set")
+        parser.add_argument("--budget-max-total", type=Decimal, help="largest total per period users may set")
+        parser.add_argument("--budget-periods", help='space-separated, of "day week month"')
 
     def handle(self, *args, **o):
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
             "description": "description", "approval_window": "approval_window",
             "action_ttl": "action_token_ttl", "fresh_auth": "fresh_auth_seconds",
-            "auto_approve": "auto_approve_rule",
+            "auto_approve": "auto_approve_rule", "budget_currency": "budget_currency",
+            "budget_max_per_action": "budget_max_per_action", "budget_max_total": "budget_max_total",
         }
         for option, field in optional.items():
             if o[option] is not None:
                 values[field] = o[option]
         if o["authorization_details_types"] is not None:
             values["authorization_details_types"] = o["authorization_details_types"].split()
+        if o["budget_periods"] is not None:
+            values["budget_periods"] = o["budget_periods"].split()
         policy, created = run_service(scope_set, name=o["name"], values=values, actor="cli")
         self.stdout.write(f"{'Created' if created else 'Updated'} scope {policy.name} ({policy.sensitivity})")
