@@ -134,6 +134,11 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} asked for your approval: {_what(approval)}."
         case "approval.delivered":
             return f"The request “{_what(approval)}” reached your inbox."
+        case "approval.approved" if d.get("method") == "quorum":
+            n = len((d.get("auth") or {}).get("approvers") or [])
+            return f"{_what(approval)} was approved by {n} approvers, each signed in."
+        case "approval.denied" if d.get("method") == "quorum":
+            return f"{who.capitalize()} denied {_what(approval)}; one denial ends a two-person approval."
         case "approval.approved":
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
             return f"You approved {_what(approval)}" + (f", signed in with {words}" if words else "") + "."
@@ -145,6 +150,11 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"Nobody answered “{_what(approval)}” in time; it expired."
         case "approval.cancelled":
             return f"“{_what(approval)}” was cancelled: {END_REASONS.get(str(d.get('reason')), reason)}."
+        case "approval.vote":
+            verb = "approved" if d.get("decision") == "approve" else "denied"
+            return f"{who.capitalize()} {verb} {_what(approval)} (one of {d.get('quorum', 2)} approvals needed)."
+        case "approval.vote_refused":
+            return f"A vote on “{_what(approval)}” was not accepted: {reason}."
         case "approval.decision_refused":
             return f"A decision on “{_what(approval)}” was not accepted: {reason}."
         case "approval.reauth_failed":

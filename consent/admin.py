@@ -144,7 +144,8 @@ class AgentAdmin(AuditedAdmin):
 @admin.register(ScopePolicy)
 class ScopePolicyAdmin(AuditedAdmin):
     audit_event = "scope_policy"
-    list_display = ("name", "sensitivity", "audience", "description", "approval_window", "action_token_ttl")
+    list_display = ("name", "sensitivity", "audience", "description", "approval_window", "action_token_ttl",
+                    "quorum")
     list_filter = ("sensitivity", "require_second_factor")
     search_fields = ("name", "description", "audience")
     fieldsets = (
@@ -152,6 +153,8 @@ class ScopePolicyAdmin(AuditedAdmin):
         ("Step-up settings (used only when sensitivity is step-up)", {"fields": (
             "approval_window", "action_token_ttl", "fresh_auth_seconds", "authorization_details_types",
             "auto_approve_rule")}),
+        ("Two-person approval (step-up only)", {"fields": (
+            "quorum", "approver_group", "exclude_requester", "quorum_when")}),
     )
 
 

@@ -1,4 +1,7 @@
-from django.core.management.base import BaseCommand
+import argparse
+
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand, CommandError
 
 from consent.models import ScopePolicy
 from consent.services import scope_set
@@ -19,18 +22,30 @@ class Command(BaseCommand):
         parser.add_argument("--fresh-auth", type=int)
         parser.add_argument("--auto-approve")
         parser.add_argument("--authorization-details-types", help="space-separated RFC 9396 types")
+        parser.add_argument("--quorum", type=int, help="approvals needed (two-person approval: 2)")
+        parser.add_argument("--approver-group", help="the Django group whose members may approve ('' for none)")
+        parser.add_argument("--exclude-requester", action=argparse.BooleanOptionalAction, default=None,
+                            help="the user the agent acts for may not approve their own request")
+        parser.add_argument("--quorum-when", help="only requests matching this rule need the quorum, "
+                                                  "e.g. 'amount > 10000'")
 
     def handle(self, *args, **o):
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
             "description": "description", "approval_window": "approval_window",
             "action_ttl": "action_token_ttl", "fresh_auth": "fresh_auth_seconds",
-            "auto_approve": "auto_approve_rule",
+            "auto_approve": "auto_approve_rule", "quorum": "quorum", "exclude_requester": "exclude_requester",
+            "quorum_when": "quorum_when",
         }
         for option, field in optional.items():
             if o[option] is not None:
                 values[field] = o[option]
         if o["authorization_details_types"] is not None:
             values["authorization_details_types"] = o["authorization_details_types"].split()
+        if o["approver_group"] is not None:
+            group = Group.objects.filter(name=o["approver_group"]).first() if o["approver_group"] else None
+            if o["approver_group"] and group is None:
+                raise CommandError(f"no group named {o['approver_group']!r}: create it first (admin, Groups)")
+            values["approver_group_id"] = group.pk if group is not None else None
         policy, created = run_service(scope_set, name=o["name"], values=values, actor="cli")
         self.stdout.write(f"{'Created' if created else 'Updated'} scope {policy.name} ({policy.sensitivity})")
