@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db.models import Q
 
 from consent.models import Agent, ResourceServer, ScopePolicy
@@ -92,6 +93,17 @@ def _did(agent: str, approval: ApprovalRequest | None, system: str) -> str:
     return f"{agent} carried out {_what(approval)} at {system}"
 
 
+def approver_names(approvers: Any, *, user_id: int) -> str:
+    """"you and comptroller": the people whose approvals met a quorum (``approvals.votes``), in order."""
+    subs = [str(a.get("sub", "")) for a in approvers or [] if isinstance(a, dict)]
+    pks = [int(s[5:]) for s in subs if s.startswith("user:") and s[5:].isdigit()]
+    found = dict(get_user_model().objects.filter(pk__in=pks).values_list("pk", "username"))
+    names = ["you" if pk == user_id else found.get(pk, "a former user") for pk in pks]
+    if len(names) <= 1:
+        return names[0] if names else "nobody"
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _sentence(e: Any, n: _Names) -> str:
     d = e.detail if isinstance(e.detail, dict) else {}
     agent = n.agent(e.client_id)
@@ -135,10 +147,11 @@ def _sentence(e: Any, n: _Names) -> str:
         case "approval.delivered":
             return f"The request “{_what(approval)}” reached your inbox."
         case "approval.approved" if d.get("method") == "quorum":
-            n = len((d.get("auth") or {}).get("approvers") or [])
-            return f"{_what(approval)} was approved by {n} approvers, each signed in."
+            names = approver_names((d.get("auth") or {}).get("approvers"), user_id=n.user_id)
+            return f"{_what(approval)} was approved by {names}, each signed in on their own."
         case "approval.denied" if d.get("method") == "quorum":
-            return f"{who.capitalize()} denied {_what(approval)}; one denial ends a two-person approval."
+            voter = approver_names([{"sub": e.actor}], user_id=n.user_id)
+            return f"{voter.capitalize()} denied {_what(approval)}; one denial ends a two-person approval."
         case "approval.approved":
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
             return f"You approved {_what(approval)}" + (f", signed in with {words}" if words else "") + "."
@@ -152,7 +165,8 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"“{_what(approval)}” was cancelled: {END_REASONS.get(str(d.get('reason')), reason)}."
         case "approval.vote":
             verb = "approved" if d.get("decision") == "approve" else "denied"
-            return f"{who.capitalize()} {verb} {_what(approval)} (one of {d.get('quorum', 2)} approvals needed)."
+            voter = approver_names([{"sub": e.actor}], user_id=n.user_id)
+            return f"{voter.capitalize()} {verb} {_what(approval)} (one of {d.get('quorum', 2)} approvals needed)."
         case "approval.vote_refused":
             return f"A vote on “{_what(approval)}” was not accepted: {reason}."
         case "approval.decision_refused":
@@ -165,6 +179,9 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} was told your answer is ready."
         case "action_token.issued":
             return f"{agent} collected its single-use token for {_what(approval)}."
+        case "action_token.redeemed" if approval is not None and (approval.decision_auth or {}).get("approvers"):
+            names = approver_names(approval.decision_auth["approvers"], user_id=n.user_id)
+            return _did(agent, approval, system) + f", approved by {names}."
         case "action_token.redeemed":
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
             return _did(agent, approval, system) + ", approved by you" + (f" with {words}" if words else "") + "."

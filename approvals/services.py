@@ -8,7 +8,7 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import current_app
@@ -266,7 +266,7 @@ def _decide(*, approval_id: Any, user: Any, edge: str, method: str, auth: dict[s
     return approval
 
 
-def _lock_live_grant(approval: ApprovalRequest, now: Any) -> bool:
+def _lock_live_grant(approval: ApprovalRequest, now: datetime) -> bool:
     """Lock the request's grant (FOR UPDATE) and say whether it is live.
 
     Locks in one global order, the grant before its approval, as grant_revoke takes them (it
@@ -281,7 +281,7 @@ def _lock_live_grant(approval: ApprovalRequest, now: Any) -> bool:
 
 
 def _take_decision(approval: ApprovalRequest, *, edge: str, user_id: int, method: str, auth: dict[str, Any],
-                   now: Any, owner_id: int | None) -> bool:
+                   now: datetime, owner_id: int | None) -> bool:
     """The ``approve`` or ``deny`` edge as one conditional UPDATE; True if this call took it.
 
     The row count decides: the UPDATE re-checks the request's own status and window on the row it

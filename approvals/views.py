@@ -1,12 +1,14 @@
 """The user's inbox and decisions, and the agent- and resource-server-facing endpoints."""
 
 import time
+from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -45,7 +47,7 @@ from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
-def inbox_view(request, status: int = 200):
+def inbox_view(request: HttpRequest, status: int = 200) -> HttpResponse:
     # The person's own requests, and other people's they may vote on (two-person approval).
     pending = sorted([*pending_for_user(user=request.user), *pending_for_approver(user_id=request.user.pk)],
                      key=lambda a: a.created)
@@ -99,7 +101,7 @@ def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
     return time.time() - auth_time > fresh_auth_seconds
 
 
-def _owned(request, approval_id) -> Decision:
+def _owned(request: HttpRequest, approval_id: UUID) -> Decision:
     """The request this person may decide or vote on, and its policy's fresh-authentication window and
     quorum (one statement), or 404."""
     found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
@@ -110,7 +112,8 @@ def _owned(request, approval_id) -> Decision:
     return found
 
 
-def _decide(request, decision: Decision, decide, verb: str):
+def _decide(request: HttpRequest, decision: Decision, decide: Callable[..., ApprovalRequest],
+            verb: str) -> HttpResponse:
     approval = decision.approval
     try:
         decided = decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,

@@ -11,9 +11,12 @@ agent's polls answer ``authorization_pending``) and every approver's inbox hears
 A refusal raises before anything is written; the caller records it (``approval_vote_refused``).
 """
 
+from datetime import datetime
 from typing import Any
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
+from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -30,7 +33,12 @@ _VOTE = {"approve": ApprovalVote.Decision.APPROVE, "deny": ApprovalVote.Decision
 
 
 def approval_vote(
-    *, decision: Decision, user: Any, edge: str, auth: dict[str, Any], request: Any = None
+    *,
+    decision: Decision,
+    user: AbstractBaseUser,
+    edge: str,
+    auth: dict[str, Any],
+    request: HttpRequest | None = None,
 ) -> ApprovalRequest:
     """One approver's Approve (``edge="approve"``) or Deny (``edge="deny"``) on a quorum request.
 
@@ -98,7 +106,13 @@ def approval_vote(
 
 
 def _finish(
-    approval: ApprovalRequest, *, edge: str, user_id: int, auth: dict[str, Any], now: Any, request: Any
+    approval: ApprovalRequest,
+    *,
+    edge: str,
+    user_id: int,
+    auth: dict[str, Any],
+    now: datetime,
+    request: HttpRequest | None,
 ) -> None:
     if not _take_decision(
         approval, edge=edge, user_id=user_id, method=QUORUM, auth=auth, now=now, owner_id=None
@@ -112,7 +126,11 @@ def _finish(
 
 
 def approval_vote_refused(
-    *, approval: ApprovalRequest, user: Any, refusal: VoteRefused, request: Any = None
+    *,
+    approval: ApprovalRequest,
+    user: AbstractBaseUser,
+    refusal: VoteRefused,
+    request: HttpRequest | None = None,
 ) -> None:
     """The one audit row of a refused vote (nothing else was written)."""
     audit_record(

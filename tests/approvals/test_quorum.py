@@ -6,6 +6,7 @@ the table says the request's status afterwards, the votes on record, and the ref
 the last vote, which must change nothing.
 """
 
+import io
 from dataclasses import dataclass
 
 import pytest
@@ -332,3 +333,52 @@ def test_only_step_up_scopes_take_a_quorum(people):
             "--approver-group",
             "finance",
         )
+
+
+def test_seed_demo_asks_a_second_signature_above_10000_only(db):
+    call_command("seed_demo", "--json", stdout=io.StringIO())
+    policy = ScopePolicy.objects.get(name="ledger:write")
+    assert (policy.quorum, policy.approver_group.name, policy.exclude_requester, policy.quorum_when) == (
+        2,
+        "finance",
+        False,
+        "amount > 10000",
+    )
+    assert list(policy.approver_group.user_set.values_list("username", flat=True)) == ["comptroller"]
+    from approvals.quorum import quorum_for
+
+    assert quorum_for(scope="ledger:write", details=[ledger_entry("4250.00")]) is None  # the README's entry
+    assert quorum_for(scope="ledger:write", details=[ledger_entry("25000.00")]) is not None
+
+
+def test_the_admin_shows_the_quorum_fields(admin_client, people):
+    page = admin_client.get(
+        f"/admin/consent/scopepolicy/{ScopePolicy.objects.get(name='ledger:write').pk}/change/"
+    )
+    text = page.content.decode()
+    assert "Two-person approval" in text
+    for field in ("quorum", "approver_group", "exclude_requester", "quorum_when"):
+        assert f'name="{field}"' in text
+
+
+def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, people):
+    import jwt
+
+    from approvals.receipts import receipt_for_download
+    from approvals.redemption import action_token_redeem
+    from approvals.story import grant_story
+    from tests.approvals.support import ledger_rs
+
+    approval, _ = request_approval(grant, [ledger_entry(BIG)])
+    _vote(approval, people.alice, "approve")
+    _vote(approval, people.bob, "approve")
+    token = approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent)["access_token"]
+    action_token_redeem(claims=verify(token, typ=ACTION_TOKEN_TYP), resource_server=ledger_rs(scenario))
+    _, receipt = receipt_for_download(approval_id=approval.pk, user_id=scenario.user.pk)
+    claims = jwt.decode(receipt, options={"verify_signature": False})
+    assert [a["sub"] for a in claims["approvers"]] == [f"user:{people.alice.pk}", f"user:{people.bob.pk}"]
+    assert claims["approver"]["sub"] == f"user:{people.bob.pk}"  # the one whose approval met the quorum
+    sentences = [e.sentence for e in grant_story(grant_id=grant.pk, user_id=scenario.user.pk).entries]
+    assert any("approved by alice and bob, each signed in on their own" in s for s in sentences), sentences
+    assert any(s.startswith("Alice approved") for s in sentences), sentences
+    assert any("approved by alice and bob." in s for s in sentences), sentences  # the redemption
