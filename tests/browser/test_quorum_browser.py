@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 ENTRY = ledger_entry("25000.00")
 HEADLINE = "Append 25000.00 USD to Acme Office Supply (PO-2026-0142) — Financial ledger"
+SCREENSHOT = "/tmp/quorum-inbox.png"
 LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
@@ -75,7 +76,9 @@ def contexts(chromium, live):
             context.close()
 
 
-def test_two_officials_approve_a_large_entry_and_the_token_lists_both(live, contexts, scenario, people, agent):
+def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
+    live, contexts, scenario, people, agent
+):
     alice, alice_problems = _inbox_of(contexts, live, "alice")
     bob, bob_problems = _inbox_of(contexts, live, "bob")
     asked = agent.ask(ENTRY)
@@ -90,11 +93,13 @@ def test_two_officials_approve_a_large_entry_and_the_token_lists_both(live, cont
     alice.get_by_role("button", name="Approve").click()
     alice.wait_for_url(f"{live.url}/approvals/")
     expect(alice.get_by_role("status").filter(has_text="Your approval is recorded")).to_contain_text(
-        "Waiting for 1 more approval")
+        "Waiting for 1 more approval"
+    )
     mine = alice.locator("#prompts li.prompt")
     expect(mine.locator(".quorum")).to_contain_text("You approved. Waiting for 1 more approval")
     expect(mine.get_by_role("button", name="Approve")).to_be_hidden()
     expect(bob.locator("#prompts li.prompt .quorum")).to_contain_text("Waiting for 1 more approval")  # live
+    alice.screenshot(path=SCREENSHOT, full_page=True)
 
     pending = agent.poll(asked["auth_req_id"])
     assert pending.status_code == 400 and pending.json()["error"] == "authorization_pending", pending.text
