@@ -26,7 +26,7 @@ from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
-from .activity import END_REASONS
+from .activity import END_REASONS, approver_names
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending, VoteRefused
 from .models import ApprovalRequest
@@ -74,12 +74,13 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     """How the request was decided, in words ("you, in the browser, with password and ...")."""
     approval.status_words = status_words(approval.status)
     auth = approval.decision_auth or {}
-    if approval.decided_by_id is not None:
+    if auth.get("approvers"):  # two-person approval: everyone whose approval counted
+        names = approver_names(auth["approvers"], user_id=approval.user_id)
+        approval.how = f"By {names}, each in the browser, each signed in on their own"
+    elif approval.decided_by_id is not None:
         who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
         words = auth_words(auth.get("amr"))
         approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
-    elif approval.decision_method == "quorum" and approval.status != ApprovalRequest.Status.DENIED:
-        approval.how = f"By {len(auth.get('approvers') or [])} approvers, each signed in"
     elif approval.decision_method == "auto_rule":
         approval.how = f"Automatically, by the rule {auth.get('rule', '')}"
     elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:

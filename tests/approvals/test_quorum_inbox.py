@@ -121,3 +121,10 @@ def test_each_vote_needs_the_voters_own_fresh_authentication(approval, people):
     response = signed_in("bob").post(f"/approvals/{approval.pk}/approve/")
     assert response["Location"] == f"/approvals/{approval.pk}/confirm/"
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
+
+
+def test_the_officers_history_says_who_approved(approval, scenario):
+    signed_in("alice").post(f"/approvals/{approval.pk}/approve/")
+    signed_in("bob").post(f"/approvals/{approval.pk}/approve/")
+    page = signed_in("officer").get("/approvals/").content.decode()
+    assert "By alice and bob, each in the browser, each signed in on their own" in page
