@@ -382,3 +382,10 @@ def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, peopl
     assert any("approved by alice and bob, each signed in on their own" in s for s in sentences), sentences
     assert any(s.startswith("Alice approved") for s in sentences), sentences
     assert any("approved by alice and bob." in s for s in sentences), sentences  # the redemption
+
+
+def test_the_admin_shows_each_vote_on_a_request(admin_client, grant, people):
+    approval, _ = request_approval(grant, [ledger_entry(BIG)])
+    _vote(approval, people.alice, "approve")
+    page = admin_client.get(f"/admin/approvals/approvalrequest/{approval.pk}/change/").content.decode()
+    assert "alice" in page and "Approved" in page
