@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db.models import Q
 
 from consent.budget import money
@@ -101,6 +102,15 @@ def _money(d: dict[str, Any], key: str = "amount") -> str:
         return money(Decimal(str(d.get(key))), str(d.get("currency", "")))
     except (InvalidOperation, ValueError):
         return "an amount"
+def approver_names(approvers: Any, *, user_id: int) -> str:
+    """"you and comptroller": the people whose approvals met a quorum (``approvals.votes``), in order."""
+    subs = [str(a.get("sub", "")) for a in approvers or [] if isinstance(a, dict)]
+    pks = [int(s[5:]) for s in subs if s.startswith("user:") and s[5:].isdigit()]
+    found = dict(get_user_model().objects.filter(pk__in=pks).values_list("pk", "username"))
+    names = ["you" if pk == user_id else found.get(pk, "a former user") for pk in pks]
+    if len(names) <= 1:
+        return names[0] if names else "nobody"
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _sentence(e: Any, n: _Names) -> str:
@@ -146,6 +156,12 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} asked for your approval: {_what(approval)}{note}."
         case "approval.delivered":
             return f"The request “{_what(approval)}” reached your inbox."
+        case "approval.approved" if d.get("method") == "quorum":
+            names = approver_names((d.get("auth") or {}).get("approvers"), user_id=n.user_id)
+            return f"{_what(approval)} was approved by {names}, each signed in on their own."
+        case "approval.denied" if d.get("method") == "quorum":
+            voter = approver_names([{"sub": e.actor}], user_id=n.user_id)
+            return f"{voter.capitalize()} denied {_what(approval)}; one denial ends a two-person approval."
         case "approval.approved":
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
             return f"You approved {_what(approval)}" + (f", signed in with {words}" if words else "") + "."
@@ -171,6 +187,12 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"Nobody answered “{_what(approval)}” in time; it expired."
         case "approval.cancelled":
             return f"“{_what(approval)}” was cancelled: {END_REASONS.get(str(d.get('reason')), reason)}."
+        case "approval.vote":
+            verb = "approved" if d.get("decision") == "approve" else "denied"
+            voter = approver_names([{"sub": e.actor}], user_id=n.user_id)
+            return f"{voter.capitalize()} {verb} {_what(approval)} (one of {d.get('quorum', 2)} approvals needed)."
+        case "approval.vote_refused":
+            return f"A vote on “{_what(approval)}” was not accepted: {reason}."
         case "approval.decision_refused":
             return f"A decision on “{_what(approval)}” was not accepted: {reason}."
         case "approval.reauth_failed":
@@ -181,6 +203,9 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} was told your answer is ready."
         case "action_token.issued":
             return f"{agent} collected its single-use token for {_what(approval)}."
+        case "action_token.redeemed" if approval is not None and (approval.decision_auth or {}).get("approvers"):
+            names = approver_names(approval.decision_auth["approvers"], user_id=n.user_id)
+            return _did(agent, approval, system) + f", approved by {names}."
         case "action_token.redeemed":
             if approval is not None and approval.decision_method == "budget":
                 return _did(agent, approval, system) + ", approved within your budget."

@@ -29,8 +29,9 @@ from consent.limits import jsonbounds
 from consent.limits.websocket import audit_handshake_refusal
 
 from .channel_layer import DIRECT_TYPES
-from .delivery import pending_prompts, sequence_current, user_group
+from .delivery import sequence_current, user_group
 from .metrics import websocket_connections
+from .quorum import inbox_prompts
 
 MAX_FRAME = 128
 RATE_BURST = 10
@@ -109,7 +110,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         self._go_buffered()
         # The sequence first: everything sent up to it was committed before it was counted.
         seq = await sequence_current(self.channel_layer, self.group)
-        prompts = await database_sync_to_async(pending_prompts)(user_id=self.user_id)
+        prompts = await database_sync_to_async(inbox_prompts)(user_id=self.user_id)
         await self.send_json({"type": "snapshot", "seq": seq, "prompts": prompts})
         self._go_direct()
 

@@ -148,6 +148,35 @@ class ActionMismatch(InvalidRequest):
 
 
 
+# --- votes on a request a quorum decides (approvals.votes) ----------------------------------------
+
+
+class VoteRefused(AccessDenied):
+    """RFC 6749 §4.1.2.1: the resource owner or authorization server denied the request: this person's
+    vote on a request that needs a quorum is not accepted. Nothing is recorded but the refusal."""
+
+    status_code = 403
+
+
+class NotAnApprover(VoteRefused):
+    """The person is not (or no longer) an active member of the policy's approver group."""
+
+    code = "not_an_approver"
+
+
+class AlreadyVoted(VoteRefused):
+    """The person answered this request before: each approver counts once."""
+
+    status_code = 409
+    code = "already_voted"
+
+
+class RequesterExcluded(VoteRefused):
+    """The policy excludes the user the agent acts for: someone else must approve."""
+
+    code = "requester_excluded"
+
+
 class ApprovalNotFound(Exception):
     """No approval with that id belongs to this user (rendered as 404)."""
 

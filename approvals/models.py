@@ -157,6 +157,28 @@ class BudgetReservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.amount} {self.currency} for {self.approval_id} ({self.state})"
+class ApprovalVote(models.Model):
+    """One person's answer to a request a quorum decides (``approvals.votes``): written once, by
+    that person, with their own sign-in (``auth``: ``auth_time``, ``amr``, ``acr``)."""
+
+    class Decision(models.TextChoices):
+        APPROVE = "approve", "Approved"
+        DENY = "deny", "Denied"
+
+    approval = models.ForeignKey(ApprovalRequest, on_delete=models.CASCADE, related_name="votes")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    decision = models.CharField(max_length=8, choices=Decision.choices)
+    decided_at = models.DateTimeField(default=timezone.now)
+    auth = models.JSONField(default=dict, blank=True, help_text="auth_time/amr/acr of the voter's sign-in.")
+
+    class Meta:
+        ordering = ["decided_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["approval", "user"], name="one_vote_per_approver")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.decision} {self.approval_id}"
+
+
 # The delivery channels' records (approvals.notify) belong to this app.
 from .notify.models import (  # noqa: E402, F401
     NotificationPreference,

@@ -23,7 +23,8 @@ RECEIPT_TYP = "receipt+jwt"
 
 def receipt_claims(*, sub: str, act: dict[str, Any], client_id: str, approval_id: str, grant_id: str, scope: str,
                    authorization_details: Any, action_hash: str, jti: str, approver_auth: dict[str, Any],
-                   approved_at: int | None, redeemed_at: datetime, resource_server: ResourceServer) -> dict[str, Any]:
+                   approved_at: int | None, redeemed_at: datetime, resource_server: ResourceServer,
+                   approvers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     approver: dict[str, Any] = {"sub": sub, "amr": list(approver_auth.get("amr") or [])}
     if approver_auth.get("auth_time"):
         approver["auth_time"] = int(approver_auth["auth_time"])
@@ -40,6 +41,9 @@ def receipt_claims(*, sub: str, act: dict[str, Any], client_id: str, approval_id
     }
     if approved_at:
         claims["approved_at"] = int(approved_at)
+    if approvers:  # two-person approval: every approver, with the time and the way they signed in;
+        claims["approvers"] = [dict(a) for a in approvers]  # ``approver`` is the one who met the quorum
+        claims["approver"] = {k: v for k, v in approvers[-1].items() if k in ("sub", "amr", "auth_time", "acr")}
     return claims
 
 
@@ -51,7 +55,8 @@ def receipt_from_redemption(*, claims: dict[str, Any], resource_server: Resource
         grant_id=claims["grant_id"], scope=claims["scope"], authorization_details=claims["authorization_details"],
         action_hash=claims["action_hash"], jti=claims["jti"],
         approver_auth={k: claims[k] for k in ("amr", "auth_time", "acr") if k in claims},
-        approved_at=claims.get("approved_at"), redeemed_at=redeemed_at, resource_server=resource_server),
+        approved_at=claims.get("approved_at"), redeemed_at=redeemed_at, resource_server=resource_server,
+        approvers=claims.get("approvers")),
         typ=RECEIPT_TYP)
 
 
@@ -68,4 +73,5 @@ def receipt_for_download(*, approval_id: Any, user_id: int) -> tuple[ApprovalReq
         scope=approval.scope, authorization_details=approval.authorization_details,
         action_hash=approval.action_hash, jti=token.jti, approver_auth=approval.decision_auth or {},
         approved_at=int(approval.decided_at.timestamp()) if approval.decided_at else None,
-        redeemed_at=token.redeemed_at, resource_server=token.redeemed_by), typ=RECEIPT_TYP)
+        redeemed_at=token.redeemed_at, resource_server=token.redeemed_by,
+        approvers=(approval.decision_auth or {}).get("approvers")), typ=RECEIPT_TYP)

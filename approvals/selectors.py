@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from django.db.models import QuerySet
@@ -7,7 +7,8 @@ from django.utils import timezone
 from consent import rows
 from consent.models import Agent, ScopePolicy
 
-from .models import ApprovalRequest
+from .models import ApprovalRequest, ApprovalVote
+from .quorum import Quorum, eligible_ids, quorum_of
 
 
 def pending_for_user(*, user) -> QuerySet[ApprovalRequest]:
@@ -66,15 +67,26 @@ _DECISION = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details", "delivery_mode",
     "expires_at"])
 _DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
-_DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds"])
+_DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds", "quorum", "approver_group",
+                                                  "exclude_requester", "quorum_when"])
 
 
-def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRequest, int] | None:
-    """The user's own request with its agent, and its scope's fresh-authentication window (0 for
-    none), in one statement; None if the user has no such request.
+class Decision(NamedTuple):
+    """A request as a decision on it needs it: the request with its agent, the scope's
+    fresh-authentication window (0 for none), and the quorum its policy asks (None: the user alone)."""
 
-    What this reads of the request never changes after it is created (its grant, agent, scope,
-    details); its status is shown only for the answer, the decision itself re-checks it.
+    approval: ApprovalRequest
+    fresh_auth_seconds: int
+    quorum: Quorum | None
+
+
+def approval_for_decision(*, approval_id: Any, user_id: int) -> Decision | None:
+    """The request this person may decide or vote on, in one statement; None if they may not.
+
+    Its user may always; someone else only when its policy asks for a quorum and they are an
+    approver now or voted on it before. What this reads of the request never changes after it is
+    created (its grant, agent, scope, details); its status is shown only for the answer, the
+    decision itself re-checks it.
     """
     pk = _pk(approval_id)
     if pk is None:
@@ -82,14 +94,25 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRe
     row = rows.fetchone(
         f"SELECT {_DECISION.sql}, {_DECISION_AGENT.sql}, {_DECISION_POLICY.sql} FROM {rows.table(ApprovalRequest)} ap"
         f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id"
-        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.id = %s AND ap.user_id = %s",
-        [pk, int(user_id)])
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.id = %s",
+        [pk])
     if row is None:
         return None
     approval, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
     approval = rows.instance(ApprovalRequest, approval)
     approval.agent = rows.instance(Agent, agent)
-    return approval, policy["fresh_auth_seconds"] or 0
+    quorum = quorum_of(size=policy["quorum"], group_id=policy["approver_group"],
+                       exclude_requester=bool(policy["exclude_requester"]), when=policy["quorum_when"] or "",
+                       details=approval.authorization_details)
+    decision = Decision(approval, policy["fresh_auth_seconds"] or 0, quorum)
+    if approval.user_id == int(user_id):
+        return decision
+    if quorum is None:
+        return None
+    if int(user_id) in eligible_ids(requester_id=approval.user_id, quorum=quorum):
+        return decision
+    voted = ApprovalVote.objects.filter(approval_id=approval.pk, user_id=int(user_id)).exists()
+    return decision if voted else None
 
 
 def action_token_introspect(*, token: str, resource_server) -> Any:

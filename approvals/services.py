@@ -8,7 +8,7 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import current_app
@@ -42,7 +42,8 @@ from .errors import (
     WindowPassed,
 )
 from .models import ActionToken, ApprovalRequest
-from .selectors import approval_for_decision
+from .quorum import quorum_for
+from .selectors import Decision, approval_for_decision
 from .tokens import action_claims, mint
 
 Status = ApprovalRequest.Status
@@ -91,9 +92,19 @@ def _push_removal_after_commit(approval_id: Any, *, user_id: Any, status: str) -
     transaction.on_commit(push, robust=True)
 
 
-def _announce_end(approval: ApprovalRequest) -> None:
-    """Tell open inboxes the prompt is gone and, in ping mode, tell the agent to collect."""
-    _push_removal_after_commit(approval.pk, user_id=approval.user_id, status=approval.status)
+def _announce_end(approval: ApprovalRequest, *, approvers: bool | None = None) -> None:
+    """Tell open inboxes the prompt is gone and, in ping mode, tell the agent to collect.
+
+    ``approvers``: whether other people's inboxes show it too (two-person approval), when the
+    caller knows; None reads the scope's quorum. Those go through ``approvals.push_removal``, which
+    tells every approver; a prompt only its user sees is pushed from here.
+    """
+    if approvers is None:
+        approvers = quorum_for(scope=approval.scope, details=approval.authorization_details) is not None
+    if approvers:
+        _after_commit("approvals.push_removal", approval.pk)
+    else:
+        _push_removal_after_commit(approval.pk, user_id=approval.user_id, status=approval.status)
     if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
         _after_commit("approvals.notify_agent", approval.pk)
 
@@ -191,7 +202,13 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
     auto = bool(rule) and rule_matches(rule, req.authorization_details)
     budget = req.budget if req.budget_read else Budget.objects.filter(
         grant_id=grant.pk, scope=req.scope, status=Budget.Status.ACTIVE).first()
-    fit = None if auto else budget_fit(budget, req.authorization_details, now)
+    # A request a quorum covers is never approved by a rule or a budget alone. The policy's quorum
+    # is read only where one of them could approve (one statement), not on every request.
+    needs_quorum = (auto or budget is not None) and quorum_for(
+        scope=req.scope, details=req.authorization_details) is not None
+    if needs_quorum:
+        auto = False
+    fit = None if auto or needs_quorum else budget_fit(budget, req.authorization_details, now)
     if fit is not None and fit.amount is None:
         approval.budget_note = fit.why[:200]
     with transaction.atomic():  # the row and its audit events commit together, or not at all
@@ -276,68 +293,97 @@ _GRANT_LIVE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
 _AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
 
 
-def _decide(*, approval_id: Any, user, edge: str, method: str, auth: dict[str, Any], request=None,
-            approval: ApprovalRequest | None = None) -> ApprovalRequest:
+def _decide(*, approval_id: Any, user: Any, edge: str, method: str, auth: dict[str, Any], request: Any = None,
+            decision: Decision | None = None) -> ApprovalRequest:
     """The ``approve`` or ``deny`` edge, decided by one conditional UPDATE under the grant's lock.
 
-    ``approval`` is the request as ``selectors.approval_for_decision`` read it for this user (the
-    inbox view has it already); only its fixed fields (grant, agent, scope, details) are used.
+    ``decision`` is the request as ``selectors.approval_for_decision`` read it for this person (the
+    inbox view has it already); only its fixed fields (grant, agent, scope, details) and the
+    policy's quorum are used. A request a quorum decides takes a vote instead (``approvals.votes``).
     """
-    if approval is None:
-        found = approval_for_decision(approval_id=approval_id, user_id=user.pk)
-        if found is None:
+    if decision is None:
+        decision = approval_for_decision(approval_id=approval_id, user_id=user.pk)
+        if decision is None:
             raise ApprovalNotFound(str(approval_id))
-        approval = found[0]
-    elif approval.user_id != user.pk:
+    if decision.quorum is not None:
+        from .votes import approval_vote  # the votes take the edges below: imported where used
+
+        return approval_vote(decision=decision, user=user, edge=edge, auth=auth, request=request)
+    approval = decision.approval
+    if approval.user_id != user.pk:
         raise ApprovalNotFound(str(approval_id))
     now = timezone.now()
-    to = ApprovalRequest.entering(edge)
-    guard, states = _leaving(edge)
     with transaction.atomic():
-        # Locks in one global order, the grant before its approval, as grant_revoke takes them
-        # (it cancels the grant's approvals with the grant locked); approving an extension
-        # updates the grant, so locking the approval first could deadlock with a revocation.
-        # FOR UPDATE, as grant_extend takes it: no lock upgrade later in this transaction.
-        row = rows.fetchone(f"SELECT {_GRANT_LIVE.sql} FROM {rows.table(SessionGrant)} g WHERE g.id = %s"
-                            + rows.for_update("g"), [rows.param(SessionGrant, "id", approval.grant_id)])
-        grant = _GRANT_LIVE.load(row) if row is not None else None
-        live = grant is not None and grant["status"] == SessionGrant.Status.ACTIVE and grant["expires_at"] > now
-        # The row count decides: the UPDATE re-checks the request's own status and window on the
-        # row it locks (a concurrent decision, expiry or cancellation makes it match nothing).
-        decided = live and rows.execute(
-            f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
-            f" decision_auth = %s WHERE id = %s AND user_id = %s AND {guard} AND expires_at > %s"
-            f" AND agent_id IN ({_AGENT_ACTIVE})",
-            [to, rows.param(ApprovalRequest, "decided_at", now), user.pk, method,
-             rows.param(ApprovalRequest, "decision_auth", auth), rows.param(ApprovalRequest, "id", approval.pk),
-             user.pk, *states, rows.param(ApprovalRequest, "expires_at", now), Agent.Status.ACTIVE]) == 1
+        decided = _lock_live_grant(approval, now) and _take_decision(
+            approval, edge=edge, user_id=user.pk, method=method, auth=auth, now=now, owner_id=user.pk)
         if not decided:
             raise ApprovalNotPending(
                 ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first())
-        approval.status = to
-        if to == Status.APPROVED and approval.scope == EXTEND_SCOPE:
-            grant_extend(grant_id=approval.grant_id, seconds=approval.authorization_details[0]["seconds"],
-                         actor=f"user:{user.pk}", approval_id=approval.pk)
-        _audit(approval, "approval.approved" if to == Status.APPROVED else "approval.denied",
-               actor=f"user:{user.pk}", request=request, method=method, auth=auth)
-        _announce_end(approval)
+        _decided(approval, edge=edge, user_id=user.pk, method=method, auth=auth, request=request)
     return approval
+
+
+def _lock_live_grant(approval: ApprovalRequest, now: datetime) -> bool:
+    """Lock the request's grant (FOR UPDATE) and say whether it is live.
+
+    Locks in one global order, the grant before its approval, as grant_revoke takes them (it
+    cancels the grant's approvals with the grant locked); approving an extension updates the
+    grant, so locking the approval first could deadlock with a revocation. FOR UPDATE, as
+    grant_extend takes it: no lock upgrade later in this transaction.
+    """
+    row = rows.fetchone(f"SELECT {_GRANT_LIVE.sql} FROM {rows.table(SessionGrant)} g WHERE g.id = %s"
+                        + rows.for_update("g"), [rows.param(SessionGrant, "id", approval.grant_id)])
+    grant = _GRANT_LIVE.load(row) if row is not None else None
+    return grant is not None and grant["status"] == SessionGrant.Status.ACTIVE and grant["expires_at"] > now
+
+
+def _take_decision(approval: ApprovalRequest, *, edge: str, user_id: int, method: str, auth: dict[str, Any],
+                   now: datetime, owner_id: int | None) -> bool:
+    """The ``approve`` or ``deny`` edge as one conditional UPDATE; True if this call took it.
+
+    The row count decides: the UPDATE re-checks the request's own status and window on the row it
+    locks (a concurrent decision, expiry or cancellation makes it match nothing). ``owner_id``:
+    only that user's request (a single decision); None for a quorum, whose votes checked who.
+    """
+    guard, states = _leaving(edge)
+    owner = " AND user_id = %s" if owner_id is not None else ""
+    return rows.execute(
+        f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
+        f" decision_auth = %s WHERE id = %s{owner} AND {guard} AND expires_at > %s"
+        f" AND agent_id IN ({_AGENT_ACTIVE})",
+        [ApprovalRequest.entering(edge), rows.param(ApprovalRequest, "decided_at", now), user_id, method,
+         rows.param(ApprovalRequest, "decision_auth", auth), rows.param(ApprovalRequest, "id", approval.pk),
+         *([owner_id] if owner_id is not None else []), *states, rows.param(ApprovalRequest, "expires_at", now),
+         Agent.Status.ACTIVE]) == 1
+
+
+def _decided(approval: ApprovalRequest, *, edge: str, user_id: int, method: str, auth: dict[str, Any],
+             request: Any) -> None:
+    """What follows a decision, in its transaction: a grant extension, the audit row, the news."""
+    to = ApprovalRequest.entering(edge)
+    approval.status = to
+    if to == Status.APPROVED and approval.scope == EXTEND_SCOPE:
+        grant_extend(grant_id=approval.grant_id, seconds=approval.authorization_details[0]["seconds"],
+                     actor=f"user:{user_id}", approval_id=approval.pk)
+    _audit(approval, "approval.approved" if to == Status.APPROVED else "approval.denied",
+           actor=f"user:{user_id}", request=request, method=method, auth=auth)
+    _announce_end(approval, approvers="quorum" in auth)
 
 
 def _auth_dict(auth: AuthContext) -> dict[str, Any]:
     return {"auth_time": int(auth.auth_time.timestamp()), "amr": list(auth.amr), "acr": auth.acr}
 
 
-def approval_approve(*, approval_id: Any, user, auth: AuthContext, request=None,
-                     approval: ApprovalRequest | None = None) -> ApprovalRequest:
+def approval_approve(*, approval_id: Any, user: Any, auth: AuthContext, request: Any = None,
+                     decision: Decision | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, edge="approve", method="browser",
-                   auth=_auth_dict(auth), request=request, approval=approval)
+                   auth=_auth_dict(auth), request=request, decision=decision)
 
 
-def approval_deny(*, approval_id: Any, user, auth: AuthContext, request=None,
-                  approval: ApprovalRequest | None = None) -> ApprovalRequest:
+def approval_deny(*, approval_id: Any, user: Any, auth: AuthContext, request: Any = None,
+                  decision: Decision | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, edge="deny", method="browser",
-                   auth=_auth_dict(auth), request=request, approval=approval)
+                   auth=_auth_dict(auth), request=request, decision=decision)
 
 
 def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, request=None) -> None:

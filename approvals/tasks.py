@@ -13,9 +13,10 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from .delivery import prompt_payload, removal_message, send_to_user
+from .delivery import removal_message, send_to_user
 from .models import ApprovalRequest
 from .notify.inbox import prompt_sent_to_inbox
+from .quorum import prompt_for, quorum_for, recipients
 from .selectors import approval_for_push
 from .services import (
     approval_expire,
@@ -50,8 +51,13 @@ def deliver_prompt(self, approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or not approval.is_pending:
         return
+    # Every inbox that may answer it (two-person approval: each approver's own), each told where its
+    # quorum stands for that person. A retry sends to all again: the inbox keys prompts by id.
+    quorum = quorum_for(scope=approval.scope, details=approval.authorization_details)
     try:
-        send_to_user(approval.user_id, {"type": "approval.upsert", "prompt": prompt_payload(approval)})
+        for user_id in recipients(approval, quorum):
+            send_to_user(user_id, {"type": "approval.upsert",
+                                   "prompt": prompt_for(approval, viewer_id=user_id, quorum=quorum)})
     except Exception as exc:  # Redis down: keep the row pending and try again
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
     first = approval_mark_delivered(approval=approval, channel="websocket")
@@ -65,8 +71,10 @@ def push_removal(self, approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or approval.status == ApprovalRequest.Status.PENDING:
         return
+    quorum = quorum_for(scope=approval.scope, details=approval.authorization_details)
     try:
-        send_to_user(approval.user_id, removal_message(approval_id, approval.status))
+        for user_id in recipients(approval, quorum):
+            send_to_user(user_id, removal_message(approval_id, approval.status))
     except Exception as exc:
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 

@@ -40,6 +40,8 @@ def action_claims(*, approval: ApprovalRequest, audience: str, ttl: int) -> dict
         claims["amr"] = list(auth["amr"])
     if auth.get("acr"):
         claims["acr"] = auth["acr"]
+    if auth.get("approvers"):  # two-person approval: everyone whose approval met the quorum, each signed in
+        claims["approvers"] = [dict(a) for a in auth["approvers"]]
     return claims
 
 

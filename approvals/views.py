@@ -1,11 +1,14 @@
 """The user's inbox and decisions, and the agent- and resource-server-facing endpoints."""
 
 import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -23,15 +26,16 @@ from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
-from .activity import END_REASONS
+from .activity import END_REASONS, approver_names
 from .ciba import read_login_hint, validate_backchannel_request
-from .errors import ApprovalNotFound, ApprovalNotPending
+from .errors import ApprovalNotFound, ApprovalNotPending, VoteRefused
 from .models import ApprovalRequest
 from .notify.views import deliveries_by_approval
 from .notify.webpush import vapid_key
+from .quorum import Quorum, pending_for_approver, quorums_for, standing, waiting_words
 from .receipts import receipt_for_download, receipt_from_redemption
 from .redemption import action_token_redeem, action_token_verify
-from .selectors import approval_for_decision, history_for_user, pending_for_user
+from .selectors import Decision, approval_for_decision, history_for_user, pending_for_user
 from .services import (
     action_token_redeemed_announce,
     approval_approve,
@@ -40,20 +44,32 @@ from .services import (
     approval_request_create,
     auth_req_id_for,
 )
+from .votes import approval_vote_refused
 from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
-def inbox_view(request):
+def inbox_view(request: HttpRequest, status: int = 200) -> HttpResponse:
+    # The person's own requests, and other people's they may vote on (two-person approval).
+    pending = sorted([*pending_for_user(user=request.user), *pending_for_approver(user_id=request.user.pk)],
+                     key=lambda a: a.created)
+    quorums = quorums_for(pending)
     history = [_with_how(a) for a in history_for_user(user=request.user)]
     reached = deliveries_by_approval([a.pk for a in history])
     for a in history:
         a.reached = reached.get(str(a.pk), [])
     return render(request, "approvals/inbox.html", {
-        "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
+        "pending": [(_with_gives(a), _standing(a, quorums[a.pk], request.user.pk)) for a in pending],
         "history": history,
         "vapid_public_key": vapid_key().public_key if countersign_settings.PUSH_ENABLED else "",
-    })
+    }, status=status)
+
+
+def _standing(approval: ApprovalRequest, quorum: Quorum | None, viewer_id: int) -> dict[str, Any] | None:
+    if quorum is None:
+        return None
+    state = standing(approval=approval, quorum=quorum, viewer_id=viewer_id)
+    return {**state, "waiting": waiting_words(state)}
 
 
 def _with_gives(approval: ApprovalRequest) -> ApprovalRequest:
@@ -65,7 +81,10 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     """How the request was decided, in words ("you, in the browser, with password and ...")."""
     approval.status_words = status_words(approval.status)
     auth = approval.decision_auth or {}
-    if approval.decided_by_id is not None:
+    if auth.get("approvers"):  # two-person approval: everyone whose approval counted
+        names = approver_names(auth["approvers"], user_id=approval.user_id)
+        approval.how = f"By {names}, each in the browser, each signed in on their own"
+    elif approval.decided_by_id is not None:
         who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
         words = auth_words(auth.get("amr"))
         approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
@@ -92,8 +111,9 @@ def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
     return time.time() - auth_time > fresh_auth_seconds
 
 
-def _owned(request, approval_id) -> tuple[ApprovalRequest, int]:
-    """The user's own request and its scope's fresh-authentication window (one statement), or 404."""
+def _owned(request: HttpRequest, approval_id: UUID) -> Decision:
+    """The request this person may decide or vote on, and its policy's fresh-authentication window and
+    quorum (one statement), or 404."""
     found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
     if found is None:
         approval_audit_refused_decision(approval_id=approval_id, user=request.user, reason="not the owner",
@@ -102,10 +122,12 @@ def _owned(request, approval_id) -> tuple[ApprovalRequest, int]:
     return found
 
 
-def _decide(request, approval, decide, verb: str):
+def _decide(request: HttpRequest, decision: Decision, decide: Callable[..., ApprovalRequest],
+            verb: str) -> HttpResponse:
+    approval = decision.approval
     try:
-        decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,
-               approval=approval)
+        decided = decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,
+                         decision=decision)
     except ApprovalNotFound as exc:
         raise Http404("No such approval request.") from exc
     except ApprovalNotPending:
@@ -114,6 +136,14 @@ def _decide(request, approval, decide, verb: str):
                                         reason=f"already {approval.status}")
         messages.error(request, f"Nothing to {verb}: this request is {approval.get_status_display().lower()}.")
         return redirect("/approvals/")
+    except VoteRefused as exc:  # two-person approval: this person may not vote (again); nothing changed
+        approval_vote_refused(approval=approval, user=request.user, refusal=exc, request=request)
+        messages.error(request, f"Not accepted: {exc.description}.")
+        return inbox_view(request, status=exc.status_code)
+    if decision.quorum is not None and decided.status == ApprovalRequest.Status.PENDING:
+        state = standing(approval=decided, quorum=decision.quorum, viewer_id=request.user.pk)
+        messages.success(request, f"Your approval is recorded. {waiting_words(state)}: {approval.headline}")
+        return redirect("/approvals/")
     messages.success(request, f"{'Approved' if verb == 'approve' else 'Denied'}: {approval.headline}")
     return redirect("/approvals/")
 
@@ -121,16 +151,16 @@ def _decide(request, approval, decide, verb: str):
 @login_required
 @post_only
 def approve_view(request, approval_id):
-    approval, fresh_auth_seconds = _owned(request, approval_id)
-    if approval.is_pending and _needs_fresh_auth(request, fresh_auth_seconds):
-        return redirect(f"/approvals/{approval.pk}/confirm/")
-    return _decide(request, approval, approval_approve, "approve")
+    decision = _owned(request, approval_id)
+    if decision.approval.is_pending and _needs_fresh_auth(request, decision.fresh_auth_seconds):
+        return redirect(f"/approvals/{decision.approval.pk}/confirm/")
+    return _decide(request, decision, approval_approve, "approve")
 
 
 @login_required
 @post_only
 def deny_view(request, approval_id):
-    return _decide(request, _owned(request, approval_id)[0], approval_deny, "deny")
+    return _decide(request, _owned(request, approval_id), approval_deny, "deny")
 
 
 class ConfirmForm(forms.Form):
@@ -144,7 +174,8 @@ def confirm_view(request, approval_id):
     Attempts are limited per user and per source (``consent.limits.attempts``, kind ``fresh_auth``): while
     locked, the secret is not checked at all, and the page says when to try again.
     """
-    approval = _owned(request, approval_id)[0]
+    decision = _owned(request, approval_id)
+    approval = decision.approval
     device = TOTPDevice.objects.devices_for_user(request.user, confirmed=True).first()
     label = "Code from your authenticator app" if device else "Your password"
     form = ConfirmForm(request.POST or None)
@@ -166,7 +197,7 @@ def confirm_view(request, approval_id):
             previous = [m for m in (request.session.get(SESSION_AMR) or ["pwd"]) if m not in amr]
             request.session[SESSION_AMR] = previous + amr
             request.session[SESSION_AUTH_TIME] = time.time()
-            return _decide(request, approval, approval_approve, "approve")
+            return _decide(request, decision, approval_approve, "approve")
         audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=actor,
                       user_id=request.user.pk, request=request, detail={"approval_id": str(approval.pk)})
         if wait := attempts.failed("fresh_auth", keys, request=request, actor=actor, user_id=request.user.pk):

@@ -146,7 +146,8 @@ class AgentAdmin(AuditedAdmin):
 @admin.register(ScopePolicy)
 class ScopePolicyAdmin(AuditedAdmin):
     audit_event = "scope_policy"
-    list_display = ("name", "sensitivity", "audience", "description", "approval_window", "action_token_ttl")
+    list_display = ("name", "sensitivity", "audience", "description", "approval_window", "action_token_ttl",
+                    "quorum")
     list_filter = ("sensitivity", "require_second_factor")
     search_fields = ("name", "description", "audience")
     fieldsets = (
@@ -156,6 +157,8 @@ class ScopePolicyAdmin(AuditedAdmin):
             "auto_approve_rule")}),
         ("Budgets users may give agents (step-up only; leave empty to offer none)", {"fields": (
             "budget_currency", "budget_max_per_action", "budget_max_total", "budget_periods")}),
+        ("Two-person approval (step-up only)", {"fields": (
+            "quorum", "approver_group", "exclude_requester", "quorum_when")}),
     )
 
 

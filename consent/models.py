@@ -231,6 +231,22 @@ class ScopePolicy(models.Model):
     budget_periods = models.JSONField(
         default=list, blank=True, help_text='Step-up only: periods users may choose, of "day", "week", "month".',
     )
+    # Two-person approval (approvals.quorum): N approvals from the approver group's active members.
+    quorum = models.PositiveSmallIntegerField(
+        "approvals needed", default=1, validators=[MinValueValidator(1)],
+        help_text="Step-up only: how many people must approve. 1 with no group: the user alone, as always.",
+    )
+    approver_group = models.ForeignKey(
+        "auth.Group", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+        help_text="Step-up only: whose members may approve (besides the user, unless excluded).",
+    )
+    exclude_requester = models.BooleanField(
+        default=False, help_text="Step-up only: the user the agent acts for may not approve their own request.",
+    )
+    quorum_when = models.CharField(
+        "quorum only when", max_length=300, blank=True,
+        help_text="Step-up only: e.g. 'amount > 10000'; empty: every request needs the quorum.",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -270,6 +286,7 @@ class ScopePolicy(models.Model):
             raise ValidationError({"auto_approve_rule": str(exc)}) from exc
         if self.auto_approve_rule and not self.is_step_up:
             raise ValidationError({"auto_approve_rule": "Only step-up scopes have auto-approve rules."})
+        self._clean_quorum()
         types = self.authorization_details_types
         if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
             raise ValidationError({"authorization_details_types": 'A list of type names, e.g. ["ledger_entry"].'})
@@ -291,6 +308,29 @@ class ScopePolicy(models.Model):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise error({name: "A positive amount."})
+
+
+    @property
+    def has_quorum(self) -> bool:
+        return self.quorum > 1 or self.approver_group_id is not None or self.exclude_requester
+
+    def _clean_quorum(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        try:
+            validate_rule(self.quorum_when)
+        except ValueError as exc:
+            raise ValidationError({"quorum_when": str(exc).replace("auto-approve rule", "quorum condition")}) from exc
+        if self.quorum is not None and self.quorum < 1:
+            raise ValidationError({"quorum": "At least 1."})
+        if not self.has_quorum:
+            if self.quorum_when:
+                raise ValidationError({"quorum_when": "A condition needs a quorum above 1 or an approver group."})
+            return
+        if not self.is_step_up:
+            raise ValidationError({"quorum": "Only step-up scopes ask for approvals."})
+        if self.approver_group_id is None:
+            raise ValidationError({"approver_group": "A quorum above 1, or excluding the user, needs an approver group."})
 
 
 class SessionGrant(models.Model):

@@ -61,6 +61,15 @@
     t.title = new Date(p.expires_at).toLocaleString();
     t.textContent = countdownText(Date.parse(p.expires_at));
     li.id = "prompt-" + p.id;
+    // Two-person approval: for whom the agent asks, and how many approvals are still missing.
+    const q = p.quorum || null;
+    const forUser = li.querySelector(".for-user");
+    forUser.hidden = !(q && q.for_user && !q.mine);
+    li.querySelector(".requester").textContent = q ? q.for_user : "";
+    li.querySelector(".quorum").hidden = !q;
+    li.querySelector(".quorum-needed").textContent = q ? "Needs " + q.needed + " approval" + (q.needed === 1 ? "" : "s") : "";
+    li.querySelector(".quorum-waiting").textContent = q ? (q.voted === "approve" ? "You approved. " : "") + q.waiting : "";
+    li.querySelector(".actions").hidden = !!q && !q.can_vote;
     li.querySelector("form.approve").action = "/approvals/" + p.id + "/approve/";
     li.querySelector("form.deny").action = "/approvals/" + p.id + "/deny/";
   }

@@ -1,6 +1,8 @@
+import argparse
 from decimal import Decimal
 
-from django.core.management.base import BaseCommand
+from django.contrib.auth.models import Group
+from django.core.management.base import BaseCommand, CommandError
 
 from consent.models import ScopePolicy
 from consent.services import scope_set
@@ -25,6 +27,12 @@ class Command(BaseCommand):
         parser.add_argument("--budget-max-per-action", type=Decimal, help="largest per-action ceiling users may set")
         parser.add_argument("--budget-max-total", type=Decimal, help="largest total per period users may set")
         parser.add_argument("--budget-periods", help='space-separated, of "day week month"')
+        parser.add_argument("--quorum", type=int, help="approvals needed (two-person approval: 2)")
+        parser.add_argument("--approver-group", help="the Django group whose members may approve ('' for none)")
+        parser.add_argument("--exclude-requester", action=argparse.BooleanOptionalAction, default=None,
+                            help="the user the agent acts for may not approve their own request")
+        parser.add_argument("--quorum-when", help="only requests matching this rule need the quorum, "
+                                                  "e.g. 'amount > 10000'")
 
     def handle(self, *args, **o):
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
@@ -33,6 +41,8 @@ class Command(BaseCommand):
             "action_ttl": "action_token_ttl", "fresh_auth": "fresh_auth_seconds",
             "auto_approve": "auto_approve_rule", "budget_currency": "budget_currency",
             "budget_max_per_action": "budget_max_per_action", "budget_max_total": "budget_max_total",
+            "quorum": "quorum", "exclude_requester": "exclude_requester",
+            "quorum_when": "quorum_when",
         }
         for option, field in optional.items():
             if o[option] is not None:
@@ -41,5 +51,10 @@ class Command(BaseCommand):
             values["authorization_details_types"] = o["authorization_details_types"].split()
         if o["budget_periods"] is not None:
             values["budget_periods"] = o["budget_periods"].split()
+        if o["approver_group"] is not None:
+            group = Group.objects.filter(name=o["approver_group"]).first() if o["approver_group"] else None
+            if o["approver_group"] and group is None:
+                raise CommandError(f"no group named {o['approver_group']!r}: create it first (admin, Groups)")
+            values["approver_group_id"] = group.pk if group is not None else None
         policy, created = run_service(scope_set, name=o["name"], values=values, actor="cli")
         self.stdout.write(f"{'Created' if created else 'Updated'} scope {policy.name} ({policy.sensitivity})")

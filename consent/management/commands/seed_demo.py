@@ -4,6 +4,7 @@ import json
 import os
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
@@ -39,6 +40,9 @@ MCP_SCOPES = [
     ("shop:catalog", "Search the shop's vendor catalog (MCP tool catalog_search)", ScopePolicy.Sensitivity.STANDARD),
     ("shop:ledger", "Record payments in the shop's ledger (MCP tool ledger_append)", ScopePolicy.Sensitivity.STEP_UP),
 ]
+# Above this, the officer's approval alone is not enough: a member of finance must also approve.
+FINANCE_GROUP = "finance"
+QUORUM_WHEN = "amount > 10000"
 AGENT_NAME = "Procurement Agent"
 AGENT_REDIRECT = "http://127.0.0.1:8199/callback"
 
@@ -62,23 +66,27 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         User = get_user_model()
         users = []
-        for username, is_admin in (("officer", False), ("admin", True)):
+        names = {"officer": ("Contracting", "Officer"), "admin": ("Admin", ""), "comptroller": ("Finance", "Comptroller")}
+        for username, is_admin in (("officer", False), ("admin", True), ("comptroller", False)):
             user, created = User.objects.get_or_create(
                 username=username, defaults={"is_staff": is_admin, "is_superuser": is_admin,
-                                             "first_name": "Contracting" if not is_admin else "Admin",
-                                             "last_name": "Officer" if not is_admin else ""})
+                                             "first_name": names[username][0], "last_name": names[username][1]})
             if created:
                 user.set_password(DEMO_PASSWORD)
                 user.save()
             users.append({"username": username, "password": DEMO_PASSWORD if created or user.check_password(
                 DEMO_PASSWORD) else "(unchanged: set before this run)"})
+        # Two-person approval: a ledger entry above 10,000 needs the comptroller's signature as well.
+        finance, _ = Group.objects.get_or_create(name=FINANCE_GROUP)
+        finance.user_set.add(User.objects.get(username="comptroller"))
 
         servers, scopes = [], []
         for name, audience, scope, description, sensitivity in SYSTEMS:
             values = {"audience": audience, "sensitivity": sensitivity, "description": description}
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {"approval_window": 600, "action_token_ttl": 120,
-                           "authorization_details_types": ["ledger_entry"]}
+                           "authorization_details_types": ["ledger_entry"],
+                           "quorum": 2, "approver_group_id": finance.pk, "quorum_when": QUORUM_WHEN}
             policy = ScopePolicy.objects.filter(name=scope).first()
             if policy is None:
                 policy, _ = scope_set(name=scope, values=values, actor="seed_demo")
