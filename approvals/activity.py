@@ -51,17 +51,29 @@ class _Names:
         client_ids = {e.client_id for e in events if e.client_id}
         client_ids |= {e.actor.split(":", 1)[1] for e in events if e.actor.startswith(("agent:", "rs:"))}
         self.agents = dict(Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        self.servers = dict(ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        approval_ids = {str(e.detail.get("approval_id")) for e in events if isinstance(e.detail, dict)
-                        and e.detail.get("approval_id")}
-        self.approvals = {str(a.pk): a for a in ApprovalRequest.objects.filter(
-            pk__in=[i for i in approval_ids if _uuid_like(i)], user_id=user_id).only(
-            "id", "headline", "authorization_details", "decision_auth", "decision_method", "scope")}
+        self.servers = dict(
+            ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name")
+        )
+        approval_ids = {
+            str(e.detail.get("approval_id"))
+            for e in events
+            if isinstance(e.detail, dict) and e.detail.get("approval_id")
+        }
+        self.approvals = {
+            str(a.pk): a
+            for a in ApprovalRequest.objects.filter(
+                pk__in=[i for i in approval_ids if _uuid_like(i)], user_id=user_id
+            ).only("id", "headline", "authorization_details", "decision_auth", "decision_method", "scope")
+        }
         scopes = {a.scope for a in self.approvals.values()} | {  # budget events name their scope
-            str(e.detail["scope"]) for e in events if isinstance(e.detail, dict) and e.event.startswith("budget.")
-            and e.detail.get("scope")}
+            str(e.detail["scope"])
+            for e in events
+            if isinstance(e.detail, dict) and e.event.startswith("budget.") and e.detail.get("scope")
+        }
         audiences = dict(ScopePolicy.objects.filter(name__in=scopes).values_list("name", "audience"))
-        by_audience = dict(ResourceServer.objects.filter(audience__in=audiences.values()).values_list("audience", "name"))
+        by_audience = dict(
+            ResourceServer.objects.filter(audience__in=audiences.values()).values_list("audience", "name")
+        )
         self.scope_system = {s: by_audience.get(a, a) for s, a in audiences.items()}
 
     def who(self, actor: str) -> str:
@@ -102,8 +114,10 @@ def _money(d: dict[str, Any], key: str = "amount") -> str:
         return money(Decimal(str(d.get(key))), str(d.get("currency", "")))
     except (InvalidOperation, ValueError):
         return "an amount"
+
+
 def approver_names(approvers: Any, *, user_id: int) -> str:
-    """"you and comptroller": the people whose approvals met a quorum (``approvals.votes``), in order."""
+    """ "you and comptroller": the people whose approvals met a quorum (``approvals.votes``), in order."""
     subs = [str(a.get("sub", "")) for a in approvers or [] if isinstance(a, dict)]
     pks = [int(s[5:]) for s in subs if s.startswith("user:") and s[5:].isdigit()]
     found = dict(get_user_model().objects.filter(pk__in=pks).values_list("pk", "username"))
@@ -119,7 +133,9 @@ def _sentence(e: Any, n: _Names) -> str:
     who = n.who(e.actor)
     approval = n.approvals.get(str(d.get("approval_id", "")))
     reason = str(d.get("reason") or e.error or "").replace("_", " ")
-    system = n.scope_system.get(str(d.get("scope", "")), n.who(e.actor) if e.actor.startswith("rs:") else "a system")
+    system = n.scope_system.get(
+        str(d.get("scope", "")), n.who(e.actor) if e.actor.startswith("rs:") else "a system"
+    )
     match e.event:
         case "login":
             words = auth_words(d.get("amr"))
@@ -134,15 +150,20 @@ def _sentence(e: Any, n: _Names) -> str:
             return "You set up an authenticator app for signing in."
         case "consent.given":
             allowed, asks = len(d.get("standard_scopes") or []), len(d.get("step_up_scopes") or [])
-            return (f"You connected {agent}: {allowed} permission{'s' if allowed != 1 else ''} for the session"
-                    + (f", {asks} that ask{'s' if asks == 1 else ''} you each time" if asks else "") + ".")
+            return (
+                f"You connected {agent}: {allowed} permission{'s' if allowed != 1 else ''} for the session"
+                + (f", {asks} that ask{'s' if asks == 1 else ''} you each time" if asks else "")
+                + "."
+            )
         case "consent.refused":
             return f"You declined to connect {agent}."
         case "consent.request_refused":
             return f"A connection request from {agent} was refused: {reason}."
         case "token.issued":
             minutes = int(d.get("expires_in") or 0) // 60
-            return f"{agent} received a session token" + (f" valid for {minutes} min" if minutes else "") + "."
+            return (
+                f"{agent} received a session token" + (f" valid for {minutes} min" if minutes else "") + "."
+            )
         case "token.refreshed":
             return f"{agent} renewed its session token."
         case "token.exchanged":
@@ -170,11 +191,15 @@ def _sentence(e: Any, n: _Names) -> str:
         case "approval.budget_approved":
             return f"{_what(approval)} was approved within your budget ({_money(d)} reserved)."
         case "budget.set":
-            return f"You gave {agent} a budget for {system}: up to {_money(d, 'per_action')} each, " \
-                   f"{_money(d, 'total')} a {d.get('period', 'period')}."
+            return (
+                f"You gave {agent} a budget for {system}: up to {_money(d, 'per_action')} each, "
+                f"{_money(d, 'total')} a {d.get('period', 'period')}."
+            )
         case "budget.lowered":
-            return f"You lowered {agent}'s budget for {system}: up to {_money(d, 'per_action')} each, " \
-                   f"{_money(d, 'total')} per period."
+            return (
+                f"You lowered {agent}'s budget for {system}: up to {_money(d, 'per_action')} each, "
+                f"{_money(d, 'total')} per period."
+            )
         case "budget.ended":
             return f"You ended {agent}'s budget for {system}; every request asks you again."
         case "budget.refunded":
@@ -203,14 +228,21 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} was told your answer is ready."
         case "action_token.issued":
             return f"{agent} collected its single-use token for {_what(approval)}."
-        case "action_token.redeemed" if approval is not None and (approval.decision_auth or {}).get("approvers"):
+        case "action_token.redeemed" if approval is not None and (approval.decision_auth or {}).get(
+            "approvers"
+        ):
             names = approver_names(approval.decision_auth["approvers"], user_id=n.user_id)
             return _did(agent, approval, system) + f", approved by {names}."
         case "action_token.redeemed":
             if approval is not None and approval.decision_method == "budget":
                 return _did(agent, approval, system) + ", approved within your budget."
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
-            return _did(agent, approval, system) + ", approved by you" + (f" with {words}" if words else "") + "."
+            return (
+                _did(agent, approval, system)
+                + ", approved by you"
+                + (f" with {words}" if words else "")
+                + "."
+            )
         case "redemption.refused":
             return f"{who.capitalize()} could not use a single-use token: {reason}."
         case "introspection.inactive":
@@ -224,8 +256,11 @@ def _sentence(e: Any, n: _Names) -> str:
         case "grant.used":
             uses = int(d.get("uses") or 0)
             what = ", ".join(str(o) for o in (d.get("operations") or [])[:3])
-            return (f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
-                    + (f": {what}" if what else "") + ".")
+            return (
+                f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
+                + (f": {what}" if what else "")
+                + "."
+            )
         case "refresh_token.reuse_detected":
             return f"A used refresh token of {agent} was presented again."
         case "rate.limited":
@@ -242,11 +277,14 @@ def _sentence(e: Any, n: _Names) -> str:
         case "approval.reached":
             return f"The request “{_what(approval)}” reached you by {CHANNEL_WORDS.get(str(d.get('channel')), 'a channel')}."
         case "approval.not_reached":
-            return (f"The request “{_what(approval)}” did not reach you by "
-                    f"{CHANNEL_WORDS.get(str(d.get('channel')), 'a channel')}: {d.get('error') or reason}.")
+            return (
+                f"The request “{_what(approval)}” did not reach you by "
+                f"{CHANNEL_WORDS.get(str(d.get('channel')), 'a channel')}: {d.get('error') or reason}."
+            )
         case "approval.opened":
-            return (f"You opened “{_what(approval)}” from the "
-                    f"{CLICK_WORDS.get(str(d.get('channel')), 'link')}.")
+            return (
+                f"You opened “{_what(approval)}” from the {CLICK_WORDS.get(str(d.get('channel')), 'link')}."
+            )
         case "approval.open_refused":
             return "A link opened a request that is not yours or does not exist."
         case "push.subscribed":
@@ -265,26 +303,47 @@ def _sentence(e: Any, n: _Names) -> str:
     return f"{fallback} ({reason})." if reason else f"{fallback}."
 
 
-CHANNEL_WORDS = {"websocket": "your open inbox", "push": "a notification on your device", "email": "email",
-                 "webhook": "your organisation's webhook"}
+CHANNEL_WORDS = {
+    "websocket": "your open inbox",
+    "push": "a notification on your device",
+    "email": "email",
+    "webhook": "your organisation's webhook",
+}
 CLICK_WORDS = {"push": "notification", "email": "email", "webhook": "organisation's message"}
-EMAIL_WORDS = {"unreachable": "when no device or open inbox is reachable", "always": "always", "never": "never"}
+EMAIL_WORDS = {
+    "unreachable": "when no device or open inbox is reachable",
+    "always": "always",
+    "never": "never",
+}
 
 
 def describe(events: list[Any], *, user_id: int) -> list[Entry]:
     names = _Names(events, user_id)
-    return [Entry(id=e.pk, when=e.occurred_at, sentence=_sentence(e, names), ok=e.outcome == "ok", event=e.event,
-                  grant_id=e.grant_id, agent=names.agents.get(e.client_id, ""),
-                  approval_id=str(e.detail.get("approval_id", "")) if isinstance(e.detail, dict) else "")
-            for e in events]
+    return [
+        Entry(
+            id=e.pk,
+            when=e.occurred_at,
+            sentence=_sentence(e, names),
+            ok=e.outcome == "ok",
+            event=e.event,
+            grant_id=e.grant_id,
+            agent=names.agents.get(e.client_id, ""),
+            approval_id=str(e.detail.get("approval_id", "")) if isinstance(e.detail, dict) else "",
+        )
+        for e in events
+    ]
 
 
 def agent_choices(*, user_id: int) -> list[tuple[str, str]]:
     """The agents this user ever connected, for the filter."""
     from consent.models import SessionGrant
 
-    return list(SessionGrant.objects.filter(user_id=user_id).values_list("agent__client_id", "agent__name")
-                .distinct().order_by("agent__name"))
+    return list(
+        SessionGrant.objects.filter(user_id=user_id)
+        .values_list("agent__client_id", "agent__name")
+        .distinct()
+        .order_by("agent__name")
+    )
 
 
 def period_filter(period: str) -> Q:

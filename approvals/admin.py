@@ -25,8 +25,17 @@ class ApprovalVoteInline(admin.TabularInline):
 
 @admin.register(ApprovalRequest)
 class ApprovalRequestAdmin(ReadOnlyAdmin):
-    list_display = ("headline", "user", "agent", "scope", "status", "delivery_mode", "created", "expires_at",
-                    "decision_method")
+    list_display = (
+        "headline",
+        "user",
+        "agent",
+        "scope",
+        "status",
+        "delivery_mode",
+        "created",
+        "expires_at",
+        "decision_method",
+    )
     list_filter = ("status", "delivery_mode", "scope", "agent")
     search_fields = ("id", "headline", "user__username", "agent__name", "action_hash")
     readonly_fields = [f.name for f in ApprovalRequest._meta.fields if f.name != "client_notification_token"]
@@ -34,13 +43,11 @@ class ApprovalRequestAdmin(ReadOnlyAdmin):
     inlines = [ApprovalVoteInline]
 
 
-
 @admin.register(ActionToken)
 class ActionTokenAdmin(ReadOnlyAdmin):
     list_display = ("jti", "approval", "issued_at", "expires_at", "redeemed_at", "redeemed_by")
     list_filter = ("redeemed_by",)
     readonly_fields = [f.name for f in ActionToken._meta.fields]
-
 
 
 # --- the delivery channels (approvals.notify) -------------------------------------------------------
@@ -63,8 +70,9 @@ class OrganisationWebhookAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: OrganisationWebhook, form: object, change: bool) -> None:
         if not change:
             obj.secret = webhook_secret_new()
-            messages.warning(request, f"Signing secret for {obj.name} (shown once; give it to the receiver): "
-                                      f"{obj.secret}")
+            messages.warning(
+                request, f"Signing secret for {obj.name} (shown once; give it to the receiver): {obj.secret}"
+            )
         super().save_model(request, obj, form, change)
 
 

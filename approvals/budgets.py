@@ -30,19 +30,25 @@ _PERIOD_NOUN = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 # The amount fits: same currency and period, active, within the ceiling, and within what is left of
 # the current period (a budget still in an older period starts the current one from nothing).
-_RESERVE = (f"UPDATE {_BUDGET} SET used = CASE WHEN period_start = %s THEN used + %s ELSE %s END,"
-            f" period_start = %s WHERE id = %s AND status = %s AND currency = %s AND period = %s"
-            f" AND per_action >= %s AND period_start <= %s"
-            f" AND CASE WHEN period_start = %s THEN used + %s ELSE %s END <= total")
-_REFUND_ROW = (f"UPDATE {_RESERVATION} SET state = %s, settled_at = %s WHERE approval_id = %s AND state = %s"
-               f" RETURNING budget_id, amount, currency, period_start")
+_RESERVE = (
+    f"UPDATE {_BUDGET} SET used = CASE WHEN period_start = %s THEN used + %s ELSE %s END,"
+    f" period_start = %s WHERE id = %s AND status = %s AND currency = %s AND period = %s"
+    f" AND per_action >= %s AND period_start <= %s"
+    f" AND CASE WHEN period_start = %s THEN used + %s ELSE %s END <= total"
+)
+_REFUND_ROW = (
+    f"UPDATE {_RESERVATION} SET state = %s, settled_at = %s WHERE approval_id = %s AND state = %s"
+    f" RETURNING budget_id, amount, currency, period_start"
+)
 # Only into the period the amount counted in: a later period began from nothing already.
 _REFUND = f"UPDATE {_BUDGET} SET used = used - %s WHERE id = %s AND period_start = %s AND used >= %s"
 # Redemption (approvals.redemption): the reservation of the request that moved is spent; on
 # PostgreSQL a data-modifying CTE of the redemption's one statement (``moved``: the request's id).
 SPEND = f"UPDATE {_RESERVATION} SET state = %s, settled_at = %s WHERE approval_id = %s AND state = %s"
-SPEND_CTE = (f"UPDATE {_RESERVATION} r SET state = %s, settled_at = %s FROM moved"
-             f" WHERE r.approval_id = moved.id AND r.state = %s")
+SPEND_CTE = (
+    f"UPDATE {_RESERVATION} r SET state = %s, settled_at = %s FROM moved"
+    f" WHERE r.approval_id = moved.id AND r.state = %s"
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,11 @@ def budget_fit(budget: Budget | None, details: list[dict[str, Any]], now: dateti
         return Fit(None, why=f"over your {money(budget.per_action, budget.currency)} per-purchase budget")
     left = budget.left(now)
     if amount > left:
-        return Fit(None, why=f"over what is left of your {money(budget.total, budget.currency)} {noun} budget"
-                             f" ({money(left, budget.currency)} left)")
+        return Fit(
+            None,
+            why=f"over what is left of your {money(budget.total, budget.currency)} {noun} budget"
+            f" ({money(left, budget.currency)} left)",
+        )
     return Fit(amount, currency)
 
 
@@ -83,39 +92,88 @@ def budget_reserve(*, budget: Budget, approval: ApprovalRequest, amount: Decimal
     current = period_start(budget.period, now)
     at = rows.param(Budget, "period_start", current)
     value = rows.param(Budget, "used", amount)
-    moved = rows.execute(_RESERVE, [at, value, value, at, budget.pk, Budget.Status.ACTIVE, budget.currency,
-                                    budget.period, value, at, at, value, value])
+    moved = rows.execute(
+        _RESERVE,
+        [
+            at,
+            value,
+            value,
+            at,
+            budget.pk,
+            Budget.Status.ACTIVE,
+            budget.currency,
+            budget.period,
+            value,
+            at,
+            at,
+            value,
+            value,
+        ],
+    )
     if moved != 1:
         return False
-    BudgetReservation.objects.create(approval=approval, budget_id=budget.pk, amount=amount, currency=budget.currency,
-                                     period_start=current, created=now)
+    BudgetReservation.objects.create(
+        approval=approval,
+        budget_id=budget.pk,
+        amount=amount,
+        currency=budget.currency,
+        period_start=current,
+        created=now,
+    )
     return True
 
 
 def budget_approved_event(approval: ApprovalRequest, *, budget: Budget, amount: Decimal) -> PendingEvent:
-    return audit_event(event="approval.budget_approved", actor="system", user_id=approval.user_id,
-                       client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                       detail={"approval_id": str(approval.pk), "scope": approval.scope, "budget_id": budget.pk,
-                               "amount": str(amount), "currency": budget.currency})
+    return audit_event(
+        event="approval.budget_approved",
+        actor="system",
+        user_id=approval.user_id,
+        client_id=approval.agent.client_id,
+        grant_id=approval.grant_id,
+        detail={
+            "approval_id": str(approval.pk),
+            "scope": approval.scope,
+            "budget_id": budget.pk,
+            "amount": str(amount),
+            "currency": budget.currency,
+        },
+    )
 
 
 def budget_refund(*, approval: ApprovalRequest, reason: str) -> bool:
     """Return the amount an approval reserved, once: the conditional UPDATE of its reservation
     decides (a second call, or a task run twice, finds nothing reserved). Audited."""
-    row = rows.fetchone(_REFUND_ROW, [BudgetReservation.State.REFUNDED,
-                                      rows.param(BudgetReservation, "settled_at", timezone.now()),
-                                      rows.param(BudgetReservation, "approval", approval.pk), _RESERVED])
+    row = rows.fetchone(
+        _REFUND_ROW,
+        [
+            BudgetReservation.State.REFUNDED,
+            rows.param(BudgetReservation, "settled_at", timezone.now()),
+            rows.param(BudgetReservation, "approval", approval.pk),
+            _RESERVED,
+        ],
+    )
     if row is None:
         return False
     budget_id, amount, currency, counted_in = row
     amount = Decimal(str(amount))
     value = rows.param(Budget, "used", amount)
     returned = rows.execute(_REFUND, [value, budget_id, counted_in, value]) == 1
-    audit_event(event="budget.refunded", actor="system", user_id=approval.user_id,
-                client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                detail={"approval_id": str(approval.pk), "scope": approval.scope, "budget_id": budget_id,
-                        "amount": plain(amount), "currency": currency, "reason": reason,
-                        "period_over": not returned}).append()
+    audit_event(
+        event="budget.refunded",
+        actor="system",
+        user_id=approval.user_id,
+        client_id=approval.agent.client_id,
+        grant_id=approval.grant_id,
+        detail={
+            "approval_id": str(approval.pk),
+            "scope": approval.scope,
+            "budget_id": budget_id,
+            "amount": plain(amount),
+            "currency": currency,
+            "reason": reason,
+            "period_over": not returned,
+        },
+    ).append()
     return True
 
 
@@ -126,5 +184,12 @@ def spend_params(now: datetime) -> list[Any]:
 
 def budget_spend(*, approval_id: Any, now: datetime) -> None:
     """Outside PostgreSQL, after the request moved ISSUED -> REDEEMED in this transaction."""
-    rows.execute(SPEND, [BudgetReservation.State.SPENT, rows.param(BudgetReservation, "settled_at", now),
-                         rows.param(BudgetReservation, "approval", approval_id), _RESERVED])
+    rows.execute(
+        SPEND,
+        [
+            BudgetReservation.State.SPENT,
+            rows.param(BudgetReservation, "settled_at", now),
+            rows.param(BudgetReservation, "approval", approval_id),
+            _RESERVED,
+        ],
+    )

@@ -12,7 +12,9 @@ urlpatterns = [
     path("approvals/<uuid:approval_id>/", notify_views.open_view, name="approval-open"),
     path("approvals/devices/", notify_views.devices_view, name="approval-devices"),
     path("approvals/devices/subscribe/", notify_views.subscribe_view, name="approval-device-subscribe"),
-    path("approvals/devices/<str:device_id>/remove/", notify_views.remove_view, name="approval-device-remove"),
+    path(
+        "approvals/devices/<str:device_id>/remove/", notify_views.remove_view, name="approval-device-remove"
+    ),
     path("approvals/devices/email/", notify_views.email_preference_view, name="approval-email-preference"),
     path("approvals/sw.js", notify_views.service_worker_view, name="approval-service-worker"),
     path("approvals/manifest.webmanifest", notify_views.manifest_view, name="approval-manifest"),

@@ -13,7 +13,7 @@ import json
 
 import rfc8785
 
-_SAFE = 2 ** 53 - 1
+_SAFE = 2**53 - 1
 
 
 def _bmp(key: str) -> bool:
@@ -38,7 +38,9 @@ def _plain(value, depth: int = 0) -> bool:
 def dumps(value) -> bytes:
     if _plain(value):
         try:
-            return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+            return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(
+                "utf-8"
+            )
         except UnicodeEncodeError:  # a lone surrogate: let the general serializer decide
             pass
     return rfc8785.dumps(value)

@@ -1,4 +1,3 @@
-
 def csrf_failure(request, reason=""):
     """CSRF refusals are refusals too: audited, then Django's 403 page."""
     from django.views.csrf import csrf_failure as django_csrf_failure
@@ -7,6 +6,12 @@ def csrf_failure(request, reason=""):
 
     user = getattr(request, "user", None)
     user_id = user.pk if user is not None and user.is_authenticated else None
-    audit_refusal(event="csrf.refused", error="csrf_failed", actor=f"user:{user_id}" if user_id else "",
-                  user_id=user_id, request=request, detail={"path": request.path[:200], "reason": reason[:200]})
+    audit_refusal(
+        event="csrf.refused",
+        error="csrf_failed",
+        actor=f"user:{user_id}" if user_id else "",
+        user_id=user_id,
+        request=request,
+        detail={"path": request.path[:200], "reason": reason[:200]},
+    )
     return django_csrf_failure(request, reason=reason)

@@ -58,12 +58,21 @@ class DependencyDownMiddleware:
         log.error("database unavailable: %s", type(exception).__name__)
         headers = {"Retry-After": "5", "Cache-Control": "no-store"}
         if request.path.startswith(PROTOCOL_PREFIXES):
-            return JsonResponse({"error": "temporarily_unavailable",
-                                 "error_description": "The service is briefly unavailable; retry shortly."},
-                                status=503, headers=headers)
-        return HttpResponse("<!doctype html><title>Countersign is briefly unavailable</title>"
-                            "<h1>Countersign is briefly unavailable</h1><p>Please try again in a moment. "
-                            "Nothing you did was half-saved.</p>", status=503, headers=headers)
+            return JsonResponse(
+                {
+                    "error": "temporarily_unavailable",
+                    "error_description": "The service is briefly unavailable; retry shortly.",
+                },
+                status=503,
+                headers=headers,
+            )
+        return HttpResponse(
+            "<!doctype html><title>Countersign is briefly unavailable</title>"
+            "<h1>Countersign is briefly unavailable</h1><p>Please try again in a moment. "
+            "Nothing you did was half-saved.</p>",
+            status=503,
+            headers=headers,
+        )
 
 
 # POST-only protocol endpoints that never read a session, a cookie or the signed-in user: agents

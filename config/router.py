@@ -36,7 +36,7 @@ def _split_head(head: bytes) -> tuple[bytes, list[bytes]]:
 
 def _header(lines: list[bytes], name: bytes) -> bytes | None:
     prefix = name.lower() + b":"
-    values = [line[len(prefix):].strip() for line in lines if line.lower().startswith(prefix)]
+    values = [line[len(prefix) :].strip() for line in lines if line.lower().startswith(prefix)]
     if len(values) > 1 and name == b"content-length" and len(set(values)) > 1:
         raise BadRequest("conflicting Content-Length")
     return values[0] if values else None
@@ -102,8 +102,10 @@ async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[
             try:
                 head = await client_reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
-                client_writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-                                    b"Content-Length: 0\r\n\r\n")
+                client_writer.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
                 return
             request_line, lines = _split_head(head)
             parts = request_line.split(b" ")
@@ -115,13 +117,19 @@ async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[
                 upstream = None
             if upstream is None:
                 try:
-                    reader, writer = await asyncio.open_connection(*(ws if kind == "ws" else web), limit=MAX_HEAD)
+                    reader, writer = await asyncio.open_connection(
+                        *(ws if kind == "ws" else web), limit=MAX_HEAD
+                    )
                 except OSError:
-                    client_writer.write(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                    client_writer.write(
+                        b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                    )
                     return
                 upstream = _Upstream(kind, reader, writer, client_writer)
             kept = [line for line in lines if not line.lower().startswith(_DROPPED)]
-            upstream.writer.write(b"\r\n".join([request_line, *kept, b"X-Forwarded-For: " + peer.encode(), b"", b""]))
+            upstream.writer.write(
+                b"\r\n".join([request_line, *kept, b"X-Forwarded-For: " + peer.encode(), b"", b""])
+            )
             if kind == "ws":  # the connection now belongs to the websocket (or to uvicorn's refusal)
                 to_server = asyncio.create_task(_pipe(client_reader, upstream.writer))
                 await asyncio.wait({to_server, upstream.relay}, return_when=asyncio.FIRST_COMPLETED)
@@ -157,10 +165,18 @@ async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[
             await client_writer.wait_closed()
 
 
-async def _serve(host: str, port: int, web, ws, alive: Callable[[], bool], stopped: Callable[[], bool],
-                 bound: list[int] | None = None) -> bool:
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, web, ws), host, port, limit=MAX_HEAD,
-                                        reuse_address=True)
+async def _serve(
+    host: str,
+    port: int,
+    web,
+    ws,
+    alive: Callable[[], bool],
+    stopped: Callable[[], bool],
+    bound: list[int] | None = None,
+) -> bool:
+    server = await asyncio.start_server(
+        lambda r, w: _handle(r, w, web, ws), host, port, limit=MAX_HEAD, reuse_address=True
+    )
     if bound is not None:
         bound.append(server.sockets[0].getsockname()[1])
     try:
@@ -176,7 +192,14 @@ async def _serve(host: str, port: int, web, ws, alive: Callable[[], bool], stopp
         _open.clear()
 
 
-def serve(host: str, port: int, *, web: tuple[str, int], ws: tuple[str, int],
-          alive: Callable[[], bool] = lambda: True, stopped: Callable[[], bool] = lambda: False) -> bool:
+def serve(
+    host: str,
+    port: int,
+    *,
+    web: tuple[str, int],
+    ws: tuple[str, int],
+    alive: Callable[[], bool] = lambda: True,
+    stopped: Callable[[], bool] = lambda: False,
+) -> bool:
     """Route ``host:port`` to the two backends until ``stopped()`` (returns True) or not ``alive()`` (False)."""
     return asyncio.run(_serve(host, port, web, ws, alive, stopped))

@@ -31,7 +31,11 @@ urlpatterns = [
     path("grants/<uuid:grant_id>/", pages.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
     path("grants/<uuid:grant_id>/budgets/", budgets.budget_add_view, name="budget-add"),
-    path("grants/<uuid:grant_id>/budgets/<int:budget_id>/lower/", budgets.budget_lower_view, name="budget-lower"),
+    path(
+        "grants/<uuid:grant_id>/budgets/<int:budget_id>/lower/",
+        budgets.budget_lower_view,
+        name="budget-lower",
+    ),
     path("grants/<uuid:grant_id>/budgets/<int:budget_id>/end/", budgets.budget_end_view, name="budget-end"),
     path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),

@@ -76,18 +76,24 @@ class Budget(models.Model):
     class Meta:
         ordering = ["scope"]
         constraints = [
-            models.UniqueConstraint(fields=["grant", "scope"], condition=models.Q(status="active"),
-                                    name="one_active_budget_per_scope"),
-            models.CheckConstraint(condition=models.Q(per_action__gt=0, total__gt=0, used__gte=0),
-                                   name="budget_amounts_positive"),
+            models.UniqueConstraint(
+                fields=["grant", "scope"],
+                condition=models.Q(status="active"),
+                name="one_active_budget_per_scope",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(per_action__gt=0, total__gt=0, used__gte=0), name="budget_amounts_positive"
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.scope}: {self.describe()} ({self.status})"
 
     def describe(self) -> str:
-        return (f"up to {money(self.per_action, self.currency)} each, "
-                f"{money(self.total, self.currency)} {self.get_period_display()}")
+        return (
+            f"up to {money(self.per_action, self.currency)} each, "
+            f"{money(self.total, self.currency)} {self.get_period_display()}"
+        )
 
     def used_now(self, at: datetime | None = None) -> Decimal:
         """What counts against this period: nothing yet if the stored period is over."""
@@ -108,8 +114,10 @@ class Budget(models.Model):
     @property
     def summary(self) -> str:
         noun = {"day": "today", "week": "this week", "month": "this month"}[self.period]
-        return (f"{money(self.left(), self.currency)} left of {money(self.total, self.currency)} {noun};"
-                f" up to {money(self.per_action, self.currency)} each")
+        return (
+            f"{money(self.left(), self.currency)} left of {money(self.total, self.currency)} {noun};"
+            f" up to {money(self.per_action, self.currency)} each"
+        )
 
     @property
     def per_action_plain(self) -> str:

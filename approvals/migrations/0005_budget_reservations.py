@@ -6,30 +6,64 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0004_delivery_channels'),
-        ('consent', '0007_scope_budgets_and_budget'),
+        ("approvals", "0004_delivery_channels"),
+        ("consent", "0007_scope_budgets_and_budget"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='approvalrequest',
-            name='budget_note',
-            field=models.CharField(blank=True, help_text="Why the user's budget did not cover it, shown on the prompt.", max_length=200),
+            model_name="approvalrequest",
+            name="budget_note",
+            field=models.CharField(
+                blank=True,
+                help_text="Why the user's budget did not cover it, shown on the prompt.",
+                max_length=200,
+            ),
         ),
         migrations.CreateModel(
-            name='BudgetReservation',
+            name="BudgetReservation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('amount', models.DecimalField(decimal_places=4, max_digits=18)),
-                ('currency', models.CharField(max_length=3)),
-                ('period_start', models.DateTimeField(help_text='The budget period the amount counted in.')),
-                ('state', models.CharField(choices=[('reserved', 'Reserved'), ('spent', 'Spent'), ('refunded', 'Returned to the budget')], db_index=True, default='reserved', max_length=10)),
-                ('created', models.DateTimeField(default=django.utils.timezone.now)),
-                ('settled_at', models.DateTimeField(blank=True, null=True)),
-                ('approval', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='budget_reservation', to='approvals.approvalrequest')),
-                ('budget', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='reservations', to='consent.budget')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("amount", models.DecimalField(decimal_places=4, max_digits=18)),
+                ("currency", models.CharField(max_length=3)),
+                ("period_start", models.DateTimeField(help_text="The budget period the amount counted in.")),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("reserved", "Reserved"),
+                            ("spent", "Spent"),
+                            ("refunded", "Returned to the budget"),
+                        ],
+                        db_index=True,
+                        default="reserved",
+                        max_length=10,
+                    ),
+                ),
+                ("created", models.DateTimeField(default=django.utils.timezone.now)),
+                ("settled_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "approval",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="budget_reservation",
+                        to="approvals.approvalrequest",
+                    ),
+                ),
+                (
+                    "budget",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="reservations",
+                        to="consent.budget",
+                    ),
+                ),
             ],
         ),
     ]

@@ -8,51 +8,118 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0006_grant_use'),
+        ("consent", "0006_grant_use"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='scopepolicy',
-            name='budget_currency',
-            field=models.CharField(blank=True, help_text='Step-up only: ISO 4217 code budgets are kept in, e.g. USD.', max_length=3),
+            model_name="scopepolicy",
+            name="budget_currency",
+            field=models.CharField(
+                blank=True,
+                help_text="Step-up only: ISO 4217 code budgets are kept in, e.g. USD.",
+                max_length=3,
+            ),
         ),
         migrations.AddField(
-            model_name='scopepolicy',
-            name='budget_max_per_action',
-            field=models.DecimalField(blank=True, decimal_places=4, help_text="Step-up only: the highest 'up to N each' a user may set.", max_digits=18, null=True, verbose_name='largest per-action ceiling'),
+            model_name="scopepolicy",
+            name="budget_max_per_action",
+            field=models.DecimalField(
+                blank=True,
+                decimal_places=4,
+                help_text="Step-up only: the highest 'up to N each' a user may set.",
+                max_digits=18,
+                null=True,
+                verbose_name="largest per-action ceiling",
+            ),
         ),
         migrations.AddField(
-            model_name='scopepolicy',
-            name='budget_max_total',
-            field=models.DecimalField(blank=True, decimal_places=4, help_text='Step-up only: the highest total per period a user may set.', max_digits=18, null=True, verbose_name='largest period total'),
+            model_name="scopepolicy",
+            name="budget_max_total",
+            field=models.DecimalField(
+                blank=True,
+                decimal_places=4,
+                help_text="Step-up only: the highest total per period a user may set.",
+                max_digits=18,
+                null=True,
+                verbose_name="largest period total",
+            ),
         ),
         migrations.AddField(
-            model_name='scopepolicy',
-            name='budget_periods',
-            field=models.JSONField(blank=True, default=list, help_text='Step-up only: periods users may choose, of "day", "week", "month".'),
+            model_name="scopepolicy",
+            name="budget_periods",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text='Step-up only: periods users may choose, of "day", "week", "month".',
+            ),
         ),
         migrations.CreateModel(
-            name='Budget',
+            name="Budget",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('scope', models.CharField(max_length=100)),
-                ('currency', models.CharField(max_length=3)),
-                ('per_action', models.DecimalField(decimal_places=4, max_digits=18, verbose_name='ceiling per action')),
-                ('total', models.DecimalField(decimal_places=4, max_digits=18, verbose_name='total per period')),
-                ('period', models.CharField(choices=[('day', 'a day'), ('week', 'a week'), ('month', 'a month')], max_length=8)),
-                ('period_start', models.DateTimeField()),
-                ('used', models.DecimalField(decimal_places=4, default=Decimal('0'), max_digits=18, verbose_name='reserved or spent this period')),
-                ('status', models.CharField(choices=[('active', 'Active'), ('ended', 'Ended')], default='active', max_length=8)),
-                ('created', models.DateTimeField(default=django.utils.timezone.now)),
-                ('ended_at', models.DateTimeField(blank=True, null=True)),
-                ('grant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='budgets', to='consent.sessiongrant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("scope", models.CharField(max_length=100)),
+                ("currency", models.CharField(max_length=3)),
+                (
+                    "per_action",
+                    models.DecimalField(decimal_places=4, max_digits=18, verbose_name="ceiling per action"),
+                ),
+                (
+                    "total",
+                    models.DecimalField(decimal_places=4, max_digits=18, verbose_name="total per period"),
+                ),
+                (
+                    "period",
+                    models.CharField(
+                        choices=[("day", "a day"), ("week", "a week"), ("month", "a month")], max_length=8
+                    ),
+                ),
+                ("period_start", models.DateTimeField()),
+                (
+                    "used",
+                    models.DecimalField(
+                        decimal_places=4,
+                        default=Decimal("0"),
+                        max_digits=18,
+                        verbose_name="reserved or spent this period",
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("ended", "Ended")], default="active", max_length=8
+                    ),
+                ),
+                ("created", models.DateTimeField(default=django.utils.timezone.now)),
+                ("ended_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "grant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="budgets",
+                        to="consent.sessiongrant",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['scope'],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('status', 'active')), fields=('grant', 'scope'), name='one_active_budget_per_scope'), models.CheckConstraint(condition=models.Q(('per_action__gt', 0), ('total__gt', 0), ('used__gte', 0)), name='budget_amounts_positive')],
+                "ordering": ["scope"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("status", "active")),
+                        fields=("grant", "scope"),
+                        name="one_active_budget_per_scope",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("per_action__gt", 0), ("total__gt", 0), ("used__gte", 0)),
+                        name="budget_amounts_positive",
+                    ),
+                ],
             },
         ),
     ]

@@ -25,7 +25,8 @@ class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
 class CountersignServer(AuthorizationEndpoint):
     def __init__(self, request_validator, token_generator=None, refresh_token_generator=None, **kwargs):
         AuthorizationEndpoint.__init__(
-            self, default_response_type="code",
+            self,
+            default_response_type="code",
             response_types={"code": S256AuthorizationCodeGrant(request_validator)},
             default_token_type=BearerToken(request_validator),
         )

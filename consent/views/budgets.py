@@ -22,12 +22,18 @@ def _back(request: HttpRequest, grant_id: Any) -> str:
     return detail if request.POST.get("next") == detail else "/grants/"
 
 
-def _refused(request: HttpRequest, exc: BudgetRefused | BudgetNotFound, back: str, **detail: Any) -> HttpResponse:
+def _refused(
+    request: HttpRequest, exc: BudgetRefused | BudgetNotFound, back: str, **detail: Any
+) -> HttpResponse:
     budget_refusal_audit(exc, user_id=request.user.pk, request=request, **detail)
     if isinstance(exc, BudgetNotFound):
         raise Http404("No such budget.")
-    return render(request, "consent/budget_refused.html", {"reason": exc.description, "code": exc.reason_code,
-                                                          "back": back}, status=exc.status_code)
+    return render(
+        request,
+        "consent/budget_refused.html",
+        {"reason": exc.description, "code": exc.reason_code, "back": back},
+        status=exc.status_code,
+    )
 
 
 @login_required
@@ -53,9 +59,13 @@ def budget_add_view(request: HttpRequest, grant_id: Any) -> HttpResponse:
 def budget_lower_view(request: HttpRequest, grant_id: Any, budget_id: int) -> HttpResponse:
     back = _back(request, grant_id)
     try:
-        budget = budget_lower(budget_id=budget_id, user_id=request.user.pk,
-                              per_action=request.POST.get("per_action", "").strip(),
-                              total=request.POST.get("total", "").strip(), request=request)
+        budget = budget_lower(
+            budget_id=budget_id,
+            user_id=request.user.pk,
+            per_action=request.POST.get("per_action", "").strip(),
+            total=request.POST.get("total", "").strip(),
+            request=request,
+        )
     except (BudgetRefused, BudgetNotFound) as exc:
         return _refused(request, exc, back, budget_id=budget_id)
     messages.success(request, f"Budget lowered: now {budget.describe()}.")

@@ -56,10 +56,15 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
 
     def _refuse(self, error: OAuthToolkitError, application=None, query: str = ""):
         oauthlib_error = error.oauthlib_error
-        audit_refusal(event="consent.request_refused", error=oauthlib_error.error,
-                      actor=f"user:{self.request.user.pk}", user_id=self.request.user.pk,
-                      client_id=credentials_client_id(query)[:100], request=self.request,
-                      detail={"reason": oauthlib_error.description or ""})
+        audit_refusal(
+            event="consent.request_refused",
+            error=oauthlib_error.error,
+            actor=f"user:{self.request.user.pk}",
+            user_id=self.request.user.pk,
+            client_id=credentials_client_id(query)[:100],
+            request=self.request,
+            detail={"reason": oauthlib_error.description or ""},
+        )
         return self.error_response(error, application)
 
     def _screen(self, query: str, scopes: list[str], agent: Agent, **extra):
@@ -106,13 +111,22 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         if not looks_like_document_url(client_id):
             return None
         try:
-            resolve_agent(client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request)
+            resolve_agent(
+                client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request
+            )
         except MetadataDocumentRefused as exc:
-            audit_refusal(event="client_metadata.refused", error="invalid_client", actor=f"user:{self.request.user.pk}",
-                          user_id=self.request.user.pk, client_id=client_id[:100], request=self.request,
-                          detail={"reason": exc.reason})
+            audit_refusal(
+                event="client_metadata.refused",
+                error="invalid_client",
+                actor=f"user:{self.request.user.pk}",
+                user_id=self.request.user.pk,
+                client_id=client_id[:100],
+                request=self.request,
+                detail={"reason": exc.reason},
+            )
             error = oauthlib_errors.InvalidClientError(
-                description="The agent's client metadata document cannot be used, so it cannot connect.")
+                description="The agent's client metadata document cannot be used, so it cannot connect."
+            )
             return self.error_response(FatalClientError(error=error), None)
         return None
 
@@ -133,9 +147,16 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         policies = scope_policies(scopes)
         user = request.user
         if request.POST.get("decision") != "allow":
-            audit_record(event="consent.refused", outcome="refused", error="access_denied",
-                         actor=f"user:{user.pk}", user_id=user.pk, client_id=agent.client_id,
-                         request=request, detail={"scopes": scopes})
+            audit_record(
+                event="consent.refused",
+                outcome="refused",
+                error="access_denied",
+                actor=f"user:{user.pk}",
+                user_id=user.pk,
+                client_id=agent.client_id,
+                request=request,
+                detail={"scopes": scopes},
+            )
             return self._deny(scopes, credentials, agent)
         if second_factor_missing(request, agent, policies):
             return redirect(f"{reverse('login-otp')}?{urlencode({'next': request.get_full_path()})}")
@@ -148,21 +169,30 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         try:
             with transaction.atomic():
                 grant = grant_create(
-                    user=user, agent=agent, scopes=scopes, lifetime=lifetime, auth=auth, request=request,
+                    user=user,
+                    agent=agent,
+                    scopes=scopes,
+                    lifetime=lifetime,
+                    auth=auth,
+                    request=request,
                     consent_shown=_consent_shown(agent, policies, lifetime),
                 )
                 if budgets:  # refused: the grant is rolled back with it
                     budgets_create(grant=grant, choices=budgets, actor=f"user:{user.pk}", request=request)
                 credentials["session_grant"] = grant
                 uri, headers, body, status = self.create_authorization_response(
-                    request=request, scopes=" ".join(grant.standard_scopes), credentials=credentials,
+                    request=request,
+                    scopes=" ".join(grant.standard_scopes),
+                    credentials=credentials,
                     allow=True,
                 )
         except ConfigurationError as exc:
             return self._screen(query, scopes, agent, form_error=exc.description)
         except (BudgetRefused, BudgetNotFound) as exc:
             budget_refusal_audit(exc, user_id=user.pk, request=request, client_id=agent.client_id)
-            response = self._screen(query, scopes, agent, form_error=f"Budget not accepted: {exc.description}.")
+            response = self._screen(
+                query, scopes, agent, form_error=f"Budget not accepted: {exc.description}."
+            )
             response.status_code = 400
             return response
         except OAuthToolkitError as error:
@@ -171,8 +201,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
 
     def _deny(self, scopes, credentials, agent):
         try:
-            self.create_authorization_response(request=self.request, scopes=" ".join(scopes),
-                                               credentials=credentials, allow=False)
+            self.create_authorization_response(
+                request=self.request, scopes=" ".join(scopes), credentials=credentials, allow=False
+            )
         except OAuthToolkitError as error:
             return self.error_response(error, agent)
         return oauth_error("access_denied")  # unreachable: allow=False always raises
@@ -209,14 +240,21 @@ def credentials_client_id(query: str) -> str:
 
 def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
     return {
-        "may_delegate_to": [{"name": d.name, "publisher": d.publisher, "client_id": d.client_id}
-                            for d in delegates_of(agent)],
-        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status,
-                  **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {})},
-        "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
-                                if not p.is_step_up],
-        "will_ask_each_time": [{"scope": p.name, "description": p.description} for p in policies
-                               if p.is_step_up],
+        "may_delegate_to": [
+            {"name": d.name, "publisher": d.publisher, "client_id": d.client_id} for d in delegates_of(agent)
+        ],
+        "agent": {
+            "name": agent.name,
+            "publisher": agent.publisher,
+            "status": agent.status,
+            **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {}),
+        },
+        "allowed_for_session": [
+            {"scope": p.name, "description": p.description} for p in policies if not p.is_step_up
+        ],
+        "will_ask_each_time": [
+            {"scope": p.name, "description": p.description} for p in policies if p.is_step_up
+        ],
         "lifetime_seconds": lifetime,
     }
 
@@ -242,12 +280,24 @@ class IntrospectView(View):
             return refusal
         token = request.POST.get("token", "")
         if not token:
-            audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": "token missing"})
+            audit_refusal(
+                event="introspection.refused",
+                error="invalid_request",
+                actor=f"rs:{rs.client_id}",
+                client_id=rs.client_id,
+                request=request,
+                detail={"reason": "token missing"},
+            )
             return oauth_error("invalid_request", "The token parameter is required.")
         introspect = TOKEN_INTROSPECTORS.get(_token_typ(token), session_token_introspect)
         result = introspect(token=token, resource_server=rs)
         if not result.active:
-            audit_refusal(event="introspection.inactive", error="inactive_token", actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": result.reason})
+            audit_refusal(
+                event="introspection.inactive",
+                error="inactive_token",
+                actor=f"rs:{rs.client_id}",
+                client_id=rs.client_id,
+                request=request,
+                detail={"reason": result.reason},
+            )
         return JsonResponse(result.as_response(), headers=NO_STORE)

@@ -27,17 +27,31 @@ REQUESTS = 100
 @pytest.fixture(autouse=True)
 def _postgresql_only():
     if connection.vendor != "postgresql":
-        pytest.fail("concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)")
+        pytest.fail(
+            "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
+        )
 
 
 @pytest.fixture
 def grant(scenario, ledger_policy, monkeypatch, settings):
     install_outbox(monkeypatch, run_pushes=False)
     # Prompts for what does not fit must not be capped away: every request gets an answer.
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": 1000, "MAX_PENDING_PER_AGENT": 1000,
-                            "MAX_PROMPTS_PER_USER_IN_WINDOW": 1000, "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 1000}
-    scope_set(name="ledger:write", values={"budget_currency": "USD", "budget_max_per_action": Decimal("500"),
-                                           "budget_max_total": Decimal("5000"), "budget_periods": ["week"]})
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "MAX_PENDING_PER_USER": 1000,
+        "MAX_PENDING_PER_AGENT": 1000,
+        "MAX_PROMPTS_PER_USER_IN_WINDOW": 1000,
+        "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 1000,
+    }
+    scope_set(
+        name="ledger:write",
+        values={
+            "budget_currency": "USD",
+            "budget_max_per_action": Decimal("500"),
+            "budget_max_total": Decimal("5000"),
+            "budget_periods": ["week"],
+        },
+    )
     active_signing_key()
     return session_grant(scenario)
 
@@ -60,7 +74,9 @@ def _a_connection_per_thread():
 def _threads_we_may_open() -> int:
     """One connection per thread, within what the shared server has free (other test runs use it too)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT current_setting('max_connections')::int - (SELECT COUNT(*) FROM pg_stat_activity)")
+        cursor.execute(
+            "SELECT current_setting('max_connections')::int - (SELECT COUNT(*) FROM pg_stat_activity)"
+        )
         free = cursor.fetchone()[0]
     return max(8, min(REQUESTS, free - 15))
 
@@ -93,16 +109,20 @@ def _race(amounts: list[str], grant) -> list[object]:
 
 @pytest.mark.parametrize("round_", range(2))
 def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario, round_):
-    (budget,) = budgets_create(grant=grant, choices=[BudgetChoice("ledger:write", "100.00", "1000.00", "week", "USD")],
-                               actor="user:test")
+    (budget,) = budgets_create(
+        grant=grant,
+        choices=[BudgetChoice("ledger:write", "100.00", "1000.00", "week", "USD")],
+        actor="user:test",
+    )
     # 100 requests of 30.00 to 45.00: far more than 1,000.00 together.
     amounts = [f"{30 + (i % 4) * 5}.{round_:02d}" for i in range(REQUESTS)]
     results = _race(amounts, grant)
     assert not [r for r in results if isinstance(r, BaseException)], results
     row = Budget.objects.get(pk=budget.pk)
     reserved = BudgetReservation.objects.filter(budget=budget, state=BudgetReservation.State.RESERVED)
-    approved = ApprovalRequest.objects.filter(grant=grant, status=ApprovalRequest.Status.APPROVED,
-                                              decision_method="budget")
+    approved = ApprovalRequest.objects.filter(
+        grant=grant, status=ApprovalRequest.Status.APPROVED, decision_method="budget"
+    )
     total_reserved = sum((r.amount for r in reserved), Decimal(0))
     assert row.used == total_reserved <= row.total
     assert approved.count() == reserved.count() == results.count(ApprovalRequest.Status.APPROVED)
@@ -111,6 +131,9 @@ def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario, r
     assert row.total - row.used < Decimal("45.00") + Decimal("1")
     assert results.count(ApprovalRequest.Status.PENDING) == REQUESTS - approved.count() > 0
     # Whoever lost a race is told why on the prompt, like a request that never fitted.
-    notes = set(ApprovalRequest.objects.filter(grant=grant, status=ApprovalRequest.Status.PENDING)
-                .values_list("budget_note", flat=True))
+    notes = set(
+        ApprovalRequest.objects.filter(grant=grant, status=ApprovalRequest.Status.PENDING).values_list(
+            "budget_note", flat=True
+        )
+    )
     assert notes and all("left of your 1,000.00 USD weekly budget" in n for n in notes), notes

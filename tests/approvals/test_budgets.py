@@ -30,9 +30,15 @@ R = BudgetReservation.State
 
 @pytest.fixture
 def budget_policy(ledger_policy):
-    policy, _ = scope_set(name="ledger:write", values={
-        "budget_currency": "USD", "budget_max_per_action": Decimal("1000.00"),
-        "budget_max_total": Decimal("5000.00"), "budget_periods": ["day", "week", "month"]})
+    policy, _ = scope_set(
+        name="ledger:write",
+        values={
+            "budget_currency": "USD",
+            "budget_max_per_action": Decimal("1000.00"),
+            "budget_max_total": Decimal("5000.00"),
+            "budget_periods": ["day", "week", "month"],
+        },
+    )
     return policy
 
 
@@ -40,8 +46,11 @@ def budget_policy(ledger_policy):
 def budget(agent, budget_policy, scenario) -> Budget:
     """The officer's grant with "up to 500.00 USD each, 2,000.00 USD a week" on the ledger."""
     grant = SessionGrant.objects.get()
-    (created,) = budgets_create(grant=grant, choices=[BudgetChoice("ledger:write", "500.00", "2000.00", "week", "USD")],
-                                actor=f"user:{scenario.user.pk}")
+    (created,) = budgets_create(
+        grant=grant,
+        choices=[BudgetChoice("ledger:write", "500.00", "2000.00", "week", "USD")],
+        actor=f"user:{scenario.user.pk}",
+    )
     return created
 
 
@@ -66,7 +75,11 @@ def test_inside_the_budget_no_prompt_token_minted_and_audited(agent, budget, sce
     assert approval.decided_by_id is None and approval.delivered_at is None  # nobody was asked
     assert used(budget) == Decimal("120.00")
     reservation = BudgetReservation.objects.get(approval=approval)
-    assert (reservation.amount, reservation.currency, reservation.state) == (Decimal("120.00"), "USD", R.RESERVED)
+    assert (reservation.amount, reservation.currency, reservation.state) == (
+        Decimal("120.00"),
+        "USD",
+        R.RESERVED,
+    )
     events = list(AuditEvent.objects.filter(detail__approval_id=str(approval.pk)).order_by("id"))
     assert [e.event for e in events] == ["approval.requested", "approval.budget_approved"]
     assert events[1].detail["amount"] == "120.00" and events[1].detail["currency"] == "USD"
@@ -115,12 +128,18 @@ def test_over_the_period_total_prompts(agent, budget):
     assert used(budget) == Decimal("2000.00")
 
 
-@pytest.mark.parametrize(("details", "why"), [
-    ({"currency": "EUR"}, "it is in EUR; your budget is in USD"),
-    ({"amount": 120}, "it carries no amount your budget can count"),  # a JSON number, not a decimal string
-    ({"amount": "-5.00"}, "it carries no amount your budget can count"),
-    ({"amount": "1e2"}, "it carries no amount your budget can count"),
-])
+@pytest.mark.parametrize(
+    ("details", "why"),
+    [
+        ({"currency": "EUR"}, "it is in EUR; your budget is in USD"),
+        (
+            {"amount": 120},
+            "it carries no amount your budget can count",
+        ),  # a JSON number, not a decimal string
+        ({"amount": "-5.00"}, "it carries no amount your budget can count"),
+        ({"amount": "1e2"}, "it carries no amount your budget can count"),
+    ],
+)
 def test_wrong_currency_or_no_countable_amount_prompts(agent, budget, details, why):
     entry = ledger_entry("120.00", purchase_order="PO-odd")
     entry.update(details)
@@ -149,8 +168,12 @@ def test_expired_unredeemed_token_returns_the_amount_once(agent, budget, setting
 def test_revoking_the_grant_returns_what_was_reserved(agent, budget, scenario):
     _, approval = ask(agent, "250.00")
     assert used(budget) == Decimal("250.00")
-    grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor=f"user:{scenario.user.pk}",
-                 user=scenario.user)
+    grant_revoke(
+        grant_id=approval.grant_id,
+        reason="revoked_by_user",
+        actor=f"user:{scenario.user.pk}",
+        user=scenario.user,
+    )
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.CANCELLED
     assert used(budget) == 0
     assert BudgetReservation.objects.get(approval=approval).state == R.REFUNDED

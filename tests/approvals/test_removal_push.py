@@ -28,7 +28,9 @@ class _Recorded:
 def queued(monkeypatch):
     recorded = _Recorded()
     for name in ("approvals.push_removal", "approvals.deliver_prompt"):
-        monkeypatch.setitem(celery_app.tasks, name, recorded if name == "approvals.push_removal" else _Recorded())
+        monkeypatch.setitem(
+            celery_app.tasks, name, recorded if name == "approvals.push_removal" else _Recorded()
+        )
     return recorded
 
 

@@ -22,17 +22,35 @@ pytestmark = [pytest.mark.browser]
 
 
 def test_a_small_purchase_within_the_budget_set_at_consent_goes_through_without_a_prompt(
-        page, page_problems, browser_scenario):
+    page, page_problems, browser_scenario
+):
     s = browser_scenario
-    scope_set(name="ledger:write", values={
-        "description": "Financial ledger", "authorization_details_types": ["ledger_entry"],
-        "budget_currency": "USD", "budget_max_per_action": Decimal("1000.00"),
-        "budget_max_total": Decimal("5000.00"), "budget_periods": ["week", "month"]})
+    scope_set(
+        name="ledger:write",
+        values={
+            "description": "Financial ledger",
+            "authorization_details_types": ["ledger_entry"],
+            "budget_currency": "USD",
+            "budget_max_per_action": Decimal("1000.00"),
+            "budget_max_total": Decimal("5000.00"),
+            "budget_periods": ["week", "month"],
+        },
+    )
     verifier, challenge = pkce_pair()
-    page.goto("/o/authorize/?" + urlencode({
-        "response_type": "code", "client_id": s.agent.client_id, "redirect_uri": s.redirect_uri,
-        "scope": "catalog:read budget:read ledger:write", "state": "st-budget",
-        "code_challenge": challenge, "code_challenge_method": "S256"}))
+    page.goto(
+        "/o/authorize/?"
+        + urlencode(
+            {
+                "response_type": "code",
+                "client_id": s.agent.client_id,
+                "redirect_uri": s.redirect_uri,
+                "scope": "catalog:read budget:read ledger:write",
+                "state": "st-budget",
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+    )
     page.get_by_label("Username").fill("officer")
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
@@ -51,17 +69,43 @@ def test_a_small_purchase_within_the_budget_set_at_consent_goes_through_without_
 
     with httpx.Client(trust_env=False, timeout=10, base_url=s.base_url) as http:
         agent = (s.agent.client_id, s.agent_secret)
-        token = http.post("/o/token/", auth=agent, data={
-            "grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
-            "code_verifier": verifier}).json()["access_token"]
-        entry = {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0150",
-                 "vendor": "Acme Office Supply", "amount": "120.00", "currency": "USD"}
-        asked = http.post("/o/bc-authorize/", auth=agent, data={
-            "scope": "ledger:write", "login_hint_token": token, "authorization_details": json.dumps([entry])})
+        token = http.post(
+            "/o/token/",
+            auth=agent,
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": s.redirect_uri,
+                "code_verifier": verifier,
+            },
+        ).json()["access_token"]
+        entry = {
+            "type": "ledger_entry",
+            "actions": ["append"],
+            "purchase_order": "PO-2026-0150",
+            "vendor": "Acme Office Supply",
+            "amount": "120.00",
+            "currency": "USD",
+        }
+        asked = http.post(
+            "/o/bc-authorize/",
+            auth=agent,
+            data={
+                "scope": "ledger:write",
+                "login_hint_token": token,
+                "authorization_details": json.dumps([entry]),
+            },
+        )
         assert asked.status_code == 200, asked.text
         # No prompt: the first poll already has the action token.
-        collected = http.post("/o/token/", auth=agent, data={
-            "grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": asked.json()["auth_req_id"]})
+        collected = http.post(
+            "/o/token/",
+            auth=agent,
+            data={
+                "grant_type": "urn:openid:params:grant-type:ciba",
+                "auth_req_id": asked.json()["auth_req_id"],
+            },
+        )
         assert collected.status_code == 200, collected.text
         assert collected.json()["authorization_details"] == [entry]
 
@@ -72,8 +116,9 @@ def test_a_small_purchase_within_the_budget_set_at_consent_goes_through_without_
     page.goto("/approvals/")
     expect(page.locator("#empty")).to_be_visible()  # nothing waits for the officer
     page.goto("/grants/")
-    expect(page.locator(".budget-left")).to_have_text("1,880.00 USD left of 2,000.00 USD this week;"
-                                                      " up to 500.00 USD each")
+    expect(page.locator(".budget-left")).to_have_text(
+        "1,880.00 USD left of 2,000.00 USD this week; up to 500.00 USD each"
+    )
     page.get_by_role("link", name="See everything it did").click()
     expect(page.locator("#timeline-card")).to_contain_text("approved within your budget")
 

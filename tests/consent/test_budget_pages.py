@@ -22,9 +22,15 @@ FIELD = "budget-ledger:write-"
 
 @pytest.fixture
 def budget_policy(ledger_policy):
-    policy, _ = scope_set(name="ledger:write", values={
-        "budget_currency": "USD", "budget_max_per_action": Decimal("1000.00"),
-        "budget_max_total": Decimal("5000.00"), "budget_periods": ["week", "month"]})
+    policy, _ = scope_set(
+        name="ledger:write",
+        values={
+            "budget_currency": "USD",
+            "budget_max_per_action": Decimal("1000.00"),
+            "budget_max_total": Decimal("5000.00"),
+            "budget_periods": ["week", "month"],
+        },
+    )
     return policy
 
 
@@ -59,7 +65,13 @@ def test_allow_with_a_budget_creates_it(flow, budget_policy, scenario):
     grant = SessionGrant.objects.get()
     budget = Budget.objects.get(grant=grant)
     assert (budget.scope, budget.per_action, budget.total, budget.period, budget.currency, budget.used) == (
-        "ledger:write", Decimal("500.00"), Decimal("2000.00"), "week", "USD", Decimal(0))
+        "ledger:write",
+        Decimal("500.00"),
+        Decimal("2000.00"),
+        "week",
+        "USD",
+        Decimal(0),
+    )
     event = AuditEvent.objects.get(event="budget.set")
     assert event.detail["total"] == "2000.00" and event.user_id == scenario.user.pk
 
@@ -70,14 +82,26 @@ def test_allow_without_amounts_gives_no_budget(flow, budget_policy):
     assert SessionGrant.objects.count() == 1 and not Budget.objects.exists()
 
 
-@pytest.mark.parametrize(("budget", "code"), [
-    ({"per_action": "1500.00", "total": "2000.00", "period": "week", "currency": "USD"}, "budget_exceeded"),
-    ({"per_action": "500.00", "total": "9000.00", "period": "week", "currency": "USD"}, "budget_exceeded"),
-    ({"per_action": "500.00", "total": "2000.00", "period": "week", "currency": "EUR"}, "budget_currency"),
-    ({"per_action": "500.00", "total": "2000.00", "period": "day", "currency": "USD"}, "budget_invalid"),
-    ({"per_action": "five", "total": "2000.00", "period": "week", "currency": "USD"}, "budget_invalid"),
-    ({"per_action": "800.00", "total": "700.00", "period": "week", "currency": "USD"}, "budget_invalid"),
-])
+@pytest.mark.parametrize(
+    ("budget", "code"),
+    [
+        (
+            {"per_action": "1500.00", "total": "2000.00", "period": "week", "currency": "USD"},
+            "budget_exceeded",
+        ),
+        (
+            {"per_action": "500.00", "total": "9000.00", "period": "week", "currency": "USD"},
+            "budget_exceeded",
+        ),
+        (
+            {"per_action": "500.00", "total": "2000.00", "period": "week", "currency": "EUR"},
+            "budget_currency",
+        ),
+        ({"per_action": "500.00", "total": "2000.00", "period": "day", "currency": "USD"}, "budget_invalid"),
+        ({"per_action": "five", "total": "2000.00", "period": "week", "currency": "USD"}, "budget_invalid"),
+        ({"per_action": "800.00", "total": "700.00", "period": "week", "currency": "USD"}, "budget_invalid"),
+    ],
+)
 def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(flow, budget_policy, budget, code):
     _, response = _consent(flow, **budget)
     assert response.status_code == 400
@@ -92,8 +116,11 @@ def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(flow, b
 def budget(flow, budget_policy, scenario) -> Budget:
     _consent(flow)
     grant = SessionGrant.objects.get()
-    (created,) = budgets_create(grant=grant, choices=[BudgetChoice("ledger:write", "500.00", "2000.00", "week", "USD")],
-                                actor="user:test")
+    (created,) = budgets_create(
+        grant=grant,
+        choices=[BudgetChoice("ledger:write", "500.00", "2000.00", "week", "USD")],
+        actor="user:test",
+    )
     Budget.objects.filter(pk=created.pk).update(used=Decimal("350.00"))
     return created
 
@@ -101,8 +128,9 @@ def budget(flow, budget_policy, scenario) -> Budget:
 def test_grants_shows_what_is_left_and_the_user_lowers_it(flow, budget):
     page = flow.client.get("/grants/").content.decode()
     assert "1,650.00 USD left of 2,000.00 USD this week; up to 500.00 USD each" in page
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/{budget.pk}/lower/",
-                                {"per_action": "200.00", "total": "300.00"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/{budget.pk}/lower/", {"per_action": "200.00", "total": "300.00"}
+    )
     assert response.status_code == 302 and response["Location"] == "/grants/"
     row = Budget.objects.get(pk=budget.pk)
     assert (row.per_action, row.total, row.used) == (Decimal("200.00"), Decimal("300.00"), Decimal("350.00"))
@@ -111,35 +139,58 @@ def test_grants_shows_what_is_left_and_the_user_lowers_it(flow, budget):
 
 
 def test_raising_instead_of_lowering_is_refused(flow, budget):
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/{budget.pk}/lower/",
-                                {"per_action": "600.00", "total": "2000.00"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/{budget.pk}/lower/", {"per_action": "600.00", "total": "2000.00"}
+    )
     assert response.status_code == 400 and "budget_not_lowered" in response.content.decode()
     assert Budget.objects.get(pk=budget.pk).per_action == Decimal("500.00")
     assert AuditEvent.objects.get(event="budget.refused").error == "budget_not_lowered"
 
 
 def test_the_user_ends_it_at_once(flow, budget):
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/{budget.pk}/end/",
-                                {"next": f"/grants/{budget.grant_id}/"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/{budget.pk}/end/", {"next": f"/grants/{budget.grant_id}/"}
+    )
     assert response.status_code == 302 and response["Location"] == f"/grants/{budget.grant_id}/"
     assert Budget.objects.get(pk=budget.pk).status == Budget.Status.ENDED
     assert "left of" not in flow.client.get("/grants/").content.decode()
     # Ended, it can be given again from the connection's page.
     page = flow.client.get(f"/grants/{budget.grant_id}/").content.decode()
     assert f'action="/grants/{budget.grant_id}/budgets/"' in page
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/", {
-        FIELD + "per_action": "100.00", FIELD + "total": "400.00", FIELD + "period": "month", FIELD + "currency": "USD"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/",
+        {
+            FIELD + "per_action": "100.00",
+            FIELD + "total": "400.00",
+            FIELD + "period": "month",
+            FIELD + "currency": "USD",
+        },
+    )
     assert response.status_code == 302
     assert Budget.objects.get(status=Budget.Status.ACTIVE).total == Decimal("400.00")
 
 
 def test_a_budget_above_the_admin_maximum_is_refused_from_grants_too(flow, budget):
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/", {
-        FIELD + "per_action": "100.00", FIELD + "total": "400.00", FIELD + "period": "month", FIELD + "currency": "USD"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/",
+        {
+            FIELD + "per_action": "100.00",
+            FIELD + "total": "400.00",
+            FIELD + "period": "month",
+            FIELD + "currency": "USD",
+        },
+    )
     assert response.status_code == 400  # one active budget per scope: lower or end it first
     Budget.objects.filter(pk=budget.pk).update(status=Budget.Status.ENDED)
-    response = flow.client.post(f"/grants/{budget.grant_id}/budgets/", {
-        FIELD + "per_action": "100.00", FIELD + "total": "99999.00", FIELD + "period": "month", FIELD + "currency": "USD"})
+    response = flow.client.post(
+        f"/grants/{budget.grant_id}/budgets/",
+        {
+            FIELD + "per_action": "100.00",
+            FIELD + "total": "99999.00",
+            FIELD + "period": "month",
+            FIELD + "currency": "USD",
+        },
+    )
     assert response.status_code == 400 and "budget_exceeded" in response.content.decode()
     assert not Budget.objects.filter(status=Budget.Status.ACTIVE).exists()
 
@@ -149,11 +200,16 @@ def test_another_users_budget_is_404_unchanged_and_audited_once(budget, action):
     get_user_model().objects.create_user("intruder", password=PASSWORD)
     intruder = Client()
     assert intruder.login(username="intruder", password=PASSWORD)
-    response = intruder.post(f"/grants/{budget.grant_id}/budgets/{budget.pk}/{action}/",
-                             {"per_action": "1.00", "total": "1.00"})
+    response = intruder.post(
+        f"/grants/{budget.grant_id}/budgets/{budget.pk}/{action}/", {"per_action": "1.00", "total": "1.00"}
+    )
     assert response.status_code == 404
     row = Budget.objects.get(pk=budget.pk)
-    assert (row.status, row.per_action, row.total) == (Budget.Status.ACTIVE, Decimal("500.00"), Decimal("2000.00"))
+    assert (row.status, row.per_action, row.total) == (
+        Budget.Status.ACTIVE,
+        Decimal("500.00"),
+        Decimal("2000.00"),
+    )
     refused = AuditEvent.objects.filter(event="budget.refused")
     assert refused.count() == 1 and refused.get().error == "budget_not_found"
 
@@ -170,18 +226,34 @@ def test_the_admin_maximum_is_checked_when_the_policy_is_set(ledger_policy):
     from django.core.exceptions import ValidationError
 
     with pytest.raises(ValidationError):
-        scope_set(name="ledger:write", values={"budget_currency": "USD", "budget_max_per_action": Decimal("10")})
+        scope_set(
+            name="ledger:write", values={"budget_currency": "USD", "budget_max_per_action": Decimal("10")}
+        )
     with pytest.raises(ValidationError):
-        scope_set(name="catalog:read", values={"budget_currency": "USD", "budget_max_per_action": Decimal("10"),
-                                               "budget_max_total": Decimal("100"), "budget_periods": ["week"]})
+        scope_set(
+            name="catalog:read",
+            values={
+                "budget_currency": "USD",
+                "budget_max_per_action": Decimal("10"),
+                "budget_max_total": Decimal("100"),
+                "budget_periods": ["week"],
+            },
+        )
 
 
 def test_scope_set_offers_budgets_from_a_shell(ledger_policy):
     from django.core.management import call_command
 
-    call_command("scope_set", "ledger:write", audience="http://ledger.test", sensitivity="step_up",
-                 budget_currency="USD", budget_max_per_action="750.50", budget_max_total="3000",
-                 budget_periods="week month")
+    call_command(
+        "scope_set",
+        "ledger:write",
+        audience="http://ledger.test",
+        sensitivity="step_up",
+        budget_currency="USD",
+        budget_max_per_action="750.50",
+        budget_max_total="3000",
+        budget_periods="week month",
+    )
     policy = type(ledger_policy).objects.get(name="ledger:write")
     assert policy.offers_budget and policy.budget_max_per_action == Decimal("750.50")
     assert policy.budget_periods == ["week", "month"]

@@ -24,24 +24,38 @@ class Command(BaseCommand):
         parser.add_argument("--auto-approve")
         parser.add_argument("--authorization-details-types", help="space-separated RFC 9396 types")
         parser.add_argument("--budget-currency", help="ISO 4217 code budgets are kept in, e.g. USD")
-        parser.add_argument("--budget-max-per-action", type=Decimal, help="largest per-action ceiling users may set")
+        parser.add_argument(
+            "--budget-max-per-action", type=Decimal, help="largest per-action ceiling users may set"
+        )
         parser.add_argument("--budget-max-total", type=Decimal, help="largest total per period users may set")
         parser.add_argument("--budget-periods", help='space-separated, of "day week month"')
         parser.add_argument("--quorum", type=int, help="approvals needed (two-person approval: 2)")
-        parser.add_argument("--approver-group", help="the Django group whose members may approve ('' for none)")
-        parser.add_argument("--exclude-requester", action=argparse.BooleanOptionalAction, default=None,
-                            help="the user the agent acts for may not approve their own request")
-        parser.add_argument("--quorum-when", help="only requests matching this rule need the quorum, "
-                                                  "e.g. 'amount > 10000'")
+        parser.add_argument(
+            "--approver-group", help="the Django group whose members may approve ('' for none)"
+        )
+        parser.add_argument(
+            "--exclude-requester",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="the user the agent acts for may not approve their own request",
+        )
+        parser.add_argument(
+            "--quorum-when", help="only requests matching this rule need the quorum, e.g. 'amount > 10000'"
+        )
 
     def handle(self, *args, **o):
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
-            "description": "description", "approval_window": "approval_window",
-            "action_ttl": "action_token_ttl", "fresh_auth": "fresh_auth_seconds",
-            "auto_approve": "auto_approve_rule", "budget_currency": "budget_currency",
-            "budget_max_per_action": "budget_max_per_action", "budget_max_total": "budget_max_total",
-            "quorum": "quorum", "exclude_requester": "exclude_requester",
+            "description": "description",
+            "approval_window": "approval_window",
+            "action_ttl": "action_token_ttl",
+            "fresh_auth": "fresh_auth_seconds",
+            "auto_approve": "auto_approve_rule",
+            "budget_currency": "budget_currency",
+            "budget_max_per_action": "budget_max_per_action",
+            "budget_max_total": "budget_max_total",
+            "quorum": "quorum",
+            "exclude_requester": "exclude_requester",
             "quorum_when": "quorum_when",
         }
         for option, field in optional.items():
