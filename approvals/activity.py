@@ -47,8 +47,8 @@ class _Names:
         self.user_id = user_id
         client_ids = {e.client_id for e in events if e.client_id}
         client_ids |= {e.actor.split(":", 1)[1] for e in events if e.actor.startswith(("agent:", "rs:"))}
-        self.agents = dict(Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        self.servers = dict(ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
+        self.agents: dict[str, str] = dict(Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
+        self.servers: dict[str, str] = dict(ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
         approval_ids = {str(e.detail.get("approval_id")) for e in events if isinstance(e.detail, dict)
                         and e.detail.get("approval_id")}
         self.approvals = {str(a.pk): a for a in ApprovalRequest.objects.filter(

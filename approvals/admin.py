@@ -6,7 +6,7 @@ from .models import ActionToken, ApprovalRequest
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(ReadOnlyAdmin):
+class ApprovalRequestAdmin(ReadOnlyAdmin[ApprovalRequest]):
     list_display = ("headline", "user", "agent", "scope", "status", "delivery_mode", "created", "expires_at",
                     "decision_method")
     list_filter = ("status", "delivery_mode", "scope", "agent")
@@ -17,7 +17,7 @@ class ApprovalRequestAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ActionToken)
-class ActionTokenAdmin(ReadOnlyAdmin):
+class ActionTokenAdmin(ReadOnlyAdmin[ActionToken]):
     list_display = ("jti", "approval", "issued_at", "expires_at", "redeemed_at", "redeemed_by")
     list_filter = ("redeemed_by",)
     readonly_fields = [f.name for f in ActionToken._meta.fields]

@@ -21,6 +21,7 @@ A handshake without a signed-in session is refused before accept, and audited
 
 import json
 import time
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -41,7 +42,7 @@ CLOSE_NO_SESSION = 4401
 MAX_SEQ = 2**53 - 1  # what the page's numbers hold exactly
 
 
-def parse_client_message(text: str | None) -> dict | None:
+def parse_client_message(text: str | None) -> dict[str, Any] | None:
     """The message if it is one the inbox sends, else None."""
     if text is None or len(text) > MAX_FRAME:
         return None
@@ -62,7 +63,7 @@ def parse_client_message(text: str | None) -> dict | None:
 
 
 class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
-    async def connect(self):
+    async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await database_sync_to_async(audit_handshake_refusal)(self.scope, reason="no_session")
@@ -77,12 +78,12 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         websocket_connections.inc()
         await self.send_snapshot()
 
-    async def disconnect(self, code):
+    async def disconnect(self, code: int) -> None:
         if hasattr(self, "group"):
             websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         # Decisions are CSRF-protected POSTs; the socket only carries the two requests below.
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
         if size > MAX_FRAME:
@@ -102,7 +103,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         if await sequence_current(self.channel_layer, self.group) != content["seq"]:
             await self.send_snapshot()
 
-    async def send_snapshot(self):
+    async def send_snapshot(self) -> None:
         # The sequence first: everything sent up to it was committed before it was counted.
         seq = await sequence_current(self.channel_layer, self.group)
         prompts = await database_sync_to_async(pending_prompts)(user_id=self.user_id)
@@ -117,13 +118,14 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         self.tokens -= 1
         return True
 
-    async def _keep_membership(self):
+    async def _keep_membership(self) -> None:
         """Re-join the group well before group_expiry drops a long-open socket from it."""
-        if time.monotonic() - self.joined_at > self.channel_layer.group_expiry / 4:
+        # Every layer Channels ships has group_expiry; the stubs' base class does not.
+        if time.monotonic() - self.joined_at > self.channel_layer.group_expiry / 4:  # type: ignore[attr-defined]
             await self.channel_layer.group_add(self.group, self.channel_name)
             self.joined_at = time.monotonic()
 
-    async def dispatch(self, message):
+    async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, through a hop to a
         # worker thread and back. A push touches no database: it goes straight to the socket.
         # The frame arrives encoded once for all of the user's sockets (delivery.client_frame).

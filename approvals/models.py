@@ -14,6 +14,7 @@ Terminal states (DENIED, EXPIRED, CANCELLED, REDEEMED) never change.
 
 import json
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -33,6 +34,13 @@ class ApprovalRequest(models.Model):
     class DeliveryMode(models.TextChoices):
         POLL = "poll", "Poll"
         PING = "ping", "Ping"
+
+    # Set on the instances a page shows, for its template (approvals.views); never stored.
+    gives: str
+    status_words: str
+    how: str
+    # Set on the instance a redemption returns: when its action token was redeemed (approvals.redemption).
+    redeemed_at: datetime
 
     TERMINAL = (Status.REDEEMED, Status.DENIED, Status.EXPIRED, Status.CANCELLED)
     OPEN = (Status.PENDING, Status.APPROVED, Status.ISSUED)

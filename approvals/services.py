@@ -8,13 +8,15 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import current_app
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import connection, transaction
 from django.db.models import Q
+from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.services import PendingEvent, audit_event, audit_record
@@ -81,7 +83,7 @@ def _announce_end(approval: ApprovalRequest) -> None:
 
 
 def _event(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
-           request=None, **detail: Any) -> PendingEvent:
+           request: HttpRequest | None = None, **detail: Any) -> PendingEvent:
     return audit_event(event=event, outcome=outcome, error=error, actor=actor, user_id=approval.user_id,
                        client_id=approval.agent.client_id, grant_id=approval.grant_id, request=request,
                        detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail})
@@ -103,7 +105,7 @@ def _leaving(edge: str, column: str = "status") -> tuple[str, list[str]]:
     return f"{column} IN ({', '.join(['%s'] * len(states))})", list(states)
 
 
-def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, int, int]:
+def _pending_state(req: BackchannelRequest, now: datetime) -> tuple[Any, bool, int, int, int, int]:
     """One statement: the pending request for this very action (if any) and whether its window has
     passed; how many prompts wait for this user and for this agent; and how many prompts were
     created for this user and by this agent within ``PROMPT_WINDOW_SECONDS`` (approval fatigue caps:
@@ -123,6 +125,7 @@ def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, i
          at, grant_id, req.scope, req.action_hash, Status.PENDING,
          req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at,
          req.grant.user_id, since, AUTO_RULE, req.agent.pk, since, AUTO_RULE])
+    assert row is not None  # a SELECT of scalar subqueries: always one row
     return row[0], bool(row[1]), row[2], row[3], row[4], row[5]
 
 
@@ -131,7 +134,7 @@ def _existing(req: BackchannelRequest) -> ApprovalRequest:
         grant=req.grant, scope=req.scope, action_hash=req.action_hash, status=Status.PENDING)
 
 
-def approval_request_create(*, req: BackchannelRequest, request=None,
+def approval_request_create(*, req: BackchannelRequest, request: HttpRequest | None = None,
                             opened_by: ResourceServer | None = None) -> tuple[ApprovalRequest, bool]:
     """Persist a validated CIBA request. Returns (approval, created).
 
@@ -192,7 +195,7 @@ def approval_request_create(*, req: BackchannelRequest, request=None,
     return approval, True
 
 
-def _auto_approve(approval: ApprovalRequest, *, rule: str, now) -> None:
+def _auto_approve(approval: ApprovalRequest, *, rule: str, now: datetime) -> None:
     """PENDING -> APPROVED by the policy's rule, in the transaction that created the request: the
     same edge, and the same guard, as the user's Approve."""
     guard, states = _leaving("approve")
@@ -233,7 +236,8 @@ _GRANT_LIVE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
 _AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
 
 
-def _decide(*, approval_id: Any, user, edge: str, method: str, auth: dict[str, Any], request=None,
+def _decide(*, approval_id: Any, user: User, edge: str, method: str, auth: dict[str, Any],
+            request: HttpRequest | None = None,
             approval: ApprovalRequest | None = None) -> ApprovalRequest:
     """The ``approve`` or ``deny`` edge, decided by one conditional UPDATE under the grant's lock.
 
@@ -285,19 +289,20 @@ def _auth_dict(auth: AuthContext) -> dict[str, Any]:
     return {"auth_time": int(auth.auth_time.timestamp()), "amr": list(auth.amr), "acr": auth.acr}
 
 
-def approval_approve(*, approval_id: Any, user, auth: AuthContext, request=None,
+def approval_approve(*, approval_id: Any, user: User, auth: AuthContext, request: HttpRequest | None = None,
                      approval: ApprovalRequest | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, edge="approve", method="browser",
                    auth=_auth_dict(auth), request=request, approval=approval)
 
 
-def approval_deny(*, approval_id: Any, user, auth: AuthContext, request=None,
+def approval_deny(*, approval_id: Any, user: User, auth: AuthContext, request: HttpRequest | None = None,
                   approval: ApprovalRequest | None = None) -> ApprovalRequest:
     return _decide(approval_id=approval_id, user=user, edge="deny", method="browser",
                    auth=_auth_dict(auth), request=request, approval=approval)
 
 
-def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, request=None) -> None:
+def approval_audit_refused_decision(*, approval_id: Any, user: User, reason: str,
+                                    request: HttpRequest | None = None) -> None:
     audit_record(event="approval.decision_refused", outcome="refused", error="not_pending",
                  actor=f"user:{user.pk}", user_id=user.pk, request=request,
                  detail={"approval_id": str(approval_id), "reason": reason})
@@ -324,8 +329,8 @@ def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]
         [auth_req_id_hash(auth_req_id or "")])
     if row is None:
         return None
-    approval, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
-    approval = rows.instance(ApprovalRequest, approval)
+    values, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
+    approval = rows.instance(ApprovalRequest, values)
     approval.grant = rows.instance(SessionGrant, grant)
     return approval, policy
 
@@ -378,7 +383,7 @@ def approval_collect(*, auth_req_id: str, agent: Agent | None = None, jkt: str =
     return _issue(approval, policy, now, jkt)
 
 
-def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> dict[str, Any]:
+def _issue(approval: ApprovalRequest, policy: dict[str, Any], now: datetime, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
         raise RequestCancelled("the session grant or the agent is no longer active")
@@ -397,7 +402,7 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
     batch.insert("token", ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
                                         "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
                                         "redeemed_by": None})
-    collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by_id else approval.agent.actor_id
+    collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by else approval.agent.actor_id
     batch.event("audit", _event(approval, "action_token.issued", actor=collector, jti=claims["jti"],
                                 expires_in=ttl))
     if batch.run() is None:

@@ -1,11 +1,14 @@
 """The user's inbox and decisions, and the agent- and resource-server-facing endpoints."""
 
 import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -17,14 +20,15 @@ from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
-from consent.http import NO_STORE, claimed_client_id, error_response
+from consent.http import NO_STORE, AuthenticatedHttpRequest, claimed_client_id, error_response
 from consent.limits import attempts
+from consent.models import Agent
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
 from .activity import END_REASONS
-from .ciba import read_login_hint, validate_backchannel_request
+from .ciba import LoginHint, read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending
 from .models import ApprovalRequest
 from .receipts import receipt_for_download, receipt_from_redemption
@@ -42,7 +46,7 @@ from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
-def inbox_view(request):
+def inbox_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(request, "approvals/inbox.html", {
         "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
         "history": [_with_how(a) for a in history_for_user(user=request.user)],
@@ -59,7 +63,8 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     approval.status_words = status_words(approval.status)
     auth = approval.decision_auth or {}
     if approval.decided_by_id is not None:
-        who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
+        decided_by = approval.decided_by if approval.decided_by_id != approval.user_id else None
+        who = decided_by.get_username() if decided_by is not None else "You"
         words = auth_words(auth.get("amr"))
         approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
     elif approval.decision_method == "auto_rule":
@@ -76,14 +81,14 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     return approval
 
 
-def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
+def _needs_fresh_auth(request: HttpRequest, fresh_auth_seconds: int) -> bool:
     if not fresh_auth_seconds:
         return False
     auth_time = request.session.get(SESSION_AUTH_TIME) or 0
     return time.time() - auth_time > fresh_auth_seconds
 
 
-def _owned(request, approval_id) -> tuple[ApprovalRequest, int]:
+def _owned(request: AuthenticatedHttpRequest, approval_id: UUID) -> tuple[ApprovalRequest, int]:
     """The user's own request and its scope's fresh-authentication window (one statement), or 404."""
     found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
     if found is None:
@@ -93,7 +98,9 @@ def _owned(request, approval_id) -> tuple[ApprovalRequest, int]:
     return found
 
 
-def _decide(request, approval, decide, verb: str):
+def _decide(
+    request: AuthenticatedHttpRequest, approval: ApprovalRequest, decide: Callable[..., ApprovalRequest], verb: str
+) -> HttpResponse:
     try:
         decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,
                approval=approval)
@@ -111,7 +118,7 @@ def _decide(request, approval, decide, verb: str):
 
 @login_required
 @post_only
-def approve_view(request, approval_id):
+def approve_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     approval, fresh_auth_seconds = _owned(request, approval_id)
     if approval.is_pending and _needs_fresh_auth(request, fresh_auth_seconds):
         return redirect(f"/approvals/{approval.pk}/confirm/")
@@ -120,7 +127,7 @@ def approve_view(request, approval_id):
 
 @login_required
 @post_only
-def deny_view(request, approval_id):
+def deny_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     return _decide(request, _owned(request, approval_id)[0], approval_deny, "deny")
 
 
@@ -129,7 +136,7 @@ class ConfirmForm(forms.Form):
 
 
 @login_required
-def confirm_view(request, approval_id):
+def confirm_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     """Step-up authentication before approving (the scope policy's fresh-auth window).
 
     Attempts are limited per user and per source (``consent.limits.attempts``, kind ``fresh_auth``): while
@@ -166,7 +173,7 @@ def confirm_view(request, approval_id):
     return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
 
 
-def _too_many(request, approval, form, seconds: int):
+def _too_many(request: HttpRequest, approval: ApprovalRequest, form: ConfirmForm, seconds: int) -> HttpResponse:
     response = render(request, "approvals/confirm.html",
                       {"approval": approval, "form": form, "locked_message": attempts.message(seconds)}, status=429)
     response["Retry-After"] = str(seconds)
@@ -182,7 +189,7 @@ class BackchannelAuthenticationView(View):
     policy in one statement, and the agent is authenticated against that row.
     """
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         params = request.POST.dict()
         try:
             agent, hint = self._authenticate(request, params)
@@ -204,7 +211,7 @@ class BackchannelAuthenticationView(View):
                              "interval": approval.interval}, headers=NO_STORE)
 
     @staticmethod
-    def _authenticate(request, params: dict[str, str]):
+    def _authenticate(request: HttpRequest, params: dict[str, str]) -> tuple[Agent, LoginHint | None]:
         credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
         if credentials.method == client_auth.NONE:  # CIBA §7.1: only clients that authenticate
             raise InvalidClient(reason="CIBA needs client authentication")
@@ -216,7 +223,7 @@ class BackchannelAuthenticationView(View):
         return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
 
 
-def _token_owner(claims: dict) -> int | None:
+def _token_owner(claims: dict[str, Any]) -> int | None:
     sub = str(claims.get("sub", ""))
     return int(sub[5:]) if sub.startswith("user:") and sub[5:].isdigit() else None
 
@@ -230,11 +237,12 @@ class RedemptionView(View):
     reused from a recent verification because that UPDATE re-checks them.
     """
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         rs, refusal = resource_server_or_refusal(request, event="redemption.refused", cached=True)
         if refusal is not None:
             return refusal
-        claims: dict = {}
+        assert rs is not None  # no refusal: the resource server authenticated
+        claims: dict[str, Any] = {}
         try:
             claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
                                          request_hash=request.POST.get("action_hash", ""))
@@ -258,7 +266,7 @@ class RedemptionView(View):
 
 
 @login_required
-def receipt_view(request, approval_id):
+def receipt_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
     found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
     if found is None:

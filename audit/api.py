@@ -21,10 +21,11 @@ error (RFC 6749 §5.2 members; RFC 6750 §3 challenge on 401), changes nothing, 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, overload
 
 from django.db.models import QuerySet
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from consent.conf import countersign_settings
@@ -33,10 +34,13 @@ from consent.limits import attempts, store
 
 from .export import ExportFilterError, document, ocsf, parse_when, sealed_events
 from .ledger import checkpoint_document
-from .models import AuditCheckpoint
+from .models import AuditCheckpoint, AuditLink, AuditReader
 from .proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
 from .readers import audit_reader_authenticate
 from .services import audit_refusal, client_ip
+
+if TYPE_CHECKING:
+    from consent.models import ResourceServer
 
 PUBLIC = {"Cache-Control": "public, max-age=5"}
 KIND = "audit_reader"
@@ -48,7 +52,7 @@ class BadInput(Exception):
         self.description, self.error, self.status = description, error, status
 
 
-def _refuse(request, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True):
+def _refuse(request: HttpRequest, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True) -> JsonResponse:
     source = client_ip(request)
     if not dedupe or store.first_refusal(f"{event}:{source}", field=event, window=60):
         audit_refusal(event=event, error=exc.error, actor=actor, request=request,
@@ -59,7 +63,15 @@ def _refuse(request, exc: BadInput, *, event: str, actor: str = "", dedupe: bool
     return response
 
 
-def _int(request, name: str, *, default: int | None, low: int, high: int | None = None) -> int | None:
+@overload
+def _int(request: HttpRequest, name: str, *, default: int, low: int, high: int | None = None) -> int: ...
+
+
+@overload
+def _int(request: HttpRequest, name: str, *, default: None, low: int, high: int | None = None) -> int | None: ...
+
+
+def _int(request: HttpRequest, name: str, *, default: int | None, low: int, high: int | None = None) -> int | None:
     raw = request.GET.get(name)
     if raw is None or raw == "":
         return default
@@ -71,7 +83,7 @@ def _int(request, name: str, *, default: int | None, low: int, high: int | None 
     return value
 
 
-def _known(request, allowed: set[str]) -> None:
+def _known(request: HttpRequest, allowed: set[str]) -> None:
     unknown = sorted(set(request.GET) - allowed)
     if unknown:
         raise BadInput(f"unknown parameter {unknown[0][:40]!r}")
@@ -80,7 +92,7 @@ def _known(request, allowed: set[str]) -> None:
             raise BadInput(f"{name} given more than once")
 
 
-def _get_only(request) -> None:
+def _get_only(request: HttpRequest) -> None:
     if request.method not in ("GET", "HEAD"):
         raise BadInput("use GET", error="invalid_request", status=405)
 
@@ -89,7 +101,7 @@ def _get_only(request) -> None:
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def checkpoints_view(request):
+def checkpoints_view(request: HttpRequest) -> HttpResponse:
     try:
         _get_only(request)
         _known(request, {"after", "limit"})
@@ -105,7 +117,7 @@ def checkpoints_view(request):
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def checkpoint_view(request, tree_size: str):
+def checkpoint_view(request: HttpRequest, tree_size: str) -> HttpResponse:
     try:
         _get_only(request)
         _known(request, set())
@@ -126,7 +138,7 @@ def checkpoint_view(request, tree_size: str):
 # --- audit readers: events and proofs -------------------------------------------------------------
 
 
-def _reader(request):
+def _reader(request: HttpRequest) -> AuditReader:
     """The authenticated reader, or raises the 401 / 429 to send."""
     keys = attempts.keys_for(account="", source=client_ip(request))
     if KIND in countersign_settings.ATTEMPT_LIMITS:
@@ -145,7 +157,9 @@ def _reader(request):
     return reader
 
 
-def _reader_endpoint(request, event: str, allowed: set[str], build):
+def _reader_endpoint(
+    request: HttpRequest, event: str, allowed: set[str], build: Callable[[HttpRequest], dict[str, Any]]
+) -> JsonResponse:
     try:
         _get_only(request)
         reader = _reader(request)
@@ -164,14 +178,14 @@ def _reader_endpoint(request, event: str, allowed: set[str], build):
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def _events(request) -> dict[str, Any]:
+def _events(request: HttpRequest) -> dict[str, Any]:
     cursor = _int(request, "cursor", default=0, low=0)
     limit = _int(request, "limit", default=100, low=1, high=countersign_settings.AUDIT_EXPORT_PAGE_MAX)
     fmt = request.GET.get("format", "countersign")
     if fmt not in ("countersign", "ocsf"):
         raise BadInput("format must be countersign or ocsf")
     since, until = request.GET.get("since"), request.GET.get("until")
-    links: QuerySet = sealed_events(
+    links: QuerySet[AuditLink] = sealed_events(
         after=cursor, principal=request.GET.get("principal") or None,
         since=parse_when(since, name="since") if since else None,
         until=parse_when(until, name="until", end=True) if until else None)
@@ -185,14 +199,14 @@ def _events(request) -> dict[str, Any]:
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def events_view(request):
+def events_view(request: HttpRequest) -> HttpResponse:
     return _reader_endpoint(request, "audit.export_refused",
                             {"cursor", "limit", "format", "since", "until", "principal"}, _events)
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def inclusion_view(request):
-    def build(request):
+def inclusion_view(request: HttpRequest) -> HttpResponse:
+    def build(request: HttpRequest) -> dict[str, Any]:
         event_id = _int(request, "event_id", default=None, low=1)
         if event_id is None:
             raise BadInput("event_id is required")
@@ -202,8 +216,8 @@ def inclusion_view(request):
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def consistency_view(request):
-    def build(request):
+def consistency_view(request: HttpRequest) -> HttpResponse:
+    def build(request: HttpRequest) -> dict[str, Any]:
         first = _int(request, "first", default=None, low=1)
         if first is None:
             raise BadInput("first is required")
@@ -212,7 +226,7 @@ def consistency_view(request):
     return _reader_endpoint(request, "audit.proof_refused", {"first", "second"}, build)
 
 
-def _resource_server(request):
+def _resource_server(request: HttpRequest) -> ResourceServer:
     """The resource server presenting its credentials, or raises the 401 / 429 to send."""
     from consent.http import client_credentials
     from consent.selectors import resource_server_authenticate
@@ -231,7 +245,7 @@ def _resource_server(request):
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
-def approval_proof_view(request):
+def approval_proof_view(request: HttpRequest) -> HttpResponse:
     event = "audit.proof_refused"
     try:
         _get_only(request)
@@ -253,7 +267,7 @@ def approval_proof_view(request):
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def _approval_proof(request, rs) -> dict[str, Any]:
+def _approval_proof(request: HttpRequest, rs: ResourceServer) -> dict[str, Any]:
     import uuid
 
     from approvals.models import ApprovalRequest

@@ -1,5 +1,7 @@
+from django.http import HttpRequest, HttpResponse
 
-def csrf_failure(request, reason=""):
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """CSRF refusals are refusals too: audited, then Django's 403 page."""
     from django.views.csrf import csrf_failure as django_csrf_failure
 

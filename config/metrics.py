@@ -6,18 +6,19 @@ processes and Celery workers need no shared metrics state. Live websocket
 connections are per process.
 """
 
+from collections.abc import Iterator
 from datetime import timedelta
 
 from django.db.models import Count
 from django.utils import timezone
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 TOKEN_EVENTS = {"token.issued": "session", "token.refreshed": "refresh", "token.exchanged": "exchange",
                 "token.delegated": "delegation", "action_token.issued": "action"}
 
 
 class DatabaseCollector:
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from approvals.models import ActionToken, ApprovalRequest
         from audit.models import AuditEvent
 
@@ -43,7 +44,8 @@ class DatabaseCollector:
                                     "Request-to-browser delivery latency over the last hour", labels=["quantile"])
         recent = ApprovalRequest.objects.filter(delivered_at__isnull=False,
                                                 created__gte=timezone.now() - timedelta(hours=1))
-        delays = sorted((d - c).total_seconds() for c, d in recent.values_list("created", "delivered_at")[:10000])
+        delays = sorted((d - c).total_seconds() for c, d in recent.values_list("created", "delivered_at")[:10000]
+                        if d is not None)  # delivered_at__isnull=False: always
         for q in (0.5, 0.99):
             latency.add_metric([str(q)], delays[min(len(delays) - 1, int(q * len(delays)))] if delays else 0.0)
         yield latency
@@ -80,7 +82,7 @@ class LimitsCollector:
     """Refusals by the limits (rate limits, lockouts, refused handshakes, oversized bodies), counted
     in Redis by every node (``consent.limits.store``): a flood is counted here, not audited row by row."""
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from consent.limits.store import refused_counts
 
         refusals = CounterMetricFamily("countersign_limit_refusals", "Requests refused by a limit, by kind",

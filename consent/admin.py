@@ -5,9 +5,12 @@ creation (or a reset), and stored hashed: never shown again.
 """
 
 import secrets
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest
 from django.utils.html import format_html
 from oauth2_provider.models import get_id_token_model
 
@@ -32,6 +35,8 @@ from .services import (
     resource_server_reset_secret,
 )
 
+M = TypeVar("M", bound=Model)
+
 # DOT registers its own admin for the models we swapped in; ours replaces it. Token rows are
 # managed through session grants (revoke), not edited one by one.
 for _model in (Agent, AccessToken, RefreshToken, AuthorizationCode, get_id_token_model()):
@@ -39,37 +44,37 @@ for _model in (Agent, AccessToken, RefreshToken, AuthorizationCode, get_id_token
         admin.site.unregister(_model)
 
 
-def _admin_actor(request) -> str:
+def _admin_actor(request: HttpRequest) -> str:
     return f"admin:{request.user.pk}"
 
 
-def _show_secret_once(request, label: str, client_id: str, secret: str) -> None:
+def _show_secret_once(request: HttpRequest, label: str, client_id: str, secret: str) -> None:
     messages.warning(request, format_html(
         "{} client id <code>{}</code>, secret <code>{}</code>. Copy it now: it is stored hashed "
         "and will not be shown again.", label, client_id, secret))
 
 
-class AuditedAdmin(admin.ModelAdmin):
+class AuditedAdmin(admin.ModelAdmin[M]):
     audit_event = ""
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: M, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         audit_record(event=f"{self.audit_event}.{'changed' if change else 'created'}", actor=_admin_actor(request),
                      client_id=getattr(obj, "client_id", ""),
                      detail={"object": str(obj), "fields": sorted(form.changed_data)})
 
-    def delete_model(self, request, obj):
+    def delete_model(self, request: HttpRequest, obj: M) -> None:
         audit_record(event=f"{self.audit_event}.deleted", actor=_admin_actor(request),
                      client_id=getattr(obj, "client_id", ""), detail={"object": str(obj)})
         super().delete_model(request, obj)
 
 
-def _scope_choices():
+def _scope_choices() -> list[tuple[str, str]]:
     return [(p.name, f"{p.name} — {p.description} ({p.get_sensitivity_display()})")
             for p in ScopePolicy.objects.order_by("name")]
 
 
-class AgentAdminForm(forms.ModelForm):
+class AgentAdminForm(forms.ModelForm[Agent]):
     allowed_scopes = forms.MultipleChoiceField(
         choices=_scope_choices, widget=forms.CheckboxSelectMultiple, required=False,
         help_text="Every scope this agent may ever ask for. Step-up scopes still need the user's "
@@ -87,7 +92,7 @@ class AgentAdminForm(forms.ModelForm):
 
 
 @admin.register(Agent)
-class AgentAdmin(AuditedAdmin):
+class AgentAdmin(AuditedAdmin[Agent]):
     audit_event = "agent"
     form = AgentAdminForm
     list_display = ("name", "publisher", "status", "registration", "refresh_mode", "access_token_ttl", "client_id",
@@ -108,7 +113,7 @@ class AgentAdmin(AuditedAdmin):
         ("Record", {"fields": ("created", "updated")}),
     )
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: Agent, form: Any, change: bool) -> None:
         secret = None
         if not change:
             secret = generate_secret()
@@ -124,25 +129,25 @@ class AgentAdmin(AuditedAdmin):
                 grant_revoke(grant_id=grant_id, reason="agent_suspended", actor=_admin_actor(request))
 
     @admin.action(description="Suspend: refuse tokens and revoke its grants")
-    def suspend(self, request, queryset):
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent in queryset:
             if agent.status != Agent.Status.SUSPENDED:
                 agent_update(agent=agent, changes={"status": Agent.Status.SUSPENDED}, actor=_admin_actor(request))
 
     @admin.action(description="Activate (also: a self-described agent pending review)")
-    def activate(self, request, queryset):
+    def activate(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent in queryset.exclude(status=Agent.Status.ACTIVE):
             agent_update(agent=agent, changes={"status": Agent.Status.ACTIVE}, actor=_admin_actor(request))
 
     @admin.action(description="Issue a new client secret (the old one stops working)")
-    def reset_secret(self, request, queryset):
+    def reset_secret(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent in queryset:
             _show_secret_once(request, f"New secret for “{agent.name}”:", agent.client_id,
                               agent_reset_secret(agent=agent, actor=_admin_actor(request)))
 
 
 @admin.register(ScopePolicy)
-class ScopePolicyAdmin(AuditedAdmin):
+class ScopePolicyAdmin(AuditedAdmin[ScopePolicy]):
     audit_event = "scope_policy"
     list_display = ("name", "sensitivity", "audience", "description", "approval_window", "action_token_ttl")
     list_filter = ("sensitivity", "require_second_factor")
@@ -156,7 +161,7 @@ class ScopePolicyAdmin(AuditedAdmin):
 
 
 @admin.register(ResourceServer)
-class ResourceServerAdmin(AuditedAdmin):
+class ResourceServerAdmin(AuditedAdmin[ResourceServer]):
     audit_event = "resource_server"
     list_display = ("name", "audience", "client_id", "is_active", "created")
     list_filter = ("is_active",)
@@ -165,7 +170,7 @@ class ResourceServerAdmin(AuditedAdmin):
     readonly_fields = ("client_id",)
     actions = ["reset_secret"]
 
-    def save_model(self, request, obj, form, change):
+    def save_model(self, request: HttpRequest, obj: ResourceServer, form: Any, change: bool) -> None:
         secret = None
         if not change:
             secret = generate_secret()
@@ -176,42 +181,42 @@ class ResourceServerAdmin(AuditedAdmin):
             _show_secret_once(request, f"Resource server “{obj.name}” registered:", obj.client_id, secret)
 
     @admin.action(description="Issue a new client secret (the old one stops working)")
-    def reset_secret(self, request, queryset):
+    def reset_secret(self, request: HttpRequest, queryset: QuerySet[ResourceServer]) -> None:
         for rs in queryset:
             _show_secret_once(request, f"New secret for “{rs.name}”:", rs.client_id,
                               resource_server_reset_secret(rs=rs, actor=_admin_actor(request)))
 
 
 @admin.register(SessionGrant)
-class SessionGrantAdmin(admin.ModelAdmin):
+class SessionGrantAdmin(admin.ModelAdmin[SessionGrant]):
     list_display = ("id", "user", "agent", "status", "created", "expires_at", "end_reason")
     list_filter = ("status", "agent")
     search_fields = ("id", "user__username", "agent__name", "agent__client_id")
     readonly_fields = [f.name for f in SessionGrant._meta.fields]
     actions = ["revoke"]
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_delete_permission(self, request, obj=None):
+    def has_delete_permission(self, request: HttpRequest, obj: SessionGrant | None = None) -> bool:
         return False
 
     @admin.action(description="Revoke: the agent's tokens stop working at once")
-    def revoke(self, request, queryset):
+    def revoke(self, request: HttpRequest, queryset: QuerySet[SessionGrant]) -> None:
         done = sum(grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
                    for g in queryset)
         messages.success(request, f"Revoked {done} grant(s).")
 
 
 @admin.register(SigningKey)
-class SigningKeyAdmin(admin.ModelAdmin):
+class SigningKeyAdmin(admin.ModelAdmin[SigningKey]):
     list_display = ("kid", "alg", "active", "created", "retired_at", "publish_until")
     list_filter = ("active", "alg")
     exclude = ("private_pem",)
     readonly_fields = ("kid", "alg", "public_jwk", "created", "active", "retired_at", "publish_until")
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_delete_permission(self, request, obj=None):
+    def has_delete_permission(self, request: HttpRequest, obj: SigningKey | None = None) -> bool:
         return False

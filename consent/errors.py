@@ -5,6 +5,8 @@ for an error object). A refusal that already wrote its own, more specific audit 
 sets ``audited`` so the endpoint does not write a second one.
 """
 
+from typing import Any
+
 
 class OAuthError(Exception):
     """RFC 6749 §5.2: an error response, ``{"error", "error_description"}`` and our ``reason``."""
@@ -175,7 +177,7 @@ class TooManyRequests(OAuthError):
     error = "temporarily_unavailable"
     status_code = 429
 
-    def __init__(self, description: str = "", *, retry_after: int = 1, error: str = "", **kwargs):
+    def __init__(self, description: str = "", *, retry_after: int = 1, error: str = "", **kwargs: Any):
         super().__init__(description, **kwargs)
         self.retry_after = max(1, int(retry_after))
         if error:

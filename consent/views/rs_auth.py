@@ -1,6 +1,6 @@
 """Resource-server authentication for the endpoints downstream systems call."""
 
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 
 from audit.services import audit_refusal
 
@@ -10,7 +10,7 @@ from ..models import ResourceServer
 from ..selectors import resource_server_authenticate
 
 
-def resource_server_or_refusal(request, *, event: str,
+def resource_server_or_refusal(request: HttpRequest, *, event: str,
                                cached: bool = False) -> tuple[ResourceServer | None, HttpResponse | None]:
     """The authenticated resource server, or the audited 401 to send instead (``cached``: see
     ``resource_server_authenticate``)."""

@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
 
@@ -10,7 +11,7 @@ class Command(BaseCommand):
             "with --consistency OLD NEW that checkpoint NEW extends checkpoint OLD (§2.1.4). Check it offline "
             "with: python -m countersign.ledger inclusion|consistency FILE --jwks JWKS")
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("event_id", nargs="?", type=int, help="the audit event's id")
         parser.add_argument("--checkpoint", type=int, metavar="TREE_SIZE",
                             help="prove against this checkpoint (default: the newest)")
@@ -19,7 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--approval", metavar="APPROVAL_ID", help="prove the event that approved this approval")
         parser.add_argument("--output", metavar="FILE", help="write the proof here instead of stdout")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         try:
             if options["consistency"]:
                 if options["event_id"] is not None:

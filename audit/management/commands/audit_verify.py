@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.ledger import checkpoint_from_document, newest_in_file
 from audit.models import AuditCheckpoint, AuditLink
@@ -19,7 +20,7 @@ class Command(BaseCommand):
             "ledger holds every event the newest checkpoint (and any kept elsewhere) signs. Exits non-zero "
             "naming the first bad position.")
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--no-seal", action="store_true",
                             help="only read: do not link waiting events first (e.g. on a read-only replica)")
         parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
@@ -28,7 +29,7 @@ class Command(BaseCommand):
         parser.add_argument("--jwks", metavar="FILE",
                             help="check signatures with this JWKS instead of every key the server holds")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         jwks = self._json(options["jwks"]) if options["jwks"] else None
         kept_files = list(options["checkpoint"])
         sink = countersign_settings.AUDIT_CHECKPOINT_FILE
@@ -62,7 +63,7 @@ class Command(BaseCommand):
         self.stdout.write(f"audit chain intact: {AuditLink.objects.count()} events (sealed {sealed} now)"
                           f"{signed}{also}{note}")
 
-    def _json(self, path):
+    def _json(self, path: str) -> Any:
         try:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)

@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from consent.models import Agent
 from consent.services import agent_create, agent_update
@@ -11,7 +12,7 @@ from ._common import load_jwks, run_service
 class Command(BaseCommand):
     help = "Register an agent (an OAuth client). Prints its client id and secret once."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", required=True)
         parser.add_argument("--publisher", required=True)
         parser.add_argument("--scopes", required=True, help='space-separated, e.g. "catalog:read ledger:write"')
@@ -25,7 +26,7 @@ class Command(BaseCommand):
                             help="CIBA ping-mode notification endpoint (empty: the agent polls)")
         parser.add_argument("--json", action="store_true")
 
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         agent, secret = run_service(
             agent_create, name=o["name"], publisher=o["publisher"], scopes=o["scopes"].split(),
             redirect_uris=o["redirect_uris"], description=o["description"], refresh_mode=o["refresh_mode"],

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
 
 from consent.models import ScopePolicy
 from consent.services import scope_set
@@ -9,7 +11,7 @@ from ._common import run_service
 class Command(BaseCommand):
     help = "Create or change a scope policy."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name")
         parser.add_argument("--audience", required=True)
         parser.add_argument("--sensitivity", required=True, choices=ScopePolicy.Sensitivity.values)
@@ -20,7 +22,7 @@ class Command(BaseCommand):
         parser.add_argument("--auto-approve")
         parser.add_argument("--authorization-details-types", help="space-separated RFC 9396 types")
 
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
             "description": "description", "approval_window": "approval_window",

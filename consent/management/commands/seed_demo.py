@@ -2,9 +2,10 @@
 
 import json
 import os
+from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
 from consent.conf import countersign_settings
@@ -51,7 +52,7 @@ class Command(BaseCommand):
     help = ("Create the reference scenario's data (idempotent). Existing records and their secrets are kept "
             "unless --rotate-secrets; --json prints credentials for scripts.")
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true")
         parser.add_argument("--mcp-port", type=int, default=MCP_PORT,
                             help="port of the MCP server (examples.mcp.server); its audience is http://127.0.0.1:PORT/mcp")
@@ -59,7 +60,7 @@ class Command(BaseCommand):
                             help="issue new secrets for the demo agent and resource servers (the old ones stop working)")
 
     @transaction.atomic
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         User = get_user_model()
         users = []
         for username, is_admin in (("officer", False), ("admin", True)):
@@ -75,7 +76,7 @@ class Command(BaseCommand):
 
         servers, scopes = [], []
         for name, audience, scope, description, sensitivity in SYSTEMS:
-            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            values: dict[str, Any] = {"audience": audience, "sensitivity": sensitivity, "description": description}
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {"approval_window": 600, "action_token_ttl": 120,
                            "authorization_details_types": ["ledger_entry"]}
@@ -129,12 +130,12 @@ class Command(BaseCommand):
 
 
     @staticmethod
-    def _mcp_server(port: int, rotate: bool) -> tuple[dict, list[dict]]:
+    def _mcp_server(port: int, rotate: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The MCP server as a resource server, with its scopes (MCP clients join by themselves)."""
         audience = f"http://127.0.0.1:{port}/mcp"
         scopes = []
         for scope, description, sensitivity in MCP_SCOPES:
-            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            values: dict[str, Any] = {"audience": audience, "sensitivity": sensitivity, "description": description}
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {"approval_window": 300, "action_token_ttl": 60,
                            "authorization_details_types": ["mcp_tool_call"]}
@@ -142,6 +143,7 @@ class Command(BaseCommand):
                 scope_set(name=scope, values=values, actor="seed_demo")
             scopes.append({"name": scope, "sensitivity": sensitivity, "audience": audience})
         rs = ResourceServer.objects.filter(audience=audience).first()
+        secret: str | None
         if rs is None:
             rs, secret = resource_server_create(name="Shop (MCP server)", audience=audience, actor="seed_demo")
         else:  # kept, as the other systems' secrets are, unless asked to rotate
