@@ -47,16 +47,28 @@ class _Names:
         self.user_id = user_id
         client_ids = {e.client_id for e in events if e.client_id}
         client_ids |= {e.actor.split(":", 1)[1] for e in events if e.actor.startswith(("agent:", "rs:"))}
-        self.agents: dict[str, str] = dict(Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        self.servers: dict[str, str] = dict(ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        approval_ids = {str(e.detail.get("approval_id")) for e in events if isinstance(e.detail, dict)
-                        and e.detail.get("approval_id")}
-        self.approvals = {str(a.pk): a for a in ApprovalRequest.objects.filter(
-            pk__in=[i for i in approval_ids if _uuid_like(i)], user_id=user_id).only(
-            "id", "headline", "authorization_details", "decision_auth", "scope")}
+        self.agents: dict[str, str] = dict(
+            Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name")
+        )
+        self.servers: dict[str, str] = dict(
+            ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name")
+        )
+        approval_ids = {
+            str(e.detail.get("approval_id"))
+            for e in events
+            if isinstance(e.detail, dict) and e.detail.get("approval_id")
+        }
+        self.approvals = {
+            str(a.pk): a
+            for a in ApprovalRequest.objects.filter(
+                pk__in=[i for i in approval_ids if _uuid_like(i)], user_id=user_id
+            ).only("id", "headline", "authorization_details", "decision_auth", "scope")
+        }
         scopes = {a.scope for a in self.approvals.values()}
         audiences = dict(ScopePolicy.objects.filter(name__in=scopes).values_list("name", "audience"))
-        by_audience = dict(ResourceServer.objects.filter(audience__in=audiences.values()).values_list("audience", "name"))
+        by_audience = dict(
+            ResourceServer.objects.filter(audience__in=audiences.values()).values_list("audience", "name")
+        )
         self.scope_system = {s: by_audience.get(a, a) for s, a in audiences.items()}
 
     def who(self, actor: str) -> str:
@@ -98,7 +110,9 @@ def _sentence(e: Any, n: _Names) -> str:
     who = n.who(e.actor)
     approval = n.approvals.get(str(d.get("approval_id", "")))
     reason = str(d.get("reason") or e.error or "").replace("_", " ")
-    system = n.scope_system.get(str(d.get("scope", "")), n.who(e.actor) if e.actor.startswith("rs:") else "a system")
+    system = n.scope_system.get(
+        str(d.get("scope", "")), n.who(e.actor) if e.actor.startswith("rs:") else "a system"
+    )
     match e.event:
         case "login":
             words = auth_words(d.get("amr"))
@@ -113,15 +127,20 @@ def _sentence(e: Any, n: _Names) -> str:
             return "You set up an authenticator app for signing in."
         case "consent.given":
             allowed, asks = len(d.get("standard_scopes") or []), len(d.get("step_up_scopes") or [])
-            return (f"You connected {agent}: {allowed} permission{'s' if allowed != 1 else ''} for the session"
-                    + (f", {asks} that ask{'s' if asks == 1 else ''} you each time" if asks else "") + ".")
+            return (
+                f"You connected {agent}: {allowed} permission{'s' if allowed != 1 else ''} for the session"
+                + (f", {asks} that ask{'s' if asks == 1 else ''} you each time" if asks else "")
+                + "."
+            )
         case "consent.refused":
             return f"You declined to connect {agent}."
         case "consent.request_refused":
             return f"A connection request from {agent} was refused: {reason}."
         case "token.issued":
             minutes = int(d.get("expires_in") or 0) // 60
-            return f"{agent} received a session token" + (f" valid for {minutes} min" if minutes else "") + "."
+            return (
+                f"{agent} received a session token" + (f" valid for {minutes} min" if minutes else "") + "."
+            )
         case "token.refreshed":
             return f"{agent} renewed its session token."
         case "token.exchanged":
@@ -157,7 +176,12 @@ def _sentence(e: Any, n: _Names) -> str:
             return f"{agent} collected its single-use token for {_what(approval)}."
         case "action_token.redeemed":
             words = auth_words((approval.decision_auth or {}).get("amr") if approval else None)
-            return _did(agent, approval, system) + ", approved by you" + (f" with {words}" if words else "") + "."
+            return (
+                _did(agent, approval, system)
+                + ", approved by you"
+                + (f" with {words}" if words else "")
+                + "."
+            )
         case "redemption.refused":
             return f"{who.capitalize()} could not use a single-use token: {reason}."
         case "introspection.inactive":
@@ -171,8 +195,11 @@ def _sentence(e: Any, n: _Names) -> str:
         case "grant.used":
             uses = int(d.get("uses") or 0)
             what = ", ".join(str(o) for o in (d.get("operations") or [])[:3])
-            return (f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
-                    + (f": {what}" if what else "") + ".")
+            return (
+                f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
+                + (f": {what}" if what else "")
+                + "."
+            )
         case "refresh_token.reuse_detected":
             return f"A used refresh token of {agent} was presented again."
         case "rate.limited":
@@ -191,18 +218,31 @@ def _sentence(e: Any, n: _Names) -> str:
 
 def describe(events: list[Any], *, user_id: int) -> list[Entry]:
     names = _Names(events, user_id)
-    return [Entry(id=e.pk, when=e.occurred_at, sentence=_sentence(e, names), ok=e.outcome == "ok", event=e.event,
-                  grant_id=e.grant_id, agent=names.agents.get(e.client_id, ""),
-                  approval_id=str(e.detail.get("approval_id", "")) if isinstance(e.detail, dict) else "")
-            for e in events]
+    return [
+        Entry(
+            id=e.pk,
+            when=e.occurred_at,
+            sentence=_sentence(e, names),
+            ok=e.outcome == "ok",
+            event=e.event,
+            grant_id=e.grant_id,
+            agent=names.agents.get(e.client_id, ""),
+            approval_id=str(e.detail.get("approval_id", "")) if isinstance(e.detail, dict) else "",
+        )
+        for e in events
+    ]
 
 
 def agent_choices(*, user_id: int) -> list[tuple[str, str]]:
     """The agents this user ever connected, for the filter."""
     from consent.models import SessionGrant
 
-    return list(SessionGrant.objects.filter(user_id=user_id).values_list("agent__client_id", "agent__name")
-                .distinct().order_by("agent__name"))
+    return list(
+        SessionGrant.objects.filter(user_id=user_id)
+        .values_list("agent__client_id", "agent__name")
+        .distinct()
+        .order_by("agent__name")
+    )
 
 
 def period_filter(period: str) -> Q:

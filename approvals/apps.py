@@ -31,8 +31,10 @@ class ApprovalsConfig(AppConfig):
             if user_id is None:
                 user_id = SessionGrant.objects.filter(pk=grant_id).values_list("user_id", flat=True).first()
             if user_id is not None:
-                transaction.on_commit(lambda: current_app.tasks["approvals.push_grant_changed"].delay(
-                    str(grant_id), user_id), robust=True)
+                transaction.on_commit(
+                    lambda: current_app.tasks["approvals.push_grant_changed"].delay(str(grant_id), user_id),
+                    robust=True,
+                )
 
         grant_ended.connect(tell_open_pages, weak=False, dispatch_uid="approvals.tell_open_pages")
 

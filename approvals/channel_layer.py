@@ -83,20 +83,27 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
             raise ValueError("InboxChannelLayer hosts are given as {'address': 'redis://...', ...}")
         address = host.pop("address")
         return aioredis.BlockingConnectionPool.from_url(
-            address, max_connections=self.pool_size, timeout=self.pool_timeout, **host)
+            address, max_connections=self.pool_size, timeout=self.pool_timeout, **host
+        )
 
     def sequence_key(self, group: str) -> str:
         """The per-user counter beside the group (same shard): see approvals.delivery."""
         return f"{self.prefix}:seq:{group}"
 
-    async def group_send_numbered(self, group: str, build: Callable[[int], dict[str, Any]], *,
-                                  sequence_ttl: int) -> int:
+    async def group_send_numbered(
+        self, group: str, build: Callable[[int], dict[str, Any]], *, sequence_ttl: int
+    ) -> int:
         """Number the next message of ``group`` and send ``build(seq)`` to its members; returns ``seq``."""
         assert self.require_valid_group_name(group), "Group name not valid"
         connection = self.connection(self.consistent_hash(group))
         seq, members = await connection.eval(
-            _NUMBER_AND_READ, 2, self.sequence_key(group), self._group_key(group), sequence_ttl,
-            int(time.time()) - self.group_expiry)
+            _NUMBER_AND_READ,
+            2,
+            self.sequence_key(group),
+            self._group_key(group),
+            sequence_ttl,
+            int(time.time()) - self.group_expiry,
+        )
         seq = int(seq)
         channel_names = [m.decode("utf8") for m in members]
         if not channel_names:
@@ -105,8 +112,15 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         for index, keys in by_connection.items():
             now = time.time()
             over = await self.connection(index).eval(
-                _SEND, len(keys), *keys, *(messages[k] for k in keys), *(capacities[k] for k in keys),
-                now, self.expiry, int(now) - int(self.expiry))
+                _SEND,
+                len(keys),
+                *keys,
+                *(messages[k] for k in keys),
+                *(capacities[k] for k in keys),
+                now,
+                self.expiry,
+                int(now) - int(self.expiry),
+            )
             if over:
                 log.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
         return seq

@@ -64,28 +64,46 @@ class LoginHint:
 
 
 _HINT_TOKEN = rows.Columns(AccessToken, "t", ["expires"])
-_HINT_GRANT = rows.Columns(SessionGrant, "g", ["id", "user", "agent", "status", "expires_at", "step_up_scopes",
-                                               "dpop_jkt"])
-_POLICY = rows.Columns(ScopePolicy, "p", ["id", "name", "sensitivity", "description", "approval_window",
-                                          "authorization_details_types", "auto_approve_rule"])
+_HINT_GRANT = rows.Columns(
+    SessionGrant, "g", ["id", "user", "agent", "status", "expires_at", "step_up_scopes", "dpop_jkt"]
+)
+_POLICY = rows.Columns(
+    ScopePolicy,
+    "p",
+    [
+        "id",
+        "name",
+        "sensitivity",
+        "description",
+        "approval_window",
+        "authorization_details_types",
+        "auto_approve_rule",
+    ],
+)
 
 
 def read_login_hint(token: str, scope: str) -> LoginHint | None:
     """The row of the session token named by ``login_hint_token``, with what validation needs."""
     if not token or len(token) > MAX_TOKEN_BYTES:
         return None
-    sql = (f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {AGENT_ROW.sql}, {_POLICY.sql}"
-           f" FROM {rows.table(AccessToken)} t"
-           f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
-           f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
-           f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = %s"
-           f" WHERE t.token_checksum = %s")
+    sql = (
+        f"SELECT {_HINT_TOKEN.sql}, {_HINT_GRANT.sql}, {AGENT_ROW.sql}, {_POLICY.sql}"
+        f" FROM {rows.table(AccessToken)} t"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
+        f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = %s"
+        f" WHERE t.token_checksum = %s"
+    )
     row = rows.fetchone(sql, [scope, token_checksum(token)])
     if row is None:
         return None
     token_row, grant, agent, policy = rows.split(row, _HINT_TOKEN, _HINT_GRANT, AGENT_ROW, _POLICY)
-    return LoginHint(token_row["expires"], rows.instance(SessionGrant, grant), rows.instance(Agent, agent),
-                     rows.instance(ScopePolicy, policy) if policy["id"] is not None else None)
+    return LoginHint(
+        token_row["expires"],
+        rows.instance(SessionGrant, grant),
+        rows.instance(Agent, agent),
+        rows.instance(ScopePolicy, policy) if policy["id"] is not None else None,
+    )
 
 
 def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -> SessionGrant:
@@ -111,7 +129,8 @@ def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -
 def _binding_message(text: str) -> str:
     if len(text) > countersign_settings.BINDING_MESSAGE_MAX:
         raise InvalidBindingMessage(
-            f"binding_message is longer than {countersign_settings.BINDING_MESSAGE_MAX} characters")
+            f"binding_message is longer than {countersign_settings.BINDING_MESSAGE_MAX} characters"
+        )
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
         raise InvalidBindingMessage("binding_message contains control or invisible formatting characters")
     return text.strip()
@@ -140,10 +159,15 @@ def _extension_details(raw: str, agent: Agent) -> list[dict[str, Any]]:
     except rar.InvalidDetails as exc:
         raise InvalidAuthorizationDetails(str(exc)) from exc
     seconds = details[0].get("seconds")
-    if len(details) != 1 or not isinstance(seconds, int) or isinstance(seconds, bool) or not (
-            60 <= seconds <= agent.max_grant_lifetime):
+    if (
+        len(details) != 1
+        or not isinstance(seconds, int)
+        or isinstance(seconds, bool)
+        or not (60 <= seconds <= agent.max_grant_lifetime)
+    ):
         raise InvalidAuthorizationDetails(
-            f'ask for one {{"type": "{EXTENSION_TYPE}", "seconds": N}} with 60 <= N <= {agent.max_grant_lifetime}')
+            f'ask for one {{"type": "{EXTENSION_TYPE}", "seconds": N}} with 60 <= N <= {agent.max_grant_lifetime}'
+        )
     return details
 
 
@@ -157,8 +181,9 @@ def _delivery(agent: Agent, params: dict[str, str]) -> tuple[str, str]:
     return mode, notification_token if mode == "ping" else ""
 
 
-def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
-                                 hint: LoginHint | None = None) -> BackchannelRequest:
+def validate_backchannel_request(
+    *, agent: Agent, params: dict[str, str], hint: LoginHint | None = None
+) -> BackchannelRequest:
     """CIBA Core §7.1 parameters, checked in the order an agent can act on.
 
     ``hint`` is ``read_login_hint`` for this request's token and scope, read already
@@ -180,9 +205,18 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         window = _window(params.get("requested_expiry"), countersign_settings.DEFAULT_APPROVAL_WINDOW)
         mode, notification_token = _delivery(agent, params)
         return BackchannelRequest(
-            agent=agent, grant=grant, scope=scope, system="your connection with this agent", auto_approve_rule="",
-            authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
-            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token)
+            agent=agent,
+            grant=grant,
+            scope=scope,
+            system="your connection with this agent",
+            auto_approve_rule="",
+            authorization_details=details,
+            action_hash=rar.action_hash(details),
+            binding_message=binding_message,
+            window_seconds=window,
+            delivery_mode=mode,
+            client_notification_token=notification_token,
+        )
     policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
@@ -193,14 +227,24 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         raise InvalidScope(f"the user did not include {scope} in this session's consent")
     binding_message = _binding_message(params.get("binding_message", ""))
     try:
-        details = rar.parse(params.get("authorization_details", ""),
-                            allowed_types=list(policy.authorization_details_types or []))
+        details = rar.parse(
+            params.get("authorization_details", ""),
+            allowed_types=list(policy.authorization_details_types or []),
+        )
     except rar.InvalidDetails as exc:
         raise InvalidAuthorizationDetails(str(exc)) from exc
     window = _window(params.get("requested_expiry"), policy.approval_window)
     mode, notification_token = _delivery(agent, params)
     return BackchannelRequest(
-        agent=agent, grant=grant, scope=scope, system=policy.description, auto_approve_rule=policy.auto_approve_rule,
-        authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
-        window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
+        agent=agent,
+        grant=grant,
+        scope=scope,
+        system=policy.description,
+        auto_approve_rule=policy.auto_approve_rule,
+        authorization_details=details,
+        action_hash=rar.action_hash(details),
+        binding_message=binding_message,
+        window_seconds=window,
+        delivery_mode=mode,
+        client_notification_token=notification_token,
     )

@@ -83,7 +83,9 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
         # Decisions are CSRF-protected POSTs; the socket only carries the two requests below.
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
         if size > MAX_FRAME:

@@ -73,9 +73,11 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
 
 
 def pending_prompts(*, user_id: int) -> list[dict[str, Any]]:
-    rows = (ApprovalRequest.objects.select_related("agent")
-            .filter(user_id=user_id, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
-            .order_by("created"))
+    rows = (
+        ApprovalRequest.objects.select_related("agent")
+        .filter(user_id=user_id, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
+        .order_by("created")
+    )
     return [prompt_payload(a) for a in rows]
 
 
@@ -107,8 +109,13 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
     elif message["type"] == "grant.changed":
         frame = {"type": "grant", "seq": seq, "grant_id": message["grant_id"]}
     elif message["type"] == "approval.remove":
-        frame = {"type": "remove", "seq": seq, "id": message["id"], "status": message["status"],
-                 "label": message.get("label", "")}
+        frame = {
+            "type": "remove",
+            "seq": seq,
+            "id": message["id"],
+            "status": message["status"],
+            "label": message.get("label", ""),
+        }
     else:
         raise ValueError(f"not an inbox message: {message['type']!r}")
     return json.dumps(frame, separators=(",", ":"))
@@ -122,6 +129,7 @@ async def group_send_sequenced(layer: RedisChannelLayer, group: str, message: di
     (``InboxChannelLayer.group_send_numbered``); any other Redis layer gets the INCR and a
     ``group_send``.
     """
+
     def build(seq: int) -> dict[str, Any]:
         return {"type": message["type"], "seq": seq, "text": client_frame(message, seq)}
 
@@ -171,6 +179,7 @@ def send_to_user(user_id: Any, message: dict[str, Any]) -> int:
 
     Raises on failure or after SEND_TIMEOUT seconds, so the calling task retries.
     """
+
     # Looked up on the loop's thread each time: the cached layer is reused, and a replaced
     # configuration (channel_layers.backends cleared) takes effect on the next send.
     async def send() -> int:

@@ -55,7 +55,6 @@ class ExpiredToken(OAuthError):
     error = "expired_token"
 
 
-
 class InvalidToken(OAuthError):
     """The action token is not valid for redemption (bad, expired, already redeemed, or revoked)."""
 
@@ -145,7 +144,6 @@ class ActionMismatch(InvalidRequest):
     """The action the resource server is about to execute is not the approved one."""
 
     code = "action_mismatch"
-
 
 
 class ApprovalNotFound(Exception):

@@ -70,12 +70,15 @@ class ApprovalRequest(models.Model):
     auth_req_id_hash = models.CharField(max_length=64, unique=True, editable=False)
     grant = models.ForeignKey("consent.SessionGrant", on_delete=models.CASCADE, related_name="approvals")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="approvals")
-    agent = models.ForeignKey(settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE,
-                              related_name="approvals")
+    agent = models.ForeignKey(
+        settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE, related_name="approvals"
+    )
     scope = models.CharField(max_length=100)
     authorization_details = models.JSONField(help_text="RFC 9396 array, exactly as the agent sent it.")
     action_hash = models.CharField(max_length=64, db_index=True)
-    headline = models.CharField(max_length=300, help_text="Rendered by the server from authorization_details.")
+    headline = models.CharField(
+        max_length=300, help_text="Rendered by the server from authorization_details."
+    )
     binding_message = models.CharField(max_length=200, blank=True, help_text="The agent's own note.")
     delivery_mode = models.CharField(max_length=8, choices=DeliveryMode.choices, default=DeliveryMode.POLL)
     client_notification_token = models.CharField(max_length=1024, blank=True, editable=False)
@@ -85,31 +88,48 @@ class ApprovalRequest(models.Model):
     last_polled_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     decided_at = models.DateTimeField(null=True, blank=True)
-    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="+")
-    decision_method = models.CharField(max_length=32, blank=True,
-                                       help_text="browser, auto_rule, grant_revoked, agent_suspended, ...")
-    decision_auth = models.JSONField(default=dict, blank=True,
-                                     help_text="auth_time/amr/acr of the deciding user, or the rule.")
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decision_method = models.CharField(
+        max_length=32, blank=True, help_text="browser, auto_rule, grant_revoked, agent_suspended, ..."
+    )
+    decision_auth = models.JSONField(
+        default=dict, blank=True, help_text="auth_time/amr/acr of the deciding user, or the rule."
+    )
     delivered_at = models.DateTimeField(null=True, blank=True, help_text="First push to the user's browser.")
-    notified_at = models.DateTimeField(null=True, blank=True, help_text="Ping-mode notice accepted by the agent.")
+    notified_at = models.DateTimeField(
+        null=True, blank=True, help_text="Ping-mode notice accepted by the agent."
+    )
     notify_attempts = models.PositiveSmallIntegerField(default=0)
     notify_error = models.CharField(max_length=300, blank=True)
     opened_by = models.ForeignKey(
-        "consent.ResourceServer", null=True, blank=True, on_delete=models.CASCADE, related_name="+",
+        "consent.ResourceServer",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="+",
         help_text="Opened by this resource server for a token it was handed (approvals.rs_stepup): only it "
-                  "collects the action token, never the agent.")
+        "collects the action token, never the agent.",
+    )
 
     class Meta:
         ordering = ["-created"]
         verbose_name = "approval request"
-        indexes = [models.Index(fields=["user", "status"]), models.Index(fields=["agent", "status"]),
-                   # the sliding-window prompt caps (approvals.services._pending_state)
-                   models.Index(fields=["user", "created"]), models.Index(fields=["agent", "created"])]
+        indexes = [
+            models.Index(fields=["user", "status"]),
+            models.Index(fields=["agent", "status"]),
+            # the sliding-window prompt caps (approvals.services._pending_state)
+            models.Index(fields=["user", "created"]),
+            models.Index(fields=["agent", "created"]),
+        ]
         constraints = [
             # Identical pending requests collapse into one prompt (approval fatigue), even under a race.
-            models.UniqueConstraint(fields=["grant", "scope", "action_hash"], condition=models.Q(status="pending"),
-                                    name="one_pending_prompt_per_action"),
+            models.UniqueConstraint(
+                fields=["grant", "scope", "action_hash"],
+                condition=models.Q(status="pending"),
+                name="one_pending_prompt_per_action",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -132,8 +152,9 @@ class ActionToken(models.Model):
     issued_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
     redeemed_at = models.DateTimeField(null=True, blank=True)
-    redeemed_by = models.ForeignKey("consent.ResourceServer", null=True, blank=True, on_delete=models.SET_NULL,
-                                    related_name="+")
+    redeemed_by = models.ForeignKey(
+        "consent.ResourceServer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     def __str__(self) -> str:
         return f"action token {self.jti} ({'redeemed' if self.redeemed_at else 'unredeemed'})"

@@ -31,23 +31,36 @@ def activity_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     outcome = outcome if outcome in OUTCOMES else ""
     period = request.GET.get("period", "")
     period = period if period in PERIODS else ""
-    events = list(audit_events_for_user(user_id=request.user.pk, client_id=client_id, outcome=outcome,
-                                        where=period_filter(period)))
-    return render(request, "audit/activity.html", {
-        "entries": describe(events, user_id=request.user.pk), "agents": agents, "periods": PERIODS.items(),
-        "chosen": {"agent": client_id, "outcome": outcome, "period": period},
-        "filtered": bool(client_id or outcome or period),
-    })
+    events = list(
+        audit_events_for_user(
+            user_id=request.user.pk, client_id=client_id, outcome=outcome, where=period_filter(period)
+        )
+    )
+    return render(
+        request,
+        "audit/activity.html",
+        {
+            "entries": describe(events, user_id=request.user.pk),
+            "agents": agents,
+            "periods": PERIODS.items(),
+            "chosen": {"agent": client_id, "outcome": outcome, "period": period},
+            "filtered": bool(client_id or outcome or period),
+        },
+    )
 
 
 @login_required
 def grants_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     grants = list(grants_for_user(user=request.user)[:100])
     summaries = grants_overview(grants=grants, user_id=request.user.pk)
-    return render(request, "consent/grants.html", {
-        "active": [s for s in summaries if s.grant.is_live()],
-        "ended": [s.grant for s in summaries if not s.grant.is_live()],
-    })
+    return render(
+        request,
+        "consent/grants.html",
+        {
+            "active": [s for s in summaries if s.grant.is_live()],
+            "ended": [s.grant for s in summaries if not s.grant.is_live()],
+        },
+    )
 
 
 @login_required
@@ -56,11 +69,16 @@ def grant_detail_view(request: AuthenticatedHttpRequest, grant_id: UUID) -> Http
     which the page re-reads when the websocket says something changed."""
     story = grant_story(grant_id=grant_id, user_id=request.user.pk)
     if story is None:
-        audit_refusal(event="grant.view_refused", error="not_found", actor=f"user:{request.user.pk}",
-                      user_id=request.user.pk, request=request,
-                      detail={"grant_id": str(grant_id), "reason": "no grant of this user"})
+        audit_refusal(
+            event="grant.view_refused",
+            error="not_found",
+            actor=f"user:{request.user.pk}",
+            user_id=request.user.pk,
+            request=request,
+            detail={"grant_id": str(grant_id), "reason": "no grant of this user"},
+        )
         raise Http404("No such connection.")
-    template = "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
+    template = (
+        "consent/_timeline.html" if request.GET.get("part") == "timeline" else "consent/grant_detail.html"
+    )
     return render(request, template, {"story": story, "grant": story.grant, "live": story.grant.is_live()})
-
-

@@ -44,7 +44,9 @@ def parse(raw: str, *, allowed_types: list[str]) -> list[dict[str, Any]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise InvalidDetails("each authorization_details entry must be an object with a string type")
         if entry["type"] not in allowed_types:
-            raise InvalidDetails(f"authorization_details type {entry['type']!r} is not accepted for this scope")
+            raise InvalidDetails(
+                f"authorization_details type {entry['type']!r} is not accepted for this scope"
+            )
         if _has_fraction(entry):
             raise InvalidDetails('write decimal amounts as strings (e.g. "4250.00"), not JSON numbers')
     return details

@@ -43,24 +43,31 @@ Status = ApprovalRequest.Status
 _APPROVAL = rows.table(ApprovalRequest)
 
 
-
 _TOKEN = rows.table(ActionToken)
-_JOINED = (f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
-           f" AND g.id = ap.grant_id AND ag.id = ap.agent_id")
-_RS_CURRENT = (f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
-               f" AND r.client_secret = %s)")
+_JOINED = (
+    f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
+    f" AND g.id = ap.grant_id AND ag.id = ap.agent_id"
+)
+_RS_CURRENT = (
+    f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
+    f" AND r.client_secret = %s)"
+)
 # The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent, same resource server.
-_WIN = (f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
-        f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
-        f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id")
+_WIN = (
+    f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
+    f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
+    f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id"
+)
 _MOVE = f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s"
 # The redeem edge leaves one state, so its statements compare with "=" (ApprovalRequest.EDGES).
 (_REDEEMABLE,) = ApprovalRequest.leaving("redeem")
 _REDEEMED = ApprovalRequest.entering("redeem")
 # Why an attempt did not win (read in the same statement on PostgreSQL, after it elsewhere).
-_WHY = (f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
-        f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
-        f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s")
+_WHY = (
+    f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
+    f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
+    f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s"
+)
 
 
 def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
@@ -68,8 +75,10 @@ def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
         return UnknownActionToken("unknown action token")
     redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
     if not rs_current:
-        return InvalidClient("Resource-server authentication failed.",
-                             reason="resource server deactivated or its secret changed since it was verified")
+        return InvalidClient(
+            "Resource-server authentication failed.",
+            reason="resource server deactivated or its secret changed since it was verified",
+        )
     if grant_status != SessionGrant.Status.ACTIVE or grant_ended:
         return RedeemGrantInactive("the session grant is no longer active")
     if agent_status != Agent.Status.ACTIVE:
@@ -85,13 +94,16 @@ def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
 # PostgreSQL: the winning UPDATE also takes the request's row lock while it is still ISSUED, so a
 # concurrent cancel either waits for the redemption or ends the request first (and nothing wins);
 # ISSUED -> REDEEMED then always moves with the token, in the same statement.
-_HOLD_ISSUED = (f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
-                f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)")
+_HOLD_ISSUED = (
+    f" AND t.approval_id IN (SELECT la.id FROM {_APPROVAL} la JOIN {_TOKEN} lt ON lt.approval_id = la.id"
+    f" WHERE lt.jti = %s AND la.status = %s FOR UPDATE OF la)"
+)
 _WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
 
 
-def _redeem_statement(*, jti: str, resource_server: ResourceServer, now: datetime,
-                      event: PendingEvent) -> tuple[Any, int, tuple[Any, ...] | None]:
+def _redeem_statement(
+    *, jti: str, resource_server: ResourceServer, now: datetime, event: PendingEvent
+) -> tuple[Any, int, tuple[Any, ...] | None]:
     """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost).
 
     On PostgreSQL one statement, outside any transaction: it redeems, moves the request,
@@ -101,8 +113,17 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now: datetim
     at = rows.param(ActionToken, "redeemed_at", now)
     grant_at = rows.param(SessionGrant, "expires_at", now)
     rs = [resource_server.pk, True, resource_server.client_secret]
-    win = [at, resource_server.pk, jti, at, _REDEEMABLE, SessionGrant.Status.ACTIVE, grant_at,
-           Agent.Status.ACTIVE, *rs]
+    win = [
+        at,
+        resource_server.pk,
+        jti,
+        at,
+        _REDEEMABLE,
+        SessionGrant.Status.ACTIVE,
+        grant_at,
+        Agent.Status.ACTIVE,
+        *rs,
+    ]
     why = [at, grant_at, *rs, jti]
     if connection.vendor == "postgresql":
         audit_sql, audit_params = rows.event_insert(event, "moved")
@@ -111,7 +132,8 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now: datetim
             f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
             f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), written AS ({audit_sql})"
             f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
-            [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *audit_params, *why])
+            [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *audit_params, *why],
+        )
         if row is None:
             return None, 0, None
         return row[0], row[1], tuple(row[2:])
@@ -124,7 +146,9 @@ def _redeem_statement(*, jti: str, resource_server: ResourceServer, now: datetim
     return won[0], moved, None
 
 
-def action_token_verify(*, token: str, resource_server: ResourceServer, request_hash: str = "") -> dict[str, Any]:
+def action_token_verify(
+    *, token: str, resource_server: ResourceServer, request_hash: str = ""
+) -> dict[str, Any]:
     """Verify an action token for redemption by this resource server; the claims, or ``OAuthError``.
 
     RFC 8725 §3.11: only an ``action+jwt``. ``request_hash`` is the action hash the
@@ -142,7 +166,9 @@ def action_token_verify(*, token: str, resource_server: ResourceServer, request_
     if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
         raise ActionHashMismatch("action_hash does not match the token's authorization_details")
     if request_hash and request_hash != claims["action_hash"]:
-        raise ActionMismatch("the action you are about to execute is not the approved one (action_hash differs)")
+        raise ActionMismatch(
+            "the action you are about to execute is not the approved one (action_hash differs)"
+        )
     return claims
 
 
@@ -161,14 +187,24 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
     jti = claims["jti"]
     if "approval_id" not in claims:  # every action token we mint names its request
         raise UnknownActionToken("unknown action token")
-    approval = ApprovalRequest(pk=UUID(claims["approval_id"]), status=Status.REDEEMED, scope=claims["scope"],
-                               grant_id=UUID(claims["grant_id"]), user_id=int(claims["sub"].split(":", 1)[1]),
-                               authorization_details=claims["authorization_details"],
-                               action_hash=claims["action_hash"])
+    approval = ApprovalRequest(
+        pk=UUID(claims["approval_id"]),
+        status=Status.REDEEMED,
+        scope=claims["scope"],
+        grant_id=UUID(claims["grant_id"]),
+        user_id=int(claims["sub"].split(":", 1)[1]),
+        authorization_details=claims["authorization_details"],
+        action_hash=claims["action_hash"],
+    )
     approval._state.adding = False
-    event = audit_event(event="action_token.redeemed", actor=f"rs:{resource_server.client_id}",
-                        user_id=approval.user_id, client_id=claims["client_id"], grant_id=approval.grant_id,
-                        detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti})
+    event = audit_event(
+        event="action_token.redeemed",
+        actor=f"rs:{resource_server.client_id}",
+        user_id=approval.user_id,
+        client_id=claims["client_id"],
+        grant_id=approval.grant_id,
+        detail={"approval_id": str(approval.pk), "scope": approval.scope, "jti": jti},
+    )
     with transaction.atomic() if connection.vendor != "postgresql" else nullcontext():
         won, moved, why = _redeem_statement(jti=jti, resource_server=resource_server, now=now, event=event)
         if won is None:

@@ -46,12 +46,16 @@ NOT_AUDITED = {"authorization_pending"}
 
 
 def _request_params(post: Any) -> dict[str, str]:
-    return {name: post.get(name, "") for name in ("scope", "authorization_details", "binding_message",
-                                                  "requested_expiry") if post.get(name, "") != ""}
+    return {
+        name: post.get(name, "")
+        for name in ("scope", "authorization_details", "binding_message", "requested_expiry")
+        if post.get(name, "") != ""
+    }
 
 
-def open_for_token(*, rs: ResourceServer, token: str, params: dict[str, str],
-                   request: HttpRequest | None = None) -> tuple[ApprovalRequest, bool]:
+def open_for_token(
+    *, rs: ResourceServer, token: str, params: dict[str, str], request: HttpRequest | None = None
+) -> tuple[ApprovalRequest, bool]:
     """Validate and create the approval (see the module docstring). Raises ``OAuthError``."""
     if not token:
         raise InvalidRequest("token (the session token the agent presented) is required")
@@ -83,16 +87,29 @@ class ResourceServerApprovalView(View):
         assert rs is not None  # no refusal: the resource server authenticated
         params = _request_params(request.POST)
         try:
-            approval, _ = open_for_token(rs=rs, token=request.POST.get("token", ""), params=params, request=request)
+            approval, _ = open_for_token(
+                rs=rs, token=request.POST.get("token", ""), params=params, request=request
+            )
         except OAuthError as exc:
-            audit_refusal(event="rs_approval.refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request,
-                          detail={"reason": exc.description or exc.reason, "scope": params.get("scope", "")})
+            audit_refusal(
+                event="rs_approval.refused",
+                error=exc.error,
+                actor=f"rs:{rs.client_id}",
+                client_id=rs.client_id,
+                request=request,
+                detail={"reason": exc.description or exc.reason, "scope": params.get("scope", "")},
+            )
             return error_response(exc)
         remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
-        return JsonResponse({"auth_req_id": auth_req_id_for(approval.pk), "expires_in": remaining,
-                             "interval": approval.interval,
-                             "approval_uri": f"{countersign_settings.ISSUER}/approvals/"}, headers=NO_STORE)
+        return JsonResponse(
+            {
+                "auth_req_id": auth_req_id_for(approval.pk),
+                "expires_in": remaining,
+                "interval": approval.interval,
+                "approval_uri": f"{countersign_settings.ISSUER}/approvals/",
+            },
+            headers=NO_STORE,
+        )
 
 
 @method_decorator(csrf_exempt, name="dispatch")
@@ -109,8 +126,13 @@ class ResourceServerCollectView(View):
             body = approval_collect(auth_req_id=request.POST.get("auth_req_id", ""), resource_server=rs)
         except OAuthError as exc:
             if exc.error not in NOT_AUDITED:
-                audit_refusal(event="rs_approval.collect_refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                              client_id=rs.client_id, request=request,
-                              detail={"reason": exc.description or exc.reason})
+                audit_refusal(
+                    event="rs_approval.collect_refused",
+                    error=exc.error,
+                    actor=f"rs:{rs.client_id}",
+                    client_id=rs.client_id,
+                    request=request,
+                    detail={"reason": exc.description or exc.reason},
+                )
             return error_response(exc)
         return JsonResponse(body, headers=NO_STORE)

@@ -17,15 +17,20 @@ if TYPE_CHECKING:
 
 
 def pending_for_user(*, user: User) -> QuerySet[ApprovalRequest]:
-    return (ApprovalRequest.objects.select_related("agent")
-            .filter(user=user, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
-            .order_by("created"))
+    return (
+        ApprovalRequest.objects.select_related("agent")
+        .filter(user=user, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
+        .order_by("created")
+    )
 
 
 def history_for_user(*, user: User, limit: int = 50) -> QuerySet[ApprovalRequest]:
-    return (ApprovalRequest.objects.select_related("agent", "decided_by")
-            .filter(user=user).exclude(status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
-            .order_by("-created")[:limit])
+    return (
+        ApprovalRequest.objects.select_related("agent", "decided_by")
+        .filter(user=user)
+        .exclude(status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
+        .order_by("-created")[:limit]
+    )
 
 
 def pending_count(*, user: User) -> int:
@@ -34,9 +39,24 @@ def pending_count(*, user: User) -> int:
 
 # --- what the delivery tasks read (one hand-written statement each, consent.rows) -----------------
 
-_PUSH = rows.Columns(ApprovalRequest, "ap", [
-    "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details",
-    "binding_message", "created", "expires_at", "delivered_at"])
+_PUSH = rows.Columns(
+    ApprovalRequest,
+    "ap",
+    [
+        "id",
+        "status",
+        "user",
+        "grant",
+        "agent",
+        "scope",
+        "headline",
+        "authorization_details",
+        "binding_message",
+        "created",
+        "expires_at",
+        "delivered_at",
+    ],
+)
 _PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
 
 
@@ -59,7 +79,9 @@ def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
         return None
     row = rows.fetchone(
         f"SELECT {_PUSH.sql}, {_PUSH_AGENT.sql} FROM {rows.table(ApprovalRequest)} ap"
-        f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id WHERE ap.id = %s", [pk])
+        f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id WHERE ap.id = %s",
+        [pk],
+    )
     if row is None:
         return None
     values, agent = rows.split(row, _PUSH, _PUSH_AGENT)
@@ -68,9 +90,22 @@ def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
     return approval
 
 
-_DECISION = rows.Columns(ApprovalRequest, "ap", [
-    "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details", "delivery_mode",
-    "expires_at"])
+_DECISION = rows.Columns(
+    ApprovalRequest,
+    "ap",
+    [
+        "id",
+        "status",
+        "user",
+        "grant",
+        "agent",
+        "scope",
+        "headline",
+        "authorization_details",
+        "delivery_mode",
+        "expires_at",
+    ],
+)
 _DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
 _DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds"])
 
@@ -89,7 +124,8 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> tuple[ApprovalRe
         f"SELECT {_DECISION.sql}, {_DECISION_AGENT.sql}, {_DECISION_POLICY.sql} FROM {rows.table(ApprovalRequest)} ap"
         f" JOIN {rows.table(Agent)} a ON a.id = ap.agent_id"
         f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.id = %s AND ap.user_id = %s",
-        [pk, int(user_id)])
+        [pk, int(user_id)],
+    )
     if row is None:
         return None
     values, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
@@ -119,9 +155,18 @@ def action_token_introspect(*, token: str, resource_server: ResourceServer) -> I
         return Introspection(False, {}, str(exc))
     if claims.get("aud") != resource_server.audience:
         return Introspection(False, {}, "token not issued for this resource server")
-    row = (ActionToken.objects.filter(jti=claims["jti"])
-           .values_list("redeemed_at", "expires_at", "approval__status", "approval__grant__status",
-                        "approval__grant__expires_at", "approval__agent__status").first())
+    row = (
+        ActionToken.objects.filter(jti=claims["jti"])
+        .values_list(
+            "redeemed_at",
+            "expires_at",
+            "approval__status",
+            "approval__grant__status",
+            "approval__grant__expires_at",
+            "approval__agent__status",
+        )
+        .first()
+    )
     if row is None:
         return Introspection(False, {}, "unknown action token")
     redeemed_at, expires_at, status, grant_status, grant_expires, agent_status = row

@@ -82,11 +82,27 @@ def _announce_end(approval: ApprovalRequest) -> None:
         _after_commit("approvals.notify_agent", approval.pk)
 
 
-def _event(approval: ApprovalRequest, event: str, *, actor: str, outcome: str = "ok", error: str = "",
-           request: HttpRequest | None = None, **detail: Any) -> PendingEvent:
-    return audit_event(event=event, outcome=outcome, error=error, actor=actor, user_id=approval.user_id,
-                       client_id=approval.agent.client_id, grant_id=approval.grant_id, request=request,
-                       detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail})
+def _event(
+    approval: ApprovalRequest,
+    event: str,
+    *,
+    actor: str,
+    outcome: str = "ok",
+    error: str = "",
+    request: HttpRequest | None = None,
+    **detail: Any,
+) -> PendingEvent:
+    return audit_event(
+        event=event,
+        outcome=outcome,
+        error=error,
+        actor=actor,
+        user_id=approval.user_id,
+        client_id=approval.agent.client_id,
+        grant_id=approval.grant_id,
+        request=request,
+        detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail},
+    )
 
 
 def _audit(approval: ApprovalRequest, event: str, **kwargs: Any) -> None:
@@ -111,7 +127,9 @@ def _pending_state(req: BackchannelRequest, now: datetime) -> tuple[Any, bool, i
     created for this user and by this agent within ``PROMPT_WINDOW_SECONDS`` (approval fatigue caps:
     the second pair counts prompts that ended too, so short-lived prompts cannot slip past)."""
     at = rows.param(ApprovalRequest, "expires_at", now)
-    since = rows.param(ApprovalRequest, "created", now - timedelta(seconds=countersign_settings.PROMPT_WINDOW_SECONDS))
+    since = rows.param(
+        ApprovalRequest, "created", now - timedelta(seconds=countersign_settings.PROMPT_WINDOW_SECONDS)
+    )
     grant_id = rows.param(ApprovalRequest, "grant", req.grant.pk)
     same = f"FROM {_APPROVAL} WHERE grant_id = %s AND scope = %s AND action_hash = %s AND status = %s"
     recent = "AND created > %s AND decision_method <> %s"
@@ -121,21 +139,43 @@ def _pending_state(req: BackchannelRequest, now: datetime) -> tuple[Any, bool, i
         f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s AND status = %s AND expires_at > %s),"
         f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE user_id = %s {recent}),"
         f" (SELECT COUNT(*) FROM {_APPROVAL} WHERE agent_id = %s {recent})",
-        [grant_id, req.scope, req.action_hash, Status.PENDING,
-         at, grant_id, req.scope, req.action_hash, Status.PENDING,
-         req.grant.user_id, Status.PENDING, at, req.agent.pk, Status.PENDING, at,
-         req.grant.user_id, since, AUTO_RULE, req.agent.pk, since, AUTO_RULE])
+        [
+            grant_id,
+            req.scope,
+            req.action_hash,
+            Status.PENDING,
+            at,
+            grant_id,
+            req.scope,
+            req.action_hash,
+            Status.PENDING,
+            req.grant.user_id,
+            Status.PENDING,
+            at,
+            req.agent.pk,
+            Status.PENDING,
+            at,
+            req.grant.user_id,
+            since,
+            AUTO_RULE,
+            req.agent.pk,
+            since,
+            AUTO_RULE,
+        ],
+    )
     assert row is not None  # a SELECT of scalar subqueries: always one row
     return row[0], bool(row[1]), row[2], row[3], row[4], row[5]
 
 
 def _existing(req: BackchannelRequest) -> ApprovalRequest:
     return ApprovalRequest.objects.select_related("agent").get(
-        grant=req.grant, scope=req.scope, action_hash=req.action_hash, status=Status.PENDING)
+        grant=req.grant, scope=req.scope, action_hash=req.action_hash, status=Status.PENDING
+    )
 
 
-def approval_request_create(*, req: BackchannelRequest, request: HttpRequest | None = None,
-                            opened_by: ResourceServer | None = None) -> tuple[ApprovalRequest, bool]:
+def approval_request_create(
+    *, req: BackchannelRequest, request: HttpRequest | None = None, opened_by: ResourceServer | None = None
+) -> tuple[ApprovalRequest, bool]:
     """Persist a validated CIBA request. Returns (approval, created).
 
     An identical pending request (same grant, scope and action hash) is returned
@@ -159,12 +199,18 @@ def approval_request_create(*, req: BackchannelRequest, request: HttpRequest | N
         raise TooManyPending("this agent asked too often recently; try again later")
     grant = req.grant
     approval = ApprovalRequest(
-        grant=grant, user_id=grant.user_id, agent=req.agent, scope=req.scope,
-        authorization_details=req.authorization_details, action_hash=req.action_hash,
+        grant=grant,
+        user_id=grant.user_id,
+        agent=req.agent,
+        scope=req.scope,
+        authorization_details=req.authorization_details,
+        action_hash=req.action_hash,
         headline=rar.headline(req.authorization_details, system=req.system),
-        binding_message=req.binding_message, delivery_mode=req.delivery_mode,
+        binding_message=req.binding_message,
+        delivery_mode=req.delivery_mode,
         client_notification_token=req.client_notification_token,
-        interval=countersign_settings.CIBA_INTERVAL, created=now,
+        interval=countersign_settings.CIBA_INTERVAL,
+        created=now,
         # A prompt never outlives its grant: when the grant ends, the prompt's own on-time expiry
         # ends it at that very moment (approval_expire cancels it), and every read that checks
         # expires_at (inbox, caps, polls) stops counting it without waiting for a sweep.
@@ -179,10 +225,16 @@ def approval_request_create(*, req: BackchannelRequest, request: HttpRequest | N
             # A concurrent identical request won the partial unique index: answer with that one.
             return _existing(req), False
         approval._state.adding = False
-        _audit(approval, "approval.requested", actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
-               request=request,
-               action_hash=approval.action_hash, headline=approval.headline, mode=approval.delivery_mode,
-               expires_in=req.window_seconds)
+        _audit(
+            approval,
+            "approval.requested",
+            actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
+            request=request,
+            action_hash=approval.action_hash,
+            headline=approval.headline,
+            mode=approval.delivery_mode,
+            expires_in=req.window_seconds,
+        )
         if auto:
             _auto_approve(approval, rule=rule, now=now)
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)
@@ -203,9 +255,15 @@ def _auto_approve(approval: ApprovalRequest, *, rule: str, now: datetime) -> Non
     moved = rows.execute(
         f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decision_method = %s, decision_auth = %s"
         f" WHERE id = %s AND {guard}",
-        [ApprovalRequest.entering("approve"), rows.param(ApprovalRequest, "decided_at", now), AUTO_RULE,
-         rows.param(ApprovalRequest, "decision_auth", decision_auth), rows.param(ApprovalRequest, "id", approval.pk),
-         *states])
+        [
+            ApprovalRequest.entering("approve"),
+            rows.param(ApprovalRequest, "decided_at", now),
+            AUTO_RULE,
+            rows.param(ApprovalRequest, "decision_auth", decision_auth),
+            rows.param(ApprovalRequest, "id", approval.pk),
+            *states,
+        ],
+    )
     if moved != 1:  # the row was inserted in this very transaction: nothing else can have moved it
         raise ApprovalNotPending(approval.status)
     approval.status, approval.decided_at = ApprovalRequest.entering("approve"), now
@@ -218,13 +276,22 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
     if approval.delivered_at is not None:  # a redelivery: recorded already
         return False
     with transaction.atomic():
-        first = rows.execute(f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
-                             [rows.param(ApprovalRequest, "delivered_at", timezone.now()),
-                              rows.param(ApprovalRequest, "id", approval.pk)])
+        first = rows.execute(
+            f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
+            [
+                rows.param(ApprovalRequest, "delivered_at", timezone.now()),
+                rows.param(ApprovalRequest, "id", approval.pk),
+            ],
+        )
         if first:
-            audit_record(event="approval.delivered", actor="system", user_id=approval.user_id,
-                         client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                         detail={"approval_id": str(approval.pk), "channel": channel})
+            audit_record(
+                event="approval.delivered",
+                actor="system",
+                user_id=approval.user_id,
+                client_id=approval.agent.client_id,
+                grant_id=approval.grant_id,
+                detail={"approval_id": str(approval.pk), "channel": channel},
+            )
             _after_commit("approvals.expire_approval", approval.pk, eta=approval.expires_at)
     return bool(first)
 
@@ -236,9 +303,16 @@ _GRANT_LIVE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
 _AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
 
 
-def _decide(*, approval_id: Any, user: User, edge: str, method: str, auth: dict[str, Any],
-            request: HttpRequest | None = None,
-            approval: ApprovalRequest | None = None) -> ApprovalRequest:
+def _decide(
+    *,
+    approval_id: Any,
+    user: User,
+    edge: str,
+    method: str,
+    auth: dict[str, Any],
+    request: HttpRequest | None = None,
+    approval: ApprovalRequest | None = None,
+) -> ApprovalRequest:
     """The ``approve`` or ``deny`` edge, decided by one conditional UPDATE under the grant's lock.
 
     ``approval`` is the request as ``selectors.approval_for_decision`` read it for this user (the
@@ -259,28 +333,58 @@ def _decide(*, approval_id: Any, user: User, edge: str, method: str, auth: dict[
         # (it cancels the grant's approvals with the grant locked); approving an extension
         # updates the grant, so locking the approval first could deadlock with a revocation.
         # FOR UPDATE, as grant_extend takes it: no lock upgrade later in this transaction.
-        row = rows.fetchone(f"SELECT {_GRANT_LIVE.sql} FROM {rows.table(SessionGrant)} g WHERE g.id = %s"
-                            + rows.for_update("g"), [rows.param(SessionGrant, "id", approval.grant_id)])
+        row = rows.fetchone(
+            f"SELECT {_GRANT_LIVE.sql} FROM {rows.table(SessionGrant)} g WHERE g.id = %s"
+            + rows.for_update("g"),
+            [rows.param(SessionGrant, "id", approval.grant_id)],
+        )
         grant = _GRANT_LIVE.load(row) if row is not None else None
-        live = grant is not None and grant["status"] == SessionGrant.Status.ACTIVE and grant["expires_at"] > now
+        live = (
+            grant is not None and grant["status"] == SessionGrant.Status.ACTIVE and grant["expires_at"] > now
+        )
         # The row count decides: the UPDATE re-checks the request's own status and window on the
         # row it locks (a concurrent decision, expiry or cancellation makes it match nothing).
-        decided = live and rows.execute(
-            f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
-            f" decision_auth = %s WHERE id = %s AND user_id = %s AND {guard} AND expires_at > %s"
-            f" AND agent_id IN ({_AGENT_ACTIVE})",
-            [to, rows.param(ApprovalRequest, "decided_at", now), user.pk, method,
-             rows.param(ApprovalRequest, "decision_auth", auth), rows.param(ApprovalRequest, "id", approval.pk),
-             user.pk, *states, rows.param(ApprovalRequest, "expires_at", now), Agent.Status.ACTIVE]) == 1
+        decided = (
+            live
+            and rows.execute(
+                f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
+                f" decision_auth = %s WHERE id = %s AND user_id = %s AND {guard} AND expires_at > %s"
+                f" AND agent_id IN ({_AGENT_ACTIVE})",
+                [
+                    to,
+                    rows.param(ApprovalRequest, "decided_at", now),
+                    user.pk,
+                    method,
+                    rows.param(ApprovalRequest, "decision_auth", auth),
+                    rows.param(ApprovalRequest, "id", approval.pk),
+                    user.pk,
+                    *states,
+                    rows.param(ApprovalRequest, "expires_at", now),
+                    Agent.Status.ACTIVE,
+                ],
+            )
+            == 1
+        )
         if not decided:
             raise ApprovalNotPending(
-                ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first())
+                ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first()
+            )
         approval.status = to
         if to == Status.APPROVED and approval.scope == EXTEND_SCOPE:
-            grant_extend(grant_id=approval.grant_id, seconds=approval.authorization_details[0]["seconds"],
-                         actor=f"user:{user.pk}", approval_id=approval.pk)
-        _audit(approval, "approval.approved" if to == Status.APPROVED else "approval.denied",
-               actor=f"user:{user.pk}", request=request, method=method, auth=auth)
+            grant_extend(
+                grant_id=approval.grant_id,
+                seconds=approval.authorization_details[0]["seconds"],
+                actor=f"user:{user.pk}",
+                approval_id=approval.pk,
+            )
+        _audit(
+            approval,
+            "approval.approved" if to == Status.APPROVED else "approval.denied",
+            actor=f"user:{user.pk}",
+            request=request,
+            method=method,
+            auth=auth,
+        )
         _announce_end(approval)
     return approval
 
@@ -289,32 +393,83 @@ def _auth_dict(auth: AuthContext) -> dict[str, Any]:
     return {"auth_time": int(auth.auth_time.timestamp()), "amr": list(auth.amr), "acr": auth.acr}
 
 
-def approval_approve(*, approval_id: Any, user: User, auth: AuthContext, request: HttpRequest | None = None,
-                     approval: ApprovalRequest | None = None) -> ApprovalRequest:
-    return _decide(approval_id=approval_id, user=user, edge="approve", method="browser",
-                   auth=_auth_dict(auth), request=request, approval=approval)
+def approval_approve(
+    *,
+    approval_id: Any,
+    user: User,
+    auth: AuthContext,
+    request: HttpRequest | None = None,
+    approval: ApprovalRequest | None = None,
+) -> ApprovalRequest:
+    return _decide(
+        approval_id=approval_id,
+        user=user,
+        edge="approve",
+        method="browser",
+        auth=_auth_dict(auth),
+        request=request,
+        approval=approval,
+    )
 
 
-def approval_deny(*, approval_id: Any, user: User, auth: AuthContext, request: HttpRequest | None = None,
-                  approval: ApprovalRequest | None = None) -> ApprovalRequest:
-    return _decide(approval_id=approval_id, user=user, edge="deny", method="browser",
-                   auth=_auth_dict(auth), request=request, approval=approval)
+def approval_deny(
+    *,
+    approval_id: Any,
+    user: User,
+    auth: AuthContext,
+    request: HttpRequest | None = None,
+    approval: ApprovalRequest | None = None,
+) -> ApprovalRequest:
+    return _decide(
+        approval_id=approval_id,
+        user=user,
+        edge="deny",
+        method="browser",
+        auth=_auth_dict(auth),
+        request=request,
+        approval=approval,
+    )
 
 
-def approval_audit_refused_decision(*, approval_id: Any, user: User, reason: str,
-                                    request: HttpRequest | None = None) -> None:
-    audit_record(event="approval.decision_refused", outcome="refused", error="not_pending",
-                 actor=f"user:{user.pk}", user_id=user.pk, request=request,
-                 detail={"approval_id": str(approval_id), "reason": reason})
+def approval_audit_refused_decision(
+    *, approval_id: Any, user: User, reason: str, request: HttpRequest | None = None
+) -> None:
+    audit_record(
+        event="approval.decision_refused",
+        outcome="refused",
+        error="not_pending",
+        actor=f"user:{user.pk}",
+        user_id=user.pk,
+        request=request,
+        detail={"approval_id": str(approval_id), "reason": reason},
+    )
 
 
 # --- the agent collects its token (CIBA token request, §10.1) --------------------------------
 
 
-_COLLECT = rows.Columns(ApprovalRequest, "ap", [
-    "id", "status", "expires_at", "interval", "last_polled_at", "agent", "grant", "user", "scope",
-    "authorization_details", "action_hash", "decision_auth", "decision_method", "delivery_mode", "opened_by",
-    "decided_at"])
+_COLLECT = rows.Columns(
+    ApprovalRequest,
+    "ap",
+    [
+        "id",
+        "status",
+        "expires_at",
+        "interval",
+        "last_polled_at",
+        "agent",
+        "grant",
+        "user",
+        "scope",
+        "authorization_details",
+        "action_hash",
+        "decision_auth",
+        "decision_method",
+        "delivery_mode",
+        "opened_by",
+        "decided_at",
+    ],
+)
 _COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
 _COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
 _INTERVAL = connection.ops.quote_name("interval")
@@ -326,7 +481,8 @@ def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]
         f"SELECT {_COLLECT.sql}, {_COLLECT_GRANT.sql}, {_COLLECT_POLICY.sql} FROM {_APPROVAL} ap"
         f" JOIN {rows.table(SessionGrant)} g ON g.id = ap.grant_id"
         f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.auth_req_id_hash = %s",
-        [auth_req_id_hash(auth_req_id or "")])
+        [auth_req_id_hash(auth_req_id or "")],
+    )
     if row is None:
         return None
     values, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
@@ -335,8 +491,13 @@ def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]
     return approval, policy
 
 
-def approval_collect(*, auth_req_id: str, agent: Agent | None = None, jkt: str = "",
-                     resource_server: ResourceServer | None = None) -> dict[str, Any]:
+def approval_collect(
+    *,
+    auth_req_id: str,
+    agent: Agent | None = None,
+    jkt: str = "",
+    resource_server: ResourceServer | None = None,
+) -> dict[str, Any]:
     """Answer one CIBA poll. Raises the CIBA §11 error for every non-success.
 
     ``jkt`` is the thumbprint of the poll's DPoP proof key, "" without one (RFC 9449 §6.1).
@@ -346,8 +507,10 @@ def approval_collect(*, auth_req_id: str, agent: Agent | None = None, jkt: str =
     now = timezone.now()
     found = _read_for_collect(auth_req_id)
     if found is None or not (
-            found[0].opened_by_id == resource_server.pk if resource_server is not None
-            else agent is not None and found[0].agent_id == agent.pk and found[0].opened_by_id is None):
+        found[0].opened_by_id == resource_server.pk
+        if resource_server is not None
+        else agent is not None and found[0].agent_id == agent.pk and found[0].opened_by_id is None
+    ):
         raise UnknownAuthReqId("unknown auth_req_id")
     approval, policy = found
     approval.agent = agent if agent is not None else Agent.objects.get(pk=approval.agent_id)
@@ -364,13 +527,17 @@ def approval_collect(*, auth_req_id: str, agent: Agent | None = None, jkt: str =
         at = rows.param(ApprovalRequest, "last_polled_at", now)
         too_soon = rows.param(ApprovalRequest, "last_polled_at", now - timedelta(seconds=approval.interval))
         pk = rows.param(ApprovalRequest, "id", approval.pk)
-        polled = rows.execute(f"UPDATE {_APPROVAL} SET last_polled_at = %s WHERE id = %s AND status = %s"
-                              f" AND (last_polled_at IS NULL OR last_polled_at <= %s)",
-                              [at, pk, Status.PENDING, too_soon])
+        polled = rows.execute(
+            f"UPDATE {_APPROVAL} SET last_polled_at = %s WHERE id = %s AND status = %s"
+            f" AND (last_polled_at IS NULL OR last_polled_at <= %s)",
+            [at, pk, Status.PENDING, too_soon],
+        )
         if polled == 1:
             raise AuthorizationPending("the user has not answered yet")
-        rows.execute(f"UPDATE {_APPROVAL} SET {_INTERVAL} = %s, last_polled_at = %s WHERE id = %s",
-                     [approval.interval + 5, at, pk])
+        rows.execute(
+            f"UPDATE {_APPROVAL} SET {_INTERVAL} = %s, last_polled_at = %s WHERE id = %s",
+            [approval.interval + 5, at, pk],
+        )
         raise SlowDown(f"poll at most every {approval.interval + 5} seconds")
     if approval.status == Status.DENIED:
         raise DeniedByUser("the user denied this action")
@@ -397,20 +564,43 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now: datetime, jkt
     # APPROVED -> ISSUED decides who collects; the action token and its audit row land with it, in one
     # statement. ISSUED -> EXPIRED once the token lapses unredeemed is the expiry sweep's (redemption
     # refuses an expired token by itself), so collecting queues nothing.
-    batch = rows.Batch(rows.guarded_update(ApprovalRequest, approval.pk, {"status": ApprovalRequest.entering("collect")},
-                                           *_leaving("collect")))
-    batch.insert("token", ActionToken, {"jti": claims["jti"], "approval": approval.pk, "issued_at": now,
-                                        "expires_at": now + timedelta(seconds=ttl), "redeemed_at": None,
-                                        "redeemed_by": None})
+    batch = rows.Batch(
+        rows.guarded_update(
+            ApprovalRequest,
+            approval.pk,
+            {"status": ApprovalRequest.entering("collect")},
+            *_leaving("collect"),
+        )
+    )
+    batch.insert(
+        "token",
+        ActionToken,
+        {
+            "jti": claims["jti"],
+            "approval": approval.pk,
+            "issued_at": now,
+            "expires_at": now + timedelta(seconds=ttl),
+            "redeemed_at": None,
+            "redeemed_by": None,
+        },
+    )
     collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by else approval.agent.actor_id
-    batch.event("audit", _event(approval, "action_token.issued", actor=collector, jti=claims["jti"],
-                                expires_in=ttl))
+    batch.event(
+        "audit", _event(approval, "action_token.issued", actor=collector, jti=claims["jti"], expires_in=ttl)
+    )
     if batch.run() is None:
         raise AlreadyIssued("the token for this auth_req_id was already issued")
-    response = {"access_token": mint(claims), "token_type": token_type(jkt), "expires_in": ttl,
-                "scope": approval.scope, "authorization_details": approval.authorization_details}
+    response = {
+        "access_token": mint(claims),
+        "token_type": token_type(jkt),
+        "expires_in": ttl,
+        "scope": approval.scope,
+        "authorization_details": approval.authorization_details,
+    }
     if approval.scope == EXTEND_SCOPE:
-        response["grant_expires_at"] = int(SessionGrant.objects.get(pk=approval.grant_id).expires_at.timestamp())
+        response["grant_expires_at"] = int(
+            SessionGrant.objects.get(pk=approval.grant_id).expires_at.timestamp()
+        )
     return response
 
 
@@ -425,14 +615,21 @@ def approval_expire(*, approval_id: Any) -> bool:
     """
     now = timezone.now()
     with transaction.atomic():
-        approval = (ApprovalRequest.objects.select_for_update(of=("self",)).select_related("agent", "grant")
-                    .filter(pk=approval_id).first())
+        approval = (
+            ApprovalRequest.objects.select_for_update(of=("self",))
+            .select_related("agent", "grant")
+            .filter(pk=approval_id)
+            .first()
+        )
         if approval is None:
             return False
         token = ActionToken.objects.filter(approval_id=approval.pk).first()
         due = (approval.status == Status.PENDING and approval.expires_at <= now) or (
-            approval.status == Status.ISSUED and token is not None and token.redeemed_at is None
-            and token.expires_at <= now)
+            approval.status == Status.ISSUED
+            and token is not None
+            and token.redeemed_at is None
+            and token.expires_at <= now
+        )
         if not due:
             return False
         if approval.status == Status.PENDING and not approval.grant.is_live(now):
@@ -441,9 +638,9 @@ def approval_expire(*, approval_id: Any) -> bool:
             edge, method, event = "expire", "timeout", "approval.expired"
         to = ApprovalRequest.entering(edge)
         # Under the row lock taken above: the status read is the status this UPDATE leaves.
-        ApprovalRequest.objects.filter(pk=approval.pk, status=approval.status,
-                                       status__in=ApprovalRequest.leaving(edge)).update(
-            status=to, decided_at=now, decision_method=method)
+        ApprovalRequest.objects.filter(
+            pk=approval.pk, status=approval.status, status__in=ApprovalRequest.leaving(edge)
+        ).update(status=to, decided_at=now, decision_method=method)
         approval.status = to
         _audit(approval, event, actor="system", **({"reason": method} if to == Status.CANCELLED else {}))
         _announce_end(approval)
@@ -462,8 +659,9 @@ def approvals_expire_due() -> int:
 def approval_cancel(*, approval_id: Any, reason: str) -> bool:
     now = timezone.now()
     with transaction.atomic():
-        updated = ApprovalRequest.objects.filter(pk=approval_id, status__in=ApprovalRequest.leaving("cancel")).update(
-            status=ApprovalRequest.entering("cancel"), decided_at=now, decision_method=reason)
+        updated = ApprovalRequest.objects.filter(
+            pk=approval_id, status__in=ApprovalRequest.leaving("cancel")
+        ).update(status=ApprovalRequest.entering("cancel"), decided_at=now, decision_method=reason)
         if updated != 1:
             return False
         approval = ApprovalRequest.objects.select_related("agent").get(pk=approval_id)
@@ -475,14 +673,22 @@ def approval_cancel(*, approval_id: Any, reason: str) -> bool:
 def approvals_undelivered(*, older_than: int = 30) -> list[Any]:
     """Pending prompts never pushed to the browser (a lost task, Redis down at the time)."""
     now = timezone.now()
-    return list(ApprovalRequest.objects.filter(
-        status=Status.PENDING, expires_at__gt=now, delivered_at__isnull=True,
-        created__lte=now - timedelta(seconds=older_than)).values_list("pk", flat=True)[:1000])
+    return list(
+        ApprovalRequest.objects.filter(
+            status=Status.PENDING,
+            expires_at__gt=now,
+            delivered_at__isnull=True,
+            created__lte=now - timedelta(seconds=older_than),
+        ).values_list("pk", flat=True)[:1000]
+    )
 
 
 def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
-    ids = list(ApprovalRequest.objects.filter(grant_id=grant_id, status__in=ApprovalRequest.leaving("cancel"))
-               .values_list("pk", flat=True))
+    ids = list(
+        ApprovalRequest.objects.filter(
+            grant_id=grant_id, status__in=ApprovalRequest.leaving("cancel")
+        ).values_list("pk", flat=True)
+    )
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
 
 

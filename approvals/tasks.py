@@ -38,8 +38,14 @@ def _backoff(task: Task[Any, Any]) -> int:
     return min(backoff, 30)
 
 
-@shared_task(name="approvals.push_grant_changed", bind=True, max_retries=4, retry_backoff=True,
-             retry_backoff_max=30, ignore_result=True)
+@shared_task(
+    name="approvals.push_grant_changed",
+    bind=True,
+    max_retries=4,
+    retry_backoff=True,
+    retry_backoff_max=30,
+    ignore_result=True,
+)
 def push_grant_changed(self: Task[Any, Any], grant_id: str, user_id: int) -> None:
     """Tell the user's open pages that a grant's story moved on (a reported use, its end): an open
     timeline re-reads itself. Only news: the database stays the record."""
@@ -49,8 +55,14 @@ def push_grant_changed(self: Task[Any, Any], grant_id: str, user_id: int) -> Non
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 
 
-@shared_task(name="approvals.deliver_prompt", bind=True, max_retries=8, retry_backoff=True,
-             retry_backoff_max=30, ignore_result=True)
+@shared_task(
+    name="approvals.deliver_prompt",
+    bind=True,
+    max_retries=8,
+    retry_backoff=True,
+    retry_backoff_max=30,
+    ignore_result=True,
+)
 def deliver_prompt(self: Task[Any, Any], approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or not approval.is_pending:
@@ -62,34 +74,61 @@ def deliver_prompt(self: Task[Any, Any], approval_id: str) -> None:
     approval_mark_delivered(approval=approval, channel="websocket")
 
 
-@shared_task(name="approvals.push_removal", bind=True, max_retries=8, retry_backoff=True,
-             retry_backoff_max=30, ignore_result=True)
+@shared_task(
+    name="approvals.push_removal",
+    bind=True,
+    max_retries=8,
+    retry_backoff=True,
+    retry_backoff_max=30,
+    ignore_result=True,
+)
 def push_removal(self: Task[Any, Any], approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or approval.status == ApprovalRequest.Status.PENDING:
         return
     try:
-        send_to_user(approval.user_id, {"type": "approval.remove", "id": approval_id,
-                                        "status": approval.status, "label": status_words(approval.status)})
+        send_to_user(
+            approval.user_id,
+            {
+                "type": "approval.remove",
+                "id": approval_id,
+                "status": approval.status,
+                "label": status_words(approval.status),
+            },
+        )
     except Exception as exc:
         raise self.retry(exc=exc, countdown=_backoff(self)) from exc
 
 
-@shared_task(name="approvals.notify_agent", bind=True, max_retries=6, retry_backoff=2,
-             retry_backoff_max=60, ignore_result=True)
+@shared_task(
+    name="approvals.notify_agent",
+    bind=True,
+    max_retries=6,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    ignore_result=True,
+)
 def notify_agent(self: Task[Any, Any], approval_id: str) -> None:
     """CIBA Core §10.2 ping callback: tell the agent its result is ready to collect."""
     approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id).first()
-    if approval is None or approval.notified_at is not None or approval.status == ApprovalRequest.Status.PENDING:
+    if (
+        approval is None
+        or approval.notified_at is not None
+        or approval.status == ApprovalRequest.Status.PENDING
+    ):
         return
     endpoint = approval.agent.backchannel_client_notification_endpoint
     if not endpoint:
         return
     ApprovalRequest.objects.filter(pk=approval_id).update(notify_attempts=approval.notify_attempts + 1)
     try:
-        response = httpx.post(endpoint, json={"auth_req_id": auth_req_id_for(approval.pk)}, timeout=5.0,
-                              headers={"Authorization": f"Bearer {approval.client_notification_token}"},
-                              follow_redirects=False)
+        response = httpx.post(
+            endpoint,
+            json={"auth_req_id": auth_req_id_for(approval.pk)},
+            timeout=5.0,
+            headers={"Authorization": f"Bearer {approval.client_notification_token}"},
+            follow_redirects=False,
+        )
         ok = 200 <= response.status_code < 300
         error = "" if ok else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:
@@ -98,13 +137,20 @@ def notify_agent(self: Task[Any, Any], approval_id: str) -> None:
     with transaction.atomic():
         if ok:
             ApprovalRequest.objects.filter(pk=approval_id, notified_at__isnull=True).update(
-                notified_at=timezone.now(), notify_error="")
+                notified_at=timezone.now(), notify_error=""
+            )
         else:
             ApprovalRequest.objects.filter(pk=approval_id).update(notify_error=error)
-        audit_record(event="approval.agent_notified", outcome="ok" if ok else "refused",
-                     error="" if ok else "delivery_failed", actor="system", user_id=approval.user_id,
-                     client_id=approval.agent.client_id, grant_id=approval.grant_id,
-                     detail={"approval_id": approval_id, "attempt": approval.notify_attempts + 1, "error": error})
+        audit_record(
+            event="approval.agent_notified",
+            outcome="ok" if ok else "refused",
+            error="" if ok else "delivery_failed",
+            actor="system",
+            user_id=approval.user_id,
+            client_id=approval.agent.client_id,
+            grant_id=approval.grant_id,
+            detail={"approval_id": approval_id, "attempt": approval.notify_attempts + 1, "error": error},
+        )
     if not ok:
         raise self.retry()
 

@@ -47,10 +47,14 @@ from .wording import approve_gives, auth_words, status_words
 
 @login_required
 def inbox_view(request: AuthenticatedHttpRequest) -> HttpResponse:
-    return render(request, "approvals/inbox.html", {
-        "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
-        "history": [_with_how(a) for a in history_for_user(user=request.user)],
-    })
+    return render(
+        request,
+        "approvals/inbox.html",
+        {
+            "pending": [_with_gives(a) for a in pending_for_user(user=request.user)],
+            "history": [_with_how(a) for a in history_for_user(user=request.user)],
+        },
+    )
 
 
 def _with_gives(approval: ApprovalRequest) -> ApprovalRequest:
@@ -72,8 +76,9 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     elif approval.status == ApprovalRequest.Status.EXPIRED and approval.decided_at is None:
         approval.how = "Nobody answered in time"
     elif approval.status == ApprovalRequest.Status.CANCELLED:
-        approval.how = "Cancelled: " + END_REASONS.get(approval.decision_method,
-                                                        approval.decision_method.replace("_", " "))
+        approval.how = "Cancelled: " + END_REASONS.get(
+            approval.decision_method, approval.decision_method.replace("_", " ")
+        )
     elif approval.decision_method:
         approval.how = approval.decision_method.replace("_", " ").capitalize()
     else:
@@ -92,25 +97,37 @@ def _owned(request: AuthenticatedHttpRequest, approval_id: UUID) -> tuple[Approv
     """The user's own request and its scope's fresh-authentication window (one statement), or 404."""
     found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
     if found is None:
-        approval_audit_refused_decision(approval_id=approval_id, user=request.user, reason="not the owner",
-                                        request=request)
+        approval_audit_refused_decision(
+            approval_id=approval_id, user=request.user, reason="not the owner", request=request
+        )
         raise Http404("No such approval request.")
     return found
 
 
 def _decide(
-    request: AuthenticatedHttpRequest, approval: ApprovalRequest, decide: Callable[..., ApprovalRequest], verb: str
+    request: AuthenticatedHttpRequest,
+    approval: ApprovalRequest,
+    decide: Callable[..., ApprovalRequest],
+    verb: str,
 ) -> HttpResponse:
     try:
-        decide(approval_id=approval.pk, user=request.user, auth=auth_context(request), request=request,
-               approval=approval)
+        decide(
+            approval_id=approval.pk,
+            user=request.user,
+            auth=auth_context(request),
+            request=request,
+            approval=approval,
+        )
     except ApprovalNotFound as exc:
         raise Http404("No such approval request.") from exc
     except ApprovalNotPending:
         approval.refresh_from_db()
-        approval_audit_refused_decision(approval_id=approval.pk, user=request.user, request=request,
-                                        reason=f"already {approval.status}")
-        messages.error(request, f"Nothing to {verb}: this request is {approval.get_status_display().lower()}.")
+        approval_audit_refused_decision(
+            approval_id=approval.pk, user=request.user, request=request, reason=f"already {approval.status}"
+        )
+        messages.error(
+            request, f"Nothing to {verb}: this request is {approval.get_status_display().lower()}."
+        )
         return redirect("/approvals/")
     messages.success(request, f"{'Approved' if verb == 'approve' else 'Denied'}: {approval.headline}")
     return redirect("/approvals/")
@@ -165,17 +182,29 @@ def confirm_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpRe
             request.session[SESSION_AMR] = previous + amr
             request.session[SESSION_AUTH_TIME] = time.time()
             return _decide(request, approval, approval_approve, "approve")
-        audit_refusal(event="approval.reauth_failed", error="invalid_credentials", actor=actor,
-                      user_id=request.user.pk, request=request, detail={"approval_id": str(approval.pk)})
+        audit_refusal(
+            event="approval.reauth_failed",
+            error="invalid_credentials",
+            actor=actor,
+            user_id=request.user.pk,
+            request=request,
+            detail={"approval_id": str(approval.pk)},
+        )
         if wait := attempts.failed("fresh_auth", keys, request=request, actor=actor, user_id=request.user.pk):
             return _too_many(request, approval, form, wait)
         form.add_error("secret", "That is not right. Try again.")
     return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
 
 
-def _too_many(request: HttpRequest, approval: ApprovalRequest, form: ConfirmForm, seconds: int) -> HttpResponse:
-    response = render(request, "approvals/confirm.html",
-                      {"approval": approval, "form": form, "locked_message": attempts.message(seconds)}, status=429)
+def _too_many(
+    request: HttpRequest, approval: ApprovalRequest, form: ConfirmForm, seconds: int
+) -> HttpResponse:
+    response = render(
+        request,
+        "approvals/confirm.html",
+        {"approval": approval, "form": form, "locked_message": attempts.message(seconds)},
+        status=429,
+    )
     response["Retry-After"] = str(seconds)
     return response
 
@@ -194,21 +223,37 @@ class BackchannelAuthenticationView(View):
         try:
             agent, hint = self._authenticate(request, params)
         except OAuthError as exc:
-            audit_refusal(event="approval.request_refused", error="invalid_client", actor="",
-                          client_id=claimed_client_id(request), request=request,
-                          detail={"reason": exc.reason or "client authentication failed"})
+            audit_refusal(
+                event="approval.request_refused",
+                error="invalid_client",
+                actor="",
+                client_id=claimed_client_id(request),
+                request=request,
+                detail={"reason": exc.reason or "client authentication failed"},
+            )
             return error_response(InvalidClient("Client authentication failed."))
         try:
             req = validate_backchannel_request(agent=agent, params=params, hint=hint)
             approval, created = approval_request_create(req=req, request=request)
         except OAuthError as exc:
-            audit_refusal(event="approval.request_refused", error=exc.error, actor=agent.actor_id,
-                          client_id=agent.client_id, request=request, detail={"reason": exc.description,
-                                                                               "scope": params.get("scope", "")})
+            audit_refusal(
+                event="approval.request_refused",
+                error=exc.error,
+                actor=agent.actor_id,
+                client_id=agent.client_id,
+                request=request,
+                detail={"reason": exc.description, "scope": params.get("scope", "")},
+            )
             return error_response(exc)
         remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
-        return JsonResponse({"auth_req_id": auth_req_id_for(approval.pk), "expires_in": remaining,
-                             "interval": approval.interval}, headers=NO_STORE)
+        return JsonResponse(
+            {
+                "auth_req_id": auth_req_id_for(approval.pk),
+                "expires_in": remaining,
+                "interval": approval.interval,
+            },
+            headers=NO_STORE,
+        )
 
     @staticmethod
     def _authenticate(request: HttpRequest, params: dict[str, str]) -> tuple[Agent, LoginHint | None]:
@@ -244,25 +289,46 @@ class RedemptionView(View):
         assert rs is not None  # no refusal: the resource server authenticated
         claims: dict[str, Any] = {}
         try:
-            claims = action_token_verify(token=request.POST.get("token", ""), resource_server=rs,
-                                         request_hash=request.POST.get("action_hash", ""))
+            claims = action_token_verify(
+                token=request.POST.get("token", ""),
+                resource_server=rs,
+                request_hash=request.POST.get("action_hash", ""),
+            )
             approval = action_token_redeem(claims=claims, resource_server=rs)
             action_token_redeemed_announce(approval_id=approval.pk)
         except OAuthError as exc:
             # A verified token names whose it is: the refusal then shows in that person's activity.
             owner = _token_owner(claims)
-            audit_refusal(event="redemption.refused", error=exc.error, actor=f"rs:{rs.client_id}",
-                          client_id=claims.get("client_id", rs.client_id) if owner else rs.client_id,
-                          user_id=owner, grant_id=claims.get("grant_id", "") if owner else "", request=request,
-                          detail={"reason": exc.reason, **({"approval_id": claims["approval_id"]}
-                                                           if owner and "approval_id" in claims else {})})
+            audit_refusal(
+                event="redemption.refused",
+                error=exc.error,
+                actor=f"rs:{rs.client_id}",
+                client_id=claims.get("client_id", rs.client_id) if owner else rs.client_id,
+                user_id=owner,
+                grant_id=claims.get("grant_id", "") if owner else "",
+                request=request,
+                detail={
+                    "reason": exc.reason,
+                    **({"approval_id": claims["approval_id"]} if owner and "approval_id" in claims else {}),
+                },
+            )
             return error_response(exc)
-        return JsonResponse({
-            "redeemed": True, "approval_id": str(approval.pk), "scope": approval.scope,
-            "authorization_details": approval.authorization_details, "action_hash": approval.action_hash,
-            "sub": claims["sub"], "act": claims["act"], "client_id": claims["client_id"],
-            "receipt": receipt_from_redemption(claims=claims, resource_server=rs, redeemed_at=approval.redeemed_at),
-        }, headers=NO_STORE)
+        return JsonResponse(
+            {
+                "redeemed": True,
+                "approval_id": str(approval.pk),
+                "scope": approval.scope,
+                "authorization_details": approval.authorization_details,
+                "action_hash": approval.action_hash,
+                "sub": claims["sub"],
+                "act": claims["act"],
+                "client_id": claims["client_id"],
+                "receipt": receipt_from_redemption(
+                    claims=claims, resource_server=rs, redeemed_at=approval.redeemed_at
+                ),
+            },
+            headers=NO_STORE,
+        )
 
 
 @login_required
@@ -270,9 +336,14 @@ def receipt_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpRe
     """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
     found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
     if found is None:
-        audit_refusal(event="receipt.refused", error="not_found", actor=f"user:{request.user.pk}",
-                      user_id=request.user.pk, request=request,
-                      detail={"approval_id": str(approval_id), "reason": "no redeemed request of this user"})
+        audit_refusal(
+            event="receipt.refused",
+            error="not_found",
+            actor=f"user:{request.user.pk}",
+            user_id=request.user.pk,
+            request=request,
+            detail={"approval_id": str(approval_id), "reason": "no redeemed request of this user"},
+        )
         raise Http404("No redeemed request with that id.")
     approval, receipt = found
     response = HttpResponse(receipt + "\n", content_type="application/jwt")

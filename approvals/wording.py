@@ -71,8 +71,10 @@ def approve_gives(scope: str) -> str:
     else:
         audience, ttl = policy
         system = ResourceServer.objects.filter(audience=audience).values_list("name", flat=True).first()
-        sentence = (f"Approving gives the agent one single-use token for {system or audience}, valid for "
-                    f"{ttl} seconds, for exactly this action and nothing else.")
+        sentence = (
+            f"Approving gives the agent one single-use token for {system or audience}, valid for "
+            f"{ttl} seconds, for exactly this action and nothing else."
+        )
     _GIVES[scope] = (time.monotonic() + _GIVES_SECONDS, sentence)
     return sentence
 

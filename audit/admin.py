@@ -26,7 +26,17 @@ class ReadOnlyAdmin(admin.ModelAdmin[M]):
 class AuditEventAdmin(ReadOnlyAdmin[AuditEvent]):
     """Read-only: the application never edits the trail, and neither does the admin."""
 
-    list_display = ("id", "chain_position", "occurred_at", "event", "outcome", "actor", "user", "client_id", "error")
+    list_display = (
+        "id",
+        "chain_position",
+        "occurred_at",
+        "event",
+        "outcome",
+        "actor",
+        "user",
+        "client_id",
+        "error",
+    )
     list_filter = ("outcome", "event")
     search_fields = ("event", "actor", "client_id", "grant_id", "error")
     date_hierarchy = "occurred_at"

@@ -52,11 +52,18 @@ class BadInput(Exception):
         self.description, self.error, self.status = description, error, status
 
 
-def _refuse(request: HttpRequest, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True) -> JsonResponse:
+def _refuse(
+    request: HttpRequest, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True
+) -> JsonResponse:
     source = client_ip(request)
     if not dedupe or store.first_refusal(f"{event}:{source}", field=event, window=60):
-        audit_refusal(event=event, error=exc.error, actor=actor, request=request,
-                      detail={"path": request.path[:200], "reason": exc.description[:200]})
+        audit_refusal(
+            event=event,
+            error=exc.error,
+            actor=actor,
+            request=request,
+            detail={"path": request.path[:200], "reason": exc.description[:200]},
+        )
     response = oauth_error(exc.error, exc.description, status=exc.status, scheme="Bearer")
     if exc.status == 405:
         response["Allow"] = "GET, HEAD"
@@ -68,10 +75,14 @@ def _int(request: HttpRequest, name: str, *, default: int, low: int, high: int |
 
 
 @overload
-def _int(request: HttpRequest, name: str, *, default: None, low: int, high: int | None = None) -> int | None: ...
+def _int(
+    request: HttpRequest, name: str, *, default: None, low: int, high: int | None = None
+) -> int | None: ...
 
 
-def _int(request: HttpRequest, name: str, *, default: int | None, low: int, high: int | None = None) -> int | None:
+def _int(
+    request: HttpRequest, name: str, *, default: int | None, low: int, high: int | None = None
+) -> int | None:
     raw = request.GET.get(name)
     if raw is None or raw == "":
         return default
@@ -79,7 +90,9 @@ def _int(request: HttpRequest, name: str, *, default: int | None, low: int, high
         raise BadInput(f"{name} must be a non-negative integer")
     value = int(raw)
     if value < low or (high is not None and value > high):
-        raise BadInput(f"{name} must be between {low} and {high}" if high else f"{name} must be at least {low}")
+        raise BadInput(
+            f"{name} must be between {low} and {high}" if high else f"{name} must be at least {low}"
+        )
     return value
 
 
@@ -109,11 +122,16 @@ def checkpoints_view(request: HttpRequest) -> HttpResponse:
         limit = _int(request, "limit", default=100, low=1, high=1000)
     except BadInput as exc:
         return _refuse(request, exc, event="audit.checkpoints_refused")
-    rows = list(AuditCheckpoint.objects.filter(tree_size__gt=after).order_by("tree_size")[:limit + 1])
+    rows = list(AuditCheckpoint.objects.filter(tree_size__gt=after).order_by("tree_size")[: limit + 1])
     more = len(rows) > limit
     rows = rows[:limit]
-    return JsonResponse({"checkpoints": [checkpoint_document(cp) for cp in rows],
-                         "next": rows[-1].tree_size if more else None}, headers=PUBLIC)
+    return JsonResponse(
+        {
+            "checkpoints": [checkpoint_document(cp) for cp in rows],
+            "next": rows[-1].tree_size if more else None,
+        },
+        headers=PUBLIC,
+    )
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
@@ -128,8 +146,11 @@ def checkpoint_view(request: HttpRequest, tree_size: str) -> HttpResponse:
         else:
             raise BadInput("a checkpoint is named by its tree size, or latest")
         if cp is None:
-            raise BadInput("no such checkpoint" if tree_size != "latest" else "no checkpoint signed yet",
-                           error="not_found", status=404)
+            raise BadInput(
+                "no such checkpoint" if tree_size != "latest" else "no checkpoint signed yet",
+                error="not_found",
+                status=404,
+            )
     except BadInput as exc:
         return _refuse(request, exc, event="audit.checkpoints_refused")
     return JsonResponse(checkpoint_document(cp), headers=PUBLIC)
@@ -152,8 +173,9 @@ def _reader(request: HttpRequest) -> AuditReader:
     if reader is None:
         if KIND in countersign_settings.ATTEMPT_LIMITS:
             attempts.failed(KIND, keys, request=request)
-        raise BadInput("an audit reader token is required (Authorization: Bearer)", error="invalid_token",
-                       status=401)
+        raise BadInput(
+            "an audit reader token is required (Authorization: Bearer)", error="invalid_token", status=401
+        )
     return reader
 
 
@@ -173,8 +195,13 @@ def _reader_endpoint(
         return _refuse(request, exc, event=event, actor=actor, dedupe=False)
     except (ExportFilterError, ProofUnavailable) as exc:
         status = 404 if isinstance(exc, ProofUnavailable) else 400
-        return _refuse(request, BadInput(str(exc), error="not_found" if status == 404 else "invalid_request",
-                                         status=status), event=event, actor=actor, dedupe=False)
+        return _refuse(
+            request,
+            BadInput(str(exc), error="not_found" if status == 404 else "invalid_request", status=status),
+            event=event,
+            actor=actor,
+            dedupe=False,
+        )
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -186,22 +213,29 @@ def _events(request: HttpRequest) -> dict[str, Any]:
         raise BadInput("format must be countersign or ocsf")
     since, until = request.GET.get("since"), request.GET.get("until")
     links: QuerySet[AuditLink] = sealed_events(
-        after=cursor, principal=request.GET.get("principal") or None,
+        after=cursor,
+        principal=request.GET.get("principal") or None,
         since=parse_when(since, name="since") if since else None,
-        until=parse_when(until, name="until", end=True) if until else None)
-    page = list(links[:limit + 1])
+        until=parse_when(until, name="until", end=True) if until else None,
+    )
+    page = list(links[: limit + 1])
     more = len(page) > limit
     docs = [document(link) for link in page[:limit]]
     newest = AuditCheckpoint.objects.order_by("-tree_size").values_list("tree_size", flat=True).first()
-    return {"schema": "countersign.audit.v1" if fmt == "countersign" else "ocsf-1.3.0",
-            "events": docs if fmt == "countersign" else [ocsf(d) for d in docs],
-            "next_cursor": str(docs[-1]["seq"] if docs else cursor), "more": more, "tree_size": newest or 0}
+    return {
+        "schema": "countersign.audit.v1" if fmt == "countersign" else "ocsf-1.3.0",
+        "events": docs if fmt == "countersign" else [ocsf(d) for d in docs],
+        "next_cursor": str(docs[-1]["seq"] if docs else cursor),
+        "more": more,
+        "tree_size": newest or 0,
+    }
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
 def events_view(request: HttpRequest) -> HttpResponse:
-    return _reader_endpoint(request, "audit.export_refused",
-                            {"cursor", "limit", "format", "since", "until", "principal"}, _events)
+    return _reader_endpoint(
+        request, "audit.export_refused", {"cursor", "limit", "format", "since", "until", "principal"}, _events
+    )
 
 
 @csrf_exempt  # machine endpoints, GET only: other methods get a JSON 405
@@ -262,8 +296,9 @@ def approval_proof_view(request: HttpRequest) -> HttpResponse:
     except BadInput as exc:
         return _refuse(request, exc, event=event, actor=actor, dedupe=False)
     except ProofUnavailable as exc:
-        return _refuse(request, BadInput(str(exc), error="not_found", status=404), event=event, actor=actor,
-                       dedupe=False)
+        return _refuse(
+            request, BadInput(str(exc), error="not_found", status=404), event=event, actor=actor, dedupe=False
+        )
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -278,8 +313,11 @@ def _approval_proof(request: HttpRequest, rs: ResourceServer) -> dict[str, Any]:
     except ValueError:
         raise BadInput("approval_id must be an approval's id (a UUID)") from None
     approval = ApprovalRequest.objects.filter(pk=approval_id).first()
-    audience = ScopePolicy.objects.filter(name=approval.scope).values_list("audience", flat=True).first() \
-        if approval else None
+    audience = (
+        ScopePolicy.objects.filter(name=approval.scope).values_list("audience", flat=True).first()
+        if approval
+        else None
+    )
     if approval is None or audience != rs.audience:  # another system's approvals do not exist for this one
         raise ProofUnavailable(f"no approval {approval_id} for {rs.audience}")
     event_id = approval_decision_event(approval_id=str(approval.pk), grant_id=str(approval.grant_id))

@@ -19,8 +19,13 @@ def audit_role_cannot_rewrite_history(
         return []
     connection = connections["default"]
     if connection.vendor != "postgresql":
-        return [Warning("the audit ledger is on SQLite: nothing stops the application rewriting it",
-                        hint="use PostgreSQL in production (docs/deployment.md)", id="audit.W002")]
+        return [
+            Warning(
+                "the audit ledger is on SQLite: nothing stops the application rewriting it",
+                hint="use PostgreSQL in production (docs/deployment.md)",
+                id="audit.W002",
+            )
+        ]
     from .grants import audit_privileges
 
     try:
@@ -29,8 +34,12 @@ def audit_role_cannot_rewrite_history(
         return []  # the database is unreachable: other checks and /readyz say so
     if privileges.safe:
         return []
-    return [Warning(privileges.describe(),
-                    hint="run migrations as the owner role and the application as a role set up with "
-                         "`manage.py audit_grants --role ROLE --apply` (docs/deployment.md); expected only for the "
-                         "owner role while it migrates",
-                    id="audit.W001")]
+    return [
+        Warning(
+            privileges.describe(),
+            hint="run migrations as the owner role and the application as a role set up with "
+            "`manage.py audit_grants --role ROLE --apply` (docs/deployment.md); expected only for the "
+            "owner role while it migrates",
+            id="audit.W001",
+        )
+    ]

@@ -21,9 +21,14 @@ def post_only(
     def wrapper(request: Request, /, *args: P.args, **kwargs: P.kwargs) -> Response | HttpResponseNotAllowed:
         if request.method != "POST":
             user = request.user if request.user.is_authenticated else None
-            audit_refusal(event="http.method_refused", error="method_not_allowed",
-                          actor=f"user:{user.pk}" if user else "", user_id=user.pk if user else None,
-                          request=request, detail={"path": request.path[:200], "method": (request.method or "")[:10]})
+            audit_refusal(
+                event="http.method_refused",
+                error="method_not_allowed",
+                actor=f"user:{user.pk}" if user else "",
+                user_id=user.pk if user else None,
+                request=request,
+                detail={"path": request.path[:200], "method": (request.method or "")[:10]},
+            )
             return HttpResponseNotAllowed(["POST"])
         return view(request, *args, **kwargs)
 

@@ -35,8 +35,24 @@ from django.utils.timezone import is_naive, make_aware
 from .ledger import event_document
 from .models import AuditLink
 
-CSV_COLUMNS = ("schema", "seq", "leaf_index", "id", "occurred_at", "event", "outcome", "actor", "user_id",
-               "client_id", "grant_id", "error", "detail", "remote_addr", "sealed_at", "leaf_hash")
+CSV_COLUMNS = (
+    "schema",
+    "seq",
+    "leaf_index",
+    "id",
+    "occurred_at",
+    "event",
+    "outcome",
+    "actor",
+    "user_id",
+    "client_id",
+    "grant_id",
+    "error",
+    "detail",
+    "remote_addr",
+    "sealed_at",
+    "leaf_hash",
+)
 FORMATS = ("jsonl", "csv", "ocsf")
 OCSF_VERSION = "1.3.0"
 
@@ -63,7 +79,9 @@ def principal_filter(principal: str) -> Q:
     (actor or client), or any other actor string exactly."""
     kind, sep, ident = principal.partition(":")
     if not sep or not ident or len(principal) > 200:
-        raise ExportFilterError("principal must look like user:<pk>, agent:<client_id>, rs:<client_id> or admin:<pk>")
+        raise ExportFilterError(
+            "principal must look like user:<pk>, agent:<client_id>, rs:<client_id> or admin:<pk>"
+        )
     by_actor = Q(event__actor=principal)
     if kind == "user":
         if not ident.isdigit():
@@ -74,8 +92,13 @@ def principal_filter(principal: str) -> Q:
     return by_actor
 
 
-def sealed_events(*, after: int = 0, since: datetime | None = None, until: datetime | None = None,
-                  principal: str | None = None) -> QuerySet[AuditLink]:
+def sealed_events(
+    *,
+    after: int = 0,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    principal: str | None = None,
+) -> QuerySet[AuditLink]:
     """Sealed events in position order (unsealed ones have no position yet: they follow once sealed)."""
     links = AuditLink.objects.select_related("event").filter(seq__gt=after).order_by("seq")
     if since is not None:
@@ -92,13 +115,26 @@ def document(link: AuditLink) -> dict[str, Any]:
 
 
 def csv_row(doc: dict[str, Any]) -> list[Any]:
-    return [rfc8785.dumps(doc["detail"]).decode() if c == "detail" else "" if doc[c] is None else doc[c]
-            for c in CSV_COLUMNS]
+    return [
+        rfc8785.dumps(doc["detail"]).decode() if c == "detail" else "" if doc[c] is None else doc[c]
+        for c in CSV_COLUMNS
+    ]
 
 
 _CREATE = ("given", "issued", "requested", "created", "enrolled", "delegated")
-_UPDATE = ("redeemed", "refreshed", "extended", "changed", "rotated", "secret_reset", "delivered", "notified",
-           "approved", "denied", "expired")
+_UPDATE = (
+    "redeemed",
+    "refreshed",
+    "extended",
+    "changed",
+    "rotated",
+    "secret_reset",
+    "delivered",
+    "notified",
+    "approved",
+    "denied",
+    "expired",
+)
 _DELETE = ("revoked", "cancelled")
 
 
@@ -108,21 +144,41 @@ def ocsf(doc: dict[str, Any]) -> dict[str, Any]:
     occurred = datetime.fromisoformat(doc["occurred_at"])
     if name.startswith("login"):
         class_uid, category_uid, class_name = 3002, 3, "Authentication"
-        activity_id, activity = (1, "Logon") if name in ("login", "login.failed", "login.otp_failed") else (99, "Other")
+        activity_id, activity = (
+            (1, "Logon") if name in ("login", "login.failed", "login.otp_failed") else (99, "Other")
+        )
     else:
         class_uid, category_uid, class_name = 6003, 6, "API Activity"
         verb = name.rsplit(".", 1)[-1]
-        activity_id, activity = ((1, "Create") if verb in _CREATE else (4, "Delete") if verb in _DELETE
-                                 else (3, "Update") if verb in _UPDATE else (99, "Other"))
+        activity_id, activity = (
+            (1, "Create")
+            if verb in _CREATE
+            else (4, "Delete")
+            if verb in _DELETE
+            else (3, "Update")
+            if verb in _UPDATE
+            else (99, "Other")
+        )
     record: dict[str, Any] = {
-        "class_uid": class_uid, "class_name": class_name, "category_uid": category_uid,
-        "activity_id": activity_id, "activity_name": activity, "type_uid": class_uid * 100 + activity_id,
+        "class_uid": class_uid,
+        "class_name": class_name,
+        "category_uid": category_uid,
+        "activity_id": activity_id,
+        "activity_name": activity,
+        "type_uid": class_uid * 100 + activity_id,
         "time": int(occurred.timestamp() * 1000),
-        "severity_id": 1 if ok else 3, "severity": "Informational" if ok else "Medium",
-        "status_id": 1 if ok else 2, "status": "Success" if ok else "Failure",
-        "metadata": {"version": OCSF_VERSION, "uid": str(doc["id"]), "sequence": doc["seq"], "log_name": "audit",
-                     "correlation_uid": doc["grant_id"] or None,
-                     "product": {"name": "Countersign", "vendor_name": "Countersign"}},
+        "severity_id": 1 if ok else 3,
+        "severity": "Informational" if ok else "Medium",
+        "status_id": 1 if ok else 2,
+        "status": "Success" if ok else "Failure",
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": str(doc["id"]),
+            "sequence": doc["seq"],
+            "log_name": "audit",
+            "correlation_uid": doc["grant_id"] or None,
+            "product": {"name": "Countersign", "vendor_name": "Countersign"},
+        },
         "actor": {"user": {"uid": doc["actor"] or "anonymous"}},
         "unmapped": {"countersign": doc},
         "message": name,
@@ -157,4 +213,6 @@ def render(docs: Iterator[dict[str, Any]], fmt: str) -> Iterator[str]:
         yield buffer.getvalue()
         return
     for doc in docs:
-        yield json.dumps(ocsf(doc) if fmt == "ocsf" else doc, separators=(",", ":"), ensure_ascii=False) + "\n"
+        yield (
+            json.dumps(ocsf(doc) if fmt == "ocsf" else doc, separators=(",", ":"), ensure_ascii=False) + "\n"
+        )

@@ -57,9 +57,11 @@ class AuditPrivileges:
     def describe(self) -> str:
         if self.safe:
             return f"role {self.role} cannot UPDATE, DELETE or TRUNCATE audit rows"
-        why = (["is a superuser"] if self.superuser else []) + (
-            [f"owns {', '.join(self.owns)}"] if self.owns else []) + (
-            [f"may {'; '.join(self.can_modify)}"] if self.can_modify else [])
+        why = (
+            (["is a superuser"] if self.superuser else [])
+            + ([f"owns {', '.join(self.owns)}"] if self.owns else [])
+            + ([f"may {'; '.join(self.can_modify)}"] if self.can_modify else [])
+        )
         return f"role {self.role} can change audit rows: it {', and '.join(why)}"
 
 
@@ -78,7 +80,8 @@ def audit_privileges(role: str | None = None) -> AuditPrivileges:
                 "SELECT pg_has_role(%s, c.relowner, 'USAGE'), "
                 + ", ".join(f"has_table_privilege(%s, c.oid, '{k}')" for k in kinds)
                 + " FROM pg_class c WHERE c.oid = to_regclass(%s)",
-                [role] * (1 + len(kinds)) + [table])
+                [role] * (1 + len(kinds)) + [table],
+            )
             found = cursor.fetchone()
             if found is None:
                 continue

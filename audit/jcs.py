@@ -14,7 +14,7 @@ from typing import Any
 
 import rfc8785
 
-_SAFE = 2 ** 53 - 1
+_SAFE = 2**53 - 1
 
 
 def _bmp(key: str) -> bool:
@@ -39,7 +39,9 @@ def _plain(value: Any, depth: int = 0) -> bool:
 def dumps(value: Any) -> bytes:
     if _plain(value):
         try:
-            return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+            return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(
+                "utf-8"
+            )
         except UnicodeEncodeError:  # a lone surrogate: let the general serializer decide
             pass
     return rfc8785.dumps(value)

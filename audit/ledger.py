@@ -70,8 +70,13 @@ def event_leaf(event: AuditEvent, seq: int) -> bytes:
 def event_document(event: AuditEvent, *, seq: int, leaf: str, sealed_at: datetime | None) -> dict[str, Any]:
     """An exported event (schema ``countersign.audit.v1``): its leaf members, its place in the tree
     (``leaf_index`` = ``seq - 1``) and the leaf hash the ledger holds for it."""
-    return {"schema": EVENT_SCHEMA, **event_entry(event, seq), "leaf_index": seq - 1, "leaf_hash": leaf,
-            "sealed_at": sealed_at.isoformat() if sealed_at else None}
+    return {
+        "schema": EVENT_SCHEMA,
+        **event_entry(event, seq),
+        "leaf_index": seq - 1,
+        "leaf_hash": leaf,
+        "sealed_at": sealed_at.isoformat() if sealed_at else None,
+    }
 
 
 def checkpoint_sign(*, tree_size: int, root: bytes, prev: AuditCheckpoint | None) -> AuditCheckpoint:
@@ -83,17 +88,34 @@ def checkpoint_sign(*, tree_size: int, root: bytes, prev: AuditCheckpoint | None
         "iat": int(now),
         "tree_size": tree_size,
         "root_hash": root.hex(),
-        "prev": None if prev is None else {"tree_size": prev.tree_size, "root_hash": prev.root_hash,
-                                          "digest": checkpoint_digest(prev.jws)},
+        "prev": None
+        if prev is None
+        else {
+            "tree_size": prev.tree_size,
+            "root_hash": prev.root_hash,
+            "digest": checkpoint_digest(prev.jws),
+        },
     }
-    jws = jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": CHECKPOINT_TYP})
-    return AuditCheckpoint(tree_size=tree_size, root_hash=root.hex(), kid=key.kid, jws=jws,
-                           issued_at=datetime.fromtimestamp(now, tz=UTC))
+    jws = jwt.encode(
+        claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": CHECKPOINT_TYP}
+    )
+    return AuditCheckpoint(
+        tree_size=tree_size,
+        root_hash=root.hex(),
+        kid=key.kid,
+        jws=jws,
+        issued_at=datetime.fromtimestamp(now, tz=UTC),
+    )
 
 
 def checkpoint_document(cp: AuditCheckpoint) -> dict[str, Any]:
-    return {"tree_size": cp.tree_size, "root_hash": cp.root_hash, "issued_at": cp.issued_at.isoformat(),
-            "kid": cp.kid, "jws": cp.jws}
+    return {
+        "tree_size": cp.tree_size,
+        "root_hash": cp.root_hash,
+        "issued_at": cp.issued_at.isoformat(),
+        "kid": cp.kid,
+        "jws": cp.jws,
+    }
 
 
 def server_jwks() -> dict[str, Any]:
@@ -123,7 +145,9 @@ def _publish(document: dict[str, Any]) -> None:
     if path:
         try:
             append_checkpoint_file(path, document)
-        except OSError as exc:  # the checkpoint is in the database and served; say loudly that the copy failed
+        except (
+            OSError
+        ) as exc:  # the checkpoint is in the database and served; say loudly that the copy failed
             log.error("audit ledger: could not append the checkpoint to %s: %s", path, exc)
     if countersign_settings.AUDIT_CHECKPOINT_WEBHOOK:
         from .tasks import checkpoint_push

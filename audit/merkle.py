@@ -38,8 +38,9 @@ def frontier_levels(size: int) -> list[int]:
     return [bit for bit in range(size.bit_length() - 1, -1, -1) if size >> bit & 1]
 
 
-def frontier_append(frontier: list[bytes], size: int, leaves: Iterable[bytes]
-                    ) -> tuple[list[bytes], int, list[tuple[int, int, bytes]]]:
+def frontier_append(
+    frontier: list[bytes], size: int, leaves: Iterable[bytes]
+) -> tuple[list[bytes], int, list[tuple[int, int, bytes]]]:
     """Append leaves to the tree ``frontier`` of ``size`` leaves.
 
     Returns the new frontier and size, and the perfect subtrees completed on the way whose
@@ -107,7 +108,9 @@ class StoredTree:
                     stored.add((base, i))
         hashes: dict[tuple[int, int], bytes] = {}
         if leaves:
-            for seq, leaf in AuditLink.objects.filter(seq__in=[i + 1 for i in leaves]).values_list("seq", "leaf"):
+            for seq, leaf in AuditLink.objects.filter(seq__in=[i + 1 for i in leaves]).values_list(
+                "seq", "leaf"
+            ):
                 hashes[(0, seq - 1)] = bytes.fromhex(leaf)
         if stored:
             hashes.update(_stored_nodes(stored))
@@ -141,8 +144,10 @@ def _stored_nodes(wanted: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
     pairs = sorted(wanted)
     placeholders = ", ".join(["(%s, %s)"] * len(pairs))
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT height, idx, hash FROM {table} WHERE (height, idx) IN ({placeholders})",
-                       [v for pair in pairs for v in pair])
+        cursor.execute(
+            f"SELECT height, idx, hash FROM {table} WHERE (height, idx) IN ({placeholders})",
+            [v for pair in pairs for v in pair],
+        )
         return {(h, i): bytes.fromhex(digest) for h, i, digest in cursor.fetchall()}
 
 
@@ -162,5 +167,7 @@ def insert_nodes(nodes: list[tuple[int, int, bytes]]) -> None:
     table = connection.ops.quote_name(AuditNode._meta.db_table)
     placeholders = ", ".join(["(%s, %s, %s)"] * len(nodes))
     with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {table} (height, idx, hash) VALUES {placeholders}",
-                       [v for h, i, digest in nodes for v in (h, i, digest.hex())])
+        cursor.execute(
+            f"INSERT INTO {table} (height, idx, hash) VALUES {placeholders}",
+            [v for h, i, digest in nodes for v in (h, i, digest.hex())],
+        )

@@ -45,12 +45,23 @@ class AuditEvent(models.Model):
     occurred_at = models.DateTimeField(editable=False, db_index=True)
     event = models.CharField(max_length=64, db_index=True, editable=False)
     outcome = models.CharField(max_length=8, choices=Outcome.choices, editable=False)
-    actor = models.CharField(max_length=200, blank=True, editable=False,
-                             help_text="Who acted: user:<pk>, agent:<client_id>, rs:<client_id>, admin:<pk>.")
+    actor = models.CharField(
+        max_length=200,
+        blank=True,
+        editable=False,
+        help_text="Who acted: user:<pk>, agent:<client_id>, rs:<client_id>, admin:<pk>.",
+    )
     # DO_NOTHING: the trail keeps the id of a user who was later deleted (rows are never updated).
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
-                             related_name="+", editable=False, db_constraint=False,
-                             help_text="The user whose data or grant this is about.")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+        editable=False,
+        db_constraint=False,
+        help_text="The user whose data or grant this is about.",
+    )
     client_id = models.CharField(max_length=100, blank=True, db_index=True, editable=False)
     grant_id = models.CharField(max_length=64, blank=True, db_index=True, editable=False)
     error = models.CharField(max_length=64, blank=True, editable=False)
@@ -82,8 +93,9 @@ class AuditLink(models.Model):
 
     seq = models.BigIntegerField(primary_key=True, editable=False)
     # No foreign-key constraint: that an event behind a link is gone is for audit_verify to report.
-    event = models.OneToOneField(AuditEvent, on_delete=models.DO_NOTHING, related_name="link", editable=False,
-                                 db_constraint=False)
+    event = models.OneToOneField(
+        AuditEvent, on_delete=models.DO_NOTHING, related_name="link", editable=False, db_constraint=False
+    )
     prev_hash = models.CharField(max_length=64, editable=False)
     hash = models.CharField(max_length=64, editable=False)
     # RFC 9162 §2.1.1 leaf hash (hex) of the event's canonical form: leaf seq - 1 of the tree.

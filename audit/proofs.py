@@ -73,8 +73,12 @@ DECISIONS = ("approval.approved", "approval.auto_approved")
 
 def approval_decision_event(*, approval_id: str, grant_id: str) -> int:
     """The id of the event that recorded an approval's approval (by the user, or by a rule)."""
-    pk = (AuditEvent.objects.filter(event__in=DECISIONS, grant_id=grant_id, detail__approval_id=approval_id)
-          .order_by("id").values_list("pk", flat=True).first())
+    pk = (
+        AuditEvent.objects.filter(event__in=DECISIONS, grant_id=grant_id, detail__approval_id=approval_id)
+        .order_by("id")
+        .values_list("pk", flat=True)
+        .first()
+    )
     if pk is None:
         raise ProofUnavailable(f"approval {approval_id} has no approval event")
     return pk

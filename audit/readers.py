@@ -41,7 +41,10 @@ def audit_reader_create(*, name: str, actor: str) -> tuple[AuditReader, str]:
 
 def audit_reader_revoke(*, name: str, actor: str) -> None:
     with transaction.atomic():
-        if AuditReader.objects.filter(name=name, revoked_at__isnull=True).update(revoked_at=timezone.now()) != 1:
+        if (
+            AuditReader.objects.filter(name=name, revoked_at__isnull=True).update(revoked_at=timezone.now())
+            != 1
+        ):
             raise ReaderError(f"no active audit reader named {name!r}")
         audit_record(event="audit_reader.revoked", actor=actor, detail={"name": name})
 

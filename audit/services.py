@@ -109,11 +109,10 @@ def _event_hash(*, seq: int, occurred_at: str, fields: dict[str, Any], prev_hash
     return hashlib.sha256(jcs_dumps(body)).hexdigest()
 
 
-
-
 def _link_hash(event: AuditEvent, *, seq: int, prev_hash: str) -> str:
-    return _event_hash(seq=seq, occurred_at=event.occurred_at.isoformat(), fields=event_fields(event),
-                       prev_hash=prev_hash)
+    return _event_hash(
+        seq=seq, occurred_at=event.occurred_at.isoformat(), fields=event_fields(event), prev_hash=prev_hash
+    )
 
 
 def _deferred_sealing() -> bool:
@@ -127,8 +126,18 @@ def client_ip(request: HttpRequest | None) -> str:
     return str(meta.get("REMOTE_ADDR", ""))[:64]
 
 
-_APPEND_COLUMNS = ("occurred_at", "event", "outcome", "actor", "user_id", "client_id", "grant_id", "error",
-                   "detail", "remote_addr")
+_APPEND_COLUMNS = (
+    "occurred_at",
+    "event",
+    "outcome",
+    "actor",
+    "user_id",
+    "client_id",
+    "grant_id",
+    "error",
+    "detail",
+    "remote_addr",
+)
 
 
 def _column(name: str) -> str:
@@ -146,7 +155,8 @@ def _append(row: AuditEvent) -> None:
         cursor.execute(
             f"INSERT INTO {table} ({cols}, {quote('xid')}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s,"
             f" pg_current_xact_id()) RETURNING {quote('id')}, {quote('xid')}::text",
-            [*_plain_values(row).values(), _detail_json(row), row.remote_addr])
+            [*_plain_values(row).values(), _detail_json(row), row.remote_addr],
+        )
         row.pk, xid = cursor.fetchone()
     row.xid = int(xid)
     row._state.adding = False
@@ -192,18 +202,20 @@ def audit_event(
 ) -> PendingEvent:
     """One event, not yet written (arguments as ``audit_record``)."""
     event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
-    return PendingEvent(AuditEvent(
-        occurred_at=timezone.now(),
-        event=event,
-        outcome=outcome,
-        actor=actor[:200],
-        user_id=user_id,
-        client_id=(client_id or "")[:100],
-        grant_id=str(grant_id or ""),
-        error=error,
-        detail=detail or {},
-        remote_addr=client_ip(request),
-    ))
+    return PendingEvent(
+        AuditEvent(
+            occurred_at=timezone.now(),
+            event=event,
+            outcome=outcome,
+            actor=actor[:200],
+            user_id=user_id,
+            client_id=(client_id or "")[:100],
+            grant_id=str(grant_id or ""),
+            error=error,
+            detail=detail or {},
+            remote_addr=client_ip(request),
+        )
+    )
 
 
 def _save(row: AuditEvent) -> AuditEvent:
@@ -305,8 +317,10 @@ def _state_problem(head: AuditHead, latest: AuditCheckpoint | None, frontier: li
     if latest is None:
         return ""  # nothing signed yet (a new ledger, or events sealed before checkpoints existed)
     if latest.tree_size != head.seq:
-        return (f"the newest checkpoint signs {latest.tree_size} events and the sealer's head says {head.seq}: "
-                "audit rows were removed or added underneath it")
+        return (
+            f"the newest checkpoint signs {latest.tree_size} events and the sealer's head says {head.seq}: "
+            "audit rows were removed or added underneath it"
+        )
     if frontier_root(frontier).hex() != latest.root_hash:
         return f"the sealer's tree of {head.seq} events is not the one checkpoint {latest.tree_size} signed"
     return ""
@@ -344,8 +358,11 @@ def _seal_batch(*, limit: int, wait: bool) -> SealResult:
         digest = _link_hash(event, seq=seq, prev_hash=prev_hash)
         leaf = event_leaf(event, seq)
         leaves.append(leaf)
-        links.append(AuditLink(seq=seq, event_id=event.pk, prev_hash=prev_hash, hash=digest, leaf=leaf.hex(),
-                               sealed_at=now))
+        links.append(
+            AuditLink(
+                seq=seq, event_id=event.pk, prev_hash=prev_hash, hash=digest, leaf=leaf.hex(), sealed_at=now
+            )
+        )
         prev_hash = digest
     frontier, _, nodes = frontier_append(frontier, head.seq, leaves)
     AuditLink.objects.bulk_create(links)
@@ -357,8 +374,9 @@ def _seal_batch(*, limit: int, wait: bool) -> SealResult:
     _observe_lag(head, [max(0.0, (now - e.occurred_at).total_seconds()) for e in events])
     head.seq, head.hash, head.sealed_at, head.frontier = seq, prev_hash, now, frontier_text
     _checkpoint(head, latest, frontier)
-    head.save(update_fields=["seq", "hash", "floor", "sealed_at", "lag_buckets", "lag_sum", "lag_count",
-                             "frontier"])
+    head.save(
+        update_fields=["seq", "hash", "floor", "sealed_at", "lag_buckets", "lag_sum", "lag_count", "frontier"]
+    )
     return SealResult(linked=len(links))
 
 

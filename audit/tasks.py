@@ -39,4 +39,4 @@ def checkpoint_push(self: Task[Any, Any], tree_size: int) -> None:
         log.warning("audit checkpoint %s: witness unreachable: %s", tree_size, type(exc).__name__)
         delivered = False
     if not delivered:
-        raise self.retry(countdown=min(2 ** self.request.retries, 60))
+        raise self.retry(countdown=min(2**self.request.retries, 60))

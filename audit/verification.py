@@ -89,8 +89,11 @@ class _Walk:
             elif _link_hash(event, seq=link.seq, prev_hash=link.prev_hash) != link.hash:
                 yield ChainBreak(link.seq, f"event {event.pk}: content does not match its hash (edited)")
             elif event_leaf(event, link.seq).hex() != link.leaf:
-                yield ChainBreak(link.seq, f"event {event.pk}: content does not match its leaf hash "
-                                           "(edited, or moved here from another position)")
+                yield ChainBreak(
+                    link.seq,
+                    f"event {event.pk}: content does not match its leaf hash "
+                    "(edited, or moved here from another position)",
+                )
             self.prev_hash, self.expected = link.hash, link.seq + 1
             try:
                 leaf = bytes.fromhex(link.leaf)
@@ -116,13 +119,17 @@ class _Walk:
             yield ChainBreak(first + 1, f"the stored tree lacks the node over positions {first + 1}..{last}")
             return
         if self.next_node[1] != digest:
-            yield ChainBreak(first + 1, f"the stored tree node over positions {first + 1}..{last} does not match "
-                                        "the leaves under it")
+            yield ChainBreak(
+                first + 1,
+                f"the stored tree node over positions {first + 1}..{last} does not match the leaves under it",
+            )
         self.next_node = next(self.nodes, None)
 
     def _extra_node(self, key: tuple[int, int]) -> ChainBreak:
         first = key[1] << key[0]
-        return ChainBreak(first + 1, f"a stored tree node (height {key[0]}, index {key[1]}) is not part of the tree")
+        return ChainBreak(
+            first + 1, f"a stored tree node (height {key[0]}, index {key[1]}) is not part of the tree"
+        )
 
     def _due(self) -> Iterator[ChainBreak]:
         while self.next_cp is not None and self.next_cp.tree_size <= self.size:
@@ -131,8 +138,11 @@ class _Walk:
         while self.kept and self.kept[0].tree_size <= self.size:
             kept = self.kept.pop(0)
             if kept.tree_size == self.size and compact_root(self.frontier) != kept.root_hash:
-                yield ChainBreak(None, f"the checkpoint kept elsewhere (tree_size {kept.tree_size}) does not match "
-                                       f"the ledger's first {kept.tree_size} events: rewritten since")
+                yield ChainBreak(
+                    None,
+                    f"the checkpoint kept elsewhere (tree_size {kept.tree_size}) does not match "
+                    f"the ledger's first {kept.tree_size} events: rewritten since",
+                )
 
     def _checkpoint(self, cp: AuditCheckpoint) -> Iterator[ChainBreak]:
         start = (self.prev_cp.tree_size if self.prev_cp else 0) + 1
@@ -145,31 +155,54 @@ class _Walk:
         if signed.tree_size != cp.tree_size or signed.root_hash.hex() != cp.root_hash:
             yield ChainBreak(start, f"{name}: its row does not match what it signs")
         if signed.tree_size == self.size and compact_root(self.frontier) != signed.root_hash:
-            yield ChainBreak(start, f"{name}: the events at positions {start}..{cp.tree_size} do not hash to its "
-                                    "signed root (changed, moved or inserted)")
-        expected = None if self.prev_cp is None else (self.prev_cp.tree_size, self.prev_cp.root_hash,
-                                                       checkpoint_digest(self.prev_cp.jws))
-        actual = None if signed.prev_tree_size is None else (
-            signed.prev_tree_size, (signed.prev_root_hash or b"").hex(), signed.prev_digest)
+            yield ChainBreak(
+                start,
+                f"{name}: the events at positions {start}..{cp.tree_size} do not hash to its "
+                "signed root (changed, moved or inserted)",
+            )
+        expected = (
+            None
+            if self.prev_cp is None
+            else (self.prev_cp.tree_size, self.prev_cp.root_hash, checkpoint_digest(self.prev_cp.jws))
+        )
+        actual = (
+            None
+            if signed.prev_tree_size is None
+            else (signed.prev_tree_size, (signed.prev_root_hash or b"").hex(), signed.prev_digest)
+        )
         if actual != expected:
-            yield ChainBreak(start, f"{name}: does not follow the checkpoint before it "
-                                    f"(it names {actual[0] if actual else 'none'}; a checkpoint was removed?)")
+            yield ChainBreak(
+                start,
+                f"{name}: does not follow the checkpoint before it "
+                f"(it names {actual[0] if actual else 'none'}; a checkpoint was removed?)",
+            )
         self.signed_size = cp.tree_size
 
     def finish(self) -> Iterator[ChainBreak]:
         remaining = list(self.checkpoints) + ([self.next_cp] if self.next_cp else [])
         if remaining:
             newest = max(remaining, key=lambda cp: cp.tree_size)
-            yield ChainBreak(self.size + 1, f"checkpoint {newest.tree_size} signs {newest.tree_size} events and the "
-                                            f"ledger holds {self.size}: events were removed (truncated)")
+            yield ChainBreak(
+                self.size + 1,
+                f"checkpoint {newest.tree_size} signs {newest.tree_size} events and the "
+                f"ledger holds {self.size}: events were removed (truncated)",
+            )
         elif self.size > self.signed_size:
-            why = ("inserted? (events sealed before checkpoints existed are signed by the sealer's next run)"
-                   if self.prev_cp is None else "inserted?")
-            yield ChainBreak(self.signed_size + 1, f"positions {self.signed_size + 1}..{self.size} are signed by no "
-                                                   f"checkpoint ({why})")
+            why = (
+                "inserted? (events sealed before checkpoints existed are signed by the sealer's next run)"
+                if self.prev_cp is None
+                else "inserted?"
+            )
+            yield ChainBreak(
+                self.signed_size + 1,
+                f"positions {self.signed_size + 1}..{self.size} are signed by no checkpoint ({why})",
+            )
         for kept in self.kept:
-            yield ChainBreak(self.size + 1, f"the checkpoint kept elsewhere signs {kept.tree_size} events and the "
-                                            f"ledger holds {self.size}: events were removed (truncated)")
+            yield ChainBreak(
+                self.size + 1,
+                f"the checkpoint kept elsewhere signs {kept.tree_size} events and the "
+                f"ledger holds {self.size}: events were removed (truncated)",
+            )
         while self.next_node is not None:
             yield self._extra_node(self.next_node[0])
             self.next_node = next(self.nodes, None)
@@ -180,7 +213,9 @@ class _Walk:
             yield ChainBreak(None, "the sealer's frontier does not match the tree")
 
 
-def audit_chain_breaks(*, kept: Sequence[Checkpoint] = (), jwks: dict[str, Any] | None = None) -> Iterator[ChainBreak]:
+def audit_chain_breaks(
+    *, kept: Sequence[Checkpoint] = (), jwks: dict[str, Any] | None = None
+) -> Iterator[ChainBreak]:
     """Walk the ledger in order; yield every place where it does not hold (see the module docstring)."""
     walk = _Walk(list(kept), jwks)
     yield from walk._due()  # a checkpoint of size 0 (never written) or kept ones of size 0
@@ -205,11 +240,16 @@ def _grants_without_consent(newest: int = 1000) -> Iterator[ChainBreak]:
     ids = [str(pk) for pk in SessionGrant.objects.order_by("-created").values_list("pk", flat=True)[:newest]]
     if not ids:
         return
-    seen = set(AuditEvent.objects.filter(event="consent.given", grant_id__in=ids).values_list("grant_id", flat=True))
+    seen = set(
+        AuditEvent.objects.filter(event="consent.given", grant_id__in=ids).values_list("grant_id", flat=True)
+    )
     missing = [pk for pk in ids if pk not in seen]
     if missing:
-        yield ChainBreak(None, f"{len(missing)} session grant(s) have no consent.given event (e.g. grant "
-                               f"{missing[0]}): audit events were removed")
+        yield ChainBreak(
+            None,
+            f"{len(missing)} session grant(s) have no consent.given event (e.g. grant "
+            f"{missing[0]}): audit events were removed",
+        )
 
 
 def kept_checkpoint(jws: str, jwks: dict[str, Any] | None = None) -> Checkpoint:

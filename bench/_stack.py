@@ -42,8 +42,9 @@ BENCH = Path(__file__).resolve().parent
 _UNREACHABLE = [10**9, 60]
 # Likewise the prompts-per-window caps: a benchmark's officer answers thousands of prompts in minutes.
 BENCH_LIMITS_ENV = {
-    "COUNTERSIGN_RATE_LIMITS": json.dumps({
-        "all": {"paths": ["/"], "client": _UNREACHABLE, "user": _UNREACHABLE, "source": _UNREACHABLE}}),
+    "COUNTERSIGN_RATE_LIMITS": json.dumps(
+        {"all": {"paths": ["/"], "client": _UNREACHABLE, "user": _UNREACHABLE, "source": _UNREACHABLE}}
+    ),
     "COUNTERSIGN_MAX_PROMPTS_PER_USER_IN_WINDOW": str(10**9),
     "COUNTERSIGN_MAX_PROMPTS_PER_AGENT_IN_WINDOW": str(10**9),
 }
@@ -83,8 +84,13 @@ def percentile(sorted_values: list[float], p: float) -> float:
 def percentiles_ms(values_s: Iterable[float]) -> dict[str, float]:
     """n, p50, p90, p99 and max in milliseconds of latencies given in seconds."""
     ms = sorted(v * 1000 for v in values_s)
-    return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99),
-            "max": ms[-1] if ms else 0.0}
+    return {
+        "n": len(ms),
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+        "max": ms[-1] if ms else 0.0,
+    }
 
 
 def dist(values_s: Iterable[float], digits: int = 2) -> str:
@@ -92,8 +98,10 @@ def dist(values_s: Iterable[float], digits: int = 2) -> str:
     if not q["n"]:
         return "no samples"
     f = f"{{:.{digits}f}}"
-    return (f"n={q['n']}  p50 {f.format(q['p50'])}  p90 {f.format(q['p90'])}  p99 {f.format(q['p99'])}  "
-            f"max {f.format(q['max'])} ms")
+    return (
+        f"n={q['n']}  p50 {f.format(q['p50'])}  p90 {f.format(q['p90'])}  p99 {f.format(q['p99'])}  "
+        f"max {f.format(q['max'])} ms"
+    )
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -121,7 +129,7 @@ def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
         if int(fields[2]) in wanted:
             total += int(fields[11]) + int(fields[12])
@@ -175,8 +183,10 @@ class CpuUsage:
         if self.machine_busy is None or self.wall <= 0:
             return "machine CPU n/a"
         other = self.machine_busy - sum(v or 0.0 for v in self.kinds.values()) - self.client
-        return (f"machine {self.machine_busy / self.wall:.2f} of {cores} cores busy; everything else "
-                f"(PostgreSQL, Redis, other work) {max(0.0, other) / self.wall:.2f} cores")
+        return (
+            f"machine {self.machine_busy / self.wall:.2f} of {cores} cores busy; everything else "
+            f"(PostgreSQL, Redis, other work) {max(0.0, other) / self.wall:.2f} cores"
+        )
 
 
 # --- the stack -------------------------------------------------------------------------------------
@@ -244,23 +254,41 @@ class Stack:
 
     def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=self.remaining(),
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.remaining(),
+            stdin=subprocess.DEVNULL,
+        )
         if proc.returncode != 0:
-            raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise SystemExit(
+                f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         log(f"  {what}: {time.perf_counter() - t0:.1f}s")
         return proc
 
     # long-running processes ----------------------------------------------------------------------
 
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str], *, kind: str, port: int | None = None) -> Proc:
+    def spawn(
+        self, name: str, cmd: list[str], env: dict[str, str], *, kind: str, port: int | None = None
+    ) -> Proc:
         """Start ``cmd`` in its own session (hence process group) with output to ``<tmp>/<name>.log``."""
         if name in self.procs:
             raise ValueError(f"a process named {name!r} is already running")
         log_path = self.tmp / f"{name}.log"
         with open(log_path, "wb") as out:
-            popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         proc = Proc(name, kind, popen, log_path, port)
         self.procs[name] = proc
         return proc
@@ -275,7 +303,9 @@ class Stack:
         ready_by = min(self.deadline, time.monotonic() + limit)
         while time.monotonic() < ready_by:
             if proc.popen.poll() is not None:
-                raise SystemExit(f"{proc.name} exited with {proc.popen.returncode}:\n{self.log_tail(proc.name)}")
+                raise SystemExit(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{self.log_tail(proc.name)}"
+                )
             if check():
                 return
             time.sleep(0.1)
@@ -306,7 +336,9 @@ class Stack:
     def stop(self, names: Iterable[str] | None = None) -> None:
         """SIGTERM each process group, wait, then SIGKILL whatever is left of it (pool children)."""
         with self._lock:
-            chosen = [self.procs.pop(n) for n in list(self.procs if names is None else names) if n in self.procs]
+            chosen = [
+                self.procs.pop(n) for n in list(self.procs if names is None else names) if n in self.procs
+            ]
         for proc in chosen:
             _signal_group(proc.popen.pid, signal.SIGTERM)
         for proc in chosen:
@@ -326,8 +358,11 @@ class Stack:
     # CPU per process kind --------------------------------------------------------------------------
 
     def pgids(self, kind: str | None = None, names: Iterable[str] | None = None) -> list[int]:
-        chosen = [p for p in self.procs.values()
-                  if (kind is None or p.kind == kind) and (names is None or p.name in names)]
+        chosen = [
+            p
+            for p in self.procs.values()
+            if (kind is None or p.kind == kind) and (names is None or p.name in names)
+        ]
         return [p.popen.pid for p in chosen if p.popen.poll() is None]  # session leader: pid == pgid
 
     def kinds(self) -> list[str]:
@@ -343,8 +378,10 @@ class Stack:
 
     @staticmethod
     def cpu_usage(before: CpuSample, after: CpuSample) -> CpuUsage:
-        kinds = {k: (None if before.kinds.get(k) is None or v is None else v - before.kinds[k])
-                 for k, v in after.kinds.items()}
+        kinds = {
+            k: (None if before.kinds.get(k) is None or v is None else v - before.kinds[k])
+            for k, v in after.kinds.items()
+        }
         busy = None
         if before.machine is not None and after.machine is not None:
             busy = after.machine[0] - before.machine[0]
@@ -378,9 +415,25 @@ class Stack:
         if not shutil.which("redis-server"):
             raise SystemExit("redis-server not found: install it or pass --redis-url")
         port = free_port()
-        proc = self.spawn(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--maxclients", "10000"], dict(os.environ),
-                          kind="redis", port=port)
+        proc = self.spawn(
+            name,
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxclients",
+                "10000",
+            ],
+            dict(os.environ),
+            kind="redis",
+            port=port,
+        )
 
         def up() -> bool:
             try:
@@ -453,8 +506,16 @@ def _serving():
     return module
 
 
-def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: App = COUNTERSIGN,
-              workers: int = 1, kind: str = "web") -> Proc:
+def start_web(
+    stack: Stack,
+    name: str,
+    port: int,
+    env: dict[str, str],
+    *,
+    app: App = COUNTERSIGN,
+    workers: int = 1,
+    kind: str = "web",
+) -> Proc:
     """Start one web process serving HTTP on 127.0.0.1:``port``, the way production does.
 
     The command comes from ``config.serving.web_command(port, host=...)`` when that module exists,
@@ -469,8 +530,19 @@ def start_web(stack: Stack, name: str, port: int, env: dict[str, str], *, app: A
     if serving is not None:
         cmd = list(serving.web_command(port, host=host))
     else:
-        cmd = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port", str(port),
-               "--no-access-log", "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
     if app != COUNTERSIGN:
         cmd = _retarget(cmd, app)
     env = {**env, "WEB_CONCURRENCY": str(workers)}
@@ -498,15 +570,34 @@ def _retarget(cmd: list[str], app: App) -> list[str]:
         for interface in ("wsgi", "asgi"):
             ours = getattr(COUNTERSIGN, interface)
             if arg in (ours, ours.split(":")[0]):
-                return [*cmd[:i], getattr(app, interface), *cmd[i + 1:]]
-    raise SystemExit(f"cannot serve {app} the way the web process is served: no config.wsgi/config.asgi "
-                     f"target in {cmd}")
+                return [*cmd[:i], getattr(app, interface), *cmd[i + 1 :]]
+    raise SystemExit(
+        f"cannot serve {app} the way the web process is served: no config.wsgi/config.asgi target in {cmd}"
+    )
 
 
-def start_celery_worker(stack: Stack, name: str, env: dict[str, str], *, concurrency: int, hostname: str,
-                        extra: Iterable[str] = ()) -> Proc:
-    cmd = [str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
-           f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", *extra, "--hostname", hostname]
+def start_celery_worker(
+    stack: Stack,
+    name: str,
+    env: dict[str, str],
+    *,
+    concurrency: int,
+    hostname: str,
+    extra: Iterable[str] = (),
+) -> Proc:
+    cmd = [
+        str(BIN / "celery"),
+        "-A",
+        "config.celery:app",
+        "worker",
+        "--loglevel=INFO",
+        f"--concurrency={concurrency}",
+        "--without-mingle",
+        "--without-gossip",
+        *extra,
+        "--hostname",
+        hostname,
+    ]
     log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind="worker")
 
@@ -517,7 +608,9 @@ def start_sealer(stack: Stack, env: dict[str, str]) -> Proc:
 
 
 def wait_celery_ready(stack: Stack, proc: Proc, limit: float = 120) -> None:
-    stack.wait_until(proc, lambda: "ready." in stack.log_tail(proc.name, 100_000), f"celery {proc.name}", limit)
+    stack.wait_until(
+        proc, lambda: "ready." in stack.log_tail(proc.name, 100_000), f"celery {proc.name}", limit
+    )
 
 
 def celery_purge(stack: Stack, env: dict[str, str], *, quiet: bool = False) -> None:
@@ -595,8 +688,12 @@ class ConnectionMonitor:
         try:
             with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
                 while not self._stop.wait(0.25):
-                    n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                     [self.name]).fetchone()[0] - 1  # not this monitor
+                    n = (
+                        conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.name]
+                        ).fetchone()[0]
+                        - 1
+                    )  # not this monitor
                     self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
         except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
             self.peak["monitor error"] = -1
@@ -643,30 +740,41 @@ class LeanHttp:
     connection and counted in ``resent``.
     """
 
-    def __init__(self, base_url: str, *, headers: dict[str, str] | None = None, timeout: float = 60,
-                 max_idle: int = 1000):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float = 60,
+        max_idle: int = 1000,
+    ):
         parsed = urlparse(base_url)
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.timeout, self.max_idle = timeout, max_idle
-        self._head = "".join(f"{k}: {v}\r\n" for k, v in {
-            "Host": f"{self.host}:{self.port}", **(headers or {})}.items())
+        self._head = "".join(
+            f"{k}: {v}\r\n" for k, v in {"Host": f"{self.host}:{self.port}", **(headers or {})}.items()
+        )
         self._idle: list[tuple] = []
         self.resent = 0
 
-    async def post(self, path: str, *, data: dict[str, str] | None = None,
-                   headers: dict[str, str] | None = None) -> HttpResponse:
+    async def post(
+        self, path: str, *, data: dict[str, str] | None = None, headers: dict[str, str] | None = None
+    ) -> HttpResponse:
         body = urlencode(data or {}).encode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        request = (f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/x-www-form-urlencoded"
-                   f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        request = (
+            f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/x-www-form-urlencoded"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
         async with asyncio.timeout(self.timeout):
             if self._idle:
                 try:
                     return await self._exchange(self._idle.pop(), request, reused=True)
                 except StaleConnection:
                     self.resent += 1
-            return await self._exchange(await asyncio.open_connection(self.host, self.port), request,
-                                        reused=False)
+            return await self._exchange(
+                await asyncio.open_connection(self.host, self.port), request, reused=False
+            )
 
     async def _exchange(self, conn: tuple, request: bytes, *, reused: bool) -> HttpResponse:
         reader, writer = conn

@@ -86,7 +86,7 @@ LEDGER_AUDIENCE = "http://ledger.bench"
 # Runs with the bench environment (DATABASE_URL, COUNTERSIGN_ISSUER, ...): the reference scenario's
 # records, one session grant with an authorization code (exchanged over HTTP once the server is
 # up), and a second grant with N approvals already in state ``issued`` and their action tokens.
-SETUP_SCRIPT = r'''
+SETUP_SCRIPT = r"""
 import base64, hashlib, json, secrets, sys
 from datetime import timedelta
 
@@ -165,7 +165,7 @@ with open(out_path, "w") as fh:
                "username": "officer", "password": password, "user_id": user.pk,
                "code": code, "verifier": verifier, "redirect_uri": redirect_uri,
                "race_grant_id": str(race_grant.pk), "race_tokens": tokens}, fh)
-'''
+"""
 
 # --- phase 1: approval round trip -------------------------------------------------------------
 
@@ -183,8 +183,12 @@ class Inbox:
     async def open(self) -> None:
         from websockets.asyncio.client import connect
 
-        self.ws = await connect(self.url, additional_headers={"Cookie": self.cookie, "Origin": self.origin},
-                                open_timeout=10, max_queue=None)
+        self.ws = await connect(
+            self.url,
+            additional_headers={"Cookie": self.cookie, "Origin": self.origin},
+            open_timeout=10,
+            max_queue=None,
+        )
         first = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
         if first.get("type") != "snapshot":
             raise RuntimeError(f"expected a snapshot on connect, got {first}")
@@ -235,9 +239,16 @@ async def officer_login(base: str, username: str, password: str) -> tuple[str, s
         match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
         if page.status_code != 200 or not match:
             raise RuntimeError(f"login page: HTTP {page.status_code}")
-        done = await http.post("/accounts/login/", data={
-            "username": username, "password": password, "next": "/approvals/",
-            "csrfmiddlewaretoken": match.group(1)}, headers={"Origin": base, "Referer": f"{base}/accounts/login/"})
+        done = await http.post(
+            "/accounts/login/",
+            data={
+                "username": username,
+                "password": password,
+                "next": "/approvals/",
+                "csrfmiddlewaretoken": match.group(1),
+            },
+            headers={"Origin": base, "Referer": f"{base}/accounts/login/"},
+        )
         if done.status_code != 302 or done.headers.get("location") != "/approvals/":
             raise RuntimeError(f"login refused: HTTP {done.status_code} {done.text[:300]}")
         inbox = await http.get("/approvals/")  # the token rotates at login: take the page's one
@@ -249,18 +260,40 @@ async def officer_login(base: str, username: str, password: str) -> tuple[str, s
 async def approval_roundtrip(stack: Stack, base: str, ws_base: str, data: dict, args) -> RoundTrip:
     result = RoundTrip()
     sessionid, csrftoken = await officer_login(base, data["username"], data["password"])
-    agent = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout,
-                              headers={"Authorization": basic(data["client_id"], data["client_secret"])})
-    ledger = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout,
-                               headers={"Authorization": basic(data["ledger_client_id"], data["ledger_secret"])})
-    officer = httpx.AsyncClient(base_url=base, trust_env=False, timeout=args.request_timeout, headers={
-        "Cookie": f"sessionid={sessionid}; csrftoken={csrftoken}", "X-CSRFToken": csrftoken,
-        "Origin": base, "Referer": f"{base}/approvals/"})
+    agent = httpx.AsyncClient(
+        base_url=base,
+        trust_env=False,
+        timeout=args.request_timeout,
+        headers={"Authorization": basic(data["client_id"], data["client_secret"])},
+    )
+    ledger = httpx.AsyncClient(
+        base_url=base,
+        trust_env=False,
+        timeout=args.request_timeout,
+        headers={"Authorization": basic(data["ledger_client_id"], data["ledger_secret"])},
+    )
+    officer = httpx.AsyncClient(
+        base_url=base,
+        trust_env=False,
+        timeout=args.request_timeout,
+        headers={
+            "Cookie": f"sessionid={sessionid}; csrftoken={csrftoken}",
+            "X-CSRFToken": csrftoken,
+            "Origin": base,
+            "Referer": f"{base}/approvals/",
+        },
+    )
     inbox = Inbox(ws_base.replace("http://", "ws://") + "/ws/approvals/", f"sessionid={sessionid}", base)
     try:
-        response = await agent.post("/o/token/", data={
-            "grant_type": "authorization_code", "code": data["code"], "redirect_uri": data["redirect_uri"],
-            "code_verifier": data["verifier"]})
+        response = await agent.post(
+            "/o/token/",
+            data={
+                "grant_type": "authorization_code",
+                "code": data["code"],
+                "redirect_uri": data["redirect_uri"],
+                "code_verifier": data["verifier"],
+            },
+        )
         if response.status_code != 200:
             raise RuntimeError(f"code exchange: HTTP {response.status_code} {response.text[:300]}")
         session_token = response.json()["access_token"]
@@ -276,18 +309,34 @@ async def approval_roundtrip(stack: Stack, base: str, ws_base: str, data: dict, 
             if i == args.warmup:
                 cpu_start = stack.cpu_sample()
             key = f"PO-BENCH-{i:06d}"
-            details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": key,
-                        "vendor": "Acme Office Supply", "amount": f"{1000 + i}.{i % 100:02d}", "currency": "USD"}]
+            details = [
+                {
+                    "type": "ledger_entry",
+                    "actions": ["append"],
+                    "purchase_order": key,
+                    "vendor": "Acme Office Supply",
+                    "amount": f"{1000 + i}.{i % 100:02d}",
+                    "currency": "USD",
+                }
+            ]
             arrived = inbox.expect(key)
 
             # (a) request -> prompt on the websocket
             t0 = time.perf_counter()
-            response = await agent.post("/o/bc-authorize/", data={
-                "scope": "ledger:write", "login_hint_token": session_token,
-                "authorization_details": json.dumps(details), "binding_message": f"bench round {i}"})
+            response = await agent.post(
+                "/o/bc-authorize/",
+                data={
+                    "scope": "ledger:write",
+                    "login_hint_token": session_token,
+                    "authorization_details": json.dumps(details),
+                    "binding_message": f"bench round {i}",
+                },
+            )
             t_http = time.perf_counter()
             if response.status_code != 200:
-                result.errors.note(f"round {i} bc-authorize: HTTP {response.status_code} {response.text[:300]}")
+                result.errors.note(
+                    f"round {i} bc-authorize: HTTP {response.status_code} {response.text[:300]}"
+                )
                 inbox.waiting.pop(key, None)
                 continue
             auth_req_id = response.json()["auth_req_id"]
@@ -365,10 +414,13 @@ async def redemption_race(base: str, data: dict, args) -> Race:
     race = Race()
     pool = args.race_concurrency * args.redeemers
     client = httpx.AsyncClient(
-        base_url=base, trust_env=False, timeout=args.request_timeout,
+        base_url=base,
+        trust_env=False,
+        timeout=args.request_timeout,
         headers={"Authorization": basic(data["ledger_client_id"], data["ledger_secret"])},
         # keep-alive shorter than uvicorn's 5 s, so no request is sent on a connection it is closing
-        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=2.0))
+        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=2.0),
+    )
     tokens = iter(data["race_tokens"])
 
     async def attempt(jti: str, token: str) -> None:
@@ -390,8 +442,11 @@ async def redemption_race(base: str, data: dict, args) -> Race:
             body = response.json()
         except ValueError:
             body = {}
-        if response.status_code == 400 and body.get("error") == "invalid_token" \
-                and "already redeemed" in body.get("error_description", ""):
+        if (
+            response.status_code == 400
+            and body.get("error") == "invalid_token"
+            and "already redeemed" in body.get("error_description", "")
+        ):
             race.already += 1
         else:
             race.other_refusals[f"{response.status_code} {body.get('error', '?')}"] += 1
@@ -422,18 +477,28 @@ def race_database_check(database_url: str, data: dict) -> dict:
     with psycopg.connect(database_url, connect_timeout=10) as conn:
         redeemed_rows = conn.execute(
             "SELECT count(*) FROM approvals_actiontoken WHERE jti = ANY(%s) AND redeemed_at IS NOT NULL",
-            [jtis]).fetchone()[0]
+            [jtis],
+        ).fetchone()[0]
         redeemed_approvals = conn.execute(
             "SELECT count(*) FROM approvals_approvalrequest WHERE grant_id = %s AND status = 'redeemed'",
-            [data["race_grant_id"]]).fetchone()[0]
+            [data["race_grant_id"]],
+        ).fetchone()[0]
         events = conn.execute(
             "SELECT detail->>'jti' AS jti, count(*) FROM audit_auditevent "
-            "WHERE event = 'action_token.redeemed' AND detail->>'jti' = ANY(%s) GROUP BY 1", [jtis]).fetchall()
+            "WHERE event = 'action_token.redeemed' AND detail->>'jti' = ANY(%s) GROUP BY 1",
+            [jtis],
+        ).fetchall()
         refusals = conn.execute(
-            "SELECT count(*) FROM audit_auditevent WHERE event = 'redemption.refused'").fetchone()[0]
-    return {"redeemed_rows": redeemed_rows, "redeemed_approvals": redeemed_approvals,
-            "audit_redeemed": sum(n for _, n in events), "audit_jtis": len(events),
-            "audit_doubles": sum(1 for _, n in events if n > 1), "audit_refusals": refusals}
+            "SELECT count(*) FROM audit_auditevent WHERE event = 'redemption.refused'"
+        ).fetchone()[0]
+    return {
+        "redeemed_rows": redeemed_rows,
+        "redeemed_approvals": redeemed_approvals,
+        "audit_redeemed": sum(n for _, n in events),
+        "audit_jtis": len(events),
+        "audit_doubles": sum(1 for _, n in events if n > 1),
+        "audit_refusals": refusals,
+    }
 
 
 # --- the stack ------------------------------------------------------------------------------------
@@ -453,26 +518,32 @@ class Roundtrip:
         (stack.tmp / "bench_settings.py").write_text(
             "from config.settings import *  # noqa: F401,F403\n"
             "from config.settings import DATABASES\n\n"
-            "DATABASES['default']['CONN_MAX_AGE'] = 0\n")
+            "DATABASES['default']['CONN_MAX_AGE'] = 0\n"
+        )
         self._env = self.make_env()
 
     def make_env(self) -> dict[str, str]:
         env = dict(os.environ)
         for name in ("DEBUG", "ALLOWED_HOSTS", "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS"):
             env.pop(name, None)
-        env.update({
-            "DJANGO_SETTINGS_MODULE": "config.settings" if self.args.product_db_connections else "bench_settings",
-            "PYTHONPATH": os.pathsep.join([str(self.stack.tmp), str(ROOT)] + (
-                [env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-            "DATABASE_URL": self.args.database_url,
-            "REDIS_URL": self.args.redis_url,
-            "COUNTERSIGN_ISSUER": self.url,
-            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
-            "SECRET_KEY": self.args.secret_key,
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            **BENCH_LIMITS_ENV,
-        })
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "config.settings"
+                if self.args.product_db_connections
+                else "bench_settings",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(self.stack.tmp), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+                ),
+                "DATABASE_URL": self.args.database_url,
+                "REDIS_URL": self.args.redis_url,
+                "COUNTERSIGN_ISSUER": self.url,
+                "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
+                "SECRET_KEY": self.args.secret_key,
+                "LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1",
+                **BENCH_LIMITS_ENV,
+            }
+        )
         return env
 
     def env(self) -> dict[str, str]:
@@ -484,8 +555,13 @@ class Roundtrip:
         celery_purge(stack, self.env())
         web = start_web(stack, "web", self.port, self.env())
         ws = start_ws(stack, "ws", self.ws_port, self.env())
-        worker = start_celery_worker(stack, "worker", self.env(), concurrency=self.args.celery_concurrency,
-                                     hostname=f"bench-{self.port}@%h")
+        worker = start_celery_worker(
+            stack,
+            "worker",
+            self.env(),
+            concurrency=self.args.celery_concurrency,
+            hostname=f"bench-{self.port}@%h",
+        )
         start_sealer(stack, self.env())
         stack.wait_http(web, "/.well-known/oauth-authorization-server")
         if ws is not None:
@@ -513,20 +589,35 @@ def run(args, stack: Stack) -> int:
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], rig.env(), "migrate")
         data_path = stack.tmp / "setup.json"
         token_ttl = int(args.timeout) + 600
-        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(data_path), str(args.tokens), str(token_ttl),
-                        REDIRECT_URI, LEDGER_AUDIENCE], rig.env(),
-                       f"scenario, grants, {args.tokens} issued action tokens")
+        stack.run_step(
+            [
+                sys.executable,
+                "-c",
+                SETUP_SCRIPT,
+                str(data_path),
+                str(args.tokens),
+                str(token_ttl),
+                REDIRECT_URI,
+                LEDGER_AUDIENCE,
+            ],
+            rig.env(),
+            f"scenario, grants, {args.tokens} issued action tokens",
+        )
         data = json.loads(data_path.read_text())
         rig.start()
         monitor = ConnectionMonitor(args.database_url)
         monitor.start()
 
         monitor.phase = "round trip"
-        log(f"\nphase 1: {args.rounds} approval round trips (+{args.warmup} warm-up), sequential; "
-            f"load average {loadavg()}")
+        log(
+            f"\nphase 1: {args.rounds} approval round trips (+{args.warmup} warm-up), sequential; "
+            f"load average {loadavg()}"
+        )
         rt = asyncio.run(approval_roundtrip(stack, rig.url, rig.ws_url, data, args))
-        log(f"phase 2: redemption race, {args.tokens} tokens x {args.redeemers} concurrent redeemers, "
-            f"{args.race_concurrency} tokens in flight")
+        log(
+            f"phase 2: redemption race, {args.tokens} tokens x {args.redeemers} concurrent redeemers, "
+            f"{args.race_concurrency} tokens in flight"
+        )
         monitor.phase = "race"
         log(f"  load average {loadavg()}")
         before = stack.cpu_sample()
@@ -543,8 +634,10 @@ def run(args, stack: Stack) -> int:
         rig.stop()
 
     conn_age = "60 (product setting)" if args.product_db_connections else "0 (bench override)"
-    log(f"\nDB connections: CONN_MAX_AGE={conn_age}; peak PostgreSQL backends on the bench database: "
-        + ", ".join(f"{k} {v}" for k, v in monitor.peak.items()))
+    log(
+        f"\nDB connections: CONN_MAX_AGE={conn_age}; peak PostgreSQL backends on the bench database: "
+        + ", ".join(f"{k} {v}" for k, v in monitor.peak.items())
+    )
     log("\n[approval round trip]")
     log(f"  rounds            {rt.rounds} timed, wall {rt.wall:.2f}s, errors {rt.errors.count}")
     for sample in rt.errors.samples:
@@ -562,7 +655,10 @@ def run(args, stack: Stack) -> int:
 
     ok_race = race.wall > 0
     log("\n[redemption race]")
-    log(f"  tokens            {race.tokens}" + (f"  (not tried, deadline: {race.skipped})" if race.skipped else ""))
+    log(
+        f"  tokens            {race.tokens}"
+        + (f"  (not tried, deadline: {race.skipped})" if race.skipped else "")
+    )
     log(f"  attempts          {race.attempts}  ({args.redeemers} concurrent per token)")
     log(f"  successes         {race.successes}")
     log(f"  already redeemed  {race.already}")
@@ -578,17 +674,22 @@ def run(args, stack: Stack) -> int:
         log(f"  CPU               {race_cpu.line(race.attempts, 'attempt')}")
         log(f"  machine           {race_cpu.machine_line(cores)}")
     log(f"  double redemptions (responses)  {race.doubles}")
-    log(f"  database: redeemed ActionToken rows {db['redeemed_rows']}, approvals in 'redeemed' "
+    log(
+        f"  database: redeemed ActionToken rows {db['redeemed_rows']}, approvals in 'redeemed' "
         f"{db['redeemed_approvals']}, action_token.redeemed audit events {db['audit_redeemed']} over "
         f"{db['audit_jtis']} jtis, jtis with more than one such event {db['audit_doubles']}, "
-        f"redemption.refused audit events {db['audit_refusals']}")
+        f"redemption.refused audit events {db['audit_refusals']}"
+    )
     db_doubles = db["audit_doubles"] + max(0, db["audit_redeemed"] - db["redeemed_rows"])
     consistent = db["redeemed_rows"] == race.successes == db["audit_redeemed"] == db["redeemed_approvals"]
-    log(f"  double redemptions (database)   {db_doubles}"
-        f"  (responses, rows, states and audit agree: {'yes' if consistent else 'NO'})")
+    log(
+        f"  double redemptions (database)   {db_doubles}"
+        f"  (responses, rows, states and audit agree: {'yes' if consistent else 'NO'})"
+    )
 
-    failed = bool(rt.errors.count or race.errors.count or race.doubles or db_doubles or not consistent
-                  or race.skipped)
+    failed = bool(
+        rt.errors.count or race.errors.count or race.doubles or db_doubles or not consistent or race.skipped
+    )
     if failed:
         log("\ncelery worker log (tail):\n" + worker_log)
         log("\nweb log (tail):\n" + server_log)
@@ -597,42 +698,58 @@ def run(args, stack: Stack) -> int:
     round_cpu = rt.cpu.per(rt.rounds) if rt.cpu is not None else {}
     race_per = race_cpu.per(race.attempts)
     log("")
-    log(f"approval_roundtrip request_to_prompt_p50_ms={percentile(a, 50):.2f} p99={percentile(a, 99):.2f} "
+    log(
+        f"approval_roundtrip request_to_prompt_p50_ms={percentile(a, 50):.2f} p99={percentile(a, 99):.2f} "
         f"approve_to_token_p50_ms={percentile(b, 50):.2f} p99={percentile(b, 99):.2f} "
         f"rounds={rt.rounds} redeem_attempts_per_s={race.attempts / race.wall if ok_race else 0:.1f} "
         f"redeem_successes_per_s={race.successes / race.wall if ok_race else 0:.1f} "
         + "".join(f"round_{k}_cpu_ms={v:.2f} " for k, v in round_cpu.items() if v is not None)
         + "".join(f"redeem_{k}_cpu_ms={v:.2f} " for k, v in race_per.items() if v is not None)
-        + f"double_redemptions={race.doubles + db_doubles} cores={cores}")
+        + f"double_redemptions={race.doubles + db_doubles} cores={cores}"
+    )
     return 1 if failed else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=300, help="timed approval round trips (max 5000)")
     p.add_argument("--warmup", type=int, default=10, help="untimed round trips first")
     p.add_argument("--tokens", type=int, default=5000, help="action tokens in the redemption race")
     p.add_argument("--redeemers", type=int, default=4, help="concurrent redeemers per token (at least 4)")
     p.add_argument("--race-concurrency", type=int, default=16, help="tokens being raced at the same time")
     p.add_argument("--celery-concurrency", type=int, default=2, help="Celery worker processes")
-    p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/countersign_bench_approvals",
-                   help="loopback PostgreSQL; this database is created for the run and dropped after it")
-    p.add_argument("--drop-existing", action="store_true", help="drop the database first if it already exists")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
-                   help="Celery broker and channel layer (its countersign queue is purged first)")
+    p.add_argument(
+        "--database-url",
+        default="postgres://postgres@127.0.0.1:5432/countersign_bench_approvals",
+        help="loopback PostgreSQL; this database is created for the run and dropped after it",
+    )
+    p.add_argument(
+        "--drop-existing", action="store_true", help="drop the database first if it already exists"
+    )
+    p.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/14",
+        help="Celery broker and channel layer (its countersign queue is purged first)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="global limit in seconds for the whole run")
     p.add_argument("--wait-timeout", type=float, default=10, help="longest wait for one prompt (seconds)")
     p.add_argument("--request-timeout", type=float, default=30, help="per-request timeout in seconds")
-    p.add_argument("--product-db-connections", action="store_true",
-                   help="run with config.settings unchanged (conn_max_age=60 under ASGI); by default the "
-                        "server and worker use CONN_MAX_AGE=0, as Django prescribes for ASGI")
+    p.add_argument(
+        "--product-db-connections",
+        action="store_true",
+        help="run with config.settings unchanged (conn_max_age=60 under ASGI); by default the "
+        "server and worker use CONN_MAX_AGE=0, as Django prescribes for ASGI",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server and worker logs)")
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 5000:
         p.error("--rounds must be between 1 and 5000")
     if args.warmup < 0 or args.tokens < 1 or args.race_concurrency < 1 or args.celery_concurrency < 1:
-        p.error("--warmup must not be negative; --tokens, --race-concurrency, --celery-concurrency at least 1")
+        p.error(
+            "--warmup must not be negative; --tokens, --race-concurrency, --celery-concurrency at least 1"
+        )
     if args.tokens > 50_000:
         p.error("--tokens is capped at 50000")
     if args.redeemers < 4:

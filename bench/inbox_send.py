@@ -70,8 +70,10 @@ def main() -> None:
     finally:
         plain.delete(*keys)
     for name, values in results.items():
-        print(f"{name:28s} median {statistics.median(values):6.3f} ms/send  "
-              f"(rounds: {', '.join(f'{v:.3f}' for v in values)}; {args.sends} sends each)")
+        print(
+            f"{name:28s} median {statistics.median(values):6.3f} ms/send  "
+            f"(rounds: {', '.join(f'{v:.3f}' for v in values)}; {args.sends} sends each)"
+        )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 
 from _stack import BENCH_LIMITS_ENV, ROOT, Stack, check_database_url, log, run_main
 
-CHILD = r'''
+CHILD = r"""
 import base64, hashlib, io, json, os, secrets, sys, time
 from datetime import timedelta
 from urllib.parse import urlencode
@@ -115,7 +115,7 @@ for name, fn in (("code exchange", exchange), ("refresh", refresh)):
         profiler.disable()
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
     print(f"{name}: {cpu / (n - 1) * 1000:.3f} ms CPU per request in-process ({n - 1} requests)", flush=True)
-'''
+"""
 
 
 def main() -> int:
@@ -129,13 +129,23 @@ def main() -> int:
     check_database_url(parser, "--database-url", args.database_url)
     with Stack(prefix="cs-inproc-", timeout=args.timeout) as stack:
         stack.create_database(args.database_url, drop_existing=True)
-        env = {**os.environ, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
-               "COUNTERSIGN_VAR_DIR": str(stack.tmp), "DJANGO_SETTINGS_MODULE": "config.settings", **BENCH_LIMITS_ENV,
-               "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "DATABASE_URL": args.database_url,
+            "REDIS_URL": args.redis_url,
+            "COUNTERSIGN_VAR_DIR": str(stack.tmp),
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            **BENCH_LIMITS_ENV,
+            "PYTHONPATH": str(ROOT),
+        }
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
         log(f"{args.requests} requests per phase, in one process")
-        child = subprocess.run([sys.executable, "-c", CHILD, str(args.requests), "1" if args.profile else "0"],
-                               cwd=ROOT, env=env, timeout=stack.remaining())
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, str(args.requests), "1" if args.profile else "0"],
+            cwd=ROOT,
+            env=env,
+            timeout=stack.remaining(),
+        )
         return child.returncode
 
 

@@ -94,7 +94,7 @@ LEDGER_AUDIENCE = "http://ledger.load"
 # Runs with the bench environment: scopes, the catalog and the ledger, one agent registration per
 # concurrent agent, one officer per --agents-per-user agents, and per agent a session grant with an
 # authorization code (exchanged over HTTP once the servers are up).
-SETUP_SCRIPT = r'''
+SETUP_SCRIPT = r"""
 import base64, hashlib, json, secrets, sys
 from datetime import timedelta
 
@@ -156,7 +156,7 @@ for u in users:
 with open(out_path, "w") as fh:
     json.dump({"users": users, "agents": agents, "redirect_uri": redirect_uri,
                "catalog": [catalog.client_id, catalog_secret], "ledger": [ledger.client_id, ledger_secret]}, fh)
-'''
+"""
 
 
 class LockSampler:
@@ -182,7 +182,9 @@ class LockSampler:
                         "SELECT count(*) FILTER (WHERE state = 'active'), "
                         "count(*) FILTER (WHERE wait_event_type = 'Lock'), "
                         "count(*) FILTER (WHERE wait_event_type = 'Lock' AND query LIKE '%%audit_audit%%') "
-                        "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", [self.name]).fetchone()
+                        "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                        [self.name],
+                    ).fetchone()
                     self.samples.append(tuple(row))
         except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
             log(f"  (lock sampler stopped: {exc})")
@@ -197,8 +199,10 @@ class LockSampler:
         n = len(self.samples)
         avg = [sum(s[k] for s in self.samples) / n for k in range(3)]
         peak = [max(s[k] for s in self.samples) for k in range(3)]
-        return (f"{n} samples: active backends avg {avg[0]:.1f} (peak {peak[0]}), waiting on a lock avg {avg[1]:.1f} "
-                f"(peak {peak[1]}), of which on audit tables avg {avg[2]:.1f} (peak {peak[2]})")
+        return (
+            f"{n} samples: active backends avg {avg[0]:.1f} (peak {peak[0]}), waiting on a lock avg {avg[1]:.1f} "
+            f"(peak {peak[1]}), of which on audit tables avg {avg[2]:.1f} (peak {peak[2]})"
+        )
 
 
 def dist_ms(values_s: list[float]) -> str:
@@ -213,7 +217,7 @@ def rss_kib(pgids: list[int]) -> int:
             continue
         try:
             stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) not in pgids:
+            if int(stat[stat.rindex(")") + 2 :].split()[2]) not in pgids:
                 continue
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -252,27 +256,36 @@ class LoadRig:
                 "from config.settings import *  # noqa: F401,F403\n"
                 "from config.settings import CHANNEL_LAYERS, REDIS_URL\n\n"
                 "CHANNEL_LAYERS['default']['CONFIG']['hosts'] = [\n"
-                f"    {{'address': REDIS_URL, 'socket_timeout': {args.channel_socket_timeout}}}]\n")
+                f"    {{'address': REDIS_URL, 'socket_timeout': {args.channel_socket_timeout}}}]\n"
+            )
             self.settings_module = "load_settings"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        for name in ("DEBUG", "ALLOWED_HOSTS", "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS", "DJANGO_ALLOW_ASYNC_UNSAFE"):
+        for name in (
+            "DEBUG",
+            "ALLOWED_HOSTS",
+            "COUNTERSIGN_SIGNING_KEY_CACHE_SECONDS",
+            "DJANGO_ALLOW_ASYNC_UNSAFE",
+        ):
             env.pop(name, None)
-        env.update({
-            "DJANGO_SETTINGS_MODULE": self.settings_module,
-            "PYTHONPATH": os.pathsep.join([str(self.stack.tmp), str(ROOT)] + (
-                [env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-            "DATABASE_URL": self.args.database_url,
-            "DATABASE_POOL_SIZE": str(self.args.pool_size),
-            "REDIS_URL": self.redis_url or "",
-            "COUNTERSIGN_ISSUER": self.urls["A"],
-            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
-            "SECRET_KEY": self.args.secret_key,
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            **BENCH_LIMITS_ENV,
-        })
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": self.settings_module,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(self.stack.tmp), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+                ),
+                "DATABASE_URL": self.args.database_url,
+                "DATABASE_POOL_SIZE": str(self.args.pool_size),
+                "REDIS_URL": self.redis_url or "",
+                "COUNTERSIGN_ISSUER": self.urls["A"],
+                "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
+                "SECRET_KEY": self.args.secret_key,
+                "LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1",
+                **BENCH_LIMITS_ENV,
+            }
+        )
         return env
 
     def start(self) -> None:
@@ -287,9 +300,17 @@ class LoadRig:
             ws = start_ws(stack, f"ws-{name}", free_port(), self.env())
             if ws is not None:
                 wss[name] = ws
-        workers = [start_celery_worker(stack, f"worker-{k}", self.env(), concurrency=self.args.worker_concurrency,
-                                       hostname=f"load{k}-{self.ports['A']}@%h", extra=["--without-heartbeat"])
-                   for k in (1, 2)]
+        workers = [
+            start_celery_worker(
+                stack,
+                f"worker-{k}",
+                self.env(),
+                concurrency=self.args.worker_concurrency,
+                hostname=f"load{k}-{self.ports['A']}@%h",
+                extra=["--without-heartbeat"],
+            )
+            for k in (1, 2)
+        ]
         start_sealer(stack, self.env())
         for web in webs.values():
             stack.wait_http(web, "/healthz", 120)
@@ -298,9 +319,11 @@ class LoadRig:
             self.ws_urls[name] = ws.url
         for worker in workers:
             wait_celery_ready(stack, worker)
-        log(f"  nodes A {self.urls['A']}  B {self.urls['B']}"
+        log(
+            f"  nodes A {self.urls['A']}  B {self.urls['B']}"
             + (f" (websockets on {self.ws_urls['A']}, {self.ws_urls['B']})" if wss else "")
-            + f"; 2 Celery workers x {self.args.worker_concurrency}")
+            + f"; 2 Celery workers x {self.args.worker_concurrency}"
+        )
 
     def ws_pgids(self) -> list[int]:
         """The processes holding the websockets: ws processes if there are any, else the web ones."""
@@ -312,8 +335,11 @@ class LoadRig:
 
 @dataclass
 class Stats:
-    steps: dict[str, list[float]] = field(default_factory=lambda: {
-        k: [] for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow")})
+    steps: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            k: [] for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow")
+        }
+    )
     errors: Errors = field(default_factory=Errors)
     flows_ok: int = 0
     flows_failed: int = 0
@@ -340,12 +366,18 @@ async def ws_connect(ws_url: str, origin: str, cookie: str):
     from websockets.asyncio.client import connect
 
     # Browsers offer permessage-deflate; so does this client (websockets' default).
-    return await connect(ws_url.replace("http://", "ws://") + "/ws/approvals/", open_timeout=60,
-                         ping_interval=None, additional_headers={"Cookie": cookie, "Origin": origin}, max_queue=None)
+    return await connect(
+        ws_url.replace("http://", "ws://") + "/ws/approvals/",
+        open_timeout=60,
+        ping_interval=None,
+        additional_headers={"Cookie": cookie, "Origin": origin},
+        max_queue=None,
+    )
 
 
-async def idle_connection(ws_url: str, origin: str, cookie: str, book: WsBook, stop: asyncio.Event,
-                          opened: asyncio.Event) -> None:
+async def idle_connection(
+    ws_url: str, origin: str, cookie: str, book: WsBook, stop: asyncio.Event, opened: asyncio.Event
+) -> None:
     """An idle inbox tab: snapshot, then listen; reopen like inbox.js when the server drops it."""
     retry = 0
     while not stop.is_set():
@@ -387,7 +419,7 @@ async def idle_connection(ws_url: str, origin: str, cookie: str, book: WsBook, s
                 except Exception:  # noqa: BLE001
                     pass
         retry = min(retry + 1, 6)
-        await asyncio.sleep(0.25 * 2 ** retry)
+        await asyncio.sleep(0.25 * 2**retry)
 
 
 class Officer:
@@ -404,23 +436,39 @@ class Officer:
         self._stop = asyncio.Event()
 
     async def login(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, trust_env=False, timeout=self.args.request_timeout) as http:
+        async with httpx.AsyncClient(
+            base_url=self.url, trust_env=False, timeout=self.args.request_timeout
+        ) as http:
             page = await http.get("/accounts/login/", params={"next": "/approvals/"})
             token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
             if page.status_code != 200 or not token:
                 raise RuntimeError(f"login page: HTTP {page.status_code}")
-            done = await http.post("/accounts/login/", data={
-                "username": self.username, "password": self.password, "next": "/approvals/",
-                "csrfmiddlewaretoken": token.group(1)}, headers={"Origin": self.url})
+            done = await http.post(
+                "/accounts/login/",
+                data={
+                    "username": self.username,
+                    "password": self.password,
+                    "next": "/approvals/",
+                    "csrfmiddlewaretoken": token.group(1),
+                },
+                headers={"Origin": self.url},
+            )
             if done.status_code != 302:
                 raise RuntimeError(f"login refused: HTTP {done.status_code}")
             inbox = await http.get("/approvals/")
             if inbox.status_code != 200:
                 raise RuntimeError(f"inbox: HTTP {inbox.status_code}")
             self.sessionid, self.csrftoken = http.cookies["sessionid"], http.cookies["csrftoken"]
-        self.http = LeanHttp(self.url, timeout=self.args.request_timeout, headers={
-            "Cookie": f"sessionid={self.sessionid}; csrftoken={self.csrftoken}", "X-CSRFToken": self.csrftoken,
-            "Origin": self.url, "Referer": f"{self.url}/approvals/"})
+        self.http = LeanHttp(
+            self.url,
+            timeout=self.args.request_timeout,
+            headers={
+                "Cookie": f"sessionid={self.sessionid}; csrftoken={self.csrftoken}",
+                "X-CSRFToken": self.csrftoken,
+                "Origin": self.url,
+                "Referer": f"{self.url}/approvals/",
+            },
+        )
 
     @property
     def cookie(self) -> str:
@@ -449,7 +497,7 @@ class Officer:
                 ws = await ws_connect(self.ws_url, self.url, self.cookie)
             except Exception:  # noqa: BLE001
                 retry = min(retry + 1, 6)
-                await asyncio.sleep(0.25 * 2 ** retry)
+                await asyncio.sleep(0.25 * 2**retry)
                 continue
             retry = 0
             try:
@@ -473,7 +521,7 @@ class Officer:
             if self._stop.is_set():
                 return
             retry = min(retry + 1, 6)
-            await asyncio.sleep(0.25 * 2 ** retry)
+            await asyncio.sleep(0.25 * 2**retry)
 
     async def approve(self, approval_id: str, stats: Stats):
         # The flash-message cookie in the answer is not kept: the Cookie header stays fixed.
@@ -497,8 +545,9 @@ async def post(client: LeanHttp, stats: Stats, url: str, **kwargs):
     return await client.post(url, **kwargs)
 
 
-async def exchange_codes(data: dict, clients: dict[str, httpx.AsyncClient], stats: Stats,
-                         concurrency: int) -> list[float]:
+async def exchange_codes(
+    data: dict, clients: dict[str, httpx.AsyncClient], stats: Stats, concurrency: int
+) -> list[float]:
     latencies: list[float] = []
     queue = iter(enumerate(data["agents"]))
 
@@ -506,21 +555,30 @@ async def exchange_codes(data: dict, clients: dict[str, httpx.AsyncClient], stat
         for i, agent in queue:
             client = clients["AB"[i % 2]]
             t0 = time.perf_counter()
-            response = await client.post("/o/token/", data={
-                "grant_type": "authorization_code", "code": agent["code"], "redirect_uri": data["redirect_uri"],
-                "code_verifier": agent["verifier"]},
-                headers={"Authorization": basic(agent["client_id"], agent["client_secret"])})
+            response = await client.post(
+                "/o/token/",
+                data={
+                    "grant_type": "authorization_code",
+                    "code": agent["code"],
+                    "redirect_uri": data["redirect_uri"],
+                    "code_verifier": agent["verifier"],
+                },
+                headers={"Authorization": basic(agent["client_id"], agent["client_secret"])},
+            )
             latencies.append(time.perf_counter() - t0)
             if response.status_code != 200:
-                raise SystemExit(f"code exchange for agent {i}: HTTP {response.status_code} {response.text[:300]}")
+                raise SystemExit(
+                    f"code exchange for agent {i}: HTTP {response.status_code} {response.text[:300]}"
+                )
             agent["session_token"] = response.json()["access_token"]
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies
 
 
-async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, data: dict, args,
-                      stats: Stats) -> None:
+async def agent_flows(
+    i: int, agent: dict, officer: Officer, client: LeanHttp, data: dict, args, stats: Stats
+) -> None:
     catalog = basic(*data["catalog"])
     ledger = basic(*data["ledger"])
     me = basic(agent["client_id"], agent["client_secret"])
@@ -537,8 +595,13 @@ async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, d
         try:
             # (1) a resource server checks the session token
             t0 = time.perf_counter()
-            response = await post(client, stats, "/o/introspect/", data={"token": agent["session_token"]},
-                                         headers={"Authorization": catalog})
+            response = await post(
+                client,
+                stats,
+                "/o/introspect/",
+                data={"token": agent["session_token"]},
+                headers={"Authorization": catalog},
+            )
             stats.http_requests += 1
             stats.steps["introspect"].append(time.perf_counter() - t0)
             if response.status_code != 200 or response.json().get("active") is not True:
@@ -547,13 +610,30 @@ async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, d
 
             # (2) step-up request
             key = f"PO-LOAD-{i:03d}-{r:03d}"
-            details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": key,
-                        "vendor": "Acme Office Supply", "amount": f"{1000 + i}.{r % 100:02d}", "currency": "USD"}]
+            details = [
+                {
+                    "type": "ledger_entry",
+                    "actions": ["append"],
+                    "purchase_order": key,
+                    "vendor": "Acme Office Supply",
+                    "amount": f"{1000 + i}.{r % 100:02d}",
+                    "currency": "USD",
+                }
+            ]
             arrived = officer.expect(key)
             t0 = time.perf_counter()
-            response = await post(client, stats, "/o/bc-authorize/", headers={"Authorization": me}, data={
-                "scope": "ledger:write", "login_hint_token": agent["session_token"],
-                "authorization_details": json.dumps(details), "binding_message": f"load flow {r}"})
+            response = await post(
+                client,
+                stats,
+                "/o/bc-authorize/",
+                headers={"Authorization": me},
+                data={
+                    "scope": "ledger:write",
+                    "login_hint_token": agent["session_token"],
+                    "authorization_details": json.dumps(details),
+                    "binding_message": f"load flow {r}",
+                },
+            )
             stats.http_requests += 1
             stats.steps["bc_authorize"].append(time.perf_counter() - t0)
             if response.status_code != 200:
@@ -581,8 +661,13 @@ async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, d
 
             # (4) the agent collects its action token
             t0 = time.perf_counter()
-            response = await post(client, stats, "/o/token/", headers={"Authorization": me},
-                                         data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+            response = await post(
+                client,
+                stats,
+                "/o/token/",
+                headers={"Authorization": me},
+                data={"grant_type": CIBA, "auth_req_id": auth_req_id},
+            )
             stats.http_requests += 1
             stats.steps["collect"].append(time.perf_counter() - t0)
             if response.status_code != 200:
@@ -599,7 +684,9 @@ async def agent_flows(i: int, agent: dict, officer: Officer, client: LeanHttp, d
 
             # (5) the ledger redeems it before acting
             t0 = time.perf_counter()
-            response = await post(client, stats, "/o/redeem/", headers={"Authorization": ledger}, data={"token": token})
+            response = await post(
+                client, stats, "/o/redeem/", headers={"Authorization": ledger}, data={"token": token}
+            )
             stats.http_requests += 1
             stats.steps["redeem"].append(time.perf_counter() - t0)
             if response.status_code != 200:
@@ -619,33 +706,52 @@ def database_check(database_url: str, agents_started: float) -> dict:
         q = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
         return {
             "approvals": q("SELECT count(*) FROM approvals_approvalrequest"),
-            "redeemed_approvals": q("SELECT count(*) FROM approvals_approvalrequest WHERE status = 'redeemed'"),
+            "redeemed_approvals": q(
+                "SELECT count(*) FROM approvals_approvalrequest WHERE status = 'redeemed'"
+            ),
             "action_tokens": q("SELECT count(*) FROM approvals_actiontoken"),
             "tokens_redeemed": q("SELECT count(*) FROM approvals_actiontoken WHERE redeemed_at IS NOT NULL"),
-            "doubly_issued": q("SELECT count(*) FROM (SELECT detail->>'approval_id' FROM audit_auditevent WHERE "
-                               "event = 'action_token.issued' GROUP BY 1 HAVING count(*) > 1) d"),
-            "doubly_delivered": q("SELECT count(*) FROM (SELECT detail->>'approval_id' FROM audit_auditevent WHERE "
-                                  "event = 'approval.delivered' GROUP BY 1 HAVING count(*) > 1) d"),
+            "doubly_issued": q(
+                "SELECT count(*) FROM (SELECT detail->>'approval_id' FROM audit_auditevent WHERE "
+                "event = 'action_token.issued' GROUP BY 1 HAVING count(*) > 1) d"
+            ),
+            "doubly_delivered": q(
+                "SELECT count(*) FROM (SELECT detail->>'approval_id' FROM audit_auditevent WHERE "
+                "event = 'approval.delivered' GROUP BY 1 HAVING count(*) > 1) d"
+            ),
             "undelivered": q("SELECT count(*) FROM approvals_approvalrequest WHERE delivered_at IS NULL"),
             # Server side of request -> prompt: the request's row created -> the worker's push recorded.
-            "delivery_lag_ms": [r[0] for r in conn.execute(
-                "SELECT extract(epoch FROM delivered_at - created) * 1000 FROM approvals_approvalrequest"
-                " WHERE delivered_at IS NOT NULL ORDER BY 1").fetchall()],
+            "delivery_lag_ms": [
+                r[0]
+                for r in conn.execute(
+                    "SELECT extract(epoch FROM delivered_at - created) * 1000 FROM approvals_approvalrequest"
+                    " WHERE delivered_at IS NOT NULL ORDER BY 1"
+                ).fetchall()
+            ],
             # Audit seal lag (the sealer's goal: p99 under 2 s): event written -> linked into the chain, for
             # the events of the agents' phase (the setup's were written before the sealer started).
-            "seal_lag_ms": [r[0] for r in conn.execute(
-                "SELECT extract(epoch FROM l.sealed_at - e.occurred_at) * 1000 FROM audit_auditlink l"
-                " JOIN audit_auditevent e ON e.id = l.event_id WHERE e.occurred_at >= to_timestamp(%s)"
-                " ORDER BY 1", [agents_started]).fetchall()],
+            "seal_lag_ms": [
+                r[0]
+                for r in conn.execute(
+                    "SELECT extract(epoch FROM l.sealed_at - e.occurred_at) * 1000 FROM audit_auditlink l"
+                    " JOIN audit_auditevent e ON e.id = l.event_id WHERE e.occurred_at >= to_timestamp(%s)"
+                    " ORDER BY 1",
+                    [agents_started],
+                ).fetchall()
+            ],
             # Where the longest waits were: the events with the largest lag, and when they were written.
             "seal_lag_worst": conn.execute(
                 "SELECT e.event, round(extract(epoch FROM l.sealed_at - e.occurred_at) * 1000),"
                 " round(extract(epoch FROM e.occurred_at - to_timestamp(%s)) * 1000)"
                 " FROM audit_auditlink l JOIN audit_auditevent e ON e.id = l.event_id"
                 " WHERE e.occurred_at >= to_timestamp(%s)"
-                " ORDER BY l.sealed_at - e.occurred_at DESC LIMIT 5", [agents_started, agents_started]).fetchall(),
-            "unsealed": q("SELECT count(*) FROM audit_auditevent e WHERE NOT EXISTS"
-                          " (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)"),
+                " ORDER BY l.sealed_at - e.occurred_at DESC LIMIT 5",
+                [agents_started, agents_started],
+            ).fetchall(),
+            "unsealed": q(
+                "SELECT count(*) FROM audit_auditevent e WHERE NOT EXISTS"
+                " (SELECT 1 FROM audit_auditlink l WHERE l.event_id = e.id)"
+            ),
         }
 
 
@@ -653,9 +759,13 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
     stack = rig.stack
     out: dict = {"stats": Stats(), "book": WsBook()}
     stats, book = out["stats"], out["book"]
-    limits = httpx.Limits(max_connections=args.agents, max_keepalive_connections=args.agents, keepalive_expiry=1.0)
-    clients = {name: httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits)
-               for name, url in rig.urls.items()}  # setup only; the agents' phase uses LeanHttp
+    limits = httpx.Limits(
+        max_connections=args.agents, max_keepalive_connections=args.agents, keepalive_expiry=1.0
+    )
+    clients = {
+        name: httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits)
+        for name, url in rig.urls.items()
+    }  # setup only; the agents' phase uses LeanHttp
     lean = {name: LeanHttp(url, timeout=args.request_timeout) for name, url in rig.urls.items()}
     officers: list[Officer] = []
     idle_tasks: list[asyncio.Task] = []
@@ -663,8 +773,10 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
     try:
         # 1. officers sign in (node by index), agents exchange their codes
         t0 = time.perf_counter()
-        officers = [Officer(rig.urls["AB"[u % 2]], rig.ws_urls["AB"[u % 2]], user["username"], user["password"], args)
-                    for u, user in enumerate(data["users"])]
+        officers = [
+            Officer(rig.urls["AB"[u % 2]], rig.ws_urls["AB"[u % 2]], user["username"], user["password"], args)
+            for u, user in enumerate(data["users"])
+        ]
         sem = asyncio.Semaphore(4)
 
         async def login(o):
@@ -675,8 +787,10 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         log(f"  {len(officers)} officers signed in through the login form: {time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
         out["exchange"] = await exchange_codes(data, clients, stats, min(args.agents, 50))
-        log(f"  {len(data['agents'])} authorization codes exchanged: {time.perf_counter() - t0:.1f}s "
-            f"({dist_ms(out['exchange'])})")
+        log(
+            f"  {len(data['agents'])} authorization codes exchanged: {time.perf_counter() - t0:.1f}s "
+            f"({dist_ms(out['exchange'])})"
+        )
 
         # warm the websocket path of both nodes, then the baseline
         for node, url in rig.urls.items():
@@ -697,9 +811,16 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
             async with batch:
                 ev = asyncio.Event()
                 node = "AB"[k % 2]
-                task = asyncio.create_task(idle_connection(rig.ws_urls[node], rig.urls[node],
-                                                           officers[k % len(officers)].cookie, book,
-                                                           stop_idle, ev))
+                task = asyncio.create_task(
+                    idle_connection(
+                        rig.ws_urls[node],
+                        rig.urls[node],
+                        officers[k % len(officers)].cookie,
+                        book,
+                        stop_idle,
+                        ev,
+                    )
+                )
                 idle_tasks.append(task)
                 opened_events.append(ev)
                 await asyncio.wait_for(ev.wait(), 120)
@@ -709,22 +830,30 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         await asyncio.sleep(3)  # settle
         out["rss_after"] = rss_kib(rig.ws_pgids())
         out["ws_open_at_rss"] = book.open
-        log(f"  opened {book.opened} (failed first opens {book.failed_opens}) in {out['ws_open_wall']:.1f}s; "
-            f"open now {book.open}, drops so far {book.drops}")
+        log(
+            f"  opened {book.opened} (failed first opens {book.failed_opens}) in {out['ws_open_wall']:.1f}s; "
+            f"open now {book.open}, drops so far {book.drops}"
+        )
 
         # 3. the agents
         for o in officers:
             await o.open_tab()
-        log(f"\nphase 3: {args.agents} concurrent agents x {args.rounds} reference flows, {book.open} idle "
-            f"websockets open; load average {loadavg()}")
+        log(
+            f"\nphase 3: {args.agents} concurrent agents x {args.rounds} reference flows, {book.open} idle "
+            f"websockets open; load average {loadavg()}"
+        )
         cpu0 = stack.cpu_sample()
         drops0 = book.drops
         sampler = LockSampler(args.database_url)
         sampler.start()
         t0 = time.perf_counter()
         out["agents_started"] = time.time()  # wall clock, for the server-side figures of this phase
-        await asyncio.gather(*(agent_flows(i, agent, officers[agent["user"]], lean["AB"[i % 2]], data, args,
-                                           stats) for i, agent in enumerate(data["agents"])))
+        await asyncio.gather(
+            *(
+                agent_flows(i, agent, officers[agent["user"]], lean["AB"[i % 2]], data, args, stats)
+                for i, agent in enumerate(data["agents"])
+            )
+        )
         out["wall"] = time.perf_counter() - t0
         stats.retries = sum(c.resent for c in lean.values()) + sum(o.http.resent for o in officers)
         sampler.stop()
@@ -757,13 +886,27 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     db: dict = {}
     logs = ""
     try:
-        log(f"setup (cores={cores}, open files limit {limit[0]}, tmp={stack.tmp}, settings {rig.settings_module})")
+        log(
+            f"setup (cores={cores}, open files limit {limit[0]}, tmp={stack.tmp}, settings {rig.settings_module})"
+        )
         stack.create_database(args.database_url, drop_existing=args.drop_existing)
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], rig.env(), "migrate")
         data_path = stack.tmp / "setup.json"
-        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(data_path), str(args.agents),
-                        str(args.agents_per_user), REDIRECT_URI, CATALOG_AUDIENCE, LEDGER_AUDIENCE], rig.env(),
-                       f"scenario: {args.agents} agents, {math.ceil(args.agents / args.agents_per_user)} officers")
+        stack.run_step(
+            [
+                sys.executable,
+                "-c",
+                SETUP_SCRIPT,
+                str(data_path),
+                str(args.agents),
+                str(args.agents_per_user),
+                REDIRECT_URI,
+                CATALOG_AUDIENCE,
+                LEDGER_AUDIENCE,
+            ],
+            rig.env(),
+            f"scenario: {args.agents} agents, {math.ceil(args.agents / args.agents_per_user)} officers",
+        )
         data = json.loads(data_path.read_text())
         rig.start()
         monitor = ConnectionMonitor(args.database_url)
@@ -782,23 +925,36 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     stats: Stats = out["stats"]
     book: WsBook = out["book"]
     wall = out["wall"]
-    log(f"\nPostgreSQL backends on the bench database, peak: {monitor.peak.get('load', '?')} "
+    log(
+        f"\nPostgreSQL backends on the bench database, peak: {monitor.peak.get('load', '?')} "
         f"(pool {args.pool_size} per process, 2 web, 2 ws and 2 worker processes, {args.worker_concurrency} "
-        f"task threads each)")
+        f"task threads each)"
+    )
     log("\n[agents: reference flow]")
-    log(f"  flows             {stats.flows_ok} ok, {stats.flows_failed} failed"
+    log(
+        f"  flows             {stats.flows_ok} ok, {stats.flows_failed} failed"
         + (f", {stats.skipped} not started (deadline)" if stats.skipped else "")
-        + f"  ({args.agents} agents x {args.rounds} rounds)")
+        + f"  ({args.agents} agents x {args.rounds} rounds)"
+    )
     log(f"  wall              {wall:.1f} s")
-    log(f"  throughput        {stats.flows_ok / wall:.1f} flows/s, {stats.http_requests / wall:.1f} HTTP requests/s "
-        f"(5 per flow)")
-    for name, label in (("introspect", "(1) introspect session token"), ("bc_authorize", "(2) POST /o/bc-authorize/"),
-                        ("prompt", "    request -> prompt in tab"), ("approve", "(3) officer approves (HTTP)"),
-                        ("collect", "(4) collect at /o/token/"), ("redeem", "(5) redeem at /o/redeem/"),
-                        ("flow", "    whole flow")):
+    log(
+        f"  throughput        {stats.flows_ok / wall:.1f} flows/s, {stats.http_requests / wall:.1f} HTTP requests/s "
+        f"(5 per flow)"
+    )
+    for name, label in (
+        ("introspect", "(1) introspect session token"),
+        ("bc_authorize", "(2) POST /o/bc-authorize/"),
+        ("prompt", "    request -> prompt in tab"),
+        ("approve", "(3) officer approves (HTTP)"),
+        ("collect", "(4) collect at /o/token/"),
+        ("redeem", "(5) redeem at /o/redeem/"),
+        ("flow", "    whole flow"),
+    ):
         log(f"  {label:32s} {dist_ms(stats.steps[name])}")
-    log(f"  errors            {stats.errors.count}"
-        + (f"  (requests resent after a keep-alive close: {stats.retries})" if stats.retries else ""))
+    log(
+        f"  errors            {stats.errors.count}"
+        + (f"  (requests resent after a keep-alive close: {stats.retries})" if stats.retries else "")
+    )
     for sample in stats.errors.samples:
         log(f"    {sample}")
     cpu = out["cpu"]
@@ -811,74 +967,118 @@ def run(args, stack: Stack, limit: tuple[int, int]) -> int:
     n_ws = out["ws_open_at_rss"]
     per_ws = (out["rss_after"] - out["rss_before"]) / n_ws if n_ws else 0.0
     log("\n[idle websockets]")
-    log(f"  opened            {book.opened} of {args.idle_ws} in {out['ws_open_wall']:.1f}s "
-        f"({book.opened / out['ws_open_wall']:.0f}/s), first-open failures {book.failed_opens}")
-    log(f"  websocket RSS     before {out['rss_before'] / 1024:.1f} MiB, with {n_ws} open "
+    log(
+        f"  opened            {book.opened} of {args.idle_ws} in {out['ws_open_wall']:.1f}s "
+        f"({book.opened / out['ws_open_wall']:.0f}/s), first-open failures {book.failed_opens}"
+    )
+    log(
+        f"  websocket RSS     before {out['rss_before'] / 1024:.1f} MiB, with {n_ws} open "
         f"{out['rss_after'] / 1024:.1f} MiB, at the end {out['rss_end'] / 1024:.1f} MiB (both nodes' processes "
-        f"serving websockets)")
+        f"serving websockets)"
+    )
     log(f"  memory per ws     {per_ws:.1f} KiB")
-    log(f"  dropped by server {book.drops} in total, {out['drops_during_load']} during the agents' phase "
-        f"({out['drops_during_load'] / wall:.2f}/s); reopened {book.reconnects}; open at the end {out['ws_open_end']}")
+    log(
+        f"  dropped by server {book.drops} in total, {out['drops_during_load']} during the agents' phase "
+        f"({out['drops_during_load'] / wall:.2f}/s); reopened {book.reconnects}; open at the end {out['ws_open_end']}"
+    )
     if book.first_drop:
         log(f"    first drop: {book.first_drop}")
     log(f"  officers' active tabs reconnected {out['officer_reconnects']} times during the run")
 
     log("\n[database]")
-    log(f"  approvals {db['approvals']}, redeemed {db['redeemed_approvals']}; action tokens {db['action_tokens']}, "
+    log(
+        f"  approvals {db['approvals']}, redeemed {db['redeemed_approvals']}; action tokens {db['action_tokens']}, "
         f"redeemed {db['tokens_redeemed']}; approvals issued twice {db['doubly_issued']}, delivered twice "
-        f"{db['doubly_delivered']}, never delivered {db['undelivered']}")
+        f"{db['doubly_delivered']}, never delivered {db['undelivered']}"
+    )
     doubles = sum(1 for n in stats.redeemed.values() if n > 1) + db["doubly_issued"]
     consistent = db["tokens_redeemed"] == stats.flows_ok == len(stats.tokens) == db["redeemed_approvals"]
     log(f"  responses and rows agree: {'yes' if consistent else 'NO'}")
     lag = [float(x) for x in db["delivery_lag_ms"]]
-    log(f"  request row created -> push recorded by the worker (server clocks): n={len(lag)}  "
-        f"p50 {percentile(lag, 50):.1f}  p90 {percentile(lag, 90):.1f}  p99 {percentile(lag, 99):.1f} ms")
+    log(
+        f"  request row created -> push recorded by the worker (server clocks): n={len(lag)}  "
+        f"p50 {percentile(lag, 50):.1f}  p90 {percentile(lag, 90):.1f}  p99 {percentile(lag, 99):.1f} ms"
+    )
     seal = [float(x) for x in db["seal_lag_ms"]]
-    log(f"  audit event written during the agents' phase -> sealed into the chain: n={len(seal)}  p50 {percentile(seal, 50):.1f}  "
+    log(
+        f"  audit event written during the agents' phase -> sealed into the chain: n={len(seal)}  p50 {percentile(seal, 50):.1f}  "
         f"p99 {percentile(seal, 99):.1f}  max {max(seal, default=0):.1f} ms; not yet sealed at the end "
-        f"{db['unsealed']}")
-    log("    longest: " + ", ".join(f"{ev} {lag_ms:.0f} ms (written at +{at_ms / 1000:.1f} s)"
-                                    for ev, lag_ms, at_ms in db["seal_lag_worst"]))
+        f"{db['unsealed']}"
+    )
+    log(
+        "    longest: "
+        + ", ".join(
+            f"{ev} {lag_ms:.0f} ms (written at +{at_ms / 1000:.1f} s)"
+            for ev, lag_ms, at_ms in db["seal_lag_worst"]
+        )
+    )
 
     failed = bool(stats.errors.count or stats.skipped or doubles or not consistent)
     if failed:
         log("\n" + logs)
     lat = {k: sorted(x * 1000 for x in v) for k, v in stats.steps.items()}
     log("")
-    log(f"load flows_per_s={stats.flows_ok / wall:.1f} http_rps={stats.http_requests / wall:.1f} "
+    log(
+        f"load flows_per_s={stats.flows_ok / wall:.1f} http_rps={stats.http_requests / wall:.1f} "
         f"flows={stats.flows_ok} errors={stats.errors.count} agents={args.agents} "
-        + " ".join(f"{k}_p50_ms={percentile(lat[k], 50):.1f} {k}_p99_ms={percentile(lat[k], 99):.1f}"
-                   for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow"))
+        + " ".join(
+            f"{k}_p50_ms={percentile(lat[k], 50):.1f} {k}_p99_ms={percentile(lat[k], 99):.1f}"
+            for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow")
+        )
         + f" idle_ws={n_ws} kib_per_ws={per_ws:.1f} ws_drops_per_s={out['drops_during_load'] / wall:.2f} "
         f"double_tokens={doubles} delivery_lag_p50_ms={percentile(lag, 50):.1f} "
         f"delivery_lag_p99_ms={percentile(lag, 99):.1f} seal_lag_p50_ms={percentile(seal, 50):.1f} "
         f"seal_lag_p99_ms={percentile(seal, 99):.1f} "
-        + "".join(f"{k}_cpu_ms_per_flow={v:.2f} " for k, v in cpu.per(stats.flows_ok).items() if v is not None)
+        + "".join(
+            f"{k}_cpu_ms_per_flow={v:.2f} " for k, v in cpu.per(stats.flows_ok).items() if v is not None
+        )
         + f"client_cpu_ms_per_flow={1000 * cpu.client / stats.flows_ok if stats.flows_ok else 0:.2f} "
-        f"cores={cores}")
+        f"cores={cores}"
+    )
     return 1 if failed else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--agents", type=int, default=200, help="concurrent agents (max 1000)")
     p.add_argument("--rounds", type=int, default=3, help="reference flows per agent (max 50)")
-    p.add_argument("--agents-per-user", type=int, default=5,
-                   help="agents per officer (the product allows 10 pending prompts per user)")
+    p.add_argument(
+        "--agents-per-user",
+        type=int,
+        default=5,
+        help="agents per officer (the product allows 10 pending prompts per user)",
+    )
     p.add_argument("--idle-ws", type=int, default=2000, help="idle authenticated websockets (max 20000)")
     p.add_argument("--ws-open-concurrency", type=int, default=50, help="websockets being opened at once")
-    p.add_argument("--worker-concurrency", type=int, default=4,
-                   help="tasks at once per Celery worker (2 workers; threads, CELERY_WORKER_POOL)")
+    p.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=4,
+        help="tasks at once per Celery worker (2 workers; threads, CELERY_WORKER_POOL)",
+    )
     p.add_argument("--pool-size", type=int, default=10, help="DATABASE_POOL_SIZE for every server process")
-    p.add_argument("--channel-socket-timeout", type=float, default=0,
-                   help="run the servers with the channel layer's Redis socket_timeout set to this (the fix "
-                        "for idle websocket drops); 0 = product settings unchanged")
-    p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/countersign_bench_load",
-                   help="loopback PostgreSQL; this database is created for the run and dropped after it")
-    p.add_argument("--drop-existing", action="store_true", help="drop the database first if it already exists")
-    p.add_argument("--redis-url", default="",
-                   help="use this loopback Redis (its countersign queue is purged) instead of a private redis-server")
+    p.add_argument(
+        "--channel-socket-timeout",
+        type=float,
+        default=0,
+        help="run the servers with the channel layer's Redis socket_timeout set to this (the fix "
+        "for idle websocket drops); 0 = product settings unchanged",
+    )
+    p.add_argument(
+        "--database-url",
+        default="postgres://postgres@127.0.0.1:5432/countersign_bench_load",
+        help="loopback PostgreSQL; this database is created for the run and dropped after it",
+    )
+    p.add_argument(
+        "--drop-existing", action="store_true", help="drop the database first if it already exists"
+    )
+    p.add_argument(
+        "--redis-url",
+        default="",
+        help="use this loopback Redis (its countersign queue is purged) instead of a private redis-server",
+    )
     p.add_argument("--timeout", type=float, default=900, help="global limit in seconds for the whole run")
     p.add_argument("--wait-timeout", type=float, default=120, help="longest wait for one prompt (seconds)")
     p.add_argument("--request-timeout", type=float, default=60, help="per-request timeout in seconds")

@@ -63,10 +63,12 @@ from token_endpoint import REDIRECT_URI, SETUP_SCRIPT
 PEERS = BENCH / "peers"
 DOT = App(wsgi="dotpeer.wsgi:application", asgi="dotpeer.asgi:application")
 FLOOR = App(wsgi="floor:application", asgi="floor:asgi_application")
-HASHER_NOTE = ("dot: stock models and settings; client secret hashed with a salted SHA-256 "
-               "(CLIENT_SECRET_HASHER=peer_sha256, hash_client_secret=True) instead of DOT's default PBKDF2")
+HASHER_NOTE = (
+    "dot: stock models and settings; client secret hashed with a salted SHA-256 "
+    "(CLIENT_SECRET_HASHER=peer_sha256, hash_client_secret=True) instead of DOT's default PBKDF2"
+)
 
-DOT_SETUP = r'''
+DOT_SETUP = r"""
 import json, secrets, sys
 import django
 django.setup()
@@ -79,7 +81,7 @@ app = Application.objects.create(name="peer", client_type=Application.CLIENT_CON
 app.refresh_from_db()
 assert app.client_secret.startswith("peer_sha256$"), app.client_secret[:20]
 json.dump({"client_id": app.client_id, "client_secret": secret}, open(sys.argv[1], "w"))
-'''
+"""
 
 FLOOR_SCHEMA = """
 CREATE TABLE floor_client (client_id text PRIMARY KEY, secret_salt text NOT NULL, secret_hash text NOT NULL);
@@ -94,9 +96,11 @@ CREATE TABLE floor_token (id bigserial PRIMARY KEY, jti text NOT NULL UNIQUE, cl
 
 def post_bytes(port: int, path: str, authorization: str, form: dict[str, str]) -> bytes:
     body = urlencode(form).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {authorization}\r\n"
-            f"Content-Type: application/x-www-form-urlencoded\r\nAccept: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {authorization}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nAccept: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def basic(client_id: str, secret: str) -> str:
@@ -124,7 +128,8 @@ class Connection:
         for attempt in (0, 1):
             if self.writer is None:
                 self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.port), self.timeout)
+                    asyncio.open_connection("127.0.0.1", self.port), self.timeout
+                )
             try:
                 self.writer.write(payload)
                 return await asyncio.wait_for(self._response(), self.timeout)
@@ -152,7 +157,7 @@ class Connection:
             i = lower.find(b"\r\ncontent-length:")
             if i < 0:
                 raise ConnectionError("response without Content-Length or chunked encoding")
-            length = int(lower[i + 17:lower.index(b"\r\n", i + 2)])
+            length = int(lower[i + 17 : lower.index(b"\r\n", i + 2)])
             body = await self.reader.readexactly(length)
         if close:
             await self.close()
@@ -181,7 +186,9 @@ class Phase:
 
     @property
     def cpu_ms(self) -> float | None:
-        return None if self.server_cpu is None or not self.requests else 1000 * self.server_cpu / self.requests
+        return (
+            None if self.server_cpu is None or not self.requests else 1000 * self.server_cpu / self.requests
+        )
 
     @property
     def client_ms(self) -> float:
@@ -228,17 +235,34 @@ class Peers:
             env.pop(var, None)
         env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING", "SECRET_KEY": self.secret_key})
         if name == "countersign":
-            env.update({"DJANGO_SETTINGS_MODULE": "config.settings", "DATABASE_URL": self.db[name],
-                        "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
-                        "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{self.ports[name]}", **BENCH_LIMITS_ENV})
+            env.update(
+                {
+                    "DJANGO_SETTINGS_MODULE": "config.settings",
+                    "DATABASE_URL": self.db[name],
+                    "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
+                    "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{self.ports[name]}",
+                    **BENCH_LIMITS_ENV,
+                }
+            )
             if self.args.redis_url:
                 env["REDIS_URL"] = self.args.redis_url
         elif name == "dot":
-            env.update({"DJANGO_SETTINGS_MODULE": "dotpeer.settings", "DATABASE_URL": self.db[name],
-                        "PYTHONPATH": str(PEERS)})
+            env.update(
+                {
+                    "DJANGO_SETTINGS_MODULE": "dotpeer.settings",
+                    "DATABASE_URL": self.db[name],
+                    "PYTHONPATH": str(PEERS),
+                }
+            )
         else:
-            env.update({"FLOOR_DATABASE_URL": self.db[name], "FLOOR_KEY_PATH": str(self.stack.tmp / "floor.pem"),
-                        "FLOOR_ISSUER": f"http://127.0.0.1:{self.ports[name]}", "PYTHONPATH": str(PEERS)})
+            env.update(
+                {
+                    "FLOOR_DATABASE_URL": self.db[name],
+                    "FLOOR_KEY_PATH": str(self.stack.tmp / "floor.pem"),
+                    "FLOOR_ISSUER": f"http://127.0.0.1:{self.ports[name]}",
+                    "PYTHONPATH": str(PEERS),
+                }
+            )
         return env
 
     def setup(self) -> dict:
@@ -248,15 +272,22 @@ class Peers:
         out: dict = {}
 
         env = self.env("countersign")
-        stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "countersign: migrate")
+        stack.run_step(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "countersign: migrate"
+        )
         n_codes = args.warmup + args.rounds * args.requests
         path = stack.tmp / "countersign.json"
-        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(path), str(n_codes), REDIRECT_URI, "0"], env,
-                       f"countersign: agent, user, {n_codes} grants and codes")
+        stack.run_step(
+            [sys.executable, "-c", SETUP_SCRIPT, str(path), str(n_codes), REDIRECT_URI, "0"],
+            env,
+            f"countersign: agent, user, {n_codes} grants and codes",
+        )
         out["countersign"] = json.loads(path.read_text())
 
         env = self.env("dot")
-        stack.run_step([sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"], env, "dot: migrate")
+        stack.run_step(
+            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"], env, "dot: migrate"
+        )
         path = stack.tmp / "dot.json"
         stack.run_step([sys.executable, "-c", DOT_SETUP, str(path)], env, "dot: one Application")
         out["dot"] = json.loads(path.read_text())
@@ -272,21 +303,30 @@ class Peers:
         from cryptography.hazmat.primitives.asymmetric import ec
 
         key = ec.generate_private_key(ec.SECP256R1())
-        (self.stack.tmp / "floor.pem").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (self.stack.tmp / "floor.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         client_id, secret, salt = secrets.token_urlsafe(16), secrets.token_urlsafe(32), secrets.token_hex(8)
         with psycopg.connect(self.db["floor"], connect_timeout=10) as conn:
             conn.execute(FLOOR_SCHEMA)
-            conn.execute("INSERT INTO floor_client VALUES (%s, %s, %s)",
-                         [client_id, salt, hashlib.sha256(f"{salt}${secret}".encode()).hexdigest()])
+            conn.execute(
+                "INSERT INTO floor_client VALUES (%s, %s, %s)",
+                [client_id, salt, hashlib.sha256(f"{salt}${secret}".encode()).hexdigest()],
+            )
         log("  floor: schema, one client, an ES256 key")
         return {"client_id": client_id, "client_secret": secret}
 
     def start(self) -> None:
         stack = self.stack
-        procs = {"countersign": start_web(stack, "countersign", self.ports["countersign"], self.env("countersign")),
-                 "dot": start_web(stack, "dot", self.ports["dot"], self.env("dot"), app=DOT),
-                 "floor": start_web(stack, "floor", self.ports["floor"], self.env("floor"), app=FLOOR)}
+        procs = {
+            "countersign": start_web(
+                stack, "countersign", self.ports["countersign"], self.env("countersign")
+            ),
+            "dot": start_web(stack, "dot", self.ports["dot"], self.env("dot"), app=DOT),
+            "floor": start_web(stack, "floor", self.ports["floor"], self.env("floor"), app=FLOOR),
+        }
         stack.wait_http(procs["countersign"], "/.well-known/oauth-authorization-server")
         stack.wait_port(procs["dot"])
         stack.wait_http(procs["floor"], "/healthz")
@@ -310,19 +350,39 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
     cs_codes = iter(cs["codes"])
 
     def code_request(code: str, verifier: str) -> bytes:
-        return post_bytes(ports["countersign"], "/o/token/", cs_auth, {
-            "grant_type": "authorization_code", "code": code, "redirect_uri": cs["redirect_uri"],
-            "code_verifier": verifier})
+        return post_bytes(
+            ports["countersign"],
+            "/o/token/",
+            cs_auth,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": cs["redirect_uri"],
+                "code_verifier": verifier,
+            },
+        )
 
     def refresh_request(token: str) -> bytes:
-        return post_bytes(ports["countersign"], "/o/token/", cs_auth,
-                          {"grant_type": "refresh_token", "refresh_token": token})
+        return post_bytes(
+            ports["countersign"],
+            "/o/token/",
+            cs_auth,
+            {"grant_type": "refresh_token", "refresh_token": token},
+        )
 
-    cc = {name: post_bytes(ports[name], path, basic(data[name]["client_id"], data[name]["client_secret"]),
-                           {"grant_type": "client_credentials"})
-          for name, path in (("dot", "/o/token/"), ("floor", "/token"))}
-    conns = {name: [Connection(ports[name], args.request_timeout) for _ in range(args.concurrency)]
-             for name in ports}
+    cc = {
+        name: post_bytes(
+            ports[name],
+            path,
+            basic(data[name]["client_id"], data[name]["client_secret"]),
+            {"grant_type": "client_credentials"},
+        )
+        for name, path in (("dot", "/o/token/"), ("floor", "/token"))
+    }
+    conns = {
+        name: [Connection(ports[name], args.request_timeout) for _ in range(args.concurrency)]
+        for name in ports
+    }
     chains: list[str] = []  # the current refresh token of each chain (one chain per connection)
 
     def code_work(batch: list[bytes], refresh_tokens: list[str] | None = None):
@@ -333,6 +393,7 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
                 body = await timed_request(conn, payload, phase)
                 if body is not None and refresh_tokens is not None:
                     refresh_tokens.append(json.loads(body)["refresh_token"])
+
         return work
 
     def refresh_work(n: int):
@@ -346,6 +407,7 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
                 if body is None:
                     return  # the chain cannot go on without a token
                 chains[i] = json.loads(body)["refresh_token"]
+
         return work
 
     def cc_work(payload: bytes, n: int):
@@ -354,6 +416,7 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
         async def work(conn: Connection, phase: Phase) -> None:
             for _ in left:
                 await timed_request(conn, payload, phase)
+
         return work
 
     results: dict[str, list[Phase]] = {k: [] for k in ("code", "refresh", "dot", "floor")}
@@ -362,11 +425,13 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
         warm = [code_request(*next(cs_codes)) for _ in range(args.warmup)]
         w = Phase("countersign", "warm-up")
         await drive(conns["countersign"], w, code_work(warm, chains))
-        del chains[args.concurrency:]
+        del chains[args.concurrency :]
         for name in ("dot", "floor"):
             await drive(conns[name], Phase(name, "warm-up"), cc_work(cc[name], args.warmup))
-        log(f"  warm-up: {args.warmup} requests per server; countersign errors {w.errors}"
-            + (f" (first: {w.first_error})" if w.first_error else ""))
+        log(
+            f"  warm-up: {args.warmup} requests per server; countersign errors {w.errors}"
+            + (f" (first: {w.first_error})" if w.first_error else "")
+        )
         if len(chains) < args.concurrency:
             raise SystemExit(f"warm-up gave {len(chains)} refresh tokens for {args.concurrency} chains")
 
@@ -375,16 +440,31 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
                 log(f"  global deadline near: stopping after {r} rounds")
                 break
             batch = [code_request(*next(cs_codes)) for _ in range(args.requests)]
-            results["code"].append(await measure(stack, "countersign", Phase("countersign", "code"),
-                                                 conns["countersign"], code_work(batch)))
-            results["refresh"].append(await measure(stack, "countersign", Phase("countersign", "refresh"),
-                                                    conns["countersign"], refresh_work(args.requests)))
+            results["code"].append(
+                await measure(
+                    stack, "countersign", Phase("countersign", "code"), conns["countersign"], code_work(batch)
+                )
+            )
+            results["refresh"].append(
+                await measure(
+                    stack,
+                    "countersign",
+                    Phase("countersign", "refresh"),
+                    conns["countersign"],
+                    refresh_work(args.requests),
+                )
+            )
             for name in ("dot", "floor"):
-                results[name].append(await measure(stack, name, Phase(name, "cc"), conns[name],
-                                                   cc_work(cc[name], args.requests)))
-            log(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{k} {v[-1].rps:.0f}/s {v[-1].cpu_ms or 0:.2f} ms" for k, v in results.items())
-                + f"  (load {loadavg()})")
+                results[name].append(
+                    await measure(
+                        stack, name, Phase(name, "cc"), conns[name], cc_work(cc[name], args.requests)
+                    )
+                )
+            log(
+                f"  round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1].rps:.0f}/s {v[-1].cpu_ms or 0:.2f} ms" for k, v in results.items())
+                + f"  (load {loadavg()})"
+            )
     finally:
         for group in conns.values():
             for conn in group:
@@ -392,23 +472,36 @@ async def run_rounds(peers: Peers, data: dict) -> dict[str, list[Phase]]:
     return results
 
 
-LABELS = {"code": "countersign code exchange (PKCE, Basic)", "refresh": "countersign refresh (rotation)",
-          "dot": "stock DOT client_credentials", "floor": "floor (no framework) client_credentials"}
+LABELS = {
+    "code": "countersign code exchange (PKCE, Basic)",
+    "refresh": "countersign refresh (rotation)",
+    "dot": "stock DOT client_credentials",
+    "floor": "floor (no framework) client_credentials",
+}
 
 
 def report(results: dict[str, list[Phase]], args) -> tuple[dict, dict]:
     rows = {}
-    log(f"\n{'phase':42s} {'req/s':>8s} {'server CPU':>11s} {'client CPU':>11s} {'p50':>8s} {'p99':>8s} errors")
+    log(
+        f"\n{'phase':42s} {'req/s':>8s} {'server CPU':>11s} {'client CPU':>11s} {'p50':>8s} {'p99':>8s} errors"
+    )
     log(f"{'':42s} {'median':>8s} {'ms/req':>11s} {'ms/req':>11s} {'ms':>8s} {'ms':>8s}")
     for key, phases in results.items():
         lat = percentiles_ms(x for p in phases for x in p.latencies)
-        row = {"rps": median(p.rps for p in phases) or 0.0, "cpu": median(p.cpu_ms for p in phases),
-               "client": median(p.client_ms for p in phases) or 0.0, "p50": lat["p50"], "p99": lat["p99"],
-               "errors": sum(p.errors for p in phases)}
+        row = {
+            "rps": median(p.rps for p in phases) or 0.0,
+            "cpu": median(p.cpu_ms for p in phases),
+            "client": median(p.client_ms for p in phases) or 0.0,
+            "p50": lat["p50"],
+            "p99": lat["p99"],
+            "errors": sum(p.errors for p in phases),
+        }
         rows[key] = row
         cpu = f"{row['cpu']:.2f}" if row["cpu"] is not None else "n/a"
-        log(f"{LABELS[key]:42s} {row['rps']:8.1f} {cpu:>11s} {row['client']:11.2f} {row['p50']:8.2f} "
-            f"{row['p99']:8.2f} {row['errors']}")
+        log(
+            f"{LABELS[key]:42s} {row['rps']:8.1f} {cpu:>11s} {row['client']:11.2f} {row['p50']:8.2f} "
+            f"{row['p99']:8.2f} {row['errors']}"
+        )
         for p in phases:
             if p.first_error:
                 log(f"    first error: {p.first_error}")
@@ -416,8 +509,11 @@ def report(results: dict[str, list[Phase]], args) -> tuple[dict, dict]:
     n = min(len(v) for v in results.values())
 
     def ratio(a: str, b: str, attr: str) -> float | None:
-        values = [getattr(results[a][i], attr) / getattr(results[b][i], attr) for i in range(n)
-                  if getattr(results[a][i], attr) and getattr(results[b][i], attr)]
+        values = [
+            getattr(results[a][i], attr) / getattr(results[b][i], attr)
+            for i in range(n)
+            if getattr(results[a][i], attr) and getattr(results[b][i], attr)
+        ]
         return statistics.median(values) if values else None
 
     ratios = {f"{k}_rps_vs_dot": ratio(k, "dot", "rps") for k in ("code", "refresh")}
@@ -425,10 +521,14 @@ def report(results: dict[str, list[Phase]], args) -> tuple[dict, dict]:
     ratios["dot_cpu_vs_floor"] = ratio("dot", "floor", "cpu_ms")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     log(f"\nratios (median of {n} per-round ratios):")
-    log(f"  countersign req/s / DOT req/s             code exchange {fmt(ratios['code_rps_vs_dot'])}, "
-        f"refresh {fmt(ratios['refresh_rps_vs_dot'])}  (DOT does client_credentials: less work per request)")
-    log(f"  countersign CPU/req / floor CPU/req       code exchange {fmt(ratios['code_cpu_vs_floor'])}, "
-        f"refresh {fmt(ratios['refresh_cpu_vs_floor'])}")
+    log(
+        f"  countersign req/s / DOT req/s             code exchange {fmt(ratios['code_rps_vs_dot'])}, "
+        f"refresh {fmt(ratios['refresh_rps_vs_dot'])}  (DOT does client_credentials: less work per request)"
+    )
+    log(
+        f"  countersign CPU/req / floor CPU/req       code exchange {fmt(ratios['code_cpu_vs_floor'])}, "
+        f"refresh {fmt(ratios['refresh_cpu_vs_floor'])}"
+    )
     log(f"  DOT CPU/req / floor CPU/req               {fmt(ratios['dot_cpu_vs_floor'])}")
     return rows, ratios
 
@@ -440,8 +540,10 @@ def run(args, stack: Stack) -> int:
     data = peers.setup()
     peers.start()
     log("  servers ready: " + ", ".join(f"{n} 127.0.0.1:{p}" for n, p in peers.ports.items()))
-    log(f"\n{args.rounds} interleaved rounds x {args.requests} requests per phase, concurrency {args.concurrency}, "
-        f"{HASHER_NOTE}")
+    log(
+        f"\n{args.rounds} interleaved rounds x {args.requests} requests per phase, concurrency {args.concurrency}, "
+        f"{HASHER_NOTE}"
+    )
     results = asyncio.run(run_rounds(peers, data))
     if not results["code"]:
         raise SystemExit("no round completed")
@@ -455,28 +557,44 @@ def run(args, stack: Stack) -> int:
     log("")
     line = ["peers"]
     for key, row in rows.items():
-        line += [f"{key}_rps={row['rps']:.1f}", f"{key}_cpu_ms={row['cpu'] or 0:.2f}",
-                 f"{key}_p50_ms={row['p50']:.2f}", f"{key}_p99_ms={row['p99']:.2f}"]
+        line += [
+            f"{key}_rps={row['rps']:.1f}",
+            f"{key}_cpu_ms={row['cpu'] or 0:.2f}",
+            f"{key}_p50_ms={row['p50']:.2f}",
+            f"{key}_p99_ms={row['p99']:.2f}",
+        ]
     line += [f"{k}={v:.2f}" for k, v in ratios.items() if v is not None]
-    line += [f"client_cpu_ms_max={max(r['client'] for r in rows.values()):.2f}", f"rounds={len(results['code'])}",
-             f"requests={args.requests}", f"concurrency={args.concurrency}", "dot_hasher=salted_sha256",
-             f"errors={errors}", f"cores={cores}"]
+    line += [
+        f"client_cpu_ms_max={max(r['client'] for r in rows.values()):.2f}",
+        f"rounds={len(results['code'])}",
+        f"requests={args.requests}",
+        f"concurrency={args.concurrency}",
+        "dot_hasher=salted_sha256",
+        f"errors={errors}",
+        f"cores={cores}",
+    ]
     log(" ".join(line))
     return 1 if errors else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (max 50)")
     p.add_argument("--requests", type=int, default=500, help="requests per phase per round (max 20000)")
     p.add_argument("--concurrency", type=int, default=8, help="connections per server (and refresh chains)")
     p.add_argument("--warmup", type=int, default=50, help="untimed requests per server first")
-    p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/csbench_peers",
-                   help="loopback PostgreSQL; databases <name>_cs, <name>_dot and <name>_floor are created "
-                        "for the run and dropped after it")
+    p.add_argument(
+        "--database-url",
+        default="postgres://postgres@127.0.0.1:5432/csbench_peers",
+        help="loopback PostgreSQL; databases <name>_cs, <name>_dot and <name>_floor are created "
+        "for the run and dropped after it",
+    )
     p.add_argument("--drop-existing", action="store_true", help="drop those databases first if they exist")
-    p.add_argument("--redis-url", default="", help="REDIS_URL for Countersign (default: the product setting's)")
+    p.add_argument(
+        "--redis-url", default="", help="REDIS_URL for Countersign (default: the product setting's)"
+    )
     p.add_argument("--timeout", type=float, default=1200, help="global limit in seconds for the whole run")
     p.add_argument("--request-timeout", type=float, default=30, help="per-request timeout in seconds")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server logs)")

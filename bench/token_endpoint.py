@@ -163,8 +163,15 @@ class PhaseResult:
 
 
 class TokenClient:
-    def __init__(self, base_url: str, client_id: str, client_secret: str, redirect_uri: str,
-                 concurrency: int, request_timeout: float):
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        redirect_uri: str,
+        concurrency: int,
+        request_timeout: float,
+    ):
         self.redirect_uri = redirect_uri
         cred = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         self.client = httpx.AsyncClient(
@@ -194,8 +201,15 @@ class TokenClient:
             return None
 
     async def exchange(self, code: str, verifier: str, result: PhaseResult) -> dict | None:
-        return await self.post({"grant_type": "authorization_code", "code": code,
-                                "redirect_uri": self.redirect_uri, "code_verifier": verifier}, result)
+        return await self.post(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.redirect_uri,
+                "code_verifier": verifier,
+            },
+            result,
+        )
 
     async def refresh(self, refresh_token: str, result: PhaseResult) -> dict | None:
         return await self.post({"grant_type": "refresh_token", "refresh_token": refresh_token}, result)
@@ -204,8 +218,9 @@ class TokenClient:
         await self.client.aclose()
 
 
-async def run_code_exchanges(tc: TokenClient, codes: list[list[str]], concurrency: int,
-                             deadline: float, result: PhaseResult) -> list[str]:
+async def run_code_exchanges(
+    tc: TokenClient, codes: list[list[str]], concurrency: int, deadline: float, result: PhaseResult
+) -> list[str]:
     """Exchange every code with ``concurrency`` workers; returns the refresh tokens issued."""
     refresh_tokens: list[str] = []
     queue = iter(codes)
@@ -227,8 +242,9 @@ async def run_code_exchanges(tc: TokenClient, codes: list[list[str]], concurrenc
     return refresh_tokens
 
 
-async def run_refresh_chains(tc: TokenClient, starts: list[str], total: int, deadline: float,
-                             result: PhaseResult) -> None:
+async def run_refresh_chains(
+    tc: TokenClient, starts: list[str], total: int, deadline: float, result: PhaseResult
+) -> None:
     chains = len(starts)
 
     async def chain(i: int, token: str):
@@ -261,23 +277,39 @@ class ExchangeClient:
         self.key = serialization.load_pem_private_key(data["private_pem"].encode(), password=None)
         self.audience = f"{base_url}/o/token/"
         self.client = httpx.AsyncClient(
-            base_url=base_url, headers={"Accept": "application/json"},
+            base_url=base_url,
+            headers={"Accept": "application/json"},
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            timeout=httpx.Timeout(request_timeout), trust_env=False)
+            timeout=httpx.Timeout(request_timeout),
+            trust_env=False,
+        )
 
     def assertion(self) -> str:
         import jwt
 
         now = int(time.time())
-        return jwt.encode({"iss": self.client_id, "sub": self.client_id, "aud": self.audience, "iat": now,
-                           "exp": now + 60, "jti": secrets.token_urlsafe(16)}, self.key, algorithm="ES256",
-                          headers={"kid": self.kid})
+        return jwt.encode(
+            {
+                "iss": self.client_id,
+                "sub": self.client_id,
+                "aud": self.audience,
+                "iat": now,
+                "exp": now + 60,
+                "jti": secrets.token_urlsafe(16),
+            },
+            self.key,
+            algorithm="ES256",
+            headers={"kid": self.kid},
+        )
 
     async def remint(self, subject_token: str, result: PhaseResult) -> str | None:
-        data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange", "subject_token": subject_token,
-                "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
-                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                "client_assertion": self.assertion()}
+        data = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token": subject_token,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": self.assertion(),
+        }
         start = time.perf_counter()
         try:
             response = await self.client.post("/o/token/", data=data)
@@ -295,8 +327,9 @@ class ExchangeClient:
         await self.client.aclose()
 
 
-async def run_exchange_chains(xc: ExchangeClient, starts: list[str], total: int, deadline: float,
-                              result: PhaseResult) -> None:
+async def run_exchange_chains(
+    xc: ExchangeClient, starts: list[str], total: int, deadline: float, result: PhaseResult
+) -> None:
     """Each chain re-mints from the token the previous re-mint returned."""
     chains = len(starts)
 
@@ -324,14 +357,18 @@ async def timed(result: PhaseResult, stack: Stack, coro):
 
 def report(result: PhaseResult, workers: int, cores: int) -> None:
     log(f"\n[{result.name}]")
-    log(f"  requests        {result.requests}" + (f"  (not sent: {result.skipped})" if result.skipped else ""))
+    log(
+        f"  requests        {result.requests}" + (f"  (not sent: {result.skipped})" if result.skipped else "")
+    )
     log(f"  errors          {result.errors}")
     if result.first_error:
         log(f"  first error     {result.first_error}")
     log(f"  wall seconds    {result.wall:.3f}")
     log(f"  requests/s      {result.rps:.1f}")
     if workers <= cores:
-        log(f"  requests/s/core {result.rps / workers:.1f}  (rps / workers; workers={workers} <= cores={cores})")
+        log(
+            f"  requests/s/core {result.rps / workers:.1f}  (rps / workers; workers={workers} <= cores={cores})"
+        )
     else:
         log(f"  requests/s/core n/a (workers={workers} > cores={cores})")
     log(f"  latency         {dist(result.latencies)}")
@@ -362,15 +399,17 @@ class Bench:
         env = dict(os.environ)
         for name in ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS"):
             env.pop(name, None)
-        env.update({
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "DATABASE_URL": self.database_url(),
-            "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
-            "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{port}",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            **BENCH_LIMITS_ENV,
-        })
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "config.settings",
+                "DATABASE_URL": self.database_url(),
+                "COUNTERSIGN_VAR_DIR": str(self.stack.tmp),
+                "COUNTERSIGN_ISSUER": f"http://127.0.0.1:{port}",
+                "LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1",
+                **BENCH_LIMITS_ENV,
+            }
+        )
         if self.args.redis_url:
             env["REDIS_URL"] = self.args.redis_url
         return env
@@ -382,14 +421,27 @@ class Bench:
         port = free_port()
         env = self.env(port)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        log(f"setup (db={db}, workers={args.workers}, cores={cores}, load average {load:.2f}, tmp={stack.tmp})")
+        log(
+            f"setup (db={db}, workers={args.workers}, cores={cores}, load average {load:.2f}, tmp={stack.tmp})"
+        )
         if args.database_url:
             stack.create_database(args.database_url, drop_existing=args.drop_existing)
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
         codes_path = stack.tmp / "codes.json"
         n_codes = args.warmup + args.requests
-        stack.run_step([sys.executable, "-c", SETUP_SCRIPT, str(codes_path), str(n_codes), REDIRECT_URI,
-                        str(args.chains)], env, f"agent, user, {n_codes} grants and codes")
+        stack.run_step(
+            [
+                sys.executable,
+                "-c",
+                SETUP_SCRIPT,
+                str(codes_path),
+                str(n_codes),
+                REDIRECT_URI,
+                str(args.chains),
+            ],
+            env,
+            f"agent, user, {n_codes} grants and codes",
+        )
         data = json.loads(codes_path.read_text())
         web = start_web(stack, "web", port, env, workers=args.workers)
         stack.wait_http(web, "/.well-known/oauth-authorization-server")
@@ -403,19 +455,26 @@ class Bench:
         if any(r.errors for r in results) and server_log.strip():
             log("\nserver log (tail):\n" + server_log)
         per_core = args.workers <= cores
-        lat = {n: percentiles_ms(r.latencies) for n, r in zip(("code_exchange", "refresh", "exchange"), results, strict=True)}
-        summary = (f"token_endpoint code_exchange_rps={code_result.rps:.1f} refresh_rps={refresh_result.rps:.1f} "
-                   f"exchange_rps={exchange_result.rps:.1f} "
-                   f"code_exchange_web_cpu_ms={web_cpu_ms(code_result):.2f} "
-                   f"refresh_web_cpu_ms={web_cpu_ms(refresh_result):.2f} "
-                   f"exchange_web_cpu_ms={web_cpu_ms(exchange_result):.2f} "
-                   + " ".join(f"{n}_p50_ms={q['p50']:.2f} {n}_p99_ms={q['p99']:.2f}" for n, q in lat.items())
-                   + f" workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
-                   f"cores={cores} errors={sum(r.errors for r in results)}")
+        lat = {
+            n: percentiles_ms(r.latencies)
+            for n, r in zip(("code_exchange", "refresh", "exchange"), results, strict=True)
+        }
+        summary = (
+            f"token_endpoint code_exchange_rps={code_result.rps:.1f} refresh_rps={refresh_result.rps:.1f} "
+            f"exchange_rps={exchange_result.rps:.1f} "
+            f"code_exchange_web_cpu_ms={web_cpu_ms(code_result):.2f} "
+            f"refresh_web_cpu_ms={web_cpu_ms(refresh_result):.2f} "
+            f"exchange_web_cpu_ms={web_cpu_ms(exchange_result):.2f} "
+            + " ".join(f"{n}_p50_ms={q['p50']:.2f} {n}_p99_ms={q['p99']:.2f}" for n, q in lat.items())
+            + f" workers={args.workers} db={db} concurrency={args.concurrency} chains={args.chains} "
+            f"cores={cores} errors={sum(r.errors for r in results)}"
+        )
         if per_core:
-            summary += (f" code_exchange_rps_per_core={code_result.rps / args.workers:.1f}"
-                        f" refresh_rps_per_core={refresh_result.rps / args.workers:.1f}"
-                        f" exchange_rps_per_core={exchange_result.rps / args.workers:.1f}")
+            summary += (
+                f" code_exchange_rps_per_core={code_result.rps / args.workers:.1f}"
+                f" refresh_rps_per_core={refresh_result.rps / args.workers:.1f}"
+                f" exchange_rps_per_core={exchange_result.rps / args.workers:.1f}"
+            )
         log("")
         log(summary)
         failed = any(r.errors or r.skipped for r in results)
@@ -423,32 +482,56 @@ class Bench:
 
     async def phases(self, port: int, data: dict) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
         args, stack = self.args, self.stack
-        tc = TokenClient(f"http://127.0.0.1:{port}", data["client_id"], data["client_secret"],
-                         data["redirect_uri"], max(args.concurrency, args.chains), args.request_timeout)
+        tc = TokenClient(
+            f"http://127.0.0.1:{port}",
+            data["client_id"],
+            data["client_secret"],
+            data["redirect_uri"],
+            max(args.concurrency, args.chains),
+            args.request_timeout,
+        )
         try:
             codes = data["codes"]
-            warm, timed_codes = codes[:args.warmup], codes[args.warmup:]
+            warm, timed_codes = codes[: args.warmup], codes[args.warmup :]
             if warm:
                 warm_result = PhaseResult("warm-up")
                 await run_code_exchanges(tc, warm, args.concurrency, self.deadline, warm_result)
-                log(f"  warm-up: {warm_result.requests} code exchanges, {warm_result.errors} errors"
-                    + (f" (first: {warm_result.first_error[:300]})" if warm_result.first_error else ""))
+                log(
+                    f"  warm-up: {warm_result.requests} code exchanges, {warm_result.errors} errors"
+                    + (f" (first: {warm_result.first_error[:300]})" if warm_result.first_error else "")
+                )
 
-            code_result = PhaseResult(f"code exchange: {len(timed_codes)} requests, concurrency {args.concurrency}")
-            refresh_tokens = await timed(code_result, stack, run_code_exchanges(
-                tc, timed_codes, args.concurrency, self.deadline, code_result))
+            code_result = PhaseResult(
+                f"code exchange: {len(timed_codes)} requests, concurrency {args.concurrency}"
+            )
+            refresh_tokens = await timed(
+                code_result,
+                stack,
+                run_code_exchanges(tc, timed_codes, args.concurrency, self.deadline, code_result),
+            )
 
-            starts = refresh_tokens[:args.chains]
+            starts = refresh_tokens[: args.chains]
             refresh_result = PhaseResult(f"refresh chains: {args.refreshes} requests, {len(starts)} chains")
             if len(starts) < args.chains:
-                refresh_result.note_error(f"only {len(starts)} refresh tokens from phase 1 for {args.chains} chains")
+                refresh_result.note_error(
+                    f"only {len(starts)} refresh tokens from phase 1 for {args.chains} chains"
+                )
             if starts:
-                await timed(refresh_result, stack, run_refresh_chains(
-                    tc, starts, args.refreshes, self.deadline, refresh_result))
+                await timed(
+                    refresh_result,
+                    stack,
+                    run_refresh_chains(tc, starts, args.refreshes, self.deadline, refresh_result),
+                )
 
             x = data["exchange"]
-            xtc = TokenClient(f"http://127.0.0.1:{port}", x["client_id"], x["client_secret"], data["redirect_uri"],
-                              args.chains, args.request_timeout)
+            xtc = TokenClient(
+                f"http://127.0.0.1:{port}",
+                x["client_id"],
+                x["client_secret"],
+                data["redirect_uri"],
+                args.chains,
+                args.request_timeout,
+            )
             first = PhaseResult("exchange agent: first session tokens")
             x_starts: list[str] = []
             for code, verifier in x["codes"]:
@@ -457,13 +540,18 @@ class Bench:
                     x_starts.append(body["access_token"])
             await xtc.aclose()
             xc = ExchangeClient(f"http://127.0.0.1:{port}", x, args.chains, args.request_timeout)
-            exchange_result = PhaseResult(f"token-exchange re-mints (private_key_jwt): {args.refreshes} requests, "
-                                          f"{len(x_starts)} chains")
+            exchange_result = PhaseResult(
+                f"token-exchange re-mints (private_key_jwt): {args.refreshes} requests, "
+                f"{len(x_starts)} chains"
+            )
             if first.errors:
                 exchange_result.note_error(f"could not start the exchange chains: {first.first_error}")
             elif x_starts:
-                await timed(exchange_result, stack, run_exchange_chains(
-                    xc, x_starts, args.refreshes, self.deadline, exchange_result))
+                await timed(
+                    exchange_result,
+                    stack,
+                    run_exchange_chains(xc, x_starts, args.refreshes, self.deadline, exchange_result),
+                )
             await xc.aclose()
             return code_result, refresh_result, exchange_result
         finally:
@@ -474,23 +562,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000, help="code exchanges in phase 1 (default: 2000)")
     p.add_argument("--refreshes", type=int, default=None, help="refreshes in phase 2 (default: --requests)")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="concurrent code exchanges in phase 1 (default: 8)")
-    p.add_argument("--chains", type=int, default=None, help="concurrent refresh chains (default: --concurrency)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed code exchanges first (default: 25 per worker)")
-    p.add_argument("--workers", type=int, default=1, help="web server worker processes, as WEB_CONCURRENCY (default: 1)")
-    p.add_argument("--database-url", default=None,
-                   help="PostgreSQL on loopback, e.g. postgres://postgres@127.0.0.1:5432/countersign_bench; "
-                        "the database is created for the run and dropped after it (default: SQLite in a temp dir)")
-    p.add_argument("--drop-existing", action="store_true",
-                   help="with --database-url: drop the database first if it already exists")
-    p.add_argument("--timeout", type=float, default=900,
-                   help="global limit in seconds for the whole run (default: 900)")
-    p.add_argument("--request-timeout", type=float, default=30,
-                   help="per-request timeout in seconds (default: 30)")
-    p.add_argument("--redis-url", default="",
-                   help="REDIS_URL for the server (default: the product setting's)")
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="concurrent code exchanges in phase 1 (default: 8)"
+    )
+    p.add_argument(
+        "--chains", type=int, default=None, help="concurrent refresh chains (default: --concurrency)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed code exchanges first (default: 25 per worker)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="web server worker processes, as WEB_CONCURRENCY (default: 1)"
+    )
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="PostgreSQL on loopback, e.g. postgres://postgres@127.0.0.1:5432/countersign_bench; "
+        "the database is created for the run and dropped after it (default: SQLite in a temp dir)",
+    )
+    p.add_argument(
+        "--drop-existing",
+        action="store_true",
+        help="with --database-url: drop the database first if it already exists",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900, help="global limit in seconds for the whole run (default: 900)"
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=30, help="per-request timeout in seconds (default: 30)"
+    )
+    p.add_argument(
+        "--redis-url", default="", help="REDIS_URL for the server (default: the product setting's)"
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (server log, SQLite file)")
     args = p.parse_args(argv)
     args.refreshes = args.requests if args.refreshes is None else args.refreshes

@@ -64,14 +64,26 @@ class Issuer:
         self.public_key = self.private.public_key()
         self.kid = jwk_thumbprint(public)
         self.jwk = {**public, "kid": self.kid, "alg": alg, "use": "sig"}
-        self.agent = {"client_id": AGENT, "actor": f"agent:{AGENT}", "name": "Bench", "publisher": "Bench",
-                      "status": "active", "jkt": [dpop.jkt]}
+        self.agent = {
+            "client_id": AGENT,
+            "actor": f"agent:{AGENT}",
+            "name": "Bench",
+            "publisher": "Bench",
+            "status": "active",
+            "jkt": [dpop.jkt],
+        }
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/.well-known/oauth-authorization-server":
-            return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/jwks",
-                                             "agent_registry_endpoint": f"{ISSUER}/o/agents/"})
+            return httpx.Response(
+                200,
+                json={
+                    "issuer": ISSUER,
+                    "jwks_uri": f"{ISSUER}/jwks",
+                    "agent_registry_endpoint": f"{ISSUER}/o/agents/",
+                },
+            )
         if path == "/jwks":
             return httpx.Response(200, json={"keys": [self.jwk]})
         if path == f"/o/agents/{AGENT}":
@@ -80,10 +92,22 @@ class Issuer:
 
     def token(self, **extra: Any) -> str:
         now = int(time.time())
-        claims = {"iss": ISSUER, "sub": "user:1", "aud": [AUDIENCE], "client_id": AGENT,
-                  "scope": "catalog:read budget:read", "act": {"sub": f"agent:{AGENT}"}, "grant_id": "g",
-                  "jti": secrets.token_urlsafe(16), "iat": now, "exp": now + 3600, **extra}
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, "typ": "at+jwt"})
+        claims = {
+            "iss": ISSUER,
+            "sub": "user:1",
+            "aud": [AUDIENCE],
+            "client_id": AGENT,
+            "scope": "catalog:read budget:read",
+            "act": {"sub": f"agent:{AGENT}"},
+            "grant_id": "g",
+            "jti": secrets.token_urlsafe(16),
+            "iat": now,
+            "exp": now + 3600,
+            **extra,
+        }
+        return jwt.encode(
+            claims, self.private, algorithm=self.alg, headers={"kid": self.kid, "typ": "at+jwt"}
+        )
 
 
 def best_per_op(fn: Callable[[], object], n: int) -> float:
@@ -93,7 +117,9 @@ def best_per_op(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - started) / n
 
 
-def measure(pairs: list[tuple[str, Callable[[int], Callable[[], object]]]], n: int, rounds: int) -> dict[str, float]:
+def measure(
+    pairs: list[tuple[str, Callable[[int], Callable[[], object]]]], n: int, rounds: int
+) -> dict[str, float]:
     """Best seconds per operation of each named case; the cases alternate within each round."""
     best = {name: float("inf") for name, _ in pairs}
     for r in range(rounds):
@@ -105,16 +131,28 @@ def measure(pairs: list[tuple[str, Callable[[int], Callable[[], object]]]], n: i
 def run(alg: str, n: int, rounds: int) -> dict[str, float]:
     dpop = DPoPKey.generate()
     issuer = Issuer(alg, dpop)
-    verifier = TokenVerifier(ISSUER, client_id="rs", client_secret="rs-secret", audience=AUDIENCE,
-                             http=httpx.Client(transport=httpx.MockTransport(issuer.handler)))
+    verifier = TokenVerifier(
+        ISSUER,
+        client_id="rs",
+        client_secret="rs-secret",
+        audience=AUDIENCE,
+        http=httpx.Client(transport=httpx.MockTransport(issuer.handler)),
+    )
     token = issuer.token()
     bound = issuer.token(cnf={"jkt": dpop.jkt})
     verifier.verify_session(token)  # metadata, JWKS and the registry entry are fetched here, once
     key, dpop_public = issuer.public_key, dpop.private_key.public_key()
 
     def bare() -> object:
-        return jwt.decode(token, key, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER, leeway=10,
-                          options={"require": REQUIRED})
+        return jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            leeway=10,
+            options={"require": REQUIRED},
+        )
 
     def ours() -> object:
         return verifier.verify_session(token, required_scopes=("catalog:read",))
@@ -130,9 +168,17 @@ def run(alg: str, n: int, rounds: int) -> dict[str, float]:
         it = iter(bare_proofs[r])
 
         def once() -> object:
-            jwt.decode(bound, key, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER, leeway=10,
-                       options={"require": REQUIRED})
+            jwt.decode(
+                bound,
+                key,
+                algorithms=[alg],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                leeway=10,
+                options={"require": REQUIRED},
+            )
             return jwt.decode(next(it), dpop_public, algorithms=["ES256"], options={"verify_aud": False})
+
         return once
 
     def ours_dpop(r: int) -> Callable[[], object]:
@@ -153,13 +199,22 @@ def main() -> None:
     summary = []
     for alg in ("ES256", "RS256"):
         r = run(alg, args.n, args.rounds)
-        for path, bare_key, ours_key in [("session", "bare", "verifier"), ("dpop", "dpop_bare", "dpop_verifier")]:
+        for path, bare_key, ours_key in [
+            ("session", "bare", "verifier"),
+            ("dpop", "dpop_bare", "dpop_verifier"),
+        ]:
             bare_rate, ours_rate = 1 / r[bare_key], 1 / r[ours_key]
             ratio = bare_rate and ours_rate / bare_rate
-            print(f"{alg} {path:7s}  bare jwt.decode {bare_rate:8.0f}/s ({r[bare_key] * 1e6:6.1f} µs)   "
-                  f"TokenVerifier {ours_rate:8.0f}/s ({r[ours_key] * 1e6:6.1f} µs)   ratio {ratio:6.1%}")
+            print(
+                f"{alg} {path:7s}  bare jwt.decode {bare_rate:8.0f}/s ({r[bare_key] * 1e6:6.1f} µs)   "
+                f"TokenVerifier {ours_rate:8.0f}/s ({r[ours_key] * 1e6:6.1f} µs)   ratio {ratio:6.1%}"
+            )
             tag = f"{alg.lower()}_{path}"
-            summary += [f"{tag}_bare={bare_rate:.0f}", f"{tag}_verifier={ours_rate:.0f}", f"{tag}_ratio={ratio:.3f}"]
+            summary += [
+                f"{tag}_bare={bare_rate:.0f}",
+                f"{tag}_verifier={ours_rate:.0f}",
+                f"{tag}_ratio={ratio:.3f}",
+            ]
     print(" ".join(summary))
 
 

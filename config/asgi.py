@@ -31,7 +31,9 @@ class _ASGIHandler(ASGIHandler):
     """Django's handler, serving synchronous streaming bodies as asynchronous ones: Django warns
     ("StreamingHttpResponse must consume synchronous iterators...") for every static file otherwise."""
 
-    async def send_response(self, response: HttpResponseBase, send: Callable[[Mapping[str, Any]], Awaitable[None]]) -> None:
+    async def send_response(
+        self, response: HttpResponseBase, send: Callable[[Mapping[str, Any]], Awaitable[None]]
+    ) -> None:
         if response.streaming and not (streaming := cast(StreamingHttpResponse, response)).is_async:
             # Not async: its content is a synchronous iterator of bytes.
             streaming.streaming_content = _chunks(cast(Iterable[bytes], streaming.streaming_content))

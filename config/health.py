@@ -56,11 +56,18 @@ def _audit_sealer() -> None:
     stale_after = cast(float, settings.COUNTERSIGN.get("AUDIT_SEALER_STALE_SECONDS", 30))
     oldest = audit_oldest_unsealed()
     if oldest is not None and (waited := (timezone.now() - oldest).total_seconds()) > stale_after:
-        raise RuntimeError(f"audit sealer: an event has waited {waited:.0f}s to be sealed "
-                           f"(is `manage.py audit_seal --loop` running?)")
+        raise RuntimeError(
+            f"audit sealer: an event has waited {waited:.0f}s to be sealed "
+            f"(is `manage.py audit_seal --loop` running?)"
+        )
 
 
-CHECKS = {"database": _database, "channel_layer": _channel_layer, "broker": _broker, "audit_sealer": _audit_sealer}
+CHECKS = {
+    "database": _database,
+    "channel_layer": _channel_layer,
+    "broker": _broker,
+    "audit_sealer": _audit_sealer,
+}
 
 
 def readyz(request: HttpRequest) -> HttpResponse:
@@ -73,8 +80,11 @@ def readyz(request: HttpRequest) -> HttpResponse:
         except Exception as exc:  # any failure means not ready; say which and why
             ok = False
             results[name] = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:200]}
-    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": results}, status=200 if ok else 503,
-                        headers={"Cache-Control": "no-store"})
+    return JsonResponse(
+        {"status": "ok" if ok else "unavailable", "checks": results},
+        status=200 if ok else 503,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _metrics_allowed(request: HttpRequest) -> bool:

@@ -73,8 +73,11 @@ class RequestContextMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         incoming = request.META.get("HTTP_X_REQUEST_ID", "")
-        request_id = incoming if 8 <= len(incoming) <= 64 and incoming.isascii() and incoming.isprintable() \
+        request_id = (
+            incoming
+            if 8 <= len(incoming) <= 64 and incoming.isascii() and incoming.isprintable()
             else uuid.uuid4().hex
+        )
         # Not reset on the way out: Django logs the response (django.request) after the middleware
         # chain returns. Each request starts from a fresh dict, so nothing carries over.
         log_context.set({"request_id": request_id})

@@ -61,12 +61,21 @@ class DependencyDownMiddleware:
         log.error("database unavailable: %s", type(exception).__name__)
         headers = {"Retry-After": "5", "Cache-Control": "no-store"}
         if request.path.startswith(PROTOCOL_PREFIXES):
-            return JsonResponse({"error": "temporarily_unavailable",
-                                 "error_description": "The service is briefly unavailable; retry shortly."},
-                                status=503, headers=headers)
-        return HttpResponse("<!doctype html><title>Countersign is briefly unavailable</title>"
-                            "<h1>Countersign is briefly unavailable</h1><p>Please try again in a moment. "
-                            "Nothing you did was half-saved.</p>", status=503, headers=headers)
+            return JsonResponse(
+                {
+                    "error": "temporarily_unavailable",
+                    "error_description": "The service is briefly unavailable; retry shortly.",
+                },
+                status=503,
+                headers=headers,
+            )
+        return HttpResponse(
+            "<!doctype html><title>Countersign is briefly unavailable</title>"
+            "<h1>Countersign is briefly unavailable</h1><p>Please try again in a moment. "
+            "Nothing you did was half-saved.</p>",
+            status=503,
+            headers=headers,
+        )
 
 
 # POST-only protocol endpoints that never read a session, a cookie or the signed-in user: agents
@@ -101,7 +110,9 @@ class ProtocolLaneMiddleware:
         for path in LANE_PATHS:
             view = resolve(path).func
 
-            def answer(request: HttpRequest, view: Callable[..., HttpResponseBase] = view) -> HttpResponseBase:
+            def answer(
+                request: HttpRequest, view: Callable[..., HttpResponseBase] = view
+            ) -> HttpResponseBase:
                 try:
                     return view(request)
                 except Exception as exc:
@@ -116,7 +127,9 @@ class ProtocolLaneMiddleware:
             )
             lanes[path] = cast(
                 Callable[[HttpRequest], HttpResponseBase],
-                convert_exception_to_response(RateLimitMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))),
+                convert_exception_to_response(
+                    RateLimitMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
+                ),
             )
         self.lanes = lanes
 

@@ -36,7 +36,7 @@ def _split_head(head: bytes) -> tuple[bytes, list[bytes]]:
 
 def _header(lines: list[bytes], name: bytes) -> bytes | None:
     prefix = name.lower() + b":"
-    values = [line[len(prefix):].strip() for line in lines if line.lower().startswith(prefix)]
+    values = [line[len(prefix) :].strip() for line in lines if line.lower().startswith(prefix)]
     if len(values) > 1 and name == b"content-length" and len(set(values)) > 1:
         raise BadRequest("conflicting Content-Length")
     return values[0] if values else None
@@ -80,8 +80,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class _Upstream:
-    def __init__(self, kind: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 client_writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        kind: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_writer: asyncio.StreamWriter,
+    ) -> None:
         self.kind, self.reader, self.writer = kind, reader, writer
         _open.add(writer)
         self.relay = asyncio.create_task(_pipe(reader, client_writer))
@@ -94,7 +99,12 @@ class _Upstream:
             await self.writer.wait_closed()
 
 
-async def _handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter, web: tuple[str, int], ws: tuple[str, int]) -> None:
+async def _handle(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    web: tuple[str, int],
+    ws: tuple[str, int],
+) -> None:
     peer = (client_writer.get_extra_info("peername") or ("127.0.0.1",))[0]
     _open.add(client_writer)
     upstream: _Upstream | None = None
@@ -103,8 +113,10 @@ async def _handle(client_reader: asyncio.StreamReader, client_writer: asyncio.St
             try:
                 head = await client_reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
-                client_writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-                                    b"Content-Length: 0\r\n\r\n")
+                client_writer.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
                 return
             request_line, lines = _split_head(head)
             parts = request_line.split(b" ")
@@ -116,13 +128,19 @@ async def _handle(client_reader: asyncio.StreamReader, client_writer: asyncio.St
                 upstream = None
             if upstream is None:
                 try:
-                    reader, writer = await asyncio.open_connection(*(ws if kind == "ws" else web), limit=MAX_HEAD)
+                    reader, writer = await asyncio.open_connection(
+                        *(ws if kind == "ws" else web), limit=MAX_HEAD
+                    )
                 except OSError:
-                    client_writer.write(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                    client_writer.write(
+                        b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                    )
                     return
                 upstream = _Upstream(kind, reader, writer, client_writer)
             kept = [line for line in lines if not line.lower().startswith(_DROPPED)]
-            upstream.writer.write(b"\r\n".join([request_line, *kept, b"X-Forwarded-For: " + peer.encode(), b"", b""]))
+            upstream.writer.write(
+                b"\r\n".join([request_line, *kept, b"X-Forwarded-For: " + peer.encode(), b"", b""])
+            )
             if kind == "ws":  # the connection now belongs to the websocket (or to uvicorn's refusal)
                 to_server = asyncio.create_task(_pipe(client_reader, upstream.writer))
                 await asyncio.wait({to_server, upstream.relay}, return_when=asyncio.FIRST_COMPLETED)
@@ -158,10 +176,18 @@ async def _handle(client_reader: asyncio.StreamReader, client_writer: asyncio.St
             await client_writer.wait_closed()
 
 
-async def _serve(host: str, port: int, web: tuple[str, int], ws: tuple[str, int], alive: Callable[[], bool], stopped: Callable[[], bool],
-                 bound: list[int] | None = None) -> bool:
-    server = await asyncio.start_server(lambda r, w: _handle(r, w, web, ws), host, port, limit=MAX_HEAD,
-                                        reuse_address=True)
+async def _serve(
+    host: str,
+    port: int,
+    web: tuple[str, int],
+    ws: tuple[str, int],
+    alive: Callable[[], bool],
+    stopped: Callable[[], bool],
+    bound: list[int] | None = None,
+) -> bool:
+    server = await asyncio.start_server(
+        lambda r, w: _handle(r, w, web, ws), host, port, limit=MAX_HEAD, reuse_address=True
+    )
     if bound is not None:
         bound.append(server.sockets[0].getsockname()[1])
     try:
@@ -177,7 +203,14 @@ async def _serve(host: str, port: int, web: tuple[str, int], ws: tuple[str, int]
         _open.clear()
 
 
-def serve(host: str, port: int, *, web: tuple[str, int], ws: tuple[str, int],
-          alive: Callable[[], bool] = lambda: True, stopped: Callable[[], bool] = lambda: False) -> bool:
+def serve(
+    host: str,
+    port: int,
+    *,
+    web: tuple[str, int],
+    ws: tuple[str, int],
+    alive: Callable[[], bool] = lambda: True,
+    stopped: Callable[[], bool] = lambda: False,
+) -> bool:
     """Route ``host:port`` to the two backends until ``stopped()`` (returns True) or not ``alive()`` (False)."""
     return asyncio.run(_serve(host, port, web, ws, alive, stopped))

@@ -39,13 +39,30 @@ import time
 WEB_THREADS = int(os.environ.get("WEB_THREADS", "8"))
 
 
-def web_command(port: int, host: str = "127.0.0.1", *, threads: int | None = None,
-                python: str | None = None) -> list[str]:
+def web_command(
+    port: int, host: str = "127.0.0.1", *, threads: int | None = None, python: str | None = None
+) -> list[str]:
     """One HTTP server process (granian, WSGI) listening on ``host:port``."""
-    return [python or sys.executable, "-m", "granian", "--interface", "wsgi", "config.wsgi:application",
-            "--host", host, "--port", str(port), "--workers", "1",
-            "--blocking-threads", str(threads or WEB_THREADS), "--no-ws", "--respawn-failed-workers",
-            "--log-level", "warning"]
+    return [
+        python or sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "wsgi",
+        "config.wsgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--blocking-threads",
+        str(threads or WEB_THREADS),
+        "--no-ws",
+        "--respawn-failed-workers",
+        "--log-level",
+        "warning",
+    ]
 
 
 # The largest websocket message the ws server accepts at all (bytes): past it uvicorn closes the
@@ -54,8 +71,9 @@ def web_command(port: int, host: str = "127.0.0.1", *, threads: int | None = Non
 WS_MAX_SIZE = int(os.environ.get("WS_MAX_SIZE", "4096"))
 
 
-def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
-               ws_max_size: int | None = None) -> list[str]:
+def ws_command(
+    port: int, host: str = "127.0.0.1", *, python: str | None = None, ws_max_size: int | None = None
+) -> list[str]:
     """One websocket server process (uvicorn, Channels) listening on ``host:port``.
 
     uvicorn trusts X-Forwarded-For/-Proto from FORWARDED_ALLOW_IPS (default 127.0.0.1), the same
@@ -66,11 +84,27 @@ def ws_command(port: int, host: str = "127.0.0.1", *, python: str | None = None,
     server (and each browser) CPU per frame, plus zlib state held for every idle connection, to
     save a few hundred bytes on loopback-near links.
     """
-    return [python or sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", host, "--port",
-            str(port), "--no-access-log", "--log-level", "warning", "--proxy-headers",
-            # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would probe and complain.
-            "--lifespan", "off",
-            "--ws-max-size", str(ws_max_size or WS_MAX_SIZE), "--ws-per-message-deflate", "false"]
+    return [
+        python or sys.executable,
+        "-m",
+        "uvicorn",
+        "config.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--proxy-headers",
+        # Channels' ProtocolTypeRouter has no lifespan handler; uvicorn would probe and complain.
+        "--lifespan",
+        "off",
+        "--ws-max-size",
+        str(ws_max_size or WS_MAX_SIZE),
+        "--ws-per-message-deflate",
+        "false",
+    ]
 
 
 def local_command(port: int, host: str = "127.0.0.1", *, python: str | None = None) -> list[str]:
@@ -124,9 +158,12 @@ def run_local(host: str, port: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))
     web_port, ws_port = _free_port(), _free_port()
-    children = [subprocess.Popen(web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent,
-                                 process_group=0),
-                subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent, process_group=0)]
+    children = [
+        subprocess.Popen(
+            web_command(web_port, threads=_local_threads()), preexec_fn=_die_with_parent, process_group=0
+        ),
+        subprocess.Popen(ws_command(ws_port), preexec_fn=_die_with_parent, process_group=0),
+    ]
 
     def alive() -> bool:
         return all(child.poll() is None for child in children)
@@ -140,8 +177,14 @@ def run_local(host: str, port: int) -> int:
                 print("config.serving: a server process did not start", file=sys.stderr)
                 return 1
             time.sleep(0.1)
-        if not serve(host, port, web=("127.0.0.1", web_port), ws=("127.0.0.1", ws_port),
-                     alive=alive, stopped=lambda: bool(stop_requested)):
+        if not serve(
+            host,
+            port,
+            web=("127.0.0.1", web_port),
+            ws=("127.0.0.1", ws_port),
+            alive=alive,
+            stopped=lambda: bool(stop_requested),
+        ):
             print("config.serving: a server process exited", file=sys.stderr)
             return 1
         return 0
@@ -169,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["web", "ws", "local"])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--ws-max-size", type=int, default=WS_MAX_SIZE,
-                        help="ws: the largest websocket message accepted, in bytes (default %(default)s)")
+    parser.add_argument(
+        "--ws-max-size",
+        type=int,
+        default=WS_MAX_SIZE,
+        help="ws: the largest websocket message accepted, in bytes (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.kind == "local":
         return run_local(args.host, args.port)

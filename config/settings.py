@@ -48,8 +48,11 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or _development_secret_key()
 
 # The issuer's host always; more (comma-separated) from ALLOWED_HOSTS. Also the websocket Origin allow-list.
 _extra_hosts = os.environ.get("ALLOWED_HOSTS", "" if PRODUCTION else "127.0.0.1,localhost,testserver")
-ALLOWED_HOSTS = list(dict.fromkeys([ISSUER_URL.hostname or "127.0.0.1",
-                                    *(h.strip() for h in _extra_hosts.split(",") if h.strip())]))
+ALLOWED_HOSTS = list(
+    dict.fromkeys(
+        [ISSUER_URL.hostname or "127.0.0.1", *(h.strip() for h in _extra_hosts.split(",") if h.strip())]
+    )
+)
 CSRF_TRUSTED_ORIGINS = [ISSUER]
 
 INSTALLED_APPS = [
@@ -120,25 +123,36 @@ DATABASES = {
         conn_max_age=0,
     )
 }
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and os.environ.get("DATABASE_POOL", "1") == "1":
+if (
+    DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    and os.environ.get("DATABASE_POOL", "1") == "1"
+):
     # At least as many connections as a web process has threads (config.serving.WEB_THREADS), so no
     # request waits for a connection another thread of its own process holds.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")), "timeout": 10}
+        "min_size": 1,
+        "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")),
+        "timeout": 10,
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # The hot paths' statements (consent.rows, server-side binding) are prepared on each connection
     # after this many runs, so PostgreSQL parses and plans them once instead of on every request.
     # Django's own (client-side binding) cursors never prepare. "none" turns it off (e.g. behind a
     # transaction-pooling PgBouncer older than 1.21).
     _prepare = os.environ.get("DATABASE_PREPARE_THRESHOLD", "2")
-    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None if _prepare == "none" else int(_prepare)
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+        None if _prepare == "none" else int(_prepare)
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock up front, so two writers never
     # both read the audit chain head before one of them appends (see audit.services).
     # WAL lets readers run beside the writer; synchronous=NORMAL is durable in WAL mode across
     # application crashes (an OS crash may lose the last commits), the usual SQLite server setting.
-    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20,
-                                       "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -196,10 +210,17 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", 
 # Login attempt counts live in Redis so every node shares them (django-axes; consent.limits.logins).
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "limits": {"BACKEND": "consent.limits.cache.FailOpenRedisCache", "LOCATION": REDIS_URL,
-               "KEY_PREFIX": "cs:lim:axes", "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}},
+    "limits": {
+        "BACKEND": "consent.limits.cache.FailOpenRedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cs:lim:axes",
+        "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    },
 }
-AUTHENTICATION_BACKENDS = ["consent.limits.logins.LoginAttemptsBackend", "django.contrib.auth.backends.ModelBackend"]
+AUTHENTICATION_BACKENDS = [
+    "consent.limits.logins.LoginAttemptsBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
 AXES_CACHE = "limits"
 AXES_FAILURE_LIMIT = "consent.limits.logins.failure_limit"
@@ -246,7 +267,9 @@ CELERY_TASK_ACKS_LATE = True
 # A task whose worker died unacknowledged is redelivered after this many seconds. Longer than
 # the approval window, since ETA tasks (on-time expiry) wait unacknowledged too; every task is
 # idempotent, so a redelivery is harmless.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "900"))}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "900"))
+}
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Threads, not forked processes: every task here waits on PostgreSQL and Redis for most of its
 # time (a delivery is a read, two Redis scripts and a small transaction), so a worker process
@@ -308,13 +331,20 @@ COUNTERSIGN = {
 for _name in ("RATE_LIMITS", "ATTEMPT_LIMITS"):
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = json.loads(os.environ[f"COUNTERSIGN_{_name}"])
-for _name in ("CLIENT_REGISTRATION", "CIMD_CA_BUNDLE"):  # agents that were never registered (consent.selfdescribed)
+for _name in (
+    "CLIENT_REGISTRATION",
+    "CIMD_CA_BUNDLE",
+):  # agents that were never registered (consent.selfdescribed)
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = os.environ[f"COUNTERSIGN_{_name}"]
 if os.environ.get("COUNTERSIGN_REGISTRATION_ACCESS_TOKENS"):
     COUNTERSIGN["REGISTRATION_ACCESS_TOKENS"] = os.environ["COUNTERSIGN_REGISTRATION_ACCESS_TOKENS"].split()
-for _name in ("LOCKOUT_SECONDS", "LOCKOUT_MAX_SECONDS", "MAX_PROMPTS_PER_USER_IN_WINDOW",
-              "MAX_PROMPTS_PER_AGENT_IN_WINDOW"):
+for _name in (
+    "LOCKOUT_SECONDS",
+    "LOCKOUT_MAX_SECONDS",
+    "MAX_PROMPTS_PER_USER_IN_WINDOW",
+    "MAX_PROMPTS_PER_AGENT_IN_WINDOW",
+):
     if os.environ.get(f"COUNTERSIGN_{_name}"):
         COUNTERSIGN[_name] = int(os.environ[f"COUNTERSIGN_{_name}"])
 
@@ -322,8 +352,10 @@ LOG_FORMAT = os.environ.get("LOG_FORMAT", "json" if PRODUCTION else "text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "config.logging.JsonFormatter"},
-                   "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "formatters": {
+        "json": {"()": "config.logging.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},

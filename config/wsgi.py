@@ -31,11 +31,16 @@ class ChunkedBody:
         self.app = app
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if not environ.get("CONTENT_LENGTH") and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if (
+            not environ.get("CONTENT_LENGTH")
+            and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        ):
             limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440
             body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
-                start_response("413 Content Too Large", [("Content-Type", "text/plain"), ("Connection", "close")])
+                start_response(
+                    "413 Content Too Large", [("Content-Type", "text/plain"), ("Connection", "close")]
+                )
                 return [b"Request body too large."]
             environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
         return self.app(environ, start_response)
@@ -61,8 +66,12 @@ class ProxyHeaders:
             if forwarded:
                 # The nearest hop that is not one of our proxies is the client; earlier entries are
                 # whatever the client chose to send.
-                environ["REMOTE_ADDR"] = next((h for h in reversed(forwarded) if not self._trusted(h)), forwarded[0])
+                environ["REMOTE_ADDR"] = next(
+                    (h for h in reversed(forwarded) if not self._trusted(h)), forwarded[0]
+                )
         return self.app(environ, start_response)
 
 
-application = ProxyHeaders(ChunkedBody(get_wsgi_application()), os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"))
+application = ProxyHeaders(
+    ChunkedBody(get_wsgi_application()), os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+)

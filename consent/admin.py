@@ -49,9 +49,16 @@ def _admin_actor(request: HttpRequest) -> str:
 
 
 def _show_secret_once(request: HttpRequest, label: str, client_id: str, secret: str) -> None:
-    messages.warning(request, format_html(
-        "{} client id <code>{}</code>, secret <code>{}</code>. Copy it now: it is stored hashed "
-        "and will not be shown again.", label, client_id, secret))
+    messages.warning(
+        request,
+        format_html(
+            "{} client id <code>{}</code>, secret <code>{}</code>. Copy it now: it is stored hashed "
+            "and will not be shown again.",
+            label,
+            client_id,
+            secret,
+        ),
+    )
 
 
 class AuditedAdmin(admin.ModelAdmin[M]):
@@ -59,30 +66,43 @@ class AuditedAdmin(admin.ModelAdmin[M]):
 
     def save_model(self, request: HttpRequest, obj: M, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        audit_record(event=f"{self.audit_event}.{'changed' if change else 'created'}", actor=_admin_actor(request),
-                     client_id=getattr(obj, "client_id", ""),
-                     detail={"object": str(obj), "fields": sorted(form.changed_data)})
+        audit_record(
+            event=f"{self.audit_event}.{'changed' if change else 'created'}",
+            actor=_admin_actor(request),
+            client_id=getattr(obj, "client_id", ""),
+            detail={"object": str(obj), "fields": sorted(form.changed_data)},
+        )
 
     def delete_model(self, request: HttpRequest, obj: M) -> None:
-        audit_record(event=f"{self.audit_event}.deleted", actor=_admin_actor(request),
-                     client_id=getattr(obj, "client_id", ""), detail={"object": str(obj)})
+        audit_record(
+            event=f"{self.audit_event}.deleted",
+            actor=_admin_actor(request),
+            client_id=getattr(obj, "client_id", ""),
+            detail={"object": str(obj)},
+        )
         super().delete_model(request, obj)
 
 
 def _scope_choices() -> list[tuple[str, str]]:
-    return [(p.name, f"{p.name} — {p.description} ({p.get_sensitivity_display()})")
-            for p in ScopePolicy.objects.order_by("name")]
+    return [
+        (p.name, f"{p.name} — {p.description} ({p.get_sensitivity_display()})")
+        for p in ScopePolicy.objects.order_by("name")
+    ]
 
 
 class AgentAdminForm(forms.ModelForm[Agent]):
     allowed_scopes = forms.MultipleChoiceField(
-        choices=_scope_choices, widget=forms.CheckboxSelectMultiple, required=False,
+        choices=_scope_choices,
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
         help_text="Every scope this agent may ever ask for. Step-up scopes still need the user's "
-                  "confirmation for each use.",
+        "confirmation for each use.",
     )
 
     backchannel_client_notification_endpoint = forms.URLField(
-        label="CIBA notification endpoint", required=False, assume_scheme="https",
+        label="CIBA notification endpoint",
+        required=False,
+        assume_scheme="https",
         help_text="Where ping-mode approval notices are sent. Empty: the agent polls.",
     )
 
@@ -95,21 +115,41 @@ class AgentAdminForm(forms.ModelForm[Agent]):
 class AgentAdmin(AuditedAdmin[Agent]):
     audit_event = "agent"
     form = AgentAdminForm
-    list_display = ("name", "publisher", "status", "registration", "refresh_mode", "access_token_ttl", "client_id",
-                    "created")
+    list_display = (
+        "name",
+        "publisher",
+        "status",
+        "registration",
+        "refresh_mode",
+        "access_token_ttl",
+        "client_id",
+        "created",
+    )
     list_filter = ("status", "registration", "refresh_mode", "require_second_factor")
     search_fields = ("name", "publisher", "client_id", "description")
-    readonly_fields = ("client_id", "created", "updated", "registration", "metadata_source", "client_metadata",
-                       "metadata_expires_at")
+    readonly_fields = (
+        "client_id",
+        "created",
+        "updated",
+        "registration",
+        "metadata_source",
+        "client_metadata",
+        "metadata_expires_at",
+    )
     actions = ["suspend", "activate", "reset_secret"]
     fieldsets = (
         ("Identity shown to users", {"fields": ("name", "publisher", "description", "status")}),
         ("What it may ask for", {"fields": ("allowed_scopes", "require_second_factor")}),
         ("Tokens and sessions", {"fields": ("access_token_ttl", "refresh_mode", "max_grant_lifetime")}),
-        ("Protocol", {"fields": ("client_id", "redirect_uris", "jwks",
-                                 "backchannel_client_notification_endpoint")}),
+        (
+            "Protocol",
+            {"fields": ("client_id", "redirect_uris", "jwks", "backchannel_client_notification_endpoint")},
+        ),
         # Self-described agents (consent.selfdescribed): how it joined, what it said, where that came from.
-        ("Self-described", {"fields": ("registration", "metadata_source", "client_metadata", "metadata_expires_at")}),
+        (
+            "Self-described",
+            {"fields": ("registration", "metadata_source", "client_metadata", "metadata_expires_at")},
+        ),
         ("Record", {"fields": ("created", "updated")}),
     )
 
@@ -125,14 +165,18 @@ class AgentAdmin(AuditedAdmin[Agent]):
         if secret:
             _show_secret_once(request, f"Agent “{obj.name}” registered:", obj.client_id, secret)
         if change and "status" in form.changed_data and obj.status == Agent.Status.SUSPENDED:
-            for grant_id in obj.session_grants.filter(status=SessionGrant.Status.ACTIVE).values_list("pk", flat=True):
+            for grant_id in obj.session_grants.filter(status=SessionGrant.Status.ACTIVE).values_list(
+                "pk", flat=True
+            ):
                 grant_revoke(grant_id=grant_id, reason="agent_suspended", actor=_admin_actor(request))
 
     @admin.action(description="Suspend: refuse tokens and revoke its grants")
     def suspend(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent in queryset:
             if agent.status != Agent.Status.SUSPENDED:
-                agent_update(agent=agent, changes={"status": Agent.Status.SUSPENDED}, actor=_admin_actor(request))
+                agent_update(
+                    agent=agent, changes={"status": Agent.Status.SUSPENDED}, actor=_admin_actor(request)
+                )
 
     @admin.action(description="Activate (also: a self-described agent pending review)")
     def activate(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
@@ -142,8 +186,12 @@ class AgentAdmin(AuditedAdmin[Agent]):
     @admin.action(description="Issue a new client secret (the old one stops working)")
     def reset_secret(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
         for agent in queryset:
-            _show_secret_once(request, f"New secret for “{agent.name}”:", agent.client_id,
-                              agent_reset_secret(agent=agent, actor=_admin_actor(request)))
+            _show_secret_once(
+                request,
+                f"New secret for “{agent.name}”:",
+                agent.client_id,
+                agent_reset_secret(agent=agent, actor=_admin_actor(request)),
+            )
 
 
 @admin.register(ScopePolicy)
@@ -154,9 +202,18 @@ class ScopePolicyAdmin(AuditedAdmin[ScopePolicy]):
     search_fields = ("name", "description", "audience")
     fieldsets = (
         (None, {"fields": ("name", "description", "audience", "sensitivity", "require_second_factor")}),
-        ("Step-up settings (used only when sensitivity is step-up)", {"fields": (
-            "approval_window", "action_token_ttl", "fresh_auth_seconds", "authorization_details_types",
-            "auto_approve_rule")}),
+        (
+            "Step-up settings (used only when sensitivity is step-up)",
+            {
+                "fields": (
+                    "approval_window",
+                    "action_token_ttl",
+                    "fresh_auth_seconds",
+                    "authorization_details_types",
+                    "auto_approve_rule",
+                )
+            },
+        ),
     )
 
 
@@ -183,8 +240,12 @@ class ResourceServerAdmin(AuditedAdmin[ResourceServer]):
     @admin.action(description="Issue a new client secret (the old one stops working)")
     def reset_secret(self, request: HttpRequest, queryset: QuerySet[ResourceServer]) -> None:
         for rs in queryset:
-            _show_secret_once(request, f"New secret for “{rs.name}”:", rs.client_id,
-                              resource_server_reset_secret(rs=rs, actor=_admin_actor(request)))
+            _show_secret_once(
+                request,
+                f"New secret for “{rs.name}”:",
+                rs.client_id,
+                resource_server_reset_secret(rs=rs, actor=_admin_actor(request)),
+            )
 
 
 @admin.register(SessionGrant)
@@ -203,8 +264,10 @@ class SessionGrantAdmin(admin.ModelAdmin[SessionGrant]):
 
     @admin.action(description="Revoke: the agent's tokens stop working at once")
     def revoke(self, request: HttpRequest, queryset: QuerySet[SessionGrant]) -> None:
-        done = sum(grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
-                   for g in queryset)
+        done = sum(
+            grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
+            for g in queryset
+        )
         messages.success(request, f"Revoked {done} grant(s).")
 
 

@@ -67,11 +67,24 @@ DEFAULTS: dict[str, Any] = {
     # out or set to None is not limited; RATE_LIMITS_ENABLED False turns the layer off.
     "RATE_LIMITS_ENABLED": True,
     "RATE_LIMITS": {
-        "protocol": {"paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/",
-                               "/o/rs-approvals/", "/o/usage/"],
-                     "client": [1200, 60], "source": [6000, 60]},
-        "pages": {"paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
-                  "user": [120, 60], "source": [600, 60]},
+        "protocol": {
+            "paths": [
+                "/o/token/",
+                "/o/bc-authorize/",
+                "/o/redeem/",
+                "/o/introspect/",
+                "/o/revoke/",
+                "/o/rs-approvals/",
+                "/o/usage/",
+            ],
+            "client": [1200, 60],
+            "source": [6000, 60],
+        },
+        "pages": {
+            "paths": ["/accounts/", "/approvals/", "/grants/", "/activity/", "/o/authorize/", "/admin/"],
+            "user": [120, 60],
+            "source": [600, 60],
+        },
         "public": {"paths": ["/.well-known/", "/o/agents/", "/audit/checkpoints/"], "source": [1200, 60]},
         # Log shippers pulling the audit log (/audit/events/) and proofs (/audit/proofs/).
         "audit": {"paths": ["/audit/"], "source": [600, 60]},
@@ -156,7 +169,9 @@ def validate(overrides: dict[str, Any]) -> None:
     for name, value in sorted(overrides.items()):
         default = DEFAULTS.get(name)
         if default is not None and value is not None and _kind(value) is not _kind(default):
-            problems.append(f"{name} must be {_kind(default).__name__} like its default ({default!r}), "
-                            f"not {type(value).__name__} {value!r}"[:300])
+            problems.append(
+                f"{name} must be {_kind(default).__name__} like its default ({default!r}), "
+                f"not {type(value).__name__} {value!r}"[:300]
+            )
     if problems:
         raise ImproperlyConfigured("COUNTERSIGN settings: " + "; ".join(problems))

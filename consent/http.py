@@ -33,8 +33,9 @@ def www_authenticate(error: str, description: str = "", *, scheme: str = "Basic"
     return value
 
 
-def oauth_error(error: str, description: str = "", *, status: int = 400, scheme: str = "Basic",
-                reason: str = "") -> JsonResponse:
+def oauth_error(
+    error: str, description: str = "", *, status: int = 400, scheme: str = "Basic", reason: str = ""
+) -> JsonResponse:
     """Every 401 carries a WWW-Authenticate challenge with the same error and description.
 
     ``reason`` (``OAuthError.reason_code``; the ``error`` when not given) is the stable,
@@ -88,8 +89,11 @@ def claimed_client_id(request: HttpRequest) -> str:
     if not claimed and request.POST.get("client_assertion"):
         try:
             check_jwt(request.POST["client_assertion"])
-            claimed = str(jwt.decode(request.POST["client_assertion"], options={"verify_signature": False})
-                          .get("iss", ""))
+            claimed = str(
+                jwt.decode(request.POST["client_assertion"], options={"verify_signature": False}).get(
+                    "iss", ""
+                )
+            )
         except (jwt.PyJWTError, JSONTooDeep):
             claimed = ""
     return claimed[:100]

@@ -48,7 +48,8 @@ _active: tuple[float, LoadedKey] | None = None
 def jwk_thumbprint(public_jwk: dict[str, Any]) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url). Raises ValueError for an unusable key."""
     members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}.get(
-        str(public_jwk.get("kty")))
+        str(public_jwk.get("kty"))
+    )
     if members is None or any(not isinstance(public_jwk.get(m), str) for m in members):
         raise ValueError("not a usable public JWK")
     canonical = json.dumps({k: public_jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
@@ -78,7 +79,9 @@ def _load(row: SigningKey) -> LoadedKey:
     if cached is not None:
         return cached
     # An EC or RSA key: the only kinds _generate makes.
-    private = cast(SigningPrivateKey, serialization.load_pem_private_key(row.private_pem.encode(), password=None))
+    private = cast(
+        SigningPrivateKey, serialization.load_pem_private_key(row.private_pem.encode(), password=None)
+    )
     loaded = LoadedKey(row.kid, row.alg, private, private.public_key())
     _by_kid[row.kid] = loaded
     return loaded
@@ -103,8 +106,9 @@ def signing_key_create(*, alg: str | None = None) -> SigningKey:
         SigningKey.objects.filter(active=True).update(
             active=False, retired_at=now, publish_until=now + _longest_token_lifetime()
         )
-        key = SigningKey.objects.create(kid=public_jwk["kid"], alg=alg, private_pem=pem,
-                                        public_jwk=public_jwk, active=True)
+        key = SigningKey.objects.create(
+            kid=public_jwk["kid"], alg=alg, private_pem=pem, public_jwk=public_jwk, active=True
+        )
     with _lock:
         _active = None
         _published.clear()

@@ -52,58 +52,79 @@ class Agent(AbstractApplication):  # type: ignore[misc]  # django-oauth-toolkit 
     publisher = models.CharField(max_length=200, help_text="Who builds and answers for this agent.")
     description = models.TextField(blank=True, help_text="Shown to users on the consent screen.")
     status = models.CharField(
-        max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True,
+        max_length=16,
+        choices=Status.choices,
+        default=Status.ACTIVE,
+        db_index=True,
         help_text="A suspended agent gets no tokens, and its existing tokens stop working.",
     )
     allowed_scopes = models.JSONField(
-        default=list, blank=True,
+        default=list,
+        blank=True,
         help_text="Every scope this agent may ever ask for (a list of scope-policy names).",
     )
     access_token_ttl = models.PositiveIntegerField(
-        "access-token lifetime (seconds)", default=_default_ttl,
+        "access-token lifetime (seconds)",
+        default=_default_ttl,
         validators=[MinValueValidator(30)],
     )
     max_grant_lifetime = models.PositiveIntegerField(
-        "longest session grant (seconds)", default=7 * 24 * 3600,
+        "longest session grant (seconds)",
+        default=7 * 24 * 3600,
         validators=[MinValueValidator(60)],
         help_text="Users pick a grant lifetime up to this on the consent screen.",
     )
     refresh_mode = models.CharField(
-        max_length=16, choices=RefreshMode.choices, default=RefreshMode.ROTATING,
+        max_length=16,
+        choices=RefreshMode.choices,
+        default=RefreshMode.ROTATING,
         help_text="How a workflow continues past one access token's lifetime.",
     )
     require_second_factor = models.BooleanField(
-        default=False, help_text="Consent needs a password and a TOTP code.",
+        default=False,
+        help_text="Consent needs a password and a TOTP code.",
     )
     require_dpop = models.BooleanField(
-        "require DPoP", default=False,
+        "require DPoP",
+        default=False,
         help_text="Tokens only with a DPoP proof by one of the agent's registered keys (RFC 9449).",
     )
     jwks = models.JSONField(
-        null=True, blank=True,
+        null=True,
+        blank=True,
         help_text="Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.",
     )
     delegates = models.JSONField(
-        default=list, blank=True,
+        default=list,
+        blank=True,
         help_text="Client ids of sub-agents this agent may hand work to (RFC 8693 delegation). "
-                  "Users see them on the consent screen.",
+        "Users see them on the consent screen.",
     )
     registration = models.CharField(
-        max_length=24, choices=Registration.choices, default=Registration.ADMIN, db_index=True,
+        max_length=24,
+        choices=Registration.choices,
+        default=Registration.ADMIN,
+        db_index=True,
         help_text="How the agent joined. Self-described agents assert their own name and publisher.",
     )
     client_metadata = models.JSONField(
-        null=True, blank=True, help_text="Self-described agents: the client metadata exactly as received.",
+        null=True,
+        blank=True,
+        help_text="Self-described agents: the client metadata exactly as received.",
     )
     metadata_source = models.CharField(
-        max_length=300, blank=True,
+        max_length=300,
+        blank=True,
         help_text="Self-described agents: the document URL, or the address that registered it.",
     )
     metadata_expires_at = models.DateTimeField(
-        null=True, blank=True, help_text="Client ID Metadata Documents: when the cached document is fetched again.",
+        null=True,
+        blank=True,
+        help_text="Client ID Metadata Documents: when the cached document is fetched again.",
     )
     backchannel_client_notification_endpoint = models.URLField(
-        "CIBA notification endpoint", blank=True,
+        "CIBA notification endpoint",
+        blank=True,
         help_text="Where ping-mode approval notices are sent. Optional.",
     )
 
@@ -137,8 +158,11 @@ class Agent(AbstractApplication):  # type: ignore[misc]  # django-oauth-toolkit 
         """The host a self-described agent's identity rests on (its document URL's, or its redirect URI's)."""
         from urllib.parse import urlsplit
 
-        source = self.client_id if self.registration == self.Registration.METADATA_DOCUMENT else (
-            (self.redirect_uris or "").split() or [""])[0]
+        source = (
+            self.client_id
+            if self.registration == self.Registration.METADATA_DOCUMENT
+            else ((self.redirect_uris or "").split() or [""])[0]
+        )
         return urlsplit(source).hostname or ""
 
     def get_allowed_schemes(self) -> list[str]:
@@ -148,8 +172,12 @@ class Agent(AbstractApplication):  # type: ignore[misc]  # django-oauth-toolkit 
 
         schemes = list(super().get_allowed_schemes())
         http = [u for u in (self.redirect_uris or "").split() if u.lower().startswith("http:")]
-        if self.is_self_described and "http" not in schemes and http and all(
-                urlsplit(u).hostname in ("127.0.0.1", "::1") for u in http):
+        if (
+            self.is_self_described
+            and "http" not in schemes
+            and http
+            and all(urlsplit(u).hostname in ("127.0.0.1", "::1") for u in http)
+        ):
             schemes.append("http")
         return schemes
 
@@ -163,7 +191,8 @@ class ResourceServer(models.Model):
 
     name = models.CharField(max_length=200)
     audience = models.CharField(
-        max_length=500, unique=True,
+        max_length=500,
+        unique=True,
         help_text="The URI that tokens for this system carry in aud.",
     )
     client_id = models.CharField(max_length=100, unique=True, db_index=True)
@@ -189,30 +218,42 @@ class ScopePolicy(models.Model):
     description = models.CharField(max_length=300, help_text="What users read on the consent screen.")
     audience = models.CharField(max_length=500, help_text="Audience URI of the system it is for.")
     sensitivity = models.CharField(
-        max_length=16, choices=Sensitivity.choices, default=Sensitivity.STANDARD, db_index=True,
+        max_length=16,
+        choices=Sensitivity.choices,
+        default=Sensitivity.STANDARD,
+        db_index=True,
     )
     approval_window = models.PositiveIntegerField(
-        "approval window (seconds)", default=600, validators=[MinValueValidator(10)],
+        "approval window (seconds)",
+        default=600,
+        validators=[MinValueValidator(10)],
         help_text="Step-up only: how long the user has to answer a prompt.",
     )
     action_token_ttl = models.PositiveIntegerField(
-        "action-token lifetime (seconds)", default=120, validators=[MinValueValidator(10)],
+        "action-token lifetime (seconds)",
+        default=120,
+        validators=[MinValueValidator(10)],
         help_text="Step-up only: how long an approved one-shot token stays redeemable.",
     )
     fresh_auth_seconds = models.PositiveIntegerField(
-        "fresh authentication (seconds)", null=True, blank=True,
+        "fresh authentication (seconds)",
+        null=True,
+        blank=True,
         help_text="Step-up only: approving needs a sign-in this recent. Empty: no requirement.",
     )
     authorization_details_types = models.JSONField(
-        default=list, blank=True,
+        default=list,
+        blank=True,
         help_text='Step-up only: RFC 9396 types accepted, e.g. ["ledger_entry"].',
     )
     auto_approve_rule = models.CharField(
-        max_length=300, blank=True,
+        max_length=300,
+        blank=True,
         help_text="Step-up only: e.g. 'amount <= 10000'; matching requests mint without a prompt.",
     )
     require_second_factor = models.BooleanField(
-        default=False, help_text="Consenting to this scope needs a password and a TOTP code.",
+        default=False,
+        help_text="Consenting to this scope needs a password and a TOTP code.",
     )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
@@ -240,7 +281,9 @@ class ScopePolicy(models.Model):
             raise ValidationError({"auto_approve_rule": "Only step-up scopes have auto-approve rules."})
         types = self.authorization_details_types
         if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
-            raise ValidationError({"authorization_details_types": 'A list of type names, e.g. ["ledger_entry"].'})
+            raise ValidationError(
+                {"authorization_details_types": 'A list of type names, e.g. ["ledger_entry"].'}
+            )
 
 
 class SessionGrant(models.Model):  # type: ignore[django-manager-missing]  # its tokens subclass untyped DOT models
@@ -252,17 +295,24 @@ class SessionGrant(models.Model):  # type: ignore[django-manager-missing]  # its
         EXPIRED = "expired", "Expired"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="session_grants")
-    agent = models.ForeignKey(settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE,
-                              related_name="session_grants")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="session_grants"
+    )
+    agent = models.ForeignKey(
+        settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE, related_name="session_grants"
+    )
     standard_scopes = models.JSONField(default=list, help_text="Usable on the session token.")
     step_up_scopes = models.JSONField(default=list, help_text="Each use needs the user's confirmation.")
     consent_shown = models.JSONField(default=dict, help_text="What the consent screen displayed.")
     dpop_jkt = models.CharField(
-        "DPoP key thumbprint", max_length=64, blank=True,
-        help_text="Set when the first DPoP-bound token of this grant is issued; later tokens need a proof too.")
+        "DPoP key thumbprint",
+        max_length=64,
+        blank=True,
+        help_text="Set when the first DPoP-bound token of this grant is issued; later tokens need a proof too.",
+    )
     permitted_delegates = models.JSONField(
-        default=list, blank=True, help_text="Sub-agents (client ids) the user let this agent delegate to.")
+        default=list, blank=True, help_text="Sub-agents (client ids) the user let this agent delegate to."
+    )
     auth_time = models.DateTimeField()
     acr = models.CharField(max_length=100, blank=True)
     amr = models.JSONField(default=list)
@@ -321,7 +371,9 @@ class GrantUse(models.Model):
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["resource_server", "report_id"], name="grant_use_once")]
+        constraints = [
+            models.UniqueConstraint(fields=["resource_server", "report_id"], name="grant_use_once")
+        ]
         indexes = [models.Index(fields=["grant", "used_at"], name="grant_use_grant_time")]
 
     def __str__(self) -> str:
@@ -330,7 +382,9 @@ class GrantUse(models.Model):
 
 class AuthorizationCode(AbstractGrant):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="codes")
-    consumed_at = models.DateTimeField(null=True, blank=True, help_text="Set on exchange; reuse revokes the grant.")
+    consumed_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set on exchange; reuse revokes the grant."
+    )
 
     class Meta(AbstractGrant.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
@@ -369,14 +423,17 @@ class SigningKey(models.Model):
     active = models.BooleanField(default=True, db_index=True)
     retired_at = models.DateTimeField(null=True, blank=True)
     publish_until = models.DateTimeField(
-        null=True, blank=True, help_text="After this, no unexpired token it signed can exist.",
+        null=True,
+        blank=True,
+        help_text="After this, no unexpired token it signed can exist.",
     )
 
     class Meta:
         ordering = ["-created"]
         constraints = [
-            models.UniqueConstraint(fields=["active"], condition=models.Q(active=True),
-                                    name="one_active_signing_key"),
+            models.UniqueConstraint(
+                fields=["active"], condition=models.Q(active=True), name="one_active_signing_key"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -72,8 +72,16 @@ def pk_column(model: type[Model]) -> str:
 
 
 # Fields whose Python values go to the database as they are, on every backend we run on.
-_AS_IS = (models.CharField, models.TextField, models.IntegerField, models.BigIntegerField,
-          models.PositiveIntegerField, models.PositiveSmallIntegerField, models.BigAutoField, models.AutoField)
+_AS_IS = (
+    models.CharField,
+    models.TextField,
+    models.IntegerField,
+    models.BigIntegerField,
+    models.PositiveIntegerField,
+    models.PositiveSmallIntegerField,
+    models.BigAutoField,
+    models.AutoField,
+)
 
 
 # And on PostgreSQL (psycopg adapts them natively): aware datetimes, booleans, UUIDs.
@@ -133,7 +141,7 @@ def split(row: Sequence[Any], *parts: Columns) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     start = 0
     for part in parts:
-        out.append(part.load(row[start:start + len(part)]))
+        out.append(part.load(row[start : start + len(part)]))
         start += len(part)
     return out
 
@@ -149,8 +157,12 @@ def _plain(model: type[Model]) -> bool:
     the model's own, nobody listening to ``pre_init``/``post_init``."""
     from django.db.models.signals import post_init, pre_init
 
-    return (model.__init__ is Model.__init__ and model.from_db.__func__ is Model.from_db.__func__  # type: ignore[attr-defined]
-            and not pre_init.has_listeners(model) and not post_init.has_listeners(model))
+    return (
+        model.__init__ is Model.__init__
+        and model.from_db.__func__ is Model.from_db.__func__  # type: ignore[attr-defined]
+        and not pre_init.has_listeners(model)
+        and not post_init.has_listeners(model)
+    )
 
 
 def instance(model: type[M], values: dict[str, Any]) -> M:
@@ -162,7 +174,9 @@ def instance(model: type[M], values: dict[str, Any]) -> M:
     """
     if not _plain(model):
         by_attname = dict(zip(_attnames(model, tuple(values)), values.values(), strict=True))
-        ordered = [f.attname for f in model._meta.concrete_fields if f.attname in by_attname]  # from_db's order
+        ordered = [
+            f.attname for f in model._meta.concrete_fields if f.attname in by_attname
+        ]  # from_db's order
         return model.from_db(connection.alias, ordered, [by_attname[a] for a in ordered])
     obj = model.__new__(model)
     state = obj._state = ModelState()
@@ -242,16 +256,21 @@ def _cast(vendor: str, model: type[Model], name: str) -> str:
     return cast(str, target.cast_db_type(connection) or target.db_type(connection))
 
 
-def guarded_update(model: type[Model], pk: Any, set_: dict[str, Any], where: str = "",
-                   params: Sequence[Any] = ()) -> tuple[str, list[Any]]:
+def guarded_update(
+    model: type[Model], pk: Any, set_: dict[str, Any], where: str = "", params: Sequence[Any] = ()
+) -> tuple[str, list[Any]]:
     """``UPDATE model SET ... WHERE pk = ... AND where RETURNING 1``: a ``Batch`` guard that takes a row once."""
     conn = connections[DEFAULT_DB_ALIAS]
     quote = conn.ops.quote_name
     assignments = ", ".join(f"{quote(db_column(model, n))} = %s" for n in set_)
-    sql = (f"UPDATE {table(model)} SET {assignments} WHERE {quote(pk_column(model))} = %s"
-           f"{' AND ' + where if where else ''} RETURNING 1")
-    return sql, [param(model, n, v, conn) for n, v in set_.items()] + [param(model, model._meta.pk.name, pk, conn),
-                                                                        *params]
+    sql = (
+        f"UPDATE {table(model)} SET {assignments} WHERE {quote(pk_column(model))} = %s"
+        f"{' AND ' + where if where else ''} RETURNING 1"
+    )
+    return sql, [param(model, n, v, conn) for n, v in set_.items()] + [
+        param(model, model._meta.pk.name, pk, conn),
+        *params,
+    ]
 
 
 def for_share() -> str:
@@ -260,8 +279,13 @@ def for_share() -> str:
 
 
 @cache
-def _insert_select_sql(vendor: str, model: type[Model], names: tuple[tuple[str, str | None], ...],
-                       exprs: tuple[tuple[str, str], ...], sources: tuple[str, ...]) -> str:
+def _insert_select_sql(
+    vendor: str,
+    model: type[Model],
+    names: tuple[tuple[str, str | None], ...],
+    exprs: tuple[tuple[str, str], ...],
+    sources: tuple[str, ...],
+) -> str:
     """``INSERT INTO model (...) SELECT ... FROM sources RETURNING pk AS id``: a row per row of the
     sources (CTE names). ``names``: (field name, CTE whose id it takes, or None for a parameter)."""
     quote = connection.ops.quote_name
@@ -272,8 +296,10 @@ def _insert_select_sql(vendor: str, model: type[Model], names: tuple[tuple[str, 
     for col, expr in exprs:
         cols.append(quote(col))
         values.append(expr)
-    return (f"INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
-            f" FROM {', '.join(sources)} RETURNING {quote(pk_column(model))} AS id")
+    return (
+        f"INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
+        f" FROM {', '.join(sources)} RETURNING {quote(pk_column(model))} AS id"
+    )
 
 
 def event_insert(pending: PendingEvent, source: str) -> tuple[str, list[Any]]:
@@ -298,8 +324,10 @@ def _batch_sql(vendor: str, guard_sql: str, shape: tuple[BatchStep, ...]) -> str
     for i, (kind, name, model, names, exprs) in enumerate(shape):
         alias = f"s{i}"
         if kind == "delete":
-            ctes.append(f"{alias} AS (DELETE FROM {table(model)} t USING g"
-                        f" WHERE t.{quote(pk_column(model))} = %s RETURNING 1)")
+            ctes.append(
+                f"{alias} AS (DELETE FROM {table(model)} t USING g"
+                f" WHERE t.{quote(pk_column(model))} = %s RETURNING 1)"
+            )
             continue
         refs = tuple((n, None if ref is None else alias_of[ref]) for n, ref in names)
         sources = tuple(dict.fromkeys(["g", *(ref for _, ref in refs if ref is not None)]))
@@ -330,8 +358,14 @@ class Batch:
         self.guard = guard
         self.steps: list[tuple[str, str, type[Model], Any, dict[str, tuple[str, list[Any]]]]] = []
 
-    def insert(self, name: str, model: type[Model], values: dict[str, Any], *,
-               sql: dict[str, tuple[str, list[Any]]] | None = None) -> None:
+    def insert(
+        self,
+        name: str,
+        model: type[Model],
+        values: dict[str, Any],
+        *,
+        sql: dict[str, tuple[str, list[Any]]] | None = None,
+    ) -> None:
         """INSERT one row. ``values`` (field name -> value) may hold ``Ref``s; ``sql`` sets columns by
         an SQL expression and its parameters instead (PostgreSQL only)."""
         self.steps.append(("insert", name, model, values, sql or {}))
@@ -369,7 +403,9 @@ class Batch:
                     params.append(param(model, n, v, conn))
             for _, expr_params in sql.values():
                 params.extend(expr_params)
-            shape.append((kind, name, model, tuple(names), tuple((col, expr) for col, (expr, _) in sql.items())))
+            shape.append(
+                (kind, name, model, tuple(names), tuple((col, expr) for col, (expr, _) in sql.items()))
+            )
         with cursor() as cur:
             cur.execute(_batch_sql(conn.vendor, guard_sql, tuple(shape)), params)
             row = cur.fetchone()
@@ -385,10 +421,14 @@ class Batch:
             ids: dict[str, Any] = {}
             for kind, name, model, values, _sql in self.steps:
                 if kind == "delete":
-                    execute(f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(pk_column(model))} = %s",
-                            [param(model, model._meta.pk.name, values, conn)])
+                    execute(
+                        f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(pk_column(model))} = %s",
+                        [param(model, model._meta.pk.name, values, conn)],
+                    )
                 elif kind == "event":
                     ids[name] = values.append().pk
                 else:
-                    ids[name] = insert(model, {n: ids[v.name] if isinstance(v, Ref) else v for n, v in values.items()})
+                    ids[name] = insert(
+                        model, {n: ids[v.name] if isinstance(v, Ref) else v for n, v in values.items()}
+                    )
             return ids

@@ -36,8 +36,14 @@ def rule_matches(rule: str, details: list[dict[str, Any]]) -> bool:
             return False
         if not value.is_finite():
             return False
-        ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound,
-              "==": value == bound, "!=": value != bound}[op]
+        ok = {
+            "<=": value <= bound,
+            ">=": value >= bound,
+            "<": value < bound,
+            ">": value > bound,
+            "==": value == bound,
+            "!=": value != bound,
+        }[op]
         if not ok:
             return False
     return True

@@ -21,7 +21,9 @@ from .tokens import SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
 _rs_verified: dict[str, tuple[float, ResourceServer, bytes]] = {}
 
 
-def resource_server_authenticate(*, client_id: str, secret: str, cached: bool = False) -> ResourceServer | None:
+def resource_server_authenticate(
+    *, client_id: str, secret: str, cached: bool = False
+) -> ResourceServer | None:
     """The active resource server with these credentials, or None.
 
     ``cached``: a process may reuse a verification for ``CLIENT_CACHE_SECONDS``. Only
@@ -74,10 +76,30 @@ class Introspection:
         return {
             "active": True,
             "token_type": "Bearer",
-            **{k: c[k] for k in ("iss", "sub", "aud", "act", "scope", "client_id", "grant_id", "exp", "iat",
-                                 "jti", "auth_time", "acr", "amr", "cnf",
-                                 # action tokens (RFC 9396 §9.2): what exactly was approved
-                                 "authorization_details", "action_hash", "approval_id") if k in c},
+            **{
+                k: c[k]
+                for k in (
+                    "iss",
+                    "sub",
+                    "aud",
+                    "act",
+                    "scope",
+                    "client_id",
+                    "grant_id",
+                    "exp",
+                    "iat",
+                    "jti",
+                    "auth_time",
+                    "acr",
+                    "amr",
+                    "cnf",
+                    # action tokens (RFC 9396 §9.2): what exactly was approved
+                    "authorization_details",
+                    "action_hash",
+                    "approval_id",
+                )
+                if k in c
+            },
         }
 
 
@@ -103,7 +125,8 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
         f"SELECT {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql}, {_AGENT_STATUS.sql} FROM {rows.table(AccessToken)} t"
         f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
         f" JOIN {rows.table(Agent)} a ON a.id = t.application_id WHERE t.token_checksum = %s",
-        [token_checksum(token)])
+        [token_checksum(token)],
+    )
     now = timezone.now()
     if row is None:
         return Introspection(False, {}, "token revoked")
@@ -112,6 +135,9 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
         return Introspection(False, {}, "token revoked")
     if grant_row["status"] != SessionGrant.Status.ACTIVE or grant_row["expires_at"] <= now:
         return Introspection(False, {}, f"grant {grant_row['status']}")
-    if agent_row["status"] not in (Agent.Status.ACTIVE, Agent.Status.PENDING_REVIEW):  # pending: session scopes
+    if agent_row["status"] not in (
+        Agent.Status.ACTIVE,
+        Agent.Status.PENDING_REVIEW,
+    ):  # pending: session scopes
         return Introspection(False, {}, "agent suspended")
     return Introspection(True, claims)

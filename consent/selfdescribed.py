@@ -80,8 +80,14 @@ def _fields(metadata: ClientMetadata, *, host: str) -> dict[str, Any]:
 
 
 @transaction.atomic
-def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at: datetime,
-                        jwks: dict[str, Any] | None = None, request: HttpRequest | None = None) -> tuple[Agent, bool]:
+def agent_from_document(
+    *,
+    client_id: str,
+    metadata: ClientMetadata,
+    expires_at: datetime,
+    jwks: dict[str, Any] | None = None,
+    request: HttpRequest | None = None,
+) -> tuple[Agent, bool]:
     """Create, or refresh from a newly fetched document, the agent a metadata document describes.
 
     An admin's decisions stand: a refresh never changes the status (a suspended agent stays
@@ -100,26 +106,47 @@ def agent_from_document(*, client_id: str, metadata: ClientMetadata, expires_at:
             setattr(agent, name, value)
         agent.save(update_fields=[*changed, "metadata_expires_at", "updated"])
         if changed:
-            audit_record(event="agent.metadata_refreshed", actor=f"agent:{client_id}", client_id=client_id[:100],
-                         request=request, detail={"changed": sorted(changed)})
+            audit_record(
+                event="agent.metadata_refreshed",
+                actor=f"agent:{client_id}",
+                client_id=client_id[:100],
+                request=request,
+                detail={"changed": sorted(changed)},
+            )
         return agent, False
     agent = Agent(
-        client_id=client_id, client_secret="", hash_client_secret=False,
-        authorization_grant_type=Agent.GRANT_AUTHORIZATION_CODE, status=initial_status(),
-        registration=Agent.Registration.METADATA_DOCUMENT, metadata_source=client_id[:300],
-        metadata_expires_at=expires_at, **fields,
+        client_id=client_id,
+        client_secret="",
+        hash_client_secret=False,
+        authorization_grant_type=Agent.GRANT_AUTHORIZATION_CODE,
+        status=initial_status(),
+        registration=Agent.Registration.METADATA_DOCUMENT,
+        metadata_source=client_id[:300],
+        metadata_expires_at=expires_at,
+        **fields,
     )
     _checked(agent)
     agent.save()
-    audit_record(event="agent.self_described", actor=f"agent:{client_id}", client_id=client_id[:100],
-                 request=request, detail={"registration": agent.registration, "status": agent.status,
-                                          "name": agent.name, "scopes": agent.allowed_scopes,
-                                          "redirect_uris": metadata.redirect_uris})
+    audit_record(
+        event="agent.self_described",
+        actor=f"agent:{client_id}",
+        client_id=client_id[:100],
+        request=request,
+        detail={
+            "registration": agent.registration,
+            "status": agent.status,
+            "name": agent.name,
+            "scopes": agent.allowed_scopes,
+            "redirect_uris": metadata.redirect_uris,
+        },
+    )
     return agent, True
 
 
 @transaction.atomic
-def agent_register(*, metadata: ClientMetadata, source: str, request: HttpRequest | None = None) -> tuple[Agent, str]:
+def agent_register(
+    *, metadata: ClientMetadata, source: str, request: HttpRequest | None = None
+) -> tuple[Agent, str]:
     """RFC 7591 §3.2.1: register a self-described agent. Returns it with its client secret ("" for a
     public client), which is shown this once and stored hashed."""
     host = urlsplit(metadata.redirect_uris[0]).hostname or ""
@@ -127,16 +154,28 @@ def agent_register(*, metadata: ClientMetadata, source: str, request: HttpReques
     agent = Agent(
         client_id=f"dyn_{secrets.token_urlsafe(18)}",
         client_type=Agent.CLIENT_PUBLIC if metadata.is_public else Agent.CLIENT_CONFIDENTIAL,
-        client_secret=secret, hash_client_secret=not metadata.is_public,
-        authorization_grant_type=Agent.GRANT_AUTHORIZATION_CODE, status=initial_status(),
-        registration=Agent.Registration.DYNAMIC, metadata_source=f"registration from {source}"[:300],
+        client_secret=secret,
+        hash_client_secret=not metadata.is_public,
+        authorization_grant_type=Agent.GRANT_AUTHORIZATION_CODE,
+        status=initial_status(),
+        registration=Agent.Registration.DYNAMIC,
+        metadata_source=f"registration from {source}"[:300],
         **_fields(metadata, host=host),
     )
     _checked(agent)
     agent.save()
-    audit_record(event="agent.self_described", actor=f"agent:{agent.client_id}", client_id=agent.client_id,
-                 request=request, detail={"registration": agent.registration, "status": agent.status,
-                                          "name": agent.name, "scopes": agent.allowed_scopes,
-                                          "redirect_uris": metadata.redirect_uris,
-                                          "token_endpoint_auth_method": metadata.auth_method})
+    audit_record(
+        event="agent.self_described",
+        actor=f"agent:{agent.client_id}",
+        client_id=agent.client_id,
+        request=request,
+        detail={
+            "registration": agent.registration,
+            "status": agent.status,
+            "name": agent.name,
+            "scopes": agent.allowed_scopes,
+            "redirect_uris": metadata.redirect_uris,
+            "token_endpoint_auth_method": metadata.auth_method,
+        },
+    )
     return agent, secret

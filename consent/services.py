@@ -83,8 +83,12 @@ def agent_create(
     )
     agent.full_clean(exclude=["client_secret", "user"])
     agent.save()
-    audit_record(event="agent.created", actor=actor, client_id=agent.client_id,
-                 detail={"name": name, "scopes": scopes, "refresh_mode": refresh_mode})
+    audit_record(
+        event="agent.created",
+        actor=actor,
+        client_id=agent.client_id,
+        detail={"name": name, "scopes": scopes, "refresh_mode": refresh_mode},
+    )
     return agent, secret
 
 
@@ -107,13 +111,17 @@ def agent_update(*, agent: Agent, changes: dict[str, Any], actor: str = "system"
         setattr(agent, field, value)
     agent.full_clean(exclude=["client_secret", "user"])
     agent.save(update_fields=[*changes, "updated"])
-    audit_record(event="agent.changed", actor=actor, client_id=agent.client_id,
-                 detail={k: v for k, v in changes.items() if k != "jwks"} | (
-                     {"jwks": "changed"} if "jwks" in changes else {}))
+    audit_record(
+        event="agent.changed",
+        actor=actor,
+        client_id=agent.client_id,
+        detail={k: v for k, v in changes.items() if k != "jwks"}
+        | ({"jwks": "changed"} if "jwks" in changes else {}),
+    )
     if changes.get("status") == Agent.Status.SUSPENDED:
-        for grant_id in SessionGrant.objects.filter(agent=agent, status=SessionGrant.Status.ACTIVE).values_list(
-            "pk", flat=True
-        ):
+        for grant_id in SessionGrant.objects.filter(
+            agent=agent, status=SessionGrant.Status.ACTIVE
+        ).values_list("pk", flat=True):
             grant_revoke(grant_id=grant_id, reason="agent_suspended", actor=actor)
     return agent
 
@@ -123,12 +131,20 @@ def agent_update(*, agent: Agent, changes: dict[str, Any], actor: str = "system"
 
 def resource_server_create(*, name: str, audience: str, actor: str = "system") -> tuple[ResourceServer, str]:
     secret = generate_secret()
-    rs = ResourceServer(name=name, audience=audience, client_id=f"rs_{secrets.token_urlsafe(12)}",
-                        client_secret=hash_secret(secret))
+    rs = ResourceServer(
+        name=name,
+        audience=audience,
+        client_id=f"rs_{secrets.token_urlsafe(12)}",
+        client_secret=hash_secret(secret),
+    )
     rs.full_clean()
     rs.save()
-    audit_record(event="resource_server.created", actor=actor, client_id=rs.client_id,
-                 detail={"name": name, "audience": audience})
+    audit_record(
+        event="resource_server.created",
+        actor=actor,
+        client_id=rs.client_id,
+        detail={"name": name, "audience": audience},
+    )
     return rs, secret
 
 
@@ -151,8 +167,11 @@ def scope_set(*, name: str, values: dict[str, Any], actor: str = "system") -> tu
     policy.full_clean()
     policy.save()
     forget_audiences()
-    audit_record(event="scope_policy.created" if created else "scope_policy.changed", actor=actor,
-                 detail={"name": name, **{k: v for k, v in values.items()}})
+    audit_record(
+        event="scope_policy.created" if created else "scope_policy.changed",
+        actor=actor,
+        detail={"name": name, **{k: v for k, v in values.items()}},
+    )
     return policy, created
 
 
@@ -162,8 +181,9 @@ def scope_set(*, name: str, values: dict[str, Any], actor: str = "system") -> tu
 def split_scopes(scopes: list[str]) -> tuple[list[str], list[str]]:
     """(standard, step_up), in request order."""
     step_up = set(
-        ScopePolicy.objects.filter(name__in=scopes, sensitivity=ScopePolicy.Sensitivity.STEP_UP)
-        .values_list("name", flat=True)
+        ScopePolicy.objects.filter(name__in=scopes, sensitivity=ScopePolicy.Sensitivity.STEP_UP).values_list(
+            "name", flat=True
+        )
     )
     return [s for s in scopes if s not in step_up], [s for s in scopes if s in step_up]
 
@@ -196,16 +216,31 @@ def grant_create(
     now = timezone.now()
     with transaction.atomic():
         grant = SessionGrant.objects.create(
-            user=user, agent=agent, standard_scopes=standard, step_up_scopes=step_up,
+            user=user,
+            agent=agent,
+            standard_scopes=standard,
+            step_up_scopes=step_up,
             permitted_delegates=[d.client_id for d in delegates],
-            consent_shown=consent_shown, auth_time=auth.auth_time, amr=auth.amr, acr=auth.acr,
-            created=now, expires_at=now + timedelta(seconds=lifetime),
+            consent_shown=consent_shown,
+            auth_time=auth.auth_time,
+            amr=auth.amr,
+            acr=auth.acr,
+            created=now,
+            expires_at=now + timedelta(seconds=lifetime),
         )
         audit_record(
-            event="consent.given", actor=f"user:{user.pk}", user_id=user.pk, client_id=agent.client_id,
-            grant_id=grant.pk, request=request,
-            detail={"standard_scopes": standard, "step_up_scopes": step_up, "lifetime": lifetime,
-                    "amr": auth.amr},
+            event="consent.given",
+            actor=f"user:{user.pk}",
+            user_id=user.pk,
+            client_id=agent.client_id,
+            grant_id=grant.pk,
+            request=request,
+            detail={
+                "standard_scopes": standard,
+                "step_up_scopes": step_up,
+                "lifetime": lifetime,
+                "amr": auth.amr,
+            },
         )
     return grant
 
@@ -217,16 +252,29 @@ def grant_extend(*, grant_id: Any, seconds: int, actor: str, approval_id: Any = 
     """
     now = timezone.now()
     with transaction.atomic():
-        grant = (SessionGrant.objects.select_for_update(of=("self",)).select_related("agent")
-                 .filter(pk=grant_id).first())
+        grant = (
+            SessionGrant.objects.select_for_update(of=("self",))
+            .select_related("agent")
+            .filter(pk=grant_id)
+            .first()
+        )
         if grant is None or not grant.is_live(now):
             return None
         seconds = min(seconds, grant.agent.max_grant_lifetime, countersign_settings.MAX_GRANT_LIFETIME)
         new_end = max(grant.expires_at, now + timedelta(seconds=seconds))
         SessionGrant.objects.filter(pk=grant.pk).update(expires_at=new_end)
-        audit_record(event="grant.extended", actor=actor, user_id=grant.user_id, client_id=grant.agent.client_id,
-                     grant_id=grant.pk, detail={"from": grant.expires_at.isoformat(), "to": new_end.isoformat(),
-                                                "approval_id": str(approval_id or "")})
+        audit_record(
+            event="grant.extended",
+            actor=actor,
+            user_id=grant.user_id,
+            client_id=grant.agent.client_id,
+            grant_id=grant.pk,
+            detail={
+                "from": grant.expires_at.isoformat(),
+                "to": new_end.isoformat(),
+                "approval_id": str(approval_id or ""),
+            },
+        )
         grant.expires_at = new_end
     return grant
 
@@ -236,8 +284,9 @@ def _end_grant_tokens(grant_id: Any, now: datetime) -> None:
     AccessToken.objects.filter(session_grant_id=grant_id, expires__gt=now).update(expires=now)
 
 
-def grant_revoke(*, grant_id: Any, reason: str, actor: str, user: User | None = None,
-                 request: HttpRequest | None = None) -> bool:
+def grant_revoke(
+    *, grant_id: Any, reason: str, actor: str, user: User | None = None, request: HttpRequest | None = None
+) -> bool:
     """Revoke a grant and every token from it. Returns False if it was not active.
 
     With ``user`` given, only that user's grant can be revoked.
@@ -254,11 +303,18 @@ def grant_revoke(*, grant_id: Any, reason: str, actor: str, user: User | None = 
             return False
         grant = SessionGrant.objects.select_related("agent").get(pk=grant_id)
         _end_grant_tokens(grant.pk, now)
-        grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason=reason, actor=actor,
-                         user_id=grant.user_id)
-        audit_record(event="grant.revoked", actor=actor, user_id=grant.user_id,
-                     client_id=grant.agent.client_id, grant_id=grant.pk, request=request,
-                     detail={"reason": reason})
+        grant_ended.send(
+            sender=SessionGrant, grant_id=grant.pk, reason=reason, actor=actor, user_id=grant.user_id
+        )
+        audit_record(
+            event="grant.revoked",
+            actor=actor,
+            user_id=grant.user_id,
+            client_id=grant.agent.client_id,
+            grant_id=grant.pk,
+            request=request,
+            detail={"reason": reason},
+        )
     return True
 
 
@@ -274,9 +330,19 @@ def grants_expire() -> int:
             )
             if updated == 1:
                 _end_grant_tokens(grant.pk, now)
-                grant_ended.send(sender=SessionGrant, grant_id=grant.pk, reason="lifetime_ended", actor="system",
-                                  user_id=grant.user_id)
-                audit_record(event="grant.expired", actor="system", user_id=grant.user_id,
-                             client_id=grant.agent.client_id, grant_id=grant.pk)
+                grant_ended.send(
+                    sender=SessionGrant,
+                    grant_id=grant.pk,
+                    reason="lifetime_ended",
+                    actor="system",
+                    user_id=grant.user_id,
+                )
+                audit_record(
+                    event="grant.expired",
+                    actor="system",
+                    user_id=grant.user_id,
+                    client_id=grant.agent.client_id,
+                    grant_id=grant.pk,
+                )
                 count += 1
     return count

@@ -76,8 +76,14 @@ def sign(claims: dict[str, Any], *, typ: str) -> str:
     return jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": typ})
 
 
-def session_claims(*, grant: SessionGrant, client_id: str, scopes: list[str], expires_in: int,
-                   audience: list[str] | None = None) -> dict[str, Any]:
+def session_claims(
+    *,
+    grant: SessionGrant,
+    client_id: str,
+    scopes: list[str],
+    expires_in: int,
+    audience: list[str] | None = None,
+) -> dict[str, Any]:
     """``audience``: the RFC 8707 resources asked for (``consent.oauth.resource.narrow``); by default
     every audience of ``scopes``."""
     now = int(time.time())
@@ -143,8 +149,13 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
         options["verify_aud"] = False
     try:
         return jwt.decode(
-            token, key.public_key, algorithms=[key.alg], issuer=countersign_settings.ISSUER,
-            audience=audience, options=options, leeway=countersign_settings.LEEWAY_SECONDS,
+            token,
+            key.public_key,
+            algorithms=[key.alg],
+            issuer=countersign_settings.ISSUER,
+            audience=audience,
+            options=options,
+            leeway=countersign_settings.LEEWAY_SECONDS,
         )
     except jwt.ExpiredSignatureError as exc:
         raise TokenInvalid("token expired") from exc

@@ -48,7 +48,9 @@ def _parse(item: Any, index: int, now: datetime) -> dict[str, Any]:
     if not isinstance(scope, str) or not 0 < len(scope) <= 100 or " " in scope:
         raise InvalidRequest(f"uses[{index}].scope must be the one scope the use needed")
     if not isinstance(operation, str) or not _OPERATION.fullmatch(operation):
-        raise InvalidRequest(f"uses[{index}].operation must be a short label (80 characters, no control characters)")
+        raise InvalidRequest(
+            f"uses[{index}].operation must be a short label (80 characters, no control characters)"
+        )
     if outcome not in OUTCOMES:
         raise InvalidRequest(f"uses[{index}].outcome must be one of {', '.join(OUTCOMES)}")
     if isinstance(at, bool) or not isinstance(at, int | float):
@@ -56,8 +58,14 @@ def _parse(item: Any, index: int, now: datetime) -> dict[str, Any]:
     used_at = datetime.fromtimestamp(at, tz=UTC)
     if used_at > now + timedelta(seconds=60) or used_at < now - MAX_AGE:
         raise InvalidRequest(f"uses[{index}].at is not a recent time")
-    return {"report_id": report_id, "jti": jti, "scope": scope, "operation": operation, "outcome": outcome,
-            "used_at": used_at}
+    return {
+        "report_id": report_id,
+        "jti": jti,
+        "scope": scope,
+        "operation": operation,
+        "outcome": outcome,
+        "used_at": used_at,
+    }
 
 
 def grant_uses_record(*, resource_server: ResourceServer, uses: Any) -> UsageResult:
@@ -71,24 +79,46 @@ def grant_uses_record(*, resource_server: ResourceServer, uses: Any) -> UsageRes
     parsed = [_parse(item, i, now) for i, item in enumerate(uses)]
     if len({p["report_id"] for p in parsed}) != len(parsed):
         raise InvalidRequest("two uses in one report share an id")
-    tokens = {row["jti"]: row for row in AccessToken.objects.filter(jti__in={p["jti"] for p in parsed}).values(
-        "jti", "scope", "session_grant_id", "session_grant__user_id", "application__client_id")}
-    audiences = dict(ScopePolicy.objects.filter(name__in={p["scope"] for p in parsed}).values_list("name", "audience"))
+    tokens = {
+        row["jti"]: row
+        for row in AccessToken.objects.filter(jti__in={p["jti"] for p in parsed}).values(
+            "jti", "scope", "session_grant_id", "session_grant__user_id", "application__client_id"
+        )
+    }
+    audiences = dict(
+        ScopePolicy.objects.filter(name__in={p["scope"] for p in parsed}).values_list("name", "audience")
+    )
     for i, p in enumerate(parsed):
         token = tokens.get(p["jti"])
         if token is None:
             raise InvalidTarget(f"uses[{i}]: no session token with that jti was issued", reason="unknown jti")
-        if p["scope"] not in (token["scope"] or "").split() or audiences.get(p["scope"]) != resource_server.audience:
-            raise InvalidTarget(f"uses[{i}]: that token was not issued to this resource server for {p['scope']}",
-                                reason="token not issued for this resource server")
-    seen = set(GrantUse.objects.filter(resource_server=resource_server,
-                                       report_id__in=[p["report_id"] for p in parsed])
-               .values_list("report_id", flat=True))
+        if (
+            p["scope"] not in (token["scope"] or "").split()
+            or audiences.get(p["scope"]) != resource_server.audience
+        ):
+            raise InvalidTarget(
+                f"uses[{i}]: that token was not issued to this resource server for {p['scope']}",
+                reason="token not issued for this resource server",
+            )
+    seen = set(
+        GrantUse.objects.filter(
+            resource_server=resource_server, report_id__in=[p["report_id"] for p in parsed]
+        ).values_list("report_id", flat=True)
+    )
     fresh = [p for p in parsed if p["report_id"] not in seen]
     with transaction.atomic():
-        GrantUse.objects.bulk_create([
-            GrantUse(grant_id=tokens[p["jti"]]["session_grant_id"], resource_server=resource_server,
-                     received_at=now, **p) for p in fresh], ignore_conflicts=True)
+        GrantUse.objects.bulk_create(
+            [
+                GrantUse(
+                    grant_id=tokens[p["jti"]]["session_grant_id"],
+                    resource_server=resource_server,
+                    received_at=now,
+                    **p,
+                )
+                for p in fresh
+            ],
+            ignore_conflicts=True,
+        )
         by_grant: dict[Any, list[dict[str, Any]]] = {}
         for p in fresh:
             by_grant.setdefault(tokens[p["jti"]]["session_grant_id"], []).append(p)
@@ -96,11 +126,18 @@ def grant_uses_record(*, resource_server: ResourceServer, uses: Any) -> UsageRes
             token = tokens[items[0]["jti"]]
             # One audit row per grant and report, not per use: a busy system cannot grow the trail
             # by a row for every request it serves.
-            audit_record(event="grant.used", actor=f"rs:{resource_server.client_id}",
-                         user_id=token["session_grant__user_id"], client_id=token["application__client_id"],
-                         grant_id=grant_id, detail={
-                             "uses": len(items), "operations": sorted({i["operation"] or i["scope"] for i in items})[:10],
-                             "refused": sum(i["outcome"] in ("refused", "error") for i in items)})
+            audit_record(
+                event="grant.used",
+                actor=f"rs:{resource_server.client_id}",
+                user_id=token["session_grant__user_id"],
+                client_id=token["application__client_id"],
+                grant_id=grant_id,
+                detail={
+                    "uses": len(items),
+                    "operations": sorted({i["operation"] or i["scope"] for i in items})[:10],
+                    "refused": sum(i["outcome"] in ("refused", "error") for i in items),
+                },
+            )
             user_id = token["session_grant__user_id"]
             transaction.on_commit(functools.partial(_announce, grant_id, user_id), robust=True)
     return UsageResult(accepted=len(fresh), duplicates=len(parsed) - len(fresh))

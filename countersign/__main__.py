@@ -59,8 +59,9 @@ def _keygen(args: argparse.Namespace) -> int:
     from .dpop import DPoPKey
 
     key = DPoPKey.generate()
-    pem = key.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
+    pem = key.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     try:
         fd = os.open(args.private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -98,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hash_cmd = commands.add_parser("hash", help="the action hash of an authorization_details array")
     hash_cmd.add_argument("details", nargs="?", help="JSON text (default: standard input)")
     hash_cmd.set_defaults(run=_hash)
-    keygen = commands.add_parser("keygen", help="an agent key pair: private PEM to a file, public JWKS on stdout")
+    keygen = commands.add_parser(
+        "keygen", help="an agent key pair: private PEM to a file, public JWKS on stdout"
+    )
     keygen.add_argument("--private", required=True, help="where to write the private key (must not exist)")
     keygen.set_defaults(run=_keygen)
     check = commands.add_parser("verify-receipt", help="verify a signed receipt offline against a JWKS")

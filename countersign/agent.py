@@ -122,17 +122,29 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 
 def _error(status: int, body: Mapping[str, Any], cls: type[AgentError] = OAuthError) -> AgentError:
-    return cls(str(body.get("error") or f"http_{status}"), str(body.get("error_description") or ""),
-               status_code=status)
+    return cls(
+        str(body.get("error") or f"http_{status}"),
+        str(body.get("error_description") or ""),
+        status_code=status,
+    )
 
 
 class _AgentCore:
     """Protocol state and logic shared by the sync and async clients (no I/O here)."""
 
-    def __init__(self, issuer: str, client_id: str, *, client_secret: str | None = None,
-                 private_key: PrivateKey | None = None, key_id: str | None = None,
-                 redirect_uri: str | None = None, dpop_key: DPoPKey | PrivateKey | None = None,
-                 refresh_margin: float = 30.0, ping_mode: bool = False) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        client_id: str,
+        *,
+        client_secret: str | None = None,
+        private_key: PrivateKey | None = None,
+        key_id: str | None = None,
+        redirect_uri: str | None = None,
+        dpop_key: DPoPKey | PrivateKey | None = None,
+        refresh_margin: float = 30.0,
+        ping_mode: bool = False,
+    ) -> None:
         self.issuer = issuer
         self.client_id = client_id
         self.redirect_uri = redirect_uri
@@ -161,8 +173,11 @@ class _AgentCore:
             response = yield _Http("GET", url, None, {"Accept": "application/json"})
             body = _json(response)
             if response.status_code != 200 or body.get("issuer") != self.issuer:
-                raise OAuthError("invalid_metadata", "authorization server metadata missing or for another "
-                                 "issuer (RFC 8414 §3.3)", status_code=response.status_code)
+                raise OAuthError(
+                    "invalid_metadata",
+                    "authorization server metadata missing or for another issuer (RFC 8414 §3.3)",
+                    status_code=response.status_code,
+                )
             self._metadata = body
         return self._metadata
 
@@ -181,16 +196,26 @@ class _AgentCore:
         if self._private_key is None:
             raise SessionEnded("unauthorized_client", "no private key to sign a client assertion with")
         now = int(time.time())
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": audience, "iat": now, "exp": now + 60,
-                  "jti": secrets.token_urlsafe(24)}
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": audience,
+            "iat": now,
+            "exp": now + 60,
+            "jti": secrets.token_urlsafe(24),
+        }
         headers = {"kid": self._key_id} if self._key_id else None
         return jwt.encode(claims, self._private_key, algorithm=self._assertion_alg, headers=headers)
 
-    def _authenticate(self, data: dict[str, str], headers: dict[str, str], *, audience: str,
-                      require_key: bool) -> None:
+    def _authenticate(
+        self, data: dict[str, str], headers: dict[str, str], *, audience: str, require_key: bool
+    ) -> None:
         if self._private_key is not None:
-            data.update(client_id=self.client_id, client_assertion_type=CLIENT_ASSERTION_TYPE,
-                        client_assertion=self.client_assertion(audience))
+            data.update(
+                client_id=self.client_id,
+                client_assertion_type=CLIENT_ASSERTION_TYPE,
+                client_assertion=self.client_assertion(audience),
+            )
         elif require_key:
             raise SessionEnded("unauthorized_client", "token exchange needs private_key_jwt: no private key")
         elif self._client_secret is not None:
@@ -198,8 +223,15 @@ class _AgentCore:
         else:
             data["client_id"] = self.client_id
 
-    def _post_flow(self, endpoint: str, data: Mapping[str, str], *, dpop: bool = False,
-                   require_key: bool = False, audience: str | None = None) -> Flow[tuple[int, dict[str, Any]]]:
+    def _post_flow(
+        self,
+        endpoint: str,
+        data: Mapping[str, str],
+        *,
+        dpop: bool = False,
+        require_key: bool = False,
+        audience: str | None = None,
+    ) -> Flow[tuple[int, dict[str, Any]]]:
         """POST with client authentication and, for the token endpoint, a DPoP proof; one
         retry when the server answers ``use_dpop_nonce`` (RFC 9449 §8)."""
         url = yield from self._endpoint(endpoint)
@@ -213,8 +245,14 @@ class _AgentCore:
             if nonce:
                 self.dpop_nonce = nonce
             body = _json(response)
-            if (attempt == 0 and dpop and self.dpop_key is not None and nonce and response.status_code in (400, 401)
-                    and body.get("error") == "use_dpop_nonce"):
+            if (
+                attempt == 0
+                and dpop
+                and self.dpop_key is not None
+                and nonce
+                and response.status_code in (400, 401)
+                and body.get("error") == "use_dpop_nonce"
+            ):
                 continue
             return response.status_code, body
         raise AssertionError("unreachable")
@@ -227,7 +265,9 @@ class _AgentCore:
 
     # --- session grant (RFC 6749 §4.1, RFC 7636) -----------------------------------------------
 
-    def _authorization_url_flow(self, scopes: Iterable[str] | str, state: str | None) -> Flow[tuple[str, str, str]]:
+    def _authorization_url_flow(
+        self, scopes: Iterable[str] | str, state: str | None
+    ) -> Flow[tuple[str, str, str]]:
         if not self.redirect_uri:
             raise ValueError("authorization_url needs the client's redirect_uri")
         endpoint = yield from self._endpoint("authorization_endpoint")
@@ -235,17 +275,31 @@ class _AgentCore:
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         state = state or secrets.token_urlsafe(24)
         scope = scopes if isinstance(scopes, str) else " ".join(scopes)
-        query = urlencode({"response_type": "code", "client_id": self.client_id, "redirect_uri": self.redirect_uri,
-                           "scope": scope, "state": state, "code_challenge": challenge,
-                           "code_challenge_method": "S256"})
+        query = urlencode(
+            {
+                "response_type": "code",
+                "client_id": self.client_id,
+                "redirect_uri": self.redirect_uri,
+                "scope": scope,
+                "state": state,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            }
+        )
         separator = "&" if "?" in endpoint else "?"
         return f"{endpoint}{separator}{query}", state, verifier
 
     def _exchange_code_flow(self, code: str, code_verifier: str) -> Flow[TokenSet]:
         if not self.redirect_uri:
             raise ValueError("exchange_code needs the client's redirect_uri")
-        body = yield from self._token_flow({"grant_type": "authorization_code", "code": code,
-                                            "redirect_uri": self.redirect_uri, "code_verifier": code_verifier})
+        body = yield from self._token_flow(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.redirect_uri,
+                "code_verifier": code_verifier,
+            }
+        )
         return self._store(body)
 
     def _store(self, body: Mapping[str, Any], previous: TokenSet | None = None) -> TokenSet:
@@ -256,12 +310,18 @@ class _AgentCore:
         refresh = body.get("refresh_token")
         scope = body.get("scope")
         tokens = TokenSet(
-            access_token=str(body["access_token"]), token_type=str(body.get("token_type") or "Bearer"),
+            access_token=str(body["access_token"]),
+            token_type=str(body.get("token_type") or "Bearer"),
             expires_at=time.time() + expires_in,
             # RFC 6749 §6: without a new refresh token, the old one stays valid.
-            refresh_token=refresh if isinstance(refresh, str) else (previous.refresh_token if previous else None),
-            scope=frozenset(scope.split()) if isinstance(scope, str) else (previous.scope if previous else frozenset()),
-            raw=dict(body))
+            refresh_token=refresh
+            if isinstance(refresh, str)
+            else (previous.refresh_token if previous else None),
+            scope=frozenset(scope.split())
+            if isinstance(scope, str)
+            else (previous.scope if previous else frozenset()),
+            raw=dict(body),
+        )
         self.tokens = tokens
         return tokens
 
@@ -281,14 +341,22 @@ class _AgentCore:
             raise SessionEnded("no_session", "no session token yet: run the authorization code flow first")
         try:
             if current.refresh_token:
-                body = yield from self._token_flow({"grant_type": "refresh_token",
-                                                    "refresh_token": current.refresh_token})
+                body = yield from self._token_flow(
+                    {"grant_type": "refresh_token", "refresh_token": current.refresh_token}
+                )
             elif self._private_key is not None:
-                body = yield from self._token_flow({
-                    "grant_type": GRANT_TYPE_TOKEN_EXCHANGE, "subject_token": current.access_token,
-                    "subject_token_type": TOKEN_TYPE_ACCESS}, require_key=True)
+                body = yield from self._token_flow(
+                    {
+                        "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
+                        "subject_token": current.access_token,
+                        "subject_token_type": TOKEN_TYPE_ACCESS,
+                    },
+                    require_key=True,
+                )
             else:
-                raise SessionEnded("no_session", "no refresh token and no key for token exchange: consent again")
+                raise SessionEnded(
+                    "no_session", "no refresh token and no key for token exchange: consent again"
+                )
         except OAuthError as exc:
             if exc.error in ("invalid_grant", "unauthorized_client", "invalid_client", "invalid_scope"):
                 self.tokens = None
@@ -302,15 +370,22 @@ class _AgentCore:
         current = self.tokens
         if current is None:
             return False
-        token, hint = ((current.refresh_token, "refresh_token") if current.refresh_token
-                       else (current.access_token, "access_token"))
-        status, body = yield from self._post_flow("revocation_endpoint", {"token": token, "token_type_hint": hint})
+        token, hint = (
+            (current.refresh_token, "refresh_token")
+            if current.refresh_token
+            else (current.access_token, "access_token")
+        )
+        status, body = yield from self._post_flow(
+            "revocation_endpoint", {"token": token, "token_type_hint": hint}
+        )
         if status != 200:
             raise _error(status, body)
         self.tokens = None
         return True
 
-    def auth_headers(self, method: str, url: str, *, token: TokenSet | ActionToken | None = None) -> dict[str, str]:
+    def auth_headers(
+        self, method: str, url: str, *, token: TokenSet | ActionToken | None = None
+    ) -> dict[str, str]:
         """``Authorization`` (and ``DPoP``) headers to call a resource server with ``token``
         (default: the cached session token, which must be fresh; see ``access_token``).
 
@@ -324,18 +399,31 @@ class _AgentCore:
         if token.dpop_bound:
             if self.dpop_key is None:
                 raise ValueError("a DPoP-bound token needs the client's dpop_key")
-            return {"Authorization": f"DPoP {value}", "DPoP": self.dpop_key.proof(method, url, access_token=value)}
+            return {
+                "Authorization": f"DPoP {value}",
+                "DPoP": self.dpop_key.proof(method, url, access_token=value),
+            }
         return {"Authorization": f"Bearer {value}"}
 
     # --- step-up approvals (OpenID CIBA Core 1.0) -----------------------------------------------
 
-    def _approval_flow(self, session_token: str, scope: str, details: Sequence[Mapping[str, Any]], *,
-                       binding_message: str | None, requested_expiry: int | None,
-                       timeout: float | None) -> Flow[ActionToken]:
+    def _approval_flow(
+        self,
+        session_token: str,
+        scope: str,
+        details: Sequence[Mapping[str, Any]],
+        *,
+        binding_message: str | None,
+        requested_expiry: int | None,
+        timeout: float | None,
+    ) -> Flow[ActionToken]:
         started = time.monotonic()
         details_list = [dict(d) for d in details]
-        data = {"scope": scope, "login_hint_token": session_token,
-                "authorization_details": json.dumps(details_list, separators=(",", ":"), ensure_ascii=False)}
+        data = {
+            "scope": scope,
+            "login_hint_token": session_token,
+            "authorization_details": json.dumps(details_list, separators=(",", ":"), ensure_ascii=False),
+        }
         if binding_message is not None:
             data["binding_message"] = binding_message
         if requested_expiry is not None:
@@ -344,8 +432,9 @@ class _AgentCore:
         if notification_token:
             data["client_notification_token"] = notification_token
         # CIBA Core §7.1: the issuer is a valid audience for an assertion sent to this endpoint.
-        status, body = yield from self._post_flow("backchannel_authentication_endpoint", data,
-                                                  audience=self.issuer)
+        status, body = yield from self._post_flow(
+            "backchannel_authentication_endpoint", data, audience=self.issuer
+        )
         if status != 200:
             error = body.get("error")
             if error == "expired_login_hint_token":
@@ -355,7 +444,9 @@ class _AgentCore:
             raise _error(status, body)
         auth_req_id = body.get("auth_req_id")
         if not isinstance(auth_req_id, str) or not auth_req_id:
-            raise OAuthError("invalid_response", "the backchannel response has no auth_req_id", status_code=status)
+            raise OAuthError(
+                "invalid_response", "the backchannel response has no auth_req_id", status_code=status
+            )
         interval = float(body.get("interval") or DEFAULT_INTERVAL)
         expires_in = float(body.get("expires_in") or 0)
         window_ends = started + expires_in
@@ -367,10 +458,13 @@ class _AgentCore:
             while True:
                 now = time.monotonic()
                 if now >= gives_up:
-                    raise ApprovalTimeout("timeout", "no answer within the caller's timeout", auth_req_id=auth_req_id)
+                    raise ApprovalTimeout(
+                        "timeout", "no answer within the caller's timeout", auth_req_id=auth_req_id
+                    )
                 yield _Wait(min(interval, gives_up - now), auth_req_id)
                 status, body = yield from self._post_flow(
-                    "token_endpoint", {"grant_type": GRANT_TYPE_CIBA, "auth_req_id": auth_req_id}, dpop=True)
+                    "token_endpoint", {"grant_type": GRANT_TYPE_CIBA, "auth_req_id": auth_req_id}, dpop=True
+                )
                 if status == 200 and isinstance(body.get("access_token"), str):
                     return self._action_token(body, details_list, auth_req_id)
                 error = body.get("error")
@@ -381,7 +475,9 @@ class _AgentCore:
                 else:
                     raise self._poll_error(status, body, auth_req_id)
                 if time.monotonic() > window_ends + interval + 5:
-                    raise ApprovalExpired("expired_token", "the approval window has passed", auth_req_id=auth_req_id)
+                    raise ApprovalExpired(
+                        "expired_token", "the approval window has passed", auth_req_id=auth_req_id
+                    )
         finally:
             with self._events_lock:
                 self._events.pop(auth_req_id, None)
@@ -404,14 +500,24 @@ class _AgentCore:
         return cls(error, description, status_code=status, auth_req_id=auth_req_id)
 
     @staticmethod
-    def _action_token(body: Mapping[str, Any], requested: list[dict[str, Any]], auth_req_id: str) -> ActionToken:
+    def _action_token(
+        body: Mapping[str, Any], requested: list[dict[str, Any]], auth_req_id: str
+    ) -> ActionToken:
         approved = body.get("authorization_details")
         if not isinstance(approved, list) or action_hash(approved) != action_hash(requested):
-            raise ApprovalError("invalid_response", "the approved authorization_details differ from the request",
-                                auth_req_id=auth_req_id)
-        return ActionToken(token=str(body["access_token"]), expires_in=int(body.get("expires_in") or 0),
-                           authorization_details=approved, scope=str(body.get("scope") or ""),
-                           token_type=str(body.get("token_type") or "Bearer"), auth_req_id=auth_req_id)
+            raise ApprovalError(
+                "invalid_response",
+                "the approved authorization_details differ from the request",
+                auth_req_id=auth_req_id,
+            )
+        return ActionToken(
+            token=str(body["access_token"]),
+            expires_in=int(body.get("expires_in") or 0),
+            authorization_details=approved,
+            scope=str(body.get("scope") or ""),
+            token_type=str(body.get("token_type") or "Bearer"),
+            auth_req_id=auth_req_id,
+        )
 
     def on_ping(self, auth_req_id: str, *, authorization: str | None = None) -> bool:
         """CIBA Core §10.2 ping callback: wake the ``request_approval`` waiting on
@@ -448,14 +554,31 @@ class AgentClient(_AgentCore):
     enables ``private_key_jwt`` and re-minting by token exchange; ``dpop_key`` enables DPoP.
     """
 
-    def __init__(self, issuer: str, client_id: str, *, client_secret: str | None = None,
-                 private_key: PrivateKey | None = None, key_id: str | None = None,
-                 redirect_uri: str | None = None, http: httpx.Client | None = None,
-                 dpop_key: DPoPKey | PrivateKey | None = None, refresh_margin: float = 30.0,
-                 ping_mode: bool = False) -> None:
-        super().__init__(issuer, client_id, client_secret=client_secret, private_key=private_key, key_id=key_id,
-                         redirect_uri=redirect_uri, dpop_key=dpop_key, refresh_margin=refresh_margin,
-                         ping_mode=ping_mode)
+    def __init__(
+        self,
+        issuer: str,
+        client_id: str,
+        *,
+        client_secret: str | None = None,
+        private_key: PrivateKey | None = None,
+        key_id: str | None = None,
+        redirect_uri: str | None = None,
+        http: httpx.Client | None = None,
+        dpop_key: DPoPKey | PrivateKey | None = None,
+        refresh_margin: float = 30.0,
+        ping_mode: bool = False,
+    ) -> None:
+        super().__init__(
+            issuer,
+            client_id,
+            client_secret=client_secret,
+            private_key=private_key,
+            key_id=key_id,
+            redirect_uri=redirect_uri,
+            dpop_key=dpop_key,
+            refresh_margin=refresh_margin,
+            ping_mode=ping_mode,
+        )
         self._http = http or httpx.Client(timeout=15.0, follow_redirects=False)
         self._lock = threading.Lock()
 
@@ -488,7 +611,9 @@ class AgentClient(_AgentCore):
         """The authorization server's RFC 8414 metadata (fetched once)."""
         return self._run(self._metadata_flow())
 
-    def authorization_url(self, scopes: Iterable[str] | str, state: str | None = None) -> tuple[str, str, str]:
+    def authorization_url(
+        self, scopes: Iterable[str] | str, state: str | None = None
+    ) -> tuple[str, str, str]:
         """``(url, state, code_verifier)`` to send the user to (RFC 6749 §4.1.1, PKCE S256 RFC 7636 §4.2)."""
         return self._run(self._authorization_url_flow(scopes, state))
 
@@ -522,9 +647,15 @@ class AgentClient(_AgentCore):
         self.get_access_token()
         return self.auth_headers(method, url)
 
-    def request_approval(self, scope: str, authorization_details: Sequence[Mapping[str, Any]], *,
-                         binding_message: str | None = None, requested_expiry: int | None = None,
-                         timeout: float | None = None) -> ActionToken:
+    def request_approval(
+        self,
+        scope: str,
+        authorization_details: Sequence[Mapping[str, Any]],
+        *,
+        binding_message: str | None = None,
+        requested_expiry: int | None = None,
+        timeout: float | None = None,
+    ) -> ActionToken:
         """Ask the user to approve one action (CIBA Core §7.1) and wait for the action token.
 
         Raises :class:`ApprovalDenied`, :class:`ApprovalExpired`, :class:`GrantRevoked`,
@@ -533,9 +664,16 @@ class AgentClient(_AgentCore):
         for attempt in range(2):
             token = self.get_access_token() if attempt == 0 else self.remint().access_token
             try:
-                return self._run(self._approval_flow(token, scope, authorization_details,
-                                                     binding_message=binding_message,
-                                                     requested_expiry=requested_expiry, timeout=timeout))
+                return self._run(
+                    self._approval_flow(
+                        token,
+                        scope,
+                        authorization_details,
+                        binding_message=binding_message,
+                        requested_expiry=requested_expiry,
+                        timeout=timeout,
+                    )
+                )
             except _LoginHintExpired:
                 continue
         raise SessionEnded("expired_login_hint_token", "the session token expired while asking for approval")
@@ -562,14 +700,31 @@ class AsyncAgentClient(_AgentCore):
     ``on_ping`` may be called from the event loop or from another thread.
     """
 
-    def __init__(self, issuer: str, client_id: str, *, client_secret: str | None = None,
-                 private_key: PrivateKey | None = None, key_id: str | None = None,
-                 redirect_uri: str | None = None, http: httpx.AsyncClient | None = None,
-                 dpop_key: DPoPKey | PrivateKey | None = None, refresh_margin: float = 30.0,
-                 ping_mode: bool = False) -> None:
-        super().__init__(issuer, client_id, client_secret=client_secret, private_key=private_key, key_id=key_id,
-                         redirect_uri=redirect_uri, dpop_key=dpop_key, refresh_margin=refresh_margin,
-                         ping_mode=ping_mode)
+    def __init__(
+        self,
+        issuer: str,
+        client_id: str,
+        *,
+        client_secret: str | None = None,
+        private_key: PrivateKey | None = None,
+        key_id: str | None = None,
+        redirect_uri: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        dpop_key: DPoPKey | PrivateKey | None = None,
+        refresh_margin: float = 30.0,
+        ping_mode: bool = False,
+    ) -> None:
+        super().__init__(
+            issuer,
+            client_id,
+            client_secret=client_secret,
+            private_key=private_key,
+            key_id=key_id,
+            redirect_uri=redirect_uri,
+            dpop_key=dpop_key,
+            refresh_margin=refresh_margin,
+            ping_mode=ping_mode,
+        )
         self._http = http or httpx.AsyncClient(timeout=15.0, follow_redirects=False)
         self._lock: asyncio.Lock | None = None
 
@@ -587,7 +742,9 @@ class AsyncAgentClient(_AgentCore):
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 if isinstance(step, _Http):
-                    reply = await self._http.request(step.method, step.url, data=step.data, headers=step.headers)
+                    reply = await self._http.request(
+                        step.method, step.url, data=step.data, headers=step.headers
+                    )
                 else:
                     await self._wait(step)
                     reply = None
@@ -617,8 +774,9 @@ class AsyncAgentClient(_AgentCore):
     async def metadata(self) -> dict[str, Any]:
         return await self._run(self._metadata_flow())
 
-    async def authorization_url(self, scopes: Iterable[str] | str,
-                                state: str | None = None) -> tuple[str, str, str]:
+    async def authorization_url(
+        self, scopes: Iterable[str] | str, state: str | None = None
+    ) -> tuple[str, str, str]:
         """See :meth:`AgentClient.authorization_url`."""
         return await self._run(self._authorization_url_flow(scopes, state))
 
@@ -646,16 +804,29 @@ class AsyncAgentClient(_AgentCore):
         await self.get_access_token()
         return self.auth_headers(method, url)
 
-    async def request_approval(self, scope: str, authorization_details: Sequence[Mapping[str, Any]], *,
-                               binding_message: str | None = None, requested_expiry: int | None = None,
-                               timeout: float | None = None) -> ActionToken:
+    async def request_approval(
+        self,
+        scope: str,
+        authorization_details: Sequence[Mapping[str, Any]],
+        *,
+        binding_message: str | None = None,
+        requested_expiry: int | None = None,
+        timeout: float | None = None,
+    ) -> ActionToken:
         """See :meth:`AgentClient.request_approval`."""
         for attempt in range(2):
             token = await self.get_access_token() if attempt == 0 else (await self.remint()).access_token
             try:
-                return await self._run(self._approval_flow(token, scope, authorization_details,
-                                                           binding_message=binding_message,
-                                                           requested_expiry=requested_expiry, timeout=timeout))
+                return await self._run(
+                    self._approval_flow(
+                        token,
+                        scope,
+                        authorization_details,
+                        binding_message=binding_message,
+                        requested_expiry=requested_expiry,
+                        timeout=timeout,
+                    )
+                )
             except _LoginHintExpired:
                 continue
         raise SessionEnded("expired_login_hint_token", "the session token expired while asking for approval")
@@ -673,4 +844,3 @@ class AsyncAgentClient(_AgentCore):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-

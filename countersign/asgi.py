@@ -48,14 +48,23 @@ class CountersignMiddleware:
     served without a token (health checks).
     """
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier, required_scopes: Iterable[str] = (), *,
-                 public_url: str | None = None, exempt_paths: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        verifier: TokenVerifier,
+        required_scopes: Iterable[str] = (),
+        *,
+        public_url: str | None = None,
+        exempt_paths: Iterable[str] = (),
+    ) -> None:
         self.app = app
         self.verifier = verifier
         self.required_scopes = tuple(required_scopes)
         self.public_url = public_url.rstrip("/") if public_url else None
         self.exempt_paths = tuple(exempt_paths)
-        self.metadata_paths = frozenset(metadata_paths(verifier.audience)) if verifier.resource_metadata_url else frozenset()
+        self.metadata_paths = (
+            frozenset(metadata_paths(verifier.audience)) if verifier.resource_metadata_url else frozenset()
+        )
 
     def _url(self, scope: Scope) -> str:
         path = str(scope.get("root_path", "")) + str(scope.get("path", "/"))
@@ -72,13 +81,21 @@ class CountersignMiddleware:
     def _verify(self, scope: Scope) -> VerifiedToken:
         scheme, token = parse_authorization(_header(scope, b"authorization"))
         method = scope.get("method", "GET")
-        return self.verifier.verify_session(token, required_scopes=self.required_scopes,
-                                            dpop_proof=_header(scope, b"dpop"), htm=method,
-                                            htu=self._url(scope), scheme=scheme)
+        return self.verifier.verify_session(
+            token,
+            required_scopes=self.required_scopes,
+            dpop_proof=_header(scope, b"dpop"),
+            htm=method,
+            htu=self._url(scope),
+            scheme=scheme,
+        )
 
     async def _send_json(self, send: Send, status: int, body: Any, headers: dict[str, str]) -> None:
         payload = json.dumps(body).encode()
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
         raw_headers += [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
@@ -88,8 +105,12 @@ class CountersignMiddleware:
         if scope["type"] == "http" and path in self.metadata_paths:
             # RFC 9728 §3.2: the resource's metadata, public, at both §3.1 paths.
             if scope.get("method") in ("GET", "HEAD"):
-                await self._send_json(send, 200, self.verifier.protected_resource_metadata(),
-                                      {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"})
+                await self._send_json(
+                    send,
+                    200,
+                    self.verifier.protected_resource_metadata(),
+                    {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
+                )
             else:
                 await self._send_json(send, 405, {"error": "invalid_request"}, {"Allow": "GET, HEAD"})
             return

@@ -36,8 +36,13 @@ from .errors import CountersignError, InvalidRequest
 from .resource_metadata import metadata_paths
 from .verifier import TokenVerifier, VerifiedToken, parse_authorization, refusal
 
-__all__ = ["get_verifier", "metadata_urlpatterns", "protected_resource_metadata", "requires_action",
-           "requires_scope"]
+__all__ = [
+    "get_verifier",
+    "metadata_urlpatterns",
+    "protected_resource_metadata",
+    "requires_action",
+    "requires_scope",
+]
 
 View = TypeVar("View", bound=Callable[..., Any])
 DetailsFn = Callable[[HttpRequest], Sequence[Mapping[str, Any]]]
@@ -80,8 +85,11 @@ def _refuse(exc: CountersignError, verifier: TokenVerifier | None = None) -> Htt
 def protected_resource_metadata(request: HttpRequest, verifier: TokenVerifier | None = None) -> HttpResponse:
     """RFC 9728 §3.2: this resource's metadata, from the verifier's configuration (public, GET only)."""
     if request.method not in ("GET", "HEAD"):
-        return JsonResponse({"error": "invalid_request", "error_description": "GET only"}, status=405,
-                            headers={"Allow": "GET, HEAD"})
+        return JsonResponse(
+            {"error": "invalid_request", "error_description": "GET only"},
+            status=405,
+            headers={"Allow": "GET, HEAD"},
+        )
     document = (verifier or get_verifier()).protected_resource_metadata()
     return JsonResponse(document, headers={"Cache-Control": "public, max-age=300"})
 
@@ -92,8 +100,10 @@ def metadata_urlpatterns(verifier: TokenVerifier | None = None) -> list[Any]:
     from django.urls import path
 
     v = verifier or get_verifier()
-    return [path(p.lstrip("/"), functools.partial(protected_resource_metadata, verifier=v))
-            for p in metadata_paths(v.audience)]
+    return [
+        path(p.lstrip("/"), functools.partial(protected_resource_metadata, verifier=v))
+        for p in metadata_paths(v.audience)
+    ]
 
 
 class _Proof(TypedDict):
@@ -105,22 +115,32 @@ class _Proof(TypedDict):
     scheme: str
 
 
-def _verify(request: HttpRequest, verifier: TokenVerifier | None, *, scopes: Sequence[str],
-            action: DetailsFn | None) -> VerifiedToken:
+def _verify(
+    request: HttpRequest, verifier: TokenVerifier | None, *, scopes: Sequence[str], action: DetailsFn | None
+) -> VerifiedToken:
     v = verifier or get_verifier()
     scheme, token = parse_authorization(request.headers.get("Authorization"))
     proof = request.headers.get("DPoP")
-    dpop: _Proof = {"dpop_proof": proof, "htm": request.method or "GET", "htu": request_url(request), "scheme": scheme}
+    dpop: _Proof = {
+        "dpop_proof": proof,
+        "htm": request.method or "GET",
+        "htu": request_url(request),
+        "scheme": scheme,
+    }
     if action is None:
         return v.verify_session(token, required_scopes=scopes, **dpop)
     try:
         details = action(request)
     except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"cannot tell which action this request performs ({type(exc).__name__})") from exc
+        raise InvalidRequest(
+            f"cannot tell which action this request performs ({type(exc).__name__})"
+        ) from exc
     return v.verify_action(token, expected_details=details, required_scopes=scopes, redeem=True, **dpop)
 
 
-def _decorate(view: View, verifier: TokenVerifier | None, scopes: Sequence[str], action: DetailsFn | None) -> View:
+def _decorate(
+    view: View, verifier: TokenVerifier | None, scopes: Sequence[str], action: DetailsFn | None
+) -> View:
     if inspect.iscoroutinefunction(view):
         check = sync_to_async(_verify, thread_sensitive=False)
 
@@ -156,8 +176,9 @@ def requires_scope(*scopes: str, verifier: TokenVerifier | None = None) -> Calla
     return decorator
 
 
-def requires_action(scope: str, *, details: DetailsFn, verifier: TokenVerifier | None = None
-                    ) -> Callable[[View], View]:
+def requires_action(
+    scope: str, *, details: DetailsFn, verifier: TokenVerifier | None = None
+) -> Callable[[View], View]:
     """Require a one-shot action token for ``scope`` approving exactly the action that
     ``details(request)`` describes (RFC 9396 ``authorization_details``), redeemed before the
     view runs, so the view's side effect happens at most once per approval."""

@@ -55,10 +55,17 @@ MAX_PROOF_BYTES = 4096
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 # Which JWK fits which algorithm (RFC 7518 §3.4, RFC 8037 §3.1).
-_ALG_KEYS = {"ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "RS256": ("RSA", None),
-             "PS256": ("RSA", None), "EdDSA": ("OKP", None)}
+_ALG_KEYS = {
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "RS256": ("RSA", None),
+    "PS256": ("RSA", None),
+    "EdDSA": ("OKP", None),
+}
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+PrivateKey = (
+    ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+)
 
 
 def b64url(data: bytes) -> str:
@@ -140,8 +147,16 @@ class DPoPKey:
         """A fresh P-256 key (ES256)."""
         return cls(ec.generate_private_key(ec.SECP256R1()))
 
-    def proof(self, htm: str, htu: str, *, access_token: str | None = None, nonce: str | None = None,
-              iat: int | None = None, jti: str | None = None) -> str:
+    def proof(
+        self,
+        htm: str,
+        htu: str,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        iat: int | None = None,
+        jti: str | None = None,
+    ) -> str:
         """A DPoP proof JWT for one HTTP request (§4.2).
 
         ``htu`` may carry a query or fragment; they are dropped as §4.2 requires.
@@ -159,8 +174,9 @@ class DPoPKey:
             claims["ath"] = access_token_hash(access_token)
         if nonce is not None:
             claims["nonce"] = nonce
-        return jwt.encode(claims, self.private_key, algorithm=self.alg,
-                          headers={"typ": DPOP_TYP, "jwk": self.jwk})
+        return jwt.encode(
+            claims, self.private_key, algorithm=self.alg, headers={"typ": DPOP_TYP, "jwk": self.jwk}
+        )
 
 
 class JtiStore(Protocol):
@@ -219,8 +235,14 @@ class DPoPProof:
 
 _MAX_CACHED_HEADERS = 4096
 # iat is checked below, both ways (§4.3 check 11); a proof has no aud, iss or exp.
-_PROOF_OPTIONS: Any = {"require": ["jti", "htm", "htu", "iat"], "verify_aud": False, "verify_iss": False,
-                       "verify_iat": False, "verify_exp": False, "verify_nbf": False}
+_PROOF_OPTIONS: Any = {
+    "require": ["jti", "htm", "htu", "iat"],
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_iat": False,
+    "verify_exp": False,
+    "verify_nbf": False,
+}
 # A key signs every proof with the same JOSE header, so its checks, thumbprint and key object
 # are computed once per distinct header segment (bounded; only headers that passed are kept).
 _headers: dict[str, tuple[str, str, Any]] = {}  # header segment -> (alg, jkt, public key)
@@ -252,7 +274,9 @@ def _proof_header(segment: str) -> tuple[str, str, Any]:
     if not isinstance(jwk, dict) or _PRIVATE_MEMBERS & jwk.keys():
         raise InvalidDPoPProof("the DPoP proof needs a public jwk header", dpop=True)
     if "crit" in header:
-        raise InvalidDPoPProof("the DPoP proof has critical header parameters we do not understand", dpop=True)
+        raise InvalidDPoPProof(
+            "the DPoP proof has critical header parameters we do not understand", dpop=True
+        )
     try:
         jkt = jwk_thumbprint(jwk)
     except ValueError as exc:
@@ -273,10 +297,19 @@ def _proof_header(segment: str) -> tuple[str, str, Any]:
     return entry
 
 
-def verify_proof(proof: str | None, *, htm: str, htu: str, access_token: str | None = None,
-                 expected_jkt: str | None = None, nonce: str | None = None, max_age: float = 60.0,
-                 algorithms: Sequence[str] = DPOP_ALGS, replay_cache: JtiStore | None = None,
-                 now: float | None = None) -> DPoPProof:
+def verify_proof(
+    proof: str | None,
+    *,
+    htm: str,
+    htu: str,
+    access_token: str | None = None,
+    expected_jkt: str | None = None,
+    nonce: str | None = None,
+    max_age: float = 60.0,
+    algorithms: Sequence[str] = DPOP_ALGS,
+    replay_cache: JtiStore | None = None,
+    now: float | None = None,
+) -> DPoPProof:
     """Check a DPoP proof as RFC 9449 §4.3 lists, raising :class:`InvalidDPoPProof`.
 
     1-2. one well-formed JWT; 3. required header fields and claims; 4. ``typ`` is
@@ -291,12 +324,14 @@ def verify_proof(proof: str | None, *, htm: str, htu: str, access_token: str | N
         raise InvalidDPoPProof("a DPoP proof is required", dpop=True)
     if len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2 or not proof.isascii() or not jws_within(proof):
         raise InvalidDPoPProof("the DPoP proof is not a compact JWS", dpop=True)
-    alg, jkt, key = _proof_header(proof[:proof.index(".")])
+    alg, jkt, key = _proof_header(proof[: proof.index(".")])
     if alg not in algorithms:
         raise InvalidDPoPProof("the DPoP proof's alg is not an allowed asymmetric algorithm", dpop=True)
     # Cheap before expensive: a proof by the wrong key is refused before its signature is checked.
     if expected_jkt is not None and jkt != expected_jkt:
-        raise InvalidDPoPProof("the DPoP proof is signed by another key than the token is bound to", dpop=True)
+        raise InvalidDPoPProof(
+            "the DPoP proof is signed by another key than the token is bound to", dpop=True
+        )
     try:
         claims = jwt.decode(proof, key, algorithms=[alg], options=_PROOF_OPTIONS)
     except jwt.PyJWTError as exc:

@@ -55,8 +55,14 @@ class CountersignError(Exception):
     #: RFC 6750 §3.1: a request without any credentials gets a challenge with no error code.
     challenge_error: ClassVar[bool] = True
 
-    def __init__(self, description: str = "", *, dpop: bool = False, scope: Sequence[str] = (),
-                 dpop_algs: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        description: str = "",
+        *,
+        dpop: bool = False,
+        scope: Sequence[str] = (),
+        dpop_algs: Sequence[str] = (),
+    ) -> None:
         super().__init__(description or self.error)
         self.description = description
         #: True when the token is DPoP-bound (or was presented with the DPoP scheme): the
@@ -189,8 +195,9 @@ class SessionEnded(AgentError):
 class ApprovalError(AgentError):
     """A step-up approval (OpenID CIBA Core 1.0) did not produce an action token."""
 
-    def __init__(self, error: str, description: str = "", *, status_code: int = 0,
-                 auth_req_id: str | None = None) -> None:
+    def __init__(
+        self, error: str, description: str = "", *, status_code: int = 0, auth_req_id: str | None = None
+    ) -> None:
         super().__init__(error, description, status_code=status_code)
         self.auth_req_id = auth_req_id
 

@@ -60,8 +60,20 @@ INCLUSION_SCHEMA = "countersign.audit.inclusion.v1"
 CONSISTENCY_SCHEMA = "countersign.audit.consistency.v1"
 ALGORITHMS: tuple[str, ...] = ("ES256", "RS256")
 #: The members of an exported event that its leaf covers, in JCS (RFC 8785) form.
-LEAF_FIELDS: tuple[str, ...] = ("seq", "id", "occurred_at", "event", "outcome", "actor", "user_id",
-                                "client_id", "grant_id", "error", "detail", "remote_addr")
+LEAF_FIELDS: tuple[str, ...] = (
+    "seq",
+    "id",
+    "occurred_at",
+    "event",
+    "outcome",
+    "actor",
+    "user_id",
+    "client_id",
+    "grant_id",
+    "error",
+    "detail",
+    "remote_addr",
+)
 _HEX64 = frozenset("0123456789abcdef")
 
 
@@ -147,7 +159,9 @@ def load_keys(jwks: Mapping[str, Any] | TrustedKeys) -> TrustedKeys:
     return TrustedKeys(keys)
 
 
-def verify_checkpoint(jws: str, jwks: Mapping[str, Any] | TrustedKeys, *, issuer: str | None = None) -> Checkpoint:
+def verify_checkpoint(
+    jws: str, jwks: Mapping[str, Any] | TrustedKeys, *, issuer: str | None = None
+) -> Checkpoint:
     """Verify a checkpoint's signature and shape.
 
     RFC 7515 compact JWS; RFC 8725 hygiene: the algorithm from an allow-list (§3.1), the key
@@ -172,8 +186,14 @@ def verify_checkpoint(jws: str, jwks: Mapping[str, Any] | TrustedKeys, *, issuer
         raise LedgerError("the checkpoint's alg is not its key's")
     try:
         # A checkpoint does not expire; the leeway only forgives a verifier whose clock runs behind.
-        claims: dict[str, Any] = jwt.decode(jws, key, algorithms=[alg], issuer=issuer, leeway=300,
-                                            options={"require": ["iss", "iat"], "verify_aud": False})
+        claims: dict[str, Any] = jwt.decode(
+            jws,
+            key,
+            algorithms=[alg],
+            issuer=issuer,
+            leeway=300,
+            options={"require": ["iss", "iat"], "verify_aud": False},
+        )
     except jwt.PyJWTError as exc:
         raise LedgerError(f"signature or claims do not verify: {exc}") from None
     size = _size(claims.get("tree_size"), "tree_size")
@@ -189,9 +209,17 @@ def verify_checkpoint(jws: str, jwks: Mapping[str, Any] | TrustedKeys, *, issuer
         prev_digest = str(prev["digest"])
         if prev_size > size:
             raise LedgerError("prev.tree_size is larger than tree_size")
-    return Checkpoint(tree_size=size, root_hash=root, issued_at=int(claims["iat"]), issuer=str(claims["iss"]),
-                      kid=kid, prev_tree_size=prev_size, prev_root_hash=prev_root, prev_digest=prev_digest,
-                      jws=jws)
+    return Checkpoint(
+        tree_size=size,
+        root_hash=root,
+        issued_at=int(claims["iat"]),
+        issuer=str(claims["iss"]),
+        kid=kid,
+        prev_tree_size=prev_size,
+        prev_root_hash=prev_root,
+        prev_digest=prev_digest,
+        jws=jws,
+    )
 
 
 def _path(value: Any, what: str) -> list[bytes]:
@@ -207,8 +235,9 @@ def _checkpoint_jws(value: Any) -> str:
     return jws
 
 
-def verify_inclusion_bundle(bundle: Mapping[str, Any], jwks: Mapping[str, Any] | TrustedKeys, *,
-                            issuer: str | None = None) -> Checkpoint:
+def verify_inclusion_bundle(
+    bundle: Mapping[str, Any], jwks: Mapping[str, Any] | TrustedKeys, *, issuer: str | None = None
+) -> Checkpoint:
     """Verify that ``bundle["event"]`` is leaf ``leaf_index`` of the tree the bundle's checkpoint signs.
 
     The leaf hash is recomputed from the event's content (``event_leaf_hash``), never taken from
@@ -228,12 +257,15 @@ def verify_inclusion_bundle(bundle: Mapping[str, Any], jwks: Mapping[str, Any] |
         raise LedgerError("the proof's tree_size is not the checkpoint's")
     path = _path(bundle.get("inclusion_path"), "inclusion_path")
     if not verify_inclusion(index, checkpoint.tree_size, event_leaf_hash(event), path, checkpoint.root_hash):
-        raise LedgerError(f"event {event.get('id')} is not leaf {index} of the tree of {checkpoint.tree_size}")
+        raise LedgerError(
+            f"event {event.get('id')} is not leaf {index} of the tree of {checkpoint.tree_size}"
+        )
     return checkpoint
 
 
-def verify_consistency_bundle(bundle: Mapping[str, Any], jwks: Mapping[str, Any] | TrustedKeys, *,
-                              issuer: str | None = None) -> tuple[Checkpoint, Checkpoint]:
+def verify_consistency_bundle(
+    bundle: Mapping[str, Any], jwks: Mapping[str, Any] | TrustedKeys, *, issuer: str | None = None
+) -> tuple[Checkpoint, Checkpoint]:
     """Verify two checkpoints and that the second's tree extends the first's (RFC 9162 §2.1.4.2)."""
     if bundle.get("schema") != CONSISTENCY_SCHEMA:
         raise LedgerError(f"schema is not {CONSISTENCY_SCHEMA}")
@@ -277,8 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("file", help="the checkpoint or proof (JSON, as the server's commands print it)")
     parser.add_argument("--jwks", required=True, help="the issuer's JWKS (its /.well-known/jwks.json), kept")
     parser.add_argument("--issuer", help="the issuer the checkpoint must name")
-    parser.add_argument("--kept", help="a checkpoint you kept (JSON, or JSON lines: the last): the consistency "
-                                       "proof must start from it")
+    parser.add_argument(
+        "--kept",
+        help="a checkpoint you kept (JSON, or JSON lines: the last): the consistency "
+        "proof must start from it",
+    )
     args = parser.parse_args(argv)
     jwks = load_keys(_load(args.jwks))
     document = _load(args.file)
@@ -288,14 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"checkpoint verified: tree_size {cp.tree_size}, root {cp.root_hash.hex()}, kid {cp.kid}")
         elif args.what == "inclusion":
             cp = verify_inclusion_bundle(document, jwks, issuer=args.issuer)
-            print(f"event {document['event'].get('id')} is leaf {document['leaf_index']} of the signed tree of "
-                  f"{cp.tree_size} (root {cp.root_hash.hex()})")
+            print(
+                f"event {document['event'].get('id')} is leaf {document['leaf_index']} of the signed tree of "
+                f"{cp.tree_size} (root {cp.root_hash.hex()})"
+            )
         else:
             first, second = verify_consistency_bundle(document, jwks, issuer=args.issuer)
             if args.kept and first.jws != _checkpoint_jws(_load_kept(args.kept)):
                 raise LedgerError("the proof does not start from the checkpoint you kept")
-            print(f"the signed tree of {second.tree_size} extends the signed tree of {first.tree_size}"
-                  + (" (the one you kept)" if args.kept else ""))
+            print(
+                f"the signed tree of {second.tree_size} extends the signed tree of {first.tree_size}"
+                + (" (the one you kept)" if args.kept else "")
+            )
     except LedgerError as exc:
         print(f"FAILED: {exc.description or exc}", file=sys.stderr)
         return 1

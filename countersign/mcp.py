@@ -102,7 +102,9 @@ class StepUp:
         self.poll_seconds = poll_seconds
 
     def details(self, tool: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"type": MCP_TOOL_CALL, "server": self.verifier.audience, "tool": tool, "arguments": arguments}]
+        return [
+            {"type": MCP_TOOL_CALL, "server": self.verifier.audience, "tool": tool, "arguments": arguments}
+        ]
 
     def __call__(self, scope: str, *, binding_message: str = "") -> Callable[[Tool], Tool]:
         def decorator(fn: Tool) -> Tool:
@@ -121,15 +123,19 @@ class StepUp:
             waited = time.monotonic() - pending.opened_at
             if time.monotonic() + interval > deadline:
                 raise ApprovalTimeout("timeout", "no answer within the approval window")
-            await ctx.report_progress(waited, float(pending.expires_in),
-                                      f"Waiting for your approval in Countersign: {pending.approval_uri}")
+            await ctx.report_progress(
+                waited,
+                float(pending.expires_in),
+                f"Waiting for your approval in Countersign: {pending.approval_uri}",
+            )
             await asyncio.sleep(interval)
 
     async def _offer_page(self, ctx: Context[Any, Any, Any], pending: PendingApproval, tool: str) -> None:
         await ctx.info(f"{tool} needs your approval: open {pending.approval_uri} to approve or deny it.")
         if _supports_url_elicitation(ctx):
-            await ctx.elicit_url(f"Approve or deny {tool} in Countersign", pending.approval_uri,
-                                 secrets.token_urlsafe(12))
+            await ctx.elicit_url(
+                f"Approve or deny {tool} in Countersign", pending.approval_uri, secrets.token_urlsafe(12)
+            )
 
     def _wrap(self, fn: Tool, scope: str, binding_message: str) -> Tool:
         tool = fn.__name__
@@ -142,12 +148,14 @@ class StepUp:
             token = _presented_token(ctx)
             offer: asyncio.Task[None] | None = None
             try:
-                pending = await asyncio.to_thread(self.client.open, token, scope=scope, details=details,
-                                                  binding_message=binding_message)
+                pending = await asyncio.to_thread(
+                    self.client.open, token, scope=scope, details=details, binding_message=binding_message
+                )
                 offer = asyncio.create_task(self._offer_page(ctx, pending, tool))
                 action_token = await self._wait(ctx, pending)
-                verified = await asyncio.to_thread(self.verifier.verify_action, action_token,
-                                                   expected_details=details, redeem=True)
+                verified = await asyncio.to_thread(
+                    self.verifier.verify_action, action_token, expected_details=details, redeem=True
+                )
             except ApprovalError as exc:
                 raise ToolError(_refusal_message(exc)) from exc
             except CountersignError as exc:
@@ -161,8 +169,10 @@ class StepUp:
             finally:
                 approved_call.reset(reset)
 
-        params = [*signature.parameters.values(),
-                  inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
+        params = [
+            *signature.parameters.values(),
+            inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=Context),
+        ]
         setattr(wrapper, "__signature__", signature.replace(parameters=params))  # noqa: B010
         wrapper.__annotations__ = {**hints, _CTX: Context}
         wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = tool, fn.__qualname__, fn.__doc__

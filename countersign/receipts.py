@@ -21,8 +21,19 @@ from .jsonbounds import jws_within
 from .verifier import ALGORITHMS, action_hash
 
 RECEIPT_TYP = "receipt+jwt"
-REQUIRED = ["iss", "iat", "jti", "sub", "act", "approver", "authorization_details", "action_hash", "approval_id",
-            "redeemed_at", "resource_server"]
+REQUIRED = [
+    "iss",
+    "iat",
+    "jti",
+    "sub",
+    "act",
+    "approver",
+    "authorization_details",
+    "action_hash",
+    "approval_id",
+    "redeemed_at",
+    "resource_server",
+]
 MAX_RECEIPT_BYTES = 32 * 1024
 _DEFAULT_ALG = {("EC", "P-256"): "ES256", ("RSA", None): "RS256"}
 
@@ -47,8 +58,9 @@ def _keys(jwks: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
     return keys
 
 
-def verify_receipt(receipt: str, *, jwks: Mapping[str, Any], issuer: str,
-                   algorithms: Sequence[str] = ALGORITHMS) -> dict[str, Any]:
+def verify_receipt(
+    receipt: str, *, jwks: Mapping[str, Any], issuer: str, algorithms: Sequence[str] = ALGORITHMS
+) -> dict[str, Any]:
     """The receipt's claims if it verifies against ``jwks`` and names ``issuer``; else :class:`InvalidReceipt`."""
     receipt = receipt.strip() if isinstance(receipt, str) else ""
     if not receipt or len(receipt) > MAX_RECEIPT_BYTES or not jws_within(receipt):
@@ -67,8 +79,13 @@ def verify_receipt(receipt: str, *, jwks: Mapping[str, Any], issuer: str,
     if entry is None or entry[1] != alg:
         raise InvalidReceipt("signed by a key that is not in this JWKS")
     try:
-        claims: dict[str, Any] = jwt.decode(receipt, entry[0], algorithms=[alg], issuer=issuer,
-                                            options={"require": REQUIRED, "verify_aud": False, "verify_exp": False})
+        claims: dict[str, Any] = jwt.decode(
+            receipt,
+            entry[0],
+            algorithms=[alg],
+            issuer=issuer,
+            options={"require": REQUIRED, "verify_aud": False, "verify_exp": False},
+        )
     except jwt.PyJWTError as exc:
         raise InvalidReceipt(f"the receipt does not verify: {exc}") from exc
     details = claims["authorization_details"]

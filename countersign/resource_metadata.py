@@ -38,8 +38,14 @@ def metadata_paths(resource: str) -> tuple[str, ...]:
     return (suffixed,) if suffixed == WELL_KNOWN else (suffixed, WELL_KNOWN)
 
 
-def metadata_document(*, resource: str, issuer: str, scopes_supported: Sequence[str] = (),
-                      resource_name: str | None = None, dpop_algorithms: Sequence[str] = ()) -> dict[str, Any]:
+def metadata_document(
+    *,
+    resource: str,
+    issuer: str,
+    scopes_supported: Sequence[str] = (),
+    resource_name: str | None = None,
+    dpop_algorithms: Sequence[str] = (),
+) -> dict[str, Any]:
     """The §2 metadata: only what the resource server does (header bearer or DPoP tokens from ``issuer``)."""
     document: dict[str, Any] = {
         "resource": resource,

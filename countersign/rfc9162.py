@@ -155,8 +155,9 @@ def verify_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes], 
     return sn == 0 and r == root
 
 
-def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes,
-                       proof: Sequence[bytes]) -> bool:
+def verify_consistency(
+    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
+) -> bool:
     """Verify that the tree of ``second`` leaves extends the tree of ``first`` (RFC 9162 §2.1.4.2).
 
     Equal sizes need an empty proof and equal roots; the empty tree is a prefix of every tree.

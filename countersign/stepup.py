@@ -59,8 +59,9 @@ class StepUpClient:
     def _post(self, endpoint: str, data: dict[str, str]) -> tuple[int, dict[str, Any]]:
         return self.verifier._post_form(endpoint, data, what="the authorization server")
 
-    def open(self, token: str, *, scope: str, details: Sequence[Mapping[str, Any]],
-             binding_message: str = "") -> PendingApproval:
+    def open(
+        self, token: str, *, scope: str, details: Sequence[Mapping[str, Any]], binding_message: str = ""
+    ) -> PendingApproval:
         """Ask for the user's approval of ``details`` (RFC 9396) under ``scope``, for ``token``'s user."""
         data = {"token": token, "scope": scope, "authorization_details": json.dumps(list(details))}
         if binding_message:
@@ -73,13 +74,19 @@ class StepUpClient:
             if error == "access_denied":
                 raise GrantRevoked(error, description, status_code=status)
             raise ApprovalError(error, description, status_code=status)
-        return PendingApproval(auth_req_id=body["auth_req_id"], expires_in=int(body.get("expires_in") or 0),
-                               interval=max(1, int(body.get("interval") or 5)),
-                               approval_uri=str(body.get("approval_uri") or ""), opened_at=time.monotonic())
+        return PendingApproval(
+            auth_req_id=body["auth_req_id"],
+            expires_in=int(body.get("expires_in") or 0),
+            interval=max(1, int(body.get("interval") or 5)),
+            approval_uri=str(body.get("approval_uri") or ""),
+            opened_at=time.monotonic(),
+        )
 
     def poll(self, pending: PendingApproval) -> tuple[str | None, int]:
         """One poll: (action token, next interval); (None, interval) while the user has not answered."""
-        status, body = self._post("resource_server_approval_token_endpoint", {"auth_req_id": pending.auth_req_id})
+        status, body = self._post(
+            "resource_server_approval_token_endpoint", {"auth_req_id": pending.auth_req_id}
+        )
         if status == 200 and isinstance(body.get("access_token"), str):
             return body["access_token"], pending.interval
         error, description = str(body.get("error") or status), str(body.get("error_description") or "")
@@ -90,7 +97,9 @@ class StepUpClient:
         kwargs: dict[str, Any] = {"status_code": status, "auth_req_id": pending.auth_req_id}
         if error == "expired_token":
             raise ApprovalExpired(error, description or "the approval window passed", **kwargs)
-        if error == "access_denied" and any(w in description for w in ("cancelled", "ended", "no longer active")):
+        if error == "access_denied" and any(
+            w in description for w in ("cancelled", "ended", "no longer active")
+        ):
             raise GrantRevoked(error, description, **kwargs)
         if error == "access_denied":
             raise ApprovalDenied(error, description or "the user denied this action", **kwargs)
@@ -98,8 +107,14 @@ class StepUpClient:
             raise ServiceUnavailable(f"the approval could not be collected: {error} {description}".strip())
         raise GrantRevoked(error, description, **kwargs)
 
-    def wait(self, pending: PendingApproval, *, on_wait: Callable[[float], None] | None = None,
-             timeout: float | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
+    def wait(
+        self,
+        pending: PendingApproval,
+        *,
+        on_wait: Callable[[float], None] | None = None,
+        timeout: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> str:
         """Poll until the action token, a refusal, or the window's end (never longer: no hang).
         ``on_wait(seconds waited)`` is called before each pause."""
         deadline = pending.opened_at + (timeout if timeout is not None else pending.expires_in + 5)
@@ -110,8 +125,9 @@ class StepUpClient:
                 return token
             now = time.monotonic()
             if now + interval > deadline:
-                raise ApprovalTimeout("timeout", "no answer within the approval window",
-                                      auth_req_id=pending.auth_req_id)
+                raise ApprovalTimeout(
+                    "timeout", "no answer within the approval window", auth_req_id=pending.auth_req_id
+                )
             if on_wait is not None:
                 on_wait(now - pending.opened_at)
             sleep(interval)

@@ -26,9 +26,17 @@ class UsageReporter:
     """Queue uses with :meth:`report`; they are sent every ``interval`` seconds or once
     ``batch_size`` are waiting. ``max_queue`` bounds memory whatever the traffic."""
 
-    def __init__(self, endpoint: Callable[[], str], *, authorization: str, http: httpx.Client | None = None,
-                 max_queue: int = 10_000, batch_size: int = MAX_BATCH, interval: float = 2.0,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: Callable[[], str],
+        *,
+        authorization: str,
+        http: httpx.Client | None = None,
+        max_queue: int = 10_000,
+        batch_size: int = MAX_BATCH,
+        interval: float = 2.0,
+        timeout: float = 5.0,
+    ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
         self._endpoint = endpoint
@@ -47,9 +55,14 @@ class UsageReporter:
 
     def report(self, *, jti: str, scope: str, operation: str = "", outcome: str = "accepted") -> bool:
         """Queue one use; never blocks. False (and counted in ``dropped``) if the queue is full."""
-        use = {"id": secrets.token_urlsafe(12), "jti": jti, "scope": scope,
-               "operation": "".join(c for c in operation if c.isprintable())[:OPERATION_MAX],
-               "outcome": outcome, "at": round(time.time(), 3)}
+        use = {
+            "id": secrets.token_urlsafe(12),
+            "jti": jti,
+            "scope": scope,
+            "operation": "".join(c for c in operation if c.isprintable())[:OPERATION_MAX],
+            "outcome": outcome,
+            "at": round(time.time(), 3),
+        }
         try:
             self._queue.put_nowait(use)
         except queue.Full:
@@ -97,8 +110,11 @@ class UsageReporter:
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
         try:
-            response = self._http.post(self._endpoint(), json={"uses": batch},
-                                       headers={"Authorization": self._authorization, "Accept": "application/json"})
+            response = self._http.post(
+                self._endpoint(),
+                json={"uses": batch},
+                headers={"Authorization": self._authorization, "Accept": "application/json"},
+            )
         except Exception as exc:  # noqa: BLE001  (Countersign down, metadata unreachable: never the caller's problem)
             self.dropped += len(batch)
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]

@@ -168,22 +168,41 @@ class TokenVerifier:
     the RFC 9728 §3.1 URL of ``audience``) describe the resource (RFC 9728 §2).
     """
 
-    def __init__(self, issuer: str, *, client_id: str | None = None, client_secret: str | None = None,
-                 audience: str, http: httpx.Client | None = None, leeway: int = 10,
-                 jwks_min_refetch_interval: float = 30.0, jwks_max_age: float = 300.0,
-                 registry_ttl: float = 30.0, max_token_bytes: int = 8192,
-                 algorithms: Sequence[str] = ALGORITHMS, dpop_max_age: float = 60.0,
-                 dpop_algorithms: Sequence[str] = DPOP_ALGS, replay_cache: JtiStore | None = None,
-                 scopes_supported: Sequence[str] = (), resource_name: str | None = None,
-                 resource_metadata_url: str | None = None,
-                 report_usage: bool = False, usage_queue: int = 10_000, usage_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        audience: str,
+        http: httpx.Client | None = None,
+        leeway: int = 10,
+        jwks_min_refetch_interval: float = 30.0,
+        jwks_max_age: float = 300.0,
+        registry_ttl: float = 30.0,
+        max_token_bytes: int = 8192,
+        algorithms: Sequence[str] = ALGORITHMS,
+        dpop_max_age: float = 60.0,
+        dpop_algorithms: Sequence[str] = DPOP_ALGS,
+        replay_cache: JtiStore | None = None,
+        scopes_supported: Sequence[str] = (),
+        resource_name: str | None = None,
+        resource_metadata_url: str | None = None,
+        report_usage: bool = False,
+        usage_queue: int = 10_000,
+        usage_interval: float = 2.0,
+    ) -> None:
         if not 0 <= leeway <= MAX_LEEWAY:
-            raise ValueError(f"leeway must be between 0 and {MAX_LEEWAY} seconds (RFC 8725 §3.10: small, explicit)")
+            raise ValueError(
+                f"leeway must be between 0 and {MAX_LEEWAY} seconds (RFC 8725 §3.10: small, explicit)"
+            )
         unknown = set(algorithms) - set(ALGORITHMS)
         if unknown or not algorithms:
             raise ValueError(f"algorithms must be a non-empty subset of {ALGORITHMS}")
         if (client_id is None) != (client_secret is None):
-            raise ValueError("give both client_id and client_secret (the resource server's credentials), or neither")
+            raise ValueError(
+                "give both client_id and client_secret (the resource server's credentials), or neither"
+            )
         if not audience:
             raise ValueError("audience (this resource server's audience URI) is required")
         self.issuer = issuer
@@ -225,8 +244,12 @@ class TokenVerifier:
         if report_usage:
             if self._auth is None:
                 raise ValueError("report_usage needs the resource server's client_id and client_secret")
-            self.usage = UsageReporter(lambda: self._endpoint("usage_endpoint"), authorization=self._auth,
-                                       max_queue=usage_queue, interval=usage_interval)
+            self.usage = UsageReporter(
+                lambda: self._endpoint("usage_endpoint"),
+                authorization=self._auth,
+                max_queue=usage_queue,
+                interval=usage_interval,
+            )
 
     def close(self) -> None:
         """Send the usage reports still queued, stop their thread, close the HTTP client."""
@@ -236,8 +259,13 @@ class TokenVerifier:
 
     def protected_resource_metadata(self) -> dict[str, Any]:
         """This resource server's RFC 9728 §2 metadata document."""
-        return metadata_document(resource=self.audience, issuer=self.issuer, scopes_supported=self.scopes_supported,
-                                 resource_name=self.resource_name, dpop_algorithms=self.dpop_algorithms)
+        return metadata_document(
+            resource=self.audience,
+            issuer=self.issuer,
+            scopes_supported=self.scopes_supported,
+            resource_name=self.resource_name,
+            dpop_algorithms=self.dpop_algorithms,
+        )
 
     def refusal(self, exc: CountersignError) -> tuple[int, dict[str, str], dict[str, str]]:
         """:func:`refusal`, naming this server's metadata URL in the challenge (RFC 9728 §5.1)."""
@@ -309,7 +337,11 @@ class TokenVerifier:
             raise ServiceUnavailable(f"JWKS unavailable (HTTP {status})")
         keys: dict[str, tuple[Any, str]] = {}
         for jwk in body["keys"]:
-            if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or jwk.get("use", "sig") != "sig":
+            if (
+                not isinstance(jwk, dict)
+                or not isinstance(jwk.get("kid"), str)
+                or jwk.get("use", "sig") != "sig"
+            ):
                 continue
             alg = jwk.get("alg") or _DEFAULT_KEY_ALG.get((str(jwk.get("kty")), jwk.get("crv")))
             if alg not in self.algorithms:
@@ -377,11 +409,14 @@ class TokenVerifier:
             raise ServiceUnavailable("the agent registry answered for another agent")
         jkt = body.get("jkt") or []
         return AgentRecord(
-            client_id=client_id, actor=str(body.get("actor") or f"agent:{client_id}"),
-            name=str(body.get("name") or ""), publisher=str(body.get("publisher") or ""),
+            client_id=client_id,
+            actor=str(body.get("actor") or f"agent:{client_id}"),
+            name=str(body.get("name") or ""),
+            publisher=str(body.get("publisher") or ""),
             status=str(body.get("status") or ""),
             jkt=frozenset(j for j in jkt if isinstance(j, str)) if isinstance(jkt, list) else frozenset(),
-            require_dpop=body.get("require_dpop") is True)
+            require_dpop=body.get("require_dpop") is True,
+        )
 
     def forget_agent(self, client_id: str) -> None:
         """Drop the cached registry entry (e.g. on a suspension webhook)."""
@@ -389,9 +424,17 @@ class TokenVerifier:
 
     # --- verification -------------------------------------------------------------------------
 
-    def verify_session(self, token: str, *, required_scopes: Iterable[str] = (), dpop_proof: str | None = None,
-                       htm: str | None = None, htu: str | None = None, scheme: str | None = None,
-                       operation: str = "") -> VerifiedToken:
+    def verify_session(
+        self,
+        token: str,
+        *,
+        required_scopes: Iterable[str] = (),
+        dpop_proof: str | None = None,
+        htm: str | None = None,
+        htu: str | None = None,
+        scheme: str | None = None,
+        operation: str = "",
+    ) -> VerifiedToken:
         """Verify a session access token (RFC 9068, ``typ: at+jwt``) for this resource server.
 
         ``required_scopes`` must all be in the token's ``scope`` (else
@@ -403,8 +446,9 @@ class TokenVerifier:
         With ``report_usage``, the accepted use is queued for Countersign (``operation`` is a
         short label, e.g. "search catalog"; by default the method and path), never sent here.
         """
-        verified = self._verify(token, typ=SESSION_TOKEN_TYP, dpop_proof=dpop_proof, htm=htm, htu=htu,
-                                scheme=scheme)
+        verified = self._verify(
+            token, typ=SESSION_TOKEN_TYP, dpop_proof=dpop_proof, htm=htm, htu=htu, scheme=scheme
+        )
         required = list(required_scopes)
         self._check_scopes(verified, required)
         if self.usage is not None:
@@ -413,9 +457,18 @@ class TokenVerifier:
                 self.usage.report(jti=str(verified.claims.get("jti", "")), scope=scope, operation=label)
         return verified
 
-    def verify_action(self, token: str, *, expected_details: Sequence[Mapping[str, Any]], redeem: bool = True,
-                      required_scopes: Iterable[str] = (), dpop_proof: str | None = None, htm: str | None = None,
-                      htu: str | None = None, scheme: str | None = None) -> VerifiedToken:
+    def verify_action(
+        self,
+        token: str,
+        *,
+        expected_details: Sequence[Mapping[str, Any]],
+        redeem: bool = True,
+        required_scopes: Iterable[str] = (),
+        dpop_proof: str | None = None,
+        htm: str | None = None,
+        htu: str | None = None,
+        scheme: str | None = None,
+    ) -> VerifiedToken:
         """Verify a one-shot action token (``typ: action+jwt``) for the action about to run.
 
         ``expected_details`` is the RFC 9396 ``authorization_details`` array the
@@ -427,14 +480,17 @@ class TokenVerifier:
         """
         if not isinstance(expected_details, Sequence) or isinstance(expected_details, (str, bytes)):
             raise TypeError("expected_details must be a list of authorization_details objects")
-        verified = self._verify(token, typ=ACTION_TOKEN_TYP, dpop_proof=dpop_proof, htm=htm, htu=htu,
-                                scheme=scheme)
+        verified = self._verify(
+            token, typ=ACTION_TOKEN_TYP, dpop_proof=dpop_proof, htm=htm, htu=htu, scheme=scheme
+        )
         self._check_scopes(verified, required_scopes)
         claims = verified.claims
         claimed = claims.get("action_hash")
         if not isinstance(claimed, str) or not isinstance(claims.get("authorization_details"), list):
-            raise InvalidToken("the action token lacks action_hash or authorization_details",
-                               dpop=verified.dpop_jkt is not None)
+            raise InvalidToken(
+                "the action token lacks action_hash or authorization_details",
+                dpop=verified.dpop_jkt is not None,
+            )
         try:
             expected = action_hash(expected_details)
             embedded = action_hash(claims["authorization_details"])
@@ -472,8 +528,9 @@ class TokenVerifier:
     def _check_scopes(verified: VerifiedToken, required: Iterable[str]) -> None:
         required = tuple(required)
         if required and not verified.scopes.issuperset(required):
-            raise InsufficientScope("the token lacks a required scope", scope=required,
-                                    dpop=verified.dpop_jkt is not None)
+            raise InsufficientScope(
+                "the token lacks a required scope", scope=required, dpop=verified.dpop_jkt is not None
+            )
 
     def _header(self, token: Any) -> dict[str, Any]:
         if not isinstance(token, str) or not token:
@@ -482,7 +539,7 @@ class TokenVerifier:
             raise InvalidToken("token too large")
         if not token.isascii() or token.count(".") != 2 or not jws_within(token):
             raise InvalidToken("malformed token")  # too deep: json would recurse past its limit
-        segment = token[:token.index(".")]
+        segment = token[: token.index(".")]
         # Every token one key signs has the same header: parse each distinct one once.
         header = self._headers.get(segment)
         if header is not None:
@@ -498,8 +555,16 @@ class TokenVerifier:
             self._headers[segment] = header
         return header
 
-    def _verify(self, token: str, *, typ: str, dpop_proof: str | None, htm: str | None, htu: str | None,
-                scheme: str | None) -> VerifiedToken:
+    def _verify(
+        self,
+        token: str,
+        *,
+        typ: str,
+        dpop_proof: str | None,
+        htm: str | None,
+        htu: str | None,
+        scheme: str | None,
+    ) -> VerifiedToken:
         header = self._header(token)
         token_typ = header.get("typ")
         if not isinstance(token_typ, str) or token_typ.lower().removeprefix("application/") != typ:
@@ -514,8 +579,14 @@ class TokenVerifier:
             raise InvalidToken("algorithm does not match the signing key")
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key, algorithms=[key_alg], audience=self.audience, issuer=self.issuer,
-                leeway=self.leeway, options=self._decode_options)
+                token,
+                key,
+                algorithms=[key_alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options=self._decode_options,
+            )
         except jwt.ExpiredSignatureError as exc:
             raise ExpiredToken("token expired") from exc
         except jwt.MissingRequiredClaimError as exc:
@@ -555,38 +626,62 @@ class TokenVerifier:
             raise InvalidToken("scope must be a space-separated string", dpop=bound)
         if bound:
             if scheme is not None and scheme.lower() != "dpop":
-                raise InvalidToken("a DPoP-bound token must be presented with the DPoP scheme (RFC 9449 §7.2)",
-                                   dpop=True, dpop_algs=self.dpop_algorithms)
+                raise InvalidToken(
+                    "a DPoP-bound token must be presented with the DPoP scheme (RFC 9449 §7.2)",
+                    dpop=True,
+                    dpop_algs=self.dpop_algorithms,
+                )
             if dpop_proof is None:
-                raise InvalidDPoPProof("this token is DPoP-bound: a DPoP proof is required", dpop=True,
-                                       dpop_algs=self.dpop_algorithms)
+                raise InvalidDPoPProof(
+                    "this token is DPoP-bound: a DPoP proof is required",
+                    dpop=True,
+                    dpop_algs=self.dpop_algorithms,
+                )
             if htm is None or htu is None:
                 raise TypeError("verifying a DPoP-bound token needs the request's method (htm) and URL (htu)")
             try:
-                verify_proof(dpop_proof, htm=htm, htu=htu, access_token=token, expected_jkt=jkt,
-                             max_age=self.dpop_max_age, algorithms=self.dpop_algorithms,
-                             replay_cache=self.replay_cache)
+                verify_proof(
+                    dpop_proof,
+                    htm=htm,
+                    htu=htu,
+                    access_token=token,
+                    expected_jkt=jkt,
+                    max_age=self.dpop_max_age,
+                    algorithms=self.dpop_algorithms,
+                    replay_cache=self.replay_cache,
+                )
             except InvalidDPoPProof as exc:
                 raise InvalidDPoPProof(exc.description, dpop=True, dpop_algs=self.dpop_algorithms) from None
         elif scheme is not None and scheme.lower() == "dpop":
-            raise InvalidToken("the token is not DPoP-bound: present it with the Bearer scheme", dpop=True,
-                               dpop_algs=self.dpop_algorithms)
+            raise InvalidToken(
+                "the token is not DPoP-bound: present it with the Bearer scheme",
+                dpop=True,
+                dpop_algs=self.dpop_algorithms,
+            )
         record = self.agent(agent_id)
         if record is None:
             raise AgentNotAllowed(f"{actor} is not a registered agent", dpop=bound)
         if not record.active or record.actor != actor:
             raise AgentNotAllowed(f"{actor} is {record.status or 'not active'}", dpop=bound)
         if not bound and record.require_dpop:
-            raise InvalidToken(f"{actor} may only use DPoP-bound tokens", dpop=True, dpop_algs=self.dpop_algorithms)
+            raise InvalidToken(
+                f"{actor} may only use DPoP-bound tokens", dpop=True, dpop_algs=self.dpop_algorithms
+            )
         if bound and jkt not in record.jkt:
-            raise InvalidDPoPProof(f"the DPoP key is not registered for {actor}", dpop=True,
-                                   dpop_algs=self.dpop_algorithms)
+            raise InvalidDPoPProof(
+                f"the DPoP key is not registered for {actor}", dpop=True, dpop_algs=self.dpop_algorithms
+            )
         grant_id = claims.get("grant_id")
         return VerifiedToken(
-            subject=sub, actor=actor, actor_chain=chain,
+            subject=sub,
+            actor=actor,
+            actor_chain=chain,
             client_id=client_id if isinstance(client_id, str) else None,
-            scopes=frozenset(scope.split()), grant_id=grant_id if isinstance(grant_id, str) else None,
-            claims=claims, dpop_jkt=jkt)
+            scopes=frozenset(scope.split()),
+            grant_id=grant_id if isinstance(grant_id, str) else None,
+            claims=claims,
+            dpop_jkt=jkt,
+        )
 
     @staticmethod
     def _actor_chain(claims: Mapping[str, Any], bound: bool) -> list[str]:
@@ -594,7 +689,11 @@ class TokenVerifier:
         chain: list[str] = []
         act = claims.get("act")
         while act is not None:
-            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or len(chain) >= MAX_ACTOR_DEPTH:
+            if (
+                not isinstance(act, dict)
+                or not isinstance(act.get("sub"), str)
+                or len(chain) >= MAX_ACTOR_DEPTH
+            ):
                 raise InvalidToken("malformed act claim", dpop=bound)
             chain.append(act["sub"])
             act = act.get("act")
@@ -603,8 +702,9 @@ class TokenVerifier:
         return chain
 
 
-def refusal(exc: CountersignError, *, resource_metadata: str | None = None
-            ) -> tuple[int, dict[str, str], dict[str, str]]:
+def refusal(
+    exc: CountersignError, *, resource_metadata: str | None = None
+) -> tuple[int, dict[str, str], dict[str, str]]:
     """``(status, headers, body)`` for a refusal: the one place integrations render errors.
     ``resource_metadata``: the RFC 9728 metadata URL every challenge names (§5.1)."""
     headers = {"Cache-Control": "no-store"}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from config.serving import web_command  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-ROUTER_D = '''
+ROUTER_D = """
 import os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 from a2wsgi import WSGIMiddleware
@@ -51,7 +51,7 @@ application = ProtocolTypeRouter({
     "http": WSGIMiddleware(get_wsgi_application(), workers=8),
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })
-'''
+"""
 
 
 def free_port() -> int:
@@ -64,16 +64,69 @@ def candidates() -> dict[str, tuple[int, list[str]]]:
     py = sys.executable
     ports = {name: free_port() for name in ("a", "b", "b2", "c", "d")}
     return {
-        "(a) uvicorn + Django ASGI": (ports["a"], [py, "-m", "uvicorn", "config.asgi:application", "--port",
-                                                  str(ports["a"]), "--no-access-log", "--log-level", "warning"]),
-        "(b) gunicorn sync, 1 worker": (ports["b"], [py, "-m", "gunicorn", "config.wsgi:application", "-b",
-                                                     f"127.0.0.1:{ports['b']}", "-w", "1", "--log-level", "warning"]),
-        "(b) gunicorn gthread, 8 threads": (ports["b2"], [
-            py, "-m", "gunicorn", "config.wsgi:application", "-b", f"127.0.0.1:{ports['b2']}", "-w", "1",
-            "-k", "gthread", "--threads", "8", "--log-level", "warning"]),
+        "(a) uvicorn + Django ASGI": (
+            ports["a"],
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--port",
+                str(ports["a"]),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+        ),
+        "(b) gunicorn sync, 1 worker": (
+            ports["b"],
+            [
+                py,
+                "-m",
+                "gunicorn",
+                "config.wsgi:application",
+                "-b",
+                f"127.0.0.1:{ports['b']}",
+                "-w",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+        ),
+        "(b) gunicorn gthread, 8 threads": (
+            ports["b2"],
+            [
+                py,
+                "-m",
+                "gunicorn",
+                "config.wsgi:application",
+                "-b",
+                f"127.0.0.1:{ports['b2']}",
+                "-w",
+                "1",
+                "-k",
+                "gthread",
+                "--threads",
+                "8",
+                "--log-level",
+                "warning",
+            ],
+        ),
         "(c) granian WSGI, 8 threads": (ports["c"], web_command(ports["c"], threads=8)),
-        "(d) uvicorn + a2wsgi pool": (ports["d"], [py, "-m", "uvicorn", "serving_router_d:application", "--port",
-                                                  str(ports["d"]), "--no-access-log", "--log-level", "warning"]),
+        "(d) uvicorn + a2wsgi pool": (
+            ports["d"],
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "serving_router_d:application",
+                "--port",
+                str(ports["d"]),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+        ),
     }
 
 
@@ -90,11 +143,15 @@ def group_cpu_seconds(pgid: int) -> float:
 
 
 def wrk(url: str, duration: str, connections: int) -> tuple[int, float, str]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}", url], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}", url], capture_output=True, text=True, check=True
+    ).stdout
     errors = " ".join(m.group(0) for m in re.finditer(r"(Non-2xx or 3xx responses|Socket errors): .*", out))
-    return int(re.search(r"(\d+) requests in", out).group(1)), float(re.search(r"Requests/sec:\s+([\d.]+)",
-                                                                               out).group(1)), errors
+    return (
+        int(re.search(r"(\d+) requests in", out).group(1)),
+        float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        errors,
+    )
 
 
 def main() -> None:
@@ -113,8 +170,14 @@ def main() -> None:
     procs = {}
     try:
         for name, (_, cmd) in servers.items():
-            procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs[name] = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         for name, (port, _) in servers.items():
             url = f"http://127.0.0.1:{port}{args.path}"
             deadline = time.monotonic() + 120
@@ -130,17 +193,21 @@ def main() -> None:
             wrk(url, "2s", args.connections)  # warm-up
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
         for r in range(args.rounds):
-            for name in (list(servers) if r % 2 == 0 else list(reversed(servers))):
+            for name in list(servers) if r % 2 == 0 else list(reversed(servers)):
                 url = f"http://127.0.0.1:{servers[name][0]}{args.path}"
                 before = group_cpu_seconds(procs[name].pid)
                 n, rps, errors = wrk(url, args.duration, args.connections)
                 cpu_ms = (group_cpu_seconds(procs[name].pid) - before) / n * 1000
                 results[name].append((cpu_ms, rps))
-                print(f"round {r + 1} {name:34s} {cpu_ms:6.3f} ms CPU/request {rps:8.1f} req/s {errors}",
-                      flush=True)
+                print(
+                    f"round {r + 1} {name:34s} {cpu_ms:6.3f} ms CPU/request {rps:8.1f} req/s {errors}",
+                    flush=True,
+                )
         print(f"\n{args.path}: wrk -t1 -c{args.connections} -d{args.duration}, {args.rounds} rounds, medians")
-        medians = {name: (statistics.median(c for c, _ in v), statistics.median(x for _, x in v))
-                   for name, v in results.items()}
+        medians = {
+            name: (statistics.median(c for c, _ in v), statistics.median(x for _, x in v))
+            for name, v in results.items()
+        }
         best = min(cpu for cpu, _ in medians.values())
         for name, (cpu, rps) in medians.items():
             print(f"| {name} | {cpu:.2f} ms | {cpu / best:.1f}x | {rps:,.0f} |")

@@ -29,8 +29,10 @@ def django_db_setup(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute(f"ALTER DATABASE {connection.ops.quote_name(connection.settings_dict['NAME'])} "
-                               "SET countersign.audit_truncate = 'allow'")
+                cursor.execute(
+                    f"ALTER DATABASE {connection.ops.quote_name(connection.settings_dict['NAME'])} "
+                    "SET countersign.audit_truncate = 'allow'"
+                )
             connection.close()
             if hasattr(connection, "close_pool"):
                 connection.close_pool()  # pooled sessions started before the default was set
@@ -82,12 +84,23 @@ def scenario(db) -> Scenario:
         scope_set(name=name, values={"audience": aud, "sensitivity": sens, "description": f"Use {name}"})
     catalog, catalog_secret = resource_server_create(name="Catalog", audience="http://catalog.test")
     ledger, ledger_secret = resource_server_create(name="Ledger", audience="http://ledger.test")
-    agent, secret = agent_create(name="Procurement Agent", publisher="Acme Agents",
-                                 scopes=["catalog:read", "budget:read", "ledger:write"],
-                                 redirect_uris=[REDIRECT_URI])
+    agent, secret = agent_create(
+        name="Procurement Agent",
+        publisher="Acme Agents",
+        scopes=["catalog:read", "budget:read", "ledger:write"],
+        redirect_uris=[REDIRECT_URI],
+    )
     user = get_user_model().objects.create_user("officer", password=PASSWORD)
-    return Scenario(agent, secret, catalog.client_id, catalog_secret, catalog.audience,
-                    ledger.client_id, ledger_secret, user)
+    return Scenario(
+        agent,
+        secret,
+        catalog.client_id,
+        catalog_secret,
+        catalog.audience,
+        ledger.client_id,
+        ledger_secret,
+        user,
+    )
 
 
 @pytest.fixture
@@ -119,10 +132,23 @@ class OAuthFlow:
     def login(self):
         assert self.client.login(username="officer", password=PASSWORD)
 
-    def authorize_query(self, *, scope="catalog:read budget:read ledger:write", challenge=None,
-                        method="S256", redirect_uri=REDIRECT_URI, client_id=None, **extra) -> str:
-        params = {"response_type": "code", "client_id": client_id or self.s.agent.client_id,
-                  "redirect_uri": redirect_uri, "scope": scope, "state": "st-123"}
+    def authorize_query(
+        self,
+        *,
+        scope="catalog:read budget:read ledger:write",
+        challenge=None,
+        method="S256",
+        redirect_uri=REDIRECT_URI,
+        client_id=None,
+        **extra,
+    ) -> str:
+        params = {
+            "response_type": "code",
+            "client_id": client_id or self.s.agent.client_id,
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": "st-123",
+        }
         if challenge is not None:
             params["code_challenge"] = challenge
         if method is not None and challenge is not None:
@@ -131,8 +157,9 @@ class OAuthFlow:
         return urlencode(params)
 
     def consent(self, query: str, decision="allow", lifetime=3600):
-        return self.client.post("/o/authorize/", {"authz_query": query, "decision": decision,
-                                                  "lifetime": str(lifetime)})
+        return self.client.post(
+            "/o/authorize/", {"authz_query": query, "decision": decision, "lifetime": str(lifetime)}
+        )
 
     def code_from(self, response) -> str:
         assert response.status_code == 302, response.content[:500]
@@ -143,24 +170,37 @@ class OAuthFlow:
 
     def token(self, data: dict, *, auth: tuple[str, str] | None = None):
         client_id, secret = auth or (self.s.agent.client_id, self.s.agent_secret)
-        return self.client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded",
-                                HTTP_AUTHORIZATION=basic(client_id, secret))
+        return self.client.post(
+            "/o/token/",
+            urlencode(data),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(client_id, secret),
+        )
 
     def full(self, scope="catalog:read budget:read ledger:write") -> dict:
         """Log in, consent, exchange the code; returns the token response JSON."""
         self.login()
         verifier, challenge = pkce_pair()
         code = self.code_from(self.consent(self.authorize_query(scope=scope, challenge=challenge)))
-        response = self.token({"grant_type": "authorization_code", "code": code,
-                               "redirect_uri": REDIRECT_URI, "code_verifier": verifier})
+        response = self.token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+            }
+        )
         assert response.status_code == 200, response.content
         return response.json()
 
     def introspect(self, token: str, *, auth: tuple[str, str] | None = None):
         client_id, secret = auth or (self.s.rs_client_id, self.s.rs_secret)
-        return self.client.post("/o/introspect/", urlencode({"token": token}),
-                                content_type="application/x-www-form-urlencoded",
-                                HTTP_AUTHORIZATION=basic(client_id, secret))
+        return self.client.post(
+            "/o/introspect/",
+            urlencode({"token": token}),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(client_id, secret),
+        )
 
 
 @pytest.fixture
@@ -175,4 +215,3 @@ def session_token(flow, ledger_policy):
     token = flow.full()["access_token"]
     flow.client.logout()
     return token
-

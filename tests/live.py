@@ -45,8 +45,10 @@ class LiveStack:
 def _database_url() -> str:
     db = connection.settings_dict
     if db["ENGINE"] != "django.db.backends.postgresql":
-        pytest.fail("live-stack tests share the database with server processes: run them on PostgreSQL "
-                    "(make test sets DATABASE_URL)")
+        pytest.fail(
+            "live-stack tests share the database with server processes: run them on PostgreSQL "
+            "(make test sets DATABASE_URL)"
+        )
     auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
@@ -80,18 +82,39 @@ def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = 
     bin_dir = Path(sys.executable).parent
     procs = [
         subprocess.Popen(
-            local_command(port), cwd=ROOT, env=env, stdout=open(log_dir / "server.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True),
+            local_command(port),
+            cwd=ROOT,
+            env=env,
+            stdout=open(log_dir / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ),
     ]
     if worker:
         from config.celery import app as celery_app
 
         celery_app.control.purge()
-        procs.append(subprocess.Popen(
-            [str(bin_dir / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO", "--concurrency=2",
-             "--without-mingle", "--without-gossip", "--hostname", f"test-{port}@%h"],
-            cwd=ROOT, env=env, stdout=open(log_dir / "celery.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "celery"),
+                    "-A",
+                    "config.celery:app",
+                    "worker",
+                    "--loglevel=INFO",
+                    "--concurrency=2",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--hostname",
+                    f"test-{port}@%h",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=open(log_dir / "celery.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     def server_up() -> bool:
         try:

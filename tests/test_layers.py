@@ -68,6 +68,8 @@ def test_every_debt_is_still_owed():
 def test_the_check_sees_an_upward_import(tmp_path):
     # The rule above would pass on a tree it cannot read; make sure it reads this one.
     sample = tmp_path / "sample.py"
-    sample.write_text("import os\n\ndef f():\n    from approvals.rar import action_hash\n    import config.celery\n")
+    sample.write_text(
+        "import os\n\ndef f():\n    from approvals.rar import action_hash\n    import config.celery\n"
+    )
     assert [m for _, m in _imports(sample)] == ["os", "approvals.rar", "config.celery"]
     assert sum(1 for _ in (ROOT / "consent").rglob("*.py")) > 20

@@ -21,7 +21,7 @@ def shell_blocks(section: str) -> list[str]:
     text = README.read_text()
     start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```sh\n(.*?)```", text[start:end if end != -1 else None], re.S)
+    return re.findall(r"```sh\n(.*?)```", text[start : end if end != -1 else None], re.S)
 
 
 class Shell:
@@ -36,13 +36,17 @@ class Shell:
     def run(self, block: str) -> str:
         names = sorted(set(re.findall(r"^\s*([A-Z_]+)=", block, re.M)))
         save = "".join(f"declare -p {n} >> {self.state}.new 2>/dev/null || true\n" for n in names)
-        script = (f"set -euo pipefail\nsource {self.state}\n{block}\n"
-                  f"cp {self.state} {self.state}.new\n{save}"
-                  f"declare -f >> {self.state}.new\nmv {self.state}.new {self.state}\n")
-        result = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 0, f"README block failed:\n{block}\n--- stdout\n{result.stdout}\n" \
-                                       f"--- stderr\n{result.stderr}"
+        script = (
+            f"set -euo pipefail\nsource {self.state}\n{block}\n"
+            f"cp {self.state} {self.state}.new\n{save}"
+            f"declare -f >> {self.state}.new\nmv {self.state}.new {self.state}\n"
+        )
+        result = subprocess.run(
+            ["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, (
+            f"README block failed:\n{block}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        )
         return result.stdout
 
 
@@ -65,17 +69,28 @@ def test_administration_block_as_written(tmp_path, with_demo):
     (block,) = shell_blocks("Administration")
     env = _env({"DATABASE_URL": f"sqlite:///{tmp_path}/admin.sqlite3"})
     cwd = _reader_dir(tmp_path)
-    subprocess.run([".venv/bin/python", "manage.py", "migrate", "-v0"], cwd=cwd, env=env, check=True, timeout=300)
+    subprocess.run(
+        [".venv/bin/python", "manage.py", "migrate", "-v0"], cwd=cwd, env=env, check=True, timeout=300
+    )
     if with_demo:
-        subprocess.run([".venv/bin/python", "manage.py", "seed_demo"], cwd=cwd, env=env, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [".venv/bin/python", "manage.py", "seed_demo"],
+            cwd=cwd,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     out = Shell(cwd, env).run(block)
     assert "client_secret" in out
     if with_demo:  # the demo's own records are as seed_demo made them
         import sqlite3
 
         db = sqlite3.connect(tmp_path / "admin.sqlite3")
-        (audience,) = db.execute(f"SELECT audience FROM {ScopePolicy._meta.db_table} WHERE name = 'ledger:write'"
-                                 ).fetchone()
+        (audience,) = db.execute(
+            f"SELECT audience FROM {ScopePolicy._meta.db_table} WHERE name = 'ledger:write'"
+        ).fetchone()
         assert audience == "http://127.0.0.1:8105"
-        assert db.execute(f"SELECT COUNT(*) FROM {ResourceServer._meta.db_table}").fetchone() == (7,)  # five systems, the MCP server, Payments
+        assert db.execute(f"SELECT COUNT(*) FROM {ResourceServer._meta.db_table}").fetchone() == (
+            7,
+        )  # five systems, the MCP server, Payments

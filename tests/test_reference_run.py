@@ -28,8 +28,12 @@ from tests.consent.test_token_exchange import AgentKey, _exchange
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MINUTE = 60
-STEPS = [("catalog:read", "http://catalog.test"), ("budget:read", "http://budget.test"),
-         ("po:draft", "http://drafting.test"), ("approval:route", "http://routing.test")]
+STEPS = [
+    ("catalog:read", "http://catalog.test"),
+    ("budget:read", "http://budget.test"),
+    ("po:draft", "http://drafting.test"),
+    ("approval:route", "http://routing.test"),
+]
 
 
 @pytest.fixture
@@ -42,11 +46,15 @@ def worker():
 @pytest.fixture
 def procurement(scenario, ledger_policy):
     """The scenario's five systems: two more standard scopes beside catalog, budget and ledger."""
-    servers = {"http://catalog.test": (scenario.rs_client_id, scenario.rs_secret),
-               "http://ledger.test": (scenario.ledger_client_id, scenario.ledger_secret)}
+    servers = {
+        "http://catalog.test": (scenario.rs_client_id, scenario.rs_secret),
+        "http://ledger.test": (scenario.ledger_client_id, scenario.ledger_secret),
+    }
     for scope, audience in STEPS:
         if not ScopePolicy.objects.filter(name=scope).exists():
-            scope_set(name=scope, values={"audience": audience, "sensitivity": "standard", "description": scope})
+            scope_set(
+                name=scope, values={"audience": audience, "sensitivity": "standard", "description": scope}
+            )
         if audience not in servers:
             rs, secret = resource_server_create(name=scope, audience=audience)
             servers[audience] = (rs.client_id, secret)
@@ -56,8 +64,12 @@ def procurement(scenario, ledger_policy):
 
 
 def _introspect(client, token, creds):
-    return client.post("/o/introspect/", urlencode({"token": token}), content_type="application/x-www-form-urlencoded",
-                       HTTP_AUTHORIZATION=basic(*creds)).json()
+    return client.post(
+        "/o/introspect/",
+        urlencode({"token": token}),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(*creds),
+    ).json()
 
 
 def _wait_delivered(approval_id, timeout=15.0):
@@ -100,21 +112,37 @@ def test_procurement_run_survives_token_expiry(mode, flow, scenario, procurement
             # No way to continue: the agent learns it before writing anything.
             refused = flow.token({"grant_type": "refresh_token", "refresh_token": "none-exists"})
             assert refused.status_code == 400
-            ask = client.post("/o/bc-authorize/", urlencode({
-                "scope": "ledger:write", "login_hint_token": token,
-                "authorization_details": json.dumps([LEDGER_ENTRY])}),
+            ask = client.post(
+                "/o/bc-authorize/",
+                urlencode(
+                    {
+                        "scope": "ledger:write",
+                        "login_hint_token": token,
+                        "authorization_details": json.dumps([LEDGER_ENTRY]),
+                    }
+                ),
                 content_type="application/x-www-form-urlencoded",
-                HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+                HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+            )
             assert ask.status_code == 400 and ask.json()["error"] == "expired_login_hint_token"
             assert ApprovalRequest.objects.count() == 0
             assert not AuditEvent.objects.filter(event="action_token.redeemed").exists()
             call_command("audit_verify", stdout=StringIO())
             return
 
-        ask = client.post("/o/bc-authorize/", urlencode({
-            "scope": "ledger:write", "login_hint_token": token, "binding_message": "Step 5 of 5",
-            "authorization_details": json.dumps([LEDGER_ENTRY])}), content_type="application/x-www-form-urlencoded",
-            HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+        ask = client.post(
+            "/o/bc-authorize/",
+            urlencode(
+                {
+                    "scope": "ledger:write",
+                    "login_hint_token": token,
+                    "binding_message": "Step 5 of 5",
+                    "authorization_details": json.dumps([LEDGER_ENTRY]),
+                }
+            ),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+        )
         assert ask.status_code == 200, ask.content
         auth_req_id = ask.json()["auth_req_id"]
         approval = ApprovalRequest.objects.get()
@@ -122,18 +150,32 @@ def test_procurement_run_survives_token_expiry(mode, flow, scenario, procurement
         officer = type(client)()
         officer.login(username="officer", password=PASSWORD)
         assert officer.post(f"/approvals/{approval.pk}/approve/").status_code == 302
-        collected = flow.token({"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id})
+        collected = flow.token(
+            {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id}
+        )
         assert collected.status_code == 200, collected.content
         ledger = procurement["http://ledger.test"]
-        redeemed = client.post("/o/redeem/", urlencode({"token": collected.json()["access_token"]}),
-                               content_type="application/x-www-form-urlencoded", HTTP_AUTHORIZATION=basic(*ledger))
+        redeemed = client.post(
+            "/o/redeem/",
+            urlencode({"token": collected.json()["access_token"]}),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(*ledger),
+        )
         assert redeemed.status_code == 200 and redeemed.json()["authorization_details"] == [LEDGER_ENTRY]
 
     call_command("audit_verify", stdout=StringIO())
     trail = list(AuditEvent.objects.order_by("id").values_list("event", flat=True))
     remint = "token.exchanged" if mode == "exchange" else "token.refreshed"
-    expected = ["consent.given", "token.issued", remint, "approval.requested", "approval.delivered",
-                "approval.approved", "action_token.issued", "action_token.redeemed"]
+    expected = [
+        "consent.given",
+        "token.issued",
+        remint,
+        "approval.requested",
+        "approval.delivered",
+        "approval.approved",
+        "action_token.issued",
+        "action_token.redeemed",
+    ]
     positions = [trail.index(e) for e in expected]
     assert positions == sorted(positions), trail
     assert Agent.objects.get(pk=scenario.agent.pk).refresh_mode == mode

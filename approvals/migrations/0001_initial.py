@@ -9,72 +9,185 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('consent', '0001_initial'),
+        ("consent", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
         migrations.swappable_dependency(settings.OAUTH2_PROVIDER_APPLICATION_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ApprovalRequest',
+            name="ApprovalRequest",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('auth_req_id_hash', models.CharField(editable=False, max_length=64, unique=True)),
-                ('scope', models.CharField(max_length=100)),
-                ('authorization_details', models.JSONField(help_text='RFC 9396 array, exactly as the agent sent it.')),
-                ('action_hash', models.CharField(db_index=True, max_length=64)),
-                ('headline', models.CharField(help_text='Rendered by the server from authorization_details.', max_length=300)),
-                ('binding_message', models.CharField(blank=True, help_text="The agent's own note.", max_length=200)),
-                ('delivery_mode', models.CharField(choices=[('poll', 'Poll'), ('ping', 'Ping')], default='poll', max_length=8)),
-                ('client_notification_token', models.CharField(blank=True, editable=False, max_length=1024)),
-                ('interval', models.PositiveIntegerField(default=5)),
-                ('created', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('expires_at', models.DateTimeField(db_index=True)),
-                ('last_polled_at', models.DateTimeField(blank=True, null=True)),
-                ('status', models.CharField(choices=[('pending', 'Waiting for you'), ('approved', 'Approved'), ('issued', 'Approved, token collected'), ('redeemed', 'Approved and carried out'), ('denied', 'Denied'), ('expired', 'Expired'), ('cancelled', 'Cancelled')], db_index=True, default='pending', max_length=16)),
-                ('decided_at', models.DateTimeField(blank=True, null=True)),
-                ('decision_method', models.CharField(blank=True, help_text='browser, auto_rule, grant_revoked, agent_suspended, ...', max_length=32)),
-                ('decision_auth', models.JSONField(blank=True, default=dict, help_text='auth_time/amr/acr of the deciding user, or the rule.')),
-                ('delivered_at', models.DateTimeField(blank=True, help_text="First push to the user's browser.", null=True)),
-                ('notified_at', models.DateTimeField(blank=True, help_text='Ping-mode notice accepted by the agent.', null=True)),
-                ('notify_attempts', models.PositiveSmallIntegerField(default=0)),
-                ('notify_error', models.CharField(blank=True, max_length=300)),
-                ('agent', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL)),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('grant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='consent.sessiongrant')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False),
+                ),
+                ("auth_req_id_hash", models.CharField(editable=False, max_length=64, unique=True)),
+                ("scope", models.CharField(max_length=100)),
+                (
+                    "authorization_details",
+                    models.JSONField(help_text="RFC 9396 array, exactly as the agent sent it."),
+                ),
+                ("action_hash", models.CharField(db_index=True, max_length=64)),
+                (
+                    "headline",
+                    models.CharField(
+                        help_text="Rendered by the server from authorization_details.", max_length=300
+                    ),
+                ),
+                (
+                    "binding_message",
+                    models.CharField(blank=True, help_text="The agent's own note.", max_length=200),
+                ),
+                (
+                    "delivery_mode",
+                    models.CharField(
+                        choices=[("poll", "Poll"), ("ping", "Ping")], default="poll", max_length=8
+                    ),
+                ),
+                ("client_notification_token", models.CharField(blank=True, editable=False, max_length=1024)),
+                ("interval", models.PositiveIntegerField(default=5)),
+                ("created", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("expires_at", models.DateTimeField(db_index=True)),
+                ("last_polled_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Waiting for you"),
+                            ("approved", "Approved"),
+                            ("issued", "Approved, token collected"),
+                            ("redeemed", "Approved and carried out"),
+                            ("denied", "Denied"),
+                            ("expired", "Expired"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        db_index=True,
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("decided_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "decision_method",
+                    models.CharField(
+                        blank=True,
+                        help_text="browser, auto_rule, grant_revoked, agent_suspended, ...",
+                        max_length=32,
+                    ),
+                ),
+                (
+                    "decision_auth",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text="auth_time/amr/acr of the deciding user, or the rule.",
+                    ),
+                ),
+                (
+                    "delivered_at",
+                    models.DateTimeField(
+                        blank=True, help_text="First push to the user's browser.", null=True
+                    ),
+                ),
+                (
+                    "notified_at",
+                    models.DateTimeField(
+                        blank=True, help_text="Ping-mode notice accepted by the agent.", null=True
+                    ),
+                ),
+                ("notify_attempts", models.PositiveSmallIntegerField(default=0)),
+                ("notify_error", models.CharField(blank=True, max_length=300)),
+                (
+                    "agent",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                    ),
+                ),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "grant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to="consent.sessiongrant",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'approval request',
-                'ordering': ['-created'],
+                "verbose_name": "approval request",
+                "ordering": ["-created"],
             },
         ),
         migrations.CreateModel(
-            name='ActionToken',
+            name="ActionToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('jti', models.CharField(max_length=64, unique=True)),
-                ('issued_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('expires_at', models.DateTimeField()),
-                ('redeemed_at', models.DateTimeField(blank=True, null=True)),
-                ('redeemed_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='consent.resourceserver')),
-                ('approval', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='action_token', to='approvals.approvalrequest')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("jti", models.CharField(max_length=64, unique=True)),
+                ("issued_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("expires_at", models.DateTimeField()),
+                ("redeemed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "redeemed_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="consent.resourceserver",
+                    ),
+                ),
+                (
+                    "approval",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="action_token",
+                        to="approvals.approvalrequest",
+                    ),
+                ),
             ],
         ),
         migrations.AddIndex(
-            model_name='approvalrequest',
-            index=models.Index(fields=['user', 'status'], name='approvals_a_user_id_289e38_idx'),
+            model_name="approvalrequest",
+            index=models.Index(fields=["user", "status"], name="approvals_a_user_id_289e38_idx"),
         ),
         migrations.AddIndex(
-            model_name='approvalrequest',
-            index=models.Index(fields=['agent', 'status'], name='approvals_a_agent_i_f20d59_idx'),
+            model_name="approvalrequest",
+            index=models.Index(fields=["agent", "status"], name="approvals_a_agent_i_f20d59_idx"),
         ),
         migrations.AddConstraint(
-            model_name='approvalrequest',
-            constraint=models.UniqueConstraint(condition=models.Q(('status', 'pending')), fields=('grant', 'scope', 'action_hash'), name='one_pending_prompt_per_action'),
+            model_name="approvalrequest",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("status", "pending")),
+                fields=("grant", "scope", "action_hash"),
+                name="one_pending_prompt_per_action",
+            ),
         ),
     ]

@@ -5,16 +5,22 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0002_prompt_window_indexes'),
-        ('consent', '0005_self_described_agents'),
+        ("approvals", "0002_prompt_window_indexes"),
+        ("consent", "0005_self_described_agents"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='approvalrequest',
-            name='opened_by',
-            field=models.ForeignKey(blank=True, help_text='Opened by this resource server for a token it was handed (approvals.rs_stepup): only it collects the action token, never the agent.', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='consent.resourceserver'),
+            model_name="approvalrequest",
+            name="opened_by",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="Opened by this resource server for a token it was handed (approvals.rs_stepup): only it collects the action token, never the agent.",
+                null=True,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="+",
+                to="consent.resourceserver",
+            ),
         ),
     ]

@@ -6,7 +6,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -15,34 +14,75 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='AuditHead',
+            name="AuditHead",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('seq', models.BigIntegerField(default=0)),
-                ('hash', models.CharField(default='0000000000000000000000000000000000000000000000000000000000000000', max_length=64)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("seq", models.BigIntegerField(default=0)),
+                (
+                    "hash",
+                    models.CharField(
+                        default="0000000000000000000000000000000000000000000000000000000000000000",
+                        max_length=64,
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='AuditEvent',
+            name="AuditEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('seq', models.BigIntegerField(editable=False, unique=True)),
-                ('occurred_at', models.DateTimeField(db_index=True, editable=False)),
-                ('event', models.CharField(db_index=True, editable=False, max_length=64)),
-                ('outcome', models.CharField(choices=[('ok', 'Succeeded'), ('refused', 'Refused')], editable=False, max_length=8)),
-                ('actor', models.CharField(blank=True, editable=False, help_text='Who acted: user:<pk>, agent:<client_id>, rs:<client_id>, admin:<pk>.', max_length=200)),
-                ('client_id', models.CharField(blank=True, db_index=True, editable=False, max_length=100)),
-                ('grant_id', models.CharField(blank=True, db_index=True, editable=False, max_length=64)),
-                ('error', models.CharField(blank=True, editable=False, max_length=64)),
-                ('detail', models.JSONField(default=dict, editable=False)),
-                ('remote_addr', models.CharField(blank=True, editable=False, max_length=64)),
-                ('prev_hash', models.CharField(editable=False, max_length=64)),
-                ('hash', models.CharField(editable=False, max_length=64)),
-                ('user', models.ForeignKey(blank=True, db_constraint=False, editable=False, help_text='The user whose data or grant this is about.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("seq", models.BigIntegerField(editable=False, unique=True)),
+                ("occurred_at", models.DateTimeField(db_index=True, editable=False)),
+                ("event", models.CharField(db_index=True, editable=False, max_length=64)),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[("ok", "Succeeded"), ("refused", "Refused")], editable=False, max_length=8
+                    ),
+                ),
+                (
+                    "actor",
+                    models.CharField(
+                        blank=True,
+                        editable=False,
+                        help_text="Who acted: user:<pk>, agent:<client_id>, rs:<client_id>, admin:<pk>.",
+                        max_length=200,
+                    ),
+                ),
+                ("client_id", models.CharField(blank=True, db_index=True, editable=False, max_length=100)),
+                ("grant_id", models.CharField(blank=True, db_index=True, editable=False, max_length=64)),
+                ("error", models.CharField(blank=True, editable=False, max_length=64)),
+                ("detail", models.JSONField(default=dict, editable=False)),
+                ("remote_addr", models.CharField(blank=True, editable=False, max_length=64)),
+                ("prev_hash", models.CharField(editable=False, max_length=64)),
+                ("hash", models.CharField(editable=False, max_length=64)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        editable=False,
+                        help_text="The user whose data or grant this is about.",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'audit event',
-                'ordering': ['-seq'],
+                "verbose_name": "audit event",
+                "ordering": ["-seq"],
             },
         ),
     ]

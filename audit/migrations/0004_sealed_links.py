@@ -23,8 +23,10 @@ def move_chain_to_links(apps, schema_editor):
     AuditLink = apps.get_model("audit", "AuditLink")
     batch = []
     for seq, pk, prev_hash, hash_, occurred_at in (
-            AuditEvent.objects.order_by("seq").values_list("seq", "pk", "prev_hash", "hash", "occurred_at")
-            .iterator(chunk_size=2000)):
+        AuditEvent.objects.order_by("seq")
+        .values_list("seq", "pk", "prev_hash", "hash", "occurred_at")
+        .iterator(chunk_size=2000)
+    ):
         batch.append(AuditLink(seq=seq, event_id=pk, prev_hash=prev_hash, hash=hash_, sealed_at=occurred_at))
         if len(batch) == 2000:
             AuditLink.objects.bulk_create(batch)
@@ -39,7 +41,9 @@ def protect_links(apps, schema_editor):
 
 def unprotect_links(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute("DROP TRIGGER IF EXISTS audit_link_append_only ON audit_auditlink;", params=None)
+        schema_editor.execute(
+            "DROP TRIGGER IF EXISTS audit_link_append_only ON audit_auditlink;", params=None
+        )
 
 
 class Migration(migrations.Migration):
@@ -47,7 +51,8 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.AddField(
-            model_name="auditevent", name="xid",
+            model_name="auditevent",
+            name="xid",
             field=audit.models.TransactionIdField(default=0, editable=False),
         ),
         migrations.CreateModel(
@@ -57,9 +62,16 @@ class Migration(migrations.Migration):
                 ("prev_hash", models.CharField(editable=False, max_length=64)),
                 ("hash", models.CharField(editable=False, max_length=64)),
                 ("sealed_at", models.DateTimeField(editable=False)),
-                ("event", models.OneToOneField(db_constraint=False, editable=False,
-                                               on_delete=django.db.models.deletion.DO_NOTHING,
-                                               related_name="link", to="audit.auditevent")),
+                (
+                    "event",
+                    models.OneToOneField(
+                        db_constraint=False,
+                        editable=False,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="link",
+                        to="audit.auditevent",
+                    ),
+                ),
             ],
             options={"ordering": ["seq"]},
         ),
@@ -75,11 +87,14 @@ class Migration(migrations.Migration):
             model_name="auditevent",
             index=models.Index(fields=["xid", "id"], name="audit_event_xid_id"),
         ),
-        migrations.AddField(model_name="audithead", name="floor",
-                            field=audit.models.TransactionIdField(default=0)),
+        migrations.AddField(
+            model_name="audithead", name="floor", field=audit.models.TransactionIdField(default=0)
+        ),
         migrations.AddField(model_name="audithead", name="sealed_at", field=models.DateTimeField(null=True)),
         migrations.AddField(model_name="audithead", name="lag_buckets", field=models.JSONField(default=list)),
         migrations.AddField(model_name="audithead", name="lag_sum", field=models.FloatField(default=0.0)),
-        migrations.AddField(model_name="audithead", name="lag_count", field=models.BigIntegerField(default=0)),
+        migrations.AddField(
+            model_name="audithead", name="lag_count", field=models.BigIntegerField(default=0)
+        ),
         migrations.RunPython(protect_links, unprotect_links),
     ]

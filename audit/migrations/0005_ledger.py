@@ -14,7 +14,13 @@
 
 from django.db import migrations, models
 
-AUDIT_TABLES = ("audit_auditevent", "audit_auditlink", "audit_auditnode", "audit_auditcheckpoint", "audit_audithead")
+AUDIT_TABLES = (
+    "audit_auditevent",
+    "audit_auditlink",
+    "audit_auditnode",
+    "audit_auditcheckpoint",
+    "audit_audithead",
+)
 
 CREATE = """
 CREATE OR REPLACE FUNCTION audit_no_truncate() RETURNS trigger AS $$
@@ -36,17 +42,23 @@ CREATE TRIGGER audit_checkpoint_append_only BEFORE UPDATE OR DELETE ON audit_aud
 DROP TRIGGER IF EXISTS audit_head_kept ON audit_audithead;
 CREATE TRIGGER audit_head_kept BEFORE DELETE ON audit_audithead
     FOR EACH ROW EXECUTE FUNCTION audit_event_append_only();
-""" + "".join(f"""
+""" + "".join(
+    f"""
 DROP TRIGGER IF EXISTS {t}_no_truncate ON {t};
 CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION audit_no_truncate();
-""" for t in AUDIT_TABLES)
+"""
+    for t in AUDIT_TABLES
+)
 
-DROP = "".join(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t};\n" for t in AUDIT_TABLES) + """
+DROP = (
+    "".join(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t};\n" for t in AUDIT_TABLES)
+    + """
 DROP TRIGGER IF EXISTS audit_head_kept ON audit_audithead;
 DROP TRIGGER IF EXISTS audit_checkpoint_append_only ON audit_auditcheckpoint;
 DROP TRIGGER IF EXISTS audit_node_append_only ON audit_auditnode;
 DROP FUNCTION IF EXISTS audit_no_truncate();
 """
+)
 
 
 def backfill_leaves(apps, schema_editor):
@@ -62,11 +74,13 @@ def backfill_leaves(apps, schema_editor):
         return
     postgresql = schema_editor.connection.vendor == "postgresql"
     if postgresql:
-        schema_editor.execute("ALTER TABLE audit_auditlink DISABLE TRIGGER audit_link_append_only", params=None)
+        schema_editor.execute(
+            "ALTER TABLE audit_auditlink DISABLE TRIGGER audit_link_append_only", params=None
+        )
     frontier, size = [], 0
     links = list(AuditLink.objects.order_by("seq").values_list("seq", "event_id"))
     for start in range(0, len(links), 2000):
-        chunk = links[start:start + 2000]
+        chunk = links[start : start + 2000]
         events = AuditEvent.objects.in_bulk([event_id for _, event_id in chunk])
         leaves = []
         for seq, event_id in chunk:
@@ -78,7 +92,9 @@ def backfill_leaves(apps, schema_editor):
         AuditNode.objects.bulk_create([AuditNode(height=h, idx=i, hash=d.hex()) for h, i, d in nodes])
     AuditHead.objects.filter(pk=1).update(frontier=[h.hex() for h in frontier])
     if postgresql:
-        schema_editor.execute("ALTER TABLE audit_auditlink ENABLE TRIGGER audit_link_append_only", params=None)
+        schema_editor.execute(
+            "ALTER TABLE audit_auditlink ENABLE TRIGGER audit_link_append_only", params=None
+        )
 
 
 def protect(apps, schema_editor):
@@ -92,54 +108,62 @@ def unprotect(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('audit', '0004_sealed_links'),
+        ("audit", "0004_sealed_links"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='AuditCheckpoint',
+            name="AuditCheckpoint",
             fields=[
-                ('tree_size', models.BigIntegerField(editable=False, primary_key=True, serialize=False)),
-                ('root_hash', models.CharField(editable=False, max_length=64)),
-                ('issued_at', models.DateTimeField(editable=False)),
-                ('kid', models.CharField(editable=False, max_length=64)),
-                ('jws', models.TextField(editable=False)),
+                ("tree_size", models.BigIntegerField(editable=False, primary_key=True, serialize=False)),
+                ("root_hash", models.CharField(editable=False, max_length=64)),
+                ("issued_at", models.DateTimeField(editable=False)),
+                ("kid", models.CharField(editable=False, max_length=64)),
+                ("jws", models.TextField(editable=False)),
             ],
             options={
-                'ordering': ['tree_size'],
+                "ordering": ["tree_size"],
             },
         ),
         migrations.CreateModel(
-            name='AuditNode',
+            name="AuditNode",
             fields=[
-                ('pk', models.CompositePrimaryKey('height', 'idx', blank=True, editable=False, primary_key=True,
-                                                  serialize=False)),
-                ('height', models.SmallIntegerField(editable=False)),
-                ('idx', models.BigIntegerField(editable=False)),
-                ('hash', models.CharField(editable=False, max_length=64)),
+                (
+                    "pk",
+                    models.CompositePrimaryKey(
+                        "height", "idx", blank=True, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("height", models.SmallIntegerField(editable=False)),
+                ("idx", models.BigIntegerField(editable=False)),
+                ("hash", models.CharField(editable=False, max_length=64)),
             ],
         ),
         migrations.CreateModel(
-            name='AuditReader',
+            name="AuditReader",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('token_hash', models.CharField(editable=False, max_length=64, unique=True)),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("token_hash", models.CharField(editable=False, max_length=64, unique=True)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
             ],
         ),
         migrations.AddField(
-            model_name='audithead',
-            name='frontier',
+            model_name="audithead",
+            name="frontier",
             field=models.JSONField(default=list),
         ),
         migrations.AddField(
-            model_name='auditlink',
-            name='leaf',
-            field=models.CharField(default='', editable=False, max_length=64),
+            model_name="auditlink",
+            name="leaf",
+            field=models.CharField(default="", editable=False, max_length=64),
         ),
         migrations.RunPython(backfill_leaves, migrations.RunPython.noop),
         migrations.RunPython(protect, unprotect),

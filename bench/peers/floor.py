@@ -53,8 +53,15 @@ def client_from(authorization: str) -> tuple[str, str] | None:
 def mint(client_id: str) -> tuple[str, str, int]:
     now = int(time.time())
     jti = secrets.token_urlsafe(16)
-    claims = {"iss": ISSUER, "sub": client_id, "aud": ISSUER, "client_id": client_id, "iat": now,
-              "exp": now + LIFETIME, "jti": jti}
+    claims = {
+        "iss": ISSUER,
+        "sub": client_id,
+        "aud": ISSUER,
+        "client_id": client_id,
+        "iat": now,
+        "exp": now + LIFETIME,
+        "jti": jti,
+    }
     return jwt.encode(claims, KEY, algorithm="ES256", headers=HEADERS), jti, now + LIFETIME
 
 
@@ -92,8 +99,14 @@ def pool():
 
 def _wsgi_response(start_response, status: int, body: bytes):
     reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}[status]
-    start_response(f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                                         ("Cache-Control", "no-store")])
+    start_response(
+        f"{status} {reason}",
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
     return [body]
 
 
@@ -138,9 +151,17 @@ async def apool():
 
 
 async def _asgi_response(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"cache-control", b"no-store")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -51,8 +51,21 @@ from .issue import (
 
 GRANT_TYPE = "authorization_code"
 
-_CODE = rows.Columns(AuthorizationCode, "c", ["id", "expires", "redirect_uri", "scope", "code_challenge",
-                                              "code_challenge_method", "consumed_at", "session_grant", "resource"])
+_CODE = rows.Columns(
+    AuthorizationCode,
+    "c",
+    [
+        "id",
+        "expires",
+        "redirect_uri",
+        "scope",
+        "code_challenge",
+        "code_challenge_method",
+        "consumed_at",
+        "session_grant",
+        "resource",
+    ],
+)
 
 
 def _select(code: str, *, lock: bool) -> Found | None:
@@ -100,15 +113,24 @@ def _exchange(req: TokenRequest, found: Found | None, now: datetime) -> dict[str
     if redirect_uri != code_row["redirect_uri"]:
         raise RedirectUriMismatch("redirect_uri does not match the authorization request.")
     live_sql, live_params = live_grant(grant, now)
-    batch = rows.Batch(rows.guarded_update(AuthorizationCode, code_row["id"], {"consumed_at": now},
-                                           f"consumed_at IS NULL AND EXISTS ({live_sql})", live_params))
+    batch = rows.Batch(
+        rows.guarded_update(
+            AuthorizationCode,
+            code_row["id"],
+            {"consumed_at": now},
+            f"consumed_at IS NULL AND EXISTS ({live_sql})",
+            live_params,
+        )
+    )
     scopes = [s for s in code_row["scope"].split() if s in grant.standard_scopes]
     resource = None
     authorized = list(code_row["resource"] or [])
     asked = form_resources(req.params.get("resource", "")) or authorized
     if authorized and not set(asked) <= set(authorized):
-        raise InvalidTarget("The requested resource was not part of the authorization request.",
-                            reason="token request asked for a resource beyond the authorization request")
+        raise InvalidTarget(
+            "The requested resource was not part of the authorization request.",
+            reason="token request asked for a resource beyond the authorization request",
+        )
     if asked:  # RFC 8707 §2.2: the token is for what this request (or, without one, the code) names
         resource, scopes = narrow(asked, scopes)
     return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=batch, resource=resource)
@@ -120,9 +142,15 @@ def exchange_code(req: TokenRequest) -> dict[str, Any]:
         raise InvalidRequest("Missing code parameter.")
     now = timezone.now()
     try:
-        return spend_once(lambda found: _exchange(req, found, now), read=lambda: _read(code),
-                          read_locked=lambda: _select(code, lock=True), lost="authorization code reused")
+        return spend_once(
+            lambda found: _exchange(req, found, now),
+            read=lambda: _read(code),
+            read_locked=lambda: _select(code, lock=True),
+            lost="authorization code reused",
+        )
     except CredentialReused as reused:
         # §4.1.2: a code used twice revokes the grant it came from; committed although the request fails.
-        grant_revoke(grant_id=reused.grant.pk, reason="authorization_code_reused", actor=reused.agent.actor_id)
+        grant_revoke(
+            grant_id=reused.grant.pk, reason="authorization_code_reused", actor=reused.agent.actor_id
+        )
         raise CodeReused(reason="authorization code reused") from None

@@ -30,17 +30,29 @@ from ..oauth.dpop import check_agent_key, check_grant_binding
 from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
 # What the grants read of a session grant, beside their own rows (and the agent's, AGENT_ROW).
-GRANT_COLUMNS = ["id", "user", "status", "expires_at", "auth_time", "acr", "amr", "standard_scopes", "dpop_jkt"]
+GRANT_COLUMNS = [
+    "id",
+    "user",
+    "status",
+    "expires_at",
+    "auth_time",
+    "acr",
+    "amr",
+    "standard_scopes",
+    "dpop_jkt",
+]
 _GRANT = rows.Columns(SessionGrant, "g", GRANT_COLUMNS)
 Found = tuple[dict[str, Any], SessionGrant, Agent]  # a credential's row, its session grant, its agent
 
 
 @cache
 def _credential_sql(own: rows.Columns, where: str, lock: bool) -> str:
-    return (f"SELECT {own.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(own.model)} {own.alias}"
-            f" JOIN {rows.table(SessionGrant)} g ON g.id = {own.alias}.session_grant_id"
-            f" JOIN {rows.table(Agent)} a ON a.id = {own.alias}.application_id"
-            f" WHERE {where}{rows.for_update(own.alias) if lock else ''}")
+    return (
+        f"SELECT {own.sql}, {_GRANT.sql}, {AGENT_ROW.sql} FROM {rows.table(own.model)} {own.alias}"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = {own.alias}.session_grant_id"
+        f" JOIN {rows.table(Agent)} a ON a.id = {own.alias}.application_id"
+        f" WHERE {where}{rows.for_update(own.alias) if lock else ''}"
+    )
 
 
 def credential_row(own: rows.Columns, where: str, value: str, *, lock: bool) -> Found | None:
@@ -61,8 +73,13 @@ class CredentialReused(Exception):
         self.row, self.grant, self.agent = found
 
 
-def spend_once(decide: Callable[[Found | None], dict[str, Any] | None], *, read: Callable[[], Found | None],
-               read_locked: Callable[[], Found | None], lost: str) -> dict[str, Any]:
+def spend_once(
+    decide: Callable[[Found | None], dict[str, Any] | None],
+    *,
+    read: Callable[[], Found | None],
+    read_locked: Callable[[], Found | None],
+    lost: str,
+) -> dict[str, Any]:
     """Spend a single-use credential: ``decide`` on its row as read without a lock (the guarded
     write in its ``rows.Batch`` decides a race); if a concurrent request took it meanwhile
     (``decide`` returned None), read it again holding its row lock and decide again, so the loser
@@ -135,26 +152,54 @@ def live_grant(grant: SessionGrant, now: datetime) -> tuple[str, list[Any]]:
     that holds it, and then ends the token it wrote, or commits first, and the statement
     writes nothing.
     """
-    sql = (f"SELECT 1 FROM {rows.table(SessionGrant)} WHERE id = %s AND status = %s AND expires_at > %s"
-           f"{rows.for_share()}")
-    return sql, [rows.param(SessionGrant, "id", grant.pk), SessionGrant.Status.ACTIVE,
-                 rows.param(SessionGrant, "expires_at", now)]
+    sql = (
+        f"SELECT 1 FROM {rows.table(SessionGrant)} WHERE id = %s AND status = %s AND expires_at > %s"
+        f"{rows.for_share()}"
+    )
+    return sql, [
+        rows.param(SessionGrant, "id", grant.pk),
+        SessionGrant.Status.ACTIVE,
+        rows.param(SessionGrant, "expires_at", now),
+    ]
 
 
-def access_token_row(token: str, *, claims: dict[str, Any], grant: SessionGrant, agent: Agent, now: datetime,
-                     source_refresh_token: int | None = None, resource: list[str] | None = None) -> dict[str, Any]:
+def access_token_row(
+    token: str,
+    *,
+    claims: dict[str, Any],
+    grant: SessionGrant,
+    agent: Agent,
+    now: datetime,
+    source_refresh_token: int | None = None,
+    resource: list[str] | None = None,
+) -> dict[str, Any]:
     """The session token's row, by checksum, pointing at its grant (for revocation)."""
     return {
-        "token": "", "token_checksum": token_checksum(token),
-        "expires": now + timedelta(seconds=claims["exp"] - claims["iat"]), "scope": claims["scope"],
-        "resource": resource or [], "created": now, "updated": now, "jti": claims["jti"], "user": grant.user_id,
-        "application": agent.pk, "session_grant": grant.pk, "source_refresh_token": source_refresh_token,
+        "token": "",
+        "token_checksum": token_checksum(token),
+        "expires": now + timedelta(seconds=claims["exp"] - claims["iat"]),
+        "scope": claims["scope"],
+        "resource": resource or [],
+        "created": now,
+        "updated": now,
+        "jti": claims["jti"],
+        "user": grant.user_id,
+        "application": agent.pk,
+        "session_grant": grant.pk,
+        "source_refresh_token": source_refresh_token,
     }
 
 
-def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[str], now: datetime,
-                        batch: rows.Batch, rotated_from: dict[str, Any] | None = None,
-                        resource: list[str] | None = None) -> dict[str, Any] | None:
+def issue_session_token(
+    req: TokenRequest,
+    *,
+    grant: SessionGrant,
+    scopes: list[str],
+    now: datetime,
+    batch: rows.Batch,
+    rotated_from: dict[str, Any] | None = None,
+    resource: list[str] | None = None,
+) -> dict[str, Any] | None:
     """Mint, store and audit a session token (and refresh token); the §5.1 response body.
 
     ``resource``: the RFC 8707 resources the token is for (its ``aud``, exactly), kept on the
@@ -168,29 +213,66 @@ def issue_session_token(req: TokenRequest, *, grant: SessionGrant, scopes: list[
     agent = req.agent
     assert agent is not None  # a token is issued only to an authenticated client
     ttl = session_token_lifetime(agent, grant, now)
-    claims = session_claims(grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl,
-                            audience=resource)
+    claims = session_claims(
+        grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl, audience=resource
+    )
     bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
     access_token = sign(claims, typ=SESSION_TOKEN_TYP)
     scope = " ".join(scopes)
-    batch.insert("access_token", AccessToken, access_token_row(
-        access_token, claims=claims, grant=grant, agent=agent, now=now,
-        source_refresh_token=rotated_from["id"] if rotated_from else None, resource=resource))
-    body: dict[str, Any] = {"access_token": access_token, "expires_in": ttl, "token_type": token_type(req.dpop_jkt),
-                            "scope": scope}
+    batch.insert(
+        "access_token",
+        AccessToken,
+        access_token_row(
+            access_token,
+            claims=claims,
+            grant=grant,
+            agent=agent,
+            now=now,
+            source_refresh_token=rotated_from["id"] if rotated_from else None,
+            resource=resource,
+        ),
+    )
+    body: dict[str, Any] = {
+        "access_token": access_token,
+        "expires_in": ttl,
+        "token_type": token_type(req.dpop_jkt),
+        "scope": scope,
+    }
     if agent.refresh_mode == Agent.RefreshMode.ROTATING:
         refresh_token = secrets.token_urlsafe(32)
-        batch.insert("refresh_token", RefreshToken, {
-            "token": "", "token_checksum": token_checksum(refresh_token),
-            "token_family": rotated_from["token_family"] if rotated_from else None, "resource": resource or [],
-            "created": now, "updated": now, "revoked": None, "access_token": rows.Ref("access_token"),
-            "application": agent.pk, "user": grant.user_id, "session_grant": grant.pk,
-        })
+        batch.insert(
+            "refresh_token",
+            RefreshToken,
+            {
+                "token": "",
+                "token_checksum": token_checksum(refresh_token),
+                "token_family": rotated_from["token_family"] if rotated_from else None,
+                "resource": resource or [],
+                "created": now,
+                "updated": now,
+                "revoked": None,
+                "access_token": rows.Ref("access_token"),
+                "application": agent.pk,
+                "user": grant.user_id,
+                "session_grant": grant.pk,
+            },
+        )
         body["refresh_token"] = refresh_token
-    batch.event("audit", audit_event(
-        event="token.refreshed" if rotated_from else "token.issued", actor=agent.actor_id,
-        user_id=grant.user_id, client_id=agent.client_id, grant_id=grant.pk,
-        detail={"jti": claims["jti"], "scope": scope, "expires_in": ttl, "refresh_token": "refresh_token" in body,
-                **({"resource": resource} if resource else {})},
-    ))
+    batch.event(
+        "audit",
+        audit_event(
+            event="token.refreshed" if rotated_from else "token.issued",
+            actor=agent.actor_id,
+            user_id=grant.user_id,
+            client_id=agent.client_id,
+            grant_id=grant.pk,
+            detail={
+                "jti": claims["jti"],
+                "scope": scope,
+                "expires_in": ttl,
+                "refresh_token": "refresh_token" in body,
+                **({"resource": resource} if resource else {}),
+            },
+        ),
+    )
     return body if batch.run() is not None else None

@@ -51,7 +51,9 @@ _RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_f
 
 
 def _select(refresh_token: str, *, lock: bool) -> Found | None:
-    return credential_row(_RT, "r.token_checksum = %s ORDER BY r.id DESC LIMIT 1", token_checksum(refresh_token), lock=lock)
+    return credential_row(
+        _RT, "r.token_checksum = %s ORDER BY r.id DESC LIMIT 1", token_checksum(refresh_token), lock=lock
+    )
 
 
 def _read(refresh_token: str) -> Found | None:
@@ -63,9 +65,15 @@ def _rotation(rt: dict[str, Any], grant: SessionGrant, now: datetime) -> rows.Ba
     """Revoke the presented refresh token and retire the access token it last produced (DOT's
     rotation), if it is still unrevoked and its grant live: the batch's guard."""
     live_sql, live_params = live_grant(grant, now)
-    batch = rows.Batch(rows.guarded_update(
-        RefreshToken, rt["id"], {"revoked": now, "updated": now, "access_token": None},
-        f"revoked IS NULL AND EXISTS ({live_sql})", live_params))
+    batch = rows.Batch(
+        rows.guarded_update(
+            RefreshToken,
+            rt["id"],
+            {"revoked": now, "updated": now, "access_token": None},
+            f"revoked IS NULL AND EXISTS ({live_sql})",
+            live_params,
+        )
+    )
     if rt["access_token"] is not None:
         batch.delete(AccessToken, rt["access_token"])
     return batch
@@ -93,11 +101,20 @@ def _refresh(req: TokenRequest, found: Found | None, now: datetime) -> dict[str,
     asked_resources = form_resources(req.params.get("resource", "")) or original
     if asked_resources:
         if original and not set(asked_resources) <= set(original):
-            raise InvalidTarget("The requested resource is outside the original grant.",
-                                reason="refresh asked for a resource beyond the original request")
+            raise InvalidTarget(
+                "The requested resource is outside the original grant.",
+                reason="refresh asked for a resource beyond the original request",
+            )
         resource, scopes = narrow(asked_resources, scopes)
-    return issue_session_token(req, grant=grant, scopes=scopes, now=now, batch=_rotation(rt, grant, now),
-                               rotated_from=rt, resource=resource)
+    return issue_session_token(
+        req,
+        grant=grant,
+        scopes=scopes,
+        now=now,
+        batch=_rotation(rt, grant, now),
+        rotated_from=rt,
+        resource=resource,
+    )
 
 
 def refresh(req: TokenRequest) -> dict[str, Any]:
@@ -106,14 +123,25 @@ def refresh(req: TokenRequest) -> dict[str, Any]:
         raise InvalidRequest("Missing refresh token parameter.")
     now = timezone.now()
     try:
-        return spend_once(lambda found: _refresh(req, found, now), read=lambda: _read(presented),
-                          read_locked=lambda: _select(presented, lock=True), lost="refresh token reused after rotation")
+        return spend_once(
+            lambda found: _refresh(req, found, now),
+            read=lambda: _read(presented),
+            read_locked=lambda: _select(presented, lock=True),
+            lost="refresh token reused after rotation",
+        )
     except CredentialReused as reused:
         rt, grant, agent = reused.row, reused.grant, reused.agent
     # RFC 9700 §4.14.2: a rotated refresh token came back. Revoke the grant; the reuse row is the refusal.
     revoked = grant_revoke(grant_id=grant.pk, reason="refresh_token_reused", actor=agent.actor_id)
     if not revoked:  # the grant had ended already (revoked, expired): that is what the client must learn
         raise GrantInactive(reason="refresh token of a session grant that has ended")
-    audit_record(event="refresh_token.reuse_detected", outcome="refused", actor=agent.actor_id,
-                 user_id=rt["user"], client_id=agent.client_id, grant_id=grant.pk, error="invalid_grant")
+    audit_record(
+        event="refresh_token.reuse_detected",
+        outcome="refused",
+        actor=agent.actor_id,
+        user_id=rt["user"],
+        client_id=agent.client_id,
+        grant_id=grant.pk,
+        error="invalid_grant",
+    )
     raise RefreshReused(reason="refresh token reused after rotation", audited=True)

@@ -71,9 +71,11 @@ def _subject(token: str, agent: Agent) -> tuple[dict[str, Any], SessionGrant]:
         raise SubjectTokenInvalid("subject_token expired too long ago: the user must consent again")
     if claims.get("client_id") != agent.client_id:
         raise SubjectTokenInvalid("subject_token was issued to another agent")
-    row = rows.fetchone(f"SELECT {_SUBJECT_GRANT.sql} FROM {rows.table(AccessToken)} t"
-                        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id WHERE t.token_checksum = %s",
-                        [token_checksum(token)])
+    row = rows.fetchone(
+        f"SELECT {_SUBJECT_GRANT.sql} FROM {rows.table(AccessToken)} t"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id WHERE t.token_checksum = %s",
+        [token_checksum(token)],
+    )
     grant = rows.instance(SessionGrant, _SUBJECT_GRANT.load(row)) if row is not None else None
     if grant is None or str(grant.pk) != claims.get("grant_id"):
         raise SubjectTokenInvalid("subject_token is unknown")
@@ -134,7 +136,9 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     chain: dict[str, Any] = claims["act"]
     holder = agent
     if not params.get("actor_token", "") and agent.refresh_mode != Agent.RefreshMode.EXCHANGE:
-        raise UnauthorizedClient(f"this agent's refresh mode ({agent.refresh_mode}) does not allow re-minting by exchange")
+        raise UnauthorizedClient(
+            f"this agent's refresh mode ({agent.refresh_mode}) does not allow re-minting by exchange"
+        )
     if params.get("actor_token", ""):
         holder = _delegate(req, agent, grant)
         scopes = [s for s in scopes if s in (holder.allowed_scopes or [])]
@@ -148,14 +152,34 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     token = sign(new_claims, typ=SESSION_TOKEN_TYP)
     now = timezone.now()
     batch = rows.Batch(live_grant(grant, now))
-    batch.insert("access_token", AccessToken, access_token_row(token, claims=new_claims, grant=grant, agent=holder,
-                                                               now=now))
-    batch.event("audit", audit_event(
-        event="token.delegated" if holder is not agent else "token.exchanged", actor=actor_id(agent.client_id),
-        user_id=grant.user_id, client_id=holder.client_id, grant_id=grant.pk,
-        detail={"jti": new_claims["jti"], "scope": " ".join(scopes), "subject_jti": claims["jti"], "act": chain,
-                "expires_in": ttl}))
+    batch.insert(
+        "access_token",
+        AccessToken,
+        access_token_row(token, claims=new_claims, grant=grant, agent=holder, now=now),
+    )
+    batch.event(
+        "audit",
+        audit_event(
+            event="token.delegated" if holder is not agent else "token.exchanged",
+            actor=actor_id(agent.client_id),
+            user_id=grant.user_id,
+            client_id=holder.client_id,
+            grant_id=grant.pk,
+            detail={
+                "jti": new_claims["jti"],
+                "scope": " ".join(scopes),
+                "subject_jti": claims["jti"],
+                "act": chain,
+                "expires_in": ttl,
+            },
+        ),
+    )
     if batch.run() is None:
         raise GrantInactive("the session grant ended")
-    return {"access_token": token, "issued_token_type": TOKEN_TYPE_ACCESS, "token_type": token_type(req.dpop_jkt),
-            "expires_in": ttl, "scope": " ".join(scopes)}
+    return {
+        "access_token": token,
+        "issued_token_type": TOKEN_TYPE_ACCESS,
+        "token_type": token_type(req.dpop_jkt),
+        "expires_in": ttl,
+        "scope": " ".join(scopes),
+    }

@@ -30,11 +30,18 @@ from . import attempts, store
 
 
 class LoginAttemptsBackend(AxesStandaloneBackend):  # type: ignore[misc]  # django-axes ships no types
-    def authenticate(self, request: HttpRequest | None, username: str | None = None, password: str | None = None,
-                     **kwargs: Any) -> AbstractBaseUser | None:
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> AbstractBaseUser | None:
         if request is None:
             return None
-        user: AbstractBaseUser | None = super().authenticate(request, username=username, password=password, **kwargs)
+        user: AbstractBaseUser | None = super().authenticate(
+            request, username=username, password=password, **kwargs
+        )
         return user
 
 
@@ -61,8 +68,11 @@ def cool_off(request: HttpRequest | None = None) -> timedelta:
     return timedelta(seconds=min(cap, base * 2 ** min(rounds, 20)))
 
 
-def lockout_response(request: HttpRequest, original_response: HttpResponse | None = None,
-                     credentials: dict[str, Any] | None = None) -> HttpResponse:
+def lockout_response(
+    request: HttpRequest,
+    original_response: HttpResponse | None = None,
+    credentials: dict[str, Any] | None = None,
+) -> HttpResponse:
     seconds = int(cool_off(request).total_seconds())
     username = ((credentials or {}).get("username") or request.POST.get("username", ""))[:150]
     source = str(request.META.get("REMOTE_ADDR", ""))[:64]

@@ -63,7 +63,9 @@ class AuditedOriginValidator(OriginValidator):
     """Channels' Origin check (``AllowedHostsOriginValidator``: the ALLOWED_HOSTS list), audited when
     it refuses."""
 
-    async def __call__(self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Any:
+    async def __call__(
+        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Any:
         if scope["type"] == "websocket":
             origin = _header(scope, b"origin")
             if not self.valid_origin(urlparse(origin) if origin else None):

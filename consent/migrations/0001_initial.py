@@ -14,7 +14,6 @@ import consent.models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     # Our models replace DOT's swappable ones, so they must exist before DOT's migrations run.
@@ -26,226 +25,682 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='ResourceServer',
+            name="ResourceServer",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('audience', models.CharField(help_text='The URI that tokens for this system carry in aud.', max_length=500, unique=True)),
-                ('client_id', models.CharField(db_index=True, max_length=100, unique=True)),
-                ('client_secret', models.CharField(help_text='Stored hashed.', max_length=255)),
-                ('is_active', models.BooleanField(default=True)),
-                ('created', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "audience",
+                    models.CharField(
+                        help_text="The URI that tokens for this system carry in aud.",
+                        max_length=500,
+                        unique=True,
+                    ),
+                ),
+                ("client_id", models.CharField(db_index=True, max_length=100, unique=True)),
+                ("client_secret", models.CharField(help_text="Stored hashed.", max_length=255)),
+                ("is_active", models.BooleanField(default=True)),
+                ("created", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='ScopePolicy',
+            name="ScopePolicy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('description', models.CharField(help_text='What users read on the consent screen.', max_length=300)),
-                ('audience', models.CharField(help_text='Audience URI of the system it is for.', max_length=500)),
-                ('sensitivity', models.CharField(choices=[('standard', 'Standard (allowed for the session)'), ('step_up', 'Step-up (the user confirms each use)')], db_index=True, default='standard', max_length=16)),
-                ('approval_window', models.PositiveIntegerField(default=600, help_text='Step-up only: how long the user has to answer a prompt.', validators=[django.core.validators.MinValueValidator(10)], verbose_name='approval window (seconds)')),
-                ('action_token_ttl', models.PositiveIntegerField(default=120, help_text='Step-up only: how long an approved one-shot token stays redeemable.', validators=[django.core.validators.MinValueValidator(10)], verbose_name='action-token lifetime (seconds)')),
-                ('fresh_auth_seconds', models.PositiveIntegerField(blank=True, help_text='Step-up only: approving needs a sign-in this recent. Empty: no requirement.', null=True, verbose_name='fresh authentication (seconds)')),
-                ('authorization_details_types', models.JSONField(blank=True, default=list, help_text='Step-up only: RFC 9396 types accepted, e.g. ["ledger_entry"].')),
-                ('auto_approve_rule', models.CharField(blank=True, help_text="Step-up only: e.g. 'amount <= 10000'; matching requests mint without a prompt.", max_length=300)),
-                ('require_second_factor', models.BooleanField(default=False, help_text='Consenting to this scope needs a password and a TOTP code.')),
-                ('created', models.DateTimeField(auto_now_add=True)),
-                ('updated', models.DateTimeField(auto_now=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                (
+                    "description",
+                    models.CharField(help_text="What users read on the consent screen.", max_length=300),
+                ),
+                (
+                    "audience",
+                    models.CharField(help_text="Audience URI of the system it is for.", max_length=500),
+                ),
+                (
+                    "sensitivity",
+                    models.CharField(
+                        choices=[
+                            ("standard", "Standard (allowed for the session)"),
+                            ("step_up", "Step-up (the user confirms each use)"),
+                        ],
+                        db_index=True,
+                        default="standard",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "approval_window",
+                    models.PositiveIntegerField(
+                        default=600,
+                        help_text="Step-up only: how long the user has to answer a prompt.",
+                        validators=[django.core.validators.MinValueValidator(10)],
+                        verbose_name="approval window (seconds)",
+                    ),
+                ),
+                (
+                    "action_token_ttl",
+                    models.PositiveIntegerField(
+                        default=120,
+                        help_text="Step-up only: how long an approved one-shot token stays redeemable.",
+                        validators=[django.core.validators.MinValueValidator(10)],
+                        verbose_name="action-token lifetime (seconds)",
+                    ),
+                ),
+                (
+                    "fresh_auth_seconds",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Step-up only: approving needs a sign-in this recent. Empty: no requirement.",
+                        null=True,
+                        verbose_name="fresh authentication (seconds)",
+                    ),
+                ),
+                (
+                    "authorization_details_types",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Step-up only: RFC 9396 types accepted, e.g. ["ledger_entry"].',
+                    ),
+                ),
+                (
+                    "auto_approve_rule",
+                    models.CharField(
+                        blank=True,
+                        help_text="Step-up only: e.g. 'amount <= 10000'; matching requests mint without a prompt.",
+                        max_length=300,
+                    ),
+                ),
+                (
+                    "require_second_factor",
+                    models.BooleanField(
+                        default=False, help_text="Consenting to this scope needs a password and a TOTP code."
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                ("updated", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'verbose_name': 'scope policy',
-                'verbose_name_plural': 'scope policies',
-                'ordering': ['name'],
+                "verbose_name": "scope policy",
+                "verbose_name_plural": "scope policies",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Agent',
+            name="Agent",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('client_id', models.CharField(db_index=True, default=oauth2_provider.generators.generate_client_id, max_length=255, unique=True, verbose_name='client ID')),
-                ('redirect_uris', models.TextField(blank=True, help_text='Allowed URIs list, space separated', verbose_name='redirect URIs')),
-                ('post_logout_redirect_uris', models.TextField(blank=True, default='', help_text='Allowed Post Logout URIs list, space separated', verbose_name='post logout redirect URIs')),
-                ('client_type', models.CharField(choices=[('confidential', 'Confidential'), ('public', 'Public')], max_length=32, verbose_name='client type')),
-                ('authorization_grant_type', models.CharField(choices=[('authorization-code', 'Authorization code'), ('urn:ietf:params:oauth:grant-type:device_code', 'Device Code'), ('implicit', 'Implicit'), ('password', 'Resource owner password-based'), ('client-credentials', 'Client credentials'), ('openid-hybrid', 'OpenID connect hybrid')], max_length=44, verbose_name='authorization grant type')),
-                ('client_secret', oauth2_provider.models.ClientSecretField(blank=True, db_index=True, default=oauth2_provider.generators.generate_client_secret, help_text='Client secret for authentication', max_length=255, verbose_name='client secret')),
-                ('hash_client_secret', models.BooleanField(default=True, verbose_name='hash client secret')),
-                ('name', models.CharField(blank=True, max_length=255, verbose_name='name')),
-                ('skip_authorization', models.BooleanField(default=False, verbose_name='skip authorization')),
-                ('created', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('algorithm', models.CharField(blank=True, choices=[('', 'No OIDC support'), ('RS256', 'RSA with SHA-2 256'), ('HS256', 'HMAC with SHA-2 256')], default='', max_length=5, verbose_name='algorithm')),
-                ('allowed_origins', models.TextField(blank=True, default='', help_text='Allowed origins list to enable CORS, space separated', verbose_name='allowed origins')),
-                ('registration_source', models.CharField(choices=[('manual', 'Manual'), ('dcr', 'Dynamic Client Registration'), ('cimd', 'Client ID Metadata Document')], default='manual', help_text='How this application was registered (manual, DCR per RFC 7591, or CIMD)', max_length=32, verbose_name='registration source')),
-                ('cimd_expires_at', models.DateTimeField(blank=True, default=None, help_text='When the cached Client ID Metadata Document should be re-fetched', null=True, verbose_name='CIMD expires at')),
-                ('publisher', models.CharField(help_text='Who builds and answers for this agent.', max_length=200)),
-                ('description', models.TextField(blank=True, help_text='Shown to users on the consent screen.')),
-                ('status', models.CharField(choices=[('active', 'Active'), ('suspended', 'Suspended')], db_index=True, default='active', help_text='A suspended agent gets no tokens, and its existing tokens stop working.', max_length=16)),
-                ('allowed_scopes', models.JSONField(blank=True, default=list, help_text='Every scope this agent may ever ask for (a list of scope-policy names).')),
-                ('access_token_ttl', models.PositiveIntegerField(default=consent.models._default_ttl, validators=[django.core.validators.MinValueValidator(30)], verbose_name='access-token lifetime (seconds)')),
-                ('max_grant_lifetime', models.PositiveIntegerField(default=604800, help_text='Users pick a grant lifetime up to this on the consent screen.', validators=[django.core.validators.MinValueValidator(60)], verbose_name='longest session grant (seconds)')),
-                ('refresh_mode', models.CharField(choices=[('rotating', 'Rotating refresh tokens'), ('exchange', 'Token exchange only (no refresh token)'), ('none', 'None (re-consent needed)')], default='rotating', help_text="How a workflow continues past one access token's lifetime.", max_length=16)),
-                ('require_second_factor', models.BooleanField(default=False, help_text='Consent needs a password and a TOTP code.')),
-                ('jwks', models.JSONField(blank=True, help_text='Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.', null=True)),
-                ('backchannel_client_notification_endpoint', models.URLField(blank=True, help_text='Where ping-mode approval notices are sent. Optional.', verbose_name='CIBA notification endpoint')),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='%(app_label)s_%(class)s', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "client_id",
+                    models.CharField(
+                        db_index=True,
+                        default=oauth2_provider.generators.generate_client_id,
+                        max_length=255,
+                        unique=True,
+                        verbose_name="client ID",
+                    ),
+                ),
+                (
+                    "redirect_uris",
+                    models.TextField(
+                        blank=True,
+                        help_text="Allowed URIs list, space separated",
+                        verbose_name="redirect URIs",
+                    ),
+                ),
+                (
+                    "post_logout_redirect_uris",
+                    models.TextField(
+                        blank=True,
+                        default="",
+                        help_text="Allowed Post Logout URIs list, space separated",
+                        verbose_name="post logout redirect URIs",
+                    ),
+                ),
+                (
+                    "client_type",
+                    models.CharField(
+                        choices=[("confidential", "Confidential"), ("public", "Public")],
+                        max_length=32,
+                        verbose_name="client type",
+                    ),
+                ),
+                (
+                    "authorization_grant_type",
+                    models.CharField(
+                        choices=[
+                            ("authorization-code", "Authorization code"),
+                            ("urn:ietf:params:oauth:grant-type:device_code", "Device Code"),
+                            ("implicit", "Implicit"),
+                            ("password", "Resource owner password-based"),
+                            ("client-credentials", "Client credentials"),
+                            ("openid-hybrid", "OpenID connect hybrid"),
+                        ],
+                        max_length=44,
+                        verbose_name="authorization grant type",
+                    ),
+                ),
+                (
+                    "client_secret",
+                    oauth2_provider.models.ClientSecretField(
+                        blank=True,
+                        db_index=True,
+                        default=oauth2_provider.generators.generate_client_secret,
+                        help_text="Client secret for authentication",
+                        max_length=255,
+                        verbose_name="client secret",
+                    ),
+                ),
+                ("hash_client_secret", models.BooleanField(default=True, verbose_name="hash client secret")),
+                ("name", models.CharField(blank=True, max_length=255, verbose_name="name")),
+                ("skip_authorization", models.BooleanField(default=False, verbose_name="skip authorization")),
+                ("created", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                (
+                    "algorithm",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("", "No OIDC support"),
+                            ("RS256", "RSA with SHA-2 256"),
+                            ("HS256", "HMAC with SHA-2 256"),
+                        ],
+                        default="",
+                        max_length=5,
+                        verbose_name="algorithm",
+                    ),
+                ),
+                (
+                    "allowed_origins",
+                    models.TextField(
+                        blank=True,
+                        default="",
+                        help_text="Allowed origins list to enable CORS, space separated",
+                        verbose_name="allowed origins",
+                    ),
+                ),
+                (
+                    "registration_source",
+                    models.CharField(
+                        choices=[
+                            ("manual", "Manual"),
+                            ("dcr", "Dynamic Client Registration"),
+                            ("cimd", "Client ID Metadata Document"),
+                        ],
+                        default="manual",
+                        help_text="How this application was registered (manual, DCR per RFC 7591, or CIMD)",
+                        max_length=32,
+                        verbose_name="registration source",
+                    ),
+                ),
+                (
+                    "cimd_expires_at",
+                    models.DateTimeField(
+                        blank=True,
+                        default=None,
+                        help_text="When the cached Client ID Metadata Document should be re-fetched",
+                        null=True,
+                        verbose_name="CIMD expires at",
+                    ),
+                ),
+                (
+                    "publisher",
+                    models.CharField(help_text="Who builds and answers for this agent.", max_length=200),
+                ),
+                (
+                    "description",
+                    models.TextField(blank=True, help_text="Shown to users on the consent screen."),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("suspended", "Suspended")],
+                        db_index=True,
+                        default="active",
+                        help_text="A suspended agent gets no tokens, and its existing tokens stop working.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "allowed_scopes",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text="Every scope this agent may ever ask for (a list of scope-policy names).",
+                    ),
+                ),
+                (
+                    "access_token_ttl",
+                    models.PositiveIntegerField(
+                        default=consent.models._default_ttl,
+                        validators=[django.core.validators.MinValueValidator(30)],
+                        verbose_name="access-token lifetime (seconds)",
+                    ),
+                ),
+                (
+                    "max_grant_lifetime",
+                    models.PositiveIntegerField(
+                        default=604800,
+                        help_text="Users pick a grant lifetime up to this on the consent screen.",
+                        validators=[django.core.validators.MinValueValidator(60)],
+                        verbose_name="longest session grant (seconds)",
+                    ),
+                ),
+                (
+                    "refresh_mode",
+                    models.CharField(
+                        choices=[
+                            ("rotating", "Rotating refresh tokens"),
+                            ("exchange", "Token exchange only (no refresh token)"),
+                            ("none", "None (re-consent needed)"),
+                        ],
+                        default="rotating",
+                        help_text="How a workflow continues past one access token's lifetime.",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "require_second_factor",
+                    models.BooleanField(default=False, help_text="Consent needs a password and a TOTP code."),
+                ),
+                (
+                    "jwks",
+                    models.JSONField(
+                        blank=True,
+                        help_text="Public keys (a JWK Set) for private_key_jwt and DPoP. Optional.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "backchannel_client_notification_endpoint",
+                    models.URLField(
+                        blank=True,
+                        help_text="Where ping-mode approval notices are sent. Optional.",
+                        verbose_name="CIBA notification endpoint",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="%(app_label)s_%(class)s",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'agent',
-                'ordering': ['name'],
-                'abstract': False,
-                'swappable': 'OAUTH2_PROVIDER_APPLICATION_MODEL',
+                "verbose_name": "agent",
+                "ordering": ["name"],
+                "abstract": False,
+                "swappable": "OAUTH2_PROVIDER_APPLICATION_MODEL",
             },
         ),
         migrations.CreateModel(
-            name='IDToken',
+            name="IDToken",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('jti', models.UUIDField(default=uuid.uuid4, editable=False, unique=True, verbose_name='JWT Token ID')),
-                ('expires', models.DateTimeField(verbose_name='expires')),
-                ('scope', models.TextField(blank=True, verbose_name='scope')),
-                ('created', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('application', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL, verbose_name='application')),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='%(app_label)s_%(class)s', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "jti",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, unique=True, verbose_name="JWT Token ID"
+                    ),
+                ),
+                ("expires", models.DateTimeField(verbose_name="expires")),
+                ("scope", models.TextField(blank=True, verbose_name="scope")),
+                ("created", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                (
+                    "application",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                        verbose_name="application",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="%(app_label)s_%(class)s",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'abstract': False,
-                'swappable': 'OAUTH2_PROVIDER_ID_TOKEN_MODEL',
+                "abstract": False,
+                "swappable": "OAUTH2_PROVIDER_ID_TOKEN_MODEL",
             },
         ),
         migrations.CreateModel(
-            name='AccessToken',
+            name="AccessToken",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('token', models.TextField(verbose_name='token')),
-                ('token_checksum', oauth2_provider.models.TokenChecksumField(db_index=True, max_length=64, unique=True, verbose_name='token checksum')),
-                ('expires', models.DateTimeField(verbose_name='expires')),
-                ('scope', models.TextField(blank=True, verbose_name='scope')),
-                ('resource', oauth2_provider.models.ResourceJSONField(blank=True, default=list, verbose_name='resource')),
-                ('created', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('jti', models.CharField(max_length=64, unique=True)),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='%(app_label)s_%(class)s', to=settings.AUTH_USER_MODEL, verbose_name='user')),
-                ('application', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL, verbose_name='application')),
-                ('id_token', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='access_token', to=settings.OAUTH2_PROVIDER_ID_TOKEN_MODEL, verbose_name='ID token')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("token", models.TextField(verbose_name="token")),
+                (
+                    "token_checksum",
+                    oauth2_provider.models.TokenChecksumField(
+                        db_index=True, max_length=64, unique=True, verbose_name="token checksum"
+                    ),
+                ),
+                ("expires", models.DateTimeField(verbose_name="expires")),
+                ("scope", models.TextField(blank=True, verbose_name="scope")),
+                (
+                    "resource",
+                    oauth2_provider.models.ResourceJSONField(
+                        blank=True, default=list, verbose_name="resource"
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                ("jti", models.CharField(max_length=64, unique=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="%(app_label)s_%(class)s",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
+                (
+                    "application",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                        verbose_name="application",
+                    ),
+                ),
+                (
+                    "id_token",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="access_token",
+                        to=settings.OAUTH2_PROVIDER_ID_TOKEN_MODEL,
+                        verbose_name="ID token",
+                    ),
+                ),
             ],
             options={
-                'abstract': False,
-                'swappable': 'OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL',
+                "abstract": False,
+                "swappable": "OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL",
             },
         ),
         migrations.CreateModel(
-            name='RefreshToken',
+            name="RefreshToken",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('token', models.TextField(verbose_name='token')),
-                ('token_checksum', oauth2_provider.models.TokenChecksumField(max_length=64, verbose_name='token checksum')),
-                ('token_family', models.UUIDField(blank=True, editable=False, null=True, verbose_name='token family')),
-                ('resource', oauth2_provider.models.ResourceJSONField(blank=True, default=list, verbose_name='resource')),
-                ('created', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('revoked', models.DateTimeField(null=True, verbose_name='revoked')),
-                ('access_token', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='refresh_token', to=settings.OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL, verbose_name='access token')),
-                ('application', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL, verbose_name='application')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='%(app_label)s_%(class)s', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("token", models.TextField(verbose_name="token")),
+                (
+                    "token_checksum",
+                    oauth2_provider.models.TokenChecksumField(max_length=64, verbose_name="token checksum"),
+                ),
+                (
+                    "token_family",
+                    models.UUIDField(blank=True, editable=False, null=True, verbose_name="token family"),
+                ),
+                (
+                    "resource",
+                    oauth2_provider.models.ResourceJSONField(
+                        blank=True, default=list, verbose_name="resource"
+                    ),
+                ),
+                ("created", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                ("revoked", models.DateTimeField(null=True, verbose_name="revoked")),
+                (
+                    "access_token",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="refresh_token",
+                        to=settings.OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL,
+                        verbose_name="access token",
+                    ),
+                ),
+                (
+                    "application",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                        verbose_name="application",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="%(app_label)s_%(class)s",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'abstract': False,
-                'swappable': 'OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL',
+                "abstract": False,
+                "swappable": "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL",
             },
         ),
         migrations.AddField(
-            model_name='accesstoken',
-            name='source_refresh_token',
-            field=models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='refreshed_access_token', to=settings.OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL, verbose_name='source refresh token'),
+            model_name="accesstoken",
+            name="source_refresh_token",
+            field=models.OneToOneField(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="refreshed_access_token",
+                to=settings.OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL,
+                verbose_name="source refresh token",
+            ),
         ),
         migrations.CreateModel(
-            name='SessionGrant',
+            name="SessionGrant",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('standard_scopes', models.JSONField(default=list, help_text='Usable on the session token.')),
-                ('step_up_scopes', models.JSONField(default=list, help_text="Each use needs the user's confirmation.")),
-                ('consent_shown', models.JSONField(default=dict, help_text='What the consent screen displayed.')),
-                ('auth_time', models.DateTimeField()),
-                ('acr', models.CharField(blank=True, max_length=100)),
-                ('amr', models.JSONField(default=list)),
-                ('created', models.DateTimeField(default=django.utils.timezone.now)),
-                ('expires_at', models.DateTimeField(db_index=True)),
-                ('status', models.CharField(choices=[('active', 'Active'), ('revoked', 'Revoked'), ('expired', 'Expired')], db_index=True, default='active', max_length=16)),
-                ('ended_at', models.DateTimeField(blank=True, null=True)),
-                ('end_reason', models.CharField(blank=True, max_length=100)),
-                ('agent', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='session_grants', to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='session_grants', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False),
+                ),
+                ("standard_scopes", models.JSONField(default=list, help_text="Usable on the session token.")),
+                (
+                    "step_up_scopes",
+                    models.JSONField(default=list, help_text="Each use needs the user's confirmation."),
+                ),
+                (
+                    "consent_shown",
+                    models.JSONField(default=dict, help_text="What the consent screen displayed."),
+                ),
+                ("auth_time", models.DateTimeField()),
+                ("acr", models.CharField(blank=True, max_length=100)),
+                ("amr", models.JSONField(default=list)),
+                ("created", models.DateTimeField(default=django.utils.timezone.now)),
+                ("expires_at", models.DateTimeField(db_index=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("revoked", "Revoked"), ("expired", "Expired")],
+                        db_index=True,
+                        default="active",
+                        max_length=16,
+                    ),
+                ),
+                ("ended_at", models.DateTimeField(blank=True, null=True)),
+                ("end_reason", models.CharField(blank=True, max_length=100)),
+                (
+                    "agent",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="session_grants",
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="session_grants",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'session grant',
-                'ordering': ['-created'],
+                "verbose_name": "session grant",
+                "ordering": ["-created"],
             },
         ),
         migrations.AddField(
-            model_name='refreshtoken',
-            name='session_grant',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='refresh_tokens', to='consent.sessiongrant'),
+            model_name="refreshtoken",
+            name="session_grant",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="refresh_tokens",
+                to="consent.sessiongrant",
+            ),
         ),
         migrations.CreateModel(
-            name='AuthorizationCode',
+            name="AuthorizationCode",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('code', models.CharField(max_length=255, unique=True, verbose_name='code')),
-                ('expires', models.DateTimeField(verbose_name='expires')),
-                ('redirect_uri', models.TextField(verbose_name='redirect URI')),
-                ('scope', models.TextField(blank=True, verbose_name='scope')),
-                ('created', models.DateTimeField(auto_now_add=True, verbose_name='created')),
-                ('updated', models.DateTimeField(auto_now=True, verbose_name='updated')),
-                ('code_challenge', models.CharField(blank=True, default='', max_length=128, verbose_name='code challenge')),
-                ('code_challenge_method', models.CharField(blank=True, choices=[('plain', 'plain'), ('S256', 'S256')], default='', max_length=10, verbose_name='code challenge method')),
-                ('nonce', models.CharField(blank=True, default='', max_length=255, verbose_name='nonce')),
-                ('claims', models.TextField(blank=True, verbose_name='claims')),
-                ('resource', oauth2_provider.models.ResourceJSONField(blank=True, default=list, verbose_name='resource')),
-                ('consumed_at', models.DateTimeField(blank=True, help_text='Set on exchange; reuse revokes the grant.', null=True)),
-                ('application', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL, verbose_name='application')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='%(app_label)s_%(class)s', to=settings.AUTH_USER_MODEL, verbose_name='user')),
-                ('session_grant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='codes', to='consent.sessiongrant')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("code", models.CharField(max_length=255, unique=True, verbose_name="code")),
+                ("expires", models.DateTimeField(verbose_name="expires")),
+                ("redirect_uri", models.TextField(verbose_name="redirect URI")),
+                ("scope", models.TextField(blank=True, verbose_name="scope")),
+                ("created", models.DateTimeField(auto_now_add=True, verbose_name="created")),
+                ("updated", models.DateTimeField(auto_now=True, verbose_name="updated")),
+                (
+                    "code_challenge",
+                    models.CharField(blank=True, default="", max_length=128, verbose_name="code challenge"),
+                ),
+                (
+                    "code_challenge_method",
+                    models.CharField(
+                        blank=True,
+                        choices=[("plain", "plain"), ("S256", "S256")],
+                        default="",
+                        max_length=10,
+                        verbose_name="code challenge method",
+                    ),
+                ),
+                ("nonce", models.CharField(blank=True, default="", max_length=255, verbose_name="nonce")),
+                ("claims", models.TextField(blank=True, verbose_name="claims")),
+                (
+                    "resource",
+                    oauth2_provider.models.ResourceJSONField(
+                        blank=True, default=list, verbose_name="resource"
+                    ),
+                ),
+                (
+                    "consumed_at",
+                    models.DateTimeField(
+                        blank=True, help_text="Set on exchange; reuse revokes the grant.", null=True
+                    ),
+                ),
+                (
+                    "application",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                        verbose_name="application",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="%(app_label)s_%(class)s",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
+                (
+                    "session_grant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="codes",
+                        to="consent.sessiongrant",
+                    ),
+                ),
             ],
             options={
-                'abstract': False,
-                'swappable': 'OAUTH2_PROVIDER_GRANT_MODEL',
+                "abstract": False,
+                "swappable": "OAUTH2_PROVIDER_GRANT_MODEL",
             },
         ),
         migrations.AddField(
-            model_name='accesstoken',
-            name='session_grant',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='access_tokens', to='consent.sessiongrant'),
+            model_name="accesstoken",
+            name="session_grant",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="access_tokens",
+                to="consent.sessiongrant",
+            ),
         ),
         migrations.CreateModel(
-            name='SigningKey',
+            name="SigningKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kid', models.CharField(max_length=64, unique=True)),
-                ('alg', models.CharField(choices=[('ES256', 'ES256'), ('RS256', 'RS256')], max_length=8)),
-                ('private_pem', models.TextField()),
-                ('public_jwk', models.JSONField()),
-                ('created', models.DateTimeField(default=django.utils.timezone.now)),
-                ('active', models.BooleanField(db_index=True, default=True)),
-                ('retired_at', models.DateTimeField(blank=True, null=True)),
-                ('publish_until', models.DateTimeField(blank=True, help_text='After this, no unexpired token it signed can exist.', null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kid", models.CharField(max_length=64, unique=True)),
+                ("alg", models.CharField(choices=[("ES256", "ES256"), ("RS256", "RS256")], max_length=8)),
+                ("private_pem", models.TextField()),
+                ("public_jwk", models.JSONField()),
+                ("created", models.DateTimeField(default=django.utils.timezone.now)),
+                ("active", models.BooleanField(db_index=True, default=True)),
+                ("retired_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "publish_until",
+                    models.DateTimeField(
+                        blank=True, help_text="After this, no unexpired token it signed can exist.", null=True
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created'],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('active', True)), fields=('active',), name='one_active_signing_key')],
+                "ordering": ["-created"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("active", True)),
+                        fields=("active",),
+                        name="one_active_signing_key",
+                    )
+                ],
             },
         ),
         migrations.AddIndex(
-            model_name='refreshtoken',
-            index=models.Index(fields=['token_family'], name='consent_ref_token_f_ddcde0_idx'),
+            model_name="refreshtoken",
+            index=models.Index(fields=["token_family"], name="consent_ref_token_f_ddcde0_idx"),
         ),
         migrations.AlterUniqueTogether(
-            name='refreshtoken',
-            unique_together={('token_checksum', 'revoked')},
+            name="refreshtoken",
+            unique_together={("token_checksum", "revoked")},
         ),
     ]

@@ -4,20 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0001_initial'),
+        ("consent", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='agent',
-            name='delegates',
-            field=models.JSONField(blank=True, default=list, help_text='Client ids of sub-agents this agent may hand work to (RFC 8693 delegation). Users see them on the consent screen.'),
+            model_name="agent",
+            name="delegates",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="Client ids of sub-agents this agent may hand work to (RFC 8693 delegation). Users see them on the consent screen.",
+            ),
         ),
         migrations.AddField(
-            model_name='sessiongrant',
-            name='permitted_delegates',
-            field=models.JSONField(blank=True, default=list, help_text='Sub-agents (client ids) the user let this agent delegate to.'),
+            model_name="sessiongrant",
+            name="permitted_delegates",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="Sub-agents (client ids) the user let this agent delegate to.",
+            ),
         ),
     ]

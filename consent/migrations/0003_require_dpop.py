@@ -4,15 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0002_delegation'),
+        ("consent", "0002_delegation"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='agent',
-            name='require_dpop',
-            field=models.BooleanField(default=False, help_text="Tokens only with a DPoP proof by one of the agent's registered keys (RFC 9449).", verbose_name='require DPoP'),
+            model_name="agent",
+            name="require_dpop",
+            field=models.BooleanField(
+                default=False,
+                help_text="Tokens only with a DPoP proof by one of the agent's registered keys (RFC 9449).",
+                verbose_name="require DPoP",
+            ),
         ),
     ]

@@ -4,15 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0003_require_dpop'),
+        ("consent", "0003_require_dpop"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='sessiongrant',
-            name='dpop_jkt',
-            field=models.CharField(blank=True, help_text='Set when the first DPoP-bound token of this grant is issued; later tokens need a proof too.', max_length=64, verbose_name='DPoP key thumbprint'),
+            model_name="sessiongrant",
+            name="dpop_jkt",
+            field=models.CharField(
+                blank=True,
+                help_text="Set when the first DPoP-bound token of this grant is issued; later tokens need a proof too.",
+                max_length=64,
+                verbose_name="DPoP key thumbprint",
+            ),
         ),
     ]

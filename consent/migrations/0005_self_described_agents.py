@@ -4,35 +4,66 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0004_grant_dpop_binding'),
+        ("consent", "0004_grant_dpop_binding"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='agent',
-            name='client_metadata',
-            field=models.JSONField(blank=True, help_text='Self-described agents: the client metadata exactly as received.', null=True),
+            model_name="agent",
+            name="client_metadata",
+            field=models.JSONField(
+                blank=True,
+                help_text="Self-described agents: the client metadata exactly as received.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='agent',
-            name='metadata_expires_at',
-            field=models.DateTimeField(blank=True, help_text='Client ID Metadata Documents: when the cached document is fetched again.', null=True),
+            model_name="agent",
+            name="metadata_expires_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="Client ID Metadata Documents: when the cached document is fetched again.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='agent',
-            name='metadata_source',
-            field=models.CharField(blank=True, help_text='Self-described agents: the document URL, or the address that registered it.', max_length=300),
+            model_name="agent",
+            name="metadata_source",
+            field=models.CharField(
+                blank=True,
+                help_text="Self-described agents: the document URL, or the address that registered it.",
+                max_length=300,
+            ),
         ),
         migrations.AddField(
-            model_name='agent',
-            name='registration',
-            field=models.CharField(choices=[('admin', 'Registered by an administrator'), ('metadata_document', 'Self-described: Client ID Metadata Document'), ('dynamic', 'Self-described: dynamic registration (RFC 7591)')], db_index=True, default='admin', help_text='How the agent joined. Self-described agents assert their own name and publisher.', max_length=24),
+            model_name="agent",
+            name="registration",
+            field=models.CharField(
+                choices=[
+                    ("admin", "Registered by an administrator"),
+                    ("metadata_document", "Self-described: Client ID Metadata Document"),
+                    ("dynamic", "Self-described: dynamic registration (RFC 7591)"),
+                ],
+                db_index=True,
+                default="admin",
+                help_text="How the agent joined. Self-described agents assert their own name and publisher.",
+                max_length=24,
+            ),
         ),
         migrations.AlterField(
-            model_name='agent',
-            name='status',
-            field=models.CharField(choices=[('active', 'Active'), ('pending_review', 'Pending review'), ('suspended', 'Suspended')], db_index=True, default='active', help_text='A suspended agent gets no tokens, and its existing tokens stop working.', max_length=16),
+            model_name="agent",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("active", "Active"),
+                    ("pending_review", "Pending review"),
+                    ("suspended", "Suspended"),
+                ],
+                db_index=True,
+                default="active",
+                help_text="A suspended agent gets no tokens, and its existing tokens stop working.",
+                max_length=16,
+            ),
         ),
     ]

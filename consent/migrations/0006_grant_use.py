@@ -6,29 +6,49 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0005_self_described_agents'),
+        ("consent", "0005_self_described_agents"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='GrantUse',
+            name="GrantUse",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('report_id', models.CharField(max_length=64)),
-                ('jti', models.CharField(max_length=64)),
-                ('scope', models.CharField(max_length=100)),
-                ('operation', models.CharField(blank=True, max_length=80)),
-                ('outcome', models.CharField(max_length=16)),
-                ('used_at', models.DateTimeField()),
-                ('received_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('grant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='uses', to='consent.sessiongrant')),
-                ('resource_server', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='consent.resourceserver')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("report_id", models.CharField(max_length=64)),
+                ("jti", models.CharField(max_length=64)),
+                ("scope", models.CharField(max_length=100)),
+                ("operation", models.CharField(blank=True, max_length=80)),
+                ("outcome", models.CharField(max_length=16)),
+                ("used_at", models.DateTimeField()),
+                ("received_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "grant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="uses",
+                        to="consent.sessiongrant",
+                    ),
+                ),
+                (
+                    "resource_server",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="consent.resourceserver",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['grant', 'used_at'], name='grant_use_grant_time')],
-                'constraints': [models.UniqueConstraint(fields=('resource_server', 'report_id'), name='grant_use_once')],
+                "indexes": [models.Index(fields=["grant", "used_at"], name="grant_use_grant_time")],
+                "constraints": [
+                    models.UniqueConstraint(fields=("resource_server", "report_id"), name="grant_use_once")
+                ],
             },
         ),
     ]

@@ -99,8 +99,14 @@ def _address_allowed(address: str, development: bool) -> bool:
         ip = ip.ipv4_mapped
     if ip.is_loopback:
         return development
-    return not (ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
-                or not ip.is_global)
+    return not (
+        ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
 
 
 def resolve(host: str, port: int) -> str:
@@ -108,12 +114,16 @@ def resolve(host: str, port: int) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise MetadataDocumentRefused(reason=f"client_id host does not resolve ({type(exc).__name__})") from exc
+        raise MetadataDocumentRefused(
+            reason=f"client_id host does not resolve ({type(exc).__name__})"
+        ) from exc
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     development = _development()
     refused = [a for a in addresses if not _address_allowed(a, development)]
     if not addresses or refused:
-        raise MetadataDocumentRefused(reason=f"client_id host resolves to a non-public address ({refused[:1]})")
+        raise MetadataDocumentRefused(
+            reason=f"client_id host resolves to a non-public address ({refused[:1]})"
+        )
     return addresses[0]
 
 
@@ -146,9 +156,15 @@ def fetch(url: str) -> tuple[object, str]:
     try:
         bundle = countersign_settings.CIMD_CA_BUNDLE
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=bundle) if bundle else True
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify) as client, client.stream(
-                "GET", target, headers={"Host": host_header, "Accept": "application/json"},
-                extensions={"sni_hostname": host}) as response:
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify) as client,
+            client.stream(
+                "GET",
+                target,
+                headers={"Host": host_header, "Accept": "application/json"},
+                extensions={"sni_hostname": host},
+            ) as response,
+        ):
             if 300 <= response.status_code < 400:
                 raise MetadataDocumentRefused(reason="client_id URL redirects (redirects are not followed)")
             if response.status_code != 200:
@@ -168,7 +184,9 @@ def fetch(url: str) -> tuple[object, str]:
     except httpx.TimeoutException as exc:
         raise MetadataDocumentRefused(reason="metadata document fetch took too long") from exc
     except httpx.HTTPError as exc:
-        raise MetadataDocumentRefused(reason=f"metadata document fetch failed ({type(exc).__name__})") from exc
+        raise MetadataDocumentRefused(
+            reason=f"metadata document fetch failed ({type(exc).__name__})"
+        ) from exc
     try:
         check(bytes(body), max_bytes=limit, what="metadata document")
         document = json.loads(bytes(body))
@@ -182,8 +200,12 @@ def fetch_jwks(url: str) -> dict[str, Any]:
     fetched under the same guards as the document."""
     raw, _ = fetch(url)
     keys = raw.get("keys") if isinstance(raw, dict) else None
-    if not isinstance(keys, list) or not keys or len(keys) > MAX_KEYS or not all(
-            isinstance(k, dict) and isinstance(k.get("kty"), str) and "d" not in k for k in keys):
+    if (
+        not isinstance(keys, list)
+        or not keys
+        or len(keys) > MAX_KEYS
+        or not all(isinstance(k, dict) and isinstance(k.get("kty"), str) and "d" not in k for k in keys)
+    ):
         raise MetadataDocumentRefused(reason=f"jwks_uri is not a JWK Set of 1 to {MAX_KEYS} public keys")
     return {"keys": keys}
 
@@ -217,8 +239,13 @@ def resolve_agent(client_id: str, *, redirect_uri: str, request: HttpRequest | N
         raise MetadataDocumentRefused(reason="redirect_uri is not among the document's redirect_uris")
     jwks = fetch_jwks(metadata.document["jwks_uri"]) if metadata.auth_method == "private_key_jwt" else None
     try:
-        agent, _ = agent_from_document(client_id=client_id, metadata=metadata, jwks=jwks,
-                                       expires_at=cache_until(cache_control, now), request=request)
+        agent, _ = agent_from_document(
+            client_id=client_id,
+            metadata=metadata,
+            jwks=jwks,
+            expires_at=cache_until(cache_control, now),
+            request=request,
+        )
     except InvalidClientMetadata as exc:
         raise MetadataDocumentRefused(reason=f"{exc.error}: {exc.description}") from exc
     return agent

@@ -97,23 +97,43 @@ def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url:
             verify_assertion(credentials.assertion, agent=agent, endpoint_url=endpoint_url)
         except AssertionInvalid as exc:
             raise InvalidClient(reason=str(exc)) from exc
-    elif not (agent.client_type == Agent.CLIENT_CONFIDENTIAL and agent.client_secret
-              and _secret_ok(credentials.secret, agent)):
+    elif not (
+        agent.client_type == Agent.CLIENT_CONFIDENTIAL
+        and agent.client_secret
+        and _secret_ok(credentials.secret, agent)
+    ):
         raise InvalidClient(reason="wrong client secret")
     return agent
 
 
 # What the protocol endpoints read of an agent (any other field loads on first use).
-AGENT_FIELDS = ["id", "client_id", "client_secret", "hash_client_secret", "client_type", "authorization_grant_type",
-                "status", "refresh_mode", "access_token_ttl", "require_dpop", "jwks", "redirect_uris",
-                "allowed_scopes", "delegates", "max_grant_lifetime", "backchannel_client_notification_endpoint"]
+AGENT_FIELDS = [
+    "id",
+    "client_id",
+    "client_secret",
+    "hash_client_secret",
+    "client_type",
+    "authorization_grant_type",
+    "status",
+    "refresh_mode",
+    "access_token_ttl",
+    "require_dpop",
+    "jwks",
+    "redirect_uris",
+    "allowed_scopes",
+    "delegates",
+    "max_grant_lifetime",
+    "backchannel_client_notification_endpoint",
+]
 # The agent columns of a statement that reads its row under the alias ``a``.
 AGENT_ROW = rows.Columns(Agent, "a", AGENT_FIELDS)
 
 
 def agent_by_client_id(client_id: str) -> Agent | None:
     """The registry row for ``client_id`` (one statement, no ORM query building)."""
-    row = rows.fetchone(f"SELECT {AGENT_ROW.sql} FROM {rows.table(Agent)} a WHERE a.client_id = %s", [client_id])
+    row = rows.fetchone(
+        f"SELECT {AGENT_ROW.sql} FROM {rows.table(Agent)} a WHERE a.client_id = %s", [client_id]
+    )
     return None if row is None else rows.instance(Agent, AGENT_ROW.load(row))
 
 

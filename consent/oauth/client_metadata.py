@@ -75,14 +75,18 @@ def _redirect_uri(value: Any) -> str:
         raise InvalidRedirectUri("Each redirect URI must be a string of at most 300 characters.")
     parts = urlsplit(value)
     if parts.fragment or "#" in value or parts.username is not None or not parts.hostname:
-        raise InvalidRedirectUri("A redirect URI must be absolute, without a fragment or user information.",
-                                 reason=f"bad redirect URI {value[:100]!r}")
+        raise InvalidRedirectUri(
+            "A redirect URI must be absolute, without a fragment or user information.",
+            reason=f"bad redirect URI {value[:100]!r}",
+        )
     if parts.scheme == "https":
         return value
     if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
         return value  # RFC 8252 §7.3: any port is accepted at request time
-    raise InvalidRedirectUri("Redirect URIs must use https, or http on 127.0.0.1 or [::1] (RFC 8252 §7.3).",
-                             reason=f"redirect URI scheme or host not allowed: {value[:100]!r}")
+    raise InvalidRedirectUri(
+        "Redirect URIs must use https, or http on 127.0.0.1 or [::1] (RFC 8252 §7.3).",
+        reason=f"redirect URI scheme or host not allowed: {value[:100]!r}",
+    )
 
 
 def parse(raw: Any, *, secrets_allowed: bool) -> ClientMetadata:
@@ -99,21 +103,37 @@ def parse(raw: Any, *, secrets_allowed: bool) -> ClientMetadata:
     method = raw.get("token_endpoint_auth_method", "client_secret_basic" if secrets_allowed else "none")
     allowed = ("none", *SECRET_METHODS) if secrets_allowed else ("none", "private_key_jwt")
     if method not in allowed:
-        raise InvalidClientMetadata(f"token_endpoint_auth_method must be one of {', '.join(allowed)}.",
-                                    reason=f"unsupported token_endpoint_auth_method {str(method)[:40]!r}")
+        raise InvalidClientMetadata(
+            f"token_endpoint_auth_method must be one of {', '.join(allowed)}.",
+            reason=f"unsupported token_endpoint_auth_method {str(method)[:40]!r}",
+        )
     jwks_uri = raw.get("jwks_uri")
-    if method == "private_key_jwt" and not (isinstance(jwks_uri, str) and jwks_uri.startswith(("https://", "http://"))
-                                            and len(jwks_uri) <= MAX_URI):
-        raise InvalidClientMetadata("private_key_jwt needs a jwks_uri (an https URL; http on loopback in development).",
-                                    reason="private_key_jwt without an https jwks_uri")
+    if method == "private_key_jwt" and not (
+        isinstance(jwks_uri, str)
+        and jwks_uri.startswith(("https://", "http://"))
+        and len(jwks_uri) <= MAX_URI
+    ):
+        raise InvalidClientMetadata(
+            "private_key_jwt needs a jwks_uri (an https URL; http on loopback in development).",
+            reason="private_key_jwt without an https jwks_uri",
+        )
     grant_types = raw.get("grant_types", ["authorization_code"])
-    if not isinstance(grant_types, list) or not set(grant_types) <= GRANT_TYPES or (
-            "authorization_code" not in grant_types):
-        raise InvalidClientMetadata("grant_types must include authorization_code and may add refresh_token only.")
+    if (
+        not isinstance(grant_types, list)
+        or not set(grant_types) <= GRANT_TYPES
+        or ("authorization_code" not in grant_types)
+    ):
+        raise InvalidClientMetadata(
+            "grant_types must include authorization_code and may add refresh_token only."
+        )
     if raw.get("response_types", ["code"]) != ["code"]:
         raise InvalidClientMetadata('response_types must be ["code"].')
-    kept: dict[str, Any] = {"redirect_uris": redirect_uris, "token_endpoint_auth_method": method,
-                            "grant_types": grant_types, "response_types": ["code"]}
+    kept: dict[str, Any] = {
+        "redirect_uris": redirect_uris,
+        "token_endpoint_auth_method": method,
+        "grant_types": grant_types,
+        "response_types": ["code"],
+    }
     if method == "private_key_jwt":
         kept["jwks_uri"] = jwks_uri
     for name in TEXT_FIELDS:
@@ -124,5 +144,10 @@ def parse(raw: Any, *, secrets_allowed: bool) -> ClientMetadata:
             raise InvalidClientMetadata(f"{name} must be a string of bounded length.")
         kept[name] = value
     scope = kept.get("scope", "").split()
-    return ClientMetadata(redirect_uris=redirect_uris, auth_method=method,
-                          name=kept.get("client_name", "").strip(), scope=scope, document=kept)
+    return ClientMetadata(
+        redirect_uris=redirect_uris,
+        auth_method=method,
+        name=kept.get("client_name", "").strip(),
+        scope=scope,
+        document=kept,
+    )

@@ -30,6 +30,7 @@ MAX_PROOF_BYTES = 8192
 PROOF_MAX_AGE = 60
 NONCE_WINDOW = 300
 
+
 def _nonce_for(bucket: int) -> str:
     mac = hmac.new(settings.SECRET_KEY.encode(), f"dpop-nonce:{bucket}".encode(), hashlib.sha256).digest()
     return f"{bucket}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
@@ -70,8 +71,17 @@ def verify_proof(proof: str, *, htm: str, htu: str, access_token: str | None = N
         raise InvalidDPoPProof("DPoP proof must carry a public jwk")
     try:
         key = jwt.PyJWK(jwk, algorithm=alg).key
-        claims = jwt.decode(proof, key, algorithms=[alg], options={
-            "require": ["jti", "htm", "htu", "iat"], "verify_aud": False, "verify_exp": False, "verify_iat": False})
+        claims = jwt.decode(
+            proof,
+            key,
+            algorithms=[alg],
+            options={
+                "require": ["jti", "htm", "htu", "iat"],
+                "verify_aud": False,
+                "verify_exp": False,
+                "verify_iat": False,
+            },
+        )
         jkt = jwk_thumbprint(jwk)
     except (jwt.PyJWTError, ValueError) as exc:
         raise InvalidDPoPProof(f"DPoP proof signature invalid: {exc}") from exc
@@ -111,15 +121,20 @@ def dpop_headers() -> dict[str, str]:
 def check_agent_key(jkt: str, agent: Agent) -> None:
     """Countersign's rule on top of §5: a required proof, by one of the agent's registered keys."""
     if not jkt and agent.require_dpop:
-        raise InvalidDPoPProof("this agent must present a DPoP proof (RFC 9449)",
-                               reason="DPoP required for this agent")
+        raise InvalidDPoPProof(
+            "this agent must present a DPoP proof (RFC 9449)", reason="DPoP required for this agent"
+        )
     if jkt and jkt not in registered_thumbprints(agent):
-        raise InvalidDPoPProof("the DPoP key is not one registered for this agent",
-                               reason="DPoP key not registered for this agent")
+        raise InvalidDPoPProof(
+            "the DPoP key is not one registered for this agent",
+            reason="DPoP key not registered for this agent",
+        )
 
 
 def check_grant_binding(jkt: str, grant_jkt: str) -> None:
     """§5: a session that got a DPoP-bound token stays bound; no bearer tokens after."""
     if grant_jkt and not jkt:
-        raise InvalidDPoPProof("this session's tokens are DPoP-bound: present a DPoP proof",
-                               reason="DPoP-bound session without a proof")
+        raise InvalidDPoPProof(
+            "this session's tokens are DPoP-bound: present a DPoP proof",
+            reason="DPoP-bound session without a proof",
+        )

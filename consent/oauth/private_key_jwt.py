@@ -88,8 +88,13 @@ def verify_assertion(assertion: str, *, agent: Agent, endpoint_url: str | None =
     leeway = countersign_settings.LEEWAY_SECONDS
     try:
         claims = jwt.decode(
-            assertion, key, algorithms=[alg], audience=list(accepted_audiences(endpoint_url)),
-            issuer=agent.client_id, leeway=leeway, options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+            assertion,
+            key,
+            algorithms=[alg],
+            audience=list(accepted_audiences(endpoint_url)),
+            issuer=agent.client_id,
+            leeway=leeway,
+            options={"require": ["iss", "sub", "aud", "exp", "jti"]},
         )
     except jwt.PyJWTError as exc:
         raise AssertionInvalid(f"assertion rejected: {exc}") from exc

@@ -32,9 +32,17 @@ def parse_resources(values: list[str]) -> list[str]:
         if len(value) > MAX_URI_LENGTH:
             raise InvalidTarget("A resource indicator is too long.", reason="resource too long")
         parts = urlsplit(value)
-        if not parts.scheme or not parts.netloc or parts.fragment or "#" in value or parts.username is not None:
-            raise InvalidTarget("A resource must be an absolute URI without a fragment (RFC 8707 §2).",
-                                reason=f"malformed resource {value[:100]!r}")
+        if (
+            not parts.scheme
+            or not parts.netloc
+            or parts.fragment
+            or "#" in value
+            or parts.username is not None
+        ):
+            raise InvalidTarget(
+                "A resource must be an absolute URI without a fragment (RFC 8707 §2).",
+                reason=f"malformed resource {value[:100]!r}",
+            )
         if value not in resources:
             resources.append(value)
     if len(resources) > MAX_RESOURCES:
@@ -58,7 +66,9 @@ def narrow(resources: list[str], scopes: list[str]) -> tuple[list[str], list[str
     audiences = {aud for auds in served.values() for aud in auds}
     outside = [r for r in resources if r not in audiences]
     if outside:
-        raise InvalidTarget("The requested resource is not served by the granted scopes.",
-                            reason=f"resource outside the grant: {outside[0][:100]}")
+        raise InvalidTarget(
+            "The requested resource is not served by the granted scopes.",
+            reason=f"resource outside the grant: {outside[0][:100]}",
+        )
     wanted = set(resources)
     return list(resources), [s for s in scopes if wanted & set(served[s])]

@@ -26,10 +26,16 @@ class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
 
 
 class CountersignServer(AuthorizationEndpoint):
-    def __init__(self, request_validator: RequestValidator, token_generator: object = None,
-                 refresh_token_generator: object = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        request_validator: RequestValidator,
+        token_generator: object = None,
+        refresh_token_generator: object = None,
+        **kwargs: Any,
+    ) -> None:
         AuthorizationEndpoint.__init__(
-            self, default_response_type="code",
+            self,
+            default_response_type="code",
             response_types={"code": S256AuthorizationCodeGrant(request_validator)},
             # oauthlib takes the token type object here; its stubs say a name.
             default_token_type=BearerToken(request_validator),  # type: ignore[arg-type]

@@ -22,11 +22,14 @@ from ..models import Agent, AuthorizationCode, ScopePolicy
 
 
 class CountersignValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships no types
-    def validate_scopes(self, client_id: str, scopes: list[str], client: Agent, request: Request,
-                        *args: Any, **kwargs: Any) -> bool:
+    def validate_scopes(
+        self, client_id: str, scopes: list[str], client: Agent, request: Request, *args: Any, **kwargs: Any
+    ) -> bool:
         if not set(scopes) <= set(client.allowed_scopes or []):
             return False
-        known: dict[str, str] = dict(ScopePolicy.objects.filter(name__in=scopes).values_list("name", "sensitivity"))
+        known: dict[str, str] = dict(
+            ScopePolicy.objects.filter(name__in=scopes).values_list("name", "sensitivity")
+        )
         if not client.is_active and ScopePolicy.Sensitivity.STEP_UP in known.values():
             return False  # pending review (a self-described agent): no step-up until an admin activates it
         return len(known) == len(set(scopes))
@@ -34,8 +37,9 @@ class CountersignValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships 
     def get_default_scopes(self, client_id: str, request: Request, *args: Any, **kwargs: Any) -> list[str]:
         return []
 
-    def _create_authorization_code(self, request: Request, code: dict[str, str],
-                                   expires: datetime | None = None) -> AuthorizationCode:
+    def _create_authorization_code(
+        self, request: Request, code: dict[str, str], expires: datetime | None = None
+    ) -> AuthorizationCode:
         """Store the code with the session grant the consent view just created."""
         code_row: AuthorizationCode = AuthorizationCode.objects.create(
             application=request.client,

@@ -15,7 +15,7 @@ register = template.Library()
 
 
 def relative(t: datetime, now: datetime | None = None) -> str:
-    """"just now", "4 min ago", "in 3 min", "2 h ago", "3 days ago"."""
+    """ "just now", "4 min ago", "in 3 min", "2 h ago", "3 days ago"."""
     seconds = int(((now or timezone.now()) - t).total_seconds())
     future, seconds = seconds < 0, abs(seconds)
     if seconds < 60:
@@ -47,4 +47,7 @@ def when(t: datetime | None) -> str:
     zone = timezone.get_current_timezone_name()
     return format_html(
         '<time datetime="{}" data-local>{}</time> <span class="ago muted">({})</span>',
-        t.isoformat(), local.strftime("%-d %b %Y, %H:%M") + ("" if zone != "UTC" else " UTC"), relative(t))
+        t.isoformat(),
+        local.strftime("%-d %b %Y, %H:%M") + ("" if zone != "UTC" else " UTC"),
+        relative(t),
+    )

@@ -39,8 +39,9 @@ PENDING_LOGIN_SECONDS = 300
 def auth_context(request: HttpRequest) -> AuthContext:
     """How this browser session authenticated: ``auth_time`` and ``amr`` (RFC 8176 values)."""
     ts = request.session.get(SESSION_AUTH_TIME) or time.time()
-    return AuthContext(auth_time=datetime.fromtimestamp(ts, tz=UTC),
-                       amr=list(request.session.get(SESSION_AMR) or ["pwd"]))
+    return AuthContext(
+        auth_time=datetime.fromtimestamp(ts, tz=UTC), amr=list(request.session.get(SESSION_AMR) or ["pwd"])
+    )
 
 
 def _confirmed_totp(user: User) -> TOTPDevice | None:
@@ -54,8 +55,9 @@ def second_factor_missing(request: HttpRequest, agent: Agent, policies: Iterable
 
 def _safe_next(request: HttpRequest, default: str = "/grants/") -> str:
     target = request.POST.get("next") or request.GET.get("next") or default
-    if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()},
-                                       require_https=request.is_secure()):
+    if url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
         return target
     return default
 
@@ -67,15 +69,17 @@ def _too_many(request: HttpRequest, template: str, context: dict[str, Any], seco
     return response
 
 
-def _complete_login(request: HttpRequest, user: User, amr: list[str],
-                    device: TOTPDevice | None = None) -> None:
+def _complete_login(
+    request: HttpRequest, user: User, amr: list[str], device: TOTPDevice | None = None
+) -> None:
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     if device is not None:
         otp_login(request, device)
     request.session[SESSION_AUTH_TIME] = time.time()
     request.session[SESSION_AMR] = amr
-    audit_record(event="login", actor=f"user:{user.pk}", user_id=user.pk, request=request,
-                 detail={"amr": amr})
+    audit_record(
+        event="login", actor=f"user:{user.pk}", user_id=user.pk, request=request, detail={"amr": amr}
+    )
 
 
 def login_view(request: HttpRequest) -> HttpResponse:
@@ -88,16 +92,25 @@ def login_view(request: HttpRequest) -> HttpResponse:
                 return redirect(f"/accounts/login/otp/?next={_safe_next(request)}")
             _complete_login(request, user, ["pwd"])
             return redirect(_safe_next(request))
-        if not getattr(request, "axes_locked_out", False):  # a lockout is audited once (consent.limits.logins)
-            audit_refusal(event="login.failed", error="invalid_credentials", actor="", request=request,
-                          detail={"username": request.POST.get("username", "")[:150]})
+        if not getattr(
+            request, "axes_locked_out", False
+        ):  # a lockout is audited once (consent.limits.logins)
+            audit_refusal(
+                event="login.failed",
+                error="invalid_credentials",
+                actor="",
+                request=request,
+                detail={"username": request.POST.get("username", "")[:150]},
+            )
     return render(request, "accounts/login.html", {"form": form, "next": _safe_next(request)})
 
 
 class OTPForm(forms.Form):
-    token = forms.CharField(label="6-digit code from your authenticator app", max_length=8,
-                            widget=forms.TextInput(attrs={"autocomplete": "one-time-code",
-                                                          "inputmode": "numeric"}))
+    token = forms.CharField(
+        label="6-digit code from your authenticator app",
+        max_length=8,
+        widget=forms.TextInput(attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}),
+    )
 
 
 def login_otp_view(request: HttpRequest) -> HttpResponse:
@@ -118,7 +131,9 @@ def login_otp_view(request: HttpRequest) -> HttpResponse:
     keys = attempts.keys_for(account=user.pk, source=client_ip(request))
     if request.method == "POST" and (wait := attempts.locked("totp", keys)):
         attempts.refused_while_locked("totp", keys)
-        return _too_many(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait)
+        return _too_many(
+            request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait
+        )
     if request.method == "POST" and form.is_valid():
         if device.verify_token(form.cleaned_data["token"].strip()):
             attempts.succeeded("totp", keys)
@@ -126,10 +141,17 @@ def login_otp_view(request: HttpRequest) -> HttpResponse:
             amr = [m for m in amr_before if m != "otp"] + ["otp"]
             _complete_login(request, user, amr, device)
             return redirect(_safe_next(request))
-        audit_refusal(event="login.otp_failed", error="invalid_otp", actor=f"user:{user.pk}",
-                      user_id=user.pk, request=request)
+        audit_refusal(
+            event="login.otp_failed",
+            error="invalid_otp",
+            actor=f"user:{user.pk}",
+            user_id=user.pk,
+            request=request,
+        )
         if wait := attempts.failed("totp", keys, request=request, actor=f"user:{user.pk}", user_id=user.pk):
-            return _too_many(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait)
+            return _too_many(
+                request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)}, wait
+            )
         form.add_error("token", "That code is not valid. Codes change every 30 seconds.")
     return render(request, "accounts/login_otp.html", {"form": form, "next": _safe_next(request)})
 
@@ -146,8 +168,9 @@ def totp_setup_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     confirmed = _confirmed_totp(request.user)
     if confirmed is not None:
         return render(request, "accounts/totp_setup.html", {"enrolled": True})
-    device, _ = TOTPDevice.objects.get_or_create(user=request.user, confirmed=False,
-                                                 defaults={"name": "Authenticator app"})
+    device, _ = TOTPDevice.objects.get_or_create(
+        user=request.user, confirmed=False, defaults={"name": "Authenticator app"}
+    )
     form = OTPForm(request.POST or None)
     keys = attempts.keys_for(account=request.user.pk, source=client_ip(request))
     wait = attempts.locked("totp", keys) if request.method == "POST" else 0
@@ -161,20 +184,35 @@ def totp_setup_view(request: AuthenticatedHttpRequest) -> HttpResponse:
             otp_login(request, device)
             request.session[SESSION_AMR] = ["pwd", "otp"]
             request.session[SESSION_AUTH_TIME] = time.time()
-            audit_record(event="totp.enrolled", actor=f"user:{request.user.pk}", user_id=request.user.pk,
-                         request=request)
+            audit_record(
+                event="totp.enrolled",
+                actor=f"user:{request.user.pk}",
+                user_id=request.user.pk,
+                request=request,
+            )
             messages.success(request, "Two-factor sign-in is on.")
             return redirect("/grants/")
-        wait = attempts.failed("totp", keys, request=request, actor=f"user:{request.user.pk}",
-                               user_id=request.user.pk)
-        form.add_error("token", attempts.message(wait) if wait else
-                       "That code is not valid. Check your device's clock and try again.")
+        wait = attempts.failed(
+            "totp", keys, request=request, actor=f"user:{request.user.pk}", user_id=request.user.pk
+        )
+        form.add_error(
+            "token",
+            attempts.message(wait)
+            if wait
+            else "That code is not valid. Check your device's clock and try again.",
+        )
     svg = BytesIO()
     qrcode.make(device.config_url, image_factory=qrcode.image.svg.SvgPathImage).save(svg)
-    response = render(request, "accounts/totp_setup.html", {
-        "form": form, "qr_svg": svg.getvalue().decode(),
-        "secret": b32encode(device.bin_key).decode().rstrip("="),
-    }, status=429 if wait else 200)
+    response = render(
+        request,
+        "accounts/totp_setup.html",
+        {
+            "form": form,
+            "qr_svg": svg.getvalue().decode(),
+            "secret": b32encode(device.bin_key).decode().rstrip("="),
+        },
+        status=429 if wait else 200,
+    )
     if wait:
         response["Retry-After"] = str(wait)
     return response
@@ -183,8 +221,13 @@ def totp_setup_view(request: AuthenticatedHttpRequest) -> HttpResponse:
 @login_required
 @post_only
 def grant_revoke_view(request: AuthenticatedHttpRequest, grant_id: UUID) -> HttpResponse:
-    if not grant_revoke(grant_id=grant_id, reason="revoked_by_user", actor=f"user:{request.user.pk}",
-                        user=request.user, request=request):
+    if not grant_revoke(
+        grant_id=grant_id,
+        reason="revoked_by_user",
+        actor=f"user:{request.user.pk}",
+        user=request.user,
+        request=request,
+    ):
         raise Http404("No active grant with that id.")
     messages.success(request, "Access revoked. The agent's tokens stopped working.")
     back = f"/grants/{grant_id}/"

@@ -59,12 +59,19 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: igno
         scopes, credentials = core.server.validate_authorization_request(uri, "GET", None, {})
         return scopes, credentials
 
-    def _refuse(self, error: OAuthToolkitError, application: Agent | None = None, query: str = "") -> HttpResponse:
+    def _refuse(
+        self, error: OAuthToolkitError, application: Agent | None = None, query: str = ""
+    ) -> HttpResponse:
         oauthlib_error = error.oauthlib_error
-        audit_refusal(event="consent.request_refused", error=oauthlib_error.error,
-                      actor=f"user:{self.request.user.pk}", user_id=self.request.user.pk,
-                      client_id=credentials_client_id(query)[:100], request=self.request,
-                      detail={"reason": oauthlib_error.description or ""})
+        audit_refusal(
+            event="consent.request_refused",
+            error=oauthlib_error.error,
+            actor=f"user:{self.request.user.pk}",
+            user_id=self.request.user.pk,
+            client_id=credentials_client_id(query)[:100],
+            request=self.request,
+            detail={"reason": oauthlib_error.description or ""},
+        )
         return self._error_page(error, application)
 
     def _error_page(self, error: OAuthToolkitError, application: Agent | None) -> HttpResponse:
@@ -114,13 +121,22 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: igno
         if not looks_like_document_url(client_id):
             return None
         try:
-            resolve_agent(client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request)
+            resolve_agent(
+                client_id, redirect_uri=(params.get("redirect_uri") or [""])[0], request=self.request
+            )
         except MetadataDocumentRefused as exc:
-            audit_refusal(event="client_metadata.refused", error="invalid_client", actor=f"user:{self.request.user.pk}",
-                          user_id=self.request.user.pk, client_id=client_id[:100], request=self.request,
-                          detail={"reason": exc.reason})
+            audit_refusal(
+                event="client_metadata.refused",
+                error="invalid_client",
+                actor=f"user:{self.request.user.pk}",
+                user_id=self.request.user.pk,
+                client_id=client_id[:100],
+                request=self.request,
+                detail={"reason": exc.reason},
+            )
             error = oauthlib_errors.InvalidClientError(
-                description="The agent's client metadata document cannot be used, so it cannot connect.")
+                description="The agent's client metadata document cannot be used, so it cannot connect."
+            )
             return self._error_page(FatalClientError(error=error), None)
         return None
 
@@ -143,9 +159,16 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: igno
         policies = scope_policies(scopes)
         user = request.user
         if request.POST.get("decision") != "allow":
-            audit_record(event="consent.refused", outcome="refused", error="access_denied",
-                         actor=f"user:{user.pk}", user_id=user.pk, client_id=agent.client_id,
-                         request=request, detail={"scopes": scopes})
+            audit_record(
+                event="consent.refused",
+                outcome="refused",
+                error="access_denied",
+                actor=f"user:{user.pk}",
+                user_id=user.pk,
+                client_id=agent.client_id,
+                request=request,
+                detail={"scopes": scopes},
+            )
             return self._deny(scopes, credentials, agent)
         if second_factor_missing(request, agent, policies):
             return redirect(f"{reverse('login-otp')}?{urlencode({'next': request.get_full_path()})}")
@@ -157,12 +180,19 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: igno
         try:
             with transaction.atomic():
                 grant = grant_create(
-                    user=user, agent=agent, scopes=scopes, lifetime=lifetime, auth=auth, request=request,
+                    user=user,
+                    agent=agent,
+                    scopes=scopes,
+                    lifetime=lifetime,
+                    auth=auth,
+                    request=request,
                     consent_shown=_consent_shown(agent, policies, lifetime),
                 )
                 credentials["session_grant"] = grant
                 uri, headers, body, status = self.create_authorization_response(
-                    request=request, scopes=" ".join(grant.standard_scopes), credentials=credentials,
+                    request=request,
+                    scopes=" ".join(grant.standard_scopes),
+                    credentials=credentials,
                     allow=True,
                 )
         except ConfigurationError as exc:
@@ -173,8 +203,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: igno
 
     def _deny(self, scopes: list[str], credentials: dict[str, Any], agent: Agent) -> HttpResponse:
         try:
-            self.create_authorization_response(request=self.request, scopes=" ".join(scopes),
-                                               credentials=credentials, allow=False)
+            self.create_authorization_response(
+                request=self.request, scopes=" ".join(scopes), credentials=credentials, allow=False
+            )
         except OAuthToolkitError as error:
             return self._error_page(error, agent)
         return oauth_error("access_denied")  # unreachable: allow=False always raises
@@ -212,14 +243,21 @@ def credentials_client_id(query: str) -> str:
 
 def _consent_shown(agent: Agent, policies: list[ScopePolicy], lifetime: int) -> dict[str, Any]:
     return {
-        "may_delegate_to": [{"name": d.name, "publisher": d.publisher, "client_id": d.client_id}
-                            for d in delegates_of(agent)],
-        "agent": {"name": agent.name, "publisher": agent.publisher, "status": agent.status,
-                  **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {})},
-        "allowed_for_session": [{"scope": p.name, "description": p.description} for p in policies
-                                if not p.is_step_up],
-        "will_ask_each_time": [{"scope": p.name, "description": p.description} for p in policies
-                               if p.is_step_up],
+        "may_delegate_to": [
+            {"name": d.name, "publisher": d.publisher, "client_id": d.client_id} for d in delegates_of(agent)
+        ],
+        "agent": {
+            "name": agent.name,
+            "publisher": agent.publisher,
+            "status": agent.status,
+            **({"self_asserted_by": agent.self_described_host} if agent.is_self_described else {}),
+        },
+        "allowed_for_session": [
+            {"scope": p.name, "description": p.description} for p in policies if not p.is_step_up
+        ],
+        "will_ask_each_time": [
+            {"scope": p.name, "description": p.description} for p in policies if p.is_step_up
+        ],
         "lifetime_seconds": lifetime,
     }
 
@@ -246,12 +284,24 @@ class IntrospectView(View):
         assert rs is not None  # no refusal: the resource server authenticated
         token = request.POST.get("token", "")
         if not token:
-            audit_refusal(event="introspection.refused", error="invalid_request", actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": "token missing"})
+            audit_refusal(
+                event="introspection.refused",
+                error="invalid_request",
+                actor=f"rs:{rs.client_id}",
+                client_id=rs.client_id,
+                request=request,
+                detail={"reason": "token missing"},
+            )
             return oauth_error("invalid_request", "The token parameter is required.")
         introspect = TOKEN_INTROSPECTORS.get(_token_typ(token), session_token_introspect)
         result = introspect(token=token, resource_server=rs)
         if not result.active:
-            audit_refusal(event="introspection.inactive", error="inactive_token", actor=f"rs:{rs.client_id}",
-                          client_id=rs.client_id, request=request, detail={"reason": result.reason})
+            audit_refusal(
+                event="introspection.inactive",
+                error="inactive_token",
+                actor=f"rs:{rs.client_id}",
+                client_id=rs.client_id,
+                request=request,
+                detail={"reason": result.reason},
+            )
         return JsonResponse(result.as_response(), headers=NO_STORE)

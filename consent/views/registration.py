@@ -51,10 +51,18 @@ def _check_policy(request: HttpRequest) -> None:
         header = request.META.get("HTTP_AUTHORIZATION", "")
         scheme, _, token = header.partition(" ")
         presented = token.strip().encode()
-        if scheme.lower() == "bearer" and presented and any(
-                hmac.compare_digest(presented, str(t).encode()) for t in countersign_settings.REGISTRATION_ACCESS_TOKENS):
+        if (
+            scheme.lower() == "bearer"
+            and presented
+            and any(
+                hmac.compare_digest(presented, str(t).encode())
+                for t in countersign_settings.REGISTRATION_ACCESS_TOKENS
+            )
+        ):
             return
-        raise InvalidToken("An initial access token is required to register.", reason="initial access token wrong")
+        raise InvalidToken(
+            "An initial access token is required to register.", reason="initial access token wrong"
+        )
     raise RegistrationOff("Dynamic client registration is not offered here.", reason="registration is off")
 
 
@@ -66,26 +74,47 @@ def _metadata(request: HttpRequest) -> object:
         check(body, max_bytes=MAX_BODY, what="client metadata")
         raw = json.loads(body)
     except (JSONTooLarge, JSONTooDeep, ValueError) as exc:
-        raise InvalidClientMetadata("The body must be a JSON object within bounds.", reason=str(exc)[:100]) from exc
+        raise InvalidClientMetadata(
+            "The body must be a JSON object within bounds.", reason=str(exc)[:100]
+        ) from exc
     return raw
 
 
 @csrf_exempt
 def registration_view(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
-        return JsonResponse({"error": "invalid_request", "error_description": "POST only."}, status=405,
-                            headers={"Allow": "POST"})
+        return JsonResponse(
+            {"error": "invalid_request", "error_description": "POST only."},
+            status=405,
+            headers={"Allow": "POST"},
+        )
     try:
         _check_policy(request)
         metadata = parse(_metadata(request), secrets_allowed=True)
-        agent, secret = agent_register(metadata=metadata, source=client_ip(request) or "unknown", request=request)
+        agent, secret = agent_register(
+            metadata=metadata, source=client_ip(request) or "unknown", request=request
+        )
     except OAuthError as exc:
-        audit_refusal(event="registration.refused", error=exc.error, actor="", request=request,
-                      detail={"reason": exc.reason or exc.description})
-        headers = {"WWW-Authenticate": 'Bearer realm="countersign", error="invalid_token"'} if isinstance(exc, InvalidToken) else None
+        audit_refusal(
+            event="registration.refused",
+            error=exc.error,
+            actor="",
+            request=request,
+            detail={"reason": exc.reason or exc.description},
+        )
+        headers = (
+            {"WWW-Authenticate": 'Bearer realm="countersign", error="invalid_token"'}
+            if isinstance(exc, InvalidToken)
+            else None
+        )
         return error_response(exc, headers=headers)
-    body = {**metadata.document, "client_id": agent.client_id, "client_id_issued_at": int(agent.created.timestamp()),
-            "client_name": agent.name, "scope": " ".join(agent.allowed_scopes)}
+    body = {
+        **metadata.document,
+        "client_id": agent.client_id,
+        "client_id_issued_at": int(agent.created.timestamp()),
+        "client_name": agent.name,
+        "scope": " ".join(agent.allowed_scopes),
+    }
     if secret:
         body.update(client_secret=secret, client_secret_expires_at=0)
     return JsonResponse(body, status=201, headers=NO_STORE)

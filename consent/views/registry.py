@@ -15,12 +15,16 @@ def agent_view(request: HttpRequest, client_id: str) -> HttpResponse:
     assert rs is not None  # no refusal: the resource server authenticated
     agent = Agent.objects.filter(client_id=client_id[:255]).first()
     if agent is None:
-        return JsonResponse({"error": "not_found", "error_description": "no such agent"}, status=404,
-                            headers=NO_STORE)
+        return JsonResponse(
+            {"error": "not_found", "error_description": "no such agent"}, status=404, headers=NO_STORE
+        )
     # Suspension must be visible at once: no caching here (the signed document is the cacheable form).
     return JsonResponse(agent_entry(agent), headers=NO_STORE)
 
 
 def registry_document_view(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(registry_document(), content_type="application/jwt",
-                        headers={"Cache-Control": f"public, max-age={REGISTRY_DOCUMENT_TTL // 2}"})
+    return HttpResponse(
+        registry_document(),
+        content_type="application/jwt",
+        headers={"Cache-Control": f"public, max-age={REGISTRY_DOCUMENT_TTL // 2}"},
+    )

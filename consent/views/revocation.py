@@ -24,11 +24,16 @@ from .token import form_params
 
 def revoke(*, token: str, hint: str, agent: Agent) -> None:
     """§2.1: find the token among the agent's own, in the hinted table first; revoke its grant."""
-    kinds: list[type[AccessToken] | type[RefreshToken]] = [RefreshToken, AccessToken] if hint == "refresh_token" else [AccessToken, RefreshToken]
+    kinds: list[type[AccessToken] | type[RefreshToken]] = (
+        [RefreshToken, AccessToken] if hint == "refresh_token" else [AccessToken, RefreshToken]
+    )
     checksum = token_checksum(token)
     for model in kinds:
-        grant_id = model.objects.filter(token_checksum=checksum, application=agent).values_list(
-            "session_grant_id", flat=True).first()
+        grant_id = (
+            model.objects.filter(token_checksum=checksum, application=agent)
+            .values_list("session_grant_id", flat=True)
+            .first()
+        )
         if grant_id is not None:
             grant_revoke(grant_id=grant_id, reason="revoked_by_agent", actor=agent.actor_id)
             return
@@ -48,7 +53,13 @@ def revocation_view(request: HttpRequest) -> HttpResponse:
         agent = authenticate_request(credentials, endpoint_url=f"{countersign_settings.ISSUER}/o/revoke/")
         revoke(token=params["token"], hint=params.get("token_type_hint", ""), agent=agent)
     except OAuthError as exc:
-        audit_refusal(event="revocation.refused", error=exc.error, actor="", client_id=claimed_client_id(request),
-                      request=request, detail={"reason": exc.reason})
+        audit_refusal(
+            event="revocation.refused",
+            error=exc.error,
+            actor="",
+            client_id=claimed_client_id(request),
+            request=request,
+            detail={"reason": exc.reason},
+        )
         return error_response(exc)
     return HttpResponse(status=200, headers=NO_STORE)

@@ -10,14 +10,21 @@ from ..models import ResourceServer
 from ..selectors import resource_server_authenticate
 
 
-def resource_server_or_refusal(request: HttpRequest, *, event: str,
-                               cached: bool = False) -> tuple[ResourceServer | None, HttpResponse | None]:
+def resource_server_or_refusal(
+    request: HttpRequest, *, event: str, cached: bool = False
+) -> tuple[ResourceServer | None, HttpResponse | None]:
     """The authenticated resource server, or the audited 401 to send instead (``cached``: see
     ``resource_server_authenticate``)."""
     creds = client_credentials(request)
     rs = resource_server_authenticate(client_id=creds[0], secret=creds[1], cached=cached) if creds else None
     if rs is not None:
         return rs, None
-    audit_refusal(event=event, error="invalid_client", actor="", client_id=claimed_client_id(request),
-                  request=request, detail={"reason": "resource-server authentication failed"})
+    audit_refusal(
+        event=event,
+        error="invalid_client",
+        actor="",
+        client_id=claimed_client_id(request),
+        request=request,
+        detail={"reason": "resource-server authentication failed"},
+    )
     return None, error_response(InvalidClient("Resource-server authentication failed."))

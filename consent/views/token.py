@@ -101,7 +101,13 @@ def token_view(request: HttpRequest) -> HttpResponse:
         body = grant(token_request)
     except OAuthError as exc:
         if not exc.audited and exc.error not in NOT_AUDITED:
-            audit_refusal(event="token.refused", error=exc.error, actor="", client_id=claimed_client_id(request),
-                          request=request, detail={"reason": exc.reason, "grant_type": params.get("grant_type", "")})
+            audit_refusal(
+                event="token.refused",
+                error=exc.error,
+                actor="",
+                client_id=claimed_client_id(request),
+                request=request,
+                detail={"reason": exc.reason, "grant_type": params.get("grant_type", "")},
+            )
         return error_response(exc, headers=dpop_headers())
     return JsonResponse(body, headers={**NO_STORE, **dpop_headers()})

@@ -43,7 +43,13 @@ def usage_view(request: HttpRequest) -> HttpResponse:
             raise InvalidRequest("the body must be a JSON object with a uses array")
         result = grant_uses_record(resource_server=rs, uses=body.get("uses"))
     except OAuthError as exc:
-        audit_refusal(event="usage.refused", error=exc.error, actor=f"rs:{rs.client_id}", client_id=rs.client_id,
-                      request=request, detail={"reason": exc.reason[:200]})
+        audit_refusal(
+            event="usage.refused",
+            error=exc.error,
+            actor=f"rs:{rs.client_id}",
+            client_id=rs.client_id,
+            request=request,
+            detail={"reason": exc.reason[:200]},
+        )
         return error_response(exc)
     return JsonResponse({"accepted": result.accepted, "duplicates": result.duplicates}, headers=NO_STORE)

@@ -35,13 +35,34 @@ from countersign.asgi import CountersignMiddleware
 from countersign.mcp import StepUp, approved_call
 
 CATALOG = [
-    {"sku": "ACME-CHAIR-01", "vendor": "Acme Office Supply", "item": "Ergonomic chair", "price": "170.00",
-     "currency": "USD"},
-    {"sku": "ACME-DESK-02", "vendor": "Acme Office Supply", "item": "Standing desk", "price": "540.00",
-     "currency": "USD"},
-    {"sku": "NORD-LAMP-07", "vendor": "Nordlicht GmbH", "item": "Desk lamp", "price": "45.00", "currency": "EUR"},
-    {"sku": "NORD-SCRN-11", "vendor": "Nordlicht GmbH", "item": "27-inch monitor", "price": "310.00",
-     "currency": "EUR"},
+    {
+        "sku": "ACME-CHAIR-01",
+        "vendor": "Acme Office Supply",
+        "item": "Ergonomic chair",
+        "price": "170.00",
+        "currency": "USD",
+    },
+    {
+        "sku": "ACME-DESK-02",
+        "vendor": "Acme Office Supply",
+        "item": "Standing desk",
+        "price": "540.00",
+        "currency": "USD",
+    },
+    {
+        "sku": "NORD-LAMP-07",
+        "vendor": "Nordlicht GmbH",
+        "item": "Desk lamp",
+        "price": "45.00",
+        "currency": "EUR",
+    },
+    {
+        "sku": "NORD-SCRN-11",
+        "vendor": "Nordlicht GmbH",
+        "item": "27-inch monitor",
+        "price": "310.00",
+        "currency": "EUR",
+    },
 ]
 
 
@@ -77,7 +98,8 @@ def server_config(config: dict[str, Any], port: int) -> tuple[dict[str, Any], li
         raise ConfigError(f"no resource server with the audience {audience} (seed_demo --mcp-port {port})")
     scopes = [s for s in config.get("scopes", []) if s.get("audience") == audience]
     if not any(s.get("sensitivity") == "standard" for s in scopes) or not any(
-            s.get("sensitivity") == "step_up" for s in scopes):
+        s.get("sensitivity") == "step_up" for s in scopes
+    ):
         raise ConfigError(f"{audience} needs a standard and a step-up scope")
     return server, scopes
 
@@ -88,10 +110,15 @@ def build(config: dict[str, Any], *, port: int, issuer: str, ledger: Ledger | No
     audience = server["audience"]
     standard = [s["name"] for s in scopes if s["sensitivity"] == "standard"]
     step_up_scope = next(s["name"] for s in scopes if s["sensitivity"] == "step_up")
-    verifier = TokenVerifier(issuer, audience=audience, client_id=server["client_id"],
-                             client_secret=server["client_secret"], scopes_supported=[s["name"] for s in scopes],
-                             resource_name="Countersign demo shop",
-                             http=httpx.Client(timeout=10.0, trust_env=False, follow_redirects=False))
+    verifier = TokenVerifier(
+        issuer,
+        audience=audience,
+        client_id=server["client_id"],
+        client_secret=server["client_secret"],
+        scopes_supported=[s["name"] for s in scopes],
+        resource_name="Countersign demo shop",
+        http=httpx.Client(timeout=10.0, trust_env=False, follow_redirects=False),
+    )
     ledger = ledger or Ledger()
     mcp = FastMCP("Countersign demo shop", host="127.0.0.1", port=port, streamable_http_path="/mcp")
     step_up = StepUp(verifier)
@@ -111,13 +138,20 @@ def build(config: dict[str, Any], *, port: int, issuer: str, ledger: Ledger | No
         assert verified is not None  # set by @step_up once the approval was redeemed
         record = ledger.append(
             {"amount": amount, "currency": currency, "vendor": vendor, "purchase_order": purchase_order},
-            approval={"approval_id": verified.claims.get("approval_id"), "user": verified.subject,
-                      "agent": verified.actor})
-        return (f"Ledger receipt {record['entry_id']}: {amount} {currency} to {vendor} for {purchase_order}, "
-                f"approved by {verified.subject} (approval {record['approval_id']}).")
+            approval={
+                "approval_id": verified.claims.get("approval_id"),
+                "user": verified.subject,
+                "agent": verified.actor,
+            },
+        )
+        return (
+            f"Ledger receipt {record['entry_id']}: {amount} {currency} to {vendor} for {purchase_order}, "
+            f"approved by {verified.subject} (approval {record['approval_id']})."
+        )
 
-    return CountersignMiddleware(mcp.streamable_http_app(), verifier, required_scopes=standard,
-                                 public_url=f"http://127.0.0.1:{port}")
+    return CountersignMiddleware(
+        mcp.streamable_http_app(), verifier, required_scopes=standard, public_url=f"http://127.0.0.1:{port}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = json.loads(Path(args.config).read_text())
         issuer = os.environ.get("COUNTERSIGN_ISSUER") or config["issuer"]
-        app = build(config, port=args.port, issuer=issuer, ledger=Ledger(Path(args.ledger) if args.ledger else None))
+        app = build(
+            config, port=args.port, issuer=issuer, ledger=Ledger(Path(args.ledger) if args.ledger else None)
+        )
     except (OSError, ValueError, KeyError, ConfigError) as exc:
         raise SystemExit(f"examples.mcp.server: {exc}") from exc
     print(f"MCP server http://127.0.0.1:{args.port}/mcp (tokens from {issuer})", flush=True)

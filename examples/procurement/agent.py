@@ -81,7 +81,9 @@ class CallbackServer:
     def __init__(self, redirect_uri: str, *, state: str, issuer: str) -> None:
         parts = urlsplit(redirect_uri)
         if parts.scheme != "http" or not demo_config.is_loopback(redirect_uri) or parts.port is None:
-            raise demo_config.ConfigError(f"the redirect URI must be http://127.0.0.1:PORT/..., not {redirect_uri}")
+            raise demo_config.ConfigError(
+                f"the redirect URI must be http://127.0.0.1:PORT/..., not {redirect_uri}"
+            )
         self.path = parts.path or "/"
         self.state = state
         self.inbox = f"{issuer.rstrip('/')}/approvals/"
@@ -101,35 +103,53 @@ class CallbackServer:
                     return
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if params.get("state") != outer.state:
-                    self._page(400, "Unexpected answer",
-                               "<p>This answer does not belong to the agent's current request (state differs); "
-                               "it was ignored.</p>")
+                    self._page(
+                        400,
+                        "Unexpected answer",
+                        "<p>This answer does not belong to the agent's current request (state differs); "
+                        "it was ignored.</p>",
+                    )
                     return
                 if outer._done.is_set():
-                    self._page(200, "Already connected", f'<p>The agent already has its answer. '
-                               f'<a href="{html.escape(outer.inbox)}">Open your approvals inbox</a>.</p>')
+                    self._page(
+                        200,
+                        "Already connected",
+                        f"<p>The agent already has its answer. "
+                        f'<a href="{html.escape(outer.inbox)}">Open your approvals inbox</a>.</p>',
+                    )
                     return
                 outer._done.set()
                 outer.results.put(params)
                 if "code" in params:
-                    self._page(200, "Procurement Agent connected",
-                               "<p>The agent is connected and runs steps 1 to 4 now. Step 5, the ledger "
-                               "write, will wait for <strong>your approval</strong> in your inbox.</p>"
-                               f'<p><a href="{html.escape(outer.inbox)}">Open your approvals inbox</a> '
-                               "(this page takes you there in a moment).</p>",
-                               refresh=outer.inbox)
+                    self._page(
+                        200,
+                        "Procurement Agent connected",
+                        "<p>The agent is connected and runs steps 1 to 4 now. Step 5, the ledger "
+                        "write, will wait for <strong>your approval</strong> in your inbox.</p>"
+                        f'<p><a href="{html.escape(outer.inbox)}">Open your approvals inbox</a> '
+                        "(this page takes you there in a moment).</p>",
+                        refresh=outer.inbox,
+                    )
                 else:
                     error = params.get("error", "no code")
-                    self._page(200, "Not connected", f"<p>The agent was not allowed ({html.escape(error)}). "
-                               "Nothing was done. You can close this tab.</p>")
+                    self._page(
+                        200,
+                        "Not connected",
+                        f"<p>The agent was not allowed ({html.escape(error)}). "
+                        "Nothing was done. You can close this tab.</p>",
+                    )
 
             def _page(self, status: int, title: str, body: str, refresh: str | None = None) -> None:
-                meta = f'<meta http-equiv="refresh" content="2;url={html.escape(refresh)}">' if refresh else ""
-                page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
-                        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                        f"<title>{html.escape(title)}</title></head>"
-                        f'<body style="font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;'
-                        f'padding:0 1rem"><h1>{html.escape(title)}</h1>{body}</body></html>').encode()
+                meta = (
+                    f'<meta http-equiv="refresh" content="2;url={html.escape(refresh)}">' if refresh else ""
+                )
+                page = (
+                    f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
+                    f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                    f"<title>{html.escape(title)}</title></head>"
+                    f'<body style="font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;'
+                    f'padding:0 1rem"><h1>{html.escape(title)}</h1>{body}</body></html>'
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(page)))
@@ -144,8 +164,9 @@ class CallbackServer:
         try:
             self.httpd = ThreadingHTTPServer((parts.hostname or "127.0.0.1", parts.port), Handler)
         except OSError as exc:
-            raise demo_config.ConfigError(f"cannot listen on {parts.hostname}:{parts.port} for the callback: "
-                                          f"{exc.strerror}") from exc
+            raise demo_config.ConfigError(
+                f"cannot listen on {parts.hostname}:{parts.port} for the callback: {exc.strerror}"
+            ) from exc
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="agent-callback", daemon=True)
 
@@ -170,8 +191,9 @@ class CallbackServer:
 class Steps:
     """Calls the systems with a fresh session token each time (the client re-mints before expiry)."""
 
-    def __init__(self, agent: AgentClient, http: httpx.Client, systems: dict[str, demo_config.SystemConfig],
-                 say: Say) -> None:
+    def __init__(
+        self, agent: AgentClient, http: httpx.Client, systems: dict[str, demo_config.SystemConfig], say: Say
+    ) -> None:
         self.agent, self.http, self.systems, self.say = agent, http, systems, say
         self.started = time.monotonic()
         self.reported: set[str] = set()
@@ -180,8 +202,15 @@ class Steps:
         elapsed = int(time.monotonic() - self.started)
         self.say(f"\n[{n}/5 · {elapsed // 60:02d}:{elapsed % 60:02d}] {title}")
 
-    def call(self, system: str, method: str, path: str, *, params: dict[str, str] | None = None,
-             json: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        system: str,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         s = self.systems[system]
         url = s.url(path)
         headers = self.agent.headers_for(method, url)
@@ -189,13 +218,17 @@ class Steps:
         body = _body(response)
         if response.status_code >= 400:
             challenge = response.headers.get("www-authenticate", "")
-            raise StepFailed(f"{s.title} answered {response.status_code}: {body.get('error', '')} "
-                             f"{body.get('error_description', '')} {challenge}".rstrip())
+            raise StepFailed(
+                f"{s.title} answered {response.status_code}: {body.get('error', '')} "
+                f"{body.get('error_description', '')} {challenge}".rstrip()
+            )
         checked = body.get("checked") or {}
         if checked and system not in self.reported:
             self.reported.add(system)
-            self.say(f"      {s.title} checked both principals: {checked.get('user')} (the user) and "
-                     f"{checked.get('agent')} (this agent)")
+            self.say(
+                f"      {s.title} checked both principals: {checked.get('user')} (the user) and "
+                f"{checked.get('agent')} (this agent)"
+            )
         return body
 
 
@@ -207,10 +240,20 @@ def _body(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"value": body}
 
 
-def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, query: str = "standing desk converter",
-        quantity: int = 25, open_command: str | None = None, on_consent_url: Callable[[str], None] | None = None,
-        consent_timeout: float = 900, approval_timeout: float = 660, show_replay: bool = True,
-        end_session: bool = True) -> RunResult:
+def run(
+    config: dict[str, Any],
+    *,
+    say: Say = print,
+    issuer: str | None = None,
+    query: str = "standing desk converter",
+    quantity: int = 25,
+    open_command: str | None = None,
+    on_consent_url: Callable[[str], None] | None = None,
+    consent_timeout: float = 900,
+    approval_timeout: float = 660,
+    show_replay: bool = True,
+    end_session: bool = True,
+) -> RunResult:
     """The whole procurement run. Raises :class:`StepFailed`, :class:`countersign.AgentError`
     (e.g. :class:`ApprovalDenied`) or :class:`TimeoutError`; nothing is written after a failure."""
     issuer = issuer or config["issuer"]
@@ -222,14 +265,18 @@ def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, 
     inbox, activity = f"{issuer.rstrip('/')}/approvals/", f"{issuer.rstrip('/')}/activity/"
 
     http = httpx.Client(timeout=15.0, trust_env=not demo_config.is_loopback(issuer), follow_redirects=False)
-    agent = AgentClient(issuer, me["client_id"], client_secret=me["client_secret"], redirect_uri=redirect_uri,
-                        http=http)
+    agent = AgentClient(
+        issuer, me["client_id"], client_secret=me["client_secret"], redirect_uri=redirect_uri, http=http
+    )
     try:
         say(f"{me['name']} (client_id {me['client_id']}) — authorization server {issuer}")
         url, state, verifier = agent.authorization_url(scopes)
         with CallbackServer(redirect_uri, state=state, issuer=issuer) as callback:
-            login = (f" as {officer['username']} (password {officer['password']})"
-                     if officer and not str(officer.get("password", "")).startswith("(") else "")
+            login = (
+                f" as {officer['username']} (password {officer['password']})"
+                if officer and not str(officer.get("password", "")).startswith("(")
+                else ""
+            )
             say("\nConsent: open this link, sign in" + login + ", and click Allow:")
             say(f"  {url}")
             say(f"Waiting for the answer on {redirect_uri} ...")
@@ -237,18 +284,27 @@ def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, 
                 on_consent_url(url)
             if open_command:
                 try:
-                    subprocess.Popen([*shlex.split(open_command), url], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                    subprocess.Popen(
+                        [*shlex.split(open_command), url],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 except OSError as exc:
                     say(f"  (could not run {open_command}: {exc.strerror}; open the link yourself)")
             answer = callback.wait(consent_timeout)
         if "code" not in answer:
-            raise StepFailed(f"consent refused: {answer.get('error', 'no code')} "
-                             f"{answer.get('error_description', '')}".rstrip())
+            raise StepFailed(
+                f"consent refused: {answer.get('error', 'no code')} "
+                f"{answer.get('error_description', '')}".rstrip()
+            )
         tokens = agent.exchange_code(answer["code"], verifier)
-        say(f"\nConnected. Session token for {' '.join(sorted(tokens.scope))}; "
+        say(
+            f"\nConnected. Session token for {' '.join(sorted(tokens.scope))}; "
             f"valid {int(tokens.expires_in)} s, re-minted automatically "
-            f"({'refresh token, rotated on use' if tokens.refresh_token else 'no refresh token'}).")
+            f"({'refresh token, rotated on use' if tokens.refresh_token else 'no refresh token'})."
+        )
         say("ledger:write is not in it: step 5 will ask you, for that one entry.")
 
         steps = Steps(agent, http, systems, say)
@@ -257,15 +313,19 @@ def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, 
         steps.header(1, f'Vendor catalog: search "{query}" ({quantity} needed)')
         results = steps.call("catalog", "GET", "/items", params={"q": query})["results"]
         for o in results:
-            say(f"      {o['vendor']:<28} {o['sku']:<12} {o['unit_price']:>8} {o['currency']}  "
-                f"{o['in_stock']:>4} in stock")
+            say(
+                f"      {o['vendor']:<28} {o['sku']:<12} {o['unit_price']:>8} {o['currency']}  "
+                f"{o['in_stock']:>4} in stock"
+            )
         offers = [o for o in results if o["in_stock"] >= quantity]
         if not offers:
             raise StepFailed(f"no vendor has {quantity} in stock")
         best = min(offers, key=lambda o: Decimal(o["unit_price"]))
         total = str((Decimal(best["unit_price"]) * quantity).quantize(Decimal("0.01")))
-        say(f"      -> {best['vendor']}: {quantity} x {best['unit_price']} = {total} {best['currency']} "
-            f"(cheapest with enough stock)")
+        say(
+            f"      -> {best['vendor']}: {quantity} x {best['unit_price']} = {total} {best['currency']} "
+            f"(cheapest with enough stock)"
+        )
 
         # 2. the budget
         steps.header(2, f"Budget: funds for {total} {best['currency']} ({best['category']})")
@@ -274,57 +334,104 @@ def run(config: dict[str, Any], *, say: Say = print, issuer: str | None = None, 
             raise StepFailed(f"no budget line for {best['category']}")
         line = lines[0]
         check = steps.call("budget", "GET", f"/lines/{line['code']}/check", params={"amount": total})
-        say(f"      {line['code']} ({line['name']}): {check['remaining']} remaining, "
-            f"{check['remaining_after']} after this order")
+        say(
+            f"      {line['code']} ({line['name']}): {check['remaining']} remaining, "
+            f"{check['remaining_after']} after this order"
+        )
         if not check["sufficient"]:
             raise StepFailed(f"budget line {line['code']} has only {check['remaining']} left")
 
         # 3. the draft
         steps.header(3, "Procurement drafting: draft the purchase order")
-        draft = steps.call("drafting", "POST", "/drafts", json={
-            "vendor_id": best["vendor_id"], "budget_line": line["code"],
-            "lines": [{"sku": best["sku"], "quantity": quantity, "unit_price": best["unit_price"]}],
-            "justification": f"{quantity} x {best['name']}"})["draft"]
+        draft = steps.call(
+            "drafting",
+            "POST",
+            "/drafts",
+            json={
+                "vendor_id": best["vendor_id"],
+                "budget_line": line["code"],
+                "lines": [{"sku": best["sku"], "quantity": quantity, "unit_price": best["unit_price"]}],
+                "justification": f"{quantity} x {best['name']}",
+            },
+        )["draft"]
         po = draft["purchase_order"]
-        say(f"      {po}: {draft['vendor']}, total {draft['total']} {draft['currency']} (status {draft['status']})")
+        say(
+            f"      {po}: {draft['vendor']}, total {draft['total']} {draft['currency']} (status {draft['status']})"
+        )
 
         # 4. the routing
         steps.header(4, f"Approval routing: route {po}")
-        decision = steps.call("routing", "POST", "/routes", json={
-            "purchase_order": po, "amount": draft["total"], "currency": draft["currency"],
-            "budget_line": line["code"], "vendor": draft["vendor"]})["decision"]
-        say(f"      {decision['route_id']}: {decision['route']} route ({decision['rule']}) -> "
-            f"{', '.join(decision['approvers'])}")
+        decision = steps.call(
+            "routing",
+            "POST",
+            "/routes",
+            json={
+                "purchase_order": po,
+                "amount": draft["total"],
+                "currency": draft["currency"],
+                "budget_line": line["code"],
+                "vendor": draft["vendor"],
+            },
+        )["decision"]
+        say(
+            f"      {decision['route_id']}: {decision['route']} route ({decision['rule']}) -> "
+            f"{', '.join(decision['approvers'])}"
+        )
 
         # 5. the ledger: step-up
         steps.header(5, f"Financial ledger: record {po} — needs your approval")
-        entry = {"type": "ledger_entry", "actions": ["append"], "purchase_order": po, "vendor": draft["vendor"],
-                 "amount": draft["total"], "currency": draft["currency"]}
-        say(f"      Asking you to approve: append {entry['amount']} {entry['currency']} to {entry['vendor']} "
-            f"({po})")
+        entry = {
+            "type": "ledger_entry",
+            "actions": ["append"],
+            "purchase_order": po,
+            "vendor": draft["vendor"],
+            "amount": draft["total"],
+            "currency": draft["currency"],
+        }
+        say(
+            f"      Asking you to approve: append {entry['amount']} {entry['currency']} to {entry['vendor']} "
+            f"({po})"
+        )
         say(f"      Approve or deny it in your inbox: {inbox}")
-        action = agent.request_approval("ledger:write", [entry], binding_message=f"Step 5 of 5: record {po}",
-                                        timeout=approval_timeout)
+        action = agent.request_approval(
+            "ledger:write", [entry], binding_message=f"Step 5 of 5: record {po}", timeout=approval_timeout
+        )
         say(f"      Approved. One-shot action token for exactly this entry, valid {action.expires_in} s.")
         ledger_url = systems["ledger"].url("/entries")
-        response = http.post(ledger_url, json=entry,
-                             headers=agent.auth_headers("POST", ledger_url, token=action))
+        response = http.post(
+            ledger_url, json=entry, headers=agent.auth_headers("POST", ledger_url, token=action)
+        )
         body = _body(response)
         if response.status_code != 201:
-            raise StepFailed(f"the ledger answered {response.status_code}: {body.get('error', '')} "
-                             f"{body.get('error_description', '')}".rstrip())
+            raise StepFailed(
+                f"the ledger answered {response.status_code}: {body.get('error', '')} "
+                f"{body.get('error_description', '')}".rstrip()
+            )
         recorded = body["recorded"]
-        say(f"      Ledger answered {response.status_code}: entry #{recorded['seq']} recorded "
+        say(
+            f"      Ledger answered {response.status_code}: entry #{recorded['seq']} recorded "
             f"{recorded['recorded_at']} for {recorded['user']} by {recorded['agent']} (approval "
-            f"{recorded['approval_id']})")
-        result = RunResult(purchase_order=po, vendor=entry["vendor"], amount=entry["amount"], entry=entry,
-                           action_token=action, ledger_status=response.status_code, ledger_body=body)
+            f"{recorded['approval_id']})"
+        )
+        result = RunResult(
+            purchase_order=po,
+            vendor=entry["vendor"],
+            amount=entry["amount"],
+            entry=entry,
+            action_token=action,
+            ledger_status=response.status_code,
+            ledger_body=body,
+        )
 
         if show_replay:
-            replay = http.post(ledger_url, json=entry, headers=agent.auth_headers("POST", ledger_url, token=action))
+            replay = http.post(
+                ledger_url, json=entry, headers=agent.auth_headers("POST", ledger_url, token=action)
+            )
             result.replay_status, result.replay_body = replay.status_code, _body(replay)
-            say(f"      Sending the same action token again: the ledger refuses it ({replay.status_code} "
-                f"{result.replay_body.get('error', '')}: {result.replay_body.get('error_description', '')})")
+            say(
+                f"      Sending the same action token again: the ledger refuses it ({replay.status_code} "
+                f"{result.replay_body.get('error', '')}: {result.replay_body.get('error_description', '')})"
+            )
 
         if end_session:
             agent.end_session()  # a finished run keeps no access: the grant ends now, not in an hour
@@ -346,14 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consent-timeout", type=float, default=900, help="seconds to wait for consent")
     parser.add_argument("--approval-timeout", type=float, default=660, help="seconds to wait for step 5")
     parser.add_argument("--no-replay", action="store_true", help="do not show the refused second use")
-    parser.add_argument("--keep-session", action="store_true",
-                        help="leave the session grant live when done (by default the agent ends it)")
+    parser.add_argument(
+        "--keep-session",
+        action="store_true",
+        help="leave the session grant live when done (by default the agent ends it)",
+    )
     args = parser.parse_args(argv)
     try:
         config = demo_config.load(args.config)
-        run(config, issuer=args.issuer, query=args.query, quantity=args.quantity, open_command=args.open_command,
-            consent_timeout=args.consent_timeout, approval_timeout=args.approval_timeout,
-            show_replay=not args.no_replay, end_session=not args.keep_session, say=lambda line: print(line, flush=True))
+        run(
+            config,
+            issuer=args.issuer,
+            query=args.query,
+            quantity=args.quantity,
+            open_command=args.open_command,
+            consent_timeout=args.consent_timeout,
+            approval_timeout=args.approval_timeout,
+            show_replay=not args.no_replay,
+            end_session=not args.keep_session,
+            say=lambda line: print(line, flush=True),
+        )
     except ApprovalDenied:
         print("\nYou denied step 5: nothing was written to the ledger.", flush=True)
         return 2

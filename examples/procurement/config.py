@@ -77,7 +77,9 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such file (make it with: manage.py seed_demo --json > {path})") from exc
+        raise ConfigError(
+            f"{path}: no such file (make it with: manage.py seed_demo --json > {path})"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not JSON ({exc})") from exc
     if not isinstance(config, dict) or not isinstance(config.get("issuer"), str):
@@ -101,11 +103,19 @@ def systems(config: dict[str, Any]) -> dict[str, SystemConfig]:
         if not is_loopback(audience) or urlsplit(audience).scheme != "http":
             raise ConfigError(f"{scope}: the demo serves loopback http:// audiences only, not {audience}")
         if not server.get("client_secret"):
-            raise ConfigError(f"{server.get('name')}: no secret in the configuration (seed_demo shows a secret "
-                              f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)")
-        found[key] = SystemConfig(key=key, scope=scope, title=title, audience=audience,
-                                  client_id=server["client_id"], client_secret=server["client_secret"],
-                                  sensitivity=str(policy.get("sensitivity") or "standard"))
+            raise ConfigError(
+                f"{server.get('name')}: no secret in the configuration (seed_demo shows a secret "
+                f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)"
+            )
+        found[key] = SystemConfig(
+            key=key,
+            scope=scope,
+            title=title,
+            audience=audience,
+            client_id=server["client_id"],
+            client_secret=server["client_secret"],
+            sensitivity=str(policy.get("sensitivity") or "standard"),
+        )
     ports = [s.port for s in found.values()]
     if len(set(ports)) != len(ports):
         raise ConfigError(f"two systems share a port: {ports}")
@@ -122,6 +132,8 @@ def agent(config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     if not chosen.get("redirect_uris"):
         raise ConfigError(f"agent {chosen.get('name')} has no redirect URI")
     if not chosen.get("client_secret"):
-        raise ConfigError(f"agent {chosen.get('name')}: no secret in the configuration (seed_demo shows a secret "
-                          f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)")
+        raise ConfigError(
+            f"agent {chosen.get('name')}: no secret in the configuration (seed_demo shows a secret "
+            f"only when it issues one; make a fresh file with seed_demo --rotate-secrets --json)"
+        )
     return chosen

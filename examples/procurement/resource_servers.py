@@ -139,7 +139,11 @@ Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
 
 async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
     payload = json.dumps(body, indent=2).encode() + b"\n"
-    merged = {"content-type": "application/json", "content-length": str(len(payload)), "cache-control": "no-store"}
+    merged = {
+        "content-type": "application/json",
+        "content-length": str(len(payload)),
+        "cache-control": "no-store",
+    }
     merged |= {k.lower(): v for k, v in (headers or {}).items()}
     raw = [(k.encode(), v.encode("latin-1", "replace")) for k, v in merged.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -166,8 +170,13 @@ def checked_by(who: VerifiedToken | None) -> dict[str, Any] | None:
     """What the system verified, echoed to the caller: both principals of dual authentication."""
     if who is None:
         return None
-    return {"user": who.subject, "agent": who.actor, "scopes": sorted(who.scopes), "grant_id": who.grant_id,
-            "dpop_bound": who.dpop_jkt is not None}
+    return {
+        "user": who.subject,
+        "agent": who.actor,
+        "scopes": sorted(who.scopes),
+        "grant_id": who.grant_id,
+        "dpop_bound": who.dpop_jkt is not None,
+    }
 
 
 class System:
@@ -213,29 +222,92 @@ class System:
 # --- 1. vendor catalog ---------------------------------------------------------------------------
 
 VENDORS = [
-    {"id": "V-1001", "name": "Acme Office Supply", "city": "Springfield", "rating": 4.6, "lead_time_days": 5,
-     "payment_terms": "net 30", "registered_supplier": True},
-    {"id": "V-1002", "name": "Globex Workplace Solutions", "city": "Cypress Creek", "rating": 4.2,
-     "lead_time_days": 9, "payment_terms": "net 45", "registered_supplier": True},
-    {"id": "V-1003", "name": "Initech Furnishings", "city": "Austin", "rating": 3.9, "lead_time_days": 14,
-     "payment_terms": "net 30", "registered_supplier": True},
+    {
+        "id": "V-1001",
+        "name": "Acme Office Supply",
+        "city": "Springfield",
+        "rating": 4.6,
+        "lead_time_days": 5,
+        "payment_terms": "net 30",
+        "registered_supplier": True,
+    },
+    {
+        "id": "V-1002",
+        "name": "Globex Workplace Solutions",
+        "city": "Cypress Creek",
+        "rating": 4.2,
+        "lead_time_days": 9,
+        "payment_terms": "net 45",
+        "registered_supplier": True,
+    },
+    {
+        "id": "V-1003",
+        "name": "Initech Furnishings",
+        "city": "Austin",
+        "rating": 3.9,
+        "lead_time_days": 14,
+        "payment_terms": "net 30",
+        "registered_supplier": True,
+    },
 ]
 
 ITEMS = [
-    {"sku": "ACM-SDC-32", "vendor_id": "V-1001", "name": "Standing desk converter, 32 in",
-     "category": "furniture", "unit_price": "170.00", "in_stock": 140},
-    {"sku": "GLX-SDC-32", "vendor_id": "V-1002", "name": "Standing desk converter, 32 in, black",
-     "category": "furniture", "unit_price": "189.50", "in_stock": 60},
-    {"sku": "INI-SDR-32", "vendor_id": "V-1003", "name": "Standing desk converter (riser), 32 in",
-     "category": "furniture", "unit_price": "164.00", "in_stock": 12},
-    {"sku": "ACM-CHR-ERG", "vendor_id": "V-1001", "name": "Ergonomic task chair, mesh back",
-     "category": "furniture", "unit_price": "239.00", "in_stock": 48},
-    {"sku": "GLX-ARM-DUAL", "vendor_id": "V-1002", "name": "Dual monitor arm, clamp mount",
-     "category": "furniture", "unit_price": "89.90", "in_stock": 75},
-    {"sku": "ACM-PPR-A4", "vendor_id": "V-1001", "name": "Copy paper, A4, 80 g, box of 5 reams",
-     "category": "supplies", "unit_price": "24.75", "in_stock": 900},
-    {"sku": "INI-TNR-58A", "vendor_id": "V-1003", "name": "Toner cartridge, black (58A compatible)",
-     "category": "supplies", "unit_price": "61.20", "in_stock": 210},
+    {
+        "sku": "ACM-SDC-32",
+        "vendor_id": "V-1001",
+        "name": "Standing desk converter, 32 in",
+        "category": "furniture",
+        "unit_price": "170.00",
+        "in_stock": 140,
+    },
+    {
+        "sku": "GLX-SDC-32",
+        "vendor_id": "V-1002",
+        "name": "Standing desk converter, 32 in, black",
+        "category": "furniture",
+        "unit_price": "189.50",
+        "in_stock": 60,
+    },
+    {
+        "sku": "INI-SDR-32",
+        "vendor_id": "V-1003",
+        "name": "Standing desk converter (riser), 32 in",
+        "category": "furniture",
+        "unit_price": "164.00",
+        "in_stock": 12,
+    },
+    {
+        "sku": "ACM-CHR-ERG",
+        "vendor_id": "V-1001",
+        "name": "Ergonomic task chair, mesh back",
+        "category": "furniture",
+        "unit_price": "239.00",
+        "in_stock": 48,
+    },
+    {
+        "sku": "GLX-ARM-DUAL",
+        "vendor_id": "V-1002",
+        "name": "Dual monitor arm, clamp mount",
+        "category": "furniture",
+        "unit_price": "89.90",
+        "in_stock": 75,
+    },
+    {
+        "sku": "ACM-PPR-A4",
+        "vendor_id": "V-1001",
+        "name": "Copy paper, A4, 80 g, box of 5 reams",
+        "category": "supplies",
+        "unit_price": "24.75",
+        "in_stock": 900,
+    },
+    {
+        "sku": "INI-TNR-58A",
+        "vendor_id": "V-1003",
+        "name": "Toner cartridge, black (58A compatible)",
+        "category": "supplies",
+        "unit_price": "61.20",
+        "in_stock": 210,
+    },
 ]
 
 
@@ -245,7 +317,12 @@ def catalog_system() -> System:
 
     def offer(item: dict[str, Any]) -> dict[str, Any]:
         vendor = vendors[item["vendor_id"]]
-        return {**item, "currency": "USD", "vendor": vendor["name"], "lead_time_days": vendor["lead_time_days"]}
+        return {
+            **item,
+            "currency": "USD",
+            "vendor": vendor["name"],
+            "lead_time_days": vendor["lead_time_days"],
+        }
 
     async def list_vendors(request: Request) -> tuple[int, Any]:
         return 200, {"vendors": VENDORS, "checked": checked_by(request.who)}
@@ -264,9 +341,13 @@ def catalog_system() -> System:
             min_stock = int(request.query("min_stock", "0"))
         except ValueError as exc:
             raise HTTPError(400, "invalid_request", "min_stock must be an integer") from exc
-        found = [offer(i) for i in ITEMS
-                 if all(w in f"{i['name']} {i['category']}".lower() for w in words)
-                 and (not category or i["category"] == category) and i["in_stock"] >= min_stock]
+        found = [
+            offer(i)
+            for i in ITEMS
+            if all(w in f"{i['name']} {i['category']}".lower() for w in words)
+            and (not category or i["category"] == category)
+            and i["in_stock"] >= min_stock
+        ]
         found.sort(key=lambda o: Decimal(o["unit_price"]))
         return 200, {"query": request.query("q"), "results": found, "checked": checked_by(request.who)}
 
@@ -279,12 +360,30 @@ def catalog_system() -> System:
 # --- 2. budget -----------------------------------------------------------------------------------
 
 BUDGET_LINES = [
-    {"code": f"OPS-FURN-{FISCAL_YEAR}", "name": "Office furniture and equipment", "category": "furniture",
-     "allocated": "60000.00", "committed": "31200.00", "spent": "12350.00"},
-    {"code": f"OPS-SUPP-{FISCAL_YEAR}", "name": "Office supplies", "category": "supplies",
-     "allocated": "18000.00", "committed": "4100.00", "spent": "9020.00"},
-    {"code": f"IT-HW-{FISCAL_YEAR}", "name": "IT hardware", "category": "it",
-     "allocated": "120000.00", "committed": "88400.00", "spent": "27650.00"},
+    {
+        "code": f"OPS-FURN-{FISCAL_YEAR}",
+        "name": "Office furniture and equipment",
+        "category": "furniture",
+        "allocated": "60000.00",
+        "committed": "31200.00",
+        "spent": "12350.00",
+    },
+    {
+        "code": f"OPS-SUPP-{FISCAL_YEAR}",
+        "name": "Office supplies",
+        "category": "supplies",
+        "allocated": "18000.00",
+        "committed": "4100.00",
+        "spent": "9020.00",
+    },
+    {
+        "code": f"IT-HW-{FISCAL_YEAR}",
+        "name": "IT hardware",
+        "category": "it",
+        "allocated": "120000.00",
+        "committed": "88400.00",
+        "spent": "27650.00",
+    },
 ]
 
 
@@ -314,9 +413,15 @@ def budget_system() -> System:
         line = line_or_404(request.match["code"])
         amount = parse_money(request.query("amount"), "amount")
         remaining = Decimal(line["remaining"])
-        return 200, {"line": line["code"], "amount": money(amount), "currency": "USD",
-                     "remaining": line["remaining"], "sufficient": amount <= remaining,
-                     "remaining_after": money(remaining - amount), "checked": checked_by(request.who)}
+        return 200, {
+            "line": line["code"],
+            "amount": money(amount),
+            "currency": "USD",
+            "remaining": line["remaining"],
+            "sufficient": amount <= remaining,
+            "remaining_after": money(remaining - amount),
+            "checked": checked_by(request.who),
+        }
 
     system.route("GET", "/lines", list_lines)
     system.route("GET", r"/lines/(?P<code>[\w-]+)", get_line)
@@ -379,7 +484,9 @@ def drafting_system(store: DraftStore) -> System:
                 raise HTTPError(400, "invalid_request", "each line must be an object")
             item = items.get(raw.get("sku"))
             if item is None or item["vendor_id"] != vendor["id"]:
-                raise HTTPError(400, "invalid_request", f"{raw.get('sku')!r} is not an item of {vendor['name']}")
+                raise HTTPError(
+                    400, "invalid_request", f"{raw.get('sku')!r} is not an item of {vendor['name']}"
+                )
             quantity = raw.get("quantity")
             if not isinstance(quantity, int) or isinstance(quantity, bool) or not 0 < quantity <= 10_000:
                 raise HTTPError(400, "invalid_request", "quantity must be a whole number from 1 to 10000")
@@ -388,18 +495,34 @@ def drafting_system(store: DraftStore) -> System:
                 raise HTTPError(409, "price_changed", f"{item['sku']} costs {item['unit_price']} now")
             amount = unit_price * quantity
             total += amount
-            lines.append({"sku": item["sku"], "description": item["name"], "quantity": quantity,
-                          "unit_price": money(unit_price), "amount": money(amount)})
+            lines.append(
+                {
+                    "sku": item["sku"],
+                    "description": item["name"],
+                    "quantity": quantity,
+                    "unit_price": money(unit_price),
+                    "amount": money(amount),
+                }
+            )
         budget_line = data.get("budget_line")
         if not isinstance(budget_line, str) or not budget_line:
             raise HTTPError(400, "invalid_request", "budget_line is required")
         who = request.who
-        draft = store.add({
-            "status": "draft", "vendor_id": vendor["id"], "vendor": vendor["name"], "budget_line": budget_line,
-            "currency": "USD", "lines": lines, "total": money(total),
-            "justification": str(data.get("justification") or "")[:500],
-            "drafted_at": now_iso(), "drafted_for": who.subject if who else None,
-            "drafted_by": who.actor if who else None})
+        draft = store.add(
+            {
+                "status": "draft",
+                "vendor_id": vendor["id"],
+                "vendor": vendor["name"],
+                "budget_line": budget_line,
+                "currency": "USD",
+                "lines": lines,
+                "total": money(total),
+                "justification": str(data.get("justification") or "")[:500],
+                "drafted_at": now_iso(),
+                "drafted_for": who.subject if who else None,
+                "drafted_by": who.actor if who else None,
+            }
+        )
         return 201, {"draft": draft, "checked": checked_by(who)}
 
     async def get(request: Request) -> tuple[int, Any]:
@@ -442,11 +565,18 @@ def routing_system() -> System:
         who = request.who
         with lock:
             decision = {
-                "route_id": f"RT-{len(decisions) + 1:04d}", "purchase_order": po, "amount": money(amount),
-                "currency": str(data.get("currency") or "USD"), "route": "standard" if len(approvers) == 1 else
-                "escalated", "approvers": approvers, "status": "routed", "routed_at": now_iso(),
+                "route_id": f"RT-{len(decisions) + 1:04d}",
+                "purchase_order": po,
+                "amount": money(amount),
+                "currency": str(data.get("currency") or "USD"),
+                "route": "standard" if len(approvers) == 1 else "escalated",
+                "approvers": approvers,
+                "status": "routed",
+                "routed_at": now_iso(),
                 "rule": f"amount <= {limit}" if limit is not None else "amount > 50000.00",
-                "requested_for": who.subject if who else None, "requested_by": who.actor if who else None}
+                "requested_for": who.subject if who else None,
+                "requested_by": who.actor if who else None,
+            }
             decisions.append(decision)
         return 201, {"decision": decision, "checked": checked_by(who)}
 
@@ -496,12 +626,18 @@ def ledger_entry_from(data: dict[str, Any]) -> dict[str, Any]:
     extra = set(data) - LEDGER_FIELDS
     missing = LEDGER_FIELDS - set(data)
     if missing or extra:
-        raise HTTPError(400, "invalid_request", f"a ledger entry has exactly the fields {sorted(LEDGER_FIELDS)}"
-                        + (f"; missing {sorted(missing)}" if missing else "")
-                        + (f"; unknown {sorted(extra)}" if extra else ""))
+        raise HTTPError(
+            400,
+            "invalid_request",
+            f"a ledger entry has exactly the fields {sorted(LEDGER_FIELDS)}"
+            + (f"; missing {sorted(missing)}" if missing else "")
+            + (f"; unknown {sorted(extra)}" if extra else ""),
+        )
     if data["type"] != "ledger_entry" or data["actions"] != ["append"]:
         raise HTTPError(400, "invalid_request", 'type must be "ledger_entry" and actions ["append"]')
-    if not isinstance(data["purchase_order"], str) or not re.fullmatch(r"PO-\d{4}-\d{4,}", data["purchase_order"]):
+    if not isinstance(data["purchase_order"], str) or not re.fullmatch(
+        r"PO-\d{4}-\d{4,}", data["purchase_order"]
+    ):
         raise HTTPError(400, "invalid_request", "purchase_order must look like PO-2026-0142")
     if not isinstance(data["vendor"], str) or not 0 < len(data["vendor"]) <= 200:
         raise HTTPError(400, "invalid_request", "vendor must be a name")
@@ -523,16 +659,30 @@ def ledger_system(ledger: Ledger, verifier: TokenVerifier, *, public_url: str) -
             # Verifies the action token (signature, typ action+jwt, aud, exp, the user and the agent
             # against the registry, DPoP), recomputes the action hash from THIS entry, and redeems
             # the token at the server: exactly once, ever. Only then may the ledger write.
-            return verifier.verify_action(token, expected_details=[entry], required_scopes=["ledger:write"],
-                                          dpop_proof=request.header("dpop"), htm=request.method,
-                                          htu=public_url.rstrip("/") + request.path, scheme=scheme)
+            return verifier.verify_action(
+                token,
+                expected_details=[entry],
+                required_scopes=["ledger:write"],
+                dpop_proof=request.header("dpop"),
+                htm=request.method,
+                htu=public_url.rstrip("/") + request.path,
+                scheme=scheme,
+            )
 
         who = await asyncio.to_thread(verify_and_redeem)
         request.scope["countersign"] = who  # for the access log
-        record = ledger.append({
-            "recorded_at": now_iso(), "entry": entry, "approval_id": who.claims.get("approval_id"),
-            "action_hash": who.claims.get("action_hash"), "token_jti": who.claims.get("jti"),
-            "user": who.subject, "agent": who.actor, "grant_id": who.grant_id})
+        record = ledger.append(
+            {
+                "recorded_at": now_iso(),
+                "entry": entry,
+                "approval_id": who.claims.get("approval_id"),
+                "action_hash": who.claims.get("action_hash"),
+                "token_jti": who.claims.get("jti"),
+                "user": who.subject,
+                "agent": who.actor,
+                "grant_id": who.grant_id,
+            }
+        )
         return 201, {"recorded": record, "checked": checked_by(who)}
 
     async def list_entries(request: Request) -> tuple[int, Any]:
@@ -553,7 +703,9 @@ def ledger_system(ledger: Ledger, verifier: TokenVerifier, *, public_url: str) -
 class AccessLog:
     """Print one line per request: method, path, status and both principals when verified."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], name: str, quiet: bool) -> None:
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], name: str, quiet: bool
+    ) -> None:
         self.app, self.name, self.quiet = app, name, quiet
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -574,8 +726,10 @@ class AccessLog:
             who = scope.get("countersign")
             principal = f"  {who.subject} via {who.actor}" if who else ""
             ms = (time.monotonic() - started) * 1000
-            print(f"[{self.name:<8}] {scope['method']} {scope['path']} -> {status[0]}{principal} ({ms:.0f} ms)",
-                  flush=True)
+            print(
+                f"[{self.name:<8}] {scope['method']} {scope['path']} -> {status[0]}{principal} ({ms:.0f} ms)",
+                flush=True,
+            )
 
 
 class PortRouter:
@@ -597,13 +751,16 @@ class PortRouter:
         app = self.apps.get(server[1])
         if app is None:
             if scope["type"] == "http":
-                await send_json(send, 404, {"error": "not_found", "error_description": "no system on this port"})
+                await send_json(
+                    send, 404, {"error": "not_found", "error_description": "no system on this port"}
+                )
             return
         await app(scope, receive, send)
 
 
-def build(config: dict[str, Any], *, issuer: str | None = None, data_dir: Path,
-          quiet: bool = False) -> tuple[PortRouter, dict[str, demo_config.SystemConfig]]:
+def build(
+    config: dict[str, Any], *, issuer: str | None = None, data_dir: Path, quiet: bool = False
+) -> tuple[PortRouter, dict[str, demo_config.SystemConfig]]:
     """The router and the systems it serves, each with its own verifier and credentials."""
     issuer = issuer or config["issuer"]
     systems = demo_config.systems(config)
@@ -614,17 +771,26 @@ def build(config: dict[str, Any], *, issuer: str | None = None, data_dir: Path,
     def verifier(s: demo_config.SystemConfig, *, report_usage: bool = False) -> TokenVerifier:
         # report_usage: each accepted session-token use is reported back to Countersign (batched, off
         # the request path), so the officer's connection page shows what the agent did here.
-        return TokenVerifier(issuer, audience=s.audience, client_id=s.client_id, client_secret=s.client_secret,
-                             http=httpx.Client(timeout=10.0, trust_env=trust_env, follow_redirects=False),
-                             report_usage=report_usage, usage_interval=0.5)
+        return TokenVerifier(
+            issuer,
+            audience=s.audience,
+            client_id=s.client_id,
+            client_secret=s.client_secret,
+            http=httpx.Client(timeout=10.0, trust_env=trust_env, follow_redirects=False),
+            report_usage=report_usage,
+            usage_interval=0.5,
+        )
 
     apps: dict[str, System] = {
         "catalog": catalog_system(),
         "budget": budget_system(),
         "drafting": drafting_system(DraftStore(data_dir / "drafts.json")),
         "routing": routing_system(),
-        "ledger": ledger_system(Ledger(data_dir / "ledger.jsonl"), verifier(systems["ledger"]),
-                                public_url=systems["ledger"].audience),
+        "ledger": ledger_system(
+            Ledger(data_dir / "ledger.jsonl"),
+            verifier(systems["ledger"]),
+            public_url=systems["ledger"].audience,
+        ),
     }
     by_port: dict[int, Any] = {}
     for key, app in apps.items():
@@ -632,9 +798,13 @@ def build(config: dict[str, Any], *, issuer: str | None = None, data_dir: Path,
         wrapped: Any = app
         if key != "ledger":  # the ledger takes action tokens only, checked per request above
             # public_url: the DPoP htu is checked against the system's own URL, not the Host header.
-            wrapped = CountersignMiddleware(app, verifier(s, report_usage=True), required_scopes=[s.scope],
-                                            public_url=s.audience,
-                                            exempt_paths=PUBLIC_PATHS)
+            wrapped = CountersignMiddleware(
+                app,
+                verifier(s, report_usage=True),
+                required_scopes=[s.scope],
+                public_url=s.audience,
+                exempt_paths=PUBLIC_PATHS,
+            )
         by_port[s.port] = AccessLog(wrapped, key, quiet)
     return PortRouter(by_port), systems
 
@@ -646,14 +816,17 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror} (is the demo already running?)") from exc
+        raise SystemExit(
+            f"cannot listen on {host}:{port}: {exc.strerror} (is the demo already running?)"
+        ) from exc
     sock.set_inheritable(True)
     return sock
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="the JSON printed by manage.py seed_demo --json")
     parser.add_argument("--issuer", help="the authorization server's issuer (default: the config's issuer)")
     parser.add_argument("--data-dir", default="var/demo", help="where drafts.json and ledger.jsonl live")
@@ -670,8 +843,10 @@ def main(argv: list[str] | None = None) -> None:
     for s in systems.values():
         kind = "action tokens only" if s.sensitivity == "step_up" else "session token"
         print(f"  {s.title:<22} {s.audience:<24} {s.scope:<15} {kind}", flush=True)
-    print(f"  ledger entries: {systems['ledger'].url('/entries')} (file {Path(args.data_dir) / 'ledger.jsonl'})",
-          flush=True)
+    print(
+        f"  ledger entries: {systems['ledger'].url('/entries')} (file {Path(args.data_dir) / 'ledger.jsonl'})",
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(router, lifespan="on", log_level="warning", access_log=False))
     asyncio.run(server.serve(sockets=sockets))
 

@@ -7,8 +7,14 @@ from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
 from tests.conftest import PASSWORD, basic
 
-LEDGER_ENTRY = {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
-                "vendor": "Acme Office Supply", "amount": "4250.00", "currency": "USD"}
+LEDGER_ENTRY = {
+    "type": "ledger_entry",
+    "actions": ["append"],
+    "purchase_order": "PO-2026-0142",
+    "vendor": "Acme Office Supply",
+    "amount": "4250.00",
+    "currency": "USD",
+}
 
 
 class Agent:
@@ -24,17 +30,24 @@ class Agent:
         return self.session_token
 
     def ask(self, details=None, *, scope="ledger:write", auth=None, **extra):
-        data = {"scope": scope, "login_hint_token": self.session_token,
-                "authorization_details": json.dumps([details or LEDGER_ENTRY])}
+        data = {
+            "scope": scope,
+            "login_hint_token": self.session_token,
+            "authorization_details": json.dumps([details or LEDGER_ENTRY]),
+        }
         data.update(extra)
         client_id, secret = auth or (self.s.agent.client_id, self.s.agent_secret)
-        return self.flow.client.post("/o/bc-authorize/", urlencode(data),
-                                     content_type="application/x-www-form-urlencoded",
-                                     HTTP_AUTHORIZATION=basic(client_id, secret))
+        return self.flow.client.post(
+            "/o/bc-authorize/",
+            urlencode(data),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(client_id, secret),
+        )
 
     def poll(self, auth_req_id, *, auth=None):
-        return self.flow.token({"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
-                               auth=auth)
+        return self.flow.token(
+            {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id}, auth=auth
+        )
 
     def approved_token(self, client) -> str:
         """Ask for the ledger write, have the officer approve it in the inbox (signed in on ``client``),
@@ -47,9 +60,12 @@ class Agent:
 
     def redeem(self, token, *, auth=None, **extra):
         client_id, secret = auth or (self.s.ledger_client_id, self.s.ledger_secret)
-        return self.flow.client.post("/o/redeem/", urlencode({"token": token, **extra}),
-                                     content_type="application/x-www-form-urlencoded",
-                                     HTTP_AUTHORIZATION=basic(client_id, secret))
+        return self.flow.client.post(
+            "/o/redeem/",
+            urlencode({"token": token, **extra}),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(client_id, secret),
+        )
 
 
 @pytest.fixture

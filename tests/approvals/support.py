@@ -25,8 +25,15 @@ ALL_SCOPES = ["catalog:read", "budget:read", LEDGER_SCOPE]
 
 
 def ledger_entry(amount: str = "4250.00", **extra: Any) -> dict[str, Any]:
-    return {"type": "ledger_entry", "actions": ["append"], "purchase_order": "PO-2026-0142",
-            "vendor": "Acme Office Supply", "amount": amount, "currency": "USD", **extra}
+    return {
+        "type": "ledger_entry",
+        "actions": ["append"],
+        "purchase_order": "PO-2026-0142",
+        "vendor": "Acme Office Supply",
+        "amount": amount,
+        "currency": "USD",
+        **extra,
+    }
 
 
 def auth_now(amr: tuple[str, ...] = ("pwd",)) -> AuthContext:
@@ -35,20 +42,37 @@ def auth_now(amr: tuple[str, ...] = ("pwd",)) -> AuthContext:
 
 def session_grant(scenario, *, user=None, agent=None, scopes=None, lifetime: int = 3600) -> SessionGrant:
     """The consent event, as the consent screen's Allow creates it."""
-    return grant_create(user=user or scenario.user, agent=agent or scenario.agent,
-                        scopes=list(scopes or ALL_SCOPES), lifetime=lifetime, auth=auth_now(),
-                        consent_shown={"test": True})
+    return grant_create(
+        user=user or scenario.user,
+        agent=agent or scenario.agent,
+        scopes=list(scopes or ALL_SCOPES),
+        lifetime=lifetime,
+        auth=auth_now(),
+        consent_shown={"test": True},
+    )
 
 
-def backchannel_request(grant: SessionGrant, details: list[dict] | None = None, *, window: int | None = None,
-                        binding_message: str = "") -> BackchannelRequest:
+def backchannel_request(
+    grant: SessionGrant,
+    details: list[dict] | None = None,
+    *,
+    window: int | None = None,
+    binding_message: str = "",
+) -> BackchannelRequest:
     policy = ScopePolicy.objects.get(name=LEDGER_SCOPE)
     details = details if details is not None else [ledger_entry()]
     return BackchannelRequest(
-        agent=grant.agent, grant=grant, scope=policy.name, system=policy.description,
-        auto_approve_rule=policy.auto_approve_rule, authorization_details=details,
-        action_hash=rar.action_hash(details), binding_message=binding_message,
-        window_seconds=window or policy.approval_window, delivery_mode="poll", client_notification_token="",
+        agent=grant.agent,
+        grant=grant,
+        scope=policy.name,
+        system=policy.description,
+        auto_approve_rule=policy.auto_approve_rule,
+        authorization_details=details,
+        action_hash=rar.action_hash(details),
+        binding_message=binding_message,
+        window_seconds=window or policy.approval_window,
+        delivery_mode="poll",
+        client_notification_token="",
     )
 
 
@@ -93,8 +117,9 @@ class _QueuedTask:
 
 def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
     outbox = Outbox()
-    monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: outbox.sent.append(
-        (int(user_id), message)))
+    monkeypatch.setattr(
+        approval_tasks, "send_to_user", lambda user_id, message: outbox.sent.append((int(user_id), message))
+    )
     for name in ("deliver_prompt", "push_removal", "notify_agent", "expire_approval"):
         # The services queue tasks by their registered name (approvals.services._after_commit); the
         # sweeps in approvals.tasks call them by reference.

@@ -54,8 +54,13 @@ def test_request_approve_collect_redeem_once(agent, client, scenario):
     approval.refresh_from_db()
     assert approval.status == ApprovalRequest.Status.REDEEMED
     events = set(AuditEvent.objects.values_list("event", flat=True))
-    assert {"approval.requested", "approval.approved", "action_token.issued", "action_token.redeemed",
-            "redemption.refused"} <= events
+    assert {
+        "approval.requested",
+        "approval.approved",
+        "action_token.issued",
+        "action_token.redeemed",
+        "redemption.refused",
+    } <= events
 
 
 def test_deny_gives_access_denied(agent, client):

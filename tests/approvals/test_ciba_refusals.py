@@ -47,12 +47,18 @@ def _head() -> int:
 
 
 def _approval_rows() -> dict:
-    return {pk: rest for pk, *rest in ApprovalRequest.objects.values_list(
-        "pk", "status", "decided_at", "decision_method", "interval", "last_polled_at", "expires_at")}
+    return {
+        pk: rest
+        for pk, *rest in ApprovalRequest.objects.values_list(
+            "pk", "status", "decided_at", "decision_method", "interval", "last_polled_at", "expires_at"
+        )
+    }
 
 
 def _token_rows() -> dict:
-    return {jti: rest for jti, *rest in ActionToken.objects.values_list("jti", "redeemed_at", "redeemed_by_id")}
+    return {
+        jti: rest for jti, *rest in ActionToken.objects.values_list("jti", "redeemed_at", "redeemed_by_id")
+    }
 
 
 class Watch:
@@ -67,13 +73,22 @@ class Watch:
         return list(AuditEvent.objects.filter(id__gt=self.seq).order_by("id"))
 
     def new_queued(self) -> list[tuple[str, str]]:
-        return self.outbox.queued[self.queued:]
+        return self.outbox.queued[self.queued :]
 
     def new_sent(self) -> list:
-        return self.outbox.sent[self.sent:]
+        return self.outbox.sent[self.sent :]
 
-    def refused(self, response, *, status: int, error: str, event: str, ok_events=(),
-                unchanged: bool = True, reason: str = "") -> AuditEvent:
+    def refused(
+        self,
+        response,
+        *,
+        status: int,
+        error: str,
+        event: str,
+        ok_events=(),
+        unchanged: bool = True,
+        reason: str = "",
+    ) -> AuditEvent:
         """The response is the protocol error (and, when given, its stable ``reason``); one refused
         audit row; nothing else changed."""
         assert response.status_code == status, response.content[:500]
@@ -84,7 +99,9 @@ class Watch:
             assert body["reason"] == reason, body
         events = self.events()
         refused = [e for e in events if e.outcome == AuditEvent.Outcome.REFUSED]
-        assert [(e.event, e.error) for e in refused] == [(event, error)], [(e.event, e.error, e.detail) for e in events]
+        assert [(e.event, e.error) for e in refused] == [(event, error)], [
+            (e.event, e.error, e.detail) for e in events
+        ]
         assert [e.event for e in events if e.outcome == AuditEvent.Outcome.OK] == list(ok_events)
         if unchanged:
             self.assert_unchanged()
@@ -108,6 +125,7 @@ def watch(django_capture_on_commit_callbacks, outbox):
         w = Watch(outbox)
         with django_capture_on_commit_callbacks(execute=True):
             yield w
+
     return _watch
 
 
@@ -141,18 +159,30 @@ def _action_token(agent, client, details=None) -> tuple[str, ApprovalRequest]:
 
 
 def _other_agent(name="Other Agent") -> tuple[Agent, str]:
-    return agent_create(name=name, publisher="Elsewhere Inc", scopes=["catalog:read", "ledger:write"],
-                        redirect_uris=[REDIRECT_URI])
+    return agent_create(
+        name=name,
+        publisher="Elsewhere Inc",
+        scopes=["catalog:read", "ledger:write"],
+        redirect_uris=[REDIRECT_URI],
+    )
 
 
 def _session_token_for(flow, agent: Agent, secret: str, scope: str) -> str:
     """The authorization-code flow for ``agent`` (the officer consents), returning its session token."""
     flow.login()
     verifier, challenge = pkce_pair()
-    code = flow.code_from(flow.consent(flow.authorize_query(scope=scope, challenge=challenge,
-                                                            client_id=agent.client_id)))
-    response = flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                           "code_verifier": verifier}, auth=(agent.client_id, secret))
+    code = flow.code_from(
+        flow.consent(flow.authorize_query(scope=scope, challenge=challenge, client_id=agent.client_id))
+    )
+    response = flow.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        auth=(agent.client_id, secret),
+    )
     assert response.status_code == 200, response.content
     flow.client.logout()
     return response.json()["access_token"]
@@ -170,9 +200,11 @@ def _grant_of(agent) -> SessionGrant:
 
 @pytest.mark.parametrize("credentials", ["unknown client", "wrong secret", "empty secret"])
 def test_client_authentication_failure_is_invalid_client(agent, scenario, watch, credentials):
-    auth = {"unknown client": ("no-such-client", scenario.agent_secret),
-            "wrong secret": (scenario.agent.client_id, scenario.agent_secret + "x"),
-            "empty secret": (scenario.agent.client_id, "")}[credentials]
+    auth = {
+        "unknown client": ("no-such-client", scenario.agent_secret),
+        "wrong secret": (scenario.agent.client_id, scenario.agent_secret + "x"),
+        "empty secret": (scenario.agent.client_id, ""),
+    }[credentials]
     with watch() as w:
         response = agent.ask(auth=auth)
     row = w.refused(response, status=401, error="invalid_client", event=REQUEST_REFUSED)
@@ -187,13 +219,16 @@ def test_suspended_agent_fails_client_authentication(agent, scenario, watch):
     w.refused(response, status=401, error="invalid_client", event=REQUEST_REFUSED)
 
 
-@pytest.mark.parametrize("scope", [
-    "catalog:read",                  # a standard scope: rides on the session token, never stepped up
-    "ledger:write catalog:read",     # two scopes
-    "ledger:write ledger:write",     # the same scope twice is still two
-    "",                              # none
-    "nope:write",                    # no such scope
-])
+@pytest.mark.parametrize(
+    "scope",
+    [
+        "catalog:read",  # a standard scope: rides on the session token, never stepped up
+        "ledger:write catalog:read",  # two scopes
+        "ledger:write ledger:write",  # the same scope twice is still two
+        "",  # none
+        "nope:write",  # no such scope
+    ],
+)
 def test_scope_must_be_exactly_one_step_up_scope(agent, watch, scope):
     with watch() as w:
         response = agent.ask(scope=scope)
@@ -201,9 +236,14 @@ def test_scope_must_be_exactly_one_step_up_scope(agent, watch, scope):
 
 
 def test_step_up_scope_outside_the_agents_registry(agent, watch):
-    scope_set(name="payments:send", values={"audience": "http://payments.test",
-                                            "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
-                                            "authorization_details_types": ["ledger_entry"]})
+    scope_set(
+        name="payments:send",
+        values={
+            "audience": "http://payments.test",
+            "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
+            "authorization_details_types": ["ledger_entry"],
+        },
+    )
     with watch() as w:
         response = agent.ask(scope="payments:send")
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
@@ -228,8 +268,9 @@ def test_missing_login_hint_token(agent, watch):
 
 def test_login_hint_token_that_is_not_a_session_token(agent, scenario, watch):
     grant = _grant_of(agent)
-    claims = session_claims(grant=grant, client_id=scenario.agent.client_id, scopes=["catalog:read"],
-                            expires_in=600)
+    claims = session_claims(
+        grant=grant, client_id=scenario.agent.client_id, scopes=["catalog:read"], expires_in=600
+    )
     for hint in ["not-a-jwt", sign(claims, typ=ACTION_TOKEN_TYP), agent.session_token[:-4] + "AAAA"]:
         agent.session_token = hint
         with watch() as w:
@@ -246,8 +287,12 @@ def test_login_hint_token_of_another_agent(agent, scenario, watch):
 
 
 def test_expired_login_hint_token(agent, scenario, watch):
-    claims = session_claims(grant=_grant_of(agent), client_id=scenario.agent.client_id,
-                            scopes=["catalog:read", "budget:read"], expires_in=600)
+    claims = session_claims(
+        grant=_grant_of(agent),
+        client_id=scenario.agent.client_id,
+        scopes=["catalog:read", "budget:read"],
+        expires_in=600,
+    )
     claims["iat"], claims["exp"] = claims["iat"] - 3600, claims["iat"] - 120  # issued an hour ago, 900 s TTL
     agent.session_token = sign(claims, typ=SESSION_TOKEN_TYP)
     with watch() as w:
@@ -265,7 +310,9 @@ def test_revoked_grant_is_access_denied(agent, scenario, watch):
 
 
 def test_grant_past_its_lifetime_is_access_denied(agent, watch):
-    SessionGrant.objects.filter(pk=_grant_of(agent).pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    SessionGrant.objects.filter(pk=_grant_of(agent).pk).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
     with watch() as w:
         response = agent.ask()
     w.refused(response, status=403, error="access_denied", event=REQUEST_REFUSED)
@@ -300,13 +347,16 @@ def test_malformed_authorization_details(agent, watch, case):
     w.refused(response, status=400, error="invalid_authorization_details", event=REQUEST_REFUSED)
 
 
-@pytest.mark.parametrize("message", [
-    "x" * 121,
-    "Step 5 of 5 \x07",
-    "Pay \u202eDSU 00.0524",   # right-to-left override: what the user reads is not what was sent
-    "line one\nline two",
-    "zero\u200bwidth",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "x" * 121,
+        "Step 5 of 5 \x07",
+        "Pay \u202eDSU 00.0524",  # right-to-left override: what the user reads is not what was sent
+        "line one\nline two",
+        "zero\u200bwidth",
+    ],
+)
 def test_bad_binding_message(agent, watch, message):
     with watch() as w:
         response = agent.ask(binding_message=message)
@@ -356,8 +406,9 @@ def test_identical_pending_request_collapses_into_one(agent, outbox, django_capt
     approval = ApprovalRequest.objects.get()
     assert outbox.queued_for(approval.pk, "deliver_prompt") == ["deliver_prompt"]
     assert len(outbox.prompts_sent()) == 1
-    assert list(AuditEvent.objects.filter(event="approval.requested").values_list("detail__approval_id", flat=True)) \
-        == [str(approval.pk)]
+    assert list(
+        AuditEvent.objects.filter(event="approval.requested").values_list("detail__approval_id", flat=True)
+    ) == [str(approval.pk)]
     # A different amount is a different action: its own prompt.
     other = agent.ask(ledger_entry("4251.00"))
     assert other.status_code == 200 and other.json()["auth_req_id"] != first.json()["auth_req_id"]
@@ -371,8 +422,9 @@ def test_identical_request_after_a_decision_is_a_new_prompt(agent, client):
     assert again != auth_req_id and fresh.pk != approval.pk and fresh.status == S.PENDING
 
 
-def test_identical_request_after_the_window_passed_expires_the_old_one_properly(agent, outbox,
-                                                                                 django_capture_on_commit_callbacks):
+def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
+    agent, outbox, django_capture_on_commit_callbacks
+):
     auth_req_id, old = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with django_capture_on_commit_callbacks(execute=True):
@@ -427,12 +479,16 @@ def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent, watch)
     assert approval.interval == 10 and approval.status == S.PENDING
 
     # 7 s later is fine under the old interval, too soon under the new one.
-    ApprovalRequest.objects.filter(pk=approval.pk).update(last_polled_at=timezone.now() - timedelta(seconds=7))
+    ApprovalRequest.objects.filter(pk=approval.pk).update(
+        last_polled_at=timezone.now() - timedelta(seconds=7)
+    )
     assert agent.poll(auth_req_id).json()["error"] == "slow_down"
     approval.refresh_from_db()
     assert approval.interval == 15
 
-    ApprovalRequest.objects.filter(pk=approval.pk).update(last_polled_at=timezone.now() - timedelta(seconds=16))
+    ApprovalRequest.objects.filter(pk=approval.pk).update(
+        last_polled_at=timezone.now() - timedelta(seconds=16)
+    )
     assert agent.poll(auth_req_id).json()["error"] == "authorization_pending"
     assert ActionToken.objects.count() == 0
 
@@ -442,8 +498,15 @@ def test_expired_request_is_expired_token(agent, watch):
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
         response = agent.poll(auth_req_id)
-    w.refused(response, status=400, error="expired_token", event=TOKEN_REFUSED, ok_events=["approval.expired"],
-              unchanged=False, reason="window_passed")
+    w.refused(
+        response,
+        status=400,
+        error="expired_token",
+        event=TOKEN_REFUSED,
+        ok_events=["approval.expired"],
+        unchanged=False,
+        reason="window_passed",
+    )
     approval.refresh_from_db()
     assert approval.status == S.EXPIRED and ActionToken.objects.count() == 0
     assert [n for n, _ in w.new_queued()] == ["push_removal"]  # the inbox is told; nothing is prompted
@@ -499,7 +562,9 @@ def test_decisions_need_a_csrf_token(agent, scenario):
     # The same browser with the token from the inbox page succeeds: the 403 was the missing token.
     assert browser.get("/approvals/").status_code == 200
     token = browser.cookies["csrftoken"].value
-    assert browser.post(f"/approvals/{approval.pk}/approve/", {"csrfmiddlewaretoken": token}).status_code == 302
+    assert (
+        browser.post(f"/approvals/{approval.pk}/approve/", {"csrfmiddlewaretoken": token}).status_code == 302
+    )
     assert _state(approval)[0] == S.APPROVED
 
 
@@ -624,7 +689,9 @@ def test_auto_approve_above_the_rule_prompts(agent, auto_rule, outbox, django_ca
 
 def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent, auto_rule):
     """Ten entries of 9,999.00 are one 99,990.00 action: split purchases must not slip under the rule."""
-    response = agent.ask(authorization_details=json.dumps([ledger_entry("9999.00", line=i) for i in range(10)]))
+    response = agent.ask(
+        authorization_details=json.dumps([ledger_entry("9999.00", line=i) for i in range(10)])
+    )
     assert response.status_code == 200
     approval = _approval_for(response.json()["auth_req_id"])
     assert approval.status == S.PENDING, "a split purchase was auto-approved"
@@ -645,13 +712,17 @@ def test_auto_approve_never_matches_a_non_finite_amount(agent, auto_rule, amount
 # =====================================================================================================
 
 
-@pytest.mark.parametrize("credentials", ["wrong secret", "unknown resource server", "agent credentials", "none"])
+@pytest.mark.parametrize(
+    "credentials", ["wrong secret", "unknown resource server", "agent credentials", "none"]
+)
 def test_resource_server_authentication_failure(agent, client, scenario, watch, credentials):
     token, approval = _action_token(agent, client)
-    auth = {"wrong secret": (scenario.ledger_client_id, scenario.ledger_secret + "x"),
-            "unknown resource server": ("rs_nobody", scenario.ledger_secret),
-            "agent credentials": (scenario.agent.client_id, scenario.agent_secret),
-            "none": None}[credentials]
+    auth = {
+        "wrong secret": (scenario.ledger_client_id, scenario.ledger_secret + "x"),
+        "unknown resource server": ("rs_nobody", scenario.ledger_secret),
+        "agent credentials": (scenario.agent.client_id, scenario.agent_secret),
+        "none": None,
+    }[credentials]
     with watch() as w:
         if auth is None:
             response = client.post("/o/redeem/", {"token": token})

@@ -52,7 +52,9 @@ S = ApprovalRequest.Status
 @pytest.fixture(autouse=True)
 def _postgresql_only():
     if connection.vendor != "postgresql":
-        pytest.fail("concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)")
+        pytest.fail(
+            "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
+        )
 
 
 @pytest.fixture
@@ -100,8 +102,11 @@ def errors(results) -> list[BaseException]:
 
 
 def events_for(approval_id, *names: str) -> list[str]:
-    return list(AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval_id))
-                .order_by("id").values_list("event", flat=True))
+    return list(
+        AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval_id))
+        .order_by("id")
+        .values_list("event", flat=True)
+    )
 
 
 # --- (a) concurrent approves -----------------------------------------------------------------------
@@ -110,7 +115,9 @@ def events_for(approval_id, *names: str) -> list[str]:
 @pytest.mark.parametrize("round_", range(5))
 def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
     approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 1}.00")])
-    results = race(8, lambda i: approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now()))
+    results = race(
+        8, lambda i: approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
+    )
     assert len(wins(results)) == 1, f"{len(wins(results))} threads approved the same request"
     assert all(isinstance(e, ApprovalNotPending) for e in errors(results)), errors(results)
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.APPROVED
@@ -124,8 +131,11 @@ def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
     for n in range(20):
         approval, _ = request_approval(grant, [ledger_entry(f"{n + 100}.00")])
         deciders = [approval_approve, approval_deny, approval_approve, approval_deny]
+
         def decide(i, deciders=deciders, approval_id=approval.pk):
-            return deciders[i].__name__, deciders[i](approval_id=approval_id, user=scenario.user, auth=auth_now())
+            return deciders[i].__name__, deciders[i](
+                approval_id=approval_id, user=scenario.user, auth=auth_now()
+            )
 
         results = race(4, decide)
         won = wins(results)
@@ -145,7 +155,9 @@ def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
             assert expected == S.DENIED
         else:
             assert expected == S.APPROVED
-        assert ActionToken.objects.filter(approval_id=approval.pk).count() == (1 if expected == S.APPROVED else 0)
+        assert ActionToken.objects.filter(approval_id=approval.pk).count() == (
+            1 if expected == S.APPROVED else 0
+        )
 
 
 # --- (c) concurrent collectors -----------------------------------------------------------------------
@@ -160,7 +172,9 @@ def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round
     assert len(tokens) == 1, f"{len(tokens)} action tokens handed out for one approval"
     assert all(isinstance(e, InvalidGrant) for e in errors(results)), errors(results)
     claims = verify(tokens[0]["access_token"], typ=ACTION_TOKEN_TYP)
-    assert list(ActionToken.objects.filter(approval_id=approval.pk).values_list("jti", flat=True)) == [claims["jti"]]
+    assert list(ActionToken.objects.filter(approval_id=approval.pk).values_list("jti", flat=True)) == [
+        claims["jti"]
+    ]
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.ISSUED
     assert events_for(approval.pk, "action_token.issued") == ["action_token.issued"]
 
@@ -206,18 +220,28 @@ def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
         approval_cancel(approval_id=first.pk, reason="agent_cancelled")  # stay under the pending caps
 
 
-def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(scenario, ledger_policy, outbox,
-                                                                               flow):
+def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(
+    scenario, ledger_policy, outbox, flow
+):
     session_token = flow.full()["access_token"]
     flow.client.logout()
     active_signing_key()
     for n in range(5):
-        data = urlencode({"scope": "ledger:write", "login_hint_token": session_token,
-                          "authorization_details": json.dumps([{**LEDGER_ENTRY, "amount": f"{n + 500}.00"}])})
+        data = urlencode(
+            {
+                "scope": "ledger:write",
+                "login_hint_token": session_token,
+                "authorization_details": json.dumps([{**LEDGER_ENTRY, "amount": f"{n + 500}.00"}]),
+            }
+        )
 
         def ask(i, data=data):
-            return Client().post("/o/bc-authorize/", data, content_type="application/x-www-form-urlencoded",
-                                 HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+            return Client().post(
+                "/o/bc-authorize/",
+                data,
+                content_type="application/x-www-form-urlencoded",
+                HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+            )
 
         results = race(2, ask)
         assert errors(results) == [], errors(results)

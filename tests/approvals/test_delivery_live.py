@@ -32,8 +32,11 @@ class Inbox:
         client = Client()
         client.force_login(user)
         cookie = f"sessionid={client.cookies['sessionid'].value}"
-        self.ws = connect(stack.url.replace("http", "ws") + "/ws/approvals/",
-                          additional_headers={"Cookie": cookie, "Origin": origin or stack.url}, open_timeout=5)
+        self.ws = connect(
+            stack.url.replace("http", "ws") + "/ws/approvals/",
+            additional_headers={"Cookie": cookie, "Origin": origin or stack.url},
+            open_timeout=5,
+        )
 
     def next(self, timeout=10.0) -> dict:
         return json.loads(self.ws.recv(timeout=timeout))
@@ -50,10 +53,18 @@ class Inbox:
 
 
 def _ask(stack, scenario, session_token, **extra):
-    data = {"scope": "ledger:write", "login_hint_token": session_token,
-            "authorization_details": json.dumps([LEDGER_ENTRY]), **extra}
-    return httpx.post(f"{stack.url}/o/bc-authorize/", data=data,
-                      headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}, timeout=10)
+    data = {
+        "scope": "ledger:write",
+        "login_hint_token": session_token,
+        "authorization_details": json.dumps([LEDGER_ENTRY]),
+        **extra,
+    }
+    return httpx.post(
+        f"{stack.url}/o/bc-authorize/",
+        data=data,
+        headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)},
+        timeout=10,
+    )
 
 
 def test_prompt_reaches_open_inbox_and_replays_on_reconnect(live, scenario, session_token):
@@ -114,8 +125,13 @@ def test_revoking_the_grant_cancels_pending_prompts_in_open_inboxes(live, scenar
         approval = ApprovalRequest.objects.get()
         grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor="user:test")
         removed = inbox.next_of("remove")
-        assert removed == {"type": "remove", "seq": removed["seq"], "id": prompt["id"], "status": "cancelled",
-                           "label": "Cancelled"}
+        assert removed == {
+            "type": "remove",
+            "seq": removed["seq"],
+            "id": prompt["id"],
+            "status": "cancelled",
+            "label": "Cancelled",
+        }
         assert isinstance(removed["seq"], int)
     finally:
         inbox.close()
@@ -137,8 +153,11 @@ def test_user_never_receives_another_users_prompts(live, scenario, session_token
 
 def test_websocket_refuses_anonymous_and_foreign_origin(live, scenario):
     with pytest.raises(InvalidStatus):
-        connect(live.url.replace("http", "ws") + "/ws/approvals/",
-                additional_headers={"Origin": live.url}, open_timeout=5)
+        connect(
+            live.url.replace("http", "ws") + "/ws/approvals/",
+            additional_headers={"Origin": live.url},
+            open_timeout=5,
+        )
     with pytest.raises(InvalidStatus):
         Inbox(live, scenario.user, origin="http://evil.example")
 
@@ -173,11 +192,20 @@ def test_ping_mode_notifies_the_agent_after_the_decision(live, scenario, session
         deadline = time.monotonic() + 10
         while not _Recorder.calls and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _Recorder.calls == [{"auth": "Bearer notify-me-123", "body": {"auth_req_id": body["auth_req_id"]}}]
-        token = httpx.post(f"{live.url}/o/token/", data=urlencode(
-            {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]}),
-            headers={"Authorization": basic(scenario.agent.client_id, scenario.agent_secret),
-                     "Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+        assert _Recorder.calls == [
+            {"auth": "Bearer notify-me-123", "body": {"auth_req_id": body["auth_req_id"]}}
+        ]
+        token = httpx.post(
+            f"{live.url}/o/token/",
+            data=urlencode(
+                {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]}
+            ),
+            headers={
+                "Authorization": basic(scenario.agent.client_id, scenario.agent_secret),
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+            timeout=10,
+        )
         assert token.status_code == 200 and token.json()["scope"] == "ledger:write"
         approval.refresh_from_db()
         assert approval.notified_at is not None and approval.notify_attempts == 1

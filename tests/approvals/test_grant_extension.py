@@ -50,12 +50,15 @@ def test_denied_or_expired_extension_changes_nothing(agent, client):
     assert not AuditEvent.objects.filter(event="grant.extended").exists()
 
 
-@pytest.mark.parametrize("details", [
-    {"type": "grant_extension", "seconds": 10 ** 9},
-    {"type": "grant_extension", "seconds": "3600"},
-    {"type": "grant_extension"},
-    {"type": "ledger_entry", "amount": "1.00"},
-])
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"type": "grant_extension", "seconds": 10**9},
+        {"type": "grant_extension", "seconds": "3600"},
+        {"type": "grant_extension"},
+        {"type": "ledger_entry", "amount": "1.00"},
+    ],
+)
 def test_extension_requests_outside_the_rules_are_refused(agent, details):
     response = agent.ask(details, scope="grant:extend")
     assert response.status_code == 400 and response.json()["error"] == "invalid_authorization_details"

@@ -16,8 +16,13 @@ ERRORS = re.compile(r"Traceback|MaxConnectionsError|Too many connections|ERROR|E
 
 
 async def _open(url: str, cookie: str, origin: str):
-    ws = await connect(url, additional_headers={"Cookie": cookie, "Origin": origin}, open_timeout=60,
-                       close_timeout=30, max_queue=None)
+    ws = await connect(
+        url,
+        additional_headers={"Cookie": cookie, "Origin": origin},
+        open_timeout=60,
+        close_timeout=30,
+        max_queue=None,
+    )
     snapshot = json.loads(await asyncio.wait_for(ws.recv(), 60))
     assert snapshot["type"] == "snapshot"
     return ws

@@ -46,7 +46,9 @@ def held(monkeypatch):
 def _in_thread(coroutine_function, user_id) -> int:
     # A thread of its own: Playwright's sync API keeps an event loop in the test's thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(async_to_sync(coroutine_function), get_channel_layer(), user_group(user_id)).result()
+        return pool.submit(
+            async_to_sync(coroutine_function), get_channel_layer(), user_group(user_id)
+        ).result()
 
 
 def _drop(user_id) -> int:
@@ -113,16 +115,19 @@ def test_check_answers_only_when_the_stream_moved(live, scenario, ledger_policy,
         inbox.close()
 
 
-@pytest.mark.parametrize("frame", [
-    json.dumps({"type": "check", "seq": 1, "pad": "x" * 20}),
-    "not json",
-    json.dumps([{"type": "resync"}]),
-    json.dumps({"type": "check", "seq": "7"}),
-    json.dumps({"type": "check", "seq": True}),
-    json.dumps({"type": "check", "seq": -1}),
-    json.dumps({"type": "subscribe", "group": "approvals.user.1"}),
-    b"\x00\x01binary",
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        json.dumps({"type": "check", "seq": 1, "pad": "x" * 20}),
+        "not json",
+        json.dumps([{"type": "resync"}]),
+        json.dumps({"type": "check", "seq": "7"}),
+        json.dumps({"type": "check", "seq": True}),
+        json.dumps({"type": "check", "seq": -1}),
+        json.dumps({"type": "subscribe", "group": "approvals.user.1"}),
+        b"\x00\x01binary",
+    ],
+)
 def test_garbage_closes_the_socket(live, scenario, frame):
     inbox = Inbox(live, scenario.user)
     try:
@@ -172,7 +177,7 @@ def test_parse_client_message_accepts_only_the_two_requests():
     assert parse_client_message('{"type":"check","seq":9007199254740992}') is None  # beyond 2**53 - 1
     assert parse_client_message('{"type":"check","seq":1.5}') is None
     assert parse_client_message('{"type":"resync","seq":1}') is None
-    assert parse_client_message('[' * 60 + ']' * 60) is None  # nested arrays: parsed, but not an object
+    assert parse_client_message("[" * 60 + "]" * 60) is None  # nested arrays: parsed, but not an object
     assert parse_client_message(None) is None
 
 
@@ -187,7 +192,11 @@ def test_a_long_open_socket_rejoins_its_group_before_group_expiry(monkeypatch):
             self.added.append((group, channel))
 
     consumer = ApprovalsConsumer()
-    consumer.channel_layer, consumer.group, consumer.channel_name = Layer(), "approvals.user.7", "specific.x!y"
+    consumer.channel_layer, consumer.group, consumer.channel_name = (
+        Layer(),
+        "approvals.user.7",
+        "specific.x!y",
+    )
     clock = [1000.0]
     monkeypatch.setattr(consumers.time, "monotonic", lambda: clock[0])
     consumer.joined_at = clock[0]

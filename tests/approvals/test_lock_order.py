@@ -34,24 +34,41 @@ ROUNDS = 12
 @pytest.fixture(autouse=True)
 def _postgresql_only():
     if connection.vendor != "postgresql":
-        pytest.fail("lock-order tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)")
+        pytest.fail(
+            "lock-order tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
+        )
 
 
 def _extension(grant: SessionGrant, seconds: int) -> ApprovalRequest:
     details = [{"type": "grant_extension", "seconds": seconds}]
-    approval, created = approval_request_create(req=BackchannelRequest(
-        agent=grant.agent, grant=grant, scope=EXTEND_SCOPE, system="this connection", auto_approve_rule="",
-        authorization_details=details, action_hash=rar.action_hash(details), binding_message="",
-        window_seconds=600, delivery_mode="poll", client_notification_token=""))
+    approval, created = approval_request_create(
+        req=BackchannelRequest(
+            agent=grant.agent,
+            grant=grant,
+            scope=EXTEND_SCOPE,
+            system="this connection",
+            auto_approve_rule="",
+            authorization_details=details,
+            action_hash=rar.action_hash(details),
+            binding_message="",
+            window_seconds=600,
+            delivery_mode="poll",
+            client_notification_token="",
+        )
+    )
     assert created
     return approval
 
 
-def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(scenario, ledger_policy, monkeypatch,
-                                                                       settings):
+def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(
+    scenario, ledger_policy, monkeypatch, settings
+):
     # Many prompts for one user in a few seconds: past the fatigue cap, which is not under test here.
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 10_000,
-                            "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 10_000}
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "MAX_PROMPTS_PER_USER_IN_WINDOW": 10_000,
+        "MAX_PROMPTS_PER_AGENT_IN_WINDOW": 10_000,
+    }
     install_outbox(monkeypatch, run_pushes=False)
     active_signing_key()
     rng = random.Random(7)
@@ -64,12 +81,18 @@ def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(scenario
 
         def call(i: int, grant=grant, approvals=approvals, decisions=decisions):
             if i == len(approvals):
-                return grant_revoke(grant_id=grant.pk, reason="revoked_by_user", actor=f"user:{scenario.user.pk}",
-                                    user=scenario.user)
+                return grant_revoke(
+                    grant_id=grant.pk,
+                    reason="revoked_by_user",
+                    actor=f"user:{scenario.user.pk}",
+                    user=scenario.user,
+                )
             return decisions[i](approval_id=approvals[i].pk, user=scenario.user, auth=auth_now())
 
         results = race(len(approvals) + 1, call)
-        failures = [exc for kind, exc in results if kind == "error" and not isinstance(exc, ApprovalNotPending)]
+        failures = [
+            exc for kind, exc in results if kind == "error" and not isinstance(exc, ApprovalNotPending)
+        ]
         deadlocks = [exc for exc in failures if isinstance(exc, DatabaseError) and "deadlock" in str(exc)]
         assert not deadlocks, f"round {round_}: {deadlocks[0]}"
         assert not failures, f"round {round_}: {failures!r}"

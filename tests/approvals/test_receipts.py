@@ -41,8 +41,11 @@ def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenar
     assert claims["authorization_details"] == [LEDGER_ENTRY] and claims["action_hash"] == approval.action_hash
     assert claims["approved_at"] == int(approval.decided_at.timestamp())
     assert claims["redeemed_at"] == int(approval.action_token.redeemed_at.timestamp())
-    assert claims["resource_server"] == {"audience": "http://ledger.test", "client_id": scenario.ledger_client_id,
-                                         "name": "Ledger"}
+    assert claims["resource_server"] == {
+        "audience": "http://ledger.test",
+        "client_id": scenario.ledger_client_id,
+        "name": "Ledger",
+    }
     assert jwt.get_unverified_header(redeemed["receipt"])["typ"] == "receipt+jwt"
 
 
@@ -78,9 +81,11 @@ def _tamper(receipt: str, **changes) -> str:
 
 def test_a_tampered_receipt_is_refused(redeemed):
     entry = {**LEDGER_ENTRY, "amount": "42500.00"}
-    for forged in (_tamper(redeemed["receipt"], authorization_details=[entry]),
-                   _tamper(redeemed["receipt"], sub="user:999"),
-                   redeemed["receipt"][:-6] + "AAAAAA"):
+    for forged in (
+        _tamper(redeemed["receipt"], authorization_details=[entry]),
+        _tamper(redeemed["receipt"], sub="user:999"),
+        redeemed["receipt"][:-6] + "AAAAAA",
+    ):
         with pytest.raises(InvalidReceipt):
             verify_receipt(forged, jwks=_jwks(), issuer=ISSUER)
 
@@ -105,10 +110,37 @@ def test_the_command_line_verifies_a_downloaded_receipt(redeemed, tmp_path):
     (tmp_path / "r.jwt").write_text(redeemed["receipt"])
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks()))
     (tmp_path / "bad.jwt").write_text(_tamper(redeemed["receipt"], scope="anything"))
-    ok = subprocess.run([sys.executable, "-m", "countersign", "verify-receipt", str(tmp_path / "r.jwt"), "--jwks",
-                         str(tmp_path / "jwks.json"), "--issuer", ISSUER], capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "countersign",
+            "verify-receipt",
+            str(tmp_path / "r.jwt"),
+            "--jwks",
+            str(tmp_path / "jwks.json"),
+            "--issuer",
+            ISSUER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["approval_id"] == redeemed["approval_id"]
-    bad = subprocess.run([sys.executable, "-m", "countersign", "verify-receipt", str(tmp_path / "bad.jwt"),
-                          "--jwks", str(tmp_path / "jwks.json"), "--issuer", ISSUER], capture_output=True, text=True,
-                         timeout=30)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "countersign",
+            "verify-receipt",
+            str(tmp_path / "bad.jwt"),
+            "--jwks",
+            str(tmp_path / "jwks.json"),
+            "--issuer",
+            ISSUER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 1 and "NOT VALID" in bad.stderr

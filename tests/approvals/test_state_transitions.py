@@ -145,10 +145,28 @@ class Build:
         return self._cancelled(self.issued())
 
 
-STATES = ["pending", "pending_past_window", "approved", "issued", "redeemed", "denied", "expired_window",
-          "expired_token", "cancelled_pending", "cancelled_approved", "cancelled_issued"]
-TERMINAL_STATES = {"redeemed", "denied", "expired_window", "expired_token", "cancelled_pending",
-                   "cancelled_approved", "cancelled_issued"}
+STATES = [
+    "pending",
+    "pending_past_window",
+    "approved",
+    "issued",
+    "redeemed",
+    "denied",
+    "expired_window",
+    "expired_token",
+    "cancelled_pending",
+    "cancelled_approved",
+    "cancelled_issued",
+]
+TERMINAL_STATES = {
+    "redeemed",
+    "denied",
+    "expired_window",
+    "expired_token",
+    "cancelled_pending",
+    "cancelled_approved",
+    "cancelled_issued",
+}
 
 
 # --- the transitions: one service call each ------------------------------------------------------
@@ -189,8 +207,15 @@ def t_redeem(b: Build, row: Row):
     return action_token_redeem(claims=claims, resource_server=b.rs)
 
 
-TRANSITIONS = {"approve": t_approve, "deny": t_deny, "expire_early": t_expire_early, "expire": t_expire,
-               "cancel": t_cancel, "collect": t_collect, "redeem": t_redeem}
+TRANSITIONS = {
+    "approve": t_approve,
+    "deny": t_deny,
+    "expire_early": t_expire_early,
+    "expire": t_expire,
+    "cancel": t_cancel,
+    "collect": t_collect,
+    "redeem": t_redeem,
+}
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -198,10 +223,10 @@ TRANSITIONS = {"approve": t_approve, "deny": t_deny, "expire_early": t_expire_ea
 
 @dataclass(frozen=True)
 class Expect:
-    status: str                      # the row's status afterwards
-    raises: type | None = None       # the exception the service must raise
-    returns: Any = "approval"        # for non-raising calls: True/False, "approval" or "token"
-    events: tuple[str, ...] = ()     # audit events the call appends, in order
+    status: str  # the row's status afterwards
+    raises: type | None = None  # the exception the service must raise
+    returns: Any = "approval"  # for non-raising calls: True/False, "approval" or "token"
+    events: tuple[str, ...] = ()  # audit events the call appends, in order
 
 
 def ok(status, returns="approval", *events):
@@ -213,10 +238,19 @@ def no(status, exc, *events):
 
 
 def unchanged_for(state: str) -> str:
-    return {"pending": S.PENDING, "pending_past_window": S.PENDING, "approved": S.APPROVED, "issued": S.ISSUED,
-            "redeemed": S.REDEEMED, "denied": S.DENIED, "expired_window": S.EXPIRED, "expired_token": S.EXPIRED,
-            "cancelled_pending": S.CANCELLED, "cancelled_approved": S.CANCELLED,
-            "cancelled_issued": S.CANCELLED}[state]
+    return {
+        "pending": S.PENDING,
+        "pending_past_window": S.PENDING,
+        "approved": S.APPROVED,
+        "issued": S.ISSUED,
+        "redeemed": S.REDEEMED,
+        "denied": S.DENIED,
+        "expired_window": S.EXPIRED,
+        "expired_token": S.EXPIRED,
+        "cancelled_pending": S.CANCELLED,
+        "cancelled_approved": S.CANCELLED,
+        "cancelled_issued": S.CANCELLED,
+    }[state]
 
 
 TABLE: dict[tuple[str, str], Expect] = {}
@@ -236,28 +270,30 @@ for _state in STATES:
     # Redemption needs an issued, unexpired, unredeemed token.
     TABLE[_state, "redeem"] = no(_same, InvalidToken)
 
-TABLE.update({
-    ("pending", "approve"): ok(S.APPROVED, "approval", "approval.approved"),
-    ("pending", "deny"): ok(S.DENIED, "approval", "approval.denied"),
-    ("pending_past_window", "expire_early"): ok(S.EXPIRED, True, "approval.expired"),
-    ("pending", "expire"): ok(S.EXPIRED, True, "approval.expired"),
-    ("pending_past_window", "expire"): ok(S.EXPIRED, True, "approval.expired"),
-    ("issued", "expire"): ok(S.EXPIRED, True, "approval.expired"),
-    ("pending", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
-    ("pending_past_window", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
-    ("approved", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
-    ("issued", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
-    ("pending", "collect"): no(S.PENDING, AuthorizationPending),
-    ("pending_past_window", "collect"): no(S.EXPIRED, ExpiredToken, "approval.expired"),
-    ("approved", "collect"): ok(S.ISSUED, "token", "action_token.issued"),
-    ("denied", "collect"): no(S.DENIED, AccessDenied),
-    ("expired_window", "collect"): no(S.EXPIRED, ExpiredToken),
-    ("expired_token", "collect"): no(S.EXPIRED, ExpiredToken),
-    ("cancelled_pending", "collect"): no(S.CANCELLED, AccessDenied),
-    ("cancelled_approved", "collect"): no(S.CANCELLED, AccessDenied),
-    ("cancelled_issued", "collect"): no(S.CANCELLED, AccessDenied),
-    ("issued", "redeem"): ok(S.REDEEMED, "approval", "action_token.redeemed"),
-})
+TABLE.update(
+    {
+        ("pending", "approve"): ok(S.APPROVED, "approval", "approval.approved"),
+        ("pending", "deny"): ok(S.DENIED, "approval", "approval.denied"),
+        ("pending_past_window", "expire_early"): ok(S.EXPIRED, True, "approval.expired"),
+        ("pending", "expire"): ok(S.EXPIRED, True, "approval.expired"),
+        ("pending_past_window", "expire"): ok(S.EXPIRED, True, "approval.expired"),
+        ("issued", "expire"): ok(S.EXPIRED, True, "approval.expired"),
+        ("pending", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
+        ("pending_past_window", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
+        ("approved", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
+        ("issued", "cancel"): ok(S.CANCELLED, True, "approval.cancelled"),
+        ("pending", "collect"): no(S.PENDING, AuthorizationPending),
+        ("pending_past_window", "collect"): no(S.EXPIRED, ExpiredToken, "approval.expired"),
+        ("approved", "collect"): ok(S.ISSUED, "token", "action_token.issued"),
+        ("denied", "collect"): no(S.DENIED, AccessDenied),
+        ("expired_window", "collect"): no(S.EXPIRED, ExpiredToken),
+        ("expired_token", "collect"): no(S.EXPIRED, ExpiredToken),
+        ("cancelled_pending", "collect"): no(S.CANCELLED, AccessDenied),
+        ("cancelled_approved", "collect"): no(S.CANCELLED, AccessDenied),
+        ("cancelled_issued", "collect"): no(S.CANCELLED, AccessDenied),
+        ("issued", "redeem"): ok(S.REDEEMED, "approval", "action_token.redeemed"),
+    }
+)
 
 
 def test_the_table_covers_every_pair_exactly():
@@ -268,12 +304,17 @@ def test_the_table_and_the_model_describe_one_graph():
     # Every change of state the services make here is an edge of ApprovalRequest.EDGES (the graph
     # the services take their guards from), and every edge is made somewhere in the table.
     edges = {(src, dst) for sources, dst in ApprovalRequest.EDGES.values() for src in sources}
-    made = {(unchanged_for(state), expect.status) for (state, _), expect in TABLE.items()
-            if expect.status != unchanged_for(state)}
+    made = {
+        (unchanged_for(state), expect.status)
+        for (state, _), expect in TABLE.items()
+        if expect.status != unchanged_for(state)
+    }
     assert made <= edges, made - edges
     assert edges <= made, edges - made
     assert all(dst not in ApprovalRequest.OPEN for dst in ApprovalRequest.TERMINAL)
-    assert not any(src in ApprovalRequest.TERMINAL for sources, _ in ApprovalRequest.EDGES.values() for src in sources)
+    assert not any(
+        src in ApprovalRequest.TERMINAL for sources, _ in ApprovalRequest.EDGES.values() for src in sources
+    )
 
 
 def test_an_auto_approved_request_takes_the_approve_edge(scenario, ledger_policy, monkeypatch):
@@ -286,7 +327,9 @@ def test_an_auto_approved_request_takes_the_approve_edge(scenario, ledger_policy
     row = ApprovalRequest.objects.get(pk=approval.pk)
     assert created and row.status == S.APPROVED and row.decision_method == "auto_rule"
     assert row.decision_auth == {"rule": "amount <= 10000"} and row.decided_at is not None
-    events = list(AuditEvent.objects.filter(grant_id=str(row.grant_id)).order_by("id").values_list("event", flat=True))
+    events = list(
+        AuditEvent.objects.filter(grant_id=str(row.grant_id)).order_by("id").values_list("event", flat=True)
+    )
     assert events[-2:] == ["approval.requested", "approval.auto_approved"]
 
 
@@ -299,13 +342,21 @@ def _head() -> int:
 
 def _decision(approval_id) -> dict[str, Any]:
     row = ApprovalRequest.objects.get(pk=approval_id)
-    return {"status": row.status, "decided_at": row.decided_at, "decided_by": row.decided_by_id,
-            "decision_method": row.decision_method, "decision_auth": row.decision_auth}
+    return {
+        "status": row.status,
+        "decided_at": row.decided_at,
+        "decided_by": row.decided_by_id,
+        "decision_method": row.decision_method,
+        "decision_auth": row.decision_auth,
+    }
 
 
 def _tokens(approval_id) -> list[tuple]:
-    return list(ActionToken.objects.filter(approval_id=approval_id).values_list("jti", "redeemed_at",
-                                                                                 "redeemed_by_id"))
+    return list(
+        ActionToken.objects.filter(approval_id=approval_id).values_list(
+            "jti", "redeemed_at", "redeemed_by_id"
+        )
+    )
 
 
 @pytest.mark.parametrize("state,transition", list(itertools.product(STATES, TRANSITIONS)))
@@ -358,8 +409,11 @@ def test_a_decision_records_who_and_how(scenario, ledger_policy, monkeypatch):
     approval_approve(approval_id=row.approval.pk, user=scenario.user, auth=auth)
     approval = row.fresh()
     assert approval.decided_by_id == scenario.user.pk and approval.decision_method == "browser"
-    assert approval.decision_auth == {"auth_time": int(auth.auth_time.timestamp()), "amr": ["pwd", "otp"],
-                                      "acr": ""}
+    assert approval.decision_auth == {
+        "auth_time": int(auth.auth_time.timestamp()),
+        "amr": ["pwd", "otp"],
+        "acr": "",
+    }
     assert approval.decided_at is not None
 
 

@@ -21,7 +21,7 @@ def redeemed(agent, client):
 
 def _text(response) -> str:
     html = response.content.decode()
-    body = html[html.index("<main>"):]
+    body = html[html.index("<main>") :]
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
 

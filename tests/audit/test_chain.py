@@ -57,11 +57,25 @@ def chain(db):
     rows = []
     for i in range(10):
         if i % 3 == 2:
-            rows.append(audit_refusal(event="token.refused", error="invalid_client", actor="",
-                                      client_id=f"client-{i}", detail={"reason": f"attempt {i}"}))
+            rows.append(
+                audit_refusal(
+                    event="token.refused",
+                    error="invalid_client",
+                    actor="",
+                    client_id=f"client-{i}",
+                    detail={"reason": f"attempt {i}"},
+                )
+            )
         else:
-            rows.append(audit_record(event="token.issued", actor=f"agent:client-{i}", client_id=f"client-{i}",
-                                     grant_id=f"grant-{i}", detail={"jti": f"jti-{i}", "scope": "catalog:read"}))
+            rows.append(
+                audit_record(
+                    event="token.issued",
+                    actor=f"agent:client-{i}",
+                    client_id=f"client-{i}",
+                    grant_id=f"grant-{i}",
+                    detail={"jti": f"jti-{i}", "scope": "catalog:read"},
+                )
+            )
     audit_seal_all()
     _tamperer_bypasses_the_trigger()
     yield rows
@@ -202,13 +216,16 @@ def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain):
     assert "position 3" in err
 
 
-@pytest.mark.parametrize("column, value", [
-    ("event", "token.refreshed"),
-    ("actor", "agent:someone-else"),
-    ("client_id", "someone-else"),
-    ("grant_id", "another-grant"),
-    ("remote_addr", "10.0.0.1"),
-])
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("event", "token.refreshed"),
+        ("actor", "agent:someone-else"),
+        ("client_id", "someone-else"),
+        ("grant_id", "another-grant"),
+        ("remote_addr", "10.0.0.1"),
+    ],
+)
 def test_any_edited_column_is_detected(chain, column, value):
     assert _sql(f"UPDATE {TABLE} SET {column} = %s WHERE id = %s", [value, chain[5].pk]) == 1
     assert "position 6" in _verify_fails()
@@ -219,7 +236,10 @@ def test_edited_timestamp_is_detected(chain):
 
     from django.db.models import F
 
-    assert AuditEvent.objects.filter(pk=chain[6].pk).update(occurred_at=F("occurred_at") - timedelta(hours=1)) == 1
+    assert (
+        AuditEvent.objects.filter(pk=chain[6].pk).update(occurred_at=F("occurred_at") - timedelta(hours=1))
+        == 1
+    )
     assert "position 7" in _verify_fails()
 
 
@@ -304,8 +324,15 @@ def test_appending_after_a_verified_chain_keeps_it_intact(chain):
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="the trigger exists on PostgreSQL only")
-@pytest.mark.parametrize("statement", [f"UPDATE {TABLE} SET outcome = 'ok'", f"DELETE FROM {TABLE}",
-                                       f"UPDATE {LINKS} SET hash = 'x'", f"DELETE FROM {LINKS}"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"UPDATE {TABLE} SET outcome = 'ok'",
+        f"DELETE FROM {TABLE}",
+        f"UPDATE {LINKS} SET hash = 'x'",
+        f"DELETE FROM {LINKS}",
+    ],
+)
 def test_the_application_role_cannot_edit_or_delete_audit_rows(db, statement):
     from django.db import DatabaseError, transaction
 

@@ -27,10 +27,17 @@ pytestmark = pytest.mark.django_db
 def events(db):
     rows = []
     for i in range(12):
-        rows.append(audit_record(event="token.issued" if i % 4 else "login", actor=f"agent:c{i % 3}" if i % 4 else
-                                 f"user:{i}", user_id=i if i % 4 == 0 else None, client_id=f"c{i % 3}",
-                                 detail={"jti": f"j{i}", "note": "é ünïcode"}, error="" if i % 5 else "nope",
-                                 outcome="ok" if i % 5 else "refused"))
+        rows.append(
+            audit_record(
+                event="token.issued" if i % 4 else "login",
+                actor=f"agent:c{i % 3}" if i % 4 else f"user:{i}",
+                user_id=i if i % 4 == 0 else None,
+                client_id=f"c{i % 3}",
+                detail={"jti": f"j{i}", "note": "é ünïcode"},
+                error="" if i % 5 else "nope",
+                outcome="ok" if i % 5 else "refused",
+            )
+        )
     while audit_seal_all(limit=5):
         pass
     return rows
@@ -49,7 +56,9 @@ def _refusals(event: str) -> list[AuditEvent]:
 def test_jsonl_export_carries_each_events_position_and_its_leaf_recomputes(events):
     lines = [json.loads(line) for line in _export().splitlines()]
     assert [doc["seq"] for doc in lines] == list(range(1, 13))
-    assert all(doc["schema"] == "countersign.audit.v1" and doc["leaf_index"] == doc["seq"] - 1 for doc in lines)
+    assert all(
+        doc["schema"] == "countersign.audit.v1" and doc["leaf_index"] == doc["seq"] - 1 for doc in lines
+    )
     links = {link.seq: link.leaf for link in AuditLink.objects.all()}
     for doc in lines:
         assert event_leaf_hash(doc).hex() == doc["leaf_hash"] == links[doc["seq"]]
@@ -59,8 +68,13 @@ def test_csv_export_is_provable_too(events):
     rows = list(csv.DictReader(io.StringIO(_export("--format", "csv"))))
     assert len(rows) == 12
     for row in rows:
-        doc = {**row, "seq": int(row["seq"]), "id": int(row["id"]), "detail": json.loads(row["detail"]),
-               "user_id": int(row["user_id"]) if row["user_id"] else None}
+        doc = {
+            **row,
+            "seq": int(row["seq"]),
+            "id": int(row["id"]),
+            "detail": json.loads(row["detail"]),
+            "user_id": int(row["user_id"]) if row["user_id"] else None,
+        }
         assert event_leaf_hash(doc).hex() == row["leaf_hash"]
 
 
@@ -74,8 +88,10 @@ def test_ocsf_export_maps_sign_ins_and_api_activity(events):
     refused = next(r for r in records if r["status_id"] == 2)
     assert refused["status_code"] == "nope" and refused["severity_id"] == 3
     for record in records:
-        assert event_leaf_hash(record["unmapped"]["countersign"]).hex() == record["unmapped"]["countersign"][
-            "leaf_hash"]
+        assert (
+            event_leaf_hash(record["unmapped"]["countersign"]).hex()
+            == record["unmapped"]["countersign"]["leaf_hash"]
+        )
 
 
 def test_export_filters_by_principal_and_time(events):
@@ -107,15 +123,18 @@ def test_checkpoints_are_public_listed_and_the_latest_is_served(client, events):
     assert metadata["audit_checkpoints_endpoint"] == "http://127.0.0.1:8000/audit/checkpoints/"
 
 
-@pytest.mark.parametrize("path, status, error", [
-    ("/audit/checkpoints/?after=-1", 400, "invalid_request"),
-    ("/audit/checkpoints/?limit=0", 400, "invalid_request"),
-    ("/audit/checkpoints/?limit=5000", 400, "invalid_request"),
-    ("/audit/checkpoints/?after=1&after=2", 400, "invalid_request"),
-    ("/audit/checkpoints/?cursor=3", 400, "invalid_request"),
-    ("/audit/checkpoints/abc", 400, "invalid_request"),
-    ("/audit/checkpoints/7", 404, "not_found"),
-])
+@pytest.mark.parametrize(
+    "path, status, error",
+    [
+        ("/audit/checkpoints/?after=-1", 400, "invalid_request"),
+        ("/audit/checkpoints/?limit=0", 400, "invalid_request"),
+        ("/audit/checkpoints/?limit=5000", 400, "invalid_request"),
+        ("/audit/checkpoints/?after=1&after=2", 400, "invalid_request"),
+        ("/audit/checkpoints/?cursor=3", 400, "invalid_request"),
+        ("/audit/checkpoints/abc", 400, "invalid_request"),
+        ("/audit/checkpoints/7", 404, "not_found"),
+    ],
+)
 def test_bad_checkpoint_requests_are_refused_and_audited(client, events, path, status, error):
     before = AuditCheckpoint.objects.count()
     response = client.get(path)
@@ -185,9 +204,19 @@ def test_guessing_tokens_locks_the_source_out(client, events, reader):
     assert AuditEvent.objects.filter(event="attempts.locked").count() == 1
 
 
-@pytest.mark.parametrize("params", [{"cursor": "-1"}, {"cursor": "abc"}, {"limit": "0"}, {"limit": "100000"},
-                                    {"format": "xml"}, {"since": "soon"}, {"principal": "nobody"},
-                                    {"secret": "1"}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"cursor": "-1"},
+        {"cursor": "abc"},
+        {"limit": "0"},
+        {"limit": "100000"},
+        {"format": "xml"},
+        {"since": "soon"},
+        {"principal": "nobody"},
+        {"secret": "1"},
+    ],
+)
 def test_bad_pull_requests_are_refused_and_audited_with_the_reader(client, events, reader, params):
     response = _pull(client, reader, **params)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
@@ -201,7 +230,7 @@ def test_proofs_over_http_verify_with_the_jwks(client, events, reader):
     assert verify_inclusion_bundle(proof, jwks).tree_size == 5
     consistency = client.get("/audit/proofs/consistency", {"first": 5}, **auth).json()
     assert [c.tree_size for c in verify_consistency_bundle(consistency, jwks)] == [5, 12]
-    missing = client.get("/audit/proofs/inclusion", {"event_id": 10 ** 9}, **auth)
+    missing = client.get("/audit/proofs/inclusion", {"event_id": 10**9}, **auth)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert client.get("/audit/proofs/inclusion", **auth).status_code == 400
     assert client.get("/audit/proofs/inclusion", {"event_id": events[0].pk}).status_code == 401
@@ -211,8 +240,9 @@ def test_proofs_over_http_verify_with_the_jwks(client, events, reader):
 # --- witnesses -------------------------------------------------------------------------------------
 
 
-def test_each_checkpoint_is_appended_to_the_file_sink_and_audit_verify_checks_it(db, tmp_path,
-                                                                              django_capture_on_commit_callbacks):
+def test_each_checkpoint_is_appended_to_the_file_sink_and_audit_verify_checks_it(
+    db, tmp_path, django_capture_on_commit_callbacks
+):
     sink = tmp_path / "witness.jsonl"
     with override_settings(COUNTERSIGN={"AUDIT_CHECKPOINT_FILE": str(sink)}):
         with django_capture_on_commit_callbacks(execute=True):
@@ -227,13 +257,18 @@ def test_each_checkpoint_is_appended_to_the_file_sink_and_audit_verify_checks_it
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET session_replication_role = replica")
-                cursor.execute("TRUNCATE audit_auditevent, audit_auditlink, audit_auditnode, audit_auditcheckpoint,"
-                               " audit_audithead")
+                cursor.execute(
+                    "TRUNCATE audit_auditevent, audit_auditlink, audit_auditnode, audit_auditcheckpoint,"
+                    " audit_audithead"
+                )
                 cursor.execute("SET session_replication_role = origin")
             err = StringIO()
             with pytest.raises(CommandError):
                 call_command("audit_verify", "--no-seal", stdout=StringIO(), stderr=err)
-            assert "position 1: the checkpoint kept elsewhere signs 4 events and the ledger holds 0" in err.getvalue()
+            assert (
+                "position 1: the checkpoint kept elsewhere signs 4 events and the ledger holds 0"
+                in err.getvalue()
+            )
 
 
 class _Witness(BaseHTTPRequestHandler):
@@ -255,12 +290,15 @@ def test_a_webhook_witness_receives_each_checkpoint(events):
     thread.start()
     _Witness.received = []
     try:
-        with override_settings(COUNTERSIGN={"AUDIT_CHECKPOINT_WEBHOOK": f"http://127.0.0.1:{server.server_port}/cp"}):
+        with override_settings(
+            COUNTERSIGN={"AUDIT_CHECKPOINT_WEBHOOK": f"http://127.0.0.1:{server.server_port}/cp"}
+        ):
             checkpoint_push.apply(args=[12]).get()
     finally:
         server.shutdown()
     assert [(d["tree_size"], d["jws"]) for d in _Witness.received] == [
-        (12, AuditCheckpoint.objects.get(tree_size=12).jws)]
+        (12, AuditCheckpoint.objects.get(tree_size=12).jws)
+    ]
 
 
 # --- a resource server proves the approval it acted on ----------------------------------------------
@@ -285,8 +323,11 @@ def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(client, sce
     other = {"HTTP_AUTHORIZATION": basic(scenario.rs_client_id, scenario.rs_secret)}
     response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)}, **other)
     assert response.status_code == 404 and response.json()["error"] == "not_found"
-    response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)},
-                          HTTP_AUTHORIZATION=basic(scenario.ledger_client_id, "wrong"))
+    response = client.get(
+        "/audit/proofs/approval",
+        {"approval_id": str(approval.pk)},
+        HTTP_AUTHORIZATION=basic(scenario.ledger_client_id, "wrong"),
+    )
     assert response.status_code == 401 and response.json()["error"] == "invalid_client"
     assert client.get("/audit/proofs/approval", {"approval_id": "x"}, **ledger).status_code == 400
     assert len(_refusals("audit.proof_refused")) == 3

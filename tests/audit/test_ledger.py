@@ -32,9 +32,16 @@ pytestmark = pytest.mark.django_db
 
 
 def _write(n: int, *, batch: int) -> list:
-    rows = [audit_record(event="token.issued", actor=f"agent:a{i}", client_id=f"a{i}", user_id=i % 3 or None,
-                         detail={"jti": f"j{i}", "amount": f"{i}.00", "nested": {"k": [i, "x"]}})
-            for i in range(n)]
+    rows = [
+        audit_record(
+            event="token.issued",
+            actor=f"agent:a{i}",
+            client_id=f"a{i}",
+            user_id=i % 3 or None,
+            detail={"jti": f"j{i}", "amount": f"{i}.00", "nested": {"k": [i, "x"]}},
+        )
+        for i in range(n)
+    ]
     while audit_seal_all(limit=batch):
         pass
     return rows
@@ -52,7 +59,9 @@ def _jwks(client) -> dict:
 
 def _leaves() -> list[bytes]:
     """Leaf hashes recomputed from the exported events, not read from the ledger."""
-    return [event_leaf_hash(_prove(str(link.event_id))["event"]) for link in AuditLink.objects.order_by("seq")]
+    return [
+        event_leaf_hash(_prove(str(link.event_id))["event"]) for link in AuditLink.objects.order_by("seq")
+    ]
 
 
 def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
@@ -63,7 +72,7 @@ def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
     before = None
     for cp in checkpoints:
         signed = verify_checkpoint(cp.jws, jwks, issuer="http://127.0.0.1:8000")
-        assert signed.tree_size == cp.tree_size and signed.root_hash == merkle_root(leaves[:cp.tree_size])
+        assert signed.tree_size == cp.tree_size and signed.root_hash == merkle_root(leaves[: cp.tree_size])
         assert signed.prev_tree_size == (before.tree_size if before else None)
         before = cp
 
@@ -78,7 +87,9 @@ def test_inclusion_proofs_for_every_event_against_every_checkpoint(client):
                 continue
             proof = _prove(str(row.pk), "--checkpoint", str(cp.tree_size))
             assert verify_inclusion_bundle(proof, jwks).tree_size == cp.tree_size
-            assert proof["inclusion_path"] == [h.hex() for h in ref_path(seq - 1, leaves[:cp.tree_size], leaf=True)]
+            assert proof["inclusion_path"] == [
+                h.hex() for h in ref_path(seq - 1, leaves[: cp.tree_size], leaf=True)
+            ]
 
 
 def test_consistency_proofs_between_every_pair_of_checkpoints(client):
@@ -91,13 +102,14 @@ def test_consistency_proofs_between_every_pair_of_checkpoints(client):
             old, new = verify_consistency_bundle(proof, jwks)
             assert (old.tree_size, new.tree_size) == (first, second)
             if first < second:
-                assert proof["consistency_path"] == [h.hex() for h in ref_subproof(first, leaves[:second], True,
-                                                                                     leaf=True)]
+                assert proof["consistency_path"] == [
+                    h.hex() for h in ref_subproof(first, leaves[:second], True, leaf=True)
+                ]
 
 
 def _hex_flips(value: str):
     for i in range(len(value)):
-        yield value[:i] + ("0" if value[i] != "0" else "1") + value[i + 1:]
+        yield value[:i] + ("0" if value[i] != "0" else "1") + value[i + 1 :]
 
 
 def _jws_flips(jws: str):
@@ -105,7 +117,7 @@ def _jws_flips(jws: str):
     for i in range(len(jws)):
         if jws[i] == "." or i + 1 == len(jws) or jws[i + 1] == ".":
             continue
-        yield jws[:i] + ("A" if jws[i] != "A" else "Q") + jws[i + 1:]
+        yield jws[:i] + ("A" if jws[i] != "A" else "Q") + jws[i + 1 :]
 
 
 def test_an_inclusion_proof_fails_when_any_byte_changes(client):
@@ -116,11 +128,23 @@ def test_an_inclusion_proof_fails_when_any_byte_changes(client):
     forgeries = []
     for j, element in enumerate(proof["inclusion_path"]):
         for forged in _hex_flips(element):
-            forgeries.append({**proof, "inclusion_path": proof["inclusion_path"][:j] + [forged]
-                              + proof["inclusion_path"][j + 1:]})
-    for name, value in [("detail", {**proof["event"]["detail"], "amount": "9999.00"}), ("actor", "agent:other"),
-                        ("outcome", "refused"), ("seq", proof["event"]["seq"] + 1), ("id", proof["event"]["id"] + 1),
-                        ("occurred_at", proof["event"]["occurred_at"].replace(":", "-", 1)), ("user_id", 99)]:
+            forgeries.append(
+                {
+                    **proof,
+                    "inclusion_path": proof["inclusion_path"][:j]
+                    + [forged]
+                    + proof["inclusion_path"][j + 1 :],
+                }
+            )
+    for name, value in [
+        ("detail", {**proof["event"]["detail"], "amount": "9999.00"}),
+        ("actor", "agent:other"),
+        ("outcome", "refused"),
+        ("seq", proof["event"]["seq"] + 1),
+        ("id", proof["event"]["id"] + 1),
+        ("occurred_at", proof["event"]["occurred_at"].replace(":", "-", 1)),
+        ("user_id", 99),
+    ]:
         forgeries.append({**proof, "event": {**proof["event"], name: value}})
     forgeries.append({**proof, "leaf_index": proof["leaf_index"] + 1})
     forgeries.append({**proof, "tree_size": proof["tree_size"] + 1})
@@ -137,8 +161,11 @@ def test_a_consistency_proof_fails_when_any_byte_changes(client):
     proof = _prove("--consistency", "7", "30")
     verify_consistency_bundle(proof, jwks)
     path = proof["consistency_path"]
-    forgeries = [{**proof, "consistency_path": path[:j] + [f] + path[j + 1:]}
-                 for j, element in enumerate(path) for f in _hex_flips(element)]
+    forgeries = [
+        {**proof, "consistency_path": path[:j] + [f] + path[j + 1 :]}
+        for j, element in enumerate(path)
+        for f in _hex_flips(element)
+    ]
     forgeries.append({**proof, "consistency_path": path[:-1]})
     forgeries.append({**proof, "first": proof["second"], "second": proof["first"]})
     for side in ("first", "second"):
@@ -187,15 +214,25 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_
     (tmp_path / "checkpoint.json").write_text(out.getvalue())
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "countersign.ledger", *args, "--jwks",
-                               str(tmp_path / "jwks.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "countersign.ledger", *args, "--jwks", str(tmp_path / "jwks.json")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
-    for args in (["checkpoint", str(tmp_path / "checkpoint.json")], ["inclusion", str(tmp_path / "proof.json")],
-                 ["consistency", str(tmp_path / "consistency.json")]):
+    for args in (
+        ["checkpoint", str(tmp_path / "checkpoint.json")],
+        ["inclusion", str(tmp_path / "proof.json")],
+        ["consistency", str(tmp_path / "consistency.json")],
+    ):
         result = run(*args)
         assert result.returncode == 0, result.stderr
     kept = tmp_path / "kept.jsonl"
-    call_command("audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO())  # 4, 8, 9: newest last
+    call_command(
+        "audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO()
+    )  # 4, 8, 9: newest last
     assert run("consistency", str(tmp_path / "consistency.json"), "--kept", str(kept)).returncode == 1
     (tmp_path / "kept4.json").write_text(json.dumps(json.loads(kept.read_text().splitlines()[0])))
     result = run("consistency", str(tmp_path / "consistency.json"), "--kept", str(tmp_path / "kept4.json"))
@@ -216,8 +253,15 @@ def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
     call_command("audit_checkpoint", stdout=printed)  # the newest, pretty-printed
     (tmp_path / "newest.json").write_text(printed.getvalue())
     out = StringIO()
-    call_command("audit_verify", "--checkpoint", str(kept), "--checkpoint", str(tmp_path / "newest.json"),
-                 stdout=out, stderr=StringIO())
+    call_command(
+        "audit_verify",
+        "--checkpoint",
+        str(kept),
+        "--checkpoint",
+        str(tmp_path / "newest.json"),
+        stdout=out,
+        stderr=StringIO(),
+    )
     assert "matches 2 checkpoint(s) kept elsewhere" in out.getvalue()
 
 
@@ -226,10 +270,12 @@ def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
 
     rows = _write(3, batch=3)
     unsealed = audit_record(event="token.issued", actor="agent:late")  # sealed inline on SQLite only
-    for args, message in [([str(rows[0].pk), "--checkpoint", "2"], "no checkpoint of tree size 2"),
-                          (["999999"], "no audit event 999999"),
-                          (["--consistency", "3", "1"], "no checkpoint of tree size 1"),
-                          ([], "give an event id")]:
+    for args, message in [
+        ([str(rows[0].pk), "--checkpoint", "2"], "no checkpoint of tree size 2"),
+        (["999999"], "no audit event 999999"),
+        (["--consistency", "3", "1"], "no checkpoint of tree size 1"),
+        ([], "give an event id"),
+    ]:
         with pytest.raises(CommandError, match=message):
             call_command("audit_prove", *args, stdout=StringIO())
     from django.db import connection

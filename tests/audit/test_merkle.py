@@ -23,8 +23,19 @@ from countersign.rfc9162 import (
 
 # The test inputs of Certificate Transparency's reference implementation, and the roots it lists
 # for the trees over their first 1..8 entries.
-CT_LEAVES = [bytes.fromhex(h) for h in ("", "00", "10", "2021", "3031", "40414243", "5051525354555657",
-                                        "606162636465666768696a6b6c6d6e6f")]
+CT_LEAVES = [
+    bytes.fromhex(h)
+    for h in (
+        "",
+        "00",
+        "10",
+        "2021",
+        "3031",
+        "40414243",
+        "5051525354555657",
+        "606162636465666768696a6b6c6d6e6f",
+    )
+]
 CT_ROOTS = [
     "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
     "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -87,7 +98,7 @@ def _source(leaves: list[bytes]):
 
 def _flips(value: bytes):
     for i in range(len(value)):
-        yield value[:i] + bytes([value[i] ^ 0x01]) + value[i + 1:]
+        yield value[:i] + bytes([value[i] ^ 0x01]) + value[i + 1 :]
 
 
 def test_the_reference_implementations_roots():
@@ -103,17 +114,22 @@ def test_root_matches_the_recursive_definition_and_the_frontier(n):
     assert merkle_root(LEAVES[:n]) == expected
     frontier, size = [], 0
     for start in range(0, n, 3):  # appended in batches, as the sealer does
-        frontier, size, _ = frontier_append(frontier, size, LEAVES[start:min(n, start + 3)])
+        frontier, size, _ = frontier_append(frontier, size, LEAVES[start : min(n, start + 3)])
     assert size == n and compact_root(frontier) == expected
 
 
 def test_the_frontier_emits_every_subtree_at_a_stride_height_once():
     _, _, nodes = frontier_append([], 0, LEAVES[:40])
-    expected = [(h, i) for end in range(1, 41) for h in range(STRIDE, 7, STRIDE) for i in [end // (1 << h) - 1]
-                if end % (1 << h) == 0]
+    expected = [
+        (h, i)
+        for end in range(1, 41)
+        for h in range(STRIDE, 7, STRIDE)
+        for i in [end // (1 << h) - 1]
+        if end % (1 << h) == 0
+    ]
     assert [(h, i) for h, i, _ in nodes] == expected
     for h, i, digest in nodes:
-        assert digest == ref_mth(DATA[i << h:(i + 1) << h])
+        assert digest == ref_mth(DATA[i << h : (i + 1) << h])
 
 
 @pytest.mark.parametrize("n", range(1, 34))
@@ -141,7 +157,7 @@ def test_inclusion_fails_when_any_byte_changes():
         assert not verify_inclusion(m, n, LEAVES[m], path, forged)
     for j, element in enumerate(path):
         for forged in _flips(element):
-            assert not verify_inclusion(m, n, LEAVES[m], path[:j] + [forged] + path[j + 1:], root)
+            assert not verify_inclusion(m, n, LEAVES[m], path[:j] + [forged] + path[j + 1 :], root)
 
 
 @pytest.mark.parametrize("n", range(1, 34))
@@ -153,8 +169,8 @@ def test_consistency_proofs_equal_the_definition_and_verify(n):
         first_root = ref_mth(DATA[:m])
         assert verify_consistency(m, n, first_root, second_root, proof)
         if m < n:
-            assert not verify_consistency(m, n, ref_mth(DATA[1:m + 1]), second_root, proof)
-            assert not verify_consistency(m, n, first_root, ref_mth(DATA[1:n + 1]), proof)
+            assert not verify_consistency(m, n, ref_mth(DATA[1 : m + 1]), second_root, proof)
+            assert not verify_consistency(m, n, first_root, ref_mth(DATA[1 : n + 1]), proof)
             assert not verify_consistency(m, n, first_root, second_root, proof[:-1])
     assert verify_consistency(0, n, EMPTY_ROOT, second_root, [])
 
@@ -170,7 +186,7 @@ def test_consistency_fails_when_any_byte_changes():
         assert not verify_consistency(m, n, first, forged, proof)
     for j, element in enumerate(proof):
         for forged in _flips(element):
-            assert not verify_consistency(m, n, first, second, proof[:j] + [forged] + proof[j + 1:])
+            assert not verify_consistency(m, n, first, second, proof[:j] + [forged] + proof[j + 1 :])
 
 
 def test_a_rewritten_history_is_not_consistent():

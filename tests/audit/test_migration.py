@@ -26,12 +26,30 @@ def test_a_chain_sealed_before_the_ledger_is_backfilled_and_signed():
         Event, Link, Head = (old.get_model("audit", m) for m in ("AuditEvent", "AuditLink", "AuditHead"))
         prev = GENESIS
         for seq in range(1, 21):  # more than one stored node's worth (16 leaves)
-            event = Event.objects.create(occurred_at=timezone.now(), event="token.issued", outcome="ok",
-                                         actor=f"agent:{seq}", detail={"seq": seq})
-            fields = {"event": event.event, "outcome": "ok", "actor": event.actor, "user_id": None,
-                      "client_id": "", "grant_id": "", "error": "", "detail": event.detail, "remote_addr": ""}
-            digest = _event_hash(seq=seq, occurred_at=event.occurred_at.isoformat(), fields=fields, prev_hash=prev)
-            Link.objects.create(seq=seq, event=event, prev_hash=prev, hash=digest, sealed_at=event.occurred_at)
+            event = Event.objects.create(
+                occurred_at=timezone.now(),
+                event="token.issued",
+                outcome="ok",
+                actor=f"agent:{seq}",
+                detail={"seq": seq},
+            )
+            fields = {
+                "event": event.event,
+                "outcome": "ok",
+                "actor": event.actor,
+                "user_id": None,
+                "client_id": "",
+                "grant_id": "",
+                "error": "",
+                "detail": event.detail,
+                "remote_addr": "",
+            }
+            digest = _event_hash(
+                seq=seq, occurred_at=event.occurred_at.isoformat(), fields=fields, prev_hash=prev
+            )
+            Link.objects.create(
+                seq=seq, event=event, prev_hash=prev, hash=digest, sealed_at=event.occurred_at
+            )
             prev = digest
         Head.objects.create(pk=1, seq=20, hash=prev)
     finally:

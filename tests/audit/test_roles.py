@@ -66,18 +66,26 @@ def sealed(db):
 
 
 @pytest.mark.parametrize("table", LEDGER_TABLES)
-@pytest.mark.parametrize("statement", ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}",
-                                       "ALTER TABLE {t} DISABLE TRIGGER ALL"])
+@pytest.mark.parametrize(
+    "statement",
+    ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}", "ALTER TABLE {t} DISABLE TRIGGER ALL"],
+)
 def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(app_role, sealed, table, statement):
-    column = {"audit_auditevent": "event", "audit_auditlink": "leaf", "audit_auditnode": "hash",
-              "audit_auditcheckpoint": "jws"}[table]
+    column = {
+        "audit_auditevent": "event",
+        "audit_auditlink": "leaf",
+        "audit_auditnode": "hash",
+        "audit_auditcheckpoint": "jws",
+    }[table]
     with _as(app_role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(statement.format(t=table, c=column))
     assert AuditLink.objects.count() == 20 and AuditEvent.objects.count() == 20
 
 
-@pytest.mark.parametrize("statement", ["DELETE FROM audit_audithead", "TRUNCATE audit_audithead",
-                                       "SET session_replication_role = replica"])
+@pytest.mark.parametrize(
+    "statement",
+    ["DELETE FROM audit_audithead", "TRUNCATE audit_audithead", "SET session_replication_role = replica"],
+)
 def test_nor_remove_the_sealers_head_or_switch_triggers_off(app_role, sealed, statement):
     with _as(app_role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(statement)
@@ -85,14 +93,22 @@ def test_nor_remove_the_sealers_head_or_switch_triggers_off(app_role, sealed, st
 
 def test_the_application_role_still_appends_and_seals(app_role, sealed):
     with _as(app_role) as conn:
-        conn.execute("INSERT INTO audit_auditevent (occurred_at, event, outcome, actor, client_id, grant_id, error,"
-                     " detail, remote_addr, xid) VALUES (now(), 'token.issued', 'ok', 'agent:restricted', '', '',"
-                     " '', '{}', '', pg_current_xact_id())")
+        conn.execute(
+            "INSERT INTO audit_auditevent (occurred_at, event, outcome, actor, client_id, grant_id, error,"
+            " detail, remote_addr, xid) VALUES (now(), 'token.issued', 'ok', 'agent:restricted', '', '',"
+            " '', '{}', '', pg_current_xact_id())"
+        )
     env = {**os.environ, "DATABASE_URL": _url(app_role), "DATABASE_POOL": "0"}
     deadline = time.monotonic() + 90
     while True:  # a transaction open elsewhere on the server can hold sealing back for a while
-        result = subprocess.run([sys.executable, "manage.py", "audit_seal"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "manage.py", "audit_seal"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         if AuditLink.objects.count() == 21:
             break
@@ -106,8 +122,14 @@ def test_the_application_role_still_appends_and_seals(app_role, sealed):
 
 def test_audit_grants_check_tells_the_roles_apart(app_role):
     env = {**os.environ, "DATABASE_URL": _url(app_role), "DATABASE_POOL": "0"}
-    result = subprocess.run([sys.executable, "manage.py", "audit_grants", "--check"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "audit_grants", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and f"role {app_role} cannot UPDATE, DELETE or TRUNCATE" in result.stdout
     with pytest.raises(CommandError, match="is a superuser"):
         call_command("audit_grants", "--check", stdout=StringIO())
@@ -124,5 +146,7 @@ def test_audit_grants_prints_what_it_would_apply(db):
     out = StringIO()
     call_command("audit_grants", "--role", "cs_app", "--owner", "cs_owner", stdout=out)
     sql = out.getvalue()
-    assert 'REVOKE UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON "audit_auditevent", "audit_auditlink"' in sql
+    assert (
+        'REVOKE UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON "audit_auditevent", "audit_auditlink"' in sql
+    )
     assert 'ALTER DEFAULT PRIVILEGES FOR ROLE "cs_owner"' in sql

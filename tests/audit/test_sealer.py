@@ -35,7 +35,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(autouse=True)
 def _postgresql_only():
     if connection.vendor != "postgresql":
-        pytest.fail("sealer tests need PostgreSQL transaction ids: set DATABASE_URL=postgres://... (make test)")
+        pytest.fail(
+            "sealer tests need PostgreSQL transaction ids: set DATABASE_URL=postgres://... (make test)"
+        )
 
 
 def _seal_until_all_linked(timeout: float = 90.0) -> None:
@@ -85,7 +87,9 @@ class Writers:
                 try:
                     with transaction.atomic():
                         for k in range(events):
-                            audit_record(event="token.issued", actor=f"agent:{tag}", detail={"k": k, "tag": tag})
+                            audit_record(
+                                event="token.issued", actor=f"agent:{tag}", detail={"k": k, "tag": tag}
+                            )
                             time.sleep(rng.random() * 0.01)  # commit order differs from xid order
                         if rollback:
                             raise _RolledBack(tag)
@@ -210,7 +214,9 @@ def test_a_long_transaction_that_commits_late_is_not_skipped(db):
     assert not errors, errors
     _seal_until_all_linked()
     links = _assert_each_event_linked_once_in_order()
-    assert [link.event.event for link in links] == ["approval.requested", "approval.delivered"] + ["token.issued"] * 3
+    assert [link.event.event for link in links] == ["approval.requested", "approval.delivered"] + [
+        "token.issued"
+    ] * 3
     assert [link.event_id for link in links[2:]] == [row.pk for row in later]
     verified()
 
@@ -236,8 +242,15 @@ def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everythi
     # (created inside it, it would keep this process's own first key waiting on that transaction).
     active_signing_key()
     env = {**os.environ, "DATABASE_URL": _database_url(), "DATABASE_POOL": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SEAL_AND_HANG, "5"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SEAL_AND_HANG, "5"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline().strip()
         assert line == "5", (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -312,9 +325,15 @@ def test_readyz_names_the_audit_sealer_when_an_event_waits_too_long(client):
 
 def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db):
     env = {**os.environ, "DATABASE_URL": _database_url(), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "manage.py", "audit_seal", "--loop", "--interval", "0.05"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "audit_seal", "--loop", "--interval", "0.05"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         rows = [audit_record(event="token.issued", actor=f"agent:{i}") for i in range(5)]
         _until(lambda: AuditLink.objects.count() == 5, "the sealer process did not link the events")

@@ -23,8 +23,13 @@ from countersign.ledger import CHECKPOINT_TYP
 
 pytestmark = pytest.mark.django_db
 
-AUDIT_TABLES = ["audit_auditevent", "audit_auditlink", "audit_auditnode", "audit_auditcheckpoint",
-                "audit_audithead"]
+AUDIT_TABLES = [
+    "audit_auditevent",
+    "audit_auditlink",
+    "audit_auditnode",
+    "audit_auditcheckpoint",
+    "audit_audithead",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +46,10 @@ def _sql(statement: str, params=()) -> int:
 
 @pytest.fixture
 def ledger(db):
-    rows = [audit_record(event="token.issued", actor=f"agent:c{i}", client_id=f"c{i}", detail={"jti": f"j{i}"})
-            for i in range(10)]
+    rows = [
+        audit_record(event="token.issued", actor=f"agent:c{i}", client_id=f"c{i}", detail={"jti": f"j{i}"})
+        for i in range(10)
+    ]
     while audit_seal_all(limit=3):
         pass
     assert list(AuditCheckpoint.objects.values_list("tree_size", flat=True)) == [3, 6, 9, 10]
@@ -72,16 +79,26 @@ def _rewrite(events: list[AuditEvent]) -> None:
         leaf = event_leaf(event, seq)
         frontier, size, nodes = frontier_append(frontier, size, [leaf])
         insert_nodes(nodes)
-        links.append(AuditLink(seq=seq, event_id=event.pk, prev_hash=prev, hash=digest, leaf=leaf.hex(),
-                               sealed_at=event.occurred_at))
+        links.append(
+            AuditLink(
+                seq=seq,
+                event_id=event.pk,
+                prev_hash=prev,
+                hash=digest,
+                leaf=leaf.hex(),
+                sealed_at=event.occurred_at,
+            )
+        )
         prev = digest
     AuditLink.objects.bulk_create(links)
     AuditHead.objects.filter(pk=1).update(seq=size, hash=prev, frontier=[h.hex() for h in frontier])
 
 
 def _in_order() -> list[AuditEvent]:
-    return [AuditEvent.objects.get(pk=pk) for pk in AuditLink.objects.order_by("seq").values_list("event_id",
-                                                                                                   flat=True)]
+    return [
+        AuditEvent.objects.get(pk=pk)
+        for pk in AuditLink.objects.order_by("seq").values_list("event_id", flat=True)
+    ]
 
 
 def test_an_intact_ledger_passes(ledger):
@@ -103,12 +120,16 @@ def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_
     events[4], events[5] = events[5], events[4]  # positions 5 and 6
     _rewrite(events)
     err = _fails()
-    assert _first_line(err) == ("position 4: checkpoint 6: the events at positions 4..6 do not hash to its signed "
-                                "root (changed, moved or inserted)")
+    assert _first_line(err) == (
+        "position 4: checkpoint 6: the events at positions 4..6 do not hash to its signed "
+        "root (changed, moved or inserted)"
+    )
 
 
 def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_root(ledger):
-    _sql("UPDATE audit_auditevent SET detail = %s WHERE id = %s", [json.dumps({"jti": "forged"}), ledger[7].pk])
+    _sql(
+        "UPDATE audit_auditevent SET detail = %s WHERE id = %s", [json.dumps({"jti": "forged"}), ledger[7].pk]
+    )
     _rewrite(_in_order())
     assert _first_line(_fails()).startswith("position 7: checkpoint 9: the events at positions 7..9")
 
@@ -138,11 +159,17 @@ def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger):
 
     root = frontier_root([bytes.fromhex(h) for h in head.frontier]).hex()
     real = AuditCheckpoint.objects.get(tree_size=10)
-    forged = jwt.encode({"iss": "http://127.0.0.1:8000", "iat": 1, "tree_size": 10, "root_hash": root, "prev": None},
-                        key, algorithm="ES256", headers={"kid": real.kid, "typ": CHECKPOINT_TYP})
+    forged = jwt.encode(
+        {"iss": "http://127.0.0.1:8000", "iat": 1, "tree_size": 10, "root_hash": root, "prev": None},
+        key,
+        algorithm="ES256",
+        headers={"kid": real.kid, "typ": CHECKPOINT_TYP},
+    )
     _sql("DELETE FROM audit_auditcheckpoint")
-    _sql("INSERT INTO audit_auditcheckpoint (tree_size, root_hash, issued_at, kid, jws) VALUES (10, %s, now(), %s, %s)",
-         [root, real.kid, forged])
+    _sql(
+        "INSERT INTO audit_auditcheckpoint (tree_size, root_hash, issued_at, kid, jws) VALUES (10, %s, now(), %s, %s)",
+        [root, real.kid, forged],
+    )
     assert "checkpoint 10: signature or claims do not verify" in _first_line(_fails())
 
 
@@ -205,10 +232,16 @@ def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(ledger, t
     assert AuditLink.objects.count() == 10 and AuditCheckpoint.objects.count() == 4
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_auditnode SET hash = repeat('0', 64)",
-                                       "DELETE FROM audit_auditnode",
-                                       "UPDATE audit_auditcheckpoint SET root_hash = repeat('0', 64)",
-                                       "DELETE FROM audit_auditcheckpoint", "DELETE FROM audit_audithead"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_auditnode SET hash = repeat('0', 64)",
+        "DELETE FROM audit_auditnode",
+        "UPDATE audit_auditcheckpoint SET root_hash = repeat('0', 64)",
+        "DELETE FROM audit_auditcheckpoint",
+        "DELETE FROM audit_audithead",
+    ],
+)
 def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, statement):
     _sql("SET session_replication_role = origin")
     audit_record(event="token.issued", actor="agent:x")
@@ -221,7 +254,9 @@ def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, stateme
 
 def test_a_removed_middle_checkpoint_breaks_the_checkpoint_chain(ledger):
     _sql("DELETE FROM audit_auditcheckpoint WHERE tree_size = 6")
-    assert _first_line(_fails()).startswith("position 4: checkpoint 9: does not follow the checkpoint before it")
+    assert _first_line(_fails()).startswith(
+        "position 4: checkpoint 9: does not follow the checkpoint before it"
+    )
 
 
 def test_an_edited_checkpoint_row_is_detected(ledger):

@@ -61,9 +61,12 @@ def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
     catalog, _ = resource_server_create(name="Catalog", audience="http://catalog.test")
     resource_server_create(name="Ledger", audience="http://ledger.test")
     redirect_uri = f"{live_issuer}{CALLBACK_PATH}"
-    agent, secret = agent_create(name="Procurement Agent", publisher="Acme Agents",
-                                 scopes=["catalog:read", "budget:read", "ledger:write"],
-                                 redirect_uris=[redirect_uri])
+    agent, secret = agent_create(
+        name="Procurement Agent",
+        publisher="Acme Agents",
+        scopes=["catalog:read", "budget:read", "ledger:write"],
+        redirect_uris=[redirect_uri],
+    )
     user = get_user_model().objects.create_user("officer", password=PASSWORD)
     return BrowserScenario(agent, secret, catalog.audience, user, live_issuer, redirect_uri)
 
@@ -78,8 +81,11 @@ def chromium():
     is set only while the browser runs (module scope), so tests in other modules keep the check.
     """
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"Browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
-                    f"it is not there or not executable.", pytrace=False)
+        pytest.fail(
+            f"Browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
+            f"it is not there or not executable.",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
@@ -106,8 +112,10 @@ def page(chromium, live_server):
     page = context.new_page()
     # No server listens at the agent's redirect URI: Playwright answers it, and page.url keeps
     # the full callback URL with code/state or error.
-    page.route(f"**{CALLBACK_PATH}**",
-               lambda route: route.fulfill(status=200, content_type="text/plain", body="agent callback"))
+    page.route(
+        f"**{CALLBACK_PATH}**",
+        lambda route: route.fulfill(status=200, content_type="text/plain", body="agent callback"),
+    )
     try:
         yield page
     finally:
@@ -118,12 +126,16 @@ def page(chromium, live_server):
 def page_problems(page) -> list[str]:
     """Console errors, uncaught page errors and failed sub-requests seen while the test runs."""
     problems: list[str] = []
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-            if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
-    page.on("response", lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}")
-            if resp.status >= 400 else None)
+    page.on(
+        "response",
+        lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None,
+    )
     return problems
 
 
@@ -155,8 +167,10 @@ def watch_page(page) -> list[str]:
     page.on("console", on_console)
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} {req.failure}"))
-    page.on("response", lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}")
-            if resp.status >= 400 else None)
+    page.on(
+        "response",
+        lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None,
+    )
 
     def on_dialog(dialog):
         problems.append(f"dialog {dialog.type}: {dialog.message}")

@@ -23,11 +23,17 @@ STATE = "st-browser-123"
 
 
 def _authorize_url(s, challenge: str) -> str:
-    return "/o/authorize/?" + urlencode({
-        "response_type": "code", "client_id": s.agent.client_id, "redirect_uri": s.redirect_uri,
-        "scope": "catalog:read budget:read ledger:write", "state": STATE,
-        "code_challenge": challenge, "code_challenge_method": "S256",
-    })
+    return "/o/authorize/?" + urlencode(
+        {
+            "response_type": "code",
+            "client_id": s.agent.client_id,
+            "redirect_uri": s.redirect_uri,
+            "scope": "catalog:read budget:read ledger:write",
+            "state": STATE,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
 
 
 def _sign_in_to_consent(page, s, challenge: str) -> None:
@@ -94,10 +100,16 @@ def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_pr
 
     with _http() as http:
         # The agent exchanges the code, authenticating with HTTP Basic and proving PKCE.
-        response = http.post(f"{s.base_url}/o/token/", auth=(s.agent.client_id, s.agent_secret), data={
-            "grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
-            "code_verifier": verifier,
-        })
+        response = http.post(
+            f"{s.base_url}/o/token/",
+            auth=(s.agent.client_id, s.agent_secret),
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": s.redirect_uri,
+                "code_verifier": verifier,
+            },
+        )
         assert response.status_code == 200, response.text
         assert "no-store" in response.headers.get("cache-control", "")
         body = response.json()
@@ -116,8 +128,14 @@ def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_pr
     keys = {k["kid"]: k for k in jwks["keys"]}
     assert header["kid"] in keys, f"kid {header['kid']!r} not in the published JWKS {list(keys)}"
     key = jwt.PyJWK(keys[header["kid"]])
-    claims = jwt.decode(token, key, algorithms=["ES256"], issuer=s.base_url, audience=s.rs_audience,
-                        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]})
+    claims = jwt.decode(
+        token,
+        key,
+        algorithms=["ES256"],
+        issuer=s.base_url,
+        audience=s.rs_audience,
+        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]},
+    )
     assert claims["sub"] == f"user:{s.user.pk}"
     assert claims["act"] == {"sub": f"agent:{s.agent.client_id}"}
     assert claims["exp"] - claims["iat"] == 900

@@ -44,21 +44,32 @@ class AgentClient:
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
 
     def ask(self, details=None, **extra) -> dict:
-        response = self.http.post(f"{self.url}/o/bc-authorize/", auth=self.auth, data={
-            "scope": "ledger:write", "login_hint_token": self.session_token,
-            "authorization_details": json.dumps([details or LEDGER_ENTRY]), **extra})
+        response = self.http.post(
+            f"{self.url}/o/bc-authorize/",
+            auth=self.auth,
+            data={
+                "scope": "ledger:write",
+                "login_hint_token": self.session_token,
+                "authorization_details": json.dumps([details or LEDGER_ENTRY]),
+                **extra,
+            },
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert set(body) >= {"auth_req_id", "expires_in", "interval"}
         return body
 
     def poll(self, auth_req_id: str) -> httpx.Response:
-        return self.http.post(f"{self.url}/o/token/", auth=self.auth,
-                              data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+        return self.http.post(
+            f"{self.url}/o/token/", auth=self.auth, data={"grant_type": CIBA, "auth_req_id": auth_req_id}
+        )
 
     def redeem(self, token: str, **extra) -> httpx.Response:
-        return self.http.post(f"{self.url}/o/redeem/", auth=(self.s.ledger_client_id, self.s.ledger_secret),
-                              data={"token": token, **extra})
+        return self.http.post(
+            f"{self.url}/o/redeem/",
+            auth=(self.s.ledger_client_id, self.s.ledger_secret),
+            data={"token": token, **extra},
+        )
 
     def close(self):
         self.http.close()
@@ -125,7 +136,9 @@ def _verify_action_token(token: str, live, scenario) -> dict:
     header = jwt.get_unverified_header(token)
     assert header["typ"] == "action+jwt"
     key = jwt.PyJWK({k["kid"]: k for k in jwks["keys"]}[header["kid"]])
-    claims = jwt.decode(token, key, algorithms=[header["alg"]], issuer=live.url, audience="http://ledger.test")
+    claims = jwt.decode(
+        token, key, algorithms=[header["alg"]], issuer=live.url, audience="http://ledger.test"
+    )
     assert claims["scope"] == "ledger:write"
     assert claims["sub"] == f"user:{scenario.user.pk}"
     assert claims["act"] == {"sub": f"agent:{scenario.agent.client_id}"}
@@ -168,7 +181,9 @@ def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_conte
     page.screenshot(path=SCREENSHOT, full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})  # a phone
     page.screenshot(path=SCREENSHOT_PHONE, full_page=True)
-    assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the inbox scrolls sideways on a phone"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, (
+        "the inbox scrolls sideways on a phone"
+    )
     page.set_viewport_size({"width": 1280, "height": 720})
 
     # Before a decision the agent is told to wait.

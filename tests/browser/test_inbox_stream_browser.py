@@ -73,11 +73,22 @@ def _shown_ids(page) -> set[str]:
     return set(page.eval_on_selector_all("#prompts li.prompt", "els => els.map(e => e.dataset.id)"))
 
 
-def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(live, live_context, scenario, ledger_policy,
-                                                               held, tiny_capacity, caplog, settings):  # noqa: F811
+def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
+    live,
+    live_context,
+    scenario,
+    ledger_policy,
+    held,  # noqa: F811
+    tiny_capacity,
+    caplog,
+    settings,
+):
     caplog.set_level(logging.INFO, logger="channels_redis.core")
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": FLOOD,
-                            "MAX_PROMPTS_PER_USER_IN_WINDOW": FLOOD}
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "MAX_PENDING_PER_USER": FLOOD,
+        "MAX_PROMPTS_PER_USER_IN_WINDOW": FLOOD,
+    }
     _sign_in_context(live_context, live)
     tabs = [_tab(live_context, live) for _ in range(TABS)]
 
@@ -98,8 +109,7 @@ def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(live, live_contex
         assert problems == [], problems
 
 
-def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario, ledger_policy,
-                                                   held):  # noqa: F811
+def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario, ledger_policy, held):  # noqa: F811
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
     grant = session_grant(scenario)
@@ -116,8 +126,13 @@ def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario,
     assert problems == [], problems
 
 
-def test_a_lost_newest_message_arrives_through_the_periodic_check(live, live_context, scenario, ledger_policy,
-                                                                  held):  # noqa: F811
+def test_a_lost_newest_message_arrives_through_the_periodic_check(
+    live,
+    live_context,
+    scenario,
+    ledger_policy,
+    held,  # noqa: F811
+):
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
 

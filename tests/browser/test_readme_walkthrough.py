@@ -22,8 +22,15 @@ def test_walkthrough_as_written(live, live_context, tmp_path):
     blocks = shell_blocks("Walkthrough: the reference scenario")
     assert len(blocks) == 8, "the walkthrough's steps changed: update this test with them"
     shell = Shell(_reader_dir(tmp_path), _env(live.env))
-    setup, authorize, exchange, ask, poll, collect, redeem = blocks[0], blocks[1], blocks[2], blocks[3], \
-        blocks[4], blocks[5], blocks[6]
+    setup, authorize, exchange, ask, poll, collect, redeem = (
+        blocks[0],
+        blocks[1],
+        blocks[2],
+        blocks[3],
+        blocks[4],
+        blocks[5],
+        blocks[6],
+    )
 
     assert "CS=http://127.0.0.1:8000\n" in setup
     metadata = json.loads(shell.run(setup.replace("CS=http://127.0.0.1:8000\n", f"CS={live.url}\n")))
@@ -34,8 +41,10 @@ def test_walkthrough_as_written(live, live_context, tmp_path):
 
     # The browser: open the URL, sign in as officer, Allow; the address bar ends at the callback.
     page = live_context.new_page()
-    page.route("http://127.0.0.1:8199/callback**",
-               lambda route: route.fulfill(status=200, content_type="text/plain", body="nothing listens here"))
+    page.route(
+        "http://127.0.0.1:8199/callback**",
+        lambda route: route.fulfill(status=200, content_type="text/plain", body="nothing listens here"),
+    )
     page.goto(url)
     page.get_by_label("Username").fill("officer")
     page.get_by_label("Password").fill(DEMO_PASSWORD)

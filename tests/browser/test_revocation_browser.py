@@ -49,7 +49,9 @@ def _sign_in(page, live) -> None:
     page.wait_for_url(f"{live.url}/approvals/")
 
 
-def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(live, live_context, scenario, session_tokens):
+def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(
+    live, live_context, scenario, session_tokens
+):
     http = _http()
     agent_auth = (scenario.agent.client_id, scenario.agent_secret)
     try:
@@ -62,9 +64,15 @@ def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(live, live_
         inbox.evaluate("window.__sameDocument = true")
 
         # The agent asks over HTTP; the prompt arrives in the open tab without a reload.
-        asked = http.post(f"{live.url}/o/bc-authorize/", auth=agent_auth, data={
-            "scope": "ledger:write", "login_hint_token": session_tokens["access_token"],
-            "authorization_details": json.dumps([LEDGER_ENTRY])})
+        asked = http.post(
+            f"{live.url}/o/bc-authorize/",
+            auth=agent_auth,
+            data={
+                "scope": "ledger:write",
+                "login_hint_token": session_tokens["access_token"],
+                "authorization_details": json.dumps([LEDGER_ENTRY]),
+            },
+        )
         assert asked.status_code == 200, asked.text
         auth_req_id = asked.json()["auth_req_id"]
         expect(inbox.get_by_role("heading", name=HEADLINE)).to_be_visible()
@@ -81,7 +89,9 @@ def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(live, live_
         revoke.click()
         grants.wait_for_url(f"{live.url}/grants/")
         expect(grants.get_by_text("Access revoked. The agent's tokens stopped working.")).to_be_visible()
-        expect(grants.get_by_role("button", name=f"Revoke {scenario.agent.name}", exact=True)).to_have_count(0)
+        expect(grants.get_by_role("button", name=f"Revoke {scenario.agent.name}", exact=True)).to_have_count(
+            0
+        )
 
         # The first tab learns of it over its websocket: no reload, no click.
         expect(inbox.locator("#prompts li.prompt")).to_have_count(0)
@@ -95,17 +105,25 @@ def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(live, live_
         assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.CANCELLED
 
         # The agent's next poll: access denied.
-        polled = http.post(f"{live.url}/o/token/", auth=agent_auth,
-                           data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+        polled = http.post(
+            f"{live.url}/o/token/", auth=agent_auth, data={"grant_type": CIBA, "auth_req_id": auth_req_id}
+        )
         assert polled.status_code == 400 and polled.json()["error"] == "access_denied", polled.text
 
         # The resource server's introspection: inactive, nothing more.
-        introspected = http.post(f"{live.url}/o/introspect/", auth=(scenario.rs_client_id, scenario.rs_secret),
-                                 data={"token": session_tokens["access_token"]})
+        introspected = http.post(
+            f"{live.url}/o/introspect/",
+            auth=(scenario.rs_client_id, scenario.rs_secret),
+            data={"token": session_tokens["access_token"]},
+        )
         assert introspected.status_code == 200 and introspected.json() == {"active": False}, introspected.text
 
-        assert AuditEvent.objects.filter(event="grant.revoked", grant_id=str(grant.pk),
-                                         actor=f"user:{scenario.user.pk}").count() == 1
+        assert (
+            AuditEvent.objects.filter(
+                event="grant.revoked", grant_id=str(grant.pk), actor=f"user:{scenario.user.pk}"
+            ).count()
+            == 1
+        )
         assert problems == [], problems
     finally:
         http.close()

@@ -57,7 +57,8 @@ class SigningKey:
         self.kid = kid or jwk_thumbprint(public)
         self.jwk = {**public, "kid": self.kid, "alg": alg, "use": "sig"}
         self.public_pem = self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 class LocalIssuer:
@@ -67,8 +68,14 @@ class LocalIssuer:
         self.key = SigningKey(alg)
         self.keys = [self.key]
         self.agents: dict[str, dict[str, Any]] = {
-            AGENT_ID: {"client_id": AGENT_ID, "actor": f"agent:{AGENT_ID}", "name": "Procurement Agent",
-                       "publisher": "Acme Agents", "status": "active", "jkt": []},
+            AGENT_ID: {
+                "client_id": AGENT_ID,
+                "actor": f"agent:{AGENT_ID}",
+                "name": "Procurement Agent",
+                "publisher": "Acme Agents",
+                "status": "active",
+                "jkt": [],
+            },
         }
         self.calls: Counter[str] = Counter()
         self.redeemed: set[str] = set()
@@ -89,10 +96,16 @@ class LocalIssuer:
             return httpx.Response(599)
         if path == "/.well-known/oauth-authorization-server":
             self.calls["metadata"] += 1
-            return httpx.Response(200, json={
-                "issuer": self.metadata_issuer, "jwks_uri": f"{ISSUER}/.well-known/jwks.json",
-                "token_endpoint": f"{ISSUER}/o/token/", "redemption_endpoint": f"{ISSUER}/o/redeem/",
-                "agent_registry_endpoint": f"{ISSUER}/o/agents/"})
+            return httpx.Response(
+                200,
+                json={
+                    "issuer": self.metadata_issuer,
+                    "jwks_uri": f"{ISSUER}/.well-known/jwks.json",
+                    "token_endpoint": f"{ISSUER}/o/token/",
+                    "redemption_endpoint": f"{ISSUER}/o/redeem/",
+                    "agent_registry_endpoint": f"{ISSUER}/o/agents/",
+                },
+            )
         if path == "/.well-known/jwks.json":
             self.calls["jwks"] += 1
             return httpx.Response(200, json={"keys": [k.jwk for k in self.keys]})
@@ -104,7 +117,9 @@ class LocalIssuer:
             if request.headers.get("Authorization") != expected_auth:
                 return httpx.Response(401, json={"error": "invalid_client"})
             agent = self.agents.get(path.removeprefix("/o/agents/"))
-            return httpx.Response(200, json=agent) if agent else httpx.Response(404, json={"error": "not_found"})
+            return (
+                httpx.Response(200, json=agent) if agent else httpx.Response(404, json={"error": "not_found"})
+            )
         if path == "/o/redeem/":
             self.calls["redeem"] += 1
             if request.headers.get("Authorization") != expected_auth:
@@ -112,22 +127,38 @@ class LocalIssuer:
             form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
             jti = jwt.decode(form["token"], options={"verify_signature": False})["jti"]
             if jti in self.redeemed:
-                return httpx.Response(400, json={"error": "invalid_token",
-                                                 "error_description": "action token already redeemed"})
+                return httpx.Response(
+                    400, json={"error": "invalid_token", "error_description": "action token already redeemed"}
+                )
             self.redeemed.add(jti)
             return httpx.Response(200, json={"redeemed": True})
         return httpx.Response(404, json={"error": "not_found"})
 
     def claims(self, **overrides: Any) -> dict[str, Any]:
         now = int(time.time())
-        claims = {"iss": ISSUER, "sub": "user:7", "aud": [AUDIENCE], "client_id": AGENT_ID,
-                  "scope": "catalog:read budget:read", "act": {"sub": f"agent:{AGENT_ID}"}, "grant_id": "g-1",
-                  "jti": secrets.token_urlsafe(16), "iat": now, "exp": now + 900}
+        claims = {
+            "iss": ISSUER,
+            "sub": "user:7",
+            "aud": [AUDIENCE],
+            "client_id": AGENT_ID,
+            "scope": "catalog:read budget:read",
+            "act": {"sub": f"agent:{AGENT_ID}"},
+            "grant_id": "g-1",
+            "jti": secrets.token_urlsafe(16),
+            "iat": now,
+            "exp": now + 900,
+        }
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}
 
-    def mint(self, *, typ: str | None = "at+jwt", key: SigningKey | None = None, headers: dict | None = None,
-             **overrides: Any) -> str:
+    def mint(
+        self,
+        *,
+        typ: str | None = "at+jwt",
+        key: SigningKey | None = None,
+        headers: dict | None = None,
+        **overrides: Any,
+    ) -> str:
         key = key or self.key
         header = {"kid": key.kid, **({"typ": typ} if typ else {}), **(headers or {})}
         return jwt.encode(self.claims(**overrides), key.private, algorithm=key.alg, headers=header)
@@ -173,16 +204,23 @@ def consent_over_http(live, user, url: str, state: str, *, decision: str = "allo
 
     browser = Client()
     browser.force_login(user)
-    with httpx.Client(base_url=live.url, cookies={"sessionid": browser.cookies["sessionid"].value},
-                      timeout=10) as http:
+    with httpx.Client(
+        base_url=live.url, cookies={"sessionid": browser.cookies["sessionid"].value}, timeout=10
+    ) as http:
         page = http.get(url)
         assert page.status_code == 200, page.text[:500]
         fields = dict(re.findall(r'name="(csrfmiddlewaretoken|authz_query)" value="([^"]*)"', page.text))
         lifetime = re.search(r'<option value="(\d+)"', page.text)
-        response = http.post("/o/authorize/", headers={"Origin": live.url, "Referer": url}, data={
-            "csrfmiddlewaretoken": html.unescape(fields["csrfmiddlewaretoken"]),
-            "authz_query": html.unescape(fields["authz_query"]), "decision": decision,
-            "lifetime": lifetime.group(1) if lifetime else "3600"})
+        response = http.post(
+            "/o/authorize/",
+            headers={"Origin": live.url, "Referer": url},
+            data={
+                "csrfmiddlewaretoken": html.unescape(fields["csrfmiddlewaretoken"]),
+                "authz_query": html.unescape(fields["authz_query"]),
+                "decision": decision,
+                "lifetime": lifetime.group(1) if lifetime else "3600",
+            },
+        )
     assert response.status_code == 302, response.text[:500]
     params = parse_qs(urlparse(response.headers["Location"]).query)
     assert params["state"] == [state]

@@ -79,8 +79,12 @@ def agent(live, scenario, ledger_policy) -> AgentClient:  # noqa: F811
 
 @pytest.fixture
 def catalog(live, scenario) -> TokenVerifier:
-    return TokenVerifier(live.url, client_id=scenario.rs_client_id, client_secret=scenario.rs_secret,
-                         audience=scenario.rs_audience)
+    return TokenVerifier(
+        live.url,
+        client_id=scenario.rs_client_id,
+        client_secret=scenario.rs_secret,
+        audience=scenario.rs_audience,
+    )
 
 
 # --- session grant ---------------------------------------------------------------------------------
@@ -99,9 +103,13 @@ def test_authorization_url_uses_pkce_s256(live, scenario):
 def test_code_exchange_gives_a_session_the_resource_server_accepts(live, scenario, agent, catalog):
     assert agent.tokens is not None and agent.tokens.refresh_token  # seeded agent: rotating mode
     verified = catalog.verify_session(agent.access_token, required_scopes=["catalog:read"])
-    assert verified.subject == f"user:{scenario.user.pk}" and verified.actor == f"agent:{scenario.agent.client_id}"
+    assert (
+        verified.subject == f"user:{scenario.user.pk}"
+        and verified.actor == f"agent:{scenario.agent.client_id}"
+    )
     assert agent.auth_headers("GET", "http://catalog.test/items") == {
-        "Authorization": f"Bearer {agent.access_token}"}
+        "Authorization": f"Bearer {agent.access_token}"
+    }
 
 
 def test_a_code_is_good_once(live, scenario, ledger_policy):  # noqa: F811
@@ -153,13 +161,19 @@ def test_concurrent_callers_share_one_refresh(live, scenario, ledger_policy):  #
     assert AuditEvent.objects.filter(event="token.refreshed").count() == 1
 
 
-def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(live, scenario, ledger_policy,  # noqa: F811
-                                                                     catalog):
+def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(
+    live,
+    scenario,
+    ledger_policy,  # noqa: F811
+    catalog,
+):
     key = AgentKey()
-    Agent.objects.filter(pk=scenario.agent.pk).update(jwks={"keys": [key.jwk]},
-                                                      refresh_mode=Agent.RefreshMode.EXCHANGE, access_token_ttl=SHORT_TTL)
-    client = AgentClient(live.url, scenario.agent.client_id, private_key=key.private, key_id=key.kid,
-                         redirect_uri=REDIRECT_URI)  # no secret at all: private_key_jwt everywhere
+    Agent.objects.filter(pk=scenario.agent.pk).update(
+        jwks={"keys": [key.jwk]}, refresh_mode=Agent.RefreshMode.EXCHANGE, access_token_ttl=SHORT_TTL
+    )
+    client = AgentClient(
+        live.url, scenario.agent.client_id, private_key=key.private, key_id=key.kid, redirect_uri=REDIRECT_URI
+    )  # no secret at all: private_key_jwt everywhere
     _connect(live, scenario, client)
     assert client.tokens.refresh_token is None  # exchange mode: no refresh token exists
     first = client.tokens.access_token
@@ -173,7 +187,9 @@ def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(live, scen
 
 
 def test_without_refresh_token_or_key_the_session_ends(live, scenario, ledger_policy):  # noqa: F811
-    Agent.objects.filter(pk=scenario.agent.pk).update(refresh_mode=Agent.RefreshMode.NONE, access_token_ttl=SHORT_TTL)
+    Agent.objects.filter(pk=scenario.agent.pk).update(
+        refresh_mode=Agent.RefreshMode.NONE, access_token_ttl=SHORT_TTL
+    )
     client = _client(live, scenario)
     _connect(live, scenario, client)
     time.sleep(DUE_AFTER)
@@ -194,11 +210,17 @@ def test_revoked_grant_ends_the_session_at_refresh(live, scenario, agent):
 
 def test_request_approval_returns_an_action_token_the_ledger_redeems(live, scenario, agent):
     with officer_decides(scenario.user):
-        action = agent.request_approval("ledger:write", [LEDGER_ENTRY], binding_message="step 5 of 5", timeout=30)
+        action = agent.request_approval(
+            "ledger:write", [LEDGER_ENTRY], binding_message="step 5 of 5", timeout=30
+        )
     assert action.scope == "ledger:write" and action.authorization_details == [LEDGER_ENTRY]
     assert 0 < action.expires_in <= 120 and not action.dpop_bound
-    ledger = TokenVerifier(live.url, client_id=scenario.ledger_client_id, client_secret=scenario.ledger_secret,
-                           audience="http://ledger.test")
+    ledger = TokenVerifier(
+        live.url,
+        client_id=scenario.ledger_client_id,
+        client_secret=scenario.ledger_secret,
+        audience="http://ledger.test",
+    )
     verified = ledger.verify_action(action.token, expected_details=[LEDGER_ENTRY])
     assert verified.claims["approval_id"] == str(ApprovalRequest.objects.get().pk)
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
@@ -241,8 +263,9 @@ class _PingReceiver(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).results.append(type(self).client.on_ping(body["auth_req_id"],
-                                                            authorization=self.headers.get("Authorization")))
+        type(self).results.append(
+            type(self).client.on_ping(body["auth_req_id"], authorization=self.headers.get("Authorization"))
+        )
         self.send_response(204)
         self.end_headers()
 
@@ -255,7 +278,8 @@ def test_ping_wakes_the_waiting_request_at_once(live, scenario, ledger_policy): 
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         Agent.objects.filter(pk=scenario.agent.pk).update(
-            backchannel_client_notification_endpoint=f"http://127.0.0.1:{server.server_port}/cb")
+            backchannel_client_notification_endpoint=f"http://127.0.0.1:{server.server_port}/cb"
+        )
         client = _client(live, scenario, ping_mode=True)
         _connect(live, scenario, client)
         _PingReceiver.client, _PingReceiver.results = client, []
@@ -285,8 +309,9 @@ def test_async_client_end_to_end(live, scenario, ledger_policy, catalog):  # noq
     _short_ttl(scenario)
 
     async def run():
-        async with AsyncAgentClient(live.url, scenario.agent.client_id, client_secret=scenario.agent_secret,
-                                    redirect_uri=REDIRECT_URI) as client:
+        async with AsyncAgentClient(
+            live.url, scenario.agent.client_id, client_secret=scenario.agent_secret, redirect_uri=REDIRECT_URI
+        ) as client:
             url, state, verifier = await client.authorization_url(SCOPES)
             code = await asyncio.to_thread(_consent_in_thread, live, scenario.user, url, state)
             first = (await client.exchange_code(code, verifier)).access_token
@@ -304,11 +329,13 @@ def test_async_client_end_to_end(live, scenario, ledger_policy, catalog):  # noq
 
 def test_async_denial(live, scenario, ledger_policy):  # noqa: F811
     async def run():
-        async with AsyncAgentClient(live.url, scenario.agent.client_id, client_secret=scenario.agent_secret,
-                                    redirect_uri=REDIRECT_URI) as client:
+        async with AsyncAgentClient(
+            live.url, scenario.agent.client_id, client_secret=scenario.agent_secret, redirect_uri=REDIRECT_URI
+        ) as client:
             url, state, verifier = await client.authorization_url(SCOPES)
-            await client.exchange_code(await asyncio.to_thread(_consent_in_thread, live, scenario.user, url, state),
-                                       verifier)
+            await client.exchange_code(
+                await asyncio.to_thread(_consent_in_thread, live, scenario.user, url, state), verifier
+            )
             with officer_decides(scenario.user, decision="deny"):
                 await client.request_approval("ledger:write", [LEDGER_ENTRY], timeout=30)
 
@@ -321,8 +348,11 @@ def test_async_denial(live, scenario, ledger_policy):  # noqa: F811
 
 def test_dpop_session_with_server_nonce_and_refresh(live, scenario, ledger_policy, catalog):  # noqa: F811
     key = DPoPKey.generate()
-    Agent.objects.filter(pk=scenario.agent.pk).update(jwks={"keys": [{**key.jwk, "kid": "d1", "alg": "ES256"}]},
-                                                      require_dpop=True, access_token_ttl=SHORT_TTL)
+    Agent.objects.filter(pk=scenario.agent.pk).update(
+        jwks={"keys": [{**key.jwk, "kid": "d1", "alg": "ES256"}]},
+        require_dpop=True,
+        access_token_ttl=SHORT_TTL,
+    )
     client = _client(live, scenario, dpop_key=key)
     _connect(live, scenario, client)  # first proof has no nonce: use_dpop_nonce, then a retry
     assert client.dpop_nonce and client.tokens.token_type == "DPoP"
@@ -330,8 +360,12 @@ def test_dpop_session_with_server_nonce_and_refresh(live, scenario, ledger_polic
     refreshed = client.get_access_token()
     assert jwt.decode(refreshed, options={"verify_signature": False})["cnf"] == {"jkt": key.jkt}
     headers = client.headers_for("GET", "http://catalog.test/items")
-    assert catalog.verify_session(refreshed, dpop_proof=headers["DPoP"], htm="GET", htu="http://catalog.test/items",
-                                  scheme="DPoP").dpop_jkt == key.jkt
+    assert (
+        catalog.verify_session(
+            refreshed, dpop_proof=headers["DPoP"], htm="GET", htu="http://catalog.test/items", scheme="DPoP"
+        ).dpop_jkt
+        == key.jkt
+    )
     stranger = _client(live, scenario, dpop_key=DPoPKey.generate())  # a key the agent never registered
     with pytest.raises(Exception, match="invalid_dpop_proof"):
         _connect(live, scenario, stranger)
@@ -354,9 +388,14 @@ class FakeServer:
         self.requests.append(request)
         path = request.url.path
         if path == "/.well-known/oauth-authorization-server":
-            return httpx.Response(200, json={
-                "issuer": self.issuer, "token_endpoint": f"{self.issuer}/o/token/",
-                "backchannel_authentication_endpoint": f"{self.issuer}/o/bc-authorize/"})
+            return httpx.Response(
+                200,
+                json={
+                    "issuer": self.issuer,
+                    "token_endpoint": f"{self.issuer}/o/token/",
+                    "backchannel_authentication_endpoint": f"{self.issuer}/o/bc-authorize/",
+                },
+            )
         form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
         if path == "/o/bc-authorize/":
             self.asked += 1
@@ -364,24 +403,52 @@ class FakeServer:
                 return httpx.Response(400, json={"error": "expired_login_hint_token"})
             return httpx.Response(200, json={"auth_req_id": "req-1", "expires_in": 600, "interval": 1})
         if form.get("grant_type") == "refresh_token":
-            return httpx.Response(200, json={"access_token": "new", "token_type": "Bearer", "expires_in": 900,
-                                             "refresh_token": "r2"})
+            return httpx.Response(
+                200,
+                json={
+                    "access_token": "new",
+                    "token_type": "Bearer",
+                    "expires_in": 900,
+                    "refresh_token": "r2",
+                },
+            )
         status, body, headers = self.polls.pop(0)
         return httpx.Response(status, json=body, headers=headers)
 
 
 def _fake_client(server, *, session_token="old", **kwargs) -> AgentClient:
-    client = AgentClient(server.issuer, "agent-1", client_secret="s3cret",
-                         http=httpx.Client(transport=httpx.MockTransport(server.handler)), **kwargs)
-    client._store({"access_token": session_token, "token_type": "Bearer", "expires_in": 900, "refresh_token": "r1"})
+    client = AgentClient(
+        server.issuer,
+        "agent-1",
+        client_secret="s3cret",
+        http=httpx.Client(transport=httpx.MockTransport(server.handler)),
+        **kwargs,
+    )
+    client._store(
+        {"access_token": session_token, "token_type": "Bearer", "expires_in": 900, "refresh_token": "r1"}
+    )
     return client
 
 
 def test_slow_down_adds_five_seconds_to_the_interval(monkeypatch):
-    server = FakeServer([(400, {"error": "authorization_pending"}, {}), (400, {"error": "slow_down"}, {}),
-                         (400, {"error": "authorization_pending"}, {}),
-                         (200, {"access_token": "act", "token_type": "Bearer", "expires_in": 120,
-                                "authorization_details": [LEDGER_ENTRY], "scope": "ledger:write"}, {})])
+    server = FakeServer(
+        [
+            (400, {"error": "authorization_pending"}, {}),
+            (400, {"error": "slow_down"}, {}),
+            (400, {"error": "authorization_pending"}, {}),
+            (
+                200,
+                {
+                    "access_token": "act",
+                    "token_type": "Bearer",
+                    "expires_in": 120,
+                    "authorization_details": [LEDGER_ENTRY],
+                    "scope": "ledger:write",
+                },
+                {},
+            ),
+        ]
+    )
     client = _fake_client(server)
     waits: list[float] = []
     monkeypatch.setattr(client, "_wait", lambda step: waits.append(step.seconds))
@@ -390,8 +457,20 @@ def test_slow_down_adds_five_seconds_to_the_interval(monkeypatch):
 
 
 def test_approved_details_must_be_the_requested_ones(monkeypatch):
-    server = FakeServer([(200, {"access_token": "act", "expires_in": 120, "scope": "ledger:write",
-                                "authorization_details": [{**LEDGER_ENTRY, "amount": "1.00"}]}, {})])
+    server = FakeServer(
+        [
+            (
+                200,
+                {
+                    "access_token": "act",
+                    "expires_in": 120,
+                    "scope": "ledger:write",
+                    "authorization_details": [{**LEDGER_ENTRY, "amount": "1.00"}],
+                },
+                {},
+            )
+        ]
+    )
     client = _fake_client(server)
     monkeypatch.setattr(client, "_wait", lambda step: None)
     with pytest.raises(Exception, match="differ"):
@@ -399,8 +478,20 @@ def test_approved_details_must_be_the_requested_ones(monkeypatch):
 
 
 def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch):
-    server = FakeServer([(200, {"access_token": "act", "expires_in": 120, "scope": "ledger:write",
-                                "authorization_details": [LEDGER_ENTRY]}, {})])
+    server = FakeServer(
+        [
+            (
+                200,
+                {
+                    "access_token": "act",
+                    "expires_in": 120,
+                    "scope": "ledger:write",
+                    "authorization_details": [LEDGER_ENTRY],
+                },
+                {},
+            )
+        ]
+    )
     client = _fake_client(server)
     monkeypatch.setattr(client, "_wait", lambda step: None)
     assert client.request_approval("ledger:write", [LEDGER_ENTRY]).token == "act"
@@ -409,18 +500,42 @@ def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch):
 
 def test_dpop_nonce_retry_sends_a_fresh_proof_with_the_nonce(monkeypatch):
     key = DPoPKey.generate()
-    server = FakeServer([(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": "n-1"}),
-                         (200, {"access_token": "act", "token_type": "DPoP", "expires_in": 120,
-                                "authorization_details": [LEDGER_ENTRY]}, {"DPoP-Nonce": "n-2"})])
+    server = FakeServer(
+        [
+            (400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": "n-1"}),
+            (
+                200,
+                {
+                    "access_token": "act",
+                    "token_type": "DPoP",
+                    "expires_in": 120,
+                    "authorization_details": [LEDGER_ENTRY],
+                },
+                {"DPoP-Nonce": "n-2"},
+            ),
+        ]
+    )
     client = _fake_client(server, session_token="current", dpop_key=key)
     monkeypatch.setattr(client, "_wait", lambda step: None)
     action = client.request_approval("ledger:write", [LEDGER_ENTRY])
     assert action.dpop_bound and client.dpop_nonce == "n-2"
     first, second = [r.headers["DPoP"] for r in server.requests if r.url.path == "/o/token/"]
     cache = ReplayCache(120)
-    assert "nonce" not in verify_proof(first, htm="POST", htu=f"{server.issuer}/o/token/", replay_cache=cache).claims
-    assert verify_proof(second, htm="POST", htu=f"{server.issuer}/o/token/", nonce="n-1",
-                        expected_jkt=key.jkt, replay_cache=cache).jkt == key.jkt
+    assert (
+        "nonce"
+        not in verify_proof(first, htm="POST", htu=f"{server.issuer}/o/token/", replay_cache=cache).claims
+    )
+    assert (
+        verify_proof(
+            second,
+            htm="POST",
+            htu=f"{server.issuer}/o/token/",
+            nonce="n-1",
+            expected_jkt=key.jkt,
+            replay_cache=cache,
+        ).jkt
+        == key.jkt
+    )
     headers = client.auth_headers("POST", "https://ledger.example/e?x=1", token=action)
     assert headers["Authorization"] == "DPoP act"
     proof = verify_proof(headers["DPoP"], htm="POST", htu="https://ledger.example/e", access_token="act")
@@ -432,8 +547,9 @@ def test_client_assertion_is_rfc7523_shaped():
     client = AgentClient("https://as.example", "agent-1", private_key=key.private, key_id="k1")
     assertion = client.client_assertion("https://as.example/o/token/")
     assert jwt.get_unverified_header(assertion)["kid"] == "k1"
-    claims = jwt.decode(assertion, key.private.public_key(), algorithms=["ES256"],
-                        audience="https://as.example/o/token/")
+    claims = jwt.decode(
+        assertion, key.private.public_key(), algorithms=["ES256"], audience="https://as.example/o/token/"
+    )
     assert claims["iss"] == claims["sub"] == "agent-1" and claims["exp"] - claims["iat"] == 60
     assert client.client_assertion("x") != client.client_assertion("x")  # fresh jti each time
 
@@ -450,6 +566,7 @@ def test_end_session_ends_the_grant_at_once(live, scenario, agent, catalog):
     grant = SessionGrant.objects.get()
     assert grant.status == SessionGrant.Status.REVOKED and grant.end_reason == "revoked_by_agent"
     assert agent.tokens is None and agent.end_session() is False
-    response = httpx.post(f"{live.url}/o/introspect/", data={"token": token},
-                          auth=(scenario.rs_client_id, scenario.rs_secret))
+    response = httpx.post(
+        f"{live.url}/o/introspect/", data={"token": token}, auth=(scenario.rs_client_id, scenario.rs_secret)
+    )
     assert response.json() == {"active": False}

@@ -9,8 +9,13 @@ from tests.approvals.conftest import LEDGER_ENTRY
 
 
 def _run(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "countersign", "hash", *args], input=stdin,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "countersign", "hash", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_hash_matches_the_servers_action_hash_from_argument_and_stdin():

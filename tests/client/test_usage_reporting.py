@@ -20,9 +20,15 @@ def session_token(live, flow, ledger_policy):  # noqa: F811
 
 
 def _catalog(live, scenario, **kwargs) -> TokenVerifier:
-    return TokenVerifier(live.url, client_id=scenario.rs_client_id, client_secret=scenario.rs_secret,
-                         audience=scenario.rs_audience, http=httpx.Client(timeout=10), report_usage=True,
-                         **kwargs)
+    return TokenVerifier(
+        live.url,
+        client_id=scenario.rs_client_id,
+        client_secret=scenario.rs_secret,
+        audience=scenario.rs_audience,
+        http=httpx.Client(timeout=10),
+        report_usage=True,
+        **kwargs,
+    )
 
 
 def _wait_for(check, timeout=10.0):
@@ -39,11 +45,17 @@ def test_accepted_uses_reach_the_grant_in_the_background(live, scenario, session
     try:
         started = time.monotonic()
         for _ in range(3):
-            catalog.verify_session(session_token, required_scopes=["catalog:read"], operation="search catalog")
-        catalog.verify_session(session_token, required_scopes=["catalog:read"], htm="GET",
-                               htu="http://catalog.test/items/42?x=1")
+            catalog.verify_session(
+                session_token, required_scopes=["catalog:read"], operation="search catalog"
+            )
+        catalog.verify_session(
+            session_token, required_scopes=["catalog:read"], htm="GET", htu="http://catalog.test/items/42?x=1"
+        )
         assert time.monotonic() - started < 1.0  # nothing was sent while verifying
-        assert _wait_for(lambda: GrantUse.objects.count() == 4), (catalog.usage.sent, catalog.usage.last_error)
+        assert _wait_for(lambda: GrantUse.objects.count() == 4), (
+            catalog.usage.sent,
+            catalog.usage.last_error,
+        )
     finally:
         catalog.close()
     uses = list(GrantUse.objects.order_by("id").values_list("operation", "scope", "outcome"))
@@ -69,7 +81,10 @@ def test_with_countersign_down_the_resource_server_keeps_serving(live, scenario,
         catalog.verify_session(session_token, required_scopes=["catalog:read"])  # keys and metadata cached
         catalog.usage.flush()
         # From here Countersign is unreachable for reports; the cached keys still verify.
-        catalog._metadata = {**catalog.metadata(), "usage_endpoint": f"http://127.0.0.1:{free_port()}/o/usage/"}
+        catalog._metadata = {
+            **catalog.metadata(),
+            "usage_endpoint": f"http://127.0.0.1:{free_port()}/o/usage/",
+        }
         for _ in range(3):
             assert catalog.verify_session(session_token, required_scopes=["catalog:read"]).subject
         catalog.usage.flush()

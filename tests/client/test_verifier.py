@@ -59,7 +59,9 @@ def issuer() -> LocalIssuer:
 
 @pytest.fixture
 def verifier(issuer) -> TokenVerifier:
-    return TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client())
+    return TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
+    )
 
 
 # --- the happy path and the result ------------------------------------------------------------
@@ -68,12 +70,16 @@ def verifier(issuer) -> TokenVerifier:
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
 def test_valid_session_token_names_user_and_agent(alg):
     issuer = LocalIssuer(alg)
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE,
-                             http=issuer.client())
+    verifier = TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
+    )
     verified = verifier.verify_session(issuer.mint(), required_scopes=["catalog:read"])
     assert isinstance(verified, VerifiedToken)
-    assert (verified.subject, verified.actor, verified.actor_chain) == ("user:7", f"agent:{AGENT_ID}",
-                                                                        [f"agent:{AGENT_ID}"])
+    assert (verified.subject, verified.actor, verified.actor_chain) == (
+        "user:7",
+        f"agent:{AGENT_ID}",
+        [f"agent:{AGENT_ID}"],
+    )
     assert verified.client_id == AGENT_ID and verified.grant_id == "g-1" and verified.dpop_jkt is None
     assert verified.scopes == {"catalog:read", "budget:read"}
     with pytest.raises(AttributeError):
@@ -91,8 +97,9 @@ def test_alg_none_is_refused(issuer, verifier):
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
 def test_hs256_signed_with_our_public_key_is_refused(alg):
     issuer = LocalIssuer(alg)
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE,
-                             http=issuer.client())
+    verifier = TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
+    )
     forged = hs256_with_public_key(issuer.claims(), issuer.key)
     with pytest.raises(InvalidToken, match="algorithm not allowed"):
         verifier.verify_session(forged)
@@ -110,26 +117,32 @@ def test_token_signed_by_a_key_we_do_not_publish_is_refused(issuer, verifier):
         verifier.verify_session(issuer.mint(key=impostor))
 
 
-@pytest.mark.parametrize("iss", [
-    "https://evil.example",
-    ISSUER + ".evil.example",  # our issuer as a prefix
-    "https://evil.example/" + ISSUER,  # our issuer as a suffix
-    ISSUER + "/",
-    ISSUER.upper(),
-    "https://auth.exampl",  # a prefix of our issuer
-])
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "https://evil.example",
+        ISSUER + ".evil.example",  # our issuer as a prefix
+        "https://evil.example/" + ISSUER,  # our issuer as a suffix
+        ISSUER + "/",
+        ISSUER.upper(),
+        "https://auth.exampl",  # a prefix of our issuer
+    ],
+)
 def test_foreign_prefixed_or_suffixed_issuer_is_refused(issuer, verifier, iss):
     with pytest.raises(InvalidToken, match="issuer"):
         verifier.verify_session(issuer.mint(iss=iss))
 
 
-@pytest.mark.parametrize("aud,message", [
-    (None, "lacks the aud claim"),
-    ([], "lacks the aud claim"),
-    (["https://ledger.example"], "aud"),
-    ("https://catalog.example.evil", "aud"),
-    ([AUDIENCE + "/"], "aud"),
-])
+@pytest.mark.parametrize(
+    "aud,message",
+    [
+        (None, "lacks the aud claim"),
+        ([], "lacks the aud claim"),
+        (["https://ledger.example"], "aud"),
+        ("https://catalog.example.evil", "aud"),
+        ([AUDIENCE + "/"], "aud"),
+    ],
+)
 def test_missing_or_foreign_audience_is_refused(issuer, verifier, aud, message):
     with pytest.raises(InvalidToken, match=message):
         verifier.verify_session(issuer.mint(aud=aud))
@@ -207,8 +220,14 @@ def test_unknown_kid_flood_fetches_the_jwks_at_most_once(issuer, verifier):
 
 
 def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer):
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE,
-                             http=issuer.client(), jwks_min_refetch_interval=0.3)
+    verifier = TokenVerifier(
+        ISSUER,
+        client_id=RS_ID,
+        client_secret=RS_SECRET,
+        audience=AUDIENCE,
+        http=issuer.client(),
+        jwks_min_refetch_interval=0.3,
+    )
     verifier.verify_session(issuer.mint())
     new = SigningKey("ES256")
     issuer.keys.append(new)
@@ -221,18 +240,20 @@ def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer):
 
 def test_jku_x5u_and_path_like_kids_are_never_fetched(issuer, verifier):
     attacker = SigningKey("ES256")
-    for headers in [{"jku": "https://evil.example/jwks.json", "kid": "evil"},
-                    {"x5u": "https://evil.example/cert.pem", "kid": "evil"},
-                    {"kid": "../../.well-known/jwks.json"},
-                    {"kid": "https://evil.example/jwks.json"},
-
-                    {"jwk": attacker.jwk, "kid": "evil"}]:
+    for headers in [
+        {"jku": "https://evil.example/jwks.json", "kid": "evil"},
+        {"x5u": "https://evil.example/cert.pem", "kid": "evil"},
+        {"kid": "../../.well-known/jwks.json"},
+        {"kid": "https://evil.example/jwks.json"},
+        {"jwk": attacker.jwk, "kid": "evil"},
+    ]:
         with pytest.raises(InvalidToken):
             verifier.verify_session(issuer.mint(key=attacker, headers=headers))
     for kid in [["a", "list"], {"an": "object"}, None, 7]:
         with pytest.raises(InvalidToken, match="kid"):
-            verifier.verify_session(raw_es256({"alg": "ES256", "typ": "at+jwt", "kid": kid}, issuer.claims(),
-                                              issuer.key))
+            verifier.verify_session(
+                raw_es256({"alg": "ES256", "typ": "at+jwt", "kid": kid}, issuer.claims(), issuer.key)
+            )
     assert issuer.calls["foreign"] == 0
     assert all(url.startswith(ISSUER + "/") for url in issuer.requested_urls)
 
@@ -252,15 +273,18 @@ def test_missing_scope_is_insufficient_scope_with_a_challenge(issuer, verifier):
     assert caught.value.status_code == 403
     assert caught.value.www_authenticate() == (
         'Bearer realm="countersign", error="insufficient_scope", '
-        'error_description="the token lacks a required scope", scope="catalog:read po:draft"')
+        'error_description="the token lacks a required scope", scope="catalog:read po:draft"'
+    )
 
 
 def test_error_challenges_follow_rfc6750():
     assert ExpiredToken("token expired").www_authenticate() == (
-        'Bearer realm="countersign", error="invalid_token", error_description="token expired"')
+        'Bearer realm="countersign", error="invalid_token", error_description="token expired"'
+    )
     assert MissingToken("no access token").www_authenticate() == 'Bearer realm="countersign"'
     assert InvalidToken('say "hi"\\', dpop=True).www_authenticate() == (
-        'DPoP realm="countersign", error="invalid_token", error_description="say hi"')
+        'DPoP realm="countersign", error="invalid_token", error_description="say hi"'
+    )
 
 
 def test_suspended_agent_is_refused(issuer, verifier):
@@ -299,8 +323,14 @@ def test_only_the_outermost_actor_decides(issuer, verifier):
 
 
 def test_registry_answers_are_cached_for_the_ttl(issuer):
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE,
-                             http=issuer.client(), registry_ttl=0.3)
+    verifier = TokenVerifier(
+        ISSUER,
+        client_id=RS_ID,
+        client_secret=RS_SECRET,
+        audience=AUDIENCE,
+        http=issuer.client(),
+        registry_ttl=0.3,
+    )
     for _ in range(20):
         verifier.verify_session(issuer.mint())
     assert issuer.calls["registry"] == 1
@@ -319,8 +349,9 @@ def test_registry_outage_fails_closed(issuer, verifier):
 
 
 def test_wrong_resource_server_credentials_fail_closed(issuer):
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret="wrong", audience=AUDIENCE,
-                             http=issuer.client())
+    verifier = TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret="wrong", audience=AUDIENCE, http=issuer.client()
+    )
     with pytest.raises(ServiceUnavailable, match="HTTP 401"):
         verifier.verify_session(issuer.mint())
 
@@ -362,10 +393,18 @@ def test_dpop_proof_by_another_key(issuer, verifier, dpop_key):
 
 def test_dpop_proof_for_another_url_or_method(issuer, verifier, dpop_key):
     token = _bound(issuer, dpop_key)
-    assert "URL" in _refusal(verifier, token, dpop_key.proof("GET", "https://catalog.example/admin",
-                                                             access_token=token)).description
-    assert "URL" in _refusal(verifier, token, dpop_key.proof("GET", "https://evil.example/items",
-                                                             access_token=token)).description
+    assert (
+        "URL"
+        in _refusal(
+            verifier, token, dpop_key.proof("GET", "https://catalog.example/admin", access_token=token)
+        ).description
+    )
+    assert (
+        "URL"
+        in _refusal(
+            verifier, token, dpop_key.proof("GET", "https://evil.example/items", access_token=token)
+        ).description
+    )
     assert "method" in _refusal(verifier, token, dpop_key.proof("POST", URL, access_token=token)).description
 
 
@@ -405,15 +444,27 @@ def test_dpop_key_must_be_registered_for_the_agent(issuer, verifier):
 
 def test_dpop_proof_forgeries(issuer, verifier, dpop_key):
     token = _bound(issuer, dpop_key)
-    claims = {"jti": secrets.token_urlsafe(16), "htm": "GET", "htu": URL, "iat": int(time.time()),
-              "ath": jwt.utils.base64url_encode(__import__("hashlib").sha256(token.encode()).digest()).decode()}
+    claims = {
+        "jti": secrets.token_urlsafe(16),
+        "htm": "GET",
+        "htu": URL,
+        "iat": int(time.time()),
+        "ath": jwt.utils.base64url_encode(__import__("hashlib").sha256(token.encode()).digest()).decode(),
+    }
     private_jwk = {**dpop_key.jwk, "d": "x"}
-    wrong_typ = jwt.encode(claims, dpop_key.private_key, algorithm="ES256", headers={"typ": "JWT", "jwk": dpop_key.jwk})
+    wrong_typ = jwt.encode(
+        claims, dpop_key.private_key, algorithm="ES256", headers={"typ": "JWT", "jwk": dpop_key.jwk}
+    )
     no_jwk = jwt.encode(claims, dpop_key.private_key, algorithm="ES256", headers={"typ": "dpop+jwt"})
-    with_private = jwt.encode(claims, dpop_key.private_key, algorithm="ES256",
-                              headers={"typ": "dpop+jwt", "jwk": private_jwk})
-    hmac_proof = jwt.encode(claims, "secret-secret-secret-secret-1234", algorithm="HS256",
-                            headers={"typ": "dpop+jwt", "jwk": dpop_key.jwk})
+    with_private = jwt.encode(
+        claims, dpop_key.private_key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": private_jwk}
+    )
+    hmac_proof = jwt.encode(
+        claims,
+        "secret-secret-secret-secret-1234",
+        algorithm="HS256",
+        headers={"typ": "dpop+jwt", "jwk": dpop_key.jwk},
+    )
     for proof in [wrong_typ, no_jwk, with_private, hmac_proof, "not.a.jwt", token]:
         assert isinstance(_refusal(verifier, token, proof), InvalidDPoPProof)
 
@@ -421,20 +472,34 @@ def test_dpop_proof_forgeries(issuer, verifier, dpop_key):
 def test_unbound_token_with_dpop_scheme_is_refused(issuer, verifier, dpop_key):
     token = issuer.mint()
     with pytest.raises(InvalidToken, match="not DPoP-bound"):
-        verifier.verify_session(token, dpop_proof=dpop_key.proof("GET", URL, access_token=token), htm="GET",
-                                htu=URL, scheme="DPoP")
+        verifier.verify_session(
+            token,
+            dpop_proof=dpop_key.proof("GET", URL, access_token=token),
+            htm="GET",
+            htu=URL,
+            scheme="DPoP",
+        )
 
 
 def test_proof_builder_and_checker_agree_on_every_algorithm():
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    for private in [ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1()),
-                    rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                    ed25519.Ed25519PrivateKey.generate()]:
+    for private in [
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP384R1()),
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ed25519.Ed25519PrivateKey.generate(),
+    ]:
         key = DPoPKey(private)
         proof = key.proof("POST", "https://AS.example:443/o/token/?q=1", nonce="n-1")
-        checked = verify_proof(proof, htm="POST", htu="https://as.example/o/token/", nonce="n-1",
-                               expected_jkt=key.jkt, replay_cache=ReplayCache(120))
+        checked = verify_proof(
+            proof,
+            htm="POST",
+            htu="https://as.example/o/token/",
+            nonce="n-1",
+            expected_jkt=key.jkt,
+            replay_cache=ReplayCache(120),
+        )
         assert checked.jkt == key.jkt and "ath" not in checked.claims
     assert normalize_htu("HTTP://Example.COM:80") == "http://example.com/"
 
@@ -465,7 +530,9 @@ def test_action_token_for_another_amount_is_refused_and_not_redeemed(issuer, ver
     with pytest.raises(ActionMismatch):
         verifier.verify_action(token, expected_details=changed)
     assert issuer.calls["redeem"] == 0
-    assert verifier.verify_action(token, expected_details=[dict(reversed(list(LEDGER_ENTRY.items())))]).is_action
+    assert verifier.verify_action(
+        token, expected_details=[dict(reversed(list(LEDGER_ENTRY.items())))]
+    ).is_action
 
 
 def test_action_token_whose_hash_does_not_match_its_details(issuer, verifier):
@@ -485,19 +552,31 @@ def live_http_client(live):
 
 
 def _verifier(live, http, *, client_id, secret, audience, **kwargs) -> TokenVerifier:
-    return TokenVerifier(live.url, client_id=client_id, client_secret=secret, audience=audience, http=http, **kwargs)
+    return TokenVerifier(
+        live.url, client_id=client_id, client_secret=secret, audience=audience, http=http, **kwargs
+    )
 
 
 @pytest.fixture
 def catalog(live, scenario, live_http_client) -> TokenVerifier:
-    return _verifier(live, live_http_client, client_id=scenario.rs_client_id, secret=scenario.rs_secret,
-                     audience=scenario.rs_audience)
+    return _verifier(
+        live,
+        live_http_client,
+        client_id=scenario.rs_client_id,
+        secret=scenario.rs_secret,
+        audience=scenario.rs_audience,
+    )
 
 
 @pytest.fixture
 def ledger(live, scenario, live_http_client) -> TokenVerifier:
-    return _verifier(live, live_http_client, client_id=scenario.ledger_client_id, secret=scenario.ledger_secret,
-                     audience="http://ledger.test")
+    return _verifier(
+        live,
+        live_http_client,
+        client_id=scenario.ledger_client_id,
+        secret=scenario.ledger_secret,
+        audience="http://ledger.test",
+    )
 
 
 @pytest.fixture
@@ -531,8 +610,9 @@ def test_live_suspended_agent_is_refused(live, scenario, catalog, session_token)
 
 def test_live_registry_contract(live, scenario):
     """The server's agent registry endpoint, as the verifier relies on it."""
-    assert httpx.get(f"{live.url}/.well-known/oauth-authorization-server").json()["agent_registry_endpoint"] == (
-        f"{live.url}/o/agents/")
+    assert httpx.get(f"{live.url}/.well-known/oauth-authorization-server").json()[
+        "agent_registry_endpoint"
+    ] == (f"{live.url}/o/agents/")
     auth = {"Authorization": basic(scenario.rs_client_id, scenario.rs_secret)}
     found = httpx.get(f"{live.url}/o/agents/{scenario.agent.client_id}", headers=auth, timeout=5)
     assert found.status_code == 200
@@ -544,13 +624,25 @@ def test_live_registry_contract(live, scenario):
 def _action_token(live, scenario, session_token, details) -> str:
     """A real action token: CIBA request to the live server, officer approves, agent polls."""
     auth = {"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}
-    asked = httpx.post(f"{live.url}/o/bc-authorize/", headers=auth, timeout=10, data={
-        "scope": "ledger:write", "login_hint_token": session_token, "authorization_details": json.dumps(details)})
+    asked = httpx.post(
+        f"{live.url}/o/bc-authorize/",
+        headers=auth,
+        timeout=10,
+        data={
+            "scope": "ledger:write",
+            "login_hint_token": session_token,
+            "authorization_details": json.dumps(details),
+        },
+    )
     assert asked.status_code == 200, asked.text
     with officer_decides(scenario.user):
         time.sleep(asked.json()["interval"])
-    polled = httpx.post(f"{live.url}/o/token/", headers=auth, timeout=10, data={
-        "grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": asked.json()["auth_req_id"]})
+    polled = httpx.post(
+        f"{live.url}/o/token/",
+        headers=auth,
+        timeout=10,
+        data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": asked.json()["auth_req_id"]},
+    )
     assert polled.status_code == 200, polled.text
     return polled.json()["access_token"]
 
@@ -565,7 +657,9 @@ def test_live_action_token_redeems_once(live, scenario, ledger, catalog, session
         catalog.verify_action(token, expected_details=[LEDGER_ENTRY])
     with pytest.raises(ActionMismatch):
         ledger.verify_action(token, expected_details=[{**LEDGER_ENTRY, "amount": "42500.00"}])
-    assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.ISSUED  # the mismatch burned nothing
+    assert (
+        ApprovalRequest.objects.get().status == ApprovalRequest.Status.ISSUED
+    )  # the mismatch burned nothing
     verified = ledger.verify_action(token, expected_details=[LEDGER_ENTRY])
     assert verified.authorization_details == [LEDGER_ENTRY] and verified.scopes == {"ledger:write"}
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
@@ -582,8 +676,13 @@ def dpop_agent(live, scenario, ledger_policy):  # noqa: F811
     key = DPoPKey.generate()
     scenario.agent.jwks = {"keys": [{**key.jwk, "kid": "dpop-1", "alg": "ES256"}]}
     scenario.agent.save()
-    agent = AgentClient(live.url, scenario.agent.client_id, client_secret=scenario.agent_secret,
-                        redirect_uri=REDIRECT_URI, dpop_key=key)
+    agent = AgentClient(
+        live.url,
+        scenario.agent.client_id,
+        client_secret=scenario.agent_secret,
+        redirect_uri=REDIRECT_URI,
+        dpop_key=key,
+    )
     url, state, verifier = agent.authorization_url(["catalog:read", "budget:read", "ledger:write"])
     tokens = agent.exchange_code(consent_over_http(live, scenario.user, url, state), verifier)
     assert tokens.dpop_bound and tokens.token_type == "DPoP"
@@ -605,8 +704,9 @@ def test_live_dpop_bound_token(catalog, dpop_agent):
         catalog.verify_session(token, dpop_proof=proof, htm="GET", htu=URL, scheme=scheme)
     thief = DPoPKey.generate()  # a stolen token with the thief's own proof
     with pytest.raises(InvalidDPoPProof, match="another key"):
-        catalog.verify_session(token, dpop_proof=thief.proof("GET", URL, access_token=token), htm="GET", htu=URL,
-                               scheme="DPoP")
+        catalog.verify_session(
+            token, dpop_proof=thief.proof("GET", URL, access_token=token), htm="GET", htu=URL, scheme="DPoP"
+        )
     with pytest.raises(InvalidDPoPProof, match="URL"):
         _, _, other_url = _present(dpop_agent, url="https://catalog.example/other")
         catalog.verify_session(token, dpop_proof=other_url, htm="GET", htu=URL, scheme="DPoP")
@@ -637,9 +737,17 @@ def test_live_dpop_bound_action_token(live, scenario, ledger, dpop_agent):
     url = "https://ledger.example/entries"
     headers = dpop_agent.auth_headers("POST", url, token=action)
     with pytest.raises(InvalidDPoPProof):  # the proof is checked before redemption burns the token
-        ledger.verify_action(action.token, expected_details=[LEDGER_ENTRY], htm="POST", htu=url, scheme="DPoP")
-    verified = ledger.verify_action(action.token, expected_details=[LEDGER_ENTRY], dpop_proof=headers["DPoP"],
-                                    htm="POST", htu=url, scheme="DPoP")
+        ledger.verify_action(
+            action.token, expected_details=[LEDGER_ENTRY], htm="POST", htu=url, scheme="DPoP"
+        )
+    verified = ledger.verify_action(
+        action.token,
+        expected_details=[LEDGER_ENTRY],
+        dpop_proof=headers["DPoP"],
+        htm="POST",
+        htu=url,
+        scheme="DPoP",
+    )
     assert verified.dpop_jkt == dpop_agent.dpop_key.jkt
 
 
@@ -656,15 +764,20 @@ def test_django_requires_scope(issuer, verifier, rf):
         return JsonResponse({"user": request.countersign.subject, "agent": request.countersign.actor})
 
     ok = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint()}"))
-    assert ok.status_code == 200 and json.loads(ok.content) == {"user": "user:7", "agent": f"agent:{AGENT_ID}"}
+    assert ok.status_code == 200 and json.loads(ok.content) == {
+        "user": "user:7",
+        "agent": f"agent:{AGENT_ID}",
+    }
     missing = items(rf.get("/items"))
     assert missing.status_code == 401 and missing["WWW-Authenticate"] == (
-        f'Bearer realm="countersign", resource_metadata="{METADATA_URL}"')
+        f'Bearer realm="countersign", resource_metadata="{METADATA_URL}"'
+    )
     expired = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint(exp=int(time.time()) - 60)}"))
     assert expired.status_code == 401 and json.loads(expired.content)["error"] == "invalid_token"
     assert expired["WWW-Authenticate"] == (
         'Bearer realm="countersign", error="invalid_token", error_description="token expired", '
-        f'resource_metadata="{METADATA_URL}"')
+        f'resource_metadata="{METADATA_URL}"'
+    )
     narrow = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint(scope='budget:read')}"))
     assert narrow.status_code == 403 and 'error="insufficient_scope"' in narrow["WWW-Authenticate"]
 
@@ -687,7 +800,8 @@ def test_django_requires_scope_with_dpop_and_async_views(issuer, verifier, dpop_
     assert ok.status_code == 200 and json.loads(ok.content) == {"jkt": dpop_key.jkt}
     replay = asyncio.run(items(rf.get("/items", HTTP_AUTHORIZATION=f"DPoP {token}", HTTP_DPOP=proof)))
     assert replay.status_code == 401 and replay["WWW-Authenticate"].startswith(
-        'DPoP realm="countersign", error="invalid_dpop_proof"')
+        'DPoP realm="countersign", error="invalid_dpop_proof"'
+    )
 
 
 def test_django_requires_action_redeems_before_the_view_runs(issuer, verifier, rf):
@@ -705,8 +819,14 @@ def test_django_requires_action_redeems_before_the_view_runs(issuer, verifier, r
     token = issuer.action([LEDGER_ENTRY])
 
     def post(body):
-        return append(rf.post("/entries", json.dumps(body), content_type="application/json",
-                              HTTP_AUTHORIZATION=f"Bearer {token}"))
+        return append(
+            rf.post(
+                "/entries",
+                json.dumps(body),
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {token}",
+            )
+        )
 
     changed = post({**LEDGER_ENTRY, "amount": "42500.00"})
     assert changed.status_code == 403 and issuer.calls["redeem"] == 0
@@ -714,7 +834,9 @@ def test_django_requires_action_redeems_before_the_view_runs(issuer, verifier, r
     again = post(LEDGER_ENTRY)
     assert again.status_code == 401 and "already redeemed" in again["WWW-Authenticate"]
     assert ran == ["a-1"]
-    junk = append(rf.post("/entries", "{", content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}"))
+    junk = append(
+        rf.post("/entries", "{", content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+    )
     assert junk.status_code == 400 and json.loads(junk.content)["error"] == "invalid_request"
 
 
@@ -728,11 +850,20 @@ def test_asgi_middleware(issuer, verifier):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    protected = CountersignMiddleware(app, verifier, required_scopes=["catalog:read"], exempt_paths=["/health"])
+    protected = CountersignMiddleware(
+        app, verifier, required_scopes=["catalog:read"], exempt_paths=["/health"]
+    )
 
     def call(path, headers=(), kind="http"):
-        scope = {"type": kind, "method": "GET", "scheme": "https", "path": path, "root_path": "",
-                 "headers": [(b"host", b"catalog.example"), *headers], "server": ("catalog.example", 443)}
+        scope = {
+            "type": kind,
+            "method": "GET",
+            "scheme": "https",
+            "path": path,
+            "root_path": "",
+            "headers": [(b"host", b"catalog.example"), *headers],
+            "server": ("catalog.example", 443),
+        }
         sent = []
 
         async def receive():
@@ -748,10 +879,15 @@ def test_asgi_middleware(issuer, verifier):
     assert ok[0]["status"] == 200 and json.loads(ok[1]["body"]) == {"user": "user:7"}
     refused = call("/items", [(b"authorization", f"Bearer {issuer.mint(scope='budget:read')}".encode())])
     assert refused[0]["status"] == 403
-    assert (b"www-authenticate", b'Bearer realm="countersign", error="insufficient_scope", '
-            b'error_description="the token lacks a required scope", scope="catalog:read", '
-            b'resource_metadata="' + METADATA_URL.encode() + b'"') in refused[0]["headers"]
+    assert (
+        b"www-authenticate",
+        b'Bearer realm="countersign", error="insufficient_scope", '
+        b'error_description="the token lacks a required scope", scope="catalog:read", '
+        b'resource_metadata="' + METADATA_URL.encode() + b'"',
+    ) in refused[0]["headers"]
     assert call("/items")[0]["status"] == 401
-    assert call("/items", kind="websocket") == [{"type": "websocket.close", "code": 1008, "reason": "invalid_token"}]
+    assert call("/items", kind="websocket") == [
+        {"type": "websocket.close", "code": 1008, "reason": "invalid_token"}
+    ]
     with pytest.raises(KeyError):  # exempt paths reach the app without a token (and without a result)
         call("/health")

@@ -114,23 +114,35 @@ def _code(flow, *, scope="catalog:read budget:read ledger:write") -> tuple[str, 
 
 
 def _exchange(flow, code, verifier, **kw):
-    return flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                       "code_verifier": verifier}, **kw)
+    return flow.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        **kw,
+    )
 
 
 def _revoke(client, token, client_id, secret, hint=None):
     data = {"token": token}
     if hint:
         data["token_type_hint"] = hint
-    return client.post("/o/revoke/", urlencode(data), content_type="application/x-www-form-urlencoded",
-                       HTTP_AUTHORIZATION=basic(client_id, secret))
+    return client.post(
+        "/o/revoke/",
+        urlencode(data),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(client_id, secret),
+    )
 
 
 @pytest.fixture
 def other_agent(scenario):
     """A second, legitimate agent with its own credentials and the same redirect URI."""
-    agent, secret = agent_create(name="Other Agent", publisher="Elsewhere Inc",
-                                 scopes=["catalog:read"], redirect_uris=[REDIRECT_URI])
+    agent, secret = agent_create(
+        name="Other Agent", publisher="Elsewhere Inc", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     return agent, secret
 
 
@@ -163,10 +175,19 @@ def test_wrong_secret_is_invalid_client(flow, scenario):
 def test_no_client_authentication_at_all_is_invalid_client(flow, scenario):
     code, verifier = _code(flow)
     w = Watch()
-    response = flow.client.post("/o/token/", urlencode({
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier, "client_id": scenario.agent.client_id,
-    }), content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/token/",
+        urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+                "client_id": scenario.agent.client_id,
+            }
+        ),
+        content_type="application/x-www-form-urlencoded",
+    )
     _json_error(response, 401, "invalid_client")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_client")
@@ -175,10 +196,19 @@ def test_no_client_authentication_at_all_is_invalid_client(flow, scenario):
 def test_malformed_basic_header_is_invalid_client(flow):
     code, verifier = _code(flow)
     w = Watch()
-    response = flow.client.post("/o/token/", urlencode({
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier,
-    }), content_type="application/x-www-form-urlencoded", HTTP_AUTHORIZATION="Basic %%%not-base64%%%")
+    response = flow.client.post(
+        "/o/token/",
+        urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+            }
+        ),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION="Basic %%%not-base64%%%",
+    )
     _json_error(response, 401, "invalid_client")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_client")
@@ -256,8 +286,9 @@ def test_bad_redirect_uri_gets_an_error_page_never_a_redirect(flow, redirect_uri
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge,
-                                                                        redirect_uri=redirect_uri))
+    response = flow.client.get(
+        "/o/authorize/?" + flow.authorize_query(challenge=challenge, redirect_uri=redirect_uri)
+    )
     _assert_error_page(response, 400)
     assert "Allow</button>" not in response.content.decode()
     w.assert_nothing_changed()
@@ -279,8 +310,12 @@ def test_unknown_client_at_authorize_gets_an_error_page_not_its_redirect(flow):
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(
-        challenge=challenge, client_id="no-such-client", redirect_uri="https://evil.example/cb"))
+    response = flow.client.get(
+        "/o/authorize/?"
+        + flow.authorize_query(
+            challenge=challenge, client_id="no-such-client", redirect_uri="https://evil.example/cb"
+        )
+    )
     _assert_error_page(response, 400)
     w.assert_nothing_changed()
     assert len(w.refused()) == 1
@@ -428,8 +463,14 @@ def test_code_exchanged_with_a_different_redirect_uri_is_invalid_grant(flow):
     """RFC 6749 §5.2: a redirect_uri that does not match the authorization request is invalid_grant."""
     code, verifier = _code(flow)
     w = Watch()
-    response = flow.token({"grant_type": "authorization_code", "code": code,
-                           "redirect_uri": "http://127.0.0.1:8199/other", "code_verifier": verifier})
+    response = flow.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": "http://127.0.0.1:8199/other",
+            "code_verifier": verifier,
+        }
+    )
     _json_error(response, 400, "invalid_grant", reason="redirect_uri_mismatch")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
@@ -456,8 +497,9 @@ def test_scope_that_does_not_exist_at_all_is_invalid_scope(flow):
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge,
-                                                                        scope="catalog:read admin:all"))
+    response = flow.client.get(
+        "/o/authorize/?" + flow.authorize_query(challenge=challenge, scope="catalog:read admin:all")
+    )
     _assert_error_redirect(response, "invalid_scope")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_scope")
@@ -467,7 +509,9 @@ def test_unsupported_response_type_is_refused_without_consent_screen(flow):
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge, response_type="token"))
+    response = flow.client.get(
+        "/o/authorize/?" + flow.authorize_query(challenge=challenge, response_type="token")
+    )
     _assert_error_redirect(response, "unsupported_response_type")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="unsupported_response_type")
@@ -477,9 +521,17 @@ def test_consent_post_without_csrf_token_is_refused(scenario):
     browser = Client(enforce_csrf_checks=True)
     assert browser.login(username="officer", password=PASSWORD)
     _, challenge = pkce_pair()
-    query = urlencode({"response_type": "code", "client_id": scenario.agent.client_id,
-                       "redirect_uri": REDIRECT_URI, "scope": "catalog:read", "state": "st-123",
-                       "code_challenge": challenge, "code_challenge_method": "S256"})
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": scenario.agent.client_id,
+            "redirect_uri": REDIRECT_URI,
+            "scope": "catalog:read",
+            "state": "st-123",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
     w = Watch()
     response = browser.post("/o/authorize/", {"authz_query": query, "decision": "allow", "lifetime": "3600"})
     assert response.status_code == 403
@@ -507,15 +559,23 @@ def test_consent_post_when_signed_out_creates_nothing(flow):
 # --- token endpoint: grant types and refresh ------------------------------------------------------
 
 
-@pytest.mark.parametrize("grant_type", [
-    "password", "client_credentials", "implicit", "urn:ietf:params:oauth:grant-type:device_code",
-    "urn:ietf:params:oauth:grant-type:jwt-bearer", "nonsense",
-])
+@pytest.mark.parametrize(
+    "grant_type",
+    [
+        "password",
+        "client_credentials",
+        "implicit",
+        "urn:ietf:params:oauth:grant-type:device_code",
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "nonsense",
+    ],
+)
 def test_unknown_grant_type_is_unsupported_grant_type(flow, grant_type):
     flow.full()
     w = Watch()
-    response = flow.token({"grant_type": grant_type, "username": "officer", "password": PASSWORD,
-                           "scope": "catalog:read"})
+    response = flow.token(
+        {"grant_type": grant_type, "username": "officer", "password": PASSWORD, "scope": "catalog:read"}
+    )
     _json_error(response, 400, "unsupported_grant_type")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="unsupported_grant_type", event="token.refused")
@@ -544,13 +604,17 @@ def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(flo
     agent, secret = other_agent
     body = flow.full()
     w = Watch()
-    response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]},
-                          auth=(agent.client_id, secret))
+    response = flow.token(
+        {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]},
+        auth=(agent.client_id, secret),
+    )
     _json_error(response, 400, "invalid_grant", reason="unknown_grant")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_grant")
     assert flow.introspect(body["access_token"]).json()["active"] is True
-    assert flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}).status_code == 200
+    assert (
+        flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}).status_code == 200
+    )
 
 
 def test_unknown_refresh_token_is_invalid_grant(flow):
@@ -566,8 +630,13 @@ def test_refresh_cannot_widen_scope(flow):
     """RFC 6749 §6: a refresh may not ask for more than was granted (here a step-up scope)."""
     body = flow.full(scope="catalog:read ledger:write")
     w = Watch()
-    response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
-                           "scope": "catalog:read budget:read"})
+    response = flow.token(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": body["refresh_token"],
+            "scope": "catalog:read budget:read",
+        }
+    )
     _json_error(response, 400, "invalid_scope")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_scope")
@@ -593,8 +662,9 @@ def test_token_endpoint_refuses_get(flow):
 def test_introspection_without_credentials_is_invalid_client(flow):
     token = flow.full()["access_token"]
     w = Watch()
-    response = flow.client.post("/o/introspect/", urlencode({"token": token}),
-                                content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/introspect/", urlencode({"token": token}), content_type="application/x-www-form-urlencoded"
+    )
     _json_error(response, 401, "invalid_client")
     assert response.has_header("WWW-Authenticate")
     assert "active" not in response.json()
@@ -665,8 +735,10 @@ def test_introspection_of_a_refresh_token_reports_inactive(flow):
 
 def test_introspection_refuses_get(flow, scenario):
     token = flow.full()["access_token"]
-    response = flow.client.get("/o/introspect/?" + urlencode({"token": token}),
-                               HTTP_AUTHORIZATION=basic(scenario.rs_client_id, scenario.rs_secret))
+    response = flow.client.get(
+        "/o/introspect/?" + urlencode({"token": token}),
+        HTTP_AUTHORIZATION=basic(scenario.rs_client_id, scenario.rs_secret),
+    )
     assert response.status_code == 405
 
 
@@ -700,8 +772,11 @@ def test_revocation_with_bad_client_credentials_is_invalid_client(flow, scenario
 def test_revocation_without_client_credentials_is_invalid_client(flow):
     body = flow.full()
     w = Watch()
-    response = flow.client.post("/o/revoke/", urlencode({"token": body["access_token"]}),
-                                content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/revoke/",
+        urlencode({"token": body["access_token"]}),
+        content_type="application/x-www-form-urlencoded",
+    )
     _json_error(response, 401, "invalid_client")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_client")
@@ -733,9 +808,14 @@ def test_user_cannot_use_someone_elses_session_to_consent_for_them(flow, scenari
     browser = Client()
     assert browser.login(username="mallory", password=PASSWORD)
     _, challenge = pkce_pair()
-    response = browser.post("/o/authorize/", {
-        "authz_query": flow.authorize_query(challenge=challenge, user=str(scenario.user.pk)),
-        "decision": "allow", "lifetime": "3600"})
+    response = browser.post(
+        "/o/authorize/",
+        {
+            "authz_query": flow.authorize_query(challenge=challenge, user=str(scenario.user.pk)),
+            "decision": "allow",
+            "lifetime": "3600",
+        },
+    )
     assert response.status_code == 302
     assert SessionGrant.objects.get().user == mallory
 
@@ -744,7 +824,11 @@ def test_duplicate_redirect_uri_parameter_gets_an_error_page(flow):
     """RFC 6749 §3.1: parameters must not repeat; a second redirect_uri never wins."""
     flow.login()
     _, challenge = pkce_pair()
-    query = flow.authorize_query(challenge=challenge) + "&" + urlencode({"redirect_uri": "https://evil.example/cb"})
+    query = (
+        flow.authorize_query(challenge=challenge)
+        + "&"
+        + urlencode({"redirect_uri": "https://evil.example/cb"})
+    )
     w = Watch()
     response = flow.client.get("/o/authorize/?" + query)
     _assert_error_page(response, 400)
@@ -754,9 +838,17 @@ def test_duplicate_redirect_uri_parameter_gets_an_error_page(flow):
 
 def test_error_page_does_not_reflect_markup(flow):
     flow.login()
-    response = flow.client.get("/o/authorize/?" + urlencode({
-        "response_type": "code", "client_id": "<script>alert(1)</script>",
-        "redirect_uri": "https://evil.example/<script>", "scope": "<b>x</b>"}))
+    response = flow.client.get(
+        "/o/authorize/?"
+        + urlencode(
+            {
+                "response_type": "code",
+                "client_id": "<script>alert(1)</script>",
+                "redirect_uri": "https://evil.example/<script>",
+                "scope": "<b>x</b>",
+            }
+        )
+    )
     _assert_error_page(response, 400)
     assert "<script>" not in response.content.decode()
 
@@ -817,17 +909,28 @@ def _race(monkeypatch, grant_module, requests: list):
 
 
 def _post_token(client, data, scenario):
-    return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded",
-                       HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+    return client.post(
+        "/o/token/",
+        urlencode(data),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+    )
 
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(flow, scenario, monkeypatch):
     code, verifier = _code(flow)
-    data = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-            "code_verifier": verifier}
-    results = _race(monkeypatch, authorization_code,
-                    [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)])
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+    }
+    results = _race(
+        monkeypatch,
+        authorization_code,
+        [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)],
+    )
     statuses = sorted(r.status_code for r in results)
     assert statuses == [200, 400], [r.content for r in results]
     assert AccessToken.objects.count() == 1
@@ -839,8 +942,11 @@ def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token
     data = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
     # Both requests are held until each has entered refresh-token validation, so they overlap;
     # the row lock there then serialises them.
-    results = _race(monkeypatch, refresh,
-                    [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)])
+    results = _race(
+        monkeypatch,
+        refresh,
+        [lambda c: _post_token(c, data, scenario), lambda c: _post_token(c, data, scenario)],
+    )
     ok = [r for r in results if r.status_code == 200]
     # never a "success" carrying empty tokens
     for r in ok:
@@ -856,10 +962,20 @@ def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token
 def test_wrong_secret_in_the_form_body_is_invalid_client(flow, scenario):
     code, verifier = _code(flow)
     w = Watch()
-    response = flow.client.post("/o/token/", urlencode({
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier, "client_id": scenario.agent.client_id, "client_secret": "wrong",
-    }), content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/token/",
+        urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+                "client_id": scenario.agent.client_id,
+                "client_secret": "wrong",
+            }
+        ),
+        content_type="application/x-www-form-urlencoded",
+    )
     _json_error(response, 401, "invalid_client")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_client")
@@ -868,11 +984,17 @@ def test_wrong_secret_in_the_form_body_is_invalid_client(flow, scenario):
 @pytest.mark.parametrize("who", ["agent", "wrong_rs_secret"])
 def test_introspection_with_bad_credentials_in_the_form_body_is_invalid_client(flow, scenario, who):
     token = flow.full()["access_token"]
-    creds = ({"client_id": scenario.agent.client_id, "client_secret": scenario.agent_secret} if who == "agent"
-             else {"client_id": scenario.rs_client_id, "client_secret": "wrong"})
+    creds = (
+        {"client_id": scenario.agent.client_id, "client_secret": scenario.agent_secret}
+        if who == "agent"
+        else {"client_id": scenario.rs_client_id, "client_secret": "wrong"}
+    )
     w = Watch()
-    response = flow.client.post("/o/introspect/", urlencode({"token": token, **creds}),
-                                content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/introspect/",
+        urlencode({"token": token, **creds}),
+        content_type="application/x-www-form-urlencoded",
+    )
     _json_error(response, 401, "invalid_client")
     w.assert_nothing_changed()
     w.assert_one_refusal(error="invalid_client")
@@ -880,9 +1002,11 @@ def test_introspection_with_bad_credentials_in_the_form_body_is_invalid_client(f
 
 def test_introspection_with_rs_credentials_in_the_form_body_works(flow, scenario):
     token = flow.full()["access_token"]
-    response = flow.client.post("/o/introspect/", urlencode({
-        "token": token, "client_id": scenario.rs_client_id, "client_secret": scenario.rs_secret}),
-        content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/introspect/",
+        urlencode({"token": token, "client_id": scenario.rs_client_id, "client_secret": scenario.rs_secret}),
+        content_type="application/x-www-form-urlencoded",
+    )
     assert response.status_code == 200 and response.json()["active"] is True
 
 

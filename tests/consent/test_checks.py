@@ -25,8 +25,10 @@ def test_a_misspelt_setting_is_refused_naming_it(settings):
         validate({**settings.COUNTERSIGN, "MAX_PENDING_PER_USR": 3})
 
 
-@pytest.mark.parametrize(("name", "value"), [("LEEWAY_SECONDS", "10"), ("RATE_LIMITS", []),
-                                            ("RATE_LIMITS_ENABLED", 1), ("ISSUER", 8000)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("LEEWAY_SECONDS", "10"), ("RATE_LIMITS", []), ("RATE_LIMITS_ENABLED", 1), ("ISSUER", 8000)],
+)
 def test_a_value_of_the_wrong_kind_is_refused_naming_it(settings, name, value):
     with pytest.raises(ImproperlyConfigured, match=f"{name} must be"):
         validate({**settings.COUNTERSIGN, name: value})
@@ -43,11 +45,21 @@ def test_a_bad_setting_stops_the_process_at_start_up(tmp_path):
     import sys
 
     (tmp_path / "bad_settings.py").write_text(
-        "from config.settings import *  # noqa\nCOUNTERSIGN = {**COUNTERSIGN, 'LEEWAY_SECOND': 5}\n")
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "bad_settings",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    result = subprocess.run([sys.executable, "-c", "import django; django.setup()"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+        "from config.settings import *  # noqa\nCOUNTERSIGN = {**COUNTERSIGN, 'LEEWAY_SECOND': 5}\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "bad_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr and "LEEWAY_SECOND" in result.stderr
 

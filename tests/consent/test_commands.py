@@ -34,9 +34,12 @@ def _refused(*args) -> None:
 def _client_authenticates(client_id: str, secret: str) -> bool:
     """Ask the token endpoint with a grant that cannot work: 401 means the client did not authenticate,
     400 invalid_grant means it did."""
-    response = Client().post("/o/token/", urlencode({"grant_type": "refresh_token", "refresh_token": "nope"}),
-                             content_type="application/x-www-form-urlencoded",
-                             HTTP_AUTHORIZATION=basic(client_id, secret))
+    response = Client().post(
+        "/o/token/",
+        urlencode({"grant_type": "refresh_token", "refresh_token": "nope"}),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(client_id, secret),
+    )
     if response.status_code == 401:
         assert response.json()["error"] == "invalid_client"
         return False
@@ -45,38 +48,63 @@ def _client_authenticates(client_id: str, secret: str) -> bool:
 
 
 def _rs_authenticates(client_id: str, secret: str) -> bool:
-    response = Client().post("/o/introspect/", urlencode({"token": "nope"}),
-                             content_type="application/x-www-form-urlencoded",
-                             HTTP_AUTHORIZATION=basic(client_id, secret))
+    response = Client().post(
+        "/o/introspect/",
+        urlencode({"token": "nope"}),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(client_id, secret),
+    )
     assert response.status_code in (200, 401)
     return response.status_code == 200
 
 
-def _session_token(*, username, password, client_id, secret, scope, redirect_uri=REDIRECT_URI,
-                   lifetime=3600) -> dict:
+def _session_token(
+    *, username, password, client_id, secret, scope, redirect_uri=REDIRECT_URI, lifetime=3600
+) -> dict:
     """The whole code flow for any user and agent; returns the token response JSON."""
     browser = Client()
     assert browser.login(username=username, password=password)
     verifier, challenge = pkce_pair()
-    query = urlencode({"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
-                       "scope": scope, "state": "s", "code_challenge": challenge,
-                       "code_challenge_method": "S256"})
-    response = browser.post("/o/authorize/", {"authz_query": query, "decision": "allow",
-                                              "lifetime": str(lifetime)})
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": "s",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
+    response = browser.post(
+        "/o/authorize/", {"authz_query": query, "decision": "allow", "lifetime": str(lifetime)}
+    )
     assert response.status_code == 302, response.content[:300]
     code = parse_qs(urlparse(response["Location"]).query)["code"][0]
-    response = browser.post("/o/token/", urlencode({"grant_type": "authorization_code", "code": code,
-                                                    "redirect_uri": redirect_uri, "code_verifier": verifier}),
-                            content_type="application/x-www-form-urlencoded",
-                            HTTP_AUTHORIZATION=basic(client_id, secret))
+    response = browser.post(
+        "/o/token/",
+        urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+            }
+        ),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(client_id, secret),
+    )
     assert response.status_code == 200, response.content
     return response.json()
 
 
 def _introspect(token, client_id, secret) -> dict:
-    response = Client().post("/o/introspect/", urlencode({"token": token}),
-                             content_type="application/x-www-form-urlencoded",
-                             HTTP_AUTHORIZATION=basic(client_id, secret))
+    response = Client().post(
+        "/o/introspect/",
+        urlencode({"token": token}),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(client_id, secret),
+    )
     assert response.status_code == 200
     return response.json()
 
@@ -91,16 +119,40 @@ def _claims(token: str) -> dict:
 
 
 def test_scope_set_creates_and_changes_a_policy(db):
-    out = _run("scope_set", "reports:read", "--audience", "http://reports.test", "--sensitivity", "standard",
-               "--description", "Read monthly reports")
+    out = _run(
+        "scope_set",
+        "reports:read",
+        "--audience",
+        "http://reports.test",
+        "--sensitivity",
+        "standard",
+        "--description",
+        "Read monthly reports",
+    )
     assert "Created" in out
     policy = ScopePolicy.objects.get(name="reports:read")
     assert (policy.audience, policy.sensitivity, policy.description) == (
-        "http://reports.test", "standard", "Read monthly reports")
+        "http://reports.test",
+        "standard",
+        "Read monthly reports",
+    )
 
-    out = _run("scope_set", "reports:read", "--audience", "http://reports.test", "--sensitivity", "step_up",
-               "--approval-window", "900", "--action-ttl", "60", "--fresh-auth", "300",
-               "--authorization-details-types", "report_export other_type")
+    out = _run(
+        "scope_set",
+        "reports:read",
+        "--audience",
+        "http://reports.test",
+        "--sensitivity",
+        "step_up",
+        "--approval-window",
+        "900",
+        "--action-ttl",
+        "60",
+        "--fresh-auth",
+        "300",
+        "--authorization-details-types",
+        "report_export other_type",
+    )
     assert "Updated" in out
     policy.refresh_from_db()
     assert policy.sensitivity == "step_up" and policy.approval_window == 900
@@ -111,12 +163,15 @@ def test_scope_set_creates_and_changes_a_policy(db):
     assert AuditEvent.objects.filter(event="scope_policy.changed").count() == 1
 
 
-@pytest.mark.parametrize("args", [
-    ["--sensitivity", "secret"],
-    ["--sensitivity", "step_up", "--approval-window", "5"],
-    ["--sensitivity", "step_up", "--action-ttl", "0"],
-    ["--sensitivity", "step_up", "--approval-window", "-600"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sensitivity", "secret"],
+        ["--sensitivity", "step_up", "--approval-window", "5"],
+        ["--sensitivity", "step_up", "--action-ttl", "0"],
+        ["--sensitivity", "step_up", "--approval-window", "-600"],
+    ],
+)
 def test_scope_set_refuses_bad_values_and_keeps_the_policy(db, args):
     _run("scope_set", "ledger:write", "--audience", "http://ledger.test", "--sensitivity", "step_up")
     before = ScopePolicy.objects.values().get(name="ledger:write")
@@ -171,24 +226,48 @@ def test_resource_server_create_refuses_a_duplicate_audience(scenario):
 
 
 def test_agent_create_registers_a_working_agent(scenario, tmp_path):
-    out = _run_json("agent_create", "--name", "Travel Agent", "--publisher", "Trips Ltd",
-                    "--scopes", "catalog:read budget:read", "--redirect-uri", "http://127.0.0.1:8300/cb",
-                    "--redirect-uri", "https://travel.example/cb", "--refresh-mode", "none", "--ttl", "300",
-                    "--description", "Books trips")
+    out = _run_json(
+        "agent_create",
+        "--name",
+        "Travel Agent",
+        "--publisher",
+        "Trips Ltd",
+        "--scopes",
+        "catalog:read budget:read",
+        "--redirect-uri",
+        "http://127.0.0.1:8300/cb",
+        "--redirect-uri",
+        "https://travel.example/cb",
+        "--refresh-mode",
+        "none",
+        "--ttl",
+        "300",
+        "--description",
+        "Books trips",
+    )
     assert set(out) >= {"name", "client_id", "client_secret", "redirect_uris", "scopes"}
     assert out["redirect_uris"] == ["http://127.0.0.1:8300/cb", "https://travel.example/cb"]
     assert out["scopes"] == ["catalog:read", "budget:read"]
     agent = Agent.objects.get(client_id=out["client_id"])
     assert (agent.name, agent.publisher, agent.refresh_mode, agent.access_token_ttl) == (
-        "Travel Agent", "Trips Ltd", "none", 300)
+        "Travel Agent",
+        "Trips Ltd",
+        "none",
+        300,
+    )
     assert agent.status == Agent.Status.ACTIVE
     assert agent.client_secret != out["client_secret"]  # stored hashed
     assert _client_authenticates(out["client_id"], out["client_secret"])
     assert not _client_authenticates(out["client_id"], out["client_secret"][:-1])
 
-    body = _session_token(username="officer", password="correct horse battery staple",
-                          client_id=out["client_id"], secret=out["client_secret"], scope="catalog:read",
-                          redirect_uri="http://127.0.0.1:8300/cb")
+    body = _session_token(
+        username="officer",
+        password="correct horse battery staple",
+        client_id=out["client_id"],
+        secret=out["client_secret"],
+        scope="catalog:read",
+        redirect_uri="http://127.0.0.1:8300/cb",
+    )
     assert "refresh_token" not in body  # refresh mode none
     claims = _claims(body["access_token"])
     assert claims["exp"] - claims["iat"] == 300
@@ -196,12 +275,32 @@ def test_agent_create_registers_a_working_agent(scenario, tmp_path):
 
 
 def test_agent_create_with_a_jwks_file(scenario, tmp_path):
-    jwks = {"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
-                      "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0", "kid": "agent-key-1"}]}
+    jwks = {
+        "keys": [
+            {
+                "kty": "EC",
+                "crv": "P-256",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+                "kid": "agent-key-1",
+            }
+        ]
+    }
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(jwks))
-    out = _run_json("agent_create", "--name", "Keyed", "--publisher", "P", "--scopes", "catalog:read",
-                    "--redirect-uri", REDIRECT_URI, "--jwks", str(path))
+    out = _run_json(
+        "agent_create",
+        "--name",
+        "Keyed",
+        "--publisher",
+        "P",
+        "--scopes",
+        "catalog:read",
+        "--redirect-uri",
+        REDIRECT_URI,
+        "--jwks",
+        str(path),
+    )
     assert Agent.objects.get(client_id=out["client_id"]).jwks == jwks
 
 
@@ -210,37 +309,64 @@ def test_agent_create_refuses_a_bad_jwks_file_and_registers_nothing(scenario, tm
     path = tmp_path / "jwks.json"
     path.write_text(content)
     before = Agent.objects.count()
-    _refused("agent_create", "--name", "Keyed", "--publisher", "P", "--scopes", "catalog:read",
-             "--redirect-uri", REDIRECT_URI, "--jwks", str(path))
+    _refused(
+        "agent_create",
+        "--name",
+        "Keyed",
+        "--publisher",
+        "P",
+        "--scopes",
+        "catalog:read",
+        "--redirect-uri",
+        REDIRECT_URI,
+        "--jwks",
+        str(path),
+    )
     assert Agent.objects.count() == before
 
 
 def test_agent_create_refuses_a_missing_jwks_file(scenario, tmp_path):
     before = Agent.objects.count()
-    _refused("agent_create", "--name", "Keyed", "--publisher", "P", "--scopes", "catalog:read",
-             "--redirect-uri", REDIRECT_URI, "--jwks", str(tmp_path / "nope.json"))
+    _refused(
+        "agent_create",
+        "--name",
+        "Keyed",
+        "--publisher",
+        "P",
+        "--scopes",
+        "catalog:read",
+        "--redirect-uri",
+        REDIRECT_URI,
+        "--jwks",
+        str(tmp_path / "nope.json"),
+    )
     assert Agent.objects.count() == before
 
 
-@pytest.mark.parametrize("extra", [
-    ["--scopes", "catalog:read payroll:write"],          # unknown scope
-    ["--scopes", "catalog:read", "--ttl", "5"],           # below the 30 s minimum
-    ["--scopes", "catalog:read", "--ttl", "0"],           # zero is not "the default"
-    ["--scopes", "catalog:read", "--ttl", "-900"],
-    ["--scopes", "catalog:read", "--refresh-mode", "forever"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--scopes", "catalog:read payroll:write"],  # unknown scope
+        ["--scopes", "catalog:read", "--ttl", "5"],  # below the 30 s minimum
+        ["--scopes", "catalog:read", "--ttl", "0"],  # zero is not "the default"
+        ["--scopes", "catalog:read", "--ttl", "-900"],
+        ["--scopes", "catalog:read", "--refresh-mode", "forever"],
+    ],
+)
 def test_agent_create_refuses_bad_settings_and_registers_nothing(scenario, extra):
     before = Agent.objects.count()
     _refused("agent_create", "--name", "Bad", "--publisher", "P", "--redirect-uri", REDIRECT_URI, *extra)
     assert Agent.objects.count() == before
 
 
-@pytest.mark.parametrize("uri", ["javascript:alert(1)", "http://127.0.0.1:8300/cb#frag", "not a uri",
-                                 "ftp://files.example/cb"])
+@pytest.mark.parametrize(
+    "uri", ["javascript:alert(1)", "http://127.0.0.1:8300/cb#frag", "not a uri", "ftp://files.example/cb"]
+)
 def test_agent_create_refuses_unsafe_redirect_uris(scenario, uri):
     before = Agent.objects.count()
-    _refused("agent_create", "--name", "Bad", "--publisher", "P", "--scopes", "catalog:read",
-             "--redirect-uri", uri)
+    _refused(
+        "agent_create", "--name", "Bad", "--publisher", "P", "--scopes", "catalog:read", "--redirect-uri", uri
+    )
     assert Agent.objects.count() == before
 
 
@@ -252,15 +378,19 @@ def test_agent_update_changes_ttl_refresh_mode_and_scopes(flow, scenario):
     out = _run("agent_update", cid, "--ttl", "600", "--refresh-mode", "exchange", "--scopes", "catalog:read")
     assert "access_token_ttl" in out
     agent = Agent.objects.get(client_id=cid)
-    assert (agent.access_token_ttl, agent.refresh_mode, agent.allowed_scopes) == (600, "exchange",
-                                                                                  ["catalog:read"])
+    assert (agent.access_token_ttl, agent.refresh_mode, agent.allowed_scopes) == (
+        600,
+        "exchange",
+        ["catalog:read"],
+    )
     body = flow.full(scope="catalog:read")
     claims = _claims(body["access_token"])
     assert claims["exp"] - claims["iat"] == 600 and "refresh_token" not in body
     # budget:read left the registry: asking for it now is invalid_scope, no consent screen
     _, challenge = pkce_pair()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge,
-                                                                        scope="catalog:read budget:read"))
+    response = flow.client.get(
+        "/o/authorize/?" + flow.authorize_query(challenge=challenge, scope="catalog:read budget:read")
+    )
     assert response.status_code == 302 and "error=invalid_scope" in response["Location"]
     assert AuditEvent.objects.filter(event="agent.changed", client_id=cid).count() == 1
 
@@ -302,14 +432,17 @@ def test_reactivating_an_agent_does_not_resurrect_old_tokens(flow, scenario):
     assert flow.introspect(flow.full()["access_token"]).json()["active"] is True
 
 
-@pytest.mark.parametrize("args", [
-    ["--ttl", "5"],
-    ["--ttl", "0"],
-    ["--scopes", "catalog:read payroll:write"],
-    ["--status", "deleted"],
-    ["--refresh-mode", "forever"],
-    [],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ttl", "5"],
+        ["--ttl", "0"],
+        ["--scopes", "catalog:read payroll:write"],
+        ["--status", "deleted"],
+        ["--refresh-mode", "forever"],
+        [],
+    ],
+)
 def test_agent_update_refuses_bad_changes_and_keeps_the_agent(scenario, args):
     before = Agent.objects.values().get(pk=scenario.agent.pk)
     _refused("agent_update", scenario.agent.client_id, *args)
@@ -322,8 +455,13 @@ def test_agent_update_of_an_unknown_agent_is_refused(scenario):
 
 # --- seed_demo ------------------------------------------------------------------------------------
 
-SEED_SCOPES = {"catalog:read": "standard", "budget:read": "standard", "po:draft": "standard",
-               "approval:route": "standard", "ledger:write": "step_up"}
+SEED_SCOPES = {
+    "catalog:read": "standard",
+    "budget:read": "standard",
+    "po:draft": "standard",
+    "approval:route": "standard",
+    "ledger:write": "step_up",
+}
 # The MCP server of examples/mcp: its own scopes; MCP clients join by themselves (no seeded agent).
 MCP_SCOPES = {"shop:catalog": "standard", "shop:ledger": "step_up"}
 
@@ -363,26 +501,47 @@ def test_seed_demo_credentials_drive_the_whole_flow(db):
     out = _run_json("seed_demo")
     officer = next(u for u in out["users"] if u["username"] == "officer")
     agent = out["agents"][0]
-    body = _session_token(username="officer", password=officer["password"], client_id=agent["client_id"],
-                          secret=agent["client_secret"], scope=" ".join(agent["scopes"]),
-                          redirect_uri=agent["redirect_uris"][0])
+    body = _session_token(
+        username="officer",
+        password=officer["password"],
+        client_id=agent["client_id"],
+        secret=agent["client_secret"],
+        scope=" ".join(agent["scopes"]),
+        redirect_uri=agent["redirect_uris"][0],
+    )
     claims = _claims(body["access_token"])
     assert "ledger:write" not in claims["scope"].split()
-    catalog = next(rs for rs in out["resource_servers"]
-                   if rs["audience"] == next(s["audience"] for s in out["scopes"] if s["name"] == "catalog:read"))
+    catalog = next(
+        rs
+        for rs in out["resource_servers"]
+        if rs["audience"] == next(s["audience"] for s in out["scopes"] if s["name"] == "catalog:read")
+    )
     assert _introspect(body["access_token"], catalog["client_id"], catalog["client_secret"])["active"] is True
-    ledger = next(rs for rs in out["resource_servers"]
-                  if rs["audience"] == next(s["audience"] for s in out["scopes"] if s["name"] == "ledger:write"))
-    assert _introspect(body["access_token"], ledger["client_id"], ledger["client_secret"]) == {"active": False}
+    ledger = next(
+        rs
+        for rs in out["resource_servers"]
+        if rs["audience"] == next(s["audience"] for s in out["scopes"] if s["name"] == "ledger:write")
+    )
+    assert _introspect(body["access_token"], ledger["client_id"], ledger["client_secret"]) == {
+        "active": False
+    }
 
 
 def test_seed_demo_is_idempotent_and_keeps_the_secrets_it_issued(db):
     first = _run_json("seed_demo")
-    counts = (get_user_model().objects.count(), Agent.objects.count(), ResourceServer.objects.count(),
-              ScopePolicy.objects.count())
+    counts = (
+        get_user_model().objects.count(),
+        Agent.objects.count(),
+        ResourceServer.objects.count(),
+        ScopePolicy.objects.count(),
+    )
     second = _run_json("seed_demo")
-    assert (get_user_model().objects.count(), Agent.objects.count(), ResourceServer.objects.count(),
-            ScopePolicy.objects.count()) == counts
+    assert (
+        get_user_model().objects.count(),
+        Agent.objects.count(),
+        ResourceServer.objects.count(),
+        ScopePolicy.objects.count(),
+    ) == counts
 
     a1, a2 = first["agents"][0], second["agents"][0]
     assert a2["client_id"] == a1["client_id"]
@@ -420,8 +579,16 @@ def test_seed_demo_reports_the_scopes_the_database_holds(db):
 
 def test_seed_demo_keeps_what_an_admin_changed(db):
     _run_json("seed_demo")
-    _run("scope_set", "ledger:write", "--audience", "http://127.0.0.1:8105", "--sensitivity", "step_up",
-         "--approval-window", "900")
+    _run(
+        "scope_set",
+        "ledger:write",
+        "--audience",
+        "http://127.0.0.1:8105",
+        "--sensitivity",
+        "step_up",
+        "--approval-window",
+        "900",
+    )
     user = get_user_model().objects.get(username="officer")
     user.set_password("officer's own password")
     user.save()

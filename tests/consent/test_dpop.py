@@ -22,7 +22,9 @@ pytestmark = pytest.mark.django_db
 TOKEN_URL = "http://127.0.0.1:8000/o/token/"
 
 
-def proof(key: AgentKey, *, htm="POST", htu=TOKEN_URL, nonce=None, iat=None, jti=None, token=None, typ="dpop+jwt"):
+def proof(
+    key: AgentKey, *, htm="POST", htu=TOKEN_URL, nonce=None, iat=None, jti=None, token=None, typ="dpop+jwt"
+):
     claims = {"htm": htm, "htu": htu, "iat": int(iat or time.time()), "jti": jti or secrets.token_urlsafe(12)}
     if nonce is not False:
         claims["nonce"] = nonce or current_nonce()
@@ -48,14 +50,27 @@ def _code(flow):
 
 def _token(flow, data, dpop=None):
     extra = {"HTTP_DPOP": dpop} if dpop else {}
-    return flow.client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded",
-                            HTTP_AUTHORIZATION=basic(flow.s.agent.client_id, flow.s.agent_secret), **extra)
+    return flow.client.post(
+        "/o/token/",
+        urlencode(data),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(flow.s.agent.client_id, flow.s.agent_secret),
+        **extra,
+    )
 
 
 def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(flow, scenario, key):
     code, verifier = _code(flow)
-    response = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                             "code_verifier": verifier}, proof(key))
+    response = _token(
+        flow,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        proof(key),
+    )
     assert response.status_code == 200, response.content
     assert response.json()["token_type"] == "DPoP" and response["DPoP-Nonce"]
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
@@ -63,8 +78,19 @@ def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(flow, sc
     assert flow.introspect(response.json()["access_token"]).json()["cnf"] == {"jkt": jwk_thumbprint(key.jwk)}
 
 
-@pytest.mark.parametrize("problem", ["unregistered_key", "wrong_url", "wrong_method", "stale", "no_nonce",
-                                     "replayed", "wrong_typ", "two_proofs"])
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "unregistered_key",
+        "wrong_url",
+        "wrong_method",
+        "stale",
+        "no_nonce",
+        "replayed",
+        "wrong_typ",
+        "two_proofs",
+    ],
+)
 def test_bad_proofs_are_refused_and_nothing_is_issued(flow, scenario, key, problem):
     code, verifier = _code(flow)
     good = proof(key, jti="fixed-jti-0001")
@@ -79,13 +105,29 @@ def test_bad_proofs_are_refused_and_nothing_is_issued(flow, scenario, key, probl
         "two_proofs": f"{good},{good}",
     }[problem]
     if problem == "replayed":
-        first = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                              "code_verifier": verifier}, good)
+        first = _token(
+            flow,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+            },
+            good,
+        )
         assert first.status_code == 200
         code, verifier = _code(flow)
     before = AccessToken.objects.count()
-    response = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                             "code_verifier": verifier}, dpop)
+    response = _token(
+        flow,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        dpop,
+    )
     assert response.status_code == 400
     expected = "use_dpop_nonce" if problem == "no_nonce" else "invalid_dpop_proof"
     assert response.json()["error"] == expected and response["DPoP-Nonce"]
@@ -96,24 +138,50 @@ def test_bad_proofs_are_refused_and_nothing_is_issued(flow, scenario, key, probl
 def test_agent_that_requires_dpop_gets_nothing_without_a_proof(flow, scenario, key):
     agent_update(agent=scenario.agent, changes={"require_dpop": True})
     code, verifier = _code(flow)
-    response = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                             "code_verifier": verifier})
+    response = _token(
+        flow,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+    )
     assert response.status_code == 400 and response.json()["error"] == "invalid_dpop_proof"
-    ok = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                       "code_verifier": verifier}, proof(key))
+    ok = _token(
+        flow,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        proof(key),
+    )
     assert ok.status_code == 200 and ok.json()["token_type"] == "DPoP"
 
 
 def test_action_token_collected_with_a_proof_is_bound_too(flow, scenario, key, ledger_policy, client):  # noqa: F811
     session = flow.full()["access_token"]
-    ask = flow.client.post("/o/bc-authorize/", urlencode({
-        "scope": "ledger:write", "login_hint_token": session, "authorization_details": json.dumps([LEDGER_ENTRY])}),
+    ask = flow.client.post(
+        "/o/bc-authorize/",
+        urlencode(
+            {
+                "scope": "ledger:write",
+                "login_hint_token": session,
+                "authorization_details": json.dumps([LEDGER_ENTRY]),
+            }
+        ),
         content_type="application/x-www-form-urlencoded",
-        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret)).json()
+        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+    ).json()
     client.login(username="officer", password=PASSWORD)
     client.post(f"/approvals/{ApprovalRequest.objects.get().pk}/approve/")
-    collected = _token(flow, {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": ask["auth_req_id"]},
-                       proof(key))
+    collected = _token(
+        flow,
+        {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": ask["auth_req_id"]},
+        proof(key),
+    )
     assert collected.status_code == 200 and collected.json()["token_type"] == "DPoP"
     claims = jwt.decode(collected.json()["access_token"], options={"verify_signature": False})
     assert claims["cnf"] == {"jkt": jwk_thumbprint(key.jwk)}
@@ -128,22 +196,36 @@ def test_registry_shows_status_and_key_thumbprints_to_resource_servers(flow, sce
     agent_update(agent=scenario.agent, changes={"status": "suspended"})
     again = client.get(url, HTTP_AUTHORIZATION=basic(scenario.rs_client_id, scenario.rs_secret)).json()
     assert again["status"] == "suspended"
-    assert client.get("/o/agents/nobody", HTTP_AUTHORIZATION=basic(scenario.rs_client_id,
-                                                                    scenario.rs_secret)).status_code == 404
+    assert (
+        client.get(
+            "/o/agents/nobody", HTTP_AUTHORIZATION=basic(scenario.rs_client_id, scenario.rs_secret)
+        ).status_code
+        == 404
+    )
     document = client.get("/.well-known/agent-registry.jwt")
     assert jwt.get_unverified_header(document.content.decode())["typ"] == "agent-registry+jwt"
     kid = jwt.get_unverified_header(document.content.decode())["kid"]
     jwk = next(k for k in client.get("/.well-known/jwks.json").json()["keys"] if k["kid"] == kid)
     body = jwt.decode(document.content.decode(), jwt.PyJWK(jwk).key, algorithms=["ES256"])
-    assert [a["status"] for a in body["agents"] if a["client_id"] == scenario.agent.client_id] == ["suspended"]
+    assert [a["status"] for a in body["agents"] if a["client_id"] == scenario.agent.client_id] == [
+        "suspended"
+    ]
 
 
 def test_a_dpop_bound_session_never_turns_into_a_bearer_one(flow, scenario, key):
     scenario.agent.refresh_mode = "rotating"
     scenario.agent.save()
     code, verifier = _code(flow)
-    first = _token(flow, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                          "code_verifier": verifier}, proof(key)).json()
+    first = _token(
+        flow,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        proof(key),
+    ).json()
     bearer = _token(flow, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
     assert bearer.status_code == 400 and bearer.json()["error"] == "invalid_dpop_proof"
     bound = _token(flow, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}, proof(key))

@@ -37,7 +37,10 @@ def test_no_two_refusals_share_an_error_and_a_reason():
 def test_the_body_carries_the_reason_and_a_401_its_challenge():
     response = error_response(InvalidClient("Client authentication failed.", reason="wrong secret"))
     body = json.loads(response.content)
-    assert body == {"error": "invalid_client", "error_description": "Client authentication failed.",
-                    "reason": "client_authentication_failed"}
+    assert body == {
+        "error": "invalid_client",
+        "error_description": "Client authentication failed.",
+        "reason": "client_authentication_failed",
+    }
     assert "wrong secret" not in response.content.decode()  # the audit's detail is not the client's business
     assert response.status_code == 401 and 'error="invalid_client"' in response["WWW-Authenticate"]

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.django_db
 
 def _text(response) -> str:
     html = response.content.decode()
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index("<main>"):]))
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index("<main>") :]))
 
 
 def test_each_grant_shows_when_it_started_how_much_it_was_used_and_what_it_did_last(flow, scenario):
@@ -43,10 +43,14 @@ def test_the_story_of_one_grant_from_consent_to_its_end(agent, client, scenario)
     text = _text(page)
     assert "What you agreed to" in text and "signed in with password" in text
     assert "Use catalog:read" in text  # what the consent screen showed
-    order = ["You connected Procurement Agent", "Procurement Agent received a session token",
-             "Procurement Agent asked for your approval: Append 4250.00 USD",
-             "You approved Append 4250.00 USD", "collected its single-use token",
-             "Procurement Agent wrote 4250.00 USD to Ledger, approved by you with password"]
+    order = [
+        "You connected Procurement Agent",
+        "Procurement Agent received a session token",
+        "Procurement Agent asked for your approval: Append 4250.00 USD",
+        "You approved Append 4250.00 USD",
+        "collected its single-use token",
+        "Procurement Agent wrote 4250.00 USD to Ledger, approved by you with password",
+    ]
     positions = [text.index(s) for s in order]
     assert positions == sorted(positions), text
     assert re.search(r"<button[^>]*>Revoke</button>", page.content.decode())

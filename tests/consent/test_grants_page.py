@@ -22,9 +22,17 @@ def mallory(scenario):
     browser = Client()
     assert browser.login(username="mallory", password=PASSWORD)
     _, challenge = pkce_pair()
-    query = urlencode({"response_type": "code", "client_id": scenario.agent.client_id,
-                       "redirect_uri": REDIRECT_URI, "scope": "catalog:read", "state": "st-123",
-                       "code_challenge": challenge, "code_challenge_method": "S256"})
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": scenario.agent.client_id,
+            "redirect_uri": REDIRECT_URI,
+            "scope": "catalog:read",
+            "state": "st-123",
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
+    )
     response = browser.post("/o/authorize/", {"authz_query": query, "decision": "allow", "lifetime": "3600"})
     assert response.status_code == 302 and "code=" in response["Location"]
     user.browser = browser
@@ -141,9 +149,15 @@ def test_revoke_without_csrf_token_is_refused(scenario):
     # consent through the real form, CSRF token included
     page = browser.get("/o/authorize/?" + flow.authorize_query(challenge=challenge))
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode()).group(1)
-    response = browser.post("/o/authorize/", {"authz_query": flow.authorize_query(challenge=challenge),
-                                              "decision": "allow", "lifetime": "3600",
-                                              "csrfmiddlewaretoken": token})
+    response = browser.post(
+        "/o/authorize/",
+        {
+            "authz_query": flow.authorize_query(challenge=challenge),
+            "decision": "allow",
+            "lifetime": "3600",
+            "csrfmiddlewaretoken": token,
+        },
+    )
     assert response.status_code == 302
     grant = SessionGrant.objects.get()
 
@@ -183,8 +197,12 @@ def test_activity_shows_my_consent_tokens_and_revocation(flow):
 def test_activity_shows_only_my_own_events(flow, mallory):
     flow.full()
     officer = flow.s.user
-    audit_record(event="secret.thing", actor=f"user:{mallory.pk}", user_id=mallory.pk,
-                 detail={"reason": "mallory-private-detail"})
+    audit_record(
+        event="secret.thing",
+        actor=f"user:{mallory.pk}",
+        user_id=mallory.pk,
+        detail={"reason": "mallory-private-detail"},
+    )
     audit_record(event="system.thing", actor="system", detail={"reason": "no-user-detail"})
 
     html = _page(flow.client, "/activity/")

@@ -66,15 +66,27 @@ def _verify_with_jwks(client, token: str, audience: str = CATALOG) -> dict:
     """What a downstream resource server does: pick the key by kid from our JWKS."""
     header = _header(token)
     key = _jwks(client)[header["kid"]]
-    return jwt.decode(token, jwt.PyJWK(key), algorithms=["ES256", "RS256"], audience=audience, issuer=ISSUER,
-                      options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]})
+    return jwt.decode(
+        token,
+        jwt.PyJWK(key),
+        algorithms=["ES256", "RS256"],
+        audience=audience,
+        issuer=ISSUER,
+        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]},
+    )
 
 
 def _as_issued(forged: str, like: str) -> None:
     """Give ``forged`` a token row copied from the real token ``like``."""
     real = AccessToken.objects.get(token_checksum=hashlib.sha256(like.encode()).hexdigest())
-    row = AccessToken(user=real.user, application=real.application, scope=real.scope, expires=real.expires,
-                      session_grant=real.session_grant, jti=secrets.token_urlsafe(16))
+    row = AccessToken(
+        user=real.user,
+        application=real.application,
+        scope=real.scope,
+        expires=real.expires,
+        session_grant=real.session_grant,
+        jti=secrets.token_urlsafe(16),
+    )
     set_token_value(row, forged)
     row.save()
 
@@ -96,8 +108,9 @@ def _sign_raw(claims: dict, *, typ: str = SESSION_TOKEN_TYP) -> str:
     from consent.keys import active_signing_key
 
     k = active_signing_key()
-    return jwt.PyJWS().encode(json.dumps(claims).encode(), k.private_key, algorithm=k.alg,
-                              headers={"kid": k.kid, "typ": typ})
+    return jwt.PyJWS().encode(
+        json.dumps(claims).encode(), k.private_key, algorithm=k.alg, headers={"kid": k.kid, "typ": typ}
+    )
 
 
 def _active_kid() -> str:
@@ -177,8 +190,14 @@ def test_rotation_covers_the_longest_token_lifetime_of_any_agent(flow, scenario,
     flow.login()
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge), lifetime=24 * 3600))
-    body = flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                       "code_verifier": verifier}).json()
+    body = flow.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        }
+    ).json()
     long_lived = body["access_token"]
     assert _claims(long_lived)["exp"] - _claims(long_lived)["iat"] == 6 * 3600
     call_command("rotate_signing_key", stdout=StringIO())
@@ -290,8 +309,12 @@ def test_hs256_signed_with_our_public_key_is_refused(flow, client, issued, form)
 def test_signature_by_an_attacker_key_under_our_kid_is_refused(flow, issued):
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
-    forged = jwt.encode(_claims(real), attacker, algorithm="ES256",
-                        headers={"kid": _header(real)["kid"], "typ": SESSION_TOKEN_TYP})
+    forged = jwt.encode(
+        _claims(real),
+        attacker,
+        algorithm="ES256",
+        headers={"kid": _header(real)["kid"], "typ": SESSION_TOKEN_TYP},
+    )
     _refused_everywhere(flow, forged, real)
 
 
@@ -310,7 +333,9 @@ def test_keys_named_by_the_token_itself_are_never_used(flow, issued, where):
     _refused_everywhere(flow, forged, real)
 
 
-@pytest.mark.parametrize("kid", ["../../../etc/passwd", "' OR '1'='1", "http://127.0.0.1:1/key", "x" * 500, None])
+@pytest.mark.parametrize(
+    "kid", ["../../../etc/passwd", "' OR '1'='1", "http://127.0.0.1:1/key", "x" * 500, None]
+)
 def test_unknown_or_hostile_kid_is_refused(flow, issued, kid):
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
@@ -321,7 +346,9 @@ def test_unknown_or_hostile_kid_is_refused(flow, issued, kid):
     _refused_everywhere(flow, forged, real)
 
 
-@pytest.mark.parametrize("typ", [ACTION_TOKEN_TYP, "JWT", "jwt", "AT+JWT", "application/at+jwt", "dpop+jwt", None])
+@pytest.mark.parametrize(
+    "typ", [ACTION_TOKEN_TYP, "JWT", "jwt", "AT+JWT", "application/at+jwt", "dpop+jwt", None]
+)
 def test_session_token_with_the_wrong_typ_is_refused(flow, issued, typ):
     real = issued["access_token"]
     key = _active_kid()
@@ -331,7 +358,9 @@ def test_session_token_with_the_wrong_typ_is_refused(flow, issued, typ):
         from consent.keys import active_signing_key
 
         k = active_signing_key()
-        forged = jwt.encode(_claims(real), k.private_key, algorithm=k.alg, headers={"kid": k.kid, "typ": None})
+        forged = jwt.encode(
+            _claims(real), k.private_key, algorithm=k.alg, headers={"kid": k.kid, "typ": None}
+        )
         assert "typ" not in _header(forged)
     else:
         forged = sign(_claims(real), typ=typ)
@@ -345,24 +374,34 @@ def test_session_token_is_not_an_action_token(issued):
 
 def test_action_token_is_not_a_session_token(flow, issued):
     real = issued["access_token"]
-    action = sign({**_claims(real), "scope": "ledger:write", "aud": "http://ledger.test",
-                   "authorization_details": [{"type": "ledger_entry"}]}, typ=ACTION_TOKEN_TYP)
+    action = sign(
+        {
+            **_claims(real),
+            "scope": "ledger:write",
+            "aud": "http://ledger.test",
+            "authorization_details": [{"type": "ledger_entry"}],
+        },
+        typ=ACTION_TOKEN_TYP,
+    )
     assert verify(action, typ=ACTION_TOKEN_TYP)["scope"] == "ledger:write"
     with pytest.raises(TokenInvalid):
         verify(action, typ=SESSION_TOKEN_TYP)
 
 
-@pytest.mark.parametrize("iss", [
-    ISSUER[:-1],                       # prefix
-    ISSUER + "0",                      # suffix
-    ISSUER + "/",                      # trailing slash
-    ISSUER + ".evil.example",
-    ISSUER + "@evil.example",
-    "https://127.0.0.1:8000",
-    ISSUER.upper(),
-    "",
-    [ISSUER],
-])
+@pytest.mark.parametrize(
+    "iss",
+    [
+        ISSUER[:-1],  # prefix
+        ISSUER + "0",  # suffix
+        ISSUER + "/",  # trailing slash
+        ISSUER + ".evil.example",
+        ISSUER + "@evil.example",
+        "https://127.0.0.1:8000",
+        ISSUER.upper(),
+        "",
+        [ISSUER],
+    ],
+)
 def test_issuer_must_match_exactly(flow, issued, iss):
     real = issued["access_token"]
     forged = _sign_raw({**_claims(real), "iss": iss})

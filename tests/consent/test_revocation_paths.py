@@ -96,15 +96,31 @@ def armed(db, flow, scenario, ledger_policy, settings) -> Armed:  # noqa: F811
     assert collected.status_code == 200, collected.content
     for approval in (pending, issued, approved):
         approval.refresh_from_db()
-    assert (pending.status, issued.status, approved.status) == (Status.PENDING, Status.ISSUED, Status.APPROVED)
+    assert (pending.status, issued.status, approved.status) == (
+        Status.PENDING,
+        Status.ISSUED,
+        Status.APPROVED,
+    )
 
     grant = SessionGrant.objects.get()
     assert flow.introspect(current["access_token"]).json()["active"] is True
-    return Armed(flow=flow, scenario=scenario, ciba=ciba, officer=officer, grant=grant,
-                 session_token=current["access_token"], refresh_token=current["refresh_token"],
-                 rotated_refresh_token=first["refresh_token"], pending=pending, pending_auth_req_id=pending_id,
-                 issued=issued, issued_auth_req_id=issued_id, action_token=collected.json()["access_token"],
-                 approved=approved, approved_auth_req_id=approved_id)
+    return Armed(
+        flow=flow,
+        scenario=scenario,
+        ciba=ciba,
+        officer=officer,
+        grant=grant,
+        session_token=current["access_token"],
+        refresh_token=current["refresh_token"],
+        rotated_refresh_token=first["refresh_token"],
+        pending=pending,
+        pending_auth_req_id=pending_id,
+        issued=issued,
+        issued_auth_req_id=issued_id,
+        action_token=collected.json()["access_token"],
+        approved=approved,
+        approved_auth_req_id=approved_id,
+    )
 
 
 # --- admin helpers ----------------------------------------------------------------------------------
@@ -184,16 +200,19 @@ def revoke_by_user(a: Armed):
 
 
 def revoke_by_admin_grant_action(a: Armed):
-    response = _admin_client().post("/admin/consent/sessiongrant/",
-                                    {"action": "revoke", "_selected_action": [str(a.grant.pk)]})
+    response = _admin_client().post(
+        "/admin/consent/sessiongrant/", {"action": "revoke", "_selected_action": [str(a.grant.pk)]}
+    )
     assert response.status_code == 302, response.content[:2000]
 
 
 def _rfc7009(a: Armed, token: str, hint: str):
     response = a.flow.client.post(
-        "/o/revoke/", urlencode({"token": token, "token_type_hint": hint}),
+        "/o/revoke/",
+        urlencode({"token": token, "token_type_hint": hint}),
         content_type="application/x-www-form-urlencoded",
-        HTTP_AUTHORIZATION=basic(a.scenario.agent.client_id, a.scenario.agent_secret))
+        HTTP_AUTHORIZATION=basic(a.scenario.agent.client_id, a.scenario.agent_secret),
+    )
     assert response.status_code == 200, response.content
 
 
@@ -221,8 +240,9 @@ def suspend_by_admin_change_form(a: Armed):
 
 
 def suspend_by_admin_action(a: Armed):
-    response = _admin_client().post("/admin/consent/agent/",
-                                    {"action": "suspend", "_selected_action": [str(a.scenario.agent.pk)]})
+    response = _admin_client().post(
+        "/admin/consent/agent/", {"action": "suspend", "_selected_action": [str(a.scenario.agent.pk)]}
+    )
     assert response.status_code == 302, response.content[:2000]
 
 
@@ -257,8 +277,9 @@ def _error(response, status: int, error: str):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", list(PATHS))
-def test_every_revocation_path_ends_everything_at_once(armed, name, monkeypatch,
-                                                       django_capture_on_commit_callbacks):
+def test_every_revocation_path_ends_everything_at_once(
+    armed, name, monkeypatch, django_capture_on_commit_callbacks
+):
     path = PATHS[name]
     a = armed
     approvals_before = ApprovalRequest.objects.count()
@@ -331,8 +352,11 @@ def test_every_revocation_path_ends_everything_at_once(armed, name, monkeypatch,
         call_command("agent_update", a.scenario.agent.client_id, "--status", "active")
         assert a.flow.introspect(a.session_token).json() == {"active": False}
         _error(a.ciba.redeem(a.action_token), 400, "invalid_token")
-        _error(a.flow.token({"grant_type": "refresh_token", "refresh_token": a.refresh_token}),
-               400, "invalid_grant")
+        _error(
+            a.flow.token({"grant_type": "refresh_token", "refresh_token": a.refresh_token}),
+            400,
+            "invalid_grant",
+        )
         _error(a.ciba.ask(THIRD_ENTRY), 403, "access_denied")
         a.grant.refresh_from_db()
         assert a.grant.status == SessionGrant.Status.REVOKED
@@ -343,19 +367,27 @@ def test_every_revocation_path_ends_everything_at_once(armed, name, monkeypatch,
 def test_rfc7009_by_another_client_revokes_nothing(armed):
     """RFC 7009 §2.1: the server checks the token was issued to the requesting client."""
     a = armed
-    other, other_secret = agent_create(name="Other Agent", publisher="Elsewhere", scopes=["catalog:read"],
-                                       redirect_uris=[REDIRECT_URI])
+    other, other_secret = agent_create(
+        name="Other Agent", publisher="Elsewhere", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     for token, hint in ((a.session_token, "access_token"), (a.refresh_token, "refresh_token")):
-        response = a.flow.client.post("/o/revoke/", urlencode({"token": token, "token_type_hint": hint}),
-                                      content_type="application/x-www-form-urlencoded",
-                                      HTTP_AUTHORIZATION=basic(other.client_id, other_secret))
+        response = a.flow.client.post(
+            "/o/revoke/",
+            urlencode({"token": token, "token_type_hint": hint}),
+            content_type="application/x-www-form-urlencoded",
+            HTTP_AUTHORIZATION=basic(other.client_id, other_secret),
+        )
         assert response.status_code == 200, response.content  # §2.2: answered alike, whatever the token
     a.grant.refresh_from_db()
     assert a.grant.status == SessionGrant.Status.ACTIVE
     assert a.flow.introspect(a.session_token).json()["active"] is True
     for approval in (a.pending, a.issued, a.approved):
         approval.refresh_from_db()
-    assert (a.pending.status, a.issued.status, a.approved.status) == (Status.PENDING, Status.ISSUED, Status.APPROVED)
+    assert (a.pending.status, a.issued.status, a.approved.status) == (
+        Status.PENDING,
+        Status.ISSUED,
+        Status.APPROVED,
+    )
     assert not AuditEvent.objects.filter(event="grant.revoked").exists()
 
 
@@ -416,18 +448,30 @@ def test_ping_mode_cancellation_notifies_the_agent(live, flow, scenario, ledger_
         scenario.agent.save()
         tokens = flow.full()
         flow.client.logout()
-        asked = http.post(f"{live.url}/o/bc-authorize/", auth=agent_auth, data={
-            "scope": "ledger:write", "login_hint_token": tokens["access_token"],
-            "authorization_details": json.dumps([LEDGER_ENTRY]), "client_notification_token": "ping-me-456"})
+        asked = http.post(
+            f"{live.url}/o/bc-authorize/",
+            auth=agent_auth,
+            data={
+                "scope": "ledger:write",
+                "login_hint_token": tokens["access_token"],
+                "authorization_details": json.dumps([LEDGER_ENTRY]),
+                "client_notification_token": "ping-me-456",
+            },
+        )
         assert asked.status_code == 200, asked.text
         auth_req_id = asked.json()["auth_req_id"]
         approval = ApprovalRequest.objects.get()
-        assert approval.delivery_mode == ApprovalRequest.DeliveryMode.PING and approval.status == Status.PENDING
+        assert (
+            approval.delivery_mode == ApprovalRequest.DeliveryMode.PING and approval.status == Status.PENDING
+        )
         assert _Recorder.calls == []  # nothing to collect yet: no notification while pending
 
         if how == "rfc7009_over_http":
-            revoked = http.post(f"{live.url}/o/revoke/", auth=agent_auth,
-                                data={"token": tokens["refresh_token"], "token_type_hint": "refresh_token"})
+            revoked = http.post(
+                f"{live.url}/o/revoke/",
+                auth=agent_auth,
+                data={"token": tokens["refresh_token"], "token_type_hint": "refresh_token"},
+            )
             assert revoked.status_code == 200, revoked.text
         else:
             officer = Client()
@@ -438,14 +482,22 @@ def test_ping_mode_cancellation_notifies_the_agent(live, flow, scenario, ledger_
         assert approval.status == Status.CANCELLED
         calls = _wait_for(lambda: list(_Recorder.calls), "the ping notification", live)
         assert calls == [{"auth": "Bearer ping-me-456", "body": {"auth_req_id": auth_req_id}}]
-        _wait_for(lambda: ApprovalRequest.objects.filter(pk=approval.pk, notified_at__isnull=False).exists(),
-                  "notified_at being recorded", live)
-        assert AuditEvent.objects.filter(event="approval.agent_notified", outcome="ok",
-                                         detail__approval_id=str(approval.pk)).count() == 1
+        _wait_for(
+            lambda: ApprovalRequest.objects.filter(pk=approval.pk, notified_at__isnull=False).exists(),
+            "notified_at being recorded",
+            live,
+        )
+        assert (
+            AuditEvent.objects.filter(
+                event="approval.agent_notified", outcome="ok", detail__approval_id=str(approval.pk)
+            ).count()
+            == 1
+        )
 
         # Told to collect, the agent collects the news: the request was cancelled.
-        polled = http.post(f"{live.url}/o/token/", auth=agent_auth,
-                           data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+        polled = http.post(
+            f"{live.url}/o/token/", auth=agent_auth, data={"grant_type": CIBA, "auth_req_id": auth_req_id}
+        )
         assert polled.status_code == 400 and polled.json()["error"] == "access_denied", polled.text
         call_command("audit_verify")
     finally:

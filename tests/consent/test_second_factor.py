@@ -39,7 +39,9 @@ def test_enrolment_rejects_a_wrong_code(client, scenario):
 
 def test_login_with_totp_gives_pwd_otp_amr_in_the_token(client, flow, scenario):
     device = _enrol(client, scenario.user)
-    response = client.post("/accounts/login/", {"username": "officer", "password": PASSWORD, "next": "/grants/"})
+    response = client.post(
+        "/accounts/login/", {"username": "officer", "password": PASSWORD, "next": "/grants/"}
+    )
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/otp/")
     assert client.get("/grants/").status_code == 302  # not signed in until the code is given
     device.refresh_from_db()
@@ -55,8 +57,14 @@ def test_login_with_totp_gives_pwd_otp_amr_in_the_token(client, flow, scenario):
 
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
-    token = flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                        "code_verifier": verifier}).json()["access_token"]
+    token = flow.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        }
+    ).json()["access_token"]
     assert jwt.decode(token, options={"verify_signature": False})["amr"] == ["pwd", "otp"]
 
 

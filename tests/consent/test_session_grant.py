@@ -32,9 +32,14 @@ def test_code_exchange_returns_session_token_naming_user_and_agent(flow, scenari
     body = flow.full()
     token = body["access_token"]
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
-    claims = jwt.decode(token, _jwks_key(client, token), algorithms=["ES256"], audience="http://catalog.test",
-                        issuer="http://127.0.0.1:8000",
-                        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]})
+    claims = jwt.decode(
+        token,
+        _jwks_key(client, token),
+        algorithms=["ES256"],
+        audience="http://catalog.test",
+        issuer="http://127.0.0.1:8000",
+        options={"require": ["iss", "sub", "aud", "exp", "iat", "jti"]},
+    )
     assert claims["sub"] == f"user:{scenario.user.pk}"
     assert claims["act"] == {"sub": f"agent:{scenario.agent.client_id}"}
     assert claims["client_id"] == scenario.agent.client_id
@@ -44,7 +49,10 @@ def test_code_exchange_returns_session_token_naming_user_and_agent(flow, scenari
     assert claims["exp"] - claims["iat"] == 900
     assert claims["amr"] == ["pwd"] and "auth_time" in claims
     grant = SessionGrant.objects.get(pk=claims["grant_id"])
-    assert grant.step_up_scopes == ["ledger:write"] and grant.standard_scopes == ["catalog:read", "budget:read"]
+    assert grant.step_up_scopes == ["ledger:write"] and grant.standard_scopes == [
+        "catalog:read",
+        "budget:read",
+    ]
     assert grant.consent_shown["will_ask_each_time"][0]["scope"] == "ledger:write"
     assert "refresh_token" in body
     events = list(AuditEvent.objects.order_by("id").values_list("event", flat=True))

@@ -62,11 +62,19 @@ def test_code_exchange_and_refresh(flow, django_assert_max_num_queries):
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
     with django_assert_max_num_queries(BUDGET["authorization_code"]):
-        response = flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                               "code_verifier": verifier})
+        response = flow.token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+            }
+        )
     assert response.status_code == 200, response.content
     with django_assert_max_num_queries(BUDGET["refresh_token"]):
-        response = flow.token({"grant_type": "refresh_token", "refresh_token": response.json()["refresh_token"]})
+        response = flow.token(
+            {"grant_type": "refresh_token", "refresh_token": response.json()["refresh_token"]}
+        )
     assert response.status_code == 200, response.content
 
 
@@ -76,16 +84,23 @@ def test_token_exchange_re_mint(flow, scenario, django_assert_max_num_queries):
     scenario.agent.refresh_mode = "exchange"
     scenario.agent.save()
     subject = flow.full()["access_token"]
-    form = urlencode({"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
-                      "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                      "client_assertion": key.assertion(scenario.agent.client_id)})
+    form = urlencode(
+        {
+            "grant_type": EXCHANGE,
+            "subject_token": subject,
+            "subject_token_type": ACCESS,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": key.assertion(scenario.agent.client_id),
+        }
+    )
     with django_assert_max_num_queries(BUDGET["token_exchange"]):
         response = flow.client.post("/o/token/", form, content_type="application/x-www-form-urlencoded")
     assert response.status_code == 200, response.content
 
 
-def test_backchannel_poll_collect_redeem_introspect(flow, scenario, ledger_policy, settings,
-                                                    django_assert_max_num_queries):
+def test_backchannel_poll_collect_redeem_introspect(
+    flow, scenario, ledger_policy, settings, django_assert_max_num_queries
+):
     settings.CELERY_TASK_ALWAYS_EAGER = False
     agent = CibaAgent(flow, scenario)
     agent.start_session()
@@ -96,8 +111,11 @@ def test_backchannel_poll_collect_redeem_introspect(flow, scenario, ledger_polic
     with django_assert_max_num_queries(BUDGET["ciba_poll_pending"]):
         pending = agent.poll(auth_req_id)
     assert pending.json()["error"] == "authorization_pending"
-    approval_approve(approval_id=ApprovalRequest.objects.get().pk, user=scenario.user,
-                     auth=AuthContext(timezone.now(), ["pwd"]))
+    approval_approve(
+        approval_id=ApprovalRequest.objects.get().pk,
+        user=scenario.user,
+        auth=AuthContext(timezone.now(), ["pwd"]),
+    )
     with django_assert_max_num_queries(BUDGET["ciba_collect"]):
         collected = agent.poll(auth_req_id)
     assert collected.status_code == 200, collected.content

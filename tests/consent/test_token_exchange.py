@@ -32,8 +32,15 @@ class AgentKey:
 
     def assertion(self, client_id, **overrides):
         now = int(time.time())
-        claims = {"iss": client_id, "sub": client_id, "aud": f"{ISSUER}/o/token/", "iat": now, "exp": now + 60,
-                  "jti": secrets.token_urlsafe(16), **overrides}
+        claims = {
+            "iss": client_id,
+            "sub": client_id,
+            "aud": f"{ISSUER}/o/token/",
+            "iat": now,
+            "exp": now + 60,
+            "jti": secrets.token_urlsafe(16),
+            **overrides,
+        }
         return jwt.encode(claims, self.private, algorithm="ES256", headers={"kid": self.kid})
 
 
@@ -47,9 +54,14 @@ def key(scenario):
 
 
 def _exchange(client, assertion, subject, **extra):
-    data = {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS,
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": assertion, **extra}
+    data = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject,
+        "subject_token_type": ACCESS,
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion,
+        **extra,
+    }
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded")
 
 
@@ -79,13 +91,18 @@ def test_exchange_narrows_but_never_widens(flow, scenario, key):
     old = flow.full()["access_token"]
     narrowed = _exchange(flow.client, key.assertion(scenario.agent.client_id), old, scope="catalog:read")
     assert narrowed.json()["scope"] == "catalog:read"
-    wider = _exchange(flow.client, key.assertion(scenario.agent.client_id), narrowed.json()["access_token"],
-                      scope="catalog:read budget:read")
+    wider = _exchange(
+        flow.client,
+        key.assertion(scenario.agent.client_id),
+        narrowed.json()["access_token"],
+        scope="catalog:read budget:read",
+    )
     assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
     step_up = _exchange(flow.client, key.assertion(scenario.agent.client_id), old, scope="ledger:write")
     assert step_up.status_code == 400 and step_up.json()["error"] == "invalid_scope"
-    by_audience = _exchange(flow.client, key.assertion(scenario.agent.client_id), old,
-                            audience="http://budget.test")
+    by_audience = _exchange(
+        flow.client, key.assertion(scenario.agent.client_id), old, audience="http://budget.test"
+    )
     assert by_audience.json()["scope"] == "budget:read"
     assert _claims(by_audience.json()["access_token"])["aud"] == ["http://budget.test"]
 
@@ -122,14 +139,22 @@ def test_client_secret_is_not_enough_to_exchange(flow, scenario, key):
 def test_subject_token_refusals(flow, scenario, key):
     old = flow.full()["access_token"]
     cid = scenario.agent.client_id
-    forged = jwt.encode({**_claims(old), "scope": "catalog:read budget:read ledger:write"},
-                        AgentKey().private, algorithm="ES256", headers={"typ": "at+jwt", "kid": "x"})
+    forged = jwt.encode(
+        {**_claims(old), "scope": "catalog:read budget:read ledger:write"},
+        AgentKey().private,
+        algorithm="ES256",
+        headers={"typ": "at+jwt", "kid": "x"},
+    )
     assert _exchange(flow.client, key.assertion(cid), forged).json()["error"] == "invalid_grant"
     with time_machine.travel(time.time() + 900 + 3600 + 60, tick=True):
         too_old = _exchange(flow.client, key.assertion(cid), old)
-        assert too_old.json()["error"] == "invalid_grant" and "too long ago" in too_old.json()["error_description"]
-    other, other_secret = agent_create(name="Other", publisher="X", scopes=["catalog:read"],
-                                       redirect_uris=[REDIRECT_URI])
+        assert (
+            too_old.json()["error"] == "invalid_grant"
+            and "too long ago" in too_old.json()["error_description"]
+        )
+    other, other_secret = agent_create(
+        name="Other", publisher="X", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     other_key = AgentKey()
     other.jwks = {"keys": [other_key.jwk]}
     other.save()
@@ -141,8 +166,9 @@ def test_subject_token_refusals(flow, scenario, key):
 
 
 def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(flow, scenario, key):
-    sub, _ = agent_create(name="Catalog Helper", publisher="Acme", scopes=["catalog:read"],
-                          redirect_uris=[REDIRECT_URI])
+    sub, _ = agent_create(
+        name="Catalog Helper", publisher="Acme", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     sub_key = AgentKey("s1")
     sub.jwks = {"keys": [sub_key.jwk]}
     sub.save()
@@ -151,23 +177,43 @@ def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(flow, sc
     old = flow.full()["access_token"]
     grant = SessionGrant.objects.get()
     assert grant.permitted_delegates == [sub.client_id]
-    response = _exchange(flow.client, key.assertion(scenario.agent.client_id), old,
-                         actor_token=sub_key.assertion(sub.client_id), actor_token_type=JWT_TYPE)
+    response = _exchange(
+        flow.client,
+        key.assertion(scenario.agent.client_id),
+        old,
+        actor_token=sub_key.assertion(sub.client_id),
+        actor_token_type=JWT_TYPE,
+    )
     assert response.status_code == 200, response.content
     claims = _claims(response.json()["access_token"])
-    assert claims["act"] == {"sub": f"agent:{sub.client_id}", "act": {"sub": f"agent:{scenario.agent.client_id}"}}
+    assert claims["act"] == {
+        "sub": f"agent:{sub.client_id}",
+        "act": {"sub": f"agent:{scenario.agent.client_id}"},
+    }
     assert claims["client_id"] == sub.client_id and claims["scope"] == "catalog:read"
     assert claims["sub"] == f"user:{scenario.user.pk}"
 
-    stranger, _ = agent_create(name="Stranger", publisher="Y", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI])
+    stranger, _ = agent_create(
+        name="Stranger", publisher="Y", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
+    )
     stranger_key = AgentKey("z")
     stranger.jwks = {"keys": [stranger_key.jwk]}
     stranger.save()
-    refused = _exchange(flow.client, key.assertion(scenario.agent.client_id), old,
-                        actor_token=stranger_key.assertion(stranger.client_id), actor_token_type=JWT_TYPE)
+    refused = _exchange(
+        flow.client,
+        key.assertion(scenario.agent.client_id),
+        old,
+        actor_token=stranger_key.assertion(stranger.client_id),
+        actor_token_type=JWT_TYPE,
+    )
     assert refused.status_code == 400 and refused.json()["error"] == "unauthorized_client"
-    unregistered = _exchange(flow.client, key.assertion(scenario.agent.client_id), old,
-                             actor_token=AgentKey().assertion("ghost"), actor_token_type=JWT_TYPE)
+    unregistered = _exchange(
+        flow.client,
+        key.assertion(scenario.agent.client_id),
+        old,
+        actor_token=AgentKey().assertion("ghost"),
+        actor_token_type=JWT_TYPE,
+    )
     assert unregistered.json()["error"] == "invalid_grant"
 
 
@@ -177,11 +223,20 @@ def test_private_key_jwt_works_at_the_code_exchange_too(flow, scenario, key):
     flow.login()
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
-    response = flow.client.post("/o/token/", urlencode({
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI, "code_verifier": verifier,
-        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-        "client_assertion": key.assertion(scenario.agent.client_id)}),
-        content_type="application/x-www-form-urlencoded")
+    response = flow.client.post(
+        "/o/token/",
+        urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": key.assertion(scenario.agent.client_id),
+            }
+        ),
+        content_type="application/x-www-form-urlencoded",
+    )
     assert response.status_code == 200, response.content
 
 

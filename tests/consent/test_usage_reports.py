@@ -16,13 +16,24 @@ pytestmark = pytest.mark.django_db
 
 def _use(token, **overrides):
     claims = jwt.decode(token, options={"verify_signature": False})
-    return {"id": secrets.token_urlsafe(12), "jti": claims["jti"], "scope": "catalog:read",
-            "operation": "search catalog", "outcome": "accepted", "at": int(time.time()), **overrides}
+    return {
+        "id": secrets.token_urlsafe(12),
+        "jti": claims["jti"],
+        "scope": "catalog:read",
+        "operation": "search catalog",
+        "outcome": "accepted",
+        "at": int(time.time()),
+        **overrides,
+    }
 
 
 def _report(client, uses, *, auth, body=None):
-    return client.post("/o/usage/", body if body is not None else json.dumps({"uses": uses}),
-                       content_type="application/json", HTTP_AUTHORIZATION=basic(*auth))
+    return client.post(
+        "/o/usage/",
+        body if body is not None else json.dumps({"uses": uses}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=basic(*auth),
+    )
 
 
 @pytest.fixture
@@ -38,13 +49,17 @@ def test_a_reported_use_is_stored_against_the_grant_and_audited(flow, scenario, 
     assert response.status_code == 200 and response.json() == {"accepted": 2, "duplicates": 0}
     grant = SessionGrant.objects.get()
     assert sorted(GrantUse.objects.filter(grant=grant).values_list("operation", flat=True)) == [
-        "read item 42", "search catalog"]
+        "read item 42",
+        "search catalog",
+    ]
     event = AuditEvent.objects.get(event="grant.used")
     assert event.grant_id == str(grant.pk) and event.actor == f"rs:{scenario.rs_client_id}"
     assert event.detail["uses"] == 2
     flow.client.login(username="officer", password=PASSWORD)
-    assert "Catalog reported 2 uses by Procurement Agent: read item 42, search catalog." in \
-        flow.client.get("/activity/").content.decode()
+    assert (
+        "Catalog reported 2 uses by Procurement Agent: read item 42, search catalog."
+        in flow.client.get("/activity/").content.decode()
+    )
 
 
 def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(flow, scenario, token):
@@ -72,15 +87,39 @@ def test_a_replayed_report_counts_once(flow, scenario, token):
     assert GrantUse.objects.count() == 1 and AuditEvent.objects.filter(event="grant.used").count() == 1
 
 
-@pytest.mark.parametrize("body", [
-    "not json", json.dumps([]), json.dumps({"uses": []}), json.dumps({"uses": "x"}),
-    json.dumps({"uses": [{"id": "short"}]}), "[" * 5000,
-    json.dumps({"uses": [{"id": "a" * 12, "jti": "j", "scope": "catalog:read", "at": 0}]}),  # not recent
-    json.dumps({"uses": [{"id": "a" * 12, "jti": "j", "scope": "catalog:read", "at": time.time(),
-                          "operation": "x\n"}]}),
-    json.dumps({"uses": [{"id": f"id-{i:08d}", "jti": "j", "scope": "catalog:read", "at": time.time()}
-                         for i in range(101)]}),  # a flood in one report
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        json.dumps([]),
+        json.dumps({"uses": []}),
+        json.dumps({"uses": "x"}),
+        json.dumps({"uses": [{"id": "short"}]}),
+        "[" * 5000,
+        json.dumps({"uses": [{"id": "a" * 12, "jti": "j", "scope": "catalog:read", "at": 0}]}),  # not recent
+        json.dumps(
+            {
+                "uses": [
+                    {
+                        "id": "a" * 12,
+                        "jti": "j",
+                        "scope": "catalog:read",
+                        "at": time.time(),
+                        "operation": "x\n",
+                    }
+                ]
+            }
+        ),
+        json.dumps(
+            {
+                "uses": [
+                    {"id": f"id-{i:08d}", "jti": "j", "scope": "catalog:read", "at": time.time()}
+                    for i in range(101)
+                ]
+            }
+        ),  # a flood in one report
+    ],
+)
 def test_malformed_reports_are_invalid_request_and_audited(flow, scenario, token, body):
     response = _report(flow.client, None, auth=(scenario.rs_client_id, scenario.rs_secret), body=body)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"

@@ -32,7 +32,9 @@ EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 
 # RFC 7235 §2.1 auth-param: token BWS "=" BWS ( token / quoted-string )
-_PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9_!#$%&\'*+.^`|~-]+))')
+_PARAM = re.compile(
+    r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9_!#$%&\'*+.^`|~-]+))'
+)
 
 
 def challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -56,8 +58,15 @@ class Key:
     def assertion(self, client_id, **overrides):
         now = int(time.time())
         issuer = countersign_settings.ISSUER
-        claims = {"iss": client_id, "sub": client_id, "aud": f"{issuer}/o/token/", "iat": now, "exp": now + 60,
-                  "jti": secrets.token_urlsafe(16), **overrides}
+        claims = {
+            "iss": client_id,
+            "sub": client_id,
+            "aud": f"{issuer}/o/token/",
+            "iat": now,
+            "exp": now + 60,
+            "jti": secrets.token_urlsafe(16),
+            **overrides,
+        }
         return jwt.encode(claims, self.private, algorithm="ES256", headers={"kid": self.kid})
 
 
@@ -69,10 +78,18 @@ def world(flow, scenario, ledger_policy):  # noqa: F811
     scenario.agent.save()
     tokens = flow.full()
     flow.client.logout()
-    asked = flow.client.post("/o/bc-authorize/", urlencode({
-        "scope": "ledger:write", "login_hint_token": tokens["access_token"],
-        "authorization_details": json.dumps([LEDGER_ENTRY])}), content_type=FORM,
-        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret))
+    asked = flow.client.post(
+        "/o/bc-authorize/",
+        urlencode(
+            {
+                "scope": "ledger:write",
+                "login_hint_token": tokens["access_token"],
+                "authorization_details": json.dumps([LEDGER_ENTRY]),
+            }
+        ),
+        content_type=FORM,
+        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+    )
     assert asked.status_code == 200, asked.content
     return {"key": key, "tokens": tokens, "auth_req_id": asked.json()["auth_req_id"]}
 
@@ -98,83 +115,173 @@ def _bad_secret(s):
 CASES = {
     # --- token endpoint, client secret -------------------------------------------------------------
     "token/refresh/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"]},
-        _bad_secret(s)),
+        f.client,
+        "/o/token/",
+        {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"]},
+        _bad_secret(s),
+    ),
     "token/refresh/unknown_client": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"]},
-        basic("no-such-client", "whatever")),
+        f.client,
+        "/o/token/",
+        {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"]},
+        basic("no-such-client", "whatever"),
+    ),
     "token/refresh/secret_in_body_wrong": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"],
-                                "client_id": s.agent.client_id, "client_secret": "nope"}),
-    "token/authorization_code/wrong_secret": lambda f, s, w: (lambda cv: _post(
-        f.client, "/o/token/", {"grant_type": "authorization_code", "code": cv[0], "redirect_uri": REDIRECT_URI,
-                                "code_verifier": cv[1]}, _bad_secret(s)))(_code(f)),
+        f.client,
+        "/o/token/",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": w["tokens"]["refresh_token"],
+            "client_id": s.agent.client_id,
+            "client_secret": "nope",
+        },
+    ),
+    "token/authorization_code/wrong_secret": lambda f, s, w: (
+        lambda cv: _post(
+            f.client,
+            "/o/token/",
+            {
+                "grant_type": "authorization_code",
+                "code": cv[0],
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": cv[1],
+            },
+            _bad_secret(s),
+        )
+    )(_code(f)),
     "token/ciba_poll/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": CIBA, "auth_req_id": w["auth_req_id"]}, _bad_secret(s)),
+        f.client, "/o/token/", {"grant_type": CIBA, "auth_req_id": w["auth_req_id"]}, _bad_secret(s)
+    ),
     # --- token endpoint, private_key_jwt -----------------------------------------------------------
     "token/refresh/pkjwt_wrong_key": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"],
-                                "client_assertion_type": ASSERTION_TYPE,
-                                "client_assertion": Key().assertion(s.agent.client_id)}),
+        f.client,
+        "/o/token/",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": w["tokens"]["refresh_token"],
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": Key().assertion(s.agent.client_id),
+        },
+    ),
     "token/refresh/pkjwt_wrong_audience": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"],
-                                "client_assertion_type": ASSERTION_TYPE,
-                                "client_assertion": w["key"].assertion(s.agent.client_id,
-                                                                       aud="https://elsewhere.example/")}),
+        f.client,
+        "/o/token/",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": w["tokens"]["refresh_token"],
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": w["key"].assertion(s.agent.client_id, aud="https://elsewhere.example/"),
+        },
+    ),
     "token/refresh/pkjwt_wrong_assertion_type": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"],
-                                "client_assertion_type": "urn:example:not-jwt-bearer",
-                                "client_assertion": w["key"].assertion(s.agent.client_id)}),
+        f.client,
+        "/o/token/",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": w["tokens"]["refresh_token"],
+            "client_assertion_type": "urn:example:not-jwt-bearer",
+            "client_assertion": w["key"].assertion(s.agent.client_id),
+        },
+    ),
     "token/exchange/pkjwt_wrong_key": lambda f, s, w: _post(
-        f.client, "/o/token/", {"grant_type": EXCHANGE, "subject_token": w["tokens"]["access_token"],
-                                "subject_token_type": ACCESS, "client_assertion_type": ASSERTION_TYPE,
-                                "client_assertion": Key().assertion(s.agent.client_id)}),
+        f.client,
+        "/o/token/",
+        {
+            "grant_type": EXCHANGE,
+            "subject_token": w["tokens"]["access_token"],
+            "subject_token_type": ACCESS,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": Key().assertion(s.agent.client_id),
+        },
+    ),
     "token/suspended_agent": lambda f, s, w: (
         agent_update(agent=s.agent, changes={"status": Agent.Status.SUSPENDED}),
-        _post(f.client, "/o/token/", {"grant_type": "refresh_token",
-                                      "refresh_token": w["tokens"]["refresh_token"]},
-              basic(s.agent.client_id, s.agent_secret)))[1],
+        _post(
+            f.client,
+            "/o/token/",
+            {"grant_type": "refresh_token", "refresh_token": w["tokens"]["refresh_token"]},
+            basic(s.agent.client_id, s.agent_secret),
+        ),
+    )[1],
     # --- introspection (resource-server authentication) --------------------------------------------
     "introspect/no_credentials": lambda f, s, w: _post(
-        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}),
+        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}
+    ),
     "introspect/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}, basic(s.rs_client_id, "nope")),
+        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}, basic(s.rs_client_id, "nope")
+    ),
     "introspect/agent_credentials": lambda f, s, w: _post(
-        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]},
-        basic(s.agent.client_id, s.agent_secret)),
+        f.client,
+        "/o/introspect/",
+        {"token": w["tokens"]["access_token"]},
+        basic(s.agent.client_id, s.agent_secret),
+    ),
     "introspect/malformed_basic": lambda f, s, w: _post(
-        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}, "Basic !!!not-base64"),
+        f.client, "/o/introspect/", {"token": w["tokens"]["access_token"]}, "Basic !!!not-base64"
+    ),
     # --- redemption ---------------------------------------------------------------------------------
     "redeem/no_credentials": lambda f, s, w: _post(f.client, "/o/redeem/", {"token": "x.y.z"}),
     "redeem/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/redeem/", {"token": "x.y.z"}, basic(s.ledger_client_id, "nope")),
+        f.client, "/o/redeem/", {"token": "x.y.z"}, basic(s.ledger_client_id, "nope")
+    ),
     # --- CIBA backchannel authentication endpoint ---------------------------------------------------
     "bc-authorize/no_credentials": lambda f, s, w: _post(
-        f.client, "/o/bc-authorize/", {"scope": "ledger:write", "login_hint_token": w["tokens"]["access_token"],
-                                       "authorization_details": json.dumps([LEDGER_ENTRY])}),
+        f.client,
+        "/o/bc-authorize/",
+        {
+            "scope": "ledger:write",
+            "login_hint_token": w["tokens"]["access_token"],
+            "authorization_details": json.dumps([LEDGER_ENTRY]),
+        },
+    ),
     "bc-authorize/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/bc-authorize/", {"scope": "ledger:write", "login_hint_token": w["tokens"]["access_token"],
-                                       "authorization_details": json.dumps([LEDGER_ENTRY])}, _bad_secret(s)),
+        f.client,
+        "/o/bc-authorize/",
+        {
+            "scope": "ledger:write",
+            "login_hint_token": w["tokens"]["access_token"],
+            "authorization_details": json.dumps([LEDGER_ENTRY]),
+        },
+        _bad_secret(s),
+    ),
     "bc-authorize/pkjwt_wrong_key": lambda f, s, w: _post(
-        f.client, "/o/bc-authorize/", {"scope": "ledger:write", "login_hint_token": w["tokens"]["access_token"],
-                                       "authorization_details": json.dumps([LEDGER_ENTRY]),
-                                       "client_assertion_type": ASSERTION_TYPE,
-                                       "client_assertion": Key().assertion(s.agent.client_id)}),
+        f.client,
+        "/o/bc-authorize/",
+        {
+            "scope": "ledger:write",
+            "login_hint_token": w["tokens"]["access_token"],
+            "authorization_details": json.dumps([LEDGER_ENTRY]),
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": Key().assertion(s.agent.client_id),
+        },
+    ),
     # --- RFC 7009 revocation -------------------------------------------------------------------------
     "revoke/no_credentials": lambda f, s, w: _post(
-        f.client, "/o/revoke/", {"token": w["tokens"]["access_token"]}),
+        f.client, "/o/revoke/", {"token": w["tokens"]["access_token"]}
+    ),
     "revoke/wrong_secret": lambda f, s, w: _post(
-        f.client, "/o/revoke/", {"token": w["tokens"]["access_token"]}, _bad_secret(s)),
+        f.client, "/o/revoke/", {"token": w["tokens"]["access_token"]}, _bad_secret(s)
+    ),
     "revoke/unknown_client": lambda f, s, w: _post(
-        f.client, "/o/revoke/", {"token": w["tokens"]["refresh_token"], "token_type_hint": "refresh_token"},
-        basic("no-such-client", "whatever")),
+        f.client,
+        "/o/revoke/",
+        {"token": w["tokens"]["refresh_token"], "token_type_hint": "refresh_token"},
+        basic("no-such-client", "whatever"),
+    ),
     "revoke/pkjwt_wrong_key": lambda f, s, w: _post(
-        f.client, "/o/revoke/", {"token": w["tokens"]["access_token"], "client_assertion_type": ASSERTION_TYPE,
-                                 "client_assertion": Key().assertion(s.agent.client_id)}),
+        f.client,
+        "/o/revoke/",
+        {
+            "token": w["tokens"]["access_token"],
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": Key().assertion(s.agent.client_id),
+        },
+    ),
     # --- agent registry for resource servers ---------------------------------------------------------
     "registry/no_credentials": lambda f, s, w: f.client.get(f"/o/agents/{s.agent.client_id}"),
     "registry/wrong_secret": lambda f, s, w: f.client.get(
-        f"/o/agents/{s.agent.client_id}", HTTP_AUTHORIZATION=basic(s.rs_client_id, "nope")),
+        f"/o/agents/{s.agent.client_id}", HTTP_AUTHORIZATION=basic(s.rs_client_id, "nope")
+    ),
 }
 
 

@@ -18,8 +18,12 @@ from tests.examples.test_procurement_demo import _sign_in_and_allow, demo_config
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, live_context, demo_config,  # noqa: F811
-                                                                       systems):  # noqa: F811
+def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(
+    live,
+    live_context,  # noqa: F811
+    demo_config,  # noqa: F811
+    systems,  # noqa: F811
+):
     config, _ = demo_config
     page = live_context.new_page()
     problems = watch_page(page)
@@ -28,8 +32,13 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
 
     def agent_thread():
         try:
-            outcome["result"] = procurement_agent.run(config, say=lambda line: None, on_consent_url=consent_urls.put,
-                                                      consent_timeout=90, approval_timeout=90)
+            outcome["result"] = procurement_agent.run(
+                config,
+                say=lambda line: None,
+                on_consent_url=consent_urls.put,
+                consent_timeout=90,
+                approval_timeout=90,
+            )
         except BaseException as exc:  # noqa: BLE001  (reported below)
             outcome["error"] = exc
 
@@ -45,10 +54,12 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
     expect(timeline).to_contain_text("You connected Procurement Agent")
     expect(page.locator("#timeline-status")).to_contain_text("Live")
     for system in ("Vendor catalog", "Budget", "Procurement drafting", "Approval routing"):
-        expect(timeline).to_contain_text(re.compile(rf"{system} served Procurement Agent: (GET|POST) /"),
-                                         timeout=20_000)
-    expect(timeline).to_contain_text("Procurement Agent asked for your approval: Append 4250.00 USD",
-                                     timeout=20_000)
+        expect(timeline).to_contain_text(
+            re.compile(rf"{system} served Procurement Agent: (GET|POST) /"), timeout=20_000
+        )
+    expect(timeline).to_contain_text(
+        "Procurement Agent asked for your approval: Append 4250.00 USD", timeout=20_000
+    )
     assert page.evaluate("window.__same_document") == 1  # no reload: it came over the websocket
     assert GrantUse.objects.filter(grant=grant).count() >= 4
 
@@ -71,7 +82,8 @@ def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(live, li
             page.screenshot(path=f"/tmp/person-{name}-{width}.png", full_page=True)
     page.goto("/activity/")
     expect(page.locator('li[data-event="grant.revoked"]').first).to_contain_text(
-        "The connection to Procurement Agent ended: you revoked it.")
+        "The connection to Procurement Agent ended: you revoked it."
+    )
     expect(page.locator("#f-agent")).to_be_visible()
     # A re-read of the list still in flight when Revoke navigated away is cancelled by the browser.
     problems = [p for p in problems if not (p.endswith("net::ERR_ABORTED") and "?part=timeline" in p)]

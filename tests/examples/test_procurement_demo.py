@@ -42,11 +42,23 @@ from tests.live import ROOT, free_port
 pytestmark = pytest.mark.django_db(transaction=True)
 
 PO = "PO-2026-0142"  # the first draft of a fresh drafting store
-APPROVED = {"type": "ledger_entry", "actions": ["append"], "purchase_order": PO,
-            "vendor": "Acme Office Supply", "amount": "4250.00", "currency": "USD"}  # 25 x 170.00
+APPROVED = {
+    "type": "ledger_entry",
+    "actions": ["append"],
+    "purchase_order": PO,
+    "vendor": "Acme Office Supply",
+    "amount": "4250.00",
+    "currency": "USD",
+}  # 25 x 170.00
 HEADLINE = re.compile(r"^Append 4250\.00 USD to Acme Office Supply \(PO-2026-0142\)")
-TRAIL = ["consent.given", "token.issued", "approval.requested", "approval.approved",
-         "action_token.issued", "action_token.redeemed"]
+TRAIL = [
+    "consent.given",
+    "token.issued",
+    "approval.requested",
+    "approval.approved",
+    "action_token.issued",
+    "action_token.redeemed",
+]
 
 
 def _http() -> httpx.Client:
@@ -72,21 +84,43 @@ def demo_config(live, tmp_path) -> tuple[dict, Path]:
         audience = f"http://127.0.0.1:{port}"
         values = {"audience": audience, "description": title, "sensitivity": ScopePolicy.Sensitivity.STANDARD}
         if key == "ledger":
-            values |= {"sensitivity": ScopePolicy.Sensitivity.STEP_UP, "approval_window": 600,
-                       "action_token_ttl": 120, "authorization_details_types": ["ledger_entry"]}
+            values |= {
+                "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
+                "approval_window": 600,
+                "action_token_ttl": 120,
+                "authorization_details_types": ["ledger_entry"],
+            }
         scope_set(name=scope, values=values)
         rs, secret = resource_server_create(name=title, audience=audience)
         scopes.append({"name": scope, "sensitivity": values["sensitivity"], "audience": audience})
-        servers.append({"name": title, "audience": audience, "client_id": rs.client_id, "client_secret": secret})
+        servers.append(
+            {"name": title, "audience": audience, "client_id": rs.client_id, "client_secret": secret}
+        )
     redirect_uri = f"http://127.0.0.1:{callback_port}/callback"
-    agent, secret = agent_create(name="Procurement Agent", publisher="Countersign reference scenario",
-                                 scopes=[s["name"] for s in scopes], redirect_uris=[redirect_uri])
-    get_user_model().objects.create_user("officer", password=PASSWORD, first_name="Contracting",
-                                         last_name="Officer")
-    config = {"issuer": live.url, "users": [{"username": "officer", "password": PASSWORD}],
-              "agents": [{"name": agent.name, "client_id": agent.client_id, "client_secret": secret,
-                          "redirect_uris": [redirect_uri], "scopes": [s["name"] for s in scopes]}],
-              "resource_servers": servers, "scopes": scopes}
+    agent, secret = agent_create(
+        name="Procurement Agent",
+        publisher="Countersign reference scenario",
+        scopes=[s["name"] for s in scopes],
+        redirect_uris=[redirect_uri],
+    )
+    get_user_model().objects.create_user(
+        "officer", password=PASSWORD, first_name="Contracting", last_name="Officer"
+    )
+    config = {
+        "issuer": live.url,
+        "users": [{"username": "officer", "password": PASSWORD}],
+        "agents": [
+            {
+                "name": agent.name,
+                "client_id": agent.client_id,
+                "client_secret": secret,
+                "redirect_uris": [redirect_uri],
+                "scopes": [s["name"] for s in scopes],
+            }
+        ],
+        "resource_servers": servers,
+        "scopes": scopes,
+    }
     path = tmp_path / "credentials.json"
     path.write_text(json.dumps(config))
     path.chmod(0o600)
@@ -97,7 +131,9 @@ class Systems:
     def __init__(self, proc: subprocess.Popen, log: Path, data_dir: Path, config: dict) -> None:
         self.proc, self.log, self.data_dir, self.config = proc, log, data_dir, config
         self.audience = {s["name"]: s["audience"] for s in config["scopes"]}
-        self.ledger = next(s for s in config["resource_servers"] if s["audience"] == self.audience["ledger:write"])
+        self.ledger = next(
+            s for s in config["resource_servers"] if s["audience"] == self.audience["ledger:write"]
+        )
 
     def output(self) -> str:
         return self.log.read_text()
@@ -113,10 +149,21 @@ def systems(live, demo_config, tmp_path):
     config, path = demo_config
     log, data_dir = tmp_path / "systems.log", tmp_path / "data"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "examples.procurement.resource_servers", "--config", str(path),
-         "--data-dir", str(data_dir)],
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "examples.procurement.resource_servers",
+            "--config",
+            str(path),
+            "--data-dir",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     handle = Systems(proc, log, data_dir, config)
     try:
         deadline = time.monotonic() + 30
@@ -175,11 +222,16 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
 
     def agent_thread():
         try:
-            outcome["result"] = procurement_agent.run(config, say=said.append, on_consent_url=consent_urls.put,
-                                                      consent_timeout=90, approval_timeout=90,
-                                                      # kept live so the one-shot checks below reach the
-                                                      # redemption itself (an ended grant refuses first)
-                                                      end_session=False)
+            outcome["result"] = procurement_agent.run(
+                config,
+                say=said.append,
+                on_consent_url=consent_urls.put,
+                consent_timeout=90,
+                approval_timeout=90,
+                # kept live so the one-shot checks below reach the
+                # redemption itself (an ended grant refuses first)
+                end_session=False,
+            )
         except BaseException as exc:  # noqa: BLE001  (reported below)
             outcome["error"] = exc
 
@@ -236,20 +288,29 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
             refused = http.get(systems.audience[scope] + "/", headers={})
             assert refused.status_code == 401, (scope, refused.text)
         # A different entry under the same approval: refused before any redemption (action hash).
-        tampered = http.post(ledger_url, json={**APPROVED, "amount": "42500.00"},
-                             headers={"Authorization": f"Bearer {result.action_token.token}"})
+        tampered = http.post(
+            ledger_url,
+            json={**APPROVED, "amount": "42500.00"},
+            headers={"Authorization": f"Bearer {result.action_token.token}"},
+        )
         assert tampered.status_code == 403 and tampered.json()["error"] == "insufficient_scope", tampered.text
     # Each system checked both principals itself: its access log names the user and the agent.
     log = systems.output()
     for name in ("catalog", "budget", "drafting", "routing", "ledger"):
-        assert re.search(rf"\[{name}\s*\] (GET|POST) /\S* -> 20[01]  user:{user.pk} via {re.escape(agent_id)}",
-                         log), log
+        assert re.search(
+            rf"\[{name}\s*\] (GET|POST) /\S* -> 20[01]  user:{user.pk} via {re.escape(agent_id)}", log
+        ), log
 
     # One shot: the agent's second use was refused by the ledger, and so is any later redemption.
     assert result.replay_status == 401, result.replay_body
     assert "already redeemed" in result.replay_body["error_description"]
-    verifier = TokenVerifier(live.url, audience=systems.ledger["audience"], client_id=systems.ledger["client_id"],
-                             client_secret=systems.ledger["client_secret"], http=_http())
+    verifier = TokenVerifier(
+        live.url,
+        audience=systems.ledger["audience"],
+        client_id=systems.ledger["client_id"],
+        client_secret=systems.ledger["client_secret"],
+        http=_http(),
+    )
     with pytest.raises(AlreadyRedeemed):
         verifier.redeem(result.action_token.token, action_hash=action_hash([APPROVED]))
     with pytest.raises(AlreadyRedeemed):
@@ -266,7 +327,7 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     positions = [trail.index(event) for event in TRAIL]
     assert positions == sorted(positions), trail
     assert trail.count("action_token.redeemed") == 1, trail
-    assert "redemption.refused" in trail[trail.index("action_token.redeemed"):], trail
+    assert "redemption.refused" in trail[trail.index("action_token.redeemed") :], trail
     call_command("audit_verify", stdout=StringIO())
 
     # ... which the officer can read on /activity/.
@@ -275,8 +336,11 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     for event in ("consent.given", "approval.approved", "action_token.redeemed"):
         expect(page.locator(f'li[data-event="{event}"]').first).to_be_visible()
     expect(page.locator('li[data-event="action_token.redeemed"]').first).to_contain_text(
-        re.compile(rf"Procurement Agent wrote {APPROVED['amount']} {APPROVED['currency']} to .+, "
-                   r"approved by you with password"))
+        re.compile(
+            rf"Procurement Agent wrote {APPROVED['amount']} {APPROVED['currency']} to .+, "
+            r"approved by you with password"
+        )
+    )
     assert problems == [], problems
 
 
@@ -290,14 +354,21 @@ def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems,
     registered = Agent.objects.get(client_id=me["client_id"])
     registered.jwks = {"keys": [key.jwk]}
     registered.save()
-    agent = AgentClient(live.url, me["client_id"], client_secret=me["client_secret"],
-                        redirect_uri=me["redirect_uris"][0], dpop_key=key, http=_http())
+    agent = AgentClient(
+        live.url,
+        me["client_id"],
+        client_secret=me["client_secret"],
+        redirect_uri=me["redirect_uris"][0],
+        dpop_key=key,
+        http=_http(),
+    )
     url, state, verifier = agent.authorization_url(me["scopes"])
 
     # The officer consents (Django's test client on the same database); the live server mints.
     assert client.login(username="officer", password=PASSWORD)
-    consent = client.post("/o/authorize/", {"authz_query": urlsplit(url).query, "decision": "allow",
-                                            "lifetime": "3600"})
+    consent = client.post(
+        "/o/authorize/", {"authz_query": urlsplit(url).query, "decision": "allow", "lifetime": "3600"}
+    )
     assert consent.status_code == 302, consent.content[:500]
     answer = parse_qs(urlsplit(consent["Location"]).query)
     assert answer["state"] == [state]
@@ -317,8 +388,12 @@ def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems,
 
         # Step 5 with a bound action token.
         outcome: dict = {}
-        thread = threading.Thread(target=lambda: outcome.update(
-            action=agent.request_approval("ledger:write", [APPROVED], timeout=60)), daemon=True)
+        thread = threading.Thread(
+            target=lambda: outcome.update(
+                action=agent.request_approval("ledger:write", [APPROVED], timeout=60)
+            ),
+            daemon=True,
+        )
         thread.start()
         deadline = time.monotonic() + 20
         while not ApprovalRequest.objects.exists():
@@ -331,7 +406,9 @@ def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems,
         assert action.dpop_bound
 
         ledger = f"{systems.audience['ledger:write']}/entries"
-        wrong_target = http.post(ledger, json=APPROVED, headers=agent.auth_headers("POST", catalog, token=action))
+        wrong_target = http.post(
+            ledger, json=APPROVED, headers=agent.auth_headers("POST", catalog, token=action)
+        )
         assert wrong_target.status_code == 401 and wrong_target.json()["error"] == "invalid_dpop_proof"
         assert ActionToken.objects.get().redeemed_at is None  # refused before redemption
         written = http.post(ledger, json=APPROVED, headers=agent.auth_headers("POST", ledger, token=action))

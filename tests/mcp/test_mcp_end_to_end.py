@@ -50,17 +50,27 @@ def _self_signed(tmp) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "cimd.pem", tmp / "cimd.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return str(cert_path), str(key_path)
 
 
@@ -85,8 +95,12 @@ def tls(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(django_db_setup, django_db_blocker, tmp_path_factory, tls):
-    with django_db_blocker.unblock(), start_stack(
-            tmp_path_factory.mktemp("mcp-live"), extra_env={"COUNTERSIGN_CIMD_CA_BUNDLE": tls[0]}) as live:
+    with (
+        django_db_blocker.unblock(),
+        start_stack(
+            tmp_path_factory.mktemp("mcp-live"), extra_env={"COUNTERSIGN_CIMD_CA_BUNDLE": tls[0]}
+        ) as live,
+    ):
         yield live
 
 
@@ -142,9 +156,14 @@ def client_document(tls, callback):
 
     httpd, port = _serve(Handler, tls=tls)
     url = f"https://127.0.0.1:{port}/mcp-client.json"
-    holder["doc"] = {"client_id": url, "client_name": "Test MCP Client", "redirect_uris": [callback[0]],
-                     "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"],
-                     "response_types": ["code"]}
+    holder["doc"] = {
+        "client_id": url,
+        "client_name": "Test MCP Client",
+        "redirect_uris": [callback[0]],
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+    }
     yield url
     httpd.shutdown()
 
@@ -154,26 +173,50 @@ def mcp_server(live, tmp_path):
     port = free_port()
     audience = f"http://127.0.0.1:{port}/mcp"
     scope_set(name="shop:catalog", values={"audience": audience, "description": "Search the shop's catalog"})
-    scope_set(name="shop:ledger", values={"audience": audience, "description": "Record payments in the ledger",
-                                          "sensitivity": ScopePolicy.Sensitivity.STEP_UP, "approval_window": 600,
-                                          "authorization_details_types": ["mcp_tool_call"]})
+    scope_set(
+        name="shop:ledger",
+        values={
+            "audience": audience,
+            "description": "Record payments in the ledger",
+            "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
+            "approval_window": 600,
+            "authorization_details_types": ["mcp_tool_call"],
+        },
+    )
     rs, secret = resource_server_create(name="Shop (MCP server)", audience=audience)
     get_user_model().objects.create_user("officer", password=PASSWORD)
-    config = {"issuer": live.url, "resource_servers": [{"name": rs.name, "audience": audience,
-                                                         "client_id": rs.client_id, "client_secret": secret}],
-              "scopes": [{"name": "shop:catalog", "sensitivity": "standard", "audience": audience},
-                         {"name": "shop:ledger", "sensitivity": "step_up", "audience": audience}]}
+    config = {
+        "issuer": live.url,
+        "resource_servers": [
+            {"name": rs.name, "audience": audience, "client_id": rs.client_id, "client_secret": secret}
+        ],
+        "scopes": [
+            {"name": "shop:catalog", "sensitivity": "standard", "audience": audience},
+            {"name": "shop:ledger", "sensitivity": "step_up", "audience": audience},
+        ],
+    }
     path = tmp_path / "credentials.json"
     path.write_text(json.dumps(config))
     log = tmp_path / "mcp.log"
-    proc = subprocess.Popen([sys.executable, "-m", "examples.mcp.server", "--config", str(path), "--port", str(port)],
-                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "COUNTERSIGN_ISSUER": live.url},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.mcp.server", "--config", str(path), "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COUNTERSIGN_ISSUER": live.url},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp",
-                         timeout=1, trust_env=False).status_code == 200:
+            if (
+                httpx.get(
+                    f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp",
+                    timeout=1,
+                    trust_env=False,
+                ).status_code
+                == 200
+            ):
                 break
         except httpx.HTTPError:
             pass
@@ -225,25 +268,42 @@ class McpClient:
         async def callback_handler():
             return await asyncio.to_thread(self.codes.get, True, 60)
 
-        metadata = OAuthClientMetadata(client_name="Test MCP Client", redirect_uris=[self.redirect_uri],
-                                       grant_types=["authorization_code", "refresh_token"],
-                                       response_types=["code"], token_endpoint_auth_method="none")
-        auth = OAuthClientProvider(self.server_url, metadata, Memory(), redirect_handler, callback_handler,
-                                   timeout=60, client_metadata_url=self.client_metadata_url)
+        metadata = OAuthClientMetadata(
+            client_name="Test MCP Client",
+            redirect_uris=[self.redirect_uri],
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+        )
+        auth = OAuthClientProvider(
+            self.server_url,
+            metadata,
+            Memory(),
+            redirect_handler,
+            callback_handler,
+            timeout=60,
+            client_metadata_url=self.client_metadata_url,
+        )
 
         async def on_progress(progress, total, message):
             self.progress.append(message or "")
 
         try:
-            async with streamablehttp_client(self.server_url, auth=auth) as (read, write, _), \
-                    ClientSession(read, write) as session:
+            async with (
+                streamablehttp_client(self.server_url, auth=auth) as (read, write, _),
+                ClientSession(read, write) as session,
+            ):
                 await session.initialize()
                 while True:
                     name, arguments = await asyncio.to_thread(self.calls.get)
                     if not name:
                         break
-                    result = await session.call_tool(name, arguments, progress_callback=on_progress,
-                                                     read_timeout_seconds=datetime.timedelta(seconds=90))
+                    result = await session.call_tool(
+                        name,
+                        arguments,
+                        progress_callback=on_progress,
+                        read_timeout_seconds=datetime.timedelta(seconds=90),
+                    )
                     self.results.put(result)
         except BaseException as exc:  # noqa: BLE001  (reported to the test)
             self.results.put(exc)
@@ -282,7 +342,9 @@ def _connect(page, client, live, *, expect_self_asserted: str):
 
 def _decide(page, live, decision: str):
     page.goto(f"{live.url}/approvals/")
-    heading = page.get_by_role("heading", name=re.compile(r"^Run ledger_append: 1250\.00 EUR to Nordlicht GmbH"))
+    heading = page.get_by_role(
+        "heading", name=re.compile(r"^Run ledger_append: 1250\.00 EUR to Nordlicht GmbH")
+    )
     expect(heading).to_be_visible(timeout=30_000)
     page.locator("#prompts li.prompt").filter(has=heading).get_by_role("button", name=decision).click()
     page.wait_for_url(f"{live.url}/approvals/")
@@ -322,9 +384,20 @@ def _run_catalog_then_ledger(chromium, live, mcp_server, callback, *, metadata_u
 
 
 def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approval(
-        live, chromium, mcp_server, callback, client_document):  # noqa: F811
-    result, client = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=client_document,
-                                              decide=lambda page: _decide(page, live, "Approve"))
+    live,
+    chromium,  # noqa: F811
+    mcp_server,
+    callback,
+    client_document,
+):
+    result, client = _run_catalog_then_ledger(
+        chromium,
+        live,
+        mcp_server,
+        callback,
+        metadata_url=client_document,
+        decide=lambda page: _decide(page, live, "Approve"),
+    )
     text = _text(result)
     assert not result.isError, text
     assert text.startswith("Ledger receipt L-0001: 1250.00 EUR to Nordlicht GmbH for PO-2026-0077"), text
@@ -332,30 +405,46 @@ def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approva
     assert agent.registration == Agent.Registration.METADATA_DOCUMENT and agent.status == Agent.Status.ACTIVE
     approval = ApprovalRequest.objects.get()
     assert approval.status == ApprovalRequest.Status.REDEEMED and approval.opened_by is not None
-    assert approval.authorization_details == [{"type": "mcp_tool_call", "server": mcp_server[0],
-                                               "tool": "ledger_append", "arguments": ARGS}]
+    assert approval.authorization_details == [
+        {"type": "mcp_tool_call", "server": mcp_server[0], "tool": "ledger_append", "arguments": ARGS}
+    ]
     assert any("approval" in m.lower() for m in client.progress), client.progress
 
 
 def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium, mcp_server, callback):  # noqa: F811
-    result, _ = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=None,
-                                         decide=lambda page: _decide(page, live, "Approve"))
-    assert not result.isError and _text(result).startswith("Ledger receipt L-0001: 1250.00 EUR"), _text(result)
+    result, _ = _run_catalog_then_ledger(
+        chromium,
+        live,
+        mcp_server,
+        callback,
+        metadata_url=None,
+        decide=lambda page: _decide(page, live, "Approve"),
+    )
+    assert not result.isError and _text(result).startswith("Ledger receipt L-0001: 1250.00 EUR"), _text(
+        result
+    )
     agent = Agent.objects.get()
-    assert agent.registration == Agent.Registration.DYNAMIC and agent.metadata_source.startswith("registration")
+    assert agent.registration == Agent.Registration.DYNAMIC and agent.metadata_source.startswith(
+        "registration"
+    )
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
 
 
 def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
-    result, _ = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=None,
-                                         decide=lambda page: _decide(page, live, "Deny"))
+    result, _ = _run_catalog_then_ledger(
+        chromium,
+        live,
+        mcp_server,
+        callback,
+        metadata_url=None,
+        decide=lambda page: _decide(page, live, "Deny"),
+    )
     assert result.isError and "denied" in _text(result), _text(result)
     assert Agent.objects.get().registration == Agent.Registration.DYNAMIC
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.DENIED
 
 
-def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(
-        live, chromium, mcp_server, callback):  # noqa: F811
+def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
     ScopePolicy.objects.filter(name="shop:ledger").update(approval_window=10)
 
     def let_it_expire(page):
@@ -363,8 +452,9 @@ def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(
         while not ApprovalRequest.objects.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    expired, client = _run_catalog_then_ledger(chromium, live, mcp_server, callback, metadata_url=None,
-                                               decide=let_it_expire)
+    expired, client = _run_catalog_then_ledger(
+        chromium, live, mcp_server, callback, metadata_url=None, decide=let_it_expire
+    )
     assert expired.isError and "expired" in _text(expired), _text(expired)
 
     ScopePolicy.objects.filter(name="shop:ledger").update(approval_window=600)

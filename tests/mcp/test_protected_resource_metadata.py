@@ -17,18 +17,35 @@ MCP = "http://127.0.0.1:8765/mcp"
 def test_metadata_url_puts_the_well_known_segment_before_the_path():
     assert metadata_url(MCP) == "http://127.0.0.1:8765/.well-known/oauth-protected-resource/mcp"
     assert metadata_url("https://api.example/") == "https://api.example/.well-known/oauth-protected-resource"
-    assert metadata_paths(MCP) == ("/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource")
+    assert metadata_paths(MCP) == (
+        "/.well-known/oauth-protected-resource/mcp",
+        "/.well-known/oauth-protected-resource",
+    )
 
 
 @pytest.fixture
 def mcp_verifier() -> TokenVerifier:
-    return TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP,
-                         http=LocalIssuer().client(), scopes_supported=["catalog:read"], resource_name="Shop")
+    return TokenVerifier(
+        ISSUER,
+        client_id=RS_ID,
+        client_secret=RS_SECRET,
+        audience=MCP,
+        http=LocalIssuer().client(),
+        scopes_supported=["catalog:read"],
+        resource_name="Shop",
+    )
 
 
 def _call(app, path, method="GET", headers=()):
-    scope = {"type": "http", "method": method, "scheme": "http", "path": path, "root_path": "",
-             "headers": [(b"host", b"127.0.0.1:8765"), *headers], "server": ("127.0.0.1", 8765)}
+    scope = {
+        "type": "http",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8765"), *headers],
+        "server": ("127.0.0.1", 8765),
+    }
     sent = []
 
     async def receive():
@@ -49,29 +66,41 @@ def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(mcp
     for path in metadata_paths(MCP):
         status, headers, body = _call(protected, path)
         assert status == 200
-        assert body == {"resource": MCP, "authorization_servers": [ISSUER], "bearer_methods_supported": ["header"],
-                        "scopes_supported": ["catalog:read"], "resource_name": "Shop",
-                        "dpop_signing_alg_values_supported": list(mcp_verifier.dpop_algorithms)}
+        assert body == {
+            "resource": MCP,
+            "authorization_servers": [ISSUER],
+            "bearer_methods_supported": ["header"],
+            "scopes_supported": ["catalog:read"],
+            "resource_name": "Shop",
+            "dpop_signing_alg_values_supported": list(mcp_verifier.dpop_algorithms),
+        }
     assert _call(protected, metadata_paths(MCP)[0], method="POST")[0] == 405
     status, headers, body = _call(protected, "/mcp", method="POST")
     assert status == 401
     assert headers[b"www-authenticate"].decode() == (
-        f'Bearer realm="countersign", resource_metadata="{metadata_url(MCP)}"')
-    status, headers, body = _call(protected, "/mcp", method="POST", headers=[(b"authorization", b"Bearer x.y.z")])
+        f'Bearer realm="countersign", resource_metadata="{metadata_url(MCP)}"'
+    )
+    status, headers, body = _call(
+        protected, "/mcp", method="POST", headers=[(b"authorization", b"Bearer x.y.z")]
+    )
     assert status == 401 and body["error"] == "invalid_token"
     assert f'resource_metadata="{metadata_url(MCP)}"' in headers[b"www-authenticate"].decode()
 
 
 def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_verifier):
     issuer = LocalIssuer()
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client())
+    verifier = TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
+    )
 
     async def app(scope, receive, send):
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, verifier, required_scopes=["catalog:read"])
     token = issuer.mint(scope="budget:read", aud=MCP)
-    status, headers, body = _call(protected, "/mcp", method="POST", headers=[(b"authorization", f"Bearer {token}".encode())])
+    status, headers, body = _call(
+        protected, "/mcp", method="POST", headers=[(b"authorization", f"Bearer {token}".encode())]
+    )
     assert status == 403 and body["error"] == "insufficient_scope"
     challenge = headers[b"www-authenticate"].decode()
     assert 'error="insufficient_scope"' in challenge and 'scope="catalog:read"' in challenge
@@ -80,7 +109,9 @@ def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_ver
 
 def test_a_token_for_another_resource_is_refused():
     issuer = LocalIssuer()
-    verifier = TokenVerifier(ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client())
+    verifier = TokenVerifier(
+        ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
+    )
     from countersign import InvalidToken
 
     with pytest.raises(InvalidToken, match="not for this resource server"):

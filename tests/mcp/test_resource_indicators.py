@@ -24,13 +24,23 @@ def _code(flow, *, resource=None, scope="catalog:read budget:read ledger:write")
 
 
 def _exchange(flow, code, verifier, *resources):
-    body = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", REDIRECT_URI),
-            ("code_verifier", verifier), *[("resource", r) for r in resources]]
+    body = [
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", REDIRECT_URI),
+        ("code_verifier", verifier),
+        *[("resource", r) for r in resources],
+    ]
     from urllib.parse import urlencode
 
     from tests.conftest import basic
-    return flow.client.post("/o/token/", urlencode(body), content_type="application/x-www-form-urlencoded",
-                            HTTP_AUTHORIZATION=basic(flow.s.agent.client_id, flow.s.agent_secret))
+
+    return flow.client.post(
+        "/o/token/",
+        urlencode(body),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(flow.s.agent.client_id, flow.s.agent_secret),
+    )
 
 
 def test_resource_at_the_token_endpoint_narrows_aud_and_scope(flow):
@@ -68,15 +78,22 @@ def test_refresh_keeps_the_resource_and_refuses_another(flow):
     assert refreshed.status_code == 200, refreshed.content
     assert _claims(refreshed.json()["access_token"])["aud"] == ["http://catalog.test"]
     watch = Watch()
-    response = flow.token({"grant_type": "refresh_token", "refresh_token": refreshed.json()["refresh_token"],
-                           "resource": "http://budget.test"})
+    response = flow.token(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": refreshed.json()["refresh_token"],
+            "resource": "http://budget.test",
+        }
+    )
     _json_error(response, 400, "invalid_target")
     watch.assert_one_refusal(error="invalid_target", event="token.refused")
     watch.assert_nothing_changed()
 
 
-@pytest.mark.parametrize("resource", ["http://elsewhere.test", "http://ledger.test/../catalog", "not-a-uri",
-                                      "http://catalog.test#frag"])
+@pytest.mark.parametrize(
+    "resource",
+    ["http://elsewhere.test", "http://ledger.test/../catalog", "not-a-uri", "http://catalog.test#frag"],
+)
 def test_resource_outside_the_grant_at_the_token_endpoint_is_invalid_target(flow, resource):
     code, verifier = _code(flow, scope="catalog:read")
     watch = Watch()
@@ -91,8 +108,10 @@ def test_resource_no_requested_scope_serves_is_refused_at_authorize(flow):
     flow.login()
     _, challenge = pkce_pair()
     watch = Watch()
-    response = flow.client.get("/o/authorize/?" + flow.authorize_query(
-        scope="catalog:read", challenge=challenge, resource="http://budget.test"))
+    response = flow.client.get(
+        "/o/authorize/?"
+        + flow.authorize_query(scope="catalog:read", challenge=challenge, resource="http://budget.test")
+    )
     _assert_error_redirect(response, "invalid_target")
     watch.assert_one_refusal(error="invalid_target", event="consent.request_refused")
     watch.assert_nothing_changed()

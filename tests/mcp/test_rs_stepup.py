@@ -13,29 +13,43 @@ from tests.consent.test_bad_input import Watch, _json_error
 
 pytestmark = pytest.mark.django_db
 
-CALL = {"type": "mcp_tool_call", "server": "http://ledger.test", "tool": "ledger_append",
-        "arguments": {"amount": "1250.00", "currency": "EUR", "vendor": "Acme", "purchase_order": "PO-7"}}
+CALL = {
+    "type": "mcp_tool_call",
+    "server": "http://ledger.test",
+    "tool": "ledger_append",
+    "arguments": {"amount": "1250.00", "currency": "EUR", "vendor": "Acme", "purchase_order": "PO-7"},
+}
 
 
 @pytest.fixture
 def mcp_token(flow, scenario):
     scope_set(name="ledger:read", values={"audience": "http://ledger.test", "description": "Read the ledger"})
     scope_set(name="ledger:write", values={"authorization_details_types": ["mcp_tool_call"]})
-    agent_update(agent=scenario.agent, changes={"allowed_scopes": [*scenario.agent.allowed_scopes, "ledger:read"]})
+    agent_update(
+        agent=scenario.agent, changes={"allowed_scopes": [*scenario.agent.allowed_scopes, "ledger:read"]}
+    )
     token = flow.full(scope="ledger:read ledger:write")["access_token"]
     flow.client.logout()
     return token
 
 
 def _post(client, path, data, auth):
-    return client.post(path, urlencode(data), content_type="application/x-www-form-urlencoded",
-                       HTTP_AUTHORIZATION=basic(*auth))
+    return client.post(
+        path,
+        urlencode(data),
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic(*auth),
+    )
 
 
 def _open(flow, token, *, auth=None, details=(CALL,), scope="ledger:write"):
     auth = auth or (flow.s.ledger_client_id, flow.s.ledger_secret)
-    return _post(flow.client, "/o/rs-approvals/", {"token": token, "scope": scope,
-                                                   "authorization_details": json.dumps(list(details))}, auth)
+    return _post(
+        flow.client,
+        "/o/rs-approvals/",
+        {"token": token, "scope": scope, "authorization_details": json.dumps(list(details))},
+        auth,
+    )
 
 
 def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_token, scenario):
@@ -51,11 +65,17 @@ def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_t
     _json_error(pending, 400, "authorization_pending")
     ApprovalRequest.objects.filter(pk=approval.pk).update(status=ApprovalRequest.Status.APPROVED)
     # The agent, polling with the auth_req_id, is told it does not exist.
-    agent_poll = flow.token({"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]})
+    agent_poll = flow.token(
+        {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]}
+    )
     _json_error(agent_poll, 400, "invalid_grant", reason="unknown_auth_req_id")
     # Another resource server cannot collect it either.
-    other = _post(flow.client, "/o/rs-approvals/token/", {"auth_req_id": body["auth_req_id"]},
-                  (scenario.rs_client_id, scenario.rs_secret))
+    other = _post(
+        flow.client,
+        "/o/rs-approvals/token/",
+        {"auth_req_id": body["auth_req_id"]},
+        (scenario.rs_client_id, scenario.rs_secret),
+    )
     _json_error(other, 400, "invalid_grant", reason="unknown_auth_req_id")
     collected = _post(flow.client, "/o/rs-approvals/token/", {"auth_req_id": body["auth_req_id"]}, ledger)
     assert collected.status_code == 200, collected.content
@@ -63,20 +83,31 @@ def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_t
     assert claims["authorization_details"] == [CALL] and "cnf" not in claims
 
 
-@pytest.mark.parametrize("case,error", [
-    ("token_for_another_server", "invalid_token"),
-    ("scope_of_another_server", "invalid_scope"),
-    ("wrong_type", "invalid_authorization_details"),
-    ("junk_token", "invalid_token"),
-    ("bad_credentials", "invalid_client"),
-])
+@pytest.mark.parametrize(
+    "case,error",
+    [
+        ("token_for_another_server", "invalid_token"),
+        ("scope_of_another_server", "invalid_scope"),
+        ("wrong_type", "invalid_authorization_details"),
+        ("junk_token", "invalid_token"),
+        ("bad_credentials", "invalid_client"),
+    ],
+)
 def test_bad_openings_are_refused_and_create_nothing(flow, mcp_token, scenario, case, error):
     watch = Watch()
     if case == "token_for_another_server":  # the catalog server presents a token for the ledger
-        response = _open(flow, mcp_token, auth=(scenario.rs_client_id, scenario.rs_secret), scope="catalog:read")
+        response = _open(
+            flow, mcp_token, auth=(scenario.rs_client_id, scenario.rs_secret), scope="catalog:read"
+        )
     elif case == "scope_of_another_server":
-        scope_set(name="catalog:write", values={"audience": "http://catalog.test", "sensitivity": "step_up",
-                                                "authorization_details_types": ["mcp_tool_call"]})
+        scope_set(
+            name="catalog:write",
+            values={
+                "audience": "http://catalog.test",
+                "sensitivity": "step_up",
+                "authorization_details_types": ["mcp_tool_call"],
+            },
+        )
         response = _open(flow, mcp_token, scope="catalog:write")
     elif case == "wrong_type":
         response = _open(flow, mcp_token, details=[{**CALL, "type": "ledger_entry"}])

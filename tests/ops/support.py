@@ -126,8 +126,15 @@ class Cluster:
     def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
         self._generation += 1
         log = self.log_dir / f"{name}-{self._generation}.log"
-        popen = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **{k: str(v) for k, v in (env or {}).items()}}, stdout=open(log, "w"),
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**self.env, **{k: str(v) for k, v in (env or {}).items()}},
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         proc = Proc(name, popen, log)
         self._spawned.append(proc)
         return proc
@@ -158,13 +165,29 @@ class Cluster:
 
         wait_for(up, f"node {node.name} on {node.url}", timeout, self.logs, interval=0.2)
 
-    def start_worker(self, name: str, env: dict | None = None, concurrency: int = 2, wait: bool = True) -> Proc:
-        proc = self._spawn(f"celery-{name}", [
-            str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO",
-            f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", "--without-heartbeat",
-            "--hostname", f"ops-{name}-{os.getpid()}-{self._generation}@%h"], env)
+    def start_worker(
+        self, name: str, env: dict | None = None, concurrency: int = 2, wait: bool = True
+    ) -> Proc:
+        proc = self._spawn(
+            f"celery-{name}",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config.celery:app",
+                "worker",
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+                "--hostname",
+                f"ops-{name}-{os.getpid()}-{self._generation}@%h",
+            ],
+            env,
+        )
         self.workers[name] = proc
         if wait:
+
             def ready() -> bool:
                 if not proc.alive:
                     pytest.fail(f"celery {name} exited\n{self.logs()}")
@@ -175,9 +198,18 @@ class Cluster:
 
     def start_beat(self, env: dict | None = None) -> Proc:
         """The one scheduler: expiry and redelivery sweeps."""
-        return self._spawn("celery-beat", [
-            str(BIN / "celery"), "-A", "config.celery:app", "beat", "--loglevel=INFO",
-            f"--schedule={self.log_dir / f'beat-{self._generation}.db'}"], env)
+        return self._spawn(
+            "celery-beat",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config.celery:app",
+                "beat",
+                "--loglevel=INFO",
+                f"--schedule={self.log_dir / f'beat-{self._generation}.db'}",
+            ],
+            env,
+        )
 
     def start_sealer(self, env: dict | None = None) -> Proc:
         """The audit sealer (``manage.py audit_seal --loop``), as the Procfile runs it."""
@@ -227,8 +259,13 @@ def cluster_env(*, issuer: str, redis_url: str, database_url: str | None = None,
 
 def purge(redis_url: str) -> None:
     """Drop queued tasks left on this Redis by an earlier run."""
-    subprocess.run([str(BIN / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"], cwd=ROOT,
-                   env={**os.environ, "REDIS_URL": redis_url}, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(BIN / "celery"), "-A", "config.celery:app", "purge", "-f", "-Q", "countersign"],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        timeout=60,
+    )
 
 
 # --- a Redis of our own ---------------------------------------------------------------------------
@@ -250,9 +287,22 @@ class PrivateRedis:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
         def up() -> bool:
             try:
@@ -337,7 +387,7 @@ class TcpForwarder:
                     break
                 if from_client and self._pattern is not None:
                     window = tail + data
-                    tail = data[-len(self._pattern):]
+                    tail = data[-len(self._pattern) :]
                     if self._pattern in window:
                         self._pattern = None
                         self.triggered.set()
@@ -398,25 +448,42 @@ class AgentHTTP:
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
 
     def ask(self, node_url: str, details: dict, **extra) -> httpx.Response:
-        return self.http.post(f"{node_url}/o/bc-authorize/", auth=self.auth, data={
-            "scope": "ledger:write", "login_hint_token": self.session_token,
-            "authorization_details": json.dumps([details]), **extra})
+        return self.http.post(
+            f"{node_url}/o/bc-authorize/",
+            auth=self.auth,
+            data={
+                "scope": "ledger:write",
+                "login_hint_token": self.session_token,
+                "authorization_details": json.dumps([details]),
+                **extra,
+            },
+        )
 
     def poll(self, node_url: str, auth_req_id: str) -> httpx.Response:
-        return self.http.post(f"{node_url}/o/token/", auth=self.auth,
-                              data={"grant_type": CIBA, "auth_req_id": auth_req_id})
+        return self.http.post(
+            f"{node_url}/o/token/", auth=self.auth, data={"grant_type": CIBA, "auth_req_id": auth_req_id}
+        )
 
     def redeem(self, node_url: str, token: str) -> httpx.Response:
-        return self.http.post(f"{node_url}/o/redeem/", auth=(self.s.ledger_client_id, self.s.ledger_secret),
-                              data={"token": token})
+        return self.http.post(
+            f"{node_url}/o/redeem/",
+            auth=(self.s.ledger_client_id, self.s.ledger_secret),
+            data={"token": token},
+        )
 
     def close(self) -> None:
         self.http.close()
 
 
 def ledger_entry(n: int, tag: str = "OPS") -> dict:
-    return {"type": "ledger_entry", "actions": ["append"], "purchase_order": f"PO-{tag}-{n:04d}",
-            "vendor": "Acme Office Supply", "amount": f"{1000 + n}.00", "currency": "USD"}
+    return {
+        "type": "ledger_entry",
+        "actions": ["append"],
+        "purchase_order": f"PO-{tag}-{n:04d}",
+        "vendor": "Acme Office Supply",
+        "amount": f"{1000 + n}.00",
+        "currency": "USD",
+    }
 
 
 class Officer:
@@ -429,9 +496,16 @@ class Officer:
         page = self.http.get(f"{node_url}/accounts/login/", params={"next": "/approvals/"})
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
         assert page.status_code == 200 and token, page.text[:500]
-        done = self.http.post(f"{node_url}/accounts/login/", data={
-            "username": username, "password": password, "next": "/approvals/", "csrfmiddlewaretoken": token.group(1)},
-            headers={"Origin": node_url, "Referer": f"{node_url}/accounts/login/"})
+        done = self.http.post(
+            f"{node_url}/accounts/login/",
+            data={
+                "username": username,
+                "password": password,
+                "next": "/approvals/",
+                "csrfmiddlewaretoken": token.group(1),
+            },
+            headers={"Origin": node_url, "Referer": f"{node_url}/accounts/login/"},
+        )
         assert done.status_code == 302, done.text[:500]
         inbox = self.http.get(f"{node_url}/approvals/")  # the CSRF token rotates at login
         assert inbox.status_code == 200, inbox.text[:500]
@@ -444,9 +518,10 @@ class Officer:
 
     def approve(self, approval_id: str, node_url: str | None = None) -> httpx.Response:
         base = node_url or self.url
-        return self.http.post(f"{base}/approvals/{approval_id}/approve/",
-                              headers={"X-CSRFToken": self.csrftoken, "Origin": base,
-                                       "Referer": f"{base}/approvals/"})
+        return self.http.post(
+            f"{base}/approvals/{approval_id}/approve/",
+            headers={"X-CSRFToken": self.csrftoken, "Origin": base, "Referer": f"{base}/approvals/"},
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -484,8 +559,11 @@ class ReconnectingInbox:
         while not self._stop.is_set():
             url = self.urls[index % len(self.urls)]
             try:
-                with connect(url.replace("http://", "ws://") + "/ws/approvals/", open_timeout=10,
-                             additional_headers={"Cookie": self.cookie, "Origin": url}) as ws:
+                with connect(
+                    url.replace("http://", "ws://") + "/ws/approvals/",
+                    open_timeout=10,
+                    additional_headers={"Cookie": self.cookie, "Origin": url},
+                ) as ws:
                     retry = 0  # inbox.js: ws.onopen resets the backoff
                     with self._cond:
                         self._ws, self.connected_to = ws, url
@@ -509,7 +587,7 @@ class ReconnectingInbox:
             if self._stop.is_set():
                 return
             retry = min(retry + 1, 6)  # inbox.js: ws.onclose
-            self._stop.wait(0.25 * 2 ** retry)
+            self._stop.wait(0.25 * 2**retry)
 
     def _handle(self, msg: dict) -> None:
         with self._cond:
@@ -534,9 +612,13 @@ class ReconnectingInbox:
             while not predicate(self):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pytest.fail(f"{self.name}: {what} not within {timeout:.0f}s; pending={sorted(self.pending)} "
-                                f"connects={self.connects} snapshots={self.snapshots}\n"
-                                + "\n".join(self.history[-30:]) + "\n" + logs())
+                    pytest.fail(
+                        f"{self.name}: {what} not within {timeout:.0f}s; pending={sorted(self.pending)} "
+                        f"connects={self.connects} snapshots={self.snapshots}\n"
+                        + "\n".join(self.history[-30:])
+                        + "\n"
+                        + logs()
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def close(self) -> None:

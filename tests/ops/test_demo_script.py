@@ -27,17 +27,26 @@ def test_ctrl_c_stops_the_demo_and_exits_0(tmp_path):
     busy = [p for p in DEMO_PORTS if _busy(p)]
     if busy:
         pytest.skip(f"the demo's fixed ports are in use on this machine: {busy}")
-    env = {**os.environ, "PORT": str(free_port()), "DEMO_DIR": str(tmp_path / "demo"), "DEMO_OPEN": "0",
-           "DATABASE_URL": f"sqlite:///{tmp_path}/demo.sqlite3", "REDIS_URL": settings.REDIS_URL,
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PORT": str(free_port()),
+        "DEMO_DIR": str(tmp_path / "demo"),
+        "DEMO_OPEN": "0",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/demo.sqlite3",
+        "REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+    }
     out = open(tmp_path / "demo.out", "w+")
-    proc = subprocess.Popen(["scripts/demo.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["scripts/demo.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while "/o/authorize/" not in (tmp_path / "demo.out").read_text():  # the agent waits for consent
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the demo did not get to the consent link:\n" + (tmp_path / "demo.out").read_text())
+                pytest.fail(
+                    "the demo did not get to the consent link:\n" + (tmp_path / "demo.out").read_text()
+                )
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         assert proc.wait(timeout=60) == 0, (tmp_path / "demo.out").read_text()

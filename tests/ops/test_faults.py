@@ -97,6 +97,7 @@ def agent(scenario, session_token):
 @contextmanager
 def tasks_published_to(redis_url: str):
     """This process's Celery app publishes (on commit) to ``redis_url`` for the duration."""
+
     def reset_pools():
         # kombu keeps pools in a global registry keyed by connection: closing one and switching
         # back would hand out the closed pool again, so clear the registry too.
@@ -126,8 +127,11 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 
     def poll(auth_req_id):
         with http() as client:
-            return client.post(f"{url}/o/token/", auth=agent.auth,
-                               data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id})
+            return client.post(
+                f"{url}/o/token/",
+                auth=agent.auth,
+                data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
+            )
 
     tokens = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -142,10 +146,13 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
         redeemed = agent.redeem(url, token)
         assert redeemed.status_code == 200 and redeemed.json()["approval_id"] == approval_id, redeemed.text
     ids = list(auth_req_ids)
-    per_approval = Counter(ActionToken.objects.filter(approval_id__in=ids).values_list("approval_id", flat=True))
+    per_approval = Counter(
+        ActionToken.objects.filter(approval_id__in=ids).values_list("approval_id", flat=True)
+    )
     assert {str(k): v for k, v in per_approval.items()} == dict.fromkeys(ids, 1)
-    issued = Counter(AuditEvent.objects.filter(event="action_token.issued")
-                     .values_list("detail__approval_id", flat=True))
+    issued = Counter(
+        AuditEvent.objects.filter(event="action_token.issued").values_list("detail__approval_id", flat=True)
+    )
     assert issued == Counter(ids)
     assert set(ApprovalRequest.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"redeemed"}
 
@@ -155,9 +162,14 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 
 def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack, scenario, agent, settings):
     n = 30
-    visibility = 5  # CELERY_VISIBILITY_TIMEOUT (config/settings.py): the dead worker's tasks come back after it
-    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PENDING_PER_USER": n,  # this process creates them
-                            "MAX_PROMPTS_PER_USER_IN_WINDOW": n}
+    visibility = (
+        5  # CELERY_VISIBILITY_TIMEOUT (config/settings.py): the dead worker's tasks come back after it
+    )
+    settings.COUNTERSIGN = {
+        **settings.COUNTERSIGN,
+        "MAX_PENDING_PER_USER": n,  # this process creates them
+        "MAX_PROMPTS_PER_USER_IN_WINDOW": n,
+    }
     # The doomed worker reaches PostgreSQL over a slow link (30 ms per chunk each way), so that its
     # deliveries take long enough to kill it in the middle of them.
     _, slow_database = stack.forward_database(latency=0.03)
@@ -172,9 +184,14 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack
         ids, auth_req_ids = [], {}
         with tasks_published_to(stack.redis.url):
             for i in range(n):
-                req = validate_backchannel_request(agent=scenario.agent, params={
-                    "scope": "ledger:write", "login_hint_token": agent.session_token,
-                    "authorization_details": json.dumps([ledger_entry(i, "KILL")])})
+                req = validate_backchannel_request(
+                    agent=scenario.agent,
+                    params={
+                        "scope": "ledger:write",
+                        "login_hint_token": agent.session_token,
+                        "authorization_details": json.dumps([ledger_entry(i, "KILL")]),
+                    },
+                )
                 approval, created = approval_request_create(req=req)
                 assert created
                 ids.append(str(approval.pk))
@@ -189,8 +206,10 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack
         # What it had taken and not acknowledged (acks_late): in-flight deliveries and scheduled expiries.
         unacked = redis.Redis.from_url(stack.redis.url).hlen("unacked")
         assert unacked > 0
-        print(f"killed the worker after {seen_at_kill} prompts reached the tab; {undelivered}/{n} undelivered, "
-              f"{unacked} tasks unacknowledged")
+        print(
+            f"killed the worker after {seen_at_kill} prompts reached the tab; {undelivered}/{n} undelivered, "
+            f"{unacked} tasks unacknowledged"
+        )
 
         # Replay from the database: a tab (re)opened now shows every pending approval at once,
         # including those whose delivery task died with the worker.
@@ -208,12 +227,23 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack
         stack.start_worker("replacement", env={"CELERY_VISIBILITY_TIMEOUT": visibility})
         # The tab that stayed open shows every prompt (live, or replayed if its websocket had to
         # reconnect meanwhile: see test_multinode.py::test_an_idle_inbox_websocket_stays_open).
-        tab.wait(lambda i: i.seen == set(ids) and set(i.pending) == set(ids), "every prompt in the open tab",
-                 timeout=240, logs=stack.logs)
-        wait_for(lambda: not ApprovalRequest.objects.filter(pk__in=ids, delivered_at__isnull=True).exists(),
-                 "delivered_at on every approval", 120, stack.logs)
-        delivered = Counter(AuditEvent.objects.filter(event="approval.delivered")
-                            .values_list("detail__approval_id", flat=True))
+        tab.wait(
+            lambda i: i.seen == set(ids) and set(i.pending) == set(ids),
+            "every prompt in the open tab",
+            timeout=240,
+            logs=stack.logs,
+        )
+        wait_for(
+            lambda: not ApprovalRequest.objects.filter(pk__in=ids, delivered_at__isnull=True).exists(),
+            "delivered_at on every approval",
+            120,
+            stack.logs,
+        )
+        delivered = Counter(
+            AuditEvent.objects.filter(event="approval.delivered").values_list(
+                "detail__approval_id", flat=True
+            )
+        )
         assert delivered == Counter(ids), "each approval is delivered exactly once in the audit trail"
 
         _approve_collect_redeem(stack, officer, agent, auth_req_ids)
@@ -268,7 +298,9 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         for i in range(3):
             asked = agent.ask(a.url, ledger_entry(i, "REDIS"))
             assert asked.status_code == 200, asked.text
-        auth_req_ids = {str(pk): auth_req_id_for(pk) for pk in ApprovalRequest.objects.values_list("pk", flat=True)}
+        auth_req_ids = {
+            str(pk): auth_req_id_for(pk) for pk in ApprovalRequest.objects.values_list("pk", flat=True)
+        }
         before = set(auth_req_ids)
         for tab in tabs:
             tab.wait(lambda i: set(i.pending) == before, "three prompts", logs=stack.logs)
@@ -279,9 +311,16 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         print(f"celery worker after the Redis restart: {worker}")
 
         for tab in tabs:
-            tab.wait(lambda i: i.connects > connects[i.name] and i.connected_to == a.url
-                     and set(i.last_snapshot) == before,
-                     "reconnect with every pending prompt replayed", timeout=120, logs=stack.logs)
+            tab.wait(
+                lambda i: (
+                    i.connects > connects[i.name]
+                    and i.connected_to == a.url
+                    and set(i.last_snapshot) == before
+                ),
+                "reconnect with every pending prompt replayed",
+                timeout=120,
+                logs=stack.logs,
+            )
 
         # After the restart a new request reaches both open tabs and every approval completes.
         asked = agent.ask(a.url, ledger_entry(99, "REDIS"))
@@ -289,10 +328,18 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         new_id = str(ApprovalRequest.objects.exclude(pk__in=before).get().pk)
         auth_req_ids[new_id] = asked.json()["auth_req_id"]
         for tab in tabs:
-            tab.wait(lambda i: new_id in i.seen and set(i.pending) == set(auth_req_ids),
-                     "a prompt requested after the restart", timeout=120, logs=stack.logs)
-        wait_for(lambda: ApprovalRequest.objects.filter(pk=new_id, delivered_at__isnull=False).exists(),
-                 "the new prompt's delivery task", 120, stack.logs)
+            tab.wait(
+                lambda i: new_id in i.seen and set(i.pending) == set(auth_req_ids),
+                "a prompt requested after the restart",
+                timeout=120,
+                logs=stack.logs,
+            )
+        wait_for(
+            lambda: ApprovalRequest.objects.filter(pk=new_id, delivered_at__isnull=False).exists(),
+            "the new prompt's delivery task",
+            120,
+            stack.logs,
+        )
         _approve_collect_redeem(stack, officer, agent, auth_req_ids)
         for tab in tabs:
             tab.wait(lambda i: not i.pending, "removals after the decisions", timeout=120, logs=stack.logs)
@@ -306,11 +353,21 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
     a = stack.start_node("A")
     stack.start_worker("w1")
     assert agent.ask(a.url, ledger_entry(1, "SURVIVE")).status_code == 200
-    wait_for(lambda: ApprovalRequest.objects.filter(delivered_at__isnull=False).exists(), "delivery", 60,
-             stack.logs)
+    wait_for(
+        lambda: ApprovalRequest.objects.filter(delivered_at__isnull=False).exists(),
+        "delivery",
+        60,
+        stack.logs,
+    )
     stack.redis.stop()
-    wait_for(lambda: "Connection to broker lost" in stack.workers["w1"].tail(500_000) or not
-             stack.workers["w1"].alive, "the worker noticing", 60, stack.logs)
+    wait_for(
+        lambda: (
+            "Connection to broker lost" in stack.workers["w1"].tail(500_000) or not stack.workers["w1"].alive
+        ),
+        "the worker noticing",
+        60,
+        stack.logs,
+    )
     stack.redis.start()
     assert _worker_after_broker_restart(stack, "w1") == "reconnected", stack.workers["w1"].tail(3000)
 
@@ -318,8 +375,12 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
     before = set(ApprovalRequest.objects.values_list("pk", flat=True))
     assert agent.ask(a.url, ledger_entry(2, "SURVIVE")).status_code == 200
     new = ApprovalRequest.objects.exclude(pk__in=before).get()
-    wait_for(lambda: ApprovalRequest.objects.filter(pk=new.pk, delivered_at__isnull=False).exists(),
-             "delivery after the restart", 120, stack.logs)
+    wait_for(
+        lambda: ApprovalRequest.objects.filter(pk=new.pk, delivered_at__isnull=False).exists(),
+        "delivery after the restart",
+        120,
+        stack.logs,
+    )
     assert stack.workers["w1"].alive, stack.workers["w1"].tail(3000)
 
 
@@ -342,16 +403,27 @@ def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_afte
         stack.redis.start()
         _supervise(stack, "w1")
         assert decided.status_code == 302, decided.status_code
-        assert during.status_code == 200, (during.status_code, during.text[:300],
-                                           list(ApprovalRequest.objects.values_list("headline", "status")))
+        assert during.status_code == 200, (
+            during.status_code,
+            during.text[:300],
+            list(ApprovalRequest.objects.values_list("headline", "status")),
+        )
         second_id = str(ApprovalRequest.objects.exclude(pk=first_id).get().pk)
         # The reconnecting tab replays it from the database at once...
-        tab.wait(lambda i: set(i.pending) == {second_id}, "the prompt after the outage", timeout=120,
-                 logs=stack.logs)
+        tab.wait(
+            lambda i: set(i.pending) == {second_id},
+            "the prompt after the outage",
+            timeout=120,
+            logs=stack.logs,
+        )
         # ...and the beat's redelivery sweep queues the delivery task that was lost with the broker.
         stack.start_beat()
-        wait_for(lambda: ApprovalRequest.objects.filter(pk=second_id, delivered_at__isnull=False).exists(),
-                 "the prompt's delivery task (redelivery sweep)", 150, stack.logs)
+        wait_for(
+            lambda: ApprovalRequest.objects.filter(pk=second_id, delivered_at__isnull=False).exists(),
+            "the prompt's delivery task (redelivery sweep)",
+            150,
+            stack.logs,
+        )
     finally:
         tab.close()
         officer.close()
@@ -409,12 +481,16 @@ def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenari
         after = agent.ask(a.url, ledger_entry(3, "PG"))
         assert after.status_code == 200, after.text
         pending = agent.poll(a.url, before.json()["auth_req_id"])
-        assert pending.status_code == 400 and pending.json()["error"] in ("authorization_pending", "slow_down")
+        assert pending.status_code == 400 and pending.json()["error"] in (
+            "authorization_pending",
+            "slow_down",
+        )
 
         # Nothing half-written: the request made during the outage left no trace but its refusal.
         assert _approval_for("PO-PG-0002") is None
-        assert not AuditEvent.objects.filter(event="approval.requested",
-                                             detail__headline__contains="PO-PG-0002").exists()
+        assert not AuditEvent.objects.filter(
+            event="approval.requested", detail__headline__contains="PO-PG-0002"
+        ).exists()
         assert _approval_for("PO-PG-0001") is not None and _approval_for("PO-PG-0003") is not None
         collected = {}
         for po, asked in (("PO-PG-0001", before), ("PO-PG-0003", after)):
@@ -454,10 +530,13 @@ def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approva
     link.restore()
     _wait_ready(stack, a.url)
     approval = _approval_for("PO-MID-0002")
-    audited = AuditEvent.objects.filter(event="approval.requested",
-                                        detail__approval_id=str(approval.pk)).exists() if approval else False
+    audited = (
+        AuditEvent.objects.filter(event="approval.requested", detail__approval_id=str(approval.pk)).exists()
+        if approval
+        else False
+    )
     # All or nothing: either no approval, or the approval with its audit event.
     assert approval is None or audited, (
         f"approval {approval.pk} ({approval.status}) exists without its approval.requested audit event, "
-        "after the agent was told 503")
-
+        "after the agent was told 503"
+    )

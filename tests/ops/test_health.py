@@ -27,7 +27,11 @@ def test_readyz_reports_each_dependency(client):
     body = client.get("/readyz").json()
     assert body["status"] == "ok"
     assert {name: check["status"] for name, check in body["checks"].items()} == {
-        "database": "ok", "channel_layer": "ok", "broker": "ok", "audit_sealer": "ok"}
+        "database": "ok",
+        "channel_layer": "ok",
+        "broker": "ok",
+        "audit_sealer": "ok",
+    }
 
 
 @pytest.fixture
@@ -38,8 +42,10 @@ def doomed_redis(settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -48,8 +54,9 @@ def doomed_redis(settings):
             break
         except OSError:
             time.sleep(0.05)
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                                           "CONFIG": {"hosts": [url]}}}
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [url]}}
+    }
     channel_layers.backends.clear()
     old_broker = celery_app.conf.broker_url
     _point_celery_at(url)
@@ -97,14 +104,25 @@ def test_metrics_in_prometheus_format_for_loopback_or_token_only(client, flow, m
 
 
 def _manage(*args, **env):
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "DATABASE_URL": "sqlite:////tmp/countersign-deploy-check.sqlite3",
-                               **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": "sqlite:////tmp/countersign-deploy-check.sqlite3", **env},
+        timeout=120,
+    )
 
 
 def test_production_settings_pass_check_deploy():
-    result = _manage("check", "--deploy", "--fail-level", "WARNING",
-                     COUNTERSIGN_ISSUER="https://auth.example.com", SECRET_KEY=secrets.token_urlsafe(60))
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        COUNTERSIGN_ISSUER="https://auth.example.com",
+        SECRET_KEY=secrets.token_urlsafe(60),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -122,8 +140,12 @@ def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(flow, cap
 
     caplog.set_level(logging.WARNING, logger="django.request")
     body = flow.full()
-    response = flow.client.post("/o/introspect/", "token=" + body["access_token"],
-                                content_type="application/x-www-form-urlencoded", HTTP_X_REQUEST_ID="req-12345678")
+    response = flow.client.post(
+        "/o/introspect/",
+        "token=" + body["access_token"],
+        content_type="application/x-www-form-urlencoded",
+        HTTP_X_REQUEST_ID="req-12345678",
+    )
     assert response.status_code == 401 and response["X-Request-ID"] == "req-12345678"
     record = next(r for r in caplog.records if r.name == "django.request")
     line = _json.loads(JsonFormatter().format(record))

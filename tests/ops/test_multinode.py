@@ -44,8 +44,9 @@ def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
     with django_db_blocker.unblock():
         database_url = _database_url()
     port_a = free_port()
-    env = cluster_env(issuer=f"http://127.0.0.1:{port_a}", redis_url=django_settings.REDIS_URL,
-                      database_url=database_url)
+    env = cluster_env(
+        issuer=f"http://127.0.0.1:{port_a}", redis_url=django_settings.REDIS_URL, database_url=database_url
+    )
     cluster = Cluster(env, tmp_path_factory.mktemp("multinode"))
     celery_app.control.purge()
     try:
@@ -101,8 +102,12 @@ def _verify_action_token(token: str, issuer: str, node_url: str) -> dict:
 
 
 @pytest.mark.browser
-def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(multinode, chromium, scenario,  # noqa: F811
-                                                                        agent):
+def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
+    multinode,
+    chromium,  # noqa: F811
+    scenario,  # noqa: F811
+    agent,
+):
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     context = chromium.new_context(base_url=b.url)
     context.set_default_timeout(30_000)
@@ -186,8 +191,9 @@ def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinod
     # A tab whose load balancer put it on node B; when B is gone it gets node A.
     inbox = ReconnectingInbox([b.url, a.url], officer.cookie, "tab")
     try:
-        inbox.wait(lambda i: i.connected_to == b.url and i.snapshots == 1, "connect to node B",
-                   logs=multinode.logs)
+        inbox.wait(
+            lambda i: i.connected_to == b.url and i.snapshots == 1, "connect to node B", logs=multinode.logs
+        )
         first = agent.ask(a.url, ledger_entry(1))
         assert first.status_code == 200, first.text
         first_id = str(ApprovalRequest.objects.get().pk)
@@ -195,9 +201,12 @@ def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinod
 
         b.proc.kill(signal.SIGKILL)  # no shutdown, no close frames: the node is simply gone
 
-        inbox.wait(lambda i: i.connected_to == a.url and i.snapshots >= 2, "reconnect to node A",
-                   logs=multinode.logs)
-        inbox.wait(lambda i: first_id in i.pending, "the pending prompt replayed by node A", logs=multinode.logs)
+        inbox.wait(
+            lambda i: i.connected_to == a.url and i.snapshots >= 2, "reconnect to node A", logs=multinode.logs
+        )
+        inbox.wait(
+            lambda i: first_id in i.pending, "the pending prompt replayed by node A", logs=multinode.logs
+        )
         assert inbox.last_snapshot == [first_id] and inbox.connects >= 2
 
         # Node B's dead channel is still in the user's group; delivery to the live one is unaffected.

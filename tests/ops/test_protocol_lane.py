@@ -24,8 +24,14 @@ def _shape(response) -> tuple:
     body = response.content
     if headers.get("Content-Type") == "application/json":
         parsed = json.loads(body)
-        body = {k: (v if k in ("error", "error_description", "token_type", "scope", "active") else type(v).__name__)
-                for k, v in parsed.items()}
+        body = {
+            k: (
+                v
+                if k in ("error", "error_description", "token_type", "scope", "active")
+                else type(v).__name__
+            )
+            for k, v in parsed.items()
+        }
         headers.pop("Content-Length", None)  # token values differ in length
     return response.status_code, headers, body, bool(response.get("X-Request-ID"))
 
@@ -59,7 +65,11 @@ def test_other_requests_go_down_the_full_chain(scenario):
 REFUSALS = [
     ("/o/token/", {}, {}),
     ("/o/token/", {"grant_type": "password"}, {"agent": True}),
-    ("/o/token/", {"grant_type": "authorization_code", "code": "nope", "code_verifier": "x" * 43}, {"agent": True}),
+    (
+        "/o/token/",
+        {"grant_type": "authorization_code", "code": "nope", "code_verifier": "x" * 43},
+        {"agent": True},
+    ),
     ("/o/token/", {"grant_type": "authorization_code", "code": "nope"}, {"wrong": True}),
     ("/o/bc-authorize/", {"scope": "ledger:write"}, {"agent": True}),
     ("/o/redeem/", {"token": "not-a-jwt"}, {"rs": True}),
@@ -91,8 +101,14 @@ def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(flow, 
         flow.login()
         verifier, challenge = pkce_pair()
         code = flow.code_from(flow.consent(flow.authorize_query(scope="catalog:read", challenge=challenge)))
-        return flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                           "code_verifier": verifier})
+        return flow.token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": REDIRECT_URI,
+                "code_verifier": verifier,
+            }
+        )
 
     lane = exchange(Client())
     with override_settings(MIDDLEWARE=_full_chain()):

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _env(tmp_path, port: int) -> dict:
-    return {**os.environ, "PORT": str(port), "DATABASE_URL": f"sqlite:///{tmp_path}/run.sqlite3",
-            "REDIS_URL": settings.REDIS_URL, "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/run.sqlite3",
+        "REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def test_busy_port_is_refused_with_how_to_pick_another(tmp_path):
@@ -26,8 +31,9 @@ def test_busy_port_is_refused_with_how_to_pick_another(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(["scripts/run.sh"], cwd=ROOT, env=_env(tmp_path, port), capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            ["scripts/run.sh"], cwd=ROOT, env=_env(tmp_path, port), capture_output=True, text=True, timeout=60
+        )
     assert result.returncode == 1
     assert f"Port {port}" in result.stderr and "PORT=" in result.stderr
     assert "running at" not in result.stdout
@@ -36,11 +42,17 @@ def test_busy_port_is_refused_with_how_to_pick_another(tmp_path):
 def test_starts_without_warnings_and_ctrl_c_exits_0(tmp_path):
     port = free_port()
     env = _env(tmp_path, port)
-    subprocess.run([str(ROOT / ".venv/bin/python"), "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True,
-                   timeout=300)
+    subprocess.run(
+        [str(ROOT / ".venv/bin/python"), "manage.py", "migrate", "-v0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen(["scripts/run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["scripts/run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -70,8 +82,14 @@ def test_static_files_under_asgi_are_served_without_a_warning(tmp_path):
     port = free_port()
     env = _env(tmp_path, port)
     log = open(tmp_path / "ws.log", "w+")
-    proc = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "config.serving", "ws", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv/bin/python"), "-m", "config.serving", "ws", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -53,8 +53,14 @@ async def _backend(name: str):
                         body += (await reader.readexactly(size + 2))[:-2]  # size 0: the final CRLF
                         if size == 0:
                             break
-                payload = json.dumps({"server": name, "path": lines[0].split(" ")[1], "headers": headers,
-                                      "body": body.decode()}).encode()
+                payload = json.dumps(
+                    {
+                        "server": name,
+                        "path": lines[0].split(" ")[1],
+                        "headers": headers,
+                        "body": body.decode(),
+                    }
+                ).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -66,8 +72,11 @@ async def _backend(name: str):
 
 async def _response(reader) -> dict:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-                 .split(b":")[1])
+    length = int(
+        next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
     return json.loads(await reader.readexactly(length))
 
 
@@ -78,8 +87,17 @@ def _through_router(exchange):
         web, web_port = await _backend("web")
         ws, ws_port = await _backend("ws")
         stop = asyncio.Event()
-        router = asyncio.create_task(_serve("127.0.0.1", 0, ("127.0.0.1", web_port), ("127.0.0.1", ws_port),
-                                            alive=lambda: True, stopped=stop.is_set, bound=(bound := [])))
+        router = asyncio.create_task(
+            _serve(
+                "127.0.0.1",
+                0,
+                ("127.0.0.1", web_port),
+                ("127.0.0.1", ws_port),
+                alive=lambda: True,
+                stopped=stop.is_set,
+                bound=(bound := []),
+            )
+        )
         while not bound:
             await asyncio.sleep(0.01)
         reader, writer = await asyncio.open_connection("127.0.0.1", bound[0])
@@ -105,17 +123,24 @@ def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path():
 
     seen = _through_router(exchange)
     assert [(r["server"], r["path"]) for r in seen] == [
-        ("web", "/healthz"), ("web", "/.well-known/jwks.json"), ("ws", "/ws/approvals/")]
+        ("web", "/healthz"),
+        ("web", "/.well-known/jwks.json"),
+        ("ws", "/ws/approvals/"),
+    ]
 
 
 def test_router_forwards_bodies_whole_and_the_next_request_after_them():
     form = "grant_type=client_credentials&scope=" + "x" * 70_000  # more than one read's worth
 
     async def exchange(reader, writer):
-        writer.write(f"POST /o/token/ HTTP/1.1\r\nHost: h\r\nContent-Length: {len(form)}\r\n\r\n{form}".encode())
+        writer.write(
+            f"POST /o/token/ HTTP/1.1\r\nHost: h\r\nContent-Length: {len(form)}\r\n\r\n{form}".encode()
+        )
         first = await _response(reader)
-        writer.write(b"POST /o/introspect/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"6\r\ntoken=\r\n3;ext=1\r\nabc\r\n0\r\n\r\n")
+        writer.write(
+            b"POST /o/introspect/ HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"6\r\ntoken=\r\n3;ext=1\r\nabc\r\n0\r\n\r\n"
+        )
         second = await _response(reader)
         writer.write(b"GET /ws/approvals/ HTTP/1.1\r\nHost: h\r\n\r\n")
         return first, second, await _response(reader)
@@ -148,10 +173,19 @@ def test_router_refuses_a_malformed_request():
 def _wsgi(path: str, *, method="GET", peer="127.0.0.1", body=b"", headers=None):
     from config.wsgi import application
 
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
-               "SERVER_PORT": "8000", "HTTP_HOST": "127.0.0.1:8000", "REMOTE_ADDR": peer,
-               "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-               **(headers or {})}
+    environ = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "HTTP_HOST": "127.0.0.1:8000",
+        "REMOTE_ADDR": peer,
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        **(headers or {}),
+    }
     status = []
     # As Django's test client does: the test's transaction must outlive the request.
     request_started.disconnect(close_old_connections)
@@ -178,8 +212,11 @@ def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(db, monkeypatc
 def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db, framing):
     body = b"grant_type=urn%3Aexample%3Anone"
     headers = {"CONTENT_TYPE": "application/x-www-form-urlencoded"}
-    headers.update({"CONTENT_LENGTH": str(len(body))} if framing == "content-length"
-                   else {"HTTP_TRANSFER_ENCODING": "chunked"})
+    headers.update(
+        {"CONTENT_LENGTH": str(len(body))}
+        if framing == "content-length"
+        else {"HTTP_TRANSFER_ENCODING": "chunked"}
+    )
     status, content = _wsgi("/o/token/", method="POST", body=body, headers=headers)
     assert (status, json.loads(content)["error"]) == (400, "unsupported_grant_type")
 

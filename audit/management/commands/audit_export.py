@@ -6,13 +6,17 @@ from audit.export import FORMATS, ExportFilterError, document, parse_when, rende
 
 
 class Command(BaseCommand):
-    help = ("Export sealed audit events in position order, each with its tree position (schema countersign.audit.v1: "
-            "see audit/export.py and docs/audit.md): JSON Lines (default), CSV or OCSF JSON Lines.")
+    help = (
+        "Export sealed audit events in position order, each with its tree position (schema countersign.audit.v1: "
+        "see audit/export.py and docs/audit.md): JSON Lines (default), CSV or OCSF JSON Lines."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--format", choices=FORMATS, default="jsonl")
         parser.add_argument("--since", help="events at or after this ISO 8601 date or date-time")
-        parser.add_argument("--until", help="events before this date-time (a date: up to the end of that day)")
+        parser.add_argument(
+            "--until", help="events before this date-time (a date: up to the end of that day)"
+        )
         parser.add_argument("--principal", help="user:<pk>, agent:<client_id>, rs:<client_id> or admin:<pk>")
         parser.add_argument("--after", type=int, default=0, metavar="SEQ", help="only positions after SEQ")
         parser.add_argument("--output", metavar="FILE", help="write here instead of stdout")

@@ -7,8 +7,10 @@ from audit.readers import ReaderError, audit_reader_create, audit_reader_revoke
 
 
 class Command(BaseCommand):
-    help = ("Issue (create NAME) or revoke (revoke NAME) a token for pulling the audit log from /audit/events/ and "
-            "proofs from /audit/proofs/ (a SIEM or log shipper). The token is shown once; only its hash is kept.")
+    help = (
+        "Issue (create NAME) or revoke (revoke NAME) a token for pulling the audit log from /audit/events/ and "
+        "proofs from /audit/proofs/ (a SIEM or log shipper). The token is shown once; only its hash is kept."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=["create", "revoke"])
@@ -27,5 +29,7 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps({"name": reader.name, "token": token}))
         else:
-            self.stdout.write(f"audit reader {reader.name}: token {token} (shown once; send it as "
-                              "Authorization: Bearer <token>)")
+            self.stdout.write(
+                f"audit reader {reader.name}: token {token} (shown once; send it as "
+                "Authorization: Bearer <token>)"
+            )

@@ -13,14 +13,20 @@ log = logging.getLogger("audit.sealer")
 
 
 class Command(BaseCommand):
-    help = ("Link committed audit events into the hash chain and the Merkle tree, signing a checkpoint per batch. Once by default; with --loop, keep sealing "
-            "(run exactly as many as you like: one at a time holds the sealer lock).")
+    help = (
+        "Link committed audit events into the hash chain and the Merkle tree, signing a checkpoint per batch. Once by default; with --loop, keep sealing "
+        "(run exactly as many as you like: one at a time holds the sealer lock)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--loop", action="store_true", help="keep sealing until SIGTERM or SIGINT")
         parser.add_argument("--batch", type=int, default=SEAL_BATCH, help="events per transaction")
-        parser.add_argument("--interval", type=float, default=0.2,
-                            help="seconds to sleep when nothing was left to seal (or another sealer holds the lock)")
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=0.2,
+            help="seconds to sleep when nothing was left to seal (or another sealer holds the lock)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         batch = options["batch"]

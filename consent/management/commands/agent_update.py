@@ -19,9 +19,14 @@ class Command(BaseCommand):
         parser.add_argument("--status", choices=Agent.Status.values)
         parser.add_argument("--scopes")
         parser.add_argument("--delegates", help="space-separated client ids of permitted sub-agents")
-        parser.add_argument("--require-dpop", choices=["yes", "no"],
-                            help="tokens only with a DPoP proof by a registered key (RFC 9449)")
-        parser.add_argument("--notification-endpoint", help="CIBA ping-mode endpoint; empty string for poll mode")
+        parser.add_argument(
+            "--require-dpop",
+            choices=["yes", "no"],
+            help="tokens only with a DPoP proof by a registered key (RFC 9449)",
+        )
+        parser.add_argument(
+            "--notification-endpoint", help="CIBA ping-mode endpoint; empty string for poll mode"
+        )
 
     def handle(self, *args: Any, **o: Any) -> None:
         agent = Agent.objects.filter(client_id=o["client_id"]).first()

@@ -22,5 +22,7 @@ class Command(BaseCommand):
         if o["json"]:
             self.stdout.write(json.dumps(out))
         else:
-            self.stdout.write(f"Registered {rs.name} ({rs.audience})\n  client_id:     {rs.client_id}\n"
-                              f"  client_secret: {secret}   (shown once; stored hashed)")
+            self.stdout.write(
+                f"Registered {rs.name} ({rs.audience})\n  client_id:     {rs.client_id}\n"
+                f"  client_secret: {secret}   (shown once; stored hashed)"
+            )

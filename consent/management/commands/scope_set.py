@@ -25,8 +25,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **o: Any) -> None:
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
-            "description": "description", "approval_window": "approval_window",
-            "action_ttl": "action_token_ttl", "fresh_auth": "fresh_auth_seconds",
+            "description": "description",
+            "approval_window": "approval_window",
+            "action_ttl": "action_token_ttl",
+            "fresh_auth": "fresh_auth_seconds",
             "auto_approve": "auto_approve_rule",
         }
         for option, field in optional.items():
