@@ -24,9 +24,21 @@ from oauth2_provider.models import (
 from .conf import countersign_settings
 from .rules import validate_rule
 
+# Model defaults read from COUNTERSIGN (consent.conf), so a setting and a new row's default never differ.
+
 
 def _default_ttl() -> int:
     ttl: int = countersign_settings.DEFAULT_ACCESS_TOKEN_TTL
+    return ttl
+
+
+def _default_approval_window() -> int:
+    window: int = countersign_settings.DEFAULT_APPROVAL_WINDOW
+    return window
+
+
+def _default_action_token_ttl() -> int:
+    ttl: int = countersign_settings.DEFAULT_ACTION_TOKEN_TTL
     return ttl
 
 
@@ -225,13 +237,13 @@ class ScopePolicy(models.Model):
     )
     approval_window = models.PositiveIntegerField(
         "approval window (seconds)",
-        default=600,
+        default=_default_approval_window,
         validators=[MinValueValidator(10)],
         help_text="Step-up only: how long the user has to answer a prompt.",
     )
     action_token_ttl = models.PositiveIntegerField(
         "action-token lifetime (seconds)",
-        default=120,
+        default=_default_action_token_ttl,
         validators=[MinValueValidator(10)],
         help_text="Step-up only: how long an approved one-shot token stays redeemable.",
     )

@@ -3,6 +3,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from consent.conf import countersign_settings
 from consent.models import Agent
 from consent.services import agent_create, agent_update
 
@@ -23,7 +24,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--refresh-mode", choices=Agent.RefreshMode.values, default=Agent.RefreshMode.ROTATING
         )
-        parser.add_argument("--ttl", type=int, help="access-token lifetime in seconds (default 900)")
+        parser.add_argument(
+            "--ttl",
+            type=int,
+            help=f"access-token lifetime in seconds (default {countersign_settings.DEFAULT_ACCESS_TOKEN_TTL})",
+        )
         parser.add_argument(
             "--jwks", help="file holding the agent's public JWK Set (enables private_key_jwt)"
         )
