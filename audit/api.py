@@ -29,7 +29,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from consent.conf import countersign_settings
-from consent.http import oauth_error
+from consent.errors import InvalidClient, InvalidRequest, MethodNotAllowed, NotFound, OAuthError
+from consent.http import error_response
 from consent.limits import attempts, store
 
 from .export import ExportFilterError, document, ocsf, parse_when, sealed_events
@@ -46,14 +47,30 @@ PUBLIC = {"Cache-Control": "public, max-age=5"}
 KIND = "audit_reader"
 
 
-class BadInput(Exception):
-    def __init__(self, description: str, *, error: str = "invalid_request", status: int = 400):
-        super().__init__(description)
-        self.description, self.error, self.status = description, error, status
+# The audit endpoints' refusals: the protocol hierarchy's, rendered by consent.http.error_response.
+
+
+class AuditRequestInvalid(InvalidRequest):
+    """RFC 6749 §5.2, as these endpoints answer it: a parameter is unknown, repeated or out of range."""
+
+
+class ReaderTokenInvalid(OAuthError):
+    """RFC 6750 §3.1: the audit reader token is missing, or not one an admin issued (or it was revoked)."""
+
+    error = "invalid_token"
+    status_code = 401
+    scheme = "Bearer"
+
+
+class AuthenticationLocked(OAuthError):
+    """RFC 6585 §4: too many failed authentications from this source; nothing is checked until it ends."""
+
+    error = "too_many_requests"
+    status_code = 429
 
 
 def _refuse(
-    request: HttpRequest, exc: BadInput, *, event: str, actor: str = "", dedupe: bool = True
+    request: HttpRequest, exc: OAuthError, *, event: str, actor: str = "", dedupe: bool = True
 ) -> JsonResponse:
     source = client_ip(request)
     if not dedupe or store.first_refusal(f"{event}:{source}", field=event, window=60):
@@ -64,8 +81,8 @@ def _refuse(
             request=request,
             detail={"path": request.path[:200], "reason": exc.description[:200]},
         )
-    response = oauth_error(exc.error, exc.description, status=exc.status, scheme="Bearer")
-    if exc.status == 405:
+    response = error_response(exc)
+    if exc.status_code == 405:
         response["Allow"] = "GET, HEAD"
     return response
 
@@ -87,10 +104,10 @@ def _int(
     if raw is None or raw == "":
         return default
     if not raw.isdigit() or len(raw) > 18:
-        raise BadInput(f"{name} must be a non-negative integer")
+        raise AuditRequestInvalid(f"{name} must be a non-negative integer")
     value = int(raw)
     if value < low or (high is not None and value > high):
-        raise BadInput(
+        raise AuditRequestInvalid(
             f"{name} must be between {low} and {high}" if high else f"{name} must be at least {low}"
         )
     return value
@@ -99,15 +116,15 @@ def _int(
 def _known(request: HttpRequest, allowed: set[str]) -> None:
     unknown = sorted(set(request.GET) - allowed)
     if unknown:
-        raise BadInput(f"unknown parameter {unknown[0][:40]!r}")
+        raise AuditRequestInvalid(f"unknown parameter {unknown[0][:40]!r}")
     for name in request.GET:
         if len(request.GET.getlist(name)) > 1:
-            raise BadInput(f"{name} given more than once")
+            raise AuditRequestInvalid(f"{name} given more than once")
 
 
 def _get_only(request: HttpRequest) -> None:
     if request.method not in ("GET", "HEAD"):
-        raise BadInput("use GET", error="invalid_request", status=405)
+        raise MethodNotAllowed("use GET")
 
 
 # --- public: checkpoints ---------------------------------------------------------------------------
@@ -120,7 +137,7 @@ def checkpoints_view(request: HttpRequest) -> HttpResponse:
         _known(request, {"after", "limit"})
         after = _int(request, "after", default=0, low=0)
         limit = _int(request, "limit", default=100, low=1, high=1000)
-    except BadInput as exc:
+    except OAuthError as exc:
         return _refuse(request, exc, event="audit.checkpoints_refused")
     rows = list(AuditCheckpoint.objects.filter(tree_size__gt=after).order_by("tree_size")[: limit + 1])
     more = len(rows) > limit
@@ -144,14 +161,10 @@ def checkpoint_view(request: HttpRequest, tree_size: str) -> HttpResponse:
         elif tree_size.isdigit() and len(tree_size) <= 18:
             cp = AuditCheckpoint.objects.filter(tree_size=int(tree_size)).first()
         else:
-            raise BadInput("a checkpoint is named by its tree size, or latest")
+            raise AuditRequestInvalid("a checkpoint is named by its tree size, or latest")
         if cp is None:
-            raise BadInput(
-                "no such checkpoint" if tree_size != "latest" else "no checkpoint signed yet",
-                error="not_found",
-                status=404,
-            )
-    except BadInput as exc:
+            raise NotFound("no such checkpoint" if tree_size != "latest" else "no checkpoint signed yet")
+    except OAuthError as exc:
         return _refuse(request, exc, event="audit.checkpoints_refused")
     return JsonResponse(checkpoint_document(cp), headers=PUBLIC)
 
@@ -166,16 +179,14 @@ def _reader(request: HttpRequest) -> AuditReader:
         locked = attempts.locked(KIND, keys)
         if locked:
             attempts.refused_while_locked(KIND, keys)
-            raise BadInput(attempts.message(locked), error="too_many_requests", status=429)
+            raise AuthenticationLocked(attempts.message(locked))
     header = request.META.get("HTTP_AUTHORIZATION", "")
     scheme, _, token = header.partition(" ")
     reader = audit_reader_authenticate(token.strip()) if scheme.lower() == "bearer" else None
     if reader is None:
         if KIND in countersign_settings.ATTEMPT_LIMITS:
             attempts.failed(KIND, keys, request=request)
-        raise BadInput(
-            "an audit reader token is required (Authorization: Bearer)", error="invalid_token", status=401
-        )
+        raise ReaderTokenInvalid("an audit reader token is required (Authorization: Bearer)")
     return reader
 
 
@@ -185,23 +196,17 @@ def _reader_endpoint(
     try:
         _get_only(request)
         reader = _reader(request)
-    except BadInput as exc:
-        return _refuse(request, exc, event=event, dedupe=exc.status != 401)
+    except OAuthError as exc:
+        return _refuse(request, exc, event=event, dedupe=exc.status_code != 401)
     actor = f"audit_reader:{reader.name}"
     try:
         _known(request, allowed)
         body = build(request)
-    except BadInput as exc:
+    except OAuthError as exc:
         return _refuse(request, exc, event=event, actor=actor, dedupe=False)
     except (ExportFilterError, ProofUnavailable) as exc:
-        status = 404 if isinstance(exc, ProofUnavailable) else 400
-        return _refuse(
-            request,
-            BadInput(str(exc), error="not_found" if status == 404 else "invalid_request", status=status),
-            event=event,
-            actor=actor,
-            dedupe=False,
-        )
+        refusal = NotFound(str(exc)) if isinstance(exc, ProofUnavailable) else AuditRequestInvalid(str(exc))
+        return _refuse(request, refusal, event=event, actor=actor, dedupe=False)
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -210,7 +215,7 @@ def _events(request: HttpRequest) -> dict[str, Any]:
     limit = _int(request, "limit", default=100, low=1, high=countersign_settings.AUDIT_EXPORT_PAGE_MAX)
     fmt = request.GET.get("format", "countersign")
     if fmt not in ("countersign", "ocsf"):
-        raise BadInput("format must be countersign or ocsf")
+        raise AuditRequestInvalid("format must be countersign or ocsf")
     since, until = request.GET.get("since"), request.GET.get("until")
     links: QuerySet[AuditLink] = sealed_events(
         after=cursor,
@@ -243,7 +248,7 @@ def inclusion_view(request: HttpRequest) -> HttpResponse:
     def build(request: HttpRequest) -> dict[str, Any]:
         event_id = _int(request, "event_id", default=None, low=1)
         if event_id is None:
-            raise BadInput("event_id is required")
+            raise AuditRequestInvalid("event_id is required")
         return inclusion_bundle(event_id=event_id, tree_size=_int(request, "tree_size", default=None, low=1))
 
     return _reader_endpoint(request, "audit.proof_refused", {"event_id", "tree_size"}, build)
@@ -254,7 +259,7 @@ def consistency_view(request: HttpRequest) -> HttpResponse:
     def build(request: HttpRequest) -> dict[str, Any]:
         first = _int(request, "first", default=None, low=1)
         if first is None:
-            raise BadInput("first is required")
+            raise AuditRequestInvalid("first is required")
         return consistency_bundle(first=first, second=_int(request, "second", default=None, low=1))
 
     return _reader_endpoint(request, "audit.proof_refused", {"first", "second"}, build)
@@ -270,11 +275,11 @@ def _resource_server(request: HttpRequest) -> ResourceServer:
     locked = attempts.locked("resource_server", keys)
     if locked:
         attempts.refused_while_locked("resource_server", keys)
-        raise BadInput(attempts.message(locked), error="too_many_requests", status=429)
+        raise AuthenticationLocked(attempts.message(locked))
     rs = resource_server_authenticate(client_id=creds[0], secret=creds[1]) if creds else None
     if rs is None:
         attempts.failed("resource_server", keys, request=request, client_id=keys.get("account", ""))
-        raise BadInput("resource-server authentication failed", error="invalid_client", status=401)
+        raise InvalidClient("resource-server authentication failed")
     return rs
 
 
@@ -284,21 +289,16 @@ def approval_proof_view(request: HttpRequest) -> HttpResponse:
     try:
         _get_only(request)
         rs = _resource_server(request)
-    except BadInput as exc:
-        response = _refuse(request, exc, event=event, dedupe=exc.status != 401)
-        if exc.status == 401:
-            response["WWW-Authenticate"] = 'Basic realm="countersign", error="invalid_client"'
-        return response
+    except OAuthError as exc:
+        return _refuse(request, exc, event=event, dedupe=exc.status_code != 401)
     actor = f"rs:{rs.client_id}"
     try:
         _known(request, {"approval_id", "tree_size"})
         body = _approval_proof(request, rs)
-    except BadInput as exc:
+    except OAuthError as exc:
         return _refuse(request, exc, event=event, actor=actor, dedupe=False)
     except ProofUnavailable as exc:
-        return _refuse(
-            request, BadInput(str(exc), error="not_found", status=404), event=event, actor=actor, dedupe=False
-        )
+        return _refuse(request, NotFound(str(exc)), event=event, actor=actor, dedupe=False)
     return JsonResponse(body, headers={"Cache-Control": "no-store"})
 
 
@@ -311,7 +311,7 @@ def _approval_proof(request: HttpRequest, rs: ResourceServer) -> dict[str, Any]:
     try:
         approval_id = uuid.UUID(request.GET.get("approval_id", ""))
     except ValueError:
-        raise BadInput("approval_id must be an approval's id (a UUID)") from None
+        raise AuditRequestInvalid("approval_id must be an approval's id (a UUID)") from None
     approval = ApprovalRequest.objects.filter(pk=approval_id).first()
     audience = (
         ScopePolicy.objects.filter(name=approval.scope).values_list("audience", flat=True).first()

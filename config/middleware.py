@@ -16,10 +16,12 @@ from django.conf import settings
 from django.contrib.messages.middleware import MessageMiddleware as DjangoMessageMiddleware
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
 from config.logging import RequestContextMiddleware
+from consent.errors import ServiceUnavailable
+from consent.http import error_response
 from consent.limits.middleware import RateLimitMiddleware
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,8 @@ class DependencyDownMiddleware:
         log.error("database unavailable: %s", type(exception).__name__)
         headers = {"Retry-After": "5", "Cache-Control": "no-store"}
         if request.path.startswith(PROTOCOL_PREFIXES):
-            return JsonResponse(
-                {
-                    "error": "temporarily_unavailable",
-                    "error_description": "The service is briefly unavailable; retry shortly.",
-                },
-                status=503,
-                headers=headers,
+            return error_response(
+                ServiceUnavailable("The service is briefly unavailable; retry shortly."), headers=headers
             )
         return HttpResponse(
             "<!doctype html><title>Countersign is briefly unavailable</title>"

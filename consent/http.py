@@ -53,7 +53,9 @@ def oauth_error(
 
 def error_response(exc: OAuthError, *, headers: dict[str, str] | None = None) -> JsonResponse:
     """An ``OAuthError`` as its JSON response (RFC 6749 §5.2)."""
-    response = oauth_error(exc.error, exc.description, status=exc.status_code, reason=exc.reason_code)
+    response = oauth_error(
+        exc.error, exc.description, status=exc.status_code, scheme=exc.scheme, reason=exc.reason_code
+    )
     for name, value in (headers or {}).items():
         response[name] = value
     return response

@@ -22,7 +22,7 @@ from audit.services import audit_refusal, client_ip
 from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check
 
 from ..conf import countersign_settings
-from ..errors import AccessDenied, OAuthError
+from ..errors import AccessDenied, MethodNotAllowed, OAuthError
 from ..http import NO_STORE, error_response
 from ..oauth.client_metadata import InvalidClientMetadata, parse
 from ..selfdescribed import agent_register
@@ -83,11 +83,7 @@ def _metadata(request: HttpRequest) -> object:
 @csrf_exempt
 def registration_view(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
-        return JsonResponse(
-            {"error": "invalid_request", "error_description": "POST only."},
-            status=405,
-            headers={"Allow": "POST"},
-        )
+        return error_response(MethodNotAllowed("POST only."), headers={"Allow": "POST"})
     try:
         _check_policy(request)
         metadata = parse(_metadata(request), secrets_allowed=True)
