@@ -13,6 +13,7 @@ from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.services import AuthContext, grant_create
 from consent.tokens import audiences_for
 from tests.consent.test_commands import _client_authenticates
+from tests.consent.test_revocation_paths import _FormValues
 
 pytestmark = pytest.mark.django_db
 
@@ -24,42 +25,40 @@ def admin_client(scenario) -> Client:
     admin = get_user_model().objects.create_superuser("root", password="not the officer's")
     client = Client()
     client.force_login(admin)
-    client.admin_user = admin  # type: ignore[attr-defined]
+    client.admin_user = admin
     return client
 
 
 def _actor(client: Client) -> str:
-    return f"admin:{client.admin_user.pk}"  # type: ignore[attr-defined]
+    return f"admin:{client.admin_user.pk}"
 
 
-def _agent_form(agent: Agent | None = None, **changes: object) -> dict[str, object]:
-    """Every field the agent form posts, as it stands (or a new agent's), with ``changes``."""
-    form: dict[str, object] = {
-        "name": "Invoice Agent",
-        "publisher": "Acme Agents",
-        "description": "Matches invoices to purchase orders.",
-        "status": Agent.Status.ACTIVE,
-        "allowed_scopes": ["catalog:read", "ledger:write"],
-        "access_token_ttl": "900",
-        "refresh_mode": Agent.RefreshMode.ROTATING,
-        "max_grant_lifetime": str(7 * 24 * 3600),
-        "redirect_uris": "https://invoices.example/callback",
-        "jwks": "",
-        "backchannel_client_notification_endpoint": "",
-    }
-    if agent is not None:
-        form |= {
-            "name": agent.name,
-            "publisher": agent.publisher,
-            "description": agent.description,
-            "status": agent.status,
-            "allowed_scopes": list(agent.allowed_scopes),
-            "access_token_ttl": str(agent.access_token_ttl),
-            "refresh_mode": agent.refresh_mode,
-            "max_grant_lifetime": str(agent.max_grant_lifetime),
-            "redirect_uris": agent.redirect_uris,
-        }
-    return form | changes
+def _form(client: Client, url: str, form_id: str, **changes: object) -> dict[str, object]:
+    """What a browser would submit from the admin page at ``url`` (its values as shown), with ``changes``."""
+    page = client.get(url)
+    assert page.status_code == 200, page.status_code
+    parser = _FormValues(form_id)
+    parser.feed(page.content.decode())
+    data: dict[str, list[str]] = {}
+    for name, value in parser.values:
+        data.setdefault(name, []).append(value)
+    return {**data, **changes, "_save": "Save"}
+
+
+def _new_agent(client: Client, **changes: object) -> dict[str, object]:
+    return _form(
+        client,
+        "/admin/consent/agent/add/",
+        "agent_form",
+        **{
+            "name": "Invoice Agent",
+            "publisher": "Acme Agents",
+            "description": "Matches invoices to purchase orders.",
+            "allowed_scopes": ["catalog:read", "ledger:write"],
+            "redirect_uris": "https://invoices.example/callback",
+            **changes,
+        },
+    )
 
 
 def _shown_secret(response) -> tuple[str, str]:
@@ -85,9 +84,7 @@ def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_ACCESS_TOKEN_TTL": 600}
 
     response = admin_client.post(
-        "/admin/consent/agent/add/",
-        _agent_form(require_second_factor="on", access_token_ttl="300"),
-        follow=True,
+        "/admin/consent/agent/add/", _new_agent(admin_client, require_second_factor="on"), follow=True
     )
 
     assert response.status_code == 200
@@ -96,7 +93,7 @@ def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(
     assert client_id == agent.client_id
     assert agent.client_secret != secret  # stored hashed
     assert _client_authenticates(client_id, secret)
-    assert (agent.access_token_ttl, agent.require_second_factor) == (300, True)
+    assert (agent.access_token_ttl, agent.require_second_factor) == (600, True)  # the configured default
     assert agent.allowed_scopes == ["catalog:read", "ledger:write"]
     created = AuditEvent.objects.get(event="agent.created", client_id=client_id)
     assert created.actor == _actor(admin_client)
@@ -106,7 +103,7 @@ def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(
 
 
 def test_an_agent_without_a_redirect_uri_is_refused_on_the_form(admin_client):
-    response = admin_client.post("/admin/consent/agent/add/", _agent_form(redirect_uris=""))
+    response = admin_client.post("/admin/consent/agent/add/", _new_agent(admin_client, redirect_uris=""))
 
     assert response.status_code == 200
     assert "An agent needs at least one redirect URI." in response.content.decode()
@@ -118,9 +115,8 @@ def test_suspending_an_agent_in_its_form_revokes_its_grants_as_agent_update_does
     grant = _active_grant(scenario)
     agent = scenario.agent
 
-    response = admin_client.post(
-        f"/admin/consent/agent/{agent.pk}/change/", _agent_form(agent, status=Agent.Status.SUSPENDED)
-    )
+    url = f"/admin/consent/agent/{agent.pk}/change/"
+    response = admin_client.post(url, _form(admin_client, url, "agent_form", status=Agent.Status.SUSPENDED))
 
     assert response.status_code == 302, response.content[:2000]
     agent.refresh_from_db()
@@ -148,26 +144,16 @@ def test_the_suspend_action_revokes_grants_too(admin_client, scenario):
 def test_saving_an_agent_unchanged_writes_nothing(admin_client, scenario):
     before = AuditEvent.objects.count()
 
-    response = admin_client.post(
-        f"/admin/consent/agent/{scenario.agent.pk}/change/", _agent_form(scenario.agent)
-    )
+    url = f"/admin/consent/agent/{scenario.agent.pk}/change/"
+    response = admin_client.post(url, _form(admin_client, url, "agent_form"))
 
     assert response.status_code == 302
     assert AuditEvent.objects.count() == before
 
 
-def _policy_form(policy: ScopePolicy, **changes: object) -> dict[str, object]:
-    form: dict[str, object] = {
-        "description": policy.description,
-        "audience": policy.audience,
-        "sensitivity": policy.sensitivity,
-        "approval_window": str(policy.approval_window),
-        "action_token_ttl": str(policy.action_token_ttl),
-        "fresh_auth_seconds": "",
-        "authorization_details_types": "[]",
-        "auto_approve_rule": "",
-    }
-    return form | changes
+def _policy_form(client: Client, policy: ScopePolicy | None = None, **changes: object) -> dict[str, object]:
+    url = f"/admin/consent/scopepolicy/{policy.pk}/change/" if policy else "/admin/consent/scopepolicy/add/"
+    return _form(client, url, "scopepolicy_form", **changes)
 
 
 def test_a_scope_policy_edit_in_the_admin_takes_effect_on_the_next_token_at_once(admin_client):
@@ -176,7 +162,7 @@ def test_a_scope_policy_edit_in_the_admin_takes_effect_on_the_next_token_at_once
 
     response = admin_client.post(
         f"/admin/consent/scopepolicy/{policy.pk}/change/",
-        _policy_form(policy, audience="http://catalog-2.test"),
+        _policy_form(admin_client, policy, audience="http://catalog-2.test"),
     )
 
     assert response.status_code == 302, response.content[:2000]
@@ -189,42 +175,44 @@ def test_a_scope_keeps_its_name_in_the_admin(admin_client):
     policy = ScopePolicy.objects.get(name="catalog:read")
 
     admin_client.post(
-        f"/admin/consent/scopepolicy/{policy.pk}/change/", _policy_form(policy, name="catalog:everything")
+        f"/admin/consent/scopepolicy/{policy.pk}/change/",
+        _policy_form(admin_client, policy, name="catalog:everything", description="Everything"),
     )
 
     assert ScopePolicy.objects.filter(name="catalog:read").exists()
     assert not ScopePolicy.objects.filter(name="catalog:everything").exists()
 
 
-def test_a_scope_policy_added_in_the_admin_is_created_through_scope_set(admin_client):
-    audiences_for(["catalog:read"])  # a cached map, without the new scope's audience
-    form = {
-        "name": "invoices:pay",
-        "description": "Pay an invoice",
-        "audience": "http://invoices.test",
-        "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
-        "approval_window": "300",
-        "action_token_ttl": "120",
-        "fresh_auth_seconds": "",
-        "authorization_details_types": "[]",
-        "auto_approve_rule": "",
-    }
+def test_a_scope_policy_added_in_the_admin_is_created_through_scope_set(admin_client, settings):
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_APPROVAL_WINDOW": 300}
+    form = _policy_form(
+        admin_client,
+        name="invoices:pay",
+        description="Pay an invoice",
+        audience="http://invoices.test",
+        sensitivity=ScopePolicy.Sensitivity.STEP_UP,
+    )
 
     response = admin_client.post("/admin/consent/scopepolicy/add/", form)
 
     assert response.status_code == 302, response.content[:2000]
     policy = ScopePolicy.objects.get(name="invoices:pay")
-    assert policy.approval_window == 300
+    assert (policy.approval_window, policy.action_token_ttl) == (300, 120)  # the form showed the defaults
     assert audiences_for(["invoices:pay"]) == ["http://invoices.test"]
-    assert AuditEvent.objects.filter(event="scope_policy.created", actor=_actor(admin_client)).exists()
+    created = AuditEvent.objects.get(event="scope_policy.created", actor=_actor(admin_client))
+    assert created.detail["name"] == "invoices:pay"
 
 
 def test_a_resource_server_added_in_the_admin_is_created_as_the_command_creates_it(admin_client):
-    response = admin_client.post(
+    form = _form(
+        admin_client,
         "/admin/consent/resourceserver/add/",
-        {"name": "Invoices", "audience": "http://invoices.test", "is_active": "on"},
-        follow=True,
+        "resourceserver_form",
+        name="Invoices",
+        audience="http://invoices.test",
     )
+
+    response = admin_client.post("/admin/consent/resourceserver/add/", form, follow=True)
 
     assert response.status_code == 200
     rs = ResourceServer.objects.get(audience="http://invoices.test")
