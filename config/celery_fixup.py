@@ -63,5 +63,5 @@ def fixup(app: Any, env: str = "DJANGO_SETTINGS_MODULE") -> DjangoFixup | None:
 
         _verify_django_version(django)
         # install() returns the fix-up itself; celery-types says None.
-        return Fixup(app).install()  # type: ignore[func-returns-value, no-any-return]
+        return Fixup(app).install()  # type: ignore[func-returns-value]
     return None
