@@ -32,9 +32,11 @@ demo: install
 demo-mcp: install
 	DEMO_MCP=1 scripts/demo.sh
 
+# mypy --strict with django-stubs over every package ([tool.mypy] files in pyproject.toml).
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m mypy countersign
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 test: install
 	scripts/ensure_services.sh redis postgres

@@ -50,8 +50,10 @@ class _Names:
         self.user_id = user_id
         client_ids = {e.client_id for e in events if e.client_id}
         client_ids |= {e.actor.split(":", 1)[1] for e in events if e.actor.startswith(("agent:", "rs:"))}
-        self.agents = dict(Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name"))
-        self.servers = dict(
+        self.agents: dict[str, str] = dict(
+            Agent.objects.filter(client_id__in=client_ids).values_list("client_id", "name")
+        )
+        self.servers: dict[str, str] = dict(
             ResourceServer.objects.filter(client_id__in=client_ids).values_list("client_id", "name")
         )
         approval_ids = {

@@ -7,7 +7,7 @@ from audit.admin import ReadOnlyAdmin
 from .models import ActionToken, ApprovalRequest, ApprovalVote
 
 
-class ApprovalVoteInline(admin.TabularInline):
+class ApprovalVoteInline(admin.TabularInline[ApprovalVote, ApprovalRequest]):
     """Two-person approval: each approver's answer, as written by ``approvals.votes`` (read-only)."""
 
     model = ApprovalVote
@@ -24,7 +24,7 @@ class ApprovalVoteInline(admin.TabularInline):
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(ReadOnlyAdmin):
+class ApprovalRequestAdmin(ReadOnlyAdmin[ApprovalRequest]):
     list_display = (
         "headline",
         "user",
@@ -44,7 +44,7 @@ class ApprovalRequestAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ActionToken)
-class ActionTokenAdmin(ReadOnlyAdmin):
+class ActionTokenAdmin(ReadOnlyAdmin[ActionToken]):
     list_display = ("jti", "approval", "issued_at", "expires_at", "redeemed_at", "redeemed_by")
     list_filter = ("redeemed_by",)
     readonly_fields = [f.name for f in ActionToken._meta.fields]
@@ -60,7 +60,7 @@ from .notify.webhooks import webhook_secret_new  # noqa: E402
 
 
 @admin.register(OrganisationWebhook)
-class OrganisationWebhookAdmin(admin.ModelAdmin):
+class OrganisationWebhookAdmin(admin.ModelAdmin[OrganisationWebhook]):
     """Admins configure where an organisation's prompts are announced; the secret is shown once."""
 
     list_display = ("name", "url", "group", "active", "created")
@@ -77,7 +77,7 @@ class OrganisationWebhookAdmin(admin.ModelAdmin):
 
 
 @admin.register(PushSubscription)
-class PushSubscriptionAdmin(ReadOnlyAdmin):
+class PushSubscriptionAdmin(ReadOnlyAdmin[PushSubscription]):
     list_display = ("user", "label", "created", "last_delivered_at")
     readonly_fields = ("user", "label", "created", "last_delivered_at")
     exclude = ("endpoint", "endpoint_hash", "p256dh", "auth")
@@ -87,7 +87,7 @@ class PushSubscriptionAdmin(ReadOnlyAdmin):
 
 
 @admin.register(PromptDelivery)
-class PromptDeliveryAdmin(ReadOnlyAdmin):
+class PromptDeliveryAdmin(ReadOnlyAdmin[PromptDelivery]):
     list_display = ("approval", "channel", "outcome", "target", "error", "at")
     list_filter = ("channel", "outcome")
     readonly_fields = [f.name for f in PromptDelivery._meta.fields]

@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -5,7 +7,7 @@ class ApprovalsConfig(AppConfig):
     name = "approvals"
     verbose_name = "Step-up approvals"
 
-    def ready(self):
+    def ready(self) -> None:
         from celery import current_app
         from django.db import transaction
 
@@ -20,12 +22,12 @@ class ApprovalsConfig(AppConfig):
         from .selectors import action_token_introspect
         from .services import approvals_cancel_for_grant
 
-        def cancel_open_approvals(sender, grant_id, reason, **kwargs):
+        def cancel_open_approvals(sender: object, grant_id: Any, reason: str, **kwargs: Any) -> None:
             approvals_cancel_for_grant(grant_id=grant_id, reason=reason)
 
         grant_ended.connect(cancel_open_approvals, weak=False, dispatch_uid="approvals.cancel_open_approvals")
 
-        def tell_open_pages(sender, grant_id, reason, **kwargs):
+        def tell_open_pages(sender: object, grant_id: Any, reason: str, **kwargs: Any) -> None:
             # An open story page of that grant re-reads itself (approvals.tasks.push_grant_changed).
             user_id = kwargs.get("user_id")
             if user_id is None:

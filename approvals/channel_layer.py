@@ -71,7 +71,7 @@ return over_capacity
 """
 
 
-class InboxChannelLayer(RedisChannelLayer):
+class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_redis ships no types
     def __init__(self, *args: Any, pool_size: int = 50, pool_timeout: float = 10.0, **kwargs: Any):
         if pool_size < 2:
             raise ValueError("pool_size must leave a connection free beside the receive loop's BZPOPMIN")
@@ -143,12 +143,13 @@ class InboxChannelLayer(RedisChannelLayer):
         error, as before, and the next receive starts a new reader.
         """
         if "!" not in channel:
-            return await super().receive(channel)
+            received: dict[str, Any] = await super().receive(channel)
+            return received
         assert self.require_valid_channel_name(channel)
         real_channel = self.non_local_name(channel)
         assert real_channel.endswith(self.client_prefix + "!"), "Wrong client prefix"
         self._start_reader(real_channel)
-        buffer = self.receive_buffer[channel]
+        buffer: asyncio.Queue[dict[str, Any] | _ReaderFailed] = self.receive_buffer[channel]
         try:
             message = await buffer.get()
         except asyncio.CancelledError:

@@ -157,14 +157,15 @@ def _window(requested: str | None, maximum: int) -> int:
     Never shorter than ``REQUESTED_EXPIRY_MIN``: prompts that vanish within seconds would slip
     past the pending-prompt cap (prompt bombing); never longer than the scope's window.
     """
-    if requested in (None, ""):
+    if requested is None or requested == "":
         return maximum
     if len(requested) > 10 or not requested.isdigit():
         raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
     seconds = int(requested)
     if seconds <= 0:
         raise InvalidRequest("requested_expiry must be a positive integer (seconds)")
-    return min(max(seconds, countersign_settings.REQUESTED_EXPIRY_MIN), maximum)
+    shortest: int = countersign_settings.REQUESTED_EXPIRY_MIN
+    return min(max(seconds, shortest), maximum)
 
 
 def _extension_details(raw: str, agent: Agent) -> list[dict[str, Any]]:

@@ -21,7 +21,9 @@ A handshake without a signed-in session is refused before accept, and audited
 
 import json
 import time
+from typing import Any, cast
 
+from asgiref.typing import WebSocketSendEvent
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -43,7 +45,7 @@ CLOSE_NO_SESSION = 4401
 MAX_SEQ = 2**53 - 1  # what the page's numbers hold exactly
 
 
-def parse_client_message(text: str | None) -> dict | None:
+def parse_client_message(text: str | None) -> dict[str, Any] | None:
     """The message if it is one the inbox sends, else None."""
     if text is None or len(text) > MAX_FRAME:
         return None
@@ -64,7 +66,7 @@ def parse_client_message(text: str | None) -> dict | None:
 
 
 class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
-    async def connect(self):
+    async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await database_sync_to_async(audit_handshake_refusal)(self.scope, reason="no_session")
@@ -79,13 +81,15 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         websocket_connections.inc()
         await self.send_snapshot()
 
-    async def disconnect(self, code):
+    async def disconnect(self, code: int) -> None:
         if hasattr(self, "group"):
             self._go_buffered()
             websocket_connections.dec()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
         # Decisions are CSRF-protected POSTs; the socket only carries the two requests below.
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
         if size > MAX_FRAME:
@@ -105,7 +109,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         if await sequence_current(self.channel_layer, self.group) != content["seq"]:
             await self.send_snapshot()
 
-    async def send_snapshot(self):
+    async def send_snapshot(self) -> None:
         # Pushes wait in this socket's buffer meanwhile, so none overtakes the snapshot.
         self._go_buffered()
         # The sequence first: everything sent up to it was committed before it was counted.
@@ -117,7 +121,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
     # Pushes go straight from the channel layer's reader to the socket while nothing else is
     # being sent here (InboxChannelLayer._route), and through this consumer's buffer otherwise.
     def _go_direct(self) -> None:
-        layer = self.channel_layer
+        layer: Any = self.channel_layer  # InboxChannelLayer, or another layer without direct pushes
         if hasattr(layer, "attach_direct"):
             buffered = layer.receive_buffer.get(self.channel_name)
             if buffered is None or buffered.empty():
@@ -128,7 +132,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             self.channel_layer.detach_direct(self.channel_name)
 
     async def _push_frame(self, text: str) -> None:
-        await self.base_send({"type": "websocket.send", "text": text})
+        await self.base_send(cast(WebSocketSendEvent, {"type": "websocket.send", "text": text}))
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -139,13 +143,14 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
         self.tokens -= 1
         return True
 
-    async def _keep_membership(self):
+    async def _keep_membership(self) -> None:
         """Re-join the group well before group_expiry drops a long-open socket from it."""
-        if time.monotonic() - self.joined_at > self.channel_layer.group_expiry / 4:
+        # Every layer Channels ships has group_expiry; the stubs' base class does not.
+        if time.monotonic() - self.joined_at > self.channel_layer.group_expiry / 4:  # type: ignore[attr-defined]
             await self.channel_layer.group_add(self.group, self.channel_name)
             self.joined_at = time.monotonic()
 
-    async def dispatch(self, message):
+    async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, through a hop to a
         # worker thread and back. A push touches no database: it goes straight to the socket.
         # The frame arrives encoded once for all of the user's sockets (delivery.client_frame).

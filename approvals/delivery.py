@@ -32,16 +32,21 @@ import json
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
 from django.utils import timezone
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .models import ApprovalRequest
 from .wording import approve_gives, status_words
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 SEND_TIMEOUT = 5.0
 # A push from the process that committed the change waits at most this long before handing the
 # news to the Celery task instead (``push_now``): a request is not held up by a slow Redis.
@@ -95,18 +100,19 @@ def pending_prompts(*, user_id: int) -> list[dict[str, Any]]:
 # --- the per-user sequence (Redis, beside the group) ----------------------------------------------
 
 
-def _sequence_connection(layer, group: str):
+def _sequence_connection(layer: RedisChannelLayer, group: str) -> tuple[Redis, str]:
     return layer.connection(layer.consistent_hash(group)), f"{layer.prefix}:seq:{group}"
 
 
-async def sequence_next(layer, group: str) -> int:
+async def sequence_next(layer: RedisChannelLayer, group: str) -> int:
     connection, key = _sequence_connection(layer, group)
     async with connection.pipeline(transaction=True) as pipe:
-        seq, _ = await pipe.incr(key).expire(key, SEQUENCE_TTL).execute()
+        # A pipeline's commands return the pipeline (chained); the stubs type them as the replies.
+        seq, _ = await pipe.incr(key).expire(key, SEQUENCE_TTL).execute()  # type: ignore[attr-defined]
     return int(seq)
 
 
-async def sequence_current(layer, group: str) -> int:
+async def sequence_current(layer: RedisChannelLayer, group: str) -> int:
     connection, key = _sequence_connection(layer, group)
     value = await connection.get(key)
     return int(value) if value is not None else 0
@@ -131,7 +137,7 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
     return json.dumps(frame, separators=(",", ":"))
 
 
-async def group_send_sequenced(layer, group: str, message: dict[str, Any]) -> int:
+async def group_send_sequenced(layer: RedisChannelLayer, group: str, message: dict[str, Any]) -> int:
     """Number ``message`` and send it to the group as the frame every inbox gets.
 
     The frame is encoded here, once, rather than by each of the user's open sockets. On the
@@ -144,7 +150,8 @@ async def group_send_sequenced(layer, group: str, message: dict[str, Any]) -> in
         return {"type": message["type"], "seq": seq, "text": client_frame(message, seq)}
 
     if hasattr(layer, "group_send_numbered"):
-        return await layer.group_send_numbered(group, build, sequence_ttl=SEQUENCE_TTL)
+        numbered: int = await layer.group_send_numbered(group, build, sequence_ttl=SEQUENCE_TTL)
+        return numbered
     seq = await sequence_next(layer, group)
     await layer.group_send(group, build(seq))
     return seq
@@ -171,7 +178,7 @@ class _SenderLoop:
                     self._loop, self._pid = loop, os.getpid()
         return self._loop
 
-    def run(self, coro, timeout: float) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop())
         try:
             return future.result(timeout)

@@ -14,10 +14,19 @@ Terminal states (DENIED, EXPIRED, CANCELLED, REDEEMED) never change.
 
 import json
 import uuid
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+
+from consent.conf import countersign_settings
+
+
+def _ciba_interval() -> int:
+    """CIBA Core §7.3: the poll interval a new request starts with (``COUNTERSIGN["CIBA_INTERVAL"]``)."""
+    interval: int = countersign_settings.CIBA_INTERVAL
+    return interval
 
 
 class ApprovalRequest(models.Model):
@@ -33,6 +42,13 @@ class ApprovalRequest(models.Model):
     class DeliveryMode(models.TextChoices):
         POLL = "poll", "Poll"
         PING = "ping", "Ping"
+
+    # Set on the instances a page shows, for its template (approvals.views); never stored.
+    gives: str
+    status_words: str
+    how: str
+    # Set on the instance a redemption returns: when its action token was redeemed (approvals.redemption).
+    redeemed_at: datetime
 
     TERMINAL = (Status.REDEEMED, Status.DENIED, Status.EXPIRED, Status.CANCELLED)
     OPEN = (Status.PENDING, Status.APPROVED, Status.ISSUED)
@@ -74,7 +90,7 @@ class ApprovalRequest(models.Model):
     binding_message = models.CharField(max_length=200, blank=True, help_text="The agent's own note.")
     delivery_mode = models.CharField(max_length=8, choices=DeliveryMode.choices, default=DeliveryMode.POLL)
     client_notification_token = models.CharField(max_length=1024, blank=True, editable=False)
-    interval = models.PositiveIntegerField(default=5)
+    interval = models.PositiveIntegerField(default=_ciba_interval)
     created = models.DateTimeField(default=timezone.now, db_index=True)
     expires_at = models.DateTimeField(db_index=True)
     last_polled_at = models.DateTimeField(null=True, blank=True)

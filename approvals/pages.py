@@ -6,12 +6,15 @@ They live here, at the top app, because they tell of every app's records: consen
 (consent), prompts, decisions, redemptions and receipts (approvals), and the audit trail (audit).
 """
 
+from uuid import UUID
+
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
 
 from audit.selectors import OUTCOMES, PERIODS, audit_events_for_user
 from audit.services import audit_refusal
+from consent.http import AuthenticatedHttpRequest
 from consent.selectors import grants_for_user
 
 from .activity import agent_choices, describe, period_filter
@@ -19,7 +22,7 @@ from .story import grant_story, grants_overview
 
 
 @login_required
-def activity_view(request):
+def activity_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     """The user's own trail, in sentences; filters by agent, outcome and period (GET, bookmarkable)."""
     agents = agent_choices(user_id=request.user.pk)
     client_id = request.GET.get("agent", "")
@@ -47,7 +50,7 @@ def activity_view(request):
 
 
 @login_required
-def grants_view(request):
+def grants_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     grants = list(grants_for_user(user=request.user)[:100])
     summaries = grants_overview(grants=grants, user_id=request.user.pk)
     return render(
@@ -61,7 +64,7 @@ def grants_view(request):
 
 
 @login_required
-def grant_detail_view(request, grant_id):
+def grant_detail_view(request: AuthenticatedHttpRequest, grant_id: UUID) -> HttpResponse:
     """The story of one connection, from consent to its end; ``?part=timeline`` is just the list,
     which the page re-reads when the websocket says something changed."""
     story = grant_story(grant_id=grant_id, user_id=request.user.pk)

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import json
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 import rfc8785
 
@@ -69,7 +69,7 @@ def _has_fraction(value: Any) -> bool:
     return False
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(name)
 
 
@@ -89,7 +89,8 @@ MCP_TOOL_CALL = "mcp_tool_call"
 def _tool_call(entry: dict[str, Any]) -> str:
     """An MCP tool call a resource server is about to make: ``{"type": "mcp_tool_call", "server": ...,
     "tool": ..., "arguments": {...}}``; money, payee and reference read from the arguments."""
-    args = entry.get("arguments") if isinstance(entry.get("arguments"), dict) else {}
+    arguments = entry.get("arguments")
+    args: dict[str, Any] = arguments if isinstance(arguments, dict) else {}
     text = f"Run {entry.get('tool') or 'a tool'}"
     money = _money(args)
     if money:

@@ -9,6 +9,7 @@ server are still live.
 """
 
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -102,8 +103,8 @@ _WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
 
 
 def _redeem_statement(
-    *, jti: str, resource_server: ResourceServer, now, event: PendingEvent
-) -> tuple[Any, int, tuple | None]:
+    *, jti: str, resource_server: ResourceServer, now: datetime, event: PendingEvent
+) -> tuple[Any, int, tuple[Any, ...] | None]:
     """(approval id or None, requests moved ISSUED -> REDEEMED, why it lost).
 
     On PostgreSQL one statement, outside any transaction: it redeems, moves the request,

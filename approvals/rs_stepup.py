@@ -23,7 +23,7 @@ same caps, collapsing, delivery, expiry, and cancellation when the grant ends).
 import copy
 from typing import Any
 
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views import View
@@ -39,6 +39,7 @@ from consent.views.rs_auth import resource_server_or_refusal
 
 from .ciba import read_login_hint, validate_backchannel_request
 from .errors import InvalidRequest, InvalidScope, InvalidToken
+from .models import ApprovalRequest
 from .services import approval_collect, approval_request_create, auth_req_id_for
 
 NOT_AUDITED = {"authorization_pending"}
@@ -52,7 +53,9 @@ def _request_params(post: Any) -> dict[str, str]:
     }
 
 
-def open_for_token(*, rs: ResourceServer, token: str, params: dict[str, str], request=None):
+def open_for_token(
+    *, rs: ResourceServer, token: str, params: dict[str, str], request: HttpRequest | None = None
+) -> tuple[ApprovalRequest, bool]:
     """Validate and create the approval (see the module docstring). Raises ``OAuthError``."""
     if not token:
         raise InvalidRequest("token (the session token the agent presented) is required")
@@ -77,10 +80,11 @@ def open_for_token(*, rs: ResourceServer, token: str, params: dict[str, str], re
 class ResourceServerApprovalView(View):
     """``POST /o/rs-approvals/``: a resource server opens an approval for a token it was handed."""
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         rs, refusal = resource_server_or_refusal(request, event="rs_approval.refused")
         if refusal is not None:
             return refusal
+        assert rs is not None  # no refusal: the resource server authenticated
         params = _request_params(request.POST)
         try:
             approval, _ = open_for_token(
@@ -113,10 +117,11 @@ class ResourceServerCollectView(View):
     """``POST /o/rs-approvals/token/``: the resource server that opened it collects the action token
     (CIBA §10.1 answers: ``authorization_pending``, ``slow_down``, ``access_denied``, ``expired_token``)."""
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         rs, refusal = resource_server_or_refusal(request, event="rs_approval.refused")
         if refusal is not None:
             return refusal
+        assert rs is not None  # no refusal: the resource server authenticated
         try:
             body = approval_collect(auth_req_id=request.POST.get("auth_req_id", ""), resource_server=rs)
         except OAuthError as exc:

@@ -1,17 +1,23 @@
-from typing import Any, NamedTuple
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from consent import rows
-from consent.models import Agent, ScopePolicy
+from consent.models import Agent, ResourceServer, ScopePolicy
 
 from .models import ApprovalRequest, ApprovalVote
 from .quorum import Quorum, eligible_ids, quorum_of
 
+if TYPE_CHECKING:
+    from consent.selectors import Introspection
 
-def pending_for_user(*, user) -> QuerySet[ApprovalRequest]:
+
+def pending_for_user(*, user: User) -> QuerySet[ApprovalRequest]:
     return (
         ApprovalRequest.objects.select_related("agent")
         .filter(user=user, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
@@ -19,7 +25,7 @@ def pending_for_user(*, user) -> QuerySet[ApprovalRequest]:
     )
 
 
-def history_for_user(*, user, limit: int = 50) -> QuerySet[ApprovalRequest]:
+def history_for_user(*, user: User, limit: int = 50) -> QuerySet[ApprovalRequest]:
     return (
         ApprovalRequest.objects.select_related("agent", "decided_by")
         .filter(user=user)
@@ -28,7 +34,7 @@ def history_for_user(*, user, limit: int = 50) -> QuerySet[ApprovalRequest]:
     )
 
 
-def pending_count(*, user) -> int:
+def pending_count(*, user: User) -> int:
     return pending_for_user(user=user).count()
 
 
@@ -80,8 +86,8 @@ def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
     )
     if row is None:
         return None
-    approval, agent = rows.split(row, _PUSH, _PUSH_AGENT)
-    approval = rows.instance(ApprovalRequest, approval)
+    values, agent = rows.split(row, _PUSH, _PUSH_AGENT)
+    approval = rows.instance(ApprovalRequest, values)
     approval.agent = rows.instance(Agent, agent)
     return approval
 
@@ -136,8 +142,8 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> Decision | None:
     )
     if row is None:
         return None
-    approval, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
-    approval = rows.instance(ApprovalRequest, approval)
+    values, agent, policy = rows.split(row, _DECISION, _DECISION_AGENT, _DECISION_POLICY)
+    approval = rows.instance(ApprovalRequest, values)
     approval.agent = rows.instance(Agent, agent)
     quorum = quorum_of(
         size=policy["quorum"],
@@ -157,7 +163,7 @@ def approval_for_decision(*, approval_id: Any, user_id: int) -> Decision | None:
     return decision if voted else None
 
 
-def action_token_introspect(*, token: str, resource_server) -> Any:
+def action_token_introspect(*, token: str, resource_server: ResourceServer) -> Introspection:
     """RFC 7662 §2.2 for an action token (``typ: action+jwt``), asked by a resource server.
 
     Active while it is valid and unspent: it verifies, its ``aud`` is this resource

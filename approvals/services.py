@@ -13,8 +13,10 @@ from typing import Any
 
 from celery import current_app
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import connection, transaction
 from django.db.models import Q
+from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.services import PendingEvent, audit_event, audit_record
@@ -116,7 +118,7 @@ def _event(
     actor: str,
     outcome: str = "ok",
     error: str = "",
-    request=None,
+    request: HttpRequest | None = None,
     **detail: Any,
 ) -> PendingEvent:
     return audit_event(
@@ -148,7 +150,7 @@ def _leaving(edge: str, column: str = "status") -> tuple[str, list[str]]:
     return f"{column} IN ({', '.join(['%s'] * len(states))})", list(states)
 
 
-def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, int, int]:
+def _pending_state(req: BackchannelRequest, now: datetime) -> tuple[Any, bool, int, int, int, int]:
     """One statement: the pending request for this very action (if any) and whether its window has
     passed; how many prompts wait for this user and for this agent; and how many prompts were
     created for this user and by this agent within ``PROMPT_WINDOW_SECONDS`` (approval fatigue caps:
@@ -192,6 +194,7 @@ def _pending_state(req: BackchannelRequest, now) -> tuple[Any, bool, int, int, i
             BUDGET,
         ],
     )
+    assert row is not None  # a SELECT of scalar subqueries: always one row
     return row[0], bool(row[1]), row[2], row[3], row[4], row[5]
 
 
@@ -202,7 +205,7 @@ def _existing(req: BackchannelRequest) -> ApprovalRequest:
 
 
 def approval_request_create(
-    *, req: BackchannelRequest, request=None, opened_by: ResourceServer | None = None
+    *, req: BackchannelRequest, request: HttpRequest | None = None, opened_by: ResourceServer | None = None
 ) -> tuple[ApprovalRequest, bool]:
     """Persist a validated CIBA request. Returns (approval, created).
 
@@ -319,7 +322,7 @@ def _auto_approve(
     approval: ApprovalRequest,
     *,
     rule: str,
-    now,
+    now: datetime,
     method: str = AUTO_RULE,
     decision_auth: dict[str, Any] | None = None,
 ) -> None:
@@ -386,11 +389,11 @@ _AGENT_ACTIVE = f"SELECT id FROM {rows.table(Agent)} WHERE status = %s"
 def _decide(
     *,
     approval_id: Any,
-    user: Any,
+    user: User,
     edge: str,
     method: str,
     auth: dict[str, Any],
-    request: Any = None,
+    request: HttpRequest | None = None,
     decision: Decision | None = None,
 ) -> ApprovalRequest:
     """The ``approve`` or ``deny`` edge, decided by one conditional UPDATE under the grant's lock.
@@ -508,7 +511,12 @@ def _auth_dict(auth: AuthContext) -> dict[str, Any]:
 
 
 def approval_approve(
-    *, approval_id: Any, user: Any, auth: AuthContext, request: Any = None, decision: Decision | None = None
+    *,
+    approval_id: Any,
+    user: User,
+    auth: AuthContext,
+    request: HttpRequest | None = None,
+    decision: Decision | None = None,
 ) -> ApprovalRequest:
     return _decide(
         approval_id=approval_id,
@@ -522,7 +530,12 @@ def approval_approve(
 
 
 def approval_deny(
-    *, approval_id: Any, user: Any, auth: AuthContext, request: Any = None, decision: Decision | None = None
+    *,
+    approval_id: Any,
+    user: User,
+    auth: AuthContext,
+    request: HttpRequest | None = None,
+    decision: Decision | None = None,
 ) -> ApprovalRequest:
     return _decide(
         approval_id=approval_id,
@@ -535,7 +548,9 @@ def approval_deny(
     )
 
 
-def approval_audit_refused_decision(*, approval_id: Any, user, reason: str, request=None) -> None:
+def approval_audit_refused_decision(
+    *, approval_id: Any, user: User, reason: str, request: HttpRequest | None = None
+) -> None:
     audit_record(
         event="approval.decision_refused",
         outcome="refused",
@@ -587,8 +602,8 @@ def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]
     )
     if row is None:
         return None
-    approval, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
-    approval = rows.instance(ApprovalRequest, approval)
+    values, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
+    approval = rows.instance(ApprovalRequest, values)
     approval.grant = rows.instance(SessionGrant, grant)
     return approval, policy
 
@@ -652,7 +667,7 @@ def approval_collect(
     return _issue(approval, policy, now, jkt)
 
 
-def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> dict[str, Any]:
+def _issue(approval: ApprovalRequest, policy: dict[str, Any], now: datetime, jkt: str) -> dict[str, Any]:
     if not approval.grant.is_live(now) or approval.agent.status != Agent.Status.ACTIVE:
         approval_cancel(approval_id=approval.pk, reason=GRANT_ENDED)
         raise RequestCancelled("the session grant or the agent is no longer active")
@@ -686,7 +701,7 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now, jkt: str) -> 
             "redeemed_by": None,
         },
     )
-    collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by_id else approval.agent.actor_id
+    collector = f"rs:{approval.opened_by.client_id}" if approval.opened_by else approval.agent.actor_id
     batch.event(
         "audit", _event(approval, "action_token.issued", actor=collector, jti=claims["jti"], expires_in=ttl)
     )

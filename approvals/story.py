@@ -5,6 +5,7 @@ The story is told from the audit trail (every consent, token, prompt, decision, 
 end names its grant) and from the uses resource servers reported (``GrantUse``).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -70,7 +71,8 @@ def grants_overview(*, grants: list[SessionGrant], user_id: int) -> list[GrantSu
     budgets = budgets_for_grants(ids)
     summaries = []
     for g in grants:
-        used, seen = uses.get(g.pk, {}), events.get(str(g.pk), {})
+        used: Mapping[str, Any] = uses.get(g.pk, {})
+        seen: Mapping[str, Any] = events.get(str(g.pk), {})
         lasts = [t for t in (used.get("last"), seen.get("last")) if t is not None]
         summary = GrantSummary(
             grant=g,

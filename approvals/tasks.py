@@ -4,10 +4,13 @@ delivery updates the same prompt instead of adding another. Each push is numbere
 stream (``approvals.delivery``), so one the channel layer drops is re-read by the inbox from the
 database; a push that fails outright raises, and the task retries."""
 
+from __future__ import annotations
+
 import logging
+from typing import Any
 
 import httpx
-from celery import shared_task
+from celery import Task, shared_task
 from django.db import transaction
 from django.utils import timezone
 
@@ -29,9 +32,11 @@ from .services import (
 log = logging.getLogger(__name__)
 
 
-def _backoff(task) -> int:
+def _backoff(task: Task[Any, Any]) -> int:
     """1, 2, 4 ... 30 seconds: a manual retry otherwise waits Celery's default 180 s, long after Redis is back."""
-    return min(2**task.request.retries, 30)
+    retries: int = task.request.retries
+    backoff: int = 2**retries
+    return min(backoff, 30)
 
 
 @shared_task(
@@ -42,7 +47,7 @@ def _backoff(task) -> int:
     retry_backoff_max=30,
     ignore_result=True,
 )
-def push_grant_changed(self, grant_id: str, user_id: int) -> None:
+def push_grant_changed(self: Task[Any, Any], grant_id: str, user_id: int) -> None:
     """Tell the user's open pages that a grant's story moved on (a reported use, its end): an open
     timeline re-reads itself. Only news: the database stays the record."""
     try:
@@ -59,7 +64,7 @@ def push_grant_changed(self, grant_id: str, user_id: int) -> None:
     retry_backoff_max=30,
     ignore_result=True,
 )
-def deliver_prompt(self, approval_id: str) -> None:
+def deliver_prompt(self: Task[Any, Any], approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or not approval.is_pending:
         return
@@ -87,7 +92,7 @@ def deliver_prompt(self, approval_id: str) -> None:
     retry_backoff_max=30,
     ignore_result=True,
 )
-def push_removal(self, approval_id: str) -> None:
+def push_removal(self: Task[Any, Any], approval_id: str) -> None:
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or approval.status == ApprovalRequest.Status.PENDING:
         return
@@ -107,7 +112,7 @@ def push_removal(self, approval_id: str) -> None:
     retry_backoff_max=60,
     ignore_result=True,
 )
-def notify_agent(self, approval_id: str) -> None:
+def notify_agent(self: Task[Any, Any], approval_id: str) -> None:
     """CIBA Core §10.2 ping callback: tell the agent its result is ready to collect."""
     approval = ApprovalRequest.objects.select_related("agent").filter(pk=approval_id).first()
     if (

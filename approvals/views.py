@@ -20,14 +20,15 @@ from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
-from consent.http import NO_STORE, claimed_client_id, error_response
+from consent.http import NO_STORE, AuthenticatedHttpRequest, claimed_client_id, error_response
 from consent.limits import attempts
+from consent.models import Agent
 from consent.oauth import client_auth
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
 from .activity import END_REASONS, approver_names
-from .ciba import read_login_hint, validate_backchannel_request
+from .ciba import LoginHint, read_login_hint, validate_backchannel_request
 from .errors import ApprovalNotFound, ApprovalNotPending, VoteRefused
 from .models import ApprovalRequest
 from .notify.views import deliveries_by_approval
@@ -49,7 +50,7 @@ from .wording import approve_gives, auth_words, status_words
 
 
 @login_required
-def inbox_view(request: HttpRequest, status: int = 200) -> HttpResponse:
+def inbox_view(request: AuthenticatedHttpRequest, status: int = 200) -> HttpResponse:
     # The person's own requests, and other people's they may vote on (two-person approval).
     pending = sorted(
         [*pending_for_user(user=request.user), *pending_for_approver(user_id=request.user.pk)],
@@ -59,7 +60,7 @@ def inbox_view(request: HttpRequest, status: int = 200) -> HttpResponse:
     history = [_with_how(a) for a in history_for_user(user=request.user)]
     reached = deliveries_by_approval([a.pk for a in history])
     for a in history:
-        a.reached = reached.get(str(a.pk), [])
+        a.reached = reached.get(str(a.pk), [])  # type: ignore[attr-defined]  # what the history row shows
     return render(
         request,
         "approvals/inbox.html",
@@ -92,7 +93,8 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
         names = approver_names(auth["approvers"], user_id=approval.user_id)
         approval.how = f"By {names}, each in the browser, each signed in on their own"
     elif approval.decided_by_id is not None:
-        who = "You" if approval.decided_by_id == approval.user_id else approval.decided_by.get_username()
+        decided_by = approval.decided_by if approval.decided_by_id != approval.user_id else None
+        who = decided_by.get_username() if decided_by is not None else "You"
         words = auth_words(auth.get("amr"))
         approval.how = f"{who}, in the browser" + (f", signed in with {words}" if words else "")
     elif approval.decision_method == "auto_rule":
@@ -112,14 +114,14 @@ def _with_how(approval: ApprovalRequest) -> ApprovalRequest:
     return approval
 
 
-def _needs_fresh_auth(request, fresh_auth_seconds: int) -> bool:
+def _needs_fresh_auth(request: HttpRequest, fresh_auth_seconds: int) -> bool:
     if not fresh_auth_seconds:
         return False
     auth_time = request.session.get(SESSION_AUTH_TIME) or 0
     return time.time() - auth_time > fresh_auth_seconds
 
 
-def _owned(request: HttpRequest, approval_id: UUID) -> Decision:
+def _owned(request: AuthenticatedHttpRequest, approval_id: UUID) -> Decision:
     """The request this person may decide or vote on, and its policy's fresh-authentication window and
     quorum (one statement), or 404."""
     found = approval_for_decision(approval_id=approval_id, user_id=request.user.pk)
@@ -132,7 +134,7 @@ def _owned(request: HttpRequest, approval_id: UUID) -> Decision:
 
 
 def _decide(
-    request: HttpRequest, decision: Decision, decide: Callable[..., ApprovalRequest], verb: str
+    request: AuthenticatedHttpRequest, decision: Decision, decide: Callable[..., ApprovalRequest], verb: str
 ) -> HttpResponse:
     approval = decision.approval
     try:
@@ -168,7 +170,7 @@ def _decide(
 
 @login_required
 @post_only
-def approve_view(request, approval_id):
+def approve_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     decision = _owned(request, approval_id)
     if decision.approval.is_pending and _needs_fresh_auth(request, decision.fresh_auth_seconds):
         return redirect(f"/approvals/{decision.approval.pk}/confirm/")
@@ -177,7 +179,7 @@ def approve_view(request, approval_id):
 
 @login_required
 @post_only
-def deny_view(request, approval_id):
+def deny_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     return _decide(request, _owned(request, approval_id), approval_deny, "deny")
 
 
@@ -186,7 +188,7 @@ class ConfirmForm(forms.Form):
 
 
 @login_required
-def confirm_view(request, approval_id):
+def confirm_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     """Step-up authentication before approving (the scope policy's fresh-auth window).
 
     Attempts are limited per user and per source (``consent.limits.attempts``, kind ``fresh_auth``): while
@@ -230,7 +232,9 @@ def confirm_view(request, approval_id):
     return render(request, "approvals/confirm.html", {"approval": approval, "form": form})
 
 
-def _too_many(request, approval, form, seconds: int):
+def _too_many(
+    request: HttpRequest, approval: ApprovalRequest, form: ConfirmForm, seconds: int
+) -> HttpResponse:
     response = render(
         request,
         "approvals/confirm.html",
@@ -250,7 +254,7 @@ class BackchannelAuthenticationView(View):
     policy in one statement, and the agent is authenticated against that row.
     """
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         params = request.POST.dict()
         try:
             agent, hint = self._authenticate(request, params)
@@ -288,7 +292,7 @@ class BackchannelAuthenticationView(View):
         )
 
     @staticmethod
-    def _authenticate(request, params: dict[str, str]):
+    def _authenticate(request: HttpRequest, params: dict[str, str]) -> tuple[Agent, LoginHint | None]:
         credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
         if credentials.method == client_auth.NONE:  # CIBA §7.1: only clients that authenticate
             raise InvalidClient(reason="CIBA needs client authentication")
@@ -300,7 +304,7 @@ class BackchannelAuthenticationView(View):
         return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
 
 
-def _token_owner(claims: dict) -> int | None:
+def _token_owner(claims: dict[str, Any]) -> int | None:
     sub = str(claims.get("sub", ""))
     return int(sub[5:]) if sub.startswith("user:") and sub[5:].isdigit() else None
 
@@ -314,11 +318,12 @@ class RedemptionView(View):
     reused from a recent verification because that UPDATE re-checks them.
     """
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         rs, refusal = resource_server_or_refusal(request, event="redemption.refused", cached=True)
         if refusal is not None:
             return refusal
-        claims: dict = {}
+        assert rs is not None  # no refusal: the resource server authenticated
+        claims: dict[str, Any] = {}
         try:
             claims = action_token_verify(
                 token=request.POST.get("token", ""),
@@ -363,7 +368,7 @@ class RedemptionView(View):
 
 
 @login_required
-def receipt_view(request, approval_id):
+def receipt_view(request: AuthenticatedHttpRequest, approval_id: UUID) -> HttpResponse:
     """The signed receipt of one of the user's redeemed requests, as a file (``typ: receipt+jwt``)."""
     found = receipt_for_download(approval_id=approval_id, user_id=request.user.pk)
     if found is None:

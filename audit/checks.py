@@ -1,11 +1,17 @@
 """System checks for the audit ledger (``manage.py check --database default``, and ``migrate``)."""
 
-from django.core.checks import Tags, Warning, register
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.core.checks import CheckMessage, Tags, Warning, register
 from django.db import DatabaseError, connections
 
 
 @register(Tags.database)
-def audit_role_cannot_rewrite_history(app_configs, databases=None, **kwargs):
+def audit_role_cannot_rewrite_history(
+    app_configs: Sequence[AppConfig] | None, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     """In production (an https issuer) the application's role must not be able to change audit rows."""
     from consent.conf import countersign_settings
 

@@ -10,6 +10,7 @@ the general serializer (the sealer hashes every event twice). Anything else goes
 """
 
 import json
+from typing import Any
 
 import rfc8785
 
@@ -20,12 +21,12 @@ def _bmp(key: str) -> bool:
     return key.isascii() or all(ord(c) <= 0xFFFF for c in key)
 
 
-def _plain(value, depth: int = 0) -> bool:
+def _plain(value: Any, depth: int = 0) -> bool:
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
     if kind is int:
-        return -_SAFE <= value <= _SAFE
+        return bool(-_SAFE <= value <= _SAFE)
     if depth > 64:
         return False
     if kind is dict:
@@ -35,7 +36,7 @@ def _plain(value, depth: int = 0) -> bool:
     return False
 
 
-def dumps(value) -> bytes:
+def dumps(value: Any) -> bytes:
     if _plain(value):
         try:
             return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(

@@ -128,8 +128,9 @@ def checkpoint_from_document(document: Any) -> str:
     """The JWS of a checkpoint as the commands and endpoints print it, or as a bare JWS string."""
     if isinstance(document, str):
         return document.strip()
-    if isinstance(document, dict) and isinstance(document.get("jws"), str):
-        return document["jws"]
+    jws = document.get("jws") if isinstance(document, dict) else None
+    if isinstance(jws, str):
+        return jws
     raise LedgerError("not a checkpoint document (a JSON object with a jws member, or a compact JWS)")
 
 

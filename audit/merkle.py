@@ -16,7 +16,7 @@ sealer also keeps
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from django.db import connection
 
@@ -117,15 +117,24 @@ class StoredTree:
         for height, index in wanted:
             self._perfect[(height, index)] = _combine(hashes, height, index)
 
+    def _collector(self, wanted: set[tuple[int, int]]) -> Callable[[int, int], bytes]:
+        """A subtree function that only notes which stored ranges a proof needs (``wanted``)."""
+
+        def note(start: int, end: int) -> bytes:
+            self._ranges(start, end, wanted)
+            return b""
+
+        return note
+
     def inclusion(self, index: int, size: int) -> list[bytes]:
         wanted: set[tuple[int, int]] = set()
-        inclusion_proof(index, size, lambda s, e: self._ranges(s, e, wanted) or b"")
+        inclusion_proof(index, size, self._collector(wanted))
         self.load(wanted)
         return inclusion_proof(index, size, self.subtree)
 
     def consistency(self, first: int, second: int) -> list[bytes]:
         wanted: set[tuple[int, int]] = set()
-        consistency_proof(first, second, lambda s, e: self._ranges(s, e, wanted) or b"")
+        consistency_proof(first, second, self._collector(wanted))
         self.load(wanted)
         return consistency_proof(first, second, self.subtree)
 

@@ -12,22 +12,26 @@ refuses updates, ``delete`` refuses outright, and on PostgreSQL triggers refuse 
 DELETE and TRUNCATE.
 """
 
+from typing import Any, NoReturn
+
 from django.conf import settings
 from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.expressions import Combinable
 
 
-class TransactionIdField(models.BigIntegerField):
+class TransactionIdField(models.BigIntegerField[int | Combinable, int]):
     """PostgreSQL's 64-bit transaction id (``xid8``, never wraps); a plain integer elsewhere."""
 
     db_returning = True  # the value is computed by the database at INSERT and read back by RETURNING
 
-    def db_type(self, connection):
+    def db_type(self, connection: BaseDatabaseWrapper) -> str | None:
         return "xid8" if connection.vendor == "postgresql" else super().db_type(connection)
 
-    def from_db_value(self, value, expression, connection):
+    def from_db_value(self, value: Any, expression: object, connection: BaseDatabaseWrapper) -> int | None:
         return None if value is None else int(value)
 
-    def get_db_prep_value(self, value, connection, prepared=False):
+    def get_db_prep_value(self, value: Any, connection: BaseDatabaseWrapper, prepared: bool = False) -> Any:
         if hasattr(value, "resolve_expression"):
             return value
         return None if value is None else str(int(value)) if connection.vendor == "postgresql" else int(value)
@@ -75,12 +79,12 @@ class AuditEvent(models.Model):
     def __str__(self) -> str:
         return f"#{self.pk} {self.event} {self.outcome}"
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> None:
         if self.pk is not None:
             raise RuntimeError("Audit events are append-only")
         super().save(*args, **kwargs)
 
-    def delete(self, *args, **kwargs):
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise RuntimeError("Audit events are append-only")
 
 
@@ -104,10 +108,10 @@ class AuditLink(models.Model):
     def __str__(self) -> str:
         return f"#{self.seq} -> event {self.event_id}"
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("Audit links are written by the sealer only (bulk INSERT)")
 
-    def delete(self, *args, **kwargs):
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise RuntimeError("Audit links are append-only")
 
 
@@ -141,10 +145,10 @@ class AuditNode(models.Model):
     idx = models.BigIntegerField(editable=False)
     hash = models.CharField(max_length=64, editable=False)
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("Tree nodes are written by the sealer only")
 
-    def delete(self, *args, **kwargs):
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise RuntimeError("Tree nodes are append-only")
 
 
@@ -164,12 +168,12 @@ class AuditCheckpoint(models.Model):
     def __str__(self) -> str:
         return f"checkpoint {self.tree_size} {self.root_hash[:12]}"
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> None:
         if not self._state.adding:
             raise RuntimeError("Checkpoints are append-only")
         super().save(*args, **kwargs)
 
-    def delete(self, *args, **kwargs):
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise RuntimeError("Checkpoints are append-only")
 
 

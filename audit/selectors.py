@@ -27,7 +27,7 @@ def audit_events_for_user(
 # --- the sealer's progress ------------------------------------------------------------------------
 
 
-def _unlinked(*, recent: bool):
+def _unlinked(*, recent: bool) -> QuerySet[AuditEvent]:
     """Unlinked events: ``recent`` ones (at or above the floor: not sealed yet), or the others
     (below it: they were linked once, and their link is gone)."""
     head = AuditHead.objects.filter(pk=1).first()
@@ -40,7 +40,8 @@ def _unlinked(*, recent: bool):
 
 
 def audit_unsealed_count() -> int:
-    return _unlinked(recent=True).count()
+    count: int = _unlinked(recent=True).count()
+    return count
 
 
 def audit_oldest_unsealed() -> datetime | None:

@@ -5,10 +5,13 @@ POSTs its JSON (``audit.ledger.checkpoint_document``). Safe to run twice: a witn
 checkpoints by tree size, and the same checkpoint is the same bytes.
 """
 
+from __future__ import annotations
+
 import logging
+from typing import Any
 
 import httpx
-from celery import shared_task
+from celery import Task, shared_task
 
 from consent.conf import countersign_settings
 
@@ -29,7 +32,7 @@ def checkpoint_post(tree_size: int) -> bool:
 
 
 @shared_task(name="audit.checkpoint_push", bind=True, max_retries=8, ignore_result=True)
-def checkpoint_push(self, tree_size: int) -> None:
+def checkpoint_push(self: Task[Any, Any], tree_size: int) -> None:
     try:
         delivered = checkpoint_post(tree_size)
     except httpx.HTTPError as exc:

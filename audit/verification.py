@@ -20,7 +20,7 @@ Each finding names the first bad position it knows (``seq``, 1-based; leaf index
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,7 +214,7 @@ class _Walk:
 
 
 def audit_chain_breaks(
-    *, kept: list[Checkpoint] = (), jwks: dict[str, Any] | None = None
+    *, kept: Sequence[Checkpoint] = (), jwks: dict[str, Any] | None = None
 ) -> Iterator[ChainBreak]:
     """Walk the ledger in order; yield every place where it does not hold (see the module docstring)."""
     walk = _Walk(list(kept), jwks)

@@ -1,4 +1,7 @@
-def csrf_failure(request, reason=""):
+from django.http import HttpRequest, HttpResponse
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """CSRF refusals are refusals too: audited, then Django's 403 page."""
     from django.views.csrf import csrf_failure as django_csrf_failure
 

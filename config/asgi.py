@@ -6,20 +6,24 @@ audited (one row per reason and source a minute, the rest counted: consent.limit
 """
 
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 import django  # noqa: E402
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.http.response import HttpResponseBase, StreamingHttpResponse  # noqa: E402
 
 
-async def _chunks(iterator):
+async def _chunks(iterator: Iterable[bytes]) -> AsyncIterator[bytes]:
     """A synchronous streaming body (WhiteNoise's static files are FileResponses) read off the event
     loop, one chunk at a time."""
     it = iter(iterator)
     done = object()
-    while (chunk := await sync_to_async(next, thread_sensitive=False)(it, done)) is not done:
+    # next(it, default): the stubs of sync_to_async keep only next's one-argument form.
+    while (chunk := await sync_to_async(next, thread_sensitive=False)(it, done)) is not done:  # type: ignore[call-arg]
         yield chunk
 
 
@@ -27,9 +31,12 @@ class _ASGIHandler(ASGIHandler):
     """Django's handler, serving synchronous streaming bodies as asynchronous ones: Django warns
     ("StreamingHttpResponse must consume synchronous iterators...") for every static file otherwise."""
 
-    async def send_response(self, response, send):
-        if response.streaming and not response.is_async:
-            response.streaming_content = _chunks(response.streaming_content)
+    async def send_response(
+        self, response: HttpResponseBase, send: Callable[[Mapping[str, Any]], Awaitable[None]]
+    ) -> None:
+        if response.streaming and not (streaming := cast(StreamingHttpResponse, response)).is_async:
+            # Not async: its content is a synchronous iterator of bytes.
+            streaming.streaming_content = _chunks(cast(Iterable[bytes], streaming.streaming_content))
         return await super().send_response(response, send)
 
 
@@ -45,6 +52,7 @@ from consent.limits.websocket import origin_validated  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": origin_validated(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # URLRouter takes Django's path() entries (routing.py); its stubs want Channels' own kind.
+        "websocket": origin_validated(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),  # type: ignore[arg-type]
     }
 )

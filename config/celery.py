@@ -1,6 +1,7 @@
 """The Celery app (``config.celery:app``). Tasks take ids and re-read the database."""
 
 import os
+from typing import Any
 
 from celery import Celery, signals
 from kombu.transport import TRANSPORT_ALIASES
@@ -17,7 +18,7 @@ app.autodiscover_tasks()
 
 
 @signals.task_prerun.connect
-def _fresh_log_context(task_id=None, task=None, **kwargs):
+def _fresh_log_context(task_id: str | None = None, task: object = None, **kwargs: Any) -> None:
     """Each task's log lines carry its own ids, never those of the task before it."""
     from config.logging import log_context
 

@@ -12,19 +12,21 @@ connection gets a new client.
 ``config/celery.py`` makes it the transport of ``redis://`` broker URLs.
 """
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
 from kombu.transport import redis
+from redis import Redis
 
 
 class Channel(redis.Channel):
     @cached_property
-    def _publishing_client(self):
-        return self._create_client()
+    def _publishing_client(self) -> Redis:
+        return self._create_client()  # type: ignore[attr-defined, no-any-return]  # kombu's own, absent from its stubs
 
     @contextmanager
-    def conn_or_acquire(self, client=None):
+    def conn_or_acquire(self, client: Redis | None = None) -> Iterator[Redis]:
         yield client or self._publishing_client
 
 

@@ -19,10 +19,11 @@ web request's does, so a task never holds a connection while it waits for its ne
 import os
 from typing import Any
 
-from celery.fixups.django import DjangoFixup, DjangoWorkerFixup, _verify_django_version
+# celery-types describes DjangoFixup only, without the worker half or the version check.
+from celery.fixups.django import DjangoFixup, DjangoWorkerFixup, _verify_django_version  # type: ignore[attr-defined]
 
 
-class WorkerFixup(DjangoWorkerFixup):
+class WorkerFixup(DjangoWorkerFixup):  # type: ignore[misc]  # untyped, as above
     def _release_connections(self) -> None:
         for conn in self._db.connections.all(initialized_only=True):
             try:
@@ -46,7 +47,7 @@ class WorkerFixup(DjangoWorkerFixup):
 class Fixup(DjangoFixup):
     @property
     def worker_fixup(self) -> DjangoWorkerFixup:
-        if self._worker_fixup is None:
+        if self._worker_fixup is None:  # type: ignore[has-type]  # set by DjangoFixup.__init__, untyped
             self._worker_fixup = WorkerFixup(self.app)
         return self._worker_fixup
 
@@ -61,5 +62,6 @@ def fixup(app: Any, env: str = "DJANGO_SETTINGS_MODULE") -> DjangoFixup | None:
         import django
 
         _verify_django_version(django)
-        return Fixup(app).install()
+        # install() returns the fix-up itself; celery-types says None.
+        return Fixup(app).install()  # type: ignore[func-returns-value]
     return None

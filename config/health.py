@@ -9,12 +9,13 @@ with a JSON body naming what is down). ``/metrics``: Prometheus text format, for
 import hmac
 import os
 import time
+from typing import cast
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -23,7 +24,7 @@ from approvals.metrics import websocket_connections
 from .metrics import DatabaseCollector, LimitsCollector
 
 
-def healthz(request):
+def healthz(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "ok"})
 
 
@@ -33,7 +34,10 @@ def _database() -> None:
 
 
 def _channel_layer() -> None:
-    async_to_sync(get_channel_layer().group_send)("countersign.readiness", {"type": "readiness.ping"})
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer configured (CHANNEL_LAYERS)")
+    async_to_sync(layer.group_send)("countersign.readiness", {"type": "readiness.ping"})
 
 
 def _broker() -> None:
@@ -48,7 +52,8 @@ def _audit_sealer() -> None:
     transaction left open on the database holds it back)."""
     from audit.selectors import audit_oldest_unsealed
 
-    stale_after = settings.COUNTERSIGN.get("AUDIT_SEALER_STALE_SECONDS", 30)
+    # Seconds (a number), read beside the validated COUNTERSIGN keys.
+    stale_after = cast(float, settings.COUNTERSIGN.get("AUDIT_SEALER_STALE_SECONDS", 30))
     oldest = audit_oldest_unsealed()
     if oldest is not None and (waited := (timezone.now() - oldest).total_seconds()) > stale_after:
         raise RuntimeError(
@@ -65,7 +70,7 @@ CHECKS = {
 }
 
 
-def readyz(request):
+def readyz(request: HttpRequest) -> HttpResponse:
     results, ok = {}, True
     for name, check in CHECKS.items():
         started = time.perf_counter()
@@ -82,7 +87,7 @@ def readyz(request):
     )
 
 
-def _metrics_allowed(request) -> bool:
+def _metrics_allowed(request: HttpRequest) -> bool:
     token = os.environ.get("METRICS_TOKEN", "")
     if token:
         given = request.META.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
@@ -90,7 +95,7 @@ def _metrics_allowed(request) -> bool:
     return request.META.get("REMOTE_ADDR") in ("127.0.0.1", "::1")
 
 
-def metrics(request):
+def metrics(request: HttpRequest) -> HttpResponse:
     if not _metrics_allowed(request):
         return JsonResponse({"error": "forbidden"}, status=403)
     registry = CollectorRegistry()

@@ -7,16 +7,21 @@ formatter only copies the fields listed here.
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
+
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 
 from audit.signals import event_built
 
-log_context: ContextVar[dict | None] = ContextVar("countersign_log_context", default=None)
+log_context: ContextVar[dict[str, str] | None] = ContextVar("countersign_log_context", default=None)
 FIELDS = ("request_id", "user_id", "client_id", "grant_id")
 
 
-def bind(**fields) -> None:
+def bind(**fields: object) -> None:
     """Add what is known about the current request (ids only) to its log lines."""
     current = dict(log_context.get() or {})
     current.update({k: str(v) for k, v in fields.items() if v not in (None, "") and k in FIELDS})
@@ -26,7 +31,7 @@ def bind(**fields) -> None:
 _base_factory = logging.getLogRecordFactory()
 
 
-def _record_with_context(*args, **kwargs) -> logging.LogRecord:
+def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
     # Captured when the line is logged: a handler may format it later, in another context.
     record = _base_factory(*args, **kwargs)
     record.countersign = dict(log_context.get() or {})
@@ -36,7 +41,9 @@ def _record_with_context(*args, **kwargs) -> logging.LogRecord:
 logging.setLogRecordFactory(_record_with_context)
 
 
-def _bind_audited_ids(sender, *, user_id=None, client_id="", grant_id="", **kwargs) -> None:
+def _bind_audited_ids(
+    sender: object, *, user_id: object = None, client_id: str = "", grant_id: object = "", **kwargs: object
+) -> None:
     bind(user_id=user_id, client_id=client_id, grant_id=grant_id)
 
 
@@ -61,10 +68,10 @@ class JsonFormatter(logging.Formatter):
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID`` from the proxy, or a new one) and echoes it."""
 
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         incoming = request.META.get("HTTP_X_REQUEST_ID", "")
         request_id = (
             incoming

@@ -6,11 +6,12 @@ processes and Celery workers need no shared metrics state. Live websocket
 connections are per process.
 """
 
+from collections.abc import Iterator
 from datetime import timedelta
 
 from django.db.models import Count
 from django.utils import timezone
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 TOKEN_EVENTS = {
     "token.issued": "session",
@@ -22,7 +23,7 @@ TOKEN_EVENTS = {
 
 
 class DatabaseCollector:
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from approvals.models import ActionToken, ApprovalRequest
         from audit.models import AuditEvent
 
@@ -62,8 +63,10 @@ class DatabaseCollector:
             delivered_at__isnull=False, created__gte=timezone.now() - timedelta(hours=1)
         )
         delays = sorted(
-            (d - c).total_seconds() for c, d in recent.values_list("created", "delivered_at")[:10000]
-        )
+            (d - c).total_seconds()
+            for c, d in recent.values_list("created", "delivered_at")[:10000]
+            if d is not None
+        )  # delivered_at__isnull=False: always
         for q in (0.5, 0.99):
             latency.add_metric(
                 [str(q)], delays[min(len(delays) - 1, int(q * len(delays)))] if delays else 0.0
@@ -106,7 +109,7 @@ class LimitsCollector:
     """Refusals by the limits (rate limits, lockouts, refused handshakes, oversized bodies), counted
     in Redis by every node (``consent.limits.store``): a flood is counted here, not audited row by row."""
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from consent.limits.store import refused_counts
 
         refusals = CounterMetricFamily(

@@ -9,14 +9,19 @@ Every write happens in a transaction, so nothing is left half-written.
 """
 
 import logging
+from collections.abc import Callable
+from typing import cast
 
 from django.conf import settings
 from django.contrib.messages.middleware import MessageMiddleware as DjangoMessageMiddleware
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import InterfaceError, OperationalError
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 
 from config.logging import RequestContextMiddleware
+from consent.errors import ServiceUnavailable
+from consent.http import error_response
 from consent.limits.middleware import RateLimitMiddleware
 
 log = logging.getLogger(__name__)
@@ -40,31 +45,26 @@ class MessageMiddleware(DjangoMessageMiddleware):
     those requests, as before (the storage only writes back what was read or added).
     """
 
-    def process_request(self, request):
+    def process_request(self, request: HttpRequest) -> None:
         if not is_machine_path(request.path):
             super().process_request(request)
 
 
 class DependencyDownMiddleware:
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         return self.get_response(request)
 
-    def process_exception(self, request, exception):
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if not isinstance(exception, OperationalError | InterfaceError):
             return None
         log.error("database unavailable: %s", type(exception).__name__)
         headers = {"Retry-After": "5", "Cache-Control": "no-store"}
         if request.path.startswith(PROTOCOL_PREFIXES):
-            return JsonResponse(
-                {
-                    "error": "temporarily_unavailable",
-                    "error_description": "The service is briefly unavailable; retry shortly.",
-                },
-                status=503,
-                headers=headers,
+            return error_response(
+                ServiceUnavailable("The service is briefly unavailable; retry shortly."), headers=headers
             )
         return HttpResponse(
             "<!doctype html><title>Countersign is briefly unavailable</title>"
@@ -97,16 +97,19 @@ class ProtocolLaneMiddleware:
     (``convert_exception_to_response``), so the limits and the request id still see it.
     """
 
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         from django.urls import resolve  # the URLconf imports the views: not at module load
 
         self.get_response = get_response
         down = DependencyDownMiddleware(get_response)
-        lanes = {}
+        # WSGI: the chain below is synchronous, so each lane answers with a response, never an awaitable.
+        lanes: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {}
         for path in LANE_PATHS:
             view = resolve(path).func
 
-            def answer(request, view=view):
+            def answer(
+                request: HttpRequest, view: Callable[..., HttpResponseBase] = view
+            ) -> HttpResponseBase:
                 try:
                     return view(request)
                 except Exception as exc:
@@ -116,16 +119,23 @@ class ProtocolLaneMiddleware:
                     return response
 
             inner = convert_exception_to_response(answer)
-            inner = convert_exception_to_response(RequestContextMiddleware(inner))
-            lanes[path] = convert_exception_to_response(RateLimitMiddleware(inner))
+            inner = convert_exception_to_response(
+                RequestContextMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
+            )
+            lanes[path] = cast(
+                Callable[[HttpRequest], HttpResponseBase],
+                convert_exception_to_response(
+                    RateLimitMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
+                ),
+            )
         self.lanes = lanes
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         lane = self.lanes.get(request.path_info) if request.method == "POST" else None
         if lane is None:
             return self.get_response(request)
         response = lane(request)
         if not response.streaming and "Content-Length" not in response:
-            response.headers["Content-Length"] = str(len(response.content))
+            response.headers["Content-Length"] = str(len(cast(HttpResponse, response).content))
         response.headers.setdefault("X-Frame-Options", settings.X_FRAME_OPTIONS)
         return response

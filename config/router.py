@@ -80,7 +80,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class _Upstream:
-    def __init__(self, kind: str, reader, writer, client_writer):
+    def __init__(
+        self,
+        kind: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client_writer: asyncio.StreamWriter,
+    ) -> None:
         self.kind, self.reader, self.writer = kind, reader, writer
         _open.add(writer)
         self.relay = asyncio.create_task(_pipe(reader, client_writer))
@@ -93,7 +99,12 @@ class _Upstream:
             await self.writer.wait_closed()
 
 
-async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[str, int]) -> None:
+async def _handle(
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    web: tuple[str, int],
+    ws: tuple[str, int],
+) -> None:
     peer = (client_writer.get_extra_info("peername") or ("127.0.0.1",))[0]
     _open.add(client_writer)
     upstream: _Upstream | None = None
@@ -168,8 +179,8 @@ async def _handle(client_reader, client_writer, web: tuple[str, int], ws: tuple[
 async def _serve(
     host: str,
     port: int,
-    web,
-    ws,
+    web: tuple[str, int],
+    ws: tuple[str, int],
     alive: Callable[[], bool],
     stopped: Callable[[], bool],
     bound: list[int] | None = None,

@@ -115,7 +115,8 @@ def local_command(port: int, host: str = "127.0.0.1", *, python: str | None = No
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _accepting(port: int) -> bool:

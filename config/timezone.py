@@ -2,8 +2,11 @@
 (static/countersign/localtime.js); an unknown or missing zone leaves UTC."""
 
 import zoneinfo
+from collections.abc import Callable
 from functools import lru_cache
 
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 from django.utils import timezone
 
 
@@ -15,10 +18,10 @@ def _zone(name: str) -> zoneinfo.ZoneInfo | None:
 
 
 class TimezoneMiddleware:
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         name = request.COOKIES.get("tz")
         zone = _zone(name) if name else None
         if zone is None:

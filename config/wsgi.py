@@ -11,6 +11,8 @@ any), the rule uvicorn applies to the websocket processes, so both see the same 
 
 import io
 import os
+from collections.abc import Iterable
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -25,10 +27,10 @@ class ChunkedBody:
     body would be silently empty. Bounded by ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (413 beyond it).
     """
 
-    def __init__(self, app):
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if (
             not environ.get("CONTENT_LENGTH")
             and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -47,7 +49,7 @@ class ChunkedBody:
 class ProxyHeaders:
     """Set ``REMOTE_ADDR`` and ``wsgi.url_scheme`` from a trusted proxy's forwarding headers."""
 
-    def __init__(self, app, trusted: str):
+    def __init__(self, app: WSGIApplication, trusted: str) -> None:
         self.app = app
         self.trusted = {h.strip() for h in trusted.split(",") if h.strip()}
         self.always = "*" in self.trusted
@@ -55,7 +57,7 @@ class ProxyHeaders:
     def _trusted(self, host: str) -> bool:
         return self.always or host in self.trusted
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._trusted(environ.get("REMOTE_ADDR", "")):
             proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
             if proto in ("http", "https"):

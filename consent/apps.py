@@ -5,7 +5,7 @@ class ConsentConfig(AppConfig):
     name = "consent"
     verbose_name = "Agents and consent"
 
-    def ready(self):
+    def ready(self) -> None:
         from django.conf import settings
 
         from . import checks  # noqa: F401  (registers system checks)

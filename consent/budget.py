@@ -14,7 +14,8 @@ from decimal import Decimal
 from django.db import models
 from django.utils import timezone
 
-AMOUNT = {"max_digits": 18, "decimal_places": 4}
+# Every amount: 18 digits, 4 of them after the point (NUMERIC(18, 4)).
+AMOUNT_DIGITS, AMOUNT_PLACES = 18, 4
 
 
 def period_start(period: str, at: datetime) -> datetime:
@@ -64,11 +65,18 @@ class Budget(models.Model):
     grant = models.ForeignKey("consent.SessionGrant", on_delete=models.CASCADE, related_name="budgets")
     scope = models.CharField(max_length=100)
     currency = models.CharField(max_length=3)
-    per_action = models.DecimalField("ceiling per action", **AMOUNT)
-    total = models.DecimalField("total per period", **AMOUNT)
+    per_action = models.DecimalField(
+        "ceiling per action", max_digits=AMOUNT_DIGITS, decimal_places=AMOUNT_PLACES
+    )
+    total = models.DecimalField("total per period", max_digits=AMOUNT_DIGITS, decimal_places=AMOUNT_PLACES)
     period = models.CharField(max_length=8, choices=Period.choices)
     period_start = models.DateTimeField()
-    used = models.DecimalField("reserved or spent this period", default=Decimal(0), **AMOUNT)
+    used = models.DecimalField(
+        "reserved or spent this period",
+        default=Decimal(0),
+        max_digits=AMOUNT_DIGITS,
+        decimal_places=AMOUNT_PLACES,
+    )
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.ACTIVE)
     created = models.DateTimeField(default=timezone.now)
     ended_at = models.DateTimeField(null=True, blank=True)

@@ -1,19 +1,22 @@
 """System checks: a bad configuration fails at start-up, not at the first request."""
 
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlparse
 
+from django.apps import AppConfig
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS
 
 
 @register()
-def countersign_config(app_configs, **kwargs):
+def countersign_config(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     # Unknown keys and values of the wrong kind never get this far: ConsentConfig.ready refuses
     # them in every process (consent.conf.validate).
-    problems = []
+    problems: list[CheckMessage] = []
     issuer = countersign_settings.ISSUER
     parsed = urlparse(issuer)
     if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment:

@@ -5,6 +5,8 @@ for an error object). A refusal that already wrote its own, more specific audit 
 sets ``audited`` so the endpoint does not write a second one.
 """
 
+from typing import Any
+
 
 class OAuthError(Exception):
     """RFC 6749 §5.2: an error response, ``{"error", "error_description"}`` and our ``reason``."""
@@ -15,6 +17,9 @@ class OAuthError(Exception):
     #: client decides on it and never on the prose of ``error_description``. A class without one
     #: of its own answers with its ``error``.
     code = ""
+    #: The ``WWW-Authenticate`` scheme a 401 challenges with: client authentication (RFC 6749 §2.3.1)
+    #: unless the refusal is of a bearer token (RFC 6750 §3).
+    scheme = "Basic"
 
     def __init__(self, description: str = "", *, reason: str = "", audited: bool = False):
         super().__init__(description)
@@ -175,11 +180,35 @@ class TooManyRequests(OAuthError):
     error = "temporarily_unavailable"
     status_code = 429
 
-    def __init__(self, description: str = "", *, retry_after: int = 1, error: str = "", **kwargs):
+    def __init__(self, description: str = "", *, retry_after: int = 1, error: str = "", **kwargs: Any):
         super().__init__(description, **kwargs)
         self.retry_after = max(1, int(retry_after))
         if error:
             self.error = error
+
+
+class ServiceUnavailable(OAuthError):
+    """RFC 6749 §4.1.2.1 ``temporarily_unavailable``, as HTTP 503: a dependency (the database) is down.
+
+    Nothing was written (every write is in a transaction); ``Retry-After`` says when to come back.
+    """
+
+    error = "temporarily_unavailable"
+    status_code = 503
+    code = "service_unavailable"
+
+
+class NotFound(OAuthError):
+    """RFC 9110 §15.5.5: what the request names does not exist (for this caller)."""
+
+    error = "not_found"
+    status_code = 404
+
+
+class MethodNotAllowed(InvalidRequest):
+    """RFC 9110 §15.5.6: the endpoint answers other methods only (its ``Allow`` header says which)."""
+
+    status_code = 405
 
 
 # --- budgets (consent.budget): what a user may set on a step-up scope, within the admin's maximum ---

@@ -8,9 +8,13 @@ A salted SHA-256 keeps the stored form useless to a reader of the database.
 
 import hashlib
 import secrets
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.hashers import BasePasswordHasher, mask_hash
 from django.utils.crypto import constant_time_compare
+
+if TYPE_CHECKING:
+    from django.utils.functional import _StrPromise
 
 
 class ClientSecretHasher(BasePasswordHasher):
@@ -23,7 +27,7 @@ class ClientSecretHasher(BasePasswordHasher):
         digest = hashlib.sha256(f"{salt}${password}".encode()).hexdigest()
         return f"{self.algorithm}${salt}${digest}"
 
-    def decode(self, encoded: str) -> dict:
+    def decode(self, encoded: str) -> dict[str, str]:
         algorithm, salt, digest = encoded.split("$", 2)
         return {"algorithm": algorithm, "salt": salt, "hash": digest}
 
@@ -31,7 +35,7 @@ class ClientSecretHasher(BasePasswordHasher):
         decoded = self.decode(encoded)
         return constant_time_compare(encoded, self.encode(password, decoded["salt"]))
 
-    def safe_summary(self, encoded: str) -> dict:
+    def safe_summary(self, encoded: str) -> "dict[str | _StrPromise, Any]":
         decoded = self.decode(encoded)
         return {
             "algorithm": decoded["algorithm"],

@@ -2,12 +2,25 @@
 
 import base64
 import binascii
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
 import jwt
-from django.http import JsonResponse
+from django.http import HttpRequest, JsonResponse
 
+from consent.errors import OAuthError
 from consent.limits.jsonbounds import JSONTooDeep, check_jwt
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    class AuthenticatedHttpRequest(HttpRequest):
+        """A request that ``login_required`` let through: its user is signed in."""
+
+        user: User
+
+else:
+    AuthenticatedHttpRequest = HttpRequest
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -28,7 +41,7 @@ def oauth_error(
     ``reason`` (``OAuthError.reason_code``; the ``error`` when not given) is the stable,
     machine-readable name of the refusal, beside RFC 6749 §5.2's members: clients decide on it.
     """
-    body = {"error": error}
+    body: dict[str, str] = {"error": error}
     if description:
         body["error_description"] = description
     body["reason"] = reason or error
@@ -38,9 +51,11 @@ def oauth_error(
     return response
 
 
-def error_response(exc, *, headers: dict[str, str] | None = None) -> JsonResponse:
+def error_response(exc: OAuthError, *, headers: dict[str, str] | None = None) -> JsonResponse:
     """An ``OAuthError`` as its JSON response (RFC 6749 §5.2)."""
-    response = oauth_error(exc.error, exc.description, status=exc.status_code, reason=exc.reason_code)
+    response = oauth_error(
+        exc.error, exc.description, status=exc.status_code, scheme=exc.scheme, reason=exc.reason_code
+    )
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -58,7 +73,7 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return unquote_plus(client_id), unquote_plus(secret)
 
 
-def client_credentials(request) -> tuple[str, str] | None:
+def client_credentials(request: HttpRequest) -> tuple[str, str] | None:
     """Client id and secret from HTTP Basic (RFC 6749 §2.3.1) or the form body."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header.startswith("Basic "):
@@ -69,7 +84,7 @@ def client_credentials(request) -> tuple[str, str] | None:
     return None
 
 
-def claimed_client_id(request) -> str:
+def claimed_client_id(request: HttpRequest) -> str:
     """The client id a request claims (for audit rows and pre-checks; not proof of anything)."""
     creds = client_credentials(request)
     claimed = creds[0] if creds else request.POST.get("client_id") or request.GET.get("client_id", "")

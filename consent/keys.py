@@ -13,11 +13,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -25,14 +26,17 @@ from .conf import countersign_settings
 from .models import Agent, ScopePolicy, SigningKey
 
 SUPPORTED_ALGS = ("ES256", "RS256")
+# What _generate makes, and so what the database holds.
+SigningPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+SigningPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 @dataclass(frozen=True)
 class LoadedKey:
     kid: str
     alg: str
-    private_key: object
-    public_key: object
+    private_key: SigningPrivateKey
+    public_key: SigningPublicKey
 
 
 _lock = threading.Lock()
@@ -41,10 +45,10 @@ _published: dict[str, float] = {}  # kid -> until when (monotonic) we trust it i
 _active: tuple[float, LoadedKey] | None = None
 
 
-def jwk_thumbprint(public_jwk: dict) -> str:
+def jwk_thumbprint(public_jwk: dict[str, Any]) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url). Raises ValueError for an unusable key."""
     members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}.get(
-        public_jwk.get("kty")
+        str(public_jwk.get("kty"))
     )
     if members is None or any(not isinstance(public_jwk.get(m), str) for m in members):
         raise ValueError("not a usable public JWK")
@@ -52,13 +56,14 @@ def jwk_thumbprint(public_jwk: dict) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
-def _generate(alg: str) -> tuple[str, dict]:
+def _generate(alg: str) -> tuple[str, dict[str, Any]]:
+    private: SigningPrivateKey
     if alg == "ES256":
-        private = ec.generate_private_key(ec.SECP256R1())
-        public_jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+        ec_key = ec.generate_private_key(ec.SECP256R1())
+        private, public_jwk = ec_key, json.loads(ECAlgorithm.to_jwk(ec_key.public_key()))
     elif alg == "RS256":
-        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public_jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private, public_jwk = rsa_key, json.loads(RSAAlgorithm.to_jwk(rsa_key.public_key()))
     else:
         raise ValueError(f"unsupported signing algorithm {alg!r}")
     pem = private.private_bytes(
@@ -73,7 +78,10 @@ def _load(row: SigningKey) -> LoadedKey:
     cached = _by_kid.get(row.kid)
     if cached is not None:
         return cached
-    private = serialization.load_pem_private_key(row.private_pem.encode(), password=None)
+    # An EC or RSA key: the only kinds _generate makes.
+    private = cast(
+        SigningPrivateKey, serialization.load_pem_private_key(row.private_pem.encode(), password=None)
+    )
     loaded = LoadedKey(row.kid, row.alg, private, private.public_key())
     _by_kid[row.kid] = loaded
     return loaded
@@ -125,7 +133,7 @@ def active_signing_key() -> LoadedKey:
     return loaded
 
 
-def verification_key(kid: str) -> LoadedKey | None:
+def verification_key(kid: object) -> LoadedKey | None:
     """The published key with this ``kid``, or None. ``kid`` is untrusted: only a dict/DB lookup.
 
     A key is trusted exactly while the JWKS publishes it; whether it still is, is
@@ -145,11 +153,11 @@ def verification_key(kid: str) -> LoadedKey | None:
     return loaded
 
 
-def published_keys():
+def published_keys() -> QuerySet[SigningKey]:
     return SigningKey.objects.filter(Q(active=True) | Q(publish_until__gt=timezone.now()))
 
 
-def jwks() -> dict:
+def jwks() -> dict[str, Any]:
     active_signing_key()  # a fresh install publishes a key before it signs anything
     return {"keys": [k.public_jwk for k in published_keys().order_by("-created")]}
 

@@ -3,6 +3,8 @@
 Lists exactly what is implemented; later capabilities add themselves here.
 """
 
+from typing import Any
+
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS
 from .models import ScopePolicy
@@ -19,7 +21,7 @@ def _authorization_details_types() -> list[str]:
     return sorted(types)
 
 
-def server_metadata() -> dict:
+def server_metadata() -> dict[str, Any]:
     issuer = countersign_settings.ISSUER
     return {
         "issuer": issuer,
@@ -88,10 +90,10 @@ def server_metadata() -> dict:
     }
 
 
-def _self_described_metadata(issuer: str) -> dict:
+def _self_described_metadata(issuer: str) -> dict[str, Any]:
     """Agents that were never registered: RFC 7591 §3 registration (unless the policy is off) and
     Client ID Metadata Documents (draft-ietf-oauth-client-id-metadata-document §5)."""
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if countersign_settings.CLIENT_REGISTRATION != "off":
         extra["registration_endpoint"] = f"{issuer}/o/register/"
     if countersign_settings.CLIENT_ID_METADATA_DOCUMENTS:

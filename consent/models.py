@@ -7,7 +7,7 @@ of them inactive at once.
 """
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
@@ -26,12 +26,25 @@ from .budget import money
 from .conf import countersign_settings
 from .rules import validate_rule
 
+# Model defaults read from COUNTERSIGN (consent.conf), so a setting and a new row's default never differ.
+
 
 def _default_ttl() -> int:
-    return countersign_settings.DEFAULT_ACCESS_TOKEN_TTL
+    ttl: int = countersign_settings.DEFAULT_ACCESS_TOKEN_TTL
+    return ttl
 
 
-class Agent(AbstractApplication):
+def _default_approval_window() -> int:
+    window: int = countersign_settings.DEFAULT_APPROVAL_WINDOW
+    return window
+
+
+def _default_action_token_ttl() -> int:
+    ttl: int = countersign_settings.DEFAULT_ACTION_TOKEN_TTL
+    return ttl
+
+
+class Agent(AbstractApplication):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     """An AI agent registered as an OAuth client. Actor id in tokens: ``agent:<client_id>``."""
 
     class Status(models.TextChoices):
@@ -129,7 +142,7 @@ class Agent(AbstractApplication):
         help_text="Where ping-mode approval notices are sent. Optional.",
     )
 
-    class Meta(AbstractApplication.Meta):
+    class Meta(AbstractApplication.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_APPLICATION_MODEL"
         verbose_name = "agent"
         ordering = ["name"]
@@ -166,7 +179,7 @@ class Agent(AbstractApplication):
         )
         return urlsplit(source).hostname or ""
 
-    def get_allowed_schemes(self):
+    def get_allowed_schemes(self) -> list[str]:
         """DOT's redirect URI schemes, plus http for a self-described native client whose http redirect
         URIs are all on a loopback address (RFC 8252 §7.3), also where the deployment allows https only."""
         from urllib.parse import urlsplit
@@ -182,7 +195,7 @@ class Agent(AbstractApplication):
             schemes.append("http")
         return schemes
 
-    def is_usable(self, request) -> bool:
+    def is_usable(self, request: object) -> bool:
         # DOT asks this whenever it loads a client: a suspended agent is no client at all.
         return self.may_sign_in
 
@@ -226,13 +239,13 @@ class ScopePolicy(models.Model):
     )
     approval_window = models.PositiveIntegerField(
         "approval window (seconds)",
-        default=600,
+        default=_default_approval_window,
         validators=[MinValueValidator(10)],
         help_text="Step-up only: how long the user has to answer a prompt.",
     )
     action_token_ttl = models.PositiveIntegerField(
         "action-token lifetime (seconds)",
-        default=120,
+        default=_default_action_token_ttl,
         validators=[MinValueValidator(10)],
         help_text="Step-up only: how long an approved one-shot token stays redeemable.",
     )
@@ -346,7 +359,7 @@ class ScopePolicy(models.Model):
             f"{money(self.budget_max_total, self.budget_currency)} per period"
         )
 
-    def clean(self):
+    def clean(self) -> None:
         from django.core.exceptions import ValidationError
 
         try:
@@ -414,7 +427,7 @@ class ScopePolicy(models.Model):
             )
 
 
-class SessionGrant(models.Model):
+class SessionGrant(models.Model):  # type: ignore[django-manager-missing]  # its tokens subclass untyped DOT models
     """The consent event: one user, one agent, the scopes shown and allowed."""
 
     class Status(models.TextChoices):
@@ -461,7 +474,7 @@ class SessionGrant(models.Model):
     def scopes(self) -> list[str]:
         return [*self.standard_scopes, *self.step_up_scopes]
 
-    def is_live(self, at=None) -> bool:
+    def is_live(self, at: datetime | None = None) -> bool:
         return self.status == self.Status.ACTIVE and self.expires_at > (at or timezone.now())
 
     END_REASONS = {
@@ -508,35 +521,35 @@ class GrantUse(models.Model):
         return f"{self.operation or self.scope} at {self.used_at:%Y-%m-%d %H:%M:%S}"
 
 
-class AuthorizationCode(AbstractGrant):
+class AuthorizationCode(AbstractGrant):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="codes")
     consumed_at = models.DateTimeField(
         null=True, blank=True, help_text="Set on exchange; reuse revokes the grant."
     )
 
-    class Meta(AbstractGrant.Meta):
+    class Meta(AbstractGrant.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
 
 
-class AccessToken(AbstractAccessToken):
+class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="access_tokens")
     jti = models.CharField(max_length=64, unique=True)
 
-    class Meta(AbstractAccessToken.Meta):
+    class Meta(AbstractAccessToken.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL"
 
 
-class RefreshToken(AbstractRefreshToken):
+class RefreshToken(AbstractRefreshToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens")
 
-    class Meta(AbstractRefreshToken.Meta):
+    class Meta(AbstractRefreshToken.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"
 
 
-class IDToken(AbstractIDToken):
+class IDToken(AbstractIDToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     """Unused (no OpenID Connect ID tokens are issued); swapped so DOT's migrations stay acyclic."""
 
-    class Meta(AbstractIDToken.Meta):
+    class Meta(AbstractIDToken.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_ID_TOKEN_MODEL"
 
 

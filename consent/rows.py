@@ -11,16 +11,28 @@ same statement runs on PostgreSQL (production) and SQLite (a laptop).
 Only the hot paths use this; everything else stays on the ORM.
 """
 
-from collections.abc import Sequence
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, models, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Field, Model
 from django.db.models.base import ModelState
+from django.db.models.expressions import Col
+
+if TYPE_CHECKING:
+    from audit.services import PendingEvent
+
+M = TypeVar("M", bound=Model)
+# One step of a Batch's shape: (kind, name, model, (field, ref CTE or None)..., (column, SQL)...).
+BatchStep = tuple[str, str, type[Model], tuple[tuple[str, str | None], ...], tuple[tuple[str, str], ...]]
 
 
-def cursor():
+def cursor() -> CursorWrapper:
     """A cursor that sends parameters apart from the SQL on PostgreSQL (server-side binding).
 
     Django's default psycopg cursor renders every parameter into the SQL text in Python
@@ -37,7 +49,8 @@ def cursor():
     conn.close_if_health_check_failed()
     conn.ensure_connection()
     with conn.wrap_database_errors:
-        return conn._prepare_cursor(ServerBindingCursor(conn.connection))
+        # Django's own wrapping of a cursor it opened, private API absent from the stubs.
+        return conn._prepare_cursor(ServerBindingCursor(conn.connection))  # type: ignore[attr-defined, call-arg, no-any-return]
 
 
 @cache
@@ -45,8 +58,17 @@ def table(model: type[Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
-def column(model: type[Model], name: str) -> Field:
+def column(model: type[Model], name: str) -> Field[Any, Any]:
     return model._meta.get_field(name)  # type: ignore[return-value]
+
+
+def db_column(model: type[Model], name: str) -> str:
+    """The column of a concrete field (``Field.column`` is None only for fields that have none)."""
+    return cast(str, column(model, name).column)
+
+
+def pk_column(model: type[Model]) -> str:
+    return cast(str, model._meta.pk.column)
 
 
 # Fields whose Python values go to the database as they are, on every backend we run on.
@@ -67,14 +89,14 @@ _AS_IS_POSTGRESQL = (*_AS_IS, models.DateTimeField, models.BooleanField, models.
 
 
 @cache
-def _prep(vendor: str, model: type[Model], name: str):
+def _prep(vendor: str, model: type[Model], name: str) -> Callable[[Any, BaseDatabaseWrapper], Any] | None:
     field = column(model, name)
     target = field.target_field if isinstance(field, models.ForeignKey) else field
     as_is = _AS_IS_POSTGRESQL if vendor == "postgresql" else _AS_IS
     return None if type(target) in as_is else field.get_db_prep_save
 
 
-def param(model: type[Model], name: str, value: Any, conn=None) -> Any:
+def param(model: type[Model], name: str, value: Any, conn: BaseDatabaseWrapper | None = None) -> Any:
     """A Python value as the database wants it for ``model.name`` (datetimes, UUIDs, JSON)."""
     conn = conn or connections[DEFAULT_DB_ALIAS]
     prep = _prep(conn.vendor, model, name)
@@ -82,7 +104,7 @@ def param(model: type[Model], name: str, value: Any, conn=None) -> Any:
 
 
 @cache
-def _converters(vendor: str, model: type[Model], name: str):
+def _converters(vendor: str, model: type[Model], name: str) -> tuple[tuple[Any, ...], Col]:
     field = column(model, name)
     col = field.get_col(model._meta.db_table)
     return tuple(connection.ops.get_db_converters(col) + col.get_db_converters(connection)), col
@@ -98,7 +120,7 @@ class Columns:
     def __init__(self, model: type[Model], alias: str, names: Sequence[str]):
         self.model, self.alias, self.names = model, alias, tuple(names)
         quote = connection.ops.quote_name
-        self.sql = ", ".join(f"{alias}.{quote(column(model, n).column)}" for n in self.names)
+        self.sql = ", ".join(f"{alias}.{quote(db_column(model, n))}" for n in self.names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -116,7 +138,8 @@ class Columns:
 
 def split(row: Sequence[Any], *parts: Columns) -> list[dict[str, Any]]:
     """Cut one result row into a dict per ``Columns``, in select-list order."""
-    out, start = [], 0
+    out: list[dict[str, Any]] = []
+    start = 0
     for part in parts:
         out.append(part.load(row[start : start + len(part)]))
         start += len(part)
@@ -142,7 +165,7 @@ def _plain(model: type[Model]) -> bool:
     )
 
 
-def instance(model: type[Model], values: dict[str, Any]) -> Model:
+def instance(model: type[M], values: dict[str, Any]) -> M:
     """A model instance of exactly these (already converted) fields; others stay deferred.
 
     What ``Model.from_db`` makes, without running ``Model.__init__`` over every field (a fifth of the
@@ -165,12 +188,12 @@ def instance(model: type[Model], values: dict[str, Any]) -> Model:
 @cache
 def _insert_sql(vendor: str, model: type[Model], names: tuple[str, ...], skip_conflicts: bool) -> str:
     quote = connection.ops.quote_name
-    cols = ", ".join(quote(column(model, n).column) for n in names)
+    cols = ", ".join(quote(db_column(model, n)) for n in names)
     marks = ", ".join(["%s"] * len(names))
     sql = f"INSERT INTO {table(model)} ({cols}) VALUES ({marks})"
     if skip_conflicts:
         sql += " ON CONFLICT DO NOTHING"
-    return sql + f" RETURNING {quote(model._meta.pk.column)}"
+    return sql + f" RETURNING {quote(pk_column(model))}"
 
 
 def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool = False) -> Any:
@@ -198,13 +221,15 @@ def execute(sql: str, params: Sequence[Any] = ()) -> int:
     """Run one statement; returns the row count (which decides races)."""
     with cursor() as cur:
         cur.execute(sql, params)
-        return cur.rowcount
+        count: int = cur.rowcount
+        return count
 
 
 def fetchone(sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
     with cursor() as cur:
         cur.execute(sql, params)
-        return cur.fetchone()
+        row: tuple[Any, ...] | None = cur.fetchone()
+        return row
 
 
 def for_update(of: str) -> str:
@@ -228,7 +253,7 @@ def _cast(vendor: str, model: type[Model], name: str) -> str:
     infer parameter types from the target column)."""
     field = column(model, name)
     target = field.target_field if isinstance(field, models.ForeignKey) else field
-    return target.cast_db_type(connection) or target.db_type(connection)
+    return cast(str, target.cast_db_type(connection) or target.db_type(connection))
 
 
 def guarded_update(
@@ -237,9 +262,9 @@ def guarded_update(
     """``UPDATE model SET ... WHERE pk = ... AND where RETURNING 1``: a ``Batch`` guard that takes a row once."""
     conn = connections[DEFAULT_DB_ALIAS]
     quote = conn.ops.quote_name
-    assignments = ", ".join(f"{quote(column(model, n).column)} = %s" for n in set_)
+    assignments = ", ".join(f"{quote(db_column(model, n))} = %s" for n in set_)
     sql = (
-        f"UPDATE {table(model)} SET {assignments} WHERE {quote(model._meta.pk.column)} = %s"
+        f"UPDATE {table(model)} SET {assignments} WHERE {quote(pk_column(model))} = %s"
         f"{' AND ' + where if where else ''} RETURNING 1"
     )
     return sql, [param(model, n, v, conn) for n, v in set_.items()] + [
@@ -254,24 +279,30 @@ def for_share() -> str:
 
 
 @cache
-def _insert_select_sql(vendor: str, model: type[Model], names: tuple, exprs: tuple, sources: tuple) -> str:
+def _insert_select_sql(
+    vendor: str,
+    model: type[Model],
+    names: tuple[tuple[str, str | None], ...],
+    exprs: tuple[tuple[str, str], ...],
+    sources: tuple[str, ...],
+) -> str:
     """``INSERT INTO model (...) SELECT ... FROM sources RETURNING pk AS id``: a row per row of the
     sources (CTE names). ``names``: (field name, CTE whose id it takes, or None for a parameter)."""
     quote = connection.ops.quote_name
     cols, values = [], []
     for n, ref in names:
-        cols.append(quote(column(model, n).column))
+        cols.append(quote(db_column(model, n)))
         values.append(f"%s::{_cast(vendor, model, n)}" if ref is None else f"{ref}.id")
     for col, expr in exprs:
         cols.append(quote(col))
         values.append(expr)
     return (
         f"INSERT INTO {table(model)} ({', '.join(cols)}) SELECT {', '.join(values)}"
-        f" FROM {', '.join(sources)} RETURNING {quote(model._meta.pk.column)} AS id"
+        f" FROM {', '.join(sources)} RETURNING {quote(pk_column(model))} AS id"
     )
 
 
-def event_insert(pending, source: str) -> tuple[str, list[Any]]:
+def event_insert(pending: PendingEvent, source: str) -> tuple[str, list[Any]]:
     """An audit event (``audit.services.PendingEvent``) as a data-modifying CTE body: written once
     per row of ``source`` (PostgreSQL)."""
     conn = connections[DEFAULT_DB_ALIAS]
@@ -285,16 +316,17 @@ def event_insert(pending, source: str) -> tuple[str, list[Any]]:
 
 
 @cache
-def _batch_sql(vendor: str, guard_sql: str, shape: tuple) -> str:
+def _batch_sql(vendor: str, guard_sql: str, shape: tuple[BatchStep, ...]) -> str:
     """One ``WITH`` statement for a ``Batch`` of this shape (built once per shape, then cached)."""
     quote = connection.ops.quote_name
-    ctes, selects, alias_of = [f"g AS ({guard_sql})"], ["(SELECT count(*) FROM g)"], {}
+    ctes, selects = [f"g AS ({guard_sql})"], ["(SELECT count(*) FROM g)"]
+    alias_of: dict[str, str] = {}
     for i, (kind, name, model, names, exprs) in enumerate(shape):
         alias = f"s{i}"
         if kind == "delete":
             ctes.append(
                 f"{alias} AS (DELETE FROM {table(model)} t USING g"
-                f" WHERE t.{quote(model._meta.pk.column)} = %s RETURNING 1)"
+                f" WHERE t.{quote(pk_column(model))} = %s RETURNING 1)"
             )
             continue
         refs = tuple((n, None if ref is None else alias_of[ref]) for n, ref in names)
@@ -341,7 +373,7 @@ class Batch:
     def delete(self, model: type[Model], pk: Any) -> None:
         self.steps.append(("delete", "", model, pk, {}))
 
-    def event(self, name: str, pending) -> None:
+    def event(self, name: str, pending: PendingEvent) -> None:
         """An audit event (``audit.services.PendingEvent``): part of the statement, or written alone."""
         self.steps.append(("event", name, type(pending.row), pending, {}))
 
@@ -351,9 +383,10 @@ class Batch:
             return self._one_statement(conn)
         return self._in_order(conn)
 
-    def _one_statement(self, conn) -> dict[str, Any] | None:
+    def _one_statement(self, conn: BaseDatabaseWrapper) -> dict[str, Any] | None:
         guard_sql, guard_params = self.guard
-        params, shape = list(guard_params), []
+        params = list(guard_params)
+        shape: list[BatchStep] = []
         for kind, name, model, values, sql in self.steps:
             if kind == "delete":
                 params.append(param(model, model._meta.pk.name, values, conn))
@@ -361,7 +394,7 @@ class Batch:
                 continue
             if kind == "event":
                 values, sql = values.values(), values.sql
-            names = []
+            names: list[tuple[str, str | None]] = []
             for n, v in values.items():
                 if isinstance(v, Ref):
                     names.append((n, v.name))
@@ -376,12 +409,12 @@ class Batch:
         with cursor() as cur:
             cur.execute(_batch_sql(conn.vendor, guard_sql, tuple(shape)), params)
             row = cur.fetchone()
-        if not row[0]:
+        if row is None or not row[0]:  # the guard's count: never None (one row always comes back)
             return None
         written = [name for kind, name, *_ in self.steps if kind != "delete"]
         return dict(zip(written, row[1:], strict=True))
 
-    def _in_order(self, conn) -> dict[str, Any] | None:
+    def _in_order(self, conn: BaseDatabaseWrapper) -> dict[str, Any] | None:
         with transaction.atomic(using=conn.alias, savepoint=False):
             if fetchone(*self.guard) is None:
                 return None
@@ -389,7 +422,7 @@ class Batch:
             for kind, name, model, values, _sql in self.steps:
                 if kind == "delete":
                     execute(
-                        f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(model._meta.pk.column)} = %s",
+                        f"DELETE FROM {table(model)} WHERE {conn.ops.quote_name(pk_column(model))} = %s",
                         [param(model, model._meta.pk.name, values, conn)],
                     )
                 elif kind == "event":

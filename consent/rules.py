@@ -71,14 +71,14 @@ def is_currency(text: object) -> bool:
 def amount_of(details: list[dict[str, Any]]) -> tuple[Decimal, str] | None:
     """The request's amount and currency: the sum of its entries' ``amount`` fields, all in one
     ``currency``; None when an entry carries no countable amount or the currencies differ."""
-    total, currencies = Decimal(0), set()
+    total, currencies = Decimal(0), set[str]()
     for entry in details:
         amount = parse_amount(entry.get("amount"))
         currency = entry.get("currency")
         if amount is None or not is_currency(currency):
             return None
         total += amount
-        currencies.add(currency)
+        currencies.add(str(currency))
     if len(currencies) != 1:
         return None
     return total, currencies.pop()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -52,7 +53,7 @@ def scope_policies(names: list[str]) -> list[ScopePolicy]:
     return [by_name[n] for n in names if n in by_name]
 
 
-def grants_for_user(*, user) -> QuerySet[SessionGrant]:
+def grants_for_user(*, user: User) -> QuerySet[SessionGrant]:
     return SessionGrant.objects.filter(user=user).select_related("agent").order_by("-created")
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.http import HttpRequest
 
 from audit.services import audit_record
 
@@ -80,7 +81,12 @@ def _fields(metadata: ClientMetadata, *, host: str) -> dict[str, Any]:
 
 @transaction.atomic
 def agent_from_document(
-    *, client_id: str, metadata: ClientMetadata, expires_at: datetime, jwks: dict | None = None, request=None
+    *,
+    client_id: str,
+    metadata: ClientMetadata,
+    expires_at: datetime,
+    jwks: dict[str, Any] | None = None,
+    request: HttpRequest | None = None,
 ) -> tuple[Agent, bool]:
     """Create, or refresh from a newly fetched document, the agent a metadata document describes.
 
@@ -138,7 +144,9 @@ def agent_from_document(
 
 
 @transaction.atomic
-def agent_register(*, metadata: ClientMetadata, source: str, request=None) -> tuple[Agent, str]:
+def agent_register(
+    *, metadata: ClientMetadata, source: str, request: HttpRequest | None = None
+) -> tuple[Agent, str]:
     """RFC 7591 §3.2.1: register a self-described agent. Returns it with its client secret ("" for a
     public client), which is shown this once and stored hashed."""
     host = urlsplit(metadata.redirect_uris[0]).hostname or ""

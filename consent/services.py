@@ -6,12 +6,14 @@ changes are conditional UPDATEs whose row count decides races.
 
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.hashers import make_password
+from django.contrib.auth.models import User
 from django.db import transaction
+from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -58,7 +60,7 @@ def agent_create(
     description: str = "",
     refresh_mode: str = Agent.RefreshMode.ROTATING,
     ttl: int | None = None,
-    jwks: dict | None = None,
+    jwks: dict[str, Any] | None = None,
     actor: str = "system",
 ) -> tuple[Agent, str]:
     """Register an agent. Returns it with its client secret, which is shown this once."""
@@ -156,10 +158,9 @@ def resource_server_reset_secret(*, rs: ResourceServer, actor: str = "system") -
 
 def scope_set(*, name: str, values: dict[str, Any], actor: str = "system") -> tuple[ScopePolicy, bool]:
     """Create or change a scope policy. Returns (policy, created)."""
-    policy = ScopePolicy.objects.filter(name=name).first()
-    created = policy is None
-    if created:
-        policy = ScopePolicy(name=name)
+    found = ScopePolicy.objects.filter(name=name).first()
+    created = found is None
+    policy = ScopePolicy(name=name) if found is None else found
     for field, value in values.items():
         setattr(policy, field, value)
     if created and not policy.description:
@@ -201,13 +202,13 @@ def grant_lifetime_choices(agent: Agent) -> list[int]:
 
 def grant_create(
     *,
-    user,
+    user: User,
     agent: Agent,
     scopes: list[str],
     lifetime: int,
     auth: AuthContext,
     consent_shown: dict[str, Any],
-    request=None,
+    request: HttpRequest | None = None,
 ) -> SessionGrant:
     if lifetime not in grant_lifetime_choices(agent):
         raise ConfigurationError("grant lifetime outside what the agent may offer")
@@ -279,12 +280,14 @@ def grant_extend(*, grant_id: Any, seconds: int, actor: str, approval_id: Any = 
     return grant
 
 
-def _end_grant_tokens(grant_id: Any, now) -> None:
+def _end_grant_tokens(grant_id: Any, now: datetime) -> None:
     RefreshToken.objects.filter(session_grant_id=grant_id, revoked__isnull=True).update(revoked=now)
     AccessToken.objects.filter(session_grant_id=grant_id, expires__gt=now).update(expires=now)
 
 
-def grant_revoke(*, grant_id: Any, reason: str, actor: str, user=None, request=None) -> bool:
+def grant_revoke(
+    *, grant_id: Any, reason: str, actor: str, user: User | None = None, request: HttpRequest | None = None
+) -> bool:
     """Revoke a grant and every token from it. Returns False if it was not active.
 
     With ``user`` given, only that user's grant can be revoked.

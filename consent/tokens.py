@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jwt
+from jwt.types import Options
 
 from consent.limits.jsonbounds import JSONTooDeep, check_jwt
 
@@ -143,7 +144,7 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
     key = verification_key(header.get("kid"))
     if key is None or key.alg != alg:
         raise TokenInvalid("unknown signing key")
-    options: dict[str, Any] = {"require": REQUIRED_CLAIMS, "verify_exp": verify_exp}
+    options: Options = {"require": REQUIRED_CLAIMS, "verify_exp": verify_exp}
     if audience is None:
         options["verify_aud"] = False
     try:

@@ -7,6 +7,7 @@ issued for that resource server's audience (RFC 9068 §4: ``aud`` names who may 
 for a scope the token carries; its ``id`` makes a repeated report count once.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -138,7 +139,7 @@ def grant_uses_record(*, resource_server: ResourceServer, uses: Any) -> UsageRes
                 },
             )
             user_id = token["session_grant__user_id"]
-            transaction.on_commit(lambda g=grant_id, u=user_id: _announce(g, u), robust=True)
+            transaction.on_commit(functools.partial(_announce, grant_id, user_id), robust=True)
     return UsageResult(accepted=len(fresh), duplicates=len(parsed) - len(fresh))
 
 

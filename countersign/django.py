@@ -25,7 +25,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypedDict, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -106,13 +106,22 @@ def metadata_urlpatterns(verifier: TokenVerifier | None = None) -> list[Any]:
     ]
 
 
+class _Proof(TypedDict):
+    """What the verifier needs to check a DPoP proof (RFC 9449 §4.3) beside the token."""
+
+    dpop_proof: str | None
+    htm: str
+    htu: str
+    scheme: str
+
+
 def _verify(
     request: HttpRequest, verifier: TokenVerifier | None, *, scopes: Sequence[str], action: DetailsFn | None
 ) -> VerifiedToken:
     v = verifier or get_verifier()
     scheme, token = parse_authorization(request.headers.get("Authorization"))
     proof = request.headers.get("DPoP")
-    dpop = {
+    dpop: _Proof = {
         "dpop_proof": proof,
         "htm": request.method or "GET",
         "htu": request_url(request),

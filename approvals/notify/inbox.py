@@ -24,7 +24,7 @@ def open_inboxes(user_id: Any) -> int | None:
     """How many inbox sockets of the user are subscribed now; None when the layer cannot say."""
 
     async def count() -> int | None:
-        layer = get_channel_layer()
+        layer: Any = get_channel_layer()  # a Redis layer of channels_redis, checked below
         if not all(hasattr(layer, name) for name in ("_group_key", "connection", "consistent_hash")):
             return None
         group = user_group(user_id)

@@ -20,6 +20,7 @@ concurrent one reads it again holding its row lock, and so sees it consumed.
 import base64
 import hashlib
 import hmac
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
@@ -91,7 +92,7 @@ def _default_redirect_uri(agent: Agent) -> str:
     return uris[0]
 
 
-def _exchange(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | None:
+def _exchange(req: TokenRequest, found: Found | None, now: datetime) -> dict[str, Any] | None:
     """Check the request against the code as read; issue. None when the code was taken meanwhile."""
     code_row, grant, agent = req.authenticate_holder(found, unknown="unknown authorization code")
     if agent.authorization_grant_type != Agent.GRANT_AUTHORIZATION_CODE:

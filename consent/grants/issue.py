@@ -117,9 +117,9 @@ class TokenRequest:
 
     def authenticate(self) -> Agent:
         """Authenticate the client against the registry (for grants that read no agent row first)."""
-        self.agent = authenticate_request(self.credentials, endpoint_url=self.uri)
-        self.check_agent_key()
-        return self.agent
+        agent = self.agent = authenticate_request(self.credentials, endpoint_url=self.uri)
+        check_agent_key(self.dpop_jkt, agent)
+        return agent
 
     def authenticate_holder(self, found: Found | None, *, unknown: str) -> Found:
         """Authenticate the client as the agent a credential's row (``credential_row``) names.
@@ -131,12 +131,9 @@ class TokenRequest:
         if found is None or found[2].client_id != self.credentials.client_id:
             self.authenticate()
             raise UnknownGrant(reason=unknown)
-        self.agent = authenticate(self.credentials, found[2], endpoint_url=self.uri)
-        self.check_agent_key()
+        agent = self.agent = authenticate(self.credentials, found[2], endpoint_url=self.uri)
+        check_agent_key(self.dpop_jkt, agent)
         return found
-
-    def check_agent_key(self) -> None:
-        check_agent_key(self.dpop_jkt, self.agent)
 
     def check_grant_binding(self, grant: SessionGrant) -> None:
         check_grant_binding(self.dpop_jkt, grant.dpop_jkt)
@@ -214,6 +211,7 @@ def issue_session_token(
     (its ``id`` and ``token_family``).
     """
     agent = req.agent
+    assert agent is not None  # a token is issued only to an authenticated client
     ttl = session_token_lifetime(agent, grant, now)
     claims = session_claims(
         grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl, audience=resource

@@ -15,6 +15,7 @@ token, the loser's UPDATE takes nothing; it reads the row again holding its lock
 finds it rotated: reuse.
 """
 
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
@@ -60,7 +61,7 @@ def _read(refresh_token: str) -> Found | None:
     return _select(refresh_token, lock=False)
 
 
-def _rotation(rt: dict[str, Any], grant: SessionGrant, now) -> rows.Batch:
+def _rotation(rt: dict[str, Any], grant: SessionGrant, now: datetime) -> rows.Batch:
     """Revoke the presented refresh token and retire the access token it last produced (DOT's
     rotation), if it is still unrevoked and its grant live: the batch's guard."""
     live_sql, live_params = live_grant(grant, now)
@@ -78,7 +79,7 @@ def _rotation(rt: dict[str, Any], grant: SessionGrant, now) -> rows.Batch:
     return batch
 
 
-def _refresh(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | None:
+def _refresh(req: TokenRequest, found: Found | None, now: datetime) -> dict[str, Any] | None:
     """Check the request against the refresh token as read; rotate. None when it was rotated meanwhile."""
     rt, grant, agent = req.authenticate_holder(found, unknown="unknown refresh token")
     if rt["revoked"] is not None:

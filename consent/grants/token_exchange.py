@@ -105,7 +105,7 @@ def _delegate(req: TokenRequest, parent: Agent, grant: SessionGrant) -> Agent:
         raise InvalidRequest(f"actor_token_type must be {TOKEN_TYPE_JWT}")
     try:
         sub_id = unverified_issuer(actor_token)
-        sub_agent = Agent.objects.filter(client_id=sub_id).first()
+        sub_agent: Agent | None = Agent.objects.filter(client_id=sub_id).first()
         if sub_agent is None or not sub_agent.is_active:
             raise ActorTokenInvalid("actor_token names no active registered agent")
         verify_assertion(actor_token, agent=sub_agent, endpoint_url=req.uri)

@@ -17,13 +17,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from django.http import HttpRequest
+
 from consent.conf import countersign_settings
 
 from . import store
 
 
 def policy(kind: str) -> dict[str, int]:
-    return countersign_settings.ATTEMPT_LIMITS[kind]
+    limits: dict[str, int] = countersign_settings.ATTEMPT_LIMITS[kind]
+    return limits
 
 
 def keys_for(*, account: Any, source: str) -> dict[str, str]:
@@ -49,7 +52,7 @@ def failed(
     kind: str,
     keys: dict[str, str],
     *,
-    request=None,
+    request: HttpRequest | None = None,
     refund: str = "",
     actor: str = "",
     user_id: int | None = None,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import redis
 from django.core.cache.backends.redis import RedisCache
@@ -15,10 +17,13 @@ from django.core.cache.backends.redis import RedisCache
 log = logging.getLogger(__name__)
 
 
-def _fail_open(default):
-    def wrap(method):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail_open(default: object) -> Callable[[F], F]:
+    def wrap(method: F) -> F:
         @functools.wraps(method)
-        def inner(self, key, *args, **kwargs):
+        def inner(self: RedisCache, key: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 return method(self, key, *args, **kwargs)
             except redis.RedisError as exc:
@@ -27,7 +32,7 @@ def _fail_open(default):
                     return default(key, *args, **kwargs)
                 return default
 
-        return inner
+        return cast(F, inner)
 
     return wrap
 

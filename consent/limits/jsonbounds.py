@@ -26,7 +26,8 @@ class JSONTooDeep(ValueError):
 
 
 def max_depth() -> int:
-    return countersign_settings.JSON_MAX_DEPTH
+    depth: int = countersign_settings.JSON_MAX_DEPTH
+    return depth
 
 
 def check(raw: str | bytes, *, max_bytes: int, depth: int | None = None, what: str = "JSON") -> None:

@@ -17,8 +17,11 @@ Here:
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from axes.backends import AxesStandaloneBackend
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from consent.conf import countersign_settings
@@ -26,28 +29,38 @@ from consent.conf import countersign_settings
 from . import attempts, store
 
 
-class LoginAttemptsBackend(AxesStandaloneBackend):
-    def authenticate(self, request, username=None, password=None, **kwargs):
+class LoginAttemptsBackend(AxesStandaloneBackend):  # type: ignore[misc]  # django-axes ships no types
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> AbstractBaseUser | None:
         if request is None:
             return None
-        return super().authenticate(request, username=username, password=password, **kwargs)
+        user: AbstractBaseUser | None = super().authenticate(
+            request, username=username, password=password, **kwargs
+        )
+        return user
 
 
-def failure_limit(request=None, credentials=None) -> int:
+def failure_limit(request: HttpRequest | None = None, credentials: dict[str, Any] | None = None) -> int:
     return int(attempts.policy("login")["account"])
 
 
-def _failures(request) -> int:
+def _failures(request: HttpRequest) -> int:
     from axes.handlers.proxy import AxesProxyHandler
 
     username = request.POST.get("username", "") if request is not None and request.method == "POST" else ""
     try:
-        return AxesProxyHandler.get_failures(request, {"username": username} if username else None)
+        failures: int = AxesProxyHandler.get_failures(request, {"username": username} if username else None)
+        return failures
     except Exception:  # no counts to read (Redis down): the base cool-off
         return 0
 
 
-def cool_off(request=None) -> timedelta:
+def cool_off(request: HttpRequest | None = None) -> timedelta:
     base, cap = countersign_settings.LOCKOUT_SECONDS, countersign_settings.LOCKOUT_MAX_SECONDS
     if request is None:
         return timedelta(seconds=base)
@@ -55,7 +68,11 @@ def cool_off(request=None) -> timedelta:
     return timedelta(seconds=min(cap, base * 2 ** min(rounds, 20)))
 
 
-def lockout_response(request, original_response=None, credentials=None):
+def lockout_response(
+    request: HttpRequest,
+    original_response: HttpResponse | None = None,
+    credentials: dict[str, Any] | None = None,
+) -> HttpResponse:
     seconds = int(cool_off(request).total_seconds())
     username = ((credentials or {}).get("username") or request.POST.get("username", ""))[:150]
     source = str(request.META.get("REMOTE_ADDR", ""))[:64]

@@ -21,11 +21,13 @@ the audit table.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import DatabaseError
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 
 from consent.conf import countersign_settings
 from consent.errors import InvalidRequest, TooManyRequests
@@ -48,10 +50,11 @@ SECRET_KINDS = {
 }
 
 
-_compiled: tuple[Any, list] = (None, [])
+Dimension = tuple[str, int, int]  # (dimension, limit, window s)
+_compiled: tuple[Any, list[tuple[str, tuple[str, ...], list[Dimension]]]] = (None, [])
 
 
-def rule_for(path: str):
+def rule_for(path: str) -> tuple[str, list[Dimension]] | None:
     """(rule name, [(dimension, limit, window s)]) of the first rule matching ``path``, or None."""
     global _compiled
     rules = countersign_settings.RATE_LIMITS
@@ -74,7 +77,7 @@ def rule_for(path: str):
     return None
 
 
-def _source(request) -> str:
+def _source(request: HttpRequest) -> str:
     return str(request.META.get("REMOTE_ADDR", ""))[:64]
 
 
@@ -82,7 +85,7 @@ def _is_machine(path: str) -> bool:
     return path.startswith(("/o/", "/.well-known/", "/audit/")) and not path.startswith("/o/authorize/")
 
 
-def refusal_response(request, exc: TooManyRequests) -> HttpResponse:
+def refusal_response(request: HttpRequest, exc: TooManyRequests) -> HttpResponse:
     headers = {"Retry-After": str(exc.retry_after)}
     if _is_machine(request.path_info):
         return error_response(exc, headers=headers)
@@ -95,7 +98,7 @@ def refusal_response(request, exc: TooManyRequests) -> HttpResponse:
 
 
 def _audit_first(
-    request,
+    request: HttpRequest,
     *,
     event: str,
     error: str,
@@ -120,10 +123,10 @@ def _audit_first(
 
 
 class RateLimitMiddleware:
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         if not countersign_settings.RATE_LIMITS_ENABLED:
             return self.get_response(request)
         path = request.path_info
@@ -147,6 +150,7 @@ class RateLimitMiddleware:
             except DatabaseError:  # sessions unreadable: the view answers (DependencyDownMiddleware)
                 signed_in = False
             if signed_in:
+                assert user is not None  # signed_in says so
                 user_id = user.pk
                 values["user"] = str(user_id)
         counters = [
@@ -191,18 +195,18 @@ class RateLimitMiddleware:
 
     def _refuse(
         self,
-        request,
+        request: HttpRequest,
         hit: int,
         index: int,
         ms: int,
         first: bool,
         *,
         name: str,
-        counters,
-        kind,
+        counters: list[tuple[str, int, int, str]],
+        kind: str | None,
         client_id: str,
-        user_id,
-    ):
+        user_id: int | None,
+    ) -> HttpResponse:
         seconds = -(-ms // 1000)
         ciba_poll = request.path_info == "/o/token/" and request.POST.get("grant_type") == CIBA_GRANT
         if hit == 1:  # a lockout: audited when it tripped, counted now (in the script)
@@ -228,7 +232,7 @@ class RateLimitMiddleware:
         )
         return refusal_response(request, exc)
 
-    def _too_big(self, request, exc: Exception):
+    def _too_big(self, request: HttpRequest, exc: Exception) -> HttpResponse:
         source = _source(request)
         if store.first_refusal(f"too_big:{source}", field="too_big", window=60):
             _audit_first(

@@ -232,7 +232,7 @@ def count(field: str, n: int = 1) -> None:
 
 def refused_counts() -> dict[str, int]:
     try:
-        raw = client().hgetall(REFUSED)
+        raw: dict[bytes, bytes] = client().hgetall(REFUSED)  # type: ignore[assignment]  # a sync client's reply
     except redis.RedisError:
         return {}
     return {k.decode(): int(v) for k, v in raw.items()}

@@ -7,8 +7,9 @@ grow the audit table one row per attempt: the first refusal of a (reason, source
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from channels.db import database_sync_to_async
@@ -17,22 +18,27 @@ from django.conf import settings
 
 from . import store
 
+if TYPE_CHECKING:
+    from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+    from channels.consumer import _ChannelScope
+    from channels.utils import _ChannelApplication
+
 WINDOW = 60
 
 
-def _source(scope: dict[str, Any]) -> str:
+def _source(scope: Mapping[str, Any]) -> str:
     client = scope.get("client") or ("",)
     return str(client[0] or "")[:64]
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str:
+def _header(scope: Mapping[str, Any], name: bytes) -> str:
     for key, value in scope.get("headers", []):
         if key == name:
-            return value.decode("latin1")[:200]
+            return str(value.decode("latin1"))[:200]
     return ""
 
 
-def audit_handshake_refusal(scope: dict[str, Any], *, reason: str) -> None:
+def audit_handshake_refusal(scope: Mapping[str, Any], *, reason: str) -> None:
     """Record a refused handshake (sync: call through ``database_sync_to_async``)."""
     source = _source(scope)
     if not store.first_refusal(f"ws:{reason}:{source}", field=f"ws_handshake:{reason}", window=WINDOW):
@@ -57,7 +63,9 @@ class AuditedOriginValidator(OriginValidator):
     """Channels' Origin check (``AllowedHostsOriginValidator``: the ALLOWED_HOSTS list), audited when
     it refuses."""
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(
+        self, scope: _ChannelScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Any:
         if scope["type"] == "websocket":
             origin = _header(scope, b"origin")
             if not self.valid_origin(urlparse(origin) if origin else None):
@@ -65,7 +73,7 @@ class AuditedOriginValidator(OriginValidator):
         return await super().__call__(scope, receive, send)
 
 
-def origin_validated(application):
+def origin_validated(application: _ChannelApplication) -> OriginValidator:
     """``AllowedHostsOriginValidator``, audited: the allowed origins are ALLOWED_HOSTS (any
     scheme and port), or anything in DEBUG with no ALLOWED_HOSTS."""
     allowed_hosts = settings.ALLOWED_HOSTS

@@ -24,6 +24,8 @@ behalf"), so:
   ``[CIMD_CACHE_MIN_SECONDS, CIMD_CACHE_MAX_SECONDS]``; ``no-store``/``no-cache`` keep it the minimum.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import json
 import re
@@ -31,6 +33,7 @@ import socket
 import ssl
 import time
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,6 +44,11 @@ from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check
 from ..conf import countersign_settings
 from ..errors import InvalidClient
 from .client_metadata import InvalidClientMetadata, parse
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
+
+    from ..models import Agent
 
 MAX_CLIENT_ID = 100  # the registry's client_id column
 JSON_TYPES = ("application/json", "application/jwk-set+json")
@@ -134,7 +142,7 @@ def cache_until(cache_control: str, now: datetime) -> datetime:
     return now + timedelta(seconds=min(max(seconds, floor), ceiling))
 
 
-def fetch(url: str) -> tuple[dict, str]:
+def fetch(url: str) -> tuple[object, str]:
     """GET the document (checks above). Returns (parsed JSON, Cache-Control)."""
     scheme, host, port = check_url(url)
     address = resolve(host, port)
@@ -187,7 +195,7 @@ def fetch(url: str) -> tuple[dict, str]:
     return document, cache_control
 
 
-def fetch_jwks(url: str) -> dict:
+def fetch_jwks(url: str) -> dict[str, Any]:
     """The keys a ``private_key_jwt`` client signs its assertions with (RFC 7591 §2 ``jwks_uri``),
     fetched under the same guards as the document."""
     raw, _ = fetch(url)
@@ -202,7 +210,7 @@ def fetch_jwks(url: str) -> dict:
     return {"keys": keys}
 
 
-def resolve_agent(client_id: str, *, redirect_uri: str, request=None):
+def resolve_agent(client_id: str, *, redirect_uri: str, request: HttpRequest | None = None) -> Agent:
     """The self-described agent for ``client_id``, from cache or a fresh fetch; §4.1 checks first.
 
     Nothing is stored unless every check passes. Raises ``MetadataDocumentRefused``.
@@ -215,7 +223,7 @@ def resolve_agent(client_id: str, *, redirect_uri: str, request=None):
     if not countersign_settings.CLIENT_ID_METADATA_DOCUMENTS:
         raise MetadataDocumentRefused(reason="client ID metadata documents are not accepted here")
     now = timezone.now()
-    known = Agent.objects.filter(client_id=client_id).first()
+    known: Agent | None = Agent.objects.filter(client_id=client_id).first()
     if known is not None and known.registration != Agent.Registration.METADATA_DOCUMENT:
         return known  # an agent registered otherwise whose client_id happens to be a URL
     if known is not None and known.metadata_expires_at and known.metadata_expires_at > now:

@@ -44,7 +44,7 @@ def accepted_audiences(endpoint_url: str | None = None) -> set[str]:
     return audiences
 
 
-def _agent_key(agent: Agent, header: dict[str, Any]):
+def _agent_key(agent: Agent, header: dict[str, Any]) -> Any:  # PyJWK's key: whichever kind the JWK holds
     keys = (agent.jwks or {}).get("keys") or []
     kid = header.get("kid")
     candidates = [k for k in keys if kid is None or k.get("kid") == kid]

@@ -10,9 +10,12 @@ and the token endpoint's grants are registered in ``COUNTERSIGN["TOKEN_GRANTS"]`
   RFC 9700 §2.1.1).
 """
 
+from typing import Any
+
 from oauthlib.oauth2.rfc6749.endpoints import AuthorizationEndpoint
 from oauthlib.oauth2.rfc6749.grant_types import AuthorizationCodeGrant
 from oauthlib.oauth2.rfc6749.grant_types.authorization_code import code_challenge_method_s256
+from oauthlib.oauth2.rfc6749.request_validator import RequestValidator
 from oauthlib.oauth2.rfc6749.tokens import BearerToken
 
 
@@ -23,10 +26,17 @@ class S256AuthorizationCodeGrant(AuthorizationCodeGrant):
 
 
 class CountersignServer(AuthorizationEndpoint):
-    def __init__(self, request_validator, token_generator=None, refresh_token_generator=None, **kwargs):
+    def __init__(
+        self,
+        request_validator: RequestValidator,
+        token_generator: object = None,
+        refresh_token_generator: object = None,
+        **kwargs: Any,
+    ) -> None:
         AuthorizationEndpoint.__init__(
             self,
             default_response_type="code",
             response_types={"code": S256AuthorizationCodeGrant(request_validator)},
-            default_token_type=BearerToken(request_validator),
+            # oauthlib takes the token type object here; its stubs say a name.
+            default_token_type=BearerToken(request_validator),  # type: ignore[arg-type]
         )

@@ -5,7 +5,7 @@ The time zone is the one the browser reported (``config.timezone``); until it ha
 current.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django import template
 from django.utils import timezone
@@ -29,7 +29,7 @@ def relative(t: datetime, now: datetime | None = None) -> str:
 
 
 @register.filter
-def duration(span) -> str:
+def duration(span: timedelta) -> str:
     """A timedelta in words: "1 hour", "8 hours", "30 minutes", "7 days"."""
     seconds = int(span.total_seconds())
     for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):

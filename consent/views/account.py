@@ -2,8 +2,11 @@
 
 import time
 from base64 import b32encode
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from io import BytesIO
+from typing import Any
+from uuid import UUID
 
 import qrcode
 import qrcode.image.svg
@@ -12,7 +15,8 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model, login, logout
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
-from django.http import Http404
+from django.contrib.auth.models import User
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django_otp import login as otp_login
@@ -20,7 +24,9 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
 from audit.services import audit_record, audit_refusal, client_ip
+from consent.http import AuthenticatedHttpRequest
 from consent.limits import attempts
+from consent.models import Agent, ScopePolicy
 
 from ..services import AuthContext, grant_revoke
 
@@ -30,7 +36,7 @@ SESSION_PENDING_USER = "cs_pending_user"
 PENDING_LOGIN_SECONDS = 300
 
 
-def auth_context(request) -> AuthContext:
+def auth_context(request: HttpRequest) -> AuthContext:
     """How this browser session authenticated: ``auth_time`` and ``amr`` (RFC 8176 values)."""
     ts = request.session.get(SESSION_AUTH_TIME) or time.time()
     return AuthContext(
@@ -38,16 +44,16 @@ def auth_context(request) -> AuthContext:
     )
 
 
-def _confirmed_totp(user) -> TOTPDevice | None:
+def _confirmed_totp(user: User) -> TOTPDevice | None:
     return TOTPDevice.objects.devices_for_user(user, confirmed=True).first()
 
 
-def second_factor_missing(request, agent, policies) -> bool:
+def second_factor_missing(request: HttpRequest, agent: Agent, policies: Iterable[ScopePolicy]) -> bool:
     required = agent.require_second_factor or any(p.require_second_factor for p in policies)
     return required and "otp" not in (request.session.get(SESSION_AMR) or [])
 
 
-def _safe_next(request, default: str = "/grants/") -> str:
+def _safe_next(request: HttpRequest, default: str = "/grants/") -> str:
     target = request.POST.get("next") or request.GET.get("next") or default
     if url_has_allowed_host_and_scheme(
         target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
@@ -56,14 +62,16 @@ def _safe_next(request, default: str = "/grants/") -> str:
     return default
 
 
-def _too_many(request, template: str, context: dict, seconds: int):
+def _too_many(request: HttpRequest, template: str, context: dict[str, Any], seconds: int) -> HttpResponse:
     """The page again, saying when to try next; nothing was checked (consent.limits.attempts)."""
     response = render(request, template, {**context, "locked_message": attempts.message(seconds)}, status=429)
     response["Retry-After"] = str(seconds)
     return response
 
 
-def _complete_login(request, user, amr: list[str], device=None) -> None:
+def _complete_login(
+    request: HttpRequest, user: User, amr: list[str], device: TOTPDevice | None = None
+) -> None:
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     if device is not None:
         otp_login(request, device)
@@ -74,7 +82,7 @@ def _complete_login(request, user, amr: list[str], device=None) -> None:
     )
 
 
-def login_view(request):
+def login_view(request: HttpRequest) -> HttpResponse:
     form = AuthenticationForm(request, data=request.POST or None)
     if request.method == "POST":
         if form.is_valid():
@@ -105,7 +113,7 @@ class OTPForm(forms.Form):
     )
 
 
-def login_otp_view(request):
+def login_otp_view(request: HttpRequest) -> HttpResponse:
     """Second step: a TOTP code, after the password or to step up an existing session."""
     pending = request.session.get(SESSION_PENDING_USER)
     if pending and time.time() - pending["at"] < PENDING_LOGIN_SECONDS:
@@ -117,7 +125,7 @@ def login_otp_view(request):
     else:
         return redirect("/accounts/login/")
     device = _confirmed_totp(user) if user else None
-    if device is None:
+    if user is None or device is None:
         return render(request, "accounts/otp_missing.html", {"next": _safe_next(request)})
     form = OTPForm(request.POST or None)
     keys = attempts.keys_for(account=user.pk, source=client_ip(request))
@@ -149,13 +157,13 @@ def login_otp_view(request):
 
 
 @post_only
-def logout_view(request):
+def logout_view(request: HttpRequest) -> HttpResponse:
     logout(request)
     return redirect("/accounts/login/")
 
 
 @login_required
-def totp_setup_view(request):
+def totp_setup_view(request: AuthenticatedHttpRequest) -> HttpResponse:
     """Enrol a TOTP authenticator: show the secret as a QR code, confirm with one code."""
     confirmed = _confirmed_totp(request.user)
     if confirmed is not None:
@@ -212,7 +220,7 @@ def totp_setup_view(request):
 
 @login_required
 @post_only
-def grant_revoke_view(request, grant_id):
+def grant_revoke_view(request: AuthenticatedHttpRequest, grant_id: UUID) -> HttpResponse:
     if not grant_revoke(
         grant_id=grant_id,
         reason="revoked_by_user",

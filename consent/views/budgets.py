@@ -7,23 +7,24 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 
 from audit.decorators import post_only
 
 from ..budgets import budget_choices, budget_end, budget_lower, budget_refusal_audit, budgets_create
 from ..errors import BudgetNotFound, BudgetRefused
+from ..http import AuthenticatedHttpRequest
 from ..models import SessionGrant
 
 
-def _back(request: HttpRequest, grant_id: Any) -> str:
+def _back(request: AuthenticatedHttpRequest, grant_id: Any) -> str:
     detail = f"/grants/{grant_id}/"
     return detail if request.POST.get("next") == detail else "/grants/"
 
 
 def _refused(
-    request: HttpRequest, exc: BudgetRefused | BudgetNotFound, back: str, **detail: Any
+    request: AuthenticatedHttpRequest, exc: BudgetRefused | BudgetNotFound, back: str, **detail: Any
 ) -> HttpResponse:
     budget_refusal_audit(exc, user_id=request.user.pk, request=request, **detail)
     if isinstance(exc, BudgetNotFound):
@@ -38,7 +39,7 @@ def _refused(
 
 @login_required
 @post_only
-def budget_add_view(request: HttpRequest, grant_id: Any) -> HttpResponse:
+def budget_add_view(request: AuthenticatedHttpRequest, grant_id: Any) -> HttpResponse:
     back = _back(request, grant_id)
     grant = SessionGrant.objects.select_related("agent").filter(pk=grant_id, user_id=request.user.pk).first()
     try:
@@ -56,7 +57,7 @@ def budget_add_view(request: HttpRequest, grant_id: Any) -> HttpResponse:
 
 @login_required
 @post_only
-def budget_lower_view(request: HttpRequest, grant_id: Any, budget_id: int) -> HttpResponse:
+def budget_lower_view(request: AuthenticatedHttpRequest, grant_id: Any, budget_id: int) -> HttpResponse:
     back = _back(request, grant_id)
     try:
         budget = budget_lower(
@@ -74,7 +75,7 @@ def budget_lower_view(request: HttpRequest, grant_id: Any, budget_id: int) -> Ht
 
 @login_required
 @post_only
-def budget_end_view(request: HttpRequest, grant_id: Any, budget_id: int) -> HttpResponse:
+def budget_end_view(request: AuthenticatedHttpRequest, grant_id: Any, budget_id: int) -> HttpResponse:
     back = _back(request, grant_id)
     try:
         budget_end(budget_id=budget_id, user_id=request.user.pk, request=request)

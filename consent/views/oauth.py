@@ -6,11 +6,12 @@ and revocation endpoints have paths of their own (``consent.views.token``,
 and audit refusals.
 """
 
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode
 
 import jwt
 from django.db import transaction
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.decorators import method_decorator
@@ -25,9 +26,9 @@ from audit.services import audit_record, audit_refusal
 
 from ..budgets import budget_choices, budget_refusal_audit, budgets_create
 from ..errors import BudgetNotFound, BudgetRefused, ConfigurationError, InvalidTarget
-from ..http import NO_STORE, oauth_error
+from ..http import NO_STORE, AuthenticatedHttpRequest, oauth_error
 from ..limits.jsonbounds import JSONTooDeep, check_jwt
-from ..models import Agent
+from ..models import Agent, ScopePolicy
 from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
 from ..oauth.resource import narrow, parse_resources
 from ..selectors import TOKEN_INTROSPECTORS, scope_policies, session_token_introspect
@@ -36,8 +37,11 @@ from ..tokens import MAX_TOKEN_BYTES
 from .account import auth_context, second_factor_missing
 from .rs_auth import resource_server_or_refusal
 
+# What a valid authorization request names: its scopes, oauthlib's credentials, the agent.
+Validated = tuple[list[str], dict[str, Any], Agent]
 
-class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
+
+class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):  # type: ignore[misc]  # DOT ships no types
     """RFC 6749 §4.1.1 authorization endpoint, with our consent screen.
 
     GET validates the request (client, redirect_uri, PKCE S256, scopes within the
@@ -48,13 +52,17 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
 
     template_name = "consent/authorize.html"
 
-    def _validate(self, query: str):
+    def _validate(self, query: str) -> tuple[list[str], dict[str, Any]]:
         core = self.get_oauthlib_core()
         uri = self.request.build_absolute_uri(reverse("oauth-authorize")) + "?" + query
+        scopes: list[str]
+        credentials: dict[str, Any]
         scopes, credentials = core.server.validate_authorization_request(uri, "GET", None, {})
         return scopes, credentials
 
-    def _refuse(self, error: OAuthToolkitError, application=None, query: str = ""):
+    def _refuse(
+        self, error: OAuthToolkitError, application: Agent | None = None, query: str = ""
+    ) -> HttpResponse:
         oauthlib_error = error.oauthlib_error
         audit_refusal(
             event="consent.request_refused",
@@ -65,9 +73,13 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             request=self.request,
             detail={"reason": oauthlib_error.description or ""},
         )
-        return self.error_response(error, application)
+        return self._error_page(error, application)
 
-    def _screen(self, query: str, scopes: list[str], agent: Agent, **extra):
+    def _error_page(self, error: OAuthToolkitError, application: Agent | None) -> HttpResponse:
+        # DOT's error_response: a redirect to the client, or the error page (DOT ships no types).
+        return cast(HttpResponse, self.error_response(error, application))
+
+    def _screen(self, query: str, scopes: list[str], agent: Agent, **extra: str) -> HttpResponse:
         policies = scope_policies(scopes)
         context = {
             "agent": agent,
@@ -82,7 +94,7 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         }
         return render(self.request, self.template_name, context)
 
-    def _validated(self, query: str):
+    def _validated(self, query: str) -> tuple[Validated | None, HttpResponse | None]:
         """(scopes, credentials, agent), or the refusal response: the same checks for GET and POST."""
         refusal = self._self_described(query)
         if refusal is not None:
@@ -102,7 +114,7 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             return None, self._refuse(self._wrap(error), agent, query)
         return (scopes, credentials, agent), None
 
-    def _self_described(self, query: str):
+    def _self_described(self, query: str) -> HttpResponse | None:
         """A ``client_id`` that is a URL: fetch, check and keep its metadata document before the request
         is validated against the registry (``consent.oauth.cimd``). A refusal is an error page, never a
         redirect (the redirect URI is unverified), audited once."""
@@ -127,22 +139,24 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             error = oauthlib_errors.InvalidClientError(
                 description="The agent's client metadata document cannot be used, so it cannot connect."
             )
-            return self.error_response(FatalClientError(error=error), None)
+            return self._error_page(FatalClientError(error=error), None)
         return None
 
-    def get(self, request, *args, **kwargs):
+    def get(self, request: AuthenticatedHttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         query = request.META.get("QUERY_STRING", "")
         valid, refusal = self._validated(query)
         if refusal is not None:
             return refusal
+        assert valid is not None  # no refusal: the request is valid
         scopes, _, agent = valid
         return self._screen(query, scopes, agent)
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: AuthenticatedHttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         query = request.POST.get("authz_query", "")
         valid, refusal = self._validated(query)
         if refusal is not None:
             return refusal
+        assert valid is not None  # no refusal: the request is valid
         scopes, credentials, agent = valid
         policies = scope_policies(scopes)
         user = request.user
@@ -197,15 +211,15 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
             return response
         except OAuthToolkitError as error:
             return self._refuse(error, agent, query)
-        return self.redirect(uri, agent)
+        return cast(HttpResponse, self.redirect(uri, agent))  # DOT's redirect (no types)
 
-    def _deny(self, scopes, credentials, agent):
+    def _deny(self, scopes: list[str], credentials: dict[str, Any], agent: Agent) -> HttpResponse:
         try:
             self.create_authorization_response(
                 request=self.request, scopes=" ".join(scopes), credentials=credentials, allow=False
             )
         except OAuthToolkitError as error:
-            return self.error_response(error, agent)
+            return self._error_page(error, agent)
         return oauth_error("access_denied")  # unreachable: allow=False always raises
 
     @staticmethod
@@ -215,8 +229,9 @@ class AuthorizeView(BaseAuthorizationView, TemplateResponseMixin):
         return OAuthToolkitError(error=exc, redirect_uri=exc.redirect_uri)
 
     @staticmethod
-    def _agent(client_id):
-        return Agent.objects.filter(client_id=client_id or "").first()
+    def _agent(client_id: str) -> Agent | None:
+        agent: Agent | None = Agent.objects.filter(client_id=client_id or "").first()
+        return agent
 
 
 class InvalidTargetError(oauthlib_errors.OAuth2Error):
@@ -238,7 +253,7 @@ def credentials_client_id(query: str) -> str:
     return (parse_qs(query).get("client_id") or [""])[0]
 
 
-def _consent_shown(agent: Agent, policies, lifetime: int) -> dict:
+def _consent_shown(agent: Agent, policies: list[ScopePolicy], lifetime: int) -> dict[str, Any]:
     return {
         "may_delegate_to": [
             {"name": d.name, "publisher": d.publisher, "client_id": d.client_id} for d in delegates_of(agent)
@@ -274,10 +289,11 @@ def _token_typ(token: str) -> str:
 class IntrospectView(View):
     """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
 
-    def post(self, request, *args, **kwargs):
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         rs, refusal = resource_server_or_refusal(request, event="introspection.refused")
         if refusal is not None:
             return refusal
+        assert rs is not None  # no refusal: the resource server authenticated
         token = request.POST.get("token", "")
         if not token:
             audit_refusal(

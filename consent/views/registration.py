@@ -15,14 +15,14 @@ nothing, and is audited once. Registered agents are self-described (``consent.se
 import hmac
 import json
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from audit.services import audit_refusal, client_ip
 from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check
 
 from ..conf import countersign_settings
-from ..errors import AccessDenied, OAuthError
+from ..errors import AccessDenied, MethodNotAllowed, OAuthError
 from ..http import NO_STORE, error_response
 from ..oauth.client_metadata import InvalidClientMetadata, parse
 from ..selfdescribed import agent_register
@@ -66,7 +66,7 @@ def _check_policy(request: HttpRequest) -> None:
     raise RegistrationOff("Dynamic client registration is not offered here.", reason="registration is off")
 
 
-def _metadata(request: HttpRequest) -> dict:
+def _metadata(request: HttpRequest) -> object:
     if request.content_type != "application/json":
         raise InvalidClientMetadata("The body must be application/json (RFC 7591 §3.1).")
     body = request.body
@@ -81,13 +81,9 @@ def _metadata(request: HttpRequest) -> dict:
 
 
 @csrf_exempt
-def registration_view(request: HttpRequest):
+def registration_view(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
-        return JsonResponse(
-            {"error": "invalid_request", "error_description": "POST only."},
-            status=405,
-            headers={"Allow": "POST"},
-        )
+        return error_response(MethodNotAllowed("POST only."), headers={"Allow": "POST"})
     try:
         _check_policy(request)
         metadata = parse(_metadata(request), secrets_allowed=True)

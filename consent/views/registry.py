@@ -1,27 +1,27 @@
 """Agent registry for resource servers: one agent (authenticated) and the signed document."""
 
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from ..http import NO_STORE
+from ..errors import NotFound
+from ..http import NO_STORE, error_response
 from ..models import Agent
 from ..registry import REGISTRY_DOCUMENT_TTL, agent_entry, registry_document
 from .rs_auth import resource_server_or_refusal
 
 
-def agent_view(request, client_id: str):
+def agent_view(request: HttpRequest, client_id: str) -> HttpResponse:
     rs, refusal = resource_server_or_refusal(request, event="registry.refused")
     if refusal is not None:
         return refusal
+    assert rs is not None  # no refusal: the resource server authenticated
     agent = Agent.objects.filter(client_id=client_id[:255]).first()
     if agent is None:
-        return JsonResponse(
-            {"error": "not_found", "error_description": "no such agent"}, status=404, headers=NO_STORE
-        )
+        return error_response(NotFound("no such agent"))
     # Suspension must be visible at once: no caching here (the signed document is the cacheable form).
     return JsonResponse(agent_entry(agent), headers=NO_STORE)
 
 
-def registry_document_view(request):
+def registry_document_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse(
         registry_document(),
         content_type="application/jwt",

@@ -15,16 +15,18 @@ from audit.services import audit_refusal
 from ..conf import countersign_settings
 from ..errors import InvalidRequest, OAuthError
 from ..http import NO_STORE, claimed_client_id, error_response
-from ..models import AccessToken, RefreshToken
+from ..models import AccessToken, Agent, RefreshToken
 from ..oauth.client_auth import authenticate_request, presented_credentials
 from ..services import grant_revoke
 from ..tokens import token_checksum
 from .token import form_params
 
 
-def revoke(*, token: str, hint: str, agent) -> None:
+def revoke(*, token: str, hint: str, agent: Agent) -> None:
     """§2.1: find the token among the agent's own, in the hinted table first; revoke its grant."""
-    kinds = [RefreshToken, AccessToken] if hint == "refresh_token" else [AccessToken, RefreshToken]
+    kinds: list[type[AccessToken] | type[RefreshToken]] = (
+        [RefreshToken, AccessToken] if hint == "refresh_token" else [AccessToken, RefreshToken]
+    )
     checksum = token_checksum(token)
     for model in kinds:
         grant_id = (

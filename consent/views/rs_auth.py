@@ -1,6 +1,6 @@
 """Resource-server authentication for the endpoints downstream systems call."""
 
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 
 from audit.services import audit_refusal
 
@@ -11,7 +11,7 @@ from ..selectors import resource_server_authenticate
 
 
 def resource_server_or_refusal(
-    request, *, event: str, cached: bool = False
+    request: HttpRequest, *, event: str, cached: bool = False
 ) -> tuple[ResourceServer | None, HttpResponse | None]:
     """The authenticated resource server, or the audited 401 to send instead (``cached``: see
     ``resource_server_authenticate``)."""

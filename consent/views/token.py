@@ -25,7 +25,7 @@ from ..conf import countersign_settings
 from ..errors import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
 from ..grants.issue import TokenRequest
 from ..http import NO_STORE, claimed_client_id, error_response
-from ..oauth.client_auth import presented_credentials
+from ..oauth.client_auth import Credentials, presented_credentials
 from ..oauth.dpop import dpop_headers, verify_proof
 
 # RFC 8707 §2: ``resource`` may be given more than once; kept space-joined (an absolute URI has no space).
@@ -73,6 +73,7 @@ def form_params(request: HttpRequest) -> dict[str, str]:
 
 
 def _token_request(request: HttpRequest, params: dict[str, str], uri: str) -> TokenRequest:
+    presented: Credentials | InvalidClient
     try:
         presented = presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
     except InvalidClient as exc:

@@ -9,7 +9,7 @@ nothing of it is stored. A repeated ``id`` counts once.
 
 import json
 
-from django.http import HttpResponseNotAllowed, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from audit.services import audit_refusal
@@ -24,12 +24,13 @@ MAX_BODY = 64 * 1024
 
 
 @csrf_exempt
-def usage_view(request):
+def usage_view(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     rs, refusal = resource_server_or_refusal(request, event="usage.refused")
     if refusal is not None:
         return refusal
+    assert rs is not None  # no refusal: the resource server authenticated
     try:
         if request.content_type != "application/json":
             raise InvalidRequest("the body must be application/json")

@@ -74,8 +74,15 @@ def _shown_ids(page) -> set[str]:
 
 
 def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
-    live, live_context, scenario, ledger_policy, held, tiny_capacity, caplog, settings
-):  # noqa: F811
+    live,
+    live_context,
+    scenario,
+    ledger_policy,
+    held,  # noqa: F811
+    tiny_capacity,
+    caplog,
+    settings,
+):
     caplog.set_level(logging.INFO, logger="channels_redis.core")
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
@@ -120,8 +127,12 @@ def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario,
 
 
 def test_a_lost_newest_message_arrives_through_the_periodic_check(
-    live, live_context, scenario, ledger_policy, held
-):  # noqa: F811
+    live,
+    live_context,
+    scenario,
+    ledger_policy,
+    held,  # noqa: F811
+):
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
 

@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(
     live,
-    live_context,
+    live_context,  # noqa: F811
     demo_config,  # noqa: F811
-    systems,
-):  # noqa: F811
+    systems,  # noqa: F811
+):
     config, _ = demo_config
     page = live_context.new_page()
     problems = watch_page(page)

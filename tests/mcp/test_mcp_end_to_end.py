@@ -384,8 +384,12 @@ def _run_catalog_then_ledger(chromium, live, mcp_server, callback, *, metadata_u
 
 
 def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approval(
-    live, chromium, mcp_server, callback, client_document
-):  # noqa: F811
+    live,
+    chromium,  # noqa: F811
+    mcp_server,
+    callback,
+    client_document,
+):
     result, client = _run_catalog_then_ledger(
         chromium,
         live,

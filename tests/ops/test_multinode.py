@@ -104,7 +104,7 @@ def _verify_action_token(token: str, issuer: str, node_url: str) -> dict:
 @pytest.mark.browser
 def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
     multinode,
-    chromium,
+    chromium,  # noqa: F811
     scenario,  # noqa: F811
     agent,
 ):

@@ -1,6 +1,8 @@
 import json
+from collections.abc import Iterable
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.ledger import append_checkpoint_file, checkpoint_document, server_jwks
 from audit.models import AuditCheckpoint
@@ -14,7 +16,7 @@ class Command(BaseCommand):
         "the public keys that signed them, to keep beside them."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--size", type=int, metavar="TREE_SIZE", help="the checkpoint of this tree size")
         parser.add_argument("--all", action="store_true", help="every checkpoint, oldest first")
         parser.add_argument("--since", type=int, metavar="TREE_SIZE", help="checkpoints larger than this")
@@ -26,17 +28,18 @@ class Command(BaseCommand):
             "--seal", action="store_true", help="seal waiting events first (a fresh checkpoint)"
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         if options["jwks"]:
             self.stdout.write(json.dumps(server_jwks(), indent=2))
             return
         if options["seal"]:
             audit_seal_all()
-        checkpoints = AuditCheckpoint.objects.order_by("tree_size")
+        ordered = AuditCheckpoint.objects.order_by("tree_size")
+        checkpoints: Iterable[AuditCheckpoint] = ordered
         if options["size"] is not None:
-            checkpoints = checkpoints.filter(tree_size=options["size"])
+            checkpoints = ordered.filter(tree_size=options["size"])
         elif options["since"] is not None:
-            checkpoints = checkpoints.filter(tree_size__gt=options["since"])
+            checkpoints = ordered.filter(tree_size__gt=options["since"])
         elif not options["all"]:
             newest = AuditCheckpoint.objects.order_by("-tree_size").first()
             checkpoints = [newest] if newest else []

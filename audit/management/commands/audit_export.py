@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.export import FORMATS, ExportFilterError, document, parse_when, render, sealed_events
 
@@ -9,7 +11,7 @@ class Command(BaseCommand):
         "see audit/export.py and docs/audit.md): JSON Lines (default), CSV or OCSF JSON Lines."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--format", choices=FORMATS, default="jsonl")
         parser.add_argument("--since", help="events at or after this ISO 8601 date or date-time")
         parser.add_argument(
@@ -19,7 +21,7 @@ class Command(BaseCommand):
         parser.add_argument("--after", type=int, default=0, metavar="SEQ", help="only positions after SEQ")
         parser.add_argument("--output", metavar="FILE", help="write here instead of stdout")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         try:
             links = sealed_events(
                 after=options["after"],

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, transaction
 
 from audit.grants import audit_privileges, grant_statements
@@ -11,7 +13,7 @@ class Command(BaseCommand):
         "rows; --check reports what a role may do to them and exits non-zero if it can change them."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--role", help="the application's role (default for --check: the connected role)")
         parser.add_argument(
             "--owner", help="the owner role: also set default privileges for tables it creates later"
@@ -21,7 +23,7 @@ class Command(BaseCommand):
             "--check", action="store_true", help="report the role's privileges on audit tables"
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         if connection.vendor != "postgresql":
             raise CommandError("audit_grants is for PostgreSQL (SQLite has no roles)")
         if options["check"]:

@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
 
@@ -12,7 +13,7 @@ class Command(BaseCommand):
         "with: python -m countersign.ledger inclusion|consistency FILE --jwks JWKS"
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("event_id", nargs="?", type=int, help="the audit event's id")
         parser.add_argument(
             "--checkpoint",
@@ -28,7 +29,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--output", metavar="FILE", help="write the proof here instead of stdout")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         try:
             if options["consistency"]:
                 if options["event_id"] is not None:

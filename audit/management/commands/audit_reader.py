@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.readers import ReaderError, audit_reader_create, audit_reader_revoke
 
@@ -11,12 +12,12 @@ class Command(BaseCommand):
         "proofs from /audit/proofs/ (a SIEM or log shipper). The token is shown once; only its hash is kept."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=["create", "revoke"])
         parser.add_argument("name")
         parser.add_argument("--json", action="store_true", help="print {name, token} as JSON")
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         try:
             if options["action"] == "revoke":
                 audit_reader_revoke(name=options["name"], actor="cli")

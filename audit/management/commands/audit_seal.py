@@ -1,8 +1,10 @@
 import logging
 import signal
 import time
+from types import FrameType
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import DatabaseError, close_old_connections, connection
 
 from audit.services import SEAL_BATCH, audit_seal, audit_seal_all
@@ -16,7 +18,7 @@ class Command(BaseCommand):
         "(run exactly as many as you like: one at a time holds the sealer lock)."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--loop", action="store_true", help="keep sealing until SIGTERM or SIGINT")
         parser.add_argument("--batch", type=int, default=SEAL_BATCH, help="events per transaction")
         parser.add_argument(
@@ -26,14 +28,14 @@ class Command(BaseCommand):
             help="seconds to sleep when nothing was left to seal (or another sealer holds the lock)",
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         batch = options["batch"]
         if not options["loop"]:
             self.stdout.write(f"sealed {audit_seal_all(limit=batch)} events")
             return
         stopping = False
 
-        def stop(signum, frame):
+        def stop(signum: int, frame: FrameType | None) -> None:
             nonlocal stopping
             stopping = True
 

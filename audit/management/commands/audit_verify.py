@@ -1,6 +1,7 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.ledger import checkpoint_from_document, newest_in_file
 from audit.models import AuditCheckpoint, AuditLink
@@ -21,7 +22,7 @@ class Command(BaseCommand):
         "naming the first bad position."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--no-seal",
             action="store_true",
@@ -41,7 +42,7 @@ class Command(BaseCommand):
             help="check signatures with this JWKS instead of every key the server holds",
         )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         jwks = self._json(options["jwks"]) if options["jwks"] else None
         kept_files = list(options["checkpoint"])
         sink = countersign_settings.AUDIT_CHECKPOINT_FILE
@@ -82,7 +83,7 @@ class Command(BaseCommand):
             f"{signed}{also}{note}"
         )
 
-    def _json(self, path):
+    def _json(self, path: str) -> Any:
         try:
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)

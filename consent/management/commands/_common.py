@@ -1,11 +1,15 @@
 import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.core.management.base import CommandError
 
 from consent.errors import OAuthError
 
+T = TypeVar("T")
 
-def load_jwks(path: str | None) -> dict | None:
+
+def load_jwks(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
     try:
@@ -18,7 +22,7 @@ def load_jwks(path: str | None) -> dict | None:
     return data
 
 
-def run_service(fn, **kwargs):
+def run_service(fn: Callable[..., T], **kwargs: Any) -> T:
     """Call a service and turn domain and validation errors into a clean CommandError."""
     from django.core.exceptions import ValidationError
 

@@ -1,7 +1,9 @@
 import json
+from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
+from consent.conf import countersign_settings
 from consent.models import Agent
 from consent.services import agent_create, agent_update
 
@@ -11,7 +13,7 @@ from ._common import load_jwks, run_service
 class Command(BaseCommand):
     help = "Register an agent (an OAuth client). Prints its client id and secret once."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", required=True)
         parser.add_argument("--publisher", required=True)
         parser.add_argument(
@@ -22,7 +24,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--refresh-mode", choices=Agent.RefreshMode.values, default=Agent.RefreshMode.ROTATING
         )
-        parser.add_argument("--ttl", type=int, help="access-token lifetime in seconds (default 900)")
+        parser.add_argument(
+            "--ttl",
+            type=int,
+            help=f"access-token lifetime in seconds (default {countersign_settings.DEFAULT_ACCESS_TOKEN_TTL})",
+        )
         parser.add_argument(
             "--jwks", help="file holding the agent's public JWK Set (enables private_key_jwt)"
         )
@@ -36,7 +42,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--json", action="store_true")
 
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         agent, secret = run_service(
             agent_create,
             name=o["name"],

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand, CommandError
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from consent.models import Agent
 from consent.services import agent_update
@@ -9,7 +11,7 @@ from ._common import load_jwks, run_service
 class Command(BaseCommand):
     help = "Change an agent's refresh mode, TTL, keys, status or scopes."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("client_id")
         parser.add_argument("--refresh-mode", choices=Agent.RefreshMode.values)
         parser.add_argument("--ttl", type=int)
@@ -26,7 +28,7 @@ class Command(BaseCommand):
             "--notification-endpoint", help="CIBA ping-mode endpoint; empty string for poll mode"
         )
 
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         agent = Agent.objects.filter(client_id=o["client_id"]).first()
         if agent is None:
             raise CommandError(f"no agent with client id {o['client_id']}")

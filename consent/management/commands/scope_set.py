@@ -1,8 +1,9 @@
 import argparse
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth.models import Group
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from consent.models import ScopePolicy
 from consent.services import scope_set
@@ -13,7 +14,7 @@ from ._common import run_service
 class Command(BaseCommand):
     help = "Create or change a scope policy."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name")
         parser.add_argument("--audience", required=True)
         parser.add_argument("--sensitivity", required=True, choices=ScopePolicy.Sensitivity.values)
@@ -43,7 +44,7 @@ class Command(BaseCommand):
             "--quorum-when", help="only requests matching this rule need the quorum, e.g. 'amount > 10000'"
         )
 
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         values = {"audience": o["audience"], "sensitivity": o["sensitivity"]}
         optional = {
             "description": "description",

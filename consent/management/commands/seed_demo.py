@@ -2,10 +2,11 @@
 
 import json
 import os
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
 from consent.conf import countersign_settings
@@ -90,7 +91,7 @@ class Command(BaseCommand):
         "unless --rotate-secrets; --json prints credentials for scripts."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true")
         parser.add_argument(
             "--mcp-port",
@@ -105,7 +106,7 @@ class Command(BaseCommand):
         )
 
     @transaction.atomic
-    def handle(self, *args, **o):
+    def handle(self, *args: Any, **o: Any) -> None:
         User = get_user_model()
         users = []
         names = {
@@ -140,7 +141,11 @@ class Command(BaseCommand):
 
         servers, scopes = [], []
         for name, audience, scope, description, sensitivity in SYSTEMS:
-            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            values: dict[str, Any] = {
+                "audience": audience,
+                "sensitivity": sensitivity,
+                "description": description,
+            }
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {
                     "approval_window": 600,
@@ -219,12 +224,16 @@ class Command(BaseCommand):
             )
 
     @staticmethod
-    def _mcp_server(port: int, rotate: bool) -> tuple[dict, list[dict]]:
+    def _mcp_server(port: int, rotate: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The MCP server as a resource server, with its scopes (MCP clients join by themselves)."""
         audience = f"http://127.0.0.1:{port}/mcp"
         scopes = []
         for scope, description, sensitivity in MCP_SCOPES:
-            values = {"audience": audience, "sensitivity": sensitivity, "description": description}
+            values: dict[str, Any] = {
+                "audience": audience,
+                "sensitivity": sensitivity,
+                "description": description,
+            }
             if sensitivity == ScopePolicy.Sensitivity.STEP_UP:
                 values |= {
                     "approval_window": 300,
@@ -235,6 +244,7 @@ class Command(BaseCommand):
                 scope_set(name=scope, values=values, actor="seed_demo")
             scopes.append({"name": scope, "sensitivity": sensitivity, "audience": audience})
         rs = ResourceServer.objects.filter(audience=audience).first()
+        secret: str | None
         if rs is None:
             rs, secret = resource_server_create(
                 name="Shop (MCP server)", audience=audience, actor="seed_demo"
