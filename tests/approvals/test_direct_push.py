@@ -3,7 +3,8 @@ order, and through the buffer of any socket busy with a snapshot; against the re
 
 import asyncio
 
-from channels.layers import get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import channel_layers
 
 from approvals.delivery import group_send_sequenced, user_group
 
@@ -15,7 +16,8 @@ def _upsert(n: int) -> dict:
 
 
 async def _scenario() -> tuple[list[str], list[str], list[dict]]:
-    layer = get_channel_layer()
+    # A layer of its own: the process's shared one may hold locks of another test's event loop.
+    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
     direct_a, direct_b = await layer.new_channel(), await layer.new_channel()
     busy = await layer.new_channel()
     for channel in (direct_a, direct_b, busy):
