@@ -11,6 +11,7 @@ from typing import Any
 
 from django.db.models import Q
 
+from consent.instances import short_instance
 from consent.models import Agent, ResourceServer, ScopePolicy
 
 from .models import ApprovalRequest
@@ -95,6 +96,8 @@ def _did(agent: str, approval: ApprovalRequest | None, system: str) -> str:
 def _sentence(e: Any, n: _Names) -> str:
     d = e.detail if isinstance(e.detail, dict) else {}
     agent = n.agent(e.client_id)
+    if isinstance(d.get("instance"), str) and d["instance"]:  # which instance of it: "Procurement Agent (instance 3f9c…)"
+        agent = f"{agent} (instance {short_instance(d['instance'])})"
     who = n.who(e.actor)
     approval = n.approvals.get(str(d.get("approval_id", "")))
     reason = str(d.get("reason") or e.error or "").replace("_", " ")
@@ -173,6 +176,12 @@ def _sentence(e: Any, n: _Names) -> str:
             what = ", ".join(str(o) for o in (d.get("operations") or [])[:3])
             return (f"{who.capitalize()} reported {uses} use{'s' if uses != 1 else ''} by {agent}"
                     + (f": {what}" if what else "") + ".")
+        case "agent_instance.created":
+            return f"{agent} started acting on this connection."
+        case "agent_instance.cut_off":
+            return f"{who.capitalize()} cut off {agent}; the connection and its other instances keep working."
+        case "agent_instance.refused":
+            return f"{agent} was refused: it was cut off from this connection."
         case "refresh_token.reuse_detected":
             return f"A used refresh token of {agent} was presented again."
         case "rate.limited":

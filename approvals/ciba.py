@@ -18,6 +18,8 @@ from django.utils import timezone
 
 from consent import rows
 from consent.conf import countersign_settings
+from consent.errors import InstanceMismatch
+from consent.instances import instance_of
 from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
 from consent.oauth.client_auth import AGENT_ROW
 from consent.tokens import MAX_TOKEN_BYTES, SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
@@ -50,6 +52,7 @@ class BackchannelRequest:
     window_seconds: int
     delivery_mode: str
     client_notification_token: str
+    instance: str = ""  # the agent instance that asks (act.instance of its token), "" for the agent as one
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def read_login_hint(token: str, scope: str) -> LoginHint | None:
                      rows.instance(ScopePolicy, policy) if policy["id"] is not None else None)
 
 
-def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -> SessionGrant:
+def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None, instance: str) -> SessionGrant:
     if not token:
         raise InvalidRequest("login_hint_token (the agent's session access token) is required")
     try:
@@ -99,6 +102,9 @@ def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -
         raise InvalidRequest(f"login_hint_token is not a valid session access token ({exc})") from exc
     if claims.get("client_id") != agent.client_id:
         raise InvalidRequest("login_hint_token was issued to another client")
+    if instance_of(claims) != instance:
+        raise InstanceMismatch("login_hint_token was issued to another instance of the agent",
+                               reason=f"login_hint_token of instance {instance_of(claims)!r} sent by {instance!r}")
     if hint is None or hint.token_expires <= timezone.now():
         raise BackchannelAccessDenied("the session access token has been revoked")
     grant = hint.grant
@@ -156,12 +162,13 @@ def _delivery(agent: Agent, params: dict[str, str]) -> tuple[str, str]:
     return mode, notification_token if mode == "ping" else ""
 
 
-def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
-                                 hint: LoginHint | None = None) -> BackchannelRequest:
+def validate_backchannel_request(*, agent: Agent, params: dict[str, str], hint: LoginHint | None = None,
+                                 instance: str = "") -> BackchannelRequest:
     """CIBA Core §7.1 parameters, checked in the order an agent can act on.
 
     ``hint`` is ``read_login_hint`` for this request's token and scope, read already
-    (the endpoint reads it to authenticate the agent against the same row).
+    (the endpoint reads it to authenticate the agent against the same row). ``instance``: the
+    agent instance that authenticated (``consent.instances``); its hint token must be its own.
     """
     if hint is None:
         scopes = (params.get("scope") or "").split()
@@ -173,7 +180,7 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         raise InvalidScope("ask for exactly one step-up scope per request")
     scope = scopes[0]
     if scope == EXTEND_SCOPE:
-        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
+        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint, instance)
         binding_message = _binding_message(params.get("binding_message", ""))
         details = _extension_details(params.get("authorization_details", ""), agent)
         window = _window(params.get("requested_expiry"), countersign_settings.DEFAULT_APPROVAL_WINDOW)
@@ -181,13 +188,14 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         return BackchannelRequest(
             agent=agent, grant=grant, scope=scope, system="your connection with this agent", auto_approve_rule="",
             authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
-            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token)
+            window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
+            instance=instance)
     policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
     if scope not in (agent.allowed_scopes or []):
         raise InvalidScope(f"{scope} is not among the agent's registered scopes")
-    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
+    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint, instance)
     if scope not in grant.step_up_scopes:
         raise InvalidScope(f"the user did not include {scope} in this session's consent")
     binding_message = _binding_message(params.get("binding_message", ""))
@@ -202,4 +210,5 @@ def validate_backchannel_request(*, agent: Agent, params: dict[str, str],
         agent=agent, grant=grant, scope=scope, system=policy.description, auto_approve_rule=policy.auto_approve_rule,
         authorization_details=details, action_hash=rar.action_hash(details), binding_message=binding_message,
         window_seconds=window, delivery_mode=mode, client_notification_token=notification_token,
+        instance=instance,
     )

@@ -12,7 +12,8 @@ from typing import Any
 from django.db.models import Count, Max, Q
 
 from audit.models import AuditEvent
-from consent.models import GrantUse, ResourceServer, SessionGrant
+from consent.instances import instances_for_grant
+from consent.models import AgentInstance, GrantUse, ResourceServer, SessionGrant
 
 from .activity import Entry, describe
 from .models import ApprovalRequest
@@ -41,6 +42,7 @@ class Story:
     signed_in_with: str
     entries: list[Entry] = field(default_factory=list)
     receipts: dict[str, str] = field(default_factory=dict)  # approval id -> its receipt URL
+    instances: list[AgentInstance] = field(default_factory=list)  # the agent's instances on this grant
 
 
 def grants_overview(*, grants: list[SessionGrant], user_id: int) -> list[GrantSummary]:
@@ -102,4 +104,5 @@ def grant_story(*, grant_id: Any, user_id: int) -> Story | None:
     entries.sort(key=lambda e: (e.when, e.id if e.id > 0 else 0))
     receipts = {str(pk): f"/approvals/{pk}/receipt/" for pk in ApprovalRequest.objects.filter(
         grant=grant, status=ApprovalRequest.Status.REDEEMED).values_list("pk", flat=True)}
-    return Story(grant=grant, signed_in_with=auth_words(grant.amr), entries=entries, receipts=receipts)
+    return Story(grant=grant, signed_in_with=auth_words(grant.amr), entries=entries, receipts=receipts,
+                 instances=instances_for_grant(grant_id=grant.pk))

@@ -30,6 +30,8 @@ urlpatterns = [
     path("grants/", pages.grants_view, name="grants"),
     path("grants/<uuid:grant_id>/", pages.grant_detail_view, name="grant-detail"),
     path("grants/<uuid:grant_id>/revoke/", account.grant_revoke_view, name="grant-revoke"),
+    path("grants/<uuid:grant_id>/instances/<int:instance_pk>/cut-off/", account.instance_cut_off_view,
+         name="instance-cut-off"),
     path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
     path("", include("audit.urls")),

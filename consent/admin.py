@@ -14,9 +14,11 @@ from oauth2_provider.models import get_id_token_model
 from audit.services import audit_record
 
 from .hashers import generate_secret
+from .instances import InstanceNotActive, agent_instance_cut_off
 from .models import (
     AccessToken,
     Agent,
+    AgentInstance,
     AuthorizationCode,
     RefreshToken,
     ResourceServer,
@@ -201,6 +203,32 @@ class SessionGrantAdmin(admin.ModelAdmin):
         done = sum(grant_revoke(grant_id=g.pk, reason="revoked_by_admin", actor=_admin_actor(request))
                    for g in queryset)
         messages.success(request, f"Revoked {done} grant(s).")
+
+
+@admin.register(AgentInstance)
+class AgentInstanceAdmin(admin.ModelAdmin):
+    list_display = ("instance_id", "agent", "grant", "status", "first_seen", "last_seen", "cut_off_at", "cut_off_by")
+    list_filter = ("status", "agent")
+    search_fields = ("instance_id", "agent__name", "agent__client_id", "grant__id")
+    readonly_fields = [f.name for f in AgentInstance._meta.fields]
+    actions = ["cut_off"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Cut off: this instance's requests are refused; the grant keeps working")
+    def cut_off(self, request, queryset):
+        done = 0
+        for instance in queryset.filter(status=AgentInstance.Status.ACTIVE):
+            try:
+                agent_instance_cut_off(instance_pk=instance.pk, by=_admin_actor(request), request=request)
+                done += 1
+            except InstanceNotActive:
+                continue
+        messages.success(request, f"Cut off {done} instance(s).")
 
 
 @admin.register(SigningKey)

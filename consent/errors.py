@@ -180,3 +180,18 @@ class TooManyRequests(OAuthError):
         self.retry_after = max(1, int(retry_after))
         if error:
             self.error = error
+
+
+class InstanceCutOff(InvalidClient):
+    """draft-ietf-oauth-attestation-based-client-auth §5: this instance of the agent proved its key,
+    but the user or an administrator cut it off from the session grant (``agent_instance_cut_off``).
+    The grant and the agent's other instances keep working."""
+
+    code = "instance_cut_off"
+
+
+class InstanceMismatch(InvalidGrant):
+    """RFC 6749 §5.2 ("issued to another client"), per instance: the refresh token, ``auth_req_id``
+    or token presented belongs to another instance of the agent (or to the agent as one)."""
+
+    code = "instance_mismatch"

@@ -46,7 +46,8 @@ from .issue import (
 
 GRANT_TYPE = "refresh_token"
 
-_RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user", "resource"])
+_RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user", "resource",
+                                       "instance"])
 
 
 def _select(refresh_token: str, *, lock: bool) -> Found | None:
@@ -75,6 +76,7 @@ def _refresh(req: TokenRequest, found: Found | None, now) -> dict[str, Any] | No
     rt, grant, agent = req.authenticate_holder(found, unknown="unknown refresh token")
     if rt["revoked"] is not None:
         raise CredentialReused((rt, grant, agent))
+    req.check_instance(rt["instance"])  # an instance's refresh token is that instance's alone
     if agent.refresh_mode != Agent.RefreshMode.ROTATING:
         raise RefreshNotAllowed(reason="agent's refresh mode does not allow refresh tokens")
     if not grant.is_live(now):

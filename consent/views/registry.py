@@ -4,7 +4,7 @@ from django.http import HttpResponse, JsonResponse
 
 from ..http import NO_STORE
 from ..models import Agent
-from ..registry import REGISTRY_DOCUMENT_TTL, agent_entry, registry_document
+from ..registry import REGISTRY_DOCUMENT_TTL, agent_entry, instance_entry, registry_document
 from .rs_auth import resource_server_or_refusal
 
 
@@ -17,7 +17,11 @@ def agent_view(request, client_id: str):
         return JsonResponse({"error": "not_found", "error_description": "no such agent"}, status=404,
                             headers=NO_STORE)
     # Suspension must be visible at once: no caching here (the signed document is the cacheable form).
-    return JsonResponse(agent_entry(agent), headers=NO_STORE)
+    entry = agent_entry(agent)
+    instance = request.GET.get("instance", "")
+    if instance:  # one instance on one grant (act.instance, grant_id): cut off there, or not
+        entry["instance"] = instance_entry(agent, instance=instance, grant_id=request.GET.get("grant_id", ""))
+    return JsonResponse(entry, headers=NO_STORE)
 
 
 def registry_document_view(request):

@@ -44,7 +44,9 @@ def revocation_view(request: HttpRequest) -> HttpResponse:
         params = form_params(request)
         if not params.get("token"):
             raise InvalidRequest("Missing token parameter.")
-        credentials = presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        credentials = presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""),
+                                            attestation=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION"),
+                                            pop=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION_POP"))
         agent = authenticate_request(credentials, endpoint_url=f"{countersign_settings.ISSUER}/o/revoke/")
         revoke(token=params["token"], hint=params.get("token_type_hint", ""), agent=agent)
     except OAuthError as exc:
