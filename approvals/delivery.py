@@ -37,6 +37,8 @@ from channels.layers import get_channel_layer
 from django.utils import timezone
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from consent.instances import short_instance
+
 from .models import ApprovalRequest
 from .wording import approve_gives
 
@@ -54,7 +56,9 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
     """Everything the inbox shows. Agent text is sent as text; the page inserts it with textContent."""
     return {
         "id": str(approval.pk),
-        "agent": approval.agent.name,
+        # Which instance of the agent asks, when it runs as several: "Procurement Agent (instance 3f9c…)".
+        "agent": f"{approval.agent.name} (instance {short_instance(approval.instance)})" if approval.instance
+        else approval.agent.name,
         "publisher": approval.agent.publisher,
         "scope": approval.scope,
         "headline": approval.headline,

@@ -30,7 +30,7 @@ def pending_count(*, user) -> int:
 
 _PUSH = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details",
-    "binding_message", "created", "expires_at", "delivered_at"])
+    "binding_message", "created", "expires_at", "delivered_at", "instance"])
 _PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
 
 
@@ -64,7 +64,7 @@ def approval_for_push(*, approval_id: Any) -> ApprovalRequest | None:
 
 _DECISION = rows.Columns(ApprovalRequest, "ap", [
     "id", "status", "user", "grant", "agent", "scope", "headline", "authorization_details", "delivery_mode",
-    "expires_at"])
+    "expires_at", "instance"])
 _DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
 _DECISION_POLICY = rows.Columns(ScopePolicy, "p", ["fresh_auth_seconds"])
 

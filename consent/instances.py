@@ -124,4 +124,4 @@ def instances_for_grant(*, grant_id: Any) -> list[AgentInstance]:
 
 def short_instance(instance: str) -> str:
     """How a person reads an instance id: "3f9c…" (the whole id is on the record)."""
-    return instance if len(instance) <= 8 else f"{instance[:4]}…"
+    return AgentInstance.short(instance)

@@ -360,7 +360,12 @@ class AgentInstance(models.Model):
 
     @property
     def short_id(self) -> str:
-        return self.instance_id if len(self.instance_id) <= 8 else f"{self.instance_id[:4]}…"  # "3f9c…"
+        return self.short(self.instance_id)
+
+    @staticmethod
+    def short(instance: str) -> str:
+        """How a person reads an instance id: "3f9c…" (the whole id is on the record)."""
+        return instance if len(instance) <= 5 else f"{instance[:4]}…"
 
 
 class AuthorizationCode(AbstractGrant):

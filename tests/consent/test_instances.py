@@ -13,7 +13,8 @@ from audit.models import AuditEvent
 from consent.instances import agent_instance_cut_off
 from consent.models import Agent, AgentInstance, SessionGrant
 from countersign.dpop import DPoPKey
-from countersign.instance import ATTESTATION_TYP, POP_TYP, AgentInstance as SdkInstance, issue_attestation
+from countersign.instance import ATTESTATION_TYP, POP_TYP, issue_attestation
+from countersign.instance import AgentInstance as SdkInstance
 from tests.conftest import REDIRECT_URI, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
