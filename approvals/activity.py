@@ -26,6 +26,7 @@ END_REASONS = {
     "authorization_code_reused": "a used authorization code was presented again, so it was ended to be safe",
     "lifetime_ended": "its lifetime ended",
     "grant_ended": "the connection ended",
+    "instance_cut_off": "the instance of the agent that asked was cut off",
 }
 
 

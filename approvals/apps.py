@@ -11,17 +11,22 @@ class ApprovalsConfig(AppConfig):
 
         from consent.models import SessionGrant
         from consent.selectors import TOKEN_INTROSPECTORS
-        from consent.signals import grant_ended
+        from consent.signals import grant_ended, instance_cut_off
         from consent.tokens import ACTION_TOKEN_TYP
 
         from . import tasks  # noqa: F401  (registers the tasks the services queue by name, in every process)
         from .selectors import action_token_introspect
-        from .services import approvals_cancel_for_grant
+        from .services import approvals_cancel_for_grant, approvals_cancel_for_instance
 
         def cancel_open_approvals(sender, grant_id, reason, **kwargs):
             approvals_cancel_for_grant(grant_id=grant_id, reason=reason)
 
         grant_ended.connect(cancel_open_approvals, weak=False, dispatch_uid="approvals.cancel_open_approvals")
+
+        def cancel_instance_approvals(sender, grant_id, instance, **kwargs):
+            approvals_cancel_for_instance(grant_id=grant_id, instance=instance)
+
+        instance_cut_off.connect(cancel_instance_approvals, weak=False, dispatch_uid="approvals.cancel_instance")
 
         def tell_open_pages(sender, grant_id, reason, **kwargs):
             # An open story page of that grant re-reads itself (approvals.tasks.push_grant_changed).

@@ -508,6 +508,13 @@ def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
 
 
+def approvals_cancel_for_instance(*, grant_id: Any, instance: str, reason: str = "instance_cut_off") -> int:
+    """The open requests one agent instance made on a grant (it was cut off): cancelled, each audited."""
+    ids = list(ApprovalRequest.objects.filter(grant_id=grant_id, instance=instance,
+                                              status__in=ApprovalRequest.leaving("cancel")).values_list("pk", flat=True))
+    return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
+
+
 def action_token_redeemed_announce(*, approval_id: Any) -> None:
     """Tell the user's open inboxes the request is now REDEEMED (their history row changes).
 

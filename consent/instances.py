@@ -26,6 +26,7 @@ from . import rows
 from .errors import InstanceCutOff, InvalidClient
 from .models import Agent, AgentInstance, SessionGrant
 from .oauth.attestation import InstanceProof
+from .signals import instance_cut_off
 
 _TABLE = rows.table(AgentInstance)
 _ADMIT = (f"INSERT INTO {_TABLE} AS i (agent_id, grant_id, instance_id, jkt, status, first_seen, last_seen,"
@@ -90,7 +91,8 @@ def instance_admit(*, agent: Agent, grant: SessionGrant, proof: InstanceProof, w
 
 def agent_instance_cut_off(*, instance_pk: Any, by: str, user_id: int | None = None, grant_id: Any = None,
                            request: Any = None) -> AgentInstance:
-    """ACTIVE -> CUT_OFF for one instance on one grant: its later requests are refused everywhere.
+    """ACTIVE -> CUT_OFF for one instance on one grant: its later requests are refused everywhere,
+    and its open step-up requests are cancelled (``consent.signals.instance_cut_off``).
 
     ``by`` is who did it (``user:<pk>``, ``admin:<name>``); with ``user_id`` only an instance on that
     person's grant (and with ``grant_id``, only on that grant). The guarded UPDATE decides a race;
@@ -111,6 +113,8 @@ def agent_instance_cut_off(*, instance_pk: Any, by: str, user_id: int | None = N
         audit_record(event="agent_instance.cut_off", actor=by, user_id=instance.grant.user_id,
                      client_id=instance.agent.client_id, grant_id=instance.grant_id, request=request,
                      detail={"instance": instance.instance_id})
+        instance_cut_off.send(sender=AgentInstance, grant_id=instance.grant_id, instance=instance.instance_id,
+                              actor=by, user_id=instance.grant.user_id)
         grant_id, owner = str(instance.grant_id), instance.grant.user_id
         # By its registered name (approvals.tasks): an open story page of the grant re-reads itself.
         transaction.on_commit(lambda: current_app.tasks["approvals.push_grant_changed"].delay(grant_id, owner),

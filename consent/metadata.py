@@ -50,7 +50,10 @@ def server_metadata() -> dict:
         "code_challenge_methods_supported": ["S256"],
         # "none": public clients (self-described agents that registered so); PKCE binds their codes.
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt",
-                                                  "none"],
+                                                  "attest_jwt_client_auth", "none"],
+        # draft-ietf-oauth-attestation-based-client-auth §10.1: agent instances (consent.instances)
+        "client_attestation_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "client_attestation_pop_signing_alg_values_supported": list(ASSERTION_ALGS),
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt",

@@ -103,6 +103,9 @@ def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(cl
 
     row = AgentInstance.objects.get(instance_id="3f9c2a7b")
     agent_instance_cut_off(instance_pk=row.pk, by=f"user:{scenario.user.pk}", user_id=scenario.user.pk)
+    # Its open requests end with it (audited, gone from the inbox); what it collected is refused below.
+    assert set(ApprovalRequest.objects.values_list("status", flat=True)) == {"cancelled"}
+    assert AuditEvent.objects.filter(event="approval.cancelled", detail__reason="instance_cut_off").count() == 2
     before = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(second)).status
 
     def refused_once(send, error: str, status: int, event: str) -> None:

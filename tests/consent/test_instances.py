@@ -248,3 +248,56 @@ def test_an_instance_costs_one_statement_more_than_the_agent_as_one(client, scen
     token = join(client, a, agents_token).json()["access_token"]  # first use: the record and its audit row
     with django_assert_max_num_queries(3 + 1):  # token exchange's budget, plus instance_admit
         assert join(client, a, token).status_code == 200
+
+
+# --- the person's page and the admin ---------------------------------------------------------
+
+
+def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(client, flow, scenario, two, agents_token):
+    a, b = two
+    join(client, a, agents_token)
+    join(client, b, agents_token)
+    grant = SessionGrant.objects.get()
+    row = AgentInstance.objects.get(instance_id="3f9c2a7b")
+    flow.login()
+    page = client.get(f"/grants/{grant.pk}/").content.decode()
+    assert "Instances" in page and 'aria-label="Cut off instance 3f9c…"' in page and "b81d…" in page
+    url = f"/grants/{grant.pk}/instances/{row.pk}/cut-off/"
+    assert client.get(url).status_code == 405  # POST only
+    response = client.post(url)
+    assert response.status_code == 302 and response["Location"] == f"/grants/{grant.pk}/"
+    assert AgentInstance.objects.get(pk=row.pk).status == "cut_off"
+    assert AgentInstance.objects.get(instance_id="b81d04e6").status == "active"
+    assert client.post(url).status_code == 404  # once only
+    page = client.get(f"/grants/{grant.pk}/").content.decode()
+    assert 'aria-label="Cut off instance 3f9c…"' not in page and "Cut off</span>" in page
+    assert "You cut off Procurement Agent (instance 3f9c…)" in page
+
+
+def test_the_cut_off_form_needs_csrf_and_the_owner(client, flow, scenario, two, agents_token, django_user_model):
+    from django.test import Client
+
+    a, _ = two
+    join(client, a, agents_token)
+    grant, row = SessionGrant.objects.get(), AgentInstance.objects.get()
+    url = f"/grants/{grant.pk}/instances/{row.pk}/cut-off/"
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(scenario.user)
+    assert strict.post(url).status_code == 403
+    django_user_model.objects.create_user("stranger", password="pw-stranger-1")
+    other = Client()
+    other.login(username="stranger", password="pw-stranger-1")
+    assert other.post(url).status_code == 404
+    assert AgentInstance.objects.get().status == "active"
+
+
+def test_an_admin_cuts_off_an_instance_through_the_service(admin_client, two, agents_token, client):
+    a, _ = two
+    join(client, a, agents_token)
+    row = AgentInstance.objects.get()
+    response = admin_client.post("/admin/consent/agentinstance/", {
+        "action": "cut_off", "_selected_action": [str(row.pk)]})
+    assert response.status_code == 302
+    row.refresh_from_db()
+    assert row.status == "cut_off" and row.cut_off_by.startswith("admin:")
+    assert AuditEvent.objects.get(event="agent_instance.cut_off").actor.startswith("admin:")
