@@ -23,7 +23,7 @@ class ApprovalsConfig(AppConfig):
 
         grant_ended.connect(cancel_open_approvals, weak=False, dispatch_uid="approvals.cancel_open_approvals")
 
-        def cancel_instance_approvals(sender, grant_id, instance, **kwargs):
+        def cancel_instance_approvals(sender: object, grant_id: object, instance: str, **kwargs: object) -> None:
             approvals_cancel_for_instance(grant_id=grant_id, instance=instance)
 
         instance_cut_off.connect(cancel_instance_approvals, weak=False, dispatch_uid="approvals.cancel_instance")

@@ -5,7 +5,7 @@ import time
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -212,7 +212,8 @@ class BackchannelAuthenticationView(View):
                              "interval": approval.interval}, headers=NO_STORE)
 
     @staticmethod
-    def _authenticate(request, params: dict[str, str]) -> tuple[Agent, LoginHint | None, InstanceProof | None]:
+    def _authenticate(request: HttpRequest, params: dict[str, str]
+                      ) -> tuple[Agent, LoginHint | None, InstanceProof | None]:
         credentials = client_auth.presented_credentials(
             params, request.META.get("HTTP_AUTHORIZATION", ""),
             attestation=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION"),

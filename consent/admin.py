@@ -8,6 +8,8 @@ import secrets
 
 from django import forms
 from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 from django.utils.html import format_html
 from oauth2_provider.models import get_id_token_model
 
@@ -220,7 +222,7 @@ class AgentInstanceAdmin(admin.ModelAdmin):
         return False
 
     @admin.action(description="Cut off: this instance's requests are refused; the grant keeps working")
-    def cut_off(self, request, queryset):
+    def cut_off(self, request: HttpRequest, queryset: QuerySet[AgentInstance]) -> None:
         done = 0
         for instance in queryset.filter(status=AgentInstance.Status.ACTIVE):
             try:

@@ -109,7 +109,7 @@ def agent_instance_cut_off(*, instance_pk: Any, by: str, user_id: int | None = N
             status=AgentInstance.Status.CUT_OFF, cut_off_at=now, cut_off_by=by[:100])
         if moved != 1:
             raise InstanceNotActive(str(instance_pk))
-        instance = AgentInstance.objects.select_related("agent", "grant").get(pk=instance_pk)
+        instance: AgentInstance = AgentInstance.objects.select_related("agent", "grant").get(pk=instance_pk)
         audit_record(event="agent_instance.cut_off", actor=by, user_id=instance.grant.user_id,
                      client_id=instance.agent.client_id, grant_id=instance.grant_id, request=request,
                      detail={"instance": instance.instance_id})

@@ -4,6 +4,7 @@ import time
 from base64 import b32encode
 from datetime import UTC, datetime
 from io import BytesIO
+from uuid import UUID
 
 import qrcode
 import qrcode.image.svg
@@ -12,7 +13,7 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model, login, logout
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django_otp import login as otp_login
@@ -187,7 +188,7 @@ def grant_revoke_view(request, grant_id):
 
 @login_required
 @post_only
-def instance_cut_off_view(request, grant_id, instance_pk):
+def instance_cut_off_view(request: HttpRequest, grant_id: UUID, instance_pk: int) -> HttpResponse:
     """Cut off one instance of the agent from this person's grant; the grant and other instances stay."""
     try:
         instance = agent_instance_cut_off(instance_pk=instance_pk, by=f"user:{request.user.pk}",
