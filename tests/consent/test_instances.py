@@ -301,3 +301,18 @@ def test_an_admin_cuts_off_an_instance_through_the_service(admin_client, two, ag
     row.refresh_from_db()
     assert row.status == "cut_off" and row.cut_off_by.startswith("admin:")
     assert AuditEvent.objects.get(event="agent_instance.cut_off").actor.startswith("admin:")
+
+
+def test_a_cut_off_instance_cannot_end_the_grant_by_revocation(client, scenario, two, agents_token):
+    a, b = two
+    token_a = join(client, a, agents_token).json()["access_token"]
+    agent_instance_cut_off(instance_pk=AgentInstance.objects.get().pk, by="admin:root")
+    refused = client.post("/o/revoke/", urlencode({"token": token_a}),
+                          content_type="application/x-www-form-urlencoded", **headers(a))
+    assert refused.status_code == 401 and refused.json()["reason"] == "instance_cut_off"
+    assert SessionGrant.objects.get().status == "active"
+    assert AuditEvent.objects.filter(event="agent_instance.refused").count() == 1
+    token_b = join(client, b, agents_token).json()["access_token"]
+    ended = client.post("/o/revoke/", urlencode({"token": token_b}),
+                        content_type="application/x-www-form-urlencoded", **headers(b))
+    assert ended.status_code == 200 and SessionGrant.objects.get().status == "revoked"
