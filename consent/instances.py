@@ -29,10 +29,11 @@ from .oauth.attestation import InstanceProof
 from .signals import instance_cut_off
 
 _TABLE = rows.table(AgentInstance)
-_ADMIT = (f"INSERT INTO {_TABLE} AS i (agent_id, grant_id, instance_id, jkt, status, first_seen, last_seen,"
+_ADMIT = (f"INSERT INTO {_TABLE} (agent_id, grant_id, instance_id, jkt, status, first_seen, last_seen,"
           f" cut_off_at, cut_off_by) VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, '')"
           f" ON CONFLICT (grant_id, instance_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
-          f" WHERE i.status = %s AND i.jkt = EXCLUDED.jkt RETURNING i.first_seen")
+          f" WHERE {_TABLE}.status = %s AND {_TABLE}.jkt = EXCLUDED.jkt"
+          f" RETURNING CASE WHEN first_seen = last_seen THEN 1 ELSE 0 END")  # 1: inserted by this statement
 
 
 class InstanceNotActive(Exception):
@@ -76,7 +77,7 @@ def instance_admit(*, agent: Agent, grant: SessionGrant, proof: InstanceProof, w
     row = rows.fetchone(_ADMIT, [agent.pk, rows.param(AgentInstance, "grant", grant.pk), proof.instance, proof.jkt,
                                  AgentInstance.Status.ACTIVE, at, at, AgentInstance.Status.ACTIVE])
     if row is not None:
-        if row[0] in (now, at):  # first_seen is this very request's: the instance is new
+        if row[0]:  # the instance is new
             audit_record(event="agent_instance.created", actor=agent.actor_id, user_id=grant.user_id,
                          client_id=agent.client_id, grant_id=grant.pk, request=request,
                          detail={"instance": proof.instance, "jkt": proof.jkt})

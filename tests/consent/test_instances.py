@@ -185,6 +185,10 @@ BAD = {
     "lives too long": lambda s, k, i: dict(attestation=_forged(s, k, i, exp=int(time.time()) + 86400)),
     "for another client": lambda s, k, i: dict(attestation=_forged(s, k, i, sub="someone-else")),
     "no instance claim": lambda s, k, i: dict(attestation=_forged(s, k, i, instance=None)),
+    "alg none": lambda s, k, i: dict(attestation=jwt.encode(
+        {"iss": s.agent.client_id, "sub": s.agent.client_id, "exp": int(time.time()) + 60,
+         "cnf": {"jwk": i.key.jwk}, "instance": i.instance}, None, algorithm="none",
+        headers={"typ": ATTESTATION_TYP})),
     "PoP by another key": lambda s, k, i: dict(pop=_pop(i, DPoPKey.generate())),
     "PoP for another audience": lambda s, k, i: dict(pop=_pop(i, aud="https://elsewhere.example")),
     "stale PoP": lambda s, k, i: dict(pop=_pop(i, iat=int(time.time()) - 600)),
