@@ -29,11 +29,13 @@ from .oauth.attestation import InstanceProof
 from .signals import instance_cut_off
 
 _TABLE = rows.table(AgentInstance)
-_ADMIT = (f"INSERT INTO {_TABLE} (agent_id, grant_id, instance_id, jkt, status, first_seen, last_seen,"
-          f" cut_off_at, cut_off_by) VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, '')"
-          f" ON CONFLICT (grant_id, instance_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
-          f" WHERE {_TABLE}.status = %s AND {_TABLE}.jkt = EXCLUDED.jkt"
-          f" RETURNING CASE WHEN first_seen = last_seen THEN 1 ELSE 0 END")  # 1: inserted by this statement
+_ADMIT = (
+    f"INSERT INTO {_TABLE} (agent_id, grant_id, instance_id, jkt, status, first_seen, last_seen,"
+    f" cut_off_at, cut_off_by) VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, '')"
+    f" ON CONFLICT (grant_id, instance_id) DO UPDATE SET last_seen = EXCLUDED.last_seen"
+    f" WHERE {_TABLE}.status = %s AND {_TABLE}.jkt = EXCLUDED.jkt"
+    f" RETURNING CASE WHEN first_seen = last_seen THEN 1 ELSE 0 END"
+)  # 1: inserted by this statement
 
 
 class InstanceNotActive(Exception):
@@ -55,18 +57,36 @@ def instance_of(claims: dict[str, Any]) -> str:
     return instance if isinstance(instance, str) else ""
 
 
-def refuse_cut_off(*, agent: Agent, grant_id: Any, user_id: int, instance: str, where: str,
-                   request: Any = None) -> InstanceCutOff:
+def refuse_cut_off(
+    *, agent: Agent, grant_id: Any, user_id: int, instance: str, where: str, request: Any = None
+) -> InstanceCutOff:
     """The one audit row of a cut-off instance's refused request, in its person's trail; the refusal."""
-    audit_refusal(event="agent_instance.refused", error="invalid_client", actor=agent.actor_id, user_id=user_id,
-                  client_id=agent.client_id, grant_id=grant_id, request=request,
-                  detail={"instance": instance, "reason": "instance_cut_off", "where": where})
-    return InstanceCutOff("This instance of the agent was cut off from this connection.",
-                          reason="instance cut off", audited=True)
+    audit_refusal(
+        event="agent_instance.refused",
+        error="invalid_client",
+        actor=agent.actor_id,
+        user_id=user_id,
+        client_id=agent.client_id,
+        grant_id=grant_id,
+        request=request,
+        detail={"instance": instance, "reason": "instance_cut_off", "where": where},
+    )
+    return InstanceCutOff(
+        "This instance of the agent was cut off from this connection.",
+        reason="instance cut off",
+        audited=True,
+    )
 
 
-def instance_admit(*, agent: Agent, grant: SessionGrant, proof: InstanceProof, where: str,
-                   now: datetime | None = None, request: Any = None) -> None:
+def instance_admit(
+    *,
+    agent: Agent,
+    grant: SessionGrant,
+    proof: InstanceProof,
+    where: str,
+    now: datetime | None = None,
+    request: Any = None,
+) -> None:
     """Let ``proof``'s instance act on ``grant``, recording it on first use (audited).
 
     One statement; refused (nothing changed, one audit row) when the instance was cut off, or when
@@ -74,24 +94,51 @@ def instance_admit(*, agent: Agent, grant: SessionGrant, proof: InstanceProof, w
     """
     now = now or timezone.now()
     at = rows.param(AgentInstance, "first_seen", now)
-    row = rows.fetchone(_ADMIT, [agent.pk, rows.param(AgentInstance, "grant", grant.pk), proof.instance, proof.jkt,
-                                 AgentInstance.Status.ACTIVE, at, at, AgentInstance.Status.ACTIVE])
+    row = rows.fetchone(
+        _ADMIT,
+        [
+            agent.pk,
+            rows.param(AgentInstance, "grant", grant.pk),
+            proof.instance,
+            proof.jkt,
+            AgentInstance.Status.ACTIVE,
+            at,
+            at,
+            AgentInstance.Status.ACTIVE,
+        ],
+    )
     if row is not None:
         if row[0]:  # the instance is new
-            audit_record(event="agent_instance.created", actor=agent.actor_id, user_id=grant.user_id,
-                         client_id=agent.client_id, grant_id=grant.pk, request=request,
-                         detail={"instance": proof.instance, "jkt": proof.jkt})
+            audit_record(
+                event="agent_instance.created",
+                actor=agent.actor_id,
+                user_id=grant.user_id,
+                client_id=agent.client_id,
+                grant_id=grant.pk,
+                request=request,
+                detail={"instance": proof.instance, "jkt": proof.jkt},
+            )
         return
-    status = (AgentInstance.objects.filter(grant_id=grant.pk, instance_id=proof.instance)
-              .values_list("status", flat=True).first())
+    status = (
+        AgentInstance.objects.filter(grant_id=grant.pk, instance_id=proof.instance)
+        .values_list("status", flat=True)
+        .first()
+    )
     if status == AgentInstance.Status.CUT_OFF:
-        raise refuse_cut_off(agent=agent, grant_id=grant.pk, user_id=grant.user_id, instance=proof.instance,
-                             where=where, request=request)
+        raise refuse_cut_off(
+            agent=agent,
+            grant_id=grant.pk,
+            user_id=grant.user_id,
+            instance=proof.instance,
+            where=where,
+            request=request,
+        )
     raise InvalidClient(reason=f"instance {proof.instance} proved another key than on its first use")
 
 
-def agent_instance_cut_off(*, instance_pk: Any, by: str, user_id: int | None = None, grant_id: Any = None,
-                           request: Any = None) -> AgentInstance:
+def agent_instance_cut_off(
+    *, instance_pk: Any, by: str, user_id: int | None = None, grant_id: Any = None, request: Any = None
+) -> AgentInstance:
     """ACTIVE -> CUT_OFF for one instance on one grant: its later requests are refused everywhere,
     and its open step-up requests are cancelled (``consent.signals.instance_cut_off``).
 
@@ -107,19 +154,32 @@ def agent_instance_cut_off(*, instance_pk: Any, by: str, user_id: int | None = N
         filters["grant_id"] = grant_id
     with transaction.atomic():
         moved = AgentInstance.objects.filter(**filters).update(
-            status=AgentInstance.Status.CUT_OFF, cut_off_at=now, cut_off_by=by[:100])
+            status=AgentInstance.Status.CUT_OFF, cut_off_at=now, cut_off_by=by[:100]
+        )
         if moved != 1:
             raise InstanceNotActive(str(instance_pk))
         instance: AgentInstance = AgentInstance.objects.select_related("agent", "grant").get(pk=instance_pk)
-        audit_record(event="agent_instance.cut_off", actor=by, user_id=instance.grant.user_id,
-                     client_id=instance.agent.client_id, grant_id=instance.grant_id, request=request,
-                     detail={"instance": instance.instance_id})
-        instance_cut_off.send(sender=AgentInstance, grant_id=instance.grant_id, instance=instance.instance_id,
-                              actor=by, user_id=instance.grant.user_id)
+        audit_record(
+            event="agent_instance.cut_off",
+            actor=by,
+            user_id=instance.grant.user_id,
+            client_id=instance.agent.client_id,
+            grant_id=instance.grant_id,
+            request=request,
+            detail={"instance": instance.instance_id},
+        )
+        instance_cut_off.send(
+            sender=AgentInstance,
+            grant_id=instance.grant_id,
+            instance=instance.instance_id,
+            actor=by,
+            user_id=instance.grant.user_id,
+        )
         grant_id, owner = str(instance.grant_id), instance.grant.user_id
         # By its registered name (approvals.tasks): an open story page of the grant re-reads itself.
-        transaction.on_commit(lambda: current_app.tasks["approvals.push_grant_changed"].delay(grant_id, owner),
-                              robust=True)
+        transaction.on_commit(
+            lambda: current_app.tasks["approvals.push_grant_changed"].delay(grant_id, owner), robust=True
+        )
     return instance
 
 

@@ -4,15 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0003_resource_server_opened'),
+        ("approvals", "0003_resource_server_opened"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='approvalrequest',
-            name='instance',
-            field=models.CharField(blank=True, default='', help_text='The agent instance that asked (act.instance); only it collects.', max_length=64),
+            model_name="approvalrequest",
+            name="instance",
+            field=models.CharField(
+                blank=True,
+                default="",
+                help_text="The agent instance that asked (act.instance); only it collects.",
+                max_length=64,
+            ),
         ),
     ]

@@ -7,34 +7,78 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('consent', '0006_grant_use'),
+        ("consent", "0006_grant_use"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='refreshtoken',
-            name='instance',
-            field=models.CharField(blank=True, default='', max_length=64),
+            model_name="refreshtoken",
+            name="instance",
+            field=models.CharField(blank=True, default="", max_length=64),
         ),
         migrations.CreateModel(
-            name='AgentInstance',
+            name="AgentInstance",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('instance_id', models.CharField(help_text='The id the agent gave the instance (act.instance).', max_length=64)),
-                ('jkt', models.CharField(help_text="RFC 7638 thumbprint of the instance's key.", max_length=64, verbose_name='key thumbprint')),
-                ('status', models.CharField(choices=[('active', 'Active'), ('cut_off', 'Cut off')], default='active', max_length=16)),
-                ('first_seen', models.DateTimeField(default=django.utils.timezone.now)),
-                ('last_seen', models.DateTimeField(default=django.utils.timezone.now)),
-                ('cut_off_at', models.DateTimeField(blank=True, null=True)),
-                ('cut_off_by', models.CharField(blank=True, help_text='Who cut it off (user:<pk>, admin:<name>).', max_length=100)),
-                ('agent', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='instances', to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL)),
-                ('grant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='instances', to='consent.sessiongrant')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "instance_id",
+                    models.CharField(
+                        help_text="The id the agent gave the instance (act.instance).", max_length=64
+                    ),
+                ),
+                (
+                    "jkt",
+                    models.CharField(
+                        help_text="RFC 7638 thumbprint of the instance's key.",
+                        max_length=64,
+                        verbose_name="key thumbprint",
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Active"), ("cut_off", "Cut off")],
+                        default="active",
+                        max_length=16,
+                    ),
+                ),
+                ("first_seen", models.DateTimeField(default=django.utils.timezone.now)),
+                ("last_seen", models.DateTimeField(default=django.utils.timezone.now)),
+                ("cut_off_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "cut_off_by",
+                    models.CharField(
+                        blank=True, help_text="Who cut it off (user:<pk>, admin:<name>).", max_length=100
+                    ),
+                ),
+                (
+                    "agent",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="instances",
+                        to=settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+                    ),
+                ),
+                (
+                    "grant",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="instances",
+                        to="consent.sessiongrant",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'agent instance',
-                'constraints': [models.UniqueConstraint(fields=('grant', 'instance_id'), name='agent_instance_once')],
+                "verbose_name": "agent instance",
+                "constraints": [
+                    models.UniqueConstraint(fields=("grant", "instance_id"), name="agent_instance_once")
+                ],
             },
         ),
     ]

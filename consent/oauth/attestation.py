@@ -90,8 +90,13 @@ def _attestation(attestation: str, agent: Agent) -> tuple[dict[str, Any], dict[s
     leeway = countersign_settings.LEEWAY_SECONDS
     try:
         claims: dict[str, Any] = jwt.decode(
-            attestation, key, algorithms=[header["alg"]], issuer=agent.client_id, leeway=leeway,
-            options={"require": ["iss", "sub", "exp", "cnf"], "verify_aud": False})
+            attestation,
+            key,
+            algorithms=[header["alg"]],
+            issuer=agent.client_id,
+            leeway=leeway,
+            options={"require": ["iss", "sub", "exp", "cnf"], "verify_aud": False},
+        )
     except jwt.PyJWTError as exc:
         raise AssertionInvalid(f"client attestation rejected: {exc}") from exc
     if claims["sub"] != agent.client_id:
@@ -115,12 +120,18 @@ def _pop(pop: str, *, jwk: dict[str, Any], agent: Agent, instance: str, endpoint
     try:
         key = jwt.PyJWK(jwk, algorithm=header["alg"]).key
         claims: dict[str, Any] = jwt.decode(
-            pop, key, algorithms=[header["alg"]], audience=list(accepted_audiences(endpoint_url)),
-            options={"require": ["aud", "jti", "iat"], "verify_iat": False})
+            pop,
+            key,
+            algorithms=[header["alg"]],
+            audience=list(accepted_audiences(endpoint_url)),
+            options={"require": ["aud", "jti", "iat"], "verify_iat": False},
+        )
     except jwt.InvalidAudienceError as exc:
         raise AssertionInvalid("client attestation PoP is for another audience") from exc
     except (jwt.PyJWTError, ValueError) as exc:
-        raise AssertionInvalid(f"client attestation PoP rejected (not signed by the attested key?): {exc}") from exc
+        raise AssertionInvalid(
+            f"client attestation PoP rejected (not signed by the attested key?): {exc}"
+        ) from exc
     if "iss" in claims and claims["iss"] != agent.client_id:
         raise AssertionInvalid("client attestation PoP iss must be the client id")
     if "instance" in claims and claims["instance"] != instance:
@@ -135,7 +146,9 @@ def _pop(pop: str, *, jwk: dict[str, Any], agent: Agent, instance: str, endpoint
         raise AssertionInvalid("client attestation PoP replayed (jti already used)")
 
 
-def verify_instance(attestation: str, pop: str, *, agent: Agent, endpoint_url: str | None = None) -> InstanceProof:
+def verify_instance(
+    attestation: str, pop: str, *, agent: Agent, endpoint_url: str | None = None
+) -> InstanceProof:
     """Check an attestation and its PoP for ``agent``; raises ``AssertionInvalid``."""
     claims, jwk = _attestation(attestation, agent)
     _pop(pop, jwk=jwk, agent=agent, instance=claims["instance"], endpoint_url=endpoint_url)

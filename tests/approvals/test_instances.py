@@ -31,14 +31,25 @@ class Instance:
         self.client, self.sdk, self.session_token = client, sdk, session_token
 
     def ask(self, amount: str = "4250.00"):
-        data = {"scope": "ledger:write", "login_hint_token": self.session_token,
-                "authorization_details": json.dumps([{**LEDGER_ENTRY, "amount": amount}])}
-        return self.client.post("/o/bc-authorize/", urlencode(data), content_type="application/x-www-form-urlencoded",
-                                **headers(self.sdk, pop=self.sdk.pop("http://127.0.0.1:8000")))
+        data = {
+            "scope": "ledger:write",
+            "login_hint_token": self.session_token,
+            "authorization_details": json.dumps([{**LEDGER_ENTRY, "amount": amount}]),
+        }
+        return self.client.post(
+            "/o/bc-authorize/",
+            urlencode(data),
+            content_type="application/x-www-form-urlencoded",
+            **headers(self.sdk, pop=self.sdk.pop("http://127.0.0.1:8000")),
+        )
 
     def poll(self, auth_req_id: str):
-        return self.client.post("/o/token/", urlencode({"grant_type": CIBA, "auth_req_id": auth_req_id}),
-                                content_type="application/x-www-form-urlencoded", **headers(self.sdk))
+        return self.client.post(
+            "/o/token/",
+            urlencode({"grant_type": CIBA, "auth_req_id": auth_req_id}),
+            content_type="application/x-www-form-urlencoded",
+            **headers(self.sdk),
+        )
 
 
 def approve(client, auth_req_id: str) -> ApprovalRequest:
@@ -93,7 +104,9 @@ def test_another_instances_session_token_is_not_a_login_hint(client, pair):
     assert not ApprovalRequest.objects.exists()
 
 
-def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(client, agent, scenario, pair, flow):
+def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
+    client, agent, scenario, pair, flow
+):
     a, b = pair
     first = a.ask("100.00").json()["auth_req_id"]
     approve(client, first)
@@ -105,7 +118,9 @@ def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(cl
     agent_instance_cut_off(instance_pk=row.pk, by=f"user:{scenario.user.pk}", user_id=scenario.user.pk)
     # Its open requests end with it (audited, gone from the inbox); what it collected is refused below.
     assert set(ApprovalRequest.objects.values_list("status", flat=True)) == {"cancelled"}
-    assert AuditEvent.objects.filter(event="approval.cancelled", detail__reason="instance_cut_off").count() == 2
+    assert (
+        AuditEvent.objects.filter(event="approval.cancelled", detail__reason="instance_cut_off").count() == 2
+    )
     before = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(second)).status
 
     def refused_once(send, error: str, status: int, event: str) -> None:

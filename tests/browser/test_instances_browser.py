@@ -27,10 +27,20 @@ STATE = "st-instances"
 
 def _consent_and_code(page, s) -> tuple[str, str]:
     verifier, challenge = pkce_pair()
-    page.goto("/o/authorize/?" + urlencode({
-        "response_type": "code", "client_id": s.agent.client_id, "redirect_uri": s.redirect_uri,
-        "scope": "catalog:read budget:read", "state": STATE, "code_challenge": challenge,
-        "code_challenge_method": "S256"}))
+    page.goto(
+        "/o/authorize/?"
+        + urlencode(
+            {
+                "response_type": "code",
+                "client_id": s.agent.client_id,
+                "redirect_uri": s.redirect_uri,
+                "scope": "catalog:read budget:read",
+                "state": STATE,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+    )
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
     page.get_by_label("Password").fill(PASSWORD)
@@ -42,9 +52,11 @@ def _consent_and_code(page, s) -> tuple[str, str]:
 
 
 def _join(http: httpx.Client, s, instance: SdkInstance, subject: str) -> httpx.Response:
-    return http.post(f"{s.base_url}/o/token/", data={
-        "grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS},
-        headers={ATTESTATION_HEADER: instance.attestation(), POP_HEADER: instance.pop(s.base_url)})
+    return http.post(
+        f"{s.base_url}/o/token/",
+        data={"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS},
+        headers={ATTESTATION_HEADER: instance.attestation(), POP_HEADER: instance.pop(s.base_url)},
+    )
 
 
 def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(page, page_problems, browser_scenario):
@@ -52,14 +64,23 @@ def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(page, pag
     key = AgentKey()
     s.agent.jwks = {"keys": [key.jwk]}
     s.agent.save()
-    first, second = (SdkInstance.generate(s.agent.client_id, agent_key=key.private, key_id=key.kid, instance=name)
-                     for name in ("3f9c2a7b", "b81d04e6"))
+    first, second = (
+        SdkInstance.generate(s.agent.client_id, agent_key=key.private, key_id=key.kid, instance=name)
+        for name in ("3f9c2a7b", "b81d04e6")
+    )
     http = httpx.Client(trust_env=False, timeout=10)
 
     code, verifier = _consent_and_code(page, s)
-    agents = http.post(f"{s.base_url}/o/token/", data={
-        "grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri, "code_verifier": verifier},
-        headers={"Authorization": basic(s.agent.client_id, s.agent_secret)})
+    agents = http.post(
+        f"{s.base_url}/o/token/",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": s.redirect_uri,
+            "code_verifier": verifier,
+        },
+        headers={"Authorization": basic(s.agent.client_id, s.agent_secret)},
+    )
     assert agents.status_code == 200, agents.text
     subject = agents.json()["access_token"]
     assert _join(http, s, first, subject).status_code == 200

@@ -22,19 +22,28 @@ ISSUER = "http://127.0.0.1:8000"
 
 
 def headers(inst: SdkInstance, *, attestation: str | None = None, pop: str | None = None) -> dict[str, str]:
-    return {"HTTP_OAUTH_CLIENT_ATTESTATION": attestation if attestation is not None else inst.attestation(),
-            "HTTP_OAUTH_CLIENT_ATTESTATION_POP": pop if pop is not None else inst.pop(ISSUER)}
+    return {
+        "HTTP_OAUTH_CLIENT_ATTESTATION": attestation if attestation is not None else inst.attestation(),
+        "HTTP_OAUTH_CLIENT_ATTESTATION_POP": pop if pop is not None else inst.pop(ISSUER),
+    }
 
 
 def post_token(client, data: dict, inst: SdkInstance | None = None, **extra):
-    sent = {**(headers(inst) if inst is not None and "HTTP_OAUTH_CLIENT_ATTESTATION" not in extra else {}), **extra}
+    sent = {
+        **(headers(inst) if inst is not None and "HTTP_OAUTH_CLIENT_ATTESTATION" not in extra else {}),
+        **extra,
+    }
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded", **sent)
 
 
 def join(client, inst: SdkInstance, subject: str, **extra):
     """The instance takes the agent's token into a token of its own (RFC 8693 §2.1)."""
-    return post_token(client, {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS},
-                      inst, **extra)
+    return post_token(
+        client,
+        {"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS},
+        inst,
+        **extra,
+    )
 
 
 def claims(token: str) -> dict:
@@ -50,8 +59,9 @@ def agent_key(scenario) -> AgentKey:
 
 
 def instance(scenario, agent_key, name: str) -> SdkInstance:
-    return SdkInstance.generate(scenario.agent.client_id, agent_key=agent_key.private, key_id=agent_key.kid,
-                                instance=name)
+    return SdkInstance.generate(
+        scenario.agent.client_id, agent_key=agent_key.private, key_id=agent_key.kid, instance=name
+    )
 
 
 @pytest.fixture
@@ -76,14 +86,19 @@ def test_two_instances_on_one_grant_get_distinct_act_instance(client, scenario, 
     token_a = join(client, a, agents_token)
     token_b = join(client, b, agents_token)
     assert token_a.status_code == 200 and token_b.status_code == 200, (token_a.content, token_b.content)
-    act_a, act_b = claims(token_a.json()["access_token"])["act"], claims(token_b.json()["access_token"])["act"]
+    act_a, act_b = (
+        claims(token_a.json()["access_token"])["act"],
+        claims(token_b.json()["access_token"])["act"],
+    )
     agent = f"agent:{scenario.agent.client_id}"
     assert act_a == {"sub": agent, "instance": "3f9c2a7b"} and act_b == {"sub": agent, "instance": "b81d04e6"}
     assert claims(agents_token)["act"] == {"sub": agent}  # the agent as one: unchanged
     grant = SessionGrant.objects.get()
     rows = AgentInstance.objects.filter(grant=grant).order_by("instance_id")
-    assert [(r.instance_id, r.status, r.jkt) for r in rows] == [("3f9c2a7b", "active", a.key.jkt),
-                                                               ("b81d04e6", "active", b.key.jkt)]
+    assert [(r.instance_id, r.status, r.jkt) for r in rows] == [
+        ("3f9c2a7b", "active", a.key.jkt),
+        ("b81d04e6", "active", b.key.jkt),
+    ]
     created = AuditEvent.objects.filter(event="agent_instance.created").order_by("id")
     assert [e.detail["instance"] for e in created] == ["3f9c2a7b", "b81d04e6"]
     exchanged = AuditEvent.objects.filter(event="token.exchanged").order_by("id")
@@ -107,8 +122,16 @@ def test_an_instance_runs_the_code_exchange_and_keeps_its_refresh_token(client, 
     flow.login()
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
-    body = post_token(client, {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-                               "code_verifier": verifier}, a).json()
+    body = post_token(
+        client,
+        {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+        a,
+    ).json()
     assert claims(body["access_token"])["act"]["instance"] == "3f9c2a7b"
     other = post_token(client, {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}, b)
     assert other.status_code == 400 and other.json()["reason"] == "instance_mismatch"
@@ -116,13 +139,16 @@ def test_an_instance_runs_the_code_exchange_and_keeps_its_refresh_token(client, 
     assert plain.status_code == 400 and plain.json()["reason"] == "instance_mismatch"
     mine = post_token(client, {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}, a)
     assert mine.status_code == 200, mine.content
-    assert claims(mine.json()["access_token"])["act"] == {"sub": f"agent:{scenario.agent.client_id}",
-                                                          "instance": "3f9c2a7b"}
+    assert claims(mine.json()["access_token"])["act"] == {
+        "sub": f"agent:{scenario.agent.client_id}",
+        "instance": "3f9c2a7b",
+    }
     assert SessionGrant.objects.get().status == "active"  # a refusal for the wrong instance ends nothing
 
 
 def test_cut_off_instance_is_refused_at_the_token_endpoint_and_the_other_keeps_working(
-        client, flow, scenario, two, agents_token):
+    client, flow, scenario, two, agents_token
+):
     a, b = two
     token_a = join(client, a, agents_token).json()["access_token"]
     token_b = join(client, b, agents_token).json()["access_token"]
@@ -136,8 +162,11 @@ def test_cut_off_instance_is_refused_at_the_token_endpoint_and_the_other_keeps_w
     assert refused.status_code == 401
     assert refused.json()["error"] == "invalid_client" and refused.json()["reason"] == "instance_cut_off"
     (audit,) = refusals()
-    assert (audit.detail["instance"], audit.grant_id, audit.user_id) == ("3f9c2a7b", str(row.grant_id),
-                                                                         scenario.user.pk)
+    assert (audit.detail["instance"], audit.grant_id, audit.user_id) == (
+        "3f9c2a7b",
+        str(row.grant_id),
+        scenario.user.pk,
+    )
     assert not AuditEvent.objects.filter(event="token.refused").exists()  # one row, not two
     assert AgentInstance.objects.get(pk=row.pk).last_seen == tokens_before  # nothing changed
 
@@ -165,30 +194,62 @@ def test_cut_off_is_guarded_and_only_for_the_owner(scenario, two, agents_token, 
 
 def _forged(scenario, agent_key, inst: SdkInstance, **overrides) -> str:
     now = int(time.time())
-    body = {"iss": scenario.agent.client_id, "sub": scenario.agent.client_id, "iat": now, "exp": now + 600,
-            "cnf": {"jwk": inst.key.jwk}, "instance": inst.instance, **overrides}
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, agent_key.private, algorithm="ES256",
-                      headers={"typ": ATTESTATION_TYP, "kid": agent_key.kid})
+    body = {
+        "iss": scenario.agent.client_id,
+        "sub": scenario.agent.client_id,
+        "iat": now,
+        "exp": now + 600,
+        "cnf": {"jwk": inst.key.jwk},
+        "instance": inst.instance,
+        **overrides,
+    }
+    return jwt.encode(
+        {k: v for k, v in body.items() if v is not None},
+        agent_key.private,
+        algorithm="ES256",
+        headers={"typ": ATTESTATION_TYP, "kid": agent_key.kid},
+    )
 
 
 def _pop(inst: SdkInstance, key=None, **overrides) -> str:
-    body = {"iss": inst.client_id, "aud": ISSUER, "jti": secrets.token_urlsafe(16), "iat": int(time.time()),
-            **overrides}
+    body = {
+        "iss": inst.client_id,
+        "aud": ISSUER,
+        "jti": secrets.token_urlsafe(16),
+        "iat": int(time.time()),
+        **overrides,
+    }
     return jwt.encode(body, (key or inst.key).private_key, algorithm="ES256", headers={"typ": POP_TYP})
 
 
 BAD = {
-    "wrong signer": lambda s, k, i: dict(attestation=issue_attestation(
-        client_id=s.agent.client_id, agent_key=ec.generate_private_key(ec.SECP256R1()), instance_jwk=i.key.jwk,
-        instance=i.instance, key_id=k.kid)),
+    "wrong signer": lambda s, k, i: dict(
+        attestation=issue_attestation(
+            client_id=s.agent.client_id,
+            agent_key=ec.generate_private_key(ec.SECP256R1()),
+            instance_jwk=i.key.jwk,
+            instance=i.instance,
+            key_id=k.kid,
+        )
+    ),
     "expired": lambda s, k, i: dict(attestation=_forged(s, k, i, exp=int(time.time()) - 120)),
     "lives too long": lambda s, k, i: dict(attestation=_forged(s, k, i, exp=int(time.time()) + 86400)),
     "for another client": lambda s, k, i: dict(attestation=_forged(s, k, i, sub="someone-else")),
     "no instance claim": lambda s, k, i: dict(attestation=_forged(s, k, i, instance=None)),
-    "alg none": lambda s, k, i: dict(attestation=jwt.encode(
-        {"iss": s.agent.client_id, "sub": s.agent.client_id, "exp": int(time.time()) + 60,
-         "cnf": {"jwk": i.key.jwk}, "instance": i.instance}, None, algorithm="none",
-        headers={"typ": ATTESTATION_TYP})),
+    "alg none": lambda s, k, i: dict(
+        attestation=jwt.encode(
+            {
+                "iss": s.agent.client_id,
+                "sub": s.agent.client_id,
+                "exp": int(time.time()) + 60,
+                "cnf": {"jwk": i.key.jwk},
+                "instance": i.instance,
+            },
+            None,
+            algorithm="none",
+            headers={"typ": ATTESTATION_TYP},
+        )
+    ),
     "PoP by another key": lambda s, k, i: dict(pop=_pop(i, DPoPKey.generate())),
     "PoP for another audience": lambda s, k, i: dict(pop=_pop(i, aud="https://elsewhere.example")),
     "stale PoP": lambda s, k, i: dict(pop=_pop(i, iat=int(time.time()) - 600)),
@@ -198,7 +259,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("problem", list(BAD))
-def test_bad_attestations_are_invalid_client_and_audited(client, scenario, agent_key, two, agents_token, problem):
+def test_bad_attestations_are_invalid_client_and_audited(
+    client, scenario, agent_key, two, agents_token, problem
+):
     a, _ = two
     response = join(client, a, agents_token, **headers(a, **BAD[problem](scenario, agent_key, a)))
     assert response.status_code == 401, response.content
@@ -242,8 +305,9 @@ def test_dpop_by_an_instance_binds_to_its_attested_key(client, two, agents_token
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_instance_costs_one_statement_more_than_the_agent_as_one(client, scenario, two, agents_token,
-                                                                    django_assert_max_num_queries):
+def test_an_instance_costs_one_statement_more_than_the_agent_as_one(
+    client, scenario, two, agents_token, django_assert_max_num_queries
+):
     """``tests/consent/test_statement_counts.py`` holds the agent as one to its budget, unchanged; an
     instance adds ``instance_admit``'s one statement (and, on first use only, its audit row)."""
     scenario.agent.refresh_mode = Agent.RefreshMode.EXCHANGE
@@ -257,7 +321,9 @@ def test_an_instance_costs_one_statement_more_than_the_agent_as_one(client, scen
 # --- the person's page and the admin ---------------------------------------------------------
 
 
-def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(client, flow, scenario, two, agents_token):
+def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(
+    client, flow, scenario, two, agents_token
+):
     a, b = two
     join(client, a, agents_token)
     join(client, b, agents_token)
@@ -278,7 +344,9 @@ def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(client, flo
     assert "You cut off Procurement Agent (instance 3f9c…)" in page
 
 
-def test_the_cut_off_form_needs_csrf_and_the_owner(client, flow, scenario, two, agents_token, django_user_model):
+def test_the_cut_off_form_needs_csrf_and_the_owner(
+    client, flow, scenario, two, agents_token, django_user_model
+):
     from django.test import Client
 
     a, _ = two
@@ -299,8 +367,9 @@ def test_an_admin_cuts_off_an_instance_through_the_service(admin_client, two, ag
     a, _ = two
     join(client, a, agents_token)
     row = AgentInstance.objects.get()
-    response = admin_client.post("/admin/consent/agentinstance/", {
-        "action": "cut_off", "_selected_action": [str(row.pk)]})
+    response = admin_client.post(
+        "/admin/consent/agentinstance/", {"action": "cut_off", "_selected_action": [str(row.pk)]}
+    )
     assert response.status_code == 302
     row.refresh_from_db()
     assert row.status == "cut_off" and row.cut_off_by.startswith("admin:")
@@ -311,12 +380,20 @@ def test_a_cut_off_instance_cannot_end_the_grant_by_revocation(client, scenario,
     a, b = two
     token_a = join(client, a, agents_token).json()["access_token"]
     agent_instance_cut_off(instance_pk=AgentInstance.objects.get().pk, by="admin:root")
-    refused = client.post("/o/revoke/", urlencode({"token": token_a}),
-                          content_type="application/x-www-form-urlencoded", **headers(a))
+    refused = client.post(
+        "/o/revoke/",
+        urlencode({"token": token_a}),
+        content_type="application/x-www-form-urlencoded",
+        **headers(a),
+    )
     assert refused.status_code == 401 and refused.json()["reason"] == "instance_cut_off"
     assert SessionGrant.objects.get().status == "active"
     assert AuditEvent.objects.filter(event="agent_instance.refused").count() == 1
     token_b = join(client, b, agents_token).json()["access_token"]
-    ended = client.post("/o/revoke/", urlencode({"token": token_b}),
-                        content_type="application/x-www-form-urlencoded", **headers(b))
+    ended = client.post(
+        "/o/revoke/",
+        urlencode({"token": token_b}),
+        content_type="application/x-www-form-urlencoded",
+        **headers(b),
+    )
     assert ended.status_code == 200 and SessionGrant.objects.get().status == "revoked"
