@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q
 
 from consent.budget import money
+from consent.instances import short_instance
 from consent.models import Agent, ResourceServer, ScopePolicy
 
 from .models import ApprovalRequest
@@ -28,6 +29,7 @@ END_REASONS = {
     "authorization_code_reused": "a used authorization code was presented again, so it was ended to be safe",
     "lifetime_ended": "its lifetime ended",
     "grant_ended": "the connection ended",
+    "instance_cut_off": "the instance of the agent that asked was cut off",
 }
 
 
@@ -132,6 +134,10 @@ def approver_names(approvers: Any, *, user_id: int) -> str:
 def _sentence(e: Any, n: _Names) -> str:
     d = e.detail if isinstance(e.detail, dict) else {}
     agent = n.agent(e.client_id)
+    if (
+        isinstance(d.get("instance"), str) and d["instance"]
+    ):  # which instance of it: "Procurement Agent (instance 3f9c…)"
+        agent = f"{agent} (instance {short_instance(d['instance'])})"
     who = n.who(e.actor)
     approval = n.approvals.get(str(d.get("approval_id", "")))
     reason = str(d.get("reason") or e.error or "").replace("_", " ")
@@ -263,6 +269,12 @@ def _sentence(e: Any, n: _Names) -> str:
                 + (f": {what}" if what else "")
                 + "."
             )
+        case "agent_instance.created":
+            return f"{agent} started acting on this connection."
+        case "agent_instance.cut_off":
+            return f"{who.capitalize()} cut off {agent}; the connection and its other instances keep working."
+        case "agent_instance.refused":
+            return f"{agent} was refused: it was cut off from this connection."
         case "refresh_token.reuse_detected":
             return f"A used refresh token of {agent} was presented again."
         case "rate.limited":

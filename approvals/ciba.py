@@ -19,6 +19,8 @@ from django.utils import timezone
 from consent import rows
 from consent.budget import Budget
 from consent.conf import countersign_settings
+from consent.errors import InstanceMismatch
+from consent.instances import instance_of
 from consent.models import AccessToken, Agent, ScopePolicy, SessionGrant
 from consent.oauth.client_auth import AGENT_ROW
 from consent.tokens import MAX_TOKEN_BYTES, SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
@@ -55,6 +57,7 @@ class BackchannelRequest:
     # ``budget_read`` False (a request built elsewhere) the request path reads it itself.
     budget: Budget | None = None
     budget_read: bool = False
+    instance: str = ""  # the agent instance that asks (act.instance of its token), "" for the agent as one
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def read_login_hint(token: str, scope: str) -> LoginHint | None:
     )
 
 
-def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -> SessionGrant:
+def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None, instance: str) -> SessionGrant:
     if not token:
         raise InvalidRequest("login_hint_token (the agent's session access token) is required")
     try:
@@ -132,6 +135,11 @@ def _session_grant_from_hint(token: str, agent: Agent, hint: LoginHint | None) -
         raise InvalidRequest(f"login_hint_token is not a valid session access token ({exc})") from exc
     if claims.get("client_id") != agent.client_id:
         raise InvalidRequest("login_hint_token was issued to another client")
+    if instance_of(claims) != instance:
+        raise InstanceMismatch(
+            "login_hint_token was issued to another instance of the agent",
+            reason=f"login_hint_token of instance {instance_of(claims)!r} sent by {instance!r}",
+        )
     if hint is None or hint.token_expires <= timezone.now():
         raise BackchannelAccessDenied("the session access token has been revoked")
     grant = hint.grant
@@ -197,12 +205,13 @@ def _delivery(agent: Agent, params: dict[str, str]) -> tuple[str, str]:
 
 
 def validate_backchannel_request(
-    *, agent: Agent, params: dict[str, str], hint: LoginHint | None = None
+    *, agent: Agent, params: dict[str, str], hint: LoginHint | None = None, instance: str = ""
 ) -> BackchannelRequest:
     """CIBA Core §7.1 parameters, checked in the order an agent can act on.
 
     ``hint`` is ``read_login_hint`` for this request's token and scope, read already
-    (the endpoint reads it to authenticate the agent against the same row).
+    (the endpoint reads it to authenticate the agent against the same row). ``instance``: the
+    agent instance that authenticated (``consent.instances``); its hint token must be its own.
     """
     if hint is None:
         scopes = (params.get("scope") or "").split()
@@ -214,7 +223,7 @@ def validate_backchannel_request(
         raise InvalidScope("ask for exactly one step-up scope per request")
     scope = scopes[0]
     if scope == EXTEND_SCOPE:
-        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
+        grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint, instance)
         binding_message = _binding_message(params.get("binding_message", ""))
         details = _extension_details(params.get("authorization_details", ""), agent)
         window = _window(params.get("requested_expiry"), countersign_settings.DEFAULT_APPROVAL_WINDOW)
@@ -232,13 +241,14 @@ def validate_backchannel_request(
             delivery_mode=mode,
             client_notification_token=notification_token,
             budget_read=True,
+            instance=instance,
         )
     policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
     if scope not in (agent.allowed_scopes or []):
         raise InvalidScope(f"{scope} is not among the agent's registered scopes")
-    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint)
+    grant = _session_grant_from_hint(params.get("login_hint_token", ""), agent, hint, instance)
     if scope not in grant.step_up_scopes:
         raise InvalidScope(f"the user did not include {scope} in this session's consent")
     binding_message = _binding_message(params.get("binding_message", ""))
@@ -265,4 +275,5 @@ def validate_backchannel_request(
         client_notification_token=notification_token,
         budget=hint.budget if hint is not None else None,
         budget_read=hint is not None,
+        instance=instance,
     )

@@ -41,6 +41,8 @@ from django.utils import timezone
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from consent.instances import short_instance
+
 from .models import ApprovalRequest
 from .wording import approve_gives, status_words
 
@@ -64,7 +66,10 @@ def prompt_payload(approval: ApprovalRequest) -> dict[str, Any]:
     """Everything the inbox shows. Agent text is sent as text; the page inserts it with textContent."""
     return {
         "id": str(approval.pk),
-        "agent": approval.agent.name,
+        # Which instance of the agent asks, when it runs as several: "Procurement Agent (instance 3f9c…)".
+        "agent": f"{approval.agent.name} (instance {short_instance(approval.instance)})"
+        if approval.instance
+        else approval.agent.name,
         "publisher": approval.agent.publisher,
         "scope": approval.scope,
         "headline": approval.headline,

@@ -134,6 +134,13 @@ class AgentSuspended(InvalidToken):
     code = "agent_suspended"
 
 
+class RedeemInstanceCutOff(InvalidToken):
+    """The agent instance that asked for the action was cut off from the grant since
+    (draft-ietf-oauth-attestation-based-client-auth: the instance no longer authenticates)."""
+
+    code = "instance_cut_off"
+
+
 class ActionHashMismatch(InvalidToken):
     """``action_hash`` is not the base64url SHA-256 of the JCS form (RFC 8785) of the token's ``authorization_details`` (RFC 9396)."""
 

@@ -29,4 +29,4 @@ def collect(req: TokenRequest) -> dict[str, Any]:
     auth_req_id = req.params.get("auth_req_id")
     if not auth_req_id:
         raise InvalidRequest("Missing auth_req_id parameter.")
-    return approval_collect(auth_req_id=auth_req_id, agent=agent, jkt=req.dpop_jkt)
+    return approval_collect(auth_req_id=auth_req_id, agent=agent, jkt=req.dpop_jkt, instance=req.instance)

@@ -88,6 +88,12 @@ class ApprovalRequest(models.Model):
         max_length=300, help_text="Rendered by the server from authorization_details."
     )
     binding_message = models.CharField(max_length=200, blank=True, help_text="The agent's own note.")
+    instance = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="The agent instance that asked (act.instance); only it collects.",
+    )
     delivery_mode = models.CharField(max_length=8, choices=DeliveryMode.choices, default=DeliveryMode.POLL)
     client_notification_token = models.CharField(max_length=1024, blank=True, editable=False)
     interval = models.PositiveIntegerField(default=_ciba_interval)

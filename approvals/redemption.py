@@ -4,8 +4,8 @@ The resource server has verified the token locally and recomputed ``action_hash`
 request it is about to execute; ``action_token_verify`` checks the same here (RFC 8725 §3.11:
 only an ``action+jwt``, for this audience), and ``action_token_redeem`` takes the ``redeem``
 edge of the approval state graph (``ApprovalRequest.EDGES``): ISSUED -> REDEEMED, decided by one
-conditional ``UPDATE ... RETURNING`` that also checks the grant, the agent and the resource
-server are still live.
+conditional ``UPDATE ... RETURNING`` that also checks the grant, the agent (and the agent
+instance that asked, ``consent.instances``) and the resource server are still live.
 """
 
 from contextlib import nullcontext
@@ -19,7 +19,7 @@ from django.utils import timezone
 from audit.services import PendingEvent, audit_event
 from consent import rows
 from consent.errors import InvalidClient, OAuthError
-from consent.models import Agent, ResourceServer, SessionGrant
+from consent.models import Agent, AgentInstance, ResourceServer, SessionGrant
 from consent.selectors import forget_resource_server
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 
@@ -36,6 +36,7 @@ from .errors import (
     InvalidTarget,
     InvalidToken,
     RedeemGrantInactive,
+    RedeemInstanceCutOff,
     UnknownActionToken,
 )
 from .models import ActionToken, ApprovalRequest
@@ -53,11 +54,16 @@ _RS_CURRENT = (
     f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
     f" AND r.client_secret = %s)"
 )
-# The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent, same resource server.
+# The agent instance that asked was cut off (never true for an agent that runs as one: instance "").
+_CUT_OFF = (
+    f"EXISTS (SELECT 1 FROM {rows.table(AgentInstance)} i WHERE i.grant_id = ap.grant_id"
+    f" AND i.instance_id = ap.instance AND i.status = %s)"
+)
+# The winning UPDATE: unredeemed, unexpired, ISSUED, live grant, active agent (and instance), same resource server.
 _WIN = (
     f"UPDATE {_TOKEN} AS t SET redeemed_at = %s, redeemed_by_id = %s FROM{_JOINED}"
     f" AND t.jti = %s AND t.redeemed_at IS NULL AND t.expires_at > %s AND ap.status = %s AND g.status = %s"
-    f" AND g.expires_at > %s AND ag.status = %s AND {_RS_CURRENT} RETURNING approval_id"
+    f" AND g.expires_at > %s AND ag.status = %s AND NOT {_CUT_OFF} AND {_RS_CURRENT} RETURNING approval_id"
 )
 _MOVE = f"UPDATE {_APPROVAL} SET status = %s WHERE id = %s AND status = %s"
 # The redeem edge leaves one state, so its statements compare with "=" (ApprovalRequest.EDGES).
@@ -66,7 +72,7 @@ _REDEEMED = ApprovalRequest.entering("redeem")
 # Why an attempt did not win (read in the same statement on PostgreSQL, after it elsewhere).
 _WHY = (
     f"t.redeemed_at IS NOT NULL, CASE WHEN t.expires_at <= %s THEN 1 ELSE 0 END, ap.status, g.status,"
-    f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}"
+    f" CASE WHEN g.expires_at <= %s THEN 1 ELSE 0 END, ag.status, {_RS_CURRENT}, {_CUT_OFF}"
     f" FROM {_TOKEN} t,{_JOINED} AND t.jti = %s"
 )
 
@@ -74,7 +80,7 @@ _WHY = (
 def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
     if why is None:
         return UnknownActionToken("unknown action token")
-    redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current = why
+    redeemed, expired, approval_status, grant_status, grant_ended, agent_status, rs_current, cut_off = why
     if not rs_current:
         return InvalidClient(
             "Resource-server authentication failed.",
@@ -84,6 +90,8 @@ def _redeem_refusal(why: tuple[Any, ...] | None) -> OAuthError:
         return RedeemGrantInactive("the session grant is no longer active")
     if agent_status != Agent.Status.ACTIVE:
         return AgentSuspended("the agent is suspended")
+    if cut_off:
+        return RedeemInstanceCutOff("the agent instance that asked for this action was cut off")
     if expired and not redeemed:
         return ActionTokenExpired("action token expired")
     if approval_status not in (Status.ISSUED, Status.REDEEMED):
@@ -114,6 +122,7 @@ def _redeem_statement(
     at = rows.param(ActionToken, "redeemed_at", now)
     grant_at = rows.param(SessionGrant, "expires_at", now)
     rs = [resource_server.pk, True, resource_server.client_secret]
+    cut = AgentInstance.Status.CUT_OFF
     win = [
         at,
         resource_server.pk,
@@ -123,9 +132,10 @@ def _redeem_statement(
         SessionGrant.Status.ACTIVE,
         grant_at,
         Agent.Status.ACTIVE,
+        cut,
         *rs,
     ]
-    why = [at, grant_at, *rs, jti]
+    why = [at, grant_at, *rs, cut, jti]
     if connection.vendor == "postgresql":
         audit_sql, audit_params = rows.event_insert(event, "moved")
         row = rows.fetchone(

@@ -57,6 +57,7 @@ _PUSH = rows.Columns(
         "created",
         "expires_at",
         "delivered_at",
+        "instance",
     ],
 )
 _PUSH_AGENT = rows.Columns(Agent, "a", ["id", "name", "publisher", "client_id"])
@@ -106,6 +107,7 @@ _DECISION = rows.Columns(
         "authorization_details",
         "delivery_mode",
         "expires_at",
+        "instance",
     ],
 )
 _DECISION_AGENT = rows.Columns(Agent, "a", ["id", "client_id", "status"])
@@ -172,7 +174,9 @@ def action_token_introspect(*, token: str, resource_server: ResourceServer) -> I
     answer carries the approved ``authorization_details`` (RFC 9396 §9.2), with the
     ``action_hash`` and ``approval_id`` the redemption will check.
     """
-    from consent.models import SessionGrant
+    from django.db.models import Exists, OuterRef
+
+    from consent.models import AgentInstance, SessionGrant
     from consent.selectors import Introspection
     from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 
@@ -184,8 +188,14 @@ def action_token_introspect(*, token: str, resource_server: ResourceServer) -> I
         return Introspection(False, {}, str(exc))
     if claims.get("aud") != resource_server.audience:
         return Introspection(False, {}, "token not issued for this resource server")
+    cut_off = AgentInstance.objects.filter(
+        grant_id=OuterRef("approval__grant_id"),
+        instance_id=OuterRef("approval__instance"),
+        status=AgentInstance.Status.CUT_OFF,
+    )
     row = (
         ActionToken.objects.filter(jti=claims["jti"])
+        .annotate(instance_cut_off=Exists(cut_off))
         .values_list(
             "redeemed_at",
             "expires_at",
@@ -193,12 +203,13 @@ def action_token_introspect(*, token: str, resource_server: ResourceServer) -> I
             "approval__grant__status",
             "approval__grant__expires_at",
             "approval__agent__status",
+            "instance_cut_off",
         )
         .first()
     )
     if row is None:
         return Introspection(False, {}, "unknown action token")
-    redeemed_at, expires_at, status, grant_status, grant_expires, agent_status = row
+    redeemed_at, expires_at, status, grant_status, grant_expires, agent_status, instance_cut_off = row
     now = timezone.now()
     if redeemed_at is not None:
         return Introspection(False, {}, "action token already redeemed")
@@ -208,6 +219,8 @@ def action_token_introspect(*, token: str, resource_server: ResourceServer) -> I
         return Introspection(False, {}, f"grant {grant_status}")
     if agent_status != Agent.Status.ACTIVE:
         return Introspection(False, {}, "agent suspended")
+    if instance_cut_off:
+        return Introspection(False, {}, "instance cut off")
     if status != ApprovalRequest.Status.ISSUED:
         return Introspection(False, {}, f"the approval is {status}")
     return Introspection(True, claims)

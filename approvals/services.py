@@ -23,7 +23,10 @@ from audit.services import PendingEvent, audit_event, audit_record
 from consent import rows
 from consent.budget import Budget
 from consent.conf import countersign_settings
-from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
+from consent.errors import InstanceMismatch, InvalidClient
+from consent.instances import refuse_cut_off
+from consent.models import Agent, AgentInstance, ResourceServer, ScopePolicy, SessionGrant
+from consent.oauth.attestation import InstanceProof
 from consent.rules import rule_matches
 from consent.services import AuthContext, grant_extend
 from consent.tokens import bind_to_proof_key, token_type
@@ -130,7 +133,12 @@ def _event(
         client_id=approval.agent.client_id,
         grant_id=approval.grant_id,
         request=request,
-        detail={"approval_id": str(approval.pk), "scope": approval.scope, **detail},
+        detail={
+            "approval_id": str(approval.pk),
+            "scope": approval.scope,
+            **({"instance": approval.instance} if approval.instance else {}),
+            **detail,
+        },
     )
 
 
@@ -247,6 +255,7 @@ def approval_request_create(
         # expires_at (inbox, caps, polls) stops counting it without waiting for a sweep.
         expires_at=min(now + timedelta(seconds=req.window_seconds), grant.expires_at),
         opened_by=opened_by,
+        instance=req.instance,
     )
     approval.auth_req_id_hash = auth_req_id_hash(auth_req_id_for(approval.pk))
     rule = req.auto_approve_rule
@@ -585,27 +594,58 @@ _COLLECT = rows.Columns(
         "delivery_mode",
         "opened_by",
         "decided_at",
+        "instance",
     ],
 )
 _COLLECT_GRANT = rows.Columns(SessionGrant, "g", ["id", "status", "expires_at", "dpop_jkt", "user"])
+_COLLECT_INSTANCE = rows.Columns(AgentInstance, "i", ["status", "jkt"])
 _COLLECT_POLICY = rows.Columns(ScopePolicy, "p", ["id", "audience", "action_token_ttl"])
 _INTERVAL = connection.ops.quote_name("interval")
 
 
 def _read_for_collect(auth_req_id: str) -> tuple[ApprovalRequest, dict[str, Any]] | None:
-    """One statement: the request behind an ``auth_req_id``, its grant, and its scope's policy."""
+    """One statement: the request behind an ``auth_req_id``, its grant, its scope's policy, and the
+    state of the agent instance that asked (``policy["instance"]``; NULLs for an agent as one)."""
     row = rows.fetchone(
-        f"SELECT {_COLLECT.sql}, {_COLLECT_GRANT.sql}, {_COLLECT_POLICY.sql} FROM {_APPROVAL} ap"
-        f" JOIN {rows.table(SessionGrant)} g ON g.id = ap.grant_id"
-        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope WHERE ap.auth_req_id_hash = %s",
+        f"SELECT {_COLLECT.sql}, {_COLLECT_GRANT.sql}, {_COLLECT_POLICY.sql}, {_COLLECT_INSTANCE.sql}"
+        f" FROM {_APPROVAL} ap JOIN {rows.table(SessionGrant)} g ON g.id = ap.grant_id"
+        f" LEFT JOIN {rows.table(ScopePolicy)} p ON p.name = ap.scope"
+        f" LEFT JOIN {rows.table(AgentInstance)} i ON i.grant_id = ap.grant_id AND i.instance_id = ap.instance"
+        f" WHERE ap.auth_req_id_hash = %s",
         [auth_req_id_hash(auth_req_id or "")],
     )
     if row is None:
         return None
-    values, grant, policy = rows.split(row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY)
+    values, grant, policy, instance = rows.split(
+        row, _COLLECT, _COLLECT_GRANT, _COLLECT_POLICY, _COLLECT_INSTANCE
+    )
     approval = rows.instance(ApprovalRequest, values)
     approval.grant = rows.instance(SessionGrant, grant)
-    return approval, policy
+    return approval, {**policy, "instance": instance}
+
+
+def _check_collector_instance(
+    approval: ApprovalRequest, instance: dict[str, Any], proof: InstanceProof | None
+) -> None:
+    """Only the instance that asked collects, while it is not cut off, with the key it first proved."""
+    asking = proof.instance if proof is not None else ""
+    if approval.instance != asking:
+        raise InstanceMismatch(
+            "This auth_req_id belongs to another instance of the agent.",
+            reason=f"auth_req_id of instance {approval.instance!r} polled by {asking!r}",
+        )
+    if proof is None:
+        return
+    if instance["status"] == AgentInstance.Status.CUT_OFF:
+        raise refuse_cut_off(
+            agent=approval.agent,
+            grant_id=approval.grant_id,
+            user_id=approval.user_id,
+            instance=approval.instance,
+            where="ciba_collect",
+        )
+    if instance["jkt"] != proof.jkt:
+        raise InvalidClient(reason=f"instance {proof.instance} proved another key than on its first use")
 
 
 def approval_collect(
@@ -614,12 +654,14 @@ def approval_collect(
     agent: Agent | None = None,
     jkt: str = "",
     resource_server: ResourceServer | None = None,
+    instance: InstanceProof | None = None,
 ) -> dict[str, Any]:
     """Answer one CIBA poll. Raises the CIBA §11 error for every non-success.
 
     ``jkt`` is the thumbprint of the poll's DPoP proof key, "" without one (RFC 9449 §6.1).
     The collector is the agent, or, for a request a resource server opened
-    (``approvals.rs_stepup``), that resource server and no one else.
+    (``approvals.rs_stepup``), that resource server and no one else; for a request an agent
+    instance made (``instance``: the poller's proof), that instance alone.
     """
     now = timezone.now()
     found = _read_for_collect(auth_req_id)
@@ -633,6 +675,8 @@ def approval_collect(
     approval.agent = agent if agent is not None else Agent.objects.get(pk=approval.agent_id)
     if resource_server is not None:
         approval.opened_by = resource_server
+    else:
+        _check_collector_instance(approval, policy["instance"], instance)
     if approval.status == Status.PENDING:
         if not approval.grant.is_live(now):
             # Checked on read as well: a grant that ended answers no more polls with "pending".
@@ -806,6 +850,16 @@ def approvals_cancel_for_grant(*, grant_id: Any, reason: str) -> int:
     ids = list(
         ApprovalRequest.objects.filter(
             grant_id=grant_id, status__in=ApprovalRequest.leaving("cancel")
+        ).values_list("pk", flat=True)
+    )
+    return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)
+
+
+def approvals_cancel_for_instance(*, grant_id: Any, instance: str, reason: str = "instance_cut_off") -> int:
+    """The open requests one agent instance made on a grant (it was cut off): cancelled, each audited."""
+    ids = list(
+        ApprovalRequest.objects.filter(
+            grant_id=grant_id, instance=instance, status__in=ApprovalRequest.leaving("cancel")
         ).values_list("pk", flat=True)
     )
     return sum(approval_cancel(approval_id=pk, reason=reason) for pk in ids)

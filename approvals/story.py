@@ -15,7 +15,8 @@ from django.db.models import Count, Max, Q
 from audit.models import AuditEvent
 from consent.budget import Budget
 from consent.budgets import budget_policies, budgets_for_grants
-from consent.models import GrantUse, ResourceServer, ScopePolicy, SessionGrant
+from consent.instances import instances_for_grant
+from consent.models import AgentInstance, GrantUse, ResourceServer, ScopePolicy, SessionGrant
 
 from .activity import Entry, describe
 from .models import ApprovalRequest
@@ -47,6 +48,7 @@ class Story:
     receipts: dict[str, str] = field(default_factory=dict)  # approval id -> its receipt URL
     budgets: list[Budget] = field(default_factory=list)  # active ones
     budget_offers: list[ScopePolicy] = field(default_factory=list)  # step-up scopes a budget may be set on
+    instances: list[AgentInstance] = field(default_factory=list)  # the agent's instances on this grant
 
 
 def grants_overview(*, grants: list[SessionGrant], user_id: int) -> list[GrantSummary]:
@@ -160,4 +162,5 @@ def grant_story(*, grant_id: Any, user_id: int) -> Story | None:
         receipts=receipts,
         budgets=budgets,
         budget_offers=offers,
+        instances=instances_for_grant(grant_id=grant.pk),
     )

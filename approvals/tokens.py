@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from consent.conf import countersign_settings
-from consent.tokens import ACTION_TOKEN_TYP, actor_id, sign, subject_id
+from consent.instances import act_claim
+from consent.tokens import ACTION_TOKEN_TYP, sign, subject_id
 
 from .models import ApprovalRequest
 
@@ -22,7 +23,7 @@ def action_claims(*, approval: ApprovalRequest, audience: str, ttl: int) -> dict
         "aud": audience,
         "client_id": approval.agent.client_id,
         "scope": approval.scope,
-        "act": {"sub": actor_id(approval.agent.client_id)},
+        "act": act_claim(approval.agent.client_id, approval.instance),
         "grant_id": str(approval.grant_id),
         "approval_id": str(approval.pk),
         "authorization_details": approval.authorization_details,

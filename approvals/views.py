@@ -21,9 +21,11 @@ from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
 from consent.http import NO_STORE, AuthenticatedHttpRequest, claimed_client_id, error_response
+from consent.instances import instance_admit
 from consent.limits import attempts
 from consent.models import Agent
 from consent.oauth import client_auth
+from consent.oauth.attestation import InstanceProof
 from consent.views.account import SESSION_AMR, SESSION_AUTH_TIME, auth_context
 from consent.views.rs_auth import resource_server_or_refusal
 
@@ -257,7 +259,7 @@ class BackchannelAuthenticationView(View):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         params = request.POST.dict()
         try:
-            agent, hint = self._authenticate(request, params)
+            agent, hint, proof = self._authenticate(request, params)
         except OAuthError as exc:
             audit_refusal(
                 event="approval.request_refused",
@@ -269,9 +271,17 @@ class BackchannelAuthenticationView(View):
             )
             return error_response(InvalidClient("Client authentication failed."))
         try:
-            req = validate_backchannel_request(agent=agent, params=params, hint=hint)
+            req = validate_backchannel_request(
+                agent=agent, params=params, hint=hint, instance=proof.instance if proof is not None else ""
+            )
+            if proof is not None:  # one statement: records the instance on the grant, or refuses it cut off
+                instance_admit(
+                    agent=agent, grant=req.grant, proof=proof, where="backchannel", request=request
+                )
             approval, created = approval_request_create(req=req, request=request)
         except OAuthError as exc:
+            if exc.audited:
+                return error_response(exc)
             audit_refusal(
                 event="approval.request_refused",
                 error=exc.error,
@@ -292,16 +302,25 @@ class BackchannelAuthenticationView(View):
         )
 
     @staticmethod
-    def _authenticate(request: HttpRequest, params: dict[str, str]) -> tuple[Agent, LoginHint | None]:
-        credentials = client_auth.presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+    def _authenticate(
+        request: HttpRequest, params: dict[str, str]
+    ) -> tuple[Agent, LoginHint | None, InstanceProof | None]:
+        credentials = client_auth.presented_credentials(
+            params,
+            request.META.get("HTTP_AUTHORIZATION", ""),
+            attestation=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION"),
+            pop=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION_POP"),
+        )
         if credentials.method == client_auth.NONE:  # CIBA §7.1: only clients that authenticate
             raise InvalidClient(reason="CIBA needs client authentication")
         endpoint = f"{countersign_settings.ISSUER}/o/bc-authorize/"
         scopes = params.get("scope", "").split()
         hint = read_login_hint(params.get("login_hint_token", ""), scopes[0] if len(scopes) == 1 else "")
         if hint is not None and hint.agent.client_id == credentials.client_id:
-            return client_auth.authenticate(credentials, hint.agent, endpoint_url=endpoint), hint
-        return client_auth.authenticate_request(credentials, endpoint_url=endpoint), hint
+            agent, proof = client_auth.authenticate_client(credentials, hint.agent, endpoint_url=endpoint)
+            return agent, hint, proof
+        agent, proof = client_auth.authenticate_client_request(credentials, endpoint_url=endpoint)
+        return agent, hint, proof
 
 
 def _token_owner(claims: dict[str, Any]) -> int | None:

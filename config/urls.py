@@ -37,6 +37,11 @@ urlpatterns = [
         name="budget-lower",
     ),
     path("grants/<uuid:grant_id>/budgets/<int:budget_id>/end/", budgets.budget_end_view, name="budget-end"),
+    path(
+        "grants/<uuid:grant_id>/instances/<int:instance_pk>/cut-off/",
+        account.instance_cut_off_view,
+        name="instance-cut-off",
+    ),
     path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
     path("", include("audit.urls")),

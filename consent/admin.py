@@ -15,9 +15,11 @@ from oauth2_provider.models import get_id_token_model
 
 from audit.services import audit_record
 
+from .instances import InstanceNotActive, agent_instance_cut_off
 from .models import (
     AccessToken,
     Agent,
+    AgentInstance,
     AuthorizationCode,
     Budget,
     RefreshToken,
@@ -364,6 +366,41 @@ class BudgetAdmin(admin.ModelAdmin[Budget]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Budget | None = None) -> bool:
         return False
+
+
+@admin.register(AgentInstance)
+class AgentInstanceAdmin(admin.ModelAdmin[AgentInstance]):
+    list_display = (
+        "instance_id",
+        "agent",
+        "grant",
+        "status",
+        "first_seen",
+        "last_seen",
+        "cut_off_at",
+        "cut_off_by",
+    )
+    list_filter = ("status", "agent")
+    search_fields = ("instance_id", "agent__name", "agent__client_id", "grant__id")
+    readonly_fields = [f.name for f in AgentInstance._meta.fields]
+    actions = ["cut_off"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AgentInstance | None = None) -> bool:
+        return False
+
+    @admin.action(description="Cut off: this instance's requests are refused; the grant keeps working")
+    def cut_off(self, request: HttpRequest, queryset: QuerySet[AgentInstance]) -> None:
+        done = 0
+        for instance in queryset.filter(status=AgentInstance.Status.ACTIVE):
+            try:
+                agent_instance_cut_off(instance_pk=instance.pk, by=_admin_actor(request), request=request)
+                done += 1
+            except InstanceNotActive:
+                continue
+        messages.success(request, f"Cut off {done} instance(s).")
 
 
 @admin.register(SigningKey)

@@ -38,6 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "BINDING_MESSAGE_MAX": 120,
     # private_key_jwt (RFC 7523): the longest an assertion may live; its jti is remembered that long.
     "CLIENT_ASSERTION_MAX_LIFETIME": 300,
+    # Agent instances (draft-ietf-oauth-attestation-based-client-auth): the longest a Client
+    # Attestation the agent's key signs for one instance may live, and how old its PoP may be.
+    "CLIENT_ATTESTATION_MAX_LIFETIME": 3600,
+    "CLIENT_ATTESTATION_POP_MAX_AGE": 60,
     # RFC 8693 re-mint: how long after expiry a session token may still be exchanged
     # (by its own agent, authenticated with its key, while the grant lives).
     "EXCHANGE_GRACE_SECONDS": 3600,

@@ -252,3 +252,18 @@ class BudgetNotFound(OAuthError):
     error = "not_found"
     status_code = 404
     code = "budget_not_found"
+
+
+class InstanceCutOff(InvalidClient):
+    """draft-ietf-oauth-attestation-based-client-auth §5: this instance of the agent proved its key,
+    but the user or an administrator cut it off from the session grant (``agent_instance_cut_off``).
+    The grant and the agent's other instances keep working."""
+
+    code = "instance_cut_off"
+
+
+class InstanceMismatch(InvalidGrant):
+    """RFC 6749 §5.2 ("issued to another client"), per instance: the refresh token, ``auth_req_id``
+    or token presented belongs to another instance of the agent (or to the agent as one)."""
+
+    code = "instance_mismatch"

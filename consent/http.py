@@ -98,4 +98,11 @@ def claimed_client_id(request: HttpRequest) -> str:
             )
         except (jwt.PyJWTError, JSONTooDeep):
             claimed = ""
+    attestation = request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION")
+    if not claimed and isinstance(attestation, str) and len(attestation) <= 8192:
+        try:
+            check_jwt(attestation)
+            claimed = str(jwt.decode(attestation, options={"verify_signature": False}).get("sub", ""))
+        except (jwt.PyJWTError, JSONTooDeep):
+            claimed = ""
     return claimed[:100]

@@ -55,8 +55,12 @@ def server_metadata() -> dict[str, Any]:
             "client_secret_basic",
             "client_secret_post",
             "private_key_jwt",
+            "attest_jwt_client_auth",
             "none",
         ],
+        # draft-ietf-oauth-attestation-based-client-auth §10.1: agent instances (consent.instances)
+        "client_attestation_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "client_attestation_pop_signing_alg_values_supported": list(ASSERTION_ALGS),
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": [

@@ -521,6 +521,54 @@ class GrantUse(models.Model):
         return f"{self.operation or self.scope} at {self.used_at:%Y-%m-%d %H:%M:%S}"
 
 
+class AgentInstance(models.Model):
+    """One running instance of an agent, as seen on one session grant.
+
+    An instance proves a key of its own, which the agent's registered key vouches for in a Client
+    Attestation (draft-ietf-oauth-attestation-based-client-auth, ``consent.oauth.attestation``). The
+    record is made on the instance's first token on the grant; cutting it off ends that instance's
+    use of the grant and leaves the grant and the agent's other instances as they are.
+    """
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        CUT_OFF = "cut_off", "Cut off"
+
+    agent = models.ForeignKey(
+        settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE, related_name="instances"
+    )
+    grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="instances")
+    instance_id = models.CharField(
+        max_length=64, help_text="The id the agent gave the instance (act.instance)."
+    )
+    jkt = models.CharField(
+        "key thumbprint", max_length=64, help_text="RFC 7638 thumbprint of the instance's key."
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+    cut_off_at = models.DateTimeField(null=True, blank=True)
+    cut_off_by = models.CharField(
+        max_length=100, blank=True, help_text="Who cut it off (user:<pk>, admin:<name>)."
+    )
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["grant", "instance_id"], name="agent_instance_once")]
+        verbose_name = "agent instance"
+
+    def __str__(self) -> str:
+        return f"instance {self.instance_id} of {self.agent_id} ({self.status})"
+
+    @property
+    def short_id(self) -> str:
+        return self.short(self.instance_id)
+
+    @staticmethod
+    def short(instance: str) -> str:
+        """How a person reads an instance id: "3f9c…" (the whole id is on the record)."""
+        return instance if len(instance) <= 5 else f"{instance[:4]}…"
+
+
 class AuthorizationCode(AbstractGrant):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="codes")
     consumed_at = models.DateTimeField(
@@ -541,6 +589,8 @@ class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-to
 
 class RefreshToken(AbstractRefreshToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
     session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens")
+    # The agent instance it was issued to ("" for an agent that runs as one): only that instance refreshes it.
+    instance = models.CharField(max_length=64, blank=True, default="")
 
     class Meta(AbstractRefreshToken.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
         swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"

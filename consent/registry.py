@@ -2,14 +2,17 @@
 
 Per agent: status, publisher and the RFC 7638 thumbprints of its registered keys,
 so a resource server can refuse a suspended or unknown ``act.sub`` and check
-that a DPoP proof was made with a key the agent registered.
+that a DPoP proof was made with a key the agent registered. Asked about one instance of
+the agent on one grant (``act.instance``, ``grant_id``), the entry adds that instance's state
+and key thumbprint (``instance_entry``), so a cut-off instance is refused there too.
 """
 
 import time
 from typing import Any
+from uuid import UUID
 
 from .conf import countersign_settings
-from .models import Agent
+from .models import Agent, AgentInstance
 from .oauth.dpop import registered_thumbprints
 from .tokens import actor_id, sign
 
@@ -40,3 +43,21 @@ def registry_document() -> str:
         "agents": [agent_entry(a) for a in Agent.objects.order_by("client_id")],
     }
     return sign(claims, typ=REGISTRY_DOCUMENT_TYP)
+
+
+def instance_entry(agent: Agent, *, instance: str, grant_id: str) -> dict[str, Any]:
+    """One instance of ``agent`` on one grant: ``status`` (``active``, ``cut_off``, or ``unknown``) and
+    ``jkt``, the thumbprint of the key its attestation vouched for (its DPoP key)."""
+    row = None
+    try:
+        grant_uuid: UUID | None = UUID(grant_id) if len(grant_id) == 36 else None
+    except ValueError:
+        grant_uuid = None
+    if grant_uuid is not None:
+        row = (
+            AgentInstance.objects.filter(agent=agent, grant_id=grant_uuid, instance_id=instance[:64])
+            .values_list("status", "jkt")
+            .first()
+        )
+    status, jkt = row if row is not None else ("unknown", "")
+    return {"id": instance, "grant_id": grant_id, "status": status, "jkt": jkt}

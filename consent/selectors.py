@@ -13,7 +13,8 @@ from django.utils import timezone
 
 from . import rows
 from .conf import countersign_settings
-from .models import AccessToken, Agent, ResourceServer, ScopePolicy, SessionGrant
+from .instances import instance_of
+from .models import AccessToken, Agent, AgentInstance, ResourceServer, ScopePolicy, SessionGrant
 from .oauth.client_auth import secret_matches
 from .tokens import SESSION_TOKEN_TYP, TokenInvalid, token_checksum, verify
 
@@ -60,6 +61,7 @@ def grants_for_user(*, user: User) -> QuerySet[SessionGrant]:
 _TOKEN_EXPIRES = rows.Columns(AccessToken, "t", ["expires"])
 _GRANT_STATE = rows.Columns(SessionGrant, "g", ["status", "expires_at"])
 _AGENT_STATUS = rows.Columns(Agent, "a", ["status"])
+_INSTANCE_STATUS = rows.Columns(AgentInstance, "i", ["status"])
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
     """RFC 7662: is this session token active, for this resource server, right now?
 
     Inactive when it does not verify, is expired, was not issued to this resource
-    server's audience, or its grant is revoked/expired or its agent suspended.
+    server's audience, or its grant is revoked/expired, its agent suspended, or the agent
+    instance it was issued to (``act.instance``) cut off.
     """
     try:
         claims = verify(token, typ=SESSION_TOKEN_TYP)
@@ -122,15 +125,19 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
     if resource_server.audience not in aud:
         return Introspection(False, {}, "token not issued for this resource server")
     row = rows.fetchone(
-        f"SELECT {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql}, {_AGENT_STATUS.sql} FROM {rows.table(AccessToken)} t"
-        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
-        f" JOIN {rows.table(Agent)} a ON a.id = t.application_id WHERE t.token_checksum = %s",
-        [token_checksum(token)],
+        f"SELECT {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql}, {_AGENT_STATUS.sql}, {_INSTANCE_STATUS.sql}"
+        f" FROM {rows.table(AccessToken)} t JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
+        f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
+        f" LEFT JOIN {rows.table(AgentInstance)} i ON i.grant_id = g.id AND i.instance_id = %s"
+        f" WHERE t.token_checksum = %s",
+        [instance_of(claims), token_checksum(token)],
     )
     now = timezone.now()
     if row is None:
         return Introspection(False, {}, "token revoked")
-    token_row, grant_row, agent_row = rows.split(row, _TOKEN_EXPIRES, _GRANT_STATE, _AGENT_STATUS)
+    token_row, grant_row, agent_row, instance_row = rows.split(
+        row, _TOKEN_EXPIRES, _GRANT_STATE, _AGENT_STATUS, _INSTANCE_STATUS
+    )
     if token_row["expires"] <= now:
         return Introspection(False, {}, "token revoked")
     if grant_row["status"] != SessionGrant.Status.ACTIVE or grant_row["expires_at"] <= now:
@@ -140,4 +147,6 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
         Agent.Status.PENDING_REVIEW,
     ):  # pending: session scopes
         return Introspection(False, {}, "agent suspended")
+    if instance_row["status"] == AgentInstance.Status.CUT_OFF:
+        return Introspection(False, {}, "instance cut off")
     return Introspection(True, claims)

@@ -27,6 +27,7 @@ from .errors import (
     CountersignError,
     ExpiredToken,
     GrantRevoked,
+    InstanceCutOff,
     InsufficientScope,
     InvalidDPoPProof,
     InvalidRequest,
@@ -36,6 +37,7 @@ from .errors import (
     ServiceUnavailable,
     SessionEnded,
 )
+from .instance import AgentInstance
 from .ledger import (
     Checkpoint,
     LedgerError,
@@ -52,6 +54,7 @@ __all__ = [
     "ActionToken",
     "AgentClient",
     "AgentError",
+    "AgentInstance",
     "AgentNotAllowed",
     "AgentRecord",
     "AlreadyRedeemed",
@@ -66,6 +69,7 @@ __all__ = [
     "DPoPProof",
     "ExpiredToken",
     "GrantRevoked",
+    "InstanceCutOff",
     "InsufficientScope",
     "InvalidDPoPProof",
     "InvalidReceipt",

@@ -8,6 +8,9 @@
 - Step-up: OpenID CIBA Core 1.0 backchannel authentication (§7) with RFC 9396
   ``authorization_details``, then polling (§10.1) honouring ``interval`` and
   ``slow_down`` (§11), or woken by a ping (§10.2) via :meth:`AgentClient.on_ping`.
+- Optional instances (draft-ietf-oauth-attestation-based-client-auth): with ``instance``
+  (:class:`~countersign.instance.AgentInstance`) the client authenticates as that one instance
+  of the agent, with the attestation the agent's key signed and a fresh PoP per request.
 - Optional DPoP (RFC 9449): a proof with every token request, the server's
   nonce honoured (§8), and proofs with ``ath`` for resource requests (§7.1).
 
@@ -44,6 +47,7 @@ from .errors import (
     OAuthError,
     SessionEnded,
 )
+from .instance import AgentInstance
 from .verifier import action_hash, basic_auth
 
 __all__ = ["ActionToken", "AgentClient", "AsyncAgentClient", "TokenSet"]
@@ -144,8 +148,10 @@ class _AgentCore:
         dpop_key: DPoPKey | PrivateKey | None = None,
         refresh_margin: float = 30.0,
         ping_mode: bool = False,
+        instance: AgentInstance | None = None,
     ) -> None:
         self.issuer = issuer
+        self.instance = instance
         self.client_id = client_id
         self.redirect_uri = redirect_uri
         self.refresh_margin = refresh_margin
@@ -210,7 +216,9 @@ class _AgentCore:
     def _authenticate(
         self, data: dict[str, str], headers: dict[str, str], *, audience: str, require_key: bool
     ) -> None:
-        if self._private_key is not None:
+        if self.instance is not None:  # the attestation is the client authentication, for every endpoint
+            headers.update(self.instance.headers(self.issuer))
+        elif self._private_key is not None:
             data.update(
                 client_id=self.client_id,
                 client_assertion_type=CLIENT_ASSERTION_TYPE,
@@ -344,7 +352,7 @@ class _AgentCore:
                 body = yield from self._token_flow(
                     {"grant_type": "refresh_token", "refresh_token": current.refresh_token}
                 )
-            elif self._private_key is not None:
+            elif self._private_key is not None or self.instance is not None:
                 body = yield from self._token_flow(
                     {
                         "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
@@ -551,7 +559,9 @@ class AgentClient(_AgentCore):
     rotating refresh token is never used twice (which would revoke the grant, RFC 9700 §4.14.2).
 
     ``private_key`` (a ``cryptography`` private key, its ``key_id`` the registered ``kid``)
-    enables ``private_key_jwt`` and re-minting by token exchange; ``dpop_key`` enables DPoP.
+    enables ``private_key_jwt`` and re-minting by token exchange; ``dpop_key`` enables DPoP;
+    ``instance`` makes it one instance of the agent (pass ``dpop_key=instance.key`` to bind its
+    tokens to the instance key too).
     """
 
     def __init__(
@@ -567,6 +577,7 @@ class AgentClient(_AgentCore):
         dpop_key: DPoPKey | PrivateKey | None = None,
         refresh_margin: float = 30.0,
         ping_mode: bool = False,
+        instance: AgentInstance | None = None,
     ) -> None:
         super().__init__(
             issuer,
@@ -578,6 +589,7 @@ class AgentClient(_AgentCore):
             dpop_key=dpop_key,
             refresh_margin=refresh_margin,
             ping_mode=ping_mode,
+            instance=instance,
         )
         self._http = http or httpx.Client(timeout=15.0, follow_redirects=False)
         self._lock = threading.Lock()
@@ -713,6 +725,7 @@ class AsyncAgentClient(_AgentCore):
         dpop_key: DPoPKey | PrivateKey | None = None,
         refresh_margin: float = 30.0,
         ping_mode: bool = False,
+        instance: AgentInstance | None = None,
     ) -> None:
         super().__init__(
             issuer,
@@ -724,6 +737,7 @@ class AsyncAgentClient(_AgentCore):
             dpop_key=dpop_key,
             refresh_margin=refresh_margin,
             ping_mode=ping_mode,
+            instance=instance,
         )
         self._http = http or httpx.AsyncClient(timeout=15.0, follow_redirects=False)
         self._lock: asyncio.Lock | None = None

@@ -31,6 +31,7 @@ __all__ = [
     "InsufficientScope",
     "InvalidDPoPProof",
     "InvalidRequest",
+    "InstanceCutOff",
     "InvalidToken",
     "MissingToken",
     "OAuthError",
@@ -135,6 +136,11 @@ class ExpiredToken(InvalidToken):
 
 class AgentNotAllowed(InvalidToken):
     """The acting agent (``act.sub``, RFC 8693 §4.1) is unknown to the registry or suspended."""
+
+
+class InstanceCutOff(AgentNotAllowed):
+    """The acting instance of the agent (``act.instance``) was cut off from the grant, or is unknown
+    to the registry (draft-ietf-oauth-attestation-based-client-auth: it no longer authenticates)."""
 
 
 class InvalidDPoPProof(InvalidToken):

@@ -41,6 +41,7 @@ from .errors import (
     AlreadyRedeemed,
     CountersignError,
     ExpiredToken,
+    InstanceCutOff,
     InsufficientScope,
     InvalidDPoPProof,
     InvalidRequest,
@@ -57,6 +58,7 @@ __all__ = [
     "ALGORITHMS",
     "SESSION_TOKEN_TYP",
     "AgentRecord",
+    "InstanceRecord",
     "TokenVerifier",
     "VerifiedToken",
     "action_hash",
@@ -123,6 +125,17 @@ class AgentRecord:
 
 
 @dataclass(frozen=True)
+class InstanceRecord:
+    """One instance of an agent on one grant, as the registry tells it
+    (``GET {agent_registry_endpoint}{client_id}?instance=<id>&grant_id=<grant>``)."""
+
+    instance: str
+    grant_id: str
+    status: str  # "active", "cut_off" or "unknown"
+    jkt: str  # RFC 7638 thumbprint of the instance key its attestation vouched for
+
+
+@dataclass(frozen=True)
 class VerifiedToken:
     """A token that passed every check: who the user is, which agent acts, with what."""
 
@@ -138,6 +151,8 @@ class VerifiedToken:
     claims: dict[str, Any] = field(repr=False)
     #: RFC 7638 thumbprint of the key the token is bound to (RFC 9449 §6.1), or None.
     dpop_jkt: str | None = None
+    #: Which instance of the agent acts (``act.instance``), or None for an agent that runs as one.
+    instance: str | None = None
 
     @property
     def authorization_details(self) -> list[dict[str, Any]] | None:
@@ -224,6 +239,7 @@ class TokenVerifier:
         self._jwks_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._agents: dict[str, tuple[float, AgentRecord | None]] = {}
+        self._instances: dict[tuple[str, str, str], tuple[float, InstanceRecord]] = {}
         self._agent_locks: dict[str, threading.Lock] = {}
         self._agent_locks_lock = threading.Lock()
         # A proof is accepted only within dpop_max_age of its iat, so remembering its jti
@@ -421,6 +437,35 @@ class TokenVerifier:
     def forget_agent(self, client_id: str) -> None:
         """Drop the cached registry entry (e.g. on a suspension webhook)."""
         self._agents.pop(client_id, None)
+        self._instances = {k: v for k, v in self._instances.items() if k[0] != client_id}
+
+    def agent_instance(self, client_id: str, *, grant_id: str, instance: str) -> InstanceRecord:
+        """The registry's word on one instance of an agent on one grant, cached ``registry_ttl`` seconds."""
+        key = (client_id, grant_id, instance)
+        cached = self._instances.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        url = (
+            self._endpoint("agent_registry_endpoint")
+            + quote(client_id, safe="")
+            + f"?instance={quote(instance, safe='')}&grant_id={quote(grant_id, safe='')}"
+        )
+        status, body = self._get_json(url, auth=True)
+        entry = body.get("instance") if status == 200 and isinstance(body, dict) else None
+        if status == 404:
+            entry = {"status": "unknown"}
+        if not isinstance(entry, dict):
+            raise ServiceUnavailable(f"the agent registry did not answer for the instance (HTTP {status})")
+        record = InstanceRecord(
+            instance=instance,
+            grant_id=grant_id,
+            status=str(entry.get("status") or "unknown"),
+            jkt=str(entry.get("jkt") or ""),
+        )
+        if len(self._instances) > 10_000:
+            self._instances = {k: v for k, v in self._instances.items() if v[0] > time.monotonic()}
+        self._instances[key] = (time.monotonic() + self.registry_ttl, record)
+        return record
 
     # --- verification -------------------------------------------------------------------------
 
@@ -667,11 +712,27 @@ class TokenVerifier:
             raise InvalidToken(
                 f"{actor} may only use DPoP-bound tokens", dpop=True, dpop_algs=self.dpop_algorithms
             )
-        if bound and jkt not in record.jkt:
+        grant_id = claims.get("grant_id")
+        act = claims["act"]
+        instance = act.get("instance")
+        if instance is not None:  # one instance of the agent: live in the registry, bound to its own key
+            if not isinstance(instance, str) or not instance or not isinstance(grant_id, str):
+                raise InvalidToken("malformed act.instance", dpop=bound)
+            seen = self.agent_instance(agent_id, grant_id=grant_id, instance=instance)
+            if seen.status != "active":
+                raise InstanceCutOff(
+                    f"instance {instance} of {actor} is {seen.status.replace('_', ' ')}", dpop=bound
+                )
+            if bound and jkt != seen.jkt:
+                raise InvalidDPoPProof(
+                    f"the DPoP key is not the key attested for instance {instance} of {actor}",
+                    dpop=True,
+                    dpop_algs=self.dpop_algorithms,
+                )
+        elif bound and jkt not in record.jkt:
             raise InvalidDPoPProof(
                 f"the DPoP key is not registered for {actor}", dpop=True, dpop_algs=self.dpop_algorithms
             )
-        grant_id = claims.get("grant_id")
         return VerifiedToken(
             subject=sub,
             actor=actor,
@@ -681,6 +742,7 @@ class TokenVerifier:
             grant_id=grant_id if isinstance(grant_id, str) else None,
             claims=claims,
             dpop_jkt=jkt,
+            instance=instance,
         )
 
     @staticmethod

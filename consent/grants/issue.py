@@ -23,9 +23,11 @@ from django.db import transaction
 from audit.services import audit_event
 
 from .. import rows
-from ..errors import ConcurrentUse, InvalidClient, UnknownGrant
+from ..errors import ConcurrentUse, InstanceMismatch, InvalidClient, InvalidDPoPProof, UnknownGrant
+from ..instances import act_claim, instance_admit
 from ..models import AccessToken, Agent, RefreshToken, SessionGrant
-from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate, authenticate_request
+from ..oauth.attestation import InstanceProof
+from ..oauth.client_auth import AGENT_ROW, Credentials, authenticate_client, authenticate_client_request
 from ..oauth.dpop import check_agent_key, check_grant_binding
 from ..tokens import SESSION_TOKEN_TYP, bind_to_proof_key, session_claims, sign, token_checksum, token_type
 
@@ -108,6 +110,7 @@ class TokenRequest:
     uri: str  # this endpoint's URL: the audience a private_key_jwt assertion may name
     dpop_jkt: str = ""  # RFC 7638 thumbprint of a valid DPoP proof's key, "" without one
     agent: Agent | None = None  # set once the client is authenticated
+    instance: InstanceProof | None = None  # which instance of the agent, when it authenticated as one
 
     @property
     def credentials(self) -> Credentials:
@@ -117,9 +120,9 @@ class TokenRequest:
 
     def authenticate(self) -> Agent:
         """Authenticate the client against the registry (for grants that read no agent row first)."""
-        agent = self.agent = authenticate_request(self.credentials, endpoint_url=self.uri)
-        check_agent_key(self.dpop_jkt, agent)
-        return agent
+        self.agent, self.instance = authenticate_client_request(self.credentials, endpoint_url=self.uri)
+        self.check_agent_key()
+        return self.agent
 
     def authenticate_holder(self, found: Found | None, *, unknown: str) -> Found:
         """Authenticate the client as the agent a credential's row (``credential_row``) names.
@@ -131,9 +134,41 @@ class TokenRequest:
         if found is None or found[2].client_id != self.credentials.client_id:
             self.authenticate()
             raise UnknownGrant(reason=unknown)
-        agent = self.agent = authenticate(self.credentials, found[2], endpoint_url=self.uri)
-        check_agent_key(self.dpop_jkt, agent)
+        self.agent, self.instance = authenticate_client(self.credentials, found[2], endpoint_url=self.uri)
+        self.check_agent_key()
         return found
+
+    @property
+    def instance_id(self) -> str:
+        """The authenticated instance's id, "" for an agent that runs as one."""
+        return self.instance.instance if self.instance is not None else ""
+
+    def check_agent_key(self) -> None:
+        if self.instance is None:
+            assert self.agent is not None  # called once the client is authenticated
+            check_agent_key(self.dpop_jkt, self.agent)
+        elif self.dpop_jkt and self.dpop_jkt != self.instance.jkt:  # an instance proves with its own key
+            raise InvalidDPoPProof(
+                "the DPoP key is not the key attested for this instance",
+                reason="DPoP key is not the instance's attested key",
+            )
+        elif not self.dpop_jkt and self.agent is not None and self.agent.require_dpop:
+            raise InvalidDPoPProof(
+                "this agent must present a DPoP proof (RFC 9449)", reason="DPoP required for this agent"
+            )
+
+    def check_instance(self, bound_to: str) -> None:
+        """A credential issued to one instance (or to the agent as one) serves only it."""
+        if bound_to != self.instance_id:
+            raise InstanceMismatch(
+                "This credential was issued to another instance of the agent.",
+                reason=f"credential of instance {bound_to!r} presented by {self.instance_id!r}",
+            )
+
+    def admit_instance(self, grant: SessionGrant, now: datetime) -> None:
+        """Record the instance on ``grant`` or refuse it if cut off (one statement; none without one)."""
+        if self.instance is not None and self.agent is not None:
+            instance_admit(agent=self.agent, grant=grant, proof=self.instance, where="token", now=now)
 
     def check_grant_binding(self, grant: SessionGrant) -> None:
         check_grant_binding(self.dpop_jkt, grant.dpop_jkt)
@@ -212,10 +247,12 @@ def issue_session_token(
     """
     agent = req.agent
     assert agent is not None  # a token is issued only to an authenticated client
+    req.admit_instance(grant, now)
     ttl = session_token_lifetime(agent, grant, now)
     claims = session_claims(
         grant=grant, client_id=agent.client_id, scopes=scopes, expires_in=ttl, audience=resource
     )
+    claims["act"] = act_claim(agent.client_id, req.instance_id)
     bind_to_proof_key(claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
     access_token = sign(claims, typ=SESSION_TOKEN_TYP)
     scope = " ".join(scopes)
@@ -255,6 +292,7 @@ def issue_session_token(
                 "application": agent.pk,
                 "user": grant.user_id,
                 "session_grant": grant.pk,
+                "instance": req.instance_id,
             },
         )
         body["refresh_token"] = refresh_token
@@ -272,6 +310,7 @@ def issue_session_token(
                 "expires_in": ttl,
                 "refresh_token": "refresh_token" in body,
                 **({"resource": resource} if resource else {}),
+                **({"instance": req.instance_id} if req.instance_id else {}),
             },
         ),
     )

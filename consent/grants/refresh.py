@@ -47,7 +47,9 @@ from .issue import (
 
 GRANT_TYPE = "refresh_token"
 
-_RT = rows.Columns(RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user", "resource"])
+_RT = rows.Columns(
+    RefreshToken, "r", ["id", "revoked", "access_token", "token_family", "user", "resource", "instance"]
+)
 
 
 def _select(refresh_token: str, *, lock: bool) -> Found | None:
@@ -84,6 +86,7 @@ def _refresh(req: TokenRequest, found: Found | None, now: datetime) -> dict[str,
     rt, grant, agent = req.authenticate_holder(found, unknown="unknown refresh token")
     if rt["revoked"] is not None:
         raise CredentialReused((rt, grant, agent))
+    req.check_instance(rt["instance"])  # an instance's refresh token is that instance's alone
     if agent.refresh_mode != Agent.RefreshMode.ROTATING:
         raise RefreshNotAllowed(reason="agent's refresh mode does not allow refresh tokens")
     if not grant.is_live(now):

@@ -16,6 +16,13 @@ stolen or expired, is worth nothing without the agent's own key.
   registered sub-agent the user permitted at consent. ``act`` nests the chain:
   ``{"sub": "agent:sub", "act": {"sub": "agent:parent"}}``; only the outermost
   ``act`` is the current actor (§4.1).
+
+An instance of the agent (``consent.instances``) authenticates with its Client Attestation instead
+of a ``private_key_jwt`` assertion (the agent's key vouches for the instance key, the PoP proves
+it). It re-mints only its own tokens (the new one names it again in ``act.instance``), or
+**joins** the grant with a session token of the agent as one (no ``act.instance``): the agent hands
+its token to one of its instances. Joining works in every refresh mode; outside ``exchange`` mode it
+needs a live subject token and the instance's token lives no longer than it.
 """
 
 import time
@@ -36,8 +43,9 @@ from ..errors import (
     SubjectTokenInvalid,
     UnauthorizedClient,
 )
+from ..instances import instance_of
 from ..models import AccessToken, Agent, ScopePolicy, SessionGrant
-from ..oauth.client_auth import PRIVATE_KEY_JWT
+from ..oauth.client_auth import ATTEST, PRIVATE_KEY_JWT
 from ..oauth.private_key_jwt import AssertionInvalid, unverified_issuer, verify_assertion
 from ..tokens import (
     SESSION_TOKEN_TYP,
@@ -122,8 +130,10 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     """RFC 8693 §2.1 request, §2.2 response."""
     agent = req.authenticate()
     params = req.params
-    if req.credentials.method != PRIVATE_KEY_JWT:
-        raise UnauthorizedClient("token exchange needs private_key_jwt client authentication")
+    if req.credentials.method not in (PRIVATE_KEY_JWT, ATTEST):
+        raise UnauthorizedClient(
+            "token exchange needs private_key_jwt (or an instance's attestation) client authentication"
+        )
     if params.get("subject_token_type", "") not in SUBJECT_TOKEN_TYPES:
         raise InvalidRequest("subject_token_type must be an access_token or jwt token type")
     requested_type = params.get("requested_token_type", "")
@@ -132,10 +142,18 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
     if not params.get("subject_token", ""):
         raise InvalidRequest("subject_token is required")
     claims, grant = _subject(params.get("subject_token", ""), agent)
+    # An instance joins the grant with a token of the agent as one (the agent's key vouches for it);
+    # a token of an instance is re-minted by that instance alone.
+    joining = req.instance is not None and not instance_of(claims) and not params.get("actor_token", "")
+    if not joining:
+        req.check_instance(instance_of(claims))
     scopes = _narrowed_scopes(params.get("scope", ""), params.get("audience", ""), claims["scope"].split())
-    chain: dict[str, Any] = claims["act"]
+    chain: dict[str, Any] = {**claims["act"], "instance": req.instance_id} if joining else claims["act"]
     holder = agent
-    if not params.get("actor_token", "") and agent.refresh_mode != Agent.RefreshMode.EXCHANGE:
+    re_mint = agent.refresh_mode == Agent.RefreshMode.EXCHANGE
+    if joining and not re_mint and claims["exp"] <= time.time():
+        raise SubjectTokenInvalid("an instance joins with a live token of its agent (this one expired)")
+    if not params.get("actor_token", "") and not re_mint and not joining:
         raise UnauthorizedClient(
             f"this agent's refresh mode ({agent.refresh_mode}) does not allow re-minting by exchange"
         )
@@ -145,7 +163,12 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
         chain = {"sub": actor_id(holder.client_id), "act": claims["act"]}
     if not scopes:
         raise InvalidScope("nothing left to grant after narrowing")
+    req.admit_instance(grant, timezone.now())
     ttl = session_token_lifetime(holder, grant, timezone.now())
+    if (
+        joining and not re_mint
+    ):  # handing the token on, not re-minting it: it lives no longer than the agent's
+        ttl = max(1, min(ttl, int(claims["exp"] - time.time())))
     new_claims = session_claims(grant=grant, client_id=holder.client_id, scopes=scopes, expires_in=ttl)
     new_claims["act"] = chain
     bind_to_proof_key(new_claims, jkt=req.dpop_jkt, grant_jkt=grant.dpop_jkt)
@@ -171,6 +194,7 @@ def exchange(req: TokenRequest) -> dict[str, Any]:
                 "subject_jti": claims["jti"],
                 "act": chain,
                 "expires_in": ttl,
+                **({"instance": req.instance_id} if req.instance_id else {}),
             },
         ),
     )

@@ -4,6 +4,10 @@
   preferred; credentials in the form body are accepted too.
 - ``private_key_jwt`` (RFC 7523 §2.2, OpenID Connect Core §9): a JWT the agent signs
   with one of its registered keys (``consent.oauth.private_key_jwt``).
+- ``attest_jwt_client_auth`` (draft-ietf-oauth-attestation-based-client-auth): one instance of
+  an agent, with a Client Attestation the agent's registered key signed for the instance's own
+  key and a PoP by that key, in the ``OAuth-Client-Attestation`` headers
+  (``consent.oauth.attestation``). Authenticating so names the instance (``InstanceProof``).
 - ``none`` (RFC 7591 §2): public clients only (self-described agents that registered
   so), at the token endpoint's code and refresh grants; PKCE binds the code.
 
@@ -24,6 +28,7 @@ from .. import rows
 from ..errors import InvalidClient
 from ..http import basic_credentials
 from ..models import Agent
+from .attestation import ATTEST_JWT_CLIENT_AUTH, InstanceProof, unverified_client_id, verify_instance
 from .private_key_jwt import CLIENT_ASSERTION_TYPE, AssertionInvalid, unverified_issuer, verify_assertion
 
 SECRET = "client_secret"
@@ -31,20 +36,45 @@ PRIVATE_KEY_JWT = "private_key_jwt"
 # RFC 7591 §2 ``none``: a public client (a self-described native or browser agent) names itself only;
 # PKCE (required for every code) binds the code to it. Never accepted for a confidential agent.
 NONE = "none"
+ATTEST = ATTEST_JWT_CLIENT_AUTH
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the request presented: ``method`` is ``client_secret``, ``private_key_jwt`` or ``none``."""
+    """What the request presented: ``method`` is ``client_secret``, ``private_key_jwt``,
+    ``attest_jwt_client_auth`` or ``none``."""
 
     method: str
     client_id: str
     secret: str = ""
     assertion: str = ""
+    attestation: str = ""  # OAuth-Client-Attestation
+    pop: str = ""  # OAuth-Client-Attestation-PoP
 
 
-def presented_credentials(params: dict[str, str], authorization: str) -> Credentials:
-    """The credentials a token request carries; ``InvalidClient`` when there are none usable."""
+def presented_credentials(
+    params: dict[str, str], authorization: str, *, attestation: str | None = None, pop: str | None = None
+) -> Credentials:
+    """The credentials a token request carries; ``InvalidClient`` when there are none usable.
+
+    ``attestation`` / ``pop``: the ``OAuth-Client-Attestation`` and ``-PoP`` headers, None when absent.
+    An instance authenticates with them alone: no other client authentication beside them.
+    """
+    if attestation is not None or pop is not None:
+        if not attestation or not pop:
+            raise InvalidClient(reason="a client attestation needs both OAuth-Client-Attestation headers")
+        if "client_assertion" in params or "client_secret" in params or authorization.startswith("Basic "):
+            raise InvalidClient(
+                reason="a client attestation and another client authentication in one request"
+            )
+        try:
+            sub = unverified_client_id(attestation)
+        except AssertionInvalid as exc:
+            raise InvalidClient(reason=str(exc)) from exc
+        claimed = params.get("client_id")
+        if claimed and claimed != sub:
+            raise InvalidClient(reason="client_id does not match the client attestation's sub")
+        return Credentials(ATTEST, sub, attestation=attestation, pop=pop)
     if "client_assertion" in params or "client_assertion_type" in params:
         if params.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
             raise InvalidClient(reason=f"client_assertion_type must be {CLIENT_ASSERTION_TYPE}")
@@ -87,8 +117,22 @@ def _secret_ok(secret: str, agent: Agent) -> bool:
 
 def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url: str) -> Agent:
     """Check ``credentials`` against ``agent`` (the row for ``credentials.client_id``, or None)."""
+    return authenticate_client(credentials, agent, endpoint_url=endpoint_url)[0]
+
+
+def authenticate_client(
+    credentials: Credentials, agent: Agent | None, *, endpoint_url: str
+) -> tuple[Agent, InstanceProof | None]:
+    """``authenticate``, and which instance of the agent it was (None: the agent as one)."""
     if agent is None or agent.client_id != credentials.client_id or not agent.may_sign_in:
         raise InvalidClient(reason="unknown client or agent suspended")
+    if credentials.method == ATTEST:
+        try:
+            return agent, verify_instance(
+                credentials.attestation, credentials.pop, agent=agent, endpoint_url=endpoint_url
+            )
+        except AssertionInvalid as exc:
+            raise InvalidClient(reason=str(exc)) from exc
     if credentials.method == NONE:
         if agent.client_type != Agent.CLIENT_PUBLIC:
             raise InvalidClient(reason="no client authentication")
@@ -103,7 +147,7 @@ def authenticate(credentials: Credentials, agent: Agent | None, *, endpoint_url:
         and _secret_ok(credentials.secret, agent)
     ):
         raise InvalidClient(reason="wrong client secret")
-    return agent
+    return agent, None
 
 
 # What the protocol endpoints read of an agent (any other field loads on first use).
@@ -140,3 +184,12 @@ def agent_by_client_id(client_id: str) -> Agent | None:
 def authenticate_request(credentials: Credentials, *, endpoint_url: str) -> Agent:
     """Authenticate against the registry (one query): for endpoints that read no other row first."""
     return authenticate(credentials, agent_by_client_id(credentials.client_id), endpoint_url=endpoint_url)
+
+
+def authenticate_client_request(
+    credentials: Credentials, *, endpoint_url: str
+) -> tuple[Agent, InstanceProof | None]:
+    """``authenticate_request``, and which instance it was."""
+    return authenticate_client(
+        credentials, agent_by_client_id(credentials.client_id), endpoint_url=endpoint_url
+    )

@@ -28,6 +28,7 @@ from consent.http import AuthenticatedHttpRequest
 from consent.limits import attempts
 from consent.models import Agent, ScopePolicy
 
+from ..instances import InstanceNotActive, agent_instance_cut_off
 from ..services import AuthContext, grant_revoke
 
 SESSION_AUTH_TIME = "cs_auth_time"
@@ -232,3 +233,23 @@ def grant_revoke_view(request: AuthenticatedHttpRequest, grant_id: UUID) -> Http
     messages.success(request, "Access revoked. The agent's tokens stopped working.")
     back = f"/grants/{grant_id}/"
     return redirect(back if request.POST.get("next") == back else "/grants/")
+
+
+@login_required
+@post_only
+def instance_cut_off_view(request: HttpRequest, grant_id: UUID, instance_pk: int) -> HttpResponse:
+    """Cut off one instance of the agent from this person's grant; the grant and other instances stay."""
+    try:
+        instance = agent_instance_cut_off(
+            instance_pk=instance_pk,
+            by=f"user:{request.user.pk}",
+            user_id=request.user.pk,
+            grant_id=grant_id,
+            request=request,
+        )
+    except InstanceNotActive:
+        raise Http404("No active instance with that id on your connection.") from None
+    messages.success(
+        request, f"Instance {instance.short_id} was cut off. The agent's other instances keep working."
+    )
+    return redirect(f"/grants/{grant_id}/")

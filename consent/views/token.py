@@ -75,7 +75,12 @@ def form_params(request: HttpRequest) -> dict[str, str]:
 def _token_request(request: HttpRequest, params: dict[str, str], uri: str) -> TokenRequest:
     presented: Credentials | InvalidClient
     try:
-        presented = presented_credentials(params, request.META.get("HTTP_AUTHORIZATION", ""))
+        presented = presented_credentials(
+            params,
+            request.META.get("HTTP_AUTHORIZATION", ""),
+            attestation=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION"),
+            pop=request.META.get("HTTP_OAUTH_CLIENT_ATTESTATION_POP"),
+        )
     except InvalidClient as exc:
         presented = exc
     proof = request.META.get("HTTP_DPOP")
