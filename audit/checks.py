@@ -13,9 +13,9 @@ def audit_role_cannot_rewrite_history(
     app_configs: Sequence[AppConfig] | None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """In production (an https issuer) the application's role must not be able to change audit rows."""
-    from consent.conf import countersign_settings
+    from .keys import ledger_signer
 
-    if not databases or "default" not in databases or not countersign_settings.ISSUER.startswith("https://"):
+    if not databases or "default" not in databases or not ledger_signer().issuer().startswith("https://"):
         return []
     connection = connections["default"]
     if connection.vendor != "postgresql":

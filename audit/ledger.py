@@ -2,8 +2,8 @@
 
 An event's leaf data is the RFC 8785 (JCS) form of its ``countersign.ledger.LEAF_FIELDS``,
 its position (``seq``) included, so moving an event elsewhere changes its leaf. A checkpoint
-is a compact JWS (RFC 7515) by the server's active signing key (``consent.keys``, ``kid`` in
-the header, ``typ: checkpoint+jwt``) over ``iss``, ``iat``, ``tree_size``, ``root_hash`` and
+is a compact JWS (RFC 7515) by the server's active signing key (``audit.keys.ledger_signer``,
+``kid`` in the header, ``typ: checkpoint+jwt``) over ``iss``, ``iat``, ``tree_size``, ``root_hash`` and
 ``prev`` (the checkpoint before it, with the SHA-256 of its JWS), so checkpoints chain too and
 anyone holding the JWKS can check one (``countersign.ledger.verify_checkpoint``).
 
@@ -25,9 +25,6 @@ from typing import Any
 import jwt
 from django.db import transaction
 
-from consent.conf import countersign_settings
-from consent.keys import active_signing_key
-from consent.models import SigningKey
 from countersign.ledger import (
     CHECKPOINT_TYP,
     EVENT_SCHEMA,
@@ -36,7 +33,9 @@ from countersign.ledger import (
 )
 from countersign.rfc9162 import leaf_hash
 
+from .conf import audit_settings
 from .jcs import dumps as jcs_dumps
+from .keys import ledger_signer
 from .models import AuditCheckpoint, AuditEvent
 
 log = logging.getLogger("audit.ledger")
@@ -81,10 +80,11 @@ def event_document(event: AuditEvent, *, seq: int, leaf: str, sealed_at: datetim
 
 def checkpoint_sign(*, tree_size: int, root: bytes, prev: AuditCheckpoint | None) -> AuditCheckpoint:
     """One signature: a checkpoint over the tree of ``tree_size`` leaves with ``root``."""
-    key = active_signing_key()
+    signer = ledger_signer()
+    key = signer.active_key()
     now = time.time()
     claims = {
-        "iss": countersign_settings.ISSUER,
+        "iss": signer.issuer(),
         "iat": int(now),
         "tree_size": tree_size,
         "root_hash": root.hex(),
@@ -121,7 +121,7 @@ def checkpoint_document(cp: AuditCheckpoint) -> dict[str, Any]:
 def server_jwks() -> dict[str, Any]:
     """Every key this server ever signed with, published or not: the server checks its own history.
     (An outside auditor uses the JWKS it kept, which is the point of keeping it.)"""
-    return {"keys": list(SigningKey.objects.values_list("public_jwk", flat=True))}
+    return ledger_signer().jwks()
 
 
 def checkpoint_from_document(document: Any) -> str:
@@ -141,7 +141,7 @@ def checkpoint_published(cp: AuditCheckpoint) -> None:
 
 
 def _publish(document: dict[str, Any]) -> None:
-    path = countersign_settings.AUDIT_CHECKPOINT_FILE
+    path = audit_settings.AUDIT_CHECKPOINT_FILE
     if path:
         try:
             append_checkpoint_file(path, document)
@@ -149,7 +149,7 @@ def _publish(document: dict[str, Any]) -> None:
             OSError
         ) as exc:  # the checkpoint is in the database and served; say loudly that the copy failed
             log.error("audit ledger: could not append the checkpoint to %s: %s", path, exc)
-    if countersign_settings.AUDIT_CHECKPOINT_WEBHOOK:
+    if audit_settings.AUDIT_CHECKPOINT_WEBHOOK:
         from .tasks import checkpoint_push
 
         try:

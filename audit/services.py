@@ -85,9 +85,8 @@ from django.db.models import Field
 from django.http import HttpRequest
 from django.utils import timezone
 
-from consent.keys import active_signing_key
-
 from .jcs import dumps as jcs_dumps
+from .keys import ledger_signer
 from .ledger import checkpoint_published, checkpoint_sign, event_fields, event_leaf
 from .merkle import frontier_append, frontier_root, insert_nodes
 from .models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink
@@ -386,7 +385,7 @@ def audit_seal(*, limit: int = SEAL_BATCH, wait: bool = False) -> SealResult:
     ``wait=False`` (the looping sealer) returns ``busy`` at once if another sealer
     holds the lock; ``wait=True`` waits for it.
     """
-    active_signing_key()  # a first key is created outside the sealer's transaction
+    ledger_signer().active_key()  # a first key is created outside the sealer's transaction
     with transaction.atomic():
         return _seal_batch(limit=limit, wait=wait)
 

@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 from celery import Task, shared_task
 
-from consent.conf import countersign_settings
-
+from .conf import audit_settings
 from .ledger import checkpoint_document
 from .models import AuditCheckpoint
 
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def checkpoint_post(tree_size: int) -> bool:
     """POST one checkpoint to the witness; True when it answered 2xx (or there is nothing to send)."""
-    url = countersign_settings.AUDIT_CHECKPOINT_WEBHOOK
+    url = audit_settings.AUDIT_CHECKPOINT_WEBHOOK
     cp = AuditCheckpoint.objects.filter(tree_size=tree_size).first()
     if not url or cp is None:
         return True

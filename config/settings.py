@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "audit",
     "consent",
     "approvals",
+    "ledger",
 ]
 
 MIDDLEWARE = [

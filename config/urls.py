@@ -44,6 +44,6 @@ urlpatterns = [
     ),
     path("activity/", pages.activity_view, name="activity"),
     path("", include("approvals.urls")),
-    path("", include("audit.urls")),
+    path("", include("ledger.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -8,6 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from audit.conf import DEFAULTS as AUDIT_DEFAULTS
+
 DEFAULTS: dict[str, Any] = {
     # The issuer identifier (RFC 8414 §2): an https URL in production, no trailing slash.
     "ISSUER": "http://127.0.0.1:8000",
@@ -111,13 +113,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "LOCKOUT_SECONDS": 60,
     "LOCKOUT_MAX_SECONDS": 3600,
-    # The audit ledger's witnesses (audit.ledger): a file each signed checkpoint is appended to (one
-    # JSON line; put it on storage the database's administrators cannot rewrite), and a URL each is
-    # POSTed to (JSON, by a Celery task). Empty: off. audit_verify checks against the file's newest line.
-    "AUDIT_CHECKPOINT_FILE": "",
-    "AUDIT_CHECKPOINT_WEBHOOK": "",
-    # Most events one pull of /audit/events/ returns.
-    "AUDIT_EXPORT_PAGE_MAX": 1000,
+    # The audit ledger's keys (AUDIT_CHECKPOINT_FILE, ...) are audit's own: audit.conf.DEFAULTS.
+    **AUDIT_DEFAULTS,
     # Agents that were never registered (consent.selfdescribed): RFC 7591 dynamic registration at
     # /o/register/ is "open", "off", or "initial_access_token" (a bearer token from REGISTRATION_ACCESS_TOKENS,
     # RFC 7591 §3); Client ID Metadata Documents (https client_id URLs) are fetched when

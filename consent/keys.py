@@ -168,3 +168,18 @@ def reset_key_cache() -> None:
         _active = None
         _by_kid.clear()
         _published.clear()
+
+
+class ServerSigner:
+    """The server's keys as the audit ledger signs checkpoints with them (``audit.keys``)."""
+
+    def issuer(self) -> str:
+        return str(countersign_settings.ISSUER)
+
+    def active_key(self) -> LoadedKey:
+        return active_signing_key()
+
+    def jwks(self) -> dict[str, Any]:
+        """Every key this server ever signed with, published or not: the server checks its own
+        history. (An outside auditor uses the JWKS it kept, which is the point of keeping it.)"""
+        return {"keys": list(SigningKey.objects.values_list("public_jwk", flat=True))}

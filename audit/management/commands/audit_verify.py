@@ -3,12 +3,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from audit.conf import audit_settings
 from audit.ledger import checkpoint_from_document, newest_in_file
 from audit.models import AuditCheckpoint, AuditLink
 from audit.selectors import audit_unsealed_count
 from audit.services import audit_seal_all
 from audit.verification import audit_chain_breaks, kept_checkpoint
-from consent.conf import countersign_settings
 from countersign.ledger import LedgerError
 
 SHOWN = 50
@@ -45,7 +45,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         jwks = self._json(options["jwks"]) if options["jwks"] else None
         kept_files = list(options["checkpoint"])
-        sink = countersign_settings.AUDIT_CHECKPOINT_FILE
+        sink = audit_settings.AUDIT_CHECKPOINT_FILE
         if sink:
             kept_files.append(sink)
         kept = []

@@ -28,17 +28,16 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from audit.export import ExportFilterError, document, ocsf, parse_when, sealed_events
+from audit.ledger import checkpoint_document
+from audit.models import AuditCheckpoint, AuditLink, AuditReader
+from audit.proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
+from audit.readers import audit_reader_authenticate
+from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, InvalidRequest, MethodNotAllowed, NotFound, OAuthError
 from consent.http import error_response
 from consent.limits import attempts, store
-
-from .export import ExportFilterError, document, ocsf, parse_when, sealed_events
-from .ledger import checkpoint_document
-from .models import AuditCheckpoint, AuditLink, AuditReader
-from .proofs import ProofUnavailable, approval_decision_event, consistency_bundle, inclusion_bundle
-from .readers import audit_reader_authenticate
-from .services import audit_refusal, client_ip
 
 if TYPE_CHECKING:
     from consent.models import ResourceServer
