@@ -93,15 +93,6 @@ def removal_message(approval_id: Any, status: str) -> dict[str, Any]:
     }
 
 
-def pending_prompts(*, user_id: int) -> list[dict[str, Any]]:
-    rows = (
-        ApprovalRequest.objects.select_related("agent")
-        .filter(user_id=user_id, status=ApprovalRequest.Status.PENDING, expires_at__gt=timezone.now())
-        .order_by("created")
-    )
-    return [prompt_payload(a) for a in rows]
-
-
 # --- the per-user sequence (Redis, beside the group) ----------------------------------------------
 
 
