@@ -6,9 +6,19 @@ only an ``action+jwt``, for this audience), and ``action_token_redeem`` takes th
 edge of the approval state graph (``ApprovalRequest.EDGES``): ISSUED -> REDEEMED, decided by one
 conditional ``UPDATE ... RETURNING`` that also checks the grant, the agent (and the agent
 instance that asked, ``consent.instances``) and the resource server are still live.
+
+``action_token_spend`` is what the endpoint calls: the two steps, plus what makes the losers of
+a race cheap. A redemption never goes back, so an attempt that repeats one this process has just
+seen redeemed (the same token, resource server credentials and ``action_hash``) is refused
+without verifying the token again or asking the database; attempts that arrive while the same
+one is being decided wait for its outcome instead of queueing on the request's row lock.
 """
 
+import threading
+import time
+from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -229,3 +239,112 @@ def action_token_redeem(*, claims: dict[str, Any], resource_server: ResourceServ
             raise InvalidToken("the approval changed while it was redeemed")
     approval.redeemed_at = now  # what the statement stored, for the receipt
     return approval
+
+
+# --- the losers of a race ---------------------------------------------------------------------------
+
+# (token, resource server id, its credential, action_hash the resource server sent)
+_Attempt = tuple[str, Any, str, str]
+# How long this process answers a repeated attempt from memory. A race's attempts arrive within
+# milliseconds of each other; a refusal that a later change would word differently (the grant
+# revoked after the redemption: "grant_inactive") is worded as the database would within this long.
+SPENT_SECONDS = 2.0
+SPENT_MAX = 4096
+# The longest an attempt waits for the same attempt already being decided before deciding itself.
+FLIGHT_WAIT_SECONDS = 5.0
+
+
+class _Spent:
+    """Attempts this process saw end in a redemption in the last ``SPENT_SECONDS``: their claims."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[_Attempt, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    def get(self, attempt: _Attempt) -> dict[str, Any] | None:
+        with self._lock:
+            seen = self._seen.get(attempt)
+        if seen is None or seen[0] <= time.monotonic():
+            return None
+        return seen[1]
+
+    def add(self, attempt: _Attempt, claims: dict[str, Any]) -> None:
+        # Never past the token's own expiry: from then on the token is refused as expired.
+        until = time.monotonic() + min(SPENT_SECONDS, float(claims.get("exp", 0)) - time.time())
+        with self._lock:
+            self._seen[attempt] = (until, claims)
+            self._seen.move_to_end(attempt)
+            while len(self._seen) > SPENT_MAX:
+                self._seen.popitem(last=False)
+
+
+@dataclass
+class _Flight:
+    done: threading.Event = field(default_factory=threading.Event)
+    won: dict[str, Any] | None = None  # the claims, once the attempt redeemed
+
+
+class _Flights:
+    """Attempts being decided right now, so that the same attempt again waits for the outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flying: dict[_Attempt, _Flight] = {}
+
+    def join(self, attempt: _Attempt) -> tuple[_Flight, bool]:
+        """The flight for this attempt, and whether the caller leads it (decides it)."""
+        with self._lock:
+            flight = self._flying.get(attempt)
+            if flight is not None:
+                return flight, False
+            flight = self._flying[attempt] = _Flight()
+            return flight, True
+
+    def land(self, attempt: _Attempt, flight: _Flight) -> None:
+        with self._lock:
+            self._flying.pop(attempt, None)
+        flight.done.set()
+
+
+_SPENT = _Spent()
+_FLIGHTS = _Flights()
+
+
+def action_token_spend(
+    *, token: str, resource_server: ResourceServer, request_hash: str, claims: dict[str, Any]
+) -> ApprovalRequest:
+    """Verify and redeem an action token for this resource server (the redemption endpoint).
+
+    ``claims`` receives the token's verified claims as soon as they are known, so the endpoint's
+    refusal audit can name whose token it was. Raises the ``OAuthError`` of the refusal.
+
+    Exactly-once is still decided by ``action_token_redeem``'s one statement; what is added here
+    only ever refuses, and only what that statement would refuse as already redeemed: an attempt
+    this process saw redeemed (``_SPENT``), or one that arrived while the same attempt was being
+    decided and that attempt redeemed (``_FLIGHTS``). An attempt whose twin lost, or did not decide
+    in time, decides on its own.
+    """
+    attempt: _Attempt = (token, resource_server.pk, resource_server.client_secret, request_hash)
+    seen = _SPENT.get(attempt)
+    flight, leads = (None, False) if seen is not None else _FLIGHTS.join(attempt)
+    if flight is not None and not leads and flight.done.wait(FLIGHT_WAIT_SECONDS):
+        seen = flight.won
+    if seen is not None:
+        claims.update(seen)
+        raise AlreadyRedeemed("action token already redeemed")
+    try:
+        claims.update(
+            action_token_verify(token=token, resource_server=resource_server, request_hash=request_hash)
+        )
+        approval = action_token_redeem(claims=claims, resource_server=resource_server)
+    except AlreadyRedeemed:
+        _SPENT.add(attempt, dict(claims))
+        raise
+    else:
+        _SPENT.add(attempt, dict(claims))
+        if flight is not None:
+            flight.won = dict(claims)
+        return approval
+    finally:
+        if leads and flight is not None:
+            _FLIGHTS.land(attempt, flight)

@@ -37,7 +37,7 @@ from .notify.views import deliveries_by_approval
 from .notify.webpush import vapid_key
 from .quorum import Quorum, pending_for_approver, quorums_for, standing, waiting_words
 from .receipts import receipt_for_download, receipt_from_redemption
-from .redemption import action_token_redeem, action_token_verify
+from .redemption import action_token_spend
 from .selectors import Decision, approval_for_decision, history_for_user, pending_for_user
 from .services import (
     action_token_redeemed_announce,
@@ -344,12 +344,12 @@ class RedemptionView(View):
         assert rs is not None  # no refusal: the resource server authenticated
         claims: dict[str, Any] = {}
         try:
-            claims = action_token_verify(
+            approval = action_token_spend(
                 token=request.POST.get("token", ""),
                 resource_server=rs,
                 request_hash=request.POST.get("action_hash", ""),
+                claims=claims,
             )
-            approval = action_token_redeem(claims=claims, resource_server=rs)
             action_token_redeemed_announce(approval=approval)
         except OAuthError as exc:
             # A verified token names whose it is: the refusal then shows in that person's activity.
