@@ -13,9 +13,9 @@ from channels.layers import get_channel_layer
 
 from ..delivery import _sender, user_group
 from ..models import ApprovalRequest
-from ..services import _after_commit
 from .models import PromptDelivery
 from .services import delivery_record
+from .tasks import prompt_fan_out
 
 LISTENERS_TIMEOUT = 2.0
 
@@ -41,7 +41,8 @@ def open_inboxes(user_id: Any) -> int | None:
 
 def prompt_sent_to_inbox(*, approval: ApprovalRequest, first: bool) -> None:
     """Record whether an open inbox took the prompt and, on its first delivery, fan it out to the
-    user's devices, mailbox and organisation webhooks (``approvals.notify_prompt``)."""
+    user's devices, mailbox and organisation webhooks (``approvals.notify.tasks.prompt_fan_out``,
+    in this same task run: one task per prompt, not two)."""
     listeners = open_inboxes(approval.user_id)
     if listeners is not None:
         channel, outcome = PromptDelivery.Channel.WEBSOCKET, PromptDelivery.Outcome
@@ -50,4 +51,4 @@ def prompt_sent_to_inbox(*, approval: ApprovalRequest, first: bool) -> None:
         elif first:
             delivery_record(approval=approval, channel=channel, outcome=outcome.FAILED, error="no open inbox")
     if first:
-        _after_commit("approvals.notify_prompt", approval.pk)
+        prompt_fan_out(approval=approval, reached=bool(listeners))

@@ -1,9 +1,9 @@
 """Celery tasks of the delivery channels. Each takes ids, re-reads the rows, stops when the prompt
 is no longer pending, and is safe to run twice: an outcome already recorded is not sent again.
 
-``approvals.notify_prompt`` fans a prompt out (queued by ``approvals.deliver_prompt`` beside its
-websocket push); each device, webhook and email then goes in its own task, so one slow or failing
-channel never holds up the others.
+``prompt_fan_out`` fans a prompt out (``approvals.deliver_prompt`` calls it after its websocket
+push, in the same run); each device, webhook and email then goes in its own task, so one slow or
+failing channel never holds up the others.
 """
 
 import smtplib
@@ -54,12 +54,14 @@ def _recorded(approval_id: str, channel: str, target: str) -> bool:
     ).exists()
 
 
-@shared_task(name="approvals.notify_prompt", ignore_result=True)
-def notify_prompt(approval_id: str) -> int:
-    """Queue the prompt to every device, webhook and (per the user's preference) the mailbox."""
-    approval = _pending(approval_id)
-    if approval is None:
-        return 0
+def prompt_fan_out(*, approval: ApprovalRequest, reached: bool = False) -> int:
+    """Queue a pending prompt to every device, webhook and (per the user's preference) the mailbox.
+
+    ``reached``: an open inbox took the prompt already (recorded as delivered on the websocket
+    channel), so the "unreachable" email fallback would find it reached and send nothing: it is not
+    queued at all. Called by ``approvals.deliver_prompt`` on a prompt's first delivery.
+    """
+    approval_id = str(approval.pk)
     queued = 0
     if countersign_settings.PUSH_ENABLED:
         for device_id in PushSubscription.objects.filter(user_id=approval.user_id).values_list(
@@ -74,12 +76,20 @@ def notify_prompt(approval_id: str) -> int:
     if preference == "always":
         queue_after_commit("approvals.email_prompt", approval_id)
         queued += 1
-    elif preference == "unreachable":
+    elif preference == "unreachable" and not reached:
         queue_after_commit(
             "approvals.email_prompt", approval_id, countdown=countersign_settings.EMAIL_FALLBACK_DELAY_SECONDS
         )
         queued += 1
     return queued
+
+
+@shared_task(name="approvals.notify_prompt", ignore_result=True)
+def notify_prompt(approval_id: str) -> int:
+    """The fan-out as a task of its own (``prompt_fan_out``). ``approvals.deliver_prompt`` fans out
+    in its own run now; this stays registered so that tasks already queued still run."""
+    approval = _pending(approval_id)
+    return 0 if approval is None else prompt_fan_out(approval=approval)
 
 
 @shared_task(name="approvals.push_prompt", bind=True, max_retries=MAX_RETRIES, ignore_result=True)

@@ -126,15 +126,36 @@ def test_the_inbox_delivery_fans_the_prompt_out_once(
     with django_capture_on_commit_callbacks(execute=True):
         approval_tasks.deliver_prompt(str(approval.pk))
         approval_tasks.deliver_prompt(str(approval.pk))  # redelivered: no second fan-out
-    assert queued.named("approvals.notify_prompt") == [(str(approval.pk),)]
     # No inbox socket was open: the websocket channel says so (the laptop is closed).
     assert _deliveries(approval, "websocket") == [("failed", "no open inbox")]
-    with django_capture_on_commit_callbacks(execute=True):
-        queued.real["approvals.notify_prompt"](str(approval.pk))
+    # The fan-out ran in the delivery task itself, once: one task per device, webhook and the mailbox.
+    assert queued.named("approvals.notify_prompt") == []
     assert queued.named("approvals.push_prompt") == [(str(approval.pk), str(device.pk))]
     assert queued.named("approvals.webhook_prompt") == [(str(approval.pk), str(hook.pk))]
     ((_, args, options),) = [c for c in queued.calls if c[0] == "approvals.email_prompt"]
     assert options == {"countdown": 30}  # "when no device is reachable": checked after the others went
+
+
+def test_a_prompt_an_open_inbox_took_queues_no_email_fallback(
+    scenario, approval, queued, loopback_push, monkeypatch, django_capture_on_commit_callbacks
+):
+    from approvals import tasks as approval_tasks
+    from approvals.notify import inbox
+
+    monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: 1)
+    monkeypatch.setattr(inbox, "open_inboxes", lambda user_id: 1)
+    with PushService() as service:
+        device = _device(scenario.user, service, "laptop")
+    with django_capture_on_commit_callbacks(execute=True):
+        approval_tasks.deliver_prompt(str(approval.pk))
+    assert _deliveries(approval, "websocket") == [("delivered", "")]
+    # The fallback would find the prompt reached and send nothing, so it is not queued; devices still are.
+    assert queued.named("approvals.email_prompt") == []
+    assert queued.named("approvals.push_prompt") == [(str(approval.pk), str(device.pk))]
+    # The old task name still runs a fan-out already queued (and, knowing nothing, keeps the fallback).
+    with django_capture_on_commit_callbacks(execute=True):
+        assert queued.real["approvals.notify_prompt"](str(approval.pk)) == 2
+    assert len(queued.named("approvals.email_prompt")) == 1
 
 
 # --- email --------------------------------------------------------------------------------------------
