@@ -28,10 +28,13 @@ PREFIX = "cs:lim:"
 REFUSED = PREFIX + "refused"
 OUTAGE_SECONDS = 5.0
 
-# Request: lockouts first (any live one refuses), then each rate counter (INCR; the first over
-# its limit refuses). Returns {0} when allowed, else {kind (1 lock, 2 rate), index, ms left, first}.
-# KEYS: locks..., counters..., the metrics hash. ARGV[1], one string (fewer arguments to encode
-# per request): "<#locks> <lock field>... <limit> <window ms> <counter field>...".
+# Request: lockouts first (any live one refuses), then each rate counter. A counter is taken
+# ``lease`` units at a time (INCRBY): the process spends the rest of its lease without asking again
+# (``hit``). The first counter already at its limit refuses.
+# Returns {0, granted, ms left, ...per counter} when allowed, else {kind (1 lock, 2 rate), index,
+# ms left, first}. KEYS: locks..., counters..., the metrics hash. ARGV[1], one string (fewer
+# arguments to encode per request): "<#locks> <lock field>... <limit> <window ms> <counter field>
+# <lease>...".
 _HIT = """
 local spec = {}
 for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = word end
@@ -44,20 +47,25 @@ for i = 1, nlocks do
     return {1, i, ttl, 0}
   end
 end
+local out = {0}
 for j = 1, #KEYS - 1 - nlocks do
-  local base = 1 + nlocks + 3 * (j - 1)
+  local base = 1 + nlocks + 4 * (j - 1)
   local limit, window, field = tonumber(spec[base + 1]), spec[base + 2], spec[base + 3]
+  local lease = tonumber(spec[base + 4])
   local key = KEYS[nlocks + j]
-  local count = redis.call('INCR', key)
-  if count == 1 then redis.call('PEXPIRE', key, window) end
-  if count > limit then
+  local count = redis.call('INCRBY', key, lease)
+  if count == lease then redis.call('PEXPIRE', key, window) end
+  local before = count - lease
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then redis.call('PEXPIRE', key, window); ttl = tonumber(window) end
+  if before >= limit then
     redis.call('HINCRBY', stats, field, 1)
-    local ttl = redis.call('PTTL', key)
-    if ttl < 0 then redis.call('PEXPIRE', key, window); ttl = tonumber(window) end
-    return {2, j, ttl, count == limit + 1 and 1 or 0}
+    return {2, j, ttl, before == limit and 1 or 0}
   end
+  out[#out + 1] = math.min(lease, limit - before)
+  out[#out + 1] = ttl
 end
-return {0}
+return out
 """
 
 # A failed attempt: for each dimension INCR its failure counter; at the limit, lock it for
@@ -139,6 +147,64 @@ def _run(name: str, keys: list[str], args: list[Any]) -> Any:
     return result
 
 
+# Leases. A counter with room for many requests is taken from Redis ``lease_size(limit)`` units at
+# a time; this process admits that many requests on it without a round trip, until the counter's
+# window ends. A lease is at most 1/LEASE_SHARE of the limit, so N processes overshoot nothing
+# and, at worst, leave N * lease units of a window unused; a limit below 2 * LEASE_SHARE is asked
+# about on every request, as before. While a lease is spent, "no live lockout on these keys" is
+# believed for LOCK_FRESH_SECONDS: a lockout another process sets takes effect here within that
+# long, one this process sets (``fail``) at once.
+LEASE_MAX = 16
+LEASE_SHARE = 64
+LOCK_FRESH_SECONDS = 1.0
+_local = threading.Lock()
+_leases: dict[str, list[float]] = {}  # counter key -> [units left, monotonic time its window ends]
+_unlocked: dict[tuple[str, ...], float] = {}  # lockout keys -> monotonic time "none live" holds until
+
+
+def lease_size(limit: int) -> int:
+    return max(1, min(LEASE_MAX, limit // LEASE_SHARE))
+
+
+def _spend_leases(locks: list[tuple[str, str]], counters: list[tuple[str, int, int, str]]) -> bool:
+    """Admit one request from this process's leases, if every counter holds one (no round trip)."""
+    if not counters:
+        return False
+    now = time.monotonic()
+    with _local:
+        if locks and _unlocked.get(tuple(k for k, _ in locks), 0.0) <= now:
+            return False
+        held = [_leases.get(key) for key, *_ in counters]
+        if not all(lease is not None and lease[0] >= 1 and lease[1] > now for lease in held):
+            return False
+        for lease in held:
+            assert lease is not None  # all() above
+            lease[0] -= 1
+    return True
+
+
+def _keep_leases(
+    locks: list[tuple[str, str]], counters: list[tuple[str, int, int, str]], granted: list[Any]
+) -> None:
+    now = time.monotonic()
+    with _local:
+        for (key, *_), units, ms in zip(counters, granted[0::2], granted[1::2], strict=True):
+            _leases[key] = [float(int(units) - 1), now + int(ms) / 1000]
+        if locks:
+            _unlocked[tuple(k for k, _ in locks)] = now + LOCK_FRESH_SECONDS
+        if len(_leases) > 10_000:  # one per client and source seen this window: drop the ended ones
+            for key in [k for k, (_, until) in _leases.items() if until <= now]:
+                del _leases[key]
+        if len(_unlocked) > 10_000:
+            _unlocked.clear()
+
+
+def _forget_local() -> None:
+    with _local:
+        _leases.clear()
+        _unlocked.clear()
+
+
 def hit(
     locks: list[tuple[str, str]], counters: list[tuple[str, int, int, str]]
 ) -> tuple[int, int, int, bool]:
@@ -147,12 +213,19 @@ def hit(
     Returns (0, ...) when allowed; (1, index, ms left, False) for a live lockout; (2, index, ms
     left, first) when counter ``index`` is over its limit (``first``: the first refusal of its window).
     """
+    if _spend_leases(locks, counters):
+        return 0, 0, 0, False
     keys = [PREFIX + k for k, _ in locks] + [PREFIX + k for k, *_ in counters] + [REFUSED]
     spec = [str(len(locks)), *(field.replace(" ", "_") for _, field in locks)]
-    for _, limit, window, field in counters:
-        spec += [str(limit), str(window * 1000), field.replace(" ", "_")]
+    leases = [lease_size(limit) for _, limit, _, _ in counters]
+    for (_, limit, window, field), lease in zip(counters, leases, strict=True):
+        spec += [str(limit), str(window * 1000), field.replace(" ", "_"), str(lease)]
     result = _run("hit", keys, [" ".join(spec)])
-    if not result or not result[0]:
+    if not result:
+        return 0, 0, 0, False
+    if not result[0]:
+        if any(lease > 1 for lease in leases):
+            _keep_leases(locks, counters, result[1:])
         return 0, 0, 0, False
     kind, index, ms, first = (int(x) for x in result)
     return kind, index - 1, ms, bool(first)
@@ -186,6 +259,8 @@ def fail(
         1 if refund else 0,
         *(limits[d] for d in dims),
     ]
+    with _local:
+        _unlocked.clear()  # a lockout this failure may set holds here at once
     result = _run("fail", script_keys, args)
     if not result:
         return {}
@@ -239,7 +314,8 @@ def refused_counts() -> dict[str, int]:
 
 
 def reset() -> None:
-    """Delete every limit key (tests)."""
+    """Delete every limit key, and this process's leases (tests)."""
+    _forget_local()
     c = client()
     keys = list(c.scan_iter(match=PREFIX + "*", count=1000))
     if keys:
