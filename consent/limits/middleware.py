@@ -1,8 +1,11 @@
 """The rate-limit layer for HTTP, and the attempt limit on the secrets protocol clients present.
 
-One hook for every endpoint. Per request, one Redis round trip (``consent.limits.store.hit``, a Lua
-script): is the client or source locked out for failed authentication, and is any rate counter
-of the request's rule (``COUNTERSIGN["RATE_LIMITS"]``) over its limit. No SQL.
+One hook for every endpoint. Per request, at most one Redis round trip (``consent.limits.store.hit``,
+a Lua script): is the client or source locked out for failed authentication, and is any rate
+counter of the request's rule (``COUNTERSIGN["RATE_LIMITS"]``) over its limit. Counters with room
+for many requests are leased to the process a few units at a time, so most requests need no
+round trip at all (``store.lease_size``; a lockout set by another node holds within
+``store.LOCK_FRESH_SECONDS``). No SQL.
 
 - Protocol endpoints (token, backchannel authentication, revocation: agents; introspection,
   redemption: resource servers) are limited per client (the client id the request names) and per
