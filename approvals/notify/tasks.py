@@ -22,11 +22,11 @@ from .models import OrganisationWebhook, PromptDelivery, PushSubscription
 from .services import (
     delivery_record,
     email_preference,
+    fan_out_targets,
     push_delivered,
     push_subscription_expired,
     queue_after_commit,
     reached_somewhere,
-    webhooks_for_user,
 )
 from .webpush import push_send
 
@@ -62,21 +62,19 @@ def prompt_fan_out(*, approval: ApprovalRequest, reached: bool = False) -> int:
     queued at all. Called by ``approvals.deliver_prompt`` on a prompt's first delivery.
     """
     approval_id = str(approval.pk)
+    targets = fan_out_targets(user_id=approval.user_id)
     queued = 0
     if countersign_settings.PUSH_ENABLED:
-        for device_id in PushSubscription.objects.filter(user_id=approval.user_id).values_list(
-            "pk", flat=True
-        ):
-            queue_after_commit("approvals.push_prompt", approval_id, str(device_id))
+        for device_id in targets.devices:
+            queue_after_commit("approvals.push_prompt", approval_id, device_id)
             queued += 1
-    for hook in webhooks_for_user(user_id=approval.user_id):
-        queue_after_commit("approvals.webhook_prompt", approval_id, str(hook.pk))
+    for hook_id in targets.webhooks:
+        queue_after_commit("approvals.webhook_prompt", approval_id, hook_id)
         queued += 1
-    preference = email_preference(user_id=approval.user_id)
-    if preference == "always":
+    if targets.email == "always":
         queue_after_commit("approvals.email_prompt", approval_id)
         queued += 1
-    elif preference == "unreachable" and not reached:
+    elif targets.email == "unreachable" and not reached:
         queue_after_commit(
             "approvals.email_prompt", approval_id, countdown=countersign_settings.EMAIL_FALLBACK_DELAY_SECONDS
         )
