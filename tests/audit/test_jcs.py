@@ -25,10 +25,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("value", CASES)
-def test_fast_canonical_json_is_rfc8785(value):
+def test_fast_canonical_json_is_rfc8785(value) -> None:
     assert dumps(value) == rfc8785.dumps(value)
 
 
-def test_what_jcs_cannot_represent_is_still_refused():
+def test_what_jcs_cannot_represent_is_still_refused() -> None:
     with pytest.raises(rfc8785.IntegerDomainError):
         dumps({"too_big": 2**53})

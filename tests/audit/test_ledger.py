@@ -9,9 +9,11 @@ import subprocess
 import sys
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
 from django.utils import timezone
 
 from audit.models import AuditCheckpoint, AuditLink
@@ -53,7 +55,7 @@ def _prove(*args: str) -> dict:
     return json.loads(out.getvalue())
 
 
-def _jwks(client) -> dict:
+def _jwks(client: Client) -> dict:
     return client.get("/.well-known/jwks.json").json()
 
 
@@ -64,7 +66,7 @@ def _leaves() -> list[bytes]:
     ]
 
 
-def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
+def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client: Client) -> None:
     _write(23, batch=5)
     checkpoints = list(AuditCheckpoint.objects.order_by("tree_size"))
     assert [cp.tree_size for cp in checkpoints] == [5, 10, 15, 20, 23]
@@ -77,7 +79,7 @@ def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
         before = cp
 
 
-def test_inclusion_proofs_for_every_event_against_every_checkpoint(client):
+def test_inclusion_proofs_for_every_event_against_every_checkpoint(client: Client) -> None:
     rows = _write(70, batch=9)  # heights above the stored stride are combined from stored nodes
     jwks, leaves = _jwks(client), _leaves()
     for cp in AuditCheckpoint.objects.order_by("tree_size"):
@@ -92,7 +94,7 @@ def test_inclusion_proofs_for_every_event_against_every_checkpoint(client):
             ]
 
 
-def test_consistency_proofs_between_every_pair_of_checkpoints(client):
+def test_consistency_proofs_between_every_pair_of_checkpoints(client: Client) -> None:
     _write(70, batch=9)
     jwks, leaves = _jwks(client), _leaves()
     sizes = list(AuditCheckpoint.objects.order_by("tree_size").values_list("tree_size", flat=True))
@@ -120,7 +122,7 @@ def _jws_flips(jws: str):
         yield jws[:i] + ("A" if jws[i] != "A" else "Q") + jws[i + 1 :]
 
 
-def test_an_inclusion_proof_fails_when_any_byte_changes(client):
+def test_an_inclusion_proof_fails_when_any_byte_changes(client: Client) -> None:
     rows = _write(20, batch=6)
     jwks = _jwks(client)
     proof = _prove(str(rows[11].pk))
@@ -155,7 +157,7 @@ def test_an_inclusion_proof_fails_when_any_byte_changes(client):
             verify_inclusion_bundle(forged, jwks)
 
 
-def test_a_consistency_proof_fails_when_any_byte_changes(client):
+def test_a_consistency_proof_fails_when_any_byte_changes(client: Client) -> None:
     _write(30, batch=7)
     jwks = _jwks(client)
     proof = _prove("--consistency", "7", "30")
@@ -175,7 +177,7 @@ def test_a_consistency_proof_fails_when_any_byte_changes(client):
             verify_consistency_bundle(forged, jwks)
 
 
-def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_published(client):
+def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_published(client: Client) -> None:
     rows = _write(4, batch=10)
     old = AuditCheckpoint.objects.get()
     call_command("rotate_signing_key", stdout=StringIO())
@@ -199,12 +201,12 @@ def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_publish
     assert f"intact: {new.tree_size} events" in out.getvalue()
 
 
-def test_a_token_is_not_a_checkpoint(client, session_token):
+def test_a_token_is_not_a_checkpoint(client: Client, session_token: str) -> None:
     with pytest.raises(LedgerError, match="typ"):
         verify_checkpoint(session_token, _jwks(client))
 
 
-def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_path):
+def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client: Client, tmp_path: Path):
     rows = _write(9, batch=4)
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks(client)))
     (tmp_path / "proof.json").write_text(json.dumps(_prove(str(rows[5].pk))))
@@ -244,7 +246,7 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_
     assert result.returncode == 1 and "FAILED" in result.stderr
 
 
-def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
+def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path: Path) -> None:
     _write(6, batch=3)
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO())
@@ -265,7 +267,7 @@ def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
     assert "matches 2 checkpoint(s) kept elsewhere" in out.getvalue()
 
 
-def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
+def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db: None) -> None:
     from django.core.management import CommandError
 
     rows = _write(3, batch=3)
@@ -285,7 +287,7 @@ def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
             call_command("audit_prove", str(unsealed.pk), "--checkpoint", "3", stdout=StringIO())
 
 
-def test_a_sealer_batch_costs_the_same_few_statements_however_large(db):
+def test_a_sealer_batch_costs_the_same_few_statements_however_large(db: None) -> None:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 

@@ -20,7 +20,7 @@ def _migrate(target):
     return executor.loader.project_state(target).apps
 
 
-def test_a_chain_sealed_before_the_ledger_is_backfilled_and_signed():
+def test_a_chain_sealed_before_the_ledger_is_backfilled_and_signed() -> None:
     old = _migrate([("audit", "0004_sealed_links")])
     try:
         Event, Link, Head = (old.get_model("audit", m) for m in ("AuditEvent", "AuditLink", "AuditHead"))

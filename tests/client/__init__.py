@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from countersign.dpop import jwk_thumbprint
+from tests.live import LiveStack
 
 ISSUER = "https://auth.example"
 AUDIENCE = "https://catalog.example"
@@ -46,7 +47,7 @@ def b64(data: bytes) -> str:
 
 
 class SigningKey:
-    def __init__(self, alg: str = "ES256", kid: str | None = None):
+    def __init__(self, alg: str = "ES256", kid: str | None = None) -> None:
         self.alg = alg
         if alg == "ES256":
             self.private = ec.generate_private_key(ec.SECP256R1())
@@ -64,7 +65,7 @@ class SigningKey:
 class LocalIssuer:
     """An issuer behind ``httpx.MockTransport``, with a registry and a redemption endpoint."""
 
-    def __init__(self, alg: str = "ES256"):
+    def __init__(self, alg: str = "ES256") -> None:
         self.key = SigningKey(alg)
         self.keys = [self.key]
         self.agents: dict[str, dict[str, Any]] = {
@@ -197,7 +198,7 @@ def unsigned(claims: dict, kid: str, typ: str = "at+jwt") -> str:
 # --- the live server ------------------------------------------------------------------------------
 
 
-def consent_over_http(live, user, url: str, state: str, *, decision: str = "allow") -> str:
+def consent_over_http(live: LiveStack, user, url: str, state: str, *, decision: str = "allow") -> str:
     """The officer, signed in, answers the live server's consent screen in a browser-like way
     (session cookie, CSRF token, the form's own fields). Returns the authorization code."""
     from django.test import Client

@@ -6,19 +6,20 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from django.test import Client
 
 from consent.instances import agent_instance_cut_off
 from consent.models import AgentInstance
 from countersign import AgentClient, InstanceCutOff, InvalidDPoPProof, TokenVerifier
 from countersign import AgentInstance as SdkInstance
 from countersign.dpop import DPoPKey
-from tests.conftest import REDIRECT_URI
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario
 from tests.consent.test_token_exchange import AgentKey
 
 ISSUER = "http://127.0.0.1:8000"
 
 
-def through_django(client) -> httpx.Client:
+def through_django(client: Client) -> httpx.Client:
     """An httpx client whose requests the Django test client serves (same process, same database)."""
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -44,14 +45,16 @@ def through_django(client) -> httpx.Client:
 
 
 @pytest.fixture
-def agent_key(scenario) -> AgentKey:
+def agent_key(scenario: Scenario) -> AgentKey:
     key = AgentKey()
     scenario.agent.jwks = {"keys": [key.jwk]}
     scenario.agent.save()
     return key
 
 
-def run_as_instance(client, flow, scenario, agent_key, name: str, *, dpop: bool = False) -> AgentClient:
+def run_as_instance(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey, name: str, *, dpop: bool = False
+) -> AgentClient:
     """An SDK client running as one instance: it consents through the browser flow and exchanges the code."""
     instance = SdkInstance.generate(
         scenario.agent.client_id, agent_key=agent_key.private, key_id=agent_key.kid, instance=name
@@ -72,7 +75,7 @@ def run_as_instance(client, flow, scenario, agent_key, name: str, *, dpop: bool 
     return sdk
 
 
-def verifier_for(client, scenario) -> TokenVerifier:
+def verifier_for(client: Client, scenario: Scenario) -> TokenVerifier:
     return TokenVerifier(
         ISSUER,
         client_id=scenario.rs_client_id,
@@ -82,7 +85,9 @@ def verifier_for(client, scenario) -> TokenVerifier:
     )
 
 
-def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(client, flow, scenario, agent_key):
+def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
     verified = verifier_for(client, scenario).verify_session(
         sdk.tokens.access_token, required_scopes=["catalog:read"]
@@ -92,7 +97,9 @@ def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(client, flow, sce
     assert AgentInstance.objects.get().instance_id == "7e1f00aa"
 
 
-def test_the_verifier_refuses_a_cut_off_instance(client, flow, scenario, agent_key):
+def test_the_verifier_refuses_a_cut_off_instance(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
@@ -103,7 +110,9 @@ def test_the_verifier_refuses_a_cut_off_instance(client, flow, scenario, agent_k
         verifier.verify_session(token)
 
 
-def test_a_dpop_bound_instance_token_needs_the_instance_key(client, flow, scenario, agent_key):
+def test_a_dpop_bound_instance_token_needs_the_instance_key(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa", dpop=True)
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
@@ -126,7 +135,9 @@ def test_a_dpop_bound_instance_token_needs_the_instance_key(client, flow, scenar
         )
 
 
-def test_a_single_instance_agent_is_unchanged_for_the_verifier(client, flow, scenario):
+def test_a_single_instance_agent_is_unchanged_for_the_verifier(
+    client: Client, flow: OAuthFlow, scenario: Scenario
+) -> None:
     token = flow.full(scope="catalog:read budget:read")["access_token"]
     verified = verifier_for(client, scenario).verify_session(token)
     assert verified.instance is None and verified.claims["act"] == {

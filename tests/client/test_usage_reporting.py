@@ -5,21 +5,22 @@ import time
 import httpx
 import pytest
 
-from consent.models import GrantUse
+from consent.models import GrantUse, ScopePolicy
 from countersign import TokenVerifier, UsageReporter
-from tests.live import free_port
+from tests.conftest import OAuthFlow, Scenario
+from tests.live import LiveStack, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def session_token(live, flow, ledger_policy):  # noqa: F811
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
     token = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
-def _catalog(live, scenario, **kwargs) -> TokenVerifier:
+def _catalog(live: LiveStack, scenario: Scenario, **kwargs) -> TokenVerifier:
     return TokenVerifier(
         live.url,
         client_id=scenario.rs_client_id,
@@ -40,7 +41,9 @@ def _wait_for(check, timeout=10.0):
     return False
 
 
-def test_accepted_uses_reach_the_grant_in_the_background(live, scenario, session_token):
+def test_accepted_uses_reach_the_grant_in_the_background(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     catalog = _catalog(live, scenario, usage_interval=0.2)
     try:
         started = time.monotonic()
@@ -63,7 +66,7 @@ def test_accepted_uses_reach_the_grant_in_the_background(live, scenario, session
     assert catalog.usage.sent == 4 and catalog.usage.dropped == 0
 
 
-def test_a_flood_is_bounded_and_counted(live, scenario, session_token):
+def test_a_flood_is_bounded_and_counted(live: LiveStack, scenario: Scenario, session_token: str) -> None:
     catalog = _catalog(live, scenario, usage_queue=5, usage_interval=60)
     try:
         for _ in range(20):
@@ -75,7 +78,9 @@ def test_a_flood_is_bounded_and_counted(live, scenario, session_token):
     assert GrantUse.objects.count() == 5 and catalog.usage.sent == 5
 
 
-def test_with_countersign_down_the_resource_server_keeps_serving(live, scenario, session_token):
+def test_with_countersign_down_the_resource_server_keeps_serving(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     catalog = _catalog(live, scenario, usage_interval=60)
     try:
         catalog.verify_session(session_token, required_scopes=["catalog:read"])  # keys and metadata cached
@@ -94,7 +99,7 @@ def test_with_countersign_down_the_resource_server_keeps_serving(live, scenario,
     assert GrantUse.objects.count() == 1
 
 
-def test_a_refused_report_is_counted_as_dropped(live, scenario):
+def test_a_refused_report_is_counted_as_dropped(live: LiveStack, scenario: Scenario) -> None:
     # Credentials of no resource server: the server refuses (401), the reporter counts and goes on.
     reporter = UsageReporter(lambda: f"{live.url}/o/usage/", authorization="Basic bm9ib2R5Om5vdGhpbmc=")
     reporter.report(jti="x", scope="catalog:read", operation="probe")

@@ -10,13 +10,13 @@ from django.test import Client
 from audit.models import AuditEvent
 from audit.services import audit_record
 from consent.models import SessionGrant
-from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def mallory(scenario):
+def mallory(scenario: Scenario):
     """A second user of the same server, with her own grant to the same agent."""
     user = get_user_model().objects.create_user("mallory", password=PASSWORD)
     browser = Client()
@@ -44,7 +44,7 @@ def _revoke_forms(html: str) -> list[str]:
     return re.findall(r'<form method="post" action="/grants/([0-9a-f-]+)/revoke/">', html)
 
 
-def _page(client, path: str) -> str:
+def _page(client: Client, path: str) -> str:
     response = client.get(path)
     assert response.status_code == 200
     return response.content.decode()
@@ -53,7 +53,7 @@ def _page(client, path: str) -> str:
 # --- /grants/ -------------------------------------------------------------------------------------
 
 
-def test_grants_page_lists_active_grants_with_a_revoke_button(flow, scenario):
+def test_grants_page_lists_active_grants_with_a_revoke_button(flow: OAuthFlow, scenario: Scenario) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     html = _page(flow.client, "/grants/")
@@ -65,19 +65,19 @@ def test_grants_page_lists_active_grants_with_a_revoke_button(flow, scenario):
     assert "catalog:read" in html and "budget:read" in html and "ledger:write" in html
 
 
-def test_grants_page_needs_sign_in(client, scenario):
+def test_grants_page_needs_sign_in(client: Client, scenario: Scenario) -> None:
     response = client.get("/grants/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
 
-def test_grants_page_shows_only_my_grants(flow, mallory):
+def test_grants_page_shows_only_my_grants(flow: OAuthFlow, mallory) -> None:
     flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     assert _revoke_forms(_page(flow.client, "/grants/")) == [str(mine.pk)]
     assert _revoke_forms(_page(mallory.browser, "/grants/")) == [str(mallory.grant.pk)]
 
 
-def test_revoke_stops_the_agents_tokens_at_once(flow):
+def test_revoke_stops_the_agents_tokens_at_once(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     assert flow.introspect(body["access_token"]).json()["active"] is True
@@ -100,7 +100,7 @@ def test_revoke_stops_the_agents_tokens_at_once(flow):
     assert "tokens stopped working" in html  # the confirmation message
 
 
-def test_revoking_twice_is_404_and_audited_once(flow):
+def test_revoking_twice_is_404_and_audited_once(flow: OAuthFlow) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     assert flow.client.post(f"/grants/{grant.pk}/revoke/").status_code == 302
@@ -108,7 +108,7 @@ def test_revoking_twice_is_404_and_audited_once(flow):
     assert AuditEvent.objects.filter(event="grant.revoked").count() == 1
 
 
-def test_revoking_another_users_grant_is_404_and_changes_nothing(flow, mallory):
+def test_revoking_another_users_grant_is_404_and_changes_nothing(flow: OAuthFlow, mallory) -> None:
     body = flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     before = AuditEvent.objects.filter(event="grant.revoked").count()
@@ -125,13 +125,13 @@ def test_revoking_another_users_grant_is_404_and_changes_nothing(flow, mallory):
     assert mallory.grant.status == SessionGrant.Status.ACTIVE
 
 
-def test_revoking_a_grant_id_that_does_not_exist_is_404(flow):
+def test_revoking_a_grant_id_that_does_not_exist_is_404(flow: OAuthFlow) -> None:
     flow.login()
     response = flow.client.post("/grants/00000000-0000-0000-0000-000000000000/revoke/")
     assert response.status_code == 404
 
 
-def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow):
+def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     response = flow.client.get(f"/grants/{grant.pk}/revoke/")
@@ -141,7 +141,7 @@ def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow):
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_revoke_without_csrf_token_is_refused(scenario):
+def test_revoke_without_csrf_token_is_refused(scenario: Scenario) -> None:
     browser = Client(enforce_csrf_checks=True)
     flow = OAuthFlow(browser, scenario)
     flow.login()
@@ -167,7 +167,7 @@ def test_revoke_without_csrf_token_is_refused(scenario):
     assert grant.status == SessionGrant.Status.ACTIVE
 
 
-def test_revoke_when_signed_out_changes_nothing(flow, client):
+def test_revoke_when_signed_out_changes_nothing(flow: OAuthFlow, client: Client) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     response = Client().post(f"/grants/{grant.pk}/revoke/")
@@ -183,7 +183,7 @@ def _event_names(html: str) -> list[str]:
     return re.findall(r'<li data-event="([^"]+)"', html)
 
 
-def test_activity_shows_my_consent_tokens_and_revocation(flow):
+def test_activity_shows_my_consent_tokens_and_revocation(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -194,7 +194,7 @@ def test_activity_shows_my_consent_tokens_and_revocation(flow):
     assert events[0] == "grant.revoked"  # newest first
 
 
-def test_activity_shows_only_my_own_events(flow, mallory):
+def test_activity_shows_only_my_own_events(flow: OAuthFlow, mallory) -> None:
     flow.full()
     officer = flow.s.user
     audit_record(
@@ -219,7 +219,7 @@ def test_activity_shows_only_my_own_events(flow, mallory):
     assert "token.issued" not in _event_names(theirs)  # only the officer's agent exchanged a code
 
 
-def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow):
+def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow: OAuthFlow) -> None:
     body = flow.full()
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})  # reuse
@@ -228,6 +228,6 @@ def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow)
     assert "a used refresh token was presented again, so it was ended to be safe" in html
 
 
-def test_activity_needs_sign_in(client, scenario):
+def test_activity_needs_sign_in(client: Client, scenario: Scenario) -> None:
     response = client.get("/activity/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")

@@ -15,13 +15,14 @@ from urllib.parse import urlencode
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.test import Client
 from jwt.algorithms import ECAlgorithm
 
 from consent.conf import countersign_settings
-from consent.models import Agent
+from consent.models import Agent, ScopePolicy
 from consent.services import agent_update
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import REDIRECT_URI, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -50,7 +51,7 @@ def challenge(header: str) -> tuple[str, dict[str, str]]:
 class Key:
     """An EC key an agent could register for private_key_jwt."""
 
-    def __init__(self, kid="k1"):
+    def __init__(self, kid="k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
@@ -71,7 +72,7 @@ class Key:
 
 
 @pytest.fixture
-def world(flow, scenario, ledger_policy):  # noqa: F811
+def world(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy):  # noqa: F811
     """A live grant with a session token, a refresh token and an action token, plus a registered key."""
     key = Key()
     scenario.agent.jwks = {"keys": [key.jwk]}
@@ -94,12 +95,12 @@ def world(flow, scenario, ledger_policy):  # noqa: F811
     return {"key": key, "tokens": tokens, "auth_req_id": asked.json()["auth_req_id"]}
 
 
-def _post(client, path, data, auth=None):
+def _post(client: Client, path, data, auth=None):
     extra = {"HTTP_AUTHORIZATION": auth} if auth is not None else {}
     return client.post(path, urlencode(data), content_type=FORM, **extra)
 
 
-def _code(flow) -> tuple[str, str]:
+def _code(flow: OAuthFlow) -> tuple[str, str]:
     flow.login()
     verifier, c = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=c)))
@@ -286,7 +287,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_401_names_the_same_error_in_its_challenge(flow, scenario, world, case):
+def test_every_401_names_the_same_error_in_its_challenge(
+    flow: OAuthFlow, scenario: Scenario, world, case
+) -> None:
     response = CASES[case](flow, scenario, world)
     assert response.status_code == 401, (response.status_code, response.content)
     body = json.loads(response.content)

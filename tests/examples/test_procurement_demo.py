@@ -26,6 +26,7 @@ import httpx
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.test import Client
 from playwright.sync_api import expect
 
 from approvals.models import ActionToken, ApprovalRequest
@@ -37,7 +38,7 @@ from examples.procurement import agent as procurement_agent
 from examples.procurement.config import SYSTEMS
 from tests.browser.conftest import chromium, live_context, watch_page  # noqa: F401  (fixtures)
 from tests.conftest import PASSWORD
-from tests.live import ROOT, free_port
+from tests.live import ROOT, LiveStack, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,7 +76,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture
-def demo_config(live, tmp_path) -> tuple[dict, Path]:
+def demo_config(live: LiveStack, tmp_path: Path) -> tuple[dict, Path]:
     """The registry, created through the consent services with the audiences the resource-server
     process will listen on, written in seed_demo --json's shape for the example's --config."""
     *rs_ports, callback_port = _free_ports(len(SYSTEMS) + 1)
@@ -144,7 +145,7 @@ class Systems:
 
 
 @pytest.fixture
-def systems(live, demo_config, tmp_path):
+def systems(live: LiveStack, demo_config: tuple[dict, Path], tmp_path: Path):
     """The five systems as one real subprocess (uvicorn, five sockets), on the config's ports."""
     config, path = demo_config
     log, data_dir = tmp_path / "systems.log", tmp_path / "data"
@@ -193,7 +194,7 @@ def systems(live, demo_config, tmp_path):
             proc.wait()
 
 
-def _sign_in_and_allow(page, url: str, live) -> None:
+def _sign_in_and_allow(page, url: str, live: LiveStack) -> None:
     page.goto(url)
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
@@ -211,7 +212,12 @@ def _sign_in_and_allow(page, url: str, live) -> None:
 
 
 @pytest.mark.browser
-def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, systems):  # noqa: F811
+def test_procurement_demo_runs_end_to_end(
+    live: LiveStack,
+    live_context,  # noqa: F811
+    demo_config: tuple[dict, Path],
+    systems,
+) -> None:
     config, _ = demo_config
     page = live_context.new_page()
     problems = watch_page(page)
@@ -220,7 +226,7 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     said: list[str] = []
     outcome: dict = {}
 
-    def agent_thread():
+    def agent_thread() -> None:
         try:
             outcome["result"] = procurement_agent.run(
                 config,
@@ -344,7 +350,9 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     assert problems == [], problems
 
 
-def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems, client):
+def test_systems_hold_dpop_bound_tokens_to_their_key(
+    live: LiveStack, demo_config: tuple[dict, Path], systems, client: Client
+) -> None:
     """Sender-constrained tokens (RFC 9449) through the same systems: the session token and the
     action token are bound to the agent's registered key; a proof for another request, a replayed
     proof, or the bound token sent as a plain bearer token are all refused before anything runs."""

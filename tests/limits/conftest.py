@@ -10,8 +10,9 @@ import json
 
 import httpx
 import pytest
+from pytest_django import DjangoDbBlocker, Settings
 
-from tests.live import start_stack
+from tests.live import LiveStack, start_stack
 
 RATE_LIMITS = {
     "protocol": {
@@ -36,7 +37,9 @@ ATTEMPT_LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def limited_stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+):
     env = {
         "COUNTERSIGN_RATE_LIMITS": json.dumps(RATE_LIMITS),
         "COUNTERSIGN_ATTEMPT_LIMITS": json.dumps(ATTEMPT_LIMITS),
@@ -48,7 +51,7 @@ def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def limited(limited_stack, transactional_db, settings):
+def limited(limited_stack: LiveStack, transactional_db: None, settings: Settings):
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
         "ISSUER": limited_stack.url,
