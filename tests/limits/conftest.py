@@ -7,6 +7,8 @@ passes the peer address on as the client's.
 """
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -39,7 +41,7 @@ ATTEMPT_LIMITS = {
 @pytest.fixture(scope="module")
 def limited_stack(
     django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
-):
+) -> Iterator[LiveStack]:
     env = {
         "COUNTERSIGN_RATE_LIMITS": json.dumps(RATE_LIMITS),
         "COUNTERSIGN_ATTEMPT_LIMITS": json.dumps(ATTEMPT_LIMITS),
@@ -51,7 +53,7 @@ def limited_stack(
 
 
 @pytest.fixture
-def limited(limited_stack: LiveStack, transactional_db: None, settings: Settings):
+def limited(limited_stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
         "ISSUER": limited_stack.url,
@@ -63,7 +65,7 @@ def limited(limited_stack: LiveStack, transactional_db: None, settings: Settings
     return limited_stack
 
 
-def from_source(address: str, **kwargs) -> httpx.Client:
+def from_source(address: str, **kwargs: Any) -> httpx.Client:
     """An HTTP client whose connections come from ``address`` (a loopback address: 127.0.0.2, ...)."""
     return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10, **kwargs)
 
