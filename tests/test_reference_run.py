@@ -46,7 +46,7 @@ def worker() -> Iterator[None]:
 
 
 @pytest.fixture
-def procurement(scenario: Scenario, ledger_policy: ScopePolicy):
+def procurement(scenario: Scenario, ledger_policy: ScopePolicy) -> dict[str, tuple[str, str]]:
     """The scenario's five systems: two more standard scopes beside catalog, budget and ledger."""
     servers = {
         "http://catalog.test": (scenario.rs_client_id, scenario.rs_secret),
@@ -85,7 +85,12 @@ def _wait_delivered(approval_id, timeout=15.0) -> None:
 
 @pytest.mark.parametrize("mode", ["exchange", "rotating", "none"])
 def test_procurement_run_survives_token_expiry(
-    mode: str, flow: OAuthFlow, scenario: Scenario, procurement, worker, client: Client
+    mode: str,
+    flow: OAuthFlow,
+    scenario: Scenario,
+    procurement: dict[str, tuple[str, str]],
+    worker: None,
+    client: Client,
 ) -> None:
     key = AgentKey()
     scenario.agent.refresh_mode = mode

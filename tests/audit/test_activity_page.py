@@ -8,13 +8,14 @@ from django.test import Client
 from django.utils import timezone
 from time_machine import TimeMachineFixture
 
+from tests.approvals.conftest import Agent
 from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def redeemed(agent, client: Client):
+def redeemed(agent: Agent, client: Client) -> str:
     token = agent.approved_token(client)
     assert agent.redeem(token).status_code == 200
     assert agent.redeem(token).status_code == 400  # refused: already redeemed
@@ -27,7 +28,7 @@ def _text(response) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
 
-def test_events_read_as_sentences_with_names(redeemed, client: Client, scenario: Scenario) -> None:
+def test_events_read_as_sentences_with_names(redeemed: str, client: Client, scenario: Scenario) -> None:
     text = _text(client.get("/activity/"))
     assert "Procurement Agent wrote 4250.00 USD to Ledger, approved by you with password." in text
     assert "You connected Procurement Agent" in text
@@ -42,7 +43,7 @@ def test_events_read_as_sentences_with_names(redeemed, client: Client, scenario:
 
 
 def test_filters_by_outcome_agent_and_period(
-    redeemed, client: Client, scenario: Scenario, time_machine: TimeMachineFixture
+    redeemed: str, client: Client, scenario: Scenario, time_machine: TimeMachineFixture
 ) -> None:
     refused = _text(client.get("/activity/?outcome=refused"))
     assert "could not use a single-use token" in refused and "You connected" not in refused
@@ -58,7 +59,7 @@ def test_filters_by_outcome_agent_and_period(
     assert client.get("/activity/?outcome=<x>&agent=nope&period=forever").status_code == 200
 
 
-def test_times_follow_the_browsers_time_zone(redeemed, client: Client) -> None:
+def test_times_follow_the_browsers_time_zone(redeemed: str, client: Client) -> None:
     client.cookies["tz"] = "Asia/Kolkata"
     html = client.get("/activity/").content.decode()
     local = timezone.localtime(timezone.now(), timezone=timezone.get_fixed_timezone(330))

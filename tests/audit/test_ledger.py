@@ -206,7 +206,7 @@ def test_a_token_is_not_a_checkpoint(client: Client, session_token: str) -> None
         verify_checkpoint(session_token, _jwks(client))
 
 
-def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client: Client, tmp_path: Path):
+def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client: Client, tmp_path: Path) -> None:
     rows = _write(9, batch=4)
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks(client)))
     (tmp_path / "proof.json").write_text(json.dumps(_prove(str(rows[5].pk))))

@@ -6,6 +6,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from io import StringIO
 
 import psycopg
@@ -31,7 +32,7 @@ def _postgresql_only() -> None:
 
 
 @pytest.fixture
-def app_role(db: None):
+def app_role(db: None) -> Iterator[str]:
     role = f"cs_app_{secrets.token_hex(4)}"
     with connection.cursor() as cursor:
         cursor.execute(f'CREATE ROLE "{role}" LOGIN')
@@ -71,7 +72,7 @@ def sealed(db: None) -> None:
     ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}", "ALTER TABLE {t} DISABLE TRIGGER ALL"],
 )
 def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(
-    app_role, sealed, table, statement: str
+    app_role: str, sealed: None, table, statement: str
 ) -> None:
     column = {
         "audit_auditevent": "event",
@@ -88,12 +89,14 @@ def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(
     "statement",
     ["DELETE FROM audit_audithead", "TRUNCATE audit_audithead", "SET session_replication_role = replica"],
 )
-def test_nor_remove_the_sealers_head_or_switch_triggers_off(app_role, sealed, statement: str) -> None:
+def test_nor_remove_the_sealers_head_or_switch_triggers_off(
+    app_role: str, sealed: None, statement: str
+) -> None:
     with _as(app_role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(statement)
 
 
-def test_the_application_role_still_appends_and_seals(app_role, sealed) -> None:
+def test_the_application_role_still_appends_and_seals(app_role: str, sealed: None) -> None:
     with _as(app_role) as conn:
         conn.execute(
             "INSERT INTO audit_auditevent (occurred_at, event, outcome, actor, client_id, grant_id, error,"
@@ -122,7 +125,7 @@ def test_the_application_role_still_appends_and_seals(app_role, sealed) -> None:
     assert "intact: 21 events" in out.getvalue()
 
 
-def test_audit_grants_check_tells_the_roles_apart(app_role) -> None:
+def test_audit_grants_check_tells_the_roles_apart(app_role: str) -> None:
     env = {**os.environ, "DATABASE_URL": _url(app_role), "DATABASE_POOL": "0"}
     result = subprocess.run(
         [sys.executable, "manage.py", "audit_grants", "--check"],

@@ -7,6 +7,7 @@ three events, so the named range is narrow.
 """
 
 import json
+from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _sql(statement: str, params=()) -> int:
 
 
 @pytest.fixture
-def ledger(db: None):
+def ledger(db: None) -> Iterator[list[AuditEvent]]:
     rows = [
         audit_record(event="token.issued", actor=f"agent:c{i}", client_id=f"c{i}", detail={"jti": f"j{i}"})
         for i in range(10)
@@ -103,13 +104,13 @@ def _in_order() -> list[AuditEvent]:
     ]
 
 
-def test_an_intact_ledger_passes(ledger) -> None:
+def test_an_intact_ledger_passes(ledger: list[AuditEvent]) -> None:
     out = StringIO()
     call_command("audit_verify", "--no-seal", stdout=out, stderr=StringIO())
     assert "intact: 10 events" in out.getvalue() and "checkpoint 10" in out.getvalue()
 
 
-def test_reordered_events_are_detected_at_the_first_moved_position(ledger) -> None:
+def test_reordered_events_are_detected_at_the_first_moved_position(ledger: list[AuditEvent]) -> None:
     a, b = AuditLink.objects.get(seq=4).event_id, AuditLink.objects.get(seq=5).event_id
     _sql("UPDATE audit_auditlink SET event_id = -1 WHERE seq = 4")
     _sql("UPDATE audit_auditlink SET event_id = %s WHERE seq = 5", [a])
@@ -117,7 +118,9 @@ def test_reordered_events_are_detected_at_the_first_moved_position(ledger) -> No
     assert _first_line(_fails()).startswith("position 4:")
 
 
-def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_root(ledger) -> None:
+def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_root(
+    ledger: list[AuditEvent],
+) -> None:
     events = _in_order()
     events[4], events[5] = events[5], events[4]  # positions 5 and 6
     _rewrite(events)
@@ -128,7 +131,9 @@ def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_
     )
 
 
-def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_root(ledger) -> None:
+def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_root(
+    ledger: list[AuditEvent],
+) -> None:
     _sql(
         "UPDATE audit_auditevent SET detail = %s WHERE id = %s", [json.dumps({"jti": "forged"}), ledger[7].pk]
     )
@@ -136,14 +141,18 @@ def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_ro
     assert _first_line(_fails()).startswith("position 7: checkpoint 9: the events at positions 7..9")
 
 
-def test_an_event_inserted_in_the_middle_with_every_hash_recomputed_is_detected(ledger) -> None:
+def test_an_event_inserted_in_the_middle_with_every_hash_recomputed_is_detected(
+    ledger: list[AuditEvent],
+) -> None:
     forged = audit_record(event="approval.approved", actor="user:1", detail={"approval_id": "forged"})
     events = _in_order()
     _rewrite(events[:1] + [AuditEvent.objects.get(pk=forged.pk)] + events[1:])
     assert _first_line(_fails()).startswith("position 1: checkpoint 3: the events at positions 1..3")
 
 
-def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint(ledger) -> None:
+def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint(
+    ledger: list[AuditEvent],
+) -> None:
     forged = audit_record(event="approval.approved", actor="user:1", detail={"approval_id": "forged"})
     _rewrite(_in_order() + [AuditEvent.objects.get(pk=forged.pk)])
     assert "position 11: positions 11..11 are signed by no checkpoint" in _fails()
@@ -152,7 +161,7 @@ def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint
     assert result.linked == 0 and "11" in result.refused, "the sealer signed over the forged event"
 
 
-def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger) -> None:
+def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger: list[AuditEvent]) -> None:
     _sql("UPDATE audit_auditevent SET outcome = 'refused' WHERE id = %s", [ledger[1].pk])
     _rewrite(_in_order())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -175,7 +184,7 @@ def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger) -> 
     assert "checkpoint 10: signature or claims do not verify" in _first_line(_fails())
 
 
-def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger) -> None:
+def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger: list[AuditEvent]) -> None:
     events = _in_order()
     _sql("DELETE FROM audit_auditevent WHERE id = %s", [events[8].pk])
     _rewrite(events[:8] + events[9:])
@@ -185,7 +194,7 @@ def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger) -> None:
 
 
 def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_elsewhere(
-    ledger, tmp_path: Path
+    ledger: list[AuditEvent], tmp_path: Path
 ) -> None:
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--output", str(kept), stdout=StringIO())
@@ -199,7 +208,9 @@ def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_e
 
 
 @pytest.mark.parametrize("tables", [["audit_auditevent", "audit_audithead"], AUDIT_TABLES])
-def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(ledger, tables, tmp_path: Path) -> None:
+def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(
+    ledger: list[AuditEvent], tables, tmp_path: Path
+) -> None:
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--output", str(kept), stdout=StringIO())
     _sql(f"TRUNCATE {', '.join(tables)}")
@@ -209,7 +220,7 @@ def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(ledger, tables, tmp_p
         assert "the checkpoint kept elsewhere signs 10 events and the ledger holds 0" in err
 
 
-def test_truncating_events_and_head_is_detected_without_a_kept_checkpoint(ledger) -> None:
+def test_truncating_events_and_head_is_detected_without_a_kept_checkpoint(ledger: list[AuditEvent]) -> None:
     """The statement that used to leave "intact: 0 events"."""
     _sql("TRUNCATE audit_auditevent, audit_audithead")
     err = _fails()
@@ -230,7 +241,9 @@ def test_truncating_every_audit_table_is_detected_through_the_grants_it_leaves(
 
 
 @pytest.mark.parametrize("table", AUDIT_TABLES)
-def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(ledger, table: str) -> None:
+def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(
+    ledger: list[AuditEvent], table: str
+) -> None:
     _sql("SET session_replication_role = origin")
     _sql("SET countersign.audit_truncate = ''")  # what the application's sessions have
     with pytest.raises(DatabaseError, match="TRUNCATE"), transaction.atomic():
@@ -248,7 +261,9 @@ def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(ledger, t
         "DELETE FROM audit_audithead",
     ],
 )
-def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, statement: str) -> None:
+def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(
+    ledger: list[AuditEvent], statement: str
+) -> None:
     _sql("SET session_replication_role = origin")
     audit_record(event="token.issued", actor="agent:x")
     for _ in range(6):
@@ -258,19 +273,19 @@ def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, stateme
         _sql(statement)
 
 
-def test_a_removed_middle_checkpoint_breaks_the_checkpoint_chain(ledger) -> None:
+def test_a_removed_middle_checkpoint_breaks_the_checkpoint_chain(ledger: list[AuditEvent]) -> None:
     _sql("DELETE FROM audit_auditcheckpoint WHERE tree_size = 6")
     assert _first_line(_fails()).startswith(
         "position 4: checkpoint 9: does not follow the checkpoint before it"
     )
 
 
-def test_an_edited_checkpoint_row_is_detected(ledger) -> None:
+def test_an_edited_checkpoint_row_is_detected(ledger: list[AuditEvent]) -> None:
     _sql("UPDATE audit_auditcheckpoint SET root_hash = repeat('a', 64) WHERE tree_size = 3")
     assert _first_line(_fails()) == "position 1: checkpoint 3: its row does not match what it signs"
 
 
-def test_an_edited_tree_node_is_detected(ledger) -> None:
+def test_an_edited_tree_node_is_detected(ledger: list[AuditEvent]) -> None:
     for i in range(6):
         audit_record(event="token.issued", actor=f"agent:more-{i}")
     _sql("SET session_replication_role = origin")
@@ -280,7 +295,7 @@ def test_an_edited_tree_node_is_detected(ledger) -> None:
     assert "the stored tree node over positions 1..16 does not match the leaves under it" in _fails()
 
 
-def test_an_edited_frontier_stops_the_sealer_and_is_reported(ledger) -> None:
+def test_an_edited_frontier_stops_the_sealer_and_is_reported(ledger: list[AuditEvent]) -> None:
     AuditHead.objects.filter(pk=1).update(frontier=["00" * 32, "11" * 32])
     assert "the sealer's frontier does not match the tree" in _fails()
     _sql("SET session_replication_role = origin")

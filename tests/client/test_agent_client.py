@@ -325,7 +325,7 @@ def test_ping_with_a_wrong_notification_token_is_ignored() -> None:
 
 def test_async_client_end_to_end(
     live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, catalog: TokenVerifier
-):  # noqa: F811
+) -> None:  # noqa: F811
     _short_ttl(scenario)
 
     async def run():

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
-    token = flow.full()["access_token"]
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:  # noqa: F811
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 

@@ -8,6 +8,8 @@ minted through the real flows and checked against the live stack (``live`` fixtu
 import json
 import secrets
 import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import httpx
 import jwt
@@ -18,6 +20,7 @@ from approvals.models import ApprovalRequest
 from consent.models import Agent, ScopePolicy
 from countersign import (
     ActionMismatch,
+    AgentClient,
     AgentNotAllowed,
     AlreadyRedeemed,
     ExpiredToken,
@@ -30,7 +33,8 @@ from countersign import (
     VerifiedToken,
     action_hash,
 )
-from countersign.dpop import DPoPKey, ReplayCache, normalize_htu, verify_proof
+from countersign.asgi import Message, Receive, Scope, Send
+from countersign.dpop import DPoPKey, PrivateKey, ReplayCache, normalize_htu, verify_proof
 from countersign.verifier import parse_authorization
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.client import (
@@ -85,7 +89,7 @@ def test_valid_session_token_names_user_and_agent(alg: str) -> None:
     assert verified.client_id == AGENT_ID and verified.grant_id == "g-1" and verified.dpop_jkt is None
     assert verified.scopes == {"catalog:read", "budget:read"}
     with pytest.raises(AttributeError):
-        verified.subject = "user:1"  # frozen
+        verified.subject = "user:1"  # type: ignore[misc]  # frozen: the assignment must fail
 
 
 # --- RFC 8725: algorithms, typ, iss, aud, exp -----------------------------------------------------
@@ -133,7 +137,7 @@ def test_token_signed_by_a_key_we_do_not_publish_is_refused(
     ],
 )
 def test_foreign_prefixed_or_suffixed_issuer_is_refused(
-    issuer: LocalIssuer, verifier: TokenVerifier, iss
+    issuer: LocalIssuer, verifier: TokenVerifier, iss: str
 ) -> None:
     with pytest.raises(InvalidToken, match="issuer"):
         verifier.verify_session(issuer.mint(iss=iss))
@@ -150,7 +154,7 @@ def test_foreign_prefixed_or_suffixed_issuer_is_refused(
     ],
 )
 def test_missing_or_foreign_audience_is_refused(
-    issuer: LocalIssuer, verifier: TokenVerifier, aud, message: str
+    issuer: LocalIssuer, verifier: TokenVerifier, aud: str | list[str] | None, message: str
 ) -> None:
     with pytest.raises(InvalidToken, match=message):
         verifier.verify_session(issuer.mint(aud=aud))
@@ -256,13 +260,14 @@ def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer: LocalIssuer
 
 def test_jku_x5u_and_path_like_kids_are_never_fetched(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     attacker = SigningKey("ES256")
-    for headers in [
+    forged: list[dict[str, Any]] = [
         {"jku": "https://evil.example/jwks.json", "kid": "evil"},
         {"x5u": "https://evil.example/cert.pem", "kid": "evil"},
         {"kid": "../../.well-known/jwks.json"},
         {"kid": "https://evil.example/jwks.json"},
         {"jwk": attacker.jwk, "kid": "evil"},
-    ]:
+    ]
+    for headers in forged:
         with pytest.raises(InvalidToken):
             verifier.verify_session(issuer.mint(key=attacker, headers=headers))
     for kid in [["a", "list"], {"an": "object"}, None, 7]:
@@ -386,7 +391,7 @@ def dpop_key(issuer: LocalIssuer) -> DPoPKey:
     return key
 
 
-def _bound(issuer: LocalIssuer, key):
+def _bound(issuer: LocalIssuer, key: DPoPKey) -> str:
     return issuer.mint(cnf={"jkt": key.jkt})
 
 
@@ -399,7 +404,15 @@ def test_dpop_bound_token_with_a_good_proof(
     assert verified.dpop_jkt == dpop_key.jkt
 
 
-def _refusal(verifier: TokenVerifier, token, proof, *, htm="GET", htu=URL, scheme="DPoP"):
+def _refusal(
+    verifier: TokenVerifier,
+    token: str,
+    proof: str | None,
+    *,
+    htm: str = "GET",
+    htu: str = URL,
+    scheme: str = "DPoP",
+) -> InvalidToken:
     with pytest.raises(InvalidToken) as caught:
         verifier.verify_session(token, dpop_proof=proof, htm=htm, htu=htu, scheme=scheme)
     assert caught.value.www_authenticate().startswith("DPoP ")
@@ -516,12 +529,13 @@ def test_unbound_token_with_dpop_scheme_is_refused(
 def test_proof_builder_and_checker_agree_on_every_algorithm() -> None:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    for private in [
+    privates: list[PrivateKey] = [
         ec.generate_private_key(ec.SECP256R1()),
         ec.generate_private_key(ec.SECP384R1()),
         rsa.generate_private_key(public_exponent=65537, key_size=2048),
         ed25519.Ed25519PrivateKey.generate(),
-    ]:
+    ]
+    for private in privates:
         key = DPoPKey(private)
         proof = key.proof("POST", "https://AS.example:443/o/token/?q=1", nonce="n-1")
         checked = verify_proof(
@@ -582,19 +596,21 @@ def test_action_token_whose_hash_does_not_match_its_details(
 
 
 @pytest.fixture
-def live_http_client(live: LiveStack):
+def live_http_client(live: LiveStack) -> Iterator[httpx.Client]:
     with httpx.Client(timeout=15) as client:
         yield client
 
 
-def _verifier(live: LiveStack, http, *, client_id, secret, audience, **kwargs) -> TokenVerifier:
+def _verifier(
+    live: LiveStack, http: httpx.Client, *, client_id: str, secret: str, audience: str, **kwargs: Any
+) -> TokenVerifier:
     return TokenVerifier(
         live.url, client_id=client_id, client_secret=secret, audience=audience, http=http, **kwargs
     )
 
 
 @pytest.fixture
-def catalog(live: LiveStack, scenario: Scenario, live_http_client) -> TokenVerifier:
+def catalog(live: LiveStack, scenario: Scenario, live_http_client: httpx.Client) -> TokenVerifier:
     return _verifier(
         live,
         live_http_client,
@@ -605,7 +621,7 @@ def catalog(live: LiveStack, scenario: Scenario, live_http_client) -> TokenVerif
 
 
 @pytest.fixture
-def ledger(live: LiveStack, scenario: Scenario, live_http_client) -> TokenVerifier:
+def ledger(live: LiveStack, scenario: Scenario, live_http_client: httpx.Client) -> TokenVerifier:
     return _verifier(
         live,
         live_http_client,
@@ -616,8 +632,8 @@ def ledger(live: LiveStack, scenario: Scenario, live_http_client) -> TokenVerifi
 
 
 @pytest.fixture
-def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
-    token = flow.full()["access_token"]
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:  # noqa: F811
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
@@ -661,7 +677,9 @@ def test_live_registry_contract(live: LiveStack, scenario: Scenario) -> None:
     assert httpx.get(f"{live.url}/o/agents/{scenario.agent.client_id}", timeout=5).status_code == 401
 
 
-def _action_token(live: LiveStack, scenario: Scenario, session_token: str, details) -> str:
+def _action_token(
+    live: LiveStack, scenario: Scenario, session_token: str, details: list[dict[str, Any]]
+) -> str:
     """A real action token: CIBA request to the live server, officer approves, agent polls."""
     auth = {"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}
     asked = httpx.post(
@@ -684,7 +702,8 @@ def _action_token(live: LiveStack, scenario: Scenario, session_token: str, detai
         data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": asked.json()["auth_req_id"]},
     )
     assert polled.status_code == 200, polled.text
-    return polled.json()["access_token"]
+    token: str = polled.json()["access_token"]
+    return token
 
 
 def test_live_action_token_redeems_once(
@@ -710,9 +729,8 @@ def test_live_action_token_redeems_once(
 
 
 @pytest.fixture
-def dpop_agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy):  # noqa: F811
+def dpop_agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> AgentClient:  # noqa: F811
     """The seeded agent with a registered DPoP key, through the real token endpoint."""
-    from countersign import AgentClient
     from tests.conftest import REDIRECT_URI
 
     key = DPoPKey.generate()
@@ -731,13 +749,14 @@ def dpop_agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy):
     return agent
 
 
-def _present(agent, *, method="GET", url=URL):
+def _present(agent: AgentClient, *, method: str = "GET", url: str = URL) -> tuple[str, str, str]:
     headers = agent.auth_headers(method, url)
     scheme, token = parse_authorization(headers["Authorization"])
     return scheme, token, headers["DPoP"]
 
 
-def test_live_dpop_bound_token(catalog: TokenVerifier, dpop_agent) -> None:
+def test_live_dpop_bound_token(catalog: TokenVerifier, dpop_agent: AgentClient) -> None:
+    assert dpop_agent.dpop_key is not None
     scheme, token, proof = _present(dpop_agent)
     assert jwt.decode(token, options={"verify_signature": False})["cnf"] == {"jkt": dpop_agent.dpop_key.jkt}
     verified = catalog.verify_session(token, dpop_proof=proof, htm="GET", htu=URL, scheme=scheme)
@@ -759,7 +778,7 @@ def test_live_dpop_bound_token(catalog: TokenVerifier, dpop_agent) -> None:
 
 
 def test_live_dpop_key_withdrawn_from_the_registry(
-    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, dpop_agent
+    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, dpop_agent: AgentClient
 ) -> None:
     scheme, token, proof = _present(dpop_agent)
     scenario.agent.jwks = {"keys": [{**DPoPKey.generate().jwk, "kid": "new-1", "alg": "ES256"}]}
@@ -777,8 +796,9 @@ def test_live_agent_requiring_dpop_cannot_use_a_bearer_token(
 
 
 def test_live_dpop_bound_action_token(
-    live: LiveStack, scenario: Scenario, ledger: TokenVerifier, dpop_agent
+    live: LiveStack, scenario: Scenario, ledger: TokenVerifier, dpop_agent: AgentClient
 ) -> None:
+    assert dpop_agent.dpop_key is not None
     with officer_decides(scenario.user):
         action = dpop_agent.request_approval("ledger:write", [LEDGER_ENTRY], timeout=30)
     assert action.dpop_bound
@@ -802,13 +822,13 @@ def test_live_dpop_bound_action_token(
 # --- integrations: Django decorators and the ASGI middleware ----------------------------------------
 
 
-def test_django_requires_scope(issuer: LocalIssuer, verifier: TokenVerifier, rf: RequestFactory):
+def test_django_requires_scope(issuer: LocalIssuer, verifier: TokenVerifier, rf: RequestFactory) -> None:
     from django.http import JsonResponse
 
     from countersign.django import requires_scope
 
     @requires_scope("catalog:read", verifier=verifier)
-    def items(request):
+    def items(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         return JsonResponse({"user": request.countersign.subject, "agent": request.countersign.actor})
 
     ok = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint()}"))
@@ -832,7 +852,7 @@ def test_django_requires_scope(issuer: LocalIssuer, verifier: TokenVerifier, rf:
 
 def test_django_requires_scope_with_dpop_and_async_views(
     issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey, rf: RequestFactory
-):
+) -> None:
     import asyncio
 
     from django.http import JsonResponse
@@ -840,7 +860,7 @@ def test_django_requires_scope_with_dpop_and_async_views(
     from countersign.django import requires_scope
 
     @requires_scope("catalog:read", verifier=verifier)
-    async def items(request):
+    async def items(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         return JsonResponse({"jkt": request.countersign.dpop_jkt})
 
     token = _bound(issuer, dpop_key)
@@ -856,21 +876,21 @@ def test_django_requires_scope_with_dpop_and_async_views(
 
 def test_django_requires_action_redeems_before_the_view_runs(
     issuer: LocalIssuer, verifier: TokenVerifier, rf: RequestFactory
-):
+) -> None:
     from django.http import JsonResponse
 
     from countersign.django import requires_action
 
-    ran = []
+    ran: list[str] = []
 
     @requires_action("ledger:write", details=lambda request: [json.loads(request.body)], verifier=verifier)
-    def append(request):
+    def append(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         ran.append(request.countersign.claims["approval_id"])
         return JsonResponse({"ok": True}, status=201)
 
     token = issuer.action([LEDGER_ENTRY])
 
-    def post(body):
+    def post(body: dict[str, Any]) -> JsonResponse:
         return append(
             rf.post(
                 "/entries",
@@ -892,12 +912,12 @@ def test_django_requires_action_redeems_before_the_view_runs(
     assert junk.status_code == 400 and json.loads(junk.content)["error"] == "invalid_request"
 
 
-def test_asgi_middleware(issuer: LocalIssuer, verifier: TokenVerifier):
+def test_asgi_middleware(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     import asyncio
 
     from countersign.asgi import CountersignMiddleware
 
-    async def app(scope, receive, send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         body = json.dumps({"user": scope["countersign"].subject}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
@@ -906,8 +926,8 @@ def test_asgi_middleware(issuer: LocalIssuer, verifier: TokenVerifier):
         app, verifier, required_scopes=["catalog:read"], exempt_paths=["/health"]
     )
 
-    def call(path, headers=(), kind="http"):
-        scope = {
+    def call(path: str, headers: Sequence[tuple[bytes, bytes]] = (), kind: str = "http") -> list[Message]:
+        scope: Scope = {
             "type": kind,
             "method": "GET",
             "scheme": "https",
@@ -916,12 +936,12 @@ def test_asgi_middleware(issuer: LocalIssuer, verifier: TokenVerifier):
             "headers": [(b"host", b"catalog.example"), *headers],
             "server": ("catalog.example", 443),
         }
-        sent = []
+        sent: list[Message] = []
 
-        async def receive():
+        async def receive() -> Message:
             return {"type": "websocket.connect"}
 
-        async def send(message) -> None:
+        async def send(message: Message) -> None:
             sent.append(message)
 
         asyncio.run(protected(scope, receive, send))

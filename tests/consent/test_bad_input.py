@@ -138,7 +138,7 @@ def _revoke(client: Client, token, client_id, secret, hint=None):
 
 
 @pytest.fixture
-def other_agent(scenario: Scenario):
+def other_agent(scenario: Scenario) -> tuple[Agent, str]:
     """A second, legitimate agent with its own credentials and the same redirect URI."""
     agent, secret = agent_create(
         name="Other Agent", publisher="Elsewhere Inc", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
@@ -418,7 +418,7 @@ def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow: 
 
 
 def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(
-    flow: OAuthFlow, other_agent
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
 ) -> None:
     agent, secret = other_agent
     code, verifier = _code(flow)
@@ -611,7 +611,7 @@ def test_refresh_token_reuse_is_invalid_grant_with_one_refusal_row(flow: OAuthFl
 
 
 def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(
-    flow: OAuthFlow, other_agent
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
 ) -> None:
     agent, secret = other_agent
     body = flow.full()
@@ -815,7 +815,9 @@ def test_revocation_by_a_resource_server_is_invalid_client(flow: OAuthFlow, scen
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_another_agent_cannot_revoke_someone_elses_token(flow: OAuthFlow, other_agent) -> None:
+def test_another_agent_cannot_revoke_someone_elses_token(
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
+) -> None:
     agent, secret = other_agent
     body = flow.full()
     response = _revoke(flow.client, body["access_token"], agent.client_id, secret)

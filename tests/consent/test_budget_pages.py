@@ -21,7 +21,7 @@ FIELD = "budget-ledger:write-"
 
 
 @pytest.fixture
-def budget_policy(ledger_policy: ScopePolicy):
+def budget_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     policy, _ = scope_set(
         name="ledger:write",
         values={
@@ -43,7 +43,9 @@ def _consent(flow: OAuthFlow, **budget: str):
     return query, flow.client.post("/o/authorize/", data)
 
 
-def test_the_consent_screen_offers_a_budget_within_the_admin_maximum(flow: OAuthFlow, budget_policy) -> None:
+def test_the_consent_screen_offers_a_budget_within_the_admin_maximum(
+    flow: OAuthFlow, budget_policy: ScopePolicy
+) -> None:
     flow.login()
     _, challenge = pkce_pair()
     page = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge)).content.decode()
@@ -59,7 +61,9 @@ def test_no_budget_fields_where_the_policy_offers_none(flow: OAuthFlow, ledger_p
     assert FIELD not in page
 
 
-def test_allow_with_a_budget_creates_it(flow: OAuthFlow, budget_policy, scenario: Scenario) -> None:
+def test_allow_with_a_budget_creates_it(
+    flow: OAuthFlow, budget_policy: ScopePolicy, scenario: Scenario
+) -> None:
     _, response = _consent(flow, per_action="500.00", total="2000.00", period="week", currency="USD")
     assert response.status_code == 302, response.content[:300]
     grant = SessionGrant.objects.get()
@@ -76,7 +80,7 @@ def test_allow_with_a_budget_creates_it(flow: OAuthFlow, budget_policy, scenario
     assert event.detail["total"] == "2000.00" and event.user_id == scenario.user.pk
 
 
-def test_allow_without_amounts_gives_no_budget(flow: OAuthFlow, budget_policy) -> None:
+def test_allow_without_amounts_gives_no_budget(flow: OAuthFlow, budget_policy: ScopePolicy) -> None:
     _, response = _consent(flow, per_action="", total="", period="week", currency="USD")
     assert response.status_code == 302
     assert SessionGrant.objects.count() == 1 and not Budget.objects.exists()
@@ -103,7 +107,7 @@ def test_allow_without_amounts_gives_no_budget(flow: OAuthFlow, budget_policy) -
     ],
 )
 def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(
-    flow: OAuthFlow, budget_policy, budget: Budget, code: str
+    flow: OAuthFlow, budget_policy: ScopePolicy, budget: Budget, code: str
 ) -> None:
     _, response = _consent(flow, **budget)
     assert response.status_code == 400
@@ -115,7 +119,7 @@ def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(
 
 
 @pytest.fixture
-def budget(flow: OAuthFlow, budget_policy, scenario: Scenario) -> Budget:
+def budget(flow: OAuthFlow, budget_policy: ScopePolicy, scenario: Scenario) -> Budget:
     _consent(flow)
     grant = SessionGrant.objects.get()
     (created,) = budgets_create(

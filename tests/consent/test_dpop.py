@@ -36,7 +36,7 @@ def proof(
 
 
 @pytest.fixture
-def key(scenario: Scenario):
+def key(scenario: Scenario) -> AgentKey:
     k = AgentKey()
     scenario.agent.jwks = {"keys": [k.jwk]}
     scenario.agent.save()
@@ -61,7 +61,7 @@ def _token(flow: OAuthFlow, data, dpop=None):
 
 
 def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(
-    flow: OAuthFlow, scenario: Scenario, key
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
 ) -> None:
     code, verifier = _code(flow)
     response = _token(
@@ -95,7 +95,7 @@ def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(
     ],
 )
 def test_bad_proofs_are_refused_and_nothing_is_issued(
-    flow: OAuthFlow, scenario: Scenario, key, problem: str
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, problem: str
 ) -> None:
     code, verifier = _code(flow)
     good = proof(key, jti="fixed-jti-0001")
@@ -141,7 +141,7 @@ def test_bad_proofs_are_refused_and_nothing_is_issued(
 
 
 def test_agent_that_requires_dpop_gets_nothing_without_a_proof(
-    flow: OAuthFlow, scenario: Scenario, key
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
 ) -> None:
     agent_update(agent=scenario.agent, changes={"require_dpop": True})
     code, verifier = _code(flow)
@@ -169,7 +169,7 @@ def test_agent_that_requires_dpop_gets_nothing_without_a_proof(
 
 
 def test_action_token_collected_with_a_proof_is_bound_too(
-    flow: OAuthFlow, scenario: Scenario, key, ledger_policy: ScopePolicy, client: Client
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, ledger_policy: ScopePolicy, client: Client
 ) -> None:  # noqa: F811
     session = flow.full()["access_token"]
     ask = flow.client.post(
@@ -197,7 +197,7 @@ def test_action_token_collected_with_a_proof_is_bound_too(
 
 
 def test_registry_shows_status_and_key_thumbprints_to_resource_servers(
-    flow: OAuthFlow, scenario: Scenario, key, client: Client
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, client: Client
 ) -> None:
     url = f"/o/agents/{scenario.agent.client_id}"
     assert client.get(url).status_code == 401
@@ -223,7 +223,9 @@ def test_registry_shows_status_and_key_thumbprints_to_resource_servers(
     ]
 
 
-def test_a_dpop_bound_session_never_turns_into_a_bearer_one(flow: OAuthFlow, scenario: Scenario, key) -> None:
+def test_a_dpop_bound_session_never_turns_into_a_bearer_one(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     scenario.agent.refresh_mode = "rotating"
     scenario.agent.save()
     code, verifier = _code(flow)

@@ -14,6 +14,7 @@ import secrets
 import time
 from datetime import timedelta
 from io import StringIO
+from typing import Any
 
 import jwt
 import pytest
@@ -120,7 +121,7 @@ def _active_kid() -> str:
 
 
 @pytest.fixture
-def issued(flow: OAuthFlow):
+def issued(flow: OAuthFlow) -> dict[str, Any]:
     """A real session token (and the whole token response) from the code flow."""
     body = flow.full()
     return body
@@ -129,7 +130,7 @@ def issued(flow: OAuthFlow):
 # --- JWKS -----------------------------------------------------------------------------------------
 
 
-def test_jwks_publishes_the_active_key_and_nothing_private(client: Client, issued) -> None:
+def test_jwks_publishes_the_active_key_and_nothing_private(client: Client, issued: dict[str, Any]) -> None:
     keys = _jwks(client)
     active = SigningKey.objects.get(active=True)
     assert active.kid in keys
@@ -156,7 +157,7 @@ def test_metadata_points_at_the_jwks(client: Client, db: None) -> None:
 
 
 def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(
-    flow: OAuthFlow, client: Client, issued
+    flow: OAuthFlow, client: Client, issued: dict[str, Any]
 ) -> None:
     old_token = issued["access_token"]
     old_kid = _header(old_token)["kid"]
@@ -211,7 +212,9 @@ def test_rotation_covers_the_longest_token_lifetime_of_any_agent(
     assert old.publish_until.timestamp() >= _claims(long_lived)["exp"]
 
 
-def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(client: Client, issued) -> None:
+def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(
+    client: Client, issued: dict[str, Any]
+) -> None:
     old_kid = _header(issued["access_token"])["kid"]
     call_command("rotate_signing_key", stdout=StringIO())
     new_kid = _active_kid()
@@ -222,7 +225,9 @@ def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(client: Client,
         _verify_with_jwks(client, issued["access_token"])
 
 
-def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(flow: OAuthFlow, issued) -> None:
+def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     """verify() and introspection trust exactly the keys the JWKS publishes, in every process."""
     token = issued["access_token"]
     old_kid = _header(token)["kid"]
@@ -233,7 +238,9 @@ def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(flow: OA
     assert flow.introspect(token).json() == {"active": False}
 
 
-def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(flow: OAuthFlow, issued) -> None:
+def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     token = issued["access_token"]
     old_kid = _header(token)["kid"]
     call_command("rotate_signing_key", stdout=StringIO())
@@ -244,7 +251,9 @@ def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(flow: OAu
     assert flow.introspect(token).json() == {"active": False}
 
 
-def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(client: Client, issued) -> None:
+def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(
+    client: Client, issued: dict[str, Any]
+) -> None:
     first = _active_kid()
     call_command("rotate_signing_key", stdout=StringIO())
     second = _active_kid()
@@ -255,7 +264,9 @@ def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(client: 
     assert SigningKey.objects.filter(active=True).count() == 1
 
 
-def test_rotation_to_rs256_signs_new_tokens_with_rsa(flow: OAuthFlow, client: Client, issued) -> None:
+def test_rotation_to_rs256_signs_new_tokens_with_rsa(
+    flow: OAuthFlow, client: Client, issued: dict[str, Any]
+) -> None:
     call_command("rotate_signing_key", "--alg", "RS256", stdout=StringIO())
     refreshed = flow.token({"grant_type": "refresh_token", "refresh_token": issued["refresh_token"]}).json()
     token = refreshed["access_token"]
@@ -279,7 +290,7 @@ def test_rotation_refuses_a_symmetric_algorithm(db: None) -> None:
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
-def test_alg_none_is_refused(flow: OAuthFlow, issued, alg: str) -> None:
+def test_alg_none_is_refused(flow: OAuthFlow, issued: dict[str, Any], alg: str) -> None:
     real = issued["access_token"]
     header = {"alg": alg, "typ": SESSION_TOKEN_TYP, "kid": _header(real)["kid"]}
     forged = f"{_seg(header)}.{_seg(_claims(real))}."
@@ -305,7 +316,7 @@ def _public_key_materials(client: Client, kid: str) -> list[bytes]:
 
 @pytest.mark.parametrize("form", [0, 1, 2, 3])
 def test_hs256_signed_with_our_public_key_is_refused(
-    flow: OAuthFlow, client: Client, issued, form: int
+    flow: OAuthFlow, client: Client, issued: dict[str, Any], form: int
 ) -> None:
     real = issued["access_token"]
     kid = _header(real)["kid"]
@@ -314,7 +325,9 @@ def test_hs256_signed_with_our_public_key_is_refused(
     _refused_everywhere(flow, forged, real)
 
 
-def test_signature_by_an_attacker_key_under_our_kid_is_refused(flow: OAuthFlow, issued) -> None:
+def test_signature_by_an_attacker_key_under_our_kid_is_refused(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
     forged = jwt.encode(
@@ -327,7 +340,9 @@ def test_signature_by_an_attacker_key_under_our_kid_is_refused(flow: OAuthFlow, 
 
 
 @pytest.mark.parametrize("where", ["jku", "x5u", "jwk"])
-def test_keys_named_by_the_token_itself_are_never_used(flow: OAuthFlow, issued, where: str) -> None:
+def test_keys_named_by_the_token_itself_are_never_used(
+    flow: OAuthFlow, issued: dict[str, Any], where: str
+) -> None:
     """RFC 8725 §3.10: a token cannot bring its own key (jku/x5u URLs, embedded jwk)."""
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
@@ -344,7 +359,7 @@ def test_keys_named_by_the_token_itself_are_never_used(flow: OAuthFlow, issued, 
 @pytest.mark.parametrize(
     "kid", ["../../../etc/passwd", "' OR '1'='1", "http://127.0.0.1:1/key", "x" * 500, None]
 )
-def test_unknown_or_hostile_kid_is_refused(flow: OAuthFlow, issued, kid: str | None) -> None:
+def test_unknown_or_hostile_kid_is_refused(flow: OAuthFlow, issued: dict[str, Any], kid: str | None) -> None:
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
     headers = {"typ": SESSION_TOKEN_TYP}
@@ -357,7 +372,7 @@ def test_unknown_or_hostile_kid_is_refused(flow: OAuthFlow, issued, kid: str | N
 @pytest.mark.parametrize(
     "typ", [ACTION_TOKEN_TYP, "JWT", "jwt", "AT+JWT", "application/at+jwt", "dpop+jwt", None]
 )
-def test_session_token_with_the_wrong_typ_is_refused(flow: OAuthFlow, issued, typ) -> None:
+def test_session_token_with_the_wrong_typ_is_refused(flow: OAuthFlow, issued: dict[str, Any], typ) -> None:
     real = issued["access_token"]
     key = _active_kid()
     assert _header(real)["kid"] == key
@@ -375,12 +390,12 @@ def test_session_token_with_the_wrong_typ_is_refused(flow: OAuthFlow, issued, ty
     _refused_everywhere(flow, forged, real)
 
 
-def test_session_token_is_not_an_action_token(issued) -> None:
+def test_session_token_is_not_an_action_token(issued: dict[str, Any]) -> None:
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=ACTION_TOKEN_TYP)
 
 
-def test_action_token_is_not_a_session_token(flow: OAuthFlow, issued) -> None:
+def test_action_token_is_not_a_session_token(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     action = sign(
         {
@@ -410,14 +425,16 @@ def test_action_token_is_not_a_session_token(flow: OAuthFlow, issued) -> None:
         [ISSUER],
     ],
 )
-def test_issuer_must_match_exactly(flow: OAuthFlow, issued, iss) -> None:
+def test_issuer_must_match_exactly(flow: OAuthFlow, issued: dict[str, Any], iss) -> None:
     real = issued["access_token"]
     forged = _sign_raw({**_claims(real), "iss": iss})
     _refused_everywhere(flow, forged, real)
 
 
 @pytest.mark.parametrize("missing", ["iss", "sub", "aud", "exp", "iat", "jti"])
-def test_tokens_missing_a_required_claim_are_refused(flow: OAuthFlow, issued, missing: str) -> None:
+def test_tokens_missing_a_required_claim_are_refused(
+    flow: OAuthFlow, issued: dict[str, Any], missing: str
+) -> None:
     real = issued["access_token"]
     claims = _claims(real)
     del claims[missing]
@@ -425,7 +442,7 @@ def test_tokens_missing_a_required_claim_are_refused(flow: OAuthFlow, issued, mi
     _refused_everywhere(flow, forged, real)
 
 
-def test_expired_token_is_refused_with_only_a_small_leeway(flow: OAuthFlow, issued) -> None:
+def test_expired_token_is_refused_with_only_a_small_leeway(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     now = int(time.time())
     expired = sign({**_claims(real), "iat": now - 1000, "exp": now - 60}, typ=SESSION_TOKEN_TYP)
@@ -433,14 +450,14 @@ def test_expired_token_is_refused_with_only_a_small_leeway(flow: OAuthFlow, issu
     _refused_everywhere(flow, expired, real)
 
 
-def test_token_for_another_audience_is_refused_when_audience_is_checked(issued) -> None:
+def test_token_for_another_audience_is_refused_when_audience_is_checked(issued: dict[str, Any]) -> None:
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=SESSION_TOKEN_TYP, audience="http://ledger.test")
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=SESSION_TOKEN_TYP, audience="http://catalog.test.evil")
 
 
-def test_tampered_payload_is_refused(flow: OAuthFlow, issued) -> None:
+def test_tampered_payload_is_refused(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     h, _, s = real.split(".")
     claims = {**_claims(real), "scope": "catalog:read budget:read ledger:write"}
@@ -448,7 +465,7 @@ def test_tampered_payload_is_refused(flow: OAuthFlow, issued) -> None:
     _refused_everywhere(flow, forged, real)
 
 
-def test_rs256_header_on_an_es256_key_is_refused(flow: OAuthFlow, issued) -> None:
+def test_rs256_header_on_an_es256_key_is_refused(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     h = {**_header(real), "alg": "RS256"}
     _, p, s = real.split(".")
@@ -456,7 +473,9 @@ def test_rs256_header_on_an_es256_key_is_refused(flow: OAuthFlow, issued) -> Non
     _refused_everywhere(flow, forged, real)
 
 
-def test_control_a_properly_signed_copy_registered_the_same_way_is_active(flow: OAuthFlow, issued) -> None:
+def test_control_a_properly_signed_copy_registered_the_same_way_is_active(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     """The harness above is sound: the same re-signing and row registration, minus the defect, passes."""
     real = issued["access_token"]
     copy = _sign_raw({**_claims(real), "jti": secrets.token_urlsafe(16)})

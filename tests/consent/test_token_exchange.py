@@ -46,7 +46,7 @@ class AgentKey:
 
 
 @pytest.fixture
-def key(scenario: Scenario):
+def key(scenario: Scenario) -> AgentKey:
     k = AgentKey()
     scenario.agent.jwks = {"keys": [k.jwk]}
     scenario.agent.refresh_mode = Agent.RefreshMode.EXCHANGE
@@ -71,7 +71,7 @@ def _claims(token):
 
 
 def test_expired_session_token_is_re_minted_with_the_agents_key(
-    flow: OAuthFlow, scenario: Scenario, key
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
 ) -> None:
     body = flow.full()
     assert "refresh_token" not in body  # exchange mode: no refresh token exists
@@ -90,7 +90,7 @@ def test_expired_session_token_is_re_minted_with_the_agents_key(
     assert AuditEvent.objects.filter(event="token.exchanged").count() == 1
 
 
-def test_exchange_narrows_but_never_widens(flow: OAuthFlow, scenario: Scenario, key) -> None:
+def test_exchange_narrows_but_never_widens(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     narrowed = _exchange(flow.client, key.assertion(scenario.agent.client_id), old, scope="catalog:read")
     assert narrowed.json()["scope"] == "catalog:read"
@@ -112,7 +112,7 @@ def test_exchange_narrows_but_never_widens(flow: OAuthFlow, scenario: Scenario, 
 
 @pytest.mark.parametrize("problem", ["wrong_key", "wrong_aud", "long_exp", "replayed_jti", "other_client"])
 def test_bad_client_assertions_are_invalid_client(
-    flow: OAuthFlow, scenario: Scenario, key, problem: str
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, problem: str
 ) -> None:
     old = flow.full()["access_token"]
     cid = scenario.agent.client_id
@@ -135,13 +135,13 @@ def test_bad_client_assertions_are_invalid_client(
     assert AuditEvent.objects.filter(event="token.refused", error="invalid_client").count() == 1
 
 
-def test_client_secret_is_not_enough_to_exchange(flow: OAuthFlow, scenario: Scenario, key) -> None:
+def test_client_secret_is_not_enough_to_exchange(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     response = flow.token({"grant_type": EXCHANGE, "subject_token": old, "subject_token_type": ACCESS})
     assert response.status_code == 400 and response.json()["error"] == "unauthorized_client"
 
 
-def test_subject_token_refusals(flow: OAuthFlow, scenario: Scenario, key) -> None:
+def test_subject_token_refusals(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     cid = scenario.agent.client_id
     forged = jwt.encode(
@@ -171,7 +171,7 @@ def test_subject_token_refusals(flow: OAuthFlow, scenario: Scenario, key) -> Non
 
 
 def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(
-    flow: OAuthFlow, scenario: Scenario, key
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
 ) -> None:
     sub, _ = agent_create(
         name="Catalog Helper", publisher="Acme", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
@@ -224,7 +224,9 @@ def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(
     assert unregistered.json()["error"] == "invalid_grant"
 
 
-def test_private_key_jwt_works_at_the_code_exchange_too(flow: OAuthFlow, scenario: Scenario, key) -> None:
+def test_private_key_jwt_works_at_the_code_exchange_too(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     from tests.conftest import pkce_pair
 
     flow.login()
@@ -249,7 +251,7 @@ def test_private_key_jwt_works_at_the_code_exchange_too(flow: OAuthFlow, scenari
 
 @pytest.mark.parametrize("mode", ["rotating", "none"])
 def test_re_mint_by_exchange_is_only_for_exchange_mode_agents(
-    flow: OAuthFlow, scenario: Scenario, key, mode: str
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, mode: str
 ) -> None:
     scenario.agent.refresh_mode = mode
     scenario.agent.save()

@@ -15,7 +15,7 @@ from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
 pytestmark = pytest.mark.django_db
 
 
-def _use(token, **overrides):
+def _use(token: str, **overrides):
     claims = jwt.decode(token, options={"verify_signature": False})
     return {
         "id": secrets.token_urlsafe(12),
@@ -38,14 +38,15 @@ def _report(client: Client, uses, *, auth, body=None):
 
 
 @pytest.fixture
-def token(flow: OAuthFlow):
+def token(flow: OAuthFlow) -> str:
     body = flow.full()
     flow.client.logout()
-    return body["access_token"]
+    access_token: str = body["access_token"]
+    return access_token
 
 
 def test_a_reported_use_is_stored_against_the_grant_and_audited(
-    flow: OAuthFlow, scenario: Scenario, token
+    flow: OAuthFlow, scenario: Scenario, token: str
 ) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     response = _report(flow.client, [_use(token), _use(token, operation="read item 42")], auth=catalog)
@@ -66,7 +67,7 @@ def test_a_reported_use_is_stored_against_the_grant_and_audited(
 
 
 def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(
-    flow: OAuthFlow, scenario: Scenario, token
+    flow: OAuthFlow, scenario: Scenario, token: str
 ) -> None:
     ledger = (scenario.ledger_client_id, scenario.ledger_secret)
     seq = AuditEvent.objects.count()
@@ -77,14 +78,14 @@ def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(
     assert AuditEvent.objects.filter(event="usage.refused").count() == 2 == AuditEvent.objects.count() - seq
 
 
-def test_a_batch_with_one_forged_use_changes_nothing(flow: OAuthFlow, scenario: Scenario, token) -> None:
+def test_a_batch_with_one_forged_use_changes_nothing(flow: OAuthFlow, scenario: Scenario, token: str) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     response = _report(flow.client, [_use(token), _use(token, jti="forged-jti")], auth=catalog)
     assert response.status_code == 400 and response.json()["error"] == "invalid_target"
     assert GrantUse.objects.count() == 0
 
 
-def test_a_replayed_report_counts_once(flow: OAuthFlow, scenario: Scenario, token) -> None:
+def test_a_replayed_report_counts_once(flow: OAuthFlow, scenario: Scenario, token: str) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     use = _use(token)
     assert _report(flow.client, [use], auth=catalog).json() == {"accepted": 1, "duplicates": 0}
@@ -126,7 +127,7 @@ def test_a_replayed_report_counts_once(flow: OAuthFlow, scenario: Scenario, toke
     ],
 )
 def test_malformed_reports_are_invalid_request_and_audited(
-    flow: OAuthFlow, scenario: Scenario, token, body
+    flow: OAuthFlow, scenario: Scenario, token: str, body
 ) -> None:
     response = _report(flow.client, None, auth=(scenario.rs_client_id, scenario.rs_secret), body=body)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
@@ -135,7 +136,7 @@ def test_malformed_reports_are_invalid_request_and_audited(
 
 
 def test_without_resource_server_credentials_is_invalid_client(
-    flow: OAuthFlow, scenario: Scenario, token
+    flow: OAuthFlow, scenario: Scenario, token: str
 ) -> None:
     response = _report(flow.client, [_use(token)], auth=(scenario.agent.client_id, scenario.agent_secret))
     assert response.status_code == 401 and response.json()["error"] == "invalid_client"

@@ -18,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -145,7 +147,7 @@ class Systems:
 
 
 @pytest.fixture
-def systems(live: LiveStack, demo_config: tuple[dict, Path], tmp_path: Path):
+def systems(live: LiveStack, demo_config: tuple[dict[str, Any], Path], tmp_path: Path) -> Iterator[Systems]:
     """The five systems as one real subprocess (uvicorn, five sockets), on the config's ports."""
     config, path = demo_config
     log, data_dir = tmp_path / "systems.log", tmp_path / "data"
@@ -216,7 +218,7 @@ def test_procurement_demo_runs_end_to_end(
     live: LiveStack,
     live_context,  # noqa: F811
     demo_config: tuple[dict, Path],
-    systems,
+    systems: Systems,
 ) -> None:
     config, _ = demo_config
     page = live_context.new_page()
@@ -351,7 +353,7 @@ def test_procurement_demo_runs_end_to_end(
 
 
 def test_systems_hold_dpop_bound_tokens_to_their_key(
-    live: LiveStack, demo_config: tuple[dict, Path], systems, client: Client
+    live: LiveStack, demo_config: tuple[dict, Path], systems: Systems, client: Client
 ) -> None:
     """Sender-constrained tokens (RFC 9449) through the same systems: the session token and the
     action token are bound to the agent's registered key; a proof for another request, a replayed

@@ -57,7 +57,7 @@ def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(
 
 
 @pytest.fixture
-def fresh_auth_approval(scenario: Scenario, ledger_policy: ScopePolicy):
+def fresh_auth_approval(scenario: Scenario, ledger_policy: ScopePolicy) -> ApprovalRequest:
     ScopePolicy.objects.filter(pk=ledger_policy.pk).update(fresh_auth_seconds=60)
     approval, _ = request_approval(session_grant(scenario))
     return approval
@@ -73,7 +73,7 @@ def _stale_session(http, user) -> None:
 
 
 def test_fresh_authentication_is_attempt_limited(
-    limited: LiveStack, scenario: Scenario, fresh_auth_approval
+    limited: LiveStack, scenario: Scenario, fresh_auth_approval: ApprovalRequest
 ) -> None:
     limit = ATTEMPT_LIMITS["fresh_auth"]["account"]
     path = f"/approvals/{fresh_auth_approval.pk}/confirm/"
