@@ -5,13 +5,14 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
+from django.http import HttpResponse
 from django.test import Client
 from pytest_django import DjangoDbBlocker
 
@@ -22,10 +23,12 @@ from consent.tokens import forget_audiences
 from tests.live import live, live_stack  # noqa: F401  (fixtures: the real server and worker)
 
 if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
+
     # What the test client returns: an HttpResponse with .json(), .context and the rest attached.
-    from django.test.client import _MonkeyPatchedWSGIResponse as ClientResponse
+    ClientResponse: TypeAlias = _MonkeyPatchedWSGIResponse
 else:
-    from django.http import HttpResponse as ClientResponse
+    ClientResponse = HttpResponse
 
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 PASSWORD = "correct horse battery staple"
