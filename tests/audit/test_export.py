@@ -172,7 +172,7 @@ def reader(db: None) -> str:
     return audit_reader_create(name="siem", actor="cli")[1]
 
 
-def _pull(client: Client, token: str, **params: str) -> ClientResponse:
+def _pull(client: Client, token: str, **params: str | int) -> ClientResponse:
     return client.get("/audit/events/", params, HTTP_AUTHORIZATION=f"Bearer {token}")
 
 

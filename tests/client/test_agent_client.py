@@ -11,15 +11,17 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.contrib.auth.models import User
 from django.db import connection
-from django.test import Client
 from jwt.algorithms import ECAlgorithm
 
 from approvals.models import ApprovalRequest
@@ -27,6 +29,7 @@ from audit.models import AuditEvent
 from consent.models import Agent, ScopePolicy
 from consent.services import grant_revoke
 from countersign import (
+    ActionToken,
     AgentClient,
     ApprovalDenied,
     ApprovalTimeout,
@@ -34,6 +37,7 @@ from countersign import (
     DPoPKey,
     GrantRevoked,
     SessionEnded,
+    TokenSet,
     TokenVerifier,
 )
 from countersign.dpop import ReplayCache, verify_proof
@@ -48,31 +52,37 @@ SCOPES = ["catalog:read", "budget:read", "ledger:write"]
 class AgentKey:
     """A registered ES256 key for private_key_jwt (as in tests/consent/test_token_exchange.py)."""
 
-    def __init__(self, kid="k1") -> None:
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
 
-def _consent_in_thread(live: LiveStack, user, url, state) -> str:
+def _consent_in_thread(live: LiveStack, user: User, url: str, state: str) -> str:
     try:
         return consent_over_http(live, user, url, state)
     finally:
         connection.close()  # this worker thread's own connection
 
 
-def _client(live: LiveStack, scenario: Scenario, **kwargs) -> AgentClient:
+def _client(live: LiveStack, scenario: Scenario, **kwargs: Any) -> AgentClient:
     kwargs.setdefault("client_secret", scenario.agent_secret)
     return AgentClient(live.url, scenario.agent.client_id, redirect_uri=REDIRECT_URI, **kwargs)
 
 
-def _connect(live: LiveStack, scenario: Scenario, client: Client) -> None:
+def _connect(live: LiveStack, scenario: Scenario, client: AgentClient) -> None:
     url, state, verifier = client.authorization_url(SCOPES)
     client.exchange_code(consent_over_http(live, scenario.user, url, state), verifier)
 
 
+def _tokens(client: AgentClient) -> TokenSet:
+    """The tokens of a connected client."""
+    assert client.tokens is not None
+    return client.tokens
+
+
 @pytest.fixture
-def agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> AgentClient:  # noqa: F811
+def agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> Iterator[AgentClient]:  # noqa: F811
     client = _client(live, scenario)
     _connect(live, scenario, client)
     yield client
@@ -131,7 +141,7 @@ def test_a_code_is_good_once(live: LiveStack, scenario: Scenario, ledger_policy:
 SHORT_TTL, DUE_AFTER = 32, 2.2  # with the client's 30 s margin, a 32 s token is due for re-minting after 2 s
 
 
-def _short_ttl(scenario: Scenario, seconds=SHORT_TTL) -> None:
+def _short_ttl(scenario: Scenario, seconds: int = SHORT_TTL) -> None:
     # 30 s is the shortest access-token TTL an admin may set.
     Agent.objects.filter(pk=scenario.agent.pk).update(access_token_ttl=seconds)
 
@@ -142,11 +152,11 @@ def test_rotating_mode_re_mints_with_the_refresh_token(
     _short_ttl(scenario)
     client = _client(live, scenario)
     _connect(live, scenario, client)
-    first, first_refresh = client.tokens.access_token, client.tokens.refresh_token
+    first, first_refresh = _tokens(client).access_token, _tokens(client).refresh_token
     assert client.access_token == first  # still fresh
     time.sleep(DUE_AFTER)
     second = client.access_token
-    assert second != first and client.tokens.refresh_token not in (None, first_refresh)  # rotated
+    assert second != first and _tokens(client).refresh_token not in (None, first_refresh)  # rotated
     assert catalog.verify_session(second).grant_id == catalog.verify_session(first).grant_id
     assert AuditEvent.objects.filter(event="token.refreshed").count() == 1
 
@@ -183,8 +193,8 @@ def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(
         live.url, scenario.agent.client_id, private_key=key.private, key_id=key.kid, redirect_uri=REDIRECT_URI
     )  # no secret at all: private_key_jwt everywhere
     _connect(live, scenario, client)
-    assert client.tokens.refresh_token is None  # exchange mode: no refresh token exists
-    first = client.tokens.access_token
+    assert _tokens(client).refresh_token is None  # exchange mode: no refresh token exists
+    first = _tokens(client).access_token
     time.sleep(DUE_AFTER)
     second = client.access_token
     assert second != first
@@ -279,13 +289,15 @@ class _PingReceiver(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        client = type(self).client
+        assert client is not None
         type(self).results.append(
-            type(self).client.on_ping(body["auth_req_id"], authorization=self.headers.get("Authorization"))
+            client.on_ping(body["auth_req_id"], authorization=self.headers.get("Authorization"))
         )
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args) -> None:
+    def log_message(self, *args: Any) -> None:
         pass
 
 
@@ -328,7 +340,7 @@ def test_async_client_end_to_end(
 ) -> None:  # noqa: F811
     _short_ttl(scenario)
 
-    async def run():
+    async def run() -> tuple[str, str, ActionToken]:
         async with AsyncAgentClient(
             live.url, scenario.agent.client_id, client_secret=scenario.agent_secret, redirect_uri=REDIRECT_URI
         ) as client:
@@ -377,7 +389,7 @@ def test_dpop_session_with_server_nonce_and_refresh(
     )
     client = _client(live, scenario, dpop_key=key)
     _connect(live, scenario, client)  # first proof has no nonce: use_dpop_nonce, then a retry
-    assert client.dpop_nonce and client.tokens.token_type == "DPoP"
+    assert client.dpop_nonce and _tokens(client).token_type == "DPoP"
     time.sleep(DUE_AFTER)
     refreshed = client.get_access_token()
     assert jwt.decode(refreshed, options={"verify_signature": False})["cnf"] == {"jkt": key.jkt}
@@ -401,7 +413,7 @@ class FakeServer:
 
     issuer = "https://as.example"
 
-    def __init__(self, polls) -> None:
+    def __init__(self, polls: Iterable[tuple[int, dict[str, Any], dict[str, str]]]) -> None:
         self.polls = list(polls)
         self.requests: list[httpx.Request] = []
         self.asked = 0
@@ -438,7 +450,7 @@ class FakeServer:
         return httpx.Response(status, json=body, headers=headers)
 
 
-def _fake_client(server, *, session_token: str = "old", **kwargs) -> AgentClient:
+def _fake_client(server: FakeServer, *, session_token: str = "old", **kwargs: Any) -> AgentClient:
     client = AgentClient(
         server.issuer,
         "agent-1",
@@ -517,7 +529,9 @@ def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch: pytest.Mo
     client = _fake_client(server)
     monkeypatch.setattr(client, "_wait", lambda step: None)
     assert client.request_approval("ledger:write", [LEDGER_ENTRY]).token == "act"
-    assert server.asked == 2 and client.tokens.access_token == "new" and client.tokens.refresh_token == "r2"
+    assert (
+        server.asked == 2 and _tokens(client).access_token == "new" and _tokens(client).refresh_token == "r2"
+    )
 
 
 def test_dpop_nonce_retry_sends_a_fresh_proof_with_the_nonce(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,10 @@ must change nothing, and must leave exactly one audit row with outcome
 chain head before the bad request, and checks both afterwards.
 """
 
+from collections.abc import Callable
+from datetime import timedelta
+from types import ModuleType
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
@@ -17,7 +21,7 @@ from audit.models import AuditEvent
 from consent.grants import authorization_code, refresh
 from consent.models import AccessToken, Agent, AuthorizationCode, RefreshToken, SessionGrant
 from consent.services import agent_create, agent_update, scope_set
-from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -69,11 +73,11 @@ class Watch:
         assert now == expected
 
 
-def _location_params(response) -> dict[str, list[str]]:
+def _location_params(response: ClientResponse) -> dict[str, list[str]]:
     return parse_qs(urlparse(response["Location"]).query)
 
 
-def _assert_error_redirect(response, error: str) -> None:
+def _assert_error_redirect(response: ClientResponse, error: str) -> None:
     """A redirect back to the agent's registered redirect URI with ``error`` and the state."""
     assert response.status_code == 302, response.content[:300]
     location = response["Location"]
@@ -84,7 +88,7 @@ def _assert_error_redirect(response, error: str) -> None:
     assert "code" not in params
 
 
-def _assert_error_page(response, status: int = 400) -> None:
+def _assert_error_page(response: ClientResponse, status: int = 400) -> None:
     """A fatal error: an HTML page, never a redirect anywhere."""
     assert response.status_code == status, response.status_code
     assert not response.has_header("Location")
@@ -96,7 +100,7 @@ def _assert_error_page(response, status: int = 400) -> None:
 REASON_OF = {"invalid_client": "client_authentication_failed"}
 
 
-def _json_error(response, status: int, error: str, reason: str = "") -> None:
+def _json_error(response: ClientResponse, status: int, error: str, reason: str = "") -> None:
     assert response.status_code == status, (response.status_code, response.content[:300])
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
@@ -105,7 +109,7 @@ def _json_error(response, status: int, error: str, reason: str = "") -> None:
     assert "no-store" in response.get("Cache-Control", "")
 
 
-def _code(flow: OAuthFlow, *, scope="catalog:read budget:read ledger:write") -> tuple[str, str]:
+def _code(flow: OAuthFlow, *, scope: str = "catalog:read budget:read ledger:write") -> tuple[str, str]:
     """Log in, consent, return (code, verifier)."""
     flow.login()
     verifier, challenge = pkce_pair()
@@ -113,7 +117,7 @@ def _code(flow: OAuthFlow, *, scope="catalog:read budget:read ledger:write") -> 
     return code, verifier
 
 
-def _exchange(flow: OAuthFlow, code, verifier, **kw):
+def _exchange(flow: OAuthFlow, code: str, verifier: str, **kw: Any) -> ClientResponse:
     return flow.token(
         {
             "grant_type": "authorization_code",
@@ -125,7 +129,9 @@ def _exchange(flow: OAuthFlow, code, verifier, **kw):
     )
 
 
-def _revoke(client: Client, token, client_id, secret, hint=None):
+def _revoke(
+    client: Client, token: str, client_id: str, secret: str, hint: str | None = None
+) -> ClientResponse:
     data = {"token": token}
     if hint:
         data["token_type_hint"] = hint
@@ -445,7 +451,7 @@ def test_expired_code_is_invalid_grant(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     from django.utils import timezone
 
-    AuthorizationCode.objects.update(expires=timezone.now() - timezone.timedelta(seconds=1))
+    AuthorizationCode.objects.update(expires=timezone.now() - timedelta(seconds=1))
     w = Watch()
     response = _exchange(flow, code, verifier)
     _json_error(response, 400, "invalid_grant", reason="code_expired")
@@ -883,7 +889,7 @@ def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(fl
     from django.utils import timezone
 
     body = flow.full()
-    SessionGrant.objects.update(expires_at=timezone.now() - timezone.timedelta(seconds=1))
+    SessionGrant.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     assert flow.introspect(body["access_token"]).json() == {"active": False}
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -895,7 +901,11 @@ def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(fl
 # --- faults: two requests racing with the same single-use credential ------------------------------
 
 
-def _race(monkeypatch: pytest.MonkeyPatch, grant_module, requests: list):
+def _race(
+    monkeypatch: pytest.MonkeyPatch,
+    grant_module: ModuleType,
+    requests: list[Callable[[Client], ClientResponse]],
+) -> list[ClientResponse]:
     """Run ``requests`` (callables taking a Client) in threads, all held just before the grant's
     locking read of its credential row until every one of them has got that far, so they really
     overlap."""
@@ -907,7 +917,7 @@ def _race(monkeypatch: pytest.MonkeyPatch, grant_module, requests: list):
     original = grant_module._read
     reached: list[int] = []
 
-    def held(*args, **kwargs):
+    def held(*args: Any, **kwargs: Any) -> Any:
         reached.append(1)
         try:
             barrier.wait()
@@ -916,9 +926,9 @@ def _race(monkeypatch: pytest.MonkeyPatch, grant_module, requests: list):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(grant_module, "_read", held)
-    results: list = [None] * len(requests)
+    results: list[ClientResponse | None] = [None] * len(requests)
 
-    def run(i, fn) -> None:
+    def run(i: int, fn: Callable[[Client], ClientResponse]) -> None:
         try:
             results[i] = fn(Client())
         finally:
@@ -931,10 +941,12 @@ def _race(monkeypatch: pytest.MonkeyPatch, grant_module, requests: list):
         t.join(60)
     monkeypatch.setattr(grant_module, "_read", original)
     assert len(reached) == len(requests)  # every request really got to the locking read
-    return results
+    answered = [r for r in results if r is not None]
+    assert len(answered) == len(requests)  # and every one of them was answered
+    return answered
 
 
-def _post_token(client: Client, data, scenario: Scenario):
+def _post_token(client: Client, data: dict[str, str], scenario: Scenario) -> ClientResponse:
     return client.post(
         "/o/token/",
         urlencode(data),

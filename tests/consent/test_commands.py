@@ -3,6 +3,7 @@
 import json
 from io import StringIO
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
@@ -17,17 +18,18 @@ from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
 pytestmark = pytest.mark.django_db
 
 
-def _run(*args) -> str:
+def _run(*args: str) -> str:
     out = StringIO()
     call_command(*args, stdout=out, stderr=StringIO())
     return out.getvalue()
 
 
-def _run_json(*args) -> dict:
-    return json.loads(_run(*args, "--json"))
+def _run_json(*args: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(_run(*args, "--json"))
+    return out
 
 
-def _refused(*args) -> None:
+def _refused(*args: str) -> None:
     with pytest.raises(CommandError):
         call_command(*args, stdout=StringIO(), stderr=StringIO())
 
@@ -60,8 +62,15 @@ def _rs_authenticates(client_id: str, secret: str) -> bool:
 
 
 def _session_token(
-    *, username, password, client_id, secret, scope, redirect_uri=REDIRECT_URI, lifetime=3600
-) -> dict:
+    *,
+    username: str,
+    password: str,
+    client_id: str,
+    secret: str,
+    scope: str,
+    redirect_uri: str = REDIRECT_URI,
+    lifetime: int = 3600,
+) -> dict[str, Any]:
     """The whole code flow for any user and agent; returns the token response JSON."""
     browser = Client()
     assert browser.login(username=username, password=password)
@@ -96,10 +105,11 @@ def _session_token(
         HTTP_AUTHORIZATION=basic(client_id, secret),
     )
     assert response.status_code == 200, response.content
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def _introspect(token, client_id, secret) -> dict:
+def _introspect(token: str, client_id: str, secret: str) -> dict[str, Any]:
     response = Client().post(
         "/o/introspect/",
         urlencode({"token": token}),
@@ -107,10 +117,11 @@ def _introspect(token, client_id, secret) -> dict:
         HTTP_AUTHORIZATION=basic(client_id, secret),
     )
     assert response.status_code == 200
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     import jwt
 
     return jwt.decode(token, options={"verify_signature": False})
@@ -173,7 +184,7 @@ def test_scope_set_creates_and_changes_a_policy(db: None) -> None:
         ["--sensitivity", "step_up", "--approval-window", "-600"],
     ],
 )
-def test_scope_set_refuses_bad_values_and_keeps_the_policy(db: None, args) -> None:
+def test_scope_set_refuses_bad_values_and_keeps_the_policy(db: None, args: list[str]) -> None:
     _run("scope_set", "ledger:write", "--audience", "http://ledger.test", "--sensitivity", "step_up")
     before = ScopePolicy.objects.values().get(name="ledger:write")
     _refused("scope_set", "ledger:write", "--audience", "http://other.test", *args)
@@ -309,7 +320,7 @@ def test_agent_create_with_a_jwks_file(scenario: Scenario, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"kty": "EC"}), json.dumps([1, 2])])
 def test_agent_create_refuses_a_bad_jwks_file_and_registers_nothing(
-    scenario: Scenario, tmp_path: Path, content
+    scenario: Scenario, tmp_path: Path, content: str
 ) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(content)
@@ -358,7 +369,9 @@ def test_agent_create_refuses_a_missing_jwks_file(scenario: Scenario, tmp_path: 
         ["--scopes", "catalog:read", "--refresh-mode", "forever"],
     ],
 )
-def test_agent_create_refuses_bad_settings_and_registers_nothing(scenario: Scenario, extra) -> None:
+def test_agent_create_refuses_bad_settings_and_registers_nothing(
+    scenario: Scenario, extra: list[str]
+) -> None:
     before = Agent.objects.count()
     _refused("agent_create", "--name", "Bad", "--publisher", "P", "--redirect-uri", REDIRECT_URI, *extra)
     assert Agent.objects.count() == before
@@ -452,7 +465,7 @@ def test_reactivating_an_agent_does_not_resurrect_old_tokens(flow: OAuthFlow, sc
         [],
     ],
 )
-def test_agent_update_refuses_bad_changes_and_keeps_the_agent(scenario: Scenario, args) -> None:
+def test_agent_update_refuses_bad_changes_and_keeps_the_agent(scenario: Scenario, args: list[str]) -> None:
     before = Agent.objects.values().get(pk=scenario.agent.pk)
     _refused("agent_update", scenario.agent.client_id, *args)
     assert Agent.objects.values().get(pk=scenario.agent.pk) == before

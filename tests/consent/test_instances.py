@@ -3,6 +3,8 @@
 
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
@@ -18,20 +20,22 @@ from consent.models import Agent, AgentInstance, SessionGrant
 from countersign.dpop import DPoPKey
 from countersign.instance import ATTESTATION_TYP, POP_TYP, issue_attestation
 from countersign.instance import AgentInstance as SdkInstance
-from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
 ISSUER = "http://127.0.0.1:8000"
 
 
-def headers(inst: SdkInstance, *, attestation: str | None = None, pop: str | None = None) -> dict[str, str]:
+def headers(inst: SdkInstance, *, attestation: str | None = None, pop: str | None = None) -> dict[str, Any]:
     return {
         "HTTP_OAUTH_CLIENT_ATTESTATION": attestation if attestation is not None else inst.attestation(),
         "HTTP_OAUTH_CLIENT_ATTESTATION_POP": pop if pop is not None else inst.pop(ISSUER),
     }
 
 
-def post_token(client: Client, data: dict, inst: SdkInstance | None = None, **extra):
+def post_token(
+    client: Client, data: dict[str, str], inst: SdkInstance | None = None, **extra: Any
+) -> ClientResponse:
     sent = {
         **(headers(inst) if inst is not None and "HTTP_OAUTH_CLIENT_ATTESTATION" not in extra else {}),
         **extra,
@@ -39,7 +43,7 @@ def post_token(client: Client, data: dict, inst: SdkInstance | None = None, **ex
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded", **sent)
 
 
-def join(client: Client, inst: SdkInstance, subject: str, **extra):
+def join(client: Client, inst: SdkInstance, subject: str, **extra: Any) -> ClientResponse:
     """The instance takes the agent's token into a token of its own (RFC 8693 §2.1)."""
     return post_token(
         client,
@@ -49,7 +53,7 @@ def join(client: Client, inst: SdkInstance, subject: str, **extra):
     )
 
 
-def claims(token: str) -> dict:
+def claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
@@ -75,7 +79,7 @@ def two(scenario: Scenario, agent_key: AgentKey) -> tuple[SdkInstance, SdkInstan
 @pytest.fixture
 def agents_token(flow: OAuthFlow) -> str:
     """The agent's own session token (the agent as one, client secret), the user signed out again."""
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
@@ -211,7 +215,7 @@ def test_cut_off_is_guarded_and_only_for_the_owner(
     assert AuditEvent.objects.filter(event="agent_instance.cut_off").count() == 1
 
 
-def _forged(scenario: Scenario, agent_key: AgentKey, inst: SdkInstance, **overrides) -> str:
+def _forged(scenario: Scenario, agent_key: AgentKey, inst: SdkInstance, **overrides: Any) -> str:
     now = int(time.time())
     body = {
         "iss": scenario.agent.client_id,
@@ -230,7 +234,7 @@ def _forged(scenario: Scenario, agent_key: AgentKey, inst: SdkInstance, **overri
     )
 
 
-def _pop(inst: SdkInstance, key=None, **overrides) -> str:
+def _pop(inst: SdkInstance, key: DPoPKey | None = None, **overrides: Any) -> str:
     body = {
         "iss": inst.client_id,
         "aud": ISSUER,
@@ -241,7 +245,7 @@ def _pop(inst: SdkInstance, key=None, **overrides) -> str:
     return jwt.encode(body, (key or inst.key).private_key, algorithm="ES256", headers={"typ": POP_TYP})
 
 
-BAD = {
+BAD: dict[str, Callable[[Scenario, AgentKey, SdkInstance], dict[str, str]]] = {
     "wrong signer": lambda s, k, i: dict(
         attestation=issue_attestation(
             client_id=s.agent.client_id,
@@ -264,7 +268,7 @@ BAD = {
                 "cnf": {"jwk": i.key.jwk},
                 "instance": i.instance,
             },
-            None,
+            None,  # type: ignore[arg-type]  # alg none signs with no key
             algorithm="none",
             headers={"typ": ATTESTATION_TYP},
         )
@@ -284,7 +288,7 @@ def test_bad_attestations_are_invalid_client_and_audited(
     agent_key: AgentKey,
     two: tuple[SdkInstance, SdkInstance],
     agents_token: str,
-    problem,
+    problem: str,
 ) -> None:
     a, _ = two
     response = join(client, a, agents_token, **headers(a, **BAD[problem](scenario, agent_key, a)))
@@ -411,7 +415,7 @@ def test_the_cut_off_form_needs_csrf_and_the_owner(
 
 
 def test_an_admin_cuts_off_an_instance_through_the_service(
-    admin_client, two: tuple[SdkInstance, SdkInstance], agents_token: str, client: Client
+    admin_client: Client, two: tuple[SdkInstance, SdkInstance], agents_token: str, client: Client
 ) -> None:
     a, _ = two
     join(client, a, agents_token)

@@ -14,9 +14,11 @@ action token the ledger has not redeemed yet.
 import json
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -33,7 +35,7 @@ from consent.services import agent_create
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.conftest import Agent as CibaAgent
 from tests.approvals.support import install_outbox
-from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic
 from tests.live import LiveStack
 
 CIBA = "urn:openid:params:grant-type:ciba"
@@ -41,6 +43,7 @@ SECOND_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0143", "amount": "99.
 THIRD_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0144", "amount": "1.00"}
 APPROVED_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0145", "amount": "12.50"}
 Status = ApprovalRequest.Status
+T = TypeVar("T")
 
 
 # --- the armed state --------------------------------------------------------------------------------
@@ -48,8 +51,8 @@ Status = ApprovalRequest.Status
 
 @dataclass
 class Armed:
-    flow: object
-    scenario: object
+    flow: OAuthFlow
+    scenario: Scenario
     ciba: CibaAgent
     officer: Client
     grant: SessionGrant
@@ -65,10 +68,11 @@ class Armed:
     approved_auth_req_id: str
 
 
-def _ask(ciba: CibaAgent, details: dict) -> str:
+def _ask(ciba: CibaAgent, details: Mapping[str, Any]) -> str:
     response = ciba.ask(details)
     assert response.status_code == 200, response.content
-    return response.json()["auth_req_id"]
+    auth_req_id: str = response.json()["auth_req_id"]
+    return auth_req_id
 
 
 @pytest.fixture
@@ -143,20 +147,20 @@ class _FormValues(HTMLParser):
     def __init__(self, form_id: str) -> None:
         super().__init__()
         self.form_id, self.inside = form_id, False
-        self.values: list[tuple[str, str]] = []
+        self.values: list[tuple[str, str | None]] = []  # None: an attribute without a value
         self._select: str | None = None
         self._textarea: str | None = None
         self._text: list[str] = []
 
-    def handle_starttag(self, tag, attrs) -> None:
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         if tag == "form" and a.get("id") == self.form_id:
             self.inside = True
-        if not self.inside or not a.get("name"):
+        name = a.get("name")
+        if not self.inside or not name:
             if tag == "option" and self.inside and self._select and "selected" in a:
                 self.values.append((self._select, a.get("value", "")))
             return
-        name = a["name"]
         if tag == "input":
             kind = a.get("type", "text")
             if kind in ("checkbox", "radio"):
@@ -169,11 +173,11 @@ class _FormValues(HTMLParser):
         elif tag == "textarea":
             self._textarea, self._text = name, []
 
-    def handle_data(self, data) -> None:
+    def handle_data(self, data: str) -> None:
         if self._textarea is not None:
             self._text.append(data)
 
-    def handle_endtag(self, tag) -> None:
+    def handle_endtag(self, tag: str) -> None:
         if tag == "form" and self.inside:
             self.inside = False
         elif tag == "select":
@@ -183,12 +187,12 @@ class _FormValues(HTMLParser):
             self._textarea = None
 
 
-def _change_form(client: Client, url: str, form_id: str) -> dict[str, list[str]]:
+def _change_form(client: Client, url: str, form_id: str) -> dict[str, list[str | None]]:
     page = client.get(url)
     assert page.status_code == 200, page.status_code
     parser = _FormValues(form_id)
     parser.feed(page.content.decode())
-    data: dict[str, list[str]] = {}
+    data: dict[str, list[str | None]] = {}
     for name, value in parser.values:
         data.setdefault(name, []).append(value)
     assert "status" in data and "csrfmiddlewaretoken" in data, sorted(data)
@@ -257,7 +261,7 @@ def refresh_token_reuse(a: Armed) -> None:
 
 @dataclass(frozen=True)
 class Path:
-    revoke: object
+    revoke: Callable[[Armed], None]
     reason: str
     suspends: bool = False
 
@@ -274,7 +278,7 @@ PATHS = {
 }
 
 
-def _error(response, status: int, error: str) -> None:
+def _error(response: ClientResponse, status: int, error: str) -> None:
     assert response.status_code == status, (response.status_code, response.content)
     assert response.json()["error"] == error, response.content
 
@@ -283,7 +287,7 @@ def _error(response, status: int, error: str) -> None:
 @pytest.mark.parametrize("name", list(PATHS))
 def test_every_revocation_path_ends_everything_at_once(
     armed: Armed,
-    name,
+    name: str,
     monkeypatch: pytest.MonkeyPatch,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
@@ -420,7 +424,7 @@ def test_rfc7009_still_works_once_the_agent_is_required_to_use_dpop(armed: Armed
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list = []
+    calls: list[dict[str, Any]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -428,11 +432,11 @@ class _Recorder(BaseHTTPRequestHandler):
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args) -> None:
+    def log_message(self, *args: Any) -> None:
         pass
 
 
-def _wait_for(check, what: str, stack, timeout: float = 15.0):
+def _wait_for(check: Callable[[], T | None], what: str, stack: LiveStack, timeout: float = 15.0) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()

@@ -3,6 +3,7 @@
 import json
 import secrets
 import time
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
@@ -15,7 +16,7 @@ from jwt.algorithms import ECAlgorithm
 from audit.models import AuditEvent
 from consent.models import AccessToken, Agent, SessionGrant
 from consent.services import agent_create, grant_revoke
-from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -26,12 +27,12 @@ JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
 
 class AgentKey:
-    def __init__(self, kid="k1") -> None:
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
-    def assertion(self, client_id, **overrides):
+    def assertion(self, client_id: str, **overrides: Any) -> str:
         now = int(time.time())
         claims = {
             "iss": client_id,
@@ -54,7 +55,7 @@ def key(scenario: Scenario) -> AgentKey:
     return k
 
 
-def _exchange(client: Client, assertion, subject, **extra):
+def _exchange(client: Client, assertion: str, subject: str, **extra: str) -> ClientResponse:
     data = {
         "grant_type": EXCHANGE,
         "subject_token": subject,
@@ -66,8 +67,9 @@ def _exchange(client: Client, assertion, subject, **extra):
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded")
 
 
-def _claims(token):
-    return jwt.decode(token, options={"verify_signature": False})
+def _claims(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
 
 
 def test_expired_session_token_is_re_minted_with_the_agents_key(

@@ -10,6 +10,8 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 from urllib.parse import urlencode
 
 import jwt
@@ -22,7 +24,7 @@ from consent.conf import countersign_settings
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_update
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +43,7 @@ _PARAM = re.compile(
 def challenge(header: str) -> tuple[str, dict[str, str]]:
     """Split one challenge into its scheme and auth-params."""
     scheme, _, rest = header.strip().partition(" ")
-    params = {}
+    params: dict[str, str] = {}
     for m in _PARAM.finditer(rest):
         value = m.group(2) if m.group(2) is not None else m.group(3)
         params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
@@ -51,12 +53,12 @@ def challenge(header: str) -> tuple[str, dict[str, str]]:
 class Key:
     """An EC key an agent could register for private_key_jwt."""
 
-    def __init__(self, kid="k1") -> None:
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
-    def assertion(self, client_id, **overrides):
+    def assertion(self, client_id: str, **overrides: Any) -> str:
         now = int(time.time())
         issuer = countersign_settings.ISSUER
         claims = {
@@ -71,8 +73,14 @@ class Key:
         return jwt.encode(claims, self.private, algorithm="ES256", headers={"kid": self.kid})
 
 
+class World(TypedDict):
+    key: Key
+    tokens: dict[str, Any]
+    auth_req_id: str
+
+
 @pytest.fixture
-def world(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy):  # noqa: F811
+def world(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy) -> World:  # noqa: F811
     """A live grant with a session token, a refresh token and an action token, plus a registered key."""
     key = Key()
     scenario.agent.jwks = {"keys": [key.jwk]}
@@ -95,8 +103,8 @@ def world(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy):  # n
     return {"key": key, "tokens": tokens, "auth_req_id": asked.json()["auth_req_id"]}
 
 
-def _post(client: Client, path, data, auth=None):
-    extra = {"HTTP_AUTHORIZATION": auth} if auth is not None else {}
+def _post(client: Client, path: str, data: Mapping[str, Any], auth: str | None = None) -> ClientResponse:
+    extra: dict[str, Any] = {"HTTP_AUTHORIZATION": auth} if auth is not None else {}
     return client.post(path, urlencode(data), content_type=FORM, **extra)
 
 
@@ -108,12 +116,12 @@ def _code(flow: OAuthFlow) -> tuple[str, str]:
     return code, verifier
 
 
-def _bad_secret(s):
+def _bad_secret(s: Scenario) -> str:
     return basic(s.agent.client_id, s.agent_secret + "x")
 
 
 # Each case: (flow, scenario, world) -> response. Every one must be a 401.
-CASES = {
+CASES: dict[str, Callable[[OAuthFlow, Scenario, World], ClientResponse]] = {
     # --- token endpoint, client secret -------------------------------------------------------------
     "token/refresh/wrong_secret": lambda f, s, w: _post(
         f.client,
@@ -288,7 +296,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_401_names_the_same_error_in_its_challenge(
-    flow: OAuthFlow, scenario: Scenario, world, case
+    flow: OAuthFlow, scenario: Scenario, world: World, case: str
 ) -> None:
     response = CASES[case](flow, scenario, world)
     assert response.status_code == 401, (response.status_code, response.content)
