@@ -7,16 +7,18 @@ auditor or resource server would, and compared with a recompute from the exporte
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from audit.models import AuditCheckpoint, AuditLink
+from audit.models import AuditCheckpoint, AuditEvent, AuditLink
 from audit.services import audit_record, audit_seal_all
 from consent.models import SigningKey
 from countersign.ledger import (
@@ -33,7 +35,7 @@ from tests.live import ROOT
 pytestmark = pytest.mark.django_db
 
 
-def _write(n: int, *, batch: int) -> list:
+def _write(n: int, *, batch: int) -> list[AuditEvent]:
     rows = [
         audit_record(
             event="token.issued",
@@ -49,14 +51,16 @@ def _write(n: int, *, batch: int) -> list:
     return rows
 
 
-def _prove(*args: str) -> dict:
+def _prove(*args: str) -> dict[str, Any]:
     out = StringIO()
     call_command("audit_prove", *args, stdout=out)
-    return json.loads(out.getvalue())
+    proof: dict[str, Any] = json.loads(out.getvalue())
+    return proof
 
 
-def _jwks(client: Client) -> dict:
-    return client.get("/.well-known/jwks.json").json()
+def _jwks(client: Client) -> dict[str, Any]:
+    jwks: dict[str, Any] = client.get("/.well-known/jwks.json").json()
+    return jwks
 
 
 def _leaves() -> list[bytes]:
@@ -109,12 +113,12 @@ def test_consistency_proofs_between_every_pair_of_checkpoints(client: Client) ->
                 ]
 
 
-def _hex_flips(value: str):
+def _hex_flips(value: str) -> Iterator[str]:
     for i in range(len(value)):
         yield value[:i] + ("0" if value[i] != "0" else "1") + value[i + 1 :]
 
 
-def _jws_flips(jws: str):
+def _jws_flips(jws: str) -> Iterator[str]:
     """Every character of every segment but the last, whose low bits may be base64 padding."""
     for i in range(len(jws)):
         if jws[i] == "." or i + 1 == len(jws) or jws[i + 1] == ".":
@@ -152,9 +156,9 @@ def test_an_inclusion_proof_fails_when_any_byte_changes(client: Client) -> None:
     forgeries.append({**proof, "tree_size": proof["tree_size"] + 1})
     for forged in _jws_flips(proof["checkpoint"]["jws"]):
         forgeries.append({**proof, "checkpoint": {**proof["checkpoint"], "jws": forged}})
-    for forged in forgeries:
+    for forgery in forgeries:
         with pytest.raises(LedgerError):
-            verify_inclusion_bundle(forged, jwks)
+            verify_inclusion_bundle(forgery, jwks)
 
 
 def test_a_consistency_proof_fails_when_any_byte_changes(client: Client) -> None:
@@ -184,6 +188,7 @@ def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_publish
     audit_record(event="token.issued", actor="agent:after-rotation")
     audit_seal_all()
     new = AuditCheckpoint.objects.order_by("-tree_size").first()
+    assert new is not None
     assert new.kid != old.kid and SigningKey.objects.get(kid=old.kid).active is False
     jwks = _jwks(client)
     assert {k["kid"] for k in jwks["keys"]} >= {old.kid, new.kid}
@@ -215,7 +220,7 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client: Clie
     call_command("audit_checkpoint", stdout=out)
     (tmp_path / "checkpoint.json").write_text(out.getvalue())
 
-    def run(*args):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "countersign.ledger", *args, "--jwks", str(tmp_path / "jwks.json")],
             cwd=ROOT,

@@ -29,7 +29,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.test import Client
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from approvals.models import ActionToken, ApprovalRequest
 from audit.models import AuditEvent
@@ -78,14 +78,18 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture
-def demo_config(live: LiveStack, tmp_path: Path) -> tuple[dict, Path]:
+def demo_config(live: LiveStack, tmp_path: Path) -> tuple[dict[str, Any], Path]:
     """The registry, created through the consent services with the audiences the resource-server
     process will listen on, written in seed_demo --json's shape for the example's --config."""
     *rs_ports, callback_port = _free_ports(len(SYSTEMS) + 1)
     scopes, servers = [], []
     for (key, scope, title), port in zip(SYSTEMS, rs_ports, strict=True):
         audience = f"http://127.0.0.1:{port}"
-        values = {"audience": audience, "description": title, "sensitivity": ScopePolicy.Sensitivity.STANDARD}
+        values: dict[str, Any] = {
+            "audience": audience,
+            "description": title,
+            "sensitivity": ScopePolicy.Sensitivity.STANDARD,
+        }
         if key == "ledger":
             values |= {
                 "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
@@ -131,7 +135,9 @@ def demo_config(live: LiveStack, tmp_path: Path) -> tuple[dict, Path]:
 
 
 class Systems:
-    def __init__(self, proc: subprocess.Popen, log: Path, data_dir: Path, config: dict) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], log: Path, data_dir: Path, config: dict[str, Any]
+    ) -> None:
         self.proc, self.log, self.data_dir, self.config = proc, log, data_dir, config
         self.audience = {s["name"]: s["audience"] for s in config["scopes"]}
         self.ledger = next(
@@ -141,7 +147,7 @@ class Systems:
     def output(self) -> str:
         return self.log.read_text()
 
-    def ledger_lines(self) -> list[dict]:
+    def ledger_lines(self) -> list[dict[str, Any]]:
         path = self.data_dir / "ledger.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -196,7 +202,7 @@ def systems(live: LiveStack, demo_config: tuple[dict[str, Any], Path], tmp_path:
             proc.wait()
 
 
-def _sign_in_and_allow(page, url: str, live: LiveStack) -> None:
+def _sign_in_and_allow(page: Page, url: str, live: LiveStack) -> None:
     page.goto(url)
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
@@ -216,8 +222,8 @@ def _sign_in_and_allow(page, url: str, live: LiveStack) -> None:
 @pytest.mark.browser
 def test_procurement_demo_runs_end_to_end(
     live: LiveStack,
-    live_context,  # noqa: F811
-    demo_config: tuple[dict, Path],
+    live_context: BrowserContext,  # noqa: F811
+    demo_config: tuple[dict[str, Any], Path],
     systems: Systems,
 ) -> None:
     config, _ = demo_config
@@ -226,7 +232,7 @@ def test_procurement_demo_runs_end_to_end(
 
     consent_urls: queue.Queue[str] = queue.Queue()
     said: list[str] = []
-    outcome: dict = {}
+    outcome: dict[str, Any] = {}
 
     def agent_thread() -> None:
         try:
@@ -353,7 +359,7 @@ def test_procurement_demo_runs_end_to_end(
 
 
 def test_systems_hold_dpop_bound_tokens_to_their_key(
-    live: LiveStack, demo_config: tuple[dict, Path], systems: Systems, client: Client
+    live: LiveStack, demo_config: tuple[dict[str, Any], Path], systems: Systems, client: Client
 ) -> None:
     """Sender-constrained tokens (RFC 9449) through the same systems: the session token and the
     action token are bound to the agent's registered key; a proof for another request, a replayed
@@ -397,7 +403,7 @@ def test_systems_hold_dpop_bound_tokens_to_their_key(
         assert as_bearer.status_code == 401 and as_bearer.headers["www-authenticate"].startswith("DPoP ")
 
         # Step 5 with a bound action token.
-        outcome: dict = {}
+        outcome: dict[str, Any] = {}
         thread = threading.Thread(
             target=lambda: outcome.update(
                 action=agent.request_approval("ledger:write", [APPROVED], timeout=60)

@@ -8,7 +8,7 @@ passes the peer address on as the client's.
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import pytest
@@ -16,7 +16,15 @@ from pytest_django import DjangoDbBlocker, Settings
 
 from tests.live import LiveStack, start_stack
 
-RATE_LIMITS = {
+
+class RateLimit(TypedDict, total=False):
+    paths: list[str]
+    client: list[int]
+    user: list[int]
+    source: list[int]
+
+
+RATE_LIMITS: dict[str, RateLimit] = {
     "protocol": {
         "paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
         "client": [100, 60],

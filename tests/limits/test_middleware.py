@@ -6,7 +6,9 @@ import statistics
 import threading
 import time
 import uuid
+from typing import Any
 
+import httpx
 import pytest
 from django.test import Client
 
@@ -22,7 +24,7 @@ SOURCE_FAILURES = ATTEMPT_LIMITS["client"]["source"]
 FLOOD_THREADS = 2
 
 
-def _refresh(http, url, agent_id, secret, refresh_token):
+def _refresh(http: httpx.Client, url: str, agent_id: str, secret: str, refresh_token: str) -> httpx.Response:
     return http.post(
         f"{url}/o/token/",
         data={"grant_type": "refresh_token", "refresh_token": refresh_token},
@@ -30,7 +32,7 @@ def _refresh(http, url, agent_id, secret, refresh_token):
     )
 
 
-def _rows(**filters) -> int:
+def _rows(**filters: Any) -> int:
     return AuditEvent.objects.filter(**filters).count()
 
 
@@ -163,10 +165,11 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(
                 _refresh(http, limited.url, scenario.agent.client_id, "wrong", "x")
                 flood_sent[0] += 1
 
-    quiet, flooded = [], []
+    quiet: list[float] = []
+    flooded: list[float] = []
     with from_source("127.0.0.8") as http:
 
-        def timed_refreshes(into: list, n: int = 12) -> None:
+        def timed_refreshes(into: list[float], n: int = 12) -> None:
             nonlocal refresh_token
             for _ in range(n):
                 started = time.perf_counter()
