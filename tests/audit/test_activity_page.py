@@ -9,7 +9,7 @@ from django.utils import timezone
 from time_machine import TimeMachineFixture
 
 from tests.approvals.conftest import Agent
-from tests.conftest import PASSWORD, Scenario
+from tests.conftest import PASSWORD, ClientResponse, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +22,7 @@ def redeemed(agent: Agent, client: Client) -> str:
     return token
 
 
-def _text(response) -> str:
+def _text(response: ClientResponse) -> str:
     html = response.content.decode()
     body = html[html.index("<main>") :]
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))

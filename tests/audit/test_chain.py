@@ -9,6 +9,7 @@ tamperer first switches triggers off for the session (``session_replication_role
 
 from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -85,10 +86,11 @@ def chain(db: None) -> Iterator[list[AuditEvent]]:
         _sql("SET session_replication_role = origin", [])
 
 
-def _sql(statement: str, params: list) -> int:
+def _sql(statement: str, params: list[Any]) -> int:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
-        return cursor.rowcount
+        count: int = cursor.rowcount
+        return count
 
 
 # --- intact chains --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ algorithms, and fail when any byte changes.
 """
 
 import hashlib
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -92,11 +93,11 @@ DATA = [f"entry {i}".encode() for i in range(40)]
 LEAVES = [leaf_hash(d) for d in DATA]
 
 
-def _source(leaves: list[bytes]):
+def _source(leaves: list[bytes]) -> Callable[[int, int], bytes]:
     return lambda start, end: merkle_root(leaves[start:end])
 
 
-def _flips(value: bytes):
+def _flips(value: bytes) -> Iterator[bytes]:
     for i in range(len(value)):
         yield value[:i] + bytes([value[i] ^ 0x01]) + value[i + 1 :]
 
@@ -109,10 +110,11 @@ def test_the_reference_implementations_roots() -> None:
 
 
 @pytest.mark.parametrize("n", range(1, 41))
-def test_root_matches_the_recursive_definition_and_the_frontier(n) -> None:
+def test_root_matches_the_recursive_definition_and_the_frontier(n: int) -> None:
     expected = ref_mth(DATA[:n])
     assert merkle_root(LEAVES[:n]) == expected
-    frontier, size = [], 0
+    frontier: list[bytes] = []
+    size = 0
     for start in range(0, n, 3):  # appended in batches, as the sealer does
         frontier, size, _ = frontier_append(frontier, size, LEAVES[start : min(n, start + 3)])
     assert size == n and compact_root(frontier) == expected
@@ -133,7 +135,7 @@ def test_the_frontier_emits_every_subtree_at_a_stride_height_once() -> None:
 
 
 @pytest.mark.parametrize("n", range(1, 34))
-def test_inclusion_proofs_equal_the_definition_and_verify(n) -> None:
+def test_inclusion_proofs_equal_the_definition_and_verify(n: int) -> None:
     root = ref_mth(DATA[:n])
     for m in range(n):
         path = inclusion_proof(m, n, _source(LEAVES[:n]))
@@ -161,7 +163,7 @@ def test_inclusion_fails_when_any_byte_changes() -> None:
 
 
 @pytest.mark.parametrize("n", range(1, 34))
-def test_consistency_proofs_equal_the_definition_and_verify(n) -> None:
+def test_consistency_proofs_equal_the_definition_and_verify(n: int) -> None:
     second_root = ref_mth(DATA[:n])
     for m in range(1, n + 1):
         proof = consistency_proof(m, n, _source(LEAVES[:n]))

@@ -7,6 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.state import StateApps
 from django.utils import timezone
 
 from audit.services import GENESIS, _event_hash
@@ -14,7 +15,7 @@ from audit.services import GENESIS, _event_hash
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _migrate(target):
+def _migrate(target: list[tuple[str, str]]) -> StateApps:
     executor = MigrationExecutor(connection)
     executor.migrate(target)
     return executor.loader.project_state(target).apps

@@ -6,14 +6,14 @@ from django.db import OperationalError
 from django.test import Client
 
 from consent.errors import MethodNotAllowed, NotFound, OAuthError, ServiceUnavailable
-from tests.conftest import Scenario, basic
+from tests.conftest import ClientResponse, Scenario, basic
 
 pytestmark = pytest.mark.django_db
 
 
-def _refusal(response, status: int, error: str, reason: str) -> dict[str, str]:
+def _refusal(response: ClientResponse, status: int, error: str, reason: str) -> dict[str, str]:
     assert response.status_code == status, response.content[:500]
-    body = response.json()
+    body: dict[str, str] = response.json()
     assert (body["error"], body["reason"]) == (error, reason)
     assert body["error_description"]
     assert response["Cache-Control"] == "no-store"

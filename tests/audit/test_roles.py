@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 
 import psycopg
 import pytest
@@ -49,7 +50,7 @@ def _url(role: str) -> str:
     return f"postgres://{role}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-def _as(role: str):
+def _as(role: str) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(_url(role), autocommit=True)
 
 
@@ -72,7 +73,7 @@ def sealed(db: None) -> None:
     ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}", "ALTER TABLE {t} DISABLE TRIGGER ALL"],
 )
 def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(
-    app_role: str, sealed: None, table, statement: str
+    app_role: str, sealed: None, table: str, statement: str
 ) -> None:
     column = {
         "audit_auditevent": "event",
@@ -119,7 +120,8 @@ def test_the_application_role_still_appends_and_seals(app_role: str, sealed: Non
             break
         assert time.monotonic() < deadline, "the restricted sealer never linked the event"
         time.sleep(0.5)
-    assert AuditCheckpoint.objects.order_by("-tree_size").first().tree_size == 21
+    latest = AuditCheckpoint.objects.order_by("-tree_size").first()
+    assert latest is not None and latest.tree_size == 21
     out = StringIO()
     call_command("audit_verify", stdout=out, stderr=StringIO())
     assert "intact: 21 events" in out.getvalue()

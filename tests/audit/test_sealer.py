@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -149,7 +150,7 @@ class Sealer(threading.Thread):
         assert not self.is_alive() and not self.errors, self.errors
 
 
-def _until(condition, what: str, timeout: float = 90.0) -> None:
+def _until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} (a transaction left open on the server?)"
@@ -252,6 +253,7 @@ def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everythi
         text=True,
         start_new_session=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     try:
         line = proc.stdout.readline().strip()
         assert line == "5", (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -285,7 +287,7 @@ def test_a_sealer_failing_mid_batch_rolls_back_its_links(db: None, monkeypatch: 
         audit_record(event="token.issued", actor=f"agent:{i}")
     _seal_until_one_can_link()
 
-    def fail_after_the_links_are_written(head, lags) -> None:
+    def fail_after_the_links_are_written(head: AuditHead, lags: list[float]) -> None:
         assert AuditLink.objects.count() == 6  # inside the batch: written, not committed
         raise RuntimeError("sealer died mid-batch")
 
@@ -340,7 +342,7 @@ def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db:
         _until(lambda: AuditLink.objects.count() == 5, "the sealer process did not link the events")
         assert sorted(AuditLink.objects.values_list("event_id", flat=True)) == [r.pk for r in rows]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+        assert proc.wait(timeout=30) == 0, proc.stdout.read() if proc.stdout else ""
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -7,9 +7,10 @@ three events, so the named range is narrow.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -41,10 +42,11 @@ def _postgresql_only() -> None:
         pytest.fail("tampering tests need PostgreSQL's triggers: set DATABASE_URL=postgres://...")
 
 
-def _sql(statement: str, params=()) -> int:
+def _sql(statement: str, params: Iterable[Any] = ()) -> int:
     with connection.cursor() as cursor:
         cursor.execute(statement, list(params))
-        return cursor.rowcount
+        count: int = cursor.rowcount
+        return count
 
 
 @pytest.fixture
@@ -76,7 +78,9 @@ def _rewrite(events: list[AuditEvent]) -> None:
     """Rebuild links, tree nodes and head for ``events`` in this order, every unkeyed hash recomputed."""
     _sql("DELETE FROM audit_auditlink")
     _sql("DELETE FROM audit_auditnode")
-    prev, frontier, size, links = GENESIS, [], 0, []
+    frontier: list[bytes] = []
+    links: list[AuditLink] = []
+    prev, size = GENESIS, 0
     for seq, event in enumerate(events, start=1):
         digest = _link_hash(event, seq=seq, prev_hash=prev)
         leaf = event_leaf(event, seq)
@@ -209,7 +213,7 @@ def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_e
 
 @pytest.mark.parametrize("tables", [["audit_auditevent", "audit_audithead"], AUDIT_TABLES])
 def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(
-    ledger: list[AuditEvent], tables, tmp_path: Path
+    ledger: list[AuditEvent], tables: list[str], tmp_path: Path
 ) -> None:
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--output", str(kept), stdout=StringIO())
