@@ -8,7 +8,7 @@ from approvals.rar import action_hash
 from tests.approvals.conftest import LEDGER_ENTRY
 
 
-def _run(*args, stdin=""):
+def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "countersign", "hash", *args],
         input=stdin,

@@ -2,6 +2,7 @@
 the agent's registered key), the verifier names the instance and refuses a cut-off one, as it
 refuses a suspended agent."""
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,7 +25,7 @@ def through_django(client: Client) -> httpx.Client:
 
     def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.raw_path.decode()
-        meta = {
+        meta: dict[str, Any] = {
             f"HTTP_{k.upper().replace('-', '_')}": v
             for k, v in request.headers.items()
             if k.lower() not in ("content-type", "content-length", "host")
@@ -89,6 +90,7 @@ def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(
     client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
 ) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
+    assert sdk.tokens is not None and sdk.instance is not None
     verified = verifier_for(client, scenario).verify_session(
         sdk.tokens.access_token, required_scopes=["catalog:read"]
     )
@@ -101,6 +103,7 @@ def test_the_verifier_refuses_a_cut_off_instance(
     client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
 ) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
+    assert sdk.tokens is not None and sdk.instance is not None
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
     verifier.verify_session(token)
@@ -114,6 +117,7 @@ def test_a_dpop_bound_instance_token_needs_the_instance_key(
     client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
 ) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa", dpop=True)
+    assert sdk.tokens is not None and sdk.instance is not None
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
     url = "http://catalog.test/items"

@@ -13,7 +13,7 @@ from consent.budget import Budget
 from consent.budgets import BudgetChoice, budgets_create
 from consent.models import ScopePolicy, SessionGrant
 from consent.services import scope_set
-from tests.conftest import PASSWORD, OAuthFlow, Scenario, pkce_pair
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +34,7 @@ def budget_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     return policy
 
 
-def _consent(flow: OAuthFlow, **budget: str):
+def _consent(flow: OAuthFlow, **budget: str) -> tuple[str, ClientResponse]:
     flow.login()
     _, challenge = pkce_pair()
     query = flow.authorize_query(challenge=challenge)
@@ -107,7 +107,7 @@ def test_allow_without_amounts_gives_no_budget(flow: OAuthFlow, budget_policy: S
     ],
 )
 def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(
-    flow: OAuthFlow, budget_policy: ScopePolicy, budget: Budget, code: str
+    flow: OAuthFlow, budget_policy: ScopePolicy, budget: dict[str, str], code: str
 ) -> None:
     _, response = _consent(flow, **budget)
     assert response.status_code == 400
@@ -267,7 +267,7 @@ def test_scope_set_offers_budgets_from_a_shell(ledger_policy: ScopePolicy) -> No
     assert changed.detail["budget_max_per_action"] == "750.50"
 
 
-def test_the_admin_lists_budgets_read_only(budget: Budget, admin_client) -> None:
+def test_the_admin_lists_budgets_read_only(budget: Budget, admin_client: Client) -> None:
     page = admin_client.get("/admin/consent/budget/")
     assert page.status_code == 200 and "ledger:write" in page.content.decode()
     assert admin_client.get("/admin/consent/budget/add/").status_code == 403

@@ -13,7 +13,7 @@ from consent.conf import validate
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ids(settings: Settings):
+def _ids(settings: Settings) -> list[str | None]:
     return [p.id for p in countersign_config(None)]
 
 
@@ -30,7 +30,7 @@ def test_a_misspelt_setting_is_refused_naming_it(settings: Settings) -> None:
     ("name", "value"),
     [("LEEWAY_SECONDS", "10"), ("RATE_LIMITS", []), ("RATE_LIMITS_ENABLED", 1), ("ISSUER", 8000)],
 )
-def test_a_value_of_the_wrong_kind_is_refused_naming_it(settings: Settings, name: str, value) -> None:
+def test_a_value_of_the_wrong_kind_is_refused_naming_it(settings: Settings, name: str, value: object) -> None:
     with pytest.raises(ImproperlyConfigured, match=f"{name} must be"):
         validate({**settings.COUNTERSIGN, name: value})
 

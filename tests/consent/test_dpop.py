@@ -3,6 +3,7 @@
 import json
 import secrets
 import time
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
@@ -16,7 +17,7 @@ from consent.models import AccessToken, ScopePolicy
 from consent.oauth.dpop import ath_for, current_nonce
 from consent.services import agent_update
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 from tests.consent.test_token_exchange import AgentKey
 
 pytestmark = pytest.mark.django_db
@@ -24,9 +25,22 @@ TOKEN_URL = "http://127.0.0.1:8000/o/token/"
 
 
 def proof(
-    key: AgentKey, *, htm="POST", htu=TOKEN_URL, nonce=None, iat=None, jti=None, token=None, typ="dpop+jwt"
-):
-    claims = {"htm": htm, "htu": htu, "iat": int(iat or time.time()), "jti": jti or secrets.token_urlsafe(12)}
+    key: AgentKey,
+    *,
+    htm: str = "POST",
+    htu: str = TOKEN_URL,
+    nonce: str | bool | None = None,  # False: no nonce claim at all
+    iat: float | None = None,
+    jti: str | None = None,
+    token: str | None = None,
+    typ: str = "dpop+jwt",
+) -> str:
+    claims: dict[str, Any] = {
+        "htm": htm,
+        "htu": htu,
+        "iat": int(iat or time.time()),
+        "jti": jti or secrets.token_urlsafe(12),
+    }
     if nonce is not False:
         claims["nonce"] = nonce or current_nonce()
     if token:
@@ -43,14 +57,14 @@ def key(scenario: Scenario) -> AgentKey:
     return k
 
 
-def _code(flow: OAuthFlow):
+def _code(flow: OAuthFlow) -> tuple[str, str]:
     flow.login()
     verifier, challenge = pkce_pair()
     return flow.code_from(flow.consent(flow.authorize_query(challenge=challenge))), verifier
 
 
-def _token(flow: OAuthFlow, data, dpop=None):
-    extra = {"HTTP_DPOP": dpop} if dpop else {}
+def _token(flow: OAuthFlow, data: dict[str, str], dpop: str | None = None) -> ClientResponse:
+    extra: dict[str, Any] = {"HTTP_DPOP": dpop} if dpop else {}
     return flow.client.post(
         "/o/token/",
         urlencode(data),

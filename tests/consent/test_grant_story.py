@@ -9,12 +9,13 @@ from django.test import Client
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.approvals.conftest import Agent
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
-def _text(response) -> str:
+def _text(response: ClientResponse) -> str:
     html = response.content.decode()
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index("<main>") :]))
 
@@ -35,7 +36,9 @@ def test_each_grant_shows_when_it_started_how_much_it_was_used_and_what_it_did_l
     assert "1 token" in text and "Latest: Procurement Agent received a session token" in text
 
 
-def test_the_story_of_one_grant_from_consent_to_its_end(agent, client: Client, scenario: Scenario) -> None:
+def test_the_story_of_one_grant_from_consent_to_its_end(
+    agent: Agent, client: Client, scenario: Scenario
+) -> None:
     body = agent.ask().json()
     client.login(username="officer", password=PASSWORD)
     approval = ApprovalRequest.objects.get()

@@ -1,10 +1,12 @@
 """The user's pages: Connected agents (/grants/, with Revoke) and Activity (/activity/)."""
 
 import re
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.test import Client
 
 from audit.models import AuditEvent
@@ -15,8 +17,21 @@ from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pai
 pytestmark = pytest.mark.django_db
 
 
+@dataclass
+class Mallory:
+    """Another user, signed in in her own browser, and her grant."""
+
+    user: User
+    browser: Client
+    grant: SessionGrant
+
+    @property
+    def pk(self) -> int:
+        return self.user.pk
+
+
 @pytest.fixture
-def mallory(scenario: Scenario):
+def mallory(scenario: Scenario) -> Mallory:
     """A second user of the same server, with her own grant to the same agent."""
     user = get_user_model().objects.create_user("mallory", password=PASSWORD)
     browser = Client()
@@ -35,9 +50,7 @@ def mallory(scenario: Scenario):
     )
     response = browser.post("/o/authorize/", {"authz_query": query, "decision": "allow", "lifetime": "3600"})
     assert response.status_code == 302 and "code=" in response["Location"]
-    user.browser = browser
-    user.grant = SessionGrant.objects.get(user=user)
-    return user
+    return Mallory(user, browser, SessionGrant.objects.get(user=user))
 
 
 def _revoke_forms(html: str) -> list[str]:
@@ -70,7 +83,7 @@ def test_grants_page_needs_sign_in(client: Client, scenario: Scenario) -> None:
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
 
-def test_grants_page_shows_only_my_grants(flow: OAuthFlow, mallory) -> None:
+def test_grants_page_shows_only_my_grants(flow: OAuthFlow, mallory: Mallory) -> None:
     flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     assert _revoke_forms(_page(flow.client, "/grants/")) == [str(mine.pk)]
@@ -108,7 +121,7 @@ def test_revoking_twice_is_404_and_audited_once(flow: OAuthFlow) -> None:
     assert AuditEvent.objects.filter(event="grant.revoked").count() == 1
 
 
-def test_revoking_another_users_grant_is_404_and_changes_nothing(flow: OAuthFlow, mallory) -> None:
+def test_revoking_another_users_grant_is_404_and_changes_nothing(flow: OAuthFlow, mallory: Mallory) -> None:
     body = flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     before = AuditEvent.objects.filter(event="grant.revoked").count()
@@ -148,7 +161,9 @@ def test_revoke_without_csrf_token_is_refused(scenario: Scenario) -> None:
     _, challenge = pkce_pair()
     # consent through the real form, CSRF token included
     page = browser.get("/o/authorize/?" + flow.authorize_query(challenge=challenge))
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode()).group(1)
+    found = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode())
+    assert found is not None
+    token = found.group(1)
     response = browser.post(
         "/o/authorize/",
         {
@@ -194,7 +209,7 @@ def test_activity_shows_my_consent_tokens_and_revocation(flow: OAuthFlow) -> Non
     assert events[0] == "grant.revoked"  # newest first
 
 
-def test_activity_shows_only_my_own_events(flow: OAuthFlow, mallory) -> None:
+def test_activity_shows_only_my_own_events(flow: OAuthFlow, mallory: Mallory) -> None:
     flow.full()
     officer = flow.s.user
     audit_record(

@@ -47,25 +47,25 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _seg(obj: dict) -> str:
+def _seg(obj: dict[str, Any]) -> str:
     return _b64(json.dumps(obj, separators=(",", ":")).encode())
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
-def _header(token: str) -> dict:
+def _header(token: str) -> dict[str, Any]:
     return jwt.get_unverified_header(token)
 
 
-def _jwks(client: Client) -> dict[str, dict]:
+def _jwks(client: Client) -> dict[str, dict[str, Any]]:
     response = client.get("/.well-known/jwks.json")
     assert response.status_code == 200
     return {k["kid"]: k for k in response.json()["keys"]}
 
 
-def _verify_with_jwks(client: Client, token: str, audience: str = CATALOG) -> dict:
+def _verify_with_jwks(client: Client, token: str, audience: str = CATALOG) -> dict[str, Any]:
     """What a downstream resource server does: pick the key by kid from our JWKS."""
     header = _header(token)
     key = _jwks(client)[header["kid"]]
@@ -103,10 +103,11 @@ def _refused_everywhere(flow: OAuthFlow, forged: str, like: str, *, typ: str = S
     response = flow.introspect(forged)
     assert response.status_code == 200
     assert response.json() == {"active": False}
-    assert AuditEvent.objects.order_by("-id").first().outcome == "refused"
+    latest = AuditEvent.objects.order_by("-id").first()
+    assert latest is not None and latest.outcome == "refused"
 
 
-def _sign_raw(claims: dict, *, typ: str = SESSION_TOKEN_TYP) -> str:
+def _sign_raw(claims: dict[str, Any], *, typ: str = SESSION_TOKEN_TYP) -> str:
     """Sign arbitrary JSON with our real active key (PyJWT's encode would refuse odd claim types)."""
     from consent.keys import active_signing_key
 
@@ -169,7 +170,7 @@ def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(
     old = SigningKey.objects.get(kid=old_kid)
     assert old.active is False and old.retired_at is not None
     # published at least until every token it signed has expired
-    assert old.publish_until.timestamp() >= _claims(old_token)["exp"]
+    assert old.publish_until is not None and old.publish_until.timestamp() >= _claims(old_token)["exp"]
 
     keys = _jwks(client)
     assert {old_kid, new_kid} <= set(keys)
@@ -209,7 +210,7 @@ def test_rotation_covers_the_longest_token_lifetime_of_any_agent(
     assert _claims(long_lived)["exp"] - _claims(long_lived)["iat"] == 6 * 3600
     call_command("rotate_signing_key", stdout=StringIO())
     old = SigningKey.objects.get(kid=_header(long_lived)["kid"])
-    assert old.publish_until.timestamp() >= _claims(long_lived)["exp"]
+    assert old.publish_until is not None and old.publish_until.timestamp() >= _claims(long_lived)["exp"]
 
 
 def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(
@@ -297,7 +298,7 @@ def test_alg_none_is_refused(flow: OAuthFlow, issued: dict[str, Any], alg: str) 
     _refused_everywhere(flow, forged, real)
 
 
-def _hs256(header: dict, claims: dict, secret: bytes) -> str:
+def _hs256(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
     signing_input = f"{_seg(header)}.{_seg(claims)}"
     return signing_input + "." + _b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
 
@@ -372,7 +373,9 @@ def test_unknown_or_hostile_kid_is_refused(flow: OAuthFlow, issued: dict[str, An
 @pytest.mark.parametrize(
     "typ", [ACTION_TOKEN_TYP, "JWT", "jwt", "AT+JWT", "application/at+jwt", "dpop+jwt", None]
 )
-def test_session_token_with_the_wrong_typ_is_refused(flow: OAuthFlow, issued: dict[str, Any], typ) -> None:
+def test_session_token_with_the_wrong_typ_is_refused(
+    flow: OAuthFlow, issued: dict[str, Any], typ: str | None
+) -> None:
     real = issued["access_token"]
     key = _active_kid()
     assert _header(real)["kid"] == key
@@ -425,7 +428,7 @@ def test_action_token_is_not_a_session_token(flow: OAuthFlow, issued: dict[str, 
         [ISSUER],
     ],
 )
-def test_issuer_must_match_exactly(flow: OAuthFlow, issued: dict[str, Any], iss) -> None:
+def test_issuer_must_match_exactly(flow: OAuthFlow, issued: dict[str, Any], iss: str | list[str]) -> None:
     real = issued["access_token"]
     forged = _sign_raw({**_claims(real), "iss": iss})
     _refused_everywhere(flow, forged, real)

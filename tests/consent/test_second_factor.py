@@ -2,6 +2,7 @@
 
 import jwt
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -17,7 +18,7 @@ def _code(device: TOTPDevice, offset: int = 0) -> str:
     return f"{totp(device.bin_key, step=device.step, t0=device.t0, digits=device.digits, drift=offset):06d}"
 
 
-def _enrol(client: Client, user) -> TOTPDevice:
+def _enrol(client: Client, user: User) -> TOTPDevice:
     client.login(username=user.username, password=PASSWORD)
     page = client.get("/accounts/totp/")
     assert page.status_code == 200 and b"<svg" in page.content

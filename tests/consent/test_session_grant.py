@@ -11,7 +11,7 @@ from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 pytestmark = pytest.mark.django_db
 
 
-def _jwks_key(client: Client, token):
+def _jwks_key(client: Client, token: str) -> jwt.PyJWK:
     kid = jwt.get_unverified_header(token)["kid"]
     keys = {k["kid"]: k for k in client.get("/.well-known/jwks.json").json()["keys"]}
     return jwt.PyJWK(keys[kid])

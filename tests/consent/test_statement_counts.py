@@ -114,6 +114,7 @@ def test_backchannel_poll_collect_redeem_introspect(
     settings.CELERY_TASK_ALWAYS_EAGER = False
     agent = CibaAgent(flow, scenario)
     agent.start_session()
+    assert agent.session_token is not None
     with django_assert_max_num_queries(BUDGET["backchannel_request"]):
         asked = agent.ask()
     assert asked.status_code == 200, asked.content

@@ -3,6 +3,7 @@
 import json
 import secrets
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -10,12 +11,12 @@ from django.test import Client
 
 from audit.models import AuditEvent
 from consent.models import GrantUse, SessionGrant
-from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario, basic
 
 pytestmark = pytest.mark.django_db
 
 
-def _use(token: str, **overrides):
+def _use(token: str, **overrides: Any) -> dict[str, Any]:
     claims = jwt.decode(token, options={"verify_signature": False})
     return {
         "id": secrets.token_urlsafe(12),
@@ -28,7 +29,9 @@ def _use(token: str, **overrides):
     }
 
 
-def _report(client: Client, uses, *, auth, body=None):
+def _report(
+    client: Client, uses: list[dict[str, Any]] | None, *, auth: tuple[str, str], body: str | None = None
+) -> ClientResponse:
     return client.post(
         "/o/usage/",
         body if body is not None else json.dumps({"uses": uses}),
@@ -127,7 +130,7 @@ def test_a_replayed_report_counts_once(flow: OAuthFlow, scenario: Scenario, toke
     ],
 )
 def test_malformed_reports_are_invalid_request_and_audited(
-    flow: OAuthFlow, scenario: Scenario, token: str, body
+    flow: OAuthFlow, scenario: Scenario, token: str, body: str
 ) -> None:
     response = _report(flow.client, None, auth=(scenario.rs_client_id, scenario.rs_secret), body=body)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
