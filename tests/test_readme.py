@@ -28,7 +28,7 @@ class Shell:
     """One reader's shell: each block runs in bash (set -e), and the variables and functions it
     defines carry over to the next block, as they would in one terminal."""
 
-    def __init__(self, cwd: Path, env: dict) -> None:
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.cwd, self.env = cwd, env
         self.state = cwd / ".shell-state"
         self.state.write_text("")
@@ -57,7 +57,7 @@ def _reader_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env(extra: dict) -> dict:
+def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, **extra, "PYTHONPATH": str(ROOT), "COUNTERSIGN_DEMO_PASSWORD": DEMO_PASSWORD}
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     return env

@@ -10,7 +10,9 @@ import json
 import time
 from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 import pytest
 import time_machine
@@ -65,16 +67,17 @@ def procurement(scenario: Scenario, ledger_policy: ScopePolicy) -> dict[str, tup
     return servers
 
 
-def _introspect(client: Client, token, creds):
-    return client.post(
+def _introspect(client: Client, token: str, creds: tuple[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = client.post(
         "/o/introspect/",
         urlencode({"token": token}),
         content_type="application/x-www-form-urlencoded",
         HTTP_AUTHORIZATION=basic(*creds),
     ).json()
+    return body
 
 
-def _wait_delivered(approval_id, timeout=15.0) -> None:
+def _wait_delivered(approval_id: UUID, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=False).exists():

@@ -4,7 +4,9 @@
 import re
 import time
 
+import httpx
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -20,7 +22,7 @@ from tests.limits.conftest import ATTEMPT_LIMITS, from_source, refusals
 from tests.live import LiveStack
 
 
-def _csrf(http, url: str, path: str) -> str:
+def _csrf(http: httpx.Client, url: str, path: str) -> str:
     page = http.get(f"{url}{path}")
     match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
     return match.group(1) if match else http.cookies["csrftoken"]
@@ -59,16 +61,18 @@ def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(
 @pytest.fixture
 def fresh_auth_approval(scenario: Scenario, ledger_policy: ScopePolicy) -> ApprovalRequest:
     ScopePolicy.objects.filter(pk=ledger_policy.pk).update(fresh_auth_seconds=60)
+    approval: ApprovalRequest
     approval, _ = request_approval(session_grant(scenario))
     return approval
 
 
-def _stale_session(http, user) -> None:
+def _stale_session(http: httpx.Client, user: User) -> None:
     browser = Client()
     browser.force_login(user)
     session = browser.session
     session["cs_auth_time"] = time.time() - 3600
     session.save()
+    assert session.session_key is not None  # saved, so it has one
     http.cookies.set("sessionid", session.session_key)
 
 

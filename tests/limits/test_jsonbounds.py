@@ -8,7 +8,8 @@ import pytest
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt, depth_within
+from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt
+from countersign.jsonbounds import depth_within
 from tests.approvals.support import ledger_entry
 from tests.conftest import Scenario, basic
 from tests.live import LiveStack
@@ -35,7 +36,7 @@ def test_depth_is_measured_without_recursion() -> None:
     check_jwt(_b64(b'{"alg": "ES256"}') + "." + _b64(b'{"iss": "a"}') + ".sig")
 
 
-def _ask(live: LiveStack, scenario: Scenario, **data):
+def _ask(live: LiveStack, scenario: Scenario, **data: str) -> httpx.Response:
     return httpx.post(
         f"{live.url}/o/bc-authorize/",
         data={"scope": "ledger:write", **data},
