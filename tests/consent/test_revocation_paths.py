@@ -14,7 +14,7 @@ action token the ledger has not redeemed yet.
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -68,7 +68,7 @@ class Armed:
     approved_auth_req_id: str
 
 
-def _ask(ciba: CibaAgent, details: Mapping[str, Any]) -> str:
+def _ask(ciba: CibaAgent, details: dict[str, Any]) -> str:
     response = ciba.ask(details)
     assert response.status_code == 200, response.content
     auth_req_id: str = response.json()["auth_req_id"]
