@@ -3,12 +3,18 @@
 import base64
 import hashlib
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from django.http import HttpResponse
+from django.test import Client
+from pytest_django import DjangoDbBlocker
 
 from consent.keys import reset_key_cache
 from consent.models import Agent, ScopePolicy
@@ -16,12 +22,20 @@ from consent.services import agent_create, resource_server_create, scope_set
 from consent.tokens import forget_audiences
 from tests.live import live, live_stack  # noqa: F401  (fixtures: the real server and worker)
 
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
+
+    # What the test client returns: an HttpResponse with .json(), .context and the rest attached.
+    ClientResponse: TypeAlias = _MonkeyPatchedWSGIResponse
+else:
+    ClientResponse = HttpResponse
+
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(django_db_setup, django_db_blocker):
+def django_db_setup(django_db_setup: None, django_db_blocker: DjangoDbBlocker) -> Iterator[None]:
     """Tests that commit (``transaction=True``) are emptied by TRUNCATE afterwards, which the audit
     tables refuse unless their owner lifts it for the session: this test database's sessions do."""
     from django.db import connection
@@ -40,7 +54,7 @@ def django_db_setup(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_limits():
+def _fresh_limits() -> Iterator[None]:
     # Rate counters, lockouts and login attempts live in Redis: each test starts from none.
     from consent.limits import store
 
@@ -49,7 +63,7 @@ def _fresh_limits():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_key_cache():
+def _fresh_key_cache() -> Iterator[None]:
     # Each test database starts without keys; a key cached by an earlier test must not leak in.
     from approvals.wording import forget_wording
 
@@ -71,11 +85,11 @@ class Scenario:
     rs_audience: str
     ledger_client_id: str
     ledger_secret: str
-    user: object
+    user: User
 
 
 @pytest.fixture
-def scenario(db) -> Scenario:
+def scenario(db: None) -> Scenario:
     for name, aud, sens in [
         ("catalog:read", "http://catalog.test", ScopePolicy.Sensitivity.STANDARD),
         ("budget:read", "http://budget.test", ScopePolicy.Sensitivity.STANDARD),
@@ -104,7 +118,7 @@ def scenario(db) -> Scenario:
 
 
 @pytest.fixture
-def ledger_policy(scenario):
+def ledger_policy(scenario: Scenario) -> ScopePolicy:
     policy = ScopePolicy.objects.get(name="ledger:write")
     policy.authorization_details_types = ["ledger_entry"]
     policy.description = "Financial ledger"
@@ -125,22 +139,22 @@ def basic(client_id: str, secret: str) -> str:
 class OAuthFlow:
     """Drives the authorization-code flow through Django's test client, as a browser and an agent would."""
 
-    def __init__(self, client, scenario: Scenario):
+    def __init__(self, client: Client, scenario: Scenario) -> None:
         self.client = client
         self.s = scenario
 
-    def login(self):
+    def login(self) -> None:
         assert self.client.login(username="officer", password=PASSWORD)
 
     def authorize_query(
         self,
         *,
-        scope="catalog:read budget:read ledger:write",
-        challenge=None,
-        method="S256",
-        redirect_uri=REDIRECT_URI,
-        client_id=None,
-        **extra,
+        scope: str = "catalog:read budget:read ledger:write",
+        challenge: str | None = None,
+        method: str | None = "S256",
+        redirect_uri: str = REDIRECT_URI,
+        client_id: str | None = None,
+        **extra: str,
     ) -> str:
         params = {
             "response_type": "code",
@@ -156,19 +170,19 @@ class OAuthFlow:
         params.update(extra)
         return urlencode(params)
 
-    def consent(self, query: str, decision="allow", lifetime=3600):
+    def consent(self, query: str, decision: str = "allow", lifetime: int | str = 3600) -> ClientResponse:
         return self.client.post(
             "/o/authorize/", {"authz_query": query, "decision": decision, "lifetime": str(lifetime)}
         )
 
-    def code_from(self, response) -> str:
+    def code_from(self, response: ClientResponse) -> str:
         assert response.status_code == 302, response.content[:500]
         params = parse_qs(urlparse(response["Location"]).query)
         assert params["state"] == ["st-123"]
         assert params["iss"] == [settings.COUNTERSIGN["ISSUER"]]  # RFC 9207 mix-up defence
         return params["code"][0]
 
-    def token(self, data: dict, *, auth: tuple[str, str] | None = None):
+    def token(self, data: dict[str, str], *, auth: tuple[str, str] | None = None) -> ClientResponse:
         client_id, secret = auth or (self.s.agent.client_id, self.s.agent_secret)
         return self.client.post(
             "/o/token/",
@@ -177,7 +191,7 @@ class OAuthFlow:
             HTTP_AUTHORIZATION=basic(client_id, secret),
         )
 
-    def full(self, scope="catalog:read budget:read ledger:write") -> dict:
+    def full(self, scope: str = "catalog:read budget:read ledger:write") -> dict[str, Any]:
         """Log in, consent, exchange the code; returns the token response JSON."""
         self.login()
         verifier, challenge = pkce_pair()
@@ -191,9 +205,10 @@ class OAuthFlow:
             }
         )
         assert response.status_code == 200, response.content
-        return response.json()
+        body: dict[str, Any] = response.json()
+        return body
 
-    def introspect(self, token: str, *, auth: tuple[str, str] | None = None):
+    def introspect(self, token: str, *, auth: tuple[str, str] | None = None) -> ClientResponse:
         client_id, secret = auth or (self.s.rs_client_id, self.s.rs_secret)
         return self.client.post(
             "/o/introspect/",
@@ -204,14 +219,14 @@ class OAuthFlow:
 
 
 @pytest.fixture
-def flow(client, scenario) -> OAuthFlow:
+def flow(client: Client, scenario: Scenario) -> OAuthFlow:
     return OAuthFlow(client, scenario)
 
 
 @pytest.fixture
-def session_token(flow, ledger_policy):
+def session_token(flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:
     """The scenario agent's session token, with the test client signed out again (tests that then
     act as the agent, and see the user only through an inbox or a page)."""
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token

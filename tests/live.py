@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
+from pytest_django import DjangoDbBlocker, Settings
 
 from config.serving import local_command
 
@@ -29,13 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
 class LiveStack:
     url: str
-    env: dict
+    env: dict[str, str]
     log_dir: Path
 
     def logs(self) -> str:
@@ -59,7 +62,7 @@ def _database_url() -> str:
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-def _wait(check, what: str, stack: LiveStack, timeout: float = 30.0) -> None:
+def _wait(check: Callable[[], bool], what: str, stack: LiveStack, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -69,7 +72,9 @@ def _wait(check, what: str, stack: LiveStack, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = True):
+def start_stack(
+    log_dir: Path, *, extra_env: dict[str, str] | None = None, worker: bool = True
+) -> Iterator[LiveStack]:
     """A server (and a Celery worker) on a free port, stopped on exit. Call with the database unblocked."""
     database_url = _database_url()
     port = free_port()
@@ -149,7 +154,9 @@ def start_stack(log_dir: Path, *, extra_env: dict | None = None, worker: bool = 
 
 
 @pytest.fixture(scope="session")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def live_stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
     with django_db_blocker.unblock():
         database_url = _database_url()  # noqa: F841  (fails early off PostgreSQL)
     with start_stack(tmp_path_factory.mktemp("live")) as stack:
@@ -157,7 +164,7 @@ def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def live(live_stack, transactional_db, settings) -> LiveStack:
+def live(live_stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
     """The live stack, with this process issuing tokens under the live server's issuer."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_stack.url}

@@ -20,7 +20,7 @@ DEBTS: dict[str, set[str]] = {}
 
 def _imports(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    found = []
+    found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
@@ -35,7 +35,7 @@ def _layer(module: str) -> str | None:
 
 
 @pytest.mark.parametrize("package", LAYERS)
-def test_a_package_imports_nothing_above_its_layer(package):
+def test_a_package_imports_nothing_above_its_layer(package: str) -> None:
     allowed = set(LAYERS[: LAYERS.index(package) + 1])
     wrong = []
     for path in sorted((ROOT / package).rglob("*.py")):
@@ -47,14 +47,14 @@ def test_a_package_imports_nothing_above_its_layer(package):
     assert wrong == [], f"{package} may import only {sorted(allowed)}:\n" + "\n".join(wrong)
 
 
-def test_every_debt_is_still_owed():
+def test_every_debt_is_still_owed() -> None:
     # A debt paid off (the module no longer reaches up) comes off the list.
     for name, packages in DEBTS.items():
         reached = {_layer(module) for _, module in _imports(ROOT / name)}
         assert packages <= reached, f"{name} no longer imports {packages - reached}: drop it from DEBTS"
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
+def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     # The rule above would pass on a tree it cannot read; make sure it reads this one.
     sample = tmp_path / "sample.py"
     sample.write_text(

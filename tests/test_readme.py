@@ -28,7 +28,7 @@ class Shell:
     """One reader's shell: each block runs in bash (set -e), and the variables and functions it
     defines carry over to the next block, as they would in one terminal."""
 
-    def __init__(self, cwd: Path, env: dict):
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.cwd, self.env = cwd, env
         self.state = cwd / ".shell-state"
         self.state.write_text("")
@@ -57,7 +57,7 @@ def _reader_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env(extra: dict) -> dict:
+def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, **extra, "PYTHONPATH": str(ROOT), "COUNTERSIGN_DEMO_PASSWORD": DEMO_PASSWORD}
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     return env
@@ -65,7 +65,7 @@ def _env(extra: dict) -> dict:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("with_demo", [False, True], ids=["fresh database", "next to the demo data"])
-def test_administration_block_as_written(tmp_path, with_demo):
+def test_administration_block_as_written(tmp_path: Path, with_demo: bool) -> None:
     (block,) = shell_blocks("Administration")
     env = _env({"DATABASE_URL": f"sqlite:///{tmp_path}/admin.sqlite3"})
     cwd = _reader_dir(tmp_path)

@@ -8,13 +8,17 @@ over the real Redis broker and channel layer.
 
 import json
 import time
+from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 import pytest
 import time_machine
 from celery.contrib.testing.worker import start_worker
 from django.core.management import call_command
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
@@ -22,7 +26,7 @@ from config.celery import app as celery_app
 from consent.models import Agent, ScopePolicy
 from consent.services import resource_server_create, scope_set
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD, basic
+from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
 from tests.consent.test_token_exchange import AgentKey, _exchange
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -37,14 +41,14 @@ STEPS = [
 
 
 @pytest.fixture
-def worker():
+def worker() -> Iterator[None]:
     celery_app.control.purge()
     with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         yield
 
 
 @pytest.fixture
-def procurement(scenario, ledger_policy):
+def procurement(scenario: Scenario, ledger_policy: ScopePolicy) -> dict[str, tuple[str, str]]:
     """The scenario's five systems: two more standard scopes beside catalog, budget and ledger."""
     servers = {
         "http://catalog.test": (scenario.rs_client_id, scenario.rs_secret),
@@ -63,16 +67,17 @@ def procurement(scenario, ledger_policy):
     return servers
 
 
-def _introspect(client, token, creds):
-    return client.post(
+def _introspect(client: Client, token: str, creds: tuple[str, str]) -> dict[str, Any]:
+    body: dict[str, Any] = client.post(
         "/o/introspect/",
         urlencode({"token": token}),
         content_type="application/x-www-form-urlencoded",
         HTTP_AUTHORIZATION=basic(*creds),
     ).json()
+    return body
 
 
-def _wait_delivered(approval_id, timeout=15.0):
+def _wait_delivered(approval_id: UUID, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ApprovalRequest.objects.filter(pk=approval_id, delivered_at__isnull=False).exists():
@@ -82,7 +87,14 @@ def _wait_delivered(approval_id, timeout=15.0):
 
 
 @pytest.mark.parametrize("mode", ["exchange", "rotating", "none"])
-def test_procurement_run_survives_token_expiry(mode, flow, scenario, procurement, worker, client):
+def test_procurement_run_survives_token_expiry(
+    mode: str,
+    flow: OAuthFlow,
+    scenario: Scenario,
+    procurement: dict[str, tuple[str, str]],
+    worker: None,
+    client: Client,
+) -> None:
     key = AgentKey()
     scenario.agent.refresh_mode = mode
     scenario.agent.jwks = {"keys": [key.jwk]}

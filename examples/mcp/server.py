@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -174,4 +173,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -98,7 +98,7 @@ def systems(config: dict[str, Any]) -> dict[str, SystemConfig]:
             raise ConfigError(f"the configuration has no scope {scope}")
         audience = policy.get("audience")
         server = servers.get(audience)
-        if server is None:
+        if server is None or not isinstance(audience, str):
             raise ConfigError(f"no resource server with the audience of {scope} ({audience})")
         if not is_loopback(audience) or urlsplit(audience).scheme != "http":
             raise ConfigError(f"{scope}: the demo serves loopback http:// audiences only, not {audience}")

@@ -42,15 +42,14 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import parse_qs
 
 import httpx
@@ -66,9 +65,9 @@ FISCAL_YEAR = 2026
 CENTS = Decimal("0.01")
 PUBLIC_PATHS = ("/health",)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def money(value: Decimal) -> str:
@@ -221,7 +220,27 @@ class System:
 
 # --- 1. vendor catalog ---------------------------------------------------------------------------
 
-VENDORS = [
+
+class Vendor(TypedDict):
+    id: str
+    name: str
+    city: str
+    rating: float
+    lead_time_days: int
+    payment_terms: str
+    registered_supplier: bool
+
+
+class Item(TypedDict):
+    sku: str
+    vendor_id: str
+    name: str
+    category: str
+    unit_price: str
+    in_stock: int
+
+
+VENDORS: list[Vendor] = [
     {
         "id": "V-1001",
         "name": "Acme Office Supply",
@@ -251,7 +270,7 @@ VENDORS = [
     },
 ]
 
-ITEMS = [
+ITEMS: list[Item] = [
     {
         "sku": "ACM-SDC-32",
         "vendor_id": "V-1001",
@@ -315,7 +334,7 @@ def catalog_system() -> System:
     system = System("catalog", "Vendor catalog")
     vendors = {v["id"]: v for v in VENDORS}
 
-    def offer(item: dict[str, Any]) -> dict[str, Any]:
+    def offer(item: Item) -> dict[str, Any]:
         vendor = vendors[item["vendor_id"]]
         return {
             **item,
@@ -458,7 +477,8 @@ class DraftStore:
 
     def get(self, po: str) -> dict[str, Any] | None:
         with self.lock:
-            return self.data["drafts"].get(po)
+            draft: dict[str, Any] | None = self.data["drafts"].get(po)
+            return draft
 
     def all(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -467,8 +487,9 @@ class DraftStore:
 
 def drafting_system(store: DraftStore) -> System:
     system = System("drafting", "Procurement drafting")
-    vendors = {v["id"]: v for v in VENDORS}
-    items = {i["sku"]: i for i in ITEMS}
+    # Looked up by whatever the request's JSON holds.
+    vendors: dict[object, Vendor] = {v["id"]: v for v in VENDORS}
+    items: dict[object, Item] = {i["sku"]: i for i in ITEMS}
 
     async def create(request: Request) -> tuple[int, Any]:
         data = request.json()
@@ -715,7 +736,7 @@ class AccessLog:
         status = [0]
         started = time.monotonic()
 
-        async def capture(message: dict[str, Any]) -> None:
+        async def capture(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -747,7 +768,7 @@ class PortRouter:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        server = scope.get("server") or (None, None)
+        server: tuple[Any, Any] = scope.get("server") or (None, None)
         app = self.apps.get(server[1])
         if app is None:
             if scope["type"] == "http":
@@ -852,4 +873,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -4,28 +4,31 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.test import Client
 from django.utils import timezone
+from time_machine import TimeMachineFixture
 
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import Agent
+from tests.conftest import PASSWORD, ClientResponse, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def redeemed(agent, client):
+def redeemed(agent: Agent, client: Client) -> str:
     token = agent.approved_token(client)
     assert agent.redeem(token).status_code == 200
     assert agent.redeem(token).status_code == 400  # refused: already redeemed
     return token
 
 
-def _text(response) -> str:
+def _text(response: ClientResponse) -> str:
     html = response.content.decode()
     body = html[html.index("<main>") :]
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
 
 
-def test_events_read_as_sentences_with_names(redeemed, client, scenario):
+def test_events_read_as_sentences_with_names(redeemed: str, client: Client, scenario: Scenario) -> None:
     text = _text(client.get("/activity/"))
     assert "Procurement Agent wrote 4250.00 USD to Ledger, approved by you with password." in text
     assert "You connected Procurement Agent" in text
@@ -39,7 +42,9 @@ def test_events_read_as_sentences_with_names(redeemed, client, scenario):
     assert "0 minutes ago" not in text and "just now" in text
 
 
-def test_filters_by_outcome_agent_and_period(redeemed, client, scenario, time_machine):
+def test_filters_by_outcome_agent_and_period(
+    redeemed: str, client: Client, scenario: Scenario, time_machine: TimeMachineFixture
+) -> None:
     refused = _text(client.get("/activity/?outcome=refused"))
     assert "could not use a single-use token" in refused and "You connected" not in refused
     ok = _text(client.get("/activity/?outcome=ok"))
@@ -54,7 +59,7 @@ def test_filters_by_outcome_agent_and_period(redeemed, client, scenario, time_ma
     assert client.get("/activity/?outcome=<x>&agent=nope&period=forever").status_code == 200
 
 
-def test_times_follow_the_browsers_time_zone(redeemed, client):
+def test_times_follow_the_browsers_time_zone(redeemed: str, client: Client) -> None:
     client.cookies["tz"] = "Asia/Kolkata"
     html = client.get("/activity/").content.decode()
     local = timezone.localtime(timezone.now(), timezone=timezone.get_fixed_timezone(330))

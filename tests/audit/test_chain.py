@@ -7,7 +7,9 @@ tamperer first switches triggers off for the session (``session_replication_role
 (linked into the chain) before the tamperer starts.
 """
 
+from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -16,6 +18,7 @@ from django.test.utils import CaptureQueriesContext
 
 from audit.models import AuditEvent, AuditHead, AuditLink
 from audit.services import _link_hash, audit_record, audit_refusal, audit_seal_all
+from tests.conftest import OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -52,9 +55,9 @@ def _event_at(seq: int) -> AuditEvent:
 
 
 @pytest.fixture
-def chain(db):
+def chain(db: None) -> Iterator[list[AuditEvent]]:
     """Ten sealed events, a mix of successes and refusals."""
-    rows = []
+    rows: list[AuditEvent] = []
     for i in range(10):
         if i % 3 == 2:
             rows.append(
@@ -83,27 +86,28 @@ def chain(db):
         _sql("SET session_replication_role = origin", [])
 
 
-def _sql(statement: str, params: list) -> int:
+def _sql(statement: str, params: list[Any]) -> int:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
-        return cursor.rowcount
+        count: int = cursor.rowcount
+        return count
 
 
 # --- intact chains --------------------------------------------------------------------------------
 
 
-def test_intact_chain_passes(chain):
+def test_intact_chain_passes(chain: list[AuditEvent]) -> None:
     out, err = _verify()
     assert "intact" in out and "10 events" in out
     assert err == ""
 
 
-def test_empty_log_passes(db):
+def test_empty_log_passes(db: None) -> None:
     out, _ = _verify()
     assert "intact" in out
 
 
-def test_chain_stays_intact_through_real_traffic_with_refusals(flow, scenario):
+def test_chain_stays_intact_through_real_traffic_with_refusals(flow: OAuthFlow, scenario: Scenario) -> None:
     """Consent, code exchange, refresh, reuse detection and refused requests all append cleanly."""
     body = flow.full()
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -116,7 +120,7 @@ def test_chain_stays_intact_through_real_traffic_with_refusals(flow, scenario):
     assert not AuditEvent.objects.filter(link__isnull=True).exists()
 
 
-def test_rows_link_to_each_other_in_order(chain):
+def test_rows_link_to_each_other_in_order(chain: list[AuditEvent]) -> None:
     links = list(AuditLink.objects.order_by("seq"))
     assert [link.seq for link in links] == list(range(1, 11))
     assert [link.event_id for link in links] == [row.pk for row in chain]  # in the order they were written
@@ -127,7 +131,7 @@ def test_rows_link_to_each_other_in_order(chain):
     assert (head.seq, head.hash) == (links[-1].seq, links[-1].hash)
 
 
-def test_an_append_is_one_insert_that_touches_no_shared_row(db):
+def test_an_append_is_one_insert_that_touches_no_shared_row(db: None) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("SQLite links inline (its writers are serialised anyway)")
     audit_record(event="token.issued", actor="agent:warm-up")
@@ -138,7 +142,7 @@ def test_an_append_is_one_insert_that_touches_no_shared_row(db):
     assert "pg_current_xact_id()" in statements[0]
 
 
-def test_an_event_is_recorded_with_its_transaction(db):
+def test_an_event_is_recorded_with_its_transaction(db: None) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("transaction ids are PostgreSQL's")
     row = audit_record(event="token.issued", actor="agent:x")
@@ -150,7 +154,7 @@ def test_an_event_is_recorded_with_its_transaction(db):
 # --- unsealed events ------------------------------------------------------------------------------
 
 
-def test_verify_seals_what_is_waiting_then_checks_it(chain):
+def test_verify_seals_what_is_waiting_then_checks_it(chain: list[AuditEvent]) -> None:
     deferred = connection.vendor == "postgresql"  # SQLite links each event as it is written
     if deferred:
         _sql("SET session_replication_role = origin", [])
@@ -165,7 +169,7 @@ def test_verify_seals_what_is_waiting_then_checks_it(chain):
 # --- the model refuses to change history ----------------------------------------------------------
 
 
-def test_save_on_an_existing_row_is_refused(chain):
+def test_save_on_an_existing_row_is_refused(chain: list[AuditEvent]) -> None:
     row = _event_at(4)
     row.detail = {"reason": "nothing to see"}
     with pytest.raises(RuntimeError):
@@ -174,7 +178,7 @@ def test_save_on_an_existing_row_is_refused(chain):
     verified()
 
 
-def test_save_with_update_fields_is_refused_too(chain):
+def test_save_with_update_fields_is_refused_too(chain: list[AuditEvent]) -> None:
     row = _event_at(3)
     row.outcome = "ok"
     with pytest.raises(RuntimeError):
@@ -182,7 +186,7 @@ def test_save_with_update_fields_is_refused_too(chain):
     assert _event_at(3).outcome == "refused"
 
 
-def test_delete_is_refused(chain):
+def test_delete_is_refused(chain: list[AuditEvent]) -> None:
     row = _event_at(5)
     with pytest.raises(RuntimeError):
         row.delete()
@@ -190,7 +194,7 @@ def test_delete_is_refused(chain):
     verified()
 
 
-def test_links_cannot_be_saved_or_deleted_through_the_model(chain):
+def test_links_cannot_be_saved_or_deleted_through_the_model(chain: list[AuditEvent]) -> None:
     link = AuditLink.objects.get(seq=2)
     with pytest.raises(RuntimeError):
         link.save()
@@ -203,13 +207,13 @@ def test_links_cannot_be_saved_or_deleted_through_the_model(chain):
 # --- tampering is detected ------------------------------------------------------------------------
 
 
-def test_row_edited_with_queryset_update_is_detected(chain):
+def test_row_edited_with_queryset_update_is_detected(chain: list[AuditEvent]) -> None:
     assert AuditEvent.objects.filter(pk=_event_at(4).pk).update(detail={"jti": "forged"}) == 1
     err = _verify_fails()
     assert "position 4" in err and "edited" in err
 
 
-def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain):
+def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain: list[AuditEvent]) -> None:
     assert chain[2].outcome == "refused"
     assert _sql(f"UPDATE {TABLE} SET outcome = %s, error = %s WHERE id = %s", ["ok", "", chain[2].pk]) == 1
     err = _verify_fails()
@@ -226,12 +230,12 @@ def test_refusal_rewritten_as_success_with_raw_sql_is_detected(chain):
         ("remote_addr", "10.0.0.1"),
     ],
 )
-def test_any_edited_column_is_detected(chain, column, value):
+def test_any_edited_column_is_detected(chain: list[AuditEvent], column: str, value: str) -> None:
     assert _sql(f"UPDATE {TABLE} SET {column} = %s WHERE id = %s", [value, chain[5].pk]) == 1
     assert "position 6" in _verify_fails()
 
 
-def test_edited_timestamp_is_detected(chain):
+def test_edited_timestamp_is_detected(chain: list[AuditEvent]) -> None:
     from datetime import timedelta
 
     from django.db.models import F
@@ -243,7 +247,9 @@ def test_edited_timestamp_is_detected(chain):
     assert "position 7" in _verify_fails()
 
 
-def test_edited_row_with_its_link_hash_recomputed_is_caught_by_its_leaf_and_the_next_link(chain):
+def test_edited_row_with_its_link_hash_recomputed_is_caught_by_its_leaf_and_the_next_link(
+    chain: list[AuditEvent],
+) -> None:
     """An editor who also recomputes the edited event's link hash is caught by the event's leaf hash
     and by the next link's prev_hash."""
     row = _event_at(5)
@@ -257,31 +263,31 @@ def test_edited_row_with_its_link_hash_recomputed_is_caught_by_its_leaf_and_the_
     assert "position 6: does not link to the one before it" in err
 
 
-def test_deleted_middle_event_is_detected(chain):
+def test_deleted_middle_event_is_detected(chain: list[AuditEvent]) -> None:
     assert _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[4].pk]) == 1
     err = _verify_fails()
     assert "position 5" in err and "removed" in err
 
 
-def test_deleted_middle_link_is_detected(chain):
+def test_deleted_middle_link_is_detected(chain: list[AuditEvent]) -> None:
     """The event is still there but out of the chain; sealing it again cannot close the gap."""
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [5]) == 1
     err = _verify_fails()
     assert "positions 5..5 are missing" in err
 
 
-def test_deleted_middle_link_is_detected_without_sealing(chain):
+def test_deleted_middle_link_is_detected_without_sealing(chain: list[AuditEvent]) -> None:
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [5]) == 1
     assert "positions 5..5 are missing" in _verify_fails("--no-seal")
 
 
-def test_deleted_first_row_is_detected(chain):
+def test_deleted_first_row_is_detected(chain: list[AuditEvent]) -> None:
     assert _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[0].pk]) == 1
     _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [1])
     assert "positions 1..1 are missing" in _verify_fails()
 
 
-def test_removed_newest_event_and_link_are_detected(chain):
+def test_removed_newest_event_and_link_are_detected(chain: list[AuditEvent]) -> None:
     assert _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[9].pk]) == 1
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [10]) == 1
     err = _verify_fails()
@@ -289,25 +295,25 @@ def test_removed_newest_event_and_link_are_detected(chain):
 
 
 @pytest.mark.parametrize("seal", [True, False])
-def test_removed_newest_link_is_detected(chain, seal):
+def test_removed_newest_link_is_detected(chain: list[AuditEvent], seal: bool) -> None:
     assert _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [10]) == 1
     err = _verify_fails() if seal else _verify_fails("--no-seal")
     assert "10" in err
 
 
-def test_removed_newest_rows_via_queryset_delete_are_detected(chain):
+def test_removed_newest_rows_via_queryset_delete_are_detected(chain: list[AuditEvent]) -> None:
     AuditLink.objects.filter(seq__gte=8).delete()  # a bulk delete bypasses the model's delete()
     AuditEvent.objects.filter(pk__in=[r.pk for r in chain[7:]]).delete()
     assert "newest" in _verify_fails()
 
 
-def test_wiped_log_is_detected(chain):
+def test_wiped_log_is_detected(chain: list[AuditEvent]) -> None:
     _sql(f"DELETE FROM {LINKS}", [])
     _sql(f"DELETE FROM {TABLE}", [])
     _verify_fails()
 
 
-def test_renumbered_links_are_detected(chain):
+def test_renumbered_links_are_detected(chain: list[AuditEvent]) -> None:
     """Deleting a link and its event and shifting the later links down to close the gap still breaks the chain."""
     _sql(f"DELETE FROM {LINKS} WHERE seq = %s", [5])
     _sql(f"DELETE FROM {TABLE} WHERE id = %s", [chain[4].pk])
@@ -317,7 +323,7 @@ def test_renumbered_links_are_detected(chain):
     _verify_fails()
 
 
-def test_appending_after_a_verified_chain_keeps_it_intact(chain):
+def test_appending_after_a_verified_chain_keeps_it_intact(chain: list[AuditEvent]) -> None:
     verified()
     audit_record(event="grant.revoked", actor="user:1", detail={"reason": "revoked_by_user"})
     assert "11 events" in verified()
@@ -333,7 +339,7 @@ def test_appending_after_a_verified_chain_keeps_it_intact(chain):
         f"DELETE FROM {LINKS}",
     ],
 )
-def test_the_application_role_cannot_edit_or_delete_audit_rows(db, statement):
+def test_the_application_role_cannot_edit_or_delete_audit_rows(db: None, statement: str) -> None:
     from django.db import DatabaseError, transaction
 
     audit_record(event="token.issued", actor="agent:x")

@@ -8,24 +8,29 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from io import StringIO
+from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
-from django.test import override_settings
+from django.test import Client, override_settings
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from audit.models import AuditCheckpoint, AuditEvent, AuditLink
 from audit.readers import audit_reader_create, audit_reader_revoke
 from audit.services import audit_record, audit_seal_all
 from audit.tasks import checkpoint_push
+from consent.models import ScopePolicy
 from countersign.ledger import event_leaf_hash, verify_consistency_bundle, verify_inclusion_bundle
+from tests.conftest import ClientResponse, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def events(db):
-    rows = []
+def events(db: None) -> list[AuditEvent]:
+    rows: list[AuditEvent] = []
     for i in range(12):
         rows.append(
             audit_record(
@@ -53,7 +58,7 @@ def _refusals(event: str) -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(event=event, outcome="refused"))
 
 
-def test_jsonl_export_carries_each_events_position_and_its_leaf_recomputes(events):
+def test_jsonl_export_carries_each_events_position_and_its_leaf_recomputes(events: list[AuditEvent]) -> None:
     lines = [json.loads(line) for line in _export().splitlines()]
     assert [doc["seq"] for doc in lines] == list(range(1, 13))
     assert all(
@@ -64,7 +69,7 @@ def test_jsonl_export_carries_each_events_position_and_its_leaf_recomputes(event
         assert event_leaf_hash(doc).hex() == doc["leaf_hash"] == links[doc["seq"]]
 
 
-def test_csv_export_is_provable_too(events):
+def test_csv_export_is_provable_too(events: list[AuditEvent]) -> None:
     rows = list(csv.DictReader(io.StringIO(_export("--format", "csv"))))
     assert len(rows) == 12
     for row in rows:
@@ -78,7 +83,7 @@ def test_csv_export_is_provable_too(events):
         assert event_leaf_hash(doc).hex() == row["leaf_hash"]
 
 
-def test_ocsf_export_maps_sign_ins_and_api_activity(events):
+def test_ocsf_export_maps_sign_ins_and_api_activity(events: list[AuditEvent]) -> None:
     records = [json.loads(line) for line in _export("--format", "ocsf").splitlines()]
     assert {r["class_uid"] for r in records} == {3002, 6003}
     login = next(r for r in records if r["message"] == "login")
@@ -94,7 +99,7 @@ def test_ocsf_export_maps_sign_ins_and_api_activity(events):
         )
 
 
-def test_export_filters_by_principal_and_time(events):
+def test_export_filters_by_principal_and_time(events: list[AuditEvent]) -> None:
     by_agent = [json.loads(line) for line in _export("--principal", "agent:c1").splitlines()]
     assert by_agent and all(d["client_id"] == "c1" or d["actor"] == "agent:c1" for d in by_agent)
     by_user = [json.loads(line) for line in _export("--principal", "user:4").splitlines()]
@@ -111,7 +116,9 @@ def test_export_filters_by_principal_and_time(events):
 # --- public checkpoints ---------------------------------------------------------------------------
 
 
-def test_checkpoints_are_public_listed_and_the_latest_is_served(client, events):
+def test_checkpoints_are_public_listed_and_the_latest_is_served(
+    client: Client, events: list[AuditEvent]
+) -> None:
     latest = client.get("/audit/checkpoints/latest")
     assert latest.status_code == 200 and latest.json()["tree_size"] == 12
     page = client.get("/audit/checkpoints/?limit=2").json()
@@ -135,7 +142,9 @@ def test_checkpoints_are_public_listed_and_the_latest_is_served(client, events):
         ("/audit/checkpoints/7", 404, "not_found"),
     ],
 )
-def test_bad_checkpoint_requests_are_refused_and_audited(client, events, path, status, error):
+def test_bad_checkpoint_requests_are_refused_and_audited(
+    client: Client, events: list[AuditEvent], path: str, status: int, error: str
+) -> None:
     before = AuditCheckpoint.objects.count()
     response = client.get(path)
     assert response.status_code == status and response.json()["error"] == error
@@ -143,13 +152,13 @@ def test_bad_checkpoint_requests_are_refused_and_audited(client, events, path, s
     assert AuditCheckpoint.objects.count() == before
 
 
-def test_writing_to_the_checkpoints_endpoint_is_refused(client, events):
+def test_writing_to_the_checkpoints_endpoint_is_refused(client: Client, events: list[AuditEvent]) -> None:
     response = client.post("/audit/checkpoints/", data={"tree_size": 1})
     assert response.status_code == 405 and response["Allow"] == "GET, HEAD"
     assert len(_refusals("audit.checkpoints_refused")) == 1
 
 
-def test_a_flood_of_bad_requests_leaves_one_row_per_minute(client, events):
+def test_a_flood_of_bad_requests_leaves_one_row_per_minute(client: Client, events: list[AuditEvent]) -> None:
     for _ in range(5):
         assert client.get("/audit/checkpoints/?limit=x").status_code == 400
     assert len(_refusals("audit.checkpoints_refused")) == 1
@@ -159,15 +168,17 @@ def test_a_flood_of_bad_requests_leaves_one_row_per_minute(client, events):
 
 
 @pytest.fixture
-def reader(db):
+def reader(db: None) -> str:
     return audit_reader_create(name="siem", actor="cli")[1]
 
 
-def _pull(client, token, **params):
+def _pull(client: Client, token: str, **params: str | int) -> ClientResponse:
     return client.get("/audit/events/", params, HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
-def test_a_log_shipper_pulls_every_sealed_event_once_by_cursor(client, events, reader):
+def test_a_log_shipper_pulls_every_sealed_event_once_by_cursor(
+    client: Client, events: list[AuditEvent], reader: str
+) -> None:
     seen, cursor = [], "0"
     while True:
         body = _pull(client, reader, cursor=cursor, limit=5).json()
@@ -182,21 +193,23 @@ def test_a_log_shipper_pulls_every_sealed_event_once_by_cursor(client, events, r
 
 
 @pytest.mark.parametrize("header", ["", "Bearer csa_wrong", "Basic c2llbTp4", "Bearer "])
-def test_the_pull_endpoint_refuses_without_a_reader_token(client, events, header):
-    kwargs = {"HTTP_AUTHORIZATION": header} if header else {}
+def test_the_pull_endpoint_refuses_without_a_reader_token(
+    client: Client, events: list[AuditEvent], header: str
+) -> None:
+    kwargs: dict[str, Any] = {"HTTP_AUTHORIZATION": header} if header else {}
     response = client.get("/audit/events/", **kwargs)
     assert response.status_code == 401 and response.json()["error"] == "invalid_token"
     assert response["WWW-Authenticate"].startswith('Bearer realm="countersign", error="invalid_token"')
     assert len(_refusals("audit.export_refused")) == 1
 
 
-def test_a_revoked_reader_is_refused(client, events, reader):
+def test_a_revoked_reader_is_refused(client: Client, events: list[AuditEvent], reader: str) -> None:
     assert _pull(client, reader).status_code == 200
     audit_reader_revoke(name="siem", actor="cli")
     assert _pull(client, reader).status_code == 401
 
 
-def test_guessing_tokens_locks_the_source_out(client, events, reader):
+def test_guessing_tokens_locks_the_source_out(client: Client, events: list[AuditEvent], reader: str) -> None:
     for _ in range(10):
         assert _pull(client, "csa_guess").status_code == 401
     response = _pull(client, reader)
@@ -217,15 +230,17 @@ def test_guessing_tokens_locks_the_source_out(client, events, reader):
         {"secret": "1"},
     ],
 )
-def test_bad_pull_requests_are_refused_and_audited_with_the_reader(client, events, reader, params):
+def test_bad_pull_requests_are_refused_and_audited_with_the_reader(
+    client: Client, events: list[AuditEvent], reader: str, params: dict[str, str]
+) -> None:
     response = _pull(client, reader, **params)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
     assert [r.actor for r in _refusals("audit.export_refused")] == ["audit_reader:siem"]
 
 
-def test_proofs_over_http_verify_with_the_jwks(client, events, reader):
+def test_proofs_over_http_verify_with_the_jwks(client: Client, events: list[AuditEvent], reader: str) -> None:
     jwks = client.get("/.well-known/jwks.json").json()
-    auth = {"HTTP_AUTHORIZATION": f"Bearer {reader}"}
+    auth: dict[str, Any] = {"HTTP_AUTHORIZATION": f"Bearer {reader}"}
     proof = client.get("/audit/proofs/inclusion", {"event_id": events[3].pk, "tree_size": 5}, **auth).json()
     assert verify_inclusion_bundle(proof, jwks).tree_size == 5
     consistency = client.get("/audit/proofs/consistency", {"first": 5}, **auth).json()
@@ -241,8 +256,8 @@ def test_proofs_over_http_verify_with_the_jwks(client, events, reader):
 
 
 def test_each_checkpoint_is_appended_to_the_file_sink_and_audit_verify_checks_it(
-    db, tmp_path, django_capture_on_commit_callbacks
-):
+    db: None, tmp_path: Path, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+) -> None:
     sink = tmp_path / "witness.jsonl"
     with override_settings(COUNTERSIGN={"AUDIT_CHECKPOINT_FILE": str(sink)}):
         with django_capture_on_commit_callbacks(execute=True):
@@ -272,19 +287,19 @@ def test_each_checkpoint_is_appended_to_the_file_sink_and_audit_verify_checks_it
 
 
 class _Witness(BaseHTTPRequestHandler):
-    received: list = []
+    received: list[dict[str, Any]] = []
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Witness.received.append(json.loads(body))
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args):
+    def log_message(self, *args: Any) -> None:
         pass
 
 
-def test_a_webhook_witness_receives_each_checkpoint(events):
+def test_a_webhook_witness_receives_each_checkpoint(events: list[AuditEvent]) -> None:
     server = HTTPServer(("127.0.0.1", 0), _Witness)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -293,7 +308,7 @@ def test_a_webhook_witness_receives_each_checkpoint(events):
         with override_settings(
             COUNTERSIGN={"AUDIT_CHECKPOINT_WEBHOOK": f"http://127.0.0.1:{server.server_port}/cp"}
         ):
-            checkpoint_push.apply(args=[12]).get()
+            checkpoint_push.apply(args=(12,)).get()
     finally:
         server.shutdown()
     assert [(d["tree_size"], d["jws"]) for d in _Witness.received] == [
@@ -304,7 +319,9 @@ def test_a_webhook_witness_receives_each_checkpoint(events):
 # --- a resource server proves the approval it acted on ----------------------------------------------
 
 
-def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(client, scenario, ledger_policy):
+def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(
+    client: Client, scenario: Scenario, ledger_policy: ScopePolicy
+) -> None:
     from approvals.services import approval_approve
     from tests.approvals.support import auth_now, request_approval, session_grant
     from tests.conftest import basic
@@ -312,7 +329,7 @@ def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(client, sce
     approval, _ = request_approval(session_grant(scenario))
     approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
     audit_seal_all()
-    ledger = {"HTTP_AUTHORIZATION": basic(scenario.ledger_client_id, scenario.ledger_secret)}
+    ledger: dict[str, Any] = {"HTTP_AUTHORIZATION": basic(scenario.ledger_client_id, scenario.ledger_secret)}
     response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)}, **ledger)
     assert response.status_code == 200, response.content
     proof = response.json()
@@ -320,7 +337,7 @@ def test_a_resource_server_gets_the_proof_of_the_approval_it_acts_on(client, sce
     assert proof["event"]["event"] == "approval.approved"
     assert proof["event"]["detail"]["approval_id"] == str(approval.pk)
     # Another downstream system's credentials: as if the approval did not exist.
-    other = {"HTTP_AUTHORIZATION": basic(scenario.rs_client_id, scenario.rs_secret)}
+    other: dict[str, Any] = {"HTTP_AUTHORIZATION": basic(scenario.rs_client_id, scenario.rs_secret)}
     response = client.get("/audit/proofs/approval", {"approval_id": str(approval.pk)}, **other)
     assert response.status_code == 404 and response.json()["error"] == "not_found"
     response = client.get(

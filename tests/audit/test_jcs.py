@@ -1,6 +1,8 @@
 """The sealer's fast canonical JSON writes exactly what RFC 8785 (``rfc8785.dumps``, which the
 client package uses to recompute leaves) writes, and falls back where it might not."""
 
+from typing import Any
+
 import pytest
 import rfc8785
 
@@ -25,10 +27,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("value", CASES)
-def test_fast_canonical_json_is_rfc8785(value):
+def test_fast_canonical_json_is_rfc8785(value: Any) -> None:  # Any: JSON of every shape
     assert dumps(value) == rfc8785.dumps(value)
 
 
-def test_what_jcs_cannot_represent_is_still_refused():
+def test_what_jcs_cannot_represent_is_still_refused() -> None:
     with pytest.raises(rfc8785.IntegerDomainError):
         dumps({"too_big": 2**53})

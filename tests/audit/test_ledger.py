@@ -7,14 +7,18 @@ auditor or resource server would, and compared with a recompute from the exporte
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
 from django.utils import timezone
 
-from audit.models import AuditCheckpoint, AuditLink
+from audit.models import AuditCheckpoint, AuditEvent, AuditLink
 from audit.services import audit_record, audit_seal_all
 from consent.models import SigningKey
 from countersign.ledger import (
@@ -31,7 +35,7 @@ from tests.live import ROOT
 pytestmark = pytest.mark.django_db
 
 
-def _write(n: int, *, batch: int) -> list:
+def _write(n: int, *, batch: int) -> list[AuditEvent]:
     rows = [
         audit_record(
             event="token.issued",
@@ -47,14 +51,16 @@ def _write(n: int, *, batch: int) -> list:
     return rows
 
 
-def _prove(*args: str) -> dict:
+def _prove(*args: str) -> dict[str, Any]:
     out = StringIO()
     call_command("audit_prove", *args, stdout=out)
-    return json.loads(out.getvalue())
+    proof: dict[str, Any] = json.loads(out.getvalue())
+    return proof
 
 
-def _jwks(client) -> dict:
-    return client.get("/.well-known/jwks.json").json()
+def _jwks(client: Client) -> dict[str, Any]:
+    jwks: dict[str, Any] = client.get("/.well-known/jwks.json").json()
+    return jwks
 
 
 def _leaves() -> list[bytes]:
@@ -64,7 +70,7 @@ def _leaves() -> list[bytes]:
     ]
 
 
-def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
+def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client: Client) -> None:
     _write(23, batch=5)
     checkpoints = list(AuditCheckpoint.objects.order_by("tree_size"))
     assert [cp.tree_size for cp in checkpoints] == [5, 10, 15, 20, 23]
@@ -77,7 +83,7 @@ def test_each_batch_signs_one_checkpoint_over_the_events_so_far(client):
         before = cp
 
 
-def test_inclusion_proofs_for_every_event_against_every_checkpoint(client):
+def test_inclusion_proofs_for_every_event_against_every_checkpoint(client: Client) -> None:
     rows = _write(70, batch=9)  # heights above the stored stride are combined from stored nodes
     jwks, leaves = _jwks(client), _leaves()
     for cp in AuditCheckpoint.objects.order_by("tree_size"):
@@ -92,7 +98,7 @@ def test_inclusion_proofs_for_every_event_against_every_checkpoint(client):
             ]
 
 
-def test_consistency_proofs_between_every_pair_of_checkpoints(client):
+def test_consistency_proofs_between_every_pair_of_checkpoints(client: Client) -> None:
     _write(70, batch=9)
     jwks, leaves = _jwks(client), _leaves()
     sizes = list(AuditCheckpoint.objects.order_by("tree_size").values_list("tree_size", flat=True))
@@ -107,12 +113,12 @@ def test_consistency_proofs_between_every_pair_of_checkpoints(client):
                 ]
 
 
-def _hex_flips(value: str):
+def _hex_flips(value: str) -> Iterator[str]:
     for i in range(len(value)):
         yield value[:i] + ("0" if value[i] != "0" else "1") + value[i + 1 :]
 
 
-def _jws_flips(jws: str):
+def _jws_flips(jws: str) -> Iterator[str]:
     """Every character of every segment but the last, whose low bits may be base64 padding."""
     for i in range(len(jws)):
         if jws[i] == "." or i + 1 == len(jws) or jws[i + 1] == ".":
@@ -120,7 +126,7 @@ def _jws_flips(jws: str):
         yield jws[:i] + ("A" if jws[i] != "A" else "Q") + jws[i + 1 :]
 
 
-def test_an_inclusion_proof_fails_when_any_byte_changes(client):
+def test_an_inclusion_proof_fails_when_any_byte_changes(client: Client) -> None:
     rows = _write(20, batch=6)
     jwks = _jwks(client)
     proof = _prove(str(rows[11].pk))
@@ -150,12 +156,12 @@ def test_an_inclusion_proof_fails_when_any_byte_changes(client):
     forgeries.append({**proof, "tree_size": proof["tree_size"] + 1})
     for forged in _jws_flips(proof["checkpoint"]["jws"]):
         forgeries.append({**proof, "checkpoint": {**proof["checkpoint"], "jws": forged}})
-    for forged in forgeries:
+    for forgery in forgeries:
         with pytest.raises(LedgerError):
-            verify_inclusion_bundle(forged, jwks)
+            verify_inclusion_bundle(forgery, jwks)
 
 
-def test_a_consistency_proof_fails_when_any_byte_changes(client):
+def test_a_consistency_proof_fails_when_any_byte_changes(client: Client) -> None:
     _write(30, batch=7)
     jwks = _jwks(client)
     proof = _prove("--consistency", "7", "30")
@@ -175,13 +181,14 @@ def test_a_consistency_proof_fails_when_any_byte_changes(client):
             verify_consistency_bundle(forged, jwks)
 
 
-def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_published(client):
+def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_published(client: Client) -> None:
     rows = _write(4, batch=10)
     old = AuditCheckpoint.objects.get()
     call_command("rotate_signing_key", stdout=StringIO())
     audit_record(event="token.issued", actor="agent:after-rotation")
     audit_seal_all()
     new = AuditCheckpoint.objects.order_by("-tree_size").first()
+    assert new is not None
     assert new.kid != old.kid and SigningKey.objects.get(kid=old.kid).active is False
     jwks = _jwks(client)
     assert {k["kid"] for k in jwks["keys"]} >= {old.kid, new.kid}
@@ -199,12 +206,12 @@ def test_a_checkpoint_signed_by_a_retired_key_verifies_while_that_key_is_publish
     assert f"intact: {new.tree_size} events" in out.getvalue()
 
 
-def test_a_token_is_not_a_checkpoint(client, session_token):
+def test_a_token_is_not_a_checkpoint(client: Client, session_token: str) -> None:
     with pytest.raises(LedgerError, match="typ"):
         verify_checkpoint(session_token, _jwks(client))
 
 
-def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_path):
+def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client: Client, tmp_path: Path) -> None:
     rows = _write(9, batch=4)
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks(client)))
     (tmp_path / "proof.json").write_text(json.dumps(_prove(str(rows[5].pk))))
@@ -213,7 +220,7 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_
     call_command("audit_checkpoint", stdout=out)
     (tmp_path / "checkpoint.json").write_text(out.getvalue())
 
-    def run(*args):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "countersign.ledger", *args, "--jwks", str(tmp_path / "jwks.json")],
             cwd=ROOT,
@@ -244,7 +251,7 @@ def test_the_auditors_command_line_checks_proofs_with_only_the_jwks(client, tmp_
     assert result.returncode == 1 and "FAILED" in result.stderr
 
 
-def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
+def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path: Path) -> None:
     _write(6, batch=3)
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--all", "--output", str(kept), stdout=StringIO())
@@ -265,7 +272,7 @@ def test_audit_checkpoint_exports_what_audit_verify_checks_against(tmp_path):
     assert "matches 2 checkpoint(s) kept elsewhere" in out.getvalue()
 
 
-def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
+def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db: None) -> None:
     from django.core.management import CommandError
 
     rows = _write(3, batch=3)
@@ -285,7 +292,7 @@ def test_proofs_for_what_cannot_be_proven_are_refused_clearly(db):
             call_command("audit_prove", str(unsealed.pk), "--checkpoint", "3", stdout=StringIO())
 
 
-def test_a_sealer_batch_costs_the_same_few_statements_however_large(db):
+def test_a_sealer_batch_costs_the_same_few_statements_however_large(db: None) -> None:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 

@@ -6,6 +6,7 @@ algorithms, and fail when any byte changes.
 """
 
 import hashlib
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -92,16 +93,16 @@ DATA = [f"entry {i}".encode() for i in range(40)]
 LEAVES = [leaf_hash(d) for d in DATA]
 
 
-def _source(leaves: list[bytes]):
+def _source(leaves: list[bytes]) -> Callable[[int, int], bytes]:
     return lambda start, end: merkle_root(leaves[start:end])
 
 
-def _flips(value: bytes):
+def _flips(value: bytes) -> Iterator[bytes]:
     for i in range(len(value)):
         yield value[:i] + bytes([value[i] ^ 0x01]) + value[i + 1 :]
 
 
-def test_the_reference_implementations_roots():
+def test_the_reference_implementations_roots() -> None:
     for n in range(1, 9):
         assert merkle_root([leaf_hash(d) for d in CT_LEAVES[:n]]).hex() == CT_ROOTS[n - 1]
         assert ref_mth(CT_LEAVES[:n]).hex() == CT_ROOTS[n - 1]
@@ -109,16 +110,17 @@ def test_the_reference_implementations_roots():
 
 
 @pytest.mark.parametrize("n", range(1, 41))
-def test_root_matches_the_recursive_definition_and_the_frontier(n):
+def test_root_matches_the_recursive_definition_and_the_frontier(n: int) -> None:
     expected = ref_mth(DATA[:n])
     assert merkle_root(LEAVES[:n]) == expected
-    frontier, size = [], 0
+    frontier: list[bytes] = []
+    size = 0
     for start in range(0, n, 3):  # appended in batches, as the sealer does
         frontier, size, _ = frontier_append(frontier, size, LEAVES[start : min(n, start + 3)])
     assert size == n and compact_root(frontier) == expected
 
 
-def test_the_frontier_emits_every_subtree_at_a_stride_height_once():
+def test_the_frontier_emits_every_subtree_at_a_stride_height_once() -> None:
     _, _, nodes = frontier_append([], 0, LEAVES[:40])
     expected = [
         (h, i)
@@ -133,7 +135,7 @@ def test_the_frontier_emits_every_subtree_at_a_stride_height_once():
 
 
 @pytest.mark.parametrize("n", range(1, 34))
-def test_inclusion_proofs_equal_the_definition_and_verify(n):
+def test_inclusion_proofs_equal_the_definition_and_verify(n: int) -> None:
     root = ref_mth(DATA[:n])
     for m in range(n):
         path = inclusion_proof(m, n, _source(LEAVES[:n]))
@@ -146,7 +148,7 @@ def test_inclusion_proofs_equal_the_definition_and_verify(n):
             assert not verify_inclusion(m, n, LEAVES[m], path[:-1], root)
 
 
-def test_inclusion_fails_when_any_byte_changes():
+def test_inclusion_fails_when_any_byte_changes() -> None:
     n, m = 13, 6
     path = inclusion_proof(m, n, _source(LEAVES[:n]))
     root = merkle_root(LEAVES[:n])
@@ -161,7 +163,7 @@ def test_inclusion_fails_when_any_byte_changes():
 
 
 @pytest.mark.parametrize("n", range(1, 34))
-def test_consistency_proofs_equal_the_definition_and_verify(n):
+def test_consistency_proofs_equal_the_definition_and_verify(n: int) -> None:
     second_root = ref_mth(DATA[:n])
     for m in range(1, n + 1):
         proof = consistency_proof(m, n, _source(LEAVES[:n]))
@@ -175,7 +177,7 @@ def test_consistency_proofs_equal_the_definition_and_verify(n):
     assert verify_consistency(0, n, EMPTY_ROOT, second_root, [])
 
 
-def test_consistency_fails_when_any_byte_changes():
+def test_consistency_fails_when_any_byte_changes() -> None:
     m, n = 7, 29
     proof = consistency_proof(m, n, _source(LEAVES[:n]))
     first, second = merkle_root(LEAVES[:m]), merkle_root(LEAVES[:n])
@@ -189,7 +191,7 @@ def test_consistency_fails_when_any_byte_changes():
             assert not verify_consistency(m, n, first, second, proof[:j] + [forged] + proof[j + 1 :])
 
 
-def test_a_rewritten_history_is_not_consistent():
+def test_a_rewritten_history_is_not_consistent() -> None:
     m, n = 8, 20
     rewritten = LEAVES[:3] + [leaf_hash(b"forged")] + LEAVES[4:n]
     proof = consistency_proof(m, n, _source(rewritten))

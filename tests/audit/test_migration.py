@@ -7,6 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.state import StateApps
 from django.utils import timezone
 
 from audit.services import GENESIS, _event_hash
@@ -14,13 +15,13 @@ from audit.services import GENESIS, _event_hash
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _migrate(target):
+def _migrate(target: list[tuple[str, str]]) -> StateApps:
     executor = MigrationExecutor(connection)
     executor.migrate(target)
     return executor.loader.project_state(target).apps
 
 
-def test_a_chain_sealed_before_the_ledger_is_backfilled_and_signed():
+def test_a_chain_sealed_before_the_ledger_is_backfilled_and_signed() -> None:
     old = _migrate([("audit", "0004_sealed_links")])
     try:
         Event, Link, Head = (old.get_model("audit", m) for m in ("AuditEvent", "AuditLink", "AuditHead"))

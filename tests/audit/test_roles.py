@@ -6,7 +6,9 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from io import StringIO
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,13 +27,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail("role tests need PostgreSQL: set DATABASE_URL=postgres://...")
 
 
 @pytest.fixture
-def app_role(db):
+def app_role(db: None) -> Iterator[str]:
     role = f"cs_app_{secrets.token_hex(4)}"
     with connection.cursor() as cursor:
         cursor.execute(f'CREATE ROLE "{role}" LOGIN')
@@ -48,12 +50,12 @@ def _url(role: str) -> str:
     return f"postgres://{role}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-def _as(role: str):
+def _as(role: str) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(_url(role), autocommit=True)
 
 
 @pytest.fixture
-def sealed(db):
+def sealed(db: None) -> None:
     active_signing_key()
     for i in range(20):
         audit_record(event="token.issued", actor=f"agent:{i}")
@@ -70,7 +72,9 @@ def sealed(db):
     "statement",
     ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t}", "ALTER TABLE {t} DISABLE TRIGGER ALL"],
 )
-def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(app_role, sealed, table, statement):
+def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(
+    app_role: str, sealed: None, table: str, statement: str
+) -> None:
     column = {
         "audit_auditevent": "event",
         "audit_auditlink": "leaf",
@@ -86,12 +90,14 @@ def test_the_application_role_cannot_update_delete_or_truncate_audit_rows(app_ro
     "statement",
     ["DELETE FROM audit_audithead", "TRUNCATE audit_audithead", "SET session_replication_role = replica"],
 )
-def test_nor_remove_the_sealers_head_or_switch_triggers_off(app_role, sealed, statement):
+def test_nor_remove_the_sealers_head_or_switch_triggers_off(
+    app_role: str, sealed: None, statement: str
+) -> None:
     with _as(app_role) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute(statement)
 
 
-def test_the_application_role_still_appends_and_seals(app_role, sealed):
+def test_the_application_role_still_appends_and_seals(app_role: str, sealed: None) -> None:
     with _as(app_role) as conn:
         conn.execute(
             "INSERT INTO audit_auditevent (occurred_at, event, outcome, actor, client_id, grant_id, error,"
@@ -114,13 +120,14 @@ def test_the_application_role_still_appends_and_seals(app_role, sealed):
             break
         assert time.monotonic() < deadline, "the restricted sealer never linked the event"
         time.sleep(0.5)
-    assert AuditCheckpoint.objects.order_by("-tree_size").first().tree_size == 21
+    latest = AuditCheckpoint.objects.order_by("-tree_size").first()
+    assert latest is not None and latest.tree_size == 21
     out = StringIO()
     call_command("audit_verify", stdout=out, stderr=StringIO())
     assert "intact: 21 events" in out.getvalue()
 
 
-def test_audit_grants_check_tells_the_roles_apart(app_role):
+def test_audit_grants_check_tells_the_roles_apart(app_role: str) -> None:
     env = {**os.environ, "DATABASE_URL": _url(app_role), "DATABASE_POOL": "0"}
     result = subprocess.run(
         [sys.executable, "manage.py", "audit_grants", "--check"],
@@ -135,14 +142,14 @@ def test_audit_grants_check_tells_the_roles_apart(app_role):
         call_command("audit_grants", "--check", stdout=StringIO())
 
 
-def test_the_system_check_warns_in_production_when_the_role_can_change_audit_rows(db):
+def test_the_system_check_warns_in_production_when_the_role_can_change_audit_rows(db: None) -> None:
     assert audit_role_cannot_rewrite_history(None, databases=["default"]) == []  # http issuer: development
     with override_settings(COUNTERSIGN={"ISSUER": "https://auth.example.com"}):
         warnings = audit_role_cannot_rewrite_history(None, databases=["default"])
     assert [w.id for w in warnings] == ["audit.W001"] and "superuser" in warnings[0].msg
 
 
-def test_audit_grants_prints_what_it_would_apply(db):
+def test_audit_grants_prints_what_it_would_apply(db: None) -> None:
     out = StringIO()
     call_command("audit_grants", "--role", "cs_app", "--owner", "cs_owner", stdout=out)
     sql = out.getvalue()

@@ -15,11 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 import time_machine
 from django.db import connection, transaction
+from django.test import Client
 from django.utils import timezone
 
 import audit.services as services
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "sealer tests need PostgreSQL transaction ids: set DATABASE_URL=postgres://... (make test)"
@@ -64,7 +66,7 @@ class Writers:
     """Threads writing audited transactions: 1-3 events each, some slow, some rolled back, and
     refusals recorded outside any transaction. ``written`` counts what committed."""
 
-    def __init__(self, n: int, transactions: int, seed: int = 1):
+    def __init__(self, n: int, transactions: int, seed: int = 1) -> None:
         self.n, self.transactions, self.seed = n, transactions, seed
         self.written = 0
         self.rolled_back: list[str] = []
@@ -121,7 +123,7 @@ class _RolledBack(Exception):
 class Sealer(threading.Thread):
     """``audit_seal`` in a loop, as ``audit_seal --loop`` runs it, until told to stop."""
 
-    def __init__(self, name: str, *, limit: int, wait: bool = False):
+    def __init__(self, name: str, *, limit: int, wait: bool = False) -> None:
         super().__init__(name=name)
         self.limit, self.wait = limit, wait
         self.stopping = threading.Event()
@@ -148,14 +150,14 @@ class Sealer(threading.Thread):
         assert not self.is_alive() and not self.errors, self.errors
 
 
-def _until(condition, what: str, timeout: float = 90.0) -> None:
+def _until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} (a transaction left open on the server?)"
         time.sleep(0.05)
 
 
-def test_writers_and_a_sealer_at_once_link_every_event_exactly_once(db):
+def test_writers_and_a_sealer_at_once_link_every_event_exactly_once(db: None) -> None:
     writers = Writers(n=4, transactions=60)
     sealer = Sealer("sealer", limit=7)  # small batches: many cut short by their size
     sealer.start()
@@ -171,7 +173,7 @@ def test_writers_and_a_sealer_at_once_link_every_event_exactly_once(db):
     verified()
 
 
-def test_two_sealers_at_once_never_link_an_event_twice(db):
+def test_two_sealers_at_once_never_link_an_event_twice(db: None) -> None:
     writers = Writers(n=3, transactions=60, seed=2)
     sealers = [Sealer("try-sealer", limit=5), Sealer("waiting-sealer", limit=5, wait=True)]
     for s in sealers:
@@ -187,7 +189,7 @@ def test_two_sealers_at_once_never_link_an_event_twice(db):
     verified()
 
 
-def test_a_long_transaction_that_commits_late_is_not_skipped(db):
+def test_a_long_transaction_that_commits_late_is_not_skipped(db: None) -> None:
     started, release = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
@@ -234,7 +236,7 @@ with transaction.atomic():
 """
 
 
-def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everything_once(db):
+def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everything_once(db: None) -> None:
     for i in range(12):
         audit_record(event="token.issued", actor=f"agent:{i}")
     _seal_until_one_can_link()
@@ -251,6 +253,7 @@ def test_a_sealer_killed_mid_batch_links_nothing_and_the_next_one_links_everythi
         text=True,
         start_new_session=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     try:
         line = proc.stdout.readline().strip()
         assert line == "5", (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -279,12 +282,12 @@ def _seal_until_one_can_link(timeout: float = 90.0) -> None:
             time.sleep(0.05)
 
 
-def test_a_sealer_failing_mid_batch_rolls_back_its_links(db, monkeypatch):
+def test_a_sealer_failing_mid_batch_rolls_back_its_links(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(6):
         audit_record(event="token.issued", actor=f"agent:{i}")
     _seal_until_one_can_link()
 
-    def fail_after_the_links_are_written(head, lags):
+    def fail_after_the_links_are_written(head: AuditHead, lags: list[float]) -> None:
         assert AuditLink.objects.count() == 6  # inside the batch: written, not committed
         raise RuntimeError("sealer died mid-batch")
 
@@ -299,7 +302,7 @@ def test_a_sealer_failing_mid_batch_rolls_back_its_links(db, monkeypatch):
     verified()
 
 
-def test_seal_lag_is_a_histogram_in_metrics(client):
+def test_seal_lag_is_a_histogram_in_metrics(client: Client) -> None:
     for i in range(3):
         audit_record(event="token.issued", actor=f"agent:{i}")
     _seal_until_all_linked()
@@ -311,7 +314,7 @@ def test_seal_lag_is_a_histogram_in_metrics(client):
     assert "countersign_audit_seal_lag_seconds_count 3.0" in body
 
 
-def test_readyz_names_the_audit_sealer_when_an_event_waits_too_long(client):
+def test_readyz_names_the_audit_sealer_when_an_event_waits_too_long(client: Client) -> None:
     assert client.get("/readyz").status_code == 200
     with time_machine.travel(timezone.now() - timedelta(minutes=2), tick=False):
         audit_record(event="token.issued", actor="agent:left-waiting")
@@ -323,7 +326,7 @@ def test_readyz_names_the_audit_sealer_when_an_event_waits_too_long(client):
     assert client.get("/readyz").status_code == 200
 
 
-def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db):
+def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db: None) -> None:
     env = {**os.environ, "DATABASE_URL": _database_url(), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "manage.py", "audit_seal", "--loop", "--interval", "0.05"],
@@ -339,7 +342,7 @@ def test_the_sealer_process_links_events_as_they_commit_and_stops_on_sigterm(db)
         _until(lambda: AuditLink.objects.count() == 5, "the sealer process did not link the events")
         assert sorted(AuditLink.objects.values_list("event_id", flat=True)) == [r.pk for r in rows]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+        assert proc.wait(timeout=30) == 0, proc.stdout.read() if proc.stdout else ""
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

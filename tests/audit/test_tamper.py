@@ -7,7 +7,10 @@ three events, so the named range is narrow.
 """
 
 import json
+from collections.abc import Iterable, Iterator
 from io import StringIO
+from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -20,6 +23,7 @@ from audit.merkle import frontier_append, insert_nodes
 from audit.models import AuditCheckpoint, AuditEvent, AuditHead, AuditLink
 from audit.services import GENESIS, _link_hash, audit_record, audit_seal, audit_seal_all
 from countersign.ledger import CHECKPOINT_TYP
+from tests.conftest import OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -33,19 +37,20 @@ AUDIT_TABLES = [
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail("tampering tests need PostgreSQL's triggers: set DATABASE_URL=postgres://...")
 
 
-def _sql(statement: str, params=()) -> int:
+def _sql(statement: str, params: Iterable[Any] = ()) -> int:
     with connection.cursor() as cursor:
         cursor.execute(statement, list(params))
-        return cursor.rowcount
+        count: int = cursor.rowcount
+        return count
 
 
 @pytest.fixture
-def ledger(db):
+def ledger(db: None) -> Iterator[list[AuditEvent]]:
     rows = [
         audit_record(event="token.issued", actor=f"agent:c{i}", client_id=f"c{i}", detail={"jti": f"j{i}"})
         for i in range(10)
@@ -73,7 +78,9 @@ def _rewrite(events: list[AuditEvent]) -> None:
     """Rebuild links, tree nodes and head for ``events`` in this order, every unkeyed hash recomputed."""
     _sql("DELETE FROM audit_auditlink")
     _sql("DELETE FROM audit_auditnode")
-    prev, frontier, size, links = GENESIS, [], 0, []
+    frontier: list[bytes] = []
+    links: list[AuditLink] = []
+    prev, size = GENESIS, 0
     for seq, event in enumerate(events, start=1):
         digest = _link_hash(event, seq=seq, prev_hash=prev)
         leaf = event_leaf(event, seq)
@@ -101,13 +108,13 @@ def _in_order() -> list[AuditEvent]:
     ]
 
 
-def test_an_intact_ledger_passes(ledger):
+def test_an_intact_ledger_passes(ledger: list[AuditEvent]) -> None:
     out = StringIO()
     call_command("audit_verify", "--no-seal", stdout=out, stderr=StringIO())
     assert "intact: 10 events" in out.getvalue() and "checkpoint 10" in out.getvalue()
 
 
-def test_reordered_events_are_detected_at_the_first_moved_position(ledger):
+def test_reordered_events_are_detected_at_the_first_moved_position(ledger: list[AuditEvent]) -> None:
     a, b = AuditLink.objects.get(seq=4).event_id, AuditLink.objects.get(seq=5).event_id
     _sql("UPDATE audit_auditlink SET event_id = -1 WHERE seq = 4")
     _sql("UPDATE audit_auditlink SET event_id = %s WHERE seq = 5", [a])
@@ -115,7 +122,9 @@ def test_reordered_events_are_detected_at_the_first_moved_position(ledger):
     assert _first_line(_fails()).startswith("position 4:")
 
 
-def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_root(ledger):
+def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_root(
+    ledger: list[AuditEvent],
+) -> None:
     events = _in_order()
     events[4], events[5] = events[5], events[4]  # positions 5 and 6
     _rewrite(events)
@@ -126,7 +135,9 @@ def test_reordered_events_with_every_hash_recomputed_are_detected_by_the_signed_
     )
 
 
-def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_root(ledger):
+def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_root(
+    ledger: list[AuditEvent],
+) -> None:
     _sql(
         "UPDATE audit_auditevent SET detail = %s WHERE id = %s", [json.dumps({"jti": "forged"}), ledger[7].pk]
     )
@@ -134,14 +145,18 @@ def test_an_edited_event_with_every_hash_recomputed_is_detected_by_the_signed_ro
     assert _first_line(_fails()).startswith("position 7: checkpoint 9: the events at positions 7..9")
 
 
-def test_an_event_inserted_in_the_middle_with_every_hash_recomputed_is_detected(ledger):
+def test_an_event_inserted_in_the_middle_with_every_hash_recomputed_is_detected(
+    ledger: list[AuditEvent],
+) -> None:
     forged = audit_record(event="approval.approved", actor="user:1", detail={"approval_id": "forged"})
     events = _in_order()
     _rewrite(events[:1] + [AuditEvent.objects.get(pk=forged.pk)] + events[1:])
     assert _first_line(_fails()).startswith("position 1: checkpoint 3: the events at positions 1..3")
 
 
-def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint(ledger):
+def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint(
+    ledger: list[AuditEvent],
+) -> None:
     forged = audit_record(event="approval.approved", actor="user:1", detail={"approval_id": "forged"})
     _rewrite(_in_order() + [AuditEvent.objects.get(pk=forged.pk)])
     assert "position 11: positions 11..11 are signed by no checkpoint" in _fails()
@@ -150,7 +165,7 @@ def test_an_event_appended_with_every_hash_recomputed_is_signed_by_no_checkpoint
     assert result.linked == 0 and "11" in result.refused, "the sealer signed over the forged event"
 
 
-def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger):
+def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger: list[AuditEvent]) -> None:
     _sql("UPDATE audit_auditevent SET outcome = 'refused' WHERE id = %s", [ledger[1].pk])
     _rewrite(_in_order())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -173,7 +188,7 @@ def test_a_forged_checkpoint_over_a_rewritten_ledger_does_not_verify(ledger):
     assert "checkpoint 10: signature or claims do not verify" in _first_line(_fails())
 
 
-def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger):
+def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger: list[AuditEvent]) -> None:
     events = _in_order()
     _sql("DELETE FROM audit_auditevent WHERE id = %s", [events[8].pk])
     _rewrite(events[:8] + events[9:])
@@ -182,7 +197,9 @@ def test_a_deleted_event_with_every_hash_recomputed_is_detected(ledger):
     assert "checkpoint 10 signs 10 events and the ledger holds 9" in err
 
 
-def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_elsewhere(ledger, tmp_path):
+def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_elsewhere(
+    ledger: list[AuditEvent], tmp_path: Path
+) -> None:
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--output", str(kept), stdout=StringIO())
     events = _in_order()
@@ -195,7 +212,9 @@ def test_removed_newest_events_and_checkpoints_are_caught_by_a_checkpoint_kept_e
 
 
 @pytest.mark.parametrize("tables", [["audit_auditevent", "audit_audithead"], AUDIT_TABLES])
-def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(ledger, tables, tmp_path):
+def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(
+    ledger: list[AuditEvent], tables: list[str], tmp_path: Path
+) -> None:
     kept = tmp_path / "kept.jsonl"
     call_command("audit_checkpoint", "--output", str(kept), stdout=StringIO())
     _sql(f"TRUNCATE {', '.join(tables)}")
@@ -205,7 +224,7 @@ def test_truncate_is_caught_by_a_checkpoint_kept_elsewhere(ledger, tables, tmp_p
         assert "the checkpoint kept elsewhere signs 10 events and the ledger holds 0" in err
 
 
-def test_truncating_events_and_head_is_detected_without_a_kept_checkpoint(ledger):
+def test_truncating_events_and_head_is_detected_without_a_kept_checkpoint(ledger: list[AuditEvent]) -> None:
     """The statement that used to leave "intact: 0 events"."""
     _sql("TRUNCATE audit_auditevent, audit_audithead")
     err = _fails()
@@ -214,7 +233,9 @@ def test_truncating_events_and_head_is_detected_without_a_kept_checkpoint(ledger
     assert "the newest checkpoint signs 10 events and the sealer's head says 0" in audit_seal().refused
 
 
-def test_truncating_every_audit_table_is_detected_through_the_grants_it_leaves(flow, scenario):
+def test_truncating_every_audit_table_is_detected_through_the_grants_it_leaves(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     flow.full()
     audit_seal_all()
     _sql("SET session_replication_role = replica")
@@ -224,7 +245,9 @@ def test_truncating_every_audit_table_is_detected_through_the_grants_it_leaves(f
 
 
 @pytest.mark.parametrize("table", AUDIT_TABLES)
-def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(ledger, table):
+def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(
+    ledger: list[AuditEvent], table: str
+) -> None:
     _sql("SET session_replication_role = origin")
     _sql("SET countersign.audit_truncate = ''")  # what the application's sessions have
     with pytest.raises(DatabaseError, match="TRUNCATE"), transaction.atomic():
@@ -242,7 +265,9 @@ def test_truncate_is_refused_by_the_database_even_for_the_tables_owner(ledger, t
         "DELETE FROM audit_audithead",
     ],
 )
-def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, statement):
+def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(
+    ledger: list[AuditEvent], statement: str
+) -> None:
     _sql("SET session_replication_role = origin")
     audit_record(event="token.issued", actor="agent:x")
     for _ in range(6):
@@ -252,19 +277,19 @@ def test_nodes_checkpoints_and_the_head_refuse_edits_and_deletes(ledger, stateme
         _sql(statement)
 
 
-def test_a_removed_middle_checkpoint_breaks_the_checkpoint_chain(ledger):
+def test_a_removed_middle_checkpoint_breaks_the_checkpoint_chain(ledger: list[AuditEvent]) -> None:
     _sql("DELETE FROM audit_auditcheckpoint WHERE tree_size = 6")
     assert _first_line(_fails()).startswith(
         "position 4: checkpoint 9: does not follow the checkpoint before it"
     )
 
 
-def test_an_edited_checkpoint_row_is_detected(ledger):
+def test_an_edited_checkpoint_row_is_detected(ledger: list[AuditEvent]) -> None:
     _sql("UPDATE audit_auditcheckpoint SET root_hash = repeat('a', 64) WHERE tree_size = 3")
     assert _first_line(_fails()) == "position 1: checkpoint 3: its row does not match what it signs"
 
 
-def test_an_edited_tree_node_is_detected(ledger):
+def test_an_edited_tree_node_is_detected(ledger: list[AuditEvent]) -> None:
     for i in range(6):
         audit_record(event="token.issued", actor=f"agent:more-{i}")
     _sql("SET session_replication_role = origin")
@@ -274,7 +299,7 @@ def test_an_edited_tree_node_is_detected(ledger):
     assert "the stored tree node over positions 1..16 does not match the leaves under it" in _fails()
 
 
-def test_an_edited_frontier_stops_the_sealer_and_is_reported(ledger):
+def test_an_edited_frontier_stops_the_sealer_and_is_reported(ledger: list[AuditEvent]) -> None:
     AuditHead.objects.filter(pk=1).update(frontier=["00" * 32, "11" * 32])
     assert "the sealer's frontier does not match the tree" in _fails()
     _sql("SET session_replication_role = origin")

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import httpx
@@ -34,6 +34,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from countersign.dpop import jwk_thumbprint
+from tests.live import LiveStack
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 ISSUER = "https://auth.example"
 AUDIENCE = "https://catalog.example"
@@ -46,14 +50,17 @@ def b64(data: bytes) -> str:
 
 
 class SigningKey:
-    def __init__(self, alg: str = "ES256", kid: str | None = None):
+    def __init__(self, alg: str = "ES256", kid: str | None = None) -> None:
         self.alg = alg
+        self.private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
         if alg == "ES256":
-            self.private = ec.generate_private_key(ec.SECP256R1())
-            public = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            ec_key = ec.generate_private_key(ec.SECP256R1())
+            public = ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
+            self.private = ec_key
         else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            public = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            public = RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
+            self.private = rsa_key
         self.kid = kid or jwk_thumbprint(public)
         self.jwk = {**public, "kid": self.kid, "alg": alg, "use": "sig"}
         self.public_pem = self.private.public_key().public_bytes(
@@ -64,7 +71,7 @@ class SigningKey:
 class LocalIssuer:
     """An issuer behind ``httpx.MockTransport``, with a registry and a redemption endpoint."""
 
-    def __init__(self, alg: str = "ES256"):
+    def __init__(self, alg: str = "ES256") -> None:
         self.key = SigningKey(alg)
         self.keys = [self.key]
         self.agents: dict[str, dict[str, Any]] = {
@@ -156,14 +163,14 @@ class LocalIssuer:
         *,
         typ: str | None = "at+jwt",
         key: SigningKey | None = None,
-        headers: dict | None = None,
+        headers: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> str:
         key = key or self.key
         header = {"kid": key.kid, **({"typ": typ} if typ else {}), **(headers or {})}
         return jwt.encode(self.claims(**overrides), key.private, algorithm=key.alg, headers=header)
 
-    def action(self, details: list[dict], **overrides: Any) -> str:
+    def action(self, details: list[dict[str, Any]], **overrides: Any) -> str:
         from countersign.verifier import action_hash
 
         overrides.setdefault("authorization_details", details)
@@ -174,7 +181,7 @@ class LocalIssuer:
         return self.mint(typ="action+jwt", **overrides)
 
 
-def hs256_with_public_key(claims: dict, key: SigningKey, typ: str = "at+jwt") -> str:
+def hs256_with_public_key(claims: dict[str, Any], key: SigningKey, typ: str = "at+jwt") -> str:
     """The classic algorithm-confusion forgery: HMAC keyed with the published public key."""
     header = b64(json.dumps({"alg": "HS256", "typ": typ, "kid": key.kid}).encode())
     payload = b64(json.dumps(claims).encode())
@@ -182,14 +189,15 @@ def hs256_with_public_key(claims: dict, key: SigningKey, typ: str = "at+jwt") ->
     return f"{header}.{payload}.{b64(signature)}"
 
 
-def raw_es256(header: dict, claims: dict, key: SigningKey) -> str:
+def raw_es256(header: dict[str, Any], claims: dict[str, Any], key: SigningKey) -> str:
     """An ES256 JWS with any header at all (PyJWT refuses, e.g., a non-string kid)."""
+    assert isinstance(key.private, ec.EllipticCurvePrivateKey), "raw_es256 signs with an ES256 key"
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
     signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), key.private)
     return f"{signing_input}.{b64(signature)}"
 
 
-def unsigned(claims: dict, kid: str, typ: str = "at+jwt") -> str:
+def unsigned(claims: dict[str, Any], kid: str, typ: str = "at+jwt") -> str:
     header = b64(json.dumps({"alg": "none", "typ": typ, "kid": kid}).encode())
     return f"{header}.{b64(json.dumps(claims).encode())}."
 
@@ -197,7 +205,7 @@ def unsigned(claims: dict, kid: str, typ: str = "at+jwt") -> str:
 # --- the live server ------------------------------------------------------------------------------
 
 
-def consent_over_http(live, user, url: str, state: str, *, decision: str = "allow") -> str:
+def consent_over_http(live: LiveStack, user: User, url: str, state: str, *, decision: str = "allow") -> str:
     """The officer, signed in, answers the live server's consent screen in a browser-like way
     (session cookie, CSRF token, the form's own fields). Returns the authorization code."""
     from django.test import Client
@@ -228,7 +236,7 @@ def consent_over_http(live, user, url: str, state: str, *, decision: str = "allo
 
 
 @contextmanager
-def officer_decides(user, *, decision: str = "approve") -> Iterator[None]:
+def officer_decides(user: User, *, decision: str = "approve") -> Iterator[None]:
     """While the block runs, the officer answers the first pending prompt in the browser
     (Django's test client, so CSRF, login and ownership checks all apply)."""
     from django.db import connection

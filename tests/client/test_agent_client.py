@@ -11,21 +11,25 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.contrib.auth.models import User
 from django.db import connection
 from jwt.algorithms import ECAlgorithm
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from consent.models import Agent
+from consent.models import Agent, ScopePolicy
 from consent.services import grant_revoke
 from countersign import (
+    ActionToken,
     AgentClient,
     ApprovalDenied,
     ApprovalTimeout,
@@ -33,12 +37,14 @@ from countersign import (
     DPoPKey,
     GrantRevoked,
     SessionEnded,
+    TokenSet,
     TokenVerifier,
 )
 from countersign.dpop import ReplayCache, verify_proof
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.client import consent_over_http, officer_decides
-from tests.conftest import REDIRECT_URI
+from tests.conftest import REDIRECT_URI, Scenario
+from tests.live import LiveStack
 
 SCOPES = ["catalog:read", "budget:read", "ledger:write"]
 
@@ -46,31 +52,37 @@ SCOPES = ["catalog:read", "budget:read", "ledger:write"]
 class AgentKey:
     """A registered ES256 key for private_key_jwt (as in tests/consent/test_token_exchange.py)."""
 
-    def __init__(self, kid="k1"):
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
 
-def _consent_in_thread(live, user, url, state) -> str:
+def _consent_in_thread(live: LiveStack, user: User, url: str, state: str) -> str:
     try:
         return consent_over_http(live, user, url, state)
     finally:
         connection.close()  # this worker thread's own connection
 
 
-def _client(live, scenario, **kwargs) -> AgentClient:
+def _client(live: LiveStack, scenario: Scenario, **kwargs: Any) -> AgentClient:
     kwargs.setdefault("client_secret", scenario.agent_secret)
     return AgentClient(live.url, scenario.agent.client_id, redirect_uri=REDIRECT_URI, **kwargs)
 
 
-def _connect(live, scenario, client) -> None:
+def _connect(live: LiveStack, scenario: Scenario, client: AgentClient) -> None:
     url, state, verifier = client.authorization_url(SCOPES)
     client.exchange_code(consent_over_http(live, scenario.user, url, state), verifier)
 
 
+def _tokens(client: AgentClient) -> TokenSet:
+    """The tokens of a connected client."""
+    assert client.tokens is not None
+    return client.tokens
+
+
 @pytest.fixture
-def agent(live, scenario, ledger_policy) -> AgentClient:  # noqa: F811
+def agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> Iterator[AgentClient]:  # noqa: F811
     client = _client(live, scenario)
     _connect(live, scenario, client)
     yield client
@@ -78,7 +90,7 @@ def agent(live, scenario, ledger_policy) -> AgentClient:  # noqa: F811
 
 
 @pytest.fixture
-def catalog(live, scenario) -> TokenVerifier:
+def catalog(live: LiveStack, scenario: Scenario) -> TokenVerifier:
     return TokenVerifier(
         live.url,
         client_id=scenario.rs_client_id,
@@ -90,7 +102,7 @@ def catalog(live, scenario) -> TokenVerifier:
 # --- session grant ---------------------------------------------------------------------------------
 
 
-def test_authorization_url_uses_pkce_s256(live, scenario):
+def test_authorization_url_uses_pkce_s256(live: LiveStack, scenario: Scenario) -> None:
     client = _client(live, scenario)
     url, state, verifier = client.authorization_url(SCOPES)
     query = {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
@@ -100,7 +112,9 @@ def test_authorization_url_uses_pkce_s256(live, scenario):
     assert query["redirect_uri"] == REDIRECT_URI and query["client_id"] == scenario.agent.client_id
 
 
-def test_code_exchange_gives_a_session_the_resource_server_accepts(live, scenario, agent, catalog):
+def test_code_exchange_gives_a_session_the_resource_server_accepts(
+    live: LiveStack, scenario: Scenario, agent: AgentClient, catalog: TokenVerifier
+) -> None:
     assert agent.tokens is not None and agent.tokens.refresh_token  # seeded agent: rotating mode
     verified = catalog.verify_session(agent.access_token, required_scopes=["catalog:read"])
     assert (
@@ -112,7 +126,7 @@ def test_code_exchange_gives_a_session_the_resource_server_accepts(live, scenari
     }
 
 
-def test_a_code_is_good_once(live, scenario, ledger_policy):  # noqa: F811
+def test_a_code_is_good_once(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> None:  # noqa: F811
     client = _client(live, scenario)
     url, state, verifier = client.authorization_url(SCOPES)
     code = consent_over_http(live, scenario.user, url, state)
@@ -127,25 +141,29 @@ def test_a_code_is_good_once(live, scenario, ledger_policy):  # noqa: F811
 SHORT_TTL, DUE_AFTER = 32, 2.2  # with the client's 30 s margin, a 32 s token is due for re-minting after 2 s
 
 
-def _short_ttl(scenario, seconds=SHORT_TTL):
+def _short_ttl(scenario: Scenario, seconds: int = SHORT_TTL) -> None:
     # 30 s is the shortest access-token TTL an admin may set.
     Agent.objects.filter(pk=scenario.agent.pk).update(access_token_ttl=seconds)
 
 
-def test_rotating_mode_re_mints_with_the_refresh_token(live, scenario, ledger_policy, catalog):  # noqa: F811
+def test_rotating_mode_re_mints_with_the_refresh_token(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, catalog: TokenVerifier
+) -> None:  # noqa: F811
     _short_ttl(scenario)
     client = _client(live, scenario)
     _connect(live, scenario, client)
-    first, first_refresh = client.tokens.access_token, client.tokens.refresh_token
+    first, first_refresh = _tokens(client).access_token, _tokens(client).refresh_token
     assert client.access_token == first  # still fresh
     time.sleep(DUE_AFTER)
     second = client.access_token
-    assert second != first and client.tokens.refresh_token not in (None, first_refresh)  # rotated
+    assert second != first and _tokens(client).refresh_token not in (None, first_refresh)  # rotated
     assert catalog.verify_session(second).grant_id == catalog.verify_session(first).grant_id
     assert AuditEvent.objects.filter(event="token.refreshed").count() == 1
 
 
-def test_concurrent_callers_share_one_refresh(live, scenario, ledger_policy):  # noqa: F811
+def test_concurrent_callers_share_one_refresh(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy
+) -> None:  # noqa: F811
     """A second refresh with the same (rotated) refresh token would revoke the grant (reuse detection)."""
     _short_ttl(scenario)
     client = _client(live, scenario)
@@ -162,11 +180,11 @@ def test_concurrent_callers_share_one_refresh(live, scenario, ledger_policy):  #
 
 
 def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(
-    live,
-    scenario,
-    ledger_policy,  # noqa: F811
-    catalog,
-):
+    live: LiveStack,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,  # noqa: F811
+    catalog: TokenVerifier,
+) -> None:
     key = AgentKey()
     Agent.objects.filter(pk=scenario.agent.pk).update(
         jwks={"keys": [key.jwk]}, refresh_mode=Agent.RefreshMode.EXCHANGE, access_token_ttl=SHORT_TTL
@@ -175,8 +193,8 @@ def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(
         live.url, scenario.agent.client_id, private_key=key.private, key_id=key.kid, redirect_uri=REDIRECT_URI
     )  # no secret at all: private_key_jwt everywhere
     _connect(live, scenario, client)
-    assert client.tokens.refresh_token is None  # exchange mode: no refresh token exists
-    first = client.tokens.access_token
+    assert _tokens(client).refresh_token is None  # exchange mode: no refresh token exists
+    first = _tokens(client).access_token
     time.sleep(DUE_AFTER)
     second = client.access_token
     assert second != first
@@ -186,7 +204,9 @@ def test_exchange_mode_re_mints_by_token_exchange_with_the_agents_key(
     assert client.remint().access_token not in (first, second)  # explicit re-mint, whatever the expiry
 
 
-def test_without_refresh_token_or_key_the_session_ends(live, scenario, ledger_policy):  # noqa: F811
+def test_without_refresh_token_or_key_the_session_ends(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy
+) -> None:  # noqa: F811
     Agent.objects.filter(pk=scenario.agent.pk).update(
         refresh_mode=Agent.RefreshMode.NONE, access_token_ttl=SHORT_TTL
     )
@@ -197,7 +217,9 @@ def test_without_refresh_token_or_key_the_session_ends(live, scenario, ledger_po
         client.get_access_token()
 
 
-def test_revoked_grant_ends_the_session_at_refresh(live, scenario, agent):
+def test_revoked_grant_ends_the_session_at_refresh(
+    live: LiveStack, scenario: Scenario, agent: AgentClient
+) -> None:
     grant_id = jwt.decode(agent.access_token, options={"verify_signature": False})["grant_id"]
     grant_revoke(grant_id=grant_id, reason="revoked_by_user", actor="test")
     with pytest.raises(SessionEnded) as caught:
@@ -208,7 +230,9 @@ def test_revoked_grant_ends_the_session_at_refresh(live, scenario, agent):
 # --- step-up approvals (CIBA) --------------------------------------------------------------------
 
 
-def test_request_approval_returns_an_action_token_the_ledger_redeems(live, scenario, agent):
+def test_request_approval_returns_an_action_token_the_ledger_redeems(
+    live: LiveStack, scenario: Scenario, agent: AgentClient
+) -> None:
     with officer_decides(scenario.user):
         action = agent.request_approval(
             "ledger:write", [LEDGER_ENTRY], binding_message="step 5 of 5", timeout=30
@@ -226,14 +250,16 @@ def test_request_approval_returns_an_action_token_the_ledger_redeems(live, scena
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
 
 
-def test_denial_raises_approval_denied(live, scenario, agent):
+def test_denial_raises_approval_denied(live: LiveStack, scenario: Scenario, agent: AgentClient) -> None:
     with officer_decides(scenario.user, decision="deny"), pytest.raises(ApprovalDenied) as caught:
         agent.request_approval("ledger:write", [LEDGER_ENTRY], timeout=30)
     assert caught.value.error == "access_denied" and caught.value.auth_req_id
 
 
-def test_revoking_the_grant_while_waiting_raises_grant_revoked(live, scenario, agent):
-    def revoke():
+def test_revoking_the_grant_while_waiting_raises_grant_revoked(
+    live: LiveStack, scenario: Scenario, agent: AgentClient
+) -> None:
+    def revoke() -> None:
         deadline = time.monotonic() + 10
         while not ApprovalRequest.objects.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -247,7 +273,7 @@ def test_revoking_the_grant_while_waiting_raises_grant_revoked(live, scenario, a
         agent.request_approval("ledger:write", [LEDGER_ENTRY], timeout=30)
 
 
-def test_caller_timeout(live, scenario, agent):
+def test_caller_timeout(live: LiveStack, scenario: Scenario, agent: AgentClient) -> None:
     started = time.monotonic()
     with pytest.raises(ApprovalTimeout) as caught:
         agent.request_approval("ledger:write", [LEDGER_ENTRY], timeout=1.0)
@@ -261,19 +287,23 @@ class _PingReceiver(BaseHTTPRequestHandler):
     client: AgentClient | None = None
     results: list[bool] = []
 
-    def do_POST(self):
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        client = type(self).client
+        assert client is not None
         type(self).results.append(
-            type(self).client.on_ping(body["auth_req_id"], authorization=self.headers.get("Authorization"))
+            client.on_ping(body["auth_req_id"], authorization=self.headers.get("Authorization"))
         )
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args):
+    def log_message(self, *args: Any) -> None:
         pass
 
 
-def test_ping_wakes_the_waiting_request_at_once(live, scenario, ledger_policy):  # noqa: F811
+def test_ping_wakes_the_waiting_request_at_once(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy
+) -> None:  # noqa: F811
     server = HTTPServer(("127.0.0.1", 0), _PingReceiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -294,7 +324,7 @@ def test_ping_wakes_the_waiting_request_at_once(live, scenario, ledger_policy): 
         server.shutdown()
 
 
-def test_ping_with_a_wrong_notification_token_is_ignored():
+def test_ping_with_a_wrong_notification_token_is_ignored() -> None:
     client = AgentClient("https://as.example", "a", client_secret="s", ping_mode=True)
     client._notification_tokens["req-1"] = "right"
     assert client.on_ping("req-1", authorization="Bearer wrong") is False
@@ -305,10 +335,12 @@ def test_ping_with_a_wrong_notification_token_is_ignored():
 # --- the async client ------------------------------------------------------------------------------
 
 
-def test_async_client_end_to_end(live, scenario, ledger_policy, catalog):  # noqa: F811
+def test_async_client_end_to_end(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, catalog: TokenVerifier
+) -> None:  # noqa: F811
     _short_ttl(scenario)
 
-    async def run():
+    async def run() -> tuple[str, str, ActionToken]:
         async with AsyncAgentClient(
             live.url, scenario.agent.client_id, client_secret=scenario.agent_secret, redirect_uri=REDIRECT_URI
         ) as client:
@@ -327,8 +359,8 @@ def test_async_client_end_to_end(live, scenario, ledger_policy, catalog):  # noq
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.ISSUED
 
 
-def test_async_denial(live, scenario, ledger_policy):  # noqa: F811
-    async def run():
+def test_async_denial(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> None:  # noqa: F811
+    async def run() -> None:
         async with AsyncAgentClient(
             live.url, scenario.agent.client_id, client_secret=scenario.agent_secret, redirect_uri=REDIRECT_URI
         ) as client:
@@ -346,7 +378,9 @@ def test_async_denial(live, scenario, ledger_policy):  # noqa: F811
 # --- DPoP at the live token endpoint -----------------------------------------------------------------
 
 
-def test_dpop_session_with_server_nonce_and_refresh(live, scenario, ledger_policy, catalog):  # noqa: F811
+def test_dpop_session_with_server_nonce_and_refresh(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, catalog: TokenVerifier
+) -> None:  # noqa: F811
     key = DPoPKey.generate()
     Agent.objects.filter(pk=scenario.agent.pk).update(
         jwks={"keys": [{**key.jwk, "kid": "d1", "alg": "ES256"}]},
@@ -355,7 +389,7 @@ def test_dpop_session_with_server_nonce_and_refresh(live, scenario, ledger_polic
     )
     client = _client(live, scenario, dpop_key=key)
     _connect(live, scenario, client)  # first proof has no nonce: use_dpop_nonce, then a retry
-    assert client.dpop_nonce and client.tokens.token_type == "DPoP"
+    assert client.dpop_nonce and _tokens(client).token_type == "DPoP"
     time.sleep(DUE_AFTER)
     refreshed = client.get_access_token()
     assert jwt.decode(refreshed, options={"verify_signature": False})["cnf"] == {"jkt": key.jkt}
@@ -379,7 +413,7 @@ class FakeServer:
 
     issuer = "https://as.example"
 
-    def __init__(self, polls):
+    def __init__(self, polls: Iterable[tuple[int, dict[str, Any], dict[str, str]]]) -> None:
         self.polls = list(polls)
         self.requests: list[httpx.Request] = []
         self.asked = 0
@@ -416,7 +450,7 @@ class FakeServer:
         return httpx.Response(status, json=body, headers=headers)
 
 
-def _fake_client(server, *, session_token="old", **kwargs) -> AgentClient:
+def _fake_client(server: FakeServer, *, session_token: str = "old", **kwargs: Any) -> AgentClient:
     client = AgentClient(
         server.issuer,
         "agent-1",
@@ -430,7 +464,7 @@ def _fake_client(server, *, session_token="old", **kwargs) -> AgentClient:
     return client
 
 
-def test_slow_down_adds_five_seconds_to_the_interval(monkeypatch):
+def test_slow_down_adds_five_seconds_to_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     server = FakeServer(
         [
             (400, {"error": "authorization_pending"}, {}),
@@ -456,7 +490,7 @@ def test_slow_down_adds_five_seconds_to_the_interval(monkeypatch):
     assert action.token == "act" and waits == [1, 1, 6, 6]
 
 
-def test_approved_details_must_be_the_requested_ones(monkeypatch):
+def test_approved_details_must_be_the_requested_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     server = FakeServer(
         [
             (
@@ -477,7 +511,7 @@ def test_approved_details_must_be_the_requested_ones(monkeypatch):
         client.request_approval("ledger:write", [LEDGER_ENTRY])
 
 
-def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch):
+def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch: pytest.MonkeyPatch) -> None:
     server = FakeServer(
         [
             (
@@ -495,10 +529,12 @@ def test_expired_login_hint_token_re_mints_and_asks_again(monkeypatch):
     client = _fake_client(server)
     monkeypatch.setattr(client, "_wait", lambda step: None)
     assert client.request_approval("ledger:write", [LEDGER_ENTRY]).token == "act"
-    assert server.asked == 2 and client.tokens.access_token == "new" and client.tokens.refresh_token == "r2"
+    assert (
+        server.asked == 2 and _tokens(client).access_token == "new" and _tokens(client).refresh_token == "r2"
+    )
 
 
-def test_dpop_nonce_retry_sends_a_fresh_proof_with_the_nonce(monkeypatch):
+def test_dpop_nonce_retry_sends_a_fresh_proof_with_the_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
     key = DPoPKey.generate()
     server = FakeServer(
         [
@@ -542,7 +578,7 @@ def test_dpop_nonce_retry_sends_a_fresh_proof_with_the_nonce(monkeypatch):
     assert proof.claims["htu"] == "https://ledger.example/e"
 
 
-def test_client_assertion_is_rfc7523_shaped():
+def test_client_assertion_is_rfc7523_shaped() -> None:
     key = AgentKey()
     client = AgentClient("https://as.example", "agent-1", private_key=key.private, key_id="k1")
     assertion = client.client_assertion("https://as.example/o/token/")
@@ -557,7 +593,9 @@ def test_client_assertion_is_rfc7523_shaped():
 # --- ending the session -----------------------------------------------------------------------------
 
 
-def test_end_session_ends_the_grant_at_once(live, scenario, agent, catalog):
+def test_end_session_ends_the_grant_at_once(
+    live: LiveStack, scenario: Scenario, agent: AgentClient, catalog: TokenVerifier
+) -> None:
     from consent.models import SessionGrant
 
     token = agent.access_token

@@ -8,7 +8,7 @@ from approvals.rar import action_hash
 from tests.approvals.conftest import LEDGER_ENTRY
 
 
-def _run(*args, stdin=""):
+def _run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "countersign", "hash", *args],
         input=stdin,
@@ -18,13 +18,13 @@ def _run(*args, stdin=""):
     )
 
 
-def test_hash_matches_the_servers_action_hash_from_argument_and_stdin():
+def test_hash_matches_the_servers_action_hash_from_argument_and_stdin() -> None:
     text = json.dumps([LEDGER_ENTRY])
     assert _run(text).stdout.strip() == action_hash([LEDGER_ENTRY])
     assert _run(stdin=text).stdout.strip() == action_hash([LEDGER_ENTRY])
 
 
-def test_hash_refuses_what_is_not_authorization_details():
+def test_hash_refuses_what_is_not_authorization_details() -> None:
     for bad in ("not json", "[1, 2]", "[" * 5000):
         result = _run(bad)
         assert result.returncode == 2 and result.stdout == "" and result.stderr

@@ -2,28 +2,30 @@
 the agent's registered key), the verifier names the instance and refuses a cut-off one, as it
 refuses a suspended agent."""
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from django.test import Client
 
 from consent.instances import agent_instance_cut_off
 from consent.models import AgentInstance
 from countersign import AgentClient, InstanceCutOff, InvalidDPoPProof, TokenVerifier
 from countersign import AgentInstance as SdkInstance
 from countersign.dpop import DPoPKey
-from tests.conftest import REDIRECT_URI
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario
 from tests.consent.test_token_exchange import AgentKey
 
 ISSUER = "http://127.0.0.1:8000"
 
 
-def through_django(client) -> httpx.Client:
+def through_django(client: Client) -> httpx.Client:
     """An httpx client whose requests the Django test client serves (same process, same database)."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.raw_path.decode()
-        meta = {
+        meta: dict[str, Any] = {
             f"HTTP_{k.upper().replace('-', '_')}": v
             for k, v in request.headers.items()
             if k.lower() not in ("content-type", "content-length", "host")
@@ -44,14 +46,16 @@ def through_django(client) -> httpx.Client:
 
 
 @pytest.fixture
-def agent_key(scenario) -> AgentKey:
+def agent_key(scenario: Scenario) -> AgentKey:
     key = AgentKey()
     scenario.agent.jwks = {"keys": [key.jwk]}
     scenario.agent.save()
     return key
 
 
-def run_as_instance(client, flow, scenario, agent_key, name: str, *, dpop: bool = False) -> AgentClient:
+def run_as_instance(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey, name: str, *, dpop: bool = False
+) -> AgentClient:
     """An SDK client running as one instance: it consents through the browser flow and exchanges the code."""
     instance = SdkInstance.generate(
         scenario.agent.client_id, agent_key=agent_key.private, key_id=agent_key.kid, instance=name
@@ -72,7 +76,7 @@ def run_as_instance(client, flow, scenario, agent_key, name: str, *, dpop: bool 
     return sdk
 
 
-def verifier_for(client, scenario) -> TokenVerifier:
+def verifier_for(client: Client, scenario: Scenario) -> TokenVerifier:
     return TokenVerifier(
         ISSUER,
         client_id=scenario.rs_client_id,
@@ -82,8 +86,11 @@ def verifier_for(client, scenario) -> TokenVerifier:
     )
 
 
-def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(client, flow, scenario, agent_key):
+def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
+    assert sdk.tokens is not None and sdk.instance is not None
     verified = verifier_for(client, scenario).verify_session(
         sdk.tokens.access_token, required_scopes=["catalog:read"]
     )
@@ -92,8 +99,11 @@ def test_the_sdk_runs_as_an_instance_and_the_verifier_names_it(client, flow, sce
     assert AgentInstance.objects.get().instance_id == "7e1f00aa"
 
 
-def test_the_verifier_refuses_a_cut_off_instance(client, flow, scenario, agent_key):
+def test_the_verifier_refuses_a_cut_off_instance(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa")
+    assert sdk.tokens is not None and sdk.instance is not None
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
     verifier.verify_session(token)
@@ -103,8 +113,11 @@ def test_the_verifier_refuses_a_cut_off_instance(client, flow, scenario, agent_k
         verifier.verify_session(token)
 
 
-def test_a_dpop_bound_instance_token_needs_the_instance_key(client, flow, scenario, agent_key):
+def test_a_dpop_bound_instance_token_needs_the_instance_key(
+    client: Client, flow: OAuthFlow, scenario: Scenario, agent_key: AgentKey
+) -> None:
     sdk = run_as_instance(client, flow, scenario, agent_key, "7e1f00aa", dpop=True)
+    assert sdk.tokens is not None and sdk.instance is not None
     verifier = verifier_for(client, scenario)
     token = sdk.tokens.access_token
     url = "http://catalog.test/items"
@@ -126,7 +139,9 @@ def test_a_dpop_bound_instance_token_needs_the_instance_key(client, flow, scenar
         )
 
 
-def test_a_single_instance_agent_is_unchanged_for_the_verifier(client, flow, scenario):
+def test_a_single_instance_agent_is_unchanged_for_the_verifier(
+    client: Client, flow: OAuthFlow, scenario: Scenario
+) -> None:
     token = flow.full(scope="catalog:read budget:read")["access_token"]
     verified = verifier_for(client, scenario).verify_session(token)
     assert verified.instance is None and verified.claims["act"] == {

@@ -1,25 +1,28 @@
 """The verifier reports each accepted session-token use to Countersign, off the request path."""
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 
-from consent.models import GrantUse
+from consent.models import GrantUse, ScopePolicy
 from countersign import TokenVerifier, UsageReporter
-from tests.live import free_port
+from tests.conftest import OAuthFlow, Scenario
+from tests.live import LiveStack, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def session_token(live, flow, ledger_policy):  # noqa: F811
-    token = flow.full()["access_token"]
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:  # noqa: F811
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
-def _catalog(live, scenario, **kwargs) -> TokenVerifier:
+def _catalog(live: LiveStack, scenario: Scenario, **kwargs: Any) -> TokenVerifier:
     return TokenVerifier(
         live.url,
         client_id=scenario.rs_client_id,
@@ -31,7 +34,13 @@ def _catalog(live, scenario, **kwargs) -> TokenVerifier:
     )
 
 
-def _wait_for(check, timeout=10.0):
+def _usage(verifier: TokenVerifier) -> UsageReporter:
+    """The usage reporter of a verifier made with report_usage=True."""
+    assert verifier.usage is not None
+    return verifier.usage
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -40,7 +49,9 @@ def _wait_for(check, timeout=10.0):
     return False
 
 
-def test_accepted_uses_reach_the_grant_in_the_background(live, scenario, session_token):
+def test_accepted_uses_reach_the_grant_in_the_background(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     catalog = _catalog(live, scenario, usage_interval=0.2)
     try:
         started = time.monotonic()
@@ -53,33 +64,35 @@ def test_accepted_uses_reach_the_grant_in_the_background(live, scenario, session
         )
         assert time.monotonic() - started < 1.0  # nothing was sent while verifying
         assert _wait_for(lambda: GrantUse.objects.count() == 4), (
-            catalog.usage.sent,
-            catalog.usage.last_error,
+            _usage(catalog).sent,
+            _usage(catalog).last_error,
         )
     finally:
         catalog.close()
     uses = list(GrantUse.objects.order_by("id").values_list("operation", "scope", "outcome"))
     assert uses[0] == ("search catalog", "catalog:read", "accepted") and uses[3][0] == "GET /items/42"
-    assert catalog.usage.sent == 4 and catalog.usage.dropped == 0
+    assert _usage(catalog).sent == 4 and _usage(catalog).dropped == 0
 
 
-def test_a_flood_is_bounded_and_counted(live, scenario, session_token):
+def test_a_flood_is_bounded_and_counted(live: LiveStack, scenario: Scenario, session_token: str) -> None:
     catalog = _catalog(live, scenario, usage_queue=5, usage_interval=60)
     try:
         for _ in range(20):
             catalog.verify_session(session_token, required_scopes=["catalog:read"], operation="flood")
-        assert catalog.usage.pending == 5 and catalog.usage.dropped == 15
-        catalog.usage.flush()
+        assert _usage(catalog).pending == 5 and _usage(catalog).dropped == 15
+        _usage(catalog).flush()
     finally:
         catalog.close()
-    assert GrantUse.objects.count() == 5 and catalog.usage.sent == 5
+    assert GrantUse.objects.count() == 5 and _usage(catalog).sent == 5
 
 
-def test_with_countersign_down_the_resource_server_keeps_serving(live, scenario, session_token):
+def test_with_countersign_down_the_resource_server_keeps_serving(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     catalog = _catalog(live, scenario, usage_interval=60)
     try:
         catalog.verify_session(session_token, required_scopes=["catalog:read"])  # keys and metadata cached
-        catalog.usage.flush()
+        _usage(catalog).flush()
         # From here Countersign is unreachable for reports; the cached keys still verify.
         catalog._metadata = {
             **catalog.metadata(),
@@ -87,14 +100,14 @@ def test_with_countersign_down_the_resource_server_keeps_serving(live, scenario,
         }
         for _ in range(3):
             assert catalog.verify_session(session_token, required_scopes=["catalog:read"]).subject
-        catalog.usage.flush()
-        assert catalog.usage.dropped == 3 and "ConnectError" in catalog.usage.last_error
+        _usage(catalog).flush()
+        assert _usage(catalog).dropped == 3 and "ConnectError" in _usage(catalog).last_error
     finally:
         catalog.close()
     assert GrantUse.objects.count() == 1
 
 
-def test_a_refused_report_is_counted_as_dropped(live, scenario):
+def test_a_refused_report_is_counted_as_dropped(live: LiveStack, scenario: Scenario) -> None:
     # Credentials of no resource server: the server refuses (401), the reporter counts and goes on.
     reporter = UsageReporter(lambda: f"{live.url}/o/usage/", authorization="Basic bm9ib2R5Om5vdGhpbmc=")
     reporter.report(jti="x", scope="catalog:read", operation="probe")

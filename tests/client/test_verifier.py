@@ -8,15 +8,19 @@ minted through the real flows and checked against the live stack (``live`` fixtu
 import json
 import secrets
 import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import httpx
 import jwt
 import pytest
+from django.test import RequestFactory
 
 from approvals.models import ApprovalRequest
-from consent.models import Agent
+from consent.models import Agent, ScopePolicy
 from countersign import (
     ActionMismatch,
+    AgentClient,
     AgentNotAllowed,
     AlreadyRedeemed,
     ExpiredToken,
@@ -29,7 +33,8 @@ from countersign import (
     VerifiedToken,
     action_hash,
 )
-from countersign.dpop import DPoPKey, ReplayCache, normalize_htu, verify_proof
+from countersign.asgi import Message, Receive, Scope, Send
+from countersign.dpop import DPoPKey, PrivateKey, ReplayCache, normalize_htu, verify_proof
 from countersign.verifier import parse_authorization
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.client import (
@@ -46,7 +51,8 @@ from tests.client import (
     raw_es256,
     unsigned,
 )
-from tests.conftest import basic
+from tests.conftest import OAuthFlow, Scenario, basic
+from tests.live import LiveStack
 
 URL = "https://catalog.example/items"
 METADATA_URL = "https://catalog.example/.well-known/oauth-protected-resource"  # RFC 9728 §3.1, of AUDIENCE
@@ -58,7 +64,7 @@ def issuer() -> LocalIssuer:
 
 
 @pytest.fixture
-def verifier(issuer) -> TokenVerifier:
+def verifier(issuer: LocalIssuer) -> TokenVerifier:
     return TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
     )
@@ -68,7 +74,7 @@ def verifier(issuer) -> TokenVerifier:
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
-def test_valid_session_token_names_user_and_agent(alg):
+def test_valid_session_token_names_user_and_agent(alg: str) -> None:
     issuer = LocalIssuer(alg)
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
@@ -83,19 +89,19 @@ def test_valid_session_token_names_user_and_agent(alg):
     assert verified.client_id == AGENT_ID and verified.grant_id == "g-1" and verified.dpop_jkt is None
     assert verified.scopes == {"catalog:read", "budget:read"}
     with pytest.raises(AttributeError):
-        verified.subject = "user:1"  # frozen
+        verified.subject = "user:1"  # type: ignore[misc]  # frozen: the assignment must fail
 
 
 # --- RFC 8725: algorithms, typ, iss, aud, exp -----------------------------------------------------
 
 
-def test_alg_none_is_refused(issuer, verifier):
+def test_alg_none_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     with pytest.raises(InvalidToken, match="algorithm not allowed"):
         verifier.verify_session(unsigned(issuer.claims(), issuer.key.kid))
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
-def test_hs256_signed_with_our_public_key_is_refused(alg):
+def test_hs256_signed_with_our_public_key_is_refused(alg: str) -> None:
     issuer = LocalIssuer(alg)
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=AUDIENCE, http=issuer.client()
@@ -105,13 +111,15 @@ def test_hs256_signed_with_our_public_key_is_refused(alg):
         verifier.verify_session(forged)
 
 
-def test_alg_that_does_not_match_the_key_is_refused(issuer, verifier):
+def test_alg_that_does_not_match_the_key_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     rsa = SigningKey("RS256", kid=issuer.key.kid)  # an RS256 token naming our EC key's kid
     with pytest.raises(InvalidToken):
         verifier.verify_session(issuer.mint(key=rsa))
 
 
-def test_token_signed_by_a_key_we_do_not_publish_is_refused(issuer, verifier):
+def test_token_signed_by_a_key_we_do_not_publish_is_refused(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     impostor = SigningKey("ES256", kid=issuer.key.kid)  # same kid, other key
     with pytest.raises(InvalidToken, match="signature"):
         verifier.verify_session(issuer.mint(key=impostor))
@@ -128,7 +136,9 @@ def test_token_signed_by_a_key_we_do_not_publish_is_refused(issuer, verifier):
         "https://auth.exampl",  # a prefix of our issuer
     ],
 )
-def test_foreign_prefixed_or_suffixed_issuer_is_refused(issuer, verifier, iss):
+def test_foreign_prefixed_or_suffixed_issuer_is_refused(
+    issuer: LocalIssuer, verifier: TokenVerifier, iss: str
+) -> None:
     with pytest.raises(InvalidToken, match="issuer"):
         verifier.verify_session(issuer.mint(iss=iss))
 
@@ -143,49 +153,55 @@ def test_foreign_prefixed_or_suffixed_issuer_is_refused(issuer, verifier, iss):
         ([AUDIENCE + "/"], "aud"),
     ],
 )
-def test_missing_or_foreign_audience_is_refused(issuer, verifier, aud, message):
+def test_missing_or_foreign_audience_is_refused(
+    issuer: LocalIssuer, verifier: TokenVerifier, aud: str | list[str] | None, message: str
+) -> None:
     with pytest.raises(InvalidToken, match=message):
         verifier.verify_session(issuer.mint(aud=aud))
 
 
-def test_audience_may_be_one_of_several(issuer, verifier):
+def test_audience_may_be_one_of_several(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     assert verifier.verify_session(issuer.mint(aud=["https://budget.example", AUDIENCE])).subject == "user:7"
 
 
 @pytest.mark.parametrize("claim", ["exp", "iat", "jti", "sub", "iss"])
-def test_required_claims(issuer, verifier, claim):
+def test_required_claims(issuer: LocalIssuer, verifier: TokenVerifier, claim: str) -> None:
     with pytest.raises(InvalidToken, match=f"lacks the {claim} claim"):
         verifier.verify_session(issuer.mint(**{claim: None}))
 
 
-def test_expired_token_is_refused_beyond_the_leeway(issuer, verifier):
+def test_expired_token_is_refused_beyond_the_leeway(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     now = int(time.time())
     with pytest.raises(ExpiredToken, match="expired"):
         verifier.verify_session(issuer.mint(iat=now - 1000, exp=now - 11))
     assert verifier.verify_session(issuer.mint(iat=now - 1000, exp=now - 5)).subject  # inside the 10 s leeway
 
 
-def test_token_from_the_future_is_refused(issuer, verifier):
+def test_token_from_the_future_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     with pytest.raises(InvalidToken, match="not yet valid"):
         verifier.verify_session(issuer.mint(iat=int(time.time()) + 600))
 
 
-def test_leeway_is_bounded():
+def test_leeway_is_bounded() -> None:
     with pytest.raises(ValueError):
         TokenVerifier(ISSUER, audience=AUDIENCE, leeway=31)
 
 
 @pytest.mark.parametrize("typ", [None, "JWT", "action+jwt", "at+jwt+evil"])
-def test_session_token_needs_typ_at_jwt(issuer, verifier, typ):
+def test_session_token_needs_typ_at_jwt(
+    issuer: LocalIssuer, verifier: TokenVerifier, typ: str | None
+) -> None:
     with pytest.raises(InvalidToken, match="wrong token type"):
         verifier.verify_session(issuer.mint(typ=typ))
 
 
-def test_application_media_type_form_of_typ_is_accepted(issuer, verifier):
+def test_application_media_type_form_of_typ_is_accepted(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     assert verifier.verify_session(issuer.mint(typ="application/at+jwt")).subject == "user:7"
 
 
-def test_session_token_where_action_token_is_required_and_vice_versa(issuer, verifier):
+def test_session_token_where_action_token_is_required_and_vice_versa(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     details = [LEDGER_ENTRY]
     session = issuer.mint(authorization_details=details, action_hash=action_hash(details))
     with pytest.raises(InvalidToken, match="expected action\\+jwt"):
@@ -195,7 +211,9 @@ def test_session_token_where_action_token_is_required_and_vice_versa(issuer, ver
     assert issuer.calls["redeem"] == 0
 
 
-def test_oversized_and_malformed_tokens_are_refused_before_parsing(issuer, verifier):
+def test_oversized_and_malformed_tokens_are_refused_before_parsing(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     with pytest.raises(InvalidToken, match="too large"):
         verifier.verify_session("a" * 8193)
     for junk in ["abc", "a.b", "a.b.c.d", "€.b.c", "!!!.e30.sig"]:
@@ -209,7 +227,9 @@ def test_oversized_and_malformed_tokens_are_refused_before_parsing(issuer, verif
 # --- kid, jku, x5u: never a URL ---------------------------------------------------------------
 
 
-def test_unknown_kid_flood_fetches_the_jwks_at_most_once(issuer, verifier):
+def test_unknown_kid_flood_fetches_the_jwks_at_most_once(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     for _ in range(1000):
         token = issuer.mint(headers={"kid": secrets.token_urlsafe(12)})
         with pytest.raises(InvalidToken, match="unknown key"):
@@ -219,7 +239,7 @@ def test_unknown_kid_flood_fetches_the_jwks_at_most_once(issuer, verifier):
     assert issuer.calls["jwks"] == 1
 
 
-def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer):
+def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer: LocalIssuer) -> None:
     verifier = TokenVerifier(
         ISSUER,
         client_id=RS_ID,
@@ -238,15 +258,16 @@ def test_rotated_key_is_picked_up_after_the_refetch_interval(issuer):
     assert issuer.calls["jwks"] == 2
 
 
-def test_jku_x5u_and_path_like_kids_are_never_fetched(issuer, verifier):
+def test_jku_x5u_and_path_like_kids_are_never_fetched(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     attacker = SigningKey("ES256")
-    for headers in [
+    forged: list[dict[str, Any]] = [
         {"jku": "https://evil.example/jwks.json", "kid": "evil"},
         {"x5u": "https://evil.example/cert.pem", "kid": "evil"},
         {"kid": "../../.well-known/jwks.json"},
         {"kid": "https://evil.example/jwks.json"},
         {"jwk": attacker.jwk, "kid": "evil"},
-    ]:
+    ]
+    for headers in forged:
         with pytest.raises(InvalidToken):
             verifier.verify_session(issuer.mint(key=attacker, headers=headers))
     for kid in [["a", "list"], {"an": "object"}, None, 7]:
@@ -258,7 +279,7 @@ def test_jku_x5u_and_path_like_kids_are_never_fetched(issuer, verifier):
     assert all(url.startswith(ISSUER + "/") for url in issuer.requested_urls)
 
 
-def test_metadata_for_another_issuer_is_not_trusted(issuer, verifier):
+def test_metadata_for_another_issuer_is_not_trusted(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     issuer.metadata_issuer = "https://evil.example"
     with pytest.raises(ServiceUnavailable, match="issuer"):
         verifier.verify_session(issuer.mint())
@@ -267,7 +288,9 @@ def test_metadata_for_another_issuer_is_not_trusted(issuer, verifier):
 # --- scopes and the acting agent ----------------------------------------------------------------
 
 
-def test_missing_scope_is_insufficient_scope_with_a_challenge(issuer, verifier):
+def test_missing_scope_is_insufficient_scope_with_a_challenge(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     with pytest.raises(InsufficientScope) as caught:
         verifier.verify_session(issuer.mint(), required_scopes=["catalog:read", "po:draft"])
     assert caught.value.status_code == 403
@@ -277,7 +300,7 @@ def test_missing_scope_is_insufficient_scope_with_a_challenge(issuer, verifier):
     )
 
 
-def test_error_challenges_follow_rfc6750():
+def test_error_challenges_follow_rfc6750() -> None:
     assert ExpiredToken("token expired").www_authenticate() == (
         'Bearer realm="countersign", error="invalid_token", error_description="token expired"'
     )
@@ -287,18 +310,20 @@ def test_error_challenges_follow_rfc6750():
     )
 
 
-def test_suspended_agent_is_refused(issuer, verifier):
+def test_suspended_agent_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     issuer.agents[AGENT_ID]["status"] = "suspended"
     with pytest.raises(AgentNotAllowed, match="suspended"):
         verifier.verify_session(issuer.mint())
 
 
-def test_agent_missing_from_the_registry_is_refused(issuer, verifier):
+def test_agent_missing_from_the_registry_is_refused(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     with pytest.raises(AgentNotAllowed, match="not a registered agent"):
         verifier.verify_session(issuer.mint(act={"sub": "agent:ghost"}, client_id="ghost"))
 
 
-def test_act_must_name_an_agent_consistent_with_client_id(issuer, verifier):
+def test_act_must_name_an_agent_consistent_with_client_id(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     with pytest.raises(InvalidToken, match="no acting agent"):
         verifier.verify_session(issuer.mint(act=None))
     with pytest.raises(InvalidToken, match="not an agent"):
@@ -309,7 +334,7 @@ def test_act_must_name_an_agent_consistent_with_client_id(issuer, verifier):
         verifier.verify_session(issuer.mint(act={"sub": f"agent:{AGENT_ID}", "act": "agent:x"}))
 
 
-def test_only_the_outermost_actor_decides(issuer, verifier):
+def test_only_the_outermost_actor_decides(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     """RFC 8693 §4.1: nested act claims are history, not access-control input."""
     issuer.agents["helper"] = {**issuer.agents[AGENT_ID], "client_id": "helper", "actor": "agent:helper"}
     token = issuer.mint(client_id="helper", act={"sub": "agent:helper", "act": {"sub": f"agent:{AGENT_ID}"}})
@@ -322,7 +347,7 @@ def test_only_the_outermost_actor_decides(issuer, verifier):
         verifier.verify_session(token)
 
 
-def test_registry_answers_are_cached_for_the_ttl(issuer):
+def test_registry_answers_are_cached_for_the_ttl(issuer: LocalIssuer) -> None:
     verifier = TokenVerifier(
         ISSUER,
         client_id=RS_ID,
@@ -341,14 +366,14 @@ def test_registry_answers_are_cached_for_the_ttl(issuer):
     assert issuer.calls["registry"] == 2
 
 
-def test_registry_outage_fails_closed(issuer, verifier):
+def test_registry_outage_fails_closed(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     issuer.registry_down = True
     with pytest.raises(ServiceUnavailable) as caught:
         verifier.verify_session(issuer.mint())
     assert caught.value.status_code == 503
 
 
-def test_wrong_resource_server_credentials_fail_closed(issuer):
+def test_wrong_resource_server_credentials_fail_closed(issuer: LocalIssuer) -> None:
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret="wrong", audience=AUDIENCE, http=issuer.client()
     )
@@ -360,38 +385,50 @@ def test_wrong_resource_server_credentials_fail_closed(issuer):
 
 
 @pytest.fixture
-def dpop_key(issuer) -> DPoPKey:
+def dpop_key(issuer: LocalIssuer) -> DPoPKey:
     key = DPoPKey.generate()
     issuer.agents[AGENT_ID]["jkt"] = [key.jkt]
     return key
 
 
-def _bound(issuer, key):
+def _bound(issuer: LocalIssuer, key: DPoPKey) -> str:
     return issuer.mint(cnf={"jkt": key.jkt})
 
 
-def test_dpop_bound_token_with_a_good_proof(issuer, verifier, dpop_key):
+def test_dpop_bound_token_with_a_good_proof(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey
+) -> None:
     token = _bound(issuer, dpop_key)
     proof = dpop_key.proof("GET", URL + "?page=2#x", access_token=token)
     verified = verifier.verify_session(token, dpop_proof=proof, htm="GET", htu=URL + "?page=3", scheme="DPoP")
     assert verified.dpop_jkt == dpop_key.jkt
 
 
-def _refusal(verifier, token, proof, *, htm="GET", htu=URL, scheme="DPoP"):
+def _refusal(
+    verifier: TokenVerifier,
+    token: str,
+    proof: str | None,
+    *,
+    htm: str = "GET",
+    htu: str = URL,
+    scheme: str = "DPoP",
+) -> InvalidToken:
     with pytest.raises(InvalidToken) as caught:
         verifier.verify_session(token, dpop_proof=proof, htm=htm, htu=htu, scheme=scheme)
     assert caught.value.www_authenticate().startswith("DPoP ")
     return caught.value
 
 
-def test_dpop_proof_by_another_key(issuer, verifier, dpop_key):
+def test_dpop_proof_by_another_key(issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey) -> None:
     token = _bound(issuer, dpop_key)
     other = DPoPKey.generate()
     exc = _refusal(verifier, token, other.proof("GET", URL, access_token=token))
     assert isinstance(exc, InvalidDPoPProof) and "another key" in exc.description
 
 
-def test_dpop_proof_for_another_url_or_method(issuer, verifier, dpop_key):
+def test_dpop_proof_for_another_url_or_method(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey
+) -> None:
     token = _bound(issuer, dpop_key)
     assert (
         "URL"
@@ -408,7 +445,7 @@ def test_dpop_proof_for_another_url_or_method(issuer, verifier, dpop_key):
     assert "method" in _refusal(verifier, token, dpop_key.proof("POST", URL, access_token=token)).description
 
 
-def test_dpop_proof_replayed(issuer, verifier, dpop_key):
+def test_dpop_proof_replayed(issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey) -> None:
     token = _bound(issuer, dpop_key)
     proof = dpop_key.proof("GET", URL, access_token=token)
     verifier.verify_session(token, dpop_proof=proof, htm="GET", htu=URL, scheme="DPoP")
@@ -416,33 +453,39 @@ def test_dpop_proof_replayed(issuer, verifier, dpop_key):
 
 
 @pytest.mark.parametrize("age", [-61, 61, 3600])
-def test_dpop_proof_stale_or_from_the_future(issuer, verifier, dpop_key, age):
+def test_dpop_proof_stale_or_from_the_future(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey, age: int
+) -> None:
     token = _bound(issuer, dpop_key)
     proof = dpop_key.proof("GET", URL, access_token=token, iat=int(time.time()) - age)
     assert "iat" in _refusal(verifier, token, proof).description
 
 
-def test_dpop_proof_missing_or_token_sent_as_bearer(issuer, verifier, dpop_key):
+def test_dpop_proof_missing_or_token_sent_as_bearer(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey
+) -> None:
     token = _bound(issuer, dpop_key)
     assert isinstance(_refusal(verifier, token, None), InvalidDPoPProof)
     proof = dpop_key.proof("GET", URL, access_token=token)
     assert "DPoP scheme" in _refusal(verifier, token, proof, scheme="Bearer").description
 
 
-def test_dpop_proof_for_another_token(issuer, verifier, dpop_key):
+def test_dpop_proof_for_another_token(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey
+) -> None:
     token, other = _bound(issuer, dpop_key), _bound(issuer, dpop_key)
     assert "ath" in _refusal(verifier, token, dpop_key.proof("GET", URL, access_token=other)).description
     assert "ath" in _refusal(verifier, token, dpop_key.proof("GET", URL)).description
 
 
-def test_dpop_key_must_be_registered_for_the_agent(issuer, verifier):
+def test_dpop_key_must_be_registered_for_the_agent(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     unregistered = DPoPKey.generate()
     token = _bound(issuer, unregistered)
     exc = _refusal(verifier, token, unregistered.proof("GET", URL, access_token=token))
     assert "not registered" in exc.description
 
 
-def test_dpop_proof_forgeries(issuer, verifier, dpop_key):
+def test_dpop_proof_forgeries(issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey) -> None:
     token = _bound(issuer, dpop_key)
     claims = {
         "jti": secrets.token_urlsafe(16),
@@ -469,7 +512,9 @@ def test_dpop_proof_forgeries(issuer, verifier, dpop_key):
         assert isinstance(_refusal(verifier, token, proof), InvalidDPoPProof)
 
 
-def test_unbound_token_with_dpop_scheme_is_refused(issuer, verifier, dpop_key):
+def test_unbound_token_with_dpop_scheme_is_refused(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey
+) -> None:
     token = issuer.mint()
     with pytest.raises(InvalidToken, match="not DPoP-bound"):
         verifier.verify_session(
@@ -481,15 +526,16 @@ def test_unbound_token_with_dpop_scheme_is_refused(issuer, verifier, dpop_key):
         )
 
 
-def test_proof_builder_and_checker_agree_on_every_algorithm():
+def test_proof_builder_and_checker_agree_on_every_algorithm() -> None:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    for private in [
+    privates: list[PrivateKey] = [
         ec.generate_private_key(ec.SECP256R1()),
         ec.generate_private_key(ec.SECP384R1()),
         rsa.generate_private_key(public_exponent=65537, key_size=2048),
         ed25519.Ed25519PrivateKey.generate(),
-    ]:
+    ]
+    for private in privates:
         key = DPoPKey(private)
         proof = key.proof("POST", "https://AS.example:443/o/token/?q=1", nonce="n-1")
         checked = verify_proof(
@@ -504,14 +550,14 @@ def test_proof_builder_and_checker_agree_on_every_algorithm():
     assert normalize_htu("HTTP://Example.COM:80") == "http://example.com/"
 
 
-def test_replay_cache_forgets_after_its_ttl():
+def test_replay_cache_forgets_after_its_ttl() -> None:
     cache = ReplayCache(0.2)
     assert cache.add("a") and not cache.add("a")
     time.sleep(0.25)
     assert cache.add("a") and len(cache) == 1
 
 
-def test_authorization_header_parsing():
+def test_authorization_header_parsing() -> None:
     assert parse_authorization("bearer abc.def.ghi") == ("Bearer", "abc.def.ghi")
     assert parse_authorization("DPoP abc") == ("DPoP", "abc")
     for bad in [None, "", "Basic dXNlcjpwYXNz", "Token x"]:
@@ -524,7 +570,9 @@ def test_authorization_header_parsing():
 # --- action tokens (locally signed) ---------------------------------------------------------------
 
 
-def test_action_token_for_another_amount_is_refused_and_not_redeemed(issuer, verifier):
+def test_action_token_for_another_amount_is_refused_and_not_redeemed(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     token = issuer.action([LEDGER_ENTRY])
     changed = [{**LEDGER_ENTRY, "amount": "42500.00"}]
     with pytest.raises(ActionMismatch):
@@ -535,7 +583,9 @@ def test_action_token_for_another_amount_is_refused_and_not_redeemed(issuer, ver
     ).is_action
 
 
-def test_action_token_whose_hash_does_not_match_its_details(issuer, verifier):
+def test_action_token_whose_hash_does_not_match_its_details(
+    issuer: LocalIssuer, verifier: TokenVerifier
+) -> None:
     tampered = issuer.action([LEDGER_ENTRY], action_hash=action_hash([{**LEDGER_ENTRY, "amount": "1.00"}]))
     with pytest.raises(ActionMismatch, match="its authorization_details"):
         verifier.verify_action(tampered, expected_details=[{**LEDGER_ENTRY, "amount": "1.00"}])
@@ -546,19 +596,21 @@ def test_action_token_whose_hash_does_not_match_its_details(issuer, verifier):
 
 
 @pytest.fixture
-def live_http_client(live):
+def live_http_client(live: LiveStack) -> Iterator[httpx.Client]:
     with httpx.Client(timeout=15) as client:
         yield client
 
 
-def _verifier(live, http, *, client_id, secret, audience, **kwargs) -> TokenVerifier:
+def _verifier(
+    live: LiveStack, http: httpx.Client, *, client_id: str, secret: str, audience: str, **kwargs: Any
+) -> TokenVerifier:
     return TokenVerifier(
         live.url, client_id=client_id, client_secret=secret, audience=audience, http=http, **kwargs
     )
 
 
 @pytest.fixture
-def catalog(live, scenario, live_http_client) -> TokenVerifier:
+def catalog(live: LiveStack, scenario: Scenario, live_http_client: httpx.Client) -> TokenVerifier:
     return _verifier(
         live,
         live_http_client,
@@ -569,7 +621,7 @@ def catalog(live, scenario, live_http_client) -> TokenVerifier:
 
 
 @pytest.fixture
-def ledger(live, scenario, live_http_client) -> TokenVerifier:
+def ledger(live: LiveStack, scenario: Scenario, live_http_client: httpx.Client) -> TokenVerifier:
     return _verifier(
         live,
         live_http_client,
@@ -580,13 +632,15 @@ def ledger(live, scenario, live_http_client) -> TokenVerifier:
 
 
 @pytest.fixture
-def session_token(live, flow, ledger_policy):  # noqa: F811
-    token = flow.full()["access_token"]
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:  # noqa: F811
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
-def test_live_session_token_verifies_with_the_servers_jwks(live, scenario, catalog, session_token):
+def test_live_session_token_verifies_with_the_servers_jwks(
+    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, session_token: str
+) -> None:
     verified = catalog.verify_session(session_token, required_scopes=["catalog:read", "budget:read"])
     assert verified.subject == f"user:{scenario.user.pk}"
     assert verified.actor == f"agent:{scenario.agent.client_id}"
@@ -595,12 +649,14 @@ def test_live_session_token_verifies_with_the_servers_jwks(live, scenario, catal
         catalog.verify_session(session_token, required_scopes=["ledger:write"])
 
 
-def test_live_session_token_is_not_for_the_ledger(ledger, session_token):
+def test_live_session_token_is_not_for_the_ledger(ledger: TokenVerifier, session_token: str) -> None:
     with pytest.raises(InvalidToken, match="aud"):
         ledger.verify_session(session_token)
 
 
-def test_live_suspended_agent_is_refused(live, scenario, catalog, session_token):
+def test_live_suspended_agent_is_refused(
+    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, session_token: str
+) -> None:
     catalog.verify_session(session_token)
     Agent.objects.filter(pk=scenario.agent.pk).update(status=Agent.Status.SUSPENDED)
     catalog.forget_agent(scenario.agent.client_id)  # else refused after registry_ttl
@@ -608,7 +664,7 @@ def test_live_suspended_agent_is_refused(live, scenario, catalog, session_token)
         catalog.verify_session(session_token)
 
 
-def test_live_registry_contract(live, scenario):
+def test_live_registry_contract(live: LiveStack, scenario: Scenario) -> None:
     """The server's agent registry endpoint, as the verifier relies on it."""
     assert httpx.get(f"{live.url}/.well-known/oauth-authorization-server").json()[
         "agent_registry_endpoint"
@@ -621,7 +677,9 @@ def test_live_registry_contract(live, scenario):
     assert httpx.get(f"{live.url}/o/agents/{scenario.agent.client_id}", timeout=5).status_code == 401
 
 
-def _action_token(live, scenario, session_token, details) -> str:
+def _action_token(
+    live: LiveStack, scenario: Scenario, session_token: str, details: list[dict[str, Any]]
+) -> str:
     """A real action token: CIBA request to the live server, officer approves, agent polls."""
     auth = {"Authorization": basic(scenario.agent.client_id, scenario.agent_secret)}
     asked = httpx.post(
@@ -644,10 +702,13 @@ def _action_token(live, scenario, session_token, details) -> str:
         data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": asked.json()["auth_req_id"]},
     )
     assert polled.status_code == 200, polled.text
-    return polled.json()["access_token"]
+    token: str = polled.json()["access_token"]
+    return token
 
 
-def test_live_action_token_redeems_once(live, scenario, ledger, catalog, session_token):
+def test_live_action_token_redeems_once(
+    live: LiveStack, scenario: Scenario, ledger: TokenVerifier, catalog: TokenVerifier, session_token: str
+) -> None:
     token = _action_token(live, scenario, session_token, [LEDGER_ENTRY])
     with pytest.raises(InvalidToken, match="expected at\\+jwt"):
         ledger.verify_session(token)
@@ -668,9 +729,8 @@ def test_live_action_token_redeems_once(live, scenario, ledger, catalog, session
 
 
 @pytest.fixture
-def dpop_agent(live, scenario, ledger_policy):  # noqa: F811
+def dpop_agent(live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy) -> AgentClient:  # noqa: F811
     """The seeded agent with a registered DPoP key, through the real token endpoint."""
-    from countersign import AgentClient
     from tests.conftest import REDIRECT_URI
 
     key = DPoPKey.generate()
@@ -689,13 +749,14 @@ def dpop_agent(live, scenario, ledger_policy):  # noqa: F811
     return agent
 
 
-def _present(agent, *, method="GET", url=URL):
+def _present(agent: AgentClient, *, method: str = "GET", url: str = URL) -> tuple[str, str, str]:
     headers = agent.auth_headers(method, url)
     scheme, token = parse_authorization(headers["Authorization"])
     return scheme, token, headers["DPoP"]
 
 
-def test_live_dpop_bound_token(catalog, dpop_agent):
+def test_live_dpop_bound_token(catalog: TokenVerifier, dpop_agent: AgentClient) -> None:
+    assert dpop_agent.dpop_key is not None
     scheme, token, proof = _present(dpop_agent)
     assert jwt.decode(token, options={"verify_signature": False})["cnf"] == {"jkt": dpop_agent.dpop_key.jkt}
     verified = catalog.verify_session(token, dpop_proof=proof, htm="GET", htu=URL, scheme=scheme)
@@ -716,7 +777,9 @@ def test_live_dpop_bound_token(catalog, dpop_agent):
         catalog.verify_session(token, dpop_proof=_present(dpop_agent)[2], htm="GET", htu=URL, scheme="Bearer")
 
 
-def test_live_dpop_key_withdrawn_from_the_registry(live, scenario, catalog, dpop_agent):
+def test_live_dpop_key_withdrawn_from_the_registry(
+    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, dpop_agent: AgentClient
+) -> None:
     scheme, token, proof = _present(dpop_agent)
     scenario.agent.jwks = {"keys": [{**DPoPKey.generate().jwk, "kid": "new-1", "alg": "ES256"}]}
     scenario.agent.save()
@@ -724,13 +787,18 @@ def test_live_dpop_key_withdrawn_from_the_registry(live, scenario, catalog, dpop
         catalog.verify_session(token, dpop_proof=proof, htm="GET", htu=URL, scheme=scheme)
 
 
-def test_live_agent_requiring_dpop_cannot_use_a_bearer_token(live, scenario, catalog, session_token):
+def test_live_agent_requiring_dpop_cannot_use_a_bearer_token(
+    live: LiveStack, scenario: Scenario, catalog: TokenVerifier, session_token: str
+) -> None:
     Agent.objects.filter(pk=scenario.agent.pk).update(require_dpop=True)
     with pytest.raises(InvalidToken, match="only use DPoP-bound"):
         catalog.verify_session(session_token)
 
 
-def test_live_dpop_bound_action_token(live, scenario, ledger, dpop_agent):
+def test_live_dpop_bound_action_token(
+    live: LiveStack, scenario: Scenario, ledger: TokenVerifier, dpop_agent: AgentClient
+) -> None:
+    assert dpop_agent.dpop_key is not None
     with officer_decides(scenario.user):
         action = dpop_agent.request_approval("ledger:write", [LEDGER_ENTRY], timeout=30)
     assert action.dpop_bound
@@ -754,13 +822,13 @@ def test_live_dpop_bound_action_token(live, scenario, ledger, dpop_agent):
 # --- integrations: Django decorators and the ASGI middleware ----------------------------------------
 
 
-def test_django_requires_scope(issuer, verifier, rf):
+def test_django_requires_scope(issuer: LocalIssuer, verifier: TokenVerifier, rf: RequestFactory) -> None:
     from django.http import JsonResponse
 
     from countersign.django import requires_scope
 
     @requires_scope("catalog:read", verifier=verifier)
-    def items(request):
+    def items(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         return JsonResponse({"user": request.countersign.subject, "agent": request.countersign.actor})
 
     ok = items(rf.get("/items", HTTP_AUTHORIZATION=f"Bearer {issuer.mint()}"))
@@ -782,7 +850,9 @@ def test_django_requires_scope(issuer, verifier, rf):
     assert narrow.status_code == 403 and 'error="insufficient_scope"' in narrow["WWW-Authenticate"]
 
 
-def test_django_requires_scope_with_dpop_and_async_views(issuer, verifier, dpop_key, rf):
+def test_django_requires_scope_with_dpop_and_async_views(
+    issuer: LocalIssuer, verifier: TokenVerifier, dpop_key: DPoPKey, rf: RequestFactory
+) -> None:
     import asyncio
 
     from django.http import JsonResponse
@@ -790,7 +860,7 @@ def test_django_requires_scope_with_dpop_and_async_views(issuer, verifier, dpop_
     from countersign.django import requires_scope
 
     @requires_scope("catalog:read", verifier=verifier)
-    async def items(request):
+    async def items(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         return JsonResponse({"jkt": request.countersign.dpop_jkt})
 
     token = _bound(issuer, dpop_key)
@@ -804,21 +874,23 @@ def test_django_requires_scope_with_dpop_and_async_views(issuer, verifier, dpop_
     )
 
 
-def test_django_requires_action_redeems_before_the_view_runs(issuer, verifier, rf):
+def test_django_requires_action_redeems_before_the_view_runs(
+    issuer: LocalIssuer, verifier: TokenVerifier, rf: RequestFactory
+) -> None:
     from django.http import JsonResponse
 
     from countersign.django import requires_action
 
-    ran = []
+    ran: list[str] = []
 
     @requires_action("ledger:write", details=lambda request: [json.loads(request.body)], verifier=verifier)
-    def append(request):
+    def append(request: Any) -> JsonResponse:  # Any: the decorator adds .countersign to the request
         ran.append(request.countersign.claims["approval_id"])
         return JsonResponse({"ok": True}, status=201)
 
     token = issuer.action([LEDGER_ENTRY])
 
-    def post(body):
+    def post(body: dict[str, Any]) -> JsonResponse:
         return append(
             rf.post(
                 "/entries",
@@ -840,12 +912,12 @@ def test_django_requires_action_redeems_before_the_view_runs(issuer, verifier, r
     assert junk.status_code == 400 and json.loads(junk.content)["error"] == "invalid_request"
 
 
-def test_asgi_middleware(issuer, verifier):
+def test_asgi_middleware(issuer: LocalIssuer, verifier: TokenVerifier) -> None:
     import asyncio
 
     from countersign.asgi import CountersignMiddleware
 
-    async def app(scope, receive, send):
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         body = json.dumps({"user": scope["countersign"].subject}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
@@ -854,8 +926,8 @@ def test_asgi_middleware(issuer, verifier):
         app, verifier, required_scopes=["catalog:read"], exempt_paths=["/health"]
     )
 
-    def call(path, headers=(), kind="http"):
-        scope = {
+    def call(path: str, headers: Sequence[tuple[bytes, bytes]] = (), kind: str = "http") -> list[Message]:
+        scope: Scope = {
             "type": kind,
             "method": "GET",
             "scheme": "https",
@@ -864,12 +936,12 @@ def test_asgi_middleware(issuer, verifier):
             "headers": [(b"host", b"catalog.example"), *headers],
             "server": ("catalog.example", 443),
         }
-        sent = []
+        sent: list[Message] = []
 
-        async def receive():
+        async def receive() -> Message:
             return {"type": "websocket.connect"}
 
-        async def send(message):
+        async def send(message: Message) -> None:
             sent.append(message)
 
         asyncio.run(protected(scope, receive, send))

@@ -5,13 +5,16 @@ from datetime import UTC, datetime
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.contrib.messages import get_messages
 from django.test import Client
+from pytest_django import Settings
 
 from audit.models import AuditEvent
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.services import AuthContext, grant_create
 from consent.tokens import audiences_for
+from tests.conftest import ClientResponse, Scenario
 from tests.consent.test_commands import _client_authenticates
 from tests.consent.test_revocation_paths import _FormValues
 
@@ -20,16 +23,22 @@ pytestmark = pytest.mark.django_db
 SECRET_SHOWN = re.compile(r"client id <code>([^<]+)</code>, secret <code>([^<]+)</code>")
 
 
+class AdminClient(Client):
+    """A test client signed in as a superuser, who is at hand as ``admin_user``."""
+
+    admin_user: User
+
+
 @pytest.fixture
-def admin_client(scenario) -> Client:
+def admin_client(scenario: Scenario) -> AdminClient:
     admin = get_user_model().objects.create_superuser("root", password="not the officer's")
-    client = Client()
+    client = AdminClient()
     client.force_login(admin)
     client.admin_user = admin
     return client
 
 
-def _actor(client: Client) -> str:
+def _actor(client: AdminClient) -> str:
     return f"admin:{client.admin_user.pk}"
 
 
@@ -39,7 +48,7 @@ def _form(client: Client, url: str, form_id: str, **changes: object) -> dict[str
     assert page.status_code == 200, page.status_code
     parser = _FormValues(form_id)
     parser.feed(page.content.decode())
-    data: dict[str, list[str]] = {}
+    data: dict[str, list[str | None]] = {}
     for name, value in parser.values:
         data.setdefault(name, []).append(value)
     return {**data, **changes, "_save": "Save"}
@@ -61,15 +70,16 @@ def _new_agent(client: Client, **changes: object) -> dict[str, object]:
     )
 
 
-def _shown_secret(response) -> tuple[str, str]:
+def _shown_secret(response: ClientResponse) -> tuple[str, str]:
     for message in get_messages(response.wsgi_request):
         found = SECRET_SHOWN.search(str(message))
         if found:
             return found.group(1), found.group(2)
     raise AssertionError("no secret was shown")
+    raise AssertionError("no secret was shown")
 
 
-def _active_grant(scenario) -> SessionGrant:
+def _active_grant(scenario: Scenario) -> SessionGrant:
     return grant_create(
         user=scenario.user,
         agent=scenario.agent,
@@ -80,7 +90,9 @@ def _active_grant(scenario) -> SessionGrant:
     )
 
 
-def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(admin_client, settings):
+def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(
+    admin_client: AdminClient, settings: Settings
+) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_ACCESS_TOKEN_TTL": 600}
 
     response = admin_client.post(
@@ -102,7 +114,7 @@ def test_an_agent_added_in_the_admin_is_registered_as_agent_create_registers_it(
     assert changed.detail == {"require_second_factor": True}
 
 
-def test_an_agent_without_a_redirect_uri_is_refused_on_the_form(admin_client):
+def test_an_agent_without_a_redirect_uri_is_refused_on_the_form(admin_client: AdminClient) -> None:
     response = admin_client.post("/admin/consent/agent/add/", _new_agent(admin_client, redirect_uris=""))
 
     assert response.status_code == 200
@@ -111,7 +123,9 @@ def test_an_agent_without_a_redirect_uri_is_refused_on_the_form(admin_client):
     assert not AuditEvent.objects.filter(event="agent.created", actor=_actor(admin_client)).exists()
 
 
-def test_suspending_an_agent_in_its_form_revokes_its_grants_as_agent_update_does(admin_client, scenario):
+def test_suspending_an_agent_in_its_form_revokes_its_grants_as_agent_update_does(
+    admin_client: AdminClient, scenario: Scenario
+) -> None:
     grant = _active_grant(scenario)
     agent = scenario.agent
 
@@ -129,7 +143,7 @@ def test_suspending_an_agent_in_its_form_revokes_its_grants_as_agent_update_does
     assert revoked.actor == _actor(admin_client)
 
 
-def test_the_suspend_action_revokes_grants_too(admin_client, scenario):
+def test_the_suspend_action_revokes_grants_too(admin_client: AdminClient, scenario: Scenario) -> None:
     grant = _active_grant(scenario)
 
     response = admin_client.post(
@@ -141,7 +155,7 @@ def test_the_suspend_action_revokes_grants_too(admin_client, scenario):
     assert (grant.status, grant.end_reason) == (SessionGrant.Status.REVOKED, "agent_suspended")
 
 
-def test_saving_an_agent_unchanged_writes_nothing(admin_client, scenario):
+def test_saving_an_agent_unchanged_writes_nothing(admin_client: AdminClient, scenario: Scenario) -> None:
     before = AuditEvent.objects.count()
 
     url = f"/admin/consent/agent/{scenario.agent.pk}/change/"
@@ -156,7 +170,9 @@ def _policy_form(client: Client, policy: ScopePolicy | None = None, **changes: o
     return _form(client, url, "scopepolicy_form", **changes)
 
 
-def test_a_scope_policy_edit_in_the_admin_takes_effect_on_the_next_token_at_once(admin_client):
+def test_a_scope_policy_edit_in_the_admin_takes_effect_on_the_next_token_at_once(
+    admin_client: AdminClient,
+) -> None:
     policy = ScopePolicy.objects.get(name="catalog:read")
     assert audiences_for(["catalog:read"]) == ["http://catalog.test"]  # cached from here on
 
@@ -171,7 +187,7 @@ def test_a_scope_policy_edit_in_the_admin_takes_effect_on_the_next_token_at_once
     assert changed.detail == {"name": "catalog:read", "audience": "http://catalog-2.test"}
 
 
-def test_a_scope_keeps_its_name_in_the_admin(admin_client):
+def test_a_scope_keeps_its_name_in_the_admin(admin_client: AdminClient) -> None:
     policy = ScopePolicy.objects.get(name="catalog:read")
 
     admin_client.post(
@@ -183,7 +199,9 @@ def test_a_scope_keeps_its_name_in_the_admin(admin_client):
     assert not ScopePolicy.objects.filter(name="catalog:everything").exists()
 
 
-def test_a_scope_policy_added_in_the_admin_is_created_through_scope_set(admin_client, settings):
+def test_a_scope_policy_added_in_the_admin_is_created_through_scope_set(
+    admin_client: AdminClient, settings: Settings
+) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_APPROVAL_WINDOW": 300}
     form = _policy_form(
         admin_client,
@@ -203,7 +221,9 @@ def test_a_scope_policy_added_in_the_admin_is_created_through_scope_set(admin_cl
     assert created.detail["name"] == "invoices:pay"
 
 
-def test_a_resource_server_added_in_the_admin_is_created_as_the_command_creates_it(admin_client):
+def test_a_resource_server_added_in_the_admin_is_created_as_the_command_creates_it(
+    admin_client: AdminClient,
+) -> None:
     form = _form(
         admin_client,
         "/admin/consent/resourceserver/add/",

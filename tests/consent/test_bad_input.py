@@ -6,6 +6,10 @@ must change nothing, and must leave exactly one audit row with outcome
 chain head before the bad request, and checks both afterwards.
 """
 
+from collections.abc import Callable
+from datetime import timedelta
+from types import ModuleType
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
@@ -17,7 +21,7 @@ from audit.models import AuditEvent
 from consent.grants import authorization_code, refresh
 from consent.models import AccessToken, Agent, AuthorizationCode, RefreshToken, SessionGrant
 from consent.services import agent_create, agent_update, scope_set
-from tests.conftest import PASSWORD, REDIRECT_URI, basic, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -44,7 +48,7 @@ def _row_counts() -> dict[str, int]:
 class Watch:
     """What a request changed: rows created and audit events appended."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seq = _head()
         self.counts = _row_counts()
 
@@ -63,17 +67,17 @@ class Watch:
             assert row.event == event
         return row
 
-    def assert_nothing_changed(self, **expected_changes: int):
+    def assert_nothing_changed(self, **expected_changes: int) -> None:
         now = _row_counts()
         expected = {k: v + expected_changes.get(k, 0) for k, v in self.counts.items()}
         assert now == expected
 
 
-def _location_params(response) -> dict[str, list[str]]:
+def _location_params(response: ClientResponse) -> dict[str, list[str]]:
     return parse_qs(urlparse(response["Location"]).query)
 
 
-def _assert_error_redirect(response, error: str):
+def _assert_error_redirect(response: ClientResponse, error: str) -> None:
     """A redirect back to the agent's registered redirect URI with ``error`` and the state."""
     assert response.status_code == 302, response.content[:300]
     location = response["Location"]
@@ -84,7 +88,7 @@ def _assert_error_redirect(response, error: str):
     assert "code" not in params
 
 
-def _assert_error_page(response, status: int = 400):
+def _assert_error_page(response: ClientResponse, status: int = 400) -> None:
     """A fatal error: an HTML page, never a redirect anywhere."""
     assert response.status_code == status, response.status_code
     assert not response.has_header("Location")
@@ -96,7 +100,7 @@ def _assert_error_page(response, status: int = 400):
 REASON_OF = {"invalid_client": "client_authentication_failed"}
 
 
-def _json_error(response, status: int, error: str, reason: str = ""):
+def _json_error(response: ClientResponse, status: int, error: str, reason: str = "") -> None:
     assert response.status_code == status, (response.status_code, response.content[:300])
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
@@ -105,7 +109,7 @@ def _json_error(response, status: int, error: str, reason: str = ""):
     assert "no-store" in response.get("Cache-Control", "")
 
 
-def _code(flow, *, scope="catalog:read budget:read ledger:write") -> tuple[str, str]:
+def _code(flow: OAuthFlow, *, scope: str = "catalog:read budget:read ledger:write") -> tuple[str, str]:
     """Log in, consent, return (code, verifier)."""
     flow.login()
     verifier, challenge = pkce_pair()
@@ -113,7 +117,7 @@ def _code(flow, *, scope="catalog:read budget:read ledger:write") -> tuple[str, 
     return code, verifier
 
 
-def _exchange(flow, code, verifier, **kw):
+def _exchange(flow: OAuthFlow, code: str, verifier: str, **kw: Any) -> ClientResponse:
     return flow.token(
         {
             "grant_type": "authorization_code",
@@ -125,7 +129,9 @@ def _exchange(flow, code, verifier, **kw):
     )
 
 
-def _revoke(client, token, client_id, secret, hint=None):
+def _revoke(
+    client: Client, token: str, client_id: str, secret: str, hint: str | None = None
+) -> ClientResponse:
     data = {"token": token}
     if hint:
         data["token_type_hint"] = hint
@@ -138,7 +144,7 @@ def _revoke(client, token, client_id, secret, hint=None):
 
 
 @pytest.fixture
-def other_agent(scenario):
+def other_agent(scenario: Scenario) -> tuple[Agent, str]:
     """A second, legitimate agent with its own credentials and the same redirect URI."""
     agent, secret = agent_create(
         name="Other Agent", publisher="Elsewhere Inc", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
@@ -149,7 +155,7 @@ def other_agent(scenario):
 # --- token endpoint: client authentication --------------------------------------------------------
 
 
-def test_unknown_client_at_token_endpoint_is_invalid_client(flow):
+def test_unknown_client_at_token_endpoint_is_invalid_client(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     w = Watch()
     response = _exchange(flow, code, verifier, auth=("no-such-client", "whatever"))
@@ -161,7 +167,7 @@ def test_unknown_client_at_token_endpoint_is_invalid_client(flow):
     assert _exchange(flow, code, verifier).status_code == 200
 
 
-def test_wrong_secret_is_invalid_client(flow, scenario):
+def test_wrong_secret_is_invalid_client(flow: OAuthFlow, scenario: Scenario) -> None:
     code, verifier = _code(flow)
     w = Watch()
     response = _exchange(flow, code, verifier, auth=(scenario.agent.client_id, scenario.agent_secret + "x"))
@@ -172,7 +178,7 @@ def test_wrong_secret_is_invalid_client(flow, scenario):
     assert scenario.agent_secret not in str(row.detail)
 
 
-def test_no_client_authentication_at_all_is_invalid_client(flow, scenario):
+def test_no_client_authentication_at_all_is_invalid_client(flow: OAuthFlow, scenario: Scenario) -> None:
     code, verifier = _code(flow)
     w = Watch()
     response = flow.client.post(
@@ -193,7 +199,7 @@ def test_no_client_authentication_at_all_is_invalid_client(flow, scenario):
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_malformed_basic_header_is_invalid_client(flow):
+def test_malformed_basic_header_is_invalid_client(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     w = Watch()
     response = flow.client.post(
@@ -214,7 +220,7 @@ def test_malformed_basic_header_is_invalid_client(flow):
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_suspended_agent_cannot_exchange_a_code_it_already_holds(flow, scenario):
+def test_suspended_agent_cannot_exchange_a_code_it_already_holds(flow: OAuthFlow, scenario: Scenario) -> None:
     code, verifier = _code(flow)
     agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
     w = Watch()
@@ -224,7 +230,7 @@ def test_suspended_agent_cannot_exchange_a_code_it_already_holds(flow, scenario)
     w.assert_one_refusal(error="invalid_client", event="token.refused")
 
 
-def test_suspended_agent_cannot_refresh(flow, scenario):
+def test_suspended_agent_cannot_refresh(flow: OAuthFlow, scenario: Scenario) -> None:
     body = flow.full()
     agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
     w = Watch()
@@ -235,7 +241,9 @@ def test_suspended_agent_cannot_refresh(flow, scenario):
     assert flow.introspect(body["access_token"]).json() == {"active": False}
 
 
-def test_agent_suspended_behind_the_services_back_still_gets_nothing(flow, scenario):
+def test_agent_suspended_behind_the_services_back_still_gets_nothing(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     """Even if only the status column changes (no grant revocation ran), tokens stop working."""
     body = flow.full()
     Agent.objects.filter(pk=scenario.agent.pk).update(status=Agent.Status.SUSPENDED)
@@ -248,7 +256,9 @@ def test_agent_suspended_behind_the_services_back_still_gets_nothing(flow, scena
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_suspended_agent_at_authorize_gets_an_error_page_not_a_redirect(flow, scenario, method):
+def test_suspended_agent_at_authorize_gets_an_error_page_not_a_redirect(
+    flow: OAuthFlow, scenario: Scenario, method: str
+) -> None:
     agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
     flow.login()
     _, challenge = pkce_pair()
@@ -282,7 +292,7 @@ BAD_REDIRECTS = [
 
 
 @pytest.mark.parametrize("redirect_uri", BAD_REDIRECTS)
-def test_bad_redirect_uri_gets_an_error_page_never_a_redirect(flow, redirect_uri):
+def test_bad_redirect_uri_gets_an_error_page_never_a_redirect(flow: OAuthFlow, redirect_uri: str) -> None:
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
@@ -295,7 +305,7 @@ def test_bad_redirect_uri_gets_an_error_page_never_a_redirect(flow, redirect_uri
     assert len(w.refused()) == 1 and w.refused()[0].event == "consent.request_refused"
 
 
-def test_bad_redirect_uri_in_a_forged_consent_post_creates_nothing(flow):
+def test_bad_redirect_uri_in_a_forged_consent_post_creates_nothing(flow: OAuthFlow) -> None:
     """A POST straight to the consent form with a foreign redirect_uri never mints a code."""
     flow.login()
     _, challenge = pkce_pair()
@@ -306,7 +316,7 @@ def test_bad_redirect_uri_in_a_forged_consent_post_creates_nothing(flow):
     assert len(w.refused()) == 1
 
 
-def test_unknown_client_at_authorize_gets_an_error_page_not_its_redirect(flow):
+def test_unknown_client_at_authorize_gets_an_error_page_not_its_redirect(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
@@ -321,7 +331,7 @@ def test_unknown_client_at_authorize_gets_an_error_page_not_its_redirect(flow):
     assert len(w.refused()) == 1
 
 
-def test_missing_pkce_challenge_redirects_with_invalid_request(flow):
+def test_missing_pkce_challenge_redirects_with_invalid_request(flow: OAuthFlow) -> None:
     flow.login()
     w = Watch()
     response = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=None))
@@ -330,7 +340,7 @@ def test_missing_pkce_challenge_redirects_with_invalid_request(flow):
     w.assert_one_refusal(error="invalid_request", event="consent.request_refused")
 
 
-def test_missing_pkce_challenge_in_consent_post_creates_no_grant(flow):
+def test_missing_pkce_challenge_in_consent_post_creates_no_grant(flow: OAuthFlow) -> None:
     flow.login()
     w = Watch()
     response = flow.consent(flow.authorize_query(challenge=None))
@@ -340,7 +350,7 @@ def test_missing_pkce_challenge_in_consent_post_creates_no_grant(flow):
 
 
 @pytest.mark.parametrize("method", ["plain", None, "S512", "s256"])
-def test_pkce_method_other_than_s256_is_refused(flow, method):
+def test_pkce_method_other_than_s256_is_refused(flow: OAuthFlow, method: str | None) -> None:
     """``plain`` (and a missing method, which RFC 7636 §4.3 defaults to plain) is refused."""
     flow.login()
     _, challenge = pkce_pair()
@@ -359,7 +369,7 @@ def test_pkce_method_other_than_s256_is_refused(flow, method):
     w.assert_one_refusal(error="invalid_request")
 
 
-def test_plain_pkce_verifier_equal_to_challenge_never_yields_a_token(flow):
+def test_plain_pkce_verifier_equal_to_challenge_never_yields_a_token(flow: OAuthFlow) -> None:
     """Even with S256 at authorize, sending the challenge itself as verifier (a plain downgrade) fails."""
     flow.login()
     verifier, challenge = pkce_pair()
@@ -371,7 +381,7 @@ def test_plain_pkce_verifier_equal_to_challenge_never_yields_a_token(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_wrong_code_verifier_is_invalid_grant(flow):
+def test_wrong_code_verifier_is_invalid_grant(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     w = Watch()
     other_verifier, _ = pkce_pair()
@@ -382,7 +392,7 @@ def test_wrong_code_verifier_is_invalid_grant(flow):
     assert verifier not in str(row.detail) and code not in str(row.detail)
 
 
-def test_missing_code_verifier_is_refused(flow):
+def test_missing_code_verifier_is_refused(flow: OAuthFlow) -> None:
     code, _ = _code(flow)
     w = Watch()
     response = flow.token({"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI})
@@ -392,7 +402,7 @@ def test_missing_code_verifier_is_refused(flow):
     assert len(w.refused()) == 1
 
 
-def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow):
+def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     first = _exchange(flow, code, verifier)
     assert first.status_code == 200
@@ -413,7 +423,9 @@ def test_reused_authorization_code_is_invalid_grant_and_revokes_the_grant(flow):
     _json_error(refresh, 400, "invalid_grant", reason="grant_inactive")
 
 
-def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(flow, other_agent):
+def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
+) -> None:
     agent, secret = other_agent
     code, verifier = _code(flow)
     w = Watch()
@@ -426,7 +438,7 @@ def test_code_presented_by_another_agent_is_invalid_grant_and_harms_nobody(flow,
     assert _exchange(flow, code, verifier).status_code == 200
 
 
-def test_unknown_code_is_invalid_grant(flow):
+def test_unknown_code_is_invalid_grant(flow: OAuthFlow) -> None:
     flow.login()
     w = Watch()
     response = _exchange(flow, "not-a-code", "x" * 43)
@@ -435,11 +447,11 @@ def test_unknown_code_is_invalid_grant(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_expired_code_is_invalid_grant(flow):
+def test_expired_code_is_invalid_grant(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     from django.utils import timezone
 
-    AuthorizationCode.objects.update(expires=timezone.now() - timezone.timedelta(seconds=1))
+    AuthorizationCode.objects.update(expires=timezone.now() - timedelta(seconds=1))
     w = Watch()
     response = _exchange(flow, code, verifier)
     _json_error(response, 400, "invalid_grant", reason="code_expired")
@@ -447,7 +459,9 @@ def test_expired_code_is_invalid_grant(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_code_for_a_grant_revoked_before_exchange_is_invalid_grant(flow, scenario):
+def test_code_for_a_grant_revoked_before_exchange_is_invalid_grant(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     code, verifier = _code(flow)
     grant = SessionGrant.objects.get()
     flow.client.post(f"/grants/{grant.pk}/revoke/")
@@ -459,7 +473,7 @@ def test_code_for_a_grant_revoked_before_exchange_is_invalid_grant(flow, scenari
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_code_exchanged_with_a_different_redirect_uri_is_invalid_grant(flow):
+def test_code_exchanged_with_a_different_redirect_uri_is_invalid_grant(flow: OAuthFlow) -> None:
     """RFC 6749 §5.2: a redirect_uri that does not match the authorization request is invalid_grant."""
     code, verifier = _code(flow)
     w = Watch()
@@ -476,7 +490,9 @@ def test_code_exchanged_with_a_different_redirect_uri_is_invalid_grant(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_scope_outside_the_agents_registry_is_invalid_scope_without_consent_screen(flow, scenario):
+def test_scope_outside_the_agents_registry_is_invalid_scope_without_consent_screen(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     scope_set(name="payroll:write", values={"audience": "http://payroll.test", "sensitivity": "standard"})
     flow.login()
     _, challenge = pkce_pair()
@@ -493,7 +509,7 @@ def test_scope_outside_the_agents_registry_is_invalid_scope_without_consent_scre
     w.assert_one_refusal(error="invalid_scope")
 
 
-def test_scope_that_does_not_exist_at_all_is_invalid_scope(flow):
+def test_scope_that_does_not_exist_at_all_is_invalid_scope(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
@@ -505,7 +521,7 @@ def test_scope_that_does_not_exist_at_all_is_invalid_scope(flow):
     w.assert_one_refusal(error="invalid_scope")
 
 
-def test_unsupported_response_type_is_refused_without_consent_screen(flow):
+def test_unsupported_response_type_is_refused_without_consent_screen(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
@@ -517,7 +533,7 @@ def test_unsupported_response_type_is_refused_without_consent_screen(flow):
     w.assert_one_refusal(error="unsupported_response_type")
 
 
-def test_consent_post_without_csrf_token_is_refused(scenario):
+def test_consent_post_without_csrf_token_is_refused(scenario: Scenario) -> None:
     browser = Client(enforce_csrf_checks=True)
     assert browser.login(username="officer", password=PASSWORD)
     _, challenge = pkce_pair()
@@ -538,7 +554,7 @@ def test_consent_post_without_csrf_token_is_refused(scenario):
     w.assert_nothing_changed()
 
 
-def test_consent_with_a_lifetime_the_agent_does_not_offer_creates_nothing(flow):
+def test_consent_with_a_lifetime_the_agent_does_not_offer_creates_nothing(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     w = Watch()
@@ -548,7 +564,7 @@ def test_consent_with_a_lifetime_the_agent_does_not_offer_creates_nothing(flow):
     w.assert_nothing_changed()
 
 
-def test_consent_post_when_signed_out_creates_nothing(flow):
+def test_consent_post_when_signed_out_creates_nothing(flow: OAuthFlow) -> None:
     _, challenge = pkce_pair()
     w = Watch()
     response = flow.consent(flow.authorize_query(challenge=challenge))
@@ -570,7 +586,7 @@ def test_consent_post_when_signed_out_creates_nothing(flow):
         "nonsense",
     ],
 )
-def test_unknown_grant_type_is_unsupported_grant_type(flow, grant_type):
+def test_unknown_grant_type_is_unsupported_grant_type(flow: OAuthFlow, grant_type: str) -> None:
     flow.full()
     w = Watch()
     response = flow.token(
@@ -581,7 +597,7 @@ def test_unknown_grant_type_is_unsupported_grant_type(flow, grant_type):
     w.assert_one_refusal(error="unsupported_grant_type", event="token.refused")
 
 
-def test_missing_grant_type_is_invalid_request(flow):
+def test_missing_grant_type_is_invalid_request(flow: OAuthFlow) -> None:
     w = Watch()
     response = flow.token({"code": "x"})
     _json_error(response, 400, "invalid_request")
@@ -589,7 +605,7 @@ def test_missing_grant_type_is_invalid_request(flow):
     w.assert_one_refusal(error="invalid_request")
 
 
-def test_refresh_token_reuse_is_invalid_grant_with_one_refusal_row(flow):
+def test_refresh_token_reuse_is_invalid_grant_with_one_refusal_row(flow: OAuthFlow) -> None:
     first = flow.full()
     second = flow.token({"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}).json()
     w = Watch()
@@ -600,7 +616,9 @@ def test_refresh_token_reuse_is_invalid_grant_with_one_refusal_row(flow):
     assert flow.introspect(second["access_token"]).json() == {"active": False}
 
 
-def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(flow, other_agent):
+def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
+) -> None:
     agent, secret = other_agent
     body = flow.full()
     w = Watch()
@@ -617,7 +635,7 @@ def test_refresh_token_of_another_agent_is_invalid_grant_and_does_not_revoke(flo
     )
 
 
-def test_unknown_refresh_token_is_invalid_grant(flow):
+def test_unknown_refresh_token_is_invalid_grant(flow: OAuthFlow) -> None:
     flow.full()
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": "made-up"})
@@ -626,7 +644,7 @@ def test_unknown_refresh_token_is_invalid_grant(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_refresh_cannot_widen_scope(flow):
+def test_refresh_cannot_widen_scope(flow: OAuthFlow) -> None:
     """RFC 6749 §6: a refresh may not ask for more than was granted (here a step-up scope)."""
     body = flow.full(scope="catalog:read ledger:write")
     w = Watch()
@@ -642,7 +660,7 @@ def test_refresh_cannot_widen_scope(flow):
     w.assert_one_refusal(error="invalid_scope")
 
 
-def test_access_token_presented_as_refresh_token_is_invalid_grant(flow):
+def test_access_token_presented_as_refresh_token_is_invalid_grant(flow: OAuthFlow) -> None:
     body = flow.full()
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["access_token"]})
@@ -651,7 +669,7 @@ def test_access_token_presented_as_refresh_token_is_invalid_grant(flow):
     w.assert_one_refusal(error="invalid_grant")
 
 
-def test_token_endpoint_refuses_get(flow):
+def test_token_endpoint_refuses_get(flow: OAuthFlow) -> None:
     response = flow.client.get("/o/token/?grant_type=authorization_code&code=x")
     assert response.status_code == 405
 
@@ -659,7 +677,7 @@ def test_token_endpoint_refuses_get(flow):
 # --- introspection (RFC 7662) ---------------------------------------------------------------------
 
 
-def test_introspection_without_credentials_is_invalid_client(flow):
+def test_introspection_without_credentials_is_invalid_client(flow: OAuthFlow) -> None:
     token = flow.full()["access_token"]
     w = Watch()
     response = flow.client.post(
@@ -672,7 +690,7 @@ def test_introspection_without_credentials_is_invalid_client(flow):
     w.assert_one_refusal(error="invalid_client", event="introspection.refused")
 
 
-def test_introspection_with_wrong_rs_secret_is_invalid_client(flow, scenario):
+def test_introspection_with_wrong_rs_secret_is_invalid_client(flow: OAuthFlow, scenario: Scenario) -> None:
     token = flow.full()["access_token"]
     w = Watch()
     response = flow.introspect(token, auth=(scenario.rs_client_id, scenario.rs_secret + "x"))
@@ -682,7 +700,9 @@ def test_introspection_with_wrong_rs_secret_is_invalid_client(flow, scenario):
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_introspection_with_an_agents_credentials_is_invalid_client(flow, scenario):
+def test_introspection_with_an_agents_credentials_is_invalid_client(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     token = flow.full()["access_token"]
     w = Watch()
     response = flow.introspect(token, auth=(scenario.agent.client_id, scenario.agent_secret))
@@ -692,7 +712,9 @@ def test_introspection_with_an_agents_credentials_is_invalid_client(flow, scenar
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_introspection_by_a_deactivated_resource_server_is_invalid_client(flow, scenario):
+def test_introspection_by_a_deactivated_resource_server_is_invalid_client(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     from consent.models import ResourceServer
 
     token = flow.full()["access_token"]
@@ -702,7 +724,9 @@ def test_introspection_by_a_deactivated_resource_server_is_invalid_client(flow, 
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_introspection_by_rs_outside_the_audience_reports_inactive(flow, scenario):
+def test_introspection_by_rs_outside_the_audience_reports_inactive(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     token = flow.full()["access_token"]
     w = Watch()
     response = flow.introspect(token, auth=(scenario.ledger_client_id, scenario.ledger_secret))
@@ -715,7 +739,7 @@ def test_introspection_by_rs_outside_the_audience_reports_inactive(flow, scenari
 
 
 @pytest.mark.parametrize("garbage", ["", "not-a-jwt", "a.b.c", "eyJhbGciOiJub25lIn0.e30.", "x" * 20000])
-def test_introspection_of_garbage_never_reports_active(flow, garbage):
+def test_introspection_of_garbage_never_reports_active(flow: OAuthFlow, garbage: str) -> None:
     flow.full()
     w = Watch()
     response = flow.introspect(garbage)
@@ -727,13 +751,13 @@ def test_introspection_of_garbage_never_reports_active(flow, garbage):
     assert len(w.refused()) == 1
 
 
-def test_introspection_of_a_refresh_token_reports_inactive(flow):
+def test_introspection_of_a_refresh_token_reports_inactive(flow: OAuthFlow) -> None:
     body = flow.full()
     response = flow.introspect(body["refresh_token"])
     assert response.status_code == 200 and response.json() == {"active": False}
 
 
-def test_introspection_refuses_get(flow, scenario):
+def test_introspection_refuses_get(flow: OAuthFlow, scenario: Scenario) -> None:
     token = flow.full()["access_token"]
     response = flow.client.get(
         "/o/introspect/?" + urlencode({"token": token}),
@@ -746,7 +770,9 @@ def test_introspection_refuses_get(flow, scenario):
 
 
 @pytest.mark.parametrize("which", ["access_token", "refresh_token"])
-def test_revocation_by_the_agent_revokes_the_whole_grant(flow, scenario, which):
+def test_revocation_by_the_agent_revokes_the_whole_grant(
+    flow: OAuthFlow, scenario: Scenario, which: str
+) -> None:
     body = flow.full()
     w = Watch()
     response = _revoke(flow.client, body[which], scenario.agent.client_id, scenario.agent_secret, hint=which)
@@ -759,7 +785,9 @@ def test_revocation_by_the_agent_revokes_the_whole_grant(flow, scenario, which):
     assert [e.event for e in w.new_events()][:1] == ["grant.revoked"]
 
 
-def test_revocation_with_bad_client_credentials_is_invalid_client(flow, scenario):
+def test_revocation_with_bad_client_credentials_is_invalid_client(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     body = flow.full()
     w = Watch()
     response = _revoke(flow.client, body["access_token"], scenario.agent.client_id, "wrong-secret")
@@ -769,7 +797,7 @@ def test_revocation_with_bad_client_credentials_is_invalid_client(flow, scenario
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_revocation_without_client_credentials_is_invalid_client(flow):
+def test_revocation_without_client_credentials_is_invalid_client(flow: OAuthFlow) -> None:
     body = flow.full()
     w = Watch()
     response = flow.client.post(
@@ -783,7 +811,7 @@ def test_revocation_without_client_credentials_is_invalid_client(flow):
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_revocation_by_a_resource_server_is_invalid_client(flow, scenario):
+def test_revocation_by_a_resource_server_is_invalid_client(flow: OAuthFlow, scenario: Scenario) -> None:
     body = flow.full()
     w = Watch()
     response = _revoke(flow.client, body["access_token"], scenario.rs_client_id, scenario.rs_secret)
@@ -793,7 +821,9 @@ def test_revocation_by_a_resource_server_is_invalid_client(flow, scenario):
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_another_agent_cannot_revoke_someone_elses_token(flow, other_agent):
+def test_another_agent_cannot_revoke_someone_elses_token(
+    flow: OAuthFlow, other_agent: tuple[Agent, str]
+) -> None:
     agent, secret = other_agent
     body = flow.full()
     response = _revoke(flow.client, body["access_token"], agent.client_id, secret)
@@ -802,7 +832,9 @@ def test_another_agent_cannot_revoke_someone_elses_token(flow, other_agent):
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_user_cannot_use_someone_elses_session_to_consent_for_them(flow, scenario):
+def test_user_cannot_use_someone_elses_session_to_consent_for_them(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     """Grants are always created for the signed-in user, whatever the query says."""
     mallory = get_user_model().objects.create_user("mallory", password=PASSWORD)
     browser = Client()
@@ -820,7 +852,7 @@ def test_user_cannot_use_someone_elses_session_to_consent_for_them(flow, scenari
     assert SessionGrant.objects.get().user == mallory
 
 
-def test_duplicate_redirect_uri_parameter_gets_an_error_page(flow):
+def test_duplicate_redirect_uri_parameter_gets_an_error_page(flow: OAuthFlow) -> None:
     """RFC 6749 §3.1: parameters must not repeat; a second redirect_uri never wins."""
     flow.login()
     _, challenge = pkce_pair()
@@ -836,7 +868,7 @@ def test_duplicate_redirect_uri_parameter_gets_an_error_page(flow):
     assert len(w.refused()) == 1
 
 
-def test_error_page_does_not_reflect_markup(flow):
+def test_error_page_does_not_reflect_markup(flow: OAuthFlow) -> None:
     flow.login()
     response = flow.client.get(
         "/o/authorize/?"
@@ -853,11 +885,11 @@ def test_error_page_does_not_reflect_markup(flow):
     assert "<script>" not in response.content.decode()
 
 
-def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(flow):
+def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(flow: OAuthFlow) -> None:
     from django.utils import timezone
 
     body = flow.full()
-    SessionGrant.objects.update(expires_at=timezone.now() - timezone.timedelta(seconds=1))
+    SessionGrant.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     assert flow.introspect(body["access_token"]).json() == {"active": False}
     w = Watch()
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -869,7 +901,11 @@ def test_grant_past_its_lifetime_stops_tokens_even_before_the_expiry_job_runs(fl
 # --- faults: two requests racing with the same single-use credential ------------------------------
 
 
-def _race(monkeypatch, grant_module, requests: list):
+def _race(
+    monkeypatch: pytest.MonkeyPatch,
+    grant_module: ModuleType,
+    requests: list[Callable[[Client], ClientResponse]],
+) -> list[ClientResponse]:
     """Run ``requests`` (callables taking a Client) in threads, all held just before the grant's
     locking read of its credential row until every one of them has got that far, so they really
     overlap."""
@@ -881,7 +917,7 @@ def _race(monkeypatch, grant_module, requests: list):
     original = grant_module._read
     reached: list[int] = []
 
-    def held(*args, **kwargs):
+    def held(*args: Any, **kwargs: Any) -> Any:
         reached.append(1)
         try:
             barrier.wait()
@@ -890,9 +926,9 @@ def _race(monkeypatch, grant_module, requests: list):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(grant_module, "_read", held)
-    results: list = [None] * len(requests)
+    results: list[ClientResponse | None] = [None] * len(requests)
 
-    def run(i, fn):
+    def run(i: int, fn: Callable[[Client], ClientResponse]) -> None:
         try:
             results[i] = fn(Client())
         finally:
@@ -905,10 +941,12 @@ def _race(monkeypatch, grant_module, requests: list):
         t.join(60)
     monkeypatch.setattr(grant_module, "_read", original)
     assert len(reached) == len(requests)  # every request really got to the locking read
-    return results
+    answered = [r for r in results if r is not None]
+    assert len(answered) == len(requests)  # and every one of them was answered
+    return answered
 
 
-def _post_token(client, data, scenario):
+def _post_token(client: Client, data: dict[str, str], scenario: Scenario) -> ClientResponse:
     return client.post(
         "/o/token/",
         urlencode(data),
@@ -918,7 +956,9 @@ def _post_token(client, data, scenario):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(flow, scenario, monkeypatch):
+def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(
+    flow: OAuthFlow, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code, verifier = _code(flow)
     data = {
         "grant_type": "authorization_code",
@@ -937,7 +977,9 @@ def test_concurrent_exchanges_of_one_code_yield_exactly_one_token(flow, scenario
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token(flow, scenario, monkeypatch):
+def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token(
+    flow: OAuthFlow, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
     body = flow.full()
     data = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
     # Both requests are held until each has entered refresh-token validation, so they overlap;
@@ -959,7 +1001,7 @@ def test_concurrent_refreshes_with_one_refresh_token_yield_exactly_one_new_token
 # --- the same refusals with credentials in the form body (client_secret_post) ---------------------
 
 
-def test_wrong_secret_in_the_form_body_is_invalid_client(flow, scenario):
+def test_wrong_secret_in_the_form_body_is_invalid_client(flow: OAuthFlow, scenario: Scenario) -> None:
     code, verifier = _code(flow)
     w = Watch()
     response = flow.client.post(
@@ -982,7 +1024,9 @@ def test_wrong_secret_in_the_form_body_is_invalid_client(flow, scenario):
 
 
 @pytest.mark.parametrize("who", ["agent", "wrong_rs_secret"])
-def test_introspection_with_bad_credentials_in_the_form_body_is_invalid_client(flow, scenario, who):
+def test_introspection_with_bad_credentials_in_the_form_body_is_invalid_client(
+    flow: OAuthFlow, scenario: Scenario, who: str
+) -> None:
     token = flow.full()["access_token"]
     creds = (
         {"client_id": scenario.agent.client_id, "client_secret": scenario.agent_secret}
@@ -1000,7 +1044,9 @@ def test_introspection_with_bad_credentials_in_the_form_body_is_invalid_client(f
     w.assert_one_refusal(error="invalid_client")
 
 
-def test_introspection_with_rs_credentials_in_the_form_body_works(flow, scenario):
+def test_introspection_with_rs_credentials_in_the_form_body_works(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     token = flow.full()["access_token"]
     response = flow.client.post(
         "/o/introspect/",
@@ -1010,7 +1056,7 @@ def test_introspection_with_rs_credentials_in_the_form_body_works(flow, scenario
     assert response.status_code == 200 and response.json()["active"] is True
 
 
-def test_suspended_agent_cannot_use_the_revocation_endpoint(flow, scenario):
+def test_suspended_agent_cannot_use_the_revocation_endpoint(flow: OAuthFlow, scenario: Scenario) -> None:
     body = flow.full()
     Agent.objects.filter(pk=scenario.agent.pk).update(status=Agent.Status.SUSPENDED)
     w = Watch()

@@ -11,9 +11,9 @@ from django.test import Client
 from audit.models import AuditEvent
 from consent.budget import Budget
 from consent.budgets import BudgetChoice, budgets_create
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
 from consent.services import scope_set
-from tests.conftest import PASSWORD, pkce_pair
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -21,7 +21,7 @@ FIELD = "budget-ledger:write-"
 
 
 @pytest.fixture
-def budget_policy(ledger_policy):
+def budget_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     policy, _ = scope_set(
         name="ledger:write",
         values={
@@ -34,7 +34,7 @@ def budget_policy(ledger_policy):
     return policy
 
 
-def _consent(flow, **budget: str):
+def _consent(flow: OAuthFlow, **budget: str) -> tuple[str, ClientResponse]:
     flow.login()
     _, challenge = pkce_pair()
     query = flow.authorize_query(challenge=challenge)
@@ -43,7 +43,9 @@ def _consent(flow, **budget: str):
     return query, flow.client.post("/o/authorize/", data)
 
 
-def test_the_consent_screen_offers_a_budget_within_the_admin_maximum(flow, budget_policy):
+def test_the_consent_screen_offers_a_budget_within_the_admin_maximum(
+    flow: OAuthFlow, budget_policy: ScopePolicy
+) -> None:
     flow.login()
     _, challenge = pkce_pair()
     page = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge)).content.decode()
@@ -52,14 +54,16 @@ def test_the_consent_screen_offers_a_budget_within_the_admin_maximum(flow, budge
     assert '<option value="week">' in page and '<option value="day">' not in page
 
 
-def test_no_budget_fields_where_the_policy_offers_none(flow, ledger_policy):
+def test_no_budget_fields_where_the_policy_offers_none(flow: OAuthFlow, ledger_policy: ScopePolicy) -> None:
     flow.login()
     _, challenge = pkce_pair()
     page = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge)).content.decode()
     assert FIELD not in page
 
 
-def test_allow_with_a_budget_creates_it(flow, budget_policy, scenario):
+def test_allow_with_a_budget_creates_it(
+    flow: OAuthFlow, budget_policy: ScopePolicy, scenario: Scenario
+) -> None:
     _, response = _consent(flow, per_action="500.00", total="2000.00", period="week", currency="USD")
     assert response.status_code == 302, response.content[:300]
     grant = SessionGrant.objects.get()
@@ -76,7 +80,7 @@ def test_allow_with_a_budget_creates_it(flow, budget_policy, scenario):
     assert event.detail["total"] == "2000.00" and event.user_id == scenario.user.pk
 
 
-def test_allow_without_amounts_gives_no_budget(flow, budget_policy):
+def test_allow_without_amounts_gives_no_budget(flow: OAuthFlow, budget_policy: ScopePolicy) -> None:
     _, response = _consent(flow, per_action="", total="", period="week", currency="USD")
     assert response.status_code == 302
     assert SessionGrant.objects.count() == 1 and not Budget.objects.exists()
@@ -102,7 +106,9 @@ def test_allow_without_amounts_gives_no_budget(flow, budget_policy):
         ({"per_action": "800.00", "total": "700.00", "period": "week", "currency": "USD"}, "budget_invalid"),
     ],
 )
-def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(flow, budget_policy, budget, code):
+def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(
+    flow: OAuthFlow, budget_policy: ScopePolicy, budget: dict[str, str], code: str
+) -> None:
     _, response = _consent(flow, **budget)
     assert response.status_code == 400
     assert "Budget not accepted" in response.content.decode()
@@ -113,7 +119,7 @@ def test_a_refused_budget_at_consent_changes_nothing_and_is_audited_once(flow, b
 
 
 @pytest.fixture
-def budget(flow, budget_policy, scenario) -> Budget:
+def budget(flow: OAuthFlow, budget_policy: ScopePolicy, scenario: Scenario) -> Budget:
     _consent(flow)
     grant = SessionGrant.objects.get()
     (created,) = budgets_create(
@@ -125,7 +131,7 @@ def budget(flow, budget_policy, scenario) -> Budget:
     return created
 
 
-def test_grants_shows_what_is_left_and_the_user_lowers_it(flow, budget):
+def test_grants_shows_what_is_left_and_the_user_lowers_it(flow: OAuthFlow, budget: Budget) -> None:
     page = flow.client.get("/grants/").content.decode()
     assert "1,650.00 USD left of 2,000.00 USD this week; up to 500.00 USD each" in page
     response = flow.client.post(
@@ -138,7 +144,7 @@ def test_grants_shows_what_is_left_and_the_user_lowers_it(flow, budget):
     assert AuditEvent.objects.filter(event="budget.lowered").count() == 1
 
 
-def test_raising_instead_of_lowering_is_refused(flow, budget):
+def test_raising_instead_of_lowering_is_refused(flow: OAuthFlow, budget: Budget) -> None:
     response = flow.client.post(
         f"/grants/{budget.grant_id}/budgets/{budget.pk}/lower/", {"per_action": "600.00", "total": "2000.00"}
     )
@@ -147,7 +153,7 @@ def test_raising_instead_of_lowering_is_refused(flow, budget):
     assert AuditEvent.objects.get(event="budget.refused").error == "budget_not_lowered"
 
 
-def test_the_user_ends_it_at_once(flow, budget):
+def test_the_user_ends_it_at_once(flow: OAuthFlow, budget: Budget) -> None:
     response = flow.client.post(
         f"/grants/{budget.grant_id}/budgets/{budget.pk}/end/", {"next": f"/grants/{budget.grant_id}/"}
     )
@@ -170,7 +176,7 @@ def test_the_user_ends_it_at_once(flow, budget):
     assert Budget.objects.get(status=Budget.Status.ACTIVE).total == Decimal("400.00")
 
 
-def test_a_budget_above_the_admin_maximum_is_refused_from_grants_too(flow, budget):
+def test_a_budget_above_the_admin_maximum_is_refused_from_grants_too(flow: OAuthFlow, budget: Budget) -> None:
     response = flow.client.post(
         f"/grants/{budget.grant_id}/budgets/",
         {
@@ -196,7 +202,7 @@ def test_a_budget_above_the_admin_maximum_is_refused_from_grants_too(flow, budge
 
 
 @pytest.mark.parametrize("action", ["lower", "end"])
-def test_another_users_budget_is_404_unchanged_and_audited_once(budget, action):
+def test_another_users_budget_is_404_unchanged_and_audited_once(budget: Budget, action: str) -> None:
     get_user_model().objects.create_user("intruder", password=PASSWORD)
     intruder = Client()
     assert intruder.login(username="intruder", password=PASSWORD)
@@ -214,7 +220,7 @@ def test_another_users_budget_is_404_unchanged_and_audited_once(budget, action):
     assert refused.count() == 1 and refused.get().error == "budget_not_found"
 
 
-def test_budget_forms_are_post_only_and_csrf_protected(flow, budget):
+def test_budget_forms_are_post_only_and_csrf_protected(flow: OAuthFlow, budget: Budget) -> None:
     assert flow.client.get(f"/grants/{budget.grant_id}/budgets/{budget.pk}/end/").status_code == 405
     strict = Client(enforce_csrf_checks=True)
     assert strict.login(username="officer", password=PASSWORD)
@@ -222,7 +228,7 @@ def test_budget_forms_are_post_only_and_csrf_protected(flow, budget):
     assert Budget.objects.get(pk=budget.pk).status == Budget.Status.ACTIVE
 
 
-def test_the_admin_maximum_is_checked_when_the_policy_is_set(ledger_policy):
+def test_the_admin_maximum_is_checked_when_the_policy_is_set(ledger_policy: ScopePolicy) -> None:
     from django.core.exceptions import ValidationError
 
     with pytest.raises(ValidationError):
@@ -241,7 +247,7 @@ def test_the_admin_maximum_is_checked_when_the_policy_is_set(ledger_policy):
         )
 
 
-def test_scope_set_offers_budgets_from_a_shell(ledger_policy):
+def test_scope_set_offers_budgets_from_a_shell(ledger_policy: ScopePolicy) -> None:
     from django.core.management import call_command
 
     call_command(
@@ -261,7 +267,7 @@ def test_scope_set_offers_budgets_from_a_shell(ledger_policy):
     assert changed.detail["budget_max_per_action"] == "750.50"
 
 
-def test_the_admin_lists_budgets_read_only(budget, admin_client):
+def test_the_admin_lists_budgets_read_only(budget: Budget, admin_client: Client) -> None:
     page = admin_client.get("/admin/consent/budget/")
     assert page.status_code == 200 and "ledger:write" in page.content.decode()
     assert admin_client.get("/admin/consent/budget/add/").status_code == 403

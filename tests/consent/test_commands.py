@@ -2,6 +2,8 @@
 
 import json
 from io import StringIO
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
@@ -11,22 +13,23 @@ from django.test import Client
 
 from audit.models import AuditEvent
 from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
-from tests.conftest import REDIRECT_URI, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
 
-def _run(*args) -> str:
+def _run(*args: str) -> str:
     out = StringIO()
     call_command(*args, stdout=out, stderr=StringIO())
     return out.getvalue()
 
 
-def _run_json(*args) -> dict:
-    return json.loads(_run(*args, "--json"))
+def _run_json(*args: str) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(_run(*args, "--json"))
+    return out
 
 
-def _refused(*args) -> None:
+def _refused(*args: str) -> None:
     with pytest.raises(CommandError):
         call_command(*args, stdout=StringIO(), stderr=StringIO())
 
@@ -59,8 +62,15 @@ def _rs_authenticates(client_id: str, secret: str) -> bool:
 
 
 def _session_token(
-    *, username, password, client_id, secret, scope, redirect_uri=REDIRECT_URI, lifetime=3600
-) -> dict:
+    *,
+    username: str,
+    password: str,
+    client_id: str,
+    secret: str,
+    scope: str,
+    redirect_uri: str = REDIRECT_URI,
+    lifetime: int = 3600,
+) -> dict[str, Any]:
     """The whole code flow for any user and agent; returns the token response JSON."""
     browser = Client()
     assert browser.login(username=username, password=password)
@@ -95,10 +105,11 @@ def _session_token(
         HTTP_AUTHORIZATION=basic(client_id, secret),
     )
     assert response.status_code == 200, response.content
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def _introspect(token, client_id, secret) -> dict:
+def _introspect(token: str, client_id: str, secret: str) -> dict[str, Any]:
     response = Client().post(
         "/o/introspect/",
         urlencode({"token": token}),
@@ -106,10 +117,11 @@ def _introspect(token, client_id, secret) -> dict:
         HTTP_AUTHORIZATION=basic(client_id, secret),
     )
     assert response.status_code == 200
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     import jwt
 
     return jwt.decode(token, options={"verify_signature": False})
@@ -118,7 +130,7 @@ def _claims(token: str) -> dict:
 # --- scope_set ------------------------------------------------------------------------------------
 
 
-def test_scope_set_creates_and_changes_a_policy(db):
+def test_scope_set_creates_and_changes_a_policy(db: None) -> None:
     out = _run(
         "scope_set",
         "reports:read",
@@ -172,19 +184,21 @@ def test_scope_set_creates_and_changes_a_policy(db):
         ["--sensitivity", "step_up", "--approval-window", "-600"],
     ],
 )
-def test_scope_set_refuses_bad_values_and_keeps_the_policy(db, args):
+def test_scope_set_refuses_bad_values_and_keeps_the_policy(db: None, args: list[str]) -> None:
     _run("scope_set", "ledger:write", "--audience", "http://ledger.test", "--sensitivity", "step_up")
     before = ScopePolicy.objects.values().get(name="ledger:write")
     _refused("scope_set", "ledger:write", "--audience", "http://other.test", *args)
     assert ScopePolicy.objects.values().get(name="ledger:write") == before
 
 
-def test_scope_set_refuses_an_empty_audience(db):
+def test_scope_set_refuses_an_empty_audience(db: None) -> None:
     _refused("scope_set", "x:read", "--audience", "", "--sensitivity", "standard")
     assert not ScopePolicy.objects.filter(name="x:read").exists()
 
 
-def test_changing_a_scope_to_step_up_moves_it_off_the_session_token(flow, scenario):
+def test_changing_a_scope_to_step_up_moves_it_off_the_session_token(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     _run("scope_set", "budget:read", "--audience", "http://budget.test", "--sensitivity", "step_up")
     body = flow.full()
     assert body["scope"] == "catalog:read"
@@ -195,7 +209,7 @@ def test_changing_a_scope_to_step_up_moves_it_off_the_session_token(flow, scenar
 # --- resource_server_create -----------------------------------------------------------------------
 
 
-def test_resource_server_create_prints_working_credentials(flow, scenario):
+def test_resource_server_create_prints_working_credentials(flow: OAuthFlow, scenario: Scenario) -> None:
     out = _run_json("resource_server_create", "--name", "Budget", "--audience", "http://budget.test")
     assert set(out) == {"name", "audience", "client_id", "client_secret"}
     assert out["audience"] == "http://budget.test"
@@ -208,7 +222,7 @@ def test_resource_server_create_prints_working_credentials(flow, scenario):
     assert AuditEvent.objects.filter(event="resource_server.created", client_id=out["client_id"]).count() == 1
 
 
-def test_resource_server_create_without_json_shows_the_secret_once(db):
+def test_resource_server_create_without_json_shows_the_secret_once(db: None) -> None:
     out = _run("resource_server_create", "--name", "Budget", "--audience", "http://budget.test")
     rs = ResourceServer.objects.get()
     assert rs.client_id in out
@@ -216,7 +230,7 @@ def test_resource_server_create_without_json_shows_the_secret_once(db):
     assert _rs_authenticates(rs.client_id, secret)
 
 
-def test_resource_server_create_refuses_a_duplicate_audience(scenario):
+def test_resource_server_create_refuses_a_duplicate_audience(scenario: Scenario) -> None:
     before = ResourceServer.objects.count()
     _refused("resource_server_create", "--name", "Catalog again", "--audience", "http://catalog.test")
     assert ResourceServer.objects.count() == before
@@ -225,7 +239,7 @@ def test_resource_server_create_refuses_a_duplicate_audience(scenario):
 # --- agent_create ---------------------------------------------------------------------------------
 
 
-def test_agent_create_registers_a_working_agent(scenario, tmp_path):
+def test_agent_create_registers_a_working_agent(scenario: Scenario, tmp_path: Path) -> None:
     out = _run_json(
         "agent_create",
         "--name",
@@ -274,7 +288,7 @@ def test_agent_create_registers_a_working_agent(scenario, tmp_path):
     assert claims["act"] == {"sub": f"agent:{out['client_id']}"}
 
 
-def test_agent_create_with_a_jwks_file(scenario, tmp_path):
+def test_agent_create_with_a_jwks_file(scenario: Scenario, tmp_path: Path) -> None:
     jwks = {
         "keys": [
             {
@@ -305,7 +319,9 @@ def test_agent_create_with_a_jwks_file(scenario, tmp_path):
 
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"kty": "EC"}), json.dumps([1, 2])])
-def test_agent_create_refuses_a_bad_jwks_file_and_registers_nothing(scenario, tmp_path, content):
+def test_agent_create_refuses_a_bad_jwks_file_and_registers_nothing(
+    scenario: Scenario, tmp_path: Path, content: str
+) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(content)
     before = Agent.objects.count()
@@ -325,7 +341,7 @@ def test_agent_create_refuses_a_bad_jwks_file_and_registers_nothing(scenario, tm
     assert Agent.objects.count() == before
 
 
-def test_agent_create_refuses_a_missing_jwks_file(scenario, tmp_path):
+def test_agent_create_refuses_a_missing_jwks_file(scenario: Scenario, tmp_path: Path) -> None:
     before = Agent.objects.count()
     _refused(
         "agent_create",
@@ -353,7 +369,9 @@ def test_agent_create_refuses_a_missing_jwks_file(scenario, tmp_path):
         ["--scopes", "catalog:read", "--refresh-mode", "forever"],
     ],
 )
-def test_agent_create_refuses_bad_settings_and_registers_nothing(scenario, extra):
+def test_agent_create_refuses_bad_settings_and_registers_nothing(
+    scenario: Scenario, extra: list[str]
+) -> None:
     before = Agent.objects.count()
     _refused("agent_create", "--name", "Bad", "--publisher", "P", "--redirect-uri", REDIRECT_URI, *extra)
     assert Agent.objects.count() == before
@@ -362,7 +380,7 @@ def test_agent_create_refuses_bad_settings_and_registers_nothing(scenario, extra
 @pytest.mark.parametrize(
     "uri", ["javascript:alert(1)", "http://127.0.0.1:8300/cb#frag", "not a uri", "ftp://files.example/cb"]
 )
-def test_agent_create_refuses_unsafe_redirect_uris(scenario, uri):
+def test_agent_create_refuses_unsafe_redirect_uris(scenario: Scenario, uri: str) -> None:
     before = Agent.objects.count()
     _refused(
         "agent_create", "--name", "Bad", "--publisher", "P", "--scopes", "catalog:read", "--redirect-uri", uri
@@ -373,7 +391,7 @@ def test_agent_create_refuses_unsafe_redirect_uris(scenario, uri):
 # --- agent_update ---------------------------------------------------------------------------------
 
 
-def test_agent_update_changes_ttl_refresh_mode_and_scopes(flow, scenario):
+def test_agent_update_changes_ttl_refresh_mode_and_scopes(flow: OAuthFlow, scenario: Scenario) -> None:
     cid = scenario.agent.client_id
     out = _run("agent_update", cid, "--ttl", "600", "--refresh-mode", "exchange", "--scopes", "catalog:read")
     assert "access_token_ttl" in out
@@ -395,14 +413,18 @@ def test_agent_update_changes_ttl_refresh_mode_and_scopes(flow, scenario):
     assert AuditEvent.objects.filter(event="agent.changed", client_id=cid).count() == 1
 
 
-def test_agent_update_to_exchange_mode_stops_existing_refresh_tokens(flow, scenario):
+def test_agent_update_to_exchange_mode_stops_existing_refresh_tokens(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     body = flow.full()
     _run("agent_update", scenario.agent.client_id, "--refresh-mode", "exchange")
     response = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
     assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
 
 
-def test_agent_update_suspended_kills_tokens_and_client_authentication(flow, scenario):
+def test_agent_update_suspended_kills_tokens_and_client_authentication(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     body = flow.full()
     assert flow.introspect(body["access_token"]).json()["active"] is True
     _run("agent_update", scenario.agent.client_id, "--status", "suspended")
@@ -420,7 +442,7 @@ def test_agent_update_suspended_kills_tokens_and_client_authentication(flow, sce
     assert page.status_code == 400 and not page.has_header("Location")
 
 
-def test_reactivating_an_agent_does_not_resurrect_old_tokens(flow, scenario):
+def test_reactivating_an_agent_does_not_resurrect_old_tokens(flow: OAuthFlow, scenario: Scenario) -> None:
     body = flow.full()
     _run("agent_update", scenario.agent.client_id, "--status", "suspended")
     _run("agent_update", scenario.agent.client_id, "--status", "active")
@@ -443,13 +465,13 @@ def test_reactivating_an_agent_does_not_resurrect_old_tokens(flow, scenario):
         [],
     ],
 )
-def test_agent_update_refuses_bad_changes_and_keeps_the_agent(scenario, args):
+def test_agent_update_refuses_bad_changes_and_keeps_the_agent(scenario: Scenario, args: list[str]) -> None:
     before = Agent.objects.values().get(pk=scenario.agent.pk)
     _refused("agent_update", scenario.agent.client_id, *args)
     assert Agent.objects.values().get(pk=scenario.agent.pk) == before
 
 
-def test_agent_update_of_an_unknown_agent_is_refused(scenario):
+def test_agent_update_of_an_unknown_agent_is_refused(scenario: Scenario) -> None:
     _refused("agent_update", "no-such-client", "--ttl", "600")
 
 
@@ -466,7 +488,7 @@ SEED_SCOPES = {
 MCP_SCOPES = {"shop:catalog": "standard", "shop:ledger": "step_up"}
 
 
-def test_seed_demo_json_has_the_documented_shape(db):
+def test_seed_demo_json_has_the_documented_shape(db: None) -> None:
     out = _run_json("seed_demo")
     assert set(out) == {"issuer", "users", "agents", "resource_servers", "scopes"}
     assert out["issuer"] == "http://127.0.0.1:8000"
@@ -497,7 +519,7 @@ def test_seed_demo_json_has_the_documented_shape(db):
     assert ledger.authorization_details_types == ["ledger_entry"]
 
 
-def test_seed_demo_credentials_drive_the_whole_flow(db):
+def test_seed_demo_credentials_drive_the_whole_flow(db: None) -> None:
     out = _run_json("seed_demo")
     officer = next(u for u in out["users"] if u["username"] == "officer")
     agent = out["agents"][0]
@@ -527,7 +549,7 @@ def test_seed_demo_credentials_drive_the_whole_flow(db):
     }
 
 
-def test_seed_demo_is_idempotent_and_keeps_the_secrets_it_issued(db):
+def test_seed_demo_is_idempotent_and_keeps_the_secrets_it_issued(db: None) -> None:
     first = _run_json("seed_demo")
     counts = (
         get_user_model().objects.count(),
@@ -554,7 +576,7 @@ def test_seed_demo_is_idempotent_and_keeps_the_secrets_it_issued(db):
     assert "stored hashed" in _run("seed_demo")
 
 
-def test_seed_demo_rotate_secrets_issues_fresh_working_ones(db):
+def test_seed_demo_rotate_secrets_issues_fresh_working_ones(db: None) -> None:
     first = _run_json("seed_demo")
     second = _run_json("seed_demo", "--rotate-secrets")
     a1, a2 = first["agents"][0], second["agents"][0]
@@ -570,14 +592,14 @@ def test_seed_demo_rotate_secrets_issues_fresh_working_ones(db):
     assert get_user_model().objects.get(username="officer").check_password(officer["password"])
 
 
-def test_seed_demo_reports_the_scopes_the_database_holds(db):
+def test_seed_demo_reports_the_scopes_the_database_holds(db: None) -> None:
     _run_json("seed_demo")
     _run("scope_set", "catalog:read", "--audience", "http://127.0.0.1:8101", "--sensitivity", "step_up")
     out = _run_json("seed_demo")
     assert {s["name"]: s["sensitivity"] for s in out["scopes"]}["catalog:read"] == "step_up"
 
 
-def test_seed_demo_keeps_what_an_admin_changed(db):
+def test_seed_demo_keeps_what_an_admin_changed(db: None) -> None:
     _run_json("seed_demo")
     _run(
         "scope_set",
@@ -599,6 +621,6 @@ def test_seed_demo_keeps_what_an_admin_changed(db):
     assert get_user_model().objects.get(username="officer").check_password("officer's own password")
 
 
-def test_seed_demo_without_json_prints_logins(db):
+def test_seed_demo_without_json_prints_logins(db: None) -> None:
     out = _run("seed_demo")
     assert "officer" in out and Agent.objects.get().client_id in out

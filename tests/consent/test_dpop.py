@@ -3,19 +3,21 @@
 import json
 import secrets
 import time
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.keys import jwk_thumbprint
-from consent.models import AccessToken
+from consent.models import AccessToken, ScopePolicy
 from consent.oauth.dpop import ath_for, current_nonce
 from consent.services import agent_update
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD, REDIRECT_URI, basic, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 from tests.consent.test_token_exchange import AgentKey
 
 pytestmark = pytest.mark.django_db
@@ -23,9 +25,22 @@ TOKEN_URL = "http://127.0.0.1:8000/o/token/"
 
 
 def proof(
-    key: AgentKey, *, htm="POST", htu=TOKEN_URL, nonce=None, iat=None, jti=None, token=None, typ="dpop+jwt"
-):
-    claims = {"htm": htm, "htu": htu, "iat": int(iat or time.time()), "jti": jti or secrets.token_urlsafe(12)}
+    key: AgentKey,
+    *,
+    htm: str = "POST",
+    htu: str = TOKEN_URL,
+    nonce: str | bool | None = None,  # False: no nonce claim at all
+    iat: float | None = None,
+    jti: str | None = None,
+    token: str | None = None,
+    typ: str = "dpop+jwt",
+) -> str:
+    claims: dict[str, Any] = {
+        "htm": htm,
+        "htu": htu,
+        "iat": int(iat or time.time()),
+        "jti": jti or secrets.token_urlsafe(12),
+    }
     if nonce is not False:
         claims["nonce"] = nonce or current_nonce()
     if token:
@@ -35,21 +50,21 @@ def proof(
 
 
 @pytest.fixture
-def key(scenario):
+def key(scenario: Scenario) -> AgentKey:
     k = AgentKey()
     scenario.agent.jwks = {"keys": [k.jwk]}
     scenario.agent.save()
     return k
 
 
-def _code(flow):
+def _code(flow: OAuthFlow) -> tuple[str, str]:
     flow.login()
     verifier, challenge = pkce_pair()
     return flow.code_from(flow.consent(flow.authorize_query(challenge=challenge))), verifier
 
 
-def _token(flow, data, dpop=None):
-    extra = {"HTTP_DPOP": dpop} if dpop else {}
+def _token(flow: OAuthFlow, data: dict[str, str], dpop: str | None = None) -> ClientResponse:
+    extra: dict[str, Any] = {"HTTP_DPOP": dpop} if dpop else {}
     return flow.client.post(
         "/o/token/",
         urlencode(data),
@@ -59,7 +74,9 @@ def _token(flow, data, dpop=None):
     )
 
 
-def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(flow, scenario, key):
+def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     code, verifier = _code(flow)
     response = _token(
         flow,
@@ -91,7 +108,9 @@ def test_dpop_bound_session_token_carries_the_registered_key_thumbprint(flow, sc
         "two_proofs",
     ],
 )
-def test_bad_proofs_are_refused_and_nothing_is_issued(flow, scenario, key, problem):
+def test_bad_proofs_are_refused_and_nothing_is_issued(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, problem: str
+) -> None:
     code, verifier = _code(flow)
     good = proof(key, jti="fixed-jti-0001")
     dpop = {
@@ -135,7 +154,9 @@ def test_bad_proofs_are_refused_and_nothing_is_issued(flow, scenario, key, probl
     assert AuditEvent.objects.filter(event="token.refused", error=expected).count() == 1
 
 
-def test_agent_that_requires_dpop_gets_nothing_without_a_proof(flow, scenario, key):
+def test_agent_that_requires_dpop_gets_nothing_without_a_proof(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     agent_update(agent=scenario.agent, changes={"require_dpop": True})
     code, verifier = _code(flow)
     response = _token(
@@ -161,7 +182,9 @@ def test_agent_that_requires_dpop_gets_nothing_without_a_proof(flow, scenario, k
     assert ok.status_code == 200 and ok.json()["token_type"] == "DPoP"
 
 
-def test_action_token_collected_with_a_proof_is_bound_too(flow, scenario, key, ledger_policy, client):  # noqa: F811
+def test_action_token_collected_with_a_proof_is_bound_too(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, ledger_policy: ScopePolicy, client: Client
+) -> None:  # noqa: F811
     session = flow.full()["access_token"]
     ask = flow.client.post(
         "/o/bc-authorize/",
@@ -187,7 +210,9 @@ def test_action_token_collected_with_a_proof_is_bound_too(flow, scenario, key, l
     assert claims["cnf"] == {"jkt": jwk_thumbprint(key.jwk)}
 
 
-def test_registry_shows_status_and_key_thumbprints_to_resource_servers(flow, scenario, key, client):
+def test_registry_shows_status_and_key_thumbprints_to_resource_servers(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, client: Client
+) -> None:
     url = f"/o/agents/{scenario.agent.client_id}"
     assert client.get(url).status_code == 401
     entry = client.get(url, HTTP_AUTHORIZATION=basic(scenario.rs_client_id, scenario.rs_secret)).json()
@@ -212,7 +237,9 @@ def test_registry_shows_status_and_key_thumbprints_to_resource_servers(flow, sce
     ]
 
 
-def test_a_dpop_bound_session_never_turns_into_a_bearer_one(flow, scenario, key):
+def test_a_dpop_bound_session_never_turns_into_a_bearer_one(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     scenario.agent.refresh_mode = "rotating"
     scenario.agent.save()
     code, verifier = _code(flow)

@@ -17,13 +17,13 @@ def _every_refusal() -> list[type[OAuthError]]:
     return found
 
 
-def test_every_refusal_has_a_snake_case_reason_and_a_docstring():
+def test_every_refusal_has_a_snake_case_reason_and_a_docstring() -> None:
     for cls in _every_refusal():
         assert re.fullmatch(r"[a-z][a-z0-9_]*", cls().reason_code), cls
         assert cls.__doc__, f"{cls.__name__}: say which spec section it answers"
 
 
-def test_no_two_refusals_share_an_error_and_a_reason():
+def test_no_two_refusals_share_an_error_and_a_reason() -> None:
     # A client tells refusals apart by (error, reason): two classes with the same pair would be one.
     seen: dict[tuple[str, str], str] = {}
     for cls in _every_refusal():
@@ -34,7 +34,7 @@ def test_no_two_refusals_share_an_error_and_a_reason():
         seen[key] = cls.__name__
 
 
-def test_the_body_carries_the_reason_and_a_401_its_challenge():
+def test_the_body_carries_the_reason_and_a_401_its_challenge() -> None:
     response = error_response(InvalidClient("Client authentication failed.", reason="wrong secret"))
     body = json.loads(response.content)
     assert body == {

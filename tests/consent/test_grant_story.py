@@ -3,21 +3,26 @@
 import re
 
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import Agent
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
-def _text(response) -> str:
+def _text(response: ClientResponse) -> str:
     html = response.content.decode()
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html[html.index("<main>") :]))
 
 
-def test_each_grant_shows_when_it_started_how_much_it_was_used_and_what_it_did_last(flow, scenario):
+def test_each_grant_shows_when_it_started_how_much_it_was_used_and_what_it_did_last(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     for _ in range(2):
         flow.full()
     client = flow.client
@@ -31,7 +36,9 @@ def test_each_grant_shows_when_it_started_how_much_it_was_used_and_what_it_did_l
     assert "1 token" in text and "Latest: Procurement Agent received a session token" in text
 
 
-def test_the_story_of_one_grant_from_consent_to_its_end(agent, client, scenario):
+def test_the_story_of_one_grant_from_consent_to_its_end(
+    agent: Agent, client: Client, scenario: Scenario
+) -> None:
     body = agent.ask().json()
     client.login(username="officer", password=PASSWORD)
     approval = ApprovalRequest.objects.get()
@@ -64,7 +71,9 @@ def test_the_story_of_one_grant_from_consent_to_its_end(agent, client, scenario)
     assert fragment.startswith('<ol class="activity timeline" id="timeline"') and "<main>" not in fragment
 
 
-def test_another_users_grant_is_not_found(flow, scenario, django_user_model):
+def test_another_users_grant_is_not_found(
+    flow: OAuthFlow, scenario: Scenario, django_user_model: type[User]
+) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     django_user_model.objects.create_user("mallory", password=PASSWORD)

@@ -1,22 +1,37 @@
 """The user's pages: Connected agents (/grants/, with Revoke) and Activity (/activity/)."""
 
 import re
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from django.test import Client
 
 from audit.models import AuditEvent
 from audit.services import audit_record
 from consent.models import SessionGrant
-from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
 
+@dataclass
+class Mallory:
+    """Another user, signed in in her own browser, and her grant."""
+
+    user: User
+    browser: Client
+    grant: SessionGrant
+
+    @property
+    def pk(self) -> int:
+        return self.user.pk
+
+
 @pytest.fixture
-def mallory(scenario):
+def mallory(scenario: Scenario) -> Mallory:
     """A second user of the same server, with her own grant to the same agent."""
     user = get_user_model().objects.create_user("mallory", password=PASSWORD)
     browser = Client()
@@ -35,16 +50,14 @@ def mallory(scenario):
     )
     response = browser.post("/o/authorize/", {"authz_query": query, "decision": "allow", "lifetime": "3600"})
     assert response.status_code == 302 and "code=" in response["Location"]
-    user.browser = browser
-    user.grant = SessionGrant.objects.get(user=user)
-    return user
+    return Mallory(user, browser, SessionGrant.objects.get(user=user))
 
 
 def _revoke_forms(html: str) -> list[str]:
     return re.findall(r'<form method="post" action="/grants/([0-9a-f-]+)/revoke/">', html)
 
 
-def _page(client, path: str) -> str:
+def _page(client: Client, path: str) -> str:
     response = client.get(path)
     assert response.status_code == 200
     return response.content.decode()
@@ -53,7 +66,7 @@ def _page(client, path: str) -> str:
 # --- /grants/ -------------------------------------------------------------------------------------
 
 
-def test_grants_page_lists_active_grants_with_a_revoke_button(flow, scenario):
+def test_grants_page_lists_active_grants_with_a_revoke_button(flow: OAuthFlow, scenario: Scenario) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     html = _page(flow.client, "/grants/")
@@ -65,19 +78,19 @@ def test_grants_page_lists_active_grants_with_a_revoke_button(flow, scenario):
     assert "catalog:read" in html and "budget:read" in html and "ledger:write" in html
 
 
-def test_grants_page_needs_sign_in(client, scenario):
+def test_grants_page_needs_sign_in(client: Client, scenario: Scenario) -> None:
     response = client.get("/grants/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
 
-def test_grants_page_shows_only_my_grants(flow, mallory):
+def test_grants_page_shows_only_my_grants(flow: OAuthFlow, mallory: Mallory) -> None:
     flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     assert _revoke_forms(_page(flow.client, "/grants/")) == [str(mine.pk)]
     assert _revoke_forms(_page(mallory.browser, "/grants/")) == [str(mallory.grant.pk)]
 
 
-def test_revoke_stops_the_agents_tokens_at_once(flow):
+def test_revoke_stops_the_agents_tokens_at_once(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     assert flow.introspect(body["access_token"]).json()["active"] is True
@@ -100,7 +113,7 @@ def test_revoke_stops_the_agents_tokens_at_once(flow):
     assert "tokens stopped working" in html  # the confirmation message
 
 
-def test_revoking_twice_is_404_and_audited_once(flow):
+def test_revoking_twice_is_404_and_audited_once(flow: OAuthFlow) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     assert flow.client.post(f"/grants/{grant.pk}/revoke/").status_code == 302
@@ -108,7 +121,7 @@ def test_revoking_twice_is_404_and_audited_once(flow):
     assert AuditEvent.objects.filter(event="grant.revoked").count() == 1
 
 
-def test_revoking_another_users_grant_is_404_and_changes_nothing(flow, mallory):
+def test_revoking_another_users_grant_is_404_and_changes_nothing(flow: OAuthFlow, mallory: Mallory) -> None:
     body = flow.full()
     mine = SessionGrant.objects.get(user=flow.s.user)
     before = AuditEvent.objects.filter(event="grant.revoked").count()
@@ -125,13 +138,13 @@ def test_revoking_another_users_grant_is_404_and_changes_nothing(flow, mallory):
     assert mallory.grant.status == SessionGrant.Status.ACTIVE
 
 
-def test_revoking_a_grant_id_that_does_not_exist_is_404(flow):
+def test_revoking_a_grant_id_that_does_not_exist_is_404(flow: OAuthFlow) -> None:
     flow.login()
     response = flow.client.post("/grants/00000000-0000-0000-0000-000000000000/revoke/")
     assert response.status_code == 404
 
 
-def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow):
+def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     response = flow.client.get(f"/grants/{grant.pk}/revoke/")
@@ -141,14 +154,16 @@ def test_get_on_the_revoke_url_is_not_allowed_and_changes_nothing(flow):
     assert flow.introspect(body["access_token"]).json()["active"] is True
 
 
-def test_revoke_without_csrf_token_is_refused(scenario):
+def test_revoke_without_csrf_token_is_refused(scenario: Scenario) -> None:
     browser = Client(enforce_csrf_checks=True)
     flow = OAuthFlow(browser, scenario)
     flow.login()
     _, challenge = pkce_pair()
     # consent through the real form, CSRF token included
     page = browser.get("/o/authorize/?" + flow.authorize_query(challenge=challenge))
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode()).group(1)
+    found = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode())
+    assert found is not None
+    token = found.group(1)
     response = browser.post(
         "/o/authorize/",
         {
@@ -167,7 +182,7 @@ def test_revoke_without_csrf_token_is_refused(scenario):
     assert grant.status == SessionGrant.Status.ACTIVE
 
 
-def test_revoke_when_signed_out_changes_nothing(flow, client):
+def test_revoke_when_signed_out_changes_nothing(flow: OAuthFlow, client: Client) -> None:
     flow.full()
     grant = SessionGrant.objects.get()
     response = Client().post(f"/grants/{grant.pk}/revoke/")
@@ -183,7 +198,7 @@ def _event_names(html: str) -> list[str]:
     return re.findall(r'<li data-event="([^"]+)"', html)
 
 
-def test_activity_shows_my_consent_tokens_and_revocation(flow):
+def test_activity_shows_my_consent_tokens_and_revocation(flow: OAuthFlow) -> None:
     body = flow.full()
     grant = SessionGrant.objects.get()
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -194,7 +209,7 @@ def test_activity_shows_my_consent_tokens_and_revocation(flow):
     assert events[0] == "grant.revoked"  # newest first
 
 
-def test_activity_shows_only_my_own_events(flow, mallory):
+def test_activity_shows_only_my_own_events(flow: OAuthFlow, mallory: Mallory) -> None:
     flow.full()
     officer = flow.s.user
     audit_record(
@@ -219,7 +234,7 @@ def test_activity_shows_only_my_own_events(flow, mallory):
     assert "token.issued" not in _event_names(theirs)  # only the officer's agent exchanged a code
 
 
-def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow):
+def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow: OAuthFlow) -> None:
     body = flow.full()
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
     flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})  # reuse
@@ -228,6 +243,6 @@ def test_activity_shows_why_my_grant_was_revoked_after_refresh_token_reuse(flow)
     assert "a used refresh token was presented again, so it was ended to be safe" in html
 
 
-def test_activity_needs_sign_in(client, scenario):
+def test_activity_needs_sign_in(client: Client, scenario: Scenario) -> None:
     response = client.get("/activity/")
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")

@@ -3,11 +3,16 @@
 
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.contrib.auth.models import User
+from django.test import Client
+from pytest_django import DjangoAssertNumQueries
 
 from audit.models import AuditEvent
 from consent.instances import agent_instance_cut_off
@@ -15,20 +20,22 @@ from consent.models import Agent, AgentInstance, SessionGrant
 from countersign.dpop import DPoPKey
 from countersign.instance import ATTESTATION_TYP, POP_TYP, issue_attestation
 from countersign.instance import AgentInstance as SdkInstance
-from tests.conftest import REDIRECT_URI, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
 ISSUER = "http://127.0.0.1:8000"
 
 
-def headers(inst: SdkInstance, *, attestation: str | None = None, pop: str | None = None) -> dict[str, str]:
+def headers(inst: SdkInstance, *, attestation: str | None = None, pop: str | None = None) -> dict[str, Any]:
     return {
         "HTTP_OAUTH_CLIENT_ATTESTATION": attestation if attestation is not None else inst.attestation(),
         "HTTP_OAUTH_CLIENT_ATTESTATION_POP": pop if pop is not None else inst.pop(ISSUER),
     }
 
 
-def post_token(client, data: dict, inst: SdkInstance | None = None, **extra):
+def post_token(
+    client: Client, data: dict[str, str], inst: SdkInstance | None = None, **extra: Any
+) -> ClientResponse:
     sent = {
         **(headers(inst) if inst is not None and "HTTP_OAUTH_CLIENT_ATTESTATION" not in extra else {}),
         **extra,
@@ -36,7 +43,7 @@ def post_token(client, data: dict, inst: SdkInstance | None = None, **extra):
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded", **sent)
 
 
-def join(client, inst: SdkInstance, subject: str, **extra):
+def join(client: Client, inst: SdkInstance, subject: str, **extra: Any) -> ClientResponse:
     """The instance takes the agent's token into a token of its own (RFC 8693 §2.1)."""
     return post_token(
         client,
@@ -46,33 +53,33 @@ def join(client, inst: SdkInstance, subject: str, **extra):
     )
 
 
-def claims(token: str) -> dict:
+def claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
 @pytest.fixture
-def agent_key(scenario) -> AgentKey:
+def agent_key(scenario: Scenario) -> AgentKey:
     key = AgentKey()
     scenario.agent.jwks = {"keys": [key.jwk]}
     scenario.agent.save()
     return key
 
 
-def instance(scenario, agent_key, name: str) -> SdkInstance:
+def instance(scenario: Scenario, agent_key: AgentKey, name: str) -> SdkInstance:
     return SdkInstance.generate(
         scenario.agent.client_id, agent_key=agent_key.private, key_id=agent_key.kid, instance=name
     )
 
 
 @pytest.fixture
-def two(scenario, agent_key) -> tuple[SdkInstance, SdkInstance]:
+def two(scenario: Scenario, agent_key: AgentKey) -> tuple[SdkInstance, SdkInstance]:
     return instance(scenario, agent_key, "3f9c2a7b"), instance(scenario, agent_key, "b81d04e6")
 
 
 @pytest.fixture
-def agents_token(flow) -> str:
+def agents_token(flow: OAuthFlow) -> str:
     """The agent's own session token (the agent as one, client secret), the user signed out again."""
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
@@ -81,7 +88,9 @@ def refusals(event: str = "agent_instance.refused") -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(event=event).order_by("id"))
 
 
-def test_two_instances_on_one_grant_get_distinct_act_instance(client, scenario, two, agents_token):
+def test_two_instances_on_one_grant_get_distinct_act_instance(
+    client: Client, scenario: Scenario, two: tuple[SdkInstance, SdkInstance], agents_token: str
+) -> None:
     a, b = two
     token_a = join(client, a, agents_token)
     token_b = join(client, b, agents_token)
@@ -105,7 +114,9 @@ def test_two_instances_on_one_grant_get_distinct_act_instance(client, scenario, 
     assert [e.detail["instance"] for e in exchanged] == ["3f9c2a7b", "b81d04e6"]
 
 
-def test_an_instance_re_mints_only_its_own_tokens(client, scenario, two, agents_token):
+def test_an_instance_re_mints_only_its_own_tokens(
+    client: Client, scenario: Scenario, two: tuple[SdkInstance, SdkInstance], agents_token: str
+) -> None:
     scenario.agent.refresh_mode = Agent.RefreshMode.EXCHANGE
     scenario.agent.save()
     a, b = two
@@ -117,7 +128,9 @@ def test_an_instance_re_mints_only_its_own_tokens(client, scenario, two, agents_
     assert stolen.json()["error"] == "invalid_grant" and stolen.json()["reason"] == "instance_mismatch"
 
 
-def test_an_instance_runs_the_code_exchange_and_keeps_its_refresh_token(client, flow, scenario, two):
+def test_an_instance_runs_the_code_exchange_and_keeps_its_refresh_token(
+    client: Client, flow: OAuthFlow, scenario: Scenario, two: tuple[SdkInstance, SdkInstance]
+) -> None:
     a, b = two
     flow.login()
     verifier, challenge = pkce_pair()
@@ -147,8 +160,12 @@ def test_an_instance_runs_the_code_exchange_and_keeps_its_refresh_token(client, 
 
 
 def test_cut_off_instance_is_refused_at_the_token_endpoint_and_the_other_keeps_working(
-    client, flow, scenario, two, agents_token
-):
+    client: Client,
+    flow: OAuthFlow,
+    scenario: Scenario,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+) -> None:
     a, b = two
     token_a = join(client, a, agents_token).json()["access_token"]
     token_b = join(client, b, agents_token).json()["access_token"]
@@ -177,7 +194,13 @@ def test_cut_off_instance_is_refused_at_the_token_endpoint_and_the_other_keeps_w
     assert flow.introspect(agents_token).json()["active"] is True
 
 
-def test_cut_off_is_guarded_and_only_for_the_owner(scenario, two, agents_token, client, django_user_model):
+def test_cut_off_is_guarded_and_only_for_the_owner(
+    scenario: Scenario,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+    client: Client,
+    django_user_model: type[User],
+) -> None:
     a, _ = two
     join(client, a, agents_token)
     row = AgentInstance.objects.get()
@@ -192,7 +215,7 @@ def test_cut_off_is_guarded_and_only_for_the_owner(scenario, two, agents_token, 
     assert AuditEvent.objects.filter(event="agent_instance.cut_off").count() == 1
 
 
-def _forged(scenario, agent_key, inst: SdkInstance, **overrides) -> str:
+def _forged(scenario: Scenario, agent_key: AgentKey, inst: SdkInstance, **overrides: Any) -> str:
     now = int(time.time())
     body = {
         "iss": scenario.agent.client_id,
@@ -211,7 +234,7 @@ def _forged(scenario, agent_key, inst: SdkInstance, **overrides) -> str:
     )
 
 
-def _pop(inst: SdkInstance, key=None, **overrides) -> str:
+def _pop(inst: SdkInstance, key: DPoPKey | None = None, **overrides: Any) -> str:
     body = {
         "iss": inst.client_id,
         "aud": ISSUER,
@@ -222,7 +245,7 @@ def _pop(inst: SdkInstance, key=None, **overrides) -> str:
     return jwt.encode(body, (key or inst.key).private_key, algorithm="ES256", headers={"typ": POP_TYP})
 
 
-BAD = {
+BAD: dict[str, Callable[[Scenario, AgentKey, SdkInstance], dict[str, str]]] = {
     "wrong signer": lambda s, k, i: dict(
         attestation=issue_attestation(
             client_id=s.agent.client_id,
@@ -245,7 +268,7 @@ BAD = {
                 "cnf": {"jwk": i.key.jwk},
                 "instance": i.instance,
             },
-            None,
+            None,  # type: ignore[arg-type]  # alg none signs with no key
             algorithm="none",
             headers={"typ": ATTESTATION_TYP},
         )
@@ -260,8 +283,13 @@ BAD = {
 
 @pytest.mark.parametrize("problem", list(BAD))
 def test_bad_attestations_are_invalid_client_and_audited(
-    client, scenario, agent_key, two, agents_token, problem
-):
+    client: Client,
+    scenario: Scenario,
+    agent_key: AgentKey,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+    problem: str,
+) -> None:
     a, _ = two
     response = join(client, a, agents_token, **headers(a, **BAD[problem](scenario, agent_key, a)))
     assert response.status_code == 401, response.content
@@ -272,7 +300,9 @@ def test_bad_attestations_are_invalid_client_and_audited(
     assert not AgentInstance.objects.exists()
 
 
-def test_a_replayed_pop_is_refused(client, two, agents_token):
+def test_a_replayed_pop_is_refused(
+    client: Client, two: tuple[SdkInstance, SdkInstance], agents_token: str
+) -> None:
     a, _ = two
     pop = a.pop(ISSUER)
     assert join(client, a, agents_token, **headers(a, pop=pop)).status_code == 200
@@ -281,7 +311,13 @@ def test_a_replayed_pop_is_refused(client, two, agents_token):
     assert "replayed" in AuditEvent.objects.get(event="token.refused").detail["reason"]
 
 
-def test_an_instance_id_keeps_its_first_key(client, scenario, agent_key, two, agents_token):
+def test_an_instance_id_keeps_its_first_key(
+    client: Client,
+    scenario: Scenario,
+    agent_key: AgentKey,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+) -> None:
     a, _ = two
     assert join(client, a, agents_token).status_code == 200
     impostor = instance(scenario, agent_key, a.instance)  # same id, another key
@@ -290,7 +326,9 @@ def test_an_instance_id_keeps_its_first_key(client, scenario, agent_key, two, ag
     assert AgentInstance.objects.get().jkt == a.key.jkt
 
 
-def test_dpop_by_an_instance_binds_to_its_attested_key(client, two, agents_token):
+def test_dpop_by_an_instance_binds_to_its_attested_key(
+    client: Client, two: tuple[SdkInstance, SdkInstance], agents_token: str
+) -> None:
     a, b = two
     nonce = client.post("/o/token/")["DPoP-Nonce"]
     url = f"{ISSUER}/o/token/"
@@ -306,8 +344,12 @@ def test_dpop_by_an_instance_binds_to_its_attested_key(client, two, agents_token
 
 @pytest.mark.django_db(transaction=True)
 def test_an_instance_costs_one_statement_more_than_the_agent_as_one(
-    client, scenario, two, agents_token, django_assert_max_num_queries
-):
+    client: Client,
+    scenario: Scenario,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+    django_assert_max_num_queries: DjangoAssertNumQueries,
+) -> None:
     """``tests/consent/test_statement_counts.py`` holds the agent as one to its budget, unchanged; an
     instance adds ``instance_admit``'s one statement (and, on first use only, its audit row)."""
     scenario.agent.refresh_mode = Agent.RefreshMode.EXCHANGE
@@ -322,8 +364,12 @@ def test_an_instance_costs_one_statement_more_than_the_agent_as_one(
 
 
 def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(
-    client, flow, scenario, two, agents_token
-):
+    client: Client,
+    flow: OAuthFlow,
+    scenario: Scenario,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+) -> None:
     a, b = two
     join(client, a, agents_token)
     join(client, b, agents_token)
@@ -345,8 +391,13 @@ def test_the_grant_page_lists_the_instances_and_cuts_one_off_by_post(
 
 
 def test_the_cut_off_form_needs_csrf_and_the_owner(
-    client, flow, scenario, two, agents_token, django_user_model
-):
+    client: Client,
+    flow: OAuthFlow,
+    scenario: Scenario,
+    two: tuple[SdkInstance, SdkInstance],
+    agents_token: str,
+    django_user_model: type[User],
+) -> None:
     from django.test import Client
 
     a, _ = two
@@ -363,7 +414,9 @@ def test_the_cut_off_form_needs_csrf_and_the_owner(
     assert AgentInstance.objects.get().status == "active"
 
 
-def test_an_admin_cuts_off_an_instance_through_the_service(admin_client, two, agents_token, client):
+def test_an_admin_cuts_off_an_instance_through_the_service(
+    admin_client: Client, two: tuple[SdkInstance, SdkInstance], agents_token: str, client: Client
+) -> None:
     a, _ = two
     join(client, a, agents_token)
     row = AgentInstance.objects.get()
@@ -376,7 +429,9 @@ def test_an_admin_cuts_off_an_instance_through_the_service(admin_client, two, ag
     assert AuditEvent.objects.get(event="agent_instance.cut_off").actor.startswith("admin:")
 
 
-def test_a_cut_off_instance_cannot_end_the_grant_by_revocation(client, scenario, two, agents_token):
+def test_a_cut_off_instance_cannot_end_the_grant_by_revocation(
+    client: Client, scenario: Scenario, two: tuple[SdkInstance, SdkInstance], agents_token: str
+) -> None:
     a, b = two
     token_a = join(client, a, agents_token).json()["access_token"]
     agent_instance_cut_off(instance_pk=AgentInstance.objects.get().pk, by="admin:root")

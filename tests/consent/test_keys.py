@@ -14,12 +14,14 @@ import secrets
 import time
 from datetime import timedelta
 from io import StringIO
+from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from django.core.management import CommandError, call_command
+from django.test import Client
 from django.utils import timezone
 from jwt.algorithms import ECAlgorithm
 from oauth2_provider.models import set_token_value
@@ -29,6 +31,7 @@ from consent.conf import countersign_settings
 from consent.keys import reset_key_cache
 from consent.models import AccessToken, SigningKey
 from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, TokenInvalid, sign, verify
+from tests.conftest import OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -44,25 +47,25 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _seg(obj: dict) -> str:
+def _seg(obj: dict[str, Any]) -> str:
     return _b64(json.dumps(obj, separators=(",", ":")).encode())
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
-def _header(token: str) -> dict:
+def _header(token: str) -> dict[str, Any]:
     return jwt.get_unverified_header(token)
 
 
-def _jwks(client) -> dict[str, dict]:
+def _jwks(client: Client) -> dict[str, dict[str, Any]]:
     response = client.get("/.well-known/jwks.json")
     assert response.status_code == 200
     return {k["kid"]: k for k in response.json()["keys"]}
 
 
-def _verify_with_jwks(client, token: str, audience: str = CATALOG) -> dict:
+def _verify_with_jwks(client: Client, token: str, audience: str = CATALOG) -> dict[str, Any]:
     """What a downstream resource server does: pick the key by kid from our JWKS."""
     header = _header(token)
     key = _jwks(client)[header["kid"]]
@@ -91,7 +94,7 @@ def _as_issued(forged: str, like: str) -> None:
     row.save()
 
 
-def _refused_everywhere(flow, forged: str, like: str, *, typ: str = SESSION_TOKEN_TYP):
+def _refused_everywhere(flow: OAuthFlow, forged: str, like: str, *, typ: str = SESSION_TOKEN_TYP) -> None:
     with pytest.raises(TokenInvalid):
         verify(forged, typ=typ)
     with pytest.raises(TokenInvalid):
@@ -100,10 +103,11 @@ def _refused_everywhere(flow, forged: str, like: str, *, typ: str = SESSION_TOKE
     response = flow.introspect(forged)
     assert response.status_code == 200
     assert response.json() == {"active": False}
-    assert AuditEvent.objects.order_by("-id").first().outcome == "refused"
+    latest = AuditEvent.objects.order_by("-id").first()
+    assert latest is not None and latest.outcome == "refused"
 
 
-def _sign_raw(claims: dict, *, typ: str = SESSION_TOKEN_TYP) -> str:
+def _sign_raw(claims: dict[str, Any], *, typ: str = SESSION_TOKEN_TYP) -> str:
     """Sign arbitrary JSON with our real active key (PyJWT's encode would refuse odd claim types)."""
     from consent.keys import active_signing_key
 
@@ -118,7 +122,7 @@ def _active_kid() -> str:
 
 
 @pytest.fixture
-def issued(flow):
+def issued(flow: OAuthFlow) -> dict[str, Any]:
     """A real session token (and the whole token response) from the code flow."""
     body = flow.full()
     return body
@@ -127,7 +131,7 @@ def issued(flow):
 # --- JWKS -----------------------------------------------------------------------------------------
 
 
-def test_jwks_publishes_the_active_key_and_nothing_private(client, issued):
+def test_jwks_publishes_the_active_key_and_nothing_private(client: Client, issued: dict[str, Any]) -> None:
     keys = _jwks(client)
     active = SigningKey.objects.get(active=True)
     assert active.kid in keys
@@ -139,12 +143,12 @@ def test_jwks_publishes_the_active_key_and_nothing_private(client, issued):
     assert claims["iss"] == ISSUER
 
 
-def test_jwks_on_a_fresh_install_already_has_a_key(client, db):
+def test_jwks_on_a_fresh_install_already_has_a_key(client: Client, db: None) -> None:
     keys = _jwks(client)
     assert len(keys) == 1 and _active_kid() in keys
 
 
-def test_metadata_points_at_the_jwks(client, db):
+def test_metadata_points_at_the_jwks(client: Client, db: None) -> None:
     meta = client.get("/.well-known/oauth-authorization-server").json()
     assert meta["jwks_uri"] == f"{ISSUER}/.well-known/jwks.json"
     assert meta["issuer"] == ISSUER
@@ -153,7 +157,9 @@ def test_metadata_points_at_the_jwks(client, db):
 # --- rotation -------------------------------------------------------------------------------------
 
 
-def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(flow, client, issued):
+def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(
+    flow: OAuthFlow, client: Client, issued: dict[str, Any]
+) -> None:
     old_token = issued["access_token"]
     old_kid = _header(old_token)["kid"]
     out = StringIO()
@@ -164,7 +170,7 @@ def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(flow, c
     old = SigningKey.objects.get(kid=old_kid)
     assert old.active is False and old.retired_at is not None
     # published at least until every token it signed has expired
-    assert old.publish_until.timestamp() >= _claims(old_token)["exp"]
+    assert old.publish_until is not None and old.publish_until.timestamp() >= _claims(old_token)["exp"]
 
     keys = _jwks(client)
     assert {old_kid, new_kid} <= set(keys)
@@ -182,7 +188,9 @@ def test_rotation_makes_a_new_active_key_and_keeps_the_old_one_published(flow, c
     assert AuditEvent.objects.filter(event="signing_key.rotated").count() == 1
 
 
-def test_rotation_covers_the_longest_token_lifetime_of_any_agent(flow, scenario, db):
+def test_rotation_covers_the_longest_token_lifetime_of_any_agent(
+    flow: OAuthFlow, scenario: Scenario, db: None
+) -> None:
     from consent.services import agent_update
     from tests.conftest import REDIRECT_URI, pkce_pair
 
@@ -202,10 +210,12 @@ def test_rotation_covers_the_longest_token_lifetime_of_any_agent(flow, scenario,
     assert _claims(long_lived)["exp"] - _claims(long_lived)["iat"] == 6 * 3600
     call_command("rotate_signing_key", stdout=StringIO())
     old = SigningKey.objects.get(kid=_header(long_lived)["kid"])
-    assert old.publish_until.timestamp() >= _claims(long_lived)["exp"]
+    assert old.publish_until is not None and old.publish_until.timestamp() >= _claims(long_lived)["exp"]
 
 
-def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(client, issued):
+def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(
+    client: Client, issued: dict[str, Any]
+) -> None:
     old_kid = _header(issued["access_token"])["kid"]
     call_command("rotate_signing_key", stdout=StringIO())
     new_kid = _active_kid()
@@ -216,7 +226,9 @@ def test_old_kid_leaves_the_jwks_once_its_publish_window_is_over(client, issued)
         _verify_with_jwks(client, issued["access_token"])
 
 
-def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(flow, issued):
+def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     """verify() and introspection trust exactly the keys the JWKS publishes, in every process."""
     token = issued["access_token"]
     old_kid = _header(token)["kid"]
@@ -227,7 +239,9 @@ def test_a_token_whose_key_left_the_jwks_no_longer_verifies_here_either(flow, is
     assert flow.introspect(token).json() == {"active": False}
 
 
-def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(flow, issued):
+def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     token = issued["access_token"]
     old_kid = _header(token)["kid"]
     call_command("rotate_signing_key", stdout=StringIO())
@@ -238,7 +252,9 @@ def test_a_token_whose_key_left_the_jwks_is_refused_by_a_fresh_process(flow, iss
     assert flow.introspect(token).json() == {"active": False}
 
 
-def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(client, issued):
+def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(
+    client: Client, issued: dict[str, Any]
+) -> None:
     first = _active_kid()
     call_command("rotate_signing_key", stdout=StringIO())
     second = _active_kid()
@@ -249,7 +265,9 @@ def test_rotating_twice_keeps_both_retired_keys_until_their_windows_end(client, 
     assert SigningKey.objects.filter(active=True).count() == 1
 
 
-def test_rotation_to_rs256_signs_new_tokens_with_rsa(flow, client, issued):
+def test_rotation_to_rs256_signs_new_tokens_with_rsa(
+    flow: OAuthFlow, client: Client, issued: dict[str, Any]
+) -> None:
     call_command("rotate_signing_key", "--alg", "RS256", stdout=StringIO())
     refreshed = flow.token({"grant_type": "refresh_token", "refresh_token": issued["refresh_token"]}).json()
     token = refreshed["access_token"]
@@ -261,7 +279,7 @@ def test_rotation_to_rs256_signs_new_tokens_with_rsa(flow, client, issued):
     assert flow.introspect(token).json()["active"] is True
 
 
-def test_rotation_refuses_a_symmetric_algorithm(db):
+def test_rotation_refuses_a_symmetric_algorithm(db: None) -> None:
     call_command("rotate_signing_key", stdout=StringIO())
     before = list(SigningKey.objects.values_list("kid", flat=True))
     with pytest.raises(CommandError):
@@ -273,19 +291,19 @@ def test_rotation_refuses_a_symmetric_algorithm(db):
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
-def test_alg_none_is_refused(flow, issued, alg):
+def test_alg_none_is_refused(flow: OAuthFlow, issued: dict[str, Any], alg: str) -> None:
     real = issued["access_token"]
     header = {"alg": alg, "typ": SESSION_TOKEN_TYP, "kid": _header(real)["kid"]}
     forged = f"{_seg(header)}.{_seg(_claims(real))}."
     _refused_everywhere(flow, forged, real)
 
 
-def _hs256(header: dict, claims: dict, secret: bytes) -> str:
+def _hs256(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
     signing_input = f"{_seg(header)}.{_seg(claims)}"
     return signing_input + "." + _b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
 
 
-def _public_key_materials(client, kid: str) -> list[bytes]:
+def _public_key_materials(client: Client, kid: str) -> list[bytes]:
     """Every form of our public key an attacker might use as an HMAC secret."""
     public_jwk = _jwks(client)[kid]
     public = jwt.PyJWK(public_jwk).key
@@ -298,7 +316,9 @@ def _public_key_materials(client, kid: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("form", [0, 1, 2, 3])
-def test_hs256_signed_with_our_public_key_is_refused(flow, client, issued, form):
+def test_hs256_signed_with_our_public_key_is_refused(
+    flow: OAuthFlow, client: Client, issued: dict[str, Any], form: int
+) -> None:
     real = issued["access_token"]
     kid = _header(real)["kid"]
     header = {"alg": "HS256", "typ": SESSION_TOKEN_TYP, "kid": kid}
@@ -306,7 +326,9 @@ def test_hs256_signed_with_our_public_key_is_refused(flow, client, issued, form)
     _refused_everywhere(flow, forged, real)
 
 
-def test_signature_by_an_attacker_key_under_our_kid_is_refused(flow, issued):
+def test_signature_by_an_attacker_key_under_our_kid_is_refused(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
     forged = jwt.encode(
@@ -319,7 +341,9 @@ def test_signature_by_an_attacker_key_under_our_kid_is_refused(flow, issued):
 
 
 @pytest.mark.parametrize("where", ["jku", "x5u", "jwk"])
-def test_keys_named_by_the_token_itself_are_never_used(flow, issued, where):
+def test_keys_named_by_the_token_itself_are_never_used(
+    flow: OAuthFlow, issued: dict[str, Any], where: str
+) -> None:
     """RFC 8725 §3.10: a token cannot bring its own key (jku/x5u URLs, embedded jwk)."""
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
@@ -336,7 +360,7 @@ def test_keys_named_by_the_token_itself_are_never_used(flow, issued, where):
 @pytest.mark.parametrize(
     "kid", ["../../../etc/passwd", "' OR '1'='1", "http://127.0.0.1:1/key", "x" * 500, None]
 )
-def test_unknown_or_hostile_kid_is_refused(flow, issued, kid):
+def test_unknown_or_hostile_kid_is_refused(flow: OAuthFlow, issued: dict[str, Any], kid: str | None) -> None:
     real = issued["access_token"]
     attacker = ec.generate_private_key(ec.SECP256R1())
     headers = {"typ": SESSION_TOKEN_TYP}
@@ -349,7 +373,9 @@ def test_unknown_or_hostile_kid_is_refused(flow, issued, kid):
 @pytest.mark.parametrize(
     "typ", [ACTION_TOKEN_TYP, "JWT", "jwt", "AT+JWT", "application/at+jwt", "dpop+jwt", None]
 )
-def test_session_token_with_the_wrong_typ_is_refused(flow, issued, typ):
+def test_session_token_with_the_wrong_typ_is_refused(
+    flow: OAuthFlow, issued: dict[str, Any], typ: str | None
+) -> None:
     real = issued["access_token"]
     key = _active_kid()
     assert _header(real)["kid"] == key
@@ -367,12 +393,12 @@ def test_session_token_with_the_wrong_typ_is_refused(flow, issued, typ):
     _refused_everywhere(flow, forged, real)
 
 
-def test_session_token_is_not_an_action_token(issued):
+def test_session_token_is_not_an_action_token(issued: dict[str, Any]) -> None:
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=ACTION_TOKEN_TYP)
 
 
-def test_action_token_is_not_a_session_token(flow, issued):
+def test_action_token_is_not_a_session_token(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     action = sign(
         {
@@ -402,14 +428,16 @@ def test_action_token_is_not_a_session_token(flow, issued):
         [ISSUER],
     ],
 )
-def test_issuer_must_match_exactly(flow, issued, iss):
+def test_issuer_must_match_exactly(flow: OAuthFlow, issued: dict[str, Any], iss: str | list[str]) -> None:
     real = issued["access_token"]
     forged = _sign_raw({**_claims(real), "iss": iss})
     _refused_everywhere(flow, forged, real)
 
 
 @pytest.mark.parametrize("missing", ["iss", "sub", "aud", "exp", "iat", "jti"])
-def test_tokens_missing_a_required_claim_are_refused(flow, issued, missing):
+def test_tokens_missing_a_required_claim_are_refused(
+    flow: OAuthFlow, issued: dict[str, Any], missing: str
+) -> None:
     real = issued["access_token"]
     claims = _claims(real)
     del claims[missing]
@@ -417,7 +445,7 @@ def test_tokens_missing_a_required_claim_are_refused(flow, issued, missing):
     _refused_everywhere(flow, forged, real)
 
 
-def test_expired_token_is_refused_with_only_a_small_leeway(flow, issued):
+def test_expired_token_is_refused_with_only_a_small_leeway(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     now = int(time.time())
     expired = sign({**_claims(real), "iat": now - 1000, "exp": now - 60}, typ=SESSION_TOKEN_TYP)
@@ -425,14 +453,14 @@ def test_expired_token_is_refused_with_only_a_small_leeway(flow, issued):
     _refused_everywhere(flow, expired, real)
 
 
-def test_token_for_another_audience_is_refused_when_audience_is_checked(issued):
+def test_token_for_another_audience_is_refused_when_audience_is_checked(issued: dict[str, Any]) -> None:
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=SESSION_TOKEN_TYP, audience="http://ledger.test")
     with pytest.raises(TokenInvalid):
         verify(issued["access_token"], typ=SESSION_TOKEN_TYP, audience="http://catalog.test.evil")
 
 
-def test_tampered_payload_is_refused(flow, issued):
+def test_tampered_payload_is_refused(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     h, _, s = real.split(".")
     claims = {**_claims(real), "scope": "catalog:read budget:read ledger:write"}
@@ -440,7 +468,7 @@ def test_tampered_payload_is_refused(flow, issued):
     _refused_everywhere(flow, forged, real)
 
 
-def test_rs256_header_on_an_es256_key_is_refused(flow, issued):
+def test_rs256_header_on_an_es256_key_is_refused(flow: OAuthFlow, issued: dict[str, Any]) -> None:
     real = issued["access_token"]
     h = {**_header(real), "alg": "RS256"}
     _, p, s = real.split(".")
@@ -448,7 +476,9 @@ def test_rs256_header_on_an_es256_key_is_refused(flow, issued):
     _refused_everywhere(flow, forged, real)
 
 
-def test_control_a_properly_signed_copy_registered_the_same_way_is_active(flow, issued):
+def test_control_a_properly_signed_copy_registered_the_same_way_is_active(
+    flow: OAuthFlow, issued: dict[str, Any]
+) -> None:
     """The harness above is sound: the same re-signing and row registration, minus the defect, passes."""
     real = issued["access_token"]
     copy = _sign_raw({**_claims(real), "jti": secrets.token_urlsafe(16)})

@@ -1,6 +1,7 @@
 """A new row's defaults come from ``COUNTERSIGN`` (consent.conf), the one place they are set."""
 
 import pytest
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest
 from consent.conf import DEFAULTS
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.django_db
 STEP_UP = {"audience": "https://ledger.example", "sensitivity": ScopePolicy.Sensitivity.STEP_UP}
 
 
-def test_a_new_step_up_scope_gets_the_configured_window_and_token_lifetime(settings):
+def test_a_new_step_up_scope_gets_the_configured_window_and_token_lifetime(settings: Settings) -> None:
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
         "DEFAULT_APPROVAL_WINDOW": 300,
@@ -26,7 +27,7 @@ def test_a_new_step_up_scope_gets_the_configured_window_and_token_lifetime(setti
     assert (stored.approval_window, stored.action_token_ttl) == (300, 45)
 
 
-def test_without_settings_the_defaults_are_those_of_consent_conf(settings):
+def test_without_settings_the_defaults_are_those_of_consent_conf(settings: Settings) -> None:
     settings.COUNTERSIGN = {
         k: v
         for k, v in settings.COUNTERSIGN.items()
@@ -40,7 +41,7 @@ def test_without_settings_the_defaults_are_those_of_consent_conf(settings):
     assert ApprovalRequest._meta.get_field("interval").get_default() == DEFAULTS["CIBA_INTERVAL"]
 
 
-def test_a_scope_set_with_its_own_values_keeps_them(settings):
+def test_a_scope_set_with_its_own_values_keeps_them(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_APPROVAL_WINDOW": 300}
 
     policy, _ = scope_set(name="ledger:post", values={**STEP_UP, "approval_window": 90}, actor="test")
@@ -48,13 +49,13 @@ def test_a_scope_set_with_its_own_values_keeps_them(settings):
     assert ScopePolicy.objects.get(pk=policy.pk).approval_window == 90
 
 
-def test_a_new_approval_request_polls_at_the_configured_interval(settings):
+def test_a_new_approval_request_polls_at_the_configured_interval(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "CIBA_INTERVAL": 7}
 
     assert ApprovalRequest._meta.get_field("interval").get_default() == 7
 
 
-def test_a_new_agent_gets_the_configured_access_token_lifetime(settings):
+def test_a_new_agent_gets_the_configured_access_token_lifetime(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "DEFAULT_ACCESS_TOKEN_TTL": 600}
 
     agent, _ = agent_create(

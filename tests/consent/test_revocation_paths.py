@@ -14,9 +14,11 @@ action token the ledger has not redeemed yet.
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -24,21 +26,24 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from approvals.models import ActionToken, ApprovalRequest
 from audit.models import AuditEvent
-from consent.models import Agent, SessionGrant
+from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import agent_create
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.conftest import Agent as CibaAgent
 from tests.approvals.support import install_outbox
-from tests.conftest import REDIRECT_URI, basic
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic
+from tests.live import LiveStack
 
 CIBA = "urn:openid:params:grant-type:ciba"
 SECOND_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0143", "amount": "99.00"}
 THIRD_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0144", "amount": "1.00"}
 APPROVED_ENTRY = {**LEDGER_ENTRY, "purchase_order": "PO-2026-0145", "amount": "12.50"}
 Status = ApprovalRequest.Status
+T = TypeVar("T")
 
 
 # --- the armed state --------------------------------------------------------------------------------
@@ -46,8 +51,8 @@ Status = ApprovalRequest.Status
 
 @dataclass
 class Armed:
-    flow: object
-    scenario: object
+    flow: OAuthFlow
+    scenario: Scenario
     ciba: CibaAgent
     officer: Client
     grant: SessionGrant
@@ -63,14 +68,17 @@ class Armed:
     approved_auth_req_id: str
 
 
-def _ask(ciba: CibaAgent, details: dict) -> str:
+def _ask(ciba: CibaAgent, details: dict[str, Any]) -> str:
     response = ciba.ask(details)
     assert response.status_code == 200, response.content
-    return response.json()["auth_req_id"]
+    auth_req_id: str = response.json()["auth_req_id"]
+    return auth_req_id
 
 
 @pytest.fixture
-def armed(db, flow, scenario, ledger_policy, settings) -> Armed:  # noqa: F811
+def armed(
+    db: None, flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy, settings: Settings
+) -> Armed:  # noqa: F811
     settings.CELERY_TASK_ALWAYS_EAGER = False
     first = flow.full()
     flow.client.logout()  # from here on, flow.client is the agent (and the ledger): no session
@@ -136,23 +144,23 @@ def _admin_client() -> Client:
 class _FormValues(HTMLParser):
     """The values a browser would submit from the admin change form (id="<model>_form")."""
 
-    def __init__(self, form_id: str):
+    def __init__(self, form_id: str) -> None:
         super().__init__()
         self.form_id, self.inside = form_id, False
-        self.values: list[tuple[str, str]] = []
+        self.values: list[tuple[str, str | None]] = []  # None: an attribute without a value
         self._select: str | None = None
         self._textarea: str | None = None
         self._text: list[str] = []
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         if tag == "form" and a.get("id") == self.form_id:
             self.inside = True
-        if not self.inside or not a.get("name"):
+        name = a.get("name")
+        if not self.inside or not name:
             if tag == "option" and self.inside and self._select and "selected" in a:
                 self.values.append((self._select, a.get("value", "")))
             return
-        name = a["name"]
         if tag == "input":
             kind = a.get("type", "text")
             if kind in ("checkbox", "radio"):
@@ -165,11 +173,11 @@ class _FormValues(HTMLParser):
         elif tag == "textarea":
             self._textarea, self._text = name, []
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if self._textarea is not None:
             self._text.append(data)
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         if tag == "form" and self.inside:
             self.inside = False
         elif tag == "select":
@@ -179,12 +187,12 @@ class _FormValues(HTMLParser):
             self._textarea = None
 
 
-def _change_form(client: Client, url: str, form_id: str) -> dict[str, list[str]]:
+def _change_form(client: Client, url: str, form_id: str) -> dict[str, list[str | None]]:
     page = client.get(url)
     assert page.status_code == 200, page.status_code
     parser = _FormValues(form_id)
     parser.feed(page.content.decode())
-    data: dict[str, list[str]] = {}
+    data: dict[str, list[str | None]] = {}
     for name, value in parser.values:
         data.setdefault(name, []).append(value)
     assert "status" in data and "csrfmiddlewaretoken" in data, sorted(data)
@@ -194,19 +202,19 @@ def _change_form(client: Client, url: str, form_id: str) -> dict[str, list[str]]
 # --- the revocation paths ---------------------------------------------------------------------------
 
 
-def revoke_by_user(a: Armed):
+def revoke_by_user(a: Armed) -> None:
     response = a.officer.post(f"/grants/{a.grant.pk}/revoke/")
     assert response.status_code == 302 and response["Location"] == "/grants/"
 
 
-def revoke_by_admin_grant_action(a: Armed):
+def revoke_by_admin_grant_action(a: Armed) -> None:
     response = _admin_client().post(
         "/admin/consent/sessiongrant/", {"action": "revoke", "_selected_action": [str(a.grant.pk)]}
     )
     assert response.status_code == 302, response.content[:2000]
 
 
-def _rfc7009(a: Armed, token: str, hint: str):
+def _rfc7009(a: Armed, token: str, hint: str) -> None:
     response = a.flow.client.post(
         "/o/revoke/",
         urlencode({"token": token, "token_type_hint": hint}),
@@ -216,19 +224,19 @@ def _rfc7009(a: Armed, token: str, hint: str):
     assert response.status_code == 200, response.content
 
 
-def revoke_by_agent_access_token(a: Armed):
+def revoke_by_agent_access_token(a: Armed) -> None:
     _rfc7009(a, a.session_token, "access_token")
 
 
-def revoke_by_agent_refresh_token(a: Armed):
+def revoke_by_agent_refresh_token(a: Armed) -> None:
     _rfc7009(a, a.refresh_token, "refresh_token")
 
 
-def suspend_by_command(a: Armed):
+def suspend_by_command(a: Armed) -> None:
     call_command("agent_update", a.scenario.agent.client_id, "--status", "suspended")
 
 
-def suspend_by_admin_change_form(a: Armed):
+def suspend_by_admin_change_form(a: Armed) -> None:
     client = _admin_client()
     url = f"/admin/consent/agent/{a.scenario.agent.pk}/change/"
     data = _change_form(client, url, "agent_form")
@@ -239,21 +247,21 @@ def suspend_by_admin_change_form(a: Armed):
     assert response.status_code == 302, response.content.decode()[:4000]
 
 
-def suspend_by_admin_action(a: Armed):
+def suspend_by_admin_action(a: Armed) -> None:
     response = _admin_client().post(
         "/admin/consent/agent/", {"action": "suspend", "_selected_action": [str(a.scenario.agent.pk)]}
     )
     assert response.status_code == 302, response.content[:2000]
 
 
-def refresh_token_reuse(a: Armed):
+def refresh_token_reuse(a: Armed) -> None:
     replay = a.flow.token({"grant_type": "refresh_token", "refresh_token": a.rotated_refresh_token})
     assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant", replay.content
 
 
 @dataclass(frozen=True)
 class Path:
-    revoke: object
+    revoke: Callable[[Armed], None]
     reason: str
     suspends: bool = False
 
@@ -270,7 +278,7 @@ PATHS = {
 }
 
 
-def _error(response, status: int, error: str):
+def _error(response: ClientResponse, status: int, error: str) -> None:
     assert response.status_code == status, (response.status_code, response.content)
     assert response.json()["error"] == error, response.content
 
@@ -278,8 +286,11 @@ def _error(response, status: int, error: str):
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", list(PATHS))
 def test_every_revocation_path_ends_everything_at_once(
-    armed, name, monkeypatch, django_capture_on_commit_callbacks
-):
+    armed: Armed,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     path = PATHS[name]
     a = armed
     approvals_before = ApprovalRequest.objects.count()
@@ -364,7 +375,7 @@ def test_every_revocation_path_ends_everything_at_once(
 
 
 @pytest.mark.django_db
-def test_rfc7009_by_another_client_revokes_nothing(armed):
+def test_rfc7009_by_another_client_revokes_nothing(armed: Armed) -> None:
     """RFC 7009 §2.1: the server checks the token was issued to the requesting client."""
     a = armed
     other, other_secret = agent_create(
@@ -392,7 +403,7 @@ def test_rfc7009_by_another_client_revokes_nothing(armed):
 
 
 @pytest.mark.django_db
-def test_rfc7009_still_works_once_the_agent_is_required_to_use_dpop(armed):
+def test_rfc7009_still_works_once_the_agent_is_required_to_use_dpop(armed: Armed) -> None:
     """An admin turns on "require DPoP" mid-session. DPoP proofs belong to the token endpoint
     (RFC 9449 §5); the revocation endpoint has none to give, so requiring one there would leave the
     agent unable to give its tokens up (RFC 7009 §2.1) -- the one thing a worried agent must do."""
@@ -413,19 +424,19 @@ def test_rfc7009_still_works_once_the_agent_is_required_to_use_dpop(armed):
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list = []
+    calls: list[dict[str, Any]] = []
 
-    def do_POST(self):
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).calls.append({"auth": self.headers.get("Authorization"), "body": json.loads(body)})
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args):
+    def log_message(self, *args: Any) -> None:
         pass
 
 
-def _wait_for(check, what: str, stack, timeout: float = 15.0):
+def _wait_for(check: Callable[[], T | None], what: str, stack: LiveStack, timeout: float = 15.0) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -437,7 +448,9 @@ def _wait_for(check, what: str, stack, timeout: float = 15.0):
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("how", ["rfc7009_over_http", "user_revoke_on_grants_page"])
-def test_ping_mode_cancellation_notifies_the_agent(live, flow, scenario, ledger_policy, how):  # noqa: F811
+def test_ping_mode_cancellation_notifies_the_agent(
+    live: LiveStack, flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy, how: str
+) -> None:  # noqa: F811
     server = HTTPServer(("127.0.0.1", 0), _Recorder)
     _Recorder.calls = []
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -2,12 +2,14 @@
 
 import jwt
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.conftest import PASSWORD, REDIRECT_URI, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +18,7 @@ def _code(device: TOTPDevice, offset: int = 0) -> str:
     return f"{totp(device.bin_key, step=device.step, t0=device.t0, digits=device.digits, drift=offset):06d}"
 
 
-def _enrol(client, user) -> TOTPDevice:
+def _enrol(client: Client, user: User) -> TOTPDevice:
     client.login(username=user.username, password=PASSWORD)
     page = client.get("/accounts/totp/")
     assert page.status_code == 200 and b"<svg" in page.content
@@ -29,7 +31,7 @@ def _enrol(client, user) -> TOTPDevice:
     return device
 
 
-def test_enrolment_rejects_a_wrong_code(client, scenario):
+def test_enrolment_rejects_a_wrong_code(client: Client, scenario: Scenario) -> None:
     client.login(username="officer", password=PASSWORD)
     client.get("/accounts/totp/")
     response = client.post("/accounts/totp/", {"token": "000000"})
@@ -37,7 +39,9 @@ def test_enrolment_rejects_a_wrong_code(client, scenario):
     assert not TOTPDevice.objects.filter(user=scenario.user, confirmed=True).exists()
 
 
-def test_login_with_totp_gives_pwd_otp_amr_in_the_token(client, flow, scenario):
+def test_login_with_totp_gives_pwd_otp_amr_in_the_token(
+    client: Client, flow: OAuthFlow, scenario: Scenario
+) -> None:
     device = _enrol(client, scenario.user)
     response = client.post(
         "/accounts/login/", {"username": "officer", "password": PASSWORD, "next": "/grants/"}
@@ -68,7 +72,9 @@ def test_login_with_totp_gives_pwd_otp_amr_in_the_token(client, flow, scenario):
     assert jwt.decode(token, options={"verify_signature": False})["amr"] == ["pwd", "otp"]
 
 
-def test_agent_requiring_second_factor_sends_password_only_user_to_the_otp_step(client, flow, scenario):
+def test_agent_requiring_second_factor_sends_password_only_user_to_the_otp_step(
+    client: Client, flow: OAuthFlow, scenario: Scenario
+) -> None:
     scenario.agent.require_second_factor = True
     scenario.agent.save()
     device = _enrol(client, scenario.user)
@@ -87,7 +93,7 @@ def test_agent_requiring_second_factor_sends_password_only_user_to_the_otp_step(
     assert code
 
 
-def test_failed_password_login_is_audited(client, scenario):
+def test_failed_password_login_is_audited(client: Client, scenario: Scenario) -> None:
     response = client.post("/accounts/login/", {"username": "officer", "password": "wrong"})
     assert response.status_code == 200 and b"not right" in response.content
     assert AuditEvent.objects.filter(event="login.failed", outcome="refused").count() == 1

@@ -2,21 +2,22 @@
 
 import jwt
 import pytest
+from django.test import Client
 
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.conftest import REDIRECT_URI, pkce_pair
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
 
-def _jwks_key(client, token):
+def _jwks_key(client: Client, token: str) -> jwt.PyJWK:
     kid = jwt.get_unverified_header(token)["kid"]
     keys = {k["kid"]: k for k in client.get("/.well-known/jwks.json").json()["keys"]}
     return jwt.PyJWK(keys[kid])
 
 
-def test_consent_screen_shows_two_groups_and_agent_identity(flow):
+def test_consent_screen_shows_two_groups_and_agent_identity(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     page = flow.client.get("/o/authorize/?" + flow.authorize_query(challenge=challenge)).content.decode()
@@ -28,7 +29,9 @@ def test_consent_screen_shows_two_groups_and_agent_identity(flow):
     assert ">Allow</button>" in page and ">Deny</button>" in page
 
 
-def test_code_exchange_returns_session_token_naming_user_and_agent(flow, scenario, client):
+def test_code_exchange_returns_session_token_naming_user_and_agent(
+    flow: OAuthFlow, scenario: Scenario, client: Client
+) -> None:
     body = flow.full()
     token = body["access_token"]
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
@@ -59,7 +62,7 @@ def test_code_exchange_returns_session_token_naming_user_and_agent(flow, scenari
     assert "consent.given" in events and "token.issued" in events
 
 
-def test_deny_redirects_with_access_denied_and_creates_nothing(flow):
+def test_deny_redirects_with_access_denied_and_creates_nothing(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     response = flow.consent(flow.authorize_query(challenge=challenge), decision="deny")
@@ -69,7 +72,7 @@ def test_deny_redirects_with_access_denied_and_creates_nothing(flow):
     assert AuditEvent.objects.filter(event="consent.refused", outcome="refused").count() == 1
 
 
-def test_refresh_rotates_and_reuse_revokes_the_whole_grant(flow):
+def test_refresh_rotates_and_reuse_revokes_the_whole_grant(flow: OAuthFlow) -> None:
     first = flow.full()
     second = flow.token({"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
     assert second.status_code == 200, second.content
@@ -87,13 +90,13 @@ def test_refresh_rotates_and_reuse_revokes_the_whole_grant(flow):
     assert AuditEvent.objects.filter(event="refresh_token.reuse_detected").count() == 1
 
 
-def test_no_refresh_token_unless_agent_mode_is_rotating(flow, scenario):
+def test_no_refresh_token_unless_agent_mode_is_rotating(flow: OAuthFlow, scenario: Scenario) -> None:
     scenario.agent.refresh_mode = "exchange"
     scenario.agent.save()
     assert "refresh_token" not in flow.full()
 
 
-def test_introspection_reports_both_principals(flow, scenario):
+def test_introspection_reports_both_principals(flow: OAuthFlow, scenario: Scenario) -> None:
     token = flow.full()["access_token"]
     body = flow.introspect(token).json()
     assert body["active"] is True

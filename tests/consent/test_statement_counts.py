@@ -12,14 +12,16 @@ from urllib.parse import urlencode
 
 import pytest
 from django.utils import timezone
+from pytest_django import DjangoAssertNumQueries, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.services import approval_approve
 from consent.keys import active_signing_key, verification_key
+from consent.models import ScopePolicy
 from consent.services import AuthContext
 from consent.tokens import audiences_for
 from tests.approvals.conftest import Agent as CibaAgent
-from tests.conftest import REDIRECT_URI, pkce_pair
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
 # As in a server: each request its own transaction (a test transaction would turn them into savepoints).
@@ -52,12 +54,14 @@ BUDGET = {
 
 
 @pytest.fixture(autouse=True)
-def warm(scenario):
+def warm(scenario: Scenario) -> None:
     verification_key(active_signing_key().kid)
     audiences_for(["catalog:read", "budget:read"])
 
 
-def test_code_exchange_and_refresh(flow, django_assert_max_num_queries):
+def test_code_exchange_and_refresh(
+    flow: OAuthFlow, django_assert_max_num_queries: DjangoAssertNumQueries
+) -> None:
     flow.login()
     verifier, challenge = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=challenge)))
@@ -78,7 +82,9 @@ def test_code_exchange_and_refresh(flow, django_assert_max_num_queries):
     assert response.status_code == 200, response.content
 
 
-def test_token_exchange_re_mint(flow, scenario, django_assert_max_num_queries):
+def test_token_exchange_re_mint(
+    flow: OAuthFlow, scenario: Scenario, django_assert_max_num_queries: DjangoAssertNumQueries
+) -> None:
     key = AgentKey()
     scenario.agent.jwks = {"keys": [key.jwk]}
     scenario.agent.refresh_mode = "exchange"
@@ -99,11 +105,16 @@ def test_token_exchange_re_mint(flow, scenario, django_assert_max_num_queries):
 
 
 def test_backchannel_poll_collect_redeem_introspect(
-    flow, scenario, ledger_policy, settings, django_assert_max_num_queries
-):
+    flow: OAuthFlow,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    settings: Settings,
+    django_assert_max_num_queries: DjangoAssertNumQueries,
+) -> None:
     settings.CELERY_TASK_ALWAYS_EAGER = False
     agent = CibaAgent(flow, scenario)
     agent.start_session()
+    assert agent.session_token is not None
     with django_assert_max_num_queries(BUDGET["backchannel_request"]):
         asked = agent.ask()
     assert asked.status_code == 200, asked.content

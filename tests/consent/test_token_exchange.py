@@ -3,18 +3,20 @@
 import json
 import secrets
 import time
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
 import time_machine
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.test import Client
 from jwt.algorithms import ECAlgorithm
 
 from audit.models import AuditEvent
 from consent.models import AccessToken, Agent, SessionGrant
 from consent.services import agent_create, grant_revoke
-from tests.conftest import REDIRECT_URI
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -25,12 +27,12 @@ JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 
 
 class AgentKey:
-    def __init__(self, kid="k1"):
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
-    def assertion(self, client_id, **overrides):
+    def assertion(self, client_id: str, **overrides: Any) -> str:
         now = int(time.time())
         claims = {
             "iss": client_id,
@@ -45,7 +47,7 @@ class AgentKey:
 
 
 @pytest.fixture
-def key(scenario):
+def key(scenario: Scenario) -> AgentKey:
     k = AgentKey()
     scenario.agent.jwks = {"keys": [k.jwk]}
     scenario.agent.refresh_mode = Agent.RefreshMode.EXCHANGE
@@ -53,7 +55,7 @@ def key(scenario):
     return k
 
 
-def _exchange(client, assertion, subject, **extra):
+def _exchange(client: Client, assertion: str, subject: str, **extra: str) -> ClientResponse:
     data = {
         "grant_type": EXCHANGE,
         "subject_token": subject,
@@ -65,11 +67,14 @@ def _exchange(client, assertion, subject, **extra):
     return client.post("/o/token/", urlencode(data), content_type="application/x-www-form-urlencoded")
 
 
-def _claims(token):
-    return jwt.decode(token, options={"verify_signature": False})
+def _claims(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
 
 
-def test_expired_session_token_is_re_minted_with_the_agents_key(flow, scenario, key):
+def test_expired_session_token_is_re_minted_with_the_agents_key(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     body = flow.full()
     assert "refresh_token" not in body  # exchange mode: no refresh token exists
     old = body["access_token"]
@@ -87,7 +92,7 @@ def test_expired_session_token_is_re_minted_with_the_agents_key(flow, scenario, 
     assert AuditEvent.objects.filter(event="token.exchanged").count() == 1
 
 
-def test_exchange_narrows_but_never_widens(flow, scenario, key):
+def test_exchange_narrows_but_never_widens(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     narrowed = _exchange(flow.client, key.assertion(scenario.agent.client_id), old, scope="catalog:read")
     assert narrowed.json()["scope"] == "catalog:read"
@@ -108,7 +113,9 @@ def test_exchange_narrows_but_never_widens(flow, scenario, key):
 
 
 @pytest.mark.parametrize("problem", ["wrong_key", "wrong_aud", "long_exp", "replayed_jti", "other_client"])
-def test_bad_client_assertions_are_invalid_client(flow, scenario, key, problem):
+def test_bad_client_assertions_are_invalid_client(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, problem: str
+) -> None:
     old = flow.full()["access_token"]
     cid = scenario.agent.client_id
     if problem == "wrong_key":
@@ -130,13 +137,13 @@ def test_bad_client_assertions_are_invalid_client(flow, scenario, key, problem):
     assert AuditEvent.objects.filter(event="token.refused", error="invalid_client").count() == 1
 
 
-def test_client_secret_is_not_enough_to_exchange(flow, scenario, key):
+def test_client_secret_is_not_enough_to_exchange(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     response = flow.token({"grant_type": EXCHANGE, "subject_token": old, "subject_token_type": ACCESS})
     assert response.status_code == 400 and response.json()["error"] == "unauthorized_client"
 
 
-def test_subject_token_refusals(flow, scenario, key):
+def test_subject_token_refusals(flow: OAuthFlow, scenario: Scenario, key: AgentKey) -> None:
     old = flow.full()["access_token"]
     cid = scenario.agent.client_id
     forged = jwt.encode(
@@ -165,7 +172,9 @@ def test_subject_token_refusals(flow, scenario, key):
     assert revoked.status_code == 400 and revoked.json()["error"] == "invalid_grant"
 
 
-def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(flow, scenario, key):
+def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     sub, _ = agent_create(
         name="Catalog Helper", publisher="Acme", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
     )
@@ -217,7 +226,9 @@ def test_delegation_nests_the_actor_chain_only_for_permitted_sub_agents(flow, sc
     assert unregistered.json()["error"] == "invalid_grant"
 
 
-def test_private_key_jwt_works_at_the_code_exchange_too(flow, scenario, key):
+def test_private_key_jwt_works_at_the_code_exchange_too(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey
+) -> None:
     from tests.conftest import pkce_pair
 
     flow.login()
@@ -241,7 +252,9 @@ def test_private_key_jwt_works_at_the_code_exchange_too(flow, scenario, key):
 
 
 @pytest.mark.parametrize("mode", ["rotating", "none"])
-def test_re_mint_by_exchange_is_only_for_exchange_mode_agents(flow, scenario, key, mode):
+def test_re_mint_by_exchange_is_only_for_exchange_mode_agents(
+    flow: OAuthFlow, scenario: Scenario, key: AgentKey, mode: str
+) -> None:
     scenario.agent.refresh_mode = mode
     scenario.agent.save()
     old = flow.full()["access_token"]

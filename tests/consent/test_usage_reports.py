@@ -3,18 +3,20 @@
 import json
 import secrets
 import time
+from typing import Any
 
 import jwt
 import pytest
+from django.test import Client
 
 from audit.models import AuditEvent
 from consent.models import GrantUse, SessionGrant
-from tests.conftest import PASSWORD, basic
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario, basic
 
 pytestmark = pytest.mark.django_db
 
 
-def _use(token, **overrides):
+def _use(token: str, **overrides: Any) -> dict[str, Any]:
     claims = jwt.decode(token, options={"verify_signature": False})
     return {
         "id": secrets.token_urlsafe(12),
@@ -27,7 +29,9 @@ def _use(token, **overrides):
     }
 
 
-def _report(client, uses, *, auth, body=None):
+def _report(
+    client: Client, uses: list[dict[str, Any]] | None, *, auth: tuple[str, str], body: str | None = None
+) -> ClientResponse:
     return client.post(
         "/o/usage/",
         body if body is not None else json.dumps({"uses": uses}),
@@ -37,13 +41,16 @@ def _report(client, uses, *, auth, body=None):
 
 
 @pytest.fixture
-def token(flow):
+def token(flow: OAuthFlow) -> str:
     body = flow.full()
     flow.client.logout()
-    return body["access_token"]
+    access_token: str = body["access_token"]
+    return access_token
 
 
-def test_a_reported_use_is_stored_against_the_grant_and_audited(flow, scenario, token):
+def test_a_reported_use_is_stored_against_the_grant_and_audited(
+    flow: OAuthFlow, scenario: Scenario, token: str
+) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     response = _report(flow.client, [_use(token), _use(token, operation="read item 42")], auth=catalog)
     assert response.status_code == 200 and response.json() == {"accepted": 2, "duplicates": 0}
@@ -62,7 +69,9 @@ def test_a_reported_use_is_stored_against_the_grant_and_audited(flow, scenario, 
     )
 
 
-def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(flow, scenario, token):
+def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(
+    flow: OAuthFlow, scenario: Scenario, token: str
+) -> None:
     ledger = (scenario.ledger_client_id, scenario.ledger_secret)
     seq = AuditEvent.objects.count()
     for use in (_use(token), _use(token, scope="ledger:write")):  # the token lacks ledger:write, too
@@ -72,14 +81,14 @@ def test_a_use_of_a_token_not_issued_to_that_resource_server_is_refused(flow, sc
     assert AuditEvent.objects.filter(event="usage.refused").count() == 2 == AuditEvent.objects.count() - seq
 
 
-def test_a_batch_with_one_forged_use_changes_nothing(flow, scenario, token):
+def test_a_batch_with_one_forged_use_changes_nothing(flow: OAuthFlow, scenario: Scenario, token: str) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     response = _report(flow.client, [_use(token), _use(token, jti="forged-jti")], auth=catalog)
     assert response.status_code == 400 and response.json()["error"] == "invalid_target"
     assert GrantUse.objects.count() == 0
 
 
-def test_a_replayed_report_counts_once(flow, scenario, token):
+def test_a_replayed_report_counts_once(flow: OAuthFlow, scenario: Scenario, token: str) -> None:
     catalog = (scenario.rs_client_id, scenario.rs_secret)
     use = _use(token)
     assert _report(flow.client, [use], auth=catalog).json() == {"accepted": 1, "duplicates": 0}
@@ -120,14 +129,18 @@ def test_a_replayed_report_counts_once(flow, scenario, token):
         ),  # a flood in one report
     ],
 )
-def test_malformed_reports_are_invalid_request_and_audited(flow, scenario, token, body):
+def test_malformed_reports_are_invalid_request_and_audited(
+    flow: OAuthFlow, scenario: Scenario, token: str, body: str
+) -> None:
     response = _report(flow.client, None, auth=(scenario.rs_client_id, scenario.rs_secret), body=body)
     assert response.status_code == 400 and response.json()["error"] == "invalid_request"
     assert GrantUse.objects.count() == 0
     assert AuditEvent.objects.filter(event="usage.refused", error="invalid_request").count() == 1
 
 
-def test_without_resource_server_credentials_is_invalid_client(flow, scenario, token):
+def test_without_resource_server_credentials_is_invalid_client(
+    flow: OAuthFlow, scenario: Scenario, token: str
+) -> None:
     response = _report(flow.client, [_use(token)], auth=(scenario.agent.client_id, scenario.agent_secret))
     assert response.status_code == 401 and response.json()["error"] == "invalid_client"
     assert GrantUse.objects.count() == 0 and AuditEvent.objects.filter(event="usage.refused").exists()

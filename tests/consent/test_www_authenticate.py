@@ -10,18 +10,21 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 from urllib.parse import urlencode
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.test import Client
 from jwt.algorithms import ECAlgorithm
 
 from consent.conf import countersign_settings
-from consent.models import Agent
+from consent.models import Agent, ScopePolicy
 from consent.services import agent_update
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import REDIRECT_URI, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +43,7 @@ _PARAM = re.compile(
 def challenge(header: str) -> tuple[str, dict[str, str]]:
     """Split one challenge into its scheme and auth-params."""
     scheme, _, rest = header.strip().partition(" ")
-    params = {}
+    params: dict[str, str] = {}
     for m in _PARAM.finditer(rest):
         value = m.group(2) if m.group(2) is not None else m.group(3)
         params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
@@ -50,12 +53,12 @@ def challenge(header: str) -> tuple[str, dict[str, str]]:
 class Key:
     """An EC key an agent could register for private_key_jwt."""
 
-    def __init__(self, kid="k1"):
+    def __init__(self, kid: str = "k1") -> None:
         self.private = ec.generate_private_key(ec.SECP256R1())
         self.kid = kid
         self.jwk = {**json.loads(ECAlgorithm.to_jwk(self.private.public_key())), "kid": kid, "alg": "ES256"}
 
-    def assertion(self, client_id, **overrides):
+    def assertion(self, client_id: str, **overrides: Any) -> str:
         now = int(time.time())
         issuer = countersign_settings.ISSUER
         claims = {
@@ -70,8 +73,14 @@ class Key:
         return jwt.encode(claims, self.private, algorithm="ES256", headers={"kid": self.kid})
 
 
+class World(TypedDict):
+    key: Key
+    tokens: dict[str, Any]
+    auth_req_id: str
+
+
 @pytest.fixture
-def world(flow, scenario, ledger_policy):  # noqa: F811
+def world(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy) -> World:  # noqa: F811
     """A live grant with a session token, a refresh token and an action token, plus a registered key."""
     key = Key()
     scenario.agent.jwks = {"keys": [key.jwk]}
@@ -94,12 +103,12 @@ def world(flow, scenario, ledger_policy):  # noqa: F811
     return {"key": key, "tokens": tokens, "auth_req_id": asked.json()["auth_req_id"]}
 
 
-def _post(client, path, data, auth=None):
-    extra = {"HTTP_AUTHORIZATION": auth} if auth is not None else {}
+def _post(client: Client, path: str, data: Mapping[str, Any], auth: str | None = None) -> ClientResponse:
+    extra: dict[str, Any] = {"HTTP_AUTHORIZATION": auth} if auth is not None else {}
     return client.post(path, urlencode(data), content_type=FORM, **extra)
 
 
-def _code(flow) -> tuple[str, str]:
+def _code(flow: OAuthFlow) -> tuple[str, str]:
     flow.login()
     verifier, c = pkce_pair()
     code = flow.code_from(flow.consent(flow.authorize_query(challenge=c)))
@@ -107,12 +116,12 @@ def _code(flow) -> tuple[str, str]:
     return code, verifier
 
 
-def _bad_secret(s):
+def _bad_secret(s: Scenario) -> str:
     return basic(s.agent.client_id, s.agent_secret + "x")
 
 
 # Each case: (flow, scenario, world) -> response. Every one must be a 401.
-CASES = {
+CASES: dict[str, Callable[[OAuthFlow, Scenario, World], ClientResponse]] = {
     # --- token endpoint, client secret -------------------------------------------------------------
     "token/refresh/wrong_secret": lambda f, s, w: _post(
         f.client,
@@ -286,7 +295,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_401_names_the_same_error_in_its_challenge(flow, scenario, world, case):
+def test_every_401_names_the_same_error_in_its_challenge(
+    flow: OAuthFlow, scenario: Scenario, world: World, case: str
+) -> None:
     response = CASES[case](flow, scenario, world)
     assert response.status_code == 401, (response.status_code, response.content)
     body = json.loads(response.content)

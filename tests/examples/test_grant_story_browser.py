@@ -5,32 +5,40 @@ agent's next call is refused."""
 import queue
 import re
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, expect
 
 from consent.models import GrantUse, SessionGrant
 from countersign import GrantRevoked
 from examples.procurement import agent as procurement_agent
 from tests.browser.conftest import chromium, live_context, watch_page  # noqa: F401  (fixtures)
-from tests.examples.test_procurement_demo import _sign_in_and_allow, demo_config, systems  # noqa: F401
+from tests.examples.test_procurement_demo import (  # noqa: F401  (fixtures)
+    Systems,
+    _sign_in_and_allow,
+    demo_config,
+    systems,
+)
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 def test_the_grant_page_follows_the_run_live_and_revoke_stops_the_agent(
-    live,
-    live_context,  # noqa: F811
-    demo_config,  # noqa: F811
-    systems,  # noqa: F811
-):
+    live: LiveStack,
+    live_context: BrowserContext,  # noqa: F811
+    demo_config: tuple[dict[str, Any], Path],  # noqa: F811
+    systems: Systems,  # noqa: F811
+) -> None:
     config, _ = demo_config
     page = live_context.new_page()
     problems = watch_page(page)
     consent_urls: queue.Queue[str] = queue.Queue()
-    outcome: dict = {}
+    outcome: dict[str, Any] = {}
 
-    def agent_thread():
+    def agent_thread() -> None:
         try:
             outcome["result"] = procurement_agent.run(
                 config,

@@ -18,15 +18,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from playwright.sync_api import expect
+from django.test import Client
+from playwright.sync_api import BrowserContext, Page, expect
 
 from approvals.models import ActionToken, ApprovalRequest
 from audit.models import AuditEvent
@@ -37,7 +40,7 @@ from examples.procurement import agent as procurement_agent
 from examples.procurement.config import SYSTEMS
 from tests.browser.conftest import chromium, live_context, watch_page  # noqa: F401  (fixtures)
 from tests.conftest import PASSWORD
-from tests.live import ROOT, free_port
+from tests.live import ROOT, LiveStack, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,14 +78,18 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture
-def demo_config(live, tmp_path) -> tuple[dict, Path]:
+def demo_config(live: LiveStack, tmp_path: Path) -> tuple[dict[str, Any], Path]:
     """The registry, created through the consent services with the audiences the resource-server
     process will listen on, written in seed_demo --json's shape for the example's --config."""
     *rs_ports, callback_port = _free_ports(len(SYSTEMS) + 1)
     scopes, servers = [], []
     for (key, scope, title), port in zip(SYSTEMS, rs_ports, strict=True):
         audience = f"http://127.0.0.1:{port}"
-        values = {"audience": audience, "description": title, "sensitivity": ScopePolicy.Sensitivity.STANDARD}
+        values: dict[str, Any] = {
+            "audience": audience,
+            "description": title,
+            "sensitivity": ScopePolicy.Sensitivity.STANDARD,
+        }
         if key == "ledger":
             values |= {
                 "sensitivity": ScopePolicy.Sensitivity.STEP_UP,
@@ -128,7 +135,9 @@ def demo_config(live, tmp_path) -> tuple[dict, Path]:
 
 
 class Systems:
-    def __init__(self, proc: subprocess.Popen, log: Path, data_dir: Path, config: dict) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], log: Path, data_dir: Path, config: dict[str, Any]
+    ) -> None:
         self.proc, self.log, self.data_dir, self.config = proc, log, data_dir, config
         self.audience = {s["name"]: s["audience"] for s in config["scopes"]}
         self.ledger = next(
@@ -138,13 +147,13 @@ class Systems:
     def output(self) -> str:
         return self.log.read_text()
 
-    def ledger_lines(self) -> list[dict]:
+    def ledger_lines(self) -> list[dict[str, Any]]:
         path = self.data_dir / "ledger.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture
-def systems(live, demo_config, tmp_path):
+def systems(live: LiveStack, demo_config: tuple[dict[str, Any], Path], tmp_path: Path) -> Iterator[Systems]:
     """The five systems as one real subprocess (uvicorn, five sockets), on the config's ports."""
     config, path = demo_config
     log, data_dir = tmp_path / "systems.log", tmp_path / "data"
@@ -193,7 +202,7 @@ def systems(live, demo_config, tmp_path):
             proc.wait()
 
 
-def _sign_in_and_allow(page, url: str, live) -> None:
+def _sign_in_and_allow(page: Page, url: str, live: LiveStack) -> None:
     page.goto(url)
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
@@ -211,16 +220,21 @@ def _sign_in_and_allow(page, url: str, live) -> None:
 
 
 @pytest.mark.browser
-def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, systems):  # noqa: F811
+def test_procurement_demo_runs_end_to_end(
+    live: LiveStack,
+    live_context: BrowserContext,  # noqa: F811
+    demo_config: tuple[dict[str, Any], Path],
+    systems: Systems,
+) -> None:
     config, _ = demo_config
     page = live_context.new_page()
     problems = watch_page(page)
 
     consent_urls: queue.Queue[str] = queue.Queue()
     said: list[str] = []
-    outcome: dict = {}
+    outcome: dict[str, Any] = {}
 
-    def agent_thread():
+    def agent_thread() -> None:
         try:
             outcome["result"] = procurement_agent.run(
                 config,
@@ -344,7 +358,9 @@ def test_procurement_demo_runs_end_to_end(live, live_context, demo_config, syste
     assert problems == [], problems
 
 
-def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems, client):
+def test_systems_hold_dpop_bound_tokens_to_their_key(
+    live: LiveStack, demo_config: tuple[dict[str, Any], Path], systems: Systems, client: Client
+) -> None:
     """Sender-constrained tokens (RFC 9449) through the same systems: the session token and the
     action token are bound to the agent's registered key; a proof for another request, a replayed
     proof, or the bound token sent as a plain bearer token are all refused before anything runs."""
@@ -387,7 +403,7 @@ def test_systems_hold_dpop_bound_tokens_to_their_key(live, demo_config, systems,
         assert as_bearer.status_code == 401 and as_bearer.headers["www-authenticate"].startswith("DPoP ")
 
         # Step 5 with a bound action token.
-        outcome: dict = {}
+        outcome: dict[str, Any] = {}
         thread = threading.Thread(
             target=lambda: outcome.update(
                 action=agent.request_approval("ledger:write", [APPROVED], timeout=60)

@@ -7,13 +7,24 @@ passes the peer address on as the client's.
 """
 
 import json
+from collections.abc import Iterator
+from typing import Any, TypedDict
 
 import httpx
 import pytest
+from pytest_django import DjangoDbBlocker, Settings
 
-from tests.live import start_stack
+from tests.live import LiveStack, start_stack
 
-RATE_LIMITS = {
+
+class RateLimit(TypedDict, total=False):
+    paths: list[str]
+    client: list[int]
+    user: list[int]
+    source: list[int]
+
+
+RATE_LIMITS: dict[str, RateLimit] = {
     "protocol": {
         "paths": ["/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/"],
         "client": [100, 60],
@@ -36,7 +47,9 @@ ATTEMPT_LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def limited_stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
     env = {
         "COUNTERSIGN_RATE_LIMITS": json.dumps(RATE_LIMITS),
         "COUNTERSIGN_ATTEMPT_LIMITS": json.dumps(ATTEMPT_LIMITS),
@@ -48,7 +61,7 @@ def limited_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def limited(limited_stack, transactional_db, settings):
+def limited(limited_stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
         "ISSUER": limited_stack.url,
@@ -60,7 +73,7 @@ def limited(limited_stack, transactional_db, settings):
     return limited_stack
 
 
-def from_source(address: str, **kwargs) -> httpx.Client:
+def from_source(address: str, **kwargs: Any) -> httpx.Client:
     """An HTTP client whose connections come from ``address`` (a loopback address: 127.0.0.2, ...)."""
     return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10, **kwargs)
 

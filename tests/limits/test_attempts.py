@@ -4,27 +4,33 @@
 import re
 import time
 
+import httpx
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.limits import attempts, store
 from consent.models import ScopePolicy
 from tests.approvals.support import request_approval, session_grant
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, Scenario
 from tests.limits.conftest import ATTEMPT_LIMITS, from_source, refusals
+from tests.live import LiveStack
 
 
-def _csrf(http, url: str, path: str) -> str:
+def _csrf(http: httpx.Client, url: str, path: str) -> str:
     page = http.get(f"{url}{path}")
     match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
     return match.group(1) if match else http.cookies["csrftoken"]
 
 
-def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(limited, scenario):
+def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(
+    limited: LiveStack, scenario: Scenario
+) -> None:
     limit = ATTEMPT_LIMITS["login"]["account"]
     with from_source("127.0.1.1") as http:
         wrong = []
@@ -53,22 +59,26 @@ def test_password_sign_in_locks_after_the_limit_and_says_when_to_retry(limited, 
 
 
 @pytest.fixture
-def fresh_auth_approval(scenario, ledger_policy):
+def fresh_auth_approval(scenario: Scenario, ledger_policy: ScopePolicy) -> ApprovalRequest:
     ScopePolicy.objects.filter(pk=ledger_policy.pk).update(fresh_auth_seconds=60)
+    approval: ApprovalRequest
     approval, _ = request_approval(session_grant(scenario))
     return approval
 
 
-def _stale_session(http, user) -> None:
+def _stale_session(http: httpx.Client, user: User) -> None:
     browser = Client()
     browser.force_login(user)
     session = browser.session
     session["cs_auth_time"] = time.time() - 3600
     session.save()
+    assert session.session_key is not None  # saved, so it has one
     http.cookies.set("sessionid", session.session_key)
 
 
-def test_fresh_authentication_is_attempt_limited(limited, scenario, fresh_auth_approval):
+def test_fresh_authentication_is_attempt_limited(
+    limited: LiveStack, scenario: Scenario, fresh_auth_approval: ApprovalRequest
+) -> None:
     limit = ATTEMPT_LIMITS["fresh_auth"]["account"]
     path = f"/approvals/{fresh_auth_approval.pk}/confirm/"
     with from_source("127.0.1.2") as http:
@@ -95,7 +105,7 @@ def test_fresh_authentication_is_attempt_limited(limited, scenario, fresh_auth_a
     assert refusals()["locked:fresh_auth"] >= 1
 
 
-def test_totp_codes_at_sign_in_are_attempt_limited(limited, scenario):
+def test_totp_codes_at_sign_in_are_attempt_limited(limited: LiveStack, scenario: Scenario) -> None:
     device = TOTPDevice.objects.create(user=scenario.user, name="phone", confirmed=True)
     limit = ATTEMPT_LIMITS["totp"]["account"]
     with from_source("127.0.1.3") as http:
@@ -124,7 +134,7 @@ def test_totp_codes_at_sign_in_are_attempt_limited(limited, scenario):
     assert AuditEvent.objects.filter(event="attempts.locked", user_id=scenario.user.pk).count() == 1
 
 
-def test_lockouts_back_off_and_a_success_forgets_failures(db, settings):
+def test_lockouts_back_off_and_a_success_forgets_failures(db: None, settings: Settings) -> None:
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
         "LOCKOUT_SECONDS": 1,
@@ -149,7 +159,9 @@ def test_lockouts_back_off_and_a_success_forgets_failures(db, settings):
     assert attempts.failed("totp", keys) == 0  # counting started again after the success
 
 
-def test_limits_fail_open_when_redis_is_unreachable(db, settings, monkeypatch):
+def test_limits_fail_open_when_redis_is_unreachable(
+    db: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import redis
 
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)

@@ -8,9 +8,11 @@ import pytest
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt, depth_within
+from consent.limits.jsonbounds import JSONTooDeep, JSONTooLarge, check, check_jwt
+from countersign.jsonbounds import depth_within
 from tests.approvals.support import ledger_entry
-from tests.conftest import basic
+from tests.conftest import Scenario, basic
+from tests.live import LiveStack
 
 DEEP = "[" * 900 + "]" * 900  # 1.8 KB, past the parser's recursion limit
 
@@ -19,7 +21,7 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def test_depth_is_measured_without_recursion():
+def test_depth_is_measured_without_recursion() -> None:
     assert depth_within(b'{"a": [1, {"b": 2}]}', 3)
     assert not depth_within(b'{"a": [1, {"b": [2]}]}', 3)
     # Brackets inside strings (escaped quotes too) are not nesting.
@@ -34,7 +36,7 @@ def test_depth_is_measured_without_recursion():
     check_jwt(_b64(b'{"alg": "ES256"}') + "." + _b64(b'{"iss": "a"}') + ".sig")
 
 
-def _ask(live, scenario, **data):
+def _ask(live: LiveStack, scenario: Scenario, **data: str) -> httpx.Response:
     return httpx.post(
         f"{live.url}/o/bc-authorize/",
         data={"scope": "ledger:write", **data},
@@ -43,7 +45,9 @@ def _ask(live, scenario, **data):
     )
 
 
-def test_deeply_nested_authorization_details_are_refused_not_a_500(live, scenario, session_token):
+def test_deeply_nested_authorization_details_are_refused_not_a_500(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     nested = json.dumps([{**ledger_entry(), "memo": json.loads("[" * 17 + "]" * 17)}])
     for details in (DEEP, nested):
         response = _ask(live, scenario, login_hint_token=session_token, authorization_details=details)
@@ -57,7 +61,9 @@ def test_deeply_nested_authorization_details_are_refused_not_a_500(live, scenari
     assert refused.count() == 2
 
 
-def test_jwts_with_deep_json_are_refused_at_every_endpoint(live, scenario, session_token):
+def test_jwts_with_deep_json_are_refused_at_every_endpoint(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     header = b'{"alg": "ES256", "typ": "at+jwt", "x": ' + DEEP.encode() + b"}"
     deep_jwt = _b64(header) + "." + _b64(DEEP.encode()) + ".c2ln"
     # A login_hint_token that is not a valid session token.

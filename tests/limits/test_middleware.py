@@ -6,22 +6,25 @@ import statistics
 import threading
 import time
 import uuid
+from typing import Any
 
+import httpx
 import pytest
 from django.test import Client
 
 from audit.models import AuditEvent
 from consent.models import AccessToken, RefreshToken
 from consent.services import agent_create
-from tests.conftest import REDIRECT_URI, OAuthFlow, basic
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic
 from tests.limits.conftest import ATTEMPT_LIMITS, RATE_LIMITS, from_source, refusals
+from tests.live import LiveStack
 
 CLIENT_RATE = RATE_LIMITS["protocol"]["client"][0]
 SOURCE_FAILURES = ATTEMPT_LIMITS["client"]["source"]
 FLOOD_THREADS = 2
 
 
-def _refresh(http, url, agent_id, secret, refresh_token):
+def _refresh(http: httpx.Client, url: str, agent_id: str, secret: str, refresh_token: str) -> httpx.Response:
     return http.post(
         f"{url}/o/token/",
         data={"grant_type": "refresh_token", "refresh_token": refresh_token},
@@ -29,11 +32,13 @@ def _refresh(http, url, agent_id, secret, refresh_token):
     )
 
 
-def _rows(**filters) -> int:
+def _rows(**filters: Any) -> int:
     return AuditEvent.objects.filter(**filters).count()
 
 
-def test_a_client_over_its_rate_gets_429_with_retry_after_and_one_audit_row(limited, flow, scenario):
+def test_a_client_over_its_rate_gets_429_with_retry_after_and_one_audit_row(
+    limited: LiveStack, flow: OAuthFlow, scenario: Scenario
+) -> None:
     refresh_token = flow.full()["refresh_token"]
     agent_id, secret = scenario.agent.client_id, scenario.agent_secret
     tokens_before = AccessToken.objects.count()
@@ -63,7 +68,9 @@ def test_a_client_over_its_rate_gets_429_with_retry_after_and_one_audit_row(limi
     assert refusals()["rate:protocol:client"] - before == 16
 
 
-def test_wrong_client_secrets_lock_the_source_out_with_backoff_and_one_audit_row(limited, flow, scenario):
+def test_wrong_client_secrets_lock_the_source_out_with_backoff_and_one_audit_row(
+    limited: LiveStack, flow: OAuthFlow, scenario: Scenario
+) -> None:
     refresh_token = flow.full()["refresh_token"]
     agent_id = scenario.agent.client_id
     with from_source("127.0.0.3") as http:
@@ -91,7 +98,7 @@ def test_wrong_client_secrets_lock_the_source_out_with_backoff_and_one_audit_row
         assert _refresh(http, limited.url, agent_id, scenario.agent_secret, refresh_token).status_code == 200
 
 
-def test_resource_server_credentials_are_attempt_limited_too(limited, scenario):
+def test_resource_server_credentials_are_attempt_limited_too(limited: LiveStack, scenario: Scenario) -> None:
     with from_source("127.0.0.5") as http:
         answers = [
             http.post(
@@ -112,7 +119,7 @@ def test_resource_server_credentials_are_attempt_limited_too(limited, scenario):
     assert _rows(event="introspection.refused", remote_addr="127.0.0.5") == SOURCE_FAILURES
 
 
-def test_guessing_approval_ids_is_rate_limited_per_user(limited, scenario):
+def test_guessing_approval_ids_is_rate_limited_per_user(limited: LiveStack, scenario: Scenario) -> None:
     browser = Client()
     browser.force_login(scenario.user)
     cookies = {"sessionid": browser.cookies["sessionid"].value}
@@ -132,7 +139,7 @@ def test_guessing_approval_ids_is_rate_limited_per_user(limited, scenario):
     assert _rows(event="rate.limited", user_id=scenario.user.pk) == 1
 
 
-def _second_agent_flow(scenario) -> tuple[OAuthFlow, str, str]:
+def _second_agent_flow(scenario: Scenario) -> tuple[OAuthFlow, str, str]:
     agent, secret = agent_create(
         name="Other Agent", publisher="Other", scopes=["catalog:read"], redirect_uris=[REDIRECT_URI]
     )
@@ -140,7 +147,9 @@ def _second_agent_flow(scenario) -> tuple[OAuthFlow, str, str]:
     return OAuthFlow(Client(), other), agent.client_id, secret
 
 
-def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow, scenario):
+def test_a_flood_of_refused_requests_does_not_slow_another_client(
+    limited: LiveStack, flow: OAuthFlow, scenario: Scenario
+) -> None:
     """Client A floods the token endpoint with wrong secrets from its own address; client B's
     refreshes are timed in interleaved quiet and flooded rounds. Refusals are answered before
     any SQL, so B's median slows by a small factor only, and the audit table grows by the attempt
@@ -150,16 +159,17 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
     rows_before = AuditEvent.objects.filter(remote_addr="127.0.0.7").count()
     flood_sent, stop = [0], threading.Event()
 
-    def flood():
+    def flood() -> None:
         with from_source("127.0.0.7") as http:
             while not stop.is_set():
                 _refresh(http, limited.url, scenario.agent.client_id, "wrong", "x")
                 flood_sent[0] += 1
 
-    quiet, flooded = [], []
+    quiet: list[float] = []
+    flooded: list[float] = []
     with from_source("127.0.0.8") as http:
 
-        def timed_refreshes(into: list, n: int = 12):
+        def timed_refreshes(into: list[float], n: int = 12) -> None:
             nonlocal refresh_token
             for _ in range(n):
                 started = time.perf_counter()
@@ -195,7 +205,7 @@ def test_a_flood_of_refused_requests_does_not_slow_another_client(limited, flow,
     assert refusals()["locked:client:source"] >= flood_sent[0] - SOURCE_FAILURES - FLOOD_THREADS
 
 
-def test_a_body_too_large_is_invalid_request(limited, scenario):
+def test_a_body_too_large_is_invalid_request(limited: LiveStack, scenario: Scenario) -> None:
     with from_source("127.0.0.9") as http:
         response = http.post(
             f"{limited.url}/o/token/",
@@ -206,5 +216,5 @@ def test_a_body_too_large_is_invalid_request(limited, scenario):
 
 
 @pytest.fixture
-def flow(client, scenario) -> OAuthFlow:
+def flow(client: Client, scenario: Scenario) -> OAuthFlow:
     return OAuthFlow(client, scenario)

@@ -7,9 +7,10 @@ from websockets.sync.client import connect
 
 from audit.models import AuditEvent
 from tests.limits.conftest import refusals
+from tests.live import LiveStack
 
 
-def _handshake(live, *, origin: str, cookie: str = "") -> int:
+def _handshake(live: LiveStack, *, origin: str, cookie: str = "") -> int:
     headers = {"Origin": origin, **({"Cookie": cookie} if cookie else {})}
     with pytest.raises(InvalidStatus) as refused:
         connect(live.url.replace("http", "ws") + "/ws/approvals/", additional_headers=headers, open_timeout=5)
@@ -17,7 +18,9 @@ def _handshake(live, *, origin: str, cookie: str = "") -> int:
 
 
 @pytest.mark.parametrize(("reason", "origin"), [("bad_origin", "http://evil.example"), ("no_session", None)])
-def test_refused_handshakes_leave_one_audit_row_and_are_counted(live, reason, origin):
+def test_refused_handshakes_leave_one_audit_row_and_are_counted(
+    live: LiveStack, reason: str, origin: str | None
+) -> None:
     before = refusals().get(f"ws_handshake:{reason}", 0)
     statuses = [_handshake(live, origin=origin or live.url) for _ in range(20)]
     assert set(statuses) == {403}
