@@ -208,7 +208,7 @@ class Proc:
 class Stack:
     """Processes, databases and a temp dir for one benchmark run, all torn down by ``close()``."""
 
-    def __init__(self, *, prefix: str, timeout: float, keep_tmp: bool = False, grace: float = 30):
+    def __init__(self, *, prefix: str, timeout: float, keep_tmp: bool = False, grace: float = 30) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"countersign-{prefix}-"))
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
@@ -628,7 +628,7 @@ def celery_purge(stack: Stack, env: dict[str, str], *, quiet: bool = False) -> N
 def run_main(main: Callable[[], int]) -> int:
     """Run a benchmark so that SIGTERM and SIGHUP unwind like Ctrl-C (every ``finally`` runs)."""
 
-    def on_signal(signum, frame):
+    def on_signal(signum, frame) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -671,7 +671,7 @@ class Errors:
 class ConnectionMonitor:
     """Samples the number of PostgreSQL backends connected to a database (over one connection)."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str) -> None:
         self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
         self.peak: dict[str, int] = {}
         self.phase = "idle"
@@ -713,7 +713,7 @@ class HttpResponse:
 
     __slots__ = ("status_code", "headers", "content")
 
-    def __init__(self, status_code: int, headers: dict[str, str], content: bytes):
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
         self.status_code, self.headers, self.content = status_code, headers, content
 
     @property
@@ -747,7 +747,7 @@ class LeanHttp:
         headers: dict[str, str] | None = None,
         timeout: float = 60,
         max_idle: int = 1000,
-    ):
+    ) -> None:
         parsed = urlparse(base_url)
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.timeout, self.max_idle = timeout, max_idle

@@ -178,7 +178,7 @@ with open(out_path, "w") as fh:
 class Inbox:
     """The officer's inbox tab: one websocket, a reader task that timestamps each prompt's arrival."""
 
-    def __init__(self, url: str, cookie: str, origin: str):
+    def __init__(self, url: str, cookie: str, origin: str) -> None:
         self.url, self.cookie, self.origin = url, cookie, origin
         self.waiting: dict[str, asyncio.Future] = {}
         self.removes = 0
@@ -644,7 +644,7 @@ def race_database_check(database_url: str, data: dict) -> dict:
 class Roundtrip:
     """The stack: PostgreSQL database, web process (and websocket process if served apart), Celery worker."""
 
-    def __init__(self, args, stack: Stack):
+    def __init__(self, args, stack: Stack) -> None:
         self.args, self.stack = args, stack
         self.port, self.ws_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"

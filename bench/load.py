@@ -163,7 +163,7 @@ class LockSampler:
     """Samples pg_stat_activity on the bench database: backends active, waiting on a lock, and waiting
     on a lock in a statement on the audit tables (appends take no shared lock: expect none)."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str) -> None:
         self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
         self.samples: list[tuple[int, int, int]] = []
         self._stop = threading.Event()
@@ -242,7 +242,7 @@ class LoadRig:
     """Two nodes (a web process each, and a websocket process each if websockets are served apart),
     two Celery workers, Redis (private unless --redis-url), one PostgreSQL database."""
 
-    def __init__(self, args, stack: Stack):
+    def __init__(self, args, stack: Stack) -> None:
         self.args, self.stack = args, stack
         self.ports = {"A": free_port(), "B": free_port()}
         self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
@@ -353,7 +353,7 @@ class Stats:
 class WsBook:
     """Counts over the idle websockets."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.open = 0
         self.opened = 0
         self.drops = 0
@@ -426,7 +426,7 @@ class Officer:
     """One officer: a session from the login form, one open inbox tab that reconnects like inbox.js,
     and approvals POSTed with the session cookie and the CSRF token."""
 
-    def __init__(self, url: str, ws_url: str, username: str, password: str, args):
+    def __init__(self, url: str, ws_url: str, username: str, password: str, args) -> None:
         self.url, self.ws_url, self.username, self.password, self.args = url, ws_url, username, password, args
         self.sessionid = self.csrftoken = ""
         self.waiting: dict[str, asyncio.Future] = {}
@@ -551,7 +551,7 @@ async def exchange_codes(
     latencies: list[float] = []
     queue = iter(enumerate(data["agents"]))
 
-    async def worker():
+    async def worker() -> None:
         for i, agent in queue:
             client = clients["AB"[i % 2]]
             t0 = time.perf_counter()
@@ -779,7 +779,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         ]
         sem = asyncio.Semaphore(4)
 
-        async def login(o):
+        async def login(o) -> None:
             async with sem:
                 await o.login()
 
@@ -807,7 +807,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         opened_events = []
         batch = asyncio.Semaphore(args.ws_open_concurrency)
 
-        async def open_one(k: int):
+        async def open_one(k: int) -> None:
             async with batch:
                 ev = asyncio.Event()
                 node = "AB"[k % 2]

@@ -171,7 +171,7 @@ class TokenClient:
         redirect_uri: str,
         concurrency: int,
         request_timeout: float,
-    ):
+    ) -> None:
         self.redirect_uri = redirect_uri
         cred = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         self.client = httpx.AsyncClient(
@@ -225,7 +225,7 @@ async def run_code_exchanges(
     refresh_tokens: list[str] = []
     queue = iter(codes)
 
-    async def worker():
+    async def worker() -> None:
         for code, verifier in queue:  # a shared iterator: each code is taken once
             if time.monotonic() > deadline:
                 result.skipped += 1
@@ -247,7 +247,7 @@ async def run_refresh_chains(
 ) -> None:
     chains = len(starts)
 
-    async def chain(i: int, token: str):
+    async def chain(i: int, token: str) -> None:
         steps = total // chains + (1 if i < total % chains else 0)
         for done in range(steps):
             if time.monotonic() > deadline:
@@ -269,7 +269,7 @@ async def run_refresh_chains(
 class ExchangeClient:
     """An agent re-minting through RFC 8693 token exchange, authenticated with private_key_jwt (RFC 7523)."""
 
-    def __init__(self, base_url: str, data: dict, concurrency: int, request_timeout: float):
+    def __init__(self, base_url: str, data: dict, concurrency: int, request_timeout: float) -> None:
         from cryptography.hazmat.primitives import serialization
 
         self.client_id = data["client_id"]
@@ -333,7 +333,7 @@ async def run_exchange_chains(
     """Each chain re-mints from the token the previous re-mint returned."""
     chains = len(starts)
 
-    async def chain(i: int, token: str):
+    async def chain(i: int, token: str) -> None:
         steps = total // chains + (1 if i < total % chains else 0)
         for done in range(steps):
             if time.monotonic() > deadline:
@@ -387,7 +387,7 @@ def web_cpu_ms(result: PhaseResult) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, stack: Stack):
+    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
         self.args = args
         self.stack = stack
         self.deadline = stack.deadline

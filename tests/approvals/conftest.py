@@ -2,10 +2,12 @@ import json
 from urllib.parse import urlencode
 
 import pytest
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
-from tests.conftest import PASSWORD, basic
+from consent.models import ScopePolicy
+from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
 
 LEDGER_ENTRY = {
     "type": "ledger_entry",
@@ -20,7 +22,7 @@ LEDGER_ENTRY = {
 class Agent:
     """The agent's side of CIBA, through the test client."""
 
-    def __init__(self, flow, scenario):
+    def __init__(self, flow, scenario) -> None:
         self.flow, self.s = flow, scenario
         self.session_token = None
 
@@ -69,7 +71,7 @@ class Agent:
 
 
 @pytest.fixture
-def agent(flow, scenario, ledger_policy, settings):
+def agent(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy, settings: Settings):
     settings.CELERY_TASK_ALWAYS_EAGER = False
     a = Agent(flow, scenario)
     a.start_session()

@@ -116,10 +116,10 @@ class Outbox:
 class _QueuedTask:
     """Stands in for one Celery task in the app's registry; ``apply_async`` records and maybe runs it."""
 
-    def __init__(self, name: str, real, outbox: Outbox, run: bool):
+    def __init__(self, name: str, real, outbox: Outbox, run: bool) -> None:
         self.name, self.real, self.outbox, self.run = name, real, outbox, run
 
-    def apply_async(self, args=(), **options):
+    def apply_async(self, args=(), **options) -> None:
         self.outbox.queued.append((self.name, str(args[0])))
         if self.run:
             self.real(*args)
@@ -128,7 +128,7 @@ class _QueuedTask:
 def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
     outbox = Outbox()
 
-    def record(user_id, message, **kwargs):
+    def record(user_id, message, **kwargs) -> None:
         outbox.sent.append((int(user_id), message))
 
     def push_now(user_id, message):  # the services' own push after commit (approvals.delivery.push_now)

@@ -10,14 +10,17 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest, BudgetReservation
 from approvals.services import approval_request_create
 from consent.budget import Budget
 from consent.budgets import BudgetChoice, budgets_create
 from consent.keys import active_signing_key
+from consent.models import ScopePolicy
 from consent.services import scope_set
 from tests.approvals.support import backchannel_request, install_outbox, ledger_entry, session_grant
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,7 +28,7 @@ REQUESTS = 100
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
@@ -33,7 +36,9 @@ def _postgresql_only():
 
 
 @pytest.fixture
-def grant(scenario, ledger_policy, monkeypatch, settings):
+def grant(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch, settings: Settings
+):
     install_outbox(monkeypatch, run_pushes=False)
     # Prompts for what does not fit must not be capped away: every request gets an answer.
     settings.COUNTERSIGN = {
@@ -108,7 +113,7 @@ def _race(amounts: list[str], grant) -> list[object]:
 
 
 @pytest.mark.parametrize("round_", range(2))
-def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario, round_):
+def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario: Scenario, round_) -> None:
     (budget,) = budgets_create(
         grant=grant,
         choices=[BudgetChoice("ledger:write", "100.00", "1000.00", "week", "USD")],

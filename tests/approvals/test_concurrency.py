@@ -30,6 +30,7 @@ from approvals.services import (
 )
 from audit.models import AuditEvent
 from consent.keys import active_signing_key
+from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.support import (
@@ -42,7 +43,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
-from tests.conftest import basic
+from tests.conftest import OAuthFlow, Scenario, basic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,7 +51,7 @@ S = ApprovalRequest.Status
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
@@ -58,13 +59,13 @@ def _postgresql_only():
 
 
 @pytest.fixture
-def outbox(monkeypatch):
+def outbox(monkeypatch: pytest.MonkeyPatch):
     # Record what would be queued on commit; nothing reaches Redis or a worker.
     return install_outbox(monkeypatch, run_pushes=False)
 
 
 @pytest.fixture
-def grant(scenario, ledger_policy, outbox):
+def grant(scenario: Scenario, ledger_policy: ScopePolicy, outbox):
     active_signing_key()  # created up front, so no thread races to create the first key
     return session_grant(scenario)
 
@@ -113,7 +114,7 @@ def events_for(approval_id, *names: str) -> list[str]:
 
 
 @pytest.mark.parametrize("round_", range(5))
-def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
+def test_eight_concurrent_approves_exactly_one_wins(grant, scenario: Scenario, round_) -> None:
     approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 1}.00")])
     results = race(
         8, lambda i: approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
@@ -127,7 +128,7 @@ def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
 # --- (b) approve racing deny -------------------------------------------------------------------------
 
 
-def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
+def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario: Scenario) -> None:
     for n in range(20):
         approval, _ = request_approval(grant, [ledger_entry(f"{n + 100}.00")])
         deciders = [approval_approve, approval_deny, approval_approve, approval_deny]
@@ -164,7 +165,7 @@ def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
 
 
 @pytest.mark.parametrize("round_", range(5))
-def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round_):
+def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario: Scenario, round_) -> None:
     approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 200}.00")])
     approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
     results = race(8, lambda i: approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent))
@@ -182,7 +183,7 @@ def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round
 # --- (d) concurrent redeemers ------------------------------------------------------------------------
 
 
-def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
+def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario: Scenario) -> None:
     rs = ledger_rs(scenario)
     issued = []
     for n in range(10):
@@ -205,7 +206,7 @@ def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
 # --- (e) identical CIBA requests at the same moment ----------------------------------------------------
 
 
-def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
+def test_two_concurrent_identical_requests_make_one_approval(grant, outbox) -> None:
     for n in range(10):
         req = backchannel_request(grant, [ledger_entry(f"{n + 400}.00")])
         results = race(2, lambda i, req=req: approval_request_create(req=req))
@@ -221,8 +222,8 @@ def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
 
 
 def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(
-    scenario, ledger_policy, outbox, flow
-):
+    scenario: Scenario, ledger_policy: ScopePolicy, outbox, flow: OAuthFlow
+) -> None:
     session_token = flow.full()["access_token"]
     flow.client.logout()
     active_signing_key()

@@ -58,7 +58,7 @@ async def _scenario() -> tuple[list[str], list[str], list[dict]]:
     return seen_a, seen_b, buffered
 
 
-def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_buffer():
+def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_buffer() -> None:
     seen_a, seen_b, buffered = asyncio.run(_scenario())
     seqs = [[int(t.split('"seq":')[1].split(",")[0]) for t in seen] for seen in (seen_a, seen_b)]
     # In order and consecutive (nothing dropped); the one still attached also got the sixth push.

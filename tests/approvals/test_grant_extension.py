@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
 from approvals.models import ApprovalRequest
@@ -19,7 +20,7 @@ def _ask_extension(agent, details=None):
     return agent.ask(details or EXTENSION, scope="grant:extend", binding_message="The run needs 4 more hours")
 
 
-def test_approved_extension_moves_the_grant_end(agent, client):
+def test_approved_extension_moves_the_grant_end(agent, client: Client) -> None:
     grant = SessionGrant.objects.get()
     before = grant.expires_at
     body = _ask_extension(agent).json()
@@ -35,7 +36,7 @@ def test_approved_extension_moves_the_grant_end(agent, client):
     assert AuditEvent.objects.filter(event="grant.extended").count() == 1
 
 
-def test_denied_or_expired_extension_changes_nothing(agent, client):
+def test_denied_or_expired_extension_changes_nothing(agent, client: Client) -> None:
     grant = SessionGrant.objects.get()
     before = grant.expires_at
     body = _ask_extension(agent).json()
@@ -59,7 +60,7 @@ def test_denied_or_expired_extension_changes_nothing(agent, client):
         {"type": "ledger_entry", "amount": "1.00"},
     ],
 )
-def test_extension_requests_outside_the_rules_are_refused(agent, details):
+def test_extension_requests_outside_the_rules_are_refused(agent, details) -> None:
     response = agent.ask(details, scope="grant:extend")
     assert response.status_code == 400 and response.json()["error"] == "invalid_authorization_details"
     assert ApprovalRequest.objects.count() == 0

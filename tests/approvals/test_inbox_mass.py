@@ -9,6 +9,9 @@ import pytest
 from django.test import Client
 from websockets.asyncio.client import connect
 
+from tests.conftest import Scenario
+from tests.live import LiveStack
+
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 SOCKETS = 300
@@ -34,7 +37,7 @@ async def _storm(url: str, cookie: str, origin: str) -> int:
     return len(sockets)
 
 
-def test_hundreds_of_sockets_close_at_once_without_errors(live, scenario):
+def test_hundreds_of_sockets_close_at_once_without_errors(live: LiveStack, scenario: Scenario) -> None:
     client = Client()
     client.force_login(scenario.user)
     cookie = f"sessionid={client.cookies['sessionid'].value}"

@@ -20,8 +20,11 @@ from approvals.consumers import MAX_FRAME, RATE_BURST, ApprovalsConsumer, parse_
 from approvals.delivery import sequence_current, sequence_next, user_group
 from config.celery import app as celery_app
 from config.serving import WS_MAX_SIZE
+from consent.models import ScopePolicy
 from tests.approvals.support import ledger_entry, request_approval, session_grant
 from tests.approvals.test_delivery_live import Inbox
+from tests.conftest import Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -29,15 +32,15 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 class _Held:
     """Stands in for the deliver_prompt task: records the ids instead of queueing a push."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ids: list[str] = []
 
-    def apply_async(self, args=(), **options):
+    def apply_async(self, args=(), **options) -> None:
         self.ids.append(str(args[0]))
 
 
 @pytest.fixture
-def held(monkeypatch):
+def held(monkeypatch: pytest.MonkeyPatch):
     held = _Held()
     monkeypatch.setitem(celery_app.tasks, approval_tasks.deliver_prompt.name, held)
     return held
@@ -67,7 +70,9 @@ def _closed_with(inbox: Inbox) -> int:
     return closed.value.rcvd.code
 
 
-def test_snapshot_carries_the_sequence_and_every_push_the_next_number(live, scenario, ledger_policy):
+def test_snapshot_carries_the_sequence_and_every_push_the_next_number(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy
+) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         snapshot = inbox.next()
@@ -82,7 +87,9 @@ def test_snapshot_carries_the_sequence_and_every_push_the_next_number(live, scen
         inbox.close()
 
 
-def test_resync_answers_with_what_the_database_holds(live, scenario, ledger_policy, held):
+def test_resync_answers_with_what_the_database_holds(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held
+) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         first = inbox.next()
@@ -97,7 +104,9 @@ def test_resync_answers_with_what_the_database_holds(live, scenario, ledger_poli
         inbox.close()
 
 
-def test_check_answers_only_when_the_stream_moved(live, scenario, ledger_policy, held):
+def test_check_answers_only_when_the_stream_moved(
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held
+) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         seq = inbox.next()["seq"]
@@ -128,7 +137,7 @@ def test_check_answers_only_when_the_stream_moved(live, scenario, ledger_policy,
         b"\x00\x01binary",
     ],
 )
-def test_garbage_closes_the_socket(live, scenario, frame):
+def test_garbage_closes_the_socket(live: LiveStack, scenario: Scenario, frame) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         inbox.next()
@@ -139,7 +148,7 @@ def test_garbage_closes_the_socket(live, scenario, frame):
 
 
 @pytest.mark.parametrize("size", [MAX_FRAME + 1, 4 * WS_MAX_SIZE])
-def test_an_oversized_frame_closes_the_socket_with_1009(live, scenario, size):
+def test_an_oversized_frame_closes_the_socket_with_1009(live: LiveStack, scenario: Scenario, size) -> None:
     # Past MAX_FRAME the consumer closes; past --ws-max-size uvicorn does, before the app sees it.
     # (Frames go uncompressed, config.serving: one of megabytes would still be on its way when the
     # server closes, and the reset that follows can overtake the close frame; a few KiB cannot.)
@@ -156,7 +165,7 @@ def test_an_oversized_frame_closes_the_socket_with_1009(live, scenario, size):
         inbox.close()
 
 
-def test_a_client_sending_too_fast_is_closed(live, scenario):
+def test_a_client_sending_too_fast_is_closed(live: LiveStack, scenario: Scenario) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         seq = inbox.next()["seq"]
@@ -171,7 +180,7 @@ def test_a_client_sending_too_fast_is_closed(live, scenario):
         inbox.close()
 
 
-def test_parse_client_message_accepts_only_the_two_requests():
+def test_parse_client_message_accepts_only_the_two_requests() -> None:
     assert parse_client_message('{"type":"resync"}') == {"type": "resync"}
     assert parse_client_message('{"type":"check","seq":42}') == {"type": "check", "seq": 42}
     assert parse_client_message('{"type":"check","seq":9007199254740992}') is None  # beyond 2**53 - 1
@@ -181,14 +190,14 @@ def test_parse_client_message_accepts_only_the_two_requests():
     assert parse_client_message(None) is None
 
 
-def test_a_long_open_socket_rejoins_its_group_before_group_expiry(monkeypatch):
+def test_a_long_open_socket_rejoins_its_group_before_group_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     class Layer:
         group_expiry = 3600
 
-        def __init__(self):
+        def __init__(self) -> None:
             self.added = []
 
-        async def group_add(self, group, channel):
+        async def group_add(self, group, channel) -> None:
             self.added.append((group, channel))
 
     consumer = ApprovalsConsumer()

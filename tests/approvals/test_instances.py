@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 import jwt
 import pytest
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
@@ -14,7 +15,7 @@ from audit.models import AuditEvent
 from consent.instances import agent_instance_cut_off
 from consent.models import AgentInstance, SessionGrant
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.consent.test_instances import agent_key, headers, instance, join  # noqa: F401  (fixture)
 
 CIBA = "urn:openid:params:grant-type:ciba"
@@ -27,7 +28,7 @@ def claims(token: str) -> dict:
 class Instance:
     """One instance of the scenario's agent, through the test client."""
 
-    def __init__(self, client, sdk, session_token: str):
+    def __init__(self, client, sdk, session_token: str) -> None:
         self.client, self.sdk, self.session_token = client, sdk, session_token
 
     def ask(self, amount: str = "4250.00"):
@@ -61,7 +62,7 @@ def approve(client, auth_req_id: str) -> ApprovalRequest:
 
 
 @pytest.fixture
-def pair(client, agent, scenario, agent_key):  # noqa: F811
+def pair(client: Client, agent, scenario: Scenario, agent_key):  # noqa: F811
     """Two instances joined to the agent's grant, each with its own session token."""
     made = []
     for name in ("3f9c2a7b", "b81d04e6"):
@@ -72,7 +73,7 @@ def pair(client, agent, scenario, agent_key):  # noqa: F811
     return made
 
 
-def test_the_approval_records_the_instance_and_only_it_collects(client, agent, pair):
+def test_the_approval_records_the_instance_and_only_it_collects(client: Client, agent, pair) -> None:
     a, b = pair
     asked = a.ask()
     assert asked.status_code == 200, asked.content
@@ -96,7 +97,7 @@ def test_the_approval_records_the_instance_and_only_it_collects(client, agent, p
     assert redeemed.status_code == 200 and redeemed.json()["act"]["instance"] == "3f9c2a7b"
 
 
-def test_another_instances_session_token_is_not_a_login_hint(client, pair):
+def test_another_instances_session_token_is_not_a_login_hint(client: Client, pair) -> None:
     a, b = pair
     a.session_token, b.session_token = b.session_token, a.session_token
     refused = a.ask()
@@ -105,8 +106,8 @@ def test_another_instances_session_token_is_not_a_login_hint(client, pair):
 
 
 def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
-    client, agent, scenario, pair, flow
-):
+    client: Client, agent, scenario: Scenario, pair, flow: OAuthFlow
+) -> None:
     a, b = pair
     first = a.ask("100.00").json()["auth_req_id"]
     approve(client, first)
@@ -151,7 +152,7 @@ def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
     assert sentences == ["agent_instance.cut_off"]
 
 
-def test_the_inbox_and_activity_name_the_instance(client, agent, pair):
+def test_the_inbox_and_activity_name_the_instance(client: Client, agent, pair) -> None:
     a, _ = pair
     approval = approve(client, a.ask().json()["auth_req_id"])
     client.login(username="officer", password=PASSWORD)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from approvals.errors import (
     AlreadyVoted,
@@ -35,6 +37,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -43,12 +46,12 @@ BIG = "25000.00"
 
 
 @pytest.fixture
-def outbox(monkeypatch):
+def outbox(monkeypatch: pytest.MonkeyPatch):
     return install_outbox(monkeypatch)
 
 
 @pytest.fixture
-def people(scenario, ledger_policy):
+def people(scenario: Scenario, ledger_policy: ScopePolicy):
     return officials()
 
 
@@ -58,7 +61,7 @@ def quorum_policy(people):
 
 
 @pytest.fixture
-def grant(scenario, quorum_policy, outbox):
+def grant(scenario: Scenario, quorum_policy, outbox):
     return session_grant(scenario)
 
 
@@ -113,7 +116,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_vote_transitions(case, grant, scenario, people):
+def test_vote_transitions(case, grant, scenario: Scenario, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     *before, last = case.votes
     for name, edge in before:
@@ -130,7 +133,9 @@ def test_vote_transitions(case, grant, scenario, people):
     assert ApprovalVote.objects.filter(approval=approval).count() == case.recorded
 
 
-def test_the_quorum_token_lists_every_approver_with_their_own_sign_in(grant, scenario, people):
+def test_the_quorum_token_lists_every_approver_with_their_own_sign_in(
+    grant, scenario: Scenario, people
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     with pytest.raises(Exception) as pending:
@@ -160,7 +165,7 @@ class ActionTokenCount:
         return ActionToken.objects.filter(approval=approval).count()
 
 
-def test_below_the_threshold_the_officer_decides_alone(grant, scenario, people):
+def test_below_the_threshold_the_officer_decides_alone(grant, scenario: Scenario, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry("4250.00")])
     with pytest.raises(ApprovalNotFound):  # no quorum applies: the group has no say
         _vote(approval, people.alice, "approve")
@@ -169,7 +174,7 @@ def test_below_the_threshold_the_officer_decides_alone(grant, scenario, people):
     assert not ApprovalVote.objects.exists()
 
 
-def test_an_approver_removed_from_the_group_no_longer_counts(grant, scenario, people):
+def test_an_approver_removed_from_the_group_no_longer_counts(grant, scenario: Scenario, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     people.alice.groups.remove(people.group)
@@ -187,7 +192,7 @@ def test_an_approver_removed_from_the_group_no_longer_counts(grant, scenario, pe
     ]
 
 
-def test_a_deactivated_approver_no_longer_counts(grant, scenario, people):
+def test_a_deactivated_approver_no_longer_counts(grant, scenario: Scenario, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     people.alice.is_active = False
@@ -196,7 +201,7 @@ def test_a_deactivated_approver_no_longer_counts(grant, scenario, people):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
 
 
-def test_the_requester_counts_when_not_excluded(scenario, people, outbox):
+def test_the_requester_counts_when_not_excluded(scenario: Scenario, people, outbox) -> None:
     require_quorum(people.group, exclude_requester=False)
     approval, _ = request_approval(session_grant(scenario), [ledger_entry(BIG)])
     _vote(approval, scenario.user, "approve")
@@ -205,7 +210,7 @@ def test_the_requester_counts_when_not_excluded(scenario, people, outbox):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.APPROVED
 
 
-def test_an_auto_approve_rule_never_skips_the_quorum(scenario, people, outbox):
+def test_an_auto_approve_rule_never_skips_the_quorum(scenario: Scenario, people, outbox) -> None:
     require_quorum(people.group, auto_approve_rule="amount <= 50000")
     grant = session_grant(scenario)
     small, _ = request_approval(grant, [ledger_entry("900.00")])
@@ -215,8 +220,12 @@ def test_an_auto_approve_rule_never_skips_the_quorum(scenario, people, outbox):
 
 
 def test_every_approver_gets_the_prompt_and_the_news(
-    grant, scenario, people, outbox, django_capture_on_commit_callbacks
-):
+    grant,
+    scenario: Scenario,
+    people,
+    outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         approval, _ = request_approval(grant, [ledger_entry(BIG)])
     prompted = sorted(uid for uid, m in outbox.sent if m["type"] == "approval.upsert")
@@ -240,7 +249,7 @@ def test_every_approver_gets_the_prompt_and_the_news(
     assert removed == sorted([scenario.user.pk, people.alice.pk, people.bob.pk])
 
 
-def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(grant, scenario, people):
+def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(grant, scenario: Scenario, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     request_approval(grant, [ledger_entry("4250.00")])  # the officer's alone
     assert [p["id"] for p in inbox_prompts(user_id=people.alice.pk)] == [str(approval.pk)]
@@ -253,7 +262,7 @@ def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(grant, scenario,
 # --- the policy ----------------------------------------------------------------------------------
 
 
-def test_scope_set_takes_the_quorum_flags(people):
+def test_scope_set_takes_the_quorum_flags(people) -> None:
     call_command(
         "scope_set",
         "ledger:write",
@@ -305,7 +314,7 @@ def test_scope_set_takes_the_quorum_flags(people):
         (["--quorum", "2", "--approver-group", "finance", "--quorum-when", "amount is big"], "quorum_when"),
     ],
 )
-def test_scope_set_refuses_a_quorum_that_cannot_work(people, flags, message):
+def test_scope_set_refuses_a_quorum_that_cannot_work(people, flags, message) -> None:
     with pytest.raises(CommandError, match=message):
         call_command(
             "scope_set",
@@ -319,7 +328,7 @@ def test_scope_set_refuses_a_quorum_that_cannot_work(people, flags, message):
     assert not ScopePolicy.objects.get(name="ledger:write").has_quorum
 
 
-def test_only_step_up_scopes_take_a_quorum(people):
+def test_only_step_up_scopes_take_a_quorum(people) -> None:
     with pytest.raises(CommandError, match="step-up"):
         call_command(
             "scope_set",
@@ -335,7 +344,7 @@ def test_only_step_up_scopes_take_a_quorum(people):
         )
 
 
-def test_seed_demo_asks_a_second_signature_above_10000_only(db):
+def test_seed_demo_asks_a_second_signature_above_10000_only(db: None) -> None:
     call_command("seed_demo", "--json", stdout=io.StringIO())
     policy = ScopePolicy.objects.get(name="ledger:write")
     assert (policy.quorum, policy.approver_group.name, policy.exclude_requester, policy.quorum_when) == (
@@ -351,7 +360,7 @@ def test_seed_demo_asks_a_second_signature_above_10000_only(db):
     assert quorum_for(scope="ledger:write", details=[ledger_entry("25000.00")]) is not None
 
 
-def test_the_admin_shows_the_quorum_fields(admin_client, people):
+def test_the_admin_shows_the_quorum_fields(admin_client: Client, people) -> None:
     page = admin_client.get(
         f"/admin/consent/scopepolicy/{ScopePolicy.objects.get(name='ledger:write').pk}/change/"
     )
@@ -361,7 +370,7 @@ def test_the_admin_shows_the_quorum_fields(admin_client, people):
         assert f'name="{field}"' in text
 
 
-def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, people):
+def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario: Scenario, people) -> None:
     import jwt
 
     from approvals.receipts import receipt_for_download
@@ -384,7 +393,7 @@ def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, peopl
     assert any("approved by alice and bob." in s for s in sentences), sentences  # the redemption
 
 
-def test_the_admin_shows_each_vote_on_a_request(admin_client, grant, people):
+def test_the_admin_shows_each_vote_on_a_request(admin_client: Client, grant, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     page = admin_client.get(f"/admin/approvals/approvalrequest/{approval.pk}/change/").content.decode()

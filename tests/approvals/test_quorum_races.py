@@ -15,6 +15,7 @@ from approvals.models import ActionToken, ApprovalRequest, ApprovalVote
 from approvals.services import approval_approve, approval_cancel, approval_collect, approval_deny
 from audit.models import AuditEvent
 from consent.keys import active_signing_key
+from consent.models import ScopePolicy
 from tests.approvals.quorum_support import officials, require_quorum
 from tests.approvals.support import (
     auth_now,
@@ -25,6 +26,7 @@ from tests.approvals.support import (
     session_grant,
 )
 from tests.approvals.test_concurrency import errors, race, wins
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,13 +34,13 @@ S = ApprovalRequest.Status
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail("race tests need PostgreSQL row locking: set DATABASE_URL=postgres://...")
 
 
 @pytest.fixture
-def people(scenario, ledger_policy, monkeypatch):
+def people(scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch):
     install_outbox(monkeypatch, run_pushes=False)
     active_signing_key()
     found = officials()
@@ -48,7 +50,7 @@ def people(scenario, ledger_policy, monkeypatch):
 
 
 @pytest.fixture
-def grant(scenario, people):
+def grant(scenario: Scenario, people):
     return session_grant(scenario)
 
 
@@ -60,7 +62,7 @@ def events_for(approval, *names: str) -> list[str]:
     )
 
 
-def test_two_first_votes_at_once_both_count_and_approve_once(grant, people):
+def test_two_first_votes_at_once_both_count_and_approve_once(grant, people) -> None:
     for n in range(5):
         approval, _ = request_approval(grant, [ledger_entry(f"{20000 + n}.00")])
         voters = [people.alice, people.bob]
@@ -77,7 +79,9 @@ def test_two_first_votes_at_once_both_count_and_approve_once(grant, people):
         ]
 
 
-def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(grant, scenario, people):
+def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(
+    grant, scenario: Scenario, people
+) -> None:
     for n in range(5):
         approval, _ = request_approval(grant, [ledger_entry(f"{30000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
@@ -99,7 +103,7 @@ def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(grant, s
         assert len(claims_approvers) == 2 and claims_approvers[0]["sub"] == f"user:{people.alice.pk}"
 
 
-def test_the_last_approval_racing_a_denial_ends_in_one_decision(grant, people):
+def test_the_last_approval_racing_a_denial_ends_in_one_decision(grant, people) -> None:
     for n in range(10):
         approval, _ = request_approval(grant, [ledger_entry(f"{40000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
@@ -118,7 +122,7 @@ def test_the_last_approval_racing_a_denial_ends_in_one_decision(grant, people):
         assert events_for(approval, "approval.approved", "approval.denied") == [f"approval.{expected}"]
 
 
-def test_the_last_vote_racing_a_cancellation_ends_in_one_state(grant, people):
+def test_the_last_vote_racing_a_cancellation_ends_in_one_state(grant, people) -> None:
     for n in range(10):
         approval, _ = request_approval(grant, [ledger_entry(f"{50000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
@@ -143,7 +147,7 @@ def test_the_last_vote_racing_a_cancellation_ends_in_one_state(grant, people):
         assert not ActionToken.objects.filter(approval=approval).exists()
 
 
-def test_an_approver_removed_while_the_prompt_waits_no_longer_counts(grant, people):
+def test_an_approver_removed_while_the_prompt_waits_no_longer_counts(grant, people) -> None:
     approval, _ = request_approval(grant, [ledger_entry("60000.00")])
     approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
 

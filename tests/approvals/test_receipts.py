@@ -4,17 +4,20 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.contrib.auth.models import User
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.keys import jwks as published_jwks
 from countersign import InvalidReceipt, verify_receipt
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +25,7 @@ ISSUER = "http://127.0.0.1:8000"
 
 
 @pytest.fixture
-def redeemed(agent, client):
+def redeemed(agent, client: Client):
     response = agent.redeem(agent.approved_token(client))
     assert response.status_code == 200
     return response.json()
@@ -32,7 +35,7 @@ def _jwks() -> dict:
     return published_jwks()
 
 
-def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenario):
+def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenario: Scenario) -> None:
     claims = verify_receipt(redeemed["receipt"], jwks=_jwks(), issuer=ISSUER)
     approval = ApprovalRequest.objects.select_related("action_token").get()
     assert claims["sub"] == f"user:{scenario.user.pk}"
@@ -49,7 +52,7 @@ def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenar
     assert jwt.get_unverified_header(redeemed["receipt"])["typ"] == "receipt+jwt"
 
 
-def test_the_owner_downloads_the_same_receipt(redeemed, client, scenario):
+def test_the_owner_downloads_the_same_receipt(redeemed, client: Client, scenario: Scenario) -> None:
     approval = ApprovalRequest.objects.get()
     response = client.get(f"/approvals/{approval.pk}/receipt/")
     assert response.status_code == 200 and "attachment" in response["Content-Disposition"]
@@ -60,7 +63,9 @@ def test_the_owner_downloads_the_same_receipt(redeemed, client, scenario):
     assert client.get(f"/approvals/{approval.pk}/receipt/").status_code == 302  # sign in first
 
 
-def test_no_receipt_for_another_user_or_an_unredeemed_request(agent, client, django_user_model):
+def test_no_receipt_for_another_user_or_an_unredeemed_request(
+    agent, client: Client, django_user_model: type[User]
+) -> None:
     agent.ask()
     approval = ApprovalRequest.objects.get()
     client.login(username="officer", password=PASSWORD)
@@ -79,7 +84,7 @@ def _tamper(receipt: str, **changes) -> str:
     return f"{head}.{forged}.{sig}"
 
 
-def test_a_tampered_receipt_is_refused(redeemed):
+def test_a_tampered_receipt_is_refused(redeemed) -> None:
     entry = {**LEDGER_ENTRY, "amount": "42500.00"}
     for forged in (
         _tamper(redeemed["receipt"], authorization_details=[entry]),
@@ -90,7 +95,7 @@ def test_a_tampered_receipt_is_refused(redeemed):
             verify_receipt(forged, jwks=_jwks(), issuer=ISSUER)
 
 
-def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed):
+def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed) -> None:
     claims = jwt.decode(redeemed["receipt"], options={"verify_signature": False})
     kid = jwt.get_unverified_header(redeemed["receipt"])["kid"]
     other = ec.generate_private_key(ec.SECP256R1())
@@ -106,7 +111,7 @@ def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed):
         verify_receipt(not_a_receipt, jwks=_jwks(), issuer=ISSUER)
 
 
-def test_the_command_line_verifies_a_downloaded_receipt(redeemed, tmp_path):
+def test_the_command_line_verifies_a_downloaded_receipt(redeemed, tmp_path: Path) -> None:
     (tmp_path / "r.jwt").write_text(redeemed["receipt"])
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks()))
     (tmp_path / "bad.jwt").write_text(_tamper(redeemed["receipt"], scope="anything"))

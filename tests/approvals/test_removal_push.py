@@ -9,7 +9,9 @@ from approvals import delivery
 from approvals.models import ApprovalRequest
 from approvals.services import approval_deny, approval_expire
 from config.celery import app as celery_app
+from consent.models import ScopePolicy
 from tests.approvals.support import auth_now, ledger_entry, request_approval, session_grant
+from tests.conftest import Scenario
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -17,15 +19,15 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 class _Recorded:
     """Stands in for the push_removal task in Celery's registry: records what would be queued."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ids: list[str] = []
 
-    def apply_async(self, args=(), **options):
+    def apply_async(self, args=(), **options) -> None:
         self.ids.append(str(args[0]))
 
 
 @pytest.fixture
-def queued(monkeypatch):
+def queued(monkeypatch: pytest.MonkeyPatch):
     recorded = _Recorded()
     for name in ("approvals.push_removal", "approvals.deliver_prompt"):
         monkeypatch.setitem(
@@ -46,7 +48,9 @@ def _listen(user_id):
     return receive
 
 
-def test_a_decision_reaches_open_inboxes_without_a_task(scenario, ledger_policy, queued):
+def test_a_decision_reaches_open_inboxes_without_a_task(
+    scenario: Scenario, ledger_policy: ScopePolicy, queued
+) -> None:
     approval, _ = request_approval(session_grant(scenario), [ledger_entry()])
     receive = _listen(scenario.user.pk)
 
@@ -58,7 +62,9 @@ def test_a_decision_reaches_open_inboxes_without_a_task(scenario, ledger_policy,
     assert queued.ids == []  # nothing for a worker to do
 
 
-def test_an_expiry_found_by_the_sweep_reaches_open_inboxes(scenario, ledger_policy, queued):
+def test_an_expiry_found_by_the_sweep_reaches_open_inboxes(
+    scenario: Scenario, ledger_policy: ScopePolicy, queued
+) -> None:
     approval, _ = request_approval(session_grant(scenario), [ledger_entry()])
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=approval.created)
     receive = _listen(scenario.user.pk)
@@ -69,10 +75,12 @@ def test_an_expiry_found_by_the_sweep_reaches_open_inboxes(scenario, ledger_poli
     assert queued.ids == []
 
 
-def test_when_the_direct_push_fails_the_task_carries_the_news(scenario, ledger_policy, queued, monkeypatch):
+def test_when_the_direct_push_fails_the_task_carries_the_news(
+    scenario: Scenario, ledger_policy: ScopePolicy, queued, monkeypatch: pytest.MonkeyPatch
+) -> None:
     approval, _ = request_approval(session_grant(scenario), [ledger_entry()])
 
-    def redis_gone(user_id, message, *, timeout):
+    def redis_gone(user_id, message, *, timeout) -> None:
         raise ConnectionError("Redis is down")
 
     monkeypatch.setattr(delivery, "send_to_user", redis_gone)
@@ -83,7 +91,9 @@ def test_when_the_direct_push_fails_the_task_carries_the_news(scenario, ledger_p
     assert approval.status == ApprovalRequest.Status.DENIED  # the decision stands either way
 
 
-def test_nothing_is_pushed_for_a_transaction_that_rolls_back(scenario, ledger_policy, queued, monkeypatch):
+def test_nothing_is_pushed_for_a_transaction_that_rolls_back(
+    scenario: Scenario, ledger_policy: ScopePolicy, queued, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from django.db import transaction
 
     approval, _ = request_approval(session_grant(scenario), [ledger_entry()])

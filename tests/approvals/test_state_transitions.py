@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
 from django.db.models import Max
 from django.utils import timezone
 
@@ -44,6 +45,7 @@ from approvals.services import (
     approval_expire,
 )
 from audit.models import AuditEvent
+from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
 from tests.approvals.support import (
     auth_now,
@@ -53,6 +55,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -77,7 +80,7 @@ class Row:
 class Build:
     """Each method returns a Row in one starting state, reached only through service calls."""
 
-    def __init__(self, scenario):
+    def __init__(self, scenario) -> None:
         self.s = scenario
         self.grant = session_grant(scenario)
         self.rs = ledger_rs(scenario)
@@ -296,11 +299,11 @@ TABLE.update(
 )
 
 
-def test_the_table_covers_every_pair_exactly():
+def test_the_table_covers_every_pair_exactly() -> None:
     assert set(TABLE) == set(itertools.product(STATES, TRANSITIONS))
 
 
-def test_the_table_and_the_model_describe_one_graph():
+def test_the_table_and_the_model_describe_one_graph() -> None:
     # Every change of state the services make here is an edge of ApprovalRequest.EDGES (the graph
     # the services take their guards from), and every edge is made somewhere in the table.
     edges = {(src, dst) for sources, dst in ApprovalRequest.EDGES.values() for src in sources}
@@ -317,7 +320,9 @@ def test_the_table_and_the_model_describe_one_graph():
     )
 
 
-def test_an_auto_approved_request_takes_the_approve_edge(scenario, ledger_policy, monkeypatch):
+def test_an_auto_approved_request_takes_the_approve_edge(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The policy's rule approves through the same guarded edge as the user (approvals.services).
     from consent.services import scope_set
 
@@ -360,7 +365,9 @@ def _tokens(approval_id) -> list[tuple]:
 
 
 @pytest.mark.parametrize("state,transition", list(itertools.product(STATES, TRANSITIONS)))
-def test_transition(state, transition, scenario, ledger_policy, monkeypatch):
+def test_transition(
+    state, transition, scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     install_outbox(monkeypatch)
     build = Build(scenario)
     row = getattr(build, state)()
@@ -401,7 +408,9 @@ def test_transition(state, transition, scenario, ledger_policy, monkeypatch):
         assert new_events == []
 
 
-def test_a_decision_records_who_and_how(scenario, ledger_policy, monkeypatch):
+def test_a_decision_records_who_and_how(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     install_outbox(monkeypatch)
     build = Build(scenario)
     row = build.pending()
@@ -417,7 +426,12 @@ def test_a_decision_records_who_and_how(scenario, ledger_policy, monkeypatch):
     assert approval.decided_at is not None
 
 
-def test_only_the_owner_can_decide(scenario, ledger_policy, monkeypatch, django_user_model):
+def test_only_the_owner_can_decide(
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    monkeypatch: pytest.MonkeyPatch,
+    django_user_model: type[User],
+) -> None:
     from approvals.errors import ApprovalNotFound
 
     install_outbox(monkeypatch)
@@ -430,7 +444,9 @@ def test_only_the_owner_can_decide(scenario, ledger_policy, monkeypatch, django_
     assert _decision(row.approval.pk)["status"] == S.PENDING and row.fresh().decided_by_id is None
 
 
-def test_a_second_poll_of_a_pending_request_is_slow_down(scenario, ledger_policy, monkeypatch):
+def test_a_second_poll_of_a_pending_request_is_slow_down(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from approvals.errors import SlowDown
 
     install_outbox(monkeypatch)

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth import get_user_model
+from pytest_django import Settings
+from pytest_django.live_server_helper import LiveServer
 
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
 from tests.conftest import PASSWORD
+from tests.live import LiveStack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,7 +44,7 @@ class BrowserScenario:
 
 
 @pytest.fixture
-def live_issuer(live_server, settings) -> str:
+def live_issuer(live_server: LiveServer, settings: Settings) -> str:
     """Make the app's issuer the live server's URL, so tokens and metadata name it."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_server.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_server.url}
@@ -50,7 +53,7 @@ def live_issuer(live_server, settings) -> str:
 
 
 @pytest.fixture
-def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
+def browser_scenario(transactional_db: None, live_issuer: str) -> BrowserScenario:
     """The same registry as tests/conftest.py's ``scenario``, committed, with a reachable callback."""
     for name, aud, sens in [
         ("catalog:read", "http://catalog.test", ScopePolicy.Sensitivity.STANDARD),
@@ -105,7 +108,7 @@ def chromium():
 
 
 @pytest.fixture
-def page(chromium, live_server):
+def page(chromium, live_server: LiveServer):
     """A fresh browser context (no cookies) whose agent callback is answered by Playwright itself."""
     context = chromium.new_context(base_url=live_server.url)
     context.set_default_timeout(15_000)
@@ -143,7 +146,7 @@ def page_problems(page) -> list[str]:
 
 
 @pytest.fixture
-def live_context(chromium, live):
+def live_context(chromium, live: LiveStack):
     """A fresh browser context (no cookies) against the live stack: real servers, real Celery."""
     context = chromium.new_context(base_url=live.url)
     context.set_default_timeout(15_000)
@@ -157,7 +160,7 @@ def watch_page(page) -> list[str]:
     """Console errors, uncaught errors, dialogs (alert() would mean injected script ran), HTTP errors."""
     problems: list[str] = []
 
-    def on_console(msg):
+    def on_console(msg) -> None:
         url = msg.location.get("url") or ""
         # Chromium asks for /favicon.ico by itself; the app has none (no <link rel="icon">), a 404
         # that says nothing about the page under test.
@@ -172,7 +175,7 @@ def watch_page(page) -> list[str]:
         lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None,
     )
 
-    def on_dialog(dialog):
+    def on_dialog(dialog) -> None:
         problems.append(f"dialog {dialog.type}: {dialog.message}")
         dialog.dismiss()
 

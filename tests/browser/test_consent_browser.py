@@ -14,6 +14,7 @@ from playwright.sync_api import expect
 
 from audit.models import AuditEvent
 from consent.models import SessionGrant
+from tests.browser.conftest import BrowserScenario
 from tests.conftest import PASSWORD, pkce_pair
 
 pytestmark = [pytest.mark.browser]
@@ -63,7 +64,9 @@ def _http() -> httpx.Client:
     return httpx.Client(trust_env=False, timeout=10)
 
 
-def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_problems, browser_scenario):
+def test_allow_in_browser_issues_a_token_a_resource_server_accepts(
+    page, page_problems: list[str], browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     verifier, challenge = pkce_pair()
     _sign_in_to_consent(page, s, challenge)
@@ -148,7 +151,9 @@ def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_pr
     assert grant.step_up_scopes == ["ledger:write"]
 
 
-def test_deny_in_browser_redirects_with_access_denied_and_creates_no_grant(page, browser_scenario):
+def test_deny_in_browser_redirects_with_access_denied_and_creates_no_grant(
+    page, browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     _, challenge = pkce_pair()
     _sign_in_to_consent(page, s, challenge)

@@ -16,9 +16,11 @@ from playwright.sync_api import expect
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
+from consent.models import ScopePolicy
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -38,7 +40,7 @@ def _http() -> httpx.Client:
 class AgentClient:
     """The agent's side over real HTTP: ask (CIBA backchannel request), then poll the token endpoint."""
 
-    def __init__(self, live, scenario, session_token):
+    def __init__(self, live, scenario, session_token) -> None:
         self.url, self.s, self.session_token = live.url, scenario, session_token
         self.http = _http()
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
@@ -71,12 +73,12 @@ class AgentClient:
             data={"token": token, **extra},
         )
 
-    def close(self):
+    def close(self) -> None:
         self.http.close()
 
 
 @pytest.fixture
-def session_token(live, flow, ledger_policy):  # noqa: F811
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
     """The agent's session access token, issued under the live issuer (``live`` comes first)."""
     token = flow.full()["access_token"]
     flow.client.logout()
@@ -84,7 +86,7 @@ def session_token(live, flow, ledger_policy):  # noqa: F811
 
 
 @pytest.fixture
-def agent(live, scenario, session_token):
+def agent(live: LiveStack, scenario: Scenario, session_token: str):
     a = AgentClient(live, scenario, session_token)
     try:
         yield a
@@ -147,7 +149,9 @@ def _verify_action_token(token: str, live, scenario) -> dict:
     return claims
 
 
-def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_context, scenario, agent):
+def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(
+    live: LiveStack, live_context, scenario: Scenario, agent
+) -> None:
     page = live_context.new_page()
     problems = watch_page(page)
     _sign_in(page, live)
@@ -228,7 +232,9 @@ def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_conte
     assert problems == [], problems
 
 
-def test_deny_in_the_inbox_gives_the_agent_access_denied(live, live_context, scenario, agent):
+def test_deny_in_the_inbox_gives_the_agent_access_denied(
+    live: LiveStack, live_context, scenario: Scenario, agent
+) -> None:
     page = live_context.new_page()
     problems = watch_page(page)
     _sign_in(page, live)
@@ -253,7 +259,9 @@ def test_deny_in_the_inbox_gives_the_agent_access_denied(live, live_context, sce
     assert problems == [], problems
 
 
-def test_approving_in_one_tab_removes_the_prompt_from_the_other(live, live_context, scenario, agent):
+def test_approving_in_one_tab_removes_the_prompt_from_the_other(
+    live: LiveStack, live_context, scenario: Scenario, agent
+) -> None:
     first = live_context.new_page()
     problems = watch_page(first)
     _sign_in(first, live)

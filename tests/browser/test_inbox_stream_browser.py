@@ -12,13 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connections
 from playwright.sync_api import expect
+from pytest_django import Settings
 
 from approvals import tasks as approval_tasks
 from approvals.models import ApprovalRequest
+from consent.models import ScopePolicy
 from tests.approvals.support import ledger_entry, request_approval, session_grant
 from tests.approvals.test_inbox_stream import _drop, held  # noqa: F401  (fixture)
 from tests.browser.conftest import watch_page
 from tests.browser.test_inbox_browser import _open_inbox, _sign_in, _still_same_document
+from tests.conftest import Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -35,7 +39,7 @@ WebSocket.prototype.send = function (data) { window.__sent.push(JSON.parse(data)
 
 
 @pytest.fixture
-def tiny_capacity(settings):
+def tiny_capacity(settings: Settings):
     """The sending side's channel layer holds one message per channel: a burst overflows it."""
     from channels.layers import channel_layers
 
@@ -54,7 +58,7 @@ def _deliver(approval_id: str) -> None:
         connections.close_all()
 
 
-def _sign_in_context(context, live):
+def _sign_in_context(context, live) -> None:
     """Sign the browser context in once, on a page of its own (the tabs then share its session)."""
     first = context.new_page()
     _sign_in(first, live)
@@ -74,15 +78,15 @@ def _shown_ids(page) -> set[str]:
 
 
 def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
-    live,
+    live: LiveStack,
     live_context,
-    scenario,
-    ledger_policy,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
     held,  # noqa: F811
     tiny_capacity,
-    caplog,
-    settings,
-):
+    caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+) -> None:
     caplog.set_level(logging.INFO, logger="channels_redis.core")
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
@@ -109,7 +113,13 @@ def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
         assert problems == [], problems
 
 
-def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario, ledger_policy, held):  # noqa: F811
+def test_a_gap_in_the_stream_makes_the_page_resync(
+    live: LiveStack,
+    live_context,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    held,  # noqa: F811
+) -> None:
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
     grant = session_grant(scenario)
@@ -127,12 +137,12 @@ def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario,
 
 
 def test_a_lost_newest_message_arrives_through_the_periodic_check(
-    live,
+    live: LiveStack,
     live_context,
-    scenario,
-    ledger_policy,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
     held,  # noqa: F811
-):
+) -> None:
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
 

@@ -17,6 +17,7 @@ from audit.models import AuditEvent
 from consent.models import AgentInstance, SessionGrant
 from countersign.instance import ATTESTATION_HEADER, POP_HEADER
 from countersign.instance import AgentInstance as SdkInstance
+from tests.browser.conftest import BrowserScenario
 from tests.conftest import PASSWORD, basic, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
@@ -59,7 +60,9 @@ def _join(http: httpx.Client, s, instance: SdkInstance, subject: str) -> httpx.R
     )
 
 
-def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(page, page_problems, browser_scenario):
+def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(
+    page, page_problems: list[str], browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     key = AgentKey()
     s.agent.jwks = {"keys": [key.jwk]}

@@ -15,11 +15,14 @@ import time
 
 import pytest
 from playwright.sync_api import expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.notify.models import PromptDelivery, PushSubscription
+from consent.models import ScopePolicy
 from tests.browser.test_inbox_browser import AgentClient, _sign_in
-from tests.live import start_stack
+from tests.conftest import OAuthFlow, Scenario
+from tests.live import LiveStack, start_stack
 from tests.notify.pushservice import PushService
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -29,7 +32,9 @@ STACK_ENV = {"COUNTERSIGN_PUSH_ALLOW_LOOPBACK": "1", "COUNTERSIGN_EMAIL_DEFAULT_
 
 
 @pytest.fixture(scope="module")
-def reach_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def reach_stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+):
     """The live stack, its servers and worker accepting loopback push endpoints (a test's push service)."""
     with (
         django_db_blocker.unblock(),
@@ -39,14 +44,14 @@ def reach_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def live(reach_stack, transactional_db, settings):
+def live(reach_stack, transactional_db: None, settings: Settings):
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": reach_stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": reach_stack.url}
     return reach_stack
 
 
 @pytest.fixture
-def agent(live, scenario, flow, ledger_policy):
+def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, ledger_policy: ScopePolicy):
     token = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
@@ -85,7 +90,9 @@ def _shown_notifications(worker, timeout: float = 10.0) -> list[dict]:
     return []
 
 
-def test_a_push_reaches_the_closed_inbox_and_its_click_opens_the_prompt(live, live_context, scenario, agent):
+def test_a_push_reaches_the_closed_inbox_and_its_click_opens_the_prompt(
+    live: LiveStack, live_context, scenario: Scenario, agent
+) -> None:
     live_context.grant_permissions(["notifications"], origin=live.url)
     page = live_context.new_page()
     _sign_in(page, live)

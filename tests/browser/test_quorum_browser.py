@@ -13,12 +13,14 @@ import pytest
 from playwright.sync_api import expect
 
 from approvals.models import ApprovalRequest, ApprovalVote
+from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
 from tests.approvals.quorum_support import officials, require_quorum
 from tests.approvals.support import ledger_entry
 from tests.browser.conftest import watch_page
 from tests.browser.test_inbox_browser import AgentClient
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -29,14 +31,14 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
 @pytest.fixture
-def people(live, flow, ledger_policy):
+def people(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):
     found = officials()
     require_quorum(found.group)
     return found
 
 
 @pytest.fixture
-def agent(live, scenario, flow, people):
+def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people):
     token = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
@@ -60,7 +62,7 @@ def _inbox_of(live_context_factory, live, username: str):
 
 
 @pytest.fixture
-def contexts(chromium, live):
+def contexts(chromium, live: LiveStack):
     opened = []
 
     def new():
@@ -77,8 +79,8 @@ def contexts(chromium, live):
 
 
 def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
-    live, contexts, scenario, people, agent
-):
+    live: LiveStack, contexts, scenario: Scenario, people, agent
+) -> None:
     alice, alice_problems = _inbox_of(contexts, live, "alice")
     bob, bob_problems = _inbox_of(contexts, live, "bob")
     asked = agent.ask(ENTRY)
@@ -120,7 +122,9 @@ def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
     assert alice_problems == [] and bob_problems == [], (alice_problems, bob_problems)
 
 
-def test_one_officials_denial_ends_the_request(live, contexts, scenario, people, agent):
+def test_one_officials_denial_ends_the_request(
+    live: LiveStack, contexts, scenario: Scenario, people, agent
+) -> None:
     alice, problems = _inbox_of(contexts, live, "alice")
     asked = agent.ask(ENTRY)
     prompt = alice.locator("#prompts li.prompt")

@@ -16,10 +16,11 @@ from playwright.sync_api import expect
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -33,7 +34,7 @@ def _http() -> httpx.Client:
 
 
 @pytest.fixture
-def session_tokens(live, flow, ledger_policy):  # noqa: F811
+def session_tokens(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
     """The agent's token response, issued under the live server's issuer (``live`` first)."""
     tokens = flow.full()
     flow.client.logout()
@@ -50,8 +51,8 @@ def _sign_in(page, live) -> None:
 
 
 def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(
-    live, live_context, scenario, session_tokens
-):
+    live: LiveStack, live_context, scenario: Scenario, session_tokens
+) -> None:
     http = _http()
     agent_auth = (scenario.agent.client_id, scenario.agent_secret)
     try:

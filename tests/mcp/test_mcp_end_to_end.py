@@ -22,19 +22,21 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from django.contrib.auth import get_user_model
-from playwright.sync_api import expect
+from playwright.sync_api import Browser, expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ApprovalRequest
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import grant_revoke, resource_server_create, scope_set
 from tests.browser.conftest import chromium, watch_page  # noqa: F401  (fixtures)
 from tests.conftest import PASSWORD
-from tests.live import ROOT, free_port, start_stack
+from tests.live import ROOT, LiveStack, free_port, start_stack
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser]
 
@@ -89,12 +91,14 @@ def _serve(handler, *, tls: tuple[str, str] | None = None) -> tuple[Served, int]
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory):
+def tls(tmp_path_factory: pytest.TempPathFactory):
     return _self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
-def stack(django_db_setup, django_db_blocker, tmp_path_factory, tls):
+def stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory, tls
+):
     with (
         django_db_blocker.unblock(),
         start_stack(
@@ -105,7 +109,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory, tls):
 
 
 @pytest.fixture
-def live(stack, transactional_db, settings):
+def live(stack, transactional_db: None, settings: Settings):
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": stack.url}
     return stack
@@ -117,7 +121,7 @@ def callback():
     codes: queue.Queue[tuple[str, str | None]] = queue.Queue()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self) -> None:  # noqa: N802
             params = parse_qs(urlsplit(self.path).query)
             if "code" in params:
                 codes.put((params["code"][0], (params.get("state") or [None])[0]))
@@ -128,7 +132,7 @@ def callback():
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args) -> None:
             pass
 
     httpd, port = _serve(Handler)
@@ -142,7 +146,7 @@ def client_document(tls, callback):
     holder: dict = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self) -> None:  # noqa: N802
             body = json.dumps(holder["doc"]).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -151,7 +155,7 @@ def client_document(tls, callback):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args) -> None:
             pass
 
     httpd, port = _serve(Handler, tls=tls)
@@ -169,7 +173,7 @@ def client_document(tls, callback):
 
 
 @pytest.fixture
-def mcp_server(live, tmp_path):
+def mcp_server(live: LiveStack, tmp_path: Path):
     port = free_port()
     audience = f"http://127.0.0.1:{port}/mcp"
     scope_set(name="shop:catalog", values={"audience": audience, "description": "Search the shop's catalog"})
@@ -231,7 +235,7 @@ def mcp_server(live, tmp_path):
 class McpClient:
     """The official SDK client in a thread of its own (the browser runs on this one)."""
 
-    def __init__(self, server_url: str, redirect_uri: str, codes, *, client_metadata_url: str | None):
+    def __init__(self, server_url: str, redirect_uri: str, codes, *, client_metadata_url: str | None) -> None:
         self.server_url, self.redirect_uri, self.codes = server_url, redirect_uri, codes
         self.client_metadata_url = client_metadata_url
         self.authorize_urls: queue.Queue[str] = queue.Queue()
@@ -240,26 +244,26 @@ class McpClient:
         self.progress: list[str] = []
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    async def _run(self):
+    async def _run(self) -> None:
         from mcp import ClientSession
         from mcp.client.auth import OAuthClientProvider
         from mcp.client.streamable_http import streamablehttp_client
         from mcp.shared.auth import OAuthClientMetadata
 
         class Memory:
-            def __init__(self):
+            def __init__(self) -> None:
                 self.tokens = self.info = None
 
             async def get_tokens(self):
                 return self.tokens
 
-            async def set_tokens(self, tokens):
+            async def set_tokens(self, tokens) -> None:
                 self.tokens = tokens
 
             async def get_client_info(self):
                 return self.info
 
-            async def set_client_info(self, info):
+            async def set_client_info(self, info) -> None:
                 self.info = info
 
         async def redirect_handler(url: str) -> None:
@@ -285,7 +289,7 @@ class McpClient:
             client_metadata_url=self.client_metadata_url,
         )
 
-        async def on_progress(progress, total, message):
+        async def on_progress(progress, total, message) -> None:
             self.progress.append(message or "")
 
         try:
@@ -315,7 +319,7 @@ class McpClient:
             raise result
         return result
 
-    def close(self):
+    def close(self) -> None:
         self.calls.put(("", {}))
         self.thread.join(timeout=15)
 
@@ -324,7 +328,7 @@ def _text(result) -> str:
     return " ".join(getattr(c, "text", "") for c in result.content)
 
 
-def _connect(page, client, live, *, expect_self_asserted: str):
+def _connect(page, client, live, *, expect_self_asserted: str) -> None:
     """The client's first call meets a 401; it discovers, joins, and sends the officer to consent."""
     url = client.authorize_urls.get(timeout=60)
     assert url.startswith(f"{live.url}/o/authorize/?") and "resource=" in url and "code_challenge=" in url
@@ -340,7 +344,7 @@ def _connect(page, client, live, *, expect_self_asserted: str):
     expect(page.get_by_role("heading", level=1)).to_have_text("MCP client connected")
 
 
-def _decide(page, live, decision: str):
+def _decide(page, live, decision: str) -> None:
     page.goto(f"{live.url}/approvals/")
     heading = page.get_by_role(
         "heading", name=re.compile(r"^Run ledger_append: 1250\.00 EUR to Nordlicht GmbH")
@@ -384,12 +388,12 @@ def _run_catalog_then_ledger(chromium, live, mcp_server, callback, *, metadata_u
 
 
 def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approval(
-    live,
+    live: LiveStack,
     chromium,  # noqa: F811
     mcp_server,
     callback,
     client_document,
-):
+) -> None:
     result, client = _run_catalog_then_ledger(
         chromium,
         live,
@@ -411,7 +415,12 @@ def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approva
     assert any("approval" in m.lower() for m in client.progress), client.progress
 
 
-def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium, mcp_server, callback):  # noqa: F811
+def test_registered_client_gets_the_ledger_receipt_after_approval(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server,
+    callback,
+) -> None:
     result, _ = _run_catalog_then_ledger(
         chromium,
         live,
@@ -430,7 +439,12 @@ def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
 
 
-def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
+def test_registered_client_is_denied_and_gets_a_tool_error(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server,
+    callback,
+) -> None:
     result, _ = _run_catalog_then_ledger(
         chromium,
         live,
@@ -444,10 +458,15 @@ def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_s
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.DENIED
 
 
-def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
+def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server,
+    callback,
+) -> None:
     ScopePolicy.objects.filter(name="shop:ledger").update(approval_window=10)
 
-    def let_it_expire(page):
+    def let_it_expire(page) -> None:
         deadline = time.monotonic() + 30
         while not ApprovalRequest.objects.exists() and time.monotonic() < deadline:
             time.sleep(0.2)

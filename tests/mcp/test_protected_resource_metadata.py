@@ -5,6 +5,7 @@ import asyncio
 import json
 
 import pytest
+from django.test import RequestFactory
 
 from countersign import TokenVerifier
 from countersign.asgi import CountersignMiddleware
@@ -14,7 +15,7 @@ from tests.client import ISSUER, RS_ID, RS_SECRET, LocalIssuer
 MCP = "http://127.0.0.1:8765/mcp"
 
 
-def test_metadata_url_puts_the_well_known_segment_before_the_path():
+def test_metadata_url_puts_the_well_known_segment_before_the_path() -> None:
     assert metadata_url(MCP) == "http://127.0.0.1:8765/.well-known/oauth-protected-resource/mcp"
     assert metadata_url("https://api.example/") == "https://api.example/.well-known/oauth-protected-resource"
     assert metadata_paths(MCP) == (
@@ -51,15 +52,17 @@ def _call(app, path, method="GET", headers=()):
     async def receive():
         return {"type": "http.request", "body": b""}
 
-    async def send(message):
+    async def send(message) -> None:
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
 
 
-def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(mcp_verifier):
-    async def app(scope, receive, send):  # never reached without a token
+def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(
+    mcp_verifier: TokenVerifier,
+) -> None:
+    async def app(scope, receive, send) -> None:  # never reached without a token
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, mcp_verifier, required_scopes=["catalog:read"])
@@ -87,13 +90,13 @@ def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(mcp
     assert f'resource_metadata="{metadata_url(MCP)}"' in headers[b"www-authenticate"].decode()
 
 
-def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_verifier):
+def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_verifier: TokenVerifier) -> None:
     issuer = LocalIssuer()
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
     )
 
-    async def app(scope, receive, send):
+    async def app(scope, receive, send) -> None:
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, verifier, required_scopes=["catalog:read"])
@@ -107,7 +110,7 @@ def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_ver
     assert f'resource_metadata="{metadata_url(MCP)}"' in challenge
 
 
-def test_a_token_for_another_resource_is_refused():
+def test_a_token_for_another_resource_is_refused() -> None:
     issuer = LocalIssuer()
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
@@ -118,7 +121,7 @@ def test_a_token_for_another_resource_is_refused():
         verifier.verify_session(issuer.mint(aud="http://127.0.0.1:9999/mcp"))
 
 
-def test_django_integration_serves_the_metadata(mcp_verifier, rf):
+def test_django_integration_serves_the_metadata(mcp_verifier: TokenVerifier, rf: RequestFactory) -> None:
     from countersign.django import metadata_urlpatterns
 
     patterns = metadata_urlpatterns(mcp_verifier)

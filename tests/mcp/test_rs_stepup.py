@@ -8,7 +8,7 @@ import pytest
 from approvals.models import ApprovalRequest
 from consent.services import agent_update, scope_set
 from consent.tokens import verify
-from tests.conftest import basic
+from tests.conftest import OAuthFlow, Scenario, basic
 from tests.consent.test_bad_input import Watch, _json_error
 
 pytestmark = pytest.mark.django_db
@@ -22,7 +22,7 @@ CALL = {
 
 
 @pytest.fixture
-def mcp_token(flow, scenario):
+def mcp_token(flow: OAuthFlow, scenario: Scenario):
     scope_set(name="ledger:read", values={"audience": "http://ledger.test", "description": "Read the ledger"})
     scope_set(name="ledger:write", values={"authorization_details_types": ["mcp_tool_call"]})
     agent_update(
@@ -52,7 +52,9 @@ def _open(flow, token, *, auth=None, details=(CALL,), scope="ledger:write"):
     )
 
 
-def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_token, scenario):
+def test_the_resource_server_opens_and_collects_and_the_agent_cannot(
+    flow: OAuthFlow, mcp_token, scenario: Scenario
+) -> None:
     response = _open(flow, mcp_token)
     assert response.status_code == 200, response.content
     body = response.json()
@@ -93,7 +95,9 @@ def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_t
         ("bad_credentials", "invalid_client"),
     ],
 )
-def test_bad_openings_are_refused_and_create_nothing(flow, mcp_token, scenario, case, error):
+def test_bad_openings_are_refused_and_create_nothing(
+    flow: OAuthFlow, mcp_token, scenario: Scenario, case, error
+) -> None:
     watch = Watch()
     if case == "token_for_another_server":  # the catalog server presents a token for the ledger
         response = _open(

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from django.contrib.auth.models import User
 from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.notify import tasks as notify_tasks
@@ -24,7 +26,9 @@ from approvals.notify.services import organisation_webhook_create
 from approvals.notify.webpush import vapid_key
 from approvals.services import auth_req_id_for
 from audit.models import AuditEvent
+from tests.conftest import Scenario
 from tests.live import free_port
+from tests.notify.conftest import Queue
 from tests.notify.pushservice import PushService
 
 pytestmark = pytest.mark.django_db
@@ -51,7 +55,7 @@ def _deliveries(approval, channel) -> list[tuple[str, str]]:
 # --- Web Push ---------------------------------------------------------------------------------------
 
 
-def test_a_push_reaches_the_device_signed_and_encrypted(scenario, approval, loopback_push):
+def test_a_push_reaches_the_device_signed_and_encrypted(scenario: Scenario, approval, loopback_push) -> None:
     with PushService() as service:
         device = _device(scenario.user, service, "laptop")
         notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])
@@ -76,7 +80,7 @@ def test_a_push_reaches_the_device_signed_and_encrypted(scenario, approval, loop
     assert len(service.received) == 1
 
 
-def test_an_expired_subscription_is_removed_and_audited(scenario, approval, loopback_push):
+def test_an_expired_subscription_is_removed_and_audited(scenario: Scenario, approval, loopback_push) -> None:
     with PushService() as service:
         device = _device(scenario.user, service, "old-phone")
         service.answer("old-phone", 410)
@@ -90,7 +94,9 @@ def test_an_expired_subscription_is_removed_and_audited(scenario, approval, loop
     assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
 
 
-def test_a_push_service_error_is_retried_with_backoff(scenario, approval, loopback_push, monkeypatch):
+def test_a_push_service_error_is_retried_with_backoff(
+    scenario: Scenario, approval, loopback_push, monkeypatch: pytest.MonkeyPatch
+) -> None:
     retries: list[int] = []
 
     def retry(self_task: Any = None, countdown: int = 0, **kwargs: Any) -> Exception:
@@ -114,8 +120,13 @@ def test_a_push_service_error_is_retried_with_backoff(scenario, approval, loopba
 
 
 def test_the_inbox_delivery_fans_the_prompt_out_once(
-    scenario, approval, queued, loopback_push, monkeypatch, django_capture_on_commit_callbacks
-):
+    scenario: Scenario,
+    approval,
+    queued: Queue,
+    loopback_push,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     from approvals import tasks as approval_tasks
 
     monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: 1)
@@ -150,7 +161,7 @@ class _Mailbox:
 
 
 @pytest.fixture
-def smtp(settings):
+def smtp(settings: Settings):
     mailbox = _Mailbox()
     port = free_port()
     controller = Controller(mailbox, hostname="127.0.0.1", port=port)
@@ -164,7 +175,9 @@ def smtp(settings):
         controller.stop()
 
 
-def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(scenario, approval, smtp):
+def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(
+    scenario: Scenario, approval, smtp
+) -> None:
     scenario.user.email = "officer@example.org"
     scenario.user.save()
     NotificationPreference.objects.create(user=scenario.user, email="always")
@@ -196,7 +209,7 @@ def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(scenari
     assert f'id="prompt-{approval.pk}"'.encode() in history.content
 
 
-def test_unreachable_email_waits_for_the_other_channels(scenario, approval, smtp):
+def test_unreachable_email_waits_for_the_other_channels(scenario: Scenario, approval, smtp) -> None:
     scenario.user.email = "officer@example.org"
     scenario.user.save()
     PromptDelivery.objects.create(approval=approval, channel="push", target="x", outcome="delivered")
@@ -211,7 +224,9 @@ def test_unreachable_email_waits_for_the_other_channels(scenario, approval, smtp
     assert len(smtp.messages) == 1
 
 
-def test_another_users_prompt_link_is_a_404(scenario, approval, django_user_model):
+def test_another_users_prompt_link_is_a_404(
+    scenario: Scenario, approval, django_user_model: type[User]
+) -> None:
     other = django_user_model.objects.create_user("mallory", password="x" * 12)
     client = Client()
     client.force_login(other)
@@ -259,7 +274,7 @@ class _Receiver:
         return True
 
 
-def test_the_webhook_is_signed_and_carries_no_power_to_approve(scenario, approval):
+def test_the_webhook_is_signed_and_carries_no_power_to_approve(scenario: Scenario, approval) -> None:
     hook, secret = organisation_webhook_create(name="Ops", url="http://127.0.0.1:9/")
     assert secret.startswith("whsec_")
     receiver = _Receiver(secret)
@@ -279,7 +294,7 @@ def test_the_webhook_is_signed_and_carries_no_power_to_approve(scenario, approva
     assert _deliveries(approval, "webhook") == [("delivered", "")]
 
 
-def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(scenario, approval):
+def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(scenario: Scenario, approval) -> None:
     hook, _ = organisation_webhook_create(name="Ops", url="http://127.0.0.1:9/")
     receiver = _Receiver("whsec_" + base64.b64encode(b"another key entirely, 32 bytes!!").decode())
     hook.url = receiver.url
@@ -293,8 +308,11 @@ def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(scenario, a
 
 
 def test_a_webhook_for_an_organisation_reaches_only_its_members(
-    scenario, approval, queued, django_capture_on_commit_callbacks
-):
+    scenario: Scenario,
+    approval,
+    queued: Queue,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     from django.contrib.auth.models import Group
 
     group = Group.objects.create(name="Finance")

@@ -278,7 +278,7 @@ class PrivateRedis:
     production Redis does (docs/deployment.md: Redis needs no persistence).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is needed for this test")
         self.port = free_port()
@@ -338,7 +338,7 @@ class TcpForwarder:
     ``pattern`` is not forwarded; everything is cut right there.
     """
 
-    def __init__(self, target: tuple[str, int], latency: float = 0.0):
+    def __init__(self, target: tuple[str, int], latency: float = 0.0) -> None:
         self.target, self.latency = target, latency
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -442,7 +442,7 @@ def basic_auth(client_id: str, secret: str) -> tuple[str, str]:
 class AgentHTTP:
     """The agent's side over real HTTP: ask (CIBA), poll the token endpoint; the ledger redeems."""
 
-    def __init__(self, scenario, session_token: str):
+    def __init__(self, scenario, session_token: str) -> None:
         self.s, self.session_token = scenario, session_token
         self.http = http()
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
@@ -490,7 +490,7 @@ class Officer:
     """The officer in a browser without JavaScript: signs in through the login form, then POSTs
     Approve with the session cookie and the CSRF token, as the inbox page's forms do."""
 
-    def __init__(self, node_url: str, username: str, password: str):
+    def __init__(self, node_url: str, username: str, password: str) -> None:
         self.url = node_url
         self.http = http()
         page = self.http.get(f"{node_url}/accounts/login/", params={"next": "/approvals/"})
@@ -535,7 +535,7 @@ class ReconnectingInbox:
     upsert adds, remove drops); ``seen`` is every prompt id ever shown.
     """
 
-    def __init__(self, urls: list[str], cookie: str, name: str = "inbox"):
+    def __init__(self, urls: list[str], cookie: str, name: str = "inbox") -> None:
         self.urls, self.cookie, self.name = list(urls), cookie, name
         self.pending: dict[str, dict] = {}
         self.seen: set[str] = set()
@@ -606,7 +606,7 @@ class ReconnectingInbox:
                 self.pending.pop(msg["id"], None)
             self._cond.notify_all()
 
-    def wait(self, predicate, what: str, timeout: float = 90.0, logs=lambda: ""):
+    def wait(self, predicate, what: str, timeout: float = 90.0, logs=lambda: "") -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate(self):

@@ -14,18 +14,21 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from kombu import pools as kombu_pools
+from pytest_django import Settings
 
 from approvals.ciba import validate_backchannel_request
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.services import approval_request_create, auth_req_id_for
 from audit.models import AuditEvent
 from config.celery import app as celery_app
-from tests.conftest import PASSWORD
+from consent.models import ScopePolicy
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.live import _database_url, free_port
 from tests.ops.support import (
     AgentHTTP,
@@ -59,7 +62,7 @@ class FaultStack(Cluster):
 
 
 @pytest.fixture
-def stack(transactional_db, settings, tmp_path):
+def stack(transactional_db: None, settings: Settings, tmp_path: Path):
     private_redis = PrivateRedis()
     port_a = free_port()
     issuer = f"http://127.0.0.1:{port_a}"
@@ -79,14 +82,14 @@ def stack(transactional_db, settings, tmp_path):
 
 
 @pytest.fixture
-def session_token(stack, flow, ledger_policy):
+def session_token(stack, flow: OAuthFlow, ledger_policy: ScopePolicy):
     token = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(scenario, session_token):
+def agent(scenario: Scenario, session_token: str):
     a = AgentHTTP(scenario, session_token)
     try:
         yield a
@@ -98,7 +101,7 @@ def agent(scenario, session_token):
 def tasks_published_to(redis_url: str):
     """This process's Celery app publishes (on commit) to ``redis_url`` for the duration."""
 
-    def reset_pools():
+    def reset_pools() -> None:
         # kombu keeps pools in a global registry keyed by connection: closing one and switching
         # back would hand out the closed pool again, so clear the registry too.
         celery_app._pool = None
@@ -160,7 +163,9 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 # --- a. a Celery worker SIGKILLed while it delivers prompts --------------------------------------------
 
 
-def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack, scenario, agent, settings):
+def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
+    stack, scenario: Scenario, agent, settings: Settings
+) -> None:
     n = 30
     visibility = (
         5  # CELERY_VISIBILITY_TIMEOUT (config/settings.py): the dead worker's tasks come back after it
@@ -287,7 +292,7 @@ def _redis_restart(stack, tabs) -> None:
     stack.redis.start()  # same port, empty: groups, channels and queued tasks are gone
 
 
-def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent):
+def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario: Scenario, agent) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     officer = Officer(a.url, "officer", PASSWORD)
@@ -349,7 +354,7 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         officer.close()
 
 
-def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
+def test_celery_worker_survives_a_redis_restart(stack, scenario: Scenario, agent) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     assert agent.ask(a.url, ledger_entry(1, "SURVIVE")).status_code == 200
@@ -384,7 +389,9 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
     assert stack.workers["w1"].alive, stack.workers["w1"].tail(3000)
 
 
-def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(stack, scenario, agent):
+def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(
+    stack, scenario: Scenario, agent
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     officer = Officer(a.url, "officer", PASSWORD)
@@ -451,7 +458,7 @@ def _approval_for(purchase_order: str):
     return ApprovalRequest.objects.filter(authorization_details__0__purchase_order=purchase_order).first()
 
 
-def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenario, agent):
+def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenario: Scenario, agent) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     stack.start_worker("w1")
@@ -500,7 +507,7 @@ def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenari
         officer.close()
 
 
-def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario, agent):
+def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario: Scenario, agent) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     officer = Officer(a.url, "officer", PASSWORD)  # signed in: its session lives in the database
@@ -517,7 +524,9 @@ def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario, age
         officer.close()
 
 
-def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approval(stack, scenario, agent):
+def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approval(
+    stack, scenario: Scenario, agent
+) -> None:
     """The link drops at the first audit write of a step-up request (after the approval row)."""
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})

@@ -11,19 +11,22 @@ from pathlib import Path
 
 import pytest
 from channels.layers import channel_layers
+from django.test import Client
 from kombu import pools as kombu_pools
+from pytest_django import Settings
 
 from config.celery import app as celery_app
+from tests.conftest import OAuthFlow
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
 
 
-def test_healthz_answers_without_touching_dependencies(client):
+def test_healthz_answers_without_touching_dependencies(client: Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_reports_each_dependency(client):
+def test_readyz_reports_each_dependency(client: Client) -> None:
     body = client.get("/readyz").json()
     assert body["status"] == "ok"
     assert {name: check["status"] for name, check in body["checks"].items()} == {
@@ -35,7 +38,7 @@ def test_readyz_reports_each_dependency(client):
 
 
 @pytest.fixture
-def doomed_redis(settings):
+def doomed_redis(settings: Settings):
     """A Redis of our own that the test can stop, with the app's channel layer and broker on it."""
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is needed for this test")
@@ -81,7 +84,7 @@ def _point_celery_at(broker_url: str) -> None:
     kombu_pools.reset()
 
 
-def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
+def test_readyz_is_503_naming_redis_when_it_stops(client: Client, doomed_redis) -> None:
     assert client.get("/readyz").status_code == 200
     doomed_redis.terminate()
     doomed_redis.wait()
@@ -92,7 +95,9 @@ def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
     assert checks["channel_layer"]["status"] == "down" and checks["broker"]["status"] == "down"
 
 
-def test_metrics_in_prometheus_format_for_loopback_or_token_only(client, flow, monkeypatch):
+def test_metrics_in_prometheus_format_for_loopback_or_token_only(
+    client: Client, flow: OAuthFlow, monkeypatch: pytest.MonkeyPatch
+) -> None:
     flow.full()
     body = client.get("/metrics", REMOTE_ADDR="127.0.0.1").content.decode()
     assert 'countersign_tokens_minted_total{kind="session"} 1.0' in body
@@ -114,7 +119,7 @@ def _manage(*args, **env):
     )
 
 
-def test_production_settings_pass_check_deploy():
+def test_production_settings_pass_check_deploy() -> None:
     result = _manage(
         "check",
         "--deploy",
@@ -126,13 +131,15 @@ def test_production_settings_pass_check_deploy():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_production_refuses_to_start_without_a_secret_key():
+def test_production_refuses_to_start_without_a_secret_key() -> None:
     env = {"COUNTERSIGN_ISSUER": "https://auth.example.com", "SECRET_KEY": ""}
     result = _manage("check", **env)
     assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
 
 
-def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(flow, caplog):
+def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(
+    flow: OAuthFlow, caplog: pytest.LogCaptureFixture
+) -> None:
     import json as _json
     import logging
 

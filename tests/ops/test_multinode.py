@@ -14,13 +14,15 @@ import jwt
 import pytest
 from django.conf import settings as django_settings
 from playwright.sync_api import expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
 from config.celery import app as celery_app
+from consent.models import ScopePolicy
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import chromium, watch_page  # noqa: F401  (fixture)
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.live import _database_url, free_port
 from tests.ops.support import (
     AgentHTTP,
@@ -39,7 +41,9 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
 @pytest.fixture(scope="session")
-def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
+def two_nodes(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+):
     """Node A and node B (each web + ws behind the path router) and one Celery worker; the issuer is node A's URL for both."""
     with django_db_blocker.unblock():
         database_url = _database_url()
@@ -63,7 +67,7 @@ def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def multinode(two_nodes, transactional_db, settings) -> Cluster:
+def multinode(two_nodes, transactional_db: None, settings: Settings) -> Cluster:
     """The two-node cluster, with this process issuing tokens under node A's issuer."""
     issuer = two_nodes.nodes["A"].url
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": issuer}
@@ -75,14 +79,14 @@ def multinode(two_nodes, transactional_db, settings) -> Cluster:
 
 
 @pytest.fixture
-def session_token(multinode, flow, ledger_policy):
+def session_token(multinode: Cluster, flow: OAuthFlow, ledger_policy: ScopePolicy):
     token = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(scenario, session_token):
+def agent(scenario: Scenario, session_token: str):
     a = AgentHTTP(scenario, session_token)
     try:
         yield a
@@ -103,11 +107,11 @@ def _verify_action_token(token: str, issuer: str, node_url: str) -> dict:
 
 @pytest.mark.browser
 def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
-    multinode,
+    multinode: Cluster,
     chromium,  # noqa: F811
-    scenario,  # noqa: F811
+    scenario: Scenario,  # noqa: F811
     agent,
-):
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     context = chromium.new_context(base_url=b.url)
     context.set_default_timeout(30_000)
@@ -164,7 +168,9 @@ def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
         context.close()
 
 
-def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(multinode, scenario, agent):
+def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(
+    multinode: Cluster, scenario: Scenario, agent
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     officer = Officer(a.url, "officer", PASSWORD)
     on_a = ReconnectingInbox([a.url], officer.cookie, "inbox-on-A")
@@ -185,7 +191,9 @@ def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(multinode, scenari
         on_a.close(), on_b.close(), officer.close()
 
 
-def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinode, scenario, agent):
+def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(
+    multinode: Cluster, scenario: Scenario, agent
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     officer = Officer(b.url, "officer", PASSWORD)
     # A tab whose load balancer put it on node B; when B is gone it gets node A.
@@ -229,7 +237,7 @@ def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinod
             multinode.start_node("B")
 
 
-def test_an_idle_inbox_websocket_stays_open(multinode, scenario, agent):
+def test_an_idle_inbox_websocket_stays_open(multinode: Cluster, scenario: Scenario, agent) -> None:
     a = multinode.nodes["A"]
     officer = Officer(a.url, "officer", PASSWORD)
     tab = ReconnectingInbox([a.url], officer.cookie, "idle-tab")

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.test import Client, RequestFactory, override_settings
 
 from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
-from tests.conftest import REDIRECT_URI, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
 
 LANE = "config.middleware.ProtocolLaneMiddleware"
 FORM = "application/x-www-form-urlencoded"
@@ -40,8 +40,8 @@ def _post(client, path, data, **extra):
     return client.post(path, urlencode(data), content_type=FORM, **extra)
 
 
-def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario):
-    def rest_of_chain(request):
+def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario: Scenario) -> None:
+    def rest_of_chain(request) -> None:
         raise AssertionError(f"{request.path} went down the full chain")
 
     lane = ProtocolLaneMiddleware(rest_of_chain)
@@ -52,7 +52,7 @@ def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario):
         assert response["X-Frame-Options"] == "DENY" and response["X-Request-ID"]
 
 
-def test_other_requests_go_down_the_full_chain(scenario):
+def test_other_requests_go_down_the_full_chain(scenario: Scenario) -> None:
     seen = []
     lane = ProtocolLaneMiddleware(lambda request: seen.append(request.path) or "full")
     factory = RequestFactory()
@@ -81,7 +81,9 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("path", "data", "who"), REFUSALS)
-def test_refusals_are_the_same_through_the_lane_and_the_full_chain(scenario, path, data, who):
+def test_refusals_are_the_same_through_the_lane_and_the_full_chain(
+    scenario: Scenario, path, data, who
+) -> None:
     extra = {}
     if who.get("agent"):
         extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
@@ -95,7 +97,9 @@ def test_refusals_are_the_same_through_the_lane_and_the_full_chain(scenario, pat
     assert lane == full
 
 
-def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(flow, scenario):
+def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     def exchange(client):
         flow.client = client
         flow.login()

@@ -16,11 +16,12 @@ from django.db import close_old_connections
 from config.router import _serve
 from config.serving import local_command, web_command, ws_command
 from consent.models import SessionGrant
+from tests.conftest import OAuthFlow, Scenario
 
 # --- the server commands ----------------------------------------------------------------------------
 
 
-def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port():
+def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port() -> None:
     web = web_command(8123, "0.0.0.0", threads=3)
     assert web[:3] == [sys.executable, "-m", "granian"]
     assert web[web.index("--interface") + 1] == "wsgi" and "config.wsgi:application" in web
@@ -38,7 +39,7 @@ def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port():
 async def _backend(name: str):
     """An HTTP/1.1 server answering every request with JSON naming itself, the path, headers and body."""
 
-    async def handle(reader, writer):
+    async def handle(reader, writer) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -113,7 +114,7 @@ def _through_router(exchange):
     return asyncio.run(main())
 
 
-def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path():
+def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path() -> None:
     async def exchange(reader, writer):
         seen = []
         for path in ("/healthz", "/.well-known/jwks.json", "/ws/approvals/"):
@@ -129,7 +130,7 @@ def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path():
     ]
 
 
-def test_router_forwards_bodies_whole_and_the_next_request_after_them():
+def test_router_forwards_bodies_whole_and_the_next_request_after_them() -> None:
     form = "grant_type=client_credentials&scope=" + "x" * 70_000  # more than one read's worth
 
     async def exchange(reader, writer):
@@ -151,7 +152,7 @@ def test_router_forwards_bodies_whole_and_the_next_request_after_them():
     assert third["server"] == "ws"
 
 
-def test_router_replaces_a_client_supplied_x_forwarded_for_with_the_peer():
+def test_router_replaces_a_client_supplied_x_forwarded_for_with_the_peer() -> None:
     async def exchange(reader, writer):
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n")
         return await _response(reader)
@@ -159,7 +160,7 @@ def test_router_replaces_a_client_supplied_x_forwarded_for_with_the_peer():
     assert _through_router(exchange)["headers"]["X-Forwarded-For"] == "127.0.0.1"
 
 
-def test_router_refuses_a_malformed_request():
+def test_router_refuses_a_malformed_request() -> None:
     async def exchange(reader, writer):
         writer.write(b"POST /o/token/ HTTP/1.1\r\nHost: h\r\nContent-Length: 1e3\r\n\r\n")
         return await reader.read(200)
@@ -198,7 +199,9 @@ def _wsgi(path: str, *, method="GET", peer="127.0.0.1", body=b"", headers=None):
     return int(status[0].split()[0]), content
 
 
-def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(db, monkeypatch):
+def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("METRICS_TOKEN", raising=False)
     assert _wsgi("/metrics")[0] == 200  # loopback itself
     assert _wsgi("/metrics", headers={"HTTP_X_FORWARDED_FOR": "203.0.113.7"})[0] == 403
@@ -209,7 +212,7 @@ def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(db, monkeypatc
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db, framing):
+def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db: None, framing) -> None:
     body = b"grant_type=urn%3Aexample%3Anone"
     headers = {"CONTENT_TYPE": "application/x-www-form-urlencoded"}
     headers.update(
@@ -224,7 +227,9 @@ def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db, framing
 # --- messages skipped on protocol paths, kept for pages ----------------------------------------------
 
 
-def test_a_flash_message_survives_protocol_requests_and_shows_once_on_the_next_page(flow, scenario):
+def test_a_flash_message_survives_protocol_requests_and_shows_once_on_the_next_page(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     tokens = flow.full(scope="catalog:read")
     grant = SessionGrant.objects.get()
     assert flow.client.post(f"/grants/{grant.pk}/revoke/").status_code == 302
