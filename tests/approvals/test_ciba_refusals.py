@@ -9,8 +9,10 @@ replaced by an ``Outbox`` that records what the services queue on commit.
 
 import json
 import time
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime, timedelta
+from typing import Any
 
 import jwt
 import pytest
@@ -28,9 +30,10 @@ from audit.models import AuditEvent
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import agent_create, agent_update, grant_revoke, scope_set
 from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, session_claims, sign, verify
-from tests.approvals.conftest import LEDGER_ENTRY
-from tests.approvals.support import install_outbox, ledger_entry
-from tests.conftest import PASSWORD, REDIRECT_URI, Scenario, pkce_pair
+from tests.approvals.conftest import LEDGER_ENTRY, ClientResponse
+from tests.approvals.conftest import Agent as CibaAgent
+from tests.approvals.support import Outbox, install_outbox, ledger_entry
+from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -48,7 +51,7 @@ def _head() -> int:
     return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
-def _approval_rows() -> dict:
+def _approval_rows() -> dict[Any, list[Any]]:
     return {
         pk: rest
         for pk, *rest in ApprovalRequest.objects.values_list(
@@ -57,14 +60,14 @@ def _approval_rows() -> dict:
     }
 
 
-def _token_rows() -> dict:
+def _token_rows() -> dict[Any, list[Any]]:
     return {
         jti: rest for jti, *rest in ActionToken.objects.values_list("jti", "redeemed_at", "redeemed_by_id")
     }
 
 
 class Watch:
-    def __init__(self, outbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.seq = _head()
         self.approvals = _approval_rows()
@@ -77,17 +80,17 @@ class Watch:
     def new_queued(self) -> list[tuple[str, str]]:
         return self.outbox.queued[self.queued :]
 
-    def new_sent(self) -> list:
+    def new_sent(self) -> list[tuple[int, dict[str, Any]]]:
         return self.outbox.sent[self.sent :]
 
     def refused(
         self,
-        response,
+        response: ClientResponse,
         *,
         status: int,
         error: str,
         event: str,
-        ok_events=(),
+        ok_events: Sequence[str] = (),
         unchanged: bool = True,
         reason: str = "",
     ) -> AuditEvent:
@@ -115,15 +118,18 @@ class Watch:
         assert self.new_queued() == [] and self.new_sent() == [], "a refusal must push nothing"
 
 
+Watching = Callable[[], AbstractContextManager[Watch]]  # the ``watch`` fixture
+
+
 @pytest.fixture
-def outbox(monkeypatch: pytest.MonkeyPatch):
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     return install_outbox(monkeypatch)
 
 
 @pytest.fixture
-def watch(django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks, outbox):
+def watch(django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks, outbox: Outbox) -> Watching:
     @contextmanager
-    def _watch():
+    def _watch() -> Iterator[Watch]:
         w = Watch(outbox)
         with django_capture_on_commit_callbacks(execute=True):
             yield w
@@ -138,29 +144,35 @@ def _approval_for(auth_req_id: str) -> ApprovalRequest:
     return ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(auth_req_id))
 
 
-def _ask_ok(agent, details=None, **extra) -> tuple[str, ApprovalRequest]:
+def _ask_ok(
+    agent: CibaAgent, details: dict[str, Any] | None = None, **extra: Any
+) -> tuple[str, ApprovalRequest]:
     response = agent.ask(details, **extra)
     assert response.status_code == 200, response.content
     auth_req_id = response.json()["auth_req_id"]
     return auth_req_id, _approval_for(auth_req_id)
 
 
-def _decide(client, approval, verb="approve", user=None):
+def _decide(
+    client: Client, approval: ApprovalRequest, verb: str = "approve", user: User | None = None
+) -> ClientResponse:
     client.force_login(user or approval.user)
     return client.post(f"/approvals/{approval.pk}/{verb}/")
 
 
-def _action_token(agent, client, details=None) -> tuple[str, ApprovalRequest]:
+def _action_token(
+    agent: CibaAgent, client: Client, details: dict[str, Any] | None = None
+) -> tuple[str, ApprovalRequest]:
     """Ask, approve in the browser, collect: a real action token for the ledger."""
     auth_req_id, approval = _ask_ok(agent, details)
     assert _decide(client, approval).status_code == 302
     client.logout()
     response = agent.poll(auth_req_id)
     assert response.status_code == 200, response.content
-    return response.json()["access_token"], approval
+    return str(response.json()["access_token"]), approval
 
 
-def _other_agent(name="Other Agent") -> tuple[Agent, str]:
+def _other_agent(name: str = "Other Agent") -> tuple[Agent, str]:
     return agent_create(
         name=name,
         publisher="Elsewhere Inc",
@@ -169,7 +181,7 @@ def _other_agent(name="Other Agent") -> tuple[Agent, str]:
     )
 
 
-def _session_token_for(flow, agent: Agent, secret: str, scope: str) -> str:
+def _session_token_for(flow: OAuthFlow, agent: Agent, secret: str, scope: str) -> str:
     """The authorization-code flow for ``agent`` (the officer consents), returning its session token."""
     flow.login()
     verifier, challenge = pkce_pair()
@@ -187,10 +199,10 @@ def _session_token_for(flow, agent: Agent, secret: str, scope: str) -> str:
     )
     assert response.status_code == 200, response.content
     flow.client.logout()
-    return response.json()["access_token"]
+    return str(response.json()["access_token"])
 
 
-def _grant_of(agent) -> SessionGrant:
+def _grant_of(agent: CibaAgent) -> SessionGrant:
     claims = verify(agent.session_token, typ=SESSION_TOKEN_TYP)
     return SessionGrant.objects.get(pk=claims["grant_id"])
 
@@ -202,7 +214,7 @@ def _grant_of(agent) -> SessionGrant:
 
 @pytest.mark.parametrize("credentials", ["unknown client", "wrong secret", "empty secret"])
 def test_client_authentication_failure_is_invalid_client(
-    agent, scenario: Scenario, watch, credentials
+    agent: CibaAgent, scenario: Scenario, watch: Watching, credentials: str
 ) -> None:
     auth = {
         "unknown client": ("no-such-client", scenario.agent_secret),
@@ -216,7 +228,9 @@ def test_client_authentication_failure_is_invalid_client(
     assert row.client_id == auth[0]
 
 
-def test_suspended_agent_fails_client_authentication(agent, scenario: Scenario, watch) -> None:
+def test_suspended_agent_fails_client_authentication(
+    agent: CibaAgent, scenario: Scenario, watch: Watching
+) -> None:
     agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
     with watch() as w:
         response = agent.ask()
@@ -233,13 +247,13 @@ def test_suspended_agent_fails_client_authentication(agent, scenario: Scenario, 
         "nope:write",  # no such scope
     ],
 )
-def test_scope_must_be_exactly_one_step_up_scope(agent, watch, scope) -> None:
+def test_scope_must_be_exactly_one_step_up_scope(agent: CibaAgent, watch: Watching, scope: str) -> None:
     with watch() as w:
         response = agent.ask(scope=scope)
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_step_up_scope_outside_the_agents_registry(agent, watch) -> None:
+def test_step_up_scope_outside_the_agents_registry(agent: CibaAgent, watch: Watching) -> None:
     scope_set(
         name="payments:send",
         values={
@@ -253,7 +267,7 @@ def test_step_up_scope_outside_the_agents_registry(agent, watch) -> None:
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_step_up_scope_outside_the_session_grant(agent, watch) -> None:
+def test_step_up_scope_outside_the_session_grant(agent: CibaAgent, watch: Watching) -> None:
     # The officer consented without ledger:write this time.
     agent.session_token = agent.flow.full(scope="catalog:read budget:read")["access_token"]
     agent.flow.client.logout()
@@ -263,14 +277,16 @@ def test_step_up_scope_outside_the_session_grant(agent, watch) -> None:
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_missing_login_hint_token(agent, watch) -> None:
+def test_missing_login_hint_token(agent: CibaAgent, watch: Watching) -> None:
     agent.session_token = ""
     with watch() as w:
         response = agent.ask()
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_login_hint_token_that_is_not_a_session_token(agent, scenario: Scenario, watch) -> None:
+def test_login_hint_token_that_is_not_a_session_token(
+    agent: CibaAgent, scenario: Scenario, watch: Watching
+) -> None:
     grant = _grant_of(agent)
     claims = session_claims(
         grant=grant, client_id=scenario.agent.client_id, scopes=["catalog:read"], expires_in=600
@@ -282,7 +298,7 @@ def test_login_hint_token_that_is_not_a_session_token(agent, scenario: Scenario,
         w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_login_hint_token_of_another_agent(agent, scenario: Scenario, watch) -> None:
+def test_login_hint_token_of_another_agent(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     other, other_secret = _other_agent()
     agent.session_token = _session_token_for(agent.flow, other, other_secret, "catalog:read ledger:write")
     with watch() as w:
@@ -290,7 +306,7 @@ def test_login_hint_token_of_another_agent(agent, scenario: Scenario, watch) -> 
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_expired_login_hint_token(agent, scenario: Scenario, watch) -> None:
+def test_expired_login_hint_token(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     claims = session_claims(
         grant=_grant_of(agent),
         client_id=scenario.agent.client_id,
@@ -304,7 +320,7 @@ def test_expired_login_hint_token(agent, scenario: Scenario, watch) -> None:
     w.refused(response, status=400, error="expired_login_hint_token", event=REQUEST_REFUSED)
 
 
-def test_revoked_grant_is_access_denied(agent, scenario: Scenario, watch) -> None:
+def test_revoked_grant_is_access_denied(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     grant = _grant_of(agent)
     assert grant_revoke(grant_id=grant.pk, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
     with watch() as w:
@@ -313,7 +329,7 @@ def test_revoked_grant_is_access_denied(agent, scenario: Scenario, watch) -> Non
     w.refused(response, status=403, error="access_denied", event=REQUEST_REFUSED)
 
 
-def test_grant_past_its_lifetime_is_access_denied(agent, watch) -> None:
+def test_grant_past_its_lifetime_is_access_denied(agent: CibaAgent, watch: Watching) -> None:
     SessionGrant.objects.filter(pk=_grant_of(agent).pk).update(
         expires_at=timezone.now() - timedelta(seconds=1)
     )
@@ -343,7 +359,7 @@ BAD_DETAILS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DETAILS))
-def test_malformed_authorization_details(agent, watch, case) -> None:
+def test_malformed_authorization_details(agent: CibaAgent, watch: Watching, case: str) -> None:
     if case == "oversized (> 8 KB)":
         assert len(OVERSIZED.encode()) > 8192 and json.loads(OVERSIZED)[0]["type"] == "ledger_entry"
     with watch() as w:
@@ -361,25 +377,25 @@ def test_malformed_authorization_details(agent, watch, case) -> None:
         "zero\u200bwidth",
     ],
 )
-def test_bad_binding_message(agent, watch, message) -> None:
+def test_bad_binding_message(agent: CibaAgent, watch: Watching, message: str) -> None:
     with watch() as w:
         response = agent.ask(binding_message=message)
     w.refused(response, status=400, error="invalid_binding_message", event=REQUEST_REFUSED)
 
 
-def test_binding_message_of_exactly_the_limit_is_accepted(agent) -> None:
+def test_binding_message_of_exactly_the_limit_is_accepted(agent: CibaAgent) -> None:
     _, approval = _ask_ok(agent, binding_message="y" * 120)
     assert approval.binding_message == "y" * 120
 
 
 @pytest.mark.parametrize("requested_expiry", ["abc", "0", "-5", "1.5", "60s"])
-def test_invalid_requested_expiry(agent, watch, requested_expiry) -> None:
+def test_invalid_requested_expiry(agent: CibaAgent, watch: Watching, requested_expiry: str) -> None:
     with watch() as w:
         response = agent.ask(requested_expiry=requested_expiry)
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_requested_expiry_never_extends_the_admin_window(agent) -> None:
+def test_requested_expiry_never_extends_the_admin_window(agent: CibaAgent) -> None:
     response = agent.ask(requested_expiry="86400")
     assert response.status_code == 200 and response.json()["expires_in"] <= 600
     short = agent.ask(ledger_entry("1.00"), requested_expiry="120")
@@ -388,7 +404,7 @@ def test_requested_expiry_never_extends_the_admin_window(agent) -> None:
 
 @pytest.mark.parametrize("cap", ["MAX_PENDING_PER_USER", "MAX_PENDING_PER_AGENT"])
 def test_too_many_pending_is_temporarily_unavailable(
-    agent, client: Client, settings: Settings, watch, cap
+    agent: CibaAgent, client: Client, settings: Settings, watch: Watching, cap: str
 ) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, cap: 2}
     _, first = _ask_ok(agent, ledger_entry("1.00"))
@@ -403,7 +419,7 @@ def test_too_many_pending_is_temporarily_unavailable(
 
 
 def test_identical_pending_request_collapses_into_one(
-    agent, outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+    agent: CibaAgent, outbox: Outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         first = agent.ask(binding_message="Step 5 of 5")
@@ -423,7 +439,7 @@ def test_identical_pending_request_collapses_into_one(
     assert ApprovalRequest.objects.count() == 2
 
 
-def test_identical_request_after_a_decision_is_a_new_prompt(agent, client: Client) -> None:
+def test_identical_request_after_a_decision_is_a_new_prompt(agent: CibaAgent, client: Client) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval, "deny")
     again, fresh = _ask_ok(agent)
@@ -431,7 +447,7 @@ def test_identical_request_after_a_decision_is_a_new_prompt(agent, client: Clien
 
 
 def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
-    agent, outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+    agent: CibaAgent, outbox: Outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
 ) -> None:
     auth_req_id, old = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
@@ -450,7 +466,7 @@ def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
 # =====================================================================================================
 
 
-def test_auth_req_id_of_another_client_is_invalid_grant(agent, watch) -> None:
+def test_auth_req_id_of_another_client_is_invalid_grant(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     other, other_secret = _other_agent()
     with watch() as w:
@@ -462,20 +478,20 @@ def test_auth_req_id_of_another_client_is_invalid_grant(agent, watch) -> None:
 
 
 @pytest.mark.parametrize("auth_req_id", ["0" * 64, "not-an-id", "x" * 5000])
-def test_unknown_auth_req_id_is_invalid_grant(agent, watch, auth_req_id) -> None:
+def test_unknown_auth_req_id_is_invalid_grant(agent: CibaAgent, watch: Watching, auth_req_id: str) -> None:
     _ask_ok(agent)
     with watch() as w:
         response = agent.poll(auth_req_id)
     w.refused(response, status=400, error="invalid_grant", event=TOKEN_REFUSED)
 
 
-def test_missing_auth_req_id_is_invalid_request(agent, watch) -> None:
+def test_missing_auth_req_id_is_invalid_request(agent: CibaAgent, watch: Watching) -> None:
     with watch() as w:
         response = agent.flow.token({"grant_type": "urn:openid:params:grant-type:ciba"})
     w.refused(response, status=400, error="invalid_request", event=TOKEN_REFUSED)
 
 
-def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent, watch) -> None:
+def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     assert approval.interval == 5
     assert agent.poll(auth_req_id).json()["error"] == "authorization_pending"
@@ -501,7 +517,7 @@ def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent, watch)
     assert ActionToken.objects.count() == 0
 
 
-def test_expired_request_is_expired_token(agent, watch) -> None:
+def test_expired_request_is_expired_token(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -522,7 +538,7 @@ def test_expired_request_is_expired_token(agent, watch) -> None:
     assert agent.poll(auth_req_id).json()["error"] == "expired_token"
 
 
-def test_denied_is_access_denied_with_400(agent, client: Client, watch) -> None:
+def test_denied_is_access_denied_with_400(agent: CibaAgent, client: Client, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval, "deny")
     with watch() as w:
@@ -531,7 +547,7 @@ def test_denied_is_access_denied_with_400(agent, client: Client, watch) -> None:
     assert ActionToken.objects.count() == 0
 
 
-def test_second_collection_is_invalid_grant(agent, client: Client, watch) -> None:
+def test_second_collection_is_invalid_grant(agent: CibaAgent, client: Client, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval)
     assert agent.poll(auth_req_id).status_code == 200
@@ -546,13 +562,13 @@ def test_second_collection_is_invalid_grant(agent, client: Client, watch) -> Non
 # =====================================================================================================
 
 
-def _state(approval) -> tuple:
+def _state(approval: ApprovalRequest) -> tuple[str, datetime | None, int | None]:
     row = ApprovalRequest.objects.get(pk=approval.pk)
     return row.status, row.decided_at, row.decided_by_id
 
 
 @pytest.mark.parametrize("verb", ["approve", "deny"])
-def test_decisions_are_post_only(agent, client: Client, scenario: Scenario, verb) -> None:
+def test_decisions_are_post_only(agent: CibaAgent, client: Client, scenario: Scenario, verb: str) -> None:
     _, approval = _ask_ok(agent)
     client.force_login(scenario.user)
     before = _state(approval)
@@ -561,7 +577,7 @@ def test_decisions_are_post_only(agent, client: Client, scenario: Scenario, verb
     assert ActionToken.objects.count() == 0
 
 
-def test_decisions_need_a_csrf_token(agent, scenario: Scenario) -> None:
+def test_decisions_need_a_csrf_token(agent: CibaAgent, scenario: Scenario) -> None:
     _, approval = _ask_ok(agent)
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(scenario.user)
@@ -578,7 +594,10 @@ def test_decisions_need_a_csrf_token(agent, scenario: Scenario) -> None:
 
 
 def test_another_users_approval_is_404_and_unchanged(
-    agent, client: Client, django_user_model: type[User], watch
+    agent: CibaAgent,
+    client: Client,
+    django_user_model: type[User],
+    watch: Watching,
 ) -> None:
     _, approval = _ask_ok(agent)
     mallory = django_user_model.objects.create_user("mallory", password="another strong passphrase")
@@ -596,7 +615,9 @@ def test_another_users_approval_is_404_and_unchanged(
     assert str(approval.pk).encode() not in client.get("/approvals/").content
 
 
-def test_approve_after_expiry_is_refused_and_mints_nothing(agent, client: Client, watch) -> None:
+def test_approve_after_expiry_is_refused_and_mints_nothing(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     auth_req_id, approval = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -612,7 +633,7 @@ def test_approve_after_expiry_is_refused_and_mints_nothing(agent, client: Client
 
 
 def test_approve_after_the_grant_was_revoked_is_refused(
-    agent, client: Client, scenario: Scenario, watch
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
 ) -> None:
     auth_req_id, approval = _ask_ok(agent)
     grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
@@ -629,14 +650,18 @@ def test_approve_after_the_grant_was_revoked_is_refused(
 
 
 @pytest.fixture
-def fresh_auth_policy(ledger_policy: ScopePolicy):
+def fresh_auth_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     ledger_policy.fresh_auth_seconds = 60
     ledger_policy.save()
     return ledger_policy
 
 
 def test_fresh_authentication_before_approving(
-    agent, client: Client, scenario: Scenario, fresh_auth_policy, watch
+    agent: CibaAgent,
+    client: Client,
+    scenario: Scenario,
+    fresh_auth_policy: ScopePolicy,
+    watch: Watching,
 ) -> None:
     auth_req_id, approval = _ask_ok(agent)
     client.force_login(scenario.user)
@@ -663,18 +688,22 @@ def test_fresh_authentication_before_approving(
     client.logout()
     token = agent.poll(auth_req_id).json()["access_token"]
     claims = verify(token, typ=ACTION_TOKEN_TYP)
+    assert fresh_auth_policy.fresh_auth_seconds is not None
     assert claims["auth_time"] >= int(time.time()) - fresh_auth_policy.fresh_auth_seconds
     assert "pwd" in claims["amr"]
 
 
 @pytest.fixture
-def auto_rule(ledger_policy: ScopePolicy):
+def auto_rule(ledger_policy: ScopePolicy) -> str:
     scope_set(name="ledger:write", values={"auto_approve_rule": "amount <= 10000"})
     return "amount <= 10000"
 
 
 def test_auto_approve_within_the_rule(
-    agent, auto_rule, outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+    agent: CibaAgent,
+    auto_rule: str,
+    outbox: Outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         response = agent.ask(ledger_entry("4250.00"))
@@ -691,7 +720,10 @@ def test_auto_approve_within_the_rule(
 
 
 def test_auto_approve_above_the_rule_prompts(
-    agent, auto_rule, outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+    agent: CibaAgent,
+    auto_rule: str,
+    outbox: Outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         response = agent.ask(ledger_entry("10000.01"))
@@ -706,7 +738,7 @@ def test_auto_approve_above_the_rule_prompts(
     assert agent.poll(response.json()["auth_req_id"]).json()["error"] == "authorization_pending"
 
 
-def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent, auto_rule) -> None:
+def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent: CibaAgent, auto_rule: str) -> None:
     """Ten entries of 9,999.00 are one 99,990.00 action: split purchases must not slip under the rule."""
     response = agent.ask(
         authorization_details=json.dumps([ledger_entry("9999.00", line=i) for i in range(10)])
@@ -718,7 +750,9 @@ def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent, auto_rule
 
 
 @pytest.mark.parametrize("amount", ["NaN", "sNaN", "-Infinity"])
-def test_auto_approve_never_matches_a_non_finite_amount(agent, auto_rule, amount) -> None:
+def test_auto_approve_never_matches_a_non_finite_amount(
+    agent: CibaAgent, auto_rule: str, amount: str
+) -> None:
     agent.flow.client.raise_request_exception = False
     response = agent.ask(ledger_entry(amount))
     assert response.status_code == 200, response.content[:300]
@@ -735,7 +769,11 @@ def test_auto_approve_never_matches_a_non_finite_amount(agent, auto_rule, amount
     "credentials", ["wrong secret", "unknown resource server", "agent credentials", "none"]
 )
 def test_resource_server_authentication_failure(
-    agent, client: Client, scenario: Scenario, watch, credentials
+    agent: CibaAgent,
+    client: Client,
+    scenario: Scenario,
+    watch: Watching,
+    credentials: str,
 ) -> None:
     token, approval = _action_token(agent, client)
     auth = {
@@ -754,7 +792,7 @@ def test_resource_server_authentication_failure(
 
 
 def test_resource_server_of_another_audience_is_invalid_target(
-    agent, client: Client, scenario: Scenario, watch
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
 ) -> None:
     token, approval = _action_token(agent, client)
     with watch() as w:
@@ -763,13 +801,13 @@ def test_resource_server_of_another_audience_is_invalid_target(
     assert agent.redeem(token).status_code == 200
 
 
-def test_session_token_at_redemption_is_invalid_token(agent, watch) -> None:
+def test_session_token_at_redemption_is_invalid_token(agent: CibaAgent, watch: Watching) -> None:
     with watch() as w:
         response = agent.redeem(agent.session_token)
     w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
 
 
-def test_tampered_action_token_is_invalid_token(agent, client: Client, watch) -> None:
+def test_tampered_action_token_is_invalid_token(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     header, payload, signature = token.split(".")
     claims = json.loads(jwt.utils.base64url_decode(payload))
@@ -781,7 +819,7 @@ def test_tampered_action_token_is_invalid_token(agent, client: Client, watch) ->
 
 
 def test_action_token_at_introspection_is_active_only_to_its_own_resource_server(
-    agent, client: Client, scenario: Scenario
+    agent: CibaAgent, client: Client, scenario: Scenario
 ) -> None:
     token, approval = _action_token(agent, client)
     seq = _head()
@@ -792,7 +830,7 @@ def test_action_token_at_introspection_is_active_only_to_its_own_resource_server
     assert AuditEvent.objects.filter(id__gt=seq, outcome="refused").count() == 1
 
 
-def test_expired_action_token_jwt_is_refused(agent, client: Client, watch) -> None:
+def test_expired_action_token_jwt_is_refused(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     claims = verify(token, typ=ACTION_TOKEN_TYP)
     claims["iat"], claims["exp"] = claims["iat"] - 600, claims["iat"] - 480  # the same token, ten minutes on
@@ -802,7 +840,9 @@ def test_expired_action_token_jwt_is_refused(agent, client: Client, watch) -> No
     assert ActionToken.objects.get().redeemed_at is None
 
 
-def test_action_token_past_its_recorded_expiry_is_refused(agent, client: Client, watch) -> None:
+def test_action_token_past_its_recorded_expiry_is_refused(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     ActionToken.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -812,7 +852,7 @@ def test_action_token_past_its_recorded_expiry_is_refused(agent, client: Client,
 
 
 def test_grant_revoked_between_collection_and_redemption(
-    agent, client: Client, scenario: Scenario, watch
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
 ) -> None:
     token, approval = _action_token(agent, client)
     grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
@@ -825,7 +865,7 @@ def test_grant_revoked_between_collection_and_redemption(
 
 @pytest.mark.parametrize("how", ["agent_update", "bulk status change"])
 def test_agent_suspended_between_collection_and_redemption(
-    agent, client: Client, scenario: Scenario, watch, how
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching, how: str
 ) -> None:
     token, approval = _action_token(agent, client)
     if how == "agent_update":
@@ -838,7 +878,9 @@ def test_agent_suspended_between_collection_and_redemption(
     assert ActionToken.objects.get().redeemed_at is None
 
 
-def test_a_different_action_hash_is_refused_and_not_redeemed(agent, client: Client, watch) -> None:
+def test_a_different_action_hash_is_refused_and_not_redeemed(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     for changed in ({**LEDGER_ENTRY, "amount": "9250.00"}, {**LEDGER_ENTRY, "vendor": "Mallory Supply"}):
         with watch() as w:
@@ -849,7 +891,7 @@ def test_a_different_action_hash_is_refused_and_not_redeemed(agent, client: Clie
     assert ok.status_code == 200 and _state(approval)[0] == S.REDEEMED
 
 
-def test_second_redemption_is_refused(agent, client: Client, watch) -> None:
+def test_second_redemption_is_refused(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     assert agent.redeem(token).status_code == 200
     with watch() as w:

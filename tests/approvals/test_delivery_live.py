@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 class Inbox:
     """A browser tab's websocket, signed in as ``user``."""
 
-    def __init__(self, stack, user, origin=None) -> None:  # noqa: D107
+    def __init__(self, stack: LiveStack, user: User, origin: str | None = None) -> None:  # noqa: D107
         client = Client()
         client.force_login(user)
         cookie = f"sessionid={client.cookies['sessionid'].value}"
@@ -41,10 +42,11 @@ class Inbox:
             open_timeout=5,
         )
 
-    def next(self, timeout=10.0) -> dict:
-        return json.loads(self.ws.recv(timeout=timeout))
+    def next(self, timeout: float = 10.0) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(self.ws.recv(timeout=timeout))
+        return message
 
-    def next_of(self, kind: str, timeout=10.0) -> dict:
+    def next_of(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             msg = self.next(max(0.1, deadline - time.monotonic()))
@@ -55,7 +57,7 @@ class Inbox:
         self.ws.close()
 
 
-def _ask(stack, scenario, session_token, **extra):
+def _ask(stack: LiveStack, scenario: Scenario, session_token: str, **extra: str) -> httpx.Response:
     data = {
         "scope": "ledger:write",
         "login_hint_token": session_token,
@@ -163,7 +165,8 @@ def test_user_never_receives_another_users_prompts(
         with pytest.raises(TimeoutError):
             theirs.next(timeout=1.5)
     finally:
-        theirs.close(), mine.close()
+        theirs.close()
+        mine.close()
 
 
 def test_websocket_refuses_anonymous_and_foreign_origin(live: LiveStack, scenario: Scenario) -> None:
@@ -178,7 +181,7 @@ def test_websocket_refuses_anonymous_and_foreign_origin(live: LiveStack, scenari
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list = []
+    calls: list[dict[str, Any]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -186,7 +189,7 @@ class _Recorder(BaseHTTPRequestHandler):
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args) -> None:
+    def log_message(self, *args: Any) -> None:
         pass
 
 
@@ -214,7 +217,7 @@ def test_ping_mode_notifies_the_agent_after_the_decision(
         ]
         token = httpx.post(
             f"{live.url}/o/token/",
-            data=urlencode(
+            content=urlencode(
                 {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]}
             ),
             headers={

@@ -7,7 +7,7 @@ import re
 
 import pytest
 from django.test import Client
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Scenario
 from tests.live import LiveStack
@@ -18,7 +18,7 @@ SOCKETS = 300
 ERRORS = re.compile(r"Traceback|MaxConnectionsError|Too many connections|ERROR|Exception")
 
 
-async def _open(url: str, cookie: str, origin: str):
+async def _open(url: str, cookie: str, origin: str) -> ClientConnection:
     ws = await connect(
         url,
         additional_headers={"Cookie": cookie, "Origin": origin},

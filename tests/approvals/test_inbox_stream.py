@@ -7,14 +7,15 @@ committed and the user's sequence counted, but nothing reaches the group.
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels.layers import BaseChannelLayer, get_channel_layer
 from websockets.exceptions import ConnectionClosed
 
-from approvals import consumers
 from approvals import tasks as approval_tasks
 from approvals.consumers import MAX_FRAME, RATE_BURST, ApprovalsConsumer, parse_client_message
 from approvals.delivery import sequence_current, sequence_next, user_group
@@ -35,18 +36,18 @@ class _Held:
     def __init__(self) -> None:
         self.ids: list[str] = []
 
-    def apply_async(self, args=(), **options) -> None:
+    def apply_async(self, args: tuple[Any, ...] = (), **options: Any) -> None:
         self.ids.append(str(args[0]))
 
 
 @pytest.fixture
-def held(monkeypatch: pytest.MonkeyPatch):
+def held(monkeypatch: pytest.MonkeyPatch) -> _Held:
     held = _Held()
     monkeypatch.setitem(celery_app.tasks, approval_tasks.deliver_prompt.name, held)
     return held
 
 
-def _in_thread(coroutine_function, user_id) -> int:
+def _in_thread(coroutine_function: Callable[[Any, str], Awaitable[int]], user_id: int) -> int:
     # A thread of its own: Playwright's sync API keeps an event loop in the test's thread.
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(
@@ -54,12 +55,12 @@ def _in_thread(coroutine_function, user_id) -> int:
         ).result()
 
 
-def _drop(user_id) -> int:
+def _drop(user_id: int) -> int:
     """Count a push in the user's stream without sending it: a message lost on the way."""
     return _in_thread(sequence_next, user_id)
 
 
-def _current(user_id) -> int:
+def _current(user_id: int) -> int:
     return _in_thread(sequence_current, user_id)
 
 
@@ -67,6 +68,7 @@ def _closed_with(inbox: Inbox) -> int:
     with pytest.raises(ConnectionClosed) as closed:
         while True:
             inbox.next(timeout=5)
+    assert closed.value.rcvd is not None
     return closed.value.rcvd.code
 
 
@@ -88,7 +90,7 @@ def test_snapshot_carries_the_sequence_and_every_push_the_next_number(
 
 
 def test_resync_answers_with_what_the_database_holds(
-    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held: _Held
 ) -> None:
     inbox = Inbox(live, scenario.user)
     try:
@@ -105,7 +107,7 @@ def test_resync_answers_with_what_the_database_holds(
 
 
 def test_check_answers_only_when_the_stream_moved(
-    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held
+    live: LiveStack, scenario: Scenario, ledger_policy: ScopePolicy, held: _Held
 ) -> None:
     inbox = Inbox(live, scenario.user)
     try:
@@ -137,7 +139,7 @@ def test_check_answers_only_when_the_stream_moved(
         b"\x00\x01binary",
     ],
 )
-def test_garbage_closes_the_socket(live: LiveStack, scenario: Scenario, frame) -> None:
+def test_garbage_closes_the_socket(live: LiveStack, scenario: Scenario, frame: str | bytes) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         inbox.next()
@@ -148,7 +150,9 @@ def test_garbage_closes_the_socket(live: LiveStack, scenario: Scenario, frame) -
 
 
 @pytest.mark.parametrize("size", [MAX_FRAME + 1, 4 * WS_MAX_SIZE])
-def test_an_oversized_frame_closes_the_socket_with_1009(live: LiveStack, scenario: Scenario, size) -> None:
+def test_an_oversized_frame_closes_the_socket_with_1009(
+    live: LiveStack, scenario: Scenario, size: int
+) -> None:
     # Past MAX_FRAME the consumer closes; past --ws-max-size uvicorn does, before the app sees it.
     # (Frames go uncompressed, config.serving: one of megabytes would still be on its way when the
     # server closes, and the reset that follows can overtake the close frame; a few KiB cannot.)
@@ -195,26 +199,27 @@ def test_a_long_open_socket_rejoins_its_group_before_group_expiry(monkeypatch: p
         group_expiry = 3600
 
         def __init__(self) -> None:
-            self.added = []
+            self.added: list[tuple[str, str]] = []
 
-        async def group_add(self, group, channel) -> None:
+        async def group_add(self, group: str, channel: str) -> None:
             self.added.append((group, channel))
 
     consumer = ApprovalsConsumer()
+    layer = Layer()  # only what _keep_membership uses
     consumer.channel_layer, consumer.group, consumer.channel_name = (
-        Layer(),
+        cast(BaseChannelLayer, layer),
         "approvals.user.7",
         "specific.x!y",
     )
     clock = [1000.0]
-    monkeypatch.setattr(consumers.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("approvals.consumers.time.monotonic", lambda: clock[0])
     consumer.joined_at = clock[0]
 
     clock[0] += 3600 / 4 - 1
     asyncio.run(consumer._keep_membership())
-    assert consumer.channel_layer.added == []
+    assert layer.added == []
     clock[0] += 2
     asyncio.run(consumer._keep_membership())
-    assert consumer.channel_layer.added == [("approvals.user.7", "specific.x!y")]
+    assert layer.added == [("approvals.user.7", "specific.x!y")]
     asyncio.run(consumer._keep_membership())
-    assert len(consumer.channel_layer.added) == 1  # once per quarter of group_expiry, not per check
+    assert len(layer.added) == 1  # once per quarter of group_expiry, not per check

@@ -8,6 +8,7 @@ detected". Real threads, each with its own connection, released together, many r
 """
 
 import random
+from collections.abc import Callable
 
 import pytest
 from django.db import DatabaseError, connection
@@ -81,7 +82,12 @@ def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(
         rng.shuffle(approvals)
         decisions = [rng.choice([approval_approve, approval_deny]) for _ in approvals]
 
-        def call(i: int, grant=grant, approvals=approvals, decisions=decisions):
+        def call(
+            i: int,
+            grant: SessionGrant = grant,
+            approvals: list[ApprovalRequest] = approvals,
+            decisions: list[Callable[..., ApprovalRequest]] = decisions,
+        ) -> object:
             if i == len(approvals):
                 return grant_revoke(
                     grant_id=grant.pk,

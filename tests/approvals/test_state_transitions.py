@@ -18,6 +18,8 @@ DESIGN.md::
 """
 
 import itertools
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -80,7 +82,7 @@ class Row:
 class Build:
     """Each method returns a Row in one starting state, reached only through service calls."""
 
-    def __init__(self, scenario) -> None:
+    def __init__(self, scenario: Scenario) -> None:
         self.s = scenario
         self.grant = session_grant(scenario)
         self.rs = ledger_rs(scenario)
@@ -175,20 +177,20 @@ TERMINAL_STATES = {
 # --- the transitions: one service call each ------------------------------------------------------
 
 
-def t_approve(b: Build, row: Row):
+def t_approve(b: Build, row: Row) -> ApprovalRequest:
     return approval_approve(approval_id=row.approval.pk, user=b.s.user, auth=auth_now())
 
 
-def t_deny(b: Build, row: Row):
+def t_deny(b: Build, row: Row) -> ApprovalRequest:
     return approval_deny(approval_id=row.approval.pk, user=b.s.user, auth=auth_now())
 
 
-def t_expire_early(b: Build, row: Row):
+def t_expire_early(b: Build, row: Row) -> bool:
     """The expiry task firing while nothing has timed out yet (a task run early or twice)."""
     return approval_expire(approval_id=row.approval.pk)
 
 
-def t_expire(b: Build, row: Row):
+def t_expire(b: Build, row: Row) -> bool:
     """Time passes beyond the approval window and the action token's lifetime, then the task runs."""
     past = timezone.now() - PAST
     ApprovalRequest.objects.filter(pk=row.approval.pk).update(expires_at=past)
@@ -196,21 +198,22 @@ def t_expire(b: Build, row: Row):
     return approval_expire(approval_id=row.approval.pk)
 
 
-def t_cancel(b: Build, row: Row):
+def t_cancel(b: Build, row: Row) -> bool:
     return approval_cancel(approval_id=row.approval.pk, reason="agent_cancelled")
 
 
-def t_collect(b: Build, row: Row):
+def t_collect(b: Build, row: Row) -> dict[str, Any]:
     return approval_collect(auth_req_id=row.auth_req_id, agent=b.s.agent)
 
 
-def t_redeem(b: Build, row: Row):
+def t_redeem(b: Build, row: Row) -> ApprovalRequest:
     # A row that never had a token minted is tried with the jti of a token that was never issued.
     claims = row.claims or {"jti": f"never-issued-{row.approval.pk}"}
     return action_token_redeem(claims=claims, resource_server=b.rs)
 
 
-TRANSITIONS = {
+# Each returns what its service returns: an approval, True/False or the token response.
+TRANSITIONS: dict[str, Callable[[Build, Row], Any]] = {
     "approve": t_approve,
     "deny": t_deny,
     "expire_early": t_expire_early,
@@ -227,16 +230,16 @@ TRANSITIONS = {
 @dataclass(frozen=True)
 class Expect:
     status: str  # the row's status afterwards
-    raises: type | None = None  # the exception the service must raise
+    raises: type[Exception] | None = None  # the exception the service must raise
     returns: Any = "approval"  # for non-raising calls: True/False, "approval" or "token"
     events: tuple[str, ...] = ()  # audit events the call appends, in order
 
 
-def ok(status, returns="approval", *events):
+def ok(status: str, returns: object = "approval", *events: str) -> Expect:
     return Expect(status, None, returns, tuple(events))
 
 
-def no(status, exc, *events):
+def no(status: str, exc: type[Exception], *events: str) -> Expect:
     return Expect(status, exc, None, tuple(events))
 
 
@@ -345,7 +348,7 @@ def _head() -> int:
     return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
-def _decision(approval_id) -> dict[str, Any]:
+def _decision(approval_id: uuid.UUID) -> dict[str, Any]:
     row = ApprovalRequest.objects.get(pk=approval_id)
     return {
         "status": row.status,
@@ -356,7 +359,7 @@ def _decision(approval_id) -> dict[str, Any]:
     }
 
 
-def _tokens(approval_id) -> list[tuple]:
+def _tokens(approval_id: uuid.UUID) -> list[tuple[Any, ...]]:
     return list(
         ActionToken.objects.filter(approval_id=approval_id).values_list(
             "jti", "redeemed_at", "redeemed_by_id"
@@ -366,7 +369,11 @@ def _tokens(approval_id) -> list[tuple]:
 
 @pytest.mark.parametrize("state,transition", list(itertools.product(STATES, TRANSITIONS)))
 def test_transition(
-    state, transition, scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+    state: str,
+    transition: str,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     install_outbox(monkeypatch)
     build = Build(scenario)

@@ -10,6 +10,7 @@ from django.test import Client
 from pytest_django import DjangoAssertNumQueries
 
 from approvals.models import ApprovalRequest
+from tests.approvals.conftest import Agent
 from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -22,7 +23,7 @@ BUDGET = {
 
 
 def test_approve_from_the_inbox(
-    agent, client: Client, scenario: Scenario, django_assert_max_num_queries: DjangoAssertNumQueries
+    agent: Agent, client: Client, scenario: Scenario, django_assert_max_num_queries: DjangoAssertNumQueries
 ) -> None:
     assert agent.ask().status_code == 200
     approval = ApprovalRequest.objects.get()
