@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 from pytest_django import Settings
 
+from approvals.models import ApprovalRequest
 from config.celery import app as celery_app
 from consent.models import ScopePolicy
 from tests.approvals.support import request_approval, session_grant
@@ -54,6 +55,6 @@ def loopback_push(settings: Settings) -> None:
 
 
 @pytest.fixture
-def approval(scenario: Scenario, ledger_policy: ScopePolicy):
+def approval(scenario: Scenario, ledger_policy: ScopePolicy) -> ApprovalRequest:
     grant = session_grant(scenario)
     return request_approval(grant)[0]

@@ -2,6 +2,7 @@
 every refusal (malformed, oversized, foreign device) clear, changing nothing, audited once."""
 
 import json
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -10,6 +11,7 @@ from pytest_django import Settings
 
 from approvals.notify.models import PushSubscription
 from audit.models import AuditEvent
+from tests.approvals.conftest import ClientResponse
 from tests.conftest import Scenario
 from tests.notify.pushservice import BrowserKeys
 
@@ -18,13 +20,13 @@ pytestmark = pytest.mark.django_db
 SUBSCRIBE = "/approvals/devices/subscribe/"
 
 
-def _client(user, **kwargs) -> Client:
+def _client(user: User, **kwargs: Any) -> Client:
     client = Client(**kwargs)
     client.force_login(user)
     return client
 
 
-def _post(client, body, **headers):
+def _post(client: Client, body: object, **headers: Any) -> ClientResponse:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return client.post(SUBSCRIBE, data, content_type="application/json", **headers)
 
@@ -33,7 +35,9 @@ def _audits(event: str) -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(event=event))
 
 
-def test_a_browser_subscribes_and_sees_and_removes_its_device(scenario: Scenario, loopback_push) -> None:
+def test_a_browser_subscribes_and_sees_and_removes_its_device(
+    scenario: Scenario, loopback_push: None
+) -> None:
     client = _client(scenario.user)
     keys = BrowserKeys()
     response = _post(client, keys.subscription("http://127.0.0.1:9/push/a"), HTTP_X_DEVICE_LABEL="Linux")
@@ -55,7 +59,7 @@ def test_a_browser_subscribes_and_sees_and_removes_its_device(scenario: Scenario
     assert len(_audits("push.unsubscribed")) == 1
 
 
-def test_subscribing_needs_a_session_and_the_csrf_token(scenario: Scenario, loopback_push) -> None:
+def test_subscribing_needs_a_session_and_the_csrf_token(scenario: Scenario, loopback_push: None) -> None:
     body = BrowserKeys().subscription("http://127.0.0.1:9/push/a")
     assert _post(Client(), body).status_code == 302  # to the login page
     assert _post(_client(scenario.user, enforce_csrf_checks=True), body).status_code == 403
@@ -81,7 +85,7 @@ def _bad_subscriptions() -> list[tuple[str, object]]:
 
 @pytest.mark.parametrize(("case", "body"), _bad_subscriptions(), ids=[c for c, _ in _bad_subscriptions()])
 def test_a_malformed_subscription_is_refused_changes_nothing_and_is_audited_once(
-    scenario: Scenario, case, body
+    scenario: Scenario, case: str, body: object
 ) -> None:
     response = _post(_client(scenario.user), body)
     assert response.status_code == 400, case
@@ -98,7 +102,7 @@ def test_a_loopback_endpoint_is_refused_unless_the_deployment_allows_it(scenario
     assert not PushSubscription.objects.exists()
 
 
-def test_an_oversized_subscription_is_refused_before_parsing(scenario: Scenario, loopback_push) -> None:
+def test_an_oversized_subscription_is_refused_before_parsing(scenario: Scenario, loopback_push: None) -> None:
     body = BrowserKeys().subscription("https://push.example.net/s/1")
     body["padding"] = "x" * 5000
     response = _post(_client(scenario.user), body)
