@@ -4,6 +4,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class DocumentServer:
@@ -36,7 +37,7 @@ class DocumentServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args) -> None:
+            def log_message(self, *args: Any) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -48,7 +49,9 @@ class DocumentServer:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def put(self, path: str, document, *, status: int = 200, headers: dict[str, str] | None = None) -> str:
+    def put(
+        self, path: str, document: object, *, status: int = 200, headers: dict[str, str] | None = None
+    ) -> str:
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
         self.documents[path] = (status, headers or {}, body)
         return self.url(path)

@@ -3,12 +3,14 @@ Django integration at both well-known paths, named by every challenge (§5.1).""
 
 import asyncio
 import json
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 import pytest
 from django.test import RequestFactory
 
 from countersign import TokenVerifier
-from countersign.asgi import CountersignMiddleware
+from countersign.asgi import CountersignMiddleware, Message, Receive, Scope, Send
 from countersign.resource_metadata import metadata_paths, metadata_url
 from tests.client import ISSUER, RS_ID, RS_SECRET, LocalIssuer
 
@@ -37,8 +39,13 @@ def mcp_verifier() -> TokenVerifier:
     )
 
 
-def _call(app, path, method="GET", headers=()):
-    scope = {
+def _call(
+    app: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]],
+    path: str,
+    method: str = "GET",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
+    scope: Scope = {
         "type": "http",
         "method": method,
         "scheme": "http",
@@ -47,12 +54,12 @@ def _call(app, path, method="GET", headers=()):
         "headers": [(b"host", b"127.0.0.1:8765"), *headers],
         "server": ("127.0.0.1", 8765),
     }
-    sent = []
+    sent: list[Message] = []
 
-    async def receive():
+    async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
-    async def send(message) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
@@ -62,7 +69,7 @@ def _call(app, path, method="GET", headers=()):
 def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(
     mcp_verifier: TokenVerifier,
 ) -> None:
-    async def app(scope, receive, send) -> None:  # never reached without a token
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # never reached without a token
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, mcp_verifier, required_scopes=["catalog:read"])
@@ -96,7 +103,7 @@ def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_ver
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
     )
 
-    async def app(scope, receive, send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, verifier, required_scopes=["catalog:read"])

@@ -1,21 +1,26 @@
 """RFC 8707 resource indicators: the token's aud is exactly the resources asked for, with the scopes they
 serve; a resource outside the grant is invalid_target, changes nothing and leaves one audit row."""
 
+from typing import Any
+
 import jwt
 import pytest
 
 from consent.models import AccessToken, AuthorizationCode
+from tests.approvals.conftest import ClientResponse
 from tests.conftest import REDIRECT_URI, OAuthFlow, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_redirect, _json_error
 
 pytestmark = pytest.mark.django_db
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
-def _code(flow, *, resource=None, scope="catalog:read budget:read ledger:write"):
+def _code(
+    flow: OAuthFlow, *, resource: str | None = None, scope: str = "catalog:read budget:read ledger:write"
+) -> tuple[str, str]:
     flow.login()
     verifier, challenge = pkce_pair()
     extra = {"resource": resource} if resource else {}
@@ -23,7 +28,7 @@ def _code(flow, *, resource=None, scope="catalog:read budget:read ledger:write")
     return code, verifier
 
 
-def _exchange(flow, code, verifier, *resources):
+def _exchange(flow: OAuthFlow, code: str, verifier: str, *resources: str) -> ClientResponse:
     body = [
         ("grant_type", "authorization_code"),
         ("code", code),
@@ -95,7 +100,7 @@ def test_refresh_keeps_the_resource_and_refuses_another(flow: OAuthFlow) -> None
     ["http://elsewhere.test", "http://ledger.test/../catalog", "not-a-uri", "http://catalog.test#frag"],
 )
 def test_resource_outside_the_grant_at_the_token_endpoint_is_invalid_target(
-    flow: OAuthFlow, resource
+    flow: OAuthFlow, resource: str
 ) -> None:
     code, verifier = _code(flow, scope="catalog:read")
     watch = Watch()

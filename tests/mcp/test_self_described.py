@@ -6,6 +6,8 @@ http, private, loopback and link-local addresses.
 """
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -13,6 +15,7 @@ from pytest_django import Settings
 
 from consent.models import Agent
 from consent.oauth.cimd import cache_until
+from tests.approvals.conftest import ClientResponse
 from tests.conftest import OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_page, _json_error
 from tests.mcp.docserver import DocumentServer
@@ -23,7 +26,7 @@ CALLBACK = "http://127.0.0.1/callback"  # RFC 8252 §7.3: any port at request ti
 
 
 @pytest.fixture
-def docs():
+def docs() -> Iterator[DocumentServer]:
     server = DocumentServer()
     yield server
     server.close()
@@ -34,7 +37,7 @@ def production(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": "https://auth.example"}
 
 
-def _document(url: str, **overrides) -> dict:
+def _document(url: str, **overrides: Any) -> dict[str, Any]:
     return {
         "client_id": url,
         "client_name": "Desk Agent",
@@ -45,7 +48,13 @@ def _document(url: str, **overrides) -> dict:
     }
 
 
-def _authorize(flow, client_id: str, *, redirect_uri="http://127.0.0.1:43117/callback", scope="catalog:read"):
+def _authorize(
+    flow: OAuthFlow,
+    client_id: str,
+    *,
+    redirect_uri: str = "http://127.0.0.1:43117/callback",
+    scope: str = "catalog:read",
+) -> ClientResponse:
     flow.login()
     _, challenge = pkce_pair()
     return flow.client.get(
@@ -70,7 +79,7 @@ class AgentWatch(Watch):
 
 
 def test_a_metadata_document_makes_a_self_described_agent_and_the_consent_screen_says_so(
-    flow: OAuthFlow, docs
+    flow: OAuthFlow, docs: DocumentServer
 ) -> None:
     url = docs.put(
         "/agents/desk.json",
@@ -90,7 +99,9 @@ def test_a_metadata_document_makes_a_self_described_agent_and_the_consent_screen
     assert docs.hits["/agents/desk.json"] == 1  # cached per Cache-Control
 
 
-def test_a_self_described_public_agent_completes_the_flow_without_a_secret(flow: OAuthFlow, docs) -> None:
+def test_a_self_described_public_agent_completes_the_flow_without_a_secret(
+    flow: OAuthFlow, docs: DocumentServer
+) -> None:
     from urllib.parse import parse_qs, urlencode, urlparse
 
     url = docs.put("/agents/desk.json", _document(docs.url("/agents/desk.json")))
@@ -134,7 +145,9 @@ def test_a_self_described_public_agent_completes_the_flow_without_a_secret(flow:
         "http_status",
     ],
 )
-def test_a_bad_metadata_document_is_refused_and_stores_nothing(flow: OAuthFlow, docs, case) -> None:
+def test_a_bad_metadata_document_is_refused_and_stores_nothing(
+    flow: OAuthFlow, docs: DocumentServer, case: str
+) -> None:
     path = f"/agents/{case}.json"
     url = docs.url(path)
     if case == "client_id_differs":
@@ -160,7 +173,9 @@ def test_a_bad_metadata_document_is_refused_and_stores_nothing(flow: OAuthFlow, 
     watch.assert_nothing_changed()
 
 
-def test_a_slow_document_is_cut_off_in_bounded_time(flow: OAuthFlow, docs, settings: Settings) -> None:
+def test_a_slow_document_is_cut_off_in_bounded_time(
+    flow: OAuthFlow, docs: DocumentServer, settings: Settings
+) -> None:
     import time
 
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "CIMD_TIMEOUT_SECONDS": 1.0}
@@ -188,7 +203,7 @@ def test_a_slow_document_is_cut_off_in_bounded_time(flow: OAuthFlow, docs, setti
     ],
 )
 def test_production_refuses_http_private_loopback_and_link_local_documents(
-    flow: OAuthFlow, production, url
+    flow: OAuthFlow, production: None, url: str
 ) -> None:
     watch = AgentWatch()
     response = _authorize(flow, url, redirect_uri="https://desk.example/cb")
@@ -208,7 +223,7 @@ def test_cache_lifetime_honours_max_age_within_floor_and_ceiling(settings: Setti
 
 
 def test_production_self_described_agents_start_pending_review_without_step_up(
-    flow: OAuthFlow, docs, production
+    flow: OAuthFlow, docs: DocumentServer, production: None
 ) -> None:
     from consent.oauth.client_metadata import parse
     from consent.selfdescribed import agent_register
@@ -250,7 +265,7 @@ def test_production_self_described_agents_start_pending_review_without_step_up(
 # --- RFC 7591 dynamic registration ------------------------------------------------------------------
 
 
-def _register(client, body, **headers):
+def _register(client: Client, body: object, **headers: Any) -> ClientResponse:
     return client.post(
         "/o/register/",
         json.dumps(body) if not isinstance(body, bytes) else body,
@@ -301,7 +316,7 @@ def test_registration_creates_a_self_described_agent(client: Client, scenario: S
     ],
 )
 def test_bad_registrations_are_refused_and_store_nothing(
-    client: Client, scenario: Scenario, body, error
+    client: Client, scenario: Scenario, body: dict[str, Any] | bytes, error: str
 ) -> None:
     watch = AgentWatch()
     response = _register(client, body)
@@ -359,7 +374,7 @@ def test_metadata_advertises_registration_and_metadata_documents(client: Client,
 
 
 def test_production_takes_loopback_redirects_of_native_clients_and_refuses_what_the_deployment_does_not(
-    flow: OAuthFlow, client: Client, scenario: Scenario, production, settings: Settings
+    flow: OAuthFlow, client: Client, scenario: Scenario, production: None, settings: Settings
 ) -> None:
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "ALLOWED_REDIRECT_URI_SCHEMES": ["https"]}
     native = _register(
@@ -418,7 +433,7 @@ def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(
 
 
 def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_them(
-    flow: OAuthFlow, docs
+    flow: OAuthFlow, docs: DocumentServer
 ) -> None:
     from urllib.parse import parse_qs, urlencode, urlparse
 
@@ -471,7 +486,7 @@ def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_
     assert signed.status_code == 200, signed.content
 
 
-def test_a_jwks_uri_with_a_private_key_is_refused(flow: OAuthFlow, docs) -> None:
+def test_a_jwks_uri_with_a_private_key_is_refused(flow: OAuthFlow, docs: DocumentServer) -> None:
     from tests.consent.test_www_authenticate import Key
 
     key = Key()
