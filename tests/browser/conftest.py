@@ -7,10 +7,13 @@ real servers, granian + uvicorn behind the path router, and Celery subprocesses)
 """
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page
 from pytest_django import Settings
 from pytest_django.live_server_helper import LiveServer
 
@@ -38,7 +41,7 @@ class BrowserScenario:
     agent: Agent
     agent_secret: str
     rs_audience: str
-    user: object
+    user: User
     base_url: str
     redirect_uri: str
 
@@ -75,7 +78,7 @@ def browser_scenario(transactional_db: None, live_issuer: str) -> BrowserScenari
 
 
 @pytest.fixture(scope="module")
-def chromium():
+def chromium() -> Iterator[Browser]:
     """One headless Chromium per test module. A missing binary is a failure, not a skip.
 
     While Playwright's sync API is started, its event loop counts as running on this thread, so
@@ -108,7 +111,7 @@ def chromium():
 
 
 @pytest.fixture
-def page(chromium, live_server: LiveServer):
+def page(chromium: Browser, live_server: LiveServer) -> Iterator[Page]:
     """A fresh browser context (no cookies) whose agent callback is answered by Playwright itself."""
     context = chromium.new_context(base_url=live_server.url)
     context.set_default_timeout(15_000)
@@ -126,7 +129,7 @@ def page(chromium, live_server: LiveServer):
 
 
 @pytest.fixture
-def page_problems(page) -> list[str]:
+def page_problems(page: Page) -> list[str]:
     """Console errors, uncaught page errors and failed sub-requests seen while the test runs."""
     problems: list[str] = []
     page.on(
@@ -146,7 +149,7 @@ def page_problems(page) -> list[str]:
 
 
 @pytest.fixture
-def live_context(chromium, live: LiveStack):
+def live_context(chromium: Browser, live: LiveStack) -> Iterator[BrowserContext]:
     """A fresh browser context (no cookies) against the live stack: real servers, real Celery."""
     context = chromium.new_context(base_url=live.url)
     context.set_default_timeout(15_000)
@@ -156,11 +159,11 @@ def live_context(chromium, live: LiveStack):
         context.close()
 
 
-def watch_page(page) -> list[str]:
+def watch_page(page: Page) -> list[str]:
     """Console errors, uncaught errors, dialogs (alert() would mean injected script ran), HTTP errors."""
     problems: list[str] = []
 
-    def on_console(msg) -> None:
+    def on_console(msg: ConsoleMessage) -> None:
         url = msg.location.get("url") or ""
         # Chromium asks for /favicon.ico by itself; the app has none (no <link rel="icon">), a 404
         # that says nothing about the page under test.
@@ -175,7 +178,7 @@ def watch_page(page) -> list[str]:
         lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None,
     )
 
-    def on_dialog(dialog) -> None:
+    def on_dialog(dialog: Dialog) -> None:
         problems.append(f"dialog {dialog.type}: {dialog.message}")
         dialog.dismiss()
 

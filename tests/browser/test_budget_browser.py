@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 
 from approvals.models import ApprovalRequest
 from consent.budget import Budget
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.browser]
 
 
 def test_a_small_purchase_within_the_budget_set_at_consent_goes_through_without_a_prompt(
-    page, page_problems: list[str], browser_scenario: BrowserScenario
+    page: Page, page_problems: list[str], browser_scenario: BrowserScenario
 ) -> None:
     s = browser_scenario
     scope_set(

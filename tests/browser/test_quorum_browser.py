@@ -8,14 +8,15 @@ which lists both approvers. A denial by either ends a request at once.
 """
 
 import re
+from collections.abc import Callable, Iterator
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from approvals.models import ApprovalRequest, ApprovalVote
 from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
-from tests.approvals.quorum_support import officials, require_quorum
+from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import ledger_entry
 from tests.browser.conftest import watch_page
 from tests.browser.test_inbox_browser import AgentClient
@@ -31,14 +32,14 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
 @pytest.fixture
-def people(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):
+def people(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> Officials:
     found = officials()
     require_quorum(found.group)
     return found
 
 
 @pytest.fixture
-def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people):
+def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people: Officials) -> Iterator[AgentClient]:
     token = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
@@ -48,7 +49,9 @@ def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people):
         a.close()
 
 
-def _inbox_of(live_context_factory, live, username: str):
+def _inbox_of(
+    live_context_factory: Callable[[], BrowserContext], live: LiveStack, username: str
+) -> tuple[Page, list[str]]:
     page = live_context_factory().new_page()
     problems = watch_page(page)
     page.goto("/approvals/")
@@ -62,10 +65,10 @@ def _inbox_of(live_context_factory, live, username: str):
 
 
 @pytest.fixture
-def contexts(chromium, live: LiveStack):
-    opened = []
+def contexts(chromium: Browser, live: LiveStack) -> Iterator[Callable[[], BrowserContext]]:
+    opened: list[BrowserContext] = []
 
-    def new():
+    def new() -> BrowserContext:
         context = chromium.new_context(base_url=live.url)
         context.set_default_timeout(15_000)
         opened.append(context)
@@ -79,7 +82,11 @@ def contexts(chromium, live: LiveStack):
 
 
 def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
-    live: LiveStack, contexts, scenario: Scenario, people, agent
+    live: LiveStack,
+    contexts: Callable[[], BrowserContext],
+    scenario: Scenario,
+    people: Officials,
+    agent: AgentClient,
 ) -> None:
     alice, alice_problems = _inbox_of(contexts, live, "alice")
     bob, bob_problems = _inbox_of(contexts, live, "bob")
@@ -123,7 +130,11 @@ def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
 
 
 def test_one_officials_denial_ends_the_request(
-    live: LiveStack, contexts, scenario: Scenario, people, agent
+    live: LiveStack,
+    contexts: Callable[[], BrowserContext],
+    scenario: Scenario,
+    people: Officials,
+    agent: AgentClient,
 ) -> None:
     alice, problems = _inbox_of(contexts, live, "alice")
     asked = agent.ask(ENTRY)

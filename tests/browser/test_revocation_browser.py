@@ -9,10 +9,11 @@ the resource server's introspection reports the session token inactive.
 
 import json
 import re
+from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
@@ -34,14 +35,14 @@ def _http() -> httpx.Client:
 
 
 @pytest.fixture
-def session_tokens(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy):  # noqa: F811
+def session_tokens(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> dict[str, Any]:  # noqa: F811
     """The agent's token response, issued under the live server's issuer (``live`` first)."""
-    tokens = flow.full()
+    tokens: dict[str, Any] = flow.full()
     flow.client.logout()
     return tokens
 
 
-def _sign_in(page, live) -> None:
+def _sign_in(page: Page, live: LiveStack) -> None:
     page.goto("/approvals/")
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
@@ -51,7 +52,7 @@ def _sign_in(page, live) -> None:
 
 
 def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(
-    live: LiveStack, live_context, scenario: Scenario, session_tokens
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, session_tokens: dict[str, Any]
 ) -> None:
     http = _http()
     agent_auth = (scenario.agent.client_id, scenario.agent_secret)
