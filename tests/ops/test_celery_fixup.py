@@ -22,7 +22,7 @@ class _Connection:
         self.pool_closed += 1
 
 
-def _fixup_with(conn, monkeypatch) -> WorkerFixup:
+def _fixup_with(conn: _Connection, monkeypatch: pytest.MonkeyPatch) -> WorkerFixup:
     fixup = WorkerFixup(app)
     fixup.worker = SimpleNamespace(pool_cls="celery.concurrency.prefork:TaskPool")
     monkeypatch.setattr(
@@ -33,8 +33,9 @@ def _fixup_with(conn, monkeypatch) -> WorkerFixup:
 
 
 def test_the_app_uses_our_fixup() -> None:
-    assert any(isinstance(f, Fixup) for f in app._fixups)
-    assert isinstance(next(f for f in app._fixups if isinstance(f, Fixup)).worker_fixup, WorkerFixup)
+    fixups = app._fixups  # type: ignore[attr-defined]  # private, left out by celery-types
+    assert any(isinstance(f, Fixup) for f in fixups)
+    assert isinstance(next(f for f in fixups if isinstance(f, Fixup)).worker_fixup, WorkerFixup)
 
 
 def test_a_task_hands_its_connection_back_and_leaves_the_pool_open(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,9 @@ half-written when the database goes away.
 import json
 import signal
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +52,7 @@ class FaultStack(Cluster):
     """A cluster on a private Redis; forwarders in front of PostgreSQL are closed with it."""
 
     redis: PrivateRedis
-    forwarders: list
+    forwarders: list[TcpForwarder]
 
     def forward_database(self, latency: float = 0.0) -> tuple[TcpForwarder, str]:
         from django.db import connection
@@ -62,7 +64,7 @@ class FaultStack(Cluster):
 
 
 @pytest.fixture
-def stack(transactional_db: None, settings: Settings, tmp_path: Path):
+def stack(transactional_db: None, settings: Settings, tmp_path: Path) -> Iterator[FaultStack]:
     private_redis = PrivateRedis()
     port_a = free_port()
     issuer = f"http://127.0.0.1:{port_a}"
@@ -82,14 +84,14 @@ def stack(transactional_db: None, settings: Settings, tmp_path: Path):
 
 
 @pytest.fixture
-def session_token(stack, flow: OAuthFlow, ledger_policy: ScopePolicy):
-    token = flow.full()["access_token"]
+def session_token(stack: FaultStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(scenario: Scenario, session_token: str):
+def agent(scenario: Scenario, session_token: str) -> Iterator[AgentHTTP]:
     a = AgentHTTP(scenario, session_token)
     try:
         yield a
@@ -98,14 +100,15 @@ def agent(scenario: Scenario, session_token: str):
 
 
 @contextmanager
-def tasks_published_to(redis_url: str):
+def tasks_published_to(redis_url: str) -> Iterator[None]:
     """This process's Celery app publishes (on commit) to ``redis_url`` for the duration."""
 
     def reset_pools() -> None:
         # kombu keeps pools in a global registry keyed by connection: closing one and switching
         # back would hand out the closed pool again, so clear the registry too.
-        celery_app._pool = None
-        celery_app.amqp._producer_pool = None
+        # (Private attributes, which celery-types leave out.)
+        celery_app._pool = None  # type: ignore[attr-defined]
+        celery_app.amqp._producer_pool = None  # type: ignore[attr-defined]
         kombu_pools.reset()
 
     old = celery_app.conf.broker_url
@@ -120,7 +123,9 @@ def tasks_published_to(redis_url: str):
         reset_pools()
 
 
-def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str]) -> None:
+def _approve_collect_redeem(
+    stack: FaultStack, officer: Officer, agent: AgentHTTP, auth_req_ids: dict[str, str]
+) -> None:
     """Approve each prompt over HTTP, collect each action token twice at once (exactly one wins), redeem."""
     url = stack.nodes["A"].url
     for approval_id in auth_req_ids:
@@ -128,7 +133,7 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
         assert response.status_code == 302, response.text[:500]
         assert ApprovalRequest.objects.get(pk=approval_id).status == "approved"
 
-    def poll(auth_req_id):
+    def poll(auth_req_id: str) -> httpx.Response:
         with http() as client:
             return client.post(
                 f"{url}/o/token/",
@@ -136,7 +141,7 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
                 data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
             )
 
-    tokens = {}
+    tokens: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
         for approval_id, auth_req_id in auth_req_ids.items():
             answers = list(pool.map(poll, [auth_req_id, auth_req_id]))
@@ -150,7 +155,9 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
         assert redeemed.status_code == 200 and redeemed.json()["approval_id"] == approval_id, redeemed.text
     ids = list(auth_req_ids)
     per_approval = Counter(
-        ActionToken.objects.filter(approval_id__in=ids).values_list("approval_id", flat=True)
+        ActionToken.objects.filter(approval_id__in=[uuid.UUID(i) for i in ids]).values_list(
+            "approval_id", flat=True
+        )
     )
     assert {str(k): v for k, v in per_approval.items()} == dict.fromkeys(ids, 1)
     issued = Counter(
@@ -164,7 +171,7 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 
 
 def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
-    stack, scenario: Scenario, agent, settings: Settings
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP, settings: Settings
 ) -> None:
     n = 30
     visibility = (
@@ -261,21 +268,23 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
 # --- b. Redis restarted while approvals are pending and inboxes are open ---------------------------------
 
 
-def _worker_after_broker_restart(stack, name: str) -> str:
+def _worker_after_broker_restart(stack: FaultStack, name: str) -> str:
     """Wait until the worker either reconnected to the restarted broker or exited."""
     proc = stack.workers[name]
 
-    def settled():
+    def settled() -> str | None:
         if not proc.alive:
             return "exited"
         if proc.tail(500_000).count("Connected to redis://") >= 2:
             return "reconnected"
         return None
 
-    return wait_for(settled, f"worker {name} reconnecting or exiting", 120, stack.logs, interval=0.2)
+    outcome = wait_for(settled, f"worker {name} reconnecting or exiting", 120, stack.logs, interval=0.2)
+    assert outcome is not None  # wait_for returns what ``settled`` said once it said something
+    return outcome
 
 
-def _supervise(stack, name: str) -> str:
+def _supervise(stack: FaultStack, name: str) -> str:
     """Like systemd's Restart=always (deploy/systemd/countersign-worker@.service): a worker that
     exited is started again. Returns what happened to it."""
     outcome = _worker_after_broker_restart(stack, name)
@@ -284,7 +293,7 @@ def _supervise(stack, name: str) -> str:
     return outcome
 
 
-def _redis_restart(stack, tabs) -> None:
+def _redis_restart(stack: FaultStack, tabs: Iterable[ReconnectingInbox]) -> None:
     stack.redis.stop()
     # Without Redis the websockets cannot be served: the tabs lose them and keep retrying.
     for tab in tabs:
@@ -292,7 +301,9 @@ def _redis_restart(stack, tabs) -> None:
     stack.redis.start()  # same port, empty: groups, channels and queued tasks are gone
 
 
-def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario: Scenario, agent) -> None:
+def test_redis_restart_under_open_inboxes_loses_no_prompt(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     officer = Officer(a.url, "officer", PASSWORD)
@@ -354,7 +365,9 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario: Scena
         officer.close()
 
 
-def test_celery_worker_survives_a_redis_restart(stack, scenario: Scenario, agent) -> None:
+def test_celery_worker_survives_a_redis_restart(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     assert agent.ask(a.url, ledger_entry(1, "SURVIVE")).status_code == 200
@@ -390,7 +403,7 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario: Scenario, agent
 
 
 def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(
-    stack, scenario: Scenario, agent
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
 ) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
@@ -444,8 +457,8 @@ def _readyz(url: str) -> httpx.Response:
         return client.get(f"{url}/readyz")
 
 
-def _wait_ready(stack, url: str) -> None:
-    def ready():
+def _wait_ready(stack: FaultStack, url: str) -> None:
+    def ready() -> bool:
         try:
             return _readyz(url).status_code == 200
         except httpx.HTTPError:
@@ -454,11 +467,13 @@ def _wait_ready(stack, url: str) -> None:
     wait_for(ready, "/readyz 200 again", 120, stack.logs, interval=0.5)
 
 
-def _approval_for(purchase_order: str):
+def _approval_for(purchase_order: str) -> ApprovalRequest | None:
     return ApprovalRequest.objects.filter(authorization_details__0__purchase_order=purchase_order).first()
 
 
-def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenario: Scenario, agent) -> None:
+def test_database_unreachable_answers_503_and_writes_nothing_half(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     stack.start_worker("w1")
@@ -499,15 +514,19 @@ def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenari
             event="approval.requested", detail__headline__contains="PO-PG-0002"
         ).exists()
         assert _approval_for("PO-PG-0001") is not None and _approval_for("PO-PG-0003") is not None
-        collected = {}
+        collected: dict[str, str] = {}
         for po, asked in (("PO-PG-0001", before), ("PO-PG-0003", after)):
-            collected[str(_approval_for(po).pk)] = asked.json()["auth_req_id"]
+            approval = _approval_for(po)
+            assert approval is not None
+            collected[str(approval.pk)] = asked.json()["auth_req_id"]
         _approve_collect_redeem(stack, officer, agent, collected)
     finally:
         officer.close()
 
 
-def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario: Scenario, agent) -> None:
+def test_database_unreachable_user_pages_answer_a_plain_503(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     officer = Officer(a.url, "officer", PASSWORD)  # signed in: its session lives in the database
@@ -525,7 +544,7 @@ def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario: Sce
 
 
 def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approval(
-    stack, scenario: Scenario, agent
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
 ) -> None:
     """The link drops at the first audit write of a step-up request (after the approval row)."""
     link, database = stack.forward_database()

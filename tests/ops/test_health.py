@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_readyz_reports_each_dependency(client: Client) -> None:
 
 
 @pytest.fixture
-def doomed_redis(settings: Settings):
+def doomed_redis(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     """A Redis of our own that the test can stop, with the app's channel layer and broker on it."""
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is needed for this test")
@@ -79,12 +80,15 @@ def _point_celery_at(broker_url: str) -> None:
     celery_app.conf["CELERY_BROKER_URL"] = broker_url
     # kombu keeps pools in a global registry keyed by connection: clear it, or switching back would
     # hand out a closed pool.
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
+    # (Private attributes, which celery-types leave out.)
+    celery_app._pool = None  # type: ignore[attr-defined]
+    celery_app.amqp._producer_pool = None  # type: ignore[attr-defined]
     kombu_pools.reset()
 
 
-def test_readyz_is_503_naming_redis_when_it_stops(client: Client, doomed_redis) -> None:
+def test_readyz_is_503_naming_redis_when_it_stops(
+    client: Client, doomed_redis: subprocess.Popen[bytes]
+) -> None:
     assert client.get("/readyz").status_code == 200
     doomed_redis.terminate()
     doomed_redis.wait()
@@ -108,7 +112,7 @@ def test_metrics_in_prometheus_format_for_loopback_or_token_only(
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-scrape-token").status_code == 200
 
 
-def _manage(*args, **env):
+def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,

@@ -17,7 +17,7 @@ from tests.live import ROOT, free_port
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _env(tmp_path, port: int) -> dict:
+def _env(tmp_path: Path, port: int) -> dict[str, str]:
     return {
         **os.environ,
         "PORT": str(port),
