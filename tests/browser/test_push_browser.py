@@ -56,7 +56,7 @@ def live(reach_stack: LiveStack, transactional_db: None, settings: Settings) -> 
 def agent(
     live: LiveStack, scenario: Scenario, flow: OAuthFlow, ledger_policy: ScopePolicy
 ) -> Iterator[AgentClient]:
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
     try:

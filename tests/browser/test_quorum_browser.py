@@ -40,7 +40,7 @@ def people(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> Offi
 
 @pytest.fixture
 def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people: Officials) -> Iterator[AgentClient]:
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
     try:
