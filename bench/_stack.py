@@ -14,6 +14,7 @@ Linux only for the CPU figures (``/proc``); elsewhere they print as n/a.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import importlib.util
@@ -31,6 +32,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
 from urllib.parse import urlencode, urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +60,17 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def scalar(row: tuple[Any, ...] | None) -> Any:
+    """The first column of the row a query always returns."""
+    assert row is not None
+    return row[0]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def loadavg() -> str:
@@ -196,7 +206,7 @@ class CpuUsage:
 class Proc:
     name: str
     kind: str  # web, ws, worker, redis, ... : CPU is reported per kind
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     log_path: Path
     port: int | None = None
 
@@ -208,7 +218,7 @@ class Proc:
 class Stack:
     """Processes, databases and a temp dir for one benchmark run, all torn down by ``close()``."""
 
-    def __init__(self, *, prefix: str, timeout: float, keep_tmp: bool = False, grace: float = 30):
+    def __init__(self, *, prefix: str, timeout: float, keep_tmp: bool = False, grace: float = 30) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"countersign-{prefix}-"))
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
@@ -224,7 +234,7 @@ class Stack:
     def __enter__(self) -> Stack:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _fire(self) -> None:
@@ -252,7 +262,7 @@ class Stack:
 
     # one-off commands ------------------------------------------------------------------------------
 
-    def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess:
+    def run_step(self, cmd: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess[str]:
         t0 = time.perf_counter()
         proc = subprocess.run(
             cmd,
@@ -378,10 +388,10 @@ class Stack:
 
     @staticmethod
     def cpu_usage(before: CpuSample, after: CpuSample) -> CpuUsage:
-        kinds = {
-            k: (None if before.kinds.get(k) is None or v is None else v - before.kinds[k])
-            for k, v in after.kinds.items()
-        }
+        kinds: dict[str, float | None] = {}
+        for k, v in after.kinds.items():
+            was = before.kinds.get(k)
+            kinds[k] = None if was is None or v is None else v - was
         busy = None
         if before.machine is not None and after.machine is not None:
             busy = after.machine[0] - before.machine[0]
@@ -404,8 +414,8 @@ class Stack:
             if exists:
                 conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            max_conn = conn.execute("SHOW max_connections").fetchone()[0]
-            in_use = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()[0]
+            max_conn = scalar(conn.execute("SHOW max_connections").fetchone())
+            in_use = scalar(conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone())
         with self._lock:
             self._databases.append((admin, name))
         log(f"  created PostgreSQL database {name} (max_connections {max_conn}, {in_use} in use now)")
@@ -468,7 +478,9 @@ def drop_database(admin: str, name: str) -> None:
         log(f"could not drop PostgreSQL database {name}: {exc}")
 
 
-def check_database_url(parser, flag: str, url: str, *, reserved: Iterable[str] = ("countersign",)) -> None:
+def check_database_url(
+    parser: argparse.ArgumentParser, flag: str, url: str, *, reserved: Iterable[str] = ("countersign",)
+) -> None:
     """argparse check: a postgres:// URL on loopback naming a database of its own."""
     parsed = urlparse(url)
     if parsed.scheme not in ("postgres", "postgresql"):
@@ -494,13 +506,14 @@ class App:
 COUNTERSIGN = App(wsgi="config.wsgi:application", asgi="config.asgi:application")
 
 
-def _serving():
+def _serving() -> ModuleType | None:
     """``config/serving.py`` if the project has one, else None. Loaded from its file, so the
     ``config`` package (which imports Celery) is not imported into the load generator."""
     path = ROOT / "config" / "serving.py"
     if not path.is_file():
         return None
     spec = importlib.util.spec_from_file_location("_countersign_serving", path)
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -628,7 +641,7 @@ def celery_purge(stack: Stack, env: dict[str, str], *, quiet: bool = False) -> N
 def run_main(main: Callable[[], int]) -> int:
     """Run a benchmark so that SIGTERM and SIGHUP unwind like Ctrl-C (every ``finally`` runs)."""
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -650,9 +663,10 @@ def basic(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
 
-def jwt_header(token: str) -> dict:
+def jwt_header(token: str) -> dict[str, Any]:
     head = token.split(".")[0]
-    return json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    header: dict[str, Any] = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    return header
 
 
 @dataclass
@@ -671,7 +685,7 @@ class Errors:
 class ConnectionMonitor:
     """Samples the number of PostgreSQL backends connected to a database (over one connection)."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str) -> None:
         self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
         self.peak: dict[str, int] = {}
         self.phase = "idle"
@@ -689,9 +703,11 @@ class ConnectionMonitor:
             with psycopg.connect(self.database_url, autocommit=True, connect_timeout=10) as conn:
                 while not self._stop.wait(0.25):
                     n = (
-                        conn.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.name]
-                        ).fetchone()[0]
+                        scalar(
+                            conn.execute(
+                                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.name]
+                            ).fetchone()
+                        )
                         - 1
                     )  # not this monitor
                     self.peak[self.phase] = max(self.peak.get(self.phase, 0), n)
@@ -713,14 +729,14 @@ class HttpResponse:
 
     __slots__ = ("status_code", "headers", "content")
 
-    def __init__(self, status_code: int, headers: dict[str, str], content: bytes):
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
         self.status_code, self.headers, self.content = status_code, headers, content
 
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", "replace")
 
-    def json(self):
+    def json(self) -> Any:
         return json.loads(self.content)
 
 
@@ -747,14 +763,14 @@ class LeanHttp:
         headers: dict[str, str] | None = None,
         timeout: float = 60,
         max_idle: int = 1000,
-    ):
+    ) -> None:
         parsed = urlparse(base_url)
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.timeout, self.max_idle = timeout, max_idle
         self._head = "".join(
             f"{k}: {v}\r\n" for k, v in {"Host": f"{self.host}:{self.port}", **(headers or {})}.items()
         )
-        self._idle: list[tuple] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.resent = 0
 
     async def post(
@@ -776,7 +792,9 @@ class LeanHttp:
                 await asyncio.open_connection(self.host, self.port), request, reused=False
             )
 
-    async def _exchange(self, conn: tuple, request: bytes, *, reused: bool) -> HttpResponse:
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes, *, reused: bool
+    ) -> HttpResponse:
         reader, writer = conn
         try:
             writer.write(request)

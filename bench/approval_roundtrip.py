@@ -55,6 +55,8 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
@@ -77,6 +79,7 @@ from _stack import (
     log,
     percentile,
     run_main,
+    scalar,
     start_celery_worker,
     start_sealer,
     start_web,
@@ -175,15 +178,21 @@ with open(out_path, "w") as fh:
 # --- phase 1: approval round trip -------------------------------------------------------------
 
 
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+Arrival = tuple[float, dict[str, Any]]  # when a prompt reached the inbox, and the prompt
+
+
 class Inbox:
     """The officer's inbox tab: one websocket, a reader task that timestamps each prompt's arrival."""
 
-    def __init__(self, url: str, cookie: str, origin: str):
+    def __init__(self, url: str, cookie: str, origin: str) -> None:
         self.url, self.cookie, self.origin = url, cookie, origin
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, asyncio.Future[Arrival]] = {}
         self.removes = 0
-        self.ws = None
-        self.reader: asyncio.Task | None = None
+        self.ws: ClientConnection | None = None
+        self.reader: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         from websockets.asyncio.client import connect
@@ -200,6 +209,7 @@ class Inbox:
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
+        assert self.ws is not None, "open() first"
         async for raw in self.ws:
             now = time.perf_counter()
             msg = json.loads(raw)
@@ -211,7 +221,7 @@ class Inbox:
             elif msg.get("type") == "remove":
                 self.removes += 1
 
-    def expect(self, key: str) -> asyncio.Future:
+    def expect(self, key: str) -> asyncio.Future[Arrival]:
         fut = asyncio.get_running_loop().create_future()
         self.waiting[key] = fut
         return fut
@@ -262,7 +272,9 @@ async def officer_login(base: str, username: str, password: str) -> tuple[str, s
         return http.cookies["sessionid"], http.cookies["csrftoken"]
 
 
-async def approval_roundtrip(stack: Stack, base: str, ws_base: str, data: dict, args) -> RoundTrip:
+async def approval_roundtrip(
+    stack: Stack, base: str, ws_base: str, data: dict[str, Any], args: argparse.Namespace
+) -> RoundTrip:
     result = RoundTrip()
     sessionid, csrftoken = await officer_login(base, data["username"], data["password"])
     agent = httpx.AsyncClient(
@@ -464,7 +476,7 @@ end
 """
 
 
-def redemption_race_wrk(base: str, data: dict, args, tmp) -> Race:
+def redemption_race_wrk(base: str, data: dict[str, Any], args: argparse.Namespace, tmp: Path) -> Race:
     """The same race driven by wrk; latencies are wrk's (p50, p99, max), not per attempt. The wall
     time runs from wrk's start until the database holds every redemption."""
     race = Race()
@@ -506,10 +518,12 @@ def redemption_race_wrk(base: str, data: dict, args, tmp) -> Race:
         redeemed = 0
         while redeemed < len(jtis) and proc.poll() is None and time.monotonic() < args.deadline:
             time.sleep(0.05)
-            redeemed = conn.execute(
-                "SELECT count(*) FROM approvals_actiontoken WHERE redeemed_at IS NOT NULL AND jti = ANY(%s)",
-                [jtis],
-            ).fetchone()[0]
+            redeemed = scalar(
+                conn.execute(
+                    "SELECT count(*) FROM approvals_actiontoken WHERE redeemed_at IS NOT NULL AND jti = ANY(%s)",
+                    [jtis],
+                ).fetchone()
+            )
         race.wall = time.perf_counter() - t0
     time.sleep(0.5)  # the losing attempts of the last tokens get their answers
     proc.send_signal(signal.SIGINT)
@@ -539,8 +553,8 @@ class Race:
     attempts: int = 0
     successes: int = 0
     already: int = 0
-    other_refusals: Counter = field(default_factory=Counter)
-    per_token: Counter = field(default_factory=Counter)  # jti -> successes seen in responses
+    other_refusals: Counter[str] = field(default_factory=Counter)
+    per_token: Counter[str] = field(default_factory=Counter)  # jti -> successes seen in responses
     latencies: list[float] = field(default_factory=list)
     errors: Errors = field(default_factory=Errors)
     wall: float = 0.0
@@ -551,7 +565,7 @@ class Race:
         return sum(1 for n in self.per_token.values() if n > 1)
 
 
-async def redemption_race(base: str, data: dict, args) -> Race:
+async def redemption_race(base: str, data: dict[str, Any], args: argparse.Namespace) -> Race:
     race = Race()
     pool = args.race_concurrency * args.redeemers
     client = httpx.AsyncClient(
@@ -606,28 +620,34 @@ async def redemption_race(base: str, data: dict, args) -> Race:
     return race
 
 
-def race_database_check(database_url: str, data: dict) -> dict:
+def race_database_check(database_url: str, data: dict[str, Any]) -> dict[str, Any]:
     """Count redemptions in the database: rows, states and audit events per jti."""
     import psycopg
 
     jtis = [jti for jti, _ in data["race_tokens"]]
     with psycopg.connect(database_url, connect_timeout=10) as conn:
-        redeemed_rows = conn.execute(
-            "SELECT count(*) FROM approvals_actiontoken WHERE jti = ANY(%s) AND redeemed_at IS NOT NULL",
-            [jtis],
-        ).fetchone()[0]
-        redeemed_approvals = conn.execute(
-            "SELECT count(*) FROM approvals_approvalrequest WHERE grant_id = %s AND status = 'redeemed'",
-            [data["race_grant_id"]],
-        ).fetchone()[0]
+        redeemed_rows = scalar(
+            conn.execute(
+                "SELECT count(*) FROM approvals_actiontoken WHERE jti = ANY(%s) AND redeemed_at IS NOT NULL",
+                [jtis],
+            ).fetchone()
+        )
+        redeemed_approvals = scalar(
+            conn.execute(
+                "SELECT count(*) FROM approvals_approvalrequest WHERE grant_id = %s AND status = 'redeemed'",
+                [data["race_grant_id"]],
+            ).fetchone()
+        )
         events = conn.execute(
             "SELECT detail->>'jti' AS jti, count(*) FROM audit_auditevent "
             "WHERE event = 'action_token.redeemed' AND detail->>'jti' = ANY(%s) GROUP BY 1",
             [jtis],
         ).fetchall()
-        refusals = conn.execute(
-            "SELECT count(*) FROM audit_auditevent WHERE event = 'redemption.refused'"
-        ).fetchone()[0]
+        refusals = scalar(
+            conn.execute(
+                "SELECT count(*) FROM audit_auditevent WHERE event = 'redemption.refused'"
+            ).fetchone()
+        )
     return {
         "redeemed_rows": redeemed_rows,
         "redeemed_approvals": redeemed_approvals,
@@ -644,7 +664,7 @@ def race_database_check(database_url: str, data: dict) -> dict:
 class Roundtrip:
     """The stack: PostgreSQL database, web process (and websocket process if served apart), Celery worker."""
 
-    def __init__(self, args, stack: Stack):
+    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
         self.args, self.stack = args, stack
         self.port, self.ws_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -716,7 +736,7 @@ class Roundtrip:
             celery_purge(self.stack, self.env(), quiet=True)
 
 
-def run(args, stack: Stack) -> int:
+def run(args: argparse.Namespace, stack: Stack) -> int:
     rig = Roundtrip(args, stack)
     cores = os.cpu_count() or 1
     monitor: ConnectionMonitor | None = None

@@ -58,6 +58,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
@@ -67,6 +68,7 @@ from _stack import (
     ROOT,
     ConnectionMonitor,
     Errors,
+    HttpResponse,
     LeanHttp,
     Stack,
     basic,
@@ -79,6 +81,7 @@ from _stack import (
     log,
     percentile,
     run_main,
+    scalar,
     start_celery_worker,
     start_sealer,
     start_web,
@@ -163,7 +166,7 @@ class LockSampler:
     """Samples pg_stat_activity on the bench database: backends active, waiting on a lock, and waiting
     on a lock in a statement on the audit tables (appends take no shared lock: expect none)."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str) -> None:
         self.database_url, self.name = database_url, urlparse(database_url).path.lstrip("/")
         self.samples: list[tuple[int, int, int]] = []
         self._stop = threading.Event()
@@ -185,6 +188,7 @@ class LockSampler:
                         "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                         [self.name],
                     ).fetchone()
+                    assert row is not None
                     self.samples.append(tuple(row))
         except Exception as exc:  # noqa: BLE001 - a monitor must not break the run
             log(f"  (lock sampler stopped: {exc})")
@@ -242,7 +246,7 @@ class LoadRig:
     """Two nodes (a web process each, and a websocket process each if websockets are served apart),
     two Celery workers, Redis (private unless --redis-url), one PostgreSQL database."""
 
-    def __init__(self, args, stack: Stack):
+    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
         self.args, self.stack = args, stack
         self.ports = {"A": free_port(), "B": free_port()}
         self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
@@ -347,13 +351,13 @@ class Stats:
     skipped: int = 0
     retries: int = 0  # requests resent after the keep-alive race (see post())
     tokens: set[str] = field(default_factory=set)  # jti of every collected action token
-    redeemed: Counter = field(default_factory=Counter)
+    redeemed: Counter[str] = field(default_factory=Counter)
 
 
 class WsBook:
     """Counts over the idle websockets."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.open = 0
         self.opened = 0
         self.drops = 0
@@ -362,7 +366,11 @@ class WsBook:
         self.first_drop: str = ""
 
 
-async def ws_connect(ws_url: str, origin: str, cookie: str):
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
+
+async def ws_connect(ws_url: str, origin: str, cookie: str) -> ClientConnection:
     from websockets.asyncio.client import connect
 
     # Browsers offer permessage-deflate; so does this client (websockets' default).
@@ -426,13 +434,13 @@ class Officer:
     """One officer: a session from the login form, one open inbox tab that reconnects like inbox.js,
     and approvals POSTed with the session cookie and the CSRF token."""
 
-    def __init__(self, url: str, ws_url: str, username: str, password: str, args):
+    def __init__(self, url: str, ws_url: str, username: str, password: str, args: argparse.Namespace) -> None:
         self.url, self.ws_url, self.username, self.password, self.args = url, ws_url, username, password, args
         self.sessionid = self.csrftoken = ""
-        self.waiting: dict[str, asyncio.Future] = {}
+        self.waiting: dict[str, asyncio.Future[tuple[float, str]]] = {}
         self.http: LeanHttp | None = None
         self.reconnects = 0
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     async def login(self) -> None:
@@ -474,12 +482,12 @@ class Officer:
     def cookie(self) -> str:
         return f"sessionid={self.sessionid}"
 
-    def expect(self, key: str) -> asyncio.Future:
+    def expect(self, key: str) -> asyncio.Future[tuple[float, str]]:
         fut = asyncio.get_running_loop().create_future()
         self.waiting[key] = fut
         return fut
 
-    def _saw(self, prompt: dict) -> None:
+    def _saw(self, prompt: dict[str, Any]) -> None:
         details = prompt.get("authorization_details") or [{}]
         fut = self.waiting.get(details[0].get("purchase_order", ""))
         if fut is not None and not fut.done():
@@ -523,8 +531,9 @@ class Officer:
             retry = min(retry + 1, 6)
             await asyncio.sleep(0.25 * 2**retry)
 
-    async def approve(self, approval_id: str, stats: Stats):
+    async def approve(self, approval_id: str, stats: Stats) -> HttpResponse:
         # The flash-message cookie in the answer is not kept: the Cookie header stays fixed.
+        assert self.http is not None, "login() first"
         return await post(self.http, stats, f"/approvals/{approval_id}/approve/")
 
     async def close(self) -> None:
@@ -539,19 +548,19 @@ class Officer:
             await self.http.aclose()
 
 
-async def post(client: LeanHttp, stats: Stats, url: str, **kwargs):
+async def post(client: LeanHttp, stats: Stats, url: str, **kwargs: Any) -> HttpResponse:
     """One POST of the agents' phase (``_stack.LeanHttp``: cheap enough not to be what is measured;
     a request that met the keep-alive race is resent by it and counted)."""
     return await client.post(url, **kwargs)
 
 
 async def exchange_codes(
-    data: dict, clients: dict[str, httpx.AsyncClient], stats: Stats, concurrency: int
+    data: dict[str, Any], clients: dict[str, httpx.AsyncClient], stats: Stats, concurrency: int
 ) -> list[float]:
     latencies: list[float] = []
     queue = iter(enumerate(data["agents"]))
 
-    async def worker():
+    async def worker() -> None:
         for i, agent in queue:
             client = clients["AB"[i % 2]]
             t0 = time.perf_counter()
@@ -577,7 +586,13 @@ async def exchange_codes(
 
 
 async def agent_flows(
-    i: int, agent: dict, officer: Officer, client: LeanHttp, data: dict, args, stats: Stats
+    i: int,
+    agent: dict[str, Any],
+    officer: Officer,
+    client: LeanHttp,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    stats: Stats,
 ) -> None:
     catalog = basic(*data["catalog"])
     ledger = basic(*data["ledger"])
@@ -699,11 +714,14 @@ async def agent_flows(
             fail("http", f"{type(exc).__name__}: {exc}")
 
 
-def database_check(database_url: str, agents_started: float) -> dict:
+def database_check(database_url: str, agents_started: float) -> dict[str, Any]:
     import psycopg
 
     with psycopg.connect(database_url, connect_timeout=10) as conn:
-        q = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+
+        def q(sql: str) -> Any:
+            return scalar(conn.execute(sql).fetchone())
+
         return {
             "approvals": q("SELECT count(*) FROM approvals_approvalrequest"),
             "redeemed_approvals": q(
@@ -755,9 +773,9 @@ def database_check(database_url: str, agents_started: float) -> dict:
         }
 
 
-async def run_load(rig: LoadRig, data: dict, args) -> dict:
+async def run_load(rig: LoadRig, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     stack = rig.stack
-    out: dict = {"stats": Stats(), "book": WsBook()}
+    out: dict[str, Any] = {"stats": Stats(), "book": WsBook()}
     stats, book = out["stats"], out["book"]
     limits = httpx.Limits(
         max_connections=args.agents, max_keepalive_connections=args.agents, keepalive_expiry=1.0
@@ -768,7 +786,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
     }  # setup only; the agents' phase uses LeanHttp
     lean = {name: LeanHttp(url, timeout=args.request_timeout) for name, url in rig.urls.items()}
     officers: list[Officer] = []
-    idle_tasks: list[asyncio.Task] = []
+    idle_tasks: list[asyncio.Task[None]] = []
     stop_idle = asyncio.Event()
     try:
         # 1. officers sign in (node by index), agents exchange their codes
@@ -779,7 +797,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         ]
         sem = asyncio.Semaphore(4)
 
-        async def login(o):
+        async def login(o: Officer) -> None:
             async with sem:
                 await o.login()
 
@@ -807,7 +825,7 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
         opened_events = []
         batch = asyncio.Semaphore(args.ws_open_concurrency)
 
-        async def open_one(k: int):
+        async def open_one(k: int) -> None:
             async with batch:
                 ev = asyncio.Event()
                 node = "AB"[k % 2]
@@ -855,7 +873,9 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
             )
         )
         out["wall"] = time.perf_counter() - t0
-        stats.retries = sum(c.resent for c in lean.values()) + sum(o.http.resent for o in officers)
+        stats.retries = sum(c.resent for c in lean.values()) + sum(
+            o.http.resent for o in officers if o.http is not None
+        )
         sampler.stop()
         out["locks"] = sampler.summary()
         out["cpu"] = stack.cpu_usage(cpu0, stack.cpu_sample())
@@ -873,17 +893,17 @@ async def run_load(rig: LoadRig, data: dict, args) -> dict:
             await o.close()
         for client in clients.values():
             await client.aclose()
-        for client in lean.values():
-            await client.aclose()
+        for lean_client in lean.values():
+            await lean_client.aclose()
     return out
 
 
-def run(args, stack: Stack, limit: tuple[int, int]) -> int:
+def run(args: argparse.Namespace, stack: Stack, limit: tuple[int, int]) -> int:
     rig = LoadRig(args, stack)
     cores = os.cpu_count() or 1
     monitor: ConnectionMonitor | None = None
-    out: dict = {}
-    db: dict = {}
+    out: dict[str, Any] = {}
+    db: dict[str, Any] = {}
     logs = ""
     try:
         log(

@@ -108,7 +108,7 @@ def basic(client_id: str, secret: str) -> str:
 
 
 class Connection:
-    def __init__(self, port: int, timeout: float):
+    def __init__(self, port: int, timeout: float) -> None:
         self.port, self.timeout = port, timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -222,7 +222,7 @@ async def timed_request(conn: Connection, payload: bytes, phase: Phase) -> bytes
 
 
 class Peers:
-    def __init__(self, args, stack: Stack):
+    def __init__(self, args, stack: Stack) -> None:
         self.args, self.stack = args, stack
         base = args.database_url.rstrip("/")
         self.db = {"countersign": f"{base}_cs", "dot": f"{base}_dot", "floor": f"{base}_floor"}

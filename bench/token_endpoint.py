@@ -36,7 +36,9 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 from _stack import (
@@ -51,6 +53,8 @@ from _stack import (
     run_main,
     start_web,
 )
+
+T = TypeVar("T")
 
 REDIRECT_URI = "http://127.0.0.1:8199/callback"
 
@@ -171,7 +175,7 @@ class TokenClient:
         redirect_uri: str,
         concurrency: int,
         request_timeout: float,
-    ):
+    ) -> None:
         self.redirect_uri = redirect_uri
         cred = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         self.client = httpx.AsyncClient(
@@ -182,7 +186,7 @@ class TokenClient:
             trust_env=False,  # loopback only: never go through a proxy from the environment
         )
 
-    async def post(self, data: dict, result: PhaseResult) -> dict | None:
+    async def post(self, data: dict[str, str], result: PhaseResult) -> dict[str, Any] | None:
         start = time.perf_counter()
         try:
             response = await self.client.post("/o/token/", data=data)
@@ -195,12 +199,13 @@ class TokenClient:
             result.note_error(f"HTTP {response.status_code}: {response.text}")
             return None
         try:
-            return response.json()
+            body: dict[str, Any] = response.json()
+            return body
         except ValueError:
             result.note_error(f"HTTP 200 with a body that is not JSON: {response.text[:500]}")
             return None
 
-    async def exchange(self, code: str, verifier: str, result: PhaseResult) -> dict | None:
+    async def exchange(self, code: str, verifier: str, result: PhaseResult) -> dict[str, Any] | None:
         return await self.post(
             {
                 "grant_type": "authorization_code",
@@ -211,7 +216,7 @@ class TokenClient:
             result,
         )
 
-    async def refresh(self, refresh_token: str, result: PhaseResult) -> dict | None:
+    async def refresh(self, refresh_token: str, result: PhaseResult) -> dict[str, Any] | None:
         return await self.post({"grant_type": "refresh_token", "refresh_token": refresh_token}, result)
 
     async def aclose(self) -> None:
@@ -225,7 +230,7 @@ async def run_code_exchanges(
     refresh_tokens: list[str] = []
     queue = iter(codes)
 
-    async def worker():
+    async def worker() -> None:
         for code, verifier in queue:  # a shared iterator: each code is taken once
             if time.monotonic() > deadline:
                 result.skipped += 1
@@ -247,7 +252,7 @@ async def run_refresh_chains(
 ) -> None:
     chains = len(starts)
 
-    async def chain(i: int, token: str):
+    async def chain(i: int, token: str) -> None:
         steps = total // chains + (1 if i < total % chains else 0)
         for done in range(steps):
             if time.monotonic() > deadline:
@@ -257,11 +262,12 @@ async def run_refresh_chains(
             if body is None:
                 result.skipped += steps - done - 1  # the chain cannot continue without a token
                 return
-            token = body.get("refresh_token")
-            if not token:
+            refreshed = body.get("refresh_token")
+            if not refreshed:
                 result.note_error(f"refresh response without refresh_token: {json.dumps(body)[:500]}")
                 result.skipped += steps - done - 1
                 return
+            token = refreshed
 
     await asyncio.gather(*(chain(i, t) for i, t in enumerate(starts)))
 
@@ -269,12 +275,15 @@ async def run_refresh_chains(
 class ExchangeClient:
     """An agent re-minting through RFC 8693 token exchange, authenticated with private_key_jwt (RFC 7523)."""
 
-    def __init__(self, base_url: str, data: dict, concurrency: int, request_timeout: float):
+    def __init__(self, base_url: str, data: dict[str, Any], concurrency: int, request_timeout: float) -> None:
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         self.client_id = data["client_id"]
         self.kid = data["kid"]
-        self.key = serialization.load_pem_private_key(data["private_pem"].encode(), password=None)
+        key = serialization.load_pem_private_key(data["private_pem"].encode(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey), "the agent's key is P-256"
+        self.key = key
         self.audience = f"{base_url}/o/token/"
         self.client = httpx.AsyncClient(
             base_url=base_url,
@@ -321,7 +330,8 @@ class ExchangeClient:
         if response.status_code != 200:
             result.note_error(f"HTTP {response.status_code}: {response.text}")
             return None
-        return response.json().get("access_token")
+        token: str | None = response.json().get("access_token")
+        return token
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -333,21 +343,22 @@ async def run_exchange_chains(
     """Each chain re-mints from the token the previous re-mint returned."""
     chains = len(starts)
 
-    async def chain(i: int, token: str):
+    async def chain(i: int, token: str) -> None:
         steps = total // chains + (1 if i < total % chains else 0)
         for done in range(steps):
             if time.monotonic() > deadline:
                 result.skipped += steps - done
                 return
-            token = await xc.remint(token, result)
-            if token is None:
+            reminted = await xc.remint(token, result)
+            if reminted is None:
                 result.skipped += steps - done - 1
                 return
+            token = reminted
 
     await asyncio.gather(*(chain(i, t) for i, t in enumerate(starts)))
 
 
-async def timed(result: PhaseResult, stack: Stack, coro):
+async def timed(result: PhaseResult, stack: Stack, coro: Awaitable[T]) -> T:
     before = stack.cpu_sample()
     value = await coro
     result.cpu = stack.cpu_usage(before, stack.cpu_sample())
@@ -387,7 +398,7 @@ def web_cpu_ms(result: PhaseResult) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, stack: Stack):
+    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
         self.args = args
         self.stack = stack
         self.deadline = stack.deadline
@@ -480,7 +491,7 @@ class Bench:
         failed = any(r.errors or r.skipped for r in results)
         return 1 if failed else 0
 
-    async def phases(self, port: int, data: dict) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
+    async def phases(self, port: int, data: dict[str, Any]) -> tuple[PhaseResult, PhaseResult, PhaseResult]:
         args, stack = self.args, self.stack
         tc = TokenClient(
             f"http://127.0.0.1:{port}",

@@ -53,7 +53,7 @@ REQUIRED = ["iss", "sub", "aud", "exp", "iat", "jti"]
 
 
 class Issuer:
-    def __init__(self, alg: str, dpop: DPoPKey):
+    def __init__(self, alg: str, dpop: DPoPKey) -> None:
         if alg == "ES256":
             self.private: Any = ec.generate_private_key(ec.SECP256R1())
             public = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)

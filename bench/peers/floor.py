@@ -20,17 +20,30 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import jwt
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 SELECT = "SELECT secret_salt, secret_hash FROM floor_client WHERE client_id = %s"
 INSERT = "INSERT INTO floor_token (jti, client_id, expires) VALUES (%s, %s, to_timestamp(%s))"
 LIFETIME = 900
 
 with open(os.environ["FLOOR_KEY_PATH"], "rb") as fh:
-    KEY = serialization.load_pem_private_key(fh.read(), password=None)
+    _key = serialization.load_pem_private_key(fh.read(), password=None)
+assert isinstance(_key, ec.EllipticCurvePrivateKey), "FLOOR_KEY_PATH must hold a P-256 key"
+KEY: ec.EllipticCurvePrivateKey = _key
 ISSUER = os.environ.get("FLOOR_ISSUER", "http://127.0.0.1")
 DATABASE_URL = os.environ["FLOOR_DATABASE_URL"]
 HEADERS = {"typ": "at+jwt", "kid": "floor-1"}
@@ -76,17 +89,17 @@ ERROR = {
 }
 
 
-def check(row, secret: str) -> bool:
+def check(row: tuple[Any, ...] | None, secret: str) -> bool:
     return row is not None and hmac.compare_digest(secret_hash(row[0], secret), row[1])
 
 
 # --- WSGI --------------------------------------------------------------------------------------------
 
-_pool = None
+_pool: "ConnectionPool | None" = None
 _pool_lock = threading.Lock()
 
 
-def pool():
+def pool() -> "ConnectionPool":
     global _pool
     if _pool is None:
         with _pool_lock:
@@ -97,7 +110,7 @@ def pool():
     return _pool
 
 
-def _wsgi_response(start_response, status: int, body: bytes):
+def _wsgi_response(start_response: StartResponse, status: int, body: bytes) -> list[bytes]:
     reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}[status]
     start_response(
         f"{status} {reason}",
@@ -110,7 +123,7 @@ def _wsgi_response(start_response, status: int, body: bytes):
     return [body]
 
 
-def application(environ, start_response):
+def application(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
     path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD")
     if path == "/healthz":
         return _wsgi_response(start_response, 200, b"{}")
@@ -133,11 +146,11 @@ def application(environ, start_response):
 
 # --- ASGI --------------------------------------------------------------------------------------------
 
-_apool = None
+_apool: "AsyncConnectionPool | None" = None
 _apool_lock = asyncio.Lock()
 
 
-async def apool():
+async def apool() -> "AsyncConnectionPool":
     global _apool
     if _apool is None:
         async with _apool_lock:
@@ -150,7 +163,7 @@ async def apool():
     return _apool
 
 
-async def _asgi_response(send, status: int, body: bytes) -> None:
+async def _asgi_response(send: Send, status: int, body: bytes) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -165,7 +178,7 @@ async def _asgi_response(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def asgi_application(scope, receive, send):
+async def asgi_application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -180,7 +193,8 @@ async def asgi_application(scope, receive, send):
         return await _asgi_response(send, 200, b"{}")
     if scope["path"] != "/token" or scope["method"] != "POST":
         return await _asgi_response(send, 404, ERROR[404])
-    chunks, more = [], True
+    chunks: list[bytes] = []
+    more = True
     while more:
         message = await receive()
         chunks.append(message.get("body", b""))

@@ -1,11 +1,23 @@
 import json
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlencode
 
 import pytest
+from django.test import Client
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
-from tests.conftest import PASSWORD, basic
+from consent.models import ScopePolicy
+from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
+
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse
+
+    # What the test client returns: an HttpResponse with .json(), .context and the rest attached.
+    ClientResponse: TypeAlias = _MonkeyPatchedWSGIResponse
+else:
+    from django.http import HttpResponse as ClientResponse
 
 LEDGER_ENTRY = {
     "type": "ledger_entry",
@@ -20,16 +32,23 @@ LEDGER_ENTRY = {
 class Agent:
     """The agent's side of CIBA, through the test client."""
 
-    def __init__(self, flow, scenario):
+    def __init__(self, flow: OAuthFlow, scenario: Scenario) -> None:
         self.flow, self.s = flow, scenario
-        self.session_token = None
+        self.session_token = ""  # start_session() signs in and sets it
 
-    def start_session(self):
-        self.session_token = self.flow.full()["access_token"]
+    def start_session(self) -> str:
+        self.session_token = str(self.flow.full()["access_token"])
         self.flow.client.logout()
         return self.session_token
 
-    def ask(self, details=None, *, scope="ledger:write", auth=None, **extra):
+    def ask(
+        self,
+        details: dict[str, Any] | None = None,
+        *,
+        scope: str = "ledger:write",
+        auth: tuple[str, str] | None = None,
+        **extra: str,
+    ) -> ClientResponse:
         data = {
             "scope": scope,
             "login_hint_token": self.session_token,
@@ -44,21 +63,21 @@ class Agent:
             HTTP_AUTHORIZATION=basic(client_id, secret),
         )
 
-    def poll(self, auth_req_id, *, auth=None):
+    def poll(self, auth_req_id: str, *, auth: tuple[str, str] | None = None) -> ClientResponse:
         return self.flow.token(
             {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id}, auth=auth
         )
 
-    def approved_token(self, client) -> str:
+    def approved_token(self, client: Client) -> str:
         """Ask for the ledger write, have the officer approve it in the inbox (signed in on ``client``),
         and collect the action token."""
         auth_req_id = self.ask().json()["auth_req_id"]
         client.login(username="officer", password=PASSWORD)
         approval = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(auth_req_id))
         client.post(f"/approvals/{approval.pk}/approve/")
-        return self.poll(auth_req_id).json()["access_token"]
+        return str(self.poll(auth_req_id).json()["access_token"])
 
-    def redeem(self, token, *, auth=None, **extra):
+    def redeem(self, token: str, *, auth: tuple[str, str] | None = None, **extra: str) -> ClientResponse:
         client_id, secret = auth or (self.s.ledger_client_id, self.s.ledger_secret)
         return self.flow.client.post(
             "/o/redeem/",
@@ -69,7 +88,7 @@ class Agent:
 
 
 @pytest.fixture
-def agent(flow, scenario, ledger_policy, settings):
+def agent(flow: OAuthFlow, scenario: Scenario, ledger_policy: ScopePolicy, settings: Settings) -> Agent:
     settings.CELERY_TASK_ALWAYS_EAGER = False
     a = Agent(flow, scenario)
     a.start_session()

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, User
 
 from consent.models import ScopePolicy
 from consent.services import scope_set
@@ -16,9 +16,9 @@ THRESHOLD = "amount > 10000"
 @dataclass
 class Officials:
     group: Group
-    alice: Any
-    bob: Any
-    carol: Any  # in no group until a test adds her
+    alice: User
+    bob: User
+    carol: User  # in no group until a test adds her
 
 
 def officials() -> Officials:

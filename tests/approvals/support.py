@@ -8,19 +8,24 @@ task body; every websocket send (the tasks' and the services' own pushes after c
 recorded instead of sent to Redis.
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from approvals import delivery as approval_delivery
 from approvals import rar
 from approvals import tasks as approval_tasks
 from approvals.ciba import BackchannelRequest
+from approvals.models import ApprovalRequest
 from approvals.services import approval_request_create, auth_req_id_for
 from config.celery import app as celery_app
-from consent.models import ResourceServer, ScopePolicy, SessionGrant
+from consent.models import Agent, ResourceServer, ScopePolicy, SessionGrant
 from consent.services import AuthContext, grant_create
+from tests.conftest import Scenario
 
 LEDGER_SCOPE = "ledger:write"
 ALL_SCOPES = ["catalog:read", "budget:read", LEDGER_SCOPE]
@@ -42,7 +47,14 @@ def auth_now(amr: tuple[str, ...] = ("pwd",)) -> AuthContext:
     return AuthContext(auth_time=timezone.now(), amr=list(amr))
 
 
-def session_grant(scenario, *, user=None, agent=None, scopes=None, lifetime: int = 3600) -> SessionGrant:
+def session_grant(
+    scenario: Scenario,
+    *,
+    user: User | None = None,
+    agent: Agent | None = None,
+    scopes: Iterable[str] | None = None,
+    lifetime: int = 3600,
+) -> SessionGrant:
     """The consent event, as the consent screen's Allow creates it."""
     return grant_create(
         user=user or scenario.user,
@@ -56,7 +68,7 @@ def session_grant(scenario, *, user=None, agent=None, scopes=None, lifetime: int
 
 def backchannel_request(
     grant: SessionGrant,
-    details: list[dict] | None = None,
+    details: list[dict[str, Any]] | None = None,
     *,
     window: int | None = None,
     binding_message: str = "",
@@ -78,16 +90,18 @@ def backchannel_request(
     )
 
 
-def request_approval(grant: SessionGrant, details: list[dict] | None = None, **kwargs):
+def request_approval(
+    grant: SessionGrant, details: list[dict[str, Any]] | None = None, **kwargs: Any
+) -> tuple[ApprovalRequest, bool]:
     """A validated CIBA request persisted by the service. Returns (approval, created)."""
     return approval_request_create(req=backchannel_request(grant, details, **kwargs))
 
 
-def auth_req_id(approval) -> str:
+def auth_req_id(approval: ApprovalRequest) -> str:
     return auth_req_id_for(approval.pk)
 
 
-def ledger_rs(scenario) -> ResourceServer:
+def ledger_rs(scenario: Scenario) -> ResourceServer:
     return ResourceServer.objects.get(client_id=scenario.ledger_client_id)
 
 
@@ -96,15 +110,15 @@ class Outbox:
     """What the services handed to Celery (``queued``) and what reached a browser (``sent``)."""
 
     queued: list[tuple[str, str]] = field(default_factory=list)
-    sent: list[tuple[int, dict]] = field(default_factory=list)
+    sent: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
-    def queued_for(self, approval_id, name: str | None = None) -> list[str]:
+    def queued_for(self, approval_id: object, name: str | None = None) -> list[str]:
         return [n for n, pk in self.queued if pk == str(approval_id) and (name is None or n == name)]
 
-    def prompts_sent(self) -> list[dict]:
+    def prompts_sent(self) -> list[dict[str, Any]]:
         return [m for _, m in self.sent if m.get("type") == "approval.upsert"]
 
-    def removals_for(self, approval_id) -> list[str]:
+    def removals_for(self, approval_id: object) -> list[str]:
         """The statuses open inboxes were told the request left the pending list with."""
         return [
             m["status"]
@@ -116,22 +130,24 @@ class Outbox:
 class _QueuedTask:
     """Stands in for one Celery task in the app's registry; ``apply_async`` records and maybe runs it."""
 
-    def __init__(self, name: str, real, outbox: Outbox, run: bool):
+    def __init__(self, name: str, real: Callable[..., Any], outbox: Outbox, run: bool) -> None:
         self.name, self.real, self.outbox, self.run = name, real, outbox, run
 
-    def apply_async(self, args=(), **options):
+    def apply_async(self, args: tuple[Any, ...] = (), **options: Any) -> None:
         self.outbox.queued.append((self.name, str(args[0])))
         if self.run:
             self.real(*args)
 
 
-def install_outbox(monkeypatch, *, run_pushes: bool = True) -> Outbox:
+def install_outbox(monkeypatch: pytest.MonkeyPatch, *, run_pushes: bool = True) -> Outbox:
     outbox = Outbox()
 
-    def record(user_id, message, **kwargs):
+    def record(user_id: int | str, message: dict[str, Any], **kwargs: Any) -> None:
         outbox.sent.append((int(user_id), message))
 
-    def push_now(user_id, message):  # the services' own push after commit (approvals.delivery.push_now)
+    def push_now(
+        user_id: int | str, message: dict[str, Any]
+    ) -> bool:  # the services' own push after commit (approvals.delivery.push_now)
         record(user_id, message)
         return True
 

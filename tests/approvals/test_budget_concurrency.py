@@ -6,18 +6,26 @@ distinct purchase; the conditional UPDATE on the budget row alone decides which 
 """
 
 import threading
+from collections.abc import Iterator
 from decimal import Decimal
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from django.db import connection
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest, BudgetReservation
 from approvals.services import approval_request_create
 from consent.budget import Budget
 from consent.budgets import BudgetChoice, budgets_create
 from consent.keys import active_signing_key
+from consent.models import ScopePolicy, SessionGrant
 from consent.services import scope_set
 from tests.approvals.support import backchannel_request, install_outbox, ledger_entry, session_grant
+from tests.conftest import Scenario
+
+if TYPE_CHECKING:
+    from django.db.backends.postgresql.base import DatabaseWrapper as PgDatabaseWrapper
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,7 +33,7 @@ REQUESTS = 100
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
@@ -33,7 +41,9 @@ def _postgresql_only():
 
 
 @pytest.fixture
-def grant(scenario, ledger_policy, monkeypatch, settings):
+def grant(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> SessionGrant:
     install_outbox(monkeypatch, run_pushes=False)
     # Prompts for what does not fit must not be capped away: every request gets an answer.
     settings.COUNTERSIGN = {
@@ -57,17 +67,17 @@ def grant(scenario, ledger_policy, monkeypatch, settings):
 
 
 @pytest.fixture(autouse=True)
-def _a_connection_per_thread():
+def _a_connection_per_thread() -> Iterator[None]:
     """The process's pool (config.settings) holds 20; here every racing thread holds its own."""
     pool = connection.settings_dict.get("OPTIONS", {}).get("pool")
     if not isinstance(pool, dict):
         yield
         return
     size = pool["max_size"]
-    connection.close_pool()
+    cast("PgDatabaseWrapper", connection).close_pool()
     pool["max_size"] = REQUESTS + 5
     yield
-    connection.close_pool()
+    cast("PgDatabaseWrapper", connection).close_pool()
     pool["max_size"] = size
 
 
@@ -77,11 +87,11 @@ def _threads_we_may_open() -> int:
         cursor.execute(
             "SELECT current_setting('max_connections')::int - (SELECT COUNT(*) FROM pg_stat_activity)"
         )
-        free = cursor.fetchone()[0]
+        free: int = cursor.fetchone()[0]
     return max(8, min(REQUESTS, free - 15))
 
 
-def _race(amounts: list[str], grant) -> list[object]:
+def _race(amounts: list[str], grant: SessionGrant) -> list[object]:
     threads_n = _threads_we_may_open()
     barrier = threading.Barrier(threads_n)
     results: list[object] = [None] * len(amounts)
@@ -108,7 +118,9 @@ def _race(amounts: list[str], grant) -> list[object]:
 
 
 @pytest.mark.parametrize("round_", range(2))
-def test_concurrent_requests_never_spend_more_than_the_budget(grant, scenario, round_):
+def test_concurrent_requests_never_spend_more_than_the_budget(
+    grant: SessionGrant, scenario: Scenario, round_: int
+) -> None:
     (budget,) = budgets_create(
         grant=grant,
         choices=[BudgetChoice("ledger:write", "100.00", "1000.00", "week", "USD")],

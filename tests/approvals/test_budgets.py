@@ -5,9 +5,12 @@ the user is asked, and the prompt says why. Amounts that end unredeemed go back,
 
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from django.test import Client
 from django.utils import timezone
+from pytest_django import Settings
 
 from approvals.activity import describe
 from approvals.delivery import prompt_payload
@@ -17,10 +20,11 @@ from approvals.services import approval_expire, approvals_expire_due, auth_req_i
 from audit.models import AuditEvent
 from consent.budget import Budget, period_start
 from consent.budgets import BudgetChoice, budget_end, budget_lower, budgets_create
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
 from consent.services import grant_revoke, scope_set
+from tests.approvals.conftest import Agent
 from tests.approvals.support import ledger_entry
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -29,7 +33,7 @@ R = BudgetReservation.State
 
 
 @pytest.fixture
-def budget_policy(ledger_policy):
+def budget_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     policy, _ = scope_set(
         name="ledger:write",
         values={
@@ -43,7 +47,7 @@ def budget_policy(ledger_policy):
 
 
 @pytest.fixture
-def budget(agent, budget_policy, scenario) -> Budget:
+def budget(agent: Agent, budget_policy: ScopePolicy, scenario: Scenario) -> Budget:
     """The officer's grant with "up to 500.00 USD each, 2,000.00 USD a week" on the ledger."""
     grant = SessionGrant.objects.get()
     (created,) = budgets_create(
@@ -57,7 +61,7 @@ def budget(agent, budget_policy, scenario) -> Budget:
 _po = iter(range(10_000))
 
 
-def ask(agent, amount: str = "120.00", **extra):
+def ask(agent: Agent, amount: str = "120.00", **extra: Any) -> tuple[str, ApprovalRequest]:
     """One ledger write of ``amount`` (a fresh purchase order each time, so nothing collapses)."""
     response = agent.ask(ledger_entry(amount, purchase_order=f"PO-{next(_po)}", **extra))
     assert response.status_code == 200, response.content
@@ -69,7 +73,9 @@ def used(budget: Budget) -> Decimal:
     return Budget.objects.get(pk=budget.pk).used
 
 
-def test_inside_the_budget_no_prompt_token_minted_and_audited(agent, budget, scenario, client):
+def test_inside_the_budget_no_prompt_token_minted_and_audited(
+    agent: Agent, budget: Budget, scenario: Scenario, client: Client
+) -> None:
     auth_req_id, approval = ask(agent, "120.00")
     assert approval.status == S.APPROVED and approval.decision_method == "budget"
     assert approval.decided_by_id is None and approval.delivered_at is None  # nobody was asked
@@ -102,7 +108,9 @@ def test_inside_the_budget_no_prompt_token_minted_and_audited(agent, budget, sce
     assert "Approved within your budget (120.00 USD)" in client.get("/approvals/").content.decode()
 
 
-def test_over_the_per_action_ceiling_prompts_and_says_why(agent, budget, client):
+def test_over_the_per_action_ceiling_prompts_and_says_why(
+    agent: Agent, budget: Budget, client: Client
+) -> None:
     auth_req_id, approval = ask(agent, "600.00")
     assert approval.status == S.PENDING
     assert approval.budget_note == "over your 500.00 USD per-purchase budget"
@@ -118,7 +126,7 @@ def test_over_the_per_action_ceiling_prompts_and_says_why(agent, budget, client)
     assert pushed is not None and prompt_payload(pushed)["budget_note"] == approval.budget_note
 
 
-def test_over_the_period_total_prompts(agent, budget):
+def test_over_the_period_total_prompts(agent: Agent, budget: Budget) -> None:
     for _ in range(4):
         assert ask(agent, "500.00")[1].status == S.APPROVED
     assert used(budget) == Decimal("2000.00")
@@ -140,7 +148,9 @@ def test_over_the_period_total_prompts(agent, budget):
         ({"amount": "1e2"}, "it carries no amount your budget can count"),
     ],
 )
-def test_wrong_currency_or_no_countable_amount_prompts(agent, budget, details, why):
+def test_wrong_currency_or_no_countable_amount_prompts(
+    agent: Agent, budget: Budget, details: dict[str, Any], why: str
+) -> None:
     entry = ledger_entry("120.00", purchase_order="PO-odd")
     entry.update(details)
     response = agent.ask(entry)
@@ -150,7 +160,9 @@ def test_wrong_currency_or_no_countable_amount_prompts(agent, budget, details, w
     assert used(budget) == 0
 
 
-def test_expired_unredeemed_token_returns_the_amount_once(agent, budget, settings):
+def test_expired_unredeemed_token_returns_the_amount_once(
+    agent: Agent, budget: Budget, settings: Settings
+) -> None:
     auth_req_id, approval = ask(agent, "300.00")
     assert agent.poll(auth_req_id).status_code == 200
     assert used(budget) == Decimal("300.00")
@@ -165,7 +177,9 @@ def test_expired_unredeemed_token_returns_the_amount_once(agent, budget, setting
     assert refunds.count() == 1 and refunds.get().detail["amount"] == "300.00"
 
 
-def test_revoking_the_grant_returns_what_was_reserved(agent, budget, scenario):
+def test_revoking_the_grant_returns_what_was_reserved(
+    agent: Agent, budget: Budget, scenario: Scenario
+) -> None:
     _, approval = ask(agent, "250.00")
     assert used(budget) == Decimal("250.00")
     grant_revoke(
@@ -179,7 +193,9 @@ def test_revoking_the_grant_returns_what_was_reserved(agent, budget, scenario):
     assert BudgetReservation.objects.get(approval=approval).state == R.REFUNDED
 
 
-def test_lowering_while_a_request_is_pending(agent, budget, scenario, client):
+def test_lowering_while_a_request_is_pending(
+    agent: Agent, budget: Budget, scenario: Scenario, client: Client
+) -> None:
     # A prompt over the ceiling waits; a budget approval holds 400.00.
     _, prompt = ask(agent, "600.00")
     held_id, held = ask(agent, "400.00")
@@ -199,14 +215,16 @@ def test_lowering_while_a_request_is_pending(agent, budget, scenario, client):
     assert used(budget) == Decimal("400.00")
 
 
-def test_ending_the_budget_makes_every_request_ask(agent, budget, scenario):
+def test_ending_the_budget_makes_every_request_ask(agent: Agent, budget: Budget, scenario: Scenario) -> None:
     budget_end(budget_id=budget.pk, user_id=scenario.user.pk)
     _, approval = ask(agent, "10.00")
     assert approval.status == S.PENDING and approval.budget_note == ""
     assert Budget.objects.get(pk=budget.pk).status == Budget.Status.ENDED
 
 
-def test_period_rollover_starts_from_nothing_and_old_refunds_stay_in_their_period(agent, budget):
+def test_period_rollover_starts_from_nothing_and_old_refunds_stay_in_their_period(
+    agent: Agent, budget: Budget
+) -> None:
     first_id, first = ask(agent, "500.00")
     for _ in range(3):
         ask(agent, "500.00")
@@ -229,7 +247,9 @@ def test_period_rollover_starts_from_nothing_and_old_refunds_stay_in_their_perio
     assert refund.detail["period_over"] is True
 
 
-def test_an_auto_approve_rule_comes_first_and_spends_nothing(agent, budget, budget_policy):
+def test_an_auto_approve_rule_comes_first_and_spends_nothing(
+    agent: Agent, budget: Budget, budget_policy: ScopePolicy
+) -> None:
     scope_set(name="ledger:write", values={"auto_approve_rule": "amount <= 50"})
     _, approval = ask(agent, "40.00")
     assert approval.status == S.APPROVED and approval.decision_method == "auto_rule"

@@ -2,22 +2,23 @@
 
 import jwt
 import pytest
+from django.test import Client
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
 from audit.models import AuditEvent
-from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import LEDGER_ENTRY, Agent, ClientResponse
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
 
-def _approve(client, approval_id, decision="approve"):
+def _approve(client: Client, approval_id: object, decision: str = "approve") -> ClientResponse:
     client.login(username="officer", password=PASSWORD)
     return client.post(f"/approvals/{approval_id}/{decision}/")
 
 
-def test_request_approve_collect_redeem_once(agent, client, scenario):
+def test_request_approve_collect_redeem_once(agent: Agent, client: Client, scenario: Scenario) -> None:
     response = agent.ask(binding_message="Step 5 of 5")
     assert response.status_code == 200, response.content
     body = response.json()
@@ -63,7 +64,7 @@ def test_request_approve_collect_redeem_once(agent, client, scenario):
     } <= events
 
 
-def test_deny_gives_access_denied(agent, client):
+def test_deny_gives_access_denied(agent: Agent, client: Client) -> None:
     body = agent.ask().json()
     _approve(client, ApprovalRequest.objects.get().pk, "deny")
     response = agent.poll(body["auth_req_id"])
@@ -71,7 +72,9 @@ def test_deny_gives_access_denied(agent, client):
     assert ActionToken.objects.count() == 0
 
 
-def test_session_token_is_refused_at_redemption_and_action_token_as_session_token(agent, client):
+def test_session_token_is_refused_at_redemption_and_action_token_as_session_token(
+    agent: Agent, client: Client
+) -> None:
     refused = agent.redeem(agent.session_token)
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_token"
     body = agent.ask().json()
@@ -81,7 +84,7 @@ def test_session_token_is_refused_at_redemption_and_action_token_as_session_toke
     assert agent.flow.introspect(token).json() == {"active": False}
 
 
-def test_changed_action_is_refused_at_redemption(agent, client):
+def test_changed_action_is_refused_at_redemption(agent: Agent, client: Client) -> None:
     body = agent.ask().json()
     _approve(client, ApprovalRequest.objects.get().pk)
     token = agent.poll(body["auth_req_id"]).json()["access_token"]

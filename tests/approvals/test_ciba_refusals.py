@@ -9,14 +9,18 @@ replaced by an ``Outbox`` that records what the services queue on commit.
 
 import json
 import time
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime, timedelta
+from typing import Any
 
 import jwt
 import pytest
+from django.contrib.auth.models import User
 from django.db.models import Max
 from django.test import Client
 from django.utils import timezone
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
@@ -26,9 +30,10 @@ from audit.models import AuditEvent
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import agent_create, agent_update, grant_revoke, scope_set
 from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, session_claims, sign, verify
-from tests.approvals.conftest import LEDGER_ENTRY
-from tests.approvals.support import install_outbox, ledger_entry
-from tests.conftest import PASSWORD, REDIRECT_URI, pkce_pair
+from tests.approvals.conftest import LEDGER_ENTRY, ClientResponse
+from tests.approvals.conftest import Agent as CibaAgent
+from tests.approvals.support import Outbox, install_outbox, ledger_entry
+from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -46,7 +51,7 @@ def _head() -> int:
     return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
-def _approval_rows() -> dict:
+def _approval_rows() -> dict[Any, list[Any]]:
     return {
         pk: rest
         for pk, *rest in ApprovalRequest.objects.values_list(
@@ -55,14 +60,14 @@ def _approval_rows() -> dict:
     }
 
 
-def _token_rows() -> dict:
+def _token_rows() -> dict[Any, list[Any]]:
     return {
         jti: rest for jti, *rest in ActionToken.objects.values_list("jti", "redeemed_at", "redeemed_by_id")
     }
 
 
 class Watch:
-    def __init__(self, outbox):
+    def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.seq = _head()
         self.approvals = _approval_rows()
@@ -75,17 +80,17 @@ class Watch:
     def new_queued(self) -> list[tuple[str, str]]:
         return self.outbox.queued[self.queued :]
 
-    def new_sent(self) -> list:
+    def new_sent(self) -> list[tuple[int, dict[str, Any]]]:
         return self.outbox.sent[self.sent :]
 
     def refused(
         self,
-        response,
+        response: ClientResponse,
         *,
         status: int,
         error: str,
         event: str,
-        ok_events=(),
+        ok_events: Sequence[str] = (),
         unchanged: bool = True,
         reason: str = "",
     ) -> AuditEvent:
@@ -107,21 +112,24 @@ class Watch:
             self.assert_unchanged()
         return refused[0]
 
-    def assert_unchanged(self):
+    def assert_unchanged(self) -> None:
         assert _approval_rows() == self.approvals, "a refusal must not create or change an approval"
         assert _token_rows() == self.tokens, "a refusal must not mint or redeem an action token"
         assert self.new_queued() == [] and self.new_sent() == [], "a refusal must push nothing"
 
 
+Watching = Callable[[], AbstractContextManager[Watch]]  # the ``watch`` fixture
+
+
 @pytest.fixture
-def outbox(monkeypatch):
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     return install_outbox(monkeypatch)
 
 
 @pytest.fixture
-def watch(django_capture_on_commit_callbacks, outbox):
+def watch(django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks, outbox: Outbox) -> Watching:
     @contextmanager
-    def _watch():
+    def _watch() -> Iterator[Watch]:
         w = Watch(outbox)
         with django_capture_on_commit_callbacks(execute=True):
             yield w
@@ -136,29 +144,35 @@ def _approval_for(auth_req_id: str) -> ApprovalRequest:
     return ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(auth_req_id))
 
 
-def _ask_ok(agent, details=None, **extra) -> tuple[str, ApprovalRequest]:
+def _ask_ok(
+    agent: CibaAgent, details: dict[str, Any] | None = None, **extra: Any
+) -> tuple[str, ApprovalRequest]:
     response = agent.ask(details, **extra)
     assert response.status_code == 200, response.content
     auth_req_id = response.json()["auth_req_id"]
     return auth_req_id, _approval_for(auth_req_id)
 
 
-def _decide(client, approval, verb="approve", user=None):
+def _decide(
+    client: Client, approval: ApprovalRequest, verb: str = "approve", user: User | None = None
+) -> ClientResponse:
     client.force_login(user or approval.user)
     return client.post(f"/approvals/{approval.pk}/{verb}/")
 
 
-def _action_token(agent, client, details=None) -> tuple[str, ApprovalRequest]:
+def _action_token(
+    agent: CibaAgent, client: Client, details: dict[str, Any] | None = None
+) -> tuple[str, ApprovalRequest]:
     """Ask, approve in the browser, collect: a real action token for the ledger."""
     auth_req_id, approval = _ask_ok(agent, details)
     assert _decide(client, approval).status_code == 302
     client.logout()
     response = agent.poll(auth_req_id)
     assert response.status_code == 200, response.content
-    return response.json()["access_token"], approval
+    return str(response.json()["access_token"]), approval
 
 
-def _other_agent(name="Other Agent") -> tuple[Agent, str]:
+def _other_agent(name: str = "Other Agent") -> tuple[Agent, str]:
     return agent_create(
         name=name,
         publisher="Elsewhere Inc",
@@ -167,7 +181,7 @@ def _other_agent(name="Other Agent") -> tuple[Agent, str]:
     )
 
 
-def _session_token_for(flow, agent: Agent, secret: str, scope: str) -> str:
+def _session_token_for(flow: OAuthFlow, agent: Agent, secret: str, scope: str) -> str:
     """The authorization-code flow for ``agent`` (the officer consents), returning its session token."""
     flow.login()
     verifier, challenge = pkce_pair()
@@ -185,10 +199,10 @@ def _session_token_for(flow, agent: Agent, secret: str, scope: str) -> str:
     )
     assert response.status_code == 200, response.content
     flow.client.logout()
-    return response.json()["access_token"]
+    return str(response.json()["access_token"])
 
 
-def _grant_of(agent) -> SessionGrant:
+def _grant_of(agent: CibaAgent) -> SessionGrant:
     claims = verify(agent.session_token, typ=SESSION_TOKEN_TYP)
     return SessionGrant.objects.get(pk=claims["grant_id"])
 
@@ -199,7 +213,9 @@ def _grant_of(agent) -> SessionGrant:
 
 
 @pytest.mark.parametrize("credentials", ["unknown client", "wrong secret", "empty secret"])
-def test_client_authentication_failure_is_invalid_client(agent, scenario, watch, credentials):
+def test_client_authentication_failure_is_invalid_client(
+    agent: CibaAgent, scenario: Scenario, watch: Watching, credentials: str
+) -> None:
     auth = {
         "unknown client": ("no-such-client", scenario.agent_secret),
         "wrong secret": (scenario.agent.client_id, scenario.agent_secret + "x"),
@@ -212,7 +228,9 @@ def test_client_authentication_failure_is_invalid_client(agent, scenario, watch,
     assert row.client_id == auth[0]
 
 
-def test_suspended_agent_fails_client_authentication(agent, scenario, watch):
+def test_suspended_agent_fails_client_authentication(
+    agent: CibaAgent, scenario: Scenario, watch: Watching
+) -> None:
     agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
     with watch() as w:
         response = agent.ask()
@@ -229,13 +247,13 @@ def test_suspended_agent_fails_client_authentication(agent, scenario, watch):
         "nope:write",  # no such scope
     ],
 )
-def test_scope_must_be_exactly_one_step_up_scope(agent, watch, scope):
+def test_scope_must_be_exactly_one_step_up_scope(agent: CibaAgent, watch: Watching, scope: str) -> None:
     with watch() as w:
         response = agent.ask(scope=scope)
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_step_up_scope_outside_the_agents_registry(agent, watch):
+def test_step_up_scope_outside_the_agents_registry(agent: CibaAgent, watch: Watching) -> None:
     scope_set(
         name="payments:send",
         values={
@@ -249,7 +267,7 @@ def test_step_up_scope_outside_the_agents_registry(agent, watch):
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_step_up_scope_outside_the_session_grant(agent, watch):
+def test_step_up_scope_outside_the_session_grant(agent: CibaAgent, watch: Watching) -> None:
     # The officer consented without ledger:write this time.
     agent.session_token = agent.flow.full(scope="catalog:read budget:read")["access_token"]
     agent.flow.client.logout()
@@ -259,14 +277,16 @@ def test_step_up_scope_outside_the_session_grant(agent, watch):
     w.refused(response, status=400, error="invalid_scope", event=REQUEST_REFUSED)
 
 
-def test_missing_login_hint_token(agent, watch):
+def test_missing_login_hint_token(agent: CibaAgent, watch: Watching) -> None:
     agent.session_token = ""
     with watch() as w:
         response = agent.ask()
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_login_hint_token_that_is_not_a_session_token(agent, scenario, watch):
+def test_login_hint_token_that_is_not_a_session_token(
+    agent: CibaAgent, scenario: Scenario, watch: Watching
+) -> None:
     grant = _grant_of(agent)
     claims = session_claims(
         grant=grant, client_id=scenario.agent.client_id, scopes=["catalog:read"], expires_in=600
@@ -278,7 +298,7 @@ def test_login_hint_token_that_is_not_a_session_token(agent, scenario, watch):
         w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_login_hint_token_of_another_agent(agent, scenario, watch):
+def test_login_hint_token_of_another_agent(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     other, other_secret = _other_agent()
     agent.session_token = _session_token_for(agent.flow, other, other_secret, "catalog:read ledger:write")
     with watch() as w:
@@ -286,7 +306,7 @@ def test_login_hint_token_of_another_agent(agent, scenario, watch):
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_expired_login_hint_token(agent, scenario, watch):
+def test_expired_login_hint_token(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     claims = session_claims(
         grant=_grant_of(agent),
         client_id=scenario.agent.client_id,
@@ -300,7 +320,7 @@ def test_expired_login_hint_token(agent, scenario, watch):
     w.refused(response, status=400, error="expired_login_hint_token", event=REQUEST_REFUSED)
 
 
-def test_revoked_grant_is_access_denied(agent, scenario, watch):
+def test_revoked_grant_is_access_denied(agent: CibaAgent, scenario: Scenario, watch: Watching) -> None:
     grant = _grant_of(agent)
     assert grant_revoke(grant_id=grant.pk, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
     with watch() as w:
@@ -309,7 +329,7 @@ def test_revoked_grant_is_access_denied(agent, scenario, watch):
     w.refused(response, status=403, error="access_denied", event=REQUEST_REFUSED)
 
 
-def test_grant_past_its_lifetime_is_access_denied(agent, watch):
+def test_grant_past_its_lifetime_is_access_denied(agent: CibaAgent, watch: Watching) -> None:
     SessionGrant.objects.filter(pk=_grant_of(agent).pk).update(
         expires_at=timezone.now() - timedelta(seconds=1)
     )
@@ -339,7 +359,7 @@ BAD_DETAILS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DETAILS))
-def test_malformed_authorization_details(agent, watch, case):
+def test_malformed_authorization_details(agent: CibaAgent, watch: Watching, case: str) -> None:
     if case == "oversized (> 8 KB)":
         assert len(OVERSIZED.encode()) > 8192 and json.loads(OVERSIZED)[0]["type"] == "ledger_entry"
     with watch() as w:
@@ -357,25 +377,25 @@ def test_malformed_authorization_details(agent, watch, case):
         "zero\u200bwidth",
     ],
 )
-def test_bad_binding_message(agent, watch, message):
+def test_bad_binding_message(agent: CibaAgent, watch: Watching, message: str) -> None:
     with watch() as w:
         response = agent.ask(binding_message=message)
     w.refused(response, status=400, error="invalid_binding_message", event=REQUEST_REFUSED)
 
 
-def test_binding_message_of_exactly_the_limit_is_accepted(agent):
+def test_binding_message_of_exactly_the_limit_is_accepted(agent: CibaAgent) -> None:
     _, approval = _ask_ok(agent, binding_message="y" * 120)
     assert approval.binding_message == "y" * 120
 
 
 @pytest.mark.parametrize("requested_expiry", ["abc", "0", "-5", "1.5", "60s"])
-def test_invalid_requested_expiry(agent, watch, requested_expiry):
+def test_invalid_requested_expiry(agent: CibaAgent, watch: Watching, requested_expiry: str) -> None:
     with watch() as w:
         response = agent.ask(requested_expiry=requested_expiry)
     w.refused(response, status=400, error="invalid_request", event=REQUEST_REFUSED)
 
 
-def test_requested_expiry_never_extends_the_admin_window(agent):
+def test_requested_expiry_never_extends_the_admin_window(agent: CibaAgent) -> None:
     response = agent.ask(requested_expiry="86400")
     assert response.status_code == 200 and response.json()["expires_in"] <= 600
     short = agent.ask(ledger_entry("1.00"), requested_expiry="120")
@@ -383,7 +403,9 @@ def test_requested_expiry_never_extends_the_admin_window(agent):
 
 
 @pytest.mark.parametrize("cap", ["MAX_PENDING_PER_USER", "MAX_PENDING_PER_AGENT"])
-def test_too_many_pending_is_temporarily_unavailable(agent, client, settings, watch, cap):
+def test_too_many_pending_is_temporarily_unavailable(
+    agent: CibaAgent, client: Client, settings: Settings, watch: Watching, cap: str
+) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, cap: 2}
     _, first = _ask_ok(agent, ledger_entry("1.00"))
     _ask_ok(agent, ledger_entry("2.00"))
@@ -396,7 +418,9 @@ def test_too_many_pending_is_temporarily_unavailable(agent, client, settings, wa
     _ask_ok(agent, ledger_entry("3.00"))
 
 
-def test_identical_pending_request_collapses_into_one(agent, outbox, django_capture_on_commit_callbacks):
+def test_identical_pending_request_collapses_into_one(
+    agent: CibaAgent, outbox: Outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         first = agent.ask(binding_message="Step 5 of 5")
     with django_capture_on_commit_callbacks(execute=True):
@@ -415,7 +439,7 @@ def test_identical_pending_request_collapses_into_one(agent, outbox, django_capt
     assert ApprovalRequest.objects.count() == 2
 
 
-def test_identical_request_after_a_decision_is_a_new_prompt(agent, client):
+def test_identical_request_after_a_decision_is_a_new_prompt(agent: CibaAgent, client: Client) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval, "deny")
     again, fresh = _ask_ok(agent)
@@ -423,8 +447,8 @@ def test_identical_request_after_a_decision_is_a_new_prompt(agent, client):
 
 
 def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
-    agent, outbox, django_capture_on_commit_callbacks
-):
+    agent: CibaAgent, outbox: Outbox, django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks
+) -> None:
     auth_req_id, old = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with django_capture_on_commit_callbacks(execute=True):
@@ -442,7 +466,7 @@ def test_identical_request_after_the_window_passed_expires_the_old_one_properly(
 # =====================================================================================================
 
 
-def test_auth_req_id_of_another_client_is_invalid_grant(agent, watch):
+def test_auth_req_id_of_another_client_is_invalid_grant(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     other, other_secret = _other_agent()
     with watch() as w:
@@ -454,20 +478,20 @@ def test_auth_req_id_of_another_client_is_invalid_grant(agent, watch):
 
 
 @pytest.mark.parametrize("auth_req_id", ["0" * 64, "not-an-id", "x" * 5000])
-def test_unknown_auth_req_id_is_invalid_grant(agent, watch, auth_req_id):
+def test_unknown_auth_req_id_is_invalid_grant(agent: CibaAgent, watch: Watching, auth_req_id: str) -> None:
     _ask_ok(agent)
     with watch() as w:
         response = agent.poll(auth_req_id)
     w.refused(response, status=400, error="invalid_grant", event=TOKEN_REFUSED)
 
 
-def test_missing_auth_req_id_is_invalid_request(agent, watch):
+def test_missing_auth_req_id_is_invalid_request(agent: CibaAgent, watch: Watching) -> None:
     with watch() as w:
         response = agent.flow.token({"grant_type": "urn:openid:params:grant-type:ciba"})
     w.refused(response, status=400, error="invalid_request", event=TOKEN_REFUSED)
 
 
-def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent, watch):
+def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     assert approval.interval == 5
     assert agent.poll(auth_req_id).json()["error"] == "authorization_pending"
@@ -493,7 +517,7 @@ def test_polling_too_fast_is_slow_down_and_the_interval_grows_by_5(agent, watch)
     assert ActionToken.objects.count() == 0
 
 
-def test_expired_request_is_expired_token(agent, watch):
+def test_expired_request_is_expired_token(agent: CibaAgent, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -514,7 +538,7 @@ def test_expired_request_is_expired_token(agent, watch):
     assert agent.poll(auth_req_id).json()["error"] == "expired_token"
 
 
-def test_denied_is_access_denied_with_400(agent, client, watch):
+def test_denied_is_access_denied_with_400(agent: CibaAgent, client: Client, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval, "deny")
     with watch() as w:
@@ -523,7 +547,7 @@ def test_denied_is_access_denied_with_400(agent, client, watch):
     assert ActionToken.objects.count() == 0
 
 
-def test_second_collection_is_invalid_grant(agent, client, watch):
+def test_second_collection_is_invalid_grant(agent: CibaAgent, client: Client, watch: Watching) -> None:
     auth_req_id, approval = _ask_ok(agent)
     _decide(client, approval)
     assert agent.poll(auth_req_id).status_code == 200
@@ -538,13 +562,13 @@ def test_second_collection_is_invalid_grant(agent, client, watch):
 # =====================================================================================================
 
 
-def _state(approval) -> tuple:
+def _state(approval: ApprovalRequest) -> tuple[str, datetime | None, int | None]:
     row = ApprovalRequest.objects.get(pk=approval.pk)
     return row.status, row.decided_at, row.decided_by_id
 
 
 @pytest.mark.parametrize("verb", ["approve", "deny"])
-def test_decisions_are_post_only(agent, client, scenario, verb):
+def test_decisions_are_post_only(agent: CibaAgent, client: Client, scenario: Scenario, verb: str) -> None:
     _, approval = _ask_ok(agent)
     client.force_login(scenario.user)
     before = _state(approval)
@@ -553,7 +577,7 @@ def test_decisions_are_post_only(agent, client, scenario, verb):
     assert ActionToken.objects.count() == 0
 
 
-def test_decisions_need_a_csrf_token(agent, scenario):
+def test_decisions_need_a_csrf_token(agent: CibaAgent, scenario: Scenario) -> None:
     _, approval = _ask_ok(agent)
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(scenario.user)
@@ -569,7 +593,12 @@ def test_decisions_need_a_csrf_token(agent, scenario):
     assert _state(approval)[0] == S.APPROVED
 
 
-def test_another_users_approval_is_404_and_unchanged(agent, client, django_user_model, watch):
+def test_another_users_approval_is_404_and_unchanged(
+    agent: CibaAgent,
+    client: Client,
+    django_user_model: type[User],
+    watch: Watching,
+) -> None:
     _, approval = _ask_ok(agent)
     mallory = django_user_model.objects.create_user("mallory", password="another strong passphrase")
     client.force_login(mallory)
@@ -586,7 +615,9 @@ def test_another_users_approval_is_404_and_unchanged(agent, client, django_user_
     assert str(approval.pk).encode() not in client.get("/approvals/").content
 
 
-def test_approve_after_expiry_is_refused_and_mints_nothing(agent, client, watch):
+def test_approve_after_expiry_is_refused_and_mints_nothing(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     auth_req_id, approval = _ask_ok(agent)
     ApprovalRequest.objects.filter(pk=approval.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -601,7 +632,9 @@ def test_approve_after_expiry_is_refused_and_mints_nothing(agent, client, watch)
     assert ActionToken.objects.count() == 0
 
 
-def test_approve_after_the_grant_was_revoked_is_refused(agent, client, scenario, watch):
+def test_approve_after_the_grant_was_revoked_is_refused(
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
+) -> None:
     auth_req_id, approval = _ask_ok(agent)
     grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
     assert _state(approval)[0] == S.CANCELLED  # the revocation already cancelled it
@@ -617,13 +650,19 @@ def test_approve_after_the_grant_was_revoked_is_refused(agent, client, scenario,
 
 
 @pytest.fixture
-def fresh_auth_policy(ledger_policy):
+def fresh_auth_policy(ledger_policy: ScopePolicy) -> ScopePolicy:
     ledger_policy.fresh_auth_seconds = 60
     ledger_policy.save()
     return ledger_policy
 
 
-def test_fresh_authentication_before_approving(agent, client, scenario, fresh_auth_policy, watch):
+def test_fresh_authentication_before_approving(
+    agent: CibaAgent,
+    client: Client,
+    scenario: Scenario,
+    fresh_auth_policy: ScopePolicy,
+    watch: Watching,
+) -> None:
     auth_req_id, approval = _ask_ok(agent)
     client.force_login(scenario.user)
     session = client.session
@@ -649,17 +688,23 @@ def test_fresh_authentication_before_approving(agent, client, scenario, fresh_au
     client.logout()
     token = agent.poll(auth_req_id).json()["access_token"]
     claims = verify(token, typ=ACTION_TOKEN_TYP)
+    assert fresh_auth_policy.fresh_auth_seconds is not None
     assert claims["auth_time"] >= int(time.time()) - fresh_auth_policy.fresh_auth_seconds
     assert "pwd" in claims["amr"]
 
 
 @pytest.fixture
-def auto_rule(ledger_policy):
+def auto_rule(ledger_policy: ScopePolicy) -> str:
     scope_set(name="ledger:write", values={"auto_approve_rule": "amount <= 10000"})
     return "amount <= 10000"
 
 
-def test_auto_approve_within_the_rule(agent, auto_rule, outbox, django_capture_on_commit_callbacks):
+def test_auto_approve_within_the_rule(
+    agent: CibaAgent,
+    auto_rule: str,
+    outbox: Outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         response = agent.ask(ledger_entry("4250.00"))
     assert response.status_code == 200
@@ -674,7 +719,12 @@ def test_auto_approve_within_the_rule(agent, auto_rule, outbox, django_capture_o
     assert verify(first.json()["access_token"], typ=ACTION_TOKEN_TYP)["approval_id"] == str(approval.pk)
 
 
-def test_auto_approve_above_the_rule_prompts(agent, auto_rule, outbox, django_capture_on_commit_callbacks):
+def test_auto_approve_above_the_rule_prompts(
+    agent: CibaAgent,
+    auto_rule: str,
+    outbox: Outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         response = agent.ask(ledger_entry("10000.01"))
     assert response.status_code == 200
@@ -688,7 +738,7 @@ def test_auto_approve_above_the_rule_prompts(agent, auto_rule, outbox, django_ca
     assert agent.poll(response.json()["auth_req_id"]).json()["error"] == "authorization_pending"
 
 
-def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent, auto_rule):
+def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent: CibaAgent, auto_rule: str) -> None:
     """Ten entries of 9,999.00 are one 99,990.00 action: split purchases must not slip under the rule."""
     response = agent.ask(
         authorization_details=json.dumps([ledger_entry("9999.00", line=i) for i in range(10)])
@@ -700,7 +750,9 @@ def test_auto_approve_cannot_be_reached_by_splitting_the_amount(agent, auto_rule
 
 
 @pytest.mark.parametrize("amount", ["NaN", "sNaN", "-Infinity"])
-def test_auto_approve_never_matches_a_non_finite_amount(agent, auto_rule, amount):
+def test_auto_approve_never_matches_a_non_finite_amount(
+    agent: CibaAgent, auto_rule: str, amount: str
+) -> None:
     agent.flow.client.raise_request_exception = False
     response = agent.ask(ledger_entry(amount))
     assert response.status_code == 200, response.content[:300]
@@ -716,7 +768,13 @@ def test_auto_approve_never_matches_a_non_finite_amount(agent, auto_rule, amount
 @pytest.mark.parametrize(
     "credentials", ["wrong secret", "unknown resource server", "agent credentials", "none"]
 )
-def test_resource_server_authentication_failure(agent, client, scenario, watch, credentials):
+def test_resource_server_authentication_failure(
+    agent: CibaAgent,
+    client: Client,
+    scenario: Scenario,
+    watch: Watching,
+    credentials: str,
+) -> None:
     token, approval = _action_token(agent, client)
     auth = {
         "wrong secret": (scenario.ledger_client_id, scenario.ledger_secret + "x"),
@@ -733,7 +791,9 @@ def test_resource_server_authentication_failure(agent, client, scenario, watch, 
     assert agent.redeem(token).status_code == 200  # the refusal did not burn the token
 
 
-def test_resource_server_of_another_audience_is_invalid_target(agent, client, scenario, watch):
+def test_resource_server_of_another_audience_is_invalid_target(
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     with watch() as w:
         response = agent.redeem(token, auth=(scenario.rs_client_id, scenario.rs_secret))
@@ -741,13 +801,13 @@ def test_resource_server_of_another_audience_is_invalid_target(agent, client, sc
     assert agent.redeem(token).status_code == 200
 
 
-def test_session_token_at_redemption_is_invalid_token(agent, watch):
+def test_session_token_at_redemption_is_invalid_token(agent: CibaAgent, watch: Watching) -> None:
     with watch() as w:
         response = agent.redeem(agent.session_token)
     w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
 
 
-def test_tampered_action_token_is_invalid_token(agent, client, watch):
+def test_tampered_action_token_is_invalid_token(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     header, payload, signature = token.split(".")
     claims = json.loads(jwt.utils.base64url_decode(payload))
@@ -758,7 +818,9 @@ def test_tampered_action_token_is_invalid_token(agent, client, watch):
     w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
 
 
-def test_action_token_at_introspection_is_active_only_to_its_own_resource_server(agent, client, scenario):
+def test_action_token_at_introspection_is_active_only_to_its_own_resource_server(
+    agent: CibaAgent, client: Client, scenario: Scenario
+) -> None:
     token, approval = _action_token(agent, client)
     seq = _head()
     mine = agent.flow.introspect(token, auth=(scenario.ledger_client_id, scenario.ledger_secret)).json()
@@ -768,7 +830,7 @@ def test_action_token_at_introspection_is_active_only_to_its_own_resource_server
     assert AuditEvent.objects.filter(id__gt=seq, outcome="refused").count() == 1
 
 
-def test_expired_action_token_jwt_is_refused(agent, client, watch):
+def test_expired_action_token_jwt_is_refused(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     claims = verify(token, typ=ACTION_TOKEN_TYP)
     claims["iat"], claims["exp"] = claims["iat"] - 600, claims["iat"] - 480  # the same token, ten minutes on
@@ -778,7 +840,9 @@ def test_expired_action_token_jwt_is_refused(agent, client, watch):
     assert ActionToken.objects.get().redeemed_at is None
 
 
-def test_action_token_past_its_recorded_expiry_is_refused(agent, client, watch):
+def test_action_token_past_its_recorded_expiry_is_refused(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     ActionToken.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     with watch() as w:
@@ -787,7 +851,9 @@ def test_action_token_past_its_recorded_expiry_is_refused(agent, client, watch):
     assert ActionToken.objects.get().redeemed_at is None
 
 
-def test_grant_revoked_between_collection_and_redemption(agent, client, scenario, watch):
+def test_grant_revoked_between_collection_and_redemption(
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     grant_revoke(grant_id=approval.grant_id, reason="revoked_by_user", actor=f"user:{scenario.user.pk}")
     assert _state(approval)[0] == S.CANCELLED
@@ -798,7 +864,9 @@ def test_grant_revoked_between_collection_and_redemption(agent, client, scenario
 
 
 @pytest.mark.parametrize("how", ["agent_update", "bulk status change"])
-def test_agent_suspended_between_collection_and_redemption(agent, client, scenario, watch, how):
+def test_agent_suspended_between_collection_and_redemption(
+    agent: CibaAgent, client: Client, scenario: Scenario, watch: Watching, how: str
+) -> None:
     token, approval = _action_token(agent, client)
     if how == "agent_update":
         agent_update(agent=scenario.agent, changes={"status": Agent.Status.SUSPENDED})
@@ -810,7 +878,9 @@ def test_agent_suspended_between_collection_and_redemption(agent, client, scenar
     assert ActionToken.objects.get().redeemed_at is None
 
 
-def test_a_different_action_hash_is_refused_and_not_redeemed(agent, client, watch):
+def test_a_different_action_hash_is_refused_and_not_redeemed(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
     token, approval = _action_token(agent, client)
     for changed in ({**LEDGER_ENTRY, "amount": "9250.00"}, {**LEDGER_ENTRY, "vendor": "Mallory Supply"}):
         with watch() as w:
@@ -821,7 +891,7 @@ def test_a_different_action_hash_is_refused_and_not_redeemed(agent, client, watc
     assert ok.status_code == 200 and _state(approval)[0] == S.REDEEMED
 
 
-def test_second_redemption_is_refused(agent, client, watch):
+def test_second_redemption_is_refused(agent: CibaAgent, client: Client, watch: Watching) -> None:
     token, approval = _action_token(agent, client)
     assert agent.redeem(token).status_code == 200
     with watch() as w:

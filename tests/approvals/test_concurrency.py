@@ -11,6 +11,9 @@ UPDATE (or unique index) must decide who wins. Every thread closes its connectio
 
 import json
 import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -30,9 +33,11 @@ from approvals.services import (
 )
 from audit.models import AuditEvent
 from consent.keys import active_signing_key
+from consent.models import ScopePolicy, SessionGrant
 from consent.tokens import ACTION_TOKEN_TYP, verify
-from tests.approvals.conftest import LEDGER_ENTRY
+from tests.approvals.conftest import LEDGER_ENTRY, ClientResponse
 from tests.approvals.support import (
+    Outbox,
     auth_now,
     auth_req_id,
     backchannel_request,
@@ -42,7 +47,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
-from tests.conftest import basic
+from tests.conftest import OAuthFlow, Scenario, basic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,7 +55,7 @@ S = ApprovalRequest.Status
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "concurrency tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
@@ -58,21 +63,21 @@ def _postgresql_only():
 
 
 @pytest.fixture
-def outbox(monkeypatch):
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     # Record what would be queued on commit; nothing reaches Redis or a worker.
     return install_outbox(monkeypatch, run_pushes=False)
 
 
 @pytest.fixture
-def grant(scenario, ledger_policy, outbox):
+def grant(scenario: Scenario, ledger_policy: ScopePolicy, outbox: Outbox) -> SessionGrant:
     active_signing_key()  # created up front, so no thread races to create the first key
     return session_grant(scenario)
 
 
-def race(n: int, call) -> list[tuple[str, object]]:
+def race(n: int, call: Callable[..., Any]) -> list[tuple[str, Any]]:
     """Run ``call(i)`` in n threads released together; returns ("ok", result) or ("error", exc) per thread."""
     barrier = threading.Barrier(n)
-    results: list = [None] * n
+    results: list[Any] = [None] * n
 
     def worker(i: int) -> None:
         try:
@@ -93,15 +98,15 @@ def race(n: int, call) -> list[tuple[str, object]]:
     return results
 
 
-def wins(results) -> list:
+def wins(results: list[tuple[str, Any]]) -> list[Any]:
     return [value for kind, value in results if kind == "ok"]
 
 
-def errors(results) -> list[BaseException]:
+def errors(results: list[tuple[str, Any]]) -> list[BaseException]:
     return [value for kind, value in results if kind == "error"]
 
 
-def events_for(approval_id, *names: str) -> list[str]:
+def events_for(approval_id: object, *names: str) -> list[str]:
     return list(
         AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval_id))
         .order_by("id")
@@ -113,7 +118,9 @@ def events_for(approval_id, *names: str) -> list[str]:
 
 
 @pytest.mark.parametrize("round_", range(5))
-def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
+def test_eight_concurrent_approves_exactly_one_wins(
+    grant: SessionGrant, scenario: Scenario, round_: int
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 1}.00")])
     results = race(
         8, lambda i: approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
@@ -127,12 +134,14 @@ def test_eight_concurrent_approves_exactly_one_wins(grant, scenario, round_):
 # --- (b) approve racing deny -------------------------------------------------------------------------
 
 
-def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
+def test_approve_racing_deny_ends_in_exactly_one_decision(grant: SessionGrant, scenario: Scenario) -> None:
     for n in range(20):
         approval, _ = request_approval(grant, [ledger_entry(f"{n + 100}.00")])
         deciders = [approval_approve, approval_deny, approval_approve, approval_deny]
 
-        def decide(i, deciders=deciders, approval_id=approval.pk):
+        def decide(
+            i: int, deciders: list[Callable[..., Any]] = deciders, approval_id: uuid.UUID = approval.pk
+        ) -> tuple[str, Any]:
             return deciders[i].__name__, deciders[i](
                 approval_id=approval_id, user=scenario.user, auth=auth_now()
             )
@@ -164,7 +173,9 @@ def test_approve_racing_deny_ends_in_exactly_one_decision(grant, scenario):
 
 
 @pytest.mark.parametrize("round_", range(5))
-def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round_):
+def test_eight_concurrent_collects_mint_exactly_one_token(
+    grant: SessionGrant, scenario: Scenario, round_: int
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(f"{round_ + 200}.00")])
     approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
     results = race(8, lambda i: approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent))
@@ -182,9 +193,11 @@ def test_eight_concurrent_collects_mint_exactly_one_token(grant, scenario, round
 # --- (d) concurrent redeemers ------------------------------------------------------------------------
 
 
-def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
+def test_sixteen_concurrent_redemptions_exactly_one_per_token(
+    grant: SessionGrant, scenario: Scenario
+) -> None:
     rs = ledger_rs(scenario)
-    issued = []
+    issued: list[tuple[ApprovalRequest, dict[str, Any]]] = []
     for n in range(10):
         approval, _ = request_approval(grant, [ledger_entry(f"{n + 300}.00")])
         approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
@@ -205,7 +218,7 @@ def test_sixteen_concurrent_redemptions_exactly_one_per_token(grant, scenario):
 # --- (e) identical CIBA requests at the same moment ----------------------------------------------------
 
 
-def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
+def test_two_concurrent_identical_requests_make_one_approval(grant: SessionGrant, outbox: Outbox) -> None:
     for n in range(10):
         req = backchannel_request(grant, [ledger_entry(f"{n + 400}.00")])
         results = race(2, lambda i, req=req: approval_request_create(req=req))
@@ -221,8 +234,8 @@ def test_two_concurrent_identical_requests_make_one_approval(grant, outbox):
 
 
 def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(
-    scenario, ledger_policy, outbox, flow
-):
+    scenario: Scenario, ledger_policy: ScopePolicy, outbox: Outbox, flow: OAuthFlow
+) -> None:
     session_token = flow.full()["access_token"]
     flow.client.logout()
     active_signing_key()
@@ -235,7 +248,7 @@ def test_two_concurrent_identical_requests_over_http_get_the_same_auth_req_id(
             }
         )
 
-        def ask(i, data=data):
+        def ask(i: int, data: str = data) -> ClientResponse:
             return Client().post(
                 "/o/bc-authorize/",
                 data,

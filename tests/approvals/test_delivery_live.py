@@ -7,10 +7,12 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -18,9 +20,11 @@ from websockets.sync.client import connect
 from approvals.models import ApprovalRequest
 from approvals.tasks import deliver_prompt
 from audit.models import AuditEvent
+from consent.models import ScopePolicy
 from consent.services import grant_revoke
 from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import basic
+from tests.conftest import Scenario, basic
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -28,7 +32,7 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 class Inbox:
     """A browser tab's websocket, signed in as ``user``."""
 
-    def __init__(self, stack, user, origin=None):  # noqa: D107
+    def __init__(self, stack: LiveStack, user: User, origin: str | None = None) -> None:  # noqa: D107
         client = Client()
         client.force_login(user)
         cookie = f"sessionid={client.cookies['sessionid'].value}"
@@ -38,21 +42,22 @@ class Inbox:
             open_timeout=5,
         )
 
-    def next(self, timeout=10.0) -> dict:
-        return json.loads(self.ws.recv(timeout=timeout))
+    def next(self, timeout: float = 10.0) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(self.ws.recv(timeout=timeout))
+        return message
 
-    def next_of(self, kind: str, timeout=10.0) -> dict:
+    def next_of(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             msg = self.next(max(0.1, deadline - time.monotonic()))
             if msg["type"] == kind:
                 return msg
 
-    def close(self):
+    def close(self) -> None:
         self.ws.close()
 
 
-def _ask(stack, scenario, session_token, **extra):
+def _ask(stack: LiveStack, scenario: Scenario, session_token: str, **extra: str) -> httpx.Response:
     data = {
         "scope": "ledger:write",
         "login_hint_token": session_token,
@@ -67,7 +72,9 @@ def _ask(stack, scenario, session_token, **extra):
     )
 
 
-def test_prompt_reaches_open_inbox_and_replays_on_reconnect(live, scenario, session_token):
+def test_prompt_reaches_open_inbox_and_replays_on_reconnect(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         assert inbox.next()["prompts"] == []  # snapshot on connect
@@ -93,14 +100,18 @@ def test_prompt_reaches_open_inbox_and_replays_on_reconnect(live, scenario, sess
         reconnected.close()
 
 
-def test_identical_requests_collapse_into_one_prompt(live, scenario, session_token):
+def test_identical_requests_collapse_into_one_prompt(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     first = _ask(live, scenario, session_token).json()
     second = _ask(live, scenario, session_token).json()
     assert first["auth_req_id"] == second["auth_req_id"]
     assert ApprovalRequest.objects.count() == 1
 
 
-def test_expiry_without_polling_removes_the_prompt(live, scenario, session_token, ledger_policy):
+def test_expiry_without_polling_removes_the_prompt(
+    live: LiveStack, scenario: Scenario, session_token: str, ledger_policy: ScopePolicy
+) -> None:
     # An agent cannot ask for less than REQUESTED_EXPIRY_MIN; an admin's own window can be shorter.
     ledger_policy.approval_window = 2
     ledger_policy.save()
@@ -118,7 +129,9 @@ def test_expiry_without_polling_removes_the_prompt(live, scenario, session_token
         inbox.close()
 
 
-def test_revoking_the_grant_cancels_pending_prompts_in_open_inboxes(live, scenario, session_token):
+def test_revoking_the_grant_cancels_pending_prompts_in_open_inboxes(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     inbox = Inbox(live, scenario.user)
     try:
         inbox.next()
@@ -139,7 +152,9 @@ def test_revoking_the_grant_cancels_pending_prompts_in_open_inboxes(live, scenar
         inbox.close()
 
 
-def test_user_never_receives_another_users_prompts(live, scenario, session_token, django_user_model):
+def test_user_never_receives_another_users_prompts(
+    live: LiveStack, scenario: Scenario, session_token: str, django_user_model: type[User]
+) -> None:
     other = django_user_model.objects.create_user("someone-else", password="x" * 12)
     theirs = Inbox(live, other)
     mine = Inbox(live, scenario.user)
@@ -150,10 +165,11 @@ def test_user_never_receives_another_users_prompts(live, scenario, session_token
         with pytest.raises(TimeoutError):
             theirs.next(timeout=1.5)
     finally:
-        theirs.close(), mine.close()
+        theirs.close()
+        mine.close()
 
 
-def test_websocket_refuses_anonymous_and_foreign_origin(live, scenario):
+def test_websocket_refuses_anonymous_and_foreign_origin(live: LiveStack, scenario: Scenario) -> None:
     with pytest.raises(InvalidStatus):
         connect(
             live.url.replace("http", "ws") + "/ws/approvals/",
@@ -165,19 +181,21 @@ def test_websocket_refuses_anonymous_and_foreign_origin(live, scenario):
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list = []
+    calls: list[dict[str, Any]] = []
 
-    def do_POST(self):
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).calls.append({"auth": self.headers.get("Authorization"), "body": json.loads(body)})
         self.send_response(204)
         self.end_headers()
 
-    def log_message(self, *args):
+    def log_message(self, *args: Any) -> None:
         pass
 
 
-def test_ping_mode_notifies_the_agent_after_the_decision(live, scenario, session_token):
+def test_ping_mode_notifies_the_agent_after_the_decision(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     server = HTTPServer(("127.0.0.1", 0), _Recorder)
     _Recorder.calls = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -199,7 +217,7 @@ def test_ping_mode_notifies_the_agent_after_the_decision(live, scenario, session
         ]
         token = httpx.post(
             f"{live.url}/o/token/",
-            data=urlencode(
+            content=urlencode(
                 {"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": body["auth_req_id"]}
             ),
             headers={

@@ -2,22 +2,25 @@
 order, and through the buffer of any socket busy with a snapshot; against the real Redis layer."""
 
 import asyncio
+from typing import Any
 
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import channel_layers
 
+from approvals.channel_layer import InboxChannelLayer
 from approvals.delivery import group_send_sequenced, user_group
 
 GROUP = user_group(424242)
 
 
-def _upsert(n: int) -> dict:
+def _upsert(n: int) -> dict[str, Any]:
     return {"type": "approval.upsert", "prompt": {"id": f"p{n}"}}
 
 
-async def _scenario() -> tuple[list[str], list[str], list[dict]]:
+async def _scenario() -> tuple[list[str], list[str], list[dict[str, Any]]]:
     # A layer of its own: the process's shared one may hold locks of another test's event loop.
     layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    assert isinstance(layer, InboxChannelLayer)
     direct_a, direct_b = await layer.new_channel(), await layer.new_channel()
     busy = await layer.new_channel()
     for channel in (direct_a, direct_b, busy):
@@ -58,7 +61,7 @@ async def _scenario() -> tuple[list[str], list[str], list[dict]]:
     return seen_a, seen_b, buffered
 
 
-def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_buffer():
+def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_buffer() -> None:
     seen_a, seen_b, buffered = asyncio.run(_scenario())
     seqs = [[int(t.split('"seq":')[1].split(",")[0]) for t in seen] for seen in (seen_a, seen_b)]
     # In order and consecutive (nothing dropped); the one still attached also got the sixth push.

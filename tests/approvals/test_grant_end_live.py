@@ -13,12 +13,15 @@ from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
 from tests.approvals.test_delivery_live import Inbox, _ask
-from tests.conftest import basic
+from tests.conftest import Scenario, basic
+from tests.live import LiveStack
 
 CIBA = "urn:openid:params:grant-type:ciba"
 
 
-def test_a_grant_that_ends_cancels_its_pending_prompt_at_once(live, scenario, session_token):
+def test_a_grant_that_ends_cancels_its_pending_prompt_at_once(
+    live: LiveStack, scenario: Scenario, session_token: str
+) -> None:
     ends = timezone.now() + timedelta(seconds=3)
     SessionGrant.objects.update(expires_at=ends)
     inbox = Inbox(live, scenario.user)

@@ -1,13 +1,16 @@
 """Extending a session grant goes through the user, via the same CIBA prompts."""
 
 import json
+from typing import Any
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
+from tests.approvals.conftest import Agent, ClientResponse
 from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db
@@ -15,11 +18,11 @@ pytestmark = pytest.mark.django_db
 EXTENSION = {"type": "grant_extension", "seconds": 4 * 3600}
 
 
-def _ask_extension(agent, details=None):
+def _ask_extension(agent: Agent, details: dict[str, Any] | None = None) -> ClientResponse:
     return agent.ask(details or EXTENSION, scope="grant:extend", binding_message="The run needs 4 more hours")
 
 
-def test_approved_extension_moves_the_grant_end(agent, client):
+def test_approved_extension_moves_the_grant_end(agent: Agent, client: Client) -> None:
     grant = SessionGrant.objects.get()
     before = grant.expires_at
     body = _ask_extension(agent).json()
@@ -35,7 +38,7 @@ def test_approved_extension_moves_the_grant_end(agent, client):
     assert AuditEvent.objects.filter(event="grant.extended").count() == 1
 
 
-def test_denied_or_expired_extension_changes_nothing(agent, client):
+def test_denied_or_expired_extension_changes_nothing(agent: Agent, client: Client) -> None:
     grant = SessionGrant.objects.get()
     before = grant.expires_at
     body = _ask_extension(agent).json()
@@ -59,7 +62,7 @@ def test_denied_or_expired_extension_changes_nothing(agent, client):
         {"type": "ledger_entry", "amount": "1.00"},
     ],
 )
-def test_extension_requests_outside_the_rules_are_refused(agent, details):
+def test_extension_requests_outside_the_rules_are_refused(agent: Agent, details: dict[str, Any]) -> None:
     response = agent.ask(details, scope="grant:extend")
     assert response.status_code == 400 and response.json()["error"] == "invalid_authorization_details"
     assert ApprovalRequest.objects.count() == 0

@@ -7,7 +7,10 @@ import re
 
 import pytest
 from django.test import Client
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -15,7 +18,7 @@ SOCKETS = 300
 ERRORS = re.compile(r"Traceback|MaxConnectionsError|Too many connections|ERROR|Exception")
 
 
-async def _open(url: str, cookie: str, origin: str):
+async def _open(url: str, cookie: str, origin: str) -> ClientConnection:
     ws = await connect(
         url,
         additional_headers={"Cookie": cookie, "Origin": origin},
@@ -34,7 +37,7 @@ async def _storm(url: str, cookie: str, origin: str) -> int:
     return len(sockets)
 
 
-def test_hundreds_of_sockets_close_at_once_without_errors(live, scenario):
+def test_hundreds_of_sockets_close_at_once_without_errors(live: LiveStack, scenario: Scenario) -> None:
     client = Client()
     client.force_login(scenario.user)
     cookie = f"sessionid={client.cookies['sessionid'].value}"

@@ -3,34 +3,40 @@ action token names it, and once it is cut off its requests, collects and redempt
 while the grant and the agent's other instances keep working."""
 
 import json
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jwt
 import pytest
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
 from audit.models import AuditEvent
 from consent.instances import agent_instance_cut_off
 from consent.models import AgentInstance, SessionGrant
-from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD
+from countersign.instance import AgentInstance as SdkInstance
+from tests.approvals.conftest import LEDGER_ENTRY, Agent, ClientResponse
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.consent.test_instances import agent_key, headers, instance, join  # noqa: F401  (fixture)
+from tests.consent.test_token_exchange import AgentKey
 
 CIBA = "urn:openid:params:grant-type:ciba"
 
 
-def claims(token: str) -> dict:
+def claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
 class Instance:
     """One instance of the scenario's agent, through the test client."""
 
-    def __init__(self, client, sdk, session_token: str):
+    def __init__(self, client: Client, sdk: SdkInstance, session_token: str) -> None:
         self.client, self.sdk, self.session_token = client, sdk, session_token
 
-    def ask(self, amount: str = "4250.00"):
+    def ask(self, amount: str = "4250.00") -> ClientResponse:
+        environ: dict[str, Any] = headers(self.sdk, pop=self.sdk.pop("http://127.0.0.1:8000"))
         data = {
             "scope": "ledger:write",
             "login_hint_token": self.session_token,
@@ -40,19 +46,20 @@ class Instance:
             "/o/bc-authorize/",
             urlencode(data),
             content_type="application/x-www-form-urlencoded",
-            **headers(self.sdk, pop=self.sdk.pop("http://127.0.0.1:8000")),
+            **environ,
         )
 
-    def poll(self, auth_req_id: str):
+    def poll(self, auth_req_id: str) -> ClientResponse:
+        environ: dict[str, Any] = headers(self.sdk)
         return self.client.post(
             "/o/token/",
             urlencode({"grant_type": CIBA, "auth_req_id": auth_req_id}),
             content_type="application/x-www-form-urlencoded",
-            **headers(self.sdk),
+            **environ,
         )
 
 
-def approve(client, auth_req_id: str) -> ApprovalRequest:
+def approve(client: Client, auth_req_id: str) -> ApprovalRequest:
     client.login(username="officer", password=PASSWORD)
     approval = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(auth_req_id))
     assert client.post(f"/approvals/{approval.pk}/approve/").status_code in (200, 302)
@@ -61,7 +68,7 @@ def approve(client, auth_req_id: str) -> ApprovalRequest:
 
 
 @pytest.fixture
-def pair(client, agent, scenario, agent_key):  # noqa: F811
+def pair(client: Client, agent: Agent, scenario: Scenario, agent_key: AgentKey) -> list[Instance]:  # noqa: F811
     """Two instances joined to the agent's grant, each with its own session token."""
     made = []
     for name in ("3f9c2a7b", "b81d04e6"):
@@ -72,7 +79,9 @@ def pair(client, agent, scenario, agent_key):  # noqa: F811
     return made
 
 
-def test_the_approval_records_the_instance_and_only_it_collects(client, agent, pair):
+def test_the_approval_records_the_instance_and_only_it_collects(
+    client: Client, agent: Agent, pair: list[Instance]
+) -> None:
     a, b = pair
     asked = a.ask()
     assert asked.status_code == 200, asked.content
@@ -96,7 +105,7 @@ def test_the_approval_records_the_instance_and_only_it_collects(client, agent, p
     assert redeemed.status_code == 200 and redeemed.json()["act"]["instance"] == "3f9c2a7b"
 
 
-def test_another_instances_session_token_is_not_a_login_hint(client, pair):
+def test_another_instances_session_token_is_not_a_login_hint(client: Client, pair: list[Instance]) -> None:
     a, b = pair
     a.session_token, b.session_token = b.session_token, a.session_token
     refused = a.ask()
@@ -105,8 +114,8 @@ def test_another_instances_session_token_is_not_a_login_hint(client, pair):
 
 
 def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
-    client, agent, scenario, pair, flow
-):
+    client: Client, agent: Agent, scenario: Scenario, pair: list[Instance], flow: OAuthFlow
+) -> None:
     a, b = pair
     first = a.ask("100.00").json()["auth_req_id"]
     approve(client, first)
@@ -123,7 +132,7 @@ def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
     )
     before = ApprovalRequest.objects.get(auth_req_id_hash=auth_req_id_hash(second)).status
 
-    def refused_once(send, error: str, status: int, event: str) -> None:
+    def refused_once(send: Callable[[], ClientResponse], error: str, status: int, event: str) -> None:
         audited = AuditEvent.objects.filter(outcome="refused").count()
         response = send()
         assert response.status_code == status, response.content
@@ -151,7 +160,7 @@ def test_a_cut_off_instance_is_refused_everywhere_and_the_other_keeps_working(
     assert sentences == ["agent_instance.cut_off"]
 
 
-def test_the_inbox_and_activity_name_the_instance(client, agent, pair):
+def test_the_inbox_and_activity_name_the_instance(client: Client, agent: Agent, pair: list[Instance]) -> None:
     a, _ = pair
     approval = approve(client, a.ask().json()["auth_req_id"])
     client.login(username="officer", password=PASSWORD)

@@ -8,9 +8,11 @@ detected". Real threads, each with its own connection, released together, many r
 """
 
 import random
+from collections.abc import Callable
 
 import pytest
 from django.db import DatabaseError, connection
+from pytest_django import Settings
 
 from approvals import rar
 from approvals.ciba import EXTEND_SCOPE, BackchannelRequest
@@ -19,11 +21,12 @@ from approvals.models import ApprovalRequest
 from approvals.services import approval_approve, approval_deny, approval_request_create
 from audit.services import audit_seal_all
 from consent.keys import active_signing_key
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
 from consent.services import grant_revoke
 from tests.approvals.support import auth_now, install_outbox, ledger_entry, request_approval, session_grant
 from tests.approvals.test_concurrency import race
 from tests.audit.test_chain import verified
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,7 +35,7 @@ ROUNDS = 12
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail(
             "lock-order tests need PostgreSQL row locking: set DATABASE_URL=postgres://... (make test)"
@@ -61,8 +64,8 @@ def _extension(grant: SessionGrant, seconds: int) -> ApprovalRequest:
 
 
 def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(
-    scenario, ledger_policy, monkeypatch, settings
-):
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
     # Many prompts for one user in a few seconds: past the fatigue cap, which is not under test here.
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
@@ -79,7 +82,12 @@ def test_revoking_a_grant_while_its_prompts_are_decided_never_deadlocks(
         rng.shuffle(approvals)
         decisions = [rng.choice([approval_approve, approval_deny]) for _ in approvals]
 
-        def call(i: int, grant=grant, approvals=approvals, decisions=decisions):
+        def call(
+            i: int,
+            grant: SessionGrant = grant,
+            approvals: list[ApprovalRequest] = approvals,
+            decisions: list[Callable[..., ApprovalRequest]] = decisions,
+        ) -> object:
             if i == len(approvals):
                 return grant_revoke(
                     grant_id=grant.pk,

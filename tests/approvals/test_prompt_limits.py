@@ -3,20 +3,24 @@ that end with their grant. Through the backchannel endpoint over the test client
 end as it happens in a real server and worker is in ``test_grant_end_live``."""
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.utils import timezone
+from pytest_django import Settings
 
 from approvals.models import ApprovalRequest
 from approvals.services import approval_expire, auth_req_id_hash
 from audit.models import AuditEvent
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
+from tests.approvals.conftest import Agent, ClientResponse
 from tests.approvals.support import ledger_entry
+from tests.conftest import Scenario
 
 S = ApprovalRequest.Status
 
 
-def _ask(agent, amount: str, **extra):
+def _ask(agent: Agent, amount: str, **extra: Any) -> ClientResponse:
     return agent.ask(ledger_entry(amount), **extra)
 
 
@@ -25,7 +29,7 @@ def _end_windows() -> None:
     ApprovalRequest.objects.filter(status=S.PENDING).update(status=S.EXPIRED, decision_method="timeout")
 
 
-def test_requested_expiry_has_a_floor(agent):
+def test_requested_expiry_has_a_floor(agent: Agent) -> None:
     response = _ask(agent, "1.00", requested_expiry="5")
     assert response.status_code == 200
     assert 55 <= response.json()["expires_in"] <= 60
@@ -33,7 +37,7 @@ def test_requested_expiry_has_a_floor(agent):
     assert (approval.expires_at - approval.created).total_seconds() == pytest.approx(60, abs=1)
 
 
-def test_short_lived_prompts_cannot_slip_past_the_cap(agent, settings):
+def test_short_lived_prompts_cannot_slip_past_the_cap(agent: Agent, settings: Settings) -> None:
     """The attack from the sweep: rounds of requests with a tiny requested_expiry."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 10}
     answers = []
@@ -47,13 +51,14 @@ def test_short_lived_prompts_cannot_slip_past_the_cap(agent, settings):
     assert ApprovalRequest.objects.count() == 10
     refused = AuditEvent.objects.filter(event="approval.request_refused", error="temporarily_unavailable")
     assert refused.count() == 20
-    assert "asked too often recently" in refused.first().detail["reason"]
+    first = refused.first()
+    assert first is not None and "asked too often recently" in first.detail["reason"]
     # The window slides: prompts created before it no longer count.
     ApprovalRequest.objects.update(created=timezone.now() - timedelta(seconds=601))
     assert _ask(agent, "9.99").status_code == 200
 
 
-def test_collapsed_duplicates_stay_collapsed_and_count_once(agent, settings):
+def test_collapsed_duplicates_stay_collapsed_and_count_once(agent: Agent, settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 2}
     first = [_ask(agent, "1.00").json()["auth_req_id"] for _ in range(5)]
     assert len(set(first)) == 1
@@ -64,7 +69,9 @@ def test_collapsed_duplicates_stay_collapsed_and_count_once(agent, settings):
     assert ApprovalRequest.objects.count() == 2
 
 
-def test_auto_approved_requests_do_not_count(agent, settings, ledger_policy):
+def test_auto_approved_requests_do_not_count(
+    agent: Agent, settings: Settings, ledger_policy: ScopePolicy
+) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "MAX_PROMPTS_PER_USER_IN_WINDOW": 1}
     ledger_policy.auto_approve_rule = "amount <= 10"
     ledger_policy.save()
@@ -73,7 +80,7 @@ def test_auto_approved_requests_do_not_count(agent, settings, ledger_policy):
     assert _ask(agent, "600.00").status_code == 429
 
 
-def test_a_prompt_never_outlives_its_grant(agent, scenario):
+def test_a_prompt_never_outlives_its_grant(agent: Agent, scenario: Scenario) -> None:
     grant = SessionGrant.objects.get(user=scenario.user)
     SessionGrant.objects.filter(pk=grant.pk).update(expires_at=timezone.now() + timedelta(seconds=30))
     response = _ask(agent, "1.00")
@@ -83,7 +90,7 @@ def test_a_prompt_never_outlives_its_grant(agent, scenario):
     assert approval.expires_at == grant.expires_at
 
 
-def test_a_poll_after_the_grant_ended_cancels_the_prompt(agent, scenario):
+def test_a_poll_after_the_grant_ended_cancels_the_prompt(agent: Agent, scenario: Scenario) -> None:
     auth_req_id = _ask(agent, "1.00").json()["auth_req_id"]
     SessionGrant.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
     response = agent.poll(auth_req_id)
@@ -93,7 +100,7 @@ def test_a_poll_after_the_grant_ended_cancels_the_prompt(agent, scenario):
     assert AuditEvent.objects.filter(event="approval.cancelled", detail__reason="grant_ended").count() == 1
 
 
-def test_the_on_time_expiry_at_the_grant_end_cancels(agent, scenario):
+def test_the_on_time_expiry_at_the_grant_end_cancels(agent: Agent, scenario: Scenario) -> None:
     _ask(agent, "1.00")
     approval = ApprovalRequest.objects.get()
     past = timezone.now() - timedelta(seconds=1)

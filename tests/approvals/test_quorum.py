@@ -10,8 +10,11 @@ import io
 from dataclasses import dataclass
 
 import pytest
+from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from approvals.errors import (
     AlreadyVoted,
@@ -24,10 +27,11 @@ from approvals.models import ApprovalRequest, ApprovalVote
 from approvals.quorum import inbox_prompts
 from approvals.services import approval_approve, approval_collect, approval_deny
 from audit.models import AuditEvent
-from consent.models import ScopePolicy
+from consent.models import ScopePolicy, SessionGrant
 from consent.tokens import ACTION_TOKEN_TYP, verify
-from tests.approvals.quorum_support import officials, require_quorum
+from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import (
+    Outbox,
     auth_now,
     auth_req_id,
     install_outbox,
@@ -35,6 +39,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -43,30 +48,31 @@ BIG = "25000.00"
 
 
 @pytest.fixture
-def outbox(monkeypatch):
+def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
     return install_outbox(monkeypatch)
 
 
 @pytest.fixture
-def people(scenario, ledger_policy):
+def people(scenario: Scenario, ledger_policy: ScopePolicy) -> Officials:
     return officials()
 
 
 @pytest.fixture
-def quorum_policy(people):
+def quorum_policy(people: Officials) -> ScopePolicy:
     return require_quorum(people.group)
 
 
 @pytest.fixture
-def grant(scenario, quorum_policy, outbox):
+def grant(scenario: Scenario, quorum_policy: ScopePolicy, outbox: Outbox) -> SessionGrant:
     return session_grant(scenario)
 
 
-def _who(name: str, scenario, people):
-    return scenario.user if name == "officer" else getattr(people, name)
+def _who(name: str, scenario: Scenario, people: Officials) -> User:
+    user: User = scenario.user if name == "officer" else getattr(people, name)
+    return user
 
 
-def _vote(approval, user, edge: str):
+def _vote(approval: ApprovalRequest, user: User, edge: str) -> ApprovalRequest:
     decide = approval_approve if edge == "approve" else approval_deny
     return decide(approval_id=approval.pk, user=user, auth=auth_now(("pwd", "otp")))
 
@@ -113,7 +119,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_vote_transitions(case, grant, scenario, people):
+def test_vote_transitions(case: Case, grant: SessionGrant, scenario: Scenario, people: Officials) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     *before, last = case.votes
     for name, edge in before:
@@ -130,7 +136,9 @@ def test_vote_transitions(case, grant, scenario, people):
     assert ApprovalVote.objects.filter(approval=approval).count() == case.recorded
 
 
-def test_the_quorum_token_lists_every_approver_with_their_own_sign_in(grant, scenario, people):
+def test_the_quorum_token_lists_every_approver_with_their_own_sign_in(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     with pytest.raises(Exception) as pending:
@@ -154,13 +162,15 @@ def test_the_quorum_token_lists_every_approver_with_their_own_sign_in(grant, sce
 
 class ActionTokenCount:
     @staticmethod
-    def of(approval) -> int:
+    def of(approval: ApprovalRequest) -> int:
         from approvals.models import ActionToken
 
         return ActionToken.objects.filter(approval=approval).count()
 
 
-def test_below_the_threshold_the_officer_decides_alone(grant, scenario, people):
+def test_below_the_threshold_the_officer_decides_alone(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry("4250.00")])
     with pytest.raises(ApprovalNotFound):  # no quorum applies: the group has no say
         _vote(approval, people.alice, "approve")
@@ -169,7 +179,9 @@ def test_below_the_threshold_the_officer_decides_alone(grant, scenario, people):
     assert not ApprovalVote.objects.exists()
 
 
-def test_an_approver_removed_from_the_group_no_longer_counts(grant, scenario, people):
+def test_an_approver_removed_from_the_group_no_longer_counts(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     people.alice.groups.remove(people.group)
@@ -187,7 +199,9 @@ def test_an_approver_removed_from_the_group_no_longer_counts(grant, scenario, pe
     ]
 
 
-def test_a_deactivated_approver_no_longer_counts(grant, scenario, people):
+def test_a_deactivated_approver_no_longer_counts(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     people.alice.is_active = False
@@ -196,7 +210,9 @@ def test_a_deactivated_approver_no_longer_counts(grant, scenario, people):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
 
 
-def test_the_requester_counts_when_not_excluded(scenario, people, outbox):
+def test_the_requester_counts_when_not_excluded(
+    scenario: Scenario, people: Officials, outbox: Outbox
+) -> None:
     require_quorum(people.group, exclude_requester=False)
     approval, _ = request_approval(session_grant(scenario), [ledger_entry(BIG)])
     _vote(approval, scenario.user, "approve")
@@ -205,7 +221,9 @@ def test_the_requester_counts_when_not_excluded(scenario, people, outbox):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.APPROVED
 
 
-def test_an_auto_approve_rule_never_skips_the_quorum(scenario, people, outbox):
+def test_an_auto_approve_rule_never_skips_the_quorum(
+    scenario: Scenario, people: Officials, outbox: Outbox
+) -> None:
     require_quorum(people.group, auto_approve_rule="amount <= 50000")
     grant = session_grant(scenario)
     small, _ = request_approval(grant, [ledger_entry("900.00")])
@@ -215,8 +233,12 @@ def test_an_auto_approve_rule_never_skips_the_quorum(scenario, people, outbox):
 
 
 def test_every_approver_gets_the_prompt_and_the_news(
-    grant, scenario, people, outbox, django_capture_on_commit_callbacks
-):
+    grant: SessionGrant,
+    scenario: Scenario,
+    people: Officials,
+    outbox: Outbox,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     with django_capture_on_commit_callbacks(execute=True):
         approval, _ = request_approval(grant, [ledger_entry(BIG)])
     prompted = sorted(uid for uid, m in outbox.sent if m["type"] == "approval.upsert")
@@ -240,7 +262,9 @@ def test_every_approver_gets_the_prompt_and_the_news(
     assert removed == sorted([scenario.user.pk, people.alice.pk, people.bob.pk])
 
 
-def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(grant, scenario, people):
+def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     request_approval(grant, [ledger_entry("4250.00")])  # the officer's alone
     assert [p["id"] for p in inbox_prompts(user_id=people.alice.pk)] == [str(approval.pk)]
@@ -253,7 +277,7 @@ def test_the_inbox_replay_includes_prompts_a_person_may_vote_on(grant, scenario,
 # --- the policy ----------------------------------------------------------------------------------
 
 
-def test_scope_set_takes_the_quorum_flags(people):
+def test_scope_set_takes_the_quorum_flags(people: Officials) -> None:
     call_command(
         "scope_set",
         "ledger:write",
@@ -305,7 +329,9 @@ def test_scope_set_takes_the_quorum_flags(people):
         (["--quorum", "2", "--approver-group", "finance", "--quorum-when", "amount is big"], "quorum_when"),
     ],
 )
-def test_scope_set_refuses_a_quorum_that_cannot_work(people, flags, message):
+def test_scope_set_refuses_a_quorum_that_cannot_work(
+    people: Officials, flags: list[str], message: str
+) -> None:
     with pytest.raises(CommandError, match=message):
         call_command(
             "scope_set",
@@ -319,7 +345,7 @@ def test_scope_set_refuses_a_quorum_that_cannot_work(people, flags, message):
     assert not ScopePolicy.objects.get(name="ledger:write").has_quorum
 
 
-def test_only_step_up_scopes_take_a_quorum(people):
+def test_only_step_up_scopes_take_a_quorum(people: Officials) -> None:
     with pytest.raises(CommandError, match="step-up"):
         call_command(
             "scope_set",
@@ -335,9 +361,10 @@ def test_only_step_up_scopes_take_a_quorum(people):
         )
 
 
-def test_seed_demo_asks_a_second_signature_above_10000_only(db):
+def test_seed_demo_asks_a_second_signature_above_10000_only(db: None) -> None:
     call_command("seed_demo", "--json", stdout=io.StringIO())
     policy = ScopePolicy.objects.get(name="ledger:write")
+    assert policy.approver_group is not None
     assert (policy.quorum, policy.approver_group.name, policy.exclude_requester, policy.quorum_when) == (
         2,
         "finance",
@@ -351,7 +378,7 @@ def test_seed_demo_asks_a_second_signature_above_10000_only(db):
     assert quorum_for(scope="ledger:write", details=[ledger_entry("25000.00")]) is not None
 
 
-def test_the_admin_shows_the_quorum_fields(admin_client, people):
+def test_the_admin_shows_the_quorum_fields(admin_client: Client, people: Officials) -> None:
     page = admin_client.get(
         f"/admin/consent/scopepolicy/{ScopePolicy.objects.get(name='ledger:write').pk}/change/"
     )
@@ -361,7 +388,9 @@ def test_the_admin_shows_the_quorum_fields(admin_client, people):
         assert f'name="{field}"' in text
 
 
-def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, people):
+def test_the_receipt_and_the_timeline_name_every_approver(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     import jwt
 
     from approvals.receipts import receipt_for_download
@@ -374,17 +403,23 @@ def test_the_receipt_and_the_timeline_name_every_approver(grant, scenario, peopl
     _vote(approval, people.bob, "approve")
     token = approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent)["access_token"]
     action_token_redeem(claims=verify(token, typ=ACTION_TOKEN_TYP), resource_server=ledger_rs(scenario))
-    _, receipt = receipt_for_download(approval_id=approval.pk, user_id=scenario.user.pk)
+    downloaded = receipt_for_download(approval_id=approval.pk, user_id=scenario.user.pk)
+    assert downloaded is not None
+    _, receipt = downloaded
     claims = jwt.decode(receipt, options={"verify_signature": False})
     assert [a["sub"] for a in claims["approvers"]] == [f"user:{people.alice.pk}", f"user:{people.bob.pk}"]
     assert claims["approver"]["sub"] == f"user:{people.bob.pk}"  # the one whose approval met the quorum
-    sentences = [e.sentence for e in grant_story(grant_id=grant.pk, user_id=scenario.user.pk).entries]
+    story = grant_story(grant_id=grant.pk, user_id=scenario.user.pk)
+    assert story is not None
+    sentences = [e.sentence for e in story.entries]
     assert any("approved by alice and bob, each signed in on their own" in s for s in sentences), sentences
     assert any(s.startswith("Alice approved") for s in sentences), sentences
     assert any("approved by alice and bob." in s for s in sentences), sentences  # the redemption
 
 
-def test_the_admin_shows_each_vote_on_a_request(admin_client, grant, people):
+def test_the_admin_shows_each_vote_on_a_request(
+    admin_client: Client, grant: SessionGrant, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry(BIG)])
     _vote(approval, people.alice, "approve")
     page = admin_client.get(f"/admin/approvals/approvalrequest/{approval.pk}/change/").content.decode()

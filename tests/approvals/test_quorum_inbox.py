@@ -6,9 +6,10 @@ from django.test import Client
 
 from approvals.models import ApprovalRequest, ApprovalVote
 from audit.models import AuditEvent
-from tests.approvals.quorum_support import officials, require_quorum
+from consent.models import ScopePolicy
+from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import install_outbox, ledger_entry, request_approval, session_grant
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +17,7 @@ S = ApprovalRequest.Status
 
 
 @pytest.fixture
-def people(scenario, ledger_policy, monkeypatch):
+def people(scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch) -> Officials:
     install_outbox(monkeypatch)
     found = officials()
     require_quorum(found.group)
@@ -24,7 +25,7 @@ def people(scenario, ledger_policy, monkeypatch):
 
 
 @pytest.fixture
-def approval(scenario, people):
+def approval(scenario: Scenario, people: Officials) -> ApprovalRequest:
     return request_approval(session_grant(scenario), [ledger_entry("25000.00")])[0]
 
 
@@ -34,7 +35,7 @@ def signed_in(username: str) -> Client:
     return client
 
 
-def refusals(approval, reason: str) -> int:
+def refusals(approval: ApprovalRequest, reason: str) -> int:
     return AuditEvent.objects.filter(
         event="approval.vote_refused",
         outcome="refused",
@@ -43,7 +44,9 @@ def refusals(approval, reason: str) -> int:
     ).count()
 
 
-def test_an_official_sees_who_asks_for_whom_and_what_is_missing(approval, people):
+def test_an_official_sees_who_asks_for_whom_and_what_is_missing(
+    approval: ApprovalRequest, people: Officials
+) -> None:
     alice = signed_in("alice")
     page = alice.get("/approvals/").content.decode()
     assert 'Procurement Agent</strong> for <strong class="requester">officer</strong>' in page
@@ -58,7 +61,9 @@ def test_an_official_sees_who_asks_for_whom_and_what_is_missing(approval, people
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.APPROVED
 
 
-def test_the_excluded_requester_sees_it_wait_without_buttons(approval, scenario):
+def test_the_excluded_requester_sees_it_wait_without_buttons(
+    approval: ApprovalRequest, scenario: Scenario
+) -> None:
     page = signed_in("officer").get("/approvals/").content.decode()
     assert "Waiting for 2 more approvals" in page
     card = page[page.index(f'data-id="{approval.pk}"') :]
@@ -71,7 +76,9 @@ def test_the_excluded_requester_sees_it_wait_without_buttons(approval, scenario)
         ("officer", 403, "requester_excluded"),
     ],
 )
-def test_a_refused_vote_changes_nothing_and_is_audited_once(approval, who, status, reason):
+def test_a_refused_vote_changes_nothing_and_is_audited_once(
+    approval: ApprovalRequest, who: str, status: int, reason: str
+) -> None:
     response = signed_in(who).post(f"/approvals/{approval.pk}/approve/")
     assert response.status_code == status
     assert refusals(approval, reason) == 1
@@ -79,7 +86,7 @@ def test_a_refused_vote_changes_nothing_and_is_audited_once(approval, who, statu
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
 
 
-def test_a_second_vote_by_the_same_official_is_refused(approval):
+def test_a_second_vote_by_the_same_official_is_refused(approval: ApprovalRequest) -> None:
     alice = signed_in("alice")
     alice.post(f"/approvals/{approval.pk}/approve/")
     response = alice.post(f"/approvals/{approval.pk}/deny/")
@@ -89,7 +96,9 @@ def test_a_second_vote_by_the_same_official_is_refused(approval):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
 
 
-def test_an_official_removed_from_the_group_while_it_waits_is_refused(approval, people):
+def test_an_official_removed_from_the_group_while_it_waits_is_refused(
+    approval: ApprovalRequest, people: Officials
+) -> None:
     alice = signed_in("alice")
     alice.post(f"/approvals/{approval.pk}/approve/")
     people.alice.groups.remove(people.group)
@@ -99,13 +108,15 @@ def test_an_official_removed_from_the_group_while_it_waits_is_refused(approval, 
     assert ApprovalVote.objects.count() == 1
 
 
-def test_someone_outside_the_group_gets_404(approval):
+def test_someone_outside_the_group_gets_404(approval: ApprovalRequest) -> None:
     response = signed_in("carol").post(f"/approvals/{approval.pk}/approve/")
     assert response.status_code == 404
     assert not ApprovalVote.objects.exists()
 
 
-def test_each_vote_needs_the_voters_own_fresh_authentication(approval, people):
+def test_each_vote_needs_the_voters_own_fresh_authentication(
+    approval: ApprovalRequest, people: Officials
+) -> None:
     from consent.models import ScopePolicy
 
     ScopePolicy.objects.filter(name="ledger:write").update(fresh_auth_seconds=60)
@@ -123,7 +134,7 @@ def test_each_vote_needs_the_voters_own_fresh_authentication(approval, people):
     assert ApprovalRequest.objects.get(pk=approval.pk).status == S.PENDING
 
 
-def test_the_officers_history_says_who_approved(approval, scenario):
+def test_the_officers_history_says_who_approved(approval: ApprovalRequest, scenario: Scenario) -> None:
     signed_in("alice").post(f"/approvals/{approval.pk}/approve/")
     signed_in("bob").post(f"/approvals/{approval.pk}/approve/")
     page = signed_in("officer").get("/approvals/").content.decode()

@@ -6,8 +6,11 @@ action token, every step audited once.
 """
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
 from django.db import connection
 
 from approvals.errors import ApprovalNotPending, InvalidGrant
@@ -15,7 +18,8 @@ from approvals.models import ActionToken, ApprovalRequest, ApprovalVote
 from approvals.services import approval_approve, approval_cancel, approval_collect, approval_deny
 from audit.models import AuditEvent
 from consent.keys import active_signing_key
-from tests.approvals.quorum_support import officials, require_quorum
+from consent.models import ScopePolicy, SessionGrant
+from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import (
     auth_now,
     auth_req_id,
@@ -25,6 +29,7 @@ from tests.approvals.support import (
     session_grant,
 )
 from tests.approvals.test_concurrency import errors, race, wins
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,13 +37,13 @@ S = ApprovalRequest.Status
 
 
 @pytest.fixture(autouse=True)
-def _postgresql_only():
+def _postgresql_only() -> None:
     if connection.vendor != "postgresql":
         pytest.fail("race tests need PostgreSQL row locking: set DATABASE_URL=postgres://...")
 
 
 @pytest.fixture
-def people(scenario, ledger_policy, monkeypatch):
+def people(scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch) -> Officials:
     install_outbox(monkeypatch, run_pushes=False)
     active_signing_key()
     found = officials()
@@ -48,11 +53,11 @@ def people(scenario, ledger_policy, monkeypatch):
 
 
 @pytest.fixture
-def grant(scenario, people):
+def grant(scenario: Scenario, people: Officials) -> SessionGrant:
     return session_grant(scenario)
 
 
-def events_for(approval, *names: str) -> list[str]:
+def events_for(approval: ApprovalRequest, *names: str) -> list[str]:
     return list(
         AuditEvent.objects.filter(event__in=names, detail__approval_id=str(approval.pk))
         .order_by("id")
@@ -60,7 +65,7 @@ def events_for(approval, *names: str) -> list[str]:
     )
 
 
-def test_two_first_votes_at_once_both_count_and_approve_once(grant, people):
+def test_two_first_votes_at_once_both_count_and_approve_once(grant: SessionGrant, people: Officials) -> None:
     for n in range(5):
         approval, _ = request_approval(grant, [ledger_entry(f"{20000 + n}.00")])
         voters = [people.alice, people.bob]
@@ -77,7 +82,9 @@ def test_two_first_votes_at_once_both_count_and_approve_once(grant, people):
         ]
 
 
-def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(grant, scenario, people):
+def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(
+    grant: SessionGrant, scenario: Scenario, people: Officials
+) -> None:
     for n in range(5):
         approval, _ = request_approval(grant, [ledger_entry(f"{30000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
@@ -99,13 +106,17 @@ def test_two_approvers_casting_the_last_vote_at_once_one_wins_one_token(grant, s
         assert len(claims_approvers) == 2 and claims_approvers[0]["sub"] == f"user:{people.alice.pk}"
 
 
-def test_the_last_approval_racing_a_denial_ends_in_one_decision(grant, people):
+def test_the_last_approval_racing_a_denial_ends_in_one_decision(
+    grant: SessionGrant, people: Officials
+) -> None:
     for n in range(10):
         approval, _ = request_approval(grant, [ledger_entry(f"{40000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
         moves = [(approval_approve, people.bob), (approval_deny, people.carol)]
 
-        def decide(i, a=approval, moves=moves):
+        def decide(
+            i: int, a: ApprovalRequest = approval, moves: list[tuple[Callable[..., Any], User]] = moves
+        ) -> tuple[str, Any]:
             fn, user = moves[i]
             return fn.__name__, fn(approval_id=a.pk, user=user, auth=auth_now())
 
@@ -118,12 +129,14 @@ def test_the_last_approval_racing_a_denial_ends_in_one_decision(grant, people):
         assert events_for(approval, "approval.approved", "approval.denied") == [f"approval.{expected}"]
 
 
-def test_the_last_vote_racing_a_cancellation_ends_in_one_state(grant, people):
+def test_the_last_vote_racing_a_cancellation_ends_in_one_state(
+    grant: SessionGrant, people: Officials
+) -> None:
     for n in range(10):
         approval, _ = request_approval(grant, [ledger_entry(f"{50000 + n}.00")])
         approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
 
-        def act(i, a=approval):
+        def act(i: int, a: ApprovalRequest = approval) -> object:
             if i == 0:
                 return approval_approve(approval_id=a.pk, user=people.bob, auth=auth_now()).status
             return approval_cancel(approval_id=a.pk, reason="agent_cancelled")
@@ -143,7 +156,9 @@ def test_the_last_vote_racing_a_cancellation_ends_in_one_state(grant, people):
         assert not ActionToken.objects.filter(approval=approval).exists()
 
 
-def test_an_approver_removed_while_the_prompt_waits_no_longer_counts(grant, people):
+def test_an_approver_removed_while_the_prompt_waits_no_longer_counts(
+    grant: SessionGrant, people: Officials
+) -> None:
     approval, _ = request_approval(grant, [ledger_entry("60000.00")])
     approval_approve(approval_id=approval.pk, user=people.alice, auth=auth_now())
 

@@ -4,17 +4,21 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.contrib.auth.models import User
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.keys import jwks as published_jwks
 from countersign import InvalidReceipt, verify_receipt
-from tests.approvals.conftest import LEDGER_ENTRY
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import LEDGER_ENTRY, Agent
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -22,23 +26,27 @@ ISSUER = "http://127.0.0.1:8000"
 
 
 @pytest.fixture
-def redeemed(agent, client):
+def redeemed(agent: Agent, client: Client) -> dict[str, Any]:
     response = agent.redeem(agent.approved_token(client))
     assert response.status_code == 200
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
-def _jwks() -> dict:
+def _jwks() -> dict[str, Any]:
     return published_jwks()
 
 
-def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenario):
+def test_the_redemption_returns_a_receipt_that_verifies_offline(
+    redeemed: dict[str, Any], scenario: Scenario
+) -> None:
     claims = verify_receipt(redeemed["receipt"], jwks=_jwks(), issuer=ISSUER)
     approval = ApprovalRequest.objects.select_related("action_token").get()
     assert claims["sub"] == f"user:{scenario.user.pk}"
     assert claims["act"] == {"sub": f"agent:{scenario.agent.client_id}"}
     assert claims["approver"]["sub"] == f"user:{scenario.user.pk}" and claims["approver"]["amr"] == ["pwd"]
     assert claims["authorization_details"] == [LEDGER_ENTRY] and claims["action_hash"] == approval.action_hash
+    assert approval.decided_at is not None and approval.action_token.redeemed_at is not None
     assert claims["approved_at"] == int(approval.decided_at.timestamp())
     assert claims["redeemed_at"] == int(approval.action_token.redeemed_at.timestamp())
     assert claims["resource_server"] == {
@@ -49,7 +57,9 @@ def test_the_redemption_returns_a_receipt_that_verifies_offline(redeemed, scenar
     assert jwt.get_unverified_header(redeemed["receipt"])["typ"] == "receipt+jwt"
 
 
-def test_the_owner_downloads_the_same_receipt(redeemed, client, scenario):
+def test_the_owner_downloads_the_same_receipt(
+    redeemed: dict[str, Any], client: Client, scenario: Scenario
+) -> None:
     approval = ApprovalRequest.objects.get()
     response = client.get(f"/approvals/{approval.pk}/receipt/")
     assert response.status_code == 200 and "attachment" in response["Content-Disposition"]
@@ -60,7 +70,9 @@ def test_the_owner_downloads_the_same_receipt(redeemed, client, scenario):
     assert client.get(f"/approvals/{approval.pk}/receipt/").status_code == 302  # sign in first
 
 
-def test_no_receipt_for_another_user_or_an_unredeemed_request(agent, client, django_user_model):
+def test_no_receipt_for_another_user_or_an_unredeemed_request(
+    agent: Agent, client: Client, django_user_model: type[User]
+) -> None:
     agent.ask()
     approval = ApprovalRequest.objects.get()
     client.login(username="officer", password=PASSWORD)
@@ -71,7 +83,7 @@ def test_no_receipt_for_another_user_or_an_unredeemed_request(agent, client, dja
     assert AuditEvent.objects.filter(event="receipt.refused").count() == 2
 
 
-def _tamper(receipt: str, **changes) -> str:
+def _tamper(receipt: str, **changes: Any) -> str:
     head, body, sig = receipt.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     claims.update(changes)
@@ -79,7 +91,7 @@ def _tamper(receipt: str, **changes) -> str:
     return f"{head}.{forged}.{sig}"
 
 
-def test_a_tampered_receipt_is_refused(redeemed):
+def test_a_tampered_receipt_is_refused(redeemed: dict[str, Any]) -> None:
     entry = {**LEDGER_ENTRY, "amount": "42500.00"}
     for forged in (
         _tamper(redeemed["receipt"], authorization_details=[entry]),
@@ -90,7 +102,7 @@ def test_a_tampered_receipt_is_refused(redeemed):
             verify_receipt(forged, jwks=_jwks(), issuer=ISSUER)
 
 
-def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed):
+def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed: dict[str, Any]) -> None:
     claims = jwt.decode(redeemed["receipt"], options={"verify_signature": False})
     kid = jwt.get_unverified_header(redeemed["receipt"])["kid"]
     other = ec.generate_private_key(ec.SECP256R1())
@@ -106,7 +118,7 @@ def test_a_receipt_by_another_key_or_issuer_is_refused(redeemed):
         verify_receipt(not_a_receipt, jwks=_jwks(), issuer=ISSUER)
 
 
-def test_the_command_line_verifies_a_downloaded_receipt(redeemed, tmp_path):
+def test_the_command_line_verifies_a_downloaded_receipt(redeemed: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "r.jwt").write_text(redeemed["receipt"])
     (tmp_path / "jwks.json").write_text(json.dumps(_jwks()))
     (tmp_path / "bad.jwt").write_text(_tamper(redeemed["receipt"], scope="anything"))

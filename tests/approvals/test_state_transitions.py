@@ -18,11 +18,14 @@ DESIGN.md::
 """
 
 import itertools
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
 from django.db.models import Max
 from django.utils import timezone
 
@@ -44,6 +47,7 @@ from approvals.services import (
     approval_expire,
 )
 from audit.models import AuditEvent
+from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
 from tests.approvals.support import (
     auth_now,
@@ -53,6 +57,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
+from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db
 
@@ -77,7 +82,7 @@ class Row:
 class Build:
     """Each method returns a Row in one starting state, reached only through service calls."""
 
-    def __init__(self, scenario):
+    def __init__(self, scenario: Scenario) -> None:
         self.s = scenario
         self.grant = session_grant(scenario)
         self.rs = ledger_rs(scenario)
@@ -172,20 +177,20 @@ TERMINAL_STATES = {
 # --- the transitions: one service call each ------------------------------------------------------
 
 
-def t_approve(b: Build, row: Row):
+def t_approve(b: Build, row: Row) -> ApprovalRequest:
     return approval_approve(approval_id=row.approval.pk, user=b.s.user, auth=auth_now())
 
 
-def t_deny(b: Build, row: Row):
+def t_deny(b: Build, row: Row) -> ApprovalRequest:
     return approval_deny(approval_id=row.approval.pk, user=b.s.user, auth=auth_now())
 
 
-def t_expire_early(b: Build, row: Row):
+def t_expire_early(b: Build, row: Row) -> bool:
     """The expiry task firing while nothing has timed out yet (a task run early or twice)."""
     return approval_expire(approval_id=row.approval.pk)
 
 
-def t_expire(b: Build, row: Row):
+def t_expire(b: Build, row: Row) -> bool:
     """Time passes beyond the approval window and the action token's lifetime, then the task runs."""
     past = timezone.now() - PAST
     ApprovalRequest.objects.filter(pk=row.approval.pk).update(expires_at=past)
@@ -193,21 +198,22 @@ def t_expire(b: Build, row: Row):
     return approval_expire(approval_id=row.approval.pk)
 
 
-def t_cancel(b: Build, row: Row):
+def t_cancel(b: Build, row: Row) -> bool:
     return approval_cancel(approval_id=row.approval.pk, reason="agent_cancelled")
 
 
-def t_collect(b: Build, row: Row):
+def t_collect(b: Build, row: Row) -> dict[str, Any]:
     return approval_collect(auth_req_id=row.auth_req_id, agent=b.s.agent)
 
 
-def t_redeem(b: Build, row: Row):
+def t_redeem(b: Build, row: Row) -> ApprovalRequest:
     # A row that never had a token minted is tried with the jti of a token that was never issued.
     claims = row.claims or {"jti": f"never-issued-{row.approval.pk}"}
     return action_token_redeem(claims=claims, resource_server=b.rs)
 
 
-TRANSITIONS = {
+# Each returns what its service returns: an approval, True/False or the token response.
+TRANSITIONS: dict[str, Callable[[Build, Row], Any]] = {
     "approve": t_approve,
     "deny": t_deny,
     "expire_early": t_expire_early,
@@ -224,16 +230,16 @@ TRANSITIONS = {
 @dataclass(frozen=True)
 class Expect:
     status: str  # the row's status afterwards
-    raises: type | None = None  # the exception the service must raise
+    raises: type[Exception] | None = None  # the exception the service must raise
     returns: Any = "approval"  # for non-raising calls: True/False, "approval" or "token"
     events: tuple[str, ...] = ()  # audit events the call appends, in order
 
 
-def ok(status, returns="approval", *events):
+def ok(status: str, returns: object = "approval", *events: str) -> Expect:
     return Expect(status, None, returns, tuple(events))
 
 
-def no(status, exc, *events):
+def no(status: str, exc: type[Exception], *events: str) -> Expect:
     return Expect(status, exc, None, tuple(events))
 
 
@@ -296,11 +302,11 @@ TABLE.update(
 )
 
 
-def test_the_table_covers_every_pair_exactly():
+def test_the_table_covers_every_pair_exactly() -> None:
     assert set(TABLE) == set(itertools.product(STATES, TRANSITIONS))
 
 
-def test_the_table_and_the_model_describe_one_graph():
+def test_the_table_and_the_model_describe_one_graph() -> None:
     # Every change of state the services make here is an edge of ApprovalRequest.EDGES (the graph
     # the services take their guards from), and every edge is made somewhere in the table.
     edges = {(src, dst) for sources, dst in ApprovalRequest.EDGES.values() for src in sources}
@@ -317,7 +323,9 @@ def test_the_table_and_the_model_describe_one_graph():
     )
 
 
-def test_an_auto_approved_request_takes_the_approve_edge(scenario, ledger_policy, monkeypatch):
+def test_an_auto_approved_request_takes_the_approve_edge(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The policy's rule approves through the same guarded edge as the user (approvals.services).
     from consent.services import scope_set
 
@@ -340,7 +348,7 @@ def _head() -> int:
     return AuditEvent.objects.aggregate(m=Max("id"))["m"] or 0
 
 
-def _decision(approval_id) -> dict[str, Any]:
+def _decision(approval_id: uuid.UUID) -> dict[str, Any]:
     row = ApprovalRequest.objects.get(pk=approval_id)
     return {
         "status": row.status,
@@ -351,7 +359,7 @@ def _decision(approval_id) -> dict[str, Any]:
     }
 
 
-def _tokens(approval_id) -> list[tuple]:
+def _tokens(approval_id: uuid.UUID) -> list[tuple[Any, ...]]:
     return list(
         ActionToken.objects.filter(approval_id=approval_id).values_list(
             "jti", "redeemed_at", "redeemed_by_id"
@@ -360,7 +368,13 @@ def _tokens(approval_id) -> list[tuple]:
 
 
 @pytest.mark.parametrize("state,transition", list(itertools.product(STATES, TRANSITIONS)))
-def test_transition(state, transition, scenario, ledger_policy, monkeypatch):
+def test_transition(
+    state: str,
+    transition: str,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     install_outbox(monkeypatch)
     build = Build(scenario)
     row = getattr(build, state)()
@@ -401,7 +415,9 @@ def test_transition(state, transition, scenario, ledger_policy, monkeypatch):
         assert new_events == []
 
 
-def test_a_decision_records_who_and_how(scenario, ledger_policy, monkeypatch):
+def test_a_decision_records_who_and_how(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     install_outbox(monkeypatch)
     build = Build(scenario)
     row = build.pending()
@@ -417,7 +433,12 @@ def test_a_decision_records_who_and_how(scenario, ledger_policy, monkeypatch):
     assert approval.decided_at is not None
 
 
-def test_only_the_owner_can_decide(scenario, ledger_policy, monkeypatch, django_user_model):
+def test_only_the_owner_can_decide(
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    monkeypatch: pytest.MonkeyPatch,
+    django_user_model: type[User],
+) -> None:
     from approvals.errors import ApprovalNotFound
 
     install_outbox(monkeypatch)
@@ -430,7 +451,9 @@ def test_only_the_owner_can_decide(scenario, ledger_policy, monkeypatch, django_
     assert _decision(row.approval.pk)["status"] == S.PENDING and row.fresh().decided_by_id is None
 
 
-def test_a_second_poll_of_a_pending_request_is_slow_down(scenario, ledger_policy, monkeypatch):
+def test_a_second_poll_of_a_pending_request_is_slow_down(
+    scenario: Scenario, ledger_policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from approvals.errors import SlowDown
 
     install_outbox(monkeypatch)

@@ -6,9 +6,12 @@ path changes the budget here and says why.
 """
 
 import pytest
+from django.test import Client
+from pytest_django import DjangoAssertNumQueries
 
 from approvals.models import ApprovalRequest
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import Agent
+from tests.conftest import PASSWORD, Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -19,7 +22,9 @@ BUDGET = {
 }
 
 
-def test_approve_from_the_inbox(agent, client, scenario, django_assert_max_num_queries):
+def test_approve_from_the_inbox(
+    agent: Agent, client: Client, scenario: Scenario, django_assert_max_num_queries: DjangoAssertNumQueries
+) -> None:
     assert agent.ask().status_code == 200
     approval = ApprovalRequest.objects.get()
     client.login(username="officer", password=PASSWORD)

@@ -7,14 +7,20 @@ real servers, granian + uvicorn behind the path router, and Celery subprocesses)
 """
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page
+from pytest_django import Settings
+from pytest_django.live_server_helper import LiveServer
 
 from consent.models import Agent, ScopePolicy
 from consent.services import agent_create, resource_server_create, scope_set
 from tests.conftest import PASSWORD
+from tests.live import LiveStack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -35,13 +41,13 @@ class BrowserScenario:
     agent: Agent
     agent_secret: str
     rs_audience: str
-    user: object
+    user: User
     base_url: str
     redirect_uri: str
 
 
 @pytest.fixture
-def live_issuer(live_server, settings) -> str:
+def live_issuer(live_server: LiveServer, settings: Settings) -> str:
     """Make the app's issuer the live server's URL, so tokens and metadata name it."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_server.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_server.url}
@@ -50,7 +56,7 @@ def live_issuer(live_server, settings) -> str:
 
 
 @pytest.fixture
-def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
+def browser_scenario(transactional_db: None, live_issuer: str) -> BrowserScenario:
     """The same registry as tests/conftest.py's ``scenario``, committed, with a reachable callback."""
     for name, aud, sens in [
         ("catalog:read", "http://catalog.test", ScopePolicy.Sensitivity.STANDARD),
@@ -72,7 +78,7 @@ def browser_scenario(transactional_db, live_issuer) -> BrowserScenario:
 
 
 @pytest.fixture(scope="module")
-def chromium():
+def chromium() -> Iterator[Browser]:
     """One headless Chromium per test module. A missing binary is a failure, not a skip.
 
     While Playwright's sync API is started, its event loop counts as running on this thread, so
@@ -105,7 +111,7 @@ def chromium():
 
 
 @pytest.fixture
-def page(chromium, live_server):
+def page(chromium: Browser, live_server: LiveServer) -> Iterator[Page]:
     """A fresh browser context (no cookies) whose agent callback is answered by Playwright itself."""
     context = chromium.new_context(base_url=live_server.url)
     context.set_default_timeout(15_000)
@@ -123,7 +129,7 @@ def page(chromium, live_server):
 
 
 @pytest.fixture
-def page_problems(page) -> list[str]:
+def page_problems(page: Page) -> list[str]:
     """Console errors, uncaught page errors and failed sub-requests seen while the test runs."""
     problems: list[str] = []
     page.on(
@@ -143,7 +149,7 @@ def page_problems(page) -> list[str]:
 
 
 @pytest.fixture
-def live_context(chromium, live):
+def live_context(chromium: Browser, live: LiveStack) -> Iterator[BrowserContext]:
     """A fresh browser context (no cookies) against the live stack: real servers, real Celery."""
     context = chromium.new_context(base_url=live.url)
     context.set_default_timeout(15_000)
@@ -153,11 +159,11 @@ def live_context(chromium, live):
         context.close()
 
 
-def watch_page(page) -> list[str]:
+def watch_page(page: Page) -> list[str]:
     """Console errors, uncaught errors, dialogs (alert() would mean injected script ran), HTTP errors."""
     problems: list[str] = []
 
-    def on_console(msg):
+    def on_console(msg: ConsoleMessage) -> None:
         url = msg.location.get("url") or ""
         # Chromium asks for /favicon.ico by itself; the app has none (no <link rel="icon">), a 404
         # that says nothing about the page under test.
@@ -172,7 +178,7 @@ def watch_page(page) -> list[str]:
         lambda resp: problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None,
     )
 
-    def on_dialog(dialog):
+    def on_dialog(dialog: Dialog) -> None:
         problems.append(f"dialog {dialog.type}: {dialog.message}")
         dialog.dismiss()
 

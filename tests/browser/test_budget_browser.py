@@ -11,19 +11,20 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 
 from approvals.models import ApprovalRequest
 from consent.budget import Budget
 from consent.services import scope_set
+from tests.browser.conftest import BrowserScenario
 from tests.conftest import PASSWORD, pkce_pair
 
 pytestmark = [pytest.mark.browser]
 
 
 def test_a_small_purchase_within_the_budget_set_at_consent_goes_through_without_a_prompt(
-    page, page_problems, browser_scenario
-):
+    page: Page, page_problems: list[str], browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     scope_set(
         name="ledger:write",

@@ -10,10 +10,11 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import httpx
 import jwt
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 
 from audit.models import AuditEvent
 from consent.models import SessionGrant
+from tests.browser.conftest import BrowserScenario
 from tests.conftest import PASSWORD, pkce_pair
 
 pytestmark = [pytest.mark.browser]
@@ -22,7 +23,7 @@ SCREENSHOT = "/tmp/consent.png"
 STATE = "st-browser-123"
 
 
-def _authorize_url(s, challenge: str) -> str:
+def _authorize_url(s: BrowserScenario, challenge: str) -> str:
     return "/o/authorize/?" + urlencode(
         {
             "response_type": "code",
@@ -36,7 +37,7 @@ def _authorize_url(s, challenge: str) -> str:
     )
 
 
-def _sign_in_to_consent(page, s, challenge: str) -> None:
+def _sign_in_to_consent(page: Page, s: BrowserScenario, challenge: str) -> None:
     """Open the authorize URL signed out, get sent to the login page, sign in, land on consent."""
     page.goto(_authorize_url(s, challenge))
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
@@ -52,7 +53,7 @@ def _sign_in_to_consent(page, s, challenge: str) -> None:
     expect(page.get_by_role("heading", level=1)).to_have_text("Procurement Agent wants to act for you")
 
 
-def _callback_params(page, s) -> dict[str, list[str]]:
+def _callback_params(page: Page, s: BrowserScenario) -> dict[str, list[str]]:
     page.wait_for_url(re.compile(re.escape(s.redirect_uri) + r"\?"))
     assert page.url.startswith(s.redirect_uri + "?"), page.url
     return parse_qs(urlparse(page.url).query)
@@ -63,7 +64,9 @@ def _http() -> httpx.Client:
     return httpx.Client(trust_env=False, timeout=10)
 
 
-def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_problems, browser_scenario):
+def test_allow_in_browser_issues_a_token_a_resource_server_accepts(
+    page: Page, page_problems: list[str], browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     verifier, challenge = pkce_pair()
     _sign_in_to_consent(page, s, challenge)
@@ -148,7 +151,9 @@ def test_allow_in_browser_issues_a_token_a_resource_server_accepts(page, page_pr
     assert grant.step_up_scopes == ["ledger:write"]
 
 
-def test_deny_in_browser_redirects_with_access_denied_and_creates_no_grant(page, browser_scenario):
+def test_deny_in_browser_redirects_with_access_denied_and_creates_no_grant(
+    page: Page, browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     _, challenge = pkce_pair()
     _sign_in_to_consent(page, s, challenge)

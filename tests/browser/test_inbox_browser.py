@@ -8,17 +8,21 @@ resource server) redeems the action token exactly once.
 
 import json
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import jwt
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
+from consent.models import ScopePolicy
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -38,12 +42,12 @@ def _http() -> httpx.Client:
 class AgentClient:
     """The agent's side over real HTTP: ask (CIBA backchannel request), then poll the token endpoint."""
 
-    def __init__(self, live, scenario, session_token):
+    def __init__(self, live: LiveStack, scenario: Scenario, session_token: str) -> None:
         self.url, self.s, self.session_token = live.url, scenario, session_token
         self.http = _http()
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
 
-    def ask(self, details=None, **extra) -> dict:
+    def ask(self, details: dict[str, Any] | None = None, **extra: str) -> dict[str, Any]:
         response = self.http.post(
             f"{self.url}/o/bc-authorize/",
             auth=self.auth,
@@ -55,7 +59,7 @@ class AgentClient:
             },
         )
         assert response.status_code == 200, response.text
-        body = response.json()
+        body: dict[str, Any] = response.json()
         assert set(body) >= {"auth_req_id", "expires_in", "interval"}
         return body
 
@@ -64,27 +68,27 @@ class AgentClient:
             f"{self.url}/o/token/", auth=self.auth, data={"grant_type": CIBA, "auth_req_id": auth_req_id}
         )
 
-    def redeem(self, token: str, **extra) -> httpx.Response:
+    def redeem(self, token: str, **extra: str) -> httpx.Response:
         return self.http.post(
             f"{self.url}/o/redeem/",
             auth=(self.s.ledger_client_id, self.s.ledger_secret),
             data={"token": token, **extra},
         )
 
-    def close(self):
+    def close(self) -> None:
         self.http.close()
 
 
 @pytest.fixture
-def session_token(live, flow, ledger_policy):  # noqa: F811
+def session_token(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:  # noqa: F811
     """The agent's session access token, issued under the live issuer (``live`` comes first)."""
-    token = flow.full()["access_token"]
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(live, scenario, session_token):
+def agent(live: LiveStack, scenario: Scenario, session_token: str) -> Iterator[AgentClient]:
     a = AgentClient(live, scenario, session_token)
     try:
         yield a
@@ -92,7 +96,7 @@ def agent(live, scenario, session_token):
         a.close()
 
 
-def _sign_in(page, live) -> None:
+def _sign_in(page: Page, live: LiveStack) -> None:
     """Open the inbox signed out, get sent to the login form, sign in, land on the inbox."""
     page.goto("/approvals/")
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
@@ -105,7 +109,7 @@ def _sign_in(page, live) -> None:
     assert cookies["sessionid"]["domain"] == "127.0.0.1" and cookies["sessionid"]["httpOnly"]
 
 
-def _open_inbox(page) -> None:
+def _open_inbox(page: Page) -> None:
     """The inbox, empty, with its websocket connected; marks the document to detect reloads."""
     if not page.url.endswith("/approvals/"):
         page.goto("/approvals/")
@@ -116,11 +120,12 @@ def _open_inbox(page) -> None:
     page.evaluate("window.__sameDocument = true")
 
 
-def _still_same_document(page) -> bool:
-    return page.evaluate("window.__sameDocument === true")
+def _still_same_document(page: Page) -> bool:
+    same: bool = page.evaluate("window.__sameDocument === true")
+    return same
 
 
-def _prompt_arrives(page) -> None:
+def _prompt_arrives(page: Page) -> None:
     headline = page.get_by_role("heading", name=HEADLINE)
     expect(headline).to_be_visible()
     assert _still_same_document(page), "the prompt appeared only after a reload"
@@ -129,7 +134,7 @@ def _prompt_arrives(page) -> None:
     expect(page.locator("#empty")).to_be_hidden()
 
 
-def _verify_action_token(token: str, live, scenario) -> dict:
+def _verify_action_token(token: str, live: LiveStack, scenario: Scenario) -> dict[str, Any]:
     with _http() as http:
         metadata = http.get(f"{live.url}/.well-known/oauth-authorization-server").json()
         jwks = http.get(metadata["jwks_uri"]).json()
@@ -147,7 +152,9 @@ def _verify_action_token(token: str, live, scenario) -> dict:
     return claims
 
 
-def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_context, scenario, agent):
+def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, agent: AgentClient
+) -> None:
     page = live_context.new_page()
     problems = watch_page(page)
     _sign_in(page, live)
@@ -175,6 +182,7 @@ def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_conte
     expect(countdown).to_have_text(re.compile(r"^(9|10):\d\d$"))  # a 600 s window, just opened
     expect(countdown).to_have_attribute("title", re.compile(r"\d"))
     first = countdown.text_content()
+    assert first is not None
     expect(countdown).not_to_have_text(first, timeout=3000)  # it ticks
     expect(prompt.get_by_role("button", name="Approve")).to_be_visible()
     expect(prompt.get_by_role("button", name="Deny")).to_be_visible()
@@ -228,7 +236,9 @@ def test_prompt_arrives_live_and_approve_mints_a_one_shot_token(live, live_conte
     assert problems == [], problems
 
 
-def test_deny_in_the_inbox_gives_the_agent_access_denied(live, live_context, scenario, agent):
+def test_deny_in_the_inbox_gives_the_agent_access_denied(
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, agent: AgentClient
+) -> None:
     page = live_context.new_page()
     problems = watch_page(page)
     _sign_in(page, live)
@@ -253,7 +263,9 @@ def test_deny_in_the_inbox_gives_the_agent_access_denied(live, live_context, sce
     assert problems == [], problems
 
 
-def test_approving_in_one_tab_removes_the_prompt_from_the_other(live, live_context, scenario, agent):
+def test_approving_in_one_tab_removes_the_prompt_from_the_other(
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, agent: AgentClient
+) -> None:
     first = live_context.new_page()
     problems = watch_page(first)
     _sign_in(first, live)

@@ -7,22 +7,28 @@ the test can give the sending side a tiny channel capacity and see channels_redi
 """
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.db import connections
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
+from pytest_django import Settings
 
 from approvals import tasks as approval_tasks
 from approvals.models import ApprovalRequest
+from consent.models import ScopePolicy
 from tests.approvals.support import ledger_entry, request_approval, session_grant
-from tests.approvals.test_inbox_stream import _drop, held  # noqa: F401  (fixture)
+from tests.approvals.test_inbox_stream import _drop, _Held, held  # noqa: F401  (fixture)
 from tests.browser.conftest import watch_page
 from tests.browser.test_inbox_browser import _open_inbox, _sign_in, _still_same_document
+from tests.conftest import Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-REAL_DELIVER = approval_tasks.deliver_prompt._get_current_object()  # not the registry entry a test replaces
+# Not the registry entry a test replaces. (shared_task gives a Proxy; celery-types call it the Task.)
+REAL_DELIVER = approval_tasks.deliver_prompt._get_current_object()  # type: ignore[attr-defined]
 FLOOD = 40
 TABS = 3
 
@@ -35,7 +41,7 @@ WebSocket.prototype.send = function (data) { window.__sent.push(JSON.parse(data)
 
 
 @pytest.fixture
-def tiny_capacity(settings):
+def tiny_capacity(settings: Settings) -> Iterator[None]:
     """The sending side's channel layer holds one message per channel: a burst overflows it."""
     from channels.layers import channel_layers
 
@@ -54,14 +60,14 @@ def _deliver(approval_id: str) -> None:
         connections.close_all()
 
 
-def _sign_in_context(context, live):
+def _sign_in_context(context: BrowserContext, live: LiveStack) -> None:
     """Sign the browser context in once, on a page of its own (the tabs then share its session)."""
     first = context.new_page()
     _sign_in(first, live)
     first.close()
 
 
-def _tab(context, live):
+def _tab(context: BrowserContext, live: LiveStack) -> tuple[Page, list[str]]:
     page = context.new_page()
     page.add_init_script(RECORD_SENDS)
     problems = watch_page(page)
@@ -69,20 +75,20 @@ def _tab(context, live):
     return page, problems
 
 
-def _shown_ids(page) -> set[str]:
+def _shown_ids(page: Page) -> set[str]:
     return set(page.eval_on_selector_all("#prompts li.prompt", "els => els.map(e => e.dataset.id)"))
 
 
 def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
-    live,
-    live_context,
-    scenario,
-    ledger_policy,
-    held,  # noqa: F811
-    tiny_capacity,
-    caplog,
-    settings,
-):
+    live: LiveStack,
+    live_context: BrowserContext,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    held: _Held,  # noqa: F811
+    tiny_capacity: None,
+    caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+) -> None:
     caplog.set_level(logging.INFO, logger="channels_redis.core")
     settings.COUNTERSIGN = {
         **settings.COUNTERSIGN,
@@ -109,7 +115,13 @@ def test_a_flood_past_capacity_shows_every_prompt_on_every_tab(
         assert problems == [], problems
 
 
-def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario, ledger_policy, held):  # noqa: F811
+def test_a_gap_in_the_stream_makes_the_page_resync(
+    live: LiveStack,
+    live_context: BrowserContext,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    held: _Held,  # noqa: F811
+) -> None:
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
     grant = session_grant(scenario)
@@ -127,12 +139,12 @@ def test_a_gap_in_the_stream_makes_the_page_resync(live, live_context, scenario,
 
 
 def test_a_lost_newest_message_arrives_through_the_periodic_check(
-    live,
-    live_context,
-    scenario,
-    ledger_policy,
-    held,  # noqa: F811
-):
+    live: LiveStack,
+    live_context: BrowserContext,
+    scenario: Scenario,
+    ledger_policy: ScopePolicy,
+    held: _Held,  # noqa: F811
+) -> None:
     _sign_in_context(live_context, live)
     page, problems = _tab(live_context, live)
 

@@ -11,12 +11,13 @@ from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 
 from audit.models import AuditEvent
 from consent.models import AgentInstance, SessionGrant
 from countersign.instance import ATTESTATION_HEADER, POP_HEADER
 from countersign.instance import AgentInstance as SdkInstance
+from tests.browser.conftest import BrowserScenario
 from tests.conftest import PASSWORD, basic, pkce_pair
 from tests.consent.test_token_exchange import ACCESS, EXCHANGE, AgentKey
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.browser]
 STATE = "st-instances"
 
 
-def _consent_and_code(page, s) -> tuple[str, str]:
+def _consent_and_code(page: Page, s: BrowserScenario) -> tuple[str, str]:
     verifier, challenge = pkce_pair()
     page.goto(
         "/o/authorize/?"
@@ -51,7 +52,7 @@ def _consent_and_code(page, s) -> tuple[str, str]:
     return parse_qs(urlparse(page.url).query)["code"][0], verifier
 
 
-def _join(http: httpx.Client, s, instance: SdkInstance, subject: str) -> httpx.Response:
+def _join(http: httpx.Client, s: BrowserScenario, instance: SdkInstance, subject: str) -> httpx.Response:
     return http.post(
         f"{s.base_url}/o/token/",
         data={"grant_type": EXCHANGE, "subject_token": subject, "subject_token_type": ACCESS},
@@ -59,7 +60,9 @@ def _join(http: httpx.Client, s, instance: SdkInstance, subject: str) -> httpx.R
     )
 
 
-def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(page, page_problems, browser_scenario):
+def test_the_person_cuts_off_one_instance_and_its_next_call_is_refused(
+    page: Page, page_problems: list[str], browser_scenario: BrowserScenario
+) -> None:
     s = browser_scenario
     key = AgentKey()
     s.agent.jwks = {"keys": [key.jwk]}

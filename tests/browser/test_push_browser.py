@@ -12,14 +12,19 @@ collects its action token.
 
 import json
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, CDPSession, Worker, expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.notify.models import PromptDelivery, PushSubscription
+from consent.models import ScopePolicy
 from tests.browser.test_inbox_browser import AgentClient, _sign_in
-from tests.live import start_stack
+from tests.conftest import OAuthFlow, Scenario
+from tests.live import LiveStack, start_stack
 from tests.notify.pushservice import PushService
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -29,7 +34,9 @@ STACK_ENV = {"COUNTERSIGN_PUSH_ALLOW_LOOPBACK": "1", "COUNTERSIGN_EMAIL_DEFAULT_
 
 
 @pytest.fixture(scope="module")
-def reach_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+def reach_stack(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
     """The live stack, its servers and worker accepting loopback push endpoints (a test's push service)."""
     with (
         django_db_blocker.unblock(),
@@ -39,15 +46,17 @@ def reach_stack(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def live(reach_stack, transactional_db, settings):
+def live(reach_stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": reach_stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": reach_stack.url}
     return reach_stack
 
 
 @pytest.fixture
-def agent(live, scenario, flow, ledger_policy):
-    token = flow.full()["access_token"]
+def agent(
+    live: LiveStack, scenario: Scenario, flow: OAuthFlow, ledger_policy: ScopePolicy
+) -> Iterator[AgentClient]:
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
     try:
@@ -56,7 +65,7 @@ def agent(live, scenario, flow, ledger_policy):
         a.close()
 
 
-def _registration_id(cdp, scope: str, timeout: float = 10.0) -> str:
+def _registration_id(cdp: CDPSession, scope: str, timeout: float = 10.0) -> str:
     """The service worker registration for ``scope``, as DevTools reports it."""
     found: dict[str, str] = {}
     cdp.on(
@@ -74,18 +83,22 @@ def _registration_id(cdp, scope: str, timeout: float = 10.0) -> str:
     return found[scope]
 
 
-def _shown_notifications(worker, timeout: float = 10.0) -> list[dict]:
+def _shown_notifications(worker: Worker, timeout: float = 10.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        shown = worker.evaluate("""async () => (await self.registration.getNotifications()).map(
+        shown: list[dict[str, Any]] = (
+            worker.evaluate("""async () => (await self.registration.getNotifications()).map(
             n => ({title: n.title, body: n.body, tag: n.tag, data: n.data, url: self.promptUrl(n.data)}))""")
+        )
         if shown:
             return shown
         time.sleep(0.2)
     return []
 
 
-def test_a_push_reaches_the_closed_inbox_and_its_click_opens_the_prompt(live, live_context, scenario, agent):
+def test_a_push_reaches_the_closed_inbox_and_its_click_opens_the_prompt(
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, agent: AgentClient
+) -> None:
     live_context.grant_permissions(["notifications"], origin=live.url)
     page = live_context.new_page()
     _sign_in(page, live)

@@ -8,17 +8,20 @@ which lists both approvers. A denial by either ends a request at once.
 """
 
 import re
+from collections.abc import Callable, Iterator
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from approvals.models import ApprovalRequest, ApprovalVote
+from consent.models import ScopePolicy
 from consent.tokens import ACTION_TOKEN_TYP, verify
-from tests.approvals.quorum_support import officials, require_quorum
+from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import ledger_entry
 from tests.browser.conftest import watch_page
 from tests.browser.test_inbox_browser import AgentClient
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -29,15 +32,15 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
 @pytest.fixture
-def people(live, flow, ledger_policy):
+def people(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> Officials:
     found = officials()
     require_quorum(found.group)
     return found
 
 
 @pytest.fixture
-def agent(live, scenario, flow, people):
-    token = flow.full()["access_token"]
+def agent(live: LiveStack, scenario: Scenario, flow: OAuthFlow, people: Officials) -> Iterator[AgentClient]:
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     a = AgentClient(live, scenario, token)
     try:
@@ -46,7 +49,9 @@ def agent(live, scenario, flow, people):
         a.close()
 
 
-def _inbox_of(live_context_factory, live, username: str):
+def _inbox_of(
+    live_context_factory: Callable[[], BrowserContext], live: LiveStack, username: str
+) -> tuple[Page, list[str]]:
     page = live_context_factory().new_page()
     problems = watch_page(page)
     page.goto("/approvals/")
@@ -60,10 +65,10 @@ def _inbox_of(live_context_factory, live, username: str):
 
 
 @pytest.fixture
-def contexts(chromium, live):
-    opened = []
+def contexts(chromium: Browser, live: LiveStack) -> Iterator[Callable[[], BrowserContext]]:
+    opened: list[BrowserContext] = []
 
-    def new():
+    def new() -> BrowserContext:
         context = chromium.new_context(base_url=live.url)
         context.set_default_timeout(15_000)
         opened.append(context)
@@ -77,8 +82,12 @@ def contexts(chromium, live):
 
 
 def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
-    live, contexts, scenario, people, agent
-):
+    live: LiveStack,
+    contexts: Callable[[], BrowserContext],
+    scenario: Scenario,
+    people: Officials,
+    agent: AgentClient,
+) -> None:
     alice, alice_problems = _inbox_of(contexts, live, "alice")
     bob, bob_problems = _inbox_of(contexts, live, "bob")
     asked = agent.ask(ENTRY)
@@ -120,7 +129,13 @@ def test_two_officials_approve_a_large_entry_and_the_token_lists_both(
     assert alice_problems == [] and bob_problems == [], (alice_problems, bob_problems)
 
 
-def test_one_officials_denial_ends_the_request(live, contexts, scenario, people, agent):
+def test_one_officials_denial_ends_the_request(
+    live: LiveStack,
+    contexts: Callable[[], BrowserContext],
+    scenario: Scenario,
+    people: Officials,
+    agent: AgentClient,
+) -> None:
     alice, problems = _inbox_of(contexts, live, "alice")
     asked = agent.ask(ENTRY)
     prompt = alice.locator("#prompts li.prompt")

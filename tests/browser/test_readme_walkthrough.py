@@ -9,16 +9,18 @@ test's live server, and the ``CALLBACK='paste …'`` line gets the address the b
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, expect
 
+from tests.live import LiveStack
 from tests.test_readme import DEMO_PASSWORD, Shell, _env, _reader_dir, shell_blocks
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def test_walkthrough_as_written(live, live_context, tmp_path):
+def test_walkthrough_as_written(live: LiveStack, live_context: BrowserContext, tmp_path: Path) -> None:
     blocks = shell_blocks("Walkthrough: the reference scenario")
     assert len(blocks) == 8, "the walkthrough's steps changed: update this test with them"
     shell = Shell(_reader_dir(tmp_path), _env(live.env))

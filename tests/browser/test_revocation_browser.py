@@ -9,17 +9,19 @@ the resource server's introspection reports the session token inactive.
 
 import json
 import re
+from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
-from consent.models import SessionGrant
+from consent.models import ScopePolicy, SessionGrant
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import watch_page
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.live import LiveStack
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -33,14 +35,14 @@ def _http() -> httpx.Client:
 
 
 @pytest.fixture
-def session_tokens(live, flow, ledger_policy):  # noqa: F811
+def session_tokens(live: LiveStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> dict[str, Any]:  # noqa: F811
     """The agent's token response, issued under the live server's issuer (``live`` first)."""
-    tokens = flow.full()
+    tokens: dict[str, Any] = flow.full()
     flow.client.logout()
     return tokens
 
 
-def _sign_in(page, live) -> None:
+def _sign_in(page: Page, live: LiveStack) -> None:
     page.goto("/approvals/")
     page.wait_for_url(re.compile(r"/accounts/login/\?"))
     page.get_by_label("Username").fill("officer")
@@ -50,8 +52,8 @@ def _sign_in(page, live) -> None:
 
 
 def test_revoking_on_grants_page_clears_the_prompt_in_the_open_inbox(
-    live, live_context, scenario, session_tokens
-):
+    live: LiveStack, live_context: BrowserContext, scenario: Scenario, session_tokens: dict[str, Any]
+) -> None:
     http = _http()
     agent_auth = (scenario.agent.client_id, scenario.agent_secret)
     try:

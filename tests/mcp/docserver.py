@@ -4,17 +4,18 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class DocumentServer:
-    def __init__(self):
+    def __init__(self) -> None:
         self.documents: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self.slow: set[str] = set()
         self.hits: dict[str, int] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self) -> None:  # noqa: N802
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 if self.path in server.slow:
                     self.send_response(200)
@@ -36,7 +37,7 @@ class DocumentServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):
+            def log_message(self, *args: Any) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -48,11 +49,13 @@ class DocumentServer:
     def url(self, path: str) -> str:
         return self.base + path
 
-    def put(self, path: str, document, *, status: int = 200, headers: dict[str, str] | None = None) -> str:
+    def put(
+        self, path: str, document: object, *, status: int = 200, headers: dict[str, str] | None = None
+    ) -> str:
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
         self.documents[path] = (status, headers or {}, body)
         return self.url(path)
 
-    def close(self):
+    def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()

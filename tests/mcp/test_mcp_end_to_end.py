@@ -21,27 +21,36 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from django.contrib.auth import get_user_model
-from playwright.sync_api import expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ApprovalRequest
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import grant_revoke, resource_server_create, scope_set
 from tests.browser.conftest import chromium, watch_page  # noqa: F401  (fixtures)
 from tests.conftest import PASSWORD
-from tests.live import ROOT, free_port, start_stack
+from tests.live import ROOT, LiveStack, free_port, start_stack
+
+if TYPE_CHECKING:
+    from mcp.types import CallToolResult
+
+Codes = queue.Queue[tuple[str, str | None]]  # (code, state) from the loopback redirect
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser]
 
 ARGS = {"amount": "1250.00", "currency": "EUR", "vendor": "Nordlicht GmbH", "purchase_order": "PO-2026-0077"}
 
 
-def _self_signed(tmp) -> tuple[str, str]:
+def _self_signed(tmp: Path) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,7 +87,9 @@ class Served(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def _serve(handler, *, tls: tuple[str, str] | None = None) -> tuple[Served, int]:
+def _serve(
+    handler: type[BaseHTTPRequestHandler], *, tls: tuple[str, str] | None = None
+) -> tuple[Served, int]:
     httpd = Served(("127.0.0.1", 0), handler)
     if tls:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -89,12 +100,17 @@ def _serve(handler, *, tls: tuple[str, str] | None = None) -> tuple[Served, int]
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory):
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return _self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")
-def stack(django_db_setup, django_db_blocker, tmp_path_factory, tls):
+def stack(
+    django_db_setup: None,
+    django_db_blocker: DjangoDbBlocker,
+    tmp_path_factory: pytest.TempPathFactory,
+    tls: tuple[str, str],
+) -> Iterator[LiveStack]:
     with (
         django_db_blocker.unblock(),
         start_stack(
@@ -105,22 +121,23 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory, tls):
 
 
 @pytest.fixture
-def live(stack, transactional_db, settings):
+def live(stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": stack.url}
     return stack
 
 
 @pytest.fixture
-def callback():
+def callback() -> Iterator[tuple[str, Codes]]:
     """The MCP client's loopback redirect URI (RFC 8252 §7.3): hands (code, state) to the client."""
     codes: queue.Queue[tuple[str, str | None]] = queue.Queue()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self) -> None:  # noqa: N802
             params = parse_qs(urlsplit(self.path).query)
             if "code" in params:
-                codes.put((params["code"][0], (params.get("state") or [None])[0]))
+                state = params["state"][0] if "state" in params else None
+                codes.put((params["code"][0], state))
             body = b"<!doctype html><title>Connected</title><h1>MCP client connected</h1>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
@@ -128,7 +145,7 @@ def callback():
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args: Any) -> None:
             pass
 
     httpd, port = _serve(Handler)
@@ -137,12 +154,12 @@ def callback():
 
 
 @pytest.fixture
-def client_document(tls, callback):
+def client_document(tls: tuple[str, str], callback: tuple[str, Codes]) -> Iterator[str]:
     """The MCP client's Client ID Metadata Document, over https on loopback."""
-    holder: dict = {}
+    holder: dict[str, dict[str, Any]] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self) -> None:  # noqa: N802
             body = json.dumps(holder["doc"]).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -151,7 +168,7 @@ def client_document(tls, callback):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
+        def log_message(self, *args: Any) -> None:
             pass
 
     httpd, port = _serve(Handler, tls=tls)
@@ -169,7 +186,7 @@ def client_document(tls, callback):
 
 
 @pytest.fixture
-def mcp_server(live, tmp_path):
+def mcp_server(live: LiveStack, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
     audience = f"http://127.0.0.1:{port}/mcp"
     scope_set(name="shop:catalog", values={"audience": audience, "description": "Search the shop's catalog"})
@@ -231,46 +248,50 @@ def mcp_server(live, tmp_path):
 class McpClient:
     """The official SDK client in a thread of its own (the browser runs on this one)."""
 
-    def __init__(self, server_url: str, redirect_uri: str, codes, *, client_metadata_url: str | None):
+    def __init__(
+        self, server_url: str, redirect_uri: str, codes: Codes, *, client_metadata_url: str | None
+    ) -> None:
         self.server_url, self.redirect_uri, self.codes = server_url, redirect_uri, codes
         self.client_metadata_url = client_metadata_url
         self.authorize_urls: queue.Queue[str] = queue.Queue()
-        self.calls: queue.Queue[tuple[str, dict]] = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
+        self.calls: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.results: queue.Queue[CallToolResult | BaseException] = queue.Queue()
         self.progress: list[str] = []
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    async def _run(self):
+    async def _run(self) -> None:
         from mcp import ClientSession
         from mcp.client.auth import OAuthClientProvider
         from mcp.client.streamable_http import streamablehttp_client
-        from mcp.shared.auth import OAuthClientMetadata
+        from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+        from pydantic import AnyUrl
 
         class Memory:
-            def __init__(self):
-                self.tokens = self.info = None
+            def __init__(self) -> None:
+                self.tokens: OAuthToken | None = None
+                self.info: OAuthClientInformationFull | None = None
 
-            async def get_tokens(self):
+            async def get_tokens(self) -> OAuthToken | None:
                 return self.tokens
 
-            async def set_tokens(self, tokens):
+            async def set_tokens(self, tokens: OAuthToken) -> None:
                 self.tokens = tokens
 
-            async def get_client_info(self):
+            async def get_client_info(self) -> OAuthClientInformationFull | None:
                 return self.info
 
-            async def set_client_info(self, info):
+            async def set_client_info(self, info: OAuthClientInformationFull) -> None:
                 self.info = info
 
         async def redirect_handler(url: str) -> None:
             self.authorize_urls.put(url)
 
-        async def callback_handler():
+        async def callback_handler() -> tuple[str, str | None]:
             return await asyncio.to_thread(self.codes.get, True, 60)
 
         metadata = OAuthClientMetadata(
             client_name="Test MCP Client",
-            redirect_uris=[self.redirect_uri],
+            redirect_uris=[AnyUrl(self.redirect_uri)],
             grant_types=["authorization_code", "refresh_token"],
             response_types=["code"],
             token_endpoint_auth_method="none",
@@ -285,7 +306,7 @@ class McpClient:
             client_metadata_url=self.client_metadata_url,
         )
 
-        async def on_progress(progress, total, message):
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             self.progress.append(message or "")
 
         try:
@@ -308,23 +329,23 @@ class McpClient:
         except BaseException as exc:  # noqa: BLE001  (reported to the test)
             self.results.put(exc)
 
-    def call(self, name: str, arguments: dict, timeout: float = 60):
+    def call(self, name: str, arguments: dict[str, Any], timeout: float = 60) -> "CallToolResult":
         self.calls.put((name, arguments))
         result = self.results.get(timeout=timeout)
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def close(self):
+    def close(self) -> None:
         self.calls.put(("", {}))
         self.thread.join(timeout=15)
 
 
-def _text(result) -> str:
+def _text(result: "CallToolResult") -> str:
     return " ".join(getattr(c, "text", "") for c in result.content)
 
 
-def _connect(page, client, live, *, expect_self_asserted: str):
+def _connect(page: Page, client: McpClient, live: LiveStack, *, expect_self_asserted: str) -> None:
     """The client's first call meets a 401; it discovers, joins, and sends the officer to consent."""
     url = client.authorize_urls.get(timeout=60)
     assert url.startswith(f"{live.url}/o/authorize/?") and "resource=" in url and "code_challenge=" in url
@@ -340,7 +361,7 @@ def _connect(page, client, live, *, expect_self_asserted: str):
     expect(page.get_by_role("heading", level=1)).to_have_text("MCP client connected")
 
 
-def _decide(page, live, decision: str):
+def _decide(page: Page, live: LiveStack, decision: str) -> None:
     page.goto(f"{live.url}/approvals/")
     heading = page.get_by_role(
         "heading", name=re.compile(r"^Run ledger_append: 1250\.00 EUR to Nordlicht GmbH")
@@ -350,7 +371,13 @@ def _decide(page, live, decision: str):
     page.wait_for_url(f"{live.url}/approvals/")
 
 
-def _session(chromium, live, mcp_server, callback, client_metadata_url):  # noqa: F811
+def _session(
+    chromium: Browser,  # noqa: F811
+    live: LiveStack,
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+    client_metadata_url: str | None,
+) -> tuple[BrowserContext, Page, McpClient, Path]:
     audience, log = mcp_server
     context = chromium.new_context(base_url=live.url)
     context.set_default_timeout(20_000)
@@ -360,7 +387,15 @@ def _session(chromium, live, mcp_server, callback, client_metadata_url):  # noqa
     return context, page, client, log
 
 
-def _run_catalog_then_ledger(chromium, live, mcp_server, callback, *, metadata_url, decide):  # noqa: F811
+def _run_catalog_then_ledger(
+    chromium: Browser,  # noqa: F811
+    live: LiveStack,
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+    *,
+    metadata_url: str | None,
+    decide: Callable[[Page], None],
+) -> tuple["CallToolResult", McpClient]:
     context, page, client, log = _session(chromium, live, mcp_server, callback, metadata_url)
     problems = watch_page(page)
     try:
@@ -384,12 +419,12 @@ def _run_catalog_then_ledger(chromium, live, mcp_server, callback, *, metadata_u
 
 
 def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approval(
-    live,
-    chromium,  # noqa: F811
-    mcp_server,
-    callback,
-    client_document,
-):
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+    client_document: str,
+) -> None:
     result, client = _run_catalog_then_ledger(
         chromium,
         live,
@@ -411,7 +446,12 @@ def test_cimd_client_consents_searches_and_gets_the_ledger_receipt_after_approva
     assert any("approval" in m.lower() for m in client.progress), client.progress
 
 
-def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium, mcp_server, callback):  # noqa: F811
+def test_registered_client_gets_the_ledger_receipt_after_approval(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+) -> None:
     result, _ = _run_catalog_then_ledger(
         chromium,
         live,
@@ -430,7 +470,12 @@ def test_registered_client_gets_the_ledger_receipt_after_approval(live, chromium
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.REDEEMED
 
 
-def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
+def test_registered_client_is_denied_and_gets_a_tool_error(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+) -> None:
     result, _ = _run_catalog_then_ledger(
         chromium,
         live,
@@ -444,10 +489,15 @@ def test_registered_client_is_denied_and_gets_a_tool_error(live, chromium, mcp_s
     assert ApprovalRequest.objects.get().status == ApprovalRequest.Status.DENIED
 
 
-def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(live, chromium, mcp_server, callback):  # noqa: F811
+def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(
+    live: LiveStack,
+    chromium: Browser,  # noqa: F811
+    mcp_server: tuple[str, Path],
+    callback: tuple[str, Codes],
+) -> None:
     ScopePolicy.objects.filter(name="shop:ledger").update(approval_window=10)
 
-    def let_it_expire(page):
+    def let_it_expire(page: Page) -> None:
         deadline = time.monotonic() + 30
         while not ApprovalRequest.objects.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -462,7 +512,8 @@ def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(live, chro
     try:
         client.calls.put(("catalog_search", {"query": "acme"}))
         _connect(page, client, live, expect_self_asserted="127.0.0.1")
-        assert not client.results.get(timeout=60).isError
+        found = client.results.get(timeout=60)
+        assert not isinstance(found, BaseException) and not found.isError, found
         client.calls.put(("ledger_append", ARGS))
         deadline = time.monotonic() + 30
         while not ApprovalRequest.objects.filter(status="pending").exists() and time.monotonic() < deadline:
@@ -470,6 +521,7 @@ def test_expired_and_revoked_approvals_end_the_call_with_a_tool_error(live, chro
         grant = SessionGrant.objects.filter(status="active").latest("created")
         assert grant_revoke(grant_id=grant.pk, reason="revoked_by_user", actor="user:test")
         revoked = client.results.get(timeout=60)
+        assert not isinstance(revoked, BaseException), revoked
         assert revoked.isError and "revoked" in _text(revoked), _text(revoked)
     finally:
         client.close()

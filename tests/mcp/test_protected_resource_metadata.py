@@ -3,18 +3,21 @@ Django integration at both well-known paths, named by every challenge (§5.1).""
 
 import asyncio
 import json
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 import pytest
+from django.test import RequestFactory
 
 from countersign import TokenVerifier
-from countersign.asgi import CountersignMiddleware
+from countersign.asgi import CountersignMiddleware, Message, Receive, Scope, Send
 from countersign.resource_metadata import metadata_paths, metadata_url
 from tests.client import ISSUER, RS_ID, RS_SECRET, LocalIssuer
 
 MCP = "http://127.0.0.1:8765/mcp"
 
 
-def test_metadata_url_puts_the_well_known_segment_before_the_path():
+def test_metadata_url_puts_the_well_known_segment_before_the_path() -> None:
     assert metadata_url(MCP) == "http://127.0.0.1:8765/.well-known/oauth-protected-resource/mcp"
     assert metadata_url("https://api.example/") == "https://api.example/.well-known/oauth-protected-resource"
     assert metadata_paths(MCP) == (
@@ -36,8 +39,13 @@ def mcp_verifier() -> TokenVerifier:
     )
 
 
-def _call(app, path, method="GET", headers=()):
-    scope = {
+def _call(
+    app: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]],
+    path: str,
+    method: str = "GET",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
+    scope: Scope = {
         "type": "http",
         "method": method,
         "scheme": "http",
@@ -46,20 +54,22 @@ def _call(app, path, method="GET", headers=()):
         "headers": [(b"host", b"127.0.0.1:8765"), *headers],
         "server": ("127.0.0.1", 8765),
     }
-    sent = []
+    sent: list[Message] = []
 
-    async def receive():
+    async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
-    async def send(message):
+    async def send(message: Message) -> None:
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
 
 
-def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(mcp_verifier):
-    async def app(scope, receive, send):  # never reached without a token
+def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(
+    mcp_verifier: TokenVerifier,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:  # never reached without a token
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, mcp_verifier, required_scopes=["catalog:read"])
@@ -87,13 +97,13 @@ def test_asgi_middleware_serves_the_metadata_and_names_it_in_every_challenge(mcp
     assert f'resource_metadata="{metadata_url(MCP)}"' in headers[b"www-authenticate"].decode()
 
 
-def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_verifier):
+def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_verifier: TokenVerifier) -> None:
     issuer = LocalIssuer()
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
     )
 
-    async def app(scope, receive, send):
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         raise AssertionError("the protected app ran")
 
     protected = CountersignMiddleware(app, verifier, required_scopes=["catalog:read"])
@@ -107,7 +117,7 @@ def test_a_token_lacking_the_scope_gets_403_insufficient_scope_naming_it(mcp_ver
     assert f'resource_metadata="{metadata_url(MCP)}"' in challenge
 
 
-def test_a_token_for_another_resource_is_refused():
+def test_a_token_for_another_resource_is_refused() -> None:
     issuer = LocalIssuer()
     verifier = TokenVerifier(
         ISSUER, client_id=RS_ID, client_secret=RS_SECRET, audience=MCP, http=issuer.client()
@@ -118,7 +128,7 @@ def test_a_token_for_another_resource_is_refused():
         verifier.verify_session(issuer.mint(aud="http://127.0.0.1:9999/mcp"))
 
 
-def test_django_integration_serves_the_metadata(mcp_verifier, rf):
+def test_django_integration_serves_the_metadata(mcp_verifier: TokenVerifier, rf: RequestFactory) -> None:
     from countersign.django import metadata_urlpatterns
 
     patterns = metadata_urlpatterns(mcp_verifier)

@@ -1,21 +1,26 @@
 """RFC 8707 resource indicators: the token's aud is exactly the resources asked for, with the scopes they
 serve; a resource outside the grant is invalid_target, changes nothing and leaves one audit row."""
 
+from typing import Any
+
 import jwt
 import pytest
 
 from consent.models import AccessToken, AuthorizationCode
-from tests.conftest import REDIRECT_URI, pkce_pair
+from tests.approvals.conftest import ClientResponse
+from tests.conftest import REDIRECT_URI, OAuthFlow, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_redirect, _json_error
 
 pytestmark = pytest.mark.django_db
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
-def _code(flow, *, resource=None, scope="catalog:read budget:read ledger:write"):
+def _code(
+    flow: OAuthFlow, *, resource: str | None = None, scope: str = "catalog:read budget:read ledger:write"
+) -> tuple[str, str]:
     flow.login()
     verifier, challenge = pkce_pair()
     extra = {"resource": resource} if resource else {}
@@ -23,7 +28,7 @@ def _code(flow, *, resource=None, scope="catalog:read budget:read ledger:write")
     return code, verifier
 
 
-def _exchange(flow, code, verifier, *resources):
+def _exchange(flow: OAuthFlow, code: str, verifier: str, *resources: str) -> ClientResponse:
     body = [
         ("grant_type", "authorization_code"),
         ("code", code),
@@ -43,7 +48,7 @@ def _exchange(flow, code, verifier, *resources):
     )
 
 
-def test_resource_at_the_token_endpoint_narrows_aud_and_scope(flow):
+def test_resource_at_the_token_endpoint_narrows_aud_and_scope(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     response = _exchange(flow, code, verifier, "http://catalog.test")
     assert response.status_code == 200, response.content
@@ -54,7 +59,7 @@ def test_resource_at_the_token_endpoint_narrows_aud_and_scope(flow):
     assert AccessToken.objects.get(jti=claims["jti"]).resource == ["http://catalog.test"]
 
 
-def test_resource_given_twice_names_both(flow):
+def test_resource_given_twice_names_both(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     response = _exchange(flow, code, verifier, "http://catalog.test", "http://budget.test")
     assert response.status_code == 200, response.content
@@ -63,7 +68,7 @@ def test_resource_given_twice_names_both(flow):
     assert set(claims["scope"].split()) == {"catalog:read", "budget:read"}
 
 
-def test_resource_at_authorize_is_kept_with_the_code(flow):
+def test_resource_at_authorize_is_kept_with_the_code(flow: OAuthFlow) -> None:
     code, verifier = _code(flow, resource="http://budget.test")
     assert AuthorizationCode.objects.get(code=code).resource == ["http://budget.test"]
     response = _exchange(flow, code, verifier)
@@ -71,7 +76,7 @@ def test_resource_at_authorize_is_kept_with_the_code(flow):
     assert claims["aud"] == ["http://budget.test"] and claims["scope"] == "budget:read"
 
 
-def test_refresh_keeps_the_resource_and_refuses_another(flow):
+def test_refresh_keeps_the_resource_and_refuses_another(flow: OAuthFlow) -> None:
     code, verifier = _code(flow)
     body = _exchange(flow, code, verifier, "http://catalog.test").json()
     refreshed = flow.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
@@ -94,7 +99,9 @@ def test_refresh_keeps_the_resource_and_refuses_another(flow):
     "resource",
     ["http://elsewhere.test", "http://ledger.test/../catalog", "not-a-uri", "http://catalog.test#frag"],
 )
-def test_resource_outside_the_grant_at_the_token_endpoint_is_invalid_target(flow, resource):
+def test_resource_outside_the_grant_at_the_token_endpoint_is_invalid_target(
+    flow: OAuthFlow, resource: str
+) -> None:
     code, verifier = _code(flow, scope="catalog:read")
     watch = Watch()
     response = _exchange(flow, code, verifier, resource)
@@ -104,7 +111,7 @@ def test_resource_outside_the_grant_at_the_token_endpoint_is_invalid_target(flow
     assert AuthorizationCode.objects.get(code=code).consumed_at is None
 
 
-def test_resource_no_requested_scope_serves_is_refused_at_authorize(flow):
+def test_resource_no_requested_scope_serves_is_refused_at_authorize(flow: OAuthFlow) -> None:
     flow.login()
     _, challenge = pkce_pair()
     watch = Watch()
@@ -117,7 +124,7 @@ def test_resource_no_requested_scope_serves_is_refused_at_authorize(flow):
     watch.assert_nothing_changed()
 
 
-def test_a_token_request_cannot_widen_the_resource_of_the_authorization_request(flow):
+def test_a_token_request_cannot_widen_the_resource_of_the_authorization_request(flow: OAuthFlow) -> None:
     code, verifier = _code(flow, resource="http://budget.test")
     watch = Watch()
     response = _exchange(flow, code, verifier, "http://catalog.test")

@@ -1,14 +1,18 @@
 """A resource server opens the step-up for the token it was handed; only it collects the action token."""
 
 import json
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from django.test import Client
 
 from approvals.models import ApprovalRequest
 from consent.services import agent_update, scope_set
 from consent.tokens import verify
-from tests.conftest import basic
+from tests.approvals.conftest import ClientResponse
+from tests.conftest import OAuthFlow, Scenario, basic
 from tests.consent.test_bad_input import Watch, _json_error
 
 pytestmark = pytest.mark.django_db
@@ -22,18 +26,18 @@ CALL = {
 
 
 @pytest.fixture
-def mcp_token(flow, scenario):
+def mcp_token(flow: OAuthFlow, scenario: Scenario) -> str:
     scope_set(name="ledger:read", values={"audience": "http://ledger.test", "description": "Read the ledger"})
     scope_set(name="ledger:write", values={"authorization_details_types": ["mcp_tool_call"]})
     agent_update(
         agent=scenario.agent, changes={"allowed_scopes": [*scenario.agent.allowed_scopes, "ledger:read"]}
     )
-    token = flow.full(scope="ledger:read ledger:write")["access_token"]
+    token: str = flow.full(scope="ledger:read ledger:write")["access_token"]
     flow.client.logout()
     return token
 
 
-def _post(client, path, data, auth):
+def _post(client: Client, path: str, data: dict[str, str], auth: tuple[str, str]) -> ClientResponse:
     return client.post(
         path,
         urlencode(data),
@@ -42,7 +46,14 @@ def _post(client, path, data, auth):
     )
 
 
-def _open(flow, token, *, auth=None, details=(CALL,), scope="ledger:write"):
+def _open(
+    flow: OAuthFlow,
+    token: str,
+    *,
+    auth: tuple[str, str] | None = None,
+    details: Iterable[dict[str, Any]] = (CALL,),
+    scope: str = "ledger:write",
+) -> ClientResponse:
     auth = auth or (flow.s.ledger_client_id, flow.s.ledger_secret)
     return _post(
         flow.client,
@@ -52,12 +63,15 @@ def _open(flow, token, *, auth=None, details=(CALL,), scope="ledger:write"):
     )
 
 
-def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_token, scenario):
+def test_the_resource_server_opens_and_collects_and_the_agent_cannot(
+    flow: OAuthFlow, mcp_token: str, scenario: Scenario
+) -> None:
     response = _open(flow, mcp_token)
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["approval_uri"].endswith("/approvals/") and body["expires_in"] > 0
     approval = ApprovalRequest.objects.get()
+    assert approval.opened_by is not None
     assert approval.opened_by.client_id == scenario.ledger_client_id and approval.agent == scenario.agent
     assert approval.headline.startswith("Run ledger_append: 1250.00 EUR to Acme (PO-7)")
     ledger = (scenario.ledger_client_id, scenario.ledger_secret)
@@ -93,7 +107,9 @@ def test_the_resource_server_opens_and_collects_and_the_agent_cannot(flow, mcp_t
         ("bad_credentials", "invalid_client"),
     ],
 )
-def test_bad_openings_are_refused_and_create_nothing(flow, mcp_token, scenario, case, error):
+def test_bad_openings_are_refused_and_create_nothing(
+    flow: OAuthFlow, mcp_token: str, scenario: Scenario, case: str, error: str
+) -> None:
     watch = Watch()
     if case == "token_for_another_server":  # the catalog server presents a token for the ledger
         response = _open(

@@ -6,12 +6,17 @@ http, private, loopback and link-local addresses.
 """
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from django.test import Client
+from pytest_django import Settings
 
 from consent.models import Agent
 from consent.oauth.cimd import cache_until
-from tests.conftest import pkce_pair
+from tests.approvals.conftest import ClientResponse
+from tests.conftest import OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_page, _json_error
 from tests.mcp.docserver import DocumentServer
 
@@ -21,18 +26,18 @@ CALLBACK = "http://127.0.0.1/callback"  # RFC 8252 §7.3: any port at request ti
 
 
 @pytest.fixture
-def docs():
+def docs() -> Iterator[DocumentServer]:
     server = DocumentServer()
     yield server
     server.close()
 
 
 @pytest.fixture
-def production(settings):
+def production(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": "https://auth.example"}
 
 
-def _document(url: str, **overrides) -> dict:
+def _document(url: str, **overrides: Any) -> dict[str, Any]:
     return {
         "client_id": url,
         "client_name": "Desk Agent",
@@ -43,7 +48,13 @@ def _document(url: str, **overrides) -> dict:
     }
 
 
-def _authorize(flow, client_id: str, *, redirect_uri="http://127.0.0.1:43117/callback", scope="catalog:read"):
+def _authorize(
+    flow: OAuthFlow,
+    client_id: str,
+    *,
+    redirect_uri: str = "http://127.0.0.1:43117/callback",
+    scope: str = "catalog:read",
+) -> ClientResponse:
     flow.login()
     _, challenge = pkce_pair()
     return flow.client.get(
@@ -55,11 +66,11 @@ def _authorize(flow, client_id: str, *, redirect_uri="http://127.0.0.1:43117/cal
 
 
 class AgentWatch(Watch):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.agents = Agent.objects.count()
 
-    def assert_nothing_changed(self, **expected_changes: int):
+    def assert_nothing_changed(self, **expected_changes: int) -> None:
         super().assert_nothing_changed(**expected_changes)
         assert Agent.objects.count() == self.agents
 
@@ -67,7 +78,9 @@ class AgentWatch(Watch):
 # --- Client ID Metadata Documents -----------------------------------------------------------------
 
 
-def test_a_metadata_document_makes_a_self_described_agent_and_the_consent_screen_says_so(flow, docs):
+def test_a_metadata_document_makes_a_self_described_agent_and_the_consent_screen_says_so(
+    flow: OAuthFlow, docs: DocumentServer
+) -> None:
     url = docs.put(
         "/agents/desk.json",
         _document(docs.url("/agents/desk.json")),
@@ -86,7 +99,9 @@ def test_a_metadata_document_makes_a_self_described_agent_and_the_consent_screen
     assert docs.hits["/agents/desk.json"] == 1  # cached per Cache-Control
 
 
-def test_a_self_described_public_agent_completes_the_flow_without_a_secret(flow, docs):
+def test_a_self_described_public_agent_completes_the_flow_without_a_secret(
+    flow: OAuthFlow, docs: DocumentServer
+) -> None:
     from urllib.parse import parse_qs, urlencode, urlparse
 
     url = docs.put("/agents/desk.json", _document(docs.url("/agents/desk.json")))
@@ -130,7 +145,9 @@ def test_a_self_described_public_agent_completes_the_flow_without_a_secret(flow,
         "http_status",
     ],
 )
-def test_a_bad_metadata_document_is_refused_and_stores_nothing(flow, docs, case):
+def test_a_bad_metadata_document_is_refused_and_stores_nothing(
+    flow: OAuthFlow, docs: DocumentServer, case: str
+) -> None:
     path = f"/agents/{case}.json"
     url = docs.url(path)
     if case == "client_id_differs":
@@ -156,7 +173,9 @@ def test_a_bad_metadata_document_is_refused_and_stores_nothing(flow, docs, case)
     watch.assert_nothing_changed()
 
 
-def test_a_slow_document_is_cut_off_in_bounded_time(flow, docs, settings):
+def test_a_slow_document_is_cut_off_in_bounded_time(
+    flow: OAuthFlow, docs: DocumentServer, settings: Settings
+) -> None:
     import time
 
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "CIMD_TIMEOUT_SECONDS": 1.0}
@@ -183,7 +202,9 @@ def test_a_slow_document_is_cut_off_in_bounded_time(flow, docs, settings):
         "https://localhost/agents/a.json",
     ],
 )
-def test_production_refuses_http_private_loopback_and_link_local_documents(flow, production, url):
+def test_production_refuses_http_private_loopback_and_link_local_documents(
+    flow: OAuthFlow, production: None, url: str
+) -> None:
     watch = AgentWatch()
     response = _authorize(flow, url, redirect_uri="https://desk.example/cb")
     _assert_error_page(response, status=401)
@@ -191,7 +212,7 @@ def test_production_refuses_http_private_loopback_and_link_local_documents(flow,
     watch.assert_nothing_changed()
 
 
-def test_cache_lifetime_honours_max_age_within_floor_and_ceiling(settings):
+def test_cache_lifetime_honours_max_age_within_floor_and_ceiling(settings: Settings) -> None:
     from django.utils import timezone
 
     now = timezone.now()
@@ -201,7 +222,9 @@ def test_cache_lifetime_honours_max_age_within_floor_and_ceiling(settings):
     assert (cache_until("", now) - now).total_seconds() == 60
 
 
-def test_production_self_described_agents_start_pending_review_without_step_up(flow, docs, production):
+def test_production_self_described_agents_start_pending_review_without_step_up(
+    flow: OAuthFlow, docs: DocumentServer, production: None
+) -> None:
     from consent.oauth.client_metadata import parse
     from consent.selfdescribed import agent_register
 
@@ -242,7 +265,7 @@ def test_production_self_described_agents_start_pending_review_without_step_up(f
 # --- RFC 7591 dynamic registration ------------------------------------------------------------------
 
 
-def _register(client, body, **headers):
+def _register(client: Client, body: object, **headers: Any) -> ClientResponse:
     return client.post(
         "/o/register/",
         json.dumps(body) if not isinstance(body, bytes) else body,
@@ -251,7 +274,7 @@ def _register(client, body, **headers):
     )
 
 
-def test_registration_creates_a_self_described_agent(client, scenario):
+def test_registration_creates_a_self_described_agent(client: Client, scenario: Scenario) -> None:
     response = _register(
         client,
         {
@@ -292,7 +315,9 @@ def test_registration_creates_a_self_described_agent(client, scenario):
         (b"{" + b'"a":"' + b"x" * 9000 + b'"}', "invalid_client_metadata"),
     ],
 )
-def test_bad_registrations_are_refused_and_store_nothing(client, scenario, body, error):
+def test_bad_registrations_are_refused_and_store_nothing(
+    client: Client, scenario: Scenario, body: dict[str, Any] | bytes, error: str
+) -> None:
     watch = AgentWatch()
     response = _register(client, body)
     _json_error(response, 400, error)
@@ -300,7 +325,9 @@ def test_bad_registrations_are_refused_and_store_nothing(client, scenario, body,
     watch.assert_nothing_changed()
 
 
-def test_registration_policy_off_and_initial_access_token(client, scenario, settings):
+def test_registration_policy_off_and_initial_access_token(
+    client: Client, scenario: Scenario, settings: Settings
+) -> None:
     from consent.metadata import server_metadata
 
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "CLIENT_REGISTRATION": "off"}
@@ -328,7 +355,7 @@ def test_registration_policy_off_and_initial_access_token(client, scenario, sett
     assert ok.status_code == 201
 
 
-def test_a_registration_flood_is_rate_limited_and_audited_once(client, scenario):
+def test_a_registration_flood_is_rate_limited_and_audited_once(client: Client, scenario: Scenario) -> None:
     statuses = [
         _register(client, {"redirect_uris": ["https://app.example/cb"]}).status_code for _ in range(25)
     ]
@@ -339,7 +366,7 @@ def test_a_registration_flood_is_rate_limited_and_audited_once(client, scenario)
     assert AuditEvent.objects.filter(outcome="refused", error="too_many_requests").count() == 1
 
 
-def test_metadata_advertises_registration_and_metadata_documents(client, scenario):
+def test_metadata_advertises_registration_and_metadata_documents(client: Client, scenario: Scenario) -> None:
     metadata = client.get("/.well-known/oauth-authorization-server").json()
     assert metadata["registration_endpoint"].endswith("/o/register/")
     assert metadata["client_id_metadata_document_supported"] is True
@@ -347,8 +374,8 @@ def test_metadata_advertises_registration_and_metadata_documents(client, scenari
 
 
 def test_production_takes_loopback_redirects_of_native_clients_and_refuses_what_the_deployment_does_not(
-    flow, client, scenario, production, settings
-):
+    flow: OAuthFlow, client: Client, scenario: Scenario, production: None, settings: Settings
+) -> None:
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "ALLOWED_REDIRECT_URI_SCHEMES": ["https"]}
     native = _register(
         client, {"redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"}
@@ -376,7 +403,9 @@ def test_production_takes_loopback_redirects_of_native_clients_and_refuses_what_
     watch.assert_nothing_changed()
 
 
-def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(flow, client, scenario):
+def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(
+    flow: OAuthFlow, client: Client, scenario: Scenario
+) -> None:
     from urllib.parse import urlencode
 
     body = _register(
@@ -403,7 +432,9 @@ def test_a_public_agent_cannot_use_none_at_ciba_nor_a_confidential_one_anywhere(
     watch.assert_nothing_changed()
 
 
-def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_them(flow, docs):
+def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_them(
+    flow: OAuthFlow, docs: DocumentServer
+) -> None:
     from urllib.parse import parse_qs, urlencode, urlparse
 
     from tests.consent.test_www_authenticate import Key
@@ -455,7 +486,7 @@ def test_a_document_with_private_key_jwt_brings_its_keys_and_authenticates_with_
     assert signed.status_code == 200, signed.content
 
 
-def test_a_jwks_uri_with_a_private_key_is_refused(flow, docs):
+def test_a_jwks_uri_with_a_private_key_is_refused(flow: OAuthFlow, docs: DocumentServer) -> None:
     from tests.consent.test_www_authenticate import Key
 
     key = Key()

@@ -3,9 +3,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pytest_django import Settings
 
+from approvals.models import ApprovalRequest
 from config.celery import app as celery_app
+from consent.models import ScopePolicy
 from tests.approvals.support import request_approval, session_grant
+from tests.conftest import Scenario
 
 NOTIFY_TASKS = (
     "approvals.notify_prompt",
@@ -36,7 +40,7 @@ class _Recorder:
 
 
 @pytest.fixture
-def queued(monkeypatch) -> Queue:
+def queued(monkeypatch: pytest.MonkeyPatch) -> Queue:
     queue = Queue()
     queue.record = lambda name: monkeypatch.setitem(celery_app.tasks, name, _Recorder(name, queue))
     for name in NOTIFY_TASKS:
@@ -46,11 +50,11 @@ def queued(monkeypatch) -> Queue:
 
 
 @pytest.fixture
-def loopback_push(settings):
+def loopback_push(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "PUSH_ALLOW_LOOPBACK": True}
 
 
 @pytest.fixture
-def approval(scenario, ledger_policy):
+def approval(scenario: Scenario, ledger_policy: ScopePolicy) -> ApprovalRequest:
     grant = session_grant(scenario)
     return request_approval(grant)[0]

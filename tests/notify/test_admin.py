@@ -7,10 +7,12 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
+from pytest_django import Settings
 
 from approvals.notify.models import OrganisationWebhook, VapidKey
 from approvals.notify.webhooks import sign, verify
 from audit.models import AuditEvent
+from tests.conftest import Scenario
 from tests.notify.pushservice import BrowserKeys
 
 pytestmark = pytest.mark.django_db
@@ -22,7 +24,7 @@ def _run(*args: str) -> str:
     return out.getvalue()
 
 
-def test_vapid_key_is_made_once_and_rotates():
+def test_vapid_key_is_made_once_and_rotates() -> None:
     first = json.loads(_run("vapid_key", "--json"))
     assert len(first["public_key"]) == 87 and first["contact"] == "mailto:countersign@127.0.0.1"
     assert json.loads(_run("vapid_key", "--json")) == first
@@ -32,7 +34,7 @@ def test_vapid_key_is_made_once_and_rotates():
     assert AuditEvent.objects.filter(event="vapid_key.rotated").count() == 1
 
 
-def test_webhook_create_prints_its_secret_once():
+def test_webhook_create_prints_its_secret_once() -> None:
     made = json.loads(_run("webhook_create", "--name", "Ops", "--url", "https://hooks.example/cs", "--json"))
     assert made["secret"].startswith("whsec_")
     hook = OrganisationWebhook.objects.get()
@@ -44,7 +46,7 @@ def test_webhook_create_prints_its_secret_once():
     assert OrganisationWebhook.objects.count() == 1
 
 
-def test_a_signature_verifies_only_with_its_secret_id_and_body():
+def test_a_signature_verifies_only_with_its_secret_id_and_body() -> None:
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = b'{"type":"approval.requested"}'
     import time
@@ -64,7 +66,9 @@ def test_a_signature_verifies_only_with_its_secret_id_and_body():
     assert not verify(secret=secret, headers=stale, body=body)
 
 
-def test_with_push_off_the_page_offers_no_device_and_the_endpoint_is_gone(scenario, settings):
+def test_with_push_off_the_page_offers_no_device_and_the_endpoint_is_gone(
+    scenario: Scenario, settings: Settings
+) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "PUSH_ENABLED": False}
     client = Client()
     client.force_login(scenario.user)

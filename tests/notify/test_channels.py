@@ -10,12 +10,15 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from django.contrib.auth.models import User
 from django.test import Client
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.notify import tasks as notify_tasks
@@ -24,7 +27,9 @@ from approvals.notify.services import organisation_webhook_create
 from approvals.notify.webpush import vapid_key
 from approvals.services import auth_req_id_for
 from audit.models import AuditEvent
+from tests.conftest import Scenario
 from tests.live import free_port
+from tests.notify.conftest import Queue
 from tests.notify.pushservice import PushService
 
 pytestmark = pytest.mark.django_db
@@ -32,7 +37,7 @@ pytestmark = pytest.mark.django_db
 HEADLINE = "Append 4250.00 USD to Acme Office Supply (PO-2026-0142) — Financial ledger"
 
 
-def _device(user, service: PushService, name: str) -> PushSubscription:
+def _device(user: User, service: PushService, name: str) -> PushSubscription:
     endpoint, keys = service.subscribe(name)
     sub = keys.subscription(endpoint)
     client = Client()
@@ -42,7 +47,7 @@ def _device(user, service: PushService, name: str) -> PushSubscription:
     return PushSubscription.objects.get(pk=response.json()["id"])
 
 
-def _deliveries(approval, channel) -> list[tuple[str, str]]:
+def _deliveries(approval: ApprovalRequest, channel: str) -> list[tuple[str, str]]:
     return list(
         PromptDelivery.objects.filter(approval=approval, channel=channel).values_list("outcome", "error")
     )
@@ -51,10 +56,12 @@ def _deliveries(approval, channel) -> list[tuple[str, str]]:
 # --- Web Push ---------------------------------------------------------------------------------------
 
 
-def test_a_push_reaches_the_device_signed_and_encrypted(scenario, approval, loopback_push):
+def test_a_push_reaches_the_device_signed_and_encrypted(
+    scenario: Scenario, approval: ApprovalRequest, loopback_push: None
+) -> None:
     with PushService() as service:
         device = _device(scenario.user, service, "laptop")
-        notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])
+        notify_tasks.push_prompt.apply(args=(str(approval.pk), str(device.pk)))
         (got,) = service.wait_for(1)
         assert not service.problems
     # The service verified the JWT with this key: the one the page hands browsers to subscribe with.
@@ -72,15 +79,17 @@ def test_a_push_reaches_the_device_signed_and_encrypted(scenario, approval, loop
     (event,) = AuditEvent.objects.filter(event="approval.reached")
     assert event.detail["channel"] == "push" and event.grant_id == str(approval.grant_id)
     # Run twice (a redelivered task): nothing is sent again.
-    notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])
+    notify_tasks.push_prompt.apply(args=(str(approval.pk), str(device.pk)))
     assert len(service.received) == 1
 
 
-def test_an_expired_subscription_is_removed_and_audited(scenario, approval, loopback_push):
+def test_an_expired_subscription_is_removed_and_audited(
+    scenario: Scenario, approval: ApprovalRequest, loopback_push: None
+) -> None:
     with PushService() as service:
         device = _device(scenario.user, service, "old-phone")
         service.answer("old-phone", 410)
-        notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])
+        notify_tasks.push_prompt.apply(args=(str(approval.pk), str(device.pk)))
         assert not service.received
     assert not PushSubscription.objects.filter(pk=device.pk).exists()
     (gone,) = AuditEvent.objects.filter(event="push.device_expired")
@@ -90,7 +99,9 @@ def test_an_expired_subscription_is_removed_and_audited(scenario, approval, loop
     assert ApprovalRequest.objects.get(pk=approval.pk).status == "pending"
 
 
-def test_a_push_service_error_is_retried_with_backoff(scenario, approval, loopback_push, monkeypatch):
+def test_a_push_service_error_is_retried_with_backoff(
+    scenario: Scenario, approval: ApprovalRequest, loopback_push: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     retries: list[int] = []
 
     def retry(self_task: Any = None, countdown: int = 0, **kwargs: Any) -> Exception:
@@ -101,11 +112,11 @@ def test_a_push_service_error_is_retried_with_backoff(scenario, approval, loopba
         device = _device(scenario.user, service, "busy")
         service.answer("busy", 503)
         monkeypatch.setattr(notify_tasks.push_prompt, "retry", retry)
-        result = notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])
+        result = notify_tasks.push_prompt.apply(args=(str(approval.pk), str(device.pk)))
         assert isinstance(result.result, RuntimeError) and retries == [2]
         assert _deliveries(approval, "push") == []  # not failed yet: it will be tried again
         monkeypatch.undo()
-        notify_tasks.push_prompt.apply(args=[str(approval.pk), str(device.pk)])  # the retry: answered 201
+        notify_tasks.push_prompt.apply(args=(str(approval.pk), str(device.pk)))  # the retry: answered 201
         assert len(service.wait_for(1)) == 1
     assert _deliveries(approval, "push") == [("delivered", "")]
 
@@ -114,8 +125,13 @@ def test_a_push_service_error_is_retried_with_backoff(scenario, approval, loopba
 
 
 def test_the_inbox_delivery_fans_the_prompt_out_once(
-    scenario, approval, queued, loopback_push, monkeypatch, django_capture_on_commit_callbacks
-):
+    scenario: Scenario,
+    approval: ApprovalRequest,
+    queued: Queue,
+    loopback_push: None,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     from approvals import tasks as approval_tasks
 
     monkeypatch.setattr(approval_tasks, "send_to_user", lambda user_id, message: 1)
@@ -171,7 +187,7 @@ class _Mailbox:
 
 
 @pytest.fixture
-def smtp(settings):
+def smtp(settings: Settings) -> Iterator[_Mailbox]:
     mailbox = _Mailbox()
     port = free_port()
     controller = Controller(mailbox, hostname="127.0.0.1", port=port)
@@ -185,11 +201,13 @@ def smtp(settings):
         controller.stop()
 
 
-def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(scenario, approval, smtp):
+def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(
+    scenario: Scenario, approval: ApprovalRequest, smtp: _Mailbox
+) -> None:
     scenario.user.email = "officer@example.org"
     scenario.user.save()
     NotificationPreference.objects.create(user=scenario.user, email="always")
-    notify_tasks.email_prompt.apply(args=[str(approval.pk)])
+    notify_tasks.email_prompt.apply(args=(str(approval.pk),))
     (mail,) = smtp.messages
     assert mail["To"] == "officer@example.org" and HEADLINE in mail["Subject"]
     text = mail.get_content()
@@ -217,22 +235,26 @@ def test_the_email_carries_the_headline_and_a_link_that_approves_nothing(scenari
     assert f'id="prompt-{approval.pk}"'.encode() in history.content
 
 
-def test_unreachable_email_waits_for_the_other_channels(scenario, approval, smtp):
+def test_unreachable_email_waits_for_the_other_channels(
+    scenario: Scenario, approval: ApprovalRequest, smtp: _Mailbox
+) -> None:
     scenario.user.email = "officer@example.org"
     scenario.user.save()
     PromptDelivery.objects.create(approval=approval, channel="push", target="x", outcome="delivered")
-    notify_tasks.email_prompt.apply(args=[str(approval.pk)])  # default preference: unreachable
+    notify_tasks.email_prompt.apply(args=(str(approval.pk),))  # default preference: unreachable
     assert smtp.messages == []
     PromptDelivery.objects.all().delete()
-    notify_tasks.email_prompt.apply(args=[str(approval.pk)])
+    notify_tasks.email_prompt.apply(args=(str(approval.pk),))
     assert len(smtp.messages) == 1
     NotificationPreference.objects.create(user=scenario.user, email="never")
     PromptDelivery.objects.all().delete()
-    notify_tasks.email_prompt.apply(args=[str(approval.pk)])
+    notify_tasks.email_prompt.apply(args=(str(approval.pk),))
     assert len(smtp.messages) == 1
 
 
-def test_another_users_prompt_link_is_a_404(scenario, approval, django_user_model):
+def test_another_users_prompt_link_is_a_404(
+    scenario: Scenario, approval: ApprovalRequest, django_user_model: type[User]
+) -> None:
     other = django_user_model.objects.create_user("mallory", password="x" * 12)
     client = Client()
     client.force_login(other)
@@ -280,14 +302,16 @@ class _Receiver:
         return True
 
 
-def test_the_webhook_is_signed_and_carries_no_power_to_approve(scenario, approval):
+def test_the_webhook_is_signed_and_carries_no_power_to_approve(
+    scenario: Scenario, approval: ApprovalRequest
+) -> None:
     hook, secret = organisation_webhook_create(name="Ops", url="http://127.0.0.1:9/")
     assert secret.startswith("whsec_")
     receiver = _Receiver(secret)
     hook.url = receiver.url
     hook.save()
     try:
-        notify_tasks.webhook_prompt.apply(args=[str(approval.pk), str(hook.pk)])
+        notify_tasks.webhook_prompt.apply(args=(str(approval.pk), str(hook.pk)))
     finally:
         receiver.server.shutdown()
     assert receiver.refused == 0
@@ -300,13 +324,15 @@ def test_the_webhook_is_signed_and_carries_no_power_to_approve(scenario, approva
     assert _deliveries(approval, "webhook") == [("delivered", "")]
 
 
-def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(scenario, approval):
+def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(
+    scenario: Scenario, approval: ApprovalRequest
+) -> None:
     hook, _ = organisation_webhook_create(name="Ops", url="http://127.0.0.1:9/")
     receiver = _Receiver("whsec_" + base64.b64encode(b"another key entirely, 32 bytes!!").decode())
     hook.url = receiver.url
     hook.save()
     try:
-        notify_tasks.webhook_prompt.apply(args=[str(approval.pk), str(hook.pk)])
+        notify_tasks.webhook_prompt.apply(args=(str(approval.pk), str(hook.pk)))
     finally:
         receiver.server.shutdown()
     assert receiver.refused == 1
@@ -314,8 +340,11 @@ def test_a_receiver_that_refuses_the_signature_is_recorded_as_failed(scenario, a
 
 
 def test_a_webhook_for_an_organisation_reaches_only_its_members(
-    scenario, approval, queued, django_capture_on_commit_callbacks
-):
+    scenario: Scenario,
+    approval: ApprovalRequest,
+    queued: Queue,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     from django.contrib.auth.models import Group
 
     group = Group.objects.create(name="Finance")

@@ -2,12 +2,17 @@
 every refusal (malformed, oversized, foreign device) clear, changing nothing, audited once."""
 
 import json
+from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
+from pytest_django import Settings
 
 from approvals.notify.models import PushSubscription
 from audit.models import AuditEvent
+from tests.approvals.conftest import ClientResponse
+from tests.conftest import Scenario
 from tests.notify.pushservice import BrowserKeys
 
 pytestmark = pytest.mark.django_db
@@ -15,13 +20,13 @@ pytestmark = pytest.mark.django_db
 SUBSCRIBE = "/approvals/devices/subscribe/"
 
 
-def _client(user, **kwargs) -> Client:
+def _client(user: User, **kwargs: Any) -> Client:
     client = Client(**kwargs)
     client.force_login(user)
     return client
 
 
-def _post(client, body, **headers):
+def _post(client: Client, body: object, **headers: Any) -> ClientResponse:
     data = body if isinstance(body, str | bytes) else json.dumps(body)
     return client.post(SUBSCRIBE, data, content_type="application/json", **headers)
 
@@ -30,7 +35,9 @@ def _audits(event: str) -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(event=event))
 
 
-def test_a_browser_subscribes_and_sees_and_removes_its_device(scenario, loopback_push):
+def test_a_browser_subscribes_and_sees_and_removes_its_device(
+    scenario: Scenario, loopback_push: None
+) -> None:
     client = _client(scenario.user)
     keys = BrowserKeys()
     response = _post(client, keys.subscription("http://127.0.0.1:9/push/a"), HTTP_X_DEVICE_LABEL="Linux")
@@ -52,7 +59,7 @@ def test_a_browser_subscribes_and_sees_and_removes_its_device(scenario, loopback
     assert len(_audits("push.unsubscribed")) == 1
 
 
-def test_subscribing_needs_a_session_and_the_csrf_token(scenario, loopback_push):
+def test_subscribing_needs_a_session_and_the_csrf_token(scenario: Scenario, loopback_push: None) -> None:
     body = BrowserKeys().subscription("http://127.0.0.1:9/push/a")
     assert _post(Client(), body).status_code == 302  # to the login page
     assert _post(_client(scenario.user, enforce_csrf_checks=True), body).status_code == 403
@@ -77,7 +84,9 @@ def _bad_subscriptions() -> list[tuple[str, object]]:
 
 
 @pytest.mark.parametrize(("case", "body"), _bad_subscriptions(), ids=[c for c, _ in _bad_subscriptions()])
-def test_a_malformed_subscription_is_refused_changes_nothing_and_is_audited_once(scenario, case, body):
+def test_a_malformed_subscription_is_refused_changes_nothing_and_is_audited_once(
+    scenario: Scenario, case: str, body: object
+) -> None:
     response = _post(_client(scenario.user), body)
     assert response.status_code == 400, case
     assert response.json()["error"] == "invalid_request"
@@ -87,13 +96,13 @@ def test_a_malformed_subscription_is_refused_changes_nothing_and_is_audited_once
     assert refusal.outcome == "refused" and refusal.user_id == scenario.user.pk
 
 
-def test_a_loopback_endpoint_is_refused_unless_the_deployment_allows_it(scenario):
+def test_a_loopback_endpoint_is_refused_unless_the_deployment_allows_it(scenario: Scenario) -> None:
     response = _post(_client(scenario.user), BrowserKeys().subscription("http://127.0.0.1:9/push/a"))
     assert response.status_code == 400 and response.json()["reason"] == "push_subscription_invalid"
     assert not PushSubscription.objects.exists()
 
 
-def test_an_oversized_subscription_is_refused_before_parsing(scenario, loopback_push):
+def test_an_oversized_subscription_is_refused_before_parsing(scenario: Scenario, loopback_push: None) -> None:
     body = BrowserKeys().subscription("https://push.example.net/s/1")
     body["padding"] = "x" * 5000
     response = _post(_client(scenario.user), body)
@@ -102,7 +111,7 @@ def test_an_oversized_subscription_is_refused_before_parsing(scenario, loopback_
     assert len(_audits("push.subscribe_refused")) == 1
 
 
-def test_the_device_limit_holds(scenario, settings):
+def test_the_device_limit_holds(scenario: Scenario, settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "PUSH_MAX_DEVICES_PER_USER": 1}
     client = _client(scenario.user)
     assert _post(client, BrowserKeys().subscription("https://push.example.net/s/1")).status_code == 201
@@ -111,7 +120,9 @@ def test_the_device_limit_holds(scenario, settings):
     assert PushSubscription.objects.count() == 1
 
 
-def test_another_users_device_id_is_a_404_that_changes_nothing(scenario, django_user_model):
+def test_another_users_device_id_is_a_404_that_changes_nothing(
+    scenario: Scenario, django_user_model: type[User]
+) -> None:
     other = django_user_model.objects.create_user("mallory", password="x" * 12)
     _post(_client(scenario.user), BrowserKeys().subscription("https://push.example.net/s/1"))
     device = PushSubscription.objects.get()
@@ -128,7 +139,7 @@ def test_another_users_device_id_is_a_404_that_changes_nothing(scenario, django_
     assert PushSubscription.objects.filter(pk=device.pk).exists()
 
 
-def test_the_email_preference_is_the_users_choice(scenario):
+def test_the_email_preference_is_the_users_choice(scenario: Scenario) -> None:
     client = _client(scenario.user)
     page = client.get("/approvals/devices/")
     assert b'value="unreachable" checked' in page.content
@@ -139,7 +150,7 @@ def test_the_email_preference_is_the_users_choice(scenario):
     assert len(_audits("notify.preference_refused")) == 1
 
 
-def test_the_inbox_is_an_installable_app(client):
+def test_the_inbox_is_an_installable_app(client: Client) -> None:
     manifest = client.get("/approvals/manifest.webmanifest")
     assert manifest.status_code == 200 and manifest["Content-Type"] == "application/manifest+json"
     body = manifest.json()

@@ -21,22 +21,33 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from django.conf import settings
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from config.serving import local_command
+from tests.conftest import Scenario
 from tests.live import ROOT, _database_url, free_port
 
 BIN = Path(sys.executable).parent
 CIBA = "urn:openid:params:grant-type:ciba"
 
+T = TypeVar("T")
 
-def wait_for(check, what: str, timeout: float = 60.0, logs=lambda: "", interval: float = 0.1):
+
+def wait_for(
+    check: Callable[[], T],
+    what: str,
+    timeout: float = 60.0,
+    logs: Callable[[], str] = lambda: "",
+    interval: float = 0.1,
+) -> T:
     """Poll ``check`` until it returns something truthy; fail with ``logs()`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -59,14 +70,14 @@ def http() -> httpx.Client:
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     log: Path
 
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def kill(self, sig=signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a node's servers, or the Celery parent and its pool children)."""
         try:
             os.killpg(self.popen.pid, sig)
@@ -116,14 +127,14 @@ class Cluster:
     ``env`` is the environment of every process; ``COUNTERSIGN_ISSUER`` is node A's URL for all.
     """
 
-    env: dict
+    env: dict[str, str]
     log_dir: Path
     nodes: dict[str, Node] = field(default_factory=dict)
     workers: dict[str, Proc] = field(default_factory=dict)
     _spawned: list[Proc] = field(default_factory=list)
     _generation: int = 0
 
-    def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, object] | None = None) -> Proc:
         self._generation += 1
         log = self.log_dir / f"{name}-{self._generation}.log"
         popen = subprocess.Popen(
@@ -147,7 +158,7 @@ class Cluster:
         self.nodes[name] = node
         return node
 
-    def start_node(self, name: str, env: dict | None = None, wait: bool = True) -> Node:
+    def start_node(self, name: str, env: dict[str, object] | None = None, wait: bool = True) -> Node:
         node = self.add_node(name)
         node.proc = self._spawn(f"node-{name}", local_command(node.port), env)
         if wait:
@@ -156,6 +167,7 @@ class Cluster:
 
     def wait_node(self, node: Node, timeout: float = 90) -> None:
         def up() -> bool:
+            assert node.proc is not None, f"node {node.name} was never started"
             if not node.proc.alive:
                 pytest.fail(f"node {node.name} exited\n{self.logs()}")
             try:
@@ -166,7 +178,7 @@ class Cluster:
         wait_for(up, f"node {node.name} on {node.url}", timeout, self.logs, interval=0.2)
 
     def start_worker(
-        self, name: str, env: dict | None = None, concurrency: int = 2, wait: bool = True
+        self, name: str, env: dict[str, object] | None = None, concurrency: int = 2, wait: bool = True
     ) -> Proc:
         proc = self._spawn(
             f"celery-{name}",
@@ -196,7 +208,7 @@ class Cluster:
             wait_for(ready, f"celery worker {name}", 120, self.logs, interval=0.2)
         return proc
 
-    def start_beat(self, env: dict | None = None) -> Proc:
+    def start_beat(self, env: dict[str, object] | None = None) -> Proc:
         """The one scheduler: expiry and redelivery sweeps."""
         return self._spawn(
             "celery-beat",
@@ -211,7 +223,7 @@ class Cluster:
             env,
         )
 
-    def start_sealer(self, env: dict | None = None) -> Proc:
+    def start_sealer(self, env: dict[str, object] | None = None) -> Proc:
         """The audit sealer (``manage.py audit_seal --loop``), as the Procfile runs it."""
         return self._spawn("sealer", [sys.executable, "manage.py", "audit_seal", "--loop"], env)
 
@@ -237,7 +249,9 @@ class Cluster:
                 pass
 
 
-def cluster_env(*, issuer: str, redis_url: str, database_url: str | None = None, **extra) -> dict:
+def cluster_env(
+    *, issuer: str, redis_url: str, database_url: str | None = None, **extra: object
+) -> dict[str, str]:
     """The environment of every server process (as tests/live.py's ``live_stack`` builds it)."""
     env = {
         **os.environ,
@@ -278,12 +292,12 @@ class PrivateRedis:
     production Redis does (docs/deployment.md: Redis needs no persistence).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is needed for this test")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
@@ -338,7 +352,7 @@ class TcpForwarder:
     ``pattern`` is not forwarded; everything is cut right there.
     """
 
-    def __init__(self, target: tuple[str, int], latency: float = 0.0):
+    def __init__(self, target: tuple[str, int], latency: float = 0.0) -> None:
         self.target, self.latency = target, latency
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -378,7 +392,13 @@ class TcpForwarder:
             threading.Thread(target=self._pump, args=(client, upstream, pair, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, pair, False), daemon=True).start()
 
-    def _pump(self, src, dst, pair, from_client: bool) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        pair: tuple[socket.socket, socket.socket],
+        from_client: bool,
+    ) -> None:
         tail = b""
         try:
             while True:
@@ -401,7 +421,7 @@ class TcpForwarder:
         finally:
             self._drop(pair)
 
-    def _drop(self, pair) -> None:
+    def _drop(self, pair: tuple[socket.socket, socket.socket]) -> None:
         with self._lock:
             self._pairs.discard(pair)
         for s in pair:
@@ -442,12 +462,12 @@ def basic_auth(client_id: str, secret: str) -> tuple[str, str]:
 class AgentHTTP:
     """The agent's side over real HTTP: ask (CIBA), poll the token endpoint; the ledger redeems."""
 
-    def __init__(self, scenario, session_token: str):
+    def __init__(self, scenario: Scenario, session_token: str) -> None:
         self.s, self.session_token = scenario, session_token
         self.http = http()
         self.auth = (scenario.agent.client_id, scenario.agent_secret)
 
-    def ask(self, node_url: str, details: dict, **extra) -> httpx.Response:
+    def ask(self, node_url: str, details: dict[str, Any], **extra: str) -> httpx.Response:
         return self.http.post(
             f"{node_url}/o/bc-authorize/",
             auth=self.auth,
@@ -475,7 +495,7 @@ class AgentHTTP:
         self.http.close()
 
 
-def ledger_entry(n: int, tag: str = "OPS") -> dict:
+def ledger_entry(n: int, tag: str = "OPS") -> dict[str, Any]:
     return {
         "type": "ledger_entry",
         "actions": ["append"],
@@ -490,7 +510,7 @@ class Officer:
     """The officer in a browser without JavaScript: signs in through the login form, then POSTs
     Approve with the session cookie and the CSRF token, as the inbox page's forms do."""
 
-    def __init__(self, node_url: str, username: str, password: str):
+    def __init__(self, node_url: str, username: str, password: str) -> None:
         self.url = node_url
         self.http = http()
         page = self.http.get(f"{node_url}/accounts/login/", params={"next": "/approvals/"})
@@ -535,9 +555,9 @@ class ReconnectingInbox:
     upsert adds, remove drops); ``seen`` is every prompt id ever shown.
     """
 
-    def __init__(self, urls: list[str], cookie: str, name: str = "inbox"):
+    def __init__(self, urls: list[str], cookie: str, name: str = "inbox") -> None:
         self.urls, self.cookie, self.name = list(urls), cookie, name
-        self.pending: dict[str, dict] = {}
+        self.pending: dict[str, dict[str, Any]] = {}
         self.seen: set[str] = set()
         self.upserts: list[str] = []
         self.snapshots = 0
@@ -547,7 +567,7 @@ class ReconnectingInbox:
         self.history: list[str] = []  # what happened, for failure messages
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._ws = None
+        self._ws: ClientConnection | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -589,7 +609,7 @@ class ReconnectingInbox:
             retry = min(retry + 1, 6)  # inbox.js: ws.onclose
             self._stop.wait(0.25 * 2**retry)
 
-    def _handle(self, msg: dict) -> None:
+    def _handle(self, msg: dict[str, Any]) -> None:
         with self._cond:
             if msg["type"] == "snapshot":
                 self.snapshots += 1
@@ -606,7 +626,13 @@ class ReconnectingInbox:
                 self.pending.pop(msg["id"], None)
             self._cond.notify_all()
 
-    def wait(self, predicate, what: str, timeout: float = 90.0, logs=lambda: ""):
+    def wait(
+        self,
+        predicate: Callable[[ReconnectingInbox], object],
+        what: str,
+        timeout: float = 90.0,
+        logs: Callable[[], str] = lambda: "",
+    ) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate(self):

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from config.celery import app
 from config.celery_fixup import Fixup, WorkerFixup
 
@@ -10,17 +12,17 @@ class _Connection:
     alias = "default"
     connection = None  # nothing inherited to detach
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.closed = self.pool_closed = 0
 
-    def close(self):
+    def close(self) -> None:
         self.closed += 1
 
-    def close_pool(self):
+    def close_pool(self) -> None:
         self.pool_closed += 1
 
 
-def _fixup_with(conn, monkeypatch) -> WorkerFixup:
+def _fixup_with(conn: _Connection, monkeypatch: pytest.MonkeyPatch) -> WorkerFixup:
     fixup = WorkerFixup(app)
     fixup.worker = SimpleNamespace(pool_cls="celery.concurrency.prefork:TaskPool")
     monkeypatch.setattr(
@@ -30,12 +32,13 @@ def _fixup_with(conn, monkeypatch) -> WorkerFixup:
     return fixup
 
 
-def test_the_app_uses_our_fixup():
-    assert any(isinstance(f, Fixup) for f in app._fixups)
-    assert isinstance(next(f for f in app._fixups if isinstance(f, Fixup)).worker_fixup, WorkerFixup)
+def test_the_app_uses_our_fixup() -> None:
+    fixups = app._fixups  # type: ignore[attr-defined]  # private, left out by celery-types
+    assert any(isinstance(f, Fixup) for f in fixups)
+    assert isinstance(next(f for f in fixups if isinstance(f, Fixup)).worker_fixup, WorkerFixup)
 
 
-def test_a_task_hands_its_connection_back_and_leaves_the_pool_open(monkeypatch):
+def test_a_task_hands_its_connection_back_and_leaves_the_pool_open(monkeypatch: pytest.MonkeyPatch) -> None:
     conn = _Connection()
     fixup = _fixup_with(conn, monkeypatch)
     task = SimpleNamespace(request=SimpleNamespace(is_eager=False))
@@ -44,7 +47,7 @@ def test_a_task_hands_its_connection_back_and_leaves_the_pool_open(monkeypatch):
     assert conn.closed == 2 and conn.pool_closed == 0
 
 
-def test_a_forked_child_still_closes_the_pool_it_inherited(monkeypatch):
+def test_a_forked_child_still_closes_the_pool_it_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
     conn = _Connection()
     fixup = _fixup_with(conn, monkeypatch)
     fixup.on_worker_process_init()

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -23,7 +24,7 @@ def _busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_ctrl_c_stops_the_demo_and_exits_0(tmp_path):
+def test_ctrl_c_stops_the_demo_and_exits_0(tmp_path: Path) -> None:
     busy = [p for p in DEMO_PORTS if _busy(p)]
     if busy:
         pytest.skip(f"the demo's fixed ports are in use on this machine: {busy}")

@@ -11,21 +11,26 @@ half-written when the database goes away.
 import json
 import signal
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 from kombu import pools as kombu_pools
+from pytest_django import Settings
 
 from approvals.ciba import validate_backchannel_request
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.services import approval_request_create, auth_req_id_for
 from audit.models import AuditEvent
 from config.celery import app as celery_app
-from tests.conftest import PASSWORD
+from consent.models import ScopePolicy
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.live import _database_url, free_port
 from tests.ops.support import (
     AgentHTTP,
@@ -47,7 +52,7 @@ class FaultStack(Cluster):
     """A cluster on a private Redis; forwarders in front of PostgreSQL are closed with it."""
 
     redis: PrivateRedis
-    forwarders: list
+    forwarders: list[TcpForwarder]
 
     def forward_database(self, latency: float = 0.0) -> tuple[TcpForwarder, str]:
         from django.db import connection
@@ -59,7 +64,7 @@ class FaultStack(Cluster):
 
 
 @pytest.fixture
-def stack(transactional_db, settings, tmp_path):
+def stack(transactional_db: None, settings: Settings, tmp_path: Path) -> Iterator[FaultStack]:
     private_redis = PrivateRedis()
     port_a = free_port()
     issuer = f"http://127.0.0.1:{port_a}"
@@ -79,14 +84,14 @@ def stack(transactional_db, settings, tmp_path):
 
 
 @pytest.fixture
-def session_token(stack, flow, ledger_policy):
-    token = flow.full()["access_token"]
+def session_token(stack: FaultStack, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(scenario, session_token):
+def agent(scenario: Scenario, session_token: str) -> Iterator[AgentHTTP]:
     a = AgentHTTP(scenario, session_token)
     try:
         yield a
@@ -95,14 +100,15 @@ def agent(scenario, session_token):
 
 
 @contextmanager
-def tasks_published_to(redis_url: str):
+def tasks_published_to(redis_url: str) -> Iterator[None]:
     """This process's Celery app publishes (on commit) to ``redis_url`` for the duration."""
 
-    def reset_pools():
+    def reset_pools() -> None:
         # kombu keeps pools in a global registry keyed by connection: closing one and switching
         # back would hand out the closed pool again, so clear the registry too.
-        celery_app._pool = None
-        celery_app.amqp._producer_pool = None
+        # (Private attributes, which celery-types leave out.)
+        celery_app._pool = None  # type: ignore[attr-defined]
+        celery_app.amqp._producer_pool = None  # type: ignore[attr-defined]
         kombu_pools.reset()
 
     old = celery_app.conf.broker_url
@@ -117,7 +123,9 @@ def tasks_published_to(redis_url: str):
         reset_pools()
 
 
-def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str]) -> None:
+def _approve_collect_redeem(
+    stack: FaultStack, officer: Officer, agent: AgentHTTP, auth_req_ids: dict[str, str]
+) -> None:
     """Approve each prompt over HTTP, collect each action token twice at once (exactly one wins), redeem."""
     url = stack.nodes["A"].url
     for approval_id in auth_req_ids:
@@ -125,7 +133,7 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
         assert response.status_code == 302, response.text[:500]
         assert ApprovalRequest.objects.get(pk=approval_id).status == "approved"
 
-    def poll(auth_req_id):
+    def poll(auth_req_id: str) -> httpx.Response:
         with http() as client:
             return client.post(
                 f"{url}/o/token/",
@@ -133,7 +141,7 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
                 data={"grant_type": "urn:openid:params:grant-type:ciba", "auth_req_id": auth_req_id},
             )
 
-    tokens = {}
+    tokens: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
         for approval_id, auth_req_id in auth_req_ids.items():
             answers = list(pool.map(poll, [auth_req_id, auth_req_id]))
@@ -147,7 +155,9 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
         assert redeemed.status_code == 200 and redeemed.json()["approval_id"] == approval_id, redeemed.text
     ids = list(auth_req_ids)
     per_approval = Counter(
-        ActionToken.objects.filter(approval_id__in=ids).values_list("approval_id", flat=True)
+        ActionToken.objects.filter(approval_id__in=[uuid.UUID(i) for i in ids]).values_list(
+            "approval_id", flat=True
+        )
     )
     assert {str(k): v for k, v in per_approval.items()} == dict.fromkeys(ids, 1)
     issued = Counter(
@@ -160,7 +170,9 @@ def _approve_collect_redeem(stack, officer, agent, auth_req_ids: dict[str, str])
 # --- a. a Celery worker SIGKILLed while it delivers prompts --------------------------------------------
 
 
-def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack, scenario, agent, settings):
+def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP, settings: Settings
+) -> None:
     n = 30
     visibility = (
         5  # CELERY_VISIBILITY_TIMEOUT (config/settings.py): the dead worker's tasks come back after it
@@ -256,21 +268,23 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(stack
 # --- b. Redis restarted while approvals are pending and inboxes are open ---------------------------------
 
 
-def _worker_after_broker_restart(stack, name: str) -> str:
+def _worker_after_broker_restart(stack: FaultStack, name: str) -> str:
     """Wait until the worker either reconnected to the restarted broker or exited."""
     proc = stack.workers[name]
 
-    def settled():
+    def settled() -> str | None:
         if not proc.alive:
             return "exited"
         if proc.tail(500_000).count("Connected to redis://") >= 2:
             return "reconnected"
         return None
 
-    return wait_for(settled, f"worker {name} reconnecting or exiting", 120, stack.logs, interval=0.2)
+    outcome = wait_for(settled, f"worker {name} reconnecting or exiting", 120, stack.logs, interval=0.2)
+    assert outcome is not None  # wait_for returns what ``settled`` said once it said something
+    return outcome
 
 
-def _supervise(stack, name: str) -> str:
+def _supervise(stack: FaultStack, name: str) -> str:
     """Like systemd's Restart=always (deploy/systemd/countersign-worker@.service): a worker that
     exited is started again. Returns what happened to it."""
     outcome = _worker_after_broker_restart(stack, name)
@@ -279,7 +293,7 @@ def _supervise(stack, name: str) -> str:
     return outcome
 
 
-def _redis_restart(stack, tabs) -> None:
+def _redis_restart(stack: FaultStack, tabs: Iterable[ReconnectingInbox]) -> None:
     stack.redis.stop()
     # Without Redis the websockets cannot be served: the tabs lose them and keep retrying.
     for tab in tabs:
@@ -287,7 +301,9 @@ def _redis_restart(stack, tabs) -> None:
     stack.redis.start()  # same port, empty: groups, channels and queued tasks are gone
 
 
-def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent):
+def test_redis_restart_under_open_inboxes_loses_no_prompt(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     officer = Officer(a.url, "officer", PASSWORD)
@@ -349,7 +365,9 @@ def test_redis_restart_under_open_inboxes_loses_no_prompt(stack, scenario, agent
         officer.close()
 
 
-def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
+def test_celery_worker_survives_a_redis_restart(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     assert agent.ask(a.url, ledger_entry(1, "SURVIVE")).status_code == 200
@@ -384,7 +402,9 @@ def test_celery_worker_survives_a_redis_restart(stack, scenario, agent):
     assert stack.workers["w1"].alive, stack.workers["w1"].tail(3000)
 
 
-def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(stack, scenario, agent):
+def test_requests_during_a_redis_outage_are_answered_and_the_prompt_arrives_after_it(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a = stack.start_node("A")
     stack.start_worker("w1")
     officer = Officer(a.url, "officer", PASSWORD)
@@ -437,8 +457,8 @@ def _readyz(url: str) -> httpx.Response:
         return client.get(f"{url}/readyz")
 
 
-def _wait_ready(stack, url: str) -> None:
-    def ready():
+def _wait_ready(stack: FaultStack, url: str) -> None:
+    def ready() -> bool:
         try:
             return _readyz(url).status_code == 200
         except httpx.HTTPError:
@@ -447,11 +467,13 @@ def _wait_ready(stack, url: str) -> None:
     wait_for(ready, "/readyz 200 again", 120, stack.logs, interval=0.5)
 
 
-def _approval_for(purchase_order: str):
+def _approval_for(purchase_order: str) -> ApprovalRequest | None:
     return ApprovalRequest.objects.filter(authorization_details__0__purchase_order=purchase_order).first()
 
 
-def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenario, agent):
+def test_database_unreachable_answers_503_and_writes_nothing_half(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     stack.start_worker("w1")
@@ -492,15 +514,19 @@ def test_database_unreachable_answers_503_and_writes_nothing_half(stack, scenari
             event="approval.requested", detail__headline__contains="PO-PG-0002"
         ).exists()
         assert _approval_for("PO-PG-0001") is not None and _approval_for("PO-PG-0003") is not None
-        collected = {}
+        collected: dict[str, str] = {}
         for po, asked in (("PO-PG-0001", before), ("PO-PG-0003", after)):
-            collected[str(_approval_for(po).pk)] = asked.json()["auth_req_id"]
+            approval = _approval_for(po)
+            assert approval is not None
+            collected[str(approval.pk)] = asked.json()["auth_req_id"]
         _approve_collect_redeem(stack, officer, agent, collected)
     finally:
         officer.close()
 
 
-def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario, agent):
+def test_database_unreachable_user_pages_answer_a_plain_503(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})
     officer = Officer(a.url, "officer", PASSWORD)  # signed in: its session lives in the database
@@ -517,7 +543,9 @@ def test_database_unreachable_user_pages_answer_a_plain_503(stack, scenario, age
         officer.close()
 
 
-def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approval(stack, scenario, agent):
+def test_database_lost_in_the_middle_of_a_request_leaves_no_half_written_approval(
+    stack: FaultStack, scenario: Scenario, agent: AgentHTTP
+) -> None:
     """The link drops at the first audit write of a step-up request (after the approval row)."""
     link, database = stack.forward_database()
     a = stack.start_node("A", env={"DATABASE_URL": database})

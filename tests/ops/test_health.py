@@ -7,23 +7,27 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from channels.layers import channel_layers
+from django.test import Client
 from kombu import pools as kombu_pools
+from pytest_django import Settings
 
 from config.celery import app as celery_app
+from tests.conftest import OAuthFlow
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db
 
 
-def test_healthz_answers_without_touching_dependencies(client):
+def test_healthz_answers_without_touching_dependencies(client: Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_reports_each_dependency(client):
+def test_readyz_reports_each_dependency(client: Client) -> None:
     body = client.get("/readyz").json()
     assert body["status"] == "ok"
     assert {name: check["status"] for name, check in body["checks"].items()} == {
@@ -35,7 +39,7 @@ def test_readyz_reports_each_dependency(client):
 
 
 @pytest.fixture
-def doomed_redis(settings):
+def doomed_redis(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     """A Redis of our own that the test can stop, with the app's channel layer and broker on it."""
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is needed for this test")
@@ -76,12 +80,15 @@ def _point_celery_at(broker_url: str) -> None:
     celery_app.conf["CELERY_BROKER_URL"] = broker_url
     # kombu keeps pools in a global registry keyed by connection: clear it, or switching back would
     # hand out a closed pool.
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
+    # (Private attributes, which celery-types leave out.)
+    celery_app._pool = None  # type: ignore[attr-defined]
+    celery_app.amqp._producer_pool = None  # type: ignore[attr-defined]
     kombu_pools.reset()
 
 
-def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
+def test_readyz_is_503_naming_redis_when_it_stops(
+    client: Client, doomed_redis: subprocess.Popen[bytes]
+) -> None:
     assert client.get("/readyz").status_code == 200
     doomed_redis.terminate()
     doomed_redis.wait()
@@ -92,7 +99,9 @@ def test_readyz_is_503_naming_redis_when_it_stops(client, doomed_redis):
     assert checks["channel_layer"]["status"] == "down" and checks["broker"]["status"] == "down"
 
 
-def test_metrics_in_prometheus_format_for_loopback_or_token_only(client, flow, monkeypatch):
+def test_metrics_in_prometheus_format_for_loopback_or_token_only(
+    client: Client, flow: OAuthFlow, monkeypatch: pytest.MonkeyPatch
+) -> None:
     flow.full()
     body = client.get("/metrics", REMOTE_ADDR="127.0.0.1").content.decode()
     assert 'countersign_tokens_minted_total{kind="session"} 1.0' in body
@@ -103,7 +112,7 @@ def test_metrics_in_prometheus_format_for_loopback_or_token_only(client, flow, m
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-scrape-token").status_code == 200
 
 
-def _manage(*args, **env):
+def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
@@ -114,7 +123,7 @@ def _manage(*args, **env):
     )
 
 
-def test_production_settings_pass_check_deploy():
+def test_production_settings_pass_check_deploy() -> None:
     result = _manage(
         "check",
         "--deploy",
@@ -126,13 +135,15 @@ def test_production_settings_pass_check_deploy():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_production_refuses_to_start_without_a_secret_key():
+def test_production_refuses_to_start_without_a_secret_key() -> None:
     env = {"COUNTERSIGN_ISSUER": "https://auth.example.com", "SECRET_KEY": ""}
     result = _manage("check", **env)
     assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
 
 
-def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(flow, caplog):
+def test_json_logs_carry_request_user_agent_and_grant_ids_but_no_token(
+    flow: OAuthFlow, caplog: pytest.LogCaptureFixture
+) -> None:
     import json as _json
     import logging
 

@@ -9,18 +9,22 @@ prompt replayed from the database.
 import re
 import signal
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import jwt
 import pytest
 from django.conf import settings as django_settings
-from playwright.sync_api import expect
+from playwright.sync_api import Browser, expect
+from pytest_django import DjangoDbBlocker, Settings
 
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
 from config.celery import app as celery_app
+from consent.models import ScopePolicy
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import chromium, watch_page  # noqa: F401  (fixture)
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, OAuthFlow, Scenario
 from tests.live import _database_url, free_port
 from tests.ops.support import (
     AgentHTTP,
@@ -39,7 +43,9 @@ LIVE_STATUS = "Live: new requests appear here as they come in."
 
 
 @pytest.fixture(scope="session")
-def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
+def two_nodes(
+    django_db_setup: None, django_db_blocker: DjangoDbBlocker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     """Node A and node B (each web + ws behind the path router) and one Celery worker; the issuer is node A's URL for both."""
     with django_db_blocker.unblock():
         database_url = _database_url()
@@ -63,7 +69,7 @@ def two_nodes(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 @pytest.fixture
-def multinode(two_nodes, transactional_db, settings) -> Cluster:
+def multinode(two_nodes: Cluster, transactional_db: None, settings: Settings) -> Cluster:
     """The two-node cluster, with this process issuing tokens under node A's issuer."""
     issuer = two_nodes.nodes["A"].url
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": issuer}
@@ -75,14 +81,14 @@ def multinode(two_nodes, transactional_db, settings) -> Cluster:
 
 
 @pytest.fixture
-def session_token(multinode, flow, ledger_policy):
-    token = flow.full()["access_token"]
+def session_token(multinode: Cluster, flow: OAuthFlow, ledger_policy: ScopePolicy) -> str:
+    token: str = flow.full()["access_token"]
     flow.client.logout()
     return token
 
 
 @pytest.fixture
-def agent(scenario, session_token):
+def agent(scenario: Scenario, session_token: str) -> Iterator[AgentHTTP]:
     a = AgentHTTP(scenario, session_token)
     try:
         yield a
@@ -90,7 +96,7 @@ def agent(scenario, session_token):
         a.close()
 
 
-def _verify_action_token(token: str, issuer: str, node_url: str) -> dict:
+def _verify_action_token(token: str, issuer: str, node_url: str) -> dict[str, Any]:
     from tests.ops.support import http
 
     with http() as client:
@@ -103,11 +109,11 @@ def _verify_action_token(token: str, issuer: str, node_url: str) -> dict:
 
 @pytest.mark.browser
 def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
-    multinode,
-    chromium,  # noqa: F811
-    scenario,  # noqa: F811
-    agent,
-):
+    multinode: Cluster,
+    chromium: Browser,  # noqa: F811
+    scenario: Scenario,  # noqa: F811
+    agent: AgentHTTP,
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     context = chromium.new_context(base_url=b.url)
     context.set_default_timeout(30_000)
@@ -164,7 +170,9 @@ def test_prompt_requested_on_node_a_is_approved_in_a_browser_on_node_b(
         context.close()
 
 
-def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(multinode, scenario, agent):
+def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(
+    multinode: Cluster, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     officer = Officer(a.url, "officer", PASSWORD)
     on_a = ReconnectingInbox([a.url], officer.cookie, "inbox-on-A")
@@ -182,10 +190,14 @@ def test_a_prompt_and_its_removal_reach_inboxes_on_both_nodes(multinode, scenari
             inbox.wait(lambda i: not i.pending, "the prompt's removal", logs=multinode.logs)
         assert agent.poll(a.url, asked.json()["auth_req_id"]).status_code == 200
     finally:
-        on_a.close(), on_b.close(), officer.close()
+        on_a.close()
+        on_b.close()
+        officer.close()
 
 
-def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinode, scenario, agent):
+def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(
+    multinode: Cluster, scenario: Scenario, agent: AgentHTTP
+) -> None:
     a, b = multinode.nodes["A"], multinode.nodes["B"]
     officer = Officer(b.url, "officer", PASSWORD)
     # A tab whose load balancer put it on node B; when B is gone it gets node A.
@@ -199,6 +211,7 @@ def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinod
         first_id = str(ApprovalRequest.objects.get().pk)
         inbox.wait(lambda i: first_id in i.pending, "the first prompt on node B", logs=multinode.logs)
 
+        assert b.proc is not None
         b.proc.kill(signal.SIGKILL)  # no shutdown, no close frames: the node is simply gone
 
         inbox.wait(
@@ -224,12 +237,13 @@ def test_killed_node_loses_no_prompt_its_clients_reconnect_to_the_other(multinod
         assert ActionToken.objects.count() == 2
         assert set(ApprovalRequest.objects.values_list("status", flat=True)) == {"redeemed"}
     finally:
-        inbox.close(), officer.close()
-        if not b.proc.alive:  # the session's cluster keeps its two nodes
+        inbox.close()
+        officer.close()
+        if b.proc is None or not b.proc.alive:  # the session's cluster keeps its two nodes
             multinode.start_node("B")
 
 
-def test_an_idle_inbox_websocket_stays_open(multinode, scenario, agent):
+def test_an_idle_inbox_websocket_stays_open(multinode: Cluster, scenario: Scenario, agent: AgentHTTP) -> None:
     a = multinode.nodes["A"]
     officer = Officer(a.url, "officer", PASSWORD)
     tab = ReconnectingInbox([a.url], officer.cookie, "idle-tab")
@@ -241,4 +255,5 @@ def test_an_idle_inbox_websocket_stays_open(multinode, scenario, agent):
         tab.wait(lambda i: len(i.upserts) == 1, "the prompt, live", logs=multinode.logs)
         assert tab.connects == 1, tab.history
     finally:
-        tab.close(), officer.close()
+        tab.close()
+        officer.close()

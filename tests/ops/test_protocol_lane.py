@@ -1,14 +1,17 @@
 """The protocol lane (``config.middleware.ProtocolLaneMiddleware``) answers exactly as the full chain does."""
 
 import json
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import Client, RequestFactory, override_settings
 
 from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
-from tests.conftest import REDIRECT_URI, basic, pkce_pair
+from tests.approvals.conftest import ClientResponse
+from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
 
 LANE = "config.middleware.ProtocolLaneMiddleware"
 FORM = "application/x-www-form-urlencoded"
@@ -18,12 +21,12 @@ def _full_chain() -> list[str]:
     return [m for m in settings.MIDDLEWARE if m != LANE]
 
 
-def _shape(response) -> tuple:
+def _shape(response: ClientResponse) -> tuple[object, ...]:
     """What a client sees, minus what differs per request (the request id, token values)."""
     headers = {k: v for k, v in response.headers.items() if k != "X-Request-ID"}
-    body = response.content
+    body: object = response.content
     if headers.get("Content-Type") == "application/json":
-        parsed = json.loads(body)
+        parsed = json.loads(response.content)
         body = {
             k: (
                 v
@@ -36,29 +39,36 @@ def _shape(response) -> tuple:
     return response.status_code, headers, body, bool(response.get("X-Request-ID"))
 
 
-def _post(client, path, data, **extra):
+def _post(client: Client, path: str, data: dict[str, str], **extra: Any) -> ClientResponse:
     return client.post(path, urlencode(data), content_type=FORM, **extra)
 
 
-def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario):
-    def rest_of_chain(request):
+def test_every_lane_path_is_answered_without_the_rest_of_the_chain(scenario: Scenario) -> None:
+    def rest_of_chain(request: HttpRequest) -> HttpResponseBase:
         raise AssertionError(f"{request.path} went down the full chain")
 
     lane = ProtocolLaneMiddleware(rest_of_chain)
     factory = RequestFactory()
     for path in LANE_PATHS:
         response = lane(factory.post(path, "", content_type=FORM))
+        assert isinstance(response, HttpResponse)
         assert 400 <= response.status_code < 500, (path, response.content)
         assert response["X-Frame-Options"] == "DENY" and response["X-Request-ID"]
 
 
-def test_other_requests_go_down_the_full_chain(scenario):
-    seen = []
-    lane = ProtocolLaneMiddleware(lambda request: seen.append(request.path) or "full")
+def test_other_requests_go_down_the_full_chain(scenario: Scenario) -> None:
+    seen: list[str] = []
+    full = HttpResponse("full")
+
+    def rest_of_chain(request: HttpRequest) -> HttpResponse:
+        seen.append(request.path)
+        return full
+
+    lane = ProtocolLaneMiddleware(rest_of_chain)
     factory = RequestFactory()
-    assert lane(factory.get("/o/token/")) == "full"  # only POSTs take the lane
-    assert lane(factory.post("/o/authorize/", {})) == "full"  # the consent page needs the session
-    assert lane(factory.post("/o/token", "", content_type=FORM)) == "full"  # CommonMiddleware's redirect
+    assert lane(factory.get("/o/token/")) is full  # only POSTs take the lane
+    assert lane(factory.post("/o/authorize/", {})) is full  # the consent page needs the session
+    assert lane(factory.post("/o/token", "", content_type=FORM)) is full  # CommonMiddleware's redirect
     assert seen == ["/o/token/", "/o/authorize/", "/o/token"]
 
 
@@ -81,8 +91,10 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("path", "data", "who"), REFUSALS)
-def test_refusals_are_the_same_through_the_lane_and_the_full_chain(scenario, path, data, who):
-    extra = {}
+def test_refusals_are_the_same_through_the_lane_and_the_full_chain(
+    scenario: Scenario, path: str, data: dict[str, str], who: dict[str, bool]
+) -> None:
+    extra: dict[str, str] = {}
     if who.get("agent"):
         extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
     elif who.get("rs"):
@@ -95,8 +107,10 @@ def test_refusals_are_the_same_through_the_lane_and_the_full_chain(scenario, pat
     assert lane == full
 
 
-def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(flow, scenario):
-    def exchange(client):
+def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
+    def exchange(client: Client) -> ClientResponse:
         flow.client = client
         flow.login()
         verifier, challenge = pkce_pair()

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from tests.live import ROOT, free_port
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _env(tmp_path, port: int) -> dict:
+def _env(tmp_path: Path, port: int) -> dict[str, str]:
     return {
         **os.environ,
         "PORT": str(port),
@@ -26,7 +27,7 @@ def _env(tmp_path, port: int) -> dict:
     }
 
 
-def test_busy_port_is_refused_with_how_to_pick_another(tmp_path):
+def test_busy_port_is_refused_with_how_to_pick_another(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -39,7 +40,7 @@ def test_busy_port_is_refused_with_how_to_pick_another(tmp_path):
     assert "running at" not in result.stdout
 
 
-def test_starts_without_warnings_and_ctrl_c_exits_0(tmp_path):
+def test_starts_without_warnings_and_ctrl_c_exits_0(tmp_path: Path) -> None:
     port = free_port()
     env = _env(tmp_path, port)
     subprocess.run(
@@ -76,7 +77,7 @@ def test_starts_without_warnings_and_ctrl_c_exits_0(tmp_path):
         assert noise not in output, output
 
 
-def test_static_files_under_asgi_are_served_without_a_warning(tmp_path):
+def test_static_files_under_asgi_are_served_without_a_warning(tmp_path: Path) -> None:
     # The ws process (uvicorn, config.asgi) also answers plain HTTP when asked; a static file is a
     # synchronous FileResponse, which Django under ASGI warns about unless it is streamed async.
     port = free_port()

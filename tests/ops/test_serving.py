@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from django.core.signals import request_finished, request_started
@@ -16,11 +18,17 @@ from django.db import close_old_connections
 from config.router import _serve
 from config.serving import local_command, web_command, ws_command
 from consent.models import SessionGrant
+from tests.conftest import OAuthFlow, Scenario
+
+T = TypeVar("T")
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
 
 # --- the server commands ----------------------------------------------------------------------------
 
 
-def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port():
+def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port() -> None:
     web = web_command(8123, "0.0.0.0", threads=3)
     assert web[:3] == [sys.executable, "-m", "granian"]
     assert web[web.index("--interface") + 1] == "wsgi" and "config.wsgi:application" in web
@@ -35,10 +43,10 @@ def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port():
 # --- the path router --------------------------------------------------------------------------------
 
 
-async def _backend(name: str):
+async def _backend(name: str) -> tuple[asyncio.Server, int]:
     """An HTTP/1.1 server answering every request with JSON naming itself, the path, headers and body."""
 
-    async def handle(reader, writer):
+    async def handle(reader: Reader, writer: Writer) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -70,23 +78,25 @@ async def _backend(name: str):
     return server, server.sockets[0].getsockname()[1]
 
 
-async def _response(reader) -> dict:
+async def _response(reader: Reader) -> dict[str, Any]:
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(
         next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[
             1
         ]
     )
-    return json.loads(await reader.readexactly(length))
+    response: dict[str, Any] = json.loads(await reader.readexactly(length))
+    return response
 
 
-def _through_router(exchange):
+def _through_router(exchange: Callable[[Reader, Writer], Awaitable[T]]) -> T:
     """Run ``exchange(reader, writer)`` on one client connection to a router over the two backends."""
 
-    async def main():
+    async def main() -> T:
         web, web_port = await _backend("web")
         ws, ws_port = await _backend("ws")
         stop = asyncio.Event()
+        bound: list[int] = []
         router = asyncio.create_task(
             _serve(
                 "127.0.0.1",
@@ -95,7 +105,7 @@ def _through_router(exchange):
                 ("127.0.0.1", ws_port),
                 alive=lambda: True,
                 stopped=stop.is_set,
-                bound=(bound := []),
+                bound=bound,
             )
         )
         while not bound:
@@ -113,8 +123,8 @@ def _through_router(exchange):
     return asyncio.run(main())
 
 
-def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path():
-    async def exchange(reader, writer):
+def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path() -> None:
+    async def exchange(reader: Reader, writer: Writer) -> list[dict[str, Any]]:
         seen = []
         for path in ("/healthz", "/.well-known/jwks.json", "/ws/approvals/"):
             writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
@@ -129,10 +139,12 @@ def test_router_routes_each_request_on_a_kept_alive_connection_by_its_path():
     ]
 
 
-def test_router_forwards_bodies_whole_and_the_next_request_after_them():
+def test_router_forwards_bodies_whole_and_the_next_request_after_them() -> None:
     form = "grant_type=client_credentials&scope=" + "x" * 70_000  # more than one read's worth
 
-    async def exchange(reader, writer):
+    async def exchange(
+        reader: Reader, writer: Writer
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         writer.write(
             f"POST /o/token/ HTTP/1.1\r\nHost: h\r\nContent-Length: {len(form)}\r\n\r\n{form}".encode()
         )
@@ -151,16 +163,16 @@ def test_router_forwards_bodies_whole_and_the_next_request_after_them():
     assert third["server"] == "ws"
 
 
-def test_router_replaces_a_client_supplied_x_forwarded_for_with_the_peer():
-    async def exchange(reader, writer):
+def test_router_replaces_a_client_supplied_x_forwarded_for_with_the_peer() -> None:
+    async def exchange(reader: Reader, writer: Writer) -> dict[str, Any]:
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n")
         return await _response(reader)
 
     assert _through_router(exchange)["headers"]["X-Forwarded-For"] == "127.0.0.1"
 
 
-def test_router_refuses_a_malformed_request():
-    async def exchange(reader, writer):
+def test_router_refuses_a_malformed_request() -> None:
+    async def exchange(reader: Reader, writer: Writer) -> bytes:
         writer.write(b"POST /o/token/ HTTP/1.1\r\nHost: h\r\nContent-Length: 1e3\r\n\r\n")
         return await reader.read(200)
 
@@ -170,7 +182,14 @@ def test_router_refuses_a_malformed_request():
 # --- the WSGI entry point -------------------------------------------------------------------------
 
 
-def _wsgi(path: str, *, method="GET", peer="127.0.0.1", body=b"", headers=None):
+def _wsgi(
+    path: str,
+    *,
+    method: str = "GET",
+    peer: str = "127.0.0.1",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     from config.wsgi import application
 
     environ = {
@@ -186,19 +205,28 @@ def _wsgi(path: str, *, method="GET", peer="127.0.0.1", body=b"", headers=None):
         "wsgi.errors": sys.stderr,
         **(headers or {}),
     }
-    status = []
+    status: list[str] = []
+
+    def start_response(
+        status_line: str, headers: list[tuple[str, str]], exc_info: object = None
+    ) -> Callable[[bytes], object]:
+        status.append(status_line)
+        return lambda data: None  # write(): Django's handler never calls it
+
     # As Django's test client does: the test's transaction must outlive the request.
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        content = b"".join(application(environ, lambda s, h, exc=None: status.append(s)))
+        content = b"".join(application(environ, start_response))
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
     return int(status[0].split()[0]), content
 
 
-def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(db, monkeypatch):
+def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(
+    db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("METRICS_TOKEN", raising=False)
     assert _wsgi("/metrics")[0] == 200  # loopback itself
     assert _wsgi("/metrics", headers={"HTTP_X_FORWARDED_FOR": "203.0.113.7"})[0] == 403
@@ -209,7 +237,7 @@ def test_metrics_stays_closed_to_a_remote_client_behind_the_proxy(db, monkeypatc
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db, framing):
+def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db: None, framing: str) -> None:
     body = b"grant_type=urn%3Aexample%3Anone"
     headers = {"CONTENT_TYPE": "application/x-www-form-urlencoded"}
     headers.update(
@@ -224,7 +252,9 @@ def test_token_endpoint_reads_a_chunked_body_as_it_reads_a_sized_one(db, framing
 # --- messages skipped on protocol paths, kept for pages ----------------------------------------------
 
 
-def test_a_flash_message_survives_protocol_requests_and_shows_once_on_the_next_page(flow, scenario):
+def test_a_flash_message_survives_protocol_requests_and_shows_once_on_the_next_page(
+    flow: OAuthFlow, scenario: Scenario
+) -> None:
     tokens = flow.full(scope="catalog:read")
     grant = SessionGrant.objects.get()
     assert flow.client.post(f"/grants/{grant.pk}/revoke/").status_code == 302
