@@ -57,7 +57,8 @@ application = ProtocolTypeRouter({
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def candidates() -> dict[str, tuple[int, list[str]]]:
@@ -147,11 +148,10 @@ def wrk(url: str, duration: str, connections: int) -> tuple[int, float, str]:
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}", url], capture_output=True, text=True, check=True
     ).stdout
     errors = " ".join(m.group(0) for m in re.finditer(r"(Non-2xx or 3xx responses|Socket errors): .*", out))
-    return (
-        int(re.search(r"(\d+) requests in", out).group(1)),
-        float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        errors,
-    )
+    requests, rate = re.search(r"(\d+) requests in", out), re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if requests is None or rate is None:
+        raise RuntimeError(f"wrk printed no totals: {out[-300:]}")
+    return int(requests.group(1)), float(rate.group(1)), errors
 
 
 def main() -> None:

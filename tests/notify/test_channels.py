@@ -153,8 +153,13 @@ def test_the_inbox_delivery_fans_the_prompt_out_once(
 
 
 def test_a_prompt_an_open_inbox_took_queues_no_email_fallback(
-    scenario, approval, queued, loopback_push, monkeypatch, django_capture_on_commit_callbacks
-):
+    scenario: Scenario,
+    approval: ApprovalRequest,
+    queued: Queue,
+    loopback_push: None,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
     from approvals import tasks as approval_tasks
     from approvals.notify import inbox
 
