@@ -1,5 +1,5 @@
 import json
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -9,15 +9,7 @@ from pytest_django import Settings
 from approvals.models import ApprovalRequest
 from approvals.services import auth_req_id_hash
 from consent.models import ScopePolicy
-from tests.conftest import PASSWORD, OAuthFlow, Scenario, basic
-
-if TYPE_CHECKING:
-    from django.test.client import _MonkeyPatchedWSGIResponse
-
-    # What the test client returns: an HttpResponse with .json(), .context and the rest attached.
-    ClientResponse: TypeAlias = _MonkeyPatchedWSGIResponse
-else:
-    from django.http import HttpResponse as ClientResponse
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario, basic
 
 LEDGER_ENTRY = {
     "type": "ledger_entry",

@@ -7,8 +7,8 @@ from django.test import Client
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.rar import action_hash
 from audit.models import AuditEvent
-from tests.approvals.conftest import LEDGER_ENTRY, Agent, ClientResponse
-from tests.conftest import PASSWORD, Scenario
+from tests.approvals.conftest import LEDGER_ENTRY, Agent
+from tests.conftest import PASSWORD, ClientResponse, Scenario
 
 pytestmark = pytest.mark.django_db
 

@@ -30,10 +30,10 @@ from audit.models import AuditEvent
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import agent_create, agent_update, grant_revoke, scope_set
 from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, session_claims, sign, verify
-from tests.approvals.conftest import LEDGER_ENTRY, ClientResponse
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.conftest import Agent as CibaAgent
 from tests.approvals.support import Outbox, install_outbox, ledger_entry
-from tests.conftest import PASSWORD, REDIRECT_URI, OAuthFlow, Scenario, pkce_pair
+from tests.conftest import PASSWORD, REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, pkce_pair
 
 pytestmark = pytest.mark.django_db
 

@@ -35,7 +35,7 @@ from audit.models import AuditEvent
 from consent.keys import active_signing_key
 from consent.models import ScopePolicy, SessionGrant
 from consent.tokens import ACTION_TOKEN_TYP, verify
-from tests.approvals.conftest import LEDGER_ENTRY, ClientResponse
+from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.support import (
     Outbox,
     auth_now,
@@ -47,7 +47,7 @@ from tests.approvals.support import (
     request_approval,
     session_grant,
 )
-from tests.conftest import OAuthFlow, Scenario, basic
+from tests.conftest import ClientResponse, OAuthFlow, Scenario, basic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -10,8 +10,8 @@ from django.utils import timezone
 from approvals.models import ApprovalRequest
 from audit.models import AuditEvent
 from consent.models import SessionGrant
-from tests.approvals.conftest import Agent, ClientResponse
-from tests.conftest import PASSWORD
+from tests.approvals.conftest import Agent
+from tests.conftest import PASSWORD, ClientResponse
 
 pytestmark = pytest.mark.django_db
 

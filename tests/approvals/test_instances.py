@@ -17,8 +17,8 @@ from audit.models import AuditEvent
 from consent.instances import agent_instance_cut_off
 from consent.models import AgentInstance, SessionGrant
 from countersign.instance import AgentInstance as SdkInstance
-from tests.approvals.conftest import LEDGER_ENTRY, Agent, ClientResponse
-from tests.conftest import PASSWORD, OAuthFlow, Scenario
+from tests.approvals.conftest import LEDGER_ENTRY, Agent
+from tests.conftest import PASSWORD, ClientResponse, OAuthFlow, Scenario
 from tests.consent.test_instances import agent_key, headers, instance, join  # noqa: F401  (fixture)
 from tests.consent.test_token_exchange import AgentKey
 

@@ -13,9 +13,9 @@ from approvals.models import ApprovalRequest
 from approvals.services import approval_expire, auth_req_id_hash
 from audit.models import AuditEvent
 from consent.models import ScopePolicy, SessionGrant
-from tests.approvals.conftest import Agent, ClientResponse
+from tests.approvals.conftest import Agent
 from tests.approvals.support import ledger_entry
-from tests.conftest import Scenario
+from tests.conftest import ClientResponse, Scenario
 
 S = ApprovalRequest.Status
 

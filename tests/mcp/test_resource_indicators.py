@@ -7,8 +7,7 @@ import jwt
 import pytest
 
 from consent.models import AccessToken, AuthorizationCode
-from tests.approvals.conftest import ClientResponse
-from tests.conftest import REDIRECT_URI, OAuthFlow, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_redirect, _json_error
 
 pytestmark = pytest.mark.django_db

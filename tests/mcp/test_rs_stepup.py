@@ -11,8 +11,7 @@ from django.test import Client
 from approvals.models import ApprovalRequest
 from consent.services import agent_update, scope_set
 from consent.tokens import verify
-from tests.approvals.conftest import ClientResponse
-from tests.conftest import OAuthFlow, Scenario, basic
+from tests.conftest import ClientResponse, OAuthFlow, Scenario, basic
 from tests.consent.test_bad_input import Watch, _json_error
 
 pytestmark = pytest.mark.django_db

@@ -15,8 +15,7 @@ from pytest_django import Settings
 
 from consent.models import Agent
 from consent.oauth.cimd import cache_until
-from tests.approvals.conftest import ClientResponse
-from tests.conftest import OAuthFlow, Scenario, pkce_pair
+from tests.conftest import ClientResponse, OAuthFlow, Scenario, pkce_pair
 from tests.consent.test_bad_input import Watch, _assert_error_page, _json_error
 from tests.mcp.docserver import DocumentServer
 

@@ -11,8 +11,7 @@ from pytest_django import Settings
 
 from approvals.notify.models import PushSubscription
 from audit.models import AuditEvent
-from tests.approvals.conftest import ClientResponse
-from tests.conftest import Scenario
+from tests.conftest import ClientResponse, Scenario
 from tests.notify.pushservice import BrowserKeys
 
 pytestmark = pytest.mark.django_db

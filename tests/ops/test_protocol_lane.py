@@ -10,8 +10,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import Client, RequestFactory, override_settings
 
 from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
-from tests.approvals.conftest import ClientResponse
-from tests.conftest import REDIRECT_URI, OAuthFlow, Scenario, basic, pkce_pair
+from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 LANE = "config.middleware.ProtocolLaneMiddleware"
 FORM = "application/x-www-form-urlencoded"
