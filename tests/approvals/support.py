@@ -8,12 +8,14 @@ task body; every websocket send (the tasks' and the services' own pushes after c
 recorded instead of sent to Redis.
 """
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection
 from django.utils import timezone
 
 from approvals import delivery as approval_delivery
@@ -161,3 +163,38 @@ def install_outbox(monkeypatch: pytest.MonkeyPatch, *, run_pushes: bool = True) 
         monkeypatch.setitem(celery_app.tasks, real.name, fake)
         monkeypatch.setattr(approval_tasks, name, fake)
     return outbox
+
+
+# --- races on PostgreSQL: real threads, each with its own database connection ---------------------
+
+
+def race(n: int, call: Callable[..., Any]) -> list[tuple[str, Any]]:
+    """Run ``call(i)`` in n threads released together; returns ("ok", result) or ("error", exc) per thread."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        try:
+            connection.ensure_connection()  # connect before the barrier: the race is the service call
+            barrier.wait(timeout=60)
+            results[i] = ("ok", call(i))
+        except BaseException as exc:  # noqa: BLE001 - every outcome is inspected by the test
+            results[i] = ("error", exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"race-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a racing thread never finished (deadlock?)"
+    return results
+
+
+def wins(results: list[tuple[str, Any]]) -> list[Any]:
+    return [value for kind, value in results if kind == "ok"]
+
+
+def errors(results: list[tuple[str, Any]]) -> list[BaseException]:
+    return [value for kind, value in results if kind == "error"]

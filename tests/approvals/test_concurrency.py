@@ -19,10 +19,19 @@ from urllib.parse import urlencode
 import pytest
 from django.db import connection
 from django.test import Client
+from pytest_django import DjangoAssertNumQueries
 
-from approvals.errors import AccessDenied, AlreadyRedeemed, ApprovalNotPending, InvalidGrant, InvalidToken
+from approvals import redemption
+from approvals.errors import (
+    AccessDenied,
+    ActionMismatch,
+    AlreadyRedeemed,
+    ApprovalNotPending,
+    InvalidGrant,
+    InvalidToken,
+)
 from approvals.models import ActionToken, ApprovalRequest
-from approvals.redemption import action_token_redeem
+from approvals.redemption import action_token_redeem, action_token_spend
 from approvals.services import (
     approval_approve,
     approval_cancel,
@@ -33,7 +42,7 @@ from approvals.services import (
 )
 from audit.models import AuditEvent
 from consent.keys import active_signing_key
-from consent.models import ScopePolicy, SessionGrant
+from consent.models import ResourceServer, ScopePolicy, SessionGrant
 from consent.tokens import ACTION_TOKEN_TYP, verify
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.support import (
@@ -41,11 +50,14 @@ from tests.approvals.support import (
     auth_now,
     auth_req_id,
     backchannel_request,
+    errors,
     install_outbox,
     ledger_entry,
     ledger_rs,
+    race,
     request_approval,
     session_grant,
+    wins,
 )
 from tests.conftest import ClientResponse, OAuthFlow, Scenario, basic
 
@@ -72,38 +84,6 @@ def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
 def grant(scenario: Scenario, ledger_policy: ScopePolicy, outbox: Outbox) -> SessionGrant:
     active_signing_key()  # created up front, so no thread races to create the first key
     return session_grant(scenario)
-
-
-def race(n: int, call: Callable[..., Any]) -> list[tuple[str, Any]]:
-    """Run ``call(i)`` in n threads released together; returns ("ok", result) or ("error", exc) per thread."""
-    barrier = threading.Barrier(n)
-    results: list[Any] = [None] * n
-
-    def worker(i: int) -> None:
-        try:
-            connection.ensure_connection()  # connect before the barrier: the race is the service call
-            barrier.wait(timeout=60)
-            results[i] = ("ok", call(i))
-        except BaseException as exc:  # noqa: BLE001 - every outcome is inspected by the test
-            results[i] = ("error", exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=worker, args=(i,), name=f"race-{i}") for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a racing thread never finished (deadlock?)"
-    return results
-
-
-def wins(results: list[tuple[str, Any]]) -> list[Any]:
-    return [value for kind, value in results if kind == "ok"]
-
-
-def errors(results: list[tuple[str, Any]]) -> list[BaseException]:
-    return [value for kind, value in results if kind == "error"]
 
 
 def events_for(approval_id: object, *names: str) -> list[str]:
@@ -213,6 +193,104 @@ def test_sixteen_concurrent_redemptions_exactly_one_per_token(
         assert token.redeemed_at is not None and token.redeemed_by_id == rs.pk
         assert ApprovalRequest.objects.get(pk=approval.pk).status == S.REDEEMED
         assert events_for(approval.pk, "action_token.redeemed") == ["action_token.redeemed"]
+
+
+# --- (d2) the redemption endpoint's path: race losers refused from memory ---------------------------
+#
+# ``approvals.redemption.action_token_spend`` answers an attempt that repeats one this process has
+# just seen redeemed without verifying the token or asking the database, and lets the same attempt
+# arriving while one is being decided wait for its outcome. Exactly-once stays decided by the one
+# conditional UPDATE: the memory refuses only what that statement would refuse as already redeemed,
+# and every other attempt still reaches the statement.
+
+
+def issued_token(grant: SessionGrant, scenario: Scenario, amount: str) -> tuple[ApprovalRequest, str]:
+    approval, _ = request_approval(grant, [ledger_entry(amount)])
+    approval_approve(approval_id=approval.pk, user=scenario.user, auth=auth_now())
+    body = approval_collect(auth_req_id=auth_req_id(approval), agent=scenario.agent)
+    return approval, str(body["access_token"])
+
+
+def spend(token: str, rs: ResourceServer, request_hash: str = "") -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    action_token_spend(token=token, resource_server=rs, request_hash=request_hash, claims=claims)
+    return claims
+
+
+def redeemed_events(approval: ApprovalRequest) -> int:
+    return AuditEvent.objects.filter(
+        event="action_token.redeemed", detail__approval_id=str(approval.pk)
+    ).count()
+
+
+def test_concurrent_attempts_through_the_endpoint_path_redeem_exactly_once(
+    grant: SessionGrant, scenario: Scenario
+) -> None:
+    rs = ledger_rs(scenario)
+    for n in range(5):
+        approval, token = issued_token(grant, scenario, f"{n + 700}.00")
+        results = race(12, lambda i, token=token: spend(token, rs))
+        assert len(wins(results)) == 1, results
+        assert all(isinstance(e, AlreadyRedeemed) for e in errors(results)), errors(results)
+        assert ActionToken.objects.get(approval_id=approval.pk).redeemed_at is not None
+        assert ApprovalRequest.objects.get(pk=approval.pk).status == ApprovalRequest.Status.REDEEMED
+        assert redeemed_events(approval) == 1
+
+
+def test_a_repeated_attempt_is_refused_without_a_statement_and_names_the_owner(
+    grant: SessionGrant, scenario: Scenario, django_assert_num_queries: DjangoAssertNumQueries
+) -> None:
+    rs = ledger_rs(scenario)
+    approval, token = issued_token(grant, scenario, "801.00")
+    won = spend(token, rs)
+    claims: dict[str, Any] = {}
+    with django_assert_num_queries(0), pytest.raises(AlreadyRedeemed):
+        action_token_spend(token=token, resource_server=rs, request_hash="", claims=claims)
+    assert claims["jti"] == won["jti"] and claims["sub"] == f"user:{scenario.user.pk}"
+    assert redeemed_events(approval) == 1
+
+
+def test_a_different_action_hash_is_not_answered_from_memory(grant: SessionGrant, scenario: Scenario) -> None:
+    rs = ledger_rs(scenario)
+    _, token = issued_token(grant, scenario, "802.00")
+    spend(token, rs)
+    with pytest.raises(ActionMismatch):
+        spend(token, rs, request_hash="not-the-approved-action")
+
+
+def test_after_the_memory_window_the_database_decides_again(
+    grant: SessionGrant, scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rs = ledger_rs(scenario)
+    _, token = issued_token(grant, scenario, "803.00")
+    monkeypatch.setattr(redemption, "SPENT_SECONDS", 0.0)
+    spend(token, rs)
+    with pytest.raises(AlreadyRedeemed):
+        spend(token, rs)  # refused by the statement this time: the memory kept nothing
+
+
+def test_an_attempt_whose_twin_did_not_redeem_decides_on_its_own(
+    grant: SessionGrant, scenario: Scenario
+) -> None:
+    rs = ledger_rs(scenario)
+    approval, token = issued_token(grant, scenario, "804.00")
+    attempt = (token, rs.pk, rs.client_secret, "")
+    twin, leads = redemption._FLIGHTS.join(attempt)
+    assert leads
+    follower: list[object] = []
+
+    def follow() -> None:
+        try:
+            follower.append(spend(token, rs))
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=follow)
+    t.start()
+    redemption._FLIGHTS.land(attempt, twin)  # the twin ended without redeeming
+    t.join(timeout=60)
+    assert len(follower) == 1 and isinstance(follower[0], dict)
+    assert redeemed_events(approval) == 1
 
 
 # --- (e) identical CIBA requests at the same moment ----------------------------------------------------

@@ -23,8 +23,14 @@ from audit.services import audit_seal_all
 from consent.keys import active_signing_key
 from consent.models import ScopePolicy, SessionGrant
 from consent.services import grant_revoke
-from tests.approvals.support import auth_now, install_outbox, ledger_entry, request_approval, session_grant
-from tests.approvals.test_concurrency import race
+from tests.approvals.support import (
+    auth_now,
+    install_outbox,
+    ledger_entry,
+    race,
+    request_approval,
+    session_grant,
+)
 from tests.audit.test_chain import verified
 from tests.conftest import Scenario
 

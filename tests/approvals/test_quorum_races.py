@@ -23,12 +23,14 @@ from tests.approvals.quorum_support import Officials, officials, require_quorum
 from tests.approvals.support import (
     auth_now,
     auth_req_id,
+    errors,
     install_outbox,
     ledger_entry,
+    race,
     request_approval,
     session_grant,
+    wins,
 )
-from tests.approvals.test_concurrency import errors, race, wins
 from tests.conftest import Scenario
 
 pytestmark = pytest.mark.django_db(transaction=True)
