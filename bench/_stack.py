@@ -598,19 +598,13 @@ def start_celery_worker(
     hostname: str,
     extra: Iterable[str] = (),
 ) -> Proc:
-    cmd = [
-        str(BIN / "celery"),
-        "-A",
-        "config.celery:app",
-        "worker",
-        "--loglevel=INFO",
-        f"--concurrency={concurrency}",
-        "--without-mingle",
-        "--without-gossip",
-        *extra,
-        "--hostname",
-        hostname,
-    ]
+    serving = _serving()
+    if serving is not None and hasattr(serving, "worker_command"):
+        cmd = list(serving.worker_command(concurrency=concurrency, hostname=hostname, extra=tuple(extra)))
+    else:  # a tree from before config.serving knew the worker's command line
+        cmd = [str(BIN / "celery"), "-A", "config.celery:app", "worker", "--loglevel=INFO"]
+        cmd += [f"--concurrency={concurrency}", "--without-mingle", "--without-gossip", *extra]
+        cmd += ["--hostname", hostname]
     log(f"  {name}: {_shown(cmd)}")
     return stack.spawn(name, cmd, env, kind="worker")
 

@@ -14,7 +14,7 @@ processes. On one machine (``make run``, test fixtures) ``local`` starts one of 
 
 Used from Python (tests, benchmarks)::
 
-    from config.serving import web_command, ws_command, local_command
+    from config.serving import web_command, ws_command, local_command, worker_command
     subprocess.Popen(web_command(8001), cwd=ROOT, env=env, start_new_session=True)
 
 and from the shell (Procfile, systemd, scripts/run.sh)::
@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Threads per web process. Requests block on PostgreSQL and Redis, so a few more threads than
 # cores keep the core busy; each thread holds at most one pooled database connection.
@@ -104,6 +105,28 @@ def ws_command(
         str(ws_max_size or WS_MAX_SIZE),
         "--ws-per-message-deflate",
         "false",
+    ]
+
+
+def worker_command(
+    *, concurrency: int, hostname: str, extra: tuple[str, ...] = (), python: str | None = None
+) -> list[str]:
+    """One Celery worker of ``config.celery:app`` (``--concurrency`` threads, config.celery), as
+    tests and benchmarks start it: no mingle or gossip (nothing here needs workers to talk to each
+    other), ``extra`` options before the node name (e.g. ``--without-heartbeat``)."""
+    celery = str(Path(python or sys.executable).parent / "celery")
+    return [
+        celery,
+        "-A",
+        "config.celery:app",
+        "worker",
+        "--loglevel=INFO",
+        f"--concurrency={concurrency}",
+        "--without-mingle",
+        "--without-gossip",
+        *extra,
+        "--hostname",
+        hostname,
     ]
 
 

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from django.conf import settings
 from django.db import connection
 from pytest_django import DjangoDbBlocker, Settings
 
-from config.serving import local_command
+from config.serving import local_command, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +89,6 @@ def start_stack(
         **(extra_env or {}),
     }
     stack = LiveStack(url=url, env=env, log_dir=log_dir)
-    bin_dir = Path(sys.executable).parent
     procs = [
         subprocess.Popen(
             local_command(port),
@@ -109,18 +107,7 @@ def start_stack(
             subprocess.Popen(
                 # No beat: a sweep running on its own would write while other tests truncate their
                 # tables. A test that needs one queues it as the beat would (LiveStack.sweep).
-                [
-                    str(bin_dir / "celery"),
-                    "-A",
-                    "config.celery:app",
-                    "worker",
-                    "--loglevel=INFO",
-                    "--concurrency=2",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--hostname",
-                    f"test-{port}@%h",
-                ],
+                worker_command(concurrency=2, hostname=f"test-{port}@%h"),
                 cwd=ROOT,
                 env=env,
                 stdout=open(log_dir / "celery.log", "w"),

@@ -31,7 +31,7 @@ import pytest
 from django.conf import settings
 from websockets.sync.client import ClientConnection, connect
 
-from config.serving import local_command
+from config.serving import local_command, worker_command
 from tests.conftest import Scenario
 from tests.live import ROOT, _database_url, free_port
 
@@ -182,19 +182,11 @@ class Cluster:
     ) -> Proc:
         proc = self._spawn(
             f"celery-{name}",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "config.celery:app",
-                "worker",
-                "--loglevel=INFO",
-                f"--concurrency={concurrency}",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-                "--hostname",
-                f"ops-{name}-{os.getpid()}-{self._generation}@%h",
-            ],
+            worker_command(
+                concurrency=concurrency,
+                hostname=f"ops-{name}-{os.getpid()}-{self._generation}@%h",
+                extra=("--without-heartbeat",),
+            ),
             env,
         )
         self.workers[name] = proc
