@@ -281,7 +281,7 @@ class _Spent:
 @dataclass
 class _Flight:
     done: threading.Event = field(default_factory=threading.Event)
-    won: dict[str, Any] | None = None  # the claims, once the attempt redeemed
+    won: dict[str, Any] | None = None  # the claims, once the token is known to be redeemed
 
 
 class _Flights:
@@ -321,8 +321,8 @@ def action_token_spend(
     Exactly-once is still decided by ``action_token_redeem``'s one statement; what is added here
     only ever refuses, and only what that statement would refuse as already redeemed: an attempt
     this process saw redeemed (``_SPENT``), or one that arrived while the same attempt was being
-    decided and that attempt redeemed (``_FLIGHTS``). An attempt whose twin lost, or did not decide
-    in time, decides on its own.
+    decided and that attempt found the token redeemed (``_FLIGHTS``). An attempt whose twin was
+    refused for another reason, or did not decide in time, decides on its own.
     """
     attempt: _Attempt = (token, resource_server.pk, resource_server.client_secret, request_hash)
     seen = _SPENT.get(attempt)
@@ -337,8 +337,10 @@ def action_token_spend(
             action_token_verify(token=token, resource_server=resource_server, request_hash=request_hash)
         )
         approval = action_token_redeem(claims=claims, resource_server=resource_server)
-    except AlreadyRedeemed:
+    except AlreadyRedeemed:  # redeemed before, perhaps through another process: the same answer for the twins
         _SPENT.add(attempt, dict(claims))
+        if flight is not None:
+            flight.won = dict(claims)
         raise
     else:
         _SPENT.add(attempt, dict(claims))
