@@ -60,7 +60,8 @@ for j = 1, #KEYS - 1 - nlocks do
   if ttl < 0 then redis.call('PEXPIRE', key, window); ttl = tonumber(window) end
   if before >= limit then
     redis.call('HINCRBY', stats, field, 1)
-    return {2, j, ttl, before == limit and 1 or 0}
+    -- the first refusal of the window: the last grant may have taken the counter past the limit
+    return {2, j, ttl, before < limit + lease and 1 or 0}
   end
   out[#out + 1] = math.min(lease, limit - before)
   out[#out + 1] = ttl

@@ -70,10 +70,11 @@ def test_a_counter_without_room_keeps_the_whole_request_asking(round_trips: list
     assert len(round_trips) == 6
 
 
-def test_the_first_refusal_of_a_window_is_flagged_once() -> None:
-    limit = 128
-    results = [store.hit([], [counter("r:test:client:e", limit)]) for _ in range(limit + 2)]
-    assert [first for *_, first in results[limit:]] == [True, False]
+@pytest.mark.parametrize("limit", [128, 129])  # 129: the last lease is granted in part
+def test_the_first_refusal_of_a_window_is_flagged_once(limit: int) -> None:
+    results = [store.hit([], [counter(f"r:test:client:e{limit}", limit)]) for _ in range(limit + 3)]
+    assert [kind for kind, *_ in results] == [0] * limit + [2, 2, 2]
+    assert [first for *_, first in results[limit:]] == [True, False, False]
 
 
 def test_a_lockout_set_by_another_node_holds_within_lock_fresh_seconds(
