@@ -32,11 +32,13 @@ demo: install
 demo-mcp: install
 	DEMO_MCP=1 scripts/demo.sh
 
-# mypy --strict with django-stubs over every package ([tool.mypy] files in pyproject.toml).
+# mypy --strict with django-stubs over every package ([tool.mypy] files in pyproject.toml), and
+# the layer rule of docs/architecture.md (tests/test_layers.py: reads imports, needs no services).
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 test: install
 	scripts/ensure_services.sh redis postgres
