@@ -310,6 +310,13 @@ _SPENT = _Spent()
 _FLIGHTS = _Flights()
 
 
+def _known_redeemed(attempt: _Attempt, flight: _Flight | None, claims: dict[str, Any]) -> None:
+    """The token of ``attempt`` is redeemed: answer repeats from memory, and the twins waiting now."""
+    _SPENT.add(attempt, dict(claims))
+    if flight is not None:
+        flight.won = dict(claims)
+
+
 def action_token_spend(
     *, token: str, resource_server: ResourceServer, request_hash: str, claims: dict[str, Any]
 ) -> ApprovalRequest:
@@ -338,14 +345,10 @@ def action_token_spend(
         )
         approval = action_token_redeem(claims=claims, resource_server=resource_server)
     except AlreadyRedeemed:  # redeemed before, perhaps through another process: the same answer for the twins
-        _SPENT.add(attempt, dict(claims))
-        if flight is not None:
-            flight.won = dict(claims)
+        _known_redeemed(attempt, flight, claims)
         raise
     else:
-        _SPENT.add(attempt, dict(claims))
-        if flight is not None:
-            flight.won = dict(claims)
+        _known_redeemed(attempt, flight, claims)
         return approval
     finally:
         if leads and flight is not None:

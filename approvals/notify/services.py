@@ -7,6 +7,7 @@ the same transaction.
 
 import hashlib
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -220,6 +221,7 @@ class FanOutTargets:
     email: str
 
 
+@cache
 def _fan_out_sql() -> str:
     quote = connection.ops.quote_name
     devices, hooks, prefs = (
