@@ -80,6 +80,52 @@ class DependencyDownMiddleware:
 LANE_PATHS = ("/o/token/", "/o/bc-authorize/", "/o/redeem/", "/o/introspect/", "/o/revoke/")
 
 
+def lane_handlers(
+    get_response: Callable[[HttpRequest], HttpResponseBase],
+) -> dict[str, Callable[[HttpRequest], HttpResponseBase]]:
+    """path -> the request's whole handling on the lane: rate limits, request id, 503, the view.
+
+    ``get_response`` is only the 503 handler's fallback; the views come from the URLconf, once.
+    """
+    from django.urls import resolve  # the URLconf imports the views: not at module load
+
+    down = DependencyDownMiddleware(get_response)
+    # WSGI: the chain below is synchronous, so each lane answers with a response, never an awaitable.
+    lanes: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {}
+    for path in LANE_PATHS:
+        view = resolve(path).func
+
+        def answer(request: HttpRequest, view: Callable[..., HttpResponseBase] = view) -> HttpResponseBase:
+            try:
+                return view(request)
+            except Exception as exc:
+                response = down.process_exception(request, exc)
+                if response is None:
+                    raise
+                return response
+
+        inner = convert_exception_to_response(answer)
+        inner = convert_exception_to_response(
+            RequestContextMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
+        )
+        lanes[path] = cast(
+            Callable[[HttpRequest], HttpResponseBase],
+            convert_exception_to_response(
+                RateLimitMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
+            ),
+        )
+    return lanes
+
+
+def finish_lane_response(response: HttpResponseBase) -> HttpResponseBase:
+    """Add what the skipped middleware would: ``Content-Length`` (CommonMiddleware) and
+    ``X-Frame-Options`` (XFrameOptionsMiddleware)."""
+    if not response.streaming and "Content-Length" not in response:
+        response.headers["Content-Length"] = str(len(cast(HttpResponse, response).content))
+    response.headers.setdefault("X-Frame-Options", settings.X_FRAME_OPTIONS)
+    return response
+
+
 class ProtocolLaneMiddleware:
     """Serve the protocol endpoints through the middleware they need, and no other.
 
@@ -98,44 +144,11 @@ class ProtocolLaneMiddleware:
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
-        from django.urls import resolve  # the URLconf imports the views: not at module load
-
         self.get_response = get_response
-        down = DependencyDownMiddleware(get_response)
-        # WSGI: the chain below is synchronous, so each lane answers with a response, never an awaitable.
-        lanes: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {}
-        for path in LANE_PATHS:
-            view = resolve(path).func
-
-            def answer(
-                request: HttpRequest, view: Callable[..., HttpResponseBase] = view
-            ) -> HttpResponseBase:
-                try:
-                    return view(request)
-                except Exception as exc:
-                    response = down.process_exception(request, exc)
-                    if response is None:
-                        raise
-                    return response
-
-            inner = convert_exception_to_response(answer)
-            inner = convert_exception_to_response(
-                RequestContextMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
-            )
-            lanes[path] = cast(
-                Callable[[HttpRequest], HttpResponseBase],
-                convert_exception_to_response(
-                    RateLimitMiddleware(cast(Callable[[HttpRequest], HttpResponseBase], inner))
-                ),
-            )
-        self.lanes = lanes
+        self.lanes = lane_handlers(get_response)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         lane = self.lanes.get(request.path_info) if request.method == "POST" else None
         if lane is None:
             return self.get_response(request)
-        response = lane(request)
-        if not response.streaming and "Content-Length" not in response:
-            response.headers["Content-Length"] = str(len(cast(HttpResponse, response).content))
-        response.headers.setdefault("X-Frame-Options", settings.X_FRAME_OPTIONS)
-        return response
+        return finish_lane_response(lane(request))

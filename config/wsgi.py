@@ -2,7 +2,8 @@
 
 Django's WSGI handler runs a request start to finish on one thread; the ASGI handler hops
 between threads several times per request (docs/deployment.md), so HTTP is served here and
-only websockets go through ``config.asgi``.
+only websockets go through ``config.asgi``. The protocol endpoints' POSTs skip even the WSGI
+handler's request cycle (``ProtocolLane``).
 
 Behind the proxy the peer is the proxy: ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are
 believed only from ``FORWARDED_ALLOW_IPS`` (comma-separated, default ``127.0.0.1``, ``*`` for
@@ -11,13 +12,21 @@ any), the rule uvicorn applies to the websocket processes, so both see the same 
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import cast
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 from django.conf import settings  # noqa: E402
+from django.core.handlers.wsgi import WSGIRequest  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.db import close_old_connections  # noqa: E402
+from django.http import HttpRequest  # noqa: E402
+from django.http.response import HttpResponse, HttpResponseBase  # noqa: E402
+from django.utils.module_loading import import_string  # noqa: E402
+
+LANE_MIDDLEWARE = "config.middleware.ProtocolLaneMiddleware"
 
 
 class ChunkedBody:
@@ -44,6 +53,61 @@ class ChunkedBody:
                 return [b"Request body too large."]
             environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
         return self.app(environ, start_response)
+
+
+class ProtocolLane:
+    """POSTs to the protocol endpoints answered without Django's per-request cycle around them.
+
+    ``config.middleware.ProtocolLaneMiddleware`` already runs only what a token, CIBA,
+    redemption, introspection or revocation POST needs. Around it, Django's WSGI handler still
+    does, per request: the ``request_started`` and ``request_finished`` signals (each closing
+    every database connection and cache, resetting the URLconf), its middleware adapter and the
+    response's own close; measured by py-spy on a web process serving code exchanges, about a
+    tenth of the process's CPU (docs/deployment.md). Here the same lane handlers run behind the
+    middleware listed before the lane in ``MIDDLEWARE`` (``SecurityMiddleware``: its redirect
+    and headers), the database connection goes back to its pool as ``request_finished`` would
+    (``close_old_connections``, also after an error), and the body is handed over as bytes.
+
+    The same answer either way (``tests/ops/test_protocol_lane.py`` drives both). Every other
+    request, and every request under a ``SCRIPT_NAME`` prefix, goes to Django's handler.
+    """
+
+    def __init__(self, app: WSGIApplication) -> None:
+        from config.middleware import finish_lane_response, lane_handlers
+
+        self.app = app
+        self.finish = finish_lane_response
+        self.lanes: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {}
+        if LANE_MIDDLEWARE not in settings.MIDDLEWARE or settings.FORCE_SCRIPT_NAME:
+            return
+        outer = settings.MIDDLEWARE[: settings.MIDDLEWARE.index(LANE_MIDDLEWARE)]
+
+        def unused(request: HttpRequest) -> HttpResponseBase:
+            raise AssertionError("a lane answers every request it takes")
+
+        for path, handler in lane_handlers(unused).items():
+            for name in reversed(outer):
+                handler = import_string(name)(handler)
+            self.lanes[path] = handler
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        lane = (
+            self.lanes.get(environ.get("PATH_INFO", "")) if environ.get("REQUEST_METHOD") == "POST" else None
+        )
+        if lane is None or environ.get("SCRIPT_NAME"):
+            return self.app(environ, start_response)
+        try:
+            response = self.finish(lane(WSGIRequest(environ)))
+        finally:
+            close_old_connections()
+        headers = [
+            *response.items(),
+            *(("Set-Cookie", c.output(header="")) for c in response.cookies.values()),
+        ]
+        start_response(f"{response.status_code} {response.reason_phrase}", headers)
+        if response.streaming:  # none of the lane's views streams; its close sends the signal as usual
+            return cast(Iterable[bytes], response)
+        return [cast(HttpResponse, response).content]
 
 
 class ProxyHeaders:
@@ -73,5 +137,5 @@ class ProxyHeaders:
 
 
 application = ProxyHeaders(
-    ChunkedBody(get_wsgi_application()), os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    ChunkedBody(ProtocolLane(get_wsgi_application())), os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 )

@@ -1,11 +1,18 @@
 """The protocol lane (``config.middleware.ProtocolLaneMiddleware``) answers exactly as the full chain does."""
 
+import io
 import json
+import sys
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
+from wsgiref.types import WSGIApplication
 
 import pytest
 from django.conf import settings
+from django.core.signals import request_finished, request_started
+from django.core.wsgi import get_wsgi_application
+from django.db import OperationalError, connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import Client, RequestFactory, override_settings
 
@@ -134,3 +141,115 @@ def test_a_token_response_is_the_same_through_the_lane_and_the_full_chain(
         flow.client = Client()
         assert _shape(flow.introspect(token)) == _shape(introspected)
     assert introspected.json()["active"] is True
+
+
+def _wsgi(app: WSGIApplication, path: str, data: dict[str, str], **extra: str) -> HttpResponse:
+    """One POST through a WSGI callable, the way granian calls it; the answer as a response."""
+    body = urlencode(data).encode()
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": FORM,
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        **extra,
+    }
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+        started.append((status, headers))
+
+    chunks = app(environ, start_response)
+    try:
+        content = b"".join(chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    ((status, headers),) = started
+    response = HttpResponse(content, status=int(status.split()[0]))
+    for name, value in headers:
+        response[name] = value
+    return response
+
+
+@pytest.fixture
+def signals_sent() -> Iterator[list[str]]:
+    sent: list[str] = []
+
+    def started(**kwargs: object) -> None:
+        sent.append("request_started")
+
+    def finished(**kwargs: object) -> None:
+        sent.append("request_finished")
+
+    request_started.connect(started)
+    request_finished.connect(finished)
+    yield sent
+    request_started.disconnect(started)
+    request_finished.disconnect(finished)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("path", "data", "who"), REFUSALS)
+def test_the_wsgi_lane_answers_as_django_s_handler_without_its_request_cycle(
+    scenario: Scenario, signals_sent: list[str], path: str, data: dict[str, str], who: dict[str, bool]
+) -> None:
+    from config.wsgi import application
+
+    extra: dict[str, str] = {}
+    if who.get("agent"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
+    elif who.get("rs"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.rs_client_id, scenario.rs_secret)
+    elif who.get("wrong"):
+        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, "wrong")
+    lane = _wsgi(application, path, data, **extra)
+    assert signals_sent == []  # Django's request cycle was not run
+    full = _wsgi(get_wsgi_application(), path, data, **extra)
+    assert signals_sent == ["request_started", "request_finished"]
+    assert _shape(lane) == _shape(full)
+    assert lane["X-Content-Type-Options"] == "nosniff"  # SecurityMiddleware still runs on the lane
+    assert connection.connection is None  # the connection went back to the pool, as after any request
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_wsgi_lane_hands_everything_else_to_django(scenario: Scenario, signals_sent: list[str]) -> None:
+    from config.wsgi import application
+
+    _wsgi(application, "/o/token", {})  # no slash: CommonMiddleware's answer, not the lane's
+    _wsgi(application, "/o/token/", {}, SCRIPT_NAME="/auth")
+    assert signals_sent == ["request_started", "request_finished"] * 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_dropped(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from config.wsgi import application
+    from consent.views import token as token_view
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(token_view, "token_grants", lambda: {"client_credentials": down})
+    response = _wsgi(
+        application,
+        "/o/token/",
+        {"grant_type": "client_credentials"},
+        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+    )
+    assert response.status_code == 503
+    assert json.loads(response.content)["error"] == "temporarily_unavailable"
+    assert connection.connection is None
