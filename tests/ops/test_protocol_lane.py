@@ -3,7 +3,7 @@
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 from wsgiref.types import WSGIApplication
@@ -27,7 +27,7 @@ def _full_chain() -> list[str]:
     return [m for m in settings.MIDDLEWARE if m != LANE]
 
 
-def _shape(response: ClientResponse) -> tuple[object, ...]:
+def _shape(response: "HttpResponse | ClientResponse") -> tuple[object, ...]:
     """What a client sees, minus what differs per request (the request id, token values)."""
     headers = {k: v for k, v in response.headers.items() if k != "X-Request-ID"}
     body: object = response.content
@@ -167,8 +167,11 @@ def _wsgi(app: WSGIApplication, path: str, data: dict[str, str], **extra: str) -
     }
     started: list[tuple[str, list[tuple[str, str]]]] = []
 
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> None:
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: Any = None, /
+    ) -> Callable[[bytes], object]:
         started.append((status, headers))
+        return lambda data: None  # the lane never writes through it
 
     chunks = app(environ, start_response)
     try:
