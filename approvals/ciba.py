@@ -12,7 +12,7 @@ grant, with RFC 9396 ``authorization_details`` of a type that scope accepts.
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.utils import timezone
 
@@ -34,6 +34,9 @@ from .errors import (
     InvalidRequest,
     InvalidScope,
 )
+
+if TYPE_CHECKING:
+    from .quorum import Quorum
 
 # Asking the user to keep a session grant alive longer goes through the same prompts.
 EXTEND_SCOPE = "grant:extend"
@@ -58,6 +61,10 @@ class BackchannelRequest:
     budget: Budget | None = None
     budget_read: bool = False
     instance: str = ""  # the agent instance that asks (act.instance of its token), "" for the agent as one
+    # The quorum the scope's policy asks of these details (None: the user alone), as read with the
+    # policy; with ``quorum_read`` False the request path reads it itself where it needs it.
+    quorum: "Quorum | None" = None
+    quorum_read: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ _POLICY = rows.Columns(
         "approval_window",
         "authorization_details_types",
         "auto_approve_rule",
+        "quorum",
+        "approver_group",
+        "exclude_requester",
+        "quorum_when",
     ],
 )
 _BUDGET = rows.Columns(
@@ -243,6 +254,8 @@ def validate_backchannel_request(
             budget_read=True,
             instance=instance,
         )
+    from .quorum import policy_quorum  # quorum -> delivery -> wording -> this module
+
     policy = hint.policy if hint is not None else ScopePolicy.objects.filter(name=scope).first()
     if policy is None or not policy.is_step_up:
         raise InvalidScope(f"{scope} is not a step-up scope")
@@ -276,4 +289,6 @@ def validate_backchannel_request(
         budget=hint.budget if hint is not None else None,
         budget_read=hint is not None,
         instance=instance,
+        quorum=policy_quorum(policy, details),
+        quorum_read=True,
     )

@@ -63,7 +63,7 @@ def quorum_for(*, scope: str, details: list[dict[str, Any]]) -> Quorum | None:
     return quorum_of(size=row[0], group_id=row[1], exclude_requester=row[2], when=row[3], details=details)
 
 
-def _policy_quorum(policy: ScopePolicy, details: list[dict[str, Any]]) -> Quorum | None:
+def policy_quorum(policy: ScopePolicy, details: list[dict[str, Any]]) -> Quorum | None:
     return quorum_of(
         size=policy.quorum,
         group_id=policy.approver_group_id,
@@ -190,7 +190,7 @@ def pending_for_approver(*, user_id: int) -> list[ApprovalRequest]:
     for approval in found:
         policy = policies.get(approval.scope)
         if approval.pk in voted or (
-            policy is not None and _policy_quorum(policy, approval.authorization_details)
+            policy is not None and policy_quorum(policy, approval.authorization_details)
         ):
             mine.append(approval)
     return mine
@@ -212,7 +212,7 @@ def inbox_prompts(*, user_id: int) -> list[dict[str, Any]]:
 
 def _quorum_in(policies: dict[str, ScopePolicy], approval: ApprovalRequest) -> Quorum | None:
     policy = policies.get(approval.scope)
-    return _policy_quorum(policy, approval.authorization_details) if policy is not None else None
+    return policy_quorum(policy, approval.authorization_details) if policy is not None else None
 
 
 def quorums_for(approvals: list[ApprovalRequest]) -> dict[Any, Quorum | None]:

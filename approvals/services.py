@@ -81,6 +81,30 @@ def _after_commit(task: str, approval_id: Any, **options: Any) -> None:
     transaction.on_commit(lambda: queued.apply_async((str(approval_id),), **options), robust=True)
 
 
+def _deliver_after_commit(approval: ApprovalRequest, *, push_here: bool) -> None:
+    """Once the transaction commits, bring the new prompt to the user's open inboxes.
+
+    With ``push_here`` (the user alone decides, so the prompt is the same for every inbox) this
+    process pushes it first (``delivery.push_now``: two Redis round trips), then queues
+    ``approvals.deliver_prompt`` told so: the task records the delivery, schedules the expiry and
+    fans out to the other channels as always, and pushes only if this push did not happen. The
+    prompt reaches the tab without waiting for a worker to pick the task up; the task stays the
+    guarantee (retries, the redelivery sweep), and each inbox is sent the prompt once.
+    """
+    queued = current_app.tasks["approvals.deliver_prompt"]
+
+    def deliver() -> None:
+        pushed = False
+        try:
+            if push_here:
+                message = {"type": "approval.upsert", "prompt": delivery.prompt_payload(approval)}
+                pushed = delivery.push_now(approval.user_id, message)
+        finally:  # queued whatever the push did: the task is what records and retries
+            queued.apply_async((str(approval.pk),), kwargs={"pushed": True} if pushed else None)
+
+    transaction.on_commit(deliver, robust=True)
+
+
 def _push_removal_after_commit(approval_id: Any, *, user_id: Any, status: str) -> None:
     """Once the transaction commits, tell the user's open inboxes the prompt left the pending list.
 
@@ -267,8 +291,8 @@ def approval_request_create(
     )
     # A request a quorum covers is never approved by a rule or a budget alone. The policy's quorum
     # is read only where one of them could approve (one statement), not on every request.
-    needs_quorum = (auto or budget is not None) and quorum_for(
-        scope=req.scope, details=req.authorization_details
+    needs_quorum = (auto or budget is not None) and (
+        req.quorum if req.quorum_read else quorum_for(scope=req.scope, details=req.authorization_details)
     ) is not None
     if needs_quorum:
         auto = False
@@ -323,7 +347,7 @@ def approval_request_create(
         else:
             # One message per request: the delivery task schedules the on-time expiry
             # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
-            _after_commit("approvals.deliver_prompt", approval.pk)
+            _deliver_after_commit(approval, push_here=req.quorum_read and req.quorum is None)
     return approval, True
 
 

@@ -64,21 +64,30 @@ def push_grant_changed(self: Task[Any, Any], grant_id: str, user_id: int) -> Non
     retry_backoff_max=30,
     ignore_result=True,
 )
-def deliver_prompt(self: Task[Any, Any], approval_id: str) -> None:
+def deliver_prompt(self: Task[Any, Any], approval_id: str, pushed: bool = False) -> None:
+    """Push a new prompt to its inboxes, record the delivery, fan out to the other channels.
+
+    ``pushed``: the process that created the request already pushed it to the user's inboxes
+    (``approvals.services._deliver_after_commit``), so only the rest is done here.
+    """
     approval = approval_for_push(approval_id=approval_id)
     if approval is None or not approval.is_pending:
         return
     # Every inbox that may answer it (two-person approval: each approver's own), each told where its
     # quorum stands for that person. A retry sends to all again: the inbox keys prompts by id.
-    quorum = quorum_for(scope=approval.scope, details=approval.authorization_details)
-    try:
-        for user_id in recipients(approval, quorum):
-            send_to_user(
-                user_id,
-                {"type": "approval.upsert", "prompt": prompt_for(approval, viewer_id=user_id, quorum=quorum)},
-            )
-    except Exception as exc:  # Redis down: keep the row pending and try again
-        raise self.retry(exc=exc, countdown=_backoff(self)) from exc
+    if not pushed:
+        quorum = quorum_for(scope=approval.scope, details=approval.authorization_details)
+        try:
+            for user_id in recipients(approval, quorum):
+                send_to_user(
+                    user_id,
+                    {
+                        "type": "approval.upsert",
+                        "prompt": prompt_for(approval, viewer_id=user_id, quorum=quorum),
+                    },
+                )
+        except Exception as exc:  # Redis down: keep the row pending and try again
+            raise self.retry(exc=exc, countdown=_backoff(self)) from exc
     first = approval_mark_delivered(approval=approval, channel="websocket")
     # The other channels (approvals.notify): devices, mailbox, organisation webhooks.
     prompt_sent_to_inbox(approval=approval, first=first)

@@ -154,6 +154,8 @@ def authenticate_client(
 AGENT_FIELDS = [
     "id",
     "client_id",
+    "name",  # name and publisher: the prompt a backchannel request pushes shows them
+    "publisher",
     "client_secret",
     "hash_client_secret",
     "client_type",

