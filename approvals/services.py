@@ -8,6 +8,7 @@ row, which stays the source of truth.
 
 import hashlib
 import hmac
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,13 +95,16 @@ def _deliver_after_commit(approval: ApprovalRequest, *, push_here: bool) -> None
     queued = current_app.tasks["approvals.deliver_prompt"]
 
     def deliver() -> None:
-        pushed = False
+        pushed, pushed_at = False, 0.0
         try:
             if push_here:
                 message = {"type": "approval.upsert", "prompt": delivery.prompt_payload(approval)}
+                pushed_at = time.time()
                 pushed = delivery.push_now(approval.user_id, message)
         finally:  # queued whatever the push did: the task is what records and retries
-            queued.apply_async((str(approval.pk),), kwargs={"pushed": True} if pushed else None)
+            queued.apply_async(
+                (str(approval.pk),), kwargs={"pushed": True, "pushed_at": pushed_at} if pushed else None
+            )
 
     transaction.on_commit(deliver, robust=True)
 
@@ -381,9 +385,9 @@ def _auto_approve(
     approval.decision_method, approval.decision_auth = method, decision_auth
 
 
-def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
-    """The prompt reached the user's open inboxes: record the first delivery (audited). Safe to call
-    again: only the first call records anything.
+def approval_mark_delivered(*, approval: ApprovalRequest, channel: str, at: datetime | None = None) -> bool:
+    """The prompt reached the user's open inboxes (``at``, default now): record the first delivery
+    (audited). Safe to call again: only the first call records anything.
 
     The window's end needs no task of its own: every read checks ``expires_at`` (the inbox, the
     caps, a poll answers ``expired_token``), and the sweep (``approvals.expire_due``, every
@@ -396,7 +400,7 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str) -> bool:
         first = rows.execute(
             f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
             [
-                rows.param(ApprovalRequest, "delivered_at", timezone.now()),
+                rows.param(ApprovalRequest, "delivered_at", at or timezone.now()),
                 rows.param(ApprovalRequest, "id", approval.pk),
             ],
         )

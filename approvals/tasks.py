@@ -7,6 +7,7 @@ database; a push that fails outright raises, and the task retries."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -64,14 +65,22 @@ def push_grant_changed(self: Task[Any, Any], grant_id: str, user_id: int) -> Non
     retry_backoff_max=30,
     ignore_result=True,
 )
-def deliver_prompt(self: Task[Any, Any], approval_id: str, pushed: bool = False) -> None:
+def deliver_prompt(
+    self: Task[Any, Any], approval_id: str, pushed: bool = False, pushed_at: float | None = None
+) -> None:
     """Push a new prompt to its inboxes, record the delivery, fan out to the other channels.
 
-    ``pushed``: the process that created the request already pushed it to the user's inboxes
-    (``approvals.services._deliver_after_commit``), so only the rest is done here.
+    ``pushed``: the process that created the request already pushed it to the user's inboxes at
+    ``pushed_at`` (``approvals.services._deliver_after_commit``), so only the rest is done here;
+    a prompt the user answered before this task ran was still delivered then, and is recorded so.
     """
     approval = approval_for_push(approval_id=approval_id)
-    if approval is None or not approval.is_pending:
+    if approval is None:
+        return
+    at = datetime.fromtimestamp(pushed_at, UTC) if pushed and pushed_at is not None else None
+    if not approval.is_pending:
+        if pushed:
+            approval_mark_delivered(approval=approval, channel="websocket", at=at)
         return
     # Every inbox that may answer it (two-person approval: each approver's own), each told where its
     # quorum stands for that person. A retry sends to all again: the inbox keys prompts by id.
@@ -88,7 +97,7 @@ def deliver_prompt(self: Task[Any, Any], approval_id: str, pushed: bool = False)
                 )
         except Exception as exc:  # Redis down: keep the row pending and try again
             raise self.retry(exc=exc, countdown=_backoff(self)) from exc
-    first = approval_mark_delivered(approval=approval, channel="websocket")
+    first = approval_mark_delivered(approval=approval, channel="websocket", at=at)
     # The other channels (approvals.notify): devices, mailbox, organisation webhooks.
     prompt_sent_to_inbox(approval=approval, first=first)
 

@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.utils import timezone
 
 from approvals import delivery
 from approvals.models import ApprovalRequest
-from approvals.services import auth_req_id_hash
+from approvals.services import approval_deny, auth_req_id_hash
+from audit.models import AuditEvent
 from config.celery import app as celery_app
 from consent.models import ScopePolicy
+from consent.services import AuthContext
 from tests.approvals.conftest import Agent
 from tests.conftest import Scenario
 
@@ -79,7 +82,8 @@ def test_a_new_prompt_reaches_open_inboxes_before_any_worker_runs(
     frame = receive(5)
     assert frame is not None and frame["type"] == "approval.upsert"
     assert str(approval.pk) in frame["text"] and "Acme Office Supply" in frame["text"]
-    assert queued.calls == [((str(approval.pk),), {"pushed": True})]
+    [(args, kwargs)] = queued.calls
+    assert args == (str(approval.pk),) and kwargs is not None and kwargs["pushed"] is True
     approval.refresh_from_db()
     assert approval.delivered_at is None  # recorded by the task, as before
 
@@ -125,3 +129,24 @@ def test_a_prompt_a_quorum_decides_is_left_to_the_task(
     queued.run_them()
     frame = receive(5)
     assert frame is not None and '"quorum"' in frame["text"]
+
+
+def test_a_prompt_answered_before_the_task_ran_is_recorded_as_delivered_when_it_was_pushed(
+    agent: Agent, scenario: Scenario, queued: _Queued
+) -> None:
+    receive = _listen(scenario.user.pk)
+    before = timezone.now()
+    approval = _approval(agent.ask())
+    assert receive(5) is not None
+    after_push = timezone.now()
+    approval_deny(approval_id=approval.pk, user=scenario.user, auth=AuthContext(timezone.now(), ["pwd"]))
+
+    queued.run_them()  # the worker comes to it only now
+
+    approval.refresh_from_db()
+    assert approval.status == ApprovalRequest.Status.DENIED
+    assert approval.delivered_at is not None and before <= approval.delivered_at <= after_push
+    assert (
+        AuditEvent.objects.filter(event="approval.delivered", detail__approval_id=str(approval.pk)).count()
+        == 1
+    )
