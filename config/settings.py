@@ -217,7 +217,16 @@ CACHES = {
         "KEY_PREFIX": "cs:lim:axes",
         "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
     },
+    # Copies of sessions, the database's rows being the truth (config.sessions).
+    "sessions": {
+        "BACKEND": "consent.limits.cache.FailOpenRedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cs:sess",
+        "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    },
 }
+SESSION_ENGINE = "config.sessions"
+SESSION_CACHE_ALIAS = "sessions"
 AUTHENTICATION_BACKENDS = [
     "consent.limits.logins.LoginAttemptsBackend",
     "django.contrib.auth.backends.ModelBackend",
