@@ -96,17 +96,22 @@ REFUSALS = [
 ]
 
 
+def _credentials(scenario: Scenario, who: dict[str, bool]) -> dict[str, str]:
+    """The Authorization header a REFUSALS row presents, as WSGI environ keys."""
+    if who.get("agent"):
+        return {"HTTP_AUTHORIZATION": basic(scenario.agent.client_id, scenario.agent_secret)}
+    if who.get("rs"):
+        return {"HTTP_AUTHORIZATION": basic(scenario.rs_client_id, scenario.rs_secret)}
+    if who.get("wrong"):
+        return {"HTTP_AUTHORIZATION": basic(scenario.agent.client_id, "wrong")}
+    return {}
+
+
 @pytest.mark.parametrize(("path", "data", "who"), REFUSALS)
 def test_refusals_are_the_same_through_the_lane_and_the_full_chain(
     scenario: Scenario, path: str, data: dict[str, str], who: dict[str, bool]
 ) -> None:
-    extra: dict[str, str] = {}
-    if who.get("agent"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
-    elif who.get("rs"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.rs_client_id, scenario.rs_secret)
-    elif who.get("wrong"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, "wrong")
+    extra = _credentials(scenario, who)
     lane = _shape(_post(Client(), path, data, **extra))
     with override_settings(MIDDLEWARE=_full_chain()):
         full = _shape(_post(Client(), path, data, **extra))
@@ -211,13 +216,7 @@ def test_the_wsgi_lane_answers_as_django_s_handler_without_its_request_cycle(
 ) -> None:
     from config.wsgi import application
 
-    extra: dict[str, str] = {}
-    if who.get("agent"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, scenario.agent_secret)
-    elif who.get("rs"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.rs_client_id, scenario.rs_secret)
-    elif who.get("wrong"):
-        extra["HTTP_AUTHORIZATION"] = basic(scenario.agent.client_id, "wrong")
+    extra = _credentials(scenario, who)
     lane = _wsgi(application, path, data, **extra)
     assert signals_sent == []  # Django's request cycle was not run
     full = _wsgi(get_wsgi_application(), path, data, **extra)
