@@ -87,8 +87,8 @@ def _deliver_after_commit(approval: ApprovalRequest, *, push_here: bool) -> None
 
     With ``push_here`` (the user alone decides, so the prompt is the same for every inbox) this
     process pushes it first (``delivery.push_now``: two Redis round trips), then queues
-    ``approvals.deliver_prompt`` told so: the task records the delivery, schedules the expiry and
-    fans out to the other channels as always, and pushes only if this push did not happen. The
+    ``approvals.deliver_prompt`` told so: the task records the delivery and fans out to the
+    other channels as always, and pushes only if this push did not happen. The
     prompt reaches the tab without waiting for a worker to pick the task up; the task stays the
     guarantee (retries, the redelivery sweep), and each inbox is sent the prompt once.
     """
