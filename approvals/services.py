@@ -451,6 +451,10 @@ def _decide(
     if approval.user_id != user.pk:
         raise ApprovalNotFound(str(approval_id))
     now = timezone.now()
+    if approval.scope != EXTEND_SCOPE:  # an extension also changes the grant: the transaction below
+        return _decide_in_one_statement(
+            approval, edge=edge, user_id=user.pk, method=method, auth=auth, request=request, now=now
+        )
     with transaction.atomic():
         decided = _lock_live_grant(approval, now) and _take_decision(
             approval, edge=edge, user_id=user.pk, method=method, auth=auth, now=now, owner_id=user.pk
@@ -460,6 +464,56 @@ def _decide(
                 ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first()
             )
         _decided(approval, edge=edge, user_id=user.pk, method=method, auth=auth, request=request)
+    return approval
+
+
+def _decide_in_one_statement(
+    approval: ApprovalRequest,
+    *,
+    edge: str,
+    user_id: int,
+    method: str,
+    auth: dict[str, Any],
+    request: HttpRequest | None,
+    now: datetime,
+) -> ApprovalRequest:
+    """``_lock_live_grant``, ``_take_decision`` and ``_decided`` as one statement (``rows.Batch``).
+
+    The conditional UPDATE of the request is the guard, with the same conditions, and the audit
+    row lands with it or not at all; no BEGIN/COMMIT of its own. Its condition on the grant locks
+    the grant row (FOR UPDATE) while the request's row is qualified, before that row is locked
+    for the update, so the grant is still locked before its approval, the order grant_revoke
+    takes; a request the revocation cancelled meanwhile fails the re-checked status.
+    """
+    to = ApprovalRequest.entering(edge)
+    update = _decision_update(
+        approval,
+        edge=edge,
+        user_id=user_id,
+        method=method,
+        auth=auth,
+        now=now,
+        owner_id=user_id,
+        grant_live=True,
+    )
+    batch = rows.Batch(update)
+    batch.event(
+        "audit",
+        _event(
+            approval,
+            "approval.approved" if to == Status.APPROVED else "approval.denied",
+            actor=f"user:{user_id}",
+            request=request,
+            method=method,
+            auth=auth,
+        ),
+    )
+    if batch.run() is None:
+        raise ApprovalNotPending(
+            ApprovalRequest.objects.filter(pk=approval.pk).values_list("status", flat=True).first()
+        )
+    approval.status = to
+    _announce_end(approval, approvers="quorum" in auth)
     return approval
 
 
@@ -495,27 +549,68 @@ def _take_decision(
     locks (a concurrent decision, expiry or cancellation makes it match nothing). ``owner_id``:
     only that user's request (a single decision); None for a quorum, whose votes checked who.
     """
+    update = _decision_update(
+        approval,
+        edge=edge,
+        user_id=user_id,
+        method=method,
+        auth=auth,
+        now=now,
+        owner_id=owner_id,
+        grant_live=False,
+    )
+    sql, params = update  # the row count decides here, not a returned row (SQLite counts those lazily)
+    return rows.execute(sql.removesuffix(" RETURNING 1"), params) == 1
+
+
+def _decision_update(
+    approval: ApprovalRequest,
+    *,
+    edge: str,
+    user_id: int,
+    method: str,
+    auth: dict[str, Any],
+    now: datetime,
+    owner_id: int | None,
+    grant_live: bool,
+) -> tuple[str, list[Any]]:
+    """The conditional UPDATE of ``edge``: the request's status and window, its agent still active,
+    ``owner_id``'s request (None: a quorum's), and with ``grant_live`` its grant live, locked FOR
+    UPDATE by the condition itself."""
     guard, states = _leaving(edge)
-    owner = " AND user_id = %s" if owner_id is not None else ""
-    return (
-        rows.execute(
-            f"UPDATE {_APPROVAL} SET status = %s, decided_at = %s, decided_by_id = %s, decision_method = %s,"
-            f" decision_auth = %s WHERE id = %s{owner} AND {guard} AND expires_at > %s"
-            f" AND agent_id IN ({_AGENT_ACTIVE})",
-            [
-                ApprovalRequest.entering(edge),
-                rows.param(ApprovalRequest, "decided_at", now),
-                user_id,
-                method,
-                rows.param(ApprovalRequest, "decision_auth", auth),
-                rows.param(ApprovalRequest, "id", approval.pk),
-                *([owner_id] if owner_id is not None else []),
-                *states,
-                rows.param(ApprovalRequest, "expires_at", now),
-                Agent.Status.ACTIVE,
-            ],
+    where, params = (
+        [guard, "expires_at > %s", f"agent_id IN ({_AGENT_ACTIVE})"],
+        [
+            *states,
+            rows.param(ApprovalRequest, "expires_at", now),
+            Agent.Status.ACTIVE,
+        ],
+    )
+    if owner_id is not None:
+        where.insert(0, "user_id = %s")
+        params.insert(0, owner_id)
+    if grant_live:
+        where.append(
+            f"grant_id IN (SELECT g.id FROM {rows.table(SessionGrant)} g WHERE g.id = %s AND g.status = %s"
+            f" AND g.expires_at > %s{rows.for_update('g')})"
         )
-        == 1
+        params += [
+            rows.param(SessionGrant, "id", approval.grant_id),
+            SessionGrant.Status.ACTIVE,
+            rows.param(SessionGrant, "expires_at", now),
+        ]
+    return rows.guarded_update(
+        ApprovalRequest,
+        approval.pk,
+        {
+            "status": ApprovalRequest.entering(edge),
+            "decided_at": now,
+            "decided_by": user_id,
+            "decision_method": method,
+            "decision_auth": auth,
+        },
+        " AND ".join(where),
+        params,
     )
 
 

@@ -16,9 +16,10 @@ from tests.conftest import PASSWORD, Scenario
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BUDGET = {
-    # the session, the user, the request with its grant, agent and scope policy, BEGIN, the grant
-    # (locked), PENDING -> APPROVED (one conditional statement), audit row, COMMIT
-    "approve": 8,
+    # the user (the session comes from Redis: config.sessions), the request with its grant, agent
+    # and scope policy, then one statement: PENDING -> APPROVED under the grant's lock with its
+    # audit row (approvals.services._decide_in_one_statement)
+    "approve": 3,
 }
 
 
