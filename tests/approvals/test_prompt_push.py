@@ -3,12 +3,13 @@ through the real Redis channel layer; the delivery task then records it and fans
 sending it again, and pushes it itself whenever that push did not happen."""
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import channel_layers
 from django.utils import timezone
 
 from approvals import delivery
@@ -22,6 +23,7 @@ from tests.approvals.conftest import Agent
 from tests.conftest import Scenario
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
+T = TypeVar("T")
 
 
 class _Queued:
@@ -50,21 +52,42 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> _Queued:
     return recorded
 
 
-def _listen(user_id: int) -> Callable[[float], dict[str, Any] | None]:
-    """A channel in the user's group, as an open inbox has; returns a reader of its next frame
-    (None when none comes within the timeout)."""
-    layer = get_channel_layer()
-    assert layer is not None
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(delivery.user_group(user_id), channel)
+class _Inbox:
+    """A channel in the user's group, as an open inbox has, on a channel layer and an event loop of
+    its own (a thread): the process's shared layer keeps locks bound to the loop that used them, and
+    the services push through it from theirs (``approvals.delivery``)."""
 
-    async def receive(timeout: float) -> dict[str, Any] | None:
+    def __init__(self, user_id: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="test-inbox", daemon=True).start()
+        self.layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        self.group = delivery.user_group(user_id)
+        self.channel = self._run(self.layer.new_channel())
+        self._run(self.layer.group_add(self.group, self.channel))
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def receive(self, timeout: float) -> dict[str, Any] | None:
+        """The next frame, or None when none comes within ``timeout`` seconds."""
         try:
-            return await asyncio.wait_for(layer.receive(channel), timeout)
+            frame: dict[str, Any] = self._run(
+                asyncio.wait_for(self.layer.receive(self.channel), timeout), timeout + 10
+            )
         except TimeoutError:
             return None
+        return frame
 
-    return async_to_sync(receive)
+    def close(self) -> None:
+        self._run(self.layer.group_discard(self.group, self.channel))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def inbox(scenario: Scenario) -> Iterator[_Inbox]:
+    opened = _Inbox(scenario.user.pk)
+    yield opened
+    opened.close()
 
 
 def _approval(response: Any) -> ApprovalRequest:
@@ -73,13 +96,11 @@ def _approval(response: Any) -> ApprovalRequest:
 
 
 def test_a_new_prompt_reaches_open_inboxes_before_any_worker_runs(
-    agent: Agent, scenario: Scenario, queued: _Queued
+    agent: Agent, scenario: Scenario, queued: _Queued, inbox: _Inbox
 ) -> None:
-    receive = _listen(scenario.user.pk)
-
     approval = _approval(agent.ask())
 
-    frame = receive(5)
+    frame = inbox.receive(5)
     assert frame is not None and frame["type"] == "approval.upsert"
     assert str(approval.pk) in frame["text"] and "Acme Office Supply" in frame["text"]
     [(args, kwargs)] = queued.calls
@@ -88,15 +109,14 @@ def test_a_new_prompt_reaches_open_inboxes_before_any_worker_runs(
     assert approval.delivered_at is None  # recorded by the task, as before
 
     queued.run_them()
-    assert receive(0.5) is None  # the task did not send it again
+    assert inbox.receive(0.5) is None  # the task did not send it again
     approval.refresh_from_db()
     assert approval.delivered_at is not None
 
 
 def test_when_the_direct_push_fails_the_task_pushes_the_prompt(
-    agent: Agent, scenario: Scenario, queued: _Queued, monkeypatch: pytest.MonkeyPatch
+    agent: Agent, scenario: Scenario, queued: _Queued, monkeypatch: pytest.MonkeyPatch, inbox: _Inbox
 ) -> None:
-    receive = _listen(scenario.user.pk)
     real_send = delivery.send_to_user
 
     def redis_gone(user_id: object, message: dict[str, Any], *, timeout: float) -> int:
@@ -105,43 +125,44 @@ def test_when_the_direct_push_fails_the_task_pushes_the_prompt(
     monkeypatch.setattr(delivery, "send_to_user", redis_gone)
     approval = _approval(agent.ask())
     assert queued.calls == [((str(approval.pk),), None)]
-    assert receive(0.5) is None
+    assert inbox.receive(0.5) is None
 
     monkeypatch.setattr(delivery, "send_to_user", real_send)
     queued.run_them()
-    frame = receive(5)
+    frame = inbox.receive(5)
     assert frame is not None and str(approval.pk) in frame["text"]
     approval.refresh_from_db()
     assert approval.status == ApprovalRequest.Status.PENDING and approval.delivered_at is not None
 
 
 def test_a_prompt_a_quorum_decides_is_left_to_the_task(
-    agent: Agent, scenario: Scenario, ledger_policy: ScopePolicy, queued: _Queued
+    agent: Agent, scenario: Scenario, ledger_policy: ScopePolicy, queued: _Queued, inbox: _Inbox
 ) -> None:
     # Each approver's inbox is told where the quorum stands for that person: not one shared frame.
     ScopePolicy.objects.filter(pk=ledger_policy.pk).update(quorum=2)
-    receive = _listen(scenario.user.pk)
 
     approval = _approval(agent.ask())
 
     assert queued.calls == [((str(approval.pk),), None)]
-    assert receive(0.5) is None
+    assert inbox.receive(0.5) is None
     queued.run_them()
-    frame = receive(5)
+    frame = inbox.receive(5)
     assert frame is not None and '"quorum"' in frame["text"]
 
 
 def test_a_prompt_answered_before_the_task_ran_is_recorded_as_delivered_when_it_was_pushed(
-    agent: Agent, scenario: Scenario, queued: _Queued
+    agent: Agent, scenario: Scenario, queued: _Queued, inbox: _Inbox
 ) -> None:
-    receive = _listen(scenario.user.pk)
     before = timezone.now()
     approval = _approval(agent.ask())
-    assert receive(5) is not None
+    assert inbox.receive(5) is not None
     after_push = timezone.now()
     approval_deny(approval_id=approval.pk, user=scenario.user, auth=AuthContext(timezone.now(), ["pwd"]))
+    removal = inbox.receive(5)
+    assert removal is not None and removal["type"] == "approval.remove"
 
     queued.run_them()  # the worker comes to it only now
+    assert inbox.receive(0.5) is None  # and sends nothing
 
     approval.refresh_from_db()
     assert approval.status == ApprovalRequest.Status.DENIED

@@ -24,6 +24,7 @@ import redis
 from kombu import pools as kombu_pools
 from pytest_django import Settings
 
+from approvals import delivery
 from approvals.ciba import validate_backchannel_request
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.services import approval_request_create, auth_req_id_for
@@ -171,7 +172,11 @@ def _approve_collect_redeem(
 
 
 def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
-    stack: FaultStack, scenario: Scenario, agent: AgentHTTP, settings: Settings
+    stack: FaultStack,
+    scenario: Scenario,
+    agent: AgentHTTP,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     n = 30
     visibility = (
@@ -193,8 +198,12 @@ def test_worker_killed_mid_delivery_loses_no_prompt_and_mints_no_duplicate(
         tab.wait(lambda i: i.snapshots == 1 and not i.pending, "empty inbox", logs=stack.logs)
 
         # 30 step-up requests in a burst, each committed and its delivery task queued on commit.
+        # This process stands in for the web node, but its channel layer is not the stack's Redis:
+        # its own push after commit (approvals.services._deliver_after_commit) is made to fail, as
+        # with Redis out of its reach, so every prompt is the doomed worker's to push.
         ids, auth_req_ids = [], {}
-        with tasks_published_to(stack.redis.url):
+        with tasks_published_to(stack.redis.url), monkeypatch.context() as patched:
+            patched.setattr(delivery, "push_now", lambda user_id, message: False)
             for i in range(n):
                 req = validate_backchannel_request(
                     agent=scenario.agent,
