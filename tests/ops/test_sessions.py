@@ -73,3 +73,16 @@ def test_with_redis_unreachable_people_stay_signed_in(
 
     monkeypatch.setattr(client_of, method, gone)
     assert client.get("/approvals/").status_code == 200
+
+
+def test_every_thread_shares_one_session_cache_client(scenario: Scenario) -> None:
+    # Each websocket that connects loads its session; a client per thread or per async context
+    # held a Redis connection per open socket.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from config.sessions import SessionStore
+
+    with ThreadPoolExecutor(8) as pool:
+        stores = list(pool.map(lambda _: SessionStore(), range(32)))
+    assert len({id(store._cache) for store in stores}) == 1
+    assert len({id(store._cache.cache) for store in stores}) == 1
