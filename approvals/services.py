@@ -498,15 +498,7 @@ def _decide_in_one_statement(
     )
     batch = rows.Batch(update)
     batch.event(
-        "audit",
-        _event(
-            approval,
-            "approval.approved" if to == Status.APPROVED else "approval.denied",
-            actor=f"user:{user_id}",
-            request=request,
-            method=method,
-            auth=auth,
-        ),
+        "audit", _decision_event(approval, to=to, user_id=user_id, method=method, auth=auth, request=request)
     )
     if batch.run() is None:
         raise ApprovalNotPending(
@@ -559,8 +551,7 @@ def _take_decision(
         owner_id=owner_id,
         grant_live=False,
     )
-    sql, params = update  # the row count decides here, not a returned row (SQLite counts those lazily)
-    return rows.execute(sql.removesuffix(" RETURNING 1"), params) == 1
+    return rows.fetchone(*update) is not None  # RETURNING 1: a row when this call took the edge
 
 
 def _decision_update(
@@ -627,7 +618,15 @@ def _decided(
             actor=f"user:{user_id}",
             approval_id=approval.pk,
         )
-    _audit(
+    _decision_event(approval, to=to, user_id=user_id, method=method, auth=auth, request=request).append()
+    _announce_end(approval, approvers="quorum" in auth)
+
+
+def _decision_event(
+    approval: ApprovalRequest, *, to: str, user_id: int, method: str, auth: dict[str, Any], request: Any
+) -> PendingEvent:
+    """The audit event of a decision that moved ``approval`` to ``to``."""
+    return _event(
         approval,
         "approval.approved" if to == Status.APPROVED else "approval.denied",
         actor=f"user:{user_id}",
@@ -635,7 +634,6 @@ def _decided(
         method=method,
         auth=auth,
     )
-    _announce_end(approval, approvers="quorum" in auth)
 
 
 def _auth_dict(auth: AuthContext) -> dict[str, Any]:
