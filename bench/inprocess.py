@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU per token request inside one process, through Django's WSGI handler: no HTTP server, no network.
+"""CPU per token request inside one process, through the production WSGI callable: no HTTP server, no network.
 
 What the other benchmarks cannot show: how much of a request is the application itself
 (middleware, view, grant, SQL, signing, audit) and which statements it runs. Starts from a
@@ -38,7 +38,6 @@ import django
 django.setup()
 
 from django.contrib.auth import get_user_model
-from django.core.handlers.wsgi import WSGIHandler
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -69,7 +68,7 @@ with transaction.atomic():
                                          code_challenge_method="S256", session_grant=grant)
         codes.append((code, verifier))
 
-app = WSGIHandler()
+from config.wsgi import application as app  # the callable granian serves (protocol lane included)
 authorization = "Basic " + base64.b64encode(f"{agent.client_id}:{secret}".encode()).decode()
 
 
@@ -97,6 +96,16 @@ def refresh():
     global refresh_token
     refresh_token = call({"grant_type": "refresh_token", "refresh_token": refresh_token})["refresh_token"]
 
+# Under --instructions: ask callgrind to turn counting on or off, zero or dump its counters, and run
+# on until it has (it reads the request between instructions, so this process must not block).
+def callgrind(*args):
+    if os.environ.get("CS_CALLGRIND"):
+        import subprocess
+        ask = subprocess.Popen(["callgrind_control", *args, str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while ask.poll() is None:
+            pass
+
+
 for name, fn in (("code exchange", exchange), ("refresh", refresh)):
     with CaptureQueriesContext(connection) as captured:
         fn()
@@ -107,10 +116,14 @@ for name, fn in (("code exchange", exchange), ("refresh", refresh)):
         import cProfile, pstats
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
+    callgrind("--instr=on")
+    callgrind("--zero")
     start = time.process_time()
     for _ in range(n - 1):
         fn()
     cpu = time.process_time() - start
+    callgrind("--dump=" + name.replace(" ", "-"))
+    callgrind("--instr=off")
     if profile:
         profiler.disable()
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
@@ -124,6 +137,12 @@ def main() -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="run the requests under valgrind's callgrind and print instructions per request: the same "
+        "count for the same code whatever else the machine is doing (about 50x slower; use ~300 requests)",
+    )
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     check_database_url(parser, "--database-url", args.database_url)
@@ -140,12 +159,18 @@ def main() -> int:
         }
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
         log(f"{args.requests} requests per phase, in one process")
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, str(args.requests), "1" if args.profile else "0"],
-            cwd=ROOT,
-            env=env,
-            timeout=stack.remaining(),
-        )
+        command = [sys.executable, "-c", CHILD, str(args.requests), "1" if args.profile else "0"]
+        out = stack.tmp / "callgrind.out"
+        if args.instructions:
+            env["CS_CALLGRIND"] = "1"
+            command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                       *command]  # fmt: skip
+        child = subprocess.run(command, cwd=ROOT, env=env, timeout=stack.remaining())
+        for dump in sorted(stack.tmp.glob("callgrind.out.*")) if args.instructions else ():
+            text = dump.read_text()
+            phase = next(line.split("dump ", 1)[1] for line in text.splitlines() if line.startswith("desc: Trigger"))
+            total = next(int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:")))
+            print(f"{phase}: {total / (args.requests - 1) / 1e6:.3f} M instructions per request", flush=True)
         return child.returncode
 
 

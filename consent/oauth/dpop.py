@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import time
+from functools import lru_cache
 
 import jwt
 from django.conf import settings
@@ -32,7 +33,13 @@ NONCE_WINDOW = 300
 
 
 def _nonce_for(bucket: int) -> str:
-    mac = hmac.new(settings.SECRET_KEY.encode(), f"dpop-nonce:{bucket}".encode(), hashlib.sha256).digest()
+    return _nonce(settings.SECRET_KEY, bucket)
+
+
+@lru_cache(maxsize=8)
+def _nonce(secret: str, bucket: int) -> str:
+    """The HMAC once per window, not on every token response (each one carries the nonce)."""
+    mac = hmac.new(secret.encode(), f"dpop-nonce:{bucket}".encode(), hashlib.sha256).digest()
     return f"{bucket}.{base64.urlsafe_b64encode(mac[:18]).decode()}"
 
 

@@ -1,8 +1,10 @@
 """The protocol lane (``config.middleware.ProtocolLaneMiddleware``) answers exactly as the full chain does."""
 
+import gc
 import io
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -12,7 +14,7 @@ import pytest
 from django.conf import settings
 from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
-from django.db import OperationalError, connection
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import Client, RequestFactory, override_settings
 
@@ -255,3 +257,75 @@ def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_droppe
     assert response.status_code == 503
     assert json.loads(response.content)["error"] == "temporarily_unavailable"
     assert connection.connection is None
+
+
+def _pooled() -> bool:
+    return connection.vendor == "postgresql" and bool(connection.settings_dict["OPTIONS"].get("pool"))
+
+
+def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
+    """Run ``work`` on a thread that then ends, as granian retires an idle blocking thread."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - reported on the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and not failed, failed
+    gc.collect()
+
+
+@pytest.mark.skipif(not _pooled(), reason="connections are kept only from PostgreSQL's pool")
+@pytest.mark.django_db(transaction=True)
+def test_a_lane_thread_keeps_its_pooled_connection_and_hands_it_back_when_the_thread_ends(
+    scenario: Scenario,
+) -> None:
+    from config.wsgi import application
+
+    pool = connection.pool
+
+    def taken_out() -> int:  # connections the pool counts as its own but has not in hand
+        stats = pool.get_stats()
+        return int(stats["pool_size"] - stats["pool_available"])
+
+    before = taken_out()
+    held: list[object] = []
+
+    def two_requests() -> None:
+        for _ in range(2):
+            response = _wsgi(application, "/o/token/", {"grant_type": "password"})
+            assert response.status_code == 400  # audited refusal: the request wrote its row
+            held.append(connections[DEFAULT_DB_ALIAS].connection)
+
+    _in_a_thread_of_its_own(two_requests)
+    assert held[0] is not None and held[0] is held[1]  # the second request took no connection from the pool
+    assert taken_out() == before  # back in the pool, not lost with the thread
+
+
+@pytest.mark.skipif(not _pooled(), reason="connections are kept only from PostgreSQL's pool")
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_connection_goes_back_after_its_time_a_5xx_or_a_page_request(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import config.wsgi
+    from config.wsgi import application
+
+    after: dict[str, object] = {}
+
+    def requests() -> None:
+        conn = connections[DEFAULT_DB_ALIAS]
+        _wsgi(application, "/o/token/", {"grant_type": "password"})
+        assert conn.connection is not None
+        _wsgi(application, "/healthz", {})  # a request through Django's handler returns it as ever
+        after["page"] = conn.connection
+        monkeypatch.setattr(config.wsgi, "LANE_CONNECTION_KEEP", 0.0)
+        _wsgi(application, "/o/token/", {"grant_type": "password"})
+        after["expired"] = conn.connection
+
+    _in_a_thread_of_its_own(requests)
+    assert after == {"page": None, "expired": None}
