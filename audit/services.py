@@ -77,6 +77,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ParamSpec, cast
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -172,19 +173,34 @@ def _detail_json(row: AuditEvent) -> str:
 @dataclass
 class PendingEvent:
     """An audit event that another statement writes: ``consent.rows.Batch`` makes it part of its one
-    statement on PostgreSQL (so it commits, or not, with what it records), or calls ``append``."""
+    statement on PostgreSQL (so it commits, or not, with what it records), or calls ``append``.
 
-    row: AuditEvent
+    ``fields`` are the columns a writer sets (``_APPEND_COLUMNS``); the model instance is made only
+    when something needs one (``append``, or a reader of ``row``): a token request's event goes
+    into its statement from ``fields`` alone, and a model's ``__init__`` was most of building it."""
+
+    fields: dict[str, Any]
+    model = AuditEvent
+
+    @cached_property
+    def row(self) -> AuditEvent:
+        return AuditEvent(**self.fields)
 
     def values(self) -> dict[str, Any]:
-        return {**_plain_values(self.row), "remote_addr": self.row.remote_addr}
+        fields = self.fields
+        return {name: fields[name] for name in _PENDING_VALUES}
 
     @property
     def sql(self) -> dict[str, tuple[str, list[Any]]]:
-        return {"detail": ("%s::jsonb", [_detail_json(self.row)]), "xid": ("pg_current_xact_id()", [])}
+        detail = json.dumps(self.fields["detail"], cls=DjangoJSONEncoder)
+        return {"detail": ("%s::jsonb", [detail]), "xid": ("pg_current_xact_id()", [])}
 
     def append(self) -> AuditEvent:
         return _save(self.row)
+
+
+# What a Batch writes as plain values: every append column but ``detail`` (written as jsonb).
+_PENDING_VALUES = (*_APPEND_COLUMNS[:-2], "remote_addr")
 
 
 def audit_event(
@@ -202,18 +218,18 @@ def audit_event(
     """One event, not yet written (arguments as ``audit_record``)."""
     event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
     return PendingEvent(
-        AuditEvent(
-            occurred_at=timezone.now(),
-            event=event,
-            outcome=outcome,
-            actor=actor[:200],
-            user_id=user_id,
-            client_id=(client_id or "")[:100],
-            grant_id=str(grant_id or ""),
-            error=error,
-            detail=detail or {},
-            remote_addr=client_ip(request),
-        )
+        {
+            "occurred_at": timezone.now(),
+            "event": event,
+            "outcome": outcome,
+            "actor": actor[:200],
+            "user_id": user_id,
+            "client_id": (client_id or "")[:100],
+            "grant_id": str(grant_id or ""),
+            "error": error,
+            "detail": detail or {},
+            "remote_addr": client_ip(request),
+        }
     )
 
 

@@ -121,6 +121,7 @@ class Columns:
         self.model, self.alias, self.names = model, alias, tuple(names)
         quote = connection.ops.quote_name
         self.sql = ", ".join(f"{alias}.{quote(db_column(model, n))}" for n in self.names)
+        self._by_vendor: dict[str, tuple[tuple[str, tuple[Any, ...], Col], ...]] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -128,12 +129,19 @@ class Columns:
     def load(self, values: Sequence[Any]) -> dict[str, Any]:
         conn = connections[DEFAULT_DB_ALIAS]
         out = {}
-        for name, value in zip(self.names, values, strict=True):
-            converters, col = _converters(conn.vendor, self.model, name)
+        for (name, converters, col), value in zip(self._loaders(conn.vendor), values, strict=True):
             for convert in converters:
                 value = convert(value, col, conn)
             out[name] = value
         return out
+
+    def _loaders(self, vendor: str) -> tuple[tuple[str, tuple[Any, ...], Col], ...]:
+        """(name, converters, column) per field, looked up once per database vendor."""
+        if vendor not in self._by_vendor:
+            self._by_vendor[vendor] = tuple(
+                (name, *_converters(vendor, self.model, name)) for name in self.names
+            )
+        return self._by_vendor[vendor]
 
 
 def split(row: Sequence[Any], *parts: Columns) -> list[dict[str, Any]]:
@@ -306,7 +314,7 @@ def event_insert(pending: PendingEvent, source: str) -> tuple[str, list[Any]]:
     """An audit event (``audit.services.PendingEvent``) as a data-modifying CTE body: written once
     per row of ``source`` (PostgreSQL)."""
     conn = connections[DEFAULT_DB_ALIAS]
-    model, values, sql = type(pending.row), pending.values(), pending.sql
+    model, values, sql = pending.model, pending.values(), pending.sql
     params = [param(model, n, v, conn) for n, v in values.items()]
     for _, expr_params in sql.values():
         params.extend(expr_params)
@@ -375,7 +383,7 @@ class Batch:
 
     def event(self, name: str, pending: PendingEvent) -> None:
         """An audit event (``audit.services.PendingEvent``): part of the statement, or written alone."""
-        self.steps.append(("event", name, type(pending.row), pending, {}))
+        self.steps.append(("event", name, pending.model, pending, {}))
 
     def run(self) -> dict[str, Any] | None:
         conn = connections[DEFAULT_DB_ALIAS]
