@@ -27,9 +27,11 @@ from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections  # no
 from django.db.backends.base.base import BaseDatabaseWrapper  # noqa: E402
 from django.http import HttpRequest  # noqa: E402
 from django.http.response import HttpResponse, HttpResponseBase  # noqa: E402
+from django.middleware.security import SecurityMiddleware  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
 
 LANE_MIDDLEWARE = "config.middleware.ProtocolLaneMiddleware"
+SECURITY_MIDDLEWARE = "django.middleware.security.SecurityMiddleware"
 # How long (seconds) a lane thread may keep its pooled database connection from one request to
 # the next, instead of handing it back to the pool and taking one again on every request.
 LANE_CONNECTION_KEEP = float(os.environ.get("LANE_CONNECTION_KEEP", "30"))
@@ -91,6 +93,17 @@ def _pooled(wrapper: BaseDatabaseWrapper) -> bool:
     return wrapper.vendor == "postgresql" and bool(wrapper.settings_dict.get("OPTIONS", {}).get("pool"))
 
 
+class _Probe(HttpRequest):
+    """A request that is secure or not: what ``SecurityMiddleware.process_response`` looks at."""
+
+    def __init__(self, secure: bool) -> None:
+        super().__init__()
+        self.secure = secure
+
+    def is_secure(self) -> bool:
+        return self.secure
+
+
 class ProtocolLane:
     """POSTs to the protocol endpoints answered without Django's per-request cycle around them.
 
@@ -112,6 +125,12 @@ class ProtocolLane:
     returning it cost ~60 µs of every request (5 % of a code exchange's instructions, measured by
     ``bench/inprocess.py --instructions``). Only a clean connection is kept: in autocommit, no
     transaction open, no error seen; anything else goes back as ``request_finished`` would.
+
+    When ``SecurityMiddleware`` is all that comes before the lane (the shipped settings), its
+    redirect runs as ever but its response headers, the same for every response (``nosniff``,
+    the referrer and opener policies, HSTS on a secure request), are learned from it once and
+    written straight into the WSGI header list with ``X-Frame-Options`` and ``Content-Length``,
+    instead of through Django's header validation on every request (~2 % of a code exchange).
     """
 
     def __init__(self, app: WSGIApplication) -> None:
@@ -127,11 +146,21 @@ class ProtocolLane:
         def unused(request: HttpRequest) -> HttpResponseBase:
             raise AssertionError("a lane answers every request it takes")
 
+        self.security: SecurityMiddleware | None = None
+        if outer == [SECURITY_MIDDLEWARE]:
+            self.security, outer = SecurityMiddleware(unused), []
+            self.added = {secure: self._added_headers(self.security, secure) for secure in (False, True)}
         for path, handler in lane_handlers(unused).items():
             for name in reversed(outer):
                 handler = import_string(name)(handler)
             self.lanes[path] = handler
         self.kept = threading.local()
+
+    def _added_headers(self, security: SecurityMiddleware, secure: bool) -> list[tuple[str, str]]:
+        """The headers ``SecurityMiddleware`` and ``finish_lane_response`` add to any response."""
+        blank = HttpResponse()
+        added = self.finish(security.process_response(_Probe(secure), HttpResponse()))
+        return [(k, v) for k, v in added.items() if k not in blank.headers and k != "Content-Length"]
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         lane = (
@@ -145,8 +174,15 @@ class ProtocolLane:
             if connections[DEFAULT_DB_ALIAS].connection is not kept.pooled:
                 kept = None  # handed back meanwhile (a page request on this thread): its time is over
         response: HttpResponseBase | None = None
+        request = WSGIRequest(environ)
+        security, redirect = self.security, None
         try:
-            response = self.finish(lane(WSGIRequest(environ)))
+            if security is None:
+                response = self.finish(lane(request))
+            elif security.redirect and (redirect := security.process_request(request)) is not None:
+                response = security.process_response(request, redirect)  # as the full chain answers it
+            else:
+                response = lane(request)
         finally:
             # A 5xx (the 503 of a database outage among them) hands the connection back.
             clean = response is not None and response.status_code < 500
@@ -155,6 +191,13 @@ class ProtocolLane:
             *response.items(),
             *(("Set-Cookie", c.output(header="")) for c in response.cookies.values()),
         ]
+        if security is not None and redirect is None:
+            present = response.headers
+            for name, value in self.added[bool(security.sts_seconds) and request.is_secure()]:
+                if name not in present:
+                    headers.append((name, value))
+            if not response.streaming and "Content-Length" not in present:
+                headers.append(("Content-Length", str(len(cast(HttpResponse, response).content))))
         start_response(f"{response.status_code} {response.reason_phrase}", headers)
         if response.streaming:  # none of the lane's views streams; its close sends the signal as usual
             return cast(Iterable[bytes], response)

@@ -287,7 +287,7 @@ def test_a_lane_thread_keeps_its_pooled_connection_and_hands_it_back_when_the_th
 ) -> None:
     from config.wsgi import application
 
-    pool = connection.pool
+    pool = connection.pool  # type: ignore[attr-defined]  # PostgreSQL's wrapper
 
     def taken_out() -> int:  # connections the pool counts as its own but has not in hand
         stats = pool.get_stats()
@@ -329,3 +329,28 @@ def test_a_kept_connection_goes_back_after_its_time_a_5xx_or_a_page_request(
 
     _in_a_thread_of_its_own(requests)
     assert after == {"page": None, "expired": None}
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(
+    SECURE_SSL_REDIRECT=True,
+    SECURE_HSTS_SECONDS=3600,
+    SECURE_HSTS_PRELOAD=True,
+    SECURE_REFERRER_POLICY="no-referrer,strict-origin",
+)
+def test_the_wsgi_lane_redirects_and_sets_security_headers_as_security_middleware_does(
+    scenario: Scenario,
+) -> None:
+    from config.wsgi import ProtocolLane
+
+    lane, full = ProtocolLane(get_wsgi_application()), get_wsgi_application()
+    data = {"grant_type": "client_credentials"}
+    auth = {"HTTP_AUTHORIZATION": basic(scenario.agent.client_id, "wrong")}
+    plain = _wsgi(lane, "/o/token/", data, **auth)
+    assert plain.status_code == 301 and plain["Location"].startswith("https://")
+    assert _shape(plain) == _shape(_wsgi(full, "/o/token/", data, **auth))
+    secure = _wsgi(lane, "/o/token/", data, **auth, **{"wsgi.url_scheme": "https"})
+    assert 400 <= secure.status_code < 500  # refused by the view, with the headers of any response
+    assert secure["Strict-Transport-Security"] == "max-age=3600; preload"
+    assert secure["Referrer-Policy"] == "no-referrer,strict-origin"
+    assert _shape(secure) == _shape(_wsgi(full, "/o/token/", data, **auth, **{"wsgi.url_scheme": "https"}))
