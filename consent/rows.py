@@ -126,8 +126,8 @@ class Columns:
     def __len__(self) -> int:
         return len(self.names)
 
-    def load(self, values: Sequence[Any]) -> dict[str, Any]:
-        conn = connections[DEFAULT_DB_ALIAS]
+    def load(self, values: Sequence[Any], conn: BaseDatabaseWrapper | None = None) -> dict[str, Any]:
+        conn = conn or connections[DEFAULT_DB_ALIAS]
         out = {}
         for (name, converters, col), value in zip(self._loaders(conn.vendor), values, strict=True):
             for convert in converters:
@@ -148,8 +148,9 @@ def split(row: Sequence[Any], *parts: Columns) -> list[dict[str, Any]]:
     """Cut one result row into a dict per ``Columns``, in select-list order."""
     out: list[dict[str, Any]] = []
     start = 0
+    conn = connections[DEFAULT_DB_ALIAS]
     for part in parts:
-        out.append(part.load(row[start : start + len(part)]))
+        out.append(part.load(row[start : start + len(part)], conn))
         start += len(part)
     return out
 
