@@ -10,12 +10,17 @@ calls the WSGI application with prebuilt requests:
 2. refresh, a chain of ``--requests`` rotations.
 
 Prints the statements one request runs and the process CPU per request for each phase;
-``--profile`` adds the functions that take the most CPU (cProfile on process time).
+``--profile`` adds the functions that take the most CPU (cProfile on process time);
+``--instructions`` runs the child under valgrind's callgrind, counting only the timed loops, and
+prints instructions per request: the same figure run to run (0.3 % apart) however fast the
+machine is at the moment, so two trees compare on a shared machine. Counts this process only
+(not PostgreSQL's), and everything the process does, the prebuilt requests' encoding included.
 
 Usage (from the project root)::
 
     .venv/bin/python bench/inprocess.py --database-url postgres://postgres@127.0.0.1:5432/countersign_inproc
     .venv/bin/python bench/inprocess.py --requests 2000 --profile
+    .venv/bin/python bench/inprocess.py --requests 200 --instructions
 
 Figures are for comparing runs on one machine; nothing is asserted on timing.
 """
@@ -168,8 +173,12 @@ def main() -> int:
         child = subprocess.run(command, cwd=ROOT, env=env, timeout=stack.remaining())
         for dump in sorted(stack.tmp.glob("callgrind.out.*")) if args.instructions else ():
             text = dump.read_text()
-            phase = next(line.split("dump ", 1)[1] for line in text.splitlines() if line.startswith("desc: Trigger"))
-            total = next(int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:")))
+            phase = next(
+                line.split("dump ", 1)[1] for line in text.splitlines() if line.startswith("desc: Trigger")
+            )
+            total = next(
+                int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:"))
+            )
             print(f"{phase}: {total / (args.requests - 1) / 1e6:.3f} M instructions per request", flush=True)
         return child.returncode
 
