@@ -114,8 +114,8 @@ class ProtocolLane:
     response's own close; measured by py-spy on a web process serving code exchanges, about a
     tenth of the process's CPU (docs/deployment.md). Here the same lane handlers run behind the
     middleware listed before the lane in ``MIDDLEWARE`` (``SecurityMiddleware``: its redirect
-    and headers), the database connection goes back to its pool as ``request_finished`` would
-    (``close_old_connections``, also after an error), and the body is handed over as bytes.
+    and headers), the database connection is kept for the thread's next lane request or goes back
+    to its pool as ``request_finished`` would (below), and the body is handed over as bytes.
 
     The same answer either way (``tests/ops/test_protocol_lane.py`` drives both). Every other
     request, and every request under a ``SCRIPT_NAME`` prefix, goes to Django's handler.
