@@ -144,12 +144,18 @@ def test_a_push_reaches_the_closed_inbox_and_its_click_opens_the_prompt(
     )
 
     # Chromium's push client hands the decrypted message to the worker: it shows the notification.
-    cdp.send(
-        "ServiceWorker.deliverPushMessage",
-        {"origin": live.url, "registrationId": registration_id, "data": json.dumps(message.payload)},
-    )
-    (worker,) = live_context.service_workers
-    (shown,) = _shown_notifications(worker)
+    # Handed again if none shows (a loaded machine can wake the stopped worker too late for the
+    # first), as a push service redelivers; the same tag means one notification however many land.
+    shown_all: list[dict[str, Any]] = []
+    for _ in range(3):
+        cdp.send(
+            "ServiceWorker.deliverPushMessage",
+            {"origin": live.url, "registrationId": registration_id, "data": json.dumps(message.payload)},
+        )
+        (worker,) = live_context.service_workers
+        if shown_all := _shown_notifications(worker):
+            break
+    (shown,) = shown_all
     assert shown["title"] == "Procurement Agent asks for your approval" and shown["body"] == HEADLINE
     assert shown["tag"] == f"approval-{approval.pk}"
     assert shown["url"] == f"{live.url}/approvals/{approval.pk}/?via=push"
