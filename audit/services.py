@@ -155,7 +155,7 @@ def _append(row: AuditEvent) -> None:
         cursor.execute(
             f"INSERT INTO {table} ({cols}, {quote('xid')}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s,"
             f" pg_current_xact_id()) RETURNING {quote('id')}, {quote('xid')}::text",
-            [*_plain_values(row).values(), _detail_json(row), row.remote_addr],
+            [*_plain_values(row).values(), _detail_json(row.detail), row.remote_addr],
         )
         row.pk, xid = cursor.fetchone()
     row.xid = int(xid)
@@ -166,8 +166,8 @@ def _plain_values(row: AuditEvent) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _APPEND_COLUMNS[:-2]}
 
 
-def _detail_json(row: AuditEvent) -> str:
-    return json.dumps(row.detail, cls=DjangoJSONEncoder)
+def _detail_json(detail: dict[str, Any]) -> str:
+    return json.dumps(detail, cls=DjangoJSONEncoder)
 
 
 @dataclass
@@ -192,8 +192,10 @@ class PendingEvent:
 
     @property
     def sql(self) -> dict[str, tuple[str, list[Any]]]:
-        detail = json.dumps(self.fields["detail"], cls=DjangoJSONEncoder)
-        return {"detail": ("%s::jsonb", [detail]), "xid": ("pg_current_xact_id()", [])}
+        return {
+            "detail": ("%s::jsonb", [_detail_json(self.fields["detail"])]),
+            "xid": ("pg_current_xact_id()", []),
+        }
 
     def append(self) -> AuditEvent:
         return _save(self.row)

@@ -76,7 +76,7 @@ class KeptConnection:
 
     def __init__(self, wrapper: BaseDatabaseWrapper, until: float) -> None:
         self.wrapper, self.pooled, self.until = wrapper, wrapper.connection, until
-        self.armed = True
+        self.armed = False  # armed by the lane once the request that took the connection has ended
 
     def __del__(self) -> None:
         pool = getattr(self.pooled, "_pool", None)
@@ -89,7 +89,8 @@ class KeptConnection:
             pass
 
 
-def _pooled(wrapper: BaseDatabaseWrapper) -> bool:
+def pooled(wrapper: BaseDatabaseWrapper) -> bool:
+    """Whether ``wrapper``'s connections come from PostgreSQL's pool (the only ones a lane thread keeps)."""
     return wrapper.vendor == "postgresql" and bool(wrapper.settings_dict.get("OPTIONS", {}).get("pool"))
 
 
@@ -211,19 +212,17 @@ class ProtocolLane:
         if (
             clean
             and conn.connection is not None
-            and _pooled(conn)
+            and pooled(conn)
             and not conn.errors_occurred
             and not conn.in_atomic_block
             and conn.get_autocommit()
         ):
-            until = (
-                kept.until
-                if kept is not None and kept.pooled is conn.connection
-                else now + LANE_CONNECTION_KEEP
-            )
-            if now < until:
+            if kept is None or kept.pooled is not conn.connection:
+                kept = KeptConnection(conn, now + LANE_CONNECTION_KEEP)
+            if now < kept.until:
                 conn.health_check_done = False  # type: ignore[attr-defined]  # CONN_HEALTH_CHECKS: once per request
-                return KeptConnection(conn, until)
+                kept.armed = True
+                return kept
         close_old_connections()
         return None
 

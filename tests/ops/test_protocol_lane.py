@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.test import Client, RequestFactory, override_settings
 
 from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
+from config.wsgi import pooled
 from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 LANE = "config.middleware.ProtocolLaneMiddleware"
@@ -259,10 +260,6 @@ def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_droppe
     assert connection.connection is None
 
 
-def _pooled() -> bool:
-    return connection.vendor == "postgresql" and bool(connection.settings_dict["OPTIONS"].get("pool"))
-
-
 def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
     """Run ``work`` on a thread that then ends, as granian retires an idle blocking thread."""
     failed: list[BaseException] = []
@@ -280,7 +277,7 @@ def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
     gc.collect()
 
 
-@pytest.mark.skipif(not _pooled(), reason="connections are kept only from PostgreSQL's pool")
+@pytest.mark.skipif(not pooled(connection), reason="connections are kept only from PostgreSQL's pool")
 @pytest.mark.django_db(transaction=True)
 def test_a_lane_thread_keeps_its_pooled_connection_and_hands_it_back_when_the_thread_ends(
     scenario: Scenario,
@@ -307,9 +304,9 @@ def test_a_lane_thread_keeps_its_pooled_connection_and_hands_it_back_when_the_th
     assert taken_out() == before  # back in the pool, not lost with the thread
 
 
-@pytest.mark.skipif(not _pooled(), reason="connections are kept only from PostgreSQL's pool")
+@pytest.mark.skipif(not pooled(connection), reason="connections are kept only from PostgreSQL's pool")
 @pytest.mark.django_db(transaction=True)
-def test_a_kept_connection_goes_back_after_its_time_a_5xx_or_a_page_request(
+def test_a_kept_connection_goes_back_after_its_time_or_a_page_request(
     scenario: Scenario, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import config.wsgi
