@@ -21,6 +21,8 @@ Usage (from the project root)::
     .venv/bin/python bench/inprocess.py --database-url postgres://postgres@127.0.0.1:5432/countersign_inproc
     .venv/bin/python bench/inprocess.py --requests 2000 --profile
     .venv/bin/python bench/inprocess.py --requests 200 --instructions
+    .venv/bin/python bench/inprocess.py --requests 200 --instructions --keep-dumps /tmp/cg
+    callgrind_annotate --inclusive=yes /tmp/cg/callgrind.code-exchange | head -60
 
 Figures are for comparing runs on one machine; nothing is asserted on timing.
 """
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from _stack import BENCH_LIMITS_ENV, ROOT, Stack, check_database_url, log, run_main
 
@@ -148,6 +152,11 @@ def main() -> int:
         help="run the requests under valgrind's callgrind and print instructions per request: the same "
         "count for the same code whatever else the machine is doing (about 50x slower; use ~300 requests)",
     )
+    parser.add_argument(
+        "--keep-dumps",
+        metavar="DIR",
+        help="with --instructions: copy callgrind's dump of each phase into DIR, for callgrind_annotate",
+    )
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     check_database_url(parser, "--database-url", args.database_url)
@@ -180,6 +189,9 @@ def main() -> int:
                 int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:"))
             )
             print(f"{phase}: {total / (args.requests - 1) / 1e6:.3f} M instructions per request", flush=True)
+            if args.keep_dumps:
+                Path(args.keep_dumps).mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, Path(args.keep_dumps) / f"callgrind.{phase}")
         return child.returncode
 
 

@@ -32,25 +32,97 @@ M = TypeVar("M", bound=Model)
 BatchStep = tuple[str, str, type[Model], tuple[tuple[str, str | None], ...], tuple[tuple[str, str], ...]]
 
 
-def cursor() -> CursorWrapper:
+# Kept cursors per driver connection: one per statement text, the oldest closed past this many.
+KEPT_STATEMENTS = 64
+
+
+def cursor(sql: str = "") -> CursorWrapper | Statement:
     """A cursor that sends parameters apart from the SQL on PostgreSQL (server-side binding).
 
     Django's default psycopg cursor renders every parameter into the SQL text in Python
     (client-side binding); for a statement with thirty parameters that is most of the
-    client's cost of running it. Server-side binding lets psycopg's C dumpers do it. Still
-    wrapped by Django (``_prepare_cursor``), so query logging, ``CaptureQueriesContext`` and
-    database error wrapping see these statements as any other.
+    client's cost of running it. Server-side binding lets psycopg's C dumpers do it.
+
+    Outside a query log, the kept cursor of statement ``sql`` on this connection
+    (``Statement``): psycopg keeps a cursor's adapters (a dumper per parameter type, a loader
+    per result column) only while the same query runs on it again, so a cursor per statement,
+    or one shared by two statements, paid for looking them all up again every time (a fifth of
+    the client's cost of a statement). While Django logs queries (``CaptureQueriesContext``,
+    ``DEBUG``) or a test wraps execution (``execute_wrapper``), a fresh cursor wrapped by
+    Django (``_prepare_cursor``), so they see these statements as any other.
     """
     conn = connections[DEFAULT_DB_ALIAS]
     if conn.vendor != "postgresql":
         return conn.cursor()
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
     conn.close_if_health_check_failed()
     conn.ensure_connection()
-    with conn.wrap_database_errors:
-        # Django's own wrapping of a cursor it opened, private API absent from the stubs.
-        return conn._prepare_cursor(ServerBindingCursor(conn.connection))  # type: ignore[attr-defined, call-arg, no-any-return]
+    if conn.queries_logged or conn.execute_wrappers:
+        from django.db.backends.postgresql.base import ServerBindingCursor
+
+        with conn.wrap_database_errors:
+            # Django's own wrapping of a cursor it opened, private API absent from the stubs.
+            return conn._prepare_cursor(ServerBindingCursor(conn.connection))  # type: ignore[attr-defined, call-arg, no-any-return]
+    conn.validate_thread_sharing()
+    return Statement(conn, sql)
+
+
+class Statement:
+    """``with`` this: the kept server-binding cursor of one statement, under Django's error wrapping.
+
+    What Django's ``CursorWrapper.execute`` does around a statement, kept: a transaction that must
+    roll back refuses new statements (``validate_no_broken_transaction``) and a driver error comes
+    out as ``django.db``'s (``wrap_database_errors``, which also marks the connection for
+    ``close_if_unusable_or_obsolete``). Not closed on exit (it is kept); its last result is dropped
+    by the statement's next run.
+    """
+
+    __slots__ = ("conn", "sql")
+
+    def __init__(self, conn: BaseDatabaseWrapper, sql: str):
+        self.conn, self.sql = conn, sql
+
+    def __enter__(self) -> Any:
+        conn = self.conn
+        conn.validate_no_broken_transaction()
+        kept: KeptCursors | None = conn.__dict__.get("_rows_cursors")
+        if kept is None or kept.connection is not conn.connection:
+            kept = conn.__dict__["_rows_cursors"] = KeptCursors(conn)
+        return kept.get(self.sql)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.conn.wrap_database_errors.__exit__(*exc)
+
+
+class KeptCursors:
+    """The server-binding cursors of one driver connection, by statement text.
+
+    They belong to that connection: a reconnect, or another pooled connection on this thread, starts
+    a new set. ``timestamptz`` is read with psycopg's C loader where the session's time zone is the
+    one Django wants (Django registers a Python subclass of it only to set the zone, and the
+    session's own zone gives the same aware datetimes).
+    """
+
+    def __init__(self, conn: BaseDatabaseWrapper):
+        from psycopg.types.datetime import TimestamptzLoader
+
+        self.connection = conn.connection
+        self.by_sql: dict[str, Any] = {}
+        self.loader = TimestamptzLoader if self.connection.info.timezone == conn.timezone else None
+
+    def get(self, sql: str) -> Any:
+        found = self.by_sql.get(sql)
+        if found is not None and not found.closed:
+            return found
+        from django.db.backends.postgresql.base import ServerBindingCursor
+
+        if len(self.by_sql) >= KEPT_STATEMENTS:
+            self.by_sql.pop(next(iter(self.by_sql))).close()
+        # a psycopg Cursor (the stubs type Django's subclass without its driver base)
+        kept: Any = ServerBindingCursor(self.connection)  # type: ignore[call-arg]
+        self.by_sql[sql] = kept
+        if self.loader is not None:
+            kept.adapters.register_loader("timestamptz", self.loader)
+        return kept
 
 
 @cache
@@ -96,11 +168,18 @@ def _prep(vendor: str, model: type[Model], name: str) -> Callable[[Any, BaseData
     return None if type(target) in as_is else field.get_db_prep_save
 
 
+@cache
+def vendor() -> str:
+    """The default database's vendor, read once (each ``connections[...]`` is a thread-local lookup)."""
+    return connections[DEFAULT_DB_ALIAS].vendor
+
+
 def param(model: type[Model], name: str, value: Any, conn: BaseDatabaseWrapper | None = None) -> Any:
     """A Python value as the database wants it for ``model.name`` (datetimes, UUIDs, JSON)."""
-    conn = conn or connections[DEFAULT_DB_ALIAS]
-    prep = _prep(conn.vendor, model, name)
-    return value if prep is None or value is None else prep(value, conn)
+    prep = _prep(vendor() if conn is None else conn.vendor, model, name)
+    if prep is None or value is None:
+        return value
+    return prep(value, conn or connections[DEFAULT_DB_ALIAS])
 
 
 @cache
@@ -186,10 +265,10 @@ def instance(model: type[M], values: dict[str, Any]) -> M:
         ordered = [
             f.attname for f in model._meta.concrete_fields if f.attname in by_attname
         ]  # from_db's order
-        return model.from_db(connection.alias, ordered, [by_attname[a] for a in ordered])
+        return model.from_db(DEFAULT_DB_ALIAS, ordered, [by_attname[a] for a in ordered])
     obj = model.__new__(model)
     state = obj._state = ModelState()
-    state.adding, state.db = False, connection.alias
+    state.adding, state.db = False, DEFAULT_DB_ALIAS
     obj.__dict__.update(zip(_attnames(model, tuple(values)), values.values(), strict=True))
     return obj
 
@@ -214,8 +293,9 @@ def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool =
     conn = connections[DEFAULT_DB_ALIAS]
     names = tuple(values)
     params = [param(model, n, v, conn) for n, v in values.items()]
-    with cursor() as cur:
-        cur.execute(_insert_sql(conn.vendor, model, names, skip_conflicts), params)
+    sql = _insert_sql(conn.vendor, model, names, skip_conflicts)
+    with cursor(sql) as cur:
+        cur.execute(sql, params)
         row = cur.fetchone()
     return None if row is None else row[0]
 
@@ -228,19 +308,20 @@ def insert_instance(obj: Model, *, skip_conflicts: bool = False) -> Any:
 
 def execute(sql: str, params: Sequence[Any] = ()) -> int:
     """Run one statement; returns the row count (which decides races)."""
-    with cursor() as cur:
+    with cursor(sql) as cur:
         cur.execute(sql, params)
         count: int = cur.rowcount
         return count
 
 
 def fetchone(sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-    with cursor() as cur:
+    with cursor(sql) as cur:
         cur.execute(sql, params)
         row: tuple[Any, ...] | None = cur.fetchone()
         return row
 
 
+@cache
 def for_update(of: str) -> str:
     """``FOR UPDATE OF alias`` where the database has row locks (SQLite serialises writers instead)."""
     return f" FOR UPDATE OF {of}" if connection.features.has_select_for_update_of else ""
@@ -282,6 +363,7 @@ def guarded_update(
     ]
 
 
+@cache
 def for_share() -> str:
     """``FOR SHARE``: hold a row still (against UPDATE and DELETE) for the rest of the transaction."""
     return " FOR SHARE" if connection.features.has_select_for_update else ""
@@ -415,8 +497,9 @@ class Batch:
             shape.append(
                 (kind, name, model, tuple(names), tuple((col, expr) for col, (expr, _) in sql.items()))
             )
-        with cursor() as cur:
-            cur.execute(_batch_sql(conn.vendor, guard_sql, tuple(shape)), params)
+        statement = _batch_sql(conn.vendor, guard_sql, tuple(shape))
+        with cursor(statement) as cur:
+            cur.execute(statement, params)
             row = cur.fetchone()
         if row is None or not row[0]:  # the guard's count: never None (one row always comes back)
             return None

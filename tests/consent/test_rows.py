@@ -1,0 +1,95 @@
+"""The hot paths' statements (``consent.rows``) on the connection's kept cursor.
+
+Outside a query log each statement runs on a cursor of its own kept per driver connection; these tests pin down that it
+behaves as Django's own cursor does: the same values back, driver errors as ``django.db``'s, a
+broken transaction refusing further statements, and a reconnect getting a cursor of its own.
+"""
+
+import datetime
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.db.transaction import TransactionManagementError
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from consent import rows
+from consent.models import ScopePolicy
+
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="the kept cursor is PostgreSQL's"),
+]
+
+NAME = "catalog:read"
+
+
+def policy_row() -> tuple[object, ...] | None:
+    return rows.fetchone(
+        f"SELECT {rows.db_column(ScopePolicy, 'name')}, {rows.db_column(ScopePolicy, 'created')}"
+        f" FROM {rows.table(ScopePolicy)} WHERE {rows.db_column(ScopePolicy, 'name')} = %s",
+        [NAME],
+    )
+
+
+@pytest.fixture
+def policy() -> ScopePolicy:
+    return ScopePolicy.objects.create(
+        name=NAME, audience="http://catalog.test", description="Read the catalog"
+    )
+
+
+def test_a_timestamp_reads_as_the_orm_reads_it(policy: ScopePolicy) -> None:
+    row = policy_row()
+
+    assert row is not None and row[0] == NAME
+    created = row[1]
+    assert isinstance(created, datetime.datetime) and timezone.is_aware(created)
+    assert created == ScopePolicy.objects.get(pk=policy.pk).created
+    assert created.utcoffset() == datetime.timedelta(0)
+
+
+@pytest.mark.django_db(transaction=True)  # closing the connection ends the test's transaction
+def test_a_statement_keeps_its_cursor_until_the_connection_changes(policy: ScopePolicy) -> None:
+    one, other = "SELECT 1", "SELECT 2"
+    with rows.cursor(one) as a, rows.cursor(one) as again, rows.cursor(other) as b:
+        assert a is again and b is not a
+
+    connection.close()
+    with rows.cursor(one) as fresh:
+        assert fresh is not a and fresh.connection is connection.connection
+    assert policy_row() is not None
+
+
+def test_the_oldest_kept_cursor_is_closed_past_the_limit(policy: ScopePolicy) -> None:
+    with rows.cursor("SELECT 0") as first:
+        pass
+    for i in range(1, rows.KEPT_STATEMENTS + 1):
+        assert rows.fetchone(f"SELECT {i}") == (i,)
+
+    assert first.closed
+    with rows.cursor("SELECT 0") as again:
+        assert again is not first and not again.closed
+
+
+def test_a_driver_error_comes_out_as_djangos_and_breaks_the_transaction(policy: ScopePolicy) -> None:
+    sql = f"INSERT INTO {rows.table(ScopePolicy)} SELECT * FROM {rows.table(ScopePolicy)}"
+
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):
+            with transaction.atomic(savepoint=False):
+                rows.execute(sql)
+        with pytest.raises(TransactionManagementError):
+            policy_row()
+
+    assert policy_row() is not None  # the connection recovers once the transaction is over
+
+
+def test_a_query_log_sees_the_statements(policy: ScopePolicy) -> None:
+    with CaptureQueriesContext(connection) as captured:
+        policy_row()
+        rows.execute(f"SELECT 1 FROM {rows.table(AuditEvent)} LIMIT 1")
+
+    assert len(captured.captured_queries) == 2
+    assert NAME not in captured.captured_queries[0]["sql"]  # bound apart from the SQL text
