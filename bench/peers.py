@@ -55,6 +55,7 @@ from _stack import (
     log,
     median,
     percentiles_ms,
+    postgres_cpu_seconds,
     run_main,
     start_web,
 )
@@ -175,6 +176,7 @@ class Phase:
     wall: float = 0.0
     server_cpu: float | None = None
     client_cpu: float = 0.0
+    db_cpu: float | None = None
 
     def note(self, text: str) -> None:
         self.errors += 1
@@ -189,6 +191,10 @@ class Phase:
         return (
             None if self.server_cpu is None or not self.requests else 1000 * self.server_cpu / self.requests
         )
+
+    @property
+    def db_ms(self) -> float | None:
+        return None if self.db_cpu is None or not self.requests else 1000 * self.db_cpu / self.requests
 
     @property
     def client_ms(self) -> float:
@@ -336,10 +342,11 @@ class Peers:
 
 
 async def measure(stack: Stack, name: str, phase: Phase, conns: list[Connection], work) -> Phase:
-    before = stack.cpu_sample({"web": [name]})
+    before, db_before = stack.cpu_sample({"web": [name]}), postgres_cpu_seconds()
     await drive(conns, phase, work)
-    usage = stack.cpu_usage(before, stack.cpu_sample({"web": [name]}))
+    usage, db_after = stack.cpu_usage(before, stack.cpu_sample({"web": [name]})), postgres_cpu_seconds()
     phase.wall, phase.server_cpu, phase.client_cpu = usage.wall, usage.kinds["web"], usage.client
+    phase.db_cpu = None if db_before is None or db_after is None else db_after - db_before
     return phase
 
 
@@ -483,23 +490,26 @@ LABELS = {
 def report(results: dict[str, list[Phase]], args) -> tuple[dict, dict]:
     rows = {}
     log(
-        f"\n{'phase':42s} {'req/s':>8s} {'server CPU':>11s} {'client CPU':>11s} {'p50':>8s} {'p99':>8s} errors"
+        f"\n{'phase':42s} {'req/s':>8s} {'server CPU':>11s} {'PG CPU':>8s} {'client CPU':>11s} {'p50':>8s}"
+        f" {'p99':>8s} errors"
     )
-    log(f"{'':42s} {'median':>8s} {'ms/req':>11s} {'ms/req':>11s} {'ms':>8s} {'ms':>8s}")
+    log(f"{'':42s} {'median':>8s} {'ms/req':>11s} {'ms/req':>8s} {'ms/req':>11s} {'ms':>8s} {'ms':>8s}")
     for key, phases in results.items():
         lat = percentiles_ms(x for p in phases for x in p.latencies)
         row = {
             "rps": median(p.rps for p in phases) or 0.0,
             "cpu": median(p.cpu_ms for p in phases),
             "client": median(p.client_ms for p in phases) or 0.0,
+            "db": median(p.db_ms for p in phases),
             "p50": lat["p50"],
             "p99": lat["p99"],
             "errors": sum(p.errors for p in phases),
         }
         rows[key] = row
         cpu = f"{row['cpu']:.2f}" if row["cpu"] is not None else "n/a"
+        db = f"{row['db']:.2f}" if row["db"] is not None else "n/a"
         log(
-            f"{LABELS[key]:42s} {row['rps']:8.1f} {cpu:>11s} {row['client']:11.2f} {row['p50']:8.2f} "
+            f"{LABELS[key]:42s} {row['rps']:8.1f} {cpu:>11s} {db:>8s} {row['client']:11.2f} {row['p50']:8.2f} "
             f"{row['p99']:8.2f} {row['errors']}"
         )
         for p in phases:
@@ -553,13 +563,17 @@ def run(args, stack: Stack) -> int:
     if errors:
         for n, text in logs.items():
             log(f"\n--- {n} log (tail)\n{text}")
-    log("\nserver CPU: utime+stime of the server's process group; PostgreSQL's own CPU is not included.")
+    log(
+        "\nserver CPU: utime+stime of the server's process group; PG CPU: of every PostgreSQL process on"
+        " this machine during the phase (the server's statements, and whatever else ran on it)."
+    )
     log("")
     line = ["peers"]
     for key, row in rows.items():
         line += [
             f"{key}_rps={row['rps']:.1f}",
             f"{key}_cpu_ms={row['cpu'] or 0:.2f}",
+            f"{key}_db_cpu_ms={row['db'] or 0:.2f}",
             f"{key}_p50_ms={row['p50']:.2f}",
             f"{key}_p99_ms={row['p99']:.2f}",
         ]
