@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -122,52 +122,42 @@ def median(values: Iterable[float | None]) -> float | None:
 # --- CPU accounting -------------------------------------------------------------------------------
 
 
-def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
-    """user+system CPU seconds of every live process in these process groups (None without /proc).
-
-    A process that exits during a phase takes its CPU with it; servers here keep their processes.
-    """
-    wanted = set(pgids)
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    total = 0
-    for entry in proc.iterdir():
+def _processes() -> Iterator[tuple[str, list[str]]]:
+    """(command name, /proc/<pid>/stat fields from field 3 on) of every live process."""
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
-        if int(fields[2]) in wanted:
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
+        yield stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
+def group_cpu_seconds(pgids: Iterable[int]) -> float | None:
+    """user+system CPU seconds of every live process in these process groups (None without /proc).
+
+    A process that exits during a phase takes its CPU with it; servers here keep their processes.
+    """
+    if not Path("/proc").is_dir():
+        return None
+    wanted = set(pgids)
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[2]) in wanted)
+    return ticks / _CLK_TCK
 
 
 def postgres_cpu_seconds() -> float | None:
     """user+system CPU seconds of every live PostgreSQL process on this machine (None without /proc).
 
     For a database on loopback, the work a phase's statements cost the server: compare phases run
-    one after another, as other clients' statements land in it too.
+    one after another, as other clients' statements land in it too. Backends that exit during a
+    phase take their CPU with them; the servers' pools keep theirs.
     """
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return None
-    total = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.index("(") + 1 : stat.rindex(")")] != "postgres":
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
+    ticks = sum(int(f[11]) + int(f[12]) for name, f in _processes() if name == "postgres")
+    return ticks / _CLK_TCK
 
 
 def self_cpu_seconds() -> float:
