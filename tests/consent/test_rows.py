@@ -1,8 +1,9 @@
-"""The hot paths' statements (``consent.rows``) on the connection's kept cursor.
+"""The hot paths' statements (``consent.rows``) on the connection's kept cursors.
 
-Outside a query log each statement runs on a cursor of its own kept per driver connection; these tests pin down that it
-behaves as Django's own cursor does: the same values back, driver errors as ``django.db``'s, a
-broken transaction refusing further statements, and a reconnect getting a cursor of its own.
+Outside a query log each statement runs on a cursor of its own, kept per driver connection; these
+tests pin down that it behaves as Django's own cursor does: the same values back, driver errors as
+``django.db``'s, a broken transaction refusing further statements, and a reconnect getting
+cursors of its own.
 """
 
 import datetime
