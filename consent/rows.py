@@ -36,7 +36,7 @@ BatchStep = tuple[str, str, type[Model], tuple[tuple[str, str | None], ...], tup
 KEPT_STATEMENTS = 64
 
 
-def cursor(sql: str = "") -> CursorWrapper | Statement:
+def cursor(sql: str) -> CursorWrapper | Statement:
     """A cursor that sends parameters apart from the SQL on PostgreSQL (server-side binding).
 
     Django's default psycopg cursor renders every parameter into the SQL text in Python
