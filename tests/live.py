@@ -150,9 +150,33 @@ def live_stack(
         yield stack
 
 
+def wait_for_idle_workers(timeout: float = 10.0) -> None:
+    """Wait until no task is queued or in a worker's hands, so the flush after a test does not
+    TRUNCATE under a task's open transaction (they deadlock; PostgreSQL kills one, and a killed
+    flush leaves the test's rows to the next test). With ``acks_late`` a message stays in the
+    Redis transport's ``unacked`` hash until its task has returned, so an empty queue and an empty
+    hash mean every task has finished. Gives up quietly at ``timeout``: a task a test left waiting
+    on a retry countdown is outside any transaction."""
+    import redis
+    from django.conf import settings as django_settings
+
+    client = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    queue = django_settings.CELERY_TASK_DEFAULT_QUEUE
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not client.llen(queue) and not client.hlen("unacked"):
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 @pytest.fixture
-def live(live_stack: LiveStack, transactional_db: None, settings: Settings) -> LiveStack:
-    """The live stack, with this process issuing tokens under the live server's issuer."""
+def live(live_stack: LiveStack, transactional_db: None, settings: Settings) -> Iterator[LiveStack]:
+    """The live stack, with this process issuing tokens under the live server's issuer. On the way
+    out (before ``transactional_db`` flushes the tables) it waits for the worker to finish."""
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": live_stack.url}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": live_stack.url}
-    return live_stack
+    yield live_stack
+    wait_for_idle_workers()

@@ -25,7 +25,7 @@ from consent.models import ScopePolicy
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.browser.conftest import chromium, watch_page  # noqa: F401  (fixture)
 from tests.conftest import PASSWORD, OAuthFlow, Scenario
-from tests.live import _database_url, free_port
+from tests.live import _database_url, free_port, wait_for_idle_workers
 from tests.ops.support import (
     AgentHTTP,
     Cluster,
@@ -69,15 +69,17 @@ def two_nodes(
 
 
 @pytest.fixture
-def multinode(two_nodes: Cluster, transactional_db: None, settings: Settings) -> Cluster:
-    """The two-node cluster, with this process issuing tokens under node A's issuer."""
+def multinode(two_nodes: Cluster, transactional_db: None, settings: Settings) -> Iterator[Cluster]:
+    """The two-node cluster, with this process issuing tokens under node A's issuer; the worker
+    finishes its tasks before ``transactional_db`` flushes the tables."""
     issuer = two_nodes.nodes["A"].url
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "ISSUER": issuer}
     settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "OIDC_ISS_ENDPOINT": issuer}
     for node in two_nodes.nodes.values():  # a node a test killed comes back for the next test
         if node.proc is None or not node.proc.alive:
             two_nodes.start_node(node.name)
-    return two_nodes
+    yield two_nodes
+    wait_for_idle_workers()
 
 
 @pytest.fixture
