@@ -136,9 +136,11 @@ class ProtocolLane:
 
     def __init__(self, app: WSGIApplication) -> None:
         from config.middleware import finish_lane_response, lane_handlers
+        from consent.rows import bind
 
         self.app = app
         self.finish = finish_lane_response
+        self.bind = bind
         self.lanes: dict[str, Callable[[HttpRequest], HttpResponseBase]] = {}
         if LANE_MIDDLEWARE not in settings.MIDDLEWARE or settings.FORCE_SCRIPT_NAME:
             return
@@ -169,14 +171,16 @@ class ProtocolLane:
         )
         if lane is None or environ.get("SCRIPT_NAME"):
             return self.app(environ, start_response)
+        conn = connections[DEFAULT_DB_ALIAS]  # once: rows.db() hands it on for the request
         kept: KeptConnection | None = getattr(self.kept, "connection", None)
         if kept is not None:
             kept.armed = False  # the request uses the connection as any other would
-            if connections[DEFAULT_DB_ALIAS].connection is not kept.pooled:
+            if conn.connection is not kept.pooled:
                 kept = None  # handed back meanwhile (a page request on this thread): its time is over
         response: HttpResponseBase | None = None
         request = WSGIRequest(environ)
         security, redirect = self.security, None
+        outer = self.bind(conn)
         try:
             if security is None:
                 response = self.finish(lane(request))
@@ -185,9 +189,10 @@ class ProtocolLane:
             else:
                 response = lane(request)
         finally:
+            self.bind(outer)
             # A 5xx (the 503 of a database outage among them) hands the connection back.
             clean = response is not None and response.status_code < 500
-            self.kept.connection = self._keep_or_release(kept, clean=clean)
+            self.kept.connection = self._keep_or_release(conn, kept, clean=clean)
         headers = [
             *response.items(),
             *(("Set-Cookie", c.output(header="")) for c in response.cookies.values()),
@@ -205,9 +210,10 @@ class ProtocolLane:
         return [cast(HttpResponse, response).content]
 
     @staticmethod
-    def _keep_or_release(kept: KeptConnection | None, *, clean: bool) -> KeptConnection | None:
-        """Keep the thread's connection for its next request, or return it as ``request_finished`` would."""
-        conn = connections[DEFAULT_DB_ALIAS]
+    def _keep_or_release(
+        conn: BaseDatabaseWrapper, kept: KeptConnection | None, *, clean: bool
+    ) -> KeptConnection | None:
+        """Keep the thread's connection (``conn``) for its next request, or return it as ``request_finished`` would."""
         now = time.monotonic()
         if (
             clean

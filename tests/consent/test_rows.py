@@ -94,3 +94,18 @@ def test_a_query_log_sees_the_statements(policy: ScopePolicy) -> None:
 
     assert len(captured.captured_queries) == 2
     assert NAME not in captured.captured_queries[0]["sql"]  # bound apart from the SQL text
+
+
+def test_db_is_the_bound_connection_and_django_s_lookup_otherwise() -> None:
+    from django.db import DEFAULT_DB_ALIAS, connections
+
+    conn = connections[DEFAULT_DB_ALIAS]
+    assert rows.db() is conn  # nothing bound: Django's lookup
+    outer = rows.bind(conn)
+    try:
+        assert outer is None
+        assert rows.db() is conn
+        assert rows.bind(conn) is conn  # a nested bind hands back the outer one
+    finally:
+        rows.bind(outer)
+    assert rows.bind(None) is None

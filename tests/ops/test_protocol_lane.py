@@ -20,6 +20,7 @@ from django.test import Client, RequestFactory, override_settings
 
 from config.middleware import LANE_PATHS, ProtocolLaneMiddleware
 from config.wsgi import pooled
+from consent import rows
 from tests.conftest import REDIRECT_URI, ClientResponse, OAuthFlow, Scenario, basic, pkce_pair
 
 LANE = "config.middleware.ProtocolLaneMiddleware"
@@ -258,6 +259,37 @@ def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_droppe
     assert response.status_code == 503
     assert json.loads(response.content)["error"] == "temporarily_unavailable"
     assert connection.connection is None
+    assert rows.bind(None) is None  # the request's connection was unbound on the way out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_wsgi_lane_binds_the_thread_s_connection_for_the_request_only(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane looks the connection up once and binds it: the view's statements get that wrapper
+    (``rows.db()``) without looking it up again, and it is unbound when the request ends."""
+    from config.wsgi import application
+    from consent.views import token as token_view
+
+    seen: list[object] = []
+
+    def recorded(*args: object, **kwargs: object) -> dict[str, object]:
+        bound = rows.bind(None)  # what the lane bound (put back at once)
+        rows.bind(bound)
+        seen.append(bound)
+        return {"access_token": "t", "token_type": "Bearer", "expires_in": 60}
+
+    monkeypatch.setattr(token_view, "token_grants", lambda: {"client_credentials": recorded})
+    assert rows.bind(None) is None
+    response = _wsgi(
+        application,
+        "/o/token/",
+        {"grant_type": "client_credentials"},
+        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
+    )
+    assert response.status_code == 200
+    assert seen == [connections[DEFAULT_DB_ALIAS]]
+    assert rows.bind(None) is None  # nothing left bound for the thread's next request
 
 
 def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
