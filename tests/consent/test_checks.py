@@ -73,3 +73,22 @@ def test_too_much_leeway_is_an_error(settings: Settings) -> None:
 def test_an_unknown_signing_algorithm_is_an_error(settings: Settings) -> None:
     settings.COUNTERSIGN = {**settings.COUNTERSIGN, "SIGNING_ALG": "HS256"}
     assert "countersign.E002" in _ids(settings)
+
+
+def test_settings_read_through_countersign_settings_follow_an_override(settings: Settings) -> None:
+    from consent.conf import DEFAULTS, countersign_settings
+
+    assert countersign_settings.LEEWAY_SECONDS == settings.COUNTERSIGN.get(
+        "LEEWAY_SECONDS", DEFAULTS["LEEWAY_SECONDS"]
+    )
+    settings.COUNTERSIGN = {**settings.COUNTERSIGN, "LEEWAY_SECONDS": 7}
+    assert countersign_settings.LEEWAY_SECONDS == 7  # the kept values went with the old dict
+    settings.COUNTERSIGN = {k: v for k, v in settings.COUNTERSIGN.items() if k != "LEEWAY_SECONDS"}
+    assert countersign_settings.LEEWAY_SECONDS == DEFAULTS["LEEWAY_SECONDS"]  # back to the default
+
+
+def test_an_unknown_countersign_setting_is_an_attribute_error() -> None:
+    from consent.conf import countersign_settings
+
+    with pytest.raises(AttributeError, match="Unknown Countersign setting"):
+        countersign_settings.NO_SUCH_SETTING  # noqa: B018
