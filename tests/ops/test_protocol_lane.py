@@ -239,23 +239,30 @@ def test_the_wsgi_lane_hands_everything_else_to_django(scenario: Scenario, signa
     assert signals_sent == ["request_started", "request_finished"] * 2
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_dropped(
-    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _lane_token_request(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch, grant: Callable[..., object]
+) -> HttpResponse:
+    """A client_credentials POST through the WSGI lane, answered by ``grant`` in place of every grant."""
     from config.wsgi import application
     from consent.views import token as token_view
 
-    def down(*args: object, **kwargs: object) -> None:
-        raise OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(token_view, "token_grants", lambda: {"client_credentials": down})
-    response = _wsgi(
+    monkeypatch.setattr(token_view, "token_grants", lambda: {"client_credentials": grant})
+    return _wsgi(
         application,
         "/o/token/",
         {"grant_type": "client_credentials"},
         HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_error_on_the_wsgi_lane_is_a_503_and_the_connection_is_dropped(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*args: object, **kwargs: object) -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    response = _lane_token_request(scenario, monkeypatch, down)
     assert response.status_code == 503
     assert json.loads(response.content)["error"] == "temporarily_unavailable"
     assert connection.connection is None
@@ -268,9 +275,6 @@ def test_the_wsgi_lane_binds_the_thread_s_connection_for_the_request_only(
 ) -> None:
     """The lane looks the connection up once and binds it: the view's statements get that wrapper
     (``rows.db()``) without looking it up again, and it is unbound when the request ends."""
-    from config.wsgi import application
-    from consent.views import token as token_view
-
     seen: list[object] = []
 
     def recorded(*args: object, **kwargs: object) -> dict[str, object]:
@@ -279,14 +283,8 @@ def test_the_wsgi_lane_binds_the_thread_s_connection_for_the_request_only(
         seen.append(bound)
         return {"access_token": "t", "token_type": "Bearer", "expires_in": 60}
 
-    monkeypatch.setattr(token_view, "token_grants", lambda: {"client_credentials": recorded})
     assert rows.bind(None) is None
-    response = _wsgi(
-        application,
-        "/o/token/",
-        {"grant_type": "client_credentials"},
-        HTTP_AUTHORIZATION=basic(scenario.agent.client_id, scenario.agent_secret),
-    )
+    response = _lane_token_request(scenario, monkeypatch, recorded)
     assert response.status_code == 200
     assert seen == [connections[DEFAULT_DB_ALIAS]]
     assert rows.bind(None) is None  # nothing left bound for the thread's next request
