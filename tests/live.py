@@ -158,10 +158,9 @@ def wait_for_idle_workers(timeout: float = 10.0) -> None:
     hash mean every task has finished. Gives up quietly at ``timeout``: a task a test left waiting
     on a retry countdown is outside any transaction."""
     import redis
-    from django.conf import settings as django_settings
 
-    client = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
-    queue = django_settings.CELERY_TASK_DEFAULT_QUEUE
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
