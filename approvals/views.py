@@ -8,7 +8,7 @@ from uuid import UUID
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -20,7 +20,13 @@ from audit.decorators import post_only
 from audit.services import audit_refusal, client_ip
 from consent.conf import countersign_settings
 from consent.errors import InvalidClient, OAuthError
-from consent.http import NO_STORE, AuthenticatedHttpRequest, claimed_client_id, error_response
+from consent.http import (
+    NO_STORE,
+    AuthenticatedHttpRequest,
+    ProtocolJsonResponse,
+    claimed_client_id,
+    error_response,
+)
 from consent.instances import instance_admit
 from consent.limits import attempts
 from consent.models import Agent
@@ -292,7 +298,7 @@ class BackchannelAuthenticationView(View):
             )
             return error_response(exc)
         remaining = max(1, int((approval.expires_at - timezone.now()).total_seconds()))
-        return JsonResponse(
+        return ProtocolJsonResponse(
             {
                 "auth_req_id": auth_req_id_for(approval.pk),
                 "expires_in": remaining,
@@ -368,7 +374,7 @@ class RedemptionView(View):
                 },
             )
             return error_response(exc)
-        return JsonResponse(
+        return ProtocolJsonResponse(
             {
                 "redeemed": True,
                 "approval_id": str(approval.pk),

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlencode
 
 import jwt
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.decorators import method_decorator
@@ -26,7 +26,7 @@ from audit.services import audit_record, audit_refusal
 
 from ..budgets import budget_choices, budget_refusal_audit, budgets_create
 from ..errors import BudgetNotFound, BudgetRefused, ConfigurationError, InvalidTarget
-from ..http import NO_STORE, AuthenticatedHttpRequest, oauth_error
+from ..http import NO_STORE, AuthenticatedHttpRequest, ProtocolJsonResponse, oauth_error
 from ..limits.jsonbounds import JSONTooDeep, check_jwt
 from ..models import Agent, ScopePolicy
 from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
@@ -316,4 +316,4 @@ class IntrospectView(View):
                 request=request,
                 detail={"reason": result.reason},
             )
-        return JsonResponse(result.as_response(), headers=NO_STORE)
+        return ProtocolJsonResponse(result.as_response(), headers=NO_STORE)

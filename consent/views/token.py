@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
 from django.utils.module_loading import import_string
 from django.views.decorators.csrf import csrf_exempt
 
@@ -24,7 +24,7 @@ from audit.services import audit_refusal
 from ..conf import countersign_settings
 from ..errors import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
 from ..grants.issue import TokenRequest
-from ..http import NO_STORE, claimed_client_id, error_response
+from ..http import NO_STORE, ProtocolJsonResponse, claimed_client_id, error_response
 from ..oauth.client_auth import Credentials, presented_credentials
 from ..oauth.dpop import dpop_headers, verify_proof
 
@@ -115,4 +115,4 @@ def token_view(request: HttpRequest) -> HttpResponse:
                 detail={"reason": exc.reason, "grant_type": params.get("grant_type", "")},
             )
         return error_response(exc, headers=dpop_headers())
-    return JsonResponse(body, headers={**NO_STORE, **dpop_headers()})
+    return ProtocolJsonResponse(body, headers={**NO_STORE, **dpop_headers()})
