@@ -20,6 +20,7 @@ from oauth2_provider.models import (
     AbstractIDToken,
     AbstractRefreshToken,
 )
+from oauth2_provider.settings import oauth2_settings
 
 from .budget import Budget as Budget  # a consent model, kept in its own module
 from .budget import money
@@ -579,8 +580,44 @@ class AuthorizationCode(AbstractGrant):  # type: ignore[misc]  # django-oauth-to
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
 
 
+# The token tables' references carry no FOREIGN KEY constraint in PostgreSQL (db_constraint=False);
+# Django still joins, cascades and nulls through them as declared. Every row is written by one
+# statement that read the grant, agent and user it names in the same statement (consent.rows.Batch),
+# and a token whose grant, agent or user is gone authenticates nothing: every reader joins them
+# (tests/consent/test_token_references.py). The constraints' deferred checks were a SELECT ... FOR
+# KEY SHARE of each parent row per token row at COMMIT, nine per code exchange or refresh, every
+# request locking the same agent and user rows: about a third of PostgreSQL's CPU for a token
+# request (bench/peers.py with and without them, docs/deployment.md).
 class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
-    session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="access_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        blank=True,
+        null=True,
+        related_name="%(app_label)s_%(class)s",
+        verbose_name="user",
+        db_constraint=False,
+    )
+    application = models.ForeignKey(
+        oauth2_settings.APPLICATION_MODEL,
+        on_delete=models.CASCADE,
+        blank=True,
+        null=True,
+        verbose_name="application",
+        db_constraint=False,
+    )
+    source_refresh_token = models.OneToOneField(
+        oauth2_settings.REFRESH_TOKEN_MODEL,
+        on_delete=models.SET_NULL,
+        blank=True,
+        null=True,
+        related_name="refreshed_access_token",
+        verbose_name="source refresh token",
+        db_constraint=False,
+    )
+    session_grant = models.ForeignKey(
+        SessionGrant, on_delete=models.CASCADE, related_name="access_tokens", db_constraint=False
+    )
     jti = models.CharField(max_length=64, unique=True)
 
     class Meta(AbstractAccessToken.Meta):  # type: ignore[misc]  # django-oauth-toolkit ships no types
@@ -588,7 +625,31 @@ class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-to
 
 
 class RefreshToken(AbstractRefreshToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
-    session_grant = models.ForeignKey(SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="%(app_label)s_%(class)s",
+        verbose_name="user",
+        db_constraint=False,
+    )
+    application = models.ForeignKey(
+        oauth2_settings.APPLICATION_MODEL,
+        on_delete=models.CASCADE,
+        verbose_name="application",
+        db_constraint=False,
+    )
+    access_token = models.OneToOneField(
+        oauth2_settings.ACCESS_TOKEN_MODEL,
+        on_delete=models.SET_NULL,
+        blank=True,
+        null=True,
+        related_name="refresh_token",
+        verbose_name="access token",
+        db_constraint=False,
+    )
+    session_grant = models.ForeignKey(
+        SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens", db_constraint=False
+    )
     # The agent instance it was issued to ("" for an agent that runs as one): only that instance refreshes it.
     instance = models.CharField(max_length=64, blank=True, default="")
 
