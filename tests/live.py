@@ -43,6 +43,19 @@ class LiveStack:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
+    def mark(self) -> dict[Path, int]:
+        """Where each process's log ends now (``logs_since``): the stack lives for the whole session."""
+        return {p: p.stat().st_size for p in self.log_dir.glob("*.log")}
+
+    def logs_since(self, mark: dict[Path, int]) -> str:
+        """What the processes logged after ``mark``, not what earlier tests made them log."""
+        parts = []
+        for p in sorted(self.log_dir.glob("*.log")):
+            with p.open("rb") as fh:
+                fh.seek(mark.get(p, 0))
+                parts.append(f"--- {p.name}\n{fh.read().decode(errors='replace')}")
+        return "\n".join(parts)
+
     def sweep(self) -> None:
         """Queue the expiry sweep for the stack's worker, as the beat does every APPROVAL_SWEEP_SECONDS."""
         from config.celery import app as celery_app
