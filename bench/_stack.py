@@ -546,8 +546,9 @@ def start_web(
     """Start one web process serving HTTP on 127.0.0.1:``port``, the way production does.
 
     The command comes from ``config.serving.web_command(port, host=...)`` when that module exists,
-    else it is today's ``uvicorn config.asgi:application``. ``workers`` travels as
-    ``WEB_CONCURRENCY`` (uvicorn and gunicorn read it). For another ``app`` (the peers in
+    else it is today's ``uvicorn config.asgi:application``. ``workers`` is granian's worker count
+    there (one web process each, on the one port) and travels as ``WEB_CONCURRENCY`` (uvicorn and
+    gunicorn read it). For another ``app`` (the peers in
     peers.py) the command's Countersign target (``config.wsgi...`` or ``config.asgi...``) is
     replaced by the app's callable of the same interface, so the peer runs under the same server
     program with the same options. Readiness is not waited for here (see ``Stack.wait_http``).
@@ -555,7 +556,7 @@ def start_web(
     host = "127.0.0.1"
     serving = _serving()
     if serving is not None:
-        cmd = list(serving.web_command(port, host=host))
+        cmd = list(serving.web_command(port, host=host, workers=workers))
     else:
         cmd = [
             sys.executable,

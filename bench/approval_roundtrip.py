@@ -25,12 +25,15 @@ setup script (approval rows in state ``issued`` + ``ActionToken`` rows + JWTs fr
 (Debian's package) drives the race when it is installed (``--race-loadgen wrk``): a Python load
 generator costs more CPU per attempt than the server, on the same two cores, and would measure
 itself. ``--race-loadgen httpx`` keeps the Python redeemers. Double redemptions are counted from the responses and from the database (redeemed rows,
-``action_token.redeemed`` audit events per jti); they must be 0.
+``action_token.redeemed`` audit events per jti); they must be 0. ``--web-workers 2`` serves both
+phases from two web processes on the one port (granian workers): the two-core redemption figure,
+where the twins of an attempt often land in the other process and are decided by the database.
 
 Usage (from the project root)::
 
     .venv/bin/python bench/approval_roundtrip.py
     .venv/bin/python bench/approval_roundtrip.py --rounds 100 --tokens 5000 --redeemers 4
+    .venv/bin/python bench/approval_roundtrip.py --rounds 30 --tokens 6000 --web-workers 2
 
 Printed: latency percentiles per leg, CPU per round and per redemption attempt for each process
 kind (web, ws, worker) and for this load generator, and a final ``key=value`` line.
@@ -710,7 +713,7 @@ class Roundtrip:
         stack = self.stack
         # Stale tasks from an earlier run on this Redis database would hit a database that is gone.
         celery_purge(stack, self.env())
-        web = start_web(stack, "web", self.port, self.env())
+        web = start_web(stack, "web", self.port, self.env(), workers=self.args.web_workers)
         ws = start_ws(stack, "ws", self.ws_port, self.env())
         worker = start_celery_worker(
             stack,
@@ -890,6 +893,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what drives the redemption race: wrk (C, Debian package wrk; the default when it is "
         "installed) or httpx from this process",
     )
+    p.add_argument(
+        "--web-workers",
+        type=int,
+        default=1,
+        help="web processes on the one port (granian workers; 2 for the two-core redemption figure)",
+    )
     p.add_argument("--celery-concurrency", type=int, default=2, help="Celery worker processes")
     p.add_argument(
         "--database-url",
@@ -917,6 +926,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 5000:
         p.error("--rounds must be between 1 and 5000")
+    if args.web_workers < 1 or args.web_workers > 4:
+        p.error("--web-workers must be between 1 and 4")
     if args.warmup < 0 or args.tokens < 1 or args.race_concurrency < 1 or args.celery_concurrency < 1:
         p.error(
             "--warmup must not be negative; --tokens, --race-concurrency, --celery-concurrency at least 1"

@@ -41,9 +41,18 @@ WEB_THREADS = int(os.environ.get("WEB_THREADS", "8"))
 
 
 def web_command(
-    port: int, host: str = "127.0.0.1", *, threads: int | None = None, python: str | None = None
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    threads: int | None = None,
+    python: str | None = None,
+    workers: int = 1,
 ) -> list[str]:
-    """One HTTP server process (granian, WSGI) listening on ``host:port``."""
+    """One HTTP server process (granian, WSGI) listening on ``host:port``.
+
+    ``workers`` > 1 forks that many granian workers on the one port, each a web process of its own
+    (its own interpreter, threads and connection pool): what a benchmark of "N cores" of the web
+    tier runs. Deployments run one worker per process and scale by processes (``Procfile``)."""
     return [
         python or sys.executable,
         "-m",
@@ -56,7 +65,7 @@ def web_command(
         "--port",
         str(port),
         "--workers",
-        "1",
+        str(workers),
         "--blocking-threads",
         str(threads or WEB_THREADS),
         "--no-ws",

@@ -34,6 +34,8 @@ def test_web_is_granian_wsgi_and_ws_is_uvicorn_channels_on_the_given_port() -> N
     assert web[web.index("--interface") + 1] == "wsgi" and "config.wsgi:application" in web
     assert web[web.index("--port") + 1] == "8123" and web[web.index("--host") + 1] == "0.0.0.0"
     assert web[web.index("--workers") + 1] == "1" and web[web.index("--blocking-threads") + 1] == "3"
+    forked = web_command(8123, workers=2)  # two web processes on the one port (benchmarks of two cores)
+    assert forked[forked.index("--workers") + 1] == "2"
     ws = ws_command(9123)
     assert ws[:3] == [sys.executable, "-m", "uvicorn"] and "config.asgi:application" in ws
     assert ws[ws.index("--port") + 1] == "9123"
