@@ -160,7 +160,7 @@ LEASE_SHARE = 64
 LOCK_FRESH_SECONDS = 1.0
 _local = threading.Lock()
 _leases: dict[str, list[float]] = {}  # counter key -> [units left, monotonic time its window ends]
-_unlocked: dict[tuple[str, ...], float] = {}  # lockout keys -> monotonic time "none live" holds until
+_unlocked: dict[tuple[tuple[str, str], ...], float] = {}  # lockouts -> monotonic time "none live" holds until
 
 
 def lease_size(limit: int) -> int:
@@ -173,13 +173,15 @@ def _spend_leases(locks: list[tuple[str, str]], counters: list[tuple[str, int, i
         return False
     now = time.monotonic()
     with _local:
-        if locks and _unlocked.get(tuple(k for k, _ in locks), 0.0) <= now:
+        if locks and _unlocked.get(tuple(locks), 0.0) <= now:
             return False
-        held = [_leases.get(key) for key, *_ in counters]
-        if not all(lease is not None and lease[0] >= 1 and lease[1] > now for lease in held):
-            return False
+        held = []
+        for counter in counters:
+            lease = _leases.get(counter[0])
+            if lease is None or lease[0] < 1 or lease[1] <= now:
+                return False
+            held.append(lease)
         for lease in held:
-            assert lease is not None  # all() above
             lease[0] -= 1
     return True
 
@@ -192,7 +194,7 @@ def _keep_leases(
         for (key, *_), units, ms in zip(counters, granted[0::2], granted[1::2], strict=True):
             _leases[key] = [float(int(units) - 1), now + int(ms) / 1000]
         if locks:
-            _unlocked[tuple(k for k, _ in locks)] = now + LOCK_FRESH_SECONDS
+            _unlocked[tuple(locks)] = now + LOCK_FRESH_SECONDS
         if len(_leases) > 10_000:  # one per client and source seen this window: drop the ended ones
             for key in [k for k, (_, until) in _leases.items() if until <= now]:
                 del _leases[key]
