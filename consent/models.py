@@ -8,6 +8,7 @@ of them inactive at once.
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
@@ -588,32 +589,46 @@ class AuthorizationCode(AbstractGrant):  # type: ignore[misc]  # django-oauth-to
 # KEY SHARE of each parent row per token row at COMMIT, nine per code exchange or refresh, every
 # request locking the same agent and user rows: about a third of PostgreSQL's CPU for a token
 # request (bench/peers.py with and without them, docs/deployment.md).
-class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
+def _unconstrained_references(*, optional: bool) -> tuple[Any, Any]:
+    """DOT's ``user`` and ``application`` of a token model, as references without a constraint."""
+    nullable: dict[str, Any] = {"blank": True, "null": True} if optional else {}
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.CASCADE,
-        blank=True,
-        null=True,
         related_name="%(app_label)s_%(class)s",
         verbose_name="user",
         db_constraint=False,
+        **nullable,
     )
-    application = models.ForeignKey(
+    agent = models.ForeignKey(
         oauth2_settings.APPLICATION_MODEL,
         on_delete=models.CASCADE,
-        blank=True,
-        null=True,
         verbose_name="application",
         db_constraint=False,
+        **nullable,
     )
-    source_refresh_token = models.OneToOneField(
-        oauth2_settings.REFRESH_TOKEN_MODEL,
+    return user, agent
+
+
+def _sibling(model: str, *, related_name: str, verbose_name: str) -> Any:
+    """The token issued with this one (DOT's one-to-one), nulled when it goes; no constraint."""
+    return models.OneToOneField(
+        model,
         on_delete=models.SET_NULL,
         blank=True,
         null=True,
+        related_name=related_name,
+        verbose_name=verbose_name,
+        db_constraint=False,
+    )
+
+
+class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
+    user, application = _unconstrained_references(optional=True)
+    source_refresh_token = _sibling(
+        oauth2_settings.REFRESH_TOKEN_MODEL,
         related_name="refreshed_access_token",
         verbose_name="source refresh token",
-        db_constraint=False,
     )
     session_grant = models.ForeignKey(
         SessionGrant, on_delete=models.CASCADE, related_name="access_tokens", db_constraint=False
@@ -625,27 +640,9 @@ class AccessToken(AbstractAccessToken):  # type: ignore[misc]  # django-oauth-to
 
 
 class RefreshToken(AbstractRefreshToken):  # type: ignore[misc]  # django-oauth-toolkit ships no types
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.CASCADE,
-        related_name="%(app_label)s_%(class)s",
-        verbose_name="user",
-        db_constraint=False,
-    )
-    application = models.ForeignKey(
-        oauth2_settings.APPLICATION_MODEL,
-        on_delete=models.CASCADE,
-        verbose_name="application",
-        db_constraint=False,
-    )
-    access_token = models.OneToOneField(
-        oauth2_settings.ACCESS_TOKEN_MODEL,
-        on_delete=models.SET_NULL,
-        blank=True,
-        null=True,
-        related_name="refresh_token",
-        verbose_name="access token",
-        db_constraint=False,
+    user, application = _unconstrained_references(optional=False)
+    access_token = _sibling(
+        oauth2_settings.ACCESS_TOKEN_MODEL, related_name="refresh_token", verbose_name="access token"
     )
     session_grant = models.ForeignKey(
         SessionGrant, on_delete=models.CASCADE, related_name="refresh_tokens", db_constraint=False
