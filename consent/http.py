@@ -64,9 +64,8 @@ class ProtocolJsonResponse(JsonResponse):
     def __init__(
         self, data: dict[str, Any], *, status: int = 200, headers: Mapping[str, str] | None = None
     ) -> None:
-        store = {"content-type": _JSON_TYPE}
-        if headers:
-            store.update(_checked_headers(headers))
+        store = dict(_checked_headers(headers)) if headers else {}
+        store.setdefault("content-type", _JSON_TYPE)  # after the given headers, as JsonResponse orders them
         self.headers = response_headers = ResponseHeaders({})
         response_headers._store = store
         self._charset = None

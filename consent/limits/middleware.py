@@ -159,8 +159,8 @@ def _plan(
     secret_keys = attempts.keys_for(account=client_id, source=source) if kind else {}
     locks = (
         [
-            (key, f"locked:{kind}:{dim}")
-            for key, dim in zip(attempts.lock_keys(kind, secret_keys), secret_keys, strict=True)
+            (lock, f"locked:{kind}:{dim}")
+            for lock, dim in zip(attempts.lock_keys(kind, secret_keys), secret_keys, strict=True)
         ]
         if kind
         else []
