@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from channels.layers import get_channel_layer
@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consent.instances import short_instance
 
+from .channel_layer import InboxChannelLayer
 from .models import ApprovalRequest
 from .wording import approve_gives, status_words
 
@@ -133,6 +134,15 @@ def client_frame(message: dict[str, Any], seq: int) -> str:
     return json.dumps(frame, separators=(",", ":"))
 
 
+def _numbered(message: dict[str, Any]) -> Callable[[int], dict[str, Any]]:
+    """What the group gets as message number ``seq``: its type, the number, the inbox's frame."""
+
+    def build(seq: int) -> dict[str, Any]:
+        return {"type": message["type"], "seq": seq, "text": client_frame(message, seq)}
+
+    return build
+
+
 async def group_send_sequenced(layer: RedisChannelLayer, group: str, message: dict[str, Any]) -> int:
     """Number ``message`` and send it to the group as the frame every inbox gets.
 
@@ -142,9 +152,7 @@ async def group_send_sequenced(layer: RedisChannelLayer, group: str, message: di
     ``group_send``.
     """
 
-    def build(seq: int) -> dict[str, Any]:
-        return {"type": message["type"], "seq": seq, "text": client_frame(message, seq)}
-
+    build = _numbered(message)
     if hasattr(layer, "group_send_numbered"):
         numbered: int = await layer.group_send_numbered(group, build, sequence_ttl=SEQUENCE_TTL)
         return numbered
@@ -189,8 +197,23 @@ _sender = _SenderLoop()
 def send_to_user(user_id: Any, message: dict[str, Any], *, timeout: float = SEND_TIMEOUT) -> int:
     """Push ``message`` to every open inbox of the user, numbered; returns its ``seq``.
 
-    Raises on failure or after ``timeout`` seconds, so the calling task retries.
+    Raises on failure or after ``timeout`` seconds, so the calling task retries. On the inbox's own
+    layer the calling thread sends itself, on a blocking Redis client
+    (``InboxChannelLayer.group_send_numbered_sync``); any other layer is driven from this process's
+    sender loop.
     """
+    layer = get_channel_layer()
+    if isinstance(layer, InboxChannelLayer):
+        group, build = user_group(user_id), _numbered(message)
+        try:
+            numbered: int = layer.group_send_numbered_sync(
+                group, build, sequence_ttl=SEQUENCE_TTL, timeout=timeout
+            )
+        except RedisConnectionError:  # a pooled connection Redis dropped (a restart): once more
+            numbered = layer.group_send_numbered_sync(
+                group, build, sequence_ttl=SEQUENCE_TTL, timeout=timeout
+            )
+        return numbered
 
     # Looked up on the loop's thread each time: the cached layer is reused, and a replaced
     # configuration (channel_layers.backends cleared) takes effect on the next send.
