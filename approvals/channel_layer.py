@@ -85,11 +85,15 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         self._sync_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
-    def create_pool(self, index: int) -> aioredis.ConnectionPool:
+    def _host(self, index: int) -> tuple[str, dict[str, Any]]:
+        """Shard ``index``'s address and its other connection options."""
         host = dict(self.hosts[index])
         if "address" not in host:
             raise ValueError("InboxChannelLayer hosts are given as {'address': 'redis://...', ...}")
-        address = host.pop("address")
+        return host.pop("address"), host
+
+    def create_pool(self, index: int) -> aioredis.ConnectionPool:
+        address, host = self._host(index)
         return aioredis.BlockingConnectionPool.from_url(
             address, max_connections=self.pool_size, timeout=self.pool_timeout, **host
         )
@@ -177,8 +181,7 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
             with self._sync_lock:
                 client = self._sync_clients.get(key)
                 if client is None:
-                    host = dict(self.hosts[index])
-                    address = host.pop("address")
+                    address, host = self._host(index)
                     host.update(socket_timeout=timeout, socket_connect_timeout=timeout)
                     client = self._sync_clients[key] = redis.Redis(
                         connection_pool=redis.BlockingConnectionPool.from_url(

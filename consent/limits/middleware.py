@@ -77,6 +77,7 @@ def rule_for(path: str) -> tuple[str, list[Dimension]] | None:
         )
         _BY_USER.clear()
         _BY_USER.update(name for name, _, dims in _compiled[1] if any(dim == "user" for dim, _, _ in dims))
+        _plans.clear()  # built from the rules replaced
     for name, prefixes, dims in _compiled[1]:
         if path.startswith(prefixes):
             return name, dims
@@ -133,19 +134,14 @@ Plan = tuple[list[Counter], dict[str, str], list[tuple[str, str]]]  # counters, 
 # What a request of one (rule, secret kind, client, source, user) asks the store, built once: the
 # same few clients and sources send nearly every protocol request, and building the keys was a
 # third of this layer's ~90,000 instructions per request (callgrind). Bounded: the client id is
-# whatever a request claims.
+# whatever a request claims. Dropped whenever ``rule_for`` compiles the rules again.
 _plans: dict[tuple[str, str | None, str, str, int | None], Plan] = {}
-_plans_rules: Any = None  # the compiled rules the plans were built from
 PLANS_MAX = 4096
 
 
 def _plan(
     name: str, dims: list[Dimension], kind: str | None, client_id: str, source: str, user_id: int | None
 ) -> Plan:
-    global _plans_rules
-    if _plans_rules is not _compiled[0]:  # the rules were compiled again (settings replaced)
-        _plans.clear()
-        _plans_rules = _compiled[0]
     key = (name, kind, client_id, source, user_id)
     plan = _plans.get(key)
     if plan is not None:
