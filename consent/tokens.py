@@ -16,9 +16,10 @@ from functools import lru_cache
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from jwt.types import Options
 
 from consent.limits.jsonbounds import JSONTooDeep, check_jwt
@@ -160,13 +161,28 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
     """Verify one of our own JWTs. Raises ``TokenInvalid``.
 
     ``kid`` only ever selects from our own published keys; ``jku``/``x5u`` are ignored.
+    A token of the shape ``sign`` writes (an ES256 JWS whose protected header holds exactly
+    ``alg``, ``kid`` and ``typ``) is checked by ``_verify_es256``; any other goes through PyJWT,
+    which refuses or accepts it as before (``tests/consent/test_token_verify.py`` holds the two
+    to the same answers).
     """
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise TokenInvalid("token missing or too large")
     try:
         check_jwt(token)
+    except JSONTooDeep as exc:
+        raise TokenInvalid("malformed token") from exc
+    claims = _verify_es256(token, typ=typ, audience=audience, verify_exp=verify_exp)
+    if claims is not None:
+        return claims
+    return _verify_generic(token, typ=typ, audience=audience, verify_exp=verify_exp)
+
+
+def _verify_generic(token: str, *, typ: str, audience: str | None, verify_exp: bool) -> dict[str, Any]:
+    """Any algorithm we publish, any header: PyJWT's JWS and claim checks."""
+    try:
         header = jwt.get_unverified_header(token)
-    except (jwt.PyJWTError, JSONTooDeep) as exc:
+    except jwt.PyJWTError as exc:
         raise TokenInvalid("malformed token") from exc
     if header.get("typ") != typ:
         raise TokenInvalid(f"wrong token type (expected {typ})")
@@ -193,3 +209,133 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
         raise TokenInvalid("token expired") from exc
     except jwt.PyJWTError as exc:
         raise TokenInvalid(f"invalid token: {exc}") from exc
+
+
+# --- ES256, written out (RFC 7515 §5.2, RFC 7518 §3.4, RFC 7519 §7.2) --------------------------------
+
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_PLAIN_HEADER = frozenset({"alg", "kid", "typ"})
+
+
+def _unb64(segment: bytes) -> bytes:
+    """RFC 7515 §2 base64url without padding, canonical (as PyJWT requires); ``ValueError`` otherwise.
+
+    The alphabet is checked by one ``bytes.translate``; PyJWT checks it a character at a time
+    in Python, twice per token (its header read and its decode): for an action token with its
+    ``authorization_details``, more than the signature check itself.
+    """
+    if len(segment) % 4 == 1 or segment.translate(None, _B64URL_ALPHABET):
+        raise ValueError("not base64url")
+    decoded = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    if _b64(decoded) != segment:  # unused trailing bits set: not the one encoding of these bytes
+        raise ValueError("not canonical base64url")
+    return decoded
+
+
+@lru_cache(maxsize=64)
+def _plain_header(segment: bytes) -> tuple[str, str, str] | None:
+    """(alg, kid, typ) of a protected header with exactly those members, all strings; else None.
+
+    Every token of one key and kind has the same header bytes, so it is parsed once.
+    """
+    try:
+        header = json.loads(_unb64(segment))
+    except ValueError:
+        return None
+    if not isinstance(header, dict) or set(header) != _PLAIN_HEADER:
+        return None
+    alg, kid, typ = header["alg"], header["kid"], header["typ"]
+    if not (isinstance(alg, str) and isinstance(kid, str) and isinstance(typ, str)):
+        return None
+    return alg, kid, typ
+
+
+def _verify_es256(token: str, *, typ: str, audience: str | None, verify_exp: bool) -> dict[str, Any] | None:
+    """The claims of an ES256 token of the shape ``sign`` writes; None for any other shape.
+
+    The same checks, in the same order and with the same refusals, as ``_verify_generic``:
+    the three segments decode (else "malformed"), then ``typ``, ``alg``, the key by ``kid``,
+    the R || S signature over the first two segments, the payload a JSON object, then the
+    claims (``_check_claims``).
+    """
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    segments = raw.split(b".")
+    if len(segments) != 3 or b"=" in raw:  # padded segments: PyJWT's to accept or refuse
+        return None
+    header = _plain_header(segments[0])
+    if header is None or header[0] != "ES256":
+        return None
+    try:
+        payload, signature = _unb64(segments[1]), _unb64(segments[2])
+    except ValueError:
+        raise TokenInvalid("malformed token") from None
+    alg, kid, header_typ = header
+    if header_typ != typ:
+        raise TokenInvalid(f"wrong token type (expected {typ})")
+    key = verification_key(kid)
+    if key is None or key.alg != alg:
+        raise TokenInvalid("unknown signing key")
+    public_key = key.public_key
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        return None
+    if len(signature) != 64:
+        raise TokenInvalid("invalid token: Signature verification failed")
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    try:
+        public_key.verify(der, raw[: len(segments[0]) + 1 + len(segments[1])], _ES256)
+    except InvalidSignature:
+        raise TokenInvalid("invalid token: Signature verification failed") from None
+    try:
+        claims = json.loads(payload)
+    except ValueError as exc:
+        raise TokenInvalid(f"invalid token: Invalid payload string: {exc}") from None
+    if not isinstance(claims, dict):
+        raise TokenInvalid("invalid token: Invalid payload string: must be a json object")
+    _check_claims(claims, audience=audience, verify_exp=verify_exp)
+    return claims
+
+
+def _numeric_date(claims: dict[str, Any], name: str, refusal: str) -> int:
+    try:
+        return int(claims[name])
+    except (ValueError, TypeError, OverflowError):
+        raise TokenInvalid(f"invalid token: {refusal}") from None
+
+
+def _check_claims(claims: dict[str, Any], *, audience: str | None, verify_exp: bool) -> None:
+    """RFC 7519 §4.1 as ``_verify_generic`` applies it (PyJWT's checks, in its order and words)."""
+    for name in REQUIRED_CLAIMS:
+        if claims.get(name) is None:
+            raise TokenInvalid(f'invalid token: Token is missing the "{name}" claim')
+    now, leeway = time.time(), countersign_settings.LEEWAY_SECONDS
+    if _numeric_date(claims, "iat", "Issued At claim (iat) must be an integer.") > now + leeway:
+        raise TokenInvalid("invalid token: The token is not yet valid (iat)")
+    if (
+        "nbf" in claims
+        and _numeric_date(claims, "nbf", "Not Before claim (nbf) must be an integer.") > now + leeway
+    ):
+        raise TokenInvalid("invalid token: The token is not yet valid (nbf)")
+    if (
+        verify_exp
+        and _numeric_date(claims, "exp", "Expiration Time claim (exp) must be an integer.") <= now - leeway
+    ):
+        raise TokenInvalid("token expired")
+    if not isinstance(claims["iss"], str):
+        raise TokenInvalid("invalid token: Payload Issuer (iss) must be a string")
+    if claims["iss"] != countersign_settings.ISSUER:
+        raise TokenInvalid("invalid token: Invalid issuer")
+    if audience is not None:
+        if not claims["aud"]:
+            raise TokenInvalid('invalid token: Token is missing the "aud" claim')
+        audiences = [claims["aud"]] if isinstance(claims["aud"], str) else claims["aud"]
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            raise TokenInvalid("invalid token: Invalid claim format in token")
+        if audience not in audiences:
+            raise TokenInvalid("invalid token: Audience doesn't match")
+    if not isinstance(claims["sub"], str):
+        raise TokenInvalid("invalid token: Subject must be a string")
+    if not isinstance(claims["jti"], str):
+        raise TokenInvalid("invalid token: JWT ID must be a string")
