@@ -7,7 +7,13 @@ fresh PostgreSQL database (created and dropped here), prepares authorization cod
 calls the WSGI application with prebuilt requests:
 
 1. code exchange (``grant_type=authorization_code``, PKCE S256, HTTP Basic), ``--requests`` times;
-2. refresh, a chain of ``--requests`` rotations.
+2. refresh, a chain of ``--requests`` rotations;
+3. redemption (``/o/redeem/``, resource-server HTTP Basic) of ``--requests`` issued action tokens: the
+   winning attempt of each;
+4. the same attempts again: the twin of a race that lands in the process that just redeemed the
+   token (answered from memory, refusal audited);
+5. the same attempts after this process forgot them: the twin that lands in another process
+   (decided by the database).
 
 Prints the statements one request runs and the process CPU per request for each phase;
 ``--profile`` adds the functions that take the most CPU (cProfile on process time);
@@ -51,16 +57,24 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from approvals import rar, redemption
+from approvals.models import ActionToken, ApprovalRequest
+from approvals.tokens import action_claims, mint
 from consent.keys import active_signing_key
 from consent.models import AuthorizationCode
-from consent.services import AuthContext, agent_create, grant_create, scope_set
+from consent.services import AuthContext, agent_create, grant_create, resource_server_create, scope_set
 
 n, profile = int(sys.argv[1]), sys.argv[2] == "1"
 SCOPE, REDIRECT = "bench:read", "http://127.0.0.1:8199/callback"
 scope_set(name=SCOPE, values={"audience": "http://bench.test", "description": "Benchmark scope",
                               "sensitivity": "standard"}, actor="bench")
-agent, secret = agent_create(name="Bench Agent", publisher="bench", scopes=[SCOPE], redirect_uris=[REDIRECT],
-                             actor="bench")
+STEP_UP, AUDIENCE = "bench:write", "http://ledger.bench"
+scope_set(name=STEP_UP, values={"audience": AUDIENCE, "description": "Benchmark ledger", "sensitivity": "step_up",
+                                "authorization_details_types": ["ledger_entry"], "action_token_ttl": 600},
+          actor="bench")
+ledger, ledger_secret = resource_server_create(name="Ledger", audience=AUDIENCE, actor="bench")
+agent, secret = agent_create(name="Bench Agent", publisher="bench", scopes=[SCOPE, STEP_UP],
+                             redirect_uris=[REDIRECT], actor="bench")
 user = get_user_model().objects.create_user("bench", password=secrets.token_urlsafe(24))
 active_signing_key()
 now = timezone.now()
@@ -77,20 +91,42 @@ with transaction.atomic():
                                          code_challenge_method="S256", session_grant=grant)
         codes.append((code, verifier))
 
+# Issued action tokens, as approval_collect leaves them (bench/approval_roundtrip.py makes the same).
+race_grant = grant_create(user=user, agent=agent, scopes=[SCOPE, STEP_UP], lifetime=86400,
+                          auth=AuthContext(auth_time=now, amr=["pwd"]), consent_shown={})
+action_tokens = []
+with transaction.atomic():
+    for i in range(n + 1):
+        details = [{"type": "ledger_entry", "actions": ["append"], "purchase_order": f"PO-{i:06d}",
+                    "amount": f"{100 + i}.00", "currency": "USD"}]
+        approval = ApprovalRequest.objects.create(
+            auth_req_id_hash=hashlib.sha256(secrets.token_bytes(32)).hexdigest(), grant=race_grant, user=user,
+            agent=agent, scope=STEP_UP, authorization_details=details, action_hash=rar.action_hash(details),
+            headline="bench", created=now, expires_at=now + timedelta(seconds=600),
+            status=ApprovalRequest.Status.ISSUED, decided_at=now, decided_by=user, decision_method="bench",
+            decision_auth={"auth_time": int(now.timestamp()), "amr": ["pwd"], "acr": ""})
+        claims = action_claims(approval=approval, audience=AUDIENCE, ttl=600)
+        ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
+                                   expires_at=now + timedelta(seconds=600))
+        action_tokens.append(mint(claims))
+
 from config.wsgi import application as app  # the callable granian serves (protocol lane included)
 authorization = "Basic " + base64.b64encode(f"{agent.client_id}:{secret}".encode()).decode()
 
 
-def call(form):
+ledger_authorization = "Basic " + base64.b64encode(f"{ledger.client_id}:{ledger_secret}".encode()).decode()
+
+
+def call(form, path="/o/token/", credentials=authorization, expect="200"):
     body = urlencode(form).encode()
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/o/token/", "SERVER_NAME": "127.0.0.1",
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SERVER_NAME": "127.0.0.1",
                "SERVER_PORT": "8000", "HTTP_HOST": "127.0.0.1:8000", "wsgi.url_scheme": "http",
                "CONTENT_TYPE": "application/x-www-form-urlencoded", "CONTENT_LENGTH": str(len(body)),
-               "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "HTTP_AUTHORIZATION": authorization,
+               "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "HTTP_AUTHORIZATION": credentials,
                "REMOTE_ADDR": "127.0.0.1"}
     status = []
     out = b"".join(app(environ, lambda s, h: status.append(s)))
-    assert status[0].startswith("200"), out
+    assert status[0].startswith(expect), out
     return json.loads(out)
 
 
@@ -115,12 +151,26 @@ def callgrind(*args):
             pass
 
 
-for name, fn in (("code exchange", exchange), ("refresh", refresh)):
+def redeemer(expect):
+    tokens = iter(action_tokens)
+    return lambda: call({"token": next(tokens)}, "/o/redeem/", ledger_authorization, expect)
+
+
+def forgetting(fn):
+    def forget_then(fn=fn):
+        redemption._SPENT._seen.clear()
+        return fn()
+    return forget_then
+
+
+phases = (("code exchange", exchange), ("refresh", refresh), ("redemption", redeemer("200")),
+          ("redemption repeat", redeemer("400")), ("redemption repeat elsewhere", forgetting(redeemer("400"))))
+for name, fn in phases:
     with CaptureQueriesContext(connection) as captured:
         fn()
     print(f"{name}: {len(captured.captured_queries)} statements (BEGIN and COMMIT included)")
     for q in captured.captured_queries:
-        print("    " + q["sql"][:110])
+        print("    " + str(q["sql"])[:110])
     if profile:
         import cProfile, pstats
         profiler = cProfile.Profile(time.process_time)
