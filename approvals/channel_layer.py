@@ -31,6 +31,7 @@ messages and the capacity rule are channels_redis' own (``_group_key``,
 """
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -41,6 +42,7 @@ from typing import Any
 import redis
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
 # Messages that carry the frame every socket of the user gets (approvals.delivery.client_frame).
@@ -72,6 +74,25 @@ for i=1,#KEYS do
 end
 return over_capacity
 """
+
+
+# Both scripts run by their SHA1 (EVALSHA): the text goes over the wire, and Redis hashes it, only
+# when its script cache does not hold it yet (after a restart, a SCRIPT FLUSH), through EVAL.
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_NUMBER_AND_READ, _SEND)}
+
+
+def _run(client: redis.Redis, script: str, *keys_and_args: Any) -> Any:
+    try:
+        return client.evalsha(_SHA[script], *keys_and_args)
+    except NoScriptError:
+        return client.eval(script, *keys_and_args)  # and Redis keeps it for the next EVALSHA
+
+
+async def _run_async(client: aioredis.Redis, script: str, *keys_and_args: Any) -> Any:
+    try:
+        return await client.evalsha(_SHA[script], *keys_and_args)
+    except NoScriptError:
+        return await client.eval(script, *keys_and_args)
 
 
 class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_redis ships no types
@@ -108,10 +129,10 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         """Number the next message of ``group`` and send ``build(seq)`` to its members; returns ``seq``."""
         assert self.require_valid_group_name(group), "Group name not valid"
         index, numbering = self._numbering(group, sequence_ttl)
-        seq, members = await self.connection(index).eval(*numbering)
+        seq, members = await _run_async(self.connection(index), *numbering)
         seq = int(seq)
         for index, sending in self._sendings(group, members, build(seq)):
-            self._over_capacity(await self.connection(index).eval(*sending), group, members)
+            self._over_capacity(await _run_async(self.connection(index), *sending), group, members)
         return seq
 
     def group_send_numbered_sync(
@@ -126,10 +147,10 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         """
         assert self.require_valid_group_name(group), "Group name not valid"
         index, numbering = self._numbering(group, sequence_ttl)
-        seq, members = self._sync_client(index, timeout).eval(*numbering)
+        seq, members = _run(self._sync_client(index, timeout), *numbering)
         seq = int(seq)
         for index, sending in self._sendings(group, members, build(seq)):
-            self._over_capacity(self._sync_client(index, timeout).eval(*sending), group, members)
+            self._over_capacity(_run(self._sync_client(index, timeout), *sending), group, members)
         return seq
 
     def _numbering(self, group: str, sequence_ttl: int) -> tuple[int, tuple[Any, ...]]:

@@ -67,3 +67,36 @@ def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_bu
     # In order and consecutive (nothing dropped); the one still attached also got the sixth push.
     assert seqs[0] == [seqs[0][0] + i for i in range(5)] and seqs[1] == [seqs[0][0] + i for i in range(6)]
     assert [m["text"] for m in buffered] == seen_a  # the same frames, whichever way they went
+
+
+def test_pushes_survive_redis_forgetting_the_scripts() -> None:
+    """The send scripts run by SHA1; after Redis lost its script cache (a restart, SCRIPT FLUSH)
+    the next push loads them again, from a request thread and from an event loop alike."""
+    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    assert isinstance(layer, InboxChannelLayer)
+
+    async def received_after(push: Any) -> dict[str, Any]:
+        channel = await layer.new_channel()
+        await layer.group_add(GROUP, channel)
+        layer._sync_client(layer.consistent_hash(GROUP), 5.0).script_flush()
+        await push()
+        try:
+            return await asyncio.wait_for(layer.receive(channel), 5)
+        finally:
+            await layer.group_discard(GROUP, channel)
+            layer._reader.cancel()
+
+    def numbered(seq: int) -> dict[str, Any]:
+        return {"type": "approval.upsert", "seq": seq, "text": f'{{"seq":{seq}}}'}
+
+    async def from_a_thread() -> None:
+        await asyncio.to_thread(layer.group_send_numbered_sync, GROUP, numbered, sequence_ttl=60, timeout=5.0)
+
+    async def from_the_loop() -> None:
+        await layer.group_send_numbered(GROUP, numbered, sequence_ttl=60)
+
+    first = asyncio.run(received_after(from_a_thread))
+    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)  # a fresh loop wants a fresh layer
+    assert isinstance(layer, InboxChannelLayer)
+    second = asyncio.run(received_after(from_the_loop))
+    assert first["seq"] + 1 == second["seq"] and second["text"] == f'{{"seq":{second["seq"]}}}'
