@@ -42,9 +42,11 @@ from typing import Any
 import redis
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 log = logging.getLogger(__name__)
+# The most messages the process's reader takes off Redis in one round trip (BZMPOP ... COUNT).
+RECEIVE_BATCH = 64
 # Messages that carry the frame every socket of the user gets (approvals.delivery.client_frame).
 DIRECT_TYPES = frozenset({"approval.upsert", "approval.remove", "grant.changed"})
 
@@ -104,6 +106,7 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         self._direct: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._sync_clients: dict[tuple[int, int, float], redis.Redis] = {}
         self._sync_lock = threading.Lock()
+        self._bzmpop_missing = False
         super().__init__(*args, **kwargs)
 
     def _host(self, index: int) -> tuple[str, dict[str, Any]]:
@@ -220,8 +223,8 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         each wait creates two tasks (the lock and the channel's buffer), and each message that
         reaches a socket's buffer cancels them and starts the contest again. With a user's many
         open tabs that was a quarter of the ws process's CPU per push (py-spy, bench/load.py).
-        Here one reader task per loop pulls the process's messages off Redis (channels_redis'
-        ``receive_single``, unchanged) into the per-channel buffers, and each consumer only waits
+        Here one reader task per loop pulls the process's messages off Redis (``_receive_batch``)
+        into the per-channel buffers, and each consumer only waits
         on its own buffer. If the reader fails (Redis went away), every waiting consumer gets the
         error, as before, and the next receive starts a new reader.
         """
@@ -243,6 +246,39 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         if isinstance(message, _ReaderFailed):
             raise message.error
         return message
+
+    async def _receive_batch(self, real_channel: str) -> list[tuple[Any, dict[str, Any]]]:
+        """The messages waiting for this process, up to ``RECEIVE_BATCH``, in one round trip.
+
+        channels_redis' ``receive_single`` takes four round trips per message: a script that puts
+        back what a cancelled receive left in the backup queue, BZPOPMIN, a ZADD into that backup
+        queue, and a cleaner that empties it again. The backup queue is there for receives that a
+        consumer cancels; this reader is one long-lived task per process, and a message it has
+        taken goes only to sockets of this process, which close with it. The inbox does not rely
+        on the stream either (``approvals.delivery``: numbered messages, and a snapshot on a gap or
+        on reconnect). So one BZMPOP (Redis 7) takes every message waiting, oldest first, in the
+        order ``receive_single`` would have. On a Redis without BZMPOP the reader keeps
+        channels_redis' receive.
+        """
+        if self._bzmpop_missing:
+            return [await self.receive_single(real_channel)]
+        try:
+            popped = await self.connection(self.consistent_hash(real_channel)).bzmpop(
+                self.brpop_timeout, 1, [self.prefix + real_channel], min=True, count=RECEIVE_BATCH
+            )
+        except ResponseError as exc:
+            if "unknown command" not in str(exc).lower():
+                raise
+            log.warning("Redis has no BZMPOP (before 7.0): the inbox reader pops one message at a time")
+            self._bzmpop_missing = True
+            return []
+        if popped is None:  # nothing within brpop_timeout: wait again
+            return []
+        received = []
+        for member, _score in popped[1]:
+            message = self.deserialize(member)
+            received.append((message.pop("__asgi_channel__", real_channel), message))
+        return received
 
     def _start_reader(self, real_channel: str) -> None:
         loop = asyncio.get_running_loop()
@@ -287,10 +323,10 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         loop = asyncio.get_running_loop()
         try:
             while True:
-                target, message = await self.receive_single(real_channel)
-                text = message.get("text") if message.get("type") in DIRECT_TYPES else None
-                for chan in target if isinstance(target, list) else [target]:
-                    self._route(chan, message, text, loop)
+                for target, message in await self._receive_batch(real_channel):
+                    text = message.get("text") if message.get("type") in DIRECT_TYPES else None
+                    for chan in target if isinstance(target, list) else [target]:
+                        self._route(chan, message, text, loop)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to every waiting consumer

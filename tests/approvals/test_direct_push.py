@@ -4,10 +4,11 @@ order, and through the buffer of any socket busy with a snapshot; against the re
 import asyncio
 from typing import Any
 
+import pytest
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import channel_layers
 
-from approvals.channel_layer import InboxChannelLayer
+from approvals.channel_layer import RECEIVE_BATCH, InboxChannelLayer
 from approvals.delivery import group_send_sequenced, user_group
 
 GROUP = user_group(424242)
@@ -72,31 +73,56 @@ def test_attached_sockets_get_every_frame_in_order_and_a_busy_one_through_its_bu
 def test_pushes_survive_redis_forgetting_the_scripts() -> None:
     """The send scripts run by SHA1; after Redis lost its script cache (a restart, SCRIPT FLUSH)
     the next push loads them again, from a request thread and from an event loop alike."""
-    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
-    assert isinstance(layer, InboxChannelLayer)
 
-    async def received_after(push: Any) -> dict[str, Any]:
+    def numbered(seq: int) -> dict[str, Any]:
+        return {"type": "approval.upsert", "seq": seq, "text": f'{{"seq":{seq}}}'}
+
+    async def received_after(from_a_thread: bool) -> dict[str, Any]:
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)  # one per event loop
+        assert isinstance(layer, InboxChannelLayer)
         channel = await layer.new_channel()
         await layer.group_add(GROUP, channel)
         layer._sync_client(layer.consistent_hash(GROUP), 5.0).script_flush()
-        await push()
+        if from_a_thread:
+            await asyncio.to_thread(
+                layer.group_send_numbered_sync, GROUP, numbered, sequence_ttl=60, timeout=5.0
+            )
+        else:
+            await layer.group_send_numbered(GROUP, numbered, sequence_ttl=60)
         try:
             return await asyncio.wait_for(layer.receive(channel), 5)
         finally:
             await layer.group_discard(GROUP, channel)
             layer._reader.cancel()
 
-    def numbered(seq: int) -> dict[str, Any]:
-        return {"type": "approval.upsert", "seq": seq, "text": f'{{"seq":{seq}}}'}
-
-    async def from_a_thread() -> None:
-        await asyncio.to_thread(layer.group_send_numbered_sync, GROUP, numbered, sequence_ttl=60, timeout=5.0)
-
-    async def from_the_loop() -> None:
-        await layer.group_send_numbered(GROUP, numbered, sequence_ttl=60)
-
-    first = asyncio.run(received_after(from_a_thread))
-    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)  # a fresh loop wants a fresh layer
-    assert isinstance(layer, InboxChannelLayer)
-    second = asyncio.run(received_after(from_the_loop))
+    first = asyncio.run(received_after(from_a_thread=True))
+    second = asyncio.run(received_after(from_a_thread=False))
     assert first["seq"] + 1 == second["seq"] and second["text"] == f'{{"seq":{second["seq"]}}}'
+
+
+@pytest.mark.parametrize("bzmpop", [True, False], ids=["one BZMPOP per batch", "Redis without BZMPOP"])
+def test_the_reader_hands_on_a_backlog_whole_and_in_order(bzmpop: bool) -> None:
+    """Messages that piled up before the reader ran (more than one batch of them) reach every
+    channel of the process, each once and in the order sent."""
+    sent = RECEIVE_BATCH * 2 + 5
+
+    async def scenario() -> list[list[int]]:
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+        assert isinstance(layer, InboxChannelLayer)
+        layer._bzmpop_missing = not bzmpop
+        channels = [await layer.new_channel() for _ in range(3)]
+        for channel in channels:
+            await layer.group_add(GROUP, channel)
+        for n in range(sent):
+            await group_send_sequenced(layer, GROUP, _upsert(n))
+        seen: list[list[int]] = []
+        for channel in channels:
+            frames = [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(sent)]
+            seen.append([int(f["text"].split('"seq":')[1].split(",")[0]) for f in frames])
+        for channel in channels:
+            await layer.group_discard(GROUP, channel)
+        layer._reader.cancel()
+        return seen
+
+    for seqs in asyncio.run(scenario()):
+        assert seqs == [seqs[0] + i for i in range(sent)]
