@@ -156,6 +156,13 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
             self._over_capacity(_run(self._sync_client(index, timeout), *sending), group, members)
         return seq
 
+    def group_size_sync(self, group: str, *, timeout: float) -> int:
+        """How many channels are in ``group`` now (members that joined within ``group_expiry``),
+        from a thread that runs no event loop (the blocking client ``group_send_numbered_sync`` uses)."""
+        since = time.time() - self.group_expiry
+        client = self._sync_client(self.consistent_hash(group), timeout)
+        return int(client.zcount(self._group_key(group), since, "+inf"))
+
     def _numbering(self, group: str, sequence_ttl: int) -> tuple[int, tuple[Any, ...]]:
         """(shard, the script and its keys and arguments) that numbers the message and reads the group."""
         return self.consistent_hash(group), (
@@ -248,7 +255,8 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         return message
 
     async def _receive_batch(self, real_channel: str) -> list[tuple[Any, dict[str, Any]]]:
-        """The messages waiting for this process, up to ``RECEIVE_BATCH``, in one round trip.
+        """The messages waiting for this process, oldest first, up to ``RECEIVE_BATCH``, in one round
+        trip; if none is waiting, the next one as soon as it comes (or none within ``brpop_timeout``).
 
         channels_redis' ``receive_single`` takes four round trips per message: a script that puts
         back what a cancelled receive left in the backup queue, BZPOPMIN, a ZADD into that backup
@@ -256,26 +264,29 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         consumer cancels; this reader is one long-lived task per process, and a message it has
         taken goes only to sockets of this process, which close with it. The inbox does not rely
         on the stream either (``approvals.delivery``: numbered messages, and a snapshot on a gap or
-        on reconnect). So one BZMPOP (Redis 7) takes every message waiting, oldest first, in the
-        order ``receive_single`` would have. On a Redis without BZMPOP the reader keeps
-        channels_redis' receive.
+        on reconnect). So one BZMPOP (Redis 7) takes what is waiting, in the order
+        ``receive_single`` would have. A Redis without BZMPOP gets a ZPOPMIN of what is waiting
+        and, when nothing is, a BZPOPMIN.
         """
-        if self._bzmpop_missing:
-            return [await self.receive_single(real_channel)]
-        try:
-            popped = await self.connection(self.consistent_hash(real_channel)).bzmpop(
-                self.brpop_timeout, 1, [self.prefix + real_channel], min=True, count=RECEIVE_BATCH
-            )
-        except ResponseError as exc:
-            if "unknown command" not in str(exc).lower():
-                raise
-            log.warning("Redis has no BZMPOP (before 7.0): the inbox reader pops one message at a time")
-            self._bzmpop_missing = True
-            return []
-        if popped is None:  # nothing within brpop_timeout: wait again
-            return []
+        connection = self.connection(self.consistent_hash(real_channel))
+        key = self.prefix + real_channel
+        popped: list[Any] | None = None
+        if not self._bzmpop_missing:
+            try:
+                got = await connection.bzmpop(self.brpop_timeout, 1, [key], min=True, count=RECEIVE_BATCH)
+                popped = [] if got is None else got[1]
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                log.warning("Redis has no BZMPOP (before 7.0): the inbox reader pops with ZPOPMIN/BZPOPMIN")
+                self._bzmpop_missing = True
+        if popped is None:
+            popped = await connection.zpopmin(key, RECEIVE_BATCH)
+            if not popped:
+                one = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                popped = [] if one is None else [(one[1], one[2])]
         received = []
-        for member, _score in popped[1]:
+        for member, _score in popped:
             message = self.deserialize(member)
             received.append((message.pop("__asgi_channel__", real_channel), message))
         return received
@@ -321,9 +332,16 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
 
     async def _read(self, real_channel: str) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         try:
             while True:
-                for target, message in await self._receive_batch(real_channel):
+                batch = await self._receive_batch(real_channel)
+                # redis-py can answer a blocking pop cancelled mid-read with its "nothing came" None:
+                # a cancelled reader (its loop is closing) stops here instead of blocking again, and
+                # holding up the loop's close (tests/approvals/test_removal_push.py hung on that).
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
+                for target, message in batch:
                     text = message.get("text") if message.get("type") in DIRECT_TYPES else None
                     for chan in target if isinstance(target, list) else [target]:
                         self._route(chan, message, text, loop)

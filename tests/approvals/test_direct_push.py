@@ -100,7 +100,9 @@ def test_pushes_survive_redis_forgetting_the_scripts() -> None:
     assert first["seq"] + 1 == second["seq"] and second["text"] == f'{{"seq":{second["seq"]}}}'
 
 
-@pytest.mark.parametrize("bzmpop", [True, False], ids=["one BZMPOP per batch", "Redis without BZMPOP"])
+@pytest.mark.parametrize(
+    "bzmpop", [True, False], ids=["one BZMPOP per batch", "Redis without BZMPOP: ZPOPMIN, BZPOPMIN"]
+)
 def test_the_reader_hands_on_a_backlog_whole_and_in_order(bzmpop: bool) -> None:
     """Messages that piled up before the reader ran (more than one batch of them) reach every
     channel of the process, each once and in the order sent."""
