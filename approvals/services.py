@@ -396,24 +396,24 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str, at: date
     """
     if approval.delivered_at is not None:  # a redelivery: recorded already
         return False
-    with transaction.atomic():
-        first = rows.execute(
-            f"UPDATE {_APPROVAL} SET delivered_at = %s WHERE id = %s AND delivered_at IS NULL",
-            [
-                rows.param(ApprovalRequest, "delivered_at", at or timezone.now()),
-                rows.param(ApprovalRequest, "id", approval.pk),
-            ],
+    # One statement on PostgreSQL: the first delivery takes the row once, its audit row with it.
+    batch = rows.Batch(
+        rows.guarded_update(
+            ApprovalRequest, approval.pk, {"delivered_at": at or timezone.now()}, "delivered_at IS NULL"
         )
-        if first:
-            audit_record(
-                event="approval.delivered",
-                actor="system",
-                user_id=approval.user_id,
-                client_id=approval.agent.client_id,
-                grant_id=approval.grant_id,
-                detail={"approval_id": str(approval.pk), "channel": channel},
-            )
-    return bool(first)
+    )
+    batch.event(
+        "delivered",
+        audit_event(
+            event="approval.delivered",
+            actor="system",
+            user_id=approval.user_id,
+            client_id=approval.agent.client_id,
+            grant_id=approval.grant_id,
+            detail={"approval_id": str(approval.pk), "channel": channel},
+        ),
+    )
+    return batch.run() is not None
 
 
 # --- the user's decision ----------------------------------------------------------------------

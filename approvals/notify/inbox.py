@@ -11,6 +11,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from ..channel_layer import InboxChannelLayer
 from ..delivery import _sender, user_group
 from ..models import ApprovalRequest
 from .models import PromptDelivery
@@ -21,7 +22,17 @@ LISTENERS_TIMEOUT = 2.0
 
 
 def open_inboxes(user_id: Any) -> int | None:
-    """How many inbox sockets of the user are subscribed now; None when the layer cannot say."""
+    """How many inbox sockets of the user are subscribed now; None when the layer cannot say.
+
+    On the inbox's own layer the calling thread asks Redis itself (``group_size_sync``); a hop to
+    the sender loop's thread and back cost more than the ZCOUNT.
+    """
+    layer: Any = get_channel_layer()
+    if isinstance(layer, InboxChannelLayer):
+        try:
+            return layer.group_size_sync(user_group(user_id), timeout=LISTENERS_TIMEOUT)
+        except Exception:  # noqa: BLE001 - only a record of the channel: never fail the delivery for it
+            return None
 
     async def count() -> int | None:
         layer: Any = get_channel_layer()  # a Redis layer of channels_redis, checked below

@@ -19,6 +19,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from audit.services import audit_record, audit_refusal
+from consent import rows
 from consent.conf import countersign_settings
 
 from ..errors import DeviceNotFound, PushSubscriptionInvalid, PushSubscriptionTooLarge, TooManyDevices
@@ -267,21 +268,21 @@ def delivery_record(
     """Record one outcome of one channel for a prompt, once, with its audit row. True if new.
 
     ``audit=False`` where an audit row of its own tells it already (an open inbox's delivery:
-    ``approval.delivered``)."""
+    ``approval.delivered``): then one statement, ``INSERT ... ON CONFLICT DO NOTHING``, decides
+    whether this is the first record; with its audit row, the two commit together."""
+    values = {
+        "approval": approval.pk,
+        "channel": channel,
+        "target": target[:64],
+        "outcome": outcome,
+        "error": error[:200],
+        "at": timezone.now(),
+    }
+    if not audit:
+        return rows.insert(PromptDelivery, values, skip_conflicts=True) is not None
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                PromptDelivery.objects.create(
-                    approval_id=approval.pk,
-                    channel=channel,
-                    target=target[:64],
-                    outcome=outcome,
-                    error=error[:200],
-                )
-        except IntegrityError:
+        if rows.insert(PromptDelivery, values, skip_conflicts=True) is None:
             return False
-        if not audit:
-            return True
         event = {
             Outcome.DELIVERED: "approval.reached",
             Outcome.FAILED: "approval.not_reached",
