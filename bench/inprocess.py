@@ -165,7 +165,10 @@ def forgetting(fn):
 
 phases = (("code exchange", exchange), ("refresh", refresh), ("redemption", redeemer("200")),
           ("redemption repeat", redeemer("400")), ("redemption repeat elsewhere", forgetting(redeemer("400"))))
+only = [p for p in os.environ.get("CS_PHASES", "").split(",") if p]
 for name, fn in phases:
+    if only and name not in only:
+        continue
     with CaptureQueriesContext(connection) as captured:
         fn()
     print(f"{name}: {len(captured.captured_queries)} statements (BEGIN and COMMIT included)")
@@ -207,6 +210,12 @@ def main() -> int:
         metavar="DIR",
         help="with --instructions: copy callgrind's dump of each phase into DIR, for callgrind_annotate",
     )
+    parser.add_argument(
+        "--phases",
+        default="",
+        help="comma-separated phase names to run (default: all): code exchange, refresh, redemption, "
+        "redemption repeat, redemption repeat elsewhere",
+    )
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     check_database_url(parser, "--database-url", args.database_url)
@@ -220,6 +229,7 @@ def main() -> int:
             "DJANGO_SETTINGS_MODULE": "config.settings",
             **BENCH_LIMITS_ENV,
             "PYTHONPATH": str(ROOT),
+            "CS_PHASES": args.phases,
         }
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
         log(f"{args.requests} requests per phase, in one process")
