@@ -303,23 +303,40 @@ def approval_request_create(
     fit = None if auto or needs_quorum else budget_fit(budget, req.authorization_details, now)
     if fit is not None and fit.amount is None:
         approval.budget_note = fit.why[:200]
+    requested = _event(
+        approval,
+        "approval.requested",
+        actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
+        request=request,
+        action_hash=approval.action_hash,
+        headline=approval.headline,
+        mode=approval.delivery_mode,
+        expires_in=req.window_seconds,
+        **({"budget": approval.budget_note} if approval.budget_note else {}),
+    )
+    reserving = not auto and budget is not None and fit is not None and fit.amount is not None
+    if not auto and not reserving:
+        # A prompt: the row and its audit event in one statement (no BEGIN and COMMIT around them).
+        if (
+            rows.insert_with_event(
+                ApprovalRequest, rows.instance_values(approval), requested, skip_conflicts=True
+            )
+            is None
+        ):
+            return _existing(req), False  # a concurrent identical request won the partial unique index
+        approval._state.adding = False
+        # One message per request: the delivery task schedules the on-time expiry
+        # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
+        _deliver_after_commit(approval, push_here=req.quorum_read and req.quorum is None)
+        return approval, True
     with transaction.atomic():  # the row and its audit events commit together, or not at all
         if rows.insert_instance(approval, skip_conflicts=True) is None:
             # A concurrent identical request won the partial unique index: answer with that one.
             return _existing(req), False
         approval._state.adding = False
-        _audit(
-            approval,
-            "approval.requested",
-            actor=f"rs:{opened_by.client_id}" if opened_by else req.agent.actor_id,
-            request=request,
-            action_hash=approval.action_hash,
-            headline=approval.headline,
-            mode=approval.delivery_mode,
-            expires_in=req.window_seconds,
-            **({"budget": approval.budget_note} if approval.budget_note else {}),
-        )
-        if not auto and budget is not None and fit is not None and fit.amount is not None:
+        requested.append()
+        if reserving:
+            assert budget is not None and fit is not None and fit.amount is not None
             # Inside the user's budget: reserved by one conditional UPDATE; the request then takes the
             # approve edge as a rule's does. Lost to a concurrent reservation (or a lowering): a prompt.
             if budget_reserve(budget=budget, approval=approval, amount=fit.amount, now=now):
@@ -342,15 +359,13 @@ def approval_request_create(
                     lost.why if lost is not None and lost.why else "your budget no longer covers it"
                 )
                 ApprovalRequest.objects.filter(pk=approval.pk).update(budget_note=approval.budget_note[:200])
-        elif auto:
+        else:
             _auto_approve(approval, rule=rule, now=now)
             _audit(approval, "approval.auto_approved", actor="system", rule=rule)
         if auto:
             if approval.delivery_mode == ApprovalRequest.DeliveryMode.PING:
                 _after_commit("approvals.notify_agent", approval.pk)
-        else:
-            # One message per request: the delivery task schedules the on-time expiry
-            # (approval_mark_delivered); the expiry sweep covers a prompt never delivered.
+        else:  # the budget no longer covered it (lost to a concurrent reservation): a prompt after all
             _deliver_after_commit(approval, push_here=req.quorum_read and req.quorum is None)
     return approval, True
 

@@ -327,10 +327,14 @@ def insert(model: type[Model], values: dict[str, Any], *, skip_conflicts: bool =
     return None if row is None else row[0]
 
 
+def instance_values(obj: Model) -> dict[str, Any]:
+    """Every concrete field of a model instance as it stands (defaults applied): what ``insert`` takes."""
+    return {f.name: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
+
+
 def insert_instance(obj: Model, *, skip_conflicts: bool = False) -> Any:
     """INSERT an unsaved model instance with every concrete field as it stands (defaults applied)."""
-    values = {f.name: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
-    return insert(type(obj), values, skip_conflicts=skip_conflicts)
+    return insert(type(obj), instance_values(obj), skip_conflicts=skip_conflicts)
 
 
 def execute(sql: str, params: Sequence[Any] = ()) -> int:
@@ -431,6 +435,42 @@ def event_insert(pending: PendingEvent, source: str) -> tuple[str, list[Any]]:
     names = tuple((n, None) for n in values)
     exprs = tuple((col, expr) for col, (expr, _) in sql.items())
     return _insert_select_sql(conn.vendor, model, names, exprs, (source,)), params
+
+
+def insert_with_event(
+    model: type[Model], values: dict[str, Any], pending: PendingEvent, *, skip_conflicts: bool = False
+) -> Any:
+    """INSERT one row (``insert``) and, only if it was written, the audit event ``pending``.
+
+    On PostgreSQL one statement (the event's CTE reads the INSERT's: a row skipped as a conflict
+    writes no event), so outside a transaction the two commit together, or neither, with no
+    BEGIN and COMMIT around them; elsewhere both in one transaction. The new primary key, or None.
+    """
+    conn = db()
+    if conn.vendor != "postgresql":
+        with transaction.atomic(using=conn.alias):
+            pk = insert(model, values, skip_conflicts=skip_conflicts)
+            if pk is not None:
+                pending.append()
+            return pk
+    params = [param(model, n, v, conn) for n, v in values.items()]
+    event_sql, event_params = event_insert(pending, "w")
+    sql = _with_event_sql(conn.vendor, model, tuple(values), skip_conflicts, event_sql)
+    with cursor(sql) as cur:
+        cur.execute(sql, [*params, *event_params])
+        row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+@cache
+def _with_event_sql(
+    vendor: str, model: type[Model], names: tuple[str, ...], skip_conflicts: bool, event_sql: str
+) -> str:
+    pk = connection.ops.quote_name(pk_column(model))
+    return (
+        f"WITH w AS ({_insert_sql(vendor, model, names, skip_conflicts)}), e AS ({event_sql})"
+        f" SELECT (SELECT {pk} FROM w)"
+    )
 
 
 @cache

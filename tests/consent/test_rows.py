@@ -15,6 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from audit.services import PendingEvent, audit_event
 from consent import rows
 from consent.models import ScopePolicy
 
@@ -109,3 +110,29 @@ def test_db_is_the_bound_connection_and_django_s_lookup_otherwise() -> None:
     finally:
         rows.bind(outer)
     assert rows.bind(None) is None
+
+
+@pytest.mark.django_db(transaction=True)  # outside any transaction, as a request writes it
+def test_a_row_and_its_event_land_together_and_a_skipped_row_writes_no_event() -> None:
+    def event(name: str) -> PendingEvent:
+        return audit_event(event="scope.changed", actor="test", detail={"scope": name})
+
+    unsaved = ScopePolicy(name=NAME, audience="http://catalog.test", description="Read the catalog")
+    unsaved.created = unsaved.updated = timezone.now()  # auto_now fields: set by save(), not here
+    values = rows.instance_values(unsaved)
+    del values["id"]
+    with CaptureQueriesContext(connection) as captured:
+        pk = rows.insert_with_event(ScopePolicy, values, event("first"), skip_conflicts=True)
+    assert pk == ScopePolicy.objects.get(name=NAME).pk
+    assert len(captured.captured_queries) == 1  # no BEGIN or COMMIT around the one statement
+    assert AuditEvent.objects.filter(event="scope.changed", detail__scope="first").count() == 1
+
+    # The same unique name again: skipped, and so is its event.
+    assert rows.insert_with_event(ScopePolicy, values, event("again"), skip_conflicts=True) is None
+    assert ScopePolicy.objects.filter(name=NAME).count() == 1
+    assert not AuditEvent.objects.filter(detail__scope="again").exists()
+
+    # Not skipped: the conflict is an error, and neither row is written.
+    with pytest.raises(IntegrityError):
+        rows.insert_with_event(ScopePolicy, values, event("raised"))
+    assert not AuditEvent.objects.filter(detail__scope="raised").exists()

@@ -38,8 +38,9 @@ BUDGET = {
     # the agent (private_key_jwt), the subject token's grant; one statement holds the grant live and
     # writes the access token and the audit row
     "token_exchange": 3,
-    # hint token + grant + agent + scope policy, duplicate and fatigue checks, BEGIN, INSERT, audit row, COMMIT
-    "backchannel_request": 6,
+    # hint token + grant + agent + scope policy, duplicate and fatigue checks; one statement writes the
+    # request and its audit row
+    "backchannel_request": 3,
     # the agent, the request with its grant and policy, the poll time
     "ciba_poll_pending": 3,
     # the agent, the request; one statement moves APPROVED -> ISSUED and writes the action token and
