@@ -16,7 +16,7 @@ extra callers queue for a free connection: a ZREM takes well under a millisecond
 queue of hundreds drains in a fraction of a second, and ``pool_timeout`` only fires if Redis
 itself stops answering.
 
-One connection per loop stays checked out by the receive loop's blocking BZPOPMIN (up to
+One connection per loop stays checked out by the reader's blocking pop (BZMPOP, up to
 ``brpop_timeout``, 5 s): the pool must hold more than one.
 
 ``group_send_numbered`` is the inbox's send (``approvals.delivery``): a numbered message to a
@@ -231,9 +231,9 @@ class InboxChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # channels_re
         reaches a socket's buffer cancels them and starts the contest again. With a user's many
         open tabs that was a quarter of the ws process's CPU per push (py-spy, bench/load.py).
         Here one reader task per loop pulls the process's messages off Redis (``_receive_batch``)
-        into the per-channel buffers, and each consumer only waits
-        on its own buffer. If the reader fails (Redis went away), every waiting consumer gets the
-        error, as before, and the next receive starts a new reader.
+        into the per-channel buffers, and each consumer only waits on its own buffer. If the reader
+        fails (Redis went away), every waiting consumer gets the error, as before, and the next
+        receive starts a new reader.
         """
         if "!" not in channel:
             received: dict[str, Any] = await super().receive(channel)
