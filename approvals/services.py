@@ -417,17 +417,7 @@ def approval_mark_delivered(*, approval: ApprovalRequest, channel: str, at: date
             ApprovalRequest, approval.pk, {"delivered_at": at or timezone.now()}, "delivered_at IS NULL"
         )
     )
-    batch.event(
-        "delivered",
-        audit_event(
-            event="approval.delivered",
-            actor="system",
-            user_id=approval.user_id,
-            client_id=approval.agent.client_id,
-            grant_id=approval.grant_id,
-            detail={"approval_id": str(approval.pk), "channel": channel},
-        ),
-    )
+    batch.event("delivered", _event(approval, "approval.delivered", actor="system", channel=channel))
     return batch.run() is not None
 
 
