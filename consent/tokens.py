@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.types import Options
 
 from consent.limits.jsonbounds import JSONTooDeep, check_jwt
+from countersign.jsonbounds import depth_within
 
 from .conf import countersign_settings
 from .keys import SUPPORTED_ALGS, active_signing_key, verification_key
@@ -168,13 +169,13 @@ def verify(token: str, *, typ: str, audience: str | None = None, verify_exp: boo
     """
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise TokenInvalid("token missing or too large")
-    try:
-        check_jwt(token)
-    except JSONTooDeep as exc:
-        raise TokenInvalid("malformed token") from exc
     claims = _verify_es256(token, typ=typ, audience=audience, verify_exp=verify_exp)
     if claims is not None:
         return claims
+    try:
+        check_jwt(token)  # the ES256 path bounds the segments it decodes itself
+    except JSONTooDeep as exc:
+        raise TokenInvalid("malformed token") from exc
     return _verify_generic(token, typ=typ, audience=audience, verify_exp=verify_exp)
 
 
@@ -239,7 +240,9 @@ def _plain_header(segment: bytes) -> tuple[str, str, str] | None:
     Every token of one key and kind has the same header bytes, so it is parsed once.
     """
     try:
-        header = json.loads(_unb64(segment))
+        data = _unb64(segment)
+        # Flat, or not a header of this shape: nothing nested reaches the parser (check_jwt's bound).
+        header = json.loads(data) if depth_within(data, 1) else None
     except ValueError:
         return None
     if not isinstance(header, dict) or set(header) != _PLAIN_HEADER:
@@ -253,8 +256,9 @@ def _plain_header(segment: bytes) -> tuple[str, str, str] | None:
 def _verify_es256(token: str, *, typ: str, audience: str | None, verify_exp: bool) -> dict[str, Any] | None:
     """The claims of an ES256 token of the shape ``sign`` writes; None for any other shape.
 
-    The same checks, in the same order and with the same refusals, as ``_verify_generic``:
-    the three segments decode (else "malformed"), then ``typ``, ``alg``, the key by ``kid``,
+    The same checks, in the same order and with the same refusals, as ``check_jwt`` and
+    ``_verify_generic``: the three segments decode and the claims nest no deeper than
+    ``JWT_MAX_DEPTH`` (else "malformed"), then ``typ``, ``alg``, the key by ``kid``,
     the R || S signature over the first two segments, the payload a JSON object, then the
     claims (``_check_claims``).
     """
@@ -272,6 +276,8 @@ def _verify_es256(token: str, *, typ: str, audience: str | None, verify_exp: boo
         payload, signature = _unb64(segments[1]), _unb64(segments[2])
     except ValueError:
         raise TokenInvalid("malformed token") from None
+    if not depth_within(payload, countersign_settings.JWT_MAX_DEPTH):  # check_jwt's bound, decoded once
+        raise TokenInvalid("malformed token")
     alg, kid, header_typ = header
     if header_typ != typ:
         raise TokenInvalid(f"wrong token type (expected {typ})")

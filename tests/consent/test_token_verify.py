@@ -183,3 +183,19 @@ def test_headers_beyond_alg_kid_typ_go_to_pyjwt() -> None:
         assert tokens._verify_es256(token, typ=ACTION_TOKEN_TYP, audience=AUDIENCE, verify_exp=True) is None
         kind, _ = outcome(verify, token, typ=ACTION_TOKEN_TYP, audience=AUDIENCE)
         assert kind == "refused", header
+
+
+def test_claims_nested_past_the_bound_are_malformed_before_anything_parses_them() -> None:
+    bound = countersign_settings.JWT_MAX_DEPTH
+    body = json.dumps(claims(authorization_details=DROP))[:-1].encode()
+
+    def nested(levels: int) -> str:  # the claims object itself is one level
+        return signed(body + b', "x": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}")
+
+    too_deep = nested(bound + 1)
+    assert tokens._plain_header(too_deep.split(".")[0].encode()) is not None  # the ES256 path's to refuse
+    assert outcome(verify, too_deep, typ=ACTION_TOKEN_TYP, audience=AUDIENCE) == (
+        "refused",
+        "malformed token",
+    )
+    assert outcome(verify, nested(bound), typ=ACTION_TOKEN_TYP, audience=AUDIENCE)[0] == "claims"
