@@ -927,6 +927,7 @@ def run(args: argparse.Namespace, stack: Stack, limit: tuple[int, int]) -> int:
             rig.env(),
             f"scenario: {args.agents} agents, {math.ceil(args.agents / args.agents_per_user)} officers",
         )
+        stack.analyze(args.database_url)
         data = json.loads(data_path.read_text())
         rig.start()
         monitor = ConnectionMonitor(args.database_url)

@@ -299,6 +299,8 @@ class Peers:
         out["dot"] = json.loads(path.read_text())
 
         out["floor"] = self.floor_setup()
+        for url in self.db.values():
+            stack.analyze(url)
         return out
 
     def floor_setup(self) -> dict:

@@ -452,6 +452,7 @@ class Bench:
             f"agent, user, {n_codes} grants and codes",
         )
         data = json.loads(codes_path.read_text())
+        stack.analyze(env["DATABASE_URL"])
         web = start_web(stack, "web", port, env, workers=args.workers)
         stack.wait_http(web, "/.well-known/oauth-authorization-server")
         log(f"  server ready on 127.0.0.1:{port}")
