@@ -14,8 +14,7 @@ import json
 from decimal import Decimal
 from typing import Any, NoReturn
 
-import rfc8785
-
+from audit import jcs
 from consent.limits import jsonbounds
 
 MAX_DETAILS_BYTES = 8192
@@ -74,7 +73,10 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def action_hash(details: list[dict[str, Any]]) -> str:
-    digest = hashlib.sha256(rfc8785.dumps(details)).digest()
+    """base64url(SHA-256(JCS(details))), RFC 8785; ``audit.jcs`` writes the same bytes as
+    ``rfc8785.dumps`` for plain JSON at a fraction of its cost (a redemption computes it for the
+    token it verifies: the general serializer was a tenth of a redemption's CPU, cProfile)."""
+    digest = hashlib.sha256(jcs.dumps(details)).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
