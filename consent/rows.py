@@ -111,9 +111,15 @@ class Statement:
     def __enter__(self) -> Any:
         conn = self.conn
         conn.validate_no_broken_transaction()
-        kept: KeptCursors | None = conn.__dict__.get("_rows_cursors")
-        if kept is None or kept.connection is not conn.connection:
-            kept = conn.__dict__["_rows_cursors"] = KeptCursors(conn)
+        # Kept on the driver connection itself, which the pool hands from thread to thread: kept on
+        # Django's per-thread wrapper, they were lost whenever the thread's next request took
+        # another pooled connection (a page request hands its connection back at the end), and
+        # every parameter's dumper was looked up again on the new cursors.
+        driver = conn.connection
+        kept: KeptCursors | None = getattr(driver, "_rows_cursors", None)
+        if kept is None:
+            kept = KeptCursors(conn)
+            setattr(driver, "_rows_cursors", kept)  # noqa: B010 - psycopg's Connection declares no such attribute
         return kept.get(self.sql)
 
     def __exit__(self, *exc: Any) -> None:
@@ -123,8 +129,8 @@ class Statement:
 class KeptCursors:
     """The server-binding cursors of one driver connection, by statement text.
 
-    They belong to that connection: a reconnect, or another pooled connection on this thread, starts
-    a new set. ``timestamptz`` is read with psycopg's C loader where the session's time zone is the
+    They belong to that connection, whichever thread the pool lends it to (one at a time); a new
+    connection starts a new set. ``timestamptz`` is read with psycopg's C loader where the session's time zone is the
     one Django wants (Django registers a Python subclass of it only to set the zone, and the
     session's own zone gives the same aware datetimes).
     """
@@ -337,8 +343,27 @@ def insert_instance(obj: Model, *, skip_conflicts: bool = False) -> Any:
     return insert(type(obj), instance_values(obj), skip_conflicts=skip_conflicts)
 
 
+# One str object per statement text. psycopg keeps a cursor's adapters only while the very same
+# query object runs on it again (``_cursor_base._start_query``: ``is``, not ``==``), so a statement
+# whose text a caller builds on every call, equal but new, had its dumpers looked up again each
+# time: every parameter's type through ``AdaptersMap.get_dumper`` (14 % of a web process's GIL
+# samples under bench/load.py, py-spy). Bounded: emptied when it holds ``KEPT_TEXTS`` texts.
+KEPT_TEXTS = 1024
+_texts: dict[str, str] = {}
+
+
+def _kept_text(sql: str) -> str:
+    kept = _texts.get(sql)
+    if kept is None:
+        if len(_texts) >= KEPT_TEXTS:
+            _texts.clear()
+        kept = _texts[sql] = sql
+    return kept
+
+
 def execute(sql: str, params: Sequence[Any] = ()) -> int:
     """Run one statement; returns the row count (which decides races)."""
+    sql = _kept_text(sql)
     with cursor(sql) as cur:
         cur.execute(sql, params)
         count: int = cur.rowcount
@@ -346,6 +371,7 @@ def execute(sql: str, params: Sequence[Any] = ()) -> int:
 
 
 def fetchone(sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+    sql = _kept_text(sql)
     with cursor(sql) as cur:
         cur.execute(sql, params)
         row: tuple[Any, ...] | None = cur.fetchone()

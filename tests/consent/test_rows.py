@@ -64,11 +64,39 @@ def test_a_statement_keeps_its_cursor_until_the_connection_changes(policy: Scope
     assert policy_row() is not None
 
 
+def test_kept_cursors_belong_to_the_driver_connection_the_pool_lends(policy: ScopePolicy) -> None:
+    # Whichever thread's Django wrapper holds the pooled connection next finds them there.
+    with rows.cursor("SELECT 1") as a:
+        pass
+    assert connection.connection._rows_cursors.get("SELECT 1") is a
+
+
+def test_a_statement_text_built_anew_keeps_its_dumpers(
+    policy: ScopePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from psycopg import _adapters_map
+
+    looked_up: list[type] = []
+    original = _adapters_map.AdaptersMap.get_dumper
+
+    def counting(self: _adapters_map.AdaptersMap, cls: type, format: object) -> object:
+        looked_up.append(cls)
+        return original(self, cls, format)  # type: ignore[arg-type]
+
+    def statement() -> str:  # equal text, a new str object each call, as an f-string gives
+        return "".join(["SELECT %s::text, ", "%s::int"])
+
+    assert rows.fetchone(statement(), ["a", 1]) == ("a", 1)
+    monkeypatch.setattr(_adapters_map.AdaptersMap, "get_dumper", counting)
+    assert rows.fetchone(statement(), ["b", 2]) == ("b", 2)
+    assert looked_up == []  # psycopg reused the cursor's dumpers: it saw the same query object
+
+
 def test_the_oldest_kept_cursor_is_closed_past_the_limit(policy: ScopePolicy) -> None:
     with rows.cursor("SELECT 0") as first:
         pass
-    for i in range(1, rows.KEPT_STATEMENTS + 1):
-        assert rows.fetchone(f"SELECT {i}") == (i,)
+    for i in range(1, rows.KEPT_STATEMENTS + 1):  # texts no other test keeps
+        assert rows.fetchone(f"SELECT {i} AS filler") == (i,)
 
     assert first.closed
     with rows.cursor("SELECT 0") as again:
