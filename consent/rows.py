@@ -130,9 +130,9 @@ class KeptCursors:
     """The server-binding cursors of one driver connection, by statement text.
 
     They belong to that connection, whichever thread the pool lends it to (one at a time); a new
-    connection starts a new set. ``timestamptz`` is read with psycopg's C loader where the session's time zone is the
-    one Django wants (Django registers a Python subclass of it only to set the zone, and the
-    session's own zone gives the same aware datetimes).
+    connection starts a new set. ``timestamptz`` is read with psycopg's C loader where the session's
+    time zone is the one Django wants (Django registers a Python subclass of it only to set the
+    zone, and the session's own zone gives the same aware datetimes).
     """
 
     def __init__(self, conn: BaseDatabaseWrapper):
