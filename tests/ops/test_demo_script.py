@@ -24,6 +24,10 @@ def _busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_demo_and_exits_0(tmp_path: Path) -> None:
     busy = [p for p in DEMO_PORTS if _busy(p)]
     if busy:
@@ -39,7 +43,15 @@ def test_ctrl_c_stops_the_demo_and_exits_0(tmp_path: Path) -> None:
     }
     out = open(tmp_path / "demo.out", "w+")
     proc = subprocess.Popen(
-        ["scripts/demo.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        ["scripts/demo.sh"],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        # As from a terminal: a suite started as a background job of a shell without job control
+        # inherits SIGINT ignored, and bash cannot trap a signal that was ignored on entry.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 180
