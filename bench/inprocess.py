@@ -42,7 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _stack import BENCH_LIMITS_ENV, ROOT, Stack, check_database_url, log, run_main
+from _stack import BENCH, BENCH_LIMITS_ENV, ROOT, Stack, check_database_url, log, run_main
 
 CHILD = r"""
 import base64, hashlib, io, json, os, secrets, sys, time
@@ -65,24 +65,7 @@ from consent.models import AuthorizationCode
 from consent.services import AuthContext, agent_create, grant_create, resource_server_create, scope_set
 
 n, profile = int(sys.argv[1]), sys.argv[2] == "1"
-
-
-import psycopg
-monitor = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True)
-
-
-def pg_cpu():
-    # CPU seconds (utime + stime) of this database's PostgreSQL backends, other than this monitor's.
-    pids = [pid for (pid,) in monitor.execute("SELECT pid FROM pg_stat_activity WHERE datname ="
-                                              " current_database() AND pid <> pg_backend_pid()")]
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:  # PostgreSQL on another host, or the backend just ended: not counted
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+from _stack import postgres_cpu_seconds  # PostgreSQL's CPU, as bench/peers.py counts it
 
 SCOPE, REDIRECT = "bench:read", "http://127.0.0.1:8199/callback"
 scope_set(name=SCOPE, values={"audience": "http://bench.test", "description": "Benchmark scope",
@@ -184,7 +167,8 @@ def forgetting(fn):
 
 phases = (("code exchange", exchange), ("refresh", refresh), ("redemption", redeemer("200")),
           ("redemption repeat", redeemer("400")), ("redemption repeat elsewhere", forgetting(redeemer("400"))))
-monitor.execute("ANALYZE")  # as autovacuum would have by now (_stack.Stack.analyze)
+with connection.cursor() as cursor:
+    cursor.execute("ANALYZE")  # as autovacuum would have by now (_stack.Stack.analyze)
 # A repeat "this process remembers" for as long as the phases take: under callgrind they run 50
 # times slower than the two seconds a race's twins are remembered for.
 redemption.SPENT_SECONDS = 3600.0
@@ -201,7 +185,7 @@ for name, fn in phases:
         import cProfile, pstats
         profiler = cProfile.Profile(time.process_time)
         profiler.enable()
-    pg_start = pg_cpu()
+    pg_start = postgres_cpu_seconds() or 0.0
     callgrind("--instr=on")
     callgrind("--zero")
     start = time.process_time()
@@ -210,7 +194,7 @@ for name, fn in phases:
     cpu = time.process_time() - start
     callgrind("--dump=" + name.replace(" ", "-"))
     callgrind("--instr=off")
-    pg = pg_cpu() - pg_start
+    pg = (postgres_cpu_seconds() or 0.0) - pg_start
     if profile:
         profiler.disable()
         pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "20")))
@@ -254,7 +238,7 @@ def main() -> int:
             "COUNTERSIGN_VAR_DIR": str(stack.tmp),
             "DJANGO_SETTINGS_MODULE": "config.settings",
             **BENCH_LIMITS_ENV,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH)]),
             "CS_PHASES": args.phases,
         }
         stack.run_step([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env, "migrate")
