@@ -20,6 +20,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -120,6 +121,18 @@ _HOLD_ISSUED = (
 _WIN_HOLDING = _WIN.replace(" RETURNING", _HOLD_ISSUED + " RETURNING")
 
 
+@cache
+def _redeem_sql(audit_sql: str) -> str:
+    """The one statement of a redemption on PostgreSQL, around the audit event's CTE body."""
+    return (
+        f"WITH won AS ({_WIN_HOLDING}),"
+        f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
+        f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), spent AS ({SPEND_CTE}),"
+        f" written AS ({audit_sql})"
+        f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}"
+    )
+
+
 def _redeem_statement(
     *, jti: str, resource_server: ResourceServer, now: datetime, event: PendingEvent
 ) -> tuple[Any, int, tuple[Any, ...] | None]:
@@ -149,11 +162,7 @@ def _redeem_statement(
     if connection.vendor == "postgresql":
         audit_sql, audit_params = rows.event_insert(event, "moved")
         row = rows.fetchone(
-            f"WITH won AS ({_WIN_HOLDING}),"
-            f" moved AS (UPDATE {_APPROVAL} m SET status = %s FROM won"
-            f" WHERE m.id = won.approval_id AND m.status = %s RETURNING m.id), spent AS ({SPEND_CTE}),"
-            f" written AS ({audit_sql})"
-            f" SELECT (SELECT approval_id FROM won), (SELECT COUNT(*) FROM moved), {_WHY}",
+            _redeem_sql(audit_sql),
             [*win, jti, _REDEEMABLE, _REDEEMED, _REDEEMABLE, *spend_params(now), *audit_params, *why],
         )
         if row is None:
