@@ -75,15 +75,22 @@ class ApprovalRequest(models.Model):
         return cls.EDGES[edge][1]
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    auth_req_id_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # Unique through Meta.constraints: a unique field on PostgreSQL also gets a LIKE index nothing uses.
+    auth_req_id_hash = models.CharField(max_length=64, editable=False)
     grant = models.ForeignKey("consent.SessionGrant", on_delete=models.CASCADE, related_name="approvals")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="approvals")
+    # user and agent are the first columns of the Meta.indexes below: no index of their own.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="approvals", db_index=False
+    )
     agent = models.ForeignKey(
-        settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE, related_name="approvals"
+        settings.OAUTH2_PROVIDER_APPLICATION_MODEL,
+        on_delete=models.CASCADE,
+        related_name="approvals",
+        db_index=False,
     )
     scope = models.CharField(max_length=100)
     authorization_details = models.JSONField(help_text="RFC 9396 array, exactly as the agent sent it.")
-    action_hash = models.CharField(max_length=64, db_index=True)
+    action_hash = models.CharField(max_length=64)
     headline = models.CharField(
         max_length=300, help_text="Rendered by the server from authorization_details."
     )
@@ -100,7 +107,7 @@ class ApprovalRequest(models.Model):
     created = models.DateTimeField(default=timezone.now, db_index=True)
     expires_at = models.DateTimeField(db_index=True)
     last_polled_at = models.DateTimeField(null=True, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     decided_at = models.DateTimeField(null=True, blank=True)
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -133,7 +140,12 @@ class ApprovalRequest(models.Model):
     class Meta:
         ordering = ["-created"]
         verbose_name = "approval request"
+        # Every index is written again by each status change (status is indexed, so no update of a
+        # request is HOT): only those that a read uses, and none of the LIKE (varchar_pattern_ops)
+        # twins Django adds to an indexed or unique CharField on PostgreSQL.
         indexes = [
+            models.Index(fields=["status"], name="approval_status"),
+            models.Index(fields=["action_hash"], name="approval_action_hash"),
             models.Index(fields=["user", "status"]),
             models.Index(fields=["agent", "status"]),
             # the sliding-window prompt caps (approvals.services._pending_state)
@@ -141,6 +153,7 @@ class ApprovalRequest(models.Model):
             models.Index(fields=["agent", "created"]),
         ]
         constraints = [
+            models.UniqueConstraint(fields=["auth_req_id_hash"], name="approval_auth_req_id_hash_key"),
             # Identical pending requests collapse into one prompt (approval fatigue), even under a race.
             models.UniqueConstraint(
                 fields=["grant", "scope", "action_hash"],
@@ -164,7 +177,7 @@ class ApprovalRequest(models.Model):
 class ActionToken(models.Model):
     """One minted action token. ``redeemed_at`` is set once, by a conditional UPDATE."""
 
-    jti = models.CharField(max_length=64, unique=True)
+    jti = models.CharField(max_length=64)  # unique through Meta.constraints (no LIKE index)
     approval = models.OneToOneField(ApprovalRequest, on_delete=models.CASCADE, related_name="action_token")
     issued_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
@@ -172,6 +185,9 @@ class ActionToken(models.Model):
     redeemed_by = models.ForeignKey(
         "consent.ResourceServer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["jti"], name="action_token_jti_key")]
 
     def __str__(self) -> str:
         return f"action token {self.jti} ({'redeemed' if self.redeemed_at else 'unredeemed'})"
