@@ -31,7 +31,8 @@ from audit.services import PendingEvent, audit_event
 from consent import rows
 from consent.errors import InvalidClient, OAuthError
 from consent.models import Agent, AgentInstance, ResourceServer, SessionGrant
-from consent.selectors import forget_resource_server
+from consent.selectors import RS_CURRENT as _RS_CURRENT
+from consent.selectors import forget_resource_server, rs_current_params
 from consent.tokens import ACTION_TOKEN_TYP, TokenInvalid, verify
 
 from . import rar
@@ -60,10 +61,6 @@ _TOKEN = rows.table(ActionToken)
 _JOINED = (
     f" {_APPROVAL} ap, {rows.table(SessionGrant)} g, {rows.table(Agent)} ag WHERE ap.id = t.approval_id"
     f" AND g.id = ap.grant_id AND ag.id = ap.agent_id"
-)
-_RS_CURRENT = (
-    f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
-    f" AND r.client_secret = %s)"
 )
 # The agent instance that asked was cut off (never true for an agent that runs as one: instance "").
 _CUT_OFF = (
@@ -144,7 +141,7 @@ def _redeem_statement(
     """
     at = rows.param(ActionToken, "redeemed_at", now)
     grant_at = rows.param(SessionGrant, "expires_at", now)
-    rs = [resource_server.pk, True, resource_server.client_secret]
+    rs = rs_current_params(resource_server)
     cut = AgentInstance.Status.CUT_OFF
     win = [
         at,

@@ -29,7 +29,9 @@ def resource_server_authenticate(
 
     ``cached``: a process may reuse a verification for ``CLIENT_CACHE_SECONDS``. Only
     for callers whose own statement re-checks the row it got (active, same secret
-    hash), as redemption does, so a deactivation or a new secret still counts at once.
+    hash: ``RS_CURRENT``), as redemption and session-token introspection do, or that
+    authenticate again before any answer their statement did not check, so a
+    deactivation or a new secret still counts at once.
     """
     digest = hashlib.sha256(secret.encode()).digest()
     if cached:
@@ -47,6 +49,18 @@ def resource_server_authenticate(
 
 def forget_resource_server(client_id: str) -> None:
     _rs_verified.pop(client_id, None)
+
+
+# True while the resource server a request authenticated as (perhaps from this process's cache) is
+# still active with the secret it was verified with; params ``rs_current_params``.
+RS_CURRENT = (
+    f"EXISTS (SELECT 1 FROM {rows.table(ResourceServer)} r WHERE r.id = %s AND r.is_active = %s"
+    f" AND r.client_secret = %s)"
+)
+
+
+def rs_current_params(resource_server: ResourceServer) -> list[Any]:
+    return [resource_server.pk, True, resource_server.client_secret]
 
 
 def scope_policies(names: list[str]) -> list[ScopePolicy]:
@@ -69,6 +83,9 @@ class Introspection:
     active: bool
     claims: dict[str, Any]
     reason: str = ""
+    # What the introspection's own statement found of the resource server asking (``RS_CURRENT``):
+    # None where it did not look (no statement ran, or another kind of token's introspector).
+    resource_server_current: bool | None = None
 
     def as_response(self) -> dict[str, Any]:
         """RFC 7662 §2.2 response members."""
@@ -124,29 +141,40 @@ def session_token_introspect(*, token: str, resource_server: ResourceServer) -> 
     aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     if resource_server.audience not in aud:
         return Introspection(False, {}, "token not issued for this resource server")
+    # One statement: the token with its grant, agent and instance, and whether the resource server
+    # is still the one this request authenticated as (its check may have come from the cache).
     row = rows.fetchone(
-        f"SELECT {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql}, {_AGENT_STATUS.sql}, {_INSTANCE_STATUS.sql}"
-        f" FROM {rows.table(AccessToken)} t JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
+        f"SELECT {RS_CURRENT}, t.id IS NOT NULL, {_TOKEN_EXPIRES.sql}, {_GRANT_STATE.sql},"
+        f" {_AGENT_STATUS.sql}, {_INSTANCE_STATUS.sql}"
+        f" FROM (SELECT 1) one LEFT JOIN ({rows.table(AccessToken)} t"
+        f" JOIN {rows.table(SessionGrant)} g ON g.id = t.session_grant_id"
         f" JOIN {rows.table(Agent)} a ON a.id = t.application_id"
-        f" LEFT JOIN {rows.table(AgentInstance)} i ON i.grant_id = g.id AND i.instance_id = %s"
-        f" WHERE t.token_checksum = %s",
-        [instance_of(claims), token_checksum(token)],
+        f" LEFT JOIN {rows.table(AgentInstance)} i ON i.grant_id = g.id AND i.instance_id = %s)"
+        f" ON t.token_checksum = %s",
+        [*rs_current_params(resource_server), instance_of(claims), token_checksum(token)],
     )
+    assert row is not None  # (SELECT 1) LEFT JOIN: always one row
+    if not row[0]:
+        return Introspection(False, {}, "resource server changed", resource_server_current=False)
+
+    def answer(active: bool, reason: str = "") -> Introspection:
+        return Introspection(active, claims if active else {}, reason, resource_server_current=True)
+
     now = timezone.now()
-    if row is None:
-        return Introspection(False, {}, "token revoked")
+    if not row[1]:
+        return answer(False, "token revoked")
     token_row, grant_row, agent_row, instance_row = rows.split(
-        row, _TOKEN_EXPIRES, _GRANT_STATE, _AGENT_STATUS, _INSTANCE_STATUS
+        row[2:], _TOKEN_EXPIRES, _GRANT_STATE, _AGENT_STATUS, _INSTANCE_STATUS
     )
     if token_row["expires"] <= now:
-        return Introspection(False, {}, "token revoked")
+        return answer(False, "token revoked")
     if grant_row["status"] != SessionGrant.Status.ACTIVE or grant_row["expires_at"] <= now:
-        return Introspection(False, {}, f"grant {grant_row['status']}")
+        return answer(False, f"grant {grant_row['status']}")
     if agent_row["status"] not in (
         Agent.Status.ACTIVE,
         Agent.Status.PENDING_REVIEW,
     ):  # pending: session scopes
-        return Introspection(False, {}, "agent suspended")
+        return answer(False, "agent suspended")
     if instance_row["status"] == AgentInstance.Status.CUT_OFF:
-        return Introspection(False, {}, "instance cut off")
-    return Introspection(True, claims)
+        return answer(False, "instance cut off")
+    return answer(True)

@@ -28,14 +28,19 @@ from ..budgets import budget_choices, budget_refusal_audit, budgets_create
 from ..errors import BudgetNotFound, BudgetRefused, ConfigurationError, InvalidTarget
 from ..http import NO_STORE, AuthenticatedHttpRequest, ProtocolJsonResponse, oauth_error
 from ..limits.jsonbounds import JSONTooDeep, check_jwt
-from ..models import Agent, ScopePolicy
+from ..models import Agent, ResourceServer, ScopePolicy
 from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
 from ..oauth.resource import narrow, parse_resources
-from ..selectors import TOKEN_INTROSPECTORS, scope_policies, session_token_introspect
+from ..selectors import (
+    TOKEN_INTROSPECTORS,
+    forget_resource_server,
+    scope_policies,
+    session_token_introspect,
+)
 from ..services import AuthContext, delegates_of, grant_create, grant_lifetime_choices
 from ..tokens import MAX_TOKEN_BYTES
 from .account import auth_context, second_factor_missing
-from .rs_auth import resource_server_or_refusal
+from .rs_auth import resource_server_confirmed, resource_server_or_refusal, resource_server_refusal
 
 # What a valid authorization request names: its scopes, oauthlib's credentials, the agent.
 Validated = tuple[list[str], dict[str, Any], Agent]
@@ -290,12 +295,16 @@ class IntrospectView(View):
     """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        rs, refusal = resource_server_or_refusal(request, event="introspection.refused")
+        # The credentials may be taken from a recent verification: the session-token statement
+        # re-checks them (RS_CURRENT), and every other answer checks them again first.
+        rs, refusal = resource_server_or_refusal(request, event="introspection.refused", cached=True)
         if refusal is not None:
             return refusal
         assert rs is not None  # no refusal: the resource server authenticated
         token = request.POST.get("token", "")
         if not token:
+            if not resource_server_confirmed(request):
+                return self._no_longer(request, rs)
             audit_refusal(
                 event="introspection.refused",
                 error="invalid_request",
@@ -307,6 +316,9 @@ class IntrospectView(View):
             return oauth_error("invalid_request", "The token parameter is required.")
         introspect = TOKEN_INTROSPECTORS.get(_token_typ(token), session_token_introspect)
         result = introspect(token=token, resource_server=rs)
+        current = result.resource_server_current
+        if current is False or (current is None and not resource_server_confirmed(request)):
+            return self._no_longer(request, rs)
         if not result.active:
             audit_refusal(
                 event="introspection.inactive",
@@ -317,3 +329,9 @@ class IntrospectView(View):
                 detail={"reason": result.reason},
             )
         return ProtocolJsonResponse(result.as_response(), headers=NO_STORE)
+
+    @staticmethod
+    def _no_longer(request: HttpRequest, rs: ResourceServer) -> HttpResponse:
+        """Deactivated, or its secret changed, since this process verified it: 401 (RFC 7662 §2.3)."""
+        forget_resource_server(rs.client_id)
+        return resource_server_refusal(request, event="introspection.refused")

@@ -19,6 +19,18 @@ def resource_server_or_refusal(
     rs = resource_server_authenticate(client_id=creds[0], secret=creds[1], cached=cached) if creds else None
     if rs is not None:
         return rs, None
+    return None, resource_server_refusal(request, event=event)
+
+
+def resource_server_confirmed(request: HttpRequest) -> bool:
+    """Whether the request's resource-server credentials hold now, checked in the database (for an
+    answer that no statement of the request re-checked after a cached verification)."""
+    creds = client_credentials(request)
+    return creds is not None and resource_server_authenticate(client_id=creds[0], secret=creds[1]) is not None
+
+
+def resource_server_refusal(request: HttpRequest, *, event: str) -> HttpResponse:
+    """The audited 401 of a request whose resource-server credentials do not hold."""
     audit_refusal(
         event=event,
         error="invalid_client",
@@ -27,4 +39,4 @@ def resource_server_or_refusal(
         request=request,
         detail={"reason": "resource-server authentication failed"},
     )
-    return None, error_response(InvalidClient("Resource-server authentication failed."))
+    return error_response(InvalidClient("Resource-server authentication failed."))

@@ -724,6 +724,30 @@ def test_introspection_by_a_deactivated_resource_server_is_invalid_client(
     w.assert_one_refusal(error="invalid_client")
 
 
+@pytest.mark.parametrize("change", ["deactivated", "secret replaced"])
+@pytest.mark.parametrize("token", ["session token", "garbage", "missing"])
+def test_introspection_after_the_resource_server_changed_is_invalid_client_though_it_was_verified_just_before(
+    flow: OAuthFlow, scenario: Scenario, change: str, token: str
+) -> None:
+    """The process may reuse a recent verification of the resource server; the answer may not."""
+    from consent.models import ResourceServer
+
+    session_token = flow.full()["access_token"]
+    assert flow.introspect(session_token).json()["active"] is True  # verified, and remembered
+    rs = ResourceServer.objects.filter(client_id=scenario.rs_client_id)
+    if change == "deactivated":
+        rs.update(is_active=False)
+    else:
+        rs.update(client_secret="a secret set by the admin since")
+    w = Watch()
+    sent = {"session token": session_token, "garbage": "not-a-jwt", "missing": ""}[token]
+    response = flow.introspect(sent)
+    _json_error(response, 401, "invalid_client")
+    assert "active" not in response.json()
+    w.assert_nothing_changed()
+    w.assert_one_refusal(error="invalid_client", event="introspection.refused")
+
+
 def test_introspection_by_rs_outside_the_audience_reports_inactive(
     flow: OAuthFlow, scenario: Scenario
 ) -> None:

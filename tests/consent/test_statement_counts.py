@@ -50,8 +50,8 @@ BUDGET = {
     "redeem_winner": 1,
     # the same statement (it reads why it lost), the refusal's audit row
     "redeem_loser": 2,
-    # the resource server, the token with its grant and agent
-    "introspect": 2,
+    # the token with its grant and agent, and the resource server re-checked (verified from the cache)
+    "introspect": 1,
 }
 
 
