@@ -179,6 +179,9 @@ class ActionToken(models.Model):
 
     jti = models.CharField(max_length=64)  # unique through Meta.constraints (no LIKE index)
     approval = models.OneToOneField(ApprovalRequest, on_delete=models.CASCADE, related_name="action_token")
+    # SHA-256 of the token as minted (consent.tokens.token_checksum): redemption proves a token is this
+    # one by it instead of by its signature (approvals.redemption). Empty for tokens minted before.
+    token_checksum = models.CharField(max_length=64, blank=True, default="", editable=False)
     issued_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
     redeemed_at = models.DateTimeField(null=True, blank=True)

@@ -30,7 +30,7 @@ from consent.models import Agent, AgentInstance, ResourceServer, ScopePolicy, Se
 from consent.oauth.attestation import InstanceProof
 from consent.rules import rule_matches
 from consent.services import AuthContext, grant_extend
-from consent.tokens import bind_to_proof_key, token_type
+from consent.tokens import bind_to_proof_key, token_checksum, token_type
 
 from . import delivery, rar
 from .budgets import BUDGET, budget_approved_event, budget_fit, budget_refund, budget_reserve
@@ -859,11 +859,14 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now: datetime, jkt
             *_leaving("collect"),
         )
     )
+    # Minted first: the row records the token's digest, which redemption checks instead of its signature.
+    action_token = mint(claims)
     batch.insert(
         "token",
         ActionToken,
         {
             "jti": claims["jti"],
+            "token_checksum": token_checksum(action_token),
             "approval": approval.pk,
             "issued_at": now,
             "expires_at": now + timedelta(seconds=ttl),
@@ -878,7 +881,7 @@ def _issue(approval: ApprovalRequest, policy: dict[str, Any], now: datetime, jkt
     if batch.run() is None:
         raise AlreadyIssued("the token for this auth_req_id was already issued")
     response = {
-        "access_token": mint(claims),
+        "access_token": action_token,
         "token_type": token_type(jkt),
         "expires_in": ttl,
         "scope": approval.scope,

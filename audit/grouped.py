@@ -39,7 +39,7 @@ class _Slot:
 
     def __init__(self, fields: Fields) -> None:
         self.fields = fields
-        self.done = threading.Event()
+        self.done: threading.Event | None = None  # made only for a caller that waits (a leader never does)
         self.lead = False  # woken to write the queue, not because its row was written
         self.written: Written | None = None
         self.error: BaseException | None = None
@@ -72,8 +72,10 @@ class GroupCommit:
             self._queue.append(slot)
             leads = not self._writing
             self._writing = True
+            if not leads:
+                done = slot.done = threading.Event()
         if not leads:
-            slot.done.wait()
+            done.wait()
             if not slot.lead:
                 return slot.outcome()
         # This thread writes: its own slot is the oldest queued (a new leader's, or a handed-over one).
@@ -85,9 +87,9 @@ class GroupCommit:
         finally:
             with self._lock:
                 if self._queue:
-                    successor = self._queue[0]
+                    successor = self._queue[0]  # queued while this write ran: it waits
                     successor.lead = True
-                    successor.done.set()
+                    _wake(successor)
                 else:
                     self._writing = False
         return slot.outcome()
@@ -109,11 +111,16 @@ class GroupCommit:
         self.statements += 1
         for slot, row in zip(batch, written, strict=True):
             slot.written = row
-            slot.done.set()
+            _wake(slot)
 
     @staticmethod
     def _failed(batch: list[_Slot], exc: BaseException) -> None:
         for i, slot in enumerate(batch):
             # Each waiting caller raises an exception object of its own (a traceback is per raise).
             slot.error = exc if i == 0 else copy.copy(exc)
-            slot.done.set()
+            _wake(slot)
+
+
+def _wake(slot: _Slot) -> None:
+    if slot.done is not None:
+        slot.done.set()

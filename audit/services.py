@@ -273,6 +273,11 @@ class PendingEvent:
     def append(self) -> AuditEvent:
         return _save(self)
 
+    def announce(self) -> None:
+        """Send ``event_built`` for this event (see ``audit_event``'s ``announce``)."""
+        f = self.fields
+        event_built.send(AuditEvent, user_id=f["user_id"], client_id=f["client_id"], grant_id=f["grant_id"])
+
 
 # What a Batch writes as plain values: every append column but ``detail`` (written as jsonb).
 _PENDING_VALUES = (*_APPEND_COLUMNS[:-2], "remote_addr")
@@ -289,9 +294,15 @@ def audit_event(
     error: str = "",
     detail: dict[str, Any] | None = None,
     request: HttpRequest | None = None,
+    announce: bool = True,
 ) -> PendingEvent:
-    """One event, not yet written (arguments as ``audit_record``)."""
-    event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
+    """One event, not yet written (arguments as ``audit_record``).
+
+    ``announce=False``: whose it is (``event_built``, which request logs take their ids from) is
+    told only by ``PendingEvent.announce``, for an event built before those ids are known to be true.
+    """
+    if announce:
+        event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
     return PendingEvent(
         {
             "occurred_at": timezone.now(),

@@ -111,6 +111,7 @@ from django.utils import timezone
 from approvals import rar
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.tokens import action_claims, mint
+from consent.tokens import token_checksum
 from consent.keys import active_signing_key
 from consent.models import AuthorizationCode, ScopePolicy
 from consent.services import AuthContext, agent_create, grant_create, resource_server_create, scope_set
@@ -165,9 +166,10 @@ with transaction.atomic():
     ApprovalRequest.objects.bulk_create(approvals, batch_size=1000)
     for approval in approvals:
         claims = action_claims(approval=approval, audience=audience, ttl=token_ttl)
-        rows.append(ActionToken(jti=claims["jti"], approval=approval, issued_at=now,
-                                expires_at=now + timedelta(seconds=token_ttl)))
-        tokens.append([claims["jti"], mint(claims)])
+        token = mint(claims)  # recorded with its digest, as approval collection records it
+        rows.append(ActionToken(jti=claims["jti"], token_checksum=token_checksum(token), approval=approval,
+                                issued_at=now, expires_at=now + timedelta(seconds=token_ttl)))
+        tokens.append([claims["jti"], token])
     ActionToken.objects.bulk_create(rows, batch_size=1000)
 
 with open(out_path, "w") as fh:

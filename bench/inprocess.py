@@ -60,6 +60,7 @@ from django.utils import timezone
 from approvals import rar, redemption
 from approvals.models import ActionToken, ApprovalRequest
 from approvals.tokens import action_claims, mint
+from consent.tokens import token_checksum
 from consent.keys import active_signing_key
 from consent.models import AuthorizationCode
 from consent.services import AuthContext, agent_create, grant_create, resource_server_create, scope_set
@@ -108,9 +109,10 @@ with transaction.atomic():
             status=ApprovalRequest.Status.ISSUED, decided_at=now, decided_by=user, decision_method="bench",
             decision_auth={"auth_time": int(now.timestamp()), "amr": ["pwd"], "acr": ""})
         claims = action_claims(approval=approval, audience=AUDIENCE, ttl=600)
-        ActionToken.objects.create(jti=claims["jti"], approval=approval, issued_at=now,
-                                   expires_at=now + timedelta(seconds=600))
-        action_tokens.append(mint(claims))
+        token = mint(claims)  # recorded with its digest, as approval collection records it
+        ActionToken.objects.create(jti=claims["jti"], token_checksum=token_checksum(token), approval=approval,
+                                   issued_at=now, expires_at=now + timedelta(seconds=600))
+        action_tokens.append(token)
 
 from config.wsgi import application as app  # the callable granian serves (protocol lane included)
 authorization = "Basic " + base64.b64encode(f"{agent.client_id}:{secret}".encode()).decode()

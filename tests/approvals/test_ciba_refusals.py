@@ -29,7 +29,7 @@ from approvals.tokens import mint
 from audit.models import AuditEvent
 from consent.models import Agent, ScopePolicy, SessionGrant
 from consent.services import agent_create, agent_update, grant_revoke, scope_set
-from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, session_claims, sign, verify
+from consent.tokens import ACTION_TOKEN_TYP, SESSION_TOKEN_TYP, session_claims, sign, token_checksum, verify
 from tests.approvals.conftest import LEDGER_ENTRY
 from tests.approvals.conftest import Agent as CibaAgent
 from tests.approvals.support import Outbox, install_outbox, ledger_entry
@@ -816,6 +816,52 @@ def test_tampered_action_token_is_invalid_token(agent: CibaAgent, client: Client
     with watch() as w:
         response = agent.redeem(f"{header}.{forged_payload}.{signature}")
     w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
+
+
+def _forgeries(token: str) -> dict[str, str]:
+    """Tokens with the real one's ``jti`` that pass every check but the signature (redemption proves
+    its tokens by their recorded digest, not by the signature: these must not get through)."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(jwt.utils.base64url_decode(payload))
+    claims["authorization_details"][0]["amount"] = "9250.00"
+    claims["action_hash"] = action_hash(claims["authorization_details"])  # consistent with the new amount
+    coherent = jwt.utils.base64url_encode(json.dumps(claims).encode()).decode()
+    other_signature = jwt.utils.base64url_encode(bytes(64)).decode()
+    return {
+        "another signature": f"{header}.{payload}.{other_signature}",
+        "coherent claims": f"{header}.{coherent}.{signature}",
+    }
+
+
+@pytest.mark.parametrize("forgery", ["another signature", "coherent claims"])
+def test_a_forged_token_with_a_real_jti_is_refused_by_its_signature_and_spends_nothing(
+    agent: CibaAgent, client: Client, watch: Watching, forgery: str
+) -> None:
+    token, approval = _action_token(agent, client)
+    with watch() as w:
+        response = agent.redeem(_forgeries(token)[forgery])
+    row = w.refused(response, status=400, error="invalid_token", event=REDEMPTION_REFUSED)
+    assert response.json()["error_description"] == "invalid token: Signature verification failed"
+    assert row.user_id is None and "approval_id" not in row.detail  # unverified claims name no one
+    assert agent.redeem(token).status_code == 200  # the real token is still the one that redeems
+
+
+def test_a_token_minted_before_digests_were_recorded_redeems_once_by_its_signature(
+    agent: CibaAgent, client: Client, watch: Watching
+) -> None:
+    token, approval = _action_token(agent, client)
+    ActionToken.objects.update(token_checksum="")  # as the rows minted before the column existed
+    won = agent.redeem(token)
+    assert won.status_code == 200, won.content
+    assert won.json()["approval_id"] == str(approval.pk)
+    with watch() as w:
+        again = agent.redeem(token)
+    w.refused(again, status=400, error="invalid_token", event=REDEMPTION_REFUSED, reason="already_redeemed")
+
+
+def test_a_collected_token_is_recorded_by_its_digest(agent: CibaAgent, client: Client) -> None:
+    token, approval = _action_token(agent, client)
+    assert ActionToken.objects.get().token_checksum == token_checksum(token)
 
 
 def test_action_token_at_introspection_is_active_only_to_its_own_resource_server(
