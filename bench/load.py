@@ -18,7 +18,10 @@ Phases:
    connection = (RSS of the processes serving websockets after opening them - RSS before) / count. They stay
    open through phase 3; one the server drops is reopened the way inbox.js does (250 ms * 2**retry)
    and counted.
-3. Agents: ``--agents`` concurrent agents (node A or B alternately), ``--rounds`` reference flows each:
+3. Agents: ``--agents`` concurrent agents (node A or B alternately), ``--rounds`` reference flows each,
+   back to back (a closed loop), or with ``--rate R`` started R per second in all by whichever agent
+   is free (an open loop: every step's latency at that load rather than its share of a saturated
+   queue; by Little's law a closed loop of 200 agents at 60 flows/s holds each flow ~3.3 s):
    (1) the catalog introspects the session token (``/o/introspect/``), (2) step-up request at
    ``/o/bc-authorize/`` (a unique ``ledger_entry`` per flow), (3) the officer's open inbox tab
    (one active websocket per officer) receives the prompt and the officer approves over HTTP
@@ -34,6 +37,7 @@ Usage (from the project root)::
 
     .venv/bin/python bench/load.py
     .venv/bin/python bench/load.py --agents 200 --rounds 3 --idle-ws 2000
+    .venv/bin/python bench/load.py --agents 200 --rounds 3 --idle-ws 2000 --rate 55
     .venv/bin/python bench/load.py --channel-socket-timeout 15   # servers with the channel-layer fix
 
 Bounded: fixed counts, per-wait timeouts, a global ``--timeout`` with a watchdog. Everything it
@@ -354,6 +358,30 @@ class Stats:
     redeemed: Counter[str] = field(default_factory=Counter)
 
 
+class Pacer:
+    """An open loop (``--rate``): flow ``k`` is due ``k / rate`` seconds after the first, whichever agent
+    is free takes the next one, and a flow that starts after it was due (every agent busy) is counted
+    late with how late, so a server that falls behind shows in the figures instead of slowing the
+    load down (a closed loop's coordinated omission)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.t0: float | None = None
+        self.k = 0
+        self.late: list[float] = []
+
+    async def next(self) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        due = self.t0 + self.k / self.rate
+        self.k += 1
+        if due > now:
+            await asyncio.sleep(due - now)
+        elif now - due > 0.005:
+            self.late.append(now - due)
+
+
 class WsBook:
     """Counts over the idle websockets."""
 
@@ -593,6 +621,7 @@ async def agent_flows(
     data: dict[str, Any],
     args: argparse.Namespace,
     stats: Stats,
+    pacer: Pacer | None = None,
 ) -> None:
     catalog = basic(*data["catalog"])
     ledger = basic(*data["ledger"])
@@ -606,6 +635,8 @@ async def agent_flows(
         if time.monotonic() > args.deadline - 30:
             stats.skipped += args.rounds - r
             return
+        if pacer is not None:
+            await pacer.next()
         t_flow = time.perf_counter()
         try:
             # (1) a resource server checks the session token
@@ -866,9 +897,10 @@ async def run_load(rig: LoadRig, data: dict[str, Any], args: argparse.Namespace)
         sampler.start()
         t0 = time.perf_counter()
         out["agents_started"] = time.time()  # wall clock, for the server-side figures of this phase
+        pacer = out["pacer"] = Pacer(args.rate) if args.rate else None
         await asyncio.gather(
             *(
-                agent_flows(i, agent, officers[agent["user"]], lean["AB"[i % 2]], data, args, stats)
+                agent_flows(i, agent, officers[agent["user"]], lean["AB"[i % 2]], data, args, stats, pacer)
                 for i, agent in enumerate(data["agents"])
             )
         )
@@ -958,6 +990,14 @@ def run(args: argparse.Namespace, stack: Stack, limit: tuple[int, int]) -> int:
         + f"  ({args.agents} agents x {args.rounds} rounds)"
     )
     log(f"  wall              {wall:.1f} s")
+    pacer = out.get("pacer")
+    if pacer is not None:
+        log(
+            f"  offered           {pacer.rate:g} flows/s (open loop); started late: {len(pacer.late)} of "
+            f"{pacer.k} flows, {dist_ms(pacer.late)}"
+        )
+    else:
+        log("  offered           closed loop: each agent starts its next flow when the last one ends")
     log(
         f"  throughput        {stats.flows_ok / wall:.1f} flows/s, {stats.http_requests / wall:.1f} HTTP requests/s "
         f"(5 per flow)"
@@ -1041,7 +1081,7 @@ def run(args: argparse.Namespace, stack: Stack, limit: tuple[int, int]) -> int:
     log("")
     log(
         f"load flows_per_s={stats.flows_ok / wall:.1f} http_rps={stats.http_requests / wall:.1f} "
-        f"flows={stats.flows_ok} errors={stats.errors.count} agents={args.agents} "
+        f"flows={stats.flows_ok} errors={stats.errors.count} agents={args.agents} offered_rate={args.rate:g} "
         + " ".join(
             f"{k}_p50_ms={percentile(lat[k], 50):.1f} {k}_p99_ms={percentile(lat[k], 99):.1f}"
             for k in ("introspect", "bc_authorize", "prompt", "approve", "collect", "redeem", "flow")
@@ -1065,6 +1105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--agents", type=int, default=200, help="concurrent agents (max 1000)")
     p.add_argument("--rounds", type=int, default=3, help="reference flows per agent (max 50)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="open loop: start this many flows per second in all, each by the next free agent (latency at a "
+        "given load); 0 = closed loop, every agent back to back (the most the servers sustain)",
+    )
     p.add_argument(
         "--agents-per-user",
         type=int,
@@ -1107,6 +1154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.agents <= 1000 or not 1 <= args.rounds <= 50 or not 0 <= args.idle_ws <= 20000:
         p.error("--agents 1..1000, --rounds 1..50, --idle-ws 0..20000")
+    if not 0 <= args.rate <= 1000:
+        p.error("--rate must be 0 (closed loop) .. 1000 flows/s")
     if not 1 <= args.agents_per_user <= 10:
         p.error("--agents-per-user must be 1..10 (MAX_PENDING_PER_USER is 10)")
     if args.idle_ws == 0:
