@@ -229,11 +229,11 @@ def action_token_redeem(
     ``claims`` come from a verified ``action+jwt`` whose audience is this resource
     server, or (``digest``, its ``token_checksum``) from one whose signature was not checked:
     then the statement also requires the digest recorded when it was minted, and raises
-    ``NotRecorded`` when no token of that ``jti`` has it. One conditional UPDATE decides, and checks in the same statement that the
-    request is ISSUED, its grant and agent are still active, and the resource server
-    is still active with the credentials it was verified with; the winner's request
-    moves ISSUED -> REDEEMED with it and its audit row is written, all in that one
-    statement on PostgreSQL. A losing attempt costs the same one statement (which reads why
+    ``NotRecorded`` when no token of that ``jti`` has it. One conditional UPDATE decides,
+    and checks in the same statement that the request is ISSUED, its grant and agent are
+    still active, and the resource server is still active with the credentials it was
+    verified with; the winner's request moves ISSUED -> REDEEMED with it and its audit row
+    is written, all in that one statement on PostgreSQL. A losing attempt costs the same one statement (which reads why
     it lost); its refusal is audited by the endpoint.
     """
     now = timezone.now()
