@@ -102,7 +102,10 @@ class GroupCommit:
                 self._failed(batch, exc)
             else:  # one row is bad: the others are written, each alone, and only its caller hears of it
                 for slot in batch:
-                    self._write_batch([slot])
+                    try:
+                        self._write_batch([slot])
+                    except BaseException:  # noqa: BLE001, S112 - that slot holds its error; the rest still go
+                        continue
         except BaseException as exc:
             self._failed(batch, exc)
             raise

@@ -169,3 +169,40 @@ def test_an_event_inside_a_transaction_is_written_there_and_never_waits_for_the_
     assert list(AuditEvent.objects.filter(event="test.grouped").values_list("detail__who", flat=True)) == [
         "outside"
     ]
+
+
+def test_an_outage_while_rows_are_retried_one_by_one_reaches_only_that_row_and_every_caller_returns() -> None:
+    from django.db import OperationalError
+
+    queued = threading.Event()
+    calls: list[list[str]] = []
+
+    def write(batch: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+        who = [f["detail"]["who"] for f in batch]
+        calls.append(who)
+        if len(calls) == 1:  # the leader's own row: wait for the others to queue behind it
+            assert queued.wait(10)
+            return [(1, 1)]
+        if len(batch) > 1:
+            raise DataError("one of these rows is bad")
+        if who == ["caller-2"]:
+            raise OperationalError("the server went away")
+        return [(int(who[0][-1]) + 10, 2)]
+
+    group = GroupCommit(write)
+
+    def wait_for_queue() -> None:
+        deadline = time.monotonic() + 10
+        while len(group._queue) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        queued.set()
+
+    watcher = threading.Thread(target=wait_for_queue)
+    watcher.start()
+    results, errors = _run(4, lambda i: group.append(_fields(f"caller-{i}")))
+    watcher.join(10)
+
+    assert set(errors) == {2} and isinstance(errors[2], OperationalError)
+    assert results == {0: (1, 1), 1: (11, 2), 3: (13, 2)}
+    assert calls[1] == ["caller-1", "caller-2", "caller-3"]
