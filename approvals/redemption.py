@@ -206,6 +206,13 @@ def action_token_verify(
         claims = verify(token, typ=ACTION_TOKEN_TYP)
     except TokenInvalid as exc:
         raise InvalidToken(str(exc)) from exc
+    _check_action(claims, resource_server=resource_server, request_hash=request_hash)
+    return claims
+
+
+def _check_action(claims: dict[str, Any], *, resource_server: ResourceServer, request_hash: str) -> None:
+    """The checks after the signature's: this resource server's audience, an ``action_hash`` that is
+    the token's own ``authorization_details``, and the one the resource server recomputed."""
     if claims.get("aud") != resource_server.audience:
         raise InvalidTarget("this action token is for another resource server")
     if claims.get("action_hash") != rar.action_hash(claims.get("authorization_details") or []):
@@ -214,7 +221,6 @@ def action_token_verify(
         raise ActionMismatch(
             "the action you are about to execute is not the approved one (action_hash differs)"
         )
-    return claims
 
 
 class NotRecorded(Exception):
@@ -405,20 +411,19 @@ def _verify_and_redeem(
 
 
 def _acceptable(claims: dict[str, Any], *, resource_server: ResourceServer, request_hash: str) -> bool:
-    """Whether ``action_token_verify`` would accept these claims (its checks after the signature's)."""
+    """Whether ``action_token_verify`` would accept these claims (``_check_action``), and they name a
+    request, a user and a grant as every action token we mint does (``action_token_redeem`` reads them)."""
     try:
+        _check_action(claims, resource_server=resource_server, request_hash=request_hash)
         return (
-            claims.get("aud") == resource_server.audience
-            and claims.get("action_hash") == rar.action_hash(claims.get("authorization_details") or [])
-            and (not request_hash or request_hash == claims["action_hash"])
-            and "approval_id" in claims
+            "approval_id" in claims
             and isinstance(claims.get("sub"), str)
             and claims["sub"].startswith("user:")
             and claims["sub"][5:].isdigit()
             and UUID(claims["grant_id"]) is not None
             and UUID(claims["approval_id"]) is not None
         )
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (OAuthError, KeyError, TypeError, ValueError, AttributeError):
         return False
 
 

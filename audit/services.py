@@ -301,9 +301,7 @@ def audit_event(
     ``announce=False``: whose it is (``event_built``, which request logs take their ids from) is
     told only by ``PendingEvent.announce``, for an event built before those ids are known to be true.
     """
-    if announce:
-        event_built.send(AuditEvent, user_id=user_id, client_id=client_id, grant_id=grant_id)
-    return PendingEvent(
+    pending = PendingEvent(
         {
             "occurred_at": timezone.now(),
             "event": event,
@@ -317,6 +315,9 @@ def audit_event(
             "remote_addr": client_ip(request),
         }
     )
+    if announce:
+        pending.announce()
+    return pending
 
 
 def _save(pending: PendingEvent) -> AuditEvent:
