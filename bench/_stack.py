@@ -864,3 +864,118 @@ class LeanHttp:
     async def aclose(self) -> None:
         while self._idle:
             self._idle.pop()[1].close()
+
+
+class IdleInbox(asyncio.Protocol):
+    """One idle inbox tab on a raw socket: the websocket handshake (RFC 6455 §4.1), the snapshot,
+    then every frame read and dropped, pings answered, the server's close answered.
+
+    A websocket client library spends about as much CPU per received frame as the server spends
+    sending it (its reader task, message queue and per-frame objects): with 2,000 idle tabs on
+    40 officers, each prompt, decision and redemption is a frame to ~50 tabs, and the load
+    generator measured itself. This reads frame headers and skips payloads, so a frame costs a
+    few slices of a buffer. ``lost`` resolves when the server drops the connection (its close
+    frame, or the socket's end); ``ready`` once the snapshot frame arrived (or with the error).
+    """
+
+    def __init__(self, path: str, host: str, headers: dict[str, str]) -> None:
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self.key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ).encode()
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[: self.buffer.find(b"\r\n")])
+            del self.buffer[: end + 4]
+            if b" 101 " not in status:
+                return self._end(f"handshake refused: {status.decode('latin-1')[:200]}")
+            self.upgraded = True
+        self._frames()
+
+    def _frames(self) -> None:
+        buf, at = self.buffer, 0
+        while len(buf) - at >= 2:
+            opcode, size, head = buf[at] & 0x0F, buf[at + 1] & 0x7F, 2
+            if size == 126:
+                if len(buf) - at < 4:
+                    break
+                size, head = int.from_bytes(buf[at + 2 : at + 4], "big"), 4
+            elif size == 127:
+                if len(buf) - at < 10:
+                    break
+                size, head = int.from_bytes(buf[at + 2 : at + 10], "big"), 10
+            if len(buf) - at < head + size:
+                break
+            payload = (
+                bytes(buf[at + head : at + head + size]) if opcode != 1 or not self.ready.done() else b""
+            )
+            at += head + size
+            if opcode == 1 and not self.ready.done():
+                kind = json.loads(payload).get("type")
+                if kind == "snapshot":
+                    self.ready.set_result(None)
+                else:
+                    self._end(f"expected a snapshot, got {kind}")
+            elif opcode == 9:  # ping: the pong carries its payload (§5.5.3)
+                self._send(0xA, payload)
+            elif opcode == 8:  # the server closes: answer (§5.5.1) and wait for the socket's end
+                self._send(0x8, payload[:2])
+                self._end(f"closed by the server: {int.from_bytes(payload[:2], 'big') if payload else ''}")
+        del buf[:at]
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        """A client frame: masked, as §5.3 requires (control frames carry at most 125 bytes)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.transport.write(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def _end(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+        if not self.lost.done():
+            self.lost.set_result(why)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"connection lost: {exc}" if exc else "connection closed")
+
+    def close(self) -> None:
+        """Close as a browser does: a close frame (1001, going away), then the socket."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(0x8, (1001).to_bytes(2, "big"))
+            self.transport.close()
+
+
+async def open_idle_inbox(ws_url: str, path: str, headers: dict[str, str], timeout: float) -> IdleInbox:
+    """An ``IdleInbox`` on ``ws_url`` (``http://host:port``), once its snapshot has arrived."""
+    parsed = urlparse(ws_url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    loop = asyncio.get_running_loop()
+    _, tab = await asyncio.wait_for(
+        loop.create_connection(lambda: IdleInbox(path, f"{host}:{port}", headers), host, port), timeout
+    )
+    try:
+        await asyncio.wait_for(tab.ready, timeout)
+    except BaseException:
+        tab.close()
+        raise
+    return tab

@@ -83,6 +83,7 @@ from _stack import (
     jwt_header,
     loadavg,
     log,
+    open_idle_inbox,
     percentile,
     run_main,
     scalar,
@@ -414,17 +415,17 @@ async def ws_connect(ws_url: str, origin: str, cookie: str) -> ClientConnection:
 async def idle_connection(
     ws_url: str, origin: str, cookie: str, book: WsBook, stop: asyncio.Event, opened: asyncio.Event
 ) -> None:
-    """An idle inbox tab: snapshot, then listen; reopen like inbox.js when the server drops it."""
+    """An idle inbox tab (``_stack.IdleInbox``): snapshot, then listen; reopen like inbox.js when the
+    server drops it."""
     retry = 0
     while not stop.is_set():
         counted = False
-        ws = None
+        tab = None
         try:
-            ws = await ws_connect(ws_url, origin, cookie)
+            tab = await open_idle_inbox(
+                ws_url, "/ws/approvals/", {"Cookie": cookie, "Origin": origin}, timeout=60
+            )
             retry = 0
-            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if msg.get("type") != "snapshot":
-                raise RuntimeError(f"expected a snapshot, got {msg.get('type')}")
             book.open += 1
             counted = True
             if opened.is_set():
@@ -432,11 +433,9 @@ async def idle_connection(
             else:
                 book.opened += 1
                 opened.set()
-            # Read, never parsed; raises when the server drops the connection. The run ends these
-            # tabs by cancelling their tasks: one await per frame, no future or wait set per frame
-            # (this loop runs for every frame the fan-out sends to every idle tab).
-            while True:
-                await ws.recv(decode=False)
+            # Frames are read and dropped by the protocol (IdleInbox): nothing here runs per frame.
+            # The run ends these tabs by cancelling their tasks.
+            raise ConnectionError(await tab.lost)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - refused, or dropped by the server
@@ -449,11 +448,8 @@ async def idle_connection(
         finally:
             if counted:
                 book.open -= 1
-            if ws is not None:
-                try:
-                    await ws.close()
-                except Exception:  # noqa: BLE001
-                    pass
+            if tab is not None:
+                tab.close()
         retry = min(retry + 1, 6)
         await asyncio.sleep(0.25 * 2**retry)
 

@@ -114,6 +114,10 @@ def ws_command(
         str(ws_max_size or WS_MAX_SIZE),
         "--ws-per-message-deflate",
         "false",
+        # websockets' sans-I/O protocol: timers instead of three tasks per connection, and a send
+        # is a write to the transport (bench/README.md: about half the server CPU per frame).
+        "--ws",
+        "websockets-sansio",
     ]
 
 
