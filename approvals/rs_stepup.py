@@ -25,14 +25,11 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
-from django.utils.decorators import method_decorator
-from django.views import View
-from django.views.decorators.csrf import csrf_exempt
 
 from audit.services import audit_refusal
 from consent.conf import countersign_settings
 from consent.errors import OAuthError
-from consent.http import NO_STORE, error_response
+from consent.http import NO_STORE, ProtocolView, error_response
 from consent.models import ResourceServer
 from consent.tokens import SESSION_TOKEN_TYP, TokenInvalid, verify
 from consent.views.rs_auth import resource_server_or_refusal
@@ -76,8 +73,7 @@ def open_for_token(
     return approval_request_create(req=req, request=request, opened_by=rs)
 
 
-@method_decorator(csrf_exempt, name="dispatch")
-class ResourceServerApprovalView(View):
+class ResourceServerApprovalView(ProtocolView):
     """``POST /o/rs-approvals/``: a resource server opens an approval for a token it was handed."""
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
@@ -112,8 +108,7 @@ class ResourceServerApprovalView(View):
         )
 
 
-@method_decorator(csrf_exempt, name="dispatch")
-class ResourceServerCollectView(View):
+class ResourceServerCollectView(ProtocolView):
     """``POST /o/rs-approvals/token/``: the resource server that opened it collects the action token
     (CIBA §10.1 answers: ``authorization_pending``, ``slow_down``, ``access_denied``, ``expired_token``)."""
 

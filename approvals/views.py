@@ -11,9 +11,6 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
-from django.utils.decorators import method_decorator
-from django.views import View
-from django.views.decorators.csrf import csrf_exempt
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from audit.decorators import post_only
@@ -24,8 +21,10 @@ from consent.http import (
     NO_STORE,
     AuthenticatedHttpRequest,
     ProtocolJsonResponse,
+    ProtocolView,
     claimed_client_id,
     error_response,
+    form_values,
 )
 from consent.instances import instance_admit
 from consent.limits import attempts
@@ -253,8 +252,7 @@ def _too_many(
     return response
 
 
-@method_decorator(csrf_exempt, name="dispatch")
-class BackchannelAuthenticationView(View):
+class BackchannelAuthenticationView(ProtocolView):
     """CIBA Core §7 backchannel authentication endpoint (poll and ping modes).
 
     §7.1: the agent authenticates exactly as at the token endpoint. The session token
@@ -263,7 +261,7 @@ class BackchannelAuthenticationView(View):
     """
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        params = request.POST.dict()
+        params = form_values(request)
         try:
             agent, hint, proof = self._authenticate(request, params)
         except OAuthError as exc:
@@ -334,8 +332,7 @@ def _token_owner(claims: dict[str, Any]) -> int | None:
     return int(sub[5:]) if sub.startswith("user:") and sub[5:].isdigit() else None
 
 
-@method_decorator(csrf_exempt, name="dispatch")
-class RedemptionView(View):
+class RedemptionView(ProtocolView):
     """Redeem an action token, exactly once, before the resource server acts on it.
 
     The token is verified locally (JWKS keys, ``typ``, audience, ``action_hash``); then one
@@ -350,10 +347,11 @@ class RedemptionView(View):
         assert rs is not None  # no refusal: the resource server authenticated
         claims: dict[str, Any] = {}
         try:
+            form = form_values(request)
             approval = action_token_spend(
-                token=request.POST.get("token", ""),
+                token=form.get("token", ""),
                 resource_server=rs,
-                request_hash=request.POST.get("action_hash", ""),
+                request_hash=form.get("action_hash", ""),
                 claims=claims,
             )
             action_token_redeemed_announce(approval=approval)

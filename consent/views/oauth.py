@@ -14,9 +14,6 @@ from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.decorators import method_decorator
-from django.views import View
-from django.views.decorators.csrf import csrf_exempt
 from django.views.generic.base import TemplateResponseMixin
 from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.views.base import BaseAuthorizationView
@@ -26,7 +23,14 @@ from audit.services import audit_record, audit_refusal
 
 from ..budgets import budget_choices, budget_refusal_audit, budgets_create
 from ..errors import BudgetNotFound, BudgetRefused, ConfigurationError, InvalidTarget
-from ..http import NO_STORE, AuthenticatedHttpRequest, ProtocolJsonResponse, oauth_error
+from ..http import (
+    NO_STORE,
+    AuthenticatedHttpRequest,
+    ProtocolJsonResponse,
+    ProtocolView,
+    form_values,
+    oauth_error,
+)
 from ..limits.jsonbounds import JSONTooDeep, check_jwt
 from ..models import Agent, ResourceServer, ScopePolicy
 from ..oauth.cimd import MetadataDocumentRefused, looks_like_document_url, resolve_agent
@@ -290,8 +294,7 @@ def _token_typ(token: str) -> str:
         return ""
 
 
-@method_decorator(csrf_exempt, name="dispatch")
-class IntrospectView(View):
+class IntrospectView(ProtocolView):
     """RFC 7662 introspection endpoint, for registered resource servers only (§2.1)."""
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
@@ -301,7 +304,7 @@ class IntrospectView(View):
         if refusal is not None:
             return refusal
         assert rs is not None  # no refusal: the resource server authenticated
-        token = request.POST.get("token", "")
+        token = form_values(request).get("token", "")
         if not token:
             if not resource_server_confirmed(request):
                 return self._no_longer(request, rs)

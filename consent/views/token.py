@@ -12,7 +12,6 @@ refusal, rendered once here and audited once.
 
 from functools import cache
 from typing import Any
-from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
@@ -24,7 +23,7 @@ from audit.services import audit_refusal
 from ..conf import countersign_settings
 from ..errors import InvalidClient, InvalidRequest, OAuthError, UnsupportedGrantType
 from ..grants.issue import TokenRequest
-from ..http import NO_STORE, ProtocolJsonResponse, claimed_client_id, error_response
+from ..http import FORM, NO_STORE, ProtocolJsonResponse, claimed_client_id, error_response, form_pairs
 from ..oauth.client_auth import Credentials, presented_credentials
 from ..oauth.dpop import dpop_headers, verify_proof
 
@@ -43,24 +42,18 @@ def token_grants() -> dict[str, Any]:
 def form_params(request: HttpRequest) -> dict[str, str]:
     """The form body as single values; RFC 6749 §3.2: no parameter more than once.
 
-    Parsed here rather than through ``request.POST`` (a ``QueryDict`` of lists, a third of the
-    cost of the view's own work): the same limits apply (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through
+    Parsed by ``consent.http.form_pairs`` rather than through ``request.POST`` (a ``QueryDict`` of
+    lists, a third of the cost of the view's own work): the same limits apply (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through
     ``request.body``, ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and the same decoding (UTF-8, a bad byte
     replaced); a body of another content type has no parameters (RFC 6749 §4.1.3: form-encoded).
     Only ``resource`` may repeat (RFC 8707 §2).
     """
-    if request.content_type != "application/x-www-form-urlencoded":
+    if request.content_type != FORM:
         return {}
-    limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
-    body = request.body
     try:
-        text = body.decode()
-    except UnicodeDecodeError:
-        text = body.decode("iso-8859-1")  # as Django's QueryDict
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, errors="replace", max_num_fields=limit)
+        pairs = form_pairs(request)
     except ValueError as exc:
-        raise InvalidRequest(f"More than {limit} parameters.") from exc
+        raise InvalidRequest(f"More than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} parameters.") from exc
     params: dict[str, str] = {}
     for name, value in pairs:
         if name in params:
