@@ -115,7 +115,7 @@ def ws_command(
         "--ws-per-message-deflate",
         "false",
         # websockets' sans-I/O protocol: timers instead of three tasks per connection, and a send
-        # is a write to the transport (bench/README.md: about half the server CPU per frame).
+        # is a write to the transport (docs/deployment.md: about half the server CPU per frame).
         "--ws",
         "websockets-sansio",
     ]

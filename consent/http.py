@@ -190,8 +190,8 @@ def form_values(request: HttpRequest) -> dict[str, str]:
     """``request.POST`` as single values: the last of a repeated name, as ``QueryDict.get`` gives.
 
     A form-encoded body is parsed by ``form_pairs``, unless ``request.POST`` was read already;
-    anything else (multipart) goes through ``request.POST`` as before. Past ``DATA_UPLOAD_MAX_NUMBER_FIELDS``, ``TooManyFieldsSent``,
-    as ``request.POST`` raises it.
+    anything else (multipart) goes through ``request.POST`` as before. Past
+    ``DATA_UPLOAD_MAX_NUMBER_FIELDS``, ``TooManyFieldsSent``, as ``request.POST`` raises it.
     """
     if request.content_type != FORM or hasattr(request, "_post"):
         return request.POST.dict()
