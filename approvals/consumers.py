@@ -88,6 +88,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             return
         self.user_id = user.pk
         self.group = user_group(user.pk)
+        self.frame_send = _frame_send(self.base_send)  # pushes are attached after the snapshot below
         await self.channel_layer.group_add(self.group, self.channel_name)
         self.joined_at = time.monotonic()
         self.tokens, self.refilled_at = float(RATE_BURST), time.monotonic()
@@ -146,10 +147,7 @@ class ApprovalsConsumer(AsyncJsonWebsocketConsumer):
             self.channel_layer.detach_direct(self.channel_name)
 
     async def _push_frame(self, text: str) -> None:
-        send = self.__dict__.get("_raw_send")
-        if send is None:
-            send = self._raw_send = _frame_send(self.base_send)
-        await send(cast(WebSocketSendEvent, {"type": "websocket.send", "text": text}))
+        await self.frame_send(cast(WebSocketSendEvent, {"type": "websocket.send", "text": text}))
 
     def _take_token(self) -> bool:
         now = time.monotonic()

@@ -924,11 +924,11 @@ class IdleInbox(asyncio.Protocol):
                 size, head = int.from_bytes(buf[at + 2 : at + 10], "big"), 10
             if len(buf) - at < head + size:
                 break
-            payload = (
-                bytes(buf[at + head : at + head + size]) if opcode != 1 or not self.ready.done() else b""
-            )
+            snapshot = opcode == 1 and not self.ready.done()  # the first text frame
+            # Only the snapshot and control frames are read; every other payload is skipped uncopied.
+            payload = bytes(buf[at + head : at + head + size]) if snapshot or opcode >= 8 else b""
             at += head + size
-            if opcode == 1 and not self.ready.done():
+            if snapshot:
                 kind = json.loads(payload).get("type")
                 if kind == "snapshot":
                     self.ready.set_result(None)

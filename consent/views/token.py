@@ -43,10 +43,10 @@ def form_params(request: HttpRequest) -> dict[str, str]:
     """The form body as single values; RFC 6749 §3.2: no parameter more than once.
 
     Parsed by ``consent.http.form_pairs`` rather than through ``request.POST`` (a ``QueryDict`` of
-    lists, a third of the cost of the view's own work): the same limits apply (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through
-    ``request.body``, ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and the same decoding (UTF-8, a bad byte
-    replaced); a body of another content type has no parameters (RFC 6749 §4.1.3: form-encoded).
-    Only ``resource`` may repeat (RFC 8707 §2).
+    lists, a third of the cost of the view's own work): the same limits apply
+    (``DATA_UPLOAD_MAX_MEMORY_SIZE`` through ``request.body``, ``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and
+    the same decoding (UTF-8, a bad byte replaced); a body of another content type has no
+    parameters (RFC 6749 §4.1.3: form-encoded). Only ``resource`` may repeat (RFC 8707 §2).
     """
     if request.content_type != FORM:
         return {}
